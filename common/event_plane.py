@@ -1,0 +1,122 @@
+"""The event plane: brokerless ZeroMQ PUB/SUB with per-publisher, per-topic sequence numbers.
+
+Every publisher binds its own PUB socket and advertises it through discovery; subscribers connect
+to each publisher they discover. A message is two frames, `[topic, EventEnvelope]`; the envelope
+carries `publisher_id` and a sequence that counts per (publisher, topic), so a subscriber of any
+subset of topics notices a lost message and can ask for a resync instead of drifting silently.
+A frame that does not decode is counted and dropped (logged once per endpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from common.messages import EventEnvelope, encoder, envelope_decoder
+from common.transport import bind_socket
+
+log = logging.getLogger(__name__)
+
+GapHandler = Callable[[str, bytes, int, int], None]  # publisher, topic, expected, received
+
+
+class EventPublisher:
+    """Binds one PUB socket; `publish` never blocks (ZeroMQ drops past the high-water mark, which
+    subscribers then see as a gap)."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, publisher_id: str, host: str = "127.0.0.1",
+                 port: int = 0, advertise_host: str | None = None) -> None:
+        self.publisher_id = publisher_id
+        self.socket = ctx.socket(zmq.PUB)
+        self.socket.setsockopt(zmq.SNDHWM, 100_000)
+        self.endpoint = bind_socket(self.socket, host, port, advertise_host)
+        self._sequences: dict[bytes, int] = {}
+
+    def publish(self, topic: bytes, body: msgspec.Struct) -> None:
+        seq = self._sequences.get(topic, 0) + 1
+        self._sequences[topic] = seq
+        envelope = EventEnvelope(self.publisher_id, seq, time.time(),
+                                 msgspec.Raw(encoder.encode(body)))
+        try:
+            self.socket.send_multipart([topic, encoder.encode(envelope)], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class EventSubscriber:
+    """One SUB socket connected to many publishers; yields decoded envelopes per topic."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, topics: Iterable[bytes],
+                 on_gap: GapHandler | None = None,
+                 on_malformed: Callable[[], None] | None = None) -> None:
+        self.socket = ctx.socket(zmq.SUB)
+        self.socket.setsockopt(zmq.RCVHWM, 100_000)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        for topic in topics:
+            self.socket.setsockopt(zmq.SUBSCRIBE, topic)
+        self.on_gap = on_gap
+        self.on_malformed = on_malformed
+        self.endpoints: set[str] = set()
+        self._last_seq: dict[tuple[str, bytes], int] = {}
+        self.malformed = 0
+        self.gaps = 0
+        self._warned = False
+
+    def connect(self, endpoint: str) -> None:
+        if endpoint not in self.endpoints:
+            self.endpoints.add(endpoint)
+            self.socket.connect(endpoint)
+
+    def disconnect(self, endpoint: str) -> None:
+        if endpoint in self.endpoints:
+            self.endpoints.discard(endpoint)
+            try:
+                self.socket.disconnect(endpoint)
+            except zmq.ZMQError:
+                pass
+
+    def forget(self, publisher_id: str) -> None:
+        """Drop sequence state of a publisher that left (a restart then starts clean)."""
+        for key in [k for k in self._last_seq if k[0] == publisher_id]:
+            del self._last_seq[key]
+
+    async def recv(self) -> tuple[bytes, EventEnvelope]:
+        """Next well-formed event; malformed frames are counted and skipped."""
+        while True:
+            frames = await self.socket.recv_multipart()
+            if len(frames) != 2:
+                self._malformed(f"{len(frames)} frames")
+                continue
+            try:
+                env = envelope_decoder.decode(frames[1])
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self._malformed(str(exc))
+                continue
+            topic = frames[0]
+            key = (env.publisher_id, topic)
+            last = self._last_seq.get(key)
+            self._last_seq[key] = env.sequence
+            if last is not None and env.sequence != last + 1:
+                self.gaps += 1
+                if self.on_gap is not None:
+                    self.on_gap(env.publisher_id, topic, last + 1, env.sequence)
+            return topic, env
+
+    def _malformed(self, why: str) -> None:
+        self.malformed += 1
+        if self.on_malformed is not None:
+            self.on_malformed()
+        if not self._warned:
+            self._warned = True
+            log.warning("dropped malformed event frame", extra={"fields": {"why": why}})
+
+    def close(self) -> None:
+        self.socket.close(linger=0)

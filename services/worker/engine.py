@@ -1,0 +1,83 @@
+"""The one interface a worker drives, whatever engine sits behind it.
+
+An engine is step-oriented rather than per-request: after every engine step it hands the worker
+one `StepOutput` holding every request's new tokens, the KV events the step caused and a
+forward-pass record. That is what lets the worker send one frame per step per destination
+instead of a message per token (the design's `generate(request) -> async iterator` is the same
+contract, batched). Engines whose native API is per-request (vLLM's `AsyncLLM.generate`) gather
+their streams into steps in their adapter.
+
+Owns the contract only; engines live in `services/worker/engines/`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from common.messages import ForwardPass, GenerateRequest, KvBlockStored, KvEvent, TokenChunk
+
+
+@dataclass(slots=True)
+class StepOutput:
+    chunks: list[TokenChunk] = field(default_factory=list)
+    kv_events: list[KvEvent] = field(default_factory=list)
+    forward_pass: ForwardPass | None = None
+
+
+@dataclass(slots=True)
+class EngineLoad:
+    active_decode_blocks: int = 0
+    active_prefill_tokens: int = 0
+    kv_used_blocks: int = 0
+    kv_total_blocks: int = 0
+    waiting: int = 0
+    running: int = 0
+
+
+class EngineError(Exception):
+    """A request the engine refuses (too long for its context, malformed): reported to the client."""
+
+    def __init__(self, message: str, code: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+StepSink = Callable[[StepOutput], None]
+
+
+class Engine(abc.ABC):
+    """What a worker needs from an engine."""
+
+    block_size: int
+    max_model_len: int
+
+    @abc.abstractmethod
+    async def start(self, sink: StepSink) -> None:
+        """Load the model and begin stepping; every step's output goes to `sink` (never blocks)."""
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None:
+        """Stop stepping and release the engine."""
+
+    @abc.abstractmethod
+    def add_request(self, request: GenerateRequest) -> None:
+        """Admit a request (raise `EngineError` to refuse it). Its tokens arrive through the sink;
+        the first chunk carries `num_prompt_tokens` and `cached_tokens`, the last a finish reason."""
+
+    @abc.abstractmethod
+    def abort(self, request_id: str) -> None:
+        """Drop a request and free its KV; unknown ids are ignored. No further chunks for it."""
+
+    @abc.abstractmethod
+    def load(self) -> EngineLoad:
+        """The engine's load right now (cheap; called on every load report)."""
+
+    @abc.abstractmethod
+    def steps_done(self) -> int:
+        """Engine steps completed so far (heartbeats carry it as progress)."""
+
+    @abc.abstractmethod
+    def kv_dump(self) -> list[KvBlockStored]:
+        """Every block the engine's prefix cache holds, parents before children (for a resync)."""
