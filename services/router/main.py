@@ -1,0 +1,388 @@
+"""The router process: picks a worker for every request, relays token streams, survives failures.
+
+Reads top-down: parse config, bind the frontend-facing ROUTER socket, watch discovery for
+workers (one DEALER and one event subscription each), then run the relay loops. A worker is
+declared dead at once when its connection drops, or after `missed_heartbeats` silent periods;
+its in-flight requests continue on another worker from the next token (prompt and every
+streamed token are resent, so the client's stream goes on unbroken).
+
+Owns worker selection, the in-flight table and failure handling. Does not own HTTP or
+tokenization (frontend) or scheduling (workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+import msgspec
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from common.config import parse_configs
+from common.discovery import open_discovery
+from common.event_plane import EventSubscriber
+from common.logs import setup_logging
+from common.messages import (
+    FINISH_ERROR,
+    KIND_CANCEL,
+    KIND_GENERATE,
+    KIND_TOKENS,
+    ROLE_ROUTER,
+    ROLE_WORKER,
+    TOPIC_HEARTBEAT,
+    TOPIC_LOAD,
+    Cancel,
+    GenerateRequest,
+    Instance,
+    TokenBatch,
+    TokenChunk,
+    cancel_decoder,
+    encoder,
+    generate_decoder,
+    heartbeat_decoder,
+    load_decoder,
+    token_batch_decoder,
+)
+from common.status_server import StatusServer
+from common.transport import bind_socket, tune_stream_socket
+from services.router.args import RouterConfig
+from services.router.inflight import InflightRequest, InflightTable
+from services.router.metrics import RouterMetrics
+from services.router.policies import RoutingError, make_policy, select_target
+from services.router.worker_pool import WorkerHandle, WorkerPool
+
+log = logging.getLogger("turnout.router")
+
+CAUSE_CRASH = "crash"
+CAUSE_HANG = "hang"
+CAUSE_DRAIN = "drain"
+
+
+class Router:
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.router_id = config.router_id or f"router-{os.getpid()}-{secrets.token_hex(3)}"
+        self.ctx = zmq.asyncio.Context()
+        self.pool = WorkerPool(self.ctx)
+        self.inflight = InflightTable()
+        self.policy = make_policy(config.router_mode)
+        self.metrics = RouterMetrics(self.router_id)
+        self.subscriber = EventSubscriber(
+            self.ctx, [TOPIC_HEARTBEAT, TOPIC_LOAD],
+            on_malformed=self.metrics.malformed.labels("event").inc)
+        self._tasks: dict[str, list[asyncio.Task[None]]] = {}
+        self._warned_malformed = False
+
+    # -- frontend side -------------------------------------------------------------------------
+
+    async def serve_frontends(self) -> None:
+        while True:
+            frames = await self.frontends.recv_multipart()
+            if len(frames) != 3:
+                self._malformed("request", f"{len(frames)} frames")
+                continue
+            ident, kind, payload = frames
+            try:
+                if kind == KIND_GENERATE:
+                    self.on_generate(ident, generate_decoder.decode(payload), payload)
+                elif kind == KIND_CANCEL:
+                    self.on_cancel(cancel_decoder.decode(payload).request_id)
+                else:
+                    self._malformed("request", f"unknown kind {kind!r}")
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self._malformed("request", str(exc))
+
+    def on_generate(self, ident: bytes, request: GenerateRequest, payload: bytes) -> None:
+        if request.request_id in self.inflight.requests:
+            self._reply_error(ident, request.request_id, 400, "duplicate request id")
+            return
+        try:
+            worker = self.select(request)
+        except RoutingError as exc:
+            self.metrics.requests.labels("rejected").inc()
+            self._reply_error(ident, request.request_id, exc.code, str(exc))
+            return
+        entry = InflightRequest(request, ident, worker.id, time.monotonic())
+        self.inflight.add(entry)
+        worker.inflight += 1
+        self.metrics.inflight.set(len(self.inflight))
+        worker.socket.send_multipart([KIND_GENERATE, payload])
+
+    def select(self, request: GenerateRequest, exclude: str = "") -> WorkerHandle:
+        candidates = self.pool.routable(request.model)
+        if exclude:
+            candidates = [w for w in candidates if w.id != exclude]
+        if not candidates:
+            raise RoutingError(f"no live worker serves model {request.model!r}", 503)
+        t0 = time.perf_counter()
+        if request.target_worker:
+            worker = select_target(candidates, request)
+            policy = "direct"
+        else:
+            worker = self.policy.select(candidates, request)
+            policy = self.policy.name
+        self.metrics.decision_seconds.observe(time.perf_counter() - t0)
+        self.metrics.decisions.labels(policy).inc()
+        return worker
+
+    def on_cancel(self, request_id: str) -> None:
+        entry = self.inflight.remove(request_id)
+        if entry is None:
+            return
+        self.metrics.requests.labels("cancelled").inc()
+        self.metrics.inflight.set(len(self.inflight))
+        worker = self.pool.workers.get(entry.worker_id)
+        if worker is not None:
+            worker.inflight -= 1
+            worker.socket.send_multipart([KIND_CANCEL, encoder.encode(Cancel(request_id))])
+
+    def _reply_error(self, ident: bytes, request_id: str, code: int, message: str) -> None:
+        chunk = TokenChunk(request_id, [], FINISH_ERROR, error_code=code, error_message=message)
+        self.frontends.send_multipart([ident, KIND_TOKENS, encoder.encode(TokenBatch([chunk]))])
+
+    # -- worker side ---------------------------------------------------------------------------
+
+    async def relay(self, worker: WorkerHandle) -> None:
+        """Token batches from one worker, regrouped per frontend: one frame per destination."""
+        socket = worker.socket
+        while True:
+            frames = await socket.recv_multipart()
+            if len(frames) != 2 or frames[0] != KIND_TOKENS:
+                self._malformed("request", "bad frame from worker")
+                continue
+            try:
+                batch = token_batch_decoder.decode(frames[1])
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self._malformed("request", str(exc))
+                continue
+            by_frontend: dict[bytes, list[TokenChunk]] = {}
+            requests = self.inflight.requests
+            for chunk in batch.chunks:
+                entry = requests.get(chunk.request_id)
+                if entry is None or entry.worker_id != worker.id:
+                    continue  # cancelled, or a late chunk from before a migration
+                if chunk.finish_reason is not None:
+                    if chunk.error_code == 503:
+                        # A draining worker refused it: place it elsewhere instead of failing.
+                        if self.migrate(entry, CAUSE_DRAIN, count=False):
+                            continue
+                    self.inflight.remove(chunk.request_id)
+                    worker.inflight -= 1
+                    self.metrics.requests.labels(
+                        "error" if chunk.error_code else "finished").inc()
+                if entry.migrations:
+                    # The client already has prompt/cached figures from the first worker.
+                    chunk.num_prompt_tokens = 0
+                    chunk.cached_tokens = 0
+                if chunk.token_ids:
+                    entry.generated.extend(chunk.token_ids)
+                out = by_frontend.get(entry.frontend)
+                if out is None:
+                    by_frontend[entry.frontend] = [chunk]
+                else:
+                    out.append(chunk)
+            for ident, chunks in by_frontend.items():
+                self.frontends.send_multipart(
+                    [ident, KIND_TOKENS, encoder.encode(TokenBatch(chunks))])
+            self.metrics.inflight.set(len(self.inflight))
+
+    async def watch_connection(self, worker: WorkerHandle) -> None:
+        """A dropped connection is a dead worker, long before any lease or heartbeat says so."""
+        connected = False
+        while True:
+            event = parse_monitor_message(await worker.monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_CONNECTED:
+                connected = True
+            elif event["event"] == zmq.EVENT_DISCONNECTED and connected:
+                self.worker_lost(worker, CAUSE_CRASH)
+                return
+
+    def worker_lost(self, worker: WorkerHandle, cause: str) -> None:
+        if not worker.alive:
+            return
+        silent = time.monotonic() - worker.last_heartbeat
+        log.warning("worker declared dead", extra={"fields": {
+            "worker": worker.id, "cause": cause, "silent_ms": round(silent * 1000),
+            "inflight": self.inflight.count(worker.id)}})
+        self.metrics.worker_deaths.labels(cause).inc()
+        self.metrics.detection_seconds.observe(silent)
+        self.pool.mark_dead(worker)
+        self.subscriber.disconnect(worker.instance.endpoints.get("events", ""))
+        self.subscriber.forget(worker.id)
+        for task in self._tasks.pop(worker.id, []):
+            if task is not asyncio.current_task():
+                task.cancel()
+        for entry in self.inflight.on_worker(worker.id):
+            self.migrate(entry, cause)
+        self._update_worker_gauges()
+
+    def migrate(self, entry: InflightRequest, cause: str, count: bool = True) -> bool:
+        """Continue `entry` on another worker; past the limit the client gets a clear error."""
+        rid = entry.request.request_id
+        old = entry.worker_id
+        old_worker = self.pool.workers.get(old)
+        if count and entry.migrations >= self.config.migration_limit:
+            self._fail(entry, f"worker {old} failed ({cause}) and the migration limit "
+                              f"({self.config.migration_limit}) is reached")
+            return False
+        request = GenerateRequest(rid, entry.request.model, entry.request.token_ids,
+                                  entry.request.sampling, None, list(entry.generated))
+        try:
+            worker = self.select(request, exclude=old)
+        except RoutingError as exc:
+            self._fail(entry, f"worker {old} failed ({cause}); {exc}")
+            return False
+        if count:
+            entry.migrations += 1
+            self.metrics.migrations.labels(cause).inc()
+        if old_worker is not None:
+            old_worker.inflight -= 1
+        self.inflight.move(entry, worker.id)
+        worker.inflight += 1
+        worker.socket.send_multipart([KIND_GENERATE, encoder.encode(request)])
+        return True
+
+    def _fail(self, entry: InflightRequest, message: str) -> None:
+        self.inflight.remove(entry.request.request_id)
+        old_worker = self.pool.workers.get(entry.worker_id)
+        if old_worker is not None:
+            old_worker.inflight -= 1
+        self.metrics.requests.labels("error").inc()
+        self._reply_error(entry.frontend, entry.request.request_id, 503, message)
+
+    # -- discovery and events ------------------------------------------------------------------
+
+    async def watch_workers(self) -> None:
+        async for event in self.discovery.watch(role=ROLE_WORKER):
+            instance = event.instance
+            if event.kind == "removed":
+                worker = self.pool.workers.get(instance.id)
+                if worker is not None:
+                    # Left discovery: draining or gone. Stop routing to it; running streams
+                    # finish over the open connection, or migrate when it drops.
+                    worker.routable = False
+                    if not self.inflight.count(worker.id):
+                        self._retire(worker)
+            else:
+                self._admit(instance)
+            self._update_worker_gauges()
+
+    def _admit(self, instance: Instance) -> None:
+        if "request" not in instance.endpoints:
+            return
+        worker = self.pool.admit(instance)
+        if worker is None:
+            return
+        events = instance.endpoints.get("events")
+        if events:
+            self.subscriber.connect(events)
+        self._tasks[worker.id] = [asyncio.create_task(self.relay(worker)),
+                                  asyncio.create_task(self.watch_connection(worker))]
+        log.info("worker admitted", extra={"fields": {"worker": worker.id,
+                                                      "model": worker.model}})
+
+    def _retire(self, worker: WorkerHandle) -> None:
+        for task in self._tasks.pop(worker.id, []):
+            task.cancel()
+        self.subscriber.disconnect(worker.instance.endpoints.get("events", ""))
+        self.subscriber.forget(worker.id)
+        self.pool.close(worker)
+
+    async def consume_events(self) -> None:
+        workers = self.pool.workers
+        while True:
+            topic, env = await self.subscriber.recv()
+            worker = workers.get(env.publisher_id)
+            if worker is None:
+                continue
+            try:
+                if topic == TOPIC_HEARTBEAT:
+                    hb = heartbeat_decoder.decode(env.payload)
+                    worker.last_heartbeat = time.monotonic()
+                    worker.last_steps = hb.steps
+                    if hb.draining:
+                        worker.routable = False
+                elif topic == TOPIC_LOAD:
+                    worker.load = load_decoder.decode(env.payload)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self._malformed("event", str(exc))
+
+    async def watch_heartbeats(self) -> None:
+        period = self.config.heartbeat_interval_ms / 1000
+        limit = period * self.config.missed_heartbeats
+        last_tick = time.monotonic()
+        while True:
+            await asyncio.sleep(period / 2)
+            now = time.monotonic()
+            # If this loop itself ran late, heartbeats may be sitting unread: judge next round.
+            late = now - last_tick > period
+            last_tick = now
+            if late:
+                continue
+            for worker in list(self.pool.workers.values()):
+                if worker.alive and now - worker.last_heartbeat > limit:
+                    self.worker_lost(worker, CAUSE_HANG)
+
+    def _update_worker_gauges(self) -> None:
+        routable = sum(1 for w in self.pool.workers.values() if w.routable)
+        self.metrics.workers.labels("routable").set(routable)
+        self.metrics.workers.labels("draining").set(len(self.pool.workers) - routable)
+        self.metrics.workers.labels("dead").set(len(self.pool.dead))
+
+    def _malformed(self, plane: str, why: str) -> None:
+        self.metrics.malformed.labels(plane).inc()
+        if not self._warned_malformed:
+            self._warned_malformed = True
+            log.warning("dropped malformed frame", extra={"fields": {"plane": plane, "why": why}})
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        cfg = self.config
+        self.frontends = self.ctx.socket(zmq.ROUTER)
+        tune_stream_socket(self.frontends)
+        endpoint = bind_socket(self.frontends, cfg.host, cfg.router_port, cfg.advertise_host)
+        status = StatusServer(self.metrics.registry, cfg.host, cfg.router_metrics_port)
+        metrics_port = await status.start()
+        self.discovery = open_discovery(cfg.discovery, lease_ttl=cfg.lease_ttl_s)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        tasks = [asyncio.create_task(c) for c in (
+            self.serve_frontends(), self.watch_workers(), self.consume_events(),
+            self.watch_heartbeats())]
+        host = cfg.advertise_host or cfg.host
+        await self.discovery.register(Instance(
+            id=self.router_id, role=ROLE_ROUTER,
+            endpoints={"request": endpoint, "metrics": f"http://{host}:{metrics_port}/metrics"},
+            metadata={"mode": cfg.router_mode, "pid": os.getpid(), "started": time.time()}))
+        log.info("router ready", extra={"fields": {"id": self.router_id, "request": endpoint}})
+        done, _ = await asyncio.wait([*tasks, asyncio.create_task(stop.wait())],
+                                     return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("router loop failed", exc_info=task.exception())
+        await self.discovery.unregister(self.router_id)
+        for task in tasks:
+            task.cancel()
+        await self.discovery.close()
+        await status.close()
+        self.ctx.destroy(linger=0)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    (config,) = parse_configs([RouterConfig], list(sys.argv[1:] if argv is None else argv),
+                              prog="turnout router")
+    setup_logging("router", config.log_level)
+    import uvloop
+
+    uvloop.run(Router(config).run())

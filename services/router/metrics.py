@@ -1,0 +1,32 @@
+"""The router's Prometheus series (prefix `turnout_router_`)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class RouterMetrics:
+    def __init__(self, router_id: str) -> None:
+        self.registry = r = CollectorRegistry()
+        self.decisions = Counter("turnout_router_decisions", "Routing decisions by policy",
+                                 ["policy"], registry=r)
+        self.decision_seconds = Histogram(
+            "turnout_router_decision_seconds", "Time to choose a worker", registry=r,
+            buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2))
+        self.requests = Counter("turnout_router_requests", "Requests by outcome", ["outcome"],
+                                registry=r)
+        self.inflight = Gauge("turnout_router_inflight_requests", "Requests in flight", registry=r)
+        self.workers = Gauge("turnout_router_workers", "Workers known, by state", ["state"],
+                             registry=r)
+        self.worker_deaths = Counter("turnout_router_worker_failures",
+                                     "Workers declared dead, by cause", ["cause"], registry=r)
+        self.migrations = Counter("turnout_router_migrations", "Requests moved to another worker",
+                                  ["cause"], registry=r)
+        self.detection_seconds = Histogram(
+            "turnout_router_failure_detection_seconds",
+            "From a dead worker's last heartbeat to the router declaring it dead", registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5))
+        self.malformed = Counter("turnout_router_malformed_frames", "Frames dropped as malformed",
+                                 ["plane"], registry=r)
+        self.event_gaps = Counter("turnout_router_event_gaps", "Event-plane sequence gaps",
+                                  ["topic"], registry=r)

@@ -1,0 +1,94 @@
+"""The router's view of the worker fleet: one handle per worker, its socket and its liveness.
+
+A worker enters when discovery shows it and leaves the routing set at once when the router
+declares it dead (connection dropped, heartbeats missed) or when it leaves discovery (draining:
+its running streams still finish over the open connection). Owns sockets and state per worker;
+the decisions on what to do with a dead worker's requests belong to the router.
+"""
+
+from __future__ import annotations
+
+import time
+
+import zmq
+import zmq.asyncio
+
+from common.messages import Instance, LoadReport
+from common.transport import tune_stream_socket
+
+
+class WorkerHandle:
+    __slots__ = ("alive", "id", "inflight", "instance", "last_heartbeat", "last_steps", "load",
+                 "monitor", "routable", "socket")
+
+    def __init__(self, instance: Instance, socket: zmq.asyncio.Socket,
+                 monitor: zmq.asyncio.Socket) -> None:
+        self.id = instance.id
+        self.instance = instance
+        self.socket = socket
+        self.monitor = monitor
+        self.inflight = 0
+        self.load: LoadReport | None = None
+        self.last_heartbeat = time.monotonic()
+        self.last_steps = -1
+        self.alive = True
+        self.routable = True  # False once it left discovery (draining) or died
+
+    @property
+    def model(self) -> str:
+        return self.instance.model
+
+    @property
+    def started(self) -> float:
+        return float(self.instance.metadata.get("started", 0.0))
+
+
+class WorkerPool:
+    def __init__(self, ctx: zmq.asyncio.Context) -> None:
+        self.ctx = ctx
+        self.workers: dict[str, WorkerHandle] = {}
+        # Ids declared dead, with the `started` stamp of the process that died: the same record
+        # is not re-admitted, a restarted process (new stamp) is.
+        self.dead: dict[str, float] = {}
+
+    def admit(self, instance: Instance) -> WorkerHandle | None:
+        started = float(instance.metadata.get("started", 0.0))
+        if self.dead.get(instance.id) == started:
+            return None
+        self.dead.pop(instance.id, None)
+        old = self.workers.get(instance.id)
+        if old is not None:
+            if old.started == started:
+                old.instance = instance
+                old.routable = True
+                return None
+            self.close(old)
+        socket = self.ctx.socket(zmq.DEALER)
+        tune_stream_socket(socket)
+        monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
+        socket.connect(instance.endpoints["request"])
+        handle = WorkerHandle(instance, socket, monitor)
+        self.workers[instance.id] = handle
+        return handle
+
+    def routable(self, model: str) -> list[WorkerHandle]:
+        return [w for w in self.workers.values() if w.routable and w.alive and w.model == model]
+
+    def models(self) -> set[str]:
+        return {w.model for w in self.workers.values() if w.routable and w.alive}
+
+    def mark_dead(self, handle: WorkerHandle) -> None:
+        handle.alive = False
+        handle.routable = False
+        self.dead[handle.id] = handle.started
+        self.close(handle)
+
+    def close(self, handle: WorkerHandle) -> None:
+        if self.workers.get(handle.id) is handle:
+            del self.workers[handle.id]
+        try:
+            handle.socket.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        handle.monitor.close(linger=0)
+        handle.socket.close(linger=0)

@@ -1,0 +1,61 @@
+"""The worker's Prometheus series (prefix `turnout_worker_`), updated once per engine step."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.worker.engine import EngineLoad, StepOutput
+
+
+class WorkerMetrics:
+    def __init__(self, worker_id: str, model: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"worker": worker_id, "model": model}
+        names = list(labels)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, names, registry=self.registry).labels(**labels)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, names, registry=self.registry).labels(**labels)
+
+        self.steps = counter("turnout_worker_engine_steps", "Engine steps run")
+        self.batch_size = Histogram(
+            "turnout_worker_batch_size", "Requests scheduled per engine step", names,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=self.registry,
+        ).labels(**labels)
+        self.prefill_tokens = counter("turnout_worker_prefill_tokens", "Prompt tokens computed")
+        self.decode_tokens = counter("turnout_worker_decode_tokens", "Tokens decoded")
+        self.prompt_tokens = counter("turnout_worker_prompt_tokens",
+                                     "Prompt tokens of admitted requests")
+        self.cached_tokens = counter("turnout_worker_cached_tokens",
+                                     "Prompt tokens served from the prefix cache")
+        self.requests = Counter("turnout_worker_requests", "Requests by outcome",
+                                [*names, "outcome"], registry=self.registry)
+        self._labels = labels
+        self.running = gauge("turnout_worker_running_requests", "Requests being computed")
+        self.waiting = gauge("turnout_worker_waiting_requests", "Requests queued in the engine")
+        self.kv_used = gauge("turnout_worker_kv_blocks_used", "KV blocks in use")
+        self.kv_total = gauge("turnout_worker_kv_blocks_total", "KV blocks in the pool")
+        self.malformed = counter("turnout_worker_malformed_frames",
+                                 "Request-plane frames dropped as malformed")
+
+    def on_step(self, out: StepOutput) -> None:
+        fp = out.forward_pass
+        if fp is None:
+            return
+        self.steps.inc()
+        self.batch_size.observe(fp.batch_size)
+        if fp.prefill_tokens:
+            self.prefill_tokens.inc(fp.prefill_tokens)
+        if fp.decode_tokens:
+            self.decode_tokens.inc(fp.decode_tokens)
+
+    def on_finish(self, outcome: str) -> None:
+        self.requests.labels(**self._labels, outcome=outcome).inc()
+
+    def on_load(self, load: EngineLoad) -> None:
+        self.running.set(load.running)
+        self.waiting.set(load.waiting)
+        self.kv_used.set(load.kv_used_blocks)
+        self.kv_total.set(load.kv_total_blocks)
