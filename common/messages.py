@@ -52,7 +52,8 @@ class GenerateRequest(Wire):
     # Direct routing: an upstream gateway already picked the worker.
     target_worker: str | None = None
     # Tokens already generated for this request elsewhere (migration): the engine continues
-    # after prompt + these, and counts only new tokens against max_tokens.
+    # after prompt + these, and counts them against max_tokens too (the router resends the
+    # original sampling parameters).
     generated_token_ids: list[int] = []
 
 

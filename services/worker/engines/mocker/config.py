@@ -1,0 +1,55 @@
+"""Every setting of the mocker engine, with its flag, TURNOUT_* fallback and default.
+
+Defaults match NVIDIA Dynamo's mocker so the two compare on equal terms. Owns the settings and
+their validation only; what they mean in motion lives in the scheduler, KV pool and timing model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from common.block_hash import DEFAULT_SEED
+from common.config import opt
+
+
+@dataclasses.dataclass
+class MockerConfig:
+    block_size: int = opt(64, help="tokens per KV block")
+    num_blocks: int = opt(16384, help="KV blocks in the simulated pool")
+    max_num_seqs: int = opt(256, help="most requests running at once")
+    max_num_batched_tokens: int = opt(8192, help="token budget of one engine step")
+    speedup_ratio: float = opt(1.0, help="simulated time is divided by this; 0: no delays at all")
+    max_model_len: int = opt(65536, help="longest prompt + max_tokens accepted")
+    vocab_size: int = opt(0, help="when >0, prompt token ids must be below it and output ids are "
+                                  "drawn below it too; 0: only the token range applies")
+    token_range_lo: int = opt(32, help="lowest output token id (byte tokenizer: printable ASCII)")
+    token_range_hi: int = opt(127, help="output token ids are below this")
+    eos_token_id: int | None = opt(None, help="the model's end-of-sequence token id")
+    mean_output_tokens: int = opt(0, help="when >0 (and an EOS id is set), emit EOS with "
+                                          "probability 1/N at each position; 0: never by itself")
+    kv_transfer_gbps: float = opt(10.0, help="simulated KV transfer bandwidth (migration)")
+    hash_seed: int = opt(DEFAULT_SEED, help="seed of the KV block hashes (must match the router)")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError on settings the engine cannot run with."""
+        for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens",
+                     "max_model_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"mocker: {name} must be positive, got {getattr(self, name)}")
+        if self.speedup_ratio < 0:
+            raise ValueError(f"mocker: speedup_ratio must be >= 0, got {self.speedup_ratio}")
+        if self.mean_output_tokens < 0:
+            raise ValueError("mocker: mean_output_tokens must be >= 0")
+        lo, hi = self.output_range()
+        if not 0 <= lo < hi:
+            raise ValueError(f"mocker: empty output token range [{lo}, {hi})")
+
+    def output_range(self) -> tuple[int, int]:
+        """[lo, hi) of output token ids: the configured range, capped by the vocabulary."""
+        hi = self.token_range_hi
+        if self.vocab_size > 0:
+            hi = min(hi, self.vocab_size)
+        return self.token_range_lo, hi

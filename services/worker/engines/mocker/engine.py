@@ -1,0 +1,162 @@
+"""`MockerEngine`: the built-in simulated engine behind the worker's `Engine` interface.
+
+An asyncio loop steps the scheduler: plan a step, sleep for the timing model's duration divided by
+the speed-up ratio (ratio 0: no sleep, just a yield to the event loop), apply the step, and hand
+its chunks, KV events and forward-pass record to the worker's sink in one `StepOutput`. When there
+is nothing to do the loop waits on an event that `add_request` sets: no busy spin, no periodic
+wake-ups. `ForwardPass.duration_ms` is the modelled time of the step (not divided by the speed-up
+ratio), so records compare across speed-ups.
+
+Owns the loop, request validation and the `Engine` surface; scheduling, caching, token choice and
+timing live in the sibling modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from common.messages import ForwardPass, GenerateRequest, KvBlockStored
+from services.worker.engine import Engine, EngineError, EngineLoad, StepOutput, StepSink
+from services.worker.engines.mocker import timing
+from services.worker.engines.mocker.config import MockerConfig
+from services.worker.engines.mocker.kv_pool import KvPool
+from services.worker.engines.mocker.scheduler import Scheduler
+from services.worker.engines.mocker.sequence import Sequence
+from services.worker.engines.mocker.token_model import TokenModel
+
+log = logging.getLogger(__name__)
+
+_MAX_TOKEN_ID = (1 << 32) - 1  # block hashes pack token ids as uint32
+_MAX_LAG_S = 0.02
+
+
+class MockerEngine(Engine):
+    def __init__(self, config: MockerConfig | None = None) -> None:
+        self.config = config if config is not None else MockerConfig()
+        c = self.config
+        c.validate()  # again: callers may have edited fields after construction
+        self.block_size = c.block_size
+        self.max_model_len = c.max_model_len
+        lo, hi = c.output_range()
+        self.model = TokenModel(lo, hi, c.eos_token_id, c.mean_output_tokens)
+        self.pool = KvPool(c.num_blocks, c.block_size, c.hash_seed)
+        self.scheduler = Scheduler(self.pool, self.model, c.max_num_seqs, c.max_num_batched_tokens)
+        self._max_token_id = c.vocab_size - 1 if c.vocab_size > 0 else _MAX_TOKEN_ID
+        self._wakeup = asyncio.Event()
+        self._sink: StepSink | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._steps = 0
+
+    # -- Engine ------------------------------------------------------------------------------
+
+    async def start(self, sink: StepSink) -> None:
+        if self._task is not None:
+            raise RuntimeError("mocker engine already started")
+        self._sink = sink
+        self._task = asyncio.create_task(self._run(), name="mocker-engine")
+        self._task.add_done_callback(self._on_loop_exit)
+
+    async def shutdown(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    def add_request(self, request: GenerateRequest) -> None:
+        self._validate(request)
+        self.scheduler.add(Sequence(request, self.model))
+        self._wakeup.set()
+
+    def abort(self, request_id: str) -> None:
+        if self.scheduler.abort(request_id):
+            self._wakeup.set()  # room may have opened for a stalled loop
+
+    def load(self) -> EngineLoad:
+        return self.scheduler.load()
+
+    def steps_done(self) -> int:
+        return self._steps
+
+    def kv_dump(self) -> list[KvBlockStored]:
+        return self.pool.dump()
+
+    # -- extras ------------------------------------------------------------------------------
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block; the cleared event goes to the sink at once."""
+        self.pool.reset()
+        if self._sink is not None:
+            self._sink(StepOutput(kv_events=self.pool.drain_events()))
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _validate(self, request: GenerateRequest) -> None:
+        rid = request.request_id
+        if rid in self.scheduler.requests:
+            raise EngineError(f"request {rid!r} is already running on this engine", 409)
+        if not request.token_ids:
+            raise EngineError("the prompt is empty")
+        sp = request.sampling
+        if sp.max_tokens < 1:
+            raise EngineError(f"max_tokens must be at least 1, got {sp.max_tokens}")
+        if sp.min_tokens > sp.max_tokens:
+            raise EngineError(f"min_tokens ({sp.min_tokens}) exceeds max_tokens ({sp.max_tokens})")
+        total = len(request.token_ids) + sp.max_tokens
+        if total > self.max_model_len:
+            raise EngineError(
+                f"prompt ({len(request.token_ids)} tokens) + max_tokens ({sp.max_tokens}) exceeds "
+                f"the model's context length {self.max_model_len}")
+        if -(-total // self.block_size) > self.pool.num_blocks:
+            raise EngineError(f"request needs more KV blocks than this engine has "
+                              f"({self.pool.num_blocks} of {self.block_size} tokens)")
+        for ids in (request.token_ids, request.generated_token_ids):
+            if ids and (min(ids) < 0 or max(ids) > self._max_token_id):
+                raise EngineError(f"token ids must lie in [0, {self._max_token_id}]")
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        scheduler = self.scheduler
+        pool = self.pool
+        speedup = self.config.speedup_ratio
+        total_blocks = pool.num_blocks
+        # Steps end on a chained deadline rather than "now + duration", so timer granularity
+        # and our own CPU time do not add up over a run; a debt past _MAX_LAG_S is dropped.
+        deadline = loop.time()
+        while True:
+            if not scheduler.has_work():
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                deadline = loop.time()
+                continue
+            now = loop.time()
+            if deadline < now - _MAX_LAG_S:
+                deadline = now
+            plan = scheduler.schedule()
+            model_ms = timing.step_ms(plan.prefill_tokens, plan.decode_tokens,
+                                      plan.kv_used_blocks / total_blocks)
+            if speedup > 0:
+                deadline += model_ms / (1000.0 * speedup)
+                delay = deadline - loop.time()
+                await asyncio.sleep(delay if delay > 0 else 0)
+            else:
+                await asyncio.sleep(0)
+            chunks = scheduler.complete(plan)
+            if not plan.seqs and not chunks:
+                # Admission checks make this unreachable; never spin on it.
+                log.error("mocker: work pending but nothing schedulable; waiting for a change")
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            self._steps += 1
+            assert self._sink is not None
+            self._sink(StepOutput(chunks, pool.drain_events(), ForwardPass(
+                self._steps, len(plan.seqs), plan.prefill_tokens, plan.decode_tokens, model_ms,
+                plan.kv_used_blocks)))
+
+    def _on_loop_exit(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("mocker engine loop died", exc_info=task.exception())

@@ -1,0 +1,267 @@
+"""The mocker's vLLM-v1-like scheduler: who runs in a step, and what a finished step produced.
+
+Each step has a token budget. Running requests that are decoding get one token each first, then
+requests part-way through their prompt continue (chunked prefill), then waiting requests are
+admitted in FIFO order while there is room in the batch and in the KV pool; a prompt larger than
+what is left of the budget is prefilled over several steps. A request produces its first token in
+the step that finishes its prefill. When the pool runs dry the most recently admitted running
+request is preempted to the front of the waiting queue; it keeps its tokens and re-prefills later
+(its prefix may still be cached).
+
+Owns the waiting/running queues and per-request progress; not time (the engine loop) and not
+what is cached (the KV pool).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from common.messages import FINISH_LENGTH, FINISH_STOP, TokenChunk
+from services.worker.engine import EngineLoad
+from services.worker.engines.mocker.kv_pool import KvPool
+from services.worker.engines.mocker.sequence import DONE, RUNNING, WAITING, Sequence
+from services.worker.engines.mocker.token_model import TokenModel
+
+_M64 = (1 << 64) - 1
+_PRIME = 0x100000001B3  # token_model's rolling-hash prime, inlined on the hot path
+
+
+class StepPlan:
+    """What one step computes: the scheduled sequences (each with `num_scheduled` tokens)."""
+
+    __slots__ = ("decode_tokens", "kv_used_blocks", "prefill_tokens", "seqs")
+
+    def __init__(self, seqs: list[Sequence], prefill_tokens: int, decode_tokens: int,
+                 kv_used_blocks: int) -> None:
+        self.seqs = seqs
+        self.prefill_tokens = prefill_tokens
+        self.decode_tokens = decode_tokens
+        self.kv_used_blocks = kv_used_blocks
+
+
+class Scheduler:
+    def __init__(self, pool: KvPool, model: TokenModel, max_num_seqs: int,
+                 max_num_batched_tokens: int) -> None:
+        self.pool = pool
+        self.model = model
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.requests: dict[str, Sequence] = {}
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: preemption takes from the end
+        self.num_preemptions = 0
+        # Requests with nothing left to generate (migrated at their limit): finished next step.
+        self._done_on_arrival: list[Sequence] = []
+        self._budget = 0
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or self._done_on_arrival)
+
+    def add(self, seq: Sequence) -> None:
+        self.requests[seq.request_id] = seq
+        if seq.num_generated >= seq.max_tokens:
+            self._done_on_arrival.append(seq)
+        else:
+            self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        if seq.status == RUNNING:
+            self.running.remove(seq)
+            self.pool.release(seq.blocks)
+            seq.blocks = []
+        elif seq in self._done_on_arrival:
+            self._done_on_arrival.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        seq.status = DONE
+        return True
+
+    def load(self) -> EngineLoad:
+        decode_blocks = 0
+        prefill_tokens = 0
+        for s in self.running:
+            if s.decoding:
+                decode_blocks += len(s.blocks)
+            else:
+                prefill_tokens += len(s.tokens) - s.num_computed
+        for s in self.waiting:
+            prefill_tokens += len(s.tokens)
+        pool = self.pool
+        return EngineLoad(decode_blocks, prefill_tokens, pool.used_blocks, pool.num_blocks,
+                          len(self.waiting), len(self.running))
+
+    # -- scheduling --------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        bs = self.pool.block_size
+        pool = self.pool
+        running = self.running
+        planned: list[Sequence] = []
+        prefilling: list[Sequence] = []
+        self._budget = self.max_num_batched_tokens
+        preemptions_before = self.num_preemptions
+
+        # 1. one token for every decoding request (running may shrink under us by preemption)
+        i = 0
+        while i < len(running) and self._budget > 0:
+            seq = running[i]
+            i += 1
+            if not seq.decoding:
+                prefilling.append(seq)
+                continue
+            if seq.num_computed >= len(seq.blocks) * bs:  # its next token starts a new block
+                if not self._make_room(seq, 1, planned):
+                    continue
+                seq.blocks.append(pool.allocate())
+            seq.num_scheduled = 1
+            planned.append(seq)
+            self._budget -= 1
+
+        # 2. requests part-way through their prompt continue
+        for seq in prefilling:
+            if self._budget <= 0:
+                break
+            if seq.status != RUNNING:
+                continue  # preempted above
+            n = min(len(seq.tokens) - seq.num_computed, self._budget)
+            need = (seq.num_computed + n + bs - 1) // bs - len(seq.blocks)
+            if need > 0:
+                if not self._make_room(seq, need, planned):
+                    continue
+                seq.blocks.extend(pool.allocate() for _ in range(need))
+            seq.num_scheduled = n
+            planned.append(seq)
+            self._budget -= n
+
+        # 3. admit waiting requests in order (not in a step that had to preempt: it would only
+        #    take back what it just gave up)
+        if self.num_preemptions == preemptions_before:
+            self._admit(planned)
+
+        prefill = decode = 0
+        for seq in planned:
+            if seq.decoding:
+                decode += 1
+            else:
+                prefill += seq.num_scheduled
+        return StepPlan(planned, prefill, decode, pool.used_blocks)
+
+    def _admit(self, planned: list[Sequence]) -> None:
+        bs = self.pool.block_size
+        pool = self.pool
+        waiting = self.waiting
+        while waiting and self._budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = waiting[0]
+            # At least one prompt token is always computed: its step yields the first token.
+            hits = pool.match_prefix(seq.tokens, seq.block_hashes, (len(seq.tokens) - 1) // bs)
+            hit_tokens = len(hits) * bs
+            n = min(len(seq.tokens) - hit_tokens, self._budget)
+            need = (hit_tokens + n + bs - 1) // bs - len(hits)
+            if need > pool.free_blocks - pool.unreferenced(hits):
+                break  # head-of-line waits for blocks, like vLLM's FCFS policy
+            waiting.popleft()
+            pool.acquire(hits)
+            seq.num_registered = len(hits)
+            hits.extend(pool.allocate() for _ in range(need))
+            seq.blocks = hits
+            seq.num_computed = hit_tokens
+            if not seq.admitted:
+                seq.admitted = True
+                seq.cached_tokens = hit_tokens
+            seq.status = RUNNING
+            seq.decoding = False
+            seq.num_scheduled = n
+            self.running.append(seq)
+            planned.append(seq)
+            self._budget -= n
+
+    def _make_room(self, seq: Sequence, blocks: int, planned: list[Sequence]) -> bool:
+        """Preempt from the most recently admitted end until `blocks` can be allocated for
+        `seq`; False when `seq` itself had to go."""
+        while self.pool.free_blocks < blocks:
+            victim = self.running.pop()
+            self._preempt(victim, planned)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence, planned: list[Sequence]) -> None:
+        if seq.num_scheduled:
+            planned.remove(seq)
+            self._budget += seq.num_scheduled
+            seq.num_scheduled = 0
+        self.pool.release(seq.blocks)
+        seq.blocks = []
+        seq.num_computed = 0
+        seq.num_registered = 0
+        seq.decoding = False
+        seq.status = WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    # -- results -----------------------------------------------------------------------------
+
+    def complete(self, plan: StepPlan) -> list[TokenChunk]:
+        """Apply a finished step: advance progress, register full blocks, draw one token for
+        every sequence whose KV now covers all its tokens. Returns this step's chunks."""
+        pool = self.pool
+        bs = pool.block_size
+        draw = self.model.draw
+        eos = self.model.eos_token_id
+        chunks: list[TokenChunk] = []
+        finished = False
+        for seq in self._done_on_arrival:
+            chunks.append(TokenChunk(seq.request_id, [], FINISH_LENGTH,
+                                     num_prompt_tokens=seq.num_prompt))
+            seq.status = DONE
+            del self.requests[seq.request_id]
+        self._done_on_arrival.clear()
+
+        for seq in plan.seqs:
+            if seq.status != RUNNING:
+                continue  # aborted while the step ran
+            computed = seq.num_computed + seq.num_scheduled
+            seq.num_computed = computed
+            seq.num_scheduled = 0
+            if computed >= (seq.num_registered + 1) * bs:
+                full = computed // bs
+                pool.register(seq.blocks, seq.block_hashes, seq.tokens, seq.num_registered, full)
+                seq.num_registered = full
+            if computed < len(seq.tokens):
+                continue  # prompt chunk done, more to prefill
+
+            gen = seq.num_generated
+            if gen < seq.min_tokens:
+                tok = draw(seq.state, False, seq.banned)
+            else:
+                tok = draw(seq.state, seq.eos_ok, None)
+            seq.tokens.append(tok)
+            seq.state = ((seq.state ^ tok) * _PRIME) & _M64
+            gen += 1
+            seq.num_generated = gen
+            seq.decoding = True
+            if (tok == eos and seq.eos_ok) or (seq.stop_ids is not None and tok in seq.stop_ids):
+                reason: str | None = FINISH_STOP
+            elif gen >= seq.max_tokens:
+                reason = FINISH_LENGTH
+            else:
+                reason = None
+            if seq.first_sent:
+                chunks.append(TokenChunk(seq.request_id, [tok], reason))
+            else:
+                seq.first_sent = True
+                chunks.append(TokenChunk(seq.request_id, [tok], reason,
+                                         num_prompt_tokens=seq.num_prompt,
+                                         cached_tokens=seq.cached_tokens))
+            if reason is not None:
+                seq.status = DONE
+                pool.release(seq.blocks)
+                seq.blocks = []
+                del self.requests[seq.request_id]
+                finished = True
+        if finished:
+            self.running = [s for s in self.running if s.status == RUNNING]
+        return chunks

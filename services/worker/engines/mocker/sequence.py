@@ -1,0 +1,70 @@
+"""One request's state inside the mocker: its tokens, KV blocks, progress and stop conditions.
+
+Plain attributes the scheduler reads and writes on its hot path (hence `__slots__`, no methods
+beyond construction). Owns no policy: the scheduler decides what runs, the pool what is cached.
+"""
+
+from __future__ import annotations
+
+from common.messages import GenerateRequest
+from services.worker.engines.mocker.kv_pool import Block
+from services.worker.engines.mocker.token_model import TokenModel, absorb_all
+
+WAITING = 0
+RUNNING = 1
+DONE = 2
+
+
+class Sequence:
+    __slots__ = (
+        "admitted",
+        "banned",
+        "block_hashes",
+        "blocks",
+        "cached_tokens",
+        "decoding",
+        "eos_ok",
+        "first_sent",
+        "max_tokens",
+        "min_tokens",
+        "num_computed",
+        "num_generated",
+        "num_prompt",
+        "num_registered",
+        "num_scheduled",
+        "request_id",
+        "state",
+        "status",
+        "stop_ids",
+        "tokens",
+    )
+
+    def __init__(self, request: GenerateRequest, model: TokenModel) -> None:
+        sp = request.sampling
+        self.request_id = request.request_id
+        # Prompt, then everything generated (migrated tokens included): what a re-prefill covers.
+        self.tokens: list[int] = [*request.token_ids, *request.generated_token_ids]
+        self.num_prompt = len(request.token_ids)
+        self.num_generated = len(request.generated_token_ids)
+        self.max_tokens = sp.max_tokens  # counts migrated tokens too: the router resends originals
+        self.min_tokens = sp.min_tokens
+        self.stop_ids: frozenset[int] | None = frozenset(sp.stop_token_ids) or None
+        # EOS may end this request (once min_tokens is reached).
+        self.eos_ok = model.emits_eos and not sp.ignore_eos
+        # Ids that must not be drawn while min_tokens is not reached.
+        banned = set(sp.stop_token_ids)
+        if model.eos_token_id is not None:
+            banned.add(model.eos_token_id)
+        self.banned: frozenset[int] | None = frozenset(banned) if sp.min_tokens > 0 and banned \
+            else None
+        self.state = absorb_all(self.tokens)  # rolling hash of `tokens`
+        self.status = WAITING
+        self.admitted = False  # admitted at least once (cached_tokens is from the first time)
+        self.first_sent = False
+        self.decoding = False  # has produced a token since its latest admission
+        self.blocks: list[Block] = []
+        self.block_hashes: list[int] = []  # memo of full-block hashes of `tokens`
+        self.num_registered = 0  # leading blocks registered in the prefix cache
+        self.num_computed = 0  # tokens whose KV is in `blocks`
+        self.num_scheduled = 0  # tokens scheduled in the step in flight
+        self.cached_tokens = 0

@@ -1,0 +1,83 @@
+"""The mocker's "model": which token comes next, as a pure function of the tokens before it.
+
+A rolling 64-bit hash absorbs the sequence one token at a time (O(1) per token), and the next token
+is drawn from a finalised copy of that state. So output depends only on prompt + tokens generated
+so far: not on worker, timing, batch or sampling parameters, which is what lets a migrated request
+continue exactly where the original stopped. The only parameter-dependent twists are the ones a
+real sampler has too: EOS (drawn with probability 1/mean when allowed) and stop tokens banned
+before `min_tokens`.
+
+Owns token choice only; when a request finishes is the scheduler's call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+_M64 = (1 << 64) - 1
+_OFFSET = 0xCBF29CE484222325  # FNV-1a offset basis
+_PRIME = 0x100000001B3  # FNV-1a prime
+_GOLDEN = 0x9E3779B97F4A7C15
+_MAX_REDRAWS = 64
+
+EMPTY_STATE = _OFFSET
+
+
+def absorb(state: int, token: int) -> int:
+    """The rolling state after one more token."""
+    return ((state ^ token) * _PRIME) & _M64
+
+
+def absorb_all(tokens: Iterable[int], state: int = EMPTY_STATE) -> int:
+    """The rolling state after a whole sequence (same result as absorbing one by one)."""
+    for t in tokens:
+        state = ((state ^ t) * _PRIME) & _M64
+    return state
+
+
+def _finalise(x: int) -> int:
+    # splitmix64's finaliser: spreads every state bit over the whole word.
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+class TokenModel:
+    """Draws output ids from [lo, hi), plus EOS with probability 1/mean_output_tokens."""
+
+    __slots__ = ("_eos_cut", "eos_token_id", "lo", "span")
+
+    def __init__(self, lo: int, hi: int, eos_token_id: int | None = None,
+                 mean_output_tokens: int = 0) -> None:
+        assert 0 <= lo < hi, (lo, hi)
+        self.lo = lo
+        self.span = hi - lo
+        self.eos_token_id = eos_token_id
+        # EOS fires when the low 32 bits of the draw fall under this cut: P = 1/mean.
+        self._eos_cut = (1 << 32) // mean_output_tokens if (
+            eos_token_id is not None and mean_output_tokens > 0) else 0
+
+    @property
+    def emits_eos(self) -> bool:
+        return self._eos_cut > 0
+
+    def draw(self, state: int, eos_ok: bool, banned: frozenset[int] | None) -> int:
+        """The next token after the sequence whose rolling state is `state`.
+
+        `eos_ok`: EOS may be chosen here. `banned`: ids that must not come out (stop tokens while
+        `min_tokens` is not reached); they are redrawn deterministically.
+        """
+        x = _finalise(state)
+        if eos_ok and (x & 0xFFFFFFFF) < self._eos_cut:
+            return self.eos_token_id  # type: ignore[return-value]
+        tok = self.lo + (x >> 32) % self.span
+        if tok == self.eos_token_id:
+            # EOS only ever comes from the 1/mean branch above, never by chance.
+            tok = self.lo + (tok - self.lo + 1) % self.span
+        if banned is not None and tok in banned:
+            for _ in range(_MAX_REDRAWS):
+                x = _finalise((x + _GOLDEN) & _M64)
+                tok = self.lo + (x >> 32) % self.span
+                if tok not in banned and tok != self.eos_token_id:
+                    break
+        return tok

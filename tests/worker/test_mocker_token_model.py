@@ -1,0 +1,56 @@
+"""The mocker's token model: next token as a pure function of the sequence before it."""
+
+from __future__ import annotations
+
+import random
+
+from services.worker.engines.mocker.token_model import EMPTY_STATE, TokenModel, absorb, absorb_all
+
+
+def test_absorb_all_equals_one_at_a_time() -> None:
+    rng = random.Random(1)
+    tokens = [rng.randrange(100_000) for _ in range(500)]
+    state = EMPTY_STATE
+    for t in tokens:
+        state = absorb(state, t)
+    assert absorb_all(tokens) == state
+    assert absorb_all(tokens[200:], absorb_all(tokens[:200])) == state
+
+
+def test_draw_is_deterministic_and_in_range() -> None:
+    model = TokenModel(32, 127)
+    states = [absorb_all([i, i * 3]) for i in range(5000)]
+    first = [model.draw(s, False, None) for s in states]
+    assert first == [TokenModel(32, 127).draw(s, False, None) for s in states]
+    assert all(32 <= t < 127 for t in first)
+    assert len(set(first)) == 95  # every printable byte shows up
+
+
+def test_different_prefixes_give_different_continuations() -> None:
+    model = TokenModel(0, 50_000)
+    a = model.draw(absorb_all([1, 2, 3]), False, None)
+    b = model.draw(absorb_all([1, 2, 4]), False, None)
+    c = model.draw(absorb_all([2, 1, 3]), False, None)
+    assert len({a, b, c}) == 3
+
+
+def test_eos_rate_is_one_over_mean() -> None:
+    model = TokenModel(32, 127, eos_token_id=3, mean_output_tokens=10)
+    draws = [model.draw(absorb_all([i]), True, None) for i in range(20_000)]
+    rate = draws.count(3) / len(draws)
+    assert 0.085 < rate < 0.115
+
+
+def test_eos_never_by_chance() -> None:
+    # EOS inside the output range, but not allowed here / never configured to fire.
+    for model, eos_ok in ((TokenModel(32, 127, 65, 10), False), (TokenModel(32, 127, 65, 0), True)):
+        draws = [model.draw(absorb_all([i, 7]), eos_ok, None) for i in range(20_000)]
+        assert 65 not in draws
+
+
+def test_banned_ids_are_redrawn_deterministically() -> None:
+    model = TokenModel(32, 40)
+    banned = frozenset(range(32, 38))
+    draws = [model.draw(absorb_all([i]), False, banned) for i in range(2000)]
+    assert set(draws) == {38, 39}
+    assert draws == [model.draw(absorb_all([i]), False, banned) for i in range(2000)]
