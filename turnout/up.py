@@ -60,8 +60,11 @@ class Plan:
 
 def plan(argv: Sequence[str]) -> Plan:
     """The processes to start and where the deployment will answer."""
-    classes = [UpConfig, FrontendConfig, RouterConfig, WorkerConfig, *engine_config_classes()]
-    up, frontend, router, worker, *engines = parse_configs(classes, argv, prog="turnout up")
+    # Engines first: a flag both declare (--max-model-len) takes the engine's default.
+    engine_classes = engine_config_classes()
+    classes = [UpConfig, *engine_classes, FrontendConfig, RouterConfig, WorkerConfig]
+    up, *rest = parse_configs(classes, argv, prog="turnout up")
+    engines, (frontend, router, worker) = rest[: len(engine_classes)], rest[len(engine_classes):]
     if up.workers < 1:
         raise SystemExit("turnout up: --workers must be at least 1")
     tmp: str | None = None

@@ -10,8 +10,8 @@ from common.messages import GenerateRequest
 
 
 class InflightRequest:
-    __slots__ = ("cached_tokens", "frontend", "generated", "migrations", "request", "started",
-                 "worker_id")
+    __slots__ = ("blocks", "frontend", "generated", "hashes", "migrations", "prefill_blocks",
+                 "request", "started", "worker_id")
 
     def __init__(self, request: GenerateRequest, frontend: bytes, worker_id: str,
                  started: float) -> None:
@@ -20,8 +20,10 @@ class InflightRequest:
         self.worker_id = worker_id
         self.generated: list[int] = list(request.generated_token_ids)
         self.migrations = 0
-        self.cached_tokens = 0
         self.started = started
+        self.blocks = 0  # KV blocks it holds on its worker (router's accounting)
+        self.prefill_blocks = 0  # blocks still to prefill until its first token arrives
+        self.hashes: list[int] = []
 
 
 class InflightTable:

@@ -34,35 +34,50 @@ from common.messages import (
     FINISH_ERROR,
     KIND_CANCEL,
     KIND_GENERATE,
+    KIND_KV_DUMP,
     KIND_TOKENS,
     ROLE_ROUTER,
     ROLE_WORKER,
     TOPIC_HEARTBEAT,
+    TOPIC_KV,
     TOPIC_LOAD,
     Cancel,
     GenerateRequest,
     Instance,
+    KvDumpRequest,
     TokenBatch,
     TokenChunk,
     cancel_decoder,
     encoder,
     generate_decoder,
     heartbeat_decoder,
+    kv_batch_decoder,
     load_decoder,
     token_batch_decoder,
 )
 from common.status_server import StatusServer
 from common.transport import bind_socket, tune_stream_socket
+from services.router.approx_kv_index import ApproxKvIndex
 from services.router.args import RouterConfig
 from services.router.inflight import InflightRequest, InflightTable
+from services.router.kv_index import KvIndex
+from services.router.kv_policy import Decision, KvAwarePolicy
 from services.router.metrics import RouterMetrics
-from services.router.policies import RoutingError, make_policy, select_target
+from services.router.policies import (
+    NoWorkerError,
+    Policy,
+    RoundRobin,
+    RoutingError,
+    make_policy,
+    select_target,
+)
 from services.router.worker_pool import WorkerHandle, WorkerPool
 
 log = logging.getLogger("turnout.router")
 
 CAUSE_CRASH = "crash"
 CAUSE_HANG = "hang"
+CAUSE_STALL = "stall"
 CAUSE_DRAIN = "drain"
 
 
@@ -73,12 +88,30 @@ class Router:
         self.ctx = zmq.asyncio.Context()
         self.pool = WorkerPool(self.ctx)
         self.inflight = InflightTable()
-        self.policy = make_policy(config.router_mode)
         self.metrics = RouterMetrics(self.router_id)
+        topics = [TOPIC_HEARTBEAT, TOPIC_LOAD]
+        self.kv_index: KvIndex | None = None
+        self.approx_index: ApproxKvIndex | None = None
+        self.kv_policy: KvAwarePolicy | None = None
+        self.policy: Policy = RoundRobin()
+        if config.router_mode == "kv":
+            if config.kv_events:
+                self.kv_index = KvIndex()
+                topics.append(TOPIC_KV)
+            else:
+                self.approx_index = ApproxKvIndex(ttl_s=config.kv_ttl_s)
+            self.kv_policy = KvAwarePolicy(
+                self.kv_index or self.approx_index,  # type: ignore[arg-type]
+                overlap_weight=config.kv_overlap_weight, temperature=config.router_temperature,
+                hotspot_margin=config.hotspot_margin, seed=config.hash_seed)
+        else:
+            self.policy = make_policy(config.router_mode)
         self.subscriber = EventSubscriber(
-            self.ctx, [TOPIC_HEARTBEAT, TOPIC_LOAD],
+            self.ctx, topics, on_gap=self.on_event_gap,
             on_malformed=self.metrics.malformed.labels("event").inc)
         self._tasks: dict[str, list[asyncio.Task[None]]] = {}
+        # Requests waiting for a worker of their model: id → (deadline, frontend, request, frame)
+        self.parked: dict[str, tuple[float, bytes, GenerateRequest, bytes]] = {}
         self._warned_malformed = False
 
     # -- frontend side -------------------------------------------------------------------------
@@ -106,42 +139,95 @@ class Router:
             return
         try:
             worker = self.select(request)
+        except NoWorkerError:
+            if self.config.no_worker_wait_ms > 0:
+                # A worker may be starting (discovery lags by a poll): hold it briefly.
+                deadline = time.monotonic() + self.config.no_worker_wait_ms / 1000
+                self.parked[request.request_id] = (deadline, ident, request, payload)
+                return
+            self.metrics.requests.labels("rejected").inc()
+            self._reply_error(ident, request.request_id, 503,
+                              f"no live worker serves model {request.model!r}")
+            return
         except RoutingError as exc:
             self.metrics.requests.labels("rejected").inc()
             self._reply_error(ident, request.request_id, exc.code, str(exc))
             return
-        entry = InflightRequest(request, ident, worker.id, time.monotonic())
+        entry = InflightRequest(request, ident, worker.worker.id, time.monotonic())
         self.inflight.add(entry)
-        worker.inflight += 1
+        self.assign(entry, worker)
         self.metrics.inflight.set(len(self.inflight))
-        worker.socket.send_multipart([KIND_GENERATE, payload])
+        worker.worker.socket.send_multipart([KIND_GENERATE, payload])
 
-    def select(self, request: GenerateRequest, exclude: str = "") -> WorkerHandle:
+    def select(self, request: GenerateRequest, exclude: str = "") -> Decision:
         candidates = self.pool.routable(request.model)
         if exclude:
             candidates = [w for w in candidates if w.id != exclude]
         if not candidates:
-            raise RoutingError(f"no live worker serves model {request.model!r}", 503)
+            raise NoWorkerError(f"no live worker serves model {request.model!r}", 503)
         t0 = time.perf_counter()
         if request.target_worker:
             worker = select_target(candidates, request)
+            decision = Decision(worker, _blocks(request, worker.block_size))
             policy = "direct"
+        elif self.kv_policy is not None:
+            decision = self.kv_policy.decide(candidates, request)
+            policy = self.kv_policy.name
+            if self.approx_index is not None:
+                self.approx_index.record(decision.worker.id, decision.hashes)
+            if decision.request_blocks:
+                self.metrics.overlap.observe(decision.overlap / decision.request_blocks)
         else:
             worker = self.policy.select(candidates, request)
+            decision = Decision(worker, _blocks(request, worker.block_size))
             policy = self.policy.name
         self.metrics.decision_seconds.observe(time.perf_counter() - t0)
         self.metrics.decisions.labels(policy).inc()
-        return worker
+        return decision
+
+    def assign(self, entry: InflightRequest, decision: Decision) -> None:
+        """Account `entry` on its new worker (load the kv policy weighs at once)."""
+        worker = decision.worker
+        entry.blocks = decision.request_blocks
+        entry.prefill_blocks = decision.request_blocks - decision.overlap
+        entry.hashes = decision.hashes
+        worker.inflight += 1
+        worker.active_blocks += entry.blocks
+        worker.pending_prefill_blocks += entry.prefill_blocks
+
+    def release(self, entry: InflightRequest) -> None:
+        """Undo `assign` when the request finishes, is cancelled or leaves its worker."""
+        worker = self.pool.workers.get(entry.worker_id)
+        if worker is not None:
+            worker.inflight -= 1
+            worker.active_blocks -= entry.blocks
+            worker.pending_prefill_blocks -= entry.prefill_blocks
+        entry.prefill_blocks = 0
+
+    def retry_parked(self, now: float) -> None:
+        """Place requests that waited for a worker; fail those whose wait is over."""
+        parked, self.parked = self.parked, {}
+        for rid, (deadline, ident, request, payload) in parked.items():
+            if now < deadline:
+                self.on_generate(ident, request, payload)
+                if rid in self.parked:  # still no worker: keep the original deadline
+                    self.parked[rid] = (deadline, ident, request, payload)
+            else:
+                self.metrics.requests.labels("rejected").inc()
+                self._reply_error(ident, rid, 503, f"no live worker serves model "
+                                                   f"{request.model!r}")
 
     def on_cancel(self, request_id: str) -> None:
+        if self.parked.pop(request_id, None) is not None:
+            return
         entry = self.inflight.remove(request_id)
         if entry is None:
             return
         self.metrics.requests.labels("cancelled").inc()
         self.metrics.inflight.set(len(self.inflight))
+        self.release(entry)
         worker = self.pool.workers.get(entry.worker_id)
         if worker is not None:
-            worker.inflight -= 1
             worker.socket.send_multipart([KIND_CANCEL, encoder.encode(Cancel(request_id))])
 
     def _reply_error(self, ident: bytes, request_id: str, code: int, message: str) -> None:
@@ -174,10 +260,13 @@ class Router:
                         # A draining worker refused it: place it elsewhere instead of failing.
                         if self.migrate(entry, CAUSE_DRAIN, count=False):
                             continue
+                    self.release(entry)
                     self.inflight.remove(chunk.request_id)
-                    worker.inflight -= 1
                     self.metrics.requests.labels(
                         "error" if chunk.error_code else "finished").inc()
+                elif entry.prefill_blocks and chunk.token_ids:
+                    worker.pending_prefill_blocks -= entry.prefill_blocks
+                    entry.prefill_blocks = 0
                 if entry.migrations:
                     # The client already has prompt/cached figures from the first worker.
                     chunk.num_prompt_tokens = 0
@@ -215,6 +304,7 @@ class Router:
         self.metrics.worker_deaths.labels(cause).inc()
         self.metrics.detection_seconds.observe(silent)
         self.pool.mark_dead(worker)
+        self._forget_kv(worker.id)
         self.subscriber.disconnect(worker.instance.endpoints.get("events", ""))
         self.subscriber.forget(worker.id)
         for task in self._tasks.pop(worker.id, []):
@@ -228,7 +318,6 @@ class Router:
         """Continue `entry` on another worker; past the limit the client gets a clear error."""
         rid = entry.request.request_id
         old = entry.worker_id
-        old_worker = self.pool.workers.get(old)
         if count and entry.migrations >= self.config.migration_limit:
             self._fail(entry, f"worker {old} failed ({cause}) and the migration limit "
                               f"({self.config.migration_limit}) is reached")
@@ -236,25 +325,22 @@ class Router:
         request = GenerateRequest(rid, entry.request.model, entry.request.token_ids,
                                   entry.request.sampling, None, list(entry.generated))
         try:
-            worker = self.select(request, exclude=old)
+            decision = self.select(request, exclude=old)
         except RoutingError as exc:
             self._fail(entry, f"worker {old} failed ({cause}); {exc}")
             return False
         if count:
             entry.migrations += 1
             self.metrics.migrations.labels(cause).inc()
-        if old_worker is not None:
-            old_worker.inflight -= 1
-        self.inflight.move(entry, worker.id)
-        worker.inflight += 1
-        worker.socket.send_multipart([KIND_GENERATE, encoder.encode(request)])
+        self.release(entry)
+        self.inflight.move(entry, decision.worker.id)
+        self.assign(entry, decision)
+        decision.worker.socket.send_multipart([KIND_GENERATE, encoder.encode(request)])
         return True
 
     def _fail(self, entry: InflightRequest, message: str) -> None:
+        self.release(entry)
         self.inflight.remove(entry.request.request_id)
-        old_worker = self.pool.workers.get(entry.worker_id)
-        if old_worker is not None:
-            old_worker.inflight -= 1
         self.metrics.requests.labels("error").inc()
         self._reply_error(entry.frontend, entry.request.request_id, 503, message)
 
@@ -273,6 +359,8 @@ class Router:
                         self._retire(worker)
             else:
                 self._admit(instance)
+                if self.parked:
+                    self.retry_parked(time.monotonic())
             self._update_worker_gauges()
 
     def _admit(self, instance: Instance) -> None:
@@ -294,7 +382,14 @@ class Router:
             task.cancel()
         self.subscriber.disconnect(worker.instance.endpoints.get("events", ""))
         self.subscriber.forget(worker.id)
+        self._forget_kv(worker.id)
         self.pool.close(worker)
+
+    def _forget_kv(self, worker_id: str) -> None:
+        if self.kv_index is not None:
+            self.kv_index.remove_worker(worker_id)
+        if self.approx_index is not None:
+            self.approx_index.remove_worker(worker_id)
 
     async def consume_events(self) -> None:
         workers = self.pool.workers
@@ -306,18 +401,42 @@ class Router:
             try:
                 if topic == TOPIC_HEARTBEAT:
                     hb = heartbeat_decoder.decode(env.payload)
-                    worker.last_heartbeat = time.monotonic()
+                    now = worker.last_heartbeat = time.monotonic()
+                    if hb.steps != worker.last_steps or not worker.inflight:
+                        worker.last_progress = now
                     worker.last_steps = hb.steps
                     if hb.draining:
                         worker.routable = False
+                    if not worker.synced and self.kv_index is not None:
+                        # Its events flow now: ask for the full state once, then follow events.
+                        worker.synced = True
+                        self.request_dump(worker)
                 elif topic == TOPIC_LOAD:
                     worker.load = load_decoder.decode(env.payload)
+                elif topic == TOPIC_KV and self.kv_index is not None:
+                    batch = kv_batch_decoder.decode(env.payload)
+                    self.kv_index.apply(worker.id, batch)
+                    self.metrics.kv_events.inc(len(batch.events))
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 self._malformed("event", str(exc))
+
+    def on_event_gap(self, publisher_id: str, topic: bytes, expected: int, got: int) -> None:
+        self.metrics.event_gaps.labels(topic.decode(errors="replace")).inc()
+        if topic == TOPIC_KV:
+            worker = self.pool.workers.get(publisher_id)
+            if worker is not None:
+                log.info("kv event gap; resyncing", extra={"fields": {
+                    "worker": publisher_id, "expected": expected, "got": got}})
+                self.request_dump(worker)
+
+    def request_dump(self, worker: WorkerHandle) -> None:
+        self.metrics.resyncs.inc()
+        worker.socket.send_multipart([KIND_KV_DUMP, encoder.encode(KvDumpRequest("resync"))])
 
     async def watch_heartbeats(self) -> None:
         period = self.config.heartbeat_interval_ms / 1000
         limit = period * self.config.missed_heartbeats
+        stall = self.config.stall_timeout_ms / 1000
         last_tick = time.monotonic()
         while True:
             await asyncio.sleep(period / 2)
@@ -325,11 +444,20 @@ class Router:
             # If this loop itself ran late, heartbeats may be sitting unread: judge next round.
             late = now - last_tick > period
             last_tick = now
+            if self.parked:
+                self.retry_parked(now)
             if late:
                 continue
+            if self.kv_index is not None:
+                self.metrics.index_blocks.set(self.kv_index.num_blocks())
+                self.metrics.index_entries.set(self.kv_index.num_entries())
             for worker in list(self.pool.workers.values()):
-                if worker.alive and now - worker.last_heartbeat > limit:
+                if not worker.alive:
+                    continue
+                if now - worker.last_heartbeat > limit:
                     self.worker_lost(worker, CAUSE_HANG)
+                elif stall and worker.inflight and now - worker.last_progress > stall:
+                    self.worker_lost(worker, CAUSE_STALL)
 
     def _update_worker_gauges(self) -> None:
         routable = sum(1 for w in self.pool.workers.values() if w.routable)
@@ -386,3 +514,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     import uvloop
 
     uvloop.run(Router(config).run())
+
+
+def _blocks(request: GenerateRequest, block_size: int) -> int:
+    n = len(request.token_ids) + len(request.generated_token_ids)
+    return -(-n // block_size)

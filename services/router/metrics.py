@@ -28,5 +28,18 @@ class RouterMetrics:
             buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5))
         self.malformed = Counter("turnout_router_malformed_frames", "Frames dropped as malformed",
                                  ["plane"], registry=r)
+        self.overlap = Histogram(
+            "turnout_router_predicted_overlap_ratio",
+            "Share of a request's KV blocks the chosen worker already caches (kv mode)",
+            registry=r, buckets=(0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0))
+        self.kv_events = Counter("turnout_router_kv_events_applied", "KV events indexed",
+                                 registry=r)
+        self.resyncs = Counter("turnout_router_kv_resyncs",
+                               "Full KV state dumps requested (new worker or event gap)",
+                               registry=r)
+        self.index_blocks = Gauge("turnout_router_kv_index_blocks",
+                                  "Distinct KV blocks in the index", registry=r)
+        self.index_entries = Gauge("turnout_router_kv_index_entries",
+                                   "(worker, block) pairs in the index", registry=r)
         self.event_gaps = Counter("turnout_router_event_gaps", "Event-plane sequence gaps",
                                   ["topic"], registry=r)

@@ -19,6 +19,10 @@ class RoutingError(Exception):
         self.code = code
 
 
+class NoWorkerError(RoutingError):
+    """No routable worker serves the model (yet)."""
+
+
 class Policy(Protocol):
     name: str
 

@@ -18,8 +18,9 @@ from common.transport import tune_stream_socket
 
 
 class WorkerHandle:
-    __slots__ = ("alive", "id", "inflight", "instance", "last_heartbeat", "last_steps", "load",
-                 "monitor", "routable", "socket")
+    __slots__ = ("active_blocks", "alive", "block_size", "id", "inflight", "instance",
+                 "last_chosen", "last_heartbeat", "last_progress", "last_steps", "load", "monitor",
+                 "pending_prefill_blocks", "routable", "socket", "synced")
 
     def __init__(self, instance: Instance, socket: zmq.asyncio.Socket,
                  monitor: zmq.asyncio.Socket) -> None:
@@ -28,9 +29,16 @@ class WorkerHandle:
         self.socket = socket
         self.monitor = monitor
         self.inflight = 0
+        self.block_size = int(instance.metadata.get("block_size") or 64)
+        # What this router has in flight there, in KV blocks: fresher than the load reports.
+        self.active_blocks = 0
+        self.pending_prefill_blocks = 0
+        self.last_chosen = 0  # decision counter when last picked (tie-break: longest ago wins)
+        self.synced = False  # its full KV state was asked for once its events flowed
         self.load: LoadReport | None = None
         self.last_heartbeat = time.monotonic()
         self.last_steps = -1
+        self.last_progress = self.last_heartbeat  # when `steps` last moved
         self.alive = True
         self.routable = True  # False once it left discovery (draining) or died
 

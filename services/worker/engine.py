@@ -37,7 +37,7 @@ class EngineLoad:
 
 
 class EngineError(Exception):
-    """A request the engine refuses (too long for its context, malformed): reported to the client."""
+    """A request the engine refuses (too long for its context, malformed); the client is told."""
 
     def __init__(self, message: str, code: int = 400) -> None:
         super().__init__(message)
@@ -63,8 +63,9 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def add_request(self, request: GenerateRequest) -> None:
-        """Admit a request (raise `EngineError` to refuse it). Its tokens arrive through the sink;
-        the first chunk carries `num_prompt_tokens` and `cached_tokens`, the last a finish reason."""
+        """Admit a request (raise `EngineError` to refuse it). Its tokens arrive through the
+        sink; the first chunk carries `num_prompt_tokens` and `cached_tokens`, the last a
+        finish reason."""
 
     @abc.abstractmethod
     def abort(self, request_id: str) -> None:

@@ -25,7 +25,7 @@ import zmq
 import zmq.asyncio
 
 from common.config import parse_configs
-from common.discovery import open_discovery
+from common.discovery import Discovery, open_discovery
 from common.event_plane import EventPublisher
 from common.logs import setup_logging
 from common.messages import (
@@ -77,6 +77,8 @@ class Worker:
         self._stop = asyncio.Event()
         self._idle = asyncio.Event()  # set when draining and no stream is left
         self._warned_malformed = False
+        self.started = time.time()  # incarnation stamp: a re-registration changes it
+        self.metrics_port = 0
 
     # -- engine output -------------------------------------------------------------------------
 
@@ -176,9 +178,29 @@ class Worker:
 
     async def heartbeat(self) -> None:
         period = self.config.heartbeat_interval_ms / 1000
+        # Silent this long, the router has declared us dead and moved our streams elsewhere.
+        presumed_dead = max(1.0, 10 * period)
+        last = time.monotonic()
         while True:
             self.publish_status()
             await asyncio.sleep(period)
+            now = time.monotonic()
+            if now - last > presumed_dead and not self.draining:
+                await self.rejoin(now - last)
+            last = now
+
+    async def rejoin(self, silent_s: float) -> None:
+        """Back from a freeze (SIGSTOP, a wedged host): our requests were migrated, so drop
+        them, and re-register as a new incarnation; routers re-admit us and resync."""
+        log.warning("resumed after a freeze; dropping stale requests and re-registering",
+                    extra={"fields": {"silent_s": round(silent_s, 2),
+                                      "requests": len(self.destinations)}})
+        for request_id in list(self.destinations):
+            self.engine.abort(request_id)
+            self.metrics.on_finish("abandoned")
+        self.destinations.clear()
+        self.started = time.time()
+        await self.discovery.update(self.instance())
 
     def publish_status(self) -> None:
         load = self.engine.load()
@@ -194,16 +216,16 @@ class Worker:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def instance(self, metrics_port: int) -> Instance:
+    def instance(self) -> Instance:
         host = self.config.advertise_host or self.config.host
         return Instance(
             id=self.worker_id, role=ROLE_WORKER, model=self.model,
             endpoints={"request": self.request_endpoint, "events": self.publisher.endpoint,
-                       "metrics": f"http://{host}:{metrics_port}/metrics"},
+                       "metrics": f"http://{host}:{self.metrics_port}/metrics"},
             metadata={"mode": self.config.worker_mode or MODE_AGGREGATED,
                       "engine": self.config.engine, "block_size": self.engine.block_size,
                       "max_model_len": self.engine.max_model_len, "pid": os.getpid(),
-                      "started": time.time()},
+                      "started": self.started},
         )
 
     async def run(self) -> None:
@@ -216,15 +238,15 @@ class Worker:
                                         cfg.advertise_host)
         status = StatusServer(self.metrics.registry, cfg.host, cfg.worker_metrics_port,
                               health=lambda: not self.draining)
-        metrics_port = await status.start()
+        self.metrics_port = await status.start()
         await self.engine.start(self.on_step)
-        discovery = open_discovery(cfg.discovery, lease_ttl=cfg.lease_ttl_s)
+        self.discovery = discovery = open_discovery(cfg.discovery, lease_ttl=cfg.lease_ttl_s)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         tasks = [asyncio.create_task(self.serve_requests()),
                  asyncio.create_task(self.heartbeat())]
-        await discovery.register(self.instance(metrics_port))
+        await discovery.register(self.instance())
         log.info("worker ready", extra={"fields": {"id": self.worker_id,
                                                    "request": self.request_endpoint}})
         await self._stop.wait()
@@ -238,10 +260,10 @@ class Worker:
         self.requests.close(linger=0)
         self.ctx.term()
 
-    async def drain(self, discovery: object) -> None:
+    async def drain(self, discovery: Discovery) -> None:
         """Leave discovery, refuse new work, give running streams the grace period."""
         self.draining = True
-        await discovery.unregister(self.worker_id)  # type: ignore[attr-defined]
+        await discovery.unregister(self.worker_id)
         self.publish_status()
         if self.destinations:
             try:

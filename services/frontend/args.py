@@ -1,0 +1,15 @@
+"""Every flag of `turnout frontend`, with its TURNOUT_* fallback and default."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from common.config import ProcessConfig, opt
+
+
+@dataclasses.dataclass
+class FrontendConfig(ProcessConfig):
+    port: int = opt(8000, help="HTTP port of the OpenAI API")
+    frontend_id: str = opt("", help="unique instance id (default: frontend-<pid>-<random>)")
+    max_model_len: int = opt(0, help="context length; 0: the smallest any worker reports")
+    api_key: str = opt("", help="when set, requests need 'Authorization: Bearer <key>'")

@@ -1,0 +1,222 @@
+"""The frontend's side of the request plane: sends requests to a router and hands back streams.
+
+Owns the DEALER sockets to the discovered routers, the map from request id to its stream, and the
+set of models that live workers serve (from discovery). Does not own HTTP or tokenization.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from common.discovery import Discovery
+from common.messages import (
+    FINISH_ERROR,
+    KIND_CANCEL,
+    KIND_GENERATE,
+    KIND_TOKENS,
+    ROLE_ROUTER,
+    ROLE_WORKER,
+    Cancel,
+    GenerateRequest,
+    Instance,
+    TokenChunk,
+    encoder,
+    token_batch_decoder,
+)
+from common.transport import tune_stream_socket
+
+log = logging.getLogger(__name__)
+
+
+class NoWorkersError(Exception):
+    """No router, or no worker serving the requested model, is reachable."""
+
+
+class RequestStream(Protocol):
+    """The chunks of one request, ending with the chunk that has a finish reason."""
+
+    def __aiter__(self) -> AsyncIterator[TokenChunk]: ...
+
+
+class Upstream(Protocol):
+    def served_models(self) -> list[str]:
+        """Models some live worker serves right now."""
+        ...
+
+    def open(self, request: GenerateRequest) -> ChunkStream:
+        """Send `request`; raise `NoWorkersError` when nothing can serve its model."""
+        ...
+
+    def cancel(self, request_id: str) -> None:
+        """Abort a request all the way to the engine (client went away, stop string hit)."""
+        ...
+
+
+class ChunkStream:
+    """Chunks of one request as they arrive; merges what piled up while the reader was busy."""
+
+    __slots__ = ("_event", "_pending", "finished", "request_id")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self._pending: list[TokenChunk] = []
+        self._event = asyncio.Event()
+        self.finished = False
+
+    def push(self, chunk: TokenChunk) -> None:
+        self._pending.append(chunk)
+        self._event.set()
+
+    async def next_batch(self) -> list[TokenChunk]:
+        """Every chunk that arrived since the last call (at least one); [] once finished."""
+        while not self._pending:
+            if self.finished:
+                return []
+            self._event.clear()
+            await self._event.wait()
+        batch, self._pending = self._pending, []
+        if batch[-1].finish_reason is not None:
+            self.finished = True
+        return batch
+
+    async def __aiter__(self) -> AsyncIterator[TokenChunk]:
+        while True:
+            batch = await self.next_batch()
+            if not batch:
+                return
+            for chunk in batch:
+                yield chunk
+
+
+class RouterClient:
+    """The real `Upstream`: routers and workers from discovery, requests over ZeroMQ DEALERs."""
+
+    def __init__(self, discovery: Discovery) -> None:
+        self.discovery = discovery
+        self.ctx = zmq.asyncio.Context()
+        self.routers: dict[str, _RouterLink] = {}
+        self.workers: dict[str, Instance] = {}
+        self.streams: dict[str, tuple[ChunkStream, str]] = {}
+        self._turn = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._warned = False
+        self.malformed = 0
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._watch(ROLE_ROUTER)),
+                       asyncio.create_task(self._watch(ROLE_WORKER))]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for link in list(self.routers.values()):
+            link.close()
+        self.ctx.destroy(linger=0)
+
+    # -- Upstream ------------------------------------------------------------------------------
+
+    def served_models(self) -> list[str]:
+        if not self.routers:
+            return []
+        return sorted({w.model for w in self.workers.values() if w.model})
+
+    def max_model_len(self, model: str) -> int | None:
+        """The smallest context any worker of `model` accepts (None: no worker says)."""
+        lens = [int(w.metadata["max_model_len"]) for w in self.workers.values()
+                if w.model == model and w.metadata.get("max_model_len")]
+        return min(lens) if lens else None
+
+    def open(self, request: GenerateRequest) -> ChunkStream:
+        if not self.routers:
+            raise NoWorkersError("no router is available")
+        if request.model not in self.served_models():
+            raise NoWorkersError(f"no worker serves model {request.model!r}")
+        links = list(self.routers.values())
+        self._turn += 1
+        link = links[self._turn % len(links)]
+        stream = ChunkStream(request.request_id)
+        self.streams[request.request_id] = (stream, link.router_id)
+        link.socket.send_multipart([KIND_GENERATE, encoder.encode(request)])
+        return stream
+
+    def cancel(self, request_id: str) -> None:
+        entry = self.streams.pop(request_id, None)
+        if entry is None:
+            return
+        link = self.routers.get(entry[1])
+        if link is not None:
+            link.socket.send_multipart([KIND_CANCEL, encoder.encode(Cancel(request_id))])
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    async def _watch(self, role: str) -> None:
+        async for event in self.discovery.watch(role=role):
+            inst = event.instance
+            if role == ROLE_WORKER:
+                if event.kind == "removed":
+                    self.workers.pop(inst.id, None)
+                else:
+                    self.workers[inst.id] = inst
+            elif event.kind == "removed":
+                link = self.routers.pop(inst.id, None)
+                if link is not None:
+                    self._router_lost(link)
+            elif inst.id not in self.routers and "request" in inst.endpoints:
+                self.routers[inst.id] = _RouterLink(self, inst)
+
+    def _router_lost(self, link: _RouterLink) -> None:
+        link.close()
+        for rid, (stream, router_id) in list(self.streams.items()):
+            if router_id == link.router_id:
+                del self.streams[rid]
+                stream.push(TokenChunk(rid, [], FINISH_ERROR, error_code=503,
+                                       error_message="the router serving this request went away"))
+
+    def deliver(self, payload: bytes) -> None:
+        try:
+            batch = token_batch_decoder.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.malformed += 1
+            if not self._warned:
+                self._warned = True
+                log.warning("dropped malformed frame from router",
+                            extra={"fields": {"why": str(exc)}})
+            return
+        streams = self.streams
+        for chunk in batch.chunks:
+            entry = streams.get(chunk.request_id)
+            if entry is None:
+                continue
+            entry[0].push(chunk)
+            if chunk.finish_reason is not None:
+                del streams[chunk.request_id]
+
+
+class _RouterLink:
+    """One DEALER connection to one router, and the task reading its replies."""
+
+    def __init__(self, client: RouterClient, instance: Instance) -> None:
+        self.router_id = instance.id
+        self.socket = client.ctx.socket(zmq.DEALER)
+        tune_stream_socket(self.socket)
+        self.socket.connect(instance.endpoints["request"])
+        self.task = asyncio.create_task(self._read(client))
+
+    async def _read(self, client: RouterClient) -> None:
+        while True:
+            frames = await self.socket.recv_multipart()
+            if len(frames) == 2 and frames[0] == KIND_TOKENS:
+                client.deliver(frames[1])
+            else:
+                client.malformed += 1
+
+    def close(self) -> None:
+        self.task.cancel()
+        self.socket.close(linger=0)

@@ -1,0 +1,104 @@
+"""KV-aware worker selection: send a request where its prefix is cached, without hotspots.
+
+cost(w) = overlap_weight * (request blocks - cached overlap(w) + w's queued prefill blocks)
+          + w's active decode blocks
+
+Loads are the larger of what this router itself has in flight on the worker (fresh at every
+decision) and what the worker last reported (which includes other routers' traffic). The lowest
+cost wins; ties go to the less loaded worker, then to the one chosen longest ago, so equal
+scores never pile onto the first worker in a list. With `temperature` > 0 the choice is a
+softmax draw over normalised costs.
+The hotspot guard drops a worker whose load exceeds the mean by more than `hotspot_margin`
+(a fraction) before costs are compared, so a shared system prompt cannot send every request to
+the one worker that cached it first.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Protocol
+
+from common.block_hash import DEFAULT_SEED, block_hashes
+from common.messages import GenerateRequest
+from services.router.worker_pool import WorkerHandle
+
+
+class PrefixIndex(Protocol):
+    def find_matches(self, hashes: list[int]) -> dict[str, int]: ...
+
+
+class Decision:
+    __slots__ = ("hashes", "overlap", "request_blocks", "worker")
+
+    def __init__(self, worker: WorkerHandle, request_blocks: int, overlap: int = 0,
+                 hashes: list[int] | None = None) -> None:
+        self.worker = worker
+        self.request_blocks = request_blocks
+        self.overlap = overlap
+        self.hashes = hashes or []
+
+
+def sequence_tokens(request: GenerateRequest) -> list[int]:
+    """Prompt plus anything generated before a migration: what the worker must hold in KV."""
+    if request.generated_token_ids:
+        return request.token_ids + request.generated_token_ids
+    return request.token_ids
+
+
+class KvAwarePolicy:
+    name = "kv"
+
+    def __init__(self, index: PrefixIndex, overlap_weight: float = 1.0,
+                 temperature: float = 0.0, hotspot_margin: float = 0.5,
+                 seed: int = DEFAULT_SEED, rng: random.Random | None = None) -> None:
+        self.index = index
+        self.overlap_weight = overlap_weight
+        self.temperature = temperature
+        self.hotspot_margin = hotspot_margin
+        self.seed = seed
+        self._rng = rng or random.Random()
+        self._turn = 0
+
+    def decide(self, candidates: list[WorkerHandle], request: GenerateRequest) -> Decision:
+        block_size = candidates[0].block_size
+        tokens = sequence_tokens(request)
+        hashes = block_hashes(tokens, block_size, self.seed)
+        request_blocks = -(-len(tokens) // block_size)
+        matches = self.index.find_matches(hashes) if hashes else {}
+        loads = [_load(w) for w in candidates]
+        pool = list(range(len(candidates)))
+        if len(candidates) > 1 and self.hotspot_margin >= 0:
+            mean = sum(p + d for p, d in loads) / len(loads)
+            cap = (1 + self.hotspot_margin) * mean + request_blocks
+            cool = [i for i in pool if loads[i][0] + loads[i][1] <= cap]
+            pool = cool or pool
+        costs = [self.overlap_weight * (request_blocks - matches.get(candidates[i].id, 0)
+                                        + loads[i][0]) + loads[i][1] for i in pool]
+        if self.temperature > 0 and len(pool) > 1:
+            pick = pool[self._softmax(costs)]
+        else:
+            best = min(costs)
+            tied = [i for i, c in zip(pool, costs, strict=True) if c == best]
+            pick = min(tied, key=lambda i: (sum(loads[i]), candidates[i].last_chosen))
+        worker = candidates[pick]
+        self._turn += 1
+        worker.last_chosen = self._turn
+        return Decision(worker, request_blocks, matches.get(worker.id, 0), hashes)
+
+    def _softmax(self, costs: list[float]) -> int:
+        lo, hi = min(costs), max(costs)
+        span = (hi - lo) or 1.0
+        weights = [math.exp(-(c - lo) / span / self.temperature) for c in costs]
+        return self._rng.choices(range(len(costs)), weights=weights)[0]
+
+
+def _load(worker: WorkerHandle) -> tuple[float, float]:
+    """(queued prefill blocks, active decode blocks) of a worker."""
+    prefill = float(worker.pending_prefill_blocks)
+    decode = float(worker.active_blocks)
+    report = worker.load
+    if report is not None:
+        prefill = max(prefill, report.active_prefill_tokens / worker.block_size)
+        decode = max(decode, float(report.active_decode_blocks))
+    return prefill, decode

@@ -1,0 +1,217 @@
+"""The whole stack as separate processes: frontend → router → mocker workers, through `openai`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import httpx
+import msgspec
+import openai
+import pytest
+import zmq
+
+from common.messages import (
+    KIND_CANCEL,
+    KIND_GENERATE,
+    TOPIC_HEARTBEAT,
+    TOPIC_KV,
+    EventEnvelope,
+    Heartbeat,
+    encoder,
+)
+from tests.e2e.deployment import Deployment, metric, wait_for
+from tests.openapi_spec import validate
+
+pytestmark = pytest.mark.e2e
+
+FAST = ("--speedup-ratio", "0")
+
+
+def client(dep: Deployment) -> openai.OpenAI:
+    return openai.OpenAI(base_url=dep.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def worker_requests(dep: Deployment, worker_id: str) -> float:
+    return metric(dep.metrics_of(worker_id), "turnout_worker_prompt_tokens_total")
+
+
+def test_openai_sdk_chat_completions_models_and_usage(deployment: Deployment) -> None:
+    deployment.start(workers=2, worker_args=FAST)
+    oai = client(deployment)
+
+    models = oai.models.list()
+    assert [m.id for m in models.data] == ["mock"]
+    validate("ListModelsResponse", httpx.get(deployment.url + "/v1/models").json())
+
+    chat = oai.chat.completions.create(
+        model="mock", messages=[{"role": "user", "content": "Say something."}], max_tokens=20,
+        extra_body={"ignore_eos": True})
+    validate("CreateChatCompletionResponse", chat.model_dump(mode="json", exclude_unset=True))
+    assert chat.choices[0].finish_reason == "length"
+    assert chat.usage is not None and chat.usage.completion_tokens == 20
+    # The built-in byte tokenizer: one printable ASCII character per generated token.
+    assert len(chat.choices[0].message.content or "") == 20
+    assert chat.usage.prompt_tokens > 0
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + 20
+
+    stream = oai.chat.completions.create(
+        model="mock", messages=[{"role": "user", "content": "Say something."}], max_tokens=20,
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    text, usage, finish = "", None, None
+    for chunk in stream:
+        validate("CreateChatCompletionStreamResponse", chunk.model_dump(mode="json",
+                                                                        exclude_unset=True))
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+        usage = chunk.usage or usage
+    assert finish == "length"
+    assert usage is not None and usage.completion_tokens == len(text) == 20
+    # Deterministic engine: the same prompt gives the same text on any worker.
+    assert text == chat.choices[0].message.content
+    # The second identical prompt hits the prefix cache of whichever worker served it... or not,
+    # with round-robin; cached_tokens is reported either way.
+    assert usage.prompt_tokens_details is not None
+    assert usage.prompt_tokens_details.cached_tokens is not None
+
+    comp = oai.completions.create(model="mock", prompt="Once upon a time", max_tokens=12,
+                                  extra_body={"ignore_eos": True})
+    validate("CreateCompletionResponse", comp.model_dump(mode="json", exclude_unset=True))
+    assert comp.usage is not None and comp.usage.completion_tokens == 12
+    assert comp.usage.prompt_tokens == len("Once upon a time") + 1  # + BOS
+    streamed = ""
+    for chunk in oai.completions.create(model="mock", prompt="Once upon a time", max_tokens=12,
+                                        stream=True, extra_body={"ignore_eos": True}):
+        validate("CreateCompletionStreamResponse",
+                 chunk.model_dump(mode="json", exclude_unset=True))
+        streamed += chunk.choices[0].text if chunk.choices else ""
+    assert streamed == comp.choices[0].text
+
+
+def test_repeated_prompt_reports_cached_tokens(deployment: Deployment) -> None:
+    deployment.start(workers=1, worker_args=FAST)
+    oai = client(deployment)
+    prompt = "The quick brown fox jumps over the lazy dog. " * 10  # 450 bytes: 7 full blocks
+    first = oai.completions.create(model="mock", prompt=prompt, max_tokens=4)
+    second = oai.completions.create(model="mock", prompt=prompt, max_tokens=4)
+    assert first.usage is not None and second.usage is not None
+    assert first.usage.prompt_tokens_details is None or \
+        not first.usage.prompt_tokens_details.cached_tokens
+    assert second.usage.prompt_tokens_details is not None
+    assert second.usage.prompt_tokens_details.cached_tokens == 7 * 64
+
+
+def test_worker_started_after_frontend_is_used(deployment: Deployment) -> None:
+    deployment.start_router()
+    deployment.start_frontend()
+    assert httpx.get(deployment.url + "/health").status_code == 503
+    resp = httpx.post(deployment.url + "/v1/completions",
+                      json={"model": "mock", "prompt": "hi", "max_tokens": 3})
+    assert resp.status_code in (404, 503)
+    assert "error" in resp.json()
+    deployment.start_worker(*FAST)
+    deployment.wait_healthy()
+    out = client(deployment).completions.create(model="mock", prompt="hi", max_tokens=3)
+    assert out.usage is not None and out.usage.completion_tokens == 3
+    assert worker_requests(deployment, "w1") == len("hi") + 1  # + BOS
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_stopped_worker_is_no_longer_routed_to(deployment: Deployment, sig: int) -> None:
+    deployment.start(workers=2, worker_args=FAST)
+    oai = client(deployment)
+    for _ in range(4):
+        oai.completions.create(model="mock", prompt="warm up", max_tokens=2)
+    assert worker_requests(deployment, "w1") > 0 and worker_requests(deployment, "w2") > 0
+    deployment.services[1].signal(sig)  # w1
+    wait_for(lambda: not deployment.services[1].alive(), 10, "w1 to exit")
+    before = worker_requests(deployment, "w2")
+    for i in range(10):
+        out = oai.completions.create(model="mock", prompt=f"after {i}", max_tokens=2)
+        assert out.choices[0].finish_reason == "length"
+    assert worker_requests(deployment, "w2") == before + (len("after 0") + 1) * 10  # + BOS
+
+
+def test_client_disconnect_cancels_in_engine(deployment: Deployment) -> None:
+    deployment.start(workers=1, worker_args=("--speedup-ratio", "1"))
+    body = {"model": "mock", "prompt": "tell me a long story", "max_tokens": 2000,
+            "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=10) as http, http.stream("POST", deployment.url + "/v1/completions",
+                                                       json=body) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        got = 0
+        for line in lines:
+            if line.startswith("data: {"):
+                got += 1
+                if got >= 3:
+                    break
+        # Leaving the block closes the connection mid-stream.
+    wait_for(lambda: metric(deployment.metrics_of("w1"), "turnout_worker_running_requests") == 0
+             and metric(deployment.metrics_of("w1"), "turnout_worker_waiting_requests") == 0,
+             10, "the worker to drop the request")
+    m = deployment.metrics_of("w1")
+    assert m.get('turnout_worker_requests_total{model="mock",outcome="cancelled",worker="w1"}') \
+        == 1
+    assert metric(m, "turnout_worker_decode_tokens_total") < 2000
+
+
+def test_non_streaming_disconnect_cancels_too(deployment: Deployment) -> None:
+    deployment.start(workers=1, worker_args=("--speedup-ratio", "1"))
+    body = {"model": "mock", "prompt": "tell me a long story", "max_tokens": 2000,
+            "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(deployment.url + "/v1/completions", json=body, timeout=1.0)
+    wait_for(lambda: metric(deployment.metrics_of("w1"), "turnout_worker_running_requests") == 0,
+             10, "the worker to drop the request")
+    assert metric(deployment.metrics_of("w1"), "turnout_worker_decode_tokens_total") < 2000
+
+
+def test_garbage_frames_do_not_stop_service(deployment: Deployment) -> None:
+    deployment.start(workers=1, worker_args=FAST)
+    oai = client(deployment)
+    ctx = zmq.Context()
+    try:
+        router = next(r for r in deployment.records() if r["role"] == "router")
+        worker = deployment.record("w1")
+        assert worker is not None
+        # Request plane: garbage at the router and at the worker, framed and unframed.
+        for endpoint in (router["endpoints"]["request"], worker["endpoints"]["request"]):
+            sock = ctx.socket(zmq.DEALER)
+            sock.connect(endpoint)
+            for frames in ([b"garbage"], [KIND_GENERATE, b"\xc1\xc1"], [b"\x7f", b"x"],
+                           [KIND_CANCEL, b"\x93\x01\x02\x03"], [KIND_GENERATE, b"", b""]):
+                sock.send_multipart(frames)
+            sock.close(linger=1000)
+        # Event plane: a publisher the router discovers, sending garbage on every topic.
+        pub = ctx.socket(zmq.PUB)
+        port = pub.bind_to_random_port("tcp://127.0.0.1")
+        fake = {"id": "fake", "role": "worker", "model": "other-model",
+                "endpoints": {"request": "tcp://127.0.0.1:1", "events": f"tcp://127.0.0.1:{port}"},
+                "metadata": {"started": 1.0}}
+        (deployment.discovery / "fake.json").write_text(json.dumps(fake))
+        deadline = time.monotonic() + 5
+        steps = 0
+        while time.monotonic() < deadline:
+            steps += 1  # valid heartbeats keep the fake worker from being declared dead
+            pub.send_multipart([TOPIC_HEARTBEAT, encoder.encode(EventEnvelope(
+                "fake", steps, time.time(), msgspec.Raw(encoder.encode(Heartbeat("fake", 0, 0)))))])
+            for topic in (TOPIC_HEARTBEAT, TOPIC_KV):
+                pub.send_multipart([topic, b"\xc1 not msgpack"])
+                pub.send_multipart([topic])
+            time.sleep(0.05)
+            routers = deployment.metrics_of(router["id"])
+            if routers.get('turnout_router_malformed_frames_total{plane="event"}', 0) >= 3:
+                break
+        pub.close(0)
+        routers = deployment.metrics_of(router["id"])
+        assert routers.get('turnout_router_malformed_frames_total{plane="request"}', 0) >= 1
+        assert routers.get('turnout_router_malformed_frames_total{plane="event"}', 0) >= 3
+        assert metric(deployment.metrics_of("w1"), "turnout_worker_malformed_frames_total") >= 1
+        out = oai.completions.create(model="mock", prompt="still here?", max_tokens=5)
+        assert out.usage is not None and out.usage.completion_tokens == 5
+        assert all(s.alive() for s in deployment.services)
+    finally:
+        ctx.term()
