@@ -291,7 +291,7 @@ class Router:
             if event["event"] == zmq.EVENT_CONNECTED:
                 connected = True
             elif event["event"] == zmq.EVENT_DISCONNECTED and connected:
-                self.worker_lost(worker, CAUSE_CRASH)
+                self.worker_lost(worker, CAUSE_DRAIN if worker.draining else CAUSE_CRASH)
                 return
 
     def worker_lost(self, worker: WorkerHandle, cause: str) -> None:
@@ -407,6 +407,7 @@ class Router:
                     worker.last_steps = hb.steps
                     if hb.draining:
                         worker.routable = False
+                        worker.draining = True
                     if not worker.synced and self.kv_index is not None:
                         # Its events flow now: ask for the full state once, then follow events.
                         worker.synced = True

@@ -18,7 +18,7 @@ from common.transport import tune_stream_socket
 
 
 class WorkerHandle:
-    __slots__ = ("active_blocks", "alive", "block_size", "id", "inflight", "instance",
+    __slots__ = ("active_blocks", "alive", "block_size", "draining", "id", "inflight", "instance",
                  "last_chosen", "last_heartbeat", "last_progress", "last_steps", "load", "monitor",
                  "pending_prefill_blocks", "routable", "socket", "synced")
 
@@ -41,6 +41,7 @@ class WorkerHandle:
         self.last_progress = self.last_heartbeat  # when `steps` last moved
         self.alive = True
         self.routable = True  # False once it left discovery (draining) or died
+        self.draining = False  # it said so in a heartbeat
 
     @property
     def model(self) -> str:
