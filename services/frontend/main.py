@@ -55,7 +55,7 @@ async def serve(config: FrontendConfig) -> None:
     await upstream.start()
     app = build_app(upstream=upstream, tokenizer=tokenizer,
                     served_model_name=config.model_name(), max_model_len=config.max_model_len,
-                    metrics=FrontendMetrics())
+                    metrics=FrontendMetrics(), api_key=config.api_key or None)
     sock = listen_socket(config.host, config.port)
     port = sock.getsockname()[1]
     host = config.advertise_host or config.host

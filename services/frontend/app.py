@@ -1,0 +1,546 @@
+"""The OpenAI HTTP API as a raw ASGI application (run it under uvicorn).
+
+Owns routing (POST /v1/chat/completions, POST /v1/completions, GET /v1/models, /health, /live,
+/metrics), the life of one generation request (validate → resolve the model → tokenize → open an
+upstream stream → detokenize, apply stop strings → answer whole or as SSE), client-disconnect
+cancellation and the HTTP metrics. Does not own the transport to routers (`upstream`), process
+wiring (`main`) or the wire format of bodies (`protocol`, `responses`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Final
+
+from common.messages import (
+    FINISH_ABORT,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    GenerateRequest,
+    TokenChunk,
+)
+from services.frontend import protocol, responses
+from services.frontend.chat_template import ChatTemplateError
+from services.frontend.errors import ApiError, invalid
+from services.frontend.metrics import FrontendMetrics, ModelMetrics
+from services.frontend.stop_matcher import StopMatcher
+from services.frontend.tokenizer import INLINE_TOKENIZE_MAX_CHARS, Tokenizer
+from services.frontend.upstream import ChunkStream, NoWorkersError, Upstream
+
+log = logging.getLogger("turnout.frontend")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+MAX_BODY_BYTES: Final = 64 * 1024 * 1024
+# Context length to assume when neither the config nor any worker states one.
+FALLBACK_MAX_MODEL_LEN: Final = 4096
+CHAT: Final = "chat"
+COMPLETIONS: Final = "completions"
+WORKER_HEADER: Final = b"x-worker-instance-id"
+
+_JSON_HEADERS: Final = [(b"content-type", b"application/json")]
+_SSE_HEADERS: Final = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+_FAILED: Final = (FINISH_ERROR, FINISH_ABORT)
+# Finish reasons the OpenAI schemas allow; the engine's are mapped onto these.
+_FINISH: Final = {FINISH_STOP: "stop", FINISH_LENGTH: "length"}
+
+
+class Generation:
+    """One request's generated stream as it is turned into text.
+
+    `consume` takes every chunk that piled up since the last call and returns the text they
+    complete; afterwards `finish` (an OpenAI finish reason) or `error` says whether it ended.
+    """
+
+    __slots__ = ("cached_tokens", "detokenizer", "disconnected", "done", "error", "finish",
+                 "first_token_at", "last_token_at", "matcher", "request_id", "response_started",
+                 "saw_first_chunk", "stop_ids", "stopped_by_string", "tokens",
+                 "upstream_finished")
+
+    def __init__(self, request_id: str, tokenizer: Tokenizer, stops: tuple[str, ...],
+                 stop_ids: frozenset[int]) -> None:
+        self.request_id = request_id
+        self.detokenizer = tokenizer.new_detokenizer()
+        self.matcher = StopMatcher(stops) if stops else None
+        self.stop_ids = stop_ids
+        self.tokens = 0
+        self.cached_tokens = 0
+        self.saw_first_chunk = False
+        self.first_token_at = 0.0
+        self.last_token_at = 0.0
+        self.finish: str | None = None
+        self.error: ApiError | None = None
+        self.upstream_finished = False
+        self.stopped_by_string = False
+        self.done = False  # the last byte is being sent: a disconnect now is not the client's
+        self.disconnected = False
+        self.response_started = False
+
+    def consume(self, batch: list[TokenChunk]) -> str:
+        if not batch:
+            self.error = ApiError(500, "the upstream stream ended without a finish reason",
+                                  reason="upstream_error")
+            return self._drain()
+        if not self.saw_first_chunk:
+            self.saw_first_chunk = True
+            self.cached_tokens = batch[0].cached_tokens
+        if len(batch) == 1:
+            chunk = batch[0]
+            if chunk.error_code or chunk.finish_reason in _FAILED:
+                self.error = _chunk_error(chunk)
+                return ""
+            ids = chunk.token_ids
+            finish = chunk.finish_reason
+        else:
+            ids = []
+            finish = None
+            for chunk in batch:
+                if chunk.error_code or chunk.finish_reason in _FAILED:
+                    text = self._text(ids, None)
+                    if self.finish is None:  # unless a stop string already ended it
+                        self.error = _chunk_error(chunk)
+                    return text
+                ids.extend(chunk.token_ids)
+                if chunk.finish_reason is not None:
+                    finish = chunk.finish_reason
+                    break
+        if ids:
+            now = time.perf_counter()
+            if not self.tokens:
+                self.first_token_at = now
+            self.last_token_at = now
+        return self._text(ids, finish)
+
+    def _text(self, ids: list[int], finish: str | None) -> str:
+        if finish is not None:
+            self.upstream_finished = True
+            self.finish = _FINISH.get(finish, "stop")
+        # A stop token (EOS or a stop_token_id) is counted but not shown.
+        hidden = finish == FINISH_STOP and bool(ids) and ids[-1] in self.stop_ids
+        matcher = self.matcher
+        if matcher is None:
+            self.tokens += len(ids)
+            text = self.detokenizer.step(ids[:-1] if hidden else ids)
+            return text + self.detokenizer.flush() if finish is not None else text
+        # With stop strings, decode token by token so usage counts up to the stopping token.
+        out = []
+        last = len(ids) - 1
+        for i, token in enumerate(ids):
+            self.tokens += 1
+            if hidden and i == last:
+                break
+            piece = self.detokenizer.step([token])
+            if piece:
+                emit, stopped = matcher.feed(piece)
+                if emit:
+                    out.append(emit)
+                if stopped:
+                    self.finish = "stop"
+                    self.stopped_by_string = True
+                    return "".join(out)
+        if finish is not None:
+            out.append(self._drain())
+        return "".join(out)
+
+    def _drain(self) -> str:
+        """What the detokenizer and stop matcher still hold, at the end of the stream."""
+        tail = self.detokenizer.flush()
+        matcher = self.matcher
+        if matcher is None:
+            return tail
+        emit, stopped = matcher.feed(tail) if tail else ("", False)
+        if stopped:
+            self.finish = "stop"
+            self.stopped_by_string = True
+            return emit
+        return emit + matcher.flush()
+
+    def usage(self, prompt_tokens: int) -> responses.Usage:
+        return responses.usage(prompt_tokens, self.tokens, self.cached_tokens)
+
+
+def _chunk_error(chunk: TokenChunk) -> ApiError:
+    code = chunk.error_code
+    status = code if 400 <= code < 600 else 500
+    if chunk.error_message:
+        message = chunk.error_message
+    elif chunk.finish_reason == FINISH_ABORT:
+        message = "the request was aborted upstream"
+    else:
+        message = "generation failed upstream"
+    return ApiError(status, message, reason="upstream_error")
+
+
+def _worker_header(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == WORKER_HEADER:
+            return value.decode("latin-1")
+    return None
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or None if the client left first."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        body = message.get("body", b"")
+        if not message.get("more_body", False):
+            if not parts:
+                return body
+            parts.append(body)
+            return b"".join(parts)
+        parts.append(body)
+        size += len(body)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes",
+                           reason="too_large")
+
+
+async def _send_bytes(send: Send, status: int, body: bytes,
+                      headers: list[tuple[bytes, bytes]] = _JSON_HEADERS) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class FrontendApp:
+    """The ASGI callable; one per frontend process."""
+
+    def __init__(self, upstream: Upstream, tokenizer: Tokenizer, served_model_name: str | None,
+                 max_model_len: int, metrics: FrontendMetrics, api_key: str | None = None) -> None:
+        self.upstream = upstream
+        self.tokenizer = tokenizer
+        self.served_model_name = served_model_name or None
+        self.max_model_len = max_model_len
+        self.metrics = metrics
+        self._authorization = f"Bearer {api_key}".encode() if api_key else None
+        self.created = int(time.time())
+        self._hidden_ids = frozenset(tokenizer.eos_token_ids)
+        self._routes: dict[str, dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]]] = {
+            "/v1/chat/completions": {"POST": self._chat},
+            "/v1/completions": {"POST": self._completions},
+            "/v1/models": {"GET": self._models},
+            "/health": {"GET": self._health},
+            "/live": {"GET": self._live},
+            "/metrics": {"GET": self._metrics},
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            methods = self._routes.get(scope["path"])
+            if methods is None:
+                error = ApiError(404, f"no route for {scope['path']}", code="not_found")
+                await _send_bytes(send, 404, error.body())
+                return
+            if self._authorization is not None and scope["path"].startswith("/v1/") \
+                    and not self._authorized(scope):
+                error = ApiError(401, "Incorrect or missing API key (send 'Authorization: Bearer "
+                                 "<key>')", code="invalid_api_key", reason="unauthorized")
+                self.metrics.rejected(error.reason)
+                await _send_bytes(send, 401, error.body())
+                return
+            handler = methods.get(scope["method"])
+            if handler is None:
+                error = ApiError(405, f"method {scope['method']} is not allowed here",
+                                 code="method_not_allowed")
+                allow = ", ".join(methods).encode()
+                await _send_bytes(send, 405, error.body(), [*_JSON_HEADERS, (b"allow", allow)])
+                return
+            await handler(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        expected = self._authorization
+        assert expected is not None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                return hmac.compare_digest(value, expected)
+        return False
+
+    @staticmethod
+    async def _lifespan(receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # --- small endpoints ----------------------------------------------------------------------
+
+    def public_models(self) -> list[str]:
+        served = self.upstream.served_models()
+        if self.served_model_name is not None:
+            return [self.served_model_name] if served else []
+        return list(dict.fromkeys(served))
+
+    async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send_bytes(send, 200, responses.model_list(self.public_models(), self.created))
+
+    async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.upstream.served_models():
+            await _send_bytes(send, 200, b'{"status":"ok"}')
+        else:
+            await _send_bytes(send, 503, b'{"status":"unavailable","reason":"no workers"}')
+
+    async def _live(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send_bytes(send, 200, b'{"status":"live"}')
+
+    async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body, content_type = self.metrics.render()
+        await _send_bytes(send, 200, body, [(b"content-type", content_type.encode())])
+
+    # --- generation ---------------------------------------------------------------------------
+
+    def _resolve_model(self, requested: str) -> tuple[str, str]:
+        """(name to report, model the workers serve) for the request's `model`."""
+        served = self.upstream.served_models()
+        if not served:
+            raise ApiError(503, "no worker is serving any model right now",
+                           code="no_workers", reason="no_workers")
+        if requested in served:
+            return requested, requested
+        if requested == self.served_model_name:
+            return requested, served[0]
+        raise ApiError(404, f"The model '{requested}' does not exist", param="model",
+                       code="model_not_found", reason="model_not_found")
+
+    def context_length(self, upstream_model: str) -> int:
+        """The configured context length, else the smallest one the model's workers report."""
+        if self.max_model_len > 0:
+            return self.max_model_len
+        reported = getattr(self.upstream, "max_model_len", None)
+        found = reported(upstream_model) if reported is not None else None
+        return found if found else FALLBACK_MAX_MODEL_LEN
+
+    async def _tokenize(self, work: Callable[..., list[int]], *args: Any, chars: int) -> list[int]:
+        if chars <= INLINE_TOKENIZE_MAX_CHARS:
+            return work(*args)
+        return await asyncio.get_running_loop().run_in_executor(None, work, *args)
+
+    async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._generate(scope, receive, send, CHAT)
+
+    async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._generate(scope, receive, send, COMPLETIONS)
+
+    async def _prompt_ids(self, endpoint: str, body: Any) -> list[int]:
+        tokenizer = self.tokenizer
+        if endpoint == CHAT:
+            messages = protocol.chat_messages(body)
+            try:
+                ids = await self._tokenize(tokenizer.render_chat, messages,
+                                           chars=protocol.chat_text_length(body))
+            except ChatTemplateError as exc:
+                raise invalid(str(exc), "messages", "invalid_chat_template") from None
+            param = "messages"
+        else:
+            prompt = protocol.completion_prompt(body, tokenizer.vocab_size)
+            if isinstance(prompt, str):
+                ids = await self._tokenize(tokenizer.encode, prompt, True, chars=len(prompt))
+            else:
+                ids = prompt
+            param = "prompt"
+        if not ids:
+            raise invalid("the prompt is empty", param, "empty_prompt")
+        return ids
+
+    async def _generate(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
+        started = time.perf_counter()
+        model = ""
+        stream = False
+        try:
+            raw = await _read_body(receive)
+            if raw is None:
+                return
+            body = (protocol.parse_chat(raw) if endpoint == CHAT
+                    else protocol.parse_completion(raw))
+            stream = bool(body.stream)
+            model, upstream_model = self._resolve_model(body.model)
+            ids = await self._prompt_ids(endpoint, body)
+            sampling = protocol.sampling_params(body, len(ids),
+                                                self.context_length(upstream_model),
+                                                self.tokenizer.vocab_size)
+            request_id = os.urandom(16).hex()
+            request = GenerateRequest(request_id=request_id, model=upstream_model,
+                                      token_ids=ids, sampling=sampling,
+                                      target_worker=_worker_header(scope))
+            try:
+                chunks = self.upstream.open(request)
+            except NoWorkersError as exc:
+                raise ApiError(503, str(exc) or "no worker can serve this model right now",
+                               code="no_workers", reason="no_workers") from None
+        except Exception as exc:
+            if isinstance(exc, ApiError):
+                error = exc
+            else:
+                log.exception("request failed before generation")
+                error = ApiError(500, f"internal error: {type(exc).__name__}", reason="internal")
+            self.metrics.rejected(error.reason)
+            await _send_bytes(send, error.status, error.body())
+            self.metrics.finished(model, endpoint, stream, error.status)
+            return
+
+        stop_ids = self._hidden_ids.union(sampling.stop_token_ids) if sampling.stop_token_ids \
+            else self._hidden_ids
+        gen = Generation(request_id, self.tokenizer, protocol.stop_strings(body), stop_ids)
+        per_model = self.metrics.model(model)
+        per_model.active.inc()
+        handler = asyncio.current_task()
+        assert handler is not None
+        watcher = asyncio.create_task(self._watch_disconnect(receive, gen, handler))
+        status = 500
+        try:
+            response_id = ("chatcmpl-" if endpoint == CHAT else "cmpl-") + request_id
+            if stream:
+                encoder: responses.ChatStreamEncoder | responses.CompletionStreamEncoder
+                include_usage = protocol.wants_usage_in_stream(body)
+                if endpoint == CHAT:
+                    encoder = responses.ChatStreamEncoder(response_id, int(time.time()), model,
+                                                          include_usage)
+                else:
+                    encoder = responses.CompletionStreamEncoder(response_id, int(time.time()),
+                                                                model, include_usage)
+                status = await self._stream(send, gen, chunks, encoder, len(ids), request_id)
+            else:
+                status = await self._unary(send, gen, chunks, endpoint, response_id, model,
+                                           len(ids))
+        except asyncio.CancelledError:
+            if not gen.disconnected:
+                raise
+            handler.uncancel()
+            status = 499  # client closed the request
+        except Exception as exc:
+            log.exception("request %s failed", request_id)
+            self.upstream.cancel(request_id)
+            status = 500
+            if not gen.done:
+                gen.done = True
+                error = ApiError(500, f"internal error: {type(exc).__name__}")
+                try:
+                    if gen.response_started:
+                        await send({"type": "http.response.body", "more_body": False,
+                                    "body": responses.sse_error(error) + responses.DONE})
+                    else:
+                        await _send_bytes(send, 500, error.body())
+                except Exception:
+                    log.debug("could not report the failure of %s", request_id)
+        finally:
+            gen.done = True
+            watcher.cancel()
+            per_model.active.dec()
+        self._record(per_model, gen, model, endpoint, stream, status, len(ids), started)
+
+    def _record(self, per_model: ModelMetrics, gen: Generation, model: str, endpoint: str,
+                stream: bool, status: int, prompt_tokens: int, started: float) -> None:
+        now = time.perf_counter()
+        if gen.disconnected:
+            per_model.disconnects.inc()
+        per_model.input_tokens.inc(prompt_tokens)
+        if gen.tokens:
+            per_model.output_tokens.inc(gen.tokens)
+            per_model.ttft.observe(gen.first_token_at - started)
+            if gen.tokens > 1:
+                per_model.itl.observe((gen.last_token_at - gen.first_token_at)
+                                      / (gen.tokens - 1))
+        if gen.cached_tokens:
+            per_model.cached_tokens.inc(gen.cached_tokens)
+        self.metrics.finished(model, endpoint, stream, status, now - started)
+
+    async def _watch_disconnect(self, receive: Receive, gen: Generation,
+                                handler: asyncio.Task[Any]) -> None:
+        """Waits for the client to go away; then aborts the request upstream and wakes the
+        handler (which may be blocked waiting for tokens)."""
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if gen.done:
+                return
+            gen.disconnected = True
+            if not gen.upstream_finished:
+                self.upstream.cancel(gen.request_id)
+        except Exception:
+            log.exception("disconnect watcher of %s failed", gen.request_id)
+            return
+        handler.cancel()
+
+    async def _stream(self, send: Send, gen: Generation, chunks: ChunkStream,
+                      encoder: responses.ChatStreamEncoder | responses.CompletionStreamEncoder,
+                      prompt_tokens: int, request_id: str) -> int:
+        text = gen.consume(await chunks.next_batch())
+        if gen.error is not None:
+            # Nothing sent yet: the error gets its own HTTP status.
+            gen.done = True
+            await _send_bytes(send, gen.error.status, gen.error.body())
+            return gen.error.status
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [*_SSE_HEADERS, (b"x-request-id", request_id.encode())]})
+        gen.response_started = True
+        head = encoder.opening()
+        while True:
+            if gen.error is not None:
+                gen.done = True
+                tail = encoder.delta(text) if text else b""
+                await send({"type": "http.response.body", "more_body": False,
+                            "body": b"".join((head, tail, responses.sse_error(gen.error),
+                                              responses.DONE))})
+                return gen.error.status
+            if gen.finish is not None:
+                if gen.stopped_by_string and not gen.upstream_finished:
+                    self.upstream.cancel(gen.request_id)
+                gen.done = True
+                closing = encoder.closing(text, gen.finish, gen.usage(prompt_tokens))
+                await send({"type": "http.response.body", "more_body": False,
+                            "body": head + closing if head else closing})
+                return 200
+            if text or head:
+                body = head + encoder.delta(text) if text else head
+                await send({"type": "http.response.body", "more_body": True, "body": body})
+                head = b""
+            text = gen.consume(await chunks.next_batch())
+
+    async def _unary(self, send: Send, gen: Generation, chunks: ChunkStream, endpoint: str,
+                     response_id: str, model: str, prompt_tokens: int) -> int:
+        parts: list[str] = []
+        while True:
+            text = gen.consume(await chunks.next_batch())
+            if text:
+                parts.append(text)
+            if gen.error is not None:
+                gen.done = True
+                await _send_bytes(send, gen.error.status, gen.error.body())
+                return gen.error.status
+            if gen.finish is not None:
+                break
+        if gen.stopped_by_string and not gen.upstream_finished:
+            self.upstream.cancel(gen.request_id)
+        gen.done = True
+        render = responses.chat_completion if endpoint == CHAT else responses.completion
+        body = render(response_id, int(time.time()), model, "".join(parts), gen.finish,
+                      gen.usage(prompt_tokens))
+        await _send_bytes(send, 200, body)
+        return 200
+
+
+def build_app(upstream: Upstream, tokenizer: Tokenizer, served_model_name: str | None,
+              max_model_len: int, metrics: FrontendMetrics,
+              api_key: str | None = None) -> FrontendApp:
+    """The frontend's ASGI application. `max_model_len` 0: ask the upstream per model (its
+    `max_model_len(model)`, when it has one); `api_key`: required as a Bearer token on /v1/."""
+    return FrontendApp(upstream, tokenizer, served_model_name, max_model_len, metrics, api_key)
+

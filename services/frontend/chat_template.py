@@ -1,0 +1,84 @@
+"""Chat templates: finding a model's Jinja template and rendering messages with it.
+
+Owns the sandboxed Jinja environment (with the helpers HF-style templates expect:
+`raise_exception`, `strftime_now`, a non-ASCII-escaping `tojson`) and the lookup of the template in
+a model directory (chat_template.jinja, then tokenizer_config.json's `chat_template`, which may be a
+string or a list of named templates). Does not tokenize; `tokenizer` does.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+class ChatTemplateError(ValueError):
+    """The template refused the conversation, or the model has no usable template."""
+
+
+def _raise_exception(message: str) -> None:
+    raise ChatTemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.datetime.now().strftime(fmt)
+
+
+def _tojson(value: Any, indent: int | None = None, **_: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, indent=indent)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.filters["tojson"] = _tojson
+    return env
+
+
+class ChatTemplate:
+    """A compiled template plus the variables every render gets (bos_token, eos_token, ...)."""
+
+    def __init__(self, source: str, variables: dict[str, Any] | None = None) -> None:
+        try:
+            self._template = _environment().from_string(source)
+        except jinja2.TemplateError as exc:
+            raise ChatTemplateError(f"chat template does not compile: {exc}") from exc
+        self._variables = dict(variables or {})
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        try:
+            return self._template.render(messages=messages,
+                                         add_generation_prompt=add_generation_prompt,
+                                         **self._variables)
+        except ChatTemplateError:
+            raise
+        except jinja2.TemplateError as exc:
+            raise ChatTemplateError(f"chat template failed: {exc}") from exc
+
+
+def find_chat_template(model_dir: Path, tokenizer_config: dict[str, Any]) -> str | None:
+    """The model's chat template source, or None when it has none."""
+    jinja_file = model_dir / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    json_file = model_dir / "chat_template.json"  # older processor-style location
+    if json_file.is_file():
+        found = json.loads(json_file.read_text(encoding="utf-8")).get("chat_template")
+        if isinstance(found, str):
+            return found
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, str):
+        return template
+    if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        chosen = named.get("default") or next(iter(named.values()), None)
+        return chosen if isinstance(chosen, str) else None
+    return None

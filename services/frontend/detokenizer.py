@@ -1,0 +1,95 @@
+"""Incremental detokenization: generated token ids in, complete text out.
+
+Owns the per-request decoders. `step` returns only text that can no longer change: never half a
+UTF-8 character, never the first bytes of a multi-byte sequence split across tokens. `flush` at
+the end gives whatever was held back, invalid leftovers as U+FFFD. Special tokens produce no text.
+
+Does not own tokenizers or stop strings; `tokenizer` builds these, `stop_matcher` trims them.
+"""
+
+from __future__ import annotations
+
+import codecs
+from typing import Protocol
+
+import tokenizers
+from tokenizers.decoders import DecodeStream
+
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
+
+
+class Detokenizer(Protocol):
+    def step(self, token_ids: list[int]) -> str:
+        """Text completed by `token_ids` (possibly "")."""
+        ...
+
+    def flush(self) -> str:
+        """Whatever is still held back, at the end of the stream."""
+        ...
+
+
+class ByteDetokenizer:
+    """For the byte tokenizer: ids 0..255 are bytes, anything above is a special token."""
+
+    __slots__ = ("_decoder",)
+
+    def __init__(self) -> None:
+        self._decoder = _utf8_decoder(errors="replace")
+
+    def step(self, token_ids: list[int]) -> str:
+        if not token_ids:
+            return ""
+        if max(token_ids) > 255:
+            token_ids = [t for t in token_ids if t < 256]
+        return self._decoder.decode(bytes(token_ids))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+class HfDetokenizer:
+    """For `tokenizers` models, on top of `tokenizers.decoders.DecodeStream`.
+
+    DecodeStream answers None while the text so far ends in an incomplete character; the ids fed
+    since its last answer are kept so `flush` can decode them (lossily) at the end.
+    """
+
+    __slots__ = ("_pending", "_stream", "_tokenizer")
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
+        self._pending: list[int] = []
+
+    def step(self, token_ids: list[int]) -> str:
+        # One id at a time: given a list, DecodeStream would hold back all of it whenever the
+        # list ends inside a character, delaying text that is already complete.
+        if len(token_ids) == 1:
+            return self._step_one(token_ids[0])
+        return "".join([self._step_one(token) for token in token_ids])
+
+    def _step_one(self, token: int) -> str:
+        try:
+            text = self._stream.step(self._tokenizer, token)
+        except Exception:
+            # The stream lost track of its prefix (a decoder quirk): start a fresh one from what
+            # the old one held back. Text already emitted stays emitted.
+            self._stream = DecodeStream(skip_special_tokens=True)
+            ids, self._pending = [*self._pending, token], []
+            text = self._stream.step(self._tokenizer, ids)
+            if text is None:
+                self._pending = ids
+                return ""
+            return text
+        if text is None:
+            self._pending.append(token)
+            return ""
+        if self._pending:
+            self._pending.clear()
+        return text
+
+    def flush(self) -> str:
+        if not self._pending:
+            return ""
+        ids, self._pending = self._pending, []
+        return self._tokenizer.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,467 @@
+"""Request bodies of POST /v1/chat/completions and /v1/completions, checked against the OpenAI spec.
+
+Owns the msgspec Structs that mirror the spec's `CreateChatCompletionRequest` and
+`CreateCompletionRequest` (decoding and validating in one pass, unknown fields refused), the
+rules for fields Turnout accepts but cannot honour (refused with the field named), and the turn of
+a valid body into chat messages / a prompt, stop strings and `SamplingParams`. Every problem
+becomes an `ApiError` naming the offending `param`.
+
+Does not own tokenization, model lookup or responses.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+from msgspec import Meta
+
+from common.messages import SamplingParams
+from services.frontend.errors import ApiError, invalid, unknown_field, unsupported
+
+Temperature = Annotated[float, Meta(ge=0, le=2)]
+TopP = Annotated[float, Meta(ge=0, le=1)]
+Penalty = Annotated[float, Meta(ge=-2, le=2)]
+Int64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+NonNegative = Annotated[int, Meta(ge=0)]
+StopList = Annotated[list[str], Meta(min_length=1, max_length=4)]
+Choices = Annotated[int, Meta(ge=1, le=128)]
+
+# /v1/completions without max_tokens: the spec's default.
+COMPLETIONS_DEFAULT_MAX_TOKENS: Final = 16
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+# --- content parts (tagged by "type") ---------------------------------------------------------
+
+class TextPart(_Strict, tag_field="type", tag="text"):
+    text: str
+
+
+class ImageUrlPart(_Strict, tag_field="type", tag="image_url"):
+    image_url: dict[str, Any]
+
+
+class InputAudioPart(_Strict, tag_field="type", tag="input_audio"):
+    input_audio: dict[str, Any]
+
+
+class FilePart(_Strict, tag_field="type", tag="file"):
+    file: dict[str, Any]
+
+
+class RefusalPart(_Strict, tag_field="type", tag="refusal"):
+    refusal: str
+
+
+ContentPart = TextPart | ImageUrlPart | InputAudioPart | FilePart | RefusalPart
+Content = str | Annotated[list[ContentPart], Meta(min_length=1)]
+
+
+# --- messages (tagged by "role") --------------------------------------------------------------
+
+class DeveloperMessage(_Strict, tag_field="role", tag="developer"):
+    content: Content
+    name: str = ""
+
+
+class SystemMessage(_Strict, tag_field="role", tag="system"):
+    content: Content
+    name: str = ""
+
+
+class UserMessage(_Strict, tag_field="role", tag="user"):
+    content: Content
+    name: str = ""
+
+
+class AssistantMessage(_Strict, tag_field="role", tag="assistant"):
+    content: Content | None = None
+    refusal: str | None = None
+    name: str = ""
+    audio: dict[str, Any] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    function_call: dict[str, Any] | None = None
+
+
+class ToolMessage(_Strict, tag_field="role", tag="tool"):
+    content: Content
+    tool_call_id: str
+
+
+class FunctionMessage(_Strict, tag_field="role", tag="function"):
+    content: str | None
+    name: str
+
+
+Message = (DeveloperMessage | SystemMessage | UserMessage | AssistantMessage | ToolMessage
+           | FunctionMessage)
+
+# Part types each role may carry per the spec; anything else there is simply invalid.
+_SPEC_PARTS: Final = {
+    "developer": ("text",), "system": ("text",), "tool": ("text",),
+    "user": ("text", "image_url", "input_audio", "file"), "assistant": ("text", "refusal"),
+}
+
+
+# --- shared option objects --------------------------------------------------------------------
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None
+
+
+class ResponseFormat(msgspec.Struct, kw_only=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class _Extensions(_Strict):
+    """Fields beyond the OpenAI spec that vLLM-style clients send; Turnout honours them."""
+
+    ignore_eos: bool | None = None
+    top_k: Annotated[int, Meta(ge=-1)] | None = None
+    min_tokens: NonNegative | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0, le=10)] | None = None
+    stop_token_ids: list[NonNegative] | None = None
+
+
+class ChatCompletionRequest(_Extensions, kw_only=True):
+    model: str
+    messages: Annotated[list[Message], Meta(min_length=1)]
+    # Sampling.
+    max_completion_tokens: int | None = None
+    max_tokens: int | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    seed: Int64 | None = None
+    stop: str | StopList | None = None
+    n: Choices | None = None
+    logit_bias: dict[str, int] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    # Streaming.
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    # Output shape.
+    response_format: ResponseFormat | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    web_search_options: dict[str, Any] | None = None
+    # Tools.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: Annotated[list[dict[str, Any]], Meta(min_length=1, max_length=128)] | None = None
+    function_call: Literal["none", "auto"] | dict[str, Any] | None = None
+    # Bookkeeping that changes nothing here.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    safety_identifier: Annotated[str, Meta(max_length=64)] | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+
+
+class CompletionRequest(_Extensions, kw_only=True):
+    model: str
+    prompt: str | list[Any] | None  # required, nullable; the shape is checked by hand
+    max_tokens: NonNegative | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    seed: Int64 | None = None
+    stop: str | StopList | None = None
+    n: Choices | None = None
+    best_of: Annotated[int, Meta(ge=0, le=20)] | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    logit_bias: dict[str, int] | None = None
+    logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+_chat_decoder: Final = msgspec.json.Decoder(ChatCompletionRequest)
+_completion_decoder: Final = msgspec.json.Decoder(CompletionRequest)
+
+_AT_PATH = re.compile(r" - at `\$\.?(.*)`$")
+_FIELD = re.compile(r"field `([^`]+)`")
+
+
+def _join(path: str, field: str) -> str:
+    return f"{path}.{field}" if path else field
+
+
+def _schema_error(exc: msgspec.ValidationError) -> ApiError:
+    """msgspec's message ("... - at `$.messages[0].role`") → an error naming the param."""
+    text = str(exc)
+    match = _AT_PATH.search(text)
+    path = match.group(1).replace("[...]", "") if match else ""  # "[...]": some dict key
+    detail = text[: match.start()] if match else text
+    field = _FIELD.search(detail)
+    if detail.startswith("Object contains unknown field") and field:
+        return unknown_field(_join(path, field.group(1)))
+    if detail.startswith("Object missing required field") and field:
+        param = _join(path, field.group(1))
+        return invalid(f"Missing required parameter: '{param}'", param,
+                       "missing_required_parameter")
+    if not path:
+        return invalid(f"Invalid request body: {detail}")
+    return invalid(f"Invalid value for '{path}': {detail}", path, "invalid_value")
+
+
+def _decode(decoder: msgspec.json.Decoder[Any], raw: bytes) -> Any:
+    try:
+        return decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise _schema_error(exc) from None
+    except msgspec.DecodeError as exc:
+        raise invalid(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+# --- checks shared by both endpoints ----------------------------------------------------------
+
+def _check_common(body: ChatCompletionRequest | CompletionRequest) -> None:
+    if body.n is not None and body.n != 1:
+        raise unsupported("n", "only n=1 is supported")
+    if body.logit_bias:
+        raise unsupported("logit_bias")
+    if body.stream_options is not None and not body.stream:
+        raise invalid("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                      "stream_options")
+
+
+def _check_chat(body: ChatCompletionRequest) -> None:
+    _check_common(body)
+    if body.tools:
+        raise unsupported("tools", "tool calling is not supported")
+    if body.tool_choice is not None and body.tool_choice not in ("none", "auto"):
+        raise unsupported("tool_choice", "tool calling is not supported")
+    if body.functions is not None:
+        raise unsupported("functions", "function calling is not supported")
+    if isinstance(body.function_call, dict):
+        raise unsupported("function_call", "function calling is not supported")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise unsupported("response_format", "only {'type': 'text'} is supported")
+    if body.logprobs:
+        raise unsupported("logprobs")
+    if body.top_logprobs:
+        raise unsupported("top_logprobs")
+    if body.audio is not None:
+        raise unsupported("audio", "audio output is not supported")
+    if body.modalities is not None and "audio" in body.modalities:
+        raise unsupported("modalities", "only text output is supported")
+    if body.prediction is not None:
+        raise unsupported("prediction")
+    if body.web_search_options is not None:
+        raise unsupported("web_search_options")
+    if body.verbosity is not None:
+        raise unsupported("verbosity")
+    if body.reasoning_effort is not None:
+        raise unsupported("reasoning_effort")
+    if body.store:
+        raise unsupported("store", "responses are not stored")
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = getattr(body, name)
+        if value is not None and value < 1:
+            raise invalid(f"'{name}' must be at least 1, got {value}", name, "invalid_value")
+    for i, message in enumerate(body.messages):
+        _check_message(i, message)
+
+
+def _check_message(i: int, message: Any) -> None:
+    role = message.__struct_config__.tag
+    if role in ("tool", "function"):
+        raise unsupported(f"messages[{i}].role", f"'{role}' messages need tool calling")
+    if role == "assistant":
+        if message.tool_calls:
+            raise unsupported(f"messages[{i}].tool_calls", "tool calling is not supported")
+        if message.function_call is not None:
+            raise unsupported(f"messages[{i}].function_call", "function calling is not supported")
+        if message.audio is not None:
+            raise unsupported(f"messages[{i}].audio", "audio is not supported")
+    if isinstance(message.content, list):
+        allowed = _SPEC_PARTS[role]
+        for j, part in enumerate(message.content):
+            kind = part.__struct_config__.tag
+            param = f"messages[{i}].content[{j}].type"
+            if kind not in allowed:
+                raise invalid(f"'{role}' messages cannot hold '{kind}' content parts", param,
+                              "invalid_value")
+            if kind not in ("text", "refusal"):
+                raise unsupported(param, f"'{kind}' content parts are not supported; "
+                                         "only text is")
+
+
+def _check_completion(body: CompletionRequest) -> None:
+    _check_common(body)
+    if body.echo:
+        raise unsupported("echo")
+    if body.best_of is not None and body.best_of > 1:
+        raise unsupported("best_of", "only best_of <= 1 is supported")
+    if body.suffix:
+        raise unsupported("suffix")
+    if body.logprobs is not None:
+        raise unsupported("logprobs")
+    if body.max_tokens is not None and body.max_tokens < 1:
+        raise invalid(f"'max_tokens' must be at least 1, got {body.max_tokens}", "max_tokens",
+                      "invalid_value")
+
+
+# --- public entry points ----------------------------------------------------------------------
+
+def parse_chat(raw: bytes) -> ChatCompletionRequest:
+    """Decode and validate a chat completions body; raises `ApiError`."""
+    body: ChatCompletionRequest = _decode(_chat_decoder, raw)
+    _check_chat(body)
+    return body
+
+
+def parse_completion(raw: bytes) -> CompletionRequest:
+    """Decode and validate a completions body; raises `ApiError`."""
+    body: CompletionRequest = _decode(_completion_decoder, raw)
+    _check_completion(body)
+    return body
+
+
+def _text_of(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "\n".join(part.text for part in content if isinstance(part, TextPart))
+
+
+def chat_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
+    """Messages as chat templates expect them: role + plain-text content (+ name)."""
+    out = []
+    for message in body.messages:
+        role = message.__struct_config__.tag
+        # Developer messages are the newer name for system messages.
+        entry = {"role": "system" if role == "developer" else role,
+                 "content": _text_of(message.content)}
+        if message.name:
+            entry["name"] = message.name
+        out.append(entry)
+    return out
+
+
+def chat_text_length(body: ChatCompletionRequest) -> int:
+    """Characters the template will see: decides whether tokenizing may block the loop."""
+    total = 0
+    for message in body.messages:
+        content = message.content
+        if isinstance(content, str):
+            total += len(content)
+        elif content is not None:
+            total += sum(len(part.text) for part in content if isinstance(part, TextPart))
+    return total
+
+
+def completion_prompt(body: CompletionRequest, vocab_size: int) -> str | list[int]:
+    """The single prompt of a completions body: text, or token ids checked against the vocab."""
+    prompt = body.prompt
+    if prompt is None:
+        return ""
+    if isinstance(prompt, str):
+        return prompt
+    if not prompt:
+        raise invalid("'prompt' must not be an empty array", "prompt", "invalid_value")
+    if all(isinstance(p, str) for p in prompt):
+        if len(prompt) > 1:
+            raise unsupported("prompt", "batched prompts are not supported; send one prompt")
+        return prompt[0]
+    if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        return _check_ids(prompt, vocab_size, "prompt")
+    if all(isinstance(p, list) for p in prompt):
+        if len(prompt) > 1:
+            raise unsupported("prompt", "batched prompts are not supported; send one prompt")
+        ids = prompt[0]
+        if ids and all(isinstance(p, int) and not isinstance(p, bool) for p in ids):
+            return _check_ids(ids, vocab_size, "prompt")
+    raise invalid("'prompt' must be a string, an array of strings, an array of token ids or an "
+                  "array of token id arrays", "prompt", "invalid_type")
+
+
+def _check_ids(ids: list[int], vocab_size: int, param: str) -> list[int]:
+    for token in ids:
+        if not 0 <= token < vocab_size:
+            raise invalid(f"Token id {token} in '{param}' is outside the vocabulary "
+                          f"[0, {vocab_size})", param, "invalid_value")
+    return ids
+
+
+def stop_strings(body: ChatCompletionRequest | CompletionRequest) -> tuple[str, ...]:
+    stop = body.stop
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,) if stop else ()
+    return tuple(s for s in stop if s)
+
+
+def sampling_params(body: ChatCompletionRequest | CompletionRequest, prompt_len: int,
+                    max_model_len: int, vocab_size: int) -> SamplingParams:
+    """SamplingParams for a validated body whose prompt is `prompt_len` tokens long."""
+    prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+    if prompt_len >= max_model_len:
+        raise ApiError(
+            400, f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"prompt is {prompt_len} tokens, which leaves no room for the completion.",
+            param=prompt_param, code="context_length_exceeded", reason="context_length")
+    room = max_model_len - prompt_len
+    if isinstance(body, ChatCompletionRequest):
+        if body.max_completion_tokens is not None:
+            param, requested = "max_completion_tokens", body.max_completion_tokens
+        else:
+            param, requested = "max_tokens", body.max_tokens
+        max_tokens = room if requested is None else requested
+    else:
+        param, requested = "max_tokens", body.max_tokens
+        max_tokens = min(COMPLETIONS_DEFAULT_MAX_TOKENS, room) if requested is None else requested
+    if max_tokens > room:
+        raise ApiError(
+            400, f"'{param}' is too large: {max_tokens}. This model's maximum context length is "
+            f"{max_model_len} tokens and the prompt is {prompt_len} tokens, so at most {room} "
+            "completion tokens fit.", param=param, code="context_length_exceeded",
+            reason="context_length")
+    min_tokens = body.min_tokens or 0
+    if min_tokens > max_tokens:
+        raise invalid(f"'min_tokens' ({min_tokens}) must not exceed the maximum number of "
+                      f"tokens ({max_tokens})", "min_tokens", "invalid_value")
+    stop_ids = body.stop_token_ids or []
+    if stop_ids:
+        _check_ids(stop_ids, vocab_size, "stop_token_ids")
+    top_k = body.top_k or 0
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else float(body.temperature),
+        top_p=1.0 if body.top_p is None else float(body.top_p),
+        top_k=top_k if top_k > 0 else 0,
+        seed=body.seed,
+        min_tokens=min_tokens,
+        stop_token_ids=stop_ids,
+        ignore_eos=bool(body.ignore_eos),
+        presence_penalty=float(body.presence_penalty or 0.0),
+        frequency_penalty=float(body.frequency_penalty or 0.0),
+        repetition_penalty=1.0 if body.repetition_penalty is None
+        else float(body.repetition_penalty),
+    )
+
+
+def wants_usage_in_stream(body: ChatCompletionRequest | CompletionRequest) -> bool:
+    options = body.stream_options
+    return bool(options is not None and options.include_usage)

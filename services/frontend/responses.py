@@ -1,0 +1,192 @@
+"""Response bodies and SSE events, shaped as the OpenAI spec says.
+
+Owns `chat.completion`, `chat.completion.chunk`, `text_completion` (whole and streamed), usage,
+the model list, and SSE framing (`data: <json>\\n\\n` ... `data: [DONE]\\n\\n`). Streamed chunks are
+the hot path: each request pre-encodes the constant bytes around the text once, so a chunk costs
+one JSON string encode and a join. Does not own HTTP or generation.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import msgspec
+
+from services.frontend.errors import ApiError
+
+DONE: Final = b"data: [DONE]\n\n"
+_encode = msgspec.json.encode
+
+
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+    return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens,
+                 PromptTokensDetails(cached_tokens))
+
+
+class ChatMessage(msgspec.Struct):
+    content: str | None
+    refusal: str | None = None
+    role: str = "assistant"
+
+
+class ChatChoice(msgspec.Struct):
+    index: int
+    message: ChatMessage
+    logprobs: None
+    finish_reason: str
+
+
+class ChatCompletion(msgspec.Struct, kw_only=True):
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(msgspec.Struct):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: str
+
+
+class Completion(msgspec.Struct, kw_only=True):
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(msgspec.Struct, kw_only=True):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "turnout"
+
+
+class ModelList(msgspec.Struct, kw_only=True):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+def chat_completion(response_id: str, created: int, model: str, text: str, finish_reason: str,
+                    usage_: Usage) -> bytes:
+    choice = ChatChoice(0, ChatMessage(text), None, finish_reason)
+    return _encode(ChatCompletion(id=response_id, created=created, model=model,
+                                  choices=[choice], usage=usage_))
+
+
+def completion(response_id: str, created: int, model: str, text: str, finish_reason: str,
+               usage_: Usage) -> bytes:
+    choice = CompletionChoice(0, text, None, finish_reason)
+    return _encode(Completion(id=response_id, created=created, model=model, choices=[choice],
+                              usage=usage_))
+
+
+def model_list(models: list[str], created: int) -> bytes:
+    return _encode(ModelList(data=[ModelCard(id=m, created=created) for m in models]))
+
+
+def sse_error(error: ApiError) -> bytes:
+    return b"data: " + error.body() + b"\n\n"
+
+
+def _head(response_id: str, obj: str, created: int, model: str) -> bytes:
+    """`data: {"id":...,"object":...,"created":...,"model":...,` — shared by every chunk."""
+    return b"".join((b'data: {"id":', _encode(response_id), b',"object":"', obj.encode(),
+                     b'","created":', str(created).encode(), b',"model":', _encode(model),
+                     b","))
+
+
+class ChatStreamEncoder:
+    """SSE events of one streamed chat completion."""
+
+    __slots__ = ("_content_head", "_head", "_tail", "include_usage")
+
+    def __init__(self, response_id: str, created: int, model: str, include_usage: bool) -> None:
+        self._head = _head(response_id, "chat.completion.chunk", created, model)
+        self._content_head = self._head + b'"choices":[{"index":0,"delta":{"content":'
+        # The spec: with include_usage every chunk but the last carries "usage": null.
+        self._tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+        self.include_usage = include_usage
+
+    def first(self) -> bytes:
+        """The opening chunk: the assistant role and empty content."""
+        return self._chunk(b'{"role":"assistant","content":""}', b"null")
+
+    def content(self, text: str) -> bytes:
+        return b"".join((self._content_head, _encode(text),
+                         b'},"logprobs":null,"finish_reason":null}]', self._tail))
+
+    def finish(self, finish_reason: str) -> bytes:
+        return self._chunk(b"{}", _encode(finish_reason))
+
+    def usage(self, usage_: Usage) -> bytes:
+        return b"".join((self._head, b'"choices":[],"usage":', _encode(usage_), b"}\n\n"))
+
+    def opening(self) -> bytes:
+        return self.first()
+
+    def delta(self, text: str) -> bytes:
+        return self.content(text)
+
+    def closing(self, text: str, finish_reason: str, usage_: Usage) -> bytes:
+        """The last text (if any), the finish chunk, the usage chunk if asked for, [DONE]."""
+        parts = [self.content(text)] if text else []
+        parts.append(self.finish(finish_reason))
+        if self.include_usage:
+            parts.append(self.usage(usage_))
+        parts.append(DONE)
+        return b"".join(parts)
+
+    def _chunk(self, delta: bytes, finish_reason: bytes) -> bytes:
+        return b"".join((self._head, b'"choices":[{"index":0,"delta":', delta,
+                         b',"logprobs":null,"finish_reason":', finish_reason, b"}]", self._tail))
+
+
+class CompletionStreamEncoder:
+    """SSE events of one streamed text completion (each a `text_completion` object)."""
+
+    __slots__ = ("_head", "_text_head", "include_usage")
+
+    def __init__(self, response_id: str, created: int, model: str, include_usage: bool) -> None:
+        self._head = _head(response_id, "text_completion", created, model)
+        self._text_head = self._head + b'"choices":[{"index":0,"text":'
+        self.include_usage = include_usage
+
+    def text(self, text: str, finish_reason: str | None = None) -> bytes:
+        reason = b"null" if finish_reason is None else _encode(finish_reason)
+        return b"".join((self._text_head, _encode(text), b',"logprobs":null,"finish_reason":',
+                         reason, b"}]}\n\n"))
+
+    def usage(self, usage_: Usage) -> bytes:
+        return b"".join((self._head, b'"choices":[],"usage":', _encode(usage_), b"}\n\n"))
+
+    def opening(self) -> bytes:
+        return b""
+
+    def delta(self, text: str) -> bytes:
+        return self.text(text)
+
+    def closing(self, text: str, finish_reason: str, usage_: Usage) -> bytes:
+        """The last text carrying the finish reason, the usage chunk if asked for, [DONE]."""
+        parts = [self.text(text, finish_reason)]
+        if self.include_usage:
+            parts.append(self.usage(usage_))
+        parts.append(DONE)
+        return b"".join(parts)

@@ -1,0 +1,574 @@
+"""The ASGI app under real uvicorn, driven by the real `openai` client and raw httpx, in front of
+an in-process fake upstream. Every body and streamed chunk is checked against the OpenAI spec."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from services.frontend.app import FALLBACK_MAX_MODEL_LEN, FrontendApp, build_app
+from services.frontend.metrics import FrontendMetrics
+from services.frontend.tokenizer import ByteTokenizer, HfTokenizer, Tokenizer
+from tests.frontend.fake_upstream import FakeUpstream, Script
+from tests.frontend.live_server import LiveServer, wait_until
+from tests.openapi_spec import validate
+from tests.tiny_model import EOT, cached_tiny_model
+
+REPLY = "Beautiful is better than ugly. Café 🙂 — explicit is better than implicit."
+MESSAGES = [{"role": "system", "content": "Answer with the Zen."},
+            {"role": "user", "content": "What is better than ugly?"}]
+MAX_MODEL_LEN = 1024
+TIMEOUT = 10.0
+
+
+@dataclasses.dataclass
+class Stack:
+    fake: FakeUpstream
+    server: LiveServer
+    metrics: FrontendMetrics
+    tokenizer: Tokenizer
+    reply_ids: list[int]
+    eos: int
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def client(self, **kwargs: Any) -> openai.OpenAI:
+        kwargs.setdefault("api_key", "unused")
+        return openai.OpenAI(base_url=self.url + "/v1", max_retries=0, timeout=TIMEOUT, **kwargs)
+
+    def script(self, **fields: Any) -> Script:
+        fields.setdefault("reply", self.reply_ids)
+        fields.setdefault("stop_token", self.eos)
+        self.fake.script = Script(**fields)
+        return self.fake.script
+
+
+@pytest.fixture(scope="module")
+def tiny() -> HfTokenizer:
+    return HfTokenizer(cached_tiny_model())
+
+
+def _start(fake: FakeUpstream, tokenizer: Tokenizer, **kwargs: Any) -> tuple[LiveServer,
+                                                                              FrontendMetrics]:
+    metrics = FrontendMetrics()
+    kwargs.setdefault("served_model_name", None)
+    kwargs.setdefault("max_model_len", MAX_MODEL_LEN)
+    app = build_app(fake, tokenizer, metrics=metrics, **kwargs)
+    return LiveServer(app).start(), metrics
+
+
+@pytest.fixture(scope="module")
+def shared(tiny: HfTokenizer) -> Iterator[Stack]:
+    fake = FakeUpstream(models=["tiny"])
+    server, metrics = _start(fake, tiny)
+    eos = tiny._tokenizer.token_to_id(EOT)
+    yield Stack(fake, server, metrics, tiny, tiny.encode(REPLY, add_special_tokens=False), eos)
+    server.stop()
+
+
+@pytest.fixture
+def stack(shared: Stack) -> Stack:
+    shared.fake.models = ["tiny"]
+    shared.fake.no_workers = False
+    shared.script()
+    return shared
+
+
+def _sse_events(response: httpx.Response) -> list[Any]:
+    """Every `data:` event of a streamed response, JSON-decoded ([DONE] kept as the string)."""
+    events = []
+    for line in response.iter_lines():
+        if not line:
+            continue
+        assert line.startswith("data: "), line
+        payload = line[len("data: "):]
+        events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def _metric(stack: Stack, name: str, **labels: str) -> float:
+    value = stack.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+# --- happy paths through the openai client ----------------------------------------------------
+
+def test_models_list(stack: Stack) -> None:
+    models = stack.client().models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    raw = httpx.get(stack.url + "/v1/models", timeout=TIMEOUT)
+    assert raw.status_code == 200
+    validate("ListModelsResponse", raw.json())
+
+
+def test_chat_whole(stack: Stack) -> None:
+    stack.script(cached_tokens=4)
+    done = stack.client().chat.completions.create(model="tiny", messages=MESSAGES,
+                                                  max_tokens=200)
+    validate("CreateChatCompletionResponse", done.to_dict())
+    assert done.choices[0].message.content == REPLY
+    assert done.choices[0].finish_reason == "stop"
+    prompt = stack.tokenizer.render_chat(MESSAGES)
+    sent = stack.fake.opened[-1]
+    assert sent.token_ids == prompt
+    assert sent.sampling.max_tokens == 200
+    assert sent.model == "tiny"
+    assert done.usage is not None
+    assert done.usage.prompt_tokens == len(prompt)
+    assert done.usage.completion_tokens == len(stack.reply_ids) + 1  # + the EOS that stopped it
+    assert done.usage.total_tokens == len(prompt) + len(stack.reply_ids) + 1
+    assert done.usage.prompt_tokens_details.cached_tokens == 4
+    assert done.id.startswith("chatcmpl-") and done.model == "tiny"
+
+
+def test_chat_streamed_with_usage(stack: Stack) -> None:
+    stack.script(chunk_size=3, delay_s=0.002)
+    chunks = list(stack.client().chat.completions.create(
+        model="tiny", messages=MESSAGES, stream=True, stream_options={"include_usage": True}))
+    for chunk in chunks:
+        validate("CreateChatCompletionStreamResponse", chunk.to_dict())
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == REPLY
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finals] == ["stop"]
+    assert chunks[-1].choices == []
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == len(stack.reply_ids) + 1
+    assert all(c.usage is None for c in chunks[:-1])
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_chat_stream_without_usage_has_no_usage_field(stack: Stack) -> None:
+    with httpx.stream("POST", stack.url + "/v1/chat/completions", timeout=TIMEOUT, json={
+            "model": "tiny", "messages": MESSAGES, "stream": True}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = _sse_events(response)
+    assert events[-1] == "[DONE]"
+    for event in events[:-1]:
+        validate("CreateChatCompletionStreamResponse", event)
+        assert "usage" not in event
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_completions_whole_and_streamed(stack: Stack) -> None:
+    client = stack.client()
+    done = client.completions.create(model="tiny", prompt="The Zen of Python", max_tokens=300)
+    validate("CreateCompletionResponse", done.to_dict())
+    assert done.choices[0].text == REPLY
+    assert done.choices[0].finish_reason == "stop"
+    prompt = stack.tokenizer.encode("The Zen of Python")
+    assert stack.fake.opened[-1].token_ids == prompt
+    assert done.usage is not None and done.usage.prompt_tokens == len(prompt)
+
+    stack.script(delay_s=0.001)
+    chunks = list(client.completions.create(model="tiny", prompt=[prompt], max_tokens=300,
+                                            stream=True, stream_options={"include_usage": True}))
+    for chunk in chunks:
+        data = chunk.to_dict()
+        validate("CreateCompletionStreamResponse", data)
+        assert data["object"] == "text_completion"
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == REPLY
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == len(stack.reply_ids) + 1
+    assert stack.fake.opened[-1].token_ids == prompt  # token-id prompts go through untouched
+
+
+def test_completions_default_max_tokens_is_16(stack: Stack) -> None:
+    done = stack.client().completions.create(model="tiny", prompt="Zen")
+    assert stack.fake.opened[-1].sampling.max_tokens == 16
+    assert done.choices[0].finish_reason == "length"
+    assert done.usage is not None and done.usage.completion_tokens == 16
+    assert done.choices[0].text == stack.tokenizer.decode(stack.reply_ids[:16])
+
+
+def test_length_finish(stack: Stack) -> None:
+    done = stack.client().chat.completions.create(model="tiny", messages=MESSAGES,
+                                                  max_completion_tokens=5)
+    assert done.choices[0].finish_reason == "length"
+    assert done.usage is not None and done.usage.completion_tokens == 5
+    assert done.choices[0].message.content == stack.tokenizer.decode(stack.reply_ids[:5])
+
+
+def _tokens_until(stack: Stack, stop: str) -> int:
+    """How many reply tokens it takes for the text to contain `stop`."""
+    detok = stack.tokenizer.new_detokenizer()
+    text = ""
+    for n, token in enumerate(stack.reply_ids, 1):
+        text += detok.step([token])
+        if stop in text:
+            return n
+    raise AssertionError(f"{stop!r} never appears")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_cuts_and_cancels(stack: Stack, stream: bool) -> None:
+    stack.script(delay_s=0.01)  # still generating when the stop string shows up
+    client = stack.client()
+    stop = ["never seen", "better"]
+    if stream:
+        chunks = list(client.chat.completions.create(
+            model="tiny", messages=MESSAGES, stop=stop, stream=True,
+            stream_options={"include_usage": True}))
+        for chunk in chunks:
+            validate("CreateChatCompletionStreamResponse", chunk.to_dict())
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        usage = chunks[-1].usage
+    else:
+        done = client.chat.completions.create(model="tiny", messages=MESSAGES, stop=stop)
+        validate("CreateChatCompletionResponse", done.to_dict())
+        text, finish, usage = (done.choices[0].message.content, done.choices[0].finish_reason,
+                               done.usage)
+    assert text == "Beautiful is "
+    assert finish == "stop"
+    assert usage is not None and usage.completion_tokens == _tokens_until(stack, "better")
+    request_id = stack.fake.opened[-1].request_id
+    wait_until(lambda: request_id in stack.fake.cancelled, TIMEOUT)
+
+
+def test_stop_string_in_completions_spanning_tokens(stack: Stack) -> None:
+    stack.script(chunk_size=1)
+    done = stack.client().completions.create(model="tiny", prompt="Zen", max_tokens=100,
+                                             stop="🙂 —")
+    assert done.choices[0].text == "Beautiful is better than ugly. Café "
+    assert done.choices[0].finish_reason == "stop"
+
+
+def test_piled_up_tokens_go_out_as_one_chunk(stack: Stack) -> None:
+    stack.script(burst=True)  # every chunk is queued before the app reads any
+    with httpx.stream("POST", stack.url + "/v1/chat/completions", timeout=TIMEOUT, json={
+            "model": "tiny", "messages": MESSAGES, "stream": True}) as response:
+        events = _sse_events(response)
+    deltas = [e["choices"][0]["delta"] for e in events[:-1]]
+    assert deltas == [{"role": "assistant", "content": ""}, {"content": REPLY}, {}]
+
+
+def test_slow_stream_many_chunks(stack: Stack) -> None:
+    stack.script(delay_s=0.005)
+    with httpx.stream("POST", stack.url + "/v1/completions", timeout=TIMEOUT, json={
+            "model": "tiny", "prompt": "Zen", "max_tokens": 100, "stream": True}) as response:
+        events = _sse_events(response)
+    texts = [e["choices"][0]["text"] for e in events[:-1]]
+    assert "".join(texts) == REPLY
+    assert len(texts) > 10  # tokens arrived one by one and went out as they came
+    assert all("\ufffd" not in t for t in texts)
+
+
+def test_byte_tokenizer_stack() -> None:
+    tokenizer = ByteTokenizer()
+    fake = FakeUpstream(models=["bytes"], script=Script(reply=list(REPLY.encode()),
+                                                        stop_token=ByteTokenizer.EOS))
+    server, _ = _start(fake, tokenizer)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0,
+                               timeout=TIMEOUT)
+        chunks = list(client.chat.completions.create(model="bytes", messages=MESSAGES,
+                                                     stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == REPLY
+        assert fake.opened[-1].token_ids == tokenizer.render_chat(MESSAGES)
+    finally:
+        server.stop()
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+def _post(stack: Stack, path: str, body: Any, **kwargs: Any) -> httpx.Response:
+    if isinstance(body, bytes):
+        return httpx.post(stack.url + path, content=body, timeout=TIMEOUT, **kwargs)
+    return httpx.post(stack.url + path, json=body, timeout=TIMEOUT, **kwargs)
+
+
+def _error_of(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    validate("ErrorResponse", body)
+    return body["error"]
+
+
+def test_bad_requests_over_http(stack: Stack) -> None:
+    chat = "/v1/chat/completions"
+    opened = len(stack.fake.opened)
+    error = _error_of(_post(stack, chat, b"{not json"), 400)
+    assert error["code"] == "invalid_json"
+    error = _error_of(_post(stack, chat, {"model": "tiny", "messages": MESSAGES,
+                                          "tools": [{"type": "function",
+                                                     "function": {"name": "f"}}]}), 400)
+    assert error["param"] == "tools" and "tools" in error["message"]
+    error = _error_of(_post(stack, chat, {"model": "tiny", "messages": MESSAGES, "bogus": 1}), 400)
+    assert error["param"] == "bogus"
+    error = _error_of(_post(stack, "/v1/completions", {"model": "tiny", "prompt": "x",
+                                                        "echo": True}), 400)
+    assert error["param"] == "echo"
+    error = _error_of(_post(stack, chat, {"model": "gpt-4o", "messages": MESSAGES}), 404)
+    assert (error["code"], error["type"], error["param"]) == ("model_not_found",
+                                                              "not_found_error", "model")
+    assert len(stack.fake.opened) == opened  # nothing reached the upstream
+    with pytest.raises(openai.NotFoundError):
+        stack.client().chat.completions.create(model="nope", messages=MESSAGES)  # type: ignore
+    with pytest.raises(openai.BadRequestError):
+        stack.client().chat.completions.create(model="tiny", messages=MESSAGES, n=2)
+
+
+def test_context_length_exceeded(stack: Stack) -> None:
+    long_text = "Beautiful is better than ugly. " * 200
+    assert len(stack.tokenizer.encode(long_text)) > MAX_MODEL_LEN
+    error = _error_of(_post(stack, "/v1/chat/completions", {
+        "model": "tiny", "messages": [{"role": "user", "content": long_text}]}), 400)
+    assert (error["param"], error["code"]) == ("messages", "context_length_exceeded")
+    error = _error_of(_post(stack, "/v1/completions", {
+        "model": "tiny", "prompt": "hi", "max_tokens": MAX_MODEL_LEN}), 400)
+    assert error["param"] == "max_tokens"
+
+
+def test_long_prompt_is_tokenized_off_the_loop(stack: Stack) -> None:
+    long_text = "Simple is better than complex. " * 70  # > 2k characters, < 1024 tokens
+    assert len(long_text) > 2048
+    stack.script(reply=stack.reply_ids[:3])
+    done = stack.client().completions.create(model="tiny", prompt=long_text, max_tokens=10)
+    assert done.usage is not None
+    assert done.usage.prompt_tokens == len(stack.tokenizer.encode(long_text))
+    assert stack.fake.opened[-1].token_ids == stack.tokenizer.encode(long_text)
+
+
+def test_no_workers(stack: Stack) -> None:
+    stack.fake.no_workers = True
+    error = _error_of(_post(stack, "/v1/chat/completions", {"model": "tiny",
+                                                            "messages": MESSAGES}), 503)
+    assert error["type"] == "service_unavailable"
+    assert httpx.get(stack.url + "/health", timeout=TIMEOUT).status_code == 200
+    stack.fake.models = []
+    _error_of(_post(stack, "/v1/completions", {"model": "tiny", "prompt": "x"}), 503)
+    assert httpx.get(stack.url + "/health", timeout=TIMEOUT).status_code == 503
+    assert httpx.get(stack.url + "/v1/models", timeout=TIMEOUT).json()["data"] == []
+
+
+def test_upstream_error_before_first_token_sets_status(stack: Stack) -> None:
+    stack.script(error_at_chunk=0, error_code=503, error_message="worker died")
+    for stream in (False, True):
+        response = _post(stack, "/v1/chat/completions", {"model": "tiny", "messages": MESSAGES,
+                                                         "stream": stream})
+        error = _error_of(response, 503)
+        assert error["message"] == "worker died"
+    stack.script(error_at_chunk=3, error_code=400, error_message="too long for the engine")
+    error = _error_of(_post(stack, "/v1/completions", {"model": "tiny", "prompt": "x",
+                                                       "max_tokens": 50}), 400)
+    assert error["message"] == "too long for the engine"
+
+
+def test_upstream_error_mid_stream_is_an_event(stack: Stack) -> None:
+    stack.script(error_at_chunk=5, error_code=500, delay_s=0.002)
+    with httpx.stream("POST", stack.url + "/v1/chat/completions", timeout=TIMEOUT, json={
+            "model": "tiny", "messages": MESSAGES, "stream": True}) as response:
+        assert response.status_code == 200
+        events = _sse_events(response)
+    assert events[-1] == "[DONE]"
+    validate("ErrorResponse", events[-2])
+    assert events[-2]["error"]["message"] == "engine exploded"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-2])
+    assert text == stack.tokenizer.decode(stack.reply_ids[:5])
+    with pytest.raises(openai.APIError):
+        list(stack.client().chat.completions.create(model="tiny", messages=MESSAGES,
+                                                    stream=True))
+
+
+def test_routes(stack: Stack) -> None:
+    get = lambda path: httpx.get(stack.url + path, timeout=TIMEOUT)  # noqa: E731
+    assert get("/health").json() == {"status": "ok"}
+    assert get("/live").status_code == 200
+    response = get("/nope")
+    assert response.status_code == 404 and "error" in response.json()
+    response = get("/v1/chat/completions")
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert httpx.delete(stack.url + "/v1/models", timeout=TIMEOUT).status_code == 405
+
+
+def test_direct_routing_header(stack: Stack) -> None:
+    _post(stack, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2},
+          headers={"x-worker-instance-id": "worker-7"}).raise_for_status()
+    assert stack.fake.opened[-1].target_worker == "worker-7"
+    _post(stack, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2})
+    assert stack.fake.opened[-1].target_worker is None
+
+
+# --- client disconnects -----------------------------------------------------------------------
+
+def test_disconnect_mid_stream_cancels(stack: Stack) -> None:
+    stack.script(reply=stack.reply_ids * 20, delay_s=0.02)
+    before = _metric(stack, "turnout_frontend_client_disconnects_total", model="tiny")
+    with httpx.Client(timeout=TIMEOUT) as client, client.stream(
+            "POST", stack.url + "/v1/chat/completions",
+            json={"model": "tiny", "messages": MESSAGES, "stream": True}) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        request_id = stack.fake.opened[-1].request_id
+    # Leaving both blocks closed the connection.
+    wait_until(lambda: request_id in stack.fake.cancelled, TIMEOUT)
+    wait_until(lambda: _metric(stack, "turnout_frontend_client_disconnects_total",
+                               model="tiny") == before + 1, TIMEOUT)
+
+
+def test_disconnect_while_waiting_for_whole_answer_cancels(stack: Stack) -> None:
+    stack.script(reply=stack.reply_ids, delay_s=1.0)  # the answer would take over a minute
+    opened = len(stack.fake.opened)
+    body = json.dumps({"model": "tiny", "messages": MESSAGES}).encode()
+    with socket.create_connection(("127.0.0.1", stack.server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        wait_until(lambda: len(stack.fake.opened) > opened, TIMEOUT)
+    request_id = stack.fake.opened[-1].request_id
+    wait_until(lambda: request_id in stack.fake.cancelled, TIMEOUT)
+
+
+def test_metrics_after_traffic(stack: Stack) -> None:
+    stack.script()
+    rejected = _metric(stack, "turnout_frontend_rejections_total", reason="model_not_found")
+    _error_of(_post(stack, "/v1/chat/completions", {"model": "x", "messages": MESSAGES}), 404)
+    stack.client().chat.completions.create(model="tiny", messages=MESSAGES)
+    text = httpx.get(stack.url + "/metrics", timeout=TIMEOUT).text
+    for name in ("turnout_frontend_requests_total", "turnout_frontend_time_to_first_token_seconds",
+                 "turnout_frontend_inter_token_latency_seconds",
+                 "turnout_frontend_request_duration_seconds", "turnout_frontend_input_tokens_total",
+                 "turnout_frontend_output_tokens_total", "turnout_frontend_cached_tokens_total",
+                 "turnout_frontend_active_requests", "turnout_frontend_client_disconnects_total",
+                 "turnout_frontend_rejections_total"):
+        assert name in text
+    ok = _metric(stack, "turnout_frontend_requests_total", model="tiny", endpoint="chat",
+                 stream="false", status="200")
+    assert ok >= 1
+    assert _metric(stack, "turnout_frontend_time_to_first_token_seconds_count", model="tiny") >= 1
+    assert _metric(stack, "turnout_frontend_output_tokens_total", model="tiny") >= len(
+        stack.reply_ids)
+    assert _metric(stack, "turnout_frontend_rejections_total",
+                   reason="model_not_found") == rejected + 1
+    wait_until(lambda: _metric(stack, "turnout_frontend_active_requests", model="tiny") == 0,
+               TIMEOUT)
+
+
+# --- configurations ---------------------------------------------------------------------------
+
+def test_served_model_name_alias(tiny: HfTokenizer) -> None:
+    fake = FakeUpstream(models=["/models/tiny"], script=Script(reply=[40, 41]))
+    server, _ = _start(fake, tiny, served_model_name="public-tiny")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0,
+                               timeout=TIMEOUT)
+        assert [m.id for m in client.models.list().data] == ["public-tiny"]
+        done = client.completions.create(model="public-tiny", prompt="x", max_tokens=5)
+        assert done.model == "public-tiny"
+        assert fake.opened[-1].model == "/models/tiny"
+    finally:
+        server.stop()
+
+
+def test_api_key(tiny: HfTokenizer) -> None:
+    fake = FakeUpstream(models=["tiny"], script=Script(reply=[40, 41]))
+    server, _ = _start(fake, tiny, api_key="sekrit")
+    try:
+        url = server.url
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="sekrit", max_retries=0,
+                               timeout=TIMEOUT)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        assert httpx.get(url + "/health", timeout=TIMEOUT).status_code == 200
+        _error_of(httpx.get(url + "/v1/models", timeout=TIMEOUT), 401)
+    finally:
+        server.stop()
+
+
+def test_context_length_from_upstream(tiny: HfTokenizer) -> None:
+    fake = FakeUpstream(models=["tiny"])
+    app = FrontendApp(fake, tiny, None, 0, FrontendMetrics())
+    assert app.context_length("tiny") == FALLBACK_MAX_MODEL_LEN
+    fake.max_model_len_by_model["tiny"] = 64
+    assert app.context_length("tiny") == 64
+    assert FrontendApp(fake, tiny, None, 128, FrontendMetrics()).context_length("tiny") == 128
+
+
+def test_many_concurrent_streams(stack: Stack) -> None:
+    import asyncio
+
+    stack.script(chunk_size=2, delay_s=0.001)
+
+    async def one(client: openai.AsyncOpenAI, i: int) -> str:
+        stream = await client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"question {i}"}], stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in stream])
+
+    async def main() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0,
+                                    timeout=TIMEOUT)
+        try:
+            return await asyncio.gather(*(one(client, i) for i in range(32)))
+        finally:
+            await client.close()
+
+    started = time.monotonic()
+    assert asyncio.run(main()) == [REPLY] * 32
+    assert time.monotonic() - started < TIMEOUT
+
+
+class _Fragile(ByteTokenizer):
+    """A tokenizer whose detokenizer breaks on its third step: a bug inside the frontend."""
+
+    def new_detokenizer(self) -> Any:
+        inner = super().new_detokenizer()
+        steps = [0]
+
+        class Broken:
+            def step(self, ids: list[int]) -> str:
+                steps[0] += 1
+                if steps[0] == 3:
+                    raise RuntimeError("boom")
+                return inner.step(ids)
+
+            def flush(self) -> str:
+                return inner.flush()
+
+        return Broken()
+
+
+def test_internal_failure_is_reported_and_cancels() -> None:
+    fake = FakeUpstream(models=["bytes"], script=Script(reply=list(REPLY.encode()),
+                                                        delay_s=0.005))
+    server, _ = _start(fake, _Fragile())
+    try:
+        with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=TIMEOUT, json={
+                "model": "bytes", "messages": MESSAGES, "stream": True}) as response:
+            assert response.status_code == 200
+            events = _sse_events(response)
+        assert events[-1] == "[DONE]"
+        validate("ErrorResponse", events[-2])
+        assert events[-2]["error"]["type"] == "internal_error"
+        wait_until(lambda: fake.opened[-1].request_id in fake.cancelled, TIMEOUT)
+
+        response = httpx.post(server.url + "/v1/completions", timeout=TIMEOUT, json={
+            "model": "bytes", "prompt": "x", "max_tokens": 50})
+        assert _error_of(response, 500)["type"] == "internal_error"
+        wait_until(lambda: fake.opened[-1].request_id in fake.cancelled, TIMEOUT)
+    finally:
+        server.stop()
+
+
+def test_stop_token_ids_are_counted_not_shown(stack: Stack) -> None:
+    bang = stack.tokenizer.encode("!", add_special_tokens=False)
+    assert len(bang) == 1
+    stack.script(stop_token=bang[0])  # the engine stops on it, as asked below
+    done = stack.client().chat.completions.create(
+        model="tiny", messages=MESSAGES, extra_body={"stop_token_ids": bang})
+    assert stack.fake.opened[-1].sampling.stop_token_ids == bang
+    assert done.choices[0].message.content == REPLY
+    assert done.usage is not None and done.usage.completion_tokens == len(stack.reply_ids) + 1

@@ -1,0 +1,80 @@
+"""Incremental detokenization never yields half a character, and adds up to the full decode."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.frontend.tokenizer import ByteTokenizer, HfTokenizer, Tokenizer
+from tests.tiny_model import cached_tiny_model
+
+TEXTS = [
+    "plain ascii text",
+    "Café naïve résumé",
+    "emoji 🙂🚀 and a skin tone 👍🏽 and ✨",
+    "こんにちは世界、你好世界",
+    "mixed: Straße — “quotes” 🙂x",
+]
+
+
+@pytest.fixture(scope="module", params=["byte", "hf"])
+def tokenizer(request: pytest.FixtureRequest) -> Tokenizer:
+    return ByteTokenizer() if request.param == "byte" else HfTokenizer(cached_tiny_model())
+
+
+def _no_partial(pieces: list[str]) -> None:
+    for piece in pieces:
+        assert "\ufffd" not in piece, pieces
+        # A str that came out of a UTF-8 decode never holds lone surrogates.
+        piece.encode("utf-8")
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_token_by_token_equals_whole(tokenizer: Tokenizer, text: str) -> None:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detok = tokenizer.new_detokenizer()
+    pieces = [detok.step([token]) for token in ids]
+    pieces.append(detok.flush())
+    _no_partial(pieces)
+    assert "".join(pieces) == text
+
+
+def test_multibyte_char_split_across_tokens_is_held(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode("🙂", add_special_tokens=False)
+    assert len(ids) > 1  # both tokenizers spell this emoji byte by byte
+    detok = tokenizer.new_detokenizer()
+    assert [detok.step([token]) for token in ids[:-1]] == [""] * (len(ids) - 1)
+    assert detok.step(ids[-1:]) == "🙂"
+    assert detok.flush() == ""
+
+
+def test_incomplete_tail_is_replaced_on_flush(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode("ok 🙂", add_special_tokens=False)
+    detok = tokenizer.new_detokenizer()
+    assert detok.step(ids[:-1]) == "ok "
+    assert detok.flush() == "\ufffd"
+
+
+def test_special_tokens_produce_no_text(tokenizer: Tokenizer) -> None:
+    detok = tokenizer.new_detokenizer()
+    eos = sorted(tokenizer.eos_token_ids)
+    ids = tokenizer.encode("hi", add_special_tokens=True)  # BOS first
+    assert detok.step(ids) + detok.step(eos) + detok.flush() == "hi"
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40),
+       cuts=st.lists(st.integers(min_value=1, max_value=6), max_size=40))
+def test_any_chunking_adds_up(text: str, cuts: list[int]) -> None:
+    for tokenizer in (ByteTokenizer(), HfTokenizer(cached_tiny_model())):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        detok = tokenizer.new_detokenizer()
+        pieces, start = [], 0
+        for size in [*cuts, len(ids)]:
+            pieces.append(detok.step(ids[start:start + size]))
+            start += size
+        pieces.append(detok.flush())
+        assert "".join(pieces) == tokenizer.decode(ids)
+        if "\ufffd" not in text:
+            _no_partial(pieces)

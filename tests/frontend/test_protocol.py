@@ -1,0 +1,329 @@
+"""Request validation: spec-invalid bodies, valid-but-unsupported fields, unknown fields, and the
+turn of a valid body into SamplingParams. Each table is cross-checked against the OpenAI spec."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from services.frontend.errors import ApiError
+from services.frontend.protocol import (
+    COMPLETIONS_DEFAULT_MAX_TOKENS,
+    chat_messages,
+    completion_prompt,
+    parse_chat,
+    parse_completion,
+    sampling_params,
+    stop_strings,
+)
+from tests.openapi_spec import is_valid
+
+USER = {"role": "user", "content": "hello"}
+IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "tiny", "messages": [USER]}
+    body.update(fields)
+    return body
+
+
+def completion(**fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "tiny", "prompt": "hello"}
+    body.update(fields)
+    return body
+
+
+def _error(parse: Any, body: Any) -> ApiError:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    with pytest.raises(ApiError) as info:
+        parse(raw)
+    assert info.value.status == 400
+    return info.value
+
+
+# --- chat: bodies the spec itself rejects -----------------------------------------------------
+
+CHAT_SPEC_INVALID = [
+    ({"messages": [USER]}, "model"),
+    ({"model": "tiny"}, "messages"),
+    (chat(model=5), "model"),
+    (chat(messages=[]), "messages"),
+    (chat(messages="hello"), "messages"),
+    (chat(messages=[{"content": "x"}]), "messages[0].role"),
+    (chat(messages=[{"role": "bot", "content": "x"}]), "messages[0].role"),
+    (chat(messages=[{"role": "user"}]), "messages[0].content"),
+    (chat(messages=[{"role": "user", "content": 5}]), "messages[0].content"),
+    (chat(messages=[{"role": "user", "content": []}]), "messages[0].content"),
+    (chat(messages=[{"role": "user", "content": [{"type": "video"}]}]),
+     "messages[0].content[0].type"),
+    (chat(messages=[{"role": "user", "content": [{"type": "text"}]}]),
+     "messages[0].content[0].text"),
+    (chat(messages=[{"role": "system", "content": [IMAGE]}]), "messages[0].content[0].type"),
+    (chat(messages=[USER, {"role": "tool", "content": "x"}]), "messages[1].tool_call_id"),
+    (chat(temperature=3), "temperature"),
+    (chat(temperature="hot"), "temperature"),
+    (chat(top_p=1.5), "top_p"),
+    (chat(top_p=-0.1), "top_p"),
+    (chat(presence_penalty=2.5), "presence_penalty"),
+    (chat(frequency_penalty=-3), "frequency_penalty"),
+    (chat(n=0), "n"),
+    (chat(n=129), "n"),
+    (chat(stop=["a", "b", "c", "d", "e"]), "stop"),
+    (chat(stop=[]), "stop"),
+    (chat(stop=7), "stop"),
+    (chat(stream="yes"), "stream"),
+    (chat(max_tokens="ten"), "max_tokens"),
+    (chat(max_completion_tokens=1.5), "max_completion_tokens"),
+    (chat(top_logprobs=21), "top_logprobs"),
+    (chat(logit_bias={"1": "x"}), "logit_bias"),
+    (chat(stream=True, stream_options={"include_usage": "yes"}), "stream_options.include_usage"),
+    (chat(service_tier="gold"), "service_tier"),
+    (chat(metadata={"a": 1}), "metadata"),
+    (chat(response_format={"type": "xml"}), "response_format.type"),
+    (chat(tool_choice="sometimes"), "tool_choice"),
+    (chat(seed="x"), "seed"),
+    (chat(user=5), "user"),
+    (chat(modalities=["video"]), "modalities[0]"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), CHAT_SPEC_INVALID)
+def test_chat_spec_invalid(body: dict[str, Any], param: str) -> None:
+    assert not is_valid("CreateChatCompletionRequest", body), "the spec accepts it"
+    error = _error(parse_chat, body)
+    assert error.param == param, error.message
+    assert error.type == "invalid_request_error"
+
+
+# --- chat: valid per spec, refused by Turnout's rules -----------------------------------------
+
+CHAT_RULE_INVALID = [
+    (chat(max_tokens=0), "max_tokens"),
+    (chat(max_completion_tokens=0), "max_completion_tokens"),
+    (chat(stream_options={"include_usage": True}), "stream_options"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), CHAT_RULE_INVALID)
+def test_chat_rule_invalid(body: dict[str, Any], param: str) -> None:
+    assert is_valid("CreateChatCompletionRequest", body)
+    assert _error(parse_chat, body).param == param
+
+
+CHAT_UNSUPPORTED = [
+    (chat(n=2), "n"),
+    (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+    (chat(tool_choice="required"), "tool_choice"),
+    (chat(tool_choice={"type": "function", "function": {"name": "f"}}), "tool_choice"),
+    (chat(functions=[{"name": "f"}]), "functions"),
+    (chat(function_call={"name": "f"}), "function_call"),
+    (chat(response_format={"type": "json_object"}), "response_format"),
+    (chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+     "response_format"),
+    (chat(logprobs=True), "logprobs"),
+    (chat(logprobs=True, top_logprobs=3), "logprobs"),
+    (chat(top_logprobs=3), "top_logprobs"),
+    (chat(audio={"voice": "alloy", "format": "wav"}), "audio"),
+    (chat(modalities=["text", "audio"]), "modalities"),
+    (chat(prediction={"type": "content", "content": "x"}), "prediction"),
+    (chat(web_search_options={}), "web_search_options"),
+    (chat(logit_bias={"5": 10}), "logit_bias"),
+    (chat(store=True), "store"),
+    (chat(reasoning_effort="low"), "reasoning_effort"),
+    (chat(verbosity="high"), "verbosity"),
+    (chat(messages=[{"role": "user", "content": [{"type": "text", "text": "see"}, IMAGE]}]),
+     "messages[0].content[1].type"),
+    (chat(messages=[{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]),
+     "messages[0].content[0].type"),
+    (chat(messages=[{"role": "user", "content": [
+        {"type": "file", "file": {"file_id": "f-1"}}]}]), "messages[0].content[0].type"),
+    (chat(messages=[USER, {"role": "tool", "content": "42", "tool_call_id": "c1"}]),
+     "messages[1].role"),
+    (chat(messages=[USER, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]),
+     "messages[1].tool_calls"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), CHAT_UNSUPPORTED)
+def test_chat_unsupported_is_named(body: dict[str, Any], param: str) -> None:
+    assert is_valid("CreateChatCompletionRequest", body), "not even valid per spec"
+    error = _error(parse_chat, body)
+    assert error.param == param
+    assert error.code == "unsupported_parameter"
+    assert param in error.message
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    (chat(foo=1), "foo"),
+    (chat(nvext={"x": 1}), "nvext"),
+    (chat(messages=[{"role": "user", "content": "x", "foo": 1}]), "messages[0].foo"),
+    (chat(stream=True, stream_options={"bar": True}), "stream_options.bar"),
+    (chat(messages=[{"role": "user", "content": [{"type": "text", "text": "x", "z": 1}]}]),
+     "messages[0].content[0].z"),
+])
+def test_chat_unknown_field_is_named(body: dict[str, Any], param: str) -> None:
+    error = _error(parse_chat, body)
+    assert error.param == param
+    assert error.code == "unknown_parameter"
+    assert param.rsplit(".", 1)[-1] in error.message
+
+
+def test_not_json_or_not_an_object() -> None:
+    assert _error(parse_chat, b"{nope").code == "invalid_json"
+    assert _error(parse_chat, b"").code == "invalid_json"
+    assert _error(parse_chat, b"[1, 2]").param is None
+
+
+HARMLESS = chat(
+    messages=[
+        {"role": "developer", "content": "Be brief."},
+        {"role": "system", "content": [{"type": "text", "text": "Really."}], "name": "ops"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": None, "refusal": None},
+        {"role": "assistant", "content": [{"type": "text", "text": "ok"},
+                                          {"type": "refusal", "refusal": "no"}]},
+        {"role": "user", "content": "go", "name": "bob"},
+    ],
+    n=1, store=False, user="u-1", metadata={"k": "v"}, service_tier="auto", seed=7,
+    presence_penalty=0.5, frequency_penalty=-0.5, temperature=0.7, top_p=0.9,
+    stream=True, stream_options={"include_usage": True}, logprobs=False, top_logprobs=0,
+    tool_choice="none", parallel_tool_calls=True, response_format={"type": "text"},
+    modalities=["text"], stop=["\n\n", "END"], max_completion_tokens=10, max_tokens=20,
+    safety_identifier="s", prompt_cache_key="p", logit_bias={}, verbosity=None,
+)
+
+
+def test_harmless_fields_are_accepted() -> None:
+    assert is_valid("CreateChatCompletionRequest", HARMLESS)
+    body = parse_chat(json.dumps(HARMLESS).encode())
+    assert chat_messages(body) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "system", "content": "Really.", "name": "ops"},
+        {"role": "user", "content": "a\nb"},
+        {"role": "assistant", "content": ""},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "go", "name": "bob"},
+    ]
+    assert stop_strings(body) == ("\n\n", "END")
+    params = sampling_params(body, prompt_len=10, max_model_len=100, vocab_size=300)
+    assert params.max_tokens == 10  # max_completion_tokens wins over max_tokens
+    assert params.temperature == 0.7 and params.top_p == 0.9 and params.seed == 7
+    assert params.presence_penalty == 0.5 and params.frequency_penalty == -0.5
+
+
+def test_extensions_are_passed_through() -> None:
+    body = parse_chat(json.dumps(chat(ignore_eos=True, top_k=40, min_tokens=3,
+                                      repetition_penalty=1.1, stop_token_ids=[5, 9])).encode())
+    params = sampling_params(body, prompt_len=4, max_model_len=64, vocab_size=300)
+    assert (params.ignore_eos, params.top_k, params.min_tokens, params.repetition_penalty,
+            params.stop_token_ids) == (True, 40, 3, 1.1, [5, 9])
+    assert params.max_tokens == 60  # no limit given: fill the context
+    off = parse_chat(json.dumps(chat(top_k=-1)).encode())
+    assert sampling_params(off, 4, 64, 300).top_k == 0
+
+
+def test_context_and_max_tokens_limits() -> None:
+    body = parse_chat(json.dumps(chat(max_tokens=50)).encode())
+    with pytest.raises(ApiError) as info:
+        sampling_params(body, prompt_len=64, max_model_len=64, vocab_size=300)
+    assert (info.value.param, info.value.code) == ("messages", "context_length_exceeded")
+    with pytest.raises(ApiError) as info:
+        sampling_params(body, prompt_len=20, max_model_len=64, vocab_size=300)
+    assert info.value.param == "max_tokens"
+    assert sampling_params(body, prompt_len=14, max_model_len=64, vocab_size=300).max_tokens == 50
+
+    body = parse_chat(json.dumps(chat(max_tokens=5, min_tokens=6)).encode())
+    with pytest.raises(ApiError) as info:
+        sampling_params(body, 4, 64, 300)
+    assert info.value.param == "min_tokens"
+    body = parse_chat(json.dumps(chat(stop_token_ids=[300])).encode())
+    with pytest.raises(ApiError) as info:
+        sampling_params(body, 4, 64, 300)
+    assert info.value.param == "stop_token_ids"
+
+
+# --- completions ------------------------------------------------------------------------------
+
+COMPLETION_SPEC_INVALID = [
+    ({"model": "tiny"}, "prompt"),
+    ({"prompt": "x"}, "model"),
+    (completion(prompt=5), "prompt"),
+    (completion(prompt=[1, "a"]), "prompt"),
+    (completion(prompt=[[]]), "prompt"),
+    (completion(prompt=[True]), "prompt"),
+    (completion(max_tokens=-1), "max_tokens"),
+    (completion(logprobs=6), "logprobs"),
+    (completion(best_of=21), "best_of"),
+    (completion(echo="yes"), "echo"),
+    (completion(suffix=5), "suffix"),
+    (completion(temperature=2.5), "temperature"),
+    (completion(n=0), "n"),
+    (completion(stop=["a"] * 5), "stop"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), COMPLETION_SPEC_INVALID)
+def test_completion_spec_invalid(body: dict[str, Any], param: str) -> None:
+    assert not is_valid("CreateCompletionRequest", body), "the spec accepts it"
+    if isinstance(body.get("prompt"), list):
+        parsed = parse_completion(json.dumps(body).encode())  # the shape is checked next
+        with pytest.raises(ApiError) as info:
+            completion_prompt(parsed, vocab_size=300)
+        assert info.value.param == param
+        return
+    assert _error(parse_completion, body).param == param
+
+
+COMPLETION_UNSUPPORTED = [
+    (completion(echo=True), "echo"),
+    (completion(best_of=2), "best_of"),
+    (completion(suffix="tail"), "suffix"),
+    (completion(logprobs=2), "logprobs"),
+    (completion(n=3), "n"),
+    (completion(logit_bias={"1": 5}), "logit_bias"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), COMPLETION_UNSUPPORTED)
+def test_completion_unsupported_is_named(body: dict[str, Any], param: str) -> None:
+    assert is_valid("CreateCompletionRequest", body)
+    error = _error(parse_completion, body)
+    assert (error.param, error.code) == (param, "unsupported_parameter")
+
+
+def test_completion_prompt_shapes() -> None:
+    def prompt_of(value: Any) -> str | list[int]:
+        body = parse_completion(json.dumps(completion(prompt=value)).encode())
+        return completion_prompt(body, vocab_size=300)
+
+    assert prompt_of("hi") == "hi"
+    assert prompt_of(["hi"]) == "hi"
+    assert prompt_of([1, 2, 3]) == [1, 2, 3]
+    assert prompt_of([[4, 5]]) == [4, 5]
+    assert prompt_of(None) == ""
+    for batch in (["a", "b"], [[1], [2]]):
+        with pytest.raises(ApiError) as info:
+            prompt_of(batch)
+        assert (info.value.param, info.value.code) == ("prompt", "unsupported_parameter")
+    with pytest.raises(ApiError) as info:
+        prompt_of([299, 300])
+    assert info.value.param == "prompt"
+    with pytest.raises(ApiError):
+        prompt_of([])
+
+
+def test_completion_unknown_field_and_defaults() -> None:
+    assert _error(parse_completion, completion(messages=[USER])).param == "messages"
+    body = parse_completion(json.dumps(completion(best_of=1, echo=False, suffix="",
+                                                  logprobs=None)).encode())
+    params = sampling_params(body, prompt_len=3, max_model_len=100, vocab_size=300)
+    assert params.max_tokens == COMPLETIONS_DEFAULT_MAX_TOKENS
+    assert sampling_params(body, prompt_len=90, max_model_len=100, vocab_size=300).max_tokens == 10
+    with pytest.raises(ApiError) as info:
+        sampling_params(body, prompt_len=100, max_model_len=100, vocab_size=300)
+    assert (info.value.param, info.value.code) == ("prompt", "context_length_exceeded")

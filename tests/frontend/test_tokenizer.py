@@ -1,0 +1,156 @@
+"""Tokenizers: the built-in byte tokenizer, HF model directories, chat templates, loading."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from services.frontend.chat_template import ChatTemplate, ChatTemplateError
+from services.frontend.tokenizer import ByteTokenizer, HfTokenizer, load_tokenizer
+from tests.tiny_model import BOS, EOS, EOT, cached_tiny_model
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is the Zen of Python?"},
+    {"role": "assistant", "content": "Beautiful is better than ugly."},
+    {"role": "user", "content": "And then? 🙂"},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> HfTokenizer:
+    return HfTokenizer(cached_tiny_model())
+
+
+def test_byte_tokenizer_round_trip() -> None:
+    tok = ByteTokenizer()
+    ids = tok.encode("héllo 🙂")
+    assert ids[0] == ByteTokenizer.BOS
+    assert ids[1:] == list("héllo 🙂".encode())
+    assert tok.encode("hi", add_special_tokens=False) == [104, 105]
+    assert tok.decode([*ids, ByteTokenizer.EOS]) == "héllo 🙂"
+    assert tok.eos_token_ids == {257}
+    assert tok.vocab_size == 258
+
+
+def test_byte_tokenizer_chat_template() -> None:
+    tok = ByteTokenizer()
+    ids = tok.render_chat(CONVERSATION[:2])
+    assert ids[0] == ByteTokenizer.BOS
+    text = bytes(ids[1:]).decode()
+    assert text == ("<|system|>\nBe brief.\n<|user|>\nWhat is the Zen of Python?\n"
+                    "<|assistant|>\n")
+
+
+def test_tiny_model_files_are_consistent(tiny: HfTokenizer) -> None:
+    directory = cached_tiny_model()
+    config = json.loads((directory / "config.json").read_text())
+    assert config["vocab_size"] == tiny.vocab_size
+    assert 1000 <= tiny.vocab_size <= 2000
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert set(config["eos_token_id"]) <= tiny.eos_token_ids
+
+
+def test_hf_encode_adds_bos_only_when_asked(tiny: HfTokenizer) -> None:
+    bos = tiny._tokenizer.token_to_id(BOS)
+    with_bos = tiny.encode("Beautiful is better than ugly.")
+    without = tiny.encode("Beautiful is better than ugly.", add_special_tokens=False)
+    assert with_bos == [bos, *without]
+    assert tiny.decode(with_bos) == "Beautiful is better than ugly."
+
+
+def test_hf_eos_ids_come_from_configs(tiny: HfTokenizer) -> None:
+    expected = {tiny._tokenizer.token_to_id(EOS), tiny._tokenizer.token_to_id(EOT)}
+    assert tiny.eos_token_ids == expected
+
+
+def test_hf_chat_template_renders_llama3_style(tiny: HfTokenizer) -> None:
+    ids = tiny.render_chat(CONVERSATION)
+    text = tiny._tokenizer.decode(ids, skip_special_tokens=False)
+    assert text.startswith(
+        BOS + "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>")
+    assert "<|start_header_id|>user<|end_header_id|>\n\nAnd then? 🙂<|eot_id|>" in text
+    assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    # Specials are single tokens and BOS is not doubled.
+    assert ids.count(tiny._tokenizer.token_to_id(BOS)) == 1
+    assert ids[0] == tiny._tokenizer.token_to_id(BOS)
+
+
+def test_hf_chat_template_can_refuse(tiny: HfTokenizer) -> None:
+    with pytest.raises(ChatTemplateError, match="unsupported role: tool"):
+        tiny.render_chat([{"role": "tool", "content": "x"}])
+
+
+def _copy_model(tmp_path: Path) -> Path:
+    target = tmp_path / "model"
+    shutil.copytree(cached_tiny_model(), target)
+    return target
+
+
+def test_chat_template_jinja_file_wins(tmp_path: Path) -> None:
+    model = _copy_model(tmp_path)
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}")
+    tok = HfTokenizer(model)
+    assert tok.decode(tok.render_chat([{"role": "user", "content": "hi"}])) == "[user]hi[assistant]"
+
+
+def test_named_template_list_and_missing_template(tmp_path: Path) -> None:
+    model = _copy_model(tmp_path)
+    config_path = model / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = [{"name": "tool_use", "template": "TOOLS"},
+                               {"name": "default", "template": "{{ messages[0].content }}!"}]
+    config_path.write_text(json.dumps(config))
+    tok = HfTokenizer(model)
+    assert tok.decode(tok.render_chat([{"role": "user", "content": "hey"}])) == "hey!"
+
+    del config["chat_template"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ChatTemplateError, match="no chat template"):
+        HfTokenizer(model).render_chat([{"role": "user", "content": "hey"}])
+
+
+def test_template_helpers_and_sandbox() -> None:
+    template = ChatTemplate("{{ messages | tojson }}|{{ bos_token }}", {"bos_token": "<s>"})
+    assert template.render([{"role": "user", "content": "é"}]) == (
+        '[{"role": "user", "content": "é"}]|<s>')
+    with pytest.raises(ChatTemplateError):
+        ChatTemplate("{{ messages.__class__.__mro__ }}").render([])
+    with pytest.raises(ChatTemplateError):
+        ChatTemplate("{% for %}")
+
+
+def test_load_tokenizer() -> None:
+    assert isinstance(load_tokenizer(None), ByteTokenizer)
+    assert isinstance(load_tokenizer(""), ByteTokenizer)
+    assert isinstance(load_tokenizer(str(cached_tiny_model())), HfTokenizer)
+    with pytest.raises(ValueError, match="not a local model directory"):
+        load_tokenizer("meta-llama/Llama-3.1-8B-Instruct-that-is-not-here")
+
+
+def test_tiny_model_build_is_deterministic(tmp_path: Path) -> None:
+    from tests.tiny_model import build_tiny_model
+
+    a = build_tiny_model(tmp_path / "a")
+    b = build_tiny_model(tmp_path / "b")
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json",
+                 "generation_config.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
+def test_tiny_model_weights_need_torch(tmp_path: Path) -> None:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        from tests.tiny_model import build_tiny_model
+
+        with pytest.raises(RuntimeError, match="torch"):
+            build_tiny_model(tmp_path / "w", with_weights=True)
+    else:  # pragma: no cover - only where torch is installed
+        pytest.skip("torch is installed; the weights path is exercised by engine tests")
