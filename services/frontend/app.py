@@ -324,9 +324,7 @@ class FrontendApp:
         """The configured context length, else the smallest one the model's workers report."""
         if self.max_model_len > 0:
             return self.max_model_len
-        reported = getattr(self.upstream, "max_model_len", None)
-        found = reported(upstream_model) if reported is not None else None
-        return found if found else FALLBACK_MAX_MODEL_LEN
+        return self.upstream.max_model_len(upstream_model) or FALLBACK_MAX_MODEL_LEN
 
     async def _tokenize(self, work: Callable[..., list[int]], *args: Any, chars: int) -> list[int]:
         if chars <= INLINE_TOKENIZE_MAX_CHARS:

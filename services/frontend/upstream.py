@@ -50,6 +50,10 @@ class Upstream(Protocol):
         """Models some live worker serves right now."""
         ...
 
+    def max_model_len(self, model: str) -> int | None:
+        """The context length the model's workers accept (None: unknown)."""
+        ...
+
     def open(self, request: GenerateRequest) -> ChunkStream:
         """Send `request`; raise `NoWorkersError` when nothing can serve its model."""
         ...
@@ -62,25 +66,30 @@ class Upstream(Protocol):
 class ChunkStream:
     """Chunks of one request as they arrive; merges what piled up while the reader was busy."""
 
-    __slots__ = ("_event", "_pending", "finished", "request_id")
+    __slots__ = ("_pending", "_waiter", "finished", "request_id")
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self._pending: list[TokenChunk] = []
-        self._event = asyncio.Event()
+        # A bare future, not an asyncio.Event: this wakes once per token on the hot path.
+        self._waiter: asyncio.Future[None] | None = None
         self.finished = False
 
     def push(self, chunk: TokenChunk) -> None:
         self._pending.append(chunk)
-        self._event.set()
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def next_batch(self) -> list[TokenChunk]:
         """Every chunk that arrived since the last call (at least one); [] once finished."""
         while not self._pending:
             if self.finished:
                 return []
-            self._event.clear()
-            await self._event.wait()
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
         batch, self._pending = self._pending, []
         if batch[-1].finish_reason is not None:
             self.finished = True
@@ -106,6 +115,9 @@ class RouterClient:
         self.streams: dict[str, tuple[ChunkStream, str]] = {}
         self._turn = 0
         self._tasks: list[asyncio.Task[None]] = []
+        # Derived from discovery on every change, not per request.
+        self._models: list[str] = []
+        self._context: dict[str, int] = {}
         self._warned = False
         self.malformed = 0
 
@@ -123,20 +135,25 @@ class RouterClient:
     # -- Upstream ------------------------------------------------------------------------------
 
     def served_models(self) -> list[str]:
-        if not self.routers:
-            return []
-        return sorted({w.model for w in self.workers.values() if w.model})
+        return self._models if self.routers else []
 
     def max_model_len(self, model: str) -> int | None:
         """The smallest context any worker of `model` accepts (None: no worker says)."""
-        lens = [int(w.metadata["max_model_len"]) for w in self.workers.values()
-                if w.model == model and w.metadata.get("max_model_len")]
-        return min(lens) if lens else None
+        return self._context.get(model)
+
+    def _refresh_models(self) -> None:
+        self._models = sorted({w.model for w in self.workers.values() if w.model})
+        context: dict[str, int] = {}
+        for w in self.workers.values():
+            n = w.metadata.get("max_model_len")
+            if isinstance(n, int) and n > 0:
+                context[w.model] = min(n, context.get(w.model, n))
+        self._context = context
 
     def open(self, request: GenerateRequest) -> ChunkStream:
         if not self.routers:
             raise NoWorkersError("no router is available")
-        if request.model not in self.served_models():
+        if request.model not in self._models:
             raise NoWorkersError(f"no worker serves model {request.model!r}")
         links = list(self.routers.values())
         self._turn += 1
@@ -164,6 +181,7 @@ class RouterClient:
                     self.workers.pop(inst.id, None)
                 else:
                     self.workers[inst.id] = inst
+                self._refresh_models()
             elif event.kind == "removed":
                 link = self.routers.pop(inst.id, None)
                 if link is not None:
