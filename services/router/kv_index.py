@@ -75,7 +75,7 @@ def prefix_overlaps(
     depth = len(hashes)
     for i, m in enumerate(map(get, hashes[1:]), 1):
         if m is prev:
-            continue  # same mask object as the block before (see KvIndex._store): no change
+            continue  # same mask object as the block before (see set_bit): nothing changes
         if m is None:
             depth = i
             break
@@ -104,6 +104,7 @@ _NOTHING = object()
 
 
 def set_bit(masks: dict[int, int], bit: int, hashes: Iterable[int]) -> None:
+    """Set `bit` in the masks of `hashes`, indexing the ones not there yet."""
     get = masks.get
     prev_old: object = _NOTHING
     new = 0
