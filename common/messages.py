@@ -28,6 +28,9 @@ KIND_GENERATE: Final = b"\x00"  # GenerateRequest, upstream → downstream
 KIND_CANCEL: Final = b"\x01"  # Cancel, upstream → downstream
 KIND_TOKENS: Final = b"\x02"  # TokenBatch, downstream → upstream (one frame per engine step)
 KIND_KV_DUMP: Final = b"\x03"  # KvDumpRequest, router → worker (resync)
+KIND_KV_REPLICATE: Final = b"\x04"  # KvEventBatch of stored blocks, worker → replica peer
+KIND_KV_PULL: Final = b"\x05"  # KvPullRequest, worker → worker holding blocks
+KIND_KV_BLOCKS: Final = b"\x06"  # KvPullReply, answer to KIND_KV_PULL
 
 
 class SamplingParams(Wire):
@@ -55,6 +58,9 @@ class GenerateRequest(Wire):
     # after prompt + these, and counts them against max_tokens too (the router resends the
     # original sampling parameters).
     generated_token_ids: list[int] = []
+    # Request-plane endpoints of workers that may hold this sequence's KV blocks (replica peers,
+    # prefix caches): a resumed request pulls what it can from them and recomputes the rest.
+    kv_sources: list[str] = []
 
 
 class Cancel(Wire):
@@ -114,6 +120,8 @@ class Heartbeat(Wire):
     steps: int  # engine steps done so far: progress, to tell a wedged engine from an idle one
     active_requests: int
     draining: bool = False
+    # Workers that hold host-tier copies of this worker's blocks (--kv-replicas).
+    replica_peers: list[str] = []
 
 
 class LoadReport(Wire):
@@ -167,6 +175,19 @@ class KvEventBatch(Wire):
     dump: bool = False
 
 
+class KvPullRequest(Wire):
+    """Ask a peer for blocks of one sequence, in order; it answers with the ones it holds."""
+
+    request_id: str
+    block_hashes: list[int]
+
+
+class KvPullReply(Wire):
+    request_id: str
+    # Single-block entries (parent hash + tokens; engines with real KV append payload bytes).
+    blocks: list[KvBlockStored]
+
+
 class RequestTimings(Wire):
     """Per-request figures for the planner."""
 
@@ -213,6 +234,8 @@ generate_decoder: Final = msgspec.msgpack.Decoder(GenerateRequest)
 cancel_decoder: Final = msgspec.msgpack.Decoder(Cancel)
 token_batch_decoder: Final = msgspec.msgpack.Decoder(TokenBatch)
 kv_dump_decoder: Final = msgspec.msgpack.Decoder(KvDumpRequest)
+kv_pull_decoder: Final = msgspec.msgpack.Decoder(KvPullRequest)
+kv_pull_reply_decoder: Final = msgspec.msgpack.Decoder(KvPullReply)
 envelope_decoder: Final = msgspec.msgpack.Decoder(EventEnvelope)
 heartbeat_decoder: Final = msgspec.msgpack.Decoder(Heartbeat)
 load_decoder: Final = msgspec.msgpack.Decoder(LoadReport)

@@ -11,7 +11,7 @@ from common.messages import GenerateRequest
 
 class InflightRequest:
     __slots__ = ("blocks", "frontend", "generated", "hashes", "migrations", "prefill_blocks",
-                 "request", "started", "worker_id")
+                 "request", "resume_tokens", "started", "worker_id")
 
     def __init__(self, request: GenerateRequest, frontend: bytes, worker_id: str,
                  started: float) -> None:
@@ -24,6 +24,7 @@ class InflightRequest:
         self.blocks = 0  # KV blocks it holds on its worker (router's accounting)
         self.prefill_blocks = 0  # blocks still to prefill until its first token arrives
         self.hashes: list[int] = []
+        self.resume_tokens = 0  # sequence length at the last migration (0: none pending)
 
 
 class InflightTable:

@@ -60,12 +60,16 @@ class KvAwarePolicy:
         self._rng = rng or random.Random()
         self._turn = 0
 
-    def decide(self, candidates: list[WorkerHandle], request: GenerateRequest) -> Decision:
+    def decide(self, candidates: list[WorkerHandle], request: GenerateRequest,
+               hint: dict[str, int] | None = None) -> Decision:
+        """`hint`: blocks known to be held outside the index (a migration's replica peers)."""
         block_size = candidates[0].block_size
         tokens = sequence_tokens(request)
         hashes = block_hashes(tokens, block_size, self.seed)
         request_blocks = -(-len(tokens) // block_size)
         matches = self.index.find_matches(hashes) if hashes else {}
+        if hint:
+            matches = {**matches, **{w: max(n, matches.get(w, 0)) for w, n in hint.items()}}
         loads = [_load(w) for w in candidates]
         pool = list(range(len(candidates)))
         if len(candidates) > 1 and self.hotspot_margin >= 0:

@@ -112,6 +112,7 @@ class Router:
         self._tasks: dict[str, list[asyncio.Task[None]]] = {}
         # Requests waiting for a worker of their model: id → (deadline, frontend, request, frame)
         self.parked: dict[str, tuple[float, bytes, GenerateRequest, bytes]] = {}
+        self._replicas_of: dict[str, list[str]] = {}  # dead worker → its replica peers
         self._warned_malformed = False
 
     # -- frontend side -------------------------------------------------------------------------
@@ -159,7 +160,8 @@ class Router:
         self.metrics.inflight.set(len(self.inflight))
         worker.worker.socket.send_multipart([KIND_GENERATE, payload])
 
-    def select(self, request: GenerateRequest, exclude: str = "") -> Decision:
+    def select(self, request: GenerateRequest, exclude: str = "",
+               hint: dict[str, int] | None = None) -> Decision:
         candidates = self.pool.routable(request.model)
         if exclude:
             candidates = [w for w in candidates if w.id != exclude]
@@ -171,15 +173,18 @@ class Router:
             decision = Decision(worker, _blocks(request, worker.block_size))
             policy = "direct"
         elif self.kv_policy is not None:
-            decision = self.kv_policy.decide(candidates, request)
+            decision = self.kv_policy.decide(candidates, request, hint)
             policy = self.kv_policy.name
             if self.approx_index is not None:
                 self.approx_index.record(decision.worker.id, decision.hashes)
             if decision.request_blocks:
                 self.metrics.overlap.observe(decision.overlap / decision.request_blocks)
         else:
-            worker = self.policy.select(candidates, request)
-            decision = Decision(worker, _blocks(request, worker.block_size))
+            # A migration goes to a worker holding the request's KV when there is one.
+            held = [w for w in candidates if hint and hint.get(w.id)]
+            worker = self.policy.select(held or candidates, request)
+            decision = Decision(worker, _blocks(request, worker.block_size),
+                                hint.get(worker.id, 0) if hint else 0)
             policy = self.policy.name
         self.metrics.decision_seconds.observe(time.perf_counter() - t0)
         self.metrics.decisions.labels(policy).inc()
@@ -268,6 +273,10 @@ class Router:
                     worker.pending_prefill_blocks -= entry.prefill_blocks
                     entry.prefill_blocks = 0
                 if entry.migrations:
+                    if entry.resume_tokens and chunk.num_prompt_tokens:
+                        self.metrics.recomputed_tokens.observe(
+                            max(0, entry.resume_tokens - chunk.cached_tokens))
+                        entry.resume_tokens = 0
                     # The client already has prompt/cached figures from the first worker.
                     chunk.num_prompt_tokens = 0
                     chunk.cached_tokens = 0
@@ -303,6 +312,7 @@ class Router:
             "inflight": self.inflight.count(worker.id)}})
         self.metrics.worker_deaths.labels(cause).inc()
         self.metrics.detection_seconds.observe(silent)
+        self._replicas_of[worker.id] = list(worker.replica_peers)
         self.pool.mark_dead(worker)
         self._forget_kv(worker.id)
         self.subscriber.disconnect(worker.instance.endpoints.get("events", ""))
@@ -324,19 +334,39 @@ class Router:
             return False
         request = GenerateRequest(rid, entry.request.model, entry.request.token_ids,
                                   entry.request.sampling, None, list(entry.generated))
+        # Copies of its KV live on the old worker's replica peers and in prefix caches the
+        # index knows: prefer those workers, and name them so the new one pulls what it lacks.
+        holders = self._kv_holders(entry, old)
         try:
-            decision = self.select(request, exclude=old)
+            decision = self.select(request, exclude=old, hint=holders)
         except RoutingError as exc:
             self._fail(entry, f"worker {old} failed ({cause}); {exc}")
             return False
         if count:
             entry.migrations += 1
             self.metrics.migrations.labels(cause).inc()
+        request.kv_sources = [self.pool.workers[w].instance.endpoints["request"]
+                              for w in holders if w != decision.worker.id]
+        entry.resume_tokens = len(request.token_ids) + len(request.generated_token_ids)
         self.release(entry)
         self.inflight.move(entry, decision.worker.id)
         self.assign(entry, decision)
         decision.worker.socket.send_multipart([KIND_GENERATE, encoder.encode(request)])
         return True
+
+    def _kv_holders(self, entry: InflightRequest, dead: str) -> dict[str, int]:
+        """Live workers that may hold `entry`'s blocks → how many (replicas: all but the last)."""
+        holders: dict[str, int] = {}
+        old = self.pool.workers.get(dead)
+        peers = old.replica_peers if old is not None else self._replicas_of.get(dead, [])
+        for peer in peers:
+            if peer in self.pool.workers and self.pool.workers[peer].alive:
+                holders[peer] = max(0, entry.blocks - 1)
+        if self.kv_index is not None and entry.hashes:
+            for wid, n in self.kv_index.find_matches(entry.hashes).items():
+                if wid != dead and wid in self.pool.workers:
+                    holders[wid] = max(n, holders.get(wid, 0))
+        return holders
 
     def _fail(self, entry: InflightRequest, message: str) -> None:
         self.release(entry)
@@ -405,6 +435,7 @@ class Router:
                     if hb.steps != worker.last_steps or not worker.inflight:
                         worker.last_progress = now
                     worker.last_steps = hb.steps
+                    worker.replica_peers = hb.replica_peers
                     if hb.draining:
                         worker.routable = False
                         worker.draining = True

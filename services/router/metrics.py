@@ -26,6 +26,10 @@ class RouterMetrics:
             "turnout_router_failure_detection_seconds",
             "From a dead worker's last heartbeat to the router declaring it dead", registry=r,
             buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5))
+        self.recomputed_tokens = Histogram(
+            "turnout_router_migration_recomputed_tokens",
+            "Tokens a migrated request's new worker had to recompute (not found in any KV)",
+            registry=r, buckets=(0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536))
         self.malformed = Counter("turnout_router_malformed_frames", "Frames dropped as malformed",
                                  ["plane"], registry=r)
         self.overlap = Histogram(

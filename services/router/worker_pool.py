@@ -20,7 +20,7 @@ from common.transport import tune_stream_socket
 class WorkerHandle:
     __slots__ = ("active_blocks", "alive", "block_size", "draining", "id", "inflight", "instance",
                  "last_chosen", "last_heartbeat", "last_progress", "last_steps", "load", "monitor",
-                 "pending_prefill_blocks", "routable", "socket", "synced")
+                 "pending_prefill_blocks", "replica_peers", "routable", "socket", "synced")
 
     def __init__(self, instance: Instance, socket: zmq.asyncio.Socket,
                  monitor: zmq.asyncio.Socket) -> None:
@@ -42,6 +42,7 @@ class WorkerHandle:
         self.alive = True
         self.routable = True  # False once it left discovery (draining) or died
         self.draining = False  # it said so in a heartbeat
+        self.replica_peers: list[str] = []  # workers holding copies of its KV blocks
 
     @property
     def model(self) -> str:

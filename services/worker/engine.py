@@ -16,6 +16,7 @@ import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from common.block_hash import DEFAULT_SEED
 from common.messages import ForwardPass, GenerateRequest, KvBlockStored, KvEvent, TokenChunk
 
 
@@ -52,6 +53,7 @@ class Engine(abc.ABC):
 
     block_size: int
     max_model_len: int
+    hash_seed: int = DEFAULT_SEED
 
     @abc.abstractmethod
     async def start(self, sink: StepSink) -> None:
@@ -82,3 +84,19 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def kv_dump(self) -> list[KvBlockStored]:
         """Every block the engine's prefix cache holds, parents before children (for a resync)."""
+
+    # KV block export/import, for migration with surviving KV. An engine that cannot move
+    # blocks keeps these defaults: it holds nothing to give and recomputes what it lacks.
+
+    def cached_prefix(self, hashes: list[int]) -> int:
+        """How many leading blocks of a sequence (by chained hash) the prefix cache holds."""
+        return 0
+
+    def export_blocks(self, hashes: list[int]) -> list[KvBlockStored]:
+        """Cached blocks among `hashes` (single-block events, in order) for a peer to import."""
+        return []
+
+    def import_blocks(self, blocks: list[KvBlockStored], first_position: int) -> float:
+        """Put consecutive blocks of a sequence (starting at block `first_position`) into the
+        prefix cache; return the seconds the transfer takes (the caller waits them)."""
+        return 0.0

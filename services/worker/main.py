@@ -24,6 +24,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from common.block_hash import block_hashes
 from common.config import parse_configs
 from common.discovery import Discovery, open_discovery
 from common.event_plane import EventPublisher
@@ -32,7 +33,10 @@ from common.messages import (
     FINISH_ERROR,
     KIND_CANCEL,
     KIND_GENERATE,
+    KIND_KV_BLOCKS,
     KIND_KV_DUMP,
+    KIND_KV_PULL,
+    KIND_KV_REPLICATE,
     KIND_TOKENS,
     MODE_AGGREGATED,
     ROLE_WORKER,
@@ -42,22 +46,29 @@ from common.messages import (
     TOPIC_LOAD,
     ForwardPass,
     ForwardPassBatch,
+    GenerateRequest,
     Heartbeat,
     Instance,
+    KvBlockStored,
     KvEventBatch,
+    KvPullReply,
     LoadReport,
     TokenBatch,
     TokenChunk,
     cancel_decoder,
     encoder,
     generate_decoder,
+    kv_batch_decoder,
+    kv_pull_decoder,
 )
 from common.status_server import StatusServer
 from common.transport import bind_socket, tune_stream_socket
 from services.worker.args import WorkerConfig
 from services.worker.engine import Engine, EngineError, StepOutput
 from services.worker.engines import create_engine, engine_config_classes
+from services.worker.host_kv_tier import HostKvTier
 from services.worker.metrics import WorkerMetrics
+from services.worker.peer_links import PeerLinks
 
 log = logging.getLogger("turnout.worker")
 
@@ -79,6 +90,10 @@ class Worker:
         self._warned_malformed = False
         self.started = time.time()  # incarnation stamp: a re-registration changes it
         self.metrics_port = 0
+        self.host_tier = HostKvTier(config.host_kv_blocks)
+        self.peers = PeerLinks(self.ctx, self.worker_id)
+        self.replica_peers: list[str] = []
+        self._resuming: set[asyncio.Task[None]] = set()
 
     # -- engine output -------------------------------------------------------------------------
 
@@ -110,6 +125,8 @@ class Worker:
                 self._send(ident, TokenBatch(chunks))
         if out.kv_events:
             self.publisher.publish(TOPIC_KV, KvEventBatch(self.worker_id, out.kv_events))
+            if self.config.kv_replicas:
+                self.peers.replicate([e for e in out.kv_events if type(e) is KvBlockStored])
         if out.forward_pass is not None:
             self._fpm.append(out.forward_pass)
         self.metrics.on_step(out)
@@ -147,6 +164,18 @@ class Worker:
                 elif kind == KIND_KV_DUMP:
                     self.publisher.publish(
                         TOPIC_KV, KvEventBatch(self.worker_id, list(self.engine.kv_dump()), True))
+                elif kind == KIND_KV_REPLICATE:
+                    batch = kv_batch_decoder.decode(payload)
+                    self.host_tier.put([e for e in batch.events if type(e) is KvBlockStored])
+                elif kind == KIND_KV_PULL:
+                    pull = kv_pull_decoder.decode(payload)
+                    blocks = self.engine.export_blocks(pull.block_hashes)
+                    if len(blocks) < len(pull.block_hashes):
+                        have = {b.block_hashes[0] for b in blocks}
+                        blocks += self.host_tier.get(
+                            [h for h in pull.block_hashes if h not in have])
+                    self.requests.send_multipart([ident, KIND_KV_BLOCKS, encoder.encode(
+                        KvPullReply(pull.request_id, blocks))])
                 else:
                     self._malformed(f"unknown kind {kind!r}")
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -161,12 +190,48 @@ class Worker:
             self._error(ident, request.request_id, 400, "duplicate request id")
             return
         self.destinations[request.request_id] = ident
+        if request.generated_token_ids or request.kv_sources:
+            task = asyncio.create_task(self._resume(ident, request))
+            self._resuming.add(task)
+            task.add_done_callback(self._resuming.discard)
+            return
+        self._admit(ident, request)
+
+    def _admit(self, ident: bytes, request: GenerateRequest) -> None:
         try:
             self.engine.add_request(request)
         except EngineError as exc:
-            del self.destinations[request.request_id]
+            self.destinations.pop(request.request_id, None)
             self.metrics.on_finish("rejected")
             self._error(ident, request.request_id, exc.code, str(exc))
+
+    async def _resume(self, ident: bytes, request: GenerateRequest) -> None:
+        """A request migrated here: bring in the KV that survived (our host tier first, then
+        the named sources), wait the transfer time, then admit it; only the rest is
+        recomputed."""
+        engine = self.engine
+        tokens = request.token_ids + request.generated_token_ids
+        hashes = block_hashes(tokens, engine.block_size, engine.hash_seed)
+        local = engine.cached_prefix(hashes)
+        missing = hashes[local:]
+        blocks = self.host_tier.chain(missing)
+        promoted = len(blocks)
+        if len(blocks) < len(missing) and request.kv_sources:
+            blocks += await self.peers.pull(request.request_id, request.kv_sources,
+                                            missing[len(blocks):])
+        self.metrics.resumes.inc()
+        if promoted:
+            self.metrics.blocks_promoted.inc(promoted)
+        if len(blocks) > promoted:
+            self.metrics.blocks_pulled.inc(len(blocks) - promoted)
+        if request.request_id not in self.destinations:
+            return  # cancelled meanwhile
+        seconds = engine.import_blocks(blocks, local) if blocks else 0.0
+        if seconds > 0:
+            await asyncio.sleep(seconds)
+            if request.request_id not in self.destinations:
+                return
+        self._admit(ident, request)
 
     def _malformed(self, why: str) -> None:
         self.metrics.malformed.inc()
@@ -206,13 +271,37 @@ class Worker:
         load = self.engine.load()
         self.metrics.on_load(load)
         self.publisher.publish(TOPIC_HEARTBEAT, Heartbeat(
-            self.worker_id, self.engine.steps_done(), len(self.destinations), self.draining))
+            self.worker_id, self.engine.steps_done(), len(self.destinations), self.draining,
+            self.replica_peers))
+        m = self.metrics
+        m.replicated_blocks.set(self.peers.replicated_blocks)
+        m.replication_dropped.set(self.peers.dropped_blocks)
+        m.replication_lag.set(self.peers.lag_blocks)
+        m.host_tier_blocks.set(len(self.host_tier))
         self.publisher.publish(TOPIC_LOAD, LoadReport(
             self.worker_id, load.active_decode_blocks, load.active_prefill_tokens,
             load.kv_used_blocks, load.kv_total_blocks, load.waiting, load.running))
         if self._fpm:
             records, self._fpm = self._fpm, []
             self.publisher.publish(TOPIC_FPM, ForwardPassBatch(self.worker_id, records))
+
+    async def watch_peers(self) -> None:
+        """Pick replica peers: the next `kv_replicas` workers of our model on a ring of ids."""
+        peers: dict[str, Instance] = {}
+        async for event in self.discovery.watch(role=ROLE_WORKER):
+            inst = event.instance
+            if event.kind == "removed" or inst.model != self.model:
+                peers.pop(inst.id, None)
+            elif inst.id != self.worker_id and "request" in inst.endpoints:
+                peers[inst.id] = inst
+            ring = sorted(peers)
+            after = [p for p in ring if p > self.worker_id] + [p for p in ring
+                                                              if p < self.worker_id]
+            chosen = after[: self.config.kv_replicas]
+            if chosen != self.replica_peers:
+                self.replica_peers = chosen
+                self.peers.set_replicas([peers[p].endpoints["request"] for p in chosen])
+                log.info("replica peers", extra={"fields": {"peers": ",".join(chosen)}})
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -246,6 +335,9 @@ class Worker:
             loop.add_signal_handler(sig, self._stop.set)
         tasks = [asyncio.create_task(self.serve_requests()),
                  asyncio.create_task(self.heartbeat())]
+        if cfg.kv_replicas > 0:
+            tasks += [asyncio.create_task(self.watch_peers()),
+                      asyncio.create_task(self.peers.run_replication())]
         await discovery.register(self.instance())
         log.info("worker ready", extra={"fields": {"id": self.worker_id,
                                                    "request": self.request_endpoint}})
@@ -257,6 +349,7 @@ class Worker:
         await status.close()
         await self.engine.shutdown()
         self.publisher.close()
+        self.peers.close()
         self.requests.close(linger=0)
         self.ctx.term()
 

@@ -37,6 +37,20 @@ class WorkerMetrics:
         self.waiting = gauge("turnout_worker_waiting_requests", "Requests queued in the engine")
         self.kv_used = gauge("turnout_worker_kv_blocks_used", "KV blocks in use")
         self.kv_total = gauge("turnout_worker_kv_blocks_total", "KV blocks in the pool")
+        self.replicated_blocks = gauge("turnout_worker_kv_replicated_blocks",
+                                       "KV blocks sent to replica peers so far")
+        self.replication_dropped = gauge("turnout_worker_kv_replication_dropped_blocks",
+                                         "KV blocks not replicated because peers fell behind")
+        self.replication_lag = gauge("turnout_worker_kv_replication_lag_blocks",
+                                     "KV blocks waiting to be replicated")
+        self.host_tier_blocks = gauge("turnout_worker_host_kv_blocks",
+                                      "Peers' blocks held in the host-memory tier")
+        self.resumes = counter("turnout_worker_resumed_requests",
+                               "Migrated requests continued here")
+        self.blocks_promoted = counter("turnout_worker_kv_blocks_promoted",
+                                       "Blocks moved from the host tier into the engine cache")
+        self.blocks_pulled = counter("turnout_worker_kv_blocks_pulled",
+                                     "Blocks pulled from peers for resumed requests")
         self.malformed = counter("turnout_worker_malformed_frames",
                                  "Request-plane frames dropped as malformed")
 

@@ -13,7 +13,7 @@ import time
 import openai
 import pytest
 
-from tests.e2e.deployment import Deployment, wait_for
+from tests.e2e.deployment import Deployment, metric, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -112,3 +112,41 @@ def test_migration_limit_zero_turns_a_crash_into_a_clean_error(deployment: Deplo
     ok, failed = asyncio.run(run())
     assert failed > 0 and ok > 0  # w1's streams fail cleanly, w2's finish
     wait_for(lambda: not victim.alive(), 5, "the victim to be gone")
+
+
+def test_kv_replicas_keep_the_kv_of_long_prompts(deployment: Deployment) -> None:
+    """With --kv-replicas 1 a migrated request recomputes at most its last block plus the
+    tokens generated since the last replicated block; without, the whole context."""
+    deployment.start(workers=2, worker_args=("--speedup-ratio", "1", "--kv-replicas", "1"),
+                     router_args=("--router-mode", "round-robin"))
+    victim = deployment.services[1]
+
+    async def run(fault: bool) -> list[str]:
+        oai = openai.AsyncOpenAI(base_url=deployment.url + "/v1", api_key="x", max_retries=0,
+                                 timeout=120)
+
+        async def one(i: int) -> str:
+            prompt = f"long document {i}: " + "all work and no play makes a dull boy. " * 110
+            stream = await oai.completions.create(model="mock", prompt=prompt, max_tokens=256,
+                                                  stream=True, extra_body={"ignore_eos": True})
+            return "".join([c.choices[0].text async for c in stream if c.choices])
+
+        async def kill() -> None:
+            await asyncio.sleep(1.5)
+            victim.signal(signal.SIGKILL)
+
+        out = await asyncio.gather(*(one(i) for i in range(8)), *([kill()] if fault else []))
+        return [t for t in out if isinstance(t, str)]
+
+    texts = asyncio.run(run(fault=True))
+    assert len(texts) == 8 and all(len(t) == 256 for t in texts)
+    assert texts == asyncio.run(run(fault=False)), "the same tokens as a run without the fault"
+    recomputed = router_metric(deployment, "turnout_router_migration_recomputed_tokens")
+    count = recomputed["turnout_router_migration_recomputed_tokens_count"]
+    assert count > 0, "some streams must have been migrated"
+    # Every migrated request found its KV on the replica: at most two blocks recomputed
+    # (the engine always recomputes the last block, plus the block still being generated).
+    within = recomputed['turnout_router_migration_recomputed_tokens_bucket{le="128.0"}']
+    assert within == count, recomputed
+    survivor = deployment.metrics_of("w2")
+    assert metric(survivor, "turnout_worker_kv_blocks_promoted_total") > 0

@@ -27,7 +27,10 @@ class MockerConfig:
     eos_token_id: int | None = opt(None, help="the model's end-of-sequence token id")
     mean_output_tokens: int = opt(0, help="when >0 (and an EOS id is set), emit EOS with "
                                           "probability 1/N at each position; 0: never by itself")
-    kv_transfer_gbps: float = opt(10.0, help="simulated KV transfer bandwidth (migration)")
+    kv_transfer_gbps: float = opt(10.0, help="simulated KV transfer bandwidth, GB/s (blocks "
+                                             "pulled from a peer or promoted from host memory)")
+    kv_bytes_per_token: int = opt(131072, help="simulated KV bytes per token (default: a "
+                                               "Llama-3-8B layout in bf16)")
     hash_seed: int = opt(DEFAULT_SEED, help="seed of the KV block hashes (must match the router)")
 
     def __post_init__(self) -> None:

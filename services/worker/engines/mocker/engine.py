@@ -39,6 +39,7 @@ class MockerEngine(Engine):
         c.validate()  # again: callers may have edited fields after construction
         self.block_size = c.block_size
         self.max_model_len = c.max_model_len
+        self.hash_seed = c.hash_seed
         lo, hi = c.output_range()
         self.model = TokenModel(lo, hi, c.eos_token_id, c.mean_output_tokens)
         self.pool = KvPool(c.num_blocks, c.block_size, c.hash_seed)
@@ -83,6 +84,23 @@ class MockerEngine(Engine):
 
     def kv_dump(self) -> list[KvBlockStored]:
         return self.pool.dump()
+
+    def cached_prefix(self, hashes: list[int]) -> int:
+        return self.pool.cached_prefix(hashes)
+
+    def export_blocks(self, hashes: list[int]) -> list[KvBlockStored]:
+        return self.pool.export(hashes)
+
+    def import_blocks(self, blocks: list[KvBlockStored], first_position: int) -> float:
+        """Simulated copy: the blocks land in the prefix cache; the modelled transfer time
+        (bytes over `kv_transfer_gbps`, divided by the speed-up) is returned for the caller to
+        wait before it admits the request that needs them."""
+        n = self.pool.import_blocks(blocks, first_position)
+        c = self.config
+        if n == 0 or c.speedup_ratio == 0:
+            return 0.0
+        seconds = n * c.block_size * c.kv_bytes_per_token / (c.kv_transfer_gbps * 1e9)
+        return seconds / c.speedup_ratio
 
     # -- extras ------------------------------------------------------------------------------
 

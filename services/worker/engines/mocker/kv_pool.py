@@ -143,6 +143,50 @@ class KvPool:
             else:
                 self._events.append(KvBlockStored([h], parent, list(tokens), bs))
 
+    def cached_prefix(self, hashes: list[int]) -> int:
+        """How many leading blocks of a sequence (by hash) the cache holds."""
+        n = 0
+        for h in hashes:
+            if h not in self._cached:
+                break
+            n += 1
+        return n
+
+    def export(self, hashes: list[int]) -> list[KvBlockStored]:
+        """The cached blocks among `hashes`, one single-block stored event each, in order."""
+        bs = self.block_size
+        out = []
+        for h in hashes:
+            b = self._cached.get(h)
+            if b is not None:
+                out.append(KvBlockStored([h], b.parent_hash, list(b.token_ids or ()), bs))
+        return out
+
+    def import_blocks(self, blocks: list[KvBlockStored], first_position: int) -> int:
+        """Cache blocks copied in from elsewhere (a peer, the host tier): consecutive blocks of
+        one sequence starting at block `first_position`. They enter as unreferenced cached
+        blocks, so the request about to be admitted finds them as prefix hits; no more are
+        taken than there are free blocks. Returns how many were imported."""
+        room = self.free_blocks
+        done = 0
+        for i, event in enumerate(blocks):
+            h = event.block_hashes[0]
+            if h in self._cached:
+                continue
+            if done >= room:
+                break
+            block = self.allocate()
+            block.block_hash = h
+            block.parent_hash = event.parent_hash
+            block.token_ids = list(event.token_ids)
+            block.position = first_position + i
+            self._cached[h] = block
+            self._events.append(KvBlockStored([h], event.parent_hash, list(event.token_ids),
+                                              self.block_size))
+            self.release([block])
+            done += 1
+        return done
+
     def _evict(self, block: Block) -> None:
         assert block.block_hash is not None
         del self._cached[block.block_hash]
