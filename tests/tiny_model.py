@@ -27,7 +27,8 @@ EOT = "<|eot_id|>"
 START_HEADER = "<|start_header_id|>"
 END_HEADER = "<|end_header_id|>"
 SPECIAL_TOKENS = [BOS, EOS, EOT, START_HEADER, END_HEADER]
-TARGET_VOCAB_SIZE = 1536
+# 2,048: NVIDIA Dynamo's mocker emits ids 1000-1999, so side-by-side benchmarks need them.
+TARGET_VOCAB_SIZE = 2048
 
 CHAT_TEMPLATE = (
     "{{- bos_token }}"
@@ -191,7 +192,7 @@ def cached_tiny_model(with_weights: bool = False) -> Path:
     """The tiny model under $TURNOUT_TEST_CACHE (default <repo>/.cache), built once."""
     default_root = Path(__file__).resolve().parents[1] / ".cache"
     root = Path(os.environ.get("TURNOUT_TEST_CACHE") or default_root)
-    target = root / "tiny-model"
+    target = root / f"tiny-model-v{TARGET_VOCAB_SIZE}"
     complete = all((target / name).is_file() for name in _REQUIRED_FILES)
     if complete and (not with_weights or _has_weights(target)):
         return target

@@ -52,8 +52,11 @@ def test_multibyte_char_split_across_tokens_is_held(tokenizer: Tokenizer) -> Non
 def test_incomplete_tail_is_replaced_on_flush(tokenizer: Tokenizer) -> None:
     ids = tokenizer.encode("ok 🙂", add_special_tokens=False)
     detok = tokenizer.new_detokenizer()
-    assert detok.step(ids[:-1]) == "ok "
-    assert detok.flush() == "\ufffd"
+    head = detok.step(ids[:-1])
+    # A BPE token may carry the space together with the emoji's first bytes: then the space
+    # waits too. Either way no half character is emitted, and flush marks the broken tail.
+    assert head in ("ok", "ok ")
+    assert head + detok.flush() == "ok \ufffd"
 
 
 def test_special_tokens_produce_no_text(tokenizer: Tokenizer) -> None:
