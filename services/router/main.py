@@ -505,7 +505,7 @@ class Router:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, install_signals: bool = True) -> None:
         cfg = self.config
         self.frontends = self.ctx.socket(zmq.ROUTER)
         tune_stream_socket(self.frontends)
@@ -513,10 +513,11 @@ class Router:
         status = StatusServer(self.metrics.registry, cfg.host, cfg.router_metrics_port)
         metrics_port = await status.start()
         self.discovery = open_discovery(cfg.discovery, lease_ttl=cfg.lease_ttl_s)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        self.stop = stop = asyncio.Event()
+        self.loop = loop = asyncio.get_running_loop()
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
         tasks = [asyncio.create_task(c) for c in (
             self.serve_frontends(), self.watch_workers(), self.consume_events(),
             self.watch_heartbeats())]

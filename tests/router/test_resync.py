@@ -1,0 +1,115 @@
+"""KV resync against a real worker process: a lost stretch of KV events (a gap in sequence
+numbers) makes the router ask for a full dump, after which its index equals the worker's state.
+
+The router runs in this process (its own thread and event loop) so the test can read its index;
+the worker and the frontend are real processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import zmq
+
+from common.messages import (
+    KIND_KV_DUMP,
+    TOPIC_KV,
+    KvBlockStored,
+    KvDumpRequest,
+    encoder,
+    envelope_decoder,
+    kv_batch_decoder,
+)
+from services.router.args import RouterConfig
+from services.router.main import Router
+from tests.e2e.deployment import Deployment, metric, wait_for
+
+
+def worker_state(record: dict) -> set[int]:
+    """The worker's own account of its cache: ask it for a dump and read it off its PUB."""
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, TOPIC_KV)
+    sub.connect(record["endpoints"]["events"])
+    req = ctx.socket(zmq.DEALER)
+    req.connect(record["endpoints"]["request"])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            req.send_multipart([KIND_KV_DUMP, encoder.encode(KvDumpRequest("test"))])
+            if sub.poll(200):
+                while sub.poll(200):
+                    _, raw = sub.recv_multipart()
+                    batch = kv_batch_decoder.decode(envelope_decoder.decode(raw).payload)
+                    if batch.dump:
+                        return {h for e in batch.events if isinstance(e, KvBlockStored)
+                                for h in e.block_hashes}
+        raise TimeoutError("no dump from the worker")
+    finally:
+        sub.close(0)
+        req.close(0)
+        ctx.term()
+
+
+def test_event_gap_triggers_resync_and_index_matches_worker(tmp_path: Path) -> None:
+    dep = Deployment(tmp_path)
+    router = Router(RouterConfig(discovery=f"file:{dep.discovery}", lease_ttl_s=2,
+                                 router_mode="kv"))
+    thread = threading.Thread(target=lambda: asyncio.run(router.run(install_signals=False)),
+                              daemon=True)
+    thread.start()
+    try:
+        dep.start_worker("--speedup-ratio", "0")
+        dep.start_frontend()
+        dep.wait_healthy()
+        record = dep.record("w1")
+        assert record is not None
+
+        def complete(prompt: str) -> None:
+            r = httpx.post(dep.url + "/v1/completions", timeout=30,
+                           json={"model": "mock", "prompt": prompt, "max_tokens": 70})
+            assert r.status_code == 200, r.text
+
+        def index_matches() -> bool:
+            assert router.kv_index is not None
+            return router.kv_index.blocks_of("w1") == worker_state(record)
+
+        complete("first document " * 30)
+        wait_for(index_matches, 10, "the index to follow the worker's events", interval=0.2)
+        resyncs = router.metrics.resyncs._value.get()
+
+        # Lose a stretch of KV events (heartbeats still flow): the router stops listening to
+        # the kv topic while the worker caches more.
+        socket = router.subscriber.socket
+        router.loop.call_soon_threadsafe(socket.setsockopt, zmq.UNSUBSCRIBE, TOPIC_KV)
+        time.sleep(0.3)
+        complete("second document, never seen by the router " * 10)
+        assert router.kv_index is not None
+        assert router.kv_index.blocks_of("w1") != worker_state(record)
+        router.loop.call_soon_threadsafe(socket.setsockopt, zmq.SUBSCRIBE, TOPIC_KV)
+        time.sleep(0.3)
+        complete("third document " * 30)  # its events arrive with a jump in sequence numbers
+
+        wait_for(lambda: router.metrics.resyncs._value.get() > resyncs, 10, "a resync")
+        wait_for(index_matches, 10, "the index to equal the worker's state", interval=0.2)
+        gaps = metric(dict(_samples(router)), "turnout_router_event_gaps_total")
+        assert gaps >= 1
+    finally:
+        dep.close()
+        if getattr(router, "loop", None) is not None:
+            router.loop.call_soon_threadsafe(router.stop.set)
+        thread.join(timeout=10)
+
+
+def _samples(router: Router) -> list[tuple[str, float]]:
+    out = []
+    for family in router.metrics.registry.collect():
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out.append((f"{s.name}{{{labels}}}" if labels else s.name, s.value))
+    return out
+
