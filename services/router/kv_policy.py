@@ -29,14 +29,15 @@ class PrefixIndex(Protocol):
 
 
 class Decision:
-    __slots__ = ("hashes", "overlap", "request_blocks", "worker")
+    __slots__ = ("cost", "hashes", "overlap", "request_blocks", "worker")
 
     def __init__(self, worker: WorkerHandle, request_blocks: int, overlap: int = 0,
-                 hashes: list[int] | None = None) -> None:
+                 hashes: list[int] | None = None, cost: float | None = None) -> None:
         self.worker = worker
         self.request_blocks = request_blocks
         self.overlap = overlap
         self.hashes = hashes or []
+        self.cost = cost  # the kv policy's cost of the chosen worker (None: other policies)
 
 
 def sequence_tokens(request: GenerateRequest) -> list[int]:
@@ -88,7 +89,8 @@ class KvAwarePolicy:
         worker = candidates[pick]
         self._turn += 1
         worker.last_chosen = self._turn
-        return Decision(worker, request_blocks, matches.get(worker.id, 0), hashes)
+        return Decision(worker, request_blocks, matches.get(worker.id, 0), hashes,
+                        costs[pool.index(pick)])
 
     def _softmax(self, costs: list[float]) -> int:
         lo, hi = min(costs), max(costs)

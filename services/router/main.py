@@ -26,6 +26,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from common.block_hash import block_hashes
 from common.config import parse_configs
 from common.discovery import open_discovery
 from common.event_plane import EventSubscriber
@@ -45,6 +46,7 @@ from common.messages import (
     GenerateRequest,
     Instance,
     KvDumpRequest,
+    SamplingParams,
     TokenBatch,
     TokenChunk,
     cancel_decoder,
@@ -55,13 +57,13 @@ from common.messages import (
     load_decoder,
     token_batch_decoder,
 )
-from common.status_server import StatusServer
+from common.status_server import Response, StatusServer, json_response
 from common.transport import bind_socket, tune_stream_socket
 from services.router.approx_kv_index import ApproxKvIndex
 from services.router.args import RouterConfig
 from services.router.inflight import InflightRequest, InflightTable
 from services.router.kv_index import KvIndex
-from services.router.kv_policy import Decision, KvAwarePolicy
+from services.router.kv_policy import Decision, KvAwarePolicy, sequence_tokens
 from services.router.metrics import RouterMetrics
 from services.router.policies import (
     NoWorkerError,
@@ -113,7 +115,10 @@ class Router:
         # Requests waiting for a worker of their model: id → (deadline, frontend, request, frame)
         self.parked: dict[str, tuple[float, bytes, GenerateRequest, bytes]] = {}
         self._replicas_of: dict[str, list[str]] = {}  # dead worker → its replica peers
+        # Migrating requests that found no worker: id → (deadline, cause, counts as a move)
+        self.stranded: dict[str, tuple[float, str, bool]] = {}
         self._warned_malformed = False
+        self._listed: set[str] = set()  # worker ids with a discovery record (liveness gauge)
 
     # -- frontend side -------------------------------------------------------------------------
 
@@ -161,7 +166,9 @@ class Router:
         worker.worker.socket.send_multipart([KIND_GENERATE, payload])
 
     def select(self, request: GenerateRequest, exclude: str = "",
-               hint: dict[str, int] | None = None) -> Decision:
+               hint: dict[str, int] | None = None, dry_run: bool = False) -> Decision:
+        """The worker for `request`. `dry_run`: a preview (POST /v1/route) that records no
+        prediction and counts no decision."""
         candidates = self.pool.routable(request.model)
         if exclude:
             candidates = [w for w in candidates if w.id != exclude]
@@ -172,9 +179,17 @@ class Router:
             worker = select_target(candidates, request)
             decision = Decision(worker, _blocks(request, worker.block_size))
             policy = "direct"
+            if self.approx_index is not None and not dry_run:
+                # A gateway chose (maybe after a preview): the prefix gets cached there all
+                # the same, and the prediction must say so.
+                decision.hashes = block_hashes(sequence_tokens(request), worker.block_size,
+                                               self.config.hash_seed)
+                self.approx_index.record(worker.id, decision.hashes)
         elif self.kv_policy is not None:
             decision = self.kv_policy.decide(candidates, request, hint)
             policy = self.kv_policy.name
+            if dry_run:
+                return decision
             if self.approx_index is not None:
                 self.approx_index.record(decision.worker.id, decision.hashes)
             if decision.request_blocks:
@@ -186,9 +201,51 @@ class Router:
             decision = Decision(worker, _blocks(request, worker.block_size),
                                 hint.get(worker.id, 0) if hint else 0)
             policy = self.policy.name
+        if dry_run:
+            return decision
         self.metrics.decision_seconds.observe(time.perf_counter() - t0)
         self.metrics.decisions.labels(policy).inc()
         return decision
+
+    def route_query(self, body: bytes) -> Response:
+        """POST /v1/route: which worker this router would pick for `{"model",
+        "prompt_token_ids"}`, without sending anything (for a gateway's endpoint picker)."""
+        try:
+            query = msgspec.json.decode(body)
+        except msgspec.DecodeError as exc:
+            return self._route_reply(400, "rejected", {"error": f"body is not JSON: {exc}"})
+        model = query.get("model") if isinstance(query, dict) else None
+        ids = query.get("prompt_token_ids") if isinstance(query, dict) else None
+        if not isinstance(model, str) or not model:
+            return self._route_reply(400, "rejected", {"error": "'model' must be a non-empty "
+                                                                "string"})
+        if not isinstance(ids, list) or not ids or not all(
+                type(t) is int and 0 <= t < 1 << 32 for t in ids):
+            return self._route_reply(400, "rejected", {
+                "error": "'prompt_token_ids' must be a non-empty list of token ids (ints)"})
+        request = GenerateRequest("route-query", model, ids, SamplingParams(max_tokens=1))
+        try:
+            decision = self.select(request, dry_run=True)
+        except RoutingError as exc:
+            outcome = "no_worker" if isinstance(exc, NoWorkerError) else "rejected"
+            return self._route_reply(exc.code, outcome, {"error": str(exc)})
+        worker = decision.worker
+        request_ep = worker.instance.endpoints.get("request", "")
+        return self._route_reply(200, "ok", {
+            "worker_id": worker.id,
+            "endpoint": request_ep.split("://", 1)[-1],
+            "endpoints": worker.instance.endpoints,
+            "model": model,
+            "policy": self.kv_policy.name if self.kv_policy is not None else self.policy.name,
+            "request_blocks": decision.request_blocks,
+            "overlap_blocks": decision.overlap,
+            "cost": decision.cost,
+            "candidates": len(self.pool.routable(model)),
+        })
+
+    def _route_reply(self, status: int, outcome: str, body: dict[str, object]) -> Response:
+        self.metrics.route_queries.labels(outcome).inc()
+        return json_response(status, msgspec.json.encode(body))
 
     def assign(self, entry: InflightRequest, decision: Decision) -> None:
         """Account `entry` on its new worker (load the kv policy weighs at once)."""
@@ -221,10 +278,16 @@ class Router:
                 self.metrics.requests.labels("rejected").inc()
                 self._reply_error(ident, rid, 503, f"no live worker serves model "
                                                    f"{request.model!r}")
+        stranded, self.stranded = self.stranded, {}
+        for rid, (deadline, cause, count) in stranded.items():
+            entry = self.inflight.get(rid)
+            if entry is not None:
+                self.migrate(entry, cause, count, deadline)
 
     def on_cancel(self, request_id: str) -> None:
         if self.parked.pop(request_id, None) is not None:
             return
+        self.stranded.pop(request_id, None)
         entry = self.inflight.remove(request_id)
         if entry is None:
             return
@@ -304,28 +367,55 @@ class Router:
                 return
 
     def worker_lost(self, worker: WorkerHandle, cause: str) -> None:
-        if not worker.alive:
+        """Declare `worker` dead and move its requests. A dropped connection closes it for
+        good; a silent or stalled worker whose connection is still open only becomes a
+        suspect: it may be a false alarm (a starved host), so it is re-admitted after a resync
+        if it shows life again, and is told to drop what was moved away meanwhile."""
+        crashed = cause in (CAUSE_CRASH, CAUSE_DRAIN)
+        if not worker.alive and not (crashed and worker.suspect is not None):
             return
         silent = time.monotonic() - worker.last_heartbeat
-        log.warning("worker declared dead", extra={"fields": {
-            "worker": worker.id, "cause": cause, "silent_ms": round(silent * 1000),
-            "inflight": self.inflight.count(worker.id)}})
-        self.metrics.worker_deaths.labels(cause).inc()
-        self.metrics.detection_seconds.observe(silent)
+        if worker.alive:
+            log.warning("worker declared dead", extra={"fields": {
+                "worker": worker.id, "cause": cause, "silent_ms": round(silent * 1000),
+                "inflight": self.inflight.count(worker.id)}})
+            self.metrics.worker_deaths.labels(cause).inc()
+            self.metrics.detection_seconds.observe(silent)
         self._replicas_of[worker.id] = list(worker.replica_peers)
-        self.pool.mark_dead(worker)
         self._forget_kv(worker.id)
-        self.subscriber.disconnect(worker.instance.endpoints.get("events", ""))
-        self.subscriber.forget(worker.id)
-        for task in self._tasks.pop(worker.id, []):
-            if task is not asyncio.current_task():
-                task.cancel()
-        for entry in self.inflight.on_worker(worker.id):
+        moved = self.inflight.on_worker(worker.id)
+        if crashed:
+            self.pool.mark_dead(worker)
+            self.subscriber.disconnect(worker.instance.endpoints.get("events", ""))
+            self.subscriber.forget(worker.id)
+            for task in self._tasks.pop(worker.id, []):
+                if task is not asyncio.current_task():
+                    task.cancel()
+        else:
+            self.pool.mark_suspect(worker)
+            for entry in moved:  # if it wakes up, it must not keep computing these
+                worker.socket.send_multipart(
+                    [KIND_CANCEL, encoder.encode(Cancel(entry.request.request_id))])
+        for entry in moved:
             self.migrate(entry, cause)
         self._update_worker_gauges()
 
-    def migrate(self, entry: InflightRequest, cause: str, count: bool = True) -> bool:
-        """Continue `entry` on another worker; past the limit the client gets a clear error."""
+    def worker_recovered(self, worker: WorkerHandle) -> None:
+        log.warning("suspected worker is alive again; resyncing and re-admitting",
+                    extra={"fields": {"worker": worker.id}})
+        self.metrics.worker_recoveries.inc()
+        self.pool.recover(worker)
+        if self.kv_index is not None:
+            worker.synced = True
+            self.request_dump(worker)
+        self._update_worker_gauges()
+        if self.parked or self.stranded:
+            self.retry_parked(time.monotonic())
+
+    def migrate(self, entry: InflightRequest, cause: str, count: bool = True,
+                deadline: float | None = None) -> bool:
+        """Continue `entry` on another worker; past the limit the client gets a clear error.
+        With no worker left it waits (up to `no_worker_wait_ms`) for one to come back."""
         rid = entry.request.request_id
         old = entry.worker_id
         if count and entry.migrations >= self.config.migration_limit:
@@ -339,6 +429,17 @@ class Router:
         holders = self._kv_holders(entry, old)
         try:
             decision = self.select(request, exclude=old, hint=holders)
+        except NoWorkerError as exc:
+            if deadline is None:
+                deadline = time.monotonic() + self.config.no_worker_wait_ms / 1000
+            if time.monotonic() >= deadline:
+                self._fail(entry, f"worker {old} failed ({cause}); {exc}")
+                return False
+            # Stranded: hold the stream open until a worker is routable again.
+            self.release(entry)
+            self.inflight.move(entry, "")
+            self.stranded[rid] = (deadline, cause, count)
+            return True
         except RoutingError as exc:
             self._fail(entry, f"worker {old} failed ({cause}); {exc}")
             return False
@@ -380,6 +481,7 @@ class Router:
         async for event in self.discovery.watch(role=ROLE_WORKER):
             instance = event.instance
             if event.kind == "removed":
+                self._listed.discard(instance.id)
                 worker = self.pool.workers.get(instance.id)
                 if worker is not None:
                     # Left discovery: draining or gone. Stop routing to it; running streams
@@ -388,14 +490,19 @@ class Router:
                     if not self.inflight.count(worker.id):
                         self._retire(worker)
             else:
+                self._listed.add(instance.id)
                 self._admit(instance)
-                if self.parked:
+                if self.parked or self.stranded:
                     self.retry_parked(time.monotonic())
             self._update_worker_gauges()
 
     def _admit(self, instance: Instance) -> None:
         if "request" not in instance.endpoints:
             return
+        old = self.pool.workers.get(instance.id)
+        if old is not None and old.started != float(instance.metadata.get("started", 0.0)):
+            # A new incarnation (restart, or a rejoin after a freeze) replaces the old handle.
+            self._retire(old)
         worker = self.pool.admit(instance)
         if worker is None:
             return
@@ -436,6 +543,9 @@ class Router:
                         worker.last_progress = now
                     worker.last_steps = hb.steps
                     worker.replica_peers = hb.replica_peers
+                    if worker.suspect is not None and (
+                            hb.steps != worker.suspect or not hb.active_requests):
+                        self.worker_recovered(worker)
                     if hb.draining:
                         worker.routable = False
                         worker.draining = True
@@ -476,7 +586,7 @@ class Router:
             # If this loop itself ran late, heartbeats may be sitting unread: judge next round.
             late = now - last_tick > period
             last_tick = now
-            if self.parked:
+            if self.parked or self.stranded:
                 self.retry_parked(now)
             if late:
                 continue
@@ -496,6 +606,9 @@ class Router:
         self.metrics.workers.labels("routable").set(routable)
         self.metrics.workers.labels("draining").set(len(self.pool.workers) - routable)
         self.metrics.workers.labels("dead").set(len(self.pool.dead))
+        up = {w.id: w.alive for w in self.pool.workers.values()}
+        up.update({w: False for w in self.pool.dead if w in self._listed and w not in up})
+        self.metrics.set_workers_up(up)
 
     def _malformed(self, plane: str, why: str) -> None:
         self.metrics.malformed.labels(plane).inc()
@@ -511,6 +624,7 @@ class Router:
         tune_stream_socket(self.frontends)
         endpoint = bind_socket(self.frontends, cfg.host, cfg.router_port, cfg.advertise_host)
         status = StatusServer(self.metrics.registry, cfg.host, cfg.router_metrics_port)
+        status.post_routes["/v1/route"] = self.route_query
         metrics_port = await status.start()
         self.discovery = open_discovery(cfg.discovery, lease_ttl=cfg.lease_ttl_s)
         self.stop = stop = asyncio.Event()

@@ -20,6 +20,10 @@ class RouterMetrics:
                              registry=r)
         self.worker_deaths = Counter("turnout_router_worker_failures",
                                      "Workers declared dead, by cause", ["cause"], registry=r)
+        self.worker_recoveries = Counter(
+            "turnout_router_worker_recoveries",
+            "Workers declared dead (silent/stalled) that came back and were re-admitted",
+            registry=r)
         self.migrations = Counter("turnout_router_migrations", "Requests moved to another worker",
                                   ["cause"], registry=r)
         self.detection_seconds = Histogram(
@@ -47,3 +51,18 @@ class RouterMetrics:
                                    "(worker, block) pairs in the index", registry=r)
         self.event_gaps = Counter("turnout_router_event_gaps", "Event-plane sequence gaps",
                                   ["topic"], registry=r)
+        self.worker_up = Gauge("turnout_router_worker_up",
+                               "1 while a worker is admitted and alive; 0 once declared dead "
+                               "(until its discovery record goes)", ["worker"], registry=r)
+        self.route_queries = Counter("turnout_router_route_queries",
+                                     "POST /v1/route previews (nothing sent), by outcome",
+                                     ["outcome"], registry=r)
+        self._up: set[str] = set()
+
+    def set_workers_up(self, up: dict[str, bool]) -> None:
+        """Liveness of every worker worth a series; the series of any other one is dropped."""
+        for gone in self._up - up.keys():
+            self.worker_up.remove(gone)
+        for worker_id, alive in up.items():
+            self.worker_up.labels(worker_id).set(1 if alive else 0)
+        self._up = set(up)

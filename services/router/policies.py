@@ -66,12 +66,33 @@ class LeastLoaded:
 
 
 def select_target(candidates: list[WorkerHandle], request: GenerateRequest) -> WorkerHandle:
-    """The worker an upstream gateway named in `target_worker` (honoured in every mode)."""
-    target = request.target_worker
+    """The worker an upstream gateway named in `target_worker` (honoured in every mode): a
+    worker id, or "HOST:PORT" of one of its endpoints (the Gateway API Inference Extension's
+    `x-gateway-destination-endpoint`; a comma-separated list is tried in order)."""
+    target = request.target_worker or ""
     for worker in candidates:
-            if worker.id == target:
+        if worker.id == target:
+            return worker
+    for wanted in target.split(","):
+        wanted = wanted.strip()
+        if ":" not in wanted:
+            continue
+        for worker in candidates:
+            if wanted in endpoint_addresses(worker):
                 return worker
-    raise RoutingError(f"worker {target!r} is not a live worker serving {request.model!r}", 400)
+    raise RoutingError(f"{target!r} names no live worker serving {request.model!r} (by "
+                       "worker id or by HOST:PORT of a worker endpoint)", 400)
+
+
+def endpoint_addresses(worker: WorkerHandle) -> set[str]:
+    """"HOST:PORT" of every endpoint in the worker's discovery record (request, events,
+    metrics...), the form a gateway's endpoint picker names a pod by."""
+    out = set()
+    for url in worker.instance.endpoints.values():
+        netloc = url.split("://", 1)[-1].split("/", 1)[0]
+        if ":" in netloc:
+            out.add(netloc)
+    return out
 
 
 class Direct:
@@ -81,7 +102,8 @@ class Direct:
 
     def select(self, candidates: list[WorkerHandle], request: GenerateRequest) -> WorkerHandle:
         if not request.target_worker:
-            raise RoutingError("router mode 'direct' needs the x-worker-instance-id header", 400)
+            raise RoutingError("router mode 'direct' needs the x-worker-instance-id or the "
+                               "x-gateway-destination-endpoint header", 400)
         return select_target(candidates, request)
 
 

@@ -20,7 +20,8 @@ from common.transport import tune_stream_socket
 class WorkerHandle:
     __slots__ = ("active_blocks", "alive", "block_size", "draining", "id", "inflight", "instance",
                  "last_chosen", "last_heartbeat", "last_progress", "last_steps", "load", "monitor",
-                 "pending_prefill_blocks", "replica_peers", "routable", "socket", "synced")
+                 "pending_prefill_blocks", "replica_peers", "routable", "socket", "suspect",
+                 "synced")
 
     def __init__(self, instance: Instance, socket: zmq.asyncio.Socket,
                  monitor: zmq.asyncio.Socket) -> None:
@@ -42,6 +43,10 @@ class WorkerHandle:
         self.alive = True
         self.routable = True  # False once it left discovery (draining) or died
         self.draining = False  # it said so in a heartbeat
+        # Declared dead while its connection stays open (silent or stalled): its requests went
+        # elsewhere; if it shows signs of life again it is resynced and re-admitted. The
+        # value is the engine-step count at the verdict (a stalled one must make progress).
+        self.suspect: int | None = None
         self.replica_peers: list[str] = []  # workers holding copies of its KV blocks
 
     @property
@@ -86,6 +91,18 @@ class WorkerPool:
 
     def models(self) -> set[str]:
         return {w.model for w in self.workers.values() if w.routable and w.alive}
+
+    def mark_suspect(self, handle: WorkerHandle) -> None:
+        handle.alive = False
+        handle.routable = False
+        handle.synced = False
+        handle.suspect = handle.last_steps
+
+    def recover(self, handle: WorkerHandle) -> None:
+        handle.alive = True
+        handle.routable = not handle.draining
+        handle.suspect = None
+        handle.last_progress = handle.last_heartbeat
 
     def mark_dead(self, handle: WorkerHandle) -> None:
         handle.alive = False

@@ -150,3 +150,24 @@ def test_kv_replicas_keep_the_kv_of_long_prompts(deployment: Deployment) -> None
     assert within == count, recomputed
     survivor = deployment.metrics_of("w2")
     assert metric(survivor, "turnout_worker_kv_blocks_promoted_total") > 0
+
+
+def test_a_worker_wrongly_declared_dead_is_readmitted(deployment: Deployment) -> None:
+    """A brief freeze (a starved host) looks like a hang; once the worker heartbeats again it
+    is resynced and routed to again, instead of being lost for good."""
+    deployment.start(workers=2, worker_args=("--speedup-ratio", "0"),
+                     router_args=("--router-mode", "round-robin"))
+    victim = deployment.services[1]
+    victim.signal(signal.SIGSTOP)
+    time.sleep(0.6)  # > 3 heartbeats: declared dead; < 1 s: the worker does not rejoin itself
+    victim.signal(signal.SIGCONT)
+    wait_for(lambda: sum(router_metric(
+        deployment, "turnout_router_worker_recoveries_total").values()) >= 1, 10,
+        "the router to re-admit the worker")
+    deaths = router_metric(deployment, "turnout_router_worker_failures_total")
+    assert deaths.get('turnout_router_worker_failures_total{cause="hang"}', 0) == 1
+    oai = openai.OpenAI(base_url=deployment.url + "/v1", api_key="x", max_retries=0)
+    before = metric(deployment.metrics_of("w1"), "turnout_worker_prompt_tokens_total")
+    for i in range(6):
+        oai.completions.create(model="mock", prompt=f"after the freeze {i}", max_tokens=2)
+    assert metric(deployment.metrics_of("w1"), "turnout_worker_prompt_tokens_total") > before
