@@ -14,6 +14,7 @@ from typing import Protocol
 import msgspec
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from common.discovery import Discovery
 from common.messages import (
@@ -155,7 +156,9 @@ class RouterClient:
             raise NoWorkersError("no router is available")
         if request.model not in self._models:
             raise NoWorkersError(f"no worker serves model {request.model!r}")
-        links = list(self.routers.values())
+        links = [link for link in self.routers.values() if link.up]
+        if not links:
+            raise NoWorkersError("no router is reachable")
         self._turn += 1
         link = links[self._turn % len(links)]
         stream = ChunkStream(request.request_id)
@@ -191,8 +194,11 @@ class RouterClient:
 
     def _router_lost(self, link: _RouterLink) -> None:
         link.close()
+        self.fail_streams(link.router_id)
+
+    def fail_streams(self, router: str) -> None:
         for rid, (stream, router_id) in list(self.streams.items()):
-            if router_id == link.router_id:
+            if router_id == router:
                 del self.streams[rid]
                 stream.push(TokenChunk(rid, [], FINISH_ERROR, error_code=503,
                                        error_message="the router serving this request went away"))
@@ -218,14 +224,30 @@ class RouterClient:
 
 
 class _RouterLink:
-    """One DEALER connection to one router, and the task reading its replies."""
+    """One DEALER connection to one router, the task reading its replies and one watching the
+    connection: when it drops, the streams it carried fail at once (503) instead of hanging
+    until the router's discovery lease runs out, and no new request goes its way until it is
+    back."""
 
     def __init__(self, client: RouterClient, instance: Instance) -> None:
         self.router_id = instance.id
         self.socket = client.ctx.socket(zmq.DEALER)
         tune_stream_socket(self.socket)
+        self.monitor = self.socket.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self.socket.connect(instance.endpoints["request"])
+        self.up = True  # optimistic until a drop: requests queue while it connects
         self.task = asyncio.create_task(self._read(client))
+        self.watcher = asyncio.create_task(self._watch(client))
+
+    async def _watch(self, client: RouterClient) -> None:
+        while True:
+            event = parse_monitor_message(await self.monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_CONNECTED:
+                self.up = True
+            elif event["event"] == zmq.EVENT_DISCONNECTED and self.up:
+                self.up = False
+                client.fail_streams(self.router_id)
 
     async def _read(self, client: RouterClient) -> None:
         while True:
@@ -237,4 +259,10 @@ class _RouterLink:
 
     def close(self) -> None:
         self.task.cancel()
+        self.watcher.cancel()
+        try:
+            self.socket.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(linger=0)
         self.socket.close(linger=0)

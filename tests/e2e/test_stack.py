@@ -215,3 +215,21 @@ def test_garbage_frames_do_not_stop_service(deployment: Deployment) -> None:
         assert all(s.alive() for s in deployment.services)
     finally:
         ctx.term()
+
+
+def test_router_crash_fails_streams_fast_not_hang(deployment: Deployment) -> None:
+    deployment.start(workers=1, worker_args=("--speedup-ratio", "1"))
+    router = deployment.services[0]
+    oai = client(deployment)
+    stream = oai.completions.create(model="mock", prompt="long one", max_tokens=2000,
+                                    stream=True, extra_body={"ignore_eos": True})
+    t0 = time.monotonic()
+    with pytest.raises(openai.APIError, match="router"):
+        for i, _ in enumerate(stream):
+            if i == 3:
+                router.signal(signal.SIGKILL)
+    assert time.monotonic() - t0 < 5, "the stream must fail at once, not wait for a lease"
+    resp = httpx.post(deployment.url + "/v1/completions",
+                      json={"model": "mock", "prompt": "hi", "max_tokens": 3})
+    assert resp.status_code == 503 and resp.json()["error"]["type"] == "service_unavailable"
+    assert deployment.services[-1].alive(), "the frontend keeps running"
