@@ -136,7 +136,7 @@ class RouterClient:
     # -- Upstream ------------------------------------------------------------------------------
 
     def served_models(self) -> list[str]:
-        return self._models if self.routers else []
+        return self._models if any(link.up for link in self.routers.values()) else []
 
     def max_model_len(self, model: str) -> int | None:
         """The smallest context any worker of `model` accepts (None: no worker says)."""
