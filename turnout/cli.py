@@ -9,12 +9,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-USAGE = """usage: turnout {frontend,router,worker,up} [flags]
+USAGE = """usage: turnout {frontend,router,worker,planner,up,status} [flags]
 
   frontend   OpenAI-compatible HTTP API (validation, templates, tokenization, SSE)
   router     picks a worker per request, relays streams, migrates on failure
   worker     one engine (mocker, vllm, ...) behind the request plane
+  planner    predicts load and scales workers against TTFT/ITL targets
   up         frontend + router + N workers on this machine (file discovery, loopback)
+  status     the fleet now: workers' health, load and KV; routers; frontends (--watch, --json)
 
 `turnout SUBCOMMAND --help` lists that subcommand's flags; every flag also reads TURNOUT_<NAME>.
 """
@@ -30,9 +32,15 @@ def _entry(name: str) -> Callable[[Sequence[str]], None]:
     if name == "worker":
         from services.worker.main import main as worker
         return worker
+    if name == "planner":
+        from services.planner.main import main as planner
+        return planner
     if name == "up":
         from turnout.up import main as up
         return up
+    if name == "status":
+        from turnout.status import main as status
+        return status
     raise KeyError(name)
 
 

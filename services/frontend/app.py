@@ -17,6 +17,8 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final
 
+from prometheus_client import Gauge
+
 from common.messages import (
     FINISH_ABORT,
     FINISH_ERROR,
@@ -46,6 +48,9 @@ FALLBACK_MAX_MODEL_LEN: Final = 4096
 CHAT: Final = "chat"
 COMPLETIONS: Final = "completions"
 WORKER_HEADER: Final = b"x-worker-instance-id"
+# Gateway API Inference Extension: the endpoint picker's choice, "IP:PORT" (a comma-separated
+# list is primary first, then fallbacks). The router matches it against workers' endpoints.
+GATEWAY_ENDPOINT_HEADER: Final = b"x-gateway-destination-endpoint"
 
 _JSON_HEADERS: Final = [(b"content-type", b"application/json")]
 _SSE_HEADERS: Final = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
@@ -62,8 +67,8 @@ class Generation:
     """
 
     __slots__ = ("cached_tokens", "detokenizer", "disconnected", "done", "error", "finish",
-                 "first_token_at", "last_token_at", "matcher", "request_id", "response_started",
-                 "saw_first_chunk", "stop_ids", "stopped_by_string", "tokens",
+                 "first_token_at", "last_token_at", "matcher", "queued", "request_id",
+                 "response_started", "saw_first_chunk", "stop_ids", "stopped_by_string", "tokens",
                  "upstream_finished")
 
     def __init__(self, request_id: str, tokenizer: Tokenizer, stops: tuple[str, ...],
@@ -84,6 +89,7 @@ class Generation:
         self.done = False  # the last byte is being sent: a disconnect now is not the client's
         self.disconnected = False
         self.response_started = False
+        self.queued: Gauge | None = None  # the queued-requests gauge, until the first chunk
 
     def consume(self, batch: list[TokenChunk]) -> str:
         if not batch:
@@ -93,6 +99,7 @@ class Generation:
         if not self.saw_first_chunk:
             self.saw_first_chunk = True
             self.cached_tokens = batch[0].cached_tokens
+            self.left_queue()
         if len(batch) == 1:
             chunk = batch[0]
             if chunk.error_code or chunk.finish_reason in _FAILED:
@@ -119,6 +126,11 @@ class Generation:
                 self.first_token_at = now
             self.last_token_at = now
         return self._text(ids, finish)
+
+    def left_queue(self) -> None:
+        if self.queued is not None:
+            self.queued.dec()
+            self.queued = None
 
     def _text(self, ids: list[int], finish: str | None) -> str:
         if finish is not None:
@@ -180,11 +192,32 @@ def _chunk_error(chunk: TokenChunk) -> ApiError:
     return ApiError(status, message, reason="upstream_error")
 
 
-def _worker_header(scope: Scope) -> str | None:
+def _target_worker(scope: Scope) -> str | None:
+    """The worker an upstream gateway chose: `x-worker-instance-id` (an instance id), else
+    `x-gateway-destination-endpoint` (checked to be IP:PORT[,IP:PORT...])."""
+    endpoint = None
     for name, value in scope["headers"]:
         if name == WORKER_HEADER:
             return value.decode("latin-1")
-    return None
+        if name == GATEWAY_ENDPOINT_HEADER:
+            endpoint = value.decode("latin-1")
+    if endpoint is None:
+        return None
+    parts = [p.strip() for p in endpoint.split(",")]
+    if not all(_is_host_port(p) for p in parts):
+        raise ApiError(400, f"header x-gateway-destination-endpoint must be IP:PORT (or a "
+                            f"comma-separated list of them), got {endpoint!r}",
+                       param="x-gateway-destination-endpoint",
+                       code="invalid_destination_endpoint", reason="bad_destination")
+    return ",".join(parts)
+
+
+def _is_host_port(text: str) -> bool:
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):  # [IPv6]:port
+        host = host[1:-1]
+    return bool(sep and host and port.isascii() and port.isdigit()
+                and 0 < int(port) < 65536 and "," not in host and " " not in host)
 
 
 async def _read_body(receive: Receive) -> bytes | None:
@@ -377,7 +410,7 @@ class FrontendApp:
             request_id = os.urandom(16).hex()
             request = GenerateRequest(request_id=request_id, model=upstream_model,
                                       token_ids=ids, sampling=sampling,
-                                      target_worker=_worker_header(scope))
+                                      target_worker=_target_worker(scope))
             try:
                 chunks = self.upstream.open(request)
             except NoWorkersError as exc:
@@ -391,7 +424,7 @@ class FrontendApp:
                 error = ApiError(500, f"internal error: {type(exc).__name__}", reason="internal")
             self.metrics.rejected(error.reason)
             await _send_bytes(send, error.status, error.body())
-            self.metrics.finished(model, endpoint, stream, error.status)
+            self.metrics.finished(model, endpoint, stream, error.status, error_type=error.reason)
             return
 
         stop_ids = self._hidden_ids.union(sampling.stop_token_ids) if sampling.stop_token_ids \
@@ -399,6 +432,8 @@ class FrontendApp:
         gen = Generation(request_id, self.tokenizer, protocol.stop_strings(body), stop_ids)
         per_model = self.metrics.model(model)
         per_model.active.inc()
+        per_model.queued.inc()
+        gen.queued = per_model.queued
         handler = asyncio.current_task()
         assert handler is not None
         watcher = asyncio.create_task(self._watch_disconnect(receive, gen, handler))
@@ -442,6 +477,7 @@ class FrontendApp:
             gen.done = True
             watcher.cancel()
             per_model.active.dec()
+            gen.left_queue()
         self._record(per_model, gen, model, endpoint, stream, status, len(ids), started)
 
     def _record(self, per_model: ModelMetrics, gen: Generation, model: str, endpoint: str,
@@ -458,7 +494,11 @@ class FrontendApp:
                                       / (gen.tokens - 1))
         if gen.cached_tokens:
             per_model.cached_tokens.inc(gen.cached_tokens)
-        self.metrics.finished(model, endpoint, stream, status, now - started)
+        error_type = ""
+        if status >= 400:
+            error_type = (gen.error.reason if gen.error is not None
+                          else "client_disconnected" if gen.disconnected else "internal")
+        self.metrics.finished(model, endpoint, stream, status, now - started, error_type)
 
     async def _watch_disconnect(self, receive: Receive, gen: Generation,
                                 handler: asyncio.Task[Any]) -> None:

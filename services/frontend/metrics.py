@@ -20,7 +20,7 @@ class ModelMetrics:
     """The children of every per-model metric for one model, resolved once."""
 
     __slots__ = ("active", "cached_tokens", "disconnects", "input_tokens", "itl",
-                 "output_tokens", "ttft")
+                 "output_tokens", "queued", "ttft")
 
     def __init__(self, metrics: FrontendMetrics, model: str) -> None:
         self.ttft = metrics.ttft.labels(model)
@@ -29,6 +29,7 @@ class ModelMetrics:
         self.output_tokens = metrics.output_tokens.labels(model)
         self.cached_tokens = metrics.cached_tokens.labels(model)
         self.active = metrics.active.labels(model)
+        self.queued = metrics.queued.labels(model)
         self.disconnects = metrics.disconnects.labels(model)
 
 
@@ -56,12 +57,18 @@ class FrontendMetrics:
                                      registry=r)
         self.active = Gauge("turnout_frontend_active_requests", "Requests being generated",
                             ["model"], registry=r)
+        self.queued = Gauge("turnout_frontend_queued_requests",
+                            "Requests sent upstream that have not had their first token yet",
+                            ["model"], registry=r)
         self.disconnects = Counter("turnout_frontend_client_disconnects",
                                    "Requests whose client went away before the end", ["model"],
                                    registry=r)
         self.rejections = Counter("turnout_frontend_rejections",
                                   "Requests refused before generation, by reason", ["reason"],
                                   registry=r)
+        self.errors = Counter("turnout_frontend_errors",
+                              "Requests that ended in an error, by error type",
+                              ["model", "endpoint", "error_type"], registry=r)
         self._models: dict[str, ModelMetrics] = {}
         self._finished: dict[tuple[str, str, str, int], Counter] = {}
         self._durations: dict[tuple[str, str], Histogram] = {}
@@ -73,13 +80,17 @@ class FrontendMetrics:
         return handle
 
     def finished(self, model: str, endpoint: str, stream: bool, status: int,
-                 duration_s: float | None = None) -> None:
-        """Count a finished request; `model` is "" when the request named no served model."""
+                 duration_s: float | None = None, error_type: str = "") -> None:
+        """Count a finished request; `model` is "" when the request named no served model.
+        `error_type` (a failed request's reason, e.g. "model_not_found", "upstream_error")
+        counts it in the errors series too."""
         key = (model, endpoint, "true" if stream else "false", status)
         child = self._finished.get(key)
         if child is None:
             child = self._finished[key] = self.requests.labels(*key)
         child.inc()
+        if error_type:
+            self.errors.labels(model, endpoint, error_type).inc()
         if duration_s is not None:
             hist = self._durations.get((model, endpoint))
             if hist is None:

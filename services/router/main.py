@@ -638,7 +638,8 @@ class Router:
         host = cfg.advertise_host or cfg.host
         await self.discovery.register(Instance(
             id=self.router_id, role=ROLE_ROUTER,
-            endpoints={"request": endpoint, "metrics": f"http://{host}:{metrics_port}/metrics"},
+            endpoints={"request": endpoint, "metrics": f"http://{host}:{metrics_port}/metrics",
+                       "http": f"http://{host}:{metrics_port}"},  # + /v1/route, /health
             metadata={"mode": cfg.router_mode, "pid": os.getpid(), "started": time.time()}))
         log.info("router ready", extra={"fields": {"id": self.router_id, "request": endpoint}})
         done, _ = await asyncio.wait([*tasks, asyncio.create_task(stop.wait())],

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from common.block_hash import DEFAULT_SEED
+from common.custom_metrics import CustomMetrics
 from common.messages import ForwardPass, GenerateRequest, KvBlockStored, KvEvent, TokenChunk
 
 
@@ -54,6 +55,9 @@ class Engine(abc.ABC):
     block_size: int
     max_model_len: int
     hash_seed: int = DEFAULT_SEED
+    # Set by the worker before `start`: where the engine declares its own `turnout_engine_*`
+    # series (served on the worker's /metrics). None when nothing serves them (unit tests).
+    metrics: CustomMetrics | None = None
 
     @abc.abstractmethod
     async def start(self, sink: StepSink) -> None:

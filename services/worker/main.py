@@ -81,6 +81,7 @@ class Worker:
         self.model = config.model_name()
         self.ctx = zmq.asyncio.Context()
         self.metrics = WorkerMetrics(self.worker_id, self.model)
+        engine.metrics = self.metrics.engine_metrics  # it declares its own series in `start`
         # request id → ROUTER identity of the upstream peer that sent it
         self.destinations: dict[str, bytes] = {}
         self.draining = False
@@ -113,9 +114,7 @@ class Worker:
                 if ident is None:
                     continue
                 if chunk.num_prompt_tokens:
-                    self.metrics.prompt_tokens.inc(chunk.num_prompt_tokens)
-                    if chunk.cached_tokens:
-                        self.metrics.cached_tokens.inc(chunk.cached_tokens)
+                    self.metrics.on_prompt(chunk.num_prompt_tokens, chunk.cached_tokens)
                 batch = by_dest.get(ident)
                 if batch is None:
                     by_dest[ident] = [chunk]

@@ -1,9 +1,14 @@
-"""The worker's Prometheus series (prefix `turnout_worker_`), updated once per engine step."""
+"""The worker's Prometheus series (prefix `turnout_worker_`), updated once per engine step.
+
+Also builds the `CustomMetrics` handed to the engine, so its `turnout_engine_*` series share
+this registry and the `worker`/`model` labels.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from common.custom_metrics import CustomMetrics
 from services.worker.engine import EngineLoad, StepOutput
 
 
@@ -53,6 +58,21 @@ class WorkerMetrics:
                                      "Blocks pulled from peers for resumed requests")
         self.malformed = counter("turnout_worker_malformed_frames",
                                  "Request-plane frames dropped as malformed")
+        self.cache_hit_rate = gauge("turnout_worker_prefix_cache_hit_rate",
+                                    "Share of admitted prompt tokens found in the prefix cache, "
+                                    "since start")
+        self.engine_metrics = CustomMetrics(self.registry, labels)
+        self._prompt_total = 0
+        self._cached_total = 0
+
+    def on_prompt(self, prompt_tokens: int, cached_tokens: int) -> None:
+        """A request's first chunk: its prompt length and how much of it was cached."""
+        self.prompt_tokens.inc(prompt_tokens)
+        if cached_tokens:
+            self.cached_tokens.inc(cached_tokens)
+        self._prompt_total += prompt_tokens
+        self._cached_total += cached_tokens
+        self.cache_hit_rate.set(self._cached_total / self._prompt_total)
 
     def on_step(self, out: StepOutput) -> None:
         fp = out.forward_pass

@@ -1,0 +1,361 @@
+"""`turnout status`: the fleet as the live planes see it, in a terminal table or as JSON.
+
+Lists every instance in discovery, listens to the workers' heartbeats and load reports on the
+event plane for a moment (`--listen-s`; `--watch` keeps listening and redraws every second until
+Ctrl-C), scrapes routers' and frontends' /metrics, and prints per worker: mode, model, health
+(alive / draining / stale by heartbeat age), running and waiting requests, KV blocks in use,
+engine steps per second and requests in flight; then routers and frontends with their addresses
+and what their metrics say. Reads only: it registers nothing and sends nothing on the request
+plane.
+
+Owns gathering and presenting that view. Does not own any of the figures (workers, routers and
+frontends do) nor how they are published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import json
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import msgspec
+import zmq
+import zmq.asyncio
+from prometheus_client.parser import text_string_to_metric_families
+
+from common.config import opt, parse
+from common.discovery import Discovery, open_discovery
+from common.event_plane import EventSubscriber
+from common.messages import (
+    ROLE_FRONTEND,
+    ROLE_ROUTER,
+    ROLE_WORKER,
+    TOPIC_HEARTBEAT,
+    TOPIC_LOAD,
+    Instance,
+    LoadReport,
+    heartbeat_decoder,
+    load_decoder,
+)
+
+# Steps per second are measured over the heartbeats of this last stretch of time.
+RATE_WINDOW_S = 3.0
+
+
+@dataclasses.dataclass
+class StatusConfig:
+    discovery: str = opt("file:/tmp/turnout-discovery",
+                         help="discovery backend: file:DIR, static:FILE.json or kubernetes")
+    lease_ttl_s: float = opt(10.0, help="discovery lease the fleet uses (records older than "
+                                        "this are gone)")
+    watch: bool = opt(False, help="keep listening and redraw every second until Ctrl-C")
+    json_output: bool = opt(False, flag="--json", help="print JSON (one object per refresh) "
+                                                       "instead of tables")
+    listen_s: float = opt(1.0, help="how long to listen to heartbeats before the first view")
+    stale_after_s: float = opt(0.5, help="a worker silent this long is shown as stale")
+    scrape_timeout_s: float = opt(1.0, help="timeout of each /metrics scrape")
+
+
+@dataclasses.dataclass
+class WorkerState:
+    """What the event plane told us about one worker."""
+
+    last_heartbeat: float | None = None  # monotonic receive time
+    draining: bool = False
+    active_requests: int = 0
+    load: LoadReport | None = None
+    steps: collections.deque[tuple[float, int]] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=256))
+
+    def steps_per_s(self) -> float | None:
+        if len(self.steps) < 2:
+            return None
+        (t0, s0), (t1, s1) = self.steps[0], self.steps[-1]
+        return (s1 - s0) / (t1 - t0) if t1 - t0 > 0.05 else None
+
+
+class FleetView:
+    """Discovery records, worker events and scrapes, combined into one snapshot."""
+
+    def __init__(self, config: StatusConfig, discovery: Discovery) -> None:
+        self.config = config
+        self.discovery = discovery
+        self.ctx = zmq.asyncio.Context()
+        self.subscriber = EventSubscriber(self.ctx, [TOPIC_HEARTBEAT, TOPIC_LOAD])
+        self.instances: list[Instance] = []
+        self.workers: dict[str, WorkerState] = {}
+        self._events: dict[str, str] = {}  # worker id → event endpoint connected
+
+    async def refresh(self) -> None:
+        """Re-read discovery; follow the event plane of workers that appeared, drop the rest."""
+        self.instances = await self.discovery.list()
+        current = {i.id: i for i in self.instances if i.role == ROLE_WORKER}
+        for worker_id in list(self._events):
+            endpoint = current[worker_id].endpoints.get("events") if worker_id in current \
+                else None
+            if endpoint != self._events[worker_id]:  # gone, or a new incarnation
+                self.subscriber.disconnect(self._events.pop(worker_id))
+                self.workers.pop(worker_id, None)
+        for worker_id in list(self.workers):
+            if worker_id not in current:
+                del self.workers[worker_id]
+        for worker_id, inst in current.items():
+            self.workers.setdefault(worker_id, WorkerState())
+            endpoint = inst.endpoints.get("events")
+            if endpoint and worker_id not in self._events:
+                self.subscriber.connect(endpoint)
+                self._events[worker_id] = endpoint
+
+    async def listen(self) -> None:
+        """Apply heartbeats and load reports as they come (runs until cancelled)."""
+        while True:
+            topic, env = await self.subscriber.recv()
+            state = self.workers.get(env.publisher_id)
+            if state is None:
+                continue
+            try:
+                if topic == TOPIC_HEARTBEAT:
+                    hb = heartbeat_decoder.decode(env.payload)
+                    now = time.monotonic()
+                    state.last_heartbeat = now
+                    state.draining = hb.draining
+                    state.active_requests = hb.active_requests
+                    state.steps.append((now, hb.steps))
+                    while state.steps and now - state.steps[0][0] > RATE_WINDOW_S:
+                        state.steps.popleft()
+                elif topic == TOPIC_LOAD:
+                    state.load = load_decoder.decode(env.payload)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+
+    async def snapshot(self, http: httpx.AsyncClient) -> dict[str, Any]:
+        scraped = [i for i in self.instances if i.role in (ROLE_ROUTER, ROLE_FRONTEND)]
+        results = await asyncio.gather(*(self._scrape(http, i) for i in scraped))
+        samples = dict(zip((i.id for i in scraped), results, strict=True))
+        now = time.monotonic()  # after the scrapes: heartbeats kept arriving meanwhile
+        workers, routers, frontends, others = [], [], [], []
+        for inst in self.instances:
+            if inst.role == ROLE_WORKER:
+                workers.append(self._worker_row(inst, now))
+            elif inst.role == ROLE_ROUTER:
+                routers.append(_router_row(inst, samples[inst.id]))
+            elif inst.role == ROLE_FRONTEND:
+                frontends.append(_frontend_row(inst, samples[inst.id]))
+            else:
+                others.append({"id": inst.id, "role": inst.role, "model": inst.model,
+                               "endpoints": inst.endpoints})
+        return {"time": time.time(), "workers": workers, "routers": routers,
+                "frontends": frontends, "others": others}
+
+    def _worker_row(self, inst: Instance, now: float) -> dict[str, Any]:
+        state = self.workers.get(inst.id) or WorkerState()
+        age = None if state.last_heartbeat is None else now - state.last_heartbeat
+        if age is None or age > self.config.stale_after_s:
+            health = "stale"
+        elif state.draining:
+            health = "draining"
+        else:
+            health = "alive"
+        load = state.load
+        rate = state.steps_per_s()
+        return {
+            "id": inst.id,
+            "mode": inst.metadata.get("mode", ""),
+            "engine": inst.metadata.get("engine", ""),
+            "model": inst.model,
+            "health": health,
+            "heartbeat_age_s": None if age is None else round(age, 3),
+            "running": load.running if load else None,
+            "waiting": load.waiting if load else None,
+            "kv_used_blocks": load.kv_used_blocks if load else None,
+            "kv_total_blocks": load.kv_total_blocks if load else None,
+            "kv_used_pct": round(100 * load.kv_used_blocks / load.kv_total_blocks, 3)
+            if load and load.kv_total_blocks else None,
+            "steps_per_s": None if rate is None else round(rate, 1),
+            "in_flight": state.active_requests if state.last_heartbeat is not None else None,
+            "endpoints": inst.endpoints,
+        }
+
+    async def _scrape(self, http: httpx.AsyncClient,
+                      inst: Instance) -> dict[str, list[tuple[dict[str, str], float]]] | None:
+        url = inst.endpoints.get("metrics")
+        if not url:
+            return None
+        try:
+            response = await http.get(url, timeout=self.config.scrape_timeout_s)
+            response.raise_for_status()
+            return _samples(response.text)
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def close(self) -> None:
+        self.subscriber.close()
+        self.ctx.destroy(linger=0)
+
+
+def _samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return out
+
+
+def _total(samples: dict[str, list[tuple[dict[str, str], float]]] | None,
+           name: str) -> float | None:
+    if samples is None:
+        return None
+    return sum(v for _, v in samples.get(name, []))
+
+
+def _router_row(inst: Instance,
+                samples: dict[str, list[tuple[dict[str, str], float]]] | None) -> dict[str, Any]:
+    migrations = None
+    up = None
+    if samples is not None:
+        migrations = {labels.get("cause", ""): int(v)
+                      for labels, v in samples.get("turnout_router_migrations_total", [])}
+        up = {labels.get("worker", ""): int(v)
+              for labels, v in samples.get("turnout_router_worker_up", [])}
+    in_flight = _total(samples, "turnout_router_inflight_requests")
+    return {
+        "id": inst.id,
+        "mode": inst.metadata.get("mode", ""),
+        "request": inst.endpoints.get("request", ""),
+        "metrics": inst.endpoints.get("metrics", ""),
+        "reachable": samples is not None,
+        "in_flight": None if in_flight is None else int(in_flight),
+        "migrations": migrations,
+        "workers_up": up,
+    }
+
+
+def _frontend_row(inst: Instance,
+                  samples: dict[str, list[tuple[dict[str, str], float]]] | None) -> dict[str, Any]:
+    active = _total(samples, "turnout_frontend_active_requests")
+    queued = _total(samples, "turnout_frontend_queued_requests")
+    return {
+        "id": inst.id,
+        "model": inst.model,
+        "url": inst.endpoints.get("http", ""),
+        "reachable": samples is not None,
+        "active_requests": None if active is None else int(active),
+        "queued_requests": None if queued is None else int(queued),
+    }
+
+
+# -- presentation ----------------------------------------------------------------------------
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [headers, *[[_cell(v) for v in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in cells)
+
+
+def render(snapshot: dict[str, Any]) -> str:
+    parts = []
+    workers = snapshot["workers"]
+    rows = []
+    for w in workers:
+        kv = (f"{w['kv_used_blocks']}/{w['kv_total_blocks']}"
+              if w["kv_total_blocks"] is not None else None)
+        pct = f"{w['kv_used_pct']:.1f}%" if w["kv_used_pct"] is not None else None
+        age = f"{w['heartbeat_age_s'] * 1000:.0f}ms" if w["heartbeat_age_s"] is not None \
+            else None
+        rows.append([w["id"], w["mode"], w["model"], w["health"], age, w["running"],
+                     w["waiting"], kv, pct, w["steps_per_s"], w["in_flight"]])
+    parts.append(f"WORKERS ({len(workers)})\n" + _table(
+        ["ID", "MODE", "MODEL", "HEALTH", "HB AGE", "RUNNING", "WAITING", "KV USED/TOTAL",
+         "KV%", "STEPS/S", "IN-FLIGHT"], rows))
+    rows = []
+    for r in snapshot["routers"]:
+        migrations = (" ".join(f"{c}={n}" for c, n in sorted(r["migrations"].items())) or "0"
+                      if r["migrations"] is not None else None)
+        up = (f"{sum(r['workers_up'].values())}/{len(r['workers_up'])}"
+              if r["workers_up"] is not None else None)
+        rows.append([r["id"], r["mode"], r["request"], r["metrics"], r["in_flight"],
+                     migrations, up])
+    parts.append(f"ROUTERS ({len(rows)})\n" + _table(
+        ["ID", "MODE", "REQUEST", "METRICS", "IN-FLIGHT", "MIGRATIONS", "WORKERS UP"], rows))
+    rows = [[f["id"], f["model"], f["url"], f["active_requests"], f["queued_requests"]]
+            for f in snapshot["frontends"]]
+    parts.append(f"FRONTENDS ({len(rows)})\n" + _table(
+        ["ID", "MODEL", "URL", "ACTIVE", "QUEUED"], rows))
+    if snapshot["others"]:
+        rows = [[o["id"], o["role"], o["model"]] for o in snapshot["others"]]
+        parts.append(f"OTHERS ({len(rows)})\n" + _table(["ID", "ROLE", "MODEL"], rows))
+    return "\n\n".join(parts)
+
+
+# -- command ---------------------------------------------------------------------------------
+
+async def run(config: StatusConfig) -> int:
+    """Print the view (or views, with --watch); the exit status."""
+    try:
+        discovery = open_discovery(config.discovery, lease_ttl=config.lease_ttl_s)
+    except ValueError as exc:
+        print(f"turnout status: {exc}", file=sys.stderr)
+        return 2
+    view = FleetView(config, discovery)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    listener = asyncio.create_task(view.listen())
+    clear = config.watch and not config.json_output and sys.stdout.isatty()
+    try:
+        async with httpx.AsyncClient() as http:
+            await view.refresh()
+            await _sleep_unless(stop, config.listen_s)
+            while True:
+                if config.watch:
+                    await view.refresh()
+                snapshot = await view.snapshot(http)
+                if config.json_output:
+                    text = json.dumps(snapshot, indent=None if config.watch else 2)
+                else:
+                    text = render(snapshot)
+                if clear:
+                    text = "\x1b[H\x1b[2J" + text
+                print(text, flush=True)
+                if not config.watch or stop.is_set():
+                    return 0
+                if await _sleep_unless(stop, 1.0):
+                    return 0
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+        view.close()
+        await discovery.close()
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep `seconds`; True if `stop` was set meanwhile."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+        return True
+    except TimeoutError:
+        return False
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse(StatusConfig, list(sys.argv[1:] if argv is None else argv),
+                   prog="turnout status",
+                   description="The fleet as the discovery and event planes see it now.")
+    sys.exit(asyncio.run(run(config)))
