@@ -1,0 +1,172 @@
+"""Connectors: how a replica target becomes running workers of one role.
+
+`Connector` is what the planner calls: `current()` (workers of the role running or starting),
+`apply(target)` and `close()`. `LocalConnector` starts `python -m turnout worker ...` processes
+on this machine and stops the newest of its own with SIGTERM (a worker drains on SIGTERM: it
+leaves discovery, finishes its streams within its grace period and exits); it never SIGKILLs a
+worker, and never touches workers it did not start. `NoopConnector` only observes (`--dry-run`):
+it logs what it would do.
+
+Owns process lifecycles. Does not own the targets (`replica_planner`) or worker discovery (the
+planner passes in who is registered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+log = logging.getLogger("turnout.planner")
+
+Registered = Callable[[], set[str]]  # ids of live registered workers of the connector's role
+
+
+class Connector(Protocol):
+    role: str
+
+    def current(self) -> int:
+        """Workers of this role running or starting (not those draining away)."""
+        ...
+
+    async def apply(self, target: int) -> None:
+        """Start or stop workers towards `target` (as far as this connector can)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class NoopConnector:
+    """Observe only: counts the registered workers and logs what it would change."""
+
+    def __init__(self, role: str, registered: Registered) -> None:
+        self.role = role
+        self.registered = registered
+
+    def current(self) -> int:
+        return len(self.registered())
+
+    async def apply(self, target: int) -> None:
+        current = self.current()
+        if target != current:
+            log.info("dry run: would scale", extra={"fields": {
+                "role": self.role, "current": current, "target": target}})
+
+    async def close(self) -> None:
+        pass
+
+
+class LocalConnector:
+    """Starts and stops worker processes on this machine."""
+
+    def __init__(self, role: str, command: Sequence[str], registered: Registered,
+                 id_prefix: str, stop_on_close: bool = True,
+                 stop_timeout_s: float = 40.0) -> None:
+        """`command` runs one worker minus its id (e.g. [python, -m, turnout, worker, ...]);
+        each started worker gets `--worker-id <id_prefix>-<role>-<n>` appended."""
+        self.role = role
+        self.command = list(command)
+        self.registered = registered
+        self.id_prefix = id_prefix
+        self.stop_on_close = stop_on_close
+        self.stop_timeout_s = stop_timeout_s
+        # Started by us and not told to stop, oldest first (dicts keep insertion order).
+        self.running: dict[str, asyncio.subprocess.Process] = {}
+        self.stopping: dict[str, asyncio.subprocess.Process] = {}
+        self.started_total = 0
+        self.exited_unexpectedly = 0
+
+    @staticmethod
+    def worker_command(worker_args: Sequence[str], mode: str, discovery: str,
+                       lease_ttl_s: float, model: str = "",
+                       served_model_name: str = "") -> list[str]:
+        """`python -m turnout worker` with the planner's discovery, model and the role's mode
+        first, so flags in `worker_args` (which come after) override them."""
+        argv = [sys.executable, "-m", "turnout", "worker", "--discovery", discovery,
+                "--lease-ttl-s", str(lease_ttl_s), "--worker-mode", mode]
+        if model:
+            argv += ["--model", model]
+        if served_model_name:
+            argv += ["--served-model-name", served_model_name]
+        return [*argv, *worker_args]
+
+    def current(self) -> int:
+        self._reap()
+        return len((self.registered() - self.stopping.keys()) | self.running.keys())
+
+    async def apply(self, target: int) -> None:
+        current = self.current()
+        if target > current:
+            for _ in range(target - current):
+                await self._start()
+        elif target < current:
+            surplus = current - target
+            victims = list(self.running)[-surplus:]  # the newest first to go
+            for worker_id in victims:
+                self._stop(worker_id)
+            if len(victims) < surplus:
+                log.warning("cannot scale down further: the other workers were not started by "
+                            "this planner", extra={"fields": {
+                                "role": self.role, "target": target,
+                                "current": current - len(victims)}})
+
+    async def close(self) -> None:
+        """Stop our workers if asked to, then wait (bounded) for every stopping one to exit."""
+        if self.stop_on_close:
+            for worker_id in list(self.running):
+                self._stop(worker_id)
+        waiting = list(self.stopping.values())
+        if not waiting:
+            return
+        _, pending = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in waiting],
+                                        timeout=self.stop_timeout_s)
+        if pending:
+            for task in pending:
+                task.cancel()
+            log.warning("workers still draining; leaving them to finish on their own",
+                        extra={"fields": {"role": self.role, "workers": len(pending)}})
+        self._reap()
+
+    # -- processes -----------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        self.started_total += 1
+        worker_id = f"{self.id_prefix}-{self.role}-{self.started_total}"
+        argv = [*self.command, "--worker-id", worker_id]
+        try:
+            # Own session: a Ctrl-C meant for the planner does not hit its workers mid-stream;
+            # the planner stops them itself, draining.
+            proc = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.DEVNULL,
+                                                        start_new_session=True)
+        except OSError as exc:
+            log.error("could not start a worker", extra={"fields": {
+                "role": self.role, "error": str(exc)}})
+            return
+        self.running[worker_id] = proc
+        log.info("started worker", extra={"fields": {"role": self.role, "id": worker_id,
+                                                     "pid": proc.pid}})
+
+    def _stop(self, worker_id: str) -> None:
+        proc = self.running.pop(worker_id)
+        self.stopping[worker_id] = proc
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        log.info("stopping worker (drain)", extra={"fields": {"role": self.role, "id": worker_id,
+                                                              "pid": proc.pid}})
+
+    def _reap(self) -> None:
+        for worker_id, proc in list(self.running.items()):
+            if proc.returncode is not None:
+                del self.running[worker_id]
+                self.exited_unexpectedly += 1
+                log.warning("worker exited on its own", extra={"fields": {
+                    "role": self.role, "id": worker_id, "code": proc.returncode}})
+        for worker_id, proc in list(self.stopping.items()):
+            if proc.returncode is not None:
+                del self.stopping[worker_id]

@@ -1,0 +1,197 @@
+"""What the fleet actually served in one adjustment interval.
+
+Sources, the simplest honest ones available:
+- request rate: the routers' `turnout_router_requests_total` (every outcome), scraped from each
+  router's /metrics. It counts requests as they end, so it lags arrivals by a request's duration:
+  fine at planning time scales.
+- per-request lengths and latencies: the frontends' counters and histograms (their /metrics),
+  all recorded as a request ends, so one interval's numerators and denominators describe the same
+  requests: input length = (prompt - cached tokens) / requests, i.e. the *uncached* prompt tokens
+  that cost prefill capacity; output length = generated tokens / requests that generated any;
+  TTFT and inter-token latency = the mean of the interval's samples.
+- without a frontend to scrape (a gateway talking to the router directly), lengths fall back to
+  the workers' forward-pass records (`fpm`): tokens computed in the interval / requests ended.
+  Those are attributed when computed, not when their request ends, so they are biased while the
+  load ramps.
+- the forward-pass records that decoded also come back, so the planner can compare the model's
+  step times with the latency clients saw.
+
+Counters are turned into per-interval increases per scraped instance; the first scrape of an
+instance is only a baseline (it may have run long before the planner), and a counter that went
+down means its process restarted.
+
+Owns scraping, counter deltas and the interval's sums. Does not own predicting (`load_predictor`)
+or the forward-pass subscription (`main` feeds `add_steps`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from common.messages import ROLE_FRONTEND, ROLE_ROUTER, Instance
+from services.planner.performance_model import StepSample
+
+log = logging.getLogger("turnout.planner")
+
+ROUTER_REQUESTS = "turnout_router_requests_total"
+FRONTEND_REQUESTS = "turnout_frontend_request_duration_seconds_count"
+FRONTEND_INPUT = "turnout_frontend_input_tokens_total"
+FRONTEND_CACHED = "turnout_frontend_cached_tokens_total"
+FRONTEND_OUTPUT = "turnout_frontend_output_tokens_total"
+FRONTEND_TTFT_SUM = "turnout_frontend_time_to_first_token_seconds_sum"
+FRONTEND_TTFT_COUNT = "turnout_frontend_time_to_first_token_seconds_count"
+FRONTEND_ITL_SUM = "turnout_frontend_inter_token_latency_seconds_sum"
+FRONTEND_ITL_COUNT = "turnout_frontend_inter_token_latency_seconds_count"
+FRONTEND_SERIES = (FRONTEND_REQUESTS, FRONTEND_INPUT, FRONTEND_CACHED, FRONTEND_OUTPUT,
+                   FRONTEND_TTFT_SUM, FRONTEND_TTFT_COUNT, FRONTEND_ITL_SUM, FRONTEND_ITL_COUNT)
+_WANTED = {ROUTER_REQUESTS, *FRONTEND_SERIES}
+
+Sample = tuple[str, dict[str, str], float]  # name, labels, value
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    interval_s: float
+    request_rate: float | None  # requests/s; None: no router gave a delta this interval
+    input_tokens: float | None  # uncached prompt tokens per request; None: no request ended
+    output_tokens: float | None
+    ttft_ms: float | None  # None: no frontend sample this interval
+    itl_ms: float | None
+    decode_steps: list[StepSample] = field(default_factory=list)  # steps that decoded
+
+
+class CounterDeltas:
+    """Increase of counters between scrapes, per (instance, series)."""
+
+    def __init__(self) -> None:
+        self.last: dict[tuple[str, str], float] = {}
+
+    def delta(self, instance_id: str, series: str, value: float) -> float | None:
+        key = (instance_id, series)
+        last = self.last.get(key)
+        self.last[key] = value
+        if last is None:
+            return None
+        return value - last if value >= last else value  # went down: restarted from zero
+
+    def forget(self, instance_id: str) -> None:
+        for key in [k for k in self.last if k[0] == instance_id]:
+            del self.last[key]
+
+
+def parse_samples(text: str) -> list[Sample]:
+    """The samples of the series the planner reads, from Prometheus text exposition."""
+    out: list[Sample] = []
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name in _WANTED:
+                out.append((s.name, s.labels, s.value))
+    return out
+
+
+class LoadObserver:
+    def __init__(self, model: str, client: httpx.AsyncClient,
+                 on_scrape_error: Callable[[str], None] | None = None) -> None:
+        self.model = model
+        self.client = client
+        self.on_scrape_error = on_scrape_error
+        self.deltas = CounterDeltas()
+        self.prefill_tokens = 0
+        self.decode_tokens = 0
+        self.decode_steps: list[StepSample] = []
+        self._since = time.monotonic()
+        self._warned: set[str] = set()
+
+    def add_steps(self, samples: Iterable[StepSample]) -> None:
+        for s in samples:
+            self.prefill_tokens += s.prefill_tokens
+            self.decode_tokens += s.decode_tokens
+            if s.decode_tokens > 0:
+                self.decode_steps.append(s)
+
+    def forget(self, instance_id: str) -> None:
+        self.deltas.forget(instance_id)
+        self._warned.discard(instance_id)
+
+    async def collect(self, routers: list[Instance], frontends: list[Instance]) -> Observation:
+        """Close the interval: scrape, difference the counters, reset the sums."""
+        now = time.monotonic()
+        interval = max(1e-6, now - self._since)
+        self._since = now
+        prefill, decode, steps = self.prefill_tokens, self.decode_tokens, self.decode_steps
+        self.prefill_tokens = self.decode_tokens = 0
+        self.decode_steps = []
+        targets = [i for i in (*routers, *frontends) if i.endpoints.get("metrics")]
+        scraped = await asyncio.gather(*(self._scrape(i) for i in targets))
+        ended = served = 0.0
+        router_seen = frontend_seen = False
+        f = dict.fromkeys(FRONTEND_SERIES, 0.0)  # summed increases over the frontends
+        for inst, samples in zip(targets, scraped, strict=True):
+            if samples is None:
+                continue
+            if inst.role == ROLE_ROUTER:
+                total = sum(v for n, _, v in samples if n == ROUTER_REQUESTS)
+                ok = sum(v for n, labels, v in samples
+                         if n == ROUTER_REQUESTS and labels.get("outcome") != "rejected")
+                d_total = self.deltas.delta(inst.id, "requests", total)
+                d_ok = self.deltas.delta(inst.id, "served", ok)
+                if d_total is not None and d_ok is not None:
+                    router_seen = True
+                    ended += d_total
+                    served += d_ok
+            elif inst.role == ROLE_FRONTEND:
+                totals = self._frontend_totals(samples)
+                deltas = {k: self.deltas.delta(inst.id, k, v) for k, v in totals.items()}
+                if any(d is None for d in deltas.values()):
+                    continue
+                frontend_seen = True
+                for k, d in deltas.items():
+                    f[k] += d or 0.0
+        if frontend_seen:
+            requests, generating = f[FRONTEND_REQUESTS], f[FRONTEND_TTFT_COUNT]
+            uncached = max(0.0, f[FRONTEND_INPUT] - f[FRONTEND_CACHED])
+            input_tokens = uncached / requests if requests > 0 else None
+            output_tokens = f[FRONTEND_OUTPUT] / generating if generating > 0 else None
+        else:
+            input_tokens = prefill / served if served > 0 else None
+            output_tokens = decode / served if served > 0 else None
+        ttft_n, itl_n = f[FRONTEND_TTFT_COUNT], f[FRONTEND_ITL_COUNT]
+        return Observation(
+            interval_s=interval,
+            request_rate=ended / interval if router_seen else None,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            ttft_ms=1000.0 * f[FRONTEND_TTFT_SUM] / ttft_n if ttft_n > 0 else None,
+            itl_ms=1000.0 * f[FRONTEND_ITL_SUM] / itl_n if itl_n > 0 else None,
+            decode_steps=steps,
+        )
+
+    def _frontend_totals(self, samples: list[Sample]) -> dict[str, float]:
+        """This model's value of each frontend series (summed over its other labels)."""
+        totals = dict.fromkeys(FRONTEND_SERIES, 0.0)
+        for name, labels, value in samples:
+            if name in totals and labels.get("model", self.model) == self.model:
+                totals[name] += value
+        return totals
+
+    async def _scrape(self, inst: Instance) -> list[Sample] | None:
+        url = inst.endpoints["metrics"]
+        try:
+            resp = await self.client.get(url)
+            resp.raise_for_status()
+            return parse_samples(resp.text)
+        except (httpx.HTTPError, ValueError) as exc:
+            if self.on_scrape_error is not None:
+                self.on_scrape_error(inst.role)
+            if inst.id not in self._warned:  # once per instance: a dead peer is not news twice
+                self._warned.add(inst.id)
+                log.warning("metrics scrape failed", extra={"fields": {
+                    "instance": inst.id, "url": url, "error": str(exc) or type(exc).__name__}})
+            return None

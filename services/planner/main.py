@@ -1,0 +1,381 @@
+"""The planner process: measures load, predicts the next interval, and sets replica counts.
+
+Reads top-down: parse config, build the performance model (seeded by `--profile`), predictors,
+replica planner and one connector per planned role; serve /metrics; watch discovery for workers
+(subscribe to their `fpm` and `load` events), routers and frontends (scraped for request counts
+and latencies); then every `--adjustment-interval-s`: observe → predict → refit → correct →
+decide → apply. On SIGTERM/SIGINT it stops adjusting and, with `--stop-workers-on-exit`, drains
+the workers it started (never killing them).
+
+Owns the wiring and the adjustment cadence. Does not own the arithmetic (`load_predictor`,
+`performance_model`, `replica_planner`) or process lifecycles (`connectors`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import secrets
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+import httpx
+import msgspec
+import zmq
+import zmq.asyncio
+
+from common.config import parse_configs
+from common.discovery import open_discovery
+from common.event_plane import EventSubscriber
+from common.logs import setup_logging
+from common.messages import (
+    MODE_AGGREGATED,
+    ROLE_FRONTEND,
+    ROLE_PLANNER,
+    ROLE_ROUTER,
+    ROLE_WORKER,
+    TOPIC_FPM,
+    TOPIC_LOAD,
+    Instance,
+    fpm_decoder,
+    load_decoder,
+)
+from common.status_server import StatusServer
+from services.planner.args import PlannerConfig
+from services.planner.connectors import Connector, LocalConnector, NoopConnector
+from services.planner.load_observer import LoadObserver, Observation
+from services.planner.load_predictor import LoadPredictor, make_predictor
+from services.planner.metrics import PlannerMetrics
+from services.planner.performance_model import PerformanceModel, StepSample
+from services.planner.replica_planner import (
+    EngineLimits,
+    LoadForecast,
+    ReplicaNeeds,
+    ReplicaPlanner,
+    Slo,
+)
+
+log = logging.getLogger("turnout.planner")
+
+SERIES = ("request_rate", "input_tokens", "output_tokens")
+
+
+class Planner:
+    def __init__(self, config: PlannerConfig) -> None:
+        self.config = config
+        self.planner_id = config.planner_id or f"planner-{os.getpid()}-{secrets.token_hex(3)}"
+        self.model_name = config.model_name()
+        self.ctx = zmq.asyncio.Context()
+        self.metrics = PlannerMetrics()
+        self.subscriber = EventSubscriber(self.ctx, [TOPIC_FPM, TOPIC_LOAD])
+        self.workers: dict[str, Instance] = {}  # live workers of our model
+        self.peers: dict[str, Instance] = {}  # routers and frontends, scraped each interval
+        self.kv_total: dict[str, int] = {}  # worker → KV blocks, from its load reports
+        self.model = PerformanceModel(window=config.model_window)
+        if config.profile:
+            self.model.load_profile(config.profile)
+        self.predictors: dict[str, LoadPredictor] = {
+            name: make_predictor(config.load_predictor, config.predictor_window,
+                                 config.kalman_process_noise, config.kalman_measurement_noise)
+            for name in SERIES}
+        self.planner = ReplicaPlanner(
+            Slo(config.ttft_slo_ms, config.itl_slo_ms), self.limits(),
+            disaggregated=config.planner_mode == "disaggregated",
+            min_replicas=config.min_replicas, max_replicas=config.max_replicas,
+            scale_down_cooldown_s=config.scale_down_cooldown_s)
+        self.connectors: dict[str, Connector] = {
+            role: self.make_connector(role) for role in self.planner.roles}
+        self.stop = asyncio.Event()
+        self._why = ""  # why the last interval had no replica estimate
+
+    def make_connector(self, role: str) -> Connector:
+        cfg = self.config
+
+        def registered() -> set[str]:
+            return {w.id for w in self.workers.values()
+                    if w.metadata.get("mode", MODE_AGGREGATED) == role}
+
+        if cfg.dry_run or cfg.connector == "noop":
+            return NoopConnector(role, registered)
+        args = {"prefill": cfg.prefill_worker_args, "decode": cfg.decode_worker_args}.get(role)
+        command = LocalConnector.worker_command(
+            shlex.split(args or cfg.worker_args), role, cfg.discovery, cfg.lease_ttl_s,
+            cfg.model, cfg.served_model_name)
+        return LocalConnector(role, command, registered, self.planner_id,
+                              stop_on_close=cfg.stop_workers_on_exit,
+                              stop_timeout_s=cfg.worker_stop_timeout_s)
+
+    def limits(self) -> EngineLimits:
+        """Engine geometry: what live workers report, else the profile, else the defaults."""
+        defaults = EngineLimits()
+        kv_total = (min(self.kv_total.values()) if self.kv_total
+                    else self.model.kv_total_blocks or defaults.kv_total_blocks)
+        sizes = [w.metadata.get("block_size") for w in self.workers.values()]
+        block_size = next((s for s in sizes if isinstance(s, int) and s > 0),
+                          self.model.block_size or defaults.block_size)
+        return EngineLimits(self.config.max_step_tokens, self.config.max_batch, kv_total,
+                            block_size, self.config.kv_usage_limit)
+
+    # -- discovery and events ------------------------------------------------------------------
+
+    async def watch_discovery(self) -> None:
+        async for event in self.discovery.watch():
+            inst = event.instance
+            gone = event.kind == "removed"
+            if inst.role == ROLE_WORKER and inst.model == self.model_name:
+                self.on_worker(inst, gone)
+            elif inst.role in (ROLE_ROUTER, ROLE_FRONTEND):
+                if gone:
+                    self.peers.pop(inst.id, None)
+                    self.observer.forget(inst.id)
+                else:
+                    self.peers[inst.id] = inst
+
+    def on_worker(self, inst: Instance, gone: bool) -> None:
+        events = inst.endpoints.get("events", "")
+        if gone:
+            self.workers.pop(inst.id, None)
+            self.kv_total.pop(inst.id, None)
+            if events:
+                self.subscriber.disconnect(events)
+            self.subscriber.forget(inst.id)
+            return
+        old = self.workers.get(inst.id)
+        if old is not None and old.endpoints.get("events") != events:
+            self.subscriber.disconnect(old.endpoints.get("events", ""))
+        self.workers[inst.id] = inst
+        if events:
+            self.subscriber.connect(events)
+
+    async def consume_events(self) -> None:
+        while True:
+            topic, env = await self.subscriber.recv()
+            if env.publisher_id not in self.workers:
+                continue
+            try:
+                if topic == TOPIC_LOAD:
+                    self.kv_total[env.publisher_id] = load_decoder.decode(
+                        env.payload).kv_total_blocks
+                elif topic == TOPIC_FPM:
+                    total = self.kv_total.get(env.publisher_id)
+                    if not total:
+                        continue  # its load report (KV size) comes with the next heartbeat
+                    batch = fpm_decoder.decode(env.payload)
+                    for record in batch.records:
+                        self.model.observe(record, total)
+                    self.observer.add_steps(
+                        StepSample(r.prefill_tokens, r.decode_tokens,
+                                   min(1.0, r.kv_used_blocks / total), r.duration_ms)
+                        for r in batch.records)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                pass  # the subscriber already counts envelope-level junk; a bad body is rarer
+
+    # -- the adjustment loop -------------------------------------------------------------------
+
+    async def adjust_forever(self) -> None:
+        """Adjust every interval until stopped; a stop never interrupts an adjustment halfway
+        (a worker being started is then tracked, so it is stopped on exit too)."""
+        while not self.stop.is_set():
+            try:
+                await asyncio.wait_for(self.stop.wait(), self.config.adjustment_interval_s)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self.adjust()
+            except Exception:  # one bad interval must not stop planning
+                log.exception("adjustment failed")
+
+    async def adjust(self) -> None:
+        m = self.metrics
+        peers = list(self.peers.values())
+        obs = await self.observer.collect([p for p in peers if p.role == ROLE_ROUTER],
+                                          [p for p in peers if p.role == ROLE_FRONTEND])
+        self.record_observation(obs)
+        report = self.model.fit()
+        self.planner.limits = self.limits()
+        self.planner.correct(obs.ttft_ms, self.model_ttft(obs), obs.itl_ms, self.model_itl(obs))
+        forecast = self.forecast()
+        needs = self.needs(forecast)
+        for role, connector in self.connectors.items():
+            current = connector.current()
+            need = needs.needs.get(role) if needs is not None else None
+            target = self.planner.decide(role, need, current)
+            m.current.labels(role).set(current)
+            m.target.labels(role).set(target)
+            m.needed.labels(role).set(need if need is not None else math.nan)
+            if target != current:
+                direction = "up" if target > current else "down"
+                m.actions.labels(role, direction).inc()
+                log.info("scaling", extra={"fields": {
+                    "role": role, "current": current, "target": target,
+                    "need": None if need is None else round(need, 2)}})
+            await connector.apply(target)
+        m.adjustments.inc()
+        m.model_r2.set(report.r2 if report.r2 is not None else math.nan)
+        m.model_rmse.set(report.rmse_ms if report.rmse_ms is not None else math.nan)
+        m.model_samples.labels("prefill").set(report.prefill_samples)
+        m.model_samples.labels("decode").set(report.decode_samples)
+        for phase, source in (("prefill", report.prefill_source),
+                              ("decode", report.decode_source)):
+            for s in ("fit", "profile", "none"):
+                m.model_source.labels(phase, s).set(1 if s == source else 0)
+        m.correction.labels("ttft").set(self.planner.ttft_correction.factor)
+        m.correction.labels("itl").set(self.planner.itl_correction.factor)
+
+    def record_observation(self, obs: Observation) -> None:
+        m = self.metrics
+        values = {"request_rate": obs.request_rate, "input_tokens": obs.input_tokens,
+                  "output_tokens": obs.output_tokens}
+        for name, value in values.items():
+            if value is not None:
+                self.predictors[name].observe(value)
+        for gauge, value in ((m.observed_rate, obs.request_rate),
+                             (m.observed_input, obs.input_tokens),
+                             (m.observed_output, obs.output_tokens),
+                             (m.observed_ttft, None if obs.ttft_ms is None
+                              else obs.ttft_ms / 1000),
+                             (m.observed_itl, None if obs.itl_ms is None
+                              else obs.itl_ms / 1000)):
+            gauge.set(value if value is not None else math.nan)
+
+    def model_ttft(self, obs: Observation) -> float | None:
+        """The model's TTFT for this interval's mean prompt: one prefill step."""
+        if self.model.prefill is None or not obs.input_tokens:
+            return None
+        return self.model.prefill_ms(obs.input_tokens)
+
+    def model_itl(self, obs: Observation) -> float | None:
+        """The model's mean time of the steps that decoded this interval (what a stream waited
+        between tokens, mixed prefill included)."""
+        if not self.model.ready or not obs.decode_steps:
+            return None
+        steps = obs.decode_steps
+        return sum(self.model.step_ms(s.prefill_tokens, s.decode_tokens, s.kv_usage)
+                   for s in steps) / len(steps)
+
+    def forecast(self) -> LoadForecast | None:
+        m = self.metrics
+        rate, isl, osl = (self.predictors[name].predict() for name in SERIES)
+        for gauge, value in ((m.predicted_rate, rate), (m.predicted_input, isl),
+                             (m.predicted_output, osl)):
+            gauge.set(value if value is not None else math.nan)
+        if rate is None:
+            return None
+        if rate <= 0:
+            return LoadForecast(0.0, isl or 0.0, osl or 0.0)
+        if isl is None or osl is None:
+            return None
+        return LoadForecast(rate, isl, osl)
+
+    def needs(self, forecast: LoadForecast | None) -> ReplicaNeeds | None:
+        if forecast is None:
+            return None
+        if forecast.request_rate <= 0:  # idle: nothing to serve, whatever the model knows
+            return ReplicaNeeds({role: 0.0 for role in self.planner.roles}, None, None)
+        if not self.model.ready:
+            r = self.model.report
+            self._explain(f"the performance model needs engine steps of several sizes in each "
+                          f"phase, or a --profile (prefill model: {r.prefill_source}; decode "
+                          f"model: {r.decode_source})")
+            return None
+        try:
+            needs = self.planner.needs(forecast, self.model)
+        except LookupError as exc:
+            self._explain(str(exc))
+            return None
+        self._explain("")
+        for phase, cap in (("prefill", needs.prefill), ("decode", needs.decode)):
+            if cap is not None:
+                self.metrics.slo_attainable.labels(phase).set(1 if cap.attainable else 0)
+        return needs
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        cfg = self.config
+        status = StatusServer(self.metrics.registry, cfg.host, cfg.planner_metrics_port)
+        metrics_port = await status.start()
+        self.discovery = open_discovery(cfg.discovery, lease_ttl=cfg.lease_ttl_s)
+        timeout = max(0.1, min(2.0, cfg.adjustment_interval_s))
+        client = httpx.AsyncClient(timeout=timeout)
+        self.observer = LoadObserver(self.model_name, client, self._scrape_failed)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        # Know the fleet before the first adjustment, so a running worker is not "missing".
+        for inst in await self.discovery.list(role=ROLE_WORKER):
+            if inst.model == self.model_name:
+                self.on_worker(inst, gone=False)
+        adjusting = asyncio.create_task(self.adjust_forever())
+        tasks = [asyncio.create_task(self.watch_discovery()),
+                 asyncio.create_task(self.consume_events())]
+        host = cfg.advertise_host or cfg.host
+        await self.discovery.register(Instance(
+            id=self.planner_id, role=ROLE_PLANNER, model=self.model_name,
+            endpoints={"metrics": f"http://{host}:{metrics_port}/metrics"},
+            metadata={"mode": cfg.planner_mode, "connector": "noop" if cfg.dry_run
+                      else cfg.connector, "pid": os.getpid(), "started": time.time()}))
+        log.info("planner ready", extra={"fields": {
+            "id": self.planner_id, "roles": ",".join(self.connectors),
+            "interval_s": cfg.adjustment_interval_s}})
+        done, _ = await asyncio.wait([*tasks, adjusting], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("planner loop failed", exc_info=task.exception())
+        self.stop.set()
+        try:  # bounded: scrapes time out, and starting a process is quick
+            await asyncio.wait_for(adjusting, cfg.adjustment_interval_s + 10)
+        except TimeoutError:
+            log.warning("adjustment did not finish at shutdown; abandoned")
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.discovery.unregister(self.planner_id)
+        await asyncio.gather(*(c.close() for c in self.connectors.values()))
+        await self.discovery.close()
+        await client.aclose()
+        await status.close()
+        self.subscriber.close()
+        self.ctx.destroy(linger=0)
+
+    def _explain(self, why: str) -> None:
+        """Say why there is no estimate, once per reason rather than every interval."""
+        if why and why != self._why:
+            log.warning("no replica estimate; holding replica counts",
+                        extra={"fields": {"why": repr(why)}})
+        self._why = why
+
+    def _scrape_failed(self, role: str) -> None:
+        self.metrics.scrape_errors.labels(role).inc()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    (config,) = parse_configs([PlannerConfig], list(sys.argv[1:] if argv is None else argv),
+                              prog="turnout planner")
+    setup_logging("planner", config.log_level)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per scrape at info
+    _check(config)
+    try:
+        planner = Planner(config)
+    except ValueError as exc:  # a malformed profile
+        raise SystemExit(f"turnout planner: {exc}") from exc
+    import uvloop
+
+    uvloop.run(planner.run())
+
+
+def _check(config: PlannerConfig) -> None:
+    """Refuse settings that cannot plan anything, before any process starts."""
+    if config.adjustment_interval_s <= 0:
+        raise SystemExit("turnout planner: --adjustment-interval-s must be positive")
+    if config.min_replicas < 0 or config.max_replicas < max(1, config.min_replicas):
+        raise SystemExit("turnout planner: need 0 <= --min-replicas <= --max-replicas, "
+                         "and --max-replicas >= 1")
+    if config.ttft_slo_ms <= 0 or config.itl_slo_ms <= 0:
+        raise SystemExit("turnout planner: SLOs must be positive")

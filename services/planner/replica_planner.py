@@ -1,0 +1,234 @@
+"""Replica targets: how many prefill, decode (or aggregated) workers the predicted load needs.
+
+For the next interval's predicted request rate λ, mean input length I (uncached prompt tokens a
+worker computes) and mean output length O:
+
+- prefill capacity of one replica: the tokens-per-step T (at least one prompt's worth, at most the
+  engine's step budget) with the best throughput T / step_ms(T) whose step time fits the TTFT
+  SLO; prefill demand is λ·I tokens/s.
+- decode capacity of one replica: the batch n (bounded by the engine's batch limit and by KV
+  space for n sequences of I + O/2 tokens each) with the best throughput n / step_ms(n, u) whose
+  step time fits the ITL SLO; decode demand is λ·O tokens/s.
+- disaggregated: prefill replicas = ⌈λ·I / prefill capacity⌉, decode = ⌈λ·O / decode capacity⌉;
+  aggregated workers time-share both, so replicas = ⌈λ·I / prefill cap + λ·O / decode cap⌉.
+
+The model is corrected with what clients saw: a latency correction (smoothed observed / model
+latency at the observed operating point) scales the model's step times, so observed TTFT or ITL
+worse than the model predicts means less capacity per replica, hence more replicas.
+
+Targets are clamped to [min, max]. Scaling up happens at once; scaling down waits until the last
+scaling action (or start) is a cooldown old, and goes only to the highest target recommended
+within the cooldown window, so a dip between two peaks does not flap the fleet.
+
+Owns the arithmetic and the damping. Does not own measuring load (`main`), fitting step times
+(`performance_model`) or starting/stopping workers (`connectors`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.planner.performance_model import PerformanceModel
+
+ROLE_AGGREGATED = "aggregated"
+ROLE_PREFILL = "prefill"
+ROLE_DECODE = "decode"
+
+_GRID_POINTS = 48  # prefill tokens-per-step candidates between one prompt and the step budget
+
+
+@dataclass(frozen=True, slots=True)
+class LoadForecast:
+    request_rate: float  # requests/s
+    input_tokens: float  # mean uncached prompt tokens per request
+    output_tokens: float  # mean generated tokens per request
+
+
+@dataclass(frozen=True, slots=True)
+class Slo:
+    ttft_ms: float
+    itl_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLimits:
+    """What one worker can batch; KV geometry comes from the workers when they report it."""
+
+    max_step_tokens: int = 8192
+    max_batch: int = 256
+    kv_total_blocks: int = 16384
+    block_size: int = 64
+    kv_usage_limit: float = 0.9  # plan decode batches that leave this much KV headroom
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    tokens_per_s: float  # of one replica at its operating point, corrected
+    operating_point: float  # prefill tokens per step, or decode batch size
+    step_ms: float  # corrected step time at that point
+    attainable: bool  # False: even the smallest step misses the SLO
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaNeeds:
+    """Fractional replicas each role needs (before rounding, clamping and damping)."""
+
+    needs: dict[str, float]
+    prefill: Capacity | None
+    decode: Capacity | None
+
+
+class LatencyCorrection:
+    """Smoothed ratio of observed to model latency; multiplies the model's step times."""
+
+    def __init__(self, smoothing: float = 0.5, lo: float = 0.01, hi: float = 100.0) -> None:
+        self.smoothing = smoothing
+        self.lo = lo
+        self.hi = hi
+        self.factor = 1.0
+        self.observed = False
+
+    def observe(self, observed_ms: float, predicted_ms: float) -> None:
+        if observed_ms <= 0 or predicted_ms <= 0:
+            return
+        ratio = min(self.hi, max(self.lo, observed_ms / predicted_ms))
+        if not self.observed:
+            self.factor, self.observed = ratio, True
+        else:
+            self.factor += self.smoothing * (ratio - self.factor)
+
+
+def prefill_capacity(model: PerformanceModel, input_tokens: float, ttft_slo_ms: float,
+                     correction: float, limits: EngineLimits) -> Capacity:
+    budget = limits.max_step_tokens
+    smallest = max(1.0, min(input_tokens, budget))
+    # A prompt longer than the step budget takes several (chunked) steps before its first token.
+    chunks = max(1, math.ceil(input_tokens / budget))
+    best: Capacity | None = None
+    fallback: Capacity | None = None
+    for tokens in _geometric(smallest, budget, _GRID_POINTS):
+        ms = correction * model.prefill_ms(tokens)
+        if ms <= 0:
+            continue  # a fit that goes negative out here is not to be trusted
+        cap = Capacity(tokens / ms * 1000.0, tokens, ms, True)
+        if fallback is None:
+            fallback = cap
+        if ms * chunks <= ttft_slo_ms and (best is None or cap.tokens_per_s > best.tokens_per_s):
+            best = cap
+    if best is not None:
+        return best
+    if fallback is None:
+        raise LookupError("the prefill model predicts no positive step time")
+    return Capacity(fallback.tokens_per_s, fallback.operating_point, fallback.step_ms, False)
+
+
+def decode_capacity(model: PerformanceModel, input_tokens: float, output_tokens: float,
+                    itl_slo_ms: float, correction: float, limits: EngineLimits) -> Capacity:
+    # A sequence holds its prompt and, on average over its life, half its output.
+    ctx_blocks = max(1, math.ceil((input_tokens + output_tokens / 2) / limits.block_size))
+    fits = int(limits.kv_usage_limit * limits.kv_total_blocks // ctx_blocks)
+    largest = max(1, min(limits.max_batch, fits))
+    best: Capacity | None = None
+    fallback: Capacity | None = None
+    for batch in range(1, largest + 1):
+        usage = min(1.0, batch * ctx_blocks / limits.kv_total_blocks)
+        ms = correction * model.decode_ms(batch, usage)
+        if ms <= 0:
+            continue
+        cap = Capacity(batch / ms * 1000.0, batch, ms, True)
+        if fallback is None:
+            fallback = cap
+        if ms <= itl_slo_ms and (best is None or cap.tokens_per_s > best.tokens_per_s):
+            best = cap
+    if best is not None:
+        return best
+    if fallback is None:
+        raise LookupError("the decode model predicts no positive step time")
+    return Capacity(fallback.tokens_per_s, fallback.operating_point, fallback.step_ms, False)
+
+
+def _geometric(lo: float, hi: float, points: int) -> list[float]:
+    if hi <= lo:
+        return [lo]
+    ratio = (hi / lo) ** (1.0 / (points - 1))
+    return [lo * ratio**i for i in range(points - 1)] + [float(hi)]
+
+
+class ReplicaPlanner:
+    def __init__(self, slo: Slo, limits: EngineLimits, disaggregated: bool = False,
+                 min_replicas: int = 1, max_replicas: int = 8,
+                 scale_down_cooldown_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if min_replicas < 0 or max_replicas < max(1, min_replicas):
+            raise ValueError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got "
+                             f"{min_replicas}..{max_replicas}")
+        self.slo = slo
+        self.limits = limits
+        self.disaggregated = disaggregated
+        self.min_replicas = min_replicas
+        self.max_replicas = max_replicas
+        self.cooldown_s = scale_down_cooldown_s
+        self.clock = clock
+        self.ttft_correction = LatencyCorrection()
+        self.itl_correction = LatencyCorrection()
+        self._recommended: dict[str, deque[tuple[float, int]]] = {}
+        self._last_change: dict[str, float] = {}
+        self._started = clock()
+
+    @property
+    def roles(self) -> list[str]:
+        return [ROLE_PREFILL, ROLE_DECODE] if self.disaggregated else [ROLE_AGGREGATED]
+
+    def correct(self, observed_ttft_ms: float | None, model_ttft_ms: float | None,
+                observed_itl_ms: float | None, model_itl_ms: float | None) -> None:
+        """Fold one interval's observed latencies (against the model's) into the corrections."""
+        if observed_ttft_ms is not None and model_ttft_ms is not None:
+            self.ttft_correction.observe(observed_ttft_ms, model_ttft_ms)
+        if observed_itl_ms is not None and model_itl_ms is not None:
+            self.itl_correction.observe(observed_itl_ms, model_itl_ms)
+
+    def needs(self, forecast: LoadForecast, model: PerformanceModel) -> ReplicaNeeds:
+        """Fractional replicas per role; LookupError when the model cannot answer yet."""
+        rate = max(0.0, forecast.request_rate)
+        isl = max(0.0, forecast.input_tokens)
+        osl = max(0.0, forecast.output_tokens)
+        prefill = prefill_capacity(model, isl, self.slo.ttft_ms, self.ttft_correction.factor,
+                                   self.limits)
+        decode = decode_capacity(model, isl, osl, self.slo.itl_ms, self.itl_correction.factor,
+                                 self.limits)
+        prefill_need = rate * isl / prefill.tokens_per_s
+        decode_need = rate * osl / decode.tokens_per_s
+        if self.disaggregated:
+            needs = {ROLE_PREFILL: prefill_need, ROLE_DECODE: decode_need}
+        else:
+            needs = {ROLE_AGGREGATED: prefill_need + decode_need}
+        return ReplicaNeeds(needs, prefill, decode)
+
+    def clamp(self, replicas: int) -> int:
+        return max(self.min_replicas, min(self.max_replicas, replicas))
+
+    def decide(self, role: str, need: float | None, current: int) -> int:
+        """The replica count to apply for `role` now, given its fractional need (None: no
+        estimate yet, so hold) and the replicas running or starting."""
+        now = self.clock()
+        raw = current if need is None else math.ceil(need - 1e-9)
+        recommended = self.clamp(raw)
+        history = self._recommended.setdefault(role, deque())
+        history.append((now, recommended))
+        while history and history[0][0] < now - self.cooldown_s:
+            history.popleft()
+        if recommended >= current:
+            target = recommended
+        elif current > self.max_replicas:
+            target = self.max_replicas  # a lowered ceiling applies at once
+        elif now - self._last_change.get(role, self._started) < self.cooldown_s:
+            target = current
+        else:
+            target = min(current, max(r for _, r in history))
+        if target != current:
+            self._last_change[role] = now
+        return target

@@ -1,0 +1,117 @@
+"""One interval's measured load from scraped counters and forward-pass sums."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from common.messages import ROLE_FRONTEND, ROLE_ROUTER, Instance
+from services.planner.load_observer import CounterDeltas, LoadObserver, parse_samples
+from services.planner.performance_model import StepSample
+
+
+def router_text(finished: float, rejected: float = 0.0) -> str:
+    return ("# HELP turnout_router_requests_total Requests by outcome\n"
+            "# TYPE turnout_router_requests_total counter\n"
+            f'turnout_router_requests_total{{outcome="finished"}} {finished}\n'
+            f'turnout_router_requests_total{{outcome="rejected"}} {rejected}\n')
+
+
+def frontend_text(requests: float, prompt: float, cached: float, output: float,
+                  ttft: tuple[float, float], itl: tuple[float, float]) -> str:
+    """A frontend's exposition; every series also has another model's samples to ignore."""
+    lines = []
+    for model, k in (("mock", 1.0), ("other", 1000.0)):
+        lines += [
+            f'turnout_frontend_request_duration_seconds_count{{endpoint="chat",model="{model}"}}'
+            f" {requests * k}",
+            f'turnout_frontend_input_tokens_total{{model="{model}"}} {prompt * k}',
+            f'turnout_frontend_cached_tokens_total{{model="{model}"}} {cached * k}',
+            f'turnout_frontend_output_tokens_total{{model="{model}"}} {output * k}']
+        for name, (total, n) in (("turnout_frontend_time_to_first_token_seconds", ttft),
+                                 ("turnout_frontend_inter_token_latency_seconds", itl)):
+            lines += [f'{name}_count{{model="{model}"}} {n * k}',
+                      f'{name}_sum{{model="{model}"}} {total * k}']
+    return "\n".join(lines) + "\n"
+
+
+def test_counter_deltas_baseline_and_reset() -> None:
+    d = CounterDeltas()
+    assert d.delta("r1", "x", 100.0) is None  # first sight: baseline only
+    assert d.delta("r1", "x", 130.0) == 30.0
+    assert d.delta("r1", "x", 5.0) == 5.0  # went down: the process restarted
+    d.forget("r1")
+    assert d.delta("r1", "x", 9.0) is None
+
+
+def test_parse_samples_keeps_only_what_the_planner_reads() -> None:
+    samples = parse_samples(router_text(3) + "# TYPE other_total counter\nother_total 4\n")
+    assert {(n, labels["outcome"], v) for n, labels, v in samples} == {
+        ("turnout_router_requests_total", "finished", 3.0),
+        ("turnout_router_requests_total", "rejected", 0.0)}
+
+
+class Pages:
+    """Metrics pages served over a mock transport; unknown URLs answer 404."""
+
+    def __init__(self) -> None:
+        self.pages: dict[str, str] = {}
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        text = self.pages.get(str(request.url))
+        return httpx.Response(200, text=text) if text is not None else httpx.Response(404)
+
+
+ROUTER = Instance("r1", ROLE_ROUTER, endpoints={"metrics": "http://r/metrics"})
+FRONTEND = Instance("f1", ROLE_FRONTEND, endpoints={"metrics": "http://f/metrics"})
+GONE = Instance("r2", ROLE_ROUTER, endpoints={"metrics": "http://gone/metrics"})
+STEPS = [StepSample(2000, 0, 0.1, 30.0), StepSample(0, 8, 0.1, 10.0),
+         StepSample(2000, 4, 0.2, 40.0)]
+
+
+@pytest.mark.asyncio
+async def test_collect_turns_scrapes_into_rates_lengths_and_latencies() -> None:
+    web = Pages()
+    web.pages["http://r/metrics"] = router_text(10, 0)
+    web.pages["http://f/metrics"] = frontend_text(10, 5000, 1000, 800, (1.0, 10), (0.1, 10))
+    errors: list[str] = []
+    async with httpx.AsyncClient(transport=httpx.MockTransport(web.handler)) as client:
+        obs = LoadObserver("mock", client, errors.append)
+        first = await obs.collect([ROUTER, GONE], [FRONTEND])
+        assert first.request_rate is None and first.ttft_ms is None  # baselines only
+        assert errors == ["router"]
+
+        await asyncio.sleep(0.2)
+        # 24 requests ended at the router (4 rejected); the frontend saw 20 with 20 x 1500
+        # prompt tokens of which 20 x 500 cached, and 16 of them generated 1600 tokens.
+        web.pages["http://r/metrics"] = router_text(30, 4)
+        web.pages["http://f/metrics"] = frontend_text(
+            30, 5000 + 30000, 1000 + 10000, 800 + 1600, (1.0 + 16 * 0.25, 26),
+            (0.1 + 16 * 0.02, 26))
+        obs.add_steps(STEPS)
+        second = await obs.collect([ROUTER, GONE], [FRONTEND])
+    assert second.interval_s >= 0.2
+    assert second.request_rate == pytest.approx(24 / second.interval_s)
+    assert second.input_tokens == pytest.approx(1000.0)  # uncached
+    assert second.output_tokens == pytest.approx(100.0)
+    assert second.ttft_ms == pytest.approx(250.0)
+    assert second.itl_ms == pytest.approx(20.0)
+    assert [s.decode_tokens for s in second.decode_steps] == [8, 4]
+    assert errors == ["router", "router"]
+
+
+@pytest.mark.asyncio
+async def test_without_frontends_lengths_come_from_forward_passes() -> None:
+    web = Pages()
+    web.pages["http://r/metrics"] = router_text(10, 0)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(web.handler)) as client:
+        obs = LoadObserver("mock", client)
+        await obs.collect([ROUTER], [])
+        web.pages["http://r/metrics"] = router_text(30, 4)
+        obs.add_steps(STEPS)
+        obs_ = await obs.collect([ROUTER], [])
+    assert obs_.input_tokens == pytest.approx(4000 / 20)  # rejected requests computed nothing
+    assert obs_.output_tokens == pytest.approx(12 / 20)
+    assert obs_.ttft_ms is None and obs_.itl_ms is None
