@@ -14,7 +14,19 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(PIP) install -q -e .
 
+# Real servers the tests drive: Prometheus (scrape test) and compose v1 (config validation).
+# Installed when apt can (CI runs as root); elsewhere those tests skip and say why.
+SYSTEM_TOOLS := prometheus docker-compose
+
 install-test: $(BIN)/python
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing (apt)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends$$missing >/dev/null || echo "warning: could not install$$missing"; \
+	  else echo "warning:$$missing not installed (needs root + apt); those tests will skip"; fi; \
+	fi
 	$(PIP) install -q -e '.[test]'
 
 up: install

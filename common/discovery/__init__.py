@@ -1,8 +1,10 @@
 """The discovery plane: who is up, what they serve and where to reach them.
 
 Owns picking a backend from a spec string (`open_discovery`) and re-exports the interface.
-Backends: `file` (a shared directory of leased JSON records; the default for `turnout up`) and
-`static` (a fixed list from a file). Does not own the record type (`common.messages.Instance`).
+Backends: `file` (a shared directory of leased JSON records; the default for `turnout up`),
+`static` (a fixed list from a file) and `kubernetes` (pods by label, through the API server; its
+client is imported only when that backend is used). Does not own the record type
+(`common.messages.Instance`).
 """
 
 from __future__ import annotations
@@ -27,17 +29,23 @@ __all__ = [
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(.*)", re.DOTALL)
 _SPEC_FORMS = ("'file:///abs/dir', 'file:DIR', a bare directory path, "
-               "or 'static:/path/instances.json'")
+               "'static:/path/instances.json' or 'kubernetes[:NAMESPACE][?selector=...]'")
 
 
 def open_discovery(spec: str, lease_ttl: float = 10.0) -> Discovery:
     """The backend `spec` names; ValueError if it names none.
 
     "file:///abs/dir", "file:dir" (relative or absolute) or a bare directory path → FileDiscovery;
-    "static:/path/instances.json" (or .yaml) → StaticDiscovery. `lease_ttl` applies to file.
+    "static:/path/instances.json" (or .yaml) → StaticDiscovery; "kubernetes",
+    "kubernetes:NAMESPACE" or either with "?selector=LABEL_SELECTOR" → KubernetesDiscovery.
+    `lease_ttl` applies to file.
     """
     if not spec or not spec.strip():
         raise ValueError(f"empty discovery spec; expected {_SPEC_FORMS}")
+    if re.match(r"kubernetes(?:[:?]|$)", spec, re.IGNORECASE):
+        from common.discovery.kubernetes import KubernetesDiscovery
+
+        return KubernetesDiscovery.from_spec(spec)
     m = _SCHEME.fullmatch(spec)
     if m is None:
         return FileDiscovery(spec, lease_ttl=lease_ttl)
