@@ -85,6 +85,7 @@ class Worker:
         # request id → ROUTER identity of the upstream peer that sent it
         self.destinations: dict[str, bytes] = {}
         self.draining = False
+        self.ready = False  # engine started and registered: what readiness probes ask
         self._fpm: list[ForwardPass] = []
         self._stop = asyncio.Event()
         self._idle = asyncio.Event()  # set when draining and no stream is left
@@ -325,7 +326,7 @@ class Worker:
         self.publisher = EventPublisher(self.ctx, self.worker_id, cfg.host, cfg.worker_event_port,
                                         cfg.advertise_host)
         status = StatusServer(self.metrics.registry, cfg.host, cfg.worker_metrics_port,
-                              health=lambda: not self.draining)
+                              health=lambda: self.ready and not self.draining)
         self.metrics_port = await status.start()
         await self.engine.start(self.on_step)
         self.discovery = discovery = open_discovery(cfg.discovery, lease_ttl=cfg.lease_ttl_s)
@@ -338,6 +339,7 @@ class Worker:
             tasks += [asyncio.create_task(self.watch_peers()),
                       asyncio.create_task(self.peers.run_replication())]
         await discovery.register(self.instance())
+        self.ready = True
         log.info("worker ready", extra={"fields": {"id": self.worker_id,
                                                    "request": self.request_endpoint}})
         await self._stop.wait()
