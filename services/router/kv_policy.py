@@ -4,7 +4,8 @@ cost(w) = overlap_weight * (request blocks - cached overlap(w) + w's queued pref
           + w's active decode blocks
 
 Loads are the larger of what this router itself has in flight on the worker (fresh at every
-decision) and what the worker last reported (which includes other routers' traffic). The lowest
+decision) and what the worker last reported (which includes other routers' traffic; ignored
+when older than the last request this router saw leave the worker). The lowest
 cost wins; ties go to the less loaded worker, then to the one chosen longest ago, so equal
 scores never pile onto the first worker in a list. With `temperature` > 0 the choice is a
 softmax draw over normalised costs.
@@ -104,7 +105,8 @@ def _load(worker: WorkerHandle) -> tuple[float, float]:
     prefill = float(worker.pending_prefill_blocks)
     decode = float(worker.active_blocks)
     report = worker.load
-    if report is not None:
+    # A report older than the last request that left the worker still counts that request.
+    if report is not None and worker.load_at > worker.released_at:
         prefill = max(prefill, report.active_prefill_tokens / worker.block_size)
         decode = max(decode, float(report.active_decode_blocks))
     return prefill, decode

@@ -264,6 +264,7 @@ class Router:
             worker.inflight -= 1
             worker.active_blocks -= entry.blocks
             worker.pending_prefill_blocks -= entry.prefill_blocks
+            worker.released_at = time.monotonic()
         entry.prefill_blocks = 0
 
     def retry_parked(self, now: float) -> None:
@@ -555,6 +556,7 @@ class Router:
                         self.request_dump(worker)
                 elif topic == TOPIC_LOAD:
                     worker.load = load_decoder.decode(env.payload)
+                    worker.load_at = time.monotonic()
                 elif topic == TOPIC_KV and self.kv_index is not None:
                     batch = kv_batch_decoder.decode(env.payload)
                     self.kv_index.apply(worker.id, batch)

@@ -18,10 +18,29 @@ from common.transport import tune_stream_socket
 
 
 class WorkerHandle:
-    __slots__ = ("active_blocks", "alive", "block_size", "draining", "id", "inflight", "instance",
-                 "last_chosen", "last_heartbeat", "last_progress", "last_steps", "load", "monitor",
-                 "pending_prefill_blocks", "replica_peers", "routable", "socket", "suspect",
-                 "synced")
+    __slots__ = (
+        "active_blocks",
+        "alive",
+        "block_size",
+        "draining",
+        "id",
+        "inflight",
+        "instance",
+        "last_chosen",
+        "last_heartbeat",
+        "last_progress",
+        "last_steps",
+        "load",
+        "load_at",
+        "monitor",
+        "pending_prefill_blocks",
+        "released_at",
+        "replica_peers",
+        "routable",
+        "socket",
+        "suspect",
+        "synced",
+    )
 
     def __init__(self, instance: Instance, socket: zmq.asyncio.Socket,
                  monitor: zmq.asyncio.Socket) -> None:
@@ -37,6 +56,10 @@ class WorkerHandle:
         self.last_chosen = 0  # decision counter when last picked (tie-break: longest ago wins)
         self.synced = False  # its full KV state was asked for once its events flowed
         self.load: LoadReport | None = None
+        # When the last load report arrived, and when this router last saw work leave the
+        # worker: a report from before that still counts the departed work, so it is stale.
+        self.load_at = 0.0
+        self.released_at = 0.0
         self.last_heartbeat = time.monotonic()
         self.last_steps = -1
         self.last_progress = self.last_heartbeat  # when `steps` last moved

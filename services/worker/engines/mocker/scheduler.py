@@ -61,6 +61,10 @@ class Scheduler:
         self.requests[seq.request_id] = seq
         if seq.num_generated >= seq.max_tokens:
             self._done_on_arrival.append(seq)
+        elif seq.num_generated:
+            # A stream resumed from another worker arrived before anything waiting here:
+            # first come, first served by original arrival keeps its token gap short.
+            self.waiting.appendleft(seq)
         else:
             self.waiting.append(seq)
 
