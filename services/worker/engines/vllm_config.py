@@ -1,0 +1,71 @@
+"""Every setting of the `vllm` engine, with its flag, TURNOUT_* fallback and default, and the
+vLLM command line they turn into.
+
+A few settings are shared by name with the mocker (`--block-size`, `--hash-seed`,
+`--max-model-len`, `--max-num-seqs`, `--max-num-batched-tokens`): one flag fills both engines'
+configs, so `create_engine` hands their values in. The mocker's defaults for the last three are
+simulation defaults, so they reach vLLM only when set to something else; vLLM otherwise derives
+them itself (context length from the model, batch limits from the hardware). Anything else goes
+through `--engine-args` verbatim and wins over everything here.
+
+Owns the settings and the argv only; parsing it into vLLM's `AsyncEngineArgs` is the engine's job
+(this module never imports vLLM, so the default install can read it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+
+from common.config import opt
+
+# On CPU vLLM sizes the KV cache from a fraction of one NUMA node's memory, and its GPU-minded
+# default (0.92) fails there; a fixed size is the sane default for a worker that shares the host.
+CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30
+_KV_SIZE_FLAGS = ("--gpu-memory-utilization", "--kv-cache-memory-bytes")
+
+
+@dataclasses.dataclass
+class VllmConfig:
+    gpu_memory_utilization: float = opt(0.0, help="vllm: share of accelerator memory for weights "
+                                                  "and KV cache (0: vLLM's default on GPUs)")
+    kv_cache_memory_bytes: int = opt(0, help="vllm: KV cache size in bytes; overrides "
+                                             "--gpu-memory-utilization (0: sized from it on "
+                                             "GPUs, 1 GiB on CPUs)")
+    enforce_eager: bool = opt(False, help="vllm: no CUDA graphs / torch.compile (faster start)")
+    engine_args: str = opt("", help="vllm: more engine arguments as on `vllm serve`, e.g. "
+                                    "\"--max-num-seqs 8 --dtype bfloat16\"; they win over the "
+                                    "flags above")
+    kv_events_endpoint: str = opt("", help="vllm: ZeroMQ endpoint vLLM publishes KV events on "
+                                           "(default: an ipc socket in a private temp dir)")
+
+    def validate(self) -> None:
+        if not 0.0 <= self.gpu_memory_utilization <= 1.0:
+            raise ValueError("vllm: --gpu-memory-utilization must lie in [0, 1]")
+        if self.kv_cache_memory_bytes < 0:
+            raise ValueError("vllm: --kv-cache-memory-bytes must be >= 0")
+        self.extra_argv()  # raises ValueError on unbalanced quotes
+
+    def extra_argv(self) -> list[str]:
+        return shlex.split(self.engine_args)
+
+    def argv(self, model: str, block_size: int, *, on_cpu: bool,
+             shared: dict[str, int] | None = None) -> list[str]:
+        """The vLLM command line: our settings first, `--engine-args` last (argparse keeps the
+        last value, so those win). `shared` holds explicitly set mocker-shared limits
+        (`max_model_len`, `max_num_seqs`, `max_num_batched_tokens`)."""
+        argv = ["--model", model, "--block-size", str(block_size), "--enable-prefix-caching"]
+        if self.enforce_eager:
+            argv.append("--enforce-eager")
+        if self.gpu_memory_utilization > 0:
+            argv += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+        extra = self.extra_argv()
+        sized_in_extra = any(a.split("=")[0] in _KV_SIZE_FLAGS for a in extra)
+        kv_bytes = self.kv_cache_memory_bytes
+        if kv_bytes == 0 and on_cpu and self.gpu_memory_utilization == 0 and not sized_in_extra:
+            kv_bytes = CPU_DEFAULT_KV_CACHE_BYTES
+        if kv_bytes > 0:
+            argv += ["--kv-cache-memory-bytes", str(kv_bytes)]
+        for name, value in (shared or {}).items():
+            argv += ["--" + name.replace("_", "-"), str(value)]
+        return argv + extra
