@@ -730,6 +730,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--startup-timeout", type=float, default=120.0)
     parser.add_argument("--log-root", default=None, help="where per-run log folders go")
     args = parser.parse_args(argv)
+    if args.log_root:
+        Path(args.log_root).mkdir(parents=True, exist_ok=True)
     if "dynamo" in args.systems and not (DYNAMO_VENV / "bin" / "python").exists():
         log(f"{DYNAMO_VENV} missing; running {DYNAMO_INSTALL}")
         subprocess.run(["bash", str(DYNAMO_INSTALL)], check=True)
