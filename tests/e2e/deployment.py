@@ -40,6 +40,17 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str,
         time.sleep(interval)
 
 
+def read_records(directory: Path) -> list[dict]:
+    """The discovery records in a file-discovery directory (half-written ones skipped)."""
+    out = []
+    for path in directory.glob("*.json"):
+        try:
+            out.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text → {'name{labels}': value} (labels as printed)."""
     out: dict[str, float] = {}
@@ -139,13 +150,7 @@ class Deployment:
         return f"http://127.0.0.1:{self.port}"
 
     def records(self) -> list[dict]:
-        out = []
-        for path in self.discovery.glob("*.json"):
-            try:
-                out.append(json.loads(path.read_text()))
-            except (OSError, ValueError):
-                continue
-        return out
+        return read_records(self.discovery)
 
     def record(self, instance_id: str) -> dict | None:
         return next((r for r in self.records() if r["id"] == instance_id), None)

@@ -10,6 +10,8 @@ from typing import Any
 
 import uvicorn
 
+from tests.e2e.deployment import wait_for
+
 
 class LiveServer:
     def __init__(self, app: Any) -> None:
@@ -59,11 +61,4 @@ class LiveServer:
 
 
 def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout} s")
-        time.sleep(interval)
+    return wait_for(predicate, timeout, "the condition", interval)

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.deployment import wait_for
+from tests.e2e.deployment import read_records, wait_for
 from tests.ops.host_run import ROOT, HostRun, chat, flag_value, get_ok, remap_ports
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -223,13 +223,7 @@ def test_every_turnout_service_runs_with_its_compose_command(tmp_path: Path) -> 
                 started.setdefault(name, []).append(ports)
 
         def records() -> list[dict[str, Any]]:
-            out = []
-            for path in discovery.glob("*.json"):
-                try:
-                    out.append(json.loads(path.read_text()))
-                except (OSError, ValueError):
-                    pass
-            return out
+            return read_records(discovery)
 
         def all_registered() -> bool:
             run.check_alive()

@@ -24,7 +24,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.e2e.deployment import wait_for
+from tests.e2e.deployment import read_records, wait_for
 from tests.ops.host_run import ROOT, HostRun, chat, free_port, get_ok
 from tests.ops.test_dashboard import targets
 
@@ -98,13 +98,7 @@ def test_prometheus_scrapes_every_service_and_the_dashboard_queries_work(tmp_pat
 
         def records() -> list[dict[str, Any]]:
             run.check_alive()
-            out = []
-            for path in discovery.glob("*.json"):
-                try:
-                    out.append(json.loads(path.read_text()))
-                except (OSError, ValueError):
-                    pass
-            return out
+            return read_records(discovery)
 
         def every_role_registered() -> list[dict[str, Any]] | None:
             found = records()
