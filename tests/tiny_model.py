@@ -29,6 +29,9 @@ END_HEADER = "<|end_header_id|>"
 SPECIAL_TOKENS = [BOS, EOS, EOT, START_HEADER, END_HEADER]
 # 2,048: NVIDIA Dynamo's mocker emits ids 1000-1999, so side-by-side benchmarks need them.
 TARGET_VOCAB_SIZE = 2048
+# Bumped whenever config.json changes, so a cached directory of an older shape is not reused.
+# r2: head_dim 32 (vLLM's CPU attention backend supports no head size below 32).
+ARCH_REVISION = 2
 
 CHAT_TEMPLATE = (
     "{{- bos_token }}"
@@ -151,9 +154,9 @@ def build_tiny_model(directory: Path, with_weights: bool = False) -> Path:
         "hidden_size": 64,
         "intermediate_size": 128,
         "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
         "hidden_act": "silu",
         "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-5,
@@ -192,7 +195,7 @@ def cached_tiny_model(with_weights: bool = False) -> Path:
     """The tiny model under $TURNOUT_TEST_CACHE (default <repo>/.cache), built once."""
     default_root = Path(__file__).resolve().parents[1] / ".cache"
     root = Path(os.environ.get("TURNOUT_TEST_CACHE") or default_root)
-    target = root / f"tiny-model-v{TARGET_VOCAB_SIZE}"
+    target = root / f"tiny-model-v{TARGET_VOCAB_SIZE}-r{ARCH_REVISION}"
     complete = all((target / name).is_file() for name in _REQUIRED_FILES)
     if complete and (not with_weights or _has_weights(target)):
         return target

@@ -36,6 +36,10 @@ class VllmConfig:
     engine_args: str = opt("", help="vllm: more engine arguments as on `vllm serve`, e.g. "
                                     "\"--max-num-seqs 8 --dtype bfloat16\"; they win over the "
                                     "flags above")
+    kv_store: str = opt("", help="vllm: directory shared by the workers where every full KV "
+                                 "block is kept as it fills, so a request migrated off a dead "
+                                 "worker loads its blocks instead of recomputing them "
+                                 "(empty: off)")
     kv_events_endpoint: str = opt("", help="vllm: ZeroMQ endpoint vLLM publishes KV events on "
                                            "(default: an ipc socket in a private temp dir)")
 
@@ -51,21 +55,35 @@ class VllmConfig:
 
     def argv(self, model: str, block_size: int, *, on_cpu: bool,
              shared: dict[str, int] | None = None) -> list[str]:
-        """The vLLM command line: our settings first, `--engine-args` last (argparse keeps the
-        last value, so those win). `shared` holds explicitly set mocker-shared limits
+        """The vLLM command line: our settings, then `--engine-args`, which win: a flag given
+        there replaces ours. `shared` holds explicitly set mocker-shared limits
         (`max_model_len`, `max_num_seqs`, `max_num_batched_tokens`)."""
-        argv = ["--model", model, "--block-size", str(block_size), "--enable-prefix-caching"]
-        if self.enforce_eager:
-            argv.append("--enforce-eager")
-        if self.gpu_memory_utilization > 0:
-            argv += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
         extra = self.extra_argv()
-        sized_in_extra = any(a.split("=")[0] in _KV_SIZE_FLAGS for a in extra)
+        given = {_flag_name(a) for a in extra if a.startswith("--")}
+        ours: list[tuple[str, str | None]] = [("--model", model),
+                                              ("--block-size", str(block_size)),
+                                              ("--enable-prefix-caching", None)]
+        if self.enforce_eager:
+            ours.append(("--enforce-eager", None))
+        if self.gpu_memory_utilization > 0:
+            ours.append(("--gpu-memory-utilization", str(self.gpu_memory_utilization)))
         kv_bytes = self.kv_cache_memory_bytes
-        if kv_bytes == 0 and on_cpu and self.gpu_memory_utilization == 0 and not sized_in_extra:
+        if (kv_bytes == 0 and on_cpu and self.gpu_memory_utilization == 0
+                and not given & set(_KV_SIZE_FLAGS)):
             kv_bytes = CPU_DEFAULT_KV_CACHE_BYTES
         if kv_bytes > 0:
-            argv += ["--kv-cache-memory-bytes", str(kv_bytes)]
+            ours.append(("--kv-cache-memory-bytes", str(kv_bytes)))
         for name, value in (shared or {}).items():
-            argv += ["--" + name.replace("_", "-"), str(value)]
+            ours.append(("--" + name.replace("_", "-"), str(value)))
+        argv: list[str] = []
+        for flag, value in ours:
+            if flag not in given:
+                argv += [flag] if value is None else [flag, value]
         return argv + extra
+
+
+def _flag_name(arg: str) -> str:
+    """`--no-enable-prefix-caching` and `--block-size=16` name `--enable-prefix-caching` and
+    `--block-size`."""
+    name = arg.split("=", 1)[0]
+    return "--" + name[5:] if name.startswith("--no-") else name

@@ -1,0 +1,177 @@
+"""What the real-engine adapters (vllm, sglang, trtllm) share: admission checks, and gathering
+per-request token streams into one `StepOutput` per engine step.
+
+Real engines stream per request; the worker wants one frame per step. A `StepGatherer` collects
+the deltas pushed for every live request and emits them together on `flush()`: the vLLM adapter
+flushes once per engine iteration (it hears of each one), the others on the next event-loop turn
+after a delta arrives (`flush_soon`), which gathers everything one engine iteration woke up. It
+also keeps the live-request view that load reports and forward-pass records are made from.
+
+Owns chunk bookkeeping (first chunk carries prompt and cache figures, the last a finish reason,
+nothing after an abort) and the checks every engine applies before admitting a request. Does not
+own any engine's API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from common.messages import (
+    FINISH_ABORT,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    ForwardPass,
+    GenerateRequest,
+    TokenChunk,
+)
+from services.worker.engine import EngineError, EngineLoad, StepOutput, StepSink
+
+_FINISH_REASONS = {FINISH_STOP, FINISH_LENGTH, FINISH_ABORT, FINISH_ERROR}
+
+
+def check_request(request: GenerateRequest, max_model_len: int, vocab_size: int) -> None:
+    """Raise `EngineError` for a request no engine should start."""
+    if not request.token_ids:
+        raise EngineError("the prompt is empty")
+    sp = request.sampling
+    if sp.max_tokens < 1:
+        raise EngineError(f"max_tokens must be at least 1, got {sp.max_tokens}")
+    if sp.min_tokens > sp.max_tokens:
+        raise EngineError(f"min_tokens ({sp.min_tokens}) exceeds max_tokens ({sp.max_tokens})")
+    if len(request.token_ids) + sp.max_tokens > max_model_len:
+        raise EngineError(
+            f"prompt ({len(request.token_ids)} tokens) + max_tokens ({sp.max_tokens}) exceeds "
+            f"the model's context length {max_model_len}")
+    if vocab_size > 0:
+        for ids in (request.token_ids, request.generated_token_ids):
+            if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+                raise EngineError(f"token ids must lie in [0, {vocab_size - 1}]")
+
+
+def remaining_budget(request: GenerateRequest) -> tuple[int, int]:
+    """(max_tokens, min_tokens) still to generate: migrated tokens count against both."""
+    done = len(request.generated_token_ids)
+    sp = request.sampling
+    return sp.max_tokens - done, max(0, sp.min_tokens - done)
+
+
+def finish_reason(engine_reason: str | None) -> str | None:
+    """An engine's finish reason in Turnout's terms (unknown kinds of stopping are "stop")."""
+    if engine_reason is None:
+        return None
+    return engine_reason if engine_reason in _FINISH_REASONS else FINISH_STOP
+
+
+class Tracked:
+    """One live request as the gatherer sees it; `handle` is the engine adapter's own."""
+
+    __slots__ = ("first_sent", "handle", "num_prompt", "num_tokens", "request_id")
+
+    def __init__(self, request: GenerateRequest) -> None:
+        self.request_id = request.request_id
+        self.num_prompt = len(request.token_ids)
+        self.num_tokens = self.num_prompt + len(request.generated_token_ids)
+        self.first_sent = False
+        self.handle: Any = None
+
+
+class StepGatherer:
+    def __init__(self, sink: StepSink, block_size: int) -> None:
+        self.sink = sink
+        self.block_size = block_size
+        self.requests: dict[str, Tracked] = {}
+        self.steps = 0
+        self._chunks: list[TokenChunk] = []
+        self._prefill = 0
+        self._decode = 0
+        self._scheduled = False
+        self._last_flush = time.monotonic()
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def admit(self, request: GenerateRequest) -> Tracked:
+        if request.request_id in self.requests:
+            raise EngineError(f"request {request.request_id!r} is already running here", 409)
+        if not self.requests:
+            self._last_flush = time.monotonic()  # a step's duration starts when work arrives
+        tracked = self.requests[request.request_id] = Tracked(request)
+        return tracked
+
+    def push(self, request_id: str, token_ids: list[int], reason: str | None,
+             cached_tokens: int = 0) -> None:
+        """New tokens of a live request (and its end, with `reason`); ignored once aborted."""
+        tracked = self.requests.get(request_id)
+        if tracked is None or (not token_ids and reason is None):
+            return
+        if tracked.first_sent:
+            chunk = TokenChunk(request_id, token_ids, reason)
+            self._decode += len(token_ids)
+        else:
+            tracked.first_sent = True
+            chunk = TokenChunk(request_id, token_ids, reason, num_prompt_tokens=tracked.num_prompt,
+                               cached_tokens=cached_tokens)
+            self._prefill += max(0, tracked.num_tokens - cached_tokens)
+            self._decode += max(0, len(token_ids) - 1)
+        tracked.num_tokens += len(token_ids)
+        if reason is not None:
+            del self.requests[request_id]
+        self._chunks.append(chunk)
+
+    def fail(self, request_id: str, code: int, message: str) -> None:
+        """End a live request with an error the client sees."""
+        if self.requests.pop(request_id, None) is not None:
+            self._chunks.append(TokenChunk(request_id, [], FINISH_ERROR, error_code=code,
+                                           error_message=message))
+
+    def drop(self, request_id: str) -> Tracked | None:
+        """Forget an aborted request: nothing more is sent for it, not even what is pending."""
+        tracked = self.requests.pop(request_id, None)
+        if tracked is not None and any(c.request_id == request_id for c in self._chunks):
+            self._chunks = [c for c in self._chunks if c.request_id != request_id]
+        return tracked
+
+    # -- steps -------------------------------------------------------------------------------------
+
+    def flush(self, kv_used_blocks: int = 0) -> None:
+        """Hand everything gathered since the last flush to the sink as one step."""
+        self._scheduled = False
+        if not self._chunks:
+            return
+        now = time.monotonic()
+        chunks, self._chunks = self._chunks, []
+        self.steps += 1
+        fp = ForwardPass(self.steps, len(chunks), self._prefill, self._decode,
+                         (now - self._last_flush) * 1000.0, kv_used_blocks)
+        self._prefill = self._decode = 0
+        self._last_flush = now
+        self.sink(StepOutput(chunks, [], fp))
+
+    def flush_soon(self) -> None:
+        """Flush on the next event-loop turn: the other streams woken by the same engine
+        iteration push their deltas first."""
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    # -- load --------------------------------------------------------------------------------------
+
+    def load(self, running: int | None = None, kv_used_blocks: int = 0,
+             kv_total_blocks: int = 0) -> EngineLoad:
+        """Load from the live requests; `running` (the engine's own count, if it reports one)
+        caps how many of them count as running rather than waiting."""
+        bs = self.block_size
+        decode_blocks = prefill_tokens = started = 0
+        for t in self.requests.values():
+            if t.first_sent:
+                started += 1
+                decode_blocks += -(-t.num_tokens // bs)
+            else:
+                prefill_tokens += t.num_tokens
+        live = len(self.requests)
+        run = started if running is None else min(running, live)
+        return EngineLoad(active_decode_blocks=decode_blocks, active_prefill_tokens=prefill_tokens,
+                          kv_used_blocks=kv_used_blocks, kv_total_blocks=kv_total_blocks,
+                          waiting=live - run, running=run)

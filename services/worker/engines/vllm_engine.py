@@ -1,0 +1,367 @@
+"""`VllmEngine`: a real vLLM (v1 `AsyncLLM`) inside the worker process, behind `Engine`.
+
+Requests go in as token ids (a tokens input of prompt + tokens generated elsewhere, so a migrated
+request re-prefills its whole context, mostly from the prefix cache), with sampling mapped onto
+vLLM's (`detokenize=False`, delta outputs: the frontend detokenizes). vLLM's engine core runs in
+its own process and answers with one batch of outputs per engine iteration; its output handler
+puts each request's delta in that request's collector and then calls the stat loggers once for
+the batch. A stat logger of ours is that per-iteration hook: it drains every live request's
+collector and hands the worker one `StepOutput` per vLLM step, so no task per request is needed
+and the step boundaries are vLLM's own. The same hook carries the scheduler's running/waiting
+counts and KV usage for load reports.
+
+KV events: vLLM's ZeroMQ publisher is enabled on a private ipc socket, and
+`vllm_kv_events` turns its batches into Turnout's block events (re-hashed with
+`common.block_hash`, so the router's index matches what it computes from request tokens).
+With `--kv-store DIR` the engine also runs `vllm_kv_connector`, which keeps every full block in a
+store the workers share, so a migrated request loads what its dead worker computed.
+
+Before serving, one throw-away request runs (failures show at start, not on a client's request)
+and the prefix cache is emptied again.
+
+Owns building vLLM from `VllmConfig`, request translation, the step hook and the engine's
+lifetime. Does not own KV event decoding (`vllm_kv_events`), the block store
+(`vllm_kv_connector`) or chunk bookkeeping (`step_gatherer`). Imported only when
+`--engine vllm` is chosen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from typing import Any
+
+import zmq.asyncio
+from vllm import SamplingParams as VllmSamplingParams
+from vllm.config import KVTransferConfig
+from vllm.config.kv_events import KVEventsConfig
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.platforms import current_platform
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from common.block_hash import DEFAULT_SEED
+from common.messages import GenerateRequest, KvBlockStored, KvEvent, SamplingParams
+from services.worker.engine import Engine, EngineError, EngineLoad, StepOutput, StepSink
+from services.worker.engines.child_reaper import ChildReaper
+from services.worker.engines.step_gatherer import (
+    StepGatherer,
+    Tracked,
+    check_request,
+    finish_reason,
+    remaining_budget,
+)
+from services.worker.engines.vllm_config import VllmConfig
+from services.worker.engines.vllm_kv_connector import CONNECTOR_NAME, MODULE_PATH, UNSTORED_PREFIX
+from services.worker.engines.vllm_kv_events import KvEventSubscriber, KvEventTranslator
+
+try:  # where vLLM keeps it moved over releases
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+except ImportError:
+    from vllm.utils import FlexibleArgumentParser  # type: ignore[attr-defined,no-redef]
+
+try:  # vLLM >= 0.2x: an engine input, no deprecated raw-prompt path
+    from vllm.inputs import tokens_input as _token_prompt
+except ImportError:  # older vLLM: the TokensPrompt dict
+    from vllm.inputs import TokensPrompt
+
+    def _token_prompt(prompt_token_ids: list[int]) -> Any:  # type: ignore[misc]
+        return TokensPrompt(prompt_token_ids=prompt_token_ids)
+
+log = logging.getLogger("turnout.worker.vllm")
+
+WARM_UP_TIMEOUT_S = 300.0
+
+
+def sampling_params(sp: SamplingParams, max_tokens: int, min_tokens: int) -> VllmSamplingParams:
+    """Turnout's sampling parameters as vLLM's, for `max_tokens` more tokens."""
+    return VllmSamplingParams(
+        n=1,
+        max_tokens=max_tokens,
+        min_tokens=min_tokens,
+        temperature=sp.temperature,
+        top_p=sp.top_p,
+        top_k=sp.top_k if sp.top_k > 0 else -1,  # -1: off, in every vLLM version
+        seed=sp.seed,
+        stop_token_ids=list(sp.stop_token_ids),
+        ignore_eos=sp.ignore_eos,
+        presence_penalty=sp.presence_penalty,
+        frequency_penalty=sp.frequency_penalty,
+        repetition_penalty=sp.repetition_penalty,
+        detokenize=False,
+        skip_special_tokens=False,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def parse_engine_args(argv: list[str]) -> AsyncEngineArgs:
+    """vLLM's own parser over our argv: every `vllm serve` engine flag works, with its checks."""
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="vllm engine args"))
+    try:
+        ns = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed what is wrong
+        raise ValueError(f"bad vLLM engine arguments: {' '.join(argv)}") from exc
+    return AsyncEngineArgs.from_cli_args(ns)
+
+
+class _StepHook(StatLoggerBase):
+    """Called by vLLM's output handler once per engine iteration, after the iteration's outputs
+    are in the request collectors."""
+
+    def __init__(self, engine: VllmEngine) -> None:
+        self.engine = engine
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+               engine_idx: int = 0) -> None:
+        try:
+            self.engine._on_iteration(scheduler_stats, iteration_stats)
+        except Exception:  # never let our bug kill vLLM's output handler
+            log.exception("vllm step hook failed")
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+
+class VllmEngine(Engine):
+    def __init__(self, config: VllmConfig, model: str, *, block_size: int = 64,
+                 hash_seed: int = DEFAULT_SEED, shared: dict[str, int] | None = None) -> None:
+        if not model:
+            raise ValueError("the vllm engine needs --model (a HF model directory or name)")
+        config.validate()
+        self.config = config
+        self.model = model
+        self.block_size = block_size
+        self.hash_seed = hash_seed
+        self.max_model_len = 0  # known once vLLM has read the model
+        self._shared = dict(shared or {})
+        self._kv_store = os.path.abspath(config.kv_store) if config.kv_store else ""
+        self._llm: AsyncLLM | None = None
+        self._gather: StepGatherer | None = None
+        self._sink: StepSink | None = None
+        self._vocab_size = 0
+        self._num_blocks = 0
+        self._running = 0  # vLLM's scheduler counts and KV usage, as of its latest iteration
+        self._kv_usage = 0.0
+        self._dead = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._zmq: zmq.asyncio.Context | None = None
+        self._subscriber: KvEventSubscriber | None = None
+        self._translator: KvEventTranslator | None = None
+        self._tmp: str | None = None
+        self._reaper = ChildReaper()
+
+    # -- lifetime ----------------------------------------------------------------------------------
+
+    async def start(self, sink: StepSink) -> None:
+        if self._llm is not None:
+            raise RuntimeError("vllm engine already started")
+        self._sink = sink
+        args = parse_engine_args(self.config.argv(
+            self.model, self.block_size, on_cpu=current_platform.is_cpu(), shared=self._shared))
+        args.disable_log_stats = True  # vLLM's own log/Prometheus loggers; our hook still runs
+        endpoint = self.config.kv_events_endpoint
+        replay: str | None = None
+        if not endpoint:
+            self._tmp = tempfile.mkdtemp(prefix="turnout-vllm-")
+            endpoint = f"ipc://{self._tmp}/kv"
+            replay = f"ipc://{self._tmp}/kv-replay"
+        if self._kv_store and args.kv_transfer_config is None:
+            args.kv_transfer_config = KVTransferConfig(
+                kv_connector=CONNECTOR_NAME, kv_connector_module_path=MODULE_PATH,
+                kv_role="kv_both",
+                kv_connector_extra_config={"store": self._kv_store,
+                                           "seed": self.hash_seed})
+        args.kv_events_config = KVEventsConfig(
+            enable_kv_cache_events=True, publisher="zmq", endpoint=endpoint,
+            replay_endpoint=replay, topic="kv")
+        # Building the engine blocks for the whole model load (engine-core handshake included),
+        # so it runs off the event loop; vLLM starts its loop-bound tasks on first use.
+        self._reaper.mark()
+        # vLLM's processes die with us, even on SIGKILL and even half-way through the start.
+        self._llm = llm = await self._reaper.guard(asyncio.to_thread(
+            AsyncLLM.from_engine_args, args,
+            stat_loggers=[lambda _config, _index: _StepHook(self)]))
+        cache = llm.vllm_config.cache_config
+        self.block_size = cache.block_size
+        self.max_model_len = llm.model_config.max_model_len
+        self._vocab_size = llm.model_config.get_vocab_size()
+        self._num_blocks = int(cache.num_gpu_blocks or 0)
+        self._gather = StepGatherer(sink, self.block_size)
+        self._translator = KvEventTranslator(self.block_size, self.hash_seed)
+        self._zmq = zmq.asyncio.Context()
+        sub_endpoint = endpoint.replace("*", "127.0.0.1")
+        self._subscriber = KvEventSubscriber(self._zmq, sub_endpoint, replay, self._translator,
+                                             self._deliver_kv)
+        self._spawn(self._subscriber.run(), "vllm-kv-events")
+        await self._warm_up()
+        log.info("vllm engine ready", extra={"fields": {
+            "model": self.model, "block_size": self.block_size, "kv_blocks": self._num_blocks,
+            "max_model_len": self.max_model_len}})
+
+    async def _warm_up(self) -> None:
+        """One throw-away request before serving: a first forward pass that fails shows here,
+        not on a client's request, and the first kernels are set up. On CPUs with AMX, vLLM's
+        bf16 attention kernel dies (SIGILL) when a very short prompt is the process's first
+        work; a prompt of a few blocks first avoids it. The prefix cache is emptied after."""
+        assert self._llm is not None
+        n = min(2 * self.block_size, self.max_model_len - 1)
+        vocab = max(self._vocab_size, 1)
+        prompt = _token_prompt([(i * 7919 + 13) % vocab for i in range(n)])
+        params = VllmSamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
+                                    output_kind=RequestOutputKind.DELTA)
+
+        async def run() -> None:
+            assert self._llm is not None
+            async for _ in self._llm.generate(prompt, params, request_id=UNSTORED_PREFIX):
+                pass
+
+        await asyncio.wait_for(run(), WARM_UP_TIMEOUT_S)
+        await self._llm.reset_prefix_cache()
+
+    async def shutdown(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._subscriber is not None:
+            self._subscriber.close()
+        if self._zmq is not None:
+            self._zmq.term()
+            self._zmq = None
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.shutdown()
+            del llm  # before interpreter teardown, where vLLM's __del__ would trip
+        self._reaper.release()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def add_request(self, request: GenerateRequest) -> None:
+        gather = self._gather
+        if gather is None or self._llm is None:
+            raise EngineError("the vllm engine is not started", 503)
+        if self._dead:
+            raise EngineError("the vllm engine has died", 503)
+        check_request(request, self.max_model_len, self._vocab_size)
+        max_new, min_new = remaining_budget(request)
+        tracked = gather.admit(request)
+        if max_new <= 0:  # migrated with its whole budget already spent
+            gather.push(request.request_id, [], "length")
+            gather.flush_soon()
+            return
+        params = sampling_params(request.sampling, max_new, min_new)
+        prompt = _token_prompt([*request.token_ids, *request.generated_token_ids])
+        self._spawn(self._submit(tracked, prompt, params), f"vllm-add-{request.request_id}")
+
+    async def _submit(self, tracked: Tracked, prompt: Any,
+                      params: VllmSamplingParams) -> None:
+        assert self._llm is not None and self._gather is not None
+        rid = tracked.request_id
+        try:
+            collector = await self._llm.add_request(rid, prompt, params)
+        except Exception as exc:  # vLLM's validation (or a dead engine) refused it
+            code = 503 if self._llm.errored else 400
+            self._gather.fail(rid, code, f"vllm: {exc}")
+            self._gather.flush_soon()
+            return
+        if self._gather.requests.get(rid) is not tracked:  # aborted while being added
+            await self._llm.abort(rid)
+            return
+        tracked.handle = collector
+
+    def abort(self, request_id: str) -> None:
+        if self._gather is None or self._gather.drop(request_id) is None:
+            return
+        if self._llm is not None and not self._dead:
+            self._spawn(self._llm.abort(request_id), f"vllm-abort-{request_id}")
+
+    # -- the per-iteration hook ------------------------------------------------------------------
+
+    def _on_iteration(self, scheduler_stats: Any, iteration_stats: Any) -> None:
+        if scheduler_stats is not None:
+            self._running = scheduler_stats.num_running_reqs
+            self._kv_usage = scheduler_stats.kv_cache_usage
+        gather = self._gather
+        if gather is None or iteration_stats is None:
+            return  # a batch without request outputs
+        for tracked in list(gather.requests.values()):
+            collector = tracked.handle
+            if collector is None:
+                continue
+            try:
+                out = collector.get_nowait()
+            except Exception as exc:  # the engine failed this request
+                gather.fail(tracked.request_id, 500, f"vllm: {exc}")
+                continue
+            if out is None:
+                continue
+            completion = out.outputs[0]
+            reason = finish_reason(completion.finish_reason) if out.finished else None
+            gather.push(tracked.request_id, list(completion.token_ids), reason,
+                        out.num_cached_tokens or 0)
+        gather.flush(self._kv_used_blocks())
+
+    def _deliver_kv(self, events: list[KvEvent]) -> None:
+        if self._sink is not None:
+            self._sink(StepOutput(kv_events=events))
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def load(self) -> EngineLoad:
+        if self._gather is None:
+            return EngineLoad()
+        llm = self._llm
+        if llm is None:
+            return self._gather.load(0)
+        if not self._dead and llm.errored:
+            self._on_engine_dead()
+        # Running as of vLLM's latest iteration, capped by what vLLM still holds now: its
+        # scheduler reports nothing once idle, so an abort of the last request shows up here.
+        running = min(self._running, llm.get_num_unfinished_requests())
+        return self._gather.load(running, self._kv_used_blocks(), self._num_blocks)
+
+    def steps_done(self) -> int:
+        return self._gather.steps if self._gather is not None else 0
+
+    def kv_dump(self) -> list[KvBlockStored]:
+        return self._translator.dump() if self._translator is not None else []
+
+    def cached_prefix(self, hashes: list[int]) -> int:
+        return self._translator.cached_prefix(hashes) if self._translator is not None else 0
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _kv_used_blocks(self) -> int:
+        return round(self._kv_usage * self._num_blocks)
+
+    def _on_engine_dead(self) -> None:
+        """vLLM's engine core is gone: fail what is running (the router retries it elsewhere)
+        and stop this worker so it leaves discovery instead of taking more work."""
+        self._dead = True
+        log.error("the vLLM engine died; failing %d requests and stopping the worker",
+                  len(self._gather.requests) if self._gather else 0)
+        if self._gather is not None:
+            for rid in list(self._gather.requests):
+                self._gather.fail(rid, 503, "vllm: the engine died")
+            self._gather.flush()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("vllm engine task %s failed", task.get_name(), exc_info=task.exception())

