@@ -328,11 +328,20 @@ class Worker:
         status = StatusServer(self.metrics.registry, cfg.host, cfg.worker_metrics_port,
                               health=lambda: self.ready and not self.draining)
         self.metrics_port = await status.start()
-        await self.engine.start(self.on_step)
-        self.discovery = discovery = open_discovery(cfg.discovery, lease_ttl=cfg.lease_ttl_s)
+        # Handlers first: a SIGTERM during a long engine load (vLLM: tens of seconds) must
+        # still shut the engine down cleanly rather than kill the process outright.
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        await self.engine.start(self.on_step)
+        if self._stop.is_set():
+            await status.close()
+            await self.engine.shutdown()
+            self.publisher.close()
+            self.requests.close(linger=0)
+            self.ctx.term()
+            return
+        self.discovery = discovery = open_discovery(cfg.discovery, lease_ttl=cfg.lease_ttl_s)
         tasks = [asyncio.create_task(self.serve_requests()),
                  asyncio.create_task(self.heartbeat())]
         if cfg.kv_replicas > 0:
