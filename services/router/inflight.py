@@ -11,16 +11,14 @@ from common.messages import GenerateRequest
 
 class InflightRequest:
     __slots__ = ("blocks", "frontend", "generated", "hashes", "migrations", "prefill_blocks",
-                 "request", "resume_tokens", "started", "worker_id")
+                 "request", "resume_tokens", "worker_id")
 
-    def __init__(self, request: GenerateRequest, frontend: bytes, worker_id: str,
-                 started: float) -> None:
+    def __init__(self, request: GenerateRequest, frontend: bytes, worker_id: str) -> None:
         self.request = request
         self.frontend = frontend  # ROUTER identity of the frontend connection
         self.worker_id = worker_id
         self.generated: list[int] = list(request.generated_token_ids)
         self.migrations = 0
-        self.started = started
         self.blocks = 0  # KV blocks it holds on its worker (router's accounting)
         self.prefill_blocks = 0  # blocks still to prefill until its first token arrives
         self.hashes: list[int] = []

@@ -48,6 +48,12 @@ def sequence_tokens(request: GenerateRequest) -> list[int]:
     return request.token_ids
 
 
+def request_blocks(request: GenerateRequest, block_size: int) -> int:
+    """KV blocks the sequence occupies, its last partial block included."""
+    n = len(request.token_ids) + len(request.generated_token_ids)
+    return -(-n // block_size)
+
+
 class KvAwarePolicy:
     name = "kv"
 
@@ -68,7 +74,7 @@ class KvAwarePolicy:
         block_size = candidates[0].block_size
         tokens = sequence_tokens(request)
         hashes = block_hashes(tokens, block_size, self.seed)
-        request_blocks = -(-len(tokens) // block_size)
+        blocks = request_blocks(request, block_size)
         matches = self.index.find_matches(hashes) if hashes else {}
         if hint:
             matches = {**matches, **{w: max(n, matches.get(w, 0)) for w, n in hint.items()}}
@@ -76,10 +82,10 @@ class KvAwarePolicy:
         pool = list(range(len(candidates)))
         if len(candidates) > 1 and self.hotspot_margin >= 0:
             mean = sum(p + d for p, d in loads) / len(loads)
-            cap = (1 + self.hotspot_margin) * mean + request_blocks
+            cap = (1 + self.hotspot_margin) * mean + blocks
             cool = [i for i in pool if loads[i][0] + loads[i][1] <= cap]
             pool = cool or pool
-        costs = [self.overlap_weight * (request_blocks - matches.get(candidates[i].id, 0)
+        costs = [self.overlap_weight * (blocks - matches.get(candidates[i].id, 0)
                                         + loads[i][0]) + loads[i][1] for i in pool]
         if self.temperature > 0 and len(pool) > 1:
             pick = pool[self._softmax(costs)]
@@ -90,7 +96,7 @@ class KvAwarePolicy:
         worker = candidates[pick]
         self._turn += 1
         worker.last_chosen = self._turn
-        return Decision(worker, request_blocks, matches.get(worker.id, 0), hashes,
+        return Decision(worker, blocks, matches.get(worker.id, 0), hashes,
                         costs[pool.index(pick)])
 
     def _softmax(self, costs: list[float]) -> int:

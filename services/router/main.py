@@ -63,7 +63,7 @@ from services.router.approx_kv_index import ApproxKvIndex
 from services.router.args import RouterConfig
 from services.router.inflight import InflightRequest, InflightTable
 from services.router.kv_index import KvIndex
-from services.router.kv_policy import Decision, KvAwarePolicy, sequence_tokens
+from services.router.kv_policy import Decision, KvAwarePolicy, request_blocks, sequence_tokens
 from services.router.metrics import RouterMetrics
 from services.router.policies import (
     NoWorkerError,
@@ -159,7 +159,7 @@ class Router:
             self.metrics.requests.labels("rejected").inc()
             self._reply_error(ident, request.request_id, exc.code, str(exc))
             return
-        entry = InflightRequest(request, ident, worker.worker.id, time.monotonic())
+        entry = InflightRequest(request, ident, worker.worker.id)
         self.inflight.add(entry)
         self.assign(entry, worker)
         self.metrics.inflight.set(len(self.inflight))
@@ -177,7 +177,7 @@ class Router:
         t0 = time.perf_counter()
         if request.target_worker:
             worker = select_target(candidates, request)
-            decision = Decision(worker, _blocks(request, worker.block_size))
+            decision = Decision(worker, request_blocks(request, worker.block_size))
             policy = "direct"
             if self.approx_index is not None and not dry_run:
                 # A gateway chose (maybe after a preview): the prefix gets cached there all
@@ -198,7 +198,7 @@ class Router:
             # A migration goes to a worker holding the request's KV when there is one.
             held = [w for w in candidates if hint and hint.get(w.id)]
             worker = self.policy.select(held or candidates, request)
-            decision = Decision(worker, _blocks(request, worker.block_size),
+            decision = Decision(worker, request_blocks(request, worker.block_size),
                                 hint.get(worker.id, 0) if hint else 0)
             policy = self.policy.name
         if dry_run:
@@ -665,7 +665,3 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     uvloop.run(Router(config).run())
 
-
-def _blocks(request: GenerateRequest, block_size: int) -> int:
-    n = len(request.token_ids) + len(request.generated_token_ids)
-    return -(-n // block_size)
