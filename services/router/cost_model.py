@@ -23,13 +23,28 @@ chunk) plus a decode pass while sequences decode beside it:
 
     ttft_ms = (S - 1)·prefill(B - n) + prefill(rest) + S·decode(n, u)     [decode only if n > 0]
 
-Pure: no clock, no I/O; the router feeds records and asks for predictions.
+Routing on TTFT alone is greedy: a request that skips a busy worker holding its prefix saves
+itself some queueing but adds a full recompute to the fleet's work, which delays everyone after
+it, and duplicates the prefix in a second cache. `RouteCost` prices that externality with the
+fleet's own queueing pressure:
+
+    cost(w) = ttft_ms(w) + pressure · work_ms(w)
+
+where work_ms(w) is the request's prefill time alone at w's overlap and pressure is the measured
+ratio of mean queueing delay (the predicted time to clear each worker's queued prefill, averaged
+over the fleet) to mean work per request, both smoothed over recent decisions. For a queue that
+ratio is what one more millisecond of work costs the requests behind it (Little's law: u/(1-u)
+at utilisation u of an M/M/1 queue). An idle fleet has pressure 0: pure TTFT, so load spreads
+freely; as queues build, cache hits (less work) win over shorter queues, which is what keeps a
+loaded fleet stable.
+
+Pure: no clock, no I/O; the router feeds records and loads and asks for costs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from common.messages import ForwardPass
@@ -242,20 +257,72 @@ class StepCostModel:
         return ms
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerLoad:
+    """What the router knows of one worker when it places a request."""
+
+    queued_tokens: float  # prefill tokens queued or being prefilled there
+    decoding: float  # sequences decoding there
+    kv_usage: float  # fraction of its KV blocks in use
+
+
+class RouteCost:
+    """Costs of sending one request to each candidate worker (see the module docstring).
+
+    `smoothing_decisions`: the pressure's averages follow roughly this many recent decisions.
+    """
+
+    def __init__(self, steps: StepCostModel, smoothing_decisions: float = 64.0) -> None:
+        if smoothing_decisions < 1:
+            raise ValueError(f"smoothing_decisions must be >= 1, got {smoothing_decisions}")
+        self.steps = steps
+        self._alpha = 1.0 / smoothing_decisions
+        self.wait_ms = 0.0  # smoothed mean over the fleet of the time to clear its queue
+        self.work_ms = 0.0  # smoothed prefill time of a request alone, where it is cheapest
+        self.decisions = 0
+
+    @property
+    def pressure(self) -> float:
+        return self.wait_ms / self.work_ms if self.work_ms > 0 else 0.0
+
+    def costs(self, loads: Sequence[WorkerLoad], uncached_tokens: Sequence[float]) -> list[float]:
+        """cost(w) for each candidate (`uncached_tokens[i]`: the request's prompt tokens not
+        cached on candidate i), then fold this decision's loads into the pressure."""
+        steps = self.steps
+        pressure = self.pressure
+        out: list[float] = []
+        wait_sum = 0.0
+        best_work = math.inf
+        for load, new in zip(loads, uncached_tokens, strict=True):
+            ttft = steps.ttft_ms(load.queued_tokens, new, load.decoding, load.kv_usage)
+            work = steps.ttft_ms(0.0, new)
+            out.append(ttft + pressure * work)
+            wait_sum += steps.ttft_ms(load.queued_tokens, 0.0, load.decoding, load.kv_usage)
+            best_work = min(best_work, work)
+        if out:
+            a = self._alpha if self.decisions else 1.0
+            self.wait_ms += a * (wait_sum / len(out) - self.wait_ms)
+            self.work_ms += a * (best_work - self.work_ms)
+            self.decisions += 1
+        return out
+
+
 class CostModels:
-    """One `StepCostModel` per served model, created on first use with the same settings."""
+    """One `RouteCost` (over one `StepCostModel`) per served model, created on first use."""
 
     def __init__(self, prior: StepCoefficients = DEFAULT_PRIOR, prior_weight: float = 0.25,
                  half_life_steps: float = 4096.0,
-                 chunk_tokens_prior: int = DEFAULT_CHUNK_TOKENS) -> None:
+                 chunk_tokens_prior: int = DEFAULT_CHUNK_TOKENS,
+                 smoothing_decisions: float = 64.0) -> None:
         self._settings = (prior, prior_weight, half_life_steps, chunk_tokens_prior)
-        StepCostModel(*self._settings)  # validate now, not at the first record
-        self.models: dict[str, StepCostModel] = {}
+        self._smoothing = smoothing_decisions
+        RouteCost(StepCostModel(*self._settings), smoothing_decisions)  # validate now
+        self.models: dict[str, RouteCost] = {}
 
-    def get(self, model: str) -> StepCostModel:
+    def get(self, model: str) -> RouteCost:
         m = self.models.get(model)
         if m is None:
-            m = self.models[model] = StepCostModel(*self._settings)
+            m = self.models[model] = RouteCost(StepCostModel(*self._settings), self._smoothing)
         return m
 
 

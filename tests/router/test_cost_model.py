@@ -11,8 +11,10 @@ from common.messages import ForwardPass
 from services.router.cost_model import (
     DEFAULT_PRIOR,
     CostModels,
+    RouteCost,
     StepCoefficients,
     StepCostModel,
+    WorkerLoad,
 )
 
 # An engine unlike the prior: slower prefill with a stronger quadratic, decode growing with the
@@ -165,11 +167,58 @@ def test_a_cached_prefix_saves_more_than_its_share_of_queue() -> None:
 
 def test_cost_models_are_per_model() -> None:
     models = CostModels(half_life_steps=100)
-    models.get("big").observe_all(engine_steps(300), TOTAL_BLOCKS)
-    assert models.get("big").records == 300
-    assert models.get("small").records == 0
-    assert models.get("small").coefficients == DEFAULT_PRIOR
+    models.get("big").steps.observe_all(engine_steps(300), TOTAL_BLOCKS)
+    assert models.get("big").steps.records == 300
+    assert models.get("small").steps.records == 0
+    assert models.get("small").steps.coefficients == DEFAULT_PRIOR
     assert models.get("big") is models.get("big")
+
+
+IDLE = WorkerLoad(0, 0, 0.0)
+
+
+def test_an_idle_fleet_routes_on_ttft_alone() -> None:
+    """No queues anywhere: pressure 0, and a worker holding most of the prompt but with a long
+    queue loses to an idle one when its queue costs more than the prefix saves."""
+    route = RouteCost(StepCostModel())
+    for _ in range(100):
+        route.costs([IDLE, IDLE], [5000, 5000])
+    assert route.pressure == 0.0
+    cached_busy = WorkerLoad(60_000, 0, 0.0)
+    costs = route.costs([cached_busy, IDLE], [2_000, 32_000])
+    steps = route.steps
+    assert costs == [steps.ttft_ms(60_000, 2_000), steps.ttft_ms(0, 32_000)]
+    assert costs[1] < costs[0]
+
+
+def test_queues_make_the_fleet_prefer_less_work() -> None:
+    """With every worker queueing about a request's worth of work, pressure rises towards the
+    wait/work ratio, and the same choice now goes to the worker that holds the prefix: sending
+    32k uncached tokens elsewhere would delay everything queued behind them."""
+    route = RouteCost(StepCostModel(), smoothing_decisions=16)
+    busy = WorkerLoad(40_000, 0, 0.0)
+    for _ in range(200):
+        route.costs([busy, busy, busy, busy], [20_000, 20_000, 20_000, 20_000])
+    steps = route.steps
+    assert route.pressure == pytest.approx(steps.ttft_ms(40_000, 0) / steps.ttft_ms(0, 20_000))
+    assert route.pressure > 1
+    cached_busy = WorkerLoad(60_000, 0, 0.0)
+    costs = route.costs([cached_busy, IDLE], [2_000, 32_000])
+    assert costs[0] < costs[1]
+    # ... and when the queues drain, pressure falls back and the idle worker wins again.
+    for _ in range(200):
+        route.costs([IDLE, IDLE, IDLE, IDLE], [20_000, 20_000, 20_000, 20_000])
+    assert route.pressure < 0.01
+    costs = route.costs([cached_busy, IDLE], [2_000, 32_000])
+    assert costs[1] < costs[0]
+
+
+def test_route_costs_need_a_load_per_candidate() -> None:
+    route = RouteCost(StepCostModel())
+    with pytest.raises(ValueError):
+        route.costs([IDLE, IDLE], [100])
+    assert route.costs([], []) == []
+    assert route.decisions == 0
 
 
 @pytest.mark.parametrize("kwargs", [{"prior_weight": 0}, {"half_life_steps": 0},
@@ -179,3 +228,5 @@ def test_bad_settings_are_refused(kwargs: dict[str, float]) -> None:
         StepCostModel(**kwargs)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         CostModels(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="smoothing_decisions"):
+        CostModels(smoothing_decisions=0.5)
