@@ -68,21 +68,3 @@ def test_wait_lost_returns_at_the_first_drop_after_a_connection() -> None:
 
     asyncio.run(main())
 
-
-def test_a_peer_that_never_answers_is_never_connected() -> None:
-    async def main() -> None:
-        ctx = zmq.asyncio.Context()
-        probe, endpoint = router(ctx)
-        probe.close(linger=0)  # a free port nobody listens on
-        dealer = MonitoredDealer(ctx, endpoint)
-        try:
-            changes = dealer.changes()
-            nxt = asyncio.ensure_future(anext(changes))
-            done, _ = await asyncio.wait({nxt}, timeout=0.5)
-            assert not done and not dealer.connected
-            nxt.cancel()
-        finally:
-            dealer.close()
-            ctx.destroy(linger=0)
-
-    asyncio.run(main())
