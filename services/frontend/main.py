@@ -40,7 +40,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
 async def serve(config: FrontendConfig) -> None:
     import uvicorn
 
-    from services.frontend.app import build_app
+    from services.frontend.app import FrontendApp
     from services.frontend.metrics import FrontendMetrics
     from services.frontend.tokenizer import load_tokenizer
     from services.frontend.upstream import RouterClient
@@ -53,9 +53,9 @@ async def serve(config: FrontendConfig) -> None:
     discovery = open_discovery(config.discovery, lease_ttl=config.lease_ttl_s)
     upstream = RouterClient(discovery)
     await upstream.start()
-    app = build_app(upstream=upstream, tokenizer=tokenizer,
-                    served_model_name=config.model_name(), max_model_len=config.max_model_len,
-                    metrics=FrontendMetrics(), api_key=config.api_key or None)
+    app = FrontendApp(upstream=upstream, tokenizer=tokenizer,
+                      served_model_name=config.model_name(), max_model_len=config.max_model_len,
+                      metrics=FrontendMetrics(), api_key=config.api_key or None)
     sock = listen_socket(config.host, config.port)
     port = sock.getsockname()[1]
     host = config.advertise_host or config.host
