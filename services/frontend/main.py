@@ -38,7 +38,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
 async def serve(config: FrontendConfig) -> None:
     import uvicorn
 
-    from services.frontend.app import build_app
+    from services.frontend.app import FrontendApp
     from services.frontend.metrics import FrontendMetrics
     from services.frontend.tokenizer import load_tokenizer
     from services.frontend.upstream import RouterClient
@@ -54,10 +54,10 @@ async def serve(config: FrontendConfig) -> None:
         await upstream.start()
         service.on_shutdown("request plane", upstream.close)
         service.on_shutdown("discovery", discovery.close)
-        app = build_app(upstream=upstream, tokenizer=tokenizer,
-                        served_model_name=config.model_name(),
-                        max_model_len=config.max_model_len, metrics=FrontendMetrics(),
-                        api_key=config.api_key or None)
+        app = FrontendApp(upstream=upstream, tokenizer=tokenizer,
+                          served_model_name=config.model_name(),
+                          max_model_len=config.max_model_len, metrics=FrontendMetrics(),
+                          api_key=config.api_key or None)
         sock = listen_socket(config.host, config.port)
         service.on_shutdown("listening socket", sock.close)
         port = sock.getsockname()[1]

@@ -414,12 +414,14 @@ def stop_strings(body: ChatCompletionRequest | CompletionRequest) -> tuple[str, 
 
 
 def sampling_params(body: ChatCompletionRequest | CompletionRequest, prompt_len: int,
-                    max_model_len: int, vocab_size: int) -> SamplingParams:
-    """SamplingParams for a validated body whose prompt is `prompt_len` tokens long."""
+                    max_model_len: int, vocab_size: int, limit_source: str = "") -> SamplingParams:
+    """SamplingParams for a validated body whose prompt is `prompt_len` tokens long;
+    `limit_source` says where `max_model_len` comes from and how to raise it (for the error)."""
     prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+    limit = f"{max_model_len} tokens" + (f" ({limit_source})" if limit_source else "")
     if prompt_len >= max_model_len:
         raise ApiError(
-            400, f"This model's maximum context length is {max_model_len} tokens. However, your "
+            400, f"This model's maximum context length is {limit}. However, your "
             f"prompt is {prompt_len} tokens, which leaves no room for the completion.",
             param=prompt_param, code="context_length_exceeded", reason="context_length")
     room = max_model_len - prompt_len
@@ -435,7 +437,7 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, prompt_len:
     if max_tokens > room:
         raise ApiError(
             400, f"'{param}' is too large: {max_tokens}. This model's maximum context length is "
-            f"{max_model_len} tokens and the prompt is {prompt_len} tokens, so at most {room} "
+            f"{limit} and the prompt is {prompt_len} tokens, so at most {room} "
             "completion tokens fit.", param=param, code="context_length_exceeded",
             reason="context_length")
     min_tokens = body.min_tokens or 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from typing import Protocol
 
 import msgspec
@@ -37,12 +36,6 @@ log = logging.getLogger(__name__)
 
 class NoWorkersError(Exception):
     """No router, or no worker serving the requested model, is reachable."""
-
-
-class RequestStream(Protocol):
-    """The chunks of one request, ending with the chunk that has a finish reason."""
-
-    def __aiter__(self) -> AsyncIterator[TokenChunk]: ...
 
 
 class Upstream(Protocol):
@@ -94,14 +87,6 @@ class ChunkStream:
         if batch[-1].finish_reason is not None:
             self.finished = True
         return batch
-
-    async def __aiter__(self) -> AsyncIterator[TokenChunk]:
-        while True:
-            batch = await self.next_batch()
-            if not batch:
-                return
-            for chunk in batch:
-                yield chunk
 
 
 class RouterClient:
