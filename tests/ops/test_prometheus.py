@@ -24,9 +24,9 @@ import httpx
 import pytest
 import yaml
 
-from tests.e2e.deployment import read_records, wait_for
 from tests.ops.host_run import ROOT, HostRun, chat, free_port, get_ok
 from tests.ops.test_dashboard import targets
+from turnout.testing.deployment import read_records, wait_for
 
 pytestmark = pytest.mark.e2e
 
