@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 import openai
 import pytest
 
-from turnout.testing.deployment import Deployment, Service, wait_for, wait_for_async
+from turnout.testing.deployment import Deployment, Service, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -23,29 +23,36 @@ TOKENS = 512
 Fault = Callable[[], Awaitable[None]]
 
 
-async def serving(victim: Service, decoded_before: float, *, replicated: bool = False,
-                  within_s: float = 60) -> None:
-    """Returns once `victim` is observed computing streams: requests running and tokens decoded
-    since `decoded_before` (with `replicated`, also its KV replicated and caught up)."""
-    async def busy() -> bool:
-        m = await victim.metrics_async()
+def signal_once_serving(victim: Service, sig: int, *, prompt_tokens: int = 1,
+                        replicated: bool = False, within_s: float = 60) -> Fault:
+    """A fault: `sig` to `victim` once it is observed serving the streams about to start:
+    requests running, tokens decoded, at least `prompt_tokens` prompt tokens admitted (their
+    first tokens out), and with `replicated`, its KV replicated to a peer and caught up.
+
+    Watched from a thread of its own, which also sends the signal: this test's event loop is
+    busy parsing the streams, and a late look could find the victim's streams nearly done."""
+    before = victim.metrics()
+
+    def busy() -> bool:
+        m = victim.metrics()
+
+        def grew(name: str) -> float:
+            return m.value(name) - before.value(name)
+
         ok = (m.value("turnout_worker_running_requests") > 0
-              and m.value("turnout_worker_decode_tokens_total") > decoded_before)
+              and grew("turnout_worker_decode_tokens_total") > 0
+              and grew("turnout_worker_prompt_tokens_total") >= prompt_tokens)
         if replicated:
-            ok = ok and (m.value("turnout_worker_kv_replicated_blocks") > 0
+            ok = ok and (grew("turnout_worker_kv_replicated_blocks") > 0
                          and m.value("turnout_worker_kv_replication_lag_blocks") == 0)
         return ok
 
-    await wait_for_async(busy, within_s, f"{victim.name} to serve streams", interval=0.02)
-
-
-def signal_once_serving(victim: Service, sig: int, **when: bool) -> Fault:
-    """A fault: `sig` to `victim` as soon as it is observed serving the streams now starting."""
-    decoded = victim.metrics().value("turnout_worker_decode_tokens_total")
+    def watch_then_signal() -> None:
+        wait_for(busy, within_s, f"{victim.name} to serve the streams", interval=0.02)
+        victim.signal(sig)
 
     async def fault() -> None:
-        await serving(victim, decoded, **when)
-        victim.signal(sig)
+        await asyncio.to_thread(watch_then_signal)
 
     return fault
 
@@ -129,6 +136,10 @@ def test_migration_limit_zero_turns_a_crash_into_a_clean_error(deployment: Deplo
     wait_for(lambda: not victim.alive(), 5, "the victim to be gone")
 
 
+def long_prompt(i: int) -> str:
+    return f"long document {i}: " + "all work and no play makes a dull boy. " * 110
+
+
 def test_kv_replicas_keep_the_kv_of_long_prompts(deployment: Deployment) -> None:
     """With --kv-replicas 1 a migrated request recomputes at most its last block plus the
     tokens generated since the last replicated block; without, the whole context."""
@@ -141,16 +152,19 @@ def test_kv_replicas_keep_the_kv_of_long_prompts(deployment: Deployment) -> None
                                  timeout=120)
 
         async def one(i: int) -> str:
-            prompt = f"long document {i}: " + "all work and no play makes a dull boy. " * 110
-            stream = await oai.completions.create(model="mock", prompt=prompt, max_tokens=256,
+            stream = await oai.completions.create(model="mock", prompt=long_prompt(i),
+                                                  max_tokens=256,
                                                   stream=True, extra_body={"ignore_eos": True})
             return "".join([c.choices[0].text async for c in stream if c.choices])
 
         out = await asyncio.gather(*(one(i) for i in range(8)), *([fault()] if fault else []))
         return [t for t in out if isinstance(t, str)]
 
-    # Killed once its KV is replicated: what the test is about is a migration that finds it.
-    texts = asyncio.run(run(signal_once_serving(victim, signal.SIGKILL, replicated=True)))
+    # Killed once each of its 4 streams is past its prompt and the KV is replicated: what this
+    # test is about is a migration that finds it there.
+    prompt_tokens = len(long_prompt(0)) + 1  # the byte tokenizer, + BOS
+    texts = asyncio.run(run(signal_once_serving(victim, signal.SIGKILL, replicated=True,
+                                                prompt_tokens=4 * prompt_tokens)))
     assert len(texts) == 8 and all(len(t) == 256 for t in texts)
     assert texts == asyncio.run(run(None)), "the same tokens as a run without the fault"
     recomputed = deployment.router.metrics().histogram(
