@@ -99,8 +99,14 @@ def test_streams_survive_a_worker_fault(deployment: Deployment, sig: int) -> Non
     migrations = deployment.router.metrics().by_label("turnout_router_migrations_total", "cause")
     cause = {signal.SIGKILL: "crash", signal.SIGSTOP: "hang", signal.SIGTERM: "drain"}[sig]
     assert migrations.get(cause, 0) > 0, migrations
-    # Detection is fast: a hung worker is noticed within ~3 heartbeats, not a lease.
-    assert longest < 2.0, f"longest token gap {longest:.2f} s"
+    # Detection is fast, by the router's own clock (a dead worker's last heartbeat to the
+    # verdict): a crash or a drain at the dropped connection, a hang within ~3 heartbeats; never
+    # a lease.
+    detection = deployment.router.metrics().histogram("turnout_router_failure_detection_seconds")
+    assert detection.count == 1 and detection.buckets[1.0] == 1, detection
+    # What clients see: no stream stalls for long. Loose, as this measures the test's own busy
+    # event loop too, which on a loaded machine alone adds a second or two.
+    assert longest < 5.0, f"longest token gap {longest:.2f} s"
     if sig == signal.SIGSTOP:
         victim.signal(signal.SIGCONT)
 
