@@ -14,8 +14,6 @@ Owns process lifecycle and observation. Does not own what a test or benchmark se
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import json
 import os
 import signal
@@ -23,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -57,21 +55,6 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str,
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
-
-
-async def wait_for_async(predicate: Callable[[], T | Awaitable[T]], within_s: float, what: str,
-                         interval: float = 0.05) -> T:
-    """`wait_for` on an event loop; `predicate` may be a coroutine function."""
-    deadline = time.monotonic() + within_s
-    while True:
-        value = predicate()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value  # type: ignore[return-value]
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {within_s} s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 def read_records(directory: Path) -> list[dict[str, Any]]:
@@ -165,9 +148,6 @@ class Service:
 
     def metrics(self) -> Metrics:
         return scrape(self.metrics_url())
-
-    async def metrics_async(self) -> Metrics:
-        return await scrape_async(self.metrics_url())
 
 
 class Deployment:
