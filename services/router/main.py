@@ -22,7 +22,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 import zmq
@@ -68,25 +68,27 @@ MALFORMED = (msgspec.DecodeError, msgspec.ValidationError)
 
 
 class Router:
-    def __init__(self, config: RouterConfig) -> None:
+    def __init__(self, config: RouterConfig,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.router_id = config.router_id or f"router-{os.getpid()}-{secrets.token_hex(3)}"
         self.ctx = zmq.asyncio.Context()
         self.metrics = RouterMetrics(self.router_id)
         self.pool = WorkerPool(self.ctx)
-        self.accounting = Accounting()
+        self.accounting = Accounting(clock)
         self.selector, self.kv_index = build_selection(config, self.pool, self.metrics)
         self.frontends = self.ctx.socket(zmq.ROUTER)
         self.migration = Migration(
             self.pool, self.accounting, self.selector, self.metrics,
             functools.partial(send_error, self.frontends), self.kv_index,
-            config.migration_limit, config.no_worker_wait_ms / 1000)
+            config.migration_limit, config.no_worker_wait_ms / 1000, clock)
         self.streams = Streams(self.frontends, self.pool, self.selector, self.accounting,
-                               self.migration, self.metrics, config.no_worker_wait_ms / 1000)
+                               self.migration, self.metrics, config.no_worker_wait_ms / 1000,
+                               clock)
         self.liveness = Liveness(config.heartbeat_interval_ms / 1000, config.missed_heartbeats,
-                                 config.stall_timeout_ms / 1000)
+                                 config.stall_timeout_ms / 1000, clock)
         self.intake = EventIntake(self.pool, self.liveness, self.metrics, self.kv_index,
-                                  on_recovered=self.worker_recovered)
+                                  self.worker_recovered, clock)
         self.route_api = RouteApi(self.selector, self.metrics)
         topics = [TOPIC_HEARTBEAT, TOPIC_LOAD] + ([TOPIC_KV] if self.kv_index is not None else [])
         self.subscriber = EventSubscriber(
@@ -210,19 +212,22 @@ class Router:
                 self._malformed("event", str(exc))
 
     async def watch_liveness(self) -> None:
-        """Every half heartbeat period: place waiting requests, judge silent/stalled workers."""
         while True:
             await asyncio.sleep(self.liveness.period / 2)
-            on_time = self.liveness.check_on_time()
-            if self.streams.waiting:
-                self.streams.retry()
-            if not on_time:
-                continue
-            if self.kv_index is not None:
-                self.metrics.index_blocks.set(self.kv_index.num_blocks())
-                self.metrics.index_entries.set(self.kv_index.num_entries())
-            for worker, cause in self.liveness.verdicts(list(self.pool.workers.values())):
-                self.worker_lost(worker, cause)
+            self.check_liveness()
+
+    def check_liveness(self) -> None:
+        """Every half heartbeat period: place waiting requests, judge silent/stalled workers."""
+        on_time = self.liveness.check_on_time()
+        if self.streams.waiting:
+            self.streams.retry()
+        if not on_time:
+            return
+        if self.kv_index is not None:
+            self.metrics.index_blocks.set(self.kv_index.num_blocks())
+            self.metrics.index_entries.set(self.kv_index.num_entries())
+        for worker, cause in self.liveness.verdicts(list(self.pool.workers.values())):
+            self.worker_lost(worker, cause)
 
     # -- workers coming, going, lost -----------------------------------------------------------
 

@@ -3,6 +3,7 @@ handles, and a router wired from them (no processes, no network)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from common.messages import (
@@ -40,20 +41,37 @@ class SocketDone(Exception):
 
 
 class FakeSocket:
-    """Records every multipart message sent; `recv_multipart` hands out queued frames."""
+    """Records every multipart message sent; `recv_multipart` hands out queued frames, then
+    raises SocketDone (or, with `wait_when_empty`, waits forever like an idle socket)."""
 
-    def __init__(self, incoming: list[list[bytes]] | None = None) -> None:
+    def __init__(self, incoming: list[list[bytes]] | None = None,
+                 wait_when_empty: bool = False) -> None:
         self.sent: list[list[bytes]] = []
         self.incoming = list(incoming or [])
+        self.wait_when_empty = wait_when_empty
         self.closed = False
+        self.connected: list[str] = []
+        self.monitor: FakeSocket | None = None
 
     def send_multipart(self, frames: list[bytes]) -> None:
         self.sent.append(list(frames))
 
     async def recv_multipart(self) -> list[bytes]:
         if not self.incoming:
+            if self.wait_when_empty:
+                await asyncio.Event().wait()
             raise SocketDone
         return self.incoming.pop(0)
+
+    def setsockopt(self, option: int, value: int) -> None:
+        pass
+
+    def connect(self, endpoint: str) -> None:
+        self.connected.append(endpoint)
+
+    def get_monitor_socket(self, events: int) -> FakeSocket:
+        self.monitor = FakeSocket(wait_when_empty=True)
+        return self.monitor
 
     def disable_monitor(self) -> None:
         pass
@@ -134,3 +152,15 @@ class Wiring:
             out += [(ident, c.request_id, c.error_code, c.error_message) for c in chunks
                     if c.error_code]
         return out
+
+
+class FakeContext:
+    """A zmq context whose sockets are idle fakes (for `WorkerPool.admit`)."""
+
+    def __init__(self) -> None:
+        self.sockets: list[FakeSocket] = []
+
+    def socket(self, kind: int) -> FakeSocket:
+        sock = FakeSocket(wait_when_empty=True)
+        self.sockets.append(sock)
+        return sock
