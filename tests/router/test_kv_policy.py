@@ -166,3 +166,11 @@ def test_a_prompt_shorter_than_a_block_asks_the_index_nothing() -> None:
     p = KvAwarePolicy(index)  # type: ignore[arg-type]
     d = p.decide(request(tokens=3), [worker("a"), worker("b")])
     assert index.asked == [] and d.overlap == 0 and d.request_blocks == 1
+
+
+def test_load_outranks_recency_in_a_tie() -> None:
+    a, b = worker("a"), worker("b")
+    a.last_chosen, b.last_chosen = 9, 1  # b was chosen longer ago...
+    b.usage.active_blocks = 1  # ...but carries more: b: 1*(2-1)+1 = 2 ; a: 1*(2-0) = 2
+    d = policy({"b": 1}, overlap_weight=1).decide(request(), [b, a])
+    assert d.cost == 2.0 and d.worker is a

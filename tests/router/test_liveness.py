@@ -175,3 +175,26 @@ def test_verdicts_judge_only_live_workers_each_with_its_own_cause() -> None:
     assert live.silent_too_long(hung, clock.now) and not live.silent_too_long(fine, clock.now)
     assert live.verdicts([hung, stalled, fine, dead]) == [(hung, CAUSE_HANG),
                                                           (stalled, CAUSE_STALL)]
+
+
+def test_silence_exactly_at_the_limit_is_not_yet_a_verdict() -> None:
+    clock = FakeClock(1000.0)
+    live = Liveness(0.25, 4, 0.0, clock)  # limit 1.0 s, exact in binary
+    w = worker("a")
+    live.watch(w)
+    clock.advance(1.0)
+    assert not live.silent_too_long(w, clock.now) and live.verdicts([w]) == []
+    clock.advance(0.25)
+    assert live.silent_too_long(w, clock.now)
+
+
+def test_a_worker_with_no_work_is_never_stalled() -> None:
+    clock, live, w = setup()
+    w.usage.requests.add("r1")
+    beat(live, w, 5, active=1)
+    for _ in range(15):  # no progress while it has work...
+        clock.advance(0.09)
+        beat(live, w, 5, active=1)
+    assert live.stalled(w, clock.now)
+    w.usage.requests.clear()  # ...then the work left (its heartbeat has not said so yet)
+    assert not live.stalled(w, clock.now) and live.verdicts([w]) == []

@@ -186,3 +186,14 @@ def test_a_finished_stranded_request_is_not_retried() -> None:
     w.pool.workers["b"] = b = worker("b")
     w.streams.retry()
     assert sent(b) == [] and not w.streams.waiting
+
+
+def test_a_suspect_is_never_named_as_a_kv_source_of_its_own_requests() -> None:
+    a, b = worker("a"), worker("b")
+    w = Wiring(RoundRobin(), a, b, kv_index=FixedIndex({"a": 2, "b": 1}))
+    entry = running(w, a)
+    entry.hashes = [1, 2]
+    a.alive = a.routable = False  # suspect: still in the pool, still in the index
+    assert w.migration.holders(entry, "a") == {"b": 1}
+    assert w.migration.migrate(entry, "stall")
+    assert generate_decoder.decode(sent(b)[0][1]).kv_sources == []
