@@ -1,15 +1,11 @@
 """The router process: picks a worker for every request, relays token streams, survives failures.
 
-Reads top-down: config builds the parts (selection, accounting, migration, liveness, event
-intake, the /v1/route preview), then `run()` binds the frontend-facing ROUTER socket, watches
-discovery for workers (one DEALER and one event subscription each), runs the loops until
-SIGTERM/SIGINT, and shuts down. A worker is declared lost at once when its connection drops,
-or when liveness says it went silent or stalled; its in-flight requests continue on another
-worker from the next token (prompt and every streamed token are resent, so the client's stream
-goes on unbroken).
-
-Owns the sockets, the loops and what happens to a worker that comes, goes or is lost. Does not
-own HTTP or tokenization (frontend) or scheduling (workers).
+Reads top-down: the config builds the parts (selection, accounting, migration, liveness, event
+intake, the /v1/route preview); `run()` binds the frontend-facing ROUTER socket, registers, runs
+the loops until SIGTERM/SIGINT and shuts down; then the loops; then what happens to a worker
+that comes (one DEALER and one event subscription each), goes, or is lost (its requests continue
+on another worker from the next token). Does not own HTTP or tokenization (frontend) or
+scheduling (workers).
 """
 
 from __future__ import annotations
@@ -250,13 +246,18 @@ class Router:
         log.info("worker admitted", extra={"fields": {"worker": worker.id,
                                                       "model": worker.model}})
 
-    def _retire(self, worker: WorkerHandle) -> None:
+    def _retire(self, worker: WorkerHandle, dead: bool = False) -> None:
+        """Close `worker`'s connections (`dead`: and never re-admit this incarnation)."""
         for task in self._tasks.pop(worker.id, []):
-            task.cancel()
+            if task is not asyncio.current_task():  # its connection watcher may be retiring it
+                task.cancel()
         self.subscriber.disconnect(worker.instance.endpoints.get("events", ""))
         self.subscriber.forget(worker.id)
         self._forget_kv(worker.id)
-        self.pool.close(worker)
+        if dead:
+            self.pool.mark_dead(worker)
+        else:
+            self.pool.close(worker)
 
     def worker_lost(self, worker: WorkerHandle, cause: str) -> None:
         """Take `worker` out of routing and move its requests. A dropped connection closes it
@@ -275,12 +276,7 @@ class Router:
         self._forget_kv(worker.id)
         moved = self.accounting.on_worker(worker)
         if loss.crashed:
-            self.pool.mark_dead(worker)
-            self.subscriber.disconnect(worker.instance.endpoints.get("events", ""))
-            self.subscriber.forget(worker.id)
-            for task in self._tasks.pop(worker.id, []):
-                if task is not asyncio.current_task():
-                    task.cancel()
+            self._retire(worker, dead=True)
         else:
             for entry in moved:  # if it wakes up, it must not keep computing these
                 worker.socket.send_multipart([KIND_CANCEL,

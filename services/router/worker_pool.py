@@ -2,8 +2,9 @@
 
 A worker enters when discovery shows it and leaves the routing set at once when the router
 declares it dead (connection dropped, heartbeats missed) or when it leaves discovery (draining:
-its running streams still finish over the open connection). Owns sockets and state per worker;
-the decisions on what to do with a dead worker's requests belong to the router.
+its running streams still finish over the open connection). Owns the sockets and the handle;
+the handle's liveness fields are `liveness.py`'s to change, its `usage` is `accounting.py`'s, and
+what happens to a dead worker's requests is `migration.py`'s.
 """
 
 from __future__ import annotations
