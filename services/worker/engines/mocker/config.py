@@ -32,6 +32,8 @@ class MockerConfig:
     kv_bytes_per_token: int = opt(131072, help="simulated KV bytes per token (default: a "
                                                "Llama-3-8B layout in bf16)")
     hash_seed: int = opt(DEFAULT_SEED, help="seed of the KV block hashes (must match the router)")
+    startup_time_s: float = opt(0.0, help="simulated model load time before the engine serves "
+                                          "(logged each second at info level); 0: none")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -44,6 +46,8 @@ class MockerConfig:
                 raise ValueError(f"mocker: {name} must be positive, got {getattr(self, name)}")
         if self.speedup_ratio < 0:
             raise ValueError(f"mocker: speedup_ratio must be >= 0, got {self.speedup_ratio}")
+        if self.startup_time_s < 0:
+            raise ValueError(f"mocker: startup_time_s must be >= 0, got {self.startup_time_s}")
         if self.mean_output_tokens < 0:
             raise ValueError("mocker: mean_output_tokens must be >= 0")
         lo, hi = self.output_range()
