@@ -225,7 +225,7 @@ class Supervisor:
         self.code = 0
         self._next_check = 0.0
         self._next_report = 0.0
-        self._last_summary = ""
+        self._last_stages = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._discovery: Discovery | None = None
 
@@ -352,9 +352,10 @@ class Supervisor:
                 _say(f"still starting: {', '.join(loading)}")
             return
         summary = self.summary()
-        if now - self.started_at >= 2 and (summary != self._last_summary
+        stages = " ".join(w.stage for w in self.workers if not w.reported)
+        if now - self.started_at >= 2 and (stages != self._last_stages
                                            or now >= self._next_report):
-            self._last_summary = summary
+            self._last_stages = stages
             self._next_report = now + PROGRESS_EVERY_S
             _say(f"starting ({now - self.started_at:.0f} s): {summary}")
         timeout = self.plan.up.startup_timeout_s
@@ -374,7 +375,8 @@ class Supervisor:
                 continue
             part = f"{w.name} {w.stage}"
             if w.ready_at is None and w.tail:
-                part += f" (last: {w.tail[-1][-100:]!r})"
+                last = w.tail[-1]
+                part += f" (last: {last if len(last) <= 100 else '…' + last[-99:]!r})"
             parts.append(part)
         if any(w.ready_at is not None for w in self.workers):
             parts.append("frontend not healthy yet")
