@@ -56,7 +56,7 @@ class UpConfig:
 
 
 # A worker's startup stage, from the last line of its output that names one (vLLM's own log,
-# the mocker's simulated load, Turnout's).
+# the mocker's simulated load); "ready" comes from discovery instead.
 _STAGES: Final = (
     ("warming up", re.compile(r"warm|compil|cuda graph|profil|kv cache", re.IGNORECASE)),
     ("loading model", re.compile(r"load|weight|download|shard", re.IGNORECASE)),
@@ -136,6 +136,8 @@ def plan(argv: Sequence[str]) -> Plan:
     engines, (frontend, router, worker) = rest[: len(engine_classes)], rest[len(engine_classes):]
     if up.workers < 1:
         raise SystemExit("turnout up: --workers must be at least 1")
+    if up.startup_timeout_s < 0:
+        raise SystemExit("turnout up: --startup-timeout-s must be >= 0 (0: no limit)")
     tmp: str | None = None
     explicit = any(a == "--discovery" or a.startswith("--discovery=") for a in argv) \
         or "TURNOUT_DISCOVERY" in os.environ
