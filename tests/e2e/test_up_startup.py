@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.deployment import free_port
+from turnout.testing.deployment import free_port
 
 pytestmark = pytest.mark.e2e
 
