@@ -19,15 +19,19 @@ class RouterConfig(ProcessConfig):
     heartbeat_interval_ms: int = opt(100, help="workers' heartbeat period")
     missed_heartbeats: int = opt(3, help="a worker silent this many periods is declared dead")
     migration_limit: int = opt(3, help="times one request may move to another worker; 0: never")
-    # 16, measured: on the Mooncake trace (4 mocker workers, Dynamo's engine model) weight 1
-    # lets long prompts' decode load outvote prefix overlap (8.5% hits, Dynamo's level);
-    # 16 reached 10.6-11.3% with a lower TTFT p50 (bench/kv_routing.py).
-    kv_overlap_weight: float = opt(16.0, help="kv mode: weight of blocks to prefill against "
-                                              "active decode blocks in the cost")
+    # Unset: the adaptive cost (services/router/cost_model.py), which replaced a fixed weight of
+    # 16 that won on the public Mooncake trace and tied Dynamo on long-prompt conversations.
+    kv_overlap_weight: float | None = opt(
+        None, help="kv mode: a fixed weight of blocks to prefill against active decode blocks "
+                   "(the block cost); unset: the adaptive cost, predicted ms to first token from "
+                   "a step-time model fitted to the workers' forward passes, plus measured "
+                   "queueing pressure x the request's prefill work")
     router_temperature: float = opt(0.0, help="kv mode: softmax temperature over costs; 0: "
                                               "always the cheapest worker")
-    hotspot_margin: float = opt(0.5, help="kv mode: a worker loaded more than (1+margin)x the "
-                                          "mean is skipped, whatever its overlap; <0: off")
+    hotspot_margin: float | None = opt(
+        None, help="kv mode: a worker loaded (in KV blocks) more than (1+margin)x the mean is "
+                   "skipped, whatever its overlap; <0: off; unset: 0.5 with --kv-overlap-weight, "
+                   "off with the adaptive cost (it prices queues itself)")
     kv_events: bool = opt(True, help="kv mode: index workers' KV events; --no-kv-events "
                                      "predicts caches from the router's own decisions")
     kv_ttl_s: float = opt(120.0, help="--no-kv-events: how long a routed prefix counts as cached")
@@ -36,3 +40,8 @@ class RouterConfig(ProcessConfig):
                                             "this long for one to appear before a 503")
     stall_timeout_ms: int = opt(10_000, help="a worker that heartbeats but makes no engine "
                                              "progress on admitted work this long is dead; 0: off")
+
+    def __post_init__(self) -> None:
+        if self.kv_overlap_weight is not None and not self.kv_overlap_weight >= 0:
+            raise ValueError(f"--kv-overlap-weight must be >= 0 (unset: the adaptive cost), got "
+                             f"{self.kv_overlap_weight}")

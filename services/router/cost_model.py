@@ -38,7 +38,8 @@ at utilisation u of an M/M/1 queue). An idle fleet has pressure 0: pure TTFT, so
 freely; as queues build, cache hits (less work) win over shorter queues, which is what keeps a
 loaded fleet stable.
 
-Pure: no clock, no I/O; the router feeds records and loads and asks for costs.
+Pure: no clock, no I/O; the router feeds records and loads, asks for quotes and
+says which quotes it acted on.
 """
 
 from __future__ import annotations
@@ -266,10 +267,20 @@ class WorkerLoad:
     kv_usage: float  # fraction of its KV blocks in use
 
 
+@dataclass(frozen=True, slots=True)
+class Quote:
+    """The costs of one decision's candidates, and the fleet's state they were priced at."""
+
+    costs: list[float]
+    mean_wait_ms: float  # mean over the candidates of the time to clear their queued prefill
+    work_ms: float  # the request's prefill time alone, on the candidate where it is least
+
+
 class RouteCost:
     """Costs of sending one request to each candidate worker (see the module docstring).
 
-    `smoothing_decisions`: the pressure's averages follow roughly this many recent decisions.
+    `quote` is pure (a preview may ask); `observe` folds a placed request's quote into the
+    pressure, whose averages follow roughly the last `smoothing_decisions` placements.
     """
 
     def __init__(self, steps: StepCostModel, smoothing_decisions: float = 64.0) -> None:
@@ -285,26 +296,34 @@ class RouteCost:
     def pressure(self) -> float:
         return self.wait_ms / self.work_ms if self.work_ms > 0 else 0.0
 
-    def costs(self, loads: Sequence[WorkerLoad], uncached_tokens: Sequence[float]) -> list[float]:
-        """cost(w) for each candidate (`uncached_tokens[i]`: the request's prompt tokens not
-        cached on candidate i), then fold this decision's loads into the pressure."""
+    def quote(self, loads: Sequence[WorkerLoad], uncached_tokens: Sequence[float]) -> Quote:
+        """cost(w) for each candidate; `uncached_tokens[i]`: the request's tokens (prompt and
+        anything generated before a migration) that candidate i does not cache."""
+        if len(loads) != len(uncached_tokens):
+            raise ValueError(f"{len(loads)} loads for {len(uncached_tokens)} candidates")
         steps = self.steps
         pressure = self.pressure
-        out: list[float] = []
+        costs: list[float] = []
         wait_sum = 0.0
         best_work = math.inf
         for load, new in zip(loads, uncached_tokens, strict=True):
             ttft = steps.ttft_ms(load.queued_tokens, new, load.decoding, load.kv_usage)
             work = steps.ttft_ms(0.0, new)
-            out.append(ttft + pressure * work)
+            costs.append(ttft + pressure * work)
             wait_sum += steps.ttft_ms(load.queued_tokens, 0.0, load.decoding, load.kv_usage)
             best_work = min(best_work, work)
-        if out:
-            a = self._alpha if self.decisions else 1.0
-            self.wait_ms += a * (wait_sum / len(out) - self.wait_ms)
-            self.work_ms += a * (best_work - self.work_ms)
-            self.decisions += 1
-        return out
+        if not costs:
+            return Quote([], 0.0, 0.0)
+        return Quote(costs, wait_sum / len(costs), best_work)
+
+    def observe(self, quote: Quote) -> None:
+        """A request was placed at `quote`: its fleet state counts towards the pressure."""
+        if not quote.costs:
+            return
+        a = self._alpha if self.decisions else 1.0
+        self.wait_ms += a * (quote.mean_wait_ms - self.wait_ms)
+        self.work_ms += a * (quote.work_ms - self.work_ms)
+        self.decisions += 1
 
 
 class CostModels:

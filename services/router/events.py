@@ -1,5 +1,6 @@
-"""Event-plane intake: workers' heartbeats (to liveness), load reports and KV events (into the
-KV index), and the resync that a new worker or a gap in the KV events calls for.
+"""Event-plane intake: workers' heartbeats (to liveness), load reports, KV events (into the
+KV index), forward-pass records (into the adaptive cost's step-time fit of the worker's model),
+and the resync that a new worker or a gap in the KV events calls for.
 
 A resync asks the worker for a full dump of its KV state (`KIND_KV_DUMP` on its request
 socket); the dump arrives as ordinary KV events.
@@ -13,15 +14,18 @@ from collections.abc import Callable
 
 from common.messages import (
     KIND_KV_DUMP,
+    TOPIC_FPM,
     TOPIC_HEARTBEAT,
     TOPIC_KV,
     TOPIC_LOAD,
     KvDumpRequest,
     encoder,
+    fpm_decoder,
     heartbeat_decoder,
     kv_batch_decoder,
     load_decoder,
 )
+from services.router.cost_model import CostModels
 from services.router.kv_index import KvIndex
 from services.router.liveness import Liveness
 from services.router.metrics import RouterMetrics
@@ -33,13 +37,15 @@ log = logging.getLogger("turnout.router")
 class EventIntake:
     def __init__(self, pool: WorkerPool, liveness: Liveness, metrics: RouterMetrics,
                  kv_index: KvIndex | None, on_recovered: Callable[[WorkerHandle], None],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 cost_models: CostModels | None = None) -> None:
         self.pool = pool
         self.liveness = liveness
         self.metrics = metrics
         self.kv_index = kv_index
         self.on_recovered = on_recovered  # a suspect showed progress: re-admit it
         self.clock = clock
+        self.cost_models = cost_models
 
     def on_event(self, worker: WorkerHandle, topic: bytes, payload: bytes) -> None:
         """One event from `worker`; msgspec's DecodeError/ValidationError when malformed."""
@@ -57,6 +63,17 @@ class EventIntake:
             batch = kv_batch_decoder.decode(payload)
             self.kv_index.apply(worker.id, batch)
             self.metrics.kv_events.inc(len(batch.events))
+        elif topic == TOPIC_FPM and self.cost_models is not None:
+            records = fpm_decoder.decode(payload).records
+            # KV usage needs the pool size, which only load reports carry (they come with the
+            # same period); records before the first report are dropped, and counted.
+            report = worker.load
+            if report is None or report.kv_total_blocks <= 0:
+                self.metrics.fpm_records.labels("no_load_report").inc(len(records))
+                return
+            self.cost_models.get(worker.instance.model).steps.observe_all(
+                records, report.kv_total_blocks)
+            self.metrics.fpm_records.labels("fitted").inc(len(records))
 
     def on_gap(self, publisher_id: str, topic: bytes, expected: int, got: int) -> None:
         """Events were lost: a KV gap means the index may be wrong about that worker."""

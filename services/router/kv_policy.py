@@ -1,5 +1,12 @@
 """KV-aware worker selection: send a request where its prefix is cached, without hotspots.
 
+Two costs. The adaptive one (the default: `overlap_weight` None) is in milliseconds, from
+`cost_model.py`: the predicted time to the request's first token on w (its queued prefill plus
+the request's uncached tokens, chunk by chunk, with the decode passes beside them) plus the
+fleet's measured queueing pressure times the request's own prefill work there; the step-time
+model is fitted per served model from the workers' forward-pass records (`fpm`). The block cost
+(`overlap_weight` set) is a fixed trade-off in KV blocks:
+
 cost(w) = overlap_weight * (request blocks - cached overlap(w) + w's queued prefill blocks)
           + w's active decode blocks
 
@@ -9,9 +16,10 @@ when older than the last request this router saw leave the worker). The lowest
 cost wins; ties go to the less loaded worker, then to the one chosen longest ago, so equal
 scores never pile onto the first worker in a list. With `temperature` > 0 the choice is a
 softmax draw over normalised costs.
-The hotspot guard drops a worker whose load exceeds the mean by more than `hotspot_margin`
-(a fraction) before costs are compared, so a shared system prompt cannot send every request to
-the one worker that cached it first.
+The hotspot guard (`hotspot_margin` >= 0; by default 0.5 with the block cost and off with the
+adaptive one, which prices queues itself) drops a worker whose load in blocks exceeds the mean
+by more than that fraction before costs are compared, so a shared system prompt cannot send
+every request to the one worker that cached it first.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from typing import Protocol
 
 from common.block_hash import DEFAULT_SEED, block_hashes
 from common.messages import GenerateRequest
+from services.router.cost_model import CostModels, WorkerLoad
 from services.router.policies import Decision, request_blocks, sequence_tokens
 from services.router.worker_pool import WorkerHandle
 
@@ -33,12 +42,23 @@ class PrefixIndex(Protocol):
 class KvAwarePolicy:
     name = "kv"
 
-    def __init__(self, index: PrefixIndex, overlap_weight: float = 1.0,
-                 temperature: float = 0.0, hotspot_margin: float = 0.5,
-                 seed: int = DEFAULT_SEED, rng: random.Random | None = None) -> None:
+    def __init__(self, index: PrefixIndex, overlap_weight: float | None = 1.0,
+                 temperature: float = 0.0, hotspot_margin: float | None = None,
+                 seed: int = DEFAULT_SEED, rng: random.Random | None = None,
+                 cost_models: CostModels | None = None) -> None:
+        """`overlap_weight` None: the adaptive cost, over `cost_models` (fed by the caller with
+        forward-pass records; a fresh one when not given). `hotspot_margin` None: 0.5 with the
+        block cost, off (-1) with the adaptive one."""
         self.index = index
         self.overlap_weight = overlap_weight
+        self.cost_models = None
+        if overlap_weight is not None and cost_models is not None:
+            raise ValueError("cost_models are the adaptive cost's: give no overlap_weight")
+        if overlap_weight is None:
+            self.cost_models = cost_models if cost_models is not None else CostModels()
         self.temperature = temperature
+        if hotspot_margin is None:
+            hotspot_margin = -1.0 if overlap_weight is None else 0.5
         self.hotspot_margin = hotspot_margin
         self.seed = seed
         self._rng = rng or random.Random()
@@ -61,8 +81,18 @@ class KvAwarePolicy:
             cap = (1 + self.hotspot_margin) * mean + blocks
             cool = [i for i in pool if loads[i][0] + loads[i][1] <= cap]
             pool = cool or pool
-        costs = [self.overlap_weight * (blocks - matches.get(candidates[i].id, 0)
-                                        + loads[i][0]) + loads[i][1] for i in pool]
+        quote = None
+        if self.cost_models is not None:
+            route = self.cost_models.get(candidates[0].instance.model)
+            n = len(tokens)
+            quote = route.quote(
+                [worker_load(candidates[i], loads[i]) for i in pool],
+                [max(1, n - matches.get(candidates[i].id, 0) * block_size) for i in pool])
+            costs = quote.costs
+        else:
+            weight = self.overlap_weight or 0.0
+            costs = [weight * (blocks - matches.get(candidates[i].id, 0) + loads[i][0])
+                     + loads[i][1] for i in pool]
         if self.temperature > 0 and len(pool) > 1:
             pick = pool[self._softmax(costs)]
         else:
@@ -70,12 +100,16 @@ class KvAwarePolicy:
             tied = [i for i, c in zip(pool, costs, strict=True) if c == best]
             pick = min(tied, key=lambda i: (sum(loads[i]), candidates[i].last_chosen))
         worker = candidates[pick]
-        return Decision(worker, blocks, matches.get(worker.id, 0), hashes,
-                        costs[pool.index(pick)], policy=self.name)
+        decision = Decision(worker, blocks, matches.get(worker.id, 0), hashes,
+                            costs[pool.index(pick)], policy=self.name)
+        decision.quote = quote
+        return decision
 
     def commit(self, decision: Decision) -> None:
         self._turn += 1
         decision.worker.last_chosen = self._turn
+        if self.cost_models is not None and decision.quote is not None:
+            self.cost_models.get(decision.worker.instance.model).observe(decision.quote)
 
     def _softmax(self, costs: list[float]) -> int:
         lo, hi = min(costs), max(costs)
@@ -95,3 +129,21 @@ def load_of(worker: WorkerHandle) -> tuple[float, float]:
         prefill = max(prefill, report.active_prefill_tokens / worker.block_size)
         decode = max(decode, float(report.active_decode_blocks))
     return prefill, decode
+
+
+def worker_load(worker: WorkerHandle, load: tuple[float, float]) -> WorkerLoad:
+    """The adaptive cost's view of a worker, from `load_of`'s (prefill, decode) blocks: queued
+    prefill tokens, decoding sequences (this router's requests there, or the worker's own
+    running count when its report is fresh and larger), KV usage (active blocks over the pool
+    its load report gives; 0 before any report)."""
+    report = worker.load
+    decoding = float(len(worker.usage.requests))
+    used = load[1]
+    total = 0
+    if report is not None:
+        total = report.kv_total_blocks
+        if worker.load_at > worker.usage.released_at:
+            decoding = max(decoding, float(report.running))
+            used = max(used, float(report.kv_used_blocks))
+    return WorkerLoad(load[0] * worker.block_size, decoding,
+                      min(1.0, used / total) if total > 0 else 0.0)

@@ -35,6 +35,7 @@ from common.messages import (
     KIND_TOKENS,
     ROLE_ROUTER,
     ROLE_WORKER,
+    TOPIC_FPM,
     TOPIC_HEARTBEAT,
     TOPIC_KV,
     TOPIC_LOAD,
@@ -84,9 +85,12 @@ class Router:
         self.liveness = Liveness(config.heartbeat_interval_ms / 1000, config.missed_heartbeats,
                                  config.stall_timeout_ms / 1000, clock)
         self.intake = EventIntake(self.pool, self.liveness, self.metrics, self.kv_index,
-                                  self.worker_recovered, clock)
+                                  self.worker_recovered, clock, self.selector.cost_models)
         self.route_api = RouteApi(self.selector, self.metrics)
-        topics = [TOPIC_HEARTBEAT, TOPIC_LOAD] + ([TOPIC_KV] if self.kv_index is not None else [])
+        self.topics = topics = [TOPIC_HEARTBEAT, TOPIC_LOAD] + (
+            [TOPIC_KV] if self.kv_index is not None else [])
+        if self.selector.cost_models is not None:
+            topics.append(TOPIC_FPM)
         self.subscriber = EventSubscriber(
             self.ctx, topics, on_gap=self.intake.on_gap,
             on_malformed=self.metrics.malformed.labels("event").inc)
@@ -222,6 +226,8 @@ class Router:
         if self.kv_index is not None:
             self.metrics.index_blocks.set(self.kv_index.num_blocks())
             self.metrics.index_entries.set(self.kv_index.num_entries())
+        if self.selector.cost_models is not None:
+            self.metrics.set_cost_models(self.selector.cost_models)
         for worker, cause in self.liveness.verdicts(list(self.pool.workers.values())):
             self.worker_lost(worker, cause)
 

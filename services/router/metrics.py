@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
+    from services.router.cost_model import CostModels
     from services.router.worker_pool import WorkerHandle
 
 
@@ -63,6 +64,26 @@ class RouterMetrics:
         self.route_queries = Counter("turnout_router_route_queries",
                                      "POST /v1/route previews (nothing sent), by outcome",
                                      ["outcome"], registry=r)
+        self.fpm_records = Counter(
+            "turnout_router_fpm_records", "Workers' forward-pass records received by the adaptive "
+            "cost, by use (fitted; no_load_report: dropped, the worker's KV size unknown yet)",
+            ["use"], registry=r)
+        self.cost_coefficient = Gauge(
+            "turnout_router_cost_model_coefficient",
+            "Fitted engine step time (ms) = P*(a*t^2 + b*t + c) + D*(e + f*n + g*u + h*u^2), per "
+            "model: t prefill tokens, n decoding sequences, u KV usage", ["model", "term"],
+            registry=r)
+        self.cost_records = Gauge("turnout_router_cost_model_records",
+                                  "Forward-pass records the model's fit has seen", ["model"],
+                                  registry=r)
+        self.cost_chunk_tokens = Gauge(
+            "turnout_router_cost_model_chunk_tokens",
+            "Largest engine step seen (tokens): the prefill chunk the TTFT prediction assumes",
+            ["model"], registry=r)
+        self.queue_pressure = Gauge(
+            "turnout_router_queue_pressure",
+            "Mean predicted queue wait over mean request prefill work: what a millisecond of "
+            "added work costs in the adaptive cost", ["model"], registry=r)
         self._up: set[str] = set()
 
     def set_worker_gauges(self, workers: Iterable[WorkerHandle], dead: Iterable[str],
@@ -78,6 +99,16 @@ class RouterMetrics:
         up = {w.id: w.alive for w in workers}
         up.update({w: False for w in dead if w in listed and w not in up})
         self.set_workers_up(up)
+
+    def set_cost_models(self, models: CostModels) -> None:
+        """The adaptive cost's current fit and pressure, per served model."""
+        for model, route in list(models.models.items()):
+            steps = route.steps
+            for term, value in steps.coefficients.as_dict().items():
+                self.cost_coefficient.labels(model, term).set(value)
+            self.cost_records.labels(model).set(steps.records)
+            self.cost_chunk_tokens.labels(model).set(steps.chunk_tokens)
+            self.queue_pressure.labels(model).set(route.pressure)
 
     def set_workers_up(self, up: dict[str, bool]) -> None:
         """Liveness of every worker worth a series; the series of any other one is dropped."""

@@ -14,6 +14,7 @@ import random
 from typing import Protocol
 
 from common.messages import GenerateRequest
+from services.router.cost_model import Quote
 from services.router.worker_pool import WorkerHandle
 
 
@@ -31,7 +32,7 @@ class Decision:
     """A chosen worker and what the choice predicts: the request's size in KV blocks, how many
     of them the worker already holds, their hashes (kv and approximate modes), the cost."""
 
-    __slots__ = ("cost", "hashes", "overlap", "policy", "request_blocks", "worker")
+    __slots__ = ("cost", "hashes", "overlap", "policy", "quote", "request_blocks", "worker")
 
     def __init__(self, worker: WorkerHandle, request_blocks: int, overlap: int = 0,
                  hashes: list[int] | None = None, cost: float | None = None,
@@ -42,6 +43,8 @@ class Decision:
         self.hashes = hashes or []
         self.cost = cost  # the kv policy's cost of the chosen worker (None: other policies)
         self.policy = policy  # name of the policy that decided (the decisions metric's label)
+        # The kv policy's adaptive cost: the fleet state it priced at (folded in on commit).
+        self.quote: Quote | None = None
 
 
 def sequence_tokens(request: GenerateRequest) -> list[int]:

@@ -16,6 +16,7 @@ from common.block_hash import block_hashes
 from common.messages import GenerateRequest
 from services.router.approx_kv_index import ApproxKvIndex
 from services.router.args import RouterConfig
+from services.router.cost_model import CostModels
 from services.router.kv_index import KvIndex
 from services.router.kv_policy import KvAwarePolicy
 from services.router.metrics import RouterMetrics
@@ -45,6 +46,12 @@ class Selector:
     @property
     def name(self) -> str:
         return self.policy.name
+
+    @property
+    def cost_models(self) -> CostModels | None:
+        """The adaptive cost's per-model fits (kv mode without --kv-overlap-weight), which the
+        event intake feeds with forward-pass records."""
+        return self.policy.cost_models if isinstance(self.policy, KvAwarePolicy) else None
 
     def candidates(self, model: str, exclude: str = "") -> list[WorkerHandle]:
         """Routable workers of `model` (but `exclude`); NoWorkerError when there are none."""

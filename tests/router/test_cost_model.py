@@ -182,10 +182,10 @@ def test_an_idle_fleet_routes_on_ttft_alone() -> None:
     queue loses to an idle one when its queue costs more than the prefix saves."""
     route = RouteCost(StepCostModel())
     for _ in range(100):
-        route.costs([IDLE, IDLE], [5000, 5000])
+        route.observe(route.quote([IDLE, IDLE], [5000, 5000]))
     assert route.pressure == 0.0
     cached_busy = WorkerLoad(60_000, 0, 0.0)
-    costs = route.costs([cached_busy, IDLE], [2_000, 32_000])
+    costs = route.quote([cached_busy, IDLE], [2_000, 32_000]).costs
     steps = route.steps
     assert costs == [steps.ttft_ms(60_000, 2_000), steps.ttft_ms(0, 32_000)]
     assert costs[1] < costs[0]
@@ -198,26 +198,37 @@ def test_queues_make_the_fleet_prefer_less_work() -> None:
     route = RouteCost(StepCostModel(), smoothing_decisions=16)
     busy = WorkerLoad(40_000, 0, 0.0)
     for _ in range(200):
-        route.costs([busy, busy, busy, busy], [20_000, 20_000, 20_000, 20_000])
+        route.observe(route.quote([busy, busy, busy, busy], [20_000, 20_000, 20_000, 20_000]))
     steps = route.steps
     assert route.pressure == pytest.approx(steps.ttft_ms(40_000, 0) / steps.ttft_ms(0, 20_000))
     assert route.pressure > 1
     cached_busy = WorkerLoad(60_000, 0, 0.0)
-    costs = route.costs([cached_busy, IDLE], [2_000, 32_000])
+    costs = route.quote([cached_busy, IDLE], [2_000, 32_000]).costs
     assert costs[0] < costs[1]
     # ... and when the queues drain, pressure falls back and the idle worker wins again.
     for _ in range(200):
-        route.costs([IDLE, IDLE, IDLE, IDLE], [20_000, 20_000, 20_000, 20_000])
+        route.observe(route.quote([IDLE, IDLE, IDLE, IDLE], [20_000, 20_000, 20_000, 20_000]))
     assert route.pressure < 0.01
-    costs = route.costs([cached_busy, IDLE], [2_000, 32_000])
+    costs = route.quote([cached_busy, IDLE], [2_000, 32_000]).costs
     assert costs[1] < costs[0]
+
+
+def test_a_quote_changes_nothing_until_observed() -> None:
+    route = RouteCost(StepCostModel())
+    busy = WorkerLoad(40_000, 0, 0.0)
+    quote = route.quote([busy, busy], [20_000, 20_000])
+    assert route.quote([busy, busy], [20_000, 20_000]) == quote
+    assert (route.decisions, route.pressure) == (0, 0.0)
+    route.observe(quote)
+    assert route.decisions == 1 and route.pressure > 1
+    assert route.quote([busy, busy], [20_000, 20_000]) != quote
 
 
 def test_route_costs_need_a_load_per_candidate() -> None:
     route = RouteCost(StepCostModel())
-    with pytest.raises(ValueError):
-        route.costs([IDLE, IDLE], [100])
-    assert route.costs([], []) == []
+    with pytest.raises(ValueError, match="2 loads for 1 candidates"):
+        route.quote([IDLE, IDLE], [100])
+    route.observe(route.quote([], []))
     assert route.decisions == 0
 
 

@@ -1,12 +1,17 @@
-"""The kv policy: cost, tie-breaks, temperature, hotspot guard, stale load reports, hints."""
+"""The kv policy: block and adaptive costs, tie-breaks, temperature, hotspot guard, stale load
+reports, hints."""
 
 from __future__ import annotations
 
 import math
 import random
 
+import pytest
+
 from common.messages import LoadReport
-from services.router.kv_policy import KvAwarePolicy, load_of
+from services.router.cost_model import CostModels, WorkerLoad
+from services.router.kv_policy import KvAwarePolicy, load_of, worker_load
+from services.router.worker_pool import WorkerHandle
 from tests.router.fakes import request, worker
 
 
@@ -174,3 +179,112 @@ def test_load_outranks_recency_in_a_tie() -> None:
     b.usage.active_blocks = 1  # ...but carries more: b: 1*(2-1)+1 = 2 ; a: 1*(2-0) = 2
     d = policy({"b": 1}, overlap_weight=1).decide(request(), [b, a])
     assert d.cost == 2.0 and d.worker is a
+
+
+# -- the adaptive cost --------------------------------------------------------------------------
+
+
+def adaptive(overlaps: dict[str, int] | None = None, **kw: object) -> KvAwarePolicy:
+    return KvAwarePolicy(FixedIndex(overlaps), overlap_weight=None, **kw)  # type: ignore[arg-type]
+
+
+def long_prompt_workers() -> tuple[WorkerHandle, WorkerHandle, dict[str, int]]:
+    """Two 64-token-block workers; a 32k-token prompt whose first 30k tokens a caches."""
+    a, b = worker("a", block_size=64), worker("b", block_size=64)
+    return a, b, {"a": 30_000 // 64}
+
+
+def test_adaptive_cost_is_the_predicted_ttft_on_an_idle_fleet() -> None:
+    a, b, overlaps = long_prompt_workers()
+    p = adaptive(overlaps)
+    steps = p.cost_models.get("m").steps  # type: ignore[union-attr]
+    d = p.decide(request(tokens=32_000), [a, b])
+    uncached = 32_000 - overlaps["a"] * 64
+    assert (d.worker, d.overlap) == (a, overlaps["a"])
+    assert d.cost == pytest.approx(steps.ttft_ms(0, uncached))
+    assert d.quote is not None and d.quote.costs[1] == pytest.approx(steps.ttft_ms(0, 32_000))
+
+
+def test_adaptive_cost_weighs_a_queue_against_a_cached_prefix() -> None:
+    """Idle fleet (no pressure yet): the cached worker wins while its queue costs less than
+    recomputing the prefix elsewhere, and loses past that."""
+    a, b, overlaps = long_prompt_workers()
+    p = adaptive(overlaps)
+    a.usage.pending_prefill_blocks = 8_000 // 64
+    assert p.decide(request(tokens=32_000), [a, b]).worker is a
+    a.usage.pending_prefill_blocks = 60_000 // 64
+    assert p.decide(request(tokens=32_000), [a, b]).worker is b
+
+
+def test_committed_decisions_under_load_raise_the_pressure_previews_do_not() -> None:
+    """With every worker queueing, placing work grows everyone's wait: after a run of committed
+    decisions at that load the same choice goes to the worker that saves the recompute."""
+    a, b, overlaps = long_prompt_workers()
+    c, d = worker("c", block_size=64), worker("d", block_size=64)
+    p = adaptive(overlaps)
+    route = p.cost_models.get("m")  # type: ignore[union-attr]
+    for w in (b, c, d):
+        w.usage.pending_prefill_blocks = 40_000 // 64
+    a.usage.pending_prefill_blocks = 90_000 // 64
+    fleet = [a, b, c, d]
+    for _ in range(50):
+        assert p.decide(request(tokens=32_000), fleet).worker is not a
+    assert route.decisions == 0 and route.pressure == 0.0  # previews change nothing
+    for _ in range(200):
+        p.commit(p.decide(request(tokens=32_000), fleet))
+    assert route.decisions == 200 and route.pressure > 1
+    assert p.decide(request(tokens=32_000), fleet).worker is a
+
+
+def test_decode_load_slows_a_worker_by_what_it_costs_per_step() -> None:
+    """A worker decoding many sequences at high KV usage pays a decode pass per prefill step:
+    with equal caches the request goes to the one that is not decoding."""
+    a, b = worker("a", block_size=64), worker("b", block_size=64)
+    a.usage.requests = {f"r{i}" for i in range(100)}
+    a.load, a.load_at = LoadReport("a", 9_000, 0, 9_000, 10_000, 0, 100), 10.0
+    d = adaptive().decide(request(tokens=20_000), [a, b])
+    assert d.worker is b
+    quote = d.quote
+    assert quote is not None and quote.costs[0] > quote.costs[1]
+
+
+def test_worker_load_reads_accounting_and_fresh_reports() -> None:
+    w = worker("a", block_size=4)
+    w.usage.requests = {"r1", "r2"}
+    w.usage.pending_prefill_blocks, w.usage.active_blocks = 3, 10
+    assert worker_load(w, load_of(w)) == WorkerLoad(12.0, 2.0, 0.0)  # no report: usage unknown
+    w.load, w.load_at = LoadReport("a", 7, 40, 50, 100, 0, 5), 10.0
+    assert worker_load(w, load_of(w)) == WorkerLoad(40.0, 5.0, 0.5)
+    w.usage.released_at = 11.0  # the report predates a departure: only its pool size counts
+    assert worker_load(w, load_of(w)) == WorkerLoad(12.0, 2.0, 0.1)
+
+
+def test_the_hotspot_guard_is_off_by_default_with_the_adaptive_cost() -> None:
+    hot, cold = worker("hot"), worker("cold")
+    hot.usage.active_blocks = 30  # far above the mean in blocks, but not decoding anything
+    assert adaptive({"hot": 2}).decide(request(), [hot, cold]).worker is hot
+    guarded = adaptive({"hot": 2}, hotspot_margin=0.5)
+    assert guarded.hotspot_margin == 0.5
+    assert guarded.decide(request(), [hot, cold]).worker is cold
+    assert KvAwarePolicy(FixedIndex()).hotspot_margin == 0.5  # type: ignore[arg-type]
+
+
+def test_each_model_has_its_own_fit_and_pressure() -> None:
+    models = CostModels()
+    p = KvAwarePolicy(FixedIndex(), overlap_weight=None,  # type: ignore[arg-type]
+                      cost_models=models)
+    p.commit(p.decide(request(model="big"), [worker("a", model="big")]))
+    assert set(models.models) == {"big"} and models.get("big").decisions == 1
+    p.commit(p.decide(request(model="small"), [worker("b", model="small")]))
+    assert set(models.models) == {"big", "small"} and models.get("small").decisions == 1
+
+
+def test_a_fixed_weight_is_the_block_cost() -> None:
+    p = KvAwarePolicy(FixedIndex(), overlap_weight=16)  # type: ignore[arg-type]
+    assert p.cost_models is None
+    d = p.decide(request(), [worker("a")])
+    p.commit(d)
+    assert d.quote is None and d.cost == 32.0
+    with pytest.raises(ValueError, match="adaptive"):
+        KvAwarePolicy(FixedIndex(), overlap_weight=16,  # type: ignore[arg-type]
+                      cost_models=CostModels())

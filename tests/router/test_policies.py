@@ -143,3 +143,23 @@ def test_build_selection_per_mode() -> None:
     assert sel.name == "kv" and index is None and sel.approx_index is not None
     sel, index = build_selection(RouterConfig(router_mode="least-loaded"), pool, metrics)
     assert sel.name == "least-loaded" and index is None and sel.approx_index is None
+    assert sel.cost_models is None
+
+
+def test_kv_mode_costs_adaptively_unless_a_weight_is_given() -> None:
+    pool, metrics = pool_of(), RouterMetrics("r")
+    sel, _ = build_selection(RouterConfig(router_mode="kv"), pool, metrics)
+    assert isinstance(sel.policy, KvAwarePolicy) and sel.cost_models is not None
+    assert sel.policy.overlap_weight is None and sel.policy.hotspot_margin == -1
+    sel, _ = build_selection(RouterConfig(router_mode="kv", kv_overlap_weight=16.0), pool,
+                             metrics)
+    assert isinstance(sel.policy, KvAwarePolicy) and sel.cost_models is None
+    assert sel.policy.overlap_weight == 16.0 and sel.policy.hotspot_margin == 0.5
+    sel, _ = build_selection(RouterConfig(router_mode="kv", hotspot_margin=0.25), pool, metrics)
+    assert isinstance(sel.policy, KvAwarePolicy) and sel.cost_models is not None
+    assert sel.policy.hotspot_margin == 0.25  # an explicit guard applies to either cost
+
+
+def test_a_negative_overlap_weight_is_refused() -> None:
+    with pytest.raises(ValueError, match="--kv-overlap-weight must be >= 0"):
+        RouterConfig(kv_overlap_weight=-1.0)

@@ -20,11 +20,14 @@ from common.messages import (
     KIND_GENERATE,
     KIND_KV_DUMP,
     KIND_TOKENS,
+    TOPIC_FPM,
     TOPIC_HEARTBEAT,
     TOPIC_KV,
     TOPIC_LOAD,
     Cancel,
     EventEnvelope,
+    ForwardPass,
+    ForwardPassBatch,
     Heartbeat,
     Instance,
     KvBlockStored,
@@ -297,6 +300,48 @@ async def test_events_feed_load_and_the_kv_index(h: Harness) -> None:
     assert counter(h.router.metrics.malformed, "event") == 1
     h.router.check_liveness()
     assert counter(h.router.metrics.index_blocks) == 2
+
+
+@scenario(router_mode="kv")
+async def test_forward_passes_feed_the_adaptive_cost_and_its_metrics(h: Harness) -> None:
+    """kv mode without a fixed weight subscribes to `fpm`; records fit the worker's model
+    (once a load report has said how big its KV pool is) and the fit is exported."""
+    assert TOPIC_FPM in h.router.topics
+    h.admit("a")
+    # An engine twice as slow at prefill as the prior assumes.
+    records = [ForwardPass(i, 1, t, 0, 2 * (4.209989e-7 * t * t + 0.01518344 * t + 16.50142),
+                           10) for i, t in enumerate(range(256, 8193, 256))]
+    batch = ForwardPassBatch("a", records)
+    h.subscriber.events = [
+        (TOPIC_FPM, envelope("a", batch)),  # before any load report: dropped
+        (TOPIC_LOAD, envelope("a", LoadReport("a", 0, 0, 10, 100, 0, 1))),
+        (TOPIC_FPM, envelope("a", batch)),
+    ]
+    with pytest.raises(SocketDone):
+        await h.router.consume_events()
+    metrics = h.router.metrics
+    assert counter(metrics.fpm_records, "no_load_report") == len(records)
+    assert counter(metrics.fpm_records, "fitted") == len(records)
+    models = h.router.selector.cost_models
+    assert models is not None
+    steps = models.get("m").steps
+    assert steps.records == len(records) and steps.chunk_tokens == 8192
+    assert steps.prefill_ms(4096) == pytest.approx(
+        2 * (4.209989e-7 * 4096 ** 2 + 0.01518344 * 4096 + 16.50142), rel=0.02)
+    h.router.check_liveness()
+    coef = steps.coefficients
+    assert counter(metrics.cost_coefficient, "m", "b") == coef.b
+    assert counter(metrics.cost_records, "m") == len(records)
+    assert counter(metrics.cost_chunk_tokens, "m") == 8192
+    assert counter(metrics.queue_pressure, "m") == 0.0
+
+
+@scenario(router_mode="kv", kv_overlap_weight=16.0)
+async def test_a_fixed_overlap_weight_needs_no_forward_passes(h: Harness) -> None:
+    assert TOPIC_FPM not in h.router.topics and h.router.selector.cost_models is None
+    h.admit("a")
+    h.event("a", TOPIC_FPM, ForwardPassBatch("a", [ForwardPass(1, 1, 64, 0, 17.0, 1)]))
+    assert counter(h.router.metrics.fpm_records, "fitted") == 0
 
 
 @scenario(router_mode="kv")
