@@ -14,21 +14,16 @@ import asyncio
 import functools
 import logging
 import os
-import secrets
-import signal
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 
 import msgspec
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
-from common.config import parse_configs
 from common.discovery import open_discovery
 from common.event_plane import EventSubscriber
-from common.logs import setup_logging
+from common.malformed import MalformedFrames
 from common.messages import (
     KIND_CANCEL,
     KIND_GENERATE,
@@ -45,6 +40,7 @@ from common.messages import (
     generate_decoder,
     token_batch_decoder,
 )
+from common.service import Service, run_service
 from common.status_server import StatusServer
 from common.transport import bind_socket, tune_stream_socket
 from services.router.accounting import Accounting
@@ -64,10 +60,10 @@ MALFORMED = (msgspec.DecodeError, msgspec.ValidationError)
 
 
 class Router:
-    def __init__(self, config: RouterConfig,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: RouterConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
-        self.router_id = config.router_id or f"router-{os.getpid()}-{secrets.token_hex(3)}"
+        self.service = Service(ROLE_ROUTER, config.router_id)
+        self.router_id = self.service.id
         self.ctx = zmq.asyncio.Context()
         self.metrics = RouterMetrics(self.router_id)
         self.pool = WorkerPool(self.ctx)
@@ -87,51 +83,46 @@ class Router:
                                   self.worker_recovered, clock)
         self.route_api = RouteApi(self.selector, self.metrics)
         topics = [TOPIC_HEARTBEAT, TOPIC_LOAD] + ([TOPIC_KV] if self.kv_index is not None else [])
-        self.subscriber = EventSubscriber(
-            self.ctx, topics, on_gap=self.intake.on_gap,
-            on_malformed=self.metrics.malformed.labels("event").inc)
-        self.status = StatusServer(self.metrics.registry, config.host,
-                                   config.router_metrics_port)
+        self.subscriber = EventSubscriber(self.ctx, topics, on_gap=self.intake.on_gap,
+                                          on_malformed=self.metrics.malformed.labels("event").inc)
+        self.status = StatusServer(self.metrics.registry, config.host, config.router_metrics_port)
         self.status.post_routes["/v1/route"] = self.route_api.handle
         self.discovery = open_discovery(config.discovery, lease_ttl=config.lease_ttl_s)
         self._tasks: dict[str, list[asyncio.Task[None]]] = {}  # per worker: relay, connection
         self._listed: set[str] = set()  # worker ids with a discovery record (liveness gauge)
-        self._warned_malformed = False
-        self.stop = asyncio.Event()
+        self.malformed = {plane: MalformedFrames(f"{plane} frame",
+                                                 self.metrics.malformed.labels(plane).inc, log)
+                          for plane in ("request", "event")}
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    # -- lifecycle (to be replaced by common's service lifecycle) -------------------------------
+    # -- lifecycle -----------------------------------------------------------------------------
 
     async def run(self, install_signals: bool = True) -> None:
+        """Serve until SIGTERM/SIGINT or a loop fails; undo each start-up step in reverse."""
         cfg = self.config
-        tune_stream_socket(self.frontends)
-        endpoint = bind_socket(self.frontends, cfg.host, cfg.router_port, cfg.advertise_host)
-        metrics_port = await self.status.start()
-        self.loop = loop = asyncio.get_running_loop()
-        if install_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.stop.set)
-        tasks = [asyncio.create_task(c) for c in (
-            self.serve_frontends(), self.watch_workers(), self.consume_events(),
-            self.watch_liveness())]
-        host = cfg.advertise_host or cfg.host
-        await self.discovery.register(Instance(
-            id=self.router_id, role=ROLE_ROUTER,
-            endpoints={"request": endpoint, "metrics": f"http://{host}:{metrics_port}/metrics",
-                       "http": f"http://{host}:{metrics_port}"},  # + /v1/route, /health
-            metadata={"mode": cfg.router_mode, "pid": os.getpid(), "started": time.time()}))
-        log.info("router ready", extra={"fields": {"id": self.router_id, "request": endpoint}})
-        done, _ = await asyncio.wait([*tasks, asyncio.create_task(self.stop.wait())],
-                                     return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                log.error("router loop failed", exc_info=task.exception())
-        await self.discovery.unregister(self.router_id)
-        for task in tasks:
-            task.cancel()
-        await self.discovery.close()
-        await self.status.close()
-        self.ctx.destroy(linger=0)
+        self.loop = asyncio.get_running_loop()
+        async with self.service as service:
+            if install_signals:
+                service.install_signal_handlers()
+            service.on_shutdown("zmq context", lambda: self.ctx.destroy(linger=0))
+            tune_stream_socket(self.frontends)
+            endpoint = bind_socket(self.frontends, cfg.host, cfg.router_port, cfg.advertise_host)
+            metrics_port = await self.status.start()
+            service.on_shutdown("status server", self.status.close)
+            service.on_shutdown("discovery", self.discovery.close)
+            service.spawn("frontends", self.serve_frontends())
+            service.spawn("discovery watch", self.watch_workers())
+            service.spawn("events", self.consume_events())
+            service.spawn("liveness", self.watch_liveness())
+            service.on_shutdown("unregister", lambda: self.discovery.unregister(self.router_id))
+            host = cfg.advertise_host or cfg.host
+            await self.discovery.register(Instance(
+                id=self.router_id, role=ROLE_ROUTER,
+                endpoints={"request": endpoint, "metrics": f"http://{host}:{metrics_port}/metrics",
+                           "http": f"http://{host}:{metrics_port}"},  # + /v1/route, /health
+                metadata={"mode": cfg.router_mode, "pid": os.getpid(), "started": time.time()}))
+            log.info("router ready", extra={"fields": {"id": self.router_id, "request": endpoint}})
+            await service.run()
 
     # -- loops ---------------------------------------------------------------------------------
 
@@ -139,7 +130,7 @@ class Router:
         while True:
             frames = await self.frontends.recv_multipart()
             if len(frames) != 3:
-                self._malformed("request", f"{len(frames)} frames")
+                self.malformed["request"].drop(f"{len(frames)} frames")
                 continue
             ident, kind, payload = frames
             try:
@@ -148,34 +139,28 @@ class Router:
                 elif kind == KIND_CANCEL:
                     self.streams.on_cancel(cancel_decoder.decode(payload).request_id)
                 else:
-                    self._malformed("request", f"unknown kind {kind!r}")
+                    self.malformed["request"].drop(f"unknown kind {kind!r}")
             except MALFORMED as exc:
-                self._malformed("request", str(exc))
+                self.malformed["request"].drop(str(exc))
 
     async def relay(self, worker: WorkerHandle) -> None:
         """Token batches from one worker, back to the frontends."""
         while True:
             frames = await worker.socket.recv_multipart()
             if len(frames) != 2 or frames[0] != KIND_TOKENS:
-                self._malformed("request", "bad frame from worker")
+                self.malformed["request"].drop("bad frame from worker", worker.id)
                 continue
             try:
                 batch = token_batch_decoder.decode(frames[1])
             except MALFORMED as exc:
-                self._malformed("request", str(exc))
+                self.malformed["request"].drop(str(exc), worker.id)
                 continue
             self.streams.on_batch(worker, batch.chunks)
 
     async def watch_connection(self, worker: WorkerHandle) -> None:
         """A dropped connection is a dead worker, long before any lease or heartbeat says so."""
-        connected = False
-        while True:
-            event = parse_monitor_message(await worker.monitor.recv_multipart())
-            if event["event"] == zmq.EVENT_CONNECTED:
-                connected = True
-            elif event["event"] == zmq.EVENT_DISCONNECTED and connected:
-                self.worker_lost(worker, self.liveness.on_disconnect(worker))
-                return
+        await worker.dealer.wait_lost()
+        self.worker_lost(worker, self.liveness.on_disconnect(worker))
 
     async def watch_workers(self) -> None:
         async for event in self.discovery.watch(role=ROLE_WORKER):
@@ -205,7 +190,7 @@ class Router:
             try:
                 self.intake.on_event(worker, topic, env.payload)
             except MALFORMED as exc:
-                self._malformed("event", str(exc))
+                self.malformed["event"].drop(str(exc), worker.id)
 
     async def watch_liveness(self) -> None:
         while True:
@@ -254,6 +239,8 @@ class Router:
         self.subscriber.disconnect(worker.instance.endpoints.get("events", ""))
         self.subscriber.forget(worker.id)
         self._forget_kv(worker.id)
+        for malformed in self.malformed.values():
+            malformed.forget(worker.id)
         if dead:
             self.pool.mark_dead(worker)
         else:
@@ -305,17 +292,9 @@ class Router:
     def _update_worker_gauges(self) -> None:
         self.metrics.set_worker_gauges(self.pool.workers.values(), self.pool.dead, self._listed)
 
-    def _malformed(self, plane: str, why: str) -> None:
-        self.metrics.malformed.labels(plane).inc()
-        if not self._warned_malformed:
-            self._warned_malformed = True
-            log.warning("dropped malformed frame", extra={"fields": {"plane": plane, "why": why}})
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    (config,) = parse_configs([RouterConfig], list(sys.argv[1:] if argv is None else argv),
-                              prog="turnout router")
-    setup_logging("router", config.log_level)
-    import uvloop
+    run_service(ROLE_ROUTER, [RouterConfig], _start, argv)
 
-    uvloop.run(Router(config).run())
+
+def _start(config: RouterConfig) -> Coroutine[object, object, None]:
+    return Router(config).run()
