@@ -32,6 +32,14 @@ class MockerConfig:
     kv_bytes_per_token: int = opt(131072, help="simulated KV bytes per token (default: a "
                                                "Llama-3-8B layout in bf16)")
     hash_seed: int = opt(DEFAULT_SEED, help="seed of the KV block hashes (must match the router)")
+    # Steps a descheduled process owes are repaid by running later steps without their sleep,
+    # so wall time follows the model. The bound: past it the CPU is short for good (not
+    # briefly taken away) or the process was frozen, and repaying more would be a long burst of
+    # back-to-back steps that looks nothing like the model; the excess is dropped and counted.
+    max_time_debt_ms: float = opt(2000.0, help="most wall time the step clock may run behind "
+                                               "the timing model and still catch up; the rest "
+                                               "is dropped (turnout_worker_engine_time_dropped_"
+                                               "seconds_total)")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -44,6 +52,8 @@ class MockerConfig:
                 raise ValueError(f"mocker: {name} must be positive, got {getattr(self, name)}")
         if self.speedup_ratio < 0:
             raise ValueError(f"mocker: speedup_ratio must be >= 0, got {self.speedup_ratio}")
+        if self.max_time_debt_ms < 0:
+            raise ValueError(f"mocker: max_time_debt_ms must be >= 0, got {self.max_time_debt_ms}")
         if self.mean_output_tokens < 0:
             raise ValueError("mocker: mean_output_tokens must be >= 0")
         lo, hi = self.output_range()
