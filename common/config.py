@@ -1,16 +1,23 @@
 """Typed configuration: one dataclass per service, read from CLI flags with `TURNOUT_*` fallbacks.
 
 A service declares its settings once, as dataclass fields with `opt(...)`; `parse()` builds the
-argparse parser from them, takes each default from the environment (`--kv-block-size` falls back
-to `TURNOUT_KV_BLOCK_SIZE`), and returns the filled dataclass. Values from the environment are
-parsed with the field's type, so a bad `TURNOUT_PORT=abc` is a clear start-up error.
+argparse parser from them, takes each default from the environment (`--block-size` falls back
+to `TURNOUT_BLOCK_SIZE`), and returns the filled dataclass. Values from the environment are
+parsed with the field's type, so a bad `TURNOUT_PORT=abc` is a clear start-up error, and so is a
+value the dataclass's `__post_init__` refuses (a `ValueError`: one line, exit status 2).
+
+Only fields made with `opt` are flags; a plain dataclass field is a setting the code fills in.
+`--help` lists the flags in one group per dataclass that declares them, titled by the first line
+of its docstring, so a command that takes several configs reads grouped.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import os
+import sys
 import types
 import typing
 from collections.abc import Sequence
@@ -24,10 +31,15 @@ ENV_PREFIX = "TURNOUT_"
 def opt(default: Any = dataclasses.MISSING, help: str = "", choices: Sequence[Any] | None = None,
         flag: str | None = None) -> Any:
     """A config field: its default, help text, allowed values and (rarely) a custom flag name."""
-    meta = {"help": help, "choices": choices, "flag": flag}
+    meta = {"help": help, "choices": choices, "flag": flag, "cli": True}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda d=default: list(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def is_flag(field: dataclasses.Field[Any]) -> bool:
+    """Whether a field is a command-line flag (made with `opt`)."""
+    return bool(field.metadata.get("cli"))
 
 
 def flag_name(field: dataclasses.Field[Any]) -> str:
@@ -58,12 +70,37 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
-    """Add one flag per field of dataclass `cls` to `parser`, defaults from the environment."""
+def group_title(cls: type) -> str:
+    """The first line of the class's own docstring (a dataclass without one: its name)."""
+    doc = cls.__dict__.get("__doc__") or ""
+    if not doc or doc.startswith(cls.__name__ + "("):  # the signature dataclasses writes
+        return cls.__name__
+    return doc.strip().splitlines()[0].rstrip(".")
+
+
+def declaring_class(cls: type, name: str) -> type:
+    """The class in `cls`'s hierarchy that declares field `name` (a subclass's own flags read
+    apart from those it inherits)."""
+    for klass in cls.__mro__:
+        if name in inspect.get_annotations(klass):
+            return klass
+    return cls
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = (),
+                  groups: dict[str, Any] | None = None) -> None:
+    """Add one flag per `opt` field of dataclass `cls` to `parser`, defaults from the
+    environment, in one argument group per class that declares fields (`groups`: the groups
+    made so far, by title, when several classes share a parser)."""
     hints = typing.get_type_hints(cls)
+    groups = {} if groups is None else groups
     for field in dataclasses.fields(cls):
-        if field.name in skip:
+        if field.name in skip or not is_flag(field):
             continue
+        title = group_title(declaring_class(cls, field.name))
+        group = groups.get(title)
+        if group is None:
+            group = groups[title] = parser.add_argument_group(title)
         tp, _optional = _base_type(hints[field.name])
         name = flag_name(field)
         env = env_name(field)
@@ -76,40 +113,51 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str
             if tp is bool:
                 if raw is not None:
                     default = _parse_bool(raw)
-                parser.add_argument(name, dest=field.name, action=argparse.BooleanOptionalAction,
-                                    default=default, help=help_text)
+                group.add_argument(name, dest=field.name, action=argparse.BooleanOptionalAction,
+                                   default=default, help=help_text)
                 continue
             if tp is list:
                 if raw is not None:
                     default = [p for p in raw.split(",") if p]
-                parser.add_argument(name, dest=field.name, nargs="*", default=default,
-                                    help=help_text)
+                group.add_argument(name, dest=field.name, nargs="*", default=default,
+                                   help=help_text)
                 continue
             if raw is not None:
                 default = tp(raw)
         except ValueError as exc:
             parser.error(f"environment variable {env}={raw!r}: {exc}")
-        parser.add_argument(name, dest=field.name, type=tp, default=default,
-                            choices=field.metadata.get("choices"), help=help_text)
+        group.add_argument(name, dest=field.name, type=tp, default=default,
+                           choices=field.metadata.get("choices"), help=help_text)
 
 
 def from_namespace(cls: type[T], ns: argparse.Namespace) -> T:
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    names = {f.name for f in dataclasses.fields(cls) if is_flag(f)}  # type: ignore[arg-type]
     return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def _build(parser: argparse.ArgumentParser, classes: Sequence[type],
+           ns: argparse.Namespace) -> list[Any]:
+    """The filled configs; a value a config refuses is a one-line error (exit status 2), not a
+    traceback and not argparse's whole usage text."""
+    try:
+        return [from_namespace(cls, ns) for cls in classes]
+    except ValueError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def parse(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None,
           description: str | None = None) -> T:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_arguments(parser, cls)
-    return from_namespace(cls, parser.parse_args(argv))
+    return _build(parser, [cls], parser.parse_args(argv))[0]
 
 
 def to_argv(config: Any, only: Sequence[str] | None = None) -> list[str]:
     """Flags that reproduce `config` (for passing settings through to child processes)."""
     argv: list[str] = []
     for field in dataclasses.fields(config):
-        if only is not None and field.name not in only:
+        if not is_flag(field) or (only is not None and field.name not in only):
             continue
         value = getattr(config, field.name)
         if value is None:
@@ -127,14 +175,14 @@ def to_argv(config: Any, only: Sequence[str] | None = None) -> list[str]:
 def parse_configs(classes: Sequence[type], argv: Sequence[str] | None = None,
                   prog: str | None = None, description: str | None = None) -> list[Any]:
     """Parse one argv into several config dataclasses; a field name shared by two classes is one
-    flag that fills both (so `turnout up --block-size 32` reaches worker and router alike)."""
+    flag that fills both (so `turnout up --hash-seed 7` reaches workers and router alike)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     seen: set[str] = set()
+    groups: dict[str, Any] = {}
     for cls in classes:
-        add_arguments(parser, cls, skip=sorted(seen))
-        seen.update(f.name for f in dataclasses.fields(cls))
-    ns = parser.parse_args(argv)
-    return [from_namespace(cls, ns) for cls in classes]
+        add_arguments(parser, cls, skip=sorted(seen), groups=groups)
+        seen.update(f.name for f in dataclasses.fields(cls) if is_flag(f))
+    return _build(parser, classes, parser.parse_args(argv))
 
 
 @dataclasses.dataclass

@@ -4,7 +4,8 @@ Every publisher binds its own PUB socket and advertises it through discovery; su
 to each publisher they discover. A message is two frames, `[topic, EventEnvelope]`; the envelope
 carries `publisher_id` and a sequence that counts per (publisher, topic), so a subscriber of any
 subset of topics notices a lost message and can ask for a resync instead of drifting silently.
-A frame that does not decode is counted and dropped (logged once per endpoint).
+A frame that does not decode is counted and dropped (logged once per subscriber: a SUB socket
+cannot tell which publisher sent it).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from common.malformed import MalformedFrames
 from common.messages import EventEnvelope, encoder, envelope_decoder
 from common.transport import bind_socket
 
@@ -63,12 +65,15 @@ class EventSubscriber:
         for topic in topics:
             self.socket.setsockopt(zmq.SUBSCRIBE, topic)
         self.on_gap = on_gap
-        self.on_malformed = on_malformed
         self.endpoints: set[str] = set()
         self._last_seq: dict[tuple[str, bytes], int] = {}
-        self.malformed = 0
+        self._malformed = MalformedFrames("event frame", on_malformed, log)
         self.gaps = 0
-        self._warned = False
+
+    @property
+    def malformed(self) -> int:
+        """Frames dropped so far because they did not decode."""
+        return self._malformed.total
 
     def connect(self, endpoint: str) -> None:
         if endpoint not in self.endpoints:
@@ -93,12 +98,12 @@ class EventSubscriber:
         while True:
             frames = await self.socket.recv_multipart()
             if len(frames) != 2:
-                self._malformed(f"{len(frames)} frames")
+                self._malformed.drop(f"{len(frames)} frames")
                 continue
             try:
                 env = envelope_decoder.decode(frames[1])
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                self._malformed(str(exc))
+                self._malformed.drop(str(exc))
                 continue
             topic = frames[0]
             key = (env.publisher_id, topic)
@@ -109,14 +114,6 @@ class EventSubscriber:
                 if self.on_gap is not None:
                     self.on_gap(env.publisher_id, topic, last + 1, env.sequence)
             return topic, env
-
-    def _malformed(self, why: str) -> None:
-        self.malformed += 1
-        if self.on_malformed is not None:
-            self.on_malformed()
-        if not self._warned:
-            self._warned = True
-            log.warning("dropped malformed event frame", extra={"fields": {"why": why}})
 
     def close(self) -> None:
         self.socket.close(linger=0)

@@ -5,7 +5,8 @@ Owns the wire format of the request plane (frame kinds + payload structs), the e
 as positional MessagePack arrays (`array_like`), defaults omitted, untracked by the GC. Evolution is
 append-only: a new field goes at the end with a default, so older peers still decode.
 
-Does not own sockets or transport; see `request_plane`, `event_plane`, `discovery`.
+Does not own sockets or transport: see `common/transport.py` (request-plane sockets),
+`common/event_plane.py` and `common/discovery/`.
 """
 
 from __future__ import annotations
@@ -86,7 +87,6 @@ class TokenChunk(Wire):
     # On an error chunk: HTTP-like status and message for the client.
     error_code: int = 0
     error_message: str = ""
-    worker_id: str = ""
 
 
 class TokenBatch(Wire):
@@ -105,7 +105,6 @@ TOPIC_HEARTBEAT: Final = b"hb"
 TOPIC_LOAD: Final = b"load"
 TOPIC_KV: Final = b"kv"
 TOPIC_FPM: Final = b"fpm"
-TOPIC_REQ: Final = b"req"
 
 
 class EventEnvelope(Wire):
@@ -191,18 +190,6 @@ class KvPullReply(Wire):
     blocks: list[KvBlockStored]
 
 
-class RequestTimings(Wire):
-    """Per-request figures for the planner."""
-
-    request_id: str
-    worker_id: str
-    prompt_tokens: int
-    cached_tokens: int
-    output_tokens: int
-    ttft_ms: float
-    e2e_ms: float
-
-
 # ---------------------------------------------------------------------------------------------
 # Discovery plane records (JSON on disk / in annotations).
 # ---------------------------------------------------------------------------------------------
@@ -212,10 +199,8 @@ ROLE_ROUTER: Final = "router"
 ROLE_WORKER: Final = "worker"
 ROLE_PLANNER: Final = "planner"
 
-# Worker sub-roles (`Instance.metadata["mode"]`).
+# Worker sub-role (`Instance.metadata["mode"]`); prefill and decode roles are not built yet.
 MODE_AGGREGATED: Final = "aggregated"
-MODE_PREFILL: Final = "prefill"
-MODE_DECODE: Final = "decode"
 
 
 class Instance(msgspec.Struct, omit_defaults=True):
@@ -236,7 +221,6 @@ encoder: Final = msgspec.msgpack.Encoder()
 generate_decoder: Final = msgspec.msgpack.Decoder(GenerateRequest)
 cancel_decoder: Final = msgspec.msgpack.Decoder(Cancel)
 token_batch_decoder: Final = msgspec.msgpack.Decoder(TokenBatch)
-kv_dump_decoder: Final = msgspec.msgpack.Decoder(KvDumpRequest)
 kv_pull_decoder: Final = msgspec.msgpack.Decoder(KvPullRequest)
 kv_pull_reply_decoder: Final = msgspec.msgpack.Decoder(KvPullReply)
 envelope_decoder: Final = msgspec.msgpack.Decoder(EventEnvelope)
@@ -244,4 +228,3 @@ heartbeat_decoder: Final = msgspec.msgpack.Decoder(Heartbeat)
 load_decoder: Final = msgspec.msgpack.Decoder(LoadReport)
 kv_batch_decoder: Final = msgspec.msgpack.Decoder(KvEventBatch)
 fpm_decoder: Final = msgspec.msgpack.Decoder(ForwardPassBatch)
-timings_decoder: Final = msgspec.msgpack.Decoder(RequestTimings)

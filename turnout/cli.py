@@ -49,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         sys.exit(0 if args else 2)
+    from turnout.package_origin import check_packages
+
+    check_packages()
     try:
         entry = _entry(args[0])
     except KeyError:

@@ -1,16 +1,34 @@
-"""Copies each change of a backend's live set to every open watcher, filtered by role.
+"""What a discovery watcher receives, and copying each change of a backend's live set to every
+open watcher, filtered by role.
 
-Owns the watchers' queues and the role filter (a record whose role changes leaves one watcher's
-view as `removed` and enters another's as `added`). Does not own how a backend learns of changes.
+Owns `DiscoveryEvent`, the watchers' queues and the role filter (a record whose role changes
+leaves one watcher's view as `removed` and enters another's as `added`). Does not own how a
+backend learns of changes.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
 
-from common.discovery.base import DiscoveryEvent, matches
 from common.messages import Instance
+
+EventKind = Literal["added", "removed", "updated"]
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryEvent:
+    """A change in the set of live instances; `removed` carries the last record seen."""
+
+    kind: EventKind
+    instance: Instance
+
+
+def matches(instance: Instance, role: str | None, model: str | None = None) -> bool:
+    return (role is None or instance.role == role) and (model is None or instance.model == model)
+
 
 # None on a queue ends its watcher.
 WatchQueue = asyncio.Queue[DiscoveryEvent | None]

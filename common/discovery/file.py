@@ -17,14 +17,13 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 
-from common.discovery.base import Discovery, DiscoveryEvent, matches
-from common.discovery.fanout import Fanout
+from common.discovery.base import Discovery, matches
 from common.messages import Instance
 
 log = logging.getLogger(__name__)
@@ -58,6 +57,7 @@ class FileDiscovery(Discovery):
                  poll_interval: float = 0.2) -> None:
         if lease_ttl <= 0 or poll_interval <= 0:
             raise ValueError("lease_ttl and poll_interval must be positive")
+        super().__init__()
         self.directory = Path(os.path.abspath(directory))
         self.directory.mkdir(parents=True, exist_ok=True)
         self.lease_ttl = lease_ttl
@@ -66,11 +66,9 @@ class FileDiscovery(Discovery):
         self._files: dict[str, _CachedFile] = {}  # file name → last read
         self._warned: set[str] = set()  # malformed files already logged
         self._live: dict[str, Instance] = {}  # as of the last scan; what watchers have seen
-        self._fanout = Fanout()
         self._lease_task: asyncio.Task[None] | None = None
         self._poll_task: asyncio.Task[None] | None = None
         self._scan_error = ""
-        self._closed = False
 
     def __repr__(self) -> str:
         return f"FileDiscovery({str(self.directory)!r}, lease_ttl={self.lease_ttl})"
@@ -140,23 +138,19 @@ class FileDiscovery(Discovery):
         self._refresh()
         return [i for _, i in sorted(self._live.items()) if matches(i, role, model)]
 
-    async def watch(self, role: str | None = None) -> AsyncGenerator[DiscoveryEvent, None]:
-        if self._closed:
-            return
+    def _snapshot(self) -> Iterable[Instance]:
+        return self._live.values()
+
+    async def _start_watching(self) -> None:
         self._refresh_quietly()
-        queue = self._fanout.subscribe(role, self._live.values())
         if self._poll_task is None or self._poll_task.done():
             self._poll_task = asyncio.create_task(self._poll(),
                                                   name=f"discovery-poll:{self.directory}")
-        try:
-            while (event := await queue.get()) is not None:
-                yield event
-        finally:
-            self._fanout.unsubscribe(queue)
 
     async def _poll(self) -> None:
-        # Runs while anyone watches; the next watcher starts it again.
-        while self._fanout:
+        # Runs while anyone watches; the next watcher starts it again. The watcher that started
+        # it subscribes right after this task is created, before it first runs.
+        while self._watched():
             await asyncio.sleep(self.poll_interval)
             self._refresh_quietly()
 
@@ -175,10 +169,10 @@ class FileDiscovery(Discovery):
         old = self._live
         self._live = live
         for instance_id in old.keys() - live.keys():
-            self._fanout.publish(old[instance_id], None)
+            self._publish(old[instance_id], None)
         for instance_id, instance in live.items():
             if old.get(instance_id) is not instance:  # an unchanged file keeps its object
-                self._fanout.publish(old.get(instance_id), instance)
+                self._publish(old.get(instance_id), instance)
 
     def _scan(self) -> dict[str, Instance]:
         now = time.time()
@@ -241,15 +235,9 @@ class FileDiscovery(Discovery):
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def close(self) -> None:
-        self._closed = True
+    async def _stop_watching(self) -> None:
         tasks = [t for t in (self._lease_task, self._poll_task) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._lease_task = self._poll_task = None
-        self._fanout.close()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError(f"{self!r} is closed")

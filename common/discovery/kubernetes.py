@@ -32,14 +32,13 @@ import json
 import logging
 import os
 import socket
-from collections.abc import AsyncGenerator
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import unquote
 
 import msgspec
 
-from common.discovery.base import Discovery, DiscoveryEvent, matches
-from common.discovery.fanout import Fanout
+from common.discovery.base import Discovery, matches
 from common.messages import Instance
 
 log = logging.getLogger(__name__)
@@ -160,6 +159,7 @@ class KubernetesDiscovery(Discovery):
     def __init__(self, namespace: str = "", selector: str = DEFAULT_SELECTOR,
                  pod_name: str | None = None, watch_timeout_s: int = 240,
                  request_timeout_s: float = 15.0) -> None:
+        super().__init__()
         self.namespace = namespace
         self.selector = selector
         self.pod_name = pod_name or os.environ.get("TURNOUT_POD_NAME") \
@@ -173,10 +173,8 @@ class KubernetesDiscovery(Discovery):
         self._pods: dict[str, Instance] = {}  # pod name → live record, as watchers have seen
         self._resource_version: str | None = None
         self._synced = asyncio.Event()
-        self._fanout = Fanout()
         self._watch_task: asyncio.Task[None] | None = None
         self._last_error = ""
-        self._closed = False
 
     @classmethod
     def from_spec(cls, spec: str) -> KubernetesDiscovery:
@@ -266,20 +264,13 @@ class KubernetesDiscovery(Discovery):
             live = [i for i in map(instance_from_pod, pods) if i is not None]
         return sorted((i for i in live if matches(i, role, model)), key=lambda i: i.id)
 
-    async def watch(self, role: str | None = None) -> AsyncGenerator[DiscoveryEvent, None]:
-        if self._closed:
-            return
+    def _snapshot(self) -> Iterable[Instance]:
+        return self._pods.values()
+
+    async def _start_watching(self) -> None:
         if self._watch_task is None:
             self._watch_task = asyncio.create_task(self._follow(), name=f"discovery:{self!r}")
         await self._synced.wait()
-        if self._closed:
-            return
-        queue = self._fanout.subscribe(role, self._pods.values())
-        try:
-            while (event := await queue.get()) is not None:
-                yield event
-        finally:
-            self._fanout.unsubscribe(queue)
 
     async def _follow(self) -> None:
         """LIST then WATCH, forever; relist after any break (events may have been missed)."""
@@ -358,28 +349,22 @@ class KubernetesDiscovery(Discovery):
         else:
             self._pods[pod_name] = new
         if old is not None and new is not None and old.id != new.id:
-            self._fanout.publish(old, None)  # a different process now: it left, another came
+            self._publish(old, None)  # a different process now: it left, another came
             old = None
         if old is not None or new is not None:
-            self._fanout.publish(old, new)
+            self._publish(old, new)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def close(self) -> None:
-        self._closed = True
+    async def _stop_watching(self) -> None:
         self._synced.set()  # wakes watchers still waiting for the first list
         if self._watch_task is not None:
             self._watch_task.cancel()
             await asyncio.gather(self._watch_task, return_exceptions=True)
             self._watch_task = None
-        self._fanout.close()
         if self._api is not None:
             await self._api.close()
             self._api = self._core = None
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError(f"{self!r} is closed")
 
 
 class _ApiError(Exception):

@@ -8,14 +8,13 @@ nothing expires: for fleets whose addresses are known in advance. Does not own t
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from common.discovery.base import Discovery, DiscoveryEvent, matches
-from common.discovery.fanout import Fanout
+from common.discovery.base import Discovery, matches
 from common.messages import Instance
 
 
@@ -50,10 +49,9 @@ def _parse_yaml(path: Path, data: bytes) -> Any:
 
 class StaticDiscovery(Discovery):
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__()
         self.path = Path(path)
         self._records: dict[str, Instance] = {i.id: i for i in load_instances(self.path)}
-        self._fanout = Fanout()
-        self._closed = False
 
     def __repr__(self) -> str:
         return f"StaticDiscovery({str(self.path)!r})"
@@ -71,7 +69,7 @@ class StaticDiscovery(Discovery):
     async def unregister(self, instance_id: str) -> None:
         old = self._records.pop(instance_id, None)
         if old is not None:
-            self._fanout.publish(old, None)
+            self._publish(old, None)
 
     def _set(self, instance: Instance) -> None:
         # Keep a copy, as the file backend effectively does: a caller that mutates its record
@@ -79,25 +77,10 @@ class StaticDiscovery(Discovery):
         instance = msgspec.json.decode(msgspec.json.encode(instance), type=Instance)
         old = self._records.get(instance.id)
         self._records[instance.id] = instance
-        self._fanout.publish(old, instance)
+        self._publish(old, instance)
 
     async def list(self, role: str | None = None, model: str | None = None) -> list[Instance]:
         return [i for _, i in sorted(self._records.items()) if matches(i, role, model)]
 
-    async def watch(self, role: str | None = None) -> AsyncGenerator[DiscoveryEvent, None]:
-        if self._closed:
-            return
-        queue = self._fanout.subscribe(role, self._records.values())
-        try:
-            while (event := await queue.get()) is not None:
-                yield event
-        finally:
-            self._fanout.unsubscribe(queue)
-
-    async def close(self) -> None:
-        self._closed = True
-        self._fanout.close()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError(f"{self!r} is closed")
+    def _snapshot(self) -> Iterable[Instance]:
+        return self._records.values()

@@ -359,6 +359,16 @@ class FrontendApp:
             return self.max_model_len
         return self.upstream.max_model_len(upstream_model) or FALLBACK_MAX_MODEL_LEN
 
+    def context_length_source(self, upstream_model: str) -> str:
+        """Which limit `context_length` is and the flag that raises it, for the 400."""
+        if self.max_model_len > 0:
+            return "the frontend's --max-model-len"
+        if self.upstream.max_model_len(upstream_model):
+            return ("the smallest context length this model's workers report; raise it with "
+                    "the workers' --max-model-len, or set the frontend's --max-model-len")
+        return ("the frontend's fallback while no worker reports one; set the frontend's "
+                "--max-model-len")
+
     async def _tokenize(self, work: Callable[..., list[int]], *args: Any, chars: int) -> list[int]:
         if chars <= INLINE_TOKENIZE_MAX_CHARS:
             return work(*args)
@@ -406,7 +416,8 @@ class FrontendApp:
             ids = await self._prompt_ids(endpoint, body)
             sampling = protocol.sampling_params(body, len(ids),
                                                 self.context_length(upstream_model),
-                                                self.tokenizer.vocab_size)
+                                                self.tokenizer.vocab_size,
+                                                self.context_length_source(upstream_model))
             request_id = os.urandom(16).hex()
             request = GenerateRequest(request_id=request_id, model=upstream_model,
                                       token_ids=ids, sampling=sampling,
@@ -573,12 +584,3 @@ class FrontendApp:
                       gen.usage(prompt_tokens))
         await _send_bytes(send, 200, body)
         return 200
-
-
-def build_app(upstream: Upstream, tokenizer: Tokenizer, served_model_name: str | None,
-              max_model_len: int, metrics: FrontendMetrics,
-              api_key: str | None = None) -> FrontendApp:
-    """The frontend's ASGI application. `max_model_len` 0: ask the upstream per model (its
-    `max_model_len(model)`, when it has one); `api_key`: required as a Bearer token on /v1/."""
-    return FrontendApp(upstream, tokenizer, served_model_name, max_model_len, metrics, api_key)
-

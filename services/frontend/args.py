@@ -9,7 +9,10 @@ from common.config import ProcessConfig, opt
 
 @dataclasses.dataclass
 class FrontendConfig(ProcessConfig):
+    """Frontend process."""
+
     port: int = opt(8000, help="HTTP port of the OpenAI API")
     frontend_id: str = opt("", help="unique instance id (default: frontend-<pid>-<random>)")
-    max_model_len: int = opt(0, help="context length; 0: the smallest any worker reports")
+    max_model_len: int = opt(0, help="context length the API enforces; 0: the smallest any "
+                                     "worker of the model reports")
     api_key: str = opt("", help="when set, requests need 'Authorization: Bearer <key>'")

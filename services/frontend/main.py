@@ -1,24 +1,22 @@
 """The frontend process: the OpenAI HTTP API on uvicorn, in front of the routers it discovers.
 
 Reads top-down: parse config, load the tokenizer, connect the request plane (`RouterClient`),
-register in discovery, serve HTTP until SIGTERM/SIGINT, then unregister and close.
+register in discovery, serve HTTP until SIGTERM/SIGINT, then let uvicorn finish the requests
+under way, unregister and close.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-import secrets
-import signal
 import socket
-import sys
 import time
 from collections.abc import Sequence
 
-from common.config import parse_configs
 from common.discovery import open_discovery
-from common.logs import setup_logging
 from common.messages import ROLE_FRONTEND, Instance
+from common.service import Service, run_service
 from services.frontend.args import FrontendConfig
 
 log = logging.getLogger("turnout.frontend")
@@ -40,49 +38,52 @@ def listen_socket(host: str, port: int) -> socket.socket:
 async def serve(config: FrontendConfig) -> None:
     import uvicorn
 
-    from services.frontend.app import build_app
+    from services.frontend.app import FrontendApp
     from services.frontend.metrics import FrontendMetrics
     from services.frontend.tokenizer import load_tokenizer
     from services.frontend.upstream import RouterClient
 
-    frontend_id = config.frontend_id or f"frontend-{os.getpid()}-{secrets.token_hex(3)}"
-    t0 = time.monotonic()
-    tokenizer = load_tokenizer(config.model or None)
-    log.info("tokenizer loaded", extra={"fields": {"model": config.model or "builtin-bytes",
-                                                   "seconds": round(time.monotonic() - t0, 2)}})
-    discovery = open_discovery(config.discovery, lease_ttl=config.lease_ttl_s)
-    upstream = RouterClient(discovery)
-    await upstream.start()
-    app = build_app(upstream=upstream, tokenizer=tokenizer,
-                    served_model_name=config.model_name(), max_model_len=config.max_model_len,
-                    metrics=FrontendMetrics(), api_key=config.api_key or None)
-    sock = listen_socket(config.host, config.port)
-    port = sock.getsockname()[1]
-    host = config.advertise_host or config.host
-    await discovery.register(Instance(
-        id=frontend_id, role=ROLE_FRONTEND, model=config.model_name(),
-        endpoints={"http": f"http://{host}:{port}", "metrics": f"http://{host}:{port}/metrics"},
-        metadata={"pid": os.getpid(), "started": time.time()}))
-    server = uvicorn.Server(uvicorn.Config(
-        app, loop="none", http="httptools", lifespan="off", access_log=False,
-        log_level=config.log_level, timeout_keep_alive=30, server_header=False))
-    log.info("frontend ready", extra={"fields": {"url": f"http://{host}:{port}/v1"}})
-    # uvicorn re-raises the signal that stopped it, after restoring the handlers it found:
-    # with these in place that is a no-op, and the clean-up below still runs.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
-    try:
-        await server.serve(sockets=[sock])
-    finally:
-        await discovery.unregister(frontend_id)
-        await discovery.close()
-        await upstream.close()
+    async with Service(ROLE_FRONTEND, config.frontend_id) as service:
+        service.install_signal_handlers()
+        t0 = time.monotonic()
+        tokenizer = load_tokenizer(config.model or None)
+        log.info("tokenizer loaded", extra={"fields": {
+            "model": config.model or "builtin-bytes", "seconds": round(time.monotonic() - t0, 2)}})
+        discovery = open_discovery(config.discovery, lease_ttl=config.lease_ttl_s)
+        upstream = RouterClient(discovery)
+        await upstream.start()
+        service.on_shutdown("request plane", upstream.close)
+        service.on_shutdown("discovery", discovery.close)
+        app = FrontendApp(upstream=upstream, tokenizer=tokenizer,
+                          served_model_name=config.model_name(),
+                          max_model_len=config.max_model_len, metrics=FrontendMetrics(),
+                          api_key=config.api_key or None)
+        sock = listen_socket(config.host, config.port)
+        service.on_shutdown("listening socket", sock.close)
+        port = sock.getsockname()[1]
+        host = config.advertise_host or config.host
+        service.on_shutdown("unregister", lambda: discovery.unregister(service.id))
+        await discovery.register(Instance(
+            id=service.id, role=ROLE_FRONTEND, model=config.model_name(),
+            endpoints={"http": f"http://{host}:{port}",
+                       "metrics": f"http://{host}:{port}/metrics"},
+            metadata={"pid": os.getpid(), "started": time.time()}))
+        server = uvicorn.Server(uvicorn.Config(
+            app, loop="none", http="httptools", lifespan="off", access_log=False,
+            log_level=config.log_level, timeout_keep_alive=30, server_header=False))
+        # While serving, uvicorn takes SIGTERM/SIGINT itself (it stops accepting and lets the
+        # requests under way finish); afterwards it restores our handlers and re-raises the
+        # signal, which then stops the service.
+        http = service.spawn("http", server.serve(sockets=[sock]))
+
+        async def stop_http() -> None:
+            server.should_exit = True
+            await asyncio.wait({http})
+
+        service.on_shutdown("http server", stop_http)
+        log.info("frontend ready", extra={"fields": {"url": f"http://{host}:{port}/v1"}})
+        await service.run()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    (config,) = parse_configs([FrontendConfig], list(sys.argv[1:] if argv is None else argv),
-                              prog="turnout frontend")
-    setup_logging("frontend", config.log_level)
-    import uvloop
-
-    uvloop.run(serve(config))
+    run_service(ROLE_FRONTEND, [FrontendConfig], serve, argv)

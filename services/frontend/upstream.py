@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from typing import Protocol
 
 import msgspec
-import zmq
 import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
 from common.discovery import Discovery
+from common.malformed import MalformedFrames
 from common.messages import (
     FINISH_ERROR,
     KIND_CANCEL,
@@ -31,19 +29,13 @@ from common.messages import (
     encoder,
     token_batch_decoder,
 )
-from common.transport import tune_stream_socket
+from common.monitored_dealer import MonitoredDealer
 
 log = logging.getLogger(__name__)
 
 
 class NoWorkersError(Exception):
     """No router, or no worker serving the requested model, is reachable."""
-
-
-class RequestStream(Protocol):
-    """The chunks of one request, ending with the chunk that has a finish reason."""
-
-    def __aiter__(self) -> AsyncIterator[TokenChunk]: ...
 
 
 class Upstream(Protocol):
@@ -96,14 +88,6 @@ class ChunkStream:
             self.finished = True
         return batch
 
-    async def __aiter__(self) -> AsyncIterator[TokenChunk]:
-        while True:
-            batch = await self.next_batch()
-            if not batch:
-                return
-            for chunk in batch:
-                yield chunk
-
 
 class RouterClient:
     """The real `Upstream`: routers and workers from discovery, requests over ZeroMQ DEALERs."""
@@ -119,8 +103,7 @@ class RouterClient:
         # Derived from discovery on every change, not per request.
         self._models: list[str] = []
         self._context: dict[str, int] = {}
-        self._warned = False
-        self.malformed = 0
+        self.malformed = MalformedFrames("frame from router", logger=log)
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._watch(ROLE_ROUTER)),
@@ -189,6 +172,7 @@ class RouterClient:
                 link = self.routers.pop(inst.id, None)
                 if link is not None:
                     self._router_lost(link)
+                self.malformed.forget(inst.id)
             elif inst.id not in self.routers and "request" in inst.endpoints:
                 self.routers[inst.id] = _RouterLink(self, inst)
 
@@ -203,15 +187,11 @@ class RouterClient:
                 stream.push(TokenChunk(rid, [], FINISH_ERROR, error_code=503,
                                        error_message="the router serving this request went away"))
 
-    def deliver(self, payload: bytes) -> None:
+    def deliver(self, payload: bytes, router_id: str = "") -> None:
         try:
             batch = token_batch_decoder.decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            self.malformed += 1
-            if not self._warned:
-                self._warned = True
-                log.warning("dropped malformed frame from router",
-                            extra={"fields": {"why": str(exc)}})
+            self.malformed.drop(str(exc), router_id)
             return
         streams = self.streams
         for chunk in batch.chunks:
@@ -231,38 +211,28 @@ class _RouterLink:
 
     def __init__(self, client: RouterClient, instance: Instance) -> None:
         self.router_id = instance.id
-        self.socket = client.ctx.socket(zmq.DEALER)
-        tune_stream_socket(self.socket)
-        self.monitor = self.socket.get_monitor_socket(
-            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        self.socket.connect(instance.endpoints["request"])
+        self.dealer = MonitoredDealer(client.ctx, instance.endpoints["request"])
+        self.socket = self.dealer.socket
         self.up = True  # optimistic until a drop: requests queue while it connects
         self.task = asyncio.create_task(self._read(client))
         self.watcher = asyncio.create_task(self._watch(client))
 
     async def _watch(self, client: RouterClient) -> None:
-        while True:
-            event = parse_monitor_message(await self.monitor.recv_multipart())
-            if event["event"] == zmq.EVENT_CONNECTED:
-                self.up = True
-            elif event["event"] == zmq.EVENT_DISCONNECTED and self.up:
-                self.up = False
+        async for connected in self.dealer.changes():
+            self.up = connected
+            if not connected:
                 client.fail_streams(self.router_id)
 
     async def _read(self, client: RouterClient) -> None:
         while True:
             frames = await self.socket.recv_multipart()
             if len(frames) == 2 and frames[0] == KIND_TOKENS:
-                client.deliver(frames[1])
+                client.deliver(frames[1], self.router_id)
             else:
-                client.malformed += 1
+                client.malformed.drop(f"{len(frames)} frames, kind {frames[0][:8]!r}",
+                                      self.router_id)
 
     def close(self) -> None:
         self.task.cancel()
         self.watcher.cancel()
-        try:
-            self.socket.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self.monitor.close(linger=0)
-        self.socket.close(linger=0)
+        self.dealer.close()

@@ -12,6 +12,8 @@ CONNECTORS = ["local", "noop"]
 
 @dataclasses.dataclass
 class PlannerConfig(ProcessConfig):
+    """Planner process."""
+
     planner_id: str = opt("", help="unique instance id (default: planner-<pid>-<random>)")
     planner_metrics_port: int = opt(0, help="/metrics and /health port (0: any free port)")
     adjustment_interval_s: float = opt(10.0, help="how often load is measured and replicas set")
@@ -49,3 +51,12 @@ class PlannerConfig(ProcessConfig):
                                                 "this planner started")
     worker_stop_timeout_s: float = opt(40.0, help="local: how long to wait for stopped workers "
                                                   "to drain and exit (they are never killed)")
+
+    def __post_init__(self) -> None:
+        # Workers refuse --worker-mode prefill/decode until disaggregation lands, so a planner
+        # that would start them could only start workers that exit.
+        if self.planner_mode == "disaggregated" and self.connector == "local" \
+                and not self.dry_run:
+            raise ValueError("--planner-mode disaggregated: prefill/decode workers are not "
+                             "available yet, so the local connector cannot start them; "
+                             "observe with --dry-run or --connector noop")

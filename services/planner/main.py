@@ -17,22 +17,17 @@ import asyncio
 import logging
 import math
 import os
-import secrets
 import shlex
-import signal
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 
 import httpx
 import msgspec
 import zmq
 import zmq.asyncio
 
-from common.config import parse_configs
 from common.discovery import open_discovery
 from common.event_plane import EventSubscriber
-from common.logs import setup_logging
 from common.messages import (
     MODE_AGGREGATED,
     ROLE_FRONTEND,
@@ -45,6 +40,7 @@ from common.messages import (
     fpm_decoder,
     load_decoder,
 )
+from common.service import Service, run_service
 from common.status_server import StatusServer
 from services.planner.args import PlannerConfig
 from services.planner.connectors import Connector, LocalConnector, NoopConnector
@@ -68,7 +64,8 @@ SERIES = ("request_rate", "input_tokens", "output_tokens")
 class Planner:
     def __init__(self, config: PlannerConfig) -> None:
         self.config = config
-        self.planner_id = config.planner_id or f"planner-{os.getpid()}-{secrets.token_hex(3)}"
+        self.service = Service(ROLE_PLANNER, config.planner_id)
+        self.planner_id = self.service.id
         self.model_name = config.model_name()
         self.ctx = zmq.asyncio.Context()
         self.metrics = PlannerMetrics()
@@ -90,7 +87,6 @@ class Planner:
             scale_down_cooldown_s=config.scale_down_cooldown_s)
         self.connectors: dict[str, Connector] = {
             role: self.make_connector(role) for role in self.planner.roles}
-        self.stop = asyncio.Event()
         self._why = ""  # why the last interval had no replica estimate
 
     def make_connector(self, role: str) -> Connector:
@@ -180,9 +176,10 @@ class Planner:
     async def adjust_forever(self) -> None:
         """Adjust every interval until stopped; a stop never interrupts an adjustment halfway
         (a worker being started is then tracked, so it is stopped on exit too)."""
-        while not self.stop.is_set():
+        while not self.service.stopping:
             try:
-                await asyncio.wait_for(self.stop.wait(), self.config.adjustment_interval_s)
+                await asyncio.wait_for(self.service.wait_stopping(),
+                                       self.config.adjustment_interval_s)
                 return
             except TimeoutError:
                 pass
@@ -298,51 +295,52 @@ class Planner:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Start, plan until SIGTERM/SIGINT (or a loop fails), then shut down: each step's
+        undoing is registered as it is done, and runs in reverse order."""
         cfg = self.config
-        status = StatusServer(self.metrics.registry, cfg.host, cfg.planner_metrics_port)
-        metrics_port = await status.start()
-        self.discovery = open_discovery(cfg.discovery, lease_ttl=cfg.lease_ttl_s)
-        timeout = max(0.1, min(2.0, cfg.adjustment_interval_s))
-        client = httpx.AsyncClient(timeout=timeout)
-        self.observer = LoadObserver(self.model_name, client, self._scrape_failed)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop.set)
-        # Know the fleet before the first adjustment, so a running worker is not "missing".
-        for inst in await self.discovery.list(role=ROLE_WORKER):
-            if inst.model == self.model_name:
-                self.on_worker(inst, gone=False)
-        adjusting = asyncio.create_task(self.adjust_forever())
-        tasks = [asyncio.create_task(self.watch_discovery()),
-                 asyncio.create_task(self.consume_events())]
-        host = cfg.advertise_host or cfg.host
-        await self.discovery.register(Instance(
-            id=self.planner_id, role=ROLE_PLANNER, model=self.model_name,
-            endpoints={"metrics": f"http://{host}:{metrics_port}/metrics"},
-            metadata={"mode": cfg.planner_mode, "connector": "noop" if cfg.dry_run
-                      else cfg.connector, "pid": os.getpid(), "started": time.time()}))
-        log.info("planner ready", extra={"fields": {
-            "id": self.planner_id, "roles": ",".join(self.connectors),
-            "interval_s": cfg.adjustment_interval_s}})
-        done, _ = await asyncio.wait([*tasks, adjusting], return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                log.error("planner loop failed", exc_info=task.exception())
-        self.stop.set()
-        try:  # bounded: scrapes time out, and starting a process is quick
-            await asyncio.wait_for(adjusting, cfg.adjustment_interval_s + 10)
-        except TimeoutError:
+        async with self.service as service:
+            service.install_signal_handlers()
+            service.on_shutdown("zmq context", lambda: self.ctx.destroy(linger=0))
+            service.on_shutdown("event subscriber", self.subscriber.close)
+            status = StatusServer(self.metrics.registry, cfg.host, cfg.planner_metrics_port)
+            metrics_port = await status.start()
+            service.on_shutdown("status server", status.close)
+            timeout = max(0.1, min(2.0, cfg.adjustment_interval_s))
+            client = httpx.AsyncClient(timeout=timeout)
+            service.on_shutdown("http client", client.aclose)
+            self.observer = LoadObserver(self.model_name, client, self._scrape_failed)
+            self.discovery = open_discovery(cfg.discovery, lease_ttl=cfg.lease_ttl_s)
+            service.on_shutdown("discovery", self.discovery.close)
+            service.on_shutdown("connectors", self._close_connectors)
+            service.on_shutdown("unregister", lambda: self.discovery.unregister(self.planner_id))
+            # Know the fleet before the first adjustment, so a running worker is not "missing".
+            for inst in await self.discovery.list(role=ROLE_WORKER):
+                if inst.model == self.model_name:
+                    self.on_worker(inst, gone=False)
+            service.spawn("discovery watch", self.watch_discovery())
+            service.spawn("events", self.consume_events())
+            adjusting = service.spawn("adjustments", self.adjust_forever())
+            service.on_shutdown("last adjustment", lambda: self._finish(adjusting))
+            host = cfg.advertise_host or cfg.host
+            await self.discovery.register(Instance(
+                id=self.planner_id, role=ROLE_PLANNER, model=self.model_name,
+                endpoints={"metrics": f"http://{host}:{metrics_port}/metrics"},
+                metadata={"mode": cfg.planner_mode, "connector": "noop" if cfg.dry_run
+                          else cfg.connector, "pid": os.getpid(), "started": time.time()}))
+            log.info("planner ready", extra={"fields": {
+                "id": self.planner_id, "roles": ",".join(self.connectors),
+                "interval_s": cfg.adjustment_interval_s}})
+            await service.run()
+
+    async def _finish(self, adjusting: asyncio.Task[None]) -> None:
+        """Let an adjustment under way finish (bounded: scrapes time out, and starting a
+        process is quick), so a worker being started is tracked and stopped on exit too."""
+        done, _ = await asyncio.wait({adjusting}, timeout=self.config.adjustment_interval_s + 10)
+        if not done:
             log.warning("adjustment did not finish at shutdown; abandoned")
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self.discovery.unregister(self.planner_id)
+
+    async def _close_connectors(self) -> None:
         await asyncio.gather(*(c.close() for c in self.connectors.values()))
-        await self.discovery.close()
-        await client.aclose()
-        await status.close()
-        self.subscriber.close()
-        self.ctx.destroy(linger=0)
 
     def _explain(self, why: str) -> None:
         """Say why there is no estimate, once per reason rather than every interval."""
@@ -356,18 +354,17 @@ class Planner:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    (config,) = parse_configs([PlannerConfig], list(sys.argv[1:] if argv is None else argv),
-                              prog="turnout planner")
-    setup_logging("planner", config.log_level)
+    run_service(ROLE_PLANNER, [PlannerConfig], _start, argv)
+
+
+def _start(config: PlannerConfig) -> Coroutine[object, object, None]:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per scrape at info
     _check(config)
     try:
         planner = Planner(config)
     except ValueError as exc:  # a malformed profile
         raise SystemExit(f"turnout planner: {exc}") from exc
-    import uvloop
-
-    uvloop.run(planner.run())
+    return planner.run()
 
 
 def _check(config: PlannerConfig) -> None:

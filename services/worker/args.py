@@ -1,20 +1,26 @@
-"""Every flag of `turnout worker`, with its TURNOUT_* fallback and default."""
+"""Every flag of `turnout worker` that is not one engine's own, with its TURNOUT_* fallback and
+default: the worker process (`WorkerConfig`) and the settings every engine takes
+(`EngineConfig`). Each engine's own flags live with the engine (`engines/*config.py`)."""
 
 from __future__ import annotations
 
 import dataclasses
 
+from common.block_hash import DEFAULT_SEED
 from common.config import ProcessConfig, opt
 
 ENGINES = ["mocker", "vllm", "sglang", "trtllm"]
+WORKER_MODES = ["aggregated", "prefill", "decode"]
 
 
 @dataclasses.dataclass
 class WorkerConfig(ProcessConfig):
+    """Worker process."""
+
     engine: str = opt("mocker", help="inference engine behind this worker", choices=ENGINES)
     worker_id: str = opt("", help="unique instance id (default: worker-<pid>-<random>)")
-    worker_mode: str = opt("aggregated", choices=["aggregated", "prefill", "decode"],
-                           help="disaggregation role")
+    worker_mode: str = opt("aggregated", choices=WORKER_MODES,
+                           help="disaggregation role; only 'aggregated' runs today")
     worker_port: int = opt(0, help="request-plane port (0: any free port)")
     worker_event_port: int = opt(0, help="event-plane PUB port (0: any free port)")
     worker_metrics_port: int = opt(0, help="/metrics and /health port (0: any free port)")
@@ -24,3 +30,42 @@ class WorkerConfig(ProcessConfig):
     host_kv_blocks: int = opt(65536, help="capacity of the host-memory tier holding peers' "
                                           "replicated blocks")
     drain_grace_s: float = opt(30.0, help="on SIGTERM, how long streams may run before migrating")
+
+    def __post_init__(self) -> None:
+        # The roles are parsed so that scripts written for them fail here, loudly, instead of
+        # running an aggregated worker under a prefill or decode label.
+        if self.worker_mode != "aggregated":
+            raise ValueError(f"--worker-mode {self.worker_mode}: disaggregated prefill/decode "
+                             f"roles are not available yet; use --worker-mode aggregated")
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    """Every engine (mocker, vllm, sglang, trtllm)."""
+
+    block_size: int = opt(64, help="tokens per KV block (vllm --block-size, sglang "
+                                   "--page-size, trtllm tokens_per_block)")
+    hash_seed: int = opt(DEFAULT_SEED, help="seed of the KV block hashes (must match the router)")
+    max_model_len: int = opt(0, help="longest prompt + max_tokens accepted; 0: the model's own "
+                                     "context length (config.json of --model); the mocker "
+                                     "without --model: what its KV pool holds")
+    max_num_seqs: int = opt(0, help="most requests running at once; 0: the engine's default "
+                                    "(mocker 256; vllm, sglang, trtllm size it themselves)")
+    max_num_batched_tokens: int = opt(0, help="token budget of one engine step; 0: the "
+                                              "engine's default (mocker 8192; vllm, sglang, "
+                                              "trtllm size it themselves)")
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError(f"--block-size must be positive, got {self.block_size}")
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: the engine's "
+                                 f"default), got {getattr(self, name)}")
+
+    def limits(self) -> dict[str, int]:
+        """The limits set on the command line (non-zero): only those reach a real engine, which
+        otherwise derives them from the model and the hardware."""
+        return {name: getattr(self, name)
+                for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens")
+                if getattr(self, name)}

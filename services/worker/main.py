@@ -14,21 +14,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
-import signal
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 import msgspec
 import zmq
 import zmq.asyncio
 
 from common.block_hash import block_hashes
-from common.config import parse_configs
 from common.discovery import Discovery, open_discovery
 from common.event_plane import EventPublisher
-from common.logs import setup_logging
+from common.malformed import MalformedFrames
 from common.messages import (
     FINISH_ERROR,
     KIND_CANCEL,
@@ -61,6 +58,7 @@ from common.messages import (
     kv_batch_decoder,
     kv_pull_decoder,
 )
+from common.service import Service, run_service
 from common.status_server import StatusServer
 from common.transport import bind_socket, tune_stream_socket
 from services.worker.args import WorkerConfig
@@ -77,7 +75,8 @@ class Worker:
     def __init__(self, config: WorkerConfig, engine: Engine) -> None:
         self.config = config
         self.engine = engine
-        self.worker_id = config.worker_id or f"worker-{os.getpid()}-{secrets.token_hex(3)}"
+        self.service = Service(ROLE_WORKER, config.worker_id)
+        self.worker_id = self.service.id
         self.model = config.model_name()
         self.ctx = zmq.asyncio.Context()
         self.metrics = WorkerMetrics(self.worker_id, self.model)
@@ -87,9 +86,8 @@ class Worker:
         self.draining = False
         self.ready = False  # engine started and registered: what readiness probes ask
         self._fpm: list[ForwardPass] = []
-        self._stop = asyncio.Event()
         self._idle = asyncio.Event()  # set when draining and no stream is left
-        self._warned_malformed = False
+        self.malformed = MalformedFrames("request frame", self.metrics.malformed.inc, log)
         self.started = time.time()  # incarnation stamp: a re-registration changes it
         self.metrics_port = 0
         self.host_tier = HostKvTier(config.host_kv_blocks)
@@ -148,7 +146,7 @@ class Worker:
         while True:
             frames = await self.requests.recv_multipart()
             if len(frames) != 3:
-                self._malformed(f"{len(frames)} frames")
+                self.malformed.drop(f"{len(frames)} frames")
                 continue
             ident, kind, payload = frames
             try:
@@ -177,9 +175,9 @@ class Worker:
                     self.requests.send_multipart([ident, KIND_KV_BLOCKS, encoder.encode(
                         KvPullReply(pull.request_id, blocks))])
                 else:
-                    self._malformed(f"unknown kind {kind!r}")
+                    self.malformed.drop(f"unknown kind {kind!r}")
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                self._malformed(str(exc))
+                self.malformed.drop(str(exc))
 
     def _on_generate(self, ident: bytes, payload: bytes) -> None:
         request = generate_decoder.decode(payload)
@@ -232,12 +230,6 @@ class Worker:
             if request.request_id not in self.destinations:
                 return
         self._admit(ident, request)
-
-    def _malformed(self, why: str) -> None:
-        self.metrics.malformed.inc()
-        if not self._warned_malformed:
-            self._warned_malformed = True
-            log.warning("dropped malformed request frame", extra={"fields": {"why": why}})
 
     # -- event plane ---------------------------------------------------------------------------
 
@@ -321,55 +313,49 @@ class Worker:
         )
 
     async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT (or a loop fails), then drain and shut down: each
+        step's undoing is registered as it is done, and runs in reverse order."""
         cfg = self.config
-        self.requests = self.ctx.socket(zmq.ROUTER)
-        tune_stream_socket(self.requests)
-        self.request_endpoint = bind_socket(self.requests, cfg.host, cfg.worker_port,
-                                            cfg.advertise_host)
-        self.publisher = EventPublisher(self.ctx, self.worker_id, cfg.host, cfg.worker_event_port,
-                                        cfg.advertise_host)
-        status = StatusServer(self.metrics.registry, cfg.host, cfg.worker_metrics_port,
-                              health=lambda: self.ready and not self.draining)
-        self.metrics_port = await status.start()
-        # Handlers first: a SIGTERM during a long engine load (vLLM: tens of seconds) must
-        # still shut the engine down cleanly rather than kill the process outright.
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
-        await self.engine.start(self.on_step)
-        if self._stop.is_set():
-            await status.close()
-            await self.engine.shutdown()
-            self.publisher.close()
-            self.requests.close(linger=0)
-            self.ctx.term()
-            return
-        self.discovery = discovery = open_discovery(cfg.discovery, lease_ttl=cfg.lease_ttl_s)
-        tasks = [asyncio.create_task(self.serve_requests()),
-                 asyncio.create_task(self.heartbeat())]
-        if cfg.kv_replicas > 0:
-            tasks += [asyncio.create_task(self.watch_peers()),
-                      asyncio.create_task(self.peers.run_replication())]
-        await discovery.register(self.instance())
-        self.ready = True
-        log.info("worker ready", extra={"fields": {"id": self.worker_id,
-                                                   "request": self.request_endpoint}})
-        await self._stop.wait()
-        await self.drain(discovery)
-        for task in tasks:
-            task.cancel()
-        await discovery.close()
-        await status.close()
-        await self.engine.shutdown()
-        self.publisher.close()
-        self.peers.close()
-        self.requests.close(linger=0)
-        self.ctx.term()
+        async with self.service as service:
+            # Handlers first: a SIGTERM during a long engine load (vLLM: tens of seconds) must
+            # still shut the engine down cleanly rather than kill the process outright.
+            service.install_signal_handlers()
+            service.on_shutdown("zmq context", lambda: self.ctx.destroy(linger=0))
+            self.requests = self.ctx.socket(zmq.ROUTER)
+            service.on_shutdown("request socket", lambda: self.requests.close(linger=0))
+            tune_stream_socket(self.requests)
+            self.request_endpoint = bind_socket(self.requests, cfg.host, cfg.worker_port,
+                                                cfg.advertise_host)
+            service.on_shutdown("peer links", self.peers.close)
+            self.publisher = EventPublisher(self.ctx, self.worker_id, cfg.host,
+                                            cfg.worker_event_port, cfg.advertise_host)
+            service.on_shutdown("event publisher", self.publisher.close)
+            service.on_shutdown("engine", self.engine.shutdown)
+            status = StatusServer(self.metrics.registry, cfg.host, cfg.worker_metrics_port,
+                                  health=lambda: self.ready and not self.draining)
+            self.metrics_port = await status.start()
+            service.on_shutdown("status server", status.close)
+            await self.engine.start(self.on_step)
+            if service.stopping:
+                return  # stopped while the engine loaded: nothing was announced yet
+            self.discovery: Discovery = open_discovery(cfg.discovery, lease_ttl=cfg.lease_ttl_s)
+            service.on_shutdown("discovery", self.discovery.close)
+            service.spawn("requests", self.serve_requests())
+            service.spawn("heartbeat", self.heartbeat())
+            if cfg.kv_replicas > 0:
+                service.spawn("replica peers", self.watch_peers())
+                service.spawn("replication", self.peers.run_replication())
+            service.on_shutdown("drain", self.drain)
+            await self.discovery.register(self.instance())
+            self.ready = True
+            log.info("worker ready", extra={"fields": {"id": self.worker_id,
+                                                       "request": self.request_endpoint}})
+            await service.run()
 
-    async def drain(self, discovery: Discovery) -> None:
+    async def drain(self) -> None:
         """Leave discovery, refuse new work, give running streams the grace period."""
         self.draining = True
-        await discovery.unregister(self.worker_id)
+        await self.discovery.unregister(self.worker_id)
         self.publish_status()
         if self.destinations:
             try:
@@ -382,11 +368,8 @@ class Worker:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    classes = [WorkerConfig, *engine_config_classes()]
-    config, *engine_configs = parse_configs(classes, argv, prog="turnout worker")
-    setup_logging("worker", config.log_level)
-    engine = create_engine(config, engine_configs)
-    import uvloop
+    run_service(ROLE_WORKER, [WorkerConfig, *engine_config_classes()], _start, argv)
 
-    uvloop.run(Worker(config, engine).run())
+
+def _start(config: WorkerConfig, *engine_configs: Any) -> Coroutine[Any, Any, None]:
+    return Worker(config, create_engine(config, list(engine_configs))).run()

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from services.frontend.app import FALLBACK_MAX_MODEL_LEN, FrontendApp, build_app
+from services.frontend.app import FALLBACK_MAX_MODEL_LEN, FrontendApp
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.tokenizer import ByteTokenizer, HfTokenizer, Tokenizer
 from tests.frontend.fake_upstream import FakeUpstream, Script
@@ -63,7 +63,7 @@ def _start(fake: FakeUpstream, tokenizer: Tokenizer, **kwargs: Any) -> tuple[Liv
     metrics = FrontendMetrics()
     kwargs.setdefault("served_model_name", None)
     kwargs.setdefault("max_model_len", MAX_MODEL_LEN)
-    app = build_app(fake, tokenizer, metrics=metrics, **kwargs)
+    app = FrontendApp(fake, tokenizer, metrics=metrics, **kwargs)
     return LiveServer(app).start(), metrics
 
 
@@ -327,9 +327,12 @@ def test_context_length_exceeded(stack: Stack) -> None:
     error = _error_of(_post(stack, "/v1/chat/completions", {
         "model": "tiny", "messages": [{"role": "user", "content": long_text}]}), 400)
     assert (error["param"], error["code"]) == ("messages", "context_length_exceeded")
+    # Which limit was hit, and the flag that raises it.
+    assert f"{MAX_MODEL_LEN} tokens (the frontend's --max-model-len)" in error["message"]
     error = _error_of(_post(stack, "/v1/completions", {
         "model": "tiny", "prompt": "hi", "max_tokens": MAX_MODEL_LEN}), 400)
     assert error["param"] == "max_tokens"
+    assert "(the frontend's --max-model-len)" in error["message"]
 
 
 def test_long_prompt_is_tokenized_off_the_loop(stack: Stack) -> None:
@@ -493,8 +496,10 @@ def test_context_length_from_upstream(tiny: HfTokenizer) -> None:
     fake = FakeUpstream(models=["tiny"])
     app = FrontendApp(fake, tiny, None, 0, FrontendMetrics())
     assert app.context_length("tiny") == FALLBACK_MAX_MODEL_LEN
+    assert "no worker reports one" in app.context_length_source("tiny")
     fake.max_model_len_by_model["tiny"] = 64
     assert app.context_length("tiny") == 64
+    assert "workers' --max-model-len" in app.context_length_source("tiny")
     assert FrontendApp(fake, tiny, None, 128, FrontendMetrics()).context_length("tiny") == 128
 
 

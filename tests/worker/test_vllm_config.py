@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from common.config import parse_configs
-from services.worker.args import WorkerConfig
+from services.worker.args import EngineConfig, WorkerConfig
 from services.worker.engines import create_engine, engine_config_classes
 from services.worker.engines.vllm_config import CPU_DEFAULT_KV_CACHE_BYTES, VllmConfig
 
@@ -49,11 +49,12 @@ def test_validation() -> None:
         VllmConfig(engine_args="--dtype 'unbalanced").validate()
 
 
-def test_worker_cli_fills_the_vllm_config_and_shares_mocker_names() -> None:
-    worker, mocker, vllm = parse("--engine", "vllm", "--model", "/m", "--block-size", "32",
-                                 "--engine-args", "--max-num-seqs 4", "--enforce-eager")
+def test_worker_cli_fills_the_vllm_config_and_the_engine_neutral_one() -> None:
+    worker, engine, _mocker, vllm = parse("--engine", "vllm", "--model", "/m", "--block-size",
+                                          "32", "--engine-args", "--max-num-seqs 4",
+                                          "--enforce-eager")
     assert worker.engine == "vllm"  # type: ignore[attr-defined]
-    assert mocker.block_size == 32  # type: ignore[attr-defined]
+    assert engine == EngineConfig(block_size=32)
     assert vllm == VllmConfig(enforce_eager=True, engine_args="--max-num-seqs 4")
 
 
@@ -63,10 +64,8 @@ def test_real_engines_need_a_model() -> None:
         create_engine(worker, engines)  # type: ignore[arg-type]
 
 
-def test_only_limits_set_away_from_the_mocker_defaults_reach_the_engine() -> None:
-    from services.worker.engines import _shared_limits
-
-    _, mocker, _ = parse("--max-model-len", "2048")
-    assert _shared_limits(mocker) == {"max_model_len": 2048}
-    _, mocker, _ = parse()
-    assert _shared_limits(mocker) == {}
+def test_only_limits_set_on_the_command_line_reach_the_engine() -> None:
+    _, engine, _, _ = parse("--max-model-len", "2048")
+    assert engine.limits() == {"max_model_len": 2048}  # type: ignore[attr-defined]
+    _, engine, _, _ = parse()
+    assert engine.limits() == {}  # type: ignore[attr-defined]

@@ -1,4 +1,6 @@
-"""Engine adapters and the factory that picks one for `turnout worker --engine NAME`."""
+"""Engine adapters and the factory that picks one for `turnout worker --engine NAME`: which
+config classes make up the worker's engine flags, and how they become one engine's settings.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +9,52 @@ import json
 from pathlib import Path
 from typing import Any
 
-from services.worker.args import WorkerConfig
+from common.config import declaring_class, is_flag
+from services.worker.args import EngineConfig, WorkerConfig
 from services.worker.engine import Engine
+
+# config.json keys that give a model's context length, in the order they are trusted.
+CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
+                       "max_sequence_length", "n_ctx")
 
 
 def engine_config_classes() -> list[type]:
-    """Config dataclasses of the engines whose flags every worker CLI accepts."""
+    """Config dataclasses of the engine flags every worker CLI accepts: the engine-neutral ones
+    first, then each engine's own."""
     from services.worker.engines.mocker.config import MockerConfig
     from services.worker.engines.vllm_config import VllmConfig
 
-    return [MockerConfig, VllmConfig]
+    return [EngineConfig, MockerConfig, VllmConfig]
+
+
+def _config_of(configs: list[Any], cls: type) -> Any:
+    return next(c for c in configs if type(c) is cls)
+
+
+def model_config(model: str) -> dict[str, Any]:
+    """The model's config.json (a HF model directory is needed: the mocker loads no hub)."""
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        raise SystemExit(f"--model {model!r}: no config.json there (need a HF model directory)")
+    return json.loads(path.read_text())
+
+
+def context_length(cfg: dict[str, Any]) -> int:
+    """The model's context length from its config.json (0: it names none); a multimodal
+    model's text config counts when the top level has none."""
+    for section in (cfg, cfg.get("text_config") or {}):
+        for key in CONTEXT_LENGTH_KEYS:
+            value = section.get(key)
+            if isinstance(value, int) and value > 0:
+                return value
+    return 0
 
 
 def apply_model_config(mocker_config: Any, model: str) -> None:
     """Make the mocker speak a real model's vocabulary: token range and EOS from config.json."""
     if not model:
         return
-    path = Path(model) / "config.json"
-    if not path.is_file():
-        raise SystemExit(f"--model {model!r}: no config.json there (need a HF model directory)")
-    cfg = json.loads(path.read_text())
+    cfg = model_config(model)
     vocab = int(cfg.get("vocab_size") or 0)
     if vocab > 0:
         mocker_config.vocab_size = vocab
@@ -44,40 +72,81 @@ def apply_model_config(mocker_config: Any, model: str) -> None:
         mocker_config.eos_token_id = eos
 
 
+def mocker_settings(config: WorkerConfig, engine_configs: list[Any]) -> Any:
+    """The mocker's full settings: its own flags, the engine-neutral ones, and what `--model`
+    says (vocabulary, EOS, context length). Without `--max-model-len` the context is the
+    model's own, or without a model what the simulated KV pool holds; either way capped by the
+    pool, as a real engine's is by its KV cache."""
+    from services.worker.engines.mocker.config import (
+        DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        DEFAULT_MAX_NUM_SEQS,
+        MockerConfig,
+    )
+
+    engine: EngineConfig = _config_of(engine_configs, EngineConfig)
+    mocker: MockerConfig = _config_of(engine_configs, MockerConfig)
+    apply_model_config(mocker, config.model)
+    max_model_len = engine.max_model_len
+    if not max_model_len:
+        pool = mocker.num_blocks * engine.block_size
+        model_len = context_length(model_config(config.model)) if config.model else 0
+        max_model_len = min(model_len, pool) if model_len else pool
+    try:
+        return dataclasses.replace(
+            mocker, block_size=engine.block_size, hash_seed=engine.hash_seed,
+            max_model_len=max_model_len,
+            max_num_seqs=engine.max_num_seqs or DEFAULT_MAX_NUM_SEQS,
+            max_num_batched_tokens=engine.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+
+
+def refuse_foreign_flags(engine: str, engine_configs: list[Any]) -> None:
+    """A flag of another engine than the chosen one, set away from its default, is an error:
+    it would otherwise be accepted and ignored."""
+    from services.worker.engines.mocker.config import MockerConfig
+    from services.worker.engines.real_engine_config import RealEngineConfig
+    from services.worker.engines.vllm_config import VllmConfig
+
+    owners: dict[type, set[str]] = {MockerConfig: {"mocker"},
+                                    RealEngineConfig: {"vllm", "sglang", "trtllm"},
+                                    VllmConfig: {"vllm"}}
+    foreign: list[str] = []
+    for cfg in engine_configs:
+        for field in dataclasses.fields(cfg):
+            if not is_flag(field):
+                continue
+            owner = declaring_class(type(cfg), field.name)
+            if owner in owners and engine not in owners[owner] \
+                    and getattr(cfg, field.name) != field.default:
+                foreign.append("--" + field.name.replace("_", "-"))
+    if foreign:
+        raise SystemExit(f"--engine {engine} does not take {', '.join(foreign)} (another "
+                         f"engine's flags; see `turnout worker --help`)")
+
+
 def create_engine(config: WorkerConfig, engine_configs: list[Any]) -> Engine:
+    if config.engine not in ("mocker", "vllm", "sglang", "trtllm"):
+        raise SystemExit(f"engine {config.engine!r} is not built into this install; "
+                         f"use --engine mocker")
+    refuse_foreign_flags(config.engine, engine_configs)
     if config.engine == "mocker":
         from services.worker.engines.mocker.engine import MockerEngine
 
-        mocker_config = engine_configs[0]
-        apply_model_config(mocker_config, config.model)
-        return MockerEngine(mocker_config)
-    if config.engine in ("vllm", "sglang", "trtllm"):
-        return _create_real_engine(config, engine_configs)
-    raise SystemExit(f"engine {config.engine!r} is not built into this install yet; "
-                     f"use --engine mocker")
-
-
-def _shared_limits(mocker_config: Any) -> dict[str, int]:
-    """The mocker-named limits (`--max-model-len`, `--max-num-seqs`,
-    `--max-num-batched-tokens`) that were set away from the mocker's defaults: only those
-    reach a real engine, which otherwise derives them from the model and hardware."""
-    defaults = {f.name: f.default for f in dataclasses.fields(mocker_config)}
-    return {name: getattr(mocker_config, name)
-            for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens")
-            if getattr(mocker_config, name) != defaults[name]}
+        return MockerEngine(mocker_settings(config, engine_configs))
+    return _create_real_engine(config, engine_configs)
 
 
 def _create_real_engine(config: WorkerConfig, engine_configs: list[Any]) -> Engine:
     """vllm, sglang or trtllm; each is imported only here, so the default install needs none."""
-    from services.worker.engines.mocker.config import MockerConfig
     from services.worker.engines.vllm_config import VllmConfig
 
-    mocker = next(c for c in engine_configs if isinstance(c, MockerConfig))
-    real = next(c for c in engine_configs if isinstance(c, VllmConfig))
+    engine: EngineConfig = _config_of(engine_configs, EngineConfig)
+    real: VllmConfig = _config_of(engine_configs, VllmConfig)
     if not config.model:
         raise SystemExit(f"--engine {config.engine} needs --model (a HF model directory or name)")
-    common = {"block_size": mocker.block_size, "hash_seed": mocker.hash_seed,
-              "shared": _shared_limits(mocker)}
+    common = {"block_size": engine.block_size, "hash_seed": engine.hash_seed,
+              "shared": engine.limits()}
     try:
         real.validate()
         if config.engine == "vllm":

@@ -5,8 +5,9 @@ without its tokenizer (`skip_tokenizer_init`: the frontend owns text) and with p
 block size, so its radix cache publishes full blocks. Its KV events are vLLM's wire format on a
 private ipc socket, read and re-hashed by `vllm_kv_events`.
 
-Owns SGLang's configuration from `VllmConfig` (the shared real-engine flags; `--engine-args` is
-parsed by SGLang's own `ServerArgs` parser) and the translation of its stream items into deltas.
+Owns SGLang's configuration from `RealEngineConfig` (the flags vllm, sglang and trtllm share;
+`--engine-args` is parsed by SGLang's own `ServerArgs` parser) and the translation of its stream
+items into deltas.
 Imported only when `--engine sglang` is chosen; SGLang itself is imported when the engine starts,
 so the translation helpers here are testable without it.
 """
@@ -25,8 +26,8 @@ import zmq.asyncio
 
 from common.block_hash import DEFAULT_SEED
 from common.messages import GenerateRequest, SamplingParams
+from services.worker.engines.real_engine_config import RealEngineConfig
 from services.worker.engines.stream_engine import Delta, StreamingEngine
-from services.worker.engines.vllm_config import VllmConfig
 from services.worker.engines.vllm_kv_events import KvEventSubscriber
 
 
@@ -50,7 +51,7 @@ def sampling_params(sp: SamplingParams, max_tokens: int, min_tokens: int) -> dic
     return params
 
 
-def server_argv(config: VllmConfig, model: str, block_size: int, shared: dict[str, int],
+def server_argv(config: RealEngineConfig, model: str, block_size: int, shared: dict[str, int],
                 kv_events: dict[str, str]) -> list[str]:
     """SGLang's command line: our settings first, `--engine-args` last (those win)."""
     argv = ["--model-path", model, "--page-size", str(block_size), "--skip-tokenizer-init",
@@ -91,7 +92,7 @@ def _scheduler_info(engine: Any) -> dict[str, Any]:
 class SglangEngine(StreamingEngine):
     name = "sglang"
 
-    def __init__(self, config: VllmConfig, model: str, *, block_size: int = 64,
+    def __init__(self, config: RealEngineConfig, model: str, *, block_size: int = 64,
                  hash_seed: int = DEFAULT_SEED, shared: dict[str, int] | None = None) -> None:
         if importlib.util.find_spec("sglang") is None:
             raise ImportError("SGLang is not installed")

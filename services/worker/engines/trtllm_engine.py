@@ -6,11 +6,11 @@ so the adapter sends the new tail. Block reuse and KV cache events are switched 
 our size; the events (`get_kv_cache_events_async`, Python dicts) are turned into vLLM's event
 structs and re-hashed by the shared translator.
 
-Owns TensorRT-LLM's configuration from `VllmConfig` (the shared real-engine flags; `--engine-args`
-takes `--name value` pairs, values read as JSON where they parse, passed as `LLM(...)` keyword
-arguments) and the translation of its outputs and events. Imported only when `--engine trtllm`
-is chosen; TensorRT-LLM itself is imported when the engine starts, so the translation helpers
-here are testable without it.
+Owns TensorRT-LLM's configuration from `RealEngineConfig` (the flags vllm, sglang and trtllm
+share; `--engine-args` takes `--name value` pairs, values read as JSON where they parse, passed as
+`LLM(...)` keyword arguments) and the translation of its outputs and events. Imported only when
+`--engine trtllm` is chosen; TensorRT-LLM itself is imported when the engine starts, so the
+translation helpers here are testable without it.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 
 from common.block_hash import DEFAULT_SEED
 from common.messages import GenerateRequest, SamplingParams
+from services.worker.engines.real_engine_config import RealEngineConfig
 from services.worker.engines.stream_engine import Delta, StreamingEngine
-from services.worker.engines.vllm_config import VllmConfig
 from services.worker.engines.vllm_kv_events import (
     VllmAllBlocksCleared,
     VllmBlockRemoved,
@@ -65,7 +65,7 @@ def parse_engine_args(argv: list[str]) -> dict[str, Any]:
     return out
 
 
-def llm_kwargs(config: VllmConfig, model: str, block_size: int,
+def llm_kwargs(config: RealEngineConfig, model: str, block_size: int,
                shared: dict[str, int]) -> dict[str, Any]:
     """`LLM(...)` keyword arguments: ours, then `--engine-args` (a `kv_cache_config` dict there
     is merged into ours, so block reuse and events stay on unless it says otherwise)."""
@@ -131,7 +131,7 @@ def block_events(event: dict[str, Any], block_size: int) -> list[VllmEvent]:
 class TrtllmEngine(StreamingEngine):
     name = "trtllm"
 
-    def __init__(self, config: VllmConfig, model: str, *, block_size: int = 64,
+    def __init__(self, config: RealEngineConfig, model: str, *, block_size: int = 64,
                  hash_seed: int = DEFAULT_SEED, shared: dict[str, int] | None = None) -> None:
         if importlib.util.find_spec("tensorrt_llm") is None:
             raise ImportError("TensorRT-LLM is not installed")

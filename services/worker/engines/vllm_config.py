@@ -1,12 +1,11 @@
-"""Every setting of the `vllm` engine, with its flag, TURNOUT_* fallback and default, and the
-vLLM command line they turn into.
+"""Every setting of the `vllm` engine alone, with its flag, TURNOUT_* fallback and default, and
+the vLLM command line the settings turn into.
 
-A few settings are shared by name with the mocker (`--block-size`, `--hash-seed`,
-`--max-model-len`, `--max-num-seqs`, `--max-num-batched-tokens`): one flag fills both engines'
-configs, so `create_engine` hands their values in. The mocker's defaults for the last three are
-simulation defaults, so they reach vLLM only when set to something else; vLLM otherwise derives
-them itself (context length from the model, batch limits from the hardware). Anything else goes
-through `--engine-args` verbatim and wins over everything here.
+vLLM also takes the engine-neutral flags (`EngineConfig`: `--block-size`, `--hash-seed`, and the
+limits `--max-model-len`, `--max-num-seqs`, `--max-num-batched-tokens`, which reach vLLM only
+when set; vLLM otherwise derives them itself, context length from the model, batch limits from
+the hardware) and the real-engine ones (`RealEngineConfig`). Anything else goes through
+`--engine-args` verbatim and wins over everything here.
 
 Owns the settings and the argv only; parsing it into vLLM's `AsyncEngineArgs` is the engine's job
 (this module never imports vLLM, so the default install can read it).
@@ -15,9 +14,9 @@ Owns the settings and the argv only; parsing it into vLLM's `AsyncEngineArgs` is
 from __future__ import annotations
 
 import dataclasses
-import shlex
 
 from common.config import opt
+from services.worker.engines.real_engine_config import RealEngineConfig
 
 # On CPU vLLM sizes the KV cache from a fraction of one NUMA node's memory, and its GPU-minded
 # default (0.92) fails there; a fixed size is the sane default for a worker that shares the host.
@@ -26,38 +25,28 @@ _KV_SIZE_FLAGS = ("--gpu-memory-utilization", "--kv-cache-memory-bytes")
 
 
 @dataclasses.dataclass
-class VllmConfig:
-    gpu_memory_utilization: float = opt(0.0, help="vllm: share of accelerator memory for weights "
-                                                  "and KV cache (0: vLLM's default on GPUs)")
-    kv_cache_memory_bytes: int = opt(0, help="vllm: KV cache size in bytes; overrides "
+class VllmConfig(RealEngineConfig):
+    """The vLLM engine (--engine vllm)."""
+
+    kv_cache_memory_bytes: int = opt(0, help="KV cache size in bytes; overrides "
                                              "--gpu-memory-utilization (0: sized from it on "
                                              "GPUs, 1 GiB on CPUs)")
-    enforce_eager: bool = opt(False, help="vllm: no CUDA graphs / torch.compile (faster start)")
-    engine_args: str = opt("", help="vllm: more engine arguments as on `vllm serve`, e.g. "
-                                    "\"--max-num-seqs 8 --dtype bfloat16\"; they win over the "
-                                    "flags above")
-    kv_store: str = opt("", help="vllm: directory shared by the workers where every full KV "
-                                 "block is kept as it fills, so a request migrated off a dead "
-                                 "worker loads its blocks instead of recomputing them "
-                                 "(empty: off)")
-    kv_events_endpoint: str = opt("", help="vllm: ZeroMQ endpoint vLLM publishes KV events on "
+    kv_store: str = opt("", help="directory shared by the workers where every full KV block is "
+                                 "kept as it fills, so a request migrated off a dead worker "
+                                 "loads its blocks instead of recomputing them (empty: off)")
+    kv_events_endpoint: str = opt("", help="ZeroMQ endpoint vLLM publishes KV events on "
                                            "(default: an ipc socket in a private temp dir)")
 
     def validate(self) -> None:
-        if not 0.0 <= self.gpu_memory_utilization <= 1.0:
-            raise ValueError("vllm: --gpu-memory-utilization must lie in [0, 1]")
+        super().validate()
         if self.kv_cache_memory_bytes < 0:
             raise ValueError("vllm: --kv-cache-memory-bytes must be >= 0")
-        self.extra_argv()  # raises ValueError on unbalanced quotes
-
-    def extra_argv(self) -> list[str]:
-        return shlex.split(self.engine_args)
 
     def argv(self, model: str, block_size: int, *, on_cpu: bool,
              shared: dict[str, int] | None = None) -> list[str]:
         """The vLLM command line: our settings, then `--engine-args`, which win: a flag given
-        there replaces ours. `shared` holds explicitly set mocker-shared limits
-        (`max_model_len`, `max_num_seqs`, `max_num_batched_tokens`)."""
+        there replaces ours. `shared` holds the engine-neutral limits set on the command line
+        (`EngineConfig.limits()`)."""
         extra = self.extra_argv()
         given = {_flag_name(a) for a in extra if a.startswith("--")}
         ours: list[tuple[str, str | None]] = [("--model", model),

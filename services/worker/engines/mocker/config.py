@@ -1,7 +1,11 @@
-"""Every setting of the mocker engine, with its flag, TURNOUT_* fallback and default.
+"""Every setting of the mocker engine: its own flags (with TURNOUT_* fallbacks and defaults) and
+the engine-neutral settings it runs with.
 
-Defaults match NVIDIA Dynamo's mocker so the two compare on equal terms. Owns the settings and
-their validation only; what they mean in motion lives in the scheduler, KV pool and timing model.
+The engine-neutral ones (`block_size`, `hash_seed`, `max_model_len`, `max_num_seqs`,
+`max_num_batched_tokens`) are flags of `EngineConfig` (`services/worker/args.py`); here they are
+plain fields, resolved by `create_engine` for the mocker (`for_engine`). Defaults match NVIDIA
+Dynamo's mocker so the two compare on equal terms. Owns the settings and their validation only;
+what they mean in motion lives in the scheduler, KV pool and timing model.
 """
 
 from __future__ import annotations
@@ -11,27 +15,29 @@ import dataclasses
 from common.block_hash import DEFAULT_SEED
 from common.config import opt
 
+DEFAULT_MAX_NUM_SEQS = 256
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+
 
 @dataclasses.dataclass
 class MockerConfig:
-    block_size: int = opt(64, help="tokens per KV block")
+    """The mocker engine (--engine mocker)."""
+
     num_blocks: int = opt(16384, help="KV blocks in the simulated pool")
-    max_num_seqs: int = opt(256, help="most requests running at once")
-    max_num_batched_tokens: int = opt(8192, help="token budget of one engine step")
     speedup_ratio: float = opt(1.0, help="simulated time is divided by this; 0: no delays at all")
-    max_model_len: int = opt(65536, help="longest prompt + max_tokens accepted")
     vocab_size: int = opt(0, help="when >0, prompt token ids must be below it and output ids are "
-                                  "drawn below it too; 0: only the token range applies")
+                                  "drawn below it too; 0: only the token range applies "
+                                  "(--model sets it from config.json)")
     token_range_lo: int = opt(32, help="lowest output token id (byte tokenizer: printable ASCII)")
     token_range_hi: int = opt(127, help="output token ids are below this")
-    eos_token_id: int | None = opt(None, help="the model's end-of-sequence token id")
+    eos_token_id: int | None = opt(None, help="the model's end-of-sequence token id (--model "
+                                              "sets it from config.json)")
     mean_output_tokens: int = opt(0, help="when >0 (and an EOS id is set), emit EOS with "
                                           "probability 1/N at each position; 0: never by itself")
     kv_transfer_gbps: float = opt(10.0, help="simulated KV transfer bandwidth, GB/s (blocks "
                                              "pulled from a peer or promoted from host memory)")
     kv_bytes_per_token: int = opt(131072, help="simulated KV bytes per token (default: a "
                                                "Llama-3-8B layout in bf16)")
-    hash_seed: int = opt(DEFAULT_SEED, help="seed of the KV block hashes (must match the router)")
     # Steps a descheduled process owes are repaid by running later steps without their sleep,
     # so wall time follows the model. The bound: past it the CPU is short for good (not
     # briefly taken away) or the process was frozen, and repaying more would be a long burst of
@@ -40,8 +46,18 @@ class MockerConfig:
                                                "the timing model and still catch up; the rest "
                                                "is dropped (turnout_worker_engine_time_dropped_"
                                                "seconds_total)")
+    # Engine-neutral settings (not flags here: `EngineConfig` declares them for every engine).
+    block_size: int = 64
+    hash_seed: int = DEFAULT_SEED
+    max_model_len: int = 0  # 0: what the KV pool holds (num_blocks x block_size)
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    startup_time_s: float = opt(0.0, help="simulated model load time before the engine serves "
+                                          "(logged each second at info level); 0: none")
 
     def __post_init__(self) -> None:
+        if self.max_model_len == 0:
+            self.max_model_len = self.pool_tokens()
         self.validate()
 
     def validate(self) -> None:
@@ -54,11 +70,17 @@ class MockerConfig:
             raise ValueError(f"mocker: speedup_ratio must be >= 0, got {self.speedup_ratio}")
         if self.max_time_debt_ms < 0:
             raise ValueError(f"mocker: max_time_debt_ms must be >= 0, got {self.max_time_debt_ms}")
+        if self.startup_time_s < 0:
+            raise ValueError(f"mocker: startup_time_s must be >= 0, got {self.startup_time_s}")
         if self.mean_output_tokens < 0:
             raise ValueError("mocker: mean_output_tokens must be >= 0")
         lo, hi = self.output_range()
         if not 0 <= lo < hi:
             raise ValueError(f"mocker: empty output token range [{lo}, {hi})")
+
+    def pool_tokens(self) -> int:
+        """Tokens the simulated KV pool holds: the longest sequence it could ever run."""
+        return self.num_blocks * self.block_size
 
     def output_range(self) -> tuple[int, int]:
         """[lo, hi) of output token ids: the configured range, capped by the vocabulary."""

@@ -1,0 +1,49 @@
+"""`turnout worker` as a user runs it: grouped --help, roles that do not exist yet refused at
+start-up."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def turnout(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "turnout", *argv], cwd=REPO, text=True,
+                          capture_output=True, timeout=60)
+
+
+@pytest.mark.parametrize("command", ["worker", "up"])
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+def test_prefill_and_decode_roles_fail_at_startup(command: str, mode: str) -> None:
+    done = turnout(command, "--worker-mode", mode)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1, done.stderr  # one line, no usage text or traceback
+    assert f"--worker-mode {mode}: disaggregated prefill/decode roles are not available " \
+           f"yet; use --worker-mode aggregated" in done.stderr
+
+
+def test_help_groups_engine_neutral_and_engine_flags() -> None:
+    out = turnout("worker", "--help").stdout
+    sections = ["Worker process:", "Every engine (mocker, vllm, sglang, trtllm):",
+                "The mocker engine (--engine mocker):",
+                "Real engines (--engine vllm, sglang or trtllm):",
+                "The vLLM engine (--engine vllm):"]
+    starts = [out.index(s) for s in sections]
+    assert starts == sorted(starts)
+
+    def section(title: str) -> str:
+        i = sections.index(title)
+        return out[starts[i]:starts[i + 1] if i + 1 < len(starts) else len(out)]
+
+    neutral = section(sections[1])
+    for flag in ("--block-size", "--hash-seed", "--max-model-len", "--max-num-seqs",
+                 "--max-num-batched-tokens"):
+        assert flag + " " in neutral
+    assert "--block-size" not in section(sections[2])
+    assert "--engine-args" in section(sections[3]) and "--kv-store" in section(sections[4])
+    assert "vllm:" not in out  # no engine's settings described as another's
