@@ -50,7 +50,7 @@ class Verdict(enum.IntEnum):
 @dataclasses.dataclass(frozen=True, slots=True)
 class DetectorSettings:
     expected_interval_s: float = 0.1  # the heartbeat period: the mean before any is seen
-    floor_s: float = 0.3  # no verdict on a silence shorter than this
+    floor_s: float = 0.3  # no verdict on a silence up to this long
     ceiling_s: float = _DEFAULT_CEILING_S  # this long a silence convicts, whatever the history
     suspect_phi: float = 8.0
     convict_phi: float = 12.0
@@ -209,9 +209,10 @@ class PhiAccrualDetector:
         return -math.log10(p) if p > 0 else math.inf
 
     def verdict(self, now: float) -> Verdict:
-        if now >= self.convict_at:
+        """The level reached by the silence at `now` (strictly past each threshold)."""
+        if now > self.convict_at:
             return Verdict.CONVICT
-        if now >= self.suspect_at:
+        if now > self.suspect_at:
             return Verdict.SUSPECT
         return Verdict.ALIVE
 
@@ -227,12 +228,12 @@ class PhiAccrualDetector:
 
     @property
     def suspect_at(self) -> float:
-        """When the current silence, if it lasts, becomes a suspicion."""
+        """Past this time the current silence, if it lasts, is a suspicion."""
         return self._last + self._suspect_after
 
     @property
     def convict_at(self) -> float:
-        """When the current silence, if it lasts, becomes a conviction."""
+        """Past this time the current silence, if it lasts, is a conviction."""
         return self._last + self._convict_after
 
     # -- statistics, for logs and tests --------------------------------------------------

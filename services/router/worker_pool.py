@@ -17,12 +17,14 @@ import zmq.asyncio
 from common.messages import Instance, LoadReport
 from common.transport import tune_stream_socket
 from services.router.accounting import WorkerUsage
+from services.router.failure_detector import PhiAccrualDetector
 
 
 class WorkerHandle:
     __slots__ = (
         "alive",
         "block_size",
+        "detector",
         "draining",
         "id",
         "instance",
@@ -58,6 +60,7 @@ class WorkerHandle:
         self.last_heartbeat = time.monotonic()
         self.last_steps = -1
         self.last_progress = self.last_heartbeat  # when `steps` last moved
+        self.detector: PhiAccrualDetector | None = None  # judges its silence (liveness)
         self.alive = True
         self.routable = True  # False once it left discovery (draining) or died
         self.draining = False  # it said so in a heartbeat

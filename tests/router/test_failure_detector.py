@@ -76,9 +76,12 @@ def test_verdict_levels_in_order_and_phi_grows_with_the_silence() -> None:
     det = PhiAccrualDetector(default(), T0)
     last = feed(det, T0, regular(60))
     assert det.verdict(last + 0.1) is Verdict.ALIVE and not det.suspicious(last + 0.1)
-    assert det.verdict(det.suspect_at) is Verdict.SUSPECT and det.suspicious(det.suspect_at)
-    assert not det.convicted(det.convict_at - 1e-6)
-    assert det.verdict(det.convict_at) is Verdict.CONVICT and det.convicted(det.convict_at)
+    assert det.verdict(det.suspect_at) is Verdict.ALIVE  # strictly past the threshold
+    after = det.suspect_at + 1e-6
+    assert det.verdict(after) is Verdict.SUSPECT and det.suspicious(after)
+    assert not det.convicted(det.convict_at)
+    after = det.convict_at + 1e-6
+    assert det.verdict(after) is Verdict.CONVICT and det.convicted(after)
     phis = [det.phi(last + k * 0.02) for k in range(80)]
     assert all(b >= a for a, b in itertools.pairwise(phis))
     assert phis[0] < 0.1 and det.phi(last + 5.0) == math.inf
@@ -93,8 +96,8 @@ def test_verdict_levels_in_order_and_phi_grows_with_the_silence() -> None:
 def test_the_floor_holds_off_verdicts_however_regular_the_heartbeats() -> None:
     det = PhiAccrualDetector(DetectorSettings.for_heartbeats(0.1, 3, min_std_s=0.001), T0)
     last = feed(det, T0, [0.1] * 50)
-    assert det.verdict(last + 0.299) is Verdict.ALIVE
-    assert det.verdict(last + 0.3) is Verdict.SUSPECT
+    assert det.verdict(last + 0.3) is Verdict.ALIVE
+    assert det.verdict(last + 0.3001) is Verdict.SUSPECT
     assert det.convict_at - det.suspect_at == pytest.approx(det.settings.confirm_s)
 
 
@@ -197,7 +200,7 @@ def test_the_ceiling_convicts_whatever_the_history() -> None:
     last = feed(det, T0, [rng.uniform(0.05, 1.5) for _ in range(200)])
     assert det.suspect_at - last <= 2.0
     assert det.convict_at - last == pytest.approx(2.0)
-    assert det.convicted(last + 2.0)
+    assert det.convicted(last + 2.001)
 
 
 def test_the_history_keeps_exact_mean_and_std() -> None:
