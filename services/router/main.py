@@ -46,7 +46,7 @@ from common.transport import bind_socket, tune_stream_socket
 from services.router.accounting import Accounting
 from services.router.args import RouterConfig
 from services.router.events import EventIntake
-from services.router.liveness import Liveness
+from services.router.liveness import CAUSE_CRASH, CAUSE_HANG, Liveness
 from services.router.metrics import RouterMetrics
 from services.router.migration import Migration
 from services.router.route_api import RouteApi
@@ -78,7 +78,9 @@ class Router:
                                self.migration, self.metrics, config.no_worker_wait_ms / 1000,
                                clock)
         self.liveness = Liveness(config.heartbeat_interval_ms / 1000, config.missed_heartbeats,
-                                 config.stall_timeout_ms / 1000, clock)
+                                 config.stall_timeout_ms / 1000, clock,
+                                 suspect_phi=config.suspect_phi, convict_phi=config.convict_phi,
+                                 long_prefill_tokens=config.long_prefill_tokens)
         self.intake = EventIntake(self.pool, self.liveness, self.metrics, self.kv_index,
                                   self.worker_recovered, clock)
         self.route_api = RouteApi(self.selector, self.metrics)
@@ -207,8 +209,11 @@ class Router:
         if self.kv_index is not None:
             self.metrics.index_blocks.set(self.kv_index.num_blocks())
             self.metrics.index_entries.set(self.kv_index.num_entries())
-        for worker, cause in self.liveness.verdicts(list(self.pool.workers.values())):
+        workers = list(self.pool.workers.values())
+        for worker, cause in self.liveness.verdicts(workers):
             self.worker_lost(worker, cause)
+        for worker in self.liveness.convictions(workers):
+            self.worker_convicted(worker)
 
     # -- workers coming, going, lost -----------------------------------------------------------
 
@@ -217,7 +222,9 @@ class Router:
             return
         old = self.pool.workers.get(instance.id)
         if old is not None and old.started != float(instance.metadata.get("started", 0.0)):
-            # A new incarnation (restart, or a rejoin after a freeze) replaces the old handle.
+            # A new incarnation (restart, or a rejoin after a freeze) replaces the old handle;
+            # the old process dropped whatever it still ran (long prefills held on a suspect).
+            self._move_all(old, CAUSE_HANG if old.suspect is not None else CAUSE_CRASH)
             self._retire(old)
         worker = self.pool.admit(instance)
         if worker is None:
@@ -262,6 +269,13 @@ class Router:
         self.migration.worker_lost(worker)
         self._forget_kv(worker.id)
         moved = self.accounting.on_worker(worker)
+        if cause == CAUSE_HANG:
+            # Long prefills stay until the silence is convicted (or the worker is back).
+            held = [e for e in moved if self.liveness.holds(e)]
+            if held:
+                moved = [e for e in moved if not self.liveness.holds(e)]
+                log.info("holding long prefills on the suspect until conviction",
+                         extra={"fields": {"worker": worker.id, "held": len(held)}})
         if loss.crashed:
             self._retire(worker, dead=True)
         else:
@@ -271,6 +285,24 @@ class Router:
         for entry in moved:
             self.migration.migrate(entry, cause)
         self._update_worker_gauges()
+
+    def worker_convicted(self, worker: WorkerHandle) -> None:
+        """A hang suspect's silence is now certain: the long prefills it held move too."""
+        log.warning("suspected worker convicted; moving the long prefills it held",
+                    extra={"fields": {"worker": worker.id, "held": worker.inflight}})
+        self._move_all(worker, CAUSE_HANG)
+
+    def _move_all(self, worker: WorkerHandle, cause: str) -> None:
+        """Every request still on `worker` continues elsewhere; the worker is told to drop
+        them, should it wake up."""
+        moved = self.accounting.on_worker(worker)
+        if not moved:
+            return
+        self.migration.worker_lost(worker)
+        for entry in moved:
+            worker.socket.send_multipart([KIND_CANCEL, encoder.encode(Cancel(entry.request_id))])
+        for entry in moved:
+            self.migration.migrate(entry, cause)
 
     def worker_recovered(self, worker: WorkerHandle) -> None:
         log.warning("suspected worker is alive again; resyncing and re-admitting",

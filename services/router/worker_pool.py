@@ -17,6 +17,7 @@ import zmq.asyncio
 from common.messages import Instance, LoadReport
 from common.monitored_dealer import MonitoredDealer
 from services.router.accounting import WorkerUsage
+from services.router.failure_detector import PhiAccrualDetector
 
 
 class WorkerHandle:
@@ -24,6 +25,7 @@ class WorkerHandle:
         "alive",
         "block_size",
         "dealer",
+        "detector",
         "draining",
         "id",
         "instance",
@@ -57,6 +59,7 @@ class WorkerHandle:
         self.last_heartbeat = time.monotonic()
         self.last_steps = -1
         self.last_progress = self.last_heartbeat  # when `steps` last moved
+        self.detector: PhiAccrualDetector | None = None  # judges its silence (liveness)
         self.alive = True
         self.routable = True  # False once it left discovery (draining) or died
         self.draining = False  # it said so in a heartbeat
