@@ -10,19 +10,30 @@ import pytest
 
 from common.config import parse
 from services.planner.args import PlannerConfig
+from services.planner.connectors import PoolState
 from services.planner.load_observer import Observation
 from services.planner.main import Planner
 from services.planner.performance_model import StepSample
 
 
 class FakeConnector:
+    """A pool whose workers become ready when the test says (`ready`), and that someone else
+    may resize (`replicas` set directly, then `changed_from`)."""
+
     def __init__(self, role: str, replicas: int) -> None:
         self.role = role
         self.replicas = replicas
+        self.ready: int | None = None  # None: every worker is ready at once
+        self.changed_from: int | None = None
         self.applied: list[int] = []
 
     def current(self) -> int:
         return self.replicas
+
+    async def observe(self) -> PoolState:
+        ready = self.replicas if self.ready is None else min(self.ready, self.replicas)
+        changed, self.changed_from = self.changed_from, None
+        return PoolState(self.replicas, ready, changed)
 
     async def apply(self, target: int) -> None:
         self.applied.append(target)
