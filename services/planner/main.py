@@ -243,9 +243,9 @@ class Planner:
                 if idle:  # a decaying forecast never reaches 0 by itself; an idle fleet does
                     need = 0.0
                 m.needed.labels(role).set(need if need is not None else math.nan)
-                target = self.planner.propose(role, need, state.desired)
-                if state.desired == 0 and target == 0 and self.demanded(obs):
-                    target = 1  # scaled to zero and requests came: the model can wait
+                # Requests came or still run: at least one worker, however small the need.
+                target = self.planner.propose(role, need, state.desired,
+                                              floor=1 if self.demanded(obs) else 0)
                 if target > state.desired and self.startup.stuck(role):
                     target = state.desired
                 m.scale_up_held.labels(role).set(1 if self.startup.stuck(role) else 0)
@@ -301,8 +301,9 @@ class Planner:
         self.metrics.waiting.set(demand.waiting if demand is not None else math.nan)
 
     def demanded(self, obs: Observation) -> bool:
-        """Requests arrived: some wait now, or the routers ended (or rejected) some."""
-        return bool((obs.demand is not None and obs.demand.waiting > 0)
+        """Requests arrived: some are in flight or waiting now, or the routers ended (or
+        rejected, for want of a worker) some this interval."""
+        return bool((obs.demand is not None and not obs.demand.idle)
                     or (obs.request_rate or 0) > 0)
 
     def peer_lists(self) -> tuple[list[Instance], list[Instance]]:

@@ -238,11 +238,12 @@ class ReplicaPlanner:
         if target != current:
             self._last_change[role] = self.clock()
 
-    def propose(self, role: str, need: float | None, current: int) -> int:
-        """What `decide` would apply, remembering the recommendation but not acting on it."""
+    def propose(self, role: str, need: float | None, current: int, floor: int = 0) -> int:
+        """What `decide` would apply, remembering the recommendation but not acting on it;
+        `floor`: recommend at least this many (within `max_replicas`)."""
         now = self.clock()
         raw = current if need is None else math.ceil(need - 1e-9)
-        recommended = self.clamp(raw)
+        recommended = self.clamp(max(raw, floor))
         history = self._recommended.setdefault(role, deque())
         history.append((now, recommended))
         while history and history[0][0] < now - self.cooldown_s:
