@@ -109,6 +109,7 @@ class Planner:
         self.scaling = asyncio.Lock()  # one decision at a time: predictive or reactive
         self.stop = asyncio.Event()
         self._why = ""  # why the last interval had no replica estimate
+        self._failures: set[str] = set()  # loop failures already logged with a traceback
 
     def make_connector(self, role: str) -> Connector:
         cfg = self.config
@@ -223,7 +224,7 @@ class Planner:
             try:
                 await self.adjust()
             except Exception:  # one bad interval must not stop planning
-                log.exception("adjustment failed")
+                self._failed("adjustment")
 
     async def adjust(self) -> None:
         m = self.metrics
@@ -366,7 +367,7 @@ class Planner:
             try:
                 await self.react()
             except Exception:  # e.g. the API server unreachable: try again next tick
-                log.exception("reactive check failed")
+                self._failed("reactive check")
 
     async def react(self) -> None:
         """One reactive check of every role (see `reactive`)."""
@@ -533,6 +534,17 @@ class Planner:
             log.warning("no replica estimate; holding replica counts",
                         extra={"fields": {"why": repr(why)}})
         self._why = why
+
+    def _failed(self, what: str) -> None:
+        """Log a failed loop turn: the first of each kind with its traceback, repeats (an API
+        server down for minutes) in one line each."""
+        exc = sys.exc_info()[1]
+        key = f"{what}: {type(exc).__name__}: {exc}"
+        if key in self._failures:
+            log.warning(f"{what} failed again", extra={"fields": {"error": str(exc)[:200]}})
+            return
+        self._failures.add(key)
+        log.exception(f"{what} failed")
 
     def _scrape_failed(self, role: str) -> None:
         self.metrics.scrape_errors.labels(role).inc()
