@@ -239,10 +239,12 @@ class Planner:
         async with self.scaling:
             states = {role: await self.observe_pool(role) for role in self.connectors}
             proposed: dict[str, int] = {}
+            wanted: dict[str, float | None] = {}
             for role, state in states.items():
                 need = needs.needs.get(role) if needs is not None else None
                 if idle:  # a decaying forecast never reaches 0 by itself; an idle fleet does
                     need = 0.0
+                wanted[role] = need
                 m.needed.labels(role).set(need if need is not None else math.nan)
                 # Requests came or still run: at least one worker, however small the need.
                 target = self.planner.propose(role, need, state.desired,
@@ -257,7 +259,7 @@ class Planner:
                     m.budget_limited.labels(role).inc()
                 if state.desired == 0 and targets[role] > 0:
                     m.scale_from_zero.labels(role).inc()
-                await self.scale(role, state.desired, targets[role], need_of(needs, role))
+                await self.scale(role, state.desired, targets[role], wanted[role])
             m.gpus_targeted.set(self.planner.gpus(targets))
         m.adjustments.inc()
         m.model_r2.set(report.r2 if report.r2 is not None else math.nan)
@@ -399,11 +401,12 @@ class Planner:
                     await self.scale(role, state.desired, target, reactive=True)
 
     async def wake_from_zero(self, role: str) -> None:
-        """A role at zero workers: start one as soon as a request waits (not at the next
-        predictive interval: a cold start is long enough already)."""
+        """A role at zero workers: start one as soon as a request waits or was refused for want
+        of a worker (not at the next predictive interval: a cold start is long enough)."""
         demand = await self.observer.probe(*self.peer_lists())
         self.record_demand(demand)
-        if demand is None or demand.waiting <= 0 or not self.fits_with(role, 1):
+        if demand is None or (demand.waiting <= 0 and demand.refused <= 0) \
+                or not self.fits_with(role, 1):
             return
         self.metrics.scale_from_zero.labels(role).inc()
         await self.scale(role, 0, 1, reactive=True)
@@ -563,10 +566,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     import uvloop
 
     uvloop.run(planner.run())
-
-
-def need_of(needs: ReplicaNeeds | None, role: str) -> float | None:
-    return needs.needs.get(role) if needs is not None else None
 
 
 def _check(config: PlannerConfig) -> None:

@@ -355,3 +355,15 @@ async def test_the_reactive_loop_respects_the_budget_and_the_ceiling(profile: Pa
         assert conn.replicas == 2, "a third worker would need a third GPU"
     finally:
         close(p)
+
+
+@pytest.mark.asyncio
+async def test_a_refused_request_wakes_a_role_at_zero(profile: Path) -> None:
+    p = make_planner(profile, "--min-replicas", "0", "--max-gpus", "1")
+    pool(p).replicas = 0
+    try:
+        p.observer.demand = Demand(waiting=0, in_flight=0, refused=1)  # type: ignore[attr-defined]
+        await p.react()
+        assert pool(p).replicas == 1
+    finally:
+        close(p)
