@@ -108,6 +108,11 @@ def parse_arima_order(text: str) -> tuple[int, int, int]:
     return order  # type: ignore[return-value]
 
 
+def arima_min_observations(order: tuple[int, int, int]) -> int:
+    """Observations before an ARIMA of `order` is fitted (and the least window it may have)."""
+    return max(8, 2 * sum(order) + 2)
+
+
 class ArimaPredictor:
     """ARIMA(p, d, q) refitted by statsmodels on the last `window` observations at each one.
 
@@ -126,9 +131,8 @@ class ArimaPredictor:
             raise ValueError("the arima load predictor needs statsmodels: pip install "
                              "'turnout[planner]'") from exc
         self._arima: Any = ARIMA
-        p, d, q = order
         self.order = order
-        self.min_observations = min_observations or max(8, 2 * (p + d + q) + 2)
+        self.min_observations = min_observations or arima_min_observations(order)
         if window < self.min_observations:
             raise ValueError(f"ARIMA window must be at least {self.min_observations} for order "
                              f"{order}, got {window}")

@@ -54,7 +54,13 @@ from services.planner.args import PlannerConfig
 from services.planner.connectors import Connector, LocalConnector, NoopConnector, PoolState
 from services.planner.kube_connector import KubernetesConnector
 from services.planner.load_observer import Demand, LoadObserver, Observation
-from services.planner.load_predictor import PREDICTORS, TrackedPredictor, make_predictor
+from services.planner.load_predictor import (
+    PREDICTORS,
+    TrackedPredictor,
+    arima_min_observations,
+    make_predictor,
+    parse_arima_order,
+)
 from services.planner.metrics import PlannerMetrics
 from services.planner.performance_model import PerformanceModel, StepSample
 from services.planner.reactive import Corrections, WorkerLoad, reactive_step
@@ -583,5 +589,12 @@ def _check(config: PlannerConfig) -> None:
         raise SystemExit("turnout planner: --reactive-scale-down-margin must be between 0 and 1")
     if config.ready_timeout_s <= 0:
         raise SystemExit("turnout planner: --ready-timeout-s must be positive")
+    try:  # checked whichever predictor runs: a flag is never accepted and ignored
+        order = parse_arima_order(config.arima_order)
+    except ValueError as exc:
+        raise SystemExit(f"turnout planner: --arima-order: {exc}") from exc
+    if config.arima_window < arima_min_observations(order):
+        raise SystemExit(f"turnout planner: --arima-window must be at least "
+                         f"{arima_min_observations(order)} for --arima-order {config.arima_order}")
     if config.max_gpus < 0 or config.gpus_per_worker < 1:
         raise SystemExit("turnout planner: need --max-gpus >= 0 and --gpus-per-worker >= 1")

@@ -15,6 +15,7 @@ from services.planner.args import PlannerConfig
 from services.planner.connectors import PoolState
 from services.planner.load_observer import Demand, Observation
 from services.planner.main import Planner
+from services.planner.main import main as planner_main
 from services.planner.performance_model import StepSample
 
 
@@ -367,3 +368,20 @@ async def test_a_refused_request_wakes_a_role_at_zero(profile: Path) -> None:
         assert pool(p).replicas == 1
     finally:
         close(p)
+
+
+@pytest.mark.parametrize(("flags", "error"), [
+    (["--arima-order", "1,1"], "ARIMA order"),
+    (["--load-predictor", "arima", "--arima-window", "4"], "--arima-window"),
+    (["--arima-order", "2,1,2", "--arima-window", "10"], "at least 12"),
+    (["--max-gpus", "1", "--gpus-per-worker", "2"], "GPU budget"),
+    (["--max-gpus", "-1"], "--max-gpus"),
+    (["--reactive-interval-s", "-1"], "--reactive-interval-s"),
+    (["--reactive-scale-down-margin", "1.5"], "--reactive-scale-down-margin"),
+    (["--ready-timeout-s", "0"], "--ready-timeout-s"),
+    (["--connector", "kubernetes", "--kube-deployment", ""], "no Deployment"),
+])
+@pytest.mark.timeout(60)  # a setting wrongly accepted would start planning for good
+def test_bad_settings_are_refused_before_anything_starts(flags: list[str], error: str) -> None:
+    with pytest.raises(SystemExit, match=error):
+        planner_main(flags)
