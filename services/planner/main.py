@@ -546,11 +546,11 @@ class Planner:
 
     def _failed(self, what: str) -> None:
         """Log a failed loop turn: the first of each kind with its traceback, repeats (an API
-        server down for minutes) in one line each."""
+        server down for minutes, every reactive tick) at debug level; the metrics count them."""
         exc = sys.exc_info()[1]
         key = f"{what}: {type(exc).__name__}: {exc}"
         if key in self._failures:
-            log.warning(f"{what} failed again", extra={"fields": {"error": str(exc)[:200]}})
+            log.debug(f"{what} failed again", extra={"fields": {"error": str(exc)[:200]}})
             return
         self._failures.add(key)
         log.exception(f"{what} failed")
