@@ -281,3 +281,38 @@ async def test_scale_from_zero_through_the_api(api: FakeKubeApi, make_planner) -
     finally:
         for conn in p.connectors.values():
             await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_prefill_and_decode_deployments_share_the_budget(api: FakeKubeApi,
+                                                              make_planner) -> None:
+    """Ready for disaggregation: one Deployment per pool, one GPU budget over both."""
+    api.put_deployment(NS, "turnout-worker-prefill", replicas=1)
+    api.put_deployment(NS, "turnout-worker-decode", replicas=1)
+    p = make_planner("--planner-mode", "disaggregated", "--max-gpus", "6")
+    try:
+        p.clock.now += 10  # type: ignore[attr-defined]
+        p.observer.next = Observation(10.0, 60, 3000, 300, None, None, [])  # type: ignore[attr-defined]
+        await p.adjust()
+        prefill = api.deployments[(NS, "turnout-worker-prefill")]["spec"]["replicas"]
+        decode = api.deployments[(NS, "turnout-worker-decode")]["spec"]["replicas"]
+        assert prefill >= 1 and decode >= 1 and prefill + decode == 6, (prefill, decode)
+        assert metric(p, "turnout_planner_target_gpus") == 6
+    finally:
+        for conn in p.connectors.values():
+            await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_an_unreachable_deployment_is_counted_and_planning_resumes(
+        api: FakeKubeApi, make_planner) -> None:
+    p = make_planner()
+    try:
+        with pytest.raises(KubeApiError, match="404"):
+            await adjust(p, 20)  # no Deployment yet: the loop logs it and tries again
+        assert metric(p, "turnout_planner_connector_errors_total", role="aggregated") == 1
+        api.put_deployment(NS, WORKERS, replicas=1)
+        assert await adjust(p, 40) > 1
+    finally:
+        for conn in p.connectors.values():
+            await conn.close()
