@@ -235,6 +235,12 @@ def _decode(decoder: msgspec.json.Decoder[Any], raw: bytes) -> Any:
         raise _schema_error(exc) from None
     except msgspec.DecodeError as exc:
         raise invalid(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:  # JSON nested deeper than msgspec follows, inside a free-form field
+        raise too_deep() from None
+
+
+def too_deep() -> ApiError:
+    return invalid("Request body is nested too deeply", code="invalid_json")
 
 
 # --- checks shared by both endpoints ----------------------------------------------------------
