@@ -4,9 +4,11 @@
   have. The request line plus headers may take `max_header_bytes` and `max_headers` fields
   (else 431), and must arrive within `header_timeout_s` of the connection (or, on a kept-alive
   connection, of the request's first byte); the body may take `max_body_bytes` (413, at once
-  when Content-Length says so) and must arrive within `body_timeout_s` of the headers. A
-  timeout answers 408 and closes the connection, so a client sending a byte a second
-  (slowloris) holds a connection for at most the timeout. Refused input is never buffered.
+  when Content-Length says so) and must arrive within `body_timeout_s` of the headers, not
+  counting time the server itself stopped reading (uvicorn pauses a connection whose unread
+  body passes 64 KiB, e.g. while the request waits for an admission slot). A timeout answers
+  408 and closes the connection, so a client sending a byte a second (slowloris) holds a
+  connection for at most the timeout. Refused input is never buffered.
 - `AdmissionQueue`: at most `max_active` generations at once, at most `max_waiting` more waiting
   for a slot, each for at most `wait_timeout_s`; beyond that a 503 with `Retry-After`.
 - `cap_tokens`: the `--max-prompt-tokens` / `--max-output-tokens` caps on a request.
@@ -23,6 +25,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import httptools
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from common.messages import SamplingParams
@@ -49,6 +52,26 @@ class _Refused(Exception):
     """Stops the parser: the request was answered and the connection is closing."""
 
 
+class _ObservedFlow(FlowControl):
+    """uvicorn's read flow control, telling the protocol when it pauses and resumes reading."""
+
+    def __init__(self, transport: asyncio.Transport, on_pause: Callable[[], None],
+                 on_resume: Callable[[], None]) -> None:
+        super().__init__(transport)
+        self._on_pause = on_pause
+        self._on_resume = on_resume
+
+    def pause_reading(self) -> None:
+        if not self.read_paused:
+            super().pause_reading()
+            self._on_pause()
+
+    def resume_reading(self) -> None:
+        if self.read_paused:
+            super().resume_reading()
+            self._on_resume()
+
+
 def limited_http_protocol(limits: HttpLimits,
                           on_refusal: Callable[[str], None] | None = None) -> type[Any]:
     """An `HttpToolsProtocol` subclass enforcing `limits`; `on_refusal(limit)` counts each
@@ -58,6 +81,9 @@ def limited_http_protocol(limits: HttpLimits,
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._timer: asyncio.TimerHandle | None = None
+            self._timer_limit = ""
+            self._deadline = 0.0
+            self._body_left: float | None = None  # body clock stopped with this much left
             self._head_bytes = 0
             self._header_count = 0
             self._body_bytes = 0
@@ -67,12 +93,26 @@ def limited_http_protocol(limits: HttpLimits,
 
         def _arm(self, seconds: float, limit: str) -> None:
             self._disarm()
+            self._timer_limit = limit
+            self._deadline = self.loop.time() + seconds
             self._timer = self.loop.call_later(seconds, self._expired, limit)
 
         def _disarm(self) -> None:
+            self._body_left = None
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+
+        def _reading_paused(self) -> None:
+            """The server stopped reading: stop the body clock (not the client's time)."""
+            if self._timer is not None and self._timer_limit == "body_timeout":
+                left = self._deadline - self.loop.time()
+                self._disarm()
+                self._body_left = max(left, 0.0)
+
+        def _reading_resumed(self) -> None:
+            if self._body_left is not None:
+                self._arm(self._body_left, "body_timeout")
 
         def _expired(self, limit: str) -> None:
             self._timer = None
@@ -105,6 +145,7 @@ def limited_http_protocol(limits: HttpLimits,
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self.flow = _ObservedFlow(transport, self._reading_paused, self._reading_resumed)
             self._arm(limits.header_timeout_s, "header_timeout")
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -131,7 +172,7 @@ def limited_http_protocol(limits: HttpLimits,
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._head_bytes = self._header_count = self._body_bytes = 0
-            if self._timer is None:  # a kept-alive connection's next request
+            if self._timer is None and self._body_left is None:  # the next request kept alive
                 self._arm(limits.header_timeout_s, "header_timeout")
 
         def on_url(self, url: bytes) -> None:
@@ -163,8 +204,8 @@ def limited_http_protocol(limits: HttpLimits,
                     self._refuse(413, "body_bytes", "the request body is larger than "
                                                     f"{limits.max_body_bytes} bytes")
                     raise _Refused
-            super().on_headers_complete()
             self._arm(limits.body_timeout_s, "body_timeout")
+            super().on_headers_complete()  # may pause reading (a pipelined request waits)
 
         def on_body(self, body: bytes) -> None:
             self._body_bytes += len(body)

@@ -26,6 +26,8 @@ async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """Reads the whole body, optionally sleeps (?slow), answers its length."""
     if scope["type"] != "http":
         return
+    if scope["query_string"] == b"late":
+        await asyncio.sleep(1.5)  # busy before reading: the server's time, not the client's
     size = 0
     while True:
         message = await receive()
@@ -169,6 +171,24 @@ def test_slow_body_is_cut_at_the_timeout(server: LiveServer) -> None:
         response = read_all(sock)
     assert status_of(response) == 408 and b"body_timeout" in response
     assert time.monotonic() - started < LIMITS.body_timeout_s + 0.5
+
+
+def test_body_clock_stops_while_the_server_is_not_reading(server: LiveServer) -> None:
+    # More than uvicorn buffers (64 KiB): reading pauses until the app asks for the body.
+    body = b"z" * 9_000
+    big = LiveServer(echo_app, http=limited_http_protocol(
+        HttpLimits(max_body_bytes=1_000_000, header_timeout_s=0.6, body_timeout_s=0.6))).start()
+    try:
+        with socket.create_connection(("127.0.0.1", big.port), timeout=5) as sock:
+            payload = b"q" * 500_000
+            sock.sendall(post("/?late", payload))
+            response = read_response(sock)
+        assert status_of(response) == 200 and b'{"size":500000}' in response
+        with connect(server) as sock:
+            sock.sendall(post("/?late", body))
+            assert b'{"size":9000}' in read_response(sock)
+    finally:
+        big.stop()
 
 
 def test_idle_kept_alive_connection_is_not_cut_by_the_header_timeout(
