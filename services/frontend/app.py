@@ -350,7 +350,11 @@ class FrontendApp:
         return list(dict.fromkeys(served))
 
     async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _send_bytes(send, 200, responses.model_list(self.public_models(), self.created))
+        models = self.public_models()
+        policy: KeyPolicy | None = scope.get(KEY_SCOPE)
+        if policy is not None and policy.models is not None:  # only what the key may use
+            models = [m for m in models if policy.allows(m)]
+        await _send_bytes(send, 200, responses.model_list(models, self.created))
 
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.upstream.served_models():

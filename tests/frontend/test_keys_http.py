@@ -102,6 +102,8 @@ def test_a_model_outside_the_allow_list_is_403(stack: Stack) -> None:
     assert "tiny-only" in error["message"] and "sk-tiny" not in error["message"]
     stack.chat("sk-open", "big")
     assert len(stack.fake.opened) == 2  # the refused request never went upstream
+    assert [m.id for m in stack.client("sk-tiny").models.list().data] == ["tiny"]
+    assert [m.id for m in stack.client("sk-open").models.list().data] == ["tiny", "big"]
 
 
 def test_over_the_request_rate_is_429_then_served_after_retry_after(stack: Stack) -> None:
