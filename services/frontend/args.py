@@ -10,6 +10,7 @@ from services.frontend.api_keys import ApiKeys
 
 _MIB = 1024 * 1024
 DEFAULT_MAX_QUEUED = 256
+DEFAULT_QUEUE_TIMEOUT_S = 30.0
 
 
 @dataclasses.dataclass
@@ -34,7 +35,9 @@ class FrontendConfig(ProcessConfig):
                                              "this of the connection (or the request's first "
                                              "byte); else 408 and the connection is closed")
     body_timeout_s: float = opt(60.0, help="the request body must arrive within this of its "
-                                           "headers; else 408 and the connection is closed")
+                                           "headers (time the server waits before reading it "
+                                           "not counted); else 408 and the connection is "
+                                           "closed")
     max_prompt_tokens: int = opt(0, help="longest prompt accepted, in tokens (0: the context "
                                          "length only)")
     max_output_tokens: int = opt(0, help="largest max_tokens accepted, and the default's cap "
@@ -44,8 +47,9 @@ class FrontendConfig(ProcessConfig):
     max_queued_requests: int = opt(DEFAULT_MAX_QUEUED, help="requests waiting for a slot when "
                                              "--max-active-requests is reached; beyond: 503 "
                                              "with Retry-After")
-    queue_timeout_s: float = opt(30.0, help="longest wait in the admission queue; then 503 "
-                                            "with Retry-After")
+    queue_timeout_s: float = opt(DEFAULT_QUEUE_TIMEOUT_S,
+                                 help="longest wait in the admission queue; then 503 with "
+                                      "Retry-After")
     ssl_certfile: str = opt("", help="PEM certificate (chain): serve HTTPS instead of HTTP")
     ssl_keyfile: str = opt("", help="PEM private key of --ssl-certfile")
 
@@ -61,9 +65,12 @@ class FrontendConfig(ProcessConfig):
                      "max_queued_requests"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative")
-        if self.max_queued_requests != DEFAULT_MAX_QUEUED and not self.max_active_requests:
-            raise ValueError("--max-queued-requests needs --max-active-requests (without it "
-                             "nothing waits)")
+        if not self.max_active_requests:
+            for name, default in (("max_queued_requests", DEFAULT_MAX_QUEUED),
+                                  ("queue_timeout_s", DEFAULT_QUEUE_TIMEOUT_S)):
+                if getattr(self, name) != default:
+                    raise ValueError(f"--{name.replace('_', '-')} needs --max-active-requests "
+                                     "(without it nothing waits)")
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ValueError("--ssl-certfile and --ssl-keyfile go together")
         for name in ("api_keys_file", "ssl_certfile", "ssl_keyfile"):
