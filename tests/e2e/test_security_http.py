@@ -6,6 +6,7 @@ through the `openai` client."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import ssl
 import subprocess
@@ -20,7 +21,7 @@ import httpx
 import openai
 import pytest
 
-from turnout.testing.deployment import Deployment, Service, free_port, wait_for
+from turnout.testing.deployment import Deployment, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -40,9 +41,7 @@ MESSAGES = [{"role": "user", "content": "Say something."}]
 class Stack:
     dep: Deployment
     keys_file: Path
-    cert: Path
-    tls: Service
-    tls_port: int
+    tmp: Path
 
     @property
     def url(self) -> str:
@@ -76,7 +75,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("security-http")
     keys_file = tmp / "keys.json"
     keys_file.write_text(json.dumps(KEYS))
-    cert, key = _self_signed(tmp)
     dep = Deployment(tmp)
     failed = True
     try:
@@ -84,12 +82,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "--api-keys-file", str(keys_file), "--api-keys-reload-s", "0.2",
             "--header-timeout-s", str(HEADER_TIMEOUT_S), "--body-timeout-s", str(BODY_TIMEOUT_S),
             "--max-body-bytes", str(MAX_BODY), "--max-prompt-tokens", str(MAX_PROMPT)))
-        tls_port = free_port()
-        tls = dep.spawn("frontend", "frontend-tls", [
-            "frontend", "--port", str(tls_port), "--discovery", f"file:{dep.discovery}",
-            "--lease-ttl-s", "2", "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)])
-        dep.wait_registered(tls)
-        yield Stack(dep, keys_file, cert, tls, tls_port)
+        yield Stack(dep, keys_file, tmp)
         failed = False
     finally:
         dep.stop()
@@ -109,7 +102,7 @@ def test_keys_401_403_429_and_revocation_by_editing_the_file(stack: Stack) -> No
     with pytest.raises(openai.RateLimitError) as limited:
         stack.chat("sk-slow")
     retry_ms = int(limited.value.response.headers["retry-after-ms"])
-    assert limited.value.response.headers["retry-after"] == "2"
+    assert limited.value.response.headers["retry-after"] in ("1", "2")  # 0.5/s: up to 2 s
     time.sleep(retry_ms / 1000)
     stack.chat("sk-slow")
     # Revoke by rewriting the file atomically; the running frontend picks it up by itself.
@@ -179,7 +172,9 @@ def test_slowloris_is_cut_within_the_header_timeout_and_others_are_served(
     watcher.join()
     assert len(cut_after) == 20
     assert max(cut_after) < HEADER_TIMEOUT_S + 2.0, cut_after
-    assert latencies and max(latencies) < 2.0, latencies
+    # Served as usual all along: quick, never held until the attackers were cut.
+    assert latencies and sorted(latencies)[len(latencies) // 2] < 0.5, latencies
+    assert max(latencies) < HEADER_TIMEOUT_S, latencies
     refusals = stack.dep.frontend_metrics().value("turnout_frontend_http_limit_refusals_total",
                                                   limit="header_timeout")
     assert refusals >= 20
@@ -289,11 +284,17 @@ def test_hostile_json_is_4xx_in_bounded_time_with_memory_flat(stack: Stack) -> N
 
 # --- TLS --------------------------------------------------------------------------------------
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 def test_tls_through_the_openai_client(stack: Stack) -> None:
-    record = wait_for(stack.tls.record, 10, "the TLS frontend's record")
-    assert record["endpoints"]["http"].startswith("https://")
-    context = ssl.create_default_context(cafile=str(stack.cert))
-    url = f"https://127.0.0.1:{stack.tls_port}"
+    cert, key = _self_signed(stack.tmp)
+    port = free_port()
+    tls = stack.dep.spawn("frontend", "frontend-tls", [
+        "frontend", "--port", str(port), "--discovery", f"file:{stack.dep.discovery}",
+        "--lease-ttl-s", "2", "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)])
+    record = stack.dep.wait_registered(tls)
+    assert record["endpoints"]["http"] == f"https://127.0.0.1:{port}"
+    context = ssl.create_default_context(cafile=str(cert))
+    url = f"https://127.0.0.1:{port}"
     with httpx.Client(verify=context, timeout=30) as http:
         wait_for(lambda: http.get(url + "/health").status_code == 200, 30, "TLS /health")
         oai = openai.OpenAI(base_url=url + "/v1", api_key="unused", http_client=http,
