@@ -186,6 +186,11 @@ class ApiKeys:
         """Poll the file every `interval_s` until cancelled."""
         while True:
             await asyncio.sleep(interval_s)
-            if self.reload_if_changed() and on_change is not None:
-                on_change()
+            try:
+                if self.reload_if_changed() and on_change is not None:
+                    on_change()
+            except Exception:  # a surprise must not stop the frontend: keep the keys in force
+                log.exception("api keys reload failed, keeping the keys in force")
+                if self._on_reload_error is not None:
+                    self._on_reload_error()
 
