@@ -34,6 +34,8 @@ from services.frontend.quotas import retry_after_headers
 
 # Seconds a client is told to wait when the frontend is full.
 OVERLOADED_RETRY_S: Final = 1
+# Seconds a refused connection is still read (and what it sends discarded) before it is closed.
+LINGER_S: Final = 1.0
 
 _REASONS: Final = {408: b"Request Timeout", 413: b"Content Too Large",
                    431: b"Request Header Fields Too Large"}
@@ -85,6 +87,9 @@ def limited_http_protocol(limits: HttpLimits,
             self._deadline = 0.0
             self._body_left: float | None = None  # body clock stopped with this much left
             self._head_bytes = 0
+            self._head_open = True  # the current request's headers are not complete yet
+            self._head_raw = 0  # bytes received while they were not
+            self._heads = 0  # requests whose headers completed on this connection
             self._header_count = 0
             self._body_bytes = 0
             self._refused = False
@@ -139,7 +144,13 @@ def limited_http_protocol(limits: HttpLimits,
             if cycle is not None and not cycle.response_complete:
                 cycle.disconnected = True  # the app reading the body sees a disconnect
                 cycle.message_event.set()
-            self.transport.close()
+            # Lingering close: closing with unread input would reset the connection and the
+            # client might never read the answer. Half-close, discard what still comes (see
+            # data_received) and close for good after LINGER_S.
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.flow.resume_reading()
+            self.loop.call_later(LINGER_S, self.transport.close)
 
         # --- asyncio.Protocol -----------------------------------------------------------------
 
@@ -156,6 +167,7 @@ def limited_http_protocol(limits: HttpLimits,
             if self._refused:
                 return
             self._unset_keepalive_if_required()
+            head_open, heads = self._head_open, self._heads
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserCallbackError as exc:
@@ -166,6 +178,14 @@ def limited_http_protocol(limits: HttpLimits,
                 self.send_400_response("Upgrades are not supported.")
             except httptools.HttpParserError:
                 self.send_400_response("Invalid HTTP request received.")
+            else:
+                # httptools holds a header field until it is complete: count raw bytes too, or
+                # one endless header would grow its buffer without on_header ever being called.
+                if head_open and self._heads == heads:  # still in the same request's head
+                    self._head_raw += len(data)
+                    if self._head_raw > limits.max_header_bytes:
+                        self._refuse(431, "header_bytes", "the request line and headers are "
+                                     f"larger than {limits.max_header_bytes} bytes")
 
         # --- parser callbacks -----------------------------------------------------------------
 
@@ -197,6 +217,8 @@ def limited_http_protocol(limits: HttpLimits,
             super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
+            self._head_open = False
+            self._heads += 1
             self._disarm()
             for name, value in self.headers:
                 if name == b"content-length" and value.isdigit() \
@@ -216,6 +238,7 @@ def limited_http_protocol(limits: HttpLimits,
             super().on_body(body)
 
         def on_message_complete(self) -> None:
+            self._head_open, self._head_raw = True, 0
             self._disarm()
             super().on_message_complete()
 

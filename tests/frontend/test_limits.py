@@ -117,6 +117,15 @@ def test_headers_too_large_or_too_many_is_431(server: LiveServer, refusals: list
     with connect(server) as sock:
         sock.sendall(b"GET /" + b"a" * 3000 + b" HTTP/1.1\r\nhost: x\r\n\r\n")
         assert status_of(read_all(sock)) == 431
+    # One header that never ends: cut once the bytes pass the limit, not buffered forever.
+    with connect(server) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nhost: x\r\nx-endless: ")
+        try:
+            for _ in range(100):
+                sock.sendall(b"a" * 1000)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        assert status_of(read_all(sock)) == 431
     assert {"header_bytes", "header_count"} <= set(refusals)
 
 
