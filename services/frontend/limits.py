@@ -34,8 +34,10 @@ from services.frontend.quotas import retry_after_headers
 
 # Seconds a client is told to wait when the frontend is full.
 OVERLOADED_RETRY_S: Final = 1
-# Seconds a refused connection is still read (and what it sends discarded) before it is closed.
+# A refused connection is still read for this long (what it sends discarded, up to LINGER_BYTES;
+# then it is no longer read) before it is closed.
 LINGER_S: Final = 1.0
+LINGER_BYTES: Final = 1024 * 1024
 
 _REASONS: Final = {408: b"Request Timeout", 413: b"Content Too Large",
                    431: b"Request Header Fields Too Large"}
@@ -93,6 +95,7 @@ def limited_http_protocol(limits: HttpLimits,
             self._header_count = 0
             self._body_bytes = 0
             self._refused = False
+            self._discarded = 0
 
         # --- timers ---------------------------------------------------------------------------
 
@@ -164,7 +167,10 @@ def limited_http_protocol(limits: HttpLimits,
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            if self._refused:
+            if self._refused:  # lingering: discard
+                self._discarded += len(data)
+                if self._discarded > LINGER_BYTES:
+                    self.flow.pause_reading()
                 return
             self._unset_keepalive_if_required()
             head_open, heads = self._head_open, self._heads

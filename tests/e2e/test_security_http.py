@@ -181,20 +181,29 @@ def test_slowloris_is_cut_within_the_header_timeout_and_others_are_served(
 
 
 def _send_body(port: int, head: bytes, chunks: Iterator[bytes]) -> tuple[int, bytes, float]:
-    """(body bytes the server took before cutting us off, its answer, seconds)."""
+    """(body bytes sent before the server answered or cut us off, its answer, seconds). Like an
+    HTTP client, stops sending once an answer arrives."""
     started = time.monotonic()
     sent = 0
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(head)
+        answer = b""
         try:
             for chunk in chunks:
                 sock.sendall(chunk)
                 sent += len(chunk)
+                sock.setblocking(False)
+                try:
+                    answer = sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                finally:
+                    sock.setblocking(True)
+                break
         except OSError:
             pass
-        answer = b""
         try:
-            while data := sock.recv(65536):
+            while data := sock.recv(65536):  # to the server's half-close
                 answer += data
         except OSError:
             pass
