@@ -128,8 +128,8 @@ def test_over_the_request_rate_is_429_then_served_after_retry_after(stack: Stack
 
 
 def test_concurrent_stream_cap(stack: Stack) -> None:
-    # ~3 s per full reply: the streams outlive the checks below.
-    stack.fake.script = Script(reply=REPLY, delay_s=0.1, stop_token=ByteTokenizer.EOS)
+    # ~6 s per full reply: the streams outlive the checks below.
+    stack.fake.script = Script(reply=REPLY, delay_s=0.2, stop_token=ByteTokenizer.EOS)
     client = stack.client("sk-two")
     streams = [client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True)
                for _ in range(2)]
@@ -145,8 +145,7 @@ def test_concurrent_stream_cap(stack: Stack) -> None:
     wait_until(lambda: stack.scrape().value(gauge, key_id="two-streams") == 1, TIMEOUT)
     assert stack.chat("sk-two", max_tokens=2).choices[0].finish_reason == "length"
     assert stack.scrape().value(gauge, key_id="two-streams") == 1  # streams[1] still runs
-    for _ in streams[1]:
-        pass
+    streams[1].close()
     wait_until(lambda: stack.scrape().value(gauge, key_id="two-streams") == 0, TIMEOUT)
 
 
