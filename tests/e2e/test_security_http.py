@@ -244,12 +244,17 @@ def test_a_100_mb_body_is_cut_and_others_are_served(stack: Stack) -> None:
 
 # --- hostile JSON -----------------------------------------------------------------------------
 
-def _hostile_bodies() -> dict[str, bytes]:
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+
+def _hostile_bodies() -> dict[str, tuple[str, bytes]]:
+    """name → (path, body)."""
     def chat(**fields: Any) -> bytes:
         return json.dumps({"model": "mock", "messages": MESSAGES, **fields}).encode()
 
     deep = 200_000
-    return {
+    chat_bodies = {
         "oversized": chat(stop="x" * (MAX_BODY + 1)),
         "nested_messages": b'{"model":"mock","messages":' + b"[" * deep + b"]" * deep + b"}",
         "nested_free_form": (b'{"model":"mock","messages":[{"role":"user","content":"x"}],'
@@ -265,16 +270,26 @@ def _hostile_bodies() -> dict[str, bytes]:
         "null_tools": chat(tools=None),
         "not_an_object": b"[" + b"1," * 500_000 + b"1]",
     }
+    completion_bodies = {
+        "nested_prompt": b'{"model":"mock","prompt":' + b"[" * deep + b"]" * deep + b"}",
+        "ids_outside_vocab": json.dumps({"model": "mock",
+                                         "prompt": list(range(100_000, 200_000))}).encode(),
+        "batched_prompts": json.dumps({"model": "mock", "prompt": ["x"] * 50_000}).encode(),
+        "long_prompt": json.dumps({"model": "mock", "prompt": "x" * (MAX_PROMPT + 1)}).encode(),
+        "null_user": json.dumps({"model": "mock", "prompt": "x", "user": None}).encode(),
+    }
+    return {**{name: (CHAT, body) for name, body in chat_bodies.items()},
+            **{name: (COMPLETIONS, body) for name, body in completion_bodies.items()}}
 
 
 def test_hostile_json_is_4xx_in_bounded_time_with_memory_flat(stack: Stack) -> None:
     bodies = _hostile_bodies()
     with httpx.Client(base_url=stack.url, headers=AUTH, timeout=30) as http:
         def round_trip() -> None:
-            for name, body in bodies.items():
+            for name, (path, body) in bodies.items():
                 started = time.monotonic()
                 try:
-                    response = http.post("/v1/chat/completions", content=body,
+                    response = http.post(path, content=body,
                                          headers={"content-type": "application/json"})
                     status = response.status_code
                 except httpx.HTTPError:  # cut off mid-upload (the oversized body): fine
