@@ -28,6 +28,7 @@ import re
 import selectors
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -159,13 +160,19 @@ def plan(argv: Sequence[str]) -> Plan:
     host = frontend.advertise_host or frontend.host
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
-    return Plan(up, children, f"http://{host}:{frontend.port}", frontend.model_name(), tmp,
+    scheme = "https" if frontend.ssl_certfile else "http"
+    return Plan(up, children, f"{scheme}://{host}:{frontend.port}", frontend.model_name(), tmp,
                 worker.discovery)
 
 
 def healthy(url: str) -> bool:
+    context = None
+    if url.startswith("https:"):  # our own child's readiness, not its certificate, is checked
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     try:
-        with urllib.request.urlopen(url + "/health", timeout=1) as resp:
+        with urllib.request.urlopen(url + "/health", timeout=1, context=context) as resp:
             return resp.status == 200
     except (urllib.error.URLError, OSError):
         return False

@@ -10,7 +10,6 @@ wiring (`main`) or the wire format of bodies (`protocol`, `responses`).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import time
@@ -28,9 +27,12 @@ from common.messages import (
     TokenChunk,
 )
 from services.frontend import protocol, responses
+from services.frontend.api_keys import ApiKeys, KeyPolicy
 from services.frontend.chat_template import ChatTemplateError
 from services.frontend.errors import ApiError, invalid
+from services.frontend.limits import AdmissionQueue, cap_tokens
 from services.frontend.metrics import FrontendMetrics, ModelMetrics
+from services.frontend.quotas import Grant, QuotaExceeded, Quotas, retry_after_headers
 from services.frontend.stop_matcher import StopMatcher
 from services.frontend.tokenizer import INLINE_TOKENIZE_MAX_CHARS, Tokenizer
 from services.frontend.upstream import ChunkStream, NoWorkersError, Upstream
@@ -51,6 +53,9 @@ WORKER_HEADER: Final = b"x-worker-instance-id"
 # Gateway API Inference Extension: the endpoint picker's choice, "IP:PORT" (a comma-separated
 # list is primary first, then fallbacks). The router matches it against workers' endpoints.
 GATEWAY_ENDPOINT_HEADER: Final = b"x-gateway-destination-endpoint"
+# Where a request's API key policy and quota grant travel in the ASGI scope.
+KEY_SCOPE: Final = "turnout.api_key"
+GRANT_SCOPE: Final = "turnout.grant"
 
 _JSON_HEADERS: Final = [(b"content-type", b"application/json")]
 _SSE_HEADERS: Final = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
@@ -192,6 +197,18 @@ def _chunk_error(chunk: TokenChunk) -> ApiError:
     return ApiError(status, message, reason="upstream_error")
 
 
+def _quota_error(exc: QuotaExceeded, with_limits: bool = True) -> ApiError:
+    """A key over its quota → OpenAI's 429 (type "requests" or "tokens"); `with_limits`: carry
+    the `x-ratelimit-*` headers (else the response's `send` adds them)."""
+    headers = list(exc.headers) if with_limits else []
+    if exc.retry_after_s is not None:
+        headers += retry_after_headers(exc.retry_after_s)
+    code = ("concurrency_limit_exceeded" if exc.kind == "streams"
+            else "request_too_large" if exc.retry_after_s is None else "rate_limit_exceeded")
+    return ApiError(429, exc.message, type="tokens" if exc.kind == "tokens" else "requests",
+                    code=code, reason="rate_limited", headers=headers)
+
+
 def _target_worker(scope: Scope) -> str | None:
     """The worker an upstream gateway chose: `x-worker-instance-id` (an instance id), else
     `x-gateway-destination-endpoint` (checked to be IP:PORT[,IP:PORT...])."""
@@ -220,7 +237,7 @@ def _is_host_port(text: str) -> bool:
                 and 0 < int(port) < 65536 and "," not in host and " " not in host)
 
 
-async def _read_body(receive: Receive) -> bytes | None:
+async def _read_body(receive: Receive, limit: int = MAX_BODY_BYTES) -> bytes | None:
     """The whole request body, or None if the client left first."""
     parts: list[bytes] = []
     size = 0
@@ -236,8 +253,8 @@ async def _read_body(receive: Receive) -> bytes | None:
             return b"".join(parts)
         parts.append(body)
         size += len(body)
-        if size > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes",
+        if size > limit:
+            raise ApiError(413, f"request body is larger than {limit} bytes",
                            reason="too_large")
 
 
@@ -252,13 +269,28 @@ class FrontendApp:
     """The ASGI callable; one per frontend process."""
 
     def __init__(self, upstream: Upstream, tokenizer: Tokenizer, served_model_name: str | None,
-                 max_model_len: int, metrics: FrontendMetrics, api_key: str | None = None) -> None:
+                 max_model_len: int, metrics: FrontendMetrics, api_key: str | None = None, *,
+                 api_keys: ApiKeys | None = None, quotas: Quotas | None = None,
+                 admission: AdmissionQueue | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+                 max_prompt_tokens: int = 0, max_output_tokens: int = 0) -> None:
+        """`api_keys` (else `api_key`, a single unrestricted key): who may call /v1/;
+        `quotas` their limits (default: a fresh `Quotas`); `admission` the generations
+        allowed in flight (default: no limit)."""
         self.upstream = upstream
         self.tokenizer = tokenizer
         self.served_model_name = served_model_name or None
         self.max_model_len = max_model_len
         self.metrics = metrics
-        self._authorization = f"Bearer {api_key}".encode() if api_key else None
+        if api_keys is None and api_key:
+            api_keys = ApiKeys(single_key=api_key)
+        self.api_keys = api_keys
+        self.quotas = quotas if quotas is not None else Quotas()
+        self.admission = admission if admission is not None else AdmissionQueue(0, 0, 1.0)
+        self.max_body_bytes = max_body_bytes
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_output_tokens = max_output_tokens
+        metrics.admission_active.set_function(lambda: self.admission.active)
+        metrics.admission_waiting.set_function(lambda: self.admission.waiting)
         self.created = int(time.time())
         self._hidden_ids = frozenset(tokenizer.eos_token_ids)
         self._routes: dict[str, dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]]] = {
@@ -278,13 +310,16 @@ class FrontendApp:
                 error = ApiError(404, f"no route for {scope['path']}", code="not_found")
                 await _send_bytes(send, 404, error.body())
                 return
-            if self._authorization is not None and scope["path"].startswith("/v1/") \
-                    and not self._authorized(scope):
-                error = ApiError(401, "Incorrect or missing API key (send 'Authorization: Bearer "
-                                 "<key>')", code="invalid_api_key", reason="unauthorized")
-                self.metrics.rejected(error.reason)
-                await _send_bytes(send, 401, error.body())
-                return
+            if self.api_keys is not None and scope["path"].startswith("/v1/"):
+                policy = self.api_keys.lookup(scope["headers"])
+                if policy is None:
+                    error = ApiError(401, "Incorrect or missing API key (send 'Authorization: "
+                                     "Bearer <key>')", code="invalid_api_key",
+                                     reason="unauthorized")
+                    self.metrics.rejected(error.reason)
+                    await _send_bytes(send, 401, error.body())
+                    return
+                scope[KEY_SCOPE] = policy
             handler = methods.get(scope["method"])
             if handler is None:
                 error = ApiError(405, f"method {scope['method']} is not allowed here",
@@ -295,14 +330,6 @@ class FrontendApp:
             await handler(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
-
-    def _authorized(self, scope: Scope) -> bool:
-        expected = self._authorization
-        assert expected is not None
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                return hmac.compare_digest(value, expected)
-        return False
 
     @staticmethod
     async def _lifespan(receive: Receive, send: Send) -> None:
@@ -323,7 +350,11 @@ class FrontendApp:
         return list(dict.fromkeys(served))
 
     async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _send_bytes(send, 200, responses.model_list(self.public_models(), self.created))
+        models = self.public_models()
+        policy: KeyPolicy | None = scope.get(KEY_SCOPE)
+        if policy is not None and policy.models is not None:  # only what the key may use
+            models = [m for m in models if policy.allows(m)]
+        await _send_bytes(send, 200, responses.model_list(models, self.created))
 
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.upstream.served_models():
@@ -375,10 +406,88 @@ class FrontendApp:
         return await asyncio.get_running_loop().run_in_executor(None, work, *args)
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._generate(scope, receive, send, CHAT)
+        await self._admitted(scope, receive, send, CHAT)
 
     async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._generate(scope, receive, send, COMPLETIONS)
+        await self._admitted(scope, receive, send, COMPLETIONS)
+
+    # --- admission: key quotas, then a slot ---------------------------------------------------
+
+    async def _admitted(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
+        """Run `_generate` under the key's quota grant and an admission slot, or refuse."""
+        policy: KeyPolicy | None = scope.get(KEY_SCOPE)
+        grant = None
+        if policy is not None:
+            try:
+                grant = self.quotas.admit(policy)
+            except QuotaExceeded as exc:
+                self.metrics.key_rejections.labels(policy.key_id, exc.kind).inc()
+                await self._refuse(send, endpoint, _quota_error(exc), policy.key_id)
+                return
+            scope[GRANT_SCOPE] = grant
+            send = self._key_send(send, grant)
+            self.metrics.key_streams.labels(grant.key_id).inc()
+        try:
+            try:
+                await self.admission.enter()
+            except ApiError as error:
+                await self._refuse(send, endpoint, error)
+                return
+            try:
+                await self._generate(scope, receive, send, endpoint)
+            finally:
+                self.admission.leave()
+        finally:
+            if grant is not None:
+                grant.release()
+                self.metrics.key_streams.labels(grant.key_id).dec()
+
+    def _key_send(self, send: Send, grant: Grant) -> Send:
+        """`send` that adds the key's `x-ratelimit-*` headers to the response and counts its
+        status per key id."""
+        metrics = self.metrics
+
+        async def send_with_limits(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message["headers"], *grant.headers()]
+                metrics.key_requests.labels(grant.key_id, str(message["status"])).inc()
+            await send(message)
+
+        return send_with_limits
+
+    async def _refuse(self, send: Send, endpoint: str, error: ApiError,
+                      key_id: str | None = None) -> None:
+        self.metrics.rejected(error.reason)
+        if key_id is not None:  # else `send` counts it
+            self.metrics.key_requests.labels(key_id, str(error.status)).inc()
+        await _send_bytes(send, error.status, error.body(), [*_JSON_HEADERS, *error.headers])
+        self.metrics.finished("", endpoint, False, error.status, error_type=error.reason)
+
+    def _check_key(self, scope: Scope, model: str) -> None:
+        """403 when the request's key may not use `model`."""
+        policy: KeyPolicy | None = scope.get(KEY_SCOPE)
+        if policy is not None and not policy.allows(model):
+            self.metrics.key_rejections.labels(policy.key_id, "model").inc()
+            raise ApiError(403, f"The API key '{policy.key_id}' may not use model '{model}'",
+                           type="permission_error", param="model", code="model_not_allowed",
+                           reason="model_not_allowed")
+
+    def _take_prompt_quota(self, scope: Scope, prompt_tokens: int) -> None:
+        grant: Grant | None = scope.get(GRANT_SCOPE)
+        if grant is None:
+            return
+        try:
+            grant.take_prompt(prompt_tokens)
+        except QuotaExceeded as exc:
+            self.metrics.key_rejections.labels(grant.key_id, exc.kind).inc()
+            raise _quota_error(exc, with_limits=False) from None
+        self.metrics.key_tokens.labels(grant.key_id, "prompt").inc(prompt_tokens)
+
+    def _settle_key(self, scope: Scope, completion_tokens: int) -> None:
+        grant: Grant | None = scope.get(GRANT_SCOPE)
+        if grant is not None and completion_tokens:
+            grant.charge_completion(completion_tokens)
+            self.metrics.key_tokens.labels(grant.key_id, "completion").inc(completion_tokens)
 
     async def _prompt_ids(self, endpoint: str, body: Any) -> list[int]:
         tokenizer = self.tokenizer
@@ -406,18 +515,21 @@ class FrontendApp:
         model = ""
         stream = False
         try:
-            raw = await _read_body(receive)
+            raw = await _read_body(receive, self.max_body_bytes)
             if raw is None:
                 return
             body = (protocol.parse_chat(raw) if endpoint == CHAT
                     else protocol.parse_completion(raw))
             stream = bool(body.stream)
+            self._check_key(scope, body.model)
             model, upstream_model = self._resolve_model(body.model)
             ids = await self._prompt_ids(endpoint, body)
             sampling = protocol.sampling_params(body, len(ids),
                                                 self.context_length(upstream_model),
                                                 self.tokenizer.vocab_size,
                                                 self.context_length_source(upstream_model))
+            cap_tokens(body, len(ids), sampling, self.max_prompt_tokens, self.max_output_tokens)
+            self._take_prompt_quota(scope, len(ids))
             request_id = os.urandom(16).hex()
             request = GenerateRequest(request_id=request_id, model=upstream_model,
                                       token_ids=ids, sampling=sampling,
@@ -434,7 +546,7 @@ class FrontendApp:
                 log.exception("request failed before generation")
                 error = ApiError(500, f"internal error: {type(exc).__name__}", reason="internal")
             self.metrics.rejected(error.reason)
-            await _send_bytes(send, error.status, error.body())
+            await _send_bytes(send, error.status, error.body(), [*_JSON_HEADERS, *error.headers])
             self.metrics.finished(model, endpoint, stream, error.status, error_type=error.reason)
             return
 
@@ -490,6 +602,7 @@ class FrontendApp:
             per_model.active.dec()
             gen.left_queue()
         self._record(per_model, gen, model, endpoint, stream, status, len(ids), started)
+        self._settle_key(scope, gen.tokens)
 
     def _record(self, per_model: ModelMetrics, gen: Generation, model: str, endpoint: str,
                 stream: bool, status: int, prompt_tokens: int, started: float) -> None:

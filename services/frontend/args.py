@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from common.config import ProcessConfig, opt
+from services.frontend.api_keys import ApiKeys
+
+_MIB = 1024 * 1024
+DEFAULT_MAX_QUEUED = 256
+DEFAULT_QUEUE_TIMEOUT_S = 30.0
 
 
 @dataclasses.dataclass
@@ -15,4 +21,61 @@ class FrontendConfig(ProcessConfig):
     frontend_id: str = opt("", help="unique instance id (default: frontend-<pid>-<random>)")
     max_model_len: int = opt(0, help="context length the API enforces; 0: the smallest any "
                                      "worker of the model reports")
-    api_key: str = opt("", help="when set, requests need 'Authorization: Bearer <key>'")
+    api_key: str = opt("", help="when set, requests need 'Authorization: Bearer <key>' (one "
+                                "unrestricted key; see --api-keys-file for more)")
+    api_keys_file: str = opt("", help="JSON or YAML list of API keys with per-key model "
+                                      "allow-lists and quotas (docs/security.md); re-read when "
+                                      "it changes")
+    api_keys_reload_s: float = opt(1.0, help="how often the keys file is checked for changes")
+    max_body_bytes: int = opt(64 * _MIB, help="largest request body (larger: 413)")
+    max_header_bytes: int = opt(64 * 1024, help="largest request line plus headers (larger: "
+                                                "431)")
+    max_headers: int = opt(100, help="most header fields in a request (more: 431)")
+    header_timeout_s: float = opt(10.0, help="the request line and headers must arrive within "
+                                             "this of the connection (or the request's first "
+                                             "byte); else 408 and the connection is closed")
+    body_timeout_s: float = opt(60.0, help="the request body must arrive within this of its "
+                                           "headers (time the server waits before reading it "
+                                           "not counted); else 408 and the connection is "
+                                           "closed")
+    max_prompt_tokens: int = opt(0, help="longest prompt accepted, in tokens (0: the context "
+                                         "length only)")
+    max_output_tokens: int = opt(0, help="largest max_tokens accepted, and the default's cap "
+                                         "(0: the context length only)")
+    max_active_requests: int = opt(0, help="generations in flight at once; more wait in the "
+                                           "admission queue (0: no limit, no queue)")
+    max_queued_requests: int = opt(DEFAULT_MAX_QUEUED, help="requests waiting for a slot when "
+                                             "--max-active-requests is reached; beyond: 503 "
+                                             "with Retry-After")
+    queue_timeout_s: float = opt(DEFAULT_QUEUE_TIMEOUT_S,
+                                 help="longest wait in the admission queue; then 503 with "
+                                      "Retry-After")
+    ssl_certfile: str = opt("", help="PEM certificate (chain): serve HTTPS instead of HTTP")
+    ssl_keyfile: str = opt("", help="PEM private key of --ssl-certfile")
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_header_bytes", "max_headers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("api_keys_reload_s", "header_timeout_s", "body_timeout_s",
+                     "queue_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        for name in ("max_prompt_tokens", "max_output_tokens", "max_active_requests",
+                     "max_queued_requests"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative")
+        if not self.max_active_requests:
+            for name, default in (("max_queued_requests", DEFAULT_MAX_QUEUED),
+                                  ("queue_timeout_s", DEFAULT_QUEUE_TIMEOUT_S)):
+                if getattr(self, name) != default:
+                    raise ValueError(f"--{name.replace('_', '-')} needs --max-active-requests "
+                                     "(without it nothing waits)")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("--ssl-certfile and --ssl-keyfile go together")
+        for name in ("api_keys_file", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ValueError(f"--{name.replace('_', '-')}: no such file: {path}")
+        if self.api_keys_file:
+            ApiKeys(self.api_keys_file)  # a file that does not parse: one clear line, exit 2

@@ -32,7 +32,8 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, *, type: str | None = None,
                  param: str | None = None, code: str | None = None,
-                 reason: str = "invalid") -> None:
+                 reason: str = "invalid",
+                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -40,6 +41,7 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.reason = reason
+        self.headers = headers or []  # extra response headers (Retry-After, x-ratelimit-*)
 
     def body(self) -> bytes:
         return msgspec.json.encode(ErrorBody(ErrorDetail(self.message, self.type, self.param,

@@ -38,8 +38,11 @@ def listen_socket(host: str, port: int) -> socket.socket:
 async def serve(config: FrontendConfig) -> None:
     import uvicorn
 
+    from services.frontend.api_keys import ApiKeys
     from services.frontend.app import FrontendApp
+    from services.frontend.limits import AdmissionQueue, HttpLimits, limited_http_protocol
     from services.frontend.metrics import FrontendMetrics
+    from services.frontend.quotas import Quotas
     from services.frontend.tokenizer import load_tokenizer
     from services.frontend.upstream import RouterClient
 
@@ -54,23 +57,48 @@ async def serve(config: FrontendConfig) -> None:
         await upstream.start()
         service.on_shutdown("request plane", upstream.close)
         service.on_shutdown("discovery", discovery.close)
+        metrics = FrontendMetrics()
+        api_keys = None
+        if config.api_keys_file or config.api_key:
+            # A keys file that does not parse at start-up is fatal; later, the last good one
+            # stays in force.
+            api_keys = ApiKeys(config.api_keys_file or None, config.api_key or None,
+                               on_reload_error=metrics.keys_reload_errors.inc)
+            metrics.keys_loaded.set_function(lambda: sum(1 for _ in api_keys.policies()))
+        quotas = Quotas()
         app = FrontendApp(upstream=upstream, tokenizer=tokenizer,
                           served_model_name=config.model_name(),
-                          max_model_len=config.max_model_len, metrics=FrontendMetrics(),
-                          api_key=config.api_key or None)
+                          max_model_len=config.max_model_len, metrics=metrics,
+                          api_keys=api_keys, quotas=quotas,
+                          admission=AdmissionQueue(config.max_active_requests,
+                                                   config.max_queued_requests,
+                                                   config.queue_timeout_s),
+                          max_body_bytes=config.max_body_bytes,
+                          max_prompt_tokens=config.max_prompt_tokens,
+                          max_output_tokens=config.max_output_tokens)
+        if api_keys is not None and api_keys.path is not None:
+            keys = api_keys
+            service.spawn("api keys reload", keys.watch(
+                config.api_keys_reload_s, on_change=lambda: quotas.sync(keys.policies())))
+        http_protocol = limited_http_protocol(
+            HttpLimits(config.max_body_bytes, config.max_header_bytes, config.max_headers,
+                       config.header_timeout_s, config.body_timeout_s),
+            on_refusal=lambda limit: metrics.http_refusals.labels(limit).inc())
         sock = listen_socket(config.host, config.port)
         service.on_shutdown("listening socket", sock.close)
         port = sock.getsockname()[1]
         host = config.advertise_host or config.host
+        scheme = "https" if config.ssl_certfile else "http"
         service.on_shutdown("unregister", lambda: discovery.unregister(service.id))
         await discovery.register(Instance(
             id=service.id, role=ROLE_FRONTEND, model=config.model_name(),
-            endpoints={"http": f"http://{host}:{port}",
-                       "metrics": f"http://{host}:{port}/metrics"},
+            endpoints={"http": f"{scheme}://{host}:{port}",
+                       "metrics": f"{scheme}://{host}:{port}/metrics"},
             metadata={"pid": os.getpid(), "started": time.time()}))
         server = uvicorn.Server(uvicorn.Config(
-            app, loop="none", http="httptools", lifespan="off", access_log=False,
-            log_level=config.log_level, timeout_keep_alive=30, server_header=False))
+            app, loop="none", http=http_protocol, lifespan="off", access_log=False,
+            log_level=config.log_level, timeout_keep_alive=30, server_header=False,
+            ssl_certfile=config.ssl_certfile or None, ssl_keyfile=config.ssl_keyfile or None))
         # While serving, uvicorn takes SIGTERM/SIGINT itself (it stops accepting and lets the
         # requests under way finish); afterwards it restores our handlers and re-raises the
         # signal, which then stops the service.
@@ -81,7 +109,7 @@ async def serve(config: FrontendConfig) -> None:
             await asyncio.wait({http})
 
         service.on_shutdown("http server", stop_http)
-        log.info("frontend ready", extra={"fields": {"url": f"http://{host}:{port}/v1"}})
+        log.info("frontend ready", extra={"fields": {"url": f"{scheme}://{host}:{port}/v1"}})
         await service.run()
 
 

@@ -69,6 +69,30 @@ class FrontendMetrics:
         self.errors = Counter("turnout_frontend_errors",
                               "Requests that ended in an error, by error type",
                               ["model", "endpoint", "error_type"], registry=r)
+        # API keys (labelled by key id, never by the key) and HTTP limits.
+        self.key_requests = Counter("turnout_frontend_key_requests",
+                                    "Generation requests answered, by API key id and status",
+                                    ["key_id", "status"], registry=r)
+        self.key_rejections = Counter("turnout_frontend_key_rejections",
+                                      "Requests an API key's limits refused, by reason",
+                                      ["key_id", "reason"], registry=r)
+        self.key_tokens = Counter("turnout_frontend_key_tokens",
+                                  "Tokens used per API key, by kind (prompt, completion)",
+                                  ["key_id", "kind"], registry=r)
+        self.key_streams = Gauge("turnout_frontend_key_active_streams",
+                                 "Generations in flight per API key", ["key_id"], registry=r)
+        self.keys_loaded = Gauge("turnout_frontend_api_keys", "API keys in force", registry=r)
+        self.keys_reload_errors = Counter("turnout_frontend_api_keys_reload_errors",
+                                          "Keys-file changes that could not be applied (the "
+                                          "previous keys stay in force)", registry=r)
+        self.http_refusals = Counter("turnout_frontend_http_limit_refusals",
+                                     "Connections cut by an HTTP limit before the request "
+                                     "reached the API, by limit", ["limit"], registry=r)
+        self.admission_active = Gauge("turnout_frontend_admission_active",
+                                      "Generation requests holding an admission slot",
+                                      registry=r)
+        self.admission_waiting = Gauge("turnout_frontend_admission_waiting",
+                                       "Requests waiting in the admission queue", registry=r)
         self._models: dict[str, ModelMetrics] = {}
         self._finished: dict[tuple[str, str, str, int], Counter] = {}
         self._durations: dict[tuple[str, str], Histogram] = {}

@@ -16,7 +16,7 @@ import re
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 
 from common.messages import SamplingParams
 from services.frontend.errors import ApiError, invalid, unknown_field, unsupported
@@ -85,7 +85,7 @@ class AssistantMessage(_Strict, tag_field="role", tag="assistant"):
     refusal: str | None = None
     name: str = ""
     audio: dict[str, Any] | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | UnsetType = UNSET  # not nullable in the spec
     function_call: dict[str, Any] | None = None
 
 
@@ -112,8 +112,8 @@ _SPEC_PARTS: Final = {
 # --- shared option objects --------------------------------------------------------------------
 
 class StreamOptions(_Strict):
-    include_usage: bool | None = None
-    include_obfuscation: bool | None = None
+    include_usage: bool | UnsetType = UNSET
+    include_obfuscation: bool | UnsetType = UNSET
 
 
 class ResponseFormat(msgspec.Struct, kw_only=True):
@@ -131,6 +131,10 @@ class _Extensions(_Strict):
     stop_token_ids: list[NonNegative] | None = None
 
 
+# A field typed `X | UnsetType = UNSET` may be left out but not sent as null: the spec does not let
+# it be null, and OpenAI answers a null there with a 400 naming the field.
+
+
 class ChatCompletionRequest(_Extensions, kw_only=True):
     model: str
     messages: Annotated[list[Message], Meta(min_length=1)]
@@ -146,30 +150,31 @@ class ChatCompletionRequest(_Extensions, kw_only=True):
     n: Choices | None = None
     logit_bias: dict[str, int] | None = None
     logprobs: bool | None = None
-    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | UnsetType = UNSET
     # Streaming.
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     # Output shape.
-    response_format: ResponseFormat | None = None
+    response_format: ResponseFormat | UnsetType = UNSET
     modalities: list[Literal["text", "audio"]] | None = None
     audio: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
     verbosity: Literal["low", "medium", "high"] | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
-    web_search_options: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | UnsetType = UNSET
     # Tools.
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-    functions: Annotated[list[dict[str, Any]], Meta(min_length=1, max_length=128)] | None = None
-    function_call: Literal["none", "auto"] | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | UnsetType = UNSET
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | UnsetType = UNSET
+    parallel_tool_calls: bool | UnsetType = UNSET
+    functions: Annotated[list[dict[str, Any]], Meta(min_length=1, max_length=128)] | UnsetType \
+        = UNSET
+    function_call: Literal["none", "auto"] | dict[str, Any] | UnsetType = UNSET
     # Bookkeeping that changes nothing here.
     store: bool | None = None
     metadata: dict[str, str] | None = None
-    user: str | None = None
-    safety_identifier: Annotated[str, Meta(max_length=64)] | None = None
-    prompt_cache_key: str | None = None
+    user: str | UnsetType = UNSET
+    safety_identifier: Annotated[str, Meta(max_length=64)] | UnsetType = UNSET
+    prompt_cache_key: str | UnsetType = UNSET
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
 
@@ -194,7 +199,7 @@ class CompletionRequest(_Extensions, kw_only=True):
     logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | UnsetType = UNSET
 
 
 _chat_decoder: Final = msgspec.json.Decoder(ChatCompletionRequest)
@@ -235,6 +240,12 @@ def _decode(decoder: msgspec.json.Decoder[Any], raw: bytes) -> Any:
         raise _schema_error(exc) from None
     except msgspec.DecodeError as exc:
         raise invalid(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:  # JSON nested deeper than msgspec follows, inside a free-form field
+        raise too_deep() from None
+
+
+def too_deep() -> ApiError:
+    return invalid("Request body is nested too deeply", code="invalid_json")
 
 
 # --- checks shared by both endpoints ----------------------------------------------------------
@@ -253,13 +264,13 @@ def _check_chat(body: ChatCompletionRequest) -> None:
     _check_common(body)
     if body.tools:
         raise unsupported("tools", "tool calling is not supported")
-    if body.tool_choice is not None and body.tool_choice not in ("none", "auto"):
+    if body.tool_choice not in (UNSET, "none", "auto"):
         raise unsupported("tool_choice", "tool calling is not supported")
-    if body.functions is not None:
+    if body.functions is not UNSET:
         raise unsupported("functions", "function calling is not supported")
     if isinstance(body.function_call, dict):
         raise unsupported("function_call", "function calling is not supported")
-    if body.response_format is not None and body.response_format.type != "text":
+    if body.response_format and body.response_format.type != "text":
         raise unsupported("response_format", "only {'type': 'text'} is supported")
     if body.logprobs:
         raise unsupported("logprobs")
@@ -271,7 +282,7 @@ def _check_chat(body: ChatCompletionRequest) -> None:
         raise unsupported("modalities", "only text output is supported")
     if body.prediction is not None:
         raise unsupported("prediction")
-    if body.web_search_options is not None:
+    if body.web_search_options is not UNSET:
         raise unsupported("web_search_options")
     if body.verbosity is not None:
         raise unsupported("verbosity")

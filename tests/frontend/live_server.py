@@ -14,7 +14,8 @@ from turnout.testing.deployment import wait_for
 
 
 class LiveServer:
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, http: Any = "httptools") -> None:
+        """`http`: uvicorn's protocol name or class (the frontend's own limited protocol)."""
         self.app = app
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -25,7 +26,7 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.loop: asyncio.AbstractEventLoop | None = None
         self._server = uvicorn.Server(uvicorn.Config(
-            app, http="httptools", loop="none", lifespan="on", access_log=False,
+            app, http=http, loop="none", lifespan="on", access_log=False,
             log_level="warning"))
         self._thread = threading.Thread(target=self._run, name="uvicorn", daemon=True)
 
