@@ -35,12 +35,15 @@ class KvAwarePolicy:
 
     def __init__(self, index: PrefixIndex, overlap_weight: float = 1.0,
                  temperature: float = 0.0, hotspot_margin: float = 0.5,
-                 seed: int = DEFAULT_SEED, rng: random.Random | None = None) -> None:
+                 seed: int = DEFAULT_SEED, rng: random.Random | None = None,
+                 decode_weight: float = 1.0) -> None:
         self.index = index
         self.overlap_weight = overlap_weight
         self.temperature = temperature
         self.hotspot_margin = hotspot_margin
         self.seed = seed
+        # Weight of active decode blocks (0: a prefill worker, whose decode load is nil).
+        self.decode_weight = decode_weight
         self._rng = rng or random.Random()
         self._turn = 0  # decisions committed: the "chosen longest ago" tie-break's clock
 
@@ -62,7 +65,8 @@ class KvAwarePolicy:
             cool = [i for i in pool if loads[i][0] + loads[i][1] <= cap]
             pool = cool or pool
         costs = [self.overlap_weight * (blocks - matches.get(candidates[i].id, 0)
-                                        + loads[i][0]) + loads[i][1] for i in pool]
+                                        + loads[i][0]) + self.decode_weight * loads[i][1]
+                 for i in pool]
         if self.temperature > 0 and len(pool) > 1:
             pick = pool[self._softmax(costs)]
         else:
