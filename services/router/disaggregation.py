@@ -55,8 +55,8 @@ PATH_REMOTE = "remote"  # prefill on a prefill worker, KV handed to a decode wor
 PATH_AGGREGATED = "aggregated"  # no prefill worker serves the model: the decode pool does all
 
 REASON_ALWAYS = "always"  # --disagg-mode always
-REASON_LONG = "long_prefill"  # uncached part over the local limits
-REASON_SHORT = "short_prefill"  # uncached part under both local limits
+REASON_LONG = "long_uncached"  # uncached part over a local limit
+REASON_SHORT = "short_uncached"  # uncached part under both local limits
 REASON_PREFILL_BUSY = "prefill_busy"  # every prefill worker's queue is past --prefill-busy-tokens
 REASON_DECODE_BUSY = "decode_busy"  # the decode worker vetoed a local prefill
 REASON_NO_PREFILL = "no_prefill_worker"
