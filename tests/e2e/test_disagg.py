@@ -11,13 +11,16 @@ after the disaggregated run so its cache cannot help it.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import subprocess
+import sys
 from typing import Any
 
 import openai
 import pytest
 
-from turnout.testing.deployment import Deployment, Service, wait_for
+from turnout.testing.deployment import ROOT, Deployment, Service, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -162,6 +165,17 @@ def test_conditional_decisions_follow_the_thresholds(deployment: Deployment) -> 
     texts = asyncio.run(busy_decode())
     assert decisions(deployment)[("remote", "decode_busy")] == 1
     assert len(texts) == 3 and all(len(t) in (TOKENS, 400) for t, _ in texts)
+
+    # `turnout status` shows the roles and the decisions.
+    out = subprocess.run(
+        [sys.executable, "-m", "turnout", "status", "--discovery",
+         f"file:{deployment.discovery}", "--json"], capture_output=True, text=True, cwd=ROOT,
+        timeout=30, check=True)
+    view = json.loads(out.stdout)
+    assert {w["id"]: w["mode"] for w in view["workers"]} == {"p1": "prefill", "d1": "decode"}
+    (router,) = view["routers"]
+    assert router["disagg_decisions"] == {"remote/long_uncached": 3, "local/short_uncached": 1,
+                                          "remote/decode_busy": 1}
 
 
 def test_no_prefill_worker_runs_aggregated_on_the_decode_pool(deployment: Deployment) -> None:
