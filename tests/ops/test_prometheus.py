@@ -37,7 +37,8 @@ JOB_ROLE = {"turnout-frontend": "frontend", "turnout-router": "router",
 EVENT_ONLY = {"Migrations / s", "Worker failures", "Scaling decisions"}
 # Panels that only have data with prefill/decode workers (this deployment is aggregated).
 DISAGG_ONLY = {"Prefill path decisions / s", "KV hand-off: blocks pulled vs cached",
-               "Lease ends / s"}
+               "Lease ends / s", "Hand-off latency (first token to decode)",
+               "KV transfer time"}
 # Series that are NaN by design until enough intervals have passed.
 MAY_BE_NAN = {"turnout_planner_needed_replicas"}  # no forecast yet: the planner exports NaN
 SHARED_PREFIX = "You are a careful assistant. Answer briefly and exactly. " * 6
