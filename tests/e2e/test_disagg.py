@@ -26,6 +26,8 @@ pytestmark = pytest.mark.e2e
 
 TOKENS = 48
 BLOCK = 64
+# Clean-path tests: a pull answered late on a loaded machine must not turn into a recompute.
+PATIENT = ("--kv-pull-timeout-ms", "10000")
 
 
 def prompt(i: int, words: int = 40) -> str:
@@ -72,7 +74,7 @@ def leases_released(prefill: Service, n: int) -> None:
 
 
 def test_one_prefill_one_decode_via_turnout_up(deployment: Deployment) -> None:
-    deployment.start_up(["--speedup-ratio", "1", "--disagg-mode", "always"], workers=0,
+    deployment.start_up(["--speedup-ratio", "1", "--disagg-mode", "always", *PATIENT], workers=0,
                         prefill_workers=1, decode_workers=1)
     prefill, decode = deployment.service("prefill-1"), deployment.service("decode-1")
     assert prefill.record()["metadata"]["mode"] == "prefill"  # type: ignore[index]
@@ -109,7 +111,7 @@ def test_two_prefill_two_decode(deployment: Deployment) -> None:
         deployment.start_worker("--worker-mode", "prefill", "--speedup-ratio", "1",
                                 worker_id=f"p{i}")
     for i in (1, 2):
-        deployment.start_worker("--worker-mode", "decode", "--speedup-ratio", "1",
+        deployment.start_worker("--worker-mode", "decode", "--speedup-ratio", "1", *PATIENT,
                                 worker_id=f"d{i}")
     deployment.start_frontend()
     deployment.wait_healthy()
@@ -136,7 +138,7 @@ def test_conditional_decisions_follow_the_thresholds(deployment: Deployment) -> 
                             "--decode-veto-requests", "2")
     deployment.start_worker("--worker-mode", "prefill", "--speedup-ratio", "1",
                             worker_id="p1")
-    deployment.start_worker("--worker-mode", "decode", "--speedup-ratio", "1",
+    deployment.start_worker("--worker-mode", "decode", "--speedup-ratio", "1", *PATIENT,
                             worker_id="d1")
     deployment.start_frontend()
     deployment.wait_healthy()
