@@ -42,8 +42,9 @@ K8S = ROOT / "k8s"
 FILES = sorted(K8S.glob("[0-9][0-9]-*.yaml"))
 ROLES = {"frontend", "router", "worker", "planner"}
 # Deployments by name (without `turnout-`): the prefill and decode workers are workers too.
-DEPLOYMENTS = {"frontend", "router", "worker", "prefill-worker", "decode-worker", "planner"}
-WORKER_MODES = {"worker": "aggregated", "prefill-worker": "prefill", "decode-worker": "decode"}
+# (Named as the planner's --kube-prefill-deployment / --kube-decode-deployment defaults.)
+DEPLOYMENTS = {"frontend", "router", "worker", "worker-prefill", "worker-decode", "planner"}
+WORKER_MODES = {"worker": "aggregated", "worker-prefill": "prefill", "worker-decode": "decode"}
 # The flag that sets the port each annotation names, per role.
 PORT_FLAGS = {
     ("router", "turnout.dev/request-port"): "--router-port",
@@ -308,7 +309,7 @@ async def test_the_manifests_run_and_find_each_other_through_the_api(
     prober = asyncio.create_task(kubelet.probe_forever())
     found = deployments()
     try:
-        for name in ("router", "worker", "prefill-worker", "decode-worker", "frontend",
+        for name in ("router", "worker", "worker-prefill", "worker-decode", "frontend",
                      "planner"):
             # The prefill and decode workers (0 replicas by default) run one each, beside
             # the aggregated ones: a valid mixed deployment.
@@ -351,7 +352,8 @@ async def test_the_manifests_run_and_find_each_other_through_the_api(
             return float(line.split()[-1])
 
         assert await routable_workers() == 4
-        victim = next(n for n in kubelet.pods if n.startswith("turnout-worker-"))
+        victim = next(n for n in kubelet.pods if n.startswith("turnout-worker-")
+                      and not n.startswith(("turnout-worker-prefill", "turnout-worker-decode")))
         await kubelet.delete(victim)
         await eventually(lambda: _equals(routable_workers(), 3), 20, "the router to drop it")
         async with httpx.AsyncClient(timeout=30) as client:
