@@ -373,6 +373,9 @@ class Worker:
             self.engine.abort(request_id)
             self.metrics.on_finish("abandoned")
         self.destinations.clear()
+        self._lease_s.clear()  # aborted prefills: nothing of theirs is held
+        for request_id in list(self._release_to):
+            self._release(request_id)  # abandoned decodes need their prefill KV no more
         self.started = time.time()
         await self.discovery.update(self.instance())
 
