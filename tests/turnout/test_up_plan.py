@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from turnout.up import plan
+from turnout import up
+
+# An explicit discovery: plan() would otherwise make a temporary directory (nothing is started).
+DISCOVERY = ["--discovery", "file:/nonexistent/turnout-plan-test"]
+
+
+def plan(argv: list[str]) -> up.Plan:
+    return up.plan([*argv, *DISCOVERY])
 
 
 def modes(argv: list[str]) -> dict[str, str]:
