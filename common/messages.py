@@ -32,6 +32,19 @@ KIND_KV_DUMP: Final = b"\x03"  # KvDumpRequest, router → worker (resync)
 KIND_KV_REPLICATE: Final = b"\x04"  # KvEventBatch of stored blocks, worker → replica peer
 KIND_KV_PULL: Final = b"\x05"  # KvPullRequest, worker → worker holding blocks
 KIND_KV_BLOCKS: Final = b"\x06"  # KvPullReply, answer to KIND_KV_PULL
+# KvRelease, decode worker (or router) → prefill worker: the blocks held for a request's
+# hand-off may go (else they go when the request's lease expires).
+KIND_KV_RELEASE: Final = b"\x07"
+
+# GenerateRequest.phase: how a worker serves the request.
+PHASE_AGGREGATED: Final = ""  # prompt and every token here
+# Compute the prompt's KV and the first token, then end the stream (finish_reason "length",
+# or "stop" when the first token ends the request) carrying `kv_transfer_params` on the final
+# chunk, and hold the prompt's KV blocks until a KvRelease or `lease_ms` passes.
+PHASE_PREFILL: Final = "prefill"
+# Continue after prompt + generated_token_ids: the prompt's KV comes from `kv_sources` (the
+# prefill worker first) and `kv_transfer_params`; what no source delivers is recomputed.
+PHASE_DECODE: Final = "decode"
 
 
 class SamplingParams(Wire):
@@ -62,6 +75,15 @@ class GenerateRequest(Wire):
     # Request-plane endpoints of workers that may hold this sequence's KV blocks (replica peers,
     # prefix caches): a resumed request pulls what it can from them and recomputes the rest.
     kv_sources: list[str] = []
+    # Disaggregated serving (PHASE_*): "" aggregated, "prefill" or "decode".
+    phase: str = ""
+    # Opaque engine-specific hand-off data (vLLM: its kv_transfer_params as JSON bytes): the
+    # prefill worker produces it on its final chunk; the router carries it untouched to the
+    # decode worker.
+    kv_transfer_params: bytes = b""
+    # Prefill phase: how long the worker holds the prompt's blocks for the decode side when no
+    # KvRelease comes (0: the worker's --kv-lease-ms).
+    lease_ms: int = 0
 
 
 class Cancel(Wire):
@@ -87,6 +109,8 @@ class TokenChunk(Wire):
     # On an error chunk: HTTP-like status and message for the client.
     error_code: int = 0
     error_message: str = ""
+    # Final chunk of a prefill-phase request: the engine's hand-off data for the decode side.
+    kv_transfer_params: bytes = b""
 
 
 class TokenBatch(Wire):
@@ -190,6 +214,12 @@ class KvPullReply(Wire):
     blocks: list[KvBlockStored]
 
 
+class KvRelease(Wire):
+    """The decode side has what it needs of `request_id`'s prefill: free the held blocks."""
+
+    request_id: str
+
+
 # ---------------------------------------------------------------------------------------------
 # Discovery plane records (JSON on disk / in annotations).
 # ---------------------------------------------------------------------------------------------
@@ -199,8 +229,10 @@ ROLE_ROUTER: Final = "router"
 ROLE_WORKER: Final = "worker"
 ROLE_PLANNER: Final = "planner"
 
-# Worker sub-role (`Instance.metadata["mode"]`); prefill and decode roles are not built yet.
-MODE_AGGREGATED: Final = "aggregated"
+# Worker sub-role (`Instance.metadata["mode"]`).
+MODE_AGGREGATED: Final = "aggregated"  # prefill and decode of its own requests
+MODE_PREFILL: Final = "prefill"  # prefill phases only (and aggregated fallbacks, never)
+MODE_DECODE: Final = "decode"  # decode phases, and whole requests prefilled locally
 
 
 class Instance(msgspec.Struct, omit_defaults=True):
@@ -223,6 +255,7 @@ cancel_decoder: Final = msgspec.msgpack.Decoder(Cancel)
 token_batch_decoder: Final = msgspec.msgpack.Decoder(TokenBatch)
 kv_pull_decoder: Final = msgspec.msgpack.Decoder(KvPullRequest)
 kv_pull_reply_decoder: Final = msgspec.msgpack.Decoder(KvPullReply)
+kv_release_decoder: Final = msgspec.msgpack.Decoder(KvRelease)
 envelope_decoder: Final = msgspec.msgpack.Decoder(EventEnvelope)
 heartbeat_decoder: Final = msgspec.msgpack.Decoder(Heartbeat)
 load_decoder: Final = msgspec.msgpack.Decoder(LoadReport)

@@ -209,7 +209,11 @@ def _router_row(inst: Instance,
                 samples: Metrics | None) -> dict[str, Any]:
     migrations = None
     up = None
+    disagg = None
     if samples is not None:
+        # Where prompts ran with prefill workers about: "path/reason" → requests.
+        disagg = {f"{s.labels['path']}/{s.labels['reason']}": int(s.value)
+                  for s in samples.samples("turnout_router_disagg_decisions_total")}
         migrations = {cause: int(v) for cause, v in
                       samples.by_label("turnout_router_migrations_total", "cause").items()}
         up = {worker: int(v) for worker, v in
@@ -224,6 +228,7 @@ def _router_row(inst: Instance,
         "in_flight": None if in_flight is None else int(in_flight),
         "migrations": migrations,
         "workers_up": up,
+        "disagg_decisions": disagg,
     }
 
 
@@ -279,10 +284,13 @@ def render(snapshot: dict[str, Any]) -> str:
                       if r["migrations"] is not None else None)
         up = (f"{sum(r['workers_up'].values())}/{len(r['workers_up'])}"
               if r["workers_up"] is not None else None)
+        disagg = (" ".join(f"{k}={n}" for k, n in sorted(r["disagg_decisions"].items())) or "0"
+                  if r["disagg_decisions"] is not None else None)
         rows.append([r["id"], r["mode"], r["request"], r["metrics"], r["in_flight"],
-                     migrations, up])
+                     migrations, up, disagg])
     parts.append(f"ROUTERS ({len(rows)})\n" + _table(
-        ["ID", "MODE", "REQUEST", "METRICS", "IN-FLIGHT", "MIGRATIONS", "WORKERS UP"], rows))
+        ["ID", "MODE", "REQUEST", "METRICS", "IN-FLIGHT", "MIGRATIONS", "WORKERS UP",
+         "PREFILL PATH"], rows))
     rows = [[f["id"], f["model"], f["url"], f["active_requests"], f["queued_requests"]]
             for f in snapshot["frontends"]]
     parts.append(f"FRONTENDS ({len(rows)})\n" + _table(

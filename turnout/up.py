@@ -50,7 +50,10 @@ from services.worker.engines import engine_config_classes
 
 @dataclasses.dataclass
 class UpConfig:
-    workers: int = opt(2, help="number of worker processes")
+    workers: int = opt(2, help="number of aggregated worker processes (0 by default when "
+                               "--prefill-workers or --decode-workers is given)")
+    prefill_workers: int = opt(0, help="number of prefill workers (--worker-mode prefill)")
+    decode_workers: int = opt(0, help="number of decode workers (--worker-mode decode)")
     startup_timeout_s: float = opt(
         600.0, help="give up starting once no process still starting has shown progress (new "
                     "output, CPU time, a worker ready) for this long; 0: wait as long as it takes")
@@ -135,8 +138,22 @@ def plan(argv: Sequence[str]) -> Plan:
     classes = [UpConfig, *engine_classes, FrontendConfig, RouterConfig, WorkerConfig]
     up, *rest = parse_configs(classes, argv, prog="turnout up")
     engines, (frontend, router, worker) = rest[: len(engine_classes)], rest[len(engine_classes):]
-    if up.workers < 1:
-        raise SystemExit("turnout up: --workers must be at least 1")
+    if up.prefill_workers < 0 or up.decode_workers < 0:
+        raise SystemExit("turnout up: --prefill-workers and --decode-workers must be >= 0")
+    split = up.prefill_workers or up.decode_workers
+    explicit_workers = any(a == "--workers" or a.startswith("--workers=") for a in argv) \
+        or "TURNOUT_WORKERS" in os.environ
+    if split and not explicit_workers:
+        up.workers = 0
+    if up.workers < 0 or up.workers + up.prefill_workers + up.decode_workers < 1:
+        raise SystemExit("turnout up: --workers must be at least 1 (or give "
+                         "--prefill-workers/--decode-workers)")
+    if up.prefill_workers and not (up.workers or up.decode_workers):
+        raise SystemExit("turnout up: --prefill-workers needs a worker to decode: add "
+                         "--decode-workers (or --workers)")
+    if split and worker.worker_mode != "aggregated":
+        raise SystemExit("turnout up: give either --worker-mode or --prefill-workers/"
+                         "--decode-workers, not both")
     if up.startup_timeout_s < 0:
         raise SystemExit("turnout up: --startup-timeout-s must be >= 0 (0: no limit)")
     tmp: str | None = None
@@ -151,11 +168,15 @@ def plan(argv: Sequence[str]) -> Plan:
     engine_argv: list[str] = []
     for cfg in engines:
         engine_argv += to_argv(cfg)
-    for i in range(up.workers):
-        wid = worker.worker_id and f"{worker.worker_id}-{i + 1}"
-        w = dataclasses.replace(worker, worker_id=wid)
-        children.append(Child(f"worker-{i + 1}", [*py, "worker", *to_argv(w), *engine_argv],
-                              critical=False, is_worker=True))
+    roles = [("worker", worker.worker_mode, up.workers),
+             ("prefill", "prefill", up.prefill_workers), ("decode", "decode", up.decode_workers)]
+    for name, mode, count in roles:
+        for i in range(count):
+            suffix = f"{i + 1}" if name == "worker" else f"{name}-{i + 1}"
+            wid = worker.worker_id and f"{worker.worker_id}-{suffix}"
+            w = dataclasses.replace(worker, worker_id=wid, worker_mode=mode)
+            children.append(Child(f"{name}-{i + 1}", [*py, "worker", *to_argv(w), *engine_argv],
+                                  critical=False, is_worker=True))
     children.append(Child("frontend", [*py, "frontend", *to_argv(frontend)]))
     host = frontend.advertise_host or frontend.host
     if host in ("0.0.0.0", "::", ""):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from common.messages import GenerateRequest
 
 if TYPE_CHECKING:
+    from services.router.disaggregation import DisaggState
     from services.router.policies import Decision
     from services.router.worker_pool import WorkerHandle
 
@@ -38,8 +39,8 @@ class RoutedRequest:
     """A request in flight: who asked, which worker serves it, and everything streamed so far
     (exactly what a migration needs to continue the stream elsewhere)."""
 
-    __slots__ = ("blocks", "frontend", "generated", "hashes", "migrations", "prefill_blocks",
-                 "request", "resume_tokens", "worker")
+    __slots__ = ("blocks", "disagg", "frontend", "generated", "hashes", "migrations",
+                 "prefill_blocks", "request", "resume_tokens", "worker")
 
     def __init__(self, request: GenerateRequest, frontend: bytes) -> None:
         self.request = request
@@ -51,6 +52,8 @@ class RoutedRequest:
         self.prefill_blocks = 0  # blocks still to prefill until its first token arrives
         self.hashes: list[int] = []
         self.resume_tokens = 0  # sequence length at the last migration (0: none pending)
+        # Placed on a prefill worker (`disaggregation.DisaggState`); None: aggregated.
+        self.disagg: DisaggState | None = None
 
     @property
     def request_id(self) -> str:

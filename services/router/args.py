@@ -50,6 +50,26 @@ class RouterConfig(ProcessConfig):
     hash_seed: int = opt(DEFAULT_SEED, help="seed of the KV block hashes (must match workers)")
     no_worker_wait_ms: int = opt(3000, help="a request for a model no worker serves yet waits "
                                             "this long for one to appear before a 503")
+    disagg_mode: str = opt("conditional", choices=["conditional", "always"],
+                           help="with prefill workers: 'conditional' prefills short uncached "
+                                "prompts on the decode worker; 'always' sends every prompt to "
+                                "a prefill worker")
+    local_prefill_max_tokens: int = opt(2048, help="conditional: prefill on the decode worker "
+                                                   "only when fewer prompt tokens than this "
+                                                   "are uncached there")
+    local_prefill_max_ratio: float = opt(0.7, help="conditional: ... and less than this share "
+                                                   "of the prompt is uncached")
+    prefill_busy_tokens: int = opt(0, help="conditional: when every prefill worker has this "
+                                           "many prompt tokens queued, prefill on the decode "
+                                           "worker whatever the length; 0: never")
+    decode_veto_requests: int = opt(0, help="a decode worker with this many requests in flight "
+                                            "refuses local prefills (they go to a prefill "
+                                            "worker); 0: never")
+    decode_overlap_weight: float = opt(1.0, help="kv mode, choosing a decode worker: weight "
+                                                 "of blocks it must pull against its active "
+                                                 "decode blocks")
+    disagg_lease_ms: int = opt(0, help="how long a prefill worker keeps a request's KV for "
+                                       "its decode worker; 0: the worker's --kv-lease-ms")
     stall_timeout_ms: int = opt(10_000, help="a worker that heartbeats but makes no engine "
                                              "progress on admitted work this long is dead; 0: off")
 
@@ -57,3 +77,11 @@ class RouterConfig(ProcessConfig):
         if self.kv_overlap_weight is not None and not self.kv_overlap_weight >= 0:
             raise ValueError(f"--kv-overlap-weight must be >= 0 (unset: the adaptive cost), got "
                              f"{self.kv_overlap_weight}")
+        for name in ("local_prefill_max_tokens", "prefill_busy_tokens", "decode_veto_requests",
+                     "disagg_lease_ms", "decode_overlap_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got "
+                                 f"{getattr(self, name)}")
+        if not 0 <= self.local_prefill_max_ratio <= 1:
+            raise ValueError("--local-prefill-max-ratio must lie in [0, 1], got "
+                             f"{self.local_prefill_max_ratio}")

@@ -45,10 +45,11 @@ class KvAwarePolicy:
     def __init__(self, index: PrefixIndex, overlap_weight: float | None = 1.0,
                  temperature: float = 0.0, hotspot_margin: float | None = None,
                  seed: int = DEFAULT_SEED, rng: random.Random | None = None,
-                 cost_models: CostModels | None = None) -> None:
+                 cost_models: CostModels | None = None, decode_weight: float = 1.0) -> None:
         """`overlap_weight` None: the adaptive cost, over `cost_models` (fed by the caller with
         forward-pass records; a fresh one when not given). `hotspot_margin` None: 0.5 with the
-        block cost, off (-1) with the adaptive one."""
+        block cost, off (-1) with the adaptive one. `decode_weight` weighs active decode blocks
+        in the block cost (0: a prefill worker, whose decode load is nil)."""
         self.index = index
         self.overlap_weight = overlap_weight
         self.cost_models = None
@@ -61,6 +62,7 @@ class KvAwarePolicy:
             hotspot_margin = -1.0 if overlap_weight is None else 0.5
         self.hotspot_margin = hotspot_margin
         self.seed = seed
+        self.decode_weight = decode_weight
         self._rng = rng or random.Random()
         self._turn = 0  # decisions committed: the "chosen longest ago" tie-break's clock
 
@@ -92,7 +94,7 @@ class KvAwarePolicy:
         else:
             weight = self.overlap_weight or 0.0
             costs = [weight * (blocks - matches.get(candidates[i].id, 0) + loads[i][0])
-                     + loads[i][1] for i in pool]
+                     + self.decode_weight * loads[i][1] for i in pool]
         if self.temperature > 0 and len(pool) > 1:
             pick = pool[self._softmax(costs)]
         else:

@@ -46,6 +46,7 @@ from common.status_server import StatusServer
 from common.transport import bind_socket, tune_stream_socket
 from services.router.accounting import Accounting
 from services.router.args import RouterConfig
+from services.router.disaggregation import Disaggregation
 from services.router.events import EventIntake
 from services.router.liveness import CAUSE_CRASH, CAUSE_HANG, Liveness
 from services.router.metrics import RouterMetrics
@@ -78,6 +79,9 @@ class Router:
         self.streams = Streams(self.frontends, self.pool, self.selector, self.accounting,
                                self.migration, self.metrics, config.no_worker_wait_ms / 1000,
                                clock)
+        self.streams.disagg = Disaggregation(config, self.pool, self.selector, self.kv_index,
+                                             self.accounting, self.migration, self.metrics,
+                                             clock)
         self.liveness = Liveness(config.heartbeat_interval_ms / 1000, config.missed_heartbeats,
                                  config.stall_timeout_ms / 1000, clock,
                                  suspect_phi=config.suspect_phi, convict_phi=config.convict_phi,

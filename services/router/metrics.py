@@ -84,6 +84,33 @@ class RouterMetrics:
             "turnout_router_queue_pressure",
             "Mean predicted queue wait over mean request prefill work: what a millisecond of "
             "added work costs in the adaptive cost", ["model"], registry=r)
+        self.disagg_decisions = Counter(
+            "turnout_router_disagg_decisions",
+            "Where a request's prompt was computed when prefill workers serve its model: path "
+            "remote (a prefill worker), local (its decode worker) or aggregated (no prefill "
+            "worker alive), by reason", ["path", "reason"], registry=r)
+        self.disagg_handoffs = Counter(
+            "turnout_router_disagg_handoffs",
+            "Prefill-to-decode hand-offs at the first token: sent, or no_decode_worker (it "
+            "waits for one like a stranded migration)", ["outcome"], registry=r)
+        self.disagg_handoff_seconds = Histogram(
+            "turnout_router_disagg_handoff_seconds",
+            "From a prefill's first token to the decode worker's first token: KV transfer "
+            "plus scheduling (the first inter-token gap of a disaggregated stream)",
+            registry=r, buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2))
+        self.disagg_blocks = Counter(
+            "turnout_router_disagg_blocks",
+            "Prompt blocks of hand-offs: already cached on the chosen decode worker, or to "
+            "pull from the prefill worker (predicted from the KV index)", ["kind"], registry=r)
+        self.disagg_recomputed_tokens = Histogram(
+            "turnout_router_disagg_recomputed_tokens",
+            "Tokens a decode worker computed before its first token (1 when the whole prompt's "
+            "KV came over; more when a transfer failed and it recomputed)", registry=r,
+            buckets=(1, 2, 64, 256, 1024, 2048, 4096, 16384))
+        self.disagg_prefill_queue = Gauge(
+            "turnout_router_disagg_prefill_queue_tokens",
+            "Least queued prefill tokens among prefill workers, at the last decision",
+            registry=r)
         self._up: set[str] = set()
 
     def set_worker_gauges(self, workers: Iterable[WorkerHandle], dead: Iterable[str],

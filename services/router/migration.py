@@ -51,6 +51,9 @@ class Migration:
         self.clock = clock
         self.stranded: dict[str, StrandedRequest] = {}
         self.replicas_of: dict[str, list[str]] = {}  # lost worker → its replica peers
+        # Set by disaggregation: re-runs a lost prefill phase on another prefill worker
+        # (False: none, the request continues here like any other).
+        self.replan: Callable[[RoutedRequest, bool], bool] | None = None
 
     def worker_lost(self, worker: WorkerHandle) -> None:
         """Remember where copies of a lost worker's KV live (its handle may be gone later)."""
@@ -64,6 +67,8 @@ class Migration:
             self.fail(entry, f"worker {old} failed ({cause}) and the migration limit "
                              f"({self.limit}) is reached")
             return False
+        if self.replan is not None and self.replan(entry, counts):
+            return True
         rid = entry.request_id
         request = GenerateRequest(rid, entry.request.model, entry.request.token_ids,
                                   entry.request.sampling, None, list(entry.generated))

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from common.block_hash import block_hashes
-from common.messages import GenerateRequest
+from common.messages import MODE_PREFILL, GenerateRequest
 from services.router.approx_kv_index import ApproxKvIndex
 from services.router.args import RouterConfig
 from services.router.cost_model import CostModels
@@ -54,10 +54,10 @@ class Selector:
         return self.policy.cost_models if isinstance(self.policy, KvAwarePolicy) else None
 
     def candidates(self, model: str, exclude: str = "") -> list[WorkerHandle]:
-        """Routable workers of `model` (but `exclude`); NoWorkerError when there are none."""
-        candidates = self.pool.routable(model)
-        if exclude:
-            candidates = [w for w in candidates if w.id != exclude]
+        """Routable workers of `model` (but `exclude`) that serve whole requests (a prefill
+        worker only takes prefill phases: `disaggregation.py`); NoWorkerError when none."""
+        candidates = [w for w in self.pool.routable(model)
+                      if w.id != exclude and w.mode != MODE_PREFILL]
         if not candidates:
             raise NoWorkerError(f"no live worker serves model {model!r}", 503)
         return candidates

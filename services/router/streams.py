@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from common.messages import (
     FINISH_ERROR,
@@ -30,6 +30,9 @@ from services.router.parking import ParkedRequest, ParkingLot
 from services.router.policies import NoWorkerError, RoutingError
 from services.router.selection import Selector
 from services.router.worker_pool import WorkerHandle, WorkerPool
+
+if TYPE_CHECKING:
+    from services.router.disaggregation import Disaggregation
 
 
 class FrameSender(Protocol):
@@ -56,6 +59,7 @@ class Streams:
         self.parking = ParkingLot()
         self.park_s = park_s  # how long a request waits for a worker of its model (0: never)
         self.clock = clock
+        self.disagg: Disaggregation | None = None  # prefill/decode placement and hand-offs
 
     def reply_error(self, frontend: bytes, request_id: str, code: int, message: str) -> None:
         send_error(self.frontends, frontend, request_id, code, message)
@@ -68,7 +72,9 @@ class Streams:
             self.reply_error(frontend, rid, 400, "duplicate request id")
             return
         try:
-            decision = self.selector.choose(request)
+            placement = self.disagg.place(request) if self.disagg is not None else None
+            decision = placement.decision if placement is not None \
+                else self.selector.choose(request)
         except NoWorkerError:
             if self.park_s > 0:
                 # A worker may be starting (discovery lags by a poll): hold it briefly.
@@ -82,7 +88,11 @@ class Streams:
             self.metrics.requests.labels("rejected").inc()
             self.reply_error(frontend, rid, exc.code, str(exc))
             return
-        self.accounting.place(RoutedRequest(request, frontend), decision)
+        entry = RoutedRequest(request, frontend)
+        if placement is not None and placement.payload is not None:
+            entry.disagg = placement.state
+            payload = placement.payload
+        self.accounting.place(entry, decision)
         self.metrics.inflight.set(len(self.accounting))
         decision.worker.socket.send_multipart([KIND_GENERATE, payload])
 
@@ -120,10 +130,16 @@ class Streams:
     def on_batch(self, worker: WorkerHandle, chunks: list[TokenChunk]) -> None:
         """Relay one worker's token batch: one frame per frontend."""
         by_frontend: dict[bytes, list[TokenChunk]] = {}
+        handoffs: list[RoutedRequest] = []
         for chunk in chunks:
             entry = self.accounting.get(chunk.request_id)
             if entry is None or entry.worker is not worker:
                 continue  # cancelled, or a late chunk from before a migration
+            if entry.disagg is not None and self.disagg is not None:
+                if chunk.finish_reason is not None and self.disagg.continues(entry, chunk):
+                    handoffs.append(entry)  # its first token goes out first, then the KV
+                elif entry.disagg.handed_off:
+                    self.disagg.decode_started(entry, chunk)
             if chunk.finish_reason is not None:
                 if chunk.error_code == 503:
                     # A draining worker refused it: place it elsewhere instead of failing.
@@ -133,19 +149,24 @@ class Streams:
                 self.metrics.requests.labels("error" if chunk.error_code else "finished").inc()
             elif chunk.token_ids:
                 self.accounting.first_token(entry)
-            if entry.migrations:
+            if entry.migrations or entry.disagg is not None:
                 if entry.resume_tokens and chunk.num_prompt_tokens:
                     self.metrics.recomputed_tokens.observe(
                         max(0, entry.resume_tokens - chunk.cached_tokens))
                     entry.resume_tokens = 0
-                # The client already has prompt/cached figures from the first worker.
-                chunk.num_prompt_tokens = 0
-                chunk.cached_tokens = 0
+                if entry.generated:
+                    # The client already has prompt/cached figures from the first worker.
+                    chunk.num_prompt_tokens = 0
+                    chunk.cached_tokens = 0
             if chunk.token_ids:
                 entry.generated.extend(chunk.token_ids)
             by_frontend.setdefault(entry.frontend, []).append(chunk)
         for frontend, out in by_frontend.items():
             self.frontends.send_multipart([frontend, KIND_TOKENS, encoder.encode(TokenBatch(out))])
+        if handoffs:
+            assert self.disagg is not None
+            for entry in handoffs:
+                self.disagg.hand_off(entry)
         self.metrics.inflight.set(len(self.accounting))
 
     def _reject(self, frontend: bytes, request: GenerateRequest) -> None:

@@ -14,7 +14,7 @@ import time
 
 import zmq.asyncio
 
-from common.messages import Instance, LoadReport
+from common.messages import MODE_AGGREGATED, Instance, LoadReport
 from common.monitored_dealer import MonitoredDealer
 from services.router.accounting import WorkerUsage
 from services.router.failure_detector import PhiAccrualDetector
@@ -77,6 +77,11 @@ class WorkerHandle:
     @property
     def model(self) -> str:
         return self.instance.model
+
+    @property
+    def mode(self) -> str:
+        """Its disaggregation role: aggregated, prefill or decode."""
+        return str(self.instance.metadata.get("mode") or MODE_AGGREGATED)
 
     @property
     def started(self) -> float:

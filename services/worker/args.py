@@ -20,7 +20,9 @@ class WorkerConfig(ProcessConfig):
     engine: str = opt("mocker", help="inference engine behind this worker", choices=ENGINES)
     worker_id: str = opt("", help="unique instance id (default: worker-<pid>-<random>)")
     worker_mode: str = opt("aggregated", choices=WORKER_MODES,
-                           help="disaggregation role; only 'aggregated' runs today")
+                           help="disaggregation role: 'prefill' computes prompts' KV and first "
+                                "tokens for decode workers; 'decode' continues them (and runs "
+                                "whole requests the router prefills locally); 'aggregated' both")
     worker_port: int = opt(0, help="request-plane port (0: any free port)")
     worker_event_port: int = opt(0, help="event-plane PUB port (0: any free port)")
     worker_metrics_port: int = opt(0, help="/metrics and /health port (0: any free port)")
@@ -30,13 +32,17 @@ class WorkerConfig(ProcessConfig):
     host_kv_blocks: int = opt(65536, help="capacity of the host-memory tier holding peers' "
                                           "replicated blocks")
     drain_grace_s: float = opt(30.0, help="on SIGTERM, how long streams may run before migrating")
+    kv_lease_ms: int = opt(30_000, help="a finished prefill keeps its KV blocks for the decode "
+                                        "side at most this long when no release comes (a "
+                                        "request's own lease_ms overrides it)")
+    kv_pull_timeout_ms: int = opt(500, help="how long a KV pull waits for each source's answer "
+                                            "before trying the next (or recomputing)")
 
     def __post_init__(self) -> None:
-        # The roles are parsed so that scripts written for them fail here, loudly, instead of
-        # running an aggregated worker under a prefill or decode label.
-        if self.worker_mode != "aggregated":
-            raise ValueError(f"--worker-mode {self.worker_mode}: disaggregated prefill/decode "
-                             f"roles are not available yet; use --worker-mode aggregated")
+        for name in ("kv_lease_ms", "kv_pull_timeout_ms"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got "
+                                 f"{getattr(self, name)}")
 
 
 @dataclasses.dataclass

@@ -115,3 +115,19 @@ class Engine(abc.ABC):
         """Put consecutive blocks of a sequence (starting at block `first_position`) into the
         prefix cache; return the seconds the transfer takes (the caller waits them)."""
         return 0.0
+
+    # Disaggregated serving. A prefill-phase request (`GenerateRequest.phase == "prefill"`)
+    # ends after its first token, its final chunk carrying the engine's `kv_transfer_params`,
+    # and the engine keeps its KV until `release_held` (the decode side's acknowledgement, or
+    # the worker's lease expiring). A decode-phase request continues after prompt +
+    # generated_token_ids with the prompt's KV brought over rather than recomputed; an engine
+    # that moves KV itself (vLLM's NIXL connector) does so from `kv_transfer_params`.
+
+    def release_held(self, request_id: str) -> None:
+        """Free the KV a finished prefill phase kept; unknown ids are ignored."""
+        return None
+
+    def kv_transfer_seconds(self, num_tokens: int) -> float:
+        """Seconds moving `num_tokens` tokens' KV takes beyond the blocks `import_blocks`
+        counted (a decode phase's partial last block); the caller waits them."""
+        return 0.0

@@ -5,8 +5,12 @@ sockets, start the engine, register in discovery, then serve until SIGTERM/SIGIN
 drains: it leaves discovery, refuses new work, lets running streams finish within the grace
 period and exits (the router migrates whatever is still running).
 
-Owns routing replies to the right upstream peer and the heartbeat/load cadence. Does not own
-scheduling (the engine) or routing decisions (the router).
+Owns routing replies to the right upstream peer and the heartbeat/load cadence, and the worker's
+side of disaggregated serving: a prefill phase's KV is held under a lease (`kv_leases.py`) until
+the decode worker releases it or the lease expires; a decode phase pulls the prompt blocks it
+lacks from the prefill worker and is admitted without recomputing them (or, when no source
+delivers them, recomputes). Does not own scheduling (the engine) or routing decisions (the
+router).
 """
 
 from __future__ import annotations
@@ -28,14 +32,18 @@ from common.event_plane import EventPublisher
 from common.malformed import MalformedFrames
 from common.messages import (
     FINISH_ERROR,
+    FINISH_LENGTH,
     KIND_CANCEL,
     KIND_GENERATE,
     KIND_KV_BLOCKS,
     KIND_KV_DUMP,
     KIND_KV_PULL,
+    KIND_KV_RELEASE,
     KIND_KV_REPLICATE,
     KIND_TOKENS,
     MODE_AGGREGATED,
+    PHASE_DECODE,
+    PHASE_PREFILL,
     ROLE_WORKER,
     TOPIC_FPM,
     TOPIC_HEARTBEAT,
@@ -57,6 +65,7 @@ from common.messages import (
     generate_decoder,
     kv_batch_decoder,
     kv_pull_decoder,
+    kv_release_decoder,
 )
 from common.service import Service, run_service
 from common.status_server import StatusServer
@@ -65,6 +74,7 @@ from services.worker.args import WorkerConfig
 from services.worker.engine import Engine, EngineError, StepOutput
 from services.worker.engines import create_engine, engine_config_classes
 from services.worker.host_kv_tier import HostKvTier
+from services.worker.kv_leases import KvLeases
 from services.worker.metrics import WorkerMetrics
 from services.worker.peer_links import PeerLinks
 
@@ -94,6 +104,11 @@ class Worker:
         self.peers = PeerLinks(self.ctx, self.worker_id)
         self.replica_peers: list[str] = []
         self._resuming: set[asyncio.Task[None]] = set()
+        self.leases = KvLeases()
+        self._lease_s: dict[str, float] = {}  # prefill phases running here → their lease
+        # Decode phases running here → the workers holding their prefill KV, told to free it
+        # once the engine has it (the first chunk) or the request ends.
+        self._release_to: dict[str, list[str]] = {}
 
     # -- engine output -------------------------------------------------------------------------
 
@@ -103,6 +118,10 @@ class Worker:
             by_dest: dict[bytes, list[TokenChunk]] = {}
             destinations = self.destinations
             for chunk in out.chunks:
+                if self._lease_s and chunk.finish_reason is not None:
+                    self._prefill_done(chunk)
+                if self._release_to:
+                    self._release(chunk.request_id)
                 if chunk.finish_reason is None:
                     ident = destinations.get(chunk.request_id)
                 else:
@@ -129,6 +148,30 @@ class Worker:
             self._fpm.append(out.forward_pass)
         self.metrics.on_step(out)
 
+    def _prefill_done(self, chunk: TokenChunk) -> None:
+        """A prefill phase ended: hold its KV for the decode side, or free it at once when
+        the request ended here (its first token stopped it, or it failed)."""
+        seconds = self._lease_s.pop(chunk.request_id, None)
+        if seconds is None:
+            return
+        if chunk.finish_reason == FINISH_LENGTH and not chunk.error_code:
+            self.leases.hold(chunk.request_id, seconds)
+            self.metrics.kv_leases.set(len(self.leases))
+        else:
+            self.engine.release_held(chunk.request_id)
+
+    def _release(self, request_id: str) -> None:
+        """A decode phase has its KV (or is over): the prefill side may free it."""
+        sources = self._release_to.pop(request_id, None)
+        if sources:
+            self.peers.release(sources, request_id)
+
+    def expire_leases(self) -> None:
+        for request_id in self.leases.expired():
+            self.engine.release_held(request_id)
+            self.metrics.lease_ends.labels(**self.metrics.labels, end="expired").inc()
+        self.metrics.kv_leases.set(len(self.leases))
+
     def _send(self, ident: bytes, batch: TokenBatch) -> None:
         try:
             self.requests.send_multipart([ident, KIND_TOKENS, encoder.encode(batch)],
@@ -154,11 +197,24 @@ class Worker:
                     self._on_generate(ident, payload)
                 elif kind == KIND_CANCEL:
                     request_id = cancel_decoder.decode(payload).request_id
+                    self._lease_s.pop(request_id, None)
+                    self._release(request_id)
+                    if self.leases.release(request_id):  # the router gave up the hand-off
+                        self.engine.release_held(request_id)
+                        self.metrics.lease_ends.labels(**self.metrics.labels,
+                                                       end="cancelled").inc()
                     if self.destinations.pop(request_id, None) is not None:
                         self.engine.abort(request_id)
                         self.metrics.on_finish("cancelled")
                         if self.draining and not self.destinations:
                             self._idle.set()
+                elif kind == KIND_KV_RELEASE:
+                    request_id = kv_release_decoder.decode(payload).request_id
+                    if self.leases.release(request_id):
+                        self.engine.release_held(request_id)
+                        self.metrics.lease_ends.labels(**self.metrics.labels,
+                                                       end="released").inc()
+                        self.metrics.kv_leases.set(len(self.leases))
                 elif kind == KIND_KV_DUMP:
                     self.publisher.publish(
                         TOPIC_KV, KvEventBatch(self.worker_id, list(self.engine.kv_dump()), True))
@@ -188,6 +244,11 @@ class Worker:
             self._error(ident, request.request_id, 400, "duplicate request id")
             return
         self.destinations[request.request_id] = ident
+        if request.phase == PHASE_PREFILL:
+            lease_ms = request.lease_ms or self.config.kv_lease_ms
+            self._lease_s[request.request_id] = lease_ms / 1000
+        elif request.phase == PHASE_DECODE:
+            self._release_to[request.request_id] = list(request.kv_sources)
         if request.generated_token_ids or request.kv_sources:
             task = asyncio.create_task(self._resume(ident, request))
             self._resuming.add(task)
@@ -200,6 +261,8 @@ class Worker:
             self.engine.add_request(request)
         except EngineError as exc:
             self.destinations.pop(request.request_id, None)
+            self._lease_s.pop(request.request_id, None)
+            self._release(request.request_id)
             self.metrics.on_finish("rejected")
             self._error(ident, request.request_id, exc.code, str(exc))
 
@@ -207,6 +270,9 @@ class Worker:
         """A request migrated here: bring in the KV that survived (our host tier first, then
         the named sources), wait the transfer time, then admit it; only the rest is
         recomputed."""
+        if request.phase == PHASE_DECODE:
+            await self._receive_prefill(ident, request)
+            return
         engine = self.engine
         tokens = request.token_ids + request.generated_token_ids
         hashes = block_hashes(tokens, engine.block_size, engine.hash_seed)
@@ -231,6 +297,53 @@ class Worker:
                 return
         self._admit(ident, request)
 
+    async def _receive_prefill(self, ident: bytes, request: GenerateRequest) -> None:
+        """A decode phase: bring over the prompt blocks this engine lacks from the prefill
+        worker (`kv_sources[0]`, then any other holder), wait the transfer time, admit it as a
+        decode. An engine moving KV itself (`kv_transfer_params` set) gets it as it is. When
+        the prompt's KV cannot be had (its prefill worker died, a pull timed out) the phase is
+        dropped and the engine recomputes what it lacks: the stream goes on all the same."""
+        rid = request.request_id
+        engine = self.engine
+        m = self.metrics
+        t0 = time.monotonic()
+        if request.kv_transfer_params:
+            self._admit(ident, request)
+            m.transfers.labels(**m.labels, outcome="engine").inc()
+            return
+        bs = engine.block_size
+        prompt = request.token_ids
+        hashes = block_hashes(prompt, bs, engine.hash_seed)
+        local = engine.cached_prefix(hashes)
+        missing = hashes[local:]
+        blocks = self.host_tier.chain(missing)
+        answered: set[str] = set()
+        if request.kv_sources:
+            blocks += await self.peers.pull(rid, request.kv_sources, missing[len(blocks):],
+                                            self.config.kv_pull_timeout_ms / 1000, answered)
+        tail = len(prompt) % bs  # the partial last block only its prefill worker holds
+        complete = local + len(blocks) == len(hashes) and (
+            not tail or (bool(request.kv_sources) and request.kv_sources[0] in answered))
+        m.disagg_blocks_cached.inc(local)
+        if blocks:
+            m.blocks_pulled.inc(len(blocks))
+        if rid not in self.destinations:
+            self._release(rid)
+            return  # cancelled meanwhile
+        seconds = engine.import_blocks(blocks, local) if blocks else 0.0
+        if complete:
+            seconds += engine.kv_transfer_seconds(tail)
+        else:
+            request.phase = ""  # recompute what no copy delivered
+        if seconds > 0:
+            await asyncio.sleep(seconds)
+            if rid not in self.destinations:
+                self._release(rid)
+                return
+        m.transfer_seconds.observe(time.monotonic() - t0)
+        m.transfers.labels(**m.labels, outcome="pulled" if complete else "recomputed").inc()
+        self._admit(ident, request)
+
     # -- event plane ---------------------------------------------------------------------------
 
     async def heartbeat(self) -> None:
@@ -240,6 +353,8 @@ class Worker:
         last = time.monotonic()
         lag = 0.0
         while True:
+            if len(self.leases):
+                self.expire_leases()
             self.publish_status(lag)
             await asyncio.sleep(period)
             now = time.monotonic()
@@ -258,6 +373,9 @@ class Worker:
             self.engine.abort(request_id)
             self.metrics.on_finish("abandoned")
         self.destinations.clear()
+        self._lease_s.clear()  # aborted prefills: nothing of theirs is held
+        for request_id in list(self._release_to):
+            self._release(request_id)  # abandoned decodes need their prefill KV no more
         self.started = time.time()
         await self.discovery.update(self.instance())
 

@@ -56,6 +56,25 @@ class WorkerMetrics:
                                        "Blocks moved from the host tier into the engine cache")
         self.blocks_pulled = counter("turnout_worker_kv_blocks_pulled",
                                      "Blocks pulled from peers for resumed requests")
+        self.labels = labels
+        self.kv_leases = gauge("turnout_worker_kv_leases",
+                               "Finished prefills whose KV is held for a decode worker")
+        self.lease_ends = Counter("turnout_worker_kv_lease_ends",
+                                  "Prefill KV leases ended: released by the decode side, "
+                                  "expired, or cancelled by the router", [*names, "end"],
+                                  registry=self.registry)
+        self.transfers = Counter("turnout_worker_disagg_transfers",
+                                 "Decode phases received: prompt KV pulled, recomputed (no "
+                                 "source had it), or moved by the engine itself",
+                                 [*names, "outcome"], registry=self.registry)
+        self.disagg_blocks_cached = counter("turnout_worker_disagg_blocks_cached",
+                                            "Prompt blocks decode phases found already cached "
+                                            "here (not pulled)")
+        self.transfer_seconds = Histogram(
+            "turnout_worker_kv_transfer_seconds",
+            "A decode phase's KV hand-off: pull plus modelled transfer, until admission",
+            names, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry).labels(**labels)
         self.malformed = counter("turnout_worker_malformed_frames",
                                  "Request-plane frames dropped as malformed")
         self.cache_hit_rate = gauge("turnout_worker_prefix_cache_hit_rate",

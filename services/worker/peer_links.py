@@ -19,11 +19,13 @@ import zmq.asyncio
 from common.messages import (
     KIND_KV_BLOCKS,
     KIND_KV_PULL,
+    KIND_KV_RELEASE,
     KIND_KV_REPLICATE,
     KvBlockStored,
     KvEventBatch,
     KvPullReply,
     KvPullRequest,
+    KvRelease,
     encoder,
     kv_pull_reply_decoder,
 )
@@ -129,13 +131,26 @@ class PeerLinks:
 
     # -- pulls ---------------------------------------------------------------------------------
 
+    def release(self, endpoints: list[str], request_id: str) -> None:
+        """Tell the workers holding `request_id`'s prefill KV that it may go."""
+        frame = [KIND_KV_RELEASE, encoder.encode(KvRelease(request_id))]
+        for endpoint in endpoints:
+            try:
+                self._socket(endpoint).send_multipart(frame, flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # it is gone or behind: its lease frees the blocks
+
     async def pull(self, request_id: str, sources: list[str], hashes: list[int],
-                   wait_s: float = 0.5) -> list[KvBlockStored]:
-        """The leading run of `hashes` that the sources hold, asking each in turn."""
+                   wait_s: float = 0.5, answered: set[str] | None = None,
+                   ) -> list[KvBlockStored]:
+        """The leading run of `hashes` that the sources hold, asking each in turn. With
+        `answered`, the first source is asked even when nothing is missing (a decode phase
+        learns that its prefill worker still holds the request), and every source that
+        answered is added to it."""
         got: list[KvBlockStored] = []
-        for endpoint in sources:
+        for i, endpoint in enumerate(sources):
             missing = hashes[len(got):]
-            if not missing:
+            if not missing and (answered is None or i > 0):
                 break
             future: asyncio.Future[KvPullReply] = asyncio.get_running_loop().create_future()
             key = f"{request_id}:{endpoint}"
@@ -148,6 +163,8 @@ class PeerLinks:
                 continue
             finally:
                 self._pending.pop(key, None)
+            if answered is not None:
+                answered.add(endpoint)
             by_hash = {b.block_hashes[0]: b for b in reply.blocks}
             for h in missing:
                 block = by_hash.get(h)

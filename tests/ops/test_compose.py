@@ -30,11 +30,16 @@ from turnout.testing.deployment import read_records, wait_for
 COMPOSE = ROOT / "docker-compose.yml"
 PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA = ROOT / "deploy" / "grafana"
-TURNOUT_SERVICES = {"router", "worker", "frontend", "planner"}
+TURNOUT_SERVICES = {"router", "worker", "prefill-worker", "decode-worker", "frontend", "planner"}
 # The flag that sets each service's /metrics port (the frontend serves it on its HTTP port).
 METRICS_FLAG = {"router": "--router-metrics-port", "worker": "--worker-metrics-port",
+                "prefill-worker": "--worker-metrics-port",
+                "decode-worker": "--worker-metrics-port",
                 "planner": "--planner-metrics-port", "frontend": "--port"}
-ROLE = {"router": "router", "worker": "worker", "frontend": "frontend", "planner": "planner"}
+ROLE = {"router": "router", "worker": "worker", "prefill-worker": "worker",
+        "decode-worker": "worker", "frontend": "frontend", "planner": "planner"}
+# Disaggregated workers: the `disagg` profile, each with its --worker-mode.
+WORKER_MODES = {"prefill-worker": "prefill", "decode-worker": "decode"}
 
 
 def compose() -> dict[str, Any]:
@@ -89,7 +94,7 @@ def test_one_image_shared_discovery_and_scalable_workers() -> None:
     mounts = set()
     for name, svc in services.items():
         assert svc["image"] == "turnout:latest" and svc["build"] == ".", name
-        assert svc["command"][0] == name, "each service runs its own subcommand"
+        assert svc["command"][0] == ROLE[name], "each service runs its own subcommand"
         discovery = svc["environment"]["TURNOUT_DISCOVERY"]
         assert discovery.startswith("file:"), name
         volume, target = next((v.split(":")[0], v.split(":")[1]) for v in svc["volumes"])
@@ -106,6 +111,13 @@ def test_one_image_shared_discovery_and_scalable_workers() -> None:
     assert "TURNOUT_WORKER_ID" not in worker["environment"]
     assert flag_value(worker["command"], "--engine") == "mocker"
     assert services["planner"]["command"][:2] == ["planner", "--dry-run"]
+    for name, mode in WORKER_MODES.items():
+        svc = services[name]
+        assert flag_value(svc["command"], "--worker-mode") == mode
+        assert svc["profiles"] == ["disagg"], "off unless asked for"
+        assert "container_name" not in svc and "ports" not in svc  # --scale works
+        assert flag_value(svc["command"], "--worker-id") is None
+        assert svc["command"][1:] == ["--worker-mode", mode, *worker["command"][1:]]
 
 
 def test_prometheus_scrapes_every_service_where_it_serves_metrics() -> None:
@@ -209,7 +221,8 @@ def test_every_turnout_service_runs_with_its_compose_command(tmp_path: Path) -> 
     started: dict[str, list[dict[int, int]]] = {}
     names = sorted(TURNOUT_SERVICES - ({"planner"} if not planner_runs() else set()))
     try:
-        for name in ("router", "worker", "frontend", "planner"):
+        for name in ("router", "worker", "prefill-worker", "decode-worker", "frontend",
+                     "planner"):
             if name not in names:
                 continue
             svc = services[name]
@@ -228,14 +241,15 @@ def test_every_turnout_service_runs_with_its_compose_command(tmp_path: Path) -> 
         def all_registered() -> bool:
             run.check_alive()
             roles = [r["role"] for r in records()]
-            return all(roles.count(ROLE[n]) == len(started[n]) for n in names)
+            return all(roles.count(ROLE[n]) == sum(len(started[m]) for m in names
+                                                   if ROLE[m] == ROLE[n]) for n in names)
 
         wait_for(all_registered, 60, "every compose service to register")
         for name in names:
             for ports in started[name]:
                 port = ports[int(flag_value(services[name]["command"], METRICS_FLAG[name]))]
                 body = wait_for(lambda p=port: _metrics(p), 20, f"{name} /metrics on {port}")
-                assert f"turnout_{name}_" in body, name
+                assert f"turnout_{ROLE[name]}_" in body, name
         front = f"http://127.0.0.1:{started['frontend'][0][8000]}"
         wait_for(lambda: get_ok(front + "/health"), 30, "the frontend to be healthy")
         reply = chat(front)

@@ -37,6 +37,11 @@ REQUIRED = {
     "KV blocks used": "turnout_worker_kv_blocks_used",
     "migrations": "turnout_router_migrations_total",
     "planner targets": "turnout_planner_target_replicas",
+    "disaggregation decisions": "turnout_router_disagg_decisions_total",
+    "hand-off latency": "turnout_router_disagg_handoff_seconds_bucket",
+    "KV transfer time": "turnout_worker_kv_transfer_seconds_bucket",
+    "KV blocks pulled vs cached": "turnout_router_disagg_blocks_total",
+    "prefill queue": "turnout_router_disagg_prefill_queue_tokens",
 }
 
 

@@ -41,6 +41,10 @@ from tests.ops.host_run import ROOT, HostRun, remap_ports
 K8S = ROOT / "k8s"
 FILES = sorted(K8S.glob("[0-9][0-9]-*.yaml"))
 ROLES = {"frontend", "router", "worker", "planner"}
+# Deployments by name (without `turnout-`): the prefill and decode workers are workers too.
+# (Named as the planner's --kube-prefill-deployment / --kube-decode-deployment defaults.)
+DEPLOYMENTS = {"frontend", "router", "worker", "worker-prefill", "worker-decode", "planner"}
+WORKER_MODES = {"worker": "aggregated", "worker-prefill": "prefill", "worker-decode": "decode"}
 # The flag that sets the port each annotation names, per role.
 PORT_FLAGS = {
     ("router", "turnout.dev/request-port"): "--router-port",
@@ -62,8 +66,11 @@ def of_kind(kind: str) -> list[dict[str, Any]]:
 
 
 def deployments() -> dict[str, dict[str, Any]]:
-    return {d["spec"]["template"]["metadata"]["labels"][LABEL_ROLE]: d
-            for d in of_kind("Deployment")}
+    return {d["metadata"]["name"].removeprefix("turnout-"): d for d in of_kind("Deployment")}
+
+
+def role_of(deployment: dict[str, Any]) -> str:
+    return str(deployment["spec"]["template"]["metadata"]["labels"][LABEL_ROLE])
 
 
 def container(deployment: dict[str, Any]) -> dict[str, Any]:
@@ -116,8 +123,13 @@ def test_deployments_are_discoverable_and_their_ports_agree() -> None:
     assert config["TURNOUT_HOST"] == "0.0.0.0"
     accounts = {sa["metadata"]["name"] for sa in of_kind("ServiceAccount")}
     found = deployments()
-    assert set(found) == ROLES
-    for role, dep in found.items():
+    assert set(found) == DEPLOYMENTS and {role_of(d) for d in found.values()} == ROLES
+    for name, mode in WORKER_MODES.items():
+        labels = found[name]["spec"]["template"]["metadata"]["labels"]
+        assert labels["turnout.dev/mode"] == mode
+        assert flag(container(found[name])["args"], "--worker-mode") == mode
+    for dep in found.values():
+        role = role_of(dep)
         template = dep["spec"]["template"]
         labels = template["metadata"]["labels"]
         assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -297,9 +309,12 @@ async def test_the_manifests_run_and_find_each_other_through_the_api(
     prober = asyncio.create_task(kubelet.probe_forever())
     found = deployments()
     try:
-        for role in ("router", "worker", "frontend", "planner"):
-            for _ in range(found[role]["spec"]["replicas"]):
-                await kubelet.start(found[role])
+        for name in ("router", "worker", "worker-prefill", "worker-decode", "frontend",
+                     "planner"):
+            # The prefill and decode workers (0 replicas by default) run one each, beside
+            # the aggregated ones: a valid mixed deployment.
+            for _ in range(found[name]["spec"]["replicas"] or 1):
+                await kubelet.start(found[name])
 
         async def all_ready() -> bool:
             kubelet.run.check_alive()
@@ -336,10 +351,11 @@ async def test_the_manifests_run_and_find_each_other_through_the_api(
                         if x.startswith('turnout_router_workers{state="routable"}'))
             return float(line.split()[-1])
 
-        assert await routable_workers() == 2
-        victim = next(n for n in kubelet.pods if "worker" in n)
+        assert await routable_workers() == 4
+        victim = next(n for n in kubelet.pods if n.startswith("turnout-worker-")
+                      and not n.startswith(("turnout-worker-prefill", "turnout-worker-decode")))
         await kubelet.delete(victim)
-        await eventually(lambda: _equals(routable_workers(), 1), 20, "the router to drop it")
+        await eventually(lambda: _equals(routable_workers(), 3), 20, "the router to drop it")
         async with httpx.AsyncClient(timeout=30) as client:
             for i in range(3):
                 resp = await client.post(f"{base}/v1/completions", json={

@@ -1,5 +1,5 @@
-"""`turnout worker` as a user runs it: grouped --help, roles that do not exist yet refused at
-start-up."""
+"""`turnout worker` as a user runs it: grouped --help, disaggregation settings that cannot run
+refused at start-up."""
 
 from __future__ import annotations
 
@@ -17,14 +17,19 @@ def turnout(*argv: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, timeout=60)
 
 
-@pytest.mark.parametrize("command", ["worker", "up"])
-@pytest.mark.parametrize("mode", ["prefill", "decode"])
-def test_prefill_and_decode_roles_fail_at_startup(command: str, mode: str) -> None:
-    done = turnout(command, "--worker-mode", mode)
-    assert done.returncode == 2
+@pytest.mark.parametrize(("argv", "message"), [
+    (["worker", "--kv-lease-ms", "0"], "--kv-lease-ms must be positive, got 0"),
+    (["up", "--prefill-workers", "1"], "--prefill-workers needs a worker to decode"),
+    (["up", "--worker-mode", "decode", "--decode-workers", "1"],
+     "give either --worker-mode or --prefill-workers/--decode-workers"),
+    (["router", "--local-prefill-max-ratio", "2"], "--local-prefill-max-ratio must lie in"),
+])
+def test_disaggregation_flags_a_role_cannot_run_with_fail_at_startup(
+        argv: list[str], message: str) -> None:
+    done = turnout(*argv)
+    assert done.returncode != 0
     assert done.stderr.count("\n") == 1, done.stderr  # one line, no usage text or traceback
-    assert f"--worker-mode {mode}: disaggregated prefill/decode roles are not available " \
-           f"yet; use --worker-mode aggregated" in done.stderr
+    assert message in done.stderr
 
 
 def test_help_groups_engine_neutral_and_engine_flags() -> None:

@@ -244,15 +244,20 @@ class Deployment:
         self.wait_routable(workers, timeout)
 
     def start_up(self, flags: Sequence[str], workers: int, port: int | None = None,
-                 timeout: float = 120) -> None:
-        """What `turnout up --workers N <flags>` starts (its flags split among the services as
-        `turnout up` splits them), each process managed here; returns once the frontend is
-        healthy and the router routes to every worker."""
+                 timeout: float = 120, prefill_workers: int = 0,
+                 decode_workers: int = 0) -> None:
+        """What `turnout up --workers N [--prefill-workers P --decode-workers D] <flags>`
+        starts (its flags split among the services as `turnout up` splits them), each process
+        managed here; returns once the frontend is healthy and the router routes to every
+        worker."""
         from turnout.up import plan
 
         self.port = port or free_port()
         argv = [*flags, "--workers", str(workers), "--port", str(self.port),
                 "--discovery", f"file:{self.discovery}"]
+        if prefill_workers or decode_workers:
+            argv += ["--prefill-workers", str(prefill_workers),
+                     "--decode-workers", str(decode_workers)]
         if self.lease_ttl_s is not None:
             argv += ["--lease-ttl-s", f"{self.lease_ttl_s:g}"]
         for child in plan(argv).children:
@@ -262,7 +267,7 @@ class Deployment:
         for service in self.services:
             self.wait_registered(service, timeout)
         self.wait_healthy(timeout)
-        self.wait_routable(workers, timeout)
+        self.wait_routable(workers + prefill_workers + decode_workers, timeout)
 
     # -- observing -----------------------------------------------------------------------------
 

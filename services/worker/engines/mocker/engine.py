@@ -120,16 +120,24 @@ class MockerEngine(Engine):
     def export_blocks(self, hashes: list[int]) -> list[KvBlockStored]:
         return self.pool.export(hashes)
 
+    def release_held(self, request_id: str) -> None:
+        if self.scheduler.release_held(request_id):
+            self._wakeup.set()  # room may have opened for a stalled loop
+
+    def kv_transfer_seconds(self, num_tokens: int) -> float:
+        """Modelled time to move `num_tokens` tokens' KV: bytes over `kv_transfer_gbps`,
+        divided by the speed-up."""
+        c = self.config
+        if num_tokens <= 0 or c.speedup_ratio == 0:
+            return 0.0
+        return num_tokens * c.kv_bytes_per_token / (c.kv_transfer_gbps * 1e9) / c.speedup_ratio
+
     def import_blocks(self, blocks: list[KvBlockStored], first_position: int) -> float:
         """Simulated copy: the blocks land in the prefix cache; the modelled transfer time
         (bytes over `kv_transfer_gbps`, divided by the speed-up) is returned for the caller to
         wait before it admits the request that needs them."""
         n = self.pool.import_blocks(blocks, first_position)
-        c = self.config
-        if n == 0 or c.speedup_ratio == 0:
-            return 0.0
-        seconds = n * c.block_size * c.kv_bytes_per_token / (c.kv_transfer_gbps * 1e9)
-        return seconds / c.speedup_ratio
+        return self.kv_transfer_seconds(n * self.config.block_size)
 
     # -- extras ------------------------------------------------------------------------------
 

@@ -8,6 +8,11 @@ the step that finishes its prefill. When the pool runs dry the most recently adm
 request is preempted to the front of the waiting queue; it keeps its tokens and re-prefills later
 (its prefix may still be cached).
 
+Disaggregation: a prefill-phase request finishes with its first token ("length" unless that
+token stops it) and its blocks stay referenced in `held` until `release_held`; a decode-phase
+request whose prompt blocks are all cached (imported from the prefill worker) joins the
+running batch as a decoding sequence: no prompt token of it is computed here.
+
 Owns the waiting/running queues and per-request progress; not time (the engine loop) and not
 what is cached (the KV pool).
 """
@@ -18,7 +23,7 @@ from collections import deque
 
 from common.messages import FINISH_LENGTH, FINISH_STOP, TokenChunk
 from services.worker.engine import EngineLoad
-from services.worker.engines.mocker.kv_pool import KvPool
+from services.worker.engines.mocker.kv_pool import Block, KvPool
 from services.worker.engines.mocker.sequence import DONE, RUNNING, WAITING, Sequence
 from services.worker.engines.mocker.token_model import TokenModel
 
@@ -52,6 +57,8 @@ class Scheduler:
         self.num_preemptions = 0
         # Requests with nothing left to generate (migrated at their limit): finished next step.
         self._done_on_arrival: list[Sequence] = []
+        # Prefill phases done: their blocks, kept for the decode side (request id → blocks).
+        self.held: dict[str, list[Block]] = {}
         self._budget = 0
 
     def has_work(self) -> bool:
@@ -68,7 +75,17 @@ class Scheduler:
         else:
             self.waiting.append(seq)
 
+    def release_held(self, request_id: str) -> bool:
+        """Free the blocks a finished prefill phase kept; False when none were held."""
+        blocks = self.held.pop(request_id, None)
+        if blocks is None:
+            return False
+        self.pool.release(blocks)
+        return True
+
     def abort(self, request_id: str) -> bool:
+        if self.release_held(request_id):
+            return True
         seq = self.requests.pop(request_id, None)
         if seq is None:
             return False
@@ -159,6 +176,12 @@ class Scheduler:
         waiting = self.waiting
         while waiting and self._budget > 0 and len(self.running) < self.max_num_seqs:
             seq = waiting[0]
+            if seq.kv_ready:
+                admitted = self._admit_transferred(seq, planned)
+                if admitted is None:
+                    break  # head-of-line waits for blocks
+                if admitted:
+                    continue
             # At least one prompt token is always computed: its step yields the first token.
             hits = pool.match_prefix(seq.tokens, seq.block_hashes, (len(seq.tokens) - 1) // bs)
             hit_tokens = len(hits) * bs
@@ -181,6 +204,38 @@ class Scheduler:
             self.running.append(seq)
             planned.append(seq)
             self._budget -= n
+
+    def _admit_transferred(self, seq: Sequence, planned: list[Sequence]) -> bool | None:
+        """Admit a decode phase whose KV came from a prefill worker: every token but the last
+        is computed, so it decodes in this step. False (and it recomputes like any request)
+        when its full blocks are not all cached any more; None when the pool has no room."""
+        pool = self.pool
+        bs = pool.block_size
+        computed = len(seq.tokens) - 1
+        full = computed // bs
+        hits = pool.match_prefix(seq.tokens, seq.block_hashes, full)
+        if len(hits) < full:
+            seq.kv_ready = False
+            return False
+        need = full + 1 - len(hits)  # the partial tail block, transferred with the rest
+        if need > pool.free_blocks - pool.unreferenced(hits):
+            return None
+        self.waiting.popleft()
+        seq.kv_ready = False
+        pool.acquire(hits)
+        seq.num_registered = len(hits)
+        hits.extend(pool.allocate() for _ in range(need))
+        seq.blocks = hits
+        seq.num_computed = computed
+        seq.admitted = True
+        seq.cached_tokens = computed
+        seq.status = RUNNING
+        seq.decoding = True
+        seq.num_scheduled = 1
+        self.running.append(seq)
+        planned.append(seq)
+        self._budget -= 1
+        return True
 
     def _make_room(self, seq: Sequence, blocks: int, planned: list[Sequence]) -> bool:
         """Preempt from the most recently admitted end until `blocks` can be allocated for
@@ -249,7 +304,7 @@ class Scheduler:
             seq.decoding = True
             if (tok == eos and seq.eos_ok) or (seq.stop_ids is not None and tok in seq.stop_ids):
                 reason: str | None = FINISH_STOP
-            elif gen >= seq.max_tokens:
+            elif gen >= seq.max_tokens or seq.prefill_only:
                 reason = FINISH_LENGTH
             else:
                 reason = None
@@ -262,7 +317,10 @@ class Scheduler:
                                          cached_tokens=seq.cached_tokens))
             if reason is not None:
                 seq.status = DONE
-                pool.release(seq.blocks)
+                if seq.prefill_only:
+                    self.held[seq.request_id] = seq.blocks
+                else:
+                    pool.release(seq.blocks)
                 seq.blocks = []
                 del self.requests[seq.request_id]
                 finished = True

@@ -6,7 +6,7 @@ beyond construction). Owns no policy: the scheduler decides what runs, the pool 
 
 from __future__ import annotations
 
-from common.messages import GenerateRequest
+from common.messages import PHASE_DECODE, PHASE_PREFILL, GenerateRequest
 from services.worker.engines.mocker.kv_pool import Block
 from services.worker.engines.mocker.token_model import TokenModel, absorb_all
 
@@ -25,6 +25,7 @@ class Sequence:
         "decoding",
         "eos_ok",
         "first_sent",
+        "kv_ready",
         "max_tokens",
         "min_tokens",
         "num_computed",
@@ -32,6 +33,7 @@ class Sequence:
         "num_prompt",
         "num_registered",
         "num_scheduled",
+        "prefill_only",
         "request_id",
         "state",
         "status",
@@ -68,3 +70,8 @@ class Sequence:
         self.num_computed = 0  # tokens whose KV is in `blocks`
         self.num_scheduled = 0  # tokens scheduled in the step in flight
         self.cached_tokens = 0
+        # Disaggregation: a prefill phase ends after its first token and keeps its blocks for
+        # the decode side; a decode phase arrives with every token's KV but the last one's
+        # transferred (cleared when what it found cached says otherwise, or on preemption).
+        self.prefill_only = request.phase == PHASE_PREFILL
+        self.kv_ready = request.phase == PHASE_DECODE and bool(request.generated_token_ids)

@@ -1,0 +1,293 @@
+"""Disaggregated serving in the router: where a request's prompt is computed, and the hand-off
+of its KV from a prefill worker to a decode worker at its first token.
+
+A disaggregated request is a migration planned at the first token. On arrival the router picks
+the decode worker it would use (decode load, prefix cached there) and decides the path
+(`choose_path`): prefill *locally* on it when its uncached part of the prompt is short or the
+prefill pool is busy (unless that decode worker is loaded past the veto), else *remotely*: a
+prefill worker is picked by KV overlap and queued prefill alone (decode load does not matter
+there) and gets the request with `phase="prefill"`. Its final chunk carries the first token,
+which goes to the client at once (TTFT never includes the transfer), and the engine's
+`kv_transfer_params`; then a decode worker is picked afresh, by decode load and by the prefix
+it already caches, and gets `phase="decode"` with the prefill worker first in `kv_sources`:
+it pulls only the blocks it lacks, acknowledges, and continues the stream. The in-flight
+table, `kv_sources` and the block pull are the migration path's; a lost prefill worker's
+request re-runs on another prefill worker (or, with none, locally), a lost decode worker's
+request migrates as any other, and a hand-off with no decode worker waits like a stranded
+migration.
+
+With no prefill worker alive the model runs aggregated on its decode (and aggregated) workers,
+counted. Owns the path decision, the hand-off and their metrics; not the policies' costs
+(`kv_policy.py`), the accounting or the sockets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from common.messages import (
+    FINISH_LENGTH,
+    KIND_GENERATE,
+    MODE_DECODE,
+    MODE_PREFILL,
+    PHASE_DECODE,
+    PHASE_PREFILL,
+    GenerateRequest,
+    TokenChunk,
+    encoder,
+)
+from services.router.accounting import Accounting, RoutedRequest
+from services.router.args import RouterConfig
+from services.router.kv_index import KvIndex
+from services.router.kv_policy import KvAwarePolicy, load_of
+from services.router.metrics import RouterMetrics
+from services.router.migration import Migration
+from services.router.policies import Decision, NoWorkerError, Policy
+from services.router.selection import Selector
+from services.router.worker_pool import WorkerHandle, WorkerPool
+
+PATH_LOCAL = "local"  # prefill on the decode (or aggregated) worker that then decodes
+PATH_REMOTE = "remote"  # prefill on a prefill worker, KV handed to a decode worker
+PATH_AGGREGATED = "aggregated"  # no prefill worker serves the model: the decode pool does all
+
+REASON_ALWAYS = "always"  # --disagg-mode always
+REASON_LONG = "long_uncached"  # uncached part over a local limit
+REASON_SHORT = "short_uncached"  # uncached part under both local limits
+REASON_PREFILL_BUSY = "prefill_busy"  # every prefill worker's queue is past --prefill-busy-tokens
+REASON_DECODE_BUSY = "decode_busy"  # the decode worker vetoed a local prefill
+REASON_NO_PREFILL = "no_prefill_worker"
+REASON_ONE_TOKEN = "single_token"  # max_tokens 1: nothing to decode
+
+DISAGG_MODES = ["conditional", "always"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PathLimits:
+    """The conditional-disaggregation thresholds (router flags)."""
+
+    mode: str = "conditional"
+    local_max_tokens: int = 2048  # prefill locally only below this many uncached tokens
+    local_max_ratio: float = 0.7  # ... and below this share of the prompt
+    prefill_busy_tokens: int = 0  # queued prefill tokens making the pool busy (0: never)
+    decode_veto_requests: int = 0  # a decode worker with this many in flight refuses (0: never)
+
+
+def choose_path(limits: PathLimits, prompt_tokens: int, uncached_tokens: int,
+                prefill_queue_tokens: float, decode_requests: int) -> tuple[str, str]:
+    """(path, reason) for one request: where its uncached prompt is computed.
+
+    `prefill_queue_tokens`: the least queued prefill among prefill workers;
+    `decode_requests`: what the chosen decode worker has in flight."""
+    if limits.mode == "always":
+        return PATH_REMOTE, REASON_ALWAYS
+    short = (uncached_tokens < limits.local_max_tokens
+             and uncached_tokens < limits.local_max_ratio * prompt_tokens)
+    busy = 0 < limits.prefill_busy_tokens <= prefill_queue_tokens
+    if not short and not busy:
+        return PATH_REMOTE, REASON_LONG
+    if 0 < limits.decode_veto_requests <= decode_requests:
+        return PATH_REMOTE, REASON_DECODE_BUSY
+    return PATH_LOCAL, REASON_SHORT if short else REASON_PREFILL_BUSY
+
+
+@dataclasses.dataclass(slots=True)
+class DisaggState:
+    """A request placed on a prefill worker, until (and after) its hand-off."""
+
+    prefill_worker: str  # worker id
+    prefill_endpoint: str  # its request endpoint: the decode worker pulls from there first
+    handed_off: bool = False
+    kv_transfer_params: bytes = b""
+    handoff_at: float = 0.0  # monotonic time the prefill's final chunk arrived (0: not yet)
+
+
+@dataclasses.dataclass(slots=True)
+class Placement:
+    """Where a new request goes and what it is sent (payload None: the client's request)."""
+
+    decision: Decision
+    payload: bytes | None = None
+    state: DisaggState | None = None
+
+
+class Disaggregation:
+    def __init__(self, config: RouterConfig, pool: WorkerPool, selector: Selector,
+                 kv_index: KvIndex | None, accounting: Accounting, migration: Migration,
+                 metrics: RouterMetrics, clock: Callable[[], float] = time.monotonic) -> None:
+        self.pool = pool
+        self.selector = selector
+        self.accounting = accounting
+        self.migration = migration
+        self.metrics = metrics
+        self.clock = clock
+        self.lease_ms = config.disagg_lease_ms
+        self.limits = PathLimits(config.disagg_mode, config.local_prefill_max_tokens,
+                                 config.local_prefill_max_ratio, config.prefill_busy_tokens,
+                                 config.decode_veto_requests)
+        base = selector.policy
+        if isinstance(base, KvAwarePolicy):
+            # The block cost on both pools (None: its own margin when the base runs adaptive).
+            margin = base.hotspot_margin if base.cost_models is None else None
+            # Prefill: overlap and queued prefill only. Decode: a missing block costs a copy,
+            # not a prefill, against the decode load.
+            self.prefill_policy: Policy = KvAwarePolicy(
+                base.index, overlap_weight=1.0, hotspot_margin=margin,
+                seed=base.seed, decode_weight=0.0)
+            self.decode_policy: Policy = KvAwarePolicy(
+                base.index, overlap_weight=config.decode_overlap_weight,
+                hotspot_margin=margin, seed=base.seed)
+        else:
+            self.prefill_policy = self.decode_policy = base
+        self.migration.replan = self.rerun_prefill
+
+    # -- arrival -------------------------------------------------------------------------------
+
+    def place(self, request: GenerateRequest) -> Placement | None:
+        """Where a new request's prompt runs; None: the selector places it as usual (no
+        prefill worker, a gateway-named worker). NoWorkerError when no worker can decode it."""
+        if request.target_worker:
+            return None
+        workers = self.pool.routable(request.model)
+        prefill = [w for w in workers if w.mode == MODE_PREFILL]
+        serving = [w for w in workers if w.mode != MODE_PREFILL]
+        if not prefill:
+            if any(w.mode == MODE_DECODE for w in serving):
+                self._count(PATH_AGGREGATED, REASON_NO_PREFILL)
+            return None
+        if not serving:
+            raise NoWorkerError(f"no live decode worker serves model {request.model!r}", 503)
+        if request.sampling.max_tokens <= 1:
+            self._count(PATH_LOCAL, REASON_ONE_TOKEN)
+            return None
+        decode = self.decode_policy.decide(request, serving)
+        prompt = len(request.token_ids)
+        uncached = max(0, prompt - decode.overlap * decode.worker.block_size)
+        queue = min(load_of(w)[0] * w.block_size for w in prefill)
+        self.metrics.disagg_prefill_queue.set(queue)
+        path, reason = choose_path(self.limits, prompt, uncached, queue,
+                                   _in_flight(decode.worker))
+        self._count(path, reason)
+        if path == PATH_LOCAL:
+            self._commit(self.decode_policy, decode)
+            return Placement(decode)
+        chosen = self.prefill_policy.decide(request, prefill)
+        self._commit(self.prefill_policy, chosen)
+        return Placement(chosen, self._prefill_payload(request), DisaggState(
+            chosen.worker.id, chosen.worker.instance.endpoints["request"]))
+
+    def _prefill_payload(self, request: GenerateRequest) -> bytes:
+        return encoder.encode(msgspec.structs.replace(request, phase=PHASE_PREFILL,
+                                                      lease_ms=self.lease_ms))
+
+    # -- the first token -----------------------------------------------------------------------
+
+    def continues(self, entry: RoutedRequest, chunk: TokenChunk) -> bool:
+        """`chunk` ends `entry` on its prefill worker: True when the stream goes on on a decode
+        worker (the chunk's finish is cleared, so the client sees a token, not an end; call
+        `hand_off` once it is relayed). False when the request really ends there."""
+        state = entry.disagg
+        if state is None or state.handed_off or entry.worker is None \
+                or entry.worker.id != state.prefill_worker:
+            return False
+        produced = len(entry.generated) + len(chunk.token_ids)
+        if chunk.error_code or chunk.finish_reason != FINISH_LENGTH or not chunk.token_ids \
+                or produced >= entry.request.sampling.max_tokens:
+            return False
+        state.kv_transfer_params = chunk.kv_transfer_params
+        state.handoff_at = self.clock()
+        chunk.finish_reason = None
+        chunk.kv_transfer_params = b""
+        return True
+
+    def hand_off(self, entry: RoutedRequest) -> None:
+        """Send `entry` (its first token streamed) to a decode worker that pulls its KV."""
+        state = entry.disagg
+        assert state is not None
+        state.handed_off = True
+        if entry.request_id not in self.accounting:
+            return  # cancelled between the chunk and now
+        prefill = entry.worker
+        request = GenerateRequest(
+            entry.request_id, entry.request.model, entry.request.token_ids,
+            entry.request.sampling, None, list(entry.generated), [], PHASE_DECODE,
+            state.kv_transfer_params)
+        serving = [w for w in self.pool.routable(request.model) if w.mode != MODE_PREFILL]
+        if not serving:
+            # Wait for one like a stranded migration; it then pulls from the holders.
+            self.metrics.disagg_handoffs.labels("no_decode_worker").inc()
+            self.migration.migrate(entry, "handoff", counts=False)
+            return
+        decision = self.decode_policy.decide(request, serving)
+        prefill_id = prefill.id if prefill is not None else state.prefill_worker
+        holders = self.migration.holders(entry, prefill_id)
+        request.kv_sources = [state.prefill_endpoint, *self.migration.kv_sources(
+            {w: n for w, n in holders.items() if w != prefill_id}, decision.worker)]
+        cached = decision.overlap
+        self.metrics.disagg_blocks.labels("cached").inc(cached)
+        self.metrics.disagg_blocks.labels("to_pull").inc(
+            max(0, -(-len(request.token_ids) // decision.worker.block_size) - cached))
+        self._commit(self.decode_policy, decision)
+        decision.overlap = decision.request_blocks  # nothing is prefilled there
+        entry.resume_tokens = len(request.token_ids) + len(request.generated_token_ids)
+        self.accounting.move(entry, decision)
+        self.metrics.disagg_handoffs.labels("sent").inc()
+        decision.worker.socket.send_multipart([KIND_GENERATE, encoder.encode(request)])
+
+    def decode_started(self, entry: RoutedRequest, chunk: TokenChunk) -> None:
+        """The decode worker's first chunk: the hand-off latency, and what it recomputed."""
+        state = entry.disagg
+        if state is None or not state.handoff_at or not chunk.num_prompt_tokens:
+            return
+        self.metrics.disagg_handoff_seconds.observe(self.clock() - state.handoff_at)
+        state.handoff_at = 0.0
+        self.metrics.disagg_recomputed_tokens.observe(
+            max(0, entry.resume_tokens - chunk.cached_tokens))
+        entry.resume_tokens = 0
+
+    # -- faults --------------------------------------------------------------------------------
+
+    def rerun_prefill(self, entry: RoutedRequest, counts: bool) -> bool:
+        """A prefill worker was lost (or refused) before the first token: run the prefill on
+        another prefill worker. False when none is left (the migration runs it locally)."""
+        state = entry.disagg
+        if state is None or state.handed_off or entry.generated:
+            return False
+        if counts and entry.migrations >= self.migration.limit:
+            return False
+        old = entry.worker.id if entry.worker is not None else state.prefill_worker
+        prefill = [w for w in self.pool.routable(entry.request.model)
+                   if w.mode == MODE_PREFILL and w.id != old]
+        if not prefill:
+            entry.disagg = None  # it runs aggregated from here on
+            return False
+        chosen = self.prefill_policy.decide(entry.request, prefill)
+        self._commit(self.prefill_policy, chosen)
+        if counts:
+            entry.migrations += 1
+            self.metrics.migrations.labels("prefill").inc()
+        entry.disagg = DisaggState(chosen.worker.id, chosen.worker.instance.endpoints["request"])
+        self.accounting.move(entry, chosen)
+        chosen.worker.socket.send_multipart([KIND_GENERATE,
+                                             self._prefill_payload(entry.request)])
+        return True
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _commit(self, policy: Policy, decision: Decision) -> None:
+        policy.commit(decision)
+        if self.selector.approx_index is not None:
+            self.selector.approx_index.record(decision.worker.id, decision.hashes)
+        self.metrics.decisions.labels(decision.policy).inc()
+
+    def _count(self, path: str, reason: str) -> None:
+        self.metrics.disagg_decisions.labels(path, reason).inc()
+
+
+def _in_flight(worker: WorkerHandle) -> int:
+    """Requests on a worker: this router's, or its last report's when that says more."""
+    running = worker.load.running + worker.load.waiting if worker.load is not None else 0
+    return max(worker.inflight, running)

@@ -1,0 +1,258 @@
+"""Disaggregated serving with real processes: prefill workers, decode workers, the hand-off at
+the first token, conditional decisions and faults.
+
+The mocker's output is deterministic (each token depends only on the sequence before it) and the
+byte tokenizer maps one token to one character, so a disaggregated stream must carry exactly
+the text of the same request run aggregated. The aggregated reference runs on the decode worker
+itself, named with `x-worker-instance-id` (a gateway-named worker always runs whole requests),
+after the disaggregated run so its cache cannot help it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import openai
+import pytest
+
+from turnout.testing.deployment import ROOT, Deployment, Service, wait_for
+
+pytestmark = pytest.mark.e2e
+
+TOKENS = 48
+BLOCK = 64
+# Clean-path tests: a pull answered late on a loaded machine must not turn into a recompute.
+PATIENT = ("--kv-pull-timeout-ms", "10000")
+
+
+def prompt(i: int, words: int = 40) -> str:
+    return f"request {i}: " + "the quick brown fox jumps. " * words
+
+
+async def complete(url: str, prompts: list[str], target: str = "",
+                   max_tokens: int = TOKENS) -> list[tuple[str, Any]]:
+    """Stream every prompt at once; (text, usage) each."""
+    oai = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+    headers = {"x-worker-instance-id": target} if target else None
+
+    async def one(p: str) -> tuple[str, Any]:
+        stream = await oai.completions.create(
+            model="mock", prompt=p, max_tokens=max_tokens, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+            extra_headers=headers)
+        text, usage = "", None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].text
+            if chunk.usage is not None:
+                usage = chunk.usage
+        return text, usage
+
+    return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+def decisions(deployment: Deployment) -> dict[tuple[str, str], float]:
+    m = deployment.router.metrics()
+    return {(s.labels["path"], s.labels["reason"]): s.value
+            for s in m.samples("turnout_router_disagg_decisions_total")}
+
+
+def value(service: Service, name: str, **labels: str) -> float:
+    return service.metrics().value(name, **labels)
+
+
+def leases_released(prefill: Service, n: int) -> None:
+    """Every held prefill KV is freed (by the decode side's release), none left."""
+    wait_for(lambda: value(prefill, "turnout_worker_kv_leases") == 0
+             and value(prefill, "turnout_worker_kv_lease_ends_total") >= n,
+             10, f"{prefill.name} to free {n} leases", interval=0.05)
+
+
+def test_one_prefill_one_decode_via_turnout_up(deployment: Deployment) -> None:
+    deployment.start_up(["--speedup-ratio", "1", "--disagg-mode", "always", *PATIENT], workers=0,
+                        prefill_workers=1, decode_workers=1)
+    prefill, decode = deployment.service("prefill-1"), deployment.service("decode-1")
+    assert prefill.record()["metadata"]["mode"] == "prefill"  # type: ignore[index]
+    assert decode.record()["metadata"]["mode"] == "decode"  # type: ignore[index]
+    prompts = [prompt(i) for i in range(6)]
+
+    disagg = asyncio.run(complete(deployment.url, prompts))
+    # The decode worker decoded every token but the first, and computed no prompt token.
+    assert value(decode, "turnout_worker_prefill_tokens_total") == 0
+    assert value(decode, "turnout_worker_decode_tokens_total") == len(prompts) * (TOKENS - 1)
+    assert value(prefill, "turnout_worker_decode_tokens_total") == 0
+    assert value(decode, "turnout_worker_disagg_transfers_total", outcome="pulled") == 6
+    leases_released(prefill, 6)
+    router = deployment.router.metrics()
+    assert router.value("turnout_router_disagg_handoffs_total", outcome="sent") == 6
+    assert decisions(deployment) == {("remote", "always"): 6}
+
+    again = asyncio.run(complete(deployment.url, prompts))  # the prefill worker's cache hits
+    reference = asyncio.run(complete(deployment.url, prompts, target=decode.instance_id))
+    assert [t for t, _ in disagg] == [t for t, _ in reference]
+    assert [t for t, _ in again] == [t for t, _ in reference]
+    for (_, u), (_, ref) in zip(disagg, reference, strict=True):
+        assert u.prompt_tokens == ref.prompt_tokens and u.completion_tokens == TOKENS
+        assert u.prompt_tokens_details.cached_tokens == 0
+    for (_, u), (_, ref) in zip(again, reference, strict=True):
+        full = (u.prompt_tokens - 1) // BLOCK * BLOCK  # the last token is always computed
+        assert u.prompt_tokens_details.cached_tokens == full == \
+            ref.prompt_tokens_details.cached_tokens
+
+
+def test_two_prefill_two_decode(deployment: Deployment) -> None:
+    deployment.start_router("--disagg-mode", "always")
+    for i in (1, 2):
+        deployment.start_worker("--worker-mode", "prefill", "--speedup-ratio", "1",
+                                worker_id=f"p{i}")
+    for i in (1, 2):
+        deployment.start_worker("--worker-mode", "decode", "--speedup-ratio", "1", *PATIENT,
+                                worker_id=f"d{i}")
+    deployment.start_frontend()
+    deployment.wait_healthy()
+    deployment.wait_routable(4)
+    prompts = [prompt(i) for i in range(16)]
+    disagg = asyncio.run(complete(deployment.url, prompts))
+    for name in ("p1", "p2"):
+        assert value(deployment.service(name), "turnout_worker_prompt_tokens_total") > 0
+        assert value(deployment.service(name), "turnout_worker_decode_tokens_total") == 0
+    decoded = 0.0
+    for name in ("d1", "d2"):
+        assert value(deployment.service(name), "turnout_worker_prefill_tokens_total") == 0
+        decoded += value(deployment.service(name), "turnout_worker_decode_tokens_total")
+    assert decoded == len(prompts) * (TOKENS - 1)
+    reference = asyncio.run(complete(deployment.url, prompts, target="d1"))
+    assert [t for t, _ in disagg] == [t for t, _ in reference]
+
+
+def test_conditional_decisions_follow_the_thresholds(deployment: Deployment) -> None:
+    """A prompt mostly cached on the decode worker (its uncached part under 400 tokens and
+    under 70% of it) prefills there; a fresh one on the prefill worker; a decode worker with
+    enough requests in flight vetoes a local prefill."""
+    deployment.start_router("--local-prefill-max-tokens", "400",
+                            "--decode-veto-requests", "2")
+    deployment.start_worker("--worker-mode", "prefill", "--speedup-ratio", "1",
+                            worker_id="p1")
+    deployment.start_worker("--worker-mode", "decode", "--speedup-ratio", "1", *PATIENT,
+                            worker_id="d1")
+    deployment.start_frontend()
+    deployment.wait_healthy()
+    deployment.wait_routable(2)
+    d1 = deployment.service("d1")
+
+    base = prompt(1, words=40)  # ~1,100 tokens
+    asyncio.run(complete(deployment.url, [base]))
+    assert decisions(deployment) == {("remote", "long_uncached"): 1}
+    assert value(d1, "turnout_worker_prefill_tokens_total") == 0
+    # d1 pulled base's blocks: a follow-up sharing them is short where it is uncached.
+    asyncio.run(complete(deployment.url, [base + "and one more thing."]))
+    assert decisions(deployment)[("local", "short_uncached")] == 1
+    computed = value(d1, "turnout_worker_prefill_tokens_total")
+    assert 0 < computed < 2 * BLOCK
+
+    async def busy_decode() -> list[tuple[str, Any]]:
+        long = asyncio.create_task(complete(deployment.url, [prompt(2), prompt(3)],
+                                            max_tokens=400))
+        await asyncio.to_thread(
+            wait_for, lambda: value(d1, "turnout_worker_running_requests") >= 2, 30,
+            "two streams decoding on d1", interval=0.02)
+        short = await complete(deployment.url, [base + "and yet another."])
+        return [*await long, *short]
+
+    texts = asyncio.run(busy_decode())
+    assert decisions(deployment)[("remote", "decode_busy")] == 1
+    assert len(texts) == 3 and all(len(t) in (TOKENS, 400) for t, _ in texts)
+
+    # `turnout status` shows the roles and the decisions.
+    out = subprocess.run(
+        [sys.executable, "-m", "turnout", "status", "--discovery",
+         f"file:{deployment.discovery}", "--json"], capture_output=True, text=True, cwd=ROOT,
+        timeout=30, check=True)
+    view = json.loads(out.stdout)
+    assert {w["id"]: w["mode"] for w in view["workers"]} == {"p1": "prefill", "d1": "decode"}
+    (router,) = view["routers"]
+    assert router["disagg_decisions"] == {"remote/long_uncached": 3, "local/short_uncached": 1,
+                                          "remote/decode_busy": 1}
+
+
+def test_no_prefill_worker_runs_aggregated_on_the_decode_pool(deployment: Deployment) -> None:
+    deployment.start_router("--disagg-mode", "always")
+    prefill = deployment.start_worker("--worker-mode", "prefill", "--speedup-ratio", "1",
+                                      worker_id="p1")
+    deployment.start_worker("--worker-mode", "decode", "--speedup-ratio", "1", worker_id="d1")
+    deployment.start_frontend()
+    deployment.wait_healthy()
+    deployment.wait_routable(2)
+    prefill.signal(signal.SIGKILL)
+    wait_for(lambda: deployment.routable() == 1, 10, "the router to drop the prefill worker")
+    texts = asyncio.run(complete(deployment.url, [prompt(i) for i in range(3)]))
+    assert all(len(t) == TOKENS for t, _ in texts)
+    assert decisions(deployment) == {("aggregated", "no_prefill_worker"): 3}
+
+
+def test_prefill_worker_killed_before_and_after_hand_off(deployment: Deployment) -> None:
+    """SIGKILL a prefill worker while it holds prompts still prefilling (they re-run on the
+    other prefill worker) and finished ones whose decode side may still be pulling (it pulls
+    elsewhere or recomputes): every stream completes with the clean run's text."""
+    deployment.start_router("--disagg-mode", "always", "--router-mode", "round-robin")
+    for i in (1, 2):
+        deployment.start_worker("--worker-mode", "prefill", "--speedup-ratio", "0.5",
+                                worker_id=f"p{i}")
+    deployment.start_worker("--worker-mode", "decode", "--speedup-ratio", "1", worker_id="d1")
+    deployment.start_frontend()
+    deployment.wait_healthy()
+    deployment.wait_routable(3)
+    victim = deployment.service("p1")
+    prompts = [prompt(i, words=120) for i in range(12)]  # ~3,300 tokens each
+
+    async def run() -> list[tuple[str, Any]]:
+        streams = asyncio.create_task(complete(deployment.url, prompts))
+        await asyncio.to_thread(
+            wait_for, lambda: value(victim, "turnout_worker_prompt_tokens_total") > 0
+            and value(victim, "turnout_worker_waiting_requests")
+            + value(victim, "turnout_worker_running_requests") > 0, 30,
+            "p1 to have finished one prefill with more queued", interval=0.01)
+        victim.signal(signal.SIGKILL)
+        return await streams
+
+    faulty = asyncio.run(run())
+    router = deployment.router.metrics()
+    assert router.value("turnout_router_migrations_total", cause="prefill") > 0
+    reference = asyncio.run(complete(deployment.url, prompts, target="d1"))
+    assert [t for t, _ in faulty] == [t for t, _ in reference]
+
+
+def test_decode_worker_killed_mid_stream(deployment: Deployment) -> None:
+    deployment.start_router("--disagg-mode", "always", "--disagg-lease-ms", "3000")
+    prefill = deployment.start_worker("--worker-mode", "prefill", "--speedup-ratio", "1",
+                                      worker_id="p1")
+    for i in (1, 2):
+        deployment.start_worker("--worker-mode", "decode", "--speedup-ratio", "1",
+                                worker_id=f"d{i}")
+    deployment.start_frontend()
+    deployment.wait_healthy()
+    deployment.wait_routable(3)
+    victim = deployment.service("d1")
+    prompts = [prompt(i) for i in range(8)]
+
+    async def run() -> list[tuple[str, Any]]:
+        streams = asyncio.create_task(complete(deployment.url, prompts, max_tokens=200))
+        await asyncio.to_thread(
+            wait_for, lambda: value(victim, "turnout_worker_decode_tokens_total") > 0, 30,
+            "d1 to decode", interval=0.01)
+        victim.signal(signal.SIGKILL)
+        return await streams
+
+    faulty = asyncio.run(run())
+    assert deployment.router.metrics().value("turnout_router_migrations_total",
+                                             cause="crash") > 0
+    reference = asyncio.run(complete(deployment.url, prompts, target="d2", max_tokens=200))
+    assert [t for t, _ in faulty] == [t for t, _ in reference]
+    # Whatever the dead decode worker never acknowledged is freed when its lease ends.
+    wait_for(lambda: value(prefill, "turnout_worker_kv_leases") == 0, 10,
+             "p1's leases to end")

@@ -1,0 +1,177 @@
+"""Disaggregation in the router: the path decision's thresholds, placement on a prefill worker,
+the hand-off at the first token, and the faults around it (fakes, no processes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.messages import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    KIND_GENERATE,
+    MODE_DECODE,
+    MODE_PREFILL,
+    PHASE_DECODE,
+    PHASE_PREFILL,
+    TokenChunk,
+    encoder,
+    generate_decoder,
+)
+from services.router.args import RouterConfig
+from services.router.disaggregation import Disaggregation, PathLimits, choose_path
+from services.router.kv_index import KvIndex
+from services.router.kv_policy import KvAwarePolicy
+from services.router.policies import RoundRobin
+from tests.router.fakes import Wiring, counter, frontend_chunks, request, sent, worker
+
+LIMITS = PathLimits(local_max_tokens=2048, local_max_ratio=0.7, prefill_busy_tokens=10_000,
+                    decode_veto_requests=8)
+
+
+@pytest.mark.parametrize(("prompt", "uncached", "queue", "decode", "expect"), [
+    (4000, 4000, 0, 0, ("remote", "long_uncached")),  # fresh long prompt
+    (1000, 1000, 0, 0, ("remote", "long_uncached")),  # short but nothing cached: 100% > 70%
+    (4000, 1000, 0, 0, ("local", "short_uncached")),  # mostly cached on the decode worker
+    (10000, 2048, 0, 0, ("remote", "long_uncached")),  # at the token limit: remote
+    (1000, 700, 0, 0, ("remote", "long_uncached")),  # at the ratio limit: remote
+    (4000, 4000, 10_000, 0, ("local", "prefill_busy")),  # prefill pool busy
+    (4000, 1000, 0, 8, ("remote", "decode_busy")),  # decode worker vetoes
+    (4000, 4000, 10_000, 8, ("remote", "decode_busy")),
+])
+def test_choose_path_follows_the_thresholds(prompt: int, uncached: int, queue: float,
+                                            decode: int, expect: tuple[str, str]) -> None:
+    assert choose_path(LIMITS, prompt, uncached, queue, decode) == expect
+
+
+def test_always_mode_and_disabled_thresholds() -> None:
+    assert choose_path(PathLimits(mode="always"), 10, 0, 0, 0) == ("remote", "always")
+    off = PathLimits()  # busy and veto off by default
+    assert choose_path(off, 4000, 4000, 1e9, 0) == ("remote", "long_uncached")
+    assert choose_path(off, 4000, 100, 0, 10_000) == ("local", "short_uncached")
+
+
+def role(worker_id: str, mode: str, block_size: int = 4):  # type: ignore[no-untyped-def]
+    handle = worker(worker_id, block_size)
+    handle.instance.metadata["mode"] = mode
+    return handle
+
+
+def wire(*handles, mode: str = "always", kv: bool = False):  # type: ignore[no-untyped-def]
+    config = RouterConfig(disagg_mode=mode, disagg_lease_ms=1234)
+    index = KvIndex() if kv else None
+    policy = KvAwarePolicy(index) if kv else RoundRobin()  # type: ignore[arg-type]
+    w = Wiring(policy, *handles, kv_index=index)
+    w.streams.disagg = Disaggregation(config, w.pool, w.selector, index, w.accounting,
+                                      w.migration, w.metrics, w.clock)
+    return w
+
+
+def place(w: Wiring, rid: str = "r1", tokens: int = 8, max_tokens: int = 16) -> None:
+    req = request(rid, tokens)
+    req.sampling.max_tokens = max_tokens
+    w.streams.on_generate(b"fe", req, encoder.encode(req))
+
+
+def test_a_request_goes_to_a_prefill_worker_then_hands_off_at_its_first_token() -> None:
+    p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
+    w = wire(p, d)
+    place(w)
+    (kind, payload), = sent(p)
+    prefill = generate_decoder.decode(payload)
+    assert kind == KIND_GENERATE and prefill.phase == PHASE_PREFILL and prefill.lease_ms == 1234
+    assert sent(d) == [] and p.inflight == 1
+    # The prefill's final chunk: the token reaches the client as a token, not an end.
+    w.streams.on_batch(p, [TokenChunk("r1", [42], FINISH_LENGTH, num_prompt_tokens=8,
+                                      kv_transfer_params=b'{"x": 1}')])
+    (_, chunks), = [frontend_chunks(f) for f in w.frontends.sent]
+    assert [(c.token_ids, c.finish_reason, c.num_prompt_tokens, c.kv_transfer_params)
+            for c in chunks] == [([42], None, 8, b"")]
+    (kind, payload), = sent(d)
+    decode = generate_decoder.decode(payload)
+    assert decode.phase == PHASE_DECODE and decode.generated_token_ids == [42]
+    assert decode.kv_transfer_params == b'{"x": 1}'
+    assert decode.kv_sources[0] == "tcp://p:1"
+    assert (p.inflight, d.inflight) == (0, 1)
+    assert d.usage.pending_prefill_blocks == 0  # nothing is prefilled on the decode worker
+    # The decode worker's first chunk: prompt figures hidden (the client has them).
+    w.clock.advance(0.03)
+    w.streams.on_batch(d, [TokenChunk("r1", [43], num_prompt_tokens=8, cached_tokens=8)])
+    _, chunks = frontend_chunks(w.frontends.sent[-1])
+    assert (chunks[0].num_prompt_tokens, chunks[0].cached_tokens) == (0, 0)
+    assert w.metrics.disagg_handoff_seconds._sum.get() == pytest.approx(0.03)
+    w.streams.on_batch(d, [TokenChunk("r1", [44], FINISH_LENGTH)])
+    assert len(w.accounting) == 0 and d.inflight == 0
+    assert counter(w.metrics.disagg_decisions, "remote", "always") == 1
+    assert counter(w.metrics.disagg_handoffs, "sent") == 1
+
+
+def test_a_prefill_that_ends_the_request_is_not_handed_off() -> None:
+    p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
+    w = wire(p, d)
+    place(w, "r1")
+    place(w, "r2", max_tokens=2)
+    w.streams.on_batch(p, [TokenChunk("r1", [1], FINISH_STOP, num_prompt_tokens=8)])
+    assert sent(d) == [] and "r1" not in w.accounting
+    place(w, "r3", max_tokens=1)  # one token: nothing to decode, it runs on d whole
+    assert generate_decoder.decode(sent(d)[0][1]).phase == ""
+    assert counter(w.metrics.disagg_decisions, "local", "single_token") == 1
+
+
+def test_prefill_workers_never_get_whole_requests_and_without_them_decode_runs_all() -> None:
+    d = role("d", MODE_DECODE)
+    w = wire(d)
+    place(w)
+    assert generate_decoder.decode(sent(d)[0][1]).phase == ""
+    assert counter(w.metrics.disagg_decisions, "aggregated", "no_prefill_worker") == 1
+    p = role("p", MODE_PREFILL)
+    w2 = wire(p)
+    place(w2)  # a prefill worker alone cannot serve: the request waits for a decode worker
+    assert sent(p) == [] and w2.streams.waiting
+
+
+def test_conditional_prefills_locally_where_the_prefix_is_cached() -> None:
+    p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
+    w = wire(p, d, mode="conditional", kv=True)
+    from common.block_hash import block_hashes
+    from common.messages import KvBlockStored, KvEventBatch
+    tokens = list(range(100, 132))  # 8 blocks of 4; d caches the first 7
+    hashes = block_hashes(tokens, 4)
+    assert w.migration.kv_index is not None
+    w.migration.kv_index.apply("d", KvEventBatch("d", [KvBlockStored(
+        hashes[:7], None, tokens[:28], 4)]))
+    place(w, "r1", tokens=32)
+    assert generate_decoder.decode(sent(d)[0][1]).phase == "" and sent(p) == []
+    assert counter(w.metrics.disagg_decisions, "local", "short_uncached") == 1
+    place(w, "r2", tokens=200)  # unrelated and long: remote
+    assert generate_decoder.decode(sent(p)[0][1]).phase == PHASE_PREFILL
+
+
+def test_a_lost_prefill_worker_reruns_the_prefill_on_another() -> None:
+    p1, p2, d = role("p1", MODE_PREFILL), role("p2", MODE_PREFILL), role("d", MODE_DECODE)
+    w = wire(p1, p2, d)
+    place(w)
+    first = p1 if sent(p1) else p2
+    other = p2 if first is p1 else p1
+    entry = w.accounting.get("r1")
+    assert entry is not None
+    del w.pool.workers[first.id]
+    w.migration.migrate(entry, "crash")
+    assert generate_decoder.decode(sent(other)[0][1]).phase == PHASE_PREFILL
+    assert counter(w.metrics.migrations, "prefill") == 1 and sent(d) == []
+    # With no prefill worker left it runs whole on the decode worker.
+    del w.pool.workers[other.id]
+    w.migration.migrate(entry, "crash")
+    assert generate_decoder.decode(sent(d)[0][1]).phase == ""
+
+
+def test_a_hand_off_with_no_decode_worker_waits_like_a_migration() -> None:
+    p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
+    w = wire(p, d)
+    place(w)
+    d.routable = False  # it left discovery meanwhile
+    w.streams.on_batch(p, [TokenChunk("r1", [5], FINISH_LENGTH, num_prompt_tokens=8)])
+    assert w.streams.waiting and counter(w.metrics.disagg_handoffs, "no_decode_worker") == 1
+    d.routable = True
+    w.streams.retry()
+    resumed = generate_decoder.decode(sent(d)[0][1])
+    assert resumed.generated_token_ids == [5]

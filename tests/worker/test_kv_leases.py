@@ -1,0 +1,28 @@
+"""Leases on a finished prefill's KV: released by the decode side, or expired (fake clock)."""
+
+from __future__ import annotations
+
+from services.worker.kv_leases import KvLeases
+from tests.router.fakes import FakeClock
+
+
+def test_a_release_ends_a_lease_once() -> None:
+    leases = KvLeases(FakeClock())
+    leases.hold("r1", 5.0)
+    assert "r1" in leases and len(leases) == 1
+    assert leases.release("r1") and not leases.release("r1")
+    assert len(leases) == 0 and not leases.release("unknown")
+
+
+def test_leases_expire_on_time_and_only_then() -> None:
+    clock = FakeClock()
+    leases = KvLeases(clock)
+    leases.hold("r1", 1.0)
+    leases.hold("r2", 3.0)
+    clock.advance(0.999)
+    assert leases.expired() == []
+    clock.advance(0.001)
+    assert leases.expired() == ["r1"]
+    assert not leases.release("r1")  # an expired lease is gone: a late release finds nothing
+    clock.advance(5)
+    assert leases.expired() == ["r2"] and len(leases) == 0
