@@ -62,6 +62,9 @@ class GenerateRequest(Wire):
     # Request-plane endpoints of workers that may hold this sequence's KV blocks (replica peers,
     # prefix caches): a resumed request pulls what it can from them and recomputes the rest.
     kv_sources: list[str] = []
+    phase: str = ""
+    kv_transfer_params: bytes = b""
+    lease_ms: int = 0
 
 
 class Cancel(Wire):
@@ -87,6 +90,7 @@ class TokenChunk(Wire):
     # On an error chunk: HTTP-like status and message for the client.
     error_code: int = 0
     error_message: str = ""
+    kv_transfer_params: bytes = b""
 
 
 class TokenBatch(Wire):
