@@ -32,6 +32,19 @@ KIND_KV_DUMP: Final = b"\x03"  # KvDumpRequest, router → worker (resync)
 KIND_KV_REPLICATE: Final = b"\x04"  # KvEventBatch of stored blocks, worker → replica peer
 KIND_KV_PULL: Final = b"\x05"  # KvPullRequest, worker → worker holding blocks
 KIND_KV_BLOCKS: Final = b"\x06"  # KvPullReply, answer to KIND_KV_PULL
+# KvRelease, decode worker (or router) → prefill worker: the blocks held for a request's
+# hand-off may go (else they go when the request's lease expires).
+KIND_KV_RELEASE: Final = b"\x07"
+
+# GenerateRequest.phase: how a worker serves the request.
+PHASE_AGGREGATED: Final = ""  # prompt and every token here
+# Compute the prompt's KV and the first token, then end the stream (finish_reason "length",
+# or "stop" when the first token ends the request) carrying `kv_transfer_params` on the final
+# chunk, and hold the prompt's KV blocks until a KvRelease or `lease_ms` passes.
+PHASE_PREFILL: Final = "prefill"
+# Continue after prompt + generated_token_ids: the prompt's KV comes from `kv_sources` (the
+# prefill worker first) and `kv_transfer_params`; what no source delivers is recomputed.
+PHASE_DECODE: Final = "decode"
 
 
 class SamplingParams(Wire):
@@ -62,8 +75,14 @@ class GenerateRequest(Wire):
     # Request-plane endpoints of workers that may hold this sequence's KV blocks (replica peers,
     # prefix caches): a resumed request pulls what it can from them and recomputes the rest.
     kv_sources: list[str] = []
+    # Disaggregated serving (PHASE_*): "" aggregated, "prefill" or "decode".
     phase: str = ""
+    # Opaque engine-specific hand-off data (vLLM: its kv_transfer_params as JSON bytes): the
+    # prefill worker produces it on its final chunk; the router carries it untouched to the
+    # decode worker.
     kv_transfer_params: bytes = b""
+    # Prefill phase: how long the worker holds the prompt's blocks for the decode side when no
+    # KvRelease comes (0: the worker's --kv-lease-ms).
     lease_ms: int = 0
 
 
@@ -90,6 +109,7 @@ class TokenChunk(Wire):
     # On an error chunk: HTTP-like status and message for the client.
     error_code: int = 0
     error_message: str = ""
+    # Final chunk of a prefill-phase request: the engine's hand-off data for the decode side.
     kv_transfer_params: bytes = b""
 
 

@@ -47,7 +47,13 @@ from typing import Any
 import zmq.asyncio
 
 from common.block_hash import DEFAULT_SEED
-from common.messages import GenerateRequest, KvBlockStored, KvEvent, SamplingParams
+from common.messages import (
+    PHASE_PREFILL,
+    GenerateRequest,
+    KvBlockStored,
+    KvEvent,
+    SamplingParams,
+)
 from services.worker.engine import Engine, EngineError, EngineLoad, StepOutput, StepSink
 from services.worker.engines.child_reaper import ChildReaper
 from services.worker.engines.step_gatherer import (
@@ -88,7 +94,6 @@ try:
         UNSTORED_PREFIX,
     )
     from services.worker.engines.vllm_nixl import (
-        PHASE_PREFILL,
         NixlSide,
         encode_handoff,
         phase_params,
@@ -270,6 +275,9 @@ class VllmEngine(Engine):
             "transfers": m.counter("kv_transfers", "KV reads from prefill workers"),
             "failed": m.counter("kv_transfer_failures",
                                 "KV reads, handshakes or notifications that failed"),
+            "expired": m.counter("kv_transfer_expired",
+                                 "prefills whose held blocks no decode worker read before the "
+                                 "lease ran out (then freed)"),
             "tokens": m.counter("kv_transfer_prompt_tokens",
                                 "prompt tokens whose KV was read from another worker"),
             "computed": m.counter("prompt_tokens_computed",
@@ -414,6 +422,7 @@ class VllmEngine(Engine):
         m["transfers"].inc(len(xfer.get("transfer_duration", ())))
         m["failed"].inc(sum(len(xfer.get(k, ())) for k in (
             "num_failed_transfers", "num_failed_handshakes", "num_failed_notifications")))
+        m["expired"].inc(len(xfer.get("num_kv_expired_reqs", ())))
         prompt = getattr(iteration_stats, "prompt_token_stats", None)
         if prompt is not None:
             m["tokens"].inc(prompt.external_kv_transfer)
