@@ -45,10 +45,14 @@ from turnout.testing.deployment import Deployment, Service, wait_for
 pytestmark = pytest.mark.e2e
 
 BLOCK = 64
-LEASE_S = 6  # the shortest vLLM allows: the expiry test waits for it
+LEASE_S = 10  # short, as the expiry test waits for it (vLLM allows 6 at least)
 WORKER_ARGS = ("--engine", "vllm", "--enforce-eager", "--block-size", str(BLOCK),
                "--kv-cache-memory-bytes", str(64 << 20), "--drain-grace-s", "1",
                "--kv-transfer", "nixl", "--kv-lease-s", str(LEASE_S),
+               # No router watches these workers; a slow heartbeat keeps a worker starved of
+               # the CPU for seconds (two vLLM engines, NIXL's polling threads, a 2-core CI
+               # box) from taking itself for frozen and dropping the request under test.
+               "--heartbeat-interval-ms", "3000",
                "--engine-args=--dtype float32")
 START_TIMEOUT_S = 300
 REPLY_TIMEOUT_S = 120
@@ -150,8 +154,8 @@ def test_side_channels_are_advertised_in_discovery(pair: Pair) -> None:
 
 
 # 256: the prefill's token starts a new block (the case vLLM's own connector crashes on);
-# 300: it lands inside the last, partly filled block.
-@pytest.mark.parametrize("n", [256, 300])
+# 300: it lands inside the last, partly filled block; 3000: a longer read (47 blocks).
+@pytest.mark.parametrize("n", [256, 300, 3000])
 def test_disaggregated_stream_equals_aggregated_and_the_prompt_came_over_nixl(
         pair: Pair, n: int) -> None:
     prompt = prompt_of(n, n)

@@ -364,6 +364,7 @@ class VllmEngine(Engine):
         try:
             collector = await self._llm.add_request(rid, prompt, params)
         except Exception as exc:  # vLLM's validation (or a dead engine) refused it
+            self._prefills.discard(rid)
             code = 503 if self._llm.errored else 400
             self._gather.fail(rid, code, f"vllm: {exc}")
             self._gather.flush_soon()
@@ -398,6 +399,7 @@ class VllmEngine(Engine):
             try:
                 out = collector.get_nowait()
             except Exception as exc:  # the engine failed this request
+                self._prefills.discard(tracked.request_id)
                 gather.fail(tracked.request_id, 500, f"vllm: {exc}")
                 continue
             if out is None:

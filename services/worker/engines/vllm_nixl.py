@@ -12,10 +12,9 @@ side) and, where it starts a new block, ask the prefill side for one block more 
 `TurnoutNixlConnector` stops the load at the tokens the prefill side computed, so the decode
 engine computes the prefill's token itself, as its first step.
 
-NIXL's progress thread busy-polls its UCX worker without pause (half a core or more per worker,
-idle or not); the connector turns it off. Nothing needs it here: the reading (decode) side polls
-its own transfers, and vLLM keeps stepping an engine that holds blocks for a reader, which
-progresses the passive (prefill) side through its notification checks.
+NIXL's progress thread (vLLM leaves it on) busy-polls its UCX worker without pause: 50-85% of a
+core per worker, idle or not. It stays on: with it off (tried), the first read of a new pair of
+workers stalled until another request made both engines step (minutes, past the lease).
 
 Each worker's vLLM listens for NIXL handshakes on a side channel (a ZeroMQ socket in its engine
 core); the port is chosen free here and advertised in the worker's discovery record, never fixed.
@@ -28,7 +27,6 @@ request's phase onto vLLM's parameters. Imported only by the vllm engine.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import socket
@@ -36,15 +34,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vllm.config import KVTransferConfig
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlConnector
-from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker as _nixl_worker
 
 from common.messages import PHASE_AGGREGATED, PHASE_DECODE, PHASE_PREFILL
 
 if TYPE_CHECKING:
-    from vllm.config import VllmConfig
-    from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
 CONNECTOR_NAME = "TurnoutNixlConnector"
@@ -58,28 +52,12 @@ ENV_PORT = "VLLM_NIXL_SIDE_CHANNEL_PORT"
 
 
 class TurnoutNixlConnector(NixlConnector):
-    """vLLM's NixlConnector, loading at most the tokens the prefill side computed, with no
-    NIXL progress thread."""
-
-    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
-                 kv_cache_config: KVCacheConfig) -> None:
-        if role == KVConnectorRole.WORKER:
-            _without_progress_thread()
-        super().__init__(vllm_config, role, kv_cache_config)
+    """vLLM's NixlConnector, loading at most the tokens the prefill side computed."""
 
     def get_num_new_matched_tokens(self, request: Request,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         count, load_async = super().get_num_new_matched_tokens(request, num_computed_tokens)
         return cap_to_remote(count, load_async, request.kv_transfer_params, num_computed_tokens)
-
-
-def _without_progress_thread() -> None:
-    """Make vLLM's NIXL worker build its agent with `enable_prog_thread=False` (vLLM passes no
-    such setting; it builds the config from this module-level name)."""
-    make = getattr(_nixl_worker, "nixl_agent_config", None)
-    if make is None or isinstance(make, functools.partial):
-        return  # NIXL missing (vLLM says so itself), or done already
-    _nixl_worker.nixl_agent_config = functools.partial(make, enable_prog_thread=False)
 
 
 def cap_to_remote(count: int | None, load_async: bool, params: dict[str, Any] | None,
