@@ -2,7 +2,8 @@
 
 A worker enters when discovery shows it and leaves the routing set at once when the router
 declares it dead (connection dropped, heartbeats missed) or when it leaves discovery (draining:
-its running streams still finish over the open connection). Owns the sockets and the handle;
+its running streams still finish over the open connection). Owns the handle and its connection
+(a `MonitoredDealer`: the socket, and the monitor that says when the connection drops);
 the handle's liveness fields are `liveness.py`'s to change, its `usage` is `accounting.py`'s, and
 what happens to a dead worker's requests is `migration.py`'s.
 """
@@ -11,18 +12,20 @@ from __future__ import annotations
 
 import time
 
-import zmq
 import zmq.asyncio
 
 from common.messages import Instance, LoadReport
-from common.transport import tune_stream_socket
+from common.monitored_dealer import MonitoredDealer
 from services.router.accounting import WorkerUsage
+from services.router.failure_detector import PhiAccrualDetector
 
 
 class WorkerHandle:
     __slots__ = (
         "alive",
         "block_size",
+        "dealer",
+        "detector",
         "draining",
         "id",
         "instance",
@@ -32,7 +35,6 @@ class WorkerHandle:
         "last_steps",
         "load",
         "load_at",
-        "monitor",
         "replica_peers",
         "routable",
         "socket",
@@ -41,12 +43,11 @@ class WorkerHandle:
         "usage",
     )
 
-    def __init__(self, instance: Instance, socket: zmq.asyncio.Socket,
-                 monitor: zmq.asyncio.Socket) -> None:
+    def __init__(self, instance: Instance, dealer: MonitoredDealer) -> None:
         self.id = instance.id
         self.instance = instance
-        self.socket = socket
-        self.monitor = monitor
+        self.dealer = dealer
+        self.socket = dealer.socket  # requests out, token batches in
         self.block_size = int(instance.metadata.get("block_size") or 64)
         # What this router has in flight there (written by `Accounting` only).
         self.usage = WorkerUsage()
@@ -58,6 +59,7 @@ class WorkerHandle:
         self.last_heartbeat = time.monotonic()
         self.last_steps = -1
         self.last_progress = self.last_heartbeat  # when `steps` last moved
+        self.detector: PhiAccrualDetector | None = None  # judges its silence (liveness)
         self.alive = True
         self.routable = True  # False once it left discovery (draining) or died
         self.draining = False  # it said so in a heartbeat
@@ -101,11 +103,7 @@ class WorkerPool:
                 old.routable = True
                 return None
             self.close(old)
-        socket = self.ctx.socket(zmq.DEALER)
-        tune_stream_socket(socket)
-        monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
-        socket.connect(instance.endpoints["request"])
-        handle = WorkerHandle(instance, socket, monitor)
+        handle = WorkerHandle(instance, MonitoredDealer(self.ctx, instance.endpoints["request"]))
         self.workers[instance.id] = handle
         return handle
 
@@ -124,9 +122,4 @@ class WorkerPool:
     def close(self, handle: WorkerHandle) -> None:
         if self.workers.get(handle.id) is handle:
             del self.workers[handle.id]
-        try:
-            handle.socket.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        handle.monitor.close(linger=0)
-        handle.socket.close(linger=0)
+        handle.dealer.close()

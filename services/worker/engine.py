@@ -90,6 +90,17 @@ class Engine(abc.ABC):
     def kv_dump(self) -> list[KvBlockStored]:
         """Every block the engine's prefix cache holds, parents before children (for a resync)."""
 
+    # Pacing of simulated engines, which sleep to a timing model: real engines keep time by
+    # doing the work, so they owe and drop nothing.
+
+    def time_debt_s(self) -> float:
+        """Seconds the step clock runs behind the timing model now (the process lost the CPU)."""
+        return 0.0
+
+    def time_dropped_s(self) -> float:
+        """Seconds of debt given up so far because it exceeded the engine's bound."""
+        return 0.0
+
     def discovery_metadata(self) -> dict[str, Any]:
         """Engine facts for the worker's discovery record (e.g. its KV transfer endpoint)."""
         return {}

@@ -14,6 +14,7 @@ from common.messages import (
     TokenChunk,
     token_batch_decoder,
 )
+from common.monitored_dealer import MonitoredDealer
 from services.router.accounting import Accounting
 from services.router.metrics import RouterMetrics
 from services.router.migration import Migration
@@ -88,8 +89,8 @@ def worker(worker_id: str, block_size: int = 4, model: str = MODEL, started: flo
     instance = Instance(id=worker_id, role="worker", model=model, endpoints={
         "request": f"tcp://{worker_id}:1", **endpoints},
         metadata={"block_size": block_size, "started": started})
-    handle = WorkerHandle(instance, FakeSocket(), FakeSocket())  # type: ignore[arg-type]
-    return handle
+    return WorkerHandle(instance, MonitoredDealer(FakeContext(),  # type: ignore[arg-type]
+                                                  instance.endpoints["request"]))
 
 
 def sent(handle: WorkerHandle) -> list[list[bytes]]:

@@ -127,6 +127,13 @@ def sock(worker: WorkerHandle) -> FakeSocket:
     return worker.socket  # type: ignore[return-value]
 
 
+def monitor(worker: WorkerHandle) -> FakeSocket:
+    """The fake monitor socket behind `worker`'s connection (its events are queued there)."""
+    monitor = sock(worker).monitor
+    assert monitor is not None
+    return monitor
+
+
 Scenario = Callable[["Harness"], Coroutine[Any, Any, None]]
 
 
@@ -198,10 +205,9 @@ async def test_a_dropped_connection_kills_the_worker_and_moves_its_requests(h: H
     a, b = h.admit("a"), h.admit("b")
     h.generate("r1")  # to b (round-robin)
     h.generate("r2")  # to a
-    monitor = FakeSocket([monitor_event(zmq.EVENT_DISCONNECTED),  # before connecting: nothing
-                          monitor_event(zmq.EVENT_CONNECTED),
-                          monitor_event(zmq.EVENT_DISCONNECTED)])
-    a.monitor = monitor  # type: ignore[assignment]
+    monitor(a).incoming = [monitor_event(zmq.EVENT_DISCONNECTED),  # before connecting: nothing
+                           monitor_event(zmq.EVENT_CONNECTED),
+                           monitor_event(zmq.EVENT_DISCONNECTED)]
     await h.router.watch_connection(a)
     assert "a" not in h.router.pool.workers and "a" in h.router.pool.dead
     assert a.inflight == 0 and sock(a).closed
@@ -219,8 +225,8 @@ async def test_a_dropped_connection_kills_the_worker_and_moves_its_requests(h: H
 async def test_a_draining_workers_drop_is_a_drain(h: Harness) -> None:
     a = h.admit("a")
     h.event("a", TOPIC_HEARTBEAT, Heartbeat("a", 1, 0, draining=True))
-    a.monitor = FakeSocket([monitor_event(zmq.EVENT_CONNECTED),  # type: ignore[assignment]
-                            monitor_event(zmq.EVENT_DISCONNECTED)])
+    monitor(a).incoming = [monitor_event(zmq.EVENT_CONNECTED),
+                           monitor_event(zmq.EVENT_DISCONNECTED)]
     await h.router.watch_connection(a)
     assert counter(h.router.metrics.worker_deaths, "drain") == 1
 
