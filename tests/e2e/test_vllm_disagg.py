@@ -162,6 +162,7 @@ def test_disaggregated_stream_equals_aggregated_and_the_prompt_came_over_nixl(
     before = {name: pair.counter(pair.decode, name) for name in (
         "kv_transfer_prompt_tokens", "prompt_tokens_computed", "kv_transfer_bytes",
         "kv_transfer_seconds", "kv_transfers", "kv_transfer_failures")}
+    expired_before = pair.counter(pair.prefill, "kv_transfer_expired")
 
     pre = pair.send(pair.prefill, request(prompt, "prefill"))
     assert len(pre.tokens) == 1 and pre.last.finish_reason == "length"
@@ -177,6 +178,10 @@ def test_disaggregated_stream_equals_aggregated_and_the_prompt_came_over_nixl(
     assert dec.last.kv_transfer_params == b""
     after = {name: pair.counter(pair.decode, name) for name in before}
     delta = {name: after[name] - before[name] for name in before}
+    # Known defect, reported rather than asserted: on this 2-core machine the read often
+    # completes only once the prefill side's lease has run out (vLLM then logs "Potentially
+    # invalid KV blocks"); the blocks were not reused meanwhile, so the text still matches.
+    late = pair.counter(pair.prefill, "kv_transfer_expired") - expired_before
 
     # The aggregated reference on the decode worker, after: the prompt's blocks are in its
     # prefix cache by now, which changes no value (float32, the same KV bytes).
@@ -195,7 +200,8 @@ def test_disaggregated_stream_equals_aggregated_and_the_prompt_came_over_nixl(
           f"{delta['kv_transfer_seconds'] * 1e3:.2f} ms ({gbps:.3f} GB/s); first decoded token "
           f"{dec.first_token_s * 1e3:.1f} ms after the decode request vs an aggregated step of "
           f"{ref.step_s * 1e3:.1f} ms; prefill TTFT {pre.first_token_s * 1e3:.1f} ms, "
-          f"aggregated TTFT {ref.first_token_s * 1e3:.1f} ms")
+          f"aggregated TTFT {ref.first_token_s * 1e3:.1f} ms; read after the lease ran out: "
+          f"{'yes' if late else 'no'}")
 
 
 def test_a_malformed_hand_off_is_refused(pair: Pair) -> None:
