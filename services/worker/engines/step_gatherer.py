@@ -101,8 +101,9 @@ class StepGatherer:
         return tracked
 
     def push(self, request_id: str, token_ids: list[int], reason: str | None,
-             cached_tokens: int = 0) -> None:
-        """New tokens of a live request (and its end, with `reason`); ignored once aborted."""
+             cached_tokens: int = 0, kv_transfer_params: bytes = b"") -> None:
+        """New tokens of a live request (and its end, with `reason`); ignored once aborted.
+        `kv_transfer_params` (a prefill's hand-off) goes on the final chunk."""
         tracked = self.requests.get(request_id)
         if tracked is None or (not token_ids and reason is None):
             return
@@ -117,6 +118,7 @@ class StepGatherer:
             self._decode += max(0, len(token_ids) - 1)
         tracked.num_tokens += len(token_ids)
         if reason is not None:
+            chunk.kv_transfer_params = kv_transfer_params
             del self.requests[request_id]
         self._chunks.append(chunk)
 

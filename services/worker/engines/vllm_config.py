@@ -22,6 +22,10 @@ from services.worker.engines.real_engine_config import RealEngineConfig
 # default (0.92) fails there; a fixed size is the sane default for a worker that shares the host.
 CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30
 _KV_SIZE_FLAGS = ("--gpu-memory-utilization", "--kv-cache-memory-bytes")
+KV_TRANSFERS = ("", "nixl")
+DEFAULT_KV_LEASE_S = 30
+# vLLM's decode side renews a lease every sixth of it, in whole seconds.
+MIN_KV_LEASE_S = 6
 
 
 @dataclasses.dataclass
@@ -36,11 +40,44 @@ class VllmConfig(RealEngineConfig):
                                  "loads its blocks instead of recomputing them (empty: off)")
     kv_events_endpoint: str = opt("", help="ZeroMQ endpoint vLLM publishes KV events on "
                                            "(default: an ipc socket in a private temp dir)")
+    kv_transfer: str = opt("", choices=KV_TRANSFERS,
+                           help="KV transfer between prefill and decode workers: 'nixl' runs "
+                                "vLLM's NixlConnector (needs the nixl package), so this worker "
+                                "serves requests of phase prefill and decode; empty: off")
+    kv_transfer_host: str = opt("127.0.0.1", help="address of this worker's NIXL side channel "
+                                                  "(a free port on it is chosen at start and "
+                                                  "advertised in discovery); decode workers "
+                                                  "on other hosts must reach it")
+    kv_lease_s: int = opt(DEFAULT_KV_LEASE_S,
+                          help="seconds a prefill's KV blocks stay held for a decode worker "
+                               "that has not read them (vLLM's kv_lease_duration, renewed "
+                               "while the decode side waits); then they are freed")
 
     def validate(self) -> None:
         super().validate()
         if self.kv_cache_memory_bytes < 0:
             raise ValueError("vllm: --kv-cache-memory-bytes must be >= 0")
+        if self.kv_transfer not in KV_TRANSFERS:
+            raise ValueError(f"vllm: --kv-transfer must be one of {KV_TRANSFERS}, "
+                             f"got {self.kv_transfer!r}")
+        if self.kv_transfer:
+            if self.kv_store:
+                raise ValueError("vllm: --kv-transfer nixl and --kv-store cannot be combined "
+                                 "yet (each is a vLLM KV connector of its own)")
+            if self.kv_lease_s < MIN_KV_LEASE_S:
+                raise ValueError(f"vllm: --kv-lease-s must be at least {MIN_KV_LEASE_S}, got "
+                                 f"{self.kv_lease_s}")
+            if not self.kv_transfer_host:
+                raise ValueError("vllm: --kv-transfer-host must not be empty")
+            if any(_flag_name(a) == "--kv-transfer-config" for a in self.extra_argv()):
+                raise ValueError("vllm: --kv-transfer nixl sets vLLM's --kv-transfer-config; "
+                                 "do not also give one in --engine-args")
+        else:
+            for name, value, default in (
+                    ("--kv-transfer-host", self.kv_transfer_host, "127.0.0.1"),
+                    ("--kv-lease-s", self.kv_lease_s, DEFAULT_KV_LEASE_S)):
+                if value != default:
+                    raise ValueError(f"vllm: {name} needs --kv-transfer nixl")
 
     def argv(self, model: str, block_size: int, *, on_cpu: bool,
              shared: dict[str, int] | None = None) -> list[str]:

