@@ -32,6 +32,11 @@ KIND_KV_DUMP: Final = b"\x03"  # KvDumpRequest, router → worker (resync)
 KIND_KV_REPLICATE: Final = b"\x04"  # KvEventBatch of stored blocks, worker → replica peer
 KIND_KV_PULL: Final = b"\x05"  # KvPullRequest, worker → worker holding blocks
 KIND_KV_BLOCKS: Final = b"\x06"  # KvPullReply, answer to KIND_KV_PULL
+# Liveness of upstream peers on the request plane: a frontend pings each router, a router each
+# worker, every heartbeat period (empty payload); a router answers a frontend's ping with a pong.
+KIND_PING: Final = b"\x07"
+KIND_PONG: Final = b"\x08"
+KIND_RESUME_ELSEWHERE: Final = b"\x09"  # ResumeElsewhere, router → frontend (router draining)
 
 
 class SamplingParams(Wire):
@@ -62,6 +67,9 @@ class GenerateRequest(Wire):
     # Request-plane endpoints of workers that may hold this sequence's KV blocks (replica peers,
     # prefix caches): a resumed request pulls what it can from them and recomputes the rest.
     kv_sources: list[str] = []
+    # A resume after a router was lost: the worker that was serving it (its KV is there; it may
+    # still be running it and then hands the live request over).
+    previous_worker: str = ""
 
 
 class Cancel(Wire):
@@ -87,6 +95,9 @@ class TokenChunk(Wire):
     # On an error chunk: HTTP-like status and message for the client.
     error_code: int = 0
     error_message: str = ""
+    # The worker serving the request, on the first chunk a router relays from it (a frontend
+    # names it as `previous_worker` when it resumes the stream through another router).
+    worker_id: str = ""
 
 
 class TokenBatch(Wire):
@@ -97,6 +108,13 @@ class KvDumpRequest(Wire):
     reason: str = ""
 
 
+class ResumeElsewhere(Wire):
+    """A draining router gives these streams back: the frontend resumes each on another router
+    (prompt + the tokens it already has), exactly as when a router dies."""
+
+    request_ids: list[str]
+
+
 # ---------------------------------------------------------------------------------------------
 # Event plane. A message is [topic, EventEnvelope]; sequences count per (publisher, topic).
 # ---------------------------------------------------------------------------------------------
@@ -105,6 +123,7 @@ TOPIC_HEARTBEAT: Final = b"hb"
 TOPIC_LOAD: Final = b"load"
 TOPIC_KV: Final = b"kv"
 TOPIC_FPM: Final = b"fpm"
+TOPIC_ROUTER_USAGE: Final = b"rusage"  # RouterUsage, router replica → router replicas
 
 
 class EventEnvelope(Wire):
@@ -134,6 +153,24 @@ class LoadReport(Wire):
     kv_total_blocks: int
     waiting: int
     running: int
+
+
+class WorkerShare(Wire):
+    """What one router has placed on one worker right now."""
+
+    worker_id: str
+    requests: int
+    active_blocks: int
+    pending_prefill_blocks: int
+
+
+class RouterUsage(Wire):
+    """Router replica sync: a router's own placements per worker, so the other replicas count
+    them before the worker's next load report. `full`: every worker (absent ones: zero)."""
+
+    router_id: str
+    workers: list[WorkerShare]
+    full: bool = False
 
 
 class ForwardPass(Wire):
@@ -228,3 +265,5 @@ heartbeat_decoder: Final = msgspec.msgpack.Decoder(Heartbeat)
 load_decoder: Final = msgspec.msgpack.Decoder(LoadReport)
 kv_batch_decoder: Final = msgspec.msgpack.Decoder(KvEventBatch)
 fpm_decoder: Final = msgspec.msgpack.Decoder(ForwardPassBatch)
+resume_elsewhere_decoder: Final = msgspec.msgpack.Decoder(ResumeElsewhere)
+router_usage_decoder: Final = msgspec.msgpack.Decoder(RouterUsage)

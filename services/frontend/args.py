@@ -15,4 +15,9 @@ class FrontendConfig(ProcessConfig):
     frontend_id: str = opt("", help="unique instance id (default: frontend-<pid>-<random>)")
     max_model_len: int = opt(0, help="context length the API enforces; 0: the smallest any "
                                      "worker of the model reports")
+    heartbeat_interval_ms: int = opt(100, help="period of the pings to each router (routers "
+                                               "answer them; a silent router is hung)")
+    missed_heartbeats: int = opt(3, help="a router that answered pings and then stays silent "
+                                         "this many periods is hung: its streams resume through "
+                                         "another router")
     api_key: str = opt("", help="when set, requests need 'Authorization: Bearer <key>'")

@@ -50,7 +50,8 @@ async def serve(config: FrontendConfig) -> None:
         log.info("tokenizer loaded", extra={"fields": {
             "model": config.model or "builtin-bytes", "seconds": round(time.monotonic() - t0, 2)}})
         discovery = open_discovery(config.discovery, lease_ttl=config.lease_ttl_s)
-        upstream = RouterClient(discovery)
+        upstream = RouterClient(discovery, config.heartbeat_interval_ms / 1000,
+                                config.missed_heartbeats)
         await upstream.start()
         service.on_shutdown("request plane", upstream.close)
         service.on_shutdown("discovery", discovery.close)

@@ -38,8 +38,8 @@ class RoutedRequest:
     """A request in flight: who asked, which worker serves it, and everything streamed so far
     (exactly what a migration needs to continue the stream elsewhere)."""
 
-    __slots__ = ("blocks", "frontend", "generated", "hashes", "migrations", "prefill_blocks",
-                 "request", "resume_tokens", "worker")
+    __slots__ = ("announced", "blocks", "frontend", "generated", "hashes", "migrations",
+                 "prefill_blocks", "request", "resume_tokens", "worker")
 
     def __init__(self, request: GenerateRequest, frontend: bytes) -> None:
         self.request = request
@@ -51,6 +51,7 @@ class RoutedRequest:
         self.prefill_blocks = 0  # blocks still to prefill until its first token arrives
         self.hashes: list[int] = []
         self.resume_tokens = 0  # sequence length at the last migration (0: none pending)
+        self.announced = ""  # the worker last named to the frontend (`TokenChunk.worker_id`)
 
     @property
     def request_id(self) -> str:
@@ -58,9 +59,11 @@ class RoutedRequest:
 
 
 class Accounting:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 on_change: Callable[[WorkerHandle], None] | None = None) -> None:
         self.requests: dict[str, RoutedRequest] = {}
         self._clock = clock
+        self._on_change = on_change  # a worker's usage changed (router replica sync)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -83,6 +86,8 @@ class Accounting:
         """Its prefill is done: the blocks no longer wait in the worker's prefill queue."""
         if entry.worker is not None and entry.prefill_blocks:
             entry.worker.usage.pending_prefill_blocks -= entry.prefill_blocks
+            if self._on_change is not None:
+                self._on_change(entry.worker)
         entry.prefill_blocks = 0
 
     def move(self, entry: RoutedRequest, decision: Decision) -> None:
@@ -111,6 +116,8 @@ class Accounting:
         usage.requests.add(entry.request_id)
         usage.active_blocks += entry.blocks
         usage.pending_prefill_blocks += entry.prefill_blocks
+        if self._on_change is not None:
+            self._on_change(worker)
 
     def _release(self, entry: RoutedRequest) -> None:
         worker, entry.worker = entry.worker, None
@@ -120,4 +127,6 @@ class Accounting:
             usage.active_blocks -= entry.blocks
             usage.pending_prefill_blocks -= entry.prefill_blocks
             usage.released_at = self._clock()
+            if self._on_change is not None:
+                self._on_change(worker)
         entry.prefill_blocks = 0

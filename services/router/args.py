@@ -48,3 +48,11 @@ class RouterConfig(ProcessConfig):
                                             "this long for one to appear before a 503")
     stall_timeout_ms: int = opt(10_000, help="a worker that heartbeats but makes no engine "
                                              "progress on admitted work this long is dead; 0: off")
+    router_event_port: int = opt(0, help="event-plane PUB port of this router (replica sync); "
+                                         "0: any free port")
+    replica_sync: bool = opt(True, help="share this router's placements with the other router "
+                                        "replicas (--no-replica-sync: each counts only its own "
+                                        "until load reports arrive)")
+    frontend_timeout_ms: int = opt(400, help="a frontend that pinged and has been silent this "
+                                             "long is gone: its requests are cancelled on the "
+                                             "workers")

@@ -22,17 +22,19 @@ import zmq
 import zmq.asyncio
 
 from common.discovery import open_discovery
-from common.event_plane import EventSubscriber
+from common.event_plane import EventPublisher, EventSubscriber
 from common.malformed import MalformedFrames
 from common.messages import (
     KIND_CANCEL,
     KIND_GENERATE,
+    KIND_PING,
     KIND_TOKENS,
     ROLE_ROUTER,
     ROLE_WORKER,
     TOPIC_HEARTBEAT,
     TOPIC_KV,
     TOPIC_LOAD,
+    TOPIC_ROUTER_USAGE,
     Cancel,
     Instance,
     cancel_decoder,
@@ -46,9 +48,12 @@ from common.transport import bind_socket, tune_stream_socket
 from services.router.accounting import Accounting
 from services.router.args import RouterConfig
 from services.router.events import EventIntake
+from services.router.frontend_liveness import FrontendLiveness, ping_workers
+from services.router.handback import HandBack
 from services.router.liveness import CAUSE_CRASH, CAUSE_HANG, Liveness
 from services.router.metrics import RouterMetrics
 from services.router.migration import Migration
+from services.router.replica_sync import ReplicaSync
 from services.router.route_api import RouteApi
 from services.router.selection import build_selection
 from services.router.streams import Streams, send_error
@@ -67,7 +72,7 @@ class Router:
         self.ctx = zmq.asyncio.Context()
         self.metrics = RouterMetrics(self.router_id)
         self.pool = WorkerPool(self.ctx)
-        self.accounting = Accounting(clock)
+        self.accounting = Accounting(clock, on_change=lambda w: self.replicas.changed(w))
         self.selector, self.kv_index = build_selection(config, self.pool, self.metrics)
         self.frontends = self.ctx.socket(zmq.ROUTER)
         self.migration = Migration(
@@ -84,7 +89,15 @@ class Router:
         self.intake = EventIntake(self.pool, self.liveness, self.metrics, self.kv_index,
                                   self.worker_recovered, clock)
         self.route_api = RouteApi(self.selector, self.metrics)
-        topics = [TOPIC_HEARTBEAT, TOPIC_LOAD] + ([TOPIC_KV] if self.kv_index is not None else [])
+        self.frontend_liveness = FrontendLiveness(self.frontends,
+                                                  config.frontend_timeout_ms / 1000, clock)
+        self.handback = HandBack(self.frontends, self.accounting, self.streams.parking,
+                                 self.migration, self.metrics)
+        self.publisher: EventPublisher | None = None
+        self.replicas = ReplicaSync(self.router_id, self.pool, None,
+                                    3 * config.heartbeat_interval_ms / 1000, clock)
+        topics = [TOPIC_HEARTBEAT, TOPIC_LOAD, TOPIC_ROUTER_USAGE] + (
+            [TOPIC_KV] if self.kv_index is not None else [])
         self.subscriber = EventSubscriber(self.ctx, topics, on_gap=self.intake.on_gap,
                                           on_malformed=self.metrics.malformed.labels("event").inc)
         self.status = StatusServer(self.metrics.registry, config.host, config.router_metrics_port)
@@ -110,21 +123,36 @@ class Router:
             tune_stream_socket(self.frontends)
             endpoint = bind_socket(self.frontends, cfg.host, cfg.router_port, cfg.advertise_host)
             metrics_port = await self.status.start()
+            self.publisher = EventPublisher(self.ctx, self.router_id, cfg.host,
+                                            cfg.router_event_port, cfg.advertise_host)
+            service.on_shutdown("event publisher", self.publisher.close)
+            if cfg.replica_sync:
+                self.replicas.publisher = self.publisher
             service.on_shutdown("status server", self.status.close)
             service.on_shutdown("discovery", self.discovery.close)
             service.spawn("frontends", self.serve_frontends())
             service.spawn("discovery watch", self.watch_workers())
             service.spawn("events", self.consume_events())
             service.spawn("liveness", self.watch_liveness())
+            service.spawn("router replicas", self.watch_routers())
             service.on_shutdown("unregister", lambda: self.discovery.unregister(self.router_id))
             host = cfg.advertise_host or cfg.host
             await self.discovery.register(Instance(
                 id=self.router_id, role=ROLE_ROUTER,
-                endpoints={"request": endpoint, "metrics": f"http://{host}:{metrics_port}/metrics",
+                endpoints={"request": endpoint, "events": self.publisher.endpoint,
+                           "metrics": f"http://{host}:{metrics_port}/metrics",
                            "http": f"http://{host}:{metrics_port}"},  # + /v1/route, /health
                 metadata={"mode": cfg.router_mode, "pid": os.getpid(), "started": time.time()}))
+            service.on_shutdown("hand back streams", self.drain)  # first thing on SIGTERM
             log.info("router ready", extra={"fields": {"id": self.router_id, "request": endpoint}})
             await service.run()
+
+    async def drain(self) -> None:
+        """Stop taking requests and give every stream back to its frontend, which resumes it
+        through another router; linger a moment for requests already on their way."""
+        await self.discovery.unregister(self.router_id)
+        self.handback.start()
+        await asyncio.sleep(max(0.2, 2 * self.liveness.period))
 
     # -- loops ---------------------------------------------------------------------------------
 
@@ -135,9 +163,17 @@ class Router:
                 self.malformed["request"].drop(f"{len(frames)} frames")
                 continue
             ident, kind, payload = frames
+            if kind == KIND_PING:
+                self.frontend_liveness.on_ping(ident)
+                continue
+            self.frontend_liveness.on_frame(ident)
             try:
                 if kind == KIND_GENERATE:
-                    self.streams.on_generate(ident, generate_decoder.decode(payload), payload)
+                    request = generate_decoder.decode(payload)
+                    if self.handback.active:
+                        self.handback.give_back(ident, [request.request_id])
+                    else:
+                        self.streams.on_generate(ident, request, payload)
                 elif kind == KIND_CANCEL:
                     self.streams.on_cancel(cancel_decoder.decode(payload).request_id)
                 else:
@@ -187,12 +223,13 @@ class Router:
         while True:
             topic, env = await self.subscriber.recv()
             worker = self.pool.workers.get(env.publisher_id)
-            if worker is None:
-                continue
             try:
-                self.intake.on_event(worker, topic, env.payload)
+                if topic == TOPIC_ROUTER_USAGE:
+                    self.replicas.on_event(env.payload)
+                elif worker is not None:
+                    self.intake.on_event(worker, topic, env.payload)
             except MALFORMED as exc:
-                self.malformed["event"].drop(str(exc), worker.id)
+                self.malformed["event"].drop(str(exc), env.publisher_id)
 
     async def watch_liveness(self) -> None:
         while True:
@@ -204,8 +241,11 @@ class Router:
         on_time = self.liveness.check_on_time()
         if self.streams.waiting:
             self.streams.retry()
+        ping_workers(w.socket for w in self.pool.workers.values())
         if not on_time:
+            self.frontend_liveness.pause()
             return
+        self.check_replicas()
         if self.kv_index is not None:
             self.metrics.index_blocks.set(self.kv_index.num_blocks())
             self.metrics.index_entries.set(self.kv_index.num_entries())
@@ -214,6 +254,35 @@ class Router:
             self.worker_lost(worker, cause)
         for worker in self.liveness.convictions(workers):
             self.worker_convicted(worker)
+
+    # -- router replicas and frontends ---------------------------------------------------------
+
+    async def watch_routers(self) -> None:
+        """Subscribe to every other router's event plane (replica sync)."""
+        async for event in self.discovery.watch(role=ROLE_ROUTER):
+            events = event.instance.endpoints.get("events", "")
+            if event.instance.id == self.router_id or not events:
+                continue
+            if event.kind == "removed":
+                self.subscriber.disconnect(events)
+                self.replicas.forget(event.instance.id)
+            elif event.kind == "added":
+                self.subscriber.connect(events)
+
+    def check_replicas(self) -> None:
+        """Publish our usage snapshot, expire silent peers, cancel gone frontends' requests."""
+        self.replicas.publish_snapshot()
+        self.replicas.expire()
+        self.metrics.peer_routers.set(len(self.replicas.heard))
+        for frontend in self.frontend_liveness.lost():
+            orphans = self.frontend_liveness.orphans(frontend, self.accounting,
+                                                     self.streams.parking)
+            self.metrics.frontends_lost.inc()
+            self.metrics.orphans_cancelled.inc(len(orphans))
+            log.warning("frontend gone; cancelling its requests", extra={"fields": {
+                "requests": len(orphans)}})
+            for request_id in orphans:
+                self.streams.on_cancel(request_id)
 
     # -- workers coming, going, lost -----------------------------------------------------------
 

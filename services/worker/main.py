@@ -34,6 +34,7 @@ from common.messages import (
     KIND_KV_DUMP,
     KIND_KV_PULL,
     KIND_KV_REPLICATE,
+    KIND_PING,
     KIND_TOKENS,
     MODE_AGGREGATED,
     ROLE_WORKER,
@@ -67,6 +68,7 @@ from services.worker.engines import create_engine, engine_config_classes
 from services.worker.host_kv_tier import HostKvTier
 from services.worker.metrics import WorkerMetrics
 from services.worker.peer_links import PeerLinks
+from services.worker.router_watch import RouterWatch
 
 log = logging.getLogger("turnout.worker")
 
@@ -94,6 +96,8 @@ class Worker:
         self.peers = PeerLinks(self.ctx, self.worker_id)
         self.replica_peers: list[str] = []
         self._resuming: set[asyncio.Task[None]] = set()
+        period = config.heartbeat_interval_ms / 1000
+        self.routers = RouterWatch(max(1.0, 10 * period))
 
     # -- engine output -------------------------------------------------------------------------
 
@@ -102,7 +106,9 @@ class Worker:
         if out.chunks:
             by_dest: dict[bytes, list[TokenChunk]] = {}
             destinations = self.destinations
+            on_chunk = self.routers.on_chunk
             for chunk in out.chunks:
+                on_chunk(chunk)
                 if chunk.finish_reason is None:
                     ident = destinations.get(chunk.request_id)
                 else:
@@ -149,16 +155,17 @@ class Worker:
                 self.malformed.drop(f"{len(frames)} frames")
                 continue
             ident, kind, payload = frames
+            if kind == KIND_PING:
+                self.routers.on_ping(ident)
+                continue
+            self.routers.on_frame(ident)
             try:
                 if kind == KIND_GENERATE:
                     self._on_generate(ident, payload)
                 elif kind == KIND_CANCEL:
                     request_id = cancel_decoder.decode(payload).request_id
-                    if self.destinations.pop(request_id, None) is not None:
-                        self.engine.abort(request_id)
-                        self.metrics.on_finish("cancelled")
-                        if self.draining and not self.destinations:
-                            self._idle.set()
+                    if self.destinations.get(request_id) == ident:  # not another router's
+                        self._abort(request_id)
                 elif kind == KIND_KV_DUMP:
                     self.publisher.publish(
                         TOPIC_KV, KvEventBatch(self.worker_id, list(self.engine.kv_dump()), True))
@@ -184,10 +191,22 @@ class Worker:
         if self.draining:
             self._error(ident, request.request_id, 503, "worker is draining")
             return
-        if request.request_id in self.destinations:
+        owner = self.destinations.get(request.request_id)
+        if owner == ident:
             self._error(ident, request.request_id, 400, "duplicate request id")
             return
+        if owner is not None:
+            # Resumed through another router while still running here: hand it over.
+            tokens = self.routers.handover(request)
+            if tokens is not None:
+                self.destinations[request.request_id] = ident
+                self.metrics.handovers.inc()
+                if tokens:
+                    self._send(ident, TokenBatch([TokenChunk(request.request_id, tokens)]))
+                return
+            self.engine.abort(request.request_id)
         self.destinations[request.request_id] = ident
+        self.routers.admitted(request)
         if request.generated_token_ids or request.kv_sources:
             task = asyncio.create_task(self._resume(ident, request))
             self._resuming.add(task)
@@ -195,11 +214,35 @@ class Worker:
             return
         self._admit(ident, request)
 
+    def _abort(self, request_id: str, outcome: str = "cancelled") -> None:
+        self.destinations.pop(request_id, None)
+        self.routers.forget(request_id)
+        self.engine.abort(request_id)
+        self.metrics.on_finish(outcome)
+        if self.draining and not self.destinations:
+            self._idle.set()
+
+    def cancel_lost_routers(self, on_time: bool) -> None:
+        """Requests of a router that stopped pinging stop here (it may only have been slow: it
+        gets an error frame for each, and migrates them)."""
+        if not on_time:
+            self.routers.pause()
+            return
+        for ident in self.routers.lost():
+            ids = [r for r, i in self.destinations.items() if i == ident]
+            self.metrics.routers_lost.inc()
+            log.warning("router stopped pinging; cancelling its requests",
+                        extra={"fields": {"requests": len(ids)}})
+            for request_id in ids:
+                self._abort(request_id, "orphaned")
+                self._error(ident, request_id, 503, "the worker lost this router")
+
     def _admit(self, ident: bytes, request: GenerateRequest) -> None:
         try:
             self.engine.add_request(request)
         except EngineError as exc:
             self.destinations.pop(request.request_id, None)
+            self.routers.forget(request.request_id)
             self.metrics.on_finish("rejected")
             self._error(ident, request.request_id, exc.code, str(exc))
 
@@ -244,6 +287,7 @@ class Worker:
             await asyncio.sleep(period)
             now = time.monotonic()
             lag = max(0.0, now - last - period)
+            self.cancel_lost_routers(lag < period)
             if now - last > presumed_dead and not self.draining:
                 await self.rejoin(now - last)
             last = now
@@ -258,6 +302,7 @@ class Worker:
             self.engine.abort(request_id)
             self.metrics.on_finish("abandoned")
         self.destinations.clear()
+        self.routers.generated.clear()
         self.started = time.time()
         await self.discovery.update(self.instance())
 
