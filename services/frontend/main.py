@@ -42,6 +42,7 @@ async def serve(config: FrontendConfig) -> None:
     from services.frontend.metrics import FrontendMetrics
     from services.frontend.tokenizer import load_tokenizer
     from services.frontend.upstream import RouterClient
+    from services.frontend.upstream_metrics import UpstreamMetrics
 
     async with Service(ROLE_FRONTEND, config.frontend_id) as service:
         service.install_signal_handlers()
@@ -50,14 +51,15 @@ async def serve(config: FrontendConfig) -> None:
         log.info("tokenizer loaded", extra={"fields": {
             "model": config.model or "builtin-bytes", "seconds": round(time.monotonic() - t0, 2)}})
         discovery = open_discovery(config.discovery, lease_ttl=config.lease_ttl_s)
+        metrics = FrontendMetrics()
         upstream = RouterClient(discovery, config.heartbeat_interval_ms / 1000,
-                                config.missed_heartbeats)
+                                config.missed_heartbeats, UpstreamMetrics(metrics.registry))
         await upstream.start()
         service.on_shutdown("request plane", upstream.close)
         service.on_shutdown("discovery", discovery.close)
         app = FrontendApp(upstream=upstream, tokenizer=tokenizer,
                           served_model_name=config.model_name(),
-                          max_model_len=config.max_model_len, metrics=FrontendMetrics(),
+                          max_model_len=config.max_model_len, metrics=metrics,
                           api_key=config.api_key or None)
         sock = listen_socket(config.host, config.port)
         service.on_shutdown("listening socket", sock.close)

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import msgspec
 import zmq.asyncio
+from prometheus_client import CollectorRegistry
 
 from common.discovery import Discovery
 from common.malformed import MalformedFrames
@@ -35,6 +36,7 @@ from common.messages import (
 )
 from common.monitored_dealer import MonitoredDealer
 from services.frontend.stream_resume import OpenStream
+from services.frontend.upstream_metrics import UpstreamMetrics
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ class RouterClient:
     resumes through another router from the next token (`stream_resume.py`)."""
 
     def __init__(self, discovery: Discovery, heartbeat_s: float = 0.1,
-                 missed_heartbeats: int = 3) -> None:
+                 missed_heartbeats: int = 3, metrics: UpstreamMetrics | None = None) -> None:
         self.discovery = discovery
         self.ctx = zmq.asyncio.Context()
         self.routers: dict[str, _RouterLink] = {}
@@ -116,10 +118,7 @@ class RouterClient:
         self._models: list[str] = []
         self._context: dict[str, int] = {}
         self.malformed = MalformedFrames("frame from router", logger=log)
-        self.resumed = 0  # streams moved to another router
-        self.resume_failed = 0  # streams that had no router left to move to
-        self.routers_lost = 0  # routers declared gone (dropped, hung or draining)
-        self.detection_s: list[float] = []  # silence at each hang verdict (last 100)
+        self.metrics = metrics or UpstreamMetrics(CollectorRegistry())
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._watch(ROLE_ROUTER)),
@@ -190,7 +189,7 @@ class RouterClient:
         ids = [rid for rid, e in self.streams.items() if e.router == router_id] \
             if only is None else [rid for rid in only if rid in self.streams]
         if only is None:
-            self.routers_lost += 1
+            self.metrics.routers_lost.labels(why).inc()
         if ids:
             log.warning("router lost; resuming its streams elsewhere", extra={"fields": {
                 "router": router_id, "why": why, "streams": len(ids)}})
@@ -206,7 +205,7 @@ class RouterClient:
             link = self._pick(exclude=router_id)
             if link is None:
                 del self.streams[rid]
-                self.resume_failed += 1
+                self.metrics.resume_failed.inc()
                 entry.stream.push(TokenChunk(  # type: ignore[attr-defined]
                     rid, [], FINISH_ERROR, error_code=503,
                     error_message="the router serving this request went away and no other "
@@ -215,11 +214,11 @@ class RouterClient:
             request = entry.resume_request()
             entry.move_to(link.router_id)
             link.inflight += 1
-            self.resumed += 1
+            self.metrics.resumed.inc()
             link.socket.send_multipart([KIND_GENERATE, encoder.encode(request)])
 
     def fail_streams(self, router: str) -> None:
-        self.router_lost(router, "connection dropped")
+        self.router_lost(router, "dropped")
 
     async def _ping(self) -> None:
         """Ping every router each period; judge silence only on checks that ran on time (a
@@ -231,13 +230,15 @@ class RouterClient:
             now = loop.time()
             on_time = now - last < 2 * self.heartbeat_s
             last = now
+            self.metrics.routers.set(sum(1 for link in self.routers.values()
+                                         if link.up and not link.draining))
             for link in list(self.routers.values()):
                 link.socket.send_multipart([KIND_PING, b""])
                 silent = now - link.heard_at
                 if on_time and link.up and link.ponged and silent > self.silence_s:
                     link.up = False
                     link.hung = True
-                    self.detection_s = [*self.detection_s[-99:], silent]
+                    self.metrics.detection.observe(silent)
                     self.router_lost(link.router_id, "hung")
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -265,7 +266,7 @@ class RouterClient:
     def _forget(self, link: _RouterLink) -> None:
         self.routers.pop(link.router_id, None)
         link.close()
-        self.router_lost(link.router_id, "left discovery")
+        self.router_lost(link.router_id, "left")
 
     def deliver(self, payload: bytes, router_id: str = "") -> None:
         try:
@@ -293,8 +294,9 @@ class RouterClient:
             self.malformed.drop(str(exc), router_id)
             return
         link = self.routers.get(router_id)
-        if link is not None:
+        if link is not None and not link.draining:
             link.draining = True
+            self.metrics.routers_lost.labels("draining").inc()
         self.router_lost(router_id, "draining", only=ids)
 
 
