@@ -113,6 +113,9 @@ class ResumeElsewhere(Wire):
     (prompt + the tokens it already has), exactly as when a router dies."""
 
     request_ids: list[str]
+    # False: not draining; it took the frontend for gone (silent) and cancelled these, so a
+    # frontend that was only stalled resumes them through any router, this one included.
+    draining: bool = True
 
 
 # ---------------------------------------------------------------------------------------------

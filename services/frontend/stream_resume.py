@@ -24,7 +24,8 @@ from common.messages import GenerateRequest, TokenChunk
 class OpenStream:
     """One stream in flight through a router."""
 
-    __slots__ = ("request", "resumes", "router", "started", "stream", "tokens", "worker")
+    __slots__ = ("gap_from", "request", "resumes", "router", "started", "stream", "tokens",
+                 "worker")
 
     def __init__(self, stream: object, request: GenerateRequest, router: str) -> None:
         self.stream = stream  # the ChunkStream the HTTP handler reads
@@ -34,6 +35,9 @@ class OpenStream:
         self.worker = ""  # the worker producing it (as the router last said)
         self.started = False  # the first chunk (with prompt and cached counts) went through
         self.resumes = 0
+        # Resumed and waiting for its next token: when the old router was last heard from
+        # (the start of the gap the client sees); 0.0 otherwise.
+        self.gap_from = 0.0
 
     def accept(self, chunk: TokenChunk, router: str) -> bool:
         """Record `chunk` from `router`; False when it must be dropped (a router the stream has
@@ -58,6 +62,7 @@ class OpenStream:
             generated_token_ids=[*self.request.generated_token_ids, *self.tokens],
             previous_worker=self.worker)
 
-    def move_to(self, router: str) -> None:
+    def move_to(self, router: str, last_heard: float) -> None:
         self.router = router
         self.resumes += 1
+        self.gap_from = last_heard

@@ -119,6 +119,7 @@ class RouterClient:
         self._context: dict[str, int] = {}
         self.malformed = MalformedFrames("frame from router", logger=log)
         self.metrics = metrics or UpstreamMetrics(CollectorRegistry())
+        self._turn = 0
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._watch(ROLE_ROUTER)),
@@ -174,9 +175,13 @@ class RouterClient:
             link.socket.send_multipart([KIND_CANCEL, encoder.encode(Cancel(request_id))])
 
     def _pick(self, exclude: str = "") -> _RouterLink | None:
-        """The usable router with the fewest streams in flight (None: there is none)."""
+        """The usable router with the fewest streams in flight (None: there is none); ties
+        rotate, so sequential requests do not all go to the first router."""
+        links = list(self.routers.values())
+        self._turn += 1
         best: _RouterLink | None = None
-        for link in self.routers.values():
+        for i in range(len(links)):
+            link = links[(self._turn + i) % len(links)]
             if link.up and not link.draining and link.router_id != exclude and (
                     best is None or link.inflight < best.inflight):
                 best = link
@@ -184,8 +189,10 @@ class RouterClient:
 
     # -- routers lost: their streams resume elsewhere -------------------------------------------
 
-    def router_lost(self, router_id: str, why: str, only: list[str] | None = None) -> None:
-        """Resume `router_id`'s streams (or just `only`) through another router."""
+    def router_lost(self, router_id: str, why: str, only: list[str] | None = None,
+                    exclude: str | None = None) -> None:
+        """Resume `router_id`'s streams (or just `only`) through another router (through any
+        but `exclude`, when given)."""
         ids = [rid for rid, e in self.streams.items() if e.router == router_id] \
             if only is None else [rid for rid in only if rid in self.streams]
         if only is None:
@@ -202,7 +209,7 @@ class RouterClient:
                 old.inflight -= 1
                 if why == "hung":  # should it wake up, it must not keep the work going
                     old.socket.send_multipart([KIND_CANCEL, encoder.encode(Cancel(rid))])
-            link = self._pick(exclude=router_id)
+            link = self._pick(exclude=router_id if exclude is None else exclude)
             if link is None:
                 del self.streams[rid]
                 self.metrics.resume_failed.inc()
@@ -212,7 +219,8 @@ class RouterClient:
                                   "router is reachable"))
                 continue
             request = entry.resume_request()
-            entry.move_to(link.router_id)
+            entry.move_to(link.router_id, old.heard_at if old is not None
+                          else asyncio.get_running_loop().time())
             link.inflight += 1
             self.metrics.resumed.inc()
             link.socket.send_multipart([KIND_GENERATE, encoder.encode(request)])
@@ -280,6 +288,10 @@ class RouterClient:
             if entry is None or not entry.accept(chunk, router_id):
                 continue
             entry.stream.push(chunk)  # type: ignore[attr-defined]
+            if entry.gap_from and chunk.token_ids:
+                self.metrics.resume_gap.observe(
+                    asyncio.get_running_loop().time() - entry.gap_from)
+                entry.gap_from = 0.0
             if chunk.finish_reason is not None:
                 del streams[chunk.request_id]
                 link = self.routers.get(router_id)
@@ -289,9 +301,13 @@ class RouterClient:
     def resume_elsewhere(self, payload: bytes, router_id: str) -> None:
         """A draining router gave these streams back."""
         try:
-            ids = resume_elsewhere_decoder.decode(payload).request_ids
+            message = resume_elsewhere_decoder.decode(payload)
+            ids = message.request_ids
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self.malformed.drop(str(exc), router_id)
+            return
+        if not message.draining:  # it took us for gone (we stalled): resume through any
+            self.router_lost(router_id, "presumed gone", only=ids, exclude="")
             return
         link = self.routers.get(router_id)
         if link is not None and not link.draining:

@@ -53,6 +53,6 @@ class RouterConfig(ProcessConfig):
     replica_sync: bool = opt(True, help="share this router's placements with the other router "
                                         "replicas (--no-replica-sync: each counts only its own "
                                         "until load reports arrive)")
-    frontend_timeout_ms: int = opt(400, help="a frontend that pinged and has been silent this "
+    frontend_timeout_ms: int = opt(500, help="a frontend that pinged and has been silent this "
                                              "long is gone: its requests are cancelled on the "
                                              "workers")

@@ -53,7 +53,8 @@ class HandBack:
                  extra={"fields": {"streams": n, "frontends": len(by_frontend)}})
         return n
 
-    def give_back(self, frontend: bytes, request_ids: list[str]) -> None:
-        self.metrics.handed_back.inc(len(request_ids))
-        self.frontends.send_multipart([frontend, KIND_RESUME_ELSEWHERE,
-                                       encoder.encode(ResumeElsewhere(request_ids))])
+    def give_back(self, frontend: bytes, request_ids: list[str], draining: bool = True) -> None:
+        if draining:
+            self.metrics.handed_back.inc(len(request_ids))
+        self.frontends.send_multipart([frontend, KIND_RESUME_ELSEWHERE, encoder.encode(
+            ResumeElsewhere(request_ids, draining))])

@@ -283,6 +283,8 @@ class Router:
                 "requests": len(orphans)}})
             for request_id in orphans:
                 self.streams.on_cancel(request_id)
+            if orphans:  # if it was only stalled, it resumes them instead of hanging
+                self.handback.give_back(frontend, orphans, draining=False)
 
     # -- workers coming, going, lost -----------------------------------------------------------
 

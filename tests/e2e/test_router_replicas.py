@@ -93,7 +93,7 @@ def start(deployment: Deployment) -> None:
                          ids=["sigkill", "sigstop", "sigterm"])
 def test_streams_survive_a_router_fault(deployment: Deployment, sig: int) -> None:
     start(deployment)
-    clean, _, clean_usage = asyncio.run(run_streams(deployment.url))
+    clean, clean_longest, clean_usage = asyncio.run(run_streams(deployment.url))
     assert len(clean) == STREAMS and all(len(t) == TOKENS for t in clean)
     victim = deployment.service("router-2")
     survivor = deployment.service("router")
@@ -120,11 +120,11 @@ def test_streams_survive_a_router_fault(deployment: Deployment, sig: int) -> Non
     if sig == signal.SIGTERM:
         wait_for(lambda: not victim.alive(), 10, "the drained router to exit")
         assert victim.returncode == 0
-        # Client-side gap, so it includes this test's own busy event loop; the drain itself
-        # moves a stream in milliseconds.
-        assert longest < 1.0, f"longest token gap {longest:.2f} s"
-    else:
-        assert longest < 5.0, f"longest token gap {longest:.2f} s"
+        # The pause of each moved stream, by the frontend's clock (the client's own clock in
+        # this test also counts its busy event loop: loose below).
+        gap = front.histogram("turnout_frontend_stream_resume_gap_seconds")
+        assert gap.count > 0 and gap.buckets[0.5] == gap.count, gap
+    assert longest < 5.0, f"longest token gap {longest:.2f} s (clean: {clean_longest:.2f} s)"
 
 
 def test_a_dead_frontend_leaves_no_work_running(deployment: Deployment) -> None:
@@ -156,16 +156,22 @@ def test_a_dead_frontend_leaves_no_work_running(deployment: Deployment) -> None:
     thread.start()
     try:
         def running() -> float:
-            return sum(w.metrics().value("turnout_worker_running_requests") +
-                       w.metrics().value("turnout_worker_waiting_requests") for w in workers)
+            total = 0.0
+            for w in workers:
+                m = w.metrics()
+                total += (m.value("turnout_worker_running_requests")
+                          + m.value("turnout_worker_waiting_requests"))
+            return total
 
         wait_for(lambda: running() >= STREAMS // 2, 60, "the workers to run the streams",
                  interval=0.02)
         deployment.frontend.signal(signal.SIGKILL)
         t0 = time.monotonic()
         wait_for(lambda: running() == 0, 1.0, "every worker to stop the dead frontend's work",
-                 interval=0.02)
-        assert time.monotonic() - t0 <= 1.0
+                 interval=0.01)
+        # Seen at 0 by the end of the last look (each look scrapes both workers).
+        stopped_s = time.monotonic() - t0
+        assert stopped_s <= 1.0, stopped_s
     finally:
         stop.set()
         thread.join(30)
@@ -195,6 +201,8 @@ def test_a_restarted_router_rebuilds_its_index_and_routes_by_it(deployment: Depl
 
     deployment.service("router-2").signal(signal.SIGKILL)
     restarted = deployment.start_router(name="router-3")
+    wait_for(lambda: deployment.frontend_metrics().value("turnout_frontend_routers") == 2, 10,
+             "the frontend to use the restarted router")
     wait_for(lambda: restarted.metrics().value("turnout_router_kv_resyncs_total") >= 2, 30,
              "the restarted router to resync every worker")
     wait_for(lambda: int(route(restarted, ids)["overlap_blocks"]) > 0,  # type: ignore[call-overload]
