@@ -44,6 +44,7 @@ ROLES = {"frontend", "router", "worker", "planner"}
 # The flag that sets the port each annotation names, per role.
 PORT_FLAGS = {
     ("router", "turnout.dev/request-port"): "--router-port",
+    ("router", "turnout.dev/event-port"): "--router-event-port",
     ("router", "turnout.dev/metrics-port"): "--router-metrics-port",
     ("worker", "turnout.dev/request-port"): "--worker-port",
     ("worker", "turnout.dev/event-port"): "--worker-event-port",
