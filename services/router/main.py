@@ -3,8 +3,9 @@
 Reads top-down: the config builds the parts (selection, accounting, migration, liveness, event
 intake, the /v1/route preview); `run()` binds the frontend-facing ROUTER socket, registers, runs
 the loops until SIGTERM/SIGINT and shuts down; then the loops; then what happens to a worker
-that comes (one DEALER and one event subscription each), goes, or is lost (its requests continue
-on another worker from the next token). Does not own HTTP or tokenization (frontend) or
+that comes (one DEALER and one event subscription each) or goes; what a lost worker's requests
+do is `worker_loss.py`'s, and being one router among several (frontends' pings, replica sync,
+the drain on SIGTERM) is `replicas.py`'s. Does not own HTTP or tokenization (frontend) or
 scheduling (workers).
 """
 
@@ -22,12 +23,11 @@ import zmq
 import zmq.asyncio
 
 from common.discovery import open_discovery
-from common.event_plane import EventPublisher, EventSubscriber
+from common.event_plane import EventSubscriber
 from common.malformed import MalformedFrames
 from common.messages import (
     KIND_CANCEL,
     KIND_GENERATE,
-    KIND_PING,
     KIND_TOKENS,
     ROLE_ROUTER,
     ROLE_WORKER,
@@ -35,10 +35,8 @@ from common.messages import (
     TOPIC_KV,
     TOPIC_LOAD,
     TOPIC_ROUTER_USAGE,
-    Cancel,
     Instance,
     cancel_decoder,
-    encoder,
     generate_decoder,
     token_batch_decoder,
 )
@@ -48,15 +46,14 @@ from common.transport import bind_socket, tune_stream_socket
 from services.router.accounting import Accounting
 from services.router.args import RouterConfig
 from services.router.events import EventIntake
-from services.router.frontend_liveness import FrontendLiveness, ping_workers
-from services.router.handback import HandBack
 from services.router.liveness import CAUSE_CRASH, CAUSE_HANG, Liveness
 from services.router.metrics import RouterMetrics
 from services.router.migration import Migration
-from services.router.replica_sync import ReplicaSync
+from services.router.replicas import Replicas
 from services.router.route_api import RouteApi
 from services.router.selection import build_selection
 from services.router.streams import Streams, send_error
+from services.router.worker_loss import WorkerLoss
 from services.router.worker_pool import WorkerHandle, WorkerPool
 
 log = logging.getLogger("turnout.router")
@@ -64,7 +61,7 @@ log = logging.getLogger("turnout.router")
 MALFORMED = (msgspec.DecodeError, msgspec.ValidationError)
 
 
-class Router:
+class Router(WorkerLoss):
     def __init__(self, config: RouterConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.service = Service(ROLE_ROUTER, config.router_id)
@@ -89,13 +86,8 @@ class Router:
         self.intake = EventIntake(self.pool, self.liveness, self.metrics, self.kv_index,
                                   self.worker_recovered, clock)
         self.route_api = RouteApi(self.selector, self.metrics)
-        self.frontend_liveness = FrontendLiveness(self.frontends,
-                                                  config.frontend_timeout_ms / 1000, clock)
-        self.handback = HandBack(self.frontends, self.accounting, self.streams.parking,
-                                 self.migration, self.metrics)
-        self.publisher: EventPublisher | None = None
-        self.replicas = ReplicaSync(self.router_id, self.pool, None,
-                                    3 * config.heartbeat_interval_ms / 1000, clock)
+        self.replicas = Replicas(self.router_id, config, self.frontends, self.pool,
+                                 self.streams, self.metrics, clock)
         topics = [TOPIC_HEARTBEAT, TOPIC_LOAD, TOPIC_ROUTER_USAGE] + (
             [TOPIC_KV] if self.kv_index is not None else [])
         self.subscriber = EventSubscriber(self.ctx, topics, on_gap=self.intake.on_gap,
@@ -123,36 +115,27 @@ class Router:
             tune_stream_socket(self.frontends)
             endpoint = bind_socket(self.frontends, cfg.host, cfg.router_port, cfg.advertise_host)
             metrics_port = await self.status.start()
-            self.publisher = EventPublisher(self.ctx, self.router_id, cfg.host,
-                                            cfg.router_event_port, cfg.advertise_host)
-            service.on_shutdown("event publisher", self.publisher.close)
-            if cfg.replica_sync:
-                self.replicas.publisher = self.publisher
+            events = self.replicas.start(self.ctx, service)
             service.on_shutdown("status server", self.status.close)
             service.on_shutdown("discovery", self.discovery.close)
             service.spawn("frontends", self.serve_frontends())
             service.spawn("discovery watch", self.watch_workers())
             service.spawn("events", self.consume_events())
             service.spawn("liveness", self.watch_liveness())
-            service.spawn("router replicas", self.watch_routers())
+            service.spawn("router replicas",
+                          self.replicas.watch_routers(self.discovery, self.subscriber))
             service.on_shutdown("unregister", lambda: self.discovery.unregister(self.router_id))
             host = cfg.advertise_host or cfg.host
             await self.discovery.register(Instance(
                 id=self.router_id, role=ROLE_ROUTER,
-                endpoints={"request": endpoint, "events": self.publisher.endpoint,
+                endpoints={"request": endpoint, "events": events,
                            "metrics": f"http://{host}:{metrics_port}/metrics",
                            "http": f"http://{host}:{metrics_port}"},  # + /v1/route, /health
                 metadata={"mode": cfg.router_mode, "pid": os.getpid(), "started": time.time()}))
-            service.on_shutdown("hand back streams", self.drain)  # first thing on SIGTERM
+            # First thing on SIGTERM: hand every stream back, to resume on another router.
+            service.on_shutdown("drain", lambda: self.replicas.drain(self.discovery))
             log.info("router ready", extra={"fields": {"id": self.router_id, "request": endpoint}})
             await service.run()
-
-    async def drain(self) -> None:
-        """Stop taking requests and give every stream back to its frontend, which resumes it
-        through another router; linger a moment for requests already on their way."""
-        await self.discovery.unregister(self.router_id)
-        self.handback.start()
-        await asyncio.sleep(max(0.2, 2 * self.liveness.period))
 
     # -- loops ---------------------------------------------------------------------------------
 
@@ -163,16 +146,12 @@ class Router:
                 self.malformed["request"].drop(f"{len(frames)} frames")
                 continue
             ident, kind, payload = frames
-            if kind == KIND_PING:
-                self.frontend_liveness.on_ping(ident)
+            if self.replicas.on_frame(ident, kind):
                 continue
-            self.frontend_liveness.on_frame(ident)
             try:
                 if kind == KIND_GENERATE:
                     request = generate_decoder.decode(payload)
-                    if self.handback.active:
-                        self.handback.give_back(ident, [request.request_id])
-                    else:
+                    if not self.replicas.gave_back(ident, request):
                         self.streams.on_generate(ident, request, payload)
                 elif kind == KIND_CANCEL:
                     self.streams.on_cancel(cancel_decoder.decode(payload).request_id)
@@ -225,7 +204,7 @@ class Router:
             worker = self.pool.workers.get(env.publisher_id)
             try:
                 if topic == TOPIC_ROUTER_USAGE:
-                    self.replicas.on_event(env.payload)
+                    self.replicas.sync.on_event(env.payload)
                 elif worker is not None:
                     self.intake.on_event(worker, topic, env.payload)
             except MALFORMED as exc:
@@ -241,11 +220,9 @@ class Router:
         on_time = self.liveness.check_on_time()
         if self.streams.waiting:
             self.streams.retry()
-        ping_workers(w.socket for w in self.pool.workers.values())
+        self.replicas.check(on_time)
         if not on_time:
-            self.frontend_liveness.pause()
             return
-        self.check_replicas()
         if self.kv_index is not None:
             self.metrics.index_blocks.set(self.kv_index.num_blocks())
             self.metrics.index_entries.set(self.kv_index.num_entries())
@@ -254,37 +231,6 @@ class Router:
             self.worker_lost(worker, cause)
         for worker in self.liveness.convictions(workers):
             self.worker_convicted(worker)
-
-    # -- router replicas and frontends ---------------------------------------------------------
-
-    async def watch_routers(self) -> None:
-        """Subscribe to every other router's event plane (replica sync)."""
-        async for event in self.discovery.watch(role=ROLE_ROUTER):
-            events = event.instance.endpoints.get("events", "")
-            if event.instance.id == self.router_id or not events:
-                continue
-            if event.kind == "removed":
-                self.subscriber.disconnect(events)
-                self.replicas.forget(event.instance.id)
-            elif event.kind == "added":
-                self.subscriber.connect(events)
-
-    def check_replicas(self) -> None:
-        """Publish our usage snapshot, expire silent peers, cancel gone frontends' requests."""
-        self.replicas.publish_snapshot()
-        self.replicas.expire()
-        self.metrics.peer_routers.set(len(self.replicas.heard))
-        for frontend in self.frontend_liveness.lost():
-            orphans = self.frontend_liveness.orphans(frontend, self.accounting,
-                                                     self.streams.parking)
-            self.metrics.frontends_lost.inc()
-            self.metrics.orphans_cancelled.inc(len(orphans))
-            log.warning("frontend gone; cancelling its requests", extra={"fields": {
-                "requests": len(orphans)}})
-            for request_id in orphans:
-                self.streams.on_cancel(request_id)
-            if orphans:  # if it was only stalled, it resumes them instead of hanging
-                self.handback.give_back(frontend, orphans, draining=False)
 
     # -- workers coming, going, lost -----------------------------------------------------------
 
@@ -323,68 +269,6 @@ class Router:
             self.pool.mark_dead(worker)
         else:
             self.pool.close(worker)
-
-    def worker_lost(self, worker: WorkerHandle, cause: str) -> None:
-        """Take `worker` out of routing and move its requests. A dropped connection closes it
-        for good; a suspect (silent or stalled, connection open) is told to drop the moved
-        requests, and re-admitted if it shows life again (`worker_recovered`)."""
-        loss = self.liveness.declare_lost(worker, cause)
-        if loss is None:
-            return
-        if loss.first:
-            log.warning("worker declared dead", extra={"fields": {
-                "worker": worker.id, "cause": cause, "silent_ms": round(loss.silent_s * 1000),
-                "inflight": worker.inflight}})
-            self.metrics.worker_deaths.labels(cause).inc()
-            self.metrics.detection_seconds.observe(loss.silent_s)
-        self.migration.worker_lost(worker)
-        self._forget_kv(worker.id)
-        moved = self.accounting.on_worker(worker)
-        if cause == CAUSE_HANG:
-            # Long prefills stay until the silence is convicted (or the worker is back).
-            held = [e for e in moved if self.liveness.holds(e)]
-            if held:
-                moved = [e for e in moved if not self.liveness.holds(e)]
-                log.info("holding long prefills on the suspect until conviction",
-                         extra={"fields": {"worker": worker.id, "held": len(held)}})
-        if loss.crashed:
-            self._retire(worker, dead=True)
-        else:
-            for entry in moved:  # if it wakes up, it must not keep computing these
-                worker.socket.send_multipart([KIND_CANCEL,
-                                              encoder.encode(Cancel(entry.request_id))])
-        for entry in moved:
-            self.migration.migrate(entry, cause)
-        self._update_worker_gauges()
-
-    def worker_convicted(self, worker: WorkerHandle) -> None:
-        """A hang suspect's silence is now certain: the long prefills it held move too."""
-        log.warning("suspected worker convicted; moving the long prefills it held",
-                    extra={"fields": {"worker": worker.id, "held": worker.inflight}})
-        self._move_all(worker, CAUSE_HANG)
-
-    def _move_all(self, worker: WorkerHandle, cause: str) -> None:
-        """Every request still on `worker` continues elsewhere; the worker is told to drop
-        them, should it wake up."""
-        moved = self.accounting.on_worker(worker)
-        if not moved:
-            return
-        self.migration.worker_lost(worker)
-        for entry in moved:
-            worker.socket.send_multipart([KIND_CANCEL, encoder.encode(Cancel(entry.request_id))])
-        for entry in moved:
-            self.migration.migrate(entry, cause)
-
-    def worker_recovered(self, worker: WorkerHandle) -> None:
-        log.warning("suspected worker is alive again; resyncing and re-admitting",
-                    extra={"fields": {"worker": worker.id}})
-        self.metrics.worker_recoveries.inc()
-        if self.kv_index is not None:
-            worker.synced = True
-            self.intake.resync(worker)
-        self._update_worker_gauges()
-        if self.streams.waiting:
-            self.streams.retry()
 
     def _forget_kv(self, worker_id: str) -> None:
         if self.kv_index is not None:
