@@ -21,3 +21,9 @@ class FrontendConfig(ProcessConfig):
                                          "this many periods is hung: its streams resume through "
                                          "another router")
     api_key: str = opt("", help="when set, requests need 'Authorization: Bearer <key>'")
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval_ms <= 0:
+            raise ValueError("--heartbeat-interval-ms must be > 0")
+        if self.missed_heartbeats < 1:
+            raise ValueError("--missed-heartbeats must be >= 1")

@@ -56,3 +56,7 @@ class RouterConfig(ProcessConfig):
     frontend_timeout_ms: int = opt(500, help="a frontend that pinged and has been silent this "
                                              "long is gone: its requests are cancelled on the "
                                              "workers")
+
+    def __post_init__(self) -> None:
+        if self.frontend_timeout_ms <= 0:
+            raise ValueError("--frontend-timeout-ms must be > 0")
