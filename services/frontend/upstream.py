@@ -195,12 +195,13 @@ class RouterClient:
         but `exclude`, when given)."""
         ids = [rid for rid, e in self.streams.items() if e.router == router_id] \
             if only is None else [rid for rid in only if rid in self.streams]
-        if only is None:
+        old = self.routers.get(router_id)
+        if only is None and old is not None and not old.lost_counted:
+            old.lost_counted = True  # once per loss, however many ways it shows
             self.metrics.routers_lost.labels(why).inc()
         if ids:
             log.warning("router lost; resuming its streams elsewhere", extra={"fields": {
                 "router": router_id, "why": why, "streams": len(ids)}})
-        old = self.routers.get(router_id)
         for rid in ids:
             entry = self.streams[rid]
             if entry.router != router_id:
@@ -272,9 +273,9 @@ class RouterClient:
                 self.routers[inst.id] = _RouterLink(self, inst)
 
     def _forget(self, link: _RouterLink) -> None:
+        self.router_lost(link.router_id, "left")
         self.routers.pop(link.router_id, None)
         link.close()
-        self.router_lost(link.router_id, "left")
 
     def deliver(self, payload: bytes, router_id: str = "") -> None:
         try:
@@ -312,6 +313,7 @@ class RouterClient:
         link = self.routers.get(router_id)
         if link is not None and not link.draining:
             link.draining = True
+            link.lost_counted = True
             self.metrics.routers_lost.labels("draining").inc()
         self.router_lost(router_id, "draining", only=ids)
 
@@ -330,6 +332,7 @@ class _RouterLink:
         self.hung = False  # declared hung by silence; any frame from it lifts that
         self.draining = False  # it gave its streams back or left discovery: nothing new
         self.ponged = False  # it answers pings (only then is its silence a verdict)
+        self.lost_counted = False  # its loss is in the metrics (until it is back)
         self.heard_at = asyncio.get_running_loop().time()
         self.inflight = 0
         self.task = asyncio.create_task(self._read(client))
@@ -340,6 +343,7 @@ class _RouterLink:
             self.up = connected and not self.hung
             if connected:
                 self.heard_at = asyncio.get_running_loop().time()
+                self.lost_counted = self.draining
             else:
                 client.fail_streams(self.router_id)
 
@@ -351,6 +355,7 @@ class _RouterLink:
             if self.hung:
                 self.hung = False
                 self.up = self.dealer.connected
+                self.lost_counted = self.draining
             if len(frames) == 2 and frames[0] == KIND_TOKENS:
                 client.deliver(frames[1], self.router_id)
             elif len(frames) == 2 and frames[0] == KIND_PONG:
