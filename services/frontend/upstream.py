@@ -37,6 +37,7 @@ from common.messages import (
 from common.monitored_dealer import MonitoredDealer
 from services.frontend.stream_resume import OpenStream
 from services.frontend.upstream_metrics import UpstreamMetrics
+from services.router.failure_detector import DetectorSettings, PhiAccrualDetector
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class RouterClient:
         self.streams: dict[str, OpenStream] = {}
         self.heartbeat_s = heartbeat_s
         self.silence_s = heartbeat_s * missed_heartbeats
+        self.detector_settings = DetectorSettings.for_heartbeats(heartbeat_s, missed_heartbeats)
         self._tasks: list[asyncio.Task[None]] = []
         # Derived from discovery on every change, not per request.
         self._models: list[str] = []
@@ -136,7 +138,8 @@ class RouterClient:
     # -- Upstream ------------------------------------------------------------------------------
 
     def served_models(self) -> list[str]:
-        return self._models if any(link.up for link in self.routers.values()) else []
+        return self._models if any(link.up or (link.hung and link.dealer.connected)
+                                   for link in self.routers.values()) else []
 
     def max_model_len(self, model: str) -> int | None:
         """The smallest context any worker of `model` accepts (None: no worker says)."""
@@ -174,9 +177,10 @@ class RouterClient:
             link.inflight -= 1
             link.socket.send_multipart([KIND_CANCEL, encoder.encode(Cancel(request_id))])
 
-    def _pick(self, exclude: str = "") -> _RouterLink | None:
+    def _pick(self, exclude: str = "", hung_ok: bool = True) -> _RouterLink | None:
         """The usable router with the fewest streams in flight (None: there is none); ties
-        rotate, so sequential requests do not all go to the first router."""
+        rotate, so sequential requests do not all go to the first router. With `hung_ok`, a
+        connected router declared hung is the last resort (the verdict may be a busy host's)."""
         links = list(self.routers.values())
         self._turn += 1
         best: _RouterLink | None = None
@@ -185,6 +189,10 @@ class RouterClient:
             if link.up and not link.draining and link.router_id != exclude and (
                     best is None or link.inflight < best.inflight):
                 best = link
+        if best is None and hung_ok:
+            best = min((link for link in links if link.hung and link.dealer.connected
+                        and not link.draining and link.router_id != exclude),
+                       key=lambda link: link.inflight, default=None)
         return best
 
     # -- routers lost: their streams resume elsewhere -------------------------------------------
@@ -210,7 +218,11 @@ class RouterClient:
                 old.inflight -= 1
                 if why == "hung":  # should it wake up, it must not keep the work going
                     old.socket.send_multipart([KIND_CANCEL, encoder.encode(Cancel(rid))])
-            link = self._pick(exclude=router_id if exclude is None else exclude)
+            # Off a hung router only to a healthy one: if every other router looks hung too,
+            # the host is more likely busy than they all dead; the stream stays and waits.
+            link = self._pick(router_id if exclude is None else exclude, hung_ok=why != "hung")
+            if link is None and why == "hung":
+                continue
             if link is None:
                 del self.streams[rid]
                 self.metrics.resume_failed.inc()
@@ -244,7 +256,8 @@ class RouterClient:
             for link in list(self.routers.values()):
                 link.socket.send_multipart([KIND_PING, b""])
                 silent = now - link.heard_at
-                if on_time and link.up and link.ponged and silent > self.silence_s:
+                if on_time and link.up and link.pongs is not None and silent > self.silence_s \
+                        and link.pongs.suspicious(now):
                     link.up = False
                     link.hung = True
                     self.metrics.detection.observe(silent)
@@ -331,7 +344,11 @@ class _RouterLink:
         self.up = True  # optimistic until a drop: requests queue while it connects
         self.hung = False  # declared hung by silence; any frame from it lifts that
         self.draining = False  # it gave its streams back or left discovery: nothing new
-        self.ponged = False  # it answers pings (only then is its silence a verdict)
+        # The rhythm of its pongs (None: it never answered a ping, and its silence says
+        # nothing): phi-accrual, as routers judge workers, so a router on a busy host gets the
+        # slack its irregular pongs have shown, while a frozen one on a quiet host is caught in
+        # ~0.4 s.
+        self.pongs: PhiAccrualDetector | None = None
         self.lost_counted = False  # its loss is in the metrics (until it is back)
         self.heard_at = asyncio.get_running_loop().time()
         self.inflight = 0
@@ -359,7 +376,10 @@ class _RouterLink:
             if len(frames) == 2 and frames[0] == KIND_TOKENS:
                 client.deliver(frames[1], self.router_id)
             elif len(frames) == 2 and frames[0] == KIND_PONG:
-                self.ponged = True
+                if self.pongs is None:
+                    self.pongs = PhiAccrualDetector(client.detector_settings, self.heard_at)
+                else:
+                    self.pongs.heartbeat(self.heard_at)
             elif len(frames) == 2 and frames[0] == KIND_RESUME_ELSEWHERE:
                 client.resume_elsewhere(frames[1], self.router_id)
             else:

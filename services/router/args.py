@@ -53,10 +53,12 @@ class RouterConfig(ProcessConfig):
     replica_sync: bool = opt(True, help="share this router's placements with the other router "
                                         "replicas (--no-replica-sync: each counts only its own "
                                         "until load reports arrive)")
-    frontend_timeout_ms: int = opt(500, help="a frontend that pinged and has been silent this "
-                                             "long is gone: its requests are cancelled on the "
-                                             "workers")
+    frontend_timeout_ms: int = opt(3000, help="a frontend that pinged and has been silent "
+                                              "this long is gone whatever its pings' history "
+                                              "(earlier when they were regular: ~0.4 s); its "
+                                              "requests are cancelled on the workers")
 
     def __post_init__(self) -> None:
-        if self.frontend_timeout_ms <= 0:
-            raise ValueError("--frontend-timeout-ms must be > 0")
+        if self.frontend_timeout_ms < self.heartbeat_interval_ms * self.missed_heartbeats:
+            raise ValueError("--frontend-timeout-ms must be at least --heartbeat-interval-ms x "
+                             "--missed-heartbeats")

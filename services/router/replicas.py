@@ -43,7 +43,8 @@ class Replicas:
         self.streams = streams
         self.metrics = metrics
         self.period = config.heartbeat_interval_ms / 1000
-        self.frontends = FrontendLiveness(frontends, config.frontend_timeout_ms / 1000, clock)
+        self.frontends = FrontendLiveness(frontends, self.period, config.missed_heartbeats,
+                                          config.frontend_timeout_ms / 1000, clock)
         self.handback = HandBack(frontends, streams.accounting, streams.parking,
                                  streams.migration, metrics)
         self.sync = ReplicaSync(router_id, pool, None, 3 * self.period, clock)

@@ -83,7 +83,7 @@ def run(tmp_path: Path,
         try:
             deadline = asyncio.get_running_loop().time() + 10
             while not (len(client.routers) == 2 and all(
-                    link.ponged for link in client.routers.values())):
+                    link.pongs is not None for link in client.routers.values())):
                 assert asyncio.get_running_loop().time() < deadline, "routers never ponged"
                 await asyncio.sleep(0.01)
             await body(client, r1, r2)

@@ -28,22 +28,41 @@ from services.router.replica_sync import ReplicaSync
 from tests.router.fakes import FakeClock, FakeSocket, Wiring, pool_of, request, sent, worker
 
 
+def pinged(live: FrontendLiveness, clock: FakeClock, frontend: bytes, times: int,
+           every: float) -> None:
+    for _ in range(times):
+        live.on_ping(frontend)
+        clock.advance(every)
+
+
 def test_a_ping_is_answered_and_a_silent_frontend_is_lost_once() -> None:
     clock, sock = FakeClock(), FakeSocket()
-    live = FrontendLiveness(sock, timeout_s=0.5, clock=clock)
-    live.on_ping(b"fe1")
+    live = FrontendLiveness(sock, 0.1, 3, timeout_s=3.0, clock=clock)
+    pinged(live, clock, b"fe1", 50, 0.1)  # regular pings
     live.on_frame(b"fe2")  # never pinged: an old frontend, never judged
-    assert sock.sent == [[b"fe1", KIND_PONG, b""]]
-    clock.advance(0.4)
+    assert sock.sent[0] == [b"fe1", KIND_PONG, b""] and len(sock.sent) == 50
+    clock.advance(0.2)  # silent 0.3 s: within the floor
     assert live.lost() == []
-    clock.advance(0.2)
+    clock.advance(0.3)  # 0.6 s after regular pings: gone
     assert live.lost() == [b"fe1"]
     assert live.lost() == []
 
 
+def test_a_frontend_with_irregular_pings_gets_slack_but_not_past_the_timeout() -> None:
+    clock = FakeClock()
+    live = FrontendLiveness(FakeSocket(), 0.1, 3, timeout_s=3.0, clock=clock)
+    for i in range(50):  # a busy host: pings 0.1 s to 0.4 s apart
+        live.on_ping(b"fe")
+        clock.advance(0.4 if i % 3 == 0 else 0.1)
+    clock.advance(0.5)  # 0.6 s: lost for a regular frontend, not for this one
+    assert live.lost() == []
+    clock.advance(2.5)
+    assert live.lost() == [b"fe"]
+
+
 def test_a_router_that_did_not_run_judges_nobody() -> None:
     clock = FakeClock()
-    live = FrontendLiveness(FakeSocket(), timeout_s=0.5, clock=clock)
+    live = FrontendLiveness(FakeSocket(), 0.1, 3, timeout_s=3.0, clock=clock)
     live.on_ping(b"fe1")
     clock.advance(5)  # this router was frozen
     live.pause()
@@ -55,7 +74,7 @@ def test_a_gone_frontends_requests_are_cancelled_on_their_workers() -> None:
     wiring = Wiring(RoundRobin(), a)
     wiring.streams.on_generate(b"fe1", request("r1"), b"p1")
     wiring.streams.on_generate(b"fe2", request("r2"), b"p2")
-    live = FrontendLiveness(wiring.frontends, timeout_s=0.5, clock=wiring.clock)
+    live = FrontendLiveness(wiring.frontends, 0.1, 3, timeout_s=3.0, clock=wiring.clock)
     orphans = live.orphans(b"fe1", wiring.accounting, wiring.streams.parking)
     assert orphans == ["r1"]
     for rid in orphans:
