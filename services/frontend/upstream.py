@@ -214,15 +214,15 @@ class RouterClient:
             entry = self.streams[rid]
             if entry.router != router_id:
                 continue
-            if old is not None:
-                old.inflight -= 1
-                if why == "hung":  # should it wake up, it must not keep the work going
-                    old.socket.send_multipart([KIND_CANCEL, encoder.encode(Cancel(rid))])
             # Off a hung router only to a healthy one: if every other router looks hung too,
             # the host is more likely busy than they all dead; the stream stays and waits.
             link = self._pick(router_id if exclude is None else exclude, hung_ok=why != "hung")
             if link is None and why == "hung":
                 continue
+            if old is not None:
+                old.inflight -= 1
+                if why == "hung":  # should it wake up, it must not keep the work going
+                    old.socket.send_multipart([KIND_CANCEL, encoder.encode(Cancel(rid))])
             if link is None:
                 del self.streams[rid]
                 self.metrics.resume_failed.inc()
@@ -253,6 +253,7 @@ class RouterClient:
             last = now
             self.metrics.routers.set(sum(1 for link in self.routers.values()
                                          if link.up and not link.draining))
+            hung = []
             for link in list(self.routers.values()):
                 link.socket.send_multipart([KIND_PING, b""])
                 silent = now - link.heard_at
@@ -261,7 +262,9 @@ class RouterClient:
                     link.up = False
                     link.hung = True
                     self.metrics.detection.observe(silent)
-                    self.router_lost(link.router_id, "hung")
+                    hung.append(link.router_id)
+            for router_id in hung:  # all verdicts first: nothing moves to a router judged now
+                self.router_lost(router_id, "hung")
 
     # -- plumbing ------------------------------------------------------------------------------
 

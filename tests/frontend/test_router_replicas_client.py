@@ -186,3 +186,35 @@ def test_a_dropped_router_has_its_streams_resumed_at_once(tmp_path: Path) -> Non
         await resume_after(drop, client, r1, r2, late=False)
 
     run(tmp_path, body)
+
+
+def test_when_every_router_looks_hung_streams_stay_and_new_requests_still_go(
+        tmp_path: Path) -> None:
+    """A host so busy that no router answers in time: nothing is moved to a router that is
+    itself suspected, nothing is cancelled, and the stream finishes once its router answers."""
+    async def body(client: RouterClient, r1: FakeRouter, r2: FakeRouter) -> None:
+        stream = client.open(request("x"))
+        first = client.routers[client.streams["x"].router]
+        old, other = (r1, r2) if first.router_id == "r1" else (r2, r1)
+        ident, _ = await old.next_request()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        for silenced in (other, old):  # the other one first: then nothing is healthy
+            silenced.answering = False
+            link = client.routers["r1" if silenced is r1 else "r2"]
+            while not link.hung:
+                assert loop.time() < deadline, "a silent router was never declared hung"
+                await asyncio.sleep(0.01)
+        assert other.generated.empty() and old.cancelled == []
+        assert client.streams["x"].router == first.router_id
+        client.open(request("y"))  # the last resort: a router declared hung
+        _, sent = await (r1 if client.streams["y"].router == "r1" else r2).next_request()
+        assert sent.request_id == "y"
+        old.answering = other.answering = True
+        await old.send(ident, TokenChunk("x", [1], num_prompt_tokens=3),
+                       TokenChunk("x", [2], FINISH_LENGTH))
+        chunks = await chunks_of(stream)
+        assert [t for c in chunks for t in c.token_ids] == [1, 2]
+        assert client.metrics.resumed._value.get() == 0
+
+    run(tmp_path, body)
