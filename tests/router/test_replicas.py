@@ -20,9 +20,10 @@ from common.messages import (
     encoder,
     resume_elsewhere_decoder,
 )
+from services.router.accounting import Accounting, RoutedRequest
 from services.router.frontend_liveness import FrontendLiveness
 from services.router.handback import HandBack
-from services.router.kv_policy import load_of
+from services.router.kv_policy import KvAwarePolicy, load_of
 from services.router.policies import LeastLoaded, RoundRobin
 from services.router.replica_sync import ReplicaSync
 from tests.router.fakes import FakeClock, FakeSocket, Wiring, pool_of, request, sent, worker
@@ -185,3 +186,51 @@ def test_a_resume_goes_to_the_worker_that_served_it_and_names_it() -> None:
         assert [c[0][0][-1] for c in chunks] == ["b", ""]
         wiring.streams.on_cancel("r1")
     assert wiring.metrics.resumes._value.get() == 2
+
+
+class FixedIndex:
+    def __init__(self, overlaps: dict[str, int]) -> None:
+        self.overlaps = overlaps
+
+    def find_matches(self, hashes: list[int]) -> dict[str, int]:
+        return dict(self.overlaps)
+
+
+def pile_up(sync: bool) -> dict[str, int]:
+    """Two routers take turns placing 12 requests whose prefix one worker caches, between two
+    load reports (so only their own accounting, and with sync each other's, is fresh): how
+    many requests each worker gets."""
+    async def run() -> dict[str, int]:
+        routers = []
+        for name in ("A", "B"):
+            handles = [worker(f"w{i}") for i in range(1, 5)]
+            publisher = FakePublisher()
+            replica = ReplicaSync(name, pool_of(*handles), publisher if sync else None, 1.0)
+            policy = KvAwarePolicy(FixedIndex({"w1": 6}))  # type: ignore[arg-type]
+            routers.append((handles, Accounting(on_change=replica.changed), policy, replica,
+                            publisher))
+        for i in range(12):
+            handles, accounting, policy, _, publisher = routers[i % 2]
+            req = request(f"r{i}", tokens=32)
+            decision = policy.decide(req, handles)
+            policy.commit(decision)
+            accounting.place(RoutedRequest(req, b"fe"), decision)
+            await asyncio.sleep(0)  # the sync flush
+            other = routers[(i + 1) % 2][3]
+            for _, body in publisher.published:
+                other.on_event(encoder.encode(body))
+            publisher.published.clear()
+        return {h.id: h.inflight + routers[1][0][n].inflight
+                for n, h in enumerate(routers[0][0])}
+
+    return asyncio.run(run())
+
+
+def test_replica_sync_keeps_two_routers_from_piling_onto_the_cached_worker() -> None:
+    without, with_sync = pile_up(False), pile_up(True)
+    assert sum(without.values()) == sum(with_sync.values()) == 12
+    # Without sync each router's hotspot guard sees half the load: the cached worker gets
+    # twice what one router would let it have; with sync, what one router would.
+    assert with_sync["w1"] < without["w1"], (with_sync, without)
+    assert max(with_sync.values()) - min(with_sync.values()) \
+        < max(without.values()) - min(without.values())
