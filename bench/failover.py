@@ -679,7 +679,7 @@ def summary(lines: list[dict[str, Any]]) -> dict[str, Any]:
         "turnout_hung_detection_router_s": hung_detect,
         "turnout_hung_fault_to_verdict_s": hung_verdict,
         "goal_zero_failed": all(v == 0 for k, v in failed.items() if k.startswith("turnout")),
-        "goal_hung_detection_under_0_5s": bool(hung_detect) and all(
+        "goal_hung_detection_under_0_5s": None if not hung_detect else all(
             d is not None and d < 0.5 for d in hung_detect),
         "goal_gap_ratio_at_most_0_2": None if ratio is None else ratio <= 0.2,
         "goal_router_faults_resume_gap_p99_at_most_0_5s": None if not router_faults else all(
