@@ -33,7 +33,7 @@ def prompt(i: int) -> str:
     return f"stream {i}: " + "tell me everything. " * 8
 
 
-async def run_streams(url: str, fault: Fault | None = None
+async def run_streams(url: str, fault: Fault | None = None, tokens: int = TOKENS
                       ) -> tuple[list[str], float, list[tuple[int, int]]]:
     """32 concurrent streams, `fault()` alongside: texts, longest token gap, (prompt,
     completion) usage of each."""
@@ -44,7 +44,7 @@ async def run_streams(url: str, fault: Fault | None = None
     async def one(i: int) -> str:
         nonlocal longest
         stream = await oai.completions.create(
-            model="mock", prompt=prompt(i), max_tokens=TOKENS, stream=True,
+            model="mock", prompt=prompt(i), max_tokens=tokens, stream=True,
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
         text, last = "", time.monotonic()
         async for chunk in stream:
@@ -125,6 +125,36 @@ def test_streams_survive_a_router_fault(deployment: Deployment, sig: int) -> Non
         gap = front.histogram("turnout_frontend_stream_resume_gap_seconds")
         assert gap.count > 0 and gap.buckets[0.5] == gap.count, gap
     assert longest < 5.0, f"longest token gap {longest:.2f} s (clean: {clean_longest:.2f} s)"
+
+
+def test_a_rolling_restart_of_every_router_under_load_loses_nothing(
+        deployment: Deployment) -> None:
+    """SIGTERM router-2, start router-3, SIGTERM router (the first), each once the frontend
+    uses the new one: the streams cross two drains and end with the clean run's text."""
+    start(deployment)
+    tokens = 4 * TOKENS  # long enough to outlast a restart
+    clean, _, clean_usage = asyncio.run(run_streams(deployment.url, tokens=tokens))
+    first, second = deployment.service("router"), deployment.service("router-2")
+
+    def routers_in_use(n: int) -> None:
+        wait_for(lambda: deployment.frontend_metrics().value("turnout_frontend_routers") == n,
+                 20, f"the frontend to use {n} routers", interval=0.02)
+
+    def roll() -> None:
+        second.signal(signal.SIGTERM)
+        wait_for(lambda: not second.alive(), 10, "router-2 to drain and exit", interval=0.02)
+        deployment.start_router(name="router-3")
+        routers_in_use(2)
+        first.signal(signal.SIGTERM)
+        wait_for(lambda: not first.alive(), 10, "router to drain and exit", interval=0.02)
+
+    faulty, _, usage = asyncio.run(run_streams(
+        deployment.url, when_carrying(second, deployment.workers(), roll), tokens=tokens))
+    assert faulty == clean and sorted(usage) == sorted(clean_usage)
+    assert (first.returncode, second.returncode) == (0, 0)
+    front = deployment.frontend_metrics()
+    assert front.value("turnout_frontend_routers_lost_total", why="draining") == 2
+    assert front.value("turnout_frontend_streams_resume_failed_total") == 0
 
 
 def test_a_dead_frontend_leaves_no_work_running(deployment: Deployment) -> None:
