@@ -15,6 +15,7 @@ issue. Every process it starts is killed on exit.
 Does not own the HTTP client (`bench/load_client.py`) or the servers' code.
 
     python bench/failover.py [--systems turnout,dynamo] [--faults kill,stop,term]
+                             [--faults router-kill,router-stop,router-term,frontend-kill]
                              [--prompts short,long] [--streams 32] [--tokens 512] [--stall-cap 60]
 
 Progress goes to stderr, JSON lines to stdout.
@@ -64,7 +65,12 @@ from turnout.testing.deployment import scrape_async  # noqa: E402
 DYNAMO_START = Path(os.environ.get("DYNAMO_ANCHOR", "/work/shared/anchors/dynamo")) / "start.sh"
 DYNAMO_INSTALL = DYNAMO_START.parent / "install.sh"
 DYNAMO_VENV = Path(os.environ.get("DYNAMO_VENV", "/tmp/dynamo-anchor"))
-FAULTS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}
+FAULTS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM,
+          # Turnout only (two routers): one router killed, frozen or drained; the frontend
+          # killed (its clients' streams end with it; what counts is the work left running).
+          "router-kill": signal.SIGKILL, "router-stop": signal.SIGSTOP,
+          "router-term": signal.SIGTERM, "frontend-kill": signal.SIGKILL}
+ROUTER_FAULTS = ("router-kill", "router-stop", "router-term")
 WORKERS = 2
 
 
@@ -156,14 +162,14 @@ class TurnoutDeployment(Deployment):
     system = "turnout"
 
     def __init__(self, log_dir: Path, model: Path, router_mode: str, kv_replicas: int,
-                 migration_limit: int, extra_args: list[str]) -> None:
+                 migration_limit: int, extra_args: list[str], routers: int = 1) -> None:
         super().__init__(log_dir)
         # One log per process in log_dir; the services' own default lease, as `turnout up`.
         self.local = LocalDeployment(log_dir, lease_ttl_s=None)
         self.flags = ["--engine", "mocker", "--speedup-ratio", "1", "--router-mode", router_mode,
                       "--kv-replicas", str(kv_replicas), "--migration-limit",
                       str(migration_limit), "--model", str(model), "--log-level", "info",
-                      *extra_args]
+                      "--routers", str(routers), *extra_args]
 
     async def start(self, timeout_s: float) -> None:
         log(f"turnout: up-style flags {shlex.join(self.flags)} (logs {self.log_dir})")
@@ -418,7 +424,9 @@ async def run_scenario(sc: Scenario, args: argparse.Namespace, model: Path,
     dep: Deployment
     if sc.system == "turnout":
         dep = TurnoutDeployment(log_dir, model, args.router_mode, sc.kv_replicas or 0,
-                                args.migration_limit, shlex.split(args.turnout_args))
+                                args.migration_limit, shlex.split(args.turnout_args),
+                                routers=2 if sc.fault in (*ROUTER_FAULTS, "frontend-kill")
+                                else 1)
     else:
         dep = DynamoDeployment(log_dir, model, args.migration_limit)
     line: dict[str, Any] = {"bench": "failover", "system": sc.system, "fault": sc.fault,
@@ -430,6 +438,10 @@ async def run_scenario(sc: Scenario, args: argparse.Namespace, model: Path,
                                         args.startup_timeout)
         workers = dep.workers()
         target = workers[0]
+        if isinstance(dep, TurnoutDeployment) and sc.fault in ROUTER_FAULTS:
+            target = psutil.Process(dep.local.by_role("router")[1].pid)
+        elif isinstance(dep, TurnoutDeployment) and sc.fault == "frontend-kill":
+            target = psutil.Process(dep.local.frontend.pid)
         log(f"{sc.label()}: up in {time.monotonic() - t0:.1f}s; workers "
             f"{[w.pid for w in workers]}; fault target {target.pid}")
         before = await dep.router_metrics()
@@ -441,7 +453,7 @@ async def run_scenario(sc: Scenario, args: argparse.Namespace, model: Path,
             await asyncio.sleep(args.fault_at)
             fault_t, fault_wall = time.perf_counter(), time.time()
             target.send_signal(FAULTS[sc.fault])
-            log(f"{sc.label()}: sent SIG{FAULTS[sc.fault].name[3:]} to worker {target.pid}")
+            log(f"{sc.label()}: sent SIG{FAULTS[sc.fault].name[3:]} to {target.pid}")
 
         fault_task = asyncio.create_task(inject())
         result: LoadResult = await run_load(
@@ -466,7 +478,13 @@ async def run_scenario(sc: Scenario, args: argparse.Namespace, model: Path,
             **stream_figures(records, args.tokens, fault_t),
             "wall_s": round(max(ends) - first_start, 3) if ends else None,
         })
-        if isinstance(dep, TurnoutDeployment):
+        if isinstance(dep, TurnoutDeployment) and sc.fault == "frontend-kill":
+            line.update(await orphan_figures(dep, fault_t))
+        elif isinstance(dep, TurnoutDeployment) and sc.fault in ROUTER_FAULTS:
+            line.update(await router_fault_figures(dep))
+            line["continuity_mismatches"] = await continuity(
+                dep, model_name, prompts, records, references, sc.prompt, args)
+        elif isinstance(dep, TurnoutDeployment):
             line.update(await turnout_figures(dep, before, sc.fault, target.pid, fault_wall))
             line["continuity_mismatches"] = await continuity(
                 dep, model_name, prompts, records, references, sc.prompt, args)
@@ -525,6 +543,61 @@ async def turnout_figures(dep: TurnoutDeployment, before: Metrics | None,
     return out
 
 
+def _quantile(hist: Any, q: float) -> float | None:
+    """Upper bound of the bucket holding the q-quantile of a Prometheus histogram."""
+    if not hist.count:
+        return None
+    for le, n in sorted(hist.buckets.items()):
+        if n >= q * hist.count:
+            return float(le)
+    return None
+
+
+async def router_fault_figures(dep: TurnoutDeployment) -> dict[str, Any]:
+    """Router faults, by the frontend's clock: streams resumed, routers lost (why), hang
+    detection, and each resumed stream's pause (the lost router's last frame to the next
+    token through the other router)."""
+    front = await scrape_async(dep.local.frontend.metrics_url(), within_s=3.0)
+    gap = front.histogram("turnout_frontend_stream_resume_gap_seconds")
+    hang = front.histogram("turnout_frontend_router_hang_detection_seconds")
+    workers = [w.metrics() for w in dep.local.workers()]
+    return {
+        "streams_resumed": int(front.value("turnout_frontend_streams_resumed_total")),
+        "resume_failed": int(front.value("turnout_frontend_streams_resume_failed_total")),
+        "routers_lost": _by_label(front, "turnout_frontend_routers_lost_total", "why"),
+        "detection_frontend_s": None if hang.mean is None else round(hang.mean, 4),
+        "resume_gap_s_p50_le": _quantile(gap, 0.5),
+        "resume_gap_s_p99_le": _quantile(gap, 0.99),
+        "resume_gap_s_mean": None if gap.mean is None else round(gap.mean, 4),
+        "handovers": int(sum(m.value("turnout_worker_handovers_total") for m in workers)),
+    }
+
+
+async def orphan_figures(dep: TurnoutDeployment, fault_t: float) -> dict[str, Any]:
+    """Frontend killed: how long the workers kept running its requests (0 orphaned work is the
+    goal: the routers notice the silent frontend and cancel)."""
+    deadline = time.monotonic() + 30
+    cleared = None
+    while time.monotonic() < deadline:
+        busy = 0.0
+        for w in dep.local.workers():
+            m = w.metrics()
+            busy += (m.value("turnout_worker_running_requests")
+                     + m.value("turnout_worker_waiting_requests"))
+        if busy == 0:
+            cleared = round(time.perf_counter() - fault_t, 3)
+            break
+        await asyncio.sleep(0.02)
+    routers = [r.metrics() for r in dep.local.by_role("router") if r.alive()]
+    return {
+        "orphans_cleared_s": cleared,
+        "orphans_cancelled": int(sum(m.value("turnout_router_orphans_cancelled_total")
+                                     for m in routers)),
+        "frontends_lost": int(sum(m.value("turnout_router_frontends_lost_total")
+                                  for m in routers)),
+    }
+
+
 async def continuity(dep: TurnoutDeployment, model_name: str, prompts: list[str],
                      records: list[RequestRecord], references: dict[str, list[int]],
                      prompt_kind: str, args: argparse.Namespace) -> int | None:
@@ -559,6 +632,9 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
     for fault in args.faults:
         for prompt in args.prompts:
             for system in args.systems:
+                if system != "turnout" and fault in (*ROUTER_FAULTS, "frontend-kill"):
+                    log(f"{system} {fault}: not run (Dynamo's router lives in its frontend)")
+                    continue
                 if system == "turnout":
                     reps = args.long_replicas if prompt == "long" else [0]
                     out += [Scenario(system, fault, prompt, r) for r in reps]
@@ -583,8 +659,11 @@ def summary(lines: list[dict[str, Any]]) -> dict[str, Any]:
     if turnout_best and dynamo and dynamo.get("longest_gap_after_fault_s_max"):
         after_ratio = round(turnout_best["longest_gap_after_fault_s_max"]
                             / dynamo["longest_gap_after_fault_s_max"], 4)
+    # A killed frontend ends its clients' streams by nature: what counts there is orphaned work.
     failed = {f"{x['system']} {x['fault']} {x['prompt']} r={x['kv_replicas']}":
-              x.get("failed", "run error") for x in lines}
+              x.get("failed", "run error") for x in lines if x["fault"] != "frontend-kill"}
+    router_faults = [x for x in lines if x["fault"] in ROUTER_FAULTS and "error" not in x]
+    orphans = [x.get("orphans_cleared_s") for x in lines if x["fault"] == "frontend-kill"]
     hung = [x for x in lines if x["system"] == "turnout" and x["fault"] == "stop"
             and "error" not in x]
     hung_detect = [x["detection_router_s"] for x in hung]
@@ -600,9 +679,13 @@ def summary(lines: list[dict[str, Any]]) -> dict[str, Any]:
         "turnout_hung_detection_router_s": hung_detect,
         "turnout_hung_fault_to_verdict_s": hung_verdict,
         "goal_zero_failed": all(v == 0 for k, v in failed.items() if k.startswith("turnout")),
-        "goal_hung_detection_under_0_5s": bool(hung_detect) and all(
+        "goal_hung_detection_under_0_5s": None if not hung_detect else all(
             d is not None and d < 0.5 for d in hung_detect),
         "goal_gap_ratio_at_most_0_2": None if ratio is None else ratio <= 0.2,
+        "goal_router_faults_resume_gap_p99_at_most_0_5s": None if not router_faults else all(
+            (x.get("resume_gap_s_p99_le") or 0) <= 0.5 for x in router_faults),
+        "goal_no_orphaned_work_after_frontend_kill_1s": None if not orphans else all(
+            o is not None and o <= 1.0 for o in orphans),
     }
 
 
@@ -653,7 +736,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--systems", type=_list(("turnout", "dynamo")),
                         default=["turnout", "dynamo"])
-    parser.add_argument("--faults", type=_list(tuple(FAULTS)), default=list(FAULTS))
+    parser.add_argument("--faults", type=_list(tuple(FAULTS)), default=["kill", "stop", "term"],
+                        help="worker faults (kill, stop, term) and, Turnout only, "
+                             + ", ".join([*ROUTER_FAULTS, "frontend-kill"]))
     parser.add_argument("--prompts", type=_list(("short", "long")), default=["short", "long"])
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=512, help="max_tokens of every stream")

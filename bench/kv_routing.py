@@ -375,7 +375,25 @@ class TurnoutDeployment(Deployment):
             "router_kv_resyncs": int(m.value("turnout_router_kv_resyncs_total")),
             "router_event_gaps": int(m.value("turnout_router_event_gaps_total")),
             "router_kv_index_blocks": int(m.value("turnout_router_kv_index_blocks")),
+            "routers": len(self.local.by_role("router")),
+            **self.balance(),
         }
+
+    def balance(self) -> dict[str, Any]:
+        """Load balance across workers: prefill work (prompt tokens computed) and requests
+        admitted per worker, as max over mean (1.0: even). With router replicas this is
+        what replica sync is for."""
+        prefill, admitted = [], []
+        for worker in self.local.workers():
+            m = worker.metrics()
+            prefill.append(m.value("turnout_worker_prefill_tokens_total"))
+            admitted.append(sum(m.by_label("turnout_worker_requests_total", "outcome").values()))
+
+        def skew(xs: list[float]) -> float | None:
+            return round(max(xs) * len(xs) / sum(xs), 3) if xs and sum(xs) else None
+
+        return {"worker_prefill_max_over_mean": skew(prefill),
+                "worker_requests_max_over_mean": skew(admitted)}
 
 
 class DynamoDeployment(Deployment):

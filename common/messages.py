@@ -35,6 +35,11 @@ KIND_KV_BLOCKS: Final = b"\x06"  # KvPullReply, answer to KIND_KV_PULL
 # KvRelease, decode worker (or router) → prefill worker: the blocks held for a request's
 # hand-off may go (else they go when the request's lease expires).
 KIND_KV_RELEASE: Final = b"\x07"
+# Liveness of upstream peers on the request plane: a frontend pings each router, a router each
+# worker, every heartbeat period (empty payload); a router answers a frontend's ping with a pong.
+KIND_PING: Final = b"\x08"
+KIND_PONG: Final = b"\x09"
+KIND_RESUME_ELSEWHERE: Final = b"\x0a"  # ResumeElsewhere, router → frontend (router draining)
 
 # GenerateRequest.phase: how a worker serves the request.
 PHASE_AGGREGATED: Final = ""  # prompt and every token here
@@ -84,6 +89,9 @@ class GenerateRequest(Wire):
     # Prefill phase: how long the worker holds the prompt's blocks for the decode side when no
     # KvRelease comes (0: the worker's --kv-lease-ms).
     lease_ms: int = 0
+    # A resume after a router was lost: the worker that was serving it (its KV is there; it may
+    # still be running it and then hands the live request over).
+    previous_worker: str = ""
 
 
 class Cancel(Wire):
@@ -111,6 +119,9 @@ class TokenChunk(Wire):
     error_message: str = ""
     # Final chunk of a prefill-phase request: the engine's hand-off data for the decode side.
     kv_transfer_params: bytes = b""
+    # The worker serving the request, on the first chunk a router relays from it (a frontend
+    # names it as `previous_worker` when it resumes the stream through another router).
+    worker_id: str = ""
 
 
 class TokenBatch(Wire):
@@ -121,6 +132,16 @@ class KvDumpRequest(Wire):
     reason: str = ""
 
 
+class ResumeElsewhere(Wire):
+    """A draining router gives these streams back: the frontend resumes each on another router
+    (prompt + the tokens it already has), exactly as when a router dies."""
+
+    request_ids: list[str]
+    # False: not draining; it took the frontend for gone (silent) and cancelled these, so a
+    # frontend that was only stalled resumes them through any router, this one included.
+    draining: bool = True
+
+
 # ---------------------------------------------------------------------------------------------
 # Event plane. A message is [topic, EventEnvelope]; sequences count per (publisher, topic).
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +150,7 @@ TOPIC_HEARTBEAT: Final = b"hb"
 TOPIC_LOAD: Final = b"load"
 TOPIC_KV: Final = b"kv"
 TOPIC_FPM: Final = b"fpm"
+TOPIC_ROUTER_USAGE: Final = b"rusage"  # RouterUsage, router replica → router replicas
 
 
 class EventEnvelope(Wire):
@@ -158,6 +180,24 @@ class LoadReport(Wire):
     kv_total_blocks: int
     waiting: int
     running: int
+
+
+class WorkerShare(Wire):
+    """What one router has placed on one worker right now."""
+
+    worker_id: str
+    requests: int
+    active_blocks: int
+    pending_prefill_blocks: int
+
+
+class RouterUsage(Wire):
+    """Router replica sync: a router's own placements per worker, so the other replicas count
+    them before the worker's next load report. `full`: every worker (absent ones: zero)."""
+
+    router_id: str
+    workers: list[WorkerShare]
+    full: bool = False
 
 
 class ForwardPass(Wire):
@@ -261,3 +301,5 @@ heartbeat_decoder: Final = msgspec.msgpack.Decoder(Heartbeat)
 load_decoder: Final = msgspec.msgpack.Decoder(LoadReport)
 kv_batch_decoder: Final = msgspec.msgpack.Decoder(KvEventBatch)
 fpm_decoder: Final = msgspec.msgpack.Decoder(ForwardPassBatch)
+resume_elsewhere_decoder: Final = msgspec.msgpack.Decoder(ResumeElsewhere)
+router_usage_decoder: Final = msgspec.msgpack.Decoder(RouterUsage)

@@ -54,6 +54,8 @@ class UpConfig:
                                "--prefill-workers or --decode-workers is given)")
     prefill_workers: int = opt(0, help="number of prefill workers (--worker-mode prefill)")
     decode_workers: int = opt(0, help="number of decode workers (--worker-mode decode)")
+    routers: int = opt(1, help="number of router processes (replicas: each frontend spreads "
+                               "requests over them and resumes a lost one's streams elsewhere)")
     startup_timeout_s: float = opt(
         600.0, help="give up starting once no process still starting has shown progress (new "
                     "output, CPU time, a worker ready) for this long; 0: wait as long as it takes")
@@ -154,6 +156,12 @@ def plan(argv: Sequence[str]) -> Plan:
     if split and worker.worker_mode != "aggregated":
         raise SystemExit("turnout up: give either --worker-mode or --prefill-workers/"
                          "--decode-workers, not both")
+    if up.routers < 1:
+        raise SystemExit("turnout up: --routers must be at least 1")
+    if up.routers > 1 and (router.router_port or router.router_metrics_port
+                           or router.router_event_port):
+        raise SystemExit("turnout up: with --routers > 1 leave --router-port, "
+                         "--router-metrics-port and --router-event-port at 0")
     if up.startup_timeout_s < 0:
         raise SystemExit("turnout up: --startup-timeout-s must be >= 0 (0: no limit)")
     tmp: str | None = None
@@ -164,7 +172,14 @@ def plan(argv: Sequence[str]) -> Plan:
         for cfg in (frontend, router, worker):
             cfg.discovery = f"file:{tmp}"
     py = [sys.executable, "-m", "turnout"]
-    children = [Child("router", [*py, "router", *to_argv(router)])]
+    children = []
+    for i in range(up.routers):
+        rid = router.router_id and (f"{router.router_id}-{i + 1}" if up.routers > 1
+                                    else router.router_id)
+        r = dataclasses.replace(router, router_id=rid)
+        name = "router" if up.routers == 1 else f"router-{i + 1}"
+        # With replicas, one router lost is survived (its streams resume on the others).
+        children.append(Child(name, [*py, "router", *to_argv(r)], critical=up.routers == 1))
     engine_argv: list[str] = []
     for cfg in engines:
         engine_argv += to_argv(cfg)

@@ -21,6 +21,11 @@ class FrontendConfig(ProcessConfig):
     frontend_id: str = opt("", help="unique instance id (default: frontend-<pid>-<random>)")
     max_model_len: int = opt(0, help="context length the API enforces; 0: the smallest any "
                                      "worker of the model reports")
+    heartbeat_interval_ms: int = opt(100, help="period of the pings to each router (routers "
+                                               "answer them; a silent router is hung)")
+    missed_heartbeats: int = opt(3, help="a router that answered pings and then stays silent "
+                                         "this many periods is hung: its streams resume through "
+                                         "another router")
     api_key: str = opt("", help="when set, requests need 'Authorization: Bearer <key>' (one "
                                 "unrestricted key; see --api-keys-file for more)")
     api_keys_file: str = opt("", help="JSON or YAML list of API keys with per-key model "
@@ -54,6 +59,10 @@ class FrontendConfig(ProcessConfig):
     ssl_keyfile: str = opt("", help="PEM private key of --ssl-certfile")
 
     def __post_init__(self) -> None:
+        if self.heartbeat_interval_ms <= 0:
+            raise ValueError("--heartbeat-interval-ms must be > 0")
+        if self.missed_heartbeats < 1:
+            raise ValueError("--missed-heartbeats must be >= 1")
         for name in ("max_body_bytes", "max_header_bytes", "max_headers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")

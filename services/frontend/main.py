@@ -45,6 +45,7 @@ async def serve(config: FrontendConfig) -> None:
     from services.frontend.quotas import Quotas
     from services.frontend.tokenizer import load_tokenizer
     from services.frontend.upstream import RouterClient
+    from services.frontend.upstream_metrics import UpstreamMetrics
 
     async with Service(ROLE_FRONTEND, config.frontend_id) as service:
         service.install_signal_handlers()
@@ -53,11 +54,12 @@ async def serve(config: FrontendConfig) -> None:
         log.info("tokenizer loaded", extra={"fields": {
             "model": config.model or "builtin-bytes", "seconds": round(time.monotonic() - t0, 2)}})
         discovery = open_discovery(config.discovery, lease_ttl=config.lease_ttl_s)
-        upstream = RouterClient(discovery)
+        metrics = FrontendMetrics()
+        upstream = RouterClient(discovery, config.heartbeat_interval_ms / 1000,
+                                config.missed_heartbeats, UpstreamMetrics(metrics.registry))
         await upstream.start()
         service.on_shutdown("request plane", upstream.close)
         service.on_shutdown("discovery", discovery.close)
-        metrics = FrontendMetrics()
         api_keys = None
         if config.api_keys_file or config.api_key:
             # A keys file that does not parse at start-up is fatal; later, the last good one

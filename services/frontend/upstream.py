@@ -12,6 +12,7 @@ from typing import Protocol
 
 import msgspec
 import zmq.asyncio
+from prometheus_client import CollectorRegistry
 
 from common.discovery import Discovery
 from common.malformed import MalformedFrames
@@ -19,6 +20,9 @@ from common.messages import (
     FINISH_ERROR,
     KIND_CANCEL,
     KIND_GENERATE,
+    KIND_PING,
+    KIND_PONG,
+    KIND_RESUME_ELSEWHERE,
     KIND_TOKENS,
     ROLE_ROUTER,
     ROLE_WORKER,
@@ -27,9 +31,13 @@ from common.messages import (
     Instance,
     TokenChunk,
     encoder,
+    resume_elsewhere_decoder,
     token_batch_decoder,
 )
 from common.monitored_dealer import MonitoredDealer
+from services.frontend.stream_resume import OpenStream
+from services.frontend.upstream_metrics import UpstreamMetrics
+from services.router.failure_detector import DetectorSettings, PhiAccrualDetector
 
 log = logging.getLogger(__name__)
 
@@ -90,24 +98,35 @@ class ChunkStream:
 
 
 class RouterClient:
-    """The real `Upstream`: routers and workers from discovery, requests over ZeroMQ DEALERs."""
+    """The real `Upstream`: routers and workers from discovery, requests over ZeroMQ DEALERs.
 
-    def __init__(self, discovery: Discovery) -> None:
+    Requests go to the live router with the fewest streams in flight. Each router is pinged
+    every `heartbeat_s`; one whose connection drops, or that answered pings before and has been
+    silent `missed_heartbeats` periods (hung), or that drains, gives its streams back: each
+    resumes through another router from the next token (`stream_resume.py`)."""
+
+    def __init__(self, discovery: Discovery, heartbeat_s: float = 0.1,
+                 missed_heartbeats: int = 3, metrics: UpstreamMetrics | None = None) -> None:
         self.discovery = discovery
         self.ctx = zmq.asyncio.Context()
         self.routers: dict[str, _RouterLink] = {}
         self.workers: dict[str, Instance] = {}
-        self.streams: dict[str, tuple[ChunkStream, str]] = {}
-        self._turn = 0
+        self.streams: dict[str, OpenStream] = {}
+        self.heartbeat_s = heartbeat_s
+        self.silence_s = heartbeat_s * missed_heartbeats
+        self.detector_settings = DetectorSettings.for_heartbeats(heartbeat_s, missed_heartbeats)
         self._tasks: list[asyncio.Task[None]] = []
         # Derived from discovery on every change, not per request.
         self._models: list[str] = []
         self._context: dict[str, int] = {}
         self.malformed = MalformedFrames("frame from router", logger=log)
+        self.metrics = metrics or UpstreamMetrics(CollectorRegistry())
+        self._turn = 0
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._watch(ROLE_ROUTER)),
-                       asyncio.create_task(self._watch(ROLE_WORKER))]
+                       asyncio.create_task(self._watch(ROLE_WORKER)),
+                       asyncio.create_task(self._ping())]
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -119,7 +138,8 @@ class RouterClient:
     # -- Upstream ------------------------------------------------------------------------------
 
     def served_models(self) -> list[str]:
-        return self._models if any(link.up for link in self.routers.values()) else []
+        return self._models if any(link.up or (link.hung and link.dealer.connected)
+                                   for link in self.routers.values()) else []
 
     def max_model_len(self, model: str) -> int | None:
         """The smallest context any worker of `model` accepts (None: no worker says)."""
@@ -139,13 +159,12 @@ class RouterClient:
             raise NoWorkersError("no router is available")
         if request.model not in self._models:
             raise NoWorkersError(f"no worker serves model {request.model!r}")
-        links = [link for link in self.routers.values() if link.up]
-        if not links:
+        link = self._pick()
+        if link is None:
             raise NoWorkersError("no router is reachable")
-        self._turn += 1
-        link = links[self._turn % len(links)]
         stream = ChunkStream(request.request_id)
-        self.streams[request.request_id] = (stream, link.router_id)
+        self.streams[request.request_id] = OpenStream(stream, request, link.router_id)
+        link.inflight += 1
         link.socket.send_multipart([KIND_GENERATE, encoder.encode(request)])
         return stream
 
@@ -153,9 +172,99 @@ class RouterClient:
         entry = self.streams.pop(request_id, None)
         if entry is None:
             return
-        link = self.routers.get(entry[1])
+        link = self.routers.get(entry.router)
         if link is not None:
+            link.inflight -= 1
             link.socket.send_multipart([KIND_CANCEL, encoder.encode(Cancel(request_id))])
+
+    def _pick(self, exclude: str = "", hung_ok: bool = True) -> _RouterLink | None:
+        """The usable router with the fewest streams in flight (None: there is none); ties
+        rotate, so sequential requests do not all go to the first router. With `hung_ok`, a
+        connected router declared hung is the last resort (the verdict may be a busy host's)."""
+        links = list(self.routers.values())
+        self._turn += 1
+        best: _RouterLink | None = None
+        for i in range(len(links)):
+            link = links[(self._turn + i) % len(links)]
+            if link.up and not link.draining and link.router_id != exclude and (
+                    best is None or link.inflight < best.inflight):
+                best = link
+        if best is None and hung_ok:
+            best = min((link for link in links if link.hung and link.dealer.connected
+                        and not link.draining and link.router_id != exclude),
+                       key=lambda link: link.inflight, default=None)
+        return best
+
+    # -- routers lost: their streams resume elsewhere -------------------------------------------
+
+    def router_lost(self, router_id: str, why: str, only: list[str] | None = None,
+                    exclude: str | None = None) -> None:
+        """Resume `router_id`'s streams (or just `only`) through another router (through any
+        but `exclude`, when given)."""
+        ids = [rid for rid, e in self.streams.items() if e.router == router_id] \
+            if only is None else [rid for rid in only if rid in self.streams]
+        old = self.routers.get(router_id)
+        if only is None and old is not None and not old.lost_counted:
+            old.lost_counted = True  # once per loss, however many ways it shows
+            self.metrics.routers_lost.labels(why).inc()
+        if ids:
+            log.warning("router lost; resuming its streams elsewhere", extra={"fields": {
+                "router": router_id, "why": why, "streams": len(ids)}})
+        for rid in ids:
+            entry = self.streams[rid]
+            if entry.router != router_id:
+                continue
+            # Off a hung router only to a healthy one: if every other router looks hung too,
+            # the host is more likely busy than they all dead; the stream stays and waits.
+            link = self._pick(router_id if exclude is None else exclude, hung_ok=why != "hung")
+            if link is None and why == "hung":
+                continue
+            if old is not None:
+                old.inflight -= 1
+                if why == "hung":  # should it wake up, it must not keep the work going
+                    old.socket.send_multipart([KIND_CANCEL, encoder.encode(Cancel(rid))])
+            if link is None:
+                del self.streams[rid]
+                self.metrics.resume_failed.inc()
+                entry.stream.push(TokenChunk(  # type: ignore[attr-defined]
+                    rid, [], FINISH_ERROR, error_code=503,
+                    error_message="the router serving this request went away and no other "
+                                  "router is reachable"))
+                continue
+            request = entry.resume_request()
+            entry.move_to(link.router_id, old.heard_at if old is not None
+                          else asyncio.get_running_loop().time())
+            link.inflight += 1
+            self.metrics.resumed.inc()
+            link.socket.send_multipart([KIND_GENERATE, encoder.encode(request)])
+
+    def fail_streams(self, router: str) -> None:
+        self.router_lost(router, "dropped")
+
+    async def _ping(self) -> None:
+        """Ping every router each period; judge silence only on checks that ran on time (a
+        frontend whose own loop lagged has not heard anyone, which says nothing of them)."""
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            now = loop.time()
+            on_time = now - last < 2 * self.heartbeat_s
+            last = now
+            self.metrics.routers.set(sum(1 for link in self.routers.values()
+                                         if link.up and not link.draining))
+            hung = []
+            for link in list(self.routers.values()):
+                link.socket.send_multipart([KIND_PING, b""])
+                silent = now - link.heard_at
+                if on_time and link.up and link.pongs is not None and silent > self.silence_s \
+                        and link.pongs.suspicious(now):
+                    link.up = False
+                    link.hung = True
+                    self.metrics.detection.observe(silent)
+                    hung.append(link.router_id)
+            for router_id in hung:  # all verdicts first: nothing moves to a router judged now
+                self.router_lost(router_id, "hung")
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -169,23 +278,20 @@ class RouterClient:
                     self.workers[inst.id] = inst
                 self._refresh_models()
             elif event.kind == "removed":
-                link = self.routers.pop(inst.id, None)
+                link = self.routers.get(inst.id)
                 if link is not None:
-                    self._router_lost(link)
+                    link.draining = True  # no new streams; running ones stay while it answers
+                    if not link.up or not any(e.router == inst.id
+                                              for e in self.streams.values()):
+                        self._forget(link)
                 self.malformed.forget(inst.id)
             elif inst.id not in self.routers and "request" in inst.endpoints:
                 self.routers[inst.id] = _RouterLink(self, inst)
 
-    def _router_lost(self, link: _RouterLink) -> None:
+    def _forget(self, link: _RouterLink) -> None:
+        self.router_lost(link.router_id, "left")
+        self.routers.pop(link.router_id, None)
         link.close()
-        self.fail_streams(link.router_id)
-
-    def fail_streams(self, router: str) -> None:
-        for rid, (stream, router_id) in list(self.streams.items()):
-            if router_id == router:
-                del self.streams[rid]
-                stream.push(TokenChunk(rid, [], FINISH_ERROR, error_code=503,
-                                       error_message="the router serving this request went away"))
 
     def deliver(self, payload: bytes, router_id: str = "") -> None:
         try:
@@ -196,38 +302,89 @@ class RouterClient:
         streams = self.streams
         for chunk in batch.chunks:
             entry = streams.get(chunk.request_id)
-            if entry is None:
+            if entry is None or not entry.accept(chunk, router_id):
                 continue
-            entry[0].push(chunk)
+            entry.stream.push(chunk)  # type: ignore[attr-defined]
+            if entry.gap_from and chunk.token_ids:
+                self.metrics.resume_gap.observe(
+                    asyncio.get_running_loop().time() - entry.gap_from)
+                entry.gap_from = 0.0
             if chunk.finish_reason is not None:
                 del streams[chunk.request_id]
+                link = self.routers.get(router_id)
+                if link is not None:
+                    link.inflight -= 1
+
+    def resume_elsewhere(self, payload: bytes, router_id: str) -> None:
+        """A draining router gave these streams back."""
+        try:
+            message = resume_elsewhere_decoder.decode(payload)
+            ids = message.request_ids
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.malformed.drop(str(exc), router_id)
+            return
+        if not message.draining:  # it took us for gone (we stalled): resume through any
+            self.router_lost(router_id, "presumed gone", only=ids, exclude="")
+            return
+        link = self.routers.get(router_id)
+        if link is not None and not link.draining:
+            link.draining = True
+            link.lost_counted = True
+            self.metrics.routers_lost.labels("draining").inc()
+        self.router_lost(router_id, "draining", only=ids)
 
 
 class _RouterLink:
     """One DEALER connection to one router, the task reading its replies and one watching the
-    connection: when it drops, the streams it carried fail at once (503) instead of hanging
-    until the router's discovery lease runs out, and no new request goes its way until it is
-    back."""
+    connection: when it drops, the streams it carried resume through another router at once
+    instead of hanging until the router's discovery lease runs out, and no new request goes its
+    way until it is back."""
 
     def __init__(self, client: RouterClient, instance: Instance) -> None:
         self.router_id = instance.id
         self.dealer = MonitoredDealer(client.ctx, instance.endpoints["request"])
         self.socket = self.dealer.socket
         self.up = True  # optimistic until a drop: requests queue while it connects
+        self.hung = False  # declared hung by silence; any frame from it lifts that
+        self.draining = False  # it gave its streams back or left discovery: nothing new
+        # The rhythm of its pongs (None: it never answered a ping, and its silence says
+        # nothing): phi-accrual, as routers judge workers, so a router on a busy host gets the
+        # slack its irregular pongs have shown, while a frozen one on a quiet host is caught in
+        # ~0.4 s.
+        self.pongs: PhiAccrualDetector | None = None
+        self.lost_counted = False  # its loss is in the metrics (until it is back)
+        self.heard_at = asyncio.get_running_loop().time()
+        self.inflight = 0
         self.task = asyncio.create_task(self._read(client))
         self.watcher = asyncio.create_task(self._watch(client))
 
     async def _watch(self, client: RouterClient) -> None:
         async for connected in self.dealer.changes():
-            self.up = connected
-            if not connected:
+            self.up = connected and not self.hung
+            if connected:
+                self.heard_at = asyncio.get_running_loop().time()
+                self.lost_counted = self.draining
+            else:
                 client.fail_streams(self.router_id)
 
     async def _read(self, client: RouterClient) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             frames = await self.socket.recv_multipart()
+            self.heard_at = loop.time()
+            if self.hung:
+                self.hung = False
+                self.up = self.dealer.connected
+                self.lost_counted = self.draining
             if len(frames) == 2 and frames[0] == KIND_TOKENS:
                 client.deliver(frames[1], self.router_id)
+            elif len(frames) == 2 and frames[0] == KIND_PONG:
+                if self.pongs is None:
+                    self.pongs = PhiAccrualDetector(client.detector_settings, self.heard_at)
+                else:
+                    self.pongs.heartbeat(self.heard_at)
+            elif len(frames) == 2 and frames[0] == KIND_RESUME_ELSEWHERE:
+                client.resume_elsewhere(frames[1], self.router_id)
             else:
                 client.malformed.drop(f"{len(frames)} frames, kind {frames[0][:8]!r}",
                                       self.router_id)

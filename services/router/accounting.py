@@ -39,7 +39,7 @@ class RoutedRequest:
     """A request in flight: who asked, which worker serves it, and everything streamed so far
     (exactly what a migration needs to continue the stream elsewhere)."""
 
-    __slots__ = ("blocks", "disagg", "frontend", "generated", "hashes", "migrations",
+    __slots__ = ("announced", "blocks", "disagg", "frontend", "generated", "hashes", "migrations",
                  "prefill_blocks", "request", "resume_tokens", "worker")
 
     def __init__(self, request: GenerateRequest, frontend: bytes) -> None:
@@ -54,6 +54,7 @@ class RoutedRequest:
         self.resume_tokens = 0  # sequence length at the last migration (0: none pending)
         # Placed on a prefill worker (`disaggregation.DisaggState`); None: aggregated.
         self.disagg: DisaggState | None = None
+        self.announced = ""  # the worker last named to the frontend (`TokenChunk.worker_id`)
 
     @property
     def request_id(self) -> str:
@@ -61,9 +62,11 @@ class RoutedRequest:
 
 
 class Accounting:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 on_change: Callable[[WorkerHandle], None] | None = None) -> None:
         self.requests: dict[str, RoutedRequest] = {}
         self._clock = clock
+        self._on_change = on_change  # a worker's usage changed (router replica sync)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -86,6 +89,8 @@ class Accounting:
         """Its prefill is done: the blocks no longer wait in the worker's prefill queue."""
         if entry.worker is not None and entry.prefill_blocks:
             entry.worker.usage.pending_prefill_blocks -= entry.prefill_blocks
+            if self._on_change is not None:
+                self._on_change(entry.worker)
         entry.prefill_blocks = 0
 
     def move(self, entry: RoutedRequest, decision: Decision) -> None:
@@ -114,6 +119,8 @@ class Accounting:
         usage.requests.add(entry.request_id)
         usage.active_blocks += entry.blocks
         usage.pending_prefill_blocks += entry.prefill_blocks
+        if self._on_change is not None:
+            self._on_change(worker)
 
     def _release(self, entry: RoutedRequest) -> None:
         worker, entry.worker = entry.worker, None
@@ -123,4 +130,6 @@ class Accounting:
             usage.active_blocks -= entry.blocks
             usage.pending_prefill_blocks -= entry.prefill_blocks
             usage.released_at = self._clock()
+            if self._on_change is not None:
+                self._on_change(worker)
         entry.prefill_blocks = 0

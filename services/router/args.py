@@ -72,8 +72,20 @@ class RouterConfig(ProcessConfig):
                                        "its decode worker; 0: the worker's --kv-lease-ms")
     stall_timeout_ms: int = opt(10_000, help="a worker that heartbeats but makes no engine "
                                              "progress on admitted work this long is dead; 0: off")
+    router_event_port: int = opt(0, help="event-plane PUB port of this router (replica sync); "
+                                         "0: any free port")
+    replica_sync: bool = opt(True, help="share this router's placements with the other router "
+                                        "replicas (--no-replica-sync: each counts only its own "
+                                        "until load reports arrive)")
+    frontend_timeout_ms: int = opt(3000, help="a frontend that pinged and has been silent "
+                                              "this long is gone whatever its pings' history "
+                                              "(earlier when they were regular: ~0.4 s); its "
+                                              "requests are cancelled on the workers")
 
     def __post_init__(self) -> None:
+        if self.frontend_timeout_ms < self.heartbeat_interval_ms * self.missed_heartbeats:
+            raise ValueError("--frontend-timeout-ms must be at least --heartbeat-interval-ms x "
+                             "--missed-heartbeats")
         if self.kv_overlap_weight is not None and not self.kv_overlap_weight >= 0:
             raise ValueError(f"--kv-overlap-weight must be >= 0 (unset: the adaptive cost), got "
                              f"{self.kv_overlap_weight}")

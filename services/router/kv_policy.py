@@ -123,8 +123,9 @@ class KvAwarePolicy:
 def load_of(worker: WorkerHandle) -> tuple[float, float]:
     """(queued prefill blocks, active decode blocks) of a worker."""
     usage = worker.usage
-    prefill = float(usage.pending_prefill_blocks)
-    decode = float(usage.active_blocks)
+    # Ours plus what the other router replicas placed (replica sync).
+    prefill = float(usage.pending_prefill_blocks + worker.peer_prefill_blocks)
+    decode = float(usage.active_blocks + worker.peer_active_blocks)
     report = worker.load
     # A report older than the last request that left the worker still counts that request.
     if report is not None and worker.load_at > usage.released_at:

@@ -3,8 +3,9 @@
 Reads top-down: the config builds the parts (selection, accounting, migration, liveness, event
 intake, the /v1/route preview); `run()` binds the frontend-facing ROUTER socket, registers, runs
 the loops until SIGTERM/SIGINT and shuts down; then the loops; then what happens to a worker
-that comes (one DEALER and one event subscription each), goes, or is lost (its requests continue
-on another worker from the next token). Does not own HTTP or tokenization (frontend) or
+that comes (one DEALER and one event subscription each) or goes; what a lost worker's requests
+do is `worker_loss.py`'s, and being one router among several (frontends' pings, replica sync,
+the drain on SIGTERM) is `replicas.py`'s. Does not own HTTP or tokenization (frontend) or
 scheduling (workers).
 """
 
@@ -34,10 +35,9 @@ from common.messages import (
     TOPIC_HEARTBEAT,
     TOPIC_KV,
     TOPIC_LOAD,
-    Cancel,
+    TOPIC_ROUTER_USAGE,
     Instance,
     cancel_decoder,
-    encoder,
     generate_decoder,
     token_batch_decoder,
 )
@@ -51,9 +51,11 @@ from services.router.events import EventIntake
 from services.router.liveness import CAUSE_CRASH, CAUSE_HANG, Liveness
 from services.router.metrics import RouterMetrics
 from services.router.migration import Migration
+from services.router.replicas import Replicas
 from services.router.route_api import RouteApi
 from services.router.selection import build_selection
 from services.router.streams import Streams, send_error
+from services.router.worker_loss import WorkerLoss
 from services.router.worker_pool import WorkerHandle, WorkerPool
 
 log = logging.getLogger("turnout.router")
@@ -61,7 +63,7 @@ log = logging.getLogger("turnout.router")
 MALFORMED = (msgspec.DecodeError, msgspec.ValidationError)
 
 
-class Router:
+class Router(WorkerLoss):
     def __init__(self, config: RouterConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.service = Service(ROLE_ROUTER, config.router_id)
@@ -69,7 +71,7 @@ class Router:
         self.ctx = zmq.asyncio.Context()
         self.metrics = RouterMetrics(self.router_id)
         self.pool = WorkerPool(self.ctx)
-        self.accounting = Accounting(clock)
+        self.accounting = Accounting(clock, on_change=lambda w: self.replicas.changed(w))
         self.selector, self.kv_index = build_selection(config, self.pool, self.metrics)
         self.frontends = self.ctx.socket(zmq.ROUTER)
         self.migration = Migration(
@@ -89,7 +91,9 @@ class Router:
         self.intake = EventIntake(self.pool, self.liveness, self.metrics, self.kv_index,
                                   self.worker_recovered, clock, self.selector.cost_models)
         self.route_api = RouteApi(self.selector, self.metrics)
-        self.topics = topics = [TOPIC_HEARTBEAT, TOPIC_LOAD] + (
+        self.replicas = Replicas(self.router_id, config, self.frontends, self.pool,
+                                 self.streams, self.metrics, clock)
+        self.topics = topics = [TOPIC_HEARTBEAT, TOPIC_LOAD, TOPIC_ROUTER_USAGE] + (
             [TOPIC_KV] if self.kv_index is not None else [])
         if self.selector.cost_models is not None:
             topics.append(TOPIC_FPM)
@@ -118,19 +122,25 @@ class Router:
             tune_stream_socket(self.frontends)
             endpoint = bind_socket(self.frontends, cfg.host, cfg.router_port, cfg.advertise_host)
             metrics_port = await self.status.start()
+            events = self.replicas.start(self.ctx, service)
             service.on_shutdown("status server", self.status.close)
             service.on_shutdown("discovery", self.discovery.close)
             service.spawn("frontends", self.serve_frontends())
             service.spawn("discovery watch", self.watch_workers())
             service.spawn("events", self.consume_events())
             service.spawn("liveness", self.watch_liveness())
+            service.spawn("router replicas",
+                          self.replicas.watch_routers(self.discovery, self.subscriber))
             service.on_shutdown("unregister", lambda: self.discovery.unregister(self.router_id))
             host = cfg.advertise_host or cfg.host
             await self.discovery.register(Instance(
                 id=self.router_id, role=ROLE_ROUTER,
-                endpoints={"request": endpoint, "metrics": f"http://{host}:{metrics_port}/metrics",
+                endpoints={"request": endpoint, "events": events,
+                           "metrics": f"http://{host}:{metrics_port}/metrics",
                            "http": f"http://{host}:{metrics_port}"},  # + /v1/route, /health
                 metadata={"mode": cfg.router_mode, "pid": os.getpid(), "started": time.time()}))
+            # First thing on SIGTERM: hand every stream back, to resume on another router.
+            service.on_shutdown("drain", lambda: self.replicas.drain(self.discovery))
             log.info("router ready", extra={"fields": {"id": self.router_id, "request": endpoint}})
             await service.run()
 
@@ -143,9 +153,13 @@ class Router:
                 self.malformed["request"].drop(f"{len(frames)} frames")
                 continue
             ident, kind, payload = frames
+            if self.replicas.on_frame(ident, kind):
+                continue
             try:
                 if kind == KIND_GENERATE:
-                    self.streams.on_generate(ident, generate_decoder.decode(payload), payload)
+                    request = generate_decoder.decode(payload)
+                    if not self.replicas.gave_back(ident, request):
+                        self.streams.on_generate(ident, request, payload)
                 elif kind == KIND_CANCEL:
                     self.streams.on_cancel(cancel_decoder.decode(payload).request_id)
                 else:
@@ -195,12 +209,13 @@ class Router:
         while True:
             topic, env = await self.subscriber.recv()
             worker = self.pool.workers.get(env.publisher_id)
-            if worker is None:
-                continue
             try:
-                self.intake.on_event(worker, topic, env.payload)
+                if topic == TOPIC_ROUTER_USAGE:
+                    self.replicas.sync.on_event(env.payload)
+                elif worker is not None:
+                    self.intake.on_event(worker, topic, env.payload)
             except MALFORMED as exc:
-                self.malformed["event"].drop(str(exc), worker.id)
+                self.malformed["event"].drop(str(exc), env.publisher_id)
 
     async def watch_liveness(self) -> None:
         while True:
@@ -212,6 +227,7 @@ class Router:
         on_time = self.liveness.check_on_time()
         if self.streams.waiting:
             self.streams.retry()
+        self.replicas.check(on_time)
         if not on_time:
             return
         if self.kv_index is not None:
@@ -262,68 +278,6 @@ class Router:
             self.pool.mark_dead(worker)
         else:
             self.pool.close(worker)
-
-    def worker_lost(self, worker: WorkerHandle, cause: str) -> None:
-        """Take `worker` out of routing and move its requests. A dropped connection closes it
-        for good; a suspect (silent or stalled, connection open) is told to drop the moved
-        requests, and re-admitted if it shows life again (`worker_recovered`)."""
-        loss = self.liveness.declare_lost(worker, cause)
-        if loss is None:
-            return
-        if loss.first:
-            log.warning("worker declared dead", extra={"fields": {
-                "worker": worker.id, "cause": cause, "silent_ms": round(loss.silent_s * 1000),
-                "inflight": worker.inflight}})
-            self.metrics.worker_deaths.labels(cause).inc()
-            self.metrics.detection_seconds.observe(loss.silent_s)
-        self.migration.worker_lost(worker)
-        self._forget_kv(worker.id)
-        moved = self.accounting.on_worker(worker)
-        if cause == CAUSE_HANG:
-            # Long prefills stay until the silence is convicted (or the worker is back).
-            held = [e for e in moved if self.liveness.holds(e)]
-            if held:
-                moved = [e for e in moved if not self.liveness.holds(e)]
-                log.info("holding long prefills on the suspect until conviction",
-                         extra={"fields": {"worker": worker.id, "held": len(held)}})
-        if loss.crashed:
-            self._retire(worker, dead=True)
-        else:
-            for entry in moved:  # if it wakes up, it must not keep computing these
-                worker.socket.send_multipart([KIND_CANCEL,
-                                              encoder.encode(Cancel(entry.request_id))])
-        for entry in moved:
-            self.migration.migrate(entry, cause)
-        self._update_worker_gauges()
-
-    def worker_convicted(self, worker: WorkerHandle) -> None:
-        """A hang suspect's silence is now certain: the long prefills it held move too."""
-        log.warning("suspected worker convicted; moving the long prefills it held",
-                    extra={"fields": {"worker": worker.id, "held": worker.inflight}})
-        self._move_all(worker, CAUSE_HANG)
-
-    def _move_all(self, worker: WorkerHandle, cause: str) -> None:
-        """Every request still on `worker` continues elsewhere; the worker is told to drop
-        them, should it wake up."""
-        moved = self.accounting.on_worker(worker)
-        if not moved:
-            return
-        self.migration.worker_lost(worker)
-        for entry in moved:
-            worker.socket.send_multipart([KIND_CANCEL, encoder.encode(Cancel(entry.request_id))])
-        for entry in moved:
-            self.migration.migrate(entry, cause)
-
-    def worker_recovered(self, worker: WorkerHandle) -> None:
-        log.warning("suspected worker is alive again; resyncing and re-admitting",
-                    extra={"fields": {"worker": worker.id}})
-        self.metrics.worker_recoveries.inc()
-        if self.kv_index is not None:
-            worker.synced = True
-            self.intake.resync(worker)
-        self._update_worker_gauges()
-        if self.streams.waiting:
-            self.streams.retry()
 
     def _forget_kv(self, worker_id: str) -> None:
         if self.kv_index is not None:

@@ -111,6 +111,22 @@ class RouterMetrics:
             "turnout_router_disagg_prefill_queue_tokens",
             "Least queued prefill tokens among prefill workers, at the last decision",
             registry=r)
+        self.resumes = Counter(
+            "turnout_router_resumes",
+            "Streams resumed here from another router (it died, hung or drained)", registry=r)
+        self.frontends_lost = Counter(
+            "turnout_router_frontends_lost",
+            "Frontends that stopped pinging (their requests were cancelled on the workers)",
+            registry=r)
+        self.orphans_cancelled = Counter(
+            "turnout_router_orphans_cancelled",
+            "Requests cancelled on workers because their frontend was gone", registry=r)
+        self.handed_back = Counter(
+            "turnout_router_streams_handed_back",
+            "Streams given back to their frontends to resume elsewhere (drain)", registry=r)
+        self.peer_routers = Gauge("turnout_router_peer_routers",
+                                  "Other router replicas whose usage this router counts",
+                                  registry=r)
         self._up: set[str] = set()
 
     def set_worker_gauges(self, workers: Iterable[WorkerHandle], dead: Iterable[str],

@@ -129,7 +129,8 @@ class LeastLoaded:
         pool = _held_first(candidates, hint)
         k = (self._turn + 1) % len(pool)
         rotated = pool[k:] + pool[:k]
-        worker = min(rotated, key=lambda w: (w.inflight, w.load.kv_used_blocks if w.load else 0))
+        worker = min(rotated, key=lambda w: (w.inflight + w.peer_requests,
+                                              w.load.kv_used_blocks if w.load else 0))
         return _decision(worker, request, hint, self.name)
 
     def commit(self, decision: Decision) -> None:

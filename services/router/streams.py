@@ -72,9 +72,13 @@ class Streams:
             self.reply_error(frontend, rid, 400, "duplicate request id")
             return
         try:
-            placement = self.disagg.place(request) if self.disagg is not None else None
+            placement = None
+            # A resume continues where its stream was: no prefill phase for it.
+            if self.disagg is not None and not request.previous_worker \
+                    and not request.generated_token_ids:
+                placement = self.disagg.place(request)
             decision = placement.decision if placement is not None \
-                else self.selector.choose(request)
+                else self.selector.choose(request, hint=self._resume_hint(request))
         except NoWorkerError:
             if self.park_s > 0:
                 # A worker may be starting (discovery lags by a poll): hold it briefly.
@@ -95,6 +99,18 @@ class Streams:
         self.accounting.place(entry, decision)
         self.metrics.inflight.set(len(self.accounting))
         decision.worker.socket.send_multipart([KIND_GENERATE, payload])
+
+    def _resume_hint(self, request: GenerateRequest) -> dict[str, int] | None:
+        """A stream resumed from a lost router: the worker that served it holds its KV (and may
+        still run it: it then hands the live request over)."""
+        if not request.previous_worker:
+            return None
+        self.metrics.resumes.inc()
+        worker = self.pool.workers.get(request.previous_worker)
+        if worker is None:
+            return None
+        tokens = len(request.token_ids) + len(request.generated_token_ids)
+        return {worker.id: tokens // worker.block_size}
 
     def on_cancel(self, request_id: str) -> None:
         if self.parking.cancel(request_id):
@@ -160,6 +176,8 @@ class Streams:
                     chunk.cached_tokens = 0
             if chunk.token_ids:
                 entry.generated.extend(chunk.token_ids)
+            if entry.announced is not worker.id:
+                entry.announced = chunk.worker_id = worker.id  # where a resume should go
             by_frontend.setdefault(entry.frontend, []).append(chunk)
         for frontend, out in by_frontend.items():
             self.frontends.send_multipart([frontend, KIND_TOKENS, encoder.encode(TokenBatch(out))])

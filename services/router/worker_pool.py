@@ -35,6 +35,9 @@ class WorkerHandle:
         "last_steps",
         "load",
         "load_at",
+        "peer_active_blocks",
+        "peer_prefill_blocks",
+        "peer_requests",
         "replica_peers",
         "routable",
         "socket",
@@ -68,6 +71,10 @@ class WorkerHandle:
         # value is the engine-step count at the verdict (a stalled one must make progress).
         self.suspect: int | None = None
         self.replica_peers: list[str] = []  # workers holding copies of its KV blocks
+        # What the other router replicas placed there (`replica_sync.py`).
+        self.peer_requests = 0
+        self.peer_active_blocks = 0
+        self.peer_prefill_blocks = 0
 
     @property
     def inflight(self) -> int:

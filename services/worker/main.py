@@ -40,6 +40,7 @@ from common.messages import (
     KIND_KV_PULL,
     KIND_KV_RELEASE,
     KIND_KV_REPLICATE,
+    KIND_PING,
     KIND_TOKENS,
     MODE_AGGREGATED,
     PHASE_DECODE,
@@ -77,6 +78,7 @@ from services.worker.host_kv_tier import HostKvTier
 from services.worker.kv_leases import KvLeases
 from services.worker.metrics import WorkerMetrics
 from services.worker.peer_links import PeerLinks
+from services.worker.router_watch import RouterWatch
 
 log = logging.getLogger("turnout.worker")
 
@@ -109,6 +111,8 @@ class Worker:
         # Decode phases running here → the workers holding their prefill KV, told to free it
         # once the engine has it (the first chunk) or the request ends.
         self._release_to: dict[str, list[str]] = {}
+        period = config.heartbeat_interval_ms / 1000
+        self.routers = RouterWatch(max(1.0, 10 * period))
 
     # -- engine output -------------------------------------------------------------------------
 
@@ -117,7 +121,9 @@ class Worker:
         if out.chunks:
             by_dest: dict[bytes, list[TokenChunk]] = {}
             destinations = self.destinations
+            on_chunk = self.routers.on_chunk
             for chunk in out.chunks:
+                on_chunk(chunk)
                 if self._lease_s and chunk.finish_reason is not None:
                     self._prefill_done(chunk)
                 if self._release_to:
@@ -192,22 +198,21 @@ class Worker:
                 self.malformed.drop(f"{len(frames)} frames")
                 continue
             ident, kind, payload = frames
+            if kind == KIND_PING:
+                self.routers.on_ping(ident)
+                continue
+            self.routers.on_frame(ident)
             try:
                 if kind == KIND_GENERATE:
                     self._on_generate(ident, payload)
                 elif kind == KIND_CANCEL:
                     request_id = cancel_decoder.decode(payload).request_id
-                    self._lease_s.pop(request_id, None)
-                    self._release(request_id)
                     if self.leases.release(request_id):  # the router gave up the hand-off
                         self.engine.release_held(request_id)
                         self.metrics.lease_ends.labels(**self.metrics.labels,
                                                        end="cancelled").inc()
-                    if self.destinations.pop(request_id, None) is not None:
-                        self.engine.abort(request_id)
-                        self.metrics.on_finish("cancelled")
-                        if self.draining and not self.destinations:
-                            self._idle.set()
+                    if self.destinations.get(request_id) == ident:  # not another router's
+                        self._abort(request_id)
                 elif kind == KIND_KV_RELEASE:
                     request_id = kv_release_decoder.decode(payload).request_id
                     if self.leases.release(request_id):
@@ -240,21 +245,58 @@ class Worker:
         if self.draining:
             self._error(ident, request.request_id, 503, "worker is draining")
             return
-        if request.request_id in self.destinations:
+        owner = self.destinations.get(request.request_id)
+        if owner == ident:
             self._error(ident, request.request_id, 400, "duplicate request id")
             return
+        if owner is not None:
+            # Resumed through another router while still running here: hand it over.
+            tokens = self.routers.handover(request)
+            if tokens is not None:
+                self.destinations[request.request_id] = ident
+                self.metrics.handovers.inc()
+                if tokens:
+                    self._send(ident, TokenBatch([TokenChunk(request.request_id, tokens)]))
+                return
+            self.engine.abort(request.request_id)
         self.destinations[request.request_id] = ident
         if request.phase == PHASE_PREFILL:
             lease_ms = request.lease_ms or self.config.kv_lease_ms
             self._lease_s[request.request_id] = lease_ms / 1000
         elif request.phase == PHASE_DECODE:
             self._release_to[request.request_id] = list(request.kv_sources)
+        self.routers.admitted(request)
         if request.generated_token_ids or request.kv_sources:
             task = asyncio.create_task(self._resume(ident, request))
             self._resuming.add(task)
             task.add_done_callback(self._resuming.discard)
             return
         self._admit(ident, request)
+
+    def _abort(self, request_id: str, outcome: str = "cancelled") -> None:
+        self.destinations.pop(request_id, None)
+        self.routers.forget(request_id)
+        self._lease_s.pop(request_id, None)
+        self._release(request_id)
+        self.engine.abort(request_id)
+        self.metrics.on_finish(outcome)
+        if self.draining and not self.destinations:
+            self._idle.set()
+
+    def cancel_lost_routers(self, on_time: bool) -> None:
+        """Requests of a router that stopped pinging stop here (it may only have been slow: it
+        gets an error frame for each, and migrates them)."""
+        if not on_time:
+            self.routers.pause()
+            return
+        for ident in self.routers.lost():
+            ids = [r for r, i in self.destinations.items() if i == ident]
+            self.metrics.routers_lost.inc()
+            log.warning("router stopped pinging; cancelling its requests",
+                        extra={"fields": {"requests": len(ids)}})
+            for request_id in ids:
+                self._abort(request_id, "orphaned")
+                self._error(ident, request_id, 503, "the worker lost this router")
 
     def _admit(self, ident: bytes, request: GenerateRequest) -> None:
         try:
@@ -263,6 +305,7 @@ class Worker:
             self.destinations.pop(request.request_id, None)
             self._lease_s.pop(request.request_id, None)
             self._release(request.request_id)
+            self.routers.forget(request.request_id)
             self.metrics.on_finish("rejected")
             self._error(ident, request.request_id, exc.code, str(exc))
 
@@ -359,6 +402,7 @@ class Worker:
             await asyncio.sleep(period)
             now = time.monotonic()
             lag = max(0.0, now - last - period)
+            self.cancel_lost_routers(lag < period)
             if now - last > presumed_dead and not self.draining:
                 await self.rejoin(now - last)
             last = now
@@ -376,6 +420,7 @@ class Worker:
         self._lease_s.clear()  # aborted prefills: nothing of theirs is held
         for request_id in list(self._release_to):
             self._release(request_id)  # abandoned decodes need their prefill KV no more
+        self.routers.generated.clear()
         self.started = time.time()
         await self.discovery.update(self.instance())
 

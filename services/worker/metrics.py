@@ -52,6 +52,11 @@ class WorkerMetrics:
                                       "Peers' blocks held in the host-memory tier")
         self.resumes = counter("turnout_worker_resumed_requests",
                                "Migrated requests continued here")
+        self.handovers = counter("turnout_worker_handovers",
+                                 "Running requests taken over by another router (their router "
+                                 "was lost) without a recompute")
+        self.routers_lost = counter("turnout_worker_routers_lost",
+                                    "Routers that stopped pinging (their requests were cancelled)")
         self.blocks_promoted = counter("turnout_worker_kv_blocks_promoted",
                                        "Blocks moved from the host tier into the engine cache")
         self.blocks_pulled = counter("turnout_worker_kv_blocks_pulled",

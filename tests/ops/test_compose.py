@@ -110,6 +110,11 @@ def test_one_image_shared_discovery_and_scalable_workers() -> None:
     assert flag_value(worker["command"], "--worker-id") is None
     assert "TURNOUT_WORKER_ID" not in worker["environment"]
     assert flag_value(worker["command"], "--engine") == "mocker"
+    # Router replicas scale the same way (no id, no published port, nothing to collide).
+    router = services["router"]
+    assert router["deploy"]["replicas"] >= 2
+    assert "container_name" not in router and "ports" not in router
+    assert flag_value(router["command"], "--router-id") is None
     assert services["planner"]["command"][:2] == ["planner", "--dry-run"]
     for name, mode in WORKER_MODES.items():
         svc = services[name]

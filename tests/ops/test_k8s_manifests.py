@@ -48,6 +48,7 @@ WORKER_MODES = {"worker": "aggregated", "worker-prefill": "prefill", "worker-dec
 # The flag that sets the port each annotation names, per role.
 PORT_FLAGS = {
     ("router", "turnout.dev/request-port"): "--router-port",
+    ("router", "turnout.dev/event-port"): "--router-event-port",
     ("router", "turnout.dev/metrics-port"): "--router-metrics-port",
     ("worker", "turnout.dev/request-port"): "--worker-port",
     ("worker", "turnout.dev/event-port"): "--worker-event-port",

@@ -233,10 +233,11 @@ class Deployment:
 
     def start(self, workers: int = 2, worker_args: Sequence[str] = (),
               router_args: Sequence[str] = (), frontend_args: Sequence[str] = (),
-              timeout: float = 30) -> None:
-        """Router, `workers` workers and a frontend; returns once the frontend is healthy and
-        the router routes to every worker."""
-        self.start_router(*router_args)
+              timeout: float = 30, routers: int = 1) -> None:
+        """`routers` routers (router, router-2, ...), `workers` workers and a frontend; returns
+        once the frontend is healthy and every router routes to every worker."""
+        for i in range(routers):
+            self.start_router(*router_args, name="router" if i == 0 else f"router-{i + 1}")
         for _ in range(workers):
             self.start_worker(*worker_args)
         self.start_frontend(*frontend_args)
@@ -330,11 +331,13 @@ class Deployment:
         return int(self.router.metrics().value("turnout_router_workers", state="routable"))
 
     def wait_routable(self, workers: int, timeout: float = 30) -> None:
+        """Every live router routes to `workers` workers."""
         def ready() -> bool:
             self.check_alive()
-            return self.routable() >= workers
+            return all(int(r.metrics().value("turnout_router_workers", state="routable"))
+                       >= workers for r in self.by_role("router"))
 
-        wait_for(ready, timeout, f"the router to route to {workers} workers", interval=0.1)
+        wait_for(ready, timeout, f"every router to route to {workers} workers", interval=0.1)
 
     def metrics_of(self, instance_id: str) -> Metrics:
         """/metrics of a registered instance, by discovery id."""

@@ -1,0 +1,60 @@
+"""Rolling restart: a router stopping (SIGTERM) gives its live streams back to their frontends.
+
+Each frontend is told which of its streams to resume elsewhere (`ResumeElsewhere`); it resends
+each one, with the tokens its client already has, through another router — the same path as
+when a router dies. The router forgets those requests without cancelling them: the worker
+serving one hands it over to the new router when the resume arrives (no recompute). From then
+on every new request is given back the same way until the router exits.
+
+Owns choosing what is given back and telling the frontends. Does not own the resume itself
+(`services/frontend/upstream.py`) or the handover (`services/worker/router_watch.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from common.messages import KIND_RESUME_ELSEWHERE, ResumeElsewhere, encoder
+from services.router.accounting import Accounting
+from services.router.metrics import RouterMetrics
+from services.router.migration import Migration
+from services.router.parking import ParkingLot
+from services.router.streams import FrameSender
+
+log = logging.getLogger("turnout.router")
+
+
+class HandBack:
+    def __init__(self, frontends: FrameSender, accounting: Accounting, parking: ParkingLot,
+                 migration: Migration, metrics: RouterMetrics) -> None:
+        self.frontends = frontends
+        self.accounting = accounting
+        self.parking = parking
+        self.migration = migration
+        self.metrics = metrics
+        self.active = False  # draining: every request is given back
+
+    def start(self) -> int:
+        """Give every stream back; from now on, every new request too. Returns how many."""
+        self.active = True
+        by_frontend: dict[bytes, list[str]] = {}
+        for parked in self.parking.take_all():
+            by_frontend.setdefault(parked.frontend, []).append(parked.request.request_id)
+        self.migration.stranded.clear()
+        for request_id in list(self.accounting.requests):
+            entry = self.accounting.finish(request_id)
+            if entry is not None:
+                by_frontend.setdefault(entry.frontend, []).append(request_id)
+        for frontend, ids in by_frontend.items():
+            self.give_back(frontend, ids)
+        n = sum(len(ids) for ids in by_frontend.values())
+        self.metrics.inflight.set(0)
+        log.info("draining: streams given back to their frontends",
+                 extra={"fields": {"streams": n, "frontends": len(by_frontend)}})
+        return n
+
+    def give_back(self, frontend: bytes, request_ids: list[str], draining: bool = True) -> None:
+        if draining:
+            self.metrics.handed_back.inc(len(request_ids))
+        self.frontends.send_multipart([frontend, KIND_RESUME_ELSEWHERE, encoder.encode(
+            ResumeElsewhere(request_ids, draining))])

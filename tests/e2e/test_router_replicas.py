@@ -1,0 +1,246 @@
+"""Router replicas with real processes and real signals: a router killed, frozen or stopped
+mid-stream costs no stream a token; a frontend killed mid-stream leaves no work running.
+
+Two routers, two mocker workers (speed-up 1), 32 streams x 512 tokens with ignore_eos. The
+mocker is deterministic and the byte tokenizer maps a token to a character, so equal texts mean
+equal token ids. Each fault is injected once the victim router is observed carrying streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+
+import openai
+import pytest
+
+from turnout.testing.deployment import Deployment, Service, wait_for
+
+pytestmark = pytest.mark.e2e
+
+STREAMS = 32
+TOKENS = 512
+Fault = Callable[[], Awaitable[None]]
+WORKER_ARGS = ("--speedup-ratio", "1")
+
+
+def prompt(i: int) -> str:
+    return f"stream {i}: " + "tell me everything. " * 8
+
+
+async def run_streams(url: str, fault: Fault | None = None, tokens: int = TOKENS
+                      ) -> tuple[list[str], float, list[tuple[int, int]]]:
+    """32 concurrent streams, `fault()` alongside: texts, longest token gap, (prompt,
+    completion) usage of each."""
+    oai = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+    longest = 0.0
+    usage: list[tuple[int, int]] = []
+
+    async def one(i: int) -> str:
+        nonlocal longest
+        stream = await oai.completions.create(
+            model="mock", prompt=prompt(i), max_tokens=tokens, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        text, last = "", time.monotonic()
+        async for chunk in stream:
+            now = time.monotonic()
+            if chunk.choices and chunk.choices[0].text:
+                longest = max(longest, now - last)
+                last = now
+                text += chunk.choices[0].text
+            if chunk.usage is not None:
+                usage.append((chunk.usage.prompt_tokens, chunk.usage.completion_tokens))
+        return text
+
+    tasks = [asyncio.create_task(one(i)) for i in range(STREAMS)]
+    if fault is not None:
+        tasks.append(asyncio.create_task(fault()))
+    results = await asyncio.gather(*tasks)
+    return [r for r in results if isinstance(r, str)], longest, usage
+
+
+def when_carrying(victim: Service, workers: list[Service], act: Callable[[], None],
+                  within_s: float = 60) -> Fault:
+    """A fault: `act()` once `victim` (a router) has streams in flight and the workers are
+    decoding them. Watched from a thread: the test's event loop is busy with the streams."""
+    before = sum(w.metrics().value("turnout_worker_decode_tokens_total") for w in workers)
+
+    def carrying() -> bool:
+        decoded = sum(w.metrics().value("turnout_worker_decode_tokens_total") for w in workers)
+        return (victim.metrics().value("turnout_router_inflight_requests") >= 4
+                and decoded - before >= STREAMS * 8)
+
+    def watch_then_act() -> None:
+        wait_for(carrying, within_s, f"{victim.name} to carry streams", interval=0.02)
+        act()
+
+    async def fault() -> None:
+        await asyncio.to_thread(watch_then_act)
+
+    return fault
+
+
+def start(deployment: Deployment) -> None:
+    deployment.start(workers=2, routers=2, worker_args=WORKER_ARGS)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP, signal.SIGTERM],
+                         ids=["sigkill", "sigstop", "sigterm"])
+def test_streams_survive_a_router_fault(deployment: Deployment, sig: int) -> None:
+    start(deployment)
+    clean, clean_longest, clean_usage = asyncio.run(run_streams(deployment.url))
+    assert len(clean) == STREAMS and all(len(t) == TOKENS for t in clean)
+    victim = deployment.service("router-2")
+    survivor = deployment.service("router")
+
+    faulty, longest, usage = asyncio.run(run_streams(
+        deployment.url, when_carrying(victim, deployment.workers(),
+                                      lambda: victim.signal(sig))))
+    assert faulty == clean, "every stream must carry exactly the clean run's tokens"
+    assert sorted(usage) == sorted(clean_usage), "usage as in the clean run"
+    front = deployment.frontend_metrics()
+    assert front.value("turnout_frontend_streams_resumed_total") > 0
+    assert front.value("turnout_frontend_streams_resume_failed_total") == 0
+    assert survivor.metrics().value("turnout_router_resumes_total") > 0
+    why = {signal.SIGKILL: "dropped", signal.SIGSTOP: "hung", signal.SIGTERM: "draining"}[sig]
+    assert front.value("turnout_frontend_routers_lost_total", why=why) == 1
+    if sig == signal.SIGSTOP:
+        detection = front.histogram("turnout_frontend_router_hang_detection_seconds")
+        assert detection.count == 1 and detection.buckets[0.5] == 1, detection
+        victim.signal(signal.SIGCONT)
+    # The workers that served the moved streams took them over where they were: handovers.
+    handovers = sum(w.metrics().value("turnout_worker_handovers_total")
+                    for w in deployment.workers())
+    assert handovers > 0
+    if sig == signal.SIGTERM:
+        wait_for(lambda: not victim.alive(), 10, "the drained router to exit")
+        assert victim.returncode == 0
+        # The pause of each moved stream, by the frontend's clock (the client's own clock in
+        # this test also counts its busy event loop: loose below).
+        gap = front.histogram("turnout_frontend_stream_resume_gap_seconds")
+        assert gap.count > 0 and gap.buckets[0.5] == gap.count, gap
+    assert longest < 5.0, f"longest token gap {longest:.2f} s (clean: {clean_longest:.2f} s)"
+
+
+def test_a_rolling_restart_of_every_router_under_load_loses_nothing(
+        deployment: Deployment) -> None:
+    """SIGTERM router-2, start router-3, SIGTERM router (the first), each once the frontend
+    uses the new one: the streams cross two drains and end with the clean run's text."""
+    start(deployment)
+    tokens = 4 * TOKENS  # long enough to outlast a restart
+    clean, _, clean_usage = asyncio.run(run_streams(deployment.url, tokens=tokens))
+    first, second = deployment.service("router"), deployment.service("router-2")
+
+    def routers_in_use(n: int) -> None:
+        wait_for(lambda: deployment.frontend_metrics().value("turnout_frontend_routers") == n,
+                 20, f"the frontend to use {n} routers", interval=0.02)
+
+    def roll() -> None:
+        second.signal(signal.SIGTERM)
+        wait_for(lambda: not second.alive(), 10, "router-2 to drain and exit", interval=0.02)
+        deployment.start_router(name="router-3")
+        routers_in_use(2)
+        first.signal(signal.SIGTERM)
+        wait_for(lambda: not first.alive(), 10, "router to drain and exit", interval=0.02)
+
+    faulty, _, usage = asyncio.run(run_streams(
+        deployment.url, when_carrying(second, deployment.workers(), roll), tokens=tokens))
+    assert faulty == clean and sorted(usage) == sorted(clean_usage)
+    assert (first.returncode, second.returncode) == (0, 0)
+    front = deployment.frontend_metrics()
+    assert front.value("turnout_frontend_routers_lost_total", why="draining") == 2
+    assert front.value("turnout_frontend_streams_resume_failed_total") == 0
+
+
+def test_a_dead_frontend_leaves_no_work_running(deployment: Deployment) -> None:
+    start(deployment)
+    workers = deployment.workers()
+    stop = threading.Event()
+
+    def clients() -> None:
+        async def run() -> None:
+            oai = openai.AsyncOpenAI(base_url=deployment.url + "/v1", api_key="x",
+                                     max_retries=0, timeout=60)
+
+            async def one(i: int) -> None:
+                try:
+                    stream = await oai.completions.create(
+                        model="mock", prompt=prompt(i), max_tokens=TOKENS, stream=True,
+                        extra_body={"ignore_eos": True})
+                    async for _ in stream:
+                        if stop.is_set():
+                            return
+                except openai.APIError:
+                    pass  # the frontend died under it
+
+            await asyncio.gather(*(one(i) for i in range(STREAMS)))
+
+        asyncio.run(run())
+
+    thread = threading.Thread(target=clients)
+    thread.start()
+    try:
+        def running() -> float:
+            total = 0.0
+            for w in workers:
+                m = w.metrics()
+                total += (m.value("turnout_worker_running_requests")
+                          + m.value("turnout_worker_waiting_requests"))
+            return total
+
+        wait_for(lambda: running() >= STREAMS // 2, 60, "the workers to run the streams",
+                 interval=0.02)
+        deployment.frontend.signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        wait_for(lambda: running() == 0, 1.0, "every worker to stop the dead frontend's work",
+                 interval=0.01)
+        # Seen at 0 by the end of the last look (each look scrapes both workers).
+        stopped_s = time.monotonic() - t0
+        assert stopped_s <= 1.0, stopped_s
+    finally:
+        stop.set()
+        thread.join(30)
+    cancelled = sum(r.metrics().value("turnout_router_orphans_cancelled_total")
+                    for r in deployment.by_role("router"))
+    assert cancelled > 0
+
+
+def route(router: Service, token_ids: list[int]) -> dict[str, object]:
+    record = router.record()
+    assert record is not None
+    req = urllib.request.Request(record["endpoints"]["http"] + "/v1/route", method="POST",
+                                 data=json.dumps({"model": "mock",
+                                                  "prompt_token_ids": token_ids}).encode())
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return json.loads(resp.read())  # type: ignore[no-any-return]
+
+
+def test_a_restarted_router_rebuilds_its_index_and_routes_by_it(deployment: Deployment) -> None:
+    deployment.start(workers=2, routers=2, worker_args=("--speedup-ratio", "0"))
+    oai = openai.OpenAI(base_url=deployment.url + "/v1", api_key="x", max_retries=0)
+    text = "a long shared document about routers. " * 20
+    oai.completions.create(model="mock", prompt=text, max_tokens=1)
+    ids = [256, *text.encode()]  # the byte tokenizer: BOS, then one token per byte
+    holder = route(deployment.router, ids)
+    assert int(holder["overlap_blocks"]) > 0  # type: ignore[call-overload]
+
+    deployment.service("router-2").signal(signal.SIGKILL)
+    restarted = deployment.start_router(name="router-3")
+    wait_for(lambda: deployment.frontend_metrics().value("turnout_frontend_routers") == 2, 10,
+             "the frontend to use the restarted router")
+    wait_for(lambda: restarted.metrics().value("turnout_router_kv_resyncs_total") >= 2, 30,
+             "the restarted router to resync every worker")
+    wait_for(lambda: int(route(restarted, ids)["overlap_blocks"]) > 0,  # type: ignore[call-overload]
+             10, "the restarted router's index to hold the cached prefix")
+    decision = route(restarted, ids)
+    assert decision["worker_id"] == holder["worker_id"]
+    assert decision["overlap_blocks"] == holder["overlap_blocks"]
+    # And it serves: requests through the frontend (now spread over router and router-3).
+    for i in range(4):
+        oai.completions.create(model="mock", prompt=f"after restart {i}", max_tokens=2)
+    assert restarted.metrics().value("turnout_router_decisions_total", policy="kv") > 0

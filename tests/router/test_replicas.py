@@ -1,0 +1,236 @@
+"""Router replicas, unit level: frontends' pings and the verdict on a gone frontend, the usage
+shared between replicas and what it adds to a worker's load, the drain's hand-back, and a
+resumed stream placed back on the worker that served it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+
+from common.messages import (
+    KIND_CANCEL,
+    KIND_GENERATE,
+    KIND_PONG,
+    KIND_RESUME_ELSEWHERE,
+    TOPIC_ROUTER_USAGE,
+    RouterUsage,
+    TokenChunk,
+    WorkerShare,
+    encoder,
+    resume_elsewhere_decoder,
+)
+from services.router.accounting import Accounting, RoutedRequest
+from services.router.frontend_liveness import FrontendLiveness
+from services.router.handback import HandBack
+from services.router.kv_policy import KvAwarePolicy, load_of
+from services.router.policies import LeastLoaded, RoundRobin
+from services.router.replica_sync import ReplicaSync
+from tests.router.fakes import FakeClock, FakeSocket, Wiring, pool_of, request, sent, worker
+
+
+def pinged(live: FrontendLiveness, clock: FakeClock, frontend: bytes, times: int,
+           every: float) -> None:
+    for _ in range(times):
+        live.on_ping(frontend)
+        clock.advance(every)
+
+
+def test_a_ping_is_answered_and_a_silent_frontend_is_lost_once() -> None:
+    clock, sock = FakeClock(), FakeSocket()
+    live = FrontendLiveness(sock, 0.1, 3, timeout_s=3.0, clock=clock)
+    pinged(live, clock, b"fe1", 50, 0.1)  # regular pings
+    live.on_frame(b"fe2")  # never pinged: an old frontend, never judged
+    assert sock.sent[0] == [b"fe1", KIND_PONG, b""] and len(sock.sent) == 50
+    clock.advance(0.2)  # silent 0.3 s: within the floor
+    assert live.lost() == []
+    clock.advance(0.3)  # 0.6 s after regular pings: gone
+    assert live.lost() == [b"fe1"]
+    assert live.lost() == []
+
+
+def test_a_frontend_with_irregular_pings_gets_slack_but_not_past_the_timeout() -> None:
+    clock = FakeClock()
+    live = FrontendLiveness(FakeSocket(), 0.1, 3, timeout_s=3.0, clock=clock)
+    for i in range(50):  # a busy host: pings 0.1 s to 0.4 s apart
+        live.on_ping(b"fe")
+        clock.advance(0.4 if i % 3 == 0 else 0.1)
+    clock.advance(0.5)  # 0.6 s: lost for a regular frontend, not for this one
+    assert live.lost() == []
+    clock.advance(2.5)
+    assert live.lost() == [b"fe"]
+
+
+def test_a_router_that_did_not_run_judges_nobody() -> None:
+    clock = FakeClock()
+    live = FrontendLiveness(FakeSocket(), 0.1, 3, timeout_s=3.0, clock=clock)
+    live.on_ping(b"fe1")
+    clock.advance(5)  # this router was frozen
+    live.pause()
+    assert live.lost() == []
+
+
+def test_a_gone_frontends_requests_are_cancelled_on_their_workers() -> None:
+    a = worker("a")
+    wiring = Wiring(RoundRobin(), a)
+    wiring.streams.on_generate(b"fe1", request("r1"), b"p1")
+    wiring.streams.on_generate(b"fe2", request("r2"), b"p2")
+    live = FrontendLiveness(wiring.frontends, 0.1, 3, timeout_s=3.0, clock=wiring.clock)
+    orphans = live.orphans(b"fe1", wiring.accounting, wiring.streams.parking)
+    assert orphans == ["r1"]
+    for rid in orphans:
+        wiring.streams.on_cancel(rid)
+    assert [f[0] for f in sent(a)] == [KIND_GENERATE, KIND_GENERATE, KIND_CANCEL]
+    assert "r2" in wiring.accounting and "r1" not in wiring.accounting
+
+
+def share(worker_id: str, requests: int, active: int, prefill: int) -> WorkerShare:
+    return WorkerShare(worker_id, requests, active, prefill)
+
+
+def test_peer_usage_adds_to_a_workers_load_until_the_peer_goes_quiet() -> None:
+    a, b = worker("a"), worker("b")
+    clock = FakeClock()
+    sync = ReplicaSync("me", pool_of(a, b), publisher=FakePublisher(), stale_s=0.3,
+                       clock=clock)
+    sync.on_event(encoder.encode(RouterUsage("r2", [share("a", 2, 10, 4)])))
+    sync.on_event(encoder.encode(RouterUsage("r3", [share("a", 1, 5, 0)])))
+    assert (a.peer_requests, a.peer_active_blocks, a.peer_prefill_blocks) == (3, 15, 4)
+    assert load_of(a) == (4.0, 15.0) and load_of(b) == (0.0, 0.0)
+    # least-loaded counts the peers' requests too
+    assert LeastLoaded().decide(request("x"), [a, b]).worker is b
+    # A full snapshot replaces what r2 said: nothing on a any more.
+    sync.on_event(encoder.encode(RouterUsage("r2", [], full=True)))
+    assert a.peer_requests == 1
+    clock.advance(0.2)
+    sync.on_event(encoder.encode(RouterUsage("r2", [share("b", 1, 1, 1)], full=True)))
+    clock.advance(0.2)
+    sync.expire()  # r3 silent 0.4 s: forgotten; r2 heard 0.2 s ago: kept
+    assert (a.peer_requests, b.peer_requests) == (0, 1)
+    # Our own messages, coming back through a shared subscription, are not a peer's.
+    sync.on_event(encoder.encode(RouterUsage("me", [share("a", 9, 9, 9)])))
+    assert a.peer_requests == 0
+
+
+def test_without_sync_peers_are_ignored_and_nothing_is_published() -> None:
+    a = worker("a")
+    sync = ReplicaSync("me", pool_of(a), publisher=None, stale_s=0.3)
+    sync.on_event(encoder.encode(RouterUsage("r2", [share("a", 2, 10, 4)])))
+    sync.changed(a)
+    sync.publish_snapshot()
+    assert a.peer_requests == 0 and not sync.enabled
+
+
+class FakePublisher:
+    def __init__(self) -> None:
+        self.published: list[tuple[bytes, msgspec.Struct]] = []
+
+    def publish(self, topic: bytes, body: msgspec.Struct) -> None:
+        self.published.append((topic, body))
+
+
+def test_placements_are_published_once_per_loop_turn() -> None:
+    async def main() -> None:
+        a, b = worker("a"), worker("b")
+        wiring = Wiring(RoundRobin(), a, b)
+        publisher = FakePublisher()
+        sync = ReplicaSync("me", wiring.pool, publisher, stale_s=0.3)  # type: ignore[arg-type]
+        wiring.accounting._on_change = sync.changed
+        for i in range(4):
+            wiring.streams.on_generate(b"fe", request(f"r{i}"), b"p")
+        await asyncio.sleep(0)
+        assert len(publisher.published) == 1
+        topic, body = publisher.published[0]
+        assert topic == TOPIC_ROUTER_USAGE and isinstance(body, RouterUsage)
+        assert sorted((s.worker_id, s.requests) for s in body.workers) == [("a", 2), ("b", 2)]
+        sync.publish_snapshot()
+        assert publisher.published[-1][1].full  # type: ignore[attr-defined]
+
+    asyncio.run(main())
+
+
+def test_a_drain_gives_every_stream_back_to_its_frontend_without_cancelling() -> None:
+    a = worker("a")
+    wiring = Wiring(RoundRobin(), a)
+    wiring.streams.on_generate(b"fe1", request("r1"), b"p1")
+    wiring.streams.on_generate(b"fe1", request("r2"), b"p2")
+    wiring.streams.on_generate(b"fe2", request("r3"), b"p3")
+    back = HandBack(wiring.frontends, wiring.accounting, wiring.streams.parking,
+                    wiring.migration, wiring.metrics)
+    assert back.start() == 3
+    given = {f[0]: resume_elsewhere_decoder.decode(f[2]) for f in wiring.frontends.sent
+             if f[1] == KIND_RESUME_ELSEWHERE}
+    assert sorted(given[b"fe1"].request_ids) == ["r1", "r2"] and given[b"fe1"].draining
+    assert given[b"fe2"].request_ids == ["r3"]
+    assert len(wiring.accounting) == 0 and a.inflight == 0
+    assert KIND_CANCEL not in [f[0] for f in sent(a)]  # the worker hands them over instead
+    # Tokens still coming from the worker for them are not relayed.
+    before = len(wiring.frontends.sent)
+    wiring.streams.on_batch(a, [TokenChunk("r1", [5])])
+    assert len(wiring.frontends.sent) == before
+
+
+def test_a_resume_goes_to_the_worker_that_served_it_and_names_it() -> None:
+    a, b = worker("a"), worker("b")
+    wiring = Wiring(RoundRobin(), a, b)
+    resumed = msgspec.structs.replace(request("r1"), generated_token_ids=[7, 8, 9, 10],
+                                      previous_worker="b")
+    for _ in range(2):  # whatever the round-robin turn
+        wiring.streams.on_generate(b"fe", resumed, encoder.encode(resumed))
+        entry = wiring.accounting.get("r1")
+        assert entry is not None and entry.worker is b
+        wiring.streams.on_batch(b, [TokenChunk("r1", [11])])
+        wiring.streams.on_batch(b, [TokenChunk("r1", [12])])
+        chunks = [msgspec.msgpack.decode(f[2]) for f in wiring.frontends.sent[-2:]]
+        # The first chunk names the worker, the next not.
+        assert [c[0][0][-1] for c in chunks] == ["b", ""]
+        wiring.streams.on_cancel("r1")
+    assert wiring.metrics.resumes._value.get() == 2
+
+
+class FixedIndex:
+    def __init__(self, overlaps: dict[str, int]) -> None:
+        self.overlaps = overlaps
+
+    def find_matches(self, hashes: list[int]) -> dict[str, int]:
+        return dict(self.overlaps)
+
+
+def pile_up(sync: bool) -> dict[str, int]:
+    """Two routers take turns placing 12 requests whose prefix one worker caches, between two
+    load reports (so only their own accounting, and with sync each other's, is fresh): how
+    many requests each worker gets."""
+    async def run() -> dict[str, int]:
+        routers = []
+        for name in ("A", "B"):
+            handles = [worker(f"w{i}") for i in range(1, 5)]
+            publisher = FakePublisher()
+            replica = ReplicaSync(name, pool_of(*handles), publisher if sync else None, 1.0)
+            policy = KvAwarePolicy(FixedIndex({"w1": 6}))  # type: ignore[arg-type]
+            routers.append((handles, Accounting(on_change=replica.changed), policy, replica,
+                            publisher))
+        for i in range(12):
+            handles, accounting, policy, _, publisher = routers[i % 2]
+            req = request(f"r{i}", tokens=32)
+            decision = policy.decide(req, handles)
+            policy.commit(decision)
+            accounting.place(RoutedRequest(req, b"fe"), decision)
+            await asyncio.sleep(0)  # the sync flush
+            other = routers[(i + 1) % 2][3]
+            for _, body in publisher.published:
+                other.on_event(encoder.encode(body))
+            publisher.published.clear()
+        return {h.id: h.inflight + routers[1][0][n].inflight
+                for n, h in enumerate(routers[0][0])}
+
+    return asyncio.run(run())
+
+
+def test_replica_sync_keeps_two_routers_from_piling_onto_the_cached_worker() -> None:
+    without, with_sync = pile_up(False), pile_up(True)
+    assert sum(without.values()) == sum(with_sync.values()) == 12
+    # Without sync each router's hotspot guard sees half the load: the cached worker gets
+    # twice what one router would let it have; with sync, what one router would.
+    assert with_sync["w1"] < without["w1"], (with_sync, without)
+    assert max(with_sync.values()) - min(with_sync.values()) \
+        < max(without.values()) - min(without.values())
