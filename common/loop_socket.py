@@ -1,0 +1,168 @@
+"""A ZeroMQ socket driven directly by the asyncio event loop: the request plane's transport.
+
+pyzmq's asyncio shim costs a Future, a callback and a poller re-arm per message, which on the
+token path (one frame per engine step per hop) was most of a process's CPU. Here the socket's
+FD is watched with `loop.add_reader`; every wake drains all ready messages with NOBLOCK and
+hands each to a plain callback. Sends go out synchronously; only a send ZeroMQ refuses (Again:
+a peer's queue is full, rare with the request plane's unbounded queues) waits in a queue that
+is flushed, in order, when the socket turns writable.
+
+ZeroMQ's FD is edge-triggered and shared by both directions: it signals only when the socket's
+state changes, and any call that processes the socket's commands (a send included) can consume
+the notification that a message arrived. So a send made outside a drain schedules one drain for
+the end of the loop turn; a drain that stops at its per-wake budget reschedules itself; a drain
+stops otherwise only on a NOBLOCK recv that found nothing, which processes pending commands
+first, so whatever arrives later signals the FD again.
+
+Owns the socket from construction (closing it included). Does not own what the messages mean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import zmq
+import zmq.asyncio
+
+MessageHandler = Callable[[list[bytes]], None]
+
+# Messages handled per wake before yielding to the loop: a flooded socket must not starve the
+# others (HTTP, timers, the other hops) in the same process.
+MAX_PER_WAKE = 256
+
+
+class LoopSocket:
+    """`socket` (a plain `zmq.Socket`, never a zmq.asyncio one) read on the running loop: each
+    multipart message goes to `on_message` as a list of bytes frames, in arrival order. Without
+    `on_message` the socket is only written to (the reader then only flushes queued sends).
+
+    A handler that raises stops the reading; `run()` raises its exception."""
+
+    def __init__(self, socket: zmq.Socket, on_message: MessageHandler | None = None,
+                 max_per_wake: int = MAX_PER_WAKE) -> None:
+        if isinstance(socket, zmq.asyncio.Socket):  # its own poller would fight ours for the FD
+            raise TypeError("LoopSocket needs a plain zmq.Socket, not a zmq.asyncio one")
+        if max_per_wake < 1:
+            raise ValueError(f"max_per_wake must be at least 1, got {max_per_wake}")
+        self.socket = socket
+        self._on_message = on_message
+        self._max_per_wake = max_per_wake
+        self._loop = asyncio.get_running_loop()
+        self._fd: int = socket.FD
+        self._out: deque[Sequence[bytes]] = deque()
+        self._draining = False
+        self._scheduled: asyncio.Handle | None = None
+        self._done: asyncio.Future[None] = self._loop.create_future()
+        self.closed = False
+        self._loop.add_reader(self._fd, self._on_ready)
+        # Messages may have arrived (and consumed the FD's edge) before we watched it.
+        self._schedule()
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def send(self, frames: Sequence[bytes]) -> None:
+        """Send one multipart message now, or queue it behind earlier ones when ZeroMQ would
+        block. Raises `zmq.ZMQError` for anything but Again (a ROUTER_MANDATORY peer that is
+        gone, a closed socket)."""
+        if self._out:
+            self._out.append(frames)
+            return
+        try:
+            self.socket.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            self._out.append(frames)
+            # The refused send processed commands; a POLLOUT that came meanwhile is not
+            # signalled again.
+            self._schedule()
+            return
+        if self._on_message is not None and not self._draining:
+            self._schedule()
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting for the socket to turn writable."""
+        return len(self._out)
+
+    def _flush(self) -> None:
+        out = self._out
+        socket = self.socket
+        while out:
+            try:
+                socket.send_multipart(out[0], zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            out.popleft()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        if self._scheduled is None and not self.closed:
+            self._scheduled = self._loop.call_soon(self._on_ready)
+
+    def _on_ready(self) -> None:
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        if self.closed:
+            return
+        if self._out:
+            self._flush()
+        handler = self._on_message
+        if handler is None:
+            if self._out and self.socket.EVENTS & zmq.POLLOUT:
+                self._schedule()
+            return
+        socket = self.socket
+        recv = socket.recv_multipart
+        self._draining = True
+        try:
+            for _ in range(self._max_per_wake):
+                try:
+                    frames = recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                handler(frames)
+                if self.closed:  # the handler closed us
+                    return
+            else:
+                self._schedule()  # budget spent with messages maybe left: continue next turn
+        except Exception as exc:
+            self._fail(exc)
+            return
+        finally:
+            self._draining = False
+        if self._out:
+            # Reads processed commands too: a POLLOUT among them is not signalled again.
+            self._flush()
+            if self._out and socket.EVENTS & zmq.POLLOUT:
+                self._schedule()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._detach()
+        if not self._done.done():
+            self._done.set_exception(exc)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Wait until `close()`; raise what a handler raised (reading stopped then)."""
+        await asyncio.shield(self._done)
+
+    def _detach(self) -> None:
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        if not self.closed:
+            self.closed = True
+            # Before the socket closes: the FD number may be reused at once.
+            self._loop.remove_reader(self._fd)
+
+    def close(self) -> None:
+        """Stop reading and close the socket now (queued and unread messages are dropped)."""
+        self._detach()
+        if not self.socket.closed:
+            self.socket.close(linger=0)
+        if not self._done.done():
+            self._done.set_result(None)
