@@ -14,7 +14,9 @@ the end of the loop turn; a drain that stops at its per-wake budget reschedules 
 stops otherwise only on a NOBLOCK recv that found nothing, which processes pending commands
 first, so whatever arrives later signals the FD again.
 
-Owns the socket from construction (closing it included). Does not own what the messages mean.
+Owns reading and writing the socket from construction, and closing it in `close()` (an owner
+whose `run()` was cancelled has stopped the reading and may close the socket itself). Does not
+own what the messages mean.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class LoopSocket:
         self._draining = False
         self._scheduled: asyncio.Handle | None = None
         self._done: asyncio.Future[None] = self._loop.create_future()
-        self.closed = False
+        self._watching = True  # the loop watches the FD (until close, cancel or failure)
         self._loop.add_reader(self._fd, self._on_ready)
         # Messages may have arrived (and consumed the FD's edge) before we watched it.
         self._schedule()
@@ -80,6 +82,23 @@ class LoopSocket:
         if self._on_message is not None and not self._draining:
             self._schedule()
 
+    def try_send(self, frames: Sequence[bytes]) -> bool:
+        """Send one multipart message now if ZeroMQ takes it; False (nothing queued) when it
+        would block: for a caller with its own policy for a slow peer (drop, retry later)."""
+        if self._out:
+            return False
+        try:
+            self.socket.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        if self._on_message is not None and not self._draining:
+            self._schedule()
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.socket.closed)
+
     @property
     def queued(self) -> int:
         """Messages waiting for the socket to turn writable."""
@@ -98,14 +117,14 @@ class LoopSocket:
     # -- reading -------------------------------------------------------------------------------
 
     def _schedule(self) -> None:
-        if self._scheduled is None and not self.closed:
+        if self._scheduled is None and self._watching:
             self._scheduled = self._loop.call_soon(self._on_ready)
 
     def _on_ready(self) -> None:
         if self._scheduled is not None:
             self._scheduled.cancel()
             self._scheduled = None
-        if self.closed:
+        if not self._watching:
             return
         if self._out:
             self._flush()
@@ -124,7 +143,7 @@ class LoopSocket:
                 except zmq.Again:
                     break
                 handler(frames)
-                if self.closed:  # the handler closed us
+                if not self._watching:  # the handler closed us
                     return
             else:
                 self._schedule()  # budget spent with messages maybe left: continue next turn
@@ -147,15 +166,21 @@ class LoopSocket:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Wait until `close()`; raise what a handler raised (reading stopped then)."""
-        await asyncio.shield(self._done)
+        """Wait until `close()`; raise what a handler raised (reading stopped then). Reading
+        starts at construction, not here; cancelling this stops it (sends still go out until
+        `close()`), so a service can stop taking messages before it tears the socket down."""
+        try:
+            await asyncio.shield(self._done)
+        except asyncio.CancelledError:
+            self._detach()
+            raise
 
     def _detach(self) -> None:
         if self._scheduled is not None:
             self._scheduled.cancel()
             self._scheduled = None
-        if not self.closed:
-            self.closed = True
+        if self._watching:
+            self._watching = False
             # Before the socket closes: the FD number may be reused at once.
             self._loop.remove_reader(self._fd)
 

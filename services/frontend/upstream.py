@@ -11,7 +11,7 @@ import logging
 from typing import Protocol
 
 import msgspec
-import zmq.asyncio
+import zmq
 
 from common.discovery import Discovery
 from common.malformed import MalformedFrames
@@ -94,7 +94,7 @@ class RouterClient:
 
     def __init__(self, discovery: Discovery) -> None:
         self.discovery = discovery
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = zmq.Context()
         self.routers: dict[str, _RouterLink] = {}
         self.workers: dict[str, Instance] = {}
         self.streams: dict[str, tuple[ChunkStream, str]] = {}
@@ -146,7 +146,7 @@ class RouterClient:
         link = links[self._turn % len(links)]
         stream = ChunkStream(request.request_id)
         self.streams[request.request_id] = (stream, link.router_id)
-        link.socket.send_multipart([KIND_GENERATE, encoder.encode(request)])
+        link.dealer.send([KIND_GENERATE, encoder.encode(request)])
         return stream
 
     def cancel(self, request_id: str) -> None:
@@ -155,7 +155,7 @@ class RouterClient:
             return
         link = self.routers.get(entry[1])
         if link is not None:
-            link.socket.send_multipart([KIND_CANCEL, encoder.encode(Cancel(request_id))])
+            link.dealer.send([KIND_CANCEL, encoder.encode(Cancel(request_id))])
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -204,17 +204,17 @@ class RouterClient:
 
 
 class _RouterLink:
-    """One DEALER connection to one router, the task reading its replies and one watching the
-    connection: when it drops, the streams it carried fail at once (503) instead of hanging
-    until the router's discovery lease runs out, and no new request goes its way until it is
-    back."""
+    """One DEALER connection to one router, its replies handed to the client as they are read,
+    and a task watching the connection: when it drops, the streams it carried fail at once
+    (503) instead of hanging until the router's discovery lease runs out, and no new request
+    goes its way until it is back."""
 
     def __init__(self, client: RouterClient, instance: Instance) -> None:
         self.router_id = instance.id
-        self.dealer = MonitoredDealer(client.ctx, instance.endpoints["request"])
-        self.socket = self.dealer.socket
+        self.client = client
+        self.dealer = MonitoredDealer(client.ctx, instance.endpoints["request"], self._on_reply)
         self.up = True  # optimistic until a drop: requests queue while it connects
-        self.task = asyncio.create_task(self._read(client))
+        self.task = asyncio.create_task(self.dealer.run())
         self.watcher = asyncio.create_task(self._watch(client))
 
     async def _watch(self, client: RouterClient) -> None:
@@ -223,14 +223,12 @@ class _RouterLink:
             if not connected:
                 client.fail_streams(self.router_id)
 
-    async def _read(self, client: RouterClient) -> None:
-        while True:
-            frames = await self.socket.recv_multipart()
-            if len(frames) == 2 and frames[0] == KIND_TOKENS:
-                client.deliver(frames[1], self.router_id)
-            else:
-                client.malformed.drop(f"{len(frames)} frames, kind {frames[0][:8]!r}",
-                                      self.router_id)
+    def _on_reply(self, frames: list[bytes]) -> None:
+        if len(frames) == 2 and frames[0] == KIND_TOKENS:
+            self.client.deliver(frames[1], self.router_id)
+        else:
+            self.client.malformed.drop(f"{len(frames)} frames, kind {frames[0][:8]!r}",
+                                       self.router_id)
 
     def close(self) -> None:
         self.task.cancel()
