@@ -9,10 +9,10 @@ is flushed, in order, when the socket turns writable.
 
 ZeroMQ's FD is edge-triggered and shared by both directions: it signals only when the socket's
 state changes, and any call that processes the socket's commands (a send included) can consume
-the notification that a message arrived. So a send made outside a drain schedules one drain for
-the end of the loop turn; a drain that stops at its per-wake budget reschedules itself; a drain
-stops otherwise only on a NOBLOCK recv that found nothing, which processes pending commands
-first, so whatever arrives later signals the FD again.
+the notification that a message arrived. So after a send made outside a drain the socket's
+EVENTS are read and a drain is scheduled if a message waits; a drain that spends its per-wake
+budget reschedules itself; otherwise a drain stops only when EVENTS (or a NOBLOCK recv) found
+nothing — both process the pending commands first, so whatever arrives later signals the FD.
 
 Owns reading and writing the socket from construction, and closing it in `close()` (an owner
 whose `run()` was cancelled has stopped the reading and may close the socket itself). Does not
@@ -29,6 +29,14 @@ import zmq
 import zmq.asyncio
 
 MessageHandler = Callable[[list[bytes]], None]
+
+# Plain ints: pyzmq's enum flags cost an enum construction per `|`, about as much as the call.
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
+_RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
 
 # Messages handled per wake before yielding to the loop: a flooded socket must not starve the
 # others (HTTP, timers, the other hops) in the same process.
@@ -72,15 +80,14 @@ class LoopSocket:
             self._out.append(frames)
             return
         try:
-            self.socket.send_multipart(frames, zmq.NOBLOCK)
+            _send_now(self.socket, frames)
         except zmq.Again:
             self._out.append(frames)
-            # The refused send processed commands; a POLLOUT that came meanwhile is not
-            # signalled again.
+            # The refused send processed commands; a POLLOUT among them is not signalled again.
             self._schedule()
             return
         if self._on_message is not None and not self._draining:
-            self._schedule()
+            self._after_send()
 
     def try_send(self, frames: Sequence[bytes]) -> bool:
         """Send one multipart message now if ZeroMQ takes it; False (nothing queued) when it
@@ -88,12 +95,19 @@ class LoopSocket:
         if self._out:
             return False
         try:
-            self.socket.send_multipart(frames, zmq.NOBLOCK)
+            _send_now(self.socket, frames)
         except zmq.Again:
             return False
         if self._on_message is not None and not self._draining:
-            self._schedule()
+            self._after_send()
         return True
+
+    def _after_send(self) -> None:
+        # The send may have processed the socket's commands, consuming the FD's notice of a
+        # message that arrived: look, and drain this turn if one waits. (Inside a drain the
+        # drain looks itself before it stops.)
+        if self.socket.getsockopt(_EVENTS) & _POLLIN:
+            self._schedule()
 
     @property
     def closed(self) -> bool:
@@ -109,7 +123,7 @@ class LoopSocket:
         socket = self.socket
         while out:
             try:
-                socket.send_multipart(out[0], zmq.NOBLOCK)
+                _send_now(socket, out[0])
             except zmq.Again:
                 return
             out.popleft()
@@ -129,24 +143,31 @@ class LoopSocket:
         if self._out:
             self._flush()
         handler = self._on_message
+        socket = self.socket
         if handler is None:
-            if self._out and self.socket.EVENTS & zmq.POLLOUT:
+            if self._out and socket.getsockopt(_EVENTS) & _POLLOUT:
                 self._schedule()
             return
-        socket = self.socket
-        recv = socket.recv_multipart
+        recv = socket.recv
+        getsockopt = socket.getsockopt
         self._draining = True
         try:
             for _ in range(self._max_per_wake):
                 try:
-                    frames = recv(zmq.NOBLOCK)
-                except zmq.Again:
+                    frames = [recv(_NOBLOCK)]
+                except zmq.Again:  # a wake for something else (POLLOUT, a command)
                     break
+                while getsockopt(_RCVMORE):
+                    frames.append(recv(_NOBLOCK))
                 handler(frames)
                 if not self._watching:  # the handler closed us
                     return
+                # Cheaper than a recv that raises Again; like it, it processes the socket's
+                # commands, so whatever arrives after it is signalled on the FD again.
+                if not getsockopt(_EVENTS) & _POLLIN:
+                    break
             else:
-                self._schedule()  # budget spent with messages maybe left: continue next turn
+                self._schedule()  # budget spent with messages left: continue next turn
         except Exception as exc:
             self._fail(exc)
             return
@@ -155,7 +176,7 @@ class LoopSocket:
         if self._out:
             # Reads processed commands too: a POLLOUT among them is not signalled again.
             self._flush()
-            if self._out and socket.EVENTS & zmq.POLLOUT:
+            if self._out and getsockopt(_EVENTS) & _POLLOUT:
                 self._schedule()
 
     def _fail(self, exc: BaseException) -> None:
@@ -191,3 +212,13 @@ class LoopSocket:
             self.socket.close(linger=0)
         if not self._done.done():
             self._done.set_result(None)
+
+
+def _send_now(socket: zmq.Socket, frames: Sequence[bytes]) -> None:
+    """send_multipart with NOBLOCK, minus its per-frame flag arithmetic. Only the first frame
+    can be refused (Again): ZeroMQ counts its high-water mark in whole messages."""
+    last = len(frames) - 1
+    send = socket.send
+    for i in range(last):
+        send(frames[i], _SNDMORE_NOBLOCK)
+    send(frames[last], _NOBLOCK)
