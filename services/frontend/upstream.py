@@ -57,35 +57,73 @@ class Upstream(Protocol):
 
 
 class ChunkStream:
-    """Chunks of one request as they arrive; merges what piled up while the reader was busy."""
+    """Chunks of one request as they arrive; merges what piled up while the reader was busy,
+    or hands them out a fixed number of tokens at a time."""
 
-    __slots__ = ("_pending", "_waiter", "finished", "request_id")
+    __slots__ = ("_final", "_pending", "_tokens", "_waiter", "finished", "request_id")
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self._pending: list[TokenChunk] = []
+        self._tokens = 0  # tokens in _pending
+        self._final = False  # _pending holds the chunk with the finish reason
         # A bare future, not an asyncio.Event: this wakes once per token on the hot path.
         self._waiter: asyncio.Future[None] | None = None
         self.finished = False
 
     def push(self, chunk: TokenChunk) -> None:
         self._pending.append(chunk)
+        self._tokens += len(chunk.token_ids)
+        if chunk.finish_reason is not None:
+            self._final = True
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def next_batch(self) -> list[TokenChunk]:
-        """Every chunk that arrived since the last call (at least one); [] once finished."""
-        while not self._pending:
+    async def next_batch(self, tokens: int = 0) -> list[TokenChunk]:
+        """Every chunk that arrived since the last call (at least one); [] once finished.
+
+        With `tokens` > 0, exactly that many tokens instead (fewer only at the end of the
+        stream), waiting for them, a chunk split where the count falls."""
+        while not self._pending or (tokens and self._tokens < tokens and not self._final):
             if self.finished:
                 return []
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
-        batch, self._pending = self._pending, []
+        if tokens and self._tokens > tokens:
+            batch = self._take(tokens)
+        else:
+            batch, self._pending, self._tokens = self._pending, [], 0
         if batch[-1].finish_reason is not None:
             self.finished = True
+        return batch
+
+    def _take(self, tokens: int) -> list[TokenChunk]:
+        """The leading chunks that hold `tokens` tokens, splitting the one where they end (its
+        prompt figures go with the head, its finish with the rest)."""
+        pending = self._pending
+        batch: list[TokenChunk] = []
+        count = 0
+        i = 0
+        while count < tokens:
+            chunk = pending[i]
+            n = len(chunk.token_ids)
+            if count + n <= tokens:
+                batch.append(chunk)
+                count += n
+                i += 1
+                continue
+            k = tokens - count
+            batch.append(TokenChunk(chunk.request_id, chunk.token_ids[:k], None,
+                                    chunk.num_prompt_tokens, chunk.cached_tokens))
+            pending[i] = TokenChunk(chunk.request_id, chunk.token_ids[k:], chunk.finish_reason,
+                                    error_code=chunk.error_code,
+                                    error_message=chunk.error_message)
+            count = tokens
+        del pending[:i]
+        self._tokens -= tokens
         return batch
 
 
