@@ -106,7 +106,7 @@ class LoopSocket:
         # The send may have processed the socket's commands, consuming the FD's notice of a
         # message that arrived: look, and drain this turn if one waits. (Inside a drain the
         # drain looks itself before it stops.)
-        if self.socket.getsockopt(_EVENTS) & _POLLIN:
+        if self._scheduled is None and self.socket.getsockopt(_EVENTS) & _POLLIN:
             self._schedule()
 
     @property
