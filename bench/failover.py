@@ -1,15 +1,16 @@
 """Fault injection: what streaming clients see when a worker dies, hangs or is told to stop.
 
-Owns: starting a fresh two-worker deployment per scenario (Turnout's `turnout up` with mocker
-workers at speed-up 1; NVIDIA Dynamo 1.6.1's frontend + two mockers via
-`shared/anchors/dynamo/start.sh`), sending `--streams` concurrent streaming `/v1/completions`
-requests of `--tokens` output tokens (`ignore_eos`, greedy), signalling one worker at
-`--fault-at` seconds (SIGKILL: crash; SIGSTOP: hung, SIGCONT'ed before cleanup; SIGTERM: asked
-to stop), and reading, per stream, every token chunk's arrival time. It prints one JSON line per
-(system, fault, prompt, kv replicas): streams completed/failed, failure detection (Turnout's
-router histogram; for both, a client-side bound), the longest token gap per stream (p50/p99/max),
-tokens recomputed per migrated request (Turnout's router histogram), wall time; then one summary
-line with the goals of the failover issue. Every process it starts is killed on exit.
+Owns: starting a fresh two-worker deployment per scenario (Turnout: the processes `turnout up`
+would start, each through `turnout.testing.deployment`, mocker workers at speed-up 1; NVIDIA
+Dynamo 1.6.1's frontend + two mockers via `shared/anchors/dynamo/start.sh`), sending
+`--streams` concurrent streaming `/v1/completions` requests of `--tokens` output tokens
+(`ignore_eos`, greedy), signalling one worker at `--fault-at` seconds (SIGKILL: crash; SIGSTOP:
+hung, SIGCONT'ed before cleanup; SIGTERM: asked to stop), and reading, per stream, every token
+chunk's arrival time. It prints one JSON line per (system, fault, prompt, kv replicas): streams
+completed/failed, failure detection (Turnout's router histogram; for both, a client-side bound),
+the longest token gap per stream (p50/p99/max), tokens recomputed per migrated request
+(Turnout's router histogram), wall time; then one summary line with the goals of the failover
+issue. Every process it starts is killed on exit.
 
 Does not own the HTTP client (`bench/load_client.py`) or the servers' code.
 
@@ -40,8 +41,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.utils import floatToGoString
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
@@ -49,18 +51,19 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 from load_client import (  # noqa: E402  (path set up just above)
     LoadResult,
     RequestRecord,
-    http_get,
     percentile,
     run,
     run_load,
     served_models,
-    wait_until_ok,
 )
+
+from common.prometheus_text import Metrics  # noqa: E402
+from turnout.testing.deployment import Deployment as LocalDeployment  # noqa: E402
+from turnout.testing.deployment import scrape_async  # noqa: E402
 
 DYNAMO_START = Path(os.environ.get("DYNAMO_ANCHOR", "/work/shared/anchors/dynamo")) / "start.sh"
 DYNAMO_INSTALL = DYNAMO_START.parent / "install.sh"
 DYNAMO_VENV = Path(os.environ.get("DYNAMO_VENV", "/tmp/dynamo-anchor"))
-TURNOUT_BIN = REPO / ".venv" / "bin" / "turnout"
 FAULTS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}
 WORKERS = 2
 
@@ -101,7 +104,7 @@ class Deployment:
     def describe(self) -> dict[str, Any]:
         return {}
 
-    async def router_metrics(self) -> dict[str, Any] | None:
+    async def router_metrics(self) -> Metrics | None:
         return None
 
     def _remember(self, roots: list[int]) -> None:
@@ -155,86 +158,62 @@ class TurnoutDeployment(Deployment):
     def __init__(self, log_dir: Path, model: Path, router_mode: str, kv_replicas: int,
                  migration_limit: int, extra_args: list[str]) -> None:
         super().__init__(log_dir)
-        self.discovery = log_dir / "discovery"
-        self.log_path = log_dir / "turnout-up.log"
-        self.cmd = [str(TURNOUT_BIN), "up", "--port", str(self.port), "--workers", str(WORKERS),
-                    "--engine", "mocker", "--speedup-ratio", "1", "--router-mode", router_mode,
-                    "--kv-replicas", str(kv_replicas), "--migration-limit", str(migration_limit),
-                    "--model", str(model), "--discovery", f"file:{self.discovery}",
-                    "--log-level", "info", *extra_args]
+        # One log per process in log_dir; the services' own default lease, as `turnout up`.
+        self.local = LocalDeployment(log_dir, lease_ttl_s=None)
+        self.flags = ["--engine", "mocker", "--speedup-ratio", "1", "--router-mode", router_mode,
+                      "--kv-replicas", str(kv_replicas), "--migration-limit",
+                      str(migration_limit), "--model", str(model), "--log-level", "info",
+                      *extra_args]
 
     async def start(self, timeout_s: float) -> None:
-        self.discovery.mkdir(parents=True, exist_ok=True)
-        log(f"turnout: {shlex.join(self.cmd)} (log {self.log_path})")
-        with self.log_path.open("wb") as out:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.cmd, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                start_new_session=True, cwd=str(REPO))
-        alive = lambda: self.proc is not None and self.proc.returncode is None  # noqa: E731
-        await wait_until_ok(self.base_url, "/health", timeout_s, alive=alive)
-        # /health says the frontend is up; wait until the router routes to both workers too.
-        deadline = time.monotonic() + timeout_s
-        while True:
-            metrics = await self.router_metrics()
-            if metrics and metrics["gauges"].get('turnout_router_workers{state="routable"}') \
-                    == WORKERS and len(self.workers()) == WORKERS:
-                break
-            if time.monotonic() > deadline or not alive():
-                raise RuntimeError("turnout: the router never saw both workers")
-            await asyncio.sleep(0.2)
-        self._remember(self._leaders())
+        log(f"turnout: up-style flags {shlex.join(self.flags)} (logs {self.log_dir})")
+        # Returns once the frontend is healthy and the router routes to both workers.
+        self.local.start_up(self.flags, WORKERS, port=self.port, timeout=timeout_s)
 
     def workers(self) -> list[psutil.Process]:
-        if self.proc is None:
-            return []
-        with contextlib.suppress(psutil.Error):
-            found = [c for c in psutil.Process(self.proc.pid).children(recursive=True)
-                     if "worker" in c.cmdline()[1:4]]
-            return sorted(found, key=lambda p: p.pid)
-        return []
+        found = []
+        for service in self.local.workers():
+            with contextlib.suppress(psutil.Error):
+                found.append(psutil.Process(service.pid))
+        return sorted(found, key=lambda p: p.pid)
 
-    def _router_url(self) -> str | None:
-        for path in self.discovery.glob("*.json"):
-            with contextlib.suppress(OSError, ValueError):
-                record = json.loads(path.read_text())
-                if record.get("role") == "router":
-                    return record.get("endpoints", {}).get("metrics")
-        return None
-
-    async def router_metrics(self) -> dict[str, Any] | None:
-        url = self._router_url()
-        if url is None:
-            return None
-        base, _, path = url.rpartition("/")
+    async def router_metrics(self) -> Metrics | None:
         try:
-            status, body = await http_get(base, "/" + path, timeout_s=3.0)
-        except (OSError, ConnectionError, TimeoutError):
+            return await scrape_async(self.local.router.metrics_url(), within_s=3.0)
+        except (LookupError, OSError, httpx.HTTPError, ValueError):
             return None
-        return parse_metrics(body.decode()) if status == 200 else None
+
+    async def stop(self) -> None:
+        self.local.stop(grace_s=15)
+
+    def _log_lines(self, roles: tuple[str, ...]) -> list[str]:
+        lines = []
+        for service in self.local.services:
+            if service.role in roles:
+                lines += service.output().splitlines()
+        return lines
 
     def verdicts(self) -> list[dict[str, Any]]:
         """The router's 'worker declared dead' log lines: key=value fields, plus `at`, the
         line's wall-clock time (ms resolution)."""
         out = []
-        with contextlib.suppress(OSError):
-            for line in self.log_path.read_text(errors="replace").splitlines():
-                if "worker declared dead" in line:
-                    fields: dict[str, Any] = dict(re.findall(r"(\w+)=(\S+)", line))
-                    with contextlib.suppress(ValueError):
-                        stamp = datetime.datetime.strptime(line.split(" ", 1)[0],
-                                                           "%Y-%m-%dT%H:%M:%S.%fZ")
-                        fields["at"] = stamp.replace(tzinfo=datetime.UTC).timestamp()
-                    out.append(fields)
+        for line in self._log_lines(("router",)):
+            if "worker declared dead" in line:
+                fields: dict[str, Any] = dict(re.findall(r"(\w+)=(\S+)", line))
+                with contextlib.suppress(ValueError):
+                    stamp = datetime.datetime.strptime(line.split(" ", 1)[0],
+                                                       "%Y-%m-%dT%H:%M:%S.%fZ")
+                    fields["at"] = stamp.replace(tzinfo=datetime.UTC).timestamp()
+                out.append(fields)
         return out
 
     def log_problems(self, limit: int = 12) -> list[str]:
         """Warning/error lines other than the expected verdict, for the progress log."""
         lines = []
-        with contextlib.suppress(OSError):
-            for line in self.log_path.read_text(errors="replace").splitlines():
-                if (" warning " in line or " error " in line or "Traceback" in line) \
-                        and "worker declared dead" not in line:
-                    lines.append(line)
+        for line in self._log_lines(("router", "worker", "frontend")):
+            if (" warning " in line or " error " in line or "Traceback" in line) \
+                    and "worker declared dead" not in line:
+                lines.append(line)
         return lines[-limit:]
 
 
@@ -287,39 +266,9 @@ class DynamoDeployment(Deployment):
         return out
 
 
-def parse_metrics(text: str) -> dict[str, Any]:
-    """Prometheus text → counters/gauges by `name{labels}`, histograms as (sum, count)."""
-    gauges: dict[str, float] = {}
-    hists: dict[str, dict[str, Any]] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()) if k != "le")
-            key = f"{s.name}{{{labels}}}" if labels else s.name
-            if family.type == "histogram":
-                if s.name.endswith("_bucket"):
-                    buckets = hists.setdefault(family.name, {}).setdefault("le", {})
-                    buckets[s.labels["le"]] = s.value
-                elif s.name.endswith("_sum"):
-                    hists.setdefault(family.name, {})["sum"] = s.value
-                elif s.name.endswith("_count"):
-                    hists.setdefault(family.name, {})["count"] = s.value
-            else:
-                gauges[key] = s.value
-    return {"gauges": gauges, "histograms": hists}
-
-
-def _by_label(gauges: dict[str, float], name: str) -> dict[str, int]:
-    out = {}
-    for key, value in gauges.items():
-        if key.startswith(name + "{") and value:
-            out[key[len(name) + 1:-1].split("=", 1)[1].strip('"')] = int(value)
-    return out
-
-
-def _hist_mean(metrics: dict[str, Any], name: str) -> tuple[float | None, int]:
-    h = metrics["histograms"].get(name, {})
-    count = int(h.get("count", 0))
-    return (h.get("sum", 0.0) / count if count else None), count
+def _by_label(metrics: Metrics, name: str, label: str) -> dict[str, int]:
+    """`name`'s non-zero series by one label's value."""
+    return {k: int(v) for k, v in metrics.by_label(name, label).items() if v}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,34 +479,33 @@ async def run_scenario(sc: Scenario, args: argparse.Namespace, model: Path,
         log(f"{sc.label()}: stopped")
 
 
-async def turnout_figures(dep: TurnoutDeployment, before: dict[str, Any] | None,
+async def turnout_figures(dep: TurnoutDeployment, before: Metrics | None,
                           fault: str, target_pid: int, fault_wall: float) -> dict[str, Any]:
     # The verdict on a SIGTERM'd worker comes when its drained connection closes: give it (and
     # a hung worker's heartbeat timeout) a moment to land in the metrics.
     deadline = time.monotonic() + 3.0
     metrics = await dep.router_metrics()
-    while (metrics is None or not _by_label(metrics["gauges"],
-                                            "turnout_router_worker_failures_total")) \
+    while (metrics is None or not _by_label(metrics, "turnout_router_worker_failures_total",
+                                            "cause")) \
             and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
         metrics = await dep.router_metrics()
     if metrics is None:
         return {"detection_router_s": None, "router_metrics": "unreachable"}
-    detection, _ = _hist_mean(metrics, "turnout_router_failure_detection_seconds")
-    recomputed, migrated = _hist_mean(metrics, "turnout_router_migration_recomputed_tokens")
-    gauges = metrics["gauges"]
+    detection = metrics.histogram("turnout_router_failure_detection_seconds").mean
+    recomputed = metrics.histogram("turnout_router_migration_recomputed_tokens")
+    migrated = int(recomputed.count)
     out = {
         "detection_router_s": None if detection is None else round(detection, 4),
-        "recomputed_tokens_per_migration": None if recomputed is None else round(recomputed, 1),
+        "recomputed_tokens_per_migration": (None if recomputed.mean is None
+                                            else round(recomputed.mean, 1)),
         "recomputed_observations": migrated,
         # Cumulative counts per upper bound: how the recompute spreads over the moved requests.
-        "recomputed_tokens_le": {
-            le: int(n) for le, n in metrics["histograms"].get(
-                "turnout_router_migration_recomputed_tokens", {}).get("le", {}).items()
-            if migrated},
-        "worker_failures": _by_label(gauges, "turnout_router_worker_failures_total"),
-        "migrations": _by_label(gauges, "turnout_router_migrations_total"),
-        "router_requests": _by_label(gauges, "turnout_router_requests_total"),
+        "recomputed_tokens_le": {floatToGoString(le): int(n)
+                                 for le, n in recomputed.buckets.items() if migrated},
+        "worker_failures": _by_label(metrics, "turnout_router_worker_failures_total", "cause"),
+        "migrations": _by_label(metrics, "turnout_router_migrations_total", "cause"),
+        "router_requests": _by_label(metrics, "turnout_router_requests_total", "outcome"),
     }
     # The histogram starts at the worker's last heartbeat, which for a crash (caught by the
     # dropped connection) can precede the fault by up to a heartbeat period: the log line's
@@ -569,7 +517,7 @@ async def turnout_figures(dep: TurnoutDeployment, before: dict[str, Any] | None,
             and "at" in v]
     out["detection_fault_to_verdict_s"] = round(mine[0]["at"] - fault_wall, 3) if mine else None
     if before is not None:  # the warm-up probes are in the totals: take them out
-        warm = _by_label(before["gauges"], "turnout_router_requests_total")
+        warm = _by_label(before, "turnout_router_requests_total", "outcome")
         out["router_requests"] = {k: v - warm.get(k, 0) for k, v in out["router_requests"].items()}
     problems = dep.log_problems()
     if problems:

@@ -4,8 +4,9 @@ Turnout (router modes kv, round-robin, random) and NVIDIA Dynamo 1.6.1 (kv) in o
 Owns: turning the trace into token-id prompts (every 512-token hash id stands for the same 512
 token ids wherever it appears, so the trace's prefix sharing becomes real prefix sharing at the
 engines), the window's cache ceilings (an infinite single cache; engine-sized LRU caches, pooled
-or one per worker with ideal prefix routing), starting each deployment fresh
-(`turnout up --engine mocker` with N workers; Dynamo's frontend with `--router-mode kv` plus one
+or one per worker with ideal prefix routing), starting each deployment fresh (Turnout: the
+processes `turnout up --engine mocker` would start with N workers, each through
+`turnout.testing.deployment`; Dynamo's frontend with `--router-mode kv` plus one
 `python -m dynamo.mocker --num-workers N`), killing every process it started (by process group,
 on every exit path), and one JSON line per system with the engine-side prefix-cache hit rate
 (Σ usage.prompt_tokens_details.cached_tokens / Σ usage.prompt_tokens), TTFT, E2E and throughput,
@@ -42,6 +43,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
+import httpx
 import msgspec
 import psutil
 
@@ -52,12 +54,10 @@ from load_client import (  # noqa: E402  (path set up just above)
     LoadResult,
     Prompt,
     TraceRequest,
-    http_get,
     percentile,
     run,
     run_trace,
     served_models,
-    wait_until_ok,
 )
 from overhead import (  # noqa: E402
     DYNAMO_MOCKER_TOKEN_RANGE,
@@ -65,6 +65,9 @@ from overhead import (  # noqa: E402
     default_model,
     prompt_token_ids,
 )
+
+from turnout.testing.deployment import Deployment as LocalDeployment  # noqa: E402
+from turnout.testing.deployment import scrape_async  # noqa: E402
 
 TRACE = Path("/work/shared/data/mooncake_synthetic_trace.jsonl")
 DYNAMO_VENV = Path(os.environ.get("DYNAMO_VENV", "/tmp/dynamo-anchor"))
@@ -322,78 +325,56 @@ def _running(p: psutil.Process) -> bool:
         return False
 
 
-def _prom_samples(text: str, name: str) -> list[tuple[str, float]]:
-    """(labels, value) of every sample of metric `name` in Prometheus text."""
-    out = []
-    for line in text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            head, _, value = line.rpartition(" ")
-            rest = head[len(name):]
-            if rest and rest[0] not in "{ ":
-                continue  # a longer name with this one as its prefix
-            out.append((rest.strip(), float(value)))
-    return out
-
-
 class TurnoutDeployment(Deployment):
     def __init__(self, mode: str, port: int, log_dir: Path, workers: int, model: Path,
                  speedup: float, max_model_len: int, extra_args: list[str]) -> None:
         super().__init__(f"turnout-{mode}", port, log_dir)
         self.mode = mode
-        self.metrics_url = f"http://127.0.0.1:{port + 1}"
         self.workers = workers
+        # One log per process in log_dir; the services' own default lease, as `turnout up`.
+        self.local = LocalDeployment(log_dir, lease_ttl_s=None)
         lo, hi = DYNAMO_MOCKER_TOKEN_RANGE
-        self.cmd = [str(REPO / ".venv" / "bin" / "turnout"), "up", "--port", str(port),
-                    "--workers", str(workers), "--engine", "mocker",
-                    "--speedup-ratio", f"{speedup:g}", "--router-mode", mode,
-                    "--model", str(model), "--block-size", str(ENGINE_BLOCK_SIZE),
-                    "--num-blocks", str(ENGINE_NUM_BLOCKS), "--max-model-len", str(max_model_len),
-                    "--router-metrics-port", str(port + 1), *extra_args]
+        self.flags = ["--engine", "mocker", "--speedup-ratio", f"{speedup:g}",
+                      "--router-mode", mode, "--model", str(model),
+                      "--block-size", str(ENGINE_BLOCK_SIZE),
+                      "--num-blocks", str(ENGINE_NUM_BLOCKS),
+                      "--max-model-len", str(max_model_len), *extra_args]
         if covers_dynamo_tokens(prompt_token_ids(model)):
             # Same output ids as Dynamo's mocker, so both frontends detokenize alike.
-            self.cmd += ["--token-range-lo", str(lo), "--token-range-hi", str(hi)]
+            self.flags += ["--token-range-lo", str(lo), "--token-range-hi", str(hi)]
 
     async def start(self, timeout_s: float) -> str:
-        self.spawn("turnout-up", self.cmd)
-        deadline = time.monotonic() + timeout_s
-        await wait_until_ok(self.base_url, "/health", timeout_s, alive=self.alive)
-        while True:  # the router must know every worker before the first trace request
-            routable = 0.0
-            with contextlib.suppress(OSError, ConnectionError, TimeoutError):
-                status, body = await http_get(self.metrics_url, "/metrics")
-                if status == 200:
-                    samples = _prom_samples(body.decode(), "turnout_router_workers")
-                    routable = sum(v for labels, v in samples if 'state="routable"' in labels)
-            if routable >= self.workers:
-                break
-            if time.monotonic() > deadline or not self.alive():
-                raise RuntimeError(f"{self.name}: {routable:g}/{self.workers} workers routable")
-            await asyncio.sleep(0.2)
+        log(f"{self.name}: starting with up-style flags {shlex.join(self.flags)} "
+            f"(logs {self.log_dir})")
+        # Returns once the frontend is healthy and the router knows every worker: the router
+        # must know them all before the first trace request.
+        self.local.start_up(self.flags, self.workers, port=self.port, timeout=timeout_s)
         return (await served_models(self.base_url))[0]
+
+    def alive(self) -> bool:
+        return bool(self.local.services) and all(s.alive() for s in self.local.services)
+
+    async def stop(self) -> None:
+        self.local.stop(grace_s=10)
+
+    def tail_logs(self, lines: int = 20) -> str:
+        return self.local.logs(tail_chars=lines * 160)
 
     async def extra_metrics(self) -> dict[str, Any]:
         """The router's own view: predicted overlap of its decisions, KV events indexed."""
         try:
-            status, body = await http_get(self.metrics_url, "/metrics")
-        except (OSError, ConnectionError, TimeoutError) as exc:
+            m = await scrape_async(self.local.router.metrics_url())
+        except (LookupError, OSError, httpx.HTTPError, ValueError) as exc:
             return {"router_metrics_error": f"{type(exc).__name__}: {exc}"}
-        if status != 200:
-            return {"router_metrics_error": f"HTTP {status}"}
-        text = body.decode()
-
-        def total(name: str) -> float:
-            return sum(v for _, v in _prom_samples(text, name))
-
-        count = total("turnout_router_predicted_overlap_ratio_count")
+        overlap = m.histogram("turnout_router_predicted_overlap_ratio")
         return {
-            "router_predicted_overlap_mean": (
-                round(total("turnout_router_predicted_overlap_ratio_sum") / count, 4)
-                if count else None),
-            "router_kv_decisions": int(count),
-            "router_kv_events_applied": int(total("turnout_router_kv_events_applied_total")),
-            "router_kv_resyncs": int(total("turnout_router_kv_resyncs_total")),
-            "router_event_gaps": int(total("turnout_router_event_gaps_total")),
-            "router_kv_index_blocks": int(total("turnout_router_kv_index_blocks")),
+            "router_predicted_overlap_mean": (None if overlap.mean is None
+                                              else round(overlap.mean, 4)),
+            "router_kv_decisions": int(overlap.count),
+            "router_kv_events_applied": int(m.value("turnout_router_kv_events_applied_total")),
+            "router_kv_resyncs": int(m.value("turnout_router_kv_resyncs_total")),
+            "router_event_gaps": int(m.value("turnout_router_event_gaps_total")),
+            "router_kv_index_blocks": int(m.value("turnout_router_kv_index_blocks")),
         }
 
 
@@ -618,10 +599,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="HF model dir for both sides (default: bench/overhead.py's "
                              "2,048-token build of tests/tiny_model.py)")
     parser.add_argument("--port", type=int, default=18300,
-                        help="first HTTP port; deployment i uses port + 10*i (Turnout's router "
-                             "metrics: that + 1)")
+                        help="first HTTP port; deployment i uses port + 10*i")
     parser.add_argument("--turnout-args", default="",
-                        help="extra flags for `turnout up`, one shell-quoted string")
+                        help="extra `turnout up` flags (split among the processes as "
+                             "`turnout up` splits them), one shell-quoted string")
     parser.add_argument("--seed", type=int, default=0, help="seed of the hash-id token blocks")
     parser.add_argument("--startup-timeout", type=float, default=120.0)
     parser.add_argument("--request-timeout", type=float, default=600.0)

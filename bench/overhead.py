@@ -1,6 +1,7 @@
 """The foundation benchmark: what Turnout's processes cost per request when the engine is free.
 
-Owns: starting a one-worker deployment (`turnout up --engine mocker --speedup-ratio 0`) and, with
+Owns: starting a one-worker deployment (the processes of `turnout up --engine mocker
+--speedup-ratio 0`, each through `turnout.testing.deployment`) and, with
 `--dynamo`, NVIDIA Dynamo 1.6.1 (frontend + one mocker at speed-up 10000) on the same machine in
 the same run; driving both with the same closed-loop client, prompts (exact token-id lists) and
 concurrency levels; reading each server process's CPU time around every level; printing one JSON
@@ -43,8 +44,10 @@ from load_client import (  # noqa: E402  (path set up just above)
     wait_until_ok,
 )
 
+from turnout.testing.deployment import PYTHON_TURNOUT  # noqa: E402
+from turnout.testing.deployment import Deployment as LocalDeployment  # noqa: E402
+
 DYNAMO_START = Path(os.environ.get("DYNAMO_ANCHOR", "/work/shared/anchors/dynamo")) / "start.sh"
-TURNOUT_ROLES = ("frontend", "router", "worker")
 # Dynamo 1.6.1's mocker draws output token ids from [1000, 2000) and sends no chunk for a token
 # that decodes to no text, so a smaller vocabulary makes it stream fewer chunks than tokens.
 DYNAMO_MOCKER_TOKEN_RANGE = (1000, 2000)
@@ -112,60 +115,48 @@ class Stack:
         return self.proc is not None and self.proc.returncode is None
 
 
-def _role_of(cmdline: list[str], roles: tuple[str, ...], ignore: set[str]) -> str | None:
-    """The role word that appears first on a command line (the subcommand or module name comes
-    before flags like `--workers`); arguments in `ignore` (paths) are skipped."""
-    for arg in cmdline[1:]:
-        if arg in ignore:
-            continue
-        hits = [(arg.find(role), role) for role in roles if role in arg]
-        if hits:
-            return min(hits)[1]
-    return None
-
-
 class TurnoutStack(Stack):
     name = "turnout"
 
-    def __init__(self, port: int, binary: Path, model: Path, speedup: float,
+    def __init__(self, port: int, command: list[str], model: Path, speedup: float,
                  extra_args: list[str]) -> None:
         super().__init__(port)
         self.port = port
-        self.binary = binary
+        self.command = command
         self.model = model
         self.speedup = speedup
         self.extra_args = extra_args
+        self.local: LocalDeployment | None = None
 
     async def start(self, timeout_s: float) -> None:
-        cmd = [str(self.binary), "up", "--port", str(self.port), "--workers", "1",
-               "--engine", "mocker", "--speedup-ratio", f"{self.speedup:g}",
-               "--model", str(self.model), *self.extra_args]
-        fd, name = tempfile.mkstemp(prefix="turnout-up-", suffix=".log")
-        self.log_path = Path(name)
-        log(f"starting: {shlex.join(cmd)} (log {name})")
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd,
-                start_new_session=True, cwd=str(REPO))
-        finally:
-            os.close(fd)
-        await wait_until_ok(self.base_url, "/health", timeout_s, alive=self.alive)
+        flags = ["--engine", "mocker", "--speedup-ratio", f"{self.speedup:g}",
+                 "--model", str(self.model), *self.extra_args]
+        logs = Path(tempfile.mkdtemp(prefix="turnout-overhead-"))
+        # The services' own default lease, as `turnout up`; one log per process.
+        self.local = LocalDeployment(logs, command=self.command, lease_ttl_s=None)
+        log(f"starting: {shlex.join(self.command)} <role> with up-style flags "
+            f"{shlex.join(flags)} (logs {logs})")
+        # Returns once the frontend is healthy and the router routes to the worker.
+        self.local.start_up(flags, 1, port=self.port, timeout=timeout_s)
+
+    def alive(self) -> bool:
+        return self.local is not None and all(s.alive() for s in self.local.services)
+
+    def stop(self) -> None:
+        if self.local is not None:
+            self.local.stop(grace_s=10)
+
+    def tail_log(self, lines: int = 30) -> str:
+        return "" if self.local is None else self.local.logs(tail_chars=lines * 160)
 
     def processes(self) -> dict[str, list[psutil.Process]]:
-        assert self.proc is not None
-        top = psutil.Process(self.proc.pid)
-        found: dict[str, list[psutil.Process]] = {"supervisor": [top]}
-        role_by_pid: dict[int, str] = {}
-        ignore = {str(self.model)}
-        for child in top.children(recursive=True):
-            try:
-                role = _role_of(child.cmdline(), TURNOUT_ROLES, ignore)
-                if role is None:  # a helper process inherits its parent's role
-                    role = role_by_pid.get(child.ppid(), "other")
-            except psutil.Error:
-                continue
-            role_by_pid[child.pid] = role
-            found.setdefault(role, []).append(child)
+        """Each service's process and its helpers (a helper counts for its service)."""
+        assert self.local is not None
+        found: dict[str, list[psutil.Process]] = {}
+        for service in self.local.services:
+            with contextlib.suppress(psutil.Error):
+                top = psutil.Process(service.pid)
+                found.setdefault(service.role, []).extend([top, *top.children(recursive=True)])
         return found
 
 
@@ -397,9 +388,9 @@ async def main_async(args: argparse.Namespace, work: Workload, model: Path) -> i
     loop.add_signal_handler(signal.SIGTERM, task.cancel)  # so `finally` kills what we started
     sides: list[tuple[str, Callable[[], Stack]]] = []
     if not args.skip_turnout:
+        command = [str(args.turnout_bin)] if args.turnout_bin else list(PYTHON_TURNOUT)
         sides.append(("turnout", lambda: TurnoutStack(
-            args.port, args.turnout_bin, model, args.turnout_speedup,
-            shlex.split(args.turnout_args))))
+            args.port, command, model, args.turnout_speedup, shlex.split(args.turnout_args))))
     if args.dynamo:
         sides.append(("dynamo", lambda: DynamoStack(args.dynamo_port, model,
                                                     args.dynamo_speedup)))
@@ -455,13 +446,16 @@ def main(argv: list[str] | None = None) -> int:
                              "(a 2,048-token build of it if its vocabulary is smaller)")
     parser.add_argument("--port", type=int, default=18100, help="Turnout's HTTP port")
     parser.add_argument("--dynamo-port", type=int, default=18000)
-    parser.add_argument("--turnout-bin", type=Path, default=REPO / ".venv" / "bin" / "turnout")
+    parser.add_argument("--turnout-bin", type=Path, default=None,
+                        help="the `turnout` command to launch each process with (default: "
+                             "this Python's `-m turnout`, from this checkout)")
     parser.add_argument("--turnout-speedup", type=float, default=0.0,
                         help="mocker speed-up for Turnout (0: no simulated time)")
     parser.add_argument("--dynamo-speedup", type=float, default=10000.0,
                         help="Dynamo mocker speed-up (its 0 does not mean free in 1.6.1)")
     parser.add_argument("--turnout-args", default="",
-                        help="extra flags for `turnout up`, one shell-quoted string")
+                        help="extra `turnout up` flags (split among the processes as "
+                             "`turnout up` splits them), one shell-quoted string")
     parser.add_argument("--match-dynamo-tokens", action=argparse.BooleanOptionalAction,
                         default=True,
                         help="have Turnout's mocker emit ids in Dynamo's mocker range "

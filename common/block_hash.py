@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 DEFAULT_SEED = 0x7475726E6F7574  # "turnout"
 _MASK63 = (1 << 63) - 1
+_pack_parent = struct.Struct("<Q").pack
 
 
 def root_hash(seed: int = DEFAULT_SEED) -> int:
@@ -25,7 +26,7 @@ def root_hash(seed: int = DEFAULT_SEED) -> int:
 
 def block_hash(parent: int, token_ids: Sequence[int]) -> int:
     """Hash of one full block given its parent's hash."""
-    h = hashlib.blake2b(struct.pack("<Q", parent), digest_size=8)
+    h = hashlib.blake2b(_pack_parent(parent), digest_size=8)
     h.update(array("I", token_ids).tobytes())
     return int.from_bytes(h.digest(), "little") & _MASK63
 
@@ -35,8 +36,18 @@ def block_hashes(
 ) -> list[int]:
     """Hashes of every full block of `token_ids` (a trailing partial block has none)."""
     prev = root_hash(seed) if parent is None else parent
+    full = len(token_ids) // block_size * block_size
+    if full == 0:
+        return []
+    # One conversion of the whole prefix, then each block hashes a slice of it: for 100k-token
+    # prompts this is several times faster than converting block by block.
+    data = memoryview(array("I", token_ids[:full]).tobytes())
+    step = block_size * 4
+    blake2b, pack, from_bytes = hashlib.blake2b, _pack_parent, int.from_bytes
     out: list[int] = []
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        prev = block_hash(prev, token_ids[start : start + block_size])
+    for start in range(0, full * 4, step):
+        h = blake2b(pack(prev), digest_size=8)
+        h.update(data[start : start + step])
+        prev = from_bytes(h.digest(), "little") & _MASK63
         out.append(prev)
     return out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.deployment import Deployment
+from turnout.testing.deployment import Deployment
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)
@@ -23,9 +23,7 @@ def deployment(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Deplo
     try:
         yield dep
     finally:
-        dep.close()
+        dep.stop()
         rep = getattr(request.node, "rep_call", None)
         if rep is not None and rep.failed:
-            for service in dep.services:
-                print(f"----- {service.name} (exit {service.process.returncode}) -----")
-                print(service.output()[-4000:])
+            print(dep.logs())

@@ -28,8 +28,8 @@ import httpx
 import msgspec
 import zmq
 import zmq.asyncio
-from prometheus_client.parser import text_string_to_metric_families
 
+from common import prometheus_text
 from common.config import opt, parse
 from common.discovery import Discovery, open_discovery
 from common.event_plane import EventSubscriber
@@ -44,6 +44,7 @@ from common.messages import (
     heartbeat_decoder,
     load_decoder,
 )
+from common.prometheus_text import Metrics
 
 # Steps per second are measured over the heartbeats of this last stretch of time.
 RATE_WINDOW_S = 3.0
@@ -184,14 +185,14 @@ class FleetView:
         }
 
     async def _scrape(self, http: httpx.AsyncClient,
-                      inst: Instance) -> dict[str, list[tuple[dict[str, str], float]]] | None:
+                      inst: Instance) -> Metrics | None:
         url = inst.endpoints.get("metrics")
         if not url:
             return None
         try:
             response = await http.get(url, timeout=self.config.scrape_timeout_s)
             response.raise_for_status()
-            return _samples(response.text)
+            return prometheus_text.parse(response.text)
         except (httpx.HTTPError, ValueError):
             return None
 
@@ -200,30 +201,19 @@ class FleetView:
         self.ctx.destroy(linger=0)
 
 
-def _samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out.setdefault(sample.name, []).append((sample.labels, sample.value))
-    return out
-
-
-def _total(samples: dict[str, list[tuple[dict[str, str], float]]] | None,
-           name: str) -> float | None:
-    if samples is None:
-        return None
-    return sum(v for _, v in samples.get(name, []))
+def _total(samples: Metrics | None, name: str) -> float | None:
+    return None if samples is None else samples.value(name)
 
 
 def _router_row(inst: Instance,
-                samples: dict[str, list[tuple[dict[str, str], float]]] | None) -> dict[str, Any]:
+                samples: Metrics | None) -> dict[str, Any]:
     migrations = None
     up = None
     if samples is not None:
-        migrations = {labels.get("cause", ""): int(v)
-                      for labels, v in samples.get("turnout_router_migrations_total", [])}
-        up = {labels.get("worker", ""): int(v)
-              for labels, v in samples.get("turnout_router_worker_up", [])}
+        migrations = {cause: int(v) for cause, v in
+                      samples.by_label("turnout_router_migrations_total", "cause").items()}
+        up = {worker: int(v) for worker, v in
+              samples.by_label("turnout_router_worker_up", "worker").items()}
     in_flight = _total(samples, "turnout_router_inflight_requests")
     return {
         "id": inst.id,
@@ -238,7 +228,7 @@ def _router_row(inst: Instance,
 
 
 def _frontend_row(inst: Instance,
-                  samples: dict[str, list[tuple[dict[str, str], float]]] | None) -> dict[str, Any]:
+                  samples: Metrics | None) -> dict[str, Any]:
     active = _total(samples, "turnout_frontend_active_requests")
     queued = _total(samples, "turnout_frontend_queued_requests")
     return {

@@ -3,16 +3,29 @@
 Every flag of every service is accepted and passed through to the processes it belongs to, so
 `turnout up --block-size 32 --router-mode least-loaded` means what it means on `turnout worker`
 and `turnout router`. Discovery is a fresh temporary directory unless `--discovery` is given.
-It prints the URL once the frontend is healthy, says which process died if one does, and stops
-everything on Ctrl-C/SIGTERM.
+It prints the URL once the frontend is healthy and stops everything on Ctrl-C/SIGTERM.
 
-A plain supervisor: synchronous on purpose (it runs no event loop, so blocking waits are fine).
+Every child's output comes through `up`'s stderr, each line prefixed with the child's name, and
+`up` keeps each child's last lines: a process that dies is named with its exit code and what it
+wrote last, and once every worker has died `up` stops at once. Real engines can take minutes to
+load, so startup has no deadline while it progresses: each worker's stage (from its output: loading
+model, warming up; ready once it registers in discovery) is shown as it changes, and `up` gives up
+only after `--startup-timeout-s` without progress (new output, CPU time used by a worker's process
+tree, a worker registering).
+
+A plain supervisor: synchronous on purpose (one `select` loop over the children's pipes; blocking
+waits are fine).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import dataclasses
 import os
+import re
+import selectors
 import shutil
 import signal
 import subprocess
@@ -22,8 +35,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
 
 from common.config import opt, parse_configs, to_argv
+from common.discovery import Discovery, open_discovery
+from common.messages import ROLE_WORKER
 from services.frontend.args import FrontendConfig
 from services.router.args import RouterConfig
 from services.worker.args import WorkerConfig
@@ -33,7 +50,22 @@ from services.worker.engines import engine_config_classes
 @dataclasses.dataclass
 class UpConfig:
     workers: int = opt(2, help="number of worker processes")
-    startup_timeout_s: float = opt(120.0, help="how long to wait for the frontend to be healthy")
+    startup_timeout_s: float = opt(
+        600.0, help="give up starting once no process still starting has shown progress (new "
+                    "output, CPU time, a worker ready) for this long; 0: wait as long as it takes")
+
+
+# A worker's startup stage, from the last line of its output that names one (vLLM's own log,
+# the mocker's simulated load); "ready" comes from discovery instead.
+_STAGES: Final = (
+    ("warming up", re.compile(r"warm|compil|cuda graph|profil|kv cache", re.IGNORECASE)),
+    ("loading model", re.compile(r"load|weight|download|shard", re.IGNORECASE)),
+)
+TAIL_LINES: Final = 12
+PROGRESS_EVERY_S: Final = 10.0
+# CPU seconds a starting process tree must burn between checks to count as progress (an idle
+# asyncio loop burns next to none).
+_CPU_PROGRESS_S: Final = 0.05
 
 
 @dataclasses.dataclass
@@ -42,7 +74,43 @@ class Child:
     argv: list[str]
     process: subprocess.Popen[bytes] | None = None
     critical: bool = True  # if it dies, the deployment stops
+    is_worker: bool = False
     reported: bool = False
+    ready_at: float | None = None  # a worker: when it registered
+    stage: str = "starting"
+    tail: collections.deque[str] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
+    partial: bytes = b""
+    progress_at: float = 0.0  # last output, CPU use or registration
+    cpu_s: float = 0.0
+
+    def take_output(self, data: bytes, now: float) -> None:
+        """Forwards what the process wrote (prefixed with its name) and keeps its last lines."""
+        self.progress_at = now
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        if len(self.partial) > 65536:  # a progress bar without newlines
+            lines.append(self.partial)
+            self.partial = b""
+        out = sys.stderr.buffer
+        for raw in lines:
+            text = raw.decode("utf-8", "replace").rsplit("\r", 1)[-1].rstrip()
+            out.write(f"[{self.name}] {text}\n".encode())
+            if text:
+                self.tail.append(text)
+                if self.is_worker and self.ready_at is None:
+                    self._see_stage(text)
+        out.flush()
+
+    def _see_stage(self, line: str) -> None:
+        for stage, pattern in _STAGES:
+            if pattern.search(line):
+                self.stage = stage
+                return
+
+    def flush_partial(self) -> None:
+        if self.partial:
+            self.take_output(b"\n", self.progress_at)
 
 
 def _fields(cls: type) -> list[str]:
@@ -56,6 +124,7 @@ class Plan:
     url: str
     model: str
     tmp: str | None  # temporary discovery directory to delete afterwards
+    discovery: str  # where the workers register
 
 
 def plan(argv: Sequence[str]) -> Plan:
@@ -67,6 +136,8 @@ def plan(argv: Sequence[str]) -> Plan:
     engines, (frontend, router, worker) = rest[: len(engine_classes)], rest[len(engine_classes):]
     if up.workers < 1:
         raise SystemExit("turnout up: --workers must be at least 1")
+    if up.startup_timeout_s < 0:
+        raise SystemExit("turnout up: --startup-timeout-s must be >= 0 (0: no limit)")
     tmp: str | None = None
     explicit = any(a == "--discovery" or a.startswith("--discovery=") for a in argv) \
         or "TURNOUT_DISCOVERY" in os.environ
@@ -83,12 +154,13 @@ def plan(argv: Sequence[str]) -> Plan:
         wid = worker.worker_id and f"{worker.worker_id}-{i + 1}"
         w = dataclasses.replace(worker, worker_id=wid)
         children.append(Child(f"worker-{i + 1}", [*py, "worker", *to_argv(w), *engine_argv],
-                              critical=False))
+                              critical=False, is_worker=True))
     children.append(Child("frontend", [*py, "frontend", *to_argv(frontend)]))
     host = frontend.advertise_host or frontend.host
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
-    return Plan(up, children, f"http://{host}:{frontend.port}", frontend.model_name(), tmp)
+    return Plan(up, children, f"http://{host}:{frontend.port}", frontend.model_name(), tmp,
+                worker.discovery)
 
 
 def healthy(url: str) -> bool:
@@ -99,67 +171,267 @@ def healthy(url: str) -> bool:
         return False
 
 
-def stop_all(children: list[Child], timeout: float = 10.0) -> None:
-    # Frontend first (no new requests), then workers and router.
-    for child in reversed(children):
-        if child.process is not None and child.process.poll() is None:
-            child.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for child in children:
-        proc = child.process
-        if proc is None:
+def _say(text: str) -> None:
+    print(f"turnout up: {text}", file=sys.stderr, flush=True)
+
+
+def _process_cpu() -> dict[int, tuple[int, float]]:
+    """pid → (parent pid, CPU seconds) of every process, from /proc ({} where there is none)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out: dict[int, tuple[int, float]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return out
+    for entry in entries:
+        if not entry.isdigit():
             continue
         try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            stat = Path("/proc", entry, "stat").read_bytes()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()
+        try:
+            out[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+        except (IndexError, ValueError):
+            continue
+    return out
+
+
+def _tree_cpu(pid: int, table: dict[int, tuple[int, float]]) -> float:
+    """CPU seconds of `pid` and its live descendants (vLLM's engine core is a child)."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for p, (parent, _) in table.items():
+        children[parent].append(p)
+    total, stack = 0.0, [pid]
+    while stack:
+        p = stack.pop()
+        if p in table:
+            total += table[p][1]
+        stack.extend(children.get(p, ()))
+    return total
+
+
+class Supervisor:
+    """Starts the children, forwards their output, follows the workers' startup and stops
+    everything when the deployment can no longer serve."""
+
+    def __init__(self, p: Plan) -> None:
+        self.plan = p
+        self.children = p.children
+        self.workers = [c for c in p.children if c.is_worker]
+        self.selector = selectors.DefaultSelector()
+        self.started_at = 0.0
+        self.ready = False  # the frontend answered /health
+        self.stopping = False
+        self.code = 0
+        self._next_check = 0.0
+        self._next_report = 0.0
+        self._last_stages = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._discovery: Discovery | None = None
+
+    # -- processes and their output ------------------------------------------------------------
+
+    def start(self) -> None:
+        now = time.monotonic()
+        self.started_at = now
+        self._next_report = now + PROGRESS_EVERY_S
+        for child in self.children:
+            # Own process group: a Ctrl-C reaches `up` alone, which then stops the children in
+            # order instead of all of them dying at once mid-stream.
+            child.process = proc = subprocess.Popen(
+                child.argv, start_new_session=True, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            assert proc.stdout is not None
+            os.set_blocking(proc.stdout.fileno(), False)
+            self.selector.register(proc.stdout, selectors.EVENT_READ, child)
+            child.progress_at = now
+        try:
+            self._discovery = open_discovery(self.plan.discovery)
+            self._loop = asyncio.new_event_loop()
+        except Exception as exc:  # readiness per worker is a nicety; /health still decides
+            _say(f"cannot read discovery ({exc}); not following workers one by one")
+
+    def pump(self, timeout: float) -> None:
+        """Forwards the output that arrives within `timeout` seconds."""
+        if not self.selector.get_map():
+            time.sleep(timeout)
+            return
+        for key, _ in self.selector.select(timeout):
+            self._read(key.data)
+
+    def _read(self, child: Child) -> bool:
+        """Reads what `child` wrote; False once nothing more is there right now."""
+        assert child.process is not None and child.process.stdout is not None
+        try:
+            data = os.read(child.process.stdout.fileno(), 65536)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        if data:
+            child.take_output(data, time.monotonic())
+            return True
+        self.selector.unregister(child.process.stdout)
+        child.process.stdout.close()
+        child.flush_partial()
+        return False
+
+    def _drain(self, child: Child) -> None:
+        """Everything an exited child left in its pipe (a descendant may still hold it open)."""
+        assert child.process is not None
+        stdout = child.process.stdout
+        while stdout is not None and not stdout.closed and self._read(child):
+            pass
+
+    # -- startup and deaths -------------------------------------------------------------------
+
+    def step(self) -> None:
+        self.pump(0.2)
+        self.check_exits()
+        now = time.monotonic()
+        if self.stopping or now < self._next_check:
+            return
+        self._next_check = now + 1.0
+        self.check_workers(now)
+        if not self.ready:
+            self.check_startup(now)
+
+    def check_exits(self) -> None:
+        for child in self.children:
+            assert child.process is not None
+            rc = child.process.poll()
+            if rc is None or child.reported:
+                continue
+            child.reported = True
+            self._drain(child)
+            last = "\n".join(f"    {line}" for line in list(child.tail)[-5:])
+            _say(f"{child.name} (pid {child.process.pid}) exited with code {rc}"
+                 + (f"; its last output:\n{last}" if last else " and wrote nothing"))
+            if child.critical and not self.stopping:
+                self._fail(f"{child.name} is needed; stopping")
+        if not self.stopping and all(w.reported for w in self.workers):
+            self._fail("every worker has exited; stopping" if len(self.workers) > 1
+                       else "the worker has exited; stopping")
+
+    def check_workers(self, now: float) -> None:
+        starting = [w for w in self.workers if w.ready_at is None and not w.reported]
+        if not starting:
+            return
+        registered = self._registered_pids()
+        table = _process_cpu()
+        for w in starting:
+            assert w.process is not None
+            if w.process.pid in registered:
+                w.ready_at = w.progress_at = now
+                w.stage = "ready"
+                if self.ready:
+                    _say(f"{w.name} ready after {now - self.started_at:.0f} s")
+                continue
+            cpu = _tree_cpu(w.process.pid, table)
+            if cpu - w.cpu_s >= _CPU_PROGRESS_S:
+                w.progress_at = now
+            w.cpu_s = max(w.cpu_s, cpu)
+
+    def _registered_pids(self) -> set[int]:
+        if self._discovery is None or self._loop is None:
+            return set()
+        try:
+            instances = self._loop.run_until_complete(
+                asyncio.wait_for(self._discovery.list(role=ROLE_WORKER), 2.0))
+        except Exception:
+            return set()
+        return {i.metadata.get("pid") for i in instances if isinstance(i.metadata.get("pid"), int)}
+
+    def check_startup(self, now: float) -> None:
+        if healthy(self.plan.url):
+            self.ready = True
+            loading = [w.name for w in self.workers if w.ready_at is None and not w.reported]
+            print(f"Turnout is up: {self.plan.url}/v1 (model {self.plan.model!r}, "
+                  f"{len(self.workers)} workers; Ctrl-C stops it)", flush=True)
+            if loading:
+                _say(f"still starting: {', '.join(loading)}")
+            return
+        summary = self.summary()
+        stages = " ".join(w.stage for w in self.workers if not w.reported)
+        if now - self.started_at >= 2 and (stages != self._last_stages
+                                           or now >= self._next_report):
+            self._last_stages = stages
+            self._next_report = now + PROGRESS_EVERY_S
+            _say(f"starting ({now - self.started_at:.0f} s): {summary}")
+        timeout = self.plan.up.startup_timeout_s
+        if timeout <= 0:
+            return
+        marks = [self.started_at, *(w.progress_at for w in self.workers if not w.reported),
+                 *(w.ready_at for w in self.workers if w.ready_at is not None)]
+        if now - max(marks) > timeout:
+            self._fail(f"no progress for {timeout:.0f} s while starting ({summary}); stopping "
+                       "(--startup-timeout-s 0 waits as long as it takes)")
+
+    def summary(self) -> str:
+        """Each live worker's stage, and what the frontend waits for."""
+        parts = []
+        for w in self.workers:
+            if w.reported:
+                continue
+            part = f"{w.name} {w.stage}"
+            if w.ready_at is None and w.tail:
+                last = w.tail[-1]
+                part += f" (last: {last if len(last) <= 100 else '…' + last[-99:]!r})"
+            parts.append(part)
+        if any(w.ready_at is not None for w in self.workers):
+            parts.append("frontend not healthy yet")
+        return ", ".join(parts)
+
+    def _fail(self, why: str) -> None:
+        _say(why)
+        self.stopping = True
+        self.code = 1
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    def stop_all(self, timeout: float = 10.0) -> None:
+        # Frontend first (no new requests), then workers and router.
+        for child in reversed(self.children):
+            if child.process is not None and child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(
+                c.process is not None and c.process.poll() is None for c in self.children):
+            self.pump(0.1)  # a child blocked writing to a full pipe would never exit
+        for child in self.children:
+            proc = child.process
+            if proc is None:
+                continue
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            self._drain(child)
+        self.selector.close()
+        if self._loop is not None:
+            if self._discovery is not None:
+                with contextlib.suppress(Exception):
+                    self._loop.run_until_complete(self._discovery.close())
+            self._loop.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     p = plan(args)
-    children, url = p.children, p.url
-    stopping = False
+    supervisor = Supervisor(p)
 
     def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        supervisor.stopping = True
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    code = 0
     try:
-        for child in children:
-            # Own process group: a Ctrl-C reaches `up` alone, which then stops the children in
-            # order instead of all of them dying at once mid-stream.
-            child.process = subprocess.Popen(child.argv, start_new_session=True)
-        deadline = time.monotonic() + p.up.startup_timeout_s
-        ready = False
-        while not stopping:
-            for child in children:
-                assert child.process is not None
-                rc = child.process.poll()
-                if rc is not None and not child.reported:
-                    child.reported = True
-                    print(f"turnout up: {child.name} (pid {child.process.pid}) exited with "
-                          f"code {rc}", file=sys.stderr, flush=True)
-                    if child.critical:
-                        stopping = True
-                        code = 1
-            if not ready and not stopping:
-                if healthy(url):
-                    ready = True
-                    print(f"Turnout is up: {url}/v1 (model {p.model!r}, "
-                          f"{p.up.workers} workers; Ctrl-C stops it)", flush=True)
-                elif time.monotonic() > deadline:
-                    print(f"turnout up: the frontend was not healthy after "
-                          f"{p.up.startup_timeout_s:.0f} s", file=sys.stderr, flush=True)
-                    stopping = True
-                    code = 1
-            time.sleep(0.2)
+        supervisor.start()
+        while not supervisor.stopping:
+            supervisor.step()
     finally:
-        stop_all(children)
+        supervisor.stop_all()
         if p.tmp is not None:
             shutil.rmtree(p.tmp, ignore_errors=True)
-    sys.exit(code)
+    sys.exit(supervisor.code)

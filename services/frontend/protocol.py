@@ -11,6 +11,7 @@ Does not own tokenization, model lookup or responses.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Annotated, Any, Final, Literal
 
@@ -175,7 +176,9 @@ class ChatCompletionRequest(_Extensions, kw_only=True):
 
 class CompletionRequest(_Extensions, kw_only=True):
     model: str
-    prompt: str | list[Any] | None  # required, nullable; the shape is checked by hand
+    # Required, nullable. Left undecoded here: its shape is checked by `completion_prompt`, which
+    # decodes a token-id array straight into checked ints (the long prompts' fast path).
+    prompt: msgspec.Raw
     max_tokens: NonNegative | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
@@ -196,6 +199,8 @@ class CompletionRequest(_Extensions, kw_only=True):
 
 _chat_decoder: Final = msgspec.json.Decoder(ChatCompletionRequest)
 _completion_decoder: Final = msgspec.json.Decoder(CompletionRequest)
+# What `prompt` may be per the spec, before its array's items are checked.
+_prompt_decoder: Final = msgspec.json.Decoder(str | list[Any] | None)
 
 _AT_PATH = re.compile(r" - at `\$\.?(.*)`$")
 _FIELD = re.compile(r"field `([^`]+)`")
@@ -308,6 +313,8 @@ def _check_message(i: int, message: Any) -> None:
 
 def _check_completion(body: CompletionRequest) -> None:
     _check_common(body)
+    if _kind(body.prompt) not in (b'"', b"[", b"n"):  # a string, an array or null; else:
+        _decode_prompt(body.prompt)  # raises
     if body.echo:
         raise unsupported("echo")
     if body.best_of is not None and body.best_of > 1:
@@ -371,9 +378,39 @@ def chat_text_length(body: ChatCompletionRequest) -> int:
     return total
 
 
+@functools.lru_cache(maxsize=8)
+def _token_ids_decoder(vocab_size: int) -> msgspec.json.Decoder[list[int]]:
+    return msgspec.json.Decoder(list[Annotated[int, Meta(ge=0, lt=vocab_size)]])
+
+
+def _kind(raw: msgspec.Raw) -> bytes:
+    """The first byte of a raw JSON value: what kind of value it is."""
+    return bytes(memoryview(raw)[:1])
+
+
+def _decode_prompt(raw: msgspec.Raw) -> str | list[Any] | None:
+    try:
+        decoded: str | list[Any] | None = _prompt_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        detail = _AT_PATH.sub("", str(exc))
+        raise invalid(f"Invalid value for 'prompt': {detail}", "prompt", "invalid_value") from None
+    return decoded
+
+
 def completion_prompt(body: CompletionRequest, vocab_size: int) -> str | list[int]:
     """The single prompt of a completions body: text, or token ids checked against the vocab."""
-    prompt = body.prompt
+    raw = body.prompt
+    if _kind(raw) == b"[":
+        # The common long case first: one pass in C decodes the ids and checks their range.
+        # Anything else (nested, strings, a bad id) takes the general path for its error.
+        try:
+            ids = _token_ids_decoder(vocab_size).decode(raw)
+        except msgspec.ValidationError:
+            pass
+        else:
+            if ids:
+                return ids
+    prompt = _decode_prompt(raw)
     if prompt is None:
         return ""
     if isinstance(prompt, str):

@@ -33,8 +33,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
+from common import prometheus_text
 from common.messages import ROLE_FRONTEND, ROLE_ROUTER, Instance
 from services.planner.performance_model import StepSample
 
@@ -88,12 +88,8 @@ class CounterDeltas:
 
 def parse_samples(text: str) -> list[Sample]:
     """The samples of the series the planner reads, from Prometheus text exposition."""
-    out: list[Sample] = []
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name in _WANTED:
-                out.append((s.name, s.labels, s.value))
-    return out
+    metrics = prometheus_text.parse(text)
+    return [(s.name, s.labels, s.value) for name in _WANTED for s in metrics.samples(name)]
 
 
 class LoadObserver:

@@ -22,36 +22,12 @@ from typing import Protocol
 
 from common.block_hash import DEFAULT_SEED, block_hashes
 from common.messages import GenerateRequest
+from services.router.policies import Decision, request_blocks, sequence_tokens
 from services.router.worker_pool import WorkerHandle
 
 
 class PrefixIndex(Protocol):
     def find_matches(self, hashes: list[int]) -> dict[str, int]: ...
-
-
-class Decision:
-    __slots__ = ("cost", "hashes", "overlap", "request_blocks", "worker")
-
-    def __init__(self, worker: WorkerHandle, request_blocks: int, overlap: int = 0,
-                 hashes: list[int] | None = None, cost: float | None = None) -> None:
-        self.worker = worker
-        self.request_blocks = request_blocks
-        self.overlap = overlap
-        self.hashes = hashes or []
-        self.cost = cost  # the kv policy's cost of the chosen worker (None: other policies)
-
-
-def sequence_tokens(request: GenerateRequest) -> list[int]:
-    """Prompt plus anything generated before a migration: what the worker must hold in KV."""
-    if request.generated_token_ids:
-        return request.token_ids + request.generated_token_ids
-    return request.token_ids
-
-
-def request_blocks(request: GenerateRequest, block_size: int) -> int:
-    """KV blocks the sequence occupies, its last partial block included."""
-    n = len(request.token_ids) + len(request.generated_token_ids)
-    return -(-n // block_size)
 
 
 class KvAwarePolicy:
@@ -66,9 +42,9 @@ class KvAwarePolicy:
         self.hotspot_margin = hotspot_margin
         self.seed = seed
         self._rng = rng or random.Random()
-        self._turn = 0
+        self._turn = 0  # decisions committed: the "chosen longest ago" tie-break's clock
 
-    def decide(self, candidates: list[WorkerHandle], request: GenerateRequest,
+    def decide(self, request: GenerateRequest, candidates: list[WorkerHandle],
                hint: dict[str, int] | None = None) -> Decision:
         """`hint`: blocks known to be held outside the index (a migration's replica peers)."""
         block_size = candidates[0].block_size
@@ -78,7 +54,7 @@ class KvAwarePolicy:
         matches = self.index.find_matches(hashes) if hashes else {}
         if hint:
             matches = {**matches, **{w: max(n, matches.get(w, 0)) for w, n in hint.items()}}
-        loads = [_load(w) for w in candidates]
+        loads = [load_of(w) for w in candidates]
         pool = list(range(len(candidates)))
         if len(candidates) > 1 and self.hotspot_margin >= 0:
             mean = sum(p + d for p, d in loads) / len(loads)
@@ -94,10 +70,12 @@ class KvAwarePolicy:
             tied = [i for i, c in zip(pool, costs, strict=True) if c == best]
             pick = min(tied, key=lambda i: (sum(loads[i]), candidates[i].last_chosen))
         worker = candidates[pick]
-        self._turn += 1
-        worker.last_chosen = self._turn
         return Decision(worker, blocks, matches.get(worker.id, 0), hashes,
-                        costs[pool.index(pick)])
+                        costs[pool.index(pick)], policy=self.name)
+
+    def commit(self, decision: Decision) -> None:
+        self._turn += 1
+        decision.worker.last_chosen = self._turn
 
     def _softmax(self, costs: list[float]) -> int:
         lo, hi = min(costs), max(costs)
@@ -106,13 +84,14 @@ class KvAwarePolicy:
         return self._rng.choices(range(len(costs)), weights=weights)[0]
 
 
-def _load(worker: WorkerHandle) -> tuple[float, float]:
+def load_of(worker: WorkerHandle) -> tuple[float, float]:
     """(queued prefill blocks, active decode blocks) of a worker."""
-    prefill = float(worker.pending_prefill_blocks)
-    decode = float(worker.active_blocks)
+    usage = worker.usage
+    prefill = float(usage.pending_prefill_blocks)
+    decode = float(usage.active_blocks)
     report = worker.load
     # A report older than the last request that left the worker still counts that request.
-    if report is not None and worker.load_at > worker.released_at:
+    if report is not None and worker.load_at > usage.released_at:
         prefill = max(prefill, report.active_prefill_tokens / worker.block_size)
         decode = max(decode, float(report.active_decode_blocks))
     return prefill, decode

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from services.router.worker_pool import WorkerHandle
 
 
 class RouterMetrics:
@@ -58,6 +64,20 @@ class RouterMetrics:
                                      "POST /v1/route previews (nothing sent), by outcome",
                                      ["outcome"], registry=r)
         self._up: set[str] = set()
+
+    def set_worker_gauges(self, workers: Iterable[WorkerHandle], dead: Iterable[str],
+                          listed: set[str]) -> None:
+        """Workers by state, and the liveness of each (`listed`: ids with a discovery record,
+        whose series stay, at 0, once dead)."""
+        workers = list(workers)
+        dead = list(dead)
+        routable = sum(1 for w in workers if w.routable)
+        self.workers.labels("routable").set(routable)
+        self.workers.labels("draining").set(len(workers) - routable)
+        self.workers.labels("dead").set(len(dead))
+        up = {w.id: w.alive for w in workers}
+        up.update({w: False for w in dead if w in listed and w not in up})
+        self.set_workers_up(up)
 
     def set_workers_up(self, up: dict[str, bool]) -> None:
         """Liveness of every worker worth a series; the series of any other one is dropped."""

@@ -1,7 +1,11 @@
-"""Worker selection policies: round-robin, random, least-loaded and direct.
+"""Worker selection policies behind one interface: round-robin, random, least-loaded, direct.
 
-A policy sees the routable workers that serve the request's model and returns one. KV-aware
-selection (overlap against the KV index) plugs in here too.
+Every policy (the kv policy in `kv_policy.py` too) answers `decide(request, candidates, hint)`
+with a `Decision` and changes nothing while doing so, so a preview (POST /v1/route) can ask the
+same question as a real placement. Only `commit(decision)` advances the policy's own state
+(a round-robin turn, a tie-break stamp). `hint` maps worker ids to KV blocks known to be held
+there (a migration's replica peers and prefix caches): the load-blind policies prefer those
+workers, the kv policy counts them as overlap.
 """
 
 from __future__ import annotations
@@ -23,21 +27,75 @@ class NoWorkerError(RoutingError):
     """No routable worker serves the model (yet)."""
 
 
+class Decision:
+    """A chosen worker and what the choice predicts: the request's size in KV blocks, how many
+    of them the worker already holds, their hashes (kv and approximate modes), the cost."""
+
+    __slots__ = ("cost", "hashes", "overlap", "policy", "request_blocks", "worker")
+
+    def __init__(self, worker: WorkerHandle, request_blocks: int, overlap: int = 0,
+                 hashes: list[int] | None = None, cost: float | None = None,
+                 policy: str = "") -> None:
+        self.worker = worker
+        self.request_blocks = request_blocks
+        self.overlap = overlap
+        self.hashes = hashes or []
+        self.cost = cost  # the kv policy's cost of the chosen worker (None: other policies)
+        self.policy = policy  # name of the policy that decided (the decisions metric's label)
+
+
+def sequence_tokens(request: GenerateRequest) -> list[int]:
+    """Prompt plus anything generated before a migration: what the worker must hold in KV."""
+    if request.generated_token_ids:
+        return request.token_ids + request.generated_token_ids
+    return request.token_ids
+
+
+def request_blocks(request: GenerateRequest, block_size: int) -> int:
+    """KV blocks the sequence occupies, its last partial block included."""
+    n = len(request.token_ids) + len(request.generated_token_ids)
+    return -(-n // block_size)
+
+
 class Policy(Protocol):
     name: str
 
-    def select(self, candidates: list[WorkerHandle], request: GenerateRequest) -> WorkerHandle: ...
+    def decide(self, request: GenerateRequest, candidates: list[WorkerHandle],
+               hint: dict[str, int] | None = None) -> Decision:
+        """The worker for `request` among `candidates` (never empty); changes nothing."""
+        ...
+
+    def commit(self, decision: Decision) -> None:
+        """`decision` was acted on: advance whatever state later decisions depend on."""
+        ...
+
+
+def _held_first(candidates: list[WorkerHandle],
+                hint: dict[str, int] | None) -> list[WorkerHandle]:
+    """A migration goes to a worker holding the request's KV when there is one."""
+    held = [w for w in candidates if hint and hint.get(w.id)]
+    return held or candidates
+
+
+def _decision(worker: WorkerHandle, request: GenerateRequest, hint: dict[str, int] | None,
+              policy: str) -> Decision:
+    return Decision(worker, request_blocks(request, worker.block_size),
+                    hint.get(worker.id, 0) if hint else 0, policy=policy)
 
 
 class RoundRobin:
     name = "round-robin"
 
     def __init__(self) -> None:
-        self._next = 0
+        self._turn = 0
 
-    def select(self, candidates: list[WorkerHandle], request: GenerateRequest) -> WorkerHandle:
-        self._next += 1
-        return candidates[self._next % len(candidates)]
+    def decide(self, request: GenerateRequest, candidates: list[WorkerHandle],
+               hint: dict[str, int] | None = None) -> Decision:
+        pool = _held_first(candidates, hint)
+        return _decision(pool[(self._turn + 1) % len(pool)], request, hint, self.name)
+
+    def commit(self, decision: Decision) -> None:
+        self._turn += 1
 
 
 class RandomChoice:
@@ -46,8 +104,13 @@ class RandomChoice:
     def __init__(self, seed: int | None = None) -> None:
         self._rng = random.Random(seed)
 
-    def select(self, candidates: list[WorkerHandle], request: GenerateRequest) -> WorkerHandle:
-        return self._rng.choice(candidates)
+    def decide(self, request: GenerateRequest, candidates: list[WorkerHandle],
+               hint: dict[str, int] | None = None) -> Decision:
+        return _decision(self._rng.choice(_held_first(candidates, hint)), request, hint,
+                         self.name)
+
+    def commit(self, decision: Decision) -> None:
+        pass  # nothing to remember: every draw is independent
 
 
 class LeastLoaded:
@@ -58,11 +121,16 @@ class LeastLoaded:
     def __init__(self) -> None:
         self._turn = 0
 
-    def select(self, candidates: list[WorkerHandle], request: GenerateRequest) -> WorkerHandle:
+    def decide(self, request: GenerateRequest, candidates: list[WorkerHandle],
+               hint: dict[str, int] | None = None) -> Decision:
+        pool = _held_first(candidates, hint)
+        k = (self._turn + 1) % len(pool)
+        rotated = pool[k:] + pool[:k]
+        worker = min(rotated, key=lambda w: (w.inflight, w.load.kv_used_blocks if w.load else 0))
+        return _decision(worker, request, hint, self.name)
+
+    def commit(self, decision: Decision) -> None:
         self._turn += 1
-        n = len(candidates)
-        rotated = candidates[self._turn % n:] + candidates[: self._turn % n]
-        return min(rotated, key=lambda w: (w.inflight, w.load.kv_used_blocks if w.load else 0))
 
 
 def select_target(candidates: list[WorkerHandle], request: GenerateRequest) -> WorkerHandle:
@@ -96,18 +164,25 @@ def endpoint_addresses(worker: WorkerHandle) -> set[str]:
 
 
 class Direct:
-    """Every request must name its worker (`x-worker-instance-id`): a gateway picks."""
+    """The worker the request names (`x-worker-instance-id`): a gateway picks. As the router's
+    mode, every request must name one."""
 
     name = "direct"
 
-    def select(self, candidates: list[WorkerHandle], request: GenerateRequest) -> WorkerHandle:
+    def decide(self, request: GenerateRequest, candidates: list[WorkerHandle],
+               hint: dict[str, int] | None = None) -> Decision:
         if not request.target_worker:
             raise RoutingError("router mode 'direct' needs the x-worker-instance-id or the "
                                "x-gateway-destination-endpoint header", 400)
-        return select_target(candidates, request)
+        worker = select_target(candidates, request)
+        return Decision(worker, request_blocks(request, worker.block_size), policy=self.name)
+
+    def commit(self, decision: Decision) -> None:
+        pass  # the gateway chose; nothing here depends on it
 
 
 def make_policy(mode: str) -> Policy:
+    """The load-blind policy of `mode` (the kv policy needs an index: see `selection.py`)."""
     if mode == "round-robin":
         return RoundRobin()
     if mode == "random":

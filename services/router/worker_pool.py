@@ -2,8 +2,9 @@
 
 A worker enters when discovery shows it and leaves the routing set at once when the router
 declares it dead (connection dropped, heartbeats missed) or when it leaves discovery (draining:
-its running streams still finish over the open connection). Owns sockets and state per worker;
-the decisions on what to do with a dead worker's requests belong to the router.
+its running streams still finish over the open connection). Owns the sockets and the handle;
+the handle's liveness fields are `liveness.py`'s to change, its `usage` is `accounting.py`'s, and
+what happens to a dead worker's requests is `migration.py`'s.
 """
 
 from __future__ import annotations
@@ -15,16 +16,15 @@ import zmq.asyncio
 
 from common.messages import Instance, LoadReport
 from common.transport import tune_stream_socket
+from services.router.accounting import WorkerUsage
 
 
 class WorkerHandle:
     __slots__ = (
-        "active_blocks",
         "alive",
         "block_size",
         "draining",
         "id",
-        "inflight",
         "instance",
         "last_chosen",
         "last_heartbeat",
@@ -33,13 +33,12 @@ class WorkerHandle:
         "load",
         "load_at",
         "monitor",
-        "pending_prefill_blocks",
-        "released_at",
         "replica_peers",
         "routable",
         "socket",
         "suspect",
         "synced",
+        "usage",
     )
 
     def __init__(self, instance: Instance, socket: zmq.asyncio.Socket,
@@ -48,18 +47,14 @@ class WorkerHandle:
         self.instance = instance
         self.socket = socket
         self.monitor = monitor
-        self.inflight = 0
         self.block_size = int(instance.metadata.get("block_size") or 64)
-        # What this router has in flight there, in KV blocks: fresher than the load reports.
-        self.active_blocks = 0
-        self.pending_prefill_blocks = 0
+        # What this router has in flight there (written by `Accounting` only).
+        self.usage = WorkerUsage()
         self.last_chosen = 0  # decision counter when last picked (tie-break: longest ago wins)
         self.synced = False  # its full KV state was asked for once its events flowed
         self.load: LoadReport | None = None
-        # When the last load report arrived, and when this router last saw work leave the
-        # worker: a report from before that still counts the departed work, so it is stale.
+        # When the last load report arrived (stale once older than `usage.released_at`).
         self.load_at = 0.0
-        self.released_at = 0.0
         self.last_heartbeat = time.monotonic()
         self.last_steps = -1
         self.last_progress = self.last_heartbeat  # when `steps` last moved
@@ -71,6 +66,11 @@ class WorkerHandle:
         # value is the engine-step count at the verdict (a stalled one must make progress).
         self.suspect: int | None = None
         self.replica_peers: list[str] = []  # workers holding copies of its KV blocks
+
+    @property
+    def inflight(self) -> int:
+        """Requests this router has in flight on the worker."""
+        return len(self.usage.requests)
 
     @property
     def model(self) -> str:
@@ -114,18 +114,6 @@ class WorkerPool:
 
     def models(self) -> set[str]:
         return {w.model for w in self.workers.values() if w.routable and w.alive}
-
-    def mark_suspect(self, handle: WorkerHandle) -> None:
-        handle.alive = False
-        handle.routable = False
-        handle.synced = False
-        handle.suspect = handle.last_steps
-
-    def recover(self, handle: WorkerHandle) -> None:
-        handle.alive = True
-        handle.routable = not handle.draining
-        handle.suspect = None
-        handle.last_progress = handle.last_heartbeat
 
     def mark_dead(self, handle: WorkerHandle) -> None:
         handle.alive = False

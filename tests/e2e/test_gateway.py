@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from services.frontend.tokenizer import ByteTokenizer
-from tests.e2e.deployment import Deployment, metric, wait_for
+from turnout.testing.deployment import Deployment, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -17,9 +17,7 @@ HEADER = "x-gateway-destination-endpoint"
 
 
 def served(dep: Deployment, worker_id: str) -> float:
-    m = dep.metrics_of(worker_id)
-    return sum(v for k, v in m.items()
-               if k.startswith("turnout_worker_requests_total{") and 'outcome="length"' in k)
+    return dep.metrics_of(worker_id).value("turnout_worker_requests_total", outcome="length")
 
 
 def host_port(dep: Deployment, worker_id: str, endpoint: str) -> str:
@@ -70,7 +68,7 @@ def test_direct_mode_routes_to_the_named_endpoint(deployment: Deployment) -> Non
     with pytest.raises(openai.BadRequestError):
         complete({"x-worker-instance-id": "w9"})
     assert served(deployment, "w1") + served(deployment, "w2") == 6
-    errors = metric(deployment.frontend_metrics(), "turnout_frontend_errors_total")
+    errors = deployment.frontend_metrics().value("turnout_frontend_errors_total")
     assert errors == 4
 
 
@@ -84,10 +82,10 @@ def test_route_endpoint_names_the_worker_holding_the_prefix(deployment: Deployme
     oai.completions.create(model="mock", prompt=doc, max_tokens=2)
     holder = "w1" if served(deployment, "w1") == 1 else "w2"
     other = "w2" if holder == "w1" else "w1"
-    router = next(r for r in deployment.records() if r["role"] == "router")["id"]
-    wait_for(lambda: metric(deployment.metrics_of(router),
-                            "turnout_router_kv_events_applied_total") > 0, 5, "KV events")
-    decisions = metric(deployment.metrics_of(router), "turnout_router_decisions_total")
+    router = deployment.router.instance_id
+    wait_for(lambda: deployment.metrics_of(router).value("turnout_router_kv_events_applied_total")
+             > 0, 5, "KV events")
+    decisions = deployment.metrics_of(router).value("turnout_router_decisions_total")
 
     url = router_url(deployment, "/v1/route")
     answer = httpx.post(url, json={"model": "mock", "prompt_token_ids": ids}, timeout=5)
@@ -106,8 +104,8 @@ def test_route_endpoint_names_the_worker_holding_the_prefix(deployment: Deployme
     # Nothing was sent and no routing decision was counted.
     assert served(deployment, holder) == 1 and served(deployment, other) == 0
     m = deployment.metrics_of(router)
-    assert metric(m, "turnout_router_decisions_total") == decisions
-    assert m['turnout_router_route_queries_total{outcome="ok"}'] == 2
+    assert m.value("turnout_router_decisions_total") == decisions
+    assert m.value("turnout_router_route_queries_total", outcome="ok") == 2
 
     # The picker's answer, sent back as the gateway header: served there, from its cache.
     out = oai.completions.create(model="mock", prompt=doc, max_tokens=2,

@@ -7,20 +7,19 @@ import asyncio
 import openai
 import pytest
 
-from tests.e2e.deployment import Deployment, metric, wait_for
+from turnout.testing.deployment import Deployment, wait_for
 
 pytestmark = pytest.mark.e2e
 
 
 def finished(dep: Deployment, worker_id: str) -> float:
     m = dep.metrics_of(worker_id)
-    return sum(v for k, v in m.items()
-               if k.startswith("turnout_worker_requests_total{") and 'outcome="length"' in k)
+    return m.value("turnout_worker_requests_total", outcome="length")
 
 
 def events_applied(dep: Deployment) -> float:
     router = next(r for r in dep.records() if r["role"] == "router")
-    return metric(dep.metrics_of(router["id"]), "turnout_router_kv_events_applied_total")
+    return dep.metrics_of(router["id"]).value("turnout_router_kv_events_applied_total")
 
 
 def test_repeated_prompt_goes_to_the_worker_holding_it(deployment: Deployment) -> None:
@@ -74,8 +73,8 @@ def test_shared_system_prompt_does_not_make_a_hotspot(deployment: Deployment) ->
     fair = requests / workers
     assert max(counts) <= fair * (1 + margin), counts
     # And the shared prefix was reused: most prompts hit a cache.
-    cached = sum(metric(deployment.metrics_of(f"w{i + 1}"), "turnout_worker_cached_tokens_total")
+    cached = sum(deployment.metrics_of(f"w{i + 1}").value("turnout_worker_cached_tokens_total")
                  for i in range(workers))
-    prompt = sum(metric(deployment.metrics_of(f"w{i + 1}"), "turnout_worker_prompt_tokens_total")
+    prompt = sum(deployment.metrics_of(f"w{i + 1}").value("turnout_worker_prompt_tokens_total")
                  for i in range(workers))
     assert cached / prompt > 0.7

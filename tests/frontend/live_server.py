@@ -10,7 +10,7 @@ from typing import Any
 
 import uvicorn
 
-from tests.e2e.deployment import wait_for
+from turnout.testing.deployment import wait_for
 
 
 class LiveServer:

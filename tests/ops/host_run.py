@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.e2e.deployment import ROOT, free_port
+from turnout.testing.deployment import ROOT, free_port
 
 
 def is_port_flag(flag: str) -> bool:

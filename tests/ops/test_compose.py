@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.deployment import read_records, wait_for
 from tests.ops.host_run import ROOT, HostRun, chat, flag_value, get_ok, remap_ports
+from turnout.testing.deployment import read_records, wait_for
 
 COMPOSE = ROOT / "docker-compose.yml"
 PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"

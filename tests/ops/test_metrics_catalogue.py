@@ -1,5 +1,6 @@
-"""docs/metrics.md against live processes: every documented series is exported, every exported
-`turnout_*` series is documented, and the counters move under load."""
+"""docs/metrics.md against live processes (frontend, router, worker and a dry-run planner):
+every documented series is exported, every exported `turnout_*` series is documented, and the
+counters move under load."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.deployment import Deployment, metric, parse_metrics, wait_for
+from common import prometheus_text
+from turnout.testing.deployment import Deployment, wait_for
 
 pytestmark = pytest.mark.e2e
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
-SECTIONS = {"frontend": "## Frontend", "router": "## Router", "worker": "## Worker"}
+SECTIONS = {"frontend": "## Frontend", "router": "## Router", "worker": "## Worker",
+            "planner": "## Planner"}
 _ROW = re.compile(r"^\|\s*(`turnout_[^|]*)\|\s*(\w+)\s*\|")
 _NAME = re.compile(r"`(turnout_[a-z0-9_]+)`")
 _SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
@@ -50,12 +52,12 @@ def exported(text: str) -> dict[str, str]:
     """Exported series name → type, for every `turnout_*` family the exposition declares
     (labelled families without children yet count: they are declared, just empty)."""
     out: dict[str, str] = {}
-    for family in text_string_to_metric_families(text):
+    for family, kind in prometheus_text.parse(text).types.items():
         # `_created` timestamps come with every counter and histogram (the doc says so).
-        if not family.name.startswith("turnout_") or family.name.endswith("_created"):
+        if not family.startswith("turnout_") or family.endswith("_created"):
             continue
-        for suffix in _SUFFIXES.get(family.type, ("",)):
-            out[family.name + suffix] = family.type
+        for suffix in _SUFFIXES.get(kind, ("",)):
+            out[family + suffix] = kind
     return out
 
 
@@ -74,6 +76,9 @@ def test_catalogue_parses() -> None:
         "worker": ["engine_steps_total", "batch_size_count", "running_requests",
                    "waiting_requests", "kv_blocks_used", "kv_blocks_total",
                    "prefix_cache_hit_rate", "prefill_tokens_total", "decode_tokens_total"],
+        "planner": ["adjustments_total", "predicted_request_rate", "observed_request_rate",
+                    "needed_replicas", "target_replicas", "current_replicas",
+                    "scaling_actions_total", "scrape_errors_total"],
     }
     for service, names in wanted.items():
         for name in names:
@@ -83,16 +88,24 @@ def test_catalogue_parses() -> None:
 def test_every_documented_series_is_exported_and_moves(deployment: Deployment) -> None:
     docs = catalogue()
     deployment.start(workers=1, worker_args=("--speedup-ratio", "0"))
-    router_id = next(r["id"] for r in deployment.records() if r["role"] == "router")
+    # --min-replicas 2 with one worker: every interval decides to scale up (dry run: it does not).
+    planner = deployment.start_planner("--dry-run", "--adjustment-interval-s", "0.3",
+                                       "--min-replicas", "2")
+    services = {"router": deployment.router, "worker": deployment.service("w1"),
+                "planner": planner}
 
     def scrape() -> dict[str, str]:
-        return {"frontend": httpx.get(deployment.url + "/metrics", timeout=5).text,
-                "router": httpx.get(deployment.record(router_id)["endpoints"]["metrics"],
-                                    timeout=5).text,
-                "worker": httpx.get(deployment.record("w1")["endpoints"]["metrics"],
-                                    timeout=5).text}
+        texts = {"frontend": httpx.get(deployment.url + "/metrics", timeout=5).text}
+        for name, service in services.items():
+            texts[name] = httpx.get(service.metrics_url(), timeout=5).text
+        return texts
 
-    before = {s: parse_metrics(t) for s, t in scrape().items()}
+    def adjustments() -> float:
+        return planner.metrics().value("turnout_planner_adjustments_total")
+
+    # The planner's labelled series appear with its first interval.
+    wait_for(lambda: adjustments() >= 1, 10, "the planner's first adjustment")
+    before = {s: prometheus_text.parse(t) for s, t in scrape().items()}
     oai = openai.OpenAI(base_url=deployment.url + "/v1", api_key="x", max_retries=0, timeout=30)
     prompt = "A prompt long enough to fill a few KV blocks of sixty-four tokens each. " * 4
     for _ in range(3):  # the repeats hit the prefix cache
@@ -106,9 +119,10 @@ def test_every_documented_series_is_exported_and_moves(deployment: Deployment) -
     bad = httpx.post(deployment.url + "/v1/completions", timeout=5,
                      json={"model": "no-such-model", "prompt": "x", "max_tokens": 1})
     assert bad.status_code == 404
-    wait_for(lambda: metric(parse_metrics(scrape()["router"]),
-                            "turnout_router_kv_index_blocks") > 0,
+    wait_for(lambda: deployment.router.metrics().value("turnout_router_kv_index_blocks") > 0,
              5, "the router to index the KV events")
+    done = adjustments()
+    wait_for(lambda: adjustments() > done, 10, "an adjustment after the load")
 
     texts = scrape()
     for service, documented in docs.items():
@@ -120,7 +134,7 @@ def test_every_documented_series_is_exported_and_moves(deployment: Deployment) -
         for name, kind in documented.items():
             assert live[name] == kind, f"{name}: documented as {kind}, exported as {live[name]}"
 
-    after = {s: parse_metrics(t) for s, t in texts.items()}
+    after = {s: prometheus_text.parse(t) for s, t in texts.items()}
     moved = {
         "frontend": ["turnout_frontend_requests_total", "turnout_frontend_input_tokens_total",
                      "turnout_frontend_output_tokens_total", "turnout_frontend_cached_tokens_total",
@@ -135,25 +149,33 @@ def test_every_documented_series_is_exported_and_moves(deployment: Deployment) -
                    "turnout_worker_prefill_tokens_total", "turnout_worker_decode_tokens_total",
                    "turnout_worker_prompt_tokens_total", "turnout_worker_cached_tokens_total",
                    "turnout_worker_requests_total"],
+        "planner": ["turnout_planner_adjustments_total",
+                    "turnout_planner_scaling_actions_total"],
     }
     for service, names in moved.items():
         for name in names:
             assert name in docs[service], f"{name} is not in the catalogue"
-            assert metric(after[service], name) > metric(before[service], name), \
+            assert after[service].value(name) > before[service].value(name), \
                 f"{service}: {name} did not move under load"
 
-    f, r, w = after["frontend"], after["router"], after["worker"]
-    assert metric(f, "turnout_frontend_output_tokens_total") == 3 * 8 + 4
-    assert f['turnout_frontend_errors_total{endpoint="completions",error_type="model_not_found",'
-             'model=""}'] == 1
-    assert metric(f, "turnout_frontend_active_requests") == 0
-    assert metric(f, "turnout_frontend_queued_requests") == 0
-    assert r['turnout_router_worker_up{worker="w1"}'] == 1
-    assert r['turnout_router_decisions_total{policy="kv"}'] == 4
-    assert metric(r, "turnout_router_kv_index_blocks") > 0
-    assert metric(r, "turnout_router_kv_resyncs_total") >= 1  # the worker's state, on admission
-    assert metric(w, "turnout_worker_kv_blocks_total") > 0
-    hit_rate = metric(w, "turnout_worker_prefix_cache_hit_rate")
-    cached = metric(w, "turnout_worker_cached_tokens_total")
-    prompt_tokens = metric(w, "turnout_worker_prompt_tokens_total")
+    f, r, w, p = after["frontend"], after["router"], after["worker"], after["planner"]
+    assert f.value("turnout_frontend_output_tokens_total") == 3 * 8 + 4
+    assert f.value("turnout_frontend_errors_total", endpoint="completions",
+                   error_type="model_not_found", model="") == 1
+    assert f.value("turnout_frontend_active_requests") == 0
+    assert f.value("turnout_frontend_queued_requests") == 0
+    assert r.value("turnout_router_worker_up", worker="w1") == 1
+    assert r.value("turnout_router_decisions_total", policy="kv") == 4
+    assert r.value("turnout_router_kv_index_blocks") > 0
+    assert r.value("turnout_router_kv_resyncs_total") >= 1  # the worker's state, on admission
+    assert w.value("turnout_worker_kv_blocks_total") > 0
+    hit_rate = w.value("turnout_worker_prefix_cache_hit_rate")
+    cached = w.value("turnout_worker_cached_tokens_total")
+    prompt_tokens = w.value("turnout_worker_prompt_tokens_total")
     assert 0 < hit_rate < 1 and hit_rate == pytest.approx(cached / prompt_tokens)
+    assert p.value("turnout_planner_current_replicas", role="aggregated") == 1
+    assert p.value("turnout_planner_target_replicas", role="aggregated") == 2
+    assert p.value("turnout_planner_scaling_actions_total", role="aggregated",
+                   direction="up") >= 2
+    assert p.value("turnout_planner_observed_request_rate") >= 0
+    assert p.value("turnout_planner_scrape_errors_total") == 0

@@ -24,9 +24,9 @@ import httpx
 import pytest
 import yaml
 
-from tests.e2e.deployment import read_records, wait_for
 from tests.ops.host_run import ROOT, HostRun, chat, free_port, get_ok
 from tests.ops.test_dashboard import targets
+from turnout.testing.deployment import read_records, scrape, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -132,13 +132,30 @@ def test_prometheus_scrapes_every_service_and_the_dashboard_queries_work(tmp_pat
 
         wait_for(all_up, 30, "every target to be scraped successfully", interval=0.5)
 
-        # Real traffic, spread over several scrapes, with a shared prefix (cache hits).
-        deadline = time.monotonic() + 6
-        sent = 0
-        while time.monotonic() < deadline or sent < 12:
+        def scraped(expr: str) -> float:
+            result = api.query(expr)
+            return float(result[0]["value"][1]) if result else 0.0
+
+        def live(role: str, name: str) -> float:
+            return sum(scrape(r["endpoints"]["metrics"]).value(name)
+                       for r in read_records(discovery) if r["role"] == role)
+
+        # Real traffic with a shared prefix (cache hits), until Prometheus has seen it grow in
+        # three scrapes (a rate needs two points), then until it has scraped all of it.
+        ok_requests = 'sum(turnout_frontend_requests_total{status="200"})'
+        deadline = time.monotonic() + 60
+        sent = growths = 0
+        last = scraped(ok_requests)
+        while growths < 3 or sent < 12:
+            assert time.monotonic() < deadline, f"Prometheus saw the traffic grow {growths}x"
             chat(base, prompt=f"{SHARED_PREFIX} question {sent}")
             sent += 1
-        time.sleep(3)  # a few more scrapes
+            now = scraped(ok_requests)
+            growths, last = growths + (now > last), now
+        prompt_tokens = live("worker", "turnout_worker_prompt_tokens_total")
+        wait_for(lambda: scraped(ok_requests) >= sent
+                 and scraped("sum(turnout_worker_prompt_tokens_total)") >= prompt_tokens,
+                 30, "Prometheus to scrape the whole traffic", interval=0.5)
 
         per_job = api.query('count by (job) ({__name__=~"turnout_.+"})')
         assert {s["metric"]["job"] for s in per_job} == set(JOB_ROLE)

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.deployment import ROOT, Deployment
+from turnout.testing.deployment import ROOT, Deployment
 
 pytestmark = pytest.mark.e2e
 

@@ -7,11 +7,11 @@ import os
 import signal
 import subprocess
 
-import httpx
 import psutil
 import pytest
 
-from tests.e2e.deployment import Deployment, metric, parse_metrics, wait_for
+from common.prometheus_text import Metrics
+from turnout.testing.deployment import Deployment, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -20,10 +20,8 @@ def workers(dep: Deployment) -> list[dict]:
     return [r for r in dep.records() if r["role"] == "worker"]
 
 
-def planner_metrics(dep: Deployment, planner_id: str) -> dict[str, float]:
-    rec = dep.record(planner_id)
-    assert rec is not None, f"{planner_id} is not registered"
-    return parse_metrics(httpx.get(rec["endpoints"]["metrics"], timeout=5).text)
+def planner_metrics(dep: Deployment, planner_id: str) -> Metrics:
+    return dep.metrics_of(planner_id)
 
 
 def alive(pid: int) -> bool:
@@ -49,39 +47,40 @@ def test_planner_scales_up_to_min_replicas_and_drains_its_workers_on_exit(
               "--worker-args", "--drain-grace-s 1"]
 
     # Dry run first: it decides to scale up, says so in its metrics, and starts nothing.
-    dry = dep.spawn("planner-dry", ["planner", "--planner-id", "pdry", "--dry-run", *common])
-    dep.wait_registered("pdry", dry, timeout=20)
-    wait_for(lambda: metric(planner_metrics(dep, "pdry"), "turnout_planner_adjustments_total")
+    dry = dep.start_planner("--planner-id", "pdry", "--dry-run", *common, name="planner-dry",
+                            wait=False)
+    dep.wait_registered(dry, timeout=20)
+    wait_for(lambda: planner_metrics(dep, "pdry").value("turnout_planner_adjustments_total")
              >= 3, 10, "three dry-run adjustments")
     m = planner_metrics(dep, "pdry")
-    assert m['turnout_planner_target_replicas{role="aggregated"}'] == 2
-    assert m['turnout_planner_current_replicas{role="aggregated"}'] == 1
-    assert m['turnout_planner_scaling_actions_total{direction="up",role="aggregated"}'] >= 1
+    assert m.value("turnout_planner_target_replicas", role="aggregated") == 2
+    assert m.value("turnout_planner_current_replicas", role="aggregated") == 1
+    assert m.value("turnout_planner_scaling_actions_total", direction="up",
+                   role="aggregated") >= 1
     assert [w["id"] for w in workers(dep)] == ["w1"]
     assert stop(dry) == 0
 
     # The local connector: a second worker process registers, and only one.
-    planner = dep.spawn("planner", ["planner", "--planner-id", "p1", *common])
-    started = dep.wait_registered("p1-aggregated-1", planner, timeout=20)
+    planner = dep.start_planner("--planner-id", "p1", *common, wait=False)
+    started = dep.wait_registered(planner, timeout=20, instance_id="p1-aggregated-1")
     pid = started["metadata"]["pid"]
     try:
         assert started["metadata"]["mode"] == "aggregated"
-        router = next(r for r in dep.records() if r["role"] == "router")
-        wait_for(lambda: dep.metrics_of(router["id"]).get(
-            'turnout_router_workers{state="routable"}') == 2, 10, "the router to admit it")
-        adjustments = metric(planner_metrics(dep, "p1"), "turnout_planner_adjustments_total")
-        wait_for(lambda: metric(planner_metrics(dep, "p1"), "turnout_planner_adjustments_total")
+        wait_for(lambda: dep.routable() == 2, 10, "the router to admit it")
+        adjustments = planner_metrics(dep, "p1").value("turnout_planner_adjustments_total")
+        wait_for(lambda: planner_metrics(dep, "p1").value("turnout_planner_adjustments_total")
                  >= adjustments + 3, 10, "three more adjustments")
         assert sorted(w["id"] for w in workers(dep)) == ["p1-aggregated-1", "w1"]
         m = planner_metrics(dep, "p1")
-        assert m['turnout_planner_current_replicas{role="aggregated"}'] == 2
-        assert m['turnout_planner_scaling_actions_total{direction="up",role="aggregated"}'] == 1
+        assert m.value("turnout_planner_current_replicas", role="aggregated") == 2
+        assert m.value("turnout_planner_scaling_actions_total", direction="up",
+                       role="aggregated") == 1
 
         # SIGTERM: the planner drains the worker it started (not w1) and exits.
         assert stop(planner) == 0
         assert not alive(pid), "the planner waits for its workers to exit"
         assert [w["id"] for w in workers(dep)] == ["w1"]
-        assert dep.services[1].alive()  # w1
+        assert dep.service("w1").alive()
     finally:
         if alive(pid):  # reap what the planner left behind, whatever happened
             os.kill(pid, signal.SIGKILL)

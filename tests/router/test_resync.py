@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import zmq
 
 from common.messages import (
@@ -26,7 +27,9 @@ from common.messages import (
 )
 from services.router.args import RouterConfig
 from services.router.main import Router
-from tests.e2e.deployment import Deployment, metric, wait_for
+from turnout.testing.deployment import Deployment, scrape, wait_for
+
+pytestmark = pytest.mark.e2e
 
 
 def worker_state(record: dict) -> set[int]:
@@ -78,38 +81,57 @@ def test_event_gap_triggers_resync_and_index_matches_worker(tmp_path: Path) -> N
             assert router.kv_index is not None
             return router.kv_index.blocks_of("w1") == worker_state(record)
 
+        def router_metric(name: str) -> float:
+            """From the router's own /metrics, as any scraper reads it."""
+            rec = next(r for r in dep.records() if r["role"] == "router")
+            return scrape(rec["endpoints"]["metrics"]).value(name)
+
         complete("first document " * 30)
         wait_for(index_matches, 10, "the index to follow the worker's events", interval=0.2)
-        resyncs = router.metrics.resyncs._value.get()
+        resyncs = router_metric("turnout_router_kv_resyncs_total")
+
+        def on_router_loop(option: int, value: bytes) -> None:
+            """Set a socket option of the router's subscriber on its own loop; returns once
+            it is set."""
+            done = threading.Event()
+
+            def apply() -> None:
+                router.subscriber.socket.setsockopt(option, value)
+                done.set()
+
+            router.loop.call_soon_threadsafe(apply)
+            assert done.wait(5), "the router's loop did not run the change"
 
         # Lose a stretch of KV events (heartbeats still flow): the router stops listening to
-        # the kv topic while the worker caches more.
-        socket = router.subscriber.socket
-        router.loop.call_soon_threadsafe(socket.setsockopt, zmq.UNSUBSCRIBE, TOPIC_KV)
-        time.sleep(0.3)
-        complete("second document, never seen by the router " * 10)
-        assert router.kv_index is not None
-        assert router.kv_index.blocks_of("w1") != worker_state(record)
-        router.loop.call_soon_threadsafe(socket.setsockopt, zmq.SUBSCRIBE, TOPIC_KV)
-        time.sleep(0.3)
-        complete("third document " * 30)  # its events arrive with a jump in sequence numbers
+        # the kv topic while the worker caches more. The unsubscription reaches the worker's
+        # PUB socket asynchronously: send new documents until one's events were lost.
+        on_router_loop(zmq.UNSUBSCRIBE, TOPIC_KV)
+        n = 0
 
-        wait_for(lambda: router.metrics.resyncs._value.get() > resyncs, 10, "a resync")
+        def lost_some() -> bool:
+            nonlocal n
+            n += 1
+            complete(f"document {n}, never seen by the router " * 10)
+            assert router.kv_index is not None
+            return router.kv_index.blocks_of("w1") != worker_state(record)
+
+        wait_for(lost_some, 10, "the router to miss a document's KV events", interval=0.1)
+        on_router_loop(zmq.SUBSCRIBE, TOPIC_KV)
+
+        def resynced() -> bool:
+            # The next events arrive with a jump in sequence numbers (once the subscription
+            # is back at the publisher).
+            nonlocal n
+            n += 1
+            complete(f"later document {n} " * 30)
+            return router_metric("turnout_router_kv_resyncs_total") > resyncs
+
+        wait_for(resynced, 10, "a resync", interval=0.1)
         wait_for(index_matches, 10, "the index to equal the worker's state", interval=0.2)
-        gaps = metric(dict(_samples(router)), "turnout_router_event_gaps_total")
-        assert gaps >= 1
+        assert router_metric("turnout_router_event_gaps_total") >= 1
     finally:
         dep.close()
         if getattr(router, "loop", None) is not None:
             router.loop.call_soon_threadsafe(router.stop.set)
         thread.join(timeout=10)
-
-
-def _samples(router: Router) -> list[tuple[str, float]]:
-    out = []
-    for family in router.metrics.registry.collect():
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out.append((f"{s.name}{{{labels}}}" if labels else s.name, s.value))
-    return out
 

@@ -40,7 +40,7 @@ def test_endpoint_addresses() -> None:
 ])
 def test_targets(target: str, chosen: str) -> None:
     assert select_target(POOL, request(target)).id == chosen
-    assert Direct().select(POOL, request(target)).id == chosen
+    assert Direct().decide(request(target), POOL).worker.id == chosen
 
 
 @pytest.mark.parametrize("target", ["c", "10.0.0.9:1", "10.0.0.0:5000x", "10.0.0.0", ","])
@@ -52,5 +52,5 @@ def test_unknown_targets_are_a_400(target: str) -> None:
 
 def test_direct_mode_needs_a_target() -> None:
     with pytest.raises(RoutingError, match="x-gateway-destination-endpoint") as err:
-        Direct().select(POOL, request(None))
+        Direct().decide(request(None), POOL)
     assert err.value.code == 400

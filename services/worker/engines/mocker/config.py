@@ -44,6 +44,8 @@ class MockerConfig:
     max_model_len: int = 0  # 0: what the KV pool holds (num_blocks x block_size)
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    startup_time_s: float = opt(0.0, help="simulated model load time before the engine serves "
+                                          "(logged each second at info level); 0: none")
 
     def __post_init__(self) -> None:
         if self.max_model_len == 0:
@@ -58,6 +60,8 @@ class MockerConfig:
                 raise ValueError(f"mocker: {name} must be positive, got {getattr(self, name)}")
         if self.speedup_ratio < 0:
             raise ValueError(f"mocker: speedup_ratio must be >= 0, got {self.speedup_ratio}")
+        if self.startup_time_s < 0:
+            raise ValueError(f"mocker: startup_time_s must be >= 0, got {self.startup_time_s}")
         if self.mean_output_tokens < 0:
             raise ValueError("mocker: mean_output_tokens must be >= 0")
         lo, hi = self.output_range()

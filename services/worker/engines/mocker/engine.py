@@ -56,8 +56,18 @@ class MockerEngine(Engine):
         if self._task is not None:
             raise RuntimeError("mocker engine already started")
         self._sink = sink
+        await self._load()
         self._task = asyncio.create_task(self._run(), name="mocker-engine")
         self._task.add_done_callback(self._on_loop_exit)
+
+    async def _load(self) -> None:
+        """Stands in for a real engine's model load: `startup_time_s` of waiting, said each
+        second, so what waits for workers (readiness, `turnout up`) meets one that is slow."""
+        left = self.config.startup_time_s
+        while left > 0:
+            log.info("loading model (simulated)", extra={"fields": {"seconds_left": f"{left:.0f}"}})
+            await asyncio.sleep(min(1.0, left))
+            left -= 1.0
 
     async def shutdown(self) -> None:
         task, self._task = self._task, None

@@ -1,0 +1,123 @@
+"""The router's load accounting: which requests are in flight, on which worker, and what they
+weigh there.
+
+One source of truth per worker (`WorkerUsage`, on its handle): the ids of the requests this
+router has placed there, the KV blocks they hold and the blocks still to prefill until their
+first token. Policies read it (fresher than any load report); only `Accounting` writes it, on
+every transition a request makes: placed, first token, moved (migration), stranded, finished
+or cancelled. A request is counted on at most one worker, so no count can go negative.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from common.messages import GenerateRequest
+
+if TYPE_CHECKING:
+    from services.router.policies import Decision
+    from services.router.worker_pool import WorkerHandle
+
+
+class WorkerUsage:
+    """What this router has placed on one worker."""
+
+    __slots__ = ("active_blocks", "pending_prefill_blocks", "released_at", "requests")
+
+    def __init__(self) -> None:
+        self.requests: set[str] = set()
+        self.active_blocks = 0  # KV blocks its requests occupy
+        self.pending_prefill_blocks = 0  # blocks not yet prefilled (no first token yet)
+        # When a request last left it: a load report from before that still counts the request.
+        self.released_at = 0.0
+
+
+class RoutedRequest:
+    """A request in flight: who asked, which worker serves it, and everything streamed so far
+    (exactly what a migration needs to continue the stream elsewhere)."""
+
+    __slots__ = ("blocks", "frontend", "generated", "hashes", "migrations", "prefill_blocks",
+                 "request", "resume_tokens", "worker")
+
+    def __init__(self, request: GenerateRequest, frontend: bytes) -> None:
+        self.request = request
+        self.frontend = frontend  # ROUTER identity of the frontend connection
+        self.worker: WorkerHandle | None = None  # None: waiting for a worker (stranded)
+        self.generated: list[int] = list(request.generated_token_ids)
+        self.migrations = 0
+        self.blocks = 0  # KV blocks it holds on its worker
+        self.prefill_blocks = 0  # blocks still to prefill until its first token arrives
+        self.hashes: list[int] = []
+        self.resume_tokens = 0  # sequence length at the last migration (0: none pending)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+
+class Accounting:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.requests: dict[str, RoutedRequest] = {}
+        self._clock = clock
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self.requests
+
+    def get(self, request_id: str) -> RoutedRequest | None:
+        return self.requests.get(request_id)
+
+    def on_worker(self, worker: WorkerHandle) -> list[RoutedRequest]:
+        return [self.requests[r] for r in worker.usage.requests if r in self.requests]
+
+    def place(self, entry: RoutedRequest, decision: Decision) -> None:
+        """A new request goes to `decision.worker`."""
+        self.requests[entry.request_id] = entry
+        self._assign(entry, decision)
+
+    def first_token(self, entry: RoutedRequest) -> None:
+        """Its prefill is done: the blocks no longer wait in the worker's prefill queue."""
+        if entry.worker is not None and entry.prefill_blocks:
+            entry.worker.usage.pending_prefill_blocks -= entry.prefill_blocks
+        entry.prefill_blocks = 0
+
+    def move(self, entry: RoutedRequest, decision: Decision) -> None:
+        """A migration: off its worker, onto `decision.worker`."""
+        self._release(entry)
+        self._assign(entry, decision)
+
+    def strand(self, entry: RoutedRequest) -> None:
+        """Off its worker, with none to go to yet (its stream stays open)."""
+        self._release(entry)
+
+    def finish(self, request_id: str) -> RoutedRequest | None:
+        """The request is over (finished, failed or cancelled): forget it."""
+        entry = self.requests.pop(request_id, None)
+        if entry is not None:
+            self._release(entry)
+        return entry
+
+    def _assign(self, entry: RoutedRequest, decision: Decision) -> None:
+        worker = decision.worker
+        entry.worker = worker
+        entry.blocks = decision.request_blocks
+        entry.prefill_blocks = decision.request_blocks - decision.overlap
+        entry.hashes = decision.hashes
+        usage = worker.usage
+        usage.requests.add(entry.request_id)
+        usage.active_blocks += entry.blocks
+        usage.pending_prefill_blocks += entry.prefill_blocks
+
+    def _release(self, entry: RoutedRequest) -> None:
+        worker, entry.worker = entry.worker, None
+        if worker is not None:
+            usage = worker.usage
+            usage.requests.discard(entry.request_id)
+            usage.active_blocks -= entry.blocks
+            usage.pending_prefill_blocks -= entry.prefill_blocks
+            usage.released_at = self._clock()
+        entry.prefill_blocks = 0

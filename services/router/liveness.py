@@ -1,0 +1,134 @@
+"""Worker liveness: the verdicts that take a worker out of routing, and the one that brings it
+back, as a state machine per worker driven by an injectable clock.
+
+    ALIVE ──connection dropped──▶ DEAD          (cause crash, or drain if it said it drains)
+    ALIVE ──no heartbeat for missed_heartbeats periods──▶ SUSPECT   (cause hang)
+    ALIVE ──work in flight, heartbeats without engine progress for stall_timeout──▶ SUSPECT
+                                                                     (cause stall)
+    SUSPECT ──heartbeat showing progress (or no work)──▶ ALIVE   (re-admitted after a resync)
+    SUSPECT ──connection dropped──▶ DEAD
+
+A suspect's connection is still open: it may be a false alarm (a starved host), so it is not
+closed, only told to drop the requests moved away meanwhile. A check that itself ran late
+(the event loop was starved) judges nobody: heartbeats may be sitting unread.
+Owns the verdicts and the handle's liveness fields; what happens to a lost worker's requests
+belongs to the router (`main.py`) and `migration.py`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from common.messages import Heartbeat
+from services.router.worker_pool import WorkerHandle
+
+CAUSE_CRASH = "crash"
+CAUSE_HANG = "hang"
+CAUSE_STALL = "stall"
+CAUSE_DRAIN = "drain"
+
+ALIVE = "alive"
+SUSPECT = "suspect"
+DEAD = "dead"
+
+
+def state_of(worker: WorkerHandle) -> str:
+    if worker.alive:
+        return ALIVE
+    return SUSPECT if worker.suspect is not None else DEAD
+
+
+class Loss:
+    """A verdict that takes a worker out of routing."""
+
+    __slots__ = ("cause", "crashed", "first", "silent_s", "worker")
+
+    def __init__(self, worker: WorkerHandle, cause: str, crashed: bool, first: bool,
+                 silent_s: float) -> None:
+        self.worker = worker
+        self.cause = cause
+        self.crashed = crashed  # connection gone: closed for good (else: a suspect)
+        self.first = first  # it was alive until now (not a suspect whose connection dropped)
+        self.silent_s = silent_s  # since its last heartbeat
+
+
+class Liveness:
+    def __init__(self, heartbeat_period_s: float, missed_heartbeats: int, stall_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.period = heartbeat_period_s
+        self.silence_limit = heartbeat_period_s * missed_heartbeats
+        self.stall = stall_s  # 0: off
+        self.clock = clock
+        self._last_check: float | None = None
+
+    def watch(self, worker: WorkerHandle) -> None:
+        """A worker was admitted: its silence counts from now."""
+        worker.last_heartbeat = worker.last_progress = self.clock()
+
+    def on_heartbeat(self, worker: WorkerHandle, hb: Heartbeat) -> bool:
+        """Note a heartbeat; True when it brings a suspect back (SUSPECT → ALIVE)."""
+        now = worker.last_heartbeat = self.clock()
+        if hb.steps != worker.last_steps or not worker.inflight:
+            worker.last_progress = now
+        worker.last_steps = hb.steps
+        worker.replica_peers = hb.replica_peers
+        recovered = worker.suspect is not None and (
+            hb.steps != worker.suspect or not hb.active_requests)
+        if recovered:
+            worker.alive = True
+            worker.routable = not worker.draining
+            worker.suspect = None
+            worker.last_progress = worker.last_heartbeat
+        if hb.draining:
+            worker.routable = False
+            worker.draining = True
+        return recovered
+
+    def on_disconnect(self, worker: WorkerHandle) -> str:
+        """The cause a dropped connection means."""
+        return CAUSE_DRAIN if worker.draining else CAUSE_CRASH
+
+    def check_on_time(self) -> bool:
+        """Called every half period: False when this check itself ran late (skip judging)."""
+        now = self.clock()
+        late = self._last_check is not None and now - self._last_check > self.period
+        self._last_check = now
+        return not late
+
+    def silent_too_long(self, worker: WorkerHandle, now: float) -> bool:
+        """Whether `worker` missed too many heartbeats (a failure detector plugs in here)."""
+        return now - worker.last_heartbeat > self.silence_limit
+
+    def stalled(self, worker: WorkerHandle, now: float) -> bool:
+        """Heartbeats come, but with work in flight its engine has not stepped for `stall`."""
+        return bool(self.stall and worker.inflight and now - worker.last_progress > self.stall)
+
+    def verdicts(self, workers: list[WorkerHandle]) -> list[tuple[WorkerHandle, str]]:
+        """Live workers to declare lost now, with the cause."""
+        now = self.clock()
+        out = []
+        for worker in workers:
+            if not worker.alive:
+                continue
+            if self.silent_too_long(worker, now):
+                out.append((worker, CAUSE_HANG))
+            elif self.stalled(worker, now):
+                out.append((worker, CAUSE_STALL))
+        return out
+
+    def declare_lost(self, worker: WorkerHandle, cause: str) -> Loss | None:
+        """ALIVE → SUSPECT (hang, stall) or ALIVE/SUSPECT → DEAD (crash, drain); None when the
+        verdict changes nothing (already dead, or a suspect judged silent again)."""
+        crashed = cause in (CAUSE_CRASH, CAUSE_DRAIN)
+        if not worker.alive and not (crashed and worker.suspect is not None):
+            return None
+        loss = Loss(worker, cause, crashed, worker.alive, self.clock() - worker.last_heartbeat)
+        worker.alive = False
+        worker.routable = False
+        if crashed:
+            worker.suspect = None
+        else:
+            worker.synced = False  # re-admission starts with a full KV resync
+            worker.suspect = worker.last_steps  # a stalled one must get past this step count
+        return loss

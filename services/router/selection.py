@@ -1,0 +1,101 @@
+"""Choosing a worker in the router's mode: the candidates, the policy's pure decision, and the
+commit that makes a decision count.
+
+A request naming its worker (`target_worker`, set by a gateway) gets it in every mode; any
+other goes to the mode's policy. `decide` changes nothing (POST /v1/route previews call it);
+`commit` is what a real placement adds: the policy's own state, the approximate index's
+prediction (--no-kv-events: the prefix will be cached where the request went) and the metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from common.block_hash import block_hashes
+from common.messages import GenerateRequest
+from services.router.approx_kv_index import ApproxKvIndex
+from services.router.args import RouterConfig
+from services.router.kv_index import KvIndex
+from services.router.kv_policy import KvAwarePolicy
+from services.router.metrics import RouterMetrics
+from services.router.policies import (
+    Decision,
+    Direct,
+    NoWorkerError,
+    Policy,
+    make_policy,
+    sequence_tokens,
+)
+from services.router.worker_pool import WorkerHandle, WorkerPool
+
+
+class Selector:
+    def __init__(self, pool: WorkerPool, policy: Policy, metrics: RouterMetrics,
+                 approx_index: ApproxKvIndex | None = None, hash_seed: int = 0,
+                 timer: Callable[[], float] = time.perf_counter) -> None:
+        self.pool = pool
+        self.policy = policy
+        self.direct = Direct()
+        self.metrics = metrics
+        self.approx_index = approx_index
+        self.hash_seed = hash_seed
+        self._timer = timer
+
+    @property
+    def name(self) -> str:
+        return self.policy.name
+
+    def candidates(self, model: str, exclude: str = "") -> list[WorkerHandle]:
+        """Routable workers of `model` (but `exclude`); NoWorkerError when there are none."""
+        candidates = self.pool.routable(model)
+        if exclude:
+            candidates = [w for w in candidates if w.id != exclude]
+        if not candidates:
+            raise NoWorkerError(f"no live worker serves model {model!r}", 503)
+        return candidates
+
+    def decide(self, request: GenerateRequest, exclude: str = "",
+               hint: dict[str, int] | None = None) -> Decision:
+        """The worker for `request`, committing nothing. RoutingError when there is none."""
+        candidates = self.candidates(request.model, exclude)
+        if not request.target_worker:
+            return self.policy.decide(request, candidates, hint)
+        decision = self.direct.decide(request, candidates, hint)
+        if self.approx_index is not None:
+            # A gateway chose (maybe after a preview): the prefix gets cached there all the
+            # same, and the prediction must say so.
+            decision.hashes = block_hashes(sequence_tokens(request), decision.worker.block_size,
+                                           self.hash_seed)
+        return decision
+
+    def commit(self, decision: Decision) -> None:
+        (self.direct if decision.policy == Direct.name else self.policy).commit(decision)
+        if self.approx_index is not None:
+            self.approx_index.record(decision.worker.id, decision.hashes)
+        if decision.policy == KvAwarePolicy.name and decision.request_blocks:
+            self.metrics.overlap.observe(decision.overlap / decision.request_blocks)
+        self.metrics.decisions.labels(decision.policy).inc()
+
+    def choose(self, request: GenerateRequest, exclude: str = "",
+               hint: dict[str, int] | None = None) -> Decision:
+        """Decide and commit: the request goes to the returned worker."""
+        t0 = self._timer()
+        decision = self.decide(request, exclude, hint)
+        self.commit(decision)
+        self.metrics.decision_seconds.observe(self._timer() - t0)
+        return decision
+
+
+def build_selection(config: RouterConfig, pool: WorkerPool, metrics: RouterMetrics,
+                    ) -> tuple[Selector, KvIndex | None]:
+    """The selector of `config.router_mode`, and the KV index it reads (kv mode with events)."""
+    if config.router_mode != KvAwarePolicy.name:
+        return Selector(pool, make_policy(config.router_mode), metrics), None
+    kv_index = KvIndex() if config.kv_events else None
+    approx_index = None if config.kv_events else ApproxKvIndex(ttl_s=config.kv_ttl_s)
+    policy = KvAwarePolicy(
+        kv_index if kv_index is not None else approx_index,  # type: ignore[arg-type]
+        overlap_weight=config.kv_overlap_weight, temperature=config.router_temperature,
+        hotspot_margin=config.hotspot_margin, seed=config.hash_seed)
+    return Selector(pool, policy, metrics, approx_index, config.hash_seed), kv_index

@@ -1,0 +1,166 @@
+"""Fakes for the router's unit tests: a clock, sockets that record what is sent, worker
+handles, and a router wired from them (no processes, no network)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from common.messages import (
+    KIND_TOKENS,
+    GenerateRequest,
+    Instance,
+    SamplingParams,
+    TokenChunk,
+    token_batch_decoder,
+)
+from services.router.accounting import Accounting
+from services.router.metrics import RouterMetrics
+from services.router.migration import Migration
+from services.router.policies import Policy
+from services.router.selection import Selector
+from services.router.streams import Streams, send_error
+from services.router.worker_pool import WorkerHandle, WorkerPool
+
+MODEL = "m"
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class SocketDone(Exception):
+    """A fake socket ran out of frames to receive (ends the loop under test)."""
+
+
+class FakeSocket:
+    """Records every multipart message sent; `recv_multipart` hands out queued frames, then
+    raises SocketDone (or, with `wait_when_empty`, waits forever like an idle socket)."""
+
+    def __init__(self, incoming: list[list[bytes]] | None = None,
+                 wait_when_empty: bool = False) -> None:
+        self.sent: list[list[bytes]] = []
+        self.incoming = list(incoming or [])
+        self.wait_when_empty = wait_when_empty
+        self.closed = False
+        self.connected: list[str] = []
+        self.monitor: FakeSocket | None = None
+
+    def send_multipart(self, frames: list[bytes]) -> None:
+        self.sent.append(list(frames))
+
+    async def recv_multipart(self) -> list[bytes]:
+        if not self.incoming:
+            if self.wait_when_empty:
+                await asyncio.Event().wait()
+            raise SocketDone
+        return self.incoming.pop(0)
+
+    def setsockopt(self, option: int, value: int) -> None:
+        pass
+
+    def connect(self, endpoint: str) -> None:
+        self.connected.append(endpoint)
+
+    def get_monitor_socket(self, events: int) -> FakeSocket:
+        self.monitor = FakeSocket(wait_when_empty=True)
+        return self.monitor
+
+    def disable_monitor(self) -> None:
+        pass
+
+    def close(self, linger: int = 0) -> None:
+        self.closed = True
+
+    def kinds(self) -> list[bytes]:
+        return [f[0] for f in self.sent]
+
+
+def worker(worker_id: str, block_size: int = 4, model: str = MODEL, started: float = 1.0,
+           **endpoints: str) -> WorkerHandle:
+    instance = Instance(id=worker_id, role="worker", model=model, endpoints={
+        "request": f"tcp://{worker_id}:1", **endpoints},
+        metadata={"block_size": block_size, "started": started})
+    handle = WorkerHandle(instance, FakeSocket(), FakeSocket())  # type: ignore[arg-type]
+    return handle
+
+
+def sent(handle: WorkerHandle) -> list[list[bytes]]:
+    return handle.socket.sent  # type: ignore[attr-defined, no-any-return]
+
+
+def request(rid: str = "r1", tokens: int = 8, model: str = MODEL, target: str | None = None,
+            generated: int = 0) -> GenerateRequest:
+    return GenerateRequest(rid, model, list(range(100, 100 + tokens)),
+                           SamplingParams(max_tokens=16), target,
+                           list(range(500, 500 + generated)))
+
+
+def pool_of(*handles: WorkerHandle) -> WorkerPool:
+    pool = WorkerPool(None)  # type: ignore[arg-type]
+    for h in handles:
+        pool.workers[h.id] = h
+    return pool
+
+
+def counter(metric: Any, *labels: str) -> float:
+    """The value of a prometheus counter/gauge (with `labels`)."""
+    child = metric.labels(*labels) if labels else metric
+    return float(child._value.get())
+
+
+def histogram_count(metric: Any) -> float:
+    return sum(b.get() for b in metric._buckets)
+
+
+def frontend_chunks(frames: list[bytes]) -> tuple[bytes, list[TokenChunk]]:
+    """(frontend identity, chunks) of one frame sent to a frontend."""
+    ident, kind, payload = frames
+    assert kind == KIND_TOKENS
+    return ident, token_batch_decoder.decode(payload).chunks
+
+
+class Wiring:
+    """Selection, accounting, migration and streams over fakes, as `Router` wires them."""
+
+    def __init__(self, policy: Policy, *handles: WorkerHandle, limit: int = 3,
+                 wait_s: float = 2.0, kv_index: Any = None, approx_index: Any = None) -> None:
+        self.clock = FakeClock()
+        self.pool = pool_of(*handles)
+        self.metrics = RouterMetrics("test-router")
+        self.frontends = FakeSocket()
+        self.accounting = Accounting(self.clock)
+        self.selector = Selector(self.pool, policy, self.metrics, approx_index)
+        self.migration = Migration(
+            self.pool, self.accounting, self.selector, self.metrics,
+            lambda *a: send_error(self.frontends, *a), kv_index, limit, wait_s, self.clock)
+        self.streams = Streams(self.frontends, self.pool, self.selector, self.accounting,
+                               self.migration, self.metrics, wait_s, self.clock)
+
+    def errors(self) -> list[tuple[bytes, str, int, str]]:
+        """Error frames sent to frontends: (frontend, request id, code, message)."""
+        out = []
+        for frames in self.frontends.sent:
+            ident, chunks = frontend_chunks(frames)
+            out += [(ident, c.request_id, c.error_code, c.error_message) for c in chunks
+                    if c.error_code]
+        return out
+
+
+class FakeContext:
+    """A zmq context whose sockets are idle fakes (for `WorkerPool.admit`)."""
+
+    def __init__(self) -> None:
+        self.sockets: list[FakeSocket] = []
+
+    def socket(self, kind: int) -> FakeSocket:
+        sock = FakeSocket(wait_when_empty=True)
+        self.sockets.append(sock)
+        return sock

@@ -1,0 +1,374 @@
+"""A deployment of real Turnout processes on 127.0.0.1, shared by the end-to-end tests and the
+benchmarks.
+
+`Deployment` starts each service as its own `python -m turnout <service> ...` process (or
+another launcher of the `turnout` command) in its own session, on free ports, with a temporary
+file-discovery directory; it waits with a bound for each one to register (and the frontend's
+/health, and the router to route to every worker); it reads discovery records and /metrics; it
+signals services; and it always stops and reaps what it started, in order (planner, frontend,
+router, workers), SIGKILLing whatever SIGTERM did not stop in time. Every service's output goes
+to its own log file, kept for failure reports.
+
+Owns process lifecycle and observation. Does not own what a test or benchmark sends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from common import prometheus_text
+from common.prometheus_text import Metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON_TURNOUT = (sys.executable, "-m", "turnout")
+# Stop order: nothing new comes in (planner, frontend), then the relay, then the engines.
+STOP_ORDER = ("planner", "frontend", "router", "worker")
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, what: str,
+             interval: float = 0.05) -> T:
+    """`predicate()`'s first truthy value; TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def read_records(directory: Path) -> list[dict[str, Any]]:
+    """The discovery records in a file-discovery directory (half-written ones skipped)."""
+    out = []
+    for path in directory.glob("*.json"):
+        try:
+            out.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def scrape(url: str, timeout: float = 5.0) -> Metrics:
+    """GET a /metrics URL and parse it."""
+    response = httpx.get(url, timeout=timeout)
+    response.raise_for_status()
+    return prometheus_text.parse(response.text)
+
+
+async def scrape_async(url: str, within_s: float = 5.0) -> Metrics:
+    async with httpx.AsyncClient(timeout=within_s) as http:
+        response = await http.get(url)
+    response.raise_for_status()
+    return prometheus_text.parse(response.text)
+
+
+class ServiceExited(RuntimeError):
+    """A service died while the deployment waited for it."""
+
+
+class Service:
+    """One process of the deployment."""
+
+    def __init__(self, deployment: Deployment, role: str, name: str, argv: list[str],
+                 process: subprocess.Popen[bytes], log: Path) -> None:
+        self.deployment = deployment
+        self.role = role
+        self.name = name
+        self.argv = argv
+        self.process = process
+        self.log = log
+
+    def __repr__(self) -> str:
+        return f"<Service {self.name} pid={self.pid} alive={self.alive()}>"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.poll()
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def output(self, tail_chars: int | None = None) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return text if tail_chars is None else text[-tail_chars:]
+
+    def check_alive(self) -> None:
+        if not self.alive():
+            raise ServiceExited(f"{self.name} exited with code {self.returncode}:\n"
+                                f"{self.output(4000)}")
+
+    def record(self) -> dict[str, Any] | None:
+        """This process's discovery record (matched by pid), if registered."""
+        return next((r for r in self.deployment.records()
+                     if r.get("metadata", {}).get("pid") == self.pid), None)
+
+    @property
+    def instance_id(self) -> str:
+        rec = self.record()
+        if rec is None:
+            raise LookupError(f"{self.name} is not registered")
+        return str(rec["id"])
+
+    def metrics_url(self) -> str:
+        rec = self.record()
+        if rec is None or not rec.get("endpoints", {}).get("metrics"):
+            raise LookupError(f"{self.name} has no registered metrics endpoint")
+        return str(rec["endpoints"]["metrics"])
+
+    def metrics(self) -> Metrics:
+        return scrape(self.metrics_url())
+
+
+class Deployment:
+    """Router(s), workers, frontend(s) and planners, each a real process."""
+
+    def __init__(self, workdir: Path, *, command: Sequence[str] = PYTHON_TURNOUT,
+                 lease_ttl_s: float | None = 2.0, env: dict[str, str] | None = None,
+                 extra: Sequence[str] = ()) -> None:
+        """`command` launches the `turnout` CLI; `lease_ttl_s` (None: the services' default)
+        and `extra` flags go to every service started by role."""
+        self.workdir = workdir
+        self.discovery = workdir / "discovery"
+        self.discovery.mkdir(parents=True, exist_ok=True)
+        self.command = list(command)
+        self.lease_ttl_s = lease_ttl_s
+        self.env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+        self.extra = list(extra)
+        self.services: list[Service] = []
+        self.port = 0
+        self._workers = 0
+
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- starting ------------------------------------------------------------------------------
+
+    def spawn(self, role: str, name: str, argv: Sequence[str]) -> Service:
+        """Start `turnout <argv...>` (argv begins with the subcommand; nothing is added to it);
+        its output goes to `<workdir>/<name>.log`."""
+        cmd = [*self.command, *argv]
+        log = self.workdir / f"{name}.log"
+        with open(log, "ab") as out:
+            # Own session: a signal meant for the test runner does not reach the services, and
+            # stop() can reach a service's children through its process group.
+            process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
+                                       stderr=subprocess.STDOUT, cwd=ROOT, env=self.env,
+                                       start_new_session=True)
+        service = Service(self, role, name, cmd, process, log)
+        self.services.append(service)
+        return service
+
+    def _common(self) -> list[str]:
+        """Flags every service started by role gets: this deployment's discovery and lease."""
+        flags = ["--discovery", f"file:{self.discovery}"]
+        if self.lease_ttl_s is not None:
+            flags += ["--lease-ttl-s", f"{self.lease_ttl_s:g}"]
+        return [*flags, *self.extra]
+
+    def start_router(self, *args: str, wait: bool = True, name: str = "router") -> Service:
+        service = self.spawn("router", name, ["router", *self._common(), *args])
+        if wait:
+            self.wait_registered(service)
+        return service
+
+    def start_worker(self, *args: str, worker_id: str | None = None,
+                     wait: bool = True) -> Service:
+        """A worker called `worker_id` (default w1, w2, ... in start order)."""
+        self._workers += 1
+        worker_id = worker_id or f"w{self._workers}"
+        service = self.spawn("worker", worker_id,
+                             ["worker", "--worker-id", worker_id, *self._common(), *args])
+        if wait:
+            self.wait_registered(service)
+        return service
+
+    def start_frontend(self, *args: str, port: int | None = None, wait: bool = True,
+                       name: str = "frontend") -> Service:
+        self.port = port or free_port()
+        service = self.spawn("frontend", name,
+                             ["frontend", "--port", str(self.port), *self._common(), *args])
+        if wait:
+            self.wait_registered(service)
+        return service
+
+    def start_planner(self, *args: str, wait: bool = True, name: str = "planner") -> Service:
+        service = self.spawn("planner", name, ["planner", *self._common(), *args])
+        if wait:
+            self.wait_registered(service)
+        return service
+
+    def start(self, workers: int = 2, worker_args: Sequence[str] = (),
+              router_args: Sequence[str] = (), frontend_args: Sequence[str] = (),
+              timeout: float = 30) -> None:
+        """Router, `workers` workers and a frontend; returns once the frontend is healthy and
+        the router routes to every worker."""
+        self.start_router(*router_args)
+        for _ in range(workers):
+            self.start_worker(*worker_args)
+        self.start_frontend(*frontend_args)
+        self.wait_healthy(timeout)
+        self.wait_routable(workers, timeout)
+
+    def start_up(self, flags: Sequence[str], workers: int, port: int | None = None,
+                 timeout: float = 120) -> None:
+        """What `turnout up --workers N <flags>` starts (its flags split among the services as
+        `turnout up` splits them), each process managed here; returns once the frontend is
+        healthy and the router routes to every worker."""
+        from turnout.up import plan
+
+        self.port = port or free_port()
+        argv = [*flags, "--workers", str(workers), "--port", str(self.port),
+                "--discovery", f"file:{self.discovery}"]
+        if self.lease_ttl_s is not None:
+            argv += ["--lease-ttl-s", f"{self.lease_ttl_s:g}"]
+        for child in plan(argv).children:
+            # plan() writes `python -m turnout <role> ...`; this deployment's command instead.
+            role = child.argv[3]
+            self.spawn(role, child.name, child.argv[3:])
+        for service in self.services:
+            self.wait_registered(service, timeout)
+        self.wait_healthy(timeout)
+        self.wait_routable(workers, timeout)
+
+    # -- observing -----------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def by_role(self, role: str) -> list[Service]:
+        return [s for s in self.services if s.role == role]
+
+    def service(self, name: str) -> Service:
+        found = next((s for s in self.services if s.name == name), None)
+        if found is None:
+            raise LookupError(f"no service called {name!r}")
+        return found
+
+    @property
+    def router(self) -> Service:
+        return self.by_role("router")[0]
+
+    @property
+    def frontend(self) -> Service:
+        return self.by_role("frontend")[0]
+
+    def workers(self) -> list[Service]:
+        return self.by_role("worker")
+
+    def records(self) -> list[dict[str, Any]]:
+        return read_records(self.discovery)
+
+    def record(self, instance_id: str) -> dict[str, Any] | None:
+        return next((r for r in self.records() if r["id"] == instance_id), None)
+
+    def check_alive(self) -> None:
+        for service in self.services:
+            service.check_alive()
+
+    def wait_registered(self, service: Service, timeout: float = 30,
+                        instance_id: str | None = None) -> dict[str, Any]:
+        """`service`'s discovery record (or, with `instance_id`, that instance's: one the
+        service starts, say) once registered; ServiceExited if `service` dies first."""
+        def ready() -> dict[str, Any] | None:
+            service.check_alive()
+            return service.record() if instance_id is None else self.record(instance_id)
+
+        return wait_for(ready, timeout, f"{instance_id or service.name} to register")
+
+    def wait_healthy(self, timeout: float = 30) -> None:
+        def ok() -> bool:
+            self.check_alive()
+            try:
+                return httpx.get(self.url + "/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ok, timeout, "the frontend's /health to be 200")
+
+    def routable(self) -> int:
+        """Workers the first router routes to now."""
+        return int(self.router.metrics().value("turnout_router_workers", state="routable"))
+
+    def wait_routable(self, workers: int, timeout: float = 30) -> None:
+        def ready() -> bool:
+            self.check_alive()
+            return self.routable() >= workers
+
+        wait_for(ready, timeout, f"the router to route to {workers} workers", interval=0.1)
+
+    def metrics_of(self, instance_id: str) -> Metrics:
+        """/metrics of a registered instance, by discovery id."""
+        rec = self.record(instance_id)
+        if rec is None:
+            raise LookupError(f"{instance_id} is not registered")
+        return scrape(rec["endpoints"]["metrics"])
+
+    def frontend_metrics(self) -> Metrics:
+        return scrape(self.url + "/metrics")
+
+    def logs(self, tail_chars: int = 4000) -> str:
+        """Every service's exit code and the end of its log, for a failure report."""
+        return "\n".join(f"----- {s.name} pid {s.pid} (exit {s.returncode}) -----\n"
+                         f"{s.output(tail_chars)}" for s in self.services)
+
+    # -- stopping ------------------------------------------------------------------------------
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stop every service, role by role in STOP_ORDER (then any other), each group given
+        `grace_s` after SIGTERM before SIGKILL; then kill what is left in their process groups
+        (a service's own children) and reap."""
+        ordered = [[s for s in self.services if s.role == role] for role in STOP_ORDER]
+        ordered.append([s for s in self.services if s.role not in STOP_ORDER])
+        for group in ordered:
+            for service in group:
+                service.signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+                service.signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            for service in group:
+                try:
+                    service.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    service.process.kill()
+                    service.process.wait(timeout=5)
+        for service in self.services:
+            try:
+                os.killpg(service.pid, signal.SIGKILL)  # start_new_session: pgid == pid
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    close = stop
