@@ -116,6 +116,7 @@ class EventSubscriber:
             while not ready:
                 if self._reader is None:
                     self._reader = LoopSocket(self.socket, self._on_frames)
+                    self._reader.start()
                 self._waiter = asyncio.get_running_loop().create_future()
                 await self._waiter
             frames = ready.popleft()

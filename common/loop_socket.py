@@ -14,7 +14,7 @@ EVENTS are read and a drain is scheduled if a message waits; a drain that spends
 budget reschedules itself; otherwise a drain stops only when EVENTS (or a NOBLOCK recv) found
 nothing — both process the pending commands first, so whatever arrives later signals the FD.
 
-Owns reading and writing the socket from construction, and closing it in `close()` (an owner
+Owns reading (from `start()`) and writing the socket, and closing it in `close()` (an owner
 whose `run()` was cancelled has stopped the reading and may close the socket itself). Does not
 own what the messages mean.
 """
@@ -44,9 +44,10 @@ MAX_PER_WAKE = 256
 
 
 class LoopSocket:
-    """`socket` (a plain `zmq.Socket`, never a zmq.asyncio one) read on the running loop: each
-    multipart message goes to `on_message` as a list of bytes frames, in arrival order. Without
-    `on_message` the socket is only written to (the reader then only flushes queued sends).
+    """`socket` (a plain `zmq.Socket`, never a zmq.asyncio one) read on the running loop from
+    `start()` (or `run()`) on: each multipart message goes to `on_message` as a list of bytes
+    frames, in arrival order. Without `on_message` the socket is only written to (the reader
+    then only flushes queued sends). Sends work from construction.
 
     A handler that raises stops the reading; `run()` raises its exception."""
 
@@ -59,20 +60,17 @@ class LoopSocket:
         self.socket = socket
         self._on_message = on_message
         self._max_per_wake = max_per_wake
-        self._loop = asyncio.get_running_loop()
         self._fd: int = socket.FD
         self._out: deque[Sequence[bytes]] = deque()
         self._draining = False
         self._scheduled: asyncio.Handle | None = None
-        self._done: asyncio.Future[None] = self._loop.create_future()
-        self._watching = True  # the loop watches the FD (until close, cancel or failure)
-        self._loop.add_reader(self._fd, self._on_ready)
-        # Messages may have arrived (and consumed the FD's edge) before we watched it.
-        self._schedule()
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
+        self._done: asyncio.Future[None] | None = None  # resolved by close(), failed by _fail()
+        self._watching = False  # the loop watches the FD (from start until close/cancel/failure)
 
     # -- sending -------------------------------------------------------------------------------
 
-    def send(self, frames: Sequence[bytes]) -> None:
+    def send_multipart(self, frames: Sequence[bytes]) -> None:
         """Send one multipart message now, or queue it behind earlier ones when ZeroMQ would
         block. Raises `zmq.ZMQError` for anything but Again (a ROUTER_MANDATORY peer that is
         gone, a closed socket)."""
@@ -106,7 +104,8 @@ class LoopSocket:
         # The send may have processed the socket's commands, consuming the FD's notice of a
         # message that arrived: look, and drain this turn if one waits. (Inside a drain the
         # drain looks itself before it stops.)
-        if self._scheduled is None and self.socket.getsockopt(_EVENTS) & _POLLIN:
+        if (self._watching and self._scheduled is None
+                and self.socket.getsockopt(_EVENTS) & _POLLIN):
             self._schedule()
 
     @property
@@ -132,6 +131,7 @@ class LoopSocket:
 
     def _schedule(self) -> None:
         if self._scheduled is None and self._watching:
+            assert self._loop is not None
             self._scheduled = self._loop.call_soon(self._on_ready)
 
     def _on_ready(self) -> None:
@@ -181,15 +181,31 @@ class LoopSocket:
 
     def _fail(self, exc: BaseException) -> None:
         self._detach()
-        if not self._done.done():
+        if self._done is not None and not self._done.done():
             self._done.set_exception(exc)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
+    def start(self) -> None:
+        """Start reading on the running loop (once; a no-op afterwards)."""
+        if self._loop is not None:
+            return
+        self._loop = loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        if self.socket.closed:
+            self._done.set_result(None)
+            return
+        self._watching = True
+        loop.add_reader(self._fd, self._on_ready)
+        # Messages may have arrived (and consumed the FD's edge) before we watched it.
+        self._schedule()
+
     async def run(self) -> None:
-        """Wait until `close()`; raise what a handler raised (reading stopped then). Reading
-        starts at construction, not here; cancelling this stops it (sends still go out until
+        """Start reading if not yet, then wait until `close()`; raise what a handler raised
+        (reading stopped then). Cancelling this stops the reading (sends still go out until
         `close()`), so a service can stop taking messages before it tears the socket down."""
+        self.start()
+        assert self._done is not None
         try:
             await asyncio.shield(self._done)
         except asyncio.CancelledError:
@@ -202,6 +218,7 @@ class LoopSocket:
             self._scheduled = None
         if self._watching:
             self._watching = False
+            assert self._loop is not None
             # Before the socket closes: the FD number may be reused at once.
             self._loop.remove_reader(self._fd)
 
@@ -210,7 +227,7 @@ class LoopSocket:
         self._detach()
         if not self.socket.closed:
             self.socket.close(linger=0)
-        if not self._done.done():
+        if self._done is not None and not self._done.done():
             self._done.set_result(None)
 
 

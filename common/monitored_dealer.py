@@ -42,10 +42,12 @@ class MonitoredDealer:
         self._waiter: asyncio.Future[None] | None = None
         self._socket = LoopSocket(socket, on_message)
         self._monitor = LoopSocket(monitor, self._on_monitor_event)
+        self._socket.start()
+        self._monitor.start()
 
-    def send(self, frames: Sequence[bytes]) -> None:
+    def send_multipart(self, frames: Sequence[bytes]) -> None:
         """Send to the peer now (queued by ZeroMQ while it is not connected)."""
-        self._socket.send(frames)
+        self._socket.send_multipart(frames)
 
     def _on_monitor_event(self, frames: list[bytes]) -> None:
         kind = parse_monitor_message(frames)["event"]

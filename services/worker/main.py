@@ -131,7 +131,7 @@ class Worker:
 
     def _send(self, ident: bytes, batch: TokenBatch) -> None:
         try:
-            self.requests.send([ident, KIND_TOKENS, encoder.encode(batch)])
+            self.requests.send_multipart([ident, KIND_TOKENS, encoder.encode(batch)])
         except zmq.ZMQError as exc:  # peer gone: its requests get cancelled by the router
             log.warning("reply dropped", extra={"fields": {"error": str(exc)}})
 
@@ -170,7 +170,7 @@ class Worker:
                     have = {b.block_hashes[0] for b in blocks}
                     blocks += self.host_tier.get(
                         [h for h in pull.block_hashes if h not in have])
-                self.requests.send([ident, KIND_KV_BLOCKS, encoder.encode(
+                self.requests.send_multipart([ident, KIND_KV_BLOCKS, encoder.encode(
                     KvPullReply(pull.request_id, blocks))])
             else:
                 self.malformed.drop(f"unknown kind {kind!r}")

@@ -58,6 +58,7 @@ class PeerLinks:
             sock.setsockopt(zmq.SNDHWM, PEER_SNDHWM)
             sock.connect(endpoint)
             link = self.sockets[endpoint] = LoopSocket(sock, self._on_reply)
+            link.start()
         return link
 
     def _on_reply(self, frames: list[bytes]) -> None:
@@ -132,7 +133,7 @@ class PeerLinks:
             key = f"{request_id}:{endpoint}"
             self._pending[key] = future
             try:
-                self._socket(endpoint).send(
+                self._socket(endpoint).send_multipart(
                     [KIND_KV_PULL, encoder.encode(KvPullRequest(key, missing))])
                 reply = await asyncio.wait_for(future, wait_s)
             except (TimeoutError, zmq.ZMQError):

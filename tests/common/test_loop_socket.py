@@ -82,6 +82,7 @@ def test_a_burst_is_delivered_in_order_many_per_wake_within_the_budget(
         turns = LoopTurns()
         got: list[tuple[int, int]] = []  # (message number, loop turn it was handled in)
         sock = LoopSocket(router, lambda f: got.append((int(f[1]), turns.turn)), max_per_wake=64)
+        sock.start()
         n = 5000
         for i in range(n):  # one synchronous burst: the loop cannot run meanwhile
             dealer.send(str(i).encode(), zmq.NOBLOCK)
@@ -111,13 +112,15 @@ def test_multipart_frames_arrive_whole_and_replies_reach_the_sender(
         def echo(frames: list[bytes]) -> None:
             got.append(frames)
             assert server is not None
-            server.send([frames[0], b"re", *frames[1:]])
+            server.send_multipart([frames[0], b"re", *frames[1:]])
 
         server = LoopSocket(router, echo)
+        server.start()
         replies: list[list[bytes]] = []
         client = LoopSocket(dealer, replies.append)
-        client.send([b"k", b"", b"payload"])
-        client.send([b"single"])
+        client.start()
+        client.send_multipart([b"k", b"", b"payload"])
+        client.send_multipart([b"single"])
         await eventually(lambda: len(replies) == 2, "both replies")
         assert [f[1:] for f in got] == [[b"k", b"", b"payload"], [b"single"]]
         assert replies == [[b"re", b"k", b"", b"payload"], [b"re", b"single"]]
@@ -136,7 +139,8 @@ def test_a_send_that_consumes_the_edge_does_not_lose_a_waiting_message(
         router, dealer = pair(ctx)
         got: list[list[bytes]] = []
         sock = LoopSocket(dealer, got.append)
-        sock.send([b"hello"])
+        sock.start()
+        sock.send_multipart([b"hello"])
         ident, _ = await asyncio.to_thread(router.recv_multipart)
         await asyncio.sleep(0)  # the drain scheduled by that send has run
         consumed = False
@@ -146,7 +150,7 @@ def test_a_send_that_consumes_the_edge_does_not_lose_a_waiting_message(
             assert select.select([sock.socket.FD], [], [], 10)[0], "the message never arrived"
             deadline = time.monotonic() + 2
             while time.monotonic() < deadline:  # sends until one has consumed the edge
-                sock.send([b"filler"])
+                sock.send_multipart([b"filler"])
                 if not select.select([sock.socket.FD], [], [], 0)[0]:
                     consumed = True
                     break
@@ -184,7 +188,7 @@ def test_closing_from_the_handler_while_more_is_readable_stops_delivery(
         assert len(got) == 1 and got[0][1] == b"0"
         assert sock.closed and router.closed
         with pytest.raises(zmq.ZMQError):
-            sock.send([b"x", b"y"])
+            sock.send_multipart([b"x", b"y"])
         dealer.close(linger=0)
 
     run(loop_factory, body)
@@ -196,6 +200,7 @@ def test_closing_from_outside_with_a_drain_pending_delivers_nothing_more(
         router, dealer = pair(ctx)
         got: list[list[bytes]] = []
         sock = LoopSocket(router, got.append)
+        sock.start()
         dealer.send(b"first")
         await eventually(lambda: len(got) == 1, "the first message")
         for i in range(20):
@@ -243,16 +248,40 @@ def test_sends_that_would_block_queue_in_order_and_flush_when_a_peer_appears(
         dealer.setsockopt(zmq.IMMEDIATE, 1)  # no peer yet: every send would block
         dealer.connect(endpoint)
         sock = LoopSocket(dealer)
+        sock.start()
         for i in range(3):
-            sock.send([b"%d" % i])
+            sock.send_multipart([b"%d" % i])
         assert sock.queued == 3
         router = ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.bind(endpoint)
         await eventually(lambda: sock.queued == 0, "the queue to flush")
-        sock.send([b"3"])
+        sock.send_multipart([b"3"])
         received = [(await asyncio.to_thread(router.recv_multipart))[1] for _ in range(4)]
         assert received == [b"0", b"1", b"2", b"3"]
+        sock.close()
+        router.close(linger=0)
+
+    run(loop_factory, body)
+
+
+def test_messages_sent_before_start_are_read_at_start_and_sends_work_before_it(
+        loop_factory: LoopFactory) -> None:
+    async def body(ctx: zmq.Context) -> None:
+        router, dealer = pair(ctx)
+        got: list[list[bytes]] = []
+        sock = LoopSocket(dealer, got.append)
+        sock.send_multipart([b"early"])  # not reading yet: the send still goes out
+        ident, early = await asyncio.to_thread(router.recv_multipart)
+        assert early == b"early"
+        router.send_multipart([ident, b"waiting"])
+        # Arrived, and its notice on the FD consumed (polling processes the commands).
+        assert dealer.poll(10_000, zmq.POLLIN)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert got == []  # nobody reads before start
+        sock.start()
+        await eventually(lambda: got == [[b"waiting"]], "the message that waited for start")
         sock.close()
         router.close(linger=0)
 
