@@ -22,13 +22,12 @@ from collections.abc import Callable, Sequence
 
 import msgspec
 import zmq
-import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
 from common.config import parse_configs
 from common.discovery import open_discovery
 from common.event_plane import EventSubscriber
 from common.logs import setup_logging
+from common.loop_socket import LoopSocket
 from common.messages import (
     KIND_CANCEL,
     KIND_GENERATE,
@@ -68,12 +67,13 @@ class Router:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.router_id = config.router_id or f"router-{os.getpid()}-{secrets.token_hex(3)}"
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = zmq.Context()
         self.metrics = RouterMetrics(self.router_id)
-        self.pool = WorkerPool(self.ctx)
+        self.pool = WorkerPool(self.ctx, self.on_worker_message)
         self.accounting = Accounting(clock)
         self.selector, self.kv_index = build_selection(config, self.pool, self.metrics)
-        self.frontends = self.ctx.socket(zmq.ROUTER)
+        # Read on the loop from run() on; sends go out from here.
+        self.frontends = LoopSocket(self.ctx.socket(zmq.ROUTER), self.on_frontend_message)
         self.migration = Migration(
             self.pool, self.accounting, self.selector, self.metrics,
             functools.partial(send_error, self.frontends), self.kv_index,
@@ -94,7 +94,7 @@ class Router:
                                    config.router_metrics_port)
         self.status.post_routes["/v1/route"] = self.route_api.handle
         self.discovery = open_discovery(config.discovery, lease_ttl=config.lease_ttl_s)
-        self._tasks: dict[str, list[asyncio.Task[None]]] = {}  # per worker: relay, connection
+        self._tasks: dict[str, list[asyncio.Task[None]]] = {}  # per worker: its connection
         self._listed: set[str] = set()  # worker ids with a discovery record (liveness gauge)
         self._warned_malformed = False
         self.stop = asyncio.Event()
@@ -104,15 +104,16 @@ class Router:
 
     async def run(self, install_signals: bool = True) -> None:
         cfg = self.config
-        tune_stream_socket(self.frontends)
-        endpoint = bind_socket(self.frontends, cfg.host, cfg.router_port, cfg.advertise_host)
+        tune_stream_socket(self.frontends.socket)
+        endpoint = bind_socket(self.frontends.socket, cfg.host, cfg.router_port,
+                               cfg.advertise_host)
         metrics_port = await self.status.start()
         self.loop = loop = asyncio.get_running_loop()
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop.set)
         tasks = [asyncio.create_task(c) for c in (
-            self.serve_frontends(), self.watch_workers(), self.consume_events(),
+            self.frontends.run(), self.watch_workers(), self.consume_events(),
             self.watch_liveness())]
         host = cfg.advertise_host or cfg.host
         await self.discovery.register(Instance(
@@ -129,53 +130,51 @@ class Router:
         await self.discovery.unregister(self.router_id)
         for task in tasks:
             task.cancel()
+        for worker_tasks in self._tasks.values():
+            for task in worker_tasks:
+                task.cancel()
         await self.discovery.close()
         await self.status.close()
+        # Every loop-read socket before the context: its FD leaves the loop before it closes.
+        self.pool.close_all()
+        self.subscriber.close()
+        self.frontends.close()
         self.ctx.destroy(linger=0)
 
     # -- loops ---------------------------------------------------------------------------------
 
-    async def serve_frontends(self) -> None:
-        while True:
-            frames = await self.frontends.recv_multipart()
-            if len(frames) != 3:
-                self._malformed("request", f"{len(frames)} frames")
-                continue
-            ident, kind, payload = frames
-            try:
-                if kind == KIND_GENERATE:
-                    self.streams.on_generate(ident, generate_decoder.decode(payload), payload)
-                elif kind == KIND_CANCEL:
-                    self.streams.on_cancel(cancel_decoder.decode(payload).request_id)
-                else:
-                    self._malformed("request", f"unknown kind {kind!r}")
-            except MALFORMED as exc:
-                self._malformed("request", str(exc))
+    def on_frontend_message(self, frames: list[bytes]) -> None:
+        """A request or a cancel from a frontend (read on the loop, every ready one per wake)."""
+        if len(frames) != 3:
+            self._malformed("request", f"{len(frames)} frames")
+            return
+        ident, kind, payload = frames
+        try:
+            if kind == KIND_GENERATE:
+                self.streams.on_generate(ident, generate_decoder.decode(payload), payload)
+            elif kind == KIND_CANCEL:
+                self.streams.on_cancel(cancel_decoder.decode(payload).request_id)
+            else:
+                self._malformed("request", f"unknown kind {kind!r}")
+        except MALFORMED as exc:
+            self._malformed("request", str(exc))
 
-    async def relay(self, worker: WorkerHandle) -> None:
-        """Token batches from one worker, back to the frontends."""
-        while True:
-            frames = await worker.socket.recv_multipart()
-            if len(frames) != 2 or frames[0] != KIND_TOKENS:
-                self._malformed("request", "bad frame from worker")
-                continue
-            try:
-                batch = token_batch_decoder.decode(frames[1])
-            except MALFORMED as exc:
-                self._malformed("request", str(exc))
-                continue
-            self.streams.on_batch(worker, batch.chunks)
+    def on_worker_message(self, worker: WorkerHandle, frames: list[bytes]) -> None:
+        """A token batch from a worker, relayed back to the frontends."""
+        if len(frames) != 2 or frames[0] != KIND_TOKENS:
+            self._malformed("request", "bad frame from worker")
+            return
+        try:
+            batch = token_batch_decoder.decode(frames[1])
+        except MALFORMED as exc:
+            self._malformed("request", str(exc))
+            return
+        self.streams.on_batch(worker, batch.chunks)
 
     async def watch_connection(self, worker: WorkerHandle) -> None:
         """A dropped connection is a dead worker, long before any lease or heartbeat says so."""
-        connected = False
-        while True:
-            event = parse_monitor_message(await worker.monitor.recv_multipart())
-            if event["event"] == zmq.EVENT_CONNECTED:
-                connected = True
-            elif event["event"] == zmq.EVENT_DISCONNECTED and connected:
-                self.worker_lost(worker, self.liveness.on_disconnect(worker))
-                return
+        await worker.socket.wait_lost()
+        self.worker_lost(worker, self.liveness.on_disconnect(worker))
 
     async def watch_workers(self) -> None:
         async for event in self.discovery.watch(role=ROLE_WORKER):
@@ -241,8 +240,7 @@ class Router:
         events = instance.endpoints.get("events")
         if events:
             self.subscriber.connect(events)
-        self._tasks[worker.id] = [asyncio.create_task(self.relay(worker)),
-                                  asyncio.create_task(self.watch_connection(worker))]
+        self._tasks[worker.id] = [asyncio.create_task(self.watch_connection(worker))]
         log.info("worker admitted", extra={"fields": {"worker": worker.id,
                                                       "model": worker.model}})
 

@@ -10,13 +10,29 @@ what happens to a dead worker's requests is `migration.py`'s.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import zmq
-import zmq.asyncio
 
+from common.loop_socket import MessageHandler
 from common.messages import Instance, LoadReport
-from common.transport import tune_stream_socket
+from common.monitored_dealer import MonitoredDealer
 from services.router.accounting import WorkerUsage
+
+
+class WorkerLink(Protocol):
+    """The request-plane connection to one worker (a `MonitoredDealer`)."""
+
+    def send_multipart(self, frames: Sequence[bytes]) -> None: ...
+
+    async def wait_lost(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# Opens the link to a worker's request endpoint; its messages go to the handler.
+LinkFactory = Callable[[str, MessageHandler], WorkerLink]
 
 
 class WorkerHandle:
@@ -32,7 +48,6 @@ class WorkerHandle:
         "last_steps",
         "load",
         "load_at",
-        "monitor",
         "replica_peers",
         "routable",
         "socket",
@@ -41,12 +56,10 @@ class WorkerHandle:
         "usage",
     )
 
-    def __init__(self, instance: Instance, socket: zmq.asyncio.Socket,
-                 monitor: zmq.asyncio.Socket) -> None:
+    def __init__(self, instance: Instance, socket: WorkerLink) -> None:
         self.id = instance.id
         self.instance = instance
-        self.socket = socket
-        self.monitor = monitor
+        self.socket = socket  # read on the loop: its messages go to the pool's handler
         self.block_size = int(instance.metadata.get("block_size") or 64)
         # What this router has in flight there (written by `Accounting` only).
         self.usage = WorkerUsage()
@@ -82,8 +95,13 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    def __init__(self, ctx: zmq.asyncio.Context) -> None:
-        self.ctx = ctx
+    """`on_message(worker, frames)` gets every message a worker sends."""
+
+    def __init__(self, ctx: zmq.Context,
+                 on_message: Callable[[WorkerHandle, list[bytes]], None]) -> None:
+        self.on_message = on_message
+        self.open_link: LinkFactory = lambda endpoint, handler: MonitoredDealer(
+            ctx, endpoint, handler)
         self.workers: dict[str, WorkerHandle] = {}
         # Ids declared dead, with the `started` stamp of the process that died: the same record
         # is not re-admitted, a restarted process (new stamp) is.
@@ -101,11 +119,12 @@ class WorkerPool:
                 old.routable = True
                 return None
             self.close(old)
-        socket = self.ctx.socket(zmq.DEALER)
-        tune_stream_socket(socket)
-        monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
-        socket.connect(instance.endpoints["request"])
-        handle = WorkerHandle(instance, socket, monitor)
+        on_message = self.on_message
+
+        def deliver(frames: list[bytes]) -> None:  # read on the loop: `handle` is set by then
+            on_message(handle, frames)
+
+        handle = WorkerHandle(instance, self.open_link(instance.endpoints["request"], deliver))
         self.workers[instance.id] = handle
         return handle
 
@@ -124,9 +143,9 @@ class WorkerPool:
     def close(self, handle: WorkerHandle) -> None:
         if self.workers.get(handle.id) is handle:
             del self.workers[handle.id]
-        try:
-            handle.socket.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        handle.monitor.close(linger=0)
-        handle.socket.close(linger=0)
+        handle.socket.close()
+
+    def close_all(self) -> None:
+        for handle in list(self.workers.values()):
+            self.close(handle)
+

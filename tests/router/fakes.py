@@ -37,46 +37,26 @@ class FakeClock:
 
 
 class SocketDone(Exception):
-    """A fake socket ran out of frames to receive (ends the loop under test)."""
+    """A fake source ran out of things to hand out (ends the loop under test)."""
 
 
 class FakeSocket:
-    """Records every multipart message sent; `recv_multipart` hands out queued frames, then
-    raises SocketDone (or, with `wait_when_empty`, waits forever like an idle socket)."""
+    """Records every multipart message sent; as a worker link, `wait_lost` returns once the
+    test sets `lost` (its connection dropped)."""
 
-    def __init__(self, incoming: list[list[bytes]] | None = None,
-                 wait_when_empty: bool = False) -> None:
+    def __init__(self, endpoint: str = "") -> None:
+        self.endpoint = endpoint
         self.sent: list[list[bytes]] = []
-        self.incoming = list(incoming or [])
-        self.wait_when_empty = wait_when_empty
         self.closed = False
-        self.connected: list[str] = []
-        self.monitor: FakeSocket | None = None
+        self.lost = asyncio.Event()
 
     def send_multipart(self, frames: list[bytes]) -> None:
         self.sent.append(list(frames))
 
-    async def recv_multipart(self) -> list[bytes]:
-        if not self.incoming:
-            if self.wait_when_empty:
-                await asyncio.Event().wait()
-            raise SocketDone
-        return self.incoming.pop(0)
+    async def wait_lost(self) -> None:
+        await self.lost.wait()
 
-    def setsockopt(self, option: int, value: int) -> None:
-        pass
-
-    def connect(self, endpoint: str) -> None:
-        self.connected.append(endpoint)
-
-    def get_monitor_socket(self, events: int) -> FakeSocket:
-        self.monitor = FakeSocket(wait_when_empty=True)
-        return self.monitor
-
-    def disable_monitor(self) -> None:
-        pass
-
-    def close(self, linger: int = 0) -> None:
+    def close(self) -> None:
         self.closed = True
 
     def kinds(self) -> list[bytes]:
@@ -88,8 +68,7 @@ def worker(worker_id: str, block_size: int = 4, model: str = MODEL, started: flo
     instance = Instance(id=worker_id, role="worker", model=model, endpoints={
         "request": f"tcp://{worker_id}:1", **endpoints},
         metadata={"block_size": block_size, "started": started})
-    handle = WorkerHandle(instance, FakeSocket(), FakeSocket())  # type: ignore[arg-type]
-    return handle
+    return WorkerHandle(instance, FakeSocket())
 
 
 def sent(handle: WorkerHandle) -> list[list[bytes]]:
@@ -104,7 +83,7 @@ def request(rid: str = "r1", tokens: int = 8, model: str = MODEL, target: str | 
 
 
 def pool_of(*handles: WorkerHandle) -> WorkerPool:
-    pool = WorkerPool(None)  # type: ignore[arg-type]
+    pool = WorkerPool(None, lambda worker, frames: None)  # type: ignore[arg-type]
     for h in handles:
         pool.workers[h.id] = h
     return pool
@@ -153,14 +132,3 @@ class Wiring:
                     if c.error_code]
         return out
 
-
-class FakeContext:
-    """A zmq context whose sockets are idle fakes (for `WorkerPool.admit`)."""
-
-    def __init__(self) -> None:
-        self.sockets: list[FakeSocket] = []
-
-    def socket(self, kind: int) -> FakeSocket:
-        sock = FakeSocket(wait_when_empty=True)
-        self.sockets.append(sock)
-        return sock

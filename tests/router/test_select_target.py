@@ -17,7 +17,7 @@ def worker(worker_id: str, port: int) -> WorkerHandle:
         "request": f"tcp://10.0.0.{port % 250}:{port}",
         "events": f"tcp://10.0.0.{port % 250}:{port + 1}",
         "metrics": f"http://10.0.0.{port % 250}:{port + 2}/metrics"})
-    return WorkerHandle(instance, cast(Any, None), cast(Any, None))
+    return WorkerHandle(instance, cast(Any, None))
 
 
 def request(target: str | None) -> GenerateRequest:
