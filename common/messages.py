@@ -121,6 +121,9 @@ class Heartbeat(Wire):
     draining: bool = False
     # Workers that hold host-tier copies of this worker's blocks (--kv-replicas).
     replica_peers: list[str] = []
+    # How late this heartbeat's tick ran behind its schedule: the worker's event loop did not
+    # get the CPU. A late heartbeat that says so was starved, not hung (failure detection).
+    loop_lag_s: float = 0.0
 
 
 class LoadReport(Wire):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -21,8 +21,9 @@ from common.transport import tune_stream_socket
 
 class MonitoredDealer:
     """A DEALER connected to `endpoint` at once (ZeroMQ queues sends while it connects and
-    reconnects by itself); each message from the peer goes to `on_message`; `changes()` says
-    when the connection comes up and when it drops. Construct it on the running loop."""
+    reconnects by itself): send with `socket.send_multipart`; each message from the peer goes to
+    `on_message`; `changes()` says when the connection comes up and when it drops. Construct it
+    on the running loop."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, on_message: MessageHandler) -> None:
         self.endpoint = endpoint
@@ -40,14 +41,10 @@ class MonitoredDealer:
         self.connected = False  # a TCP connection to the peer is up right now
         self._changes: deque[bool] = deque()
         self._waiter: asyncio.Future[None] | None = None
-        self._socket = LoopSocket(socket, on_message)
+        self.socket = LoopSocket(socket, on_message)
         self._monitor = LoopSocket(monitor, self._on_monitor_event)
-        self._socket.start()
+        self.socket.start()
         self._monitor.start()
-
-    def send_multipart(self, frames: Sequence[bytes]) -> None:
-        """Send to the peer now (queued by ZeroMQ while it is not connected)."""
-        self._socket.send_multipart(frames)
 
     def _on_monitor_event(self, frames: list[bytes]) -> None:
         kind = parse_monitor_message(frames)["event"]
@@ -83,14 +80,14 @@ class MonitoredDealer:
 
     async def run(self) -> None:
         """Wait until `close()`; raise what `on_message` raised (reading stopped then)."""
-        await self._socket.run()
+        await self.socket.run()
 
     def close(self) -> None:
         """Close the socket and its monitor now (pending messages are dropped). Cancel tasks
         reading `changes()` first."""
         try:
-            self._socket.socket.monitor(None, 0)
+            self.socket.socket.monitor(None, 0)
         except zmq.ZMQError:
             pass
         self._monitor.close()
-        self._socket.close()
+        self.socket.close()

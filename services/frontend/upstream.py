@@ -184,7 +184,7 @@ class RouterClient:
         link = links[self._turn % len(links)]
         stream = ChunkStream(request.request_id)
         self.streams[request.request_id] = (stream, link.router_id)
-        link.dealer.send_multipart([KIND_GENERATE, encoder.encode(request)])
+        link.dealer.socket.send_multipart([KIND_GENERATE, encoder.encode(request)])
         return stream
 
     def cancel(self, request_id: str) -> None:
@@ -193,7 +193,7 @@ class RouterClient:
             return
         link = self.routers.get(entry[1])
         if link is not None:
-            link.dealer.send_multipart([KIND_CANCEL, encoder.encode(Cancel(request_id))])
+            link.dealer.socket.send_multipart([KIND_CANCEL, encoder.encode(Cancel(request_id))])
 
     # -- plumbing ------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import dataclasses
 from common.config import ProcessConfig, opt
 from services.planner.load_predictor import PREDICTORS
 
-CONNECTORS = ["local", "noop"]
+CONNECTORS = ["local", "kubernetes", "noop"]
 
 
 @dataclasses.dataclass
@@ -25,10 +25,23 @@ class PlannerConfig(ProcessConfig):
     kalman_process_noise: float = opt(0.5, help="kalman: drift variance of the load per "
                                                 "interval, relative to the measurement noise")
     kalman_measurement_noise: float = opt(1.0, help="kalman: measurement noise variance")
+    arima_order: str = opt("1,1,1", help="arima: p,d,q of the model refitted each interval")
+    arima_window: int = opt(60, help="arima: most recent intervals each fit uses")
     ttft_slo_ms: float = opt(500.0, help="time-to-first-token target")
     itl_slo_ms: float = opt(50.0, help="inter-token latency target")
-    min_replicas: int = opt(1, help="fewest workers of each planned role")
+    min_replicas: int = opt(1, help="fewest workers of each planned role (0: scale to zero "
+                                    "when idle for a cooldown, and up again on demand)")
     max_replicas: int = opt(8, help="most workers of each planned role")
+    max_gpus: int = opt(0, help="GPU budget over all planned roles (0: none); a worker costs "
+                                "--gpus-per-worker")
+    gpus_per_worker: int = opt(1, help="GPUs one worker uses, against --max-gpus")
+    reactive_interval_s: float = opt(2.0, help="how often the reactive loop checks each "
+                                               "worker's predicted latency (0: off)")
+    reactive_scale_down_margin: float = opt(0.5, help="reactive: remove a worker only when the "
+                                                      "rest would stay under this fraction of "
+                                                      "both SLOs")
+    ready_timeout_s: float = opt(300.0, help="started workers not ready for this long, with no "
+                                             "other becoming ready, hold scale-ups (counted)")
     scale_down_cooldown_s: float = opt(60.0, help="scale down only this long after the last "
                                                   "scaling action, to the highest target seen "
                                                   "in that window")
@@ -39,8 +52,17 @@ class PlannerConfig(ProcessConfig):
                                 "services/planner/performance_model.py)")
     model_window: int = opt(4096, help="most recent engine steps the performance model fits")
     connector: str = opt("local", choices=CONNECTORS,
-                         help="local: start/stop worker processes here; noop: observe only")
+                         help="local: start/stop worker processes here; kubernetes: scale the "
+                              "workers' Deployments; noop: observe only")
     dry_run: bool = opt(False, help="observe and log what would be scaled (the noop connector)")
+    kube_namespace: str = opt("", help="kubernetes: namespace of the worker Deployments "
+                                       "(default: the pod's own, else the kubeconfig context's)")
+    kube_deployment: str = opt("turnout-worker", help="kubernetes: Deployment of the "
+                                                      "aggregated workers")
+    kube_prefill_deployment: str = opt("turnout-worker-prefill", help="kubernetes, "
+                                       "disaggregated: Deployment of the prefill workers")
+    kube_decode_deployment: str = opt("turnout-worker-decode", help="kubernetes, "
+                                      "disaggregated: Deployment of the decode workers")
     worker_args: str = opt("", help="local: flags of the workers it starts (shell syntax), "
                                     "e.g. '--speedup-ratio 10 --drain-grace-s 5'")
     prefill_worker_args: str = opt("", help="local, disaggregated: flags of prefill workers "

@@ -1,11 +1,13 @@
 """Connectors: how a replica target becomes running workers of one role.
 
-`Connector` is what the planner calls: `current()` (workers of the role running or starting),
-`apply(target)` and `close()`. `LocalConnector` starts `python -m turnout worker ...` processes
-on this machine and stops the newest of its own with SIGTERM (a worker drains on SIGTERM: it
-leaves discovery, finishes its streams within its grace period and exits); it never SIGKILLs a
-worker, and never touches workers it did not start. `NoopConnector` only observes (`--dry-run`):
-it logs what it would do.
+`Connector` is what the planner calls: `observe()` (a `PoolState`: workers of the role asked
+for, i.e. running or starting but not draining, and how many of them serve), `current()` (the
+asked-for count as last observed), `apply(target)` and `close()`. `LocalConnector` starts
+`python -m turnout worker ...` processes on this machine and stops the newest of its own with
+SIGTERM (a worker drains on SIGTERM: it leaves discovery, finishes its streams within its grace
+period and exits); it never SIGKILLs a worker, and never touches workers it did not start.
+`NoopConnector` only observes (`--dry-run`): it logs what it would do. The Kubernetes connector
+is `kube_connector.KubernetesConnector`.
 
 Owns process lifecycles. Does not own the targets (`replica_planner`) or worker discovery (the
 planner passes in who is registered).
@@ -20,6 +22,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 log = logging.getLogger("turnout.planner")
@@ -27,11 +30,24 @@ log = logging.getLogger("turnout.planner")
 Registered = Callable[[], set[str]]  # ids of live registered workers of the connector's role
 
 
+@dataclass(frozen=True, slots=True)
+class PoolState:
+    desired: int  # workers running or starting, not those draining away
+    ready: int  # of those, how many serve (registered; on Kubernetes: Ready pods)
+    # The asked-for count before someone other than this planner changed it (None: nobody did
+    # since the last observation).
+    changed_from: int | None = None
+
+
 class Connector(Protocol):
     role: str
 
+    async def observe(self) -> PoolState:
+        """The role's workers now (may ask an API: the planner calls it once per decision)."""
+        ...
+
     def current(self) -> int:
-        """Workers of this role running or starting (not those draining away)."""
+        """Workers of this role running or starting (not those draining away), as last seen."""
         ...
 
     async def apply(self, target: int) -> None:
@@ -50,6 +66,10 @@ class NoopConnector:
 
     def current(self) -> int:
         return len(self.registered())
+
+    async def observe(self) -> PoolState:
+        n = self.current()
+        return PoolState(n, n)
 
     async def apply(self, target: int) -> None:
         current = self.current()
@@ -98,6 +118,10 @@ class LocalConnector:
     def current(self) -> int:
         self._reap()
         return len((self.registered() - self.stopping.keys()) | self.running.keys())
+
+    async def observe(self) -> PoolState:
+        desired = self.current()
+        return PoolState(desired, len(self.registered() - self.stopping.keys()))
 
     async def apply(self, target: int) -> None:
         current = self.current()

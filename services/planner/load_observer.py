@@ -15,6 +15,12 @@ Sources, the simplest honest ones available:
   load ramps.
 - the forward-pass records that decoded also come back, so the planner can compare the model's
   step times with the latency clients saw.
+- demand right now (`probe`, and with every interval): requests waiting for a first token at
+  the frontends (`turnout_frontend_queued_requests`, which includes requests a router holds
+  while no worker serves the model), requests in flight (the frontends' active requests, else the
+  routers' in-flight table), and requests the frontends refused because no worker served any
+  model (`turnout_frontend_rejections_total{reason="no_workers"}`, since the last reading; that
+  counter has no model label). This is what a planner scaled to zero sees.
 
 Counters are turned into per-interval increases per scraped instance; the first scrape of an
 instance is only a baseline (it may have run long before the planner), and a counter that went
@@ -49,9 +55,15 @@ FRONTEND_TTFT_SUM = "turnout_frontend_time_to_first_token_seconds_sum"
 FRONTEND_TTFT_COUNT = "turnout_frontend_time_to_first_token_seconds_count"
 FRONTEND_ITL_SUM = "turnout_frontend_inter_token_latency_seconds_sum"
 FRONTEND_ITL_COUNT = "turnout_frontend_inter_token_latency_seconds_count"
+ROUTER_INFLIGHT = "turnout_router_inflight_requests"
+FRONTEND_QUEUED = "turnout_frontend_queued_requests"
+FRONTEND_ACTIVE = "turnout_frontend_active_requests"
+FRONTEND_REJECTIONS = "turnout_frontend_rejections_total"
+NO_WORKERS = "no_workers"  # the frontend's rejection reason when no worker serves any model
 FRONTEND_SERIES = (FRONTEND_REQUESTS, FRONTEND_INPUT, FRONTEND_CACHED, FRONTEND_OUTPUT,
                    FRONTEND_TTFT_SUM, FRONTEND_TTFT_COUNT, FRONTEND_ITL_SUM, FRONTEND_ITL_COUNT)
-_WANTED = {ROUTER_REQUESTS, *FRONTEND_SERIES}
+_WANTED = {ROUTER_REQUESTS, ROUTER_INFLIGHT, FRONTEND_QUEUED, FRONTEND_ACTIVE,
+           FRONTEND_REJECTIONS, *FRONTEND_SERIES}
 
 Sample = tuple[str, dict[str, str], float]  # name, labels, value
 
@@ -65,6 +77,20 @@ class Observation:
     ttft_ms: float | None  # None: no frontend sample this interval
     itl_ms: float | None
     decode_steps: list[StepSample] = field(default_factory=list)  # steps that decoded
+    demand: Demand | None = None  # None: no router or frontend answered
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """Requests of the model at the frontends and routers at one moment (gauges)."""
+
+    waiting: float  # sent, no first token yet (incl. held by a router for want of a worker)
+    in_flight: float  # waiting or generating
+    refused: float = 0.0  # refused for want of any worker since the previous reading
+
+    @property
+    def idle(self) -> bool:
+        return self.waiting <= 0 and self.in_flight <= 0 and self.refused <= 0
 
 
 class CounterDeltas:
@@ -160,6 +186,7 @@ class LoadObserver:
             output_tokens = decode / served if served > 0 else None
         ttft_n, itl_n = f[FRONTEND_TTFT_COUNT], f[FRONTEND_ITL_COUNT]
         return Observation(
+            demand=self._demand(targets, scraped, "collect"),
             interval_s=interval,
             request_rate=ended / interval if router_seen else None,
             input_tokens=input_tokens,
@@ -168,6 +195,44 @@ class LoadObserver:
             itl_ms=1000.0 * f[FRONTEND_ITL_SUM] / itl_n if itl_n > 0 else None,
             decode_steps=steps,
         )
+
+    async def probe(self, routers: list[Instance], frontends: list[Instance]) -> Demand | None:
+        """Demand now, from gauges only (counters and the interval are left alone)."""
+        targets = [i for i in (*routers, *frontends) if i.endpoints.get("metrics")]
+        scraped = await asyncio.gather(*(self._scrape(i) for i in targets))
+        return self._demand(targets, scraped, "probe")
+
+    def _demand(self, targets: list[Instance], scraped: list[list[Sample] | None],
+                reader: str) -> Demand | None:
+        """Frontends count what they hold for this model; without one answering, the routers'
+        in-flight tables (every model: a router's gauge has no model label) stand in. `reader`
+        keeps the refusal deltas of `probe` and `collect` apart."""
+        waiting = active = inflight = refused = 0.0
+        frontend_seen = router_seen = False
+        for inst, samples in zip(targets, scraped, strict=True):
+            if samples is None:
+                continue
+            if inst.role == ROLE_FRONTEND:
+                frontend_seen = True
+                for name, labels, value in samples:
+                    if labels.get("model", self.model) != self.model:
+                        continue
+                    if name == FRONTEND_QUEUED:
+                        waiting += value
+                    elif name == FRONTEND_ACTIVE:
+                        active += value
+                # No sample yet is a count of 0: the series appears with the first refusal.
+                total = sum(v for n, labels, v in samples
+                            if n == FRONTEND_REJECTIONS and labels.get("reason") == NO_WORKERS)
+                refused += self.deltas.delta(inst.id, f"{reader}:{NO_WORKERS}", total) or 0.0
+            elif inst.role == ROLE_ROUTER:
+                router_seen = True
+                inflight += sum(v for n, _, v in samples if n == ROUTER_INFLIGHT)
+        if frontend_seen:
+            return Demand(waiting, max(active, waiting), refused)
+        if router_seen:
+            return Demand(0.0, inflight)
+        return None
 
     def _frontend_totals(self, samples: list[Sample]) -> dict[str, float]:
         """This model's value of each frontend series (summed over its other labels)."""

@@ -4,8 +4,11 @@ Reads top-down: parse config, build the performance model (seeded by `--profile`
 replica planner and one connector per planned role; serve /metrics; watch discovery for workers
 (subscribe to their `fpm` and `load` events), routers and frontends (scraped for request counts
 and latencies); then every `--adjustment-interval-s`: observe → predict → refit → correct →
-decide → apply. On SIGTERM/SIGINT it stops adjusting and, with `--stop-workers-on-exit`, drains
-the workers it started (never killing them).
+decide → bound (GPU budget, stuck starts) → apply; and every `--reactive-interval-s` the
+reactive rule (`reactive`) adds or removes one worker from live per-worker loads, or starts the
+first worker of a role scaled to zero as soon as requests wait. Both loops take one lock, so
+their decisions never interleave. On SIGTERM/SIGINT it stops adjusting and, with
+`--stop-workers-on-exit`, drains the workers it started (never killing them).
 
 Owns the wiring and the adjustment cadence. Does not own the arithmetic (`load_predictor`,
 `performance_model`, `replica_planner`) or process lifecycles (`connectors`).
@@ -18,6 +21,7 @@ import logging
 import math
 import os
 import shlex
+import sys
 import time
 from collections.abc import Coroutine, Sequence
 
@@ -36,18 +40,29 @@ from common.messages import (
     TOPIC_FPM,
     TOPIC_LOAD,
     Instance,
+    LoadReport,
     fpm_decoder,
     load_decoder,
 )
 from common.service import Service, run_service
 from common.status_server import StatusServer
 from services.planner.args import PlannerConfig
-from services.planner.connectors import Connector, LocalConnector, NoopConnector
-from services.planner.load_observer import LoadObserver, Observation
-from services.planner.load_predictor import LoadPredictor, make_predictor
+from services.planner.connectors import Connector, LocalConnector, NoopConnector, PoolState
+from services.planner.kube_connector import KubernetesConnector
+from services.planner.load_observer import Demand, LoadObserver, Observation
+from services.planner.load_predictor import (
+    PREDICTORS,
+    TrackedPredictor,
+    arima_min_observations,
+    make_predictor,
+    parse_arima_order,
+)
 from services.planner.metrics import PlannerMetrics
 from services.planner.performance_model import PerformanceModel, StepSample
+from services.planner.reactive import Corrections, WorkerLoad, reactive_step
+from services.planner.readiness import StartupWatch
 from services.planner.replica_planner import (
+    ROLE_AGGREGATED,
     EngineLimits,
     LoadForecast,
     ReplicaNeeds,
@@ -72,21 +87,32 @@ class Planner:
         self.workers: dict[str, Instance] = {}  # live workers of our model
         self.peers: dict[str, Instance] = {}  # routers and frontends, scraped each interval
         self.kv_total: dict[str, int] = {}  # worker → KV blocks, from its load reports
+        self.loads: dict[str, tuple[float, LoadReport]] = {}  # worker → (when, last report)
         self.model = PerformanceModel(window=config.model_window)
         if config.profile:
             self.model.load_profile(config.profile)
-        self.predictors: dict[str, LoadPredictor] = {
-            name: make_predictor(config.load_predictor, config.predictor_window,
-                                 config.kalman_process_noise, config.kalman_measurement_noise)
+        self.predictors: dict[str, TrackedPredictor] = {
+            name: TrackedPredictor(make_predictor(
+                config.load_predictor, config.predictor_window, config.kalman_process_noise,
+                config.kalman_measurement_noise, config.arima_order, config.arima_window))
             for name in SERIES}
+        for name in PREDICTORS:
+            self.metrics.predictor.labels(name).set(1 if name == config.load_predictor else 0)
         self.planner = ReplicaPlanner(
             Slo(config.ttft_slo_ms, config.itl_slo_ms), self.limits(),
             disaggregated=config.planner_mode == "disaggregated",
             min_replicas=config.min_replicas, max_replicas=config.max_replicas,
-            scale_down_cooldown_s=config.scale_down_cooldown_s)
+            scale_down_cooldown_s=config.scale_down_cooldown_s, max_gpus=config.max_gpus,
+            gpus_per_worker=dict.fromkeys(
+                [ROLE_AGGREGATED, "prefill", "decode"], config.gpus_per_worker))
+        self.metrics.budget_gpus.set(config.max_gpus)
+        self.startup = StartupWatch(config.ready_timeout_s)
         self.connectors: dict[str, Connector] = {
             role: self.make_connector(role) for role in self.planner.roles}
+        self.scaling = asyncio.Lock()  # one decision at a time: predictive or reactive
+        self.reacting_stop = asyncio.Event()  # ends the reactive loop with the predictive one
         self._why = ""  # why the last interval had no replica estimate
+        self._failures: set[str] = set()  # loop failures already logged with a traceback
 
     def make_connector(self, role: str) -> Connector:
         cfg = self.config
@@ -97,6 +123,10 @@ class Planner:
 
         if cfg.dry_run or cfg.connector == "noop":
             return NoopConnector(role, registered)
+        if cfg.connector == "kubernetes":
+            deployment = {"prefill": cfg.kube_prefill_deployment,
+                          "decode": cfg.kube_decode_deployment}.get(role, cfg.kube_deployment)
+            return KubernetesConnector(role, deployment, cfg.kube_namespace)
         args = {"prefill": cfg.prefill_worker_args, "decode": cfg.decode_worker_args}.get(role)
         command = LocalConnector.worker_command(
             shlex.split(args or cfg.worker_args), role, cfg.discovery, cfg.lease_ttl_s,
@@ -136,6 +166,7 @@ class Planner:
         if gone:
             self.workers.pop(inst.id, None)
             self.kv_total.pop(inst.id, None)
+            self.loads.pop(inst.id, None)
             if events:
                 self.subscriber.disconnect(events)
             self.subscriber.forget(inst.id)
@@ -154,8 +185,9 @@ class Planner:
                 continue
             try:
                 if topic == TOPIC_LOAD:
-                    self.kv_total[env.publisher_id] = load_decoder.decode(
-                        env.payload).kv_total_blocks
+                    load = load_decoder.decode(env.payload)
+                    self.kv_total[env.publisher_id] = load.kv_total_blocks
+                    self.loads[env.publisher_id] = (time.monotonic(), load)
                 elif topic == TOPIC_FPM:
                     total = self.kv_total.get(env.publisher_id)
                     if not total:
@@ -174,7 +206,18 @@ class Planner:
 
     async def adjust_forever(self) -> None:
         """Adjust every interval until stopped; a stop never interrupts an adjustment halfway
-        (a worker being started is then tracked, so it is stopped on exit too)."""
+        (a worker being started is then tracked, so it is stopped on exit too). The reactive
+        loop runs beside it and ends with it."""
+        reacting = (asyncio.create_task(self.react_forever())
+                    if self.config.reactive_interval_s > 0 else None)
+        try:
+            await self._adjust_until_stopped()
+        finally:
+            if reacting is not None:
+                self.reacting_stop.set()
+                await asyncio.gather(reacting, return_exceptions=True)
+
+    async def _adjust_until_stopped(self) -> None:
         while not self.service.stopping:
             try:
                 await asyncio.wait_for(self.service.wait_stopping(),
@@ -185,33 +228,43 @@ class Planner:
             try:
                 await self.adjust()
             except Exception:  # one bad interval must not stop planning
-                log.exception("adjustment failed")
+                self._failed("adjustment")
 
     async def adjust(self) -> None:
         m = self.metrics
-        peers = list(self.peers.values())
-        obs = await self.observer.collect([p for p in peers if p.role == ROLE_ROUTER],
-                                          [p for p in peers if p.role == ROLE_FRONTEND])
-        self.record_observation(obs)
+        obs = await self.observer.collect(*self.peer_lists())
+        await self.record_observation(obs)
         report = self.model.fit()
         self.planner.limits = self.limits()
         self.planner.correct(obs.ttft_ms, self.model_ttft(obs), obs.itl_ms, self.model_itl(obs))
         forecast = self.forecast()
         needs = self.needs(forecast)
-        for role, connector in self.connectors.items():
-            current = connector.current()
-            need = needs.needs.get(role) if needs is not None else None
-            target = self.planner.decide(role, need, current)
-            m.current.labels(role).set(current)
-            m.target.labels(role).set(target)
-            m.needed.labels(role).set(need if need is not None else math.nan)
-            if target != current:
-                direction = "up" if target > current else "down"
-                m.actions.labels(role, direction).inc()
-                log.info("scaling", extra={"fields": {
-                    "role": role, "current": current, "target": target,
-                    "need": None if need is None else round(need, 2)}})
-            await connector.apply(target)
+        idle = obs.request_rate == 0 and (obs.demand is None or obs.demand.idle)
+        async with self.scaling:
+            states = {role: await self.observe_pool(role) for role in self.connectors}
+            proposed: dict[str, int] = {}
+            wanted: dict[str, float | None] = {}
+            for role, state in states.items():
+                need = needs.needs.get(role) if needs is not None else None
+                if idle:  # a decaying forecast never reaches 0 by itself; an idle fleet does
+                    need = 0.0
+                wanted[role] = need
+                m.needed.labels(role).set(need if need is not None else math.nan)
+                # Requests came or still run: at least one worker, however small the need.
+                target = self.planner.propose(role, need, state.desired,
+                                              floor=1 if self.demanded(obs) else 0)
+                if target > state.desired and self.startup.stuck(role):
+                    target = state.desired
+                m.scale_up_held.labels(role).set(1 if self.startup.stuck(role) else 0)
+                proposed[role] = target
+            targets = self.planner.fit_budget(proposed)
+            for role, state in states.items():
+                if targets[role] < proposed[role]:
+                    m.budget_limited.labels(role).inc()
+                if state.desired == 0 and targets[role] > 0:
+                    m.scale_from_zero.labels(role).inc()
+                await self.scale(role, state.desired, targets[role], wanted[role])
+            m.gpus_targeted.set(self.planner.gpus(targets))
         m.adjustments.inc()
         m.model_r2.set(report.r2 if report.r2 is not None else math.nan)
         m.model_rmse.set(report.rmse_ms if report.rmse_ms is not None else math.nan)
@@ -224,13 +277,19 @@ class Planner:
         m.correction.labels("ttft").set(self.planner.ttft_correction.factor)
         m.correction.labels("itl").set(self.planner.itl_correction.factor)
 
-    def record_observation(self, obs: Observation) -> None:
+    async def record_observation(self, obs: Observation) -> None:
         m = self.metrics
         values = {"request_rate": obs.request_rate, "input_tokens": obs.input_tokens,
                   "output_tokens": obs.output_tokens}
-        for name, value in values.items():
-            if value is not None:
-                self.predictors[name].observe(value)
+        if self.config.load_predictor == "arima":  # a statsmodels fit per series: off the loop
+            await asyncio.to_thread(self._observe_series, values)
+        else:
+            self._observe_series(values)
+        for name, predictor in self.predictors.items():
+            for gauge, value in ((m.prediction_abs_error, predictor.abs_error),
+                                 (m.prediction_error_ratio, predictor.error_ratio)):
+                gauge.labels(name).set(value if value is not None else math.nan)
+        self.record_demand(obs.demand)
         for gauge, value in ((m.observed_rate, obs.request_rate),
                              (m.observed_input, obs.input_tokens),
                              (m.observed_output, obs.output_tokens),
@@ -239,6 +298,142 @@ class Planner:
                              (m.observed_itl, None if obs.itl_ms is None
                               else obs.itl_ms / 1000)):
             gauge.set(value if value is not None else math.nan)
+
+    def _observe_series(self, values: dict[str, float | None]) -> None:
+        for name, value in values.items():
+            if value is not None:
+                self.predictors[name].observe(value)
+
+    def record_demand(self, demand: Demand | None) -> None:
+        self.metrics.waiting.set(demand.waiting if demand is not None else math.nan)
+
+    def demanded(self, obs: Observation) -> bool:
+        """Requests arrived: some are in flight or waiting now, or the routers ended (or
+        rejected, for want of a worker) some this interval."""
+        return bool((obs.demand is not None and not obs.demand.idle)
+                    or (obs.request_rate or 0) > 0)
+
+    def peer_lists(self) -> tuple[list[Instance], list[Instance]]:
+        peers = list(self.peers.values())
+        return ([p for p in peers if p.role == ROLE_ROUTER],
+                [p for p in peers if p.role == ROLE_FRONTEND])
+
+    # -- pools -----------------------------------------------------------------------------
+
+    async def observe_pool(self, role: str) -> PoolState:
+        """The role's pool as its connector sees it now, folded into the metrics, the cooldown
+        (a hand-made change counts as a scaling action) and the stuck-start watch."""
+        m = self.metrics
+        try:
+            state = await self.connectors[role].observe()
+        except Exception:
+            m.connector_errors.labels(role).inc()
+            raise
+        if state.changed_from is not None:
+            m.external_changes.labels(role).inc()
+            self.planner.note_change(role, state.desired)
+        timeouts = self.startup.timeouts.get(role, 0)
+        self.startup.update(role, state)
+        if self.startup.timeouts.get(role, 0) > timeouts:
+            m.start_timeouts.labels(role).inc()
+        m.current.labels(role).set(state.desired)
+        m.ready.labels(role).set(state.ready)
+        return state
+
+    async def scale(self, role: str, current: int, target: int, need: float | None = None,
+                    reactive: bool = False) -> None:
+        m = self.metrics
+        m.target.labels(role).set(target)
+        self.planner.commit(role, current, target)
+        if reactive and target != current:
+            self.planner.note_change(role, target)
+        if target != current:
+            direction = "up" if target > current else "down"
+            m.actions.labels(role, direction).inc()
+            if reactive:
+                m.reactive_actions.labels(role, direction).inc()
+            log.info("scaling", extra={"fields": {
+                "role": role, "current": current, "target": target, "reactive": reactive,
+                "need": None if need is None else round(need, 2)}})
+        try:
+            await self.connectors[role].apply(target)
+        except Exception:
+            m.connector_errors.labels(role).inc()
+            raise
+
+    # -- the reactive loop -----------------------------------------------------------------
+
+    async def react_forever(self) -> None:
+        while not self.reacting_stop.is_set():
+            try:
+                await asyncio.wait_for(self.reacting_stop.wait(), self.config.reactive_interval_s)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self.react()
+            except Exception:  # e.g. the API server unreachable: try again next tick
+                self._failed("reactive check")
+
+    async def react(self) -> None:
+        """One reactive check of every role (see `reactive`)."""
+        cfg = self.config
+        async with self.scaling:
+            for role in self.connectors:
+                state = await self.observe_pool(role)
+                if state.desired == 0:
+                    await self.wake_from_zero(role)
+                    continue
+                if state.ready < state.desired:
+                    continue  # a start is under way: judge the fleet once it serves
+                loads = self.worker_loads(role)
+                if len(loads) < state.ready or not self.model.ready:
+                    continue  # not every serving worker has reported its load yet
+                isl = self.predictors["input_tokens"].predict() or 0.0
+                step, least = reactive_step(
+                    self.model, loads, isl, self.limits(), self.planner.slo,
+                    Corrections(self.planner.ttft_correction.factor,
+                                self.planner.itl_correction.factor),
+                    cfg.reactive_scale_down_margin)
+                self.metrics.worker_pressure.labels(role).set(least)
+                target = state.desired + step
+                if step > 0 and (target > cfg.max_replicas or not self.fits_with(role, target)):
+                    continue
+                if step < 0 and not self.planner.may_scale_down(role, target):
+                    continue
+                if step:
+                    await self.scale(role, state.desired, target, reactive=True)
+
+    async def wake_from_zero(self, role: str) -> None:
+        """A role at zero workers: start one as soon as a request waits or was refused for want
+        of a worker (not at the next predictive interval: a cold start is long enough)."""
+        demand = await self.observer.probe(*self.peer_lists())
+        self.record_demand(demand)
+        if demand is None or (demand.waiting <= 0 and demand.refused <= 0) \
+                or not self.fits_with(role, 1):
+            return
+        self.metrics.scale_from_zero.labels(role).inc()
+        await self.scale(role, 0, 1, reactive=True)
+
+    def fits_with(self, role: str, replicas: int) -> bool:
+        """Whether the role at `replicas`, the others as they are, fits the GPU budget."""
+        counts = {r: c.current() for r, c in self.connectors.items()}
+        return self.planner.fits_budget(counts | {role: replicas})
+
+    def worker_loads(self, role: str) -> list[WorkerLoad]:
+        """The latest load of each registered worker of the role, if reported recently."""
+        fresh = time.monotonic() - max(2.0, 2 * self.config.reactive_interval_s)
+        out = []
+        for worker_id, inst in self.workers.items():
+            if inst.metadata.get("mode", MODE_AGGREGATED) != role:
+                continue
+            seen = self.loads.get(worker_id)
+            if seen is None or seen[0] < fresh:
+                continue
+            load = seen[1]
+            out.append(WorkerLoad(load.active_prefill_tokens, load.running,
+                                  load.kv_used_blocks, load.kv_total_blocks))
+        return out
 
     def model_ttft(self, obs: Observation) -> float | None:
         """The model's TTFT for this interval's mean prompt: one prefill step."""
@@ -348,6 +543,17 @@ class Planner:
                         extra={"fields": {"why": repr(why)}})
         self._why = why
 
+    def _failed(self, what: str) -> None:
+        """Log a failed loop turn: the first of each kind with its traceback, repeats (an API
+        server down for minutes, every reactive tick) at debug level; the metrics count them."""
+        exc = sys.exc_info()[1]
+        key = f"{what}: {type(exc).__name__}: {exc}"
+        if key in self._failures:
+            log.debug(f"{what} failed again", extra={"fields": {"error": str(exc)[:200]}})
+            return
+        self._failures.add(key)
+        log.exception(f"{what} failed")
+
     def _scrape_failed(self, role: str) -> None:
         self.metrics.scrape_errors.labels(role).inc()
 
@@ -361,7 +567,7 @@ def _start(config: PlannerConfig) -> Coroutine[object, object, None]:
     _check(config)
     try:
         planner = Planner(config)
-    except ValueError as exc:  # a malformed profile
+    except ValueError as exc:  # a malformed profile, ARIMA order or GPU budget
         raise SystemExit(f"turnout planner: {exc}") from exc
     return planner.run()
 
@@ -375,3 +581,18 @@ def _check(config: PlannerConfig) -> None:
                          "and --max-replicas >= 1")
     if config.ttft_slo_ms <= 0 or config.itl_slo_ms <= 0:
         raise SystemExit("turnout planner: SLOs must be positive")
+    if config.reactive_interval_s < 0:
+        raise SystemExit("turnout planner: --reactive-interval-s must be >= 0 (0: off)")
+    if not 0 < config.reactive_scale_down_margin < 1:
+        raise SystemExit("turnout planner: --reactive-scale-down-margin must be between 0 and 1")
+    if config.ready_timeout_s <= 0:
+        raise SystemExit("turnout planner: --ready-timeout-s must be positive")
+    try:  # checked whichever predictor runs: a flag is never accepted and ignored
+        order = parse_arima_order(config.arima_order)
+    except ValueError as exc:
+        raise SystemExit(f"turnout planner: --arima-order: {exc}") from exc
+    if config.arima_window < arima_min_observations(order):
+        raise SystemExit(f"turnout planner: --arima-window must be at least "
+                         f"{arima_min_observations(order)} for --arima-order {config.arima_order}")
+    if config.max_gpus < 0 or config.gpus_per_worker < 1:
+        raise SystemExit("turnout planner: need --max-gpus >= 0 and --gpus-per-worker >= 1")

@@ -61,5 +61,50 @@ class PlannerMetrics:
         self.scrape_errors = Counter("turnout_planner_scrape_errors",
                                      "Failed /metrics scrapes, by the target's role", ["target"],
                                      registry=r)
+        self.predictor = Gauge("turnout_planner_load_predictor",
+                               "1 for the load predictor in use", ["predictor"], registry=r)
+        self.prediction_abs_error = Gauge(
+            "turnout_planner_prediction_abs_error",
+            "|predicted - observed| of the last interval, in the series' unit (req/s, tokens)",
+            ["series"], registry=r)
+        self.prediction_error_ratio = Gauge(
+            "turnout_planner_prediction_error_ratio",
+            "Sum |predicted - observed| / sum |observed| over the last 12 scored intervals",
+            ["series"], registry=r)
+        self.ready = Gauge("turnout_planner_ready_replicas",
+                           "Workers of the role serving (registered; Ready pods)", ["role"],
+                           registry=r)
+        self.start_timeouts = Counter("turnout_planner_start_timeouts",
+                                      "Times a role had workers not ready for --ready-timeout-s "
+                                      "with none becoming ready", ["role"], registry=r)
+        self.scale_up_held = Gauge("turnout_planner_scale_up_held",
+                                   "1 while scale-ups wait for stuck workers to become ready",
+                                   ["role"], registry=r)
+        self.external_changes = Counter("turnout_planner_external_replica_changes",
+                                        "Replica counts changed outside the planner (adopted)",
+                                        ["role"], registry=r)
+        self.budget_gpus = Gauge("turnout_planner_gpu_budget",
+                                 "--max-gpus (0: no budget)", registry=r)
+        self.gpus_targeted = Gauge("turnout_planner_target_gpus",
+                                   "GPUs the applied targets use, over all roles", registry=r)
+        self.budget_limited = Counter("turnout_planner_budget_limited",
+                                      "Targets the GPU budget lowered", ["role"], registry=r)
+        self.reactive_actions = Counter("turnout_planner_reactive_actions",
+                                        "Workers added or removed by the reactive loop (also "
+                                        "in scaling_actions)", ["role", "direction"],
+                                        registry=r)
+        self.worker_pressure = Gauge("turnout_planner_least_worker_pressure",
+                                     "Least predicted latency / SLO over the role's workers "
+                                     "(above 1: every worker is over target)", ["role"],
+                                     registry=r)
+        self.waiting = Gauge("turnout_planner_waiting_requests",
+                             "Requests waiting for a first token at the frontends, last probe",
+                             registry=r)
+        self.scale_from_zero = Counter("turnout_planner_scale_from_zero",
+                                       "Roles started from zero workers because requests "
+                                       "waited", ["role"], registry=r)
+        self.connector_errors = Counter("turnout_planner_connector_errors",
+                                        "Failed observe/scale calls of a connector", ["role"],
+                                        registry=r)
         self.model_r2.set(float("nan"))
         self.model_rmse.set(float("nan"))

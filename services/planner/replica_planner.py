@@ -18,7 +18,12 @@ worse than the model predicts means less capacity per replica, hence more replic
 
 Targets are clamped to [min, max]. Scaling up happens at once; scaling down waits until the last
 scaling action (or start) is a cooldown old, and goes only to the highest target recommended
-within the cooldown window, so a dip between two peaks does not flap the fleet.
+within the cooldown window, so a dip between two peaks does not flap the fleet. Changes made by
+the reactive loop or by hand count as scaling actions (`note_change`).
+
+A GPU budget (`max_gpus`, each role's workers costing `gpus_per_worker`) caps the sum over roles:
+targets over it are cut in proportion, never below `min_replicas`, and the GPUs left over go one
+worker at a time to the roles cut the most.
 
 Owns the arithmetic and the damping. Does not own measuring load (`main`), fitting step times
 (`performance_model`) or starting/stopping workers (`connectors`).
@@ -161,7 +166,8 @@ def _geometric(lo: float, hi: float, points: int) -> list[float]:
 class ReplicaPlanner:
     def __init__(self, slo: Slo, limits: EngineLimits, disaggregated: bool = False,
                  min_replicas: int = 1, max_replicas: int = 8,
-                 scale_down_cooldown_s: float = 60.0,
+                 scale_down_cooldown_s: float = 60.0, max_gpus: int = 0,
+                 gpus_per_worker: dict[str, int] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if min_replicas < 0 or max_replicas < max(1, min_replicas):
             raise ValueError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got "
@@ -178,6 +184,15 @@ class ReplicaPlanner:
         self._recommended: dict[str, deque[tuple[float, int]]] = {}
         self._last_change: dict[str, float] = {}
         self._started = clock()
+        self.max_gpus = max_gpus
+        self.gpus_per_worker = {role: 1 for role in self.roles} | (gpus_per_worker or {})
+        if any(g < 1 for g in self.gpus_per_worker.values()):
+            raise ValueError(f"GPUs per worker must be at least 1, got {self.gpus_per_worker}")
+        floor = min_replicas * sum(self.gpus_per_worker[r] for r in self.roles)
+        if max_gpus < 0 or (max_gpus and max(floor, min(self.gpus_per_worker.values()))
+                            > max_gpus):
+            raise ValueError(f"a GPU budget of {max_gpus} cannot hold min_replicas={min_replicas} "
+                             f"of each role at {self.gpus_per_worker} GPUs per worker")
 
     @property
     def roles(self) -> list[str]:
@@ -214,9 +229,21 @@ class ReplicaPlanner:
     def decide(self, role: str, need: float | None, current: int) -> int:
         """The replica count to apply for `role` now, given its fractional need (None: no
         estimate yet, so hold) and the replicas running or starting."""
+        target = self.propose(role, need, current)
+        self.commit(role, current, target)
+        return target
+
+    def commit(self, role: str, current: int, target: int) -> None:
+        """Record that `target` is applied (after anything that cut a proposal)."""
+        if target != current:
+            self._last_change[role] = self.clock()
+
+    def propose(self, role: str, need: float | None, current: int, floor: int = 0) -> int:
+        """What `decide` would apply, remembering the recommendation but not acting on it;
+        `floor`: recommend at least this many (within `max_replicas`)."""
         now = self.clock()
         raw = current if need is None else math.ceil(need - 1e-9)
-        recommended = self.clamp(raw)
+        recommended = self.clamp(max(raw, floor))
         history = self._recommended.setdefault(role, deque())
         history.append((now, recommended))
         while history and history[0][0] < now - self.cooldown_s:
@@ -229,6 +256,47 @@ class ReplicaPlanner:
             target = current
         else:
             target = min(current, max(r for _, r in history))
-        if target != current:
-            self._last_change[role] = now
         return target
+
+    def note_change(self, role: str, replicas: int) -> None:
+        """A change made outside `decide` (the reactive loop, a hand-made one): it restarts the
+        cooldown and counts as recommended, so a scale-down waits a cooldown before undoing it."""
+        now = self.clock()
+        self._last_change[role] = now
+        self._recommended.setdefault(role, deque()).append((now, replicas))
+
+    def may_scale_down(self, role: str, to: int) -> bool:
+        """Whether `role` may go down to `to` now: the cooldown is over and nothing recommended
+        within it was higher."""
+        now = self.clock()
+        if to < self.min_replicas or now - self._last_change.get(role, self._started) \
+                < self.cooldown_s:
+            return False
+        recent = [r for t, r in self._recommended.get(role, ()) if t >= now - self.cooldown_s]
+        return all(r <= to for r in recent)
+
+    def gpus(self, replicas: dict[str, int]) -> int:
+        return sum(n * self.gpus_per_worker[role] for role, n in replicas.items())
+
+    def fits_budget(self, replicas: dict[str, int]) -> bool:
+        return not self.max_gpus or self.gpus(replicas) <= self.max_gpus
+
+    def fit_budget(self, targets: dict[str, int]) -> dict[str, int]:
+        """`targets` cut to the GPU budget (see the module docstring); unchanged when they fit."""
+        if self.fits_budget(targets):
+            return dict(targets)
+        cost = self.gpus_per_worker
+        scale = self.max_gpus / self.gpus(targets)
+        fitted = {r: min(t, max(self.min_replicas, math.floor(t * scale)))
+                  for r, t in targets.items()}
+        while self.gpus(fitted) > self.max_gpus:  # the floors pushed it over: trim the largest
+            role = max((r for r in fitted if fitted[r] > self.min_replicas),
+                       key=lambda r: fitted[r] * cost[r])
+            fitted[role] -= 1
+        while True:
+            spare = self.max_gpus - self.gpus(fitted)
+            short = [r for r, t in targets.items() if fitted[r] < t and cost[r] <= spare]
+            if not short:
+                return fitted
+            role = max(short, key=lambda r: (targets[r] - fitted[r]) / targets[r])
+            fitted[role] += 1

@@ -17,7 +17,19 @@ class RouterConfig(ProcessConfig):
     router_port: int = opt(0, help="request-plane port frontends connect to (0: any free port)")
     router_metrics_port: int = opt(0, help="/metrics and /health port (0: any free port)")
     heartbeat_interval_ms: int = opt(100, help="workers' heartbeat period")
-    missed_heartbeats: int = opt(3, help="a worker silent this many periods is declared dead")
+    missed_heartbeats: int = opt(3, help="no worker is declared hung before this many silent "
+                                         "periods; past them the failure detector decides")
+    # phi: -log10 of the chance that a live worker, given its heartbeat history and its
+    # self-reported loop lag, would still be silent. 8 on 100 ms heartbeats from a quiet host:
+    # a hang verdict after 0.38 s of silence.
+    suspect_phi: float = opt(8.0, help="a worker whose silence reaches this phi is declared "
+                                       "hung: its requests move, long prefills wait")
+    convict_phi: float = opt(12.0, help="at this phi, and at least 0.5 s after the hang "
+                                        "verdict, a hung worker's long prefills move too")
+    long_prefill_tokens: int = opt(4096, help="a request with this many prompt tokens still to "
+                                              "prefill stays on a hung worker until conviction "
+                                              "(moving it redoes the prefill); 0: every request "
+                                              "still prefilling")
     migration_limit: int = opt(3, help="times one request may move to another worker; 0: never")
     # 16, measured: on the Mooncake trace (4 mocker workers, Dynamo's engine model) weight 1
     # lets long prompts' decode load outvote prefix overlap (8.5% hits, Dynamo's level);

@@ -2,11 +2,19 @@
 back, as a state machine per worker driven by an injectable clock.
 
     ALIVE ──connection dropped──▶ DEAD          (cause crash, or drain if it said it drains)
-    ALIVE ──no heartbeat for missed_heartbeats periods──▶ SUSPECT   (cause hang)
+    ALIVE ──its silence is suspicious (phi-accrual detector)──▶ SUSPECT   (cause hang)
     ALIVE ──work in flight, heartbeats without engine progress for stall_timeout──▶ SUSPECT
                                                                      (cause stall)
     SUSPECT ──heartbeat showing progress (or no work)──▶ ALIVE   (re-admitted after a resync)
     SUSPECT ──connection dropped──▶ DEAD
+
+Silence is judged by a `PhiAccrualDetector` per worker (`failure_detector.py`): it learns how
+irregular the worker's heartbeats are and hears the worker's own word on how late its event loop
+ran, so a worker starved on a busy host is not taken for a hung one, while a frozen worker on a
+quiet host is still suspected within half a second. Never before `missed_heartbeats` periods
+of silence: the old fixed rule is the floor. A hang suspect's requests whose prefill is long
+(`long_prefill_tokens` still to compute) are held on it until the detector convicts: moving
+them redoes the whole prefill elsewhere, which a false suspicion must not cost.
 
 A suspect's connection is still open: it may be a false alarm (a starved host), so it is not
 closed, only told to drop the requests moved away meanwhile. A check that itself ran late
@@ -21,6 +29,8 @@ import time
 from collections.abc import Callable
 
 from common.messages import Heartbeat
+from services.router.accounting import RoutedRequest
+from services.router.failure_detector import DetectorSettings, PhiAccrualDetector
 from services.router.worker_pool import WorkerHandle
 
 CAUSE_CRASH = "crash"
@@ -55,20 +65,30 @@ class Loss:
 
 class Liveness:
     def __init__(self, heartbeat_period_s: float, missed_heartbeats: int, stall_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, suspect_phi: float = 8.0,
+                 convict_phi: float = 12.0, long_prefill_tokens: int = 4096) -> None:
         self.period = heartbeat_period_s
-        self.silence_limit = heartbeat_period_s * missed_heartbeats
+        self.detector = DetectorSettings.for_heartbeats(
+            heartbeat_period_s, missed_heartbeats, suspect_phi=suspect_phi,
+            convict_phi=convict_phi)
+        if long_prefill_tokens < 0:
+            raise ValueError(f"long_prefill_tokens must be >= 0, got {long_prefill_tokens}")
+        self.long_prefill_tokens = long_prefill_tokens  # 0: every prefill waits
         self.stall = stall_s  # 0: off
         self.clock = clock
         self._last_check: float | None = None
 
     def watch(self, worker: WorkerHandle) -> None:
         """A worker was admitted: its silence counts from now."""
-        worker.last_heartbeat = worker.last_progress = self.clock()
+        now = self.clock()
+        worker.last_heartbeat = worker.last_progress = now
+        worker.detector = PhiAccrualDetector(self.detector, now)
 
     def on_heartbeat(self, worker: WorkerHandle, hb: Heartbeat) -> bool:
         """Note a heartbeat; True when it brings a suspect back (SUSPECT → ALIVE)."""
         now = worker.last_heartbeat = self.clock()
+        if worker.detector is not None:
+            worker.detector.heartbeat(now, hb.loop_lag_s)
         if hb.steps != worker.last_steps or not worker.inflight:
             worker.last_progress = now
         worker.last_steps = hb.steps
@@ -97,8 +117,24 @@ class Liveness:
         return not late
 
     def silent_too_long(self, worker: WorkerHandle, now: float) -> bool:
-        """Whether `worker` missed too many heartbeats (a failure detector plugs in here)."""
-        return now - worker.last_heartbeat > self.silence_limit
+        """Whether `worker`'s silence is suspicious (a hang verdict)."""
+        if worker.detector is None:  # never watched: judged from its handle's creation
+            worker.detector = PhiAccrualDetector(self.detector, worker.last_heartbeat)
+        return worker.detector.suspicious(now)
+
+    def holds(self, entry: RoutedRequest) -> bool:
+        """Whether a hang suspect keeps `entry` until it is convicted: its prefill is long (the
+        tokens still to compute before its first token)."""
+        worker = entry.worker
+        return worker is not None and bool(entry.prefill_blocks) and (
+            entry.prefill_blocks * worker.block_size >= self.long_prefill_tokens)
+
+    def convictions(self, workers: list[WorkerHandle]) -> list[WorkerHandle]:
+        """Hang suspects still holding requests whose silence is now certain enough to move
+        those too."""
+        now = self.clock()
+        return [w for w in workers if w.suspect is not None and not w.alive and w.inflight
+                and w.detector is not None and w.detector.convicted(now)]
 
     def stalled(self, worker: WorkerHandle, now: float) -> bool:
         """Heartbeats come, but with work in flight its engine has not stepped for `stall`."""

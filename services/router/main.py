@@ -14,20 +14,16 @@ import asyncio
 import functools
 import logging
 import os
-import secrets
-import signal
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 
 import msgspec
 import zmq
 
-from common.config import parse_configs
 from common.discovery import open_discovery
 from common.event_plane import EventSubscriber
-from common.logs import setup_logging
 from common.loop_socket import LoopSocket
+from common.malformed import MalformedFrames
 from common.messages import (
     KIND_CANCEL,
     KIND_GENERATE,
@@ -44,12 +40,13 @@ from common.messages import (
     generate_decoder,
     token_batch_decoder,
 )
+from common.service import Service, run_service
 from common.status_server import StatusServer
 from common.transport import bind_socket, tune_stream_socket
 from services.router.accounting import Accounting
 from services.router.args import RouterConfig
 from services.router.events import EventIntake
-from services.router.liveness import Liveness
+from services.router.liveness import CAUSE_CRASH, CAUSE_HANG, Liveness
 from services.router.metrics import RouterMetrics
 from services.router.migration import Migration
 from services.router.route_api import RouteApi
@@ -63,10 +60,10 @@ MALFORMED = (msgspec.DecodeError, msgspec.ValidationError)
 
 
 class Router:
-    def __init__(self, config: RouterConfig,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: RouterConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
-        self.router_id = config.router_id or f"router-{os.getpid()}-{secrets.token_hex(3)}"
+        self.service = Service(ROLE_ROUTER, config.router_id)
+        self.router_id = self.service.id
         self.ctx = zmq.Context()
         self.metrics = RouterMetrics(self.router_id)
         self.pool = WorkerPool(self.ctx, self.on_worker_message)
@@ -82,71 +79,71 @@ class Router:
                                self.migration, self.metrics, config.no_worker_wait_ms / 1000,
                                clock)
         self.liveness = Liveness(config.heartbeat_interval_ms / 1000, config.missed_heartbeats,
-                                 config.stall_timeout_ms / 1000, clock)
+                                 config.stall_timeout_ms / 1000, clock,
+                                 suspect_phi=config.suspect_phi, convict_phi=config.convict_phi,
+                                 long_prefill_tokens=config.long_prefill_tokens)
         self.intake = EventIntake(self.pool, self.liveness, self.metrics, self.kv_index,
                                   self.worker_recovered, clock)
         self.route_api = RouteApi(self.selector, self.metrics)
         topics = [TOPIC_HEARTBEAT, TOPIC_LOAD] + ([TOPIC_KV] if self.kv_index is not None else [])
-        self.subscriber = EventSubscriber(
-            self.ctx, topics, on_gap=self.intake.on_gap,
-            on_malformed=self.metrics.malformed.labels("event").inc)
-        self.status = StatusServer(self.metrics.registry, config.host,
-                                   config.router_metrics_port)
+        self.subscriber = EventSubscriber(self.ctx, topics, on_gap=self.intake.on_gap,
+                                          on_malformed=self.metrics.malformed.labels("event").inc)
+        self.status = StatusServer(self.metrics.registry, config.host, config.router_metrics_port)
         self.status.post_routes["/v1/route"] = self.route_api.handle
         self.discovery = open_discovery(config.discovery, lease_ttl=config.lease_ttl_s)
         self._tasks: dict[str, list[asyncio.Task[None]]] = {}  # per worker: its connection
         self._listed: set[str] = set()  # worker ids with a discovery record (liveness gauge)
-        self._warned_malformed = False
-        self.stop = asyncio.Event()
+        self.malformed = {plane: MalformedFrames(f"{plane} frame",
+                                                 self.metrics.malformed.labels(plane).inc, log)
+                          for plane in ("request", "event")}
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    # -- lifecycle (to be replaced by common's service lifecycle) -------------------------------
+    # -- lifecycle -----------------------------------------------------------------------------
 
     async def run(self, install_signals: bool = True) -> None:
+        """Serve until SIGTERM/SIGINT or a loop fails; undo each start-up step in reverse."""
         cfg = self.config
-        tune_stream_socket(self.frontends.socket)
-        endpoint = bind_socket(self.frontends.socket, cfg.host, cfg.router_port,
-                               cfg.advertise_host)
-        metrics_port = await self.status.start()
-        self.loop = loop = asyncio.get_running_loop()
-        if install_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.stop.set)
-        tasks = [asyncio.create_task(c) for c in (
-            self.frontends.run(), self.watch_workers(), self.consume_events(),
-            self.watch_liveness())]
-        host = cfg.advertise_host or cfg.host
-        await self.discovery.register(Instance(
-            id=self.router_id, role=ROLE_ROUTER,
-            endpoints={"request": endpoint, "metrics": f"http://{host}:{metrics_port}/metrics",
-                       "http": f"http://{host}:{metrics_port}"},  # + /v1/route, /health
-            metadata={"mode": cfg.router_mode, "pid": os.getpid(), "started": time.time()}))
-        log.info("router ready", extra={"fields": {"id": self.router_id, "request": endpoint}})
-        done, _ = await asyncio.wait([*tasks, asyncio.create_task(self.stop.wait())],
-                                     return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                log.error("router loop failed", exc_info=task.exception())
-        await self.discovery.unregister(self.router_id)
-        for task in tasks:
-            task.cancel()
-        for worker_tasks in self._tasks.values():
-            for task in worker_tasks:
+        self.loop = asyncio.get_running_loop()
+        async with self.service as service:
+            if install_signals:
+                service.install_signal_handlers()
+            service.on_shutdown("zmq context", lambda: self.ctx.destroy(linger=0))
+            service.on_shutdown("sockets", self._close_sockets)
+            tune_stream_socket(self.frontends.socket)
+            endpoint = bind_socket(self.frontends.socket, cfg.host, cfg.router_port,
+                                   cfg.advertise_host)
+            metrics_port = await self.status.start()
+            service.on_shutdown("status server", self.status.close)
+            service.on_shutdown("discovery", self.discovery.close)
+            service.spawn("frontends", self.frontends.run())
+            service.spawn("discovery watch", self.watch_workers())
+            service.spawn("events", self.consume_events())
+            service.spawn("liveness", self.watch_liveness())
+            service.on_shutdown("unregister", lambda: self.discovery.unregister(self.router_id))
+            host = cfg.advertise_host or cfg.host
+            await self.discovery.register(Instance(
+                id=self.router_id, role=ROLE_ROUTER,
+                endpoints={"request": endpoint, "metrics": f"http://{host}:{metrics_port}/metrics",
+                           "http": f"http://{host}:{metrics_port}"},  # + /v1/route, /health
+                metadata={"mode": cfg.router_mode, "pid": os.getpid(), "started": time.time()}))
+            log.info("router ready", extra={"fields": {"id": self.router_id, "request": endpoint}})
+            await service.run()
+
+    def _close_sockets(self) -> None:
+        """Every loop-read socket, before the context: an FD leaves the loop before it closes."""
+        for tasks in self._tasks.values():
+            for task in tasks:
                 task.cancel()
-        await self.discovery.close()
-        await self.status.close()
-        # Every loop-read socket before the context: its FD leaves the loop before it closes.
         self.pool.close_all()
         self.subscriber.close()
         self.frontends.close()
-        self.ctx.destroy(linger=0)
 
-    # -- loops ---------------------------------------------------------------------------------
+    # -- the request plane (read on the loop, every ready message per wake) ---------------------
 
     def on_frontend_message(self, frames: list[bytes]) -> None:
-        """A request or a cancel from a frontend (read on the loop, every ready one per wake)."""
+        """A request or a cancel from a frontend."""
         if len(frames) != 3:
-            self._malformed("request", f"{len(frames)} frames")
+            self.malformed["request"].drop(f"{len(frames)} frames")
             return
         ident, kind, payload = frames
         try:
@@ -155,25 +152,27 @@ class Router:
             elif kind == KIND_CANCEL:
                 self.streams.on_cancel(cancel_decoder.decode(payload).request_id)
             else:
-                self._malformed("request", f"unknown kind {kind!r}")
+                self.malformed["request"].drop(f"unknown kind {kind!r}")
         except MALFORMED as exc:
-            self._malformed("request", str(exc))
+            self.malformed["request"].drop(str(exc))
 
     def on_worker_message(self, worker: WorkerHandle, frames: list[bytes]) -> None:
         """A token batch from a worker, relayed back to the frontends."""
         if len(frames) != 2 or frames[0] != KIND_TOKENS:
-            self._malformed("request", "bad frame from worker")
+            self.malformed["request"].drop("bad frame from worker", worker.id)
             return
         try:
             batch = token_batch_decoder.decode(frames[1])
         except MALFORMED as exc:
-            self._malformed("request", str(exc))
+            self.malformed["request"].drop(str(exc), worker.id)
             return
         self.streams.on_batch(worker, batch.chunks)
 
+    # -- loops ---------------------------------------------------------------------------------
+
     async def watch_connection(self, worker: WorkerHandle) -> None:
         """A dropped connection is a dead worker, long before any lease or heartbeat says so."""
-        await worker.socket.wait_lost()
+        await worker.dealer.wait_lost()
         self.worker_lost(worker, self.liveness.on_disconnect(worker))
 
     async def watch_workers(self) -> None:
@@ -204,7 +203,7 @@ class Router:
             try:
                 self.intake.on_event(worker, topic, env.payload)
             except MALFORMED as exc:
-                self._malformed("event", str(exc))
+                self.malformed["event"].drop(str(exc), worker.id)
 
     async def watch_liveness(self) -> None:
         while True:
@@ -221,8 +220,11 @@ class Router:
         if self.kv_index is not None:
             self.metrics.index_blocks.set(self.kv_index.num_blocks())
             self.metrics.index_entries.set(self.kv_index.num_entries())
-        for worker, cause in self.liveness.verdicts(list(self.pool.workers.values())):
+        workers = list(self.pool.workers.values())
+        for worker, cause in self.liveness.verdicts(workers):
             self.worker_lost(worker, cause)
+        for worker in self.liveness.convictions(workers):
+            self.worker_convicted(worker)
 
     # -- workers coming, going, lost -----------------------------------------------------------
 
@@ -231,7 +233,9 @@ class Router:
             return
         old = self.pool.workers.get(instance.id)
         if old is not None and old.started != float(instance.metadata.get("started", 0.0)):
-            # A new incarnation (restart, or a rejoin after a freeze) replaces the old handle.
+            # A new incarnation (restart, or a rejoin after a freeze) replaces the old handle;
+            # the old process dropped whatever it still ran (long prefills held on a suspect).
+            self._move_all(old, CAUSE_HANG if old.suspect is not None else CAUSE_CRASH)
             self._retire(old)
         worker = self.pool.admit(instance)
         if worker is None:
@@ -252,6 +256,8 @@ class Router:
         self.subscriber.disconnect(worker.instance.endpoints.get("events", ""))
         self.subscriber.forget(worker.id)
         self._forget_kv(worker.id)
+        for malformed in self.malformed.values():
+            malformed.forget(worker.id)
         if dead:
             self.pool.mark_dead(worker)
         else:
@@ -273,6 +279,13 @@ class Router:
         self.migration.worker_lost(worker)
         self._forget_kv(worker.id)
         moved = self.accounting.on_worker(worker)
+        if cause == CAUSE_HANG:
+            # Long prefills stay until the silence is convicted (or the worker is back).
+            held = [e for e in moved if self.liveness.holds(e)]
+            if held:
+                moved = [e for e in moved if not self.liveness.holds(e)]
+                log.info("holding long prefills on the suspect until conviction",
+                         extra={"fields": {"worker": worker.id, "held": len(held)}})
         if loss.crashed:
             self._retire(worker, dead=True)
         else:
@@ -282,6 +295,24 @@ class Router:
         for entry in moved:
             self.migration.migrate(entry, cause)
         self._update_worker_gauges()
+
+    def worker_convicted(self, worker: WorkerHandle) -> None:
+        """A hang suspect's silence is now certain: the long prefills it held move too."""
+        log.warning("suspected worker convicted; moving the long prefills it held",
+                    extra={"fields": {"worker": worker.id, "held": worker.inflight}})
+        self._move_all(worker, CAUSE_HANG)
+
+    def _move_all(self, worker: WorkerHandle, cause: str) -> None:
+        """Every request still on `worker` continues elsewhere; the worker is told to drop
+        them, should it wake up."""
+        moved = self.accounting.on_worker(worker)
+        if not moved:
+            return
+        self.migration.worker_lost(worker)
+        for entry in moved:
+            worker.socket.send_multipart([KIND_CANCEL, encoder.encode(Cancel(entry.request_id))])
+        for entry in moved:
+            self.migration.migrate(entry, cause)
 
     def worker_recovered(self, worker: WorkerHandle) -> None:
         log.warning("suspected worker is alive again; resyncing and re-admitting",
@@ -303,17 +334,9 @@ class Router:
     def _update_worker_gauges(self) -> None:
         self.metrics.set_worker_gauges(self.pool.workers.values(), self.pool.dead, self._listed)
 
-    def _malformed(self, plane: str, why: str) -> None:
-        self.metrics.malformed.labels(plane).inc()
-        if not self._warned_malformed:
-            self._warned_malformed = True
-            log.warning("dropped malformed frame", extra={"fields": {"plane": plane, "why": why}})
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    (config,) = parse_configs([RouterConfig], list(sys.argv[1:] if argv is None else argv),
-                              prog="turnout router")
-    setup_logging("router", config.log_level)
-    import uvloop
+    run_service(ROLE_ROUTER, [RouterConfig], _start, argv)
 
-    uvloop.run(Router(config).run())
+
+def _start(config: RouterConfig) -> Coroutine[object, object, None]:
+    return Router(config).run()

@@ -2,7 +2,8 @@
 
 A worker enters when discovery shows it and leaves the routing set at once when the router
 declares it dead (connection dropped, heartbeats missed) or when it leaves discovery (draining:
-its running streams still finish over the open connection). Owns the sockets and the handle;
+its running streams still finish over the open connection). Owns the handle and its connection
+(a `MonitoredDealer`: the socket, and the monitor that says when the connection drops);
 the handle's liveness fields are `liveness.py`'s to change, its `usage` is `accounting.py`'s, and
 what happens to a dead worker's requests is `migration.py`'s.
 """
@@ -10,8 +11,7 @@ what happens to a dead worker's requests is `migration.py`'s.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable
 
 import zmq
 
@@ -19,26 +19,15 @@ from common.loop_socket import MessageHandler
 from common.messages import Instance, LoadReport
 from common.monitored_dealer import MonitoredDealer
 from services.router.accounting import WorkerUsage
-
-
-class WorkerLink(Protocol):
-    """The request-plane connection to one worker (a `MonitoredDealer`)."""
-
-    def send_multipart(self, frames: Sequence[bytes]) -> None: ...
-
-    async def wait_lost(self) -> None: ...
-
-    def close(self) -> None: ...
-
-
-# Opens the link to a worker's request endpoint; its messages go to the handler.
-LinkFactory = Callable[[str, MessageHandler], WorkerLink]
+from services.router.failure_detector import PhiAccrualDetector
 
 
 class WorkerHandle:
     __slots__ = (
         "alive",
         "block_size",
+        "dealer",
+        "detector",
         "draining",
         "id",
         "instance",
@@ -56,10 +45,11 @@ class WorkerHandle:
         "usage",
     )
 
-    def __init__(self, instance: Instance, socket: WorkerLink) -> None:
+    def __init__(self, instance: Instance, dealer: MonitoredDealer) -> None:
         self.id = instance.id
         self.instance = instance
-        self.socket = socket  # read on the loop: its messages go to the pool's handler
+        self.dealer = dealer
+        self.socket = dealer.socket  # requests out; token batches in go to the pool's handler
         self.block_size = int(instance.metadata.get("block_size") or 64)
         # What this router has in flight there (written by `Accounting` only).
         self.usage = WorkerUsage()
@@ -71,6 +61,7 @@ class WorkerHandle:
         self.last_heartbeat = time.monotonic()
         self.last_steps = -1
         self.last_progress = self.last_heartbeat  # when `steps` last moved
+        self.detector: PhiAccrualDetector | None = None  # judges its silence (liveness)
         self.alive = True
         self.routable = True  # False once it left discovery (draining) or died
         self.draining = False  # it said so in a heartbeat
@@ -95,13 +86,14 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    """`on_message(worker, frames)` gets every message a worker sends."""
+    """`on_message(worker, frames)` gets every message a worker sends (read on the loop)."""
 
     def __init__(self, ctx: zmq.Context,
                  on_message: Callable[[WorkerHandle, list[bytes]], None]) -> None:
         self.on_message = on_message
-        self.open_link: LinkFactory = lambda endpoint, handler: MonitoredDealer(
-            ctx, endpoint, handler)
+        # The connection to a worker's request endpoint, its messages to the handler.
+        self.open_dealer: Callable[[str, MessageHandler], MonitoredDealer] = (
+            lambda endpoint, handler: MonitoredDealer(ctx, endpoint, handler))
         self.workers: dict[str, WorkerHandle] = {}
         # Ids declared dead, with the `started` stamp of the process that died: the same record
         # is not re-admitted, a restarted process (new stamp) is.
@@ -124,7 +116,7 @@ class WorkerPool:
         def deliver(frames: list[bytes]) -> None:  # read on the loop: `handle` is set by then
             on_message(handle, frames)
 
-        handle = WorkerHandle(instance, self.open_link(instance.endpoints["request"], deliver))
+        handle = WorkerHandle(instance, self.open_dealer(instance.endpoints["request"], deliver))
         self.workers[instance.id] = handle
         return handle
 
@@ -143,9 +135,8 @@ class WorkerPool:
     def close(self, handle: WorkerHandle) -> None:
         if self.workers.get(handle.id) is handle:
             del self.workers[handle.id]
-        handle.socket.close()
+        handle.dealer.close()
 
     def close_all(self) -> None:
         for handle in list(self.workers.values()):
             self.close(handle)
-

@@ -89,6 +89,17 @@ class Engine(abc.ABC):
     def kv_dump(self) -> list[KvBlockStored]:
         """Every block the engine's prefix cache holds, parents before children (for a resync)."""
 
+    # Pacing of simulated engines, which sleep to a timing model: real engines keep time by
+    # doing the work, so they owe and drop nothing.
+
+    def time_debt_s(self) -> float:
+        """Seconds the step clock runs behind the timing model now (the process lost the CPU)."""
+        return 0.0
+
+    def time_dropped_s(self) -> float:
+        """Seconds of debt given up so far because it exceeded the engine's bound."""
+        return 0.0
+
     # KV block export/import, for migration with surviving KV. An engine that cannot move
     # blocks keeps these defaults: it holds nothing to give and recomputes what it lacks.
 

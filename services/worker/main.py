@@ -236,10 +236,12 @@ class Worker:
         # Silent this long, the router has declared us dead and moved our streams elsewhere.
         presumed_dead = max(1.0, 10 * period)
         last = time.monotonic()
+        lag = 0.0
         while True:
-            self.publish_status()
+            self.publish_status(lag)
             await asyncio.sleep(period)
             now = time.monotonic()
+            lag = max(0.0, now - last - period)
             if now - last > presumed_dead and not self.draining:
                 await self.rejoin(now - last)
             last = now
@@ -257,13 +259,14 @@ class Worker:
         self.started = time.time()
         await self.discovery.update(self.instance())
 
-    def publish_status(self) -> None:
+    def publish_status(self, loop_lag_s: float = 0.0) -> None:
         load = self.engine.load()
         self.metrics.on_load(load)
         self.publisher.publish(TOPIC_HEARTBEAT, Heartbeat(
             self.worker_id, self.engine.steps_done(), len(self.destinations), self.draining,
-            self.replica_peers))
+            self.replica_peers, loop_lag_s))
         m = self.metrics
+        m.on_heartbeat(loop_lag_s, self.engine.time_debt_s(), self.engine.time_dropped_s())
         m.replicated_blocks.set(self.peers.replicated_blocks)
         m.replication_dropped.set(self.peers.dropped_blocks)
         m.replication_lag.set(self.peers.lag_blocks)

@@ -61,6 +61,17 @@ class WorkerMetrics:
         self.cache_hit_rate = gauge("turnout_worker_prefix_cache_hit_rate",
                                     "Share of admitted prompt tokens found in the prefix cache, "
                                     "since start")
+        self.loop_lag = Histogram(
+            "turnout_worker_event_loop_lag_seconds",
+            "How late each heartbeat tick ran behind its schedule (the process lacked the CPU)",
+            names, buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry).labels(**labels)
+        self.time_debt = gauge("turnout_worker_engine_time_debt_seconds",
+                               "Simulated engines: how far the step clock runs behind the "
+                               "timing model")
+        self.time_dropped = counter("turnout_worker_engine_time_dropped_seconds",
+                                    "Simulated engines: time owed past the debt bound, dropped")
+        self._dropped_total = 0.0
         self.engine_metrics = CustomMetrics(self.registry, labels)
         self._prompt_total = 0
         self._cached_total = 0
@@ -93,3 +104,11 @@ class WorkerMetrics:
         self.waiting.set(load.waiting)
         self.kv_used.set(load.kv_used_blocks)
         self.kv_total.set(load.kv_total_blocks)
+
+    def on_heartbeat(self, loop_lag_s: float, time_debt_s: float, time_dropped_s: float) -> None:
+        """A heartbeat tick: its lateness, and the engine's pacing (dropped is a running total)."""
+        self.loop_lag.observe(loop_lag_s)
+        self.time_debt.set(time_debt_s)
+        if time_dropped_s > self._dropped_total:
+            self.time_dropped.inc(time_dropped_s - self._dropped_total)
+            self._dropped_total = time_dropped_s

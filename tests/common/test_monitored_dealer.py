@@ -27,7 +27,7 @@ def test_peer_that_goes_away_is_observed_and_its_return_too() -> None:
             changes = dealer.changes()
             assert await asyncio.wait_for(anext(changes), 10) is True
             assert dealer.connected
-            dealer.send_multipart([b"k", b"hello"])
+            dealer.socket.send_multipart([b"k", b"hello"])
             ident, *body = await asyncio.wait_for(peer.recv_multipart(), 10)
             assert body == [b"k", b"hello"]
             await peer.send_multipart([ident, b"t", b"reply"])
@@ -57,7 +57,7 @@ def test_wait_lost_returns_at_the_first_drop_after_a_connection() -> None:
         try:
             lost = asyncio.create_task(dealer.wait_lost())
             # Connected (a message got through), and still waiting: only a drop ends it.
-            dealer.send_multipart([b"ping"])
+            dealer.socket.send_multipart([b"ping"])
             await asyncio.wait_for(peer.recv_multipart(), 10)
             assert not lost.done()
             peer.close(linger=0)

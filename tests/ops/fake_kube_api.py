@@ -10,9 +10,13 @@ the `kubernetes` client use, on 127.0.0.1, with the API server's semantics:
   or starts matching the selector arrives as DELETED or ADDED; a version older than the retained
   history gets a 410 ERROR event, as a compacted etcd does; `timeoutSeconds` ends the stream;
 - `GET` / `PATCH` (JSON merge patch, or strategic merge, the same for maps) of one pod;
+- `GET /apis/apps/v1/namespaces/NS/deployments/NAME` and `GET` / `PATCH` (merge) of its `scale`
+  subresource, the part the planner's kubernetes connector uses; scaling down drops
+  `status.readyReplicas` to the new count at once (those pods are terminating, so not ready);
 - a bearer token checked on every request (401 otherwise).
 The test drives the rest the way kubelet and controllers would: it creates pods, flips their
-readiness, deletes them, compacts history and cuts watch connections.
+readiness, deletes them, compacts history and cuts watch connections, creates Deployments and
+says how many of their pods are ready.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ class FakeKubeApi:
     def __init__(self, token: str = "test-token") -> None:
         self.token = token
         self.pods: dict[tuple[str, str], dict[str, Any]] = {}
+        self.deployments: dict[tuple[str, str], dict[str, Any]] = {}
         self.version = 100
         self.history: list[_Change] = []
         self.oldest = 0  # versions below this are compacted away
@@ -144,6 +149,37 @@ class FakeKubeApi:
     async def delete_pod(self, namespace: str, name: str) -> None:
         await self._commit(namespace, self.pods[(namespace, name)], None)
 
+    def put_deployment(self, namespace: str, name: str, replicas: int,
+                       ready: int | None = None) -> None:
+        """Create or replace a Deployment with `ready` (default: all) of its pods ready."""
+        self.version += 1
+        self.deployments[(namespace, name)] = {
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "namespace": namespace,
+                         "resourceVersion": str(self.version)},
+            "spec": {"replicas": replicas,
+                     "selector": {"matchLabels": {"app.kubernetes.io/name": name}}},
+            "status": {"replicas": replicas,
+                       "readyReplicas": replicas if ready is None else ready}}
+
+    def set_ready_replicas(self, namespace: str, name: str, ready: int) -> None:
+        """What the ReplicaSet controller reports as the Deployment's pods pass readiness."""
+        dep = self.deployments[(namespace, name)]
+        self.version += 1
+        dep["metadata"]["resourceVersion"] = str(self.version)
+        dep["status"]["readyReplicas"] = min(ready, dep["spec"]["replicas"])
+
+    def scale_by_hand(self, namespace: str, name: str, replicas: int) -> None:
+        """`kubectl scale` by someone else."""
+        self._scale(self.deployments[(namespace, name)], replicas)
+
+    def _scale(self, dep: dict[str, Any], replicas: int) -> None:
+        self.version += 1
+        dep["metadata"]["resourceVersion"] = str(self.version)
+        dep["spec"]["replicas"] = replicas
+        dep["status"]["replicas"] = replicas
+        dep["status"]["readyReplicas"] = min(dep["status"].get("readyReplicas", 0), replicas)
+
     def compact(self) -> None:
         """Forget the history so far: a watch from any older version gets 410 Gone."""
         self.oldest = self.version + 1
@@ -196,6 +232,10 @@ class FakeKubeApi:
                     await self._reply(writer, 401, _status(401, "Unauthorized", "no token"))
                     continue
                 parts = url.path.strip("/").split("/")
+                if parts[:4] == ["apis", "apps", "v1", "namespaces"] and len(parts) >= 7 \
+                        and parts[5] == "deployments":
+                    await self._deployment(writer, method, parts, headers, body)
+                    continue
                 if parts[:3] != ["api", "v1", "namespaces"] or len(parts) < 5 \
                         or parts[4] != "pods":
                     await self._reply(writer, 404, _status(404, "NotFound", url.path))
@@ -251,6 +291,37 @@ class FakeKubeApi:
             return
         patched = merge_patch(pod, json.loads(body))
         await self._reply(writer, 200, await self._commit(namespace, pod, patched))
+
+    async def _deployment(self, writer: asyncio.StreamWriter, method: str, parts: list[str],
+                          headers: dict[str, str], body: bytes) -> None:
+        namespace, name, sub = parts[4], parts[6], parts[7:]
+        dep = self.deployments.get((namespace, name))
+        if dep is None:
+            await self._reply(writer, 404, _status(
+                404, "NotFound", f'deployments.apps "{name}" not found'))
+        elif not sub and method == "GET":
+            await self._reply(writer, 200, dep)
+        elif sub == ["scale"] and method in ("GET", "PATCH"):
+            if method == "PATCH":
+                ctype = headers.get("content-type", "").split(";")[0]
+                if ctype not in ("application/merge-patch+json",
+                                 "application/strategic-merge-patch+json"):
+                    await self._reply(writer, 415, _status(415, "UnsupportedMediaType", ctype))
+                    return
+                replicas = (json.loads(body).get("spec") or {}).get("replicas")
+                if not isinstance(replicas, int) or replicas < 0:
+                    await self._reply(writer, 422, _status(422, "Invalid", "spec.replicas"))
+                    return
+                self._scale(dep, replicas)
+            await self._reply(writer, 200, {
+                "apiVersion": "autoscaling/v1", "kind": "Scale",
+                "metadata": {"name": name, "namespace": namespace,
+                             "resourceVersion": dep["metadata"]["resourceVersion"]},
+                "spec": {"replicas": dep["spec"]["replicas"]},
+                "status": {"replicas": dep["status"]["replicas"],
+                           "selector": f"app.kubernetes.io/name={name}"}})
+        else:
+            await self._reply(writer, 405, _status(405, "MethodNotAllowed", method))
 
     async def _watch(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      namespace: str, selector: str, query: dict[str, list[str]]) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from services.planner.connectors import LocalConnector, NoopConnector
+from services.planner.connectors import LocalConnector, NoopConnector, PoolState
 
 # A stand-in worker: exits on SIGTERM after a short drain, like a real one with no streams.
 # With a directory as its first argument, it marks itself ready there (a file named by its id).
@@ -65,10 +65,14 @@ async def test_registered_workers_being_stopped_do_not_count() -> None:
                           "p", stop_timeout_s=10)
     try:
         await conn.apply(2)
+        assert await conn.observe() == PoolState(2, 0), "started, not registered: not ready"
+        registered.add("p-decode-1")
+        assert await conn.observe() == PoolState(2, 1)
         registered.update(conn.running)  # both registered
         assert conn.current() == 2
         await conn.apply(1)  # the stopped one may linger in discovery for a poll
         assert conn.current() == 1
+        assert await conn.observe() == PoolState(1, 1)
     finally:
         await conn.close()
 
@@ -123,7 +127,7 @@ def test_worker_command_puts_user_flags_last() -> None:
 @pytest.mark.asyncio
 async def test_noop_connector_only_counts() -> None:
     conn = NoopConnector("aggregated", lambda: {"a", "b"})
-    assert conn.current() == 2
+    assert conn.current() == 2 and await conn.observe() == PoolState(2, 2)
     await conn.apply(5)
     assert conn.current() == 2
     await conn.close()

@@ -6,10 +6,13 @@ import asyncio
 
 import httpx
 import pytest
+from prometheus_client import generate_latest
 
 from common.messages import ROLE_FRONTEND, ROLE_ROUTER, Instance
-from services.planner.load_observer import CounterDeltas, LoadObserver, parse_samples
+from services.frontend.metrics import FrontendMetrics, ModelMetrics
+from services.planner.load_observer import CounterDeltas, Demand, LoadObserver, parse_samples
 from services.planner.performance_model import StepSample
+from services.router.metrics import RouterMetrics
 
 
 def router_text(finished: float, rejected: float = 0.0) -> str:
@@ -115,3 +118,50 @@ async def test_without_frontends_lengths_come_from_forward_passes() -> None:
     assert obs_.input_tokens == pytest.approx(4000 / 20)  # rejected requests computed nothing
     assert obs_.output_tokens == pytest.approx(12 / 20)
     assert obs_.ttft_ms is None and obs_.itl_ms is None
+
+
+@pytest.mark.asyncio
+async def test_probe_reads_demand_from_the_frontends_own_gauges() -> None:
+    """Demand a planner scaled to zero can see: requests held for a first token. Exposition from
+    the frontend's and router's own metrics classes, so a renamed series fails here."""
+    frontend, router = FrontendMetrics(), RouterMetrics("r1")
+    mine, other = ModelMetrics(frontend, "mock"), ModelMetrics(frontend, "other")
+    web = Pages()
+
+    def publish() -> None:
+        web.pages["http://f/metrics"] = generate_latest(frontend.registry).decode()
+        web.pages["http://r/metrics"] = generate_latest(router.registry).decode()
+
+    publish()
+    async with httpx.AsyncClient(transport=httpx.MockTransport(web.handler)) as client:
+        obs = LoadObserver("mock", client)
+        assert await obs.probe([ROUTER], [FRONTEND]) == Demand(0, 0)
+        assert (await obs.probe([ROUTER], [FRONTEND])).idle  # type: ignore[union-attr]
+        for _ in range(3):  # three requests parked at the router: no worker yet
+            mine.active.inc()
+            mine.queued.inc()
+        other.active.inc()  # another model's request is not ours
+        publish()
+        assert await obs.probe([ROUTER], [FRONTEND]) == Demand(3, 3)
+        mine.queued.dec()  # one got its first token
+        publish()
+        demand = await obs.probe([ROUTER], [FRONTEND])
+        assert demand == Demand(2, 3) and not demand.idle
+        # Without a frontend (a gateway in front of the router): the router's in-flight table.
+        router.inflight.set(5)
+        publish()
+        assert await obs.probe([ROUTER], []) == Demand(0, 5)
+        assert await obs.probe([GONE], []) is None, "nobody answered: unknown, not idle"
+        # Today's frontend refuses requests while no worker serves any model: counted.
+        frontend.rejected("no_workers")
+        frontend.rejected("no_workers")
+        frontend.rejected("invalid")  # a bad request is no demand for a worker
+        publish()
+        assert await obs.probe([ROUTER], [FRONTEND]) == Demand(2, 3, refused=2)
+        assert await obs.probe([ROUTER], [FRONTEND]) == Demand(2, 3, refused=0)
+        # collect() carries the same reading; refusals count from its own first reading.
+        assert (await obs.collect([ROUTER], [FRONTEND])).demand == Demand(2, 3, refused=0)
+        frontend.rejected("no_workers")
+        publish()
+        assert (await obs.collect([ROUTER], [FRONTEND])).demand == Demand(2, 3, refused=1)
+        assert await obs.probe([ROUTER], [FRONTEND]) == Demand(2, 3, refused=1)

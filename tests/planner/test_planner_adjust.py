@@ -3,26 +3,40 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from common.config import parse
+from common.messages import Instance, LoadReport
 from services.planner.args import PlannerConfig
-from services.planner.load_observer import Observation
+from services.planner.connectors import PoolState
+from services.planner.load_observer import Demand, Observation
 from services.planner.main import Planner
+from services.planner.main import main as planner_main
 from services.planner.performance_model import StepSample
 
 
 class FakeConnector:
+    """A pool whose workers become ready when the test says (`ready`), and that someone else
+    may resize (`replicas` set directly, then `changed_from`)."""
+
     def __init__(self, role: str, replicas: int) -> None:
         self.role = role
         self.replicas = replicas
+        self.ready: int | None = None  # None: every worker is ready at once
+        self.changed_from: int | None = None
         self.applied: list[int] = []
 
     def current(self) -> int:
         return self.replicas
+
+    async def observe(self) -> PoolState:
+        ready = self.replicas if self.ready is None else min(self.ready, self.replicas)
+        changed, self.changed_from = self.changed_from, None
+        return PoolState(self.replicas, ready, changed)
 
     async def apply(self, target: int) -> None:
         self.applied.append(target)
@@ -33,14 +47,26 @@ class FakeConnector:
 
 
 class ScriptedObserver:
-    """Hands out the next scripted observation at each interval."""
+    """Hands out the next scripted observation at each interval, and `demand` when probed."""
 
     def __init__(self) -> None:
         self.next: Observation | None = None
+        self.demand: Demand | None = None
 
     async def collect(self, routers: object, frontends: object) -> Observation:
         assert self.next is not None
         return self.next
+
+    async def probe(self, routers: object, frontends: object) -> Demand | None:
+        return self.demand
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 @pytest.fixture
@@ -51,36 +77,70 @@ def profile(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def planner(profile: Path) -> Iterator[Planner]:
+def make_planner(profile: Path, *flags: str) -> Planner:
+    """A dry-run planner on the profile, a scripted observer, one fake pool of 1 worker and a
+    fake clock (`p.clock`) for its cooldowns and start timeouts."""
     config = parse(PlannerConfig, ["--dry-run", "--profile", str(profile), "--load-predictor",
                                    "constant", "--max-replicas", "16",
-                                   "--scale-down-cooldown-s", "0"])
+                                   "--scale-down-cooldown-s", "0", *flags])
     p = Planner(config)
     p.observer = ScriptedObserver()  # type: ignore[assignment]
     p.connectors = {"aggregated": FakeConnector("aggregated", 1)}
+    clock = Clock()
+    p.planner.clock = p.startup.clock = clock
+    p.planner._started = clock.now
+    p.clock = clock  # type: ignore[attr-defined]
+    return p
+
+
+def close(p: Planner) -> None:
+    p.subscriber.close()
+    p.ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def planner(profile: Path) -> Iterator[Planner]:
+    p = make_planner(profile)
     try:
         yield p
     finally:
-        p.subscriber.close()
-        p.ctx.destroy(linger=0)
+        close(p)
 
 
 def observe(rate: float | None, isl: float | None = 1500, osl: float | None = 200,
             ttft_ms: float | None = None, itl_ms: float | None = None,
-            steps: list[StepSample] | None = None) -> Observation:
-    return Observation(1.0, rate, isl, osl, ttft_ms, itl_ms, steps or [])
+            steps: list[StepSample] | None = None,
+            demand: Demand | None = None) -> Observation:
+    return Observation(1.0, rate, isl, osl, ttft_ms, itl_ms, steps or [], demand)
+
+
+def metrics(p: Planner) -> dict[str, float]:
+    return {s.name + str(s.labels): s.value for f in p.metrics.registry.collect()
+            for s in f.samples}
+
+
+def pool(p: Planner) -> FakeConnector:
+    conn = p.connectors["aggregated"]
+    assert isinstance(conn, FakeConnector)
+    return conn
+
+
+async def run(p: Planner, *obs: Observation, every_s: float = 10.0) -> list[int]:
+    """One adjustment per observation, `every_s` apart; the pool's size after each."""
+    sizes = []
+    for o in obs:
+        p.clock.now += every_s  # type: ignore[attr-defined]
+        p.observer.next = o  # type: ignore[attr-defined]
+        await p.adjust()
+        sizes.append(pool(p).replicas)
+    return sizes
 
 
 @pytest.mark.asyncio
 async def test_targets_follow_the_load(planner: Planner) -> None:
     conn = planner.connectors["aggregated"]
     assert isinstance(conn, FakeConnector)
-    targets = []
-    for rate in (1, 10, 40, 80, 20, 0):
-        planner.observer.next = observe(rate)  # type: ignore[attr-defined]
-        await planner.adjust()
-        targets.append(conn.replicas)
+    targets = await run(planner, *(observe(rate) for rate in (1, 10, 40, 80, 20, 0)))
     assert targets[0] == 1 and targets[3] > targets[2] > targets[1] >= 1, targets
     assert targets[4] < targets[3] and targets[5] == 1, targets
     m = {s.name + str(s.labels): s.value for f in planner.metrics.registry.collect()
@@ -110,3 +170,218 @@ async def test_slow_observed_itl_adds_replicas(planner: Planner) -> None:
     await planner.adjust()
     assert planner.planner.itl_correction.factor > 2
     assert planner.connectors["aggregated"].current() > base
+
+
+@pytest.mark.asyncio
+async def test_the_predictor_and_its_error_are_in_the_metrics(planner: Planner,
+                                                              profile: Path) -> None:
+    await run(planner, observe(10), observe(14))
+    m = metrics(planner)
+    assert m["turnout_planner_load_predictor{'predictor': 'constant'}"] == 1
+    assert m["turnout_planner_load_predictor{'predictor': 'kalman'}"] == 0
+    assert m["turnout_planner_prediction_abs_error{'series': 'request_rate'}"] == 4
+    assert m["turnout_planner_prediction_error_ratio{'series': 'request_rate'}"] == \
+        pytest.approx(4 / 14)
+    arima = make_planner(profile, "--load-predictor", "arima", "--arima-window", "12")
+    try:
+        await run(arima, *(observe(10 + 5 * (i % 4)) for i in range(14)))
+        m = metrics(arima)
+        assert m["turnout_planner_load_predictor{'predictor': 'arima'}"] == 1
+        error = m["turnout_planner_prediction_error_ratio{'series': 'request_rate'}"]
+        assert 0 <= error < 1
+    finally:
+        close(arima)
+
+
+@pytest.mark.asyncio
+async def test_the_gpu_budget_caps_the_fleet(profile: Path) -> None:
+    p = make_planner(profile, "--max-gpus", "7", "--gpus-per-worker", "2")
+    try:
+        assert await run(p, observe(80)) == [3]  # the load wants more than 3
+        assert p.planner.propose("aggregated", p.needs(p.forecast()).needs["aggregated"],
+                                 3) > 3
+        m = metrics(p)
+        assert m["turnout_planner_budget_limited_total{'role': 'aggregated'}"] == 1
+        assert m["turnout_planner_target_gpus{}"] == 6
+        assert m["turnout_planner_gpu_budget{}"] == 7
+    finally:
+        close(p)
+
+
+@pytest.mark.asyncio
+async def test_scale_to_zero_when_idle_and_back_when_requests_wait(profile: Path) -> None:
+    p = make_planner(profile, "--min-replicas", "0", "--scale-down-cooldown-s", "30")
+    idle = observe(0, None, None, demand=Demand(0, 0))
+    try:
+        assert await run(p, observe(5)) == [1]
+        # A stream still running (nothing ended, but one in flight) is not idle.
+        busy = observe(0, None, None, demand=Demand(0, 1))
+        assert await run(p, *[busy] * 5) == [1] * 5
+        assert await run(p, *[idle] * 4) == [1, 1, 1, 0], "idle for a whole cooldown first"
+        # At zero: the reactive loop starts a worker as soon as a request waits.
+        await p.react()
+        assert pool(p).replicas == 0  # nobody waits
+        p.observer.demand = Demand(waiting=2, in_flight=2)  # type: ignore[attr-defined]
+        await p.react()
+        assert pool(p).replicas == 1
+        m = metrics(p)
+        assert m["turnout_planner_scale_from_zero_total{'role': 'aggregated'}"] == 1
+        assert m["turnout_planner_waiting_requests{}"] == 2
+        assert m["turnout_planner_reactive_actions_total{'role': 'aggregated', "
+                 "'direction': 'up'}"] == 1
+        # Back to zero, then the predictive loop sees requests the routers ended or refused.
+        assert (await run(p, *[idle] * 4))[-1:] == [0]
+        assert await run(p, observe(3, None, None, demand=Demand(0, 0))) == [1]
+        assert metrics(p)["turnout_planner_scale_from_zero_total{'role': 'aggregated'}"] == 2
+    finally:
+        close(p)
+
+
+@pytest.mark.asyncio
+async def test_a_start_that_never_gets_ready_holds_scale_ups_until_it_does(
+        profile: Path) -> None:
+    p = make_planner(profile, "--ready-timeout-s", "30", "--scale-down-cooldown-s", "30")
+    conn = pool(p)
+    conn.ready = 1  # the workers the planner adds never become ready
+    try:
+        [grown] = await run(p, observe(40))
+        assert grown > 1
+        assert await run(p, *[observe(40)] * 3) == [grown] * 3
+        assert metrics(p)["turnout_planner_scale_up_held{'role': 'aggregated'}"] == 0
+        assert await run(p, observe(40)) == [grown]  # 30 s with no worker becoming ready
+        m = metrics(p)
+        assert m["turnout_planner_start_timeouts_total{'role': 'aggregated'}"] == 1
+        assert m["turnout_planner_scale_up_held{'role': 'aggregated'}"] == 1
+        assert m["turnout_planner_ready_replicas{'role': 'aggregated'}"] == 1
+        # More load: not another worker onto a pool whose starts are stuck; still deciding.
+        assert await run(p, observe(80), observe(80)) == [grown] * 2
+        assert m["turnout_planner_adjustments_total{}"] < \
+            metrics(p)["turnout_planner_adjustments_total{}"]
+        conn.ready = grown  # they come up at last
+        [bigger] = await run(p, observe(80))
+        assert bigger > grown
+        assert metrics(p)["turnout_planner_scale_up_held{'role': 'aggregated'}"] == 0
+        assert metrics(p)["turnout_planner_start_timeouts_total{'role': 'aggregated'}"] == 1
+    finally:
+        close(p)
+
+
+@pytest.mark.asyncio
+async def test_stuck_starts_do_not_stop_a_scale_down(profile: Path) -> None:
+    p = make_planner(profile, "--ready-timeout-s", "30", "--scale-down-cooldown-s", "30")
+    pool(p).ready = 1
+    try:
+        [grown] = await run(p, observe(40))
+        assert grown > 1
+        sizes = await run(p, *[observe(0, None, None)] * 5)  # the load went away
+        assert sizes[-1] == 1, sizes
+    finally:
+        close(p)
+
+
+@pytest.mark.asyncio
+async def test_replicas_changed_by_hand_are_adopted_not_fought(profile: Path) -> None:
+    p = make_planner(profile, "--scale-down-cooldown-s", "30")
+    conn = pool(p)
+    try:
+        [base] = await run(p, observe(20))
+        await run(p, observe(20), observe(20), observe(20), observe(20))
+        conn.replicas, conn.changed_from = base + 4, base  # kubectl scale
+        assert await run(p, observe(20), observe(20)) == [base + 4] * 2
+        m = metrics(p)
+        assert m["turnout_planner_external_replica_changes_total{'role': 'aggregated'}"] == 1
+        assert m["turnout_planner_current_replicas{'role': 'aggregated'}"] == base + 4
+        # A cooldown after the change was seen, back to what the load needs (by draining).
+        assert await run(p, observe(20), observe(20), observe(20)) == [base + 4] * 2 + [base]
+    finally:
+        close(p)
+
+
+def report(worker_id: str, prefill: int = 0, running: int = 0, kv: int = 0) -> LoadReport:
+    return LoadReport(worker_id, 0, prefill, kv, 16384, 0, running)
+
+
+def serve(p: Planner, *loads: LoadReport) -> None:
+    """The workers registered and their latest load reports, just received."""
+    p.workers = {r.worker_id: Instance(r.worker_id, "worker", p.model_name,
+                                       metadata={"mode": "aggregated"}) for r in loads}
+    p.loads = {r.worker_id: (time.monotonic(), r) for r in loads}
+
+
+@pytest.mark.asyncio
+async def test_the_reactive_loop_adds_on_pressure_and_removes_with_hysteresis(
+        profile: Path) -> None:
+    p = make_planner(profile, "--scale-down-cooldown-s", "30")
+    conn = pool(p)
+    conn.replicas = 2
+    try:
+        serve(p, report("a", 60000, 200, 14000), report("b", 0, 2, 50))
+        await p.react()
+        assert conn.replicas == 2, "worker b has room"
+        serve(p, report("a", 60000, 200, 14000), report("b", 60000, 200, 14000))
+        await p.react()
+        assert conn.replicas == 3
+        assert metrics(p)["turnout_planner_least_worker_pressure{'role': 'aggregated'}"] > 1
+        conn.ready = 2  # the new worker is still starting: no second one on top of it
+        await p.react()
+        assert conn.replicas == 3
+        conn.ready = None
+        serve(p, *(report(w, 0, 2, 50) for w in "abc"))  # the burst is over
+        await p.react()
+        assert conn.replicas == 3, "the cooldown after the reactive scale-up"
+        p.clock.now += 31  # type: ignore[attr-defined]
+        await p.react()
+        assert conn.replicas == 2
+        serve(p, *(report(w, 0, 2, 50) for w in "ab"))
+        await p.react()
+        assert conn.replicas == 2, "and a cooldown after that removal too"
+        m = metrics(p)
+        assert m["turnout_planner_reactive_actions_total{'role': 'aggregated', "
+                 "'direction': 'up'}"] == 1
+        assert m["turnout_planner_reactive_actions_total{'role': 'aggregated', "
+                 "'direction': 'down'}"] == 1
+    finally:
+        close(p)
+
+
+@pytest.mark.asyncio
+async def test_the_reactive_loop_respects_the_budget_and_the_ceiling(profile: Path) -> None:
+    p = make_planner(profile, "--max-gpus", "2", "--max-replicas", "3")
+    conn = pool(p)
+    conn.replicas = 2
+    try:
+        hot = [report(w, 60000, 200, 14000) for w in "ab"]
+        serve(p, *hot)
+        await p.react()
+        assert conn.replicas == 2, "a third worker would need a third GPU"
+    finally:
+        close(p)
+
+
+@pytest.mark.asyncio
+async def test_a_refused_request_wakes_a_role_at_zero(profile: Path) -> None:
+    p = make_planner(profile, "--min-replicas", "0", "--max-gpus", "1")
+    pool(p).replicas = 0
+    try:
+        p.observer.demand = Demand(waiting=0, in_flight=0, refused=1)  # type: ignore[attr-defined]
+        await p.react()
+        assert pool(p).replicas == 1
+    finally:
+        close(p)
+
+
+@pytest.mark.parametrize(("flags", "error"), [
+    (["--arima-order", "1,1"], "ARIMA order"),
+    (["--load-predictor", "arima", "--arima-window", "4"], "--arima-window"),
+    (["--arima-order", "2,1,2", "--arima-window", "10"], "at least 12"),
+    (["--max-gpus", "1", "--gpus-per-worker", "2"], "GPU budget"),
+    (["--max-gpus", "-1"], "--max-gpus"),
+    (["--reactive-interval-s", "-1"], "--reactive-interval-s"),
+    (["--reactive-scale-down-margin", "1.5"], "--reactive-scale-down-margin"),
+    (["--ready-timeout-s", "0"], "--ready-timeout-s"),
+    (["--connector", "kubernetes", "--kube-deployment", ""], "no Deployment"),
+])
+@pytest.mark.timeout(60)  # a setting wrongly accepted would start planning for good
+def test_bad_settings_are_refused_before_anything_starts(flags: list[str], error: str) -> None:
+    with pytest.raises(SystemExit, match=error):
+        planner_main(flags)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 
+import httpx
 import psutil
 import pytest
 
@@ -83,4 +84,44 @@ def test_planner_scales_up_to_min_replicas_and_drains_its_workers_on_exit(
         assert dep.service("w1").alive()
     finally:
         if alive(pid):  # reap what the planner left behind, whatever happened
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_planner_scales_from_zero_on_demand_and_back_to_zero_when_idle(
+        deployment: Deployment) -> None:
+    """--min-replicas 0 with no worker at all: today's frontend refuses the first request (503,
+    no workers, counted), the planner sees the refusal within a reactive tick and starts a
+    worker, the retry is served; idle for a cooldown, the worker is drained away again."""
+    dep = deployment
+    dep.start_router()
+    dep.start_frontend()
+    planner = dep.start_planner(
+        "--planner-id", "p0", "--min-replicas", "0", "--adjustment-interval-s", "1",
+        "--reactive-interval-s", "0.3", "--scale-down-cooldown-s", "4", "--log-level", "info",
+        "--worker-args", "--drain-grace-s 1", wait=False)
+    dep.wait_registered(planner, timeout=20)
+    wait_for(lambda: planner_metrics(dep, "p0").value("turnout_planner_adjustments_total")
+             >= 2, 20, "two adjustments with no worker")
+    assert workers(dep) == [], "idle and at zero: nothing started"
+
+    refused = httpx.post(dep.url + "/v1/completions", timeout=10,
+                         json={"model": "mock", "prompt": "hello", "max_tokens": 4})
+    assert refused.status_code == 503
+    started = dep.wait_registered(planner, timeout=60, instance_id="p0-aggregated-1")
+    pid = started["metadata"]["pid"]
+    try:
+        m = planner_metrics(dep, "p0")
+        assert m.value("turnout_planner_scale_from_zero_total", role="aggregated") == 1
+        dep.wait_healthy(timeout=30)
+        served = httpx.post(dep.url + "/v1/completions", timeout=30,
+                            json={"model": "mock", "prompt": "hello", "max_tokens": 4})
+        assert served.status_code == 200, served.text
+        # Idle: after a cooldown with nothing in flight, the worker drains and exits.
+        wait_for(lambda: not alive(pid), 60, "the idle worker to be drained away")
+        assert workers(dep) == []
+        wait_for(lambda: planner_metrics(dep, "p0").value(
+            "turnout_planner_current_replicas", role="aggregated") == 0, 10, "it to count 0")
+        assert stop(planner) == 0
+    finally:
+        if alive(pid):
             os.kill(pid, signal.SIGKILL)

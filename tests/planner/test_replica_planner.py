@@ -177,3 +177,56 @@ def test_bad_bounds_are_refused() -> None:
         planner(min_replicas=3, max_replicas=2)
     with pytest.raises(ValueError):
         planner(min_replicas=0, max_replicas=0)
+
+
+def test_a_hand_made_or_reactive_change_restarts_the_cooldown() -> None:
+    clock = Clock()
+    p = planner(clock, scale_down_cooldown_s=30.0)
+    clock.now += 100  # long after start: a scale-down would be allowed
+    assert p.may_scale_down(ROLE_AGGREGATED, 1)
+    p.note_change(ROLE_AGGREGATED, 6)  # someone scaled to 6
+    assert not p.may_scale_down(ROLE_AGGREGATED, 5)
+    assert p.decide(ROLE_AGGREGATED, 2.0, current=6) == 6, "adopted, not reverted at once"
+    clock.now += 31
+    assert p.may_scale_down(ROLE_AGGREGATED, 5)
+    assert p.decide(ROLE_AGGREGATED, 2.0, current=6) == 2
+    assert not planner(min_replicas=2).may_scale_down(ROLE_AGGREGATED, 1), "never below min"
+
+
+def test_propose_does_not_start_a_cooldown_until_committed() -> None:
+    clock = Clock()
+    p = planner(clock, scale_down_cooldown_s=30.0)
+    clock.now += 100
+    assert p.propose(ROLE_AGGREGATED, 5.0, current=2) == 5
+    p.commit(ROLE_AGGREGATED, 2, 2)  # something cut the proposal: nothing changed
+    clock.now += 31  # the 5 has left the window
+    assert p.propose(ROLE_AGGREGATED, 1.0, current=2) == 1
+
+
+def test_gpu_budget_caps_one_role() -> None:
+    p = planner(max_gpus=7, gpus_per_worker={ROLE_AGGREGATED: 2})
+    assert p.fit_budget({ROLE_AGGREGATED: 2}) == {ROLE_AGGREGATED: 2}
+    assert p.fit_budget({ROLE_AGGREGATED: 9}) == {ROLE_AGGREGATED: 3}  # 6 of 7 GPUs
+    assert p.fits_budget({ROLE_AGGREGATED: 3}) and not p.fits_budget({ROLE_AGGREGATED: 4})
+    assert planner().fit_budget({ROLE_AGGREGATED: 60}) == {ROLE_AGGREGATED: 60}, "0: no budget"
+
+
+def test_gpu_budget_shares_out_between_roles_in_proportion() -> None:
+    p = planner(disaggregated=True, max_gpus=16,
+                gpus_per_worker={ROLE_PREFILL: 2, ROLE_DECODE: 4})
+    assert p.fit_budget({ROLE_PREFILL: 2, ROLE_DECODE: 3}) == {ROLE_PREFILL: 2, ROLE_DECODE: 3}
+    fitted = p.fit_budget({ROLE_PREFILL: 6, ROLE_DECODE: 6})  # 36 GPUs asked of 16
+    assert p.gpus(fitted) <= 16 and p.gpus(fitted) >= 16 - 2
+    assert fitted[ROLE_PREFILL] >= 2 and fitted[ROLE_DECODE] >= 2, fitted
+    floors = planner(disaggregated=True, max_gpus=3, min_replicas=1)
+    fitted = floors.fit_budget({ROLE_PREFILL: 10, ROLE_DECODE: 1})
+    assert fitted[ROLE_DECODE] == 1 and floors.gpus(fitted) == 3, fitted
+
+
+def test_a_budget_that_cannot_hold_the_minimum_is_refused() -> None:
+    with pytest.raises(ValueError, match="budget"):
+        planner(min_replicas=2, max_gpus=3, gpus_per_worker={ROLE_AGGREGATED: 2})
+    with pytest.raises(ValueError, match="budget"):
+        planner(min_replicas=0, max_gpus=1, gpus_per_worker={ROLE_AGGREGATED: 2})
+    with pytest.raises(ValueError, match="at least 1"):
+        planner(gpus_per_worker={ROLE_AGGREGATED: 0})

@@ -41,20 +41,14 @@ class SocketDone(Exception):
 
 
 class FakeSocket:
-    """Records every multipart message sent; as a worker link, `wait_lost` returns once the
-    test sets `lost` (its connection dropped)."""
+    """Records every multipart message sent."""
 
-    def __init__(self, endpoint: str = "") -> None:
-        self.endpoint = endpoint
+    def __init__(self) -> None:
         self.sent: list[list[bytes]] = []
         self.closed = False
-        self.lost = asyncio.Event()
 
     def send_multipart(self, frames: list[bytes]) -> None:
         self.sent.append(list(frames))
-
-    async def wait_lost(self) -> None:
-        await self.lost.wait()
 
     def close(self) -> None:
         self.closed = True
@@ -68,7 +62,7 @@ def worker(worker_id: str, block_size: int = 4, model: str = MODEL, started: flo
     instance = Instance(id=worker_id, role="worker", model=model, endpoints={
         "request": f"tcp://{worker_id}:1", **endpoints},
         metadata={"block_size": block_size, "started": started})
-    return WorkerHandle(instance, FakeSocket())
+    return WorkerHandle(instance, FakeDealer(instance.endpoints["request"]))  # type: ignore[arg-type]
 
 
 def sent(handle: WorkerHandle) -> list[list[bytes]]:
@@ -132,3 +126,19 @@ class Wiring:
                     if c.error_code]
         return out
 
+
+
+class FakeDealer:
+    """A worker connection (what `MonitoredDealer` is to the router): `socket` records what is
+    sent; `wait_lost` returns once the test sets `lost` (the connection dropped)."""
+
+    def __init__(self, endpoint: str = "") -> None:
+        self.endpoint = endpoint
+        self.socket = FakeSocket()
+        self.lost = asyncio.Event()
+
+    async def wait_lost(self) -> None:
+        await self.lost.wait()
+
+    def close(self) -> None:
+        self.socket.close()

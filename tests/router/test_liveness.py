@@ -44,12 +44,18 @@ def test_missed_heartbeats_make_a_suspect() -> None:
     beat(live, w, 1, peers=["b"])
     assert w.replica_peers == ["b"]
     clock.advance(0.3)
-    assert live.verdicts([w]) == []  # exactly the limit: not yet
+    assert live.verdicts([w]) == []  # the floor (3 missed periods): not yet
+    assert w.detector is not None
+    silence = w.detector.suspect_at - clock.now + 0.3  # the detector's call: 0.38 s here
+    assert 0.3 < silence < 0.5
+    clock.advance(silence - 0.3)
+    assert live.verdicts([w]) == []  # exactly there: not yet
     clock.advance(0.01)
+    silence += 0.01
     assert live.verdicts([w]) == [(w, CAUSE_HANG)]
     loss = live.declare_lost(w, CAUSE_HANG)
     assert loss is not None and loss.first and not loss.crashed
-    assert abs(loss.silent_s - 0.31) < 1e-9
+    assert abs(loss.silent_s - silence) < 1e-9
     assert state_of(w) == SUSPECT and w.suspect == 1 and not w.routable and not w.synced
     assert live.verdicts([w]) == []  # a suspect is not judged again
     assert live.declare_lost(w, CAUSE_HANG) is None

@@ -132,6 +132,6 @@ def test_event_gap_triggers_resync_and_index_matches_worker(tmp_path: Path) -> N
     finally:
         dep.close()
         if getattr(router, "loop", None) is not None:
-            router.loop.call_soon_threadsafe(router.stop.set)
+            router.loop.call_soon_threadsafe(router.service.request_stop)
         thread.join(timeout=10)
 

@@ -40,6 +40,7 @@ from services.router.streams import send_error
 from services.router.worker_pool import WorkerHandle
 from tests.router.fakes import (
     FakeClock,
+    FakeDealer,
     FakeSocket,
     SocketDone,
     counter,
@@ -89,7 +90,8 @@ class Harness:
         self.frontends = FakeSocket()
         r.frontends = r.streams.frontends = self.frontends  # type: ignore[assignment]
         r.migration.reply_error = functools.partial(send_error, self.frontends)
-        r.pool.open_link = lambda endpoint, handler: FakeSocket(endpoint)
+        r.pool.open_dealer = lambda endpoint, handler: FakeDealer(  # type: ignore[assignment]
+            endpoint)
         self.subscriber = FakeSubscriber()
         r.subscriber = self.subscriber  # type: ignore[assignment]
 
@@ -122,6 +124,10 @@ def instance(worker_id: str, started: float = 1.0) -> Instance:
 
 def sock(worker: WorkerHandle) -> FakeSocket:
     return worker.socket  # type: ignore[return-value]
+
+
+def dealer(worker: WorkerHandle) -> FakeDealer:
+    return worker.dealer  # type: ignore[return-value]
 
 
 Scenario = Callable[["Harness"], Coroutine[Any, Any, None]]
@@ -185,7 +191,7 @@ async def test_a_dropped_connection_kills_the_worker_and_moves_its_requests(h: H
     h.generate("r1")  # to b (round-robin)
     h.generate("r2")  # to a
     (watcher,) = h.router._tasks["a"]
-    sock(a).lost.set()  # its connection dropped
+    dealer(a).lost.set()  # its connection dropped
     await asyncio.wait_for(watcher, 5)
     assert "a" not in h.router.pool.workers and "a" in h.router.pool.dead
     assert a.inflight == 0 and sock(a).closed
@@ -203,7 +209,7 @@ async def test_a_dropped_connection_kills_the_worker_and_moves_its_requests(h: H
 async def test_a_draining_workers_drop_is_a_drain(h: Harness) -> None:
     a = h.admit("a")
     h.event("a", TOPIC_HEARTBEAT, Heartbeat("a", 1, 0, draining=True))
-    sock(a).lost.set()
+    dealer(a).lost.set()
     await asyncio.wait_for(h.router.watch_connection(a), 5)
     assert counter(h.router.metrics.worker_deaths, "drain") == 1
 

@@ -33,6 +33,7 @@ def test_defaults_match_dynamo() -> None:
     assert c.speedup_ratio == 1.0
     assert c.output_range() == (32, 127) and c.eos_token_id is None
     assert c.hash_seed == DEFAULT_SEED and c.kv_transfer_gbps == 10.0
+    assert c.max_time_debt_ms == 2000.0
     assert c == MockerConfig()  # the CLI's defaults are the engine's
 
 
@@ -72,7 +73,7 @@ def test_context_length_keys_of_other_model_families(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bad", [{"block_size": 0}, {"speedup_ratio": -1.0},
                                  {"token_range_lo": 127}, {"max_num_batched_tokens": 0},
-                                 {"mean_output_tokens": -1}])
+                                 {"mean_output_tokens": -1}, {"max_time_debt_ms": -1.0}])
 def test_rejects_unusable_settings(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         MockerConfig(**bad)  # type: ignore[arg-type]

@@ -38,6 +38,14 @@ class MockerConfig:
                                              "pulled from a peer or promoted from host memory)")
     kv_bytes_per_token: int = opt(131072, help="simulated KV bytes per token (default: a "
                                                "Llama-3-8B layout in bf16)")
+    # Steps a descheduled process owes are repaid by running later steps without their sleep,
+    # so wall time follows the model. The bound: past it the CPU is short for good (not
+    # briefly taken away) or the process was frozen, and repaying more would be a long burst of
+    # back-to-back steps that looks nothing like the model; the excess is dropped and counted.
+    max_time_debt_ms: float = opt(2000.0, help="most wall time the step clock may run behind "
+                                               "the timing model and still catch up; the rest "
+                                               "is dropped (turnout_worker_engine_time_dropped_"
+                                               "seconds_total)")
     # Engine-neutral settings (not flags here: `EngineConfig` declares them for every engine).
     block_size: int = 64
     hash_seed: int = DEFAULT_SEED
@@ -60,6 +68,8 @@ class MockerConfig:
                 raise ValueError(f"mocker: {name} must be positive, got {getattr(self, name)}")
         if self.speedup_ratio < 0:
             raise ValueError(f"mocker: speedup_ratio must be >= 0, got {self.speedup_ratio}")
+        if self.max_time_debt_ms < 0:
+            raise ValueError(f"mocker: max_time_debt_ms must be >= 0, got {self.max_time_debt_ms}")
         if self.startup_time_s < 0:
             raise ValueError(f"mocker: startup_time_s must be >= 0, got {self.startup_time_s}")
         if self.mean_output_tokens < 0:

@@ -7,6 +7,10 @@ is nothing to do the loop waits on an event that `add_request` sets: no busy spi
 wake-ups. `ForwardPass.duration_ms` is the modelled time of the step (not divided by the speed-up
 ratio), so records compare across speed-ups.
 
+Steps end on a chained deadline, so when the process loses the CPU (a busy host) the time it
+owes is repaid: later steps skip their sleep until the clock is back on the model's schedule.
+Only debt past `--max-time-debt-ms` is dropped, and counted.
+
 Owns the loop, request validation and the `Engine` surface; scheduling, caching, token choice and
 timing live in the sibling modules.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from common.messages import ForwardPass, GenerateRequest, KvBlockStored
 from services.worker.engine import Engine, EngineError, EngineLoad, StepOutput, StepSink
@@ -29,11 +34,15 @@ from services.worker.engines.mocker.token_model import TokenModel
 log = logging.getLogger(__name__)
 
 _MAX_TOKEN_ID = (1 << 32) - 1  # block hashes pack token ids as uint32
-_MAX_LAG_S = 0.02
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
 
 
 class MockerEngine(Engine):
-    def __init__(self, config: MockerConfig | None = None) -> None:
+    def __init__(self, config: MockerConfig | None = None, *, clock: Clock | None = None,
+                 sleep: Sleep | None = None) -> None:
+        """`clock`/`sleep` pace the steps (tests pass fakes); default: the event loop's."""
         self.config = config if config is not None else MockerConfig()
         c = self.config
         c.validate()  # again: callers may have edited fields after construction
@@ -49,6 +58,10 @@ class MockerEngine(Engine):
         self._sink: StepSink | None = None
         self._task: asyncio.Task[None] | None = None
         self._steps = 0
+        self._clock = clock
+        self._sleep: Sleep = sleep if sleep is not None else asyncio.sleep
+        self._debt_s = 0.0
+        self._dropped_s = 0.0
 
     # -- Engine ------------------------------------------------------------------------------
 
@@ -94,6 +107,12 @@ class MockerEngine(Engine):
 
     def kv_dump(self) -> list[KvBlockStored]:
         return self.pool.dump()
+
+    def time_debt_s(self) -> float:
+        return self._debt_s
+
+    def time_dropped_s(self) -> float:
+        return self._dropped_s
 
     def cached_prefix(self, hashes: list[int]) -> int:
         return self.pool.cached_prefix(hashes)
@@ -146,38 +165,45 @@ class MockerEngine(Engine):
                 raise EngineError(f"token ids must lie in [0, {self._max_token_id}]")
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        clock = self._clock or asyncio.get_running_loop().time
+        sleep = self._sleep
         scheduler = self.scheduler
         pool = self.pool
         speedup = self.config.speedup_ratio
+        max_debt = self.config.max_time_debt_ms / 1000.0
         total_blocks = pool.num_blocks
-        # Steps end on a chained deadline rather than "now + duration", so timer granularity
-        # and our own CPU time do not add up over a run; a debt past _MAX_LAG_S is dropped.
-        deadline = loop.time()
+        # Steps end on a chained deadline rather than "now + duration": timer granularity, our
+        # own CPU time and time the process was descheduled are all paid back by later steps.
+        deadline = clock()
         while True:
             if not scheduler.has_work():
+                self._debt_s = 0.0  # nothing left to run late: idle time owes nothing
                 self._wakeup.clear()
                 await self._wakeup.wait()
-                deadline = loop.time()
+                deadline = clock()
                 continue
-            now = loop.time()
-            if deadline < now - _MAX_LAG_S:
-                deadline = now
             plan = scheduler.schedule()
             model_ms = timing.step_ms(plan.prefill_tokens, plan.decode_tokens,
                                       plan.kv_used_blocks / total_blocks)
             if speedup > 0:
+                behind = clock() - deadline
+                if behind > max_debt:
+                    self._dropped_s += behind - max_debt
+                    deadline += behind - max_debt
+                    behind = max_debt
+                self._debt_s = behind if behind > 0 else 0.0
                 deadline += model_ms / (1000.0 * speedup)
-                delay = deadline - loop.time()
-                await asyncio.sleep(delay if delay > 0 else 0)
+                delay = deadline - clock()
+                await sleep(delay if delay > 0 else 0)
             else:
-                await asyncio.sleep(0)
+                await sleep(0)
             chunks = scheduler.complete(plan)
             if not plan.seqs and not chunks:
                 # Admission checks make this unreachable; never spin on it.
                 log.error("mocker: work pending but nothing schedulable; waiting for a change")
                 self._wakeup.clear()
                 await self._wakeup.wait()
+                deadline = clock()
                 continue
             self._steps += 1
             assert self._sink is not None
