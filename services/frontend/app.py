@@ -252,13 +252,16 @@ class FrontendApp:
     """The ASGI callable; one per frontend process."""
 
     def __init__(self, upstream: Upstream, tokenizer: Tokenizer, served_model_name: str | None,
-                 max_model_len: int, metrics: FrontendMetrics, api_key: str | None = None) -> None:
+                 max_model_len: int, metrics: FrontendMetrics, api_key: str | None = None,
+                 stream_interval: int = 0) -> None:
         self.upstream = upstream
         self.tokenizer = tokenizer
         self.served_model_name = served_model_name or None
         self.max_model_len = max_model_len
         self.metrics = metrics
         self._authorization = f"Bearer {api_key}".encode() if api_key else None
+        # Tokens per SSE event (0: whatever piled up while the last event was being written).
+        self.stream_interval = stream_interval
         self.created = int(time.time())
         self._hidden_ids = frozenset(tokenizer.eos_token_ids)
         self._routes: dict[str, dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]]] = {
@@ -531,7 +534,7 @@ class FrontendApp:
     async def _stream(self, send: Send, gen: Generation, chunks: ChunkStream,
                       encoder: responses.ChatStreamEncoder | responses.CompletionStreamEncoder,
                       prompt_tokens: int, request_id: str) -> int:
-        text = gen.consume(await chunks.next_batch())
+        text = gen.consume(await chunks.next_batch(self.stream_interval))
         if gen.error is not None:
             # Nothing sent yet: the error gets its own HTTP status.
             gen.done = True
@@ -561,7 +564,7 @@ class FrontendApp:
                 body = head + encoder.delta(text) if text else head
                 await send({"type": "http.response.body", "more_body": True, "body": body})
                 head = b""
-            text = gen.consume(await chunks.next_batch())
+            text = gen.consume(await chunks.next_batch(self.stream_interval))
 
     async def _unary(self, send: Send, gen: Generation, chunks: ChunkStream, endpoint: str,
                      response_id: str, model: str, prompt_tokens: int) -> int:

@@ -16,3 +16,11 @@ class FrontendConfig(ProcessConfig):
     max_model_len: int = opt(0, help="context length the API enforces; 0: the smallest any "
                                      "worker of the model reports")
     api_key: str = opt("", help="when set, requests need 'Authorization: Bearer <key>'")
+    stream_interval: int = opt(0, help="tokens per SSE event: 0 sends whatever piled up since "
+                                       "the last event (fewer events under load); N exactly N "
+                                       "per event (1: one event per token)")
+
+    def __post_init__(self) -> None:
+        if self.stream_interval < 0:
+            raise ValueError(f"--stream-interval must be >= 0 (0: merge what piled up), got "
+                             f"{self.stream_interval}")

@@ -57,7 +57,8 @@ async def serve(config: FrontendConfig) -> None:
         app = FrontendApp(upstream=upstream, tokenizer=tokenizer,
                           served_model_name=config.model_name(),
                           max_model_len=config.max_model_len, metrics=FrontendMetrics(),
-                          api_key=config.api_key or None)
+                          api_key=config.api_key or None,
+                          stream_interval=config.stream_interval)
         sock = listen_socket(config.host, config.port)
         service.on_shutdown("listening socket", sock.close)
         port = sock.getsockname()[1]
