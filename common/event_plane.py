@@ -5,19 +5,22 @@ to each publisher they discover. A message is two frames, `[topic, EventEnvelope
 carries `publisher_id` and a sequence that counts per (publisher, topic), so a subscriber of any
 subset of topics notices a lost message and can ask for a resync instead of drifting silently.
 A frame that does not decode is counted and dropped (logged once per subscriber: a SUB socket
-cannot tell which publisher sent it).
+cannot tell which publisher sent it). The SUB socket is read on the loop (`LoopSocket`): every
+ready event per wake, no Future per event.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 
 import msgspec
 import zmq
-import zmq.asyncio
 
+from common.loop_socket import LoopSocket
 from common.malformed import MalformedFrames
 from common.messages import EventEnvelope, encoder, envelope_decoder
 from common.transport import bind_socket
@@ -31,7 +34,7 @@ class EventPublisher:
     """Binds one PUB socket; `publish` never blocks (ZeroMQ drops past the high-water mark, which
     subscribers then see as a gap)."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, publisher_id: str, host: str = "127.0.0.1",
+    def __init__(self, ctx: zmq.Context, publisher_id: str, host: str = "127.0.0.1",
                  port: int = 0, advertise_host: str | None = None) -> None:
         self.publisher_id = publisher_id
         self.socket = ctx.socket(zmq.PUB)
@@ -56,10 +59,10 @@ class EventPublisher:
 class EventSubscriber:
     """One SUB socket connected to many publishers; yields decoded envelopes per topic."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, topics: Iterable[bytes],
+    def __init__(self, ctx: zmq.Context, topics: Iterable[bytes],
                  on_gap: GapHandler | None = None,
                  on_malformed: Callable[[], None] | None = None) -> None:
-        self.socket = ctx.socket(zmq.SUB)
+        self.socket = ctx.socket(zmq.SUB, socket_class=zmq.Socket)
         self.socket.setsockopt(zmq.RCVHWM, 100_000)
         self.socket.setsockopt(zmq.LINGER, 0)
         for topic in topics:
@@ -69,6 +72,10 @@ class EventSubscriber:
         self._last_seq: dict[tuple[str, bytes], int] = {}
         self._malformed = MalformedFrames("event frame", on_malformed, log)
         self.gaps = 0
+        # Read on the first recv() (the subscriber may be built before the loop runs).
+        self._reader: LoopSocket | None = None
+        self._ready: deque[list[bytes]] = deque()
+        self._waiter: asyncio.Future[None] | None = None
 
     @property
     def malformed(self) -> int:
@@ -93,10 +100,26 @@ class EventSubscriber:
         for key in [k for k in self._last_seq if k[0] == publisher_id]:
             del self._last_seq[key]
 
+    def _on_frames(self, frames: list[bytes]) -> None:
+        self._ready.append(frames)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
     async def recv(self) -> tuple[bytes, EventEnvelope]:
-        """Next well-formed event; malformed frames are counted and skipped."""
+        """Next well-formed event; malformed frames are counted and skipped. One reader at a
+        time; it returns without yielding while events are ready."""
+        ready = self._ready
         while True:
-            frames = await self.socket.recv_multipart()
+            while not ready:
+                if self._reader is None:
+                    self._reader = LoopSocket(self.socket, self._on_frames)
+                    self._reader.start()
+                self._waiter = asyncio.get_running_loop().create_future()
+                await self._waiter
+            frames = ready.popleft()
             if len(frames) != 2:
                 self._malformed.drop(f"{len(frames)} frames")
                 continue
@@ -116,4 +139,6 @@ class EventSubscriber:
             return topic, env
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         self.socket.close(linger=0)

@@ -1,47 +1,75 @@
 """A request-plane DEALER to one peer whose connection is watched (ZeroMQ socket monitor).
 
 A dropped TCP connection is the fastest sign that a peer died (immediate on SIGKILL, long before
-a discovery lease or missed heartbeats say so). Owns the socket, its monitor, and turning monitor
-events into connection changes. Does not own what is sent or what a drop means for the caller.
+a discovery lease or missed heartbeats say so). Owns the socket and its monitor (both read on the
+loop through `LoopSocket`), and turning monitor events into connection changes. Does not own
+what is sent or what a drop means for the caller.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from collections.abc import AsyncIterator
 
 import zmq
-import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from common.loop_socket import LoopSocket, MessageHandler
 from common.transport import tune_stream_socket
 
 
 class MonitoredDealer:
-    """`socket` is connected to `endpoint` at once (ZeroMQ queues sends while it connects and
-    reconnects by itself); `changes()` says when the connection comes up and when it drops."""
+    """A DEALER connected to `endpoint` at once (ZeroMQ queues sends while it connects and
+    reconnects by itself): send with `socket.send_multipart`; each message from the peer goes to
+    `on_message`; `changes()` says when the connection comes up and when it drops. Construct it
+    on the running loop."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, on_message: MessageHandler) -> None:
         self.endpoint = endpoint
-        self.socket = ctx.socket(zmq.DEALER)
-        tune_stream_socket(self.socket)
-        # The monitor before connect, so the first CONNECTED is not missed.
-        self._monitor = self.socket.get_monitor_socket(
-            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        self.socket.connect(endpoint)
+        socket = ctx.socket(zmq.DEALER, socket_class=zmq.Socket)
+        tune_stream_socket(socket)
+        # The monitor before connect, so the first CONNECTED is not missed. Set up by hand
+        # rather than get_monitor_socket(), which makes the PAIR of the context's own class
+        # (a zmq.asyncio one under an asyncio context).
+        address = f"inproc://monitor.dealer-{id(self):x}-{socket.FD}"
+        socket.monitor(address, zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        monitor = ctx.socket(zmq.PAIR, socket_class=zmq.Socket)
+        monitor.setsockopt(zmq.LINGER, 0)
+        monitor.connect(address)
+        socket.connect(endpoint)
         self.connected = False  # a TCP connection to the peer is up right now
+        self._changes: deque[bool] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self.socket = LoopSocket(socket, on_message)
+        self._monitor = LoopSocket(monitor, self._on_monitor_event)
+        self.socket.start()
+        self._monitor.start()
+
+    def _on_monitor_event(self, frames: list[bytes]) -> None:
+        kind = parse_monitor_message(frames)["event"]
+        if kind == zmq.EVENT_CONNECTED and not self.connected:
+            self.connected = True
+        elif kind == zmq.EVENT_DISCONNECTED and self.connected:
+            self.connected = False
+        else:
+            return
+        self._changes.append(self.connected)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def changes(self) -> AsyncIterator[bool]:
         """True when the connection comes up, False when an established one drops; only
         changes, in order, forever (ZeroMQ keeps reconnecting). One reader at a time."""
         while True:
-            event = parse_monitor_message(await self._monitor.recv_multipart())
-            kind = event["event"]
-            if kind == zmq.EVENT_CONNECTED and not self.connected:
-                self.connected = True
-                yield True
-            elif kind == zmq.EVENT_DISCONNECTED and self.connected:
-                self.connected = False
-                yield False
+            while self._changes:
+                yield self._changes.popleft()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
 
     async def wait_lost(self) -> None:
         """Return at the first drop of a connection that was up (waiting for it to come up
@@ -50,12 +78,16 @@ class MonitoredDealer:
             if not up:
                 return
 
+    async def run(self) -> None:
+        """Wait until `close()`; raise what `on_message` raised (reading stopped then)."""
+        await self.socket.run()
+
     def close(self) -> None:
         """Close the socket and its monitor now (pending messages are dropped). Cancel tasks
-        reading `changes()` or the socket first."""
+        reading `changes()` first."""
         try:
-            self.socket.disable_monitor()
+            self.socket.socket.monitor(None, 0)
         except zmq.ZMQError:
             pass
-        self._monitor.close(linger=0)
-        self.socket.close(linger=0)
+        self._monitor.close()
+        self.socket.close()

@@ -27,7 +27,6 @@ from typing import Any
 import httpx
 import msgspec
 import zmq
-import zmq.asyncio
 
 from common import prometheus_text
 from common.config import opt, parse
@@ -88,7 +87,7 @@ class FleetView:
     def __init__(self, config: StatusConfig, discovery: Discovery) -> None:
         self.config = config
         self.discovery = discovery
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = zmq.Context()
         self.subscriber = EventSubscriber(self.ctx, [TOPIC_HEARTBEAT, TOPIC_LOAD])
         self.instances: list[Instance] = []
         self.workers: dict[str, WorkerState] = {}

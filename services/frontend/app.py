@@ -272,10 +272,12 @@ class FrontendApp:
                  max_model_len: int, metrics: FrontendMetrics, api_key: str | None = None, *,
                  api_keys: ApiKeys | None = None, quotas: Quotas | None = None,
                  admission: AdmissionQueue | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-                 max_prompt_tokens: int = 0, max_output_tokens: int = 0) -> None:
+                 max_prompt_tokens: int = 0, max_output_tokens: int = 0,
+                 stream_interval: int = 0) -> None:
         """`api_keys` (else `api_key`, a single unrestricted key): who may call /v1/;
         `quotas` their limits (default: a fresh `Quotas`); `admission` the generations
-        allowed in flight (default: no limit)."""
+        allowed in flight (default: no limit); `stream_interval` tokens per SSE
+        event (0: whatever piled up while the last event was being written)."""
         self.upstream = upstream
         self.tokenizer = tokenizer
         self.served_model_name = served_model_name or None
@@ -291,6 +293,7 @@ class FrontendApp:
         self.max_output_tokens = max_output_tokens
         metrics.admission_active.set_function(lambda: self.admission.active)
         metrics.admission_waiting.set_function(lambda: self.admission.waiting)
+        self.stream_interval = stream_interval
         self.created = int(time.time())
         self._hidden_ids = frozenset(tokenizer.eos_token_ids)
         self._routes: dict[str, dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]]] = {
@@ -644,7 +647,7 @@ class FrontendApp:
     async def _stream(self, send: Send, gen: Generation, chunks: ChunkStream,
                       encoder: responses.ChatStreamEncoder | responses.CompletionStreamEncoder,
                       prompt_tokens: int, request_id: str) -> int:
-        text = gen.consume(await chunks.next_batch())
+        text = gen.consume(await chunks.next_batch(self.stream_interval))
         if gen.error is not None:
             # Nothing sent yet: the error gets its own HTTP status.
             gen.done = True
@@ -674,7 +677,7 @@ class FrontendApp:
                 body = head + encoder.delta(text) if text else head
                 await send({"type": "http.response.body", "more_body": True, "body": body})
                 head = b""
-            text = gen.consume(await chunks.next_batch())
+            text = gen.consume(await chunks.next_batch(self.stream_interval))
 
     async def _unary(self, send: Send, gen: Generation, chunks: ChunkStream, endpoint: str,
                      response_id: str, model: str, prompt_tokens: int) -> int:

@@ -55,6 +55,10 @@ class FrontendConfig(ProcessConfig):
     queue_timeout_s: float = opt(DEFAULT_QUEUE_TIMEOUT_S,
                                  help="longest wait in the admission queue; then 503 with "
                                       "Retry-After")
+    stream_interval: int = opt(0, help="tokens per SSE event: 0 sends whatever piled up since "
+                                       "the last event (fewer events under load); N exactly N "
+                                       "per event (1: one event per token)")
+
     ssl_certfile: str = opt("", help="PEM certificate (chain): serve HTTPS instead of HTTP")
     ssl_keyfile: str = opt("", help="PEM private key of --ssl-certfile")
 
@@ -63,6 +67,9 @@ class FrontendConfig(ProcessConfig):
             raise ValueError("--heartbeat-interval-ms must be > 0")
         if self.missed_heartbeats < 1:
             raise ValueError("--missed-heartbeats must be >= 1")
+        if self.stream_interval < 0:
+            raise ValueError(f"--stream-interval must be >= 0 (0: merge what piled up), got "
+                             f"{self.stream_interval}")
         for name in ("max_body_bytes", "max_header_bytes", "max_headers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")

@@ -77,7 +77,8 @@ async def serve(config: FrontendConfig) -> None:
                                                    config.queue_timeout_s),
                           max_body_bytes=config.max_body_bytes,
                           max_prompt_tokens=config.max_prompt_tokens,
-                          max_output_tokens=config.max_output_tokens)
+                          max_output_tokens=config.max_output_tokens,
+                          stream_interval=config.stream_interval)
         if api_keys is not None and api_keys.path is not None:
             keys = api_keys
             service.spawn("api keys reload", keys.watch(

@@ -11,7 +11,7 @@ import logging
 from typing import Protocol
 
 import msgspec
-import zmq.asyncio
+import zmq
 from prometheus_client import CollectorRegistry
 
 from common.discovery import Discovery
@@ -65,35 +65,73 @@ class Upstream(Protocol):
 
 
 class ChunkStream:
-    """Chunks of one request as they arrive; merges what piled up while the reader was busy."""
+    """Chunks of one request as they arrive; merges what piled up while the reader was busy,
+    or hands them out a fixed number of tokens at a time."""
 
-    __slots__ = ("_pending", "_waiter", "finished", "request_id")
+    __slots__ = ("_final", "_pending", "_tokens", "_waiter", "finished", "request_id")
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self._pending: list[TokenChunk] = []
+        self._tokens = 0  # tokens in _pending
+        self._final = False  # _pending holds the chunk with the finish reason
         # A bare future, not an asyncio.Event: this wakes once per token on the hot path.
         self._waiter: asyncio.Future[None] | None = None
         self.finished = False
 
     def push(self, chunk: TokenChunk) -> None:
         self._pending.append(chunk)
+        self._tokens += len(chunk.token_ids)
+        if chunk.finish_reason is not None:
+            self._final = True
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def next_batch(self) -> list[TokenChunk]:
-        """Every chunk that arrived since the last call (at least one); [] once finished."""
-        while not self._pending:
+    async def next_batch(self, tokens: int = 0) -> list[TokenChunk]:
+        """Every chunk that arrived since the last call (at least one); [] once finished.
+
+        With `tokens` > 0, exactly that many tokens instead (fewer only at the end of the
+        stream), waiting for them, a chunk split where the count falls."""
+        while not self._pending or (tokens and self._tokens < tokens and not self._final):
             if self.finished:
                 return []
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
-        batch, self._pending = self._pending, []
+        if tokens and self._tokens > tokens:
+            batch = self._take(tokens)
+        else:
+            batch, self._pending, self._tokens = self._pending, [], 0
         if batch[-1].finish_reason is not None:
             self.finished = True
+        return batch
+
+    def _take(self, tokens: int) -> list[TokenChunk]:
+        """The leading chunks that hold `tokens` tokens, splitting the one where they end (its
+        prompt figures go with the head, its finish with the rest)."""
+        pending = self._pending
+        batch: list[TokenChunk] = []
+        count = 0
+        i = 0
+        while count < tokens:
+            chunk = pending[i]
+            n = len(chunk.token_ids)
+            if count + n <= tokens:
+                batch.append(chunk)
+                count += n
+                i += 1
+                continue
+            k = tokens - count
+            batch.append(TokenChunk(chunk.request_id, chunk.token_ids[:k], None,
+                                    chunk.num_prompt_tokens, chunk.cached_tokens))
+            pending[i] = TokenChunk(chunk.request_id, chunk.token_ids[k:], chunk.finish_reason,
+                                    error_code=chunk.error_code,
+                                    error_message=chunk.error_message)
+            count = tokens
+        del pending[:i]
+        self._tokens -= tokens
         return batch
 
 
@@ -108,7 +146,7 @@ class RouterClient:
     def __init__(self, discovery: Discovery, heartbeat_s: float = 0.1,
                  missed_heartbeats: int = 3, metrics: UpstreamMetrics | None = None) -> None:
         self.discovery = discovery
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = zmq.Context()
         self.routers: dict[str, _RouterLink] = {}
         self.workers: dict[str, Instance] = {}
         self.streams: dict[str, OpenStream] = {}
@@ -335,14 +373,15 @@ class RouterClient:
 
 
 class _RouterLink:
-    """One DEALER connection to one router, the task reading its replies and one watching the
-    connection: when it drops, the streams it carried resume through another router at once
-    instead of hanging until the router's discovery lease runs out, and no new request goes its
-    way until it is back."""
+    """One DEALER connection to one router, its replies handed to the client as they are read,
+    and a task watching the connection: when it drops, the streams it carried resume through
+    another router at once instead of hanging until the router's discovery lease runs out, and
+    no new request goes its way until it is back."""
 
     def __init__(self, client: RouterClient, instance: Instance) -> None:
         self.router_id = instance.id
-        self.dealer = MonitoredDealer(client.ctx, instance.endpoints["request"])
+        self.client = client
+        self.dealer = MonitoredDealer(client.ctx, instance.endpoints["request"], self._on_reply)
         self.socket = self.dealer.socket
         self.up = True  # optimistic until a drop: requests queue while it connects
         self.hung = False  # declared hung by silence; any frame from it lifts that
@@ -355,7 +394,7 @@ class _RouterLink:
         self.lost_counted = False  # its loss is in the metrics (until it is back)
         self.heard_at = asyncio.get_running_loop().time()
         self.inflight = 0
-        self.task = asyncio.create_task(self._read(client))
+        self.task = asyncio.create_task(self.dealer.run())
         self.watcher = asyncio.create_task(self._watch(client))
 
     async def _watch(self, client: RouterClient) -> None:
@@ -367,27 +406,25 @@ class _RouterLink:
             else:
                 client.fail_streams(self.router_id)
 
-    async def _read(self, client: RouterClient) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            frames = await self.socket.recv_multipart()
-            self.heard_at = loop.time()
-            if self.hung:
-                self.hung = False
-                self.up = self.dealer.connected
-                self.lost_counted = self.draining
-            if len(frames) == 2 and frames[0] == KIND_TOKENS:
-                client.deliver(frames[1], self.router_id)
-            elif len(frames) == 2 and frames[0] == KIND_PONG:
-                if self.pongs is None:
-                    self.pongs = PhiAccrualDetector(client.detector_settings, self.heard_at)
-                else:
-                    self.pongs.heartbeat(self.heard_at)
-            elif len(frames) == 2 and frames[0] == KIND_RESUME_ELSEWHERE:
-                client.resume_elsewhere(frames[1], self.router_id)
+    def _on_reply(self, frames: list[bytes]) -> None:
+        client = self.client
+        self.heard_at = now = asyncio.get_running_loop().time()
+        if self.hung:
+            self.hung = False
+            self.up = self.dealer.connected
+            self.lost_counted = self.draining
+        if len(frames) == 2 and frames[0] == KIND_TOKENS:
+            client.deliver(frames[1], self.router_id)
+        elif len(frames) == 2 and frames[0] == KIND_PONG:
+            if self.pongs is None:
+                self.pongs = PhiAccrualDetector(client.detector_settings, now)
             else:
-                client.malformed.drop(f"{len(frames)} frames, kind {frames[0][:8]!r}",
-                                      self.router_id)
+                self.pongs.heartbeat(now)
+        elif len(frames) == 2 and frames[0] == KIND_RESUME_ELSEWHERE:
+            client.resume_elsewhere(frames[1], self.router_id)
+        else:
+            client.malformed.drop(f"{len(frames)} frames, kind {frames[0][:8]!r}",
+                                  self.router_id)
 
     def close(self) -> None:
         self.task.cancel()

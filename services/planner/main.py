@@ -28,7 +28,6 @@ from collections.abc import Coroutine, Sequence
 import httpx
 import msgspec
 import zmq
-import zmq.asyncio
 
 from common.discovery import open_discovery
 from common.event_plane import EventSubscriber
@@ -82,7 +81,7 @@ class Planner:
         self.service = Service(ROLE_PLANNER, config.planner_id)
         self.planner_id = self.service.id
         self.model_name = config.model_name()
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = zmq.Context()
         self.metrics = PlannerMetrics()
         self.subscriber = EventSubscriber(self.ctx, [TOPIC_FPM, TOPIC_LOAD])
         self.workers: dict[str, Instance] = {}  # live workers of our model

@@ -20,10 +20,10 @@ from collections.abc import Callable, Coroutine, Sequence
 
 import msgspec
 import zmq
-import zmq.asyncio
 
 from common.discovery import open_discovery
 from common.event_plane import EventSubscriber
+from common.loop_socket import LoopSocket
 from common.malformed import MalformedFrames
 from common.messages import (
     KIND_CANCEL,
@@ -68,12 +68,13 @@ class Router(WorkerLoss):
         self.config = config
         self.service = Service(ROLE_ROUTER, config.router_id)
         self.router_id = self.service.id
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = zmq.Context()
         self.metrics = RouterMetrics(self.router_id)
-        self.pool = WorkerPool(self.ctx)
+        self.pool = WorkerPool(self.ctx, self.on_worker_message)
         self.accounting = Accounting(clock, on_change=lambda w: self.replicas.changed(w))
         self.selector, self.kv_index = build_selection(config, self.pool, self.metrics)
-        self.frontends = self.ctx.socket(zmq.ROUTER)
+        # Read on the loop from run() on; sends go out from here.
+        self.frontends = LoopSocket(self.ctx.socket(zmq.ROUTER), self.on_frontend_message)
         self.migration = Migration(
             self.pool, self.accounting, self.selector, self.metrics,
             functools.partial(send_error, self.frontends), self.kv_index,
@@ -102,7 +103,7 @@ class Router(WorkerLoss):
         self.status = StatusServer(self.metrics.registry, config.host, config.router_metrics_port)
         self.status.post_routes["/v1/route"] = self.route_api.handle
         self.discovery = open_discovery(config.discovery, lease_ttl=config.lease_ttl_s)
-        self._tasks: dict[str, list[asyncio.Task[None]]] = {}  # per worker: relay, connection
+        self._tasks: dict[str, list[asyncio.Task[None]]] = {}  # per worker: its connection
         self._listed: set[str] = set()  # worker ids with a discovery record (liveness gauge)
         self.malformed = {plane: MalformedFrames(f"{plane} frame",
                                                  self.metrics.malformed.labels(plane).inc, log)
@@ -119,13 +120,15 @@ class Router(WorkerLoss):
             if install_signals:
                 service.install_signal_handlers()
             service.on_shutdown("zmq context", lambda: self.ctx.destroy(linger=0))
-            tune_stream_socket(self.frontends)
-            endpoint = bind_socket(self.frontends, cfg.host, cfg.router_port, cfg.advertise_host)
+            service.on_shutdown("sockets", self._close_sockets)
+            tune_stream_socket(self.frontends.socket)
+            endpoint = bind_socket(self.frontends.socket, cfg.host, cfg.router_port,
+                                   cfg.advertise_host)
             metrics_port = await self.status.start()
             events = self.replicas.start(self.ctx, service)
             service.on_shutdown("status server", self.status.close)
             service.on_shutdown("discovery", self.discovery.close)
-            service.spawn("frontends", self.serve_frontends())
+            service.spawn("frontends", self.frontends.run())
             service.spawn("discovery watch", self.watch_workers())
             service.spawn("events", self.consume_events())
             service.spawn("liveness", self.watch_liveness())
@@ -144,42 +147,50 @@ class Router(WorkerLoss):
             log.info("router ready", extra={"fields": {"id": self.router_id, "request": endpoint}})
             await service.run()
 
+    def _close_sockets(self) -> None:
+        """Every loop-read socket, before the context: an FD leaves the loop before it closes."""
+        for tasks in self._tasks.values():
+            for task in tasks:
+                task.cancel()
+        self.pool.close_all()
+        self.subscriber.close()
+        self.frontends.close()
+
+    # -- the request plane (read on the loop, every ready message per wake) ---------------------
+
+    def on_frontend_message(self, frames: list[bytes]) -> None:
+        """A request, a cancel or a ping from a frontend."""
+        if len(frames) != 3:
+            self.malformed["request"].drop(f"{len(frames)} frames")
+            return
+        ident, kind, payload = frames
+        if self.replicas.on_frame(ident, kind):
+            return
+        try:
+            if kind == KIND_GENERATE:
+                request = generate_decoder.decode(payload)
+                if not self.replicas.gave_back(ident, request):
+                    self.streams.on_generate(ident, request, payload)
+            elif kind == KIND_CANCEL:
+                self.streams.on_cancel(cancel_decoder.decode(payload).request_id)
+            else:
+                self.malformed["request"].drop(f"unknown kind {kind!r}")
+        except MALFORMED as exc:
+            self.malformed["request"].drop(str(exc))
+
+    def on_worker_message(self, worker: WorkerHandle, frames: list[bytes]) -> None:
+        """A token batch from a worker, relayed back to the frontends."""
+        if len(frames) != 2 or frames[0] != KIND_TOKENS:
+            self.malformed["request"].drop("bad frame from worker", worker.id)
+            return
+        try:
+            batch = token_batch_decoder.decode(frames[1])
+        except MALFORMED as exc:
+            self.malformed["request"].drop(str(exc), worker.id)
+            return
+        self.streams.on_batch(worker, batch.chunks)
+
     # -- loops ---------------------------------------------------------------------------------
-
-    async def serve_frontends(self) -> None:
-        while True:
-            frames = await self.frontends.recv_multipart()
-            if len(frames) != 3:
-                self.malformed["request"].drop(f"{len(frames)} frames")
-                continue
-            ident, kind, payload = frames
-            if self.replicas.on_frame(ident, kind):
-                continue
-            try:
-                if kind == KIND_GENERATE:
-                    request = generate_decoder.decode(payload)
-                    if not self.replicas.gave_back(ident, request):
-                        self.streams.on_generate(ident, request, payload)
-                elif kind == KIND_CANCEL:
-                    self.streams.on_cancel(cancel_decoder.decode(payload).request_id)
-                else:
-                    self.malformed["request"].drop(f"unknown kind {kind!r}")
-            except MALFORMED as exc:
-                self.malformed["request"].drop(str(exc))
-
-    async def relay(self, worker: WorkerHandle) -> None:
-        """Token batches from one worker, back to the frontends."""
-        while True:
-            frames = await worker.socket.recv_multipart()
-            if len(frames) != 2 or frames[0] != KIND_TOKENS:
-                self.malformed["request"].drop("bad frame from worker", worker.id)
-                continue
-            try:
-                batch = token_batch_decoder.decode(frames[1])
-            except MALFORMED as exc:
-                self.malformed["request"].drop(str(exc), worker.id)
-                continue
-            self.streams.on_batch(worker, batch.chunks)
 
     async def watch_connection(self, worker: WorkerHandle) -> None:
         """A dropped connection is a dead worker, long before any lease or heartbeat says so."""
@@ -259,8 +270,7 @@ class Router(WorkerLoss):
         events = instance.endpoints.get("events")
         if events:
             self.subscriber.connect(events)
-        self._tasks[worker.id] = [asyncio.create_task(self.relay(worker)),
-                                  asyncio.create_task(self.watch_connection(worker))]
+        self._tasks[worker.id] = [asyncio.create_task(self.watch_connection(worker))]
         log.info("worker admitted", extra={"fields": {"worker": worker.id,
                                                       "model": worker.model}})
 

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 
-import zmq.asyncio
+import zmq
 
 from common.discovery import Discovery
 from common.event_plane import EventPublisher, EventSubscriber
@@ -50,7 +50,7 @@ class Replicas:
         self.sync = ReplicaSync(router_id, pool, None, 3 * self.period, clock)
         self.publisher: EventPublisher | None = None
 
-    def start(self, ctx: zmq.asyncio.Context, service: Service) -> str:
+    def start(self, ctx: zmq.Context, service: Service) -> str:
         """Bind the event-plane PUB socket; its endpoint (for discovery)."""
         cfg = self.config
         self.publisher = EventPublisher(ctx, self.router_id, cfg.host, cfg.router_event_port,

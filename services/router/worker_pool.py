@@ -11,9 +11,11 @@ what happens to a dead worker's requests is `migration.py`'s.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
-import zmq.asyncio
+import zmq
 
+from common.loop_socket import MessageHandler
 from common.messages import MODE_AGGREGATED, Instance, LoadReport
 from common.monitored_dealer import MonitoredDealer
 from services.router.accounting import WorkerUsage
@@ -50,7 +52,7 @@ class WorkerHandle:
         self.id = instance.id
         self.instance = instance
         self.dealer = dealer
-        self.socket = dealer.socket  # requests out, token batches in
+        self.socket = dealer.socket  # requests out; token batches in go to the pool's handler
         self.block_size = int(instance.metadata.get("block_size") or 64)
         # What this router has in flight there (written by `Accounting` only).
         self.usage = WorkerUsage()
@@ -96,8 +98,14 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    def __init__(self, ctx: zmq.asyncio.Context) -> None:
-        self.ctx = ctx
+    """`on_message(worker, frames)` gets every message a worker sends (read on the loop)."""
+
+    def __init__(self, ctx: zmq.Context,
+                 on_message: Callable[[WorkerHandle, list[bytes]], None]) -> None:
+        self.on_message = on_message
+        # The connection to a worker's request endpoint, its messages to the handler.
+        self.open_dealer: Callable[[str, MessageHandler], MonitoredDealer] = (
+            lambda endpoint, handler: MonitoredDealer(ctx, endpoint, handler))
         self.workers: dict[str, WorkerHandle] = {}
         # Ids declared dead, with the `started` stamp of the process that died: the same record
         # is not re-admitted, a restarted process (new stamp) is.
@@ -115,7 +123,12 @@ class WorkerPool:
                 old.routable = True
                 return None
             self.close(old)
-        handle = WorkerHandle(instance, MonitoredDealer(self.ctx, instance.endpoints["request"]))
+        on_message = self.on_message
+
+        def deliver(frames: list[bytes]) -> None:  # read on the loop: `handle` is set by then
+            on_message(handle, frames)
+
+        handle = WorkerHandle(instance, self.open_dealer(instance.endpoints["request"], deliver))
         self.workers[instance.id] = handle
         return handle
 
@@ -135,3 +148,7 @@ class WorkerPool:
         if self.workers.get(handle.id) is handle:
             del self.workers[handle.id]
         handle.dealer.close()
+
+    def close_all(self) -> None:
+        for handle in list(self.workers.values()):
+            self.close(handle)

@@ -24,11 +24,11 @@ from typing import Any
 
 import msgspec
 import zmq
-import zmq.asyncio
 
 from common.block_hash import block_hashes
 from common.discovery import Discovery, open_discovery
 from common.event_plane import EventPublisher
+from common.loop_socket import LoopSocket
 from common.malformed import MalformedFrames
 from common.messages import (
     FINISH_ERROR,
@@ -90,7 +90,7 @@ class Worker:
         self.service = Service(ROLE_WORKER, config.worker_id)
         self.worker_id = self.service.id
         self.model = config.model_name()
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = zmq.Context()
         self.metrics = WorkerMetrics(self.worker_id, self.model)
         engine.metrics = self.metrics.engine_metrics  # it declares its own series in `start`
         # request id → ROUTER identity of the upstream peer that sent it
@@ -180,8 +180,7 @@ class Worker:
 
     def _send(self, ident: bytes, batch: TokenBatch) -> None:
         try:
-            self.requests.send_multipart([ident, KIND_TOKENS, encoder.encode(batch)],
-                                         flags=zmq.NOBLOCK)
+            self.requests.send_multipart([ident, KIND_TOKENS, encoder.encode(batch)])
         except zmq.ZMQError as exc:  # peer gone: its requests get cancelled by the router
             log.warning("reply dropped", extra={"fields": {"error": str(exc)}})
 
@@ -191,54 +190,53 @@ class Worker:
 
     # -- request plane -------------------------------------------------------------------------
 
-    async def serve_requests(self) -> None:
-        while True:
-            frames = await self.requests.recv_multipart()
-            if len(frames) != 3:
-                self.malformed.drop(f"{len(frames)} frames")
-                continue
-            ident, kind, payload = frames
-            if kind == KIND_PING:
-                self.routers.on_ping(ident)
-                continue
-            self.routers.on_frame(ident)
-            try:
-                if kind == KIND_GENERATE:
-                    self._on_generate(ident, payload)
-                elif kind == KIND_CANCEL:
-                    request_id = cancel_decoder.decode(payload).request_id
-                    if self.leases.release(request_id):  # the router gave up the hand-off
-                        self.engine.release_held(request_id)
-                        self.metrics.lease_ends.labels(**self.metrics.labels,
-                                                       end="cancelled").inc()
-                    if self.destinations.get(request_id) == ident:  # not another router's
-                        self._abort(request_id)
-                elif kind == KIND_KV_RELEASE:
-                    request_id = kv_release_decoder.decode(payload).request_id
-                    if self.leases.release(request_id):
-                        self.engine.release_held(request_id)
-                        self.metrics.lease_ends.labels(**self.metrics.labels,
-                                                       end="released").inc()
-                        self.metrics.kv_leases.set(len(self.leases))
-                elif kind == KIND_KV_DUMP:
-                    self.publisher.publish(
-                        TOPIC_KV, KvEventBatch(self.worker_id, list(self.engine.kv_dump()), True))
-                elif kind == KIND_KV_REPLICATE:
-                    batch = kv_batch_decoder.decode(payload)
-                    self.host_tier.put([e for e in batch.events if type(e) is KvBlockStored])
-                elif kind == KIND_KV_PULL:
-                    pull = kv_pull_decoder.decode(payload)
-                    blocks = self.engine.export_blocks(pull.block_hashes)
-                    if len(blocks) < len(pull.block_hashes):
-                        have = {b.block_hashes[0] for b in blocks}
-                        blocks += self.host_tier.get(
-                            [h for h in pull.block_hashes if h not in have])
-                    self.requests.send_multipart([ident, KIND_KV_BLOCKS, encoder.encode(
-                        KvPullReply(pull.request_id, blocks))])
-                else:
-                    self.malformed.drop(f"unknown kind {kind!r}")
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                self.malformed.drop(str(exc))
+    def on_request(self, frames: list[bytes]) -> None:
+        """One message from an upstream peer (router, or a peer worker's KV traffic)."""
+        if len(frames) != 3:
+            self.malformed.drop(f"{len(frames)} frames")
+            return
+        ident, kind, payload = frames
+        if kind == KIND_PING:
+            self.routers.on_ping(ident)
+            return
+        self.routers.on_frame(ident)
+        try:
+            if kind == KIND_GENERATE:
+                self._on_generate(ident, payload)
+            elif kind == KIND_CANCEL:
+                request_id = cancel_decoder.decode(payload).request_id
+                if self.leases.release(request_id):  # the router gave up the hand-off
+                    self.engine.release_held(request_id)
+                    self.metrics.lease_ends.labels(**self.metrics.labels,
+                                                   end="cancelled").inc()
+                if self.destinations.get(request_id) == ident:  # not another router's
+                    self._abort(request_id)
+            elif kind == KIND_KV_RELEASE:
+                request_id = kv_release_decoder.decode(payload).request_id
+                if self.leases.release(request_id):
+                    self.engine.release_held(request_id)
+                    self.metrics.lease_ends.labels(**self.metrics.labels,
+                                                   end="released").inc()
+                    self.metrics.kv_leases.set(len(self.leases))
+            elif kind == KIND_KV_DUMP:
+                self.publisher.publish(
+                    TOPIC_KV, KvEventBatch(self.worker_id, list(self.engine.kv_dump()), True))
+            elif kind == KIND_KV_REPLICATE:
+                batch = kv_batch_decoder.decode(payload)
+                self.host_tier.put([e for e in batch.events if type(e) is KvBlockStored])
+            elif kind == KIND_KV_PULL:
+                pull = kv_pull_decoder.decode(payload)
+                blocks = self.engine.export_blocks(pull.block_hashes)
+                if len(blocks) < len(pull.block_hashes):
+                    have = {b.block_hashes[0] for b in blocks}
+                    blocks += self.host_tier.get(
+                        [h for h in pull.block_hashes if h not in have])
+                self.requests.send_multipart([ident, KIND_KV_BLOCKS, encoder.encode(
+                    KvPullReply(pull.request_id, blocks))])
+            else:
+                self.malformed.drop(f"unknown kind {kind!r}")
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.malformed.drop(str(exc))
 
     def _on_generate(self, ident: bytes, payload: bytes) -> None:
         request = generate_decoder.decode(payload)
@@ -484,10 +482,12 @@ class Worker:
             # still shut the engine down cleanly rather than kill the process outright.
             service.install_signal_handlers()
             service.on_shutdown("zmq context", lambda: self.ctx.destroy(linger=0))
-            self.requests = self.ctx.socket(zmq.ROUTER)
-            service.on_shutdown("request socket", lambda: self.requests.close(linger=0))
-            tune_stream_socket(self.requests)
-            self.request_endpoint = bind_socket(self.requests, cfg.host, cfg.worker_port,
+            request_socket = self.ctx.socket(zmq.ROUTER)
+            # Reading stops earlier, when the "requests" loop is cancelled; replies the engine
+            # makes while it shuts down still go out until here.
+            service.on_shutdown("request socket", lambda: request_socket.close(linger=0))
+            tune_stream_socket(request_socket)
+            self.request_endpoint = bind_socket(request_socket, cfg.host, cfg.worker_port,
                                                 cfg.advertise_host)
             service.on_shutdown("peer links", self.peers.close)
             self.publisher = EventPublisher(self.ctx, self.worker_id, cfg.host,
@@ -503,7 +503,10 @@ class Worker:
                 return  # stopped while the engine loaded: nothing was announced yet
             self.discovery: Discovery = open_discovery(cfg.discovery, lease_ttl=cfg.lease_ttl_s)
             service.on_shutdown("discovery", self.discovery.close)
-            service.spawn("requests", self.serve_requests())
+            # Read from here on: the engine runs and the planes are up (messages that came
+            # earlier wait in the socket).
+            self.requests = LoopSocket(request_socket, self.on_request)
+            service.spawn("requests", self.requests.run())
             service.spawn("heartbeat", self.heartbeat())
             if cfg.kv_replicas > 0:
                 service.spawn("replica peers", self.watch_peers())

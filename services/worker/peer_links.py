@@ -14,8 +14,8 @@ from collections import deque
 
 import msgspec
 import zmq
-import zmq.asyncio
 
+from common.loop_socket import LoopSocket
 from common.messages import (
     KIND_KV_BLOCKS,
     KIND_KV_PULL,
@@ -37,11 +37,10 @@ PEER_SNDHWM = 1000  # frames queued towards one peer before replication starts d
 
 
 class PeerLinks:
-    def __init__(self, ctx: zmq.asyncio.Context, worker_id: str, queue_blocks: int = 4096) -> None:
+    def __init__(self, ctx: zmq.Context, worker_id: str, queue_blocks: int = 4096) -> None:
         self.ctx = ctx
         self.worker_id = worker_id
-        self.sockets: dict[str, zmq.asyncio.Socket] = {}
-        self._readers: dict[str, asyncio.Task[None]] = {}
+        self.sockets: dict[str, LoopSocket] = {}
         self._pending: dict[str, asyncio.Future[KvPullReply]] = {}
         self.replica_endpoints: list[str] = []
         self._queue: deque[KvBlockStored] = deque()
@@ -53,35 +52,31 @@ class PeerLinks:
 
     # -- sockets -------------------------------------------------------------------------------
 
-    def _socket(self, endpoint: str) -> zmq.asyncio.Socket:
-        sock = self.sockets.get(endpoint)
-        if sock is None:
+    def _socket(self, endpoint: str) -> LoopSocket:
+        link = self.sockets.get(endpoint)
+        if link is None:
             sock = self.ctx.socket(zmq.DEALER)
             tune_stream_socket(sock)
             sock.setsockopt(zmq.SNDHWM, PEER_SNDHWM)
             sock.connect(endpoint)
-            self.sockets[endpoint] = sock
-            self._readers[endpoint] = asyncio.create_task(self._read(sock))
-        return sock
+            link = self.sockets[endpoint] = LoopSocket(sock, self._on_reply)
+            link.start()
+        return link
 
-    async def _read(self, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            frames = await sock.recv_multipart()
-            if len(frames) != 2 or frames[0] != KIND_KV_BLOCKS:
-                continue
-            try:
-                reply = kv_pull_reply_decoder.decode(frames[1])
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                continue
-            future = self._pending.get(reply.request_id)
-            if future is not None and not future.done():
-                future.set_result(reply)
+    def _on_reply(self, frames: list[bytes]) -> None:
+        if len(frames) != 2 or frames[0] != KIND_KV_BLOCKS:
+            return
+        try:
+            reply = kv_pull_reply_decoder.decode(frames[1])
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        future = self._pending.get(reply.request_id)
+        if future is not None and not future.done():
+            future.set_result(reply)
 
     def close(self) -> None:
-        for task in self._readers.values():
-            task.cancel()
-        for sock in self.sockets.values():
-            sock.close(linger=0)
+        for link in self.sockets.values():
+            link.close()
 
     # -- replication ---------------------------------------------------------------------------
 
@@ -116,11 +111,8 @@ class PeerLinks:
             frame = [KIND_KV_REPLICATE, encoder.encode(batch)]
             sent = False
             for endpoint in self.replica_endpoints:
-                try:
-                    self._socket(endpoint).send_multipart(frame, flags=zmq.NOBLOCK)
+                if self._socket(endpoint).try_send(frame):
                     sent = True
-                except zmq.Again:
-                    pass
             if sent:
                 self._queue.clear()
                 self.replicated_blocks += self._queued
@@ -136,7 +128,7 @@ class PeerLinks:
         frame = [KIND_KV_RELEASE, encoder.encode(KvRelease(request_id))]
         for endpoint in endpoints:
             try:
-                self._socket(endpoint).send_multipart(frame, flags=zmq.NOBLOCK)
+                self._socket(endpoint).try_send(frame)
             except zmq.ZMQError:
                 pass  # it is gone or behind: its lease frees the blocks
 

@@ -21,16 +21,17 @@ def test_peer_that_goes_away_is_observed_and_its_return_too() -> None:
     async def main() -> None:
         ctx = zmq.asyncio.Context()
         peer, endpoint = router(ctx)
-        dealer = MonitoredDealer(ctx, endpoint)
+        replies: asyncio.Queue[list[bytes]] = asyncio.Queue()
+        dealer = MonitoredDealer(ctx, endpoint, replies.put_nowait)
         try:
             changes = dealer.changes()
             assert await asyncio.wait_for(anext(changes), 10) is True
             assert dealer.connected
-            await dealer.socket.send_multipart([b"k", b"hello"])
+            dealer.socket.send_multipart([b"k", b"hello"])
             ident, *body = await asyncio.wait_for(peer.recv_multipart(), 10)
             assert body == [b"k", b"hello"]
             await peer.send_multipart([ident, b"t", b"reply"])
-            assert await asyncio.wait_for(dealer.socket.recv_multipart(), 10) == [b"t", b"reply"]
+            assert await asyncio.wait_for(replies.get(), 10) == [b"t", b"reply"]
 
             peer.close(linger=0)  # the peer goes away
             assert await asyncio.wait_for(anext(changes), 10) is False
@@ -52,11 +53,11 @@ def test_wait_lost_returns_at_the_first_drop_after_a_connection() -> None:
     async def main() -> None:
         ctx = zmq.asyncio.Context()
         peer, endpoint = router(ctx)
-        dealer = MonitoredDealer(ctx, endpoint)
+        dealer = MonitoredDealer(ctx, endpoint, lambda frames: None)
         try:
             lost = asyncio.create_task(dealer.wait_lost())
             # Connected (a message got through), and still waiting: only a drop ends it.
-            await dealer.socket.send_multipart([b"ping"])
+            dealer.socket.send_multipart([b"ping"])
             await asyncio.wait_for(peer.recv_multipart(), 10)
             assert not lost.done()
             peer.close(linger=0)

@@ -14,7 +14,6 @@ from common.messages import (
     TokenChunk,
     token_batch_decoder,
 )
-from common.monitored_dealer import MonitoredDealer
 from services.router.accounting import Accounting
 from services.router.metrics import RouterMetrics
 from services.router.migration import Migration
@@ -38,46 +37,20 @@ class FakeClock:
 
 
 class SocketDone(Exception):
-    """A fake socket ran out of frames to receive (ends the loop under test)."""
+    """A fake source ran out of things to hand out (ends the loop under test)."""
 
 
 class FakeSocket:
-    """Records every multipart message sent; `recv_multipart` hands out queued frames, then
-    raises SocketDone (or, with `wait_when_empty`, waits forever like an idle socket)."""
+    """Records every multipart message sent."""
 
-    def __init__(self, incoming: list[list[bytes]] | None = None,
-                 wait_when_empty: bool = False) -> None:
+    def __init__(self) -> None:
         self.sent: list[list[bytes]] = []
-        self.incoming = list(incoming or [])
-        self.wait_when_empty = wait_when_empty
         self.closed = False
-        self.connected: list[str] = []
-        self.monitor: FakeSocket | None = None
 
     def send_multipart(self, frames: list[bytes]) -> None:
         self.sent.append(list(frames))
 
-    async def recv_multipart(self) -> list[bytes]:
-        if not self.incoming:
-            if self.wait_when_empty:
-                await asyncio.Event().wait()
-            raise SocketDone
-        return self.incoming.pop(0)
-
-    def setsockopt(self, option: int, value: int) -> None:
-        pass
-
-    def connect(self, endpoint: str) -> None:
-        self.connected.append(endpoint)
-
-    def get_monitor_socket(self, events: int) -> FakeSocket:
-        self.monitor = FakeSocket(wait_when_empty=True)
-        return self.monitor
-
-    def disable_monitor(self) -> None:
-        pass
-
-    def close(self, linger: int = 0) -> None:
+    def close(self) -> None:
         self.closed = True
 
     def kinds(self) -> list[bytes]:
@@ -89,8 +62,7 @@ def worker(worker_id: str, block_size: int = 4, model: str = MODEL, started: flo
     instance = Instance(id=worker_id, role="worker", model=model, endpoints={
         "request": f"tcp://{worker_id}:1", **endpoints},
         metadata={"block_size": block_size, "started": started})
-    return WorkerHandle(instance, MonitoredDealer(FakeContext(),  # type: ignore[arg-type]
-                                                  instance.endpoints["request"]))
+    return WorkerHandle(instance, FakeDealer(instance.endpoints["request"]))  # type: ignore[arg-type]
 
 
 def sent(handle: WorkerHandle) -> list[list[bytes]]:
@@ -105,7 +77,7 @@ def request(rid: str = "r1", tokens: int = 8, model: str = MODEL, target: str | 
 
 
 def pool_of(*handles: WorkerHandle) -> WorkerPool:
-    pool = WorkerPool(None)  # type: ignore[arg-type]
+    pool = WorkerPool(None, lambda worker, frames: None)  # type: ignore[arg-type]
     for h in handles:
         pool.workers[h.id] = h
     return pool
@@ -155,13 +127,18 @@ class Wiring:
         return out
 
 
-class FakeContext:
-    """A zmq context whose sockets are idle fakes (for `WorkerPool.admit`)."""
 
-    def __init__(self) -> None:
-        self.sockets: list[FakeSocket] = []
+class FakeDealer:
+    """A worker connection (what `MonitoredDealer` is to the router): `socket` records what is
+    sent; `wait_lost` returns once the test sets `lost` (the connection dropped)."""
 
-    def socket(self, kind: int) -> FakeSocket:
-        sock = FakeSocket(wait_when_empty=True)
-        self.sockets.append(sock)
-        return sock
+    def __init__(self, endpoint: str = "") -> None:
+        self.endpoint = endpoint
+        self.socket = FakeSocket()
+        self.lost = asyncio.Event()
+
+    async def wait_lost(self) -> None:
+        await self.lost.wait()
+
+    def close(self) -> None:
+        self.socket.close()

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import struct
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
-import zmq
 
 from common.discovery.base import DiscoveryEvent
 from common.messages import (
@@ -45,7 +43,7 @@ from services.router.streams import send_error
 from services.router.worker_pool import WorkerHandle
 from tests.router.fakes import (
     FakeClock,
-    FakeContext,
+    FakeDealer,
     FakeSocket,
     SocketDone,
     counter,
@@ -95,7 +93,8 @@ class Harness:
         self.frontends = FakeSocket()
         r.frontends = r.streams.frontends = self.frontends  # type: ignore[assignment]
         r.migration.reply_error = functools.partial(send_error, self.frontends)
-        r.pool.ctx = FakeContext()  # type: ignore[assignment]
+        r.pool.open_dealer = lambda endpoint, handler: FakeDealer(  # type: ignore[assignment]
+            endpoint)
         self.subscriber = FakeSubscriber()
         r.subscriber = self.subscriber  # type: ignore[assignment]
 
@@ -115,7 +114,7 @@ class Harness:
         for tasks in self.router._tasks.values():
             for task in tasks:
                 task.cancel()
-        self.real_frontends.close(linger=0)
+        self.real_frontends.close()
         self.router.ctx.destroy(linger=0)
 
 
@@ -130,11 +129,8 @@ def sock(worker: WorkerHandle) -> FakeSocket:
     return worker.socket  # type: ignore[return-value]
 
 
-def monitor(worker: WorkerHandle) -> FakeSocket:
-    """The fake monitor socket behind `worker`'s connection (its events are queued there)."""
-    monitor = sock(worker).monitor
-    assert monitor is not None
-    return monitor
+def dealer(worker: WorkerHandle) -> FakeDealer:
+    return worker.dealer  # type: ignore[return-value]
 
 
 Scenario = Callable[["Harness"], Coroutine[Any, Any, None]]
@@ -142,7 +138,7 @@ Scenario = Callable[["Harness"], Coroutine[Any, Any, None]]
 
 def scenario(**config: Any) -> Callable[[Scenario], Callable[[Path], None]]:
     """Run an async test body against a router over fakes, inside an event loop (admitting a
-    worker starts its relay and connection tasks)."""
+    worker starts its connection task)."""
     def wrap(body: Scenario) -> Callable[[Path], None]:
         def test(tmp_path: Path) -> None:
             async def main() -> None:
@@ -161,23 +157,16 @@ def envelope(worker_id: str, message: Any) -> EventEnvelope:
     return EventEnvelope(worker_id, 1, 0.0, msgspec.Raw(encoder.encode(message)))
 
 
-def monitor_event(event: int) -> list[bytes]:
-    return [struct.pack("=hi", event, 0), b"tcp://a:1"]
-
-
 @scenario(router_mode="round-robin")
 async def test_frontend_frames_are_placed_cancelled_or_counted_malformed(h: Harness) -> None:
     a = h.admit("a")
     payload = encoder.encode(request("r1"))
-    h.frontends.incoming = [
-        [b"fe", KIND_GENERATE, payload],
-        [b"fe", KIND_CANCEL, encoder.encode(Cancel("r1"))],
-        [b"fe", KIND_GENERATE],
-        [b"fe", b"??", b""],
-        [b"fe", KIND_GENERATE, b"\xc1"],
-    ]
-    with pytest.raises(SocketDone):
-        await h.router.serve_frontends()
+    for frames in ([b"fe", KIND_GENERATE, payload],
+                   [b"fe", KIND_CANCEL, encoder.encode(Cancel("r1"))],
+                   [b"fe", KIND_GENERATE],
+                   [b"fe", b"??", b""],
+                   [b"fe", KIND_GENERATE, b"\xc1"]):
+        h.router.on_frontend_message(frames)
     assert sock(a).kinds() == [KIND_GENERATE, KIND_CANCEL]
     assert sock(a).sent[0][1] == payload
     assert cancel_decoder.decode(sock(a).sent[1][1]).request_id == "r1"
@@ -189,15 +178,11 @@ async def test_frontend_frames_are_placed_cancelled_or_counted_malformed(h: Harn
 async def test_worker_frames_are_relayed_or_counted_malformed(h: Harness) -> None:
     a = h.admit("a")
     h.generate()
-    relay = FakeSocket([
-        [KIND_TOKENS, encoder.encode(TokenBatch([TokenChunk("r1", [5])]))],
-        [KIND_TOKENS],
-        [b"??", b""],
-        [KIND_TOKENS, b"\xc1"],
-    ])
-    a.socket = relay  # type: ignore[assignment]
-    with pytest.raises(SocketDone):
-        await h.router.relay(a)
+    for frames in ([KIND_TOKENS, encoder.encode(TokenBatch([TokenChunk("r1", [5])]))],
+                   [KIND_TOKENS],
+                   [b"??", b""],
+                   [KIND_TOKENS, b"\xc1"]):
+        h.router.on_worker_message(a, frames)
     ((ident, (chunk,)),) = [frontend_chunks(f) for f in h.frontends.sent]
     assert (ident, chunk.request_id, chunk.token_ids) == (b"fe", "r1", [5])
     assert counter(h.router.metrics.malformed, "request") == 3
@@ -208,10 +193,9 @@ async def test_a_dropped_connection_kills_the_worker_and_moves_its_requests(h: H
     a, b = h.admit("a"), h.admit("b")
     h.generate("r1")  # to b (round-robin)
     h.generate("r2")  # to a
-    monitor(a).incoming = [monitor_event(zmq.EVENT_DISCONNECTED),  # before connecting: nothing
-                           monitor_event(zmq.EVENT_CONNECTED),
-                           monitor_event(zmq.EVENT_DISCONNECTED)]
-    await h.router.watch_connection(a)
+    (watcher,) = h.router._tasks["a"]
+    dealer(a).lost.set()  # its connection dropped
+    await asyncio.wait_for(watcher, 5)
     assert "a" not in h.router.pool.workers and "a" in h.router.pool.dead
     assert a.inflight == 0 and sock(a).closed
     assert [generate_decoder.decode(f[1]).request_id for f in sock(b).sent] == ["r1", "r2"]
@@ -228,9 +212,8 @@ async def test_a_dropped_connection_kills_the_worker_and_moves_its_requests(h: H
 async def test_a_draining_workers_drop_is_a_drain(h: Harness) -> None:
     a = h.admit("a")
     h.event("a", TOPIC_HEARTBEAT, Heartbeat("a", 1, 0, draining=True))
-    monitor(a).incoming = [monitor_event(zmq.EVENT_CONNECTED),
-                           monitor_event(zmq.EVENT_DISCONNECTED)]
-    await h.router.watch_connection(a)
+    dealer(a).lost.set()
+    await asyncio.wait_for(h.router.watch_connection(a), 5)
     assert counter(h.router.metrics.worker_deaths, "drain") == 1
 
 

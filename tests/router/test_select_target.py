@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 
 from common.messages import GenerateRequest, Instance, SamplingParams
-from common.monitored_dealer import MonitoredDealer
 from services.router.policies import Direct, RoutingError, endpoint_addresses, select_target
 from services.router.worker_pool import WorkerHandle
-from tests.router.fakes import FakeContext
+from tests.router.fakes import FakeDealer
 
 
 def worker(worker_id: str, port: int) -> WorkerHandle:
@@ -17,8 +16,7 @@ def worker(worker_id: str, port: int) -> WorkerHandle:
         "request": f"tcp://10.0.0.{port % 250}:{port}",
         "events": f"tcp://10.0.0.{port % 250}:{port + 1}",
         "metrics": f"http://10.0.0.{port % 250}:{port + 2}/metrics"})
-    return WorkerHandle(instance, MonitoredDealer(FakeContext(),  # type: ignore[arg-type]
-                                                  instance.endpoints["request"]))
+    return WorkerHandle(instance, FakeDealer(instance.endpoints["request"]))  # type: ignore[arg-type]
 
 
 def request(target: str | None) -> GenerateRequest:
