@@ -169,7 +169,10 @@ class TurnoutDeployment(Deployment):
         self.flags = ["--engine", "mocker", "--speedup-ratio", "1", "--router-mode", router_mode,
                       "--kv-replicas", str(kv_replicas), "--migration-limit",
                       str(migration_limit), "--model", str(model), "--log-level", "info",
-                      "--routers", str(routers), *extra_args]
+                      "--routers", str(routers),
+                      # Long prompts plus their output exceed the tiny model's 4,096-token
+                      # context, which is the worker's default limit; the mocker has no such bound.
+                      "--max-model-len", "65536", *extra_args]
 
     async def start(self, timeout_s: float) -> None:
         log(f"turnout: up-style flags {shlex.join(self.flags)} (logs {self.log_dir})")
