@@ -1,12 +1,10 @@
 """The router process: picks a worker for every request, relays token streams, survives failures.
 
 Reads top-down: the config builds the parts (selection, accounting, migration, liveness, event
-intake, the /v1/route preview); `run()` binds the frontend-facing ROUTER socket, registers, runs
-the loops until SIGTERM/SIGINT and shuts down; then the loops; then what happens to a worker
-that comes (one DEALER and one event subscription each) or goes; what a lost worker's requests
-do is `worker_loss.py`'s, and being one router among several (frontends' pings, replica sync,
-the drain on SIGTERM) is `replicas.py`'s. Does not own HTTP or tokenization (frontend) or
-scheduling (workers).
+intake, the /v1/route preview); `run()` binds the frontend-facing ROUTER socket, registers and
+runs the loops until SIGTERM/SIGINT; then the loops; then a worker that comes (one DEALER and
+one event subscription each) or goes. A lost worker's requests are `worker_loss.py`'s; being one
+router among several (pings, replica sync, the drain) is `replicas.py`'s.
 """
 
 from __future__ import annotations
@@ -103,7 +101,7 @@ class Router(WorkerLoss):
         self.status = StatusServer(self.metrics.registry, config.host, config.router_metrics_port)
         self.status.post_routes["/v1/route"] = self.route_api.handle
         self.discovery = open_discovery(config.discovery, lease_ttl=config.lease_ttl_s)
-        self._tasks: dict[str, list[asyncio.Task[None]]] = {}  # per worker: its connection
+        self._watchers: dict[str, asyncio.Task[None]] = {}  # per worker: its connection
         self._listed: set[str] = set()  # worker ids with a discovery record (liveness gauge)
         self.malformed = {plane: MalformedFrames(f"{plane} frame",
                                                  self.metrics.malformed.labels(plane).inc, log)
@@ -149,9 +147,8 @@ class Router(WorkerLoss):
 
     def _close_sockets(self) -> None:
         """Every loop-read socket, before the context: an FD leaves the loop before it closes."""
-        for tasks in self._tasks.values():
-            for task in tasks:
-                task.cancel()
+        for task in self._watchers.values():
+            task.cancel()
         self.pool.close_all()
         self.subscriber.close()
         self.frontends.close()
@@ -241,11 +238,7 @@ class Router(WorkerLoss):
         self.replicas.check(on_time)
         if not on_time:
             return
-        if self.kv_index is not None:
-            self.metrics.index_blocks.set(self.kv_index.num_blocks())
-            self.metrics.index_entries.set(self.kv_index.num_entries())
-        if self.selector.cost_models is not None:
-            self.metrics.set_cost_models(self.selector.cost_models)
+        self.metrics.set_routing_state(self.kv_index, self.selector.cost_models)
         workers = list(self.pool.workers.values())
         for worker, cause in self.liveness.verdicts(workers):
             self.worker_lost(worker, cause)
@@ -270,15 +263,15 @@ class Router(WorkerLoss):
         events = instance.endpoints.get("events")
         if events:
             self.subscriber.connect(events)
-        self._tasks[worker.id] = [asyncio.create_task(self.watch_connection(worker))]
+        self._watchers[worker.id] = asyncio.create_task(self.watch_connection(worker))
         log.info("worker admitted", extra={"fields": {"worker": worker.id,
                                                       "model": worker.model}})
 
     def _retire(self, worker: WorkerHandle, dead: bool = False) -> None:
         """Close `worker`'s connections (`dead`: and never re-admit this incarnation)."""
-        for task in self._tasks.pop(worker.id, []):
-            if task is not asyncio.current_task():  # its connection watcher may be retiring it
-                task.cancel()
+        task = self._watchers.pop(worker.id, None)
+        if task is not None and task is not asyncio.current_task():  # it may be retiring it
+            task.cancel()
         self.subscriber.disconnect(worker.instance.endpoints.get("events", ""))
         self.subscriber.forget(worker.id)
         self._forget_kv(worker.id)
@@ -297,6 +290,7 @@ class Router(WorkerLoss):
 
     def _update_worker_gauges(self) -> None:
         self.metrics.set_worker_gauges(self.pool.workers.values(), self.pool.dead, self._listed)
+
 
 def main(argv: Sequence[str] | None = None) -> None:
     run_service(ROLE_ROUTER, [RouterConfig], _start, argv)

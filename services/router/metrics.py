@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
     from services.router.cost_model import CostModels
+    from services.router.kv_index import KvIndex
     from services.router.worker_pool import WorkerHandle
 
 
@@ -142,6 +143,14 @@ class RouterMetrics:
         up = {w.id: w.alive for w in workers}
         up.update({w: False for w in dead if w in listed and w not in up})
         self.set_workers_up(up)
+
+    def set_routing_state(self, kv_index: KvIndex | None, models: CostModels | None) -> None:
+        """The KV index's size and the adaptive cost's fit (each when in use)."""
+        if kv_index is not None:
+            self.index_blocks.set(kv_index.num_blocks())
+            self.index_entries.set(kv_index.num_entries())
+        if models is not None:
+            self.set_cost_models(models)
 
     def set_cost_models(self, models: CostModels) -> None:
         """The adaptive cost's current fit and pressure, per served model."""

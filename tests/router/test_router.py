@@ -111,9 +111,8 @@ class Harness:
                                     encoder.encode(message))
 
     def close(self) -> None:
-        for tasks in self.router._tasks.values():
-            for task in tasks:
-                task.cancel()
+        for task in self.router._watchers.values():
+            task.cancel()
         self.real_frontends.close()
         self.router.ctx.destroy(linger=0)
 
@@ -193,7 +192,7 @@ async def test_a_dropped_connection_kills_the_worker_and_moves_its_requests(h: H
     a, b = h.admit("a"), h.admit("b")
     h.generate("r1")  # to b (round-robin)
     h.generate("r2")  # to a
-    (watcher,) = h.router._tasks["a"]
+    watcher = h.router._watchers["a"]
     dealer(a).lost.set()  # its connection dropped
     await asyncio.wait_for(watcher, 5)
     assert "a" not in h.router.pool.workers and "a" in h.router.pool.dead
@@ -203,7 +202,7 @@ async def test_a_dropped_connection_kills_the_worker_and_moves_its_requests(h: H
     assert counter(h.router.metrics.migrations, "crash") == 1
     assert counter(h.router.metrics.workers, "dead") == 1
     assert h.subscriber.disconnected == ["tcp://a:2"] and h.subscriber.forgotten == ["a"]
-    assert "a" not in h.router._tasks
+    assert "a" not in h.router._watchers
     h.router.worker_lost(a, "crash")  # a second verdict changes nothing
     assert counter(h.router.metrics.worker_deaths, "crash") == 1
 
