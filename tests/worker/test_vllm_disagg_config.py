@@ -7,7 +7,7 @@ import pytest
 
 from common.config import parse_configs
 from services.worker.args import WorkerConfig
-from services.worker.engines import engine_config_classes
+from services.worker.engines import default_kv_transfer, engine_config_classes
 from services.worker.engines.vllm_config import DEFAULT_KV_LEASE_S, VllmConfig
 
 
@@ -53,3 +53,20 @@ def test_the_transfer_leaves_the_vllm_command_line_alone() -> None:
     assert VllmConfig(kv_transfer="nixl").argv("/m", 64, on_cpu=False) == \
         VllmConfig().argv("/m", 64, on_cpu=False)
     assert VllmConfig().kv_lease_s == DEFAULT_KV_LEASE_S
+
+
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+def test_prefill_and_decode_workers_move_kv_over_nixl_by_default(mode: str) -> None:
+    cfg = vllm_config("--worker-mode", mode)
+    default_kv_transfer(mode, cfg)
+    assert cfg.kv_transfer == "nixl"
+    cfg.validate()
+    aggregated = vllm_config()
+    default_kv_transfer("aggregated", aggregated)
+    assert aggregated.kv_transfer == ""
+
+
+def test_a_prefill_worker_with_a_kv_store_is_refused_not_left_without_transfer() -> None:
+    cfg = vllm_config("--worker-mode", "prefill", "--kv-store", "/tmp/store")
+    with pytest.raises(ValueError, match="cannot be combined with --kv-store"):
+        default_kv_transfer("prefill", cfg)

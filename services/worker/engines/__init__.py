@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import declaring_class, is_flag
+from common.messages import MODE_DECODE, MODE_PREFILL
 from services.worker.args import EngineConfig, WorkerConfig
 from services.worker.engine import Engine
 
@@ -137,6 +138,17 @@ def create_engine(config: WorkerConfig, engine_configs: list[Any]) -> Engine:
     return _create_real_engine(config, engine_configs)
 
 
+def default_kv_transfer(worker_mode: str, vllm: Any) -> None:
+    """A vLLM prefill or decode worker moves KV over NIXL unless told otherwise: without a
+    transfer no request of either phase could run there."""
+    if worker_mode not in (MODE_PREFILL, MODE_DECODE) or vllm.kv_transfer:
+        return
+    if vllm.kv_store:
+        raise ValueError(f"vllm: --worker-mode {worker_mode} moves KV with --kv-transfer nixl, "
+                         "which cannot be combined with --kv-store yet")
+    vllm.kv_transfer = "nixl"
+
+
 def _create_real_engine(config: WorkerConfig, engine_configs: list[Any]) -> Engine:
     """vllm, sglang or trtllm; each is imported only here, so the default install needs none."""
     from services.worker.engines.vllm_config import VllmConfig
@@ -148,6 +160,8 @@ def _create_real_engine(config: WorkerConfig, engine_configs: list[Any]) -> Engi
     common = {"block_size": engine.block_size, "hash_seed": engine.hash_seed,
               "shared": engine.limits()}
     try:
+        if config.engine == "vllm":
+            default_kv_transfer(config.worker_mode, real)
         real.validate()
         if config.engine == "vllm":
             from services.worker.engines.vllm_engine import VllmEngine

@@ -43,7 +43,8 @@ class VllmConfig(RealEngineConfig):
     kv_transfer: str = opt("", choices=KV_TRANSFERS,
                            help="KV transfer between prefill and decode workers: 'nixl' runs "
                                 "vLLM's NixlConnector (needs the nixl package), so this worker "
-                                "serves requests of phase prefill and decode; empty: off")
+                                "serves requests of phase prefill and decode; empty: off, "
+                                "but nixl for --worker-mode prefill|decode")
     kv_transfer_host: str = opt("127.0.0.1", help="address of this worker's NIXL side channel "
                                                   "(a free port on it is chosen at start and "
                                                   "advertised in discovery); decode workers "
