@@ -10,6 +10,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import msgspec
+
+# What decoding a frame that is not a valid message raises.
+MALFORMED = (msgspec.DecodeError, msgspec.ValidationError)
+
 
 class MalformedFrames:
     """`drop(why)` for each malformed frame; `total` counts them all."""

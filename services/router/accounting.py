@@ -31,7 +31,9 @@ class WorkerUsage:
         self.requests: set[str] = set()
         self.active_blocks = 0  # KV blocks its requests occupy
         self.pending_prefill_blocks = 0  # blocks not yet prefilled (no first token yet)
-        # When a request last left it: a load report from before that still counts the request.
+        # When a request last left it, plus one report period: a load report that arrives
+        # before then may have been taken while the request ran (reports and tokens travel
+        # on different planes), and would count it still.
         self.released_at = 0.0
 
 
@@ -63,9 +65,12 @@ class RoutedRequest:
 
 class Accounting:
     def __init__(self, clock: Callable[[], float] = time.monotonic,
-                 on_change: Callable[[WorkerHandle], None] | None = None) -> None:
+                 on_change: Callable[[WorkerHandle], None] | None = None,
+                 report_period_s: float = 0.0) -> None:
+        """`report_period_s`: how often workers send load reports (see `released_at`)."""
         self.requests: dict[str, RoutedRequest] = {}
         self._clock = clock
+        self._report_period_s = report_period_s
         self._on_change = on_change  # a worker's usage changed (router replica sync)
 
     def __len__(self) -> int:
@@ -129,7 +134,7 @@ class Accounting:
             usage.requests.discard(entry.request_id)
             usage.active_blocks -= entry.blocks
             usage.pending_prefill_blocks -= entry.prefill_blocks
-            usage.released_at = self._clock()
+            usage.released_at = self._clock() + self._report_period_s
             if self._on_change is not None:
                 self._on_change(worker)
         entry.prefill_blocks = 0

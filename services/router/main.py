@@ -16,13 +16,12 @@ import os
 import time
 from collections.abc import Callable, Coroutine, Sequence
 
-import msgspec
 import zmq
 
 from common.discovery import open_discovery
 from common.event_plane import EventSubscriber
 from common.loop_socket import LoopSocket
-from common.malformed import MalformedFrames
+from common.malformed import MALFORMED, MalformedFrames
 from common.messages import (
     KIND_CANCEL,
     KIND_GENERATE,
@@ -58,8 +57,6 @@ from services.router.worker_pool import WorkerHandle, WorkerPool
 
 log = logging.getLogger("turnout.router")
 
-MALFORMED = (msgspec.DecodeError, msgspec.ValidationError)
-
 
 class Router(WorkerLoss):
     def __init__(self, config: RouterConfig, clock: Callable[[], float] = time.monotonic) -> None:
@@ -69,7 +66,8 @@ class Router(WorkerLoss):
         self.ctx = zmq.Context()
         self.metrics = RouterMetrics(self.router_id)
         self.pool = WorkerPool(self.ctx, self.on_worker_message)
-        self.accounting = Accounting(clock, on_change=lambda w: self.replicas.changed(w))
+        self.accounting = Accounting(clock, lambda w: self.replicas.changed(w),
+                                     config.heartbeat_interval_ms / 1000)
         self.selector, self.kv_index = build_selection(config, self.pool, self.metrics)
         # Read on the loop from run() on; sends go out from here.
         self.frontends = LoopSocket(self.ctx.socket(zmq.ROUTER), self.on_frontend_message)

@@ -52,6 +52,15 @@ def test_finish_before_and_after_the_first_token_returns_to_zero() -> None:
     assert len(acc) == 0 and before.worker is None
 
 
+def test_a_release_discounts_load_reports_for_one_report_period() -> None:
+    # A report taken while the request ran may arrive after its last token.
+    clock = FakeClock(50.0)
+    acc, w = Accounting(clock, report_period_s=0.1), worker("a")
+    placed(acc, w, "r1")
+    acc.finish("r1")
+    assert w.usage.released_at == 50.1
+
+
 def test_finish_twice_or_of_an_unknown_request_changes_nothing() -> None:
     acc, w = Accounting(), worker("a")
     placed(acc, w)
