@@ -12,8 +12,9 @@ event loop: exponentially forgetting normal equations (O(k²) per record, a 7x7 
 prediction needs fresh coefficients) that also hold a prior as a few pseudo-records spread over
 the operating range, so that before any record arrives, and where the records say nothing (no
 long prompt seen yet: the cost of a full chunk), the prior answers. A fitted prefill curvature
-below zero is refitted at zero: a cost that shrinks with more tokens would invite piling work on
-one worker.
+or slope below zero is refitted at zero: a cost that shrinks with more tokens would invite piling
+work on one worker, and send a request away from the worker that caches its prefix (seen with a
+few noisy steps of a CPU engine, where short steps happened to run slowest).
 
 Time to first token on a worker, under first-come-first-served chunked prefill with a per-step
 token budget B (learnt as the largest step seen; its decode tokens take their share): the
@@ -196,10 +197,13 @@ class StepCostModel:
 
     def _solve(self) -> StepCoefficients:
         free = list(range(_TERMS))
+        fixed: dict[int, float] = {}
         x = self._solve_free(free)
-        if x[_A] < 0:  # no negative curvature: refit with the quadratic term at zero
-            free.remove(_A)
-            x = self._solve_free(free, fixed={_A: 0.0})
+        # No negative curvature or slope: refit with the term at zero (twice at most each).
+        while (term := next((t for t in (_A, _B) if t in free and x[t] < 0), None)) is not None:
+            free.remove(term)
+            fixed[term] = 0.0
+            x = self._solve_free(free, fixed)
         return _from_scaled(x)
 
     def _solve_free(self, free: list[int], fixed: dict[int, float] | None = None) -> list[float]:

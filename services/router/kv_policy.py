@@ -100,7 +100,10 @@ class KvAwarePolicy:
         else:
             best = min(costs)
             tied = [i for i, c in zip(pool, costs, strict=True) if c == best]
-            pick = min(tied, key=lambda i: (sum(loads[i]), candidates[i].last_chosen))
+            # A tie goes to the least loaded, then to the one caching more of the prompt (a
+            # flat cost fit says nothing of the work saved), then to the one chosen longest ago.
+            pick = min(tied, key=lambda i: (sum(loads[i]), -matches.get(candidates[i].id, 0),
+                                            candidates[i].last_chosen))
         worker = candidates[pick]
         decision = Decision(worker, blocks, matches.get(worker.id, 0), hashes,
                             costs[pool.index(pick)], policy=self.name)

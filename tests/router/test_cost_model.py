@@ -118,6 +118,23 @@ def test_negative_curvature_is_refitted_at_zero() -> None:
     assert all(m.prefill_ms(t + 256) > m.prefill_ms(t) for t in range(0, 8192, 256))
 
 
+def test_a_falling_slope_is_refitted_at_zero_and_a_cached_prefix_wins() -> None:
+    """A few noisy steps of a CPU engine where short prefills happened to run slowest (Python
+    overhead on a busy host) must not yield a cost that falls with more tokens: such a fit sent
+    a repeated prompt away from the worker caching it."""
+    noisy = [ForwardPass(0, 1, t, 0, ms, 0)
+             for t, ms in ((11, 300.0), (37, 320.0), (8, 290.0), (1317, 35.0), (1317, 40.0))]
+    m = StepCostModel(prior_weight=0.25)
+    m.observe_all(noisy, TOTAL_BLOCKS)
+    c = m.coefficients
+    assert c.a >= 0.0 and c.b >= 0.0
+    assert all(m.prefill_ms(t + 64) >= m.prefill_ms(t) for t in range(0, 4096, 64))
+    route = RouteCost(m)
+    idle = WorkerLoad(0.0, 0.0, 0.0)
+    cached, cold = route.quote([idle, idle], [37, 1317]).costs
+    assert cached <= cold
+
+
 def test_idle_and_empty_steps_are_ignored() -> None:
     m = StepCostModel()
     m.observe(ForwardPass(1, 0, 0, 0, 3.0, 0), TOTAL_BLOCKS)

@@ -76,6 +76,15 @@ def test_tie_between_equal_loads_goes_to_the_one_chosen_longest_ago() -> None:
     assert policy().decide(request(), [a, b]).worker is a
 
 
+def test_tie_between_equal_loads_goes_to_the_one_caching_more_before_recency() -> None:
+    # Weight 0: the cost ignores the prefix, as a flat adaptive fit would; b was chosen longest
+    # ago, but a caches the prompt.
+    a, b = worker("a"), worker("b")
+    a.last_chosen, b.last_chosen = 5, 1
+    d = policy({"a": 2}, overlap_weight=0).decide(request(tokens=8), [a, b])
+    assert (d.worker.id, d.overlap) == ("a", 2)
+
+
 def test_commit_rotates_equal_choices_and_decide_alone_does_not() -> None:
     a, b, c = worker("a"), worker("b"), worker("c")
     p = policy()
