@@ -28,6 +28,11 @@ T = TypeVar("T")
 ENV_PREFIX = "TURNOUT_"
 
 
+class StartupRefused(ValueError):
+    """A start-up check refused the environment (unsafe keys or discovery directory): the
+    service exits with this one line, not a traceback."""
+
+
 def opt(default: Any = dataclasses.MISSING, help: str = "", choices: Sequence[Any] | None = None,
         flag: str | None = None) -> Any:
     """A config field: its default, help text, allowed values and (rarely) a custom flag name."""

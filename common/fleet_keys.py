@@ -24,12 +24,14 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
+from common.config import StartupRefused
+
 FLEET = "fleet"
 PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
 
 
-class KeysError(ValueError):
+class KeysError(StartupRefused):
     """A keys directory that is missing, malformed or unsafe (a start-up error)."""
 
 

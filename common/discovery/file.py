@@ -28,6 +28,7 @@ from pathlib import Path
 
 import msgspec
 
+from common.config import StartupRefused
 from common.discovery.base import Discovery, matches
 from common.messages import Instance
 
@@ -62,7 +63,7 @@ def check_not_writable_by_others(directory: Path) -> None:
             continue  # a record removed while we looked
         if mode & _WRITABLE_BY_OTHERS:
             what = "directory" if path == directory else "record"
-            raise ValueError(f"discovery {what} {path} is writable by group or others "
+            raise StartupRefused(f"discovery {what} {path} is writable by group or others "
                              f"(mode {stat.S_IMODE(mode):o}): anyone could register a worker "
                              f"there; chmod go-w it")
 
