@@ -158,8 +158,8 @@ class RouterClient:
         # Derived from discovery on every change, not per request.
         self._models: list[str] = []
         self._context: dict[str, int] = {}
-        self.malformed = MalformedFrames("frame from router", logger=log)
         self.metrics = metrics or UpstreamMetrics(CollectorRegistry())
+        self.malformed = MalformedFrames("frame from router", self.metrics.malformed.inc, log)
         self._turn = 0
 
     async def start(self) -> None:
