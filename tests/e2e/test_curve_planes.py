@@ -5,6 +5,8 @@ fleet itself serves as before (through the openai SDK)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +29,7 @@ from common.messages import (
     SamplingParams,
     encoder,
 )
-from turnout.testing.deployment import Deployment
+from turnout.testing.deployment import ROOT, Deployment
 
 pytestmark = pytest.mark.e2e
 
@@ -168,6 +170,14 @@ def test_rogue_worker_publisher_and_dealer_get_nothing_fleet_serves(
         assert out.usage is not None and out.usage.completion_tokens == 3
         assert all(s.alive() for s in dep.services)
         assert "worker not admitted: its record has no fleet CURVE key" in dep.router.output()
+        # `turnout status` hears the fleet's event plane with the keys, and only with them.
+        for keys, health in ((str(dep.keys_dir), "alive"), ("", None)):
+            out = subprocess.run(
+                [sys.executable, "-m", "turnout", "status", "--discovery", f"file:{dep.discovery}",
+                 "--json", "--keys-dir", keys], capture_output=True, text=True, cwd=ROOT,
+                timeout=30, check=True)
+            w1 = next(w for w in json.loads(out.stdout)["workers"] if w["id"] == "w1")
+            assert (w1["health"] == "alive") == (health == "alive"), w1
     finally:
         ctx.destroy(linger=0)
 
