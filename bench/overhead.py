@@ -144,8 +144,12 @@ class TurnoutStack(Stack):
                                      curve=self.curve)
         log(f"starting: {shlex.join(self.command)} <role> with up-style flags "
             f"{shlex.join(flags)} (logs {logs})")
+        if self.local.keys_dir is not None:
+            log(f"CURVE planes: fleet keys in {self.local.keys_dir}")
         # Returns once the frontend is healthy and the router routes to the worker.
         self.local.start_up(flags, 1, port=self.port, timeout=timeout_s)
+        if self.curve:  # every process says its key in discovery: CURVE is really on
+            assert all("curve_key" in r["metadata"] for r in self.local.records())
 
     def alive(self) -> bool:
         return self.local is not None and all(s.alive() for s in self.local.services)

@@ -273,6 +273,8 @@ class Deployment:
                      "--decode-workers", str(decode_workers)]
         if self.lease_ttl_s is not None:
             argv += ["--lease-ttl-s", f"{self.lease_ttl_s:g}"]
+        if self.keys_dir is not None:  # `up` passes its own setting on, over the environment's
+            argv += ["--keys-dir", str(self.keys_dir)]
         for child in plan(argv).children:
             # plan() writes `python -m turnout <role> ...`; this deployment's command instead.
             role = child.argv[3]
