@@ -6,10 +6,14 @@ Owns: starting a one-worker deployment (the processes of `turnout up --engine mo
 the same run; driving both with the same closed-loop client, prompts (exact token-id lists) and
 concurrency levels; reading each server process's CPU time around every level; printing one JSON
 line per (system, level, round) and one Turnout/Dynamo ratio line per level (medians over
-`--rounds`). Does not own the HTTP client (`bench/load_client.py`) or anything it starts beyond
-this run: every process is killed by process group on exit.
+`--rounds`). With `--curve on` Turnout runs with fleet keys (CURVE on the request and event
+planes); `--curve both` runs it both ways in the same run (alternating first per round) and
+prints a curve/plain ratio line per level. Does not own the HTTP client
+(`bench/load_client.py`) or anything it starts beyond this run: every process is killed by
+process group on exit.
 
     python bench/overhead.py [--dynamo] [--skip-turnout] [--levels 1,16,64] [--requests 64,1000]
+                             [--curve off|on|both]
 
 Progress goes to stderr, JSON lines to stdout.
 """
@@ -119,8 +123,11 @@ class TurnoutStack(Stack):
     name = "turnout"
 
     def __init__(self, port: int, command: list[str], model: Path, speedup: float,
-                 extra_args: list[str]) -> None:
+                 extra_args: list[str], curve: bool = False) -> None:
         super().__init__(port)
+        self.curve = curve
+        if curve:
+            self.name = "turnout-curve"
         self.port = port
         self.command = command
         self.model = model
@@ -133,11 +140,16 @@ class TurnoutStack(Stack):
                  "--model", str(self.model), *self.extra_args]
         logs = Path(tempfile.mkdtemp(prefix="turnout-overhead-"))
         # The services' own default lease, as `turnout up`; one log per process.
-        self.local = LocalDeployment(logs, command=self.command, lease_ttl_s=None)
+        self.local = LocalDeployment(logs, command=self.command, lease_ttl_s=None,
+                                     curve=self.curve)
         log(f"starting: {shlex.join(self.command)} <role> with up-style flags "
             f"{shlex.join(flags)} (logs {logs})")
+        if self.local.keys_dir is not None:
+            log(f"CURVE planes: fleet keys in {self.local.keys_dir}")
         # Returns once the frontend is healthy and the router routes to the worker.
         self.local.start_up(flags, 1, port=self.port, timeout=timeout_s)
+        if self.curve:  # every process says its key in discovery: CURVE is really on
+            assert all("curve_key" in r["metadata"] for r in self.local.records())
 
     def alive(self) -> bool:
         return self.local is not None and all(s.alive() for s in self.local.services)
@@ -357,26 +369,28 @@ def _median(values: list[float | None]) -> float | None:
     return known[mid] if len(known) % 2 else (known[mid - 1] + known[mid]) / 2
 
 
-def compare_lines(turnout: list[list[dict[str, Any]]],
-                  dynamo: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Turnout/Dynamo ratios per level, of the medians over rounds."""
+def compare_lines(turnout: list[list[dict[str, Any]]], dynamo: list[list[dict[str, Any]]],
+                  names: tuple[str, str] = ("turnout", "dynamo")) -> list[dict[str, Any]]:
+    """First/second ratios per level (Turnout/Dynamo, or CURVE/plain), of the medians over
+    rounds."""
     out = []
     for li, first in enumerate(turnout[0]):
         med: dict[str, dict[str, float | None]] = {}
-        for name, rounds in (("turnout", turnout), ("dynamo", dynamo)):
+        for name, rounds in ((names[0], turnout), (names[1], dynamo)):
             med[name] = {key: _median([r[li][key] for r in rounds])
                          for key in ("req_s", "ttft_ms_p50", "tpot_ms_p50",
                                      "server_cpu_ms_per_req")}
-        t, d = med["turnout"], med["dynamo"]
+        t, d = med[names[0]], med[names[1]]
         out.append({
-            "bench": "overhead", "compare": "turnout/dynamo", "concurrency": first["concurrency"],
+            "bench": "overhead", "compare": f"{names[0]}/{names[1]}",
+            "concurrency": first["concurrency"],
             "rounds": len(turnout),
             "req_s_ratio": _ratio(t["req_s"], d["req_s"]),
             "ttft_p50_ratio": _ratio(t["ttft_ms_p50"], d["ttft_ms_p50"]),
             "tpot_p50_ratio": _ratio(t["tpot_ms_p50"], d["tpot_ms_p50"]),
             "server_cpu_per_req_ratio": _ratio(t["server_cpu_ms_per_req"],
                                                d["server_cpu_ms_per_req"]),
-            "turnout": t, "dynamo": d,
+            names[0]: t, names[1]: d,
         })
     return out
 
@@ -389,8 +403,11 @@ async def main_async(args: argparse.Namespace, work: Workload, model: Path) -> i
     sides: list[tuple[str, Callable[[], Stack]]] = []
     if not args.skip_turnout:
         command = [str(args.turnout_bin)] if args.turnout_bin else list(PYTHON_TURNOUT)
-        sides.append(("turnout", lambda: TurnoutStack(
-            args.port, command, model, args.turnout_speedup, shlex.split(args.turnout_args))))
+        for curve in {"off": [False], "on": [True], "both": [False, True]}[args.curve]:
+            sides.append(("turnout-curve" if curve else "turnout",
+                          lambda curve=curve: TurnoutStack(
+                              args.port, command, model, args.turnout_speedup,
+                              shlex.split(args.turnout_args), curve)))
     if args.dynamo:
         sides.append(("dynamo", lambda: DynamoStack(args.dynamo_port, model,
                                                     args.dynamo_speedup)))
@@ -400,9 +417,10 @@ async def main_async(args: argparse.Namespace, work: Workload, model: Path) -> i
         # may be shared) does not always land on the same side.
         for name, make in sides if round_no % 2 == 0 else sides[::-1]:
             results[name].append(await run_side(make(), work, args.startup_timeout, round_no))
-    if "turnout" in results and "dynamo" in results:
-        for line in compare_lines(results["turnout"], results["dynamo"]):
-            print(json.dumps(line), flush=True)
+    for first, second in (("turnout", "dynamo"), ("turnout-curve", "turnout")):
+        if first in results and second in results:
+            for line in compare_lines(results[first], results[second], (first, second)):
+                print(json.dumps(line), flush=True)
     return 0
 
 
@@ -433,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dynamo", action="store_true", help="also run Dynamo 1.6.1 alongside")
     parser.add_argument("--skip-turnout", action="store_true", help="only run Dynamo")
+    parser.add_argument("--curve", choices=["off", "on", "both"], default="off",
+                        help="Turnout with fleet keys (CURVE planes): off, on, or both ways")
     parser.add_argument("--levels", type=_ints, default=[1, 16, 64], help="concurrency levels")
     parser.add_argument("--requests", type=_ints, default=None,
                         help="requests per level: one number, or one per level "

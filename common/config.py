@@ -28,6 +28,11 @@ T = TypeVar("T")
 ENV_PREFIX = "TURNOUT_"
 
 
+class StartupRefused(ValueError):
+    """A start-up check refused the environment (unsafe keys or discovery directory): the
+    service exits with this one line, not a traceback."""
+
+
 def opt(default: Any = dataclasses.MISSING, help: str = "", choices: Sequence[Any] | None = None,
         flag: str | None = None) -> Any:
     """A config field: its default, help text, allowed values and (rarely) a custom flag name."""
@@ -197,6 +202,8 @@ class ProcessConfig:
     model: str = opt("", help="HF model directory or name; empty: the built-in byte-level model")
     served_model_name: str = opt("", help="model name clients use (default: --model, or 'mock')")
     lease_ttl_s: float = opt(10.0, help="discovery lease; failures are detected much faster")
+    keys_dir: str = opt("", help="fleet CURVE keys (`turnout keys generate DIR`): with it the "
+                        "request and event planes are encrypted and admit only the fleet")
 
     def model_name(self) -> str:
         return self.served_model_name or self.model or "mock"

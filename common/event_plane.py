@@ -23,7 +23,7 @@ import zmq
 from common.loop_socket import LoopSocket
 from common.malformed import MalformedFrames
 from common.messages import EventEnvelope, encoder, envelope_decoder
-from common.transport import bind_socket
+from common.transport import bind_socket, connect_socket
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class EventSubscriber:
     def connect(self, endpoint: str) -> None:
         if endpoint not in self.endpoints:
             self.endpoints.add(endpoint)
-            self.socket.connect(endpoint)
+            connect_socket(self.socket, endpoint)
 
     def disconnect(self, endpoint: str) -> None:
         if endpoint in self.endpoints:

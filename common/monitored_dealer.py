@@ -16,7 +16,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from common.loop_socket import LoopSocket, MessageHandler
-from common.transport import tune_stream_socket
+from common.transport import connect_socket, tune_stream_socket
 
 
 class MonitoredDealer:
@@ -37,7 +37,7 @@ class MonitoredDealer:
         monitor = ctx.socket(zmq.PAIR, socket_class=zmq.Socket)
         monitor.setsockopt(zmq.LINGER, 0)
         monitor.connect(address)
-        socket.connect(endpoint)
+        connect_socket(socket, endpoint)
         self.connected = False  # a TCP connection to the peer is up right now
         self._changes: deque[bool] = deque()
         self._waiter: asyncio.Future[None] | None = None

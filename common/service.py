@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any
 
-from common.config import parse_configs
+from common.config import StartupRefused, parse_configs
 from common.logs import setup_logging
 
 ShutdownStep = Callable[[], Awaitable[object] | object]
@@ -158,10 +158,9 @@ def run_service(role: str, config_classes: Sequence[type],
     configs = parse_configs(config_classes, list(sys.argv[1:] if argv is None else argv),
                             prog=f"turnout {role}")
     setup_logging(role, configs[0].log_level)
-    service = start(*configs)
     import uvloop
 
     try:
-        uvloop.run(service)
-    except ServiceFailed as exc:
+        uvloop.run(start(*configs))
+    except (ServiceFailed, StartupRefused) as exc:
         raise SystemExit(f"turnout {role}: {exc}") from None

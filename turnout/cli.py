@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-USAGE = """usage: turnout {frontend,router,worker,planner,up,status} [flags]
+USAGE = """usage: turnout {frontend,router,worker,planner,up,status,keys} [flags]
 
   frontend   OpenAI-compatible HTTP API (validation, templates, tokenization, SSE)
   router     picks a worker per request, relays streams, migrates on failure
@@ -17,6 +17,7 @@ USAGE = """usage: turnout {frontend,router,worker,planner,up,status} [flags]
   planner    predicts load and scales workers against TTFT/ITL targets
   up         frontend + router + N workers on this machine (file discovery, loopback)
   status     the fleet now: workers' health, load and KV; routers; frontends (--watch, --json)
+  keys       the fleet's CURVE keys for the planes (generate DIR, secret DIR, show DIR)
 
 `turnout SUBCOMMAND --help` lists that subcommand's flags; every flag also reads TURNOUT_<NAME>.
 """
@@ -41,6 +42,9 @@ def _entry(name: str) -> Callable[[Sequence[str]], None]:
     if name == "status":
         from turnout.status import main as status
         return status
+    if name == "keys":
+        from turnout.keys import main as keys
+        return keys
     raise KeyError(name)
 
 

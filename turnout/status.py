@@ -32,6 +32,7 @@ from common import prometheus_text
 from common.config import opt, parse
 from common.discovery import Discovery, open_discovery
 from common.event_plane import EventSubscriber
+from common.fleet_keys import KeysError
 from common.messages import (
     ROLE_FRONTEND,
     ROLE_ROUTER,
@@ -44,6 +45,7 @@ from common.messages import (
     load_decoder,
 )
 from common.prometheus_text import Metrics
+from common.transport import destroy_context, secure_context
 
 # Steps per second are measured over the heartbeats of this last stretch of time.
 RATE_WINDOW_S = 3.0
@@ -61,6 +63,7 @@ class StatusConfig:
     listen_s: float = opt(1.0, help="how long to listen to heartbeats before the first view")
     stale_after_s: float = opt(0.5, help="a worker silent this long is shown as stale")
     scrape_timeout_s: float = opt(1.0, help="timeout of each /metrics scrape")
+    keys_dir: str = opt("", help="the fleet's CURVE keys, to hear a fleet that runs with them")
 
 
 @dataclasses.dataclass
@@ -197,7 +200,7 @@ class FleetView:
 
     def close(self) -> None:
         self.subscriber.close()
-        self.ctx.destroy(linger=0)
+        destroy_context(self.ctx)
 
 
 def _total(samples: Metrics | None, name: str) -> float | None:
@@ -310,6 +313,12 @@ async def run(config: StatusConfig) -> int:
         print(f"turnout status: {exc}", file=sys.stderr)
         return 2
     view = FleetView(config, discovery)
+    try:
+        secure_context(view.ctx, config.keys_dir)
+    except KeysError as exc:
+        view.close()
+        print(f"turnout status: {exc}", file=sys.stderr)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -7,6 +7,10 @@ records and temp files older than `3 * lease_ttl` (by any reader), and polling f
 Works for any number of processes sharing the directory (local disk or a shared volume whose
 clients' clocks agree to well within `lease_ttl`). Does not own the record type
 (`common.messages.Instance`).
+
+Whoever can write the directory can register a worker, so it must be writable by its owner only:
+a directory or record writable by group or others is refused at start (a clear error), records
+are written 0644, and a record that turns group- or other-writable later is skipped (warned once).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import contextlib
 import logging
 import os
 import secrets
+import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,6 +28,7 @@ from pathlib import Path
 
 import msgspec
 
+from common.config import StartupRefused
 from common.discovery.base import Discovery, matches
 from common.messages import Instance
 
@@ -44,6 +50,24 @@ def check_instance_id(instance_id: str) -> None:
                          "non-empty, not start with '.', and contain no '/', '\\0' or '..'")
 
 
+_WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
+
+
+def check_not_writable_by_others(directory: Path) -> None:
+    """Refuse a discovery directory, or a record in it, that group or others can write: anyone
+    who can write it can register as a worker and receive prompts."""
+    for path in [directory, *directory.glob("*" + _SUFFIX)]:
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            continue  # a record removed while we looked
+        if mode & _WRITABLE_BY_OTHERS:
+            what = "directory" if path == directory else "record"
+            raise StartupRefused(f"discovery {what} {path} is writable by group or others "
+                             f"(mode {stat.S_IMODE(mode):o}): anyone could register a worker "
+                             f"there; chmod go-w it")
+
+
 @dataclass(slots=True)
 class _CachedFile:
     # (inode, mtime_ns, size): a rename gives a new inode, a touch a new mtime.
@@ -59,7 +83,8 @@ class FileDiscovery(Discovery):
             raise ValueError("lease_ttl and poll_interval must be positive")
         super().__init__()
         self.directory = Path(os.path.abspath(directory))
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+        check_not_writable_by_others(self.directory)
         self.lease_ttl = lease_ttl
         self.poll_interval = poll_interval
         self._owned: dict[str, Instance] = {}  # registered by this object: leases to keep
@@ -106,7 +131,9 @@ class FileDiscovery(Discovery):
         # The temp name starts with '.', which no record name may, so scans skip it.
         tmp = self.directory / f".{instance.id}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}"
         try:
-            tmp.write_bytes(_encoder.encode(instance))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(_encoder.encode(instance))
             os.replace(tmp, self._path(instance.id))
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -195,6 +222,13 @@ class FileDiscovery(Discovery):
                     self._collect(entry.path, collect_before)
                     continue
                 if is_tmp:
+                    continue
+                if st.st_mode & _WRITABLE_BY_OTHERS:
+                    if name not in self._warned:
+                        self._warned.add(name)
+                        log.warning("skipping discovery record %s: writable by group or others "
+                                    "(mode %o)", entry.path, stat.S_IMODE(st.st_mode))
+                    present.add(name)
                     continue
                 present.add(name)
                 key = (st.st_ino, st.st_mtime_ns, st.st_size)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from common.discovery import open_discovery
 from common.messages import ROLE_FRONTEND, Instance
 from common.service import Service, run_service
+from common.transport import identity_metadata, secure_context
 from services.frontend.args import FrontendConfig
 
 log = logging.getLogger("turnout.frontend")
@@ -57,6 +58,7 @@ async def serve(config: FrontendConfig) -> None:
         metrics = FrontendMetrics()
         upstream = RouterClient(discovery, config.heartbeat_interval_ms / 1000,
                                 config.missed_heartbeats, UpstreamMetrics(metrics.registry))
+        secure_context(upstream.ctx, config.keys_dir)
         await upstream.start()
         service.on_shutdown("request plane", upstream.close)
         service.on_shutdown("discovery", discovery.close)
@@ -97,7 +99,8 @@ async def serve(config: FrontendConfig) -> None:
             id=service.id, role=ROLE_FRONTEND, model=config.model_name(),
             endpoints={"http": f"{scheme}://{host}:{port}",
                        "metrics": f"{scheme}://{host}:{port}/metrics"},
-            metadata={"pid": os.getpid(), "started": time.time()}))
+            metadata={"pid": os.getpid(), "started": time.time(),
+                      **identity_metadata(upstream.ctx)}))
         server = uvicorn.Server(uvicorn.Config(
             app, loop="none", http=http_protocol, lifespan="off", access_log=False,
             log_level=config.log_level, timeout_keep_alive=30, server_header=False,

@@ -35,6 +35,7 @@ from common.messages import (
     token_batch_decoder,
 )
 from common.monitored_dealer import MonitoredDealer
+from common.transport import destroy_context, trusted_peer
 from services.frontend.stream_resume import OpenStream
 from services.frontend.upstream_metrics import UpstreamMetrics
 from services.router.failure_detector import DetectorSettings, PhiAccrualDetector
@@ -157,8 +158,8 @@ class RouterClient:
         # Derived from discovery on every change, not per request.
         self._models: list[str] = []
         self._context: dict[str, int] = {}
-        self.malformed = MalformedFrames("frame from router", logger=log)
         self.metrics = metrics or UpstreamMetrics(CollectorRegistry())
+        self.malformed = MalformedFrames("frame from router", self.metrics.malformed.inc, log)
         self._turn = 0
 
     async def start(self) -> None:
@@ -171,7 +172,7 @@ class RouterClient:
             task.cancel()
         for link in list(self.routers.values()):
             link.close()
-        self.ctx.destroy(linger=0)
+        destroy_context(self.ctx)
 
     # -- Upstream ------------------------------------------------------------------------------
 
@@ -323,7 +324,8 @@ class RouterClient:
                                               for e in self.streams.values()):
                         self._forget(link)
                 self.malformed.forget(inst.id)
-            elif inst.id not in self.routers and "request" in inst.endpoints:
+            elif (inst.id not in self.routers and "request" in inst.endpoints
+                  and trusted_peer(self.ctx, inst.metadata)):
                 self.routers[inst.id] = _RouterLink(self, inst)
 
     def _forget(self, link: _RouterLink) -> None:

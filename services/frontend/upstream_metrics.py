@@ -28,6 +28,8 @@ class UpstreamMetrics:
             "A resumed stream's pause: from the lost router's last frame to the stream's next "
             "token through the new router", registry=r,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0))
+        self.malformed = Counter("turnout_frontend_malformed_frames",
+                                 "Frames from routers dropped as malformed", registry=r)
         self.resume_failed = Counter(
             "turnout_frontend_streams_resume_failed",
             "Streams of a lost router that found no other router (the client got a 503)",

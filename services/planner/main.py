@@ -46,6 +46,7 @@ from common.messages import (
 )
 from common.service import Service, run_service
 from common.status_server import StatusServer
+from common.transport import destroy_context, identity_metadata, secure_context
 from services.planner.args import PlannerConfig
 from services.planner.connectors import Connector, LocalConnector, NoopConnector, PoolState
 from services.planner.kube_connector import KubernetesConnector
@@ -494,8 +495,9 @@ class Planner:
         cfg = self.config
         async with self.service as service:
             service.install_signal_handlers()
-            service.on_shutdown("zmq context", lambda: self.ctx.destroy(linger=0))
+            service.on_shutdown("zmq context", lambda: destroy_context(self.ctx))
             service.on_shutdown("event subscriber", self.subscriber.close)
+            secure_context(self.ctx, cfg.keys_dir)
             status = StatusServer(self.metrics.registry, cfg.host, cfg.planner_metrics_port)
             metrics_port = await status.start()
             service.on_shutdown("status server", status.close)
@@ -520,7 +522,8 @@ class Planner:
                 id=self.planner_id, role=ROLE_PLANNER, model=self.model_name,
                 endpoints={"metrics": f"http://{host}:{metrics_port}/metrics"},
                 metadata={"mode": cfg.planner_mode, "connector": "noop" if cfg.dry_run
-                          else cfg.connector, "pid": os.getpid(), "started": time.time()}))
+                          else cfg.connector, "pid": os.getpid(), "started": time.time(),
+                          **identity_metadata(self.ctx)}))
             log.info("planner ready", extra={"fields": {
                 "id": self.planner_id, "roles": ",".join(self.connectors),
                 "interval_s": cfg.adjustment_interval_s}})

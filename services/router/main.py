@@ -40,7 +40,14 @@ from common.messages import (
 )
 from common.service import Service, run_service
 from common.status_server import StatusServer
-from common.transport import bind_socket, tune_stream_socket
+from common.transport import (
+    bind_socket,
+    destroy_context,
+    identity_metadata,
+    secure_context,
+    trusted_peer,
+    tune_stream_socket,
+)
 from services.router.accounting import Accounting
 from services.router.args import RouterConfig
 from services.router.disaggregation import Disaggregation
@@ -101,6 +108,7 @@ class Router(WorkerLoss):
         self.discovery = open_discovery(config.discovery, lease_ttl=config.lease_ttl_s)
         self._watchers: dict[str, asyncio.Task[None]] = {}  # per worker: its connection
         self._listed: set[str] = set()  # worker ids with a discovery record (liveness gauge)
+        self._untrusted: set[str] = set()  # worker ids refused for their key (warned once)
         self.malformed = {plane: MalformedFrames(f"{plane} frame",
                                                  self.metrics.malformed.labels(plane).inc, log)
                           for plane in ("request", "event")}
@@ -115,8 +123,9 @@ class Router(WorkerLoss):
         async with self.service as service:
             if install_signals:
                 service.install_signal_handlers()
-            service.on_shutdown("zmq context", lambda: self.ctx.destroy(linger=0))
+            service.on_shutdown("zmq context", lambda: destroy_context(self.ctx))
             service.on_shutdown("sockets", self._close_sockets)
+            secure_context(self.ctx, cfg.keys_dir)
             tune_stream_socket(self.frontends.socket)
             endpoint = bind_socket(self.frontends.socket, cfg.host, cfg.router_port,
                                    cfg.advertise_host)
@@ -137,7 +146,8 @@ class Router(WorkerLoss):
                 endpoints={"request": endpoint, "events": events,
                            "metrics": f"http://{host}:{metrics_port}/metrics",
                            "http": f"http://{host}:{metrics_port}"},  # + /v1/route, /health
-                metadata={"mode": cfg.router_mode, "pid": os.getpid(), "started": time.time()}))
+                metadata={"mode": cfg.router_mode, "pid": os.getpid(), "started": time.time(),
+                          **identity_metadata(self.ctx)}))
             # First thing on SIGTERM: hand every stream back, to resume on another router.
             service.on_shutdown("drain", lambda: self.replicas.drain(self.discovery))
             log.info("router ready", extra={"fields": {"id": self.router_id, "request": endpoint}})
@@ -247,6 +257,12 @@ class Router(WorkerLoss):
 
     def _admit(self, instance: Instance) -> None:
         if "request" not in instance.endpoints:
+            return
+        if not trusted_peer(self.ctx, instance.metadata):
+            if instance.id not in self._untrusted:
+                self._untrusted.add(instance.id)
+                log.warning("worker not admitted: its record has no fleet CURVE key",
+                            extra={"fields": {"worker": instance.id}})
             return
         old = self.pool.workers.get(instance.id)
         if old is not None and old.started != float(instance.metadata.get("started", 0.0)):

@@ -70,7 +70,13 @@ from common.messages import (
 )
 from common.service import Service, run_service
 from common.status_server import StatusServer
-from common.transport import bind_socket, tune_stream_socket
+from common.transport import (
+    bind_socket,
+    destroy_context,
+    identity_metadata,
+    secure_context,
+    tune_stream_socket,
+)
 from services.worker.args import WorkerConfig
 from services.worker.engine import Engine, EngineError, StepOutput
 from services.worker.engines import create_engine, engine_config_classes
@@ -470,7 +476,8 @@ class Worker:
             metadata={"mode": self.config.worker_mode or MODE_AGGREGATED,
                       "engine": self.config.engine, "block_size": self.engine.block_size,
                       "max_model_len": self.engine.max_model_len, "pid": os.getpid(),
-                      "started": self.started, **self.engine.discovery_metadata()},
+                      "started": self.started, **self.engine.discovery_metadata(),
+                      **identity_metadata(self.ctx)},
         )
 
     async def run(self) -> None:
@@ -481,7 +488,8 @@ class Worker:
             # Handlers first: a SIGTERM during a long engine load (vLLM: tens of seconds) must
             # still shut the engine down cleanly rather than kill the process outright.
             service.install_signal_handlers()
-            service.on_shutdown("zmq context", lambda: self.ctx.destroy(linger=0))
+            service.on_shutdown("zmq context", lambda: destroy_context(self.ctx))
+            secure_context(self.ctx, cfg.keys_dir)
             request_socket = self.ctx.socket(zmq.ROUTER)
             # Reading stops earlier, when the "requests" loop is cancelled; replies the engine
             # makes while it shuts down still go out until here.

@@ -29,7 +29,7 @@ from common.messages import (
     encoder,
     kv_pull_reply_decoder,
 )
-from common.transport import tune_stream_socket
+from common.transport import connect_socket, tune_stream_socket
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class PeerLinks:
             sock = self.ctx.socket(zmq.DEALER)
             tune_stream_socket(sock)
             sock.setsockopt(zmq.SNDHWM, PEER_SNDHWM)
-            sock.connect(endpoint)
+            connect_socket(sock, endpoint)
             link = self.sockets[endpoint] = LoopSocket(sock, self._on_reply)
             link.start()
         return link

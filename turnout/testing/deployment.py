@@ -7,7 +7,9 @@ file-discovery directory; it waits with a bound for each one to register (and th
 /health, and the router to route to every worker); it reads discovery records and /metrics; it
 signals services; and it always stops and reaps what it started, in order (planner, frontend,
 router, workers), SIGKILLing whatever SIGTERM did not stop in time. Every service's output goes
-to its own log file, kept for failure reports.
+to its own log file, kept for failure reports. With `curve=True` (or TURNOUT_TEST_CURVE=1 in the
+environment, so any existing end-to-end test runs that way) it first generates fleet keys in
+`<workdir>/keys` and every service it starts gets them (TURNOUT_KEYS_DIR): the planes use CURVE.
 
 Owns process lifecycle and observation. Does not own what a test or benchmark sends.
 """
@@ -155,15 +157,25 @@ class Deployment:
 
     def __init__(self, workdir: Path, *, command: Sequence[str] = PYTHON_TURNOUT,
                  lease_ttl_s: float | None = 2.0, env: dict[str, str] | None = None,
-                 extra: Sequence[str] = ()) -> None:
+                 extra: Sequence[str] = (), curve: bool | None = None) -> None:
         """`command` launches the `turnout` CLI; `lease_ttl_s` (None: the services' default)
-        and `extra` flags go to every service started by role."""
+        and `extra` flags go to every service started by role; `curve` (None: whether
+        TURNOUT_TEST_CURVE is 1) starts every service with fleet keys."""
         self.workdir = workdir
         self.discovery = workdir / "discovery"
         self.discovery.mkdir(parents=True, exist_ok=True)
         self.command = list(command)
         self.lease_ttl_s = lease_ttl_s
         self.env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+        if curve is None:
+            curve = os.environ.get("TURNOUT_TEST_CURVE", "") == "1"
+        self.keys_dir: Path | None = None
+        if curve:
+            from common.fleet_keys import generate
+
+            self.keys_dir = workdir / "keys"
+            generate(self.keys_dir)
+            self.env["TURNOUT_KEYS_DIR"] = str(self.keys_dir)
         self.extra = list(extra)
         self.services: list[Service] = []
         self.port = 0
@@ -261,6 +273,8 @@ class Deployment:
                      "--decode-workers", str(decode_workers)]
         if self.lease_ttl_s is not None:
             argv += ["--lease-ttl-s", f"{self.lease_ttl_s:g}"]
+        if self.keys_dir is not None:  # `up` passes its own setting on, over the environment's
+            argv += ["--keys-dir", str(self.keys_dir)]
         for child in plan(argv).children:
             # plan() writes `python -m turnout <role> ...`; this deployment's command instead.
             role = child.argv[3]
