@@ -166,24 +166,29 @@ class EncodeRouting:
     # -- replies -------------------------------------------------------------------------------
 
     def on_reply(self, worker: WorkerHandle, reply: EncodeReply) -> None:
+        """One EncodeRequest's answer (a worker may hold several of one request: its own
+        images and another's re-sent after a loss)."""
         entry = self.pending.get(reply.request_id)
-        hashes = entry.sent.pop(worker.id, None) if entry is not None else None
+        hashes = entry.sent.get(worker.id) if entry is not None else None
         if entry is None or hashes is None:
             return  # cancelled, or re-sent elsewhere after this worker was declared lost
-        self._returned(worker.id, len(hashes))
         if reply.error_code:
             self.cancel(reply.request_id)
             self.fail(entry.frontend, reply.request_id, reply.error_code,
                       reply.error_message or "image encoding failed")
             return
+        answered = 0
         for item in reply.embeddings:
+            if item.hash not in hashes:
+                continue
+            hashes.remove(item.hash)
+            answered += 1
             entry.embeddings[item.hash] = item.embedding
             self.metrics.cache.labels("hit" if item.cached else "miss").inc()
             self.metrics.bytes.inc(len(item.embedding))
-        missing = [h for h in hashes if h not in entry.embeddings]
-        if missing:  # a worker that answered short: ask another one
-            self._send(entry, [im for im in entry.request.images if im.hash in missing],
-                       exclude=worker.id)
+        self._returned(worker.id, answered)
+        if not hashes:
+            del entry.sent[worker.id]
         if not entry.sent:
             self._finish(entry)
 

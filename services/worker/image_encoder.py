@@ -73,28 +73,29 @@ class ImageEncoder:
         self.metrics = metrics
         self.send = send
         self._encoder = asyncio.Lock()  # one image through the encoder at a time
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks: dict[str, set[asyncio.Task[None]]] = {}
 
     @property
     def busy(self) -> int:
         return len(self._tasks)
 
     def on_encode(self, ident: bytes, request: EncodeRequest) -> None:
-        old = self._tasks.pop(request.request_id, None)
-        if old is not None:  # a retry of the same request replaces it
-            old.cancel()
         task = asyncio.create_task(self._serve(ident, request))
-        self._tasks[request.request_id] = task
+        # Several requests may share an id: a router re-sends a lost encode worker's images
+        # to one that already encodes others of the same request.
+        self._tasks.setdefault(request.request_id, set()).add(task)
         task.add_done_callback(lambda t, rid=request.request_id: self._done(rid, t))
 
     def cancel(self, request_id: str) -> None:
-        task = self._tasks.pop(request_id, None)
-        if task is not None:
+        for task in self._tasks.pop(request_id, ()):
             task.cancel()
 
     def _done(self, request_id: str, task: asyncio.Task[None]) -> None:
-        if self._tasks.get(request_id) is task:
-            del self._tasks[request_id]
+        tasks = self._tasks.get(request_id)
+        if tasks is not None:
+            tasks.discard(task)
+            if not tasks:
+                del self._tasks[request_id]
 
     async def _serve(self, ident: bytes, request: EncodeRequest) -> None:
         try:
