@@ -11,6 +11,7 @@ from common.config import ProcessConfig, opt
 
 ENGINES = ["mocker", "vllm", "sglang", "trtllm"]
 WORKER_MODES = ["aggregated", "prefill", "decode", "encode"]
+DEFAULT_EMBEDDING_CACHE_MB = 512.0
 
 
 @dataclasses.dataclass
@@ -36,17 +37,17 @@ class WorkerConfig(ProcessConfig):
     kv_lease_ms: int = opt(30_000, help="a finished prefill keeps its KV blocks for the decode "
                                         "side at most this long when no release comes (a "
                                         "request's own lease_ms overrides it)")
-    embedding_cache_mb: float = opt(512.0, help="encode workers: most MiB of image embeddings "
-                                                "kept by image hash (least recently used go "
-                                                "first)")
+    embedding_cache_mb: float = opt(DEFAULT_EMBEDDING_CACHE_MB,
+                                    help="encode workers: most MiB of image embeddings kept by "
+                                         "image hash (least recently used go first)")
     kv_pull_timeout_ms: int = opt(500, help="how long a KV pull waits for each source's answer "
                                             "before trying the next (or recomputing)")
 
     def __post_init__(self) -> None:
+        # --embedding-cache-mb on a worker that is not an encode worker is refused when the
+        # worker starts (`main.py`): `turnout up` sets it on the encode workers only.
         if self.embedding_cache_mb < 0:
             raise ValueError(f"--embedding-cache-mb must be >= 0, got {self.embedding_cache_mb}")
-        if self.embedding_cache_mb != 512.0 and self.worker_mode != "encode":
-            raise ValueError("--embedding-cache-mb needs --worker-mode encode")
         for name in ("kv_lease_ms", "kv_pull_timeout_ms"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -74,7 +75,7 @@ from common.messages import (
 from common.service import Service, run_service
 from common.status_server import StatusServer
 from common.transport import bind_socket, tune_stream_socket
-from services.worker.args import WorkerConfig
+from services.worker.args import DEFAULT_EMBEDDING_CACHE_MB, WorkerConfig
 from services.worker.engine import Engine, EngineError, StepOutput
 from services.worker.engines import create_engine, engine_config_classes
 from services.worker.host_kv_tier import HostKvTier
@@ -560,4 +561,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _start(config: WorkerConfig, *engine_configs: Any) -> Coroutine[Any, Any, None]:
+    if config.worker_mode != MODE_ENCODE \
+            and config.embedding_cache_mb != DEFAULT_EMBEDDING_CACHE_MB:
+        print("turnout worker: --embedding-cache-mb needs --worker-mode encode", file=sys.stderr)
+        raise SystemExit(2)
     return Worker(config, create_engine(config, list(engine_configs))).run()

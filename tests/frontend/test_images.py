@@ -48,7 +48,10 @@ def text(t: str) -> dict[str, str]:
     return {"type": "text", "text": t}
 
 
-def prompt(chat: protocol.ChatCompletionRequest, limits: ImageLimits = ImageLimits(),
+DEFAULT = ImageLimits()
+
+
+def prompt(chat: protocol.ChatCompletionRequest, limits: ImageLimits = DEFAULT,
            ) -> tuple[list[int], list]:
     async def run() -> tuple[list[int], list]:
         images = ChatImages(limits)
@@ -60,7 +63,7 @@ def prompt(chat: protocol.ChatCompletionRequest, limits: ImageLimits = ImageLimi
     return asyncio.run(run())
 
 
-def error(chat: protocol.ChatCompletionRequest, limits: ImageLimits = ImageLimits()) -> ApiError:
+def error(chat: protocol.ChatCompletionRequest, limits: ImageLimits = DEFAULT) -> ApiError:
     with pytest.raises(ApiError) as info:
         prompt(chat, limits)
     assert info.value.status == 400
