@@ -27,7 +27,7 @@ def test_encode_workers_beside_aggregated_ones() -> None:
     assert float(flag(plan["encode-1"], "--embedding-cache-mb") or 0) == 64
     assert float(flag(plan["worker-1"], "--embedding-cache-mb") or 0) == 512  # the default
     # The mocker's encode time reaches every worker: encode workers, and in-line encoding.
-    assert all(flag(a, "--encode-ms-per-image") == "40" for a in plan.values())
+    assert all(float(flag(a, "--encode-ms-per-image") or 0) == 40 for a in plan.values())
 
 
 @pytest.mark.parametrize(("argv", "message"), [
