@@ -34,6 +34,7 @@ class StepOutput:
     chunks: list[TokenChunk] = field(default_factory=list)
     kv_events: list[KvEvent] = field(default_factory=list)
     forward_pass: ForwardPass | None = None
+    images_encoded: int = 0  # images the engine ran its vision encoder on in this step
 
 
 @dataclass(slots=True)

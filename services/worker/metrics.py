@@ -98,8 +98,10 @@ class WorkerMetrics:
         self._dropped_total = 0.0
         # Encode workers (--worker-mode encode).
         self.images = Counter("turnout_worker_images",
-                              "Images asked of this encode worker, by where the embedding "
-                              "came from: encoded here, or the embedding cache",
+                              "Images this worker produced an embedding for, by source: "
+                              "encoded (an encode worker's encoder), cache (an encode worker's "
+                              "embedding cache) or inline (an LLM worker encoding a request's "
+                              "images itself: no encode worker embedded them)",
                               [*names, "source"], registry=self.registry)
         self.encode_seconds = Histogram(
             "turnout_worker_encode_seconds", "Vision-encoder time per image encoded here",
@@ -127,6 +129,8 @@ class WorkerMetrics:
         self.cache_hit_rate.set(self._cached_total / self._prompt_total)
 
     def on_step(self, out: StepOutput) -> None:
+        if out.images_encoded:
+            self.images.labels(**self.labels, source="inline").inc(out.images_encoded)
         fp = out.forward_pass
         if fp is None:
             return

@@ -92,7 +92,7 @@ def test_image_chat_through_the_encode_pool(deployment: Deployment) -> None:
     assert router.value("turnout_router_images_total", path="encode_pool") == 1
     assert router.value("turnout_router_embedding_bytes_total") == 16 * 1024
     # The LLM worker got the embedding: it never encoded.
-    assert llm.metrics().value("turnout_engine_mocker_images_encoded_inline_total") == 0
+    assert llm.metrics().value("turnout_worker_images_total", source="inline") == 0
 
     again, usage2 = asyncio.run(chat(deployment.url, image_message(red)))
     assert again == first
@@ -149,7 +149,7 @@ def test_bad_images_are_400s_naming_the_part(deployment: Deployment) -> None:
     assert len(text) == TOKENS
     assert deployment.router.metrics().value("turnout_router_images_total", path="inline") == 1
     assert deployment.workers()[0].metrics().value(
-        "turnout_engine_mocker_images_encoded_inline_total") == 1
+        "turnout_worker_images_total", source="inline") == 1
     deployment.check_alive()
 
 

@@ -102,22 +102,24 @@ async def test_mocker_charges_in_line_encoding_once_and_not_for_embedded_images(
 
     await engine.start(sink)
 
-    async def run(rid: str, *images: ImageInput) -> list[float]:
+    async def run(rid: str, *images: ImageInput) -> list[tuple[float, int]]:
         done.clear()
         steps.clear()
         engine.add_request(GenerateRequest(rid, "m", list(range(100, 120)),
                                            SamplingParams(max_tokens=2), images=list(images)))
         async with asyncio.timeout(5):
             await done.wait()
-        return [s.forward_pass.duration_ms for s in steps if s.forward_pass is not None]
+        return [(s.forward_pass.duration_ms, s.images_encoded) for s in steps
+                if s.forward_pass is not None]
 
     try:
         inline = await run("r1", image("a", offset=4, tokens=8))
-        assert inline[0] > 500 > inline[-1]  # the admitting step carries the encoder
+        assert inline[0][0] > 500 > inline[-1][0]  # the admitting step carries the encoder
+        assert [n for _, n in inline] == [1] + [0] * (len(inline) - 1)
         embedded = await run("r2", image("b", offset=4, tokens=8, embedded=True))
-        assert all(ms < 500 for ms in embedded)
+        assert all(ms < 500 and n == 0 for ms, n in embedded)
         # Same tokens again: the image's placeholders are all in the prefix cache.
         cached = await run("r3", image("a", offset=4, tokens=8))
-        assert all(ms < 500 for ms in cached)
+        assert all(ms < 500 and n == 0 for ms, n in cached)
     finally:
         await engine.shutdown()

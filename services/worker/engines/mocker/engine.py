@@ -23,8 +23,6 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from prometheus_client import Counter
-
 from common.messages import ForwardPass, GenerateRequest, ImageInput, KvBlockStored
 from services.worker.engine import Engine, EngineError, EngineLoad, StepOutput, StepSink
 from services.worker.engines.mocker import timing
@@ -65,7 +63,6 @@ class MockerEngine(Engine):
         self._sleep: Sleep = sleep if sleep is not None else asyncio.sleep
         self._debt_s = 0.0
         self._dropped_s = 0.0
-        self._inline_encodes: Counter | None = None
 
     # -- Engine ------------------------------------------------------------------------------
 
@@ -73,11 +70,6 @@ class MockerEngine(Engine):
         if self._task is not None:
             raise RuntimeError("mocker engine already started")
         self._sink = sink
-        if self.metrics is not None:
-            self._inline_encodes = self.metrics.counter(
-                "mocker_images_encoded_inline",
-                "Images this (aggregated or prefill) mocker encoded itself because no encode "
-                "worker sent their embedding")
         await self._load()
         self._task = asyncio.create_task(self._run(), name="mocker-engine")
         self._task.add_done_callback(self._on_loop_exit)
@@ -213,8 +205,6 @@ class MockerEngine(Engine):
             if plan.encode_images:
                 # In-line encoding stalls the whole batch of this step, as on one GPU.
                 model_ms += plan.encode_images * self.config.encode_ms_per_image
-                if self._inline_encodes is not None:
-                    self._inline_encodes.inc(plan.encode_images)
             if speedup > 0:
                 behind = clock() - deadline
                 if behind > max_debt:
@@ -239,7 +229,7 @@ class MockerEngine(Engine):
             assert self._sink is not None
             self._sink(StepOutput(chunks, pool.drain_events(), ForwardPass(
                 self._steps, len(plan.seqs), plan.prefill_tokens, plan.decode_tokens, model_ms,
-                plan.kv_used_blocks)))
+                plan.kv_used_blocks), plan.encode_images))
 
     def _on_loop_exit(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
