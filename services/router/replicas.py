@@ -47,6 +47,7 @@ class Replicas:
                                           config.frontend_timeout_ms / 1000, clock)
         self.handback = HandBack(frontends, streams.accounting, streams.parking,
                                  streams.migration, metrics)
+        self.handback.encoding = streams.encoding
         self.sync = ReplicaSync(router_id, pool, None, 3 * self.period, clock)
         self.publisher: EventPublisher | None = None
 

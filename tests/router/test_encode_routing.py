@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry
 from common.messages import (
     KIND_CANCEL,
     KIND_ENCODE,
+    KIND_RESUME_ELSEWHERE,
     EncodeReply,
     GenerateRequest,
     ImageEmbedding,
@@ -15,10 +16,24 @@ from common.messages import (
     Instance,
     SamplingParams,
     encode_request_decoder,
+    resume_elsewhere_decoder,
 )
+from services.router.accounting import Accounting
 from services.router.encode_routing import EncodeRouting
+from services.router.handback import HandBack
+from services.router.metrics import RouterMetrics
+from services.router.parking import ParkingLot
 from services.router.worker_pool import WorkerHandle
-from tests.router.fakes import MODEL, FakeClock, FakeDealer, counter, pool_of, sent
+from tests.router.fakes import (
+    MODEL,
+    FakeClock,
+    FakeDealer,
+    FakeSocket,
+    counter,
+    pool_of,
+    sent,
+    worker,
+)
 
 
 def encode_worker(worker_id: str) -> WorkerHandle:
@@ -156,8 +171,21 @@ def test_duplicate_request_id_is_refused() -> None:
 
 
 def test_encode_workers_are_never_generation_candidates() -> None:
-    from tests.router.fakes import worker
-
     stage = Stage(encode_worker("e1"), worker("w1"))
     assert [w.id for w in stage.pool.routable(MODEL)] == ["w1"]
     assert [w.id for w in stage.pool.encoders(MODEL)] == ["e1"]
+
+
+def test_a_draining_router_gives_back_requests_waiting_for_embeddings() -> None:
+    e1 = encode_worker("e1")
+    stage = Stage(e1)
+    stage.routing.takes(b"f", chat("r1", image("a")))
+    frontends = FakeSocket()
+    handback = HandBack(frontends, Accounting(stage.clock), ParkingLot(),
+                        type("M", (), {"stranded": set()})(), RouterMetrics("r"))  # type: ignore[arg-type]
+    handback.encoding = stage.routing
+    assert handback.start() == 1
+    [(frontend, kind, payload)] = frontends.sent
+    assert (frontend, kind) == (b"f", KIND_RESUME_ELSEWHERE)
+    assert resume_elsewhere_decoder.decode(payload).request_ids == ["r1"]
+    assert stage.routing.pending == {} and sent(e1)[-1][0] == KIND_CANCEL
