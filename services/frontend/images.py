@@ -97,7 +97,10 @@ def decode_image(data: bytes, mime: str, max_pixels: int, param: str) -> Decoded
     except UnidentifiedImageError:
         raise bad_image(param, f"the data is not a {expected} image (declared {mime!r})",
                         "image_type_mismatch") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # so large that Pillow refuses to open it
+        raise bad_image(param, f"image is too large to decode ({exc})",
+                        "image_too_large") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise bad_image(param, f"the image cannot be decoded ({exc})") from None
     return DecodedImage(digest.hexdigest(), width, height, mime, data)
 

@@ -7,6 +7,8 @@ import asyncio
 import base64
 import io
 import json
+import struct
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -127,6 +129,24 @@ def test_pixel_limit_is_checked_before_decoding() -> None:
     e = error(body(uri(encoded("PNG", size=(200, 100)))), ImageLimits(max_pixels=19_999))
     assert e.code == "image_too_large"
     assert "200x100" in e.message and "--max-image-pixels" in e.message
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that only claims its size (no pixel data): a decompression bomb's calling card."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2,
+                                                                0, 0, 0)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("size", [(10_000, 10_000), (30_000, 30_000)])
+def test_a_pixel_bomb_is_refused_from_its_header(size: tuple[int, int]) -> None:
+    e = error(body(uri(png_header(*size))), ImageLimits(max_pixels=10**12))
+    assert e.code == ("image_too_large" if size[0] > 20_000 else "invalid_image")  # truncated
+    e = error(body(uri(png_header(*size))))
+    assert e.code == "image_too_large" and e.param == "messages[0].content[0]"
 
 
 def test_too_many_images_names_the_first_one_over() -> None:
