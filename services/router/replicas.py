@@ -93,6 +93,9 @@ class Replicas:
         for frontend in self.frontends.lost():
             orphans = self.frontends.orphans(frontend, self.streams.accounting,
                                              self.streams.parking)
+            if self.streams.encoding is not None:  # and those waiting for their embeddings
+                orphans += [rid for rid, p in self.streams.encoding.pending.items()
+                            if p.frontend == frontend]
             self.metrics.frontends_lost.inc()
             self.metrics.orphans_cancelled.inc(len(orphans))
             log.warning("frontend gone; cancelling its requests", extra={"fields": {
