@@ -157,7 +157,7 @@ def test_encode_worker_killed_mid_request(deployment: Deployment) -> None:
     """SIGKILL an encode worker while it encodes: its images are encoded by the other one and
     every request completes."""
     deployment.start_router()
-    victim = deployment.start_worker("--worker-mode", "encode", "--encode-ms-per-image", "400",
+    victim = deployment.start_worker("--worker-mode", "encode", "--encode-ms-per-image", "1000",
                                      *BLOCK, worker_id="e1")
     survivor = deployment.start_worker("--worker-mode", "encode", "--encode-ms-per-image", "20",
                                        *BLOCK, worker_id="e2")
@@ -169,7 +169,7 @@ def test_encode_worker_killed_mid_request(deployment: Deployment) -> None:
 
     async def run() -> list[tuple[str, Any]]:
         streams = asyncio.gather(*(chat(deployment.url, image_message(uri)) for uri in images))
-        # e1 is encoding its first image (400 ms each), with more queued behind it.
+        # e1 is encoding its first image (1 s each), with more queued behind it.
         await asyncio.to_thread(
             wait_for, lambda: deployment.router.metrics().value(
                 "turnout_router_encode_routes_total", reason="least_loaded") >= 8
