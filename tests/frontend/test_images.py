@@ -227,3 +227,29 @@ def test_url_failures(status: int, payload: bytes, limits: ImageLimits, hang: bo
     result = fetch(status, payload, limits, hang)
     assert isinstance(result, ApiError)
     assert (result.code, result.param) == (code, "messages[0].content[0]")
+
+
+def test_images_in_a_real_chat_template() -> None:
+    """The tiny Llama's template: the image's placeholders sit inside the user turn, ids
+    within its vocabulary, and the text around them is what the template renders."""
+    from services.frontend.tokenizer import HfTokenizer
+    from tests.tiny_model import cached_tiny_model
+
+    tokenizer = HfTokenizer(cached_tiny_model())
+    chat = body(text("Describe"), uri(encoded("PNG")), text("briefly."))
+
+    async def run() -> tuple[list[int], list]:
+        images = ChatImages(DEFAULT)
+        try:
+            return await images.prompt(chat, tokenizer)
+        finally:
+            await images.fetcher.close()
+
+    ids, [image] = asyncio.run(run())
+    assert all(0 <= i < tokenizer.vocab_size for i in ids)
+    before = tokenizer.decode(ids[:image.offset])
+    after = tokenizer.decode(ids[image.offset + image.num_tokens:])
+    assert before.rstrip().endswith("Describe") and "user" in before
+    assert after.lstrip().startswith("briefly.") and "assistant" in after
+    text_only = tokenizer.render_chat([{"role": "user", "content": "Describe\nbriefly."}])
+    assert len(ids) > len(text_only)
