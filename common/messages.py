@@ -40,6 +40,8 @@ KIND_KV_RELEASE: Final = b"\x07"
 KIND_PING: Final = b"\x08"
 KIND_PONG: Final = b"\x09"
 KIND_RESUME_ELSEWHERE: Final = b"\x0a"  # ResumeElsewhere, router → frontend (router draining)
+KIND_ENCODE: Final = b"\x0b"  # EncodeRequest, router → encode worker
+KIND_ENCODED: Final = b"\x0c"  # EncodeReply, encode worker → router
 
 # GenerateRequest.phase: how a worker serves the request.
 PHASE_AGGREGATED: Final = ""  # prompt and every token here
@@ -64,6 +66,23 @@ class SamplingParams(Wire):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+
+
+class ImageInput(Wire):
+    """One image of a request: its identity, where its placeholder tokens sit in `token_ids`,
+    and either its file bytes (not yet encoded) or its embedding (an encode worker's output).
+
+    The placeholder token ids themselves are derived from `hash` (`common/image_keys.py`), so
+    the KV block hashes of every block covering them, and of every block after, carry the
+    image's identity: a repeated image is a prefix hit, a different image with the same text
+    is not."""
+
+    hash: str  # hex sha256 of the decoded pixels, mode and size
+    offset: int  # index of its first placeholder token in token_ids
+    num_tokens: int  # placeholder tokens it occupies
+    mime: str = ""  # "image/png" | "image/jpeg" | "image/webp" (with `data`)
+    data: bytes = b""  # the image file as the client sent it (empty once encoded)
+    embedding: bytes = b""  # the encoder's output for it (empty until encoded)
 
 
 class GenerateRequest(Wire):
@@ -92,6 +111,8 @@ class GenerateRequest(Wire):
     # A resume after a router was lost: the worker that was serving it (its KV is there; it may
     # still be running it and then hands the live request over).
     previous_worker: str = ""
+    # Images in the prompt, in order of `offset` (multimodal chat).
+    images: list[ImageInput] = []
 
 
 class Cancel(Wire):
@@ -140,6 +161,29 @@ class ResumeElsewhere(Wire):
     # False: not draining; it took the frontend for gone (silent) and cancelled these, so a
     # frontend that was only stalled resumes them through any router, this one included.
     draining: bool = True
+
+
+class EncodeRequest(Wire):
+    """Router → encode worker: encode these images of `request_id` (each with `data`)."""
+
+    request_id: str
+    images: list[ImageInput]
+
+
+class ImageEmbedding(Wire):
+    hash: str
+    embedding: bytes
+    cached: bool = False  # served from the encode worker's embedding cache
+
+
+class EncodeReply(Wire):
+    """Encode worker → router: the embeddings of an EncodeRequest's images, in its order, or
+    an error (`error_code` HTTP-like) that fails the request."""
+
+    request_id: str
+    embeddings: list[ImageEmbedding] = []
+    error_code: int = 0
+    error_message: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +317,7 @@ ROLE_PLANNER: Final = "planner"
 MODE_AGGREGATED: Final = "aggregated"  # prefill and decode of its own requests
 MODE_PREFILL: Final = "prefill"  # prefill phases only (and aggregated fallbacks, never)
 MODE_DECODE: Final = "decode"  # decode phases, and whole requests prefilled locally
+MODE_ENCODE: Final = "encode"  # images → embeddings only (KIND_ENCODE), never generation
 
 
 class Instance(msgspec.Struct, omit_defaults=True):
@@ -303,3 +348,5 @@ kv_batch_decoder: Final = msgspec.msgpack.Decoder(KvEventBatch)
 fpm_decoder: Final = msgspec.msgpack.Decoder(ForwardPassBatch)
 resume_elsewhere_decoder: Final = msgspec.msgpack.Decoder(ResumeElsewhere)
 router_usage_decoder: Final = msgspec.msgpack.Decoder(RouterUsage)
+encode_request_decoder: Final = msgspec.msgpack.Decoder(EncodeRequest)
+encode_reply_decoder: Final = msgspec.msgpack.Decoder(EncodeReply)

@@ -44,7 +44,7 @@ from common.discovery import Discovery, open_discovery
 from common.messages import ROLE_WORKER
 from services.frontend.args import FrontendConfig
 from services.router.args import RouterConfig
-from services.worker.args import WorkerConfig
+from services.worker.args import DEFAULT_EMBEDDING_CACHE_MB, WorkerConfig
 from services.worker.engines import engine_config_classes
 
 
@@ -54,6 +54,8 @@ class UpConfig:
                                "--prefill-workers or --decode-workers is given)")
     prefill_workers: int = opt(0, help="number of prefill workers (--worker-mode prefill)")
     decode_workers: int = opt(0, help="number of decode workers (--worker-mode decode)")
+    encode_workers: int = opt(0, help="number of encode workers (--worker-mode encode): chat "
+                                      "images are encoded there, not on the LLM workers")
     routers: int = opt(1, help="number of router processes (replicas: each frontend spreads "
                                "requests over them and resumes a lost one's streams elsewhere)")
     startup_timeout_s: float = opt(
@@ -156,6 +158,13 @@ def plan(argv: Sequence[str]) -> Plan:
     if split and worker.worker_mode != "aggregated":
         raise SystemExit("turnout up: give either --worker-mode or --prefill-workers/"
                          "--decode-workers, not both")
+    if up.encode_workers < 0:
+        raise SystemExit("turnout up: --encode-workers must be >= 0")
+    if worker.worker_mode == "encode":
+        raise SystemExit("turnout up: give --encode-workers rather than --worker-mode encode "
+                         "(the LLM workers are needed too)")
+    if worker.embedding_cache_mb != DEFAULT_EMBEDDING_CACHE_MB and not up.encode_workers:
+        raise SystemExit("turnout up: --embedding-cache-mb needs --encode-workers")
     if up.routers < 1:
         raise SystemExit("turnout up: --routers must be at least 1")
     if up.routers > 1 and (router.router_port or router.router_metrics_port
@@ -184,12 +193,15 @@ def plan(argv: Sequence[str]) -> Plan:
     for cfg in engines:
         engine_argv += to_argv(cfg)
     roles = [("worker", worker.worker_mode, up.workers),
-             ("prefill", "prefill", up.prefill_workers), ("decode", "decode", up.decode_workers)]
+             ("prefill", "prefill", up.prefill_workers), ("decode", "decode", up.decode_workers),
+             ("encode", "encode", up.encode_workers)]
     for name, mode, count in roles:
         for i in range(count):
             suffix = f"{i + 1}" if name == "worker" else f"{name}-{i + 1}"
             wid = worker.worker_id and f"{worker.worker_id}-{suffix}"
             w = dataclasses.replace(worker, worker_id=wid, worker_mode=mode)
+            if mode != "encode":  # the embedding cache is the encode workers' only
+                w.embedding_cache_mb = DEFAULT_EMBEDDING_CACHE_MB
             children.append(Child(f"{name}-{i + 1}", [*py, "worker", *to_argv(w), *engine_argv],
                                   critical=False, is_worker=True))
     children.append(Child("frontend", [*py, "frontend", *to_argv(frontend)]))

@@ -24,12 +24,14 @@ from common.messages import (
     FINISH_LENGTH,
     FINISH_STOP,
     GenerateRequest,
+    ImageInput,
     TokenChunk,
 )
 from services.frontend import protocol, responses
 from services.frontend.api_keys import ApiKeys, KeyPolicy
 from services.frontend.chat_template import ChatTemplateError
 from services.frontend.errors import ApiError, invalid
+from services.frontend.images import ChatImages, ImageLimits
 from services.frontend.limits import AdmissionQueue, cap_tokens
 from services.frontend.metrics import FrontendMetrics, ModelMetrics
 from services.frontend.quotas import Grant, QuotaExceeded, Quotas, retry_after_headers
@@ -273,7 +275,7 @@ class FrontendApp:
                  api_keys: ApiKeys | None = None, quotas: Quotas | None = None,
                  admission: AdmissionQueue | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                  max_prompt_tokens: int = 0, max_output_tokens: int = 0,
-                 stream_interval: int = 0) -> None:
+                 stream_interval: int = 0, images: ChatImages | None = None) -> None:
         """`api_keys` (else `api_key`, a single unrestricted key): who may call /v1/;
         `quotas` their limits (default: a fresh `Quotas`); `admission` the generations
         allowed in flight (default: no limit); `stream_interval` tokens per SSE
@@ -294,6 +296,7 @@ class FrontendApp:
         metrics.admission_active.set_function(lambda: self.admission.active)
         metrics.admission_waiting.set_function(lambda: self.admission.waiting)
         self.stream_interval = stream_interval
+        self.images = images if images is not None else ChatImages(ImageLimits())
         self.created = int(time.time())
         self._hidden_ids = frozenset(tokenizer.eos_token_ids)
         self._routes: dict[str, dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]]] = {
@@ -492,8 +495,13 @@ class FrontendApp:
             grant.charge_completion(completion_tokens)
             self.metrics.key_tokens.labels(grant.key_id, "completion").inc(completion_tokens)
 
-    async def _prompt_ids(self, endpoint: str, body: Any) -> list[int]:
+    async def _prompt_ids(self, endpoint: str, body: Any) -> tuple[list[int], list[ImageInput]]:
         tokenizer = self.tokenizer
+        if endpoint == CHAT and protocol.has_images(body):
+            try:
+                return await self.images.prompt(body, tokenizer)
+            except ChatTemplateError as exc:
+                raise invalid(str(exc), "messages", "invalid_chat_template") from None
         if endpoint == CHAT:
             messages = protocol.chat_messages(body)
             try:
@@ -511,7 +519,7 @@ class FrontendApp:
             param = "prompt"
         if not ids:
             raise invalid("the prompt is empty", param, "empty_prompt")
-        return ids
+        return ids, []
 
     async def _generate(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
         started = time.perf_counter()
@@ -526,7 +534,7 @@ class FrontendApp:
             stream = bool(body.stream)
             self._check_key(scope, body.model)
             model, upstream_model = self._resolve_model(body.model)
-            ids = await self._prompt_ids(endpoint, body)
+            ids, images = await self._prompt_ids(endpoint, body)
             sampling = protocol.sampling_params(body, len(ids),
                                                 self.context_length(upstream_model),
                                                 self.tokenizer.vocab_size,
@@ -536,7 +544,7 @@ class FrontendApp:
             request_id = os.urandom(16).hex()
             request = GenerateRequest(request_id=request_id, model=upstream_model,
                                       token_ids=ids, sampling=sampling,
-                                      target_worker=_target_worker(scope))
+                                      target_worker=_target_worker(scope), images=images)
             try:
                 chunks = self.upstream.open(request)
             except NoWorkersError as exc:

@@ -7,6 +7,7 @@ import os
 
 from common.config import ProcessConfig, opt
 from services.frontend.api_keys import ApiKeys
+from services.frontend.images import ImageLimits
 
 _MIB = 1024 * 1024
 DEFAULT_MAX_QUEUED = 256
@@ -59,6 +60,17 @@ class FrontendConfig(ProcessConfig):
                                        "the last event (fewer events under load); N exactly N "
                                        "per event (1: one event per token)")
 
+    max_images_per_request: int = opt(8, help="most image parts in one chat request (more: 400)")
+    max_image_pixels: int = opt(16_777_216, help="largest image accepted, in pixels (width x "
+                                                 "height, checked before decoding; more: 400)")
+    image_url_hosts: str = opt("", help="comma-separated hosts whose http(s) image URLs are "
+                                        "fetched ('*': any); empty: image URLs are refused "
+                                        "(data: URIs only)")
+    image_fetch_timeout_s: float = opt(5.0, help="an image URL must be fetched within this, "
+                                                 "else 400")
+    image_fetch_max_bytes: int = opt(20 * _MIB, help="largest image fetched from a URL (larger: "
+                                                     "400)")
+
     ssl_certfile: str = opt("", help="PEM certificate (chain): serve HTTPS instead of HTTP")
     ssl_keyfile: str = opt("", help="PEM private key of --ssl-certfile")
 
@@ -73,8 +85,11 @@ class FrontendConfig(ProcessConfig):
         for name in ("max_body_bytes", "max_header_bytes", "max_headers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("max_images_per_request", "max_image_pixels", "image_fetch_max_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         for name in ("api_keys_reload_s", "header_timeout_s", "body_timeout_s",
-                     "queue_timeout_s"):
+                     "queue_timeout_s", "image_fetch_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         for name in ("max_prompt_tokens", "max_output_tokens", "max_active_requests",
@@ -93,5 +108,12 @@ class FrontendConfig(ProcessConfig):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise ValueError(f"--{name.replace('_', '-')}: no such file: {path}")
+        if any(not h.strip() for h in self.image_url_hosts.split(",")) and self.image_url_hosts:
+            raise ValueError(f"--image-url-hosts: an empty host name in {self.image_url_hosts!r}")
         if self.api_keys_file:
             ApiKeys(self.api_keys_file)  # a file that does not parse: one clear line, exit 2
+
+    def image_limits(self) -> ImageLimits:
+        hosts = frozenset(h.strip().lower() for h in self.image_url_hosts.split(",") if h.strip())
+        return ImageLimits(self.max_images_per_request, self.max_image_pixels, hosts,
+                           self.image_fetch_timeout_s, self.image_fetch_max_bytes)

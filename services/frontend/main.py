@@ -19,6 +19,7 @@ from common.messages import ROLE_FRONTEND, Instance
 from common.service import Service, run_service
 from common.transport import identity_metadata, secure_context
 from services.frontend.args import FrontendConfig
+from services.frontend.images import ChatImages
 
 log = logging.getLogger("turnout.frontend")
 
@@ -80,7 +81,9 @@ async def serve(config: FrontendConfig) -> None:
                           max_body_bytes=config.max_body_bytes,
                           max_prompt_tokens=config.max_prompt_tokens,
                           max_output_tokens=config.max_output_tokens,
-                          stream_interval=config.stream_interval)
+                          stream_interval=config.stream_interval,
+                          images=ChatImages(config.image_limits()))
+        service.on_shutdown("image fetcher", app.images.fetcher.close)
         if api_keys is not None and api_keys.path is not None:
             keys = api_keys
             service.spawn("api keys reload", keys.watch(

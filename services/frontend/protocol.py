@@ -317,9 +317,9 @@ def _check_message(i: int, message: Any) -> None:
             if kind not in allowed:
                 raise invalid(f"'{role}' messages cannot hold '{kind}' content parts", param,
                               "invalid_value")
-            if kind not in ("text", "refusal"):
+            if kind not in ("text", "refusal", "image_url"):
                 raise unsupported(param, f"'{kind}' content parts are not supported; "
-                                         "only text is")
+                                         "only text and image_url are")
 
 
 def _check_completion(body: CompletionRequest) -> None:
@@ -355,22 +355,33 @@ def parse_completion(raw: bytes) -> CompletionRequest:
     return body
 
 
-def _text_of(content: Any) -> str:
+def _text_of(content: Any, image_marker: str | None = None) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    return "\n".join(part.text for part in content if isinstance(part, TextPart))
+    if image_marker is None:
+        return "\n".join(part.text for part in content if isinstance(part, TextPart))
+    return "\n".join(part.text if isinstance(part, TextPart) else image_marker
+                     for part in content if isinstance(part, TextPart | ImageUrlPart))
 
 
-def chat_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
-    """Messages as chat templates expect them: role + plain-text content (+ name)."""
+def has_images(body: ChatCompletionRequest) -> bool:
+    return any(isinstance(part, ImageUrlPart) for message in body.messages
+               if isinstance(getattr(message, "content", None), list)
+               for part in message.content)
+
+
+def chat_messages(body: ChatCompletionRequest,
+                  image_marker: str | None = None) -> list[dict[str, str]]:
+    """Messages as chat templates expect them: role + plain-text content (+ name); with
+    `image_marker`, each image part is that marker in the text (`images.py` splits there)."""
     out = []
     for message in body.messages:
         role = message.__struct_config__.tag
         # Developer messages are the newer name for system messages.
         entry = {"role": "system" if role == "developer" else role,
-                 "content": _text_of(message.content)}
+                 "content": _text_of(message.content, image_marker)}
         if message.name:
             entry["name"] = message.name
         out.append(entry)

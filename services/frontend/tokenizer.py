@@ -39,6 +39,11 @@ class Tokenizer(abc.ABC):
         """The conversation through the chat template (with the assistant's header appended),
         tokenized without adding specials again. Raises `ChatTemplateError`."""
 
+    def render_chat_split(self, messages: list[dict[str, str]], marker: str) -> list[list[int]]:
+        """`render_chat`, split where `marker` occurs in the rendered text: the token ids of
+        each piece (the images of a chat request go between them)."""
+        raise ChatTemplateError("this tokenizer cannot place images in a prompt")
+
     @abc.abstractmethod
     def decode(self, token_ids: list[int]) -> str:
         """All of `token_ids` as text, special tokens skipped."""
@@ -63,9 +68,18 @@ class ByteTokenizer(Tokenizer):
         return [self.BOS, *ids] if add_special_tokens else ids
 
     def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return [self.BOS, *self._chat_text(messages).encode("utf-8")]
+
+    def render_chat_split(self, messages: list[dict[str, str]], marker: str) -> list[list[int]]:
+        pieces = [list(p.encode("utf-8")) for p in self._chat_text(messages).split(marker)]
+        pieces[0].insert(0, self.BOS)
+        return pieces
+
+    @staticmethod
+    def _chat_text(messages: list[dict[str, str]]) -> str:
         parts = [f"<|{m['role']}|>\n{m['content']}\n" for m in messages]
         parts.append("<|assistant|>\n")
-        return [self.BOS, *"".join(parts).encode("utf-8")]
+        return "".join(parts)
 
     def decode(self, token_ids: list[int]) -> str:
         return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
@@ -139,6 +153,12 @@ class HfTokenizer(Tokenizer):
         if self._template is None:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")
         return self.encode(self._template.render(messages), add_special_tokens=False)
+
+    def render_chat_split(self, messages: list[dict[str, str]], marker: str) -> list[list[int]]:
+        if self._template is None:
+            raise ChatTemplateError("this model has no chat template; use /v1/completions")
+        pieces = self._template.render(messages).split(marker)
+        return [self.encode(p, add_special_tokens=False) if p else [] for p in pieces]
 
     def decode(self, token_ids: list[int]) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=True)

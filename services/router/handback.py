@@ -16,6 +16,7 @@ import logging
 
 from common.messages import KIND_RESUME_ELSEWHERE, ResumeElsewhere, encoder
 from services.router.accounting import Accounting
+from services.router.encode_routing import EncodeRouting
 from services.router.metrics import RouterMetrics
 from services.router.migration import Migration
 from services.router.parking import ParkingLot
@@ -33,6 +34,7 @@ class HandBack:
         self.migration = migration
         self.metrics = metrics
         self.active = False  # draining: every request is given back
+        self.encoding: EncodeRouting | None = None  # requests waiting for their embeddings
 
     def start(self) -> int:
         """Give every stream back; from now on, every new request too. Returns how many."""
@@ -41,6 +43,10 @@ class HandBack:
         for parked in self.parking.take_all():
             by_frontend.setdefault(parked.frontend, []).append(parked.request.request_id)
         self.migration.stranded.clear()
+        if self.encoding is not None:
+            for request_id, pending in list(self.encoding.pending.items()):
+                self.encoding.cancel(request_id)
+                by_frontend.setdefault(pending.frontend, []).append(request_id)
         for request_id in list(self.accounting.requests):
             entry = self.accounting.finish(request_id)
             if entry is not None:

@@ -24,6 +24,7 @@ from common.loop_socket import LoopSocket
 from common.malformed import MALFORMED, MalformedFrames
 from common.messages import (
     KIND_CANCEL,
+    KIND_ENCODED,
     KIND_GENERATE,
     KIND_TOKENS,
     ROLE_ROUTER,
@@ -35,6 +36,7 @@ from common.messages import (
     TOPIC_ROUTER_USAGE,
     Instance,
     cancel_decoder,
+    encode_reply_decoder,
     generate_decoder,
     token_batch_decoder,
 )
@@ -51,6 +53,7 @@ from common.transport import (
 from services.router.accounting import Accounting
 from services.router.args import RouterConfig
 from services.router.disaggregation import Disaggregation
+from services.router.encode_routing import EncodeRouting
 from services.router.events import EventIntake
 from services.router.liveness import CAUSE_CRASH, CAUSE_HANG, Liveness
 from services.router.metrics import RouterMetrics
@@ -88,6 +91,9 @@ class Router(WorkerLoss):
         self.streams.disagg = Disaggregation(config, self.pool, self.selector, self.kv_index,
                                              self.accounting, self.migration, self.metrics,
                                              clock)
+        self.streams.encoding = self.encoding = EncodeRouting(
+            self.pool, self.metrics.registry, self.streams.on_generate, self.streams.reply_error,
+            clock)
         self.liveness = Liveness(config.heartbeat_interval_ms / 1000, config.missed_heartbeats,
                                  config.stall_timeout_ms / 1000, clock,
                                  suspect_phi=config.suspect_phi, convict_phi=config.convict_phi,
@@ -184,16 +190,18 @@ class Router(WorkerLoss):
             self.malformed["request"].drop(str(exc))
 
     def on_worker_message(self, worker: WorkerHandle, frames: list[bytes]) -> None:
-        """A token batch from a worker, relayed back to the frontends."""
-        if len(frames) != 2 or frames[0] != KIND_TOKENS:
+        """A token batch from a worker, relayed back to the frontends (or embeddings from an
+        encode worker, for the request they belong to)."""
+        if len(frames) != 2 or frames[0] not in (KIND_TOKENS, KIND_ENCODED):
             self.malformed["request"].drop("bad frame from worker", worker.id)
             return
         try:
-            batch = token_batch_decoder.decode(frames[1])
+            if frames[0] == KIND_ENCODED:
+                self.encoding.on_reply(worker, encode_reply_decoder.decode(frames[1]))
+            else:
+                self.streams.on_batch(worker, token_batch_decoder.decode(frames[1]).chunks)
         except MALFORMED as exc:
             self.malformed["request"].drop(str(exc), worker.id)
-            return
-        self.streams.on_batch(worker, batch.chunks)
 
     # -- loops ---------------------------------------------------------------------------------
 
@@ -238,21 +246,6 @@ class Router(WorkerLoss):
             await asyncio.sleep(self.liveness.period / 2)
             self.check_liveness()
 
-    def check_liveness(self) -> None:
-        """Every half heartbeat period: place waiting requests, judge silent/stalled workers."""
-        on_time = self.liveness.check_on_time()
-        if self.streams.waiting:
-            self.streams.retry()
-        self.replicas.check(on_time)
-        if not on_time:
-            return
-        self.metrics.set_routing_state(self.kv_index, self.selector.cost_models)
-        workers = list(self.pool.workers.values())
-        for worker, cause in self.liveness.verdicts(workers):
-            self.worker_lost(worker, cause)
-        for worker in self.liveness.convictions(workers):
-            self.worker_convicted(worker)
-
     # -- workers coming, going, lost -----------------------------------------------------------
 
     def _admit(self, instance: Instance) -> None:
@@ -296,14 +289,6 @@ class Router(WorkerLoss):
         else:
             self.pool.close(worker)
 
-    def _forget_kv(self, worker_id: str) -> None:
-        if self.kv_index is not None:
-            self.kv_index.remove_worker(worker_id)
-        if self.selector.approx_index is not None:
-            self.selector.approx_index.remove_worker(worker_id)
-
-    def _update_worker_gauges(self) -> None:
-        self.metrics.set_worker_gauges(self.pool.workers.values(), self.pool.dead, self._listed)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -47,6 +47,7 @@ class Replicas:
                                           config.frontend_timeout_ms / 1000, clock)
         self.handback = HandBack(frontends, streams.accounting, streams.parking,
                                  streams.migration, metrics)
+        self.handback.encoding = streams.encoding
         self.sync = ReplicaSync(router_id, pool, None, 3 * self.period, clock)
         self.publisher: EventPublisher | None = None
 
@@ -92,6 +93,9 @@ class Replicas:
         for frontend in self.frontends.lost():
             orphans = self.frontends.orphans(frontend, self.streams.accounting,
                                              self.streams.parking)
+            if self.streams.encoding is not None:  # and those waiting for their embeddings
+                orphans += [rid for rid, p in self.streams.encoding.pending.items()
+                            if p.frontend == frontend]
             self.metrics.frontends_lost.inc()
             self.metrics.orphans_cancelled.inc(len(orphans))
             log.warning("frontend gone; cancelling its requests", extra={"fields": {

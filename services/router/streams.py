@@ -33,6 +33,7 @@ from services.router.worker_pool import WorkerHandle, WorkerPool
 
 if TYPE_CHECKING:
     from services.router.disaggregation import Disaggregation
+    from services.router.encode_routing import EncodeRouting
 
 
 class FrameSender(Protocol):
@@ -60,6 +61,7 @@ class Streams:
         self.park_s = park_s  # how long a request waits for a worker of its model (0: never)
         self.clock = clock
         self.disagg: Disaggregation | None = None  # prefill/decode placement and hand-offs
+        self.encoding: EncodeRouting | None = None  # images through encode workers first
 
     def reply_error(self, frontend: bytes, request_id: str, code: int, message: str) -> None:
         send_error(self.frontends, frontend, request_id, code, message)
@@ -71,6 +73,9 @@ class Streams:
         if rid in self.accounting:
             self.reply_error(frontend, rid, 400, "duplicate request id")
             return
+        if request.images and self.encoding is not None \
+                and self.encoding.takes(frontend, request):
+            return  # placed once its embeddings are back
         try:
             placement = None
             # A resume continues where its stream was: no prefill phase for it.
@@ -113,7 +118,8 @@ class Streams:
         return {worker.id: tokens // worker.block_size}
 
     def on_cancel(self, request_id: str) -> None:
-        if self.parking.cancel(request_id):
+        if self.parking.cancel(request_id) or (
+                self.encoding is not None and self.encoding.cancel(request_id)):
             return
         self.migration.cancel(request_id)
         entry = self.accounting.get(request_id)

@@ -1,4 +1,5 @@
-"""What the router does with a worker it lost: its requests continue on other workers.
+"""What the router does with a worker it lost: its requests continue on other workers; and
+the periodic liveness check whose verdicts lose them.
 
 A dropped connection closes the worker for good; a suspect (silent or stalled, connection
 open) is told to drop the moved requests and is re-admitted if it shows life again. Long
@@ -13,15 +14,18 @@ from typing import TYPE_CHECKING
 
 from common.messages import KIND_CANCEL, Cancel, encoder
 from services.router.liveness import CAUSE_HANG
-from services.router.worker_pool import WorkerHandle
+from services.router.worker_pool import WorkerHandle, WorkerPool
 
 if TYPE_CHECKING:
     from services.router.accounting import Accounting
+    from services.router.encode_routing import EncodeRouting
     from services.router.events import EventIntake
     from services.router.kv_index import KvIndex
     from services.router.liveness import Liveness
     from services.router.metrics import RouterMetrics
     from services.router.migration import Migration
+    from services.router.replicas import Replicas
+    from services.router.selection import Selector
     from services.router.streams import Streams
 
 log = logging.getLogger("turnout.router")
@@ -35,15 +39,38 @@ class WorkerLoss:
     intake: EventIntake
     streams: Streams
     kv_index: KvIndex | None
+    selector: Selector
+    pool: WorkerPool
+    encoding: EncodeRouting
+    _listed: set[str]
+    replicas: Replicas
 
     def _retire(self, worker: WorkerHandle, dead: bool = False) -> None:
         raise NotImplementedError
 
     def _forget_kv(self, worker_id: str) -> None:
-        raise NotImplementedError
+        if self.kv_index is not None:
+            self.kv_index.remove_worker(worker_id)
+        if self.selector.approx_index is not None:
+            self.selector.approx_index.remove_worker(worker_id)
 
     def _update_worker_gauges(self) -> None:
-        raise NotImplementedError
+        self.metrics.set_worker_gauges(self.pool.workers.values(), self.pool.dead, self._listed)
+
+    def check_liveness(self) -> None:
+        """Every half heartbeat period: place waiting requests, judge silent/stalled workers."""
+        on_time = self.liveness.check_on_time()
+        if self.streams.waiting:
+            self.streams.retry()
+        self.replicas.check(on_time)
+        if not on_time:
+            return
+        self.metrics.set_routing_state(self.kv_index, self.selector.cost_models)
+        workers = list(self.pool.workers.values())
+        for worker, cause in self.liveness.verdicts(workers):
+            self.worker_lost(worker, cause)
+        for worker in self.liveness.convictions(workers):
+            self.worker_convicted(worker)
 
     def worker_lost(self, worker: WorkerHandle, cause: str) -> None:
         """Take `worker` out of routing and move its requests. A dropped connection closes it
@@ -59,6 +86,7 @@ class WorkerLoss:
             self.metrics.worker_deaths.labels(cause).inc()
             self.metrics.detection_seconds.observe(loss.silent_s)
         self.migration.worker_lost(worker)
+        self.encoding.worker_lost(worker)  # its images go to another encode worker
         self._forget_kv(worker.id)
         moved = self.accounting.on_worker(worker)
         if cause == CAUSE_HANG:

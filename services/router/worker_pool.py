@@ -16,7 +16,7 @@ from collections.abc import Callable
 import zmq
 
 from common.loop_socket import MessageHandler
-from common.messages import MODE_AGGREGATED, Instance, LoadReport
+from common.messages import MODE_AGGREGATED, MODE_ENCODE, Instance, LoadReport
 from common.monitored_dealer import MonitoredDealer
 from services.router.accounting import WorkerUsage
 from services.router.failure_detector import PhiAccrualDetector
@@ -133,7 +133,14 @@ class WorkerPool:
         return handle
 
     def routable(self, model: str) -> list[WorkerHandle]:
-        return [w for w in self.workers.values() if w.routable and w.alive and w.model == model]
+        """Workers that generate for `model` (encode workers never do: `encoders`)."""
+        return [w for w in self.workers.values() if w.routable and w.alive and w.model == model
+                and w.mode != MODE_ENCODE]
+
+    def encoders(self, model: str) -> list[WorkerHandle]:
+        """Encode workers of `model` that may get images."""
+        return [w for w in self.workers.values() if w.routable and w.alive and w.model == model
+                and w.mode == MODE_ENCODE]
 
     def models(self) -> set[str]:
         return {w.model for w in self.workers.values() if w.routable and w.alive}

@@ -10,7 +10,8 @@ from common.block_hash import DEFAULT_SEED
 from common.config import ProcessConfig, opt
 
 ENGINES = ["mocker", "vllm", "sglang", "trtllm"]
-WORKER_MODES = ["aggregated", "prefill", "decode"]
+WORKER_MODES = ["aggregated", "prefill", "decode", "encode"]
+DEFAULT_EMBEDDING_CACHE_MB = 512.0
 
 
 @dataclasses.dataclass
@@ -22,7 +23,8 @@ class WorkerConfig(ProcessConfig):
     worker_mode: str = opt("aggregated", choices=WORKER_MODES,
                            help="disaggregation role: 'prefill' computes prompts' KV and first "
                                 "tokens for decode workers; 'decode' continues them (and runs "
-                                "whole requests the router prefills locally); 'aggregated' both")
+                                "whole requests the router prefills locally); 'aggregated' both; "
+                                "'encode' turns chat images into embeddings for the others")
     worker_port: int = opt(0, help="request-plane port (0: any free port)")
     worker_event_port: int = opt(0, help="event-plane PUB port (0: any free port)")
     worker_metrics_port: int = opt(0, help="/metrics and /health port (0: any free port)")
@@ -35,10 +37,17 @@ class WorkerConfig(ProcessConfig):
     kv_lease_ms: int = opt(30_000, help="a finished prefill keeps its KV blocks for the decode "
                                         "side at most this long when no release comes (a "
                                         "request's own lease_ms overrides it)")
+    embedding_cache_mb: float = opt(DEFAULT_EMBEDDING_CACHE_MB,
+                                    help="encode workers: most MiB of image embeddings kept by "
+                                         "image hash (least recently used go first)")
     kv_pull_timeout_ms: int = opt(500, help="how long a KV pull waits for each source's answer "
                                             "before trying the next (or recomputing)")
 
     def __post_init__(self) -> None:
+        # --embedding-cache-mb on a worker that is not an encode worker is refused when the
+        # worker starts (`main.py`): `turnout up` sets it on the encode workers only.
+        if self.embedding_cache_mb < 0:
+            raise ValueError(f"--embedding-cache-mb must be >= 0, got {self.embedding_cache_mb}")
         for name in ("kv_lease_ms", "kv_pull_timeout_ms"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got "

@@ -19,7 +19,14 @@ from typing import Any
 
 from common.block_hash import DEFAULT_SEED
 from common.custom_metrics import CustomMetrics
-from common.messages import ForwardPass, GenerateRequest, KvBlockStored, KvEvent, TokenChunk
+from common.messages import (
+    ForwardPass,
+    GenerateRequest,
+    ImageInput,
+    KvBlockStored,
+    KvEvent,
+    TokenChunk,
+)
 
 
 @dataclass(slots=True)
@@ -27,6 +34,7 @@ class StepOutput:
     chunks: list[TokenChunk] = field(default_factory=list)
     kv_events: list[KvEvent] = field(default_factory=list)
     forward_pass: ForwardPass | None = None
+    images_encoded: int = 0  # images the engine ran its vision encoder on in this step
 
 
 @dataclass(slots=True)
@@ -136,3 +144,10 @@ class Engine(abc.ABC):
         """Seconds moving `num_tokens` tokens' KV takes beyond the blocks `import_blocks`
         counted (a decode phase's partial last block); the caller waits them."""
         return 0.0
+
+    # Multimodal: an encode worker (`--worker-mode encode`) turns images into embeddings.
+
+    async def encode_image(self, image: ImageInput) -> bytes:
+        """The vision encoder's output for `image` (its `data` set). EngineError when this
+        engine cannot encode images."""
+        raise EngineError(f"the {type(self).__name__} cannot encode images", 501)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -34,6 +35,7 @@ from common.messages import (
     FINISH_ERROR,
     FINISH_LENGTH,
     KIND_CANCEL,
+    KIND_ENCODE,
     KIND_GENERATE,
     KIND_KV_BLOCKS,
     KIND_KV_DUMP,
@@ -43,6 +45,7 @@ from common.messages import (
     KIND_PING,
     KIND_TOKENS,
     MODE_AGGREGATED,
+    MODE_ENCODE,
     PHASE_DECODE,
     PHASE_PREFILL,
     ROLE_WORKER,
@@ -62,6 +65,7 @@ from common.messages import (
     TokenBatch,
     TokenChunk,
     cancel_decoder,
+    encode_request_decoder,
     encoder,
     generate_decoder,
     kv_batch_decoder,
@@ -77,10 +81,11 @@ from common.transport import (
     secure_context,
     tune_stream_socket,
 )
-from services.worker.args import WorkerConfig
+from services.worker.args import DEFAULT_EMBEDDING_CACHE_MB, WorkerConfig
 from services.worker.engine import Engine, EngineError, StepOutput
 from services.worker.engines import create_engine, engine_config_classes
 from services.worker.host_kv_tier import HostKvTier
+from services.worker.image_encoder import ImageEncoder
 from services.worker.kv_leases import KvLeases
 from services.worker.metrics import WorkerMetrics
 from services.worker.peer_links import PeerLinks
@@ -119,6 +124,10 @@ class Worker:
         self._release_to: dict[str, list[str]] = {}
         period = config.heartbeat_interval_ms / 1000
         self.routers = RouterWatch(max(1.0, 10 * period))
+        self.image_encoder = ImageEncoder(
+            engine, int(config.embedding_cache_mb * 1024 * 1024), self.metrics,
+            lambda ident, kind, payload: self.requests.send_multipart([ident, kind, payload]),
+        ) if config.worker_mode == MODE_ENCODE else None
 
     # -- engine output -------------------------------------------------------------------------
 
@@ -209,8 +218,12 @@ class Worker:
         try:
             if kind == KIND_GENERATE:
                 self._on_generate(ident, payload)
+            elif kind == KIND_ENCODE:
+                self._on_encode(ident, payload)
             elif kind == KIND_CANCEL:
                 request_id = cancel_decoder.decode(payload).request_id
+                if self.image_encoder is not None:
+                    self.image_encoder.cancel(request_id)
                 if self.leases.release(request_id):  # the router gave up the hand-off
                     self.engine.release_held(request_id)
                     self.metrics.lease_ends.labels(**self.metrics.labels,
@@ -244,8 +257,18 @@ class Worker:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self.malformed.drop(str(exc))
 
+    def _on_encode(self, ident: bytes, payload: bytes) -> None:
+        request = encode_request_decoder.decode(payload)
+        if self.image_encoder is None:
+            self._error(ident, request.request_id, 400, "this worker is not an encode worker")
+        else:
+            self.image_encoder.on_encode(ident, request)
+
     def _on_generate(self, ident: bytes, payload: bytes) -> None:
         request = generate_decoder.decode(payload)
+        if self.image_encoder is not None:
+            self._error(ident, request.request_id, 400, "an encode worker does not generate")
+            return
         if self.draining:
             self._error(ident, request.request_id, 503, "worker is draining")
             return
@@ -546,4 +569,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _start(config: WorkerConfig, *engine_configs: Any) -> Coroutine[Any, Any, None]:
+    if config.worker_mode != MODE_ENCODE \
+            and config.embedding_cache_mb != DEFAULT_EMBEDDING_CACHE_MB:
+        print("turnout worker: --embedding-cache-mb needs --worker-mode encode", file=sys.stderr)
+        raise SystemExit(2)
     return Worker(config, create_engine(config, list(engine_configs))).run()

@@ -96,6 +96,25 @@ class WorkerMetrics:
         self.time_dropped = counter("turnout_worker_engine_time_dropped_seconds",
                                     "Simulated engines: time owed past the debt bound, dropped")
         self._dropped_total = 0.0
+        # Encode workers (--worker-mode encode).
+        self.images = Counter("turnout_worker_images",
+                              "Images this worker produced an embedding for, by source: "
+                              "encoded (an encode worker's encoder), cache (an encode worker's "
+                              "embedding cache) or inline (an LLM worker encoding a request's "
+                              "images itself: no encode worker embedded them)",
+                              [*names, "source"], registry=self.registry)
+        self.encode_seconds = Histogram(
+            "turnout_worker_encode_seconds", "Vision-encoder time per image encoded here",
+            names, buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry).labels(**labels)
+        self.embedding_cache_hits = counter("turnout_worker_embedding_cache_hits",
+                                            "Images served from the embedding cache")
+        self.embedding_cache_misses = counter("turnout_worker_embedding_cache_misses",
+                                              "Images not in the embedding cache (encoded)")
+        self.embedding_cache_bytes = gauge("turnout_worker_embedding_cache_bytes",
+                                           "Bytes of embeddings the cache holds")
+        self.embedding_bytes_sent = counter("turnout_worker_embedding_bytes_sent",
+                                            "Embedding bytes sent to routers")
         self.engine_metrics = CustomMetrics(self.registry, labels)
         self._prompt_total = 0
         self._cached_total = 0
@@ -110,6 +129,8 @@ class WorkerMetrics:
         self.cache_hit_rate.set(self._cached_total / self._prompt_total)
 
     def on_step(self, out: StepOutput) -> None:
+        if out.images_encoded:
+            self.images.labels(**self.labels, source="inline").inc(out.images_encoded)
         fp = out.forward_pass
         if fp is None:
             return

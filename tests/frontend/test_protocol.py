@@ -134,7 +134,9 @@ CHAT_UNSUPPORTED = [
     (chat(store=True), "store"),
     (chat(reasoning_effort="low"), "reasoning_effort"),
     (chat(verbosity="high"), "verbosity"),
-    (chat(messages=[{"role": "user", "content": [{"type": "text", "text": "see"}, IMAGE]}]),
+    (chat(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "hear"},
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]),
      "messages[0].content[1].type"),
     (chat(messages=[{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]),

@@ -30,14 +30,17 @@ from turnout.testing.deployment import read_records, wait_for
 COMPOSE = ROOT / "docker-compose.yml"
 PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA = ROOT / "deploy" / "grafana"
-TURNOUT_SERVICES = {"router", "worker", "prefill-worker", "decode-worker", "frontend", "planner"}
+TURNOUT_SERVICES = {"router", "worker", "prefill-worker", "decode-worker", "encode-worker",
+                    "frontend", "planner"}
 # The flag that sets each service's /metrics port (the frontend serves it on its HTTP port).
 METRICS_FLAG = {"router": "--router-metrics-port", "worker": "--worker-metrics-port",
                 "prefill-worker": "--worker-metrics-port",
                 "decode-worker": "--worker-metrics-port",
+                "encode-worker": "--worker-metrics-port",
                 "planner": "--planner-metrics-port", "frontend": "--port"}
 ROLE = {"router": "router", "worker": "worker", "prefill-worker": "worker",
-        "decode-worker": "worker", "frontend": "frontend", "planner": "planner"}
+        "decode-worker": "worker", "encode-worker": "worker", "frontend": "frontend",
+        "planner": "planner"}
 # Disaggregated workers: the `disagg` profile, each with its --worker-mode.
 WORKER_MODES = {"prefill-worker": "prefill", "decode-worker": "decode"}
 
@@ -123,6 +126,10 @@ def test_one_image_shared_discovery_and_scalable_workers() -> None:
         assert "container_name" not in svc and "ports" not in svc  # --scale works
         assert flag_value(svc["command"], "--worker-id") is None
         assert svc["command"][1:] == ["--worker-mode", mode, *worker["command"][1:]]
+    encode = services["encode-worker"]  # images: the `multimodal` profile
+    assert encode["profiles"] == ["multimodal"]
+    assert "container_name" not in encode and "ports" not in encode
+    assert encode["command"][1:] == ["--worker-mode", "encode", *worker["command"][1:]]
 
 
 def test_prometheus_scrapes_every_service_where_it_serves_metrics() -> None:
@@ -226,8 +233,8 @@ def test_every_turnout_service_runs_with_its_compose_command(tmp_path: Path) -> 
     started: dict[str, list[dict[int, int]]] = {}
     names = sorted(TURNOUT_SERVICES - ({"planner"} if not planner_runs() else set()))
     try:
-        for name in ("router", "worker", "prefill-worker", "decode-worker", "frontend",
-                     "planner"):
+        for name in ("router", "worker", "prefill-worker", "decode-worker", "encode-worker",
+                     "frontend", "planner"):
             if name not in names:
                 continue
             svc = services[name]

@@ -43,8 +43,10 @@ FILES = sorted(K8S.glob("[0-9][0-9]-*.yaml"))
 ROLES = {"frontend", "router", "worker", "planner"}
 # Deployments by name (without `turnout-`): the prefill and decode workers are workers too.
 # (Named as the planner's --kube-prefill-deployment / --kube-decode-deployment defaults.)
-DEPLOYMENTS = {"frontend", "router", "worker", "worker-prefill", "worker-decode", "planner"}
-WORKER_MODES = {"worker": "aggregated", "worker-prefill": "prefill", "worker-decode": "decode"}
+DEPLOYMENTS = {"frontend", "router", "worker", "worker-prefill", "worker-decode",
+               "worker-encode", "planner"}
+WORKER_MODES = {"worker": "aggregated", "worker-prefill": "prefill", "worker-decode": "decode",
+                "worker-encode": "encode"}
 # The flag that sets the port each annotation names, per role.
 PORT_FLAGS = {
     ("router", "turnout.dev/request-port"): "--router-port",

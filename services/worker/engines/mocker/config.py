@@ -46,6 +46,14 @@ class MockerConfig:
                                                "the timing model and still catch up; the rest "
                                                "is dropped (turnout_worker_engine_time_dropped_"
                                                "seconds_total)")
+    encode_ms_per_image: float = opt(25.0, help="simulated vision-encoder time per image "
+                                                "(divided by --speedup-ratio): an encode "
+                                                "worker's per image, or an aggregated worker's "
+                                                "charged in the step that admits the request "
+                                                "when no encode worker sent the embedding")
+    embedding_bytes_per_token: int = opt(1024, help="bytes of the simulated embedding per image "
+                                                    "placeholder token (what an encode worker "
+                                                    "sends)")
     # Engine-neutral settings (not flags here: `EngineConfig` declares them for every engine).
     block_size: int = 64
     hash_seed: int = DEFAULT_SEED
@@ -72,6 +80,12 @@ class MockerConfig:
             raise ValueError(f"mocker: max_time_debt_ms must be >= 0, got {self.max_time_debt_ms}")
         if self.startup_time_s < 0:
             raise ValueError(f"mocker: startup_time_s must be >= 0, got {self.startup_time_s}")
+        if self.encode_ms_per_image < 0:
+            raise ValueError(f"mocker: encode_ms_per_image must be >= 0, got "
+                             f"{self.encode_ms_per_image}")
+        if self.embedding_bytes_per_token < 1:
+            raise ValueError(f"mocker: embedding_bytes_per_token must be >= 1, got "
+                             f"{self.embedding_bytes_per_token}")
         if self.mean_output_tokens < 0:
             raise ValueError("mocker: mean_output_tokens must be >= 0")
         lo, hi = self.output_range()

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from common.messages import ForwardPass, GenerateRequest, KvBlockStored
+from common.messages import ForwardPass, GenerateRequest, ImageInput, KvBlockStored
 from services.worker.engine import Engine, EngineError, EngineLoad, StepOutput, StepSink
 from services.worker.engines.mocker import timing
 from services.worker.engines.mocker.config import MockerConfig
@@ -124,6 +125,14 @@ class MockerEngine(Engine):
         if self.scheduler.release_held(request_id):
             self._wakeup.set()  # room may have opened for a stalled loop
 
+    async def encode_image(self, image: ImageInput) -> bytes:
+        """The simulated vision encoder: `encode_ms_per_image` (over the speed-up), then the
+        embedding stand-in."""
+        c = self.config
+        if c.speedup_ratio > 0 and c.encode_ms_per_image > 0:
+            await self._sleep(c.encode_ms_per_image / 1000.0 / c.speedup_ratio)
+        return embedding_stand_in(image.hash, image.num_tokens, c.embedding_bytes_per_token)
+
     def kv_transfer_seconds(self, num_tokens: int) -> float:
         """Modelled time to move `num_tokens` tokens' KV: bytes over `kv_transfer_gbps`,
         divided by the speed-up."""
@@ -193,6 +202,9 @@ class MockerEngine(Engine):
             plan = scheduler.schedule()
             model_ms = timing.step_ms(plan.prefill_tokens, plan.decode_tokens,
                                       plan.kv_used_blocks / total_blocks)
+            if plan.encode_images:
+                # In-line encoding stalls the whole batch of this step, as on one GPU.
+                model_ms += plan.encode_images * self.config.encode_ms_per_image
             if speedup > 0:
                 behind = clock() - deadline
                 if behind > max_debt:
@@ -217,8 +229,15 @@ class MockerEngine(Engine):
             assert self._sink is not None
             self._sink(StepOutput(chunks, pool.drain_events(), ForwardPass(
                 self._steps, len(plan.seqs), plan.prefill_tokens, plan.decode_tokens, model_ms,
-                plan.kv_used_blocks)))
+                plan.kv_used_blocks), plan.encode_images))
 
     def _on_loop_exit(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             log.error("mocker engine loop died", exc_info=task.exception())
+
+
+def embedding_stand_in(image_hash: str, num_tokens: int, bytes_per_token: int) -> bytes:
+    """The mocker's deterministic embedding of an image: the same bytes for the same image on
+    every encode worker, `num_tokens` x `bytes_per_token` long."""
+    return hashlib.shake_256(b"turnout-mock-embedding:" + bytes.fromhex(image_hash)).digest(
+        num_tokens * bytes_per_token)

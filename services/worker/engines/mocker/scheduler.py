@@ -34,11 +34,12 @@ _PRIME = 0x100000001B3  # token_model's rolling-hash prime, inlined on the hot p
 class StepPlan:
     """What one step computes: the scheduled sequences (each with `num_scheduled` tokens)."""
 
-    __slots__ = ("decode_tokens", "kv_used_blocks", "prefill_tokens", "seqs")
+    __slots__ = ("decode_tokens", "encode_images", "kv_used_blocks", "prefill_tokens", "seqs")
 
     def __init__(self, seqs: list[Sequence], prefill_tokens: int, decode_tokens: int,
-                 kv_used_blocks: int) -> None:
+                 kv_used_blocks: int, encode_images: int = 0) -> None:
         self.seqs = seqs
+        self.encode_images = encode_images  # images the step runs the vision encoder on
         self.prefill_tokens = prefill_tokens
         self.decode_tokens = decode_tokens
         self.kv_used_blocks = kv_used_blocks
@@ -60,6 +61,7 @@ class Scheduler:
         # Prefill phases done: their blocks, kept for the decode side (request id → blocks).
         self.held: dict[str, list[Block]] = {}
         self._budget = 0
+        self._encode_images = 0  # images encoded in-line in the step being planned
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self._done_on_arrival)
@@ -123,6 +125,7 @@ class Scheduler:
         planned: list[Sequence] = []
         prefilling: list[Sequence] = []
         self._budget = self.max_num_batched_tokens
+        self._encode_images = 0
         preemptions_before = self.num_preemptions
 
         # 1. one token for every decoding request (running may shrink under us by preemption)
@@ -168,7 +171,7 @@ class Scheduler:
                 decode += 1
             else:
                 prefill += seq.num_scheduled
-        return StepPlan(planned, prefill, decode, pool.used_blocks)
+        return StepPlan(planned, prefill, decode, pool.used_blocks, self._encode_images)
 
     def _admit(self, planned: list[Sequence]) -> None:
         bs = self.pool.block_size
@@ -195,6 +198,10 @@ class Scheduler:
             hits.extend(pool.allocate() for _ in range(need))
             seq.blocks = hits
             seq.num_computed = hit_tokens
+            if seq.inline_images:
+                # In-line encoding, once: an image whose placeholders are all cached needs none.
+                self._encode_images += sum(1 for _, end in seq.inline_images if end > hit_tokens)
+                seq.inline_images = []
             if not seq.admitted:
                 seq.admitted = True
                 seq.cached_tokens = hit_tokens

@@ -25,6 +25,7 @@ class Sequence:
         "decoding",
         "eos_ok",
         "first_sent",
+        "inline_images",
         "kv_ready",
         "max_tokens",
         "min_tokens",
@@ -75,3 +76,8 @@ class Sequence:
         # transferred (cleared when what it found cached says otherwise, or on preemption).
         self.prefill_only = request.phase == PHASE_PREFILL
         self.kv_ready = request.phase == PHASE_DECODE and bool(request.generated_token_ids)
+        # Images no encode worker embedded: (first, end) of their placeholder tokens. Each is
+        # encoded here in the step that admits the request, unless its placeholders are all in
+        # the prefix cache.
+        self.inline_images: list[tuple[int, int]] = [
+            (im.offset, im.offset + im.num_tokens) for im in request.images if not im.embedding]
