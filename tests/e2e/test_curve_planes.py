@@ -29,7 +29,7 @@ from common.messages import (
     SamplingParams,
     encoder,
 )
-from turnout.testing.deployment import ROOT, Deployment
+from turnout.testing.deployment import ROOT, Deployment, reaped
 
 pytestmark = pytest.mark.e2e
 
@@ -38,15 +38,8 @@ APPLIED = "turnout_router_kv_events_applied_total"
 
 
 @pytest.fixture
-def curve_deployment(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Deployment]:
-    dep = Deployment(tmp_path, curve=True)
-    try:
-        yield dep
-    finally:
-        dep.stop()
-        rep = getattr(request.node, "rep_call", None)
-        if rep is not None and rep.failed:
-            print(dep.logs())
+def curve_deployment(tmp_path: Path) -> Iterator[Deployment]:
+    yield from reaped(Deployment(tmp_path, curve=True))
 
 
 def client(dep: Deployment) -> openai.OpenAI:

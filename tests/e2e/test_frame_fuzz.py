@@ -43,7 +43,7 @@ from common.messages import (
     kv_release_decoder,
     token_batch_decoder,
 )
-from turnout.testing.deployment import Deployment, wait_for
+from turnout.testing.deployment import Deployment, reaped, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -120,16 +120,9 @@ def steady(read: Callable[[], float]) -> float:
 
 
 @pytest.fixture
-def plain_deployment(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Deployment]:
+def plain_deployment(tmp_path: Path) -> Iterator[Deployment]:
     """Without CURVE even under TURNOUT_TEST_CURVE=1: the fuzzers are plain ZeroMQ peers."""
-    dep = Deployment(tmp_path, curve=False)
-    try:
-        yield dep
-    finally:
-        dep.stop()
-        rep = getattr(request.node, "rep_call", None)
-        if rep is not None and rep.failed:
-            print(dep.logs())
+    yield from reaped(Deployment(tmp_path, curve=False))
 
 
 def test_ten_thousand_bad_frames_per_socket_are_counted_and_dropped(

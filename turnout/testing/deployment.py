@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -394,3 +394,11 @@ class Deployment:
                 pass
 
     close = stop
+
+
+def reaped(dep: Deployment) -> Iterator[Deployment]:
+    """Yield `dep`, then stop everything it started: a pytest fixture's body."""
+    try:
+        yield dep
+    finally:
+        dep.stop()
