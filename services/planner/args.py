@@ -73,12 +73,3 @@ class PlannerConfig(ProcessConfig):
                                                 "this planner started")
     worker_stop_timeout_s: float = opt(40.0, help="local: how long to wait for stopped workers "
                                                   "to drain and exit (they are never killed)")
-
-    def __post_init__(self) -> None:
-        # Workers refuse --worker-mode prefill/decode until disaggregation lands, so a planner
-        # that would start them could only start workers that exit.
-        if self.planner_mode == "disaggregated" and self.connector == "local" \
-                and not self.dry_run:
-            raise ValueError("--planner-mode disaggregated: prefill/decode workers are not "
-                             "available yet, so the local connector cannot start them; "
-                             "observe with --dry-run or --connector noop")

@@ -394,7 +394,7 @@ class Planner:
                     self.model, loads, isl, self.limits(), self.planner.slo,
                     Corrections(self.planner.ttft_correction.factor,
                                 self.planner.itl_correction.factor),
-                    cfg.reactive_scale_down_margin)
+                    cfg.reactive_scale_down_margin, role)
                 self.metrics.worker_pressure.labels(role).set(least)
                 target = state.desired + step
                 if step > 0 and (target > cfg.max_replicas or not self.fits_with(role, target)):
