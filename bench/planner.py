@@ -23,7 +23,9 @@ within the target and mean inter-token latency (E2E - TTFT)/(tokens - 1) within 
 goodput (such requests per second), worker-seconds (static: workers x the phase's wall time;
 planner: the live worker processes it started, sampled every 0.25 s, integrated), goodput per
 worker-second, and aborted requests (an error or fewer tokens than asked for). For the planner
-also: how long after the burst started its target went up (`burst_answer_s`). The goal line:
+also: how long after the burst started its worker target reached the highest it set during the
+burst (`burst_answer_s`; 0 when it was there already, with `target_at_burst` and
+`target_peak_in_burst` beside it). The goal line:
 planner attainment >= 99% during the sinusoid, goodput per worker-second >= 1.3x the best static
 layout's (over both phases), the burst answered within two adjustment intervals, nothing
 aborted.
@@ -214,16 +216,21 @@ class Sampler:
                 total += n * (hi - lo)
         return total
 
-    def target_rise_after(self, at: float) -> float | None:
-        """Seconds from `at` until the planner's target first exceeded its level at `at`."""
+    def target_at(self, at: float) -> int | None:
         before = [tg for t, _, tg in self.samples if t <= at and tg is not None]
-        if not before:
+        return before[-1] if before else None
+
+    def answer_after(self, at: float, until: float) -> float | None:
+        """Seconds from `at` until the planner's target first reached the highest target it
+        set between `at` and `until` (0: it was there already); None without samples."""
+        window = [(t, tg) for t, _, tg in self.samples if at < t <= until and tg is not None]
+        start = self.target_at(at)
+        if start is None or not window:
             return None
-        level = before[-1]
-        for t, _, tg in self.samples:
-            if t > at and tg is not None and tg > level:
-                return t - at
-        return None
+        peak = max(tg for _, tg in window)
+        if start >= peak:
+            return 0.0
+        return next(t - at for t, tg in window if tg >= peak)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,8 +289,13 @@ async def run_system(system: System, phases: list[tuple[str, list[TraceRequest]]
             line = phase_line(system, phase, result.records, start, end, sampler, args)
             if phase == "burst" and system.planner is not None:
                 # The burst starts `--burst-before-s` into the phase.
-                rise = sampler.target_rise_after(start + args.burst_before_s)
-                line["burst_answer_s"] = None if rise is None else round(rise, 2)
+                at = start + args.burst_before_s
+                answer = sampler.answer_after(at, at + args.burst_during_s)
+                line["burst_answer_s"] = None if answer is None else round(answer, 2)
+                line["target_at_burst"] = sampler.target_at(at)
+                line["target_peak_in_burst"] = max(
+                    (tg for t, _, tg in sampler.samples
+                     if at < t <= at + args.burst_during_s and tg is not None), default=None)
             spans.append((start, end, result.records))
             lines.append(line)
             print(json.dumps(line), flush=True)
@@ -378,7 +390,7 @@ async def main_async(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="budget 3 and shorter phases (~3 minutes)")
+                        help="budget 3, 20 s phases, 1 s planner interval (~3 minutes)")
     parser.add_argument("--systems", default="",
                         help="comma-separated subset of planner, static-agg, static-<P>p<D>d")
     parser.add_argument("--budget", type=int, default=4, help="peak workers of every system")
@@ -413,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.period_s = args.sinusoid_s = 20.0
         args.burst_before_s, args.burst_during_s, args.burst_after_s = 4.0, 8.0, 8.0
         args.cooldown = 6.0
+        args.interval = 1.0
     if args.budget < 2 or args.osl < 2 or args.isl < 1:
         parser.error("need --budget >= 2, --osl >= 2 and --isl >= 1")
     from load_client import run
