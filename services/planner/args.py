@@ -48,8 +48,8 @@ class PlannerConfig(ProcessConfig):
     max_step_tokens: int = opt(8192, help="prefill tokens a worker computes in one step")
     max_batch: int = opt(256, help="sequences a worker decodes in one step")
     kv_usage_limit: float = opt(0.9, help="plan decode batches up to this KV usage fraction")
-    profile: str = opt("", help="profile JSON seeding the performance model (see "
-                                "services/planner/performance_model.py)")
+    profile: str = opt("", help="profile JSON seeding the performance model (`turnout profile` "
+                                "writes one; format: services/planner/performance_model.py)")
     model_window: int = opt(4096, help="most recent engine steps the performance model fits")
     connector: str = opt("local", choices=CONNECTORS,
                          help="local: start/stop worker processes here; kubernetes: scale the "
