@@ -30,7 +30,7 @@ planner attainment >= 99% during the sinusoid, goodput per worker-second >= 1.3x
 layout's (over both phases), the burst answered within two adjustment intervals, nothing
 aborted.
 
-    python bench/planner.py            # 5 systems, ~9 minutes on 2 cores
+    python bench/planner.py            # 5 systems, ~9 minutes on 2 cores (estimated)
     python bench/planner.py --quick    # budget 3 (4 systems), shorter phases: ~3 minutes
 
 Does not own the HTTP client (`bench/load_client.py`) or process plumbing (the harness).
