@@ -410,3 +410,16 @@ async def test_disaggregated_pools_follow_their_own_phase(profile: Path) -> None
         assert m["turnout_planner_needed_replicas{'role': 'decode'}"] > 1
     finally:
         close(p)
+
+
+def test_decode_batches_are_planned_in_the_kv_of_the_workers_that_decode(profile: Path) -> None:
+    p = make_planner(profile, "--planner-mode", "disaggregated")
+    try:
+        p.workers = {w: Instance(w, "worker", p.model_name, metadata={"mode": mode})
+                     for w, mode in (("p1", "prefill"), ("d1", "decode"), ("d2", "decode"))}
+        p.kv_total = {"p1": 100, "d1": 4096, "d2": 2048}
+        assert p.limits().kv_total_blocks == 2048, "a small prefill pool limits no decode batch"
+        p.kv_total = {"p1": 100}
+        assert p.limits().kv_total_blocks == 100, "nothing better reported yet"
+    finally:
+        close(p)
