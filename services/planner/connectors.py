@@ -100,6 +100,7 @@ class LocalConnector:
         self.stopping: dict[str, asyncio.subprocess.Process] = {}
         self.started_total = 0
         self.exited_unexpectedly = 0
+        self._floor_warned: tuple[int, int] | None = None
 
     @staticmethod
     def worker_command(worker_args: Sequence[str], mode: str, discovery: str,
@@ -133,7 +134,10 @@ class LocalConnector:
             victims = list(self.running)[-surplus:]  # the newest first to go
             for worker_id in victims:
                 self._stop(worker_id)
-            if len(victims) < surplus:
+            if len(victims) < surplus and self._floor_warned != (target, current):
+                # Once per situation: a fixed base (say `turnout up --workers 2 --planner`)
+                # would otherwise say so every interval.
+                self._floor_warned = (target, current)
                 log.warning("cannot scale down further: the other workers were not started by "
                             "this planner", extra={"fields": {
                                 "role": self.role, "target": target,
