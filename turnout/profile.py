@@ -7,8 +7,10 @@ engine the worker runs), a router and a frontend. For each point of the grid (pr
 batch size B) it sends B requests at once, each a fresh random prompt of L token ids (nothing
 prefix-cached) generating `--decode-tokens` tokens (`ignore_eos`), and collects the engine steps
 the worker publishes on its event plane (`fpm`: prefill tokens, decode batch, KV blocks in use,
-duration), showing progress on stderr. Then it fits the planner's own step-time model
-(`services/planner/performance_model.py`) to every step and writes
+duration), showing progress on stderr. Failure detection is relaxed in this private deployment
+(the worker heartbeats every 500 ms unless `--heartbeat-interval-ms` says otherwise; eight
+missed before a verdict), so a busy host's stalls do not fail the sweep. Then it fits the
+planner's own step-time model (`services/planner/performance_model.py`) to every step and writes
 
     {"prefill_ms": [a, b, c], "decode_ms": [e, f, g, h], "kv_total_blocks": ..., "block_size": ...,
      "forward_passes": [...], "fit": {...}, "sweep": {...}}
@@ -59,6 +61,8 @@ from services.worker.args import WorkerConfig
 from services.worker.engines import engine_config_classes
 
 MAX_SAVED_STEPS = 4096  # steps kept in the file (the planner keeps them in every fit)
+SWEEP_HEARTBEAT_MS = 500  # the worker's heartbeat unless --heartbeat-interval-ms says otherwise
+MISSED_HEARTBEATS = 8
 
 
 @dataclasses.dataclass
@@ -186,8 +190,12 @@ class Sweep:
     # -- processes -----------------------------------------------------------------------------
 
     def start(self) -> None:
+        # A private deployment need not detect failures fast: router and frontend wait out a
+        # host that stalls for seconds rather than fail the sweep.
+        hb = str(self.worker.heartbeat_interval_ms)
+        patient = ["--heartbeat-interval-ms", hb, "--missed-heartbeats", str(MISSED_HEARTBEATS)]
         common = ["--discovery", self.discovery, "--lease-ttl-s", "5",
-                  "--log-level", self.worker.log_level]
+                  "--log-level", self.worker.log_level, *patient]
         model = []
         if self.worker.model:
             model += ["--model", self.worker.model]
@@ -195,7 +203,8 @@ class Sweep:
             model += ["--served-model-name", self.worker.served_model_name]
         w = dataclasses.replace(self.worker, discovery=self.discovery, worker_id=self.worker_id)
         py = [sys.executable, "-m", "turnout"]
-        self._spawn("router", [*py, "router", *common])
+        timeout_ms = max(3000, self.worker.heartbeat_interval_ms * MISSED_HEARTBEATS)
+        self._spawn("router", [*py, "router", *common, "--frontend-timeout-ms", str(timeout_ms)])
         self._spawn("worker", [*py, "worker", *to_argv(w), *self.engine_argv])
         self._spawn("frontend", [*py, "frontend", *common, *model, "--port", str(self.port)])
 
@@ -354,6 +363,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if any(a == "--discovery" or a.startswith("--discovery=") for a in args):
         raise SystemExit("turnout profile: it runs its own private deployment; --discovery "
                          "does not apply")
+    if not any(a == "--heartbeat-interval-ms" or a.startswith("--heartbeat-interval-ms=")
+               for a in args) and "TURNOUT_HEARTBEAT_INTERVAL_MS" not in os.environ:
+        # Slow enough that a worker on a busy host is not taken for dead (at 100 ms a 1 s
+        # stall makes it drop its requests); its steps still arrive within a second.
+        worker.heartbeat_interval_ms = SWEEP_HEARTBEAT_MS
     if worker.worker_mode != "aggregated":
         raise SystemExit("turnout profile: it sweeps whole requests on one aggregated worker; "
                          "leave --worker-mode out")
