@@ -9,12 +9,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-USAGE = """usage: turnout {frontend,router,worker,planner,up,status,keys} [flags]
+USAGE = """usage: turnout {frontend,router,worker,planner,profile,up,status,keys} [flags]
 
   frontend   OpenAI-compatible HTTP API (validation, templates, tokenization, SSE)
   router     picks a worker per request, relays streams, migrates on failure
   worker     one engine (mocker, vllm, ...) behind the request plane
   planner    predicts load and scales workers against TTFT/ITL targets
+  profile    sweeps one worker and writes the performance file `planner --profile` reads
   up         frontend + router + N workers on this machine (file discovery, loopback)
   status     the fleet now: workers' health, load and KV; routers; frontends (--watch, --json)
   keys       the fleet's CURVE keys for the planes (generate DIR, secret DIR, show DIR)
@@ -36,6 +37,9 @@ def _entry(name: str) -> Callable[[Sequence[str]], None]:
     if name == "planner":
         from services.planner.main import main as planner
         return planner
+    if name == "profile":
+        from turnout.profile import main as profile
+        return profile
     if name == "up":
         from turnout.up import main as up
         return up

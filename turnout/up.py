@@ -3,6 +3,14 @@
 Every flag of every service is accepted and passed through to the processes it belongs to, so
 `turnout up --block-size 32 --router-mode least-loaded` means what it means on `turnout worker`
 and `turnout router`. Discovery is a fresh temporary directory unless `--discovery` is given.
+
+With `--planner` it also runs `turnout planner` (every planner flag accepted: `--min-replicas`,
+`--ttft-slo-ms`, `--planner-mode`, ...; without `--planner` they are refused) and the planner
+starts and drains the workers: `up` starts none of its own unless `--workers`,
+`--prefill-workers` or `--decode-workers` is given, and those are a fixed base the planner adds
+to but never drains. The planner's workers get `up`'s worker and engine flags unless
+`--worker-args` (or `--prefill-worker-args`/`--decode-worker-args`) says otherwise;
+`--prefill-workers`/`--decode-workers` imply `--planner-mode disaggregated`.
 It prints the URL once the frontend is healthy and stops everything on Ctrl-C/SIGTERM.
 
 Every child's output comes through `up`'s stderr, each line prefixed with the child's name, and
@@ -26,6 +34,7 @@ import dataclasses
 import os
 import re
 import selectors
+import shlex
 import shutil
 import signal
 import ssl
@@ -43,6 +52,7 @@ from common.config import opt, parse_configs, to_argv
 from common.discovery import Discovery, open_discovery
 from common.messages import ROLE_WORKER
 from services.frontend.args import FrontendConfig
+from services.planner.args import PlannerConfig
 from services.router.args import RouterConfig
 from services.worker.args import DEFAULT_EMBEDDING_CACHE_MB, WorkerConfig
 from services.worker.engines import engine_config_classes
@@ -58,6 +68,8 @@ class UpConfig:
                                       "images are encoded there, not on the LLM workers")
     routers: int = opt(1, help="number of router processes (replicas: each frontend spreads "
                                "requests over them and resumes a lost one's streams elsewhere)")
+    planner: bool = opt(False, help="also run `turnout planner`, which starts and drains the "
+                                    "workers (the worker counts then default to 0)")
     startup_timeout_s: float = opt(
         600.0, help="give up starting once no process still starting has shown progress (new "
                     "output, CPU time, a worker ready) for this long; 0: wait as long as it takes")
@@ -133,26 +145,42 @@ class Plan:
     model: str
     tmp: str | None  # temporary discovery directory to delete afterwards
     discovery: str  # where the workers register
+    planner: PlannerConfig | None = None  # with --planner
+
+
+def _given(argv: Sequence[str], field: str) -> bool:
+    """Whether the flag of `field` (or its TURNOUT_* variable) was given."""
+    flag = "--" + field.replace("_", "-")
+    return any(a == flag or a.startswith(flag + "=") for a in argv) \
+        or f"TURNOUT_{field.upper()}" in os.environ
 
 
 def plan(argv: Sequence[str]) -> Plan:
     """The processes to start and where the deployment will answer."""
     # Engines first: a flag both declare (--max-model-len) takes the engine's default.
     engine_classes = engine_config_classes()
-    classes = [UpConfig, *engine_classes, FrontendConfig, RouterConfig, WorkerConfig]
+    classes = [UpConfig, *engine_classes, FrontendConfig, RouterConfig, WorkerConfig,
+               PlannerConfig]
     up, *rest = parse_configs(classes, argv, prog="turnout up")
-    engines, (frontend, router, worker) = rest[: len(engine_classes)], rest[len(engine_classes):]
+    engines = rest[: len(engine_classes)]
+    frontend, router, worker, planner = rest[len(engine_classes):]
     if up.prefill_workers < 0 or up.decode_workers < 0:
         raise SystemExit("turnout up: --prefill-workers and --decode-workers must be >= 0")
     split = up.prefill_workers or up.decode_workers
-    explicit_workers = any(a == "--workers" or a.startswith("--workers=") for a in argv) \
-        or "TURNOUT_WORKERS" in os.environ
-    if split and not explicit_workers:
-        up.workers = 0
-    if up.workers < 0 or up.workers + up.prefill_workers + up.decode_workers < 1:
+    if (split or up.planner) and not _given(argv, "workers"):
+        up.workers = 0  # the split replaces the default workers; a planner starts its own
+    if not up.planner:
+        own = {f.name for f in dataclasses.fields(PlannerConfig)} - {
+            f.name for c in classes[:-1] for f in dataclasses.fields(c)}
+        given = sorted("--" + name.replace("_", "-") for name in own if _given(argv, name))
+        if given:
+            raise SystemExit(f"turnout up: {', '.join(given)} configure the planner: add "
+                             f"--planner")
+    if up.workers < 0 or (not up.planner
+                          and up.workers + up.prefill_workers + up.decode_workers < 1):
         raise SystemExit("turnout up: --workers must be at least 1 (or give "
-                         "--prefill-workers/--decode-workers)")
-    if up.prefill_workers and not (up.workers or up.decode_workers):
+                         "--prefill-workers/--decode-workers, or --planner)")
+    if up.prefill_workers and not (up.workers or up.decode_workers or up.planner):
         raise SystemExit("turnout up: --prefill-workers needs a worker to decode: add "
                          "--decode-workers (or --workers)")
     if split and worker.worker_mode != "aggregated":
@@ -165,6 +193,14 @@ def plan(argv: Sequence[str]) -> Plan:
                          "(the LLM workers are needed too)")
     if worker.embedding_cache_mb != DEFAULT_EMBEDDING_CACHE_MB and not up.encode_workers:
         raise SystemExit("turnout up: --embedding-cache-mb needs --encode-workers")
+    if up.planner and split:
+        if _given(argv, "planner_mode") and planner.planner_mode != "disaggregated":
+            raise SystemExit("turnout up: --prefill-workers/--decode-workers are pools of "
+                             "--planner-mode disaggregated")
+        planner.planner_mode = "disaggregated"
+    if up.planner and worker.worker_mode != "aggregated":
+        raise SystemExit("turnout up: with --planner, the planner gives its workers their "
+                         "--worker-mode (use --planner-mode disaggregated)")
     if up.routers < 1:
         raise SystemExit("turnout up: --routers must be at least 1")
     if up.routers > 1 and (router.router_port or router.router_metrics_port
@@ -178,7 +214,7 @@ def plan(argv: Sequence[str]) -> Plan:
         or "TURNOUT_DISCOVERY" in os.environ
     if not explicit:
         tmp = tempfile.mkdtemp(prefix="turnout-up-")
-        for cfg in (frontend, router, worker):
+        for cfg in (frontend, router, worker, planner):
             cfg.discovery = f"file:{tmp}"
     py = [sys.executable, "-m", "turnout"]
     children = []
@@ -205,12 +241,19 @@ def plan(argv: Sequence[str]) -> Plan:
             children.append(Child(f"{name}-{i + 1}", [*py, "worker", *to_argv(w), *engine_argv],
                                   critical=False, is_worker=True))
     children.append(Child("frontend", [*py, "frontend", *to_argv(frontend)]))
+    if up.planner:
+        if not planner.worker_args:
+            # Its workers run as up's would; the planner adds discovery, model and mode itself.
+            own = [f.name for f in dataclasses.fields(WorkerConfig)
+                   if f.name not in ("worker_id", "worker_mode", "embedding_cache_mb")]
+            planner.worker_args = shlex.join([*to_argv(worker, only=own), *engine_argv])
+        children.append(Child("planner", [*py, "planner", *to_argv(planner)]))
     host = frontend.advertise_host or frontend.host
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     scheme = "https" if frontend.ssl_certfile else "http"
     return Plan(up, children, f"{scheme}://{host}:{frontend.port}", frontend.model_name(), tmp,
-                worker.discovery)
+                worker.discovery, planner if up.planner else None)
 
 
 def healthy(url: str) -> bool:
@@ -366,7 +409,9 @@ class Supervisor:
                  + (f"; its last output:\n{last}" if last else " and wrote nothing"))
             if child.critical and not self.stopping:
                 self._fail(f"{child.name} is needed; stopping")
-        if not self.stopping and all(w.reported for w in self.workers):
+        # With a planner, the workers it starts serve whether or not up's own (if any) live.
+        if not self.stopping and self.plan.planner is None \
+                and all(w.reported for w in self.workers):
             self._fail("every worker has exited; stopping" if len(self.workers) > 1
                        else "the worker has exited; stopping")
 
@@ -403,8 +448,10 @@ class Supervisor:
         if healthy(self.plan.url):
             self.ready = True
             loading = [w.name for w in self.workers if w.ready_at is None and not w.reported]
+            fleet = (f"{len(self.workers)} workers" if self.plan.planner is None
+                     else f"{len(self.workers)} fixed workers, the planner sizing the rest")
             print(f"Turnout is up: {self.plan.url}/v1 (model {self.plan.model!r}, "
-                  f"{len(self.workers)} workers; Ctrl-C stops it)", flush=True)
+                  f"{fleet}; Ctrl-C stops it)", flush=True)
             if loading:
                 _say(f"still starting: {', '.join(loading)}")
             return
@@ -486,7 +533,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         while not supervisor.stopping:
             supervisor.step()
     finally:
-        supervisor.stop_all()
+        # A planner drains the workers it started before it exits: give it that long.
+        supervisor.stop_all(10.0 if p.planner is None
+                            else max(10.0, p.planner.worker_stop_timeout_s + 5))
         if p.tmp is not None:
             shutil.rmtree(p.tmp, ignore_errors=True)
     sys.exit(supervisor.code)

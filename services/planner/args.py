@@ -48,8 +48,8 @@ class PlannerConfig(ProcessConfig):
     max_step_tokens: int = opt(8192, help="prefill tokens a worker computes in one step")
     max_batch: int = opt(256, help="sequences a worker decodes in one step")
     kv_usage_limit: float = opt(0.9, help="plan decode batches up to this KV usage fraction")
-    profile: str = opt("", help="profile JSON seeding the performance model (see "
-                                "services/planner/performance_model.py)")
+    profile: str = opt("", help="profile JSON seeding the performance model (`turnout profile` "
+                                "writes one; format: services/planner/performance_model.py)")
     model_window: int = opt(4096, help="most recent engine steps the performance model fits")
     connector: str = opt("local", choices=CONNECTORS,
                          help="local: start/stop worker processes here; kubernetes: scale the "
@@ -73,12 +73,3 @@ class PlannerConfig(ProcessConfig):
                                                 "this planner started")
     worker_stop_timeout_s: float = opt(40.0, help="local: how long to wait for stopped workers "
                                                   "to drain and exit (they are never killed)")
-
-    def __post_init__(self) -> None:
-        # Workers refuse --worker-mode prefill/decode until disaggregation lands, so a planner
-        # that would start them could only start workers that exit.
-        if self.planner_mode == "disaggregated" and self.connector == "local" \
-                and not self.dry_run:
-            raise ValueError("--planner-mode disaggregated: prefill/decode workers are not "
-                             "available yet, so the local connector cannot start them; "
-                             "observe with --dry-run or --connector noop")

@@ -100,15 +100,18 @@ class LocalConnector:
         self.stopping: dict[str, asyncio.subprocess.Process] = {}
         self.started_total = 0
         self.exited_unexpectedly = 0
+        self._floor_warned: tuple[int, int] | None = None
 
     @staticmethod
     def worker_command(worker_args: Sequence[str], mode: str, discovery: str,
                        lease_ttl_s: float, model: str = "",
-                       served_model_name: str = "") -> list[str]:
-        """`python -m turnout worker` with the planner's discovery, model and the role's mode
-        first, so flags in `worker_args` (which come after) override them."""
+                       served_model_name: str = "", keys_dir: str = "") -> list[str]:
+        """`python -m turnout worker` with the planner's discovery, model, CURVE keys and the
+        role's mode first, so flags in `worker_args` (which come after) override them."""
         argv = [sys.executable, "-m", "turnout", "worker", "--discovery", discovery,
                 "--lease-ttl-s", str(lease_ttl_s), "--worker-mode", mode]
+        if keys_dir:
+            argv += ["--keys-dir", keys_dir]
         if model:
             argv += ["--model", model]
         if served_model_name:
@@ -133,7 +136,10 @@ class LocalConnector:
             victims = list(self.running)[-surplus:]  # the newest first to go
             for worker_id in victims:
                 self._stop(worker_id)
-            if len(victims) < surplus:
+            if len(victims) < surplus and self._floor_warned != (target, current):
+                # Once per situation: a fixed base (say `turnout up --workers 2 --planner`)
+                # would otherwise say so every interval.
+                self._floor_warned = (target, current)
                 log.warning("cannot scale down further: the other workers were not started by "
                             "this planner", extra={"fields": {
                                 "role": self.role, "target": target,

@@ -33,6 +33,7 @@ from common.discovery import open_discovery
 from common.event_plane import EventSubscriber
 from common.messages import (
     MODE_AGGREGATED,
+    MODE_PREFILL,
     ROLE_FRONTEND,
     ROLE_PLANNER,
     ROLE_ROUTER,
@@ -131,15 +132,21 @@ class Planner:
         args = {"prefill": cfg.prefill_worker_args, "decode": cfg.decode_worker_args}.get(role)
         command = LocalConnector.worker_command(
             shlex.split(args or cfg.worker_args), role, cfg.discovery, cfg.lease_ttl_s,
-            cfg.model, cfg.served_model_name)
+            cfg.model, cfg.served_model_name, cfg.keys_dir)
         return LocalConnector(role, command, registered, self.planner_id,
                               stop_on_close=cfg.stop_workers_on_exit,
                               stop_timeout_s=cfg.worker_stop_timeout_s)
 
     def limits(self) -> EngineLimits:
-        """Engine geometry: what live workers report, else the profile, else the defaults."""
+        """Engine geometry: what live workers report, else the profile, else the defaults. KV
+        space bounds decode batches only, so prefill workers' pools do not count (when workers
+        that decode have reported theirs)."""
         defaults = EngineLimits()
-        kv_total = (min(self.kv_total.values()) if self.kv_total
+        decoding = [blocks for worker_id, blocks in self.kv_total.items()
+                    if worker_id in self.workers and self.workers[worker_id].metadata.get(
+                        "mode", MODE_AGGREGATED) != MODE_PREFILL]
+        reported = decoding or list(self.kv_total.values())
+        kv_total = (min(reported) if reported
                     else self.model.kv_total_blocks or defaults.kv_total_blocks)
         sizes = [w.metadata.get("block_size") for w in self.workers.values()]
         block_size = next((s for s in sizes if isinstance(s, int) and s > 0),
@@ -395,7 +402,7 @@ class Planner:
                     self.model, loads, isl, self.limits(), self.planner.slo,
                     Corrections(self.planner.ttft_correction.factor,
                                 self.planner.itl_correction.factor),
-                    cfg.reactive_scale_down_margin)
+                    cfg.reactive_scale_down_margin, role)
                 self.metrics.worker_pressure.labels(role).set(least)
                 target = state.desired + step
                 if step > 0 and (target > cfg.max_replicas or not self.fits_with(role, target)):

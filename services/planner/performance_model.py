@@ -10,8 +10,9 @@ A joint fit is what lets mixed steps (chunked prefill beside running decodes) te
 much as pure ones. From it: prefill time (so throughput) against tokens per step, and decode step
 time against batch size and KV usage.
 
-A profile (`--profile PATH`, JSON) seeds the model: coefficients used until the observed steps
-identify a part, and/or sample steps kept in every fit:
+A profile (`--profile PATH`, JSON; `turnout profile` writes one from a sweep) seeds the model:
+coefficients used until the observed steps identify a part, and/or sample steps kept in every
+fit:
 
     {"prefill_ms": [a, b, c], "decode_ms": [e, f, g, h], "kv_total_blocks": 16384,
      "block_size": 64, "forward_passes": [{"prefill_tokens": 512, "decode_tokens": 0,

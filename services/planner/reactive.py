@@ -10,7 +10,9 @@ now would get:
 - ITL: one step decoding the running sequences plus the new one, beside a chunk of the queued
   prefill.
 
-A worker's *pressure* is the larger of TTFT / TTFT SLO and ITL / ITL SLO (above 1: over target).
+A worker's *pressure* is the larger of TTFT / TTFT SLO and ITL / ITL SLO (above 1: over target);
+a prefill worker is judged by TTFT alone (it never decodes a stream), a decode worker by ITL
+alone (the prompts it serves were prefilled elsewhere).
 Add one worker when every worker is over target. Remove one only when, with the same total load
 spread over one worker fewer, each would stay under `margin` (e.g. half) of both SLOs: the gap
 between 1 and the margin is the hysteresis that keeps add and remove from alternating. Cooldown,
@@ -25,7 +27,7 @@ import math
 from dataclasses import dataclass
 
 from services.planner.performance_model import PerformanceModel
-from services.planner.replica_planner import EngineLimits, Slo
+from services.planner.replica_planner import ROLE_DECODE, ROLE_PREFILL, EngineLimits, Slo
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +61,13 @@ def predicted_latency(model: PerformanceModel, load: WorkerLoad, prompt_tokens: 
 
 
 def pressure(model: PerformanceModel, load: WorkerLoad, prompt_tokens: float,
-             limits: EngineLimits, slo: Slo, corrections: Corrections) -> float:
+             limits: EngineLimits, slo: Slo, corrections: Corrections,
+             role: str = "aggregated") -> float:
     ttft, itl = predicted_latency(model, load, prompt_tokens, limits, corrections)
+    if role == ROLE_PREFILL:
+        return ttft / slo.ttft_ms
+    if role == ROLE_DECODE:
+        return itl / slo.itl_ms
     return max(ttft / slo.ttft_ms, itl / slo.itl_ms)
 
 
@@ -74,15 +81,17 @@ def spread(loads: list[WorkerLoad], workers: int) -> WorkerLoad:
 
 def reactive_step(model: PerformanceModel, loads: list[WorkerLoad], prompt_tokens: float,
                   limits: EngineLimits, slo: Slo, corrections: Corrections,
-                  margin: float) -> tuple[int, float]:
-    """(+1 add a worker, -1 remove one, 0 hold; the least pressure of any worker now)."""
+                  margin: float, role: str = "aggregated") -> tuple[int, float]:
+    """(+1 add a worker, -1 remove one, 0 hold; the least pressure of any worker now), for
+    workers of `role` (aggregated, prefill or decode)."""
     if not loads:
         return 0, math.nan
-    least = min(pressure(model, w, prompt_tokens, limits, slo, corrections) for w in loads)
+    least = min(pressure(model, w, prompt_tokens, limits, slo, corrections, role)
+                for w in loads)
     if least > 1.0:
         return 1, least
     if len(loads) >= 2:
         fewer = spread(loads, len(loads) - 1)
-        if pressure(model, fewer, prompt_tokens, limits, slo, corrections) < margin:
+        if pressure(model, fewer, prompt_tokens, limits, slo, corrections, role) < margin:
             return -1, least
     return 0, least

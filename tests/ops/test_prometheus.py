@@ -38,9 +38,12 @@ EVENT_ONLY = {"Migrations / s", "Worker failures", "Scaling decisions"}
 # Panels that only have data with prefill/decode workers (this deployment is aggregated).
 DISAGG_ONLY = {"Prefill path decisions / s", "KV hand-off: blocks pulled vs cached",
                "Lease ends / s", "Hand-off latency (first token to decode)",
-               "KV transfer time"}
-# Series that are NaN by design until enough intervals have passed.
-MAY_BE_NAN = {"turnout_planner_needed_replicas"}  # no forecast yet: the planner exports NaN
+               "KV transfer time", "Replicas: prefill pool", "Replicas: decode pool"}
+# Series that are NaN by design: no forecast yet, or lengths and latencies observed in an
+# interval in which no request ended.
+MAY_BE_NAN = {"turnout_planner_needed_replicas", "turnout_planner_observed_input_tokens",
+              "turnout_planner_observed_output_tokens", "turnout_planner_observed_ttft_seconds",
+              "turnout_planner_observed_itl_seconds"}
 SHARED_PREFIX = "You are a careful assistant. Answer briefly and exactly. " * 6
 
 

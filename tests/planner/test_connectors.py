@@ -122,6 +122,12 @@ def test_worker_command_puts_user_flags_last() -> None:
     assert argv[argv.index("--worker-mode") + 1] == "prefill"
     assert argv[argv.index("--model") + 1] == "m"
     assert argv[-4:] == ["--speedup-ratio", "10", "--discovery", "file:/x"]
+    assert "--keys-dir" not in argv
+
+
+def test_worker_command_passes_the_planners_curve_keys() -> None:
+    argv = LocalConnector.worker_command([], "decode", "file:/d", 2.0, keys_dir="/keys")
+    assert argv[argv.index("--keys-dir") + 1] == "/keys"
 
 
 @pytest.mark.asyncio

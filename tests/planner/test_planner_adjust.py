@@ -385,3 +385,41 @@ async def test_a_refused_request_wakes_a_role_at_zero(profile: Path) -> None:
 def test_bad_settings_are_refused_before_anything_starts(flags: list[str], error: str) -> None:
     with pytest.raises(SystemExit, match=error):
         planner_main(flags)
+
+
+@pytest.mark.asyncio
+async def test_disaggregated_pools_follow_their_own_phase(profile: Path) -> None:
+    """Long prompts with short answers grow the prefill pool alone; short prompts with long
+    answers grow the decode pool alone, and the prefill pool shrinks back."""
+    p = make_planner(profile, "--planner-mode", "disaggregated", "--ttft-slo-ms", "200",
+                     "--itl-slo-ms", "20", "--max-step-tokens", "2048", "--max-batch", "16")
+    p.connectors = {"prefill": FakeConnector("prefill", 1), "decode": FakeConnector("decode", 1)}
+    try:
+        async def sizes(o: Observation) -> tuple[int, int]:
+            p.clock.now += 10  # type: ignore[attr-defined]
+            p.observer.next = o  # type: ignore[attr-defined]
+            await p.adjust()
+            return p.connectors["prefill"].current(), p.connectors["decode"].current()
+
+        prefill_heavy = await sizes(observe(40, isl=4000, osl=2))
+        assert prefill_heavy[0] > 1 and prefill_heavy[1] == 1, prefill_heavy
+        decode_heavy = await sizes(observe(40, isl=50, osl=400))
+        assert decode_heavy[0] == 1 and decode_heavy[1] > 1, decode_heavy
+        m = metrics(p)
+        assert m["turnout_planner_target_replicas{'role': 'prefill'}"] == 1
+        assert m["turnout_planner_needed_replicas{'role': 'decode'}"] > 1
+    finally:
+        close(p)
+
+
+def test_decode_batches_are_planned_in_the_kv_of_the_workers_that_decode(profile: Path) -> None:
+    p = make_planner(profile, "--planner-mode", "disaggregated")
+    try:
+        p.workers = {w: Instance(w, "worker", p.model_name, metadata={"mode": mode})
+                     for w, mode in (("p1", "prefill"), ("d1", "decode"), ("d2", "decode"))}
+        p.kv_total = {"p1": 100, "d1": 4096, "d2": 2048}
+        assert p.limits().kv_total_blocks == 2048, "a small prefill pool limits no decode batch"
+        p.kv_total = {"p1": 100}
+        assert p.limits().kv_total_blocks == 100, "nothing better reported yet"
+    finally:
+        close(p)

@@ -59,3 +59,18 @@ def test_remove_only_when_the_rest_stay_well_under() -> None:
     assert reactive_step(model, [quiet], 1000, LIMITS, SLO, NONE, margin=0.5)[0] == 0, \
         "the last worker is never removed by the reactive rule"
     assert reactive_step(model, [], 1000, LIMITS, SLO, NONE, margin=0.5)[0] == 0
+
+
+
+def test_prefill_workers_are_judged_by_ttft_and_decode_workers_by_itl() -> None:
+    model = mocker_model()
+    tight = Slo(ttft_ms=500.0, itl_ms=20.0)
+    decoding = load(running=250, kv=15000)  # a full batch, nothing queued to prefill
+    ttft, itl = predicted_latency(model, decoding, 1000, LIMITS, NONE)
+    assert itl > tight.itl_ms and ttft < tight.ttft_ms
+    assert pressure(model, decoding, 1000, LIMITS, tight, NONE, "decode") == itl / tight.itl_ms
+    assert pressure(model, decoding, 1000, LIMITS, tight, NONE, "prefill") == ttft / tight.ttft_ms
+    assert pressure(model, decoding, 1000, LIMITS, tight, NONE, "aggregated") == itl / tight.itl_ms
+    # Busy decoding says nothing about prefill capacity: only the decode pool grows.
+    assert reactive_step(model, [decoding] * 2, 1000, LIMITS, tight, NONE, 0.5, "decode")[0] == 1
+    assert reactive_step(model, [decoding] * 2, 1000, LIMITS, tight, NONE, 0.5, "prefill")[0] != 1
