@@ -174,7 +174,7 @@ def test_disaggregated_stream_equals_aggregated_and_the_prompt_came_over_nixl(
 
     dec = pair.send(pair.decode, request(prompt, "decode", generated=pre.tokens,
                                          handoff=pre.last.kv_transfer_params))
-    assert dec.last.finish_reason == "length" and not dec.last.error_message
+    assert (dec.last.finish_reason, dec.last.error_message) == ("length", "")
     assert dec.last.kv_transfer_params == b""
     after = {name: pair.counter(pair.decode, name) for name in before}
     delta = {name: after[name] - before[name] for name in before}
