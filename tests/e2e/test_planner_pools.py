@@ -187,8 +187,14 @@ def test_planner_scales_prefill_and_decode_pools_apart_without_aborting_a_stream
         assert len(started) >= 4
         assert not [pid for pid in started if alive(pid)], "its workers drained and exited"
     finally:
+        # Whatever happened, nothing is left behind: the workers it noted, and any other
+        # process of this test's deployment (a worker the planner started last; they run in
+        # sessions of their own, out of the harness's reach).
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if str(tmp_path) in " ".join(proc.info["cmdline"] or []):
+                started.add(proc.info["pid"])
         for pid in started:
-            if alive(pid):  # whatever happened, nothing is left behind
+            if pid != os.getpid() and alive(pid):
                 os.kill(pid, signal.SIGKILL)
         if planner.alive():
             planner.process.kill()
