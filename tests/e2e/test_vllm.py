@@ -253,7 +253,9 @@ def test_sigkill_mid_stream_continues_with_the_same_tokens(dep: Deployment) -> N
     """Runs last: it takes a worker away. The survivor loads the blocks the victim wrote to the
     shared KV store, so it recomputes at most the last partial block."""
     prompt = long_prompt("migrate", 120)
-    tokens = 400
+    # Long enough that the worker is still generating when the client has read 40 chunks: the
+    # 2-layer model on a fast host finished 400 tokens before the kill landed (no migration).
+    tokens = 2000
 
     async def stream(kill_after: int | None) -> str:
         oai = aclient(dep)
