@@ -229,7 +229,7 @@ _completion_decoder: Final = msgspec.json.Decoder(CompletionRequest)
 _prompt_decoder: Final = msgspec.json.Decoder(str | list[Any] | None)
 
 _AT_PATH = re.compile(r" - at `\$\.?(.*)`$")
-_FIELD = re.compile(r"field `([^`]+)`")
+_FIELD = re.compile(r"field `([^`]*)`")
 
 
 def _join(path: str, field: str) -> str:
@@ -244,7 +244,7 @@ def _schema_error(exc: msgspec.ValidationError) -> ApiError:
     detail = text[: match.start()] if match else text
     field = _FIELD.search(detail)
     if detail.startswith("Object contains unknown field") and field:
-        return unknown_field(_join(path, field.group(1)))
+        return unknown_field(_join(path, field.group(1) or '""'))  # "" is a key too
     if detail.startswith("Object missing required field") and field:
         param = _join(path, field.group(1))
         return invalid(f"Missing required parameter: '{param}'", param,

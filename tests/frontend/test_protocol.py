@@ -167,6 +167,8 @@ def test_chat_unsupported_is_named(body: dict[str, Any], param: str) -> None:
     (chat(stream=True, stream_options={"bar": True}), "stream_options.bar"),
     (chat(messages=[{"role": "user", "content": [{"type": "text", "text": "x", "z": 1}]}]),
      "messages[0].content[0].z"),
+    (chat(**{"": 1}), '""'),
+    (chat(messages=[{"role": "user", "content": "x", "": None}]), 'messages[0].""'),
 ])
 def test_chat_unknown_field_is_named(body: dict[str, Any], param: str) -> None:
     error = _error(parse_chat, body)
