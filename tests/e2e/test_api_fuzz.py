@@ -10,20 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from bench.api_fuzz import OPERATIONS, fuzz
+from bench.api_fuzz import OPERATIONS, WORKER_ARGS, fuzz
 from turnout.testing.deployment import Deployment, reaped
 
 pytestmark = pytest.mark.e2e
 
 EXAMPLES = 15
 SEED = 13
-COVERAGE_STRIDE = 10
+COVERAGE_STRIDE = 1
 
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Deployment]:
     dep = Deployment(tmp_path)
-    dep.start(workers=1, worker_args=("--speedup-ratio", "0"))
+    dep.start(workers=1, worker_args=WORKER_ARGS)
     yield from reaped(dep)
 
 
@@ -41,4 +41,6 @@ def test_fuzzed_api_has_no_server_errors_violations_or_accepted_invalid_bodies(
         tally = report.operations[op.name]
         assert tally.status[200] >= 1, (op.name, tally.summary())
         assert tally.invalid >= 1 and tally.valid >= 1, (op.name, tally.summary())
+        if op.stream_response is not None:  # streams were judged event by event
+            assert tally.streamed >= 1, (op.name, tally.summary())
     stack.check_alive()
