@@ -239,6 +239,21 @@ def _is_host_port(text: str) -> bool:
                 and 0 < int(port) < 65536 and "," not in host and " " not in host)
 
 
+def _check_json_body(scope: Scope) -> None:
+    """415 unless the body is declared JSON: the spec's request bodies are application/json only
+    (`application/*+json` and parameters such as charset are fine). A request with no
+    Content-Type at all is read as JSON, for clients that leave it out."""
+    for name, value in scope["headers"]:
+        if name != b"content-type":
+            continue
+        media = value.split(b";", 1)[0].strip().lower()
+        if media != b"application/json" and not (media.startswith(b"application/")
+                                                 and media.endswith(b"+json")):
+            raise ApiError(415, "Content-Type must be application/json, got "
+                                f"{value.decode('latin-1')!r}", code="unsupported_media_type",
+                           reason="media_type")
+
+
 async def _read_body(receive: Receive, limit: int = MAX_BODY_BYTES) -> bytes | None:
     """The whole request body, or None if the client left first."""
     parts: list[bytes] = []
@@ -526,6 +541,7 @@ class FrontendApp:
         model = ""
         stream = False
         try:
+            _check_json_body(scope)
             raw = await _read_body(receive, self.max_body_bytes)
             if raw is None:
                 return

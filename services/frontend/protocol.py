@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
+import typing
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -21,13 +22,33 @@ from msgspec import UNSET, Meta, UnsetType
 from common.messages import SamplingParams
 from services.frontend.errors import ApiError, invalid, unknown_field, unsupported
 
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
+
+
+def _json_integer(kind: Any) -> Any:
+    """An int type as JSON Schema's "integer" reads it: also a float with no fractional part
+    (`1.0`), which `_integral` then turns into the int. Bounds apply to both."""
+    metas = typing.get_args(kind)[1:]
+    return kind | (Annotated[float, *metas] if metas else float)
+
+
 Temperature = Annotated[float, Meta(ge=0, le=2)]
 TopP = Annotated[float, Meta(ge=0, le=1)]
 Penalty = Annotated[float, Meta(ge=-2, le=2)]
-Int64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 NonNegative = Annotated[int, Meta(ge=0)]
 StopList = Annotated[list[str], Meta(min_length=1, max_length=4)]
-Choices = Annotated[int, Meta(ge=1, le=128)]
+# The spec's integer fields.
+Int = _json_integer(int)
+Int64 = _json_integer(Annotated[int, Meta(ge=INT64_MIN, le=INT64_MAX)])
+Tokens = _json_integer(NonNegative)
+Choices = _json_integer(Annotated[int, Meta(ge=1, le=128)])
+TopLogprobs = _json_integer(Annotated[int, Meta(ge=0, le=20)])
+BestOf = _json_integer(Annotated[int, Meta(ge=0, le=20)])
+Logprobs = _json_integer(Annotated[int, Meta(ge=0, le=5)])
+# Where a request body may carry an integral float for an int.
+_INTEGER_FIELDS: Final = ("max_completion_tokens", "max_tokens", "seed", "n", "top_logprobs",
+                          "best_of", "logprobs")
 
 # /v1/completions without max_tokens: the spec's default.
 COMPLETIONS_DEFAULT_MAX_TOKENS: Final = 16
@@ -139,8 +160,8 @@ class ChatCompletionRequest(_Extensions, kw_only=True):
     model: str
     messages: Annotated[list[Message], Meta(min_length=1)]
     # Sampling.
-    max_completion_tokens: int | None = None
-    max_tokens: int | None = None
+    max_completion_tokens: Int | None = None
+    max_tokens: Int | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
     frequency_penalty: Penalty | None = None
@@ -150,7 +171,7 @@ class ChatCompletionRequest(_Extensions, kw_only=True):
     n: Choices | None = None
     logit_bias: dict[str, int] | None = None
     logprobs: bool | None = None
-    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | UnsetType = UNSET
+    top_logprobs: TopLogprobs | UnsetType = UNSET
     # Streaming.
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -184,7 +205,7 @@ class CompletionRequest(_Extensions, kw_only=True):
     # Required, nullable. Left undecoded here: its shape is checked by `completion_prompt`, which
     # decodes a token-id array straight into checked ints (the long prompts' fast path).
     prompt: msgspec.Raw
-    max_tokens: NonNegative | None = None
+    max_tokens: Tokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
     frequency_penalty: Penalty | None = None
@@ -192,11 +213,11 @@ class CompletionRequest(_Extensions, kw_only=True):
     seed: Int64 | None = None
     stop: str | StopList | None = None
     n: Choices | None = None
-    best_of: Annotated[int, Meta(ge=0, le=20)] | None = None
+    best_of: BestOf | None = None
     echo: bool | None = None
     suffix: str | None = None
     logit_bias: dict[str, int] | None = None
-    logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
+    logprobs: Logprobs | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | UnsetType = UNSET
@@ -208,7 +229,7 @@ _completion_decoder: Final = msgspec.json.Decoder(CompletionRequest)
 _prompt_decoder: Final = msgspec.json.Decoder(str | list[Any] | None)
 
 _AT_PATH = re.compile(r" - at `\$\.?(.*)`$")
-_FIELD = re.compile(r"field `([^`]+)`")
+_FIELD = re.compile(r"field `([^`]*)`")
 
 
 def _join(path: str, field: str) -> str:
@@ -223,7 +244,7 @@ def _schema_error(exc: msgspec.ValidationError) -> ApiError:
     detail = text[: match.start()] if match else text
     field = _FIELD.search(detail)
     if detail.startswith("Object contains unknown field") and field:
-        return unknown_field(_join(path, field.group(1)))
+        return unknown_field(_join(path, field.group(1) or '""'))  # "" is a key too
     if detail.startswith("Object missing required field") and field:
         param = _join(path, field.group(1))
         return invalid(f"Missing required parameter: '{param}'", param,
@@ -235,13 +256,26 @@ def _schema_error(exc: msgspec.ValidationError) -> ApiError:
 
 def _decode(decoder: msgspec.json.Decoder[Any], raw: bytes) -> Any:
     try:
-        return decoder.decode(raw)
+        return _integral(decoder.decode(raw))
     except msgspec.ValidationError as exc:
         raise _schema_error(exc) from None
     except msgspec.DecodeError as exc:
         raise invalid(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
     except RecursionError:  # JSON nested deeper than msgspec follows, inside a free-form field
         raise too_deep() from None
+
+
+def _integral(body: Any) -> Any:
+    """`body` with the integral floats its integer fields may hold (`"n": 1.0`) as ints."""
+    for name in _INTEGER_FIELDS:
+        value = getattr(body, name, None)
+        if type(value) is not float:
+            continue
+        if not value.is_integer() or not INT64_MIN <= value < 2.0**63:
+            raise invalid(f"Invalid value for '{name}': expected an integer, got {value!r}",
+                          name, "invalid_type")
+        setattr(body, name, int(value))
+    return body
 
 
 def too_deep() -> ApiError:
@@ -443,16 +477,31 @@ def completion_prompt(body: CompletionRequest, vocab_size: int) -> str | list[in
         if len(prompt) > 1:
             raise unsupported("prompt", "batched prompts are not supported; send one prompt")
         return prompt[0]
-    if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-        return _check_ids(prompt, vocab_size, "prompt")
+    ids = _integers(prompt)
+    if ids is not None:
+        return _check_ids(ids, vocab_size, "prompt")
     if all(isinstance(p, list) for p in prompt):
         if len(prompt) > 1:
             raise unsupported("prompt", "batched prompts are not supported; send one prompt")
-        ids = prompt[0]
-        if ids and all(isinstance(p, int) and not isinstance(p, bool) for p in ids):
+        ids = _integers(prompt[0])
+        if ids:
             return _check_ids(ids, vocab_size, "prompt")
     raise invalid("'prompt' must be a string, an array of strings, an array of token ids or an "
                   "array of token id arrays", "prompt", "invalid_type")
+
+
+def _integers(items: list[Any]) -> list[int] | None:
+    """`items` as ints if each is a JSON Schema integer (an int, or an integral float such as
+    `5.0`), else None."""
+    out = []
+    for item in items:
+        if type(item) is int:
+            out.append(item)
+        elif type(item) is float and item.is_integer():
+            out.append(int(item))
+        else:
+            return None
+    return out
 
 
 def _check_ids(ids: list[int], vocab_size: int, param: str) -> list[int]:

@@ -321,6 +321,26 @@ def test_bad_requests_over_http(stack: Stack) -> None:
         stack.client().chat.completions.create(model="tiny", messages=MESSAGES, n=2)
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_body_not_declared_json_is_415(stack: Stack, path: str) -> None:
+    body = ({"model": "tiny", "messages": MESSAGES, "max_tokens": 2} if "chat" in path
+            else {"model": "tiny", "prompt": "x", "max_tokens": 2})
+    raw = json.dumps(body).encode()
+    opened = len(stack.fake.opened)
+    for content_type in ("text/plain", "application/x-www-form-urlencoded",
+                         "multipart/form-data"):
+        error = _error_of(_post(stack, path, raw, headers={"content-type": content_type}), 415)
+        assert error["code"] == "unsupported_media_type" and content_type in error["message"]
+        assert error["type"] == "invalid_request_error"
+    assert len(stack.fake.opened) == opened
+    # JSON however declared (or not declared at all) is served.
+    for headers in ({"content-type": "application/json; charset=utf-8"},
+                    {"content-type": "Application/JSON"},
+                    {"content-type": "application/vnd.api+json"}, {}):
+        response = _post(stack, path, raw, headers=headers)
+        assert response.status_code == 200, (headers, response.text)
+
+
 def test_context_length_exceeded(stack: Stack) -> None:
     long_text = "Beautiful is better than ugly. " * 200
     assert len(stack.tokenizer.encode(long_text)) > MAX_MODEL_LEN

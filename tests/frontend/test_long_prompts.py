@@ -39,10 +39,14 @@ def test_an_id_outside_the_vocabulary_deep_in_a_long_prompt_is_named(bad: int) -
     assert error.message == f"Token id {bad} in 'prompt' is outside the vocabulary [0, {VOCAB})"
 
 
-@pytest.mark.parametrize("odd", [-1, True, 1.0, "7", None, [3]])
+@pytest.mark.parametrize("odd", [-1, True, 1.5, "7", None, [3]])
 def test_anything_but_a_non_negative_int_among_ids_is_refused(odd: Any) -> None:
     error = error_of([5] * 1000 + [odd])
     assert (error.status, error.param) == (400, "prompt")
+
+
+def test_integral_floats_among_ids_are_ids() -> None:
+    assert prompt_of([5] * 1000 + [7.0]) == [5] * 1000 + [7]  # JSON Schema: 7.0 is an integer
 
 
 @pytest.mark.parametrize("value", [5, True, {"ids": [1]}])

@@ -167,6 +167,8 @@ def test_chat_unsupported_is_named(body: dict[str, Any], param: str) -> None:
     (chat(stream=True, stream_options={"bar": True}), "stream_options.bar"),
     (chat(messages=[{"role": "user", "content": [{"type": "text", "text": "x", "z": 1}]}]),
      "messages[0].content[0].z"),
+    (chat(**{"": 1}), '""'),
+    (chat(messages=[{"role": "user", "content": "x", "": None}]), 'messages[0].""'),
 ])
 def test_chat_unknown_field_is_named(body: dict[str, Any], param: str) -> None:
     error = _error(parse_chat, body)
@@ -329,3 +331,48 @@ def test_completion_unknown_field_and_defaults() -> None:
     with pytest.raises(ApiError) as info:
         sampling_params(body, prompt_len=100, max_model_len=100, vocab_size=300)
     assert (info.value.param, info.value.code) == ("prompt", "context_length_exceeded")
+
+
+# --- JSON Schema integers: 1.0 is one ---------------------------------------------------------
+
+def test_integral_floats_are_integers() -> None:
+    fields = {"n": 1.0, "seed": -3.0, "max_tokens": 5.0, "max_completion_tokens": 4.0,
+              "top_logprobs": 0.0}
+    assert is_valid("CreateChatCompletionRequest", chat(**fields))
+    body = parse_chat(json.dumps(chat(**fields)).encode())
+    assert (body.n, body.seed, body.max_tokens, body.max_completion_tokens, body.top_logprobs) \
+        == (1, -3, 5, 4, 0)
+    assert all(type(getattr(body, name)) is int for name in fields)
+    params = sampling_params(body, prompt_len=3, max_model_len=100, vocab_size=300)
+    assert (params.max_tokens, params.seed) == (4, -3)
+
+    fields = {"n": 1.0, "best_of": 1.0, "logprobs": None, "max_tokens": 7.0, "seed": 2.0}
+    for prompt in ([1.0, 2.0], [[3.0, 4]]):
+        raw = completion(prompt=prompt, **fields)
+        assert is_valid("CreateCompletionRequest", raw)
+        body = parse_completion(json.dumps(raw).encode())
+        ids = completion_prompt(body, vocab_size=300)
+        assert ids in ([1, 2], [3, 4]) and all(type(i) is int for i in ids)
+        assert (body.n, body.best_of, body.max_tokens, body.seed) == (1, 1, 7, 2)
+
+
+@pytest.mark.parametrize(("parse", "body", "param"), [
+    (parse_chat, chat(n=1.5), "n"),
+    (parse_chat, chat(max_tokens=2.25), "max_tokens"),
+    (parse_chat, chat(seed=0.5), "seed"),
+    (parse_chat, chat(top_logprobs=21.0), "top_logprobs"),
+    (parse_completion, completion(best_of=0.5), "best_of"),
+    (parse_completion, completion(max_tokens=-1.0), "max_tokens"),
+])
+def test_fractional_or_out_of_range_floats_are_not_integers(parse: Any, body: dict[str, Any],
+                                                            param: str) -> None:
+    component = "CreateChatCompletionRequest" if parse is parse_chat else "CreateCompletionRequest"
+    assert not is_valid(component, body), "the spec accepts it"
+    assert _error(parse, body).param == param
+
+
+def test_fractional_token_ids_are_refused() -> None:
+    body = parse_completion(json.dumps(completion(prompt=[1.5, 2])).encode())
+    with pytest.raises(ApiError) as info:
+        completion_prompt(body, vocab_size=300)
+    assert info.value.param == "prompt"
