@@ -386,12 +386,18 @@ class Deployment:
                     service.process.wait(timeout=max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     service.process.kill()
-                    service.process.wait(timeout=5)
+        # Every group is killed whatever one process did (a slow exit must not leave the
+        # others running), then each is reaped.
         for service in self.services:
             try:
                 os.killpg(service.pid, signal.SIGKILL)  # start_new_session: pgid == pid
             except (ProcessLookupError, PermissionError):
                 pass
+        for service in self.services:
+            try:
+                service.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass  # unkillable for now (uninterruptible sleep): the OS reaps it later
 
     close = stop
 
