@@ -90,7 +90,11 @@ class StepCoefficients:
 # mocker shares). Any engine's records overrule it within a few hundred steps.
 DEFAULT_PRIOR = StepCoefficients(a=4.209989e-7, b=0.01518344, c=16.50142,
                                  e=5.74, f=0.0, g=54.01, h=-25.74)
-DEFAULT_CHUNK_TOKENS = 8192  # vLLM's usual max_num_batched_tokens, until a step shows more
+DEFAULT_CHUNK_TOKENS = 8192
+# Decode-only steps come one per generated token (at batch 1, one per token of every stream):
+# fitting each cost the router ~12% of its CPU. One in this many is fitted, weighted as the
+# steps it stands for; steps that prefill are rarer and always fitted.
+DECODE_SAMPLE = 8  # vLLM's usual max_num_batched_tokens, until a step shows more
 
 
 def _features(prefill_tokens: float, decode_tokens: float, kv_usage: float) -> list[float]:
@@ -161,6 +165,8 @@ class StepCostModel:
         self.max_step_tokens = 0  # largest prefill step seen (its decode tokens included)
         self._coef: StepCoefficients = prior
         self._stale = False
+        self._decode_skipped = 0  # decode-only steps since the last one fitted
+        self._sample_decay = self.decay ** DECODE_SAMPLE
 
     # -- input ---------------------------------------------------------------------------------
 
@@ -168,17 +174,25 @@ class StepCostModel:
         """One engine step of a worker whose KV pool holds `kv_total_blocks` blocks."""
         if record.duration_ms <= 0 or (record.prefill_tokens <= 0 and record.decode_tokens <= 0):
             return  # an idle step says nothing about cost
+        self.records += 1
+        weight, decay = 1.0, self.decay
+        if record.prefill_tokens <= 0:
+            self.decode_records += 1
+            self._decode_skipped += 1
+            if self._decode_skipped < DECODE_SAMPLE:
+                return
+            self._decode_skipped = 0
+            weight, decay = float(DECODE_SAMPLE), self._sample_decay
         usage = min(1.0, record.kv_used_blocks / kv_total_blocks) if kv_total_blocks > 0 else 0.0
         _accumulate(self._gram, self._rhs,
                     _features(record.prefill_tokens, record.decode_tokens, usage),
-                    record.duration_ms, 1.0, self.decay)
-        self.records += 1
+                    record.duration_ms, weight, decay)
         if record.prefill_tokens > 0:
             self.prefill_records += 1
             self.max_step_tokens = max(self.max_step_tokens,
                                        record.prefill_tokens + record.decode_tokens)
-        if record.decode_tokens > 0:
-            self.decode_records += 1
+            if record.decode_tokens > 0:
+                self.decode_records += 1
         self._stale = True
 
     def observe_all(self, records: Iterable[ForwardPass], kv_total_blocks: int) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from common.messages import ForwardPass
 from services.router.cost_model import (
+    DECODE_SAMPLE,
     DEFAULT_PRIOR,
     CostModels,
     RouteCost,
@@ -133,6 +134,18 @@ def test_a_falling_slope_is_refitted_at_zero_and_a_cached_prefix_wins() -> None:
     idle = WorkerLoad(0.0, 0.0, 0.0)
     cached, cold = route.quote([idle, idle], [37, 1317]).costs
     assert cached <= cold
+
+
+def test_decode_steps_are_sampled_and_weighted_as_the_steps_they_stand_for() -> None:
+    """One decode-only step in DECODE_SAMPLE is fitted (they come one per token); the fit
+    still recovers the engine, and every step is counted."""
+    m = StepCostModel(prior_weight=1e-6)
+    m.observe_all([record(0, 8, 100)] * (DECODE_SAMPLE - 1), TOTAL_BLOCKS)
+    assert m.coefficients == DEFAULT_PRIOR and m.decode_records == DECODE_SAMPLE - 1
+    m.observe(record(0, 8, 100), TOTAL_BLOCKS)
+    assert m.coefficients != DEFAULT_PRIOR
+    m.observe_all(engine_steps(4000, seed=3), TOTAL_BLOCKS)
+    assert m.decode_ms(32, 0.4) == pytest.approx(TRUE.decode_ms(32, 0.4), rel=0.02)
 
 
 def test_idle_and_empty_steps_are_ignored() -> None:
