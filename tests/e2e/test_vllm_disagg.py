@@ -120,7 +120,15 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
             sock = ctx.socket(zmq.DEALER)
             sock.connect(record["endpoints"]["request"])
             sockets[service.name] = sock
-        yield Pair(d, workers[0], workers[1], ctx, sockets)
+        p = Pair(d, workers[0], workers[1], ctx, sockets)
+        # One hand-off first: the pair's first read includes NIXL's handshake, which on a busy
+        # 2-core host can fail (the decode side then recomputes); the tests below check reads
+        # between workers that have met.
+        warm = prompt_of(128, 0)
+        pre = p.send(p.prefill, request(warm, "prefill"))
+        p.send(p.decode, request(warm, "decode", generated=pre.tokens,
+                                 handoff=pre.last.kv_transfer_params))
+        yield p
     except BaseException:
         print(d.logs(6000))
         raise

@@ -103,6 +103,10 @@ class NixlSide:
         return KVTransferConfig(
             kv_connector=CONNECTOR_NAME, kv_connector_module_path=MODULE_PATH,
             kv_role="kv_both", kv_buffer_device="cpu",
+            # A read that fails (the prefill side gone, its lease expired, a handshake that
+            # timed out) recomputes what it lacked instead of failing the stream (vLLM's
+            # default is "fail").
+            kv_load_failure_policy="recompute",
             kv_connector_extra_config={"kv_lease_duration": self.lease_s})
 
     def metadata(self) -> dict[str, Any]:
