@@ -34,6 +34,9 @@ BLOCK = 64
 # computed in decode steps and KV recomputed in a prefill.
 WORKER_ARGS = ("--engine", "vllm", "--enforce-eager", "--block-size", str(BLOCK),
                "--kv-cache-memory-bytes", str(64 << 20), "--drain-grace-s", "1",
+               # Beats every 0.5 s: a worker's loop starved for a second or two (vLLM's CPU
+               # threads on 2 cores) is neither judged hung nor rejoins as presumed dead.
+               "--heartbeat-interval-ms", "500",
                "--engine-args=--dtype float32")
 START_TIMEOUT_S = 300
 
@@ -44,10 +47,9 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     tmp = Path(tmp_path_factory.mktemp("vllm"))
     d = Deployment(tmp, extra=["--model", model])
     try:
-        # vLLM's CPU threads can starve a worker's loop for a few hundred ms on a 2-core host;
-        # SIGKILL is caught by the dropped connection, and hang verdicts are tested elsewhere
-        # (test_failover, test_starvation): no hang verdict before 2 s of silence here.
-        d.start_router("--missed-heartbeats", "20")
+        # SIGKILL is caught by the dropped connection; hang verdicts are tested elsewhere
+        # (test_failover, test_starvation): none before 2 s of silence here.
+        d.start_router("--heartbeat-interval-ms", "500", "--missed-heartbeats", "4")
         workers = [d.start_worker(*WORKER_ARGS, "--kv-store", str(tmp / "kv-store"), wait=False)
                    for _ in range(2)]
         for service in workers:

@@ -121,13 +121,17 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
             sock.connect(record["endpoints"]["request"])
             sockets[service.name] = sock
         p = Pair(d, workers[0], workers[1], ctx, sockets)
-        # One hand-off first: the pair's first read includes NIXL's handshake, which on a busy
-        # 2-core host can fail (the decode side then recomputes); the tests below check reads
-        # between workers that have met.
-        warm = prompt_of(128, 0)
-        pre = p.send(p.prefill, request(warm, "prefill"))
-        p.send(p.decode, request(warm, "decode", generated=pre.tokens,
-                                 handoff=pre.last.kv_transfer_params))
+        # One hand-off first: the pair's first read includes NIXL's handshake; the tests below
+        # check reads between workers that have met.
+        # vLLM gives a handshake 5 s; a starved host can miss that, and the read recomputes.
+        # Up to three hand-offs, until one read came over NIXL.
+        for attempt in range(3):
+            warm = prompt_of(128, attempt)
+            pre = p.send(p.prefill, request(warm, "prefill"))
+            p.send(p.decode, request(warm, "decode", generated=pre.tokens,
+                                     handoff=pre.last.kv_transfer_params))
+            if p.counter(p.decode, "kv_transfer_prompt_tokens") > 0:
+                break
         yield p
     except BaseException:
         print(d.logs(6000))
