@@ -21,7 +21,7 @@ import msgspec
 import zmq
 
 from common.loop_socket import LoopSocket
-from common.malformed import MalformedFrames
+from common.malformed import MALFORMED, MalformedFrames
 from common.messages import EventEnvelope, encoder, envelope_decoder
 from common.transport import bind_socket, connect_socket
 
@@ -125,7 +125,7 @@ class EventSubscriber:
                 continue
             try:
                 env = envelope_decoder.decode(frames[1])
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except MALFORMED as exc:
                 self._malformed.drop(str(exc))
                 continue
             topic = frames[0]

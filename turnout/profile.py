@@ -41,12 +41,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import msgspec
 import zmq
 
 from common.config import opt, parse_configs, to_argv
 from common.discovery import open_discovery
 from common.event_plane import EventSubscriber
+from common.malformed import MALFORMED
 from common.messages import (
     ROLE_WORKER,
     TOPIC_FPM,
@@ -291,7 +291,7 @@ class Sweep:
                     self.loads_seen += 1
                 elif topic == TOPIC_FPM:
                     self.records.extend(fpm_decoder.decode(env.payload).records)
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            except MALFORMED:
                 continue
 
     async def _request(self, http: httpx.AsyncClient, model: str, point: Point,

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import httpx
-import msgspec
 import zmq
 
 from common import prometheus_text
@@ -33,6 +32,7 @@ from common.config import opt, parse
 from common.discovery import Discovery, open_discovery
 from common.event_plane import EventSubscriber
 from common.fleet_keys import KeysError
+from common.malformed import MALFORMED
 from common.messages import (
     ROLE_FRONTEND,
     ROLE_ROUTER,
@@ -135,7 +135,7 @@ class FleetView:
                         state.steps.popleft()
                 elif topic == TOPIC_LOAD:
                     state.load = load_decoder.decode(env.payload)
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            except MALFORMED:
                 continue
 
     async def snapshot(self, http: httpx.AsyncClient) -> dict[str, Any]:

@@ -10,12 +10,11 @@ import asyncio
 import logging
 from typing import Protocol
 
-import msgspec
 import zmq
 from prometheus_client import CollectorRegistry
 
 from common.discovery import Discovery
-from common.malformed import MalformedFrames
+from common.malformed import MALFORMED, MalformedFrames
 from common.messages import (
     FINISH_ERROR,
     KIND_CANCEL,
@@ -336,7 +335,7 @@ class RouterClient:
     def deliver(self, payload: bytes, router_id: str = "") -> None:
         try:
             batch = token_batch_decoder.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except MALFORMED as exc:
             self.malformed.drop(str(exc), router_id)
             return
         streams = self.streams
@@ -360,7 +359,7 @@ class RouterClient:
         try:
             message = resume_elsewhere_decoder.decode(payload)
             ids = message.request_ids
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except MALFORMED as exc:
             self.malformed.drop(str(exc), router_id)
             return
         if not message.draining:  # it took us for gone (we stalled): resume through any

@@ -26,11 +26,11 @@ import time
 from collections.abc import Coroutine, Sequence
 
 import httpx
-import msgspec
 import zmq
 
 from common.discovery import open_discovery
 from common.event_plane import EventSubscriber
+from common.malformed import MALFORMED
 from common.messages import (
     MODE_AGGREGATED,
     MODE_PREFILL,
@@ -207,7 +207,7 @@ class Planner:
                         StepSample(r.prefill_tokens, r.decode_tokens,
                                    min(1.0, r.kv_used_blocks / total), r.duration_ms)
                         for r in batch.records)
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            except MALFORMED:
                 pass  # the subscriber already counts envelope-level junk; a bad body is rarer
 
     # -- the adjustment loop -------------------------------------------------------------------

@@ -23,14 +23,13 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-import msgspec
 import zmq
 
 from common.block_hash import block_hashes
 from common.discovery import Discovery, open_discovery
 from common.event_plane import EventPublisher
 from common.loop_socket import LoopSocket
-from common.malformed import MalformedFrames
+from common.malformed import MALFORMED, MalformedFrames
 from common.messages import (
     FINISH_ERROR,
     FINISH_LENGTH,
@@ -254,7 +253,7 @@ class Worker:
                     KvPullReply(pull.request_id, blocks))])
             else:
                 self.malformed.drop(f"unknown kind {kind!r}")
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except MALFORMED as exc:
             self.malformed.drop(str(exc))
 
     def _on_encode(self, ident: bytes, payload: bytes) -> None:

@@ -12,10 +12,10 @@ import asyncio
 import logging
 from collections import deque
 
-import msgspec
 import zmq
 
 from common.loop_socket import LoopSocket
+from common.malformed import MALFORMED
 from common.messages import (
     KIND_KV_BLOCKS,
     KIND_KV_PULL,
@@ -68,7 +68,7 @@ class PeerLinks:
             return
         try:
             reply = kv_pull_reply_decoder.decode(frames[1])
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except MALFORMED:
             return
         future = self._pending.get(reply.request_id)
         if future is not None and not future.done():

@@ -28,6 +28,7 @@ import zmq
 import zmq.asyncio
 
 from common.block_hash import block_hash, root_hash
+from common.malformed import MALFORMED
 from common.messages import KvBlockRemoved, KvBlockStored, KvCleared, KvEvent
 
 log = logging.getLogger("turnout.worker.vllm")
@@ -273,7 +274,7 @@ class KvEventSubscriber:
         self.next_seq = seq + 1
         try:
             events = self.translator.translate(decode_batch(payload))
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except MALFORMED as exc:
             log.warning("undecodable vLLM KV event batch %d: %s", seq, exc)
             return
         if events:
