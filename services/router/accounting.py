@@ -94,8 +94,7 @@ class Accounting:
         """Its prefill is done: the blocks no longer wait in the worker's prefill queue."""
         if entry.worker is not None and entry.prefill_blocks:
             entry.worker.usage.pending_prefill_blocks -= entry.prefill_blocks
-            if self._on_change is not None:
-                self._on_change(entry.worker)
+            self._changed(entry.worker)
         entry.prefill_blocks = 0
 
     def move(self, entry: RoutedRequest, decision: Decision) -> None:
@@ -124,8 +123,7 @@ class Accounting:
         usage.requests.add(entry.request_id)
         usage.active_blocks += entry.blocks
         usage.pending_prefill_blocks += entry.prefill_blocks
-        if self._on_change is not None:
-            self._on_change(worker)
+        self._changed(worker)
 
     def _release(self, entry: RoutedRequest) -> None:
         worker, entry.worker = entry.worker, None
@@ -135,6 +133,9 @@ class Accounting:
             usage.active_blocks -= entry.blocks
             usage.pending_prefill_blocks -= entry.prefill_blocks
             usage.released_at = self._clock() + self._report_period_s
-            if self._on_change is not None:
-                self._on_change(worker)
+            self._changed(worker)
         entry.prefill_blocks = 0
+
+    def _changed(self, worker: WorkerHandle) -> None:
+        if self._on_change is not None:
+            self._on_change(worker)

@@ -13,9 +13,9 @@ cost(w) = overlap_weight * (request blocks - cached overlap(w) + w's queued pref
 Loads are the larger of what this router itself has in flight on the worker (fresh at every
 decision) and what the worker last reported (which includes other routers' traffic; ignored
 when older than the last request this router saw leave the worker). The lowest
-cost wins; ties go to the less loaded worker, then to the one chosen longest ago, so equal
-scores never pile onto the first worker in a list. With `temperature` > 0 the choice is a
-softmax draw over normalised costs.
+cost wins; ties go to the less loaded worker, then to the one caching more of the prompt, then
+to the one chosen longest ago, so equal scores never pile onto the first worker in a list. With
+`temperature` > 0 the choice is a softmax draw over normalised costs.
 The hotspot guard (`hotspot_margin` >= 0; by default 0.5 with the block cost and off with the
 adaptive one, which prices queues itself) drops a worker whose load in blocks exceeds the mean
 by more than that fraction before costs are compared, so a shared system prompt cannot send
