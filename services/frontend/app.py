@@ -686,6 +686,7 @@ class FrontendApp:
         opening = encoder.opening()
         out = [opening] if opening else []
         interval = self.stream_interval
+        first = True
         while True:
             if gen.error is not None:
                 gen.done = True
@@ -705,7 +706,9 @@ class FrontendApp:
                 return 200
             if text:
                 out.append(encoder.delta(text))
-            batch = chunks.ready_batch(interval) if interval else None
+            # The first event leaves alone: TTFT does not wait for the encoding of the rest.
+            batch = chunks.ready_batch(interval) if interval and not first else None
+            first = False
             if batch is None:
                 if out:
                     await send({"type": "http.response.body", "more_body": True,

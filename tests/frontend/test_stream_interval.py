@@ -62,7 +62,8 @@ def chunked_frames(raw: bytes) -> list[bytes]:
 
 def test_events_that_piled_up_leave_in_one_write() -> None:
     """One event per token, but not a write (a syscall, a TCP segment) per token: the events
-    that were ready together go out in one chunked frame."""
+    that were ready together go out in one chunked frame (after the first event, which leaves
+    alone so that time to first token never waits for the rest)."""
     server, n = piled_up_server(1)
     request = json.dumps({"model": "tiny", "prompt": "count", "max_tokens": n,
                           "stream": True}).encode()
@@ -79,7 +80,7 @@ def test_events_that_piled_up_leave_in_one_write() -> None:
     frames = chunked_frames(raw)
     events = b"".join(frames).count(b"data: {")
     assert events >= n  # still one event per token (plus the closing ones)
-    assert len(frames) <= 2, f"{len(frames)} writes for {events} events"
+    assert len(frames) <= 3, f"{len(frames)} writes for {events} events"
 
 
 def test_piled_up_tokens_merge_by_default_and_split_per_interval() -> None:
