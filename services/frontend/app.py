@@ -680,28 +680,42 @@ class FrontendApp:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*_SSE_HEADERS, (b"x-request-id", request_id.encode())]})
         gen.response_started = True
-        head = encoder.opening()
+        # Events ready in the same turn leave in one write: with a fixed tokens-per-event
+        # interval under load, several events of one stream pile up, and a write per event
+        # is a syscall per token.
+        opening = encoder.opening()
+        out = [opening] if opening else []
+        interval = self.stream_interval
+        first = True
         while True:
             if gen.error is not None:
                 gen.done = True
-                tail = encoder.delta(text) if text else b""
+                if text:
+                    out.append(encoder.delta(text))
+                out += (responses.sse_error(gen.error), responses.DONE)
                 await send({"type": "http.response.body", "more_body": False,
-                            "body": b"".join((head, tail, responses.sse_error(gen.error),
-                                              responses.DONE))})
+                            "body": b"".join(out)})
                 return gen.error.status
             if gen.finish is not None:
                 if gen.stopped_by_string and not gen.upstream_finished:
                     self.upstream.cancel(gen.request_id)
                 gen.done = True
-                closing = encoder.closing(text, gen.finish, gen.usage(prompt_tokens))
+                out.append(encoder.closing(text, gen.finish, gen.usage(prompt_tokens)))
                 await send({"type": "http.response.body", "more_body": False,
-                            "body": head + closing if head else closing})
+                            "body": b"".join(out)})
                 return 200
-            if text or head:
-                body = head + encoder.delta(text) if text else head
-                await send({"type": "http.response.body", "more_body": True, "body": body})
-                head = b""
-            text = gen.consume(await chunks.next_batch(self.stream_interval))
+            if text:
+                out.append(encoder.delta(text))
+            # The first event leaves alone: TTFT does not wait for the encoding of the rest.
+            batch = chunks.ready_batch(interval) if interval and not first else None
+            first = False
+            if batch is None:
+                if out:
+                    await send({"type": "http.response.body", "more_body": True,
+                                "body": b"".join(out)})
+                    out = []
+                batch = await chunks.next_batch(interval)
+            text = gen.consume(batch)
 
     async def _unary(self, send: Send, gen: Generation, chunks: ChunkStream, endpoint: str,
                      response_id: str, model: str, prompt_tokens: int) -> int:

@@ -4,12 +4,18 @@ Owns the per-request decoders. `step` returns only text that can no longer chang
 UTF-8 character, never the first bytes of a multi-byte sequence split across tokens. `flush` at
 the end gives whatever was held back, invalid leftovers as U+FFFD. Special tokens produce no text.
 
+For a byte-level BPE tokenizer (GPT-2, Llama 3, Qwen: a `ByteLevel` decoder) every token is a
+fixed byte string, so decoding is a table lookup and an incremental UTF-8 decode
+(`ByteLevelDetokenizer`); `DecodeStream`, which decodes a window of ids twice per token, is kept
+for every other decoder.
+
 Does not own tokenizers or stop strings; `tokenizer` builds these, `stop_matcher` trims them.
 """
 
 from __future__ import annotations
 
 import codecs
+import json
 from typing import Protocol
 
 import tokenizers
@@ -42,6 +48,71 @@ class ByteDetokenizer:
         if max(token_ids) > 255:
             token_ids = [t for t in token_ids if t < 256]
         return self._decoder.decode(bytes(token_ids))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """The byte-level alphabet: each byte is a printable character (itself where it is one)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def byte_level_table(tokenizer: tokenizers.Tokenizer) -> list[bytes] | None:
+    """Each token id's bytes when `tokenizer` decodes with exactly a ByteLevel decoder (special
+    tokens: no bytes, as `skip_special_tokens` decodes), else None. Checked against the
+    tokenizer's own decode of every token that is whole UTF-8; any difference gives None."""
+    spec = json.loads(tokenizer.to_str())
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        return None
+    chars = _byte_level_chars()
+    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    table: list[bytes] = []
+    for token_id in range(size):
+        piece = tokenizer.id_to_token(token_id)
+        if token_id in special or piece is None:
+            table.append(b"")
+            continue
+        try:
+            table.append(bytes(chars[c] for c in piece))
+        except KeyError:  # an added token outside the alphabet decodes as its own text
+            table.append(piece.encode())
+    for token_id, raw in enumerate(table):
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            continue  # part of a character: only meaningful next to its neighbours
+        if tokenizer.decode([token_id], skip_special_tokens=True) != text:
+            return None
+    return table
+
+
+class ByteLevelDetokenizer:
+    """Token ids to text through a byte table (see `byte_level_table`)."""
+
+    __slots__ = ("_decoder", "_table")
+
+    def __init__(self, table: list[bytes]) -> None:
+        self._table = table
+        self._decoder = _utf8_decoder(errors="replace")
+
+    def step(self, token_ids: list[int]) -> str:
+        table = self._table
+        try:
+            if len(token_ids) == 1:
+                return self._decoder.decode(table[token_ids[0]])
+            return self._decoder.decode(b"".join([table[t] for t in token_ids]))
+        except IndexError:  # an id past the vocabulary (an engine's padding) has no text
+            size = len(table)
+            return self._decoder.decode(b"".join([table[t] for t in token_ids if t < size]))
 
     def flush(self) -> str:
         return self._decoder.decode(b"", final=True)

@@ -20,7 +20,13 @@ from typing import Any, Final
 import tokenizers
 
 from services.frontend.chat_template import ChatTemplate, ChatTemplateError, find_chat_template
-from services.frontend.detokenizer import ByteDetokenizer, Detokenizer, HfDetokenizer
+from services.frontend.detokenizer import (
+    ByteDetokenizer,
+    ByteLevelDetokenizer,
+    Detokenizer,
+    HfDetokenizer,
+    byte_level_table,
+)
 
 # Above this many characters, tokenizing goes to an executor instead of the event loop.
 INLINE_TOKENIZE_MAX_CHARS: Final = 2048
@@ -124,6 +130,7 @@ class HfTokenizer(Tokenizer):
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self._byte_table = byte_level_table(self._tokenizer)
 
         config = _read_json(directory / "tokenizer_config.json")
         self.bos_token = _token_text(config.get("bos_token"))
@@ -164,6 +171,8 @@ class HfTokenizer(Tokenizer):
         return self._tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def new_detokenizer(self) -> Detokenizer:
+        if self._byte_table is not None:
+            return ByteLevelDetokenizer(self._byte_table)
         return HfDetokenizer(self._tokenizer)
 
 

@@ -95,11 +95,17 @@ class ChunkStream:
 
         With `tokens` > 0, exactly that many tokens instead (fewer only at the end of the
         stream), waiting for them, a chunk split where the count falls."""
-        while not self._pending or (tokens and self._tokens < tokens and not self._final):
+        while (batch := self.ready_batch(tokens)) is None:
             if self.finished:
                 return []
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
+        return batch
+
+    def ready_batch(self, tokens: int = 0) -> list[TokenChunk] | None:
+        """What `next_batch(tokens)` would return without waiting, or None if it would wait."""
+        if not self._pending or (tokens and self._tokens < tokens and not self._final):
+            return None
         if tokens and self._tokens > tokens:
             batch = self._take(tokens)
         else:

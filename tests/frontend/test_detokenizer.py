@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import tokenizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.frontend.detokenizer import ByteLevelDetokenizer, HfDetokenizer, byte_level_table
 from services.frontend.tokenizer import ByteTokenizer, HfTokenizer, Tokenizer
 from tests.tiny_model import cached_tiny_model
 
@@ -81,3 +83,33 @@ def test_any_chunking_adds_up(text: str, cuts: list[int]) -> None:
         assert "".join(pieces) == tokenizer.decode(ids)
         if "\ufffd" not in text:
             _no_partial(pieces)
+
+
+def test_a_byte_level_tokenizer_detokenizes_through_its_byte_table() -> None:
+    tokenizer = HfTokenizer(cached_tiny_model())
+    assert isinstance(tokenizer.new_detokenizer(), ByteLevelDetokenizer)
+
+
+def test_other_decoders_keep_decode_stream() -> None:
+    metaspace = tokenizers.Tokenizer(tokenizers.models.BPE())
+    metaspace.decoder = tokenizers.decoders.Metaspace()
+    assert byte_level_table(metaspace) is None
+
+
+@settings(max_examples=80, deadline=None)
+@given(ids=st.lists(st.integers(min_value=0, max_value=2047), max_size=60),
+       cuts=st.lists(st.integers(min_value=1, max_value=5), max_size=30))
+def test_byte_table_matches_decode_stream_on_any_ids(ids: list[int], cuts: list[int]) -> None:
+    """Random ids (broken characters, specials, anything an engine may emit) come out exactly as
+    the tokenizer's own DecodeStream gives them, however they are chunked."""
+    raw = tokenizers.Tokenizer.from_file(str(cached_tiny_model() / "tokenizer.json"))
+    table = byte_level_table(raw)
+    assert table is not None
+    outputs = []
+    for detok in (ByteLevelDetokenizer(table), HfDetokenizer(raw)):
+        pieces, start = [], 0
+        for size in [*cuts, len(ids)]:
+            pieces.append(detok.step(ids[start:start + size]))
+            start += size
+        outputs.append("".join(pieces) + detok.flush())
+    assert outputs[0] == outputs[1]
