@@ -208,9 +208,10 @@ async def test_the_real_command_serves_a_real_estimate(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TURNOUT_")}
     env["PYTHONPATH"] = str(REPO_ROOT)
-    proc = subprocess.Popen([sys.executable, "-m", "turnout", "configure", "--serve",
-                             "--port", str(port)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    log = (tmp_path / "serve.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "turnout", "configure", "--serve", "--port", str(port), env=env,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
         query = {**QUERY, "model": "Qwen/Qwen3-8B", "gpus": "4", "isl": "2000", "osl": "200",
@@ -222,7 +223,7 @@ async def test_the_real_command_serves_a_real_estimate(tmp_path: Path) -> None:
                         break
                 except httpx.TransportError:
                     pass
-                assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+                assert proc.returncode is None, (tmp_path / "serve.log").read_text()
                 await asyncio.sleep(0.1)
             first = await http.get(page_url(query))
             assert 'id="progress"' in first.text
@@ -237,9 +238,11 @@ async def test_the_real_command_serves_a_real_estimate(tmp_path: Path) -> None:
         assert_rendered(dom)
         assert "aggregated: " in dom
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 20)
+            except TimeoutError:
+                os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        log.close()
