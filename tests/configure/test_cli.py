@@ -108,3 +108,9 @@ def test_a_model_or_system_aiconfigurator_lacks_fails_in_one_line(tmp_path: Path
     line = one_line_error(configure(args, tmp_path))
     assert "aiconfigurator has no data for system 'h300_sxm'; systems: " in line
     assert "h200_sxm" in line
+
+
+def test_a_base_dir_without_turnouts_files_is_refused(tmp_path: Path) -> None:
+    line = one_line_error(configure([*AGG_ARGS, "--base-dir", str(tmp_path)], tmp_path))
+    assert line == (f"turnout configure: {tmp_path} holds no k8s/kustomization.yaml and "
+                    "docker-compose.yml to extend (--base-dir: a Turnout checkout)")

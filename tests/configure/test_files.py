@@ -286,3 +286,11 @@ def test_layout_json_holds_the_layout_the_commands_and_the_frontier() -> None:
     assert doc["commands"][0].startswith("turnout up ")
     assert len(doc["frontier"]) == 14
     assert set(doc["best_by_mode"]) == {"aggregated", "disaggregated"}
+
+
+def test_without_turnouts_deployment_files_only_the_layout_and_commands(tmp_path: Path) -> None:
+    recorded = sweep(DISAGG)
+    files = render(choose(DISAGG, recorded), frontier(recorded), None, "", "0.12.0")
+    assert sorted(files) == ["layout.json", "up.sh"]
+    with pytest.raises(ValueError, match=r"holds no k8s/kustomization\.yaml"):
+        Base.find(str(tmp_path))

@@ -119,6 +119,24 @@ async def test_the_page_shows_progress_then_the_layout_plot_and_files(
 
 
 @pytest.mark.asyncio
+async def test_one_estimate_runs_at_a_time(app: tuple[ConfigureApp, RecordedRunner]) -> None:
+    configure_app, runner = app
+    async with client(configure_app) as http:
+        await http.get(page_url(QUERY))
+        other = page_url({**QUERY, "itl_ms": "10"})
+        for _ in range(100):
+            if "waiting for another estimate" in (await http.get(other)).text:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the second estimate did not wait")
+        assert len(runner.calls) == 1
+        runner.release.set()
+        assert 'id="error"' in await finished(http, other)  # ITL 10 ms: none meets it
+        assert len(runner.calls) == 2
+
+
+@pytest.mark.asyncio
 async def test_bad_input_and_failed_estimates_show_one_line_errors(
         app: tuple[ConfigureApp, RecordedRunner]) -> None:
     configure_app, runner = app

@@ -27,27 +27,32 @@ class Base:
     compose: Path
 
     @classmethod
-    def find(cls, base_dir: str) -> Base:
-        """ValueError (one line) when `base_dir` (default: the checkout this turnout runs from)
-        does not hold them."""
+    def find(cls, base_dir: str) -> Base | None:
+        """The files in `base_dir` (ValueError, one line, when it lacks them), else in the
+        checkout this turnout runs from (None when it runs from an installed package)."""
         root = Path(base_dir) if base_dir else REPO_ROOT
         base = cls(root / "k8s", root / "docker-compose.yml")
         if not (base.k8s / "kustomization.yaml").is_file() or not base.compose.is_file():
+            if not base_dir:
+                return None
             raise ValueError(f"{root} holds no k8s/kustomization.yaml and docker-compose.yml "
-                             "to extend: give --base-dir, a Turnout checkout")
+                             "to extend (--base-dir: a Turnout checkout)")
         return base
 
 
-def render(choice: Choice, frontier: list[FrontierPoint], base: Base, k8s_base_ref: str,
+def render(choice: Choice, frontier: list[FrontierPoint], base: Base | None, k8s_base_ref: str,
            aiconfigurator: str, profile: dict[str, Any] | None = None) -> dict[str, str]:
     """The files (relative path → text). `k8s_base_ref` is the base k8s/ directory as the
-    overlay's kustomization names it, relative to the overlay."""
+    overlay's kustomization names it, relative to the overlay. Without a base, no overlay and
+    no override."""
     layout = choice.layout
     lines, notes = commands(layout)
     profile_text = json.dumps(profile, indent=1) + "\n" if profile is not None else None
-    files = {f"k8s/{name}": text for name, text in
-             overlay(layout, base.k8s, k8s_base_ref, profile_text).items()}
-    files["compose.override.yaml"] = override(layout, base.compose)
+    files: dict[str, str] = {}
+    if base is not None:
+        files.update({f"k8s/{name}": text for name, text in
+                      overlay(layout, base.k8s, k8s_base_ref, profile_text).items()})
+        files["compose.override.yaml"] = override(layout, base.compose)
     files["up.sh"] = ("#!/bin/sh\n# turnout configure: " + layout.summary() + "\n"
                       + "".join(f"# note: {n}\n" for n in notes)
                       + ("exec " + lines[0] + "\n" if len(lines) == 1

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from common.config import opt, parse_configs
 from turnout.configure.deployment_files import PROFILE, Base, render
-from turnout.configure.estimate import EstimateError
+from turnout.configure.estimate import AICONFIGURATOR_VERSION, EstimateError
 from turnout.configure.estimate import run as run_estimate
 from turnout.configure.layout import Choice, Layout, NoLayout, Request, choose, frontier
 from turnout.configure.planner_profile import profile_document, steps_request
@@ -91,14 +91,22 @@ class Ticker:
                 self("still estimating")
 
 
-async def configure(request: Request, base: Base, k8s_base_ref: str, with_profile: bool,
+async def configure(request: Request, base: Base | None, k8s_base_ref: str, with_profile: bool,
                     say: Callable[[str], None]) -> Outcome:
     """Sweep, choose, (fit the seed profile,) render: EstimateError or NoLayout otherwise."""
     ticker = Ticker(say)
     beat = asyncio.create_task(ticker.beat())
     try:
         sweep = await run_estimate(request.sweep(), ticker)
-        choice = choose(request, sweep)
+        version = sweep["aiconfigurator"]
+        if version != AICONFIGURATOR_VERSION:
+            ticker(f"aiconfigurator {version} is installed; turnout configure reads "
+                   f"{AICONFIGURATOR_VERSION}'s answers")
+        try:
+            choice = choose(request, sweep)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EstimateError(f"cannot read aiconfigurator {version}'s answer ({exc!r}); "
+                                f"install aiconfigurator=={AICONFIGURATOR_VERSION}") from None
         profile = None
         if with_profile:
             ticker("estimating engine steps for the planner's seed profile")
@@ -180,8 +188,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as exc:
         _fail(str(exc))
     out = Path(cfg.out) if cfg.out else None
+    if out is not None and base is None:
+        _fail("no k8s/ and docker-compose.yml beside this turnout (an installed package) for "
+              "the files to extend: give --base-dir, a Turnout checkout")
     k8s_dir = (out or Path.cwd()).resolve() / "k8s"  # without --out nothing is written
-    ref = os.path.relpath(base.k8s.resolve(), k8s_dir)
+    ref = os.path.relpath(base.k8s.resolve(), k8s_dir) if base is not None else ""
 
     def say(text: str) -> None:
         print(f"turnout configure: {text}", file=sys.stderr, flush=True)

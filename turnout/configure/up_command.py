@@ -37,6 +37,10 @@ def commands(layout: Layout) -> tuple[list[str], list[str]]:
                      "--decode-workers", str(pools["decode"].workers)]
         batch = [p.batch for p in layout.pools if p.role != "prefill"]
         argv += ["--max-num-seqs", str(max(batch))]
+        if layout.mode == "disaggregated":
+            notes.append(f"`turnout up` caps the prefill workers at --max-num-seqs {max(batch)} "
+                         "too (the decode batch); the k8s overlay and compose override leave "
+                         "them uncapped")
         extra = flavours.pop()
         if extra:
             argv += ["--engine-args", extra]

@@ -44,7 +44,8 @@ LABELS = {"model": "model", "gpus": "GPUs", "system": "system", "backend": "engi
           "ttft_ms": "TTFT target (ms)", "itl_ms": "ITL target (ms)"}
 TARBALL = "turnout-configure.tar.gz"
 
-Runner = Callable[[Request, Base, str, bool, Callable[[str], None]], Awaitable[Outcome]]
+Runner = Callable[[Request, Base | None, str, bool, Callable[[str], None]],
+                  Awaitable[Outcome]]
 
 
 @dataclasses.dataclass
@@ -75,8 +76,11 @@ def parse_request(query: dict[str, str]) -> Request:
 
 
 class ConfigureApp:
-    def __init__(self, base: Base, defaults: dict[str, str], runner: Runner = configure) -> None:
+    def __init__(self, base: Base | None, defaults: dict[str, str],
+                 runner: Runner = configure) -> None:
         self.base = base
+        # One estimate at a time: each is a CPU-bound child process of ~300 MB.
+        self.running = asyncio.Semaphore(1)
         self.defaults = defaults
         self.runner = runner
         self.jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
@@ -164,8 +168,11 @@ class ConfigureApp:
 
     async def _run(self, job: Job, request: Request, with_profile: bool) -> None:
         try:
-            job.outcome = await self.runner(request, self.base, K8S_BASE_REF, with_profile,
-                                            job.progress.append)
+            if self.running.locked():
+                job.progress.append("waiting for another estimate to finish")
+            async with self.running:
+                job.outcome = await self.runner(request, self.base, K8S_BASE_REF, with_profile,
+                                                job.progress.append)
         except (EstimateError, NoLayout, ValueError, OSError) as exc:
             job.error = str(exc)
         except Exception as exc:  # a failed estimate is shown, never takes the page down
@@ -260,10 +267,15 @@ def result_html(job: Job) -> str:
         f"<ul>{notes}</ul></section>"
         f'<section id="files"><h2>Files</h2><ul>{files}'
         f'<li><a href="/files/{job.id}/{TARBALL}">{TARBALL}</a> (all of them)</li></ul>'
-        "<p>The k8s overlay names its base <code>../..</code>: put its files in "
-        "<code>k8s/overlays/NAME/</code> of a Turnout checkout, then <code>kubectl apply -k "
-        "k8s/overlays/NAME</code>. The compose override: <code>docker compose -f "
-        "docker-compose.yml -f compose.override.yaml up</code>.</p></section>")
+        + ("<p>The k8s overlay names its base <code>../..</code>: put its files in "
+           "<code>k8s/overlays/NAME/</code> of a Turnout checkout, then <code>kubectl apply -k "
+           "k8s/overlays/NAME</code>. The compose override: <code>docker compose -f "
+           "docker-compose.yml -f compose.override.yaml up</code>.</p>"
+           if "compose.override.yaml" in job.outcome.files else
+           "<p>No k8s overlay or compose override: this turnout runs from an installed package "
+           "without Turnout's k8s/ and docker-compose.yml (start it with "
+           "<code>--base-dir CHECKOUT</code>).</p>")
+        + "</section>")
 
 
 def _frontier(doc: dict[str, Any]) -> list[FrontierPoint]:
@@ -299,7 +311,7 @@ def defaults_of(cfg: ConfigureConfig) -> dict[str, str]:
             for k, v in given.items()}
 
 
-def serve(cfg: ConfigureConfig, base: Base) -> None:
+def serve(cfg: ConfigureConfig, base: Base | None) -> None:
     import uvicorn
 
     app = ConfigureApp(base, defaults_of(cfg))
