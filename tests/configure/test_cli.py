@@ -65,6 +65,34 @@ def test_without_aiconfigurator_it_says_how_to_install_it(
     assert not (tmp_path / "out").exists()
 
 
+# Runs `turnout configure` where neither aiconfigurator nor PyYAML can be imported (the default
+# install without the `configure` extra).
+WITHOUT_EXTRA = """
+import sys
+class Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("aiconfigurator", "yaml"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Missing())
+from turnout.cli import main
+main(["configure", *sys.argv[1:]])
+"""
+
+
+@pytest.mark.parametrize("serve", [False, True])
+def test_the_default_install_says_to_add_the_extra(tmp_path: Path, serve: bool) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TURNOUT_")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    args = ["--serve", "--port", "1"] if serve else [*AGG_ARGS, "--out", "out"]
+    run = subprocess.run([sys.executable, "-c", WITHOUT_EXTRA, *args], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert run.stderr.strip() == ("turnout configure: aiconfigurator is not installed: pip "
+                                  "install 'turnout[configure]' (NVIDIA's "
+                                  "aiconfigurator==0.12.0)")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.e2e
 @needs_aiconfigurator
 def test_a_real_run_prints_the_layout_and_writes_its_files(tmp_path: Path) -> None:

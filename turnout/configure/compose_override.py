@@ -16,8 +16,6 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from turnout.configure.k8s_overlay import planner_flags
 from turnout.configure.layout import Layout
 from turnout.configure.worker_flags import set_flags, worker_flags
@@ -28,6 +26,8 @@ _KEPT = ("image", "environment", "volumes", "restart")  # what every Turnout ser
 
 def base_services(base: Path) -> dict[str, dict[str, Any]]:
     """The base compose file's services (YAML anchors and merges resolved)."""
+    import yaml  # the configure extra's (so a missing extra is reported, not a traceback)
+
     services = yaml.safe_load(base.read_text()).get("services", {})
     if not isinstance(services, dict) or not {"worker", "frontend", "planner"} <= set(services):
         raise ValueError(f"{base} is not Turnout's docker-compose.yml (no worker, frontend "
@@ -37,6 +37,8 @@ def base_services(base: Path) -> dict[str, dict[str, Any]]:
 
 def override(layout: Layout, base: Path) -> str:
     """The override file's text."""
+    import yaml  # the configure extra's (so a missing extra is reported, not a traceback)
+
     services = base_services(base)
     worker = services["worker"]
     model = {"TURNOUT_MODEL": layout.request.model,

@@ -63,7 +63,7 @@ def render(choice: Choice, frontier: list[FrontierPoint], base: Base | None, k8s
     doc["aiconfigurator"] = aiconfigurator
     doc["commands"] = lines
     doc["notes"] = notes
-    doc["best_by_mode"] = {mode: other.as_json()["predicted"] | {"layout": other.summary()}
+    doc["best_by_mode"] = {mode: other.as_json()["predicted"] | {"layout": other.workers_summary()}
                            for mode, other in choice.best_by_mode.items()}
     doc["frontier"] = [{"mode": p.mode, "itl_ms": p.itl_ms, "ttft_ms": p.ttft_ms,
                         "tokens_per_s_per_gpu": p.tokens_per_s_per_gpu,

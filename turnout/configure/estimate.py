@@ -50,7 +50,10 @@ class EstimateError(RuntimeError):
 
 
 def installed() -> bool:
-    return importlib.util.find_spec("aiconfigurator") is not None
+    try:
+        return importlib.util.find_spec("aiconfigurator") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 async def run(request: dict[str, Any], progress: Callable[[str], None]) -> dict[str, Any]:

@@ -16,8 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from turnout.configure.layout import Layout
 from turnout.configure.worker_flags import set_flags, worker_flags
 
@@ -31,6 +29,8 @@ PROFILE_MOUNT = "/etc/turnout/planner"
 
 def base_deployments(base: Path) -> dict[str, dict[str, Any]]:
     """The base's Deployments by name; ValueError when `base` is not Turnout's k8s/."""
+    import yaml  # the configure extra's (so a missing extra is reported, not a traceback)
+
     found: dict[str, dict[str, Any]] = {}
     for path in sorted(base.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
@@ -71,6 +71,8 @@ def overlay(layout: Layout, base: Path, base_ref: str,
             profile: str | None = None) -> dict[str, str]:
     """The overlay's files (name → text). `base_ref` is the base as the kustomization names it
     (relative to the overlay's directory); `profile` the seed profile's text, if any."""
+    import yaml  # the configure extra's (so a missing extra is reported, not a traceback)
+
     deployments = base_deployments(base)
     header = (f"# turnout configure: {layout.summary()}\n# on {layout.request.gpus} x "
               f"{layout.request.system}, {layout.request.backend}; TTFT <= "

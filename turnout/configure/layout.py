@@ -92,12 +92,15 @@ class Layout:
     def pool(self, role: str) -> Pool | None:
         return next((p for p in self.pools if p.role == role), None)
 
+    def workers_summary(self) -> str:
+        """The workers and their parallelism, e.g. `1 prefill worker (TP4, batch 1) + ...`."""
+        return " + ".join(f"{p.workers} {p.role} worker{'s' if p.workers != 1 else ''} "
+                          f"(TP{p.tp}{f' PP{p.pp}' if p.pp > 1 else ''}, batch {p.batch})"
+                          for p in self.pools)
+
     def summary(self) -> str:
-        """One line: the workers and their parallelism."""
-        parts = [f"{p.workers} {p.role} worker{'s' if p.workers != 1 else ''} "
-                 f"(TP{p.tp}{f' PP{p.pp}' if p.pp > 1 else ''}, batch {p.batch})"
-                 for p in self.pools]
-        return f"{self.mode}: " + " + ".join(parts)
+        """One line: the mode, the workers and their parallelism."""
+        return f"{self.mode}: {self.workers_summary()}"
 
     def as_json(self) -> dict[str, Any]:
         return {"request": dataclasses.asdict(self.request), "mode": self.mode,

@@ -23,7 +23,12 @@ from pathlib import Path
 
 from common.config import opt, parse_configs
 from turnout.configure.deployment_files import PROFILE, Base, render
-from turnout.configure.estimate import AICONFIGURATOR_VERSION, EstimateError
+from turnout.configure.estimate import (
+    AICONFIGURATOR_VERSION,
+    NOT_INSTALLED,
+    EstimateError,
+    installed,
+)
 from turnout.configure.estimate import run as run_estimate
 from turnout.configure.layout import Choice, Layout, NoLayout, Request, choose, frontier
 from turnout.configure.planner_profile import profile_document, steps_request
@@ -139,7 +144,7 @@ def report(outcome: Outcome) -> str:
     for mode, other in sorted(outcome.choice.best_by_mode.items()):
         if mode != layout.mode:
             lines.append(f"  best {mode} for comparison: {other.tokens_per_s_per_gpu:.1f} "
-                         f"tokens/s per GPU ({other.summary()})")
+                         f"tokens/s per GPU ({other.workers_summary()})")
     if outcome.choice.missed_targets:
         lines.append(f"  ({outcome.choice.missed_targets} configurations aiconfigurator "
                      "returned missed a target here and were dropped)")
@@ -178,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if given:
             _fail(f"--{given[0].replace('_', '-')} applies to one run, not to --serve (the page "
                   "offers the files for download)")
+        if not installed():
+            _fail(NOT_INSTALLED)
         from turnout.configure.web import serve
 
         serve(cfg, base)
