@@ -116,7 +116,11 @@ async def configure(request: Request, base: Base | None, k8s_base_ref: str, with
         if with_profile:
             ticker("estimating engine steps for the planner's seed profile")
             steps = await run_estimate(steps_request(choice.layout), ticker)
-            profile = profile_document(choice.layout, steps)
+            try:
+                profile = profile_document(choice.layout, steps)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise EstimateError(f"cannot fit the seed profile to aiconfigurator's step "
+                                    f"estimates ({exc})") from None
     finally:
         beat.cancel()
     files = render(choice, frontier(sweep), base, k8s_base_ref, sweep["aiconfigurator"],
