@@ -57,9 +57,10 @@ install-engine: $(BIN)/python
 	  *) echo "ENGINE must be vllm, sglang, trtllm or mocker, got '$(ENGINE)'" >&2; exit 2 ;; \
 	esac
 
-# Real servers the tests drive: Prometheus (scrape test) and compose v1 (config validation).
+# Real servers the tests drive: Prometheus (scrape test), compose v1 (config validation) and
+# Chromium (the `turnout configure --serve` page rendered headless; ~1.5 min from Debian).
 # Installed when apt can (CI runs as root); elsewhere those tests skip and say why.
-SYSTEM_TOOLS := prometheus docker-compose
+SYSTEM_TOOLS := prometheus docker-compose chromium
 
 install-test: $(BIN)/python
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
@@ -70,7 +71,9 @@ install-test: $(BIN)/python
 	      --no-install-recommends$$missing >/dev/null || echo "warning: could not install$$missing"; \
 	  else echo "warning:$$missing not installed (needs root + apt); those tests will skip"; fi; \
 	fi
-	$(PIP) install -q -e '.[test]'
+	@# The configure extra: NVIDIA's aiconfigurator (~120 MB, about a minute), so the
+	@# `turnout configure` tests run the real estimator instead of skipping.
+	$(PIP) install -q -e '.[test,configure]'
 	@# vLLM for the real-engine tests, installed the way `make install ENGINE=vllm` does it.
 	@$(MAKE) --no-print-directory install-engine ENGINE=vllm
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-USAGE = """usage: turnout {frontend,router,worker,planner,profile,up,status,keys} [flags]
+USAGE = """usage: turnout {frontend,router,worker,planner,profile,configure,up,status,keys} [flags]
 
   frontend   OpenAI-compatible HTTP API (validation, templates, tokenization, SSE)
   router     picks a worker per request, relays streams, migrates on failure
   worker     one engine (mocker, vllm, ...) behind the request plane
   planner    predicts load and scales workers against TTFT/ITL targets
   profile    sweeps one worker and writes the performance file `planner --profile` reads
+  configure  a layout for a model on N GPUs under TTFT/ITL targets, and its deployment files
+             (aiconfigurator estimates; the `configure` extra; --serve: a web page)
   up         frontend + router + N workers on this machine (file discovery, loopback)
   status     the fleet now: workers' health, load and KV; routers; frontends (--watch, --json)
   keys       the fleet's CURVE keys for the planes (generate DIR, secret DIR, show DIR)
@@ -40,6 +42,9 @@ def _entry(name: str) -> Callable[[Sequence[str]], None]:
     if name == "profile":
         from turnout.profile import main as profile
         return profile
+    if name == "configure":
+        from turnout.configure.main import main as configure
+        return configure
     if name == "up":
         from turnout.up import main as up
         return up
