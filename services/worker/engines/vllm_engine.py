@@ -391,7 +391,7 @@ class VllmEngine(Engine):
         """Build the prompt of a request with images off the loop, then submit it."""
         assert self._images is not None and self._gather is not None
         try:
-            prompt = await self._images.prompt(request)
+            prompt, inline = await self._images.prompt(request)
         except EngineError as exc:
             self._fail_submit(tracked.request_id, exc.code, f"vllm: {exc}")
             return
@@ -402,6 +402,8 @@ class VllmEngine(Engine):
             return
         if self._gather.requests.get(tracked.request_id) is not tracked:
             return  # aborted meanwhile
+        if inline and self._sink is not None:  # turnout_worker_images_total{source="inline"}
+            self._sink(StepOutput(images_encoded=inline))
         await self._submit(tracked, prompt, params)
 
     def _fail_submit(self, request_id: str, code: int, message: str) -> None:

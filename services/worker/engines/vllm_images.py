@@ -96,12 +96,14 @@ class VllmImagePrompts:
                                   "overlap another image or leave the prompt", 400)
             end = image.offset + n
 
-    async def prompt(self, request: GenerateRequest) -> dict[str, Any]:
-        """The vLLM prompt (a TokensPrompt or EmbedsPrompt dict) of a request with images."""
+    async def prompt(self, request: GenerateRequest) -> tuple[dict[str, Any], int]:
+        """The vLLM prompt (a TokensPrompt or EmbedsPrompt dict) of a request with images, and
+        how many of its images are encoded on this worker (no encode worker sent them)."""
         loop = asyncio.get_running_loop()
-        if not any(image.embedding for image in request.images):
-            return await loop.run_in_executor(self._pool, self._pixels_prompt, request)
-        return await loop.run_in_executor(self._pool, self._embeds_prompt, request)
+        inline = sum(1 for image in request.images if not image.embedding)
+        if inline == len(request.images):
+            return await loop.run_in_executor(self._pool, self._pixels_prompt, request), inline
+        return await loop.run_in_executor(self._pool, self._embeds_prompt, request), inline
 
     def _uuids(self, request: GenerateRequest) -> list[str]:
         """One identifier per image, unique within the request (vLLM requires it)."""
