@@ -2,8 +2,9 @@
 deterministically, for multimodal tests on a real engine.
 
 Owns: the tiny Llama's tokenizer (`tiny_model`) with an `<image>` special token added, a chat
-template that places `<image>` where a message's image parts are (string content passes through,
-so a frontend can put its own marker there), config.json with a 2-layer CLIP vision tower
+template that places `<image>` where a message's image parts are, parts joined by newlines as
+Turnout's frontend joins them (string content passes through, so the frontend can put its own
+marker there), config.json with a 2-layer CLIP vision tower
 (56x56 pixels, 14-pixel patches: 16 image tokens) and the tiny Llama as text model,
 preprocessor_config.json / processor_config.json for HF's `LlavaProcessor`
 (`CLIPImageProcessor`), and random float32 weights written with transformers + torch.
@@ -28,7 +29,7 @@ PATCH_SIZE = 14
 # "default" feature selection drops the CLS token: one embedding per patch.
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2
 # Bumped whenever a file's content changes, so a cached directory of an older shape is not reused.
-REVISION = 1
+REVISION = 2
 
 CHAT_TEMPLATE = (
     "{{- bos_token }}"
@@ -41,6 +42,7 @@ CHAT_TEMPLATE = (
     "{{- message['content'] | trim }}"
     "{%- else %}"
     "{%- for part in message['content'] %}"
+    "{%- if not loop.first %}{{- '\\n' }}{%- endif %}"
     "{%- if part['type'] == 'text' %}{{- part['text'] }}"
     "{%- else %}{{- '<image>' }}{%- endif %}"
     "{%- endfor %}"
