@@ -78,6 +78,20 @@ def value(service: Service, name: str, **labels: str) -> float:
     return service.metrics().value(name, **labels)
 
 
+def overlap_sum(d: Deployment) -> float:
+    """Sum of the router's predicted KV overlap ratios so far (one per request placed)."""
+    return d.router.metrics().histogram("turnout_router_predicted_overlap_ratio").sum
+
+
+def chat_indexed(d: Deployment, uri: str) -> tuple[str, Any]:
+    """`chat`, then wait until the router has indexed the worker's KV events of it."""
+    applied = d.router.metrics().value("turnout_router_kv_events_applied_total")
+    out = chat(d, uri)
+    wait_for(lambda: d.router.metrics().value("turnout_router_kv_events_applied_total")
+             > applied, 30, "the router to index the request's blocks", interval=0.1)
+    return out
+
+
 @pytest.fixture(scope="module")
 def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     model = str(cached_tiny_llava())
@@ -101,11 +115,19 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
 def test_encode_pool_answers_as_the_worker_encoding_in_line(dep: Deployment) -> None:
     llm = dep.service("llm")
     red = image_uri(1)
-    inline_text, inline_usage = chat(dep, red)
+    inline_text, inline_usage = chat_indexed(dep, red)
     assert inline_text
     # The prompt holds the model's 16 image positions (its processor's count) besides the text.
     assert inline_usage.prompt_tokens > IMAGE_TOKENS
     assert value(llm, "turnout_worker_images_total", source="inline") == 1
+    # Again: vLLM's prefix cache holds the image's blocks, and the router knows it from the
+    # worker's KV events (vLLM's image blocks rekeyed to the request's placeholder ids).
+    before = overlap_sum(dep)
+    again, again_usage = chat(dep, red)
+    assert again == inline_text
+    assert cached(again_usage) >= BLOCK
+    assert overlap_sum(dep) > before
+    assert value(llm, "turnout_worker_images_total", source="inline") == 2
 
     encoder = dep.start_worker(*COMMON, "--worker-mode", "encode", worker_id="enc",
                                wait=False)
@@ -114,7 +136,7 @@ def test_encode_pool_answers_as_the_worker_encoding_in_line(dep: Deployment) -> 
     blue = image_uri(2)
     pool_text, pool_usage = chat(dep, blue)
     assert value(encoder, "turnout_worker_embedding_cache_misses_total") == 1
-    assert value(llm, "turnout_worker_images_total", source="inline") == 1  # not encoded there
+    assert value(llm, "turnout_worker_images_total", source="inline") == 2  # not encoded there
     assert dep.router.metrics().value("turnout_router_images_total", path="encode_pool") == 1
 
     # The same blue image with no encode pool: vLLM encodes it in-line, and greedy decoding of
@@ -122,7 +144,7 @@ def test_encode_pool_answers_as_the_worker_encoding_in_line(dep: Deployment) -> 
     encoder.signal(15)
     wait_for(lambda: dep.routable() == 1, 60, "the encode worker to leave", interval=0.2)
     blue_inline, blue_inline_usage = chat(dep, blue)
-    assert value(llm, "turnout_worker_images_total", source="inline") == 2
+    assert value(llm, "turnout_worker_images_total", source="inline") == 3
     assert blue_inline == pool_text
     assert blue_inline_usage.prompt_tokens == pool_usage.prompt_tokens
 
@@ -133,11 +155,15 @@ def test_repeated_image_is_a_cache_hit_everywhere(dep: Deployment) -> None:
     dep.wait_registered(encoder, timeout=START_TIMEOUT_S)
     wait_for(lambda: dep.routable() == 2, 60, "the encode worker to be routable", interval=0.2)
     green = image_uri(3)
-    first, usage1 = chat(dep, green)
+    first, usage1 = chat_indexed(dep, green)
     assert value(encoder, "turnout_worker_embedding_cache_misses_total") == 1
     assert value(encoder, "turnout_worker_embedding_cache_hits_total") == 0
+    before = overlap_sum(dep)
     again, usage2 = chat(dep, green)
     assert again == first
+    # The router predicted the hit from the worker's KV events (prompt-embedding blocks
+    # rekeyed to the request's placeholder ids).
+    assert overlap_sum(dep) > before
     # Not re-encoded: served from the encode worker's embedding cache.
     assert value(encoder, "turnout_worker_embedding_cache_misses_total") == 1
     assert value(encoder, "turnout_worker_embedding_cache_hits_total") == 1
