@@ -146,6 +146,8 @@ def test_encode_pool_answers_as_the_worker_encoding_in_line(dep: Deployment) -> 
     blue_inline, blue_inline_usage = chat(dep, blue)
     assert value(llm, "turnout_worker_images_total", source="inline") == 3
     assert blue_inline == pool_text
+    # ... and the image matters: the red one got another answer to the same text.
+    assert pool_text != inline_text
     assert blue_inline_usage.prompt_tokens == pool_usage.prompt_tokens
 
 
