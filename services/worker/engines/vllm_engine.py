@@ -269,7 +269,8 @@ class VllmEngine(Engine):
         self._num_blocks = int(cache.num_gpu_blocks or 0)
         self._gather = StepGatherer(sink, self.block_size)
         if layout is not None:
-            self._images = VllmImagePrompts(self.model, layout, self.block_size)
+            self._images = VllmImagePrompts(self.model, layout, self.block_size,
+                                            llm.model_config.dtype)
         self._translator = KvEventTranslator(
             self.block_size, self.hash_seed,
             rekey=self._images.rekey if self._images is not None else None)

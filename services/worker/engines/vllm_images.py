@@ -68,10 +68,14 @@ def load_embedding_table(model_dir: str) -> Any:
 
 
 class VllmImagePrompts:
-    def __init__(self, model_dir: str, layout: VisionLayout, block_size: int) -> None:
+    def __init__(self, model_dir: str, layout: VisionLayout, block_size: int,
+                 dtype: Any = None) -> None:
         self.model_dir = model_dir
         self.layout = layout
         self.block_size = block_size
+        # vLLM's model dtype (a torch dtype): vLLM casts prompt embeddings to it before it
+        # hashes their blocks, so they are built in it. None: the checkpoint's.
+        self.dtype = dtype
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="vllm-images")
         self._table: Any = None  # the input embedding table, loaded on first use
         self._vision: VisionModel | None = None  # loaded only if a request needs it
@@ -102,8 +106,14 @@ class VllmImagePrompts:
         loop = asyncio.get_running_loop()
         inline = sum(1 for image in request.images if not image.embedding)
         if inline == len(request.images):
-            return await loop.run_in_executor(self._pool, self._pixels_prompt, request), inline
-        return await loop.run_in_executor(self._pool, self._embeds_prompt, request), inline
+            prompt, uuids = await loop.run_in_executor(self._pool, self._pixels_prompt, request)
+            for uuid, ids in uuids:  # the key memory is touched on the loop only
+                _bounded_put(self._image_ids, uuid, ids, MAX_IMAGES)
+        else:
+            prompt, digests = await loop.run_in_executor(self._pool, self._embeds_prompt, request)
+            for digest, ids in digests:
+                _bounded_put(self._digests, digest, ids, MAX_DIGESTS)
+        return prompt, inline
 
     def _uuids(self, request: GenerateRequest) -> list[str]:
         """One identifier per image, unique within the request (vLLM requires it)."""
@@ -114,22 +124,26 @@ class VllmImagePrompts:
             out.append(image.hash if k == 1 else f"{image.hash}#{k}")
         return out
 
-    def _pixels_prompt(self, request: GenerateRequest) -> dict[str, Any]:
+    def _pixels_prompt(self, request: GenerateRequest,
+                       ) -> tuple[dict[str, Any], list[tuple[str, list[int]]]]:
+        """The tokens-and-images prompt, and each image's (uuid, placeholder ids)."""
         ids = request.token_ids
         token = self.layout.image_token_id
         prompt: list[int] = []
         at = 0
         pictures = []
-        for image, uuid in zip(request.images, self._uuids(request), strict=True):
+        uuids = self._uuids(request)
+        keys = []
+        for image, uuid in zip(request.images, uuids, strict=True):
             prompt.extend(ids[at:image.offset])
             prompt.append(token)  # vLLM's processor expands it to the model's count
             at = image.offset + image.num_tokens
             pictures.append(decode_image(image.data))
-            _bounded_put(self._image_ids, uuid, ids[image.offset:at], MAX_IMAGES)
+            keys.append((uuid, ids[image.offset:at]))
         prompt.extend(ids[at:])
         prompt.extend(request.generated_token_ids)
         return {"prompt_token_ids": prompt, "multi_modal_data": {"image": pictures},
-                "multi_modal_uuids": {"image": self._uuids(request)}}
+                "multi_modal_uuids": {"image": uuids}}, keys
 
     def _rows(self, image: ImageInput) -> Any:
         import torch
@@ -149,11 +163,14 @@ class VllmImagePrompts:
         return torch.frombuffer(bytearray(packed.data), dtype=getattr(torch, packed.dtype)
                                 ).reshape(want)
 
-    def _embeds_prompt(self, request: GenerateRequest) -> dict[str, Any]:
+    def _embeds_prompt(self, request: GenerateRequest,
+                       ) -> tuple[dict[str, Any], list[tuple[bytes, list[int]]]]:
+        """The prompt-embeddings prompt, and each full block's (rows digest, ids)."""
         import torch
 
         if self._table is None:
-            self._table = load_embedding_table(self.model_dir)
+            table = load_embedding_table(self.model_dir)
+            self._table = table if self.dtype is None else table.to(self.dtype)
         table = self._table
         ours = [*request.token_ids, *request.generated_token_ids]
         real = list(ours)
@@ -166,11 +183,11 @@ class VllmImagePrompts:
             embeds[image.offset:image.offset + image.num_tokens] = rows
         # vLLM keys a prompt-embeddings block by the SHA-256 of its rows: remember our ids.
         bs = self.block_size
+        keys = []
         for start in range(0, len(ours) - bs + 1, bs):
             block = embeds[start:start + bs].flatten().contiguous().view(torch.uint8).numpy()
-            _bounded_put(self._digests, hashlib.sha256(block.data).digest(),
-                         ours[start:start + bs], MAX_DIGESTS)
-        return {"prompt_embeds": embeds}
+            keys.append((hashlib.sha256(block.data).digest(), ours[start:start + bs]))
+        return {"prompt_embeds": embeds}, keys
 
     def rekey(self, tokens: list[int], extra_keys: Any) -> list[int]:
         """A stored block's tokens as the request had them, from its vLLM extra keys."""
