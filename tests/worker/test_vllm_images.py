@@ -219,3 +219,50 @@ def test_rekey_restores_the_requests_placeholders(llava: Path) -> None:
         assert prompts.rekey([0] * 8, [digest]) == ids[8:16]
     finally:
         prompts.close()
+
+
+# -- the encode worker's engine -------------------------------------------------------------------
+
+def test_encode_worker_of_a_text_model_fails_at_startup_in_one_line() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "turnout", "worker", "--worker-mode", "encode", "--engine", "vllm",
+         "--model", str(cached_tiny_model())],
+        cwd=Path(__file__).resolve().parents[2], text=True, capture_output=True, timeout=120)
+    assert done.returncode != 0
+    assert "is not a vision-language model" in done.stderr
+    assert done.stderr.strip().count("\n") == 0, done.stderr  # one line, no traceback
+
+
+def test_encode_engine_embeds_off_the_loop(llava: Path) -> None:
+    from services.worker.engine import EngineError
+    from services.worker.engines.vision_encoder import VisionEncodeEngine
+
+    async def run() -> None:
+        engine = VisionEncodeEngine(str(llava))
+        await engine.start(lambda out: None)
+        try:
+            ticks = 0
+
+            async def tick() -> None:
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0)
+
+            ticker = asyncio.create_task(tick())
+            packed = unpack(await engine.encode_image(ImageInput("ab" * 32, 0, 16, "image/png",
+                                                                 noise_png(5))))
+            ticker.cancel()
+            assert packed.shape == (16, 64)
+            assert ticks > 1  # the loop ran while the vision tower did
+            with pytest.raises(EngineError, match="cannot be decoded"):
+                await engine.encode_image(ImageInput("cd" * 32, 0, 16, "image/png", b"nope"))
+            with pytest.raises(EngineError, match="does not generate"):
+                engine.add_request(GenerateRequest("r", "m", [1], SamplingParams(max_tokens=1)))
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())
