@@ -31,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 from common.image_keys import placeholder_ids
 from common.messages import ImageInput
+from common.vision_layout import VisionLayout
 from services.frontend import protocol
 from services.frontend.errors import ApiError
 from services.frontend.tokenizer import Tokenizer
@@ -187,9 +188,13 @@ def image_parts(body: protocol.ChatCompletionRequest) -> list[tuple[str, Any]]:
 class ChatImages:
     """Turns a chat request with image parts into prompt token ids and `ImageInput`s."""
 
-    def __init__(self, limits: ImageLimits, fetcher: ImageFetcher | None = None) -> None:
+    def __init__(self, limits: ImageLimits, fetcher: ImageFetcher | None = None,
+                 layout: VisionLayout | None = None) -> None:
         self.limits = limits
         self.fetcher = fetcher if fetcher is not None else ImageFetcher(limits)
+        # A real vision-language model's positions per image (its processor's); without one
+        # (the mocker) the patch-count estimate.
+        self.tokens_for = layout.tokens_for if layout is not None else tokens_for
 
     async def load(self, param: str, image_url: Any) -> DecodedImage:
         if not isinstance(image_url, dict) or not isinstance(image_url.get("url"), str):
@@ -231,7 +236,7 @@ class ChatImages:
         ids = list(pieces[0])
         images = []
         for image, piece in zip(decoded, pieces[1:], strict=True):
-            n = tokens_for(image.width, image.height)
+            n = self.tokens_for(image.width, image.height)
             images.append(ImageInput(image.hash, len(ids), n, image.mime, image.data))
             ids.extend(placeholder_ids(image.hash, n, tokenizer.vocab_size))
             ids.extend(piece)

@@ -13,11 +13,13 @@ import os
 import socket
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from common.discovery import open_discovery
 from common.messages import ROLE_FRONTEND, Instance
 from common.service import Service, run_service
 from common.transport import identity_metadata, secure_context
+from common.vision_layout import VisionLayout, vision_layout
 from services.frontend.args import FrontendConfig
 from services.frontend.images import ChatImages
 
@@ -82,7 +84,8 @@ async def serve(config: FrontendConfig) -> None:
                           max_prompt_tokens=config.max_prompt_tokens,
                           max_output_tokens=config.max_output_tokens,
                           stream_interval=config.stream_interval,
-                          images=ChatImages(config.image_limits()))
+                          images=ChatImages(config.image_limits(),
+                                            layout=_vision_layout(config.model)))
         service.on_shutdown("image fetcher", app.images.fetcher.close)
         if api_keys is not None and api_keys.path is not None:
             keys = api_keys
@@ -120,6 +123,17 @@ async def serve(config: FrontendConfig) -> None:
         service.on_shutdown("http server", stop_http)
         log.info("frontend ready", extra={"fields": {"url": f"{scheme}://{host}:{port}/v1"}})
         await service.run()
+
+
+def _vision_layout(model: str) -> VisionLayout | None:
+    """The image layout of a vision-language model directory (None for any other model)."""
+    if not model or not Path(model).is_dir():
+        return None
+    try:
+        return vision_layout(model)
+    except ValueError as exc:
+        log.warning("images will get estimated placeholder counts: %s", exc)
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> None:

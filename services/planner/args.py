@@ -69,6 +69,17 @@ class PlannerConfig(ProcessConfig):
                                             "(default: --worker-args)")
     decode_worker_args: str = opt("", help="local, disaggregated: flags of decode workers "
                                            "(default: --worker-args)")
+    encode_max_replicas: int = opt(0, help="most encode workers (--worker-mode encode) the "
+                                           "planner runs; 0: it leaves the encode pool alone")
+    encode_min_replicas: int = opt(0, help="fewest encode workers (0: none when no image came "
+                                           "for a cooldown; LLM workers then encode in-line)")
+    encode_latency_slo_ms: float = opt(200.0, help="encode pool: add an encode worker when a "
+                                                   "request's images take longer than this to "
+                                                   "be embedded (mean over an interval)")
+    encode_worker_args: str = opt("", help="local: flags of encode workers (default: "
+                                           "--worker-args)")
+    kube_encode_deployment: str = opt("turnout-worker-encode", help="kubernetes: Deployment "
+                                                                    "of the encode workers")
     stop_workers_on_exit: bool = opt(True, help="local: on SIGTERM, drain and stop the workers "
                                                 "this planner started")
     worker_stop_timeout_s: float = opt(40.0, help="local: how long to wait for stopped workers "

@@ -15,6 +15,8 @@ Sources, the simplest honest ones available:
   load ramps.
 - the forward-pass records that decoded also come back, so the planner can compare the model's
   step times with the latency clients saw.
+- the encode stage (`encode_pool`): the routers' images by path (encode pool or in-line) and
+  their encode-stage latency histogram (`turnout_router_encode_seconds`), per interval.
 - demand right now (`probe`, and with every interval): requests waiting for a first token at
   the frontends (`turnout_frontend_queued_requests`, which includes requests a router holds
   while no worker serves the model), requests in flight (the frontends' active requests, else the
@@ -42,6 +44,7 @@ import httpx
 
 from common import prometheus_text
 from common.messages import ROLE_FRONTEND, ROLE_ROUTER, Instance
+from services.planner.encode_pool import EncodeStage
 from services.planner.performance_model import StepSample
 
 log = logging.getLogger("turnout.planner")
@@ -59,11 +62,15 @@ ROUTER_INFLIGHT = "turnout_router_inflight_requests"
 FRONTEND_QUEUED = "turnout_frontend_queued_requests"
 FRONTEND_ACTIVE = "turnout_frontend_active_requests"
 FRONTEND_REJECTIONS = "turnout_frontend_rejections_total"
+ROUTER_IMAGES = "turnout_router_images_total"
+ROUTER_ENCODE_SUM = "turnout_router_encode_seconds_sum"
+ROUTER_ENCODE_COUNT = "turnout_router_encode_seconds_count"
 NO_WORKERS = "no_workers"  # the frontend's rejection reason when no worker serves any model
 FRONTEND_SERIES = (FRONTEND_REQUESTS, FRONTEND_INPUT, FRONTEND_CACHED, FRONTEND_OUTPUT,
                    FRONTEND_TTFT_SUM, FRONTEND_TTFT_COUNT, FRONTEND_ITL_SUM, FRONTEND_ITL_COUNT)
 _WANTED = {ROUTER_REQUESTS, ROUTER_INFLIGHT, FRONTEND_QUEUED, FRONTEND_ACTIVE,
-           FRONTEND_REJECTIONS, *FRONTEND_SERIES}
+           FRONTEND_REJECTIONS, ROUTER_IMAGES, ROUTER_ENCODE_SUM, ROUTER_ENCODE_COUNT,
+           *FRONTEND_SERIES}
 
 Sample = tuple[str, dict[str, str], float]  # name, labels, value
 
@@ -78,6 +85,7 @@ class Observation:
     itl_ms: float | None
     decode_steps: list[StepSample] = field(default_factory=list)  # steps that decoded
     demand: Demand | None = None  # None: no router or frontend answered
+    encode: EncodeStage | None = None  # None: no router gave a delta this interval
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +163,8 @@ class LoadObserver:
         ended = served = 0.0
         router_seen = frontend_seen = False
         f = dict.fromkeys(FRONTEND_SERIES, 0.0)  # summed increases over the frontends
+        enc = {"encode_pool": 0.0, "inline": 0.0, "sum": 0.0, "count": 0.0}  # over routers
+        encode_seen = False
         for inst, samples in zip(targets, scraped, strict=True):
             if samples is None:
                 continue
@@ -168,6 +178,7 @@ class LoadObserver:
                     router_seen = True
                     ended += d_total
                     served += d_ok
+                encode_seen |= self._encode_deltas(inst.id, samples, enc)
             elif inst.role == ROLE_FRONTEND:
                 totals = self._frontend_totals(samples)
                 deltas = {k: self.deltas.delta(inst.id, k, v) for k, v in totals.items()}
@@ -194,7 +205,29 @@ class LoadObserver:
             ttft_ms=1000.0 * f[FRONTEND_TTFT_SUM] / ttft_n if ttft_n > 0 else None,
             itl_ms=1000.0 * f[FRONTEND_ITL_SUM] / itl_n if itl_n > 0 else None,
             decode_steps=steps,
+            encode=EncodeStage(
+                enc["encode_pool"] / interval, enc["inline"] / interval,
+                1000.0 * enc["sum"] / enc["count"] if enc["count"] > 0 else None,
+            ) if encode_seen else None,
         )
+
+    def _encode_deltas(self, router_id: str, samples: list[Sample],
+                       out: dict[str, float]) -> bool:
+        """Add one router's encode-stage increases to `out`; False on its baseline scrape."""
+        totals = {"encode_pool": 0.0, "inline": 0.0, "sum": 0.0, "count": 0.0}
+        for name, labels, v in samples:
+            if name == ROUTER_IMAGES and labels.get("path") in ("encode_pool", "inline"):
+                totals[labels["path"]] += v
+            elif name == ROUTER_ENCODE_SUM:
+                totals["sum"] += v
+            elif name == ROUTER_ENCODE_COUNT:
+                totals["count"] += v
+        deltas = {k: self.deltas.delta(router_id, "encode_" + k, v) for k, v in totals.items()}
+        if any(d is None for d in deltas.values()):
+            return False
+        for k, d in deltas.items():
+            out[k] += d or 0.0
+        return True
 
     async def probe(self, routers: list[Instance], frontends: list[Instance]) -> Demand | None:
         """Demand now, from gauges only (counters and the interval are left alone)."""

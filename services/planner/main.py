@@ -33,6 +33,7 @@ from common.event_plane import EventSubscriber
 from common.malformed import MALFORMED
 from common.messages import (
     MODE_AGGREGATED,
+    MODE_ENCODE,
     MODE_PREFILL,
     ROLE_FRONTEND,
     ROLE_PLANNER,
@@ -50,6 +51,7 @@ from common.status_server import StatusServer
 from common.transport import destroy_context, identity_metadata, secure_context
 from services.planner.args import PlannerConfig
 from services.planner.connectors import Connector, LocalConnector, NoopConnector, PoolState
+from services.planner.encode_pool import EncodePoolPlanner, EncodeStage
 from services.planner.kube_connector import KubernetesConnector
 from services.planner.load_observer import Demand, LoadObserver, Observation
 from services.planner.load_predictor import (
@@ -111,6 +113,15 @@ class Planner:
         self.startup = StartupWatch(config.ready_timeout_s)
         self.connectors: dict[str, Connector] = {
             role: self.make_connector(role) for role in self.planner.roles}
+        # The encode pool, apart from the LLM roles: its own rule, no GPU budget share.
+        self.encode_pool: EncodePoolPlanner | None = None
+        self.encode_connector: Connector | None = None
+        if config.encode_max_replicas > 0:
+            self.encode_pool = EncodePoolPlanner(
+                config.encode_latency_slo_ms, config.encode_min_replicas,
+                config.encode_max_replicas, config.reactive_scale_down_margin,
+                config.scale_down_cooldown_s, time.monotonic)
+            self.encode_connector = self.make_connector(MODE_ENCODE)
         self.scaling = asyncio.Lock()  # one decision at a time: predictive or reactive
         self.reacting_stop = asyncio.Event()  # ends the reactive loop with the predictive one
         self._why = ""  # why the last interval had no replica estimate
@@ -127,9 +138,11 @@ class Planner:
             return NoopConnector(role, registered)
         if cfg.connector == "kubernetes":
             deployment = {"prefill": cfg.kube_prefill_deployment,
-                          "decode": cfg.kube_decode_deployment}.get(role, cfg.kube_deployment)
+                          "decode": cfg.kube_decode_deployment,
+                          MODE_ENCODE: cfg.kube_encode_deployment}.get(role, cfg.kube_deployment)
             return KubernetesConnector(role, deployment, cfg.kube_namespace)
-        args = {"prefill": cfg.prefill_worker_args, "decode": cfg.decode_worker_args}.get(role)
+        args = {"prefill": cfg.prefill_worker_args, "decode": cfg.decode_worker_args,
+                MODE_ENCODE: cfg.encode_worker_args}.get(role)
         command = LocalConnector.worker_command(
             shlex.split(args or cfg.worker_args), role, cfg.discovery, cfg.lease_ttl_s,
             cfg.model, cfg.served_model_name, cfg.keys_dir)
@@ -142,10 +155,13 @@ class Planner:
         space bounds decode batches only, so prefill workers' pools do not count (when workers
         that decode have reported theirs)."""
         defaults = EngineLimits()
+        modes = {worker_id: inst.metadata.get("mode", MODE_AGGREGATED)
+                 for worker_id, inst in self.workers.items()}
         decoding = [blocks for worker_id, blocks in self.kv_total.items()
-                    if worker_id in self.workers and self.workers[worker_id].metadata.get(
-                        "mode", MODE_AGGREGATED) != MODE_PREFILL]
-        reported = decoding or list(self.kv_total.values())
+                    if modes.get(worker_id) not in (None, MODE_PREFILL, MODE_ENCODE)]
+        # Encode workers hold no KV: their reports never bound a batch.
+        reported = decoding or [blocks for worker_id, blocks in self.kv_total.items()
+                                if modes.get(worker_id) != MODE_ENCODE]
         kv_total = (min(reported) if reported
                     else self.model.kv_total_blocks or defaults.kv_total_blocks)
         sizes = [w.metadata.get("block_size") for w in self.workers.values()]
@@ -273,6 +289,7 @@ class Planner:
                     m.scale_from_zero.labels(role).inc()
                 await self.scale(role, state.desired, targets[role], wanted[role])
             m.gpus_targeted.set(self.planner.gpus(targets))
+            await self.adjust_encode(obs.encode)
         m.adjustments.inc()
         m.model_r2.set(report.r2 if report.r2 is not None else math.nan)
         m.model_rmse.set(report.rmse_ms if report.rmse_ms is not None else math.nan)
@@ -327,6 +344,39 @@ class Planner:
                 [p for p in peers if p.role == ROLE_FRONTEND])
 
     # -- pools -----------------------------------------------------------------------------
+
+    async def adjust_encode(self, stage: EncodeStage | None) -> None:
+        """The encode pool's interval (`encode_pool`); the caller holds `scaling`."""
+        pool, conn = self.encode_pool, self.encode_connector
+        if pool is None or conn is None:
+            return
+        m = self.metrics
+        try:
+            state = await conn.observe()
+        except Exception:
+            m.connector_errors.labels(MODE_ENCODE).inc()
+            raise
+        if state.changed_from is not None:
+            m.external_changes.labels(MODE_ENCODE).inc()
+            pool.note_change()
+        m.current.labels(MODE_ENCODE).set(state.desired)
+        m.ready.labels(MODE_ENCODE).set(state.ready)
+        if state.ready < state.desired:
+            return  # a start is under way: judge the pool once it serves
+        target = pool.target(stage, state.desired)
+        m.target.labels(MODE_ENCODE).set(target)
+        if target != state.desired:
+            direction = "up" if target > state.desired else "down"
+            m.actions.labels(MODE_ENCODE, direction).inc()
+            log.info("scaling", extra={"fields": {
+                "role": MODE_ENCODE, "current": state.desired, "target": target,
+                "encode_latency_ms": None if stage is None or stage.latency_ms is None
+                else round(stage.latency_ms, 1)}})
+        try:
+            await conn.apply(target)
+        except Exception:
+            m.connector_errors.labels(MODE_ENCODE).inc()
+            raise
 
     async def observe_pool(self, role: str) -> PoolState:
         """The role's pool as its connector sees it now, folded into the metrics, the cooldown
@@ -544,7 +594,10 @@ class Planner:
             log.warning("adjustment did not finish at shutdown; abandoned")
 
     async def _close_connectors(self) -> None:
-        await asyncio.gather(*(c.close() for c in self.connectors.values()))
+        pools = [*self.connectors.values()]
+        if self.encode_connector is not None:
+            pools.append(self.encode_connector)
+        await asyncio.gather(*(c.close() for c in pools))
 
     def _explain(self, why: str) -> None:
         """Say why there is no estimate, once per reason rather than every interval."""
@@ -604,5 +657,11 @@ def _check(config: PlannerConfig) -> None:
     if config.arima_window < arima_min_observations(order):
         raise SystemExit(f"turnout planner: --arima-window must be at least "
                          f"{arima_min_observations(order)} for --arima-order {config.arima_order}")
+    if not 0 <= config.encode_min_replicas <= config.encode_max_replicas \
+            and (config.encode_max_replicas or config.encode_min_replicas):
+        raise SystemExit("turnout planner: need 0 <= --encode-min-replicas <= "
+                         "--encode-max-replicas")
+    if config.encode_latency_slo_ms <= 0:
+        raise SystemExit("turnout planner: --encode-latency-slo-ms must be positive")
     if config.max_gpus < 0 or config.gpus_per_worker < 1:
         raise SystemExit("turnout planner: need --max-gpus >= 0 and --gpus-per-worker >= 1")

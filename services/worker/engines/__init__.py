@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import declaring_class, is_flag
-from common.messages import MODE_DECODE, MODE_PREFILL
+from common.messages import MODE_DECODE, MODE_ENCODE, MODE_PREFILL
 from services.worker.args import EngineConfig, WorkerConfig
 from services.worker.engine import Engine
 
@@ -135,6 +135,15 @@ def create_engine(config: WorkerConfig, engine_configs: list[Any]) -> Engine:
         from services.worker.engines.mocker.engine import MockerEngine
 
         return MockerEngine(mocker_settings(config, engine_configs))
+    if config.engine == "vllm" and config.worker_mode == MODE_ENCODE:
+        # An encode worker runs the model's vision encoder (transformers), no vLLM.
+        from services.worker.engines.vision_encoder import VisionEncodeEngine
+
+        try:
+            return VisionEncodeEngine(config.model, _config_of(engine_configs,
+                                                               EngineConfig).block_size)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from exc
     return _create_real_engine(config, engine_configs)
 
 

@@ -23,6 +23,11 @@ prompt's blocks from the prefill worker and continues after prompt + generated t
 are counted in `turnout_engine_kv_transfer_*` (bytes, seconds, prompt tokens loaded) next to
 `turnout_engine_prompt_tokens_computed`.
 
+Chat images (a model directory whose config.json has a vision_config, e.g. LLaVA): the prompt
+goes in with the images' embeddings spliced in, or with the images for vLLM to encode
+(`vllm_images`); vLLM's block events of image blocks are rekeyed to the request's placeholder
+ids. vLLM is started with prompt embeddings enabled for that.
+
 Before serving, one throw-away request runs (failures show at start, not on a client's request)
 and the prefix cache is emptied again.
 
@@ -54,6 +59,7 @@ from common.messages import (
     KvEvent,
     SamplingParams,
 )
+from common.vision_layout import vision_layout
 from services.worker.engine import Engine, EngineError, EngineLoad, StepOutput, StepSink
 from services.worker.engines.child_reaper import ChildReaper
 from services.worker.engines.step_gatherer import (
@@ -64,6 +70,7 @@ from services.worker.engines.step_gatherer import (
     remaining_budget,
 )
 from services.worker.engines.vllm_config import VllmConfig
+from services.worker.engines.vllm_images import VllmImagePrompts
 from services.worker.engines.vllm_kv_events import KvEventSubscriber, KvEventTranslator
 
 
@@ -208,6 +215,9 @@ class VllmEngine(Engine):
         self._nixl: NixlSide | None = None
         self._prefills: set[str] = set()  # live requests of phase prefill
         self._transfer: dict[str, Any] = {}  # turnout_engine_* series, declared in start
+        self._images: VllmImagePrompts | None = None  # a vision-language model's prompts
+        # A vision-language model directory's image layout (ValueError: one we cannot serve).
+        self._layout = vision_layout(model) if os.path.isdir(model) else None
 
     # -- lifetime ----------------------------------------------------------------------------------
 
@@ -218,6 +228,10 @@ class VllmEngine(Engine):
         args = parse_engine_args(self.config.argv(
             self.model, self.block_size, on_cpu=current_platform.is_cpu(), shared=self._shared))
         args.disable_log_stats = True  # vLLM's own log/Prometheus loggers; our hook still runs
+        layout = self._layout
+        if layout is not None:
+            # Images that come with their embeddings go in as prompt embeddings.
+            args.enable_prompt_embeds = True
         endpoint = self.config.kv_events_endpoint
         replay: str | None = None
         if not endpoint:
@@ -254,7 +268,12 @@ class VllmEngine(Engine):
         self._vocab_size = llm.model_config.get_vocab_size()
         self._num_blocks = int(cache.num_gpu_blocks or 0)
         self._gather = StepGatherer(sink, self.block_size)
-        self._translator = KvEventTranslator(self.block_size, self.hash_seed)
+        if layout is not None:
+            self._images = VllmImagePrompts(self.model, layout, self.block_size,
+                                            llm.model_config.dtype)
+        self._translator = KvEventTranslator(
+            self.block_size, self.hash_seed,
+            rekey=self._images.rekey if self._images is not None else None)
         self._zmq = zmq.asyncio.Context()
         sub_endpoint = endpoint.replace("*", "127.0.0.1")
         self._subscriber = KvEventSubscriber(self._zmq, sub_endpoint, replay, self._translator,
@@ -318,6 +337,8 @@ class VllmEngine(Engine):
         if self._zmq is not None:
             self._zmq.term()
             self._zmq = None
+        if self._images is not None:
+            self._images.close()
         llm, self._llm = self._llm, None
         if llm is not None:
             llm.shutdown()
@@ -336,6 +357,11 @@ class VllmEngine(Engine):
         if self._dead:
             raise EngineError("the vllm engine has died", 503)
         check_request(request, self.max_model_len, self._vocab_size)
+        if request.images:
+            if self._images is None:
+                raise EngineError(f"vllm: {self.model} is not a vision-language model; the "
+                                  "request has images", 400)
+            self._images.check(request)
         if request.phase and self._nixl is None:
             raise EngineError(f"a {request.phase} request needs a worker started with "
                               f"--kv-transfer nixl", 400)
@@ -354,8 +380,38 @@ class VllmEngine(Engine):
         if request.phase == PHASE_PREFILL:
             self._prefills.add(request.request_id)
         params = sampling_params(request.sampling, max_new, min_new, handoff)
+        if request.images:
+            self._spawn(self._submit_images(tracked, request, params),
+                        f"vllm-add-{request.request_id}")
+            return
         prompt = _token_prompt([*request.token_ids, *request.generated_token_ids])
         self._spawn(self._submit(tracked, prompt, params), f"vllm-add-{request.request_id}")
+
+    async def _submit_images(self, tracked: Tracked, request: GenerateRequest,
+                             params: VllmSamplingParams) -> None:
+        """Build the prompt of a request with images off the loop, then submit it."""
+        assert self._images is not None and self._gather is not None
+        try:
+            prompt, inline = await self._images.prompt(request)
+        except EngineError as exc:
+            self._fail_submit(tracked.request_id, exc.code, f"vllm: {exc}")
+            return
+        except Exception as exc:
+            log.exception("building the prompt of a request with images failed")
+            self._fail_submit(tracked.request_id, 500,
+                              f"vllm: the images could not be prepared ({type(exc).__name__})")
+            return
+        if self._gather.requests.get(tracked.request_id) is not tracked:
+            return  # aborted meanwhile
+        if inline and self._sink is not None:  # turnout_worker_images_total{source="inline"}
+            self._sink(StepOutput(images_encoded=inline))
+        await self._submit(tracked, prompt, params)
+
+    def _fail_submit(self, request_id: str, code: int, message: str) -> None:
+        assert self._gather is not None
+        self._prefills.discard(request_id)
+        self._gather.fail(request_id, code, message)
+        self._gather.flush_soon()
 
     async def _submit(self, tracked: Tracked, prompt: Any,
                       params: VllmSamplingParams) -> None:

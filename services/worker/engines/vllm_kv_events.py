@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 import zmq
@@ -47,6 +47,8 @@ class VllmBlockStored(msgspec.Struct, tag="BlockStored"):
     block_size: int
     medium: str | None = None
     group_idx: int | None = None
+    # Per block: what else vLLM hashed into it (LoRA name, (image uuid, offset), salt, digest).
+    extra_keys: list[Any] | None = None
 
 
 class VllmBlockRemoved(msgspec.Struct, tag="BlockRemoved"):
@@ -132,8 +134,12 @@ class _Block:
 class KvEventTranslator:
     """vLLM block events in, Turnout block events out; remembers what the cache holds."""
 
-    def __init__(self, block_size: int, seed: int) -> None:
+    def __init__(self, block_size: int, seed: int,
+                 rekey: Callable[[list[int], Any], list[int]] | None = None) -> None:
         self.block_size = block_size
+        # A block's tokens as the request had them, from the block's extra keys (images:
+        # `vllm_images.py`); None: vLLM's tokens are the request's.
+        self.rekey = rekey
         self.root = root_hash(seed)
         self._ours: dict[VllmHash, int] = {}  # every block vLLM holds → our hash
         self._blocks: dict[int, _Block] = {}  # our hash → content, insertion (parent-first) order
@@ -172,10 +178,13 @@ class KvEventTranslator:
         new_tokens: list[int] = []
         first_parent = parent
         tokens = event.token_ids
+        extra = event.extra_keys if self.rekey is not None else None
         for i, vllm_hash in enumerate(event.block_hashes):
             chunk = tokens[i * bs:(i + 1) * bs]
             if len(chunk) != bs:
                 break
+            if extra is not None and i < len(extra) and extra[i]:
+                chunk = self.rekey(chunk, extra[i])  # type: ignore[misc]
             ours = block_hash(self.root if parent is None else parent, chunk)
             is_new = False
             if vllm_hash not in self._ours:
