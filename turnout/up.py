@@ -50,12 +50,12 @@ from typing import Final
 
 from common.config import opt, parse_configs, to_argv
 from common.discovery import Discovery, open_discovery
-from common.messages import ROLE_WORKER
+from common.messages import MODE_ENCODE, ROLE_WORKER
 from services.frontend.args import FrontendConfig
 from services.planner.args import PlannerConfig
 from services.router.args import RouterConfig
 from services.worker.args import DEFAULT_EMBEDDING_CACHE_MB, WorkerConfig
-from services.worker.engines import engine_config_classes
+from services.worker.engines import engine_argv, engine_config_classes
 
 
 @dataclasses.dataclass
@@ -225,9 +225,6 @@ def plan(argv: Sequence[str]) -> Plan:
         name = "router" if up.routers == 1 else f"router-{i + 1}"
         # With replicas, one router lost is survived (its streams resume on the others).
         children.append(Child(name, [*py, "router", *to_argv(r)], critical=up.routers == 1))
-    engine_argv: list[str] = []
-    for cfg in engines:
-        engine_argv += to_argv(cfg)
     roles = [("worker", worker.worker_mode, up.workers),
              ("prefill", "prefill", up.prefill_workers), ("decode", "decode", up.decode_workers),
              ("encode", "encode", up.encode_workers)]
@@ -238,15 +235,25 @@ def plan(argv: Sequence[str]) -> Plan:
             w = dataclasses.replace(worker, worker_id=wid, worker_mode=mode)
             if mode != "encode":  # the embedding cache is the encode workers' only
                 w.embedding_cache_mb = DEFAULT_EMBEDDING_CACHE_MB
-            children.append(Child(f"{name}-{i + 1}", [*py, "worker", *to_argv(w), *engine_argv],
+            children.append(Child(f"{name}-{i + 1}", [*py, "worker", *to_argv(w),
+                                                      *engine_argv(mode, worker.engine, engines)],
                                   critical=False, is_worker=True))
     children.append(Child("frontend", [*py, "frontend", *to_argv(frontend)]))
     if up.planner:
+        # Its workers run as up's would; the planner adds discovery, model and mode itself.
+        own = [f.name for f in dataclasses.fields(WorkerConfig)
+               if f.name not in ("worker_id", "worker_mode", "embedding_cache_mb")]
         if not planner.worker_args:
-            # Its workers run as up's would; the planner adds discovery, model and mode itself.
-            own = [f.name for f in dataclasses.fields(WorkerConfig)
-                   if f.name not in ("worker_id", "worker_mode", "embedding_cache_mb")]
-            planner.worker_args = shlex.join([*to_argv(worker, only=own), *engine_argv])
+            planner.worker_args = shlex.join([
+                *to_argv(worker, only=own),
+                *engine_argv(worker.worker_mode, worker.engine, engines)])
+        if (planner.encode_max_replicas and not planner.encode_worker_args
+                and worker.engine != "mocker"):
+            # Its encode workers (a real engine's run only the vision encoder) take no engine
+            # flags but the block size.
+            planner.encode_worker_args = shlex.join([
+                *to_argv(worker, only=own),
+                *engine_argv(MODE_ENCODE, worker.engine, engines)])
         children.append(Child("planner", [*py, "planner", *to_argv(planner)]))
     host = frontend.advertise_host or frontend.host
     if host in ("0.0.0.0", "::", ""):

@@ -38,3 +38,24 @@ def test_encode_workers_beside_aggregated_ones() -> None:
 def test_refused(argv: list[str], message: str) -> None:
     with pytest.raises(SystemExit, match=message):
         up.plan([*argv, *DISCOVERY])
+
+
+def test_real_engine_encode_workers_get_no_engine_flags_but_the_block_size() -> None:
+    """A vLLM encode worker runs only the vision encoder: the vLLM flags given to `up` go to the
+    LLM workers, not to it (where they would be accepted and ignored)."""
+    plan = workers(["--engine", "vllm", "--model", "/m", "--workers", "1", "--encode-workers",
+                    "1", "--engine-args", "--dtype float32", "--max-model-len", "4096",
+                    "--block-size", "16"])
+    llm, encode = plan["worker-1"], plan["encode-1"]
+    assert flag(llm, "--engine-args") == "--dtype float32"
+    assert flag(llm, "--max-model-len") == "4096"
+    assert "--engine-args" not in encode and "--max-model-len" not in encode
+    assert flag(encode, "--block-size") == flag(llm, "--block-size") == "16"
+
+
+def test_the_planners_real_engine_encode_workers_get_no_engine_flags() -> None:
+    plan = up.plan(["--engine", "vllm", "--model", "/m", "--planner", "--encode-max-replicas",
+                    "2", "--engine-args", "--dtype float32", *DISCOVERY])
+    planner = next(c for c in plan.children if c.name == "planner").argv
+    assert "--dtype float32" in flag(planner, "--worker-args")
+    assert "--engine-args" not in flag(planner, "--encode-worker-args")

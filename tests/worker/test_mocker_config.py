@@ -90,3 +90,14 @@ def test_another_engines_flag_is_refused(argv: list[str], foreign: str) -> None:
     worker, *engines = parse_configs([WorkerConfig, *engine_config_classes()], argv)
     with pytest.raises(SystemExit, match=f"does not take {foreign}"):
         create_engine(worker, engines)
+
+
+@pytest.mark.parametrize("argv", [["--engine-args", "--dtype float32"],
+                                  ["--max-model-len", "4096"],
+                                  ["--gpu-memory-utilization", "0.5"]])
+def test_an_engine_flag_on_a_real_engines_encode_worker_is_refused(argv: list[str]) -> None:
+    worker, *engines = parse_configs([WorkerConfig, *engine_config_classes()],
+                                     ["--engine", "vllm", "--model", "/m", "--worker-mode",
+                                      "encode", *argv])
+    with pytest.raises(SystemExit, match=f"does not take {argv[0]}"):
+        create_engine(worker, engines)

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common.config import declaring_class, is_flag
+from common.config import declaring_class, flag_name, is_flag, to_argv
 from common.messages import MODE_DECODE, MODE_ENCODE, MODE_PREFILL
 from services.worker.args import EngineConfig, WorkerConfig
 from services.worker.engine import Engine
@@ -126,6 +126,31 @@ def refuse_foreign_flags(engine: str, engine_configs: list[Any]) -> None:
                          f"engine's flags; see `turnout worker --help`)")
 
 
+# The engine flags an encode worker on a real engine uses: it runs only the model's vision
+# encoder (transformers), never the engine itself.
+ENCODE_ENGINE_FLAGS = ("block_size",)
+
+
+def engine_argv(mode: str, engine: str, engine_configs: list[Any]) -> list[str]:
+    """The engine flags that reproduce `engine_configs` for a worker of `mode`: all of them,
+    except for an encode worker on a real engine, which takes only `ENCODE_ENGINE_FLAGS`."""
+    only = ENCODE_ENGINE_FLAGS if mode == MODE_ENCODE and engine != "mocker" else None
+    return [arg for cfg in engine_configs for arg in to_argv(cfg, only=only)]
+
+
+def refuse_flags_unused_by_encode(engine_configs: list[Any]) -> None:
+    """An engine flag set away from its default on an encode worker of a real engine is an
+    error: that worker never starts the engine, so it would be accepted and ignored."""
+    unused = [flag_name(field) for cfg in engine_configs for field in dataclasses.fields(cfg)
+              if is_flag(field) and field.name not in ENCODE_ENGINE_FLAGS
+              and field.default is not dataclasses.MISSING
+              and getattr(cfg, field.name) != field.default]
+    if unused:
+        raise SystemExit(f"--worker-mode encode runs only the model's vision encoder, not the "
+                         f"engine: it does not take {', '.join(unused)} (give those to the LLM "
+                         f"workers)")
+
+
 def create_engine(config: WorkerConfig, engine_configs: list[Any]) -> Engine:
     if config.engine not in ("mocker", "vllm", "sglang", "trtllm"):
         raise SystemExit(f"engine {config.engine!r} is not built into this install; "
@@ -139,6 +164,7 @@ def create_engine(config: WorkerConfig, engine_configs: list[Any]) -> Engine:
         # An encode worker runs the model's vision encoder (transformers), no vLLM.
         from services.worker.engines.vision_encoder import VisionEncodeEngine
 
+        refuse_flags_unused_by_encode(engine_configs)
         try:
             return VisionEncodeEngine(config.model, _config_of(engine_configs,
                                                                EngineConfig).block_size)
