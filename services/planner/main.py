@@ -63,7 +63,7 @@ from services.planner.load_predictor import (
 )
 from services.planner.metrics import PlannerMetrics
 from services.planner.performance_model import PerformanceModel, StepSample
-from services.planner.reactive import Corrections, WorkerLoad, reactive_step
+from services.planner.reactive import Corrections, WorkerLoad, pressure, reactive_step, spread
 from services.planner.readiness import StartupWatch
 from services.planner.replica_planner import (
     ROLE_AGGREGATED,
@@ -279,6 +279,7 @@ class Planner:
                                               floor=1 if self.demanded(obs) else 0)
                 if target > state.desired and self.startup.stuck(role):
                     target = state.desired
+                target = self.live_floor(role, state.ready, state.desired, target)
                 m.scale_up_held.labels(role).set(1 if self.startup.stuck(role) else 0)
                 proposed[role] = target
             targets = self.planner.fit_budget(proposed)
@@ -477,6 +478,26 @@ class Planner:
         """Whether the role at `replicas`, the others as they are, fits the GPU budget."""
         counts = {r: c.current() for r, c in self.connectors.items()}
         return self.planner.fits_budget(counts | {role: replicas})
+
+    def live_floor(self, role: str, ready: int, desired: int, target: int) -> int:
+        """`target`, or more when it is a scale-down the live load would not fit: the fewest
+        workers (up to `desired`) over which the workers' latest loads, spread evenly, keep a
+        new request under both targets. A forecast must not remove a worker the reactive rule
+        would add straight back (a start and a cooldown wasted). Scale to zero is not held."""
+        if target >= desired or target == 0 or not self.model.ready:
+            return target
+        loads = self.worker_loads(role)
+        if not loads or len(loads) < ready:
+            return target  # not every serving worker has reported: nothing to hold it on
+        isl = self.predictors["input_tokens"].predict() or 0.0
+        corrections = Corrections(self.planner.ttft_correction.factor,
+                                  self.planner.itl_correction.factor)
+        limits = self.limits()
+        for workers in range(target, desired):
+            if pressure(self.model, spread(loads, workers), isl, limits, self.planner.slo,
+                        corrections, role) <= 1.0:
+                return workers
+        return desired
 
     def worker_loads(self, role: str) -> list[WorkerLoad]:
         """The latest load of each registered worker of the role, if reported recently."""

@@ -423,3 +423,24 @@ def test_decode_batches_are_planned_in_the_kv_of_the_workers_that_decode(profile
         assert p.limits().kv_total_blocks == 100, "nothing better reported yet"
     finally:
         close(p)
+
+
+@pytest.mark.asyncio
+async def test_a_forecast_does_not_remove_a_worker_the_live_load_still_needs(
+        profile: Path) -> None:
+    """The forecast says one worker; both are busy enough that one alone would be over target
+    (the reactive rule would add one straight back): both stay. Once their load is light, the
+    forecast's scale-down goes through."""
+    p = make_planner(profile)
+    conn = pool(p)
+    conn.replicas = 2
+    try:
+        busy = (report("a", 60000, 200, 14000), report("b", 60000, 200, 14000))
+        serve(p, *busy)
+        await run(p, observe(1.0))
+        assert conn.replicas == 2, "held by the live load"
+        serve(p, report("a", 0, 2, 50), report("b", 0, 2, 50))
+        await run(p, observe(1.0))
+        assert conn.replicas == 1
+    finally:
+        close(p)

@@ -6,7 +6,13 @@ import random
 
 import pytest
 
-from common.messages import FINISH_LENGTH, GenerateRequest, SamplingParams, TokenChunk
+from common.messages import (
+    FINISH_LENGTH,
+    PHASE_DECODE,
+    GenerateRequest,
+    SamplingParams,
+    TokenChunk,
+)
 from services.worker.engines.mocker.kv_pool import KvPool
 from services.worker.engines.mocker.scheduler import Scheduler, StepPlan
 from services.worker.engines.mocker.sequence import Sequence
@@ -181,3 +187,14 @@ def test_aborted_during_a_step_produces_nothing() -> None:
     sched.abort("a")
     assert sched.complete(plan) == []
     assert sched.pool.used_blocks == 0 and sched.pool.cached_blocks == 0
+
+
+def test_a_waiting_decode_phase_reports_only_its_last_token_to_prefill() -> None:
+    """A decode phase arrives with its prompt's KV: its load report must not claim a prompt's
+    worth of prefill (the planner would judge a decode worker by a prefill it never runs)."""
+    sched = make()
+    prompt = [random.Random(3).randrange(32, 127) for _ in range(1000)]
+    sched.add(Sequence(GenerateRequest("d", "m", prompt, SamplingParams(max_tokens=8),
+                                       generated_token_ids=[40], phase=PHASE_DECODE), MODEL))
+    add(sched, "a", prompt[:500], 8)
+    assert sched.load().active_prefill_tokens == 1 + 500

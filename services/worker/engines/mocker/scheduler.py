@@ -111,7 +111,8 @@ class Scheduler:
             else:
                 prefill_tokens += len(s.tokens) - s.num_computed
         for s in self.waiting:
-            prefill_tokens += len(s.tokens)
+            # A decode phase brings its prompt's KV: only its last token is computed here.
+            prefill_tokens += 1 if s.kv_ready else len(s.tokens)
         pool = self.pool
         return EngineLoad(decode_blocks, prefill_tokens, pool.used_blocks, pool.num_blocks,
                           len(self.waiting), len(self.running))
