@@ -176,21 +176,6 @@ GARBAGE = ([b"garbage"], [KIND_GENERATE, b"\xc1\xc1"], [b"\x7f", b"x"],
            [KIND_CANCEL, b"\x93\x01\x02\x03"], [KIND_GENERATE, b"", b""])
 
 
-def fleet_member(ctx: zmq.Context, kind: int, dep: Deployment) -> zmq.Socket:
-    """A socket as a process of the fleet holds it: with the deployment's keys when it runs
-    with them (a CURVE client; a PUB binds as a CURVE server), plain otherwise."""
-    sock = ctx.socket(kind)
-    if dep.keys_dir is not None:
-        keys = load_keys(dep.keys_dir)
-        if kind == zmq.PUB:
-            sock.curve_server = True
-            sock.curve_secretkey = keys.secret
-        else:
-            sock.curve_serverkey = keys.public
-            sock.curve_publickey, sock.curve_secretkey = keys.public, keys.secret
-    return sock
-
-
 def test_garbage_frames_do_not_stop_service(deployment: Deployment) -> None:
     """Garbage on both planes from a peer the planes admit (any peer without keys; with keys,
     a fleet member gone wrong) is counted and dropped, and the fleet serves on. With keys, the
@@ -233,13 +218,13 @@ def test_garbage_frames_do_not_stop_service(deployment: Deployment) -> None:
 
         # Request plane: garbage at the router and at the worker, framed and unframed.
         for endpoint in request_endpoints:
-            sock = fleet_member(ctx, zmq.DEALER, deployment)
+            sock = deployment.fleet_socket(ctx, zmq.DEALER)
             sock.connect(endpoint)
             for frames in GARBAGE:
                 sock.send_multipart(frames)
             sock.close(linger=1000)
         # Event plane: a publisher the router discovers, sending garbage on every topic.
-        pub = fleet_member(ctx, zmq.PUB, deployment)
+        pub = deployment.fleet_socket(ctx, zmq.PUB)
         port = pub.bind_to_random_port("tcp://127.0.0.1")
         metadata: dict[str, object] = {"started": 1.0}
         if deployment.keys_dir is not None:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import zmq
 
 from common import prometheus_text
 from common.prometheus_text import Metrics
@@ -213,6 +214,23 @@ class Deployment:
         self.services: list[Service] = []
         self.port = 0
         self._workers = 0
+
+    def fleet_socket(self, ctx: zmq.Context[Any], kind: int) -> zmq.Socket[Any]:
+        """A ZeroMQ socket as this deployment's processes hold one, for a test that plays a
+        part of the fleet: with its keys (when it runs with them) a PUB is a CURVE server
+        proving the fleet secret and any other socket a CURVE client presenting the fleet key;
+        plain otherwise. Bind or connect it as usual."""
+        sock = ctx.socket(kind)
+        if self.keys_dir is not None:
+            from common.fleet_keys import load
+
+            keys = load(self.keys_dir)
+            sock.curve_secretkey = keys.secret
+            if kind == zmq.PUB:
+                sock.curve_server = True
+            else:
+                sock.curve_publickey, sock.curve_serverkey = keys.public, keys.public
+        return sock
 
     def __enter__(self) -> Deployment:
         return self
