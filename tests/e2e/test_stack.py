@@ -211,9 +211,9 @@ def test_garbage_frames_do_not_stop_service(deployment: Deployment) -> None:
                     for frames in GARBAGE:
                         sock.send_multipart(frames)
                     sock.close(linger=1000)
-            for service in (deployment.router, deployment.service("w1")):
-                wait_for(lambda s=service: REFUSED_HANDSHAKE in s.output(), 10,  # type: ignore[misc]
-                         f"{service.name} to log the refused handshake")
+            wait_for(lambda: all(REFUSED_HANDSHAKE in s.output() for s in
+                                 (deployment.router, deployment.service("w1"))), 10,
+                     "the router and the worker to log the refused handshake")
             assert malformed() == (0, 0, 0), "nothing of an outsider's reached a decoder"
 
         # Request plane: garbage at the router and at the worker, framed and unframed.
