@@ -75,6 +75,14 @@ def generate(directory: str | os.PathLike[str], force: bool = False) -> Path:
     return secret
 
 
+def holds_nothing(directory: str | os.PathLike[str]) -> bool:
+    """Whether `directory` exists and holds no file at all: what an optional Kubernetes Secret
+    volume mounts when the Secret is absent (its own entries are dot-names: `..data`). Such a
+    directory means no keys; one that holds anything is loaded, and must then be complete."""
+    path = Path(directory)
+    return path.is_dir() and not any(not e.name.startswith(".") for e in path.iterdir())
+
+
 def load(directory: str | os.PathLike[str]) -> FleetKeys:
     """The fleet keys in `directory`; `KeysError` saying what is wrong otherwise."""
     path = Path(directory)

@@ -18,7 +18,7 @@ from typing import Any
 import zmq
 
 from common.curve_auth import ZAP_DOMAIN, ZapHandler
-from common.fleet_keys import FleetKeys, load
+from common.fleet_keys import FleetKeys, holds_nothing, load
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,14 @@ _secured: weakref.WeakKeyDictionary[zmq.Context[Any], ZapHandler] = weakref.Weak
 def secure_context(ctx: zmq.Context[Any], keys_dir: str) -> FleetKeys | None:
     """With a keys directory: load the fleet keys (a `KeysError` says what is wrong), bind the
     ZAP handler and start it on the running loop; every later `bind_socket`/`connect_socket` on
-    `ctx` uses CURVE. Without one (""): nothing, and None. Call before binding or connecting."""
+    `ctx` uses CURVE. Without one (""), or with an empty one (an optional Kubernetes Secret that
+    is not there; logged): nothing, and None. A missing directory, or one holding only part of
+    the keys, is an error. Call before binding or connecting."""
     if not keys_dir:
+        return None
+    if holds_nothing(keys_dir):
+        log.warning("keys directory is empty: the planes run without CURVE (plain TCP)",
+                    extra={"fields": {"keys_dir": keys_dir}})
         return None
     if ctx in _secured:
         raise RuntimeError("this context is already secured")

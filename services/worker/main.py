@@ -131,7 +131,12 @@ class Worker:
     # -- engine output -------------------------------------------------------------------------
 
     def on_step(self, out: StepOutput) -> None:
-        """Called by the engine once per step: one frame per destination, events, metrics."""
+        """Called by the engine once per step: events, one frame per destination, metrics."""
+        if out.kv_events:
+            # Before the tokens: a client that got its answer and sends the next turn at once
+            # must find the routers knowing the blocks this step stored (the two travel on
+            # different connections; sent after, the next turn could be routed without them).
+            self.publisher.publish(TOPIC_KV, KvEventBatch(self.worker_id, out.kv_events))
         if out.chunks:
             by_dest: dict[bytes, list[TokenChunk]] = {}
             destinations = self.destinations
@@ -160,10 +165,8 @@ class Worker:
                     batch.append(chunk)
             for ident, chunks in by_dest.items():
                 self._send(ident, TokenBatch(chunks))
-        if out.kv_events:
-            self.publisher.publish(TOPIC_KV, KvEventBatch(self.worker_id, out.kv_events))
-            if self.config.kv_replicas:
-                self.peers.replicate([e for e in out.kv_events if type(e) is KvBlockStored])
+        if out.kv_events and self.config.kv_replicas:
+            self.peers.replicate([e for e in out.kv_events if type(e) is KvBlockStored])
         if out.forward_pass is not None:
             self._fpm.append(out.forward_pass)
         self.metrics.on_step(out)

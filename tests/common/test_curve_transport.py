@@ -5,6 +5,7 @@ context without keys is plain TCP as before."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
 
@@ -137,6 +138,41 @@ async def test_discovery_records_carry_the_key_and_strangers_are_not_trusted(
         assert not trusted_peer(ctx, {CURVE_KEY_FIELD: 42})
     finally:
         destroy_context(ctx)
+
+
+@pytest.mark.asyncio
+async def test_an_empty_keys_directory_is_plain_a_partial_or_missing_one_is_refused(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # What an optional Kubernetes Secret volume holds when the Secret does not exist.
+    mounted = tmp_path / "mounted"
+    (mounted / "..data").mkdir(parents=True)
+    ctx = zmq.Context()
+    try:
+        with caplog.at_level(logging.WARNING, logger="common.transport"):
+            assert secure_context(ctx, str(mounted)) is None
+        assert "keys directory is empty: the planes run without CURVE" in caplog.text
+        assert identity_metadata(ctx) == {}
+        echo = Echo(ctx)
+        plain = ctx.socket(zmq.DEALER, socket_class=zmq.Socket)
+        plain.connect(echo.endpoint)
+        assert await ask(plain, 10) == b"echo"
+    finally:
+        destroy_context(ctx)
+    only_public = tmp_path / "only-public"
+    generate(only_public)
+    (only_public / "fleet.key_secret").unlink()
+    not_keys = tmp_path / "not-keys"
+    not_keys.mkdir()
+    (not_keys / "secret.yaml").write_text("kind: Secret\n")
+    for directory, why in ((only_public, r"fleet\.key_secret is missing"),
+                           (not_keys, r"fleet\.key_secret is missing"),
+                           (tmp_path / "absent", "does not exist")):
+        ctx = zmq.Context()
+        try:
+            with pytest.raises(KeysError, match=why):
+                secure_context(ctx, str(directory))
+        finally:
+            destroy_context(ctx)
 
 
 def test_key_files_are_checked(tmp_path: Path) -> None:

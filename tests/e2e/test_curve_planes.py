@@ -5,6 +5,7 @@ fleet itself serves as before (through the openai SDK)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,9 +17,11 @@ import openai
 import pytest
 import zmq
 
+from common.fleet_keys import generate
 from common.messages import (
     KIND_GENERATE,
     KIND_PING,
+    KIND_PONG,
     TOPIC_HEARTBEAT,
     TOPIC_KV,
     EventEnvelope,
@@ -29,7 +32,7 @@ from common.messages import (
     SamplingParams,
     encoder,
 )
-from turnout.testing.deployment import ROOT, Deployment, reaped
+from turnout.testing.deployment import ROOT, Deployment, reaped, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -199,3 +202,33 @@ def test_without_keys_the_same_rogue_publisher_steers_the_index(tmp_path: Path) 
             assert applied > 0
         finally:
             ctx.destroy(linger=0)
+
+
+def test_an_empty_keys_dir_runs_plain_a_partial_one_refuses_to_start(tmp_path: Path) -> None:
+    """What a pod sees with k8s/'s optional keys Secret: absent, the mount is an empty directory
+    and the process runs plain (and says so); a directory holding part of the keys is a start-up
+    error naming what is missing, never a silent fallback to plain."""
+    empty = tmp_path / "empty-mount"
+    (empty / "..data").mkdir(parents=True)  # a Secret volume's own entries are dot-names
+    partial = tmp_path / "partial"
+    generate(partial)
+    (partial / "fleet.key_secret").unlink()
+    with Deployment(tmp_path / "dep", curve=False,
+                    env=dict(os.environ, TURNOUT_KEYS_DIR=str(empty))) as dep:
+        router = dep.start_router()
+        record = dep.wait_registered(router)
+        assert "curve_key" not in record["metadata"]
+        assert "keys directory is empty: the planes run without CURVE" in router.output()
+        ctx = zmq.Context()
+        try:
+            sock = ctx.socket(zmq.DEALER)  # a plain peer is served: the planes are plain
+            sock.connect(record["endpoints"]["request"])
+            sock.send_multipart([KIND_PING, b""])
+            assert sock.poll(10_000) and sock.recv_multipart()[0] == KIND_PONG
+        finally:
+            ctx.destroy(linger=0)
+        refused = dep.start_router("--keys-dir", str(partial), wait=False, name="refused")
+        wait_for(lambda: not refused.alive(), 30, "the router with part of the keys to exit")
+        assert refused.returncode == 1
+        assert "fleet.key_secret is missing" in refused.output()
+        assert refused.record() is None

@@ -226,7 +226,10 @@ def test_a_restarted_router_rebuilds_its_index_and_routes_by_it(deployment: Depl
     text = "a long shared document about routers. " * 20
     oai.completions.create(model="mock", prompt=text, max_tokens=1)
     ids = [256, *text.encode()]  # the byte tokenizer: BOS, then one token per byte
-    holder = route(deployment.router, ids)
+    # The router learns the blocks from the worker's KV event, which travels on the event
+    # plane beside the answer on the request plane: it may land a moment after the answer.
+    holder = wait_for(lambda: (r := route(deployment.router, ids))["overlap_blocks"] and r, 10,
+                      "the router's index to hold the prompt's blocks")
     assert int(holder["overlap_blocks"]) > 0  # type: ignore[call-overload]
 
     deployment.service("router-2").signal(signal.SIGKILL)

@@ -12,6 +12,7 @@ import openai
 import pytest
 import zmq
 
+from common.fleet_keys import load as load_keys
 from common.messages import (
     KIND_CANCEL,
     KIND_GENERATE,
@@ -170,7 +171,16 @@ def test_non_streaming_disconnect_cancels_too(deployment: Deployment) -> None:
     assert deployment.metrics_of("w1").value("turnout_worker_decode_tokens_total") < 2000
 
 
+REFUSED_HANDSHAKE = "dropped malformed plane handshake (not a fleet key)"
+GARBAGE = ([b"garbage"], [KIND_GENERATE, b"\xc1\xc1"], [b"\x7f", b"x"],
+           [KIND_CANCEL, b"\x93\x01\x02\x03"], [KIND_GENERATE, b"", b""])
+
+
 def test_garbage_frames_do_not_stop_service(deployment: Deployment) -> None:
+    """Garbage on both planes from a peer the planes admit (any peer without keys; with keys,
+    a fleet member gone wrong) is counted and dropped, and the fleet serves on. With keys, the
+    same garbage from a peer without the fleet's keys never gets that far: refused at the
+    handshake, logged, not counted as a frame."""
     deployment.start(workers=1, worker_args=FAST)
     oai = client(deployment)
     ctx = zmq.Context()
@@ -178,20 +188,50 @@ def test_garbage_frames_do_not_stop_service(deployment: Deployment) -> None:
         router = next(r for r in deployment.records() if r["role"] == "router")
         worker = deployment.record("w1")
         assert worker is not None
+        request_endpoints = (router["endpoints"]["request"], worker["endpoints"]["request"])
+
+        def malformed() -> tuple[float, float, float]:
+            routers = deployment.metrics_of(router["id"])
+            return (routers.value("turnout_router_malformed_frames_total", plane="request"),
+                    routers.value("turnout_router_malformed_frames_total", plane="event"),
+                    deployment.metrics_of("w1").value("turnout_worker_malformed_frames_total"))
+
+        if deployment.keys_dir is not None:
+            # Outsiders: a plain peer (refused on the mechanism) and one with a key pair of its
+            # own that knows the fleet's public key (refused by the ZAP handler, which logs it).
+            public, secret = zmq.curve_keypair()
+            fleet_public = load_keys(deployment.keys_dir).public
+            for endpoint in request_endpoints:
+                for keyed in (False, True):
+                    sock = ctx.socket(zmq.DEALER)
+                    if keyed:
+                        sock.curve_serverkey = fleet_public
+                        sock.curve_publickey, sock.curve_secretkey = public, secret
+                    sock.connect(endpoint)
+                    for frames in GARBAGE:
+                        sock.send_multipart(frames)
+                    sock.close(linger=1000)
+            wait_for(lambda: all(REFUSED_HANDSHAKE in s.output() for s in
+                                 (deployment.router, deployment.service("w1"))), 10,
+                     "the router and the worker to log the refused handshake")
+            assert malformed() == (0, 0, 0), "nothing of an outsider's reached a decoder"
+
         # Request plane: garbage at the router and at the worker, framed and unframed.
-        for endpoint in (router["endpoints"]["request"], worker["endpoints"]["request"]):
-            sock = ctx.socket(zmq.DEALER)
+        for endpoint in request_endpoints:
+            sock = deployment.fleet_socket(ctx, zmq.DEALER)
             sock.connect(endpoint)
-            for frames in ([b"garbage"], [KIND_GENERATE, b"\xc1\xc1"], [b"\x7f", b"x"],
-                           [KIND_CANCEL, b"\x93\x01\x02\x03"], [KIND_GENERATE, b"", b""]):
+            for frames in GARBAGE:
                 sock.send_multipart(frames)
             sock.close(linger=1000)
         # Event plane: a publisher the router discovers, sending garbage on every topic.
-        pub = ctx.socket(zmq.PUB)
+        pub = deployment.fleet_socket(ctx, zmq.PUB)
         port = pub.bind_to_random_port("tcp://127.0.0.1")
+        metadata: dict[str, object] = {"started": 1.0}
+        if deployment.keys_dir is not None:
+            metadata["curve_key"] = load_keys(deployment.keys_dir).public_text
         fake = {"id": "fake", "role": "worker", "model": "other-model",
                 "endpoints": {"request": "tcp://127.0.0.1:1", "events": f"tcp://127.0.0.1:{port}"},
-                "metadata": {"started": 1.0}}
+                "metadata": metadata}
         (deployment.discovery / "fake.json").write_text(json.dumps(fake))
         deadline = time.monotonic() + 5
         steps = 0
@@ -203,19 +243,18 @@ def test_garbage_frames_do_not_stop_service(deployment: Deployment) -> None:
                 pub.send_multipart([topic, b"\xc1 not msgpack"])
                 pub.send_multipart([topic])
             time.sleep(0.05)
-            routers = deployment.metrics_of(router["id"])
-            if routers.value("turnout_router_malformed_frames_total", plane="event") >= 3:
+            if malformed()[1] >= 3:
                 break
         pub.close(0)
-        routers = deployment.metrics_of(router["id"])
-        assert routers.value("turnout_router_malformed_frames_total", plane="request") >= 1
-        assert routers.value("turnout_router_malformed_frames_total", plane="event") >= 3
-        assert deployment.metrics_of("w1").value("turnout_worker_malformed_frames_total") >= 1
+        request, event, at_worker = malformed()
+        assert request >= 1
+        assert event >= 3
+        assert at_worker >= 1
         out = oai.completions.create(model="mock", prompt="still here?", max_tokens=5)
         assert out.usage is not None and out.usage.completion_tokens == 5
         assert all(s.alive() for s in deployment.services)
     finally:
-        ctx.term()
+        ctx.destroy(linger=0)
 
 
 def test_router_crash_fails_streams_fast_not_hang(deployment: Deployment) -> None:

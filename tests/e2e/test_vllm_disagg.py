@@ -117,7 +117,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
         sockets = {}
         for service in workers:
             record = d.wait_registered(service, timeout=START_TIMEOUT_S)
-            sock = ctx.socket(zmq.DEALER)
+            sock = d.fleet_socket(ctx, zmq.DEALER)  # the test plays the router
             sock.connect(record["endpoints"]["request"])
             sockets[service.name] = sock
         p = Pair(d, workers[0], workers[1], ctx, sockets)

@@ -14,6 +14,7 @@ leaves the routers' view.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import secrets
 import signal
@@ -37,6 +38,7 @@ from common.discovery.kubernetes import (
 from common.messages import Instance
 from tests.ops.fake_kube_api import FakeKubeApi, make_pod, selector_matches
 from tests.ops.host_run import ROOT, HostRun, remap_ports
+from turnout.keys import main as keys_main
 
 K8S = ROOT / "k8s"
 FILES = sorted(K8S.glob("[0-9][0-9]-*.yaml"))
@@ -163,6 +165,40 @@ def test_deployments_are_discoverable_and_their_ports_agree() -> None:
         assert metrics is not None and int(metrics) == ports.get("metrics", ports.get("http"))
 
 
+KEYS_SECRET = "turnout-fleet-keys"  # the Secret `turnout keys generate` writes (its default)
+
+
+def test_every_turnout_container_mounts_the_fleet_keys_secret() -> None:
+    """The Secret is mounted read-only where TURNOUT_KEYS_DIR points, secret files 0400 and
+    readable through the pod's fsGroup (the containers do not run as root), and optional: a
+    cluster without it starts, plain."""
+    for name, dep in deployments().items():
+        spec = dep["spec"]["template"]["spec"]
+        for main in spec["containers"]:
+            env = {e["name"]: e.get("value") for e in main["env"]}
+            keys_dir = env.get("TURNOUT_KEYS_DIR")
+            assert keys_dir, (name, main["name"], "TURNOUT_KEYS_DIR is not set")
+            mount = next((m for m in main.get("volumeMounts", [])
+                          if m["mountPath"] == keys_dir), None)
+            assert mount is not None, (name, main["name"], "nothing is mounted at the keys dir")
+            assert mount.get("readOnly") is True and "subPath" not in mount, (name, mount)
+            volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+            assert volume["secret"] == {"secretName": KEYS_SECRET, "defaultMode": 0o400,
+                                        "optional": True}, (name, volume)
+        assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsUser"], name
+
+def test_the_mounted_secret_is_the_one_turnout_keys_generate_writes(tmp_path: Path) -> None:
+    secret = keys_secret_of_a_fresh_fleet(tmp_path)
+    assert (secret["metadata"]["name"], secret["metadata"]["namespace"]) == (KEYS_SECRET, NS)
+    assert set(secret["data"]) == {"fleet.key", "fleet.key_secret"}
+
+
+def keys_secret_of_a_fresh_fleet(tmp: Path) -> dict[str, Any]:
+    """What `turnout keys generate DIR --namespace turnout` writes to DIR/secret.yaml."""
+    keys_main(["generate", str(tmp / "keys"), "--namespace", NS])
+    return yaml.safe_load((tmp / "keys" / "secret.yaml").read_text())  # type: ignore[no-any-return]
+
+
 def test_rbac_lets_discovery_watch_and_annotate_pods_and_the_planner_scale() -> None:
     roles = {r["metadata"]["name"]: r for r in of_kind("Role")}
 
@@ -217,9 +253,11 @@ NS = "turnout"
 class Kubelet:
     """Runs the Deployments' pods as local processes and reports their readiness."""
 
-    def __init__(self, api: FakeKubeApi, tmp: Path) -> None:
+    def __init__(self, api: FakeKubeApi, tmp: Path,
+                 secrets_: dict[str, dict[str, bytes]] | None = None) -> None:
         self.api = api
         self.tmp = tmp
+        self.secrets = secrets_ or {}  # the namespace's Secrets: name → file name → bytes
         self.run = HostRun(tmp)
         self.pods: dict[str, dict[str, Any]] = {}  # name → {"probe": url, "proc": Popen}
         self.kubeconfig = tmp / "kubeconfig"
@@ -231,10 +269,11 @@ class Kubelet:
         main = container(deployment)
         name = f"{deployment['metadata']['name']}-{secrets.token_hex(3)}"
         args, ports = remap_ports(main["args"])
+        mounts = self.mount(name, template["spec"], main)
         env = dict(self.config)
         for entry in main["env"]:
             if "value" in entry:
-                env[entry["name"]] = entry["value"]
+                env[entry["name"]] = mounts.get(entry["value"], entry["value"])
                 continue
             path = entry["valueFrom"]["fieldRef"]["fieldPath"]
             env[entry["name"]] = {"metadata.name": name, "status.podIP": "127.0.0.1",
@@ -252,6 +291,25 @@ class Kubelet:
             "probe": f"http://127.0.0.1:{named[probe['port']]}{probe['path']}",
             "proc": self.run.start(name, args, env), "ready": False, "ports": named}
         return name
+
+    def mount(self, pod: str, spec: dict[str, Any], main: dict[str, Any]) -> dict[str, str]:
+        """Each of the container's Secret volumes as kubelet makes it, in a local directory:
+        the Secret's files with `defaultMode`, or (an `optional` Secret that does not exist)
+        an empty directory. Returns mount path → local directory."""
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        out = {}
+        for mount in main.get("volumeMounts", []):
+            source = volumes[mount["name"]]["secret"]
+            local = self.tmp / "volumes" / pod / mount["name"]
+            (local / "..data").mkdir(parents=True)  # kubelet's own entry, in every such volume
+            files = self.secrets.get(source["secretName"])
+            if files is None:
+                assert source.get("optional"), f"{pod}: Secret {source['secretName']} is missing"
+            for file, data in (files or {}).items():
+                (local / file).write_bytes(data)
+                (local / file).chmod(source.get("defaultMode", 0o644))
+            out[mount["mountPath"]] = str(local)
+        return out
 
     async def probe_forever(self) -> None:
         async with httpx.AsyncClient(timeout=1) as client:
@@ -306,9 +364,17 @@ async def eventually(check: Any, within: float, what: str) -> Any:
 @pytest.mark.e2e
 @pytest.mark.asyncio
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("keys_secret", [False, True], ids=["plain", "fleet-keys-secret"])
 async def test_the_manifests_run_and_find_each_other_through_the_api(
-        api: FakeKubeApi, tmp_path: Path) -> None:
-    kubelet = Kubelet(api, tmp_path)
+        api: FakeKubeApi, tmp_path: Path, keys_secret: bool) -> None:
+    """Without the keys Secret (optional) the planes are plain; with the one `turnout keys
+    generate` writes, every process runs with CURVE and says its key in its record."""
+    secrets_ = {}
+    if keys_secret:
+        secret = keys_secret_of_a_fresh_fleet(tmp_path)
+        secrets_[secret["metadata"]["name"]] = {
+            file: base64.b64decode(data) for file, data in secret["data"].items()}
+    kubelet = Kubelet(api, tmp_path, secrets_)
     prober = asyncio.create_task(kubelet.probe_forever())
     found = deployments()
     try:
@@ -338,6 +404,7 @@ async def test_the_manifests_run_and_find_each_other_through_the_api(
             raw = api.pods[(NS, name)]["metadata"]["annotations"][ANNOTATION_INSTANCE]
             record = json.loads(raw)
             assert record["id"] == name
+            assert ("curve_key" in record["metadata"]) == keys_secret, record
             Instance(**record)
             for url in record["endpoints"].values():
                 assert "127.0.0.1:" in url

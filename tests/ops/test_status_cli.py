@@ -17,10 +17,17 @@ from turnout.testing.deployment import ROOT, Deployment
 pytestmark = pytest.mark.e2e
 
 
+def status_argv(dep: Deployment, *args: str) -> list[str]:
+    """`turnout status` as the fleet's operator runs it: with the fleet's keys, if it has them
+    (without, it cannot hear a CURVE fleet's event plane: test_curve_planes)."""
+    keys = ["--keys-dir", str(dep.keys_dir)] if dep.keys_dir is not None else []
+    return [sys.executable, "-m", "turnout", "status", "--discovery", f"file:{dep.discovery}",
+            *keys, *args]
+
+
 def status(dep: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "turnout", "status", "--discovery", f"file:{dep.discovery}",
-         *args], capture_output=True, text=True, cwd=ROOT, timeout=30, check=False)
+    return subprocess.run(status_argv(dep, *args), capture_output=True, text=True, cwd=ROOT,
+                          timeout=30, check=False)
 
 
 def test_status_json_shows_workers_with_their_load(deployment: Deployment) -> None:
@@ -80,8 +87,7 @@ def test_status_table_and_watch(deployment: Deployment) -> None:
     assert deployment.url in out.stdout
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "turnout", "status", "--discovery", f"file:{deployment.discovery}",
-         "--watch", "--json", "--listen-s", "0.3"],
+        status_argv(deployment, "--watch", "--json", "--listen-s", "0.3"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert proc.stdout is not None

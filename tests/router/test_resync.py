@@ -32,13 +32,13 @@ from turnout.testing.deployment import Deployment, scrape, wait_for
 pytestmark = pytest.mark.e2e
 
 
-def worker_state(record: dict) -> set[int]:
+def worker_state(dep: Deployment, record: dict) -> set[int]:
     """The worker's own account of its cache: ask it for a dump and read it off its PUB."""
     ctx = zmq.Context()
-    sub = ctx.socket(zmq.SUB)
+    sub = dep.fleet_socket(ctx, zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, TOPIC_KV)
     sub.connect(record["endpoints"]["events"])
-    req = ctx.socket(zmq.DEALER)
+    req = dep.fleet_socket(ctx, zmq.DEALER)
     req.connect(record["endpoints"]["request"])
     try:
         deadline = time.monotonic() + 10
@@ -61,7 +61,7 @@ def worker_state(record: dict) -> set[int]:
 def test_event_gap_triggers_resync_and_index_matches_worker(tmp_path: Path) -> None:
     dep = Deployment(tmp_path)
     router = Router(RouterConfig(discovery=f"file:{dep.discovery}", lease_ttl_s=2,
-                                 router_mode="kv"))
+                                 router_mode="kv", keys_dir=str(dep.keys_dir or "")))
     thread = threading.Thread(target=lambda: asyncio.run(router.run(install_signals=False)),
                               daemon=True)
     thread.start()
@@ -79,7 +79,7 @@ def test_event_gap_triggers_resync_and_index_matches_worker(tmp_path: Path) -> N
 
         def index_matches() -> bool:
             assert router.kv_index is not None
-            return router.kv_index.blocks_of("w1") == worker_state(record)
+            return router.kv_index.blocks_of("w1") == worker_state(dep, record)
 
         def router_metric(name: str) -> float:
             """From the router's own /metrics, as any scraper reads it."""
@@ -113,7 +113,7 @@ def test_event_gap_triggers_resync_and_index_matches_worker(tmp_path: Path) -> N
             n += 1
             complete(f"document {n}, never seen by the router " * 10)
             assert router.kv_index is not None
-            return router.kv_index.blocks_of("w1") != worker_state(record)
+            return router.kv_index.blocks_of("w1") != worker_state(dep, record)
 
         wait_for(lost_some, 10, "the router to miss a document's KV events", interval=0.1)
         on_router_loop(zmq.SUBSCRIBE, TOPIC_KV)

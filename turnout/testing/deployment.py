@@ -8,8 +8,9 @@ file-discovery directory; it waits with a bound for each one to register (and th
 signals services; and it always stops and reaps what it started, in order (planner, frontend,
 router, workers), SIGKILLing whatever SIGTERM did not stop in time. Every service's output goes
 to its own log file, kept for failure reports. With `curve=True` (or TURNOUT_TEST_CURVE=1 in the
-environment, so any existing end-to-end test runs that way) it first generates fleet keys in
-`<workdir>/keys` and every service it starts gets them (TURNOUT_KEYS_DIR): the planes use CURVE.
+environment, so any existing end-to-end test runs that way; TURNOUT_TEST_CURVE=0 or unset: plain)
+it first generates fleet keys in `<workdir>/keys` and every service it starts gets them
+(TURNOUT_KEYS_DIR): the planes use CURVE.
 
 Owns process lifecycle and observation. Does not own what a test or benchmark sends.
 """
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import zmq
 
 from common import prometheus_text
 from common.prometheus_text import Metrics
@@ -67,6 +69,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def curve_from_environment() -> bool | None:
+    """TURNOUT_TEST_CURVE: 1 (every deployment with fleet keys), 0 (every one plain), unset or
+    empty (None: each caller's default). Anything else is an error, not silently plain."""
+    value = os.environ.get("TURNOUT_TEST_CURVE", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"TURNOUT_TEST_CURVE must be 0 or 1, got {value!r}")
+    return None if value == "" else value == "1"
 
 
 def wait_for(predicate: Callable[[], T], timeout: float, what: str,
@@ -191,7 +202,7 @@ class Deployment:
         self.lease_ttl_s = lease_ttl_s
         self.env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
         if curve is None:
-            curve = os.environ.get("TURNOUT_TEST_CURVE", "") == "1"
+            curve = bool(curve_from_environment())
         self.keys_dir: Path | None = None
         if curve:
             from common.fleet_keys import generate
@@ -203,6 +214,23 @@ class Deployment:
         self.services: list[Service] = []
         self.port = 0
         self._workers = 0
+
+    def fleet_socket(self, ctx: zmq.Context[Any], kind: int) -> zmq.Socket[Any]:
+        """A ZeroMQ socket as this deployment's processes hold one, for a test that plays a
+        part of the fleet: with its keys (when it runs with them) a PUB is a CURVE server
+        proving the fleet secret and any other socket a CURVE client presenting the fleet key;
+        plain otherwise. Bind or connect it as usual."""
+        sock = ctx.socket(kind)
+        if self.keys_dir is not None:
+            from common.fleet_keys import load
+
+            keys = load(self.keys_dir)
+            sock.curve_secretkey = keys.secret
+            if kind == zmq.PUB:
+                sock.curve_server = True
+            else:
+                sock.curve_publickey, sock.curve_serverkey = keys.public, keys.public
+        return sock
 
     def __enter__(self) -> Deployment:
         return self
