@@ -173,8 +173,12 @@ def test_kubectl_kustomize_builds_the_overlay_as_applied_here(tmp_path: Path,
     for name in ("turnout-worker", "turnout-worker-prefill", "turnout-worker-decode"):
         assert theirs[name]["spec"] == ours[name]["spec"], name
     planner = theirs["turnout-planner"]["spec"]["template"]["spec"]
+    base_volumes = {v["name"] for v in deployments(base_documents())["turnout-planner"]["spec"][
+        "template"]["spec"].get("volumes", [])}
+    added = [v for v in planner.get("volumes", []) if v["name"] not in base_volumes]
+    assert base_volumes <= {v["name"] for v in planner.get("volumes", [])}  # kept, not replaced
     if with_profile:
-        (volume,) = planner["volumes"]
+        (volume,) = added
         generated = next(d for d in built if d["kind"] == "ConfigMap"
                          and d["metadata"]["name"] == volume["configMap"]["name"])
         assert generated["metadata"]["name"].startswith("turnout-planner-profile-")
@@ -183,7 +187,7 @@ def test_kubectl_kustomize_builds_the_overlay_as_applied_here(tmp_path: Path,
         assert path is not None and path.endswith(next(iter(generated["data"])))
         assert json.loads(next(iter(generated["data"].values()))) == profile
     else:
-        assert "volumes" not in planner
+        assert added == []
 
 
 def test_compose_override_gives_each_worker_its_own_gpus(tmp_path: Path) -> None:
