@@ -39,6 +39,7 @@ from common.messages import (
     encoder,
     token_batch_decoder,
 )
+from tests.e2e.vllm_host import VLLM_LEASE_TTL_S
 from tests.tiny_model import cached_tiny_model
 from turnout.testing.deployment import Deployment, Service, wait_for
 
@@ -109,7 +110,9 @@ class Pair:
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     model = str(cached_tiny_model(with_weights=True))
-    d = Deployment(Path(tmp_path_factory.mktemp("vllm-disagg")), extra=["--model", model])
+    d = Deployment(Path(tmp_path_factory.mktemp("vllm-disagg")),
+                   extra=["--model", model],
+                   lease_ttl_s=VLLM_LEASE_TTL_S)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         workers = [d.start_worker(*WORKER_ARGS, worker_id=name, wait=False)

@@ -27,6 +27,7 @@ pytest.importorskip("transformers", reason="transformers is not installed")
 
 from PIL import Image
 
+from tests.e2e.vllm_host import VLLM_LEASE_TTL_S
 from tests.tiny_llava import IMAGE_TOKENS, cached_tiny_llava
 from turnout.testing.deployment import Deployment, Service, wait_for
 
@@ -95,7 +96,9 @@ def chat_indexed(d: Deployment, uri: str) -> tuple[str, Any]:
 @pytest.fixture(scope="module")
 def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     model = str(cached_tiny_llava())
-    d = Deployment(Path(tmp_path_factory.mktemp("vllm-mm")), extra=["--model", model])
+    d = Deployment(Path(tmp_path_factory.mktemp("vllm-mm")),
+                   extra=["--model", model],
+                   lease_ttl_s=VLLM_LEASE_TTL_S)
     try:
         d.start_router("--heartbeat-interval-ms", "500", "--missed-heartbeats", "4")
         llm = d.start_worker(*LLM_ARGS, worker_id="llm", wait=False)
