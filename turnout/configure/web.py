@@ -30,8 +30,8 @@ from urllib.parse import parse_qs, quote, urlencode
 from turnout.configure.deployment_files import Base
 from turnout.configure.estimate import EstimateError
 from turnout.configure.layout import FrontierPoint, NoLayout, Request
-from turnout.configure.main import BACKENDS, ConfigureConfig, Outcome, configure
 from turnout.configure.plot import svg
+from turnout.configure.run import BACKENDS, ConfigureConfig, Outcome, configure
 
 MAX_JOBS = 16
 K8S_BASE_REF = "../.."  # the overlay placed at k8s/overlays/NAME/ of a checkout
