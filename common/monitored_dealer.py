@@ -1,9 +1,12 @@
-"""A request-plane DEALER to one peer whose connection is watched (ZeroMQ socket monitor).
+"""A request-plane DEALER to one peer whose connection is watched.
 
 A dropped TCP connection is the fastest sign that a peer died (immediate on SIGKILL, long before
-a discovery lease or missed heartbeats say so). Owns the socket and its monitor (both read on the
-loop through `LoopSocket`), and turning monitor events into connection changes. Does not own
-what is sent or what a drop means for the caller.
+a discovery lease or missed heartbeats say so). On plain planes the DEALER is `ZmtpClient`
+(ZeroMQ's protocol on the loop, which sees its own connection come and go); on a context with
+fleet keys it is a libzmq CURVE socket whose connection is watched by a ZeroMQ socket monitor
+(both read on the loop through `LoopSocket`). Owns the choice, the socket (and monitor), and
+turning what they see into connection changes. Does not own what is sent or what a drop means
+for the caller.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from common.loop_socket import LoopSocket, MessageHandler
-from common.transport import connect_socket, tune_stream_socket
+from common.transport import connect_socket, fleet_keys, tune_stream_socket
+from common.zmtp import ZmtpClient
 
 
 class MonitoredDealer:
@@ -27,6 +31,14 @@ class MonitoredDealer:
 
     def __init__(self, ctx: zmq.Context, endpoint: str, on_message: MessageHandler) -> None:
         self.endpoint = endpoint
+        self.connected = False  # a connection to the peer is up right now
+        self._changes: deque[bool] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self.socket: LoopSocket | ZmtpClient
+        self._monitor: LoopSocket | None = None
+        if fleet_keys(ctx) is None:
+            self.socket = ZmtpClient(endpoint, on_message, self._on_change)
+            return
         socket = ctx.socket(zmq.DEALER, socket_class=zmq.Socket)
         tune_stream_socket(socket)
         # The monitor before connect, so the first CONNECTED is not missed. Set up by hand
@@ -38,9 +50,6 @@ class MonitoredDealer:
         monitor.setsockopt(zmq.LINGER, 0)
         monitor.connect(address)
         connect_socket(socket, endpoint)
-        self.connected = False  # a TCP connection to the peer is up right now
-        self._changes: deque[bool] = deque()
-        self._waiter: asyncio.Future[None] | None = None
         self.socket = LoopSocket(socket, on_message)
         self._monitor = LoopSocket(monitor, self._on_monitor_event)
         self.socket.start()
@@ -49,12 +58,13 @@ class MonitoredDealer:
     def _on_monitor_event(self, frames: list[bytes]) -> None:
         kind = parse_monitor_message(frames)["event"]
         if kind == zmq.EVENT_CONNECTED and not self.connected:
-            self.connected = True
+            self._on_change(True)
         elif kind == zmq.EVENT_DISCONNECTED and self.connected:
-            self.connected = False
-        else:
-            return
-        self._changes.append(self.connected)
+            self._on_change(False)
+
+    def _on_change(self, up: bool) -> None:
+        self.connected = up
+        self._changes.append(up)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -85,9 +95,11 @@ class MonitoredDealer:
     def close(self) -> None:
         """Close the socket and its monitor now (pending messages are dropped). Cancel tasks
         reading `changes()` first."""
-        try:
-            self.socket.socket.monitor(None, 0)
-        except zmq.ZMQError:
-            pass
-        self._monitor.close()
+        if self._monitor is not None:
+            assert isinstance(self.socket, LoopSocket)
+            try:
+                self.socket.socket.monitor(None, 0)
+            except zmq.ZMQError:
+                pass
+            self._monitor.close()
         self.socket.close()

@@ -101,6 +101,11 @@ def bind_socket(socket: zmq.Socket, host: str, port: int, advertise_host: str | 
         socket.bind(f"tcp://{host}:{port}")
     else:
         port = socket.bind_to_random_port(f"tcp://{host}")
+    return advertised_endpoint(host, port, advertise_host)
+
+
+def advertised_endpoint(host: str, port: int, advertise_host: str | None = None) -> str:
+    """The tcp:// address peers should use for something bound at host:port."""
     shown = advertise_host or host
     if shown in ("0.0.0.0", "*", ""):
         shown = "127.0.0.1"

@@ -20,7 +20,6 @@ import zmq
 
 from common.discovery import open_discovery
 from common.event_plane import EventSubscriber
-from common.loop_socket import LoopSocket
 from common.malformed import MALFORMED, MalformedFrames
 from common.messages import (
     KIND_CANCEL,
@@ -40,15 +39,14 @@ from common.messages import (
     generate_decoder,
     token_batch_decoder,
 )
+from common.router_socket import RouterSocket
 from common.service import Service, run_service
 from common.status_server import StatusServer
 from common.transport import (
-    bind_socket,
     destroy_context,
     identity_metadata,
     secure_context,
     trusted_peer,
-    tune_stream_socket,
 )
 from services.router.accounting import Accounting
 from services.router.args import RouterConfig
@@ -80,7 +78,7 @@ class Router(WorkerLoss):
                                      config.heartbeat_interval_ms / 1000)
         self.selector, self.kv_index = build_selection(config, self.pool, self.metrics)
         # Read on the loop from run() on; sends go out from here.
-        self.frontends = LoopSocket(self.ctx.socket(zmq.ROUTER), self.on_frontend_message)
+        self.frontends = RouterSocket(self.ctx, self.on_frontend_message)
         self.migration = Migration(
             self.pool, self.accounting, self.selector, self.metrics,
             functools.partial(send_error, self.frontends), self.kv_index,
@@ -132,9 +130,7 @@ class Router(WorkerLoss):
             service.on_shutdown("zmq context", lambda: destroy_context(self.ctx))
             service.on_shutdown("sockets", self._close_sockets)
             secure_context(self.ctx, cfg.keys_dir)
-            tune_stream_socket(self.frontends.socket)
-            endpoint = bind_socket(self.frontends.socket, cfg.host, cfg.router_port,
-                                   cfg.advertise_host)
+            endpoint = await self.frontends.bind(cfg.host, cfg.router_port, cfg.advertise_host)
             metrics_port = await self.status.start()
             events = self.replicas.start(self.ctx, service)
             service.on_shutdown("status server", self.status.close)

@@ -28,7 +28,6 @@ import zmq
 from common.block_hash import block_hashes
 from common.discovery import Discovery, open_discovery
 from common.event_plane import EventPublisher
-from common.loop_socket import LoopSocket
 from common.malformed import MALFORMED, MalformedFrames
 from common.messages import (
     FINISH_ERROR,
@@ -71,14 +70,13 @@ from common.messages import (
     kv_pull_decoder,
     kv_release_decoder,
 )
+from common.router_socket import RouterSocket
 from common.service import Service, run_service
 from common.status_server import StatusServer
 from common.transport import (
-    bind_socket,
     destroy_context,
     identity_metadata,
     secure_context,
-    tune_stream_socket,
 )
 from services.worker.args import DEFAULT_EMBEDDING_CACHE_MB, WorkerConfig
 from services.worker.engine import Engine, EngineError, StepOutput
@@ -101,6 +99,8 @@ class Worker:
         self.worker_id = self.service.id
         self.model = config.model_name()
         self.ctx = zmq.Context()
+        # Bound in run(); read once the engine runs (earlier messages wait).
+        self.requests = RouterSocket(self.ctx, self.on_request)
         self.metrics = WorkerMetrics(self.worker_id, self.model)
         engine.metrics = self.metrics.engine_metrics  # it declares its own series in `start`
         # request id → ROUTER identity of the upstream peer that sent it
@@ -515,13 +515,11 @@ class Worker:
             service.install_signal_handlers()
             service.on_shutdown("zmq context", lambda: destroy_context(self.ctx))
             secure_context(self.ctx, cfg.keys_dir)
-            request_socket = self.ctx.socket(zmq.ROUTER)
             # Reading stops earlier, when the "requests" loop is cancelled; replies the engine
             # makes while it shuts down still go out until here.
-            service.on_shutdown("request socket", lambda: request_socket.close(linger=0))
-            tune_stream_socket(request_socket)
-            self.request_endpoint = bind_socket(request_socket, cfg.host, cfg.worker_port,
-                                                cfg.advertise_host)
+            service.on_shutdown("request socket", self.requests.close)
+            self.request_endpoint = await self.requests.bind(cfg.host, cfg.worker_port,
+                                                             cfg.advertise_host)
             service.on_shutdown("peer links", self.peers.close)
             self.publisher = EventPublisher(self.ctx, self.worker_id, cfg.host,
                                             cfg.worker_event_port, cfg.advertise_host)
@@ -538,7 +536,6 @@ class Worker:
             service.on_shutdown("discovery", self.discovery.close)
             # Read from here on: the engine runs and the planes are up (messages that came
             # earlier wait in the socket).
-            self.requests = LoopSocket(request_socket, self.on_request)
             service.spawn("requests", self.requests.run())
             service.spawn("heartbeat", self.heartbeat())
             if cfg.kv_replicas > 0:
