@@ -8,12 +8,15 @@ concurrency levels; reading each server process's CPU time around every level; p
 line per (system, level, round) and one Turnout/Dynamo ratio line per level (medians over
 `--rounds`). With `--curve on` Turnout runs with fleet keys (CURVE on the request and event
 planes); `--curve both` runs it both ways in the same run (alternating first per round) and
-prints a curve/plain ratio line per level. Does not own the HTTP client
+prints a curve/plain ratio line per level. With `--floor` the bare HTTP floor
+(`bench/http_floor.py`: the frontend's HTTP stack answering at once) runs too, and each system's
+compare line against it carries `added_ttft_ms_p50`, what serving adds to the first token.
+Does not own the HTTP client
 (`bench/load_client.py`) or anything it starts beyond this run: every process is killed by
 process group on exit.
 
     python bench/overhead.py [--dynamo] [--skip-turnout] [--levels 1,16,64] [--requests 64,1000]
-                             [--curve off|on|both]
+                             [--curve off|on|both] [--floor]
 
 Progress goes to stderr, JSON lines to stdout.
 """
@@ -170,6 +173,34 @@ class TurnoutStack(Stack):
                 top = psutil.Process(service.pid)
                 found.setdefault(service.role, []).extend([top, *top.children(recursive=True)])
         return found
+
+
+class FloorStack(Stack):
+    """`bench/http_floor.py`: the same HTTP stack as Turnout's frontend answering at once, with
+    no routing, engine or detokenizing behind it: the floor for TTFT and CPU per request."""
+
+    name = "floor"
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
+        self.port = port
+
+    async def start(self, timeout_s: float) -> None:
+        cmd = [sys.executable, str(REPO / "bench" / "http_floor.py"), "--port", str(self.port)]
+        fd, name = tempfile.mkstemp(prefix="http-floor-", suffix=".log")
+        self.log_path = Path(name)
+        log(f"starting: {shlex.join(cmd)} (log {name})")
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd,
+                start_new_session=True, cwd=str(REPO))
+        finally:
+            os.close(fd)
+        await wait_until_ok(self.base_url, "/health", timeout_s, alive=self.alive)
+
+    def processes(self) -> dict[str, list[psutil.Process]]:
+        assert self.proc is not None
+        return {"http": [psutil.Process(self.proc.pid)]}
 
 
 class DynamoStack(Stack):
@@ -411,17 +442,28 @@ async def main_async(args: argparse.Namespace, work: Workload, model: Path) -> i
     if args.dynamo:
         sides.append(("dynamo", lambda: DynamoStack(args.dynamo_port, model,
                                                     args.dynamo_speedup)))
+    if args.floor:
+        sides.append(("floor", lambda: FloorStack(args.floor_port)))
     results: dict[str, list[list[dict[str, Any]]]] = {name: [] for name, _ in sides}
     for round_no in range(args.rounds):
         # Alternate which side goes first, so a slow drift in the machine's load (this machine
         # may be shared) does not always land on the same side.
         for name, make in sides if round_no % 2 == 0 else sides[::-1]:
             results[name].append(await run_side(make(), work, args.startup_timeout, round_no))
-    for first, second in (("turnout", "dynamo"), ("turnout-curve", "turnout")):
+    for first, second in (("turnout", "dynamo"), ("turnout-curve", "turnout"),
+                          ("turnout", "floor"), ("dynamo", "floor")):
         if first in results and second in results:
             for line in compare_lines(results[first], results[second], (first, second)):
+                if second == "floor":
+                    # What serving adds to the first token over the bare HTTP floor.
+                    line["added_ttft_ms_p50"] = _difference(line[first]["ttft_ms_p50"],
+                                                            line[second]["ttft_ms_p50"])
                 print(json.dumps(line), flush=True)
     return 0
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+    return round(a - b, 3) if a is not None and b is not None else None
 
 
 def covers_dynamo_tokens(ids: list[int]) -> bool:
@@ -451,6 +493,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dynamo", action="store_true", help="also run Dynamo 1.6.1 alongside")
     parser.add_argument("--skip-turnout", action="store_true", help="only run Dynamo")
+    parser.add_argument("--floor", action="store_true",
+                        help="also run the bare HTTP floor (bench/http_floor.py) and report "
+                             "each system's added TTFT over it")
+    parser.add_argument("--floor-port", type=int, default=18300)
     parser.add_argument("--curve", choices=["off", "on", "both"], default="off",
                         help="Turnout with fleet keys (CURVE planes): off, on, or both ways")
     parser.add_argument("--levels", type=_ints, default=[1, 16, 64], help="concurrency levels")
@@ -486,8 +532,8 @@ def main(argv: list[str] | None = None) -> int:
                              "which goes first); ratios use the medians")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.skip_turnout and not args.dynamo:
-        parser.error("--skip-turnout without --dynamo leaves nothing to run")
+    if args.skip_turnout and not (args.dynamo or args.floor):
+        parser.error("--skip-turnout without --dynamo or --floor leaves nothing to run")
     requests = args.requests or [default_requests(c) for c in args.levels]
     if len(requests) == 1:
         requests = requests * len(args.levels)
