@@ -48,6 +48,9 @@ from overhead import (  # noqa: E402  (the mocker benchmark's process handling, 
     prompt_token_ids,
 )
 
+from turnout.testing.deployment import PYTHON_TURNOUT  # noqa: E402
+from turnout.testing.deployment import Deployment as LocalDeployment  # noqa: E402
+
 # Both sides get exactly these vLLM engine arguments (plus --engine-args).
 BASE_ENGINE_ARGS = ["--enforce-eager", "--block-size", "64",
                     "--kv-cache-memory-bytes", str(256 << 20), "--max-num-seqs", "64"]
@@ -93,29 +96,25 @@ class VllmServerStack(Stack):
 
 
 class TurnoutVllmStack(TurnoutStack):
+    """What `turnout up --workers 1 --engine vllm --engine-args "<args>"` starts, each process
+    managed (and its CPU read by role) as the mocker benchmark's Turnout side."""
+
     name = "turnout"
     extra_body: dict[str, Any] = {}
 
     def __init__(self, port: int, model: Path, engine_args: list[str]) -> None:
-        super().__init__(port, REPO / ".venv" / "bin" / "turnout", model, 0.0, [])
+        super().__init__(port, list(PYTHON_TURNOUT), model, 0.0, [])
         self.engine_args = engine_args
 
     async def start(self, timeout_s: float) -> None:
-        cmd = [sys.executable, "-m", "turnout", "up", "--port", str(self.port), "--workers", "1",
-               "--engine", "vllm", "--model", str(self.model),
-               # `=`: a value that starts with "--" is not taken for a flag
-               f"--engine-args={shlex.join(self.engine_args)}",
-               "--startup-timeout-s", str(timeout_s)]
-        fd, name = tempfile.mkstemp(prefix="turnout-up-", suffix=".log")
-        self.log_path = Path(name)
-        log(f"starting: {shlex.join(cmd)} (log {name})")
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd,
-                start_new_session=True, cwd=str(REPO))
-        finally:
-            os.close(fd)
-        await wait_until_ok(self.base_url, "/health", timeout_s, alive=self.alive)
+        # `=`: a value that starts with "--" is not taken for a flag
+        flags = ["--engine", "vllm", "--model", str(self.model),
+                 f"--engine-args={shlex.join(self.engine_args)}"]
+        logs = Path(tempfile.mkdtemp(prefix="turnout-engine-overhead-"))
+        self.local = LocalDeployment(logs, command=self.command, lease_ttl_s=None)
+        log(f"starting: turnout <role> with up-style flags {shlex.join(flags)} (logs {logs})")
+        # Blocking until the frontend is healthy and the router routes to the worker.
+        await asyncio.to_thread(self.local.start_up, flags, 1, self.port, timeout_s)
 
 
 def prompts(ids: list[int], n: int, length: int, seed: int) -> list[list[int]]:
