@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import shlex
 import sys
 import tempfile
@@ -78,15 +77,7 @@ class VllmServerStack(Stack):
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                "--model", str(self.model), "--host", "127.0.0.1", "--port", str(self.port),
                *self.engine_args]
-        fd, name = tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")
-        self.log_path = Path(name)
-        log(f"starting: {shlex.join(cmd)} (log {name})")
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd,
-                start_new_session=True, cwd=str(REPO))
-        finally:
-            os.close(fd)
+        await self.spawn(cmd, "vllm-serve-")
         await wait_until_ok(self.base_url, "/v1/models", timeout_s, alive=self.alive)
 
     def processes(self) -> dict[str, list[psutil.Process]]:

@@ -64,15 +64,7 @@ async def _stream(send: Any, request: dict[str, Any], chat: bool) -> None:
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-    if scope["type"] != "http":
+    if scope["type"] != "http":  # lifespan is off: nothing to set up
         return
     method, path = scope["method"], scope["path"]
     if method == "GET" and path == "/health":
@@ -99,7 +91,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools",
-                lifespan="on", log_level="warning", access_log=False)
+                lifespan="off", log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,19 @@ class Stack:
     async def start(self, timeout_s: float) -> None:
         raise NotImplementedError
 
+    async def spawn(self, cmd: list[str], log_prefix: str) -> None:
+        """Start `cmd` as this stack's process, in its own session (so `stop()` can kill the
+        group), output to a fresh log file."""
+        fd, name = tempfile.mkstemp(prefix=log_prefix, suffix=".log")
+        self.log_path = Path(name)
+        log(f"starting: {shlex.join(cmd)} (log {name})")
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd,
+                start_new_session=True, cwd=str(REPO))
+        finally:
+            os.close(fd)
+
     def processes(self) -> dict[str, list[psutil.Process]]:
         raise NotImplementedError
 
@@ -186,16 +199,8 @@ class FloorStack(Stack):
         self.port = port
 
     async def start(self, timeout_s: float) -> None:
-        cmd = [sys.executable, str(REPO / "bench" / "http_floor.py"), "--port", str(self.port)]
-        fd, name = tempfile.mkstemp(prefix="http-floor-", suffix=".log")
-        self.log_path = Path(name)
-        log(f"starting: {shlex.join(cmd)} (log {name})")
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd,
-                start_new_session=True, cwd=str(REPO))
-        finally:
-            os.close(fd)
+        await self.spawn([sys.executable, str(REPO / "bench" / "http_floor.py"),
+                          "--port", str(self.port)], "http-floor-")
         await wait_until_ok(self.base_url, "/health", timeout_s, alive=self.alive)
 
     def processes(self) -> dict[str, list[psutil.Process]]:
