@@ -121,6 +121,10 @@ class TurnoutSystem(TurnoutDeployment):
                  "--kv-bytes-per-token", str(args.kv_bytes_per_token)]
         if kind == "disagg":
             extra += ["--disagg-mode", "always"]
+        elif kind == "conditional":
+            # The router prices both paths against the goodput targets it is measured on.
+            extra += ["--disagg-ttft-target-ms", f"{GOOD_TTFT_S * 1000:g}",
+                      "--disagg-itl-target-ms", f"{GOOD_ITL_S * 1000:g}"]
         super().__init__("kv", port, log_dir, 2, model, args.speedup, max_model_len, extra)
         self.name = f"turnout-{kind}"
         self.split = kind != "agg"

@@ -18,14 +18,17 @@ from common.messages import (
     generate_decoder,
 )
 from services.router.args import RouterConfig
-from services.router.disaggregation import Disaggregation, PathLimits, choose_path
+from services.router.disaggregation import Disaggregation, PathCosts, PathLimits, choose_path
 from services.router.kv_index import KvIndex
 from services.router.kv_policy import KvAwarePolicy
 from services.router.policies import RoundRobin
 from tests.router.fakes import Wiring, counter, frontend_chunks, request, sent, worker
 
 LIMITS = PathLimits(local_max_tokens=2048, local_max_ratio=0.7, prefill_busy_tokens=10_000,
-                    decode_veto_requests=8)
+                    decode_veto_requests=8, ttft_target_ms=200, itl_target_ms=20)
+# Both paths meet the targets: the thresholds decide.
+FITS = PathCosts(local_ttft_ms=50, local_step_ms=15, exposed_streams=3, remote_ttft_ms=50,
+                 handoff_ms=10)
 
 
 @pytest.mark.parametrize(("prompt", "uncached", "queue", "decode", "expect"), [
@@ -40,14 +43,14 @@ LIMITS = PathLimits(local_max_tokens=2048, local_max_ratio=0.7, prefill_busy_tok
 ])
 def test_choose_path_follows_the_thresholds(prompt: int, uncached: int, queue: float,
                                             decode: int, expect: tuple[str, str]) -> None:
-    assert choose_path(LIMITS, prompt, uncached, queue, decode) == expect
+    assert choose_path(LIMITS, prompt, uncached, queue, decode, FITS) == expect
 
 
 def test_always_mode_and_disabled_thresholds() -> None:
-    assert choose_path(PathLimits(mode="always"), 10, 0, 0, 0) == ("remote", "always")
+    assert choose_path(PathLimits(mode="always"), 10, 0, 0, 0, FITS) == ("remote", "always")
     off = PathLimits()  # busy and veto off by default
-    assert choose_path(off, 4000, 4000, 1e9, 0) == ("remote", "long_uncached")
-    assert choose_path(off, 4000, 100, 0, 10_000) == ("local", "short_uncached")
+    assert choose_path(off, 4000, 4000, 1e9, 0, FITS) == ("remote", "long_uncached")
+    assert choose_path(off, 4000, 100, 0, 10_000, FITS) == ("local", "short_uncached")
 
 
 def role(worker_id: str, mode: str, block_size: int = 4):  # type: ignore[no-untyped-def]
