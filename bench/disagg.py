@@ -17,7 +17,9 @@ TTFT <= 200 ms and every inter-token gap <= 20 ms), then the goal lines:
   aggregated and always-disaggregated modes.
 
 Every system runs two mocker workers at speed-up 1 with the KV transfer modelled at
-`--kv-gbps` (25) GB/s and `--kv-bytes-per-token` (128 KiB). Does not own the HTTP client
+`--kv-gbps` (25) GB/s and `--kv-bytes-per-token` (128 KiB). turnout-conditional's router is
+given the goodput targets as its path-pricing targets (`--disagg-ttft-target-ms 200
+--disagg-itl-target-ms 20`). Does not own the HTTP client
 (`bench/load_client.py`) or the deployments' plumbing (`bench/kv_routing.py`).
 
     python bench/disagg.py                              # everything (~20 minutes)
