@@ -8,8 +8,10 @@ trace, its prompts built block by block as `bench/kv_routing.py` builds them, cu
 `--prefix-max-tokens`, its arrivals rescaled to `--prefix-rate`), starting every system fresh
 per workload (Turnout through `turnout.testing.deployment` as `turnout up` would start it;
 Dynamo through `/work/shared/anchors/dynamo/start_disagg.sh`), killing everything it started,
-and one JSON line per system and workload (TTFT and ITL percentiles, goodput: requests with
-TTFT <= 200 ms and every inter-token gap <= 20 ms), then the goal lines:
+and one JSON line per system and workload (TTFT and ITL percentiles, the ITL p99 without each
+stream's first gap and that first gap's median (where a hand-off at the first token shows),
+goodput: requests with TTFT <= 200 ms and every inter-token gap <= 20 ms), then the goal
+lines:
 
 - Turnout disaggregated at 8 req/s: ITL p99 <= Dynamo disaggregated's and TTFT p99 <= Dynamo
   aggregated's;
@@ -237,11 +239,15 @@ def result_line(system: str, workload: str, result: LoadResult,
     cached = sum(r.cached_tokens or 0 for r in ok)
     t0 = min((r.start for r in result.records if r.start), default=0.0)
     lag = [r.start - t0 - t.at for r, t in zip(result.records, trace, strict=True) if r.start]
+    # Without each stream's first gap: what a hand-off at the first token adds to the tail.
+    later = [gap for r in ok for gap in r.itl[1:]]
     line = {
         "bench": "disagg", "workload": workload, "system": system,
         "requests": s["requests"], "completed": s["completed"], "errors": s["errors"],
         "ttft_ms_p50": s["ttft_ms_p50"], "ttft_ms_p99": s["ttft_ms_p99"],
         "itl_ms_p50": s["itl_ms_p50"], "itl_ms_p99": s["itl_ms_p99"],
+        "itl_ms_p99_after_first": _ms_or_none(percentile(later, 99)),
+        "first_gap_ms_p50": _ms_or_none(percentile([r.itl[0] for r in ok if r.itl], 50)),
         "e2e_ms_p50": s["e2e_ms_p50"], "req_s": s["req_s"], "output_tok_s": s["output_tok_s"],
         "goodput_requests": len(good),
         "goodput_req_s": round(len(good) / result.duration, 3) if result.duration else None,
@@ -251,6 +257,10 @@ def result_line(system: str, workload: str, result: LoadResult,
     if s["errors"]:
         line["error_kinds"] = s["error_kinds"]
     return line
+
+
+def _ms_or_none(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 3)
 
 
 async def run_system(dep: Deployment, workloads: list[tuple[str, list[TraceRequest]]],
@@ -325,14 +335,15 @@ async def main_async(args: argparse.Namespace, systems: list[str]) -> int:
     rand = [(f"random@{r:g}", random_workload(args.requests, r, vocab, args.seed))
             for r in args.rates]
     prefix = [("prefix", prefix_workload(args.prefix_start, args.prefix_requests, args.prefix_rate,
-                                         args.prefix_max_tokens, vocab, args.seed))]
+                                         args.prefix_max_tokens, vocab, args.seed))
+              ] if args.prefix_requests > 0 else []
     max_model_len = args.prefix_max_tokens + 512
     log_root = Path(tempfile.mkdtemp(prefix="disagg-bench-"))
     log(f"logs under {log_root}; model {model}; the machine is shared: figures are noisy")
     lines: list[dict[str, Any]] = []
     failed = 0
     plan = [(s, rand) for s in systems]
-    if args.prefix_requests > 0:
+    if prefix:
         plan += [(s, prefix) for s in systems if s in PREFIX_SYSTEMS]
     for i, (name, workloads) in enumerate(plan):
         system, _, kind = name.partition("-")
