@@ -114,6 +114,17 @@ class PathCosts:
     def local_harmless(self, limits: PathLimits) -> bool:
         return self.exposed_streams <= 0 or self.local_step_ms <= limits.itl_target_ms
 
+    def holds_first_token(self, limits: PathLimits) -> bool:
+        """Remote: the hand-off gap would miss the ITL target but fits in the TTFT budget, so
+        the first token waits for the decode worker's (the gap moves into TTFT)."""
+        return (self.handoff_ms > limits.itl_target_ms
+                and self.remote_ttft_ms + self.handoff_ms <= limits.ttft_target_ms)
+
+    def remote_fits(self, limits: PathLimits) -> bool:
+        if self.handoff_ms <= limits.itl_target_ms:
+            return self.remote_ttft_ms <= limits.ttft_target_ms
+        return self.holds_first_token(limits)
+
 
 def choose_path(limits: PathLimits, prompt_tokens: int, uncached_tokens: int,
                 prefill_queue_tokens: float, decode_requests: int,
@@ -131,7 +142,7 @@ def choose_path(limits: PathLimits, prompt_tokens: int, uncached_tokens: int,
     harmless = costs.local_harmless(limits)
     local_fits = harmless and costs.local_ttft_ms <= limits.ttft_target_ms
     remote_ttft_ok = not busy and costs.remote_ttft_ms <= limits.ttft_target_ms
-    remote_fits = remote_ttft_ok and costs.handoff_ms <= limits.itl_target_ms
+    remote_fits = not busy and costs.remote_fits(limits)
     if local_fits == remote_fits and (local_fits or harmless):
         # Both paths meet the targets, or neither does and local harms nobody: the thresholds.
         if not short and not busy:
@@ -160,6 +171,8 @@ class DisaggState:
     kv_transfer_params: bytes = b""
     handoff_at: float = 0.0  # monotonic time the prefill's final chunk arrived (0: not yet)
     pulled_tokens: int = 0  # prompt tokens the decode worker was to pull (from the KV index)
+    hold_first: bool = False  # the first token waits for the decode worker's (see `relay`)
+    held: TokenChunk | None = None  # the prefill's first-token chunk, held back
 
 
 @dataclasses.dataclass(slots=True)
@@ -231,24 +244,19 @@ class Disaggregation:
         queue = min(load_of(w)[0] * w.block_size for w in prefill)
         self.metrics.disagg_prefill_queue.set(queue)
         in_flight = _in_flight(decode.worker)
-        chosen = None
-        if self.limits.mode == "always":
-            path, reason = PATH_REMOTE, REASON_ALWAYS
-        else:
-            chosen = self.prefill_policy.decide(request, prefill)
-            costs = self.path_costs(request.model, prompt, uncached, decode.worker, in_flight,
-                                    chosen, prefill_inflight=sum(w.inflight for w in prefill),
-                                    decode_workers=len(serving))
-            path, reason = choose_path(self.limits, prompt, uncached, queue, in_flight, costs)
+        chosen = self.prefill_policy.decide(request, prefill)
+        costs = self.path_costs(request.model, prompt, uncached, decode.worker, in_flight,
+                                chosen, prefill_inflight=sum(w.inflight for w in prefill),
+                                decode_workers=len(serving))
+        path, reason = choose_path(self.limits, prompt, uncached, queue, in_flight, costs)
         self._count(path, reason)
         if path == PATH_LOCAL:
             self._commit(self.decode_policy, decode)
             return Placement(decode)
-        if chosen is None:
-            chosen = self.prefill_policy.decide(request, prefill)
         self._commit(self.prefill_policy, chosen)
         return Placement(chosen, self._prefill_payload(request), DisaggState(
-            chosen.worker.id, chosen.worker.instance.endpoints["request"]))
+            chosen.worker.id, chosen.worker.instance.endpoints["request"],
+            hold_first=costs.holds_first_token(self.limits)))
 
     def path_costs(self, model: str, prompt: int, uncached: int, decode: WorkerHandle,
                    in_flight: int, prefill: Decision, prefill_inflight: int,
@@ -302,7 +310,25 @@ class Disaggregation:
         state.handoff_at = self.clock()
         chunk.finish_reason = None
         chunk.kv_transfer_params = b""
+        if state.hold_first:
+            state.held = chunk
         return True
+
+    def relay(self, entry: RoutedRequest, chunk: TokenChunk) -> TokenChunk | None:
+        """What of `chunk` goes to the client now: None while the first token is held (its
+        hand-off gap would pass the ITL target, and the TTFT budget has room for it); the next
+        chunk of the stream, from whichever worker, carries it in front of its own tokens, with
+        the prompt figures the client has not seen yet."""
+        state = entry.disagg
+        if state is None or state.held is None:
+            return chunk
+        if chunk is state.held:
+            return None
+        held, state.held = state.held, None
+        self.metrics.disagg_handoffs.labels("first_token_held").inc()
+        return msgspec.structs.replace(
+            chunk, token_ids=[*held.token_ids, *chunk.token_ids],
+            num_prompt_tokens=held.num_prompt_tokens, cached_tokens=held.cached_tokens)
 
     def hand_off(self, entry: RoutedRequest) -> None:
         """Send `entry` (its first token streamed) to a decode worker that pulls its KV."""

@@ -63,9 +63,14 @@ def costs(**kw: float) -> PathCosts:
     (4000, 1000, 0, 3, {"local_step_ms": 40}, ("remote", "decode_itl")),
     # ... which is harmless on a decode worker where no stream decodes.
     (4000, 1000, 0, 0, {"local_step_ms": 40, "exposed_streams": 0}, ("local", "short_uncached")),
-    # Long and fresh, on an idle decode worker: the hand-off gap would miss the ITL target.
+    # Long and fresh, on an idle decode worker: the hand-off gap would miss the ITL target,
+    # and held back in the first token it would push TTFT past its target.
     (8000, 8000, 0, 0, {"local_step_ms": 190, "exposed_streams": 0, "local_ttft_ms": 170,
-                        "handoff_ms": 45}, ("local", "handoff_gap")),
+                        "remote_ttft_ms": 170, "handoff_ms": 45}, ("local", "handoff_gap")),
+    # ... with TTFT to spare, the gap goes into the first token: remote fits.
+    (8000, 8000, 0, 0, {"local_step_ms": 190, "exposed_streams": 0, "local_ttft_ms": 170,
+                        "handoff_ms": 45}, ("remote", "long_uncached")),
+    (4000, 1000, 0, 3, {"local_step_ms": 40, "handoff_ms": 45}, ("remote", "decode_itl")),
     # Long, the prefill pool's queue would miss the TTFT target; local fits.
     (4000, 4000, 0, 0, {"exposed_streams": 0, "remote_ttft_ms": 400}, ("local", "remote_ttft")),
     (4000, 4000, 20_000, 0, {"exposed_streams": 0, "remote_ttft_ms": 400},
@@ -75,12 +80,14 @@ def costs(**kw: float) -> PathCosts:
     # Short, but the decode worker's queue would miss the TTFT target; remote fits.
     (4000, 1000, 0, 0, {"local_ttft_ms": 300}, ("remote", "local_ttft")),
     # Neither fits and local would harm streams: remote (one request misses, not a batch).
-    (4000, 1000, 0, 3, {"local_step_ms": 40, "handoff_ms": 45}, ("remote", "decode_itl")),
+    (4000, 1000, 0, 3, {"local_step_ms": 40, "handoff_ms": 45, "remote_ttft_ms": 170},
+     ("remote", "decode_itl")),
     # Neither fits and local harms nobody: the thresholds.
     (4000, 1000, 0, 0, {"local_ttft_ms": 300, "remote_ttft_ms": 300}, ("local", "short_uncached")),
     (4000, 4000, 0, 0, {"local_ttft_ms": 300, "remote_ttft_ms": 300}, ("remote", "long_uncached")),
     # The veto holds whatever the prices.
-    (8000, 8000, 0, 8, {"exposed_streams": 0, "handoff_ms": 45}, ("remote", "decode_busy")),
+    (8000, 8000, 0, 8, {"exposed_streams": 0, "handoff_ms": 45, "remote_ttft_ms": 170},
+     ("remote", "decode_busy")),
 ])
 def test_choose_path_prices_both_paths_against_the_targets(
         prompt: int, uncached: int, queue: float, decode: int, kw: dict[str, float],
@@ -259,8 +266,8 @@ def test_a_long_fresh_prompt_prefills_on_an_idle_decode_worker() -> None:
 
 
 def test_observed_hand_offs_teach_the_gap() -> None:
-    """Hand-offs slower than the prior predicts send a prompt that would move little KV to the
-    decode worker's own prefill (when it is idle)."""
+    """Hand-offs slower than the prior predicts (and than the TTFT budget could absorb) send a
+    prompt that would move little KV to the decode worker's own prefill (when it is idle)."""
     p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
     w = wire(p, d, mode="conditional", kv=True, **SLA)
     disagg = w.streams.disagg
@@ -271,11 +278,11 @@ def test_observed_hand_offs_teach_the_gap() -> None:
         rid = f"h{i}"
         place(w, rid, tokens=400)
         w.streams.on_batch(p, [TokenChunk(rid, [7], FINISH_LENGTH, num_prompt_tokens=400)])
-        w.clock.advance(0.060)  # 60 ms from the first token to the decode worker's
+        w.clock.advance(0.250)  # 250 ms from the first token to the decode worker's
         w.streams.on_batch(d, [TokenChunk(rid, [8], num_prompt_tokens=400, cached_tokens=400)])
         w.streams.on_batch(d, [TokenChunk(rid, [9], FINISH_LENGTH)])
     w.streams.on_batch(p, [TokenChunk("r0", [1], FINISH_STOP, num_prompt_tokens=400)])
-    assert disagg._handoff_model("m").predict(400) > 40
+    assert disagg._handoff_model("m").predict(400) > 200
     place(w, "r1", tokens=400)
     assert counter(w.metrics.disagg_decisions, "local", "handoff_gap") == 1
 
@@ -301,3 +308,35 @@ def test_the_hand_off_model_fits_its_observations() -> None:
 def test_targets_must_be_positive(name: str) -> None:
     with pytest.raises(ValueError, match=name.replace("_", "-")):
         RouterConfig(**{name: 0.0})
+
+
+def test_holds_first_token_only_when_the_ttft_budget_absorbs_the_gap() -> None:
+    assert costs(handoff_ms=45, remote_ttft_ms=100).holds_first_token(LIMITS)
+    assert not costs(handoff_ms=15, remote_ttft_ms=100).holds_first_token(LIMITS)  # fits ITL
+    assert not costs(handoff_ms=45, remote_ttft_ms=170).holds_first_token(LIMITS)  # past TTFT
+
+
+def test_a_slow_hand_off_moves_into_the_first_token() -> None:
+    """A hand-off predicted past the ITL target (8,000 tokens to move: ~47 ms) with TTFT to
+    spare: the prefill's first token is held and goes out with the decode worker's first, with
+    the prompt figures; the client sees no gap between them."""
+    p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
+    w = wire(p, d, **{"disagg_ttft_target_ms": 400.0, "disagg_itl_target_ms": 20.0})
+    place(w, "r1", tokens=8000)
+    w.streams.on_batch(p, [TokenChunk("r1", [42], FINISH_LENGTH, num_prompt_tokens=8000)])
+    assert w.frontends.sent == []  # held
+    (_, payload), = sent(d)
+    assert generate_decoder.decode(payload).generated_token_ids == [42]
+    w.streams.on_batch(d, [TokenChunk("r1", [43], num_prompt_tokens=8000, cached_tokens=8000)])
+    (_, chunks), = [frontend_chunks(f) for f in w.frontends.sent]
+    assert [(c.token_ids, c.num_prompt_tokens, c.cached_tokens) for c in chunks] == [
+        ([42, 43], 8000, 0)]
+    assert counter(w.metrics.disagg_handoffs, "first_token_held") == 1
+    w.streams.on_batch(d, [TokenChunk("r1", [44], FINISH_LENGTH)])
+    _, chunks = frontend_chunks(w.frontends.sent[-1])
+    assert [c.token_ids for c in chunks] == [[44]] and len(w.accounting) == 0
+    # A short prompt's hand-off fits the ITL target: its first token streams at once.
+    place(w, "r2", tokens=8)
+    w.streams.on_batch(p, [TokenChunk("r2", [7], FINISH_LENGTH, num_prompt_tokens=8)])
+    _, chunks = frontend_chunks(w.frontends.sent[-1])
+    assert [c.token_ids for c in chunks] == [[7]]
