@@ -6,7 +6,10 @@ the decode worker it would use (decode load, prefix cached there) and decides th
 (`choose_path`): prefill *locally* on it, or *remotely*: a prefill worker is picked by KV
 overlap and queued prefill alone (decode load does not matter there) and gets the request with
 `phase="prefill"`. Its final chunk carries the first token, which goes to the client at once
-(TTFT never includes the transfer), and the engine's `kv_transfer_params`; then a decode worker
+(TTFT does not include the transfer; unless the hand-off gap is predicted past
+`--disagg-itl-target-ms` and the TTFT budget has room for it: then the token is held and goes
+out with the decode worker's first, so the gap lands in TTFT, not between tokens), and the
+engine's `kv_transfer_params`; then a decode worker
 is picked afresh, by decode load and by the prefix it already caches, and gets `phase="decode"`
 with the prefill worker first in `kv_sources`: it pulls only the blocks it lacks, acknowledges,
 and continues the stream. The in-flight table, `kv_sources` and the block pull are the
