@@ -154,6 +154,8 @@ class TurnoutSystem(TurnoutDeployment):
             "prefill_paths": {f"{s.labels['path']}/{s.labels['reason']}": int(s.value)
                               for s in m.samples("turnout_router_disagg_decisions_total")},
             "handoffs": int(handoff.count),
+            "first_tokens_held": int(m.value("turnout_router_disagg_handoffs_total",
+                                             outcome="first_token_held")),
             "handoff_ms_mean": None if handoff.mean is None else round(handoff.mean * 1000, 2),
             "migrations": int(m.value("turnout_router_migrations_total")),
         }

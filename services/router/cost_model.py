@@ -356,7 +356,9 @@ class HandoffCostModel:
     from observed hand-offs by exponentially forgetting least squares over a prior worth
     `prior_weight` hand-offs at 0 and `_PRIOR_SPAN` pulled tokens. The prior (5 ms + 128 KiB per
     token at 25 GB/s) answers until hand-offs are seen; a fitted slope below zero is refitted
-    at zero (a gap that shrinks with more to move would invite moving more).
+    at zero (a gap that shrinks with more to move would invite moving more). `upper` adds
+    `sigmas` standard deviations of the residuals seen (decayed alike): a target on every gap
+    is missed by the gaps above the mean, not by the mean.
     """
 
     _PRIOR_SPAN = 4096.0
@@ -376,12 +378,17 @@ class HandoffCostModel:
         self._sums = [0.0] * 5
         self.observations = 0
         self._coef = (fixed_ms, per_token_ms * _T)
+        self._sq_residuals = 0.0  # decayed sum of squared residuals (before each refit)
+        self._weight = 0.0  # decayed count of observations
 
     def observe(self, pulled_tokens: float, handoff_ms: float) -> None:
         if handoff_ms < 0:
             return
         x = max(0.0, pulled_tokens) / _T
         d = self.decay
+        residual = handoff_ms - self.predict(pulled_tokens)
+        self._sq_residuals = self._sq_residuals * d + residual * residual
+        self._weight = self._weight * d + 1.0
         s = self._sums
         for i, v in enumerate((1.0, x, x * x, handoff_ms, x * handoff_ms)):
             s[i] = s[i] * d + v
@@ -396,6 +403,14 @@ class HandoffCostModel:
     def predict(self, pulled_tokens: float) -> float:
         fixed, slope = self._coef
         return max(0.0, fixed + slope * max(0.0, pulled_tokens) / _T)
+
+    @property
+    def spread_ms(self) -> float:
+        """Standard deviation of the observed gaps around the fit (0 before any)."""
+        return math.sqrt(self._sq_residuals / self._weight) if self._weight > 0 else 0.0
+
+    def upper(self, pulled_tokens: float, sigmas: float = 2.0) -> float:
+        return self.predict(pulled_tokens) + sigmas * self.spread_ms
 
 
 class CostModels:

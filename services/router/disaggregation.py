@@ -112,7 +112,7 @@ class PathCosts:
     local_step_ms: float  # the longest step the decode worker's streams see meanwhile
     exposed_streams: float  # streams that step would stretch: decoding there, hand-offs due
     remote_ttft_ms: float  # to its first token on the best prefill worker
-    handoff_ms: float  # the first inter-token gap after the hand-off
+    handoff_ms: float  # the first gap after the hand-off (fit + 2 standard deviations)
 
     def local_harmless(self, limits: PathLimits) -> bool:
         return self.exposed_streams <= 0 or self.local_step_ms <= limits.itl_target_ms
@@ -281,7 +281,7 @@ class Disaggregation:
                                     max(1, prompt - prefill.overlap * p.block_size))
         # The decode worker's own queued prefill still running when the KV lands delays it.
         pending = max(0.0, steps.ttft_ms(queued, 0.0, decoding, load.kv_usage) - remote_ttft)
-        handoff = self._handoff_model(model).predict(uncached) + pending
+        handoff = self._handoff_model(model).upper(uncached) + pending
         exposed = decoding + prefill_inflight / max(1, decode_workers)
         return PathCosts(local_ttft, local_step, exposed, remote_ttft, handoff)
 

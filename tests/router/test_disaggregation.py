@@ -297,6 +297,13 @@ def test_the_hand_off_model_fits_its_observations() -> None:
         for n in (0, 1000, 4000):
             m.observe(n, 3.0 + 0.01 * n)
     assert m.predict(2000) == pytest.approx(23.0, rel=0.05)
+    assert m.spread_ms < 1.0  # exact observations: what is left is the prior's misfit, decaying
+    noisy = HandoffCostModel()
+    for i in range(400):
+        noisy.observe(1000, 20.0 + (5.0 if i % 2 else -5.0))  # 20 ms on average, +-5
+    assert noisy.predict(1000) == pytest.approx(20.0, abs=0.5)
+    assert noisy.spread_ms == pytest.approx(5.0, rel=0.1)
+    assert noisy.upper(1000) == pytest.approx(30.0, rel=0.05)
     flat = HandoffCostModel()
     for _ in range(200):
         flat.observe(0, 30.0)
@@ -327,6 +334,7 @@ def test_a_slow_hand_off_moves_into_the_first_token() -> None:
     assert w.frontends.sent == []  # held
     (_, payload), = sent(d)
     assert generate_decoder.decode(payload).generated_token_ids == [42]
+    w.clock.advance(0.045)
     w.streams.on_batch(d, [TokenChunk("r1", [43], num_prompt_tokens=8000, cached_tokens=8000)])
     (_, chunks), = [frontend_chunks(f) for f in w.frontends.sent]
     assert [(c.token_ids, c.num_prompt_tokens, c.cached_tokens) for c in chunks] == [
