@@ -8,8 +8,10 @@ trace, its prompts built block by block as `bench/kv_routing.py` builds them, cu
 `--prefix-max-tokens`, its arrivals rescaled to `--prefix-rate`), starting every system fresh
 per workload (Turnout through `turnout.testing.deployment` as `turnout up` would start it;
 Dynamo through `/work/shared/anchors/dynamo/start_disagg.sh`), killing everything it started,
-and one JSON line per system and workload (TTFT and ITL percentiles, goodput: requests with
-TTFT <= 200 ms and every inter-token gap <= 20 ms), then the goal lines:
+and one JSON line per system and workload (TTFT and ITL percentiles, the ITL p99 without each
+stream's first gap and that first gap's median (where a hand-off at the first token shows),
+goodput: requests with TTFT <= 200 ms and every inter-token gap <= 20 ms), then the goal
+lines:
 
 - Turnout disaggregated at 8 req/s: ITL p99 <= Dynamo disaggregated's and TTFT p99 <= Dynamo
   aggregated's;
@@ -17,8 +19,12 @@ TTFT <= 200 ms and every inter-token gap <= 20 ms), then the goal lines:
   aggregated and always-disaggregated modes.
 
 Every system runs two mocker workers at speed-up 1 with the KV transfer modelled at
-`--kv-gbps` (25) GB/s and `--kv-bytes-per-token` (128 KiB). Does not own the HTTP client
-(`bench/load_client.py`) or the deployments' plumbing (`bench/kv_routing.py`).
+`--kv-gbps` (25) GB/s and `--kv-bytes-per-token` (128 KiB). The routers of turnout-disagg and
+turnout-conditional are given the goodput targets (`--disagg-ttft-target-ms 200
+--disagg-itl-target-ms 20`): conditional prices its paths with them, and both hold a first
+token back for the decode worker's when the hand-off gap would miss the ITL target. Does not
+own the HTTP client (`bench/load_client.py`) or the deployments' plumbing
+(`bench/kv_routing.py`).
 
     python bench/disagg.py                              # everything (~20 minutes)
     python bench/disagg.py --requests 60 --systems turnout-agg,turnout-disagg   # a quick look
@@ -121,6 +127,11 @@ class TurnoutSystem(TurnoutDeployment):
                  "--kv-bytes-per-token", str(args.kv_bytes_per_token)]
         if kind == "disagg":
             extra += ["--disagg-mode", "always"]
+        if kind != "agg":
+            # The router prices paths and hand-offs against the goodput targets it is measured
+            # on (both split modes: a hand-off past the ITL target moves into the first token).
+            extra += ["--disagg-ttft-target-ms", f"{GOOD_TTFT_S * 1000:g}",
+                      "--disagg-itl-target-ms", f"{GOOD_ITL_S * 1000:g}"]
         super().__init__("kv", port, log_dir, 2, model, args.speedup, max_model_len, extra)
         self.name = f"turnout-{kind}"
         self.split = kind != "agg"
@@ -143,6 +154,8 @@ class TurnoutSystem(TurnoutDeployment):
             "prefill_paths": {f"{s.labels['path']}/{s.labels['reason']}": int(s.value)
                               for s in m.samples("turnout_router_disagg_decisions_total")},
             "handoffs": int(handoff.count),
+            "first_tokens_held": int(m.value("turnout_router_disagg_handoffs_total",
+                                             outcome="first_token_held")),
             "handoff_ms_mean": None if handoff.mean is None else round(handoff.mean * 1000, 2),
             "migrations": int(m.value("turnout_router_migrations_total")),
         }
@@ -231,11 +244,15 @@ def result_line(system: str, workload: str, result: LoadResult,
     cached = sum(r.cached_tokens or 0 for r in ok)
     t0 = min((r.start for r in result.records if r.start), default=0.0)
     lag = [r.start - t0 - t.at for r, t in zip(result.records, trace, strict=True) if r.start]
+    # Without each stream's first gap: what a hand-off at the first token adds to the tail.
+    later = [gap for r in ok for gap in r.itl[1:]]
     line = {
         "bench": "disagg", "workload": workload, "system": system,
         "requests": s["requests"], "completed": s["completed"], "errors": s["errors"],
         "ttft_ms_p50": s["ttft_ms_p50"], "ttft_ms_p99": s["ttft_ms_p99"],
         "itl_ms_p50": s["itl_ms_p50"], "itl_ms_p99": s["itl_ms_p99"],
+        "itl_ms_p99_after_first": _ms_or_none(percentile(later, 99)),
+        "first_gap_ms_p50": _ms_or_none(percentile([r.itl[0] for r in ok if r.itl], 50)),
         "e2e_ms_p50": s["e2e_ms_p50"], "req_s": s["req_s"], "output_tok_s": s["output_tok_s"],
         "goodput_requests": len(good),
         "goodput_req_s": round(len(good) / result.duration, 3) if result.duration else None,
@@ -245,6 +262,10 @@ def result_line(system: str, workload: str, result: LoadResult,
     if s["errors"]:
         line["error_kinds"] = s["error_kinds"]
     return line
+
+
+def _ms_or_none(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 3)
 
 
 async def run_system(dep: Deployment, workloads: list[tuple[str, list[TraceRequest]]],
@@ -319,14 +340,15 @@ async def main_async(args: argparse.Namespace, systems: list[str]) -> int:
     rand = [(f"random@{r:g}", random_workload(args.requests, r, vocab, args.seed))
             for r in args.rates]
     prefix = [("prefix", prefix_workload(args.prefix_start, args.prefix_requests, args.prefix_rate,
-                                         args.prefix_max_tokens, vocab, args.seed))]
+                                         args.prefix_max_tokens, vocab, args.seed))
+              ] if args.prefix_requests > 0 else []
     max_model_len = args.prefix_max_tokens + 512
     log_root = Path(tempfile.mkdtemp(prefix="disagg-bench-"))
     log(f"logs under {log_root}; model {model}; the machine is shared: figures are noisy")
     lines: list[dict[str, Any]] = []
     failed = 0
     plan = [(s, rand) for s in systems]
-    if args.prefix_requests > 0:
+    if prefix:
         plan += [(s, prefix) for s in systems if s in PREFIX_SYSTEMS]
     for i, (name, workloads) in enumerate(plan):
         system, _, kind = name.partition("-")

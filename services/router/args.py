@@ -65,6 +65,13 @@ class RouterConfig(ProcessConfig):
     decode_veto_requests: int = opt(0, help="a decode worker with this many requests in flight "
                                             "refuses local prefills (they go to a prefill "
                                             "worker); 0: never")
+    disagg_ttft_target_ms: float = opt(500.0, help="conditional: a path predicted to take "
+                                                   "longer than this to the first token misses "
+                                                   "(see services/router/disaggregation.py)")
+    disagg_itl_target_ms: float = opt(50.0, help="conditional: a hand-off gap predicted over "
+                                                 "this misses, and a local prefill that would "
+                                                 "stretch the decode worker's steps past it "
+                                                 "harms the streams decoding there")
     decode_overlap_weight: float = opt(1.0, help="kv mode, choosing a decode worker: weight "
                                                  "of blocks it must pull against its active "
                                                  "decode blocks")
@@ -93,6 +100,10 @@ class RouterConfig(ProcessConfig):
                      "disagg_lease_ms", "decode_overlap_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got "
+                                 f"{getattr(self, name)}")
+        for name in ("disagg_ttft_target_ms", "disagg_itl_target_ms"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got "
                                  f"{getattr(self, name)}")
         if not 0 <= self.local_prefill_max_ratio <= 1:
             raise ValueError("--local-prefill-max-ratio must lie in [0, 1], got "

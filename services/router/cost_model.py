@@ -344,6 +344,75 @@ class RouteCost:
         self.decisions += 1
 
 
+class HandoffCostModel:
+    """Milliseconds from a prefill worker's first token to the decode worker's first token (the
+    first inter-token gap of a disaggregated stream), against the prompt tokens whose KV the
+    decode worker pulls:
+
+        handoff_ms = fixed + per_token · pulled_tokens
+
+    (fixed: the router's and the workers' hops, the wait for the decode worker's step in
+    progress and one decode step; per_token: bytes per token over the link's bandwidth), fitted
+    from observed hand-offs by exponentially forgetting least squares over a prior worth
+    `prior_weight` hand-offs at 0 and `_PRIOR_SPAN` pulled tokens. The prior (5 ms + 128 KiB per
+    token at 25 GB/s) answers until hand-offs are seen; a fitted slope below zero is refitted
+    at zero (a gap that shrinks with more to move would invite moving more). `upper` adds
+    `sigmas` standard deviations of the residuals seen (decayed alike): a target on every gap
+    is missed by the gaps above the mean, not by the mean.
+    """
+
+    _PRIOR_SPAN = 4096.0
+
+    def __init__(self, fixed_ms: float = 5.0, per_token_ms: float = 131072 / 25e9 * 1e3,
+                 prior_weight: float = 2.0, half_life: float = 256.0) -> None:
+        if fixed_ms < 0 or per_token_ms < 0:
+            raise ValueError("the hand-off prior must be >= 0")
+        if prior_weight <= 0 or half_life <= 0:
+            raise ValueError("prior_weight and half_life must be > 0")
+        self.decay = 0.5 ** (1.0 / half_life)
+        w = prior_weight / 2
+        x1 = self._PRIOR_SPAN / _T
+        y0, y1 = fixed_ms, fixed_ms + per_token_ms * self._PRIOR_SPAN
+        # Normal equations of [1, x] (x: pulled tokens / 1024), prior included, never decayed.
+        self._prior = (2 * w, w * x1, w * x1 * x1, w * (y0 + y1), w * x1 * y1)
+        self._sums = [0.0] * 5
+        self.observations = 0
+        self._coef = (fixed_ms, per_token_ms * _T)
+        self._sq_residuals = 0.0  # decayed sum of squared residuals (before each refit)
+        self._weight = 0.0  # decayed count of observations
+
+    def observe(self, pulled_tokens: float, handoff_ms: float) -> None:
+        if handoff_ms < 0:
+            return
+        x = max(0.0, pulled_tokens) / _T
+        d = self.decay
+        residual = handoff_ms - self.predict(pulled_tokens)
+        self._sq_residuals = self._sq_residuals * d + residual * residual
+        self._weight = self._weight * d + 1.0
+        s = self._sums
+        for i, v in enumerate((1.0, x, x * x, handoff_ms, x * handoff_ms)):
+            s[i] = s[i] * d + v
+        self.observations += 1
+        n, sx, sxx, sy, sxy = (a + b for a, b in zip(self._prior, s, strict=True))
+        det = n * sxx - sx * sx
+        slope = (n * sxy - sx * sy) / det if det > 0 else 0.0
+        if slope < 0:
+            slope = 0.0
+        self._coef = ((sy - slope * sx) / n, slope)
+
+    def predict(self, pulled_tokens: float) -> float:
+        fixed, slope = self._coef
+        return max(0.0, fixed + slope * max(0.0, pulled_tokens) / _T)
+
+    @property
+    def spread_ms(self) -> float:
+        """Standard deviation of the observed gaps around the fit (0 before any)."""
+        return math.sqrt(self._sq_residuals / self._weight) if self._weight > 0 else 0.0
+
+    def upper(self, pulled_tokens: float, sigmas: float = 2.0) -> float:
+        return self.predict(pulled_tokens) + sigmas * self.spread_ms
+
+
 class CostModels:
     """One `RouteCost` (over one `StepCostModel`) per served model, created on first use."""
 

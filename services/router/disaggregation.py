@@ -3,22 +3,43 @@ of its KV from a prefill worker to a decode worker at its first token.
 
 A disaggregated request is a migration planned at the first token. On arrival the router picks
 the decode worker it would use (decode load, prefix cached there) and decides the path
-(`choose_path`): prefill *locally* on it when its uncached part of the prompt is short or the
-prefill pool is busy (unless that decode worker is loaded past the veto), else *remotely*: a
-prefill worker is picked by KV overlap and queued prefill alone (decode load does not matter
-there) and gets the request with `phase="prefill"`. Its final chunk carries the first token,
-which goes to the client at once (TTFT never includes the transfer), and the engine's
-`kv_transfer_params`; then a decode worker is picked afresh, by decode load and by the prefix
-it already caches, and gets `phase="decode"` with the prefill worker first in `kv_sources`:
-it pulls only the blocks it lacks, acknowledges, and continues the stream. The in-flight
-table, `kv_sources` and the block pull are the migration path's; a lost prefill worker's
-request re-runs on another prefill worker (or, with none, locally), a lost decode worker's
-request migrates as any other, and a hand-off with no decode worker waits like a stranded
-migration.
+(`choose_path`): prefill *locally* on it, or *remotely*: a prefill worker is picked by KV
+overlap and queued prefill alone (decode load does not matter there) and gets the request with
+`phase="prefill"`. Its final chunk carries the first token, which goes to the client at once
+(TTFT does not include the transfer; unless the hand-off gap is predicted past
+`--disagg-itl-target-ms` and the TTFT budget has room for it: then the token is held and goes
+out with the decode worker's first, so the gap lands in TTFT, not between tokens), and the
+engine's `kv_transfer_params`; then a decode worker
+is picked afresh, by decode load and by the prefix it already caches, and gets `phase="decode"`
+with the prefill worker first in `kv_sources`: it pulls only the blocks it lacks, acknowledges,
+and continues the stream. The in-flight table, `kv_sources` and the block pull are the
+migration path's; a lost prefill worker's request re-runs on another prefill worker (or, with
+none, locally), a lost decode worker's request migrates as any other, and a hand-off with no
+decode worker waits like a stranded migration.
+
+The conditional path is priced per request against the targets `--disagg-ttft-target-ms` and
+`--disagg-itl-target-ms`, with the router's step-time model (`cost_model.py`) and a hand-off
+model fitted from the hand-offs it observed (`PathCosts`):
+
+- local: the request's TTFT on the decode worker (its queued prefill and this prompt's uncached
+  part, chunk by chunk beside its decode passes), and the longest step its streams would see
+  meanwhile. A prefill chunk sits in the decode batch's steps, so when that step exceeds the
+  ITL target, every stream decoding there (and every hand-off due there) gets a gap past it;
+- remote: the TTFT on the best prefill worker (its queue, this prompt's part uncached there),
+  and the hand-off gap (the pull of what the decode worker lacks, plus its pending prefill).
+
+A path "fits" when it meets both targets and, for local, stretches no stream's step past the
+ITL target. Exactly one fits: it is taken (reasons `handoff_gap`, `remote_ttft` and
+`prefill_busy` for local; `decode_itl` and `local_ttft` for remote). Both fit, or neither while
+local would harm no stream: the token thresholds decide as they always did (local when the
+uncached part is under `--local-prefill-max-tokens` and `--local-prefill-max-ratio` of the
+prompt, or when every prefill worker is `--prefill-busy-tokens` deep; else remote). Neither fits
+and local would stretch streams: remote (`decode_itl`: one request misses, not a batch). A
+decode worker at `--decode-veto-requests` in flight never prefills locally (`decode_busy`).
 
 With no prefill worker alive the model runs aggregated on its decode (and aggregated) workers,
 counted. Owns the path decision, the hand-off and their metrics; not the policies' costs
-(`kv_policy.py`), the accounting or the sockets.
+(`kv_policy.py`), the step-time fit (`cost_model.py`), the accounting or the sockets.
 """
 
 from __future__ import annotations
@@ -42,8 +63,9 @@ from common.messages import (
 )
 from services.router.accounting import Accounting, RoutedRequest
 from services.router.args import RouterConfig
+from services.router.cost_model import CostModels, HandoffCostModel, StepCostModel
 from services.router.kv_index import KvIndex
-from services.router.kv_policy import KvAwarePolicy, load_of
+from services.router.kv_policy import KvAwarePolicy, load_of, worker_load
 from services.router.metrics import RouterMetrics
 from services.router.migration import Migration
 from services.router.policies import Decision, NoWorkerError, Policy
@@ -59,6 +81,10 @@ REASON_LONG = "long_uncached"  # uncached part over a local limit
 REASON_SHORT = "short_uncached"  # uncached part under both local limits
 REASON_PREFILL_BUSY = "prefill_busy"  # every prefill worker's queue is past --prefill-busy-tokens
 REASON_DECODE_BUSY = "decode_busy"  # the decode worker vetoed a local prefill
+REASON_HANDOFF_GAP = "handoff_gap"  # local fits; the hand-off gap would pass the ITL target
+REASON_REMOTE_TTFT = "remote_ttft"  # local fits; the prefill pool's TTFT would pass its target
+REASON_DECODE_ITL = "decode_itl"  # a local prefill would stretch decoding streams past the ITL
+REASON_LOCAL_TTFT = "local_ttft"  # remote fits; the decode worker's TTFT would pass its target
 REASON_NO_PREFILL = "no_prefill_worker"
 REASON_ONE_TOKEN = "single_token"  # max_tokens 1: nothing to decode
 
@@ -74,11 +100,40 @@ class PathLimits:
     local_max_ratio: float = 0.7  # ... and below this share of the prompt
     prefill_busy_tokens: int = 0  # queued prefill tokens making the pool busy (0: never)
     decode_veto_requests: int = 0  # a decode worker with this many in flight refuses (0: never)
+    ttft_target_ms: float = 500.0  # a path whose predicted TTFT is over this misses
+    itl_target_ms: float = 50.0  # ... whose predicted gap (or stretched decode step) is over this
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PathCosts:
+    """One request's predicted costs on each path (milliseconds)."""
+
+    local_ttft_ms: float  # to its first token, prefilled on the decode worker
+    local_step_ms: float  # the longest step the decode worker's streams see meanwhile
+    exposed_streams: float  # streams that step would stretch: decoding there, hand-offs due
+    remote_ttft_ms: float  # to its first token on the best prefill worker
+    handoff_ms: float  # the first gap after the hand-off (fit + 2 standard deviations)
+
+    def local_harmless(self, limits: PathLimits) -> bool:
+        return self.exposed_streams <= 0 or self.local_step_ms <= limits.itl_target_ms
+
+    def holds_first_token(self, limits: PathLimits) -> bool:
+        """Remote: the hand-off gap would miss the ITL target but fits in the TTFT budget, so
+        the first token waits for the decode worker's (the gap moves into TTFT)."""
+        return (self.handoff_ms > limits.itl_target_ms
+                and self.remote_ttft_ms + self.handoff_ms <= limits.ttft_target_ms)
+
+    def remote_fits(self, limits: PathLimits) -> bool:
+        if self.handoff_ms <= limits.itl_target_ms:
+            return self.remote_ttft_ms <= limits.ttft_target_ms
+        return self.holds_first_token(limits)
 
 
 def choose_path(limits: PathLimits, prompt_tokens: int, uncached_tokens: int,
-                prefill_queue_tokens: float, decode_requests: int) -> tuple[str, str]:
-    """(path, reason) for one request: where its uncached prompt is computed.
+                prefill_queue_tokens: float, decode_requests: int,
+                costs: PathCosts) -> tuple[str, str]:
+    """(path, reason) for one request: where its uncached prompt is computed (see the module
+    docstring).
 
     `prefill_queue_tokens`: the least queued prefill among prefill workers;
     `decode_requests`: what the chosen decode worker has in flight."""
@@ -87,11 +142,26 @@ def choose_path(limits: PathLimits, prompt_tokens: int, uncached_tokens: int,
     short = (uncached_tokens < limits.local_max_tokens
              and uncached_tokens < limits.local_max_ratio * prompt_tokens)
     busy = 0 < limits.prefill_busy_tokens <= prefill_queue_tokens
-    if not short and not busy:
-        return PATH_REMOTE, REASON_LONG
+    harmless = costs.local_harmless(limits)
+    local_fits = harmless and costs.local_ttft_ms <= limits.ttft_target_ms
+    remote_ttft_ok = not busy and costs.remote_ttft_ms <= limits.ttft_target_ms
+    remote_fits = not busy and costs.remote_fits(limits)
+    if local_fits == remote_fits and (local_fits or harmless):
+        # Both paths meet the targets, or neither does and local harms nobody: the thresholds.
+        if not short and not busy:
+            return PATH_REMOTE, REASON_LONG
+        path, reason = PATH_LOCAL, REASON_SHORT if short else REASON_PREFILL_BUSY
+    elif local_fits:
+        path = PATH_LOCAL
+        reason = (REASON_PREFILL_BUSY if busy else
+                  REASON_REMOTE_TTFT if not remote_ttft_ok else REASON_HANDOFF_GAP)
+    elif remote_fits:
+        return PATH_REMOTE, REASON_DECODE_ITL if not harmless else REASON_LOCAL_TTFT
+    else:
+        return PATH_REMOTE, REASON_DECODE_ITL
     if 0 < limits.decode_veto_requests <= decode_requests:
         return PATH_REMOTE, REASON_DECODE_BUSY
-    return PATH_LOCAL, REASON_SHORT if short else REASON_PREFILL_BUSY
+    return path, reason
 
 
 @dataclasses.dataclass(slots=True)
@@ -103,6 +173,9 @@ class DisaggState:
     handed_off: bool = False
     kv_transfer_params: bytes = b""
     handoff_at: float = 0.0  # monotonic time the prefill's final chunk arrived (0: not yet)
+    pulled_tokens: int = 0  # prompt tokens the decode worker was to pull (from the KV index)
+    hold_first: bool = False  # the first token waits for the decode worker's (see `relay`)
+    held: TokenChunk | None = None  # the prefill's first-token chunk, held back
 
 
 @dataclasses.dataclass(slots=True)
@@ -127,7 +200,12 @@ class Disaggregation:
         self.lease_ms = config.disagg_lease_ms
         self.limits = PathLimits(config.disagg_mode, config.local_prefill_max_tokens,
                                  config.local_prefill_max_ratio, config.prefill_busy_tokens,
-                                 config.decode_veto_requests)
+                                 config.decode_veto_requests, config.disagg_ttft_target_ms,
+                                 config.disagg_itl_target_ms)
+        # The step-time fit the adaptive cost learns from the workers' forward passes; without
+        # it (the block cost, a non-kv mode) its prior alone prices the paths.
+        self.cost_models = selector.cost_models or CostModels()
+        self.handoff_models: dict[str, HandoffCostModel] = {}
         base = selector.policy
         if isinstance(base, KvAwarePolicy):
             # The block cost on both pools (None: its own margin when the base runs adaptive).
@@ -168,16 +246,50 @@ class Disaggregation:
         uncached = max(0, prompt - decode.overlap * decode.worker.block_size)
         queue = min(load_of(w)[0] * w.block_size for w in prefill)
         self.metrics.disagg_prefill_queue.set(queue)
-        path, reason = choose_path(self.limits, prompt, uncached, queue,
-                                   _in_flight(decode.worker))
+        in_flight = _in_flight(decode.worker)
+        chosen = self.prefill_policy.decide(request, prefill)
+        costs = self.path_costs(request.model, prompt, uncached, decode.worker, in_flight,
+                                chosen, prefill_inflight=sum(w.inflight for w in prefill),
+                                decode_workers=len(serving))
+        path, reason = choose_path(self.limits, prompt, uncached, queue, in_flight, costs)
         self._count(path, reason)
         if path == PATH_LOCAL:
             self._commit(self.decode_policy, decode)
             return Placement(decode)
-        chosen = self.prefill_policy.decide(request, prefill)
         self._commit(self.prefill_policy, chosen)
         return Placement(chosen, self._prefill_payload(request), DisaggState(
-            chosen.worker.id, chosen.worker.instance.endpoints["request"]))
+            chosen.worker.id, chosen.worker.instance.endpoints["request"],
+            hold_first=costs.holds_first_token(self.limits)))
+
+    def path_costs(self, model: str, prompt: int, uncached: int, decode: WorkerHandle,
+                   in_flight: int, prefill: Decision, prefill_inflight: int,
+                   decode_workers: int) -> PathCosts:
+        """Predicted costs of both paths for a prompt of `prompt` tokens, `uncached` of them
+        not cached on the chosen `decode` worker (`in_flight` requests there); `prefill`: the
+        prefill worker the remote path would take; `prefill_inflight` requests are being
+        prefilled remotely, to be handed to one of `decode_workers` decode workers."""
+        steps: StepCostModel = self.cost_models.get(model).steps
+        load = worker_load(decode, load_of(decode))
+        decoding = max(load.decoding, float(in_flight))
+        queued = load.queued_tokens
+        local_ttft = steps.ttft_ms(queued, uncached, decoding, load.kv_usage)
+        chunk = max(1.0, steps.chunk_tokens - decoding)
+        local_step = (steps.prefill_ms(min(queued + uncached, chunk))
+                      + steps.decode_ms(max(1.0, decoding), load.kv_usage))
+        p = prefill.worker
+        remote_ttft = steps.ttft_ms(load_of(p)[0] * p.block_size,
+                                    max(1, prompt - prefill.overlap * p.block_size))
+        # The decode worker's own queued prefill still running when the KV lands delays it.
+        pending = max(0.0, steps.ttft_ms(queued, 0.0, decoding, load.kv_usage) - remote_ttft)
+        handoff = self._handoff_model(model).upper(uncached) + pending
+        exposed = decoding + prefill_inflight / max(1, decode_workers)
+        return PathCosts(local_ttft, local_step, exposed, remote_ttft, handoff)
+
+    def _handoff_model(self, model: str) -> HandoffCostModel:
+        m = self.handoff_models.get(model)
+        if m is None:
+            m = self.handoff_models[model] = HandoffCostModel()
+        return m
 
     def _prefill_payload(self, request: GenerateRequest) -> bytes:
         return encoder.encode(msgspec.structs.replace(request, phase=PHASE_PREFILL,
@@ -201,7 +313,25 @@ class Disaggregation:
         state.handoff_at = self.clock()
         chunk.finish_reason = None
         chunk.kv_transfer_params = b""
+        if state.hold_first:
+            state.held = chunk
         return True
+
+    def relay(self, entry: RoutedRequest, chunk: TokenChunk) -> TokenChunk | None:
+        """What of `chunk` goes to the client now: None while the first token is held (its
+        hand-off gap would pass the ITL target, and the TTFT budget has room for it); the next
+        chunk of the stream, from whichever worker, carries it in front of its own tokens, with
+        the prompt figures the client has not seen yet."""
+        state = entry.disagg
+        if state is None or state.held is None:
+            return chunk
+        if chunk is state.held:
+            return None
+        held, state.held = state.held, None
+        self.metrics.disagg_handoffs.labels("first_token_held").inc()
+        return msgspec.structs.replace(
+            chunk, token_ids=[*held.token_ids, *chunk.token_ids],
+            num_prompt_tokens=held.num_prompt_tokens, cached_tokens=held.cached_tokens)
 
     def hand_off(self, entry: RoutedRequest) -> None:
         """Send `entry` (its first token streamed) to a decode worker that pulls its KV."""
@@ -227,9 +357,10 @@ class Disaggregation:
         request.kv_sources = [state.prefill_endpoint, *self.migration.kv_sources(
             {w: n for w, n in holders.items() if w != prefill_id}, decision.worker)]
         cached = decision.overlap
+        to_pull = max(0, -(-len(request.token_ids) // decision.worker.block_size) - cached)
+        state.pulled_tokens = min(len(request.token_ids), to_pull * decision.worker.block_size)
         self.metrics.disagg_blocks.labels("cached").inc(cached)
-        self.metrics.disagg_blocks.labels("to_pull").inc(
-            max(0, -(-len(request.token_ids) // decision.worker.block_size) - cached))
+        self.metrics.disagg_blocks.labels("to_pull").inc(to_pull)
         self._commit(self.decode_policy, decision)
         decision.overlap = decision.request_blocks  # nothing is prefilled there
         entry.resume_tokens = len(request.token_ids) + len(request.generated_token_ids)
@@ -242,11 +373,15 @@ class Disaggregation:
         state = entry.disagg
         if state is None or not state.handoff_at or not chunk.num_prompt_tokens:
             return
-        self.metrics.disagg_handoff_seconds.observe(self.clock() - state.handoff_at)
+        elapsed = self.clock() - state.handoff_at
+        self.metrics.disagg_handoff_seconds.observe(elapsed)
         state.handoff_at = 0.0
-        self.metrics.disagg_recomputed_tokens.observe(
-            max(0, entry.resume_tokens - chunk.cached_tokens))
+        recomputed = max(0, entry.resume_tokens - chunk.cached_tokens)
+        self.metrics.disagg_recomputed_tokens.observe(recomputed)
         entry.resume_tokens = 0
+        if recomputed <= 1:  # a failed pull that recomputed says nothing of the transfer
+            self._handoff_model(entry.request.model).observe(state.pulled_tokens,
+                                                             elapsed * 1000.0)
 
     # -- faults --------------------------------------------------------------------------------
 

@@ -18,14 +18,17 @@ from common.messages import (
     generate_decoder,
 )
 from services.router.args import RouterConfig
-from services.router.disaggregation import Disaggregation, PathLimits, choose_path
+from services.router.disaggregation import Disaggregation, PathCosts, PathLimits, choose_path
 from services.router.kv_index import KvIndex
 from services.router.kv_policy import KvAwarePolicy
 from services.router.policies import RoundRobin
 from tests.router.fakes import Wiring, counter, frontend_chunks, request, sent, worker
 
 LIMITS = PathLimits(local_max_tokens=2048, local_max_ratio=0.7, prefill_busy_tokens=10_000,
-                    decode_veto_requests=8)
+                    decode_veto_requests=8, ttft_target_ms=200, itl_target_ms=20)
+# Both paths meet the targets: the thresholds decide.
+FITS = PathCosts(local_ttft_ms=50, local_step_ms=15, exposed_streams=3, remote_ttft_ms=50,
+                 handoff_ms=10)
 
 
 @pytest.mark.parametrize(("prompt", "uncached", "queue", "decode", "expect"), [
@@ -40,14 +43,56 @@ LIMITS = PathLimits(local_max_tokens=2048, local_max_ratio=0.7, prefill_busy_tok
 ])
 def test_choose_path_follows_the_thresholds(prompt: int, uncached: int, queue: float,
                                             decode: int, expect: tuple[str, str]) -> None:
-    assert choose_path(LIMITS, prompt, uncached, queue, decode) == expect
+    assert choose_path(LIMITS, prompt, uncached, queue, decode, FITS) == expect
 
 
 def test_always_mode_and_disabled_thresholds() -> None:
-    assert choose_path(PathLimits(mode="always"), 10, 0, 0, 0) == ("remote", "always")
+    assert choose_path(PathLimits(mode="always"), 10, 0, 0, 0, FITS) == ("remote", "always")
     off = PathLimits()  # busy and veto off by default
-    assert choose_path(off, 4000, 4000, 1e9, 0) == ("remote", "long_uncached")
-    assert choose_path(off, 4000, 100, 0, 10_000) == ("local", "short_uncached")
+    assert choose_path(off, 4000, 4000, 1e9, 0, FITS) == ("remote", "long_uncached")
+    assert choose_path(off, 4000, 100, 0, 10_000, FITS) == ("local", "short_uncached")
+
+
+def costs(**kw: float) -> PathCosts:
+    return PathCosts(**{"local_ttft_ms": 50.0, "local_step_ms": 15.0, "exposed_streams": 3.0,
+                        "remote_ttft_ms": 50.0, "handoff_ms": 10.0, **kw})
+
+
+@pytest.mark.parametrize(("prompt", "uncached", "queue", "decode", "kw", "expect"), [
+    # Short, but its prefill would stretch three decoding streams' steps past 20 ms.
+    (4000, 1000, 0, 3, {"local_step_ms": 40}, ("remote", "decode_itl")),
+    # ... which is harmless on a decode worker where no stream decodes.
+    (4000, 1000, 0, 0, {"local_step_ms": 40, "exposed_streams": 0}, ("local", "short_uncached")),
+    # Long and fresh, on an idle decode worker: the hand-off gap would miss the ITL target,
+    # and held back in the first token it would push TTFT past its target.
+    (8000, 8000, 0, 0, {"local_step_ms": 190, "exposed_streams": 0, "local_ttft_ms": 170,
+                        "remote_ttft_ms": 170, "handoff_ms": 45}, ("local", "handoff_gap")),
+    # ... with TTFT to spare, the gap goes into the first token: remote fits.
+    (8000, 8000, 0, 0, {"local_step_ms": 190, "exposed_streams": 0, "local_ttft_ms": 170,
+                        "handoff_ms": 45}, ("remote", "long_uncached")),
+    (4000, 1000, 0, 3, {"local_step_ms": 40, "handoff_ms": 45}, ("remote", "decode_itl")),
+    # Long, the prefill pool's queue would miss the TTFT target; local fits.
+    (4000, 4000, 0, 0, {"exposed_streams": 0, "remote_ttft_ms": 400}, ("local", "remote_ttft")),
+    (4000, 4000, 20_000, 0, {"exposed_streams": 0, "remote_ttft_ms": 400},
+     ("local", "prefill_busy")),
+    # Busy prefill pool, but a local prefill would stretch streams: remote all the same.
+    (4000, 4000, 20_000, 3, {"local_step_ms": 40}, ("remote", "decode_itl")),
+    # Short, but the decode worker's queue would miss the TTFT target; remote fits.
+    (4000, 1000, 0, 0, {"local_ttft_ms": 300}, ("remote", "local_ttft")),
+    # Neither fits and local would harm streams: remote (one request misses, not a batch).
+    (4000, 1000, 0, 3, {"local_step_ms": 40, "handoff_ms": 45, "remote_ttft_ms": 170},
+     ("remote", "decode_itl")),
+    # Neither fits and local harms nobody: the thresholds.
+    (4000, 1000, 0, 0, {"local_ttft_ms": 300, "remote_ttft_ms": 300}, ("local", "short_uncached")),
+    (4000, 4000, 0, 0, {"local_ttft_ms": 300, "remote_ttft_ms": 300}, ("remote", "long_uncached")),
+    # The veto holds whatever the prices.
+    (8000, 8000, 0, 8, {"exposed_streams": 0, "handoff_ms": 45, "remote_ttft_ms": 170},
+     ("remote", "decode_busy")),
+])
+def test_choose_path_prices_both_paths_against_the_targets(
+        prompt: int, uncached: int, queue: float, decode: int, kw: dict[str, float],
+        expect: tuple[str, str]) -> None:
+    assert choose_path(LIMITS, prompt, uncached, queue, decode, costs(**kw)) == expect
 
 
 def role(worker_id: str, mode: str, block_size: int = 4):  # type: ignore[no-untyped-def]
@@ -56,8 +101,9 @@ def role(worker_id: str, mode: str, block_size: int = 4):  # type: ignore[no-unt
     return handle
 
 
-def wire(*handles, mode: str = "always", kv: bool = False):  # type: ignore[no-untyped-def]
-    config = RouterConfig(disagg_mode=mode, disagg_lease_ms=1234)
+def wire(*handles, mode: str = "always", kv: bool = False,  # type: ignore[no-untyped-def]
+         **targets: float):
+    config = RouterConfig(disagg_mode=mode, disagg_lease_ms=1234, **targets)
     index = KvIndex() if kv else None
     policy = KvAwarePolicy(index) if kv else RoundRobin()  # type: ignore[arg-type]
     w = Wiring(policy, *handles, kv_index=index)
@@ -175,3 +221,130 @@ def test_a_hand_off_with_no_decode_worker_waits_like_a_migration() -> None:
     w.streams.retry()
     resumed = generate_decoder.decode(sent(d)[0][1])
     assert resumed.generated_token_ids == [5]
+
+
+SLA = {"disagg_ttft_target_ms": 200.0, "disagg_itl_target_ms": 20.0}
+
+
+def cache_on(w: Wiring, worker_id: str, tokens: list[int], blocks: int) -> None:
+    from common.block_hash import block_hashes
+    from common.messages import KvBlockStored, KvEventBatch
+    assert w.migration.kv_index is not None
+    w.migration.kv_index.apply(worker_id, KvEventBatch(worker_id, [KvBlockStored(
+        block_hashes(tokens, 4)[:blocks], None, tokens[:blocks * 4], 4)]))
+
+
+def test_a_short_local_prefill_goes_remote_beside_decoding_streams() -> None:
+    """The step-time prior: any prefill step costs >= 16.5 ms, a decode pass >= 5.7 ms, so with
+    a 20 ms ITL target a decode worker with a stream in flight must not prefill."""
+    p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
+    w = wire(p, d, mode="conditional", kv=True, **SLA)
+    cache_on(w, "d", list(range(100, 132)), 7)
+    place(w, "r1", tokens=32)  # d idle: its 4 uncached tokens are prefilled there
+    assert generate_decoder.decode(sent(d)[0][1]).phase == "" and sent(p) == []
+    place(w, "r2", tokens=32)  # the same, beside r1's stream: to the prefill worker
+    assert generate_decoder.decode(sent(p)[0][1]).phase == PHASE_PREFILL
+    assert counter(w.metrics.disagg_decisions, "local", "short_uncached") == 1
+    assert counter(w.metrics.disagg_decisions, "remote", "decode_itl") == 1
+
+
+def test_a_long_fresh_prompt_prefills_on_an_idle_decode_worker() -> None:
+    """8,000 tokens to move (the prior: 128 KiB a token at 25 GB/s) would open a ~47 ms gap;
+    on an idle decode worker the prefill (~165 ms) harms nobody and meets the TTFT target."""
+    p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
+    w = wire(p, d, mode="conditional", kv=True, **SLA)
+    place(w, "r1", tokens=8000)
+    assert generate_decoder.decode(sent(d)[0][1]).phase == "" and sent(p) == []
+    assert counter(w.metrics.disagg_decisions, "local", "handoff_gap") == 1
+    # With a remote prefill in flight (due on d), the same prompt is not prefilled on d.
+    w2 = wire(role("p", MODE_PREFILL), role("d", MODE_DECODE), mode="conditional", kv=True,
+              **SLA)
+    place(w2, "r0", tokens=2000)  # remote: over the ratio threshold, both paths fit
+    place(w2, "r1", tokens=8000)
+    assert counter(w2.metrics.disagg_decisions, "remote", "long_uncached") == 1
+    assert counter(w2.metrics.disagg_decisions, "remote", "decode_itl") == 1
+
+
+def test_observed_hand_offs_teach_the_gap() -> None:
+    """Hand-offs slower than the prior predicts (and than the TTFT budget could absorb) send a
+    prompt that would move little KV to the decode worker's own prefill (when it is idle)."""
+    p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
+    w = wire(p, d, mode="conditional", kv=True, **SLA)
+    disagg = w.streams.disagg
+    assert disagg is not None
+    place(w, "r0", tokens=400)  # 100% uncached, both fit: remote by the ratio threshold
+    assert counter(w.metrics.disagg_decisions, "remote", "long_uncached") == 1
+    for i in range(20):
+        rid = f"h{i}"
+        place(w, rid, tokens=400)
+        w.streams.on_batch(p, [TokenChunk(rid, [7], FINISH_LENGTH, num_prompt_tokens=400)])
+        w.clock.advance(0.250)  # 250 ms from the first token to the decode worker's
+        w.streams.on_batch(d, [TokenChunk(rid, [8], num_prompt_tokens=400, cached_tokens=400)])
+        w.streams.on_batch(d, [TokenChunk(rid, [9], FINISH_LENGTH)])
+    w.streams.on_batch(p, [TokenChunk("r0", [1], FINISH_STOP, num_prompt_tokens=400)])
+    assert disagg._handoff_model("m").predict(400) > 200
+    place(w, "r1", tokens=400)
+    assert counter(w.metrics.disagg_decisions, "local", "handoff_gap") == 1
+
+
+def test_the_hand_off_model_fits_its_observations() -> None:
+    from services.router.cost_model import HandoffCostModel
+
+    m = HandoffCostModel()
+    assert m.predict(0) == pytest.approx(5.0)
+    assert m.predict(4096) == pytest.approx(5.0 + 4096 * 131072 / 25e6)
+    for _ in range(200):
+        for n in (0, 1000, 4000):
+            m.observe(n, 3.0 + 0.01 * n)
+    assert m.predict(2000) == pytest.approx(23.0, rel=0.05)
+    assert m.spread_ms < 1.0  # exact observations: what is left is the prior's misfit, decaying
+    noisy = HandoffCostModel()
+    for i in range(400):
+        noisy.observe(1000, 20.0 + (5.0 if i % 2 else -5.0))  # 20 ms on average, +-5
+    assert noisy.predict(1000) == pytest.approx(20.0, abs=0.5)
+    assert noisy.spread_ms == pytest.approx(5.0, rel=0.1)
+    assert noisy.upper(1000) == pytest.approx(30.0, rel=0.05)
+    flat = HandoffCostModel()
+    for _ in range(200):
+        flat.observe(0, 30.0)
+        flat.observe(4000, 10.0)  # faster when moving more: refitted flat
+    assert flat.predict(0) == pytest.approx(flat.predict(8000))
+
+
+@pytest.mark.parametrize("name", ["disagg_ttft_target_ms", "disagg_itl_target_ms"])
+def test_targets_must_be_positive(name: str) -> None:
+    with pytest.raises(ValueError, match=name.replace("_", "-")):
+        RouterConfig(**{name: 0.0})
+
+
+def test_holds_first_token_only_when_the_ttft_budget_absorbs_the_gap() -> None:
+    assert costs(handoff_ms=45, remote_ttft_ms=100).holds_first_token(LIMITS)
+    assert not costs(handoff_ms=15, remote_ttft_ms=100).holds_first_token(LIMITS)  # fits ITL
+    assert not costs(handoff_ms=45, remote_ttft_ms=170).holds_first_token(LIMITS)  # past TTFT
+
+
+def test_a_slow_hand_off_moves_into_the_first_token() -> None:
+    """A hand-off predicted past the ITL target (8,000 tokens to move: ~47 ms) with TTFT to
+    spare: the prefill's first token is held and goes out with the decode worker's first, with
+    the prompt figures; the client sees no gap between them."""
+    p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
+    w = wire(p, d, **{"disagg_ttft_target_ms": 400.0, "disagg_itl_target_ms": 20.0})
+    place(w, "r1", tokens=8000)
+    w.streams.on_batch(p, [TokenChunk("r1", [42], FINISH_LENGTH, num_prompt_tokens=8000)])
+    assert w.frontends.sent == []  # held
+    (_, payload), = sent(d)
+    assert generate_decoder.decode(payload).generated_token_ids == [42]
+    w.clock.advance(0.045)
+    w.streams.on_batch(d, [TokenChunk("r1", [43], num_prompt_tokens=8000, cached_tokens=8000)])
+    (_, chunks), = [frontend_chunks(f) for f in w.frontends.sent]
+    assert [(c.token_ids, c.num_prompt_tokens, c.cached_tokens) for c in chunks] == [
+        ([42, 43], 8000, 0)]
+    assert counter(w.metrics.disagg_handoffs, "first_token_held") == 1
+    w.streams.on_batch(d, [TokenChunk("r1", [44], FINISH_LENGTH)])
+    _, chunks = frontend_chunks(w.frontends.sent[-1])
+    assert [c.token_ids for c in chunks] == [[44]] and len(w.accounting) == 0
+    # A short prompt's hand-off fits the ITL target: its first token streams at once.
+    place(w, "r2", tokens=8)
+    w.streams.on_batch(p, [TokenChunk("r2", [7], FINISH_LENGTH, num_prompt_tokens=8)])
+    _, chunks = frontend_chunks(w.frontends.sent[-1])
+    assert [c.token_ids for c in chunks] == [[7]]
