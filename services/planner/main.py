@@ -413,7 +413,11 @@ class Planner:
                 m.reactive_actions.labels(role, direction).inc()
             log.info("scaling", extra={"fields": {
                 "role": role, "current": current, "target": target, "reactive": reactive,
-                "need": None if need is None else round(need, 2)}})
+                "need": None if need is None else round(need, 2),
+                "ttft_correction": round(self.planner.ttft_correction.factor, 2),
+                "itl_correction": round(self.planner.itl_correction.factor, 2),
+                "loads": ";".join(f"{w.prefill_tokens:g}/{w.running:g}/{w.kv_used_blocks:g}"
+                                  for w in self.worker_loads(role))}})
         try:
             await self.connectors[role].apply(target)
         except Exception:
