@@ -63,7 +63,14 @@ from services.planner.load_predictor import (
 )
 from services.planner.metrics import PlannerMetrics
 from services.planner.performance_model import PerformanceModel, StepSample
-from services.planner.reactive import Corrections, WorkerLoad, pressure, reactive_step, spread
+from services.planner.reactive import (
+    Corrections,
+    Outlook,
+    WorkerLoad,
+    pressure,
+    reactive_step,
+    spread,
+)
 from services.planner.readiness import StartupWatch
 from services.planner.replica_planner import (
     ROLE_AGGREGATED,
@@ -452,12 +459,8 @@ class Planner:
                 loads = self.worker_loads(role)
                 if len(loads) < state.ready or not self.model.ready:
                     continue  # not every serving worker has reported its load yet
-                isl = self.predictors["input_tokens"].predict() or 0.0
-                step, least = reactive_step(
-                    self.model, loads, isl, self.limits(), self.planner.slo,
-                    Corrections(self.planner.ttft_correction.factor,
-                                self.planner.itl_correction.factor),
-                    cfg.reactive_scale_down_margin, role)
+                step, least = reactive_step(self.model, loads, self.outlook(),
+                                            cfg.reactive_scale_down_margin, role)
                 self.metrics.worker_pressure.labels(role).set(least)
                 target = state.desired + step
                 if step > 0 and (target > cfg.max_replicas or not self.fits_with(role, target)):
@@ -493,15 +496,21 @@ class Planner:
         loads = self.worker_loads(role)
         if not loads or len(loads) < ready:
             return target  # not every serving worker has reported: nothing to hold it on
-        isl = self.predictors["input_tokens"].predict() or 0.0
-        corrections = Corrections(self.planner.ttft_correction.factor,
-                                  self.planner.itl_correction.factor)
-        limits = self.limits()
+        outlook = self.outlook()
         for workers in range(target, desired):
-            if pressure(self.model, spread(loads, workers), isl, limits, self.planner.slo,
-                        corrections, role) <= 1.0:
+            if pressure(self.model, spread(loads, workers), outlook, role) <= 1.0:
                 return workers
         return desired
+
+    def outlook(self) -> Outlook:
+        """What the live loads are judged against: the predicted request (an answer not seen
+        yet counts as one gap: every queued chunk then lands on it), the engine, the targets and
+        the corrections."""
+        isl = self.predictors["input_tokens"].predict()
+        osl = self.predictors["output_tokens"].predict()
+        return Outlook(isl or 0.0, osl or 2.0, self.limits(), self.planner.slo,
+                       Corrections(self.planner.ttft_correction.factor,
+                                   self.planner.itl_correction.factor))
 
     def worker_loads(self, role: str) -> list[WorkerLoad]:
         """The latest load of each registered worker of the role, if reported recently."""

@@ -7,8 +7,13 @@ now would get:
 
 - TTFT: the steps to prefill what is queued plus one mean prompt, `--max-step-tokens` at a time,
   each beside the running decodes;
-- ITL: one step decoding the running sequences plus the new one, beside a chunk of the queued
-  prefill.
+- ITL: the mean gap between a stream's tokens, which is what the SLO bounds: a step decoding the
+  running sequences plus the new one, plus the queued prefill spread over one mean answer's
+  gaps (output tokens - 1; at most one chunk per gap). Those queued prompts share the next
+  steps with the running streams, but each chunk delays one gap of a stream, not all of them:
+  judging by the next step alone would count a decode worker's one-token KV hand-off (a prefill
+  step's whole fixed cost) or an aggregated worker's one queued prompt as if every gap paid it,
+  and add a worker the mean latency never needed.
 
 A worker's *pressure* is the larger of TTFT / TTFT SLO and ITL / ITL SLO (above 1: over target);
 a prefill worker is judged by TTFT alone (it never decodes a stream), a decode worker by ITL
@@ -44,26 +49,44 @@ class Corrections:
     itl: float = 1.0
 
 
-def predicted_latency(model: PerformanceModel, load: WorkerLoad, prompt_tokens: float,
-                      limits: EngineLimits, corrections: Corrections) -> tuple[float, float]:
-    """(TTFT ms, ITL ms) of one more request of `prompt_tokens` sent to a worker with `load`."""
-    budget = max(1, limits.max_step_tokens)
+@dataclass(frozen=True, slots=True)
+class Outlook:
+    """What a worker's load is judged against: the next request's expected size (the predicted
+    means), the engine's limits, the targets and the latency corrections."""
+
+    prompt_tokens: float
+    output_tokens: float
+    limits: EngineLimits
+    slo: Slo
+    corrections: Corrections = Corrections()
+
+
+def predicted_latency(model: PerformanceModel, load: WorkerLoad,
+                      outlook: Outlook) -> tuple[float, float]:
+    """(TTFT ms, mean ITL ms) of one more request sent to a worker with `load`."""
+    budget = max(1, outlook.limits.max_step_tokens)
     usage = min(1.0, load.kv_used_blocks / load.kv_total_blocks) if load.kv_total_blocks else 0.0
     decoding = max(0.0, load.running)
-    work = max(0.0, load.prefill_tokens) + max(1.0, prompt_tokens)
-    full, rest = divmod(work, budget)
+    queued = max(0.0, load.prefill_tokens)
+    full, rest = divmod(queued + max(1.0, outlook.prompt_tokens), budget)
     ttft = full * model.step_ms(budget, decoding, usage)
     if rest > 0:
         ttft += model.step_ms(rest, decoding, usage)
-    chunk = min(budget, max(0.0, load.prefill_tokens))
-    itl = model.step_ms(chunk, decoding + 1, usage)
-    return corrections.ttft * ttft, corrections.itl * itl
+    gaps = max(1.0, outlook.output_tokens - 1)
+    full, rest = divmod(queued, budget)
+    if full + (1 if rest > 0 else 0) >= gaps:
+        per_gap = model.prefill_ms(budget) if full else model.prefill_ms(rest)
+    else:
+        per_gap = (full * model.prefill_ms(budget)
+                   + (model.prefill_ms(rest) if rest > 0 else 0.0)) / gaps
+    itl = model.step_ms(0, decoding + 1, usage) + per_gap
+    return outlook.corrections.ttft * ttft, outlook.corrections.itl * itl
 
 
-def pressure(model: PerformanceModel, load: WorkerLoad, prompt_tokens: float,
-             limits: EngineLimits, slo: Slo, corrections: Corrections,
+def pressure(model: PerformanceModel, load: WorkerLoad, outlook: Outlook,
              role: str = "aggregated") -> float:
-    ttft, itl = predicted_latency(model, load, prompt_tokens, limits, corrections)
+    ttft, itl = predicted_latency(model, load, outlook)
+    slo = outlook.slo
     if role == ROLE_PREFILL:
         return ttft / slo.ttft_ms
     if role == ROLE_DECODE:
@@ -79,19 +102,17 @@ def spread(loads: list[WorkerLoad], workers: int) -> WorkerLoad:
                       sum(w.kv_used_blocks for w in loads) / workers, kv_total)
 
 
-def reactive_step(model: PerformanceModel, loads: list[WorkerLoad], prompt_tokens: float,
-                  limits: EngineLimits, slo: Slo, corrections: Corrections,
+def reactive_step(model: PerformanceModel, loads: list[WorkerLoad], outlook: Outlook,
                   margin: float, role: str = "aggregated") -> tuple[int, float]:
     """(+1 add a worker, -1 remove one, 0 hold; the least pressure of any worker now), for
     workers of `role` (aggregated, prefill or decode)."""
     if not loads:
         return 0, math.nan
-    least = min(pressure(model, w, prompt_tokens, limits, slo, corrections, role)
-                for w in loads)
+    least = min(pressure(model, w, outlook, role) for w in loads)
     if least > 1.0:
         return 1, least
     if len(loads) >= 2:
         fewer = spread(loads, len(loads) - 1)
-        if pressure(model, fewer, prompt_tokens, limits, slo, corrections, role) < margin:
+        if pressure(model, fewer, outlook, role) < margin:
             return -1, least
     return 0, least

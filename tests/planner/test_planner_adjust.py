@@ -444,3 +444,47 @@ async def test_a_forecast_does_not_remove_a_worker_the_live_load_still_needs(
         assert conn.replicas == 1
     finally:
         close(p)
+
+
+@pytest.mark.asyncio
+async def test_a_decode_worker_mid_hand_off_does_not_undo_a_scale_down(profile: Path) -> None:
+    """Seen in the bench: the forecast took the decode pool from 2 to 1, and seconds later a
+    reactive check added one straight back because the lone decode worker's load report caught
+    a prompt's KV hand-off (one token still to compute), judged as if every gap of a stream paid
+    that prefill step. The mean gap of a 20-token answer stays well under the ITL target."""
+    p = make_planner(profile, "--planner-mode", "disaggregated", "--ttft-slo-ms", "1500",
+                     "--itl-slo-ms", "150", "--max-step-tokens", "1024", "--max-batch", "16",
+                     "--scale-down-cooldown-s", "10")
+    prefill, decode = FakeConnector("prefill", 1), FakeConnector("decode", 2)
+    p.connectors = {"prefill": prefill, "decode": decode}
+
+    def serve_pools(*loads: tuple[str, str, LoadReport]) -> None:
+        p.workers = {r.worker_id: Instance(r.worker_id, "worker", p.model_name,
+                                           metadata={"mode": mode}) for _, mode, r in loads}
+        p.loads = {r.worker_id: (time.monotonic(), r) for _, _, r in loads}
+
+    def load(worker_id: str, prefill_tokens: int, running: int, kv: int) -> LoadReport:
+        return LoadReport(worker_id, 0, prefill_tokens, kv, 2048, 0, running)
+
+    try:
+        # Model time, a tenth of what clients see (the bench's slowed mockers): ITL
+        # correction 11.
+        steps = [StepSample(0, 4, 0.03, 7.337)] * 8
+        light = observe(1.0, isl=1000, osl=20, ttft_ms=330.0, itl_ms=80.7, steps=steps)
+        serve_pools(("p", "prefill", load("p1", 0, 0, 0)),
+                    ("d", "decode", load("d1", 0, 2, 32)),
+                    ("d", "decode", load("d2", 0, 2, 32)))
+        p.clock.now += 20  # type: ignore[attr-defined]
+        p.observer.next = light  # type: ignore[attr-defined]
+        await p.adjust()
+        assert decode.replicas == 1, "the forecast's scale-down"
+        assert p.planner.itl_correction.factor == pytest.approx(11.0, rel=0.01)
+        serve_pools(("p", "prefill", load("p1", 0, 0, 0)),
+                    ("d", "decode", load("d1", 1, 3, 48)))
+        for _ in range(4):
+            p.clock.now += 0.5  # type: ignore[attr-defined]
+            await p.react()
+        assert decode.replicas == 1, "no reactive add for a hand-off in flight"
+        assert metrics(p)["turnout_planner_least_worker_pressure{'role': 'decode'}"] < 0.7
+    finally:
+        close(p)
