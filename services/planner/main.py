@@ -295,7 +295,9 @@ class Planner:
                     m.budget_limited.labels(role).inc()
                 if state.desired == 0 and targets[role] > 0:
                     m.scale_from_zero.labels(role).inc()
-                await self.scale(role, state.desired, targets[role], wanted[role])
+                need = wanted[role]
+                await self.scale(role, state.desired, targets[role], self.seen(role, {
+                    "need": None if need is None else round(need, 2)}))
             m.gpus_targeted.set(self.planner.gpus(targets))
             await self.adjust_encode(obs.encode)
         m.adjustments.inc()
@@ -354,50 +356,38 @@ class Planner:
     # -- pools -----------------------------------------------------------------------------
 
     async def adjust_encode(self, stage: EncodeStage | None) -> None:
-        """The encode pool's interval (`encode_pool`); the caller holds `scaling`."""
-        pool, conn = self.encode_pool, self.encode_connector
-        if pool is None or conn is None:
+        """The encode pool's interval: its own rule (`encode_pool`), no share of the GPU
+        budget; observed and applied as the LLM pools are. The caller holds `scaling`."""
+        pool = self.encode_pool
+        if pool is None or self.encode_connector is None:
             return
-        m = self.metrics
-        try:
-            state = await conn.observe()
-        except Exception:
-            m.connector_errors.labels(MODE_ENCODE).inc()
-            raise
-        if state.changed_from is not None:
-            m.external_changes.labels(MODE_ENCODE).inc()
-            pool.note_change()
-        m.current.labels(MODE_ENCODE).set(state.desired)
-        m.ready.labels(MODE_ENCODE).set(state.ready)
+        state = await self.observe_pool(MODE_ENCODE)
         if state.ready < state.desired:
             return  # a start is under way: judge the pool once it serves
-        target = pool.target(stage, state.desired)
-        m.target.labels(MODE_ENCODE).set(target)
-        if target != state.desired:
-            direction = "up" if target > state.desired else "down"
-            m.actions.labels(MODE_ENCODE, direction).inc()
-            log.info("scaling", extra={"fields": {
-                "role": MODE_ENCODE, "current": state.desired, "target": target,
-                "encode_latency_ms": None if stage is None or stage.latency_ms is None
-                else round(stage.latency_ms, 1)}})
-        try:
-            await conn.apply(target)
-        except Exception:
-            m.connector_errors.labels(MODE_ENCODE).inc()
-            raise
+        latency = stage.latency_ms if stage is not None else None
+        await self.scale(MODE_ENCODE, state.desired, pool.target(stage, state.desired),
+                         {"encode_latency_ms": None if latency is None else round(latency, 1)})
+
+    def connector(self, role: str) -> Connector:
+        if role == MODE_ENCODE and self.encode_connector is not None:
+            return self.encode_connector
+        return self.connectors[role]
 
     async def observe_pool(self, role: str) -> PoolState:
         """The role's pool as its connector sees it now, folded into the metrics, the cooldown
         (a hand-made change counts as a scaling action) and the stuck-start watch."""
         m = self.metrics
         try:
-            state = await self.connectors[role].observe()
+            state = await self.connector(role).observe()
         except Exception:
             m.connector_errors.labels(role).inc()
             raise
         if state.changed_from is not None:
             m.external_changes.labels(role).inc()
-            self.planner.note_change(role, state.desired)
+            if role == MODE_ENCODE and self.encode_pool is not None:
+                self.encode_pool.note_change()
+            else:
+                self.planner.note_change(role, state.desired)
         timeouts = self.startup.timeouts.get(role, 0)
         self.startup.update(role, state)
         if self.startup.timeouts.get(role, 0) > timeouts:
@@ -406,13 +396,15 @@ class Planner:
         m.ready.labels(role).set(state.ready)
         return state
 
-    async def scale(self, role: str, current: int, target: int, need: float | None = None,
-                    reactive: bool = False) -> None:
+    async def scale(self, role: str, current: int, target: int,
+                    why: dict[str, object] | None = None, reactive: bool = False) -> None:
+        """Apply `target` to the role's pool; `why`: what the decision saw, for the log."""
         m = self.metrics
         m.target.labels(role).set(target)
-        self.planner.commit(role, current, target)
-        if reactive and target != current:
-            self.planner.note_change(role, target)
+        if role != MODE_ENCODE:  # the encode pool keeps its own cooldown
+            self.planner.commit(role, current, target)
+            if reactive and target != current:
+                self.planner.note_change(role, target)
         if target != current:
             direction = "up" if target > current else "down"
             m.actions.labels(role, direction).inc()
@@ -420,13 +412,9 @@ class Planner:
                 m.reactive_actions.labels(role, direction).inc()
             log.info("scaling", extra={"fields": {
                 "role": role, "current": current, "target": target, "reactive": reactive,
-                "need": None if need is None else round(need, 2),
-                "ttft_correction": round(self.planner.ttft_correction.factor, 2),
-                "itl_correction": round(self.planner.itl_correction.factor, 2),
-                "loads": ";".join(f"{w.prefill_tokens:g}/{w.running:g}/{w.kv_used_blocks:g}"
-                                  for w in self.worker_loads(role))}})
+                **(why or {})}})
         try:
-            await self.connectors[role].apply(target)
+            await self.connector(role).apply(target)
         except Exception:
             m.connector_errors.labels(role).inc()
             raise
@@ -468,7 +456,9 @@ class Planner:
                 if step < 0 and not self.planner.may_scale_down(role, target):
                     continue
                 if step:
-                    await self.scale(role, state.desired, target, reactive=True)
+                    await self.scale(role, state.desired, target,
+                                     self.seen(role, {"pressure": round(least, 2)}),
+                                     reactive=True)
 
     async def wake_from_zero(self, role: str) -> None:
         """A role at zero workers: start one as soon as a request waits or was refused for want
@@ -479,7 +469,8 @@ class Planner:
                 or not self.fits_with(role, 1):
             return
         self.metrics.scale_from_zero.labels(role).inc()
-        await self.scale(role, 0, 1, reactive=True)
+        await self.scale(role, 0, 1, {"waiting": demand.waiting, "refused": demand.refused},
+                         reactive=True)
 
     def fits_with(self, role: str, replicas: int) -> bool:
         """Whether the role at `replicas`, the others as they are, fits the GPU budget."""
@@ -511,6 +502,14 @@ class Planner:
         return Outlook(isl or 0.0, osl or 2.0, self.limits(), self.planner.slo,
                        Corrections(self.planner.ttft_correction.factor,
                                    self.planner.itl_correction.factor))
+
+    def seen(self, role: str, fields: dict[str, object]) -> dict[str, object]:
+        """`fields` plus the corrections and the role's live loads (queued prefill tokens /
+        running / KV blocks per worker): what an LLM pool's decision saw, for its log line."""
+        return {**fields, "ttft_correction": round(self.planner.ttft_correction.factor, 2),
+                "itl_correction": round(self.planner.itl_correction.factor, 2),
+                "loads": ";".join(f"{w.prefill_tokens:g}/{w.running:g}/{w.kv_used_blocks:g}"
+                                  for w in self.worker_loads(role))}
 
     def worker_loads(self, role: str) -> list[WorkerLoad]:
         """The latest load of each registered worker of the role, if reported recently."""
