@@ -74,6 +74,7 @@ from services.planner.reactive import (
 from services.planner.readiness import StartupWatch
 from services.planner.replica_planner import (
     ROLE_AGGREGATED,
+    ROLE_PREFILL,
     EngineLimits,
     LoadForecast,
     ReplicaNeeds,
@@ -527,10 +528,15 @@ class Planner:
         return out
 
     def model_ttft(self, obs: Observation) -> float | None:
-        """The model's TTFT for this interval's mean prompt: one prefill step."""
+        """The model's TTFT for this interval's mean prompt at its rate per serving worker
+        that prefills (`ReplicaPlanner.model_ttft`)."""
         if self.model.prefill is None or not obs.input_tokens:
             return None
-        return self.model.prefill_ms(obs.input_tokens)
+        role = ROLE_PREFILL if self.planner.disaggregated else ROLE_AGGREGATED
+        serving = sum(1 for w in self.workers.values()
+                      if w.metadata.get("mode", MODE_AGGREGATED) == role)
+        rate = (obs.request_rate or 0.0) / max(1, serving)
+        return self.planner.model_ttft(self.model, obs.input_tokens, rate)
 
     def model_itl(self, obs: Observation) -> float | None:
         """The model's mean time of the steps that decoded this interval (what a stream waited
