@@ -5,10 +5,11 @@ replica planner and one connector per planned role; serve /metrics; watch discov
 (subscribe to their `fpm` and `load` events), routers and frontends (scraped for request counts
 and latencies); then every `--adjustment-interval-s`: observe → predict → refit → correct →
 decide → bound (GPU budget, stuck starts) → apply; and every `--reactive-interval-s` the
-reactive rule (`reactive`) adds or removes one worker from live per-worker loads, or starts the
-first worker of a role scaled to zero as soon as requests wait. Both loops take one lock, so
-their decisions never interleave. On SIGTERM/SIGINT it stops adjusting and, with
-`--stop-workers-on-exit`, drains the workers it started (never killing them).
+reactive rule (`reactive`) adds workers (as many as the live load needs) or removes one from
+live per-worker loads, or starts the first worker of a role scaled to zero as soon as requests
+wait. Both loops take one lock, so their decisions never interleave. On SIGTERM/SIGINT it stops
+adjusting and, with `--stop-workers-on-exit`, drains the workers it started (never killing
+them).
 
 Owns the wiring and the adjustment cadence. Does not own the arithmetic (`load_predictor`,
 `performance_model`, `replica_planner`) or process lifecycles (`connectors`).
@@ -67,6 +68,7 @@ from services.planner.reactive import (
     Corrections,
     Outlook,
     WorkerLoad,
+    needed,
     pressure,
     reactive_step,
     spread,
@@ -448,12 +450,18 @@ class Planner:
                 loads = self.worker_loads(role)
                 if len(loads) < state.ready or not self.model.ready:
                     continue  # not every serving worker has reported its load yet
-                step, least = reactive_step(self.model, loads, self.outlook(),
+                outlook = self.outlook()
+                step, least = reactive_step(self.model, loads, outlook,
                                             cfg.reactive_scale_down_margin, role)
                 self.metrics.worker_pressure.labels(role).set(least)
                 target = state.desired + step
-                if step > 0 and (target > cfg.max_replicas or not self.fits_with(role, target)):
-                    continue
+                if step > 0:  # as many as the live load needs, within the bounds and budget
+                    target = min(cfg.max_replicas,
+                                 needed(self.model, loads, outlook, cfg.max_replicas, role))
+                    while target > state.desired and not self.fits_with(role, target):
+                        target -= 1
+                    if target <= state.desired:
+                        continue
                 if step < 0 and not self.planner.may_scale_down(role, target):
                     continue
                 if step:

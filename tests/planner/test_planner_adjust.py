@@ -312,29 +312,33 @@ def serve(p: Planner, *loads: LoadReport) -> None:
 async def test_the_reactive_loop_adds_on_pressure_and_removes_with_hysteresis(
         profile: Path) -> None:
     p = make_planner(profile, "--scale-down-cooldown-s", "30")
+    p.predictors["input_tokens"].observe(1000)
+    p.predictors["output_tokens"].observe(200)
     conn = pool(p)
     conn.replicas = 2
     try:
-        serve(p, report("a", 60000, 200, 14000), report("b", 0, 2, 50))
+        serve(p, report("a", 60000, 10, 100), report("b", 0, 2, 50))
         await p.react()
         assert conn.replicas == 2, "worker b has room"
-        serve(p, report("a", 60000, 200, 14000), report("b", 60000, 200, 14000))
+        serve(p, report("a", 60000, 10, 100), report("b", 60000, 10, 100))
         await p.react()
-        assert conn.replicas == 3
+        # 120,000 queued prompt tokens: spread over 6 workers, a new prompt's first token
+        # comes within 500 ms (3 steps of 8,192 tokens); over 5 it would not.
+        assert conn.replicas == 6, "as many as the live load needs, at once"
         assert metrics(p)["turnout_planner_least_worker_pressure{'role': 'aggregated'}"] > 1
-        conn.ready = 2  # the new worker is still starting: no second one on top of it
+        conn.ready = 2  # the new workers are still starting: none on top of them
         await p.react()
-        assert conn.replicas == 3
+        assert conn.replicas == 6
         conn.ready = None
-        serve(p, *(report(w, 0, 2, 50) for w in "abc"))  # the burst is over
+        serve(p, *(report(w, 0, 2, 50) for w in "abcdef"))  # the burst is over
         await p.react()
-        assert conn.replicas == 3, "the cooldown after the reactive scale-up"
+        assert conn.replicas == 6, "the cooldown after the reactive scale-up"
         p.clock.now += 31  # type: ignore[attr-defined]
         await p.react()
-        assert conn.replicas == 2
-        serve(p, *(report(w, 0, 2, 50) for w in "ab"))
+        assert conn.replicas == 5
+        serve(p, *(report(w, 0, 2, 50) for w in "abcde"))
         await p.react()
-        assert conn.replicas == 2, "and a cooldown after that removal too"
+        assert conn.replicas == 5, "and a cooldown after that removal too"
         m = metrics(p)
         assert m["turnout_planner_reactive_actions_total{'role': 'aggregated', "
                  "'direction': 'up'}"] == 1

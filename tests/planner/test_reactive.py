@@ -22,8 +22,7 @@ NONE = Corrections()
 
 
 def outlook(slo: Slo = SLO, corrections: Corrections = NONE, prompt: float = 1000,
-            answer: float = 2, limits: EngineLimits = LIMITS) -> Outlook:
-    """By default a one-token answer's single gap: the next step is the whole of its ITL."""
+            answer: float = 200, limits: EngineLimits = LIMITS) -> Outlook:
     return Outlook(prompt, answer, limits, slo, corrections)
 
 
@@ -74,11 +73,14 @@ def test_prefill_workers_are_judged_by_ttft_and_decode_workers_by_itl() -> None:
     model = mocker_model()
     tight = Slo(ttft_ms=500.0, itl_ms=20.0)
     decoding = load(running=250, kv=15000)  # a full batch, nothing queued to prefill
-    ttft, itl = predicted_latency(model, decoding, outlook())
+    ttft, itl = predicted_latency(model, decoding, outlook(), "decode")
     assert itl > tight.itl_ms and ttft < tight.ttft_ms
     assert pressure(model, decoding, outlook(tight), "decode") == itl / tight.itl_ms
     assert pressure(model, decoding, outlook(tight), "prefill") == ttft / tight.ttft_ms
-    assert pressure(model, decoding, outlook(tight), "aggregated") == itl / tight.itl_ms
+    # An aggregated worker also prefilled those 250 streams' prompts: more ITL still.
+    _, aggregated_itl = predicted_latency(model, decoding, outlook())
+    assert aggregated_itl > itl
+    assert pressure(model, decoding, outlook(tight), "aggregated") == aggregated_itl / 20.0
     # Busy decoding says nothing about prefill capacity: only the decode pool grows.
     assert reactive_step(model, [decoding] * 2, outlook(tight), 0.5, "decode")[0] == 1
     assert reactive_step(model, [decoding] * 2, outlook(tight), 0.5, "prefill")[0] != 1
@@ -104,14 +106,21 @@ def test_a_kv_hand_off_on_a_decode_worker_is_one_gap_not_every_gap() -> None:
         0, pressure(model, handing_off, stream, "decode"))
 
 
-def test_one_queued_prompt_beside_aggregated_decodes_is_spread_over_a_streams_gaps() -> None:
+def test_an_aggregated_workers_prefill_is_spread_over_a_streams_gaps() -> None:
+    """One queued prompt and the two running streams' own prompts (by Little's law, as many
+    arrive during one stream's life as are running) land between a stream's 20 tokens: one
+    chunk in each of three gaps out of 19, not one in every gap."""
     model = mocker_model()
-    queued = WorkerLoad(1000, 3, 48, BENCH.kv_total_blocks)
+    queued = WorkerLoad(1000, 2, 32, BENCH.kv_total_blocks)
     stream = outlook(BENCH_SLO, SLOW, answer=20, limits=BENCH)
     _, itl = predicted_latency(model, queued, stream)
-    assert itl == pytest.approx(11.0 * (model.decode_ms(4, 48 / 2048)
-                                        + model.prefill_ms(1000) / 19))
+    assert itl == pytest.approx(11.0 * (model.decode_ms(3, 32 / 2048)
+                                        + 3 * model.prefill_ms(1000) / 19))
     assert reactive_step(model, [queued], stream, 0.5)[0] == 0
+    # Eight streams running: their prompts' chunks stretch every stream past 150 ms.
+    busy = WorkerLoad(0, 8, 128, BENCH.kv_total_blocks)
+    assert pressure(model, busy, stream) > 1
+    assert pressure(model, busy, stream, "decode") < 0.7, "prompts prefilled elsewhere"
     # So many queued chunks that every gap of the stream carries a full one.
     flooded = WorkerLoad(40 * 1024, 3, 48, BENCH.kv_total_blocks)
     _, itl = predicted_latency(model, flooded, stream)
