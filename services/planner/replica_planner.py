@@ -30,9 +30,11 @@ the factor, once in the queue the capacity already plans for) and hold replicas 
 peak.
 
 Targets are clamped to [min, max]. Scaling up happens at once; scaling down waits until the last
-scaling action (or start) is a cooldown old, and goes only to the highest target recommended
-within the cooldown window, so a dip between two peaks does not flap the fleet. Changes made by
-the reactive loop or by hand count as scaling actions (`note_change`).
+scale-up (or start) is a cooldown old, and goes only to the highest target recommended within
+the cooldown window, so a dip between two peaks does not flap the fleet. A scale-down does not
+restart the wait: the window alone paces the next one, so a fleet steps down as the load's
+recommendations leave it rather than one worker per cooldown. Changes made by the reactive loop
+or by hand count as scaling actions (`note_change`).
 
 A GPU budget (`max_gpus`, each role's workers costing `gpus_per_worker`) caps the sum over roles:
 targets over it are cut in proportion, never below `min_replicas`, and the GPUs left over go one
@@ -324,8 +326,9 @@ class ReplicaPlanner:
         return target
 
     def commit(self, role: str, current: int, target: int) -> None:
-        """Record that `target` is applied (after anything that cut a proposal)."""
-        if target != current:
+        """Record that `target` is applied (after anything that cut a proposal): a scale-up
+        starts the cooldown."""
+        if target > current:
             self._last_change[role] = self.clock()
 
     def propose(self, role: str, need: float | None, current: int, floor: int = 0) -> int:

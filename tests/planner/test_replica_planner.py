@@ -174,6 +174,20 @@ def test_scale_down_goes_to_the_highest_recent_recommendation() -> None:
     assert p.decide(ROLE_AGGREGATED, 2.0, current=8) == 3
 
 
+def test_a_scale_down_does_not_restart_the_cooldown() -> None:
+    """A falling load steps the fleet down as its recommendations leave the window, not one
+    step per cooldown."""
+    clock = Clock()
+    p = planner(clock, scale_down_cooldown_s=10.0)
+    assert p.decide(ROLE_AGGREGATED, 4.0, current=1) == 4
+    clock.now += 5
+    assert p.decide(ROLE_AGGREGATED, 3.0, current=4) == 4, "within the cooldown"
+    clock.now += 6
+    assert p.decide(ROLE_AGGREGATED, 1.0, current=4) == 3, "the 3 of 6 s ago is in the window"
+    clock.now += 5
+    assert p.decide(ROLE_AGGREGATED, 1.0, current=3) == 1, "the 3 has left it"
+
+
 def test_bad_bounds_are_refused() -> None:
     with pytest.raises(ValueError):
         planner(min_replicas=3, max_replicas=2)
