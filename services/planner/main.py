@@ -24,6 +24,7 @@ import os
 import shlex
 import sys
 import time
+from collections import deque
 from collections.abc import Coroutine, Sequence
 
 import httpx
@@ -134,6 +135,8 @@ class Planner:
             self.encode_connector = self.make_connector(MODE_ENCODE)
         self.scaling = asyncio.Lock()  # one decision at a time: predictive or reactive
         self.reacting_stop = asyncio.Event()  # ends the reactive loop with the predictive one
+        # (when, decode steps) per interval, back to one request's duration: `model_itl`
+        self.decode_history: deque[tuple[float, list[StepSample]]] = deque()
         self._why = ""  # why the last interval had no replica estimate
         self._failures: set[str] = set()  # loop failures already logged with a traceback
 
@@ -547,13 +550,28 @@ class Planner:
         return self.planner.model_ttft(self.model, obs.input_tokens, rate)
 
     def model_itl(self, obs: Observation) -> float | None:
-        """The model's mean time of the steps that decoded this interval (what a stream waited
-        between tokens, mixed prefill included)."""
-        if not self.model.ready or not obs.decode_steps:
+        """The model's mean gap between a stream's tokens over the steps that decoded while this
+        interval's finished requests streamed: each step weighted by the streams it decoded
+        (mixed prefill included), over this interval and those back to one mean request's
+        duration before it. Clients' ITL is recorded as requests end, so the steps of this
+        interval alone describe the load now, not when those requests streamed: a ramp would
+        read as a faster engine just when workers are needed."""
+        now = self.planner.clock()
+        self.decode_history.append((now, obs.decode_steps))
+        duration_s = ((obs.ttft_ms or 0.0) + max(0.0, (obs.output_tokens or 1.0) - 1.0)
+                      * (obs.itl_ms or 0.0)) / 1000.0
+        since = now - obs.interval_s - duration_s
+        while self.decode_history and self.decode_history[0][0] <= since:
+            self.decode_history.popleft()
+        if not self.model.ready:
             return None
-        steps = obs.decode_steps
-        return sum(self.model.step_ms(s.prefill_tokens, s.decode_tokens, s.kv_usage)
-                   for s in steps) / len(steps)
+        streams = total = 0.0
+        for _, steps in self.decode_history:
+            for s in steps:
+                streams += s.decode_tokens
+                total += s.decode_tokens * self.model.step_ms(s.prefill_tokens,
+                                                              s.decode_tokens, s.kv_usage)
+        return total / streams if streams > 0 else None
 
     def forecast(self) -> LoadForecast | None:
         m = self.metrics

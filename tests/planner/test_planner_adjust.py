@@ -492,3 +492,36 @@ async def test_a_decode_worker_mid_hand_off_does_not_undo_a_scale_down(profile: 
         assert metrics(p)["turnout_planner_least_worker_pressure{'role': 'decode'}"] < 0.7
     finally:
         close(p)
+
+
+@pytest.mark.asyncio
+async def test_the_itl_correction_weighs_steps_by_streams_over_the_finished_requests_lives(
+        profile: Path) -> None:
+    """Clients' ITL is a mean over streams' gaps: a step decoding eight streams counts eight
+    times, a prefill-heavy step beside one stream once. And the requests that ended this
+    interval streamed during the previous one too; steps from before that are forgotten."""
+    p = make_planner(profile)
+    try:
+        model = p.model
+        busy = StepSample(0, 8, 0.05, 1.0)
+        mixed = StepSample(1000, 1, 0.05, 1.0)
+        t_busy, t_mixed = model.step_ms(0, 8, 0.05), model.step_ms(1000, 1, 0.05)
+        per_stream = (8 * t_busy + t_mixed) / 9  # what each stream waited, on average
+        assert per_stream < 0.6 * (t_busy + t_mixed) / 2, "unlike the mean step"
+        # Requests of about 2.3 s (400 ms TTFT + 19 gaps of 100 ms), one-second intervals:
+        # the steps of this interval and of the three before it are in, older ones not.
+        old = observe(1.0, isl=1000, osl=20, ttft_ms=400, itl_ms=None,
+                      steps=[StepSample(0, 8, 0.9, 1.0)] * 4)
+        p.clock.now += 1  # type: ignore[attr-defined]
+        p.observer.next = old  # type: ignore[attr-defined]
+        await p.adjust()
+        for _ in range(12):
+            p.clock.now += 1  # type: ignore[attr-defined]
+            p.observer.next = observe(  # type: ignore[attr-defined]
+                1.0, isl=1000, osl=20, ttft_ms=400, itl_ms=10 * per_stream,
+                steps=[busy, mixed])
+            await p.adjust()
+        assert p.planner.itl_correction.factor == pytest.approx(10.0, rel=0.01)
+        assert len(p.decode_history) == 4
+    finally:
+        close(p)
