@@ -539,8 +539,8 @@ class Planner:
         return out
 
     def model_ttft(self, obs: Observation) -> float | None:
-        """The model's TTFT for this interval's mean prompt at its rate per serving worker
-        that prefills (`ReplicaPlanner.model_ttft`)."""
+        """The model's TTFT for this interval's mean prompt, at its rate per serving worker
+        that prefills (`ReplicaPlanner.model_ttft`: the rate matters to aggregated workers)."""
         if self.model.prefill is None or not obs.input_tokens:
             return None
         role = ROLE_PREFILL if self.planner.disaggregated else ROLE_AGGREGATED

@@ -24,10 +24,11 @@ worker computes) and mean output length O:
 The model is corrected with what clients saw: a latency correction (smoothed observed / model
 latency at the observed operating point) scales the model's step times, so observed TTFT or ITL
 worse than the model predicts means less capacity per replica, hence more replicas. The model's
-TTFT at the observed point (`model_ttft`) includes the mean wait for the prefill queue at the
-interval's per-worker rate: a correction that carried queueing would count it twice (once in
-the factor, once in the queue the capacity already plans for) and hold replicas long after a
-peak.
+TTFT at the observed point (`model_ttft`) is what the capacity plans: for aggregated workers it
+includes the mean wait for the prefill queue at the interval's per-worker rate (a correction
+that carried queueing would count it twice, once in the factor and once in the queue the
+capacity plans for, and hold replicas long after a peak); a disaggregated prefill pool is
+planned without a queue, so there the correction carries it.
 
 Targets are clamped to [min, max]. Scaling up happens at once; scaling down waits until the last
 scale-up (or start) is a cooldown old, and goes only to the highest target recommended within
@@ -277,11 +278,15 @@ class ReplicaPlanner:
 
     def model_ttft(self, model: PerformanceModel, input_tokens: float,
                    rate_per_worker: float) -> float | None:
-        """The model's TTFT (its own clock) for a mean prompt at `rate_per_worker` requests/s
-        on each worker that prefills: the prompt's chunks (beside one decode step each, when
-        aggregated) and the mean wait for the prefill queue, whose busy share is taken at the
-        current correction. None when that share is 1 or more: an overloaded interval says
-        how long the queue grew, not how long a step takes."""
+        """The model's TTFT (its own clock) for a mean prompt, as the capacity plans it.
+        Aggregated, at `rate_per_worker` requests/s on each worker: the prompt's chunks beside
+        one decode step each and the mean wait for the prefill queue, whose busy share is taken
+        at the current correction (None when that share is 1 or more: an overloaded interval
+        says how long the queue grew, not how long a step takes). Disaggregated: one step of
+        the whole prompt, as `prefill_capacity` plans a prefill worker with no queue; there the
+        correction carrying the queue's wait is what sizes the pool for it."""
+        if self.disaggregated:
+            return model.prefill_ms(input_tokens)
         chunks = prompt_chunks(input_tokens, self.limits)
         prefill = sum(model.prefill_ms(c) for c in chunks)
         if prefill <= 0:
@@ -289,9 +294,7 @@ class ReplicaPlanner:
         busy = max(0.0, rate_per_worker) * self.ttft_correction.factor * prefill / 1000.0
         if busy >= 1.0:
             return None
-        beside = 0.0
-        if not self.disaggregated and model.decode is not None:
-            beside = model.decode_ms(1, 0.0)
+        beside = model.decode_ms(1, 0.0) if model.decode is not None else 0.0
         return queued_ttft(prefill, len(chunks), beside, busy)
 
     def needs(self, forecast: LoadForecast, model: PerformanceModel) -> ReplicaNeeds:
