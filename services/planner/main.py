@@ -448,19 +448,24 @@ class Planner:
                 if state.desired == 0:
                     await self.wake_from_zero(role)
                     continue
-                if state.ready < state.desired:
-                    continue  # a start is under way: judge the fleet once it serves
                 loads = self.worker_loads(role)
-                if len(loads) < state.ready or not self.model.ready:
+                if not loads or len(loads) < state.ready or not self.model.ready:
                     continue  # not every serving worker has reported its load yet
                 outlook = self.outlook()
                 step, least = reactive_step(self.model, loads, outlook,
                                             cfg.reactive_scale_down_margin, role)
                 self.metrics.worker_pressure.labels(role).set(least)
+                if state.ready < state.desired:
+                    # A start is under way: more only if the load would still be over target
+                    # spread over every worker asked for, and never a removal.
+                    if self.startup.stuck(role) or pressure(
+                            self.model, spread(loads, state.desired), outlook, role) <= 1.0:
+                        continue
+                    step = 1
                 target = state.desired + step
                 if step > 0:  # as many as the live load needs, within the bounds and budget
-                    target = min(cfg.max_replicas,
-                                 needed(self.model, loads, outlook, cfg.max_replicas, role))
+                    target = min(cfg.max_replicas, needed(
+                        self.model, loads, outlook, state.desired + 1, cfg.max_replicas, role))
                     while target > state.desired and not self.fits_with(role, target):
                         target -= 1
                     if target <= state.desired:

@@ -21,11 +21,13 @@ A worker's *pressure* is the larger of TTFT / TTFT SLO and ITL / ITL SLO (above 
 a prefill worker is judged by TTFT alone (it never decodes a stream), a decode worker by ITL
 alone (the prompts it serves were prefilled elsewhere).
 Add workers when every worker is over target: as many as it takes for the same total load, spread
-over them, to be back under (`needed`; the caller bounds it). Remove one only when, with the
-same total load spread over one worker fewer, each would stay under `margin` (e.g. half) of both
-SLOs: the gap between 1 and the margin is the hysteresis that keeps add and remove from
-alternating. Cooldown, bounds, budget and stuck starts are the caller's (`main`,
-`replica_planner`, `readiness`).
+over them, to be back under (`needed`; the caller bounds it). While workers are starting, add
+more only when the load spread over all of them, those starting included, is still over
+target (a burst that outgrows the first answer is not made to wait for it to serve). Remove
+one only when, with the same total load spread over one worker fewer, each would stay under
+`margin` (e.g. half) of both SLOs: the gap between 1 and the margin is the hysteresis that
+keeps add and remove from alternating. Cooldown, bounds, budget and stuck starts are the
+caller's (`main`, `replica_planner`, `readiness`).
 
 Owns the estimate and the rule. Does not own where loads come from or acting on the verdict.
 """
@@ -121,14 +123,14 @@ def spread(loads: list[WorkerLoad], workers: int) -> WorkerLoad:
                       sum(w.kv_used_blocks for w in loads) / workers, kv_total)
 
 
-def needed(model: PerformanceModel, loads: list[WorkerLoad], outlook: Outlook, most: int,
-           role: str = ROLE_AGGREGATED) -> int:
-    """The fewest workers, from one more than now up to `most`, over which the live load spread
-    evenly is back under target (`most` when none is)."""
-    for workers in range(len(loads) + 1, most):
+def needed(model: PerformanceModel, loads: list[WorkerLoad], outlook: Outlook, fewest: int,
+           most: int, role: str = ROLE_AGGREGATED) -> int:
+    """The fewest workers, from `fewest` up to `most`, over which the live load spread evenly
+    is back under target (`most` when none is)."""
+    for workers in range(fewest, most):
         if pressure(model, spread(loads, workers), outlook, role) <= 1.0:
             return workers
-    return max(most, len(loads) + 1)
+    return max(most, fewest)
 
 
 def reactive_step(model: PerformanceModel, loads: list[WorkerLoad], outlook: Outlook,

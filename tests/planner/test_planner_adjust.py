@@ -329,19 +329,27 @@ async def test_the_reactive_loop_adds_on_pressure_and_removes_with_hysteresis(
         conn.ready = 2  # the new workers are still starting: none on top of them
         await p.react()
         assert conn.replicas == 6
-        conn.ready = None
-        serve(p, *(report(w, 0, 2, 50) for w in "abcdef"))  # the burst is over
+        # The burst outgrows them: spread over the six, a new prompt would still wait too long.
+        serve(p, report("a", 120000, 10, 100), report("b", 120000, 10, 100))
         await p.react()
-        assert conn.replicas == 6, "the cooldown after the reactive scale-up"
+        assert conn.replicas > 6, "more, without waiting for the first six to serve"
+        grown = conn.replicas
+        await p.react()
+        assert conn.replicas == grown, "and not again for the same load"
+        conn.ready = None
+        names = "abcdefghijklmnop"
+        serve(p, *(report(w, 0, 2, 50) for w in names[:grown]))  # the burst is over
+        await p.react()
+        assert conn.replicas == grown, "the cooldown after the reactive scale-up"
         p.clock.now += 31  # type: ignore[attr-defined]
         await p.react()
-        assert conn.replicas == 5
-        serve(p, *(report(w, 0, 2, 50) for w in "abcde"))
+        assert conn.replicas == grown - 1
+        serve(p, *(report(w, 0, 2, 50) for w in names[:grown - 1]))
         await p.react()
-        assert conn.replicas == 5, "and a cooldown after that removal too"
+        assert conn.replicas == grown - 1, "and a cooldown after that removal too"
         m = metrics(p)
         assert m["turnout_planner_reactive_actions_total{'role': 'aggregated', "
-                 "'direction': 'up'}"] == 1
+                 "'direction': 'up'}"] == 2
         assert m["turnout_planner_reactive_actions_total{'role': 'aggregated', "
                  "'direction': 'down'}"] == 1
     finally:
