@@ -88,6 +88,7 @@ class Observation:
     decode_steps: list[StepSample] = field(default_factory=list)  # steps that decoded
     demand: Demand | None = None  # None: no router or frontend answered
     encode: EncodeStage | None = None  # None: no router gave a delta this interval
+    ended_rate: float | None = None  # requests/s that ended (what the latencies describe)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +165,7 @@ class LoadObserver:
         self.decode_steps = []
         targets = [i for i in (*routers, *frontends) if i.endpoints.get("metrics")]
         scraped = await asyncio.gather(*(self._scrape(i) for i in targets))
-        arrived = served = 0.0
+        arrived = ended = served = 0.0
         router_seen = frontend_seen = False
         f = dict.fromkeys(FRONTEND_SERIES, 0.0)  # summed increases over the frontends
         enc = {"encode_pool": 0.0, "inline": 0.0, "sum": 0.0, "count": 0.0}  # over routers
@@ -185,6 +186,7 @@ class LoadObserver:
                     router_seen = True
                     grown = inflight - before if before is not None else 0.0
                     arrived += max(0.0, d_total + grown)  # < 0 only across a restart
+                    ended += d_total
                     served += d_ok
                 encode_seen |= self._encode_deltas(inst.id, samples, enc)
             elif inst.role == ROLE_FRONTEND:
@@ -208,6 +210,7 @@ class LoadObserver:
             demand=self._demand(targets, scraped, "collect"),
             interval_s=interval,
             request_rate=arrived / interval if router_seen else None,
+            ended_rate=ended / interval if router_seen else None,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             ttft_ms=1000.0 * f[FRONTEND_TTFT_SUM] / ttft_n if ttft_n > 0 else None,

@@ -273,7 +273,9 @@ class Planner:
         await self.record_observation(obs)
         report = self.model.fit()
         self.planner.limits = self.limits()
-        self.planner.correct(obs.ttft_ms, self.model_ttft(obs), obs.itl_ms, self.model_itl(obs))
+        model_itl = self.model_itl(obs)  # (keeps its window of steps, steady or not)
+        if self.steady(obs):
+            self.planner.correct(obs.ttft_ms, self.model_ttft(obs), obs.itl_ms, model_itl)
         forecast = self.forecast()
         needs = self.needs(forecast)
         idle = obs.request_rate == 0 and (obs.demand is None or obs.demand.idle)
@@ -551,8 +553,20 @@ class Planner:
         role = ROLE_PREFILL if self.planner.disaggregated else ROLE_AGGREGATED
         serving = sum(1 for w in self.workers.values()
                       if w.metadata.get("mode", MODE_AGGREGATED) == role)
-        rate = (obs.request_rate or 0.0) / max(1, serving)
+        rate = (obs.ended_rate or 0.0) / max(1, serving)  # those whose TTFT was measured
         return self.planner.model_ttft(self.model, obs.input_tokens, rate)
+
+    @staticmethod
+    def steady(obs: Observation) -> bool:
+        """Whether the requests that ended this interval ran under the load the interval's
+        steps show: arrivals within half of endings (the fleet neither filling nor emptying
+        within a request's life). The latencies of requests that streamed before a burst
+        (or a lull), set against the model at the burst's operating point, would bend the
+        corrections just when the reactive rule sizes the answer by them."""
+        arrived, ended = obs.request_rate, obs.ended_rate
+        if arrived is None or ended is None:
+            return True  # no router: nothing to tell a ramp by
+        return abs(arrived - ended) <= 0.5 * max(arrived, ended)
 
     def model_itl(self, obs: Observation) -> float | None:
         """The model's mean gap between a stream's tokens over the steps that decoded while this

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -533,3 +534,30 @@ async def test_the_itl_correction_weighs_steps_by_streams_over_the_finished_requ
         assert len(p.decode_history) == 4
     finally:
         close(p)
+
+
+@pytest.mark.asyncio
+async def test_a_burst_onset_does_not_bend_the_corrections(planner: Planner) -> None:
+    """At a burst's first interval the requests that ended streamed before it (quick first
+    tokens, short gaps) while the steps are the burst's: set against each other they would
+    read as an engine faster than it is. Arrivals five times the endings: the corrections
+    hold; once arrivals and endings agree again, they learn."""
+    light = [StepSample(0, 2, 0.01, 1.0)] * 4
+    steady = dataclasses.replace(
+        observe(1.0, isl=1000, osl=20, ttft_ms=400.0, itl_ms=60.0, steps=light), ended_rate=1.0)
+    planner.observer.next = steady  # type: ignore[attr-defined]
+    await planner.adjust()
+    ttft, itl = planner.planner.ttft_correction.factor, planner.planner.itl_correction.factor
+    burst = [StepSample(1000, 12, 0.1, 1.0)] * 12
+    planner.clock.now += 1  # type: ignore[attr-defined]
+    planner.observer.next = dataclasses.replace(  # type: ignore[attr-defined]
+        steady, request_rate=5.0, decode_steps=burst)
+    await planner.adjust()
+    assert (planner.planner.ttft_correction.factor, planner.planner.itl_correction.factor) \
+        == (ttft, itl)
+    planner.clock.now += 10  # type: ignore[attr-defined]
+    planner.observer.next = dataclasses.replace(  # type: ignore[attr-defined]
+        steady, request_rate=5.0, ended_rate=4.5, ttft_ms=900.0, itl_ms=200.0,
+        decode_steps=burst)
+    await planner.adjust()
+    assert planner.planner.itl_correction.factor != itl
