@@ -276,6 +276,10 @@ class Planner:
         model_itl = self.model_itl(obs)  # (keeps its window of steps, steady or not)
         if self.steady(obs):
             self.planner.correct(obs.ttft_ms, self.model_ttft(obs), obs.itl_ms, model_itl)
+        elif self.planner.disaggregated:
+            # A prefill pool's TTFT correction carries the queue's wait by design (its
+            # capacity plans none): a burst's growing queue is what it must learn.
+            self.planner.correct(obs.ttft_ms, self.model_ttft(obs), None, None)
         forecast = self.forecast()
         needs = self.needs(forecast)
         idle = obs.request_rate == 0 and (obs.demand is None or obs.demand.idle)

@@ -561,3 +561,28 @@ async def test_a_burst_onset_does_not_bend_the_corrections(planner: Planner) -> 
         decode_steps=burst)
     await planner.adjust()
     assert planner.planner.itl_correction.factor != itl
+
+
+@pytest.mark.asyncio
+async def test_a_disaggregated_prefill_pool_still_learns_its_queue_at_a_burst(
+        profile: Path) -> None:
+    """A prefill pool is planned without a queue; its TTFT correction carries the wait, so at
+    a burst's onset it still learns (the ITL correction, a like-for-like one, holds)."""
+    p = make_planner(profile, "--planner-mode", "disaggregated")
+    p.connectors = {"prefill": FakeConnector("prefill", 1), "decode": FakeConnector("decode", 1)}
+    try:
+        light = [StepSample(0, 2, 0.01, 1.0)] * 4
+        steady = dataclasses.replace(
+            observe(1.0, isl=1000, osl=20, ttft_ms=400.0, itl_ms=60.0, steps=light),
+            ended_rate=1.0)
+        p.observer.next = steady  # type: ignore[attr-defined]
+        await p.adjust()
+        ttft, itl = p.planner.ttft_correction.factor, p.planner.itl_correction.factor
+        p.clock.now += 1  # type: ignore[attr-defined]
+        p.observer.next = dataclasses.replace(  # type: ignore[attr-defined]
+            steady, request_rate=5.0, ttft_ms=1600.0, itl_ms=30.0)
+        await p.adjust()
+        assert p.planner.ttft_correction.factor > ttft
+        assert p.planner.itl_correction.factor == itl
+    finally:
+        close(p)
