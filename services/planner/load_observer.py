@@ -1,9 +1,11 @@
 """What the fleet actually served in one adjustment interval.
 
 Sources, the simplest honest ones available:
-- request rate: the routers' `turnout_router_requests_total` (every outcome), scraped from each
-  router's /metrics. It counts requests as they end, so it lags arrivals by a request's duration:
-  fine at planning time scales.
+- request rate: arrivals at the routers, i.e. the requests that ended
+  (`turnout_router_requests_total`, every outcome) plus the growth of those in flight
+  (`turnout_router_inflight_requests`), both from one scrape of each router's /metrics.
+  Requests that ended alone lag arrivals by a request's duration, which on a ramp is the
+  difference between a worker in time and one late.
 - per-request lengths and latencies: the frontends' counters and histograms (their /metrics),
   all recorded as a request ends, so one interval's numerators and denominators describe the same
   requests: input length = (prompt - cached tokens) / requests, i.e. the *uncached* prompt tokens
@@ -78,7 +80,7 @@ Sample = tuple[str, dict[str, str], float]  # name, labels, value
 @dataclass(frozen=True, slots=True)
 class Observation:
     interval_s: float
-    request_rate: float | None  # requests/s; None: no router gave a delta this interval
+    request_rate: float | None  # arrivals/s; None: no router gave a delta this interval
     input_tokens: float | None  # uncached prompt tokens per request; None: no request ended
     output_tokens: float | None
     ttft_ms: float | None  # None: no frontend sample this interval
@@ -86,6 +88,7 @@ class Observation:
     decode_steps: list[StepSample] = field(default_factory=list)  # steps that decoded
     demand: Demand | None = None  # None: no router or frontend answered
     encode: EncodeStage | None = None  # None: no router gave a delta this interval
+    ended_rate: float | None = None  # requests/s that ended (what the latencies describe)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +136,7 @@ class LoadObserver:
         self.client = client
         self.on_scrape_error = on_scrape_error
         self.deltas = CounterDeltas()
+        self.inflight: dict[str, float] = {}  # router → requests in flight at its last scrape
         self.prefill_tokens = 0
         self.decode_tokens = 0
         self.decode_steps: list[StepSample] = []
@@ -148,6 +152,7 @@ class LoadObserver:
 
     def forget(self, instance_id: str) -> None:
         self.deltas.forget(instance_id)
+        self.inflight.pop(instance_id, None)
         self._warned.discard(instance_id)
 
     async def collect(self, routers: list[Instance], frontends: list[Instance]) -> Observation:
@@ -160,7 +165,7 @@ class LoadObserver:
         self.decode_steps = []
         targets = [i for i in (*routers, *frontends) if i.endpoints.get("metrics")]
         scraped = await asyncio.gather(*(self._scrape(i) for i in targets))
-        ended = served = 0.0
+        arrived = ended = served = 0.0
         router_seen = frontend_seen = False
         f = dict.fromkeys(FRONTEND_SERIES, 0.0)  # summed increases over the frontends
         enc = {"encode_pool": 0.0, "inline": 0.0, "sum": 0.0, "count": 0.0}  # over routers
@@ -174,8 +179,13 @@ class LoadObserver:
                          if n == ROUTER_REQUESTS and labels.get("outcome") != "rejected")
                 d_total = self.deltas.delta(inst.id, "requests", total)
                 d_ok = self.deltas.delta(inst.id, "served", ok)
+                inflight = sum(v for n, _, v in samples if n == ROUTER_INFLIGHT)
+                before = self.inflight.get(inst.id)
+                self.inflight[inst.id] = inflight
                 if d_total is not None and d_ok is not None:
                     router_seen = True
+                    grown = inflight - before if before is not None else 0.0
+                    arrived += max(0.0, d_total + grown)  # < 0 only across a restart
                     ended += d_total
                     served += d_ok
                 encode_seen |= self._encode_deltas(inst.id, samples, enc)
@@ -199,7 +209,8 @@ class LoadObserver:
         return Observation(
             demand=self._demand(targets, scraped, "collect"),
             interval_s=interval,
-            request_rate=ended / interval if router_seen else None,
+            request_rate=arrived / interval if router_seen else None,
+            ended_rate=ended / interval if router_seen else None,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             ttft_ms=1000.0 * f[FRONTEND_TTFT_SUM] / ttft_n if ttft_n > 0 else None,

@@ -5,10 +5,11 @@ replica planner and one connector per planned role; serve /metrics; watch discov
 (subscribe to their `fpm` and `load` events), routers and frontends (scraped for request counts
 and latencies); then every `--adjustment-interval-s`: observe → predict → refit → correct →
 decide → bound (GPU budget, stuck starts) → apply; and every `--reactive-interval-s` the
-reactive rule (`reactive`) adds or removes one worker from live per-worker loads, or starts the
-first worker of a role scaled to zero as soon as requests wait. Both loops take one lock, so
-their decisions never interleave. On SIGTERM/SIGINT it stops adjusting and, with
-`--stop-workers-on-exit`, drains the workers it started (never killing them).
+reactive rule (`reactive`) adds workers (as many as the live load needs) or removes one from
+live per-worker loads, or starts the first worker of a role scaled to zero as soon as requests
+wait. Both loops take one lock, so their decisions never interleave. On SIGTERM/SIGINT it stops
+adjusting and, with `--stop-workers-on-exit`, drains the workers it started (never killing
+them).
 
 Owns the wiring and the adjustment cadence. Does not own the arithmetic (`load_predictor`,
 `performance_model`, `replica_planner`) or process lifecycles (`connectors`).
@@ -23,6 +24,7 @@ import os
 import shlex
 import sys
 import time
+from collections import deque
 from collections.abc import Coroutine, Sequence
 
 import httpx
@@ -63,10 +65,19 @@ from services.planner.load_predictor import (
 )
 from services.planner.metrics import PlannerMetrics
 from services.planner.performance_model import PerformanceModel, StepSample
-from services.planner.reactive import Corrections, WorkerLoad, pressure, reactive_step, spread
+from services.planner.reactive import (
+    Corrections,
+    Outlook,
+    WorkerLoad,
+    needed,
+    pressure,
+    reactive_step,
+    spread,
+)
 from services.planner.readiness import StartupWatch
 from services.planner.replica_planner import (
     ROLE_AGGREGATED,
+    ROLE_PREFILL,
     EngineLimits,
     LoadForecast,
     ReplicaNeeds,
@@ -124,6 +135,8 @@ class Planner:
             self.encode_connector = self.make_connector(MODE_ENCODE)
         self.scaling = asyncio.Lock()  # one decision at a time: predictive or reactive
         self.reacting_stop = asyncio.Event()  # ends the reactive loop with the predictive one
+        # (when, decode steps) per interval, back to one request's duration: `model_itl`
+        self.decode_history: deque[tuple[float, list[StepSample]]] = deque()
         self._why = ""  # why the last interval had no replica estimate
         self._failures: set[str] = set()  # loop failures already logged with a traceback
 
@@ -260,7 +273,13 @@ class Planner:
         await self.record_observation(obs)
         report = self.model.fit()
         self.planner.limits = self.limits()
-        self.planner.correct(obs.ttft_ms, self.model_ttft(obs), obs.itl_ms, self.model_itl(obs))
+        model_itl = self.model_itl(obs)  # (keeps its window of steps, steady or not)
+        if self.steady(obs):
+            self.planner.correct(obs.ttft_ms, self.model_ttft(obs), obs.itl_ms, model_itl)
+        elif self.planner.disaggregated:
+            # A prefill pool's TTFT correction carries the queue's wait by design (its
+            # capacity plans none): a burst's growing queue is what it must learn.
+            self.planner.correct(obs.ttft_ms, self.model_ttft(obs), None, None)
         forecast = self.forecast()
         needs = self.needs(forecast)
         idle = obs.request_rate == 0 and (obs.demand is None or obs.demand.idle)
@@ -288,7 +307,9 @@ class Planner:
                     m.budget_limited.labels(role).inc()
                 if state.desired == 0 and targets[role] > 0:
                     m.scale_from_zero.labels(role).inc()
-                await self.scale(role, state.desired, targets[role], wanted[role])
+                need = wanted[role]
+                await self.scale(role, state.desired, targets[role], self.seen(role, {
+                    "need": None if need is None else round(need, 2)}))
             m.gpus_targeted.set(self.planner.gpus(targets))
             await self.adjust_encode(obs.encode)
         m.adjustments.inc()
@@ -347,50 +368,38 @@ class Planner:
     # -- pools -----------------------------------------------------------------------------
 
     async def adjust_encode(self, stage: EncodeStage | None) -> None:
-        """The encode pool's interval (`encode_pool`); the caller holds `scaling`."""
-        pool, conn = self.encode_pool, self.encode_connector
-        if pool is None or conn is None:
+        """The encode pool's interval: its own rule (`encode_pool`), no share of the GPU
+        budget; observed and applied as the LLM pools are. The caller holds `scaling`."""
+        pool = self.encode_pool
+        if pool is None or self.encode_connector is None:
             return
-        m = self.metrics
-        try:
-            state = await conn.observe()
-        except Exception:
-            m.connector_errors.labels(MODE_ENCODE).inc()
-            raise
-        if state.changed_from is not None:
-            m.external_changes.labels(MODE_ENCODE).inc()
-            pool.note_change()
-        m.current.labels(MODE_ENCODE).set(state.desired)
-        m.ready.labels(MODE_ENCODE).set(state.ready)
+        state = await self.observe_pool(MODE_ENCODE)
         if state.ready < state.desired:
             return  # a start is under way: judge the pool once it serves
-        target = pool.target(stage, state.desired)
-        m.target.labels(MODE_ENCODE).set(target)
-        if target != state.desired:
-            direction = "up" if target > state.desired else "down"
-            m.actions.labels(MODE_ENCODE, direction).inc()
-            log.info("scaling", extra={"fields": {
-                "role": MODE_ENCODE, "current": state.desired, "target": target,
-                "encode_latency_ms": None if stage is None or stage.latency_ms is None
-                else round(stage.latency_ms, 1)}})
-        try:
-            await conn.apply(target)
-        except Exception:
-            m.connector_errors.labels(MODE_ENCODE).inc()
-            raise
+        latency = stage.latency_ms if stage is not None else None
+        await self.scale(MODE_ENCODE, state.desired, pool.target(stage, state.desired),
+                         {"encode_latency_ms": None if latency is None else round(latency, 1)})
+
+    def connector(self, role: str) -> Connector:
+        if role == MODE_ENCODE and self.encode_connector is not None:
+            return self.encode_connector
+        return self.connectors[role]
 
     async def observe_pool(self, role: str) -> PoolState:
         """The role's pool as its connector sees it now, folded into the metrics, the cooldown
         (a hand-made change counts as a scaling action) and the stuck-start watch."""
         m = self.metrics
         try:
-            state = await self.connectors[role].observe()
+            state = await self.connector(role).observe()
         except Exception:
             m.connector_errors.labels(role).inc()
             raise
         if state.changed_from is not None:
             m.external_changes.labels(role).inc()
-            self.planner.note_change(role, state.desired)
+            if role == MODE_ENCODE and self.encode_pool is not None:
+                self.encode_pool.note_change()
+            else:
+                self.planner.note_change(role, state.desired)
         timeouts = self.startup.timeouts.get(role, 0)
         self.startup.update(role, state)
         if self.startup.timeouts.get(role, 0) > timeouts:
@@ -399,13 +408,15 @@ class Planner:
         m.ready.labels(role).set(state.ready)
         return state
 
-    async def scale(self, role: str, current: int, target: int, need: float | None = None,
-                    reactive: bool = False) -> None:
+    async def scale(self, role: str, current: int, target: int,
+                    why: dict[str, object] | None = None, reactive: bool = False) -> None:
+        """Apply `target` to the role's pool; `why`: what the decision saw, for the log."""
         m = self.metrics
         m.target.labels(role).set(target)
-        self.planner.commit(role, current, target)
-        if reactive and target != current:
-            self.planner.note_change(role, target)
+        if role != MODE_ENCODE:  # the encode pool keeps its own cooldown
+            self.planner.commit(role, current, target)
+            if reactive and target != current:
+                self.planner.note_change(role, target)
         if target != current:
             direction = "up" if target > current else "down"
             m.actions.labels(role, direction).inc()
@@ -413,9 +424,9 @@ class Planner:
                 m.reactive_actions.labels(role, direction).inc()
             log.info("scaling", extra={"fields": {
                 "role": role, "current": current, "target": target, "reactive": reactive,
-                "need": None if need is None else round(need, 2)}})
+                **(why or {})}})
         try:
-            await self.connectors[role].apply(target)
+            await self.connector(role).apply(target)
         except Exception:
             m.connector_errors.labels(role).inc()
             raise
@@ -443,25 +454,34 @@ class Planner:
                 if state.desired == 0:
                     await self.wake_from_zero(role)
                     continue
-                if state.ready < state.desired:
-                    continue  # a start is under way: judge the fleet once it serves
                 loads = self.worker_loads(role)
-                if len(loads) < state.ready or not self.model.ready:
+                if not loads or len(loads) < state.ready or not self.model.ready:
                     continue  # not every serving worker has reported its load yet
-                isl = self.predictors["input_tokens"].predict() or 0.0
-                step, least = reactive_step(
-                    self.model, loads, isl, self.limits(), self.planner.slo,
-                    Corrections(self.planner.ttft_correction.factor,
-                                self.planner.itl_correction.factor),
-                    cfg.reactive_scale_down_margin, role)
+                outlook = self.outlook()
+                step, least = reactive_step(self.model, loads, outlook,
+                                            cfg.reactive_scale_down_margin, role)
                 self.metrics.worker_pressure.labels(role).set(least)
+                if state.ready < state.desired:
+                    # A start is under way: more only if the load would still be over target
+                    # spread over every worker asked for, and never a removal.
+                    if self.startup.stuck(role) or pressure(
+                            self.model, spread(loads, state.desired), outlook, role) <= 1.0:
+                        continue
+                    step = 1
                 target = state.desired + step
-                if step > 0 and (target > cfg.max_replicas or not self.fits_with(role, target)):
-                    continue
+                if step > 0:  # as many as the live load needs, within the bounds and budget
+                    target = min(cfg.max_replicas, needed(
+                        self.model, loads, outlook, state.desired + 1, cfg.max_replicas, role))
+                    while target > state.desired and not self.fits_with(role, target):
+                        target -= 1
+                    if target <= state.desired:
+                        continue
                 if step < 0 and not self.planner.may_scale_down(role, target):
                     continue
                 if step:
-                    await self.scale(role, state.desired, target, reactive=True)
+                    await self.scale(role, state.desired, target,
+                                     self.seen(role, {"pressure": round(least, 2)}),
+                                     reactive=True)
 
     async def wake_from_zero(self, role: str) -> None:
         """A role at zero workers: start one as soon as a request waits or was refused for want
@@ -472,7 +492,8 @@ class Planner:
                 or not self.fits_with(role, 1):
             return
         self.metrics.scale_from_zero.labels(role).inc()
-        await self.scale(role, 0, 1, reactive=True)
+        await self.scale(role, 0, 1, {"waiting": demand.waiting, "refused": demand.refused},
+                         reactive=True)
 
     def fits_with(self, role: str, replicas: int) -> bool:
         """Whether the role at `replicas`, the others as they are, fits the GPU budget."""
@@ -489,15 +510,29 @@ class Planner:
         loads = self.worker_loads(role)
         if not loads or len(loads) < ready:
             return target  # not every serving worker has reported: nothing to hold it on
-        isl = self.predictors["input_tokens"].predict() or 0.0
-        corrections = Corrections(self.planner.ttft_correction.factor,
-                                  self.planner.itl_correction.factor)
-        limits = self.limits()
+        outlook = self.outlook()
         for workers in range(target, desired):
-            if pressure(self.model, spread(loads, workers), isl, limits, self.planner.slo,
-                        corrections, role) <= 1.0:
+            if pressure(self.model, spread(loads, workers), outlook, role) <= 1.0:
                 return workers
         return desired
+
+    def outlook(self) -> Outlook:
+        """What the live loads are judged against: the predicted request (an answer not seen
+        yet counts as one gap: every queued chunk then lands on it), the engine, the targets and
+        the corrections."""
+        isl = self.predictors["input_tokens"].predict()
+        osl = self.predictors["output_tokens"].predict()
+        return Outlook(isl or 0.0, osl or 2.0, self.limits(), self.planner.slo,
+                       Corrections(self.planner.ttft_correction.factor,
+                                   self.planner.itl_correction.factor))
+
+    def seen(self, role: str, fields: dict[str, object]) -> dict[str, object]:
+        """`fields` plus the corrections and the role's live loads (queued prefill tokens /
+        running / KV blocks per worker): what an LLM pool's decision saw, for its log line."""
+        return {**fields, "ttft_correction": round(self.planner.ttft_correction.factor, 2),
+                "itl_correction": round(self.planner.itl_correction.factor, 2),
+                "loads": ";".join(f"{w.prefill_tokens:g}/{w.running:g}/{w.kv_used_blocks:g}"
+                                  for w in self.worker_loads(role))}
 
     def worker_loads(self, role: str) -> list[WorkerLoad]:
         """The latest load of each registered worker of the role, if reported recently."""
@@ -515,19 +550,51 @@ class Planner:
         return out
 
     def model_ttft(self, obs: Observation) -> float | None:
-        """The model's TTFT for this interval's mean prompt: one prefill step."""
+        """The model's TTFT for this interval's mean prompt, at its rate per serving worker
+        that prefills (`ReplicaPlanner.model_ttft`: the rate matters to aggregated workers)."""
         if self.model.prefill is None or not obs.input_tokens:
             return None
-        return self.model.prefill_ms(obs.input_tokens)
+        role = ROLE_PREFILL if self.planner.disaggregated else ROLE_AGGREGATED
+        serving = sum(1 for w in self.workers.values()
+                      if w.metadata.get("mode", MODE_AGGREGATED) == role)
+        rate = (obs.ended_rate or 0.0) / max(1, serving)  # those whose TTFT was measured
+        return self.planner.model_ttft(self.model, obs.input_tokens, rate)
+
+    @staticmethod
+    def steady(obs: Observation) -> bool:
+        """Whether the requests that ended this interval ran under the load the interval's
+        steps show: arrivals within half of endings (the fleet neither filling nor emptying
+        within a request's life). The latencies of requests that streamed before a burst
+        (or a lull), set against the model at the burst's operating point, would bend the
+        corrections just when the reactive rule sizes the answer by them."""
+        arrived, ended = obs.request_rate, obs.ended_rate
+        if arrived is None or ended is None:
+            return True  # no router: nothing to tell a ramp by
+        return abs(arrived - ended) <= 0.5 * max(arrived, ended)
 
     def model_itl(self, obs: Observation) -> float | None:
-        """The model's mean time of the steps that decoded this interval (what a stream waited
-        between tokens, mixed prefill included)."""
-        if not self.model.ready or not obs.decode_steps:
+        """The model's mean gap between a stream's tokens over the steps that decoded while this
+        interval's finished requests streamed: each step weighted by the streams it decoded
+        (mixed prefill included), over this interval and those back to one mean request's
+        duration before it. Clients' ITL is recorded as requests end, so the steps of this
+        interval alone describe the load now, not when those requests streamed: a ramp would
+        read as a faster engine just when workers are needed."""
+        now = self.planner.clock()
+        self.decode_history.append((now, obs.decode_steps))
+        duration_s = ((obs.ttft_ms or 0.0) + max(0.0, (obs.output_tokens or 1.0) - 1.0)
+                      * (obs.itl_ms or 0.0)) / 1000.0
+        since = now - obs.interval_s - duration_s
+        while self.decode_history and self.decode_history[0][0] <= since:
+            self.decode_history.popleft()
+        if not self.model.ready:
             return None
-        steps = obs.decode_steps
-        return sum(self.model.step_ms(s.prefill_tokens, s.decode_tokens, s.kv_usage)
-                   for s in steps) / len(steps)
+        streams = total = 0.0
+        for _, steps in self.decode_history:
+            for s in steps:
+                streams += s.decode_tokens
+                total += s.decode_tokens * self.model.step_ms(s.prefill_tokens,
+                                                              s.decode_tokens, s.kv_usage)
+        return total / streams if streams > 0 else None
 
     def forecast(self) -> LoadForecast | None:
         m = self.metrics

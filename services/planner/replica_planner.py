@@ -9,17 +9,33 @@ worker computes) and mean output length O:
 - decode capacity of one replica: the batch n (bounded by the engine's batch limit and by KV
   space for n sequences of I + O/2 tokens each) with the best throughput n / step_ms(n, u) whose
   step time fits the ITL SLO; decode demand is λ·O tokens/s.
-- disaggregated: prefill replicas = ⌈λ·I / prefill capacity⌉, decode = ⌈λ·O / decode capacity⌉;
-  aggregated workers time-share both, so replicas = ⌈λ·I / prefill cap + λ·O / decode cap⌉.
+- disaggregated: prefill replicas = ⌈λ·I / prefill capacity⌉, decode = ⌈λ·O / decode capacity⌉.
+- aggregated workers time-share both, and the share matters to latency, not only to throughput:
+  a stream's gap is a decode step, stretched by the prefill chunks that run beside it. With
+  per-worker rate r, prefill time per request P (its chunks) and decode step d (at the batch r
+  keeps running, by Little's law), the prefill busy share is f = r·P and the mean gap
+  d / (1 - f); a stream of O tokens meets its target when that gap plus one more chunk than
+  average (chunks land whole on a short stream's O - 1 gaps) fits the ITL SLO, and its first
+  token when P, its chunks' decode steps and the mean wait for the prefill queue (M/D/1:
+  f / (2(1 - f)) · P) fit the TTFT SLO. The most requests per second one worker serves so
+  (bisected) gives replicas = ⌈λ / that⌉, never fewer than the plain time-sharing sum
+  ⌈λ·I / prefill cap + λ·O / decode cap⌉.
 
 The model is corrected with what clients saw: a latency correction (smoothed observed / model
 latency at the observed operating point) scales the model's step times, so observed TTFT or ITL
-worse than the model predicts means less capacity per replica, hence more replicas.
+worse than the model predicts means less capacity per replica, hence more replicas. The model's
+TTFT at the observed point (`model_ttft`) is what the capacity plans: for aggregated workers it
+includes the mean wait for the prefill queue at the interval's per-worker rate (a correction
+that carried queueing would count it twice, once in the factor and once in the queue the
+capacity plans for, and hold replicas long after a peak); a disaggregated prefill pool is
+planned without a queue, so there the correction carries it.
 
 Targets are clamped to [min, max]. Scaling up happens at once; scaling down waits until the last
-scaling action (or start) is a cooldown old, and goes only to the highest target recommended
-within the cooldown window, so a dip between two peaks does not flap the fleet. Changes made by
-the reactive loop or by hand count as scaling actions (`note_change`).
+scale-up (or start) is a cooldown old, and goes only to the highest target recommended within
+the cooldown window, so a dip between two peaks does not flap the fleet. A scale-down does not
+restart the wait: the window alone paces the next one, so a fleet steps down as the load's
+recommendations leave it rather than one worker per cooldown. Changes made by the reactive loop
+or by hand count as scaling actions (`note_change`).
 
 A GPU budget (`max_gpus`, each role's workers costing `gpus_per_worker`) caps the sum over roles:
 targets over it are cut in proportion, never below `min_replicas`, and the GPUs left over go one
@@ -156,6 +172,60 @@ def decode_capacity(model: PerformanceModel, input_tokens: float, output_tokens:
     return Capacity(fallback.tokens_per_s, fallback.operating_point, fallback.step_ms, False)
 
 
+def queued_ttft(prefill_ms: float, chunks: int, beside_ms: float, busy: float) -> float:
+    """TTFT of a prompt whose chunks take `prefill_ms` in all, each step also running
+    `beside_ms` of decode, behind a prefill queue busy a `busy` share of the time (M/D/1)."""
+    return prefill_ms + chunks * beside_ms + busy / (2.0 * (1.0 - busy)) * prefill_ms
+
+
+def prompt_chunks(input_tokens: float, limits: EngineLimits) -> list[float]:
+    """The step-sized pieces one prompt is prefilled in."""
+    budget = max(1, limits.max_step_tokens)
+    full, rest = divmod(max(1.0, input_tokens), budget)
+    return [float(budget)] * int(full) + ([rest] if rest > 0 else [])
+
+
+def aggregated_rate(model: PerformanceModel, input_tokens: float, output_tokens: float,
+                    slo: Slo, ttft_correction: float, itl_correction: float,
+                    limits: EngineLimits) -> float:
+    """Most requests/s one aggregated worker serves within both targets (see the module
+    docstring); 0 when even a trickle misses them."""
+    chunks = prompt_chunks(input_tokens, limits)
+    chunk_ms = [ttft_correction * model.prefill_ms(c) for c in chunks]
+    if any(ms <= 0 for ms in chunk_ms):
+        raise LookupError("the prefill model predicts no positive step time")
+    prefill = sum(chunk_ms)  # P, wall ms
+    gaps = max(1.0, output_tokens - 1)
+    ctx_blocks = max(1, math.ceil((input_tokens + output_tokens / 2) / limits.block_size))
+    most = max(1, min(limits.max_batch,
+                      int(limits.kv_usage_limit * limits.kv_total_blocks // ctx_blocks)))
+
+    def meets(rate: float) -> bool:
+        busy = rate * prefill / 1000.0
+        if busy >= 1.0:
+            return False
+        gap = itl_correction * model.decode_ms(1, ctx_blocks / limits.kv_total_blocks)
+        for _ in range(8):  # the batch the rate keeps running, and the gap at that batch
+            batch = max(1.0, rate * gaps * gap / (1000.0 * (1.0 - busy)))
+            if batch > most:
+                return False
+            usage = min(1.0, batch * ctx_blocks / limits.kv_total_blocks)
+            gap = itl_correction * model.decode_ms(batch, usage)
+        if gap <= 0:
+            return False
+        itl = gap / (1.0 - busy) + max(chunk_ms) / gaps
+        ttft = queued_ttft(prefill, len(chunks), gap, busy)
+        return itl <= slo.itl_ms and ttft <= slo.ttft_ms
+
+    lo, hi = 0.0, 1000.0 / prefill
+    if not meets(hi * 1e-6):
+        return 0.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if meets(mid) else (lo, mid)
+    return lo
+
+
 def _geometric(lo: float, hi: float, points: int) -> list[float]:
     if hi <= lo:
         return [lo]
@@ -206,6 +276,27 @@ class ReplicaPlanner:
         if observed_itl_ms is not None and model_itl_ms is not None:
             self.itl_correction.observe(observed_itl_ms, model_itl_ms)
 
+    def model_ttft(self, model: PerformanceModel, input_tokens: float,
+                   rate_per_worker: float) -> float | None:
+        """The model's TTFT (its own clock) for a mean prompt, as the capacity plans it.
+        Aggregated, at `rate_per_worker` requests/s on each worker: the prompt's chunks beside
+        one decode step each and the mean wait for the prefill queue, whose busy share is taken
+        at the current correction (None when that share is 1 or more: an overloaded interval
+        says how long the queue grew, not how long a step takes). Disaggregated: one step of
+        the whole prompt, as `prefill_capacity` plans a prefill worker with no queue; there the
+        correction carrying the queue's wait is what sizes the pool for it."""
+        if self.disaggregated:
+            return model.prefill_ms(input_tokens)
+        chunks = prompt_chunks(input_tokens, self.limits)
+        prefill = sum(model.prefill_ms(c) for c in chunks)
+        if prefill <= 0:
+            return None
+        busy = max(0.0, rate_per_worker) * self.ttft_correction.factor * prefill / 1000.0
+        if busy >= 1.0:
+            return None
+        beside = model.decode_ms(1, 0.0) if model.decode is not None else 0.0
+        return queued_ttft(prefill, len(chunks), beside, busy)
+
     def needs(self, forecast: LoadForecast, model: PerformanceModel) -> ReplicaNeeds:
         """Fractional replicas per role; LookupError when the model cannot answer yet."""
         rate = max(0.0, forecast.request_rate)
@@ -220,7 +311,11 @@ class ReplicaPlanner:
         if self.disaggregated:
             needs = {ROLE_PREFILL: prefill_need, ROLE_DECODE: decode_need}
         else:
-            needs = {ROLE_AGGREGATED: prefill_need + decode_need}
+            per_worker = aggregated_rate(model, isl, osl, self.slo, self.ttft_correction.factor,
+                                         self.itl_correction.factor, self.limits)
+            shared = prefill_need + decode_need
+            needs = {ROLE_AGGREGATED: max(shared, rate / per_worker) if per_worker > 0
+                     else shared}
         return ReplicaNeeds(needs, prefill, decode)
 
     def clamp(self, replicas: int) -> int:
@@ -234,8 +329,9 @@ class ReplicaPlanner:
         return target
 
     def commit(self, role: str, current: int, target: int) -> None:
-        """Record that `target` is applied (after anything that cut a proposal)."""
-        if target != current:
+        """Record that `target` is applied (after anything that cut a proposal): a scale-up
+        starts the cooldown."""
+        if target > current:
             self._last_change[role] = self.clock()
 
     def propose(self, role: str, need: float | None, current: int, floor: int = 0) -> int:

@@ -165,3 +165,27 @@ async def test_probe_reads_demand_from_the_frontends_own_gauges() -> None:
         publish()
         assert (await obs.collect([ROUTER], [FRONTEND])).demand == Demand(2, 3, refused=1)
         assert await obs.probe([ROUTER], [FRONTEND]) == Demand(2, 3, refused=1)
+
+
+@pytest.mark.asyncio
+async def test_the_rate_counts_arrivals_not_only_requests_that_ended() -> None:
+    """A ramp: 4 requests ended but 10 more are in flight than at the last scrape, so 14
+    arrived. Then the ramp is over: 8 ended, 6 fewer in flight, 2 arrived."""
+    web = Pages()
+
+    def page(ended: float, inflight: float) -> str:
+        return router_text(ended) + ("# TYPE turnout_router_inflight_requests gauge\n"
+                                     f"turnout_router_inflight_requests {inflight}\n")
+
+    web.pages["http://r/metrics"] = page(100, 3)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(web.handler)) as client:
+        obs = LoadObserver("mock", client)
+        await obs.collect([ROUTER], [])
+        await asyncio.sleep(0.1)
+        web.pages["http://r/metrics"] = page(104, 13)
+        ramp = await obs.collect([ROUTER], [])
+        await asyncio.sleep(0.1)
+        web.pages["http://r/metrics"] = page(112, 7)
+        after = await obs.collect([ROUTER], [])
+    assert ramp.request_rate == pytest.approx(14 / ramp.interval_s)
+    assert after.request_rate == pytest.approx(2 / after.interval_s)

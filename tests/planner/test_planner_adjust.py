@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -312,32 +313,44 @@ def serve(p: Planner, *loads: LoadReport) -> None:
 async def test_the_reactive_loop_adds_on_pressure_and_removes_with_hysteresis(
         profile: Path) -> None:
     p = make_planner(profile, "--scale-down-cooldown-s", "30")
+    p.predictors["input_tokens"].observe(1000)
+    p.predictors["output_tokens"].observe(200)
     conn = pool(p)
     conn.replicas = 2
     try:
-        serve(p, report("a", 60000, 200, 14000), report("b", 0, 2, 50))
+        serve(p, report("a", 60000, 10, 100), report("b", 0, 2, 50))
         await p.react()
         assert conn.replicas == 2, "worker b has room"
-        serve(p, report("a", 60000, 200, 14000), report("b", 60000, 200, 14000))
+        serve(p, report("a", 60000, 10, 100), report("b", 60000, 10, 100))
         await p.react()
-        assert conn.replicas == 3
+        # 120,000 queued prompt tokens: spread over 6 workers, a new prompt's first token
+        # comes within 500 ms (3 steps of 8,192 tokens); over 5 it would not.
+        assert conn.replicas == 6, "as many as the live load needs, at once"
         assert metrics(p)["turnout_planner_least_worker_pressure{'role': 'aggregated'}"] > 1
-        conn.ready = 2  # the new worker is still starting: no second one on top of it
+        conn.ready = 2  # the new workers are still starting: none on top of them
         await p.react()
-        assert conn.replicas == 3
+        assert conn.replicas == 6
+        # The burst outgrows them: spread over the six, a new prompt would still wait too long.
+        serve(p, report("a", 120000, 10, 100), report("b", 120000, 10, 100))
+        await p.react()
+        assert conn.replicas > 6, "more, without waiting for the first six to serve"
+        grown = conn.replicas
+        await p.react()
+        assert conn.replicas == grown, "and not again for the same load"
         conn.ready = None
-        serve(p, *(report(w, 0, 2, 50) for w in "abc"))  # the burst is over
+        names = "abcdefghijklmnop"
+        serve(p, *(report(w, 0, 2, 50) for w in names[:grown]))  # the burst is over
         await p.react()
-        assert conn.replicas == 3, "the cooldown after the reactive scale-up"
+        assert conn.replicas == grown, "the cooldown after the reactive scale-up"
         p.clock.now += 31  # type: ignore[attr-defined]
         await p.react()
-        assert conn.replicas == 2
-        serve(p, *(report(w, 0, 2, 50) for w in "ab"))
+        assert conn.replicas == grown - 1
+        serve(p, *(report(w, 0, 2, 50) for w in names[:grown - 1]))
         await p.react()
-        assert conn.replicas == 2, "and a cooldown after that removal too"
+        assert conn.replicas == grown - 1, "and a cooldown after that removal too"
         m = metrics(p)
         assert m["turnout_planner_reactive_actions_total{'role': 'aggregated', "
-                 "'direction': 'up'}"] == 1
+                 "'direction': 'up'}"] == 2
         assert m["turnout_planner_reactive_actions_total{'role': 'aggregated', "
                  "'direction': 'down'}"] == 1
     finally:
@@ -442,5 +455,134 @@ async def test_a_forecast_does_not_remove_a_worker_the_live_load_still_needs(
         serve(p, report("a", 0, 2, 50), report("b", 0, 2, 50))
         await run(p, observe(1.0))
         assert conn.replicas == 1
+    finally:
+        close(p)
+
+
+@pytest.mark.asyncio
+async def test_a_decode_worker_mid_hand_off_does_not_undo_a_scale_down(profile: Path) -> None:
+    """Seen in the bench: the forecast took the decode pool from 2 to 1, and seconds later a
+    reactive check added one straight back because the lone decode worker's load report caught
+    a prompt's KV hand-off (one token still to compute), judged as if every gap of a stream paid
+    that prefill step. The mean gap of a 20-token answer stays well under the ITL target."""
+    p = make_planner(profile, "--planner-mode", "disaggregated", "--ttft-slo-ms", "1500",
+                     "--itl-slo-ms", "150", "--max-step-tokens", "1024", "--max-batch", "16",
+                     "--scale-down-cooldown-s", "10")
+    prefill, decode = FakeConnector("prefill", 1), FakeConnector("decode", 2)
+    p.connectors = {"prefill": prefill, "decode": decode}
+
+    def serve_pools(*loads: tuple[str, str, LoadReport]) -> None:
+        p.workers = {r.worker_id: Instance(r.worker_id, "worker", p.model_name,
+                                           metadata={"mode": mode}) for _, mode, r in loads}
+        p.loads = {r.worker_id: (time.monotonic(), r) for _, _, r in loads}
+
+    def load(worker_id: str, prefill_tokens: int, running: int, kv: int) -> LoadReport:
+        return LoadReport(worker_id, 0, prefill_tokens, kv, 2048, 0, running)
+
+    try:
+        # Model time, a tenth of what clients see (the bench's slowed mockers): ITL
+        # correction 11.
+        steps = [StepSample(0, 4, 0.03, 7.337)] * 8
+        light = observe(1.0, isl=1000, osl=20, ttft_ms=330.0, itl_ms=80.7, steps=steps)
+        serve_pools(("p", "prefill", load("p1", 0, 0, 0)),
+                    ("d", "decode", load("d1", 0, 2, 32)),
+                    ("d", "decode", load("d2", 0, 2, 32)))
+        p.clock.now += 20  # type: ignore[attr-defined]
+        p.observer.next = light  # type: ignore[attr-defined]
+        await p.adjust()
+        assert decode.replicas == 1, "the forecast's scale-down"
+        assert p.planner.itl_correction.factor == pytest.approx(11.0, rel=0.01)
+        serve_pools(("p", "prefill", load("p1", 0, 0, 0)),
+                    ("d", "decode", load("d1", 1, 3, 48)))
+        for _ in range(4):
+            p.clock.now += 0.5  # type: ignore[attr-defined]
+            await p.react()
+        assert decode.replicas == 1, "no reactive add for a hand-off in flight"
+        assert metrics(p)["turnout_planner_least_worker_pressure{'role': 'decode'}"] < 0.7
+    finally:
+        close(p)
+
+
+@pytest.mark.asyncio
+async def test_the_itl_correction_weighs_steps_by_streams_over_the_finished_requests_lives(
+        profile: Path) -> None:
+    """Clients' ITL is a mean over streams' gaps: a step decoding eight streams counts eight
+    times, a prefill-heavy step beside one stream once. And the requests that ended this
+    interval streamed during the previous one too; steps from before that are forgotten."""
+    p = make_planner(profile)
+    try:
+        model = p.model
+        busy = StepSample(0, 8, 0.05, 1.0)
+        mixed = StepSample(1000, 1, 0.05, 1.0)
+        t_busy, t_mixed = model.step_ms(0, 8, 0.05), model.step_ms(1000, 1, 0.05)
+        per_stream = (8 * t_busy + t_mixed) / 9  # what each stream waited, on average
+        assert per_stream < 0.6 * (t_busy + t_mixed) / 2, "unlike the mean step"
+        # Requests of about 2.3 s (400 ms TTFT + 19 gaps of 100 ms), one-second intervals:
+        # the steps of this interval and of the three before it are in, older ones not.
+        old = observe(1.0, isl=1000, osl=20, ttft_ms=400, itl_ms=None,
+                      steps=[StepSample(0, 8, 0.9, 1.0)] * 4)
+        p.clock.now += 1  # type: ignore[attr-defined]
+        p.observer.next = old  # type: ignore[attr-defined]
+        await p.adjust()
+        for _ in range(12):
+            p.clock.now += 1  # type: ignore[attr-defined]
+            p.observer.next = observe(  # type: ignore[attr-defined]
+                1.0, isl=1000, osl=20, ttft_ms=400, itl_ms=10 * per_stream,
+                steps=[busy, mixed])
+            await p.adjust()
+        assert p.planner.itl_correction.factor == pytest.approx(10.0, rel=0.01)
+        assert len(p.decode_history) == 4
+    finally:
+        close(p)
+
+
+@pytest.mark.asyncio
+async def test_a_burst_onset_does_not_bend_the_corrections(planner: Planner) -> None:
+    """At a burst's first interval the requests that ended streamed before it (quick first
+    tokens, short gaps) while the steps are the burst's: set against each other they would
+    read as an engine faster than it is. Arrivals five times the endings: the corrections
+    hold; once arrivals and endings agree again, they learn."""
+    light = [StepSample(0, 2, 0.01, 1.0)] * 4
+    steady = dataclasses.replace(
+        observe(1.0, isl=1000, osl=20, ttft_ms=400.0, itl_ms=60.0, steps=light), ended_rate=1.0)
+    planner.observer.next = steady  # type: ignore[attr-defined]
+    await planner.adjust()
+    ttft, itl = planner.planner.ttft_correction.factor, planner.planner.itl_correction.factor
+    burst = [StepSample(1000, 12, 0.1, 1.0)] * 12
+    planner.clock.now += 1  # type: ignore[attr-defined]
+    planner.observer.next = dataclasses.replace(  # type: ignore[attr-defined]
+        steady, request_rate=5.0, decode_steps=burst)
+    await planner.adjust()
+    assert (planner.planner.ttft_correction.factor, planner.planner.itl_correction.factor) \
+        == (ttft, itl)
+    planner.clock.now += 10  # type: ignore[attr-defined]
+    planner.observer.next = dataclasses.replace(  # type: ignore[attr-defined]
+        steady, request_rate=5.0, ended_rate=4.5, ttft_ms=900.0, itl_ms=200.0,
+        decode_steps=burst)
+    await planner.adjust()
+    assert planner.planner.itl_correction.factor != itl
+
+
+@pytest.mark.asyncio
+async def test_a_disaggregated_prefill_pool_still_learns_its_queue_at_a_burst(
+        profile: Path) -> None:
+    """A prefill pool is planned without a queue; its TTFT correction carries the wait, so at
+    a burst's onset it still learns (the ITL correction, a like-for-like one, holds)."""
+    p = make_planner(profile, "--planner-mode", "disaggregated")
+    p.connectors = {"prefill": FakeConnector("prefill", 1), "decode": FakeConnector("decode", 1)}
+    try:
+        light = [StepSample(0, 2, 0.01, 1.0)] * 4
+        steady = dataclasses.replace(
+            observe(1.0, isl=1000, osl=20, ttft_ms=400.0, itl_ms=60.0, steps=light),
+            ended_rate=1.0)
+        p.observer.next = steady  # type: ignore[attr-defined]
+        await p.adjust()
+        ttft, itl = p.planner.ttft_correction.factor, p.planner.itl_correction.factor
+        p.clock.now += 1  # type: ignore[attr-defined]
+        p.observer.next = dataclasses.replace(  # type: ignore[attr-defined]
+            steady, request_rate=5.0, ttft_ms=1600.0, itl_ms=30.0)
+        await p.adjust()
+        assert p.planner.ttft_correction.factor > ttft
+        assert p.planner.itl_correction.factor == itl
     finally:
         close(p)

@@ -15,8 +15,10 @@ from services.planner.replica_planner import (
     LoadForecast,
     ReplicaPlanner,
     Slo,
+    aggregated_rate,
     decode_capacity,
     prefill_capacity,
+    queued_ttft,
 )
 from services.worker.engines.mocker import timing
 
@@ -172,6 +174,20 @@ def test_scale_down_goes_to_the_highest_recent_recommendation() -> None:
     assert p.decide(ROLE_AGGREGATED, 2.0, current=8) == 3
 
 
+def test_a_scale_down_does_not_restart_the_cooldown() -> None:
+    """A falling load steps the fleet down as its recommendations leave the window, not one
+    step per cooldown."""
+    clock = Clock()
+    p = planner(clock, scale_down_cooldown_s=10.0)
+    assert p.decide(ROLE_AGGREGATED, 4.0, current=1) == 4
+    clock.now += 5
+    assert p.decide(ROLE_AGGREGATED, 3.0, current=4) == 4, "within the cooldown"
+    clock.now += 6
+    assert p.decide(ROLE_AGGREGATED, 1.0, current=4) == 3, "the 3 of 6 s ago is in the window"
+    clock.now += 5
+    assert p.decide(ROLE_AGGREGATED, 1.0, current=3) == 1, "the 3 has left it"
+
+
 def test_bad_bounds_are_refused() -> None:
     with pytest.raises(ValueError):
         planner(min_replicas=3, max_replicas=2)
@@ -230,3 +246,53 @@ def test_a_budget_that_cannot_hold_the_minimum_is_refused() -> None:
         planner(min_replicas=0, max_gpus=1, gpus_per_worker={ROLE_AGGREGATED: 2})
     with pytest.raises(ValueError, match="at least 1"):
         planner(gpus_per_worker={ROLE_AGGREGATED: 0})
+
+
+# Slowed-down mockers as in bench/planner.py: a tenth of model speed, 1,024-token chunks.
+BENCH_SLO = Slo(ttft_ms=1500.0, itl_ms=150.0)
+BENCH = EngineLimits(max_step_tokens=1024, max_batch=16, kv_total_blocks=2048)
+
+
+def test_aggregated_workers_leave_their_streams_gaps_room_for_prefill() -> None:
+    """Each prompt's prefill stretches the gaps of every stream beside it: an aggregated worker
+    is planned at the rate whose mean gap, plus one more chunk than average, still fits the ITL
+    target, well below the rate that merely keeps it busy."""
+    model = mocker_model()
+    rate = aggregated_rate(model, 1000, 20, BENCH_SLO, 10.0, 10.0, BENCH)
+    prefill = 10.0 * model.prefill_ms(1000)
+    busy = rate * prefill / 1000
+    assert 0.3 < busy < 0.6, busy
+    gap = 10.0 * model.decode_ms(1, 16 / 2048)
+    assert gap / (1 - busy) + prefill / 19 <= BENCH_SLO.itl_ms
+    assert aggregated_rate(model, 1000, 20, Slo(1500.0, 120.0), 10.0, 10.0, BENCH) < 0.8 * rate
+    p = ReplicaPlanner(BENCH_SLO, BENCH, min_replicas=1, max_replicas=8)
+    p.correct(None, None, 10.0, 1.0)
+    p.ttft_correction.observe(10.0, 1.0)
+    needs = p.needs(LoadForecast(5.0, 1000, 20), model)
+    shared = 5.0 * 1000 / needs.prefill.tokens_per_s + 5.0 * 20 / needs.decode.tokens_per_s
+    assert needs.needs[ROLE_AGGREGATED] == pytest.approx(5.0 / rate)
+    assert needs.needs[ROLE_AGGREGATED] > 1.5 * shared
+    # Ten times longer answers keep ten times more streams running: the 16-sequence batch,
+    # not the gaps, bounds the rate then.
+    long = aggregated_rate(model, 1000, 200, BENCH_SLO, 10.0, 10.0, BENCH)
+    assert long * 199 * gap / 1000 < 16 < rate * 10 * 199 * gap / 1000
+    assert aggregated_rate(model, 1000, 20, Slo(1500.0, 50.0), 10.0, 10.0, BENCH) == 0.0, \
+        "a decode step alone misses 50 ms: no rate meets it"
+
+
+def test_the_ttft_correction_learns_step_times_not_queueing() -> None:
+    """Clients' TTFT at a busy worker includes the wait for the prefill queue. The model's TTFT
+    at the same per-worker rate includes it too, so the correction settles at the clock ratio
+    (here 10) instead of carrying the queue (which would plan the queue twice)."""
+    model = mocker_model()
+    p = ReplicaPlanner(BENCH_SLO, BENCH, min_replicas=1, max_replicas=8)
+    rate = 1.5
+    prefill = model.prefill_ms(1000)
+    seen = queued_ttft(10 * prefill, 1, 10 * model.decode_ms(1, 0.0), rate * 10 * prefill / 1000)
+    assert seen > 10 * (prefill + model.decode_ms(1, 0.0)) * 1.3, "the queue is a good part"
+    for _ in range(8):
+        model_ttft = p.model_ttft(model, 1000, rate)
+        assert model_ttft is not None
+        p.correct(seen, model_ttft, None, None)
+    assert p.ttft_correction.factor == pytest.approx(10.0, rel=0.01)
+    assert p.model_ttft(model, 1000, 1000.0) is None, "an overloaded interval teaches nothing"
