@@ -21,9 +21,9 @@ lines:
 Every system runs two mocker workers at speed-up 1 with the KV transfer modelled at
 `--kv-gbps` (25) GB/s and `--kv-bytes-per-token` (128 KiB). The routers of turnout-disagg and
 turnout-conditional are given the goodput targets (`--disagg-ttft-target-ms 200
---disagg-itl-target-ms 20`): conditional prices its paths with them, and both hold a first
-token back for the decode worker's when the hand-off gap would miss the ITL target. Does not
-own the HTTP client (`bench/load_client.py`) or the deployments' plumbing
+--disagg-itl-target-ms 20`) and `--disagg-hold-first-token`: conditional prices its paths with
+them, and both hold a first token back for the decode worker's when the hand-off gap would miss
+the ITL target. Does not own the HTTP client (`bench/load_client.py`) or the deployments' plumbing
 (`bench/kv_routing.py`).
 
     python bench/disagg.py                              # everything (~20 minutes)
@@ -129,9 +129,11 @@ class TurnoutSystem(TurnoutDeployment):
             extra += ["--disagg-mode", "always"]
         if kind != "agg":
             # The router prices paths and hand-offs against the goodput targets it is measured
-            # on (both split modes: a hand-off past the ITL target moves into the first token).
+            # on, and (both split modes) a hand-off past the ITL target moves into the first
+            # token (`--disagg-hold-first-token`).
             extra += ["--disagg-ttft-target-ms", f"{GOOD_TTFT_S * 1000:g}",
-                      "--disagg-itl-target-ms", f"{GOOD_ITL_S * 1000:g}"]
+                      "--disagg-itl-target-ms", f"{GOOD_ITL_S * 1000:g}",
+                      "--disagg-hold-first-token"]
         super().__init__("kv", port, log_dir, 2, model, args.speedup, max_model_len, extra)
         self.name = f"turnout-{kind}"
         self.split = kind != "agg"

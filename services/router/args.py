@@ -72,6 +72,12 @@ class RouterConfig(ProcessConfig):
                                                  "this misses, and a local prefill that would "
                                                  "stretch the decode worker's steps past it "
                                                  "harms the streams decoding there")
+    disagg_hold_first_token: bool = opt(False, help="a prefill's first token whose hand-off gap "
+                                                    "is predicted past --disagg-itl-target-ms "
+                                                    "waits for the decode worker's first, if "
+                                                    "--disagg-ttft-target-ms has room: the gap "
+                                                    "lands in TTFT, not between tokens (off: "
+                                                    "TTFT never includes the transfer)")
     decode_overlap_weight: float = opt(1.0, help="kv mode, choosing a decode worker: weight "
                                                  "of blocks it must pull against its active "
                                                  "decode blocks")

@@ -6,9 +6,10 @@ the decode worker it would use (decode load, prefix cached there) and decides th
 (`choose_path`): prefill *locally* on it, or *remotely*: a prefill worker is picked by KV
 overlap and queued prefill alone (decode load does not matter there) and gets the request with
 `phase="prefill"`. Its final chunk carries the first token, which goes to the client at once
-(TTFT does not include the transfer; unless the hand-off gap is predicted past
-`--disagg-itl-target-ms` and the TTFT budget has room for it: then the token is held and goes
-out with the decode worker's first, so the gap lands in TTFT, not between tokens), and the
+(TTFT does not include the transfer; with `--disagg-hold-first-token`, when the hand-off gap
+is predicted past `--disagg-itl-target-ms` and the TTFT budget has room for it, the token is
+held and goes out with the decode worker's first, so the gap lands in TTFT, not between
+tokens), and the
 engine's `kv_transfer_params`; then a decode worker
 is picked afresh, by decode load and by the prefix it already caches, and gets `phase="decode"`
 with the prefill worker first in `kv_sources`: it pulls only the blocks it lacks, acknowledges,
@@ -102,6 +103,7 @@ class PathLimits:
     decode_veto_requests: int = 0  # a decode worker with this many in flight refuses (0: never)
     ttft_target_ms: float = 500.0  # a path whose predicted TTFT is over this misses
     itl_target_ms: float = 50.0  # ... whose predicted gap (or stretched decode step) is over this
+    hold_first_token: bool = False  # a slow hand-off may move into TTFT (the first token waits)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -120,7 +122,7 @@ class PathCosts:
     def holds_first_token(self, limits: PathLimits) -> bool:
         """Remote: the hand-off gap would miss the ITL target but fits in the TTFT budget, so
         the first token waits for the decode worker's (the gap moves into TTFT)."""
-        return (self.handoff_ms > limits.itl_target_ms
+        return (limits.hold_first_token and self.handoff_ms > limits.itl_target_ms
                 and self.remote_ttft_ms + self.handoff_ms <= limits.ttft_target_ms)
 
     def remote_fits(self, limits: PathLimits) -> bool:
@@ -201,7 +203,7 @@ class Disaggregation:
         self.limits = PathLimits(config.disagg_mode, config.local_prefill_max_tokens,
                                  config.local_prefill_max_ratio, config.prefill_busy_tokens,
                                  config.decode_veto_requests, config.disagg_ttft_target_ms,
-                                 config.disagg_itl_target_ms)
+                                 config.disagg_itl_target_ms, config.disagg_hold_first_token)
         # The step-time fit the adaptive cost learns from the workers' forward passes; without
         # it (the block cost, a non-kv mode) its prior alone prices the paths.
         self.cost_models = selector.cost_models or CostModels()

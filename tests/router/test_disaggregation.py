@@ -3,6 +3,8 @@ the hand-off at the first token, and the faults around it (fakes, no processes).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from common.messages import (
@@ -25,7 +27,8 @@ from services.router.policies import RoundRobin
 from tests.router.fakes import Wiring, counter, frontend_chunks, request, sent, worker
 
 LIMITS = PathLimits(local_max_tokens=2048, local_max_ratio=0.7, prefill_busy_tokens=10_000,
-                    decode_veto_requests=8, ttft_target_ms=200, itl_target_ms=20)
+                    decode_veto_requests=8, ttft_target_ms=200, itl_target_ms=20,
+                    hold_first_token=True)
 # Both paths meet the targets: the thresholds decide.
 FITS = PathCosts(local_ttft_ms=50, local_step_ms=15, exposed_streams=3, remote_ttft_ms=50,
                  handoff_ms=10)
@@ -321,6 +324,10 @@ def test_holds_first_token_only_when_the_ttft_budget_absorbs_the_gap() -> None:
     assert costs(handoff_ms=45, remote_ttft_ms=100).holds_first_token(LIMITS)
     assert not costs(handoff_ms=15, remote_ttft_ms=100).holds_first_token(LIMITS)  # fits ITL
     assert not costs(handoff_ms=45, remote_ttft_ms=170).holds_first_token(LIMITS)  # past TTFT
+    # Off (the default): never held, and a gap past the ITL target makes remote miss.
+    off = dataclasses.replace(LIMITS, hold_first_token=False)
+    assert not costs(handoff_ms=45, remote_ttft_ms=100).holds_first_token(off)
+    assert not costs(handoff_ms=45, remote_ttft_ms=100).remote_fits(off)
 
 
 def test_a_slow_hand_off_moves_into_the_first_token() -> None:
@@ -328,7 +335,8 @@ def test_a_slow_hand_off_moves_into_the_first_token() -> None:
     spare: the prefill's first token is held and goes out with the decode worker's first, with
     the prompt figures; the client sees no gap between them."""
     p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
-    w = wire(p, d, **{"disagg_ttft_target_ms": 400.0, "disagg_itl_target_ms": 20.0})
+    w = wire(p, d, **{"disagg_ttft_target_ms": 400.0, "disagg_itl_target_ms": 20.0,
+                      "disagg_hold_first_token": True})
     place(w, "r1", tokens=8000)
     w.streams.on_batch(p, [TokenChunk("r1", [42], FINISH_LENGTH, num_prompt_tokens=8000)])
     assert w.frontends.sent == []  # held
