@@ -42,13 +42,9 @@ class RouterSocket:
         self._backend = backend
         # The hot path calls the backend's own methods, not a forwarding one.
         self.send_multipart = backend.send_multipart  # type: ignore[method-assign]
-        self.try_send = backend.try_send  # type: ignore[method-assign]
         return endpoint
 
     def send_multipart(self, frames: list[bytes]) -> None:
-        raise RuntimeError("RouterSocket: bind() first")
-
-    def try_send(self, frames: list[bytes]) -> bool:
         raise RuntimeError("RouterSocket: bind() first")
 
     @property

@@ -35,8 +35,6 @@ MessageHandler = Callable[[list[bytes]], None]
 
 RECONNECT_S = 0.1  # libzmq's default reconnect interval
 MAX_FRAME_BYTES = 1 << 31  # a size beyond this is garbage, not a frame: the connection is dropped
-# try_send() refuses while this much is unwritten towards the peer (a slow or stuck peer).
-SEND_BUFFER_LIMIT = 64 << 20
 
 _GREETING = (b"\xff" + bytes(8) + b"\x7f"  # signature
              + b"\x03\x00"  # version 3.0
@@ -118,9 +116,6 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(encode(frames))
 
-    def buffered(self) -> int:
-        return 0 if self.transport is None else self.transport.get_write_buffer_size()
-
     # -- asyncio.Protocol ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -135,21 +130,23 @@ class _Connection(asyncio.Protocol):
                     sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
         transport.write(_GREETING + _command(b"READY", {b"Socket-Type": self.socket_type}))
 
+    def _mark_closed(self) -> bool:
+        """Whether this call closed it (False: it already was)."""
+        if self.closed:
+            return False
+        self.closed = True
+        self.open = False
+        self.write = self._write_early
+        return True
+
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed:
-            self.closed = True
-            self.open = False
-            self.write = self._write_early
+        if self._mark_closed():
             self._on_lost(self)
 
     def abort(self) -> None:
         """Close now; `on_lost` is not called for a connection closed this way."""
-        if not self.closed:
-            self.closed = True
-            self.open = False
-            self.write = self._write_early
-            if self.transport is not None:
-                self.transport.close()
+        if self._mark_closed() and self.transport is not None:
+            self.transport.close()
 
     def _refuse(self, why: str) -> None:
         peer = None if self.transport is None else self.transport.get_extra_info("peername")
@@ -297,7 +294,6 @@ class ZmtpServer:
         self._reading = True  # False once run() was cancelled: messages are dropped
         self._done: asyncio.Future[None] | None = None
         self.closed = False
-        self.queued = 0  # for the FrameSender interface: sends are never queued here
 
     async def bind(self, host: str, port: int) -> int:
         """Listen on host:port (0: any free port); the port."""
@@ -350,13 +346,6 @@ class ZmtpServer:
         conn = self._peers.get(frames[0])
         if conn is not None:
             conn.write(frames[1:])
-
-    def try_send(self, frames: Sequence[bytes]) -> bool:
-        conn = self._peers.get(frames[0])
-        if conn is None or conn.buffered() > SEND_BUFFER_LIMIT:
-            return False
-        conn.write(frames[1:])
-        return True
 
     def start(self) -> None:
         """Deliver held messages, then every later one, to `on_message`."""
@@ -441,23 +430,12 @@ class ZmtpClient:
     def connected(self) -> bool:
         return self._conn is not None
 
-    @property
-    def queued(self) -> int:
-        return len(self._waiting)
-
     def send_multipart(self, frames: Sequence[bytes]) -> None:
         conn = self._conn
         if conn is not None:
             conn.write(frames)
         elif not self.closed:
             self._waiting.append(frames)
-
-    def try_send(self, frames: Sequence[bytes]) -> bool:
-        conn = self._conn
-        if conn is None or conn.buffered() > SEND_BUFFER_LIMIT:
-            return False
-        conn.write(frames)
-        return True
 
     async def _connect_forever(self) -> None:
         loop = self._loop
