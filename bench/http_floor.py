@@ -3,8 +3,9 @@ answer, for `bench/overhead.py --floor` to measure what serving costs before any
 
 Owns one process: the same HTTP stack as Turnout's frontend (uvicorn, httptools, uvloop, a raw
 ASGI application, no access log), answering `POST /v1/completions` and `/v1/chat/completions`
-by parsing the JSON body and streaming `max_tokens` one-token SSE events (one write each, as the
-frontend does with `--stream-interval 1`), a usage event and `[DONE]` at once; `GET /health` and
+by parsing the JSON body and streaming `max_tokens` one-token SSE events (one write each; the
+frontend at `--stream-interval 1` writes events that are ready together at once), a usage event
+and `[DONE]` at once; `GET /health` and
 `/v1/models` for the benchmark's readiness checks. TTFT against it is the floor: the client, the
 loopback and the HTTP server alone. Does not own the client or the comparison (`overhead.py`).
 
