@@ -274,12 +274,15 @@ def test_sigkill_mid_stream_continues_with_the_same_tokens(dep: Deployment) -> N
         s = await oai.completions.create(model=model_of(dep), prompt=prompt, max_tokens=tokens,
                                          temperature=0, stream=True,
                                          extra_body={"ignore_eos": True})
-        text, chunks = "", 0
+        text, chunks, killed = "", 0, False
         async for chunk in s:
             for choice in chunk.choices:
                 text += choice.text
                 chunks += 1 if choice.text else 0
-            if kill_after is not None and chunks == kill_after:
+            # Once: a chunk without text (a token still mid-character) leaves `chunks` as it was,
+            # and a second scrape would reach the dead worker.
+            if kill_after is not None and chunks == kill_after and not killed:
+                killed = True
                 # The worker serving it (not a load gauge: that one updates once a heartbeat).
                 now = admitted()
                 serving = [w for w in now if now[w] > earlier[w]]
