@@ -83,6 +83,10 @@ class RouterConfig(ProcessConfig):
                                                  "decode blocks")
     disagg_lease_ms: int = opt(0, help="how long a prefill worker keeps a request's KV for "
                                        "its decode worker; 0: the worker's --kv-lease-ms")
+    rebalance_on_join: bool = opt(True, help="when a worker joins, requests still queued for "
+                                             "their prefill elsewhere in its pool move to it "
+                                             "when the policy now places them there "
+                                             "(--no-rebalance-on-join: they stay)")
     stall_timeout_ms: int = opt(10_000, help="a worker that heartbeats but makes no engine "
                                              "progress on admitted work this long is dead; 0: off")
     router_event_port: int = opt(0, help="event-plane PUB port of this router (replica sync); "

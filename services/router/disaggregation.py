@@ -401,16 +401,21 @@ class Disaggregation:
         if not prefill:
             entry.disagg = None  # it runs aggregated from here on
             return False
-        chosen = self.prefill_policy.decide(entry.request, prefill)
-        self._commit(self.prefill_policy, chosen)
         if counts:
             entry.migrations += 1
             self.metrics.migrations.labels("prefill").inc()
-        entry.disagg = DisaggState(chosen.worker.id, chosen.worker.instance.endpoints["request"])
+        self.move_prefill(entry, self.prefill_policy.decide(entry.request, prefill))
+        return True
+
+    def move_prefill(self, entry: RoutedRequest, chosen: Decision,
+                     hold_first: bool = False) -> None:
+        """Run `entry`'s prefill phase on `chosen` (a prefill worker) instead."""
+        self._commit(self.prefill_policy, chosen)
+        entry.disagg = DisaggState(chosen.worker.id, chosen.worker.instance.endpoints["request"],
+                                   hold_first=hold_first)
         self.accounting.move(entry, chosen)
         chosen.worker.socket.send_multipart([KIND_GENERATE,
                                              self._prefill_payload(entry.request)])
-        return True
 
     # -- bookkeeping ---------------------------------------------------------------------------
 

@@ -56,6 +56,7 @@ from services.router.events import EventIntake
 from services.router.liveness import CAUSE_CRASH, CAUSE_HANG, Liveness
 from services.router.metrics import RouterMetrics
 from services.router.migration import Migration
+from services.router.queue_rebalance import QueueRebalance
 from services.router.replicas import Replicas
 from services.router.route_api import RouteApi
 from services.router.selection import build_selection
@@ -86,9 +87,9 @@ class Router(WorkerLoss):
         self.streams = Streams(self.frontends, self.pool, self.selector, self.accounting,
                                self.migration, self.metrics, config.no_worker_wait_ms / 1000,
                                clock)
-        self.streams.disagg = Disaggregation(config, self.pool, self.selector, self.kv_index,
-                                             self.accounting, self.migration, self.metrics,
-                                             clock)
+        self.streams.disagg = self.disagg = Disaggregation(
+            config, self.pool, self.selector, self.kv_index, self.accounting, self.migration,
+            self.metrics, clock)
         self.streams.encoding = self.encoding = EncodeRouting(
             self.pool, self.metrics.registry, self.streams.on_generate, self.streams.reply_error,
             clock)
@@ -99,6 +100,8 @@ class Router(WorkerLoss):
         self.intake = EventIntake(self.pool, self.liveness, self.metrics, self.kv_index,
                                   self.worker_recovered, clock, self.selector.cost_models)
         self.route_api = RouteApi(self.selector, self.metrics)
+        self.rebalance = QueueRebalance(self.pool, self.accounting, self.selector,
+                                        self.disagg, self.metrics)
         self.replicas = Replicas(self.router_id, config, self.frontends, self.pool,
                                  self.streams, self.metrics, clock)
         self.topics = topics = [TOPIC_HEARTBEAT, TOPIC_LOAD, TOPIC_ROUTER_USAGE] + (
@@ -267,8 +270,10 @@ class Router(WorkerLoss):
         if events:
             self.subscriber.connect(events)
         self._watchers[worker.id] = asyncio.create_task(self.watch_connection(worker))
+        moved = self.rebalance.worker_joined(worker) if self.config.rebalance_on_join else 0
         log.info("worker admitted", extra={"fields": {"worker": worker.id,
-                                                      "model": worker.model}})
+                                                      "model": worker.model,
+                                                      "queued_moved_here": moved}})
 
     def _retire(self, worker: WorkerHandle, dead: bool = False) -> None:
         """Close `worker`'s connections (`dead`: and never re-admit this incarnation)."""

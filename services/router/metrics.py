@@ -34,6 +34,10 @@ class RouterMetrics:
             registry=r)
         self.migrations = Counter("turnout_router_migrations", "Requests moved to another worker",
                                   ["cause"], registry=r)
+        self.queued_moves = Counter(
+            "turnout_router_queued_moves",
+            "Requests moved before their first token to a worker that joined its pool",
+            ["pool"], registry=r)
         self.detection_seconds = Histogram(
             "turnout_router_failure_detection_seconds",
             "From a dead worker's last heartbeat to the router declaring it dead", registry=r,
