@@ -48,6 +48,7 @@ import itertools
 import json
 import math
 import random
+import shlex
 import sys
 import tempfile
 import time
@@ -149,7 +150,8 @@ class System:
         a, dep = self.args, self.dep
         mode = PLANNER_MODES.get(self.name)
         disagg = self.name != "static-agg" and mode != "aggregated"
-        dep.start_router(*(["--disagg-mode", "always"] if disagg else []))
+        dep.start_router(*(["--disagg-mode", "always"] if disagg else []),
+                         *shlex.split(a.router_args))
         if mode is not None:
             profile = self.dep.workdir / "mocker-profile.json"
             profile.write_text(json.dumps(MOCKER_PROFILE))
@@ -284,6 +286,16 @@ def phase_line(system: System, phase: str, records: list[RequestRecord], start: 
     return line
 
 
+async def queued_moves(system: System) -> float:
+    """Requests the router moved before their first token to a worker that joined (0 when its
+    metrics cannot be read)."""
+    try:
+        m = await scrape_async(system.dep.router.metrics_url(), within_s=2.0)
+    except Exception:  # a missed figure, not a failed run
+        return 0.0
+    return m.value("turnout_router_queued_moves_total")
+
+
 async def run_system(system: System, phases: list[tuple[str, list[TraceRequest]]],
                      args: argparse.Namespace) -> list[dict[str, Any]]:
     sampler = Sampler(system)
@@ -292,11 +304,13 @@ async def run_system(system: System, phases: list[tuple[str, list[TraceRequest]]
     spans: list[tuple[float, float, list[RequestRecord]]] = []
     try:
         for phase, items in phases:
+            moves_before = await queued_moves(system)
             start = time.perf_counter()
             result: LoadResult = await run_trace(system.dep.url, "mock", items,
                                                  request_timeout=args.request_timeout)
             end = time.perf_counter()
             line = phase_line(system, phase, result.records, start, end, sampler, args)
+            line["queued_moves"] = await queued_moves(system) - moves_before
             if phase == "burst" and system.planner is not None:
                 # The burst starts `--burst-before-s` into the phase.
                 at = start + args.burst_before_s
@@ -412,6 +426,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="comma-separated subset of planner (disaggregated), planner-agg, "
                         "static-agg, static-<P>p<D>d")
     parser.add_argument("--budget", type=int, default=4, help="peak workers of every system")
+    parser.add_argument("--router-args", default="",
+                        help="extra router flags for every system "
+                             "(--router-args=--no-rebalance-on-join)")
     parser.add_argument("--isl", type=int, default=1000)
     parser.add_argument("--osl", type=int, default=20)
     parser.add_argument("--ttft-ms", type=float, default=1500.0)
