@@ -19,6 +19,9 @@ Sources, the simplest honest ones available:
   step times with the latency clients saw.
 - the encode stage (`encode_pool`): the routers' images by path (encode pool or in-line) and
   their encode-stage latency histogram (`turnout_router_encode_seconds`), per interval.
+- the live arrival rate (`live_rate`, each reactive check): the routers' arrivals (ended plus in
+  flight) over about the last few reactive checks, so a step in load sizes the reactive answer
+  before the interval's forecast sees it.
 - demand right now (`probe`, and with every interval): requests waiting for a first token at
   the frontends (`turnout_frontend_queued_requests`, which includes requests a router holds
   while no worker serves the model), requests in flight (the frontends' active requests, else the
@@ -39,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -142,6 +146,9 @@ class LoadObserver:
         self.decode_steps: list[StepSample] = []
         self._since = time.monotonic()
         self._warned: set[str] = set()
+        # (time, requests that reached the routers so far) at each live_rate reading
+        self._arrivals: deque[tuple[float, float]] = deque()
+        self._arrival_routers: frozenset[str] = frozenset()
 
     def add_steps(self, samples: Iterable[StepSample]) -> None:
         for s in samples:
@@ -239,6 +246,30 @@ class LoadObserver:
         for k, d in deltas.items():
             out[k] += d or 0.0
         return True
+
+    async def live_rate(self, routers: list[Instance], window_s: float) -> float | None:
+        """Requests/s that reached the routers over about the last `window_s` (ended, any
+        outcome, plus the growth of those in flight); None until readings span a quarter of
+        the window. A router that came, went, restarted or did not answer starts it over."""
+        targets = [i for i in routers if i.endpoints.get("metrics")]
+        scraped = await asyncio.gather(*(self._scrape(i) for i in targets))
+        now = time.monotonic()
+        ids = frozenset(i.id for i in targets)
+        if not targets or any(s is None for s in scraped):
+            self._arrivals.clear()
+            return None
+        total = sum(v for samples in scraped if samples is not None
+                    for n, _, v in samples if n in (ROUTER_REQUESTS, ROUTER_INFLIGHT))
+        if ids != self._arrival_routers or (self._arrivals and total < self._arrivals[-1][1]):
+            self._arrivals.clear()
+        self._arrival_routers = ids
+        self._arrivals.append((now, total))
+        while len(self._arrivals) > 2 and now - self._arrivals[1][0] >= window_s:
+            self._arrivals.popleft()
+        t0, then = self._arrivals[0]
+        if now - t0 < window_s / 4:
+            return None
+        return (total - then) / (now - t0)
 
     async def probe(self, routers: list[Instance], frontends: list[Instance]) -> Demand | None:
         """Demand now, from gauges only (counters and the interval are left alone)."""

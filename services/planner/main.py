@@ -88,6 +88,9 @@ from services.planner.replica_planner import (
 log = logging.getLogger("turnout.planner")
 
 SERIES = ("request_rate", "input_tokens", "output_tokens")
+# The reactive loop's live arrival rate spans this many of its checks: long enough that a few
+# Poisson arrivals do not read as a burst, short enough to see one within seconds.
+LIVE_RATE_CHECKS = 4
 
 
 class Planner:
@@ -448,6 +451,9 @@ class Planner:
     async def react(self) -> None:
         """One reactive check of every role (see `reactive`)."""
         cfg = self.config
+        routers, _ = self.peer_lists()
+        live = await self.observer.live_rate(routers, LIVE_RATE_CHECKS * cfg.reactive_interval_s)
+        self.metrics.live_rate.set(live if live is not None else math.nan)
         async with self.scaling:
             for role in self.connectors:
                 state = await self.observe_pool(role)
@@ -461,17 +467,22 @@ class Planner:
                 step, least = reactive_step(self.model, loads, outlook,
                                             cfg.reactive_scale_down_margin, role)
                 self.metrics.worker_pressure.labels(role).set(least)
+                # What the arrivals of the last few checks need: the queue alone lags a step in
+                # load by as long as it takes to build.
+                floor = self.rate_floor(role, live, outlook) if least > 1.0 else 0
                 if state.ready < state.desired:
                     # A start is under way: more only if the load would still be over target
-                    # spread over every worker asked for, and never a removal.
-                    if self.startup.stuck(role) or pressure(
-                            self.model, spread(loads, state.desired), outlook, role) <= 1.0:
+                    # spread over every worker asked for (or the arrivals need more than were
+                    # asked for while every worker is over target), and never a removal.
+                    if self.startup.stuck(role) or (pressure(
+                            self.model, spread(loads, state.desired), outlook, role) <= 1.0
+                            and floor <= state.desired):
                         continue
                     step = 1
                 target = state.desired + step
                 if step > 0:  # as many as the live load needs, within the bounds and budget
-                    target = min(cfg.max_replicas, needed(
-                        self.model, loads, outlook, state.desired + 1, cfg.max_replicas, role))
+                    target = min(cfg.max_replicas, max(floor, needed(
+                        self.model, loads, outlook, state.desired + 1, cfg.max_replicas, role)))
                     while target > state.desired and not self.fits_with(role, target):
                         target -= 1
                     if target <= state.desired:
@@ -494,6 +505,19 @@ class Planner:
         self.metrics.scale_from_zero.labels(role).inc()
         await self.scale(role, 0, 1, {"waiting": demand.waiting, "refused": demand.refused},
                          reactive=True)
+
+    def rate_floor(self, role: str, rate: float | None, outlook: Outlook) -> int:
+        """Workers of `role` that `rate` requests/s of the predicted size need (0: no rate, or
+        the model cannot answer)."""
+        if rate is None or rate <= 0 or outlook.prompt_tokens <= 0:
+            return 0
+        try:
+            needs = self.planner.needs(
+                LoadForecast(rate, outlook.prompt_tokens, outlook.output_tokens), self.model)
+        except LookupError:
+            return 0
+        need = needs.needs.get(role) or 0.0
+        return math.ceil(need - 1e-9)
 
     def fits_with(self, role: str, replicas: int) -> bool:
         """Whether the role at `replicas`, the others as they are, fits the GPU budget."""

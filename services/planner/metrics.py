@@ -15,6 +15,9 @@ class PlannerMetrics:
                                      registry=r)
         self.predicted_output = Gauge("turnout_planner_predicted_output_tokens",
                                       "Mean generated tokens per request predicted", registry=r)
+        self.live_rate = Gauge("turnout_planner_live_request_rate",
+                               "Requests/s reaching the routers over the reactive loop's last "
+                               "four checks (NaN until it has two readings)", registry=r)
         self.observed_rate = Gauge("turnout_planner_observed_request_rate",
                                    "Requests/s ended in the last interval (routers)",
                                    registry=r)

@@ -21,9 +21,11 @@ A worker's *pressure* is the larger of TTFT / TTFT SLO and ITL / ITL SLO (above 
 a prefill worker is judged by TTFT alone (it never decodes a stream), a decode worker by ITL
 alone (the prompts it serves were prefilled elsewhere).
 Add workers when every worker is over target: as many as it takes for the same total load, spread
-over them, to be back under (`needed`; the caller bounds it). While workers are starting, add
-more only when the load spread over all of them, those starting included, is still over
-target (a burst that outgrows the first answer is not made to wait for it to serve). Remove
+over them, to be back under (`needed`; the caller bounds it and raises it to what the live
+arrival rate needs: at a burst's onset the queue is short of what the arrivals will build).
+While workers are starting, add more only when the load spread over all of them, those
+starting included, is still over target, or the arrival rate needs more than were asked for
+(a burst that outgrows the first answer is not made to wait for it to serve). Remove
 one only when, with the same total load spread over one worker fewer, each would stay under
 `margin` (e.g. half) of both SLOs: the gap between 1 and the margin is the hysteresis that
 keeps add and remove from alternating. Cooldown, bounds, budget and stuck starts are the

@@ -26,6 +26,7 @@ from services.planner.kube_connector import KubeApiError, KubernetesConnector
 from services.planner.load_observer import Demand, Observation
 from services.planner.main import Planner
 from tests.ops.fake_kube_api import FakeKubeApi
+from tests.planner.test_planner_adjust import Clock, ScriptedObserver
 
 NS = "turnout-test"
 WORKERS = "turnout-worker"
@@ -122,27 +123,6 @@ async def test_api_errors_are_clear(api: FakeKubeApi, tmp_path: Path,
 
 
 # -- under the planner -------------------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class ScriptedObserver:
-    def __init__(self) -> None:
-        self.next: Observation | None = None
-        self.demand: Demand | None = None
-
-    async def collect(self, routers: object, frontends: object) -> Observation:
-        assert self.next is not None
-        return self.next
-
-    async def probe(self, routers: object, frontends: object) -> Demand | None:
-        return self.demand
 
 
 @pytest.fixture

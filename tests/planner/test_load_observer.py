@@ -189,3 +189,40 @@ async def test_the_rate_counts_arrivals_not_only_requests_that_ended() -> None:
         after = await obs.collect([ROUTER], [])
     assert ramp.request_rate == pytest.approx(14 / ramp.interval_s)
     assert after.request_rate == pytest.approx(2 / after.interval_s)
+
+
+def router_live(ended: float, inflight: float) -> str:
+    return router_text(ended) + ("# TYPE turnout_router_inflight_requests gauge\n"
+                                 f"turnout_router_inflight_requests {inflight}\n")
+
+
+@pytest.mark.asyncio
+async def test_the_live_rate_counts_arrivals_over_its_window_and_starts_over_on_a_restart(
+        ) -> None:
+    web = Pages()
+    web.pages["http://r/metrics"] = router_live(10, 2)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(web.handler)) as client:
+        obs = LoadObserver("mock", client)
+        assert await obs.live_rate([ROUTER], window_s=0.4) is None  # one reading spans nothing
+        await asyncio.sleep(0.12)
+        # 6 ended and 5 more in flight: 11 arrivals (an ended one had been in flight).
+        web.pages["http://r/metrics"] = router_live(16, 7)
+        t0 = obs._arrivals[0][0]
+        rate = await obs.live_rate([ROUTER], window_s=0.4)
+        span = obs._arrivals[-1][0] - t0
+        assert rate == pytest.approx(11 / span)
+        # Readings older than the window leave it: the rate is the recent one.
+        await asyncio.sleep(0.45)
+        web.pages["http://r/metrics"] = router_live(16, 8)
+        await obs.live_rate([ROUTER], window_s=0.4)
+        await asyncio.sleep(0.12)
+        web.pages["http://r/metrics"] = router_live(17, 8)
+        rate = await obs.live_rate([ROUTER], window_s=0.4)
+        (t1, first), *_, (t3, last) = obs._arrivals
+        assert (first, last) == (23, 25)  # from the first reading older than the window
+        assert rate == pytest.approx(2 / (t3 - t1))
+        # The router restarted (its counters went down): no rate until the window refills.
+        web.pages["http://r/metrics"] = router_live(0, 1)
+        assert await obs.live_rate([ROUTER], window_s=0.4) is None
+        # A router that does not answer says nothing either.
+        assert await obs.live_rate([ROUTER, GONE], window_s=0.4) is None

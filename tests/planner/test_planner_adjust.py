@@ -53,6 +53,7 @@ class ScriptedObserver:
     def __init__(self) -> None:
         self.next: Observation | None = None
         self.demand: Demand | None = None
+        self.live: float | None = None  # the live arrival rate the reactive loop reads
 
     async def collect(self, routers: object, frontends: object) -> Observation:
         assert self.next is not None
@@ -60,6 +61,9 @@ class ScriptedObserver:
 
     async def probe(self, routers: object, frontends: object) -> Demand | None:
         return self.demand
+
+    async def live_rate(self, routers: object, window_s: float) -> float | None:
+        return self.live
 
 
 class Clock:
@@ -353,6 +357,40 @@ async def test_the_reactive_loop_adds_on_pressure_and_removes_with_hysteresis(
                  "'direction': 'up'}"] == 2
         assert m["turnout_planner_reactive_actions_total{'role': 'aggregated', "
                  "'direction': 'down'}"] == 1
+    finally:
+        close(p)
+
+
+@pytest.mark.asyncio
+async def test_a_reactive_answer_is_sized_by_the_live_arrival_rate(profile: Path) -> None:
+    """At a burst's onset the queue is short of what the arrivals will build: the answer
+    covers the rate the routers see, not only the queue; the rate alone adds nothing."""
+    p = make_planner(profile)
+    p.predictors["input_tokens"].observe(1000)
+    p.predictors["output_tokens"].observe(200)
+    conn = pool(p)
+    observer: ScriptedObserver = p.observer  # type: ignore[assignment]
+    try:
+        serve(p, report("a", 0, 2, 50))  # a worker with room
+        observer.live = 100.0
+        await p.react()
+        assert conn.replicas == 1, "a high rate alone, with every worker under target"
+        serve(p, report("a", 30000, 10, 100))
+        observer.live = None
+        await p.react()
+        assert conn.replicas == 2, "the queue alone asks for one more"
+        conn.replicas, conn.ready = 1, None
+        observer.live = 100.0
+        await p.react()
+        floor = p.rate_floor("aggregated", 100.0, p.outlook())
+        assert conn.replicas == floor > 2, "what 100 requests/s of this size need"
+        # While they start, a higher rate asks for more; the same rate does not again.
+        conn.ready = 1
+        await p.react()
+        assert conn.replicas == floor
+        observer.live = 200.0
+        await p.react()
+        assert conn.replicas == p.rate_floor("aggregated", 200.0, p.outlook()) > floor
     finally:
         close(p)
 
