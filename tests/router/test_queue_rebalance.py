@@ -101,11 +101,13 @@ def test_a_request_the_policy_keeps_keeps_its_accounting() -> None:
     place(w, "r1")
     place(w, "r2", tokens=4)
     blocks, pending = a.usage.active_blocks, a.usage.pending_prefill_blocks
+    released_at = a.usage.released_at
     # b is busier than a with r2 on it: r2 stays, counted on a as before.
     b = worker("b")
     b.usage.pending_prefill_blocks = 100
     assert join(w, b) == 0
     assert (a.usage.active_blocks, a.usage.pending_prefill_blocks) == (blocks, pending)
+    assert a.usage.released_at == released_at  # r2 never left: a's load reports still count
     assert a.usage.requests == {"r1", "r2"} and sent(b) == []
 
 
