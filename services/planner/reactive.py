@@ -46,6 +46,7 @@ from services.planner.replica_planner import (
     ROLE_PREFILL,
     EngineLimits,
     Slo,
+    step_chunks,
 )
 
 
@@ -87,9 +88,9 @@ def predicted_latency(model: PerformanceModel, load: WorkerLoad, outlook: Outloo
     if rest > 0:
         ttft += model.step_ms(rest, decoding, usage)
     gaps = max(1.0, outlook.output_tokens - 1)
-    landing = [(1.0, c) for c in _chunks(queued, budget)]  # (how many, tokens) between tokens
+    landing = [(1.0, c) for c in step_chunks(queued, budget)]  # (how many, tokens) between tokens
     if role == ROLE_AGGREGATED:  # the running streams' prompts are prefilled here too
-        landing += [(decoding, c) for c in _chunks(outlook.prompt_tokens, budget)]
+        landing += [(decoding, c) for c in step_chunks(outlook.prompt_tokens, budget)]
     count = sum(n for n, _ in landing)
     if not landing or count <= 0:
         per_gap = 0.0
@@ -99,11 +100,6 @@ def predicted_latency(model: PerformanceModel, load: WorkerLoad, outlook: Outloo
         per_gap = sum(n * model.prefill_ms(c) for n, c in landing) / gaps
     itl = model.step_ms(0, decoding + 1, usage) + per_gap
     return outlook.corrections.ttft * ttft, outlook.corrections.itl * itl
-
-
-def _chunks(tokens: float, budget: int) -> list[float]:
-    full, rest = divmod(max(0.0, tokens), budget)
-    return [float(budget)] * int(full) + ([rest] if rest > 0 else [])
 
 
 def pressure(model: PerformanceModel, load: WorkerLoad, outlook: Outlook,

@@ -178,11 +178,15 @@ def queued_ttft(prefill_ms: float, chunks: int, beside_ms: float, busy: float) -
     return prefill_ms + chunks * beside_ms + busy / (2.0 * (1.0 - busy)) * prefill_ms
 
 
+def step_chunks(tokens: float, budget: int) -> list[float]:
+    """`tokens` of prefill in the pieces steps of `budget` tokens take them in."""
+    full, rest = divmod(max(0.0, tokens), budget)
+    return [float(budget)] * int(full) + ([rest] if rest > 0 else [])
+
+
 def prompt_chunks(input_tokens: float, limits: EngineLimits) -> list[float]:
     """The step-sized pieces one prompt is prefilled in."""
-    budget = max(1, limits.max_step_tokens)
-    full, rest = divmod(max(1.0, input_tokens), budget)
-    return [float(budget)] * int(full) + ([rest] if rest > 0 else [])
+    return step_chunks(max(1.0, input_tokens), max(1, limits.max_step_tokens))
 
 
 def aggregated_rate(model: PerformanceModel, input_tokens: float, output_tokens: float,

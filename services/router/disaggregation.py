@@ -396,8 +396,7 @@ class Disaggregation:
         if counts and entry.migrations >= self.migration.limit:
             return False
         old = entry.worker.id if entry.worker is not None else state.prefill_worker
-        prefill = [w for w in self.pool.routable(entry.request.model)
-                   if w.mode == MODE_PREFILL and w.id != old]
+        prefill = self.prefill_workers(entry.request.model, exclude=old)
         if not prefill:
             entry.disagg = None  # it runs aggregated from here on
             return False
@@ -406,6 +405,10 @@ class Disaggregation:
             self.metrics.migrations.labels("prefill").inc()
         self.move_prefill(entry, self.prefill_policy.decide(entry.request, prefill))
         return True
+
+    def prefill_workers(self, model: str, exclude: str = "") -> list[WorkerHandle]:
+        """Routable prefill workers of `model` (but `exclude`)."""
+        return [w for w in self.pool.routable(model) if w.mode == MODE_PREFILL and w.id != exclude]
 
     def move_prefill(self, entry: RoutedRequest, chosen: Decision,
                      hold_first: bool = False) -> None:

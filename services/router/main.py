@@ -100,8 +100,8 @@ class Router(WorkerLoss):
         self.intake = EventIntake(self.pool, self.liveness, self.metrics, self.kv_index,
                                   self.worker_recovered, clock, self.selector.cost_models)
         self.route_api = RouteApi(self.selector, self.metrics)
-        self.rebalance = QueueRebalance(self.pool, self.accounting, self.selector,
-                                        self.disagg, self.metrics)
+        self.rebalance = QueueRebalance(self.accounting, self.selector, self.disagg,
+                                        self.metrics)
         self.replicas = Replicas(self.router_id, config, self.frontends, self.pool,
                                  self.streams, self.metrics, clock)
         self.topics = topics = [TOPIC_HEARTBEAT, TOPIC_LOAD, TOPIC_ROUTER_USAGE] + (

@@ -16,28 +16,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from common.messages import (
-    KIND_CANCEL,
-    KIND_GENERATE,
-    MODE_PREFILL,
-    Cancel,
-    encoder,
-)
+from common.messages import KIND_CANCEL, KIND_GENERATE, MODE_PREFILL, Cancel, encoder
 from services.router.accounting import Accounting, RoutedRequest
 from services.router.disaggregation import Disaggregation
 from services.router.metrics import RouterMetrics
 from services.router.policies import Decision, RoutingError
 from services.router.selection import Selector
-from services.router.worker_pool import WorkerHandle, WorkerPool
+from services.router.worker_pool import WorkerHandle
 
 POOL_PREFILL = "prefill"
 POOL_SERVING = "serving"  # aggregated and decode workers: whole requests and local prefills
 
 
 class QueueRebalance:
-    def __init__(self, pool: WorkerPool, accounting: Accounting, selector: Selector,
-                 disagg: Disaggregation, metrics: RouterMetrics) -> None:
-        self.pool = pool
+    def __init__(self, accounting: Accounting, selector: Selector, disagg: Disaggregation,
+                 metrics: RouterMetrics) -> None:
         self.accounting = accounting
         self.selector = selector
         self.disagg = disagg
@@ -103,7 +96,6 @@ class QueueRebalance:
 
     def _decide(self, entry: RoutedRequest, kind: str) -> Decision:
         if kind == POOL_PREFILL:
-            prefill = [w for w in self.pool.routable(entry.request.model)
-                       if w.mode == MODE_PREFILL]
-            return self.disagg.prefill_policy.decide(entry.request, prefill)
+            return self.disagg.prefill_policy.decide(
+                entry.request, self.disagg.prefill_workers(entry.request.model))
         return self.selector.decide(entry.request)

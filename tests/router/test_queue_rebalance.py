@@ -27,7 +27,7 @@ def wire(*handles, mode: str = "always"):  # type: ignore[no-untyped-def]
     w = Wiring(KvAwarePolicy(index, overlap_weight=1.0), *handles, kv_index=index)
     w.streams.disagg = Disaggregation(RouterConfig(disagg_mode=mode), w.pool, w.selector, index,
                                       w.accounting, w.migration, w.metrics, w.clock)
-    w.rebalance = QueueRebalance(w.pool, w.accounting, w.selector, w.streams.disagg, w.metrics)
+    w.rebalance = QueueRebalance(w.accounting, w.selector, w.streams.disagg, w.metrics)
     return w
 
 
