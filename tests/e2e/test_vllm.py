@@ -258,9 +258,8 @@ def test_sigkill_mid_stream_continues_with_the_same_tokens(dep: Deployment) -> N
     """Runs last: it takes a worker away. The survivor loads the blocks the victim wrote to the
     shared KV store, so it recomputes at most the last partial block."""
     prompt = long_prompt("migrate", 120)
-    # The kill lands at the first chunk the client reads, and the worker must still be
-    # generating then. A chunk carries every token that piled up since the one before, so on a
-    # host where the client falls behind, 40 chunks were once all 2,000 tokens (no migration).
+    # The kill lands as the worker's first chunk leaves, and the worker must still be generating
+    # then: enough tokens that it is, however busy the host.
     tokens = 3000
 
     def admitted() -> dict[str, float]:
@@ -268,33 +267,41 @@ def test_sigkill_mid_stream_continues_with_the_same_tokens(dep: Deployment) -> N
         return {w: worker_metric(dep, w, "turnout_worker_prompt_tokens_total")
                 for w in ("w1", "w2")}
 
-    async def stream(kill_after: int | None) -> str:
+    async def kill_serving(earlier: dict[str, float]) -> None:
+        """SIGKILL the worker serving the stream as soon as its first chunk has left (observed
+        on its prompt-token counter, not a load gauge: that one updates once a heartbeat). Not
+        at the client's first chunk: on a busy host the client reads late, and the worker was
+        once done with every token by then (no migration)."""
+        deadline = time.monotonic() + 60
+        while True:
+            now = await asyncio.to_thread(admitted)
+            serving = [w for w in now if now[w] > earlier[w]]
+            if serving:
+                break
+            assert time.monotonic() < deadline, "no worker admitted the stream"
+            await asyncio.sleep(0.02)
+        assert len(serving) == 1, (earlier, now)
+        next(s for s in dep.services if s.name == serving[0]).signal(signal.SIGKILL)
+
+    async def stream(kill: bool) -> str:
         oai = aclient(dep)
         earlier = admitted()
         s = await oai.completions.create(model=model_of(dep), prompt=prompt, max_tokens=tokens,
                                          temperature=0, stream=True,
                                          extra_body={"ignore_eos": True})
-        text, chunks, killed = "", 0, False
+        killer = asyncio.create_task(kill_serving(earlier)) if kill else None
+        text = ""
         async for chunk in s:
             for choice in chunk.choices:
                 text += choice.text
-                chunks += 1 if choice.text else 0
-            # Once: a chunk without text (a token still mid-character) leaves `chunks` as it was,
-            # and a second scrape would reach the dead worker.
-            if kill_after is not None and chunks == kill_after and not killed:
-                killed = True
-                # The worker serving it (not a load gauge: that one updates once a heartbeat).
-                now = admitted()
-                serving = [w for w in now if now[w] > earlier[w]]
-                assert len(serving) == 1, (earlier, now)
-                victim = next(s for s in dep.services if s.name == serving[0])
-                victim.signal(signal.SIGKILL)
+        if killer is not None:
+            await killer
         return text
 
-    clean = asyncio.run(stream(None))
+    clean = asyncio.run(stream(False))
     before = recomputed_histogram(dep)
     t0 = time.monotonic()
-    faulted = asyncio.run(stream(1))
+    faulted = asyncio.run(stream(True))
     assert faulted == clean, "the migrated stream must carry exactly the clean run's text"
     assert time.monotonic() - t0 < 120
     router = next(r for r in dep.records() if r["role"] == "router")
