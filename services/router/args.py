@@ -78,6 +78,18 @@ class RouterConfig(ProcessConfig):
                                                     "--disagg-ttft-target-ms has room: the gap "
                                                     "lands in TTFT, not between tokens (off: "
                                                     "TTFT never includes the transfer)")
+    disagg_itl_miss_budget: float = opt(0.0, help="conditional: share of streamed gaps that "
+                                                  "local prefills may stretch past "
+                                                  "--disagg-itl-target-ms to cut the TTFT tail "
+                                                  "(see --disagg-local-gain-ratio): for TTFT "
+                                                  "and ITL percentile targets; each stretched "
+                                                  "stream misses an every-gap target. 0 (the "
+                                                  "default): never stretch")
+    disagg_local_gain_ratio: float = opt(1.5, help="conditional: a local prefill that would "
+                                                   "stretch decoding streams is taken, within "
+                                                   "--disagg-itl-miss-budget, when the prefill "
+                                                   "pool's predicted TTFT is at least this many "
+                                                   "times the local one")
     decode_overlap_weight: float = opt(1.0, help="kv mode, choosing a decode worker: weight "
                                                  "of blocks it must pull against its active "
                                                  "decode blocks")
@@ -115,6 +127,12 @@ class RouterConfig(ProcessConfig):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got "
                                  f"{getattr(self, name)}")
+        if not 0 <= self.disagg_itl_miss_budget < 1:
+            raise ValueError("--disagg-itl-miss-budget must lie in [0, 1), got "
+                             f"{self.disagg_itl_miss_budget}")
+        if not self.disagg_local_gain_ratio >= 1:
+            raise ValueError("--disagg-local-gain-ratio must be >= 1, got "
+                             f"{self.disagg_local_gain_ratio}")
         if not 0 <= self.local_prefill_max_ratio <= 1:
             raise ValueError("--local-prefill-max-ratio must lie in [0, 1], got "
                              f"{self.local_prefill_max_ratio}")

@@ -37,6 +37,9 @@ uncached part is under `--local-prefill-max-tokens` and `--local-prefill-max-rat
 prompt, or when every prefill worker is `--prefill-busy-tokens` deep; else remote). Neither fits
 and local would stretch streams: remote (`decode_itl`: one request misses, not a batch). A
 decode worker at `--decode-veto-requests` in flight never prefills locally (`decode_busy`).
+Before all that, with `--disagg-itl-miss-budget` (`itl_budget.py`): a local prefill that
+would stretch streams is taken when the prefill pool's TTFT is `--disagg-local-gain-ratio`
+times the local one and the budget pays for those streams (`ttft_gain`).
 
 With no prefill worker alive the model runs aggregated on its decode (and aggregated) workers,
 counted. Owns the path decision, the hand-off and their metrics; not the policies' costs
@@ -65,6 +68,7 @@ from common.messages import (
 from services.router.accounting import Accounting, RoutedRequest
 from services.router.args import RouterConfig
 from services.router.cost_model import CostModels, HandoffCostModel, StepCostModel
+from services.router.itl_budget import ItlMissBudget
 from services.router.kv_index import KvIndex
 from services.router.kv_policy import KvAwarePolicy, load_of, worker_load
 from services.router.metrics import RouterMetrics
@@ -86,6 +90,7 @@ REASON_HANDOFF_GAP = "handoff_gap"  # local fits; the hand-off gap would pass th
 REASON_REMOTE_TTFT = "remote_ttft"  # local fits; the prefill pool's TTFT would pass its target
 REASON_DECODE_ITL = "decode_itl"  # a local prefill would stretch decoding streams past the ITL
 REASON_LOCAL_TTFT = "local_ttft"  # remote fits; the decode worker's TTFT would pass its target
+REASON_TTFT_GAIN = "ttft_gain"  # local stretches streams, within the ITL miss budget: far faster
 REASON_NO_PREFILL = "no_prefill_worker"
 REASON_ONE_TOKEN = "single_token"  # max_tokens 1: nothing to decode
 
@@ -104,6 +109,7 @@ class PathLimits:
     ttft_target_ms: float = 500.0  # a path whose predicted TTFT is over this misses
     itl_target_ms: float = 50.0  # ... whose predicted gap (or stretched decode step) is over this
     hold_first_token: bool = False  # a slow hand-off may move into TTFT (the first token waits)
+    local_gain_ratio: float = 1.5  # remote TTFT / local TTFT that spends the ITL miss budget
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -133,18 +139,26 @@ class PathCosts:
 
 def choose_path(limits: PathLimits, prompt_tokens: int, uncached_tokens: int,
                 prefill_queue_tokens: float, decode_requests: int,
-                costs: PathCosts) -> tuple[str, str]:
+                costs: PathCosts, budget_room: bool = False) -> tuple[str, str]:
     """(path, reason) for one request: where its uncached prompt is computed (see the module
     docstring).
 
     `prefill_queue_tokens`: the least queued prefill among prefill workers;
-    `decode_requests`: what the chosen decode worker has in flight."""
+    `decode_requests`: what the chosen decode worker has in flight; `budget_room`: the ITL miss
+    budget could pay for this request's stretched streams."""
     if limits.mode == "always":
         return PATH_REMOTE, REASON_ALWAYS
     short = (uncached_tokens < limits.local_max_tokens
              and uncached_tokens < limits.local_max_ratio * prompt_tokens)
     busy = 0 < limits.prefill_busy_tokens <= prefill_queue_tokens
     harmless = costs.local_harmless(limits)
+    if (not harmless and budget_room and costs.local_ttft_ms <= limits.ttft_target_ms
+            and costs.remote_ttft_ms >= limits.local_gain_ratio * costs.local_ttft_ms):
+        # The request would sit in the TTFT tail behind the prefill pool: a few stretched
+        # gaps among the many streamed buy it a first token far sooner.
+        if 0 < limits.decode_veto_requests <= decode_requests:
+            return PATH_REMOTE, REASON_DECODE_BUSY
+        return PATH_LOCAL, REASON_TTFT_GAIN
     local_fits = harmless and costs.local_ttft_ms <= limits.ttft_target_ms
     remote_ttft_ok = not busy and costs.remote_ttft_ms <= limits.ttft_target_ms
     remote_fits = not busy and costs.remote_fits(limits)
@@ -203,7 +217,9 @@ class Disaggregation:
         self.limits = PathLimits(config.disagg_mode, config.local_prefill_max_tokens,
                                  config.local_prefill_max_ratio, config.prefill_busy_tokens,
                                  config.decode_veto_requests, config.disagg_ttft_target_ms,
-                                 config.disagg_itl_target_ms, config.disagg_hold_first_token)
+                                 config.disagg_itl_target_ms, config.disagg_hold_first_token,
+                                 config.disagg_local_gain_ratio)
+        self.itl_budget = ItlMissBudget(config.disagg_itl_miss_budget, clock=clock)
         # The step-time fit the adaptive cost learns from the workers' forward passes; without
         # it (the block cost, a non-kv mode) its prior alone prices the paths.
         self.cost_models = selector.cost_models or CostModels()
@@ -253,9 +269,13 @@ class Disaggregation:
         costs = self.path_costs(request.model, prompt, uncached, decode.worker, in_flight,
                                 chosen, prefill_inflight=sum(w.inflight for w in prefill),
                                 decode_workers=len(serving))
-        path, reason = choose_path(self.limits, prompt, uncached, queue, in_flight, costs)
+        path, reason = choose_path(self.limits, prompt, uncached, queue, in_flight, costs,
+                                   self.itl_budget.room(costs.exposed_streams))
         self._count(path, reason)
         if path == PATH_LOCAL:
+            if reason == REASON_TTFT_GAIN:
+                self.itl_budget.spend(costs.exposed_streams)
+                self.metrics.disagg_stretched_streams.inc(costs.exposed_streams)
             self._commit(self.decode_policy, decode)
             return Placement(decode)
         self._commit(self.prefill_policy, chosen)

@@ -98,6 +98,10 @@ class RouterMetrics:
             "turnout_router_disagg_handoffs",
             "Prefill-to-decode hand-offs at the first token: sent, or no_decode_worker (it "
             "waits for one like a stranded migration)", ["outcome"], registry=r)
+        self.disagg_stretched_streams = Counter(
+            "turnout_router_disagg_stretched_streams",
+            "Decoding streams whose step a local prefill taken on the ITL miss budget was "
+            "predicted to stretch past the ITL target (reason ttft_gain)", registry=r)
         self.disagg_handoff_seconds = Histogram(
             "turnout_router_disagg_handoff_seconds",
             "From a prefill's first token to the decode worker's first token: KV transfer "

@@ -153,6 +153,7 @@ class Streams:
         """Relay one worker's token batch: one frame per frontend."""
         by_frontend: dict[bytes, list[TokenChunk]] = {}
         handoffs: list[RoutedRequest] = []
+        streamed = 0
         for chunk in chunks:
             entry = self.accounting.get(chunk.request_id)
             if entry is None or entry.worker is not worker:
@@ -182,6 +183,7 @@ class Streams:
                     chunk.cached_tokens = 0
             if chunk.token_ids:
                 entry.generated.extend(chunk.token_ids)
+                streamed += len(chunk.token_ids)
             if entry.announced is not worker.id:
                 entry.announced = chunk.worker_id = worker.id  # where a resume should go
             if entry.disagg is not None and self.disagg is not None:
@@ -192,6 +194,8 @@ class Streams:
             by_frontend.setdefault(entry.frontend, []).append(chunk)
         for frontend, out in by_frontend.items():
             self.frontends.send_multipart([frontend, KIND_TOKENS, encoder.encode(TokenBatch(out))])
+        if self.disagg is not None:
+            self.disagg.itl_budget.on_streamed(streamed)
         if handoffs:
             assert self.disagg is not None
             for entry in handoffs:

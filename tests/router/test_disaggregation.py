@@ -356,3 +356,49 @@ def test_a_slow_hand_off_moves_into_the_first_token() -> None:
     w.streams.on_batch(p, [TokenChunk("r2", [7], FINISH_LENGTH, num_prompt_tokens=8)])
     _, chunks = frontend_chunks(w.frontends.sent[-1])
     assert [c.token_ids for c in chunks] == [[7]]
+
+
+@pytest.mark.parametrize(("room", "kw", "veto", "expect"), [
+    # The prefill pool's queue makes remote 3x slower; the budget pays for three streams.
+    (True, {"local_step_ms": 45, "remote_ttft_ms": 150}, 0, ("local", "ttft_gain")),
+    (False, {"local_step_ms": 45, "remote_ttft_ms": 150}, 0, ("remote", "decode_itl")),
+    # Remote not slow enough to be worth a stretched step.
+    (True, {"local_step_ms": 45, "remote_ttft_ms": 70}, 0, ("remote", "decode_itl")),
+    # Local would itself miss the TTFT target.
+    (True, {"local_step_ms": 45, "local_ttft_ms": 250, "remote_ttft_ms": 400}, 0,
+     ("remote", "decode_itl")),
+    # The decode worker's veto holds.
+    (True, {"local_step_ms": 45, "remote_ttft_ms": 150}, 8, ("remote", "decode_busy")),
+    # Harmless local prefills never touch the budget: the usual rules.
+    (True, {"exposed_streams": 0, "remote_ttft_ms": 150}, 0, ("remote", "long_uncached")),
+])
+def test_the_itl_miss_budget_buys_local_prefills_out_of_the_ttft_tail(
+        room: bool, kw: dict[str, float], veto: int, expect: tuple[str, str]) -> None:
+    assert choose_path(LIMITS, 1400, 1400, 0, veto, costs(**kw), room) == expect
+    # `always` is remote whatever the budget.
+    always = dataclasses.replace(LIMITS, mode="always")
+    assert choose_path(always, 1400, 1400, 0, veto, costs(**kw), room)[0] == "remote"
+
+
+def test_a_local_prefill_out_of_the_ttft_tail_spends_the_budget() -> None:
+    """A decode worker with a stream, a prefill worker with two long prompts queued: the
+    next long prompt would wait behind them, so it prefills on the decode worker, paid by the
+    gaps already streamed; once the budget is spent the next goes remote again."""
+    p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
+    w = wire(p, d, mode="conditional", kv=True, disagg_itl_miss_budget=0.02, **SLA)
+    cache_on(w, "d", list(range(100, 132)), 7)
+    place(w, "s", tokens=32)  # cached on d, which is idle: local
+    w.streams.on_batch(d, [TokenChunk("s", [1], num_prompt_tokens=8)])
+    w.streams.on_batch(d, [TokenChunk("s", [1] * 299)])  # 300 gaps streamed: room for 6
+    for i in range(2):
+        place(w, f"q{i}", tokens=1400)  # remote: the prefill worker is not yet slow enough
+    assert len(sent(p)) == 2
+    place(w, "r1", tokens=1400)
+    assert counter(w.metrics.disagg_decisions, "local", "ttft_gain") == 1
+    assert generate_decoder.decode(sent(d)[-1][1]).request_id == "r1"
+    stretched = w.metrics.disagg_stretched_streams._value.get()
+    assert 1 <= stretched <= 6
+    place(w, "r2", tokens=1400)  # the budget is spent
+    assert counter(w.metrics.disagg_decisions, "local", "ttft_gain") == 1
+    assert generate_decoder.decode(sent(p)[-1][1]).request_id == "r2"
+

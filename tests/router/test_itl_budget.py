@@ -1,0 +1,38 @@
+"""The ITL miss budget: the share of streamed gaps that local prefills may stretch."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.router.itl_budget import ItlMissBudget
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_stretched_gaps_stay_within_their_share_of_streamed_gaps() -> None:
+    clock = Clock()
+    budget = ItlMissBudget(0.01, half_life_s=10.0, clock=clock)
+    assert not budget.room(1)  # nothing streamed: nothing to spend
+    budget.on_streamed(1000)
+    assert budget.room(10) and not budget.room(11)
+    budget.spend(8)
+    assert budget.room(1.9) and not budget.room(2.1)
+    clock.now = 10.0  # one half-life: both halve, the share is what it was
+    assert budget.room(0.9) and not budget.room(1.1)
+    assert budget.stretched == pytest.approx(4.0) and budget.streamed == pytest.approx(500.0)
+    budget.on_streamed(500)  # streaming goes on: room again
+    assert budget.room(5.9) and not budget.room(6.1)
+
+
+def test_a_zero_budget_never_has_room() -> None:
+    budget = ItlMissBudget(0.0)
+    budget.on_streamed(10**6)
+    assert not budget.room(0.5)
+    with pytest.raises(ValueError, match="budget"):
+        ItlMissBudget(1.0)
