@@ -78,13 +78,15 @@ class RouterConfig(ProcessConfig):
                                                     "--disagg-ttft-target-ms has room: the gap "
                                                     "lands in TTFT, not between tokens (off: "
                                                     "TTFT never includes the transfer)")
-    disagg_itl_miss_budget: float = opt(0.0, help="conditional: share of streamed gaps that "
-                                                  "local prefills may stretch past "
-                                                  "--disagg-itl-target-ms to cut the TTFT tail "
-                                                  "(see --disagg-local-gain-ratio): for TTFT "
-                                                  "and ITL percentile targets; each stretched "
-                                                  "stream misses an every-gap target. 0 (the "
-                                                  "default): never stretch")
+    disagg_itl_miss_budget: float = opt(0.0, help="share of streamed gaps that may be "
+                                                  "stretched past --disagg-itl-target-ms to "
+                                                  "cut the TTFT tail: by local prefills "
+                                                  "(conditional; see --disagg-local-gain-"
+                                                  "ratio) and, with --disagg-hold-first-token, "
+                                                  "by first tokens of requests already in the "
+                                                  "TTFT tail sent at once. For percentile "
+                                                  "targets: each stretched stream misses an "
+                                                  "every-gap target. 0 (the default): never")
     disagg_local_gain_ratio: float = opt(1.5, help="conditional: a local prefill that would "
                                                    "stretch decoding streams is taken, within "
                                                    "--disagg-itl-miss-budget, when the prefill "

@@ -39,7 +39,9 @@ and local would stretch streams: remote (`decode_itl`: one request misses, not a
 decode worker at `--decode-veto-requests` in flight never prefills locally (`decode_busy`).
 Before all that, with `--disagg-itl-miss-budget` (`itl_budget.py`): a local prefill that
 would stretch streams is taken when the prefill pool's TTFT is `--disagg-local-gain-ratio`
-times the local one and the budget pays for those streams (`ttft_gain`).
+times the local one and the budget pays for those streams (`ttft_gain`); and a first token
+planned to be held goes out at once when its request is already in the TTFT tail
+(`FirstTokenTail`) and the budget pays for its one stretched gap.
 
 With no prefill worker alive the model runs aggregated on its decode (and aggregated) workers,
 counted. Owns the path decision, the hand-off and their metrics; not the policies' costs
@@ -68,7 +70,7 @@ from common.messages import (
 from services.router.accounting import Accounting, RoutedRequest
 from services.router.args import RouterConfig
 from services.router.cost_model import CostModels, HandoffCostModel, StepCostModel
-from services.router.itl_budget import ItlMissBudget
+from services.router.itl_budget import FirstTokenTail, ItlMissBudget
 from services.router.kv_index import KvIndex
 from services.router.kv_policy import KvAwarePolicy, load_of, worker_load
 from services.router.metrics import RouterMetrics
@@ -191,6 +193,8 @@ class DisaggState:
     handoff_at: float = 0.0  # monotonic time the prefill's final chunk arrived (0: not yet)
     pulled_tokens: int = 0  # prompt tokens the decode worker was to pull (from the KV index)
     hold_first: bool = False  # the first token waits for the decode worker's (see `relay`)
+    placed_at: float = 0.0  # monotonic time of its first placement on a prefill worker
+    handoff_ms: float = 0.0  # the hand-off gap expected at placement (the fit's mean)
     held: TokenChunk | None = None  # the prefill's first-token chunk, held back
 
 
@@ -220,6 +224,7 @@ class Disaggregation:
                                  config.disagg_itl_target_ms, config.disagg_hold_first_token,
                                  config.disagg_local_gain_ratio)
         self.itl_budget = ItlMissBudget(config.disagg_itl_miss_budget, clock=clock)
+        self.first_token_tail = FirstTokenTail()
         # The step-time fit the adaptive cost learns from the workers' forward passes; without
         # it (the block cost, a non-kv mode) its prior alone prices the paths.
         self.cost_models = selector.cost_models or CostModels()
@@ -281,7 +286,8 @@ class Disaggregation:
         self._commit(self.prefill_policy, chosen)
         return Placement(chosen, self._prefill_payload(request), DisaggState(
             chosen.worker.id, chosen.worker.instance.endpoints["request"],
-            hold_first=costs.holds_first_token(self.limits)))
+            hold_first=costs.holds_first_token(self.limits), placed_at=self.clock(),
+            handoff_ms=self._handoff_model(request.model).predict(uncached)))
 
     def path_costs(self, model: str, prompt: int, uncached: int, decode: WorkerHandle,
                    in_flight: int, prefill: Decision, prefill_inflight: int,
@@ -332,9 +338,19 @@ class Disaggregation:
                 or produced >= entry.request.sampling.max_tokens:
             return False
         state.kv_transfer_params = chunk.kv_transfer_params
-        state.handoff_at = self.clock()
+        state.handoff_at = now = self.clock()
         chunk.finish_reason = None
         chunk.kv_transfer_params = b""
+        if state.placed_at:
+            elapsed_ms = (now - state.placed_at) * 1000.0
+            if state.hold_first and elapsed_ms + state.handoff_ms > \
+                    self.first_token_tail.bound_ms() and self.itl_budget.room(1):
+                # Among the slowest first tokens already: one gap stretched by the hand-off
+                # costs the ITL percentiles less than the hold would cost the TTFT tail.
+                self.itl_budget.spend(1)
+                state.hold_first = False
+                self.metrics.disagg_handoffs.labels("first_token_tail").inc()
+            self.first_token_tail.observe(elapsed_ms)
         if state.hold_first:
             state.held = chunk
         return True
@@ -434,8 +450,11 @@ class Disaggregation:
                      hold_first: bool = False) -> None:
         """Run `entry`'s prefill phase on `chosen` (a prefill worker) instead."""
         self._commit(self.prefill_policy, chosen)
+        old = entry.disagg  # its time to the first token counts from its first placement
         entry.disagg = DisaggState(chosen.worker.id, chosen.worker.instance.endpoints["request"],
-                                   hold_first=hold_first)
+                                   hold_first=hold_first,
+                                   placed_at=old.placed_at if old is not None else self.clock(),
+                                   handoff_ms=old.handoff_ms if old is not None else 0.0)
         self.accounting.move(entry, chosen)
         chosen.worker.socket.send_multipart([KIND_GENERATE,
                                              self._prefill_payload(entry.request)])

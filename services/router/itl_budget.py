@@ -6,14 +6,47 @@ token: a request streams a hundred gaps or more. A local prefill on a busy decod
 stretches the step every stream there decodes in; when the prefill pool is far slower than
 that local prefill, the router may still take it, as long as the gaps such prefills stretched
 stay within `--disagg-itl-miss-budget` (a share) of the gaps streamed, both counted over a
-decaying window. Owns that bookkeeping; the decision is `disaggregation.py`'s.
+decaying window. The same budget pays for first tokens not held (`--disagg-hold-first-token`)
+because their request is already in the TTFT tail (`FirstTokenTail`: past the 0.9 quantile of
+recent first-token times, counting the expected hand-off): each is one gap stretched by its
+hand-off, where holding it would add that hand-off to one of the slowest first tokens. Owns
+that bookkeeping; the decisions are `disaggregation.py`'s.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
+from collections import deque
 from collections.abc import Callable
+
+
+class FirstTokenTail:
+    """Recent times from placement to the first token of remotely prefilled requests, and
+    their quantile: a held first token past it would only deepen the TTFT tail."""
+
+    MIN_SAMPLES = 20  # before this many, no tail is known
+
+    def __init__(self, quantile: float = 0.9, window: int = 256) -> None:
+        if not 0.0 < quantile < 1.0:
+            raise ValueError(f"the tail quantile must be in (0, 1), got {quantile}")
+        self.quantile = quantile
+        self._recent: deque[float] = deque(maxlen=window)
+        self._sorted: list[float] = []
+
+    def observe(self, elapsed_ms: float) -> None:
+        if len(self._recent) == self._recent.maxlen:
+            del self._sorted[bisect.bisect_left(self._sorted, self._recent[0])]
+        self._recent.append(elapsed_ms)
+        bisect.insort(self._sorted, elapsed_ms)
+
+    def bound_ms(self) -> float:
+        """The quantile of recent first-token times (inf until enough were seen)."""
+        n = len(self._sorted)
+        if n < self.MIN_SAMPLES:
+            return math.inf
+        return self._sorted[min(n - 1, int(self.quantile * n))]
 
 
 class ItlMissBudget:

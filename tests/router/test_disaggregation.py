@@ -402,3 +402,30 @@ def test_a_local_prefill_out_of_the_ttft_tail_spends_the_budget() -> None:
     assert counter(w.metrics.disagg_decisions, "local", "ttft_gain") == 1
     assert generate_decoder.decode(sent(p)[-1][1]).request_id == "r2"
 
+
+
+def test_a_first_token_already_in_the_ttft_tail_goes_out_at_once_on_the_budget() -> None:
+    """Twenty hand-offs held 10 ms after placement set the tail; a first token that came after
+    100 ms would only get later held for its hand-off: with budget for one gap it goes out at
+    once; without (the default budget 0), it is held as before."""
+    for budget, tail_sent in ((0.02, 1), (0.0, 0)):
+        p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
+        w = wire(p, d, **{"disagg_ttft_target_ms": 400.0, "disagg_itl_target_ms": 20.0,
+                          "disagg_hold_first_token": True, "disagg_itl_miss_budget": budget})
+        for i in range(20):
+            rid = f"h{i}"
+            place(w, rid, tokens=8000)
+            w.clock.advance(0.010)
+            w.streams.on_batch(p, [TokenChunk(rid, [42], FINISH_LENGTH,
+                                              num_prompt_tokens=8000)])
+            w.streams.on_batch(d, [TokenChunk(rid, [43], num_prompt_tokens=8000,
+                                              cached_tokens=8000)])
+            w.streams.on_batch(d, [TokenChunk(rid, [44] * 10, FINISH_LENGTH)])
+        assert counter(w.metrics.disagg_handoffs, "first_token_held") == 20
+        before = len(w.frontends.sent)
+        place(w, "slow", tokens=8000)
+        w.clock.advance(0.100)
+        w.streams.on_batch(p, [TokenChunk("slow", [42], FINISH_LENGTH, num_prompt_tokens=8000)])
+        out = [c.token_ids for f in w.frontends.sent[before:] for c in frontend_chunks(f)[1]]
+        assert out == ([[42]] if tail_sent else [])
+        assert counter(w.metrics.disagg_handoffs, "first_token_tail") == tail_sent

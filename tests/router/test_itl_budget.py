@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from services.router.itl_budget import ItlMissBudget
+from services.router.itl_budget import FirstTokenTail, ItlMissBudget
 
 
 class Clock:
@@ -36,3 +38,18 @@ def test_a_zero_budget_never_has_room() -> None:
     assert not budget.room(0.5)
     with pytest.raises(ValueError, match="budget"):
         ItlMissBudget(1.0)
+
+
+def test_the_first_token_tail_is_the_recent_quantile() -> None:
+    tail = FirstTokenTail(0.9, window=100)
+    for ms in range(FirstTokenTail.MIN_SAMPLES - 1):
+        tail.observe(float(ms))
+    assert tail.bound_ms() == math.inf  # no tail known yet
+    for ms in range(FirstTokenTail.MIN_SAMPLES - 1, 100):
+        tail.observe(float(ms))  # 0..99 ms
+    assert tail.bound_ms() == 90.0
+    for _ in range(100):  # the window forgets: a slower fleet moves the bound
+        tail.observe(500.0)
+    assert tail.bound_ms() == 500.0
+    with pytest.raises(ValueError, match="quantile"):
+        FirstTokenTail(1.0)
