@@ -20,8 +20,8 @@ Sources, the simplest honest ones available:
 - the encode stage (`encode_pool`): the routers' images by path (encode pool or in-line) and
   their encode-stage latency histogram (`turnout_router_encode_seconds`), per interval.
 - the live arrival rate (`live_rate`, each reactive check): the routers' arrivals (ended plus in
-  flight) over about the last few reactive checks, so a step in load sizes the reactive answer
-  before the interval's forecast sees it.
+  flight) over about the last few reactive checks, or the last half of them when that is
+  higher, so a step in load sizes the reactive answer before the interval's forecast sees it.
 - demand right now (`probe`, and with every interval): requests waiting for a first token at
   the frontends (`turnout_frontend_queued_requests`, which includes requests a router holds
   while no worker serves the model), requests in flight (the frontends' active requests, else the
@@ -249,8 +249,9 @@ class LoadObserver:
 
     async def live_rate(self, routers: list[Instance], window_s: float) -> float | None:
         """Requests/s that reached the routers over about the last `window_s` (ended, any
-        outcome, plus the growth of those in flight); None until readings span a quarter of
-        the window. A router that came, went, restarted or did not answer starts it over."""
+        outcome, plus the growth of those in flight), or over its last half when that is
+        higher; None until readings span a quarter of the window. A router that came, went,
+        restarted or did not answer starts it over."""
         targets = [i for i in routers if i.endpoints.get("metrics")]
         scraped = await asyncio.gather(*(self._scrape(i) for i in targets))
         now = time.monotonic()
@@ -269,7 +270,15 @@ class LoadObserver:
         t0, then = self._arrivals[0]
         if now - t0 < window_s / 4:
             return None
-        return (total - then) / (now - t0)
+        rate = (total - then) / (now - t0)
+        # A step up in arrivals shows in the newest readings first: the window's last half
+        # answers a burst's onset as soon as it has seen it; a drop waits for the whole window.
+        for t, count in reversed(self._arrivals):
+            if now - t >= window_s / 2:
+                if t > t0:
+                    rate = max(rate, (total - count) / (now - t))
+                break
+        return rate
 
     async def probe(self, routers: list[Instance], frontends: list[Instance]) -> Demand | None:
         """Demand now, from gauges only (counters and the interval are left alone)."""

@@ -88,8 +88,9 @@ from services.planner.replica_planner import (
 log = logging.getLogger("turnout.planner")
 
 SERIES = ("request_rate", "input_tokens", "output_tokens")
-# The reactive loop's live arrival rate spans this many of its checks: long enough that a few
-# Poisson arrivals do not read as a burst, short enough to see one within seconds.
+# The reactive loop's live arrival rate spans this many of its checks (a rise: half as many):
+# long enough that a few Poisson arrivals do not read as a burst, short enough to see one
+# within seconds.
 LIVE_RATE_CHECKS = 4
 
 

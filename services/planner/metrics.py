@@ -17,7 +17,8 @@ class PlannerMetrics:
                                       "Mean generated tokens per request predicted", registry=r)
         self.live_rate = Gauge("turnout_planner_live_request_rate",
                                "Requests/s reaching the routers over the reactive loop's last "
-                               "four checks (NaN until it has two readings)", registry=r)
+                               "four checks, or its last two when higher (NaN until it has two "
+                               "readings)", registry=r)
         self.observed_rate = Gauge("turnout_planner_observed_request_rate",
                                    "Requests/s ended in the last interval (routers)",
                                    registry=r)

@@ -226,3 +226,27 @@ async def test_the_live_rate_counts_arrivals_over_its_window_and_starts_over_on_
         assert await obs.live_rate([ROUTER], window_s=0.4) is None
         # A router that does not answer says nothing either.
         assert await obs.live_rate([ROUTER, GONE], window_s=0.4) is None
+
+
+@pytest.mark.asyncio
+async def test_a_rise_in_arrivals_shows_from_the_last_half_of_the_window() -> None:
+    """Readings 0.6 s apart over a 1 s window: arrivals that jump in the newest half
+    count at their own rate (not diluted by the quiet readings before); a drop is not."""
+    web = Pages()
+    web.pages["http://r/metrics"] = router_live(0, 0)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(web.handler)) as client:
+        obs = LoadObserver("mock", client)
+        await obs.live_rate([ROUTER], window_s=1.0)
+        await asyncio.sleep(0.6)
+        web.pages["http://r/metrics"] = router_live(1, 0)
+        await obs.live_rate([ROUTER], window_s=1.0)
+        await asyncio.sleep(0.6)
+        web.pages["http://r/metrics"] = router_live(1, 20)  # 20 arrive at once
+        rate = await obs.live_rate([ROUTER], window_s=1.0)
+        (t0, _), (t1, _), (t2, _) = obs._arrivals
+        assert rate == pytest.approx(20 / (t2 - t1)) and rate > 21 / (t2 - t0)
+        await asyncio.sleep(0.6)
+        web.pages["http://r/metrics"] = router_live(21, 0)  # nothing new: the whole window
+        rate = await obs.live_rate([ROUTER], window_s=1.0)
+        (t0, _), *_, (t3, _) = obs._arrivals
+        assert rate == pytest.approx(20 / (t3 - t0))
