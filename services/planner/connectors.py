@@ -98,6 +98,10 @@ class LocalConnector:
         # Started by us and not told to stop, oldest first (dicts keep insertion order).
         self.running: dict[str, asyncio.subprocess.Process] = {}
         self.stopping: dict[str, asyncio.subprocess.Process] = {}
+        # Ours and exited (stopped, or died), while discovery may still list them (a lease
+        # outlives its process by up to its TTL): never counted again, forgotten once
+        # discovery drops them. Counted, a scale-down would stop a live worker in its place.
+        self.exited: set[str] = set()
         self.started_total = 0
         self.exited_unexpectedly = 0
         self._floor_warned: tuple[int, int] | None = None
@@ -120,11 +124,17 @@ class LocalConnector:
 
     def current(self) -> int:
         self._reap()
-        return len((self.registered() - self.stopping.keys()) | self.running.keys())
+        return len(self._serving() | self.running.keys())
 
     async def observe(self) -> PoolState:
         desired = self.current()
-        return PoolState(desired, len(self.registered() - self.stopping.keys()))
+        return PoolState(desired, len(self._serving()))
+
+    def _serving(self) -> set[str]:
+        """Registered workers not stopped by us (ours running, or started by hand)."""
+        registered = self.registered()
+        self.exited &= registered
+        return registered - self.stopping.keys() - self.exited
 
     async def apply(self, target: int) -> None:
         current = self.current()
@@ -194,9 +204,11 @@ class LocalConnector:
         for worker_id, proc in list(self.running.items()):
             if proc.returncode is not None:
                 del self.running[worker_id]
+                self.exited.add(worker_id)
                 self.exited_unexpectedly += 1
                 log.warning("worker exited on its own", extra={"fields": {
                     "role": self.role, "id": worker_id, "code": proc.returncode}})
         for worker_id, proc in list(self.stopping.items()):
             if proc.returncode is not None:
                 del self.stopping[worker_id]
+                self.exited.add(worker_id)

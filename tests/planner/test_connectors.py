@@ -78,6 +78,29 @@ async def test_registered_workers_being_stopped_do_not_count() -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_stopped_worker_still_in_discovery_after_its_exit_does_not_count() -> None:
+    """Its lease outlives it: counted, the next scale-down to 1 would stop the last live
+    worker (the planner's predictive and reactive loops each scaling 2 -> 1 left none)."""
+    registered: set[str] = set()
+    conn = LocalConnector("aggregated", [sys.executable, "-c", DRAINS],
+                          lambda: set(registered), "p", stop_timeout_s=10)
+    try:
+        await conn.apply(2)
+        registered.update(conn.running)
+        stopped = conn.running["p-aggregated-2"]
+        await conn.apply(1)
+        await wait_exit(stopped)
+        assert conn.current() == 1 and "p-aggregated-2" in registered
+        assert await conn.observe() == PoolState(1, 1)
+        await conn.apply(1)
+        assert list(conn.running) == ["p-aggregated-1"]  # nothing more was stopped
+        registered.discard("p-aggregated-2")  # its lease expired
+        assert conn.current() == 1 and not conn.exited
+    finally:
+        await conn.close()
+
+
+@pytest.mark.asyncio
 async def test_close_drains_and_waits_but_never_kills() -> None:
     conn = LocalConnector("aggregated", [sys.executable, "-c", STUBBORN], set, "p",
                           stop_timeout_s=0.5)
