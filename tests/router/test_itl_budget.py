@@ -1,4 +1,5 @@
-"""The ITL miss budget: the share of streamed gaps that local prefills may stretch."""
+"""The ITL miss budget (the share of streamed gaps that may be stretched to cut the TTFT tail)
+and the first-token tail it is spent on."""
 
 from __future__ import annotations
 
@@ -7,25 +8,18 @@ import math
 import pytest
 
 from services.router.itl_budget import FirstTokenTail, ItlMissBudget
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.router.fakes import FakeClock
 
 
 def test_stretched_gaps_stay_within_their_share_of_streamed_gaps() -> None:
-    clock = Clock()
+    clock = FakeClock()
     budget = ItlMissBudget(0.01, half_life_s=10.0, clock=clock)
     assert not budget.room(1)  # nothing streamed: nothing to spend
     budget.on_streamed(1000)
     assert budget.room(10) and not budget.room(11)
     budget.spend(8)
     assert budget.room(1.9) and not budget.room(2.1)
-    clock.now = 10.0  # one half-life: both halve, the share is what it was
+    clock.advance(10.0)  # one half-life: both halve, the share is what it was
     assert budget.room(0.9) and not budget.room(1.1)
     assert budget.stretched == pytest.approx(4.0) and budget.streamed == pytest.approx(500.0)
     budget.on_streamed(500)  # streaming goes on: room again
