@@ -127,7 +127,10 @@ FINISH_ERROR: Final = "error"
 
 
 class TokenChunk(Wire):
-    """New tokens of one request from one engine step; the last one has `finish_reason`."""
+    """New tokens of one request from one engine step; the last one has `finish_reason`. An
+    empty one (no tokens, no finish, no error) says a decode phase's step has begun with its
+    transferred KV, a step ahead of its next token (the mocker sends it): a router holding
+    the request's first token sends it then, and relays nothing else of it."""
 
     request_id: str
     token_ids: list[int]

@@ -74,10 +74,11 @@ class RouterConfig(ProcessConfig):
                                                  "harms the streams decoding there")
     disagg_hold_first_token: bool = opt(False, help="a prefill's first token whose hand-off gap "
                                                     "is predicted past --disagg-itl-target-ms "
-                                                    "waits for the decode worker's first, if "
-                                                    "--disagg-ttft-target-ms has room: the gap "
-                                                    "lands in TTFT, not between tokens (off: "
-                                                    "TTFT never includes the transfer)")
+                                                    "waits until the decode worker starts on "
+                                                    "the next, if --disagg-ttft-target-ms has "
+                                                    "room: the gap lands in TTFT, not between "
+                                                    "tokens (off: TTFT never includes the "
+                                                    "transfer)")
     disagg_itl_miss_budget: float = opt(0.0, help="share of streamed gaps that may be "
                                                   "stretched past --disagg-itl-target-ms to "
                                                   "cut the TTFT tail: by local prefills "

@@ -8,7 +8,8 @@ overlap and queued prefill alone (decode load does not matter there) and gets th
 `phase="prefill"`. Its final chunk carries the first token, which goes to the client at once
 (TTFT does not include the transfer; with `--disagg-hold-first-token`, when the hand-off gap
 is predicted past `--disagg-itl-target-ms` and the TTFT budget has room for it, the token is
-held and goes out with the decode worker's first, so the gap lands in TTFT, not between
+held until the decode worker's step towards its next token begins (an empty chunk, or its first
+token), so the gap lands in TTFT, not between
 tokens), and the
 engine's `kv_transfer_params`; then a decode worker
 is picked afresh, by decode load and by the prefix it already caches, and gets `phase="decode"`
@@ -358,8 +359,9 @@ class Disaggregation:
     def relay(self, entry: RoutedRequest, chunk: TokenChunk) -> TokenChunk | None:
         """What of `chunk` goes to the client now: None while the first token is held (its
         hand-off gap would pass the ITL target, and the TTFT budget has room for it); the next
-        chunk of the stream, from whichever worker, carries it in front of its own tokens, with
-        the prompt figures the client has not seen yet."""
+        chunk of the stream, from whichever worker, carries it in front of its own tokens (none
+        when it is the decode worker's empty one: its step towards the next token has begun),
+        with the prompt figures the client has not seen yet."""
         state = entry.disagg
         if state is None or state.held is None:
             return chunk

@@ -184,13 +184,16 @@ class Streams:
             if chunk.token_ids:
                 entry.generated.extend(chunk.token_ids)
                 streamed += len(chunk.token_ids)
-            if entry.announced is not worker.id:
-                entry.announced = chunk.worker_id = worker.id  # where a resume should go
             if entry.disagg is not None and self.disagg is not None:
                 out = self.disagg.relay(entry, chunk)  # a first token may wait for the next
                 if out is None:
                     continue
                 chunk = out
+            if not (chunk.token_ids or chunk.finish_reason or chunk.error_code
+                    or chunk.num_prompt_tokens):
+                continue  # a decode step begun (`TokenChunk`): nothing for the client
+            if entry.announced is not worker.id:
+                entry.announced = chunk.worker_id = worker.id  # where a resume should go
             by_frontend.setdefault(entry.frontend, []).append(chunk)
         for frontend, out in by_frontend.items():
             self.frontends.send_multipart([frontend, KIND_TOKENS, encoder.encode(TokenBatch(out))])

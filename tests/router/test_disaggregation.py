@@ -351,6 +351,20 @@ def test_a_slow_hand_off_moves_into_the_first_token() -> None:
     w.streams.on_batch(d, [TokenChunk("r1", [44], FINISH_LENGTH)])
     _, chunks = frontend_chunks(w.frontends.sent[-1])
     assert [c.token_ids for c in chunks] == [[44]] and len(w.accounting) == 0
+    # The decode worker's step begun with the KV (an empty chunk) lets a held token go a step
+    # before the next; the empty chunk itself reaches no client.
+    place(w, "r3", tokens=8000)
+    w.streams.on_batch(p, [TokenChunk("r3", [42], FINISH_LENGTH, num_prompt_tokens=8000)])
+    before = len(w.frontends.sent)
+    w.clock.advance(0.040)
+    w.streams.on_batch(d, [TokenChunk("r3", [])])
+    out = [c for f in w.frontends.sent[before:] for c in frontend_chunks(f)[1]]
+    assert [(c.token_ids, c.num_prompt_tokens, c.worker_id) for c in out] == [([42], 8000, "d")]
+    w.streams.on_batch(d, [TokenChunk("r3", [], num_prompt_tokens=0)])  # nothing to relay
+    w.clock.advance(0.005)
+    w.streams.on_batch(d, [TokenChunk("r3", [43], num_prompt_tokens=8000, cached_tokens=8000)])
+    out = [c for f in w.frontends.sent[before:] for c in frontend_chunks(f)[1]]
+    assert [(c.token_ids, c.num_prompt_tokens) for c in out] == [([42], 8000), ([43], 0)]
     # A short prompt's hand-off fits the ITL target: its first token streams at once.
     place(w, "r2", tokens=8)
     w.streams.on_batch(p, [TokenChunk("r2", [7], FINISH_LENGTH, num_prompt_tokens=8)])

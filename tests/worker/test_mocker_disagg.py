@@ -63,6 +63,9 @@ def test_decode_phase_with_imported_kv_computes_no_prompt_token() -> None:
     chunks, steps = drive(sched)
     assert sum(p.prefill_tokens for p, _ in steps) == 0
     assert sum(p.decode_tokens for p, _ in steps) == 9
+    # Its first step says so as it is planned (the engine sends an empty chunk then); later
+    # steps, and a decode phase that must recompute, do not.
+    assert [p.kv_admitted for p, _ in steps] == [["r"]] + [[]] * 8
     tokens = [t for c in chunks["r"] for t in c.token_ids]
     assert first + tokens == expected(PROMPT, 10)
     assert chunks["r"][-1].finish_reason == FINISH_LENGTH
@@ -74,4 +77,5 @@ def test_decode_phase_without_the_kv_recomputes_and_continues_identically() -> N
     submit(sched, PHASE_DECODE, first)  # nothing imported: its blocks are not cached
     chunks, steps = drive(sched)
     assert sum(p.prefill_tokens for p, _ in steps) == 151
+    assert not any(p.kv_admitted for p, _ in steps)
     assert first + [t for c in chunks["r"] for t in c.token_ids] == expected(PROMPT, 10)

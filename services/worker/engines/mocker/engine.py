@@ -23,7 +23,7 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from common.messages import ForwardPass, GenerateRequest, ImageInput, KvBlockStored
+from common.messages import ForwardPass, GenerateRequest, ImageInput, KvBlockStored, TokenChunk
 from services.worker.engine import Engine, EngineError, EngineLoad, StepOutput, StepSink
 from services.worker.engines.mocker import timing
 from services.worker.engines.mocker.config import MockerConfig
@@ -200,6 +200,11 @@ class MockerEngine(Engine):
                 deadline = clock()
                 continue
             plan = scheduler.schedule()
+            if plan.kv_admitted:
+                # Decode phases start decoding in this step: an empty chunk each says so now,
+                # a step ahead of their next token (a router holding a first token sends it).
+                assert self._sink is not None
+                self._sink(StepOutput([TokenChunk(rid, []) for rid in plan.kv_admitted]))
             model_ms = timing.step_ms(plan.prefill_tokens, plan.decode_tokens,
                                       plan.kv_used_blocks / total_blocks)
             if plan.encode_images:

@@ -34,11 +34,16 @@ _PRIME = 0x100000001B3  # token_model's rolling-hash prime, inlined on the hot p
 class StepPlan:
     """What one step computes: the scheduled sequences (each with `num_scheduled` tokens)."""
 
-    __slots__ = ("decode_tokens", "encode_images", "kv_used_blocks", "prefill_tokens", "seqs")
+    __slots__ = ("decode_tokens", "encode_images", "kv_admitted", "kv_used_blocks",
+                 "prefill_tokens", "seqs")
 
     def __init__(self, seqs: list[Sequence], prefill_tokens: int, decode_tokens: int,
-                 kv_used_blocks: int, encode_images: int = 0) -> None:
+                 kv_used_blocks: int, encode_images: int = 0,
+                 kv_admitted: list[str] | None = None) -> None:
         self.seqs = seqs
+        # Requests whose transferred KV this step starts decoding from (their next token is
+        # this step's): a router holding one's first token may let it go now.
+        self.kv_admitted = kv_admitted or []
         self.encode_images = encode_images  # images the step runs the vision encoder on
         self.prefill_tokens = prefill_tokens
         self.decode_tokens = decode_tokens
@@ -62,6 +67,7 @@ class Scheduler:
         self.held: dict[str, list[Block]] = {}
         self._budget = 0
         self._encode_images = 0  # images encoded in-line in the step being planned
+        self._kv_admitted: list[str] = []  # transferred decode phases admitted in it
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self._done_on_arrival)
@@ -127,6 +133,7 @@ class Scheduler:
         prefilling: list[Sequence] = []
         self._budget = self.max_num_batched_tokens
         self._encode_images = 0
+        self._kv_admitted = []
         preemptions_before = self.num_preemptions
 
         # 1. one token for every decoding request (running may shrink under us by preemption)
@@ -172,7 +179,8 @@ class Scheduler:
                 decode += 1
             else:
                 prefill += seq.num_scheduled
-        return StepPlan(planned, prefill, decode, pool.used_blocks, self._encode_images)
+        return StepPlan(planned, prefill, decode, pool.used_blocks, self._encode_images,
+                        self._kv_admitted)
 
     def _admit(self, planned: list[Sequence]) -> None:
         bs = self.pool.block_size
@@ -243,6 +251,7 @@ class Scheduler:
         self.running.append(seq)
         planned.append(seq)
         self._budget -= 1
+        self._kv_admitted.append(seq.request_id)
         return True
 
     def _make_room(self, seq: Sequence, blocks: int, planned: list[Sequence]) -> bool:
