@@ -14,6 +14,7 @@ from common.block_hash import block_hashes
 from common.messages import (
     FINISH_LENGTH,
     FINISH_STOP,
+    PHASE_DECODE,
     GenerateRequest,
     KvBlockRemoved,
     KvBlockStored,
@@ -314,3 +315,27 @@ async def test_reset_prefix_cache_emits_cleared() -> None:
         assert h.engine.kv_dump() == []
         await h.run("b", prompt_of(14, 200), 2)
         assert h.chunks["b"][0].cached_tokens == 0
+
+
+@pytest.mark.asyncio
+async def test_a_decode_phase_with_its_kv_says_so_a_step_before_its_next_token() -> None:
+    """The step that starts decoding a transferred prompt is announced before it runs (an
+    empty chunk, no forward pass yet); its token comes with the step. A request that computes
+    its prompt here announces nothing."""
+    prompt = prompt_of(7, 150)
+    async with Harness(speedup_ratio=1.0) as source:  # the prefill side: first token, blocks
+        first = await source.run("p", prompt, max_tokens=1)
+        blocks = source.engine.export_blocks(block_hashes(prompt, 64))
+    async with Harness(speedup_ratio=1.0) as h:
+        h.engine.import_blocks(blocks, 0)
+        h.engine.add_request(GenerateRequest("r", "mock", prompt, SamplingParams(max_tokens=4),
+                                             generated_token_ids=first, phase=PHASE_DECODE))
+        await h.wait("r")
+        announce, token = h.outputs[0], h.outputs[1]
+        assert [(c.request_id, c.token_ids, c.finish_reason) for c in announce.chunks] == [
+            ("r", [], None)]
+        assert announce.forward_pass is None
+        assert token.forward_pass is not None and token.forward_pass.prefill_tokens == 0
+        assert [len(c.token_ids) for c in token.chunks] == [1]
+        await h.run("a", prompt_of(8, 100), max_tokens=2)
+        assert all(c.token_ids for c in h.chunks["a"])
