@@ -92,6 +92,9 @@ SERIES = ("request_rate", "input_tokens", "output_tokens")
 # long enough that a few Poisson arrivals do not read as a burst, short enough to see one
 # within seconds.
 LIVE_RATE_CHECKS = 4
+# A reactive answer sized by the live rate leaves the pool this busy at most: the backlog built
+# while its new workers start drains with what is left (at a full pool it would only grow).
+REACTIVE_UTILIZATION = 0.8
 
 
 class Planner:
@@ -508,8 +511,8 @@ class Planner:
                          reactive=True)
 
     def rate_floor(self, role: str, rate: float | None, outlook: Outlook) -> int:
-        """Workers of `role` that `rate` requests/s of the predicted size need (0: no rate, or
-        the model cannot answer)."""
+        """Workers of `role` that `rate` requests/s of the predicted size need, each at most
+        `REACTIVE_UTILIZATION` busy (0: no rate, or the model cannot answer)."""
         if rate is None or rate <= 0 or outlook.prompt_tokens <= 0:
             return 0
         try:
@@ -517,7 +520,7 @@ class Planner:
                 LoadForecast(rate, outlook.prompt_tokens, outlook.output_tokens), self.model)
         except LookupError:
             return 0
-        need = needs.needs.get(role) or 0.0
+        need = (needs.needs.get(role) or 0.0) / REACTIVE_UTILIZATION
         return math.ceil(need - 1e-9)
 
     def fits_with(self, role: str, replicas: int) -> bool:

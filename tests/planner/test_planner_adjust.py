@@ -18,6 +18,7 @@ from services.planner.load_observer import Demand, Observation
 from services.planner.main import Planner
 from services.planner.main import main as planner_main
 from services.planner.performance_model import StepSample
+from services.planner.replica_planner import LoadForecast
 
 
 class FakeConnector:
@@ -384,6 +385,9 @@ async def test_a_reactive_answer_is_sized_by_the_live_arrival_rate(profile: Path
         await p.react()
         floor = p.rate_floor("aggregated", 100.0, p.outlook())
         assert conn.replicas == floor > 2, "what 100 requests/s of this size need"
+        # ... with room to drain what queued while they start: at most 80% busy.
+        need = p.planner.needs(LoadForecast(100.0, 1000, 200), p.model).needs["aggregated"]
+        assert (floor - 1) * 0.8 < need <= floor * 0.8
         # While they start, a higher rate asks for more; the same rate does not again.
         conn.ready = 1
         await p.react()
