@@ -213,10 +213,9 @@ async def test_the_live_rate_counts_arrivals_over_its_window_and_starts_over_on_
         assert rate == pytest.approx(11 / span)
         # Readings older than the window leave it: the rate is the recent one.
         await asyncio.sleep(0.45)
-        web.pages["http://r/metrics"] = router_live(16, 8)
-        await obs.live_rate([ROUTER], window_s=0.4)
-        await asyncio.sleep(0.12)
         web.pages["http://r/metrics"] = router_live(17, 8)
+        await obs.live_rate([ROUTER], window_s=0.4)
+        await asyncio.sleep(0.12)  # nothing new: the window's last half never reads higher
         rate = await obs.live_rate([ROUTER], window_s=0.4)
         (t1, first), *_, (t3, last) = obs._arrivals
         assert (first, last) == (23, 25)  # from the first reading older than the window
