@@ -15,7 +15,6 @@ that bookkeeping; the decisions are `disaggregation.py`'s.
 
 from __future__ import annotations
 
-import bisect
 import math
 import time
 from collections import deque
@@ -33,20 +32,17 @@ class FirstTokenTail:
             raise ValueError(f"the tail quantile must be in (0, 1), got {quantile}")
         self.quantile = quantile
         self._recent: deque[float] = deque(maxlen=window)
-        self._sorted: list[float] = []
 
     def observe(self, elapsed_ms: float) -> None:
-        if len(self._recent) == self._recent.maxlen:
-            del self._sorted[bisect.bisect_left(self._sorted, self._recent[0])]
         self._recent.append(elapsed_ms)
-        bisect.insort(self._sorted, elapsed_ms)
 
     def bound_ms(self) -> float:
-        """The quantile of recent first-token times (inf until enough were seen)."""
-        n = len(self._sorted)
+        """The quantile of recent first-token times (inf until enough were seen). Sorted on
+        demand: it is asked once per held first token, of a few hundred values."""
+        n = len(self._recent)
         if n < self.MIN_SAMPLES:
             return math.inf
-        return self._sorted[min(n - 1, int(self.quantile * n))]
+        return sorted(self._recent)[min(n - 1, int(self.quantile * n))]
 
 
 class ItlMissBudget:
