@@ -6,8 +6,10 @@ over NIXL.
 
 Checks: the disaggregated stream equals an aggregated run; the decode worker computed only the
 prefill's token (the prompt came over NIXL: its `turnout_engine_kv_transfer_*` counters); a
-prompt that fills whole blocks works (vLLM's own connector would crash the engine there); a
-malformed hand-off is refused; blocks no decode worker reads are freed when the lease runs out.
+prompt that fills whole blocks works (vLLM's own connector would crash the engine there); a read
+that fails (a hand-off naming an engine nobody serves) is counted and recomputed, with the same
+text; a malformed hand-off is refused; blocks no decode worker reads are freed when the lease
+runs out.
 Prints the transfer rate and the first decoded token's latency next to an aggregated step.
 """
 
@@ -39,6 +41,7 @@ from common.messages import (
     encoder,
     token_batch_decoder,
 )
+from services.worker.engines.vllm_nixl import free_port
 from tests.e2e.vllm_host import VLLM_LEASE_TTL_S
 from tests.tiny_model import cached_tiny_model
 from turnout.testing.deployment import Deployment, Service, wait_for
@@ -58,6 +61,7 @@ WORKER_ARGS = ("--engine", "vllm", "--enforce-eager", "--block-size", str(BLOCK)
 START_TIMEOUT_S = 300
 REPLY_TIMEOUT_S = 120
 MAX_TOKENS = 16
+HANDOFF_TRIES = 4
 
 
 @dataclass
@@ -76,9 +80,11 @@ class Pair:
     decode: Service
     ctx: zmq.Context[zmq.Socket[bytes]]
     sockets: dict[str, zmq.Socket[bytes]]
+    prefills: int = 0  # prefill requests sent: each holds blocks until read or expired
 
     def send(self, worker: Service, request: GenerateRequest) -> Stream:
         sock = self.sockets[worker.name]
+        self.prefills += request.phase == "prefill"
         sent = time.perf_counter()
         sock.send_multipart([KIND_GENERATE, encoder.encode(request)])
         tokens: list[int] = []
@@ -106,6 +112,37 @@ class Pair:
     def counter(self, worker: Service, name: str) -> float:
         return self.dep.metrics_of(worker.instance_id).value(f"turnout_engine_{name}_total")
 
+    def hand_off(self, prompt: list[int]) -> HandOff:
+        """The prompt prefilled on the prefill worker and decoded on the decode worker, with
+        the decode worker's `turnout_engine_*` counters moved by it."""
+        before = {name: self.counter(self.decode, name) for name in DECODE_COUNTERS}
+        pre = self.send(self.prefill, request(prompt, "prefill"))
+        dec = self.send(self.decode, request(prompt, "decode", generated=pre.tokens,
+                                             handoff=pre.last.kv_transfer_params))
+        delta = {name: self.counter(self.decode, name) - before[name]
+                 for name in DECODE_COUNTERS}
+        return HandOff(pre, dec, delta)
+
+    def nixl_failures(self) -> str:
+        """vLLM's reports of failed NIXL handshakes, reads and notifications, for a failure
+        message."""
+        lines = [f"{worker.name}: {line.strip()[:300]}"
+                 for worker in (self.prefill, self.decode)
+                 for line in worker.output().splitlines()
+                 if "failed" in line.lower() and ("nixl" in line.lower() or "kv" in line.lower())]
+        return "\n".join(lines[-20:]) or "(no failure in the workers' logs)"
+
+
+DECODE_COUNTERS = ("kv_transfer_prompt_tokens", "prompt_tokens_computed", "kv_transfer_bytes",
+                   "kv_transfer_seconds", "kv_transfers", "kv_transfer_failures")
+
+
+@dataclass
+class HandOff:
+    prefill: Stream
+    decode: Stream
+    delta: dict[str, float]  # the decode worker's counters, moved by this hand-off
+
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
@@ -128,12 +165,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
         # check reads between workers that have met.
         # vLLM gives a handshake 5 s; a starved host can miss that, and the read recomputes.
         # Up to three hand-offs, until one read came over NIXL.
-        for attempt in range(3):
-            warm = prompt_of(128, attempt)
-            pre = p.send(p.prefill, request(warm, "prefill"))
-            p.send(p.decode, request(warm, "decode", generated=pre.tokens,
-                                     handoff=pre.last.kv_transfer_params))
-            if p.counter(p.decode, "kv_transfer_prompt_tokens") > 0:
+        for attempt in range(HANDOFF_TRIES):
+            if p.hand_off(prompt_of(128, attempt)).delta["kv_transfer_prompt_tokens"] > 0:
                 break
         yield p
     except BaseException:
@@ -173,50 +206,76 @@ def test_side_channels_are_advertised_in_discovery(pair: Pair) -> None:
 @pytest.mark.parametrize("n", [256, 300, 3000])
 def test_disaggregated_stream_equals_aggregated_and_the_prompt_came_over_nixl(
         pair: Pair, n: int) -> None:
-    prompt = prompt_of(n, n)
-    before = {name: pair.counter(pair.decode, name) for name in (
-        "kv_transfer_prompt_tokens", "prompt_tokens_computed", "kv_transfer_bytes",
-        "kv_transfer_seconds", "kv_transfers", "kv_transfer_failures")}
-    expired_before = pair.counter(pair.prefill, "kv_transfer_expired")
+    # A read that fails is counted and recomputed, and the text must still match; on a starved
+    # CI host a NIXL handshake or read can miss vLLM's timeouts, so a failed read is retried
+    # with a new prompt (this one is in the decode worker's cache by then), up to
+    # HANDOFF_TRIES. A read that neither loads the prompt nor counts a failure fails at once.
+    failed: list[dict[str, float]] = []
+    for attempt in range(HANDOFF_TRIES):
+        prompt = prompt_of(n, n + 1000 * attempt)
+        expired_before = pair.counter(pair.prefill, "kv_transfer_expired")
+        h = pair.hand_off(prompt)
+        pre, dec, delta = h.prefill, h.decode, h.delta
+        assert len(pre.tokens) == 1 and pre.last.finish_reason == "length"
+        assert pre.first.num_prompt_tokens == n
+        handoff = json.loads(pre.last.kv_transfer_params)
+        side = (pair.prefill.record() or {})["metadata"]["nixl_side_channel"]
+        assert f"{handoff['remote_host']}:{handoff['remote_port']}" == side
+        assert handoff["remote_num_tokens"] == n
+        assert (dec.last.finish_reason, dec.last.error_message) == ("length", "")
+        assert dec.last.kv_transfer_params == b""
+        # Known defect, reported rather than asserted: on this 2-core machine the read often
+        # completes only once the prefill side's lease has run out (vLLM then logs "Potentially
+        # invalid KV blocks"); the blocks were not reused meanwhile, so the text still matches.
+        late = pair.counter(pair.prefill, "kv_transfer_expired") - expired_before
 
-    pre = pair.send(pair.prefill, request(prompt, "prefill"))
-    assert len(pre.tokens) == 1 and pre.last.finish_reason == "length"
-    assert pre.first.num_prompt_tokens == n
-    handoff = json.loads(pre.last.kv_transfer_params)
-    side = (pair.prefill.record() or {})["metadata"]["nixl_side_channel"]
-    assert f"{handoff['remote_host']}:{handoff['remote_port']}" == side
-    assert handoff["remote_num_tokens"] == n
-
-    dec = pair.send(pair.decode, request(prompt, "decode", generated=pre.tokens,
-                                         handoff=pre.last.kv_transfer_params))
-    assert (dec.last.finish_reason, dec.last.error_message) == ("length", "")
-    assert dec.last.kv_transfer_params == b""
-    after = {name: pair.counter(pair.decode, name) for name in before}
-    delta = {name: after[name] - before[name] for name in before}
-    # Known defect, reported rather than asserted: on this 2-core machine the read often
-    # completes only once the prefill side's lease has run out (vLLM then logs "Potentially
-    # invalid KV blocks"); the blocks were not reused meanwhile, so the text still matches.
-    late = pair.counter(pair.prefill, "kv_transfer_expired") - expired_before
-
-    # The aggregated reference on the decode worker, after: the prompt's blocks are in its
-    # prefix cache by now, which changes no value (float32, the same KV bytes).
-    ref = pair.send(pair.decode, request(prompt))
-    assert pre.tokens + dec.tokens == ref.tokens
-    assert len(ref.tokens) == MAX_TOKENS
+        # The aggregated reference on the decode worker, after: the prompt's blocks are in its
+        # prefix cache by now, which changes no value (float32, the same KV bytes).
+        ref = pair.send(pair.decode, request(prompt))
+        assert pre.tokens + dec.tokens == ref.tokens
+        assert len(ref.tokens) == MAX_TOKENS
+        if delta["kv_transfer_prompt_tokens"] == n:
+            break
+        assert delta["kv_transfer_failures"] > 0, (
+            f"the prompt was neither read nor counted as a failed read: {delta}")
+        failed.append(delta)
+    else:
+        pytest.fail(f"no read came over NIXL in {HANDOFF_TRIES} hand-offs: {failed}\n"
+                    f"{pair.nixl_failures()}")
 
     # Every prompt token was read from the prefill worker; the decode worker computed only
     # the prefill's token.
-    assert delta["kv_transfer_prompt_tokens"] == n
-    assert delta["prompt_tokens_computed"] == 1
-    assert delta["kv_transfers"] >= 1 and delta["kv_transfer_failures"] == 0
-    assert delta["kv_transfer_bytes"] > 0
+    assert (delta["kv_transfer_prompt_tokens"], delta["prompt_tokens_computed"],
+            delta["kv_transfer_failures"]) == (n, 1, 0), delta
+    assert delta["kv_transfers"] >= 1 and delta["kv_transfer_bytes"] > 0, delta
     gbps = delta["kv_transfer_bytes"] / max(delta["kv_transfer_seconds"], 1e-9) / 1e9
     print(f"\n[{n} tokens] NIXL read {delta['kv_transfer_bytes']:.0f} B in "
           f"{delta['kv_transfer_seconds'] * 1e3:.2f} ms ({gbps:.3f} GB/s); first decoded token "
           f"{dec.first_token_s * 1e3:.1f} ms after the decode request vs an aggregated step of "
           f"{ref.step_s * 1e3:.1f} ms; prefill TTFT {pre.first_token_s * 1e3:.1f} ms, "
           f"aggregated TTFT {ref.first_token_s * 1e3:.1f} ms; read after the lease ran out: "
-          f"{'yes' if late else 'no'}")
+          f"{'yes' if late else 'no'}; failed hand-offs before it: {len(failed)}")
+
+
+def test_a_read_that_fails_is_counted_and_recomputed(pair: Pair) -> None:
+    """A hand-off naming a prefill engine nobody serves (its side channel on a closed port): the
+    handshake times out, the failure is counted, the decode worker computes the prompt itself
+    and the stream is the same."""
+    n = 200
+    prompt = prompt_of(n, 5)
+    pre = pair.send(pair.prefill, request(prompt, "prefill"))
+    gone = json.loads(pre.last.kv_transfer_params)
+    gone.update(remote_engine_id=f"gone-{uuid.uuid4().hex[:8]}",
+                remote_port=free_port("127.0.0.1"))
+    before = {name: pair.counter(pair.decode, name) for name in DECODE_COUNTERS}
+    dec = pair.send(pair.decode, request(prompt, "decode", generated=pre.tokens,
+                                         handoff=json.dumps(gone).encode()))
+    delta = {name: pair.counter(pair.decode, name) - before[name] for name in DECODE_COUNTERS}
+    assert (dec.last.finish_reason, dec.last.error_message) == ("length", "")
+    ref = pair.send(pair.decode, request(prompt))
+    assert pre.tokens + dec.tokens == ref.tokens
+    assert delta["kv_transfer_failures"] >= 1 and delta["kv_transfer_bytes"] == 0, delta
+    print(f"\nfailed read: {delta}")
 
 
 def test_a_malformed_hand_off_is_refused(pair: Pair) -> None:
@@ -237,5 +296,6 @@ def test_blocks_no_decode_worker_reads_are_freed_when_the_lease_runs_out(pair: P
         return pair.counter(pair.prefill, "kv_transfer_expired") > expired
 
     wait_for(freed, 3 * LEASE_S + 10, "the prefill worker to free the unread blocks")
-    # Only this one: the prefills of the tests before were read, and their reads freed them.
-    assert pair.counter(pair.prefill, "kv_transfer_expired") == expired + 1
+    # At most one expiry per prefill: a read that reaches the prefill side after the lease
+    # (see above) finds the blocks freed once, not again.
+    assert expired + 1 <= pair.counter(pair.prefill, "kv_transfer_expired") <= pair.prefills
