@@ -1,12 +1,16 @@
 """How a disaggregated phase maps onto vLLM's NixlConnector (`vllm_nixl`): the per-request
 parameters, the hand-off bytes, the load cut at what the prefill side computed, and the worker's
-side-channel settings. vLLM is needed (the connector subclasses vLLM's); NIXL is not."""
+side-channel settings, and the NIXL progress thread made to sleep between events. vLLM is needed
+(the connector subclasses vLLM's); NIXL only by the progress-thread test."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +110,37 @@ def test_the_transfer_config_is_nixl_both_ways_on_host_memory() -> None:
     assert cfg.kv_connector_module_path == MODULE_PATH
     assert cfg.kv_role == "kv_both" and cfg.kv_buffer_device == "cpu"
     assert cfg.get_from_extra_config("kv_lease_duration", None) == 12
+
+
+IDLE_AGENT = """
+import sys, time
+from services.worker.engines.vllm_nixl import quiet_progress_thread
+if sys.argv[1] == "quiet":
+    assert quiet_progress_thread(1000)
+from nixl._api import nixl_agent, nixl_agent_config
+agent = nixl_agent("idle", nixl_agent_config(num_threads=4))  # as vLLM's connector makes it
+time.sleep(0.5)
+start = time.process_time()
+time.sleep(2.0)
+print(time.process_time() - start)
+"""
+
+
+def idle_agent_cpu_s(mode: str) -> float:
+    out = subprocess.run([sys.executable, "-c", IDLE_AGENT, mode], capture_output=True,
+                         text=True, timeout=120, cwd=Path(__file__).parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
+    return float(out.stdout.split()[-1])
+
+
+def test_an_idle_nixl_agent_stops_spinning_a_core() -> None:
+    """NIXL's progress thread, as vLLM creates the agent, polls without a timeout; with the
+    connector's delay it sleeps in poll between UCX events. CPU seconds over 2 idle seconds:
+    the spinning agent takes what the host gives it (a core when free, less on a busy host),
+    the quiet one almost nothing."""
+    pytest.importorskip("nixl._api", reason="NIXL is not installed (make test installs it)")
+    quiet = idle_agent_cpu_s("quiet")
+    spinning = idle_agent_cpu_s("default")
+    print(f"\nidle NIXL agent over 2 s: {spinning:.2f} CPU s spinning, {quiet:.2f} quiet")
+    assert quiet < 0.2
+    assert spinning > quiet

@@ -12,9 +12,13 @@ side) and, where it starts a new block, ask the prefill side for one block more 
 `TurnoutNixlConnector` stops the load at the tokens the prefill side computed, so the decode
 engine computes the prefill's token itself, as its first step.
 
-NIXL's progress thread (vLLM leaves it on) busy-polls its UCX worker without pause: 50-85% of a
-core per worker, idle or not. It stays on: with it off (tried), the first read of a new pair of
-workers stalled until another request made both engines step (minutes, past the lease).
+NIXL's progress thread stays on: with it off (tried), the first read of a new pair of workers
+stalled until another request made both engines step (minutes, past the lease). As vLLM creates
+the agent, that thread polls its UCX worker with a zero timeout, spinning a core per worker idle
+or not; on a 2-core host the spinning starved both engines (the decode's first token 1-15 s after
+its request, reads finishing after the prefill side's lease). The connector gives the thread a
+poll timeout (`quiet_progress_thread`): it sleeps until a UCX event or 1 ms passes (first
+decoded token 0.2-0.4 s on the same host).
 
 Each worker's vLLM listens for NIXL handshakes on a side channel (a ZeroMQ socket in its engine
 core); the port is chosen free here and advertised in the worker's discovery record, never fixed.
@@ -28,6 +32,7 @@ request's phase onto vLLM's parameters. Imported only by the vllm engine.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -50,9 +55,23 @@ PHASES = (PHASE_AGGREGATED, PHASE_PREFILL, PHASE_DECODE)
 ENV_HOST = "VLLM_NIXL_SIDE_CHANNEL_HOST"
 ENV_PORT = "VLLM_NIXL_SIDE_CHANNEL_PORT"
 
+log = logging.getLogger(__name__)
+
+
+# How long NIXL's UCX progress thread sleeps in poll() between wake-ups when no UCX event comes.
+# The Python agent hard-codes 0 (`pthrDelay`), which NIXL turns into poll(..., 0): the thread
+# spins a core per worker, idle or not (measured: ~92% and ~16% of a core for an idle pair on a
+# 2-core host, starving both engines). Events (a read, a notification) still wake it at once.
+PROGRESS_WAIT_US = 1000
+
 
 class TurnoutNixlConnector(NixlConnector):
-    """vLLM's NixlConnector, loading at most the tokens the prefill side computed."""
+    """vLLM's NixlConnector, loading at most the tokens the prefill side computed, with a NIXL
+    progress thread that sleeps between UCX events."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        quiet_progress_thread(PROGRESS_WAIT_US)
+        super().__init__(*args, **kwargs)
 
     def get_num_new_matched_tokens(self, request: Request,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -72,6 +91,45 @@ def cap_to_remote(count: int | None, load_async: bool, params: dict[str, Any] | 
         return count, load_async
     count = min(count, remote - num_computed_tokens)
     return (count, load_async) if count > 0 else (0, False)
+
+
+class _WaitingProgressBind:
+    """NIXL's binding module, except that an agent created with a progress thread and no delay
+    gets `delay_us` (the poll timeout of that thread)."""
+
+    def __init__(self, bind: Any, delay_us: int) -> None:
+        self._bind = bind
+        self.delay_us = delay_us
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bind, name)
+
+    def nixlAgent(self, name: str, config: Any) -> Any:
+        if config.useProgThread and config.pthrDelay == 0:
+            config.pthrDelay = self.delay_us
+        return self._bind.nixlAgent(name, config)
+
+
+def quiet_progress_thread(delay_us: int) -> bool:
+    """Make the NIXL agents this process creates from now on wait `delay_us` in their progress
+    thread's poll instead of spinning. vLLM builds its agent through NIXL's Python class, which
+    offers no such setting; the agent's native config is filled in by that class and handed to
+    the binding, so the binding is where the delay goes. False (and nothing changed) where NIXL's
+    layout is not the one this knows."""
+    try:
+        from nixl import _api
+    except ImportError:
+        return False
+    bind = getattr(_api, "nixlBind", None)
+    if isinstance(bind, _WaitingProgressBind):
+        bind.delay_us = delay_us
+        return True
+    if bind is None or not hasattr(bind, "nixlAgent"):
+        log.warning("nixl: no nixlBind.nixlAgent in %s; its progress thread keeps spinning",
+                    _api.__name__)
+        return False
+    _api.nixlBind = _WaitingProgressBind(bind, delay_us)
+    return True
 
 
 def free_port(host: str) -> int:
