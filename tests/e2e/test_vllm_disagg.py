@@ -224,9 +224,9 @@ def test_disaggregated_stream_equals_aggregated_and_the_prompt_came_over_nixl(
         assert handoff["remote_num_tokens"] == n
         assert (dec.last.finish_reason, dec.last.error_message) == ("length", "")
         assert dec.last.kv_transfer_params == b""
-        # Known defect, reported rather than asserted: on this 2-core machine the read often
-        # completes only once the prefill side's lease has run out (vLLM then logs "Potentially
-        # invalid KV blocks"); the blocks were not reused meanwhile, so the text still matches.
+        # Reported rather than asserted: on a starved host the read can complete only once the
+        # prefill side's lease has run out (vLLM then logs "Potentially invalid KV blocks"); the
+        # blocks were not reused meanwhile, so the text still matches.
         late = pair.counter(pair.prefill, "kv_transfer_expired") - expired_before
 
         # The aggregated reference on the decode worker, after: the prompt's blocks are in its
