@@ -157,8 +157,9 @@ class TurnoutSystem(TurnoutDeployment):
             "prefill_paths": {f"{s.labels['path']}/{s.labels['reason']}": int(s.value)
                               for s in m.samples("turnout_router_disagg_decisions_total")},
             "handoffs": int(handoff.count),
-            "first_tokens_held": int(m.value("turnout_router_disagg_handoffs_total",
-                                             outcome="first_token_held")),
+            **{f"first_tokens_{o}": int(m.value("turnout_router_disagg_handoffs_total",
+                                                outcome=f"first_token_{o}"))
+               for o in ("held", "tail", "late")},
             "handoff_ms_mean": None if handoff.mean is None else round(handoff.mean * 1000, 2),
             "migrations": int(m.value("turnout_router_migrations_total")),
         }
@@ -267,6 +268,19 @@ def result_line(system: str, workload: str, result: LoadResult,
     return line
 
 
+def write_records(path: Path, result: LoadResult, trace: Sequence[TraceRequest]) -> None:
+    """One JSON line per request (`--records`): when it was due, its prompt and output
+    lengths, TTFT, every inter-chunk gap (ms) and its error, to see which requests make a tail."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r, t in zip(result.records, trace, strict=True):
+            f.write(json.dumps({
+                "at_s": round(t.at, 4), "prompt": len(t.prompt), "max_tokens": t.max_tokens,
+                "ttft_ms": _ms_or_none(r.ttft), "itl_ms": [round(g * 1000.0, 3) for g in r.itl],
+                "error": r.error}) + "\n")
+    log(f"records: {path}")
+
+
 def _ms_or_none(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 3)
 
@@ -296,6 +310,8 @@ async def run_system(dep: Deployment, workloads: list[tuple[str, list[TraceReque
                 f"{line['errors']}")
             print(json.dumps(line), flush=True)
             lines.append(line)
+            if args.records is not None:
+                write_records(args.records / f"{dep.name}-{workload}.jsonl", result, trace)
     finally:
         await dep.stop()
     return lines
@@ -398,6 +414,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--turnout-args", default="",
                         help="more `turnout up` flags for turnout-disagg and turnout-conditional "
                              "(--turnout-args='--disagg-itl-miss-budget 0.005')")
+    parser.add_argument("--records", type=Path, default=None,
+                        help="write each request's TTFT and gaps under this directory, a "
+                             "JSON-lines file per system and workload")
     parser.add_argument("--port", type=int, default=18500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--startup-timeout", type=float, default=120.0)
