@@ -25,12 +25,18 @@ if TYPE_CHECKING:
 class WorkerUsage:
     """What this router has placed on one worker."""
 
-    __slots__ = ("active_blocks", "pending_prefill_blocks", "released_at", "requests")
+    __slots__ = ("active_blocks", "batch_blocks", "batch_started_at", "pending_prefill_blocks",
+                 "released_at", "requests")
 
     def __init__(self) -> None:
         self.requests: set[str] = set()
         self.active_blocks = 0  # KV blocks its requests occupy
         self.pending_prefill_blocks = 0  # blocks not yet prefilled (no first token yet)
+        # The prefill step in progress, as seen from here: when it began (a placement on an
+        # idle worker, or the first tokens of the one before) and the pending blocks it took.
+        # Prompts placed since wait for its end: an engine cannot add them to a running step.
+        self.batch_started_at = 0.0
+        self.batch_blocks = 0
         # When a request last left it, plus one report period: a load report that arrives
         # before then may have been taken while the request ran (reports and tokens travel
         # on different planes), and would count it still.
@@ -41,8 +47,8 @@ class RoutedRequest:
     """A request in flight: who asked, which worker serves it, and everything streamed so far
     (exactly what a migration needs to continue the stream elsewhere)."""
 
-    __slots__ = ("announced", "blocks", "disagg", "frontend", "generated", "hashes", "migrations",
-                 "prefill_blocks", "request", "resume_tokens", "worker")
+    __slots__ = ("announced", "blocks", "budget_gaps", "disagg", "frontend", "generated",
+                 "hashes", "migrations", "prefill_blocks", "request", "resume_tokens", "worker")
 
     def __init__(self, request: GenerateRequest, frontend: bytes) -> None:
         self.request = request
@@ -57,6 +63,7 @@ class RoutedRequest:
         # Placed on a prefill worker (`disaggregation.DisaggState`); None: aggregated.
         self.disagg: DisaggState | None = None
         self.announced = ""  # the worker last named to the frontend (`TokenChunk.worker_id`)
+        self.budget_gaps = 0  # gaps the ITL miss budget counted for it at admission
 
     @property
     def request_id(self) -> str:
@@ -72,6 +79,9 @@ class Accounting:
         self._clock = clock
         self._report_period_s = report_period_s
         self._on_change = on_change  # a worker's usage changed (router replica sync)
+        # A request ended, on any path, with the tokens of its last chunk not yet in
+        # `generated` (the ITL miss budget counts its real gaps).
+        self.on_finish: Callable[[RoutedRequest, int], None] | None = None
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -93,7 +103,11 @@ class Accounting:
     def first_token(self, entry: RoutedRequest) -> None:
         """Its prefill is done: the blocks no longer wait in the worker's prefill queue."""
         if entry.worker is not None and entry.prefill_blocks:
-            entry.worker.usage.pending_prefill_blocks -= entry.prefill_blocks
+            usage = entry.worker.usage
+            usage.pending_prefill_blocks -= entry.prefill_blocks
+            # Its step ended: what waited behind it is the next one, begun now.
+            usage.batch_started_at = self._clock()
+            usage.batch_blocks = usage.pending_prefill_blocks
             self._changed(entry.worker)
         entry.prefill_blocks = 0
 
@@ -106,11 +120,14 @@ class Accounting:
         """Off its worker, with none to go to yet (its stream stays open)."""
         self._release(entry)
 
-    def finish(self, request_id: str) -> RoutedRequest | None:
-        """The request is over (finished, failed or cancelled): forget it."""
+    def finish(self, request_id: str, final_tokens: int = 0) -> RoutedRequest | None:
+        """The request is over (finished, failed or cancelled): forget it. `final_tokens`: the
+        tokens of the chunk that ended it, not yet in its `generated`."""
         entry = self.requests.pop(request_id, None)
         if entry is not None:
             self._release(entry)
+            if self.on_finish is not None:
+                self.on_finish(entry, final_tokens)
         return entry
 
     def _assign(self, entry: RoutedRequest, decision: Decision) -> None:
@@ -122,6 +139,9 @@ class Accounting:
         usage = worker.usage
         usage.requests.add(entry.request_id)
         usage.active_blocks += entry.blocks
+        if entry.prefill_blocks and usage.pending_prefill_blocks <= 0:
+            usage.batch_started_at = self._clock()  # an idle worker starts on it at once
+            usage.batch_blocks = entry.prefill_blocks
         usage.pending_prefill_blocks += entry.prefill_blocks
         self._changed(worker)
 
@@ -132,6 +152,7 @@ class Accounting:
             usage.requests.discard(entry.request_id)
             usage.active_blocks -= entry.blocks
             usage.pending_prefill_blocks -= entry.prefill_blocks
+            usage.batch_blocks = min(usage.batch_blocks, usage.pending_prefill_blocks)
             usage.released_at = self._clock() + self._report_period_s
             self._changed(worker)
         entry.prefill_blocks = 0

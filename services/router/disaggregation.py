@@ -27,8 +27,9 @@ model fitted from the hand-offs it observed (`PathCosts`):
   part, chunk by chunk beside its decode passes), and the longest step its streams would see
   meanwhile. A prefill chunk sits in the decode batch's steps, so when that step exceeds the
   ITL target, every stream decoding there (and every hand-off due there) gets a gap past it;
-- remote: the TTFT on the best prefill worker (its queue, this prompt's part uncached there),
-  and the hand-off gap (the pull of what the decode worker lacks, plus its pending prefill).
+- remote: the TTFT on the best prefill worker (what is left of the step running there, then
+  the prompts queued behind it with this prompt's part uncached there: `prefill_ttft`), and the
+  hand-off gap (the pull of what the decode worker lacks, plus its pending prefill).
 
 A path "fits" when it meets both targets and, for local, stretches no stream's step past the
 ITL target. Exactly one fits: it is taken (reasons `handoff_gap`, `remote_ttft` and
@@ -42,7 +43,10 @@ Before all that, with `--disagg-itl-miss-budget` (`itl_budget.py`): a local pref
 would stretch streams is taken when the prefill pool's TTFT is `--disagg-local-gain-ratio`
 times the local one and the budget pays for those streams (`ttft_gain`); and a first token
 planned to be held goes out at once when its request is already in the TTFT tail
-(`FirstTokenTail`) and the budget pays for its one stretched gap.
+(`FirstTokenTail`) and the budget pays for its one stretched gap; a held one goes out alone,
+on the budget too, when the decode worker has not begun its next step by the hand-off fit's
+deadline (`hold_deadline_s`: it is in a long step, and waiting for its end would put that step
+into one of the slowest first tokens).
 
 With no prefill worker alive the model runs aggregated on its decode (and aggregated) workers,
 counted. Owns the path decision, the hand-off and their metrics; not the policies' costs
@@ -245,6 +249,7 @@ class Disaggregation:
         else:
             self.prefill_policy = self.decode_policy = base
         self.migration.replan = self.rerun_prefill
+        accounting.on_finish = self._finished
 
     # -- arrival -------------------------------------------------------------------------------
 
@@ -306,13 +311,25 @@ class Disaggregation:
         local_step = (steps.prefill_ms(min(queued + uncached, chunk))
                       + steps.decode_ms(max(1.0, decoding), load.kv_usage))
         p = prefill.worker
-        remote_ttft = steps.ttft_ms(load_of(p)[0] * p.block_size,
-                                    max(1, prompt - prefill.overlap * p.block_size))
+        remote_ttft = self.prefill_ttft(steps, p, max(1, prompt - prefill.overlap * p.block_size))
         # The decode worker's own queued prefill still running when the KV lands delays it.
         pending = max(0.0, steps.ttft_ms(queued, 0.0, decoding, load.kv_usage) - remote_ttft)
         handoff = self._handoff_model(model).upper(uncached) + pending
         exposed = decoding + prefill_inflight / max(1, decode_workers)
         return PathCosts(local_ttft, local_step, exposed, remote_ttft, handoff)
+
+    def prefill_ttft(self, steps: StepCostModel, worker: WorkerHandle, new_tokens: int) -> float:
+        """Predicted time to the first token of `new_tokens` on a prefill worker: the step in
+        progress there runs to its end first (a prompt cannot join a running step), then the
+        prompts waiting behind it go in with this one."""
+        usage = worker.usage
+        queued = load_of(worker)[0] * worker.block_size
+        running = min(usage.batch_blocks, usage.pending_prefill_blocks) * worker.block_size
+        rest = 0.0
+        if running > 0:
+            elapsed_ms = (self.clock() - usage.batch_started_at) * 1000.0
+            rest = max(0.0, steps.ttft_ms(running, 0.0) - elapsed_ms)
+        return rest + steps.ttft_ms(queued - running, new_tokens)
 
     def _handoff_model(self, model: str) -> HandoffCostModel:
         m = self.handoff_models.get(model)
@@ -372,6 +389,29 @@ class Disaggregation:
         return msgspec.structs.replace(
             chunk, token_ids=[*held.token_ids, *chunk.token_ids],
             num_prompt_tokens=held.num_prompt_tokens, cached_tokens=held.cached_tokens)
+
+    def hold_deadline_s(self, entry: RoutedRequest) -> float | None:
+        """Seconds from its hand-off until `entry`'s held first token stops waiting for the
+        decode worker (None: nothing held, or no ITL miss budget to pay for letting it go):
+        the hand-off gap's fit plus two deviations. A decode worker not started on the next
+        token by then is in a long step (a local prefill), and waiting for its end would put
+        that step into one of the slowest first tokens."""
+        state = entry.disagg
+        if state is None or state.held is None or self.itl_budget.share <= 0.0:
+            return None
+        return self._handoff_model(entry.request.model).upper(state.pulled_tokens) / 1000.0
+
+    def release_late(self, entry: RoutedRequest) -> TokenChunk | None:
+        """`entry`'s held first token, to go out alone now that its hold deadline passed;
+        None when it is no longer held or the budget has no room for the one gap it
+        stretches (it then waits for the decode worker as before)."""
+        state = entry.disagg
+        if state is None or state.held is None or not self.itl_budget.room(1):
+            return None
+        self.itl_budget.spend(1)
+        held, state.held = state.held, None
+        self.metrics.disagg_handoffs.labels("first_token_late").inc()
+        return held
 
     def hand_off(self, entry: RoutedRequest) -> None:
         """Send `entry` (its first token streamed) to a decode worker that pulls its KV."""
@@ -471,6 +511,10 @@ class Disaggregation:
 
     def _count(self, path: str, reason: str) -> None:
         self.metrics.disagg_decisions.labels(path, reason).inc()
+
+    def _finished(self, entry: RoutedRequest, final_tokens: int) -> None:
+        streamed = len(entry.generated) + final_tokens - len(entry.request.generated_token_ids)
+        self.itl_budget.finished(entry.budget_gaps, streamed)
 
 
 def _in_flight(worker: WorkerHandle) -> int:

@@ -127,6 +127,7 @@ class Router(WorkerLoss):
         """Serve until SIGTERM/SIGINT or a loop fails; undo each start-up step in reverse."""
         cfg = self.config
         self.loop = asyncio.get_running_loop()
+        self.streams.call_later = self.loop.call_later
         async with self.service as service:
             if install_signals:
                 service.install_signal_handlers()

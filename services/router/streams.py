@@ -62,6 +62,8 @@ class Streams:
         self.clock = clock
         self.disagg: Disaggregation | None = None  # prefill/decode placement and hand-offs
         self.encoding: EncodeRouting | None = None  # images through encode workers first
+        # Timers on the router's loop (None: no loop runs, as in unit tests: no timers).
+        self.call_later: Callable[[float, Callable[[], None]], object] | None = None
 
     def reply_error(self, frontend: bytes, request_id: str, code: int, message: str) -> None:
         send_error(self.frontends, frontend, request_id, code, message)
@@ -102,6 +104,9 @@ class Streams:
             entry.disagg = placement.state
             payload = placement.payload
         self.accounting.place(entry, decision)
+        if self.disagg is not None:
+            entry.budget_gaps = self.disagg.itl_budget.admitted(
+                request.sampling.max_tokens - len(request.generated_token_ids))
         self.metrics.inflight.set(len(self.accounting))
         decision.worker.socket.send_multipart([KIND_GENERATE, payload])
 
@@ -153,7 +158,6 @@ class Streams:
         """Relay one worker's token batch: one frame per frontend."""
         by_frontend: dict[bytes, list[TokenChunk]] = {}
         handoffs: list[RoutedRequest] = []
-        streamed = 0
         for chunk in chunks:
             entry = self.accounting.get(chunk.request_id)
             if entry is None or entry.worker is not worker:
@@ -168,7 +172,7 @@ class Streams:
                     # A draining worker refused it: place it elsewhere instead of failing.
                     if self.migration.migrate(entry, CAUSE_DRAIN, counts=False):
                         continue
-                self.accounting.finish(chunk.request_id)
+                self.accounting.finish(chunk.request_id, len(chunk.token_ids))
                 self.metrics.requests.labels("error" if chunk.error_code else "finished").inc()
             elif chunk.token_ids:
                 self.accounting.first_token(entry)
@@ -183,7 +187,6 @@ class Streams:
                     chunk.cached_tokens = 0
             if chunk.token_ids:
                 entry.generated.extend(chunk.token_ids)
-                streamed += len(chunk.token_ids)
             if entry.disagg is not None and self.disagg is not None:
                 out = self.disagg.relay(entry, chunk)  # a first token may wait for the next
                 if out is None:
@@ -197,13 +200,27 @@ class Streams:
             by_frontend.setdefault(entry.frontend, []).append(chunk)
         for frontend, out in by_frontend.items():
             self.frontends.send_multipart([frontend, KIND_TOKENS, encoder.encode(TokenBatch(out))])
-        if self.disagg is not None:
-            self.disagg.itl_budget.on_streamed(streamed)
         if handoffs:
             assert self.disagg is not None
             for entry in handoffs:
                 self.disagg.hand_off(entry)
+                delay = self.disagg.hold_deadline_s(entry)
+                if delay is not None and self.call_later is not None:
+                    self.call_later(delay, lambda e=entry: self.release_held(e))
         self.metrics.inflight.set(len(self.accounting))
+
+    def release_held(self, entry: RoutedRequest) -> None:
+        """A held first token's deadline passed (`Disaggregation.hold_deadline_s`): send it
+        alone if the ITL miss budget lets it go; else it keeps waiting for the decode worker."""
+        if self.disagg is None or self.accounting.get(entry.request_id) is not entry:
+            return  # ended, or cancelled
+        chunk = self.disagg.release_late(entry)
+        if chunk is None:
+            return
+        if entry.worker is not None and entry.announced != entry.worker.id:
+            entry.announced = chunk.worker_id = entry.worker.id  # the decode worker has it now
+        self.frontends.send_multipart([entry.frontend, KIND_TOKENS,
+                                       encoder.encode(TokenBatch([chunk]))])
 
     def _reject(self, frontend: bytes, request: GenerateRequest) -> None:
         self.metrics.requests.labels("rejected").inc()

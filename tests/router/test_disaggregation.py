@@ -4,6 +4,7 @@ the hand-off at the first token, and the faults around it (fakes, no processes).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import pytest
 
@@ -24,7 +25,7 @@ from services.router.disaggregation import Disaggregation, PathCosts, PathLimits
 from services.router.kv_index import KvIndex
 from services.router.kv_policy import KvAwarePolicy
 from services.router.policies import RoundRobin
-from tests.router.fakes import Wiring, counter, frontend_chunks, request, sent, worker
+from tests.router.fakes import MODEL, Wiring, counter, frontend_chunks, request, sent, worker
 
 LIMITS = PathLimits(local_max_tokens=2048, local_max_ratio=0.7, prefill_busy_tokens=10_000,
                     decode_veto_requests=8, ttft_target_ms=200, itl_target_ms=20,
@@ -372,6 +373,45 @@ def test_a_slow_hand_off_moves_into_the_first_token() -> None:
     assert [c.token_ids for c in chunks] == [[7]]
 
 
+def test_a_held_first_token_goes_out_alone_when_the_decode_worker_is_late() -> None:
+    """A held first token whose decode worker has not begun its next step by the hand-off
+    fit's deadline (it is in a long step: a local prefill) goes out alone, paid from the ITL
+    miss budget; the decode worker's first token then streams as usual. Without a budget no
+    deadline is set, and a token released by the decode worker is never sent twice."""
+    for budget in (0.05, 0.0):
+        p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
+        w = wire(p, d, **{"disagg_ttft_target_ms": 400.0, "disagg_itl_target_ms": 20.0,
+                          "disagg_hold_first_token": True, "disagg_itl_miss_budget": budget})
+        timers: list[tuple[float, Callable[[], None]]] = []
+        w.streams.call_later = lambda delay, fn, t=timers: t.append((delay, fn))
+        for rid in ("r1", "r2"):
+            place(w, rid, tokens=8000, max_tokens=100)
+            w.streams.on_batch(p, [TokenChunk(rid, [42], FINISH_LENGTH,
+                                              num_prompt_tokens=8000)])
+        assert w.frontends.sent == []  # both held
+        if not budget:
+            assert timers == []
+            continue
+        model = w.streams.disagg.handoff_models[MODEL]
+        assert [round(t, 4) for t, _ in timers] == [round(model.upper(8000) / 1000, 4)] * 2
+        w.clock.advance(timers[0][0])
+        timers[0][1]()  # r1's deadline: the decode worker has sent nothing
+        out = [c for f in w.frontends.sent for c in frontend_chunks(f)[1]]
+        assert [(c.request_id, c.token_ids, c.num_prompt_tokens, c.worker_id) for c in out] == [
+            ("r1", [42], 8000, "d")]
+        assert counter(w.metrics.disagg_handoffs, "first_token_late") == 1
+        w.streams.on_batch(d, [TokenChunk("r1", [43], num_prompt_tokens=8000,
+                                          cached_tokens=8000)])
+        # r2's decode worker began in time: its deadline finds nothing held.
+        w.streams.on_batch(d, [TokenChunk("r2", [])])
+        timers[1][1]()
+        out = [(c.request_id, c.token_ids, c.num_prompt_tokens)
+               for f in w.frontends.sent for c in frontend_chunks(f)[1]]
+        assert out == [("r1", [42], 8000), ("r1", [43], 0), ("r2", [42], 8000)]
+        assert counter(w.metrics.disagg_handoffs, "first_token_late") == 1
+        assert counter(w.metrics.disagg_handoffs, "first_token_held") == 1
+
+
 @pytest.mark.parametrize(("room", "kw", "veto", "expect"), [
     # The prefill pool's queue makes remote 3x slower; the budget pays for three streams.
     (True, {"local_step_ms": 45, "remote_ttft_ms": 150}, 0, ("local", "ttft_gain")),
@@ -394,28 +434,56 @@ def test_the_itl_miss_budget_buys_local_prefills_out_of_the_ttft_tail(
     assert choose_path(always, 1400, 1400, 0, veto, costs(**kw), room)[0] == "remote"
 
 
-def test_a_local_prefill_out_of_the_ttft_tail_spends_the_budget() -> None:
-    """A decode worker with a stream, a prefill worker with two long prompts queued: the
-    next long prompt would wait behind them, so it prefills on the decode worker, paid by the
-    gaps already streamed; once the budget is spent the next goes remote again."""
+def test_a_prompt_for_a_busy_prefill_worker_waits_for_the_running_step() -> None:
+    """The remote TTFT the path decision prices: a prompt cannot join the prefill step running
+    on the worker, so it waits for what is left of that step (less, the longer it has run),
+    then goes in with the prompts that queued behind it."""
     p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
-    w = wire(p, d, mode="conditional", kv=True, disagg_itl_miss_budget=0.02, **SLA)
+    w = wire(p, d)
+    disagg = w.streams.disagg
+    steps = disagg.cost_models.get(MODEL).steps
+
+    def ttft() -> float:
+        return disagg.prefill_ttft(steps, p, 1400)
+
+    assert ttft() == pytest.approx(steps.ttft_ms(0, 1400))  # idle
+    place(w, "q0", tokens=1400)
+    step = steps.ttft_ms(1400, 0)
+    assert ttft() == pytest.approx(step + steps.ttft_ms(0, 1400))
+    w.clock.advance(0.010)
+    assert ttft() == pytest.approx(step - 10 + steps.ttft_ms(0, 1400))
+    place(w, "q1", tokens=800)  # queued behind the running step: the next one takes both
+    assert ttft() == pytest.approx(step - 10 + steps.ttft_ms(800, 1400))
+    w.clock.advance(0.030)
+    w.streams.on_batch(p, [TokenChunk("q0", [42], FINISH_LENGTH, num_prompt_tokens=1400)])
+    assert ttft() == pytest.approx(steps.ttft_ms(800, 0) + steps.ttft_ms(0, 1400))  # q1's now
+    w.clock.advance(1.0)  # overdue: it ends any moment
+    assert ttft() == pytest.approx(steps.ttft_ms(0, 1400))
+
+
+def test_a_local_prefill_out_of_the_ttft_tail_spends_the_budget() -> None:
+    """A decode worker with a stream, a prefill worker busy with a long prompt: the next long
+    prompt would wait for that step to end, so it prefills on the decode worker, paid by the
+    gaps of the streams in flight; once the budget is spent the next goes remote again."""
+    p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
+    w = wire(p, d, mode="conditional", kv=True, disagg_itl_miss_budget=0.01, **SLA)
     cache_on(w, "d", list(range(100, 132)), 7)
-    place(w, "s", tokens=32)  # cached on d, which is idle: local
+    # Cached on d, which is idle: local. Admitted to stream 300 tokens, it counts the prior's
+    # 255 gaps (and each request below its 15): room for about 3 stretched ones.
+    place(w, "s", tokens=32, max_tokens=300)
     w.streams.on_batch(d, [TokenChunk("s", [1], num_prompt_tokens=8)])
-    w.streams.on_batch(d, [TokenChunk("s", [1] * 299)])  # 300 gaps streamed: room for 6
-    for i in range(2):
-        place(w, f"q{i}", tokens=1400)  # remote: the prefill worker is not yet slow enough
-    assert len(sent(p)) == 2
+    w.streams.on_batch(d, [TokenChunk("s", [1] * 99)])
+    place(w, "q0", tokens=1400)  # remote: the prefill worker is idle
+    assert len(sent(p)) == 1
+    w.clock.advance(0.005)  # its step has run 5 ms of ~38: the next prompt waits ~33 ms more
     place(w, "r1", tokens=1400)
     assert counter(w.metrics.disagg_decisions, "local", "ttft_gain") == 1
     assert generate_decoder.decode(sent(d)[-1][1]).request_id == "r1"
     stretched = w.metrics.disagg_stretched_streams._value.get()
-    assert 1 <= stretched <= 6
+    assert 1 <= stretched <= 3
     place(w, "r2", tokens=1400)  # the budget is spent
     assert counter(w.metrics.disagg_decisions, "local", "ttft_gain") == 1
     assert generate_decoder.decode(sent(p)[-1][1]).request_id == "r2"
-
 
 
 def test_a_first_token_already_in_the_ttft_tail_goes_out_at_once_on_the_budget() -> None:
