@@ -9,7 +9,8 @@ ratio), so records compare across speed-ups.
 
 Steps end on a chained deadline, so when the process loses the CPU (a busy host) the time it
 owes is repaid: later steps skip their sleep until the clock is back on the model's schedule.
-Only debt past `--max-time-debt-ms` is dropped, and counted.
+Only debt past `--max-time-debt-ms` is dropped, and counted. A step sleeps on a thread
+(`PreciseSleep`), not on the event loop's timers, which count whole milliseconds.
 
 Owns the loop, request validation and the `Engine` surface; scheduling, caching, token choice and
 timing live in the sibling modules.
@@ -21,7 +22,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from common.messages import ForwardPass, GenerateRequest, ImageInput, KvBlockStored, TokenChunk
 from services.worker.engine import Engine, EngineError, EngineLoad, StepOutput, StepSink
@@ -40,10 +43,31 @@ Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
 
+class PreciseSleep:
+    """Sleeps to a tenth of a millisecond. The event loop's timers (uvloop's, from libuv) count
+    whole milliseconds from a time cached per loop iteration, so a 6.25 ms step lasted 6 or 7
+    ms and the chained deadline alternated them: a +-1 ms spread of every inter-token gap that
+    the timing model does not have. One thread sleeps instead and wakes the loop when the step
+    is done (a few microseconds of CPU per step)."""
+
+    def __init__(self) -> None:
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mocker-step")
+
+    async def __call__(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        await asyncio.get_running_loop().run_in_executor(self._thread, time.sleep, seconds)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+
 class MockerEngine(Engine):
     def __init__(self, config: MockerConfig | None = None, *, clock: Clock | None = None,
                  sleep: Sleep | None = None) -> None:
-        """`clock`/`sleep` pace the steps (tests pass fakes); default: the event loop's."""
+        """`clock`/`sleep` pace the steps (tests pass fakes); default: `time.perf_counter`
+        and `PreciseSleep`."""
         self.config = config if config is not None else MockerConfig()
         c = self.config
         c.validate()  # again: callers may have edited fields after construction
@@ -59,8 +83,11 @@ class MockerEngine(Engine):
         self._sink: StepSink | None = None
         self._task: asyncio.Task[None] | None = None
         self._steps = 0
-        self._clock = clock
-        self._sleep: Sleep = sleep if sleep is not None else asyncio.sleep
+        self._clock: Clock = clock if clock is not None else time.perf_counter
+        self._precise: PreciseSleep | None = None
+        if sleep is None:
+            sleep = self._precise = PreciseSleep()
+        self._sleep: Sleep = sleep
         self._debt_s = 0.0
         self._dropped_s = 0.0
 
@@ -85,11 +112,12 @@ class MockerEngine(Engine):
 
     async def shutdown(self) -> None:
         task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._precise is not None:
+            self._precise.close()
 
     def add_request(self, request: GenerateRequest) -> None:
         self._validate(request)
@@ -182,7 +210,7 @@ class MockerEngine(Engine):
                 raise EngineError(f"token ids must lie in [0, {self._max_token_id}]")
 
     async def _run(self) -> None:
-        clock = self._clock or asyncio.get_running_loop().time
+        clock = self._clock
         sleep = self._sleep
         scheduler = self.scheduler
         pool = self.pool
