@@ -324,7 +324,7 @@ class Disaggregation:
         prompts waiting behind it go in with this one."""
         usage = worker.usage
         queued = load_of(worker)[0] * worker.block_size
-        running = min(usage.batch_blocks, usage.pending_prefill_blocks) * worker.block_size
+        running = usage.batch_blocks * worker.block_size  # never past pending (`Accounting`)
         rest = 0.0
         if running > 0:
             elapsed_ms = (self.clock() - usage.batch_started_at) * 1000.0
