@@ -26,7 +26,7 @@ class WorkerUsage:
     """What this router has placed on one worker."""
 
     __slots__ = ("active_blocks", "batch_blocks", "batch_started_at", "pending_prefill_blocks",
-                 "released_at", "requests")
+                 "queued_since", "released_at", "requests")
 
     def __init__(self) -> None:
         self.requests: set[str] = set()
@@ -37,6 +37,9 @@ class WorkerUsage:
         # Prompts placed since wait for its end: an engine cannot add them to a running step.
         self.batch_started_at = 0.0
         self.batch_blocks = 0
+        # When the oldest prompt waiting behind that step was placed (0: none waits). They
+        # all go into the next step, so a prompt joining them delays it as much as itself.
+        self.queued_since = 0.0
         # When a request last left it, plus one report period: a load report that arrives
         # before then may have been taken while the request ran (reports and tokens travel
         # on different planes), and would count it still.
@@ -108,6 +111,7 @@ class Accounting:
             # Its step ended: what waited behind it is the next one, begun now.
             usage.batch_started_at = self._clock()
             usage.batch_blocks = usage.pending_prefill_blocks
+            usage.queued_since = 0.0
             self._changed(entry.worker)
         entry.prefill_blocks = 0
 
@@ -139,9 +143,12 @@ class Accounting:
         usage = worker.usage
         usage.requests.add(entry.request_id)
         usage.active_blocks += entry.blocks
-        if entry.prefill_blocks and usage.pending_prefill_blocks <= 0:
-            usage.batch_started_at = self._clock()  # an idle worker starts on it at once
-            usage.batch_blocks = entry.prefill_blocks
+        if entry.prefill_blocks:
+            if usage.pending_prefill_blocks <= 0:
+                usage.batch_started_at = self._clock()  # an idle worker starts on it at once
+                usage.batch_blocks = entry.prefill_blocks
+            elif not usage.queued_since:
+                usage.queued_since = self._clock()  # it waits for the running step
         usage.pending_prefill_blocks += entry.prefill_blocks
         self._changed(worker)
 
@@ -153,6 +160,8 @@ class Accounting:
             usage.active_blocks -= entry.blocks
             usage.pending_prefill_blocks -= entry.prefill_blocks
             usage.batch_blocks = min(usage.batch_blocks, usage.pending_prefill_blocks)
+            if usage.pending_prefill_blocks <= usage.batch_blocks:
+                usage.queued_since = 0.0  # nothing waits behind the running step any more
             usage.released_at = self._clock() + self._report_period_s
             self._changed(worker)
         entry.prefill_blocks = 0

@@ -93,6 +93,11 @@ class RouterConfig(ProcessConfig):
                                                    "--disagg-itl-miss-budget, when the prefill "
                                                    "pool's predicted TTFT is at least this many "
                                                    "times the local one")
+    disagg_tail_quantile: float = opt(0.9, help="--disagg-itl-miss-budget is spent only on "
+                                                 "the TTFT tail: requests whose first token, "
+                                                 "held for the hand-off, would come (a local "
+                                                 "prefill) or is coming (sent at once) past "
+                                                 "this quantile of recent first tokens")
     decode_overlap_weight: float = opt(1.0, help="kv mode, choosing a decode worker: weight "
                                                  "of blocks it must pull against its active "
                                                  "decode blocks")
@@ -133,6 +138,9 @@ class RouterConfig(ProcessConfig):
         if not 0 <= self.disagg_itl_miss_budget < 1:
             raise ValueError("--disagg-itl-miss-budget must lie in [0, 1), got "
                              f"{self.disagg_itl_miss_budget}")
+        if not 0 < self.disagg_tail_quantile < 1:
+            raise ValueError("--disagg-tail-quantile must lie in (0, 1), got "
+                             f"{self.disagg_tail_quantile}")
         if not self.disagg_local_gain_ratio >= 1:
             raise ValueError("--disagg-local-gain-ratio must be >= 1, got "
                              f"{self.disagg_local_gain_ratio}")

@@ -29,7 +29,9 @@ model fitted from the hand-offs it observed (`PathCosts`):
   ITL target, every stream decoding there (and every hand-off due there) gets a gap past it;
 - remote: the TTFT on the best prefill worker (what is left of the step running there, then
   the prompts queued behind it with this prompt's part uncached there: `prefill_ttft`), and the
-  hand-off gap (the pull of what the decode worker lacks, plus its pending prefill).
+  hand-off gap (the pull of what the decode worker lacks, plus its pending prefill). The
+  queued prompts end with this one, so joining them delays them: the worst first token of that
+  step is the oldest queued prompt's (`PathCosts.remote_tail_ms`).
 
 A path "fits" when it meets both targets and, for local, stretches no stream's step past the
 ITL target. Exactly one fits: it is taken (reasons `handoff_gap`, `remote_ttft` and
@@ -41,9 +43,10 @@ and local would stretch streams: remote (`decode_itl`: one request misses, not a
 decode worker at `--decode-veto-requests` in flight never prefills locally (`decode_busy`).
 Before all that, with `--disagg-itl-miss-budget` (`itl_budget.py`): a local prefill that
 would stretch streams is taken when the prefill pool's TTFT is `--disagg-local-gain-ratio`
-times the local one and the budget pays for those streams (`ttft_gain`); and a first token
-planned to be held goes out at once when its request is already in the TTFT tail
-(`FirstTokenTail`) and the budget pays for its one stretched gap; a held one goes out alone,
+times the local one, that TTFT (with the hand-off) is in the TTFT tail (`TtftTail`, past
+`--disagg-tail-quantile`) and the budget has room (`ttft_gain`); and a first token planned to
+be held goes out at once when its request is already in that tail and the budget pays for
+its one stretched gap; a held one goes out alone,
 on the budget too, when the decode worker has not begun its next step by the hand-off fit's
 deadline (`hold_deadline_s`: it is in a long step, and waiting for its end would put that step
 into one of the slowest first tokens).
@@ -56,6 +59,7 @@ counted. Owns the path decision, the hand-off and their metrics; not the policie
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 
@@ -75,7 +79,7 @@ from common.messages import (
 from services.router.accounting import Accounting, RoutedRequest
 from services.router.args import RouterConfig
 from services.router.cost_model import CostModels, HandoffCostModel, StepCostModel
-from services.router.itl_budget import FirstTokenTail, ItlMissBudget
+from services.router.itl_budget import ItlMissBudget, TtftTail
 from services.router.kv_index import KvIndex
 from services.router.kv_policy import KvAwarePolicy, load_of, worker_load
 from services.router.metrics import RouterMetrics
@@ -103,6 +107,8 @@ REASON_ONE_TOKEN = "single_token"  # max_tokens 1: nothing to decode
 
 DISAGG_MODES = ["conditional", "always"]
 
+log = logging.getLogger("turnout.router")
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PathLimits:
@@ -128,6 +134,23 @@ class PathCosts:
     exposed_streams: float  # streams that step would stretch: decoding there, hand-offs due
     remote_ttft_ms: float  # to its first token on the best prefill worker
     handoff_ms: float  # the first gap after the hand-off (fit + 2 standard deviations)
+    # Prompts waiting there for the running step go into the next one with this prompt, which
+    # delays them as much as itself: how long the oldest has waited, and their time to the
+    # first token from now without this prompt (both 0: none waits).
+    queue_wait_ms: float = 0.0
+    queue_ttft_ms: float = 0.0
+
+    def remote_tail_ms(self) -> float:
+        """The slowest first token of the step this prompt would join: the oldest waiting
+        prompt's (they end together), or its own."""
+        return self.queue_wait_ms + self.remote_ttft_ms
+
+    def local_tail_ms(self) -> float:
+        """The slowest first token if it prefills locally instead: its own, or the oldest
+        waiting prompt's in a step without it."""
+        if self.queue_wait_ms <= 0:
+            return self.local_ttft_ms
+        return max(self.local_ttft_ms, self.queue_wait_ms + self.queue_ttft_ms)
 
     def local_harmless(self, limits: PathLimits) -> bool:
         return self.exposed_streams <= 0 or self.local_step_ms <= limits.itl_target_ms
@@ -160,9 +183,10 @@ def choose_path(limits: PathLimits, prompt_tokens: int, uncached_tokens: int,
     busy = 0 < limits.prefill_busy_tokens <= prefill_queue_tokens
     harmless = costs.local_harmless(limits)
     if (not harmless and budget_room and costs.local_ttft_ms <= limits.ttft_target_ms
-            and costs.remote_ttft_ms >= limits.local_gain_ratio * costs.local_ttft_ms):
-        # The request would sit in the TTFT tail behind the prefill pool: a few stretched
-        # gaps among the many streamed buy it a first token far sooner.
+            and costs.remote_tail_ms() >= limits.local_gain_ratio * costs.local_tail_ms()):
+        # The request (or the prompts it would delay by joining their step) would sit in the
+        # TTFT tail behind the prefill pool: a few stretched gaps among the many streamed buy
+        # first tokens far sooner.
         if 0 < limits.decode_veto_requests <= decode_requests:
             return PATH_REMOTE, REASON_DECODE_BUSY
         return PATH_LOCAL, REASON_TTFT_GAIN
@@ -229,7 +253,9 @@ class Disaggregation:
                                  config.disagg_itl_target_ms, config.disagg_hold_first_token,
                                  config.disagg_local_gain_ratio)
         self.itl_budget = ItlMissBudget(config.disagg_itl_miss_budget, clock=clock)
-        self.first_token_tail = FirstTokenTail()
+        # The budget goes to the TTFT tail: past the quantile of recent first-token times as
+        # they would be with the token held (prefill, then the hand-off).
+        self.ttft_tail = TtftTail(config.disagg_tail_quantile)
         # The step-time fit the adaptive cost learns from the workers' forward passes; without
         # it (the block cost, a non-kv mode) its prior alone prices the paths.
         self.cost_models = selector.cost_models or CostModels()
@@ -280,9 +306,23 @@ class Disaggregation:
         costs = self.path_costs(request.model, prompt, uncached, decode.worker, in_flight,
                                 chosen, prefill_inflight=sum(w.inflight for w in prefill),
                                 decode_workers=len(serving))
+        handoff_ms = self._handoff_model(request.model).predict(uncached)
+        # A local prefill is bought only for a request the prefill pool would put in the TTFT
+        # tail (before any tail is known, for any that gains enough).
+        in_tail = costs.remote_tail_ms() + handoff_ms >= self.ttft_tail.bound_ms(
+            unknown=0.0, fill=self.itl_budget.fill())
         path, reason = choose_path(self.limits, prompt, uncached, queue, in_flight, costs,
-                                   self.itl_budget.room(costs.exposed_streams))
+                                   in_tail and self.itl_budget.room())
         self._count(path, reason)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("prefill path", extra={"fields": {
+                "request_id": request.request_id, "path": path, "reason": reason,
+                "prompt": prompt, "uncached": uncached, "in_tail": in_tail,
+                "tail_ms": round(self.ttft_tail.bound_ms(0.0, self.itl_budget.fill()), 1),
+                "handoff_mean_ms": round(handoff_ms, 2),
+                **{k: round(v, 2) for k, v in dataclasses.asdict(costs).items()},
+                "stretched": round(self.itl_budget.stretched, 1),
+                "allowance": round(self.itl_budget.allowance(), 1)}})
         if path == PATH_LOCAL:
             if reason == REASON_TTFT_GAIN:
                 self.itl_budget.spend(costs.exposed_streams)
@@ -293,7 +333,7 @@ class Disaggregation:
         return Placement(chosen, self._prefill_payload(request), DisaggState(
             chosen.worker.id, chosen.worker.instance.endpoints["request"],
             hold_first=costs.holds_first_token(self.limits), placed_at=self.clock(),
-            handoff_ms=self._handoff_model(request.model).predict(uncached)))
+            handoff_ms=handoff_ms))
 
     def path_costs(self, model: str, prompt: int, uncached: int, decode: WorkerHandle,
                    in_flight: int, prefill: Decision, prefill_inflight: int,
@@ -312,11 +352,16 @@ class Disaggregation:
                       + steps.decode_ms(max(1.0, decoding), load.kv_usage))
         p = prefill.worker
         remote_ttft = self.prefill_ttft(steps, p, max(1, prompt - prefill.overlap * p.block_size))
+        queue_wait = queue_ttft = 0.0
+        if p.usage.queued_since:
+            queue_wait = (self.clock() - p.usage.queued_since) * 1000.0
+            queue_ttft = self.prefill_ttft(steps, p, 0)
         # The decode worker's own queued prefill still running when the KV lands delays it.
         pending = max(0.0, steps.ttft_ms(queued, 0.0, decoding, load.kv_usage) - remote_ttft)
         handoff = self._handoff_model(model).upper(uncached) + pending
         exposed = decoding + prefill_inflight / max(1, decode_workers)
-        return PathCosts(local_ttft, local_step, exposed, remote_ttft, handoff)
+        return PathCosts(local_ttft, local_step, exposed, remote_ttft, handoff, queue_wait,
+                         queue_ttft)
 
     def prefill_ttft(self, steps: StepCostModel, worker: WorkerHandle, new_tokens: int) -> float:
         """Predicted time to the first token of `new_tokens` on a prefill worker: the step in
@@ -360,15 +405,18 @@ class Disaggregation:
         chunk.finish_reason = None
         chunk.kv_transfer_params = b""
         if state.placed_at:
-            elapsed_ms = (now - state.placed_at) * 1000.0
-            if state.hold_first and elapsed_ms + state.handoff_ms > \
-                    self.first_token_tail.bound_ms() and self.itl_budget.room(1):
-                # Among the slowest first tokens already: one gap stretched by the hand-off
-                # costs the ITL percentiles less than the hold would cost the TTFT tail.
+            # What the client's TTFT would be with the token held (like with like: the tail
+            # is of those figures).
+            held_ms = (now - state.placed_at) * 1000.0 + state.handoff_ms
+            if state.hold_first and held_ms > self.ttft_tail.bound_ms(
+                    fill=self.itl_budget.fill()) \
+                    and self.itl_budget.room():
+                # Among the slowest first tokens: one gap stretched by the hand-off costs the
+                # ITL percentiles less than the hold would cost the TTFT tail.
                 self.itl_budget.spend(1)
                 state.hold_first = False
                 self.metrics.disagg_handoffs.labels("first_token_tail").inc()
-            self.first_token_tail.observe(elapsed_ms)
+            self.ttft_tail.observe(held_ms)
         if state.hold_first:
             state.held = chunk
         return True
@@ -406,7 +454,7 @@ class Disaggregation:
         None when it is no longer held or the budget has no room for the one gap it
         stretches (it then waits for the decode worker as before)."""
         state = entry.disagg
-        if state is None or state.held is None or not self.itl_budget.room(1):
+        if state is None or state.held is None or not self.itl_budget.room():
             return None
         self.itl_budget.spend(1)
         held, state.held = state.held, None

@@ -1,5 +1,5 @@
 """The ITL miss budget of conditional disaggregation: how many inter-token gaps local prefills may
-stretch to cut the TTFT tail.
+stretch to cut the TTFT tail, and the tail it is spent on.
 
 A latency target is a percentile, but TTFT is one figure per request while ITL is one per token:
 a request streams a hundred gaps or more. A local prefill on a busy decode worker stretches the
@@ -8,16 +8,19 @@ the router may still take it, as long as the gaps such prefills stretched stay w
 `--disagg-itl-miss-budget` (a share) of the gaps streamed, both counted over a decaying window.
 A request's gaps count from its admission, as many as it is expected to stream (its
 `max_tokens`, or the recent mean output when smaller), and are set right when it ends: the
-streams a local prefill stretches are in flight, and their gaps are part of the same percentile,
-so a router that has just started (or a burst's first requests) has a budget too instead of none
-until enough has streamed. The same budget pays for first tokens not held
-(`--disagg-hold-first-token`) because their request is already in the TTFT tail
-(`FirstTokenTail`: past the 0.9 quantile of recent first-token times, counting the expected
-hand-off): each is one gap stretched by its hand-off, where holding it would add that hand-off
-to one of the slowest first tokens. Owns that bookkeeping; the decisions are
+streams a local prefill stretches are in flight, and their gaps are part of the same percentile.
+One decision may draw ahead of the budget (a local prefill stretches every stream on its worker
+at once, more than the share of a few seconds' gaps), so the first burst after a start or a
+lull can be paid for; the next waits until the window has earned the overdraft back.
+
+The budget is spent on the TTFT tail only (`TtftTail`: past `--disagg-tail-quantile` of the
+recent first-token times as they would be with the token held, prefill then hand-off), which
+is what a TTFT percentile counts: a local prefill for a request the prefill pool would put
+there, and a first token sent at once, not held (`--disagg-hold-first-token`), for a request
+already there: one gap stretched by its hand-off, where holding it would add that hand-off to
+one of the slowest first tokens. Owns that bookkeeping; the decisions are
 `disaggregation.py`'s.
 """
-
 from __future__ import annotations
 
 import math
@@ -26,28 +29,30 @@ from collections import deque
 from collections.abc import Callable
 
 
-class FirstTokenTail:
-    """Recent times from placement to the first token of remotely prefilled requests, and
-    their quantile: a held first token past it would only deepen the TTFT tail."""
+class TtftTail:
+    """Recent first-token times and their quantile: what the budget is spent on lies past it."""
 
-    MIN_SAMPLES = 20  # before this many, no tail is known
-
-    def __init__(self, quantile: float = 0.9, window: int = 256) -> None:
+    def __init__(self, quantile: float = 0.95, window: int = 256, min_samples: int = 20) -> None:
         if not 0.0 < quantile < 1.0:
             raise ValueError(f"the tail quantile must be in (0, 1), got {quantile}")
         self.quantile = quantile
+        self.min_samples = min_samples
         self._recent: deque[float] = deque(maxlen=window)
 
-    def observe(self, elapsed_ms: float) -> None:
-        self._recent.append(elapsed_ms)
+    def observe(self, ms: float) -> None:
+        self._recent.append(ms)
 
-    def bound_ms(self) -> float:
-        """The quantile of recent first-token times (inf until enough were seen). Sorted on
-        demand: it is asked once per held first token, of a few hundred values."""
+    def bound_ms(self, unknown: float = math.inf, fill: float = 0.0) -> float:
+        """The quantile of the recent values; `unknown` until `min_samples` were seen (inf:
+        nothing is in the tail yet; 0: anything may be). `fill`: how much of the budget is
+        spent (0-1); the quantile moves that far towards 1, so a budget running low is kept
+        for the slowest. Sorted on demand: a few hundred values, once per decision that may
+        spend the budget."""
         n = len(self._recent)
-        if n < self.MIN_SAMPLES:
-            return math.inf
-        return sorted(self._recent)[min(n - 1, int(self.quantile * n))]
+        if n < self.min_samples:
+            return unknown
+        q = self.quantile + (1.0 - self.quantile) * min(1.0, max(0.0, fill))
+        return sorted(self._recent)[min(n - 1, int(q * n))]
 
 
 class ItlMissBudget:
@@ -72,6 +77,7 @@ class ItlMissBudget:
         self.streamed = 0.0  # gaps of admitted requests (expected until they end)
         self.stretched = 0.0
         self.mean_output: float | None = None  # tokens of recently finished requests
+        self._finished_count = 0
 
     def _decay(self) -> None:
         now = self._clock()
@@ -96,17 +102,34 @@ class ItlMissBudget:
         gaps replace the expected ones, and its length teaches the expected output."""
         self._decay()
         self.streamed = max(0.0, self.streamed + max(0, tokens - 1) - counted_gaps)
+        # A plain mean of the first ones, then decaying: one short request (a health probe)
+        # must not stand for the next dozens.
+        self._finished_count += 1
         if self.mean_output is None:
             self.mean_output = float(tokens)
         else:
-            self.mean_output += self.OUTPUT_MEAN_WEIGHT * (tokens - self.mean_output)
+            weight = max(self.OUTPUT_MEAN_WEIGHT, 1.0 / self._finished_count)
+            self.mean_output += weight * (tokens - self.mean_output)
 
-    def room(self, gaps: float) -> bool:
-        """Stretching `gaps` more gaps keeps the stretched share within the budget."""
+    def allowance(self) -> float:
+        """Gaps the window lets stretch: the share of its gaps."""
+        self._decay()
+        return self.share * self.streamed
+
+    def fill(self) -> float:
+        """How much of the allowance is spent: 0 (none) to 1 (all, or more)."""
+        allowance = self.allowance()
+        return min(1.0, self.stretched / allowance) if allowance > 0 else 1.0
+
+    def room(self) -> bool:
+        """The budget is not overdrawn: the gaps stretched so far are under the share of the
+        window's. The decision that spends it may draw ahead by its own gaps, so the first
+        burst after a start or a lull is paid for too; that overdraft (one decision's streams)
+        is paid back before the next."""
         if self.share <= 0.0:
             return False
-        self._decay()
-        return self.stretched + gaps <= self.share * self.streamed
+        allowance = self.allowance()  # decays `stretched` too: read it after
+        return self.stretched < allowance
 
     def spend(self, gaps: float) -> None:
         self._decay()

@@ -425,6 +425,13 @@ def test_a_held_first_token_goes_out_alone_when_the_decode_worker_is_late() -> N
     (True, {"local_step_ms": 45, "remote_ttft_ms": 150}, 8, ("remote", "decode_busy")),
     # Harmless local prefills never touch the budget: the usual rules.
     (True, {"exposed_streams": 0, "remote_ttft_ms": 150}, 0, ("remote", "long_uncached")),
+    # Not slow itself, but it would join two prompts waiting 40 ms already and delay them
+    # 30 ms: their first tokens at 110 ms, against 70 ms without it.
+    (True, {"local_step_ms": 45, "remote_ttft_ms": 70, "queue_wait_ms": 40,
+            "queue_ttft_ms": 30}, 0, ("local", "ttft_gain")),
+    # The same wait, and it would not delay them much: remote.
+    (True, {"local_step_ms": 45, "remote_ttft_ms": 70, "queue_wait_ms": 40,
+            "queue_ttft_ms": 60}, 0, ("remote", "decode_itl")),
 ])
 def test_the_itl_miss_budget_buys_local_prefills_out_of_the_ttft_tail(
         room: bool, kw: dict[str, float], veto: int, expect: tuple[str, str]) -> None:
@@ -461,29 +468,69 @@ def test_a_prompt_for_a_busy_prefill_worker_waits_for_the_running_step() -> None
     assert ttft() == pytest.approx(steps.ttft_ms(0, 1400))
 
 
+def test_prompts_waiting_for_the_running_step_are_dated_by_the_oldest() -> None:
+    """A prompt placed on a prefill worker that is busy waits for the running step with the
+    others placed since; the router dates that queue by its oldest, and forgets it when the
+    step ends (they all go into the next one) or when the waiting ones are gone."""
+    p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
+    w = wire(p, d)
+    usage = p.usage
+    place(w, "q0", tokens=1400)  # an idle worker starts on it: nothing waits
+    assert usage.queued_since == 0.0
+    w.clock.advance(0.010)
+    place(w, "q1", tokens=800)
+    waiting_since = w.clock()
+    w.clock.advance(0.005)
+    place(w, "q2", tokens=800)
+    assert usage.queued_since == waiting_since  # the oldest's time
+    w.streams.on_batch(p, [TokenChunk("q0", [42], FINISH_LENGTH, num_prompt_tokens=1400)])
+    assert usage.queued_since == 0.0  # q1 and q2 run now
+    w.clock.advance(0.005)
+    place(w, "q3", tokens=800)
+    assert usage.queued_since == w.clock()
+    w.streams.on_cancel("q3")  # the client went away
+    assert usage.queued_since == 0.0  # the only one waiting left
+
+
 def test_a_local_prefill_out_of_the_ttft_tail_spends_the_budget() -> None:
     """A decode worker with a stream, a prefill worker busy with a long prompt: the next long
     prompt would wait for that step to end, so it prefills on the decode worker, paid by the
-    gaps of the streams in flight; once the budget is spent the next goes remote again."""
-    p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
-    w = wire(p, d, mode="conditional", kv=True, disagg_itl_miss_budget=0.01, **SLA)
-    cache_on(w, "d", list(range(100, 132)), 7)
-    # Cached on d, which is idle: local. Admitted to stream 300 tokens, it counts the prior's
-    # 255 gaps (and each request below its 15): room for about 3 stretched ones.
-    place(w, "s", tokens=32, max_tokens=300)
-    w.streams.on_batch(d, [TokenChunk("s", [1], num_prompt_tokens=8)])
-    w.streams.on_batch(d, [TokenChunk("s", [1] * 99)])
-    place(w, "q0", tokens=1400)  # remote: the prefill worker is idle
-    assert len(sent(p)) == 1
-    w.clock.advance(0.005)  # its step has run 5 ms of ~38: the next prompt waits ~33 ms more
-    place(w, "r1", tokens=1400)
-    assert counter(w.metrics.disagg_decisions, "local", "ttft_gain") == 1
-    assert generate_decoder.decode(sent(d)[-1][1]).request_id == "r1"
-    stretched = w.metrics.disagg_stretched_streams._value.get()
-    assert 1 <= stretched <= 3
-    place(w, "r2", tokens=1400)  # the budget is spent
-    assert counter(w.metrics.disagg_decisions, "local", "ttft_gain") == 1
-    assert generate_decoder.decode(sent(p)[-1][1]).request_id == "r2"
+    gaps of the streams in flight; once the budget is spent the next goes remote again. When
+    recent first tokens came slower than this one's would on the prefill pool, it is not in
+    the TTFT tail: it goes remote and the budget is kept."""
+    for tail in (False, True):
+        p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
+        w = wire(p, d, mode="conditional", kv=True, disagg_itl_miss_budget=0.01, **SLA)
+        cache_on(w, "d", list(range(100, 132)), 7)
+        # Cached on d, which is idle: local. Admitted to stream 300 tokens, it counts the
+        # prior's 255 gaps (and each request below its 15): room for about 3 stretched ones.
+        place(w, "s", tokens=32, max_tokens=300)
+        w.streams.on_batch(d, [TokenChunk("s", [1], num_prompt_tokens=8)])
+        w.streams.on_batch(d, [TokenChunk("s", [1] * 99)])
+        place(w, "q0", tokens=1400)  # remote: the prefill worker is idle
+        assert len(sent(p)) == 1
+        w.clock.advance(0.005)  # its step has run 5 ms of ~38: the next waits ~33 ms more
+        disagg = w.streams.disagg
+        if tail:
+            # Recent first tokens were slower still: r1 is not in the TTFT tail, and the
+            # budget is kept for those that are.
+            for _ in range(disagg.ttft_tail.min_samples):
+                disagg.ttft_tail.observe(500.0)
+            before = counter(w.metrics.disagg_decisions, "remote", "decode_itl")
+            place(w, "r1", tokens=1400)
+            assert counter(w.metrics.disagg_decisions, "remote", "decode_itl") == before + 1
+            assert generate_decoder.decode(sent(p)[-1][1]).request_id == "r1"
+            assert counter(w.metrics.disagg_decisions, "local", "ttft_gain") == 0
+            assert w.metrics.disagg_stretched_streams._value.get() == 0
+            continue
+        place(w, "r1", tokens=1400)
+        assert counter(w.metrics.disagg_decisions, "local", "ttft_gain") == 1
+        assert generate_decoder.decode(sent(d)[-1][1]).request_id == "r1"
+        stretched = w.metrics.disagg_stretched_streams._value.get()
+        assert 1 <= stretched <= 3
+        place(w, "r2", tokens=1400)  # the budget is spent
+        assert counter(w.metrics.disagg_decisions, "local", "ttft_gain") == 1
+        assert generate_decoder.decode(sent(p)[-1][1]).request_id == "r2"
 
 
 def test_a_first_token_already_in_the_ttft_tail_goes_out_at_once_on_the_budget() -> None:
