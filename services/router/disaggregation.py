@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -308,17 +309,18 @@ class Disaggregation:
                                 decode_workers=len(serving))
         handoff_ms = self._handoff_model(request.model).predict(uncached)
         # A local prefill is bought only for a request the prefill pool would put in the TTFT
-        # tail (before any tail is known, for any that gains enough).
-        in_tail = costs.remote_tail_ms() + handoff_ms >= self.ttft_tail.bound_ms(
-            unknown=0.0, fill=self.itl_budget.fill())
+        # tail (before any tail is known, for any that gains enough). The budget first: the
+        # tail's bound sorts recent first tokens, for nothing when there is no budget.
+        budget_room = self.itl_budget.room() and (
+            costs.remote_tail_ms() + handoff_ms >= self._ttft_tail_ms(unknown=0.0))
         path, reason = choose_path(self.limits, prompt, uncached, queue, in_flight, costs,
-                                   in_tail and self.itl_budget.room())
+                                   budget_room)
         self._count(path, reason)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("prefill path", extra={"fields": {
                 "request_id": request.request_id, "path": path, "reason": reason,
-                "prompt": prompt, "uncached": uncached, "in_tail": in_tail,
-                "tail_ms": round(self.ttft_tail.bound_ms(0.0, self.itl_budget.fill()), 1),
+                "prompt": prompt, "uncached": uncached, "budget_room": budget_room,
+                "tail_ms": round(self._ttft_tail_ms(unknown=0.0), 1),
                 "handoff_mean_ms": round(handoff_ms, 2),
                 **{k: round(v, 2) for k, v in dataclasses.asdict(costs).items()},
                 "stretched": round(self.itl_budget.stretched, 1),
@@ -376,6 +378,10 @@ class Disaggregation:
             rest = max(0.0, steps.ttft_ms(running, 0.0) - elapsed_ms)
         return rest + steps.ttft_ms(queued - running, new_tokens)
 
+    def _ttft_tail_ms(self, unknown: float = math.inf) -> float:
+        """Where the TTFT tail the budget is spent on begins, for the budget spent so far."""
+        return self.ttft_tail.bound_ms(unknown, fill=self.itl_budget.fill())
+
     def _handoff_model(self, model: str) -> HandoffCostModel:
         m = self.handoff_models.get(model)
         if m is None:
@@ -408,9 +414,7 @@ class Disaggregation:
             # What the client's TTFT would be with the token held (like with like: the tail
             # is of those figures).
             held_ms = (now - state.placed_at) * 1000.0 + state.handoff_ms
-            if state.hold_first and held_ms > self.ttft_tail.bound_ms(
-                    fill=self.itl_budget.fill()) \
-                    and self.itl_budget.room():
+            if state.hold_first and self.itl_budget.room() and held_ms > self._ttft_tail_ms():
                 # Among the slowest first tokens: one gap stretched by the hand-off costs the
                 # ITL percentiles less than the hold would cost the TTFT tail.
                 self.itl_budget.spend(1)

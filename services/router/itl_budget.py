@@ -21,6 +21,7 @@ already there: one gap stretched by its hand-off, where holding it would add tha
 one of the slowest first tokens. Owns that bookkeeping; the decisions are
 `disaggregation.py`'s.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,7 +33,7 @@ from collections.abc import Callable
 class TtftTail:
     """Recent first-token times and their quantile: what the budget is spent on lies past it."""
 
-    def __init__(self, quantile: float = 0.95, window: int = 256, min_samples: int = 20) -> None:
+    def __init__(self, quantile: float = 0.9, window: int = 256, min_samples: int = 20) -> None:
         if not 0.0 < quantile < 1.0:
             raise ValueError(f"the tail quantile must be in (0, 1), got {quantile}")
         self.quantile = quantile
@@ -105,11 +106,9 @@ class ItlMissBudget:
         # A plain mean of the first ones, then decaying: one short request (a health probe)
         # must not stand for the next dozens.
         self._finished_count += 1
-        if self.mean_output is None:
-            self.mean_output = float(tokens)
-        else:
-            weight = max(self.OUTPUT_MEAN_WEIGHT, 1.0 / self._finished_count)
-            self.mean_output += weight * (tokens - self.mean_output)
+        mean = 0.0 if self.mean_output is None else self.mean_output
+        weight = max(self.OUTPUT_MEAN_WEIGHT, 1.0 / self._finished_count)  # the first: 1
+        self.mean_output = mean + weight * (tokens - mean)
 
     def allowance(self) -> float:
         """Gaps the window lets stretch: the share of its gaps."""
