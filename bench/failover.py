@@ -243,13 +243,13 @@ class DynamoDeployment(Deployment):
         cmd = ["bash", str(DYNAMO_START), str(self.model), str(self.port), str(WORKERS), "1",
                str(self.migration_limit)]
         log(f"dynamo: {shlex.join(cmd)} (logs {self.log_dir})")
-        # start.sh backgrounds everything in its own session and exits once the model is
+        # start.sh backgrounds everything in its own process group and exits once the model is
         # listed; its pids go to a file (a pipe would stay open through the children).
         pid_file = self.log_dir / "pids"
         with pid_file.open("wb") as out:
             self.proc = await asyncio.create_subprocess_exec(
                 *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=out, env=env,
-                start_new_session=True)
+                preexec_fn=os.setpgrp)
         await asyncio.wait_for(self.proc.wait(), timeout_s)
         self.pids = [int(x) for x in pid_file.read_text().split()]
         self._remember(self.pids)

@@ -255,7 +255,8 @@ def _lru_visit(cache: OrderedDict[int, None], keys: list[int], capacity: int) ->
 
 
 class Deployment:
-    """Processes started for one system, each in its own session (process group), and a URL."""
+    """Processes started for one system, each in its own process group (not a session: see
+    turnout/up.py on autogroup scheduling), and a URL."""
 
     def __init__(self, name: str, port: int, log_dir: Path) -> None:
         self.name = name
@@ -270,7 +271,7 @@ class Deployment:
         with path.open("wb") as out:
             self.procs.append(subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=env, cwd=str(REPO), start_new_session=True))
+                env=env, cwd=str(REPO), process_group=0))
 
     def alive(self) -> bool:
         return bool(self.procs) and all(p.poll() is None for p in self.procs)
@@ -292,7 +293,7 @@ class Deployment:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for p in self.procs:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(p.pid, sig)  # start_new_session: pgid == pid
+                    os.killpg(p.pid, sig)  # process_group=0: pgid == pid
             for q in doomed:
                 with contextlib.suppress(psutil.Error):
                     q.send_signal(sig)

@@ -84,15 +84,16 @@ class Stack:
         raise NotImplementedError
 
     async def spawn(self, cmd: list[str], log_prefix: str) -> None:
-        """Start `cmd` as this stack's process, in its own session (so `stop()` can kill the
-        group), output to a fresh log file."""
+        """Start `cmd` as this stack's process, leading its own process group (so `stop()` can
+        kill the group; not a session: see turnout/up.py on autogroup scheduling), output to a
+        fresh log file."""
         fd, name = tempfile.mkstemp(prefix=log_prefix, suffix=".log")
         self.log_path = Path(name)
         log(f"starting: {shlex.join(cmd)} (log {name})")
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd,
-                start_new_session=True, cwd=str(REPO))
+                preexec_fn=os.setpgrp, cwd=str(REPO))
         finally:
             os.close(fd)
 
@@ -104,7 +105,7 @@ class Stack:
         pids = list(self.extra_pids)
         pgid = None
         if self.proc is not None:
-            pgid = self.proc.pid  # started with start_new_session: pgid == pid
+            pgid = self.proc.pid  # started with setpgrp: pgid == pid
             pids.append(self.proc.pid)
         doomed: list[psutil.Process] = []
         for pid in pids:
@@ -232,7 +233,7 @@ class DynamoStack(Stack):
         with pid_file.open("wb") as out:
             self.proc = await asyncio.create_subprocess_exec(
                 *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=out, env=env,
-                start_new_session=True)
+                preexec_fn=os.setpgrp)
         try:
             await asyncio.wait_for(self.proc.wait(), timeout_s)
         except TimeoutError:

@@ -212,7 +212,7 @@ class Sweep:
         with open(self.workdir / f"{name}.log", "ab") as out:
             self.processes[name] = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                process_group=0, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
     def check_alive(self) -> None:
         for name, proc in self.processes.items():

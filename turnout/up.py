@@ -344,9 +344,12 @@ class Supervisor:
         self._next_report = now + PROGRESS_EVERY_S
         for child in self.children:
             # Own process group: a Ctrl-C reaches `up` alone, which then stops the children in
-            # order instead of all of them dying at once mid-stream.
+            # order instead of all of them dying at once mid-stream. Not a session of its own:
+            # with autogroup scheduling (on in many distributions' kernels) every session is a
+            # scheduling group, and a CPU engine's busy threads then kept the router off both
+            # cores of a 2-core host for over ten seconds (its lease ran out mid-stream).
             child.process = proc = subprocess.Popen(
-                child.argv, start_new_session=True, stdin=subprocess.DEVNULL,
+                child.argv, process_group=0, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             assert proc.stdout is not None
             os.set_blocking(proc.stdout.fileno(), False)

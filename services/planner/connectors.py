@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -179,10 +180,12 @@ class LocalConnector:
         worker_id = f"{self.id_prefix}-{self.role}-{self.started_total}"
         argv = [*self.command, "--worker-id", worker_id]
         try:
-            # Own session: a Ctrl-C meant for the planner does not hit its workers mid-stream;
-            # the planner stops them itself, draining.
+            # Own process group: a Ctrl-C meant for the planner does not hit its workers
+            # mid-stream; the planner stops them itself, draining. Not a session (see
+            # turnout/up.py on autogroup scheduling); uvloop takes no `process_group`, and
+            # setpgrp is a bare system call, safe between fork and exec.
             proc = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.DEVNULL,
-                                                        start_new_session=True)
+                                                        preexec_fn=os.setpgrp)
         except OSError as exc:
             log.error("could not start a worker", extra={"fields": {
                 "role": self.role, "error": str(exc)}})

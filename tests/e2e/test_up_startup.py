@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from turnout.testing.deployment import free_port
@@ -129,3 +130,21 @@ def test_a_silent_stalled_worker_is_given_up_on_after_the_startup_timeout(
     err = up.stderr()
     assert "turnout up: no progress for 3 s while starting (worker-1 starting)" in err, err[-3000:]
     assert "Turnout is up" not in up.stdout()
+
+
+def test_services_lead_their_own_process_groups_inside_ups_session(
+        tmp_path: Path, up_runs: list[Up]) -> None:
+    """A Ctrl-C at the terminal reaches `up` alone (each service leads a process group of its
+    own), but no service is a session of its own: under autogroup scheduling every session is a
+    scheduling group, and a CPU engine's busy threads kept the router off both cores of a
+    2-core host for over ten seconds (measured with /proc/<tid>/schedstat), long enough for its
+    discovery lease to run out mid-stream."""
+    up = Up(tmp_path, "--workers", "1")
+    up_runs.append(up)
+    up.wait_stdout("Turnout is up", 90)
+    session = os.getsid(up.process.pid)
+    children = psutil.Process(up.process.pid).children()
+    assert len(children) >= 3, children  # router, worker, frontend
+    for child in children:
+        assert os.getpgid(child.pid) == child.pid, child.cmdline()
+        assert os.getsid(child.pid) == session, child.cmdline()

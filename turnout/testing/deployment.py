@@ -2,15 +2,15 @@
 benchmarks.
 
 `Deployment` starts each service as its own `python -m turnout <service> ...` process (or
-another launcher of the `turnout` command) in its own session, on free ports, with a temporary
-file-discovery directory; it waits with a bound for each one to register (and the frontend's
-/health, and the router to route to every worker); it reads discovery records and /metrics; it
-signals services; and it always stops and reaps what it started, in order (planner, frontend,
-router, workers), SIGKILLing whatever SIGTERM did not stop in time. Every service's output goes
-to its own log file, kept for failure reports. With `curve=True` (or TURNOUT_TEST_CURVE=1 in the
-environment, so any existing end-to-end test runs that way; TURNOUT_TEST_CURVE=0 or unset: plain)
-it first generates fleet keys in `<workdir>/keys` and every service it starts gets them
-(TURNOUT_KEYS_DIR): the planes use CURVE.
+another launcher of the `turnout` command) in its own process group, on free ports, with a
+temporary file-discovery directory; it waits with a bound for each one to register (and the
+frontend's /health, and the router to route to every worker); it reads discovery records and
+/metrics; it signals services; and it always stops and reaps what it started, in order (planner,
+frontend, router, workers), SIGKILLing whatever SIGTERM did not stop in time. Every service's
+output goes to its own log file, kept for failure reports. With `curve=True` (or
+TURNOUT_TEST_CURVE=1 in the environment, so any existing end-to-end test runs that way;
+TURNOUT_TEST_CURVE=0 or unset: plain) it first generates fleet keys in `<workdir>/keys` and
+every service it starts gets them (TURNOUT_KEYS_DIR): the planes use CURVE.
 
 Owns process lifecycle and observation. Does not own what a test or benchmark sends.
 """
@@ -246,11 +246,12 @@ class Deployment:
         cmd = [*self.command, *argv]
         log = self.workdir / f"{name}.log"
         with open(log, "ab") as out:
-            # Own session: a signal meant for the test runner does not reach the services, and
-            # stop() can reach a service's children through its process group.
+            # Own process group: a signal meant for the test runner does not reach the
+            # services, and stop() can reach a service's children through it. Not a session of
+            # its own: see turnout/up.py on autogroup scheduling.
             process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
                                        stderr=subprocess.STDOUT, cwd=ROOT, env=self.env,
-                                       start_new_session=True)
+                                       process_group=0)
         service = Service(self, role, name, cmd, process, log)
         self.services.append(service)
         return service
@@ -441,7 +442,7 @@ class Deployment:
         # others running), then each is reaped.
         for service in self.services:
             try:
-                os.killpg(service.pid, signal.SIGKILL)  # start_new_session: pgid == pid
+                os.killpg(service.pid, signal.SIGKILL)  # process_group=0: pgid == pid
             except (ProcessLookupError, PermissionError):
                 pass
         for service in self.services:
