@@ -11,6 +11,10 @@ Sources, the simplest honest ones available:
   requests: input length = (prompt - cached tokens) / requests, i.e. the *uncached* prompt tokens
   that cost prefill capacity; output length = generated tokens / requests that generated any;
   TTFT and inter-token latency = the mean of the interval's samples.
+- the prefill-to-decode hand-offs (`turnout_router_disagg_handoff_seconds`, and how many of
+  those first tokens the routers held back to go out with the second): a disaggregated
+  stream's first gap is the KV hand-off, not a decode step, so `decode_itl_ms` takes those gaps
+  out of the clients' inter-token latency (what the decode pool's correction is learned from).
 - without a frontend to scrape (a gateway talking to the router directly), lengths fall back to
   the workers' forward-pass records (`fpm`): tokens computed in the interval / requests ended.
   Those are attributed when computed, not when their request ends, so they are biased while the
@@ -71,12 +75,16 @@ FRONTEND_REJECTIONS = "turnout_frontend_rejections_total"
 ROUTER_IMAGES = "turnout_router_images_total"
 ROUTER_ENCODE_SUM = "turnout_router_encode_seconds_sum"
 ROUTER_ENCODE_COUNT = "turnout_router_encode_seconds_count"
+ROUTER_HANDOFF_SUM = "turnout_router_disagg_handoff_seconds_sum"
+ROUTER_HANDOFF_COUNT = "turnout_router_disagg_handoff_seconds_count"
+ROUTER_HANDOFFS = "turnout_router_disagg_handoffs_total"
+HELD = "first_token_held"  # a hand-off whose first token went out with the second: no gap
 NO_WORKERS = "no_workers"  # the frontend's rejection reason when no worker serves any model
 FRONTEND_SERIES = (FRONTEND_REQUESTS, FRONTEND_INPUT, FRONTEND_CACHED, FRONTEND_OUTPUT,
                    FRONTEND_TTFT_SUM, FRONTEND_TTFT_COUNT, FRONTEND_ITL_SUM, FRONTEND_ITL_COUNT)
 _WANTED = {ROUTER_REQUESTS, ROUTER_INFLIGHT, FRONTEND_QUEUED, FRONTEND_ACTIVE,
            FRONTEND_REJECTIONS, ROUTER_IMAGES, ROUTER_ENCODE_SUM, ROUTER_ENCODE_COUNT,
-           *FRONTEND_SERIES}
+           ROUTER_HANDOFF_SUM, ROUTER_HANDOFF_COUNT, ROUTER_HANDOFFS, *FRONTEND_SERIES}
 
 Sample = tuple[str, dict[str, str], float]  # name, labels, value
 
@@ -93,6 +101,26 @@ class Observation:
     demand: Demand | None = None  # None: no router or frontend answered
     encode: EncodeStage | None = None  # None: no router gave a delta this interval
     ended_rate: float | None = None  # requests/s that ended (what the latencies describe)
+    itl_requests: float = 0.0  # the requests behind itl_ms (two tokens or more)
+    handoffs: float = 0.0  # first gaps that were a prefill-to-decode hand-off
+    handoff_gap_ms: float = 0.0  # their sum as clients saw it (a held first token: none)
+
+    @property
+    def decode_itl_ms(self) -> float | None:
+        """The mean gap between a stream's tokens with the hand-offs' first gaps taken out:
+        what decode steps gave clients. Those gaps are KV transfer and scheduling (a held first
+        token shows none), which decode workers do not buy down; judged as decode steps, long
+        prompts with short answers read as a slow decode pool. None when the interval's gaps
+        were (nearly) all hand-offs. Per-request means are weighted by the mean answer: exact
+        when the answers are of one length."""
+        if self.itl_ms is None or self.handoffs <= 0 or self.itl_requests <= 0:
+            return self.itl_ms
+        gaps = self.itl_requests * max(1.0, (self.output_tokens or 2.0) - 1.0)
+        left = gaps - self.handoffs
+        if left < 0.5 * self.itl_requests:
+            return None
+        total = self.itl_ms * gaps - self.handoff_gap_ms
+        return total / left if total > 0 else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +205,7 @@ class LoadObserver:
         f = dict.fromkeys(FRONTEND_SERIES, 0.0)  # summed increases over the frontends
         enc = {"encode_pool": 0.0, "inline": 0.0, "sum": 0.0, "count": 0.0}  # over routers
         encode_seen = False
+        handoff = {"sum": 0.0, "count": 0.0, "held": 0.0}  # over routers
         for inst, samples in zip(targets, scraped, strict=True):
             if samples is None:
                 continue
@@ -195,15 +224,11 @@ class LoadObserver:
                     arrived += max(0.0, d_total + grown)  # < 0 only across a restart
                     ended += d_total
                     served += d_ok
-                encode_seen |= self._encode_deltas(inst.id, samples, enc)
+                encode_seen |= self._add_deltas(inst.id, "encode_", self._encode_totals(samples),
+                                                enc)
+                self._add_deltas(inst.id, "handoff_", self._handoff_totals(samples), handoff)
             elif inst.role == ROLE_FRONTEND:
-                totals = self._frontend_totals(samples)
-                deltas = {k: self.deltas.delta(inst.id, k, v) for k, v in totals.items()}
-                if any(d is None for d in deltas.values()):
-                    continue
-                frontend_seen = True
-                for k, d in deltas.items():
-                    f[k] += d or 0.0
+                frontend_seen |= self._add_deltas(inst.id, "", self._frontend_totals(samples), f)
         if frontend_seen:
             requests, generating = f[FRONTEND_REQUESTS], f[FRONTEND_TTFT_COUNT]
             uncached = max(0.0, f[FRONTEND_INPUT] - f[FRONTEND_CACHED])
@@ -223,15 +248,31 @@ class LoadObserver:
             ttft_ms=1000.0 * f[FRONTEND_TTFT_SUM] / ttft_n if ttft_n > 0 else None,
             itl_ms=1000.0 * f[FRONTEND_ITL_SUM] / itl_n if itl_n > 0 else None,
             decode_steps=steps,
+            itl_requests=itl_n,
+            handoffs=handoff["count"],
+            # A held first token's gap was none: the rest are taken at the hand-offs' mean.
+            handoff_gap_ms=1000.0 * handoff["sum"] * max(0.0, 1.0 - handoff["held"]
+                                                          / handoff["count"])
+            if handoff["count"] > 0 else 0.0,
             encode=EncodeStage(
                 enc["encode_pool"] / interval, enc["inline"] / interval,
                 1000.0 * enc["sum"] / enc["count"] if enc["count"] > 0 else None,
             ) if encode_seen else None,
         )
 
-    def _encode_deltas(self, router_id: str, samples: list[Sample],
-                       out: dict[str, float]) -> bool:
-        """Add one router's encode-stage increases to `out`; False on its baseline scrape."""
+    def _add_deltas(self, instance_id: str, prefix: str, totals: dict[str, float],
+                    out: dict[str, float]) -> bool:
+        """Add one instance's increases of `totals` to `out`; False on its baseline scrape."""
+        deltas = {k: self.deltas.delta(instance_id, prefix + k, v) for k, v in totals.items()}
+        if any(d is None for d in deltas.values()):
+            return False
+        for k, d in deltas.items():
+            out[k] += d or 0.0
+        return True
+
+    @staticmethod
+    def _encode_totals(samples: list[Sample]) -> dict[str, float]:
+        """A router's images by path and its encode-stage latency sum and count."""
         totals = {"encode_pool": 0.0, "inline": 0.0, "sum": 0.0, "count": 0.0}
         for name, labels, v in samples:
             if name == ROUTER_IMAGES and labels.get("path") in ("encode_pool", "inline"):
@@ -240,12 +281,20 @@ class LoadObserver:
                 totals["sum"] += v
             elif name == ROUTER_ENCODE_COUNT:
                 totals["count"] += v
-        deltas = {k: self.deltas.delta(router_id, "encode_" + k, v) for k, v in totals.items()}
-        if any(d is None for d in deltas.values()):
-            return False
-        for k, d in deltas.items():
-            out[k] += d or 0.0
-        return True
+        return totals
+
+    @staticmethod
+    def _handoff_totals(samples: list[Sample]) -> dict[str, float]:
+        """A router's hand-off latency sum and count, and its first tokens held back."""
+        totals = {"sum": 0.0, "count": 0.0, "held": 0.0}
+        for name, labels, v in samples:
+            if name == ROUTER_HANDOFF_SUM:
+                totals["sum"] += v
+            elif name == ROUTER_HANDOFF_COUNT:
+                totals["count"] += v
+            elif name == ROUTER_HANDOFFS and labels.get("outcome") == HELD:
+                totals["held"] += v
+        return totals
 
     async def live_rate(self, routers: list[Instance], window_s: float) -> float | None:
         """Requests/s that reached the routers over about the last `window_s` (ended, any

@@ -282,7 +282,8 @@ class Planner:
         self.planner.limits = self.limits()
         model_itl = self.model_itl(obs)  # (keeps its window of steps, steady or not)
         if self.steady(obs):
-            self.planner.correct(obs.ttft_ms, self.model_ttft(obs), obs.itl_ms, model_itl)
+            self.planner.correct(obs.ttft_ms, self.model_ttft(obs), obs.decode_itl_ms,
+                                 model_itl)
         elif self.planner.disaggregated:
             # A prefill pool's TTFT correction carries the queue's wait by design (its
             # capacity plans none): a burst's growing queue is what it must learn.

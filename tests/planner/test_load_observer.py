@@ -249,3 +249,45 @@ async def test_a_rise_in_arrivals_shows_from_the_last_half_of_the_window() -> No
         rate = await obs.live_rate([ROUTER], window_s=1.0)
         (t0, _), *_, (t3, _) = obs._arrivals
         assert rate == pytest.approx(20 / (t3 - t0))
+
+
+@pytest.mark.asyncio
+async def test_hand_off_gaps_are_taken_out_of_the_decode_itl() -> None:
+    """A disaggregated stream's first gap is its KV hand-off, not a decode step: the ITL the
+    decode pool is judged by leaves it out (a held first token's gap, none, too). Exposition
+    from the frontend's and router's own metrics classes, so a renamed series fails here."""
+    frontend, router = FrontendMetrics(), RouterMetrics("r1")
+    mine = ModelMetrics(frontend, "mock")
+    web = Pages()
+
+    def publish() -> None:
+        web.pages["http://f/metrics"] = generate_latest(frontend.registry).decode()
+        web.pages["http://r/metrics"] = generate_latest(router.registry).decode()
+
+    def serve(answers: int, tokens: int, handoff_s: float, held: int, gap_s: float) -> None:
+        """`answers` streams of `tokens` tokens, each handed off (`held` of them with the first
+        token held back to go out with the second); every other gap `gap_s`."""
+        for i in range(answers):
+            router.disagg_handoff_seconds.observe(handoff_s)
+            first = 0.0 if i < held else handoff_s
+            mine.output_tokens.inc(tokens)
+            mine.ttft.observe(0.1)
+            mine.itl.observe((first + (tokens - 2) * gap_s) / (tokens - 1))
+        router.disagg_handoffs.labels("first_token_held").inc(held)
+
+    publish()
+    async with httpx.AsyncClient(transport=httpx.MockTransport(web.handler)) as client:
+        obs = LoadObserver("mock", client)
+        await obs.collect([ROUTER], [FRONTEND])  # baselines
+        serve(10, 11, 0.05, 4, 0.01)  # 6 first gaps of 50 ms seen, 4 of none; 90 of 10 ms
+        publish()
+        long = await obs.collect([ROUTER], [FRONTEND])
+        serve(10, 2, 0.05, 0, 0.01)  # two-token answers: every gap a hand-off
+        publish()
+        short = await obs.collect([ROUTER], [FRONTEND])
+        publish()
+        none = await obs.collect([ROUTER], [FRONTEND])
+    assert long.itl_ms == pytest.approx((6 * 50 + 90 * 10) / 100)
+    assert long.decode_itl_ms == pytest.approx(10.0)
+    assert short.itl_ms == pytest.approx(50.0) and short.decode_itl_ms is None
+    assert none.itl_ms is None and none.decode_itl_ms is None

@@ -546,6 +546,46 @@ async def test_a_decode_worker_mid_hand_off_does_not_undo_a_scale_down(profile: 
 
 
 @pytest.mark.asyncio
+async def test_hand_off_gaps_do_not_read_as_a_slow_decode_pool(profile: Path) -> None:
+    """Seen in CI: long prompts with two-token answers, on a busy host. Each stream's one gap
+    is its KV hand-off (33 ms, against 18 ms modelled for the decode step), which had set the
+    ITL correction to 1.9; a reactive check then found the lone decode worker, one stream
+    resident, over the 20 ms target and added a decode worker that could not shorten a
+    hand-off. Those gaps are taken out of the ITL the correction learns from."""
+    p = make_planner(profile, "--planner-mode", "disaggregated", "--ttft-slo-ms", "2000",
+                     "--itl-slo-ms", "20", "--max-step-tokens", "256", "--max-replicas", "2")
+    prefill, decode = FakeConnector("prefill", 1), FakeConnector("decode", 1)
+    p.connectors = {"prefill": prefill, "decode": decode}
+    p.workers = {w: Instance(w, "worker", p.model_name, metadata={"mode": mode})
+                 for w, mode in (("p1", "prefill"), ("d1", "decode"))}
+    p.loads = {"p1": (time.monotonic(), LoadReport("p1", 0, 0, 0, 256, 0, 0)),
+               "d1": (time.monotonic(), LoadReport("d1", 0, 0, 16, 64, 0, 1))}
+    try:
+        steps = [StepSample(0, 1, 0.25, 17.6)] * 2
+        for _ in range(3):
+            p.clock.now += 2  # type: ignore[attr-defined]
+            p.observer.next = dataclasses.replace(  # type: ignore[attr-defined]
+                observe(2.0, isl=1000, osl=2, ttft_ms=900.0, itl_ms=33.0, steps=steps),
+                ended_rate=2.0, itl_requests=4.0, handoffs=4.0, handoff_gap_ms=4 * 33.0)
+            await p.adjust()
+        assert p.planner.itl_correction.factor == 1.0
+        await p.react()
+        assert decode.replicas == 1
+        assert 0.8 < metrics(p)["turnout_planner_least_worker_pressure{'role': 'decode'}"] < 1
+        # Answers of 20 tokens: the 18 gaps after the hand-off are decode steps, learned from.
+        p.clock.now += 2  # type: ignore[attr-defined]
+        p.observer.next = dataclasses.replace(  # type: ignore[attr-defined]
+            observe(2.0, isl=1000, osl=20, ttft_ms=900.0, itl_ms=(33.0 + 18 * 35.2) / 19,
+                    steps=steps),
+            ended_rate=2.0, itl_requests=4.0, handoffs=4.0, handoff_gap_ms=4 * 33.0)
+        await p.adjust()
+        assert p.planner.itl_correction.factor == pytest.approx(35.2 / p.model.step_ms(
+            0, 1, 0.25), rel=0.01)
+    finally:
+        close(p)
+
+
+@pytest.mark.asyncio
 async def test_the_itl_correction_weighs_steps_by_streams_over_the_finished_requests_lives(
         profile: Path) -> None:
     """Clients' ITL is a mean over streams' gaps: a step decoding eight streams counts eight
