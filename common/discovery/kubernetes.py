@@ -189,20 +189,9 @@ class KubernetesDiscovery(Discovery):
     async def _core_api(self) -> Any:
         async with self._connect_lock:
             if self._core is None:
-                from kubernetes.aio import client, config
+                from kubernetes.aio import client
 
-                configuration = client.Configuration()
-                # Read now, not at import: $KUBECONFIG may be a ':'-separated list.
-                kubeconfig = os.environ.get("KUBECONFIG") or "~/.kube/config"
-                if os.environ.get("KUBERNETES_SERVICE_HOST"):
-                    config.load_incluster_config(client_configuration=configuration)
-                else:
-                    await config.load_kube_config(config_file=kubeconfig,
-                                                  client_configuration=configuration,
-                                                  persist_config=False)
-                if not self.namespace:
-                    self.namespace = _default_namespace(config, kubeconfig)
-                self._api = client.ApiClient(configuration)
+                self._api, self.namespace = await kube_api_client(self.namespace)
                 self._core = client.CoreV1Api(self._api)
             return self._core
 
@@ -385,6 +374,23 @@ async def _json_body(resp: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise _ApiError(resp.status, "the response is not a JSON object")
     return body
+
+
+async def kube_api_client(namespace: str) -> tuple[Any, str]:
+    """An API client configured in-cluster (a pod's service account) or from $KUBECONFIG, and
+    the namespace to work in: `namespace`, else the pod's own, else the kubeconfig context's,
+    else "default". Raises ImportError without the kubernetes package."""
+    from kubernetes.aio import client, config
+
+    configuration = client.Configuration()
+    # Read now, not at import: $KUBECONFIG may be a ':'-separated list.
+    kubeconfig = os.environ.get("KUBECONFIG") or "~/.kube/config"
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config(client_configuration=configuration)
+    else:
+        await config.load_kube_config(config_file=kubeconfig, client_configuration=configuration,
+                                      persist_config=False)
+    return client.ApiClient(configuration), namespace or _default_namespace(config, kubeconfig)
 
 
 def _default_namespace(config: Any, kubeconfig: str) -> str:

@@ -20,10 +20,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from typing import Any
 
-from common.discovery.kubernetes import _default_namespace
+from common.discovery.kubernetes import kube_api_client
 from services.planner.connectors import PoolState
 
 log = logging.getLogger("turnout.planner")
@@ -57,21 +56,11 @@ class KubernetesConnector:
         async with self._connect_lock:
             if self._apps is None:
                 try:
-                    from kubernetes.aio import client, config
+                    from kubernetes.aio import client
                 except ImportError as exc:
                     raise KubeApiError("the kubernetes connector needs the [kubernetes] extra "
                                        "(pip install 'turnout[kubernetes]')") from exc
-                configuration = client.Configuration()
-                kubeconfig = os.environ.get("KUBECONFIG") or "~/.kube/config"
-                if os.environ.get("KUBERNETES_SERVICE_HOST"):
-                    config.load_incluster_config(client_configuration=configuration)
-                else:
-                    await config.load_kube_config(config_file=kubeconfig,
-                                                  client_configuration=configuration,
-                                                  persist_config=False)
-                if not self.namespace:
-                    self.namespace = _default_namespace(config, kubeconfig)
-                self._api = client.ApiClient(configuration)
+                self._api, self.namespace = await kube_api_client(self.namespace)
                 self._apps = client.AppsV1Api(self._api)
             return self._apps
 
