@@ -3,7 +3,8 @@ conditional against NVIDIA Dynamo 1.6.1 aggregated and disaggregated, on the sam
 open-loop workloads in one run.
 
 Owns: the workloads (Poisson arrivals of prompts of 1,000-1,800 random token ids with 100-200
-output tokens, ignore_eos, at each `--rates`; and a shared-prefix workload from the Mooncake
+output tokens, ignore_eos, at each `--rates`, other lengths through `--prompt-tokens` and
+`--output-tokens`; and a shared-prefix workload from the Mooncake
 trace, its prompts built block by block as `bench/kv_routing.py` builds them, cut to
 `--prefix-max-tokens`, its arrivals rescaled to `--prefix-rate`), starting every system fresh
 per workload (Turnout through `turnout.testing.deployment` as `turnout up` would start it;
@@ -94,17 +95,32 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def random_workload(n: int, rate: float, vocab: Sequence[int], seed: int) -> list[TraceRequest]:
-    """`n` requests, Poisson arrivals at `rate`/s, prompts of 1,000-1,800 random ids (no
-    shared prefixes), 100-200 output tokens; the same for every system."""
+def random_workload(n: int, rate: float, vocab: Sequence[int], seed: int,
+                    prompt_tokens: tuple[int, int] = (1000, 1800),
+                    output_tokens: tuple[int, int] = (100, 200)) -> list[TraceRequest]:
+    """`n` requests, Poisson arrivals at `rate`/s, prompts of `prompt_tokens` (default
+    1,000-1,800) random ids (no shared prefixes), `output_tokens` (100-200) output tokens; the
+    same for every system. The defaults keep the seeded draws of earlier runs."""
     rng = random.Random(f"{seed}:{rate}")
     at = 0.0
     out = []
     for _ in range(n):
         at += rng.expovariate(rate)
-        prompt = rng.choices(vocab, k=rng.randint(1000, 1800))
-        out.append(TraceRequest(at, prompt, rng.randint(100, 200)))
+        prompt = rng.choices(vocab, k=rng.randint(*prompt_tokens))
+        out.append(TraceRequest(at, prompt, rng.randint(*output_tokens)))
     return out
+
+
+def token_range(text: str) -> tuple[int, int]:
+    """`LO-HI` (inclusive, LO >= 1) as given to `--prompt-tokens` and `--output-tokens`."""
+    lo, sep, hi = text.partition("-")
+    try:
+        a, b = int(lo), int(hi if sep else lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO-HI, e.g. 1000-1800; got {text!r}") from None
+    if not 1 <= a <= b:
+        raise argparse.ArgumentTypeError(f"expected 1 <= LO <= HI; got {text!r}")
+    return a, b
 
 
 def prefix_workload(start: int, n: int, rate: float, max_tokens: int, vocab: Sequence[int],
@@ -204,9 +220,11 @@ class DynamoSystem(Deployment):
         return (await _models(self.base_url))[0]
 
     def _launch(self, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        # A process group, not a session: every system then shares this process's scheduling
+        # group (autogroup), as Turnout's services do (turnout.testing.deployment).
         with (self.log_dir / "start.log").open("wb") as err:
             return subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=err, env=env, cwd=str(REPO), start_new_session=True)
+                                    stderr=err, env=env, cwd=str(REPO), process_group=0)
 
     def alive(self) -> bool:
         return bool(self.pids) and all(_pid_alive(p) for p in self.pids)
@@ -373,12 +391,14 @@ async def main_async(args: argparse.Namespace, systems: list[str]) -> int:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     model = (args.model or default_model()).resolve()
     vocab = prompt_token_ids(model)
-    rand = [(f"random@{r:g}", random_workload(args.requests, r, vocab, args.seed))
+    rand = [(f"random@{r:g}", random_workload(args.requests, r, vocab, args.seed,
+                                              args.prompt_tokens, args.output_tokens))
             for r in args.rates]
     prefix = [("prefix", prefix_workload(args.prefix_start, args.prefix_requests, args.prefix_rate,
                                          args.prefix_max_tokens, vocab, args.seed))
               ] if args.prefix_requests > 0 else []
-    max_model_len = args.prefix_max_tokens + 512
+    max_model_len = max(args.prefix_max_tokens + 512,
+                        args.prompt_tokens[1] + args.output_tokens[1] + 64)
     log_root = Path(tempfile.mkdtemp(prefix="disagg-bench-"))
     log(f"logs under {log_root}; model {model}; the machine is shared: figures are noisy")
     lines: list[dict[str, Any]] = []
@@ -412,6 +432,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=300, help="per random workload")
     parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")],
                         default=[2.5, 8.0], help="arrival rates of the random workload, req/s")
+    parser.add_argument("--prompt-tokens", type=token_range, default=(1000, 1800),
+                        help="prompt lengths of the random workload, LO-HI tokens")
+    parser.add_argument("--output-tokens", type=token_range, default=(100, 200),
+                        help="output lengths of the random workload, LO-HI tokens")
     parser.add_argument("--prefix-requests", type=int, default=300,
                         help="Mooncake rows of the shared-prefix workload (0: skip it)")
     # Rows 3,600-3,899 share the most: cut to 8,192 tokens, 59% of their prompt tokens repeat
