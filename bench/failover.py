@@ -34,7 +34,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -58,6 +57,7 @@ from load_client import (  # noqa: E402  (path set up just above)
     served_models,
 )
 
+from common.free_port import free_port  # noqa: E402
 from common.prometheus_text import Metrics  # noqa: E402
 from turnout.testing.deployment import Deployment as LocalDeployment  # noqa: E402
 from turnout.testing.deployment import scrape_async  # noqa: E402
@@ -76,12 +76,6 @@ WORKERS = 2
 
 def log(msg: str) -> None:
     print(f"[failover {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---------------------------------------------------------------------------------------------

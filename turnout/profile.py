@@ -31,7 +31,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ import zmq
 from common.config import opt, parse_configs, to_argv
 from common.discovery import open_discovery
 from common.event_plane import EventSubscriber
+from common.free_port import free_port
 from common.malformed import MALFORMED
 from common.messages import (
     ROLE_WORKER,
@@ -164,12 +164,6 @@ def say(text: str) -> None:
     print(f"turnout profile: {text}", file=sys.stderr, flush=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Sweep:
     """The private deployment and the requests that drive it."""
 
@@ -180,7 +174,7 @@ class Sweep:
         self.engine_argv = engine_argv
         self.workdir = workdir
         self.discovery = f"file:{workdir / 'discovery'}"
-        self.port = _free_port()
+        self.port = free_port()
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.records: list[ForwardPass] = []
         self.kv_total = 0

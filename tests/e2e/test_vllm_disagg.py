@@ -32,6 +32,7 @@ if importlib.util.find_spec("nixl") is None:
     pytest.skip("NIXL is not installed (make test installs nixl-cu12 with the vLLM engine)",
                 allow_module_level=True)
 
+from common.free_port import free_port
 from common.messages import (
     KIND_GENERATE,
     KIND_TOKENS,
@@ -41,7 +42,6 @@ from common.messages import (
     encoder,
     token_batch_decoder,
 )
-from services.worker.engines.vllm_nixl import free_port
 from tests.e2e.vllm_host import VLLM_LEASE_TTL_S
 from tests.tiny_model import cached_tiny_model
 from turnout.testing.deployment import Deployment, Service, wait_for

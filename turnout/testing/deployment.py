@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +31,7 @@ import httpx
 import zmq
 
 from common import prometheus_text
+from common.free_port import free_port
 from common.prometheus_text import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,34 +40,6 @@ PYTHON_TURNOUT = (sys.executable, "-m", "turnout")
 STOP_ORDER = ("planner", "frontend", "router", "worker")
 
 T = TypeVar("T")
-
-
-def _ephemeral_ports() -> tuple[int, int]:
-    """The range the kernel takes outgoing connections' local ports from."""
-    try:
-        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(lo), int(hi)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def free_port() -> int:
-    """A loopback port free now, for a process to bind later. Chosen below the ephemeral range:
-    a port from it may be taken in between by any outgoing connection (a DEALER connecting, an
-    HTTP client), which made a process fail with 'Address already in use'."""
-    lo, _ = _ephemeral_ports()
-    rng = random.SystemRandom()
-    for _ in range(64):
-        port = rng.randrange(10_000, lo) if lo > 11_000 else 0
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return int(s.getsockname()[1])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def curve_from_environment() -> bool | None:

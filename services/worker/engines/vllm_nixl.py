@@ -34,13 +34,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vllm.config import KVTransferConfig
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlConnector
 
+from common.free_port import free_port
 from common.messages import PHASE_AGGREGATED, PHASE_DECODE, PHASE_PREFILL
 
 if TYPE_CHECKING:
@@ -130,13 +130,6 @@ def quiet_progress_thread(delay_us: int) -> bool:
         return False
     _api.nixlBind = _WaitingProgressBind(bind, delay_us)
     return True
-
-
-def free_port(host: str) -> int:
-    """A port free on `host` now (the side channel binds it moments later, in vLLM)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
