@@ -55,7 +55,7 @@ from services.frontend.args import FrontendConfig
 from services.planner.args import PlannerConfig
 from services.router.args import RouterConfig
 from services.worker.args import DEFAULT_EMBEDDING_CACHE_MB, WorkerConfig
-from services.worker.engines import engine_argv, engine_config_classes
+from services.worker.engines import engine_argv, engine_config_classes, split_refusal
 
 
 @dataclasses.dataclass
@@ -198,6 +198,12 @@ def plan(argv: Sequence[str]) -> Plan:
             raise SystemExit("turnout up: --prefill-workers/--decode-workers are pools of "
                              "--planner-mode disaggregated")
         planner.planner_mode = "disaggregated"
+    modes = [worker.worker_mode, *(["prefill"] if up.prefill_workers else []),
+             *(["decode"] if up.decode_workers else []),
+             *(["prefill"] if up.planner and planner.planner_mode == "disaggregated" else [])]
+    for mode in modes:
+        if refusal := split_refusal(worker.engine, mode):
+            raise SystemExit(f"turnout up: {refusal}")
     if up.planner and worker.worker_mode != "aggregated":
         raise SystemExit("turnout up: with --planner, the planner gives its workers their "
                          "--worker-mode (use --planner-mode disaggregated)")

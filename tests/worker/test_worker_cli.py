@@ -1,5 +1,5 @@
 """`turnout worker` as a user runs it: grouped --help, disaggregation settings that cannot run
-refused at start-up."""
+(bad values, roles an engine cannot take) refused at start-up."""
 
 from __future__ import annotations
 
@@ -23,6 +23,15 @@ def turnout(*argv: str) -> subprocess.CompletedProcess[str]:
     (["up", "--worker-mode", "decode", "--decode-workers", "1"],
      "give either --worker-mode or --prefill-workers/--decode-workers"),
     (["router", "--local-prefill-max-ratio", "2"], "--local-prefill-max-ratio must lie in"),
+    # Turnout moves no KV for these engines: the split would run whole answers in prefill.
+    (["worker", "--engine", "sglang", "--worker-mode", "prefill", "--model", "m"],
+     "--engine sglang does not run --worker-mode prefill yet"),
+    (["worker", "--engine", "trtllm", "--worker-mode", "decode", "--model", "m"],
+     "--engine trtllm does not run --worker-mode decode yet"),
+    (["up", "--engine", "sglang", "--prefill-workers", "1", "--decode-workers", "1"],
+     "--engine sglang does not run --worker-mode prefill yet"),
+    (["up", "--engine", "trtllm", "--planner", "--planner-mode", "disaggregated"],
+     "--engine trtllm does not run --worker-mode prefill yet"),
 ])
 def test_disaggregation_flags_a_role_cannot_run_with_fail_at_startup(
         argv: list[str], message: str) -> None:

@@ -151,11 +151,31 @@ def refuse_flags_unused_by_encode(engine_configs: list[Any]) -> None:
                          f"workers)")
 
 
+# Engines whose KV Turnout moves between a prefill and a decode worker. SGLang's and
+# TensorRT-LLM's own disaggregation (bootstrap rooms; disaggregated params) is not wired in: a
+# prefill worker there would run whole answers, and a decode worker recompute every prompt.
+SPLIT_ENGINES = ("mocker", "vllm")
+
+
+def split_refusal(engine: str, mode: str) -> str | None:
+    """Why a worker of `engine` cannot run in `mode` (None: it can): a prefill or decode worker
+    of an engine Turnout cannot move KV for."""
+    if mode not in (MODE_PREFILL, MODE_DECODE) or engine in SPLIT_ENGINES:
+        return None
+    return (f"--engine {engine} does not run --worker-mode {mode} yet: Turnout moves KV between "
+            f"prefill and decode workers for "
+            f"{' and '.join('--engine ' + e for e in SPLIT_ENGINES)}; run {engine} workers "
+            f"aggregated")
+
+
 def create_engine(config: WorkerConfig, engine_configs: list[Any]) -> Engine:
     if config.engine not in ("mocker", "vllm", "sglang", "trtllm"):
         raise SystemExit(f"engine {config.engine!r} is not built into this install; "
                          f"use --engine mocker")
     refuse_foreign_flags(config.engine, engine_configs)
+    refusal = split_refusal(config.engine, config.worker_mode)
+    if refusal:
+        raise SystemExit(refusal)
     if config.engine == "mocker":
         from services.worker.engines.mocker.engine import MockerEngine
 
