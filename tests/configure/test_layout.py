@@ -31,12 +31,26 @@ def test_disaggregated_wins_and_its_replica_becomes_worker_pools() -> None:
 
 
 def test_replicas_multiply_the_workers_of_a_row() -> None:
-    layout = choose(TRTLLM, sweep(TRTLLM)).layout
+    layout = layout_from_row(TRTLLM, "disagg", sweep(TRTLLM)["experiments"]["disagg"]["best"][0])
     # Rank 1: two replicas of 1 prefill TP4 + 1 decode TP4 (batch 48), 478 tokens/s/GPU.
+    assert layout is not None
     assert layout.mode == "disaggregated" and layout.replicas == 2
     assert layout.pools == (Pool("prefill", 2, 4, 1, 1), Pool("decode", 2, 4, 1, 48))
     assert layout.tokens_per_s_per_gpu == pytest.approx(478.35, rel=1e-4)
     assert layout.itl_ms <= TRTLLM.itl_ms and layout.ttft_ms <= TRTLLM.ttft_ms
+
+
+def test_disaggregated_rows_of_an_engine_turnout_cannot_split_are_not_chosen() -> None:
+    # TensorRT-LLM's disaggregated rows win its sweep, but Turnout moves no KV between
+    # TensorRT-LLM workers: the best aggregated row is chosen and the others are counted.
+    choice = choose(TRTLLM, sweep(TRTLLM))
+    assert choice.layout.mode == "aggregated"
+    assert set(choice.best_by_mode) == {"aggregated"}
+    assert choice.unsplittable == 3
+    # The same rows for an engine it splits: the disaggregated one wins.
+    as_vllm = choose(dataclasses.replace(TRTLLM, backend="vllm"), sweep(TRTLLM))
+    assert as_vllm.layout.mode == "disaggregated" and as_vllm.unsplittable == 0
+    assert as_vllm.layout.tokens_per_s_per_gpu > choice.layout.tokens_per_s_per_gpu
 
 
 def test_aggregated_wins_on_a_small_model() -> None:

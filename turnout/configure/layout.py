@@ -5,8 +5,9 @@ aiconfigurator ranks configurations per experiment (`agg`, `disagg`); a row desc
 repeated `gpus // num_total_gpus` times. A layout is the replicas flattened into Turnout's worker
 pools (`Pool`: role, workers, tensor and pipeline parallelism, batch). Every row's TTFT and ITL
 are compared with the targets again (its strict-SLA filter is trusted for nothing), rows Turnout
-cannot translate (attention data parallelism, expert parallelism) are left out, and the one with
-the most output tokens per second per GPU of the whole budget wins.
+cannot translate (attention data parallelism, expert parallelism) or run (disaggregated rows of
+an engine whose KV it does not move) are left out, and the one with the most output tokens per
+second per GPU of the whole budget wins.
 
 Owns reading the sweep and the choice; does not run aiconfigurator (`estimate`) or write files.
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any
+
+from services.worker.engines import SPLIT_ENGINES
 
 MODES = {"agg": "aggregated", "disagg": "disaggregated"}
 
@@ -131,6 +134,7 @@ class Choice:
     candidates: int  # rows that met the targets and translate
     missed_targets: int  # rows aiconfigurator returned that miss a target (dropped)
     untranslatable: int  # rows needing data or expert parallelism (dropped)
+    unsplittable: int = 0  # disaggregated rows of an engine Turnout cannot split (dropped)
 
 
 def _int(row: dict[str, Any], key: str, default: int = 1) -> int:
@@ -182,11 +186,14 @@ def choose(request: Request, sweep: dict[str, Any]) -> Choice:
     NoLayout when none does."""
     best: Layout | None = None
     by_mode: dict[str, Layout] = {}
-    candidates = missed = untranslatable = 0
+    candidates = missed = untranslatable = unsplittable = 0
     for experiment, found in sweep.get("experiments", {}).items():
         for row in found.get("best", []):
             if not meets(request, row):
                 missed += 1
+                continue
+            if experiment == "disagg" and request.backend not in SPLIT_ENGINES:
+                unsplittable += 1
                 continue
             layout = layout_from_row(request, experiment, row)
             if layout is None:
@@ -205,10 +212,13 @@ def choose(request: Request, sweep: dict[str, Any]) -> Choice:
         if untranslatable:
             why += (f" ({untranslatable} that do need attention data or expert parallelism, "
                     "which turnout configure does not translate)")
+        elif unsplittable:
+            why += (f" ({unsplittable} disaggregated ones do, but Turnout does not run "
+                    f"{request.backend} disaggregated yet)")
         else:
             why += "; loosen a target, add GPUs or try another --backend"
         raise NoLayout(why)
-    return Choice(best, by_mode, candidates, missed, untranslatable)
+    return Choice(best, by_mode, candidates, missed, untranslatable, unsplittable)
 
 
 def frontier(sweep: dict[str, Any]) -> list[FrontierPoint]:

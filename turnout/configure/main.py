@@ -54,6 +54,10 @@ def report(outcome: Outcome) -> str:
     if outcome.choice.missed_targets:
         lines.append(f"  ({outcome.choice.missed_targets} configurations aiconfigurator "
                      "returned missed a target here and were dropped)")
+    if outcome.choice.unsplittable:
+        lines.append(f"  ({outcome.choice.unsplittable} disaggregated configurations met the "
+                     f"targets but were dropped: Turnout does not run {r.backend} "
+                     "disaggregated yet)")
     lines.append("run it on this machine:")
     lines += [f"  {c}" for c in doc["commands"]]
     lines += [f"  note: {n}" for n in doc["notes"]]
