@@ -372,10 +372,13 @@ class RouterClient:
             self.router_lost(router_id, "presumed gone", only=ids, exclude="")
             return
         link = self.routers.get(router_id)
-        if link is not None and not link.draining:
+        if link is not None:
             link.draining = True
-            link.lost_counted = True
-            self.metrics.routers_lost.labels("draining").inc()
+            # Counted here, not when it left discovery (which may be seen first): leaving
+            # says nothing of its streams until it gives them back.
+            if not link.lost_counted:
+                link.lost_counted = True
+                self.metrics.routers_lost.labels("draining").inc()
         self.router_lost(router_id, "draining", only=ids)
 
 
@@ -409,7 +412,7 @@ class _RouterLink:
             self.up = connected and not self.hung
             if connected:
                 self.heard_at = asyncio.get_running_loop().time()
-                self.lost_counted = self.draining
+                self.lost_counted = self.lost_counted and self.draining
             else:
                 client.fail_streams(self.router_id)
 
@@ -419,7 +422,7 @@ class _RouterLink:
         if self.hung:
             self.hung = False
             self.up = self.dealer.connected
-            self.lost_counted = self.draining
+            self.lost_counted = self.lost_counted and self.draining
         if len(frames) == 2 and frames[0] == KIND_TOKENS:
             client.deliver(frames[1], self.router_id)
         elif len(frames) == 2 and frames[0] == KIND_PONG:

@@ -178,6 +178,29 @@ def test_a_draining_router_hands_its_streams_back(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+def test_a_router_seen_leaving_discovery_before_it_hands_back_is_lost_once_as_draining(
+        tmp_path: Path) -> None:
+    # A draining router leaves discovery, then gives its streams back; the frontend may see
+    # either first. Seen leaving first, its loss was never counted.
+    async def body(client: RouterClient, r1: FakeRouter, r2: FakeRouter) -> None:
+        async def leave_then_drain(old: FakeRouter, ident: bytes) -> None:
+            router_id = client.streams["x"].router
+            await client.discovery.unregister(router_id)
+            deadline = asyncio.get_running_loop().time() + 10
+            while not client.routers[router_id].draining:
+                assert asyncio.get_running_loop().time() < deadline, "removal never seen"
+                await asyncio.sleep(0.01)
+            await old.socket.send_multipart([ident, KIND_RESUME_ELSEWHERE,
+                                             encoder.encode(ResumeElsewhere(["x"]))])
+
+        await resume_after(leave_then_drain, client, r1, r2)
+        lost = {s.labels["why"]: s.value for s in client.metrics.routers_lost.collect()[0].samples
+                if s.name.endswith("_total")}
+        assert lost == {"draining": 1.0}
+
+    run(tmp_path, body)
+
+
 def test_a_dropped_router_has_its_streams_resumed_at_once(tmp_path: Path) -> None:
     async def drop(old: FakeRouter, ident: bytes) -> None:
         old.close()
