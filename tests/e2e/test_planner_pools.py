@@ -168,12 +168,14 @@ def test_planner_scales_prefill_and_decode_pools_apart_without_aborting_a_stream
         note_workers()
         await wait_pools(url, {"prefill": (1, 1)}, 120, stream,
                          "the idle prefill worker to be drained")
+        # Read while the decode load still runs: once it stops, an idle decode pool shrinks
+        # too, as it should (a busy host may take longer than the cooldown to finish).
+        m = await scrape_async(url)
         phase.set()
         await sending
         await stream.finish(180)
         assert not stream.failures, stream.failures[:5]
         assert stream.completed == len(stream.tasks)
-        m = await scrape_async(url)
         assert m.value("turnout_planner_scaling_actions_total", role="prefill",
                        direction="down") >= 1
         assert m.value("turnout_planner_scaling_actions_total", role="decode",
@@ -189,7 +191,7 @@ def test_planner_scales_prefill_and_decode_pools_apart_without_aborting_a_stream
     finally:
         # Whatever happened, nothing is left behind: the workers it noted, and any other
         # process of this test's deployment (a worker the planner started last; they run in
-        # sessions of their own, out of the harness's reach).
+        # process groups of their own, out of the harness's reach).
         for proc in psutil.process_iter(["pid", "cmdline"]):
             if str(tmp_path) in " ".join(proc.info["cmdline"] or []):
                 started.add(proc.info["pid"])
