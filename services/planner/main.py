@@ -35,6 +35,7 @@ from common.event_plane import EventSubscriber
 from common.malformed import MALFORMED
 from common.messages import (
     MODE_AGGREGATED,
+    MODE_DECODE,
     MODE_ENCODE,
     MODE_PREFILL,
     ROLE_FRONTEND,
@@ -84,6 +85,7 @@ from services.planner.replica_planner import (
     ReplicaPlanner,
     Slo,
 )
+from services.worker.engines import engine_named_in, split_refusal
 
 log = logging.getLogger("turnout.planner")
 
@@ -782,3 +784,25 @@ def _check(config: PlannerConfig) -> None:
         raise SystemExit("turnout planner: --encode-latency-slo-ms must be positive")
     if config.max_gpus < 0 or config.gpus_per_worker < 1:
         raise SystemExit("turnout planner: need --max-gpus >= 0 and --gpus-per-worker >= 1")
+    _refuse_workers_that_cannot_start(config)
+
+
+def _refuse_workers_that_cannot_start(config: PlannerConfig) -> None:
+    """Worker flags the local connector would start every worker with, checked up front: a
+    quoting error, or an engine that cannot take its pool's role, would otherwise only show as
+    each worker it starts exiting."""
+    if config.dry_run or config.connector != "local":
+        return
+    roles = [(MODE_AGGREGATED, "--worker-args", config.worker_args)]
+    if config.planner_mode == "disaggregated":
+        roles = [(MODE_PREFILL, "--prefill-worker-args", config.prefill_worker_args),
+                 (MODE_DECODE, "--decode-worker-args", config.decode_worker_args)]
+    for mode, flag, args in [*roles, (MODE_ENCODE, "--encode-worker-args",
+                                      config.encode_worker_args)]:
+        flag, args = (flag, args) if args else ("--worker-args", config.worker_args)
+        try:
+            argv = shlex.split(args)
+        except ValueError as exc:
+            raise SystemExit(f"turnout planner: {flag}: {exc}") from exc
+        if refusal := split_refusal(engine_named_in(argv), mode):
+            raise SystemExit(f"turnout planner: {refusal}" + (f" (from {flag})" if args else ""))

@@ -1,5 +1,6 @@
 """`turnout worker` as a user runs it: grouped --help, disaggregation settings that cannot run
-(bad values, roles an engine cannot take) refused at start-up."""
+(bad values, roles an engine cannot take) refused at start-up, by the worker and by `up` and the
+planner that would start such workers."""
 
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ def turnout(*argv: str) -> subprocess.CompletedProcess[str]:
      "--engine sglang does not run --worker-mode prefill yet"),
     (["up", "--engine", "trtllm", "--planner", "--planner-mode", "disaggregated"],
      "--engine trtllm does not run --worker-mode prefill yet"),
+    (["planner", "--planner-mode", "disaggregated", "--worker-args", "--engine sglang --model m"],
+     "--engine sglang does not run --worker-mode prefill yet"),
+    (["planner", "--planner-mode", "disaggregated", "--decode-worker-args=--engine=trtllm"],
+     "run trtllm workers aggregated (from --decode-worker-args)"),
+    (["planner", "--worker-args", '--model "m'], "--worker-args: No closing quotation"),
 ])
 def test_disaggregation_flags_a_role_cannot_run_with_fail_at_startup(
         argv: list[str], message: str) -> None:

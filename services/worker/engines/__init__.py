@@ -4,8 +4,11 @@ config classes make up the worker's engine flags, and how they become one engine
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +169,15 @@ def split_refusal(engine: str, mode: str) -> str | None:
             f"prefill and decode workers for "
             f"{' and '.join('--engine ' + e for e in SPLIT_ENGINES)}; run {engine} workers "
             f"aggregated")
+
+
+def engine_named_in(worker_argv: Sequence[str]) -> str:
+    """The --engine a `turnout worker` started with `worker_argv` (and this environment) runs:
+    the last one given, else $TURNOUT_ENGINE, else the mocker, as the worker's own parser
+    reads it."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--engine", default=os.environ.get("TURNOUT_ENGINE") or "mocker")
+    return str(parser.parse_known_args(list(worker_argv))[0].engine)
 
 
 def create_engine(config: WorkerConfig, engine_configs: list[Any]) -> Engine:
