@@ -51,7 +51,7 @@ def test_gaps_count_from_admission_and_are_set_right_at_the_end() -> None:
     """A request counts the gaps it is expected to stream when it is placed (so a router that
     has just started can spend), and its real ones once it ends; the finished lengths teach
     what a request without a useful max_tokens is expected to stream."""
-    budget = ItlMissBudget(0.01)
+    budget = ItlMissBudget(0.01, clock=FakeClock())  # no decay between the steps
     counted = budget.admitted(100_000)  # a chat request's default: the room left in context
     assert counted == ItlMissBudget.PRIOR_OUTPUT_TOKENS - 1
     budget.finished(counted, 41)  # it stopped at EOS after 41 tokens: 40 gaps
@@ -68,7 +68,7 @@ def test_one_short_request_does_not_stand_for_the_next_ones() -> None:
     """A health probe of two tokens finishes first: the requests after it stream 150 each,
     and the expected output follows them at once (a plain mean of the first 32), then decays
     with each one's weight 1/32."""
-    budget = ItlMissBudget(0.01)
+    budget = ItlMissBudget(0.01, clock=FakeClock())
     budget.finished(budget.admitted(2), 2)
     for _ in range(4):
         budget.finished(budget.admitted(150), 150)
