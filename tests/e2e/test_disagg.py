@@ -134,8 +134,13 @@ def test_conditional_decisions_follow_the_thresholds(deployment: Deployment) -> 
     """A prompt mostly cached on the decode worker (its uncached part under 400 tokens and
     under 70% of it) prefills there; a fresh one on the prefill worker; a decode worker with
     enough requests in flight vetoes a local prefill."""
+    # Targets no path can miss: the token thresholds decide. With the defaults a starved host
+    # (a busy loop on one of two cores) measured hand-off gaps past the 50 ms ITL target, and
+    # the router rightly prefilled two fresh prompts locally (`handoff_gap`).
     deployment.start_router("--local-prefill-max-tokens", "400",
-                            "--decode-veto-requests", "2")
+                            "--decode-veto-requests", "2",
+                            "--disagg-ttft-target-ms", "600000",
+                            "--disagg-itl-target-ms", "600000")
     deployment.start_worker("--worker-mode", "prefill", "--speedup-ratio", "1",
                             worker_id="p1")
     deployment.start_worker("--worker-mode", "decode", "--speedup-ratio", "1", *PATIENT,
