@@ -4,6 +4,7 @@ planner that would start such workers."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +14,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def turnout(*argv: str) -> subprocess.CompletedProcess[str]:
+def turnout(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "turnout", *argv], cwd=REPO, text=True,
-                          capture_output=True, timeout=60)
+                          capture_output=True, timeout=60,
+                          env=None if env is None else {**os.environ, **env})
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -45,6 +47,18 @@ def test_disaggregation_flags_a_role_cannot_run_with_fail_at_startup(
     assert done.returncode != 0
     assert done.stderr.count("\n") == 1, done.stderr  # one line, no usage text or traceback
     assert message in done.stderr
+
+
+def test_the_planner_reads_its_workers_engine_from_the_environment_as_they_would() -> None:
+    from_env = turnout("planner", "--planner-mode", "disaggregated",
+                       env={"TURNOUT_ENGINE": "sglang"})
+    assert from_env.returncode != 0
+    assert "--engine sglang does not run --worker-mode prefill yet" in from_env.stderr
+    # A flag in --worker-args wins over the environment, as in the worker's own parser.
+    from_flag = turnout("planner", "--planner-mode", "disaggregated",
+                        "--worker-args", "--engine trtllm", env={"TURNOUT_ENGINE": "sglang"})
+    assert from_flag.returncode != 0
+    assert "--engine trtllm does not run --worker-mode prefill yet" in from_flag.stderr
 
 
 def test_help_groups_engine_neutral_and_engine_flags() -> None:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common.config import declaring_class, flag_name, is_flag, to_argv
+from common.config import declaring_class, env_name, flag_name, is_flag, to_argv
 from common.messages import MODE_DECODE, MODE_ENCODE, MODE_PREFILL
 from services.worker.args import EngineConfig, WorkerConfig
 from services.worker.engine import Engine
@@ -175,8 +175,10 @@ def engine_named_in(worker_argv: Sequence[str]) -> str:
     """The --engine a `turnout worker` started with `worker_argv` (and this environment) runs:
     the last one given, else $TURNOUT_ENGINE, else the mocker, as the worker's own parser
     reads it."""
+    field = next(f for f in dataclasses.fields(WorkerConfig) if f.name == "engine")
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--engine", default=os.environ.get("TURNOUT_ENGINE") or "mocker")
+    parser.add_argument(flag_name(field), dest="engine",
+                        default=os.environ.get(env_name(field)) or field.default)
     return str(parser.parse_known_args(list(worker_argv))[0].engine)
 
 
