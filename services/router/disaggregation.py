@@ -23,8 +23,9 @@ The conditional path is priced per request against the targets `--disagg-ttft-ta
 `--disagg-itl-target-ms`, with the router's step-time model (`cost_model.py`) and a hand-off
 model fitted from the hand-offs it observed (`PathCosts`):
 
-- local: the request's TTFT on the decode worker (its queued prefill and this prompt's uncached
-  part, chunk by chunk beside its decode passes), and the longest step its streams would see
+- local: the request's TTFT on the decode worker (what is left of the prefill step running
+  there, its queued prefill and this prompt's uncached part, chunk by chunk beside its decode
+  passes), and the longest step its streams would see
   meanwhile. A prefill chunk sits in the decode batch's steps, so when that step exceeds the
   ITL target, every stream decoding there (and every hand-off due there) gets a gap past it;
 - remote: the TTFT on the best prefill worker (what is left of the step running there, then
@@ -348,7 +349,7 @@ class Disaggregation:
         load = worker_load(decode, load_of(decode))
         decoding = max(load.decoding, float(in_flight))
         queued = load.queued_tokens
-        local_ttft = steps.ttft_ms(queued, uncached, decoding, load.kv_usage)
+        local_ttft = self.prefill_ttft(steps, decode, uncached, decoding, load.kv_usage)
         chunk = max(1.0, steps.chunk_tokens - decoding)
         local_step = (steps.prefill_ms(min(queued + uncached, chunk))
                       + steps.decode_ms(max(1.0, decoding), load.kv_usage))
@@ -359,24 +360,28 @@ class Disaggregation:
             queue_wait = (self.clock() - p.usage.queued_since) * 1000.0
             queue_ttft = self.prefill_ttft(steps, p, 0)
         # The decode worker's own queued prefill still running when the KV lands delays it.
-        pending = max(0.0, steps.ttft_ms(queued, 0.0, decoding, load.kv_usage) - remote_ttft)
+        pending = max(0.0, self.prefill_ttft(steps, decode, 0, decoding, load.kv_usage)
+                      - remote_ttft)
         handoff = self._handoff_model(model).upper(uncached) + pending
         exposed = decoding + prefill_inflight / max(1, decode_workers)
         return PathCosts(local_ttft, local_step, exposed, remote_ttft, handoff, queue_wait,
                          queue_ttft)
 
-    def prefill_ttft(self, steps: StepCostModel, worker: WorkerHandle, new_tokens: int) -> float:
-        """Predicted time to the first token of `new_tokens` on a prefill worker: the step in
-        progress there runs to its end first (a prompt cannot join a running step), then the
-        prompts waiting behind it go in with this one."""
+    def prefill_ttft(self, steps: StepCostModel, worker: WorkerHandle, new_tokens: float,
+                     decoding: float = 0.0, kv_usage: float = 0.0) -> float:
+        """Predicted time to the first token of `new_tokens` on `worker` (`decoding` sequences
+        decoding there at `kv_usage`; 0 new tokens: until its queued prefill is done): the step
+        in progress there runs to its end first (a prompt cannot join a running step), then
+        the prompts waiting behind it go in with this one. A decode worker halfway through a
+        long local prefill is as near its end as a prefill worker would be."""
         usage = worker.usage
         queued = load_of(worker)[0] * worker.block_size
         running = usage.batch_blocks * worker.block_size  # never past pending (`Accounting`)
         rest = 0.0
         if running > 0:
             elapsed_ms = (self.clock() - usage.batch_started_at) * 1000.0
-            rest = max(0.0, steps.ttft_ms(running, 0.0) - elapsed_ms)
-        return rest + steps.ttft_ms(queued - running, new_tokens)
+            rest = max(0.0, steps.ttft_ms(running, 0.0, decoding, kv_usage) - elapsed_ms)
+        return rest + steps.ttft_ms(queued - running, new_tokens, decoding, kv_usage)
 
     def _ttft_tail_ms(self, unknown: float = math.inf) -> float:
         """Where the TTFT tail the budget is spent on begins, for the budget spent so far."""

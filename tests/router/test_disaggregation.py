@@ -558,3 +558,35 @@ def test_a_first_token_already_in_the_ttft_tail_goes_out_at_once_on_the_budget()
         out = [c.token_ids for f in w.frontends.sent[before:] for c in frontend_chunks(f)[1]]
         assert out == ([[42]] if tail_sent else [])
         assert counter(w.metrics.disagg_handoffs, "first_token_tail") == tail_sent
+
+
+def test_a_decode_worker_in_a_long_local_prefill_is_priced_by_what_is_left_of_it() -> None:
+    """A prompt arriving while its decode worker runs a long local prefill: both its local TTFT
+    and the hand-off gap it would get there (its KV lands mid-step) shrink as that step runs,
+    as on a prefill worker. Priced from the step's start instead, a short prompt 150 ms into an
+    8,000-token step looked ~150 ms worse on both paths: its first token, which could be held
+    into a 200 ms TTFT, streamed at once and the rest of the step opened the gap after it."""
+    p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
+    w = wire(p, d, mode="conditional", kv=True, **SLA)
+    place(w, "r1", tokens=8000)
+    assert counter(w.metrics.disagg_decisions, "local", "handoff_gap") == 1
+    disagg = w.streams.disagg
+    steps = disagg.cost_models.get(MODEL).steps
+    step_ms = steps.ttft_ms(8000, 0, 1)
+    short = request("r2", 32)
+
+    def costs() -> PathCosts:
+        return disagg.path_costs(MODEL, 32, 32, d, 1, disagg.prefill_policy.decide(short, [p]),
+                                 prefill_inflight=0, decode_workers=1)
+
+    start = costs()
+    # It cannot join the running step: it waits for it, then takes the next.
+    assert start.local_ttft_ms == pytest.approx(step_ms + steps.ttft_ms(0, 32, 1))
+    assert start.handoff_ms > step_ms - start.remote_ttft_ms  # the whole step lies ahead
+    w.clock.advance(0.150)
+    later = costs()
+    assert later.local_ttft_ms == pytest.approx(step_ms - 150 + steps.ttft_ms(0, 32, 1))
+    assert later.handoff_ms == pytest.approx(start.handoff_ms - 150)
+    assert later.remote_ttft_ms + later.handoff_ms <= SLA["disagg_ttft_target_ms"]
+    w.clock.advance(1.0)  # overdue: it ends any moment; the pull alone is left
+    assert costs().handoff_ms == pytest.approx(start.handoff_ms - (step_ms - start.remote_ttft_ms))
