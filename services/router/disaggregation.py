@@ -30,7 +30,8 @@ model fitted from the hand-offs it observed (`PathCosts`):
   ITL target, every stream decoding there (and every hand-off due there) gets a gap past it;
 - remote: the TTFT on the best prefill worker (what is left of the step running there, then
   the prompts queued behind it with this prompt's part uncached there: `prefill_ttft`), and the
-  hand-off gap (the pull of what the decode worker lacks, plus its pending prefill). The
+  hand-off gap (the pull of what the decode worker lacks, plus what is left of its own
+  prefill when the KV lands). The
   queued prompts end with this one, so joining them delays them: the worst first token of that
   step is the oldest queued prompt's (`PathCosts.remote_tail_ms`).
 
