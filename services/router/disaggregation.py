@@ -25,15 +25,14 @@ model fitted from the hand-offs it observed (`PathCosts`):
 
 - local: the request's TTFT on the decode worker (what is left of the prefill step running
   there, its queued prefill and this prompt's uncached part, chunk by chunk beside its decode
-  passes), and the longest step its streams would see
-  meanwhile. A prefill chunk sits in the decode batch's steps, so when that step exceeds the
-  ITL target, every stream decoding there (and every hand-off due there) gets a gap past it;
+  passes), and the longest step its streams would see meanwhile. A prefill chunk sits in the
+  decode batch's steps, so when that step exceeds the ITL target, every stream decoding there
+  (and every hand-off due there) gets a gap past it;
 - remote: the TTFT on the best prefill worker (what is left of the step running there, then
   the prompts queued behind it with this prompt's part uncached there: `prefill_ttft`), and the
-  hand-off gap (the pull of what the decode worker lacks, plus what is left of its own
-  prefill when the KV lands). The
-  queued prompts end with this one, so joining them delays them: the worst first token of that
-  step is the oldest queued prompt's (`PathCosts.remote_tail_ms`).
+  hand-off gap (the pull of what the decode worker lacks, plus what is left of its own prefill
+  when the KV lands). The queued prompts end with this one, so joining them delays them: the
+  worst first token of that step is the oldest queued prompt's (`PathCosts.remote_tail_ms`).
 
 A path "fits" when it meets both targets and, for local, stretches no stream's step past the
 ITL target. Exactly one fits: it is taken (reasons `handoff_gap`, `remote_ttft` and
