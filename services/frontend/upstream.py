@@ -329,8 +329,15 @@ class RouterClient:
                                               for e in self.streams.values()):
                         self._forget(link)
                 self.malformed.forget(inst.id)
-            elif (inst.id not in self.routers and "request" in inst.endpoints
-                  and trusted_peer(self.ctx, inst.metadata)):
+            elif (link := self.routers.get(inst.id)) is not None:
+                if link.draining and not link.drain_announced:
+                    # Its record lapsed and is back (its owner stalled, or the wall clock
+                    # jumped under every lease at once): it never said it drains, so it
+                    # takes new streams again.
+                    link.draining = False
+                    log.info("router back in discovery", extra={"fields": {
+                        "router": inst.id}})
+            elif "request" in inst.endpoints and trusted_peer(self.ctx, inst.metadata):
                 self.routers[inst.id] = _RouterLink(self, inst)
 
     def _forget(self, link: _RouterLink) -> None:
@@ -373,7 +380,7 @@ class RouterClient:
             return
         link = self.routers.get(router_id)
         if link is not None:
-            link.draining = True
+            link.draining = link.drain_announced = True
             # Counted here, not when it left discovery (which may be seen first): leaving
             # says nothing of its streams until it gives them back.
             if not link.lost_counted:
@@ -396,6 +403,7 @@ class _RouterLink:
         self.up = True  # optimistic until a drop: requests queue while it connects
         self.hung = False  # declared hung by silence; any frame from it lifts that
         self.draining = False  # it gave its streams back or left discovery: nothing new
+        self.drain_announced = False  # it said it drains (not just a lapsed record)
         # The rhythm of its pongs (None: it never answered a ping, and its silence says
         # nothing): phi-accrual, as routers judge workers, so a router on a busy host gets the
         # slack its irregular pongs have shown, while a frozen one on a quiet host is caught in
