@@ -2,11 +2,13 @@
 
 Owns the on-disk layout, atomic writes (temp file in the same directory + `os.replace`, so a
 reader never sees half a record), lease renewal (the owner re-touches its files every
-`lease_ttl / 3`), expiry (a record older than `lease_ttl` is not live), garbage collection of
-records and temp files older than `3 * lease_ttl` (by any reader), and polling for watchers.
-Works for any number of processes sharing the directory (local disk or a shared volume whose
-clients' clocks agree to well within `lease_ttl`). Does not own the record type
-(`common.messages.Instance`).
+`lease_ttl / 3`), expiry, garbage collection of records and temp files older than
+`3 * lease_ttl` (by any reader), and polling for watchers. A record is live while its mtime is
+within `lease_ttl` of the reader's wall clock, or while this reader saw it renewed (its mtime
+change) within `lease_ttl` by its own monotonic clock: a wall clock that jumps (a VM paused or
+restored from a snapshot) or disagrees between hosts does not make live records lapse, nor get
+them collected. Works for any number of processes sharing the directory (local disk or a shared
+volume). Does not own the record type (`common.messages.Instance`).
 
 Whoever can write the directory can register a worker, so it must be writable by its owner only:
 a directory or record writable by group or others is refused at start (a clear error), records
@@ -22,7 +24,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,11 +76,15 @@ class _CachedFile:
     key: tuple[int, int, int]
     mtime: float
     instance: Instance | None  # None: malformed
+    # When this reader saw the file change (monotonic; None: it has not yet, only its first
+    # sight): a renewal seen is a lease kept, whatever the wall clock says of the mtime.
+    renewed_at: float | None = None
 
 
 class FileDiscovery(Discovery):
     def __init__(self, directory: str | os.PathLike[str], lease_ttl: float = 10.0,
-                 poll_interval: float = 0.2) -> None:
+                 poll_interval: float = 0.2,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         if lease_ttl <= 0 or poll_interval <= 0:
             raise ValueError("lease_ttl and poll_interval must be positive")
         super().__init__()
@@ -87,6 +93,7 @@ class FileDiscovery(Discovery):
         check_not_writable_by_others(self.directory)
         self.lease_ttl = lease_ttl
         self.poll_interval = poll_interval
+        self.wall_clock = wall_clock  # what mtimes are judged against
         self._owned: dict[str, Instance] = {}  # registered by this object: leases to keep
         self._files: dict[str, _CachedFile] = {}  # file name → last read
         self._warned: set[str] = set()  # malformed files already logged
@@ -202,9 +209,11 @@ class FileDiscovery(Discovery):
                 self._publish(old.get(instance_id), instance)
 
     def _scan(self) -> dict[str, Instance]:
-        now = time.time()
+        now = self.wall_clock()
         expire_before = now - self.lease_ttl
         collect_before = now - _GC_LEASES * self.lease_ttl
+        seen = time.monotonic()
+        renewed_since = seen - self.lease_ttl
         live: dict[str, Instance] = {}
         present: set[str] = set()
         with os.scandir(self.directory) as entries:
@@ -218,7 +227,10 @@ class FileDiscovery(Discovery):
                     st = entry.stat()
                 except FileNotFoundError:
                     continue
-                if st.st_mtime < collect_before:
+                cached = self._files.get(name)
+                renewed = (cached is not None and cached.renewed_at is not None
+                           and cached.renewed_at >= seen - _GC_LEASES * self.lease_ttl)
+                if st.st_mtime < collect_before and not renewed:
                     self._collect(entry.path, collect_before)
                     continue
                 if is_tmp:
@@ -232,11 +244,13 @@ class FileDiscovery(Discovery):
                     continue
                 present.add(name)
                 key = (st.st_ino, st.st_mtime_ns, st.st_size)
-                cached = self._files.get(name)
                 if cached is None or cached.key != key:
-                    cached = _CachedFile(key, st.st_mtime, self._read(entry.path, name))
+                    cached = _CachedFile(key, st.st_mtime, self._read(entry.path, name),
+                                         None if cached is None else seen)
                     self._files[name] = cached
-                if cached.instance is not None and cached.mtime >= expire_before:
+                if cached.instance is not None and (
+                        cached.mtime >= expire_before or (cached.renewed_at is not None
+                                                          and cached.renewed_at >= renewed_since)):
                     live[cached.instance.id] = cached.instance
         for name in self._files.keys() - present:
             del self._files[name]

@@ -142,6 +142,46 @@ async def test_lease_renewal_keeps_record_live(tmp_path: Path) -> None:
         await reader.close()
 
 
+async def test_a_wall_clock_jump_lapses_no_record_seen_renewed(tmp_path: Path) -> None:
+    """The reader's wall clock leaps three leases ahead (a VM restored from a snapshot): a
+    record it has seen renewed stays live and uncollected while renewals go on, and still
+    expires on its lease once they stop."""
+    jump = [0.0]
+    writer = FileDiscovery(tmp_path, lease_ttl=0.4, poll_interval=POLL)
+    reader = FileDiscovery(tmp_path, lease_ttl=0.4, poll_interval=POLL,
+                           wall_clock=lambda: time.time() + jump[0])
+    record = tmp_path / "w-1.json"
+    try:
+        await writer.register(worker("w-1"))
+        assert [i.id for i in await reader.list()] == ["w-1"]
+        first = record.stat().st_mtime_ns
+
+        async def renewed() -> bool:
+            return record.stat().st_mtime_ns != first
+
+        await wait_until(renewed)
+        assert [i.id for i in await reader.list()] == ["w-1"]  # it saw the renewal
+        jump[0] = 4 * 0.4
+        for _ in range(12):  # 1.2 s: three leases
+            await asyncio.sleep(0.1)
+            assert [i.id for i in await reader.list()] == ["w-1"]
+        assert record.exists()
+
+        await writer.close()  # like a crash: renewals stop
+
+        async def expired() -> bool:
+            return await reader.list() == []
+
+        await wait_until(expired, within=3)
+        stranger = FileDiscovery(tmp_path, lease_ttl=0.4, poll_interval=POLL,
+                                 wall_clock=lambda: time.time() + jump[0])
+        assert await stranger.list() == []  # first sight of a stale record: not live
+        await stranger.close()
+    finally:
+        await writer.close()
+        await reader.close()
+
+
 async def test_close_keeps_record_until_lease_runs_out(tmp_path: Path) -> None:
     writer = FileDiscovery(tmp_path, lease_ttl=TTL, poll_interval=POLL)
     reader = FileDiscovery(tmp_path, lease_ttl=TTL, poll_interval=POLL)
