@@ -7,8 +7,11 @@ reader never sees half a record), lease renewal (the owner re-touches its files 
 within `lease_ttl` of the reader's wall clock, or while this reader saw it renewed (its mtime
 change) within `lease_ttl` by its own monotonic clock: a wall clock that jumps (a VM paused or
 restored from a snapshot) or disagrees between hosts does not make live records lapse, nor get
-them collected. Works for any number of processes sharing the directory (local disk or a shared
-volume). Does not own the record type (`common.messages.Instance`).
+them collected. A reader whose polls stopped for a while (its process or machine did not run,
+and its owners likely did not either) keeps what was live for one more lease of renewals rather
+than judging leases nobody could renew. Works for any number of processes sharing the
+directory (local disk or a shared volume). Does not own the record type
+(`common.messages.Instance`).
 
 Whoever can write the directory can register a worker, so it must be writable by its owner only:
 a directory or record writable by group or others is refused at start (a clear error), records
@@ -101,6 +104,7 @@ class FileDiscovery(Discovery):
         self._lease_task: asyncio.Task[None] | None = None
         self._poll_task: asyncio.Task[None] | None = None
         self._scan_error = ""
+        self._last_scan: float | None = None  # monotonic
 
     def __repr__(self) -> str:
         return f"FileDiscovery({str(self.directory)!r}, lease_ttl={self.lease_ttl})"
@@ -214,6 +218,15 @@ class FileDiscovery(Discovery):
         collect_before = now - _GC_LEASES * self.lease_ttl
         seen = time.monotonic()
         renewed_since = seen - self.lease_ttl
+        polling = self._poll_task is not None and not self._poll_task.done()
+        if polling and self._last_scan is not None and seen - self._last_scan > self.lease_ttl / 2:
+            # Polls every `poll_interval` stopped this long: this process (or its machine) did
+            # not run, so neither may the owners; what was live gets a lease to be renewed.
+            for cached in self._files.values():
+                if cached.instance is not None and self._live.get(cached.instance.id) \
+                        is cached.instance:
+                    cached.renewed_at = seen
+        self._last_scan = seen
         live: dict[str, Instance] = {}
         present: set[str] = set()
         with os.scandir(self.directory) as entries:

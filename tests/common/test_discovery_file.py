@@ -182,6 +182,29 @@ async def test_a_wall_clock_jump_lapses_no_record_seen_renewed(tmp_path: Path) -
         await reader.close()
 
 
+async def test_a_reader_that_did_not_run_gives_what_was_live_a_lease_to_be_renewed(
+        tmp_path: Path) -> None:
+    """Reader and owner stop together (both SIGSTOPped, a paused VM) for longer than it takes
+    to collect a record: back, the reader neither drops nor collects the record its owner had
+    no chance to renew; once renewals stop for good, it expires on its lease."""
+    reader = FileDiscovery(tmp_path, lease_ttl=0.4, poll_interval=POLL)
+    record = tmp_path / "w-1.json"
+    record.write_bytes(msgspec.json.encode(worker("w-1")))  # the owner: this test
+    try:
+        async with aclosing(reader.watch()) as events:
+            assert (await next_event(events)).kind == "added"
+            time.sleep(1.5)  # noqa: ASYNC251 (nothing on this loop runs: the reader stops)
+            assert [i.id for i in await reader.list()] == ["w-1"]
+            assert record.exists()
+            os.utime(record)  # the owner, back too, renews once, then dies
+            renewed = time.monotonic()
+            event = await next_event(events, within=3)
+            assert (event.kind, event.instance.id) == ("removed", "w-1")
+            assert time.monotonic() - renewed >= 0.3, "removed on its lease, not at the pause"
+    finally:
+        await reader.close()
+
+
 async def test_close_keeps_record_until_lease_runs_out(tmp_path: Path) -> None:
     writer = FileDiscovery(tmp_path, lease_ttl=TTL, poll_interval=POLL)
     reader = FileDiscovery(tmp_path, lease_ttl=TTL, poll_interval=POLL)
