@@ -287,3 +287,39 @@ def test_a_router_whose_record_lapses_for_a_moment_is_used_again(
     assert result and len(result[0]) == 4 * TOKENS, "the stream in flight finished whole"
     front = deployment.frontend_metrics()
     assert front.value("turnout_frontend_streams_resume_failed_total") == 0
+
+
+def test_a_deployment_paused_whole_past_its_leases_serves_on(deployment: Deployment) -> None:
+    """Every process stops at once for three leases (a paused VM, a SIGSTOP of the lot) and
+    resumes: no record is taken for gone, a request sent right away is served, and every
+    stream carries the clean run's tokens."""
+    start(deployment)
+    clean, _, _ = asyncio.run(run_streams(deployment.url))
+    services = deployment.by_role("frontend") + deployment.by_role("router") \
+        + deployment.workers()
+    oai = openai.OpenAI(base_url=deployment.url + "/v1", api_key="x", max_retries=0,
+                        timeout=60)
+    assert deployment.lease_ttl_s is not None
+    answered: list[int] = []
+
+    def pause_all() -> None:
+        for service in services:
+            service.signal(signal.SIGSTOP)
+        wait_for(lambda: all(stopped(s.pid) for s in services), 10, "every process to stop",
+                 interval=0.01)
+        time.sleep(3 * deployment.lease_ttl_s)  # the pause itself
+        for service in services:
+            service.signal(signal.SIGCONT)
+        answer = oai.completions.create(model="mock", prompt="right after", max_tokens=4)
+        answered.append(answer.usage.completion_tokens if answer.usage else 0)
+
+    faulty, _, _ = asyncio.run(run_streams(
+        deployment.url, when_carrying(deployment.router, deployment.workers(), pause_all)))
+    assert answered == [4]
+    assert faulty == clean, "every stream must carry exactly the clean run's tokens"
+
+
+def stopped(pid: int) -> bool:
+    """The process is stopped by a signal (state T in /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
