@@ -9,15 +9,13 @@ overlap and queued prefill alone (decode load does not matter there) and gets th
 (TTFT does not include the transfer; with `--disagg-hold-first-token`, when the hand-off gap
 is predicted past `--disagg-itl-target-ms` and the TTFT budget has room for it, the token is
 held until the decode worker's step towards its next token begins (an empty chunk, or its first
-token), so the gap lands in TTFT, not between
-tokens), and the
-engine's `kv_transfer_params`; then a decode worker
-is picked afresh, by decode load and by the prefix it already caches, and gets `phase="decode"`
-with the prefill worker first in `kv_sources`: it pulls only the blocks it lacks, acknowledges,
-and continues the stream. The in-flight table, `kv_sources` and the block pull are the
-migration path's; a lost prefill worker's request re-runs on another prefill worker (or, with
-none, locally), a lost decode worker's request migrates as any other, and a hand-off with no
-decode worker waits like a stranded migration.
+token), so the gap lands in TTFT, not between tokens), and the engine's `kv_transfer_params`;
+then a decode worker is picked afresh, by decode load and by the prefix it already caches, and
+gets `phase="decode"` with the prefill worker first in `kv_sources`: it pulls only the blocks
+it lacks, acknowledges, and continues the stream. The in-flight table, `kv_sources` and the
+block pull are the migration path's; a lost prefill worker's request re-runs on another prefill
+worker (or, with none, locally), a lost decode worker's request migrates as any other, and a
+hand-off with no decode worker waits like a stranded migration.
 
 The conditional path is priced per request against the targets `--disagg-ttft-target-ms` and
 `--disagg-itl-target-ms`, with the router's step-time model (`cost_model.py`) and a hand-off
@@ -47,10 +45,9 @@ would stretch streams is taken when the prefill pool's TTFT is `--disagg-local-g
 times the local one, that TTFT (with the hand-off) is in the TTFT tail (`TtftTail`, past
 `--disagg-tail-quantile`) and the budget has room (`ttft_gain`); and a first token planned to
 be held goes out at once when its request is already in that tail and the budget pays for
-its one stretched gap; a held one goes out alone,
-on the budget too, when the decode worker has not begun its next step by the hand-off fit's
-deadline (`hold_deadline_s`: it is in a long step, and waiting for its end would put that step
-into one of the slowest first tokens).
+its one stretched gap; a held one goes out alone, on the budget too, when the decode worker has
+not begun its next step by the hand-off fit's deadline (`hold_deadline_s`: it is in a long step,
+and waiting for its end would put that step into one of the slowest first tokens).
 
 With no prefill worker alive the model runs aggregated on its decode (and aggregated) workers,
 counted. Owns the path decision, the hand-off and their metrics; not the policies' costs
