@@ -6,12 +6,13 @@ reader never sees half a record), lease renewal (the owner re-touches its files 
 `3 * lease_ttl` (by any reader), and polling for watchers. A record is live while its mtime is
 within `lease_ttl` of the reader's wall clock, or while this reader saw it renewed (its mtime
 change) within `lease_ttl` by its own monotonic clock: a wall clock that jumps (a VM paused or
-restored from a snapshot) or disagrees between hosts does not make live records lapse, nor get
-them collected. A reader whose polls stopped for a while (its process or machine did not run,
-and its owners likely did not either) keeps what was live for one more lease of renewals rather
+restored from a snapshot) does not make the records a reader watches lapse, nor get them
+collected. A reader whose polls stopped for a while (its process or machine did not run, and
+its owners likely did not either) keeps what was live for one more lease of renewals rather
 than judging leases nobody could renew. Works for any number of processes sharing the
-directory (local disk or a shared volume). Does not own the record type
-(`common.messages.Instance`).
+directory (local disk, or a shared volume whose clients' clocks agree to well within
+`lease_ttl`: a record first seen with an mtime three leases old is collected). Does not own
+the record type (`common.messages.Instance`).
 
 Whoever can write the directory can register a worker, so it must be writable by its owner only:
 a directory or record writable by group or others is refused at start (a clear error), records
