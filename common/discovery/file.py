@@ -84,6 +84,9 @@ class _CachedFile:
     # sight): a renewal seen is a lease kept, whatever the wall clock says of the mtime.
     renewed_at: float | None = None
 
+    def renewed_since(self, moment: float) -> bool:
+        return self.renewed_at is not None and self.renewed_at >= moment
+
 
 class FileDiscovery(Discovery):
     def __init__(self, directory: str | os.PathLike[str], lease_ttl: float = 10.0,
@@ -218,7 +221,9 @@ class FileDiscovery(Discovery):
         expire_before = now - self.lease_ttl
         collect_before = now - _GC_LEASES * self.lease_ttl
         seen = time.monotonic()
-        renewed_since = seen - self.lease_ttl
+        # The same two bounds by this reader's own clock, for records it saw renewed.
+        live_if_renewed = seen - self.lease_ttl
+        kept_if_renewed = seen - _GC_LEASES * self.lease_ttl
         polling = self._poll_task is not None and not self._poll_task.done()
         if polling and self._last_scan is not None and seen - self._last_scan > self.lease_ttl / 2:
             # Polls every `poll_interval` stopped this long: this process (or its machine) did
@@ -242,9 +247,8 @@ class FileDiscovery(Discovery):
                 except FileNotFoundError:
                     continue
                 cached = self._files.get(name)
-                renewed = (cached is not None and cached.renewed_at is not None
-                           and cached.renewed_at >= seen - _GC_LEASES * self.lease_ttl)
-                if st.st_mtime < collect_before and not renewed:
+                if st.st_mtime < collect_before and not (
+                        cached is not None and cached.renewed_since(kept_if_renewed)):
                     self._collect(entry.path, collect_before)
                     continue
                 if is_tmp:
@@ -263,8 +267,8 @@ class FileDiscovery(Discovery):
                                          None if cached is None else seen)
                     self._files[name] = cached
                 if cached.instance is not None and (
-                        cached.mtime >= expire_before or (cached.renewed_at is not None
-                                                          and cached.renewed_at >= renewed_since)):
+                        cached.mtime >= expire_before
+                        or cached.renewed_since(live_if_renewed)):
                     live[cached.instance.id] = cached.instance
         for name in self._files.keys() - present:
             del self._files[name]
