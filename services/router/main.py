@@ -259,8 +259,8 @@ class Router(WorkerLoss):
             return
         old = self.pool.workers.get(instance.id)
         if old is not None and old.started != float(instance.metadata.get("started", 0.0)):
-            # A new incarnation (restart, or a rejoin after a freeze) replaces the old handle;
-            # the old process dropped whatever it still ran (long prefills held on a suspect).
+            # A new incarnation (a restarted process) replaces the old handle; the old process
+            # took whatever it still ran with it (long prefills held on a suspect).
             self._move_all(old, CAUSE_HANG if old.suspect is not None else CAUSE_CRASH)
             self._retire(old)
         worker = self.pool.admit(instance)

@@ -30,6 +30,12 @@ class KvLeases:
         """The decode side is done with it; False when no lease was held (expired, unknown)."""
         return self._expires.pop(request_id, None) is not None
 
+    def extend(self, seconds: float) -> None:
+        """Every lease runs `seconds` longer: time this process did not run is not the decode
+        side's to lose."""
+        for rid in self._expires:
+            self._expires[rid] += seconds
+
     def expired(self) -> list[str]:
         """Leases past their expiry, removed."""
         now = self._clock()

@@ -110,7 +110,7 @@ class Worker:
         self._fpm: list[ForwardPass] = []
         self._idle = asyncio.Event()  # set when draining and no stream is left
         self.malformed = MalformedFrames("request frame", self.metrics.malformed.inc, log)
-        self.started = time.time()  # incarnation stamp: a re-registration changes it
+        self.started = time.time()  # incarnation stamp: a restarted process has a new one
         self.metrics_port = 0
         self.host_tier = HostKvTier(config.host_kv_blocks)
         self.peers = PeerLinks(self.ctx, self.worker_id)
@@ -420,8 +420,6 @@ class Worker:
 
     async def heartbeat(self) -> None:
         period = self.config.heartbeat_interval_ms / 1000
-        # Silent this long, the router has declared us dead and moved our streams elsewhere.
-        presumed_dead = max(1.0, 10 * period)
         last = time.monotonic()
         lag = 0.0
         while True:
@@ -431,27 +429,24 @@ class Worker:
             await asyncio.sleep(period)
             now = time.monotonic()
             lag = max(0.0, now - last - period)
+            if lag >= period:
+                self.resumed(lag)
             self.cancel_lost_routers(lag < period)
-            if now - last > presumed_dead and not self.draining:
-                await self.rejoin(now - last)
             last = now
 
-    async def rejoin(self, silent_s: float) -> None:
-        """Back from a freeze (SIGSTOP, a wedged host): our requests were migrated, so drop
-        them, and re-register as a new incarnation; routers re-admit us and resync."""
-        log.warning("resumed after a freeze; dropping stale requests and re-registering",
-                    extra={"fields": {"silent_s": round(silent_s, 2),
-                                      "requests": len(self.destinations)}})
-        for request_id in list(self.destinations):
-            self.engine.abort(request_id)
-            self.metrics.on_finish("abandoned")
-        self.destinations.clear()
-        self._lease_s.clear()  # aborted prefills: nothing of theirs is held
-        for request_id in list(self._release_to):
-            self._release(request_id)  # abandoned decodes need their prefill KV no more
-        self.routers.generated.clear()
-        self.started = time.time()
-        await self.discovery.update(self.instance())
+    def resumed(self, paused_s: float) -> None:
+        """This process did not run for `paused_s` (starved, SIGSTOP, a paused machine). Its
+        requests stay: a router that judged it hung meanwhile moved them and sent a cancel for
+        each, which arrives now; one that did not run either (a whole machine paused) still
+        counts them here, and moving them would cost a recompute for nothing. Nor does the
+        pause count against the KV leases of finished prefills: their decode workers most
+        likely did not run either."""
+        self.leases.extend(paused_s)
+        if paused_s > 1.0:
+            log.warning("resumed after a pause; requests a router moved meanwhile get cancelled",
+                        extra={"fields": {"paused_s": round(paused_s, 2),
+                                          "requests": len(self.destinations),
+                                          "kv_leases": len(self.leases)}})
 
     def publish_status(self, loop_lag_s: float = 0.0) -> None:
         load = self.engine.load()

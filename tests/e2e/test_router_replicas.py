@@ -292,7 +292,8 @@ def test_a_router_whose_record_lapses_for_a_moment_is_used_again(
 def test_a_deployment_paused_whole_past_its_leases_serves_on(deployment: Deployment) -> None:
     """Every process stops at once for three leases (a paused VM, a SIGSTOP of the lot) and
     resumes: no record is taken for gone, a request sent right away is served, and every
-    stream carries the clean run's tokens."""
+    stream carries the clean run's tokens where it was, moved to no other worker or router
+    (nothing died: a move would only cost a recompute)."""
     start(deployment)
     clean, _, _ = asyncio.run(run_streams(deployment.url))
     services = deployment.by_role("frontend") + deployment.by_role("router") \
@@ -317,6 +318,10 @@ def test_a_deployment_paused_whole_past_its_leases_serves_on(deployment: Deploym
         deployment.url, when_carrying(deployment.router, deployment.workers(), pause_all)))
     assert answered == [4]
     assert faulty == clean, "every stream must carry exactly the clean run's tokens"
+    moved = {r.name: r.metrics().value("turnout_router_migrations_total")
+             for r in deployment.by_role("router")}
+    assert sum(moved.values()) == 0, moved
+    assert deployment.frontend_metrics().value("turnout_frontend_streams_resumed_total") == 0
 
 
 def stopped(pid: int) -> bool:

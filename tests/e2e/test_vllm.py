@@ -36,9 +36,9 @@ BLOCK = 64
 WORKER_ARGS = ("--engine", "vllm", "--enforce-eager", "--block-size", str(BLOCK),
                "--kv-cache-memory-bytes", str(64 << 20), "--drain-grace-s", "1",
                # Beats every second: a worker's loop starved for a second or two (vLLM's CPU
-               # threads on 2 cores) is neither judged hung nor rejoins as presumed dead, and a
-               # router starved for up to 10 s (seen: 5 s on a loaded 2-core host) does not
-               # have its requests cancelled here as if it were gone.
+               # threads on 2 cores) is not judged hung, and a router starved for up to 10 s
+               # (seen: 5 s on a loaded 2-core host) does not have its requests cancelled here
+               # as if it were gone.
                "--heartbeat-interval-ms", "1000",
                "--engine-args=--dtype float32")
 START_TIMEOUT_S = 300

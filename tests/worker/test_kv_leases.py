@@ -1,4 +1,5 @@
-"""Leases on a finished prefill's KV: released by the decode side, or expired (fake clock)."""
+"""Leases on a finished prefill's KV: released by the decode side, or expired (fake clock), a
+pause of their holder not counted."""
 
 from __future__ import annotations
 
@@ -26,3 +27,16 @@ def test_leases_expire_on_time_and_only_then() -> None:
     assert not leases.release("r1")  # an expired lease is gone: a late release finds nothing
     clock.advance(5)
     assert leases.expired() == ["r2"] and len(leases) == 0
+
+
+def test_a_pause_of_the_holder_does_not_count_against_its_leases() -> None:
+    clock = FakeClock()
+    leases = KvLeases(clock)
+    leases.hold("r1", 1.0)
+    clock.advance(6.0)  # the process did not run: no decode side could have pulled meanwhile
+    leases.extend(6.0)
+    assert leases.expired() == []
+    clock.advance(0.999)
+    assert leases.expired() == []
+    clock.advance(0.001)
+    assert leases.expired() == ["r1"]
