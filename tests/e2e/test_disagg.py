@@ -261,3 +261,38 @@ def test_decode_worker_killed_mid_stream(deployment: Deployment) -> None:
     # Whatever the dead decode worker never acknowledged is freed when its lease ends.
     wait_for(lambda: value(prefill, "turnout_worker_kv_leases") == 0, 10,
              "p1's leases to end")
+
+
+def test_a_deployment_paused_whole_mid_hand_off_keeps_the_prefill_kv(
+        deployment: Deployment) -> None:
+    """Every process stops for six 1-second KV leases while a prefill worker holds finished
+    prompts' KV for the decode worker: the pause counts against no lease, so every hand-off
+    pulls what it was promised, no stream moves, and every stream carries the clean text."""
+    deployment.start_router("--disagg-mode", "always", "--disagg-lease-ms", "1000")
+    for i in (1, 2):
+        deployment.start_worker("--worker-mode", "prefill", "--speedup-ratio", "1", *PATIENT,
+                                worker_id=f"p{i}")
+    decode = deployment.start_worker("--worker-mode", "decode", "--speedup-ratio", "1",
+                                     *PATIENT, worker_id="d1")
+    deployment.start_frontend()
+    deployment.wait_healthy()
+    deployment.wait_routable(3)
+    prefills = [deployment.service("p1"), deployment.service("p2")]
+    prompts = [prompt(i, words=120) for i in range(16)]
+
+    async def run() -> list[tuple[str, Any]]:
+        streams = asyncio.create_task(complete(deployment.url, prompts, max_tokens=200))
+        await asyncio.to_thread(
+            wait_for, lambda: any(value(p, "turnout_worker_kv_leases") > 0 for p in prefills),
+            30, "a prefill worker to hold KV for the decode worker", interval=0.005)
+        await asyncio.to_thread(deployment.pause_whole, 6.0)
+        return await streams
+
+    faulty = asyncio.run(run())
+    ends = [p.metrics().by_label("turnout_worker_kv_lease_ends_total", "end") for p in prefills]
+    assert sum(e.get("released", 0) for e in ends) == len(prompts), ends
+    assert all("expired" not in e for e in ends), ends
+    assert value(decode, "turnout_worker_disagg_transfers_total", outcome="pulled") == len(prompts)
+    assert deployment.router.metrics().value("turnout_router_migrations_total") == 0
+    reference = asyncio.run(complete(deployment.url, prompts, target="d1", max_tokens=200))
+    assert [t for t, _ in faulty] == [t for t, _ in reference]

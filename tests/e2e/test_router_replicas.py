@@ -296,21 +296,13 @@ def test_a_deployment_paused_whole_past_its_leases_serves_on(deployment: Deploym
     (nothing died: a move would only cost a recompute)."""
     start(deployment)
     clean, _, _ = asyncio.run(run_streams(deployment.url))
-    services = deployment.by_role("frontend") + deployment.by_role("router") \
-        + deployment.workers()
     oai = openai.OpenAI(base_url=deployment.url + "/v1", api_key="x", max_retries=0,
                         timeout=60)
     assert deployment.lease_ttl_s is not None
     answered: list[int] = []
 
     def pause_all() -> None:
-        for service in services:
-            service.signal(signal.SIGSTOP)
-        wait_for(lambda: all(stopped(s.pid) for s in services), 10, "every process to stop",
-                 interval=0.01)
-        time.sleep(3 * deployment.lease_ttl_s)  # the pause itself
-        for service in services:
-            service.signal(signal.SIGCONT)
+        deployment.pause_whole(3 * deployment.lease_ttl_s)
         answer = oai.completions.create(model="mock", prompt="right after", max_tokens=4)
         answered.append(answer.usage.completion_tokens if answer.usage else 0)
 
@@ -322,9 +314,3 @@ def test_a_deployment_paused_whole_past_its_leases_serves_on(deployment: Deploym
              for r in deployment.by_role("router")}
     assert sum(moved.values()) == 0, moved
     assert deployment.frontend_metrics().value("turnout_frontend_streams_resumed_total") == 0
-
-
-def stopped(pid: int) -> bool:
-    """The process is stopped by a signal (state T in /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] == "T"

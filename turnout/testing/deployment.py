@@ -126,6 +126,14 @@ class Service:
             except ProcessLookupError:
                 pass
 
+    def stopped(self) -> bool:
+        """The process is stopped by a signal (state T in /proc)."""
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "T"
+        except FileNotFoundError:
+            return False
+
     def output(self, tail_chars: int | None = None) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         return text if tail_chars is None else text[-tail_chars:]
@@ -342,6 +350,18 @@ class Deployment:
     def check_alive(self) -> None:
         for service in self.services:
             service.check_alive()
+
+    def pause_whole(self, seconds: float) -> None:
+        """Every process stops at once for `seconds` (a paused VM, a SIGSTOP of the lot), then
+        all resume."""
+        services = [s for s in self.services if s.alive()]
+        for service in services:
+            service.signal(signal.SIGSTOP)
+        wait_for(lambda: all(s.stopped() for s in services), 10, "every process to stop",
+                 interval=0.01)
+        time.sleep(seconds)  # the pause itself
+        for service in services:
+            service.signal(signal.SIGCONT)
 
     def wait_registered(self, service: Service, timeout: float = 30,
                         instance_id: str | None = None) -> dict[str, Any]:
