@@ -299,7 +299,13 @@ class RouterClient:
                                          if link.up and not link.draining))
             hung = []
             for link in list(self.routers.values()):
-                link.socket.send_multipart([KIND_PING, b""])
+                if not link.listed and not self._carries(link.router_id):
+                    # Gone from discovery and nothing of ours left on it (its streams finished
+                    # or were handed back): kept, its connection would retry forever.
+                    self._forget(link)
+                    continue
+                if link.dealer.connected:  # else a ping would only queue until a reconnect
+                    link.socket.send_multipart([KIND_PING, b""])
                 silent = now - link.heard_at
                 if on_time and link.up and link.pongs is not None and silent > self.silence_s \
                         and link.pongs.suspicious(now):
@@ -324,12 +330,15 @@ class RouterClient:
             elif event.kind == "removed":
                 link = self.routers.get(inst.id)
                 if link is not None:
-                    link.draining = True  # no new streams; running ones stay while it answers
-                    if not link.up or not any(e.router == inst.id
-                                              for e in self.streams.values()):
+                    # No new streams; running ones stay while it answers (`_ping` forgets it
+                    # once they are gone).
+                    link.draining = True
+                    link.listed = False
+                    if not link.up or not self._carries(inst.id):
                         self._forget(link)
                 self.malformed.forget(inst.id)
             elif (link := self.routers.get(inst.id)) is not None:
+                link.listed = True
                 if link.draining and not link.drain_announced:
                     # Its record lapsed and is back (its owner stalled, or the wall clock
                     # jumped under every lease at once): it never said it drains, so it
@@ -339,6 +348,9 @@ class RouterClient:
                         "router": inst.id}})
             elif "request" in inst.endpoints and trusted_peer(self.ctx, inst.metadata):
                 self.routers[inst.id] = _RouterLink(self, inst)
+
+    def _carries(self, router_id: str) -> bool:
+        return any(e.router == router_id for e in self.streams.values())
 
     def _forget(self, link: _RouterLink) -> None:
         self.router_lost(link.router_id, "left")
@@ -404,6 +416,7 @@ class _RouterLink:
         self.hung = False  # declared hung by silence; any frame from it lifts that
         self.draining = False  # it gave its streams back or left discovery: nothing new
         self.drain_announced = False  # it said it drains (not just a lapsed record)
+        self.listed = True  # its discovery record is there
         # The rhythm of its pongs (None: it never answered a ping, and its silence says
         # nothing): phi-accrual, as routers judge workers, so a router on a busy host gets the
         # slack its irregular pongs have shown, while a frozen one on a quiet host is caught in

@@ -197,6 +197,13 @@ def test_a_router_seen_leaving_discovery_before_it_hands_back_is_lost_once_as_dr
         lost = {s.labels["why"]: s.value for s in client.metrics.routers_lost.collect()[0].samples
                 if s.name.endswith("_total")}
         assert lost == {"draining": 1.0}
+        # Out of discovery with nothing of ours left on it: forgotten, not retried forever
+        # once it exits.
+        gone = "r1" if "r2" in {e.router for e in client.streams.values()} else "r2"
+        deadline = asyncio.get_running_loop().time() + 10
+        while gone in client.routers:
+            assert asyncio.get_running_loop().time() < deadline, "the drained router is kept"
+            await asyncio.sleep(0.01)
 
     run(tmp_path, body)
 
@@ -239,5 +246,37 @@ def test_when_every_router_looks_hung_streams_stay_and_new_requests_still_go(
         chunks = await chunks_of(stream)
         assert [t for c in chunks for t in c.token_ids] == [1, 2]
         assert client.metrics.resumed._value.get() == 0
+
+    run(tmp_path, body)
+
+
+def test_a_router_back_from_a_dropped_connection_gets_no_burst_of_stale_pings(
+        tmp_path: Path) -> None:
+    """Pings to a router whose connection is down are not queued for its return (they say
+    nothing, and would pile up for as long as it stays away)."""
+    async def body(client: RouterClient, r1: FakeRouter, r2: FakeRouter) -> None:
+        endpoint = r1.endpoint
+        r1.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while client.routers["r1"].dealer.connected:
+            assert loop.time() < deadline, "the drop was never seen"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(1.0)  # down for 20 heartbeat periods
+        back = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+        back.bind(endpoint)
+        try:
+            assert (await asyncio.wait_for(back.recv_multipart(), 10))[1] == KIND_PING
+            pings = 1
+            end = loop.time() + 0.15  # three periods more
+            while (left := end - loop.time()) > 0:
+                try:
+                    frames = await asyncio.wait_for(back.recv_multipart(), left)
+                except TimeoutError:
+                    break
+                pings += frames[1] == KIND_PING
+            assert pings <= 6, f"{pings} pings within 0.15 s of the reconnect"
+        finally:
+            back.close(linger=0)
 
     run(tmp_path, body)
