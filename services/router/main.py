@@ -63,6 +63,7 @@ from services.router.selection import build_selection
 from services.router.streams import Streams, send_error
 from services.router.worker_loss import WorkerLoss
 from services.router.worker_pool import WorkerHandle, WorkerPool
+from services.router.worker_revival import WorkerRevival
 
 log = logging.getLogger("turnout.router")
 
@@ -114,7 +115,9 @@ class Router(WorkerLoss):
         self.status.post_routes["/v1/route"] = self.route_api.handle
         self.discovery = open_discovery(config.discovery, lease_ttl=config.lease_ttl_s)
         self._watchers: dict[str, asyncio.Task[None]] = {}  # per worker: its connection
-        self._listed: set[str] = set()  # worker ids with a discovery record (liveness gauge)
+        self.revival = WorkerRevival(self.ctx, self._revived)
+        # Workers with a discovery record, their latest (liveness gauge, revival).
+        self._listed: dict[str, Instance] = {}
         self._untrusted: set[str] = set()  # worker ids refused for their key (warned once)
         self.malformed = {plane: MalformedFrames(f"{plane} frame",
                                                  self.metrics.malformed.labels(plane).inc, log)
@@ -163,6 +166,7 @@ class Router(WorkerLoss):
         """Every loop-read socket, before the context: an FD leaves the loop before it closes."""
         for task in self._watchers.values():
             task.cancel()
+        self.revival.close()
         self.pool.close_all()
         self.subscriber.close()
         self.frontends.close()
@@ -214,7 +218,10 @@ class Router(WorkerLoss):
         async for event in self.discovery.watch(role=ROLE_WORKER):
             instance = event.instance
             if event.kind == "removed":
-                self._listed.discard(instance.id)
+                self._listed.pop(instance.id, None)
+                if instance.id in self.revival:  # dead, and now its record is gone too
+                    self.revival.forget(instance.id)
+                    self.subscriber.disconnect(instance.endpoints.get("events", ""))
                 worker = self.pool.workers.get(instance.id)
                 if worker is not None:
                     # Left discovery: draining or gone. Stop routing to it; running streams
@@ -223,7 +230,7 @@ class Router(WorkerLoss):
                     if not worker.inflight:
                         self._retire(worker)
             else:
-                self._listed.add(instance.id)
+                self._listed[instance.id] = instance
                 self._admit(instance)
                 if self.streams.waiting:
                     self.streams.retry()
@@ -238,6 +245,8 @@ class Router(WorkerLoss):
                     self.replicas.sync.on_event(env.payload)
                 elif worker is not None:
                     self.intake.on_event(worker, topic, env.payload)
+                elif topic == TOPIC_HEARTBEAT:
+                    self.revival.heard(env.publisher_id)
             except MALFORMED as exc:
                 self.malformed["event"].drop(str(exc), env.publisher_id)
 
@@ -266,6 +275,7 @@ class Router(WorkerLoss):
         worker = self.pool.admit(instance)
         if worker is None:
             return
+        self.revival.forget(worker.id)  # a new incarnation of one declared dead
         self.liveness.watch(worker)
         events = instance.endpoints.get("events")
         if events:
@@ -281,7 +291,12 @@ class Router(WorkerLoss):
         task = self._watchers.pop(worker.id, None)
         if task is not None and task is not asyncio.current_task():  # it may be retiring it
             task.cancel()
-        self.subscriber.disconnect(worker.instance.endpoints.get("events", ""))
+        if dead and worker.id in self._listed:
+            # Still listed: the connection may only have been cut (its events stay subscribed
+            # to hear it, should it live).
+            self.revival.watch(worker.instance)
+        else:
+            self.subscriber.disconnect(worker.instance.endpoints.get("events", ""))
         self.subscriber.forget(worker.id)
         self._forget_kv(worker.id)
         for malformed in self.malformed.values():
@@ -290,6 +305,17 @@ class Router(WorkerLoss):
             self.pool.mark_dead(worker)
         else:
             self.pool.close(worker)
+
+    def _revived(self, worker_id: str) -> None:
+        """A worker declared dead for a dropped connection is reachable and heartbeating."""
+        instance = self._listed.get(worker_id)
+        if instance is None or self.pool.dead.get(worker_id) != float(
+                instance.metadata.get("started", 0.0)):
+            return  # gone meanwhile, or replaced by a new incarnation
+        del self.pool.dead[worker_id]
+        self.metrics.worker_recoveries.inc()
+        self._admit(instance)
+        self._update_worker_gauges()
 
 
 

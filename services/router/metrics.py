@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -139,7 +139,7 @@ class RouterMetrics:
         self._up: set[str] = set()
 
     def set_worker_gauges(self, workers: Iterable[WorkerHandle], dead: Iterable[str],
-                          listed: set[str]) -> None:
+                          listed: Container[str]) -> None:
         """Workers by state, and the liveness of each (`listed`: ids with a discovery record,
         whose series stay, at 0, once dead)."""
         workers = list(workers)

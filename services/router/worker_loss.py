@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from common.messages import KIND_CANCEL, Cancel, encoder
+from common.messages import KIND_CANCEL, Cancel, Instance, encoder
 from services.router.liveness import CAUSE_HANG
 from services.router.worker_pool import WorkerHandle, WorkerPool
 
@@ -42,7 +42,7 @@ class WorkerLoss:
     selector: Selector
     pool: WorkerPool
     encoding: EncodeRouting
-    _listed: set[str]
+    _listed: dict[str, Instance]
     replicas: Replicas
 
     def _retire(self, worker: WorkerHandle, dead: bool = False) -> None:

@@ -25,12 +25,19 @@ Fault = Callable[[], Awaitable[None]]
 
 def signal_once_serving(victim: Service, sig: int, *, prompt_tokens: int = 1,
                         replicated: bool = False, within_s: float = 60) -> Fault:
-    """A fault: `sig` to `victim` once it is observed serving the streams about to start:
+    """A fault: `sig` to `victim` once it is observed serving (`once_serving`)."""
+    return once_serving(victim, lambda: victim.signal(sig), prompt_tokens=prompt_tokens,
+                        replicated=replicated, within_s=within_s)
+
+
+def once_serving(victim: Service, act: Callable[[], object], *, prompt_tokens: int = 1,
+                 replicated: bool = False, within_s: float = 60) -> Fault:
+    """A fault: `act()` once `victim` is observed serving the streams about to start:
     requests running, tokens decoded, at least `prompt_tokens` prompt tokens admitted (their
     first tokens out), and with `replicated`, its KV replicated to a peer and caught up.
 
-    Watched from a thread of its own, which also sends the signal: this test's event loop is
-    busy parsing the streams, and a late look could find the victim's streams nearly done."""
+    Watched from a thread of its own, which also acts: this test's event loop is busy parsing
+    the streams, and a late look could find the victim's streams nearly done."""
     before = victim.metrics()
 
     def busy() -> bool:
@@ -47,12 +54,12 @@ def signal_once_serving(victim: Service, sig: int, *, prompt_tokens: int = 1,
                          and m.value("turnout_worker_kv_replication_lag_blocks") == 0)
         return ok
 
-    def watch_then_signal() -> None:
+    def watch_then_act() -> None:
         wait_for(busy, within_s, f"{victim.name} to serve the streams", interval=0.02)
-        victim.signal(sig)
+        act()
 
     async def fault() -> None:
-        await asyncio.to_thread(watch_then_signal)
+        await asyncio.to_thread(watch_then_act)
 
     return fault
 
@@ -107,8 +114,43 @@ def test_streams_survive_a_worker_fault(deployment: Deployment, sig: int) -> Non
     # What clients see: no stream stalls for long. Loose, as this measures the test's own busy
     # event loop too, which on a loaded machine alone adds a second or two.
     assert longest < 5.0, f"longest token gap {longest:.2f} s"
+    # A dead process is not taken back while its record lasts (it heartbeats no more).
+    assert deployment.router.metrics().value("turnout_router_worker_recoveries_total") == 0 \
+        or sig == signal.SIGSTOP
     if sig == signal.SIGSTOP:
         victim.signal(signal.SIGCONT)
+
+
+def test_a_worker_whose_connection_is_cut_while_it_lives_is_used_again(
+        deployment: Deployment) -> None:
+    """The router's connection to a serving worker is cut (a network fault; both processes
+    live on): its streams move with the clean run's tokens, and once the worker is reachable
+    and heartbeating it is re-admitted and served again, not left unused until a restart."""
+    deployment.start(workers=2, worker_args=("--speedup-ratio", "1"),
+                     router_args=("--router-mode", "round-robin"))
+    clean, _ = asyncio.run(run_streams(deployment.url))
+    victim = deployment.service("w1")
+    router = deployment.router
+    record = deployment.record("w1")
+    assert record is not None
+    port = int(record["endpoints"]["request"].rsplit(":", 1)[1])
+    cut: list[int] = []
+    faulty, _ = asyncio.run(run_streams(deployment.url, once_serving(
+        victim, lambda: cut.append(router.cut_connections(port)))))
+    assert cut and cut[0] >= 1
+    assert faulty == clean, "every stream must carry exactly the clean run's tokens"
+    metrics = router.metrics()
+    assert metrics.value("turnout_router_worker_failures_total", cause="crash") == 1
+    assert metrics.value("turnout_router_migrations_total", cause="crash") > 0
+    wait_for(lambda: router.metrics().value("turnout_router_worker_recoveries_total") == 1, 20,
+             "the router to re-admit the worker")
+    deployment.wait_routable(2)
+    assert victim.alive()
+    oai = openai.OpenAI(base_url=deployment.url + "/v1", api_key="x", max_retries=0)
+    before = deployment.metrics_of("w1").value("turnout_worker_prompt_tokens_total")
+    for i in range(6):
+        oai.completions.create(model="mock", prompt=f"after the cut {i}", max_tokens=2)
+    assert deployment.metrics_of("w1").value("turnout_worker_prompt_tokens_total") > before
 
 
 def test_migration_limit_zero_turns_a_crash_into_a_clean_error(deployment: Deployment) -> None:

@@ -383,14 +383,14 @@ async def test_a_new_incarnation_replaces_the_old_handle(h: Harness) -> None:
 
 @scenario(router_mode="round-robin")
 async def test_dead_workers_still_listed_show_as_down(h: Harness) -> None:
-    h.router._listed.update({"a", "b"})
     a = h.admit("a")
-    h.admit("b")
+    b = h.admit("b")
+    h.router._listed.update({w.id: w.instance for w in (a, b)})
     h.router.worker_lost(a, "crash")
     assert h.router.metrics._up == {"a", "b"}
     assert h.router.metrics.worker_up.labels("a")._value.get() == 0
     assert h.router.metrics.worker_up.labels("b")._value.get() == 1
-    h.router._listed.discard("a")
+    h.router._listed.pop("a")
     h.router._update_worker_gauges()
     assert h.router.metrics._up == {"b"}
 

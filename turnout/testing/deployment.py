@@ -17,9 +17,11 @@ Owns process lifecycle and observation. Does not own what a test or benchmark se
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PYTHON_TURNOUT = (sys.executable, "-m", "turnout")
 # Stop order: nothing new comes in (planner, frontend), then the relay, then the engines.
 STOP_ORDER = ("planner", "frontend", "router", "worker")
+PIDFD_GETFD = 438  # the syscall number, the same on x86-64 and arm64
 
 T = TypeVar("T")
 
@@ -133,6 +136,38 @@ class Service:
                 return f.read().rsplit(")", 1)[1].split()[0] == "T"
         except FileNotFoundError:
             return False
+
+    def cut_connections(self, port: int) -> int:
+        """Shut down this process's established TCP connections to `port` on this host, as a
+        network fault would (a reset, a middlebox dropping them): both processes live on.
+        Takes the sockets with pidfd_getfd (Linux >= 5.6; the process is our child). Returns
+        how many were cut."""
+        inodes = set()
+        for table in ("tcp", "tcp6"):
+            with open(f"/proc/{self.pid}/net/{table}") as f:
+                for line in list(f)[1:]:
+                    fields = line.split()  # remote address is fields[2]; state 01: established
+                    if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                        inodes.add(f"socket:[{fields[9]}]")
+        libc = ctypes.CDLL(None, use_errno=True)
+        pidfd = os.pidfd_open(self.pid)
+        cut = 0
+        try:
+            for fd in os.listdir(f"/proc/{self.pid}/fd"):
+                try:
+                    if os.readlink(f"/proc/{self.pid}/fd/{fd}") not in inodes:
+                        continue
+                except OSError:
+                    continue  # closed meanwhile
+                ours = libc.syscall(PIDFD_GETFD, pidfd, int(fd), 0)
+                if ours < 0:
+                    raise OSError(ctypes.get_errno(), "pidfd_getfd")
+                with socket.socket(fileno=ours) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+                cut += 1
+        finally:
+            os.close(pidfd)
+        return cut
 
     def output(self, tail_chars: int | None = None) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
