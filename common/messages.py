@@ -113,6 +113,10 @@ class GenerateRequest(Wire):
     previous_worker: str = ""
     # Images in the prompt, in order of `offset` (multimodal chat).
     images: list[ImageInput] = []
+    # Re-sent by its frontend after the router carrying it was lost (with or without tokens
+    # yet): a router still running it takes it over, any other places it. Last: a field added
+    # to a positional struct goes at the end, so a peer a release behind still reads the rest.
+    resumed: bool = False
 
 
 class Cancel(Wire):

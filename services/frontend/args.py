@@ -27,6 +27,11 @@ class FrontendConfig(ProcessConfig):
     missed_heartbeats: int = opt(3, help="a router that answered pings and then stays silent "
                                          "this many periods is hung: its streams resume through "
                                          "another router")
+    router_resume_wait_ms: int = opt(5000, help="a stream whose router is lost while no other "
+                                                "router is reachable waits this long for one "
+                                                "(the same router reconnecting, a new one "
+                                                "registering) before it ends with an error; 0: "
+                                                "it ends at once")
     api_key: str = opt("", help="when set, requests need 'Authorization: Bearer <key>' (one "
                                 "unrestricted key; see --api-keys-file for more)")
     api_keys_file: str = opt("", help="JSON or YAML list of API keys with per-key model "
@@ -93,7 +98,7 @@ class FrontendConfig(ProcessConfig):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         for name in ("max_prompt_tokens", "max_output_tokens", "max_active_requests",
-                     "max_queued_requests"):
+                     "max_queued_requests", "router_resume_wait_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative")
         if not self.max_active_requests:

@@ -60,7 +60,8 @@ async def serve(config: FrontendConfig) -> None:
         discovery = open_discovery(config.discovery, lease_ttl=config.lease_ttl_s)
         metrics = FrontendMetrics()
         upstream = RouterClient(discovery, config.heartbeat_interval_ms / 1000,
-                                config.missed_heartbeats, UpstreamMetrics(metrics.registry))
+                                config.missed_heartbeats, UpstreamMetrics(metrics.registry),
+                                config.router_resume_wait_ms / 1000)
         secure_context(upstream.ctx, config.keys_dir)
         await upstream.start()
         service.on_shutdown("request plane", upstream.close)

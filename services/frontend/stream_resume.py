@@ -60,7 +60,7 @@ class OpenStream:
         return msgspec.structs.replace(
             self.request,
             generated_token_ids=[*self.request.generated_token_ids, *self.tokens],
-            previous_worker=self.worker)
+            previous_worker=self.worker, resumed=True)
 
     def move_to(self, router: str, last_heard: float) -> None:
         self.router = router

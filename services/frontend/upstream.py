@@ -150,7 +150,8 @@ class RouterClient:
     resumes through another router from the next token (`stream_resume.py`)."""
 
     def __init__(self, discovery: Discovery, heartbeat_s: float = 0.1,
-                 missed_heartbeats: int = 3, metrics: UpstreamMetrics | None = None) -> None:
+                 missed_heartbeats: int = 3, metrics: UpstreamMetrics | None = None,
+                 resume_wait_s: float = 5.0) -> None:
         self.discovery = discovery
         self.ctx = zmq.Context()
         self.routers: dict[str, _RouterLink] = {}
@@ -166,6 +167,10 @@ class RouterClient:
         self.metrics = metrics or UpstreamMetrics(CollectorRegistry())
         self.malformed = MalformedFrames("frame from router", self.metrics.malformed.inc, log)
         self._turn = 0
+        # Streams of a lost router that found no other to resume through: when each gives up,
+        # and when its router was last heard from (the start of the gap its client sees).
+        self.resume_wait_s = resume_wait_s
+        self._unplaced: dict[str, tuple[float, float]] = {}
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._watch(ROLE_ROUTER)),
@@ -267,20 +272,49 @@ class RouterClient:
                 old.inflight -= 1
                 if why == "hung":  # should it wake up, it must not keep the work going
                     old.socket.send_multipart([KIND_CANCEL, encoder.encode(Cancel(rid))])
-            if link is None:
-                del self.streams[rid]
-                self.metrics.resume_failed.inc()
-                entry.stream.push(TokenChunk(  # type: ignore[attr-defined]
-                    rid, [], FINISH_ERROR, error_code=503,
-                    error_message="the router serving this request went away and no other "
-                                  "router is reachable"))
+            heard = old.heard_at if old is not None else asyncio.get_running_loop().time()
+            if link is not None:
+                self._resume(entry, link, heard)
+            elif self.resume_wait_s > 0:
+                # None to resume through now: wait for one (this one reconnecting, a new one
+                # registering; `_ping` looks every period).
+                entry.router = ""  # nothing more is taken from the lost one
+                self._unplaced[rid] = (asyncio.get_running_loop().time() + self.resume_wait_s,
+                                       heard)
+            else:
+                self._fail_resume(entry)
+
+    def _resume(self, entry: OpenStream, link: _RouterLink, heard: float) -> None:
+        request = entry.resume_request()
+        entry.move_to(link.router_id, heard)
+        link.inflight += 1
+        self.metrics.resumed.inc()
+        link.socket.send_multipart([KIND_GENERATE, encoder.encode(request)])
+
+    def _fail_resume(self, entry: OpenStream) -> None:
+        rid = entry.request.request_id
+        del self.streams[rid]
+        self.metrics.resume_failed.inc()
+        entry.stream.push(TokenChunk(  # type: ignore[attr-defined]
+            rid, [], FINISH_ERROR, error_code=503,
+            error_message="the router serving this request went away and no other router "
+                          "became reachable"))
+
+    def _resume_unplaced(self, now: float) -> None:
+        """Streams waiting for a router: resumed through one that is usable now, or ended with
+        an error once they have waited `resume_wait_s`."""
+        for rid, (deadline, heard) in list(self._unplaced.items()):
+            entry = self.streams.get(rid)
+            if entry is None or entry.router:
+                del self._unplaced[rid]  # cancelled by its client meanwhile
                 continue
-            request = entry.resume_request()
-            entry.move_to(link.router_id, old.heard_at if old is not None
-                          else asyncio.get_running_loop().time())
-            link.inflight += 1
-            self.metrics.resumed.inc()
-            link.socket.send_multipart([KIND_GENERATE, encoder.encode(request)])
+            link = self._pick(hung_ok=False)
+            if link is not None:
+                del self._unplaced[rid]
+                self._resume(entry, link, heard)
+            elif now >= deadline:
+                del self._unplaced[rid]
+                self._fail_resume(entry)
 
     def fail_streams(self, router: str) -> None:
         self.router_lost(router, "dropped")
@@ -315,6 +349,8 @@ class RouterClient:
                     hung.append(link.router_id)
             for router_id in hung:  # all verdicts first: nothing moves to a router judged now
                 self.router_lost(router_id, "hung")
+            if self._unplaced:
+                self._resume_unplaced(now)
 
     # -- plumbing ------------------------------------------------------------------------------
 

@@ -22,7 +22,8 @@ class UpstreamMetrics:
             "Silence of a router at the verdict that it hung", registry=r,
             buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0))
         self.resumed = Counter("turnout_frontend_streams_resumed",
-                               "Streams resumed through another router", registry=r)
+                               "Streams of a lost router resumed through another router, or "
+                               "through the same one once its connection is back", registry=r)
         self.resume_gap = Histogram(
             "turnout_frontend_stream_resume_gap_seconds",
             "A resumed stream's pause: from the lost router's last frame to the stream's next "
@@ -32,5 +33,6 @@ class UpstreamMetrics:
                                  "Frames from routers dropped as malformed", registry=r)
         self.resume_failed = Counter(
             "turnout_frontend_streams_resume_failed",
-            "Streams of a lost router that found no other router (the client got a 503)",
+            "Streams of a lost router that found no other router within "
+            "--router-resume-wait-ms (the client got a 503)",
             registry=r)

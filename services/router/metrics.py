@@ -122,7 +122,12 @@ class RouterMetrics:
             registry=r)
         self.resumes = Counter(
             "turnout_router_resumes",
-            "Streams resumed here from another router (it died, hung or drained)", registry=r)
+            "Streams a frontend resumed here after losing the router that carried them (it "
+            "died, hung or drained, or the connection dropped), placed anew", registry=r)
+        self.taken_over = Counter(
+            "turnout_router_streams_taken_over",
+            "Streams a frontend resumed here over a new connection while this router still ran "
+            "them (its connection had dropped): continued in place, nothing moved", registry=r)
         self.frontends_lost = Counter(
             "turnout_router_frontends_lost",
             "Frontends that stopped pinging (their requests were cancelled on the workers)",

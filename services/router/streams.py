@@ -73,7 +73,8 @@ class Streams:
         """Place a new request (`deadline`: it was parked, and waits no longer than that)."""
         rid = request.request_id
         if rid in self.accounting:
-            self.reply_error(frontend, rid, 400, "duplicate request id")
+            if not self._take_over(frontend, request):
+                self.reply_error(frontend, rid, 400, "duplicate request id")
             return
         if request.images and self.encoding is not None \
                 and self.encoding.takes(frontend, request):
@@ -109,6 +110,31 @@ class Streams:
                 request.sampling.max_tokens - len(request.generated_token_ids))
         self.metrics.inflight.set(len(self.accounting))
         decision.worker.socket.send_multipart([KIND_GENERATE, payload])
+
+    def _take_over(self, frontend: bytes, request: GenerateRequest) -> bool:
+        """A frontend whose connection to this router dropped resumes, over a new connection, a
+        stream still running here (no other router was reachable, and this one was back
+        first): it goes on in place, its replies to the new connection, starting with the
+        tokens that went to the old one. False when it is not that (not a resume, the same
+        connection, or another token history: a clashing id)."""
+        entry = self.accounting.get(request.request_id)
+        if entry is None or not request.resumed or entry.frontend == frontend:
+            return False
+        sent = entry.generated
+        if entry.disagg is not None and entry.disagg.held is not None:
+            sent = sent[:len(sent) - len(entry.disagg.held.token_ids)]  # not sent yet
+        have = request.generated_token_ids
+        if len(have) > len(sent) or sent[:len(have)] != have:
+            return False
+        entry.frontend = frontend
+        self.metrics.taken_over.inc()
+        if len(sent) > len(have) or (not have and entry.announced):
+            chunk = TokenChunk(request.request_id, sent[len(have):], worker_id=entry.announced)
+            if not have:  # the first chunk, with the prompt's count, went to the old one
+                chunk.num_prompt_tokens = len(entry.request.token_ids)
+            self.frontends.send_multipart([frontend, KIND_TOKENS,
+                                           encoder.encode(TokenBatch([chunk]))])
+        return True
 
     def _resume_hint(self, request: GenerateRequest) -> dict[str, int] | None:
         """A stream resumed from a lost router: the worker that served it holds its KV (and may

@@ -314,3 +314,52 @@ def test_a_deployment_paused_whole_past_its_leases_serves_on(deployment: Deploym
              for r in deployment.by_role("router")}
     assert sum(moved.values()) == 0, moved
     assert deployment.frontend_metrics().value("turnout_frontend_streams_resumed_total") == 0
+
+
+def test_a_lone_routers_cut_connection_costs_no_stream(deployment: Deployment) -> None:
+    """One router, and the frontend's connection to it is cut mid-stream (a network fault;
+    both processes live on): with no other router to resume through, the streams wait for
+    the connection to come back and continue on the same router, in place, with the clean
+    run's tokens and usage."""
+    deployment.start(workers=2, worker_args=WORKER_ARGS)
+    clean, _, clean_usage = asyncio.run(run_streams(deployment.url))
+    router = deployment.router
+    record = router.record()
+    assert record is not None
+    port = int(record["endpoints"]["request"].rsplit(":", 1)[1])
+    cut: list[int] = []
+    faulty, _, usage = asyncio.run(run_streams(deployment.url, when_carrying(
+        router, deployment.workers(),
+        lambda: cut.append(deployment.frontend.cut_connections(port)))))
+    assert cut and cut[0] >= 1
+    assert faulty == clean, "every stream must carry exactly the clean run's tokens"
+    assert sorted(usage) == sorted(clean_usage)
+    front = deployment.frontend_metrics()
+    assert front.value("turnout_frontend_streams_resume_failed_total") == 0
+    resumed = front.value("turnout_frontend_streams_resumed_total")
+    assert resumed > 0
+    # Back before the router gave the old connection up: continued where they ran.
+    assert router.metrics().value("turnout_router_streams_taken_over_total") == resumed
+    assert router.metrics().value("turnout_router_migrations_total") == 0
+
+
+def test_a_lone_router_replaced_mid_stream_costs_no_stream(deployment: Deployment) -> None:
+    """The only router is killed mid-stream and a new one started: the streams wait for it
+    (`--router-resume-wait-ms`) and continue through it with the clean run's tokens."""
+    deployment.start(workers=2, worker_args=WORKER_ARGS,
+                     frontend_args=("--router-resume-wait-ms", "60000"))
+    clean, _, _ = asyncio.run(run_streams(deployment.url))
+    old = deployment.router
+
+    def replace() -> None:
+        old.signal(signal.SIGKILL)
+        wait_for(lambda: not old.alive(), 10, "the router to die")
+        deployment.start_router(name="router-2")
+
+    faulty, _, _ = asyncio.run(run_streams(deployment.url, when_carrying(
+        old, deployment.workers(), replace)))
+    assert faulty == clean, "every stream must carry exactly the clean run's tokens"
+    front = deployment.frontend_metrics()
+    assert front.value("turnout_frontend_streams_resume_failed_total") == 0
+    assert front.value("turnout_frontend_streams_resumed_total") > 0
+    assert deployment.service("router-2").metrics().value("turnout_router_resumes_total") > 0

@@ -68,7 +68,8 @@ class FakeRouter:
 
 
 def run(tmp_path: Path,
-        body: Callable[[RouterClient, FakeRouter, FakeRouter], Awaitable[None]]) -> None:
+        body: Callable[[RouterClient, FakeRouter, FakeRouter], Awaitable[None]],
+        resume_wait_s: float = 5.0) -> None:
     async def main() -> None:
         ctx = zmq.asyncio.Context()
         r1, r2 = FakeRouter(ctx), FakeRouter(ctx)
@@ -78,7 +79,8 @@ def run(tmp_path: Path,
             {"id": "r2", "role": "router", "endpoints": {"request": r2.endpoint}},
             {"id": "w1", "role": "worker", "model": "m"}]))
         discovery = StaticDiscovery(records)
-        client = RouterClient(discovery, heartbeat_s=0.05, missed_heartbeats=3)
+        client = RouterClient(discovery, heartbeat_s=0.05, missed_heartbeats=3,
+                              resume_wait_s=resume_wait_s)
         await client.start()
         try:
             deadline = asyncio.get_running_loop().time() + 10
@@ -280,3 +282,22 @@ def test_a_router_back_from_a_dropped_connection_gets_no_burst_of_stale_pings(
             back.close(linger=0)
 
     run(tmp_path, body)
+
+
+def test_a_stream_with_no_router_to_resume_through_ends_after_the_wait(tmp_path: Path) -> None:
+    """Every router's connection drops: the stream waits `resume_wait_s` for one to come
+    back, then ends with a 503 (not at once, not never)."""
+    async def body(client: RouterClient, r1: FakeRouter, r2: FakeRouter) -> None:
+        stream = client.open(request("x"))
+        loop = asyncio.get_running_loop()
+        await (r1 if client.streams["x"].router == "r1" else r2).next_request()
+        r1.close()
+        r2.close()
+        lost = loop.time()
+        batch = await asyncio.wait_for(stream.next_batch(), 10)
+        assert loop.time() - lost >= 0.5
+        assert [(c.error_code, c.finish_reason) for c in batch] == [(503, "error")]
+        assert client.metrics.resume_failed._value.get() == 1
+        assert client.metrics.resumed._value.get() == 0
+
+    run(tmp_path, body, resume_wait_s=0.5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from common.messages import (
     KIND_CANCEL,
     KIND_GENERATE,
@@ -205,3 +207,27 @@ def test_a_migrated_streams_first_chunk_hides_prompt_figures_and_measures_recomp
     assert histogram_count(w.metrics.recomputed_tokens) == 1
     assert w.metrics.recomputed_tokens._sum.get() == 6
     assert entry.resume_tokens == 0 and entry.generated == [1, 2, 3]
+
+
+def test_a_resume_over_a_new_connection_takes_the_running_stream_over() -> None:
+    """The frontend's connection dropped and came back (new identity): its resume of a stream
+    still running here continues it in place, the tokens the old connection got sent first."""
+    a = worker("a")
+    w = Wiring(RoundRobin(), a)
+    generate(w)
+    entry = w.accounting.get("r1")
+    assert entry is not None
+    entry.generated.extend([7, 8, 9])
+    entry.announced = "a"
+    resume = request("r1")
+    resume = msgspec.structs.replace(resume, generated_token_ids=[7], resumed=True)
+    w.streams.on_generate(b"fe2", resume, encoder.encode(resume))
+    assert w.errors() == [] and len(sent(a)) == 1  # nothing placed again
+    assert entry.frontend == b"fe2"
+    frontend, chunks = frontend_chunks(w.frontends.sent[-1])
+    assert frontend == b"fe2" and [c.token_ids for c in chunks] == [[8, 9]]
+    assert counter(w.metrics.taken_over) == 1
+    # Not a resume, or another history: a clashing id.
+    other = msgspec.structs.replace(resume, generated_token_ids=[5])
+    w.streams.on_generate(b"fe3", other, encoder.encode(other))
+    assert w.errors() == [(b"fe3", "r1", 400, "duplicate request id")]
