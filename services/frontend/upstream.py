@@ -305,7 +305,7 @@ class RouterClient:
         an error once they have waited `resume_wait_s`."""
         for rid, (deadline, heard) in list(self._unplaced.items()):
             entry = self.streams.get(rid)
-            if entry is None or entry.router:
+            if entry is None:
                 del self._unplaced[rid]  # cancelled by its client meanwhile
                 continue
             link = self._pick(hung_ok=False)
