@@ -27,11 +27,11 @@ class FrontendConfig(ProcessConfig):
     missed_heartbeats: int = opt(3, help="a router that answered pings and then stays silent "
                                          "this many periods is hung: its streams resume through "
                                          "another router")
-    router_resume_wait_ms: int = opt(5000, help="a stream whose router is lost while no other "
-                                                "router is reachable waits this long for one "
-                                                "(the same router reconnecting, a new one "
-                                                "registering) before it ends with an error; 0: "
-                                                "it ends at once")
+    router_resume_wait_ms: int = opt(5000, help="a stream whose router dropped, drained or "
+                                                "left while no other router is reachable waits "
+                                                "this long for one (the same router "
+                                                "reconnecting, a new one registering) before it "
+                                                "ends with an error; 0: it ends at once")
     api_key: str = opt("", help="when set, requests need 'Authorization: Bearer <key>' (one "
                                 "unrestricted key; see --api-keys-file for more)")
     api_keys_file: str = opt("", help="JSON or YAML list of API keys with per-key model "
