@@ -17,6 +17,7 @@ import zmq.asyncio
 
 from common.loop_socket import LoopSocket
 from common.transport import bind_socket, tune_stream_socket
+from turnout.testing.deployment import eventually
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
@@ -50,13 +51,6 @@ def pair(ctx: zmq.Context) -> tuple[zmq.Socket, zmq.Socket]:
     dealer.connect(endpoint)
     return router, dealer
 
-
-async def eventually(condition: Callable[[], bool], what: str, within: float = 10) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within} s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 class LoopTurns:

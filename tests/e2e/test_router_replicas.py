@@ -326,11 +326,11 @@ def test_a_lone_routers_cut_connection_costs_no_stream(deployment: Deployment) -
     router = deployment.router
     record = router.record()
     assert record is not None
-    port = int(record["endpoints"]["request"].rsplit(":", 1)[1])
+    endpoint = record["endpoints"]["request"]
     cut: list[int] = []
     faulty, _, usage = asyncio.run(run_streams(deployment.url, when_carrying(
         router, deployment.workers(),
-        lambda: cut.append(deployment.frontend.cut_connections(port)))))
+        lambda: cut.append(deployment.frontend.cut_connections(endpoint)))))
     assert cut and cut[0] >= 1
     assert faulty == clean, "every stream must carry exactly the clean run's tokens"
     assert sorted(usage) == sorted(clean_usage)

@@ -31,6 +31,7 @@ from common.messages import (
 )
 from common.transport import bind_socket
 from services.frontend.upstream import ChunkStream, RouterClient
+from turnout.testing.deployment import eventually
 
 
 class FakeRouter:
@@ -83,11 +84,8 @@ def run(tmp_path: Path,
                               resume_wait_s=resume_wait_s)
         await client.start()
         try:
-            deadline = asyncio.get_running_loop().time() + 10
-            while not (len(client.routers) == 2 and all(
-                    link.pongs is not None for link in client.routers.values())):
-                assert asyncio.get_running_loop().time() < deadline, "routers never ponged"
-                await asyncio.sleep(0.01)
+            await eventually(lambda: len(client.routers) == 2 and all(
+                link.pongs is not None for link in client.routers.values()), "routers' pongs")
             await body(client, r1, r2)
         finally:
             await client.close()
@@ -188,10 +186,7 @@ def test_a_router_seen_leaving_discovery_before_it_hands_back_is_lost_once_as_dr
         async def leave_then_drain(old: FakeRouter, ident: bytes) -> None:
             router_id = client.streams["x"].router
             await client.discovery.unregister(router_id)
-            deadline = asyncio.get_running_loop().time() + 10
-            while not client.routers[router_id].draining:
-                assert asyncio.get_running_loop().time() < deadline, "removal never seen"
-                await asyncio.sleep(0.01)
+            await eventually(lambda: client.routers[router_id].draining, "the removal")
             await old.socket.send_multipart([ident, KIND_RESUME_ELSEWHERE,
                                              encoder.encode(ResumeElsewhere(["x"]))])
 
@@ -202,10 +197,7 @@ def test_a_router_seen_leaving_discovery_before_it_hands_back_is_lost_once_as_dr
         # Out of discovery with nothing of ours left on it: forgotten, not retried forever
         # once it exits.
         gone = "r1" if "r2" in {e.router for e in client.streams.values()} else "r2"
-        deadline = asyncio.get_running_loop().time() + 10
-        while gone in client.routers:
-            assert asyncio.get_running_loop().time() < deadline, "the drained router is kept"
-            await asyncio.sleep(0.01)
+        await eventually(lambda: gone not in client.routers, "the drained router forgotten")
 
     run(tmp_path, body)
 
@@ -229,14 +221,10 @@ def test_when_every_router_looks_hung_streams_stay_and_new_requests_still_go(
         first = client.routers[client.streams["x"].router]
         old, other = (r1, r2) if first.router_id == "r1" else (r2, r1)
         ident, _ = await old.next_request()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
         for silenced in (other, old):  # the other one first: then nothing is healthy
             silenced.answering = False
             link = client.routers["r1" if silenced is r1 else "r2"]
-            while not link.hung:
-                assert loop.time() < deadline, "a silent router was never declared hung"
-                await asyncio.sleep(0.01)
+            await eventually(lambda: link.hung, "a silent router declared hung")  # noqa: B023
         assert other.generated.empty() and old.cancelled == []
         assert client.streams["x"].router == first.router_id
         client.open(request("y"))  # the last resort: a router declared hung
@@ -260,10 +248,7 @@ def test_a_router_back_from_a_dropped_connection_gets_no_burst_of_stale_pings(
         endpoint = r1.endpoint
         r1.close()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
-        while client.routers["r1"].dealer.connected:
-            assert loop.time() < deadline, "the drop was never seen"
-            await asyncio.sleep(0.01)
+        await eventually(lambda: not client.routers["r1"].dealer.connected, "the drop")
         await asyncio.sleep(1.0)  # down for 20 heartbeat periods
         back = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
         back.bind(endpoint)

@@ -28,14 +28,7 @@ from common.messages import (
 )
 from common.transport import bind_socket
 from services.frontend.upstream import RouterClient
-
-
-async def eventually(condition: Callable[[], bool], what: str, within: float = 10) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {within} s waiting for {what}")
-        await asyncio.sleep(0.01)
+from turnout.testing.deployment import eventually
 
 
 def run_with_router(tmp_path: Path,

@@ -17,6 +17,7 @@ Owns process lifecycle and observation. Does not own what a test or benchmark se
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import json
 import os
@@ -65,6 +66,17 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str,
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+async def eventually(condition: Callable[[], object], what: str, within: float = 10.0,
+                     interval: float = 0.01) -> None:
+    """Wait, on the running event loop, until `condition()` is truthy; AssertionError after
+    `within` seconds."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 def read_records(directory: Path) -> list[dict[str, Any]]:
@@ -137,11 +149,12 @@ class Service:
         except FileNotFoundError:
             return False
 
-    def cut_connections(self, port: int) -> int:
-        """Shut down this process's established TCP connections to `port` on this host, as a
-        network fault would (a reset, a middlebox dropping them): both processes live on.
-        Takes the sockets with pidfd_getfd (Linux >= 5.6; the process is our child). Returns
-        how many were cut."""
+    def cut_connections(self, endpoint: str) -> int:
+        """Shut down this process's established TCP connections to `endpoint` (`tcp://host:port`
+        on this host, as in a discovery record), as a network fault would (a reset, a middlebox
+        dropping them): both processes live on. Takes the sockets with pidfd_getfd (Linux >=
+        5.6; the process is our child). Returns how many were cut."""
+        port = int(endpoint.rsplit(":", 1)[1])
         inodes = set()
         for table in ("tcp", "tcp6"):
             with open(f"/proc/{self.pid}/net/{table}") as f:
