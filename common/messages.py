@@ -168,6 +168,9 @@ class ResumeElsewhere(Wire):
     # False: not draining; it took the frontend for gone (silent) and cancelled these, so a
     # frontend that was only stalled resumes them through any router, this one included.
     draining: bool = True
+    # Draining: the worker running each stream ("": none), as `previous_worker` for its resume,
+    # so one that has no token yet is handed over where it waits too, not run a second time.
+    workers: list[str] = []
 
 
 class EncodeRequest(Wire):

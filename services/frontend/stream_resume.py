@@ -3,10 +3,11 @@ request that continues it through another router.
 
 The frontend relays every token to its client, so it knows exactly what the client has: the
 prompt, every token pushed into the stream, and the worker that produced them (routers name it
-on the first chunk). When a router dies, hangs or drains, each of its streams is re-sent to
-another router with those tokens as `generated_token_ids` and the worker as `previous_worker`:
-the new router places it as a migration (preferring that worker, whose KV holds the sequence),
-and the client sees one unbroken stream. Chunks still arriving from the old router are ignored,
+on the first chunk; a draining router names it for every stream it gives back, one with no
+token yet too). When a router dies, hangs or drains, each of its streams is re-sent to another
+router with those tokens as `generated_token_ids` and the worker as `previous_worker`: the new
+router places it back on that worker (which hands over the request it still runs, or holds its
+KV), and the client sees one unbroken stream. Chunks still arriving from the old router are ignored,
 so no token is repeated, and prompt/cached counts are only taken from the first chunk, so usage
 stays right.
 

@@ -426,6 +426,10 @@ class RouterClient:
         if not message.draining:  # it took us for gone (we stalled): resume through any
             self.router_lost(router_id, "presumed gone", only=ids, exclude="")
             return
+        for request_id, worker in zip(ids, message.workers, strict=False):
+            stream = self.streams.get(request_id)
+            if worker and stream is not None and stream.router == router_id:
+                stream.worker = worker  # fresher than our last chunk, and known before one
         link = self.routers.get(router_id)
         if link is not None:
             link.draining = link.drain_announced = True

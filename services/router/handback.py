@@ -2,9 +2,13 @@
 
 Each frontend is told which of its streams to resume elsewhere (`ResumeElsewhere`); it resends
 each one, with the tokens its client already has, through another router — the same path as
-when a router dies. The router forgets those requests without cancelling them: the worker
-serving one hands it over to the new router when the resume arrives (no recompute). From then
-on every new request is given back the same way until the router exits.
+when a router dies. The router forgets those requests without cancelling them, naming the
+worker each runs or waits on (the frontend may not know it: a stream names its worker with its
+first token), so the resume goes back there and that worker hands it over to the new router
+(no recompute, no second copy). A request in its prefill phase on a prefill worker is not
+named: a resume is never placed on one, so it is disaggregated afresh, and the prefill
+worker's copy goes when that worker sees this router gone. From then on every new request is
+given back the same way until the router exits.
 
 Owns choosing what is given back and telling the frontends. Does not own the resume itself
 (`services/frontend/upstream.py`) or the handover (`services/worker/router_watch.py`).
@@ -15,7 +19,7 @@ from __future__ import annotations
 import logging
 
 from common.messages import KIND_RESUME_ELSEWHERE, ResumeElsewhere, encoder
-from services.router.accounting import Accounting
+from services.router.accounting import Accounting, RoutedRequest
 from services.router.encode_routing import EncodeRouting
 from services.router.metrics import RouterMetrics
 from services.router.migration import Migration
@@ -39,28 +43,40 @@ class HandBack:
     def start(self) -> int:
         """Give every stream back; from now on, every new request too. Returns how many."""
         self.active = True
-        by_frontend: dict[bytes, list[str]] = {}
+        # Frontend → (request id, the worker running it or "").
+        by_frontend: dict[bytes, list[tuple[str, str]]] = {}
         for parked in self.parking.take_all():
-            by_frontend.setdefault(parked.frontend, []).append(parked.request.request_id)
+            by_frontend.setdefault(parked.frontend, []).append((parked.request.request_id, ""))
         self.migration.stranded.clear()
         if self.encoding is not None:
             for request_id, pending in list(self.encoding.pending.items()):
                 self.encoding.cancel(request_id)
-                by_frontend.setdefault(pending.frontend, []).append(request_id)
-        for request_id in list(self.accounting.requests):
-            entry = self.accounting.finish(request_id)
-            if entry is not None:
-                by_frontend.setdefault(entry.frontend, []).append(request_id)
-        for frontend, ids in by_frontend.items():
-            self.give_back(frontend, ids)
-        n = sum(len(ids) for ids in by_frontend.values())
+                by_frontend.setdefault(pending.frontend, []).append((request_id, ""))
+        for request_id, entry in list(self.accounting.requests.items()):
+            worker = _running_on(entry)  # before `finish` lets go of it
+            self.accounting.finish(request_id)
+            by_frontend.setdefault(entry.frontend, []).append((request_id, worker))
+        for frontend, streams in by_frontend.items():
+            ids, workers = (list(column) for column in zip(*streams, strict=True))
+            self.give_back(frontend, ids, workers=workers)
+        n = sum(len(streams) for streams in by_frontend.values())
         self.metrics.inflight.set(0)
         log.info("draining: streams given back to their frontends",
                  extra={"fields": {"streams": n, "frontends": len(by_frontend)}})
         return n
 
-    def give_back(self, frontend: bytes, request_ids: list[str], draining: bool = True) -> None:
+    def give_back(self, frontend: bytes, request_ids: list[str], draining: bool = True,
+                  workers: list[str] | None = None) -> None:
+        """`workers`: where each of a drain's streams runs ("": nowhere yet)."""
         if draining:
             self.metrics.handed_back.inc(len(request_ids))
         self.frontends.send_multipart([frontend, KIND_RESUME_ELSEWHERE, encoder.encode(
-            ResumeElsewhere(request_ids, draining))])
+            ResumeElsewhere(request_ids, draining, workers or []))])
+
+
+def _running_on(entry: RoutedRequest) -> str:
+    """The worker that will hand `entry` over when its resume reaches it: the one it runs on,
+    but not a prefill worker before the hand-off (a resume is never placed on one)."""
+    if entry.worker is None or (entry.disagg is not None and not entry.disagg.handed_off):
+        return ""
+    return entry.worker.id

@@ -63,11 +63,13 @@ class Selector:
         return candidates
 
     def decide(self, request: GenerateRequest, exclude: str = "",
-               hint: dict[str, int] | None = None) -> Decision:
-        """The worker for `request`, committing nothing. RoutingError when there is none."""
+               hint: dict[str, int] | None = None, prefer: str = "") -> Decision:
+        """The worker for `request`, committing nothing. RoutingError when there is none.
+        `prefer`: a worker id the policy is given alone when it is a candidate."""
         candidates = self.candidates(request.model, exclude)
         if not request.target_worker:
-            return self.policy.decide(request, candidates, hint)
+            preferred = [w for w in candidates if w.id == prefer]
+            return self.policy.decide(request, preferred or candidates, hint)
         decision = self.direct.decide(request, candidates, hint)
         if self.approx_index is not None:
             # A gateway chose (maybe after a preview): the prefix gets cached there all the
@@ -85,10 +87,10 @@ class Selector:
         self.metrics.decisions.labels(decision.policy).inc()
 
     def choose(self, request: GenerateRequest, exclude: str = "",
-               hint: dict[str, int] | None = None) -> Decision:
+               hint: dict[str, int] | None = None, prefer: str = "") -> Decision:
         """Decide and commit: the request goes to the returned worker."""
         t0 = self._timer()
-        decision = self.decide(request, exclude, hint)
+        decision = self.decide(request, exclude, hint, prefer)
         self.commit(decision)
         self.metrics.decision_seconds.observe(self._timer() - t0)
         return decision

@@ -86,7 +86,8 @@ class Streams:
                     and not request.generated_token_ids:
                 placement = self.disagg.place(request)
             decision = placement.decision if placement is not None \
-                else self.selector.choose(request, hint=self._resume_hint(request))
+                else self.selector.choose(request, hint=self._resume_hint(request),
+                                          prefer=request.previous_worker)
         except NoWorkerError:
             if self.park_s > 0:
                 # A worker may be starting (discovery lags by a poll): hold it briefly.
@@ -137,8 +138,11 @@ class Streams:
         return True
 
     def _resume_hint(self, request: GenerateRequest) -> dict[str, int] | None:
-        """A stream resumed from a lost router: the worker that served it holds its KV (and may
-        still run it: it then hands the live request over)."""
+        """A stream resumed from a lost router: the worker that served it holds its KV. It
+        goes back there while that worker serves its model (`prefer`), whatever its load: the
+        worker most likely still runs it and then hands it over (no recompute; one still
+        waiting keeps its place in the queue). Placed elsewhere, it would run twice until that
+        worker noticed the lost router and dropped its copy."""
         if not request.previous_worker:
             return None
         self.metrics.resumes.inc()

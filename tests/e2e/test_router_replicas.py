@@ -127,6 +127,43 @@ def test_streams_survive_a_router_fault(deployment: Deployment, sig: int) -> Non
     assert longest < 5.0, f"longest token gap {longest:.2f} s (clean: {clean_longest:.2f} s)"
 
 
+def test_a_drained_routers_streams_still_waiting_are_handed_over_where_they_wait(
+        deployment: Deployment) -> None:
+    """router-2 drains (SIGTERM) while most of its streams still wait for their first token
+    (each worker runs one at a time): the worker each one waits on hands it over to the other
+    router, as it does a running one, so none is sent to a second worker and run twice, and
+    none is left behind to be dropped as orphaned when router-2 is gone."""
+    deployment.start(workers=2, routers=2, worker_args=(*WORKER_ARGS, "--max-num-seqs", "1"))
+    tokens = 24
+    clean, _, clean_usage = asyncio.run(run_streams(deployment.url, tokens=tokens))
+    victim = deployment.service("router-2")
+    workers = deployment.workers()
+    orphaned_before = sum(w.metrics().value("turnout_worker_requests_total", outcome="orphaned")
+                          for w in workers)
+
+    def drain_once_waiting() -> None:
+        # One stream runs per worker: with six in flight, at least four wait.
+        wait_for(lambda: victim.metrics().value("turnout_router_inflight_requests") >= 6, 60,
+                 "router-2 to carry streams", interval=0.02)
+        victim.signal(signal.SIGTERM)
+
+    async def fault() -> None:
+        await asyncio.to_thread(drain_once_waiting)
+
+    faulty, _, usage = asyncio.run(run_streams(deployment.url, fault, tokens=tokens))
+    assert faulty == clean and sorted(usage) == sorted(clean_usage)
+    wait_for(lambda: not victim.alive(), 10, "router-2 to drain and exit")
+    front = deployment.frontend_metrics()
+    resumed = front.value("turnout_frontend_streams_resumed_total")
+    assert resumed >= 6
+    # Each worker has noticed router-2 gone: anything of it still there was dropped by now.
+    wait_for(lambda: all(w.metrics().value("turnout_worker_routers_lost_total") >= 1
+                         for w in workers), 20, "the workers to notice router-2 gone")
+    assert sum(w.metrics().value("turnout_worker_handovers_total") for w in workers) == resumed
+    assert sum(w.metrics().value("turnout_worker_requests_total", outcome="orphaned")
+               for w in workers) == orphaned_before
+
+
 def test_a_rolling_restart_of_every_router_under_load_loses_nothing(
         deployment: Deployment) -> None:
     """SIGTERM router-2, start router-3, SIGTERM router (the first), each once the frontend

@@ -178,6 +178,24 @@ def test_a_draining_router_hands_its_streams_back(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+def test_a_drain_names_the_worker_of_a_stream_that_has_no_token_yet(tmp_path: Path) -> None:
+    """The router knows where a stream waits before its first token names it: the resume
+    carries that worker, so it goes back there and is handed over, not run a second time."""
+    async def body(client: RouterClient, r1: FakeRouter, r2: FakeRouter) -> None:
+        stream = client.open(request("x"))
+        old, new = (r1, r2) if client.streams["x"].router == "r1" else (r2, r1)
+        ident, _ = await old.next_request()
+        await old.socket.send_multipart([ident, KIND_RESUME_ELSEWHERE, encoder.encode(
+            ResumeElsewhere(["x"], True, ["w7"]))])
+        ident2, resumed = await new.next_request()
+        assert (resumed.previous_worker, resumed.generated_token_ids) == ("w7", [])
+        await new.send(ident2, TokenChunk("x", [12], num_prompt_tokens=3, worker_id="w7"),
+                       TokenChunk("x", [13], FINISH_LENGTH))
+        assert [t for c in await chunks_of(stream) for t in c.token_ids] == [12, 13]
+
+    run(tmp_path, body)
+
+
 def test_a_router_seen_leaving_discovery_before_it_hands_back_is_lost_once_as_draining(
         tmp_path: Path) -> None:
     # A draining router leaves discovery, then gives its streams back; the frontend may see

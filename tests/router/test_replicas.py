@@ -162,6 +162,8 @@ def test_a_drain_gives_every_stream_back_to_its_frontend_without_cancelling() ->
              if f[1] == KIND_RESUME_ELSEWHERE}
     assert sorted(given[b"fe1"].request_ids) == ["r1", "r2"] and given[b"fe1"].draining
     assert given[b"fe2"].request_ids == ["r3"]
+    # Where each runs, token or not yet: its resume goes back there to be handed over.
+    assert given[b"fe1"].workers == ["a", "a"] and given[b"fe2"].workers == ["a"]
     assert len(wiring.accounting) == 0 and a.inflight == 0
     assert KIND_CANCEL not in [f[0] for f in sent(a)]  # the worker hands them over instead
     # Tokens still coming from the worker for them are not relayed.
@@ -186,6 +188,24 @@ def test_a_resume_goes_to_the_worker_that_served_it_and_names_it() -> None:
         assert [c[0][0][-1] for c in chunks] == ["b", ""]
         wiring.streams.on_cancel("r1")
     assert wiring.metrics.resumes._value.get() == 2
+
+
+def test_a_resume_goes_back_to_its_worker_even_when_another_is_cheaper() -> None:
+    """Its worker most likely still runs it (and hands it over); placed on the idle one, it
+    would run twice. A worker no longer serving is not insisted on."""
+    a, b = worker("a"), worker("b")
+    wiring = Wiring(KvAwarePolicy(FixedIndex({})), a, b)  # type: ignore[arg-type]
+    for i in range(6):  # b is loaded, a idle
+        busy = msgspec.structs.replace(request(f"busy{i}"), target_worker="b")
+        wiring.streams.on_generate(b"fe", busy, encoder.encode(busy))
+    resumed = msgspec.structs.replace(request("r1"), previous_worker="b", resumed=True)
+    wiring.streams.on_generate(b"fe", resumed, encoder.encode(resumed))
+    entry = wiring.accounting.get("r1")
+    assert entry is not None and entry.worker is b
+    gone = msgspec.structs.replace(request("r2"), previous_worker="c", resumed=True)
+    wiring.streams.on_generate(b"fe", gone, encoder.encode(gone))
+    entry = wiring.accounting.get("r2")
+    assert entry is not None and entry.worker is a
 
 
 class FixedIndex:
