@@ -278,9 +278,22 @@ class Disaggregation:
 
     # -- arrival -------------------------------------------------------------------------------
 
+    def places(self, request: GenerateRequest) -> bool:
+        """Whether `place` decides `request`: a new one, or a resume with no token yet, unless
+        its previous worker is one of ours that serves whole requests (the selector puts it
+        back there). A resume that has tokens continues where its stream was."""
+        if request.generated_token_ids:
+            return False
+        worker = self.pool.workers.get(request.previous_worker) \
+            if request.previous_worker else None
+        return worker is None or worker.mode == MODE_PREFILL
+
     def place(self, request: GenerateRequest) -> Placement | None:
         """Where a new request's prompt runs; None: the selector places it as usual (no
-        prefill worker, a gateway-named worker). NoWorkerError when no worker can decode it."""
+        prefill worker, a gateway-named worker). NoWorkerError when no worker can decode it.
+        A resume goes back to its prefill worker while that one serves: the prompt is queued or
+        prefilling there (its router drained before the first token), and that worker hands it
+        over."""
         if request.target_worker:
             return None
         workers = self.pool.routable(request.model)
@@ -301,19 +314,24 @@ class Disaggregation:
         queue = min(load_of(w)[0] * w.block_size for w in prefill)
         self.metrics.disagg_prefill_queue.set(queue)
         in_flight = _in_flight(decode.worker)
-        chosen = self.prefill_policy.decide(request, prefill)
+        back = [w for w in prefill if w.id == request.previous_worker]
+        chosen = self.prefill_policy.decide(request, back or prefill)
         costs = self.path_costs(request.model, prompt, uncached, decode.worker, in_flight,
                                 chosen, prefill_inflight=sum(w.inflight for w in prefill),
                                 decode_workers=len(serving))
         handoff_ms = self._handoff_model(request.model).predict(uncached)
-        # A local prefill is bought only for a request the prefill pool would put in the TTFT
-        # tail (before any tail is known, for any that gains enough). The budget first: the
-        # tail's bound sorts recent first tokens, for nothing when there is no budget.
-        budget_room = self.itl_budget.room() and (
-            costs.remote_tail_ms() + handoff_ms >= self._ttft_tail_ms(unknown=0.0))
-        path, reason = choose_path(self.limits, prompt, uncached, queue, in_flight, costs,
-                                   budget_room)
-        self._count(path, reason)
+        if back:  # decided (and counted) by the router it resumes from
+            path, reason = PATH_REMOTE, "resumed"
+            budget_room = False
+        else:
+            # A local prefill is bought only for a request the prefill pool would put in the
+            # TTFT tail (before any tail is known, for any that gains enough). The budget
+            # first: the tail's bound sorts recent first tokens, for nothing without budget.
+            budget_room = self.itl_budget.room() and (
+                costs.remote_tail_ms() + handoff_ms >= self._ttft_tail_ms(unknown=0.0))
+            path, reason = choose_path(self.limits, prompt, uncached, queue, in_flight, costs,
+                                       budget_room)
+            self._count(path, reason)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("prefill path", extra={"fields": {
                 "request_id": request.request_id, "path": path, "reason": reason,

@@ -5,9 +5,8 @@ each one, with the tokens its client already has, through another router — the
 when a router dies. The router forgets those requests without cancelling them, naming the
 worker each runs or waits on (the frontend may not know it: a stream names its worker with its
 first token), so the resume goes back there and that worker hands it over to the new router
-(no recompute, no second copy). A request in its prefill phase on a prefill worker is not
-named: a resume is never placed on one, so it is disaggregated afresh, and the prefill
-worker's copy goes when that worker sees this router gone. From then on every new request is
+(no recompute, no second copy); a prompt still in its prefill phase goes back to its prefill
+worker, and the new router hands it off at its first token. From then on every new request is
 given back the same way until the router exits.
 
 Owns choosing what is given back and telling the frontends. Does not own the resume itself
@@ -75,8 +74,6 @@ class HandBack:
 
 
 def _running_on(entry: RoutedRequest) -> str:
-    """The worker that will hand `entry` over when its resume reaches it: the one it runs on,
-    but not a prefill worker before the hand-off (a resume is never placed on one)."""
-    if entry.worker is None or (entry.disagg is not None and not entry.disagg.handed_off):
-        return ""
-    return entry.worker.id
+    """The worker that will hand `entry` over when its resume reaches it: the one it runs or
+    waits on (a prefill worker before the hand-off)."""
+    return "" if entry.worker is None else entry.worker.id

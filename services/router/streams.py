@@ -81,9 +81,7 @@ class Streams:
             return  # placed once its embeddings are back
         try:
             placement = None
-            # A resume continues where its stream was: no prefill phase for it.
-            if self.disagg is not None and not request.previous_worker \
-                    and not request.generated_token_ids:
+            if self.disagg is not None and self.disagg.places(request):
                 placement = self.disagg.place(request)
             decision = placement.decision if placement is not None \
                 else self.selector.choose(request, hint=self._resume_hint(request),

@@ -296,3 +296,48 @@ def test_a_deployment_paused_whole_mid_hand_off_keeps_the_prefill_kv(
     assert deployment.router.metrics().value("turnout_router_migrations_total") == 0
     reference = asyncio.run(complete(deployment.url, prompts, target="d1", max_tokens=200))
     assert [t for t, _ in faulty] == [t for t, _ in reference]
+
+
+def test_a_drained_routers_prompts_still_prefilling_are_handed_over_not_run_twice(
+        deployment: Deployment) -> None:
+    """Two routers over two prefill workers and a decode worker; router-2 drains (SIGTERM)
+    while prompts it placed still wait on their prefill worker (each prefills one at a time).
+    It names that worker, which hands each over to the other router (placed afresh, most
+    would go to the other, less loaded, prefill worker and run twice); that router hands it
+    off at its first token. No prompt runs twice or is dropped as orphaned once router-2 is
+    gone, and every stream carries the aggregated run's text."""
+    deployment.start_router("--disagg-mode", "always")
+    victim = deployment.start_router("--disagg-mode", "always", name="router-2")
+    prefills = [deployment.start_worker("--worker-mode", "prefill", "--speedup-ratio", "0.5",
+                                        "--max-num-seqs", "1", *PATIENT, worker_id=f"p{i}")
+                for i in (1, 2)]
+    decode = deployment.start_worker("--worker-mode", "decode", "--speedup-ratio", "1",
+                                     *PATIENT, worker_id="d1")
+    front = deployment.start_frontend()
+    deployment.wait_healthy()
+    deployment.wait_routable(3)
+    wait_for(lambda: front.metrics().value("turnout_frontend_routers") == 2, 20,
+             "the frontend to use both routers")
+    workers = (*prefills, decode)
+    prompts = [prompt(i, words=120) for i in range(16)]  # ~3,300 tokens each
+
+    async def run() -> list[tuple[str, Any]]:
+        streams = asyncio.create_task(complete(deployment.url, prompts))
+        await asyncio.to_thread(
+            wait_for, lambda: value(victim, "turnout_router_inflight_requests") >= 6, 30,
+            "router-2 to carry prompts (most waiting to prefill)", interval=0.005)
+        victim.signal(signal.SIGTERM)
+        return await streams
+
+    faulty = asyncio.run(run())
+    wait_for(lambda: not victim.alive(), 10, "router-2 to drain and exit")
+    resumed = front.metrics().value("turnout_frontend_streams_resumed_total")
+    assert resumed >= 6
+    wait_for(lambda: all(value(w, "turnout_worker_routers_lost_total") >= 1 for w in workers),
+             20, "the workers to notice router-2 gone")
+    assert sum(value(w, "turnout_worker_handovers_total") for w in workers) == resumed
+    assert sum(value(w, "turnout_worker_requests_total", outcome="orphaned")
+               for w in workers) == 0
+    assert sum(value(p, "turnout_worker_handovers_total") for p in prefills) >= 1
+    reference = asyncio.run(complete(deployment.url, prompts, target="d1"))
+    assert [t for t, _ in faulty] == [t for t, _ in reference]

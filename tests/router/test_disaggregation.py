@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import msgspec
 import pytest
 
 from common.messages import (
@@ -194,6 +195,34 @@ def test_conditional_prefills_locally_where_the_prefix_is_cached() -> None:
     assert counter(w.metrics.disagg_decisions, "local", "short_uncached") == 1
     place(w, "r2", tokens=200)  # unrelated and long: remote
     assert generate_decoder.decode(sent(p)[0][1]).phase == PHASE_PREFILL
+
+
+def test_a_resume_whose_prompt_waits_on_a_prefill_worker_goes_back_there() -> None:
+    """Its router drained before the first token and named the prefill worker: the prompt is
+    queued or prefilling there (which hands it over), so it goes back, on the remote path
+    even where this prompt would prefill locally, and is not counted as a new decision."""
+    p1, p2, d = role("p1", MODE_PREFILL), role("p2", MODE_PREFILL), role("d", MODE_DECODE)
+    w = wire(p1, p2, d, mode="conditional", kv=True)
+    cache_on(w, "d", list(range(100, 132)), 7)  # a new request of these tokens runs on d
+
+    def resume(rid: str, previous: str) -> None:
+        req = msgspec.structs.replace(request(rid, 32), previous_worker=previous, resumed=True)
+        w.streams.on_generate(b"fe", req, encoder.encode(req))
+
+    for i, previous in enumerate(("p2", "p1", "p2")):  # whatever the policy would pick
+        resume(f"r{i}", previous)
+        placed = generate_decoder.decode(sent(p1 if previous == "p1" else p2)[-1][1])
+        assert (placed.request_id, placed.phase) == (f"r{i}", PHASE_PREFILL)
+    assert sent(d) == [] and (len(sent(p1)), len(sent(p2))) == (1, 2)
+    assert sum(s.value for s in w.metrics.disagg_decisions.collect()[0].samples
+               if s.name.endswith("_total")) == 0
+    # A worker this router does not know (gone meanwhile): decided afresh, as a new one.
+    resume("r-gone", "p9")
+    assert counter(w.metrics.disagg_decisions, "local", "short_uncached") == 1
+    # The decode worker it was prefilling on itself: back there whole, to be handed over.
+    resume("r-local", "d")
+    assert generate_decoder.decode(sent(d)[-1][1]).request_id == "r-local"
+    assert counter(w.metrics.disagg_decisions, "local", "short_uncached") == 1
 
 
 def test_a_lost_prefill_worker_reruns_the_prefill_on_another() -> None:
