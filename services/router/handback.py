@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 
 from common.messages import KIND_RESUME_ELSEWHERE, ResumeElsewhere, encoder
-from services.router.accounting import Accounting, RoutedRequest
+from services.router.accounting import Accounting
 from services.router.encode_routing import EncodeRouting
 from services.router.metrics import RouterMetrics
 from services.router.migration import Migration
@@ -52,7 +52,9 @@ class HandBack:
                 self.encoding.cancel(request_id)
                 by_frontend.setdefault(pending.frontend, []).append((request_id, ""))
         for request_id, entry in list(self.accounting.requests.items()):
-            worker = _running_on(entry)  # before `finish` lets go of it
+            # Where it runs or waits (a prefill worker before the hand-off), read before
+            # `finish` lets go of it: that worker hands it over when its resume arrives.
+            worker = entry.worker.id if entry.worker is not None else ""
             self.accounting.finish(request_id)
             by_frontend.setdefault(entry.frontend, []).append((request_id, worker))
         for frontend, streams in by_frontend.items():
@@ -71,9 +73,3 @@ class HandBack:
             self.metrics.handed_back.inc(len(request_ids))
         self.frontends.send_multipart([frontend, KIND_RESUME_ELSEWHERE, encoder.encode(
             ResumeElsewhere(request_ids, draining, workers or []))])
-
-
-def _running_on(entry: RoutedRequest) -> str:
-    """The worker that will hand `entry` over when its resume reaches it: the one it runs or
-    waits on (a prefill worker before the hand-off)."""
-    return "" if entry.worker is None else entry.worker.id
