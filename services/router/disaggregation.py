@@ -314,7 +314,8 @@ class Disaggregation:
         queue = min(load_of(w)[0] * w.block_size for w in prefill)
         self.metrics.disagg_prefill_queue.set(queue)
         in_flight = _in_flight(decode.worker)
-        back = [w for w in prefill if w.id == request.previous_worker]
+        back = [w for w in prefill if w.id == request.previous_worker] \
+            if request.previous_worker else []
         chosen = self.prefill_policy.decide(request, back or prefill)
         costs = self.path_costs(request.model, prompt, uncached, decode.worker, in_flight,
                                 chosen, prefill_inflight=sum(w.inflight for w in prefill),

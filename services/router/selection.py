@@ -68,7 +68,7 @@ class Selector:
         `prefer`: a worker id the policy is given alone when it is a candidate."""
         candidates = self.candidates(request.model, exclude)
         if not request.target_worker:
-            preferred = [w for w in candidates if w.id == prefer]
+            preferred = [w for w in candidates if w.id == prefer] if prefer else []
             return self.policy.decide(request, preferred or candidates, hint)
         decision = self.direct.decide(request, candidates, hint)
         if self.approx_index is not None:
