@@ -33,7 +33,8 @@ class WorkerConfig(ProcessConfig):
                                    "a request's KV survives its worker")
     host_kv_blocks: int = opt(65536, help="capacity of the host-memory tier holding peers' "
                                           "replicated blocks")
-    drain_grace_s: float = opt(30.0, help="on SIGTERM, how long streams may run before migrating")
+    drain_grace_s: float = opt(30.0, help="on SIGTERM, how long streams may run (and decode "
+                                          "workers pull KV held for them) before migrating")
     kv_lease_ms: int = opt(30_000, help="a finished prefill keeps its KV blocks for the decode "
                                         "side at most this long when no release comes (a "
                                         "request's own lease_ms overrides it)")

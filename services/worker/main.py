@@ -2,8 +2,9 @@
 
 Reads top-down: parse config, build the engine, bind the request (ROUTER) and event (PUB)
 sockets, start the engine, register in discovery, then serve until SIGTERM/SIGINT, when it
-drains: it leaves discovery, refuses new work, lets running streams finish within the grace
-period and exits (the router migrates whatever is still running).
+drains: it leaves discovery, refuses new work, lets running streams finish (and decode
+workers pull the prompt KV it holds for them) within the grace period and exits (the router
+migrates whatever is still running).
 
 Owns routing replies to the right upstream peer and the heartbeat/load cadence, and the worker's
 side of disaggregated serving: a prefill phase's KV is held under a lease (`kv_leases.py`) until
@@ -108,7 +109,7 @@ class Worker:
         self.draining = False
         self.ready = False  # engine started and registered: what readiness probes ask
         self._fpm: list[ForwardPass] = []
-        self._idle = asyncio.Event()  # set when draining and no stream is left
+        self._idle = asyncio.Event()  # set when draining and no stream or held KV is left
         self.malformed = MalformedFrames("request frame", self.metrics.malformed.inc, log)
         self.started = time.time()  # incarnation stamp: a restarted process has a new one
         self.metrics_port = 0
@@ -153,7 +154,7 @@ class Worker:
                     ident = destinations.pop(chunk.request_id, None)
                     self.metrics.on_finish(chunk.finish_reason)
                     if self.draining and not destinations:
-                        self._idle.set()
+                        self._settle()
                 if ident is None:
                     continue
                 if chunk.num_prompt_tokens:
@@ -194,6 +195,20 @@ class Worker:
             self.engine.release_held(request_id)
             self.metrics.lease_ends.labels(**self.metrics.labels, end="expired").inc()
         self.metrics.kv_leases.set(len(self.leases))
+        self._settle()
+
+    def _end_lease(self, request_id: str, end: str) -> None:
+        if self.leases.release(request_id):
+            self.engine.release_held(request_id)
+            self.metrics.lease_ends.labels(**self.metrics.labels, end=end).inc()
+            self.metrics.kv_leases.set(len(self.leases))
+            self._settle()
+
+    def _settle(self) -> None:
+        """A drain is over once no stream runs here and no decode worker still needs KV a
+        finished prefill holds for it (exiting earlier makes it recompute the prompt)."""
+        if self.draining and not self.destinations and not len(self.leases):
+            self._idle.set()
 
     def _send(self, ident: bytes, batch: TokenBatch) -> None:
         try:
@@ -226,19 +241,11 @@ class Worker:
                 request_id = cancel_decoder.decode(payload).request_id
                 if self.image_encoder is not None:
                     self.image_encoder.cancel(request_id)
-                if self.leases.release(request_id):  # the router gave up the hand-off
-                    self.engine.release_held(request_id)
-                    self.metrics.lease_ends.labels(**self.metrics.labels,
-                                                   end="cancelled").inc()
+                self._end_lease(request_id, "cancelled")  # the router gave up the hand-off
                 if self.destinations.get(request_id) == ident:  # not another router's
                     self._abort(request_id)
             elif kind == KIND_KV_RELEASE:
-                request_id = kv_release_decoder.decode(payload).request_id
-                if self.leases.release(request_id):
-                    self.engine.release_held(request_id)
-                    self.metrics.lease_ends.labels(**self.metrics.labels,
-                                                   end="released").inc()
-                    self.metrics.kv_leases.set(len(self.leases))
+                self._end_lease(kv_release_decoder.decode(payload).request_id, "released")
             elif kind == KIND_KV_DUMP:
                 self.publisher.publish(
                     TOPIC_KV, KvEventBatch(self.worker_id, list(self.engine.kv_dump()), True))
@@ -309,8 +316,7 @@ class Worker:
         self._release(request_id)
         self.engine.abort(request_id)
         self.metrics.on_finish(outcome)
-        if self.draining and not self.destinations:
-            self._idle.set()
+        self._settle()
 
     def cancel_lost_routers(self, on_time: bool) -> None:
         """Requests of a router that stopped pinging stop here (it may only have been slow: it
@@ -544,18 +550,18 @@ class Worker:
             await service.run()
 
     async def drain(self) -> None:
-        """Leave discovery, refuse new work, give running streams the grace period."""
+        """Leave discovery, refuse new work, give running streams and the KV held for decode
+        workers (answering their pulls) the grace period."""
         self.draining = True
         await self.discovery.unregister(self.worker_id)
         self.publish_status()
-        if self.destinations:
-            try:
-                await asyncio.wait_for(self._idle.wait(), self.config.drain_grace_s)
-            except TimeoutError:
-                pass
-        if self.destinations:
-            log.warning("drain grace period over; exiting with streams still running",
-                        extra={"fields": {"streams": len(self.destinations)}})
+        self._settle()
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.config.drain_grace_s)
+        except TimeoutError:
+            log.warning("drain grace period over; exiting with work left",
+                        extra={"fields": {"streams": len(self.destinations),
+                                          "kv_leases": len(self.leases)}})
 
 
 def main(argv: Sequence[str] | None = None) -> None:
