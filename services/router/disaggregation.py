@@ -15,7 +15,10 @@ gets `phase="decode"` with the prefill worker first in `kv_sources`: it pulls on
 it lacks, acknowledges, and continues the stream. The in-flight table, `kv_sources` and the
 block pull are the migration path's; a lost prefill worker's request re-runs on another prefill
 worker (or, with none, locally), a lost decode worker's request migrates as any other, and a
-hand-off with no decode worker waits like a stranded migration.
+hand-off with no decode worker waits like a stranded migration. A decode phase not yet begun
+(no decode worker then, or the chosen one lost or refusing first) goes to another decode
+worker as a decode phase again: it pulls the prompt from the prefill worker, whose hold on
+that KV outlasts even its drain (`replan`).
 
 The conditional path is priced per request against the targets `--disagg-ttft-target-ms` and
 `--disagg-itl-target-ms`, with the router's step-time model (`cost_model.py`) and a hand-off
@@ -217,6 +220,7 @@ class DisaggState:
     prefill_worker: str  # worker id
     prefill_endpoint: str  # its request endpoint: the decode worker pulls from there first
     handed_off: bool = False
+    decode_begun: bool = False  # a chunk came from its decode worker (its pull is over)
     kv_transfer_params: bytes = b""
     handoff_at: float = 0.0  # monotonic time the prefill's final chunk arrived (0: not yet)
     pulled_tokens: int = 0  # prompt tokens the decode worker was to pull (from the KV index)
@@ -273,7 +277,7 @@ class Disaggregation:
                 hotspot_margin=margin, seed=base.seed)
         else:
             self.prefill_policy = self.decode_policy = base
-        self.migration.replan = self.rerun_prefill
+        self.migration.replan = self.replan
         accounting.on_finish = self._finished
 
     # -- arrival -------------------------------------------------------------------------------
@@ -493,19 +497,27 @@ class Disaggregation:
         state.handed_off = True
         if entry.request_id not in self.accounting:
             return  # cancelled between the chunk and now
-        prefill = entry.worker
+        if not self._send_to_decode(entry):
+            # Wait for one like a stranded migration; `replan` sends it on when one comes.
+            self.metrics.disagg_handoffs.labels("no_decode_worker").inc()
+            self.migration.migrate(entry, "handoff", counts=False)
+
+    def _send_to_decode(self, entry: RoutedRequest) -> bool:
+        """Place `entry`'s decode phase on a decode worker (not the one it leaves, if any);
+        False when none serves its model."""
+        state = entry.disagg
+        assert state is not None
         request = GenerateRequest(
             entry.request_id, entry.request.model, entry.request.token_ids,
             entry.request.sampling, None, list(entry.generated), [], PHASE_DECODE,
             state.kv_transfer_params)
-        serving = [w for w in self.pool.routable(request.model) if w.mode != MODE_PREFILL]
+        leaving = entry.worker.id if entry.worker is not None else ""
+        serving = [w for w in self.pool.routable(request.model)
+                   if w.mode != MODE_PREFILL and w.id != leaving]
         if not serving:
-            # Wait for one like a stranded migration; it then pulls from the holders.
-            self.metrics.disagg_handoffs.labels("no_decode_worker").inc()
-            self.migration.migrate(entry, "handoff", counts=False)
-            return
+            return False
         decision = self.decode_policy.decide(request, serving)
-        prefill_id = prefill.id if prefill is not None else state.prefill_worker
+        prefill_id = state.prefill_worker
         holders = self.migration.holders(entry, prefill_id)
         request.kv_sources = [state.prefill_endpoint, *self.migration.kv_sources(
             {w: n for w, n in holders.items() if w != prefill_id}, decision.worker)]
@@ -520,11 +532,15 @@ class Disaggregation:
         self.accounting.move(entry, decision)
         self.metrics.disagg_handoffs.labels("sent").inc()
         decision.worker.socket.send_multipart([KIND_GENERATE, encoder.encode(request)])
+        return True
 
     def decode_started(self, entry: RoutedRequest, chunk: TokenChunk) -> None:
         """The decode worker's first chunk: the hand-off latency, and what it recomputed."""
         state = entry.disagg
-        if state is None or not state.handoff_at or not chunk.num_prompt_tokens:
+        if state is None:
+            return
+        state.decode_begun = True
+        if not state.handoff_at or not chunk.num_prompt_tokens:
             return
         elapsed = self.clock() - state.handoff_at
         self.metrics.disagg_handoff_seconds.observe(elapsed)
@@ -537,6 +553,26 @@ class Disaggregation:
                                                              elapsed * 1000.0)
 
     # -- faults --------------------------------------------------------------------------------
+
+    def replan(self, entry: RoutedRequest, cause: str, counts: bool) -> bool:
+        """Migration's hook for a request moving before its decode phase began. Its prefill
+        worker lost (or refusing) before the first token: the prefill re-runs on another
+        prefill worker. Handed off, but no decode worker served then, or the chosen one failed
+        or refused before its first step: another decode worker takes the decode phase and
+        pulls the prompt's KV from the prefill worker, which holds it under its lease (a plain
+        migration would recompute the prompt and leave that lease to expire). Not when the
+        engine moves the KV itself (`kv_transfer_params`: vLLM's NIXL reads blocks by id, which
+        the prefill side may have freed and reused). False: a plain migration it is."""
+        state = entry.disagg
+        if state is None or not state.handed_off:
+            return self.rerun_prefill(entry, counts)
+        if state.decode_begun or state.kv_transfer_params or not self._send_to_decode(entry):
+            return False
+        state.handoff_at = self.clock()  # the hand-off's latency counts from this send
+        if counts:
+            entry.migrations += 1
+            self.metrics.migrations.labels(cause).inc()
+        return True
 
     def rerun_prefill(self, entry: RoutedRequest, counts: bool) -> bool:
         """A prefill worker was lost (or refused) before the first token: run the prefill on

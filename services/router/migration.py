@@ -51,9 +51,10 @@ class Migration:
         self.clock = clock
         self.stranded: dict[str, StrandedRequest] = {}
         self.replicas_of: dict[str, list[str]] = {}  # lost worker → its replica peers
-        # Set by disaggregation: re-runs a lost prefill phase on another prefill worker
-        # (False: none, the request continues here like any other).
-        self.replan: Callable[[RoutedRequest, bool], bool] | None = None
+        # Set by disaggregation, (entry, cause, counts): re-runs a lost prefill phase on another
+        # prefill worker, or re-sends a decode phase not yet begun to another decode worker
+        # (False: neither, the request continues here like any other).
+        self.replan: Callable[[RoutedRequest, str, bool], bool] | None = None
 
     def worker_lost(self, worker: WorkerHandle) -> None:
         """Remember where copies of a lost worker's KV live (its handle may be gone later)."""
@@ -67,7 +68,7 @@ class Migration:
             self.fail(entry, f"worker {old} failed ({cause}) and the migration limit "
                              f"({self.limit}) is reached")
             return False
-        if self.replan is not None and self.replan(entry, counts):
+        if self.replan is not None and self.replan(entry, cause, counts):
             return True
         rid = entry.request_id
         request = GenerateRequest(rid, entry.request.model, entry.request.token_ids,
@@ -79,7 +80,9 @@ class Migration:
             if deadline is None:
                 deadline = self.clock() + self.wait_s
             if self.clock() >= deadline:
-                self.fail(entry, f"worker {old} failed ({cause}); {exc}")
+                why = f"worker {old} failed ({cause})" if old else \
+                    f"it waited {self.wait_s:g} s for a worker ({cause})"
+                self.fail(entry, f"{why}; {exc}")
                 return False
             self.accounting.strand(entry)
             self.stranded[rid] = StrandedRequest(entry, deadline, cause, counts)

@@ -341,3 +341,51 @@ def test_a_drained_routers_prompts_still_prefilling_are_handed_over_not_run_twic
     assert sum(value(p, "turnout_worker_handovers_total") for p in prefills) >= 1
     reference = asyncio.run(complete(deployment.url, prompts, target="d1"))
     assert [t for t, _ in faulty] == [t for t, _ in reference]
+
+
+def test_a_drained_prefill_worker_stays_until_the_decode_side_has_its_kv(
+        deployment: Deployment) -> None:
+    """A prefill worker told to stop (SIGTERM) while it holds finished prompts' KV for a
+    decode worker that is yet to pull it: it stays, answers the pulls, and exits once every
+    hold is released, so no prompt is recomputed. (The hand-offs wait at the router: the only
+    decode worker drains while the prompts prefill, and the next one starts after the
+    SIGTERM.) Exiting as soon as its own streams ended, it left every decode phase to
+    recompute its prompt."""
+    deployment.start_router("--disagg-mode", "always", "--no-worker-wait-ms", "60000")
+    prefill = deployment.start_worker("--worker-mode", "prefill", "--speedup-ratio", "0.02",
+                                      worker_id="p1")
+    first = deployment.start_worker("--worker-mode", "decode", worker_id="d1")
+    deployment.start_frontend()
+    deployment.wait_healthy()
+    deployment.wait_routable(2)
+    prompts = [prompt(i) for i in range(3)]  # ~1,100 tokens: a prefill step of 2 s or more
+
+    async def run() -> list[tuple[str, Any]]:
+        streams = asyncio.create_task(complete(deployment.url, prompts))
+        await asyncio.to_thread(
+            wait_for, lambda: value(prefill, "turnout_worker_running_requests")
+            + value(prefill, "turnout_worker_waiting_requests") == len(prompts),
+            30, "p1 to take every prompt", interval=0.01)
+        first.signal(signal.SIGTERM)  # from now on it refuses new work
+        await asyncio.to_thread(wait_for, lambda: first.record() is None, 10,
+                                "d1 to leave discovery (its drain began)")
+        assert value(prefill, "turnout_worker_kv_leases") == 0, "a prompt prefilled too soon"
+        await asyncio.to_thread(
+            wait_for, lambda: value(prefill, "turnout_worker_kv_leases") == len(prompts), 30,
+            "p1 to hold every prompt's KV for a decode worker", interval=0.01)
+        prefill.signal(signal.SIGTERM)
+        await asyncio.to_thread(wait_for, lambda: prefill.record() is None, 10,
+                                "p1 to leave discovery (its drain began)")
+        decode = await asyncio.to_thread(deployment.start_worker, "--worker-mode", "decode",
+                                         "--speedup-ratio", "1", *PATIENT, worker_id="d2")
+        faulty = await streams
+        assert value(decode, "turnout_worker_disagg_transfers_total", outcome="pulled") \
+            == len(prompts)
+        assert value(decode, "turnout_worker_disagg_transfers_total", outcome="recomputed") == 0
+        return faulty
+
+    faulty = asyncio.run(run())
+    wait_for(lambda: not prefill.alive(), 10, "p1 to exit once its KV is released")
+    assert prefill.returncode == 0
+    reference = asyncio.run(complete(deployment.url, prompts, target="d2"))
+    assert [t for t, _ in faulty] == [t for t, _ in reference]

@@ -244,16 +244,57 @@ def test_a_lost_prefill_worker_reruns_the_prefill_on_another() -> None:
 
 
 def test_a_hand_off_with_no_decode_worker_waits_like_a_migration() -> None:
+    """It waits, then goes to the decode worker that comes as a decode phase pulling from the
+    prefill worker (which holds the KV for it even while draining out of discovery)."""
     p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
     w = wire(p, d)
     place(w)
     d.routable = False  # it left discovery meanwhile
     w.streams.on_batch(p, [TokenChunk("r1", [5], FINISH_LENGTH, num_prompt_tokens=8)])
     assert w.streams.waiting and counter(w.metrics.disagg_handoffs, "no_decode_worker") == 1
+    del w.pool.workers["p"]  # drained: out of discovery, answering pulls until released
     d.routable = True
     w.streams.retry()
     resumed = generate_decoder.decode(sent(d)[0][1])
     assert resumed.generated_token_ids == [5]
+    assert (resumed.phase, resumed.kv_sources) == (PHASE_DECODE, ["tcp://p:1"])
+    assert counter(w.metrics.disagg_handoffs, "sent") == 1 and not w.streams.waiting
+
+
+def test_a_decode_phase_lost_before_its_first_step_goes_to_another_decode_worker() -> None:
+    """Its decode worker lost before a chunk came from it: the decode phase goes to another
+    decode worker, which pulls the prompt from the prefill worker (counted as a migration);
+    once decoding, or when the engine moves the KV itself, it migrates as any request."""
+    p, d1, d2 = role("p", MODE_PREFILL), role("d1", MODE_DECODE), role("d2", MODE_DECODE)
+    w = wire(p, d1, d2)
+    for rid, params in (("r1", b""), ("r2", b""), ("r3", b'{"x": 1}')):
+        place(w, rid)
+        w.streams.on_batch(p, [TokenChunk(rid, [5], FINISH_LENGTH, num_prompt_tokens=8,
+                                          kv_transfer_params=params)])
+    first = {generate_decoder.decode(m[1]).request_id: h
+             for h in (d1, d2) for m in sent(h)}
+    assert sorted(first) == ["r1", "r2", "r3"]
+    # r2 began decoding where it went.
+    w.streams.on_batch(first["r2"], [TokenChunk("r2", [], num_prompt_tokens=8,
+                                                cached_tokens=8)])
+    for rid in ("r1", "r2", "r3"):
+        before = {h.id: len(sent(h)) for h in (d1, d2)}
+        entry = w.accounting.get(rid)
+        assert entry is not None
+        lost = first[rid]
+        lost.routable = False
+        assert w.migration.migrate(entry, "crash")
+        lost.routable = True
+        other = d2 if lost is d1 else d1
+        assert len(sent(other)) == before[other.id] + 1
+        moved = generate_decoder.decode(sent(other)[-1][1])
+        assert moved.generated_token_ids == [5]
+        if rid == "r1":
+            assert (moved.phase, moved.kv_sources[0]) == (PHASE_DECODE, "tcp://p:1")
+        else:
+            assert moved.phase == ""
+    assert counter(w.metrics.migrations, "crash") == 3
+    assert counter(w.metrics.disagg_handoffs, "sent") == 4
 
 
 SLA = {"disagg_ttft_target_ms": 200.0, "disagg_itl_target_ms": 20.0}

@@ -143,8 +143,8 @@ def test_with_no_worker_it_is_stranded_then_fails_at_the_deadline() -> None:
     assert "r1" in w.migration.stranded and w.errors() == []
     w.clock.advance(1.0)
     w.streams.retry()
-    assert w.errors() == [(b"fe", "r1", 503, "worker  failed (crash); no live worker "
-                                             "serves model 'm'")]
+    assert w.errors() == [(b"fe", "r1", 503, "it waited 2 s for a worker (crash); no live "
+                                             "worker serves model 'm'")]
     assert not w.streams.waiting and len(w.accounting) == 0
 
 
