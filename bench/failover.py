@@ -10,7 +10,8 @@ chunk's arrival time. It prints one JSON line per (system, fault, prompt, kv rep
 completed/failed, failure detection (Turnout's router histogram; for both, a client-side bound),
 the longest token gap per stream (p50/p99/max), tokens recomputed per migrated request
 (Turnout's router histogram), wall time; then one summary line with the goals of the failover
-issue. Every process it starts is killed on exit.
+issue. Every process it starts is killed on exit. Turnout can run disaggregated instead
+(`--prefill-workers`, `--decode-workers`; `--fault-worker` names the worker hit).
 
 Does not own the HTTP client (`bench/load_client.py`) or the servers' code.
 
@@ -156,8 +157,10 @@ class TurnoutDeployment(Deployment):
     system = "turnout"
 
     def __init__(self, log_dir: Path, model: Path, router_mode: str, kv_replicas: int,
-                 migration_limit: int, extra_args: list[str], routers: int = 1) -> None:
+                 migration_limit: int, extra_args: list[str], routers: int = 1,
+                 prefill_workers: int = 0, decode_workers: int = 0) -> None:
         super().__init__(log_dir)
+        self.prefill_workers, self.decode_workers = prefill_workers, decode_workers
         # One log per process in log_dir; the services' own default lease, as `turnout up`.
         self.local = LocalDeployment(log_dir, lease_ttl_s=None)
         self.flags = ["--engine", "mocker", "--speedup-ratio", "1", "--router-mode", router_mode,
@@ -171,7 +174,13 @@ class TurnoutDeployment(Deployment):
     async def start(self, timeout_s: float) -> None:
         log(f"turnout: up-style flags {shlex.join(self.flags)} (logs {self.log_dir})")
         # Returns once the frontend is healthy and the router routes to both workers.
-        self.local.start_up(self.flags, WORKERS, port=self.port, timeout=timeout_s)
+        self.local.start_up(self.flags, 0 if self.prefill_workers or self.decode_workers
+                            else WORKERS, port=self.port, timeout=timeout_s,
+                            prefill_workers=self.prefill_workers,
+                            decode_workers=self.decode_workers)
+
+    def worker_named(self, name: str) -> psutil.Process:
+        return psutil.Process(self.local.service(name).pid)
 
     def workers(self) -> list[psutil.Process]:
         found = []
@@ -423,7 +432,8 @@ async def run_scenario(sc: Scenario, args: argparse.Namespace, model: Path,
         dep = TurnoutDeployment(log_dir, model, args.router_mode, sc.kv_replicas or 0,
                                 args.migration_limit, shlex.split(args.turnout_args),
                                 routers=2 if sc.fault in (*ROUTER_FAULTS, "frontend-kill")
-                                else 1)
+                                else 1, prefill_workers=args.prefill_workers,
+                                decode_workers=args.decode_workers)
     else:
         dep = DynamoDeployment(log_dir, model, args.migration_limit)
     line: dict[str, Any] = {"bench": "failover", "system": sc.system, "fault": sc.fault,
@@ -435,6 +445,8 @@ async def run_scenario(sc: Scenario, args: argparse.Namespace, model: Path,
                                         args.startup_timeout)
         workers = dep.workers()
         target = workers[0]
+        if isinstance(dep, TurnoutDeployment) and args.fault_worker:
+            target = dep.worker_named(args.fault_worker)
         if isinstance(dep, TurnoutDeployment) and sc.fault in ROUTER_FAULTS:
             target = psutil.Process(dep.local.by_role("router")[1].pid)
         elif isinstance(dep, TurnoutDeployment) and sc.fault == "frontend-kill":
@@ -522,6 +534,15 @@ async def turnout_figures(dep: TurnoutDeployment, before: Metrics | None,
         "migrations": _by_label(metrics, "turnout_router_migrations_total", "cause"),
         "router_requests": _by_label(metrics, "turnout_router_requests_total", "outcome"),
     }
+    if isinstance(dep, TurnoutDeployment) and dep.decode_workers:
+        # Hand-offs the surviving decode workers took: pulled, or recomputed (no copy left).
+        transfers: dict[str, int] = {}
+        for w in dep.local.by_role("worker"):
+            if w.alive() and not w.stopped() and w.name.startswith("decode-"):
+                for k, v in _by_label(w.metrics(), "turnout_worker_disagg_transfers_total",
+                                      "outcome").items():
+                    transfers[k] = transfers.get(k, 0) + v
+        out["decode_transfers"] = transfers
     # The histogram starts at the worker's last heartbeat, which for a crash (caught by the
     # dropped connection) can precede the fault by up to a heartbeat period: the log line's
     # timestamp against our clock gives fault → verdict itself.
@@ -748,6 +769,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="the long prompts have at least this many tokens")
     parser.add_argument("--long-replicas", type=lambda s: [int(x) for x in s.split(",")],
                         default=[0, 1], help="Turnout --kv-replicas values for long prompts")
+    parser.add_argument("--prefill-workers", type=int, default=0,
+                        help="Turnout only: run disaggregated, this many prefill workers ...")
+    parser.add_argument("--decode-workers", type=int, default=0,
+                        help="... and this many decode workers (instead of 2 aggregated)")
+    parser.add_argument("--fault-worker", default=None,
+                        help="Turnout: the worker a worker fault hits, by `turnout up`'s name "
+                             "(worker-1, prefill-2, decode-1; default the oldest worker)")
     parser.add_argument("--router-mode", default="round-robin",
                         help="Turnout --router-mode (Dynamo's frontend default is round-robin)")
     parser.add_argument("--migration-limit", type=int, default=3, help="both systems")
@@ -760,6 +788,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--startup-timeout", type=float, default=120.0)
     parser.add_argument("--log-root", default=None, help="where per-run log folders go")
     args = parser.parse_args(argv)
+    disagg = args.prefill_workers or args.decode_workers
+    if disagg and args.systems != ["turnout"]:
+        parser.error("--prefill-workers/--decode-workers: Turnout only (--systems turnout)")
+    if disagg and not (args.prefill_workers and args.decode_workers):
+        parser.error("--prefill-workers and --decode-workers go together")
     if args.log_root:
         Path(args.log_root).mkdir(parents=True, exist_ok=True)
     if "dynamo" in args.systems and not (DYNAMO_VENV / "bin" / "python").exists():
