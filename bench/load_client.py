@@ -483,6 +483,8 @@ async def _exchange(endpoint: Endpoint, conn: _Connection | None, payload: bytes
             conn.response = response
             record.start = time.perf_counter()
             assert conn.transport is not None
+            if conn.transport.is_closing():  # closed under us, its connection_lost still due
+                raise ConnectionError("connection closed before the request was sent")
             conn.transport.write(payload)
             if timeout_s is None:
                 await response.done
