@@ -307,3 +307,15 @@ def test_banner_gives_up_with_a_clear_message(tmp_path: Path) -> None:
                          env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode != 0 and "not healthy" in out.stderr
     assert time.monotonic() - start < 15
+
+
+def test_every_service_gets_longer_than_a_worker_drain_to_stop() -> None:
+    """`docker compose stop` and scale-downs SIGKILL 10 s after SIGTERM unless told otherwise:
+    a worker's drain (its streams, a prefill worker's held KV) must fit before that."""
+    from services.worker.args import WorkerConfig
+
+    drain_s = WorkerConfig().drain_grace_s
+    for name, svc in turnout_services().items():
+        grace = svc.get("stop_grace_period", "10s")
+        seconds = float(re.fullmatch(r"(\d+)s", grace).group(1))  # type: ignore[union-attr]
+        assert seconds > drain_s, name

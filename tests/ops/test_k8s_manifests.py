@@ -442,3 +442,14 @@ async def test_the_manifests_run_and_find_each_other_through_the_api(
 
 async def _equals(value: Any, expected: float) -> bool:
     return await value == expected
+
+
+def test_worker_pods_get_longer_than_their_drain_to_stop() -> None:
+    """Kubernetes SIGKILLs a pod terminationGracePeriodSeconds after SIGTERM: a worker's drain
+    (its streams, a prefill worker's held KV) must fit before that."""
+    from services.worker.args import WorkerConfig
+
+    drain_s = WorkerConfig().drain_grace_s
+    for name in WORKER_MODES:
+        spec = deployments()[name]["spec"]["template"]["spec"]
+        assert spec["terminationGracePeriodSeconds"] > drain_s, name
