@@ -352,13 +352,13 @@ def test_a_drained_prefill_worker_stays_until_the_decode_side_has_its_kv(
     SIGTERM.) Exiting as soon as its own streams ended, it left every decode phase to
     recompute its prompt."""
     deployment.start_router("--disagg-mode", "always", "--no-worker-wait-ms", "60000")
-    prefill = deployment.start_worker("--worker-mode", "prefill", "--speedup-ratio", "0.02",
+    prefill = deployment.start_worker("--worker-mode", "prefill", "--speedup-ratio", "0.01",
                                       worker_id="p1")
     first = deployment.start_worker("--worker-mode", "decode", worker_id="d1")
     deployment.start_frontend()
     deployment.wait_healthy()
     deployment.wait_routable(2)
-    prompts = [prompt(i) for i in range(3)]  # ~1,100 tokens: a prefill step of 2 s or more
+    prompts = [prompt(i) for i in range(3)]  # ~1,100 tokens: a prefill step of 3 s or more
 
     async def run() -> list[tuple[str, Any]]:
         streams = asyncio.create_task(complete(deployment.url, prompts))
