@@ -36,7 +36,8 @@ KIND_KV_BLOCKS: Final = b"\x06"  # KvPullReply, answer to KIND_KV_PULL
 # hand-off may go (else they go when the request's lease expires).
 KIND_KV_RELEASE: Final = b"\x07"
 # Liveness of upstream peers on the request plane: a frontend pings each router, a router each
-# worker, every heartbeat period (empty payload); a router answers a frontend's ping with a pong.
+# worker, every heartbeat period (empty payload); a router answers a frontend's ping with a pong
+# (its payload: `Placements`, or empty when there are none; an older frontend ignores it).
 KIND_PING: Final = b"\x08"
 KIND_PONG: Final = b"\x09"
 KIND_RESUME_ELSEWHERE: Final = b"\x0a"  # ResumeElsewhere, router → frontend (router draining)
@@ -171,6 +172,16 @@ class ResumeElsewhere(Wire):
     # Draining: the worker running each stream ("": none), as `previous_worker` for its resume,
     # so one that has no token yet is handed over where it waits too, not run a second time.
     workers: list[str] = []
+
+
+class Placements(Wire):
+    """A pong's payload: the streams this router placed or moved since its last pong to that
+    frontend that no chunk has named the worker of yet, and that worker each. A frontend
+    resuming one of them through another router (this one died or hung before its first token)
+    names it as `previous_worker`, so the stream is handed over where it waits, not run twice."""
+
+    request_ids: list[str]
+    workers: list[str]
 
 
 class EncodeRequest(Wire):
@@ -357,6 +368,7 @@ load_decoder: Final = msgspec.msgpack.Decoder(LoadReport)
 kv_batch_decoder: Final = msgspec.msgpack.Decoder(KvEventBatch)
 fpm_decoder: Final = msgspec.msgpack.Decoder(ForwardPassBatch)
 resume_elsewhere_decoder: Final = msgspec.msgpack.Decoder(ResumeElsewhere)
+placements_decoder: Final = msgspec.msgpack.Decoder(Placements)
 router_usage_decoder: Final = msgspec.msgpack.Decoder(RouterUsage)
 encode_request_decoder: Final = msgspec.msgpack.Decoder(EncodeRequest)
 encode_reply_decoder: Final = msgspec.msgpack.Decoder(EncodeReply)

@@ -30,6 +30,7 @@ from common.messages import (
     Instance,
     TokenChunk,
     encoder,
+    placements_decoder,
     resume_elsewhere_decoder,
     token_batch_decoder,
 )
@@ -415,6 +416,18 @@ class RouterClient:
                 if link is not None:
                     link.inflight -= 1
 
+    def placed(self, payload: bytes, router_id: str) -> None:
+        """A pong's `Placements`: where streams that no token has named a worker for wait."""
+        try:
+            message = placements_decoder.decode(payload)
+        except MALFORMED as exc:
+            self.malformed.drop(str(exc), router_id)
+            return
+        for request_id, worker in zip(message.request_ids, message.workers, strict=False):
+            stream = self.streams.get(request_id)
+            if stream is not None and stream.router == router_id:
+                stream.worker = worker
+
     def resume_elsewhere(self, payload: bytes, router_id: str) -> None:
         """A draining router gave these streams back."""
         try:
@@ -491,6 +504,8 @@ class _RouterLink:
                 self.pongs = PhiAccrualDetector(client.detector_settings, now)
             else:
                 self.pongs.heartbeat(now)
+            if frames[1]:
+                client.placed(frames[1], self.router_id)
         elif len(frames) == 2 and frames[0] == KIND_RESUME_ELSEWHERE:
             client.resume_elsewhere(frames[1], self.router_id)
         else:

@@ -85,6 +85,9 @@ class Accounting:
         # A request ended, on any path, with the tokens of its last chunk not yet in
         # `generated` (the ITL miss budget counts its real gaps).
         self.on_finish: Callable[[RoutedRequest, int], None] | None = None
+        # Frontends that ping (and so get `Placements` on their pongs) → ids of their requests
+        # placed or moved since the last pong.
+        self.to_announce: dict[bytes, list[str]] = {}
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -134,9 +137,31 @@ class Accounting:
                 self.on_finish(entry, final_tokens)
         return entry
 
+    def unannounced(self, frontend: bytes) -> tuple[list[str], list[str]]:
+        """`frontend`'s requests placed or moved since the last call whose worker no chunk has
+        named yet (`RoutedRequest.announced`, left as it is: a frontend that ignores pongs
+        learns the worker from the next chunk all the same), and those workers."""
+        ids: list[str] = []
+        workers: list[str] = []
+        pending = self.to_announce.get(frontend)
+        if pending is None:
+            self.to_announce[frontend] = []
+            return ids, workers
+        self.to_announce[frontend] = []
+        for request_id in pending:
+            entry = self.requests.get(request_id)
+            if entry is not None and entry.worker is not None \
+                    and entry.announced is not entry.worker.id:
+                ids.append(request_id)
+                workers.append(entry.worker.id)
+        return ids, workers
+
     def _assign(self, entry: RoutedRequest, decision: Decision) -> None:
         worker = decision.worker
         entry.worker = worker
+        pending = self.to_announce.get(entry.frontend)
+        if pending is not None:
+            pending.append(entry.request_id)
         entry.blocks = decision.request_blocks
         entry.prefill_blocks = decision.request_blocks - decision.overlap
         entry.hashes = decision.hashes

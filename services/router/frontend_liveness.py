@@ -37,14 +37,15 @@ class FrontendLiveness:
         self.heard: dict[bytes, float] = {}  # frontend identity → when it last sent anything
         self.pings: dict[bytes, PhiAccrualDetector] = {}  # ... and its pings' regularity
 
-    def on_ping(self, frontend: bytes) -> None:
+    def on_ping(self, frontend: bytes, pong: bytes = b"") -> None:
+        """Answer with a pong carrying `pong` (`Placements`, or nothing)."""
         now = self.heard[frontend] = self.clock()
         detector = self.pings.get(frontend)
         if detector is None:
             self.pings[frontend] = PhiAccrualDetector(self.settings, now)
         else:
             detector.heartbeat(now)
-        self.frontends.send_multipart([frontend, KIND_PONG, b""])
+        self.frontends.send_multipart([frontend, KIND_PONG, pong])
 
     def on_frame(self, frontend: bytes) -> None:
         """Any other frame from a frontend that pings is a sign of life too."""

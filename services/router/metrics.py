@@ -135,6 +135,10 @@ class RouterMetrics:
         self.orphans_cancelled = Counter(
             "turnout_router_orphans_cancelled",
             "Requests cancelled on workers because their frontend was gone", registry=r)
+        self.placements_announced = Counter(
+            "turnout_router_placements_announced",
+            "Placements named to frontends on pongs before any token named the worker (a "
+            "resume after this router dies goes back to that worker)", registry=r)
         self.handed_back = Counter(
             "turnout_router_streams_handed_back",
             "Streams given back to their frontends to resume elsewhere (drain)", registry=r)

@@ -20,7 +20,7 @@ import zmq
 
 from common.discovery import Discovery
 from common.event_plane import EventPublisher, EventSubscriber
-from common.messages import KIND_PING, ROLE_ROUTER, GenerateRequest
+from common.messages import KIND_PING, ROLE_ROUTER, GenerateRequest, Placements, encoder
 from common.service import Service
 from services.router.args import RouterConfig
 from services.router.frontend_liveness import FrontendLiveness, ping_workers
@@ -69,7 +69,11 @@ class Replicas:
     def on_frame(self, frontend: bytes, kind: bytes) -> bool:
         """Note a frame from `frontend`; True when it was a ping (answered, nothing else to do)."""
         if kind == KIND_PING:
-            self.frontends.on_ping(frontend)
+            ids, workers = self.streams.accounting.unannounced(frontend)
+            if ids:
+                self.metrics.placements_announced.inc(len(ids))
+            self.frontends.on_ping(frontend, encoder.encode(Placements(ids, workers))
+                                   if ids else b"")
             return True
         self.frontends.on_frame(frontend)
         return False
@@ -96,6 +100,7 @@ class Replicas:
             if self.streams.encoding is not None:  # and those waiting for their embeddings
                 orphans += [rid for rid, p in self.streams.encoding.pending.items()
                             if p.frontend == frontend]
+            self.streams.accounting.to_announce.pop(frontend, None)
             self.metrics.frontends_lost.inc()
             self.metrics.orphans_cancelled.inc(len(orphans))
             log.warning("frontend gone; cancelling its requests", extra={"fields": {

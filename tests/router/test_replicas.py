@@ -11,21 +11,26 @@ import msgspec
 from common.messages import (
     KIND_CANCEL,
     KIND_GENERATE,
+    KIND_PING,
     KIND_PONG,
     KIND_RESUME_ELSEWHERE,
     TOPIC_ROUTER_USAGE,
+    Placements,
     RouterUsage,
     TokenChunk,
     WorkerShare,
     encoder,
+    placements_decoder,
     resume_elsewhere_decoder,
 )
 from services.router.accounting import Accounting, RoutedRequest
+from services.router.args import RouterConfig
 from services.router.frontend_liveness import FrontendLiveness
 from services.router.handback import HandBack
 from services.router.kv_policy import KvAwarePolicy, load_of
 from services.router.policies import LeastLoaded, RoundRobin
 from services.router.replica_sync import ReplicaSync
+from services.router.replicas import Replicas
 from tests.router.fakes import FakeClock, FakeSocket, Wiring, pool_of, request, sent, worker
 
 
@@ -170,6 +175,48 @@ def test_a_drain_gives_every_stream_back_to_its_frontend_without_cancelling() ->
     before = len(wiring.frontends.sent)
     wiring.streams.on_batch(a, [TokenChunk("r1", [5])])
     assert len(wiring.frontends.sent) == before
+
+
+def test_pongs_name_the_worker_of_each_stream_no_token_has_named_yet() -> None:
+    """So a frontend can send a stream back where it waits when its router dies or hangs
+    before the first token. Each placement or move is named once, to its own frontend, once
+    that frontend pings; the first chunk still names the worker (an older frontend ignores
+    the pong's payload)."""
+    a, b = worker("a"), worker("b")
+    wiring = Wiring(RoundRobin(), a, b)
+    replicas = Replicas("r", RouterConfig(), wiring.frontends, wiring.pool, wiring.streams,
+                        wiring.metrics, wiring.clock)
+
+    def pong(frontend: bytes) -> Placements | None:
+        assert replicas.on_frame(frontend, KIND_PING)
+        frames = wiring.frontends.sent[-1]
+        assert frames[:2] == [frontend, KIND_PONG]
+        return placements_decoder.decode(frames[2]) if frames[2] else None
+
+    assert pong(b"fe") is None  # nothing placed for it yet
+    for rid in ("r1", "r2"):
+        wiring.streams.on_generate(b"fe", request(rid), b"p")
+    wiring.streams.on_generate(b"fe2", request("r3"), b"p")  # a frontend that never pinged
+    told = pong(b"fe")
+    assert told is not None and told.request_ids == ["r1", "r2"]
+    where = {rid: wiring.accounting.get(rid).worker.id  # type: ignore[union-attr]
+             for rid in ("r1", "r2")}
+    assert told.workers == [where["r1"], where["r2"]] and sorted(told.workers) == ["a", "b"]
+    assert pong(b"fe") is None  # told once
+    runs_r1 = a if where["r1"] == "a" else b
+    wiring.streams.on_batch(runs_r1, [TokenChunk("r1", [5])])
+    assert msgspec.msgpack.decode(wiring.frontends.sent[-1][2])[0][0][-1] == where["r1"]
+    # r2 moves before its first token: named again, at its new worker.
+    entry = wiring.accounting.get("r2")
+    assert entry is not None
+    old = entry.worker
+    assert old is not None
+    old.alive = False
+    wiring.migration.migrate(entry, "crash")
+    told = pong(b"fe")
+    assert told is not None and told.request_ids == ["r2"] and told.workers != [old.id]
+    assert wiring.metrics.placements_announced._value.get() == 3
+    assert pong(b"fe2") is None  # its first ping: what came before is named by chunks
 
 
 def test_a_resume_goes_to_the_worker_that_served_it_and_names_it() -> None:
