@@ -69,11 +69,13 @@ import msgspec
 
 from common.messages import (
     FINISH_LENGTH,
+    KIND_CANCEL,
     KIND_GENERATE,
     MODE_DECODE,
     MODE_PREFILL,
     PHASE_DECODE,
     PHASE_PREFILL,
+    Cancel,
     GenerateRequest,
     TokenChunk,
     encoder,
@@ -624,6 +626,15 @@ class Disaggregation:
     def _finished(self, entry: RoutedRequest, final_tokens: int) -> None:
         streamed = len(entry.generated) + final_tokens - len(entry.request.generated_token_ids)
         self.itl_budget.finished(entry.budget_gaps, streamed)
+        state = entry.disagg
+        if state is not None and state.handed_off and not state.decode_begun:
+            # Over before a decode worker began it (cancelled, failed, or its wait for one ran
+            # out): its prefill worker frees the KV it holds for it now, not when the lease
+            # ends (a decode worker that got it releases it too, as it drops the request).
+            prefill = self.pool.workers.get(state.prefill_worker)
+            if prefill is not None:
+                prefill.socket.send_multipart([KIND_CANCEL,
+                                               encoder.encode(Cancel(entry.request_id))])
 
 
 def _in_flight(worker: WorkerHandle) -> int:

@@ -55,6 +55,7 @@ class HandBack:
             # Where it runs or waits (a prefill worker before the hand-off), read before
             # `finish` lets go of it: that worker hands it over when its resume arrives.
             worker = entry.worker.id if entry.worker is not None else ""
+            entry.disagg = None  # it goes on elsewhere: a prefill worker's hold on its KV stays
             self.accounting.finish(request_id)
             by_frontend.setdefault(entry.frontend, []).append((request_id, worker))
         for frontend, streams in by_frontend.items():

@@ -12,17 +12,20 @@ import pytest
 from common.messages import (
     FINISH_LENGTH,
     FINISH_STOP,
+    KIND_CANCEL,
     KIND_GENERATE,
     MODE_DECODE,
     MODE_PREFILL,
     PHASE_DECODE,
     PHASE_PREFILL,
+    Cancel,
     TokenChunk,
     encoder,
     generate_decoder,
 )
 from services.router.args import RouterConfig
 from services.router.disaggregation import Disaggregation, PathCosts, PathLimits, choose_path
+from services.router.handback import HandBack
 from services.router.kv_index import KvIndex
 from services.router.kv_policy import KvAwarePolicy
 from services.router.policies import RoundRobin
@@ -259,6 +262,33 @@ def test_a_hand_off_with_no_decode_worker_waits_like_a_migration() -> None:
     assert resumed.generated_token_ids == [5]
     assert (resumed.phase, resumed.kv_sources) == (PHASE_DECODE, ["tcp://p:1"])
     assert counter(w.metrics.disagg_handoffs, "sent") == 1 and not w.streams.waiting
+
+
+def test_a_request_over_before_its_decode_began_frees_the_prefill_workers_hold() -> None:
+    """Cancelled while its hand-off waits for a decode worker: the prefill worker is told to
+    drop the KV it holds for it (else it stays until the lease ends). Once decoding, the
+    decode worker released that hold already: nothing is sent."""
+    p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
+    w = wire(p, d)
+    place(w, "r1")
+    place(w, "r2")
+    d.routable = False
+    w.streams.on_batch(p, [TokenChunk("r1", [5], FINISH_LENGTH, num_prompt_tokens=8)])
+    w.streams.on_cancel("r1")
+    assert sent(p)[-1] == [KIND_CANCEL, encoder.encode(Cancel("r1"))]
+    d.routable = True
+    w.streams.on_batch(p, [TokenChunk("r2", [6], FINISH_LENGTH, num_prompt_tokens=8)])
+    w.streams.on_batch(d, [TokenChunk("r2", [7], num_prompt_tokens=8, cached_tokens=8)])
+    before = len(sent(p))
+    w.streams.on_cancel("r2")
+    assert len(sent(p)) == before and sent(d)[-1][0] == KIND_CANCEL
+    # A draining router gives a waiting hand-off back: the stream goes on, the hold stays.
+    place(w, "r3")
+    d.routable = False
+    w.streams.on_batch(p, [TokenChunk("r3", [8], FINISH_LENGTH, num_prompt_tokens=8)])
+    before = len(sent(p))
+    HandBack(w.frontends, w.accounting, w.streams.parking, w.migration, w.metrics).start()
+    assert len(sent(p)) == before and len(w.accounting) == 0
 
 
 def test_a_decode_phase_lost_before_its_first_step_goes_to_another_decode_worker() -> None:
