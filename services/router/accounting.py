@@ -143,11 +143,8 @@ class Accounting:
         learns the worker from the next chunk all the same), and those workers."""
         ids: list[str] = []
         workers: list[str] = []
-        pending = self.to_announce.get(frontend)
-        if pending is None:
-            self.to_announce[frontend] = []
-            return ids, workers
-        self.to_announce[frontend] = []
+        pending = self.to_announce.get(frontend, ())
+        self.to_announce[frontend] = []  # its first call: from now on it is told
         for request_id in pending:
             entry = self.requests.get(request_id)
             if entry is not None and entry.worker is not None \
