@@ -180,6 +180,9 @@ class TurnoutDeployment(Deployment):
                             decode_workers=self.decode_workers)
 
     def worker_named(self, name: str) -> psutil.Process:
+        names = [w.name for w in self.local.workers()]
+        if name not in names:
+            raise RuntimeError(f"--fault-worker {name}: no such worker (workers: {names})")
         return psutil.Process(self.local.service(name).pid)
 
     def workers(self) -> list[psutil.Process]:
@@ -793,6 +796,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--prefill-workers/--decode-workers: Turnout only (--systems turnout)")
     if disagg and not (args.prefill_workers and args.decode_workers):
         parser.error("--prefill-workers and --decode-workers go together")
+    if args.fault_worker and args.systems != ["turnout"]:
+        parser.error("--fault-worker: Turnout only (--systems turnout)")
     if args.log_root:
         Path(args.log_root).mkdir(parents=True, exist_ok=True)
     if "dynamo" in args.systems and not (DYNAMO_VENV / "bin" / "python").exists():
