@@ -179,6 +179,14 @@ class LoopSocket:
             if self._out and getsockopt(_EVENTS) & _POLLOUT:
                 self._schedule()
 
+    def read_pending(self) -> None:
+        """Hand every message already waiting to the handler now, past the per-wake budget: for
+        an owner about to act on news of the peer (its connection dropped) that must first see
+        what the peer sent before it."""
+        while self._watching and self._on_message is not None \
+                and self.socket.getsockopt(_EVENTS) & _POLLIN:
+            self._on_ready()
+
     def _fail(self, exc: BaseException) -> None:
         self._detach()
         if self._done is not None and not self._done.done():
