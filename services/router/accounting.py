@@ -11,7 +11,7 @@ or cancelled. A request is counted on at most one worker, so no count can go neg
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from common.messages import GenerateRequest
@@ -145,13 +145,23 @@ class Accounting:
         workers: list[str] = []
         pending = self.to_announce.get(frontend, ())
         self.to_announce[frontend] = []  # its first call: from now on it is told
-        for request_id in pending:
+        for request_id, worker in self._unnamed(pending):
+            ids.append(request_id)
+            workers.append(worker.id)
+        return ids, workers
+
+    def awaiting_announcement(self) -> int:
+        """Requests whose frontend learns their worker from its next pong (no chunk has named
+        it): were this router lost now, their resumes would be placed afresh."""
+        return sum(1 for pending in self.to_announce.values() for _ in self._unnamed(pending))
+
+    def _unnamed(self, request_ids: Iterable[str]) -> Iterator[tuple[str, WorkerHandle]]:
+        """The requests of `request_ids` still here on a worker no chunk has named, and it."""
+        for request_id in request_ids:
             entry = self.requests.get(request_id)
             if entry is not None and entry.worker is not None \
                     and entry.announced is not entry.worker.id:
-                ids.append(request_id)
-                workers.append(entry.worker.id)
-        return ids, workers
+                yield request_id, entry.worker
 
     def _assign(self, entry: RoutedRequest, decision: Decision) -> None:
         worker = decision.worker

@@ -139,6 +139,11 @@ class RouterMetrics:
             "turnout_router_placements_announced",
             "Placements named to frontends on pongs before any token named the worker (a "
             "resume after this router dies goes back to that worker)", registry=r)
+        self.placements_unannounced = Gauge(
+            "turnout_router_placements_unannounced",
+            "Requests whose frontend learns their worker from its next pong (no token has "
+            "named it yet): were this router lost now, their resumes would be placed afresh",
+            registry=r)
         self.handed_back = Counter(
             "turnout_router_streams_handed_back",
             "Streams given back to their frontends to resume elsewhere (drain)", registry=r)

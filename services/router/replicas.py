@@ -42,6 +42,7 @@ class Replicas:
         self.pool = pool
         self.streams = streams
         self.metrics = metrics
+        metrics.placements_unannounced.set_function(streams.accounting.awaiting_announcement)
         self.period = config.heartbeat_interval_ms / 1000
         self.frontends = FrontendLiveness(frontends, self.period, config.missed_heartbeats,
                                           config.frontend_timeout_ms / 1000, clock)

@@ -193,11 +193,16 @@ def test_pongs_name_the_worker_of_each_stream_no_token_has_named_yet() -> None:
         assert frames[:2] == [frontend, KIND_PONG]
         return placements_decoder.decode(frames[2]) if frames[2] else None
 
+    def unannounced() -> float | None:
+        return wiring.metrics.registry.get_sample_value("turnout_router_placements_unannounced")
+
     assert pong(b"fe") is None  # nothing placed for it yet
     for rid in ("r1", "r2"):
         wiring.streams.on_generate(b"fe", request(rid), b"p")
     wiring.streams.on_generate(b"fe2", request("r3"), b"p")  # a frontend that never pinged
+    assert unannounced() == 2  # fe's, until its next pong
     told = pong(b"fe")
+    assert unannounced() == 0
     assert told is not None and told.request_ids == ["r1", "r2"]
     where = {rid: wiring.accounting.get(rid).worker.id  # type: ignore[union-attr]
              for rid in ("r1", "r2")}
@@ -213,6 +218,7 @@ def test_pongs_name_the_worker_of_each_stream_no_token_has_named_yet() -> None:
     assert old is not None
     old.alive = False
     wiring.migration.migrate(entry, "crash")
+    assert unannounced() == 1
     told = pong(b"fe")
     assert told is not None and told.request_ids == ["r2"] and told.workers != [old.id]
     assert wiring.metrics.placements_announced._value.get() == 3
