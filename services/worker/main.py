@@ -143,15 +143,17 @@ class Worker:
             destinations = self.destinations
             on_chunk = self.routers.on_chunk
             for chunk in out.chunks:
-                on_chunk(chunk)
-                if self._lease_s and chunk.finish_reason is not None:
-                    self._prefill_done(chunk)
                 if self._release_to:
                     self._release(chunk.request_id)
                 if chunk.finish_reason is None:
+                    on_chunk(chunk)
                     ident = destinations.get(chunk.request_id)
                 else:
                     ident = destinations.pop(chunk.request_id, None)
+                    prefill = chunk.request_id in self._lease_s
+                    if prefill:
+                        self._prefill_done(chunk)
+                    self.routers.finished(chunk, ident, replayable=not prefill)
                     self.metrics.on_finish(chunk.finish_reason)
                     if self.draining and not destinations:
                         self._settle()
@@ -278,6 +280,15 @@ class Worker:
         if self.image_encoder is not None:
             self._error(ident, request.request_id, 400, "an encode worker does not generate")
             return
+        if request.resumed and request.phase != PHASE_PREFILL \
+                and request.request_id not in self.destinations:
+            # It may have ended here while its old router was not listening: no rerun then
+            # (even draining: nothing runs).
+            replay = self.routers.replay(request)
+            if replay is not None:
+                self.metrics.replays.inc()
+                self._send(ident, TokenBatch([replay]))
+                return
         if self.draining:
             self._error(ident, request.request_id, 503, "worker is draining")
             return

@@ -55,6 +55,9 @@ class WorkerMetrics:
         self.handovers = counter("turnout_worker_handovers",
                                  "Running requests taken over by another router (their router "
                                  "was lost) without a recompute")
+        self.replays = counter("turnout_worker_replayed_streams",
+                               "Resumed streams that had ended here while their router was not "
+                               "listening: their last tokens went to the new router, no rerun")
         self.routers_lost = counter("turnout_worker_routers_lost",
                                     "Routers that stopped pinging (their requests were cancelled)")
         self.blocks_promoted = counter("turnout_worker_kv_blocks_promoted",

@@ -11,6 +11,11 @@ takes it over without a recompute: replies go to the new router from now on, sta
 tokens generated since those the frontend already had (they went to the lost router). For that
 the worker keeps each running request's generated tokens.
 
+A stream may also end here after its router stopped listening (hung, or killed before this
+worker's verdict): its last tokens went nowhere. So an ended stream's tokens stay until its
+router's next ping proves it alive; a resume that finds them gets the tokens it lacks and the
+finish at once (a replay) instead of running the request again.
+
 Owns the per-router clocks, the token history and the handover decision. Does not own the
 sockets or the engine (`main.py`).
 """
@@ -19,8 +24,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from common.messages import GenerateRequest, TokenChunk
+
+
+@dataclass(slots=True)
+class _Ended:
+    """A stream that ended here, kept until its router pings again."""
+
+    tokens: list[int]  # every token it generated
+    finish_reason: str
 
 
 class RouterWatch:
@@ -29,11 +43,18 @@ class RouterWatch:
         self.clock = clock
         self.heard: dict[bytes, float] = {}  # identity of a router that pings → last frame
         self.generated: dict[str, list[int]] = {}  # request id → every token generated so far
+        # Router identity → its streams that ended since its last ping, by request id.
+        self.ended: dict[bytes, dict[str, _Ended]] = {}
+        self._lost_at: dict[bytes, float] = {}  # lost routers with streams that ended → when
 
     # -- router liveness -----------------------------------------------------------------------
 
     def on_ping(self, ident: bytes) -> None:
         self.heard[ident] = self.clock()
+        if self.ended:
+            # It is alive: what ended before reached it (one connection, in order).
+            self.ended.pop(ident, None)
+            self._lost_at.pop(ident, None)
 
     def on_frame(self, ident: bytes) -> None:
         if ident in self.heard:
@@ -46,6 +67,13 @@ class RouterWatch:
         gone = [i for i, t in self.heard.items() if now - t > self.timeout_s]
         for ident in gone:
             del self.heard[ident]
+            if ident in self.ended:
+                self._lost_at[ident] = now
+        for ident, at in list(self._lost_at.items()):
+            # Its streams resume within moments of the loss, or never.
+            if now - at > self.timeout_s:
+                del self._lost_at[ident]
+                self.ended.pop(ident, None)
         return gone
 
     def pause(self) -> None:
@@ -53,18 +81,30 @@ class RouterWatch:
         for ident in self.heard:
             self.heard[ident] = now
 
-    # -- token history and handover ------------------------------------------------------------
+    # -- token history, handover and replay ----------------------------------------------------
 
     def admitted(self, request: GenerateRequest) -> None:
         self.generated[request.request_id] = list(request.generated_token_ids)
 
     def on_chunk(self, chunk: TokenChunk) -> None:
-        if chunk.finish_reason is not None:
-            self.generated.pop(chunk.request_id, None)
-        elif chunk.token_ids:
+        """A chunk before the last one (`finished` takes that)."""
+        if chunk.token_ids:
             history = self.generated.get(chunk.request_id)
             if history is not None:
                 history.extend(chunk.token_ids)
+
+    def finished(self, chunk: TokenChunk, router: bytes | None, replayable: bool) -> None:
+        """The last chunk of a request from `router` (None: it was cancelled meanwhile), kept
+        for a replay when `replayable` (not a prefill phase, whose result is its KV)."""
+        history = self.generated.pop(chunk.request_id, None)
+        if history is None or router is None or not replayable or chunk.error_code \
+                or router not in self.heard:
+            return
+        history.extend(chunk.token_ids)
+        streams = self.ended.get(router)
+        if streams is None:
+            streams = self.ended[router] = {}
+        streams[chunk.request_id] = _Ended(history, chunk.finish_reason or "")
 
     def forget(self, request_id: str) -> None:
         self.generated.pop(request_id, None)
@@ -78,3 +118,20 @@ class RouterWatch:
         if history is None or len(have) > len(history) or history[:len(have)] != have:
             return None
         return history[len(have):]
+
+    def replay(self, request: GenerateRequest) -> TokenChunk | None:
+        """`request` resumes a stream that ended here after its router stopped listening: the
+        chunk that ends it for the new router (the tokens the frontend lacks, and the finish).
+        None when none such ended here, or what the frontend has is not what was generated."""
+        for router, streams in self.ended.items():
+            ended = streams.pop(request.request_id, None)
+            if ended is not None:
+                if not streams:
+                    del self.ended[router]
+                break
+        else:
+            return None
+        have = request.generated_token_ids
+        if len(have) > len(ended.tokens) or ended.tokens[:len(have)] != have:
+            return None
+        return TokenChunk(request.request_id, ended.tokens[len(have):], ended.finish_reason)

@@ -1,6 +1,7 @@
 """The worker's view of its routers: a router that pinged and went silent is lost, a stalled
-worker judges nobody, and a resumed request still running here is handed over with exactly the
-tokens the new router's frontend lacks."""
+worker judges nobody, a resumed request still running here is handed over with exactly the
+tokens the new router's frontend lacks, and one that ended while its router did not listen is
+replayed."""
 
 from __future__ import annotations
 
@@ -54,6 +55,63 @@ def test_handover_sends_what_the_frontend_lacks() -> None:
     # Not what this worker generated, or more than it has: start afresh.
     assert watch.handover(request([5, 9])) is None
     assert watch.handover(request([5, 6, 7, 8, 9])) is None
-    watch.on_chunk(TokenChunk("x", [9], finish_reason="length"))
+    watch.finished(TokenChunk("x", [9], finish_reason="length"), b"r1", replayable=True)
     assert watch.handover(request([5])) is None  # finished: nothing to hand over
     assert watch.generated == {}
+    assert watch.replay(request([5])) is None  # r1 never pinged: no router to outlive
+
+
+def ended_while(watch: RouterWatch, router: bytes, request_id: str = "x",
+                replayable: bool = True, error_code: int = 0) -> None:
+    watch.admitted(GenerateRequest(request_id, "m", [1, 2], SamplingParams(max_tokens=9)))
+    watch.on_chunk(TokenChunk(request_id, [6, 7]))
+    watch.finished(TokenChunk(request_id, [8], finish_reason="stop", error_code=error_code),
+                   router, replayable)
+
+
+def test_a_stream_that_ended_while_its_router_was_silent_is_replayed_once() -> None:
+    clock = Clock()
+    watch = RouterWatch(1.0, clock)
+    watch.on_ping(b"r1")
+    ended_while(watch, b"r1")
+    replay = watch.replay(request([6]))
+    assert replay is not None
+    assert (replay.token_ids, replay.finish_reason) == ([7, 8], "stop")
+    assert watch.replay(request([6])) is None  # once
+    ended_while(watch, b"r1")
+    assert watch.replay(request([6, 9])) is None  # not what was generated here: a rerun
+
+
+def test_an_ended_stream_is_dropped_once_its_router_pings_or_long_after_it_is_lost() -> None:
+    clock = Clock()
+    watch = RouterWatch(1.0, clock)
+    watch.on_ping(b"r1")
+    watch.on_ping(b"r2")
+    ended_while(watch, b"r1")
+    watch.on_ping(b"r1")  # alive: it got the last chunk
+    assert watch.replay(request([])) is None
+    ended_while(watch, b"r2", "y")
+    clock.now += 1.5
+    assert watch.lost() == [b"r1", b"r2"]
+    # Lost just now: a resume may still be on its way.
+    assert watch.replay(GenerateRequest("y", "m", [1, 2], SamplingParams(max_tokens=9),
+                                        resumed=True)) is not None
+    ended_while(watch, b"r3")  # never pinged
+    assert watch.ended == {}
+    watch.on_ping(b"r4")
+    ended_while(watch, b"r4", "z")
+    clock.now += 1.5
+    watch.lost()
+    assert b"r4" in watch.ended
+    clock.now += 1.5
+    watch.lost()
+    assert watch.ended == {}
+
+
+def test_no_replay_of_a_prefill_phase_or_a_failed_stream() -> None:
+    watch = RouterWatch(1.0)
+    watch.on_ping(b"r1")
+    ended_while(watch, b"r1", replayable=False)
+    ended_while(watch, b"r1", "y", error_code=500)
+    ended_while(watch, b"r1", "z")
+    assert list(watch.ended[b"r1"]) == ["z"]
