@@ -13,8 +13,9 @@ the worker keeps each running request's generated tokens.
 
 A stream may also end here after its router stopped listening (hung, or killed before this
 worker's verdict): its last tokens went nowhere. So an ended stream's tokens stay until its
-router's next ping proves it alive; a resume that finds them gets the tokens it lacks and the
-finish at once (a replay) instead of running the request again.
+router's second ping after it proves the router was alive once they landed; a resume that
+finds them gets the tokens it lacks and the finish at once (a replay) instead of running the
+request again.
 
 Owns the per-router clocks, the token history and the handover decision. Does not own the
 sockets or the engine (`main.py`).
@@ -35,6 +36,7 @@ class _Ended:
 
     tokens: list[int]  # every token it generated
     finish_reason: str
+    at: float  # when it ended (monotonic)
 
 
 class RouterWatch:
@@ -46,15 +48,25 @@ class RouterWatch:
         # Router identity → its streams that ended since its last ping, by request id.
         self.ended: dict[bytes, dict[str, _Ended]] = {}
         self._lost_at: dict[bytes, float] = {}  # lost routers with streams that ended → when
+        self._pinged: dict[bytes, float] = {}  # router identity → when its last ping came
 
     # -- router liveness -----------------------------------------------------------------------
 
     def on_ping(self, ident: bytes) -> None:
-        self.heard[ident] = self.clock()
-        if self.ended:
-            # It is alive: what ended before reached it (one connection, in order).
-            self.ended.pop(ident, None)
+        now = self.heard[ident] = self.clock()
+        previous = self._pinged.get(ident)
+        self._pinged[ident] = now
+        if self.ended and previous is not None:
             self._lost_at.pop(ident, None)
+            streams = self.ended.get(ident)
+            if streams:
+                # It is alive: what ended before its previous ping reached it (in order, on one
+                # connection) before it sent this one, a period later. (A ping sent just before
+                # the last chunk landed proves nothing of it.)
+                for request_id in [r for r, e in streams.items() if e.at <= previous]:
+                    del streams[request_id]
+                if not streams:
+                    del self.ended[ident]
 
     def on_frame(self, ident: bytes) -> None:
         if ident in self.heard:
@@ -67,6 +79,7 @@ class RouterWatch:
         gone = [i for i, t in self.heard.items() if now - t > self.timeout_s]
         for ident in gone:
             del self.heard[ident]
+            self._pinged.pop(ident, None)
             if ident in self.ended:
                 self._lost_at[ident] = now
         for ident, at in list(self._lost_at.items()):
@@ -104,7 +117,7 @@ class RouterWatch:
         streams = self.ended.get(router)
         if streams is None:
             streams = self.ended[router] = {}
-        streams[chunk.request_id] = _Ended(history, chunk.finish_reason or "")
+        streams[chunk.request_id] = _Ended(history, chunk.finish_reason or "", self.clock())
 
     def forget(self, request_id: str) -> None:
         self.generated.pop(request_id, None)

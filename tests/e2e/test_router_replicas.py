@@ -135,9 +135,10 @@ def test_a_lost_routers_streams_still_waiting_are_handed_over_where_they_wait(
     still wait for their first token (each worker runs one at a time): the worker each one
     waits on hands it over to the other router, as it does a running one (or, had it ended
     there meanwhile, replays its end), so none is sent to a second worker and run twice, and
-    none is left behind to be dropped as orphaned when router-2 is gone. A draining router names their workers as it gives them back; a dead or
-    hung one cannot, so the frontend has them from the pongs to its pings. (Random placement:
-    neither a cached prefix nor a round-robin turn leads a resume back to its worker.)"""
+    none is left behind to be dropped as orphaned when router-2 is gone. A draining router
+    names their workers as it gives them back; a dead or hung one cannot, so the frontend has
+    them from the pongs to its pings. (Random placement: neither a cached prefix nor a
+    round-robin turn leads a resume back to its worker.)"""
     deployment.start(workers=2, routers=2, worker_args=(*WORKER_ARGS, "--max-num-seqs", "1"),
                      router_args=("--router-mode", "random"))
     tokens = 48  # ~0.3 s a stream: a wrong worker's copy still waits when it is dropped

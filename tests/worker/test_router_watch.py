@@ -87,8 +87,13 @@ def test_an_ended_stream_is_dropped_once_its_router_pings_or_long_after_it_is_lo
     watch = RouterWatch(1.0, clock)
     watch.on_ping(b"r1")
     watch.on_ping(b"r2")
+    clock.now += 0.05
     ended_while(watch, b"r1")
-    watch.on_ping(b"r1")  # alive: it got the last chunk
+    clock.now += 0.05
+    watch.on_ping(b"r1")  # maybe sent before the last chunk landed: proves nothing
+    assert b"r1" in watch.ended
+    clock.now += 0.05
+    watch.on_ping(b"r1")  # sent a period after the previous one came: it got the chunk
     assert watch.replay(request([])) is None
     ended_while(watch, b"r2", "y")
     clock.now += 1.5
