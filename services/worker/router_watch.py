@@ -32,7 +32,7 @@ from common.messages import GenerateRequest, TokenChunk
 
 @dataclass(slots=True)
 class _Ended:
-    """A stream that ended here, kept until its router pings again."""
+    """A stream that ended here, kept until its router has pinged twice since."""
 
     tokens: list[int]  # every token it generated
     finish_reason: str
