@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+import msgspec
+
 from common.messages import (
     FINISH_ERROR,
     KIND_CANCEL,
@@ -104,6 +106,11 @@ class Streams:
             entry.disagg = placement.state
             payload = placement.payload
         self.accounting.place(entry, decision)
+        if request.previous_worker or request.resumed:
+            self.metrics.resumes.inc()
+            if placement is None and request.generated_token_ids \
+                    and decision.worker.id != request.previous_worker:
+                payload = self._pulling(request, entry, decision.worker, payload)
         if self.disagg is not None:
             entry.budget_gaps = self.disagg.itl_budget.admitted(
                 request.sampling.max_tokens - len(request.generated_token_ids))
@@ -143,12 +150,26 @@ class Streams:
         worker noticed the lost router and dropped its copy."""
         if not request.previous_worker:
             return None
-        self.metrics.resumes.inc()
         worker = self.pool.workers.get(request.previous_worker)
         if worker is None:
             return None
         tokens = len(request.token_ids) + len(request.generated_token_ids)
         return {worker.id: tokens // worker.block_size}
+
+    def _pulling(self, request: GenerateRequest, entry: RoutedRequest, worker: WorkerHandle,
+                 payload: bytes) -> bytes:
+        """A resume with tokens placed away from the worker that served it (a prefill worker,
+        which holds its prompt's KV for a decode side; or one that no longer serves the model):
+        it names the workers that may hold its blocks, as a migration does, so the new worker
+        pulls them instead of recomputing the prompt. `payload` unchanged when there are none."""
+        holders = self.migration.holders(entry, "")
+        previous = self.pool.workers.get(request.previous_worker)
+        if previous is not None and previous.alive:
+            holders.setdefault(previous.id, entry.blocks)
+        sources = self.migration.kv_sources(holders, worker)
+        if not sources:
+            return payload
+        return encoder.encode(msgspec.structs.replace(request, kv_sources=sources))
 
     def on_cancel(self, request_id: str) -> None:
         if self.parking.cancel(request_id) or (

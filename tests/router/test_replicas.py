@@ -20,6 +20,7 @@ from common.messages import (
     TokenChunk,
     WorkerShare,
     encoder,
+    generate_decoder,
     placements_decoder,
     resume_elsewhere_decoder,
 )
@@ -259,6 +260,28 @@ def test_a_resume_goes_back_to_its_worker_even_when_another_is_cheaper() -> None
     wiring.streams.on_generate(b"fe", gone, encoder.encode(gone))
     entry = wiring.accounting.get("r2")
     assert entry is not None and entry.worker is a
+
+
+def test_a_resume_placed_away_from_its_worker_pulls_the_kv_that_worker_holds() -> None:
+    """Its worker no longer takes it (a prefill worker holding the prompt's KV for a decode
+    side, or a draining one), but still holds its blocks: the new worker is told to pull them
+    there, as in a migration, rather than recompute the prompt. One placed back on its worker
+    (handed over there) names none."""
+    a, b = worker("a"), worker("b")
+    wiring = Wiring(RoundRobin(), a, b)
+    b.routable = False  # draining: alive, not a candidate
+    resumed = msgspec.structs.replace(request("r1", generated=2), previous_worker="b",
+                                      resumed=True)
+    wiring.streams.on_generate(b"fe", resumed, encoder.encode(resumed))
+    kind, payload = sent(a)[-1]
+    assert kind == KIND_GENERATE
+    assert generate_decoder.decode(payload).kv_sources == ["tcp://b:1"]
+    b.routable = True
+    back = msgspec.structs.replace(request("r2", generated=2), previous_worker="b",
+                                   resumed=True)
+    wiring.streams.on_generate(b"fe", back, encoder.encode(back))
+    assert generate_decoder.decode(sent(b)[-1][1]).kv_sources == []
+    assert wiring.metrics.resumes._value.get() == 2
 
 
 class FixedIndex:
