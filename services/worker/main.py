@@ -119,6 +119,8 @@ class Worker:
         self._resuming: set[asyncio.Task[None]] = set()
         self.leases = KvLeases()
         self._lease_s: dict[str, float] = {}  # prefill phases running here → their lease
+        # Prefill phases whose KV is held → the router handing them off, and their last chunk.
+        self._prefilled: dict[str, tuple[bytes, TokenChunk]] = {}
         # Decode phases running here → the workers holding their prefill KV, told to free it
         # once the engine has it (the first chunk) or the request ends.
         self._release_to: dict[str, list[str]] = {}
@@ -152,7 +154,7 @@ class Worker:
                     ident = destinations.pop(chunk.request_id, None)
                     prefill = chunk.request_id in self._lease_s
                     if prefill:
-                        self._prefill_done(chunk)
+                        self._prefill_done(chunk, ident)
                     self.routers.finished(chunk, ident, replayable=not prefill)
                     self.metrics.on_finish(chunk.finish_reason)
                     if self.draining and not destinations:
@@ -174,7 +176,7 @@ class Worker:
             self._fpm.append(out.forward_pass)
         self.metrics.on_step(out)
 
-    def _prefill_done(self, chunk: TokenChunk) -> None:
+    def _prefill_done(self, chunk: TokenChunk, router: bytes | None) -> None:
         """A prefill phase ended: hold its KV for the decode side, or free it at once when
         the request ended here (its first token stopped it, or it failed)."""
         seconds = self._lease_s.pop(chunk.request_id, None)
@@ -183,8 +185,27 @@ class Worker:
         if chunk.finish_reason == FINISH_LENGTH and not chunk.error_code:
             self.leases.hold(chunk.request_id, seconds)
             self.metrics.kv_leases.set(len(self.leases))
+            if router is not None:
+                self._prefilled[chunk.request_id] = (router, chunk)
         else:
             self.engine.release_held(chunk.request_id)
+
+    def _replay(self, ident: bytes, request: GenerateRequest) -> TokenChunk | None:
+        """The chunk that ends `request`, a resume of a stream whose router was lost, when it
+        ended here already: a prefill phase whose KV is still held (its first token again, and
+        the hold is the new router's to hand off), or a stream that ended while its router was
+        not listening (`RouterWatch.replay`). None: it runs."""
+        if request.phase != PHASE_PREFILL:
+            return self.routers.replay(request)
+        rid = request.request_id
+        prefilled = self._prefilled.get(rid)
+        # Not with an engine's own transfer handle (vLLM's NIXL): its side may time it out.
+        if prefilled is None or rid not in self.leases or request.generated_token_ids \
+                or prefilled[1].kv_transfer_params:
+            return None
+        self._prefilled[rid] = (ident, prefilled[1])
+        self.leases.hold(rid, (request.lease_ms or self.config.kv_lease_ms) / 1000)
+        return prefilled[1]
 
     def _release(self, request_id: str) -> None:
         """A decode phase has its KV (or is over): the prefill side may free it."""
@@ -194,12 +215,14 @@ class Worker:
 
     def expire_leases(self) -> None:
         for request_id in self.leases.expired():
+            self._prefilled.pop(request_id, None)
             self.engine.release_held(request_id)
             self.metrics.lease_ends.labels(**self.metrics.labels, end="expired").inc()
         self.metrics.kv_leases.set(len(self.leases))
         self._settle()
 
     def _end_lease(self, request_id: str, end: str) -> None:
+        self._prefilled.pop(request_id, None)
         if self.leases.release(request_id):
             self.engine.release_held(request_id)
             self.metrics.lease_ends.labels(**self.metrics.labels, end=end).inc()
@@ -243,7 +266,9 @@ class Worker:
                 request_id = cancel_decoder.decode(payload).request_id
                 if self.image_encoder is not None:
                     self.image_encoder.cancel(request_id)
-                self._end_lease(request_id, "cancelled")  # the router gave up the hand-off
+                prefilled = self._prefilled.get(request_id)
+                if prefilled is None or prefilled[0] == ident:  # not a lost router's, late
+                    self._end_lease(request_id, "cancelled")  # the router gave up the hand-off
                 if self.destinations.get(request_id) == ident:  # not another router's
                     self._abort(request_id)
             elif kind == KIND_KV_RELEASE:
@@ -280,11 +305,9 @@ class Worker:
         if self.image_encoder is not None:
             self._error(ident, request.request_id, 400, "an encode worker does not generate")
             return
-        if request.resumed and request.phase != PHASE_PREFILL \
-                and request.request_id not in self.destinations:
-            # It may have ended here while its old router was not listening: no rerun then
-            # (even draining: nothing runs).
-            replay = self.routers.replay(request)
+        if request.resumed and request.request_id not in self.destinations:
+            # It may have ended here already: no rerun then (even draining: nothing runs).
+            replay = self._replay(ident, request)
             if replay is not None:
                 self.metrics.replays.inc()
                 self._send(ident, TokenBatch([replay]))

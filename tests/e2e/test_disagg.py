@@ -389,3 +389,74 @@ def test_a_drained_prefill_worker_stays_until_the_decode_side_has_its_kv(
     assert prefill.returncode == 0
     reference = asyncio.run(complete(deployment.url, prompts, target="d2"))
     assert [t for t, _ in faulty] == [t for t, _ in reference]
+
+
+@pytest.mark.parametrize("first_token", ["streamed", "held"])
+def test_a_hung_routers_prefilled_prompts_are_not_prefilled_again(
+        deployment: Deployment, first_token: str) -> None:
+    """A router hangs (SIGSTOP) holding three prompts whose prefill is done, their hand-offs
+    waiting for a decode worker (the decode side drains during the prefills, as above): the
+    frontend resumes them through the other router, and the prefill worker still holds their
+    KV, so no prompt is prefilled again.
+    - streamed: the client has each first token, so each resume continues on the decode worker
+      that joins, which pulls the prompt's KV from the prefill worker (named as a source).
+    - held: the router held each first token for the decode side, so the client has none; each
+      resume goes back to its prefill worker as a prefill phase, which answers at once with
+      the first token again (a replay), and the hand-off's decode worker pulls the KV."""
+    hold = ("--disagg-hold-first-token", "--disagg-itl-target-ms", "0.01",
+            "--disagg-ttft-target-ms", "1000000") if first_token == "held" else ()
+    router_args = ("--disagg-mode", "always", "--no-worker-wait-ms", "60000", *hold)
+    victim = deployment.start_router(*router_args)
+    prefill = deployment.start_worker("--worker-mode", "prefill", "--speedup-ratio", "0.1",
+                                      worker_id="p1")
+    first = deployment.start_worker("--worker-mode", "decode", worker_id="d1")
+    deployment.start_frontend()
+    deployment.wait_healthy()
+    deployment.wait_routable(2)
+    prompts = [prompt(i) for i in range(3)]
+
+    async def run() -> list[tuple[str, Any]]:
+        streams = asyncio.create_task(complete(deployment.url, prompts))  # all to the victim
+        await asyncio.to_thread(
+            wait_for, lambda: value(prefill, "turnout_worker_running_requests")
+            + value(prefill, "turnout_worker_waiting_requests") == len(prompts),
+            30, "p1 to take every prompt", interval=0.01)
+        first.signal(signal.SIGTERM)  # from now on it refuses new work
+        await asyncio.to_thread(wait_for, lambda: first.record() is None, 10,
+                                "d1 to leave discovery (its drain began)")
+        assert value(prefill, "turnout_worker_kv_leases") == 0, "a prompt prefilled too soon"
+        await asyncio.to_thread(deployment.start_router, *router_args, name="router-2")
+        await asyncio.to_thread(
+            wait_for, lambda: value(prefill, "turnout_worker_kv_leases") == len(prompts)
+            and deployment.frontend_metrics().value("turnout_frontend_routers") == 2
+            and value(victim, "turnout_router_placements_unannounced") == 0, 60,
+            "p1 to hold every prompt's KV, the frontend to know both routers and where each "
+            "prompt is", interval=0.01)
+        victim.signal(signal.SIGSTOP)
+        await asyncio.to_thread(
+            wait_for, lambda: deployment.frontend_metrics().value(
+                "turnout_frontend_streams_resumed_total") == len(prompts),
+            30, "the frontend to resume every stream through router-2", interval=0.01)
+        decode = await asyncio.to_thread(deployment.start_worker, "--worker-mode", "decode",
+                                         "--speedup-ratio", "1", *PATIENT, worker_id="d2")
+        faulty = await streams
+        replays = value(prefill, "turnout_worker_replayed_streams_total")
+        if first_token == "held":
+            assert replays == len(prompts)
+            assert value(decode, "turnout_worker_disagg_transfers_total", outcome="pulled") \
+                == len(prompts)
+        else:
+            assert replays == 0
+            # Every full block of every prompt (64 tokens a block, the workers' default).
+            full_blocks = value(prefill, "turnout_worker_prompt_tokens_total") // 64
+            assert value(decode, "turnout_worker_kv_blocks_pulled_total") >= full_blocks - 3
+        return faulty
+
+    try:
+        faulty = asyncio.run(run())
+    finally:
+        victim.signal(signal.SIGCONT)
+    # Each prompt ran once on p1.
+    assert value(prefill, "turnout_worker_requests_total") == len(prompts)
+    reference = asyncio.run(complete(deployment.url, prompts, target="d2"))
+    assert [t for t, _ in faulty] == [t for t, _ in reference]
