@@ -343,6 +343,33 @@ def test_a_drained_routers_prompts_still_prefilling_are_handed_over_not_run_twic
     assert [t for t, _ in faulty] == [t for t, _ in reference]
 
 
+def start_patient_pair(deployment: Deployment, router_args: tuple[str, ...]
+                       ) -> tuple[Service, Service, Service]:
+    """A router that waits a minute for a decode worker, prefill worker p1 (slow: a prefill
+    step of three of `prompt()` takes 3 s or more), decode worker d1 and a frontend, all up."""
+    router = deployment.start_router(*router_args, "--no-worker-wait-ms", "60000")
+    prefill = deployment.start_worker("--worker-mode", "prefill", "--speedup-ratio", "0.01",
+                                      worker_id="p1")
+    decode = deployment.start_worker("--worker-mode", "decode", worker_id="d1")
+    deployment.start_frontend()
+    deployment.wait_healthy()
+    deployment.wait_routable(2)
+    return router, prefill, decode
+
+
+def drain_decode_side_while_prefilling(prefill: Service, decode: Service,
+                                       prompts: int) -> None:
+    """Once `prefill` has every prompt, drain the only decode worker (SIGTERM): the hand-offs
+    will wait at the router for a decode worker."""
+    wait_for(lambda: value(prefill, "turnout_worker_running_requests")
+             + value(prefill, "turnout_worker_waiting_requests") == prompts,
+             30, f"{prefill.name} to take every prompt", interval=0.01)
+    decode.signal(signal.SIGTERM)  # from now on it refuses new work
+    wait_for(lambda: decode.record() is None, 10,
+             f"{decode.name} to leave discovery (its drain began)")
+    assert value(prefill, "turnout_worker_kv_leases") == 0, "a prompt prefilled too soon"
+
+
 def test_a_drained_prefill_worker_stays_until_the_decode_side_has_its_kv(
         deployment: Deployment) -> None:
     """A prefill worker told to stop (SIGTERM) while it holds finished prompts' KV for a
@@ -351,25 +378,13 @@ def test_a_drained_prefill_worker_stays_until_the_decode_side_has_its_kv(
     decode worker drains while the prompts prefill, and the next one starts after the
     SIGTERM.) Exiting as soon as its own streams ended, it left every decode phase to
     recompute its prompt."""
-    deployment.start_router("--disagg-mode", "always", "--no-worker-wait-ms", "60000")
-    prefill = deployment.start_worker("--worker-mode", "prefill", "--speedup-ratio", "0.01",
-                                      worker_id="p1")
-    first = deployment.start_worker("--worker-mode", "decode", worker_id="d1")
-    deployment.start_frontend()
-    deployment.wait_healthy()
-    deployment.wait_routable(2)
+    _, prefill, first = start_patient_pair(deployment, ("--disagg-mode", "always"))
     prompts = [prompt(i) for i in range(3)]  # ~1,100 tokens: a prefill step of 3 s or more
 
     async def run() -> list[tuple[str, Any]]:
         streams = asyncio.create_task(complete(deployment.url, prompts))
-        await asyncio.to_thread(
-            wait_for, lambda: value(prefill, "turnout_worker_running_requests")
-            + value(prefill, "turnout_worker_waiting_requests") == len(prompts),
-            30, "p1 to take every prompt", interval=0.01)
-        first.signal(signal.SIGTERM)  # from now on it refuses new work
-        await asyncio.to_thread(wait_for, lambda: first.record() is None, 10,
-                                "d1 to leave discovery (its drain began)")
-        assert value(prefill, "turnout_worker_kv_leases") == 0, "a prompt prefilled too soon"
+        await asyncio.to_thread(drain_decode_side_while_prefilling, prefill, first,
+                                len(prompts))
         await asyncio.to_thread(
             wait_for, lambda: value(prefill, "turnout_worker_kv_leases") == len(prompts), 30,
             "p1 to hold every prompt's KV for a decode worker", interval=0.01)
@@ -405,27 +420,16 @@ def test_a_hung_routers_prefilled_prompts_are_not_prefilled_again(
       the first token again (a replay), and the hand-off's decode worker pulls the KV."""
     hold = ("--disagg-hold-first-token", "--disagg-itl-target-ms", "0.01",
             "--disagg-ttft-target-ms", "1000000") if first_token == "held" else ()
-    router_args = ("--disagg-mode", "always", "--no-worker-wait-ms", "60000", *hold)
-    victim = deployment.start_router(*router_args)
-    prefill = deployment.start_worker("--worker-mode", "prefill", "--speedup-ratio", "0.1",
-                                      worker_id="p1")
-    first = deployment.start_worker("--worker-mode", "decode", worker_id="d1")
-    deployment.start_frontend()
-    deployment.wait_healthy()
-    deployment.wait_routable(2)
+    router_args = ("--disagg-mode", "always", *hold)
+    victim, prefill, first = start_patient_pair(deployment, router_args)
     prompts = [prompt(i) for i in range(3)]
 
     async def run() -> list[tuple[str, Any]]:
         streams = asyncio.create_task(complete(deployment.url, prompts))  # all to the victim
-        await asyncio.to_thread(
-            wait_for, lambda: value(prefill, "turnout_worker_running_requests")
-            + value(prefill, "turnout_worker_waiting_requests") == len(prompts),
-            30, "p1 to take every prompt", interval=0.01)
-        first.signal(signal.SIGTERM)  # from now on it refuses new work
-        await asyncio.to_thread(wait_for, lambda: first.record() is None, 10,
-                                "d1 to leave discovery (its drain began)")
-        assert value(prefill, "turnout_worker_kv_leases") == 0, "a prompt prefilled too soon"
-        await asyncio.to_thread(deployment.start_router, *router_args, name="router-2")
+        await asyncio.to_thread(drain_decode_side_while_prefilling, prefill, first,
+                                len(prompts))
+        await asyncio.to_thread(deployment.start_router, *router_args, "--no-worker-wait-ms",
+                                "60000", name="router-2")
         await asyncio.to_thread(
             wait_for, lambda: value(prefill, "turnout_worker_kv_leases") == len(prompts)
             and deployment.frontend_metrics().value("turnout_frontend_routers") == 2
