@@ -577,7 +577,7 @@ def _quantile(hist: Any, q: float) -> float | None:
 async def router_fault_figures(dep: TurnoutDeployment) -> dict[str, Any]:
     """Router faults, by the frontend's clock: streams resumed, routers lost (why), hang
     detection, and each resumed stream's pause (the lost router's last frame to the next
-    token through the other router)."""
+    token through the other router); by the workers': handovers, replays, prompt tokens."""
     front = await scrape_async(dep.local.frontend.metrics_url(), within_s=3.0)
     gap = front.histogram("turnout_frontend_stream_resume_gap_seconds")
     hang = front.histogram("turnout_frontend_router_hang_detection_seconds")
@@ -591,6 +591,12 @@ async def router_fault_figures(dep: TurnoutDeployment) -> dict[str, Any]:
         "resume_gap_s_p99_le": _quantile(gap, 0.99),
         "resume_gap_s_mean": None if gap.mean is None else round(gap.mean, 4),
         "handovers": int(sum(m.value("turnout_worker_handovers_total") for m in workers)),
+        # Resumed streams that had ended on their worker while the router was not listening.
+        "replays": int(sum(m.value("turnout_worker_replayed_streams_total") for m in workers)),
+        # Prompt tokens every worker computed, warm-up included: a prompt prefilled a second
+        # time shows here.
+        "prefill_tokens": int(sum(m.value("turnout_worker_prefill_tokens_total")
+                                  for m in workers)),
     }
 
 
