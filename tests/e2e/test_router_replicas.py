@@ -181,8 +181,9 @@ def test_a_lost_routers_streams_still_waiting_are_handed_over_where_they_wait(
                              for w in workers), 20, "the workers to notice router-2 gone")
         # Each resume found its stream on its worker: running or waiting there (handed over),
         # or ended there while router-2 was not listening (its tokens replayed, no rerun).
-        taken = sum(w.metrics().value("turnout_worker_handovers_total")
-                    + w.metrics().value("turnout_worker_replayed_streams_total") for w in workers)
+        scraped = [w.metrics() for w in workers]
+        taken = sum(m.value("turnout_worker_handovers_total")
+                    + m.value("turnout_worker_replayed_streams_total") for m in scraped)
         # But a draining router-2 still pings: one that ended just before its resume landed
         # (one a worker) runs again, where it ran. Dead or hung, router-2 may still have pinged
         # once between relaying a last chunk and the fault, which took the chunk with it.
