@@ -205,8 +205,10 @@ def test_prefill_worker_killed_before_and_after_hand_off(deployment: Deployment)
     other prefill worker) and finished ones whose decode side may still be pulling (it pulls
     elsewhere or recomputes): every stream completes with the clean run's text."""
     deployment.start_router("--disagg-mode", "always", "--router-mode", "round-robin")
-    for i in (1, 2):
-        deployment.start_worker("--worker-mode", "prefill", "--speedup-ratio", "0.5",
+    # p1 prefills slowly (two prompts per ~0.7 s step) so that "one finished, more queued"
+    # lasts seconds: a loaded host's scrapes once missed a shorter window.
+    for i, speedup in ((1, "0.2"), (2, "0.5")):
+        deployment.start_worker("--worker-mode", "prefill", "--speedup-ratio", speedup,
                                 worker_id=f"p{i}")
     deployment.start_worker("--worker-mode", "decode", "--speedup-ratio", "1", worker_id="d1")
     deployment.start_frontend()
@@ -217,11 +219,16 @@ def test_prefill_worker_killed_before_and_after_hand_off(deployment: Deployment)
 
     async def run() -> list[tuple[str, Any]]:
         streams = asyncio.create_task(complete(deployment.url, prompts))
-        await asyncio.to_thread(
-            wait_for, lambda: value(victim, "turnout_worker_prompt_tokens_total") > 0
-            and value(victim, "turnout_worker_waiting_requests")
-            + value(victim, "turnout_worker_running_requests") > 0, 30,
-            "p1 to have finished one prefill with more queued", interval=0.01)
+
+        def one_done_more_queued() -> bool:
+            m = victim.metrics()  # one scrape: both figures from the same instant
+            return m.value("turnout_worker_prompt_tokens_total") > 0 and (
+                m.value("turnout_worker_waiting_requests")
+                + m.value("turnout_worker_running_requests") > 0)
+
+        await asyncio.to_thread(wait_for, one_done_more_queued, 30,
+                                "p1 to have finished one prefill with more queued",
+                                interval=0.01)
         victim.signal(signal.SIGKILL)
         return await streams
 
