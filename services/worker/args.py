@@ -42,7 +42,8 @@ class WorkerConfig(ProcessConfig):
                                     help="encode workers: most MiB of image embeddings kept by "
                                          "image hash (least recently used go first)")
     kv_pull_timeout_ms: int = opt(500, help="how long a KV pull waits for each source's answer "
-                                            "before trying the next (or recomputing)")
+                                            "before trying the next (or recomputing); time "
+                                            "this worker ran: a pause does not count")
 
     def __post_init__(self) -> None:
         # --embedding-cache-mb on a worker that is not an encode worker is refused when the

@@ -3,7 +3,7 @@
 One DEALER per peer endpoint, opened on first use. Replication is fire-and-forget through a
 bounded queue (when peers fall behind the oldest blocks are dropped and counted: decode never
 waits for a copy). A pull asks sources in turn for the blocks still missing and waits a bounded
-time for each answer.
+time for each answer (time this process ran: a pause does not time a pull out).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from common.messages import (
     encoder,
     kv_pull_reply_decoder,
 )
+from common.running_wait import wait_running
 from common.transport import connect_socket, tune_stream_socket
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ class PeerLinks:
             try:
                 self._socket(endpoint).send_multipart(
                     [KIND_KV_PULL, encoder.encode(KvPullRequest(key, missing))])
-                reply = await asyncio.wait_for(future, wait_s)
+                reply = await wait_running(future, wait_s)
             except (TimeoutError, zmq.ZMQError):
                 continue
             finally:
