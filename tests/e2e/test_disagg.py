@@ -200,10 +200,13 @@ def test_no_prefill_worker_runs_aggregated_on_the_decode_pool(deployment: Deploy
     assert decisions(deployment) == {("aggregated", "no_prefill_worker"): 3}
 
 
-def test_prefill_worker_killed_before_and_after_hand_off(deployment: Deployment) -> None:
-    """SIGKILL a prefill worker while it holds prompts still prefilling (they re-run on the
-    other prefill worker) and finished ones whose decode side may still be pulling (it pulls
-    elsewhere or recomputes): every stream completes with the clean run's text."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_prefill_worker_lost_before_and_after_hand_off(deployment: Deployment,
+                                                       sig: signal.Signals) -> None:
+    """SIGKILL (or SIGSTOP: hung) a prefill worker while it holds prompts still prefilling
+    (they re-run on the other prefill worker) and finished ones whose decode side may still be
+    pulling (it pulls elsewhere, or recomputes once no copy answers within its pull timeout):
+    every stream completes with the clean run's text."""
     deployment.start_router("--disagg-mode", "always", "--router-mode", "round-robin")
     # p1 prefills slowly (two prompts per ~0.7 s step) so that "one finished, more queued"
     # lasts seconds: a loaded host's scrapes once missed a shorter window.
@@ -229,10 +232,13 @@ def test_prefill_worker_killed_before_and_after_hand_off(deployment: Deployment)
         await asyncio.to_thread(wait_for, one_done_more_queued, 30,
                                 "p1 to have finished one prefill with more queued",
                                 interval=0.01)
-        victim.signal(signal.SIGKILL)
+        victim.signal(sig)
         return await streams
 
-    faulty = asyncio.run(run())
+    try:
+        faulty = asyncio.run(run())
+    finally:
+        victim.signal(signal.SIGCONT)
     router = deployment.router.metrics()
     assert router.value("turnout_router_migrations_total", cause="prefill") > 0
     reference = asyncio.run(complete(deployment.url, prompts, target="d1"))
@@ -409,6 +415,41 @@ def test_a_drained_prefill_worker_stays_until_the_decode_side_has_its_kv(
     faulty = asyncio.run(run())
     wait_for(lambda: not prefill.alive(), 10, "p1 to exit once its KV is released")
     assert prefill.returncode == 0
+    reference = asyncio.run(complete(deployment.url, prompts, target="d2"))
+    assert [t for t, _ in faulty] == [t for t, _ in reference]
+
+
+def test_a_hand_off_whose_prefill_worker_hangs_is_recomputed_and_goes_on(
+        deployment: Deployment) -> None:
+    """The prefill worker hangs (SIGSTOP) holding three finished prompts' KV whose hand-offs
+    wait for a decode worker (the decode side drains during the prefills, as above). The
+    decode worker that joins gets no answer to its pulls within its pull timeout (or is told
+    no source is left, once the router judged the prefill worker lost): it recomputes each
+    prompt, and every stream goes on with the clean run's text."""
+    _, prefill, first = start_patient_pair(deployment, ("--disagg-mode", "always"))
+    prompts = [prompt(i) for i in range(3)]
+
+    async def run() -> tuple[list[tuple[str, Any]], Service]:
+        streams = asyncio.create_task(complete(deployment.url, prompts))
+        await asyncio.to_thread(drain_decode_side_while_prefilling, prefill, first,
+                                len(prompts))
+        await asyncio.to_thread(
+            wait_for, lambda: value(prefill, "turnout_worker_kv_leases") == len(prompts), 30,
+            "p1 to hold every prompt's KV for a decode worker", interval=0.01)
+        prefill.signal(signal.SIGSTOP)
+        decode = await asyncio.to_thread(deployment.start_worker, "--worker-mode", "decode",
+                                         "--speedup-ratio", "1", "--kv-pull-timeout-ms", "300",
+                                         worker_id="d2")
+        return await streams, decode
+
+    try:
+        faulty, decode = asyncio.run(run())
+    finally:
+        prefill.signal(signal.SIGCONT)
+    assert value(decode, "turnout_worker_disagg_transfers_total", outcome="recomputed") \
+        == len(prompts)
+    assert value(decode, "turnout_worker_prefill_tokens_total") >= sum(
+        u.prompt_tokens - BLOCK for _, u in faulty)
     reference = asyncio.run(complete(deployment.url, prompts, target="d2"))
     assert [t for t, _ in faulty] == [t for t, _ in reference]
 
