@@ -5,7 +5,7 @@ every timer it set already past due, although the peer it waited on most likely 
 either and answers a moment later. A wait that gives up on wall time then gives up for
 nothing: a KV pull recomputes a prompt whose blocks were on their way. `wait_running` counts
 only the time the event loop could have run: it waits in short slices, and a slice that
-overran by more than its length (the loop was not running) counts as one slice.
+overran (the loop was not running) counts as twice its length at most.
 """
 
 from __future__ import annotations
@@ -31,6 +31,6 @@ async def wait_running(future: asyncio.Future[T], seconds: float, slice_s: float
         step = min(left, slice_s)
         t0 = clock()
         await asyncio.wait((future,), timeout=step)
-        # A slice that took more than twice its length was a pause: it counts as run once.
+        # Beyond twice its length a slice was a pause (or starvation), not time run.
         left -= min(clock() - t0, 2 * step)
     return future.result()
