@@ -383,6 +383,14 @@ def drain_decode_side_while_prefilling(prefill: Service, decode: Service,
     assert value(prefill, "turnout_worker_kv_leases") == 0, "a prompt prefilled too soon"
 
 
+def hold_prompts_for_a_decode_worker(prefill: Service, decode: Service, prompts: int) -> None:
+    """As above, then wait until `prefill` has prefilled every prompt and holds its KV for
+    the hand-off that waits at the router."""
+    drain_decode_side_while_prefilling(prefill, decode, prompts)
+    wait_for(lambda: value(prefill, "turnout_worker_kv_leases") == prompts, 30,
+             f"{prefill.name} to hold every prompt's KV for a decode worker", interval=0.01)
+
+
 def test_a_drained_prefill_worker_stays_until_the_decode_side_has_its_kv(
         deployment: Deployment) -> None:
     """A prefill worker told to stop (SIGTERM) while it holds finished prompts' KV for a
@@ -396,11 +404,8 @@ def test_a_drained_prefill_worker_stays_until_the_decode_side_has_its_kv(
 
     async def run() -> list[tuple[str, Any]]:
         streams = asyncio.create_task(complete(deployment.url, prompts))
-        await asyncio.to_thread(drain_decode_side_while_prefilling, prefill, first,
+        await asyncio.to_thread(hold_prompts_for_a_decode_worker, prefill, first,
                                 len(prompts))
-        await asyncio.to_thread(
-            wait_for, lambda: value(prefill, "turnout_worker_kv_leases") == len(prompts), 30,
-            "p1 to hold every prompt's KV for a decode worker", interval=0.01)
         prefill.signal(signal.SIGTERM)
         await asyncio.to_thread(wait_for, lambda: prefill.record() is None, 10,
                                 "p1 to leave discovery (its drain began)")
@@ -431,11 +436,8 @@ def test_a_hand_off_whose_prefill_worker_hangs_is_recomputed_and_goes_on(
 
     async def run() -> tuple[list[tuple[str, Any]], Service]:
         streams = asyncio.create_task(complete(deployment.url, prompts))
-        await asyncio.to_thread(drain_decode_side_while_prefilling, prefill, first,
+        await asyncio.to_thread(hold_prompts_for_a_decode_worker, prefill, first,
                                 len(prompts))
-        await asyncio.to_thread(
-            wait_for, lambda: value(prefill, "turnout_worker_kv_leases") == len(prompts), 30,
-            "p1 to hold every prompt's KV for a decode worker", interval=0.01)
         prefill.signal(signal.SIGSTOP)
         decode = await asyncio.to_thread(deployment.start_worker, "--worker-mode", "decode",
                                          "--speedup-ratio", "1", "--kv-pull-timeout-ms", "300",
