@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -20,17 +19,16 @@ T = TypeVar("T")
 SLICE_S = 0.05
 
 
-async def wait_running(future: asyncio.Future[T], seconds: float, slice_s: float = SLICE_S,
-                       clock: Callable[[], float] = time.monotonic) -> T:
+async def wait_running(future: asyncio.Future[T], seconds: float) -> T:
     """`future`'s result, or TimeoutError once `seconds` of running time passed without it.
     The future is left alone on timeout (the caller owns it)."""
     left = seconds
     while not future.done():
         if left <= 0:
             raise TimeoutError
-        step = min(left, slice_s)
-        t0 = clock()
+        step = min(left, SLICE_S)
+        t0 = time.monotonic()
         await asyncio.wait((future,), timeout=step)
         # Beyond twice its length a slice was a pause (or starvation), not time run.
-        left -= min(clock() - t0, 2 * step)
+        left -= min(time.monotonic() - t0, 2 * step)
     return future.result()
