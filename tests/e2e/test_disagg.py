@@ -20,7 +20,7 @@ from typing import Any
 import openai
 import pytest
 
-from turnout.testing.deployment import ROOT, Deployment, Service, wait_for
+from turnout.testing.deployment import ROOT, Deployment, Service, requests_on, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -225,9 +225,7 @@ def test_prefill_worker_lost_before_and_after_hand_off(deployment: Deployment,
 
         def one_done_more_queued() -> bool:
             m = victim.metrics()  # one scrape: both figures from the same instant
-            return m.value("turnout_worker_prompt_tokens_total") > 0 and (
-                m.value("turnout_worker_waiting_requests")
-                + m.value("turnout_worker_running_requests") > 0)
+            return m.value("turnout_worker_prompt_tokens_total") > 0 and requests_on(m) > 0
 
         await asyncio.to_thread(wait_for, one_done_more_queued, 30,
                                 "p1 to have finished one prefill with more queued",
@@ -374,8 +372,7 @@ def drain_decode_side_while_prefilling(prefill: Service, decode: Service,
                                        prompts: int) -> None:
     """Once `prefill` has every prompt, drain the only decode worker (SIGTERM): the hand-offs
     will wait at the router for a decode worker."""
-    wait_for(lambda: value(prefill, "turnout_worker_running_requests")
-             + value(prefill, "turnout_worker_waiting_requests") == prompts,
+    wait_for(lambda: requests_on(prefill.metrics()) == prompts,
              30, f"{prefill.name} to take every prompt", interval=0.01)
     decode.signal(signal.SIGTERM)  # from now on it refuses new work
     wait_for(lambda: decode.record() is None, 10,

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 import openai
 import pytest
 
-from turnout.testing.deployment import Deployment, Service, wait_for
+from turnout.testing.deployment import Deployment, Service, requests_on, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -254,12 +254,7 @@ def test_a_dead_frontend_leaves_no_work_running(deployment: Deployment) -> None:
     thread.start()
     try:
         def running() -> float:
-            total = 0.0
-            for w in workers:
-                m = w.metrics()
-                total += (m.value("turnout_worker_running_requests")
-                          + m.value("turnout_worker_waiting_requests"))
-            return total
+            return sum(requests_on(w.metrics()) for w in workers)
 
         wait_for(lambda: running() >= STREAMS // 2, 60, "the workers to run the streams",
                  interval=0.02)

@@ -97,6 +97,13 @@ def scrape(url: str, timeout: float = 5.0) -> Metrics:
     return prometheus_text.parse(response.text)
 
 
+def requests_on(worker: Metrics) -> float:
+    """A worker's requests running or waiting, read from one scrape (two scrapes could count a
+    request moving between the two states twice or not at all)."""
+    return (worker.value("turnout_worker_running_requests")
+            + worker.value("turnout_worker_waiting_requests"))
+
+
 async def scrape_async(url: str, within_s: float = 5.0) -> Metrics:
     async with httpx.AsyncClient(timeout=within_s) as http:
         response = await http.get(url)
