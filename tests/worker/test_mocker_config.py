@@ -73,7 +73,10 @@ def test_context_length_keys_of_other_model_families(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bad", [{"block_size": 0}, {"speedup_ratio": -1.0},
                                  {"token_range_lo": 127}, {"max_num_batched_tokens": 0},
-                                 {"mean_output_tokens": -1}, {"max_time_debt_ms": -1.0}])
+                                 {"mean_output_tokens": -1}, {"max_time_debt_ms": -1.0},
+                                 {"kv_transfer_gbps": 0.0}, {"kv_transfer_gbps": -1.0},
+                                 {"kv_transfer_gbps": float("nan")},
+                                 {"kv_bytes_per_token": 0}])
 def test_rejects_unusable_settings(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         MockerConfig(**bad)  # type: ignore[arg-type]

@@ -86,6 +86,13 @@ class MockerConfig:
         if self.embedding_bytes_per_token < 1:
             raise ValueError(f"mocker: embedding_bytes_per_token must be >= 1, got "
                              f"{self.embedding_bytes_per_token}")
+        # A transfer's modelled time divides by the bandwidth: 0 would fail the first pull.
+        if not self.kv_transfer_gbps > 0:
+            raise ValueError(f"mocker: kv_transfer_gbps must be positive, got "
+                             f"{self.kv_transfer_gbps}")
+        if self.kv_bytes_per_token < 1:
+            raise ValueError(f"mocker: kv_bytes_per_token must be >= 1, got "
+                             f"{self.kv_bytes_per_token}")
         if self.mean_output_tokens < 0:
             raise ValueError("mocker: mean_output_tokens must be >= 0")
         lo, hi = self.output_range()
