@@ -761,8 +761,19 @@ def _check(config: PlannerConfig) -> None:
     if config.min_replicas < 0 or config.max_replicas < max(1, config.min_replicas):
         raise SystemExit("turnout planner: need 0 <= --min-replicas <= --max-replicas, "
                          "and --max-replicas >= 1")
-    if config.ttft_slo_ms <= 0 or config.itl_slo_ms <= 0:
+    if not (config.ttft_slo_ms > 0 and config.itl_slo_ms > 0):  # NaN too
         raise SystemExit("turnout planner: SLOs must be positive")
+    for name in ("predictor_window", "model_window", "max_step_tokens", "max_batch"):
+        if getattr(config, name) < 1:
+            raise SystemExit(f"turnout planner: --{name.replace('_', '-')} must be at least 1, "
+                             f"got {getattr(config, name)}")
+    for name in ("scale_down_cooldown_s", "worker_stop_timeout_s"):
+        if not getattr(config, name) >= 0:
+            raise SystemExit(f"turnout planner: --{name.replace('_', '-')} must be >= 0, got "
+                             f"{getattr(config, name)}")
+    if not 0 < config.kv_usage_limit <= 1:
+        raise SystemExit(f"turnout planner: --kv-usage-limit must lie in (0, 1], got "
+                         f"{config.kv_usage_limit}")
     if config.reactive_interval_s < 0:
         raise SystemExit("turnout planner: --reactive-interval-s must be >= 0 (0: off)")
     if not 0 < config.reactive_scale_down_margin < 1:

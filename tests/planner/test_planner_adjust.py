@@ -434,6 +434,14 @@ async def test_a_refused_request_wakes_a_role_at_zero(profile: Path) -> None:
     (["--reactive-interval-s", "-1"], "--reactive-interval-s"),
     (["--reactive-scale-down-margin", "1.5"], "--reactive-scale-down-margin"),
     (["--ready-timeout-s", "0"], "--ready-timeout-s"),
+    (["--itl-slo-ms", "nan"], "SLOs must be positive"),
+    (["--predictor-window", "0"], "--predictor-window"),
+    (["--model-window", "0"], "--model-window"),
+    (["--max-step-tokens", "0"], "--max-step-tokens"),
+    (["--max-batch", "0"], "--max-batch"),
+    (["--kv-usage-limit", "1.5"], "--kv-usage-limit"),
+    (["--scale-down-cooldown-s", "-1"], "--scale-down-cooldown-s"),
+    (["--worker-stop-timeout-s", "-1"], "--worker-stop-timeout-s"),
     (["--connector", "kubernetes", "--kube-deployment", ""], "no Deployment"),
 ])
 @pytest.mark.timeout(60)  # a setting wrongly accepted would start planning for good
