@@ -205,5 +205,9 @@ class ProcessConfig:
     keys_dir: str = opt("", help="fleet CURVE keys (`turnout keys generate DIR`): with it the "
                         "request and event planes are encrypted and admit only the fleet")
 
+    def __post_init__(self) -> None:
+        if not self.lease_ttl_s > 0:
+            raise ValueError(f"--lease-ttl-s must be positive, got {self.lease_ttl_s}")
+
     def model_name(self) -> str:
         return self.served_model_name or self.model or "mock"

@@ -80,6 +80,7 @@ class FrontendConfig(ProcessConfig):
     ssl_keyfile: str = opt("", help="PEM private key of --ssl-certfile")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.heartbeat_interval_ms <= 0:
             raise ValueError("--heartbeat-interval-ms must be > 0")
         if self.missed_heartbeats < 1:

@@ -46,9 +46,17 @@ class WorkerConfig(ProcessConfig):
                                             "this worker ran: a pause does not count")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.heartbeat_interval_ms <= 0:
+            raise ValueError(f"--heartbeat-interval-ms must be > 0, got "
+                             f"{self.heartbeat_interval_ms}")
+        for name in ("kv_replicas", "host_kv_blocks", "drain_grace_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got "
+                                 f"{getattr(self, name)}")
         # --embedding-cache-mb on a worker that is not an encode worker is refused when the
         # worker starts (`main.py`): `turnout up` sets it on the encode workers only.
-        if self.embedding_cache_mb < 0:
+        if not self.embedding_cache_mb >= 0:
             raise ValueError(f"--embedding-cache-mb must be >= 0, got {self.embedding_cache_mb}")
         for name in ("kv_lease_ms", "kv_pull_timeout_ms"):
             if getattr(self, name) <= 0:

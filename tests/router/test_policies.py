@@ -163,3 +163,15 @@ def test_kv_mode_costs_adaptively_unless_a_weight_is_given() -> None:
 def test_a_negative_overlap_weight_is_refused() -> None:
     with pytest.raises(ValueError, match="--kv-overlap-weight must be >= 0"):
         RouterConfig(kv_overlap_weight=-1.0)
+
+
+@pytest.mark.parametrize(("bad", "flag"), [
+    ({"router_temperature": -1.0}, "--router-temperature"),
+    ({"router_temperature": float("nan")}, "--router-temperature"),
+    ({"hotspot_margin": float("nan")}, "--hotspot-margin"),
+    ({"decode_overlap_weight": float("nan")}, "--decode-overlap-weight"),
+])
+def test_kv_policy_settings_that_would_be_ignored_are_refused(bad: dict[str, float],
+                                                              flag: str) -> None:
+    with pytest.raises(ValueError, match=flag):
+        RouterConfig(**bad)  # type: ignore[arg-type]

@@ -1,5 +1,5 @@
-"""`turnout worker` as a user runs it: grouped --help, disaggregation settings that cannot run
-(bad values, roles an engine cannot take) refused at start-up, by the worker and by `up` and the
+"""`turnout worker` as a user runs it: grouped --help, settings that cannot run (bad values,
+roles an engine cannot take) refused at start-up in one line, by each process and by `up` and the
 planner that would start such workers."""
 
 from __future__ import annotations
@@ -40,8 +40,18 @@ def turnout(*argv: str, env: dict[str, str] | None = None) -> subprocess.Complet
     (["planner", "--planner-mode", "disaggregated", "--decode-worker-args=--engine=trtllm"],
      "run trtllm workers aggregated (from --decode-worker-args)"),
     (["planner", "--worker-args", '--model "m'], "--worker-args: No closing quotation"),
+    # Values every process would once have started with (a traceback, a tight loop, a division
+    # by zero at the first transfer, or a setting silently read as another).
+    (["worker", "--heartbeat-interval-ms", "0"], "--heartbeat-interval-ms must be > 0"),
+    (["worker", "--kv-transfer-gbps", "0"], "kv_transfer_gbps must be positive"),
+    (["worker", "--kv-replicas", "-1"], "--kv-replicas must be >= 0"),
+    (["worker", "--drain-grace-s", "-1"], "--drain-grace-s must be >= 0"),
+    (["router", "--suspect-phi", "-1"], "need 0 < suspect_phi"),
+    (["router", "--router-temperature", "-1"], "--router-temperature must be >= 0"),
+    (["router", "--migration-limit", "-1"], "--migration-limit must be >= 0"),
+    (["frontend", "--lease-ttl-s", "0"], "--lease-ttl-s must be positive"),
 ])
-def test_disaggregation_flags_a_role_cannot_run_with_fail_at_startup(
+def test_settings_that_cannot_run_fail_at_startup_in_one_line(
         argv: list[str], message: str) -> None:
     done = turnout(*argv)
     assert done.returncode != 0
