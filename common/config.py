@@ -42,6 +42,15 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", choices: Sequence[An
     return dataclasses.field(default=default, metadata=meta)
 
 
+def require(config: object, rule: str, *names: str, holds: Any) -> None:
+    """ValueError naming the first of `names` (fields of `config`) whose value `holds` refuses,
+    as `--flag-name must <rule>, got <value>`; write `holds` so that NaN fails it."""
+    for name in names:
+        value = getattr(config, name)
+        if not holds(value):
+            raise ValueError(f"--{name.replace('_', '-')} must {rule}, got {value}")
+
+
 def is_flag(field: dataclasses.Field[Any]) -> bool:
     """Whether a field is a command-line flag (made with `opt`)."""
     return bool(field.metadata.get("cli"))
@@ -206,8 +215,7 @@ class ProcessConfig:
                         "request and event planes are encrypted and admit only the fleet")
 
     def __post_init__(self) -> None:
-        if not self.lease_ttl_s > 0:
-            raise ValueError(f"--lease-ttl-s must be positive, got {self.lease_ttl_s}")
+        require(self, "be positive", "lease_ttl_s", holds=lambda v: v > 0)
 
     def model_name(self) -> str:
         return self.served_model_name or self.model or "mock"

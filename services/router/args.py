@@ -6,7 +6,7 @@ import dataclasses
 import math
 
 from common.block_hash import DEFAULT_SEED
-from common.config import ProcessConfig, opt
+from common.config import ProcessConfig, opt, require
 from services.router.failure_detector import DetectorSettings
 
 ROUTER_MODES = ["kv", "round-robin", "random", "least-loaded", "direct"]
@@ -123,36 +123,25 @@ class RouterConfig(ProcessConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.heartbeat_interval_ms <= 0:
-            raise ValueError(f"--heartbeat-interval-ms must be > 0, got "
-                             f"{self.heartbeat_interval_ms}")
-        if self.missed_heartbeats < 1:
-            raise ValueError(f"--missed-heartbeats must be >= 1, got {self.missed_heartbeats}")
+        require(self, "be > 0", "heartbeat_interval_ms", "kv_ttl_s", "disagg_ttft_target_ms",
+                "disagg_itl_target_ms", holds=lambda v: v > 0)
+        require(self, "be >= 1", "missed_heartbeats", holds=lambda v: v >= 1)
         # The detector's own checks (its phi thresholds), at start-up rather than as a traceback.
         DetectorSettings.for_heartbeats(self.heartbeat_interval_ms / 1000, self.missed_heartbeats,
                                         suspect_phi=self.suspect_phi,
                                         convict_phi=self.convict_phi)
-        if not self.kv_ttl_s > 0:
-            raise ValueError(f"--kv-ttl-s must be positive, got {self.kv_ttl_s}")
         if self.frontend_timeout_ms < self.heartbeat_interval_ms * self.missed_heartbeats:
             raise ValueError("--frontend-timeout-ms must be at least --heartbeat-interval-ms x "
                              "--missed-heartbeats")
         if self.kv_overlap_weight is not None and not self.kv_overlap_weight >= 0:
             raise ValueError(f"--kv-overlap-weight must be >= 0 (unset: the adaptive cost), got "
                              f"{self.kv_overlap_weight}")
-        for name in ("local_prefill_max_tokens", "prefill_busy_tokens", "decode_veto_requests",
-                     "disagg_lease_ms", "decode_overlap_weight", "router_temperature",
-                     "migration_limit", "no_worker_wait_ms", "stall_timeout_ms",
-                     "long_prefill_tokens"):
-            if not getattr(self, name) >= 0:  # NaN too
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got "
-                                 f"{getattr(self, name)}")
+        require(self, "be >= 0", "local_prefill_max_tokens", "prefill_busy_tokens",
+                "decode_veto_requests", "disagg_lease_ms", "decode_overlap_weight",
+                "router_temperature", "migration_limit", "no_worker_wait_ms", "stall_timeout_ms",
+                "long_prefill_tokens", holds=lambda v: v >= 0)
         if self.hotspot_margin is not None and math.isnan(self.hotspot_margin):
             raise ValueError("--hotspot-margin must be a number (<0: off), got nan")
-        for name in ("disagg_ttft_target_ms", "disagg_itl_target_ms"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got "
-                                 f"{getattr(self, name)}")
         if not 0 <= self.disagg_itl_miss_budget < 1:
             raise ValueError("--disagg-itl-miss-budget must lie in [0, 1), got "
                              f"{self.disagg_itl_miss_budget}")

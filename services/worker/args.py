@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from common.block_hash import DEFAULT_SEED
-from common.config import ProcessConfig, opt
+from common.config import ProcessConfig, opt, require
 
 ENGINES = ["mocker", "vllm", "sglang", "trtllm"]
 WORKER_MODES = ["aggregated", "prefill", "decode", "encode"]
@@ -47,21 +47,12 @@ class WorkerConfig(ProcessConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.heartbeat_interval_ms <= 0:
-            raise ValueError(f"--heartbeat-interval-ms must be > 0, got "
-                             f"{self.heartbeat_interval_ms}")
-        for name in ("kv_replicas", "host_kv_blocks", "drain_grace_s"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got "
-                                 f"{getattr(self, name)}")
+        require(self, "be positive", "heartbeat_interval_ms", "kv_lease_ms", "kv_pull_timeout_ms",
+                holds=lambda v: v > 0)
         # --embedding-cache-mb on a worker that is not an encode worker is refused when the
         # worker starts (`main.py`): `turnout up` sets it on the encode workers only.
-        if not self.embedding_cache_mb >= 0:
-            raise ValueError(f"--embedding-cache-mb must be >= 0, got {self.embedding_cache_mb}")
-        for name in ("kv_lease_ms", "kv_pull_timeout_ms"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got "
-                                 f"{getattr(self, name)}")
+        require(self, "be >= 0", "kv_replicas", "host_kv_blocks", "drain_grace_s",
+                "embedding_cache_mb", holds=lambda v: v >= 0)
 
 
 @dataclasses.dataclass

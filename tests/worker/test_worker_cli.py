@@ -42,7 +42,7 @@ def turnout(*argv: str, env: dict[str, str] | None = None) -> subprocess.Complet
     (["planner", "--worker-args", '--model "m'], "--worker-args: No closing quotation"),
     # Values every process would once have started with (a traceback, a tight loop, a division
     # by zero at the first transfer, or a setting silently read as another).
-    (["worker", "--heartbeat-interval-ms", "0"], "--heartbeat-interval-ms must be > 0"),
+    (["worker", "--heartbeat-interval-ms", "0"], "--heartbeat-interval-ms must be positive"),
     (["worker", "--kv-transfer-gbps", "0"], "kv_transfer_gbps must be positive"),
     (["worker", "--kv-replicas", "-1"], "--kv-replicas must be >= 0"),
     (["worker", "--drain-grace-s", "-1"], "--drain-grace-s must be >= 0"),
