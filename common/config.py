@@ -20,7 +20,7 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -42,7 +42,7 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", choices: Sequence[An
     return dataclasses.field(default=default, metadata=meta)
 
 
-def require(config: object, rule: str, *names: str, holds: Any) -> None:
+def require(config: object, rule: str, *names: str, holds: Callable[[Any], bool]) -> None:
     """ValueError naming the first of `names` (fields of `config`) whose value `holds` refuses,
     as `--flag-name must <rule>, got <value>`; write `holds` so that NaN fails it."""
     for name in names:
