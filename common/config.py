@@ -216,6 +216,10 @@ class ProcessConfig:
 
     def __post_init__(self) -> None:
         require(self, "be positive", "lease_ttl_s", holds=lambda v: v > 0)
+        ports = [f.name for f in dataclasses.fields(self)
+                 if f.name == "port" or f.name.endswith("_port")]
+        require(self, "lie in 0-65535 (0: any free port)", *ports,
+                holds=lambda v: 0 <= v <= 65535)
 
     def model_name(self) -> str:
         return self.served_model_name or self.model or "mock"

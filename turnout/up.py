@@ -213,7 +213,7 @@ def plan(argv: Sequence[str]) -> Plan:
                            or router.router_event_port):
         raise SystemExit("turnout up: with --routers > 1 leave --router-port, "
                          "--router-metrics-port and --router-event-port at 0")
-    if up.startup_timeout_s < 0:
+    if not up.startup_timeout_s >= 0:  # NaN too
         raise SystemExit("turnout up: --startup-timeout-s must be >= 0 (0: no limit)")
     tmp: str | None = None
     explicit = any(a == "--discovery" or a.startswith("--discovery=") for a in argv) \

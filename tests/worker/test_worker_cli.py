@@ -50,6 +50,9 @@ def turnout(*argv: str, env: dict[str, str] | None = None) -> subprocess.Complet
     (["router", "--router-temperature", "-1"], "--router-temperature must be >= 0"),
     (["router", "--migration-limit", "-1"], "--migration-limit must be >= 0"),
     (["frontend", "--lease-ttl-s", "0"], "--lease-ttl-s must be positive"),
+    (["frontend", "--port", "70000"], "--port must lie in 0-65535"),
+    (["worker", "--worker-metrics-port", "-1"], "--worker-metrics-port must lie in 0-65535"),
+    (["up", "--startup-timeout-s", "nan"], "--startup-timeout-s must be >= 0"),
 ])
 def test_settings_that_cannot_run_fail_at_startup_in_one_line(
         argv: list[str], message: str) -> None:
