@@ -76,7 +76,9 @@ def test_context_length_keys_of_other_model_families(tmp_path: Path) -> None:
                                  {"mean_output_tokens": -1}, {"max_time_debt_ms": -1.0},
                                  {"kv_transfer_gbps": 0.0}, {"kv_transfer_gbps": -1.0},
                                  {"kv_transfer_gbps": float("nan")},
-                                 {"kv_bytes_per_token": 0}])
+                                 {"kv_bytes_per_token": 0}, {"speedup_ratio": float("nan")},
+                                 {"startup_time_s": float("nan")}, {"vocab_size": -1},
+                                 {"eos_token_id": -1}])
 def test_rejects_unusable_settings(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         MockerConfig(**bad)  # type: ignore[arg-type]

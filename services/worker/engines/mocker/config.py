@@ -74,15 +74,13 @@ class MockerConfig:
                      "max_model_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"mocker: {name} must be positive, got {getattr(self, name)}")
-        if self.speedup_ratio < 0:
-            raise ValueError(f"mocker: speedup_ratio must be >= 0, got {self.speedup_ratio}")
-        if self.max_time_debt_ms < 0:
-            raise ValueError(f"mocker: max_time_debt_ms must be >= 0, got {self.max_time_debt_ms}")
-        if self.startup_time_s < 0:
-            raise ValueError(f"mocker: startup_time_s must be >= 0, got {self.startup_time_s}")
-        if self.encode_ms_per_image < 0:
-            raise ValueError(f"mocker: encode_ms_per_image must be >= 0, got "
-                             f"{self.encode_ms_per_image}")
+        # Written so that NaN fails each bound too.
+        for name in ("speedup_ratio", "max_time_debt_ms", "startup_time_s", "encode_ms_per_image",
+                     "vocab_size", "mean_output_tokens"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"mocker: {name} must be >= 0, got {getattr(self, name)}")
+        if self.eos_token_id is not None and self.eos_token_id < 0:
+            raise ValueError(f"mocker: eos_token_id must be >= 0, got {self.eos_token_id}")
         if self.embedding_bytes_per_token < 1:
             raise ValueError(f"mocker: embedding_bytes_per_token must be >= 1, got "
                              f"{self.embedding_bytes_per_token}")
@@ -93,8 +91,6 @@ class MockerConfig:
         if self.kv_bytes_per_token < 1:
             raise ValueError(f"mocker: kv_bytes_per_token must be >= 1, got "
                              f"{self.kv_bytes_per_token}")
-        if self.mean_output_tokens < 0:
-            raise ValueError("mocker: mean_output_tokens must be >= 0")
         lo, hi = self.output_range()
         if not 0 <= lo < hi:
             raise ValueError(f"mocker: empty output token range [{lo}, {hi})")
