@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from common.config import ProcessConfig, opt
+from common.config import ProcessConfig, opt, require
 from services.frontend.api_keys import ApiKeys
 from services.frontend.images import ImageLimits
 
@@ -81,27 +81,19 @@ class FrontendConfig(ProcessConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.heartbeat_interval_ms <= 0:
-            raise ValueError("--heartbeat-interval-ms must be > 0")
-        if self.missed_heartbeats < 1:
-            raise ValueError("--missed-heartbeats must be >= 1")
+        require(self, "be > 0", "heartbeat_interval_ms", holds=lambda v: v > 0)
+        require(self, "be >= 1", "missed_heartbeats", holds=lambda v: v >= 1)
         if self.stream_interval < 0:
             raise ValueError(f"--stream-interval must be >= 0 (0: merge what piled up), got "
                              f"{self.stream_interval}")
-        for name in ("max_body_bytes", "max_header_bytes", "max_headers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("max_images_per_request", "max_image_pixels", "image_fetch_max_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("api_keys_reload_s", "header_timeout_s", "body_timeout_s",
-                     "queue_timeout_s", "image_fetch_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive")
-        for name in ("max_prompt_tokens", "max_output_tokens", "max_active_requests",
-                     "max_queued_requests", "router_resume_wait_ms"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must not be negative")
+        require(self, "be at least 1", "max_body_bytes", "max_header_bytes", "max_headers",
+                "max_images_per_request", "max_image_pixels", "image_fetch_max_bytes",
+                holds=lambda v: v >= 1)
+        require(self, "be positive", "api_keys_reload_s", "header_timeout_s", "body_timeout_s",
+                "queue_timeout_s", "image_fetch_timeout_s", holds=lambda v: v > 0)
+        require(self, "not be negative", "max_prompt_tokens", "max_output_tokens",
+                "max_active_requests", "max_queued_requests", "router_resume_wait_ms",
+                holds=lambda v: v >= 0)
         if not self.max_active_requests:
             for name, default in (("max_queued_requests", DEFAULT_MAX_QUEUED),
                                   ("queue_timeout_s", DEFAULT_QUEUE_TIMEOUT_S)):

@@ -72,12 +72,9 @@ class EngineConfig:
                                               "trtllm size it themselves)")
 
     def __post_init__(self) -> None:
-        if self.block_size <= 0:
-            raise ValueError(f"--block-size must be positive, got {self.block_size}")
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: the engine's "
-                                 f"default), got {getattr(self, name)}")
+        require(self, "be positive", "block_size", holds=lambda v: v > 0)
+        require(self, "be >= 0 (0: the engine's default)", "max_model_len", "max_num_seqs",
+                "max_num_batched_tokens", holds=lambda v: v >= 0)
 
     def limits(self) -> dict[str, int]:
         """The limits set on the command line (non-zero): only those reach a real engine, which
