@@ -56,6 +56,11 @@ class RouterConfig(ProcessConfig):
                            help="with prefill workers: 'conditional' prefills short uncached "
                                 "prompts on the decode worker; 'always' sends every prompt to "
                                 "a prefill worker")
+    prefill_fallback: bool = opt(True, help="with no decode or aggregated worker alive, "
+                                            "prefill workers serve whole requests and decode "
+                                            "what they prefilled; --no-prefill-fallback: "
+                                            "those wait --no-worker-wait-ms for a decode "
+                                            "worker")
     local_prefill_max_tokens: int = opt(2048, help="conditional: prefill on the decode worker "
                                                    "only when fewer prompt tokens than this "
                                                    "are uncached there")

@@ -15,7 +15,8 @@ gets `phase="decode"` with the prefill worker first in `kv_sources`: it pulls on
 it lacks, acknowledges, and continues the stream. The in-flight table, `kv_sources` and the
 block pull are the migration path's; a lost prefill worker's request re-runs on another prefill
 worker (or, with none, locally), a lost decode worker's request migrates as any other, and a
-hand-off with no decode worker waits like a stranded migration. A decode phase not yet begun
+hand-off with no decode worker is decoded by its prefill worker (`_decode_in_place`), or, that
+one leaving too, waits like a stranded migration. A decode phase not yet begun
 (no decode worker then, or the chosen one lost or refusing first) goes to another decode
 worker as a decode phase again: it pulls the prompt from the prefill worker, whose hold on
 that KV outlasts even its drain (`replan`).
@@ -53,8 +54,9 @@ not begun its next step by the hand-off fit's deadline (`hold_deadline_s`: it is
 and waiting for its end would put that step into one of the slowest first tokens).
 
 With no prefill worker alive the model runs aggregated on its decode (and aggregated) workers,
-counted. Owns the path decision, the hand-off and their metrics; not the policies' costs
-(`kv_policy.py`), the step-time fit (`cost_model.py`), the accounting or the sockets.
+and with none of those, on its prefill workers (`--prefill-fallback`), counted. Owns the
+path decision, the hand-off and their metrics; not the policies' costs (`kv_policy.py`), the
+step-time fit (`cost_model.py`), the accounting or the sockets.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ from services.router.worker_pool import WorkerHandle, WorkerPool
 
 PATH_LOCAL = "local"  # prefill on the decode (or aggregated) worker that then decodes
 PATH_REMOTE = "remote"  # prefill on a prefill worker, KV handed to a decode worker
-PATH_AGGREGATED = "aggregated"  # no prefill worker serves the model: the decode pool does all
+PATH_AGGREGATED = "aggregated"  # one pool is empty: the other one does all
 
 REASON_ALWAYS = "always"  # --disagg-mode always
 REASON_LONG = "long_uncached"  # uncached part over a local limit
@@ -107,6 +109,7 @@ REASON_DECODE_ITL = "decode_itl"  # a local prefill would stretch decoding strea
 REASON_LOCAL_TTFT = "local_ttft"  # remote fits; the decode worker's TTFT would pass its target
 REASON_TTFT_GAIN = "ttft_gain"  # local stretches streams, within the ITL miss budget: far faster
 REASON_NO_PREFILL = "no_prefill_worker"
+REASON_NO_DECODE = "no_decode_worker"  # the prefill pool serves it whole
 REASON_ONE_TOKEN = "single_token"  # max_tokens 1: nothing to decode
 
 DISAGG_MODES = ["conditional", "always"]
@@ -296,7 +299,7 @@ class Disaggregation:
 
     def place(self, request: GenerateRequest) -> Placement | None:
         """Where a new request's prompt runs; None: the selector places it as usual (no
-        prefill worker, a gateway-named worker). NoWorkerError when no worker can decode it.
+        prefill worker or no decode worker alive, a gateway-named worker).
         A resume goes back to its prefill worker while that one serves: the prompt is queued or
         prefilling there (its router drained before the first token), and that worker hands it
         over."""
@@ -310,7 +313,12 @@ class Disaggregation:
                 self._count(PATH_AGGREGATED, REASON_NO_PREFILL)
             return None
         if not serving:
-            raise NoWorkerError(f"no live decode worker serves model {request.model!r}", 503)
+            if not self.selector.prefill_fallback:
+                raise NoWorkerError(f"no live decode worker serves model {request.model!r}",
+                                    503)
+            # The selector places it whole on a prefill worker: served there, not failed.
+            self._count(PATH_AGGREGATED, REASON_NO_DECODE)
+            return None
         if request.sampling.max_tokens <= 1:
             self._count(PATH_LOCAL, REASON_ONE_TOKEN)
             return None
@@ -499,10 +507,39 @@ class Disaggregation:
         state.handed_off = True
         if entry.request_id not in self.accounting:
             return  # cancelled between the chunk and now
-        if not self._send_to_decode(entry):
-            # Wait for one like a stranded migration; `replan` sends it on when one comes.
-            self.metrics.disagg_handoffs.labels("no_decode_worker").inc()
-            self.migration.migrate(entry, "handoff", counts=False)
+        if self._send_to_decode(entry) or self._decode_in_place(entry):
+            return
+        # Wait for one like a stranded migration; `replan` sends it on when one comes.
+        self.metrics.disagg_handoffs.labels("no_decode_worker").inc()
+        self.migration.migrate(entry, "handoff", counts=False)
+
+    def _decode_in_place(self, entry: RoutedRequest) -> bool:
+        """No decode (or aggregated) worker serves `entry`'s model (and `--prefill-fallback`):
+        its prefill worker, still in discovery, decodes it itself, from the prompt blocks it
+        caches (it drops its hold on them for a decode worker first). False when a decode
+        worker serves, or the prefill worker is leaving (the stream then waits for one)."""
+        state = entry.disagg
+        assert state is not None
+        prefill = self.pool.workers.get(state.prefill_worker)
+        if not self.selector.prefill_fallback or prefill is None or not prefill.routable \
+                or not prefill.alive or any(
+                    w.mode != MODE_PREFILL and w is not entry.worker  # a decode worker lost now
+                    for w in self.pool.routable(entry.request.model)):
+            return False
+        rid = entry.request_id
+        request = GenerateRequest(rid, entry.request.model, entry.request.token_ids,
+                                  entry.request.sampling, None, list(entry.generated))
+        decision = self.decode_policy.decide(request, [prefill])
+        self._commit(self.decode_policy, decision)
+        # Its first chunk ends the hand-off (and releases a held first token); it pulled
+        # nothing, so it teaches the hand-off model nothing.
+        state.handoff_at = 0.0
+        entry.resume_tokens = len(request.token_ids) + len(request.generated_token_ids)
+        self.accounting.move(entry, decision)
+        self.metrics.disagg_handoffs.labels("decoded_in_place").inc()
+        prefill.socket.send_multipart([KIND_CANCEL, encoder.encode(Cancel(rid))])
+        prefill.socket.send_multipart([KIND_GENERATE, encoder.encode(request)])
+        return True
 
     def _send_to_decode(self, entry: RoutedRequest) -> bool:
         """Place `entry`'s decode phase on a decode worker (not the one it leaves, if any);
@@ -564,13 +601,17 @@ class Disaggregation:
         pulls the prompt's KV from the prefill worker, which holds it under its lease (a plain
         migration would recompute the prompt and leave that lease to expire). Not when the
         engine moves the KV itself (`kv_transfer_params`: vLLM's NIXL reads blocks by id, which
-        the prefill side may have freed and reused). False: a plain migration it is."""
+        the prefill side may have freed and reused). No decode worker left: the prefill worker
+        decodes it (`_decode_in_place`). False: a plain migration it is."""
         state = entry.disagg
         if state is None or not state.handed_off:
             return self.rerun_prefill(entry, counts)
-        if state.decode_begun or state.kv_transfer_params or not self._send_to_decode(entry):
+        if state.decode_begun:
             return False
-        state.handoff_at = self.clock()  # the hand-off's latency counts from this send
+        if not state.kv_transfer_params and self._send_to_decode(entry):
+            state.handoff_at = self.clock()  # the hand-off's latency counts from this send
+        elif not self._decode_in_place(entry):
+            return False
         if counts:
             entry.migrations += 1
             self.metrics.migrations.labels(cause).inc()

@@ -92,12 +92,15 @@ class RouterMetrics:
         self.disagg_decisions = Counter(
             "turnout_router_disagg_decisions",
             "Where a request's prompt was computed when prefill workers serve its model: path "
-            "remote (a prefill worker), local (its decode worker) or aggregated (no prefill "
-            "worker alive), by reason", ["path", "reason"], registry=r)
+            "remote (a prefill worker), local (its decode worker) or aggregated (no prefill, or "
+            "no decode, worker alive: the other pool runs it whole), by reason",
+            ["path", "reason"], registry=r)
         self.disagg_handoffs = Counter(
             "turnout_router_disagg_handoffs",
-            "Prefill-to-decode hand-offs at the first token: sent, or no_decode_worker (it "
-            "waits for one like a stranded migration)", ["outcome"], registry=r)
+            "Prefill-to-decode hand-offs at the first token: sent; decoded_in_place (no "
+            "decode worker alive: the prefill worker decodes it); or no_decode_worker (and the "
+            "prefill worker leaving: it waits for one like a stranded migration)", ["outcome"],
+            registry=r)
         self.disagg_stretched_streams = Counter(
             "turnout_router_disagg_stretched_streams",
             "Decoding streams whose step a local prefill taken on the ITL miss budget was "

@@ -7,7 +7,8 @@ worker's admission the router re-decides each such request of that worker's pool
 first, with the policy that placed it, and moves those the policy now places elsewhere: cancel
 where it waited, send where it goes. The oldest queued request on each worker stays (its engine
 is most likely prefilling it now). Requests with tokens streamed (their KV moves with
-migration), resumes, hand-offs and requests a gateway pinned to a worker stay too.
+migration), resumes, hand-offs and requests a gateway pinned to a worker stay too. Whole
+requests the prefill pool took while no decode worker was left go to the first that joins.
 
 Owns that choice and its metric; not the policies, the accounting or the sockets.
 """
@@ -61,8 +62,10 @@ class QueueRebalance:
                 if entry.disagg is None or entry.disagg.handed_off \
                         or worker.mode != MODE_PREFILL:
                     continue
-            elif entry.disagg is not None or worker.mode == MODE_PREFILL:
-                continue
+            elif entry.disagg is not None:
+                continue  # a prefill phase (its own pool) or a hand-off
+            # else a whole request: on a serving worker, or on a prefill worker that took it
+            # while no serving worker was left
             if worker.id not in heads:
                 heads.add(worker.id)
                 continue

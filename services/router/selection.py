@@ -34,8 +34,10 @@ from services.router.worker_pool import WorkerHandle, WorkerPool
 class Selector:
     def __init__(self, pool: WorkerPool, policy: Policy, metrics: RouterMetrics,
                  approx_index: ApproxKvIndex | None = None, hash_seed: int = 0,
-                 timer: Callable[[], float] = time.perf_counter) -> None:
+                 timer: Callable[[], float] = time.perf_counter,
+                 prefill_fallback: bool = True) -> None:
         self.pool = pool
+        self.prefill_fallback = prefill_fallback
         self.policy = policy
         self.direct = Direct()
         self.metrics = metrics
@@ -54,10 +56,15 @@ class Selector:
         return self.policy.cost_models if isinstance(self.policy, KvAwarePolicy) else None
 
     def candidates(self, model: str, exclude: str = "") -> list[WorkerHandle]:
-        """Routable workers of `model` (but `exclude`) that serve whole requests (a prefill
-        worker only takes prefill phases: `disaggregation.py`); NoWorkerError when none."""
-        candidates = [w for w in self.pool.routable(model)
-                      if w.id != exclude and w.mode != MODE_PREFILL]
+        """Routable workers of `model` (but `exclude`) that serve whole requests: decode and
+        aggregated ones (a prefill worker takes prefill phases: `disaggregation.py`), or, with
+        none of those left and `prefill_fallback`, the prefill workers: a stream or a request
+        served by the prefill pool is slower there than on a decode worker, and better than
+        failed. NoWorkerError when there are none."""
+        routable = [w for w in self.pool.routable(model) if w.id != exclude]
+        candidates = [w for w in routable if w.mode != MODE_PREFILL]
+        if not candidates and self.prefill_fallback:
+            candidates = routable
         if not candidates:
             raise NoWorkerError(f"no live worker serves model {model!r}", 503)
         return candidates
@@ -99,12 +106,15 @@ class Selector:
 def build_selection(config: RouterConfig, pool: WorkerPool, metrics: RouterMetrics,
                     ) -> tuple[Selector, KvIndex | None]:
     """The selector of `config.router_mode`, and the KV index it reads (kv mode with events)."""
+    fallback = config.prefill_fallback
     if config.router_mode != KvAwarePolicy.name:
-        return Selector(pool, make_policy(config.router_mode), metrics), None
+        return Selector(pool, make_policy(config.router_mode), metrics,
+                        prefill_fallback=fallback), None
     kv_index = KvIndex() if config.kv_events else None
     approx_index = None if config.kv_events else ApproxKvIndex(ttl_s=config.kv_ttl_s)
     policy = KvAwarePolicy(
         kv_index if kv_index is not None else approx_index,  # type: ignore[arg-type]
         overlap_weight=config.kv_overlap_weight, temperature=config.router_temperature,
         hotspot_margin=config.hotspot_margin, seed=config.hash_seed)
-    return Selector(pool, policy, metrics, approx_index, config.hash_seed), kv_index
+    return Selector(pool, policy, metrics, approx_index, config.hash_seed,
+                    prefill_fallback=fallback), kv_index

@@ -274,6 +274,43 @@ def test_decode_worker_killed_mid_stream(deployment: Deployment) -> None:
              "p1's leases to end")
 
 
+def test_with_the_decode_pool_gone_the_prefill_pool_serves(deployment: Deployment) -> None:
+    """SIGKILL the only decode worker while it decodes and more prompts prefill: streams
+    mid-decode continue on the prefill worker, prompts at their first token are decoded where
+    they were prefilled, new requests run whole there; every text is the clean run's and no
+    KV stays held."""
+    deployment.start_router("--disagg-mode", "always")
+    prefill = deployment.start_worker("--worker-mode", "prefill", "--speedup-ratio", "1",
+                                      worker_id="p1")
+    victim = deployment.start_worker("--worker-mode", "decode", "--speedup-ratio", "1",
+                                     worker_id="d1")
+    deployment.start_frontend()
+    deployment.wait_healthy()
+    deployment.wait_routable(2)
+    prompts = [prompt(i, words=40 + 20 * i) for i in range(8)]
+
+    async def run() -> list[tuple[str, Any]]:
+        streams = asyncio.create_task(complete(deployment.url, prompts, max_tokens=200))
+        await asyncio.to_thread(
+            wait_for, lambda: value(victim, "turnout_worker_decode_tokens_total") > 0, 30,
+            "d1 to decode", interval=0.01)
+        victim.signal(signal.SIGKILL)
+        return await streams
+
+    faulty = asyncio.run(run())
+    wait_for(lambda: deployment.routable() == 1, 10, "the router to drop the decode worker")
+    after = asyncio.run(complete(deployment.url, prompts[:2], max_tokens=200))
+    assert decisions(deployment)[("aggregated", "no_decode_worker")] == 2
+    assert deployment.router.metrics().value("turnout_router_migrations_total",
+                                             cause="crash") > 0
+    reference = asyncio.run(complete(deployment.url, prompts, target="p1", max_tokens=200))
+    assert [t for t, _ in faulty] == [t for t, _ in reference]
+    assert [t for t, _ in after] == [t for t, _ in reference[:2]]
+    assert all(u.completion_tokens == 200 for _, u in faulty + after)
+    wait_for(lambda: value(prefill, "turnout_worker_kv_leases") == 0, 15,
+             "p1's leases to end")
+
+
 def test_a_deployment_paused_whole_mid_hand_off_keeps_the_prefill_kv(
         deployment: Deployment) -> None:
     """Every process stops for six 1-second KV leases while a prefill worker holds finished
@@ -356,9 +393,11 @@ def test_a_drained_routers_prompts_still_prefilling_are_handed_over_not_run_twic
 
 def start_patient_pair(deployment: Deployment, router_args: tuple[str, ...]
                        ) -> tuple[Service, Service, Service]:
-    """A router that waits a minute for a decode worker, prefill worker p1 (slow: a prefill
-    step of three of `prompt()` takes 3 s or more), decode worker d1 and a frontend, all up."""
-    router = deployment.start_router(*router_args, "--no-worker-wait-ms", "60000")
+    """A router whose hand-offs wait a minute for a decode worker (the prefill worker does
+    not decode them meanwhile), prefill worker p1 (slow: a prefill step of three of
+    `prompt()` takes 3 s or more), decode worker d1 and a frontend, all up."""
+    router = deployment.start_router(*router_args, "--no-worker-wait-ms", "60000",
+                                     "--no-prefill-fallback")
     prefill = deployment.start_worker("--worker-mode", "prefill", "--speedup-ratio", "0.01",
                                       worker_id="p1")
     decode = deployment.start_worker("--worker-mode", "decode", worker_id="d1")
@@ -476,7 +515,7 @@ def test_a_hung_routers_prefilled_prompts_are_not_prefilled_again(
         await asyncio.to_thread(drain_decode_side_while_prefilling, prefill, first,
                                 len(prompts))
         await asyncio.to_thread(deployment.start_router, *router_args, "--no-worker-wait-ms",
-                                "60000", name="router-2")
+                                "60000", "--no-prefill-fallback", name="router-2")
         await asyncio.to_thread(
             wait_for, lambda: value(prefill, "turnout_worker_kv_leases") == len(prompts)
             and deployment.frontend_metrics().value("turnout_frontend_routers") == 2

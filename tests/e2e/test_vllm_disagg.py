@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import pytest
 import zmq
 
@@ -34,8 +35,10 @@ if importlib.util.find_spec("nixl") is None:
 
 from common.free_port import free_port
 from common.messages import (
+    KIND_CANCEL,
     KIND_GENERATE,
     KIND_TOKENS,
+    Cancel,
     GenerateRequest,
     SamplingParams,
     TokenChunk,
@@ -299,3 +302,27 @@ def test_blocks_no_decode_worker_reads_are_freed_when_the_lease_runs_out(pair: P
     # At most one expiry per prefill: a read that reaches the prefill side after the lease
     # (see above) finds the blocks freed once, not again.
     assert expired + 1 <= pair.counter(pair.prefill, "kv_transfer_expired") <= pair.prefills
+
+
+def test_a_prefill_worker_decodes_its_own_hand_off_when_no_decode_worker_is_left(
+        pair: Pair) -> None:
+    """What the router sends when no decode worker is alive at the hand-off: a cancel of the
+    prefill phase (its hold on the blocks), then the request whole with its first token, to
+    the prefill worker under the same id. vLLM continues it from its prefix cache (the held
+    blocks), and the text is the aggregated run's."""
+    n = 300
+    prompt = prompt_of(n, 11)
+    pre = pair.send(pair.prefill, request(prompt, "prefill"))
+    assert len(pre.tokens) == 1 and pre.last.kv_transfer_params
+    computed = pair.counter(pair.prefill, "prompt_tokens_computed")
+    sock = pair.sockets[pair.prefill.name]
+    sock.send_multipart([KIND_CANCEL, encoder.encode(Cancel(pre.last.request_id))])
+    whole = msgspec.structs.replace(request(prompt, generated=pre.tokens),
+                                    request_id=pre.last.request_id)
+    rest = pair.send(pair.prefill, whole)
+    assert (rest.last.finish_reason, rest.last.error_message) == ("length", "")
+    # The prompt came from the prefix cache: at most its partly filled last block and the
+    # first token were computed again.
+    assert pair.counter(pair.prefill, "prompt_tokens_computed") - computed <= n % BLOCK + 1
+    ref = pair.send(pair.decode, request(prompt))
+    assert pre.tokens + rest.tokens == ref.tokens

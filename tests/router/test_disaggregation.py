@@ -29,6 +29,7 @@ from services.router.handback import HandBack
 from services.router.kv_index import KvIndex
 from services.router.kv_policy import KvAwarePolicy
 from services.router.policies import RoundRobin
+from services.router.queue_rebalance import QueueRebalance
 from tests.router.fakes import MODEL, Wiring, counter, frontend_chunks, request, sent, worker
 
 LIMITS = PathLimits(local_max_tokens=2048, local_max_ratio=0.7, prefill_busy_tokens=10_000,
@@ -171,7 +172,10 @@ def test_a_prefill_that_ends_the_request_is_not_handed_off() -> None:
     assert counter(w.metrics.disagg_decisions, "local", "single_token") == 1
 
 
-def test_prefill_workers_never_get_whole_requests_and_without_them_decode_runs_all() -> None:
+def test_either_pool_alone_serves_whole_requests() -> None:
+    """Without prefill workers the decode pool runs every request whole; without decode
+    workers the prefill pool does (slower for the prompts queued there, but served), and a
+    decode worker joining takes the whole requests still queued on prefill workers."""
     d = role("d", MODE_DECODE)
     w = wire(d)
     place(w)
@@ -179,8 +183,21 @@ def test_prefill_workers_never_get_whole_requests_and_without_them_decode_runs_a
     assert counter(w.metrics.disagg_decisions, "aggregated", "no_prefill_worker") == 1
     p = role("p", MODE_PREFILL)
     w2 = wire(p)
-    place(w2)  # a prefill worker alone cannot serve: the request waits for a decode worker
-    assert sent(p) == [] and w2.streams.waiting
+    for rid in ("r1", "r2", "r3"):
+        place(w2, rid)
+    assert [generate_decoder.decode(m[1]).phase for m in sent(p)] == ["", "", ""]
+    assert not w2.streams.waiting and p.inflight == 3
+    assert counter(w2.metrics.disagg_decisions, "aggregated", "no_decode_worker") == 3
+    # Once a decode worker serves, new prompts are disaggregated again and whole requests
+    # that wait on the prefill worker move to it (its oldest one stays: it may be running).
+    d2 = role("d2", MODE_DECODE)
+    w2.pool.workers[d2.id] = d2
+    QueueRebalance(w2.accounting, w2.selector, w2.streams.disagg, w2.metrics).worker_joined(d2)
+    assert [generate_decoder.decode(m[1]).request_id for m in sent(d2)] == ["r2", "r3"]
+    assert sent(p)[-2:] == [[KIND_CANCEL, encoder.encode(Cancel("r2"))],
+                            [KIND_CANCEL, encoder.encode(Cancel("r3"))]]
+    place(w2, "r4")
+    assert generate_decoder.decode(sent(p)[-1][1]).phase == PHASE_PREFILL
 
 
 def test_conditional_prefills_locally_where_the_prefix_is_cached() -> None:
@@ -246,13 +263,40 @@ def test_a_lost_prefill_worker_reruns_the_prefill_on_another() -> None:
     assert generate_decoder.decode(sent(d)[0][1]).phase == ""
 
 
-def test_a_hand_off_with_no_decode_worker_waits_like_a_migration() -> None:
-    """It waits, then goes to the decode worker that comes as a decode phase pulling from the
-    prefill worker (which holds the KV for it even while draining out of discovery)."""
+def test_a_hand_off_with_no_decode_worker_is_decoded_where_it_was_prefilled() -> None:
+    """No decode worker left at the first token: the prefill worker drops its hold on the
+    prompt's KV and continues the stream itself from its cache (a held first token goes out
+    in front of its next chunk)."""
+    p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
+    w = wire(p, d, **{"disagg_ttft_target_ms": 400.0, "disagg_itl_target_ms": 20.0,
+                      "disagg_hold_first_token": True})
+    place(w, "r1", tokens=8000)  # a hand-off predicted past the ITL target: held
+    d.routable = False  # it left discovery meanwhile
+    w.streams.on_batch(p, [TokenChunk("r1", [5], FINISH_LENGTH, num_prompt_tokens=8000)])
+    assert w.frontends.sent == []  # the first token is held
+    _, cancel, (kind, payload) = sent(p)
+    assert cancel == [KIND_CANCEL, encoder.encode(Cancel("r1"))]
+    whole = generate_decoder.decode(payload)
+    assert (kind, whole.phase, whole.generated_token_ids) == (KIND_GENERATE, "", [5])
+    assert not w.streams.waiting and p.inflight == 1
+    assert counter(w.metrics.disagg_handoffs, "decoded_in_place") == 1
+    w.streams.on_batch(p, [TokenChunk("r1", [6], num_prompt_tokens=8000, cached_tokens=7999)])
+    (_, chunks), = [frontend_chunks(f) for f in w.frontends.sent]
+    assert [(c.token_ids, c.num_prompt_tokens) for c in chunks] == [([5, 6], 8000)]
+    w.streams.on_batch(p, [TokenChunk("r1", [7], FINISH_LENGTH)])
+    assert len(w.accounting) == 0 and p.inflight == 0
+    assert sent(p)[-1][0] == KIND_GENERATE  # over: no second cancel
+
+
+def test_a_hand_off_with_no_decode_worker_from_a_leaving_prefill_worker_waits() -> None:
+    """Its prefill worker is leaving too: it waits, then goes to the decode worker that comes
+    as a decode phase pulling from the prefill worker (which holds the KV for it even while
+    draining out of discovery)."""
     p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
     w = wire(p, d)
     place(w)
     d.routable = False  # it left discovery meanwhile
+    p.routable = False  # draining
     w.streams.on_batch(p, [TokenChunk("r1", [5], FINISH_LENGTH, num_prompt_tokens=8)])
     assert w.streams.waiting and counter(w.metrics.disagg_handoffs, "no_decode_worker") == 1
     del w.pool.workers["p"]  # drained: out of discovery, answering pulls until released
@@ -272,8 +316,9 @@ def test_a_request_over_before_its_decode_began_frees_the_prefill_workers_hold()
     w = wire(p, d)
     place(w, "r1")
     place(w, "r2")
-    d.routable = False
+    d.routable = p.routable = False  # p leaving too: the hand-off waits
     w.streams.on_batch(p, [TokenChunk("r1", [5], FINISH_LENGTH, num_prompt_tokens=8)])
+    assert w.streams.waiting
     w.streams.on_cancel("r1")
     assert sent(p)[-1] == [KIND_CANCEL, encoder.encode(Cancel("r1"))]
     d.routable = True
@@ -283,9 +328,11 @@ def test_a_request_over_before_its_decode_began_frees_the_prefill_workers_hold()
     w.streams.on_cancel("r2")
     assert len(sent(p)) == before and sent(d)[-1][0] == KIND_CANCEL
     # A draining router gives a waiting hand-off back: the stream goes on, the hold stays.
+    p.routable = True
     place(w, "r3")
-    d.routable = False
+    d.routable = p.routable = False
     w.streams.on_batch(p, [TokenChunk("r3", [8], FINISH_LENGTH, num_prompt_tokens=8)])
+    assert w.streams.waiting
     before = len(sent(p))
     HandBack(w.frontends, w.accounting, w.streams.parking, w.migration, w.metrics).start()
     assert len(sent(p)) == before and len(w.accounting) == 0
@@ -325,6 +372,32 @@ def test_a_decode_phase_lost_before_its_first_step_goes_to_another_decode_worker
             assert moved.phase == ""
     assert counter(w.metrics.migrations, "crash") == 3
     assert counter(w.metrics.disagg_handoffs, "sent") == 4
+
+
+@pytest.mark.parametrize("params", [b"", b'{"x": 1}'], ids=["pulled", "engine-moved"])
+def test_a_decode_phase_lost_with_no_decode_worker_left_is_decoded_where_it_was_prefilled(
+        params: bytes) -> None:
+    """The only decode worker lost before its first step: the prefill worker drops its hold
+    and decodes the request itself (whichever way the KV would have moved), counted as a
+    migration; no hold is left to its lease."""
+    p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
+    w = wire(p, d)
+    place(w)
+    w.streams.on_batch(p, [TokenChunk("r1", [5], FINISH_LENGTH, num_prompt_tokens=8,
+                                      kv_transfer_params=params)])
+    assert generate_decoder.decode(sent(d)[0][1]).phase == PHASE_DECODE
+    entry = w.accounting.get("r1")
+    assert entry is not None
+    del w.pool.workers["d"]
+    assert w.migration.migrate(entry, "crash")
+    cancel, (kind, payload) = sent(p)[-2:]
+    assert cancel == [KIND_CANCEL, encoder.encode(Cancel("r1"))]
+    whole = generate_decoder.decode(payload)
+    assert (kind, whole.phase, whole.generated_token_ids) == (KIND_GENERATE, "", [5])
+    assert counter(w.metrics.migrations, "crash") == 1 and p.inflight == 1
+    w.streams.on_batch(p, [TokenChunk("r1", [6], num_prompt_tokens=8, cached_tokens=8)])
+    w.streams.on_batch(p, [TokenChunk("r1", [7], FINISH_LENGTH)])
+    assert len(w.accounting) == 0 and sent(p)[-1][0] == KIND_GENERATE
 
 
 SLA = {"disagg_ttft_target_ms": 200.0, "disagg_itl_target_ms": 20.0}
