@@ -9,17 +9,18 @@ sentences, 580-3,380 tokens, each with a distinct head; `--tokens` output tokens
 and meanwhile hitting `--faults` random targets one after another: a worker or router SIGKILLed
 (then started again under the same name), SIGTERMed (drains, exits, started again) or
 SIGSTOPped for 0.3-2.5 s. With `--pool-faults` each fault kills a whole role at once (every
-prefill worker, or every decode worker) and starts it again 1-3 s later. Afterwards every prompt
-runs again on one decode worker named with `x-worker-instance-id` (whole, no fault): the
-mocker's tokens depend only on the sequence, so a stream that survived its faults carries
-exactly that text.
+prefill worker, or every decode worker) and starts it again `--pool-down-s` (1-3 s) later.
+Afterwards every prompt runs again on one decode worker named with `x-worker-instance-id`
+(whole, no fault): the mocker's tokens depend only on the sequence, so a stream that survived
+its faults carries exactly that text.
 
 Prints one JSON line per seed (faults, failed streams with their errors, text mismatches,
-migrations and hand-offs by cause from the routers' /metrics), then a summary line.
+migrations, hand-offs and path decisions by cause from the routers' /metrics), then a summary
+line.
 Progress goes to stderr. Every process it starts is stopped on exit.
 
     python bench/chaos.py [--seeds 1,2,3] [--routers 2] [--requests 80] [--faults 8]
-    python bench/chaos.py --pool-faults --faults 3
+    python bench/chaos.py --pool-faults --faults 3 [--pool-down-s 5-10]
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ async def inject(fleet: Fleet, rng: random.Random, args: argparse.Namespace,
             log(f"fault: kill {names}")
             for name in names:
                 fleet.services[name].signal(signal.SIGKILL)
-            outage = await fleet.restart(names, pause_s=rng.uniform(1.0, 3.0))
+            outage = await fleet.restart(names, pause_s=rng.uniform(*args.pool_down_s))
             faults.append(f"kill {','.join(names)} ({outage:.1f} s without one)")
         else:
             name = rng.choice(sorted(fleet.services))
@@ -178,7 +179,19 @@ async def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
                 "failed": len(failed), "errors": sorted(set(failed.values()))[:5],
                 "mismatched": len(mismatched), "reference_failed": sum(bool(e) for _, e in clean),
                 "migrations": counters(fleet, "turnout_router_migrations_total", "cause"),
-                "handoffs": counters(fleet, "turnout_router_disagg_handoffs_total", "outcome")}
+                "handoffs": counters(fleet, "turnout_router_disagg_handoffs_total", "outcome"),
+                "decisions": counters(fleet, "turnout_router_disagg_decisions_total", "reason")}
+
+
+def seconds_range(text: str) -> tuple[float, float]:
+    lo, _, hi = text.partition("-")
+    try:
+        bounds = float(lo), float(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO-HI seconds, got {text!r}") from None
+    if not 0 <= bounds[0] <= bounds[1]:
+        raise argparse.ArgumentTypeError(f"expected 0 <= LO <= HI, got {text!r}")
+    return bounds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", type=int, default=8, help="faults per seed, one at a time")
     parser.add_argument("--pool-faults", action="store_true",
                         help="each fault kills every prefill or every decode worker at once")
+    parser.add_argument("--pool-down-s", type=seconds_range, default=(1.0, 3.0),
+                        metavar="LO-HI", help="--pool-faults: a killed pool is started again "
+                        "after a pause drawn from this range (seconds; default 1-3)")
     parser.add_argument("--kv-transfer-gbps", type=float, default=25.0)
     parser.add_argument("--router-args", default="", help="more flags for every router, e.g. "
                         "'--no-worker-wait-ms 10000' (how long a stream waits through a whole "
