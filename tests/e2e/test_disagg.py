@@ -243,6 +243,17 @@ def test_prefill_worker_lost_before_and_after_hand_off(deployment: Deployment,
     assert [t for t, _ in faulty] == [t for t, _ in reference]
 
 
+async def kill_while_decoding(deployment: Deployment, victim: Service,
+                              prompts: list[str]) -> list[tuple[str, Any]]:
+    """Stream `prompts` (200 tokens each) and SIGKILL `victim` once it decodes."""
+    streams = asyncio.create_task(complete(deployment.url, prompts, max_tokens=200))
+    await asyncio.to_thread(
+        wait_for, lambda: value(victim, "turnout_worker_decode_tokens_total") > 0, 30,
+        f"{victim.name} to decode", interval=0.01)
+    victim.signal(signal.SIGKILL)
+    return await streams
+
+
 def test_decode_worker_killed_mid_stream(deployment: Deployment) -> None:
     deployment.start_router("--disagg-mode", "always", "--disagg-lease-ms", "3000")
     prefill = deployment.start_worker("--worker-mode", "prefill", "--speedup-ratio", "1",
@@ -253,18 +264,8 @@ def test_decode_worker_killed_mid_stream(deployment: Deployment) -> None:
     deployment.start_frontend()
     deployment.wait_healthy()
     deployment.wait_routable(3)
-    victim = deployment.service("d1")
     prompts = [prompt(i) for i in range(8)]
-
-    async def run() -> list[tuple[str, Any]]:
-        streams = asyncio.create_task(complete(deployment.url, prompts, max_tokens=200))
-        await asyncio.to_thread(
-            wait_for, lambda: value(victim, "turnout_worker_decode_tokens_total") > 0, 30,
-            "d1 to decode", interval=0.01)
-        victim.signal(signal.SIGKILL)
-        return await streams
-
-    faulty = asyncio.run(run())
+    faulty = asyncio.run(kill_while_decoding(deployment, deployment.service("d1"), prompts))
     assert deployment.router.metrics().value("turnout_router_migrations_total",
                                              cause="crash") > 0
     reference = asyncio.run(complete(deployment.url, prompts, target="d2", max_tokens=200))
@@ -288,16 +289,7 @@ def test_with_the_decode_pool_gone_the_prefill_pool_serves(deployment: Deploymen
     deployment.wait_healthy()
     deployment.wait_routable(2)
     prompts = [prompt(i, words=40 + 20 * i) for i in range(8)]
-
-    async def run() -> list[tuple[str, Any]]:
-        streams = asyncio.create_task(complete(deployment.url, prompts, max_tokens=200))
-        await asyncio.to_thread(
-            wait_for, lambda: value(victim, "turnout_worker_decode_tokens_total") > 0, 30,
-            "d1 to decode", interval=0.01)
-        victim.signal(signal.SIGKILL)
-        return await streams
-
-    faulty = asyncio.run(run())
+    faulty = asyncio.run(kill_while_decoding(deployment, victim, prompts))
     wait_for(lambda: deployment.routable() == 1, 10, "the router to drop the decode worker")
     after = asyncio.run(complete(deployment.url, prompts[:2], max_tokens=200))
     assert decisions(deployment)[("aggregated", "no_decode_worker")] == 2
