@@ -36,7 +36,7 @@ JOB_ROLE = {"turnout-frontend": "frontend", "turnout-router": "router",
 # Panels that only have data after a failure or a scaling decision.
 EVENT_ONLY = {"Migrations / s", "Worker failures", "Scaling decisions"}
 # Panels that only have data with prefill/decode workers (this deployment is aggregated).
-DISAGG_ONLY = {"Prefill path decisions / s", "KV hand-off: blocks pulled vs cached",
+DISAGG_ONLY = {"Prefill path decisions and hand-offs / s", "KV hand-off: blocks pulled vs cached",
                "Lease ends / s", "Hand-off latency (first token to decode)",
                "KV transfer time", "Replicas: prefill pool", "Replicas: decode pool"}
 # Series that are NaN by design: no forecast yet, or lengths and latencies observed in an
