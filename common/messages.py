@@ -336,7 +336,7 @@ ROLE_PLANNER: Final = "planner"
 
 # Worker sub-role (`Instance.metadata["mode"]`).
 MODE_AGGREGATED: Final = "aggregated"  # prefill and decode of its own requests
-MODE_PREFILL: Final = "prefill"  # prefill phases only (and aggregated fallbacks, never)
+MODE_PREFILL: Final = "prefill"  # prefill phases (whole requests only while no decode worker is)
 MODE_DECODE: Final = "decode"  # decode phases, and whole requests prefilled locally
 MODE_ENCODE: Final = "encode"  # images → embeddings only (KIND_ENCODE), never generation
 

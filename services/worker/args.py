@@ -22,7 +22,8 @@ class WorkerConfig(ProcessConfig):
     worker_id: str = opt("", help="unique instance id (default: worker-<pid>-<random>)")
     worker_mode: str = opt("aggregated", choices=WORKER_MODES,
                            help="disaggregation role: 'prefill' computes prompts' KV and first "
-                                "tokens for decode workers; 'decode' continues them (and runs "
+                                "tokens for decode workers (and serves whole requests while no "
+                                "decode worker is alive); 'decode' continues them (and runs "
                                 "whole requests the router prefills locally); 'aggregated' both; "
                                 "'encode' turns chat images into embeddings for the others")
     worker_port: int = opt(0, help="request-plane port (0: any free port)")
