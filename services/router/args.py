@@ -56,11 +56,15 @@ class RouterConfig(ProcessConfig):
                            help="with prefill workers: 'conditional' prefills short uncached "
                                 "prompts on the decode worker; 'always' sends every prompt to "
                                 "a prefill worker")
-    prefill_fallback: bool = opt(True, help="with no decode or aggregated worker alive, "
-                                            "prefill workers serve whole requests and decode "
-                                            "what they prefilled; --no-prefill-fallback: "
-                                            "those wait --no-worker-wait-ms for a decode "
-                                            "worker")
+    prefill_fallback: bool = opt(True, help="with no decode or aggregated worker alive for "
+                                            "--prefill-fallback-after-ms, prefill workers "
+                                            "serve whole requests and decode what they "
+                                            "prefilled; --no-prefill-fallback: those wait "
+                                            "--no-worker-wait-ms for a decode worker")
+    prefill_fallback_after_ms: int = opt(1000, help="how long the decode pool is empty before "
+                                                    "the prefill pool serves (meanwhile "
+                                                    "requests and hand-offs wait for a decode "
+                                                    "worker: a restart, a blip)")
     local_prefill_max_tokens: int = opt(2048, help="conditional: prefill on the decode worker "
                                                    "only when fewer prompt tokens than this "
                                                    "are uncached there")
@@ -143,7 +147,8 @@ class RouterConfig(ProcessConfig):
                              f"{self.kv_overlap_weight}")
         require(self, "be >= 0", "local_prefill_max_tokens", "prefill_busy_tokens",
                 "decode_veto_requests", "disagg_lease_ms", "decode_overlap_weight",
-                "router_temperature", "migration_limit", "no_worker_wait_ms", "stall_timeout_ms",
+                "router_temperature", "migration_limit", "no_worker_wait_ms",
+                "prefill_fallback_after_ms", "stall_timeout_ms",
                 "long_prefill_tokens", holds=lambda v: v >= 0)
         if self.hotspot_margin is not None and math.isnan(self.hotspot_margin):
             raise ValueError("--hotspot-margin must be a number (<0: off), got nan")

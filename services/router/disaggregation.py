@@ -313,7 +313,7 @@ class Disaggregation:
                 self._count(PATH_AGGREGATED, REASON_NO_PREFILL)
             return None
         if not serving:
-            if not self.selector.prefill_fallback:
+            if not self.selector.prefill_fallback(request.model):
                 raise NoWorkerError(f"no live decode worker serves model {request.model!r}",
                                     503)
             # The selector places it whole on a prefill worker: served there, not failed.
@@ -514,17 +514,19 @@ class Disaggregation:
         self.migration.migrate(entry, "handoff", counts=False)
 
     def _decode_in_place(self, entry: RoutedRequest) -> bool:
-        """No decode (or aggregated) worker serves `entry`'s model (and `--prefill-fallback`):
-        its prefill worker, still in discovery, decodes it itself, from the prompt blocks it
-        caches (it drops its hold on them for a decode worker first). False when a decode
-        worker serves, or the prefill worker is leaving (the stream then waits for one)."""
+        """No decode (or aggregated) worker has served `entry`'s model for
+        `--prefill-fallback-after-ms`: its prefill worker, still in discovery, decodes it
+        itself, from the prompt blocks it caches (it drops its hold on them for a decode worker
+        first). False when a decode worker serves, the decode pool is empty for less than that,
+        or the prefill worker is leaving (the stream then waits for a decode worker: `replan`
+        tries again on each retry)."""
         state = entry.disagg
         assert state is not None
         prefill = self.pool.workers.get(state.prefill_worker)
-        if not self.selector.prefill_fallback or prefill is None or not prefill.routable \
-                or not prefill.alive or any(
-                    w.mode != MODE_PREFILL and w is not entry.worker  # a decode worker lost now
-                    for w in self.pool.routable(entry.request.model)):
+        if prefill is None or not prefill.routable or not prefill.alive or any(
+                w.mode != MODE_PREFILL and w is not entry.worker  # a decode worker lost now
+                for w in self.pool.routable(entry.request.model)) \
+                or not self.selector.prefill_fallback(entry.request.model):
             return False
         rid = entry.request_id
         request = GenerateRequest(rid, entry.request.model, entry.request.token_ids,

@@ -97,9 +97,9 @@ class RouterMetrics:
             ["path", "reason"], registry=r)
         self.disagg_handoffs = Counter(
             "turnout_router_disagg_handoffs",
-            "Prefill-to-decode hand-offs at the first token: sent; decoded_in_place (no "
-            "decode worker alive: the prefill worker decodes it); or no_decode_worker (and the "
-            "prefill worker leaving: it waits for one like a stranded migration)", ["outcome"],
+            "Prefill-to-decode hand-offs at the first token: sent; decoded_in_place (the "
+            "decode pool empty for --prefill-fallback-after-ms: the prefill worker decodes it); "
+            "or no_decode_worker (it waits for one like a stranded migration)", ["outcome"],
             registry=r)
         self.disagg_stretched_streams = Counter(
             "turnout_router_disagg_stretched_streams",

@@ -35,9 +35,14 @@ class Selector:
     def __init__(self, pool: WorkerPool, policy: Policy, metrics: RouterMetrics,
                  approx_index: ApproxKvIndex | None = None, hash_seed: int = 0,
                  timer: Callable[[], float] = time.perf_counter,
-                 prefill_fallback: bool = True) -> None:
+                 fallback_after_s: float | None = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.pool = pool
-        self.prefill_fallback = prefill_fallback
+        # --prefill-fallback-after-ms (None: --no-prefill-fallback), and since when no decode
+        # or aggregated worker has served each model (as last seen).
+        self.fallback_after_s = fallback_after_s
+        self._clock = clock
+        self._unserved_since: dict[str, float] = {}
         self.policy = policy
         self.direct = Direct()
         self.metrics = metrics
@@ -58,16 +63,34 @@ class Selector:
     def candidates(self, model: str, exclude: str = "") -> list[WorkerHandle]:
         """Routable workers of `model` (but `exclude`) that serve whole requests: decode and
         aggregated ones (a prefill worker takes prefill phases: `disaggregation.py`), or, with
-        none of those left and `prefill_fallback`, the prefill workers: a stream or a request
-        served by the prefill pool is slower there than on a decode worker, and better than
-        failed. NoWorkerError when there are none."""
+        none of those left for a while (`prefill_fallback`), the prefill workers: a stream or a
+        request served by the prefill pool is slower there than on a decode worker, and better
+        than failed. NoWorkerError when there are none."""
         routable = [w for w in self.pool.routable(model) if w.id != exclude]
         candidates = [w for w in routable if w.mode != MODE_PREFILL]
-        if not candidates and self.prefill_fallback:
+        if not candidates and self.prefill_fallback(model):
             candidates = routable
         if not candidates:
             raise NoWorkerError(f"no live worker serves model {model!r}", 503)
         return candidates
+
+    def prefill_fallback(self, model: str) -> bool:
+        """Whether the prefill pool may serve `model` whole now: no decode or aggregated worker
+        has for `--prefill-fallback-after-ms`. Until then requests and hand-offs wait for one
+        (a worker restarting, a blip in discovery), rather than put whole streams on the
+        prefill pool."""
+        if self.fallback_after_s is None or any(
+                w.mode != MODE_PREFILL for w in self.pool.routable(model)):
+            self._unserved_since.pop(model, None)
+            return False
+        now = self._clock()
+        return now - self._unserved_since.setdefault(model, now) >= self.fallback_after_s
+
+    def note_serving(self) -> None:
+        """Date each model's loss of its last decode and aggregated worker (called every half
+        heartbeat, so an outage is timed from its start, not from the first request in it)."""
+        for model in self.pool.models() | set(self._unserved_since):
+            self.prefill_fallback(model)
 
     def decide(self, request: GenerateRequest, exclude: str = "",
                hint: dict[str, int] | None = None, prefer: str = "") -> Decision:
@@ -106,10 +129,10 @@ class Selector:
 def build_selection(config: RouterConfig, pool: WorkerPool, metrics: RouterMetrics,
                     ) -> tuple[Selector, KvIndex | None]:
     """The selector of `config.router_mode`, and the KV index it reads (kv mode with events)."""
-    fallback = config.prefill_fallback
+    fallback = config.prefill_fallback_after_ms / 1000 if config.prefill_fallback else None
     if config.router_mode != KvAwarePolicy.name:
         return Selector(pool, make_policy(config.router_mode), metrics,
-                        prefill_fallback=fallback), None
+                        fallback_after_s=fallback), None
     kv_index = KvIndex() if config.kv_events else None
     approx_index = None if config.kv_events else ApproxKvIndex(ttl_s=config.kv_ttl_s)
     policy = KvAwarePolicy(
@@ -117,4 +140,4 @@ def build_selection(config: RouterConfig, pool: WorkerPool, metrics: RouterMetri
         overlap_weight=config.kv_overlap_weight, temperature=config.router_temperature,
         hotspot_margin=config.hotspot_margin, seed=config.hash_seed)
     return Selector(pool, policy, metrics, approx_index, config.hash_seed,
-                    prefill_fallback=fallback), kv_index
+                    fallback_after_s=fallback), kv_index

@@ -60,6 +60,7 @@ class WorkerLoss:
     def check_liveness(self) -> None:
         """Every half heartbeat period: place waiting requests, judge silent/stalled workers."""
         on_time = self.liveness.check_on_time()
+        self.selector.note_serving()
         if self.streams.waiting:
             self.streams.retry()
         self.replicas.check(on_time)

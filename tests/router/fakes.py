@@ -110,7 +110,8 @@ class Wiring:
         self.metrics = RouterMetrics("test-router")
         self.frontends = FakeSocket()
         self.accounting = Accounting(self.clock)
-        self.selector = Selector(self.pool, policy, self.metrics, approx_index)
+        self.selector = Selector(self.pool, policy, self.metrics, approx_index,
+                                 clock=self.clock)
         self.migration = Migration(
             self.pool, self.accounting, self.selector, self.metrics,
             lambda *a: send_error(self.frontends, *a), kv_index, limit, wait_s, self.clock)

@@ -28,8 +28,10 @@ from services.router.disaggregation import Disaggregation, PathCosts, PathLimits
 from services.router.handback import HandBack
 from services.router.kv_index import KvIndex
 from services.router.kv_policy import KvAwarePolicy
+from services.router.metrics import RouterMetrics
 from services.router.policies import RoundRobin
 from services.router.queue_rebalance import QueueRebalance
+from services.router.selection import build_selection
 from tests.router.fakes import MODEL, Wiring, counter, frontend_chunks, request, sent, worker
 
 LIMITS = PathLimits(local_max_tokens=2048, local_max_ratio=0.7, prefill_busy_tokens=10_000,
@@ -286,6 +288,51 @@ def test_a_hand_off_with_no_decode_worker_is_decoded_where_it_was_prefilled() ->
     w.streams.on_batch(p, [TokenChunk("r1", [7], FINISH_LENGTH)])
     assert len(w.accounting) == 0 and p.inflight == 0
     assert sent(p)[-1][0] == KIND_GENERATE  # over: no second cancel
+
+
+def test_the_prefill_pool_serves_only_once_the_decode_pool_is_empty_for_a_while() -> None:
+    """--prefill-fallback-after-ms: a decode pool empty for less (a restart, a blip) keeps new
+    requests and hand-offs waiting for a decode worker; past it the prefill pool serves them.
+    The outage is dated from its start, not from the first request in it."""
+    p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
+    w = wire(p, d)
+    w.selector.fallback_after_s = 1.0
+    place(w, "r1")  # a prefill phase on p
+    d.routable = False
+    w.selector.note_serving()
+    w.clock.advance(0.5)
+    place(w, "r2")
+    w.streams.on_batch(p, [TokenChunk("r1", [5], FINISH_LENGTH, num_prompt_tokens=8)])
+    assert w.streams.waiting and len(sent(p)) == 1
+    assert counter(w.metrics.disagg_handoffs, "no_decode_worker") == 1
+    w.clock.advance(0.4)
+    w.streams.retry()
+    assert w.streams.waiting and len(sent(p)) == 1
+    w.clock.advance(0.2)  # 1.1 s since the decode pool emptied
+    w.streams.retry()
+    assert not w.streams.waiting
+    placed = {generate_decoder.decode(m[1]).request_id: generate_decoder.decode(m[1])
+              for m in sent(p) if m[0] == KIND_GENERATE}
+    assert (placed["r1"].phase, placed["r1"].generated_token_ids) == ("", [5])
+    assert placed["r2"].phase == ""
+    assert counter(w.metrics.disagg_handoffs, "decoded_in_place") == 1
+    assert counter(w.metrics.disagg_decisions, "aggregated", "no_decode_worker") == 1
+    # A decode worker back resets the clock: the next outage waits again.
+    d.routable = True
+    w.selector.note_serving()
+    d.routable = False
+    place(w, "r3")
+    assert w.streams.waiting
+
+
+def test_a_negative_fallback_delay_is_refused_and_no_fallback_means_none() -> None:
+    with pytest.raises(ValueError, match="--prefill-fallback-after-ms must be >= 0"):
+        RouterConfig(prefill_fallback_after_ms=-1)
+    pool = Wiring(RoundRobin(), role("p", MODE_PREFILL)).pool
+    off = build_selection(RouterConfig(prefill_fallback=False), pool, RouterMetrics("r"))[0]
+    assert off.fallback_after_s is None and not off.prefill_fallback(MODEL)
+    on = build_selection(RouterConfig(prefill_fallback_after_ms=0), pool, RouterMetrics("r"))[0]
+    assert on.fallback_after_s == 0 and on.prefill_fallback(MODEL)
 
 
 def test_a_hand_off_with_no_decode_worker_from_a_leaving_prefill_worker_waits() -> None:
