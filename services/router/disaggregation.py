@@ -15,8 +15,9 @@ gets `phase="decode"` with the prefill worker first in `kv_sources`: it pulls on
 it lacks, acknowledges, and continues the stream. The in-flight table, `kv_sources` and the
 block pull are the migration path's; a lost prefill worker's request re-runs on another prefill
 worker (or, with none, locally), a lost decode worker's request migrates as any other, and a
-hand-off with no decode worker is decoded by its prefill worker (`_decode_in_place`), or, that
-one leaving too, waits like a stranded migration. A decode phase not yet begun
+hand-off with no decode worker waits like a stranded migration until the decode pool has been
+empty for `--prefill-fallback-after-ms`, then its prefill worker decodes it
+(`_decode_in_place`), unless that one is leaving too. A decode phase not yet begun
 (no decode worker then, or the chosen one lost or refusing first) goes to another decode
 worker as a decode phase again: it pulls the prompt from the prefill worker, whose hold on
 that KV outlasts even its drain (`replan`).
@@ -523,9 +524,7 @@ class Disaggregation:
         state = entry.disagg
         assert state is not None
         prefill = self.pool.workers.get(state.prefill_worker)
-        if prefill is None or not prefill.routable or not prefill.alive or any(
-                w.mode != MODE_PREFILL and w is not entry.worker  # a decode worker lost now
-                for w in self.pool.routable(entry.request.model)) \
+        if prefill is None or not prefill.routable or not prefill.alive \
                 or not self.selector.prefill_fallback(entry.request.model):
             return False
         rid = entry.request_id
