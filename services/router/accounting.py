@@ -1,11 +1,12 @@
 """The router's load accounting: which requests are in flight, on which worker, and what they
 weigh there.
 
-One source of truth per worker (`WorkerUsage`, on its handle): the ids of the requests this
-router has placed there, the KV blocks they hold and the blocks still to prefill until their
-first token. Policies read it (fresher than any load report); only `Accounting` writes it, on
-every transition a request makes: placed, first token, moved (migration), stranded, finished
-or cancelled. A request is counted on at most one worker, so no count can go negative.
+One source of truth per worker (`WorkerUsage`, `worker_usage.py`, on its handle): the ids of
+the requests this router has placed there, the KV blocks they hold and the blocks still to
+prefill until their first token. Policies read it (fresher than any load report); only
+`Accounting` writes it, on every transition a request makes: placed, first token, moved
+(migration), stranded, finished or cancelled. A request is counted on at most one worker, so no
+count can go negative.
 """
 
 from __future__ import annotations
@@ -17,33 +18,9 @@ from typing import TYPE_CHECKING
 from common.messages import GenerateRequest
 
 if TYPE_CHECKING:
-    from services.router.disaggregation import DisaggState
+    from services.router.disagg_state import DisaggState
     from services.router.policies import Decision
     from services.router.worker_pool import WorkerHandle
-
-
-class WorkerUsage:
-    """What this router has placed on one worker."""
-
-    __slots__ = ("active_blocks", "batch_blocks", "batch_started_at", "pending_prefill_blocks",
-                 "queued_since", "released_at", "requests")
-
-    def __init__(self) -> None:
-        self.requests: set[str] = set()
-        self.active_blocks = 0  # KV blocks its requests occupy
-        self.pending_prefill_blocks = 0  # blocks not yet prefilled (no first token yet)
-        # The prefill step in progress, as seen from here: when it began (a placement on an
-        # idle worker, or the first tokens of the one before) and the pending blocks it took.
-        # Prompts placed since wait for its end: an engine cannot add them to a running step.
-        self.batch_started_at = 0.0
-        self.batch_blocks = 0
-        # When the oldest prompt waiting behind that step was placed (0: none waits). They
-        # all go into the next step, so a prompt joining them delays it as much as itself.
-        self.queued_since = 0.0
-        # When a request last left it, plus one report period: a load report that arrives
-        # before then may have been taken while the request ran (reports and tokens travel
-        # on different planes), and would count it still.
-        self.released_at = 0.0
 
 
 class RoutedRequest:
@@ -63,7 +40,7 @@ class RoutedRequest:
         self.prefill_blocks = 0  # blocks still to prefill until its first token arrives
         self.hashes: list[int] = []
         self.resume_tokens = 0  # sequence length at the last migration (0: none pending)
-        # Placed on a prefill worker (`disaggregation.DisaggState`); None: aggregated.
+        # Placed on a prefill worker (`disagg_state.DisaggState`); None: aggregated.
         self.disagg: DisaggState | None = None
         self.announced = ""  # the worker last named to the frontend (`TokenChunk.worker_id`)
         self.budget_gaps = 0  # gaps the ITL miss budget counted for it at admission

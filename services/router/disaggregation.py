@@ -86,6 +86,7 @@ from common.messages import (
 from services.router.accounting import Accounting, RoutedRequest
 from services.router.args import RouterConfig
 from services.router.cost_model import CostModels, HandoffCostModel, StepCostModel
+from services.router.disagg_state import DisaggState
 from services.router.itl_budget import ItlMissBudget, TtftTail
 from services.router.kv_index import KvIndex
 from services.router.kv_policy import KvAwarePolicy, load_of, worker_load
@@ -217,23 +218,6 @@ def choose_path(limits: PathLimits, prompt_tokens: int, uncached_tokens: int,
     if 0 < limits.decode_veto_requests <= decode_requests:
         return PATH_REMOTE, REASON_DECODE_BUSY
     return path, reason
-
-
-@dataclasses.dataclass(slots=True)
-class DisaggState:
-    """A request placed on a prefill worker, until (and after) its hand-off."""
-
-    prefill_worker: str  # worker id
-    prefill_endpoint: str  # its request endpoint: the decode worker pulls from there first
-    handed_off: bool = False
-    decode_begun: bool = False  # a chunk came from its decode worker (its pull is over)
-    kv_transfer_params: bytes = b""
-    handoff_at: float = 0.0  # monotonic time the prefill's final chunk arrived (0: not yet)
-    pulled_tokens: int = 0  # prompt tokens the decode worker was to pull (from the KV index)
-    hold_first: bool = False  # the first token waits for the decode worker's (see `relay`)
-    placed_at: float = 0.0  # monotonic time of its first placement on a prefill worker
-    handoff_ms: float = 0.0  # the hand-off gap expected at placement (the fit's mean)
-    held: TokenChunk | None = None  # the prefill's first-token chunk, held back
 
 
 @dataclasses.dataclass(slots=True)

@@ -18,8 +18,8 @@ import zmq
 from common.loop_socket import MessageHandler
 from common.messages import MODE_AGGREGATED, MODE_ENCODE, Instance, LoadReport
 from common.monitored_dealer import MonitoredDealer
-from services.router.accounting import WorkerUsage
 from services.router.failure_detector import PhiAccrualDetector
+from services.router.worker_usage import WorkerUsage
 
 
 class WorkerHandle:
