@@ -10,7 +10,9 @@ then tells the prefill side, which frees them. The decode request continues afte
 prefill's token: vLLM's own connector would load that token too (its KV is not on the prefill
 side) and, where it starts a new block, ask the prefill side for one block more than it holds;
 `TurnoutNixlConnector` stops the load at the tokens the prefill side computed, so the decode
-engine computes the prefill's token itself, as its first step.
+engine computes the prefill's token itself, as its first step. It also reads the prompt of a
+request sent as prompt embeddings (a chat whose images the encode pool embedded), which vLLM's
+own connector sizes from token ids such a request has none of, and so recomputes whole.
 
 NIXL's progress thread stays on: with it off (tried), the first read of a new pair of workers
 stalled until another request made both engines step (minutes, past the lease). As vLLM creates
@@ -76,7 +78,14 @@ class TurnoutNixlConnector(NixlConnector):
     def get_num_new_matched_tokens(self, request: Request,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         count, load_async = super().get_num_new_matched_tokens(request, num_computed_tokens)
-        return cap_to_remote(count, load_async, request.kv_transfer_params, num_computed_tokens)
+        params = request.kv_transfer_params
+        if not count and request.prompt_token_ids is None and params \
+                and params.get("do_remote_prefill"):
+            # vLLM sizes a remote prefill from `prompt_token_ids`, which a prompt-embeddings
+            # request (images embedded by the encode pool) lacks: it would read nothing and
+            # recompute the whole prompt. Its prompt length is known all the same.
+            count, load_async = request.num_prompt_tokens - num_computed_tokens, True
+        return cap_to_remote(count, load_async, params, num_computed_tokens)
 
 
 def cap_to_remote(count: int | None, load_async: bool, params: dict[str, Any] | None,
