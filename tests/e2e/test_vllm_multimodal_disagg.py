@@ -35,7 +35,7 @@ from tests.e2e.test_vllm_multimodal import (
     messages,
     value,
 )
-from tests.e2e.vllm_host import VLLM_LEASE_TTL_S
+from tests.e2e.vllm_host import vllm_deployment
 from tests.tiny_llava import cached_tiny_llava
 from turnout.testing.deployment import Deployment, Service
 
@@ -50,9 +50,7 @@ LLM_ARGS = (*COMMON, "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20)
 @pytest.fixture(scope="module")
 def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     model = str(cached_tiny_llava())
-    d = Deployment(Path(tmp_path_factory.mktemp("vllm-mm-disagg")), extra=["--model", model],
-                   lease_ttl_s=VLLM_LEASE_TTL_S)
-    try:
+    with vllm_deployment(Path(tmp_path_factory.mktemp("vllm-mm-disagg")), model) as d:
         d.start_router("--disagg-mode", "always", "--heartbeat-interval-ms", "500",
                        "--missed-heartbeats", "4")
         workers = [d.start_worker(*LLM_ARGS, "--worker-mode", mode, worker_id=mode, wait=False)
@@ -62,13 +60,7 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
         d.start_frontend()
         d.wait_healthy()
         d.wait_routable(2)
-        d.model = model  # type: ignore[attr-defined]
         yield d
-    except BaseException:
-        print(d.logs(6000))
-        raise
-    finally:
-        d.stop()
 
 
 def chat(d: Deployment, uri: str, target: str = "") -> tuple[str, Any]:

@@ -6,4 +6,25 @@ tests cause (SIGKILL) are caught by the dropped connection, not by a lease runni
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from turnout.testing.deployment import Deployment
+
 VLLM_LEASE_TTL_S = 10.0
+
+
+@contextlib.contextmanager
+def vllm_deployment(directory: Path, model: str) -> Iterator[Deployment]:
+    """A deployment of `model` (also its `model` attribute) on vLLM's leases, stopped on the way
+    out; a failure while it starts prints the services' logs first."""
+    d = Deployment(directory, extra=["--model", model], lease_ttl_s=VLLM_LEASE_TTL_S)
+    d.model = model  # type: ignore[attr-defined]
+    try:
+        yield d
+    except BaseException:
+        print(d.logs(6000))
+        raise
+    finally:
+        d.stop()
