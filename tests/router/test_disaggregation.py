@@ -19,6 +19,7 @@ from common.messages import (
     PHASE_DECODE,
     PHASE_PREFILL,
     Cancel,
+    ImageInput,
     TokenChunk,
     encoder,
     generate_decoder,
@@ -288,6 +289,28 @@ def test_a_hand_off_with_no_decode_worker_is_decoded_where_it_was_prefilled() ->
     w.streams.on_batch(p, [TokenChunk("r1", [7], FINISH_LENGTH)])
     assert len(w.accounting) == 0 and p.inflight == 0
     assert sent(p)[-1][0] == KIND_GENERATE  # over: no second cancel
+
+
+def test_a_hand_off_carries_the_images_to_the_decode_phase_and_to_a_decode_in_place() -> None:
+    """The decode side gets the request's images with the prompt (a failed pull recomputes,
+    and an engine keys the image's blocks by them), as does a prefill worker decoding its own
+    hand-off."""
+    images = [ImageInput("ab" * 32, 2, 3, embedding=b"rows")]
+    p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
+    w = wire(p, d)
+    for rid in ("r1", "r2"):
+        req = request(rid, 8)
+        req.images = images
+        w.streams.on_generate(b"fe", req, encoder.encode(req))
+        assert generate_decoder.decode(sent(p)[-1][1]).images == images  # the prefill phase
+    w.streams.on_batch(p, [TokenChunk("r1", [5], FINISH_LENGTH, num_prompt_tokens=8)])
+    decode = generate_decoder.decode(sent(d)[0][1])
+    assert (decode.phase, decode.images, decode.generated_token_ids) == (PHASE_DECODE, images,
+                                                                          [5])
+    d.routable = False  # no decode worker left: r2 is decoded where it was prefilled
+    w.streams.on_batch(p, [TokenChunk("r2", [6], FINISH_LENGTH, num_prompt_tokens=8)])
+    whole = generate_decoder.decode(sent(p)[-1][1])
+    assert (whole.request_id, whole.phase, whole.images) == ("r2", "", images)
 
 
 def test_the_prefill_pool_serves_only_once_the_decode_pool_is_empty_for_a_while() -> None:

@@ -3,7 +3,7 @@ migration limit, and stranding until a worker comes back or the wait is over."""
 
 from __future__ import annotations
 
-from common.messages import KIND_GENERATE, TokenChunk, encoder, generate_decoder
+from common.messages import KIND_GENERATE, ImageInput, TokenChunk, encoder, generate_decoder
 from services.router.accounting import RoutedRequest
 from services.router.policies import Direct, RoundRobin
 from services.router.worker_pool import WorkerHandle
@@ -18,9 +18,11 @@ class FixedIndex:
         return dict(self.overlaps)
 
 
-def running(w: Wiring, on: WorkerHandle, rid: str = "r1", tokens: int = 8) -> RoutedRequest:
+def running(w: Wiring, on: WorkerHandle, rid: str = "r1", tokens: int = 8,
+            images: list[ImageInput] | None = None) -> RoutedRequest:
     """A request placed on `on` that has streamed two tokens."""
     req = request(rid, tokens=tokens)
+    req.images = images or []
     for other in w.pool.workers.values():
         other.routable = other is on
     w.streams.on_generate(b"fe", req, encoder.encode(req))
@@ -53,6 +55,20 @@ def test_the_request_resumes_elsewhere_with_its_streamed_tokens() -> None:
     assert entry.worker is b and entry.migrations == 1 and entry.resume_tokens == 10
     assert b.inflight == 1 and b.usage.active_blocks == 3  # 10 tokens, block size 4
     assert counter(w.metrics.migrations, "crash") == 1
+
+
+def test_a_migrated_request_keeps_its_images() -> None:
+    """The worker it moves to recomputes the prompt: it needs the images (embedded or not) to
+    compute their positions, not the placeholder ids as text."""
+    images = [ImageInput("ab" * 32, 2, 3, embedding=b"rows"),
+              ImageInput("cd" * 32, 5, 2, mime="image/png", data=b"png")]
+    a, b = worker("a"), worker("b")
+    w = Wiring(RoundRobin(), a, b)
+    entry = running(w, a, images=images)
+    lose(w, a)
+    assert w.migration.migrate(entry, "crash")
+    moved = generate_decoder.decode(sent(b)[0][1])
+    assert moved.images == images and moved.generated_token_ids == [7, 8]
 
 
 def test_kv_sources_are_live_replica_peers_of_the_lost_worker_but_not_the_new_one() -> None:
