@@ -329,6 +329,8 @@ class RouterClient:
             await asyncio.sleep(self.heartbeat_s)
             now = loop.time()
             on_time = now - last < 2 * self.heartbeat_s
+            if not on_time:
+                self._paused(now, now - last)
             last = now
             self.metrics.routers.set(sum(1 for link in self.routers.values()
                                          if link.up and not link.draining))
@@ -343,7 +345,7 @@ class RouterClient:
                     link.socket.send_multipart([KIND_PING, b""])
                 silent = now - link.heard_at
                 if on_time and link.up and link.pongs is not None and silent > self.silence_s \
-                        and link.pongs.suspicious(now):
+                        and link.pongs.suspicious(now) and silent > link.unheard_s:
                     link.up = False
                     link.hung = True
                     self.metrics.detection.observe(silent)
@@ -352,6 +354,18 @@ class RouterClient:
                 self.router_lost(router_id, "hung")
             if self._unplaced:
                 self._resume_unplaced(now)
+
+    def _paused(self, now: float, paused: float) -> None:
+        """This frontend did not run for `paused` s: nobody's silence meanwhile counts, and the
+        routers most likely stopped with it and may run again a while after it does (a busy
+        host): until each is heard again, its silence convicts it only once it has lasted as
+        long as the pause (at most the detector's ceiling)."""
+        grace = min(paused, self.detector_settings.ceiling_s)
+        for link in self.routers.values():
+            link.heard_at = now
+            if link.pongs is not None:
+                link.pongs = PhiAccrualDetector(self.detector_settings, now)
+                link.unheard_s = max(link.unheard_s, grace)
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -475,6 +489,8 @@ class _RouterLink:
         # slack its irregular pongs have shown, while a frozen one on a quiet host is caught in
         # ~0.4 s.
         self.pongs: PhiAccrualDetector | None = None
+        # Not heard from since this frontend's own pause: the silence it is allowed (0: none).
+        self.unheard_s = 0.0
         self.lost_counted = False  # its loss is in the metrics (until it is back)
         self.heard_at = asyncio.get_running_loop().time()
         self.inflight = 0
@@ -493,6 +509,7 @@ class _RouterLink:
     def _on_reply(self, frames: list[bytes]) -> None:
         client = self.client
         self.heard_at = now = asyncio.get_running_loop().time()
+        self.unheard_s = 0.0
         if self.hung:
             self.hung = False
             self.up = self.dealer.connected

@@ -76,6 +76,42 @@ def test_a_router_that_did_not_run_judges_nobody() -> None:
     assert live.lost() == []
 
 
+def test_after_its_own_pause_a_router_waits_the_timeout_for_a_frontend_slow_to_wake() -> None:
+    """A whole host paused: the router runs again first, the frontend some moments later. A
+    frontend of regular pings silent 0.6 s is lost (above); just after the router's own pause
+    of 5 s it is not, until its silence has lasted as long (at most the timeout, 3 s), or
+    until it pings and is judged as before."""
+    clock = FakeClock()
+    live = FrontendLiveness(FakeSocket(), 0.1, 3, timeout_s=3.0, clock=clock)
+    for _ in range(50):
+        live.on_ping(b"slow")
+        live.on_ping(b"dead")
+        clock.advance(0.1)
+    assert live.lost() == []
+    clock.advance(5)  # this router was frozen
+    live.pause()
+    clock.advance(1.0)
+    assert live.lost() == []
+    pinged(live, clock, b"slow", 10, 0.1)  # it runs again: its silence counts as ever
+    clock.advance(0.6)
+    assert live.lost() == [b"slow"]
+    clock.advance(0.5)  # 3.1 s since the pause: a frontend never heard again is gone
+    assert live.lost() == [b"dead"]
+
+
+def test_a_router_that_ran_a_little_late_still_convicts_a_dead_frontend_fast() -> None:
+    """A busy host's lag (one check 0.25 s late) is no pause to wait out: a frontend that is
+    never heard again is lost ~0.4 s later, as ever (not at the 3 s timeout)."""
+    clock = FakeClock()
+    live = FrontendLiveness(FakeSocket(), 0.1, 3, timeout_s=3.0, clock=clock)
+    pinged(live, clock, b"fe", 50, 0.1)
+    assert live.lost() == []
+    clock.advance(0.25)
+    live.pause()
+    clock.advance(0.6)
+    assert live.lost() == [b"fe"]
+
+
 def test_a_gone_frontends_requests_are_cancelled_on_their_workers() -> None:
     a = worker("a")
     wiring = Wiring(RoundRobin(), a)
