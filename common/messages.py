@@ -151,6 +151,11 @@ class TokenChunk(Wire):
     # The worker serving the request, on the first chunk a router relays from it (a frontend
     # names it as `previous_worker` when it resumes the stream through another router).
     worker_id: str = ""
+    # How many of the response's tokens came before this chunk's first one, as the worker
+    # counts them (the request's `generated_token_ids` included); -1: not said. A router drops
+    # tokens its stream already has: an earlier run of the request that it cancelled on the
+    # same worker may still have chunks on their way when the stream comes back to it.
+    offset: int = -1
 
 
 class TokenBatch(Wire):

@@ -459,7 +459,7 @@ class Disaggregation:
         held, state.held = state.held, None
         self.metrics.disagg_handoffs.labels("first_token_held").inc()
         return msgspec.structs.replace(
-            chunk, token_ids=[*held.token_ids, *chunk.token_ids],
+            chunk, token_ids=[*held.token_ids, *chunk.token_ids], offset=held.offset,
             num_prompt_tokens=held.num_prompt_tokens, cached_tokens=held.cached_tokens)
 
     def hold_deadline_s(self, entry: RoutedRequest) -> float | None:

@@ -138,6 +138,11 @@ class RouterMetrics:
         self.orphans_cancelled = Counter(
             "turnout_router_orphans_cancelled",
             "Requests cancelled on workers because their frontend was gone", registry=r)
+        self.stale_tokens = Counter(
+            "turnout_router_stale_tokens_dropped",
+            "Tokens a worker sent that their stream already had, dropped: an earlier run of "
+            "the request that this router cancelled on that worker (it took the frontend for "
+            "gone), still on its way when the stream came back here", registry=r)
         self.placements_announced = Counter(
             "turnout_router_placements_announced",
             "Placements named to frontends on pongs before any token named the worker (a "

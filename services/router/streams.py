@@ -135,7 +135,8 @@ class Streams:
         entry.frontend = frontend
         self.metrics.taken_over.inc()
         if len(sent) > len(have) or (not have and entry.announced):
-            chunk = TokenChunk(request.request_id, sent[len(have):], worker_id=entry.announced)
+            chunk = TokenChunk(request.request_id, sent[len(have):], worker_id=entry.announced,
+                               offset=len(have))
             if not have:  # the first chunk, with the prompt's count, went to the old one
                 chunk.num_prompt_tokens = len(entry.request.token_ids)
             self.frontends.send_multipart([frontend, KIND_TOKENS,
@@ -211,6 +212,12 @@ class Streams:
             entry = self.accounting.get(chunk.request_id)
             if entry is None or entry.worker is not worker:
                 continue  # cancelled, or a late chunk from before a migration
+            if 0 <= chunk.offset < len(entry.generated):
+                # Tokens the stream has: an earlier run here that this router cancelled (it
+                # took the frontend for gone), still on its way when the stream came back.
+                stale = len(entry.generated) - chunk.offset
+                self.metrics.stale_tokens.inc(min(stale, len(chunk.token_ids)))
+                chunk.token_ids = chunk.token_ids[stale:]
             if entry.disagg is not None and self.disagg is not None:
                 if chunk.finish_reason is not None and self.disagg.continues(entry, chunk):
                     handoffs.append(entry)  # its first token goes out first, then the KV

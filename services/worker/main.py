@@ -326,7 +326,8 @@ class Worker:
                 self.destinations[request.request_id] = ident
                 self.metrics.handovers.inc()
                 if tokens:
-                    self._send(ident, TokenBatch([TokenChunk(request.request_id, tokens)]))
+                    self._send(ident, TokenBatch([TokenChunk(
+                        request.request_id, tokens, offset=len(request.generated_token_ids))]))
                 return
             self.engine.abort(request.request_id)
         self.destinations[request.request_id] = ident

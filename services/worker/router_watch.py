@@ -100,16 +100,19 @@ class RouterWatch:
         self.generated[request.request_id] = list(request.generated_token_ids)
 
     def on_chunk(self, chunk: TokenChunk) -> None:
-        """A chunk before the last one (`finished` takes that)."""
-        if chunk.token_ids:
-            history = self.generated.get(chunk.request_id)
-            if history is not None:
-                history.extend(chunk.token_ids)
+        """A chunk before the last one (`finished` takes that), its `offset` set."""
+        history = self.generated.get(chunk.request_id)
+        if history is not None:
+            chunk.offset = len(history)
+            history.extend(chunk.token_ids)
 
     def finished(self, chunk: TokenChunk, router: bytes | None, replayable: bool) -> None:
-        """The last chunk of a request from `router` (None: it was cancelled meanwhile), kept
-        for a replay when `replayable` (not a prefill phase, whose result is its KV)."""
+        """The last chunk of a request from `router` (None: it was cancelled meanwhile), its
+        `offset` set, kept for a replay when `replayable` (not a prefill phase, whose result is
+        its KV)."""
         history = self.generated.pop(chunk.request_id, None)
+        if history is not None:
+            chunk.offset = len(history)
         if history is None or router is None or not replayable or chunk.error_code \
                 or router not in self.heard:
             return
@@ -147,4 +150,5 @@ class RouterWatch:
         have = request.generated_token_ids
         if len(have) > len(ended.tokens) or ended.tokens[:len(have)] != have:
             return None
-        return TokenChunk(request.request_id, ended.tokens[len(have):], ended.finish_reason)
+        return TokenChunk(request.request_id, ended.tokens[len(have):], ended.finish_reason,
+                          offset=len(have))

@@ -23,6 +23,7 @@ from common.messages import (
     generate_decoder,
     placements_decoder,
     resume_elsewhere_decoder,
+    token_batch_decoder,
 )
 from services.router.accounting import Accounting, RoutedRequest
 from services.router.args import RouterConfig
@@ -247,7 +248,8 @@ def test_pongs_name_the_worker_of_each_stream_no_token_has_named_yet() -> None:
     assert pong(b"fe") is None  # told once
     runs_r1 = a if where["r1"] == "a" else b
     wiring.streams.on_batch(runs_r1, [TokenChunk("r1", [5])])
-    assert msgspec.msgpack.decode(wiring.frontends.sent[-1][2])[0][0][-1] == where["r1"]
+    assert token_batch_decoder.decode(wiring.frontends.sent[-1][2]).chunks[0].worker_id \
+        == where["r1"]
     # r2 moves before its first token: named again, at its new worker.
     entry = wiring.accounting.get("r2")
     assert entry is not None
@@ -273,11 +275,35 @@ def test_a_resume_goes_to_the_worker_that_served_it_and_names_it() -> None:
         assert entry is not None and entry.worker is b
         wiring.streams.on_batch(b, [TokenChunk("r1", [11])])
         wiring.streams.on_batch(b, [TokenChunk("r1", [12])])
-        chunks = [msgspec.msgpack.decode(f[2]) for f in wiring.frontends.sent[-2:]]
+        chunks = [token_batch_decoder.decode(f[2]).chunks for f in wiring.frontends.sent[-2:]]
         # The first chunk names the worker, the next not.
-        assert [c[0][0][-1] for c in chunks] == ["b", ""]
+        assert [c[0].worker_id for c in chunks] == ["b", ""]
         wiring.streams.on_cancel("r1")
     assert wiring.metrics.resumes._value.get() == 2
+
+
+def test_a_stream_back_where_this_router_cancelled_it_drops_the_old_runs_late_tokens() -> None:
+    """This router took a stalled frontend for gone and cancelled its stream on worker b; the
+    frontend resumes it here and it goes back to b, whose old run had a token on its way
+    before the cancel. That token reaches the client once: the new run's copy of it (the
+    same offset in the response) is dropped, and the next token goes through."""
+    a, b = worker("a"), worker("b")
+    wiring = Wiring(RoundRobin(), a, b)
+    first = request("r1", target="b")
+    wiring.streams.on_generate(b"fe", first, encoder.encode(first))
+    wiring.streams.on_batch(b, [TokenChunk("r1", [7], num_prompt_tokens=8, offset=0)])
+    wiring.streams.on_cancel("r1")
+    resumed = msgspec.structs.replace(request("r1"), generated_token_ids=[7],
+                                      previous_worker="b", resumed=True)
+    wiring.streams.on_generate(b"fe", resumed, encoder.encode(resumed))
+    wiring.streams.on_batch(b, [TokenChunk("r1", [8], offset=1)])  # the old run's, late
+    wiring.streams.on_batch(b, [TokenChunk("r1", [8], num_prompt_tokens=9, offset=1)])
+    wiring.streams.on_batch(b, [TokenChunk("r1", [9], offset=2)])
+    relayed = [token_batch_decoder.decode(f[2]).chunks for f in wiring.frontends.sent]
+    assert [t for chunks in relayed for c in chunks for t in c.token_ids] == [7, 8, 9]
+    entry = wiring.accounting.get("r1")
+    assert entry is not None and entry.generated == [7, 8, 9]
+    assert wiring.metrics.stale_tokens._value.get() == 1
 
 
 def test_a_resume_goes_back_to_its_worker_even_when_another_is_cheaper() -> None:

@@ -48,14 +48,19 @@ def request(generated: list[int]) -> GenerateRequest:
 def test_handover_sends_what_the_frontend_lacks() -> None:
     watch = RouterWatch(1.0)
     watch.admitted(request([5]))
-    watch.on_chunk(TokenChunk("x", [6, 7]))
-    watch.on_chunk(TokenChunk("x", [8]))
+    chunks = [TokenChunk("x", [6, 7]), TokenChunk("x", [8])]
+    for chunk in chunks:
+        watch.on_chunk(chunk)
+    # Each chunk says where its tokens start in the response (the resumed request's included).
+    assert [c.offset for c in chunks] == [1, 3]
     assert watch.handover(request([5, 6])) == [7, 8]
     assert watch.handover(request([5, 6, 7, 8])) == []
     # Not what this worker generated, or more than it has: start afresh.
     assert watch.handover(request([5, 9])) is None
     assert watch.handover(request([5, 6, 7, 8, 9])) is None
-    watch.finished(TokenChunk("x", [9], finish_reason="length"), b"r1", replayable=True)
+    last = TokenChunk("x", [9], finish_reason="length")
+    watch.finished(last, b"r1", replayable=True)
+    assert last.offset == 4
     assert watch.handover(request([5])) is None  # finished: nothing to hand over
     assert watch.generated == {}
     assert watch.replay(request([5])) is None  # r1 never pinged: no router to outlive
@@ -76,7 +81,7 @@ def test_a_stream_that_ended_while_its_router_was_silent_is_replayed_once() -> N
     ended_while(watch, b"r1")
     replay = watch.replay(request([6]))
     assert replay is not None
-    assert (replay.token_ids, replay.finish_reason) == ([7, 8], "stop")
+    assert (replay.token_ids, replay.finish_reason, replay.offset) == ([7, 8], "stop", 1)
     assert watch.replay(request([6])) is None  # once
     ended_while(watch, b"r1")
     assert watch.replay(request([6, 9])) is None  # not what was generated here: a rerun
