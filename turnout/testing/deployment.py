@@ -406,9 +406,10 @@ class Deployment:
         for service in self.services:
             service.check_alive()
 
-    def pause_whole(self, seconds: float) -> None:
+    def pause_whole(self, seconds: float, late: Service | None = None,
+                    late_s: float = 0.0) -> None:
         """Every process stops at once for `seconds` (a paused VM, a SIGSTOP of the lot), then
-        all resume."""
+        all resume; `late` only `late_s` after the others (a busy host runs it last)."""
         services = [s for s in self.services if s.alive()]
         for service in services:
             service.signal(signal.SIGSTOP)
@@ -416,7 +417,11 @@ class Deployment:
                  interval=0.01)
         time.sleep(seconds)  # the pause itself
         for service in services:
-            service.signal(signal.SIGCONT)
+            if service is not late:
+                service.signal(signal.SIGCONT)
+        if late is not None:
+            time.sleep(late_s)  # part of the fault, like the pause
+            late.signal(signal.SIGCONT)
 
     def wait_registered(self, service: Service, timeout: float = 30,
                         instance_id: str | None = None) -> dict[str, Any]:
