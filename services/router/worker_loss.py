@@ -65,6 +65,7 @@ class WorkerLoss:
             self.streams.retry()
         self.replicas.check(on_time)
         if not on_time:
+            self.liveness.forgive_pause(list(self.pool.workers.values()))
             return
         self.metrics.set_routing_state(self.kv_index, self.selector.cost_models)
         workers = list(self.pool.workers.values())

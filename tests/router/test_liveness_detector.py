@@ -70,6 +70,50 @@ def test_a_frozen_worker_on_a_quiet_host_is_hung_within_half_a_second() -> None:
     assert live.verdicts([w]) == [(w, CAUSE_HANG)]
 
 
+def paused_with(clock: FakeClock, live: Liveness, workers: list[WorkerHandle],
+                paused: float) -> None:
+    """Regular heartbeats from `workers`, checks on time; then the router does not run for
+    `paused` s and its next check, late, forgives the pause."""
+    for w in workers:
+        live.watch(w)
+    for _ in range(50):
+        clock.advance(PERIOD / 2)
+        assert live.check_on_time()
+        clock.advance(PERIOD / 2)
+        for w in workers:
+            beat(live, w, 1)
+        assert live.check_on_time()
+    clock.advance(paused)
+    assert not live.check_on_time()
+    live.forgive_pause(workers)
+
+
+def test_after_its_own_pause_the_router_gives_each_worker_as_long_to_be_heard() -> None:
+    """A whole host paused 5 s and the router runs again first: a worker still silent 1 s
+    later is no hang (it most likely stopped too, and a busy host runs it later); one heard
+    again is judged as ever; one never heard again is hung once silent as long as the pause."""
+    clock = FakeClock()
+    live = Liveness(PERIOD, 3, 0.0, clock)
+    slow, dead = worker("slow"), worker("dead")
+    paused_with(clock, live, [slow, dead], 5.0)
+    woke = clock.now
+    clock.advance(1.0)
+    assert live.verdicts([slow, dead]) == []
+    beat(live, slow, 2)
+    assert 0.3 < hang_after(clock, live, slow) <= 0.5
+    hang_after(clock, live, dead)
+    assert 5.0 < clock.now - woke <= 5.0 + PERIOD
+
+
+def test_a_router_that_ran_a_little_late_still_finds_a_hung_worker_fast() -> None:
+    """A busy host's lag (one check 0.25 s late) is no pause to wait out."""
+    clock = FakeClock()
+    live = Liveness(PERIOD, 3, 0.0, clock)
+    w = worker("a")
+    paused_with(clock, live, [w], 0.25)
+    assert 0.3 < hang_after(clock, live, w) <= 0.5
+
+
 def test_never_hung_before_the_missed_heartbeats() -> None:
     clock = FakeClock()
     live = Liveness(PERIOD, 6, 0.0, clock)  # the floor: 0.6 s
