@@ -353,11 +353,12 @@ class Worker:
         self.metrics.on_finish(outcome)
         self._settle()
 
-    def cancel_lost_routers(self, on_time: bool) -> None:
+    def cancel_lost_routers(self, on_time: bool, since_s: float = 0.0) -> None:
         """Requests of a router that stopped pinging stop here (it may only have been slow: it
-        gets an error frame for each, and migrates them)."""
+        gets an error frame for each, and migrates them). Not on time: this worker did not run
+        for `since_s`, and judges nobody."""
         if not on_time:
-            self.routers.pause()
+            self.routers.pause(since_s)
             return
         for ident in self.routers.lost():
             ids = [r for r, i in self.destinations.items() if i == ident]
@@ -472,7 +473,7 @@ class Worker:
             lag = max(0.0, now - last - period)
             if lag >= period:
                 self.resumed(lag)
-            self.cancel_lost_routers(lag < period)
+            self.cancel_lost_routers(lag < period, now - last)
             last = now
 
     def resumed(self, paused_s: float) -> None:
