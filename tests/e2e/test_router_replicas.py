@@ -352,8 +352,8 @@ def test_a_router_whose_record_lapses_for_a_moment_is_used_again(
     assert front.value("turnout_frontend_streams_resume_failed_total") == 0
 
 
-@pytest.mark.parametrize("late", ["", "frontend", "router"],
-                         ids=["together", "frontend_last", "router_last"])
+@pytest.mark.parametrize("late", ["", "frontend", "router", "worker"],
+                         ids=["together", "frontend_last", "router_last", "worker_last"])
 def test_a_deployment_paused_whole_past_its_leases_serves_on(deployment: Deployment,
                                                              late: str) -> None:
     """Every process stops at once for three leases (a paused VM, a SIGSTOP of the lot) and
@@ -385,6 +385,37 @@ def test_a_deployment_paused_whole_past_its_leases_serves_on(deployment: Deploym
     assert deployment.frontend_metrics().value("turnout_frontend_streams_resumed_total") == 0
     assert sum(r.metrics().value("turnout_router_frontends_lost_total")
                for r in deployment.by_role("router")) == 0
+    assert sum(w.metrics().value("turnout_worker_routers_lost_total")
+               for w in deployment.workers()) == 0
+
+
+def test_a_frontend_stalled_past_the_routers_verdict_resumes_every_stream(
+        deployment: Deployment) -> None:
+    """The frontend alone stops (SIGSTOP) for 1.5 s while streams run: the routers take it for
+    gone and cancel its requests on the workers, telling it so (`ResumeElsewhere`, not
+    draining). Back, it resumes every stream, often through the router that cancelled it and
+    onto the worker that ran it, whose cancelled run may still have tokens on their way: every
+    stream carries exactly the clean run's tokens and usage."""
+    start(deployment)
+    clean, _, clean_usage = asyncio.run(run_streams(deployment.url))
+    frontend = deployment.frontend
+
+    def stall() -> None:
+        frontend.signal(signal.SIGSTOP)
+        wait_for(frontend.stopped, 10, "the frontend to stop", interval=0.01)
+        time.sleep(1.5)  # the stall itself (the routers' verdict comes at ~0.4 s)
+        frontend.signal(signal.SIGCONT)
+
+    faulty, _, usage = asyncio.run(run_streams(
+        deployment.url, when_carrying(deployment.router, deployment.workers(), stall)))
+    assert faulty == clean, "every stream must carry exactly the clean run's tokens"
+    assert sorted(usage) == sorted(clean_usage)
+    lost = sum(r.metrics().value("turnout_router_frontends_lost_total")
+               for r in deployment.by_role("router"))
+    assert lost >= 1, "the routers took the stalled frontend for gone"
+    front = deployment.frontend_metrics()
+    assert front.value("turnout_frontend_streams_resume_failed_total") == 0
+    assert front.value("turnout_frontend_streams_resumed_total") > 0
 
 
 def test_a_lone_routers_cut_connection_costs_no_stream(deployment: Deployment) -> None:
