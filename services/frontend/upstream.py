@@ -161,6 +161,7 @@ class RouterClient:
         self.heartbeat_s = heartbeat_s
         self.silence_s = heartbeat_s * missed_heartbeats
         self.detector_settings = DetectorSettings.for_heartbeats(heartbeat_s, missed_heartbeats)
+        self._quiet_until = 0.0  # no router judged hung before this (a pause of our own)
         self._tasks: list[asyncio.Task[None]] = []
         # Derived from discovery on every change, not per request.
         self._models: list[str] = []
@@ -345,7 +346,7 @@ class RouterClient:
                     link.socket.send_multipart([KIND_PING, b""])
                 silent = now - link.heard_at
                 if on_time and link.up and link.pongs is not None and silent > self.silence_s \
-                        and link.pongs.suspicious(now) and silent > link.unheard_s:
+                        and link.pongs.suspicious(now) and now > self._quiet_until:
                     link.up = False
                     link.hung = True
                     self.metrics.detection.observe(silent)
@@ -358,14 +359,14 @@ class RouterClient:
     def _paused(self, now: float, paused: float) -> None:
         """This frontend did not run for `paused` s: nobody's silence meanwhile counts, and the
         routers most likely stopped with it and may run again a while after it does (a busy
-        host): until each is heard again, its silence convicts it only once it has lasted as
-        long as the pause (at most the detector's ceiling)."""
-        grace = min(paused, self.detector_settings.ceiling_s)
+        host): none is judged hung for as long again as the pause lasted (at most the
+        detector's ceiling). A pong read just after the pause may have been sent before it."""
+        self._quiet_until = max(self._quiet_until,
+                                now + min(paused, self.detector_settings.ceiling_s))
         for link in self.routers.values():
             link.heard_at = now
             if link.pongs is not None:
                 link.pongs = PhiAccrualDetector(self.detector_settings, now)
-                link.unheard_s = max(link.unheard_s, grace)
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -489,8 +490,6 @@ class _RouterLink:
         # slack its irregular pongs have shown, while a frozen one on a quiet host is caught in
         # ~0.4 s.
         self.pongs: PhiAccrualDetector | None = None
-        # Not heard from since this frontend's own pause: the silence it is allowed (0: none).
-        self.unheard_s = 0.0
         self.lost_counted = False  # its loss is in the metrics (until it is back)
         self.heard_at = asyncio.get_running_loop().time()
         self.inflight = 0
@@ -509,7 +508,6 @@ class _RouterLink:
     def _on_reply(self, frames: list[bytes]) -> None:
         client = self.client
         self.heard_at = now = asyncio.get_running_loop().time()
-        self.unheard_s = 0.0
         if self.hung:
             self.hung = False
             self.up = self.dealer.connected

@@ -11,10 +11,10 @@ frontend whose pings have been irregular (a busy host) gets the slack it has sho
 `timeout_s` of silence is a verdict whatever the history.
 
 After a pause of the router's own (a late check: SIGSTOP, a paused VM, a starved host) the
-frontends most likely stopped with it, and on a busy host they may run again a while later:
-until each is heard from again, its silence is a verdict only once it has lasted as long as the
-pause did (at most `timeout_s`). A verdict on a frontend that was only slow cancels every stream
-it carries.
+frontends most likely stopped with it, and on a busy host they may run again a while later: for
+as long again as the pause lasted (at most `timeout_s`) no silence is a verdict. (A ping read
+just after the pause may have been sent before it: it says nothing of the frontend now.) A
+verdict on a frontend that was only slow cancels every stream it carries.
 
 The router pings its workers the same way, so a worker can tell when the router that sent it
 work is gone (`services/worker/router_watch.py`).
@@ -42,14 +42,12 @@ class FrontendLiveness:
         self.clock = clock
         self.heard: dict[bytes, float] = {}  # frontend identity → when it last sent anything
         self.pings: dict[bytes, PhiAccrualDetector] = {}  # ... and its pings' regularity
-        # Frontend not heard from since this router's own pause → the silence it is allowed.
-        self.unheard: dict[bytes, float] = {}
         self._checked: float | None = None  # when this router last judged (or paused)
+        self._quiet_until = 0.0  # no verdict before this (a pause of this router's own)
 
     def on_ping(self, frontend: bytes, pong: bytes = b"") -> None:
         """Answer with a pong carrying `pong` (`Placements`, or nothing)."""
         now = self.heard[frontend] = self.clock()
-        self.unheard.pop(frontend, None)
         detector = self.pings.get(frontend)
         if detector is None:
             self.pings[frontend] = PhiAccrualDetector(self.settings, now)
@@ -61,19 +59,18 @@ class FrontendLiveness:
         """Any other frame from a frontend that pings is a sign of life too."""
         if frontend in self.heard:
             self.heard[frontend] = self.clock()
-            self.unheard.pop(frontend, None)
 
     def lost(self) -> list[bytes]:
         """Frontends whose silence is a verdict, forgotten as they are returned (call it only
         on checks that ran on time: a router that did not run heard nobody)."""
         now = self._checked = self.clock()
+        if now <= self._quiet_until:
+            return []
         gone = [f for f, d in self.pings.items()
-                if d.suspicious(now) and now - self.heard[f] > self.settings.floor_s
-                and now - self.heard[f] > self.unheard.get(f, 0.0)]
+                if d.suspicious(now) and now - self.heard[f] > self.settings.floor_s]
         for frontend in gone:
             del self.heard[frontend]
             del self.pings[frontend]
-            self.unheard.pop(frontend, None)
         return gone
 
     def orphans(self, frontend: bytes, accounting: Accounting, parking: ParkingLot,
@@ -85,13 +82,12 @@ class FrontendLiveness:
     def pause(self) -> None:
         """This router did not run for a while (a late check): nobody's silence counts (the
         pings queued meanwhile arrive at once, and are not learnt as the frontends' rhythm), and
-        until each is heard again its silence must last as long as the pause to convict it."""
+        none is judged for as long again as the pause lasted."""
         now = self.clock()
         paused = now - self._checked if self._checked is not None else 0.0
         self._checked = now
-        grace = min(paused, self.settings.ceiling_s)
+        self._quiet_until = max(self._quiet_until, now + min(paused, self.settings.ceiling_s))
         for frontend in self.heard:
-            self.unheard[frontend] = max(grace, self.unheard.get(frontend, 0.0))
             self.heard[frontend] = now
             self.pings[frontend] = PhiAccrualDetector(self.settings, now)
 

@@ -21,8 +21,8 @@ closed, only told to drop the requests moved away meanwhile. A check that itself
 (the event loop was starved, or the router stopped: SIGSTOP, a paused VM) judges nobody:
 heartbeats may be sitting unread. After such a pause the workers most likely stopped too and
 may run again a while after the router does, so each worker's silence counts from the end of
-the pause, and until it is heard again it is a verdict only once it has lasted as long as the
-pause did (at most the detector's ceiling).
+the pause, and no silence is a verdict for as long again as the pause lasted (at most the
+detector's ceiling; a heartbeat read just after the pause may have been sent before it).
 Owns the verdicts and the handle's liveness fields; what happens to a lost worker's requests
 belongs to the router (`main.py`) and `migration.py`.
 """
@@ -82,6 +82,7 @@ class Liveness:
         self.clock = clock
         self._last_check: float | None = None
         self.paused_s = 0.0  # how late the last check ran (0: on time)
+        self.quiet_until = 0.0  # no hang verdict before this (a pause of the router's own)
 
     def watch(self, worker: WorkerHandle) -> None:
         """A worker was admitted: its silence counts from now."""
@@ -92,7 +93,6 @@ class Liveness:
     def on_heartbeat(self, worker: WorkerHandle, hb: Heartbeat) -> bool:
         """Note a heartbeat; True when it brings a suspect back (SUSPECT → ALIVE)."""
         now = worker.last_heartbeat = self.clock()
-        worker.unheard_s = 0.0
         if worker.detector is not None:
             worker.detector.heartbeat(now, hb.loop_lag_s)
         if hb.steps != worker.last_steps or not worker.inflight:
@@ -125,20 +125,20 @@ class Liveness:
 
     def forgive_pause(self, workers: list[WorkerHandle]) -> None:
         """The last check ran `paused_s` late: no silence meanwhile counts (nor is it learnt as
-        the workers' rhythm), and until heard again each may stay silent as long again."""
+        the workers' rhythm), and none is a hang for as long again."""
         now = self.clock()
-        grace = min(self.paused_s, self.detector.ceiling_s)
+        self.quiet_until = max(self.quiet_until,
+                               now + min(self.paused_s, self.detector.ceiling_s))
         for worker in workers:
             worker.last_heartbeat = worker.last_progress = now
             worker.detector = PhiAccrualDetector(self.detector, now)
-            worker.unheard_s = max(worker.unheard_s, grace)
 
     def silent_too_long(self, worker: WorkerHandle, now: float) -> bool:
         """Whether `worker`'s silence is suspicious (a hang verdict)."""
         if worker.detector is None:  # never watched: judged from its handle's creation
             worker.detector = PhiAccrualDetector(self.detector, worker.last_heartbeat)
-        if now - worker.detector.last_heartbeat <= worker.unheard_s:
-            return False  # not heard since this router's pause, and silent no longer than it
+        if now <= self.quiet_until:
+            return False  # just back from a pause of this router's own
         return worker.detector.suspicious(now)
 
     def holds(self, entry: RoutedRequest) -> bool:

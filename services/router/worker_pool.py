@@ -45,7 +45,6 @@ class WorkerHandle:
         "socket",
         "suspect",
         "synced",
-        "unheard_s",
         "usage",
     )
 
@@ -66,8 +65,6 @@ class WorkerHandle:
         self.last_steps = -1
         self.last_progress = self.last_heartbeat  # when `steps` last moved
         self.detector: PhiAccrualDetector | None = None  # judges its silence (liveness)
-        # Not heard from since this router's own pause: the silence it is allowed (0: none).
-        self.unheard_s = 0.0
         self.alive = True
         self.routable = True  # False once it left discovery (draining) or died
         self.draining = False  # it said so in a heartbeat

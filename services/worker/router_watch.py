@@ -5,7 +5,8 @@ not say which peer's connection dropped, so a router that pinged and has been si
 `timeout_s` is gone (killed or hung): the requests it sent are cancelled (with an error frame to
 it, should it only have been slow: it then migrates them), instead of generating for nobody.
 After a pause of the worker's own the routers most likely stopped too, and may run again a
-while after it does: until each is heard again, its silence must also outlast that pause.
+while after it does: none is lost for as long again as the pause lasted (a ping read just after
+the pause may have been sent before it).
 
 When a router is lost, its frontends resume each stream through another router, which usually
 places it back here (`previous_worker`). If the request is still running here, the new router
@@ -46,8 +47,7 @@ class RouterWatch:
         self.timeout_s = timeout_s
         self.clock = clock
         self.heard: dict[bytes, float] = {}  # identity of a router that pings → last frame
-        # Not heard from since this worker's own pause → the silence it is allowed beyond.
-        self.unheard: dict[bytes, float] = {}
+        self._quiet_until = 0.0  # no router lost before this (a pause of this worker's own)
         self.generated: dict[str, list[int]] = {}  # request id → every token generated so far
         # Router identity → its streams that ended since its last ping, by request id.
         self.ended: dict[bytes, dict[str, _Ended]] = {}
@@ -58,7 +58,6 @@ class RouterWatch:
 
     def on_ping(self, ident: bytes) -> None:
         now = self.heard[ident] = self.clock()
-        self.unheard.pop(ident, None)
         previous = self._pinged.get(ident)
         self._pinged[ident] = now
         if self.ended and previous is not None:
@@ -76,17 +75,15 @@ class RouterWatch:
     def on_frame(self, ident: bytes) -> None:
         if ident in self.heard:
             self.heard[ident] = self.clock()
-            self.unheard.pop(ident, None)
 
     def lost(self) -> list[bytes]:
         """Routers silent past the timeout, forgotten as they are returned (call it only when
         this worker itself ran on time)."""
         now = self.clock()
-        gone = [i for i, t in self.heard.items()
-                if now - t > max(self.timeout_s, self.unheard.get(i, 0.0))]
+        gone = [] if now <= self._quiet_until else \
+            [i for i, t in self.heard.items() if now - t > self.timeout_s]
         for ident in gone:
             del self.heard[ident]
-            self.unheard.pop(ident, None)
             self._pinged.pop(ident, None)
             if ident in self.ended:
                 self._lost_at[ident] = now
@@ -98,13 +95,12 @@ class RouterWatch:
         return gone
 
     def pause(self, paused_s: float = 0.0) -> None:
-        """This worker did not run for `paused_s`: nobody's silence meanwhile counts, and until
-        heard again a router may stay silent that long (at most 10 timeouts)."""
+        """This worker did not run for `paused_s`: nobody's silence meanwhile counts, and none
+        is lost for as long again (at most 10 timeouts)."""
         now = self.clock()
-        grace = min(paused_s, 10 * self.timeout_s)
+        self._quiet_until = max(self._quiet_until, now + min(paused_s, 10 * self.timeout_s))
         for ident in self.heard:
             self.heard[ident] = now
-            self.unheard[ident] = max(grace, self.unheard.get(ident, 0.0))
 
     # -- token history, handover and replay ----------------------------------------------------
 

@@ -88,21 +88,21 @@ def paused_with(clock: FakeClock, live: Liveness, workers: list[WorkerHandle],
     live.forgive_pause(workers)
 
 
-def test_after_its_own_pause_the_router_gives_each_worker_as_long_to_be_heard() -> None:
-    """A whole host paused 5 s and the router runs again first: a worker still silent 1 s
-    later is no hang (it most likely stopped too, and a busy host runs it later); one heard
-    again is judged as ever; one never heard again is hung once silent as long as the pause."""
+def test_after_its_own_pause_the_router_takes_no_worker_for_hung_for_as_long_again() -> None:
+    """A whole host paused 5 s and the router runs again first, its workers some moments
+    later: none is hung for 5 s, not even one whose heartbeat was read just after the pause
+    (it may have been sent before it); then silence is a verdict as ever."""
     clock = FakeClock()
     live = Liveness(PERIOD, 3, 0.0, clock)
-    slow, dead = worker("slow"), worker("dead")
-    paused_with(clock, live, [slow, dead], 5.0)
+    queued, dead = worker("queued"), worker("dead")
+    paused_with(clock, live, [queued, dead], 5.0)
     woke = clock.now
-    clock.advance(1.0)
-    assert live.verdicts([slow, dead]) == []
-    beat(live, slow, 2)
-    assert 0.3 < hang_after(clock, live, slow) <= 0.5
+    beat(live, queued, 1)
+    clock.advance(4.95)
+    assert live.verdicts([queued, dead]) == []
     hang_after(clock, live, dead)
     assert 5.0 < clock.now - woke <= 5.0 + PERIOD
+    assert live.verdicts([queued]) == [(queued, CAUSE_HANG)]
 
 
 def test_a_router_that_ran_a_little_late_still_finds_a_hung_worker_fast() -> None:
