@@ -81,13 +81,15 @@ def profile(*flags: str) -> subprocess.CompletedProcess[str]:
 def test_a_real_sweep_of_a_mocker_worker_writes_a_file_the_planner_reads(
         tmp_path: Path) -> None:
     out = tmp_path / "mocker.json"
-    run = profile("--output", str(out), "--speedup-ratio", "0", "--prompt-lengths", "64,1024",
-                  "--batch-sizes", "1,8", "--decode-tokens", "6", "--num-blocks", "2048")
+    # Three prompt lengths: the prefill fit needs three distinct prefill sizes, and on a busy
+    # host a batch's prompts may each be prefilled alone (at speed-up 0 a step takes no time).
+    run = profile("--output", str(out), "--speedup-ratio", "0", "--prompt-lengths",
+                  "64,256,1024", "--batch-sizes", "1,8", "--decode-tokens", "6",
+                  "--num-blocks", "2048")
     assert run.returncode == 0, run.stderr[-3000:]
     progress = [line for line in run.stderr.splitlines() if line.startswith("turnout profile: [")]
     assert [line.split("]")[0] for line in progress] == [
-        "turnout profile: [1/4", "turnout profile: [2/4", "turnout profile: [3/4",
-        "turnout profile: [4/4"]
+        f"turnout profile: [{i}/6" for i in range(1, 7)]
     assert "prompt 1024 x batch 8" in progress[-1]
     doc = json.loads(out.read_text())
     assert doc["kv_total_blocks"] == 2048 and doc["block_size"] == 64
