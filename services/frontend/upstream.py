@@ -14,6 +14,7 @@ import zmq
 from prometheus_client import CollectorRegistry
 
 from common.discovery import Discovery
+from common.failure_detector import DetectorSettings, PhiAccrualDetector
 from common.malformed import MALFORMED, MalformedFrames
 from common.messages import (
     FINISH_ERROR,
@@ -38,7 +39,6 @@ from common.monitored_dealer import MonitoredDealer
 from common.transport import destroy_context, trusted_peer
 from services.frontend.stream_resume import OpenStream
 from services.frontend.upstream_metrics import UpstreamMetrics
-from services.router.failure_detector import DetectorSettings, PhiAccrualDetector
 
 log = logging.getLogger(__name__)
 

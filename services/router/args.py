@@ -7,7 +7,7 @@ import math
 
 from common.block_hash import DEFAULT_SEED
 from common.config import ProcessConfig, opt, require
-from services.router.failure_detector import DetectorSettings
+from common.failure_detector import DetectorSettings
 
 ROUTER_MODES = ["kv", "round-robin", "random", "least-loaded", "direct"]
 

@@ -6,8 +6,8 @@ ROUTER socket does not say which peer's connection dropped, so a frontend that p
 been silent `timeout_s` is gone (SIGKILL, a lost host, a hang): its clients' streams ended with
 it, and its requests are cancelled on the workers rather than left to run to completion. "Has
 been silent" is judged as for workers, by a phi-accrual detector per frontend
-(`failure_detector.py`): pings that came regularly make a short silence damning (~0.4 s), a
-frontend whose pings have been irregular (a busy host) gets the slack it has shown, and
+(`common/failure_detector.py`): pings that came regularly make a short silence damning (~0.4
+s), a frontend whose pings have been irregular (a busy host) gets the slack it has shown, and
 `timeout_s` of silence is a verdict whatever the history.
 
 After a pause of the router's own (a late check: SIGSTOP, a paused VM, a starved host) the
@@ -27,9 +27,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
+from common.failure_detector import DetectorSettings, PhiAccrualDetector
 from common.messages import KIND_PING, KIND_PONG
 from services.router.accounting import Accounting
-from services.router.failure_detector import DetectorSettings, PhiAccrualDetector
 from services.router.parking import ParkingLot
 from services.router.streams import FrameSender
 

@@ -8,12 +8,12 @@ back, as a state machine per worker driven by an injectable clock.
     SUSPECT ──heartbeat showing progress (or no work)──▶ ALIVE   (re-admitted after a resync)
     SUSPECT ──connection dropped──▶ DEAD
 
-Silence is judged by a `PhiAccrualDetector` per worker (`failure_detector.py`): it learns how
-irregular the worker's heartbeats are and hears the worker's own word on how late its event loop
-ran, so a worker starved on a busy host is not taken for a hung one, while a frozen worker on a
-quiet host is still suspected within half a second. Never before `missed_heartbeats` periods
-of silence: the old fixed rule is the floor. A hang suspect's requests whose prefill is long
-(`long_prefill_tokens` still to compute) are held on it until the detector convicts: moving
+Silence is judged by a `PhiAccrualDetector` per worker (`common/failure_detector.py`): it learns
+how irregular the worker's heartbeats are and hears the worker's own word on how late its event
+loop ran, so a worker starved on a busy host is not taken for a hung one, while a frozen worker
+on a quiet host is still suspected within half a second. Never before `missed_heartbeats`
+periods of silence: the old fixed rule is the floor. A hang suspect's requests whose prefill is
+long (`long_prefill_tokens` still to compute) are held on it until the detector convicts: moving
 them redoes the whole prefill elsewhere, which a false suspicion must not cost.
 
 A suspect's connection is still open: it may be a false alarm (a starved host), so it is not
@@ -32,9 +32,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from common.failure_detector import DetectorSettings, PhiAccrualDetector
 from common.messages import Heartbeat
 from services.router.accounting import RoutedRequest
-from services.router.failure_detector import DetectorSettings, PhiAccrualDetector
 from services.router.worker_pool import WorkerHandle
 
 CAUSE_CRASH = "crash"

@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 import zmq
 
+from common.failure_detector import PhiAccrualDetector
 from common.loop_socket import MessageHandler
 from common.messages import MODE_AGGREGATED, MODE_ENCODE, Instance, LoadReport
 from common.monitored_dealer import MonitoredDealer
-from services.router.failure_detector import PhiAccrualDetector
 from services.router.worker_usage import WorkerUsage
 
 

@@ -10,7 +10,7 @@ import statistics
 
 import pytest
 
-from services.router.failure_detector import (
+from common.failure_detector import (
     DetectorSettings,
     HeartbeatHistory,
     PhiAccrualDetector,

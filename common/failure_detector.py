@@ -1,4 +1,6 @@
-"""Phi-accrual failure detection: is a worker's silence still what a live worker does?
+"""Phi-accrual failure detection: is a peer's silence still what a live peer does?
+
+Routers judge their workers and frontends with it, frontends their routers.
 
 The idea of Hayashibara et al. ("The phi accrual failure detector", 2004), as Cassandra and
 Akka use it: keep a bounded window of a worker's heartbeat inter-arrival times, model the next
