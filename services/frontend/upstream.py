@@ -36,6 +36,7 @@ from common.messages import (
     token_batch_decoder,
 )
 from common.monitored_dealer import MonitoredDealer
+from common.pause_grace import PauseGrace
 from common.transport import destroy_context, trusted_peer
 from services.frontend.stream_resume import OpenStream
 from services.frontend.upstream_metrics import UpstreamMetrics
@@ -161,7 +162,7 @@ class RouterClient:
         self.heartbeat_s = heartbeat_s
         self.silence_s = heartbeat_s * missed_heartbeats
         self.detector_settings = DetectorSettings.for_heartbeats(heartbeat_s, missed_heartbeats)
-        self._quiet_until = 0.0  # no router judged hung before this (a pause of our own)
+        self.grace = PauseGrace(self.detector_settings.ceiling_s)  # after a pause of our own
         self._tasks: list[asyncio.Task[None]] = []
         # Derived from discovery on every change, not per request.
         self._models: list[str] = []
@@ -346,7 +347,7 @@ class RouterClient:
                     link.socket.send_multipart([KIND_PING, b""])
                 silent = now - link.heard_at
                 if on_time and link.up and link.pongs is not None and silent > self.silence_s \
-                        and link.pongs.suspicious(now) and now > self._quiet_until:
+                        and link.pongs.suspicious(now) and self.grace.judging(now):
                     link.up = False
                     link.hung = True
                     self.metrics.detection.observe(silent)
@@ -361,8 +362,7 @@ class RouterClient:
         routers most likely stopped with it and may run again a while after it does (a busy
         host): none is judged hung for as long again as the pause lasted (at most the
         detector's ceiling). A pong read just after the pause may have been sent before it."""
-        self._quiet_until = max(self._quiet_until,
-                                now + min(paused, self.detector_settings.ceiling_s))
+        self.grace.paused(now, paused)
         for link in self.routers.values():
             link.heard_at = now
             if link.pongs is not None:

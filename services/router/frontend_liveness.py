@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 
 from common.failure_detector import DetectorSettings, PhiAccrualDetector
 from common.messages import KIND_PING, KIND_PONG
+from common.pause_grace import PauseGrace
 from services.router.accounting import Accounting
 from services.router.parking import ParkingLot
 from services.router.streams import FrameSender
@@ -42,8 +43,7 @@ class FrontendLiveness:
         self.clock = clock
         self.heard: dict[bytes, float] = {}  # frontend identity → when it last sent anything
         self.pings: dict[bytes, PhiAccrualDetector] = {}  # ... and its pings' regularity
-        self._checked: float | None = None  # when this router last judged (or paused)
-        self._quiet_until = 0.0  # no verdict before this (a pause of this router's own)
+        self.grace = PauseGrace(self.settings.ceiling_s)  # after a pause of this router's own
 
     def on_ping(self, frontend: bytes, pong: bytes = b"") -> None:
         """Answer with a pong carrying `pong` (`Placements`, or nothing)."""
@@ -63,8 +63,8 @@ class FrontendLiveness:
     def lost(self) -> list[bytes]:
         """Frontends whose silence is a verdict, forgotten as they are returned (call it only
         on checks that ran on time: a router that did not run heard nobody)."""
-        now = self._checked = self.clock()
-        if now <= self._quiet_until:
+        now = self.clock()
+        if not self.grace.judging(now):
             return []
         gone = [f for f, d in self.pings.items()
                 if d.suspicious(now) and now - self.heard[f] > self.settings.floor_s]
@@ -79,14 +79,12 @@ class FrontendLiveness:
         ids = [rid for rid, e in accounting.requests.items() if e.frontend == frontend]
         return ids + [rid for rid, p in parking.requests.items() if p.frontend == frontend]
 
-    def pause(self) -> None:
-        """This router did not run for a while (a late check): nobody's silence counts (the
+    def pause(self, paused_s: float) -> None:
+        """This router did not run for `paused_s` (a late check): nobody's silence counts (the
         pings queued meanwhile arrive at once, and are not learnt as the frontends' rhythm), and
         none is judged for as long again as the pause lasted."""
         now = self.clock()
-        paused = now - self._checked if self._checked is not None else 0.0
-        self._checked = now
-        self._quiet_until = max(self._quiet_until, now + min(paused, self.settings.ceiling_s))
+        self.grace.paused(now, paused_s)
         for frontend in self.heard:
             self.heard[frontend] = now
             self.pings[frontend] = PhiAccrualDetector(self.settings, now)

@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 from common.failure_detector import DetectorSettings, PhiAccrualDetector
 from common.messages import Heartbeat
+from common.pause_grace import PauseGrace
 from services.router.accounting import RoutedRequest
 from services.router.worker_pool import WorkerHandle
 
@@ -82,7 +83,7 @@ class Liveness:
         self.clock = clock
         self._last_check: float | None = None
         self.paused_s = 0.0  # how late the last check ran (0: on time)
-        self.quiet_until = 0.0  # no hang verdict before this (a pause of the router's own)
+        self.grace = PauseGrace(self.detector.ceiling_s)  # after a pause of the router's own
 
     def watch(self, worker: WorkerHandle) -> None:
         """A worker was admitted: its silence counts from now."""
@@ -127,8 +128,7 @@ class Liveness:
         """The last check ran `paused_s` late: no silence meanwhile counts (nor is it learnt as
         the workers' rhythm), and none is a hang for as long again."""
         now = self.clock()
-        self.quiet_until = max(self.quiet_until,
-                               now + min(self.paused_s, self.detector.ceiling_s))
+        self.grace.paused(now, self.paused_s)
         for worker in workers:
             worker.last_heartbeat = worker.last_progress = now
             worker.detector = PhiAccrualDetector(self.detector, now)
@@ -137,7 +137,7 @@ class Liveness:
         """Whether `worker`'s silence is suspicious (a hang verdict)."""
         if worker.detector is None:  # never watched: judged from its handle's creation
             worker.detector = PhiAccrualDetector(self.detector, worker.last_heartbeat)
-        if now <= self.quiet_until:
+        if not self.grace.judging(now):
             return False  # just back from a pause of this router's own
         return worker.detector.suspicious(now)
 

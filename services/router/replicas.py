@@ -85,12 +85,13 @@ class Replicas:
             self.handback.give_back(frontend, [request.request_id])
         return self.handback.active
 
-    def check(self, on_time: bool) -> None:
-        """Every half heartbeat period: ping the workers; on a check that ran on time, publish
-        our usage snapshot, expire silent peers, cancel gone frontends' requests."""
+    def check(self, paused_s: float) -> None:
+        """Every half heartbeat period: ping the workers; on a check that ran on time
+        (`paused_s` 0: else it ran that late), publish our usage snapshot, expire silent peers,
+        cancel gone frontends' requests."""
         ping_workers(w.socket for w in self.pool.workers.values())
-        if not on_time:
-            self.frontends.pause()
+        if paused_s:
+            self.frontends.pause(paused_s)
             return
         self.sync.publish_snapshot()
         self.sync.expire()

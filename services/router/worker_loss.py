@@ -63,7 +63,7 @@ class WorkerLoss:
         self.selector.note_serving()
         if self.streams.waiting:
             self.streams.retry()
-        self.replicas.check(on_time)
+        self.replicas.check(self.liveness.paused_s)
         if not on_time:
             self.liveness.forgive_pause(list(self.pool.workers.values()))
             return

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.messages import GenerateRequest, TokenChunk
+from common.pause_grace import PauseGrace
 
 
 @dataclass(slots=True)
@@ -47,7 +48,7 @@ class RouterWatch:
         self.timeout_s = timeout_s
         self.clock = clock
         self.heard: dict[bytes, float] = {}  # identity of a router that pings → last frame
-        self._quiet_until = 0.0  # no router lost before this (a pause of this worker's own)
+        self.grace = PauseGrace(10 * timeout_s)  # after a pause of this worker's own
         self.generated: dict[str, list[int]] = {}  # request id → every token generated so far
         # Router identity → its streams that ended since its last ping, by request id.
         self.ended: dict[bytes, dict[str, _Ended]] = {}
@@ -80,8 +81,8 @@ class RouterWatch:
         """Routers silent past the timeout, forgotten as they are returned (call it only when
         this worker itself ran on time)."""
         now = self.clock()
-        gone = [] if now <= self._quiet_until else \
-            [i for i, t in self.heard.items() if now - t > self.timeout_s]
+        gone = [i for i, t in self.heard.items() if now - t > self.timeout_s] \
+            if self.grace.judging(now) else []
         for ident in gone:
             del self.heard[ident]
             self._pinged.pop(ident, None)
@@ -98,7 +99,7 @@ class RouterWatch:
         """This worker did not run for `paused_s`: nobody's silence meanwhile counts, and none
         is lost for as long again (at most 10 timeouts)."""
         now = self.clock()
-        self._quiet_until = max(self._quiet_until, now + min(paused_s, 10 * self.timeout_s))
+        self.grace.paused(now, paused_s)
         for ident in self.heard:
             self.heard[ident] = now
 

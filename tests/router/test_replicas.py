@@ -73,7 +73,7 @@ def test_a_router_that_did_not_run_judges_nobody() -> None:
     live = FrontendLiveness(FakeSocket(), 0.1, 3, timeout_s=3.0, clock=clock)
     live.on_ping(b"fe1")
     clock.advance(5)  # this router was frozen
-    live.pause()
+    live.pause(5)
     assert live.lost() == []
 
 
@@ -90,7 +90,7 @@ def test_after_its_own_pause_a_router_judges_no_frontend_for_as_long_again() -> 
         clock.advance(0.1)
     assert live.lost() == []
     clock.advance(5)  # this router was frozen
-    live.pause()
+    live.pause(5)
     live.on_ping(b"queued")
     clock.advance(2.9)
     assert live.lost() == []
@@ -106,7 +106,7 @@ def test_a_router_that_ran_a_little_late_still_convicts_a_dead_frontend_fast() -
     pinged(live, clock, b"fe", 50, 0.1)
     assert live.lost() == []
     clock.advance(0.25)
-    live.pause()
+    live.pause(0.25)
     clock.advance(0.6)
     assert live.lost() == [b"fe"]
 
