@@ -118,6 +118,11 @@ class GenerateRequest(Wire):
     # yet): a router still running it takes it over, any other places it. Last: a field added
     # to a positional struct goes at the end, so a peer a release behind still reads the rest.
     resumed: bool = False
+    # A router's number for a resumed request, on every run of it that router sends (0: none);
+    # the worker puts it on every chunk of the run (`TokenChunk.run`): an earlier run there
+    # that the router cancelled may still have chunks on their way, a finish among them. A
+    # worker says it does so with `chunk_runs` in its discovery metadata.
+    run: int = 0
 
 
 class Cancel(Wire):
@@ -156,6 +161,9 @@ class TokenChunk(Wire):
     # tokens its stream already has: an earlier run of the request that it cancelled on the
     # same worker may still have chunks on their way when the stream comes back to it.
     offset: int = -1
+    # The `GenerateRequest.run` of the run that made it: a router drops (non-error) chunks of
+    # any other run of the stream on that worker.
+    run: int = 0
 
 
 class TokenBatch(Wire):

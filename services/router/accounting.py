@@ -52,11 +52,12 @@ class RoutedRequest:
     def continuation(self, phase: str = "", kv_transfer_params: bytes = b"") -> GenerateRequest:
         """The request that continues this stream on another worker: the same id, prompt,
         images (an engine recomputing the prompt needs them, and a prefix cache keyed by them
-        hits only with them) and sampling, after every token generated so far."""
+        hits only with them) and sampling, after every token generated so far; its run number
+        too (every run of a resumed request carries the one this router gave it)."""
         r = self.request
         return GenerateRequest(r.request_id, r.model, r.token_ids, r.sampling, None,
                                list(self.generated), [], phase, kv_transfer_params,
-                               images=r.images)
+                               images=r.images, run=r.run)
 
 
 class Accounting:

@@ -143,6 +143,11 @@ class RouterMetrics:
             "Tokens a worker sent that their stream already had, dropped: an earlier run of "
             "the request that this router cancelled on that worker (it took the frontend for "
             "gone), still on its way when the stream came back here", registry=r)
+        self.stale_chunks = Counter(
+            "turnout_router_stale_chunks_dropped",
+            "Chunks of an earlier run of a resumed request on the worker it went back to (a run "
+            "this router cancelled there), dropped whole: their tokens, or a finish that would "
+            "have ended the stream", registry=r)
         self.placements_announced = Counter(
             "turnout_router_placements_announced",
             "Placements named to frontends on pongs before any token named the worker (a "

@@ -7,6 +7,7 @@ happen there too.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
@@ -64,6 +65,7 @@ class Streams:
         self.clock = clock
         self.disagg: Disaggregation | None = None  # prefill/decode placement and hand-offs
         self.encoding: EncodeRouting | None = None  # images through encode workers first
+        self._runs = itertools.count(1)  # run numbers of resumed requests (`GenerateRequest.run`)
         # Timers on the router's loop (None: no loop runs, as in unit tests: no timers).
         self.call_later: Callable[[float, Callable[[], None]], object] | None = None
 
@@ -101,6 +103,11 @@ class Streams:
             self.metrics.requests.labels("rejected").inc()
             self.reply_error(frontend, rid, exc.code, str(exc))
             return
+        if request.resumed and placement is None:
+            # This router may have cancelled an earlier run of it there (it took the frontend
+            # for gone) whose chunks are still on their way: its runs from now on are told apart.
+            request = msgspec.structs.replace(request, run=next(self._runs))
+            payload = encoder.encode(request)
         entry = RoutedRequest(request, frontend)
         if placement is not None and placement.payload is not None:
             entry.disagg = placement.state
@@ -212,6 +219,10 @@ class Streams:
             entry = self.accounting.get(chunk.request_id)
             if entry is None or entry.worker is not worker:
                 continue  # cancelled, or a late chunk from before a migration
+            if chunk.run != entry.request.run and not chunk.error_code and worker.stamps_runs:
+                self.metrics.stale_chunks.inc()  # another run of it there, cancelled, late
+                self.metrics.stale_tokens.inc(len(chunk.token_ids))
+                continue
             if 0 <= chunk.offset < len(entry.generated):
                 # Tokens the stream has: an earlier run here that this router cancelled (it
                 # took the frontend for gone), still on its way when the stream came back.

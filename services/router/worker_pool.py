@@ -93,6 +93,11 @@ class WorkerHandle:
         return str(self.instance.metadata.get("mode") or MODE_AGGREGATED)
 
     @property
+    def stamps_runs(self) -> bool:
+        """Whether it puts a request's `run` on its chunks (a release before that does not)."""
+        return bool(self.instance.metadata.get("chunk_runs"))
+
+    @property
     def started(self) -> float:
         return float(self.instance.metadata.get("started", 0.0))
 

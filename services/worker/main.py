@@ -24,6 +24,7 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
+import msgspec
 import zmq
 
 from common.block_hash import block_hashes
@@ -205,7 +206,7 @@ class Worker:
             return None
         self._prefilled[rid] = (ident, prefilled[1])
         self.leases.hold(rid, (request.lease_ms or self.config.kv_lease_ms) / 1000)
-        return prefilled[1]
+        return msgspec.structs.replace(prefilled[1], run=request.run)
 
     def _release(self, request_id: str) -> None:
         """A decode phase has its KV (or is over): the prefill side may free it."""
@@ -327,7 +328,8 @@ class Worker:
                 self.metrics.handovers.inc()
                 if tokens:
                     self._send(ident, TokenBatch([TokenChunk(
-                        request.request_id, tokens, offset=len(request.generated_token_ids))]))
+                        request.request_id, tokens, offset=len(request.generated_token_ids),
+                        run=request.run)]))
                 return
             self.engine.abort(request.request_id)
         self.destinations[request.request_id] = ident
@@ -535,7 +537,7 @@ class Worker:
             id=self.worker_id, role=ROLE_WORKER, model=self.model,
             endpoints={"request": self.request_endpoint, "events": self.publisher.endpoint,
                        "metrics": f"http://{host}:{self.metrics_port}/metrics"},
-            metadata={"mode": self.config.worker_mode or MODE_AGGREGATED,
+            metadata={"mode": self.config.worker_mode or MODE_AGGREGATED, "chunk_runs": True,
                       "engine": self.config.engine, "block_size": self.engine.block_size,
                       "max_model_len": self.engine.max_model_len, "pid": os.getpid(),
                       "started": self.started, **self.engine.discovery_metadata(),

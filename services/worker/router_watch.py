@@ -50,6 +50,7 @@ class RouterWatch:
         self.heard: dict[bytes, float] = {}  # identity of a router that pings → last frame
         self.grace = PauseGrace(10 * timeout_s)  # after a pause of this worker's own
         self.generated: dict[str, list[int]] = {}  # request id → every token generated so far
+        self.runs: dict[str, int] = {}  # request id → its router's run number (when not 0)
         # Router identity → its streams that ended since its last ping, by request id.
         self.ended: dict[bytes, dict[str, _Ended]] = {}
         self._lost_at: dict[bytes, float] = {}  # lost routers with streams that ended → when
@@ -107,13 +108,22 @@ class RouterWatch:
 
     def admitted(self, request: GenerateRequest) -> None:
         self.generated[request.request_id] = list(request.generated_token_ids)
+        self._run(request)
+
+    def _run(self, request: GenerateRequest) -> None:
+        if request.run:
+            self.runs[request.request_id] = request.run
+        elif self.runs:
+            self.runs.pop(request.request_id, None)
 
     def on_chunk(self, chunk: TokenChunk) -> None:
-        """A chunk before the last one (`finished` takes that), its `offset` set."""
+        """A chunk before the last one (`finished` takes that), its `offset` and `run` set."""
         history = self.generated.get(chunk.request_id)
         if history is not None:
             chunk.offset = len(history)
             history.extend(chunk.token_ids)
+            if self.runs:
+                chunk.run = self.runs.get(chunk.request_id, 0)
 
     def finished(self, chunk: TokenChunk, router: bytes | None, replayable: bool) -> None:
         """The last chunk of a request from `router` (None: it was cancelled meanwhile), its
@@ -122,6 +132,8 @@ class RouterWatch:
         history = self.generated.pop(chunk.request_id, None)
         if history is not None:
             chunk.offset = len(history)
+            if self.runs:
+                chunk.run = self.runs.pop(chunk.request_id, 0)
         if history is None or router is None or not replayable or chunk.error_code \
                 or router not in self.heard:
             return
@@ -133,6 +145,7 @@ class RouterWatch:
 
     def forget(self, request_id: str) -> None:
         self.generated.pop(request_id, None)
+        self.runs.pop(request_id, None)
 
     def handover(self, request: GenerateRequest) -> list[int] | None:
         """`request` resumes a stream this worker is running: the tokens the new router must be
@@ -142,6 +155,7 @@ class RouterWatch:
         have = request.generated_token_ids
         if history is None or len(have) > len(history) or history[:len(have)] != have:
             return None
+        self._run(request)  # its chunks are the new router's run from now on
         return history[len(have):]
 
     def replay(self, request: GenerateRequest) -> TokenChunk | None:
@@ -160,4 +174,4 @@ class RouterWatch:
         if len(have) > len(ended.tokens) or ended.tokens[:len(have)] != have:
             return None
         return TokenChunk(request.request_id, ended.tokens[len(have):], ended.finish_reason,
-                          offset=len(have))
+                          offset=len(have), run=request.run)

@@ -304,6 +304,48 @@ def test_a_stream_back_where_this_router_cancelled_it_drops_the_old_runs_late_to
     assert wiring.metrics.stale_tokens._value.get() == 1
 
 
+def test_a_stream_back_where_this_router_cancelled_it_hears_only_its_new_run() -> None:
+    """As above, with a worker that stamps runs: the resumed request gets a run number, and
+    every chunk of the old run is dropped, its finish included (it would have ended the stream
+    there, with the new run going on for nobody); an error ends it whatever its run."""
+    a, b = worker("a"), worker("b")
+    b.instance.metadata["chunk_runs"] = True
+    wiring = Wiring(RoundRobin(), a, b)
+    first = request("r1", target="b")
+    wiring.streams.on_generate(b"fe", first, encoder.encode(first))
+    assert generate_decoder.decode(sent(b)[-1][1]).run == 0  # a first run needs no number
+    wiring.streams.on_batch(b, [TokenChunk("r1", [7], num_prompt_tokens=8, offset=0)])
+    wiring.streams.on_cancel("r1")
+    resumed = msgspec.structs.replace(request("r1"), generated_token_ids=[7],
+                                      previous_worker="b", resumed=True)
+    wiring.streams.on_generate(b"fe", resumed, encoder.encode(resumed))
+    run = generate_decoder.decode(sent(b)[-1][1]).run
+    assert run > 0
+    late = [TokenChunk("r1", [5], offset=1), TokenChunk("r1", [6], "stop", offset=2)]
+    wiring.streams.on_batch(b, late)  # the old run's, sampled otherwise, and its finish
+    wiring.streams.on_batch(b, [TokenChunk("r1", [8], num_prompt_tokens=9, offset=1, run=run)])
+    wiring.streams.on_batch(b, [TokenChunk("r1", [9], offset=2, run=run)])
+    relayed = [token_batch_decoder.decode(f[2]).chunks for f in wiring.frontends.sent]
+    assert [t for chunks in relayed for c in chunks for t in c.token_ids] == [7, 8, 9]
+    entry = wiring.accounting.get("r1")
+    assert entry is not None and entry.generated == [7, 8, 9]  # still running
+    assert wiring.metrics.stale_chunks._value.get() == 2
+    assert wiring.metrics.stale_tokens._value.get() == 2
+    wiring.streams.on_batch(b, [TokenChunk("r1", [], "error", error_code=500)])
+    assert wiring.accounting.get("r1") is None
+    # Another resume, a second number, which every run of it carries; on a worker that does
+    # not stamp runs (a release behind) its chunks are not judged by it.
+    wiring.streams.on_generate(b"fe", resumed, encoder.encode(resumed))
+    again = wiring.accounting.get("r1")
+    assert again is not None and again.request.run > run
+    again.worker.alive = False  # type: ignore[union-attr]
+    wiring.migration.migrate(again, "crash")
+    assert again.worker is a
+    assert generate_decoder.decode(sent(a)[-1][1]).run == again.request.run
+    wiring.streams.on_batch(a, [TokenChunk("r1", [8], offset=1)])
+    assert again.generated == [7, 8]
+
+
 def test_a_resume_goes_back_to_its_worker_even_when_another_is_cheaper() -> None:
     """Its worker most likely still runs it (and hands it over); placed on the idle one, it
     would run twice. A worker no longer serving is not insisted on."""

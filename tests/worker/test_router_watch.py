@@ -5,6 +5,8 @@ replayed."""
 
 from __future__ import annotations
 
+import msgspec
+
 from common.messages import GenerateRequest, SamplingParams, TokenChunk
 from services.worker.router_watch import RouterWatch
 
@@ -80,6 +82,31 @@ def test_handover_sends_what_the_frontend_lacks() -> None:
     assert watch.handover(request([5])) is None  # finished: nothing to hand over
     assert watch.generated == {}
     assert watch.replay(request([5])) is None  # r1 never pinged: no router to outlive
+
+
+def test_every_chunk_of_a_numbered_run_carries_its_number() -> None:
+    """A router numbers a resumed request's run (`GenerateRequest.run`): its chunks, the
+    tokens a handover sends and a replay carry it, so the router can tell them from those of
+    an earlier run it cancelled here; a run with no number clears it."""
+    clock = Clock()
+    watch = RouterWatch(1.0, clock)
+    watch.admitted(msgspec.structs.replace(request([5]), run=3))
+    chunk, last = TokenChunk("x", [6]), TokenChunk("x", [7], finish_reason="length")
+    watch.on_chunk(chunk)
+    watch.on_ping(b"r1")
+    watch.finished(last, b"r1", replayable=True)
+    assert (chunk.run, last.run) == (3, 3) and watch.runs == {}
+    replay = watch.replay(msgspec.structs.replace(request([5]), run=4))
+    assert replay is not None and (replay.token_ids, replay.run) == ([6, 7], 4)
+    watch.admitted(msgspec.structs.replace(request([5]), run=5))
+    assert watch.handover(msgspec.structs.replace(request([5]), run=6)) == []
+    handed = TokenChunk("x", [6])
+    watch.on_chunk(handed)
+    assert handed.run == 6  # the new router's number from now on
+    watch.admitted(request([5]))  # its next run unnumbered (a migration back here)
+    unnumbered = TokenChunk("x", [6])
+    watch.on_chunk(unnumbered)
+    assert unnumbered.run == 0 and watch.runs == {}
 
 
 def ended_while(watch: RouterWatch, router: bytes, request_id: str = "x",
