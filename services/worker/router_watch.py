@@ -20,8 +20,12 @@ router's second ping after it proves the router was alive once they landed; a re
 finds them gets the tokens it lacks and the finish at once (a replay) instead of running the
 request again.
 
-Owns the per-router clocks, the token history and the handover decision. Does not own the
-sockets or the engine (`main.py`).
+Each chunk says where its tokens start in the response (`TokenChunk.offset`) and, for a
+resumed request, the run number its router gave it (`TokenChunk.run`): that router may have
+cancelled an earlier run here whose chunks are still on their way, and tells them apart.
+
+Owns the per-router clocks, the token history, the run numbers and the handover decision. Does
+not own the sockets or the engine (`main.py`).
 """
 
 from __future__ import annotations
