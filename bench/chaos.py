@@ -153,24 +153,25 @@ async def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
         dep.start_frontend()
         dep.wait_healthy(60)
         dep.wait_routable(args.prefill_workers + args.decode_workers, 60)
-        oai = openai.AsyncOpenAI(base_url=dep.url + "/v1", api_key="x", max_retries=0,
-                                 timeout=300)
-        faults: list[str] = []
+        # Closed here: left to the collector, it closes on the next seed's loop, not its own.
+        async with openai.AsyncOpenAI(base_url=dep.url + "/v1", api_key="x", max_retries=0,
+                                      timeout=300) as oai:
+            faults: list[str] = []
 
-        async def load() -> list[tuple[str, str]]:
-            tasks = []
-            for prompt in prompts:
-                tasks.append(asyncio.create_task(stream(oai, prompt, args.tokens)))
-                await asyncio.sleep(rng.expovariate(args.rate))
-            return list(await asyncio.gather(*tasks))
+            async def load() -> list[tuple[str, str]]:
+                tasks = []
+                for prompt in prompts:
+                    tasks.append(asyncio.create_task(stream(oai, prompt, args.tokens)))
+                    await asyncio.sleep(rng.expovariate(args.rate))
+                return list(await asyncio.gather(*tasks))
 
-        log(f"seed {seed}: {args.requests} streams, {args.faults} faults")
-        faults_rng = random.Random(f"faults {seed}")
-        results, _ = await asyncio.gather(load(), inject(fleet, faults_rng, args, faults))
-        dep.wait_routable(args.prefill_workers + args.decode_workers, 60)
-        log(f"seed {seed}: clean reference run")
-        reference = fleet.services["d1"].instance_id
-        clean = [await stream(oai, p, args.tokens, reference) for p in prompts]
+            log(f"seed {seed}: {args.requests} streams, {args.faults} faults")
+            faults_rng = random.Random(f"faults {seed}")
+            results, _ = await asyncio.gather(load(), inject(fleet, faults_rng, args, faults))
+            dep.wait_routable(args.prefill_workers + args.decode_workers, 60)
+            log(f"seed {seed}: clean reference run")
+            reference = fleet.services["d1"].instance_id
+            clean = [await stream(oai, p, args.tokens, reference) for p in prompts]
         failed = {i: error for i, (_, error) in enumerate(results) if error}
         pairs = zip(results, clean, strict=True)
         mismatched = [i for i, ((text, error), (want, _)) in enumerate(pairs)
