@@ -118,11 +118,11 @@ class GenerateRequest(Wire):
     # yet): a router still running it takes it over, any other places it. Last: a field added
     # to a positional struct goes at the end, so a peer a release behind still reads the rest.
     resumed: bool = False
-    # A router's number for a resumed request it places on one worker (not through
-    # disaggregation), on every run of it that router sends (0: none); the worker puts it on
-    # every chunk of the run (`TokenChunk.run`): an earlier run there that the router cancelled
-    # may still have chunks on their way, a finish among them. A worker says it does so with
-    # `chunk_runs` in its discovery metadata.
+    # A router's number for a resumed request it places, on every run of it that router sends
+    # (prefill and decode phases included; 0: none); the worker puts it on every chunk of the
+    # run (`TokenChunk.run`): an earlier run there that the router cancelled may still have
+    # chunks on their way, a finish among them. A worker says it does so with `chunk_runs` in
+    # its discovery metadata.
     run: int = 0
 
 

@@ -83,6 +83,12 @@ class Streams:
         if request.images and self.encoding is not None \
                 and self.encoding.takes(frontend, request):
             return  # placed once its embeddings are back
+        if request.resumed:
+            # This router may have cancelled an earlier run of it there (it took the frontend
+            # for gone) whose chunks are still on their way: its runs from now on are told
+            # apart. Numbered before placement, so a prefill phase's payload carries it too.
+            request = msgspec.structs.replace(request, run=next(self._runs))
+            payload = encoder.encode(request)
         try:
             placement = None
             if self.disagg is not None and self.disagg.places(request):
@@ -103,11 +109,6 @@ class Streams:
             self.metrics.requests.labels("rejected").inc()
             self.reply_error(frontend, rid, exc.code, str(exc))
             return
-        if request.resumed and placement is None:
-            # This router may have cancelled an earlier run of it there (it took the frontend
-            # for gone) whose chunks are still on their way: its runs from now on are told apart.
-            request = msgspec.structs.replace(request, run=next(self._runs))
-            payload = encoder.encode(request)
         entry = RoutedRequest(request, frontend)
         if placement is not None and placement.payload is not None:
             entry.disagg = placement.state

@@ -248,6 +248,39 @@ def test_a_resume_whose_prompt_waits_on_a_prefill_worker_goes_back_there() -> No
     assert counter(w.metrics.disagg_decisions, "local", "short_uncached") == 1
 
 
+def test_a_prompt_back_where_this_router_cancelled_its_prefill_hears_only_its_new_run() -> None:
+    """This router took a stalled frontend for gone and cancelled its prompt's prefill; the
+    frontend resumes it here, back to that prefill worker, whose cancelled run's first token
+    (sampled otherwise) and finish are still on their way. Had that one been taken for the new
+    run's, its token would have gone to the client and its KV, freed by the cancel, been handed
+    off. The prefill and decode phases carry the resume's number."""
+    p, d = role("p", MODE_PREFILL), role("d", MODE_DECODE)
+    p.instance.metadata["chunk_runs"] = d.instance.metadata["chunk_runs"] = True
+    w = wire(p, d)
+    place(w)
+    assert generate_decoder.decode(sent(p)[-1][1]).run == 0  # a first run needs no number
+    w.streams.on_cancel("r1")
+    resumed = msgspec.structs.replace(request("r1", 8), previous_worker="p", resumed=True)
+    w.streams.on_generate(b"fe", resumed, encoder.encode(resumed))
+    prefill = generate_decoder.decode(sent(p)[-1][1])
+    assert prefill.phase == PHASE_PREFILL and prefill.run > 0
+    w.streams.on_batch(p, [TokenChunk("r1", [41], FINISH_LENGTH, num_prompt_tokens=8,
+                                      offset=0)])  # the cancelled run's, late
+    assert w.frontends.sent == [] and sent(d) == []
+    w.streams.on_batch(p, [TokenChunk("r1", [42], FINISH_LENGTH, num_prompt_tokens=8,
+                                      offset=0, run=prefill.run)])
+    (_, chunks), = [frontend_chunks(f) for f in w.frontends.sent]
+    assert [c.token_ids for c in chunks] == [[42]]
+    decode = generate_decoder.decode(sent(d)[-1][1])
+    assert (decode.phase, decode.generated_token_ids, decode.run) == \
+        (PHASE_DECODE, [42], prefill.run)
+    w.streams.on_batch(d, [TokenChunk("r1", [43], FINISH_LENGTH, offset=1, run=prefill.run)])
+    assert [t for f in w.frontends.sent for c in frontend_chunks(f)[1] for t in c.token_ids] \
+        == [42, 43]
+    assert len(w.accounting) == 0
+    assert w.metrics.stale_chunks._value.get() == 1
+
+
 def test_a_lost_prefill_worker_reruns_the_prefill_on_another() -> None:
     p1, p2, d = role("p1", MODE_PREFILL), role("p2", MODE_PREFILL), role("d", MODE_DECODE)
     w = wire(p1, p2, d)
