@@ -278,8 +278,7 @@ def result_line(system: str, workload: str, result: LoadResult,
             and max(r.itl, default=0.0) <= GOOD_ITL_S]
     prompt = sum(r.prompt_tokens or 0 for r in ok)
     cached = sum(r.cached_tokens or 0 for r in ok)
-    t0 = min((r.start for r in result.records if r.start), default=0.0)
-    lag = [r.start - t0 - t.at for r, t in zip(result.records, trace, strict=True) if r.start]
+    lag = result.send_lags(trace)
     # Without each stream's first gap: what a hand-off at the first token adds to the tail.
     later = [gap for r in ok for gap in r.itl[1:]]
     line = {

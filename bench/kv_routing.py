@@ -478,8 +478,7 @@ def result_line(name: str, result: LoadResult, trace: Sequence[TraceRequest],
     cached = sum(r.cached_tokens or 0 for r in ok)
     expected = sum(row.input_length for row, r in zip(rows, result.records, strict=True) if r.ok)
     # How late the client sent each request against its schedule: the client's own health.
-    t0 = min((r.start for r in result.records if r.start), default=0.0)
-    lag = [r.start - t0 - t.at for r, t in zip(result.records, trace, strict=True) if r.start]
+    lag = result.send_lags(trace)
     system, _, mode = name.partition("-")
     line = {
         "bench": "kv_routing", "system": system, "router_mode": mode,

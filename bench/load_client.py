@@ -76,9 +76,16 @@ class LoadResult:
     records: list[RequestRecord]
     duration: float  # wall seconds from the first send to the last response
     concurrency: int | None = None  # None for open-loop runs
+    started: float = 0.0  # open loop: the schedule's origin (`time.perf_counter()`)
 
     def summary(self) -> dict[str, Any]:
         return summarize(self)
+
+    def send_lags(self, trace: Sequence[TraceRequest]) -> list[float]:
+        """Open loop: how late (seconds) each request sent went out against its schedule: the
+        client's own health (short of CPU, it sends late and every latency is suspect)."""
+        return [r.start - self.started - t.at
+                for r, t in zip(self.records, trace, strict=True) if r.start]
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -686,7 +693,7 @@ async def run_trace(base_url: str, model: str, trace: Sequence[TraceRequest], *,
     duration = time.perf_counter() - started
     for conn in idle:
         conn.close()
-    return LoadResult(records, duration, None)
+    return LoadResult(records, duration, None, started)
 
 
 def random_token_prompts(n: int, length: int, vocab_size: int, seed: int = 0,
