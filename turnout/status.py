@@ -46,6 +46,7 @@ from common.messages import (
 )
 from common.prometheus_text import Metrics
 from common.transport import destroy_context, secure_context
+from turnout.local_fleets import names_discovery, up_discovery_dirs
 
 # Steps per second are measured over the heartbeats of this last stretch of time.
 RATE_WINDOW_S = 3.0
@@ -54,7 +55,9 @@ RATE_WINDOW_S = 3.0
 @dataclasses.dataclass
 class StatusConfig:
     discovery: str = opt("file:/tmp/turnout-discovery",
-                         help="discovery backend: file:DIR, static:FILE.json or kubernetes")
+                         help="discovery backend: file:DIR, static:FILE.json or kubernetes "
+                         "(not given: the default while anything registers there, else the "
+                         "one `turnout up` deployment running on this machine)")
     lease_ttl_s: float = opt(10.0, help="discovery lease the fleet uses (records older than "
                                         "this are gone)")
     watch: bool = opt(False, help="keep listening and redraw every second until Ctrl-C")
@@ -305,9 +308,44 @@ def render(snapshot: dict[str, Any]) -> str:
 
 # -- command ---------------------------------------------------------------------------------
 
-async def run(config: StatusConfig) -> int:
-    """Print the view (or views, with --watch); the exit status."""
+async def _registered(spec: str, lease_ttl: float) -> bool:
+    """Whether anything live registers in discovery `spec` (False where it cannot be read)."""
     try:
+        discovery = open_discovery(spec, lease_ttl=lease_ttl)
+    except (OSError, ValueError):
+        return False
+    try:
+        return bool(await discovery.list())
+    finally:
+        await discovery.close()
+
+
+async def find_fleet(config: StatusConfig) -> str:
+    """The discovery to show when the command line names none: the default one while anything
+    registers there, else the one `turnout up` deployment running on this machine (each has a
+    temporary discovery of its own). ValueError when several run: which one is for the user
+    to say."""
+    if await _registered(config.discovery, config.lease_ttl_s):
+        return config.discovery
+    running = [f"file:{d}" for d in up_discovery_dirs()]
+    running = [spec for spec in running if await _registered(spec, config.lease_ttl_s)]
+    if len(running) > 1:
+        raise ValueError(f"nothing registers in {config.discovery}, and {len(running)} "
+                         f"`turnout up` deployments run on this machine: name one with "
+                         f"--discovery ({', '.join(running)})")
+    if running:
+        print(f"turnout status: nothing registers in {config.discovery}; showing the "
+              f"`turnout up` deployment at {running[0]}", file=sys.stderr)
+        return running[0]
+    return config.discovery
+
+
+async def run(config: StatusConfig, named: bool = True) -> int:
+    """Print the view (or views, with --watch); the exit status. `named`: the command line
+    named the discovery (else `find_fleet` picks it)."""
+    try:
+        if not named:
+            config = dataclasses.replace(config, discovery=await find_fleet(config))
         discovery = open_discovery(config.discovery, lease_ttl=config.lease_ttl_s)
     except ValueError as exc:
         print(f"turnout status: {exc}", file=sys.stderr)
@@ -361,7 +399,7 @@ async def _sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    config = parse(StatusConfig, list(sys.argv[1:] if argv is None else argv),
-                   prog="turnout status",
+    args = list(sys.argv[1:] if argv is None else argv)
+    config = parse(StatusConfig, args, prog="turnout status",
                    description="The fleet as the discovery and event planes see it now.")
-    sys.exit(asyncio.run(run(config)))
+    sys.exit(asyncio.run(run(config, named=names_discovery(args))))

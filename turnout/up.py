@@ -40,7 +40,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -56,6 +55,7 @@ from services.planner.args import PlannerConfig
 from services.router.args import RouterConfig
 from services.worker.args import DEFAULT_EMBEDDING_CACHE_MB, WorkerConfig
 from services.worker.engines import engine_argv, engine_config_classes, split_refusal
+from turnout.local_fleets import names_discovery, new_up_discovery
 
 
 @dataclasses.dataclass
@@ -216,10 +216,8 @@ def plan(argv: Sequence[str]) -> Plan:
     if not up.startup_timeout_s >= 0:  # NaN too
         raise SystemExit("turnout up: --startup-timeout-s must be >= 0 (0: no limit)")
     tmp: str | None = None
-    explicit = any(a == "--discovery" or a.startswith("--discovery=") for a in argv) \
-        or "TURNOUT_DISCOVERY" in os.environ
-    if not explicit:
-        tmp = tempfile.mkdtemp(prefix="turnout-up-")
+    if not names_discovery(argv):
+        tmp = new_up_discovery()
         for cfg in (frontend, router, worker, planner):
             cfg.discovery = f"file:{tmp}"
     py = [sys.executable, "-m", "turnout"]

@@ -1,12 +1,14 @@
 """`turnout up` while its workers start: dead workers stop it at once and are named with their
 exit code and last output; a slow worker that shows progress is waited for past
---startup-timeout-s; one that shows none is given up on after it.
+--startup-timeout-s; one that shows none is given up on after it. Once it is up, `turnout status`
+with no flags shows it.
 
 Real processes on 127.0.0.1; the slow worker is the mocker with `--startup-time-s`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -29,11 +31,12 @@ REPO = Path(__file__).resolve().parents[2]
 class Up:
     """One `turnout up` process; its stderr goes to a file the test reads while it runs."""
 
-    def __init__(self, tmp: Path, *args: str) -> None:
+    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.err_path = tmp / "up.err"
         self.out_path = tmp / "up.out"
-        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+        env = {**(os.environ if env is None else env), "PYTHONPATH": str(REPO),
+               "PYTHONUNBUFFERED": "1"}
         with open(self.err_path, "wb") as err, open(self.out_path, "wb") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "turnout", "up", "--port", str(self.port), *args],
@@ -148,3 +151,43 @@ def test_services_lead_their_own_process_groups_inside_ups_session(
     for child in children:
         assert os.getpgid(child.pid) == child.pid, child.cmdline()
         assert os.getsid(child.pid) == session, child.cmdline()
+
+
+def test_status_with_no_flags_shows_the_up_deployment_running_here(
+        tmp_path: Path, up_runs: list[Up]) -> None:
+    """`make up`, then `turnout status` in another terminal: up's discovery is a temporary
+    directory of its own, so status, reading the default one, showed an empty fleet. It now
+    shows the one `turnout up` deployment running on the machine, and with two asks which."""
+    temp = tmp_path / "tmp"  # the machine's temporary directory, as both commands see it
+    temp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "TURNOUT_DISCOVERY"}
+    env["TMPDIR"] = str(temp)
+
+    def status() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "turnout", "status", "--json"],
+                              capture_output=True, text=True, timeout=60, check=False,
+                              env={**env, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
+
+    runs = [tmp_path / "first", tmp_path / "second"]
+    for run in runs:
+        run.mkdir()
+    up = Up(runs[0], "--workers", "1", env=env)
+    up_runs.append(up)
+    up.wait_stdout("Turnout is up", 90)
+    (first,) = temp.glob("turnout-up-*")
+    out = status()
+    assert out.returncode == 0, out.stderr
+    assert f"showing the `turnout up` deployment at file:{first}" in out.stderr
+    view = json.loads(out.stdout)
+    assert [w["health"] for w in view["workers"]] == ["alive"], view
+    assert len(view["routers"]) == 1 and len(view["frontends"]) == 1, view
+
+    second = Up(runs[1], "--workers", "1", env=env)
+    up_runs.append(second)
+    second.wait_stdout("Turnout is up", 90)
+    out = status()
+    assert out.returncode == 2 and out.stdout == "", out
+    assert "2 `turnout up` deployments run on this machine: name one with --discovery" \
+        in out.stderr
+    for directory in temp.glob("turnout-up-*"):
+        assert f"file:{directory}" in out.stderr
