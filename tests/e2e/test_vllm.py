@@ -12,6 +12,7 @@ KV store (`--kv-store`) lets a migrated request load what its dead worker comput
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -48,7 +49,9 @@ START_TIMEOUT_S = 300
 def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     model = str(cached_tiny_model(with_weights=True))
     tmp = Path(tmp_path_factory.mktemp("vllm"))
-    with vllm_deployment(tmp, model) as d:
+    temp = tmp / "tmp"  # the services' temporary directory (test_vllm_leaves_no_loose_sockets)
+    temp.mkdir()
+    with vllm_deployment(tmp, model, env={**os.environ, "TMPDIR": str(temp)}) as d:
         # SIGKILL is caught by the dropped connection; hang verdicts are tested elsewhere
         # (test_failover, test_starvation): none before 2 s of silence here.
         d.start_router("--heartbeat-interval-ms", "500", "--missed-heartbeats", "4")
@@ -245,6 +248,19 @@ def test_cancel_mid_stream_frees_the_vllm_request(dep: Deployment) -> None:
 
 def recomputed_histogram(d: Deployment) -> Histogram:
     return d.router.metrics().histogram("turnout_router_migration_recomputed_tokens")
+
+
+def test_vllm_leaves_no_loose_sockets_in_the_temporary_directory(dep: Deployment) -> None:
+    """vLLM names its IPC sockets (its front end to its engine core) in the temporary directory
+    and leaves them behind: every start of a worker left a few there, thousands over a test
+    run. A worker's vLLM keeps them in the worker's own directory, deleted when it stops."""
+    temp = Path(dep.env["TMPDIR"])
+    assert [p.name for p in temp.iterdir() if p.is_socket()] == []
+    own = sorted(temp.glob("turnout-vllm-*"))
+    assert len(own) == 2, own  # one per worker
+    for directory in own:
+        names = {p.name for p in directory.iterdir() if p.is_socket()}
+        assert {"kv", "kv-replay"} < names, names  # vLLM's own beside its KV events'
 
 
 def test_sigkill_mid_stream_continues_with_the_same_tokens(dep: Deployment) -> None:

@@ -16,10 +16,12 @@ VLLM_LEASE_TTL_S = 10.0
 
 
 @contextlib.contextmanager
-def vllm_deployment(directory: Path, model: str) -> Iterator[Deployment]:
+def vllm_deployment(directory: Path, model: str,
+                    env: dict[str, str] | None = None) -> Iterator[Deployment]:
     """A deployment of `model` (also its `model` attribute) on vLLM's leases, stopped on the way
-    out; a failure while it starts prints the services' logs first."""
-    d = Deployment(directory, extra=["--model", model], lease_ttl_s=VLLM_LEASE_TTL_S)
+    out; a failure while it starts prints the services' logs first. `env`: the services'
+    environment (default this process's)."""
+    d = Deployment(directory, extra=["--model", model], lease_ttl_s=VLLM_LEASE_TTL_S, env=env)
     d.model = model  # type: ignore[attr-defined]
     try:
         yield d

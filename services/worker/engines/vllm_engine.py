@@ -123,6 +123,10 @@ except ImportError:  # older vLLM: the TokensPrompt dict
     def _token_prompt(prompt_token_ids: list[int]) -> Any:  # type: ignore[misc]
         return TokensPrompt(prompt_token_ids=prompt_token_ids)
 
+# Where vLLM names its IPC sockets: the user's choice, else each worker's own directory.
+RPC_PATH_ENV = "VLLM_RPC_BASE_PATH"
+USER_RPC_PATH = os.environ.get(RPC_PATH_ENV, "")
+
 log = logging.getLogger("turnout.worker.vllm")
 
 WARM_UP_TIMEOUT_S = 300.0
@@ -232,10 +236,14 @@ class VllmEngine(Engine):
         if layout is not None:
             # Images that come with their embeddings go in as prompt embeddings.
             args.enable_prompt_embeds = True
+        self._tmp = tempfile.mkdtemp(prefix="turnout-vllm-")
+        # vLLM's own IPC sockets (its front end to its engine core) go there too, unless the
+        # user placed them: in the system's temporary directory every start left some behind.
+        # Its engine core inherits this.
+        os.environ[RPC_PATH_ENV] = USER_RPC_PATH or self._tmp
         endpoint = self.config.kv_events_endpoint
         replay: str | None = None
         if not endpoint:
-            self._tmp = tempfile.mkdtemp(prefix="turnout-vllm-")
             endpoint = f"ipc://{self._tmp}/kv"
             replay = f"ipc://{self._tmp}/kv-replay"
         if self.config.kv_transfer == "nixl":
