@@ -179,7 +179,7 @@ def test_status_with_no_flags_shows_the_up_deployment_running_here(
     assert out.returncode == 0, out.stderr
     assert f"showing the `turnout up` deployment at file:{first}" in out.stderr
     view = json.loads(out.stdout)
-    assert [w["health"] for w in view["workers"]] == ["alive"], view
+    assert [w["model"] for w in view["workers"]] == ["mock"], view
     assert len(view["routers"]) == 1 and len(view["frontends"]) == 1, view
 
     second = Up(runs[1], "--workers", "1", env=env)
