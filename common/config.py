@@ -64,6 +64,14 @@ def env_name(field: dataclasses.Field[Any]) -> str:
     return ENV_PREFIX + field.name.upper()
 
 
+def flag_given(argv: Sequence[str], name: str) -> bool:
+    """Whether the flag of field `name` is on the command line `argv` or its TURNOUT_* variable
+    in the environment (a default that was chosen rather than fallen back on)."""
+    flag = "--" + name.replace("_", "-")
+    return any(a == flag or a.startswith(flag + "=") for a in argv) \
+        or ENV_PREFIX + name.upper() in os.environ
+
+
 def _base_type(tp: Any) -> tuple[type, bool]:
     """(scalar type, optional?) of a field annotation like `int | None` or `list[str]`."""
     origin = typing.get_origin(tp)

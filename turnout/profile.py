@@ -42,7 +42,7 @@ from typing import Any
 import httpx
 import zmq
 
-from common.config import opt, parse_configs, to_argv
+from common.config import flag_given, opt, parse_configs, to_argv
 from common.discovery import open_discovery
 from common.event_plane import EventSubscriber
 from common.free_port import free_port
@@ -357,8 +357,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if any(a == "--discovery" or a.startswith("--discovery=") for a in args):
         raise SystemExit("turnout profile: it runs its own private deployment; --discovery "
                          "does not apply")
-    if not any(a == "--heartbeat-interval-ms" or a.startswith("--heartbeat-interval-ms=")
-               for a in args) and "TURNOUT_HEARTBEAT_INTERVAL_MS" not in os.environ:
+    if not flag_given(args, "heartbeat_interval_ms"):
         # Slow enough that a worker on a busy host is not taken for dead (at 100 ms a 1 s
         # stall makes it drop its requests); its steps still arrive within a second.
         worker.heartbeat_interval_ms = SWEEP_HEARTBEAT_MS

@@ -28,7 +28,7 @@ import httpx
 import zmq
 
 from common import prometheus_text
-from common.config import opt, parse
+from common.config import flag_given, opt, parse
 from common.discovery import Discovery, open_discovery
 from common.event_plane import EventSubscriber
 from common.fleet_keys import KeysError
@@ -46,7 +46,7 @@ from common.messages import (
 )
 from common.prometheus_text import Metrics
 from common.transport import destroy_context, secure_context
-from turnout.local_fleets import names_discovery, up_discovery_dirs
+from turnout.local_fleets import up_discovery_dirs
 
 # Steps per second are measured over the heartbeats of this last stretch of time.
 RATE_WINDOW_S = 3.0
@@ -402,4 +402,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     config = parse(StatusConfig, args, prog="turnout status",
                    description="The fleet as the discovery and event planes see it now.")
-    sys.exit(asyncio.run(run(config, named=names_discovery(args))))
+    sys.exit(asyncio.run(run(config, named=flag_given(args, "discovery"))))

@@ -47,7 +47,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from common.config import opt, parse_configs, to_argv
+from common.config import flag_given, opt, parse_configs, to_argv
 from common.discovery import Discovery, open_discovery
 from common.messages import MODE_ENCODE, ROLE_WORKER
 from services.frontend.args import FrontendConfig
@@ -55,7 +55,7 @@ from services.planner.args import PlannerConfig
 from services.router.args import RouterConfig
 from services.worker.args import DEFAULT_EMBEDDING_CACHE_MB, WorkerConfig
 from services.worker.engines import engine_argv, engine_config_classes, split_refusal
-from turnout.local_fleets import names_discovery, new_up_discovery
+from turnout.local_fleets import new_up_discovery
 
 
 @dataclasses.dataclass
@@ -148,13 +148,6 @@ class Plan:
     planner: PlannerConfig | None = None  # with --planner
 
 
-def _given(argv: Sequence[str], field: str) -> bool:
-    """Whether the flag of `field` (or its TURNOUT_* variable) was given."""
-    flag = "--" + field.replace("_", "-")
-    return any(a == flag or a.startswith(flag + "=") for a in argv) \
-        or f"TURNOUT_{field.upper()}" in os.environ
-
-
 def plan(argv: Sequence[str]) -> Plan:
     """The processes to start and where the deployment will answer."""
     # Engines first: a flag both declare (--max-model-len) takes the engine's default.
@@ -167,12 +160,12 @@ def plan(argv: Sequence[str]) -> Plan:
     if up.prefill_workers < 0 or up.decode_workers < 0:
         raise SystemExit("turnout up: --prefill-workers and --decode-workers must be >= 0")
     split = up.prefill_workers or up.decode_workers
-    if (split or up.planner) and not _given(argv, "workers"):
+    if (split or up.planner) and not flag_given(argv, "workers"):
         up.workers = 0  # the split replaces the default workers; a planner starts its own
     if not up.planner:
         own = {f.name for f in dataclasses.fields(PlannerConfig)} - {
             f.name for c in classes[:-1] for f in dataclasses.fields(c)}
-        given = sorted("--" + name.replace("_", "-") for name in own if _given(argv, name))
+        given = sorted("--" + name.replace("_", "-") for name in own if flag_given(argv, name))
         if given:
             raise SystemExit(f"turnout up: {', '.join(given)} configure the planner: add "
                              f"--planner")
@@ -194,7 +187,7 @@ def plan(argv: Sequence[str]) -> Plan:
     if worker.embedding_cache_mb != DEFAULT_EMBEDDING_CACHE_MB and not up.encode_workers:
         raise SystemExit("turnout up: --embedding-cache-mb needs --encode-workers")
     if up.planner and split:
-        if _given(argv, "planner_mode") and planner.planner_mode != "disaggregated":
+        if flag_given(argv, "planner_mode") and planner.planner_mode != "disaggregated":
             raise SystemExit("turnout up: --prefill-workers/--decode-workers are pools of "
                              "--planner-mode disaggregated")
         planner.planner_mode = "disaggregated"
@@ -216,7 +209,7 @@ def plan(argv: Sequence[str]) -> Plan:
     if not up.startup_timeout_s >= 0:  # NaN too
         raise SystemExit("turnout up: --startup-timeout-s must be >= 0 (0: no limit)")
     tmp: str | None = None
-    if not names_discovery(argv):
+    if not flag_given(argv, "discovery"):
         tmp = new_up_discovery()
         for cfg in (frontend, router, worker, planner):
             cfg.discovery = f"file:{tmp}"
