@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +32,7 @@ from turnout.testing.deployment import Deployment, wait_for
 
 pytestmark = pytest.mark.e2e
 
+ROOT = Path(__file__).resolve().parents[2]
 BLOCK = 64
 # float32 (vLLM's CPU default is bfloat16): random weights make near-ties between logits, and
 # greedy continuations after a migration must not flip on rounding differences between KV
@@ -51,6 +54,10 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     tmp = Path(tmp_path_factory.mktemp("vllm"))
     temp = tmp / "tmp"  # the services' temporary directory (test_vllm_leaves_no_loose_sockets)
     temp.mkdir()
+    # The directory of a worker that died without deleting it: the workers' start sweeps it.
+    subprocess.run([sys.executable, "-c", "from services.worker.engines.scratch_dir import "
+                    "ScratchDir; (ScratchDir('turnout-vllm-').path / 'kv').touch()"],
+                   cwd=ROOT, env={**os.environ, "TMPDIR": str(temp)}, check=True, timeout=60)
     with vllm_deployment(tmp, model, env={**os.environ, "TMPDIR": str(temp)}) as d:
         # SIGKILL is caught by the dropped connection; hang verdicts are tested elsewhere
         # (test_failover, test_starvation): none before 2 s of silence here.
@@ -253,11 +260,12 @@ def recomputed_histogram(d: Deployment) -> Histogram:
 def test_vllm_leaves_no_loose_sockets_in_the_temporary_directory(dep: Deployment) -> None:
     """vLLM names its IPC sockets (its front end to its engine core) in the temporary directory
     and leaves them behind: every start of a worker left a few there, thousands over a test
-    run. A worker's vLLM keeps them in the worker's own directory, deleted when it stops."""
+    run. A worker's vLLM keeps them in the worker's own directory, deleted when it stops, and
+    a worker's start deletes those of workers that died without deleting theirs."""
     temp = Path(dep.env["TMPDIR"])
     assert [p.name for p in temp.iterdir() if p.is_socket()] == []
     own = sorted(temp.glob("turnout-vllm-*"))
-    assert len(own) == 2, own  # one per worker
+    assert len(own) == 2, own  # one per worker; the dead one's (see `dep`) was swept
     for directory in own:
         names = {p.name for p in directory.iterdir() if p.is_socket()}
         assert {"kv", "kv-replay"} < names, names  # vLLM's own beside its KV events'

@@ -44,9 +44,7 @@ import contextlib
 import importlib.util
 import logging
 import os
-import shutil
 import signal
-import tempfile
 from typing import Any
 
 import zmq.asyncio
@@ -62,6 +60,7 @@ from common.messages import (
 from common.vision_layout import vision_layout
 from services.worker.engine import Engine, EngineError, EngineLoad, StepOutput, StepSink
 from services.worker.engines.child_reaper import ChildReaper
+from services.worker.engines.scratch_dir import ScratchDir, sweep_orphans
 from services.worker.engines.step_gatherer import (
     StepGatherer,
     Tracked,
@@ -125,6 +124,7 @@ except ImportError:  # older vLLM: the TokensPrompt dict
 
 # Where vLLM names its IPC sockets: the user's choice, else each worker's own directory.
 RPC_PATH_ENV = "VLLM_RPC_BASE_PATH"
+SCRATCH_PREFIX = "turnout-vllm-"
 USER_RPC_PATH = os.environ.get(RPC_PATH_ENV, "")
 
 log = logging.getLogger("turnout.worker.vllm")
@@ -214,7 +214,7 @@ class VllmEngine(Engine):
         self._zmq: zmq.asyncio.Context | None = None
         self._subscriber: KvEventSubscriber | None = None
         self._translator: KvEventTranslator | None = None
-        self._tmp: str | None = None
+        self._tmp: ScratchDir | None = None
         self._reaper = ChildReaper()
         self._nixl: NixlSide | None = None
         self._prefills: set[str] = set()  # live requests of phase prefill
@@ -236,16 +236,19 @@ class VllmEngine(Engine):
         if layout is not None:
             # Images that come with their embeddings go in as prompt embeddings.
             args.enable_prompt_embeds = True
-        self._tmp = tempfile.mkdtemp(prefix="turnout-vllm-")
+        # Those of workers killed before they could delete theirs go first.
+        await asyncio.to_thread(sweep_orphans, SCRATCH_PREFIX)
+        self._tmp = ScratchDir(SCRATCH_PREFIX)
+        tmp = self._tmp.path
         # vLLM's own IPC sockets (its front end to its engine core) go there too, unless the
         # user placed them: in the system's temporary directory every start left some behind.
         # Its engine core inherits this.
-        os.environ[RPC_PATH_ENV] = USER_RPC_PATH or self._tmp
+        os.environ[RPC_PATH_ENV] = USER_RPC_PATH or str(tmp)
         endpoint = self.config.kv_events_endpoint
         replay: str | None = None
         if not endpoint:
-            endpoint = f"ipc://{self._tmp}/kv"
-            replay = f"ipc://{self._tmp}/kv-replay"
+            endpoint = f"ipc://{tmp}/kv"
+            replay = f"ipc://{tmp}/kv-replay"
         if self.config.kv_transfer == "nixl":
             if importlib.util.find_spec("nixl") is None:
                 raise SystemExit(f"--kv-transfer nixl: the nixl package is not installed; "
@@ -353,7 +356,7 @@ class VllmEngine(Engine):
             del llm  # before interpreter teardown, where vLLM's __del__ would trip
         self._reaper.release()
         if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp.remove()
             self._tmp = None
 
     # -- requests ----------------------------------------------------------------------------------
