@@ -15,10 +15,9 @@ so the translation helpers here are testable without it.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import json
-import shutil
-import tempfile
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,8 +26,11 @@ import zmq.asyncio
 from common.block_hash import DEFAULT_SEED
 from common.messages import GenerateRequest, SamplingParams
 from services.worker.engines.real_engine_config import RealEngineConfig
+from services.worker.engines.scratch_dir import ScratchDir, sweep_orphans
 from services.worker.engines.stream_engine import Delta, StreamingEngine
 from services.worker.engines.vllm_kv_events import KvEventSubscriber
+
+SCRATCH_PREFIX = "turnout-sglang-"
 
 
 def sampling_params(sp: SamplingParams, max_tokens: int, min_tokens: int) -> dict[str, Any]:
@@ -102,7 +104,7 @@ class SglangEngine(StreamingEngine):
         self.model = model
         self._shared = dict(shared or {})
         self._engine: Any = None
-        self._tmp: str | None = None
+        self._tmp: ScratchDir | None = None
         self._zmq: zmq.asyncio.Context | None = None
         self._subscriber: KvEventSubscriber | None = None
         self._endpoints: tuple[str, str] = ("", "")
@@ -111,8 +113,10 @@ class SglangEngine(StreamingEngine):
         import sglang
         from sglang.srt.server_args import ServerArgs
 
-        self._tmp = tempfile.mkdtemp(prefix="turnout-sglang-")
-        endpoint, replay = f"ipc://{self._tmp}/kv", f"ipc://{self._tmp}/kv-replay"
+        # Those of workers killed before they could delete theirs go first.
+        await asyncio.to_thread(sweep_orphans, SCRATCH_PREFIX)
+        self._tmp = ScratchDir(SCRATCH_PREFIX)
+        endpoint, replay = f"ipc://{self._tmp.path}/kv", f"ipc://{self._tmp.path}/kv-replay"
         kv_events = {"publisher": "zmq", "endpoint": endpoint, "replay_endpoint": replay,
                      "topic": "kv"}
         parser = argparse.ArgumentParser(prog="sglang engine args")
@@ -173,5 +177,6 @@ class SglangEngine(StreamingEngine):
         if self._engine is not None:
             self._engine.shutdown()
         if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp.remove()
+            self._tmp = None
 
