@@ -1,11 +1,12 @@
 """An engine's scratch directory in the system's temporary directory (its IPC sockets), and
 clearing those whose worker died without removing its own (SIGKILL, the OOM killer).
 
-A live directory's `.owner` file is held under an exclusive `flock` for its owner's lifetime
-(and its children's, which inherit the descriptor). The kernel drops the lock however the
-process ends, so a directory whose lock can be taken belongs to nobody. A lock, not a pid file:
-pids are reused, and differ between containers sharing a temporary directory. Directories
-without `.owner` (made by an older Turnout) are left alone: nothing says whether one is in use.
+A live directory's `.owner` file is held under an exclusive `flock` by its owner (and by a
+child it forks, such as vLLM's engine core, until that ends too). The kernel drops the lock
+however the processes end, so a directory whose lock can be taken belongs to nobody. A lock,
+not a pid file: pids are reused, and differ between containers sharing a temporary directory.
+Directories without `.owner` (made by an older Turnout) are left alone: nothing says whether
+one is in use.
 """
 
 from __future__ import annotations

@@ -122,9 +122,9 @@ except ImportError:  # older vLLM: the TokensPrompt dict
     def _token_prompt(prompt_token_ids: list[int]) -> Any:  # type: ignore[misc]
         return TokensPrompt(prompt_token_ids=prompt_token_ids)
 
+SCRATCH_PREFIX = "turnout-vllm-"  # each worker's directory for its sockets (`ScratchDir`)
 # Where vLLM names its IPC sockets: the user's choice, else each worker's own directory.
 RPC_PATH_ENV = "VLLM_RPC_BASE_PATH"
-SCRATCH_PREFIX = "turnout-vllm-"
 USER_RPC_PATH = os.environ.get(RPC_PATH_ENV, "")
 
 log = logging.getLogger("turnout.worker.vllm")
