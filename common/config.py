@@ -64,12 +64,16 @@ def env_name(field: dataclasses.Field[Any]) -> str:
     return ENV_PREFIX + field.name.upper()
 
 
+def on_command_line(argv: Sequence[str], name: str) -> bool:
+    """Whether the flag of field `name` is on the command line `argv` (`--flag v`, `--flag=v`)."""
+    flag = "--" + name.replace("_", "-")
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
 def flag_given(argv: Sequence[str], name: str) -> bool:
     """Whether the flag of field `name` is on the command line `argv` or its TURNOUT_* variable
     in the environment (a default that was chosen rather than fallen back on)."""
-    flag = "--" + name.replace("_", "-")
-    return any(a == flag or a.startswith(flag + "=") for a in argv) \
-        or ENV_PREFIX + name.upper() in os.environ
+    return on_command_line(argv, name) or ENV_PREFIX + name.upper() in os.environ
 
 
 def _base_type(tp: Any) -> tuple[type, bool]:

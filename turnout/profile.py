@@ -42,7 +42,7 @@ from typing import Any
 import httpx
 import zmq
 
-from common.config import flag_given, opt, parse_configs, to_argv
+from common.config import flag_given, on_command_line, opt, parse_configs, to_argv
 from common.discovery import open_discovery
 from common.event_plane import EventSubscriber
 from common.free_port import free_port
@@ -354,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg, *engines, worker = parse_configs([ProfileConfig, *engine_classes, WorkerConfig], args,
                                           prog="turnout profile",
                                           description=__doc__.split("\n\n")[0])
-    if any(a == "--discovery" or a.startswith("--discovery=") for a in args):
+    if on_command_line(args, "discovery"):
         raise SystemExit("turnout profile: it runs its own private deployment; --discovery "
                          "does not apply")
     if not flag_given(args, "heartbeat_interval_ms"):
