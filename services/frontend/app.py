@@ -2,7 +2,8 @@
 
 Owns routing (POST /v1/chat/completions, POST /v1/completions, GET /v1/models, /health, /live,
 /metrics), the life of one generation request (validate → resolve the model → tokenize → open an
-upstream stream → detokenize, apply stop strings → answer whole or as SSE), client-disconnect
+upstream stream per completion asked for (`n`, a batch of prompts) → detokenize, apply stop
+strings → answer whole or as SSE, the choices merged), admission slots, client-disconnect
 cancellation and the HTTP metrics. Does not own the transport to routers (`upstream`), process
 wiring (`main`) or the wire format of bodies (`protocol`, `responses`).
 """
@@ -16,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final
 
+import msgspec
 from prometheus_client import Gauge
 
 from common.messages import (
@@ -205,8 +207,8 @@ def _quota_error(exc: QuotaExceeded, with_limits: bool = True) -> ApiError:
     headers = list(exc.headers) if with_limits else []
     if exc.retry_after_s is not None:
         headers += retry_after_headers(exc.retry_after_s)
-    code = ("concurrency_limit_exceeded" if exc.kind == "streams"
-            else "request_too_large" if exc.retry_after_s is None else "rate_limit_exceeded")
+    code = ("request_too_large" if exc.retry_after_s is None  # waiting cannot help
+            else "concurrency_limit_exceeded" if exc.kind == "streams" else "rate_limit_exceeded")
     return ApiError(429, exc.message, type="tokens" if exc.kind == "tokens" else "requests",
                     code=code, reason="rate_limited", headers=headers)
 
@@ -432,10 +434,10 @@ class FrontendApp:
     async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._admitted(scope, receive, send, COMPLETIONS)
 
-    # --- admission: key quotas, then a slot ---------------------------------------------------
+    # --- admission: key quotas (then, in `_generate`, slots) -----------------------------------
 
     async def _admitted(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
-        """Run `_generate` under the key's quota grant and an admission slot, or refuse."""
+        """Run `_generate` under the key's quota grant, or refuse."""
         policy: KeyPolicy | None = scope.get(KEY_SCOPE)
         grant = None
         if policy is not None:
@@ -449,19 +451,11 @@ class FrontendApp:
             send = self._key_send(send, grant)
             self.metrics.key_streams.labels(grant.key_id).inc()
         try:
-            try:
-                await self.admission.enter()
-            except ApiError as error:
-                await self._refuse(send, endpoint, error)
-                return
-            try:
-                await self._generate(scope, receive, send, endpoint)
-            finally:
-                self.admission.leave()
+            await self._generate(scope, receive, send, endpoint)
         finally:
             if grant is not None:
+                self.metrics.key_streams.labels(grant.key_id).dec(grant.streams)
                 grant.release()
-                self.metrics.key_streams.labels(grant.key_id).dec()
 
     def _key_send(self, send: Send, grant: Grant) -> Send:
         """`send` that adds the key's `x-ratelimit-*` headers to the response and counts its
@@ -493,6 +487,19 @@ class FrontendApp:
                            type="permission_error", param="model", code="model_not_allowed",
                            reason="model_not_allowed")
 
+    def _widen_grant(self, scope: Scope, streams: int) -> None:
+        """The key's stream slots for every completion the request asks for, or 429."""
+        grant: Grant | None = scope.get(GRANT_SCOPE)
+        if grant is None or streams <= grant.streams:
+            return
+        held = grant.streams
+        try:
+            grant.widen(streams)
+        except QuotaExceeded as exc:
+            self.metrics.key_rejections.labels(grant.key_id, exc.kind).inc()
+            raise _quota_error(exc, with_limits=False) from None
+        self.metrics.key_streams.labels(grant.key_id).inc(streams - held)
+
     def _take_prompt_quota(self, scope: Scope, prompt_tokens: int) -> None:
         grant: Grant | None = scope.get(GRANT_SCOPE)
         if grant is None:
@@ -510,11 +517,14 @@ class FrontendApp:
             grant.charge_completion(completion_tokens)
             self.metrics.key_tokens.labels(grant.key_id, "completion").inc(completion_tokens)
 
-    async def _prompt_ids(self, endpoint: str, body: Any) -> tuple[list[int], list[ImageInput]]:
+    async def _prompts(self, endpoint: str,
+                       body: Any) -> list[tuple[list[int], list[ImageInput]]]:
+        """Each prompt of the request as token ids (and its images): one, or a completions
+        batch's several."""
         tokenizer = self.tokenizer
         if endpoint == CHAT and protocol.has_images(body):
             try:
-                return await self.images.prompt(body, tokenizer)
+                return [await self.images.prompt(body, tokenizer)]
             except ChatTemplateError as exc:
                 raise invalid(str(exc), "messages", "invalid_chat_template") from None
         if endpoint == CHAT:
@@ -524,17 +534,60 @@ class FrontendApp:
                                            chars=protocol.chat_text_length(body))
             except ChatTemplateError as exc:
                 raise invalid(str(exc), "messages", "invalid_chat_template") from None
-            param = "messages"
-        else:
-            prompt = protocol.completion_prompt(body, tokenizer.vocab_size)
+            if not ids:
+                raise invalid("the prompt is empty", "messages", "empty_prompt")
+            return [(ids, [])]
+        prompts = protocol.completion_prompts(body, tokenizer.vocab_size)
+        protocol.check_choices(len(prompts), body.n or 1)
+        out: list[tuple[list[int], list[ImageInput]]] = []
+        for i, prompt in enumerate(prompts):
             if isinstance(prompt, str):
                 ids = await self._tokenize(tokenizer.encode, prompt, True, chars=len(prompt))
             else:
                 ids = prompt
-            param = "prompt"
-        if not ids:
-            raise invalid("the prompt is empty", param, "empty_prompt")
-        return ids, []
+            if not ids:
+                which = f" (prompt {i} of the batch)" if len(prompts) > 1 else ""
+                raise invalid(f"the prompt is empty{which}", "prompt", "empty_prompt")
+            out.append((ids, []))
+        return out
+
+    def _requests(self, scope: Scope, body: Any, upstream_model: str,
+                  prompts: list[tuple[list[int], list[ImageInput]]]) -> list[GenerateRequest]:
+        """One `GenerateRequest` per completion asked for: each prompt n times, in the order of
+        the choices' indexes (prompt i's j-th at i * n + j, as vLLM numbers them)."""
+        n = body.n or 1
+        context = self.context_length(upstream_model)
+        source = self.context_length_source(upstream_model)
+        samplings = []
+        for ids, _ in prompts:
+            sampling = protocol.sampling_params(body, len(ids), context,
+                                                self.tokenizer.vocab_size, source)
+            cap_tokens(body, len(ids), sampling, self.max_prompt_tokens, self.max_output_tokens)
+            samplings.append(sampling)
+        target = _target_worker(scope)
+        requests = []
+        for (ids, images), sampling in zip(prompts, samplings, strict=True):
+            for j in range(n):
+                if j and sampling.seed is not None:
+                    # A seeded request's choices differ from one another yet repeat as a whole.
+                    sampling = msgspec.structs.replace(
+                        sampling, seed=_wrap_int64(sampling.seed + 1))
+                requests.append(GenerateRequest(
+                    request_id=os.urandom(16).hex(), model=upstream_model, token_ids=ids,
+                    sampling=sampling, target_worker=target, images=images))
+        return requests
+
+    def _open(self, requests: list[GenerateRequest]) -> list[ChunkStream]:
+        streams: list[ChunkStream] = []
+        try:
+            for request in requests:
+                streams.append(self.upstream.open(request))
+        except NoWorkersError as exc:
+            for request in requests[:len(streams)]:
+                self.upstream.cancel(request.request_id)
+            raise ApiError(503, str(exc) or "no worker can serve this model right now",
+                           code="no_workers", reason="no_workers") from None
+        return streams
 
     async def _generate(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
         started = time.perf_counter()
@@ -550,22 +603,18 @@ class FrontendApp:
             stream = bool(body.stream)
             self._check_key(scope, body.model)
             model, upstream_model = self._resolve_model(body.model)
-            ids, images = await self._prompt_ids(endpoint, body)
-            sampling = protocol.sampling_params(body, len(ids),
-                                                self.context_length(upstream_model),
-                                                self.tokenizer.vocab_size,
-                                                self.context_length_source(upstream_model))
-            cap_tokens(body, len(ids), sampling, self.max_prompt_tokens, self.max_output_tokens)
-            self._take_prompt_quota(scope, len(ids))
-            request_id = os.urandom(16).hex()
-            request = GenerateRequest(request_id=request_id, model=upstream_model,
-                                      token_ids=ids, sampling=sampling,
-                                      target_worker=_target_worker(scope), images=images)
+            prompts = await self._prompts(endpoint, body)
+            requests = self._requests(scope, body, upstream_model, prompts)
+            self._widen_grant(scope, len(requests))
+            # The slots come last: a request waiting for them is one that will run.
+            await self.admission.enter(len(requests))
             try:
-                chunks = self.upstream.open(request)
-            except NoWorkersError as exc:
-                raise ApiError(503, str(exc) or "no worker can serve this model right now",
-                               code="no_workers", reason="no_workers") from None
+                # Prompt tokens count once per prompt: its n copies share its prefix.
+                self._take_prompt_quota(scope, sum(len(ids) for ids, _ in prompts))
+                streams = self._open(requests)
+            except BaseException:
+                self.admission.leave(len(requests))
+                raise
         except Exception as exc:
             if isinstance(exc, ApiError):
                 error = exc
@@ -577,46 +626,56 @@ class FrontendApp:
             self.metrics.finished(model, endpoint, stream, error.status, error_type=error.reason)
             return
 
-        stop_ids = self._hidden_ids.union(sampling.stop_token_ids) if sampling.stop_token_ids \
-            else self._hidden_ids
-        gen = Generation(request_id, self.tokenizer, protocol.stop_strings(body), stop_ids)
+        stops = protocol.stop_strings(body)
+        gens = []
+        for request in requests:
+            stop_ids = request.sampling.stop_token_ids
+            gens.append(Generation(request.request_id, self.tokenizer, stops,
+                                   self._hidden_ids.union(stop_ids) if stop_ids
+                                   else self._hidden_ids))
+        prompt_tokens = sum(len(ids) for ids, _ in prompts)
+        request_id = requests[0].request_id
         per_model = self.metrics.model(model)
         per_model.active.inc()
         per_model.queued.inc()
-        gen.queued = per_model.queued
+        gens[0].queued = per_model.queued
         handler = asyncio.current_task()
         assert handler is not None
-        watcher = asyncio.create_task(self._watch_disconnect(receive, gen, handler))
+        watcher = asyncio.create_task(self._watch_disconnect(receive, gens, handler))
         status = 500
         try:
             response_id = ("chatcmpl-" if endpoint == CHAT else "cmpl-") + request_id
             if stream:
-                encoder: responses.ChatStreamEncoder | responses.CompletionStreamEncoder
                 include_usage = protocol.wants_usage_in_stream(body)
-                if endpoint == CHAT:
-                    encoder = responses.ChatStreamEncoder(response_id, int(time.time()), model,
-                                                          include_usage)
+                created = int(time.time())
+                encoder_type = (responses.ChatStreamEncoder if endpoint == CHAT
+                                else responses.CompletionStreamEncoder)
+                encoders = [encoder_type(response_id, created, model, include_usage, i)
+                            for i in range(len(gens))]
+                if len(gens) == 1:
+                    status = await self._stream(send, gens[0], streams[0], encoders[0],
+                                                prompt_tokens, request_id)
                 else:
-                    encoder = responses.CompletionStreamEncoder(response_id, int(time.time()),
-                                                                model, include_usage)
-                status = await self._stream(send, gen, chunks, encoder, len(ids), request_id)
+                    status = await self._stream_choices(send, gens, streams, encoders,
+                                                        _usage_of(gens, prompts), request_id)
             else:
-                status = await self._unary(send, gen, chunks, endpoint, response_id, model,
-                                           len(ids))
+                status = await self._unary(send, gens, streams, endpoint, response_id, model,
+                                           prompts)
         except asyncio.CancelledError:
-            if not gen.disconnected:
+            if not gens[0].disconnected:
                 raise
             handler.uncancel()
             status = 499  # client closed the request
         except Exception as exc:
             log.exception("request %s failed", request_id)
-            self.upstream.cancel(request_id)
+            for gen in gens:
+                self.upstream.cancel(gen.request_id)
             status = 500
-            if not gen.done:
-                gen.done = True
+            if not gens[0].done:
+                _mark_done(gens)
                 error = ApiError(500, f"internal error: {type(exc).__name__}")
                 try:
-                    if gen.response_started:
+                    if gens[0].response_started:
                         await send({"type": "http.response.body", "more_body": False,
                                     "body": responses.sse_error(error) + responses.DONE})
                     else:
@@ -624,47 +683,56 @@ class FrontendApp:
                 except Exception:
                     log.debug("could not report the failure of %s", request_id)
         finally:
-            gen.done = True
+            _mark_done(gens)
             watcher.cancel()
+            self.admission.leave(len(requests))
             per_model.active.dec()
-            gen.left_queue()
-        self._record(per_model, gen, model, endpoint, stream, status, len(ids), started)
-        self._settle_key(scope, gen.tokens)
+            gens[0].left_queue()
+        self._record(per_model, gens, model, endpoint, stream, status, prompt_tokens, started)
+        self._settle_key(scope, sum(gen.tokens for gen in gens))
 
-    def _record(self, per_model: ModelMetrics, gen: Generation, model: str, endpoint: str,
+    def _record(self, per_model: ModelMetrics, gens: list[Generation], model: str, endpoint: str,
                 stream: bool, status: int, prompt_tokens: int, started: float) -> None:
         now = time.perf_counter()
-        if gen.disconnected:
+        if gens[0].disconnected:
             per_model.disconnects.inc()
         per_model.input_tokens.inc(prompt_tokens)
-        if gen.tokens:
+        first_token_at = min((gen.first_token_at for gen in gens if gen.tokens), default=0.0)
+        if first_token_at:
+            per_model.ttft.observe(first_token_at - started)
+        cached = 0
+        for gen in gens:
+            cached += gen.cached_tokens
+            if not gen.tokens:
+                continue
             per_model.output_tokens.inc(gen.tokens)
-            per_model.ttft.observe(gen.first_token_at - started)
             if gen.tokens > 1:
                 per_model.itl.observe((gen.last_token_at - gen.first_token_at)
                                       / (gen.tokens - 1))
-        if gen.cached_tokens:
-            per_model.cached_tokens.inc(gen.cached_tokens)
+        if cached:
+            per_model.cached_tokens.inc(cached)
         error_type = ""
         if status >= 400:
-            error_type = (gen.error.reason if gen.error is not None
-                          else "client_disconnected" if gen.disconnected else "internal")
+            failed = next((gen.error for gen in gens if gen.error is not None), None)
+            error_type = (failed.reason if failed is not None
+                          else "client_disconnected" if gens[0].disconnected else "internal")
         self.metrics.finished(model, endpoint, stream, status, now - started, error_type)
 
-    async def _watch_disconnect(self, receive: Receive, gen: Generation,
+    async def _watch_disconnect(self, receive: Receive, gens: list[Generation],
                                 handler: asyncio.Task[Any]) -> None:
-        """Waits for the client to go away; then aborts the request upstream and wakes the
-        handler (which may be blocked waiting for tokens)."""
+        """Waits for the client to go away; then aborts the request's generations upstream and
+        wakes the handler (which may be blocked waiting for tokens)."""
         try:
             while (await receive())["type"] != "http.disconnect":
                 pass
-            if gen.done:
+            if gens[0].done:
                 return
-            gen.disconnected = True
-            if not gen.upstream_finished:
-                self.upstream.cancel(gen.request_id)
+            for gen in gens:
+                gen.disconnected = True
+                if not gen.upstream_finished:
+                    self.upstream.cancel(gen.request_id)
         except Exception:
-            log.exception("disconnect watcher of %s failed", gen.request_id)
+            log.exception("disconnect watcher of %s failed", gens[0].request_id)
             return
         handler.cancel()
 
@@ -717,24 +785,141 @@ class FrontendApp:
                 batch = await chunks.next_batch(interval)
             text = gen.consume(batch)
 
-    async def _unary(self, send: Send, gen: Generation, chunks: ChunkStream, endpoint: str,
-                     response_id: str, model: str, prompt_tokens: int) -> int:
+    async def _stream_choices(
+            self, send: Send, gens: list[Generation], streams: list[ChunkStream],
+            encoders: list[responses.ChatStreamEncoder] | list[responses.CompletionStreamEncoder],
+            usage: Callable[[], responses.Usage], request_id: str) -> int:
+        """Several choices in one SSE stream: each choice's text leaves as it comes, marked
+        with its index; the usage (if asked for) and [DONE] once every choice has ended. The
+        first choice to fail ends the response and aborts the others."""
+        ready: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+        readers = [asyncio.create_task(self._read_choice(i, gen, stream, ready))
+                   for i, (gen, stream) in enumerate(zip(gens, streams, strict=True))]
+        try:
+            out: list[bytes] = []
+            left = len(gens)
+            index, text = await ready.get()
+            while True:
+                gen = gens[index]
+                if gen.error is not None:
+                    self._abort_others(gens, gen)
+                    _mark_done(gens)
+                    if not gens[0].response_started:  # nothing sent: an HTTP status of its own
+                        await _send_bytes(send, gen.error.status, gen.error.body())
+                        return gen.error.status
+                    if text:
+                        out.append(encoders[index].delta(text))
+                    out += (responses.sse_error(gen.error), responses.DONE)
+                    await send({"type": "http.response.body", "more_body": False,
+                                "body": b"".join(out)})
+                    return gen.error.status
+                if not gens[0].response_started:
+                    await send({"type": "http.response.start", "status": 200,
+                                "headers": [*_SSE_HEADERS, (b"x-request-id", request_id.encode())]})
+                    gens[0].response_started = True
+                    out += (encoder.opening() for encoder in encoders)
+                if gen.finish is not None:
+                    if gen.stopped_by_string and not gen.upstream_finished:
+                        self.upstream.cancel(gen.request_id)
+                    out.append(encoders[index].ending(text, gen.finish))
+                    left -= 1
+                    if not left:
+                        _mark_done(gens)
+                        if encoders[0].include_usage:
+                            out.append(encoders[0].usage(usage()))
+                        out.append(responses.DONE)
+                        await send({"type": "http.response.body", "more_body": False,
+                                    "body": b"".join(out)})
+                        return 200
+                elif text:
+                    out.append(encoders[index].delta(text))
+                if ready.empty():  # what piled up leaves in one write
+                    if out:
+                        await send({"type": "http.response.body", "more_body": True,
+                                    "body": b"".join(out)})
+                        out = []
+                    index, text = await ready.get()
+                else:
+                    index, text = ready.get_nowait()
+        finally:
+            for reader in readers:
+                reader.cancel()
+
+    async def _read_choice(self, index: int, gen: Generation, chunks: ChunkStream,
+                           ready: asyncio.Queue[tuple[int, str]]) -> None:
+        """Posts (index, text) for each batch of one choice's stream, until it ends or fails."""
+        while gen.finish is None and gen.error is None:
+            text = gen.consume(await chunks.next_batch(self.stream_interval))
+            ready.put_nowait((index, text))
+
+    def _abort_others(self, gens: list[Generation], failed: Generation) -> None:
+        for gen in gens:
+            if gen is not failed and not gen.upstream_finished:
+                self.upstream.cancel(gen.request_id)
+
+    async def _collect(self, gen: Generation, chunks: ChunkStream) -> str:
+        """One choice's whole text (`gen.error` says whether it failed)."""
         parts: list[str] = []
         while True:
             text = gen.consume(await chunks.next_batch())
             if text:
                 parts.append(text)
-            if gen.error is not None:
-                gen.done = True
-                await _send_bytes(send, gen.error.status, gen.error.body())
-                return gen.error.status
-            if gen.finish is not None:
+            if gen.error is not None or gen.finish is not None:
                 break
         if gen.stopped_by_string and not gen.upstream_finished:
             self.upstream.cancel(gen.request_id)
-        gen.done = True
+        return "".join(parts)
+
+    async def _unary(self, send: Send, gens: list[Generation], streams: list[ChunkStream],
+                     endpoint: str, response_id: str, model: str,
+                     prompts: list[tuple[list[int], list[ImageInput]]]) -> int:
+        if len(gens) == 1:
+            texts = [await self._collect(gens[0], streams[0])]
+        else:
+            collecting = [asyncio.create_task(self._collect(gen, stream))
+                          for gen, stream in zip(gens, streams, strict=True)]
+            try:
+                for task in asyncio.as_completed(collecting):
+                    await task
+                    failed = next((gen for gen in gens if gen.error is not None), None)
+                    if failed is not None:
+                        self._abort_others(gens, failed)
+                        break
+                texts = [task.result() if task.done() else "" for task in collecting]
+            finally:
+                for task in collecting:
+                    task.cancel()
+        _mark_done(gens)
+        failed = next((gen for gen in gens if gen.error is not None), None)
+        if failed is not None:
+            assert failed.error is not None
+            await _send_bytes(send, failed.error.status, failed.error.body())
+            return failed.error.status
         render = responses.chat_completion if endpoint == CHAT else responses.completion
-        body = render(response_id, int(time.time()), model, "".join(parts), gen.finish,
-                      gen.usage(prompt_tokens))
+        choices = [(text, gen.finish or "stop") for text, gen in zip(texts, gens, strict=True)]
+        body = render(response_id, int(time.time()), model, choices, _usage_of(gens, prompts)())
         await _send_bytes(send, 200, body)
         return 200
+
+
+def _mark_done(gens: list[Generation]) -> None:
+    """The last bytes are being sent: a disconnect now is not the client's."""
+    for gen in gens:
+        gen.done = True
+
+
+def _usage_of(gens: list[Generation],
+              prompts: list[tuple[list[int], list[ImageInput]]]) -> Callable[[], responses.Usage]:
+    """The request's usage, read when called: each prompt counted once (its n choices share it),
+    its cached tokens those every one of its choices found cached, every choice's output."""
+    def usage() -> responses.Usage:
+        n = len(gens) // len(prompts)
+        cached = sum(min(gen.cached_tokens for gen in gens[i * n:(i + 1) * n])
+                     for i in range(len(prompts)))
+        return responses.usage(sum(len(ids) for ids, _ in prompts),
+                               sum(gen.tokens for gen in gens), cached)
+    return usage
+
+
+def _wrap_int64(value: int) -> int:
+    return (value - protocol.INT64_MIN) % 2**64 + protocol.INT64_MIN

@@ -53,8 +53,9 @@ class FrontendConfig(ProcessConfig):
                                          "length only)")
     max_output_tokens: int = opt(0, help="largest max_tokens accepted, and the default's cap "
                                          "(0: the context length only)")
-    max_active_requests: int = opt(0, help="generations in flight at once; more wait in the "
-                                           "admission queue (0: no limit, no queue)")
+    max_active_requests: int = opt(0, help="generations in flight at once (a request for n "
+                                           "completions runs n); more wait in the admission "
+                                           "queue (0: no limit, no queue)")
     max_queued_requests: int = opt(DEFAULT_MAX_QUEUED, help="requests waiting for a slot when "
                                              "--max-active-requests is reached; beyond: 503 "
                                              "with Retry-After")

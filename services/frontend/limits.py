@@ -252,54 +252,69 @@ def limited_http_protocol(limits: HttpLimits,
 
 
 class AdmissionQueue:
-    """Slots for generations; a bounded, timed FIFO for requests waiting for one."""
+    """Slots for generations; a bounded, timed FIFO for requests waiting for theirs (a request
+    for n completions takes n slots at once, so it never holds some while it waits)."""
 
     def __init__(self, max_active: int, max_waiting: int, wait_timeout_s: float) -> None:
         self.max_active = max_active
         self.max_waiting = max_waiting
         self.wait_timeout_s = wait_timeout_s
         self.active = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._waiters: collections.deque[tuple[asyncio.Future[None], int]] = collections.deque()
 
     @property
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def enter(self) -> None:
-        """Take a slot, waiting for one if need be; `ApiError` 503 when the waiting room is
-        full or the wait times out."""
+    async def enter(self, count: int = 1) -> None:
+        """Take `count` slots, waiting for them if need be; `ApiError` 503 when the waiting room
+        is full or the wait times out, 400 when `count` is more than there are."""
         if not self.max_active:
-            self.active += 1
+            self.active += count
             return
-        if self.active < self.max_active and not self._waiters:
-            self.active += 1
+        if count > self.max_active:
+            raise ApiError(400, f"The request asks for {count} completions; this server runs at "
+                                f"most {self.max_active} at once (--max-active-requests).",
+                           param="n", code="too_many_choices")
+        if self.active + count <= self.max_active and not self._waiters:
+            self.active += count
             return
         if len(self._waiters) >= self.max_waiting:
             raise overloaded(f"the frontend is at its limit of {self.max_active} requests in "
                              f"flight with {self.max_waiting} more waiting")
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        entry = (waiter, count)
+        self._waiters.append(entry)
         try:
             await asyncio.wait_for(asyncio.shield(waiter), self.wait_timeout_s)
         except BaseException as exc:
             if waiter.done() and not waiter.cancelled():
-                self.leave()  # the slot came as we gave up: pass it on
+                self.leave(count)  # the slots came as we gave up: pass them on
             else:
                 waiter.cancel()
-                self._waiters.remove(waiter)
+                self._waiters.remove(entry)
+                self._wake()  # a smaller request behind this one may fit now
             if isinstance(exc, TimeoutError):
                 raise overloaded(f"no request slot freed within {self.wait_timeout_s:g} s "
                                  f"({self.max_active} in flight)") from None
             raise
 
-    def leave(self) -> None:
-        """Free a slot: to the longest waiter, if any."""
+    def leave(self, count: int = 1) -> None:
+        """Free `count` slots: to the longest waiters, in order, as they fit."""
+        self.active -= count
+        self._wake()
+
+    def _wake(self) -> None:
         while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+            waiter, count = self._waiters[0]
+            if waiter.done():
+                self._waiters.popleft()
+                continue
+            if self.active + count > self.max_active:
                 return
-        self.active -= 1
+            self._waiters.popleft()
+            self.active += count
+            waiter.set_result(None)
 
 
 def overloaded(message: str) -> ApiError:

@@ -89,7 +89,7 @@ class FrontendMetrics:
                                      "Connections cut by an HTTP limit before the request "
                                      "reached the API, by limit", ["limit"], registry=r)
         self.admission_active = Gauge("turnout_frontend_admission_active",
-                                      "Generation requests holding an admission slot",
+                                      "Admission slots taken: one per generation",
                                       registry=r)
         self.admission_waiting = Gauge("turnout_frontend_admission_waiting",
                                        "Requests waiting in the admission queue", registry=r)

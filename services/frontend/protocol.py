@@ -42,7 +42,10 @@ StopList = Annotated[list[str], Meta(min_length=1, max_length=4)]
 Int = _json_integer(int)
 Int64 = _json_integer(Annotated[int, Meta(ge=INT64_MIN, le=INT64_MAX)])
 Tokens = _json_integer(NonNegative)
-Choices = _json_integer(Annotated[int, Meta(ge=1, le=128)])
+# The spec's bound on `n`; also the most completions one request may ask for in all (a batch
+# of prompts times n), since each is a generation of its own.
+MAX_CHOICES: Final = 128
+Choices = _json_integer(Annotated[int, Meta(ge=1, le=MAX_CHOICES)])
 TopLogprobs = _json_integer(Annotated[int, Meta(ge=0, le=20)])
 BestOf = _json_integer(Annotated[int, Meta(ge=0, le=20)])
 Logprobs = _json_integer(Annotated[int, Meta(ge=0, le=5)])
@@ -202,7 +205,7 @@ class ChatCompletionRequest(_Extensions, kw_only=True):
 
 class CompletionRequest(_Extensions, kw_only=True):
     model: str
-    # Required, nullable. Left undecoded here: its shape is checked by `completion_prompt`, which
+    # Required, nullable. Left undecoded here: its shape is checked by `completion_prompts`, which
     # decodes a token-id array straight into checked ints (the long prompts' fast path).
     prompt: msgspec.Raw
     max_tokens: Tokens | None = None
@@ -285,8 +288,6 @@ def too_deep() -> ApiError:
 # --- checks shared by both endpoints ----------------------------------------------------------
 
 def _check_common(body: ChatCompletionRequest | CompletionRequest) -> None:
-    if body.n is not None and body.n != 1:
-        raise unsupported("n", "only n=1 is supported")
     if body.logit_bias:
         raise unsupported("logit_bias")
     if body.stream_options is not None and not body.stream:
@@ -364,6 +365,9 @@ def _check_completion(body: CompletionRequest) -> None:
         raise unsupported("echo")
     if body.best_of is not None and body.best_of > 1:
         raise unsupported("best_of", "only best_of <= 1 is supported")
+    if body.best_of is not None and body.n is not None and body.best_of < body.n > 1:
+        raise invalid(f"'best_of' ({body.best_of}) must be at least 'n' ({body.n})", "best_of",
+                      "invalid_value")
     if body.suffix:
         raise unsupported("suffix")
     if body.logprobs is not None:
@@ -453,8 +457,9 @@ def _decode_prompt(raw: msgspec.Raw) -> str | list[Any] | None:
     return decoded
 
 
-def completion_prompt(body: CompletionRequest, vocab_size: int) -> str | list[int]:
-    """The single prompt of a completions body: text, or token ids checked against the vocab."""
+def completion_prompts(body: CompletionRequest, vocab_size: int) -> list[str | list[int]]:
+    """The prompts of a completions body, in order (a batch gives several): each text, or token
+    ids checked against the vocab. At least one; `null` is one empty prompt."""
     raw = body.prompt
     if _kind(raw) == b"[":
         # The common long case first: one pass in C decodes the ids and checks their range.
@@ -465,29 +470,39 @@ def completion_prompt(body: CompletionRequest, vocab_size: int) -> str | list[in
             pass
         else:
             if ids:
-                return ids
+                return [ids]
     prompt = _decode_prompt(raw)
     if prompt is None:
-        return ""
+        return [""]
     if isinstance(prompt, str):
-        return prompt
+        return [prompt]
     if not prompt:
         raise invalid("'prompt' must not be an empty array", "prompt", "invalid_value")
     if all(isinstance(p, str) for p in prompt):
-        if len(prompt) > 1:
-            raise unsupported("prompt", "batched prompts are not supported; send one prompt")
-        return prompt[0]
+        return list(prompt)
     ids = _integers(prompt)
     if ids is not None:
-        return _check_ids(ids, vocab_size, "prompt")
+        return [_check_ids(ids, vocab_size, "prompt")]
     if all(isinstance(p, list) for p in prompt):
-        if len(prompt) > 1:
-            raise unsupported("prompt", "batched prompts are not supported; send one prompt")
-        ids = _integers(prompt[0])
-        if ids:
-            return _check_ids(ids, vocab_size, "prompt")
+        batch: list[str | list[int]] = []
+        for item in prompt:
+            ids = _integers(item)
+            if not ids:
+                break
+            batch.append(_check_ids(ids, vocab_size, "prompt"))
+        else:
+            return batch
     raise invalid("'prompt' must be a string, an array of strings, an array of token ids or an "
                   "array of token id arrays", "prompt", "invalid_type")
+
+
+def check_choices(prompts: int, n: int) -> None:
+    """400 when a request asks for more than `MAX_CHOICES` completions in all (prompts x n)."""
+    if prompts * n > MAX_CHOICES:
+        param = "prompt" if n == 1 else "n"
+        raise invalid(f"A request may ask for at most {MAX_CHOICES} completions in all; this one "
+                      f"asks for {prompts * n} ({prompts} prompt(s) x n={n})", param,
+                      "too_many_choices")
 
 
 def _integers(items: list[Any]) -> list[int] | None:

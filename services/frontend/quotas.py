@@ -101,13 +101,15 @@ def format_duration(seconds: float) -> str:
 
 
 class Grant:
-    """A request admitted under a key: holds its stream slot until `release`."""
+    """A request admitted under a key: holds its stream slots (one per completion it asks
+    for) until `release`."""
 
-    __slots__ = ("_quotas", "_released", "state")
+    __slots__ = ("_quotas", "_released", "state", "streams")
 
     def __init__(self, quotas: Quotas, state: KeyState) -> None:
         self._quotas = quotas
         self.state = state
+        self.streams = 1
         self._released = False
 
     @property
@@ -116,6 +118,14 @@ class Grant:
 
     def take_prompt(self, prompt_tokens: int) -> None:
         self._quotas.take_prompt(self.state, prompt_tokens)
+
+    def widen(self, streams: int) -> None:
+        """Hold `streams` slots in all (a request for n completions runs n generations), or
+        `QuotaExceeded`."""
+        more = streams - self.streams
+        if more > 0:
+            self._quotas.take_streams(self.state, more, streams)
+            self.streams = streams
 
     def charge_completion(self, completion_tokens: int) -> None:
         bucket = self.state.tokens
@@ -128,7 +138,7 @@ class Grant:
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self.state.streams -= 1
+            self.state.streams -= self.streams
 
 
 class Quotas:
@@ -174,6 +184,23 @@ class Quotas:
                     f"{format_duration(wait)}.", wait, self.headers(state))
         state.streams += 1
         return Grant(self, state)
+
+    def take_streams(self, state: KeyState, more: int, total: int) -> None:
+        """`more` slots on top of those the request holds (`total` in all), or
+        `QuotaExceeded`."""
+        policy = state.policy
+        cap = policy.max_concurrent_streams
+        if not cap or state.streams + more <= cap:
+            state.streams += more
+            return
+        if total > cap:
+            raise QuotaExceeded(
+                "streams", f"The request asks for {total} completions; key '{policy.key_id}' "
+                f"may run at most {cap} at once. Ask for fewer.", None, self.headers(state))
+        raise QuotaExceeded(
+            "streams", f"Too many concurrent requests for key '{policy.key_id}': limit {cap} "
+            f"generations in flight; this request asks for {total}. Retry when some finish.",
+            STREAM_RETRY_S, self.headers(state))
 
     def take_prompt(self, state: KeyState, prompt_tokens: int) -> None:
         bucket = state.tokens

@@ -84,18 +84,22 @@ class ModelList(msgspec.Struct, kw_only=True):
     data: list[ModelCard]
 
 
-def chat_completion(response_id: str, created: int, model: str, text: str, finish_reason: str,
-                    usage_: Usage) -> bytes:
-    choice = ChatChoice(0, ChatMessage(text), None, finish_reason)
-    return _encode(ChatCompletion(id=response_id, created=created, model=model,
-                                  choices=[choice], usage=usage_))
+def chat_completion(response_id: str, created: int, model: str,
+                    choices: list[tuple[str, str]], usage_: Usage) -> bytes:
+    """`choices`: (text, finish reason) of each, in index order."""
+    return _encode(ChatCompletion(
+        id=response_id, created=created, model=model, usage=usage_,
+        choices=[ChatChoice(i, ChatMessage(text), None, reason)
+                 for i, (text, reason) in enumerate(choices)]))
 
 
-def completion(response_id: str, created: int, model: str, text: str, finish_reason: str,
+def completion(response_id: str, created: int, model: str, choices: list[tuple[str, str]],
                usage_: Usage) -> bytes:
-    choice = CompletionChoice(0, text, None, finish_reason)
-    return _encode(Completion(id=response_id, created=created, model=model, choices=[choice],
-                              usage=usage_))
+    """`choices`: (text, finish reason) of each, in index order."""
+    return _encode(Completion(
+        id=response_id, created=created, model=model, usage=usage_,
+        choices=[CompletionChoice(i, text, None, reason)
+                 for i, (text, reason) in enumerate(choices)]))
 
 
 def model_list(models: list[str], created: int) -> bytes:
@@ -114,13 +118,15 @@ def _head(response_id: str, obj: str, created: int, model: str) -> bytes:
 
 
 class ChatStreamEncoder:
-    """SSE events of one streamed chat completion."""
+    """SSE events of one choice (`index`) of a streamed chat completion."""
 
-    __slots__ = ("_content_head", "_head", "_tail", "include_usage")
+    __slots__ = ("_choice_head", "_content_head", "_head", "_tail", "include_usage")
 
-    def __init__(self, response_id: str, created: int, model: str, include_usage: bool) -> None:
+    def __init__(self, response_id: str, created: int, model: str, include_usage: bool,
+                 index: int = 0) -> None:
         self._head = _head(response_id, "chat.completion.chunk", created, model)
-        self._content_head = self._head + b'"choices":[{"index":0,"delta":{"content":'
+        self._choice_head = b'%s"choices":[{"index":%d,"delta":' % (self._head, index)
+        self._content_head = self._choice_head + b'{"content":'
         # The spec: with include_usage every chunk but the last carries "usage": null.
         self._tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
         self.include_usage = include_usage
@@ -145,28 +151,35 @@ class ChatStreamEncoder:
     def delta(self, text: str) -> bytes:
         return self.content(text)
 
+    def ending(self, text: str, finish_reason: str) -> bytes:
+        """The last text (if any) and the finish chunk: the end of this choice."""
+        if text:
+            return self.content(text) + self.finish(finish_reason)
+        return self.finish(finish_reason)
+
     def closing(self, text: str, finish_reason: str, usage_: Usage) -> bytes:
-        """The last text (if any), the finish chunk, the usage chunk if asked for, [DONE]."""
-        parts = [self.content(text)] if text else []
-        parts.append(self.finish(finish_reason))
+        """The end of the only choice, the usage chunk if asked for, [DONE]."""
+        parts = [self.ending(text, finish_reason)]
         if self.include_usage:
             parts.append(self.usage(usage_))
         parts.append(DONE)
         return b"".join(parts)
 
     def _chunk(self, delta: bytes, finish_reason: bytes) -> bytes:
-        return b"".join((self._head, b'"choices":[{"index":0,"delta":', delta,
-                         b',"logprobs":null,"finish_reason":', finish_reason, b"}]", self._tail))
+        return b"".join((self._choice_head, delta, b',"logprobs":null,"finish_reason":',
+                         finish_reason, b"}]", self._tail))
 
 
 class CompletionStreamEncoder:
-    """SSE events of one streamed text completion (each a `text_completion` object)."""
+    """SSE events of one choice (`index`) of a streamed text completion (each a
+    `text_completion` object)."""
 
     __slots__ = ("_head", "_text_head", "include_usage")
 
-    def __init__(self, response_id: str, created: int, model: str, include_usage: bool) -> None:
+    def __init__(self, response_id: str, created: int, model: str, include_usage: bool,
+                 index: int = 0) -> None:
         self._head = _head(response_id, "text_completion", created, model)
-        self._text_head = self._head + b'"choices":[{"index":0,"text":'
+        self._text_head = b'%s"choices":[{"index":%d,"text":' % (self._head, index)
         self.include_usage = include_usage
 
     def text(self, text: str, finish_reason: str | None = None) -> bytes:
@@ -183,9 +196,13 @@ class CompletionStreamEncoder:
     def delta(self, text: str) -> bytes:
         return self.text(text)
 
+    def ending(self, text: str, finish_reason: str) -> bytes:
+        """The last text carrying the finish reason: the end of this choice."""
+        return self.text(text, finish_reason)
+
     def closing(self, text: str, finish_reason: str, usage_: Usage) -> bytes:
-        """The last text carrying the finish reason, the usage chunk if asked for, [DONE]."""
-        parts = [self.text(text, finish_reason)]
+        """The end of the only choice, the usage chunk if asked for, [DONE]."""
+        parts = [self.ending(text, finish_reason)]
         if self.include_usage:
             parts.append(self.usage(usage_))
         parts.append(DONE)

@@ -91,6 +91,77 @@ def test_openai_sdk_chat_completions_models_and_usage(deployment: Deployment) ->
     assert streamed == comp.choices[0].text
 
 
+def test_several_choices_and_batched_prompts(deployment: Deployment) -> None:
+    """n and a batch of prompts: each completion a generation of its own at the engines, every
+    choice numbered as vLLM numbers them (prompt i's j-th at i * n + j), one usage for all."""
+    deployment.start(workers=2, worker_args=FAST)
+    oai = client(deployment)
+    messages = [{"role": "user", "content": "Say something."}]
+    one = oai.chat.completions.create(model="mock", messages=messages, max_tokens=8,
+                                      extra_body={"ignore_eos": True})
+    three = oai.chat.completions.create(model="mock", messages=messages, max_tokens=8, n=3,
+                                        extra_body={"ignore_eos": True})
+    validate("CreateChatCompletionResponse", three.model_dump(mode="json", exclude_unset=True))
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    # The mocker's tokens depend only on the prompt: every choice is the single request's text.
+    assert {c.message.content for c in three.choices} == {one.choices[0].message.content}
+    assert one.usage is not None and three.usage is not None
+    assert (three.usage.prompt_tokens, three.usage.completion_tokens) == (
+        one.usage.prompt_tokens, 24)
+
+    prompts = ["Once upon a time", "In a hole in the ground"]
+    singles = [oai.completions.create(model="mock", prompt=p, max_tokens=6,
+                                      extra_body={"ignore_eos": True}) for p in prompts]
+    workers = [w.name for w in deployment.workers()]
+    before = sum(worker_requests(deployment, w) for w in workers)
+    batch = oai.completions.create(model="mock", prompt=prompts, n=2, max_tokens=6,
+                                   extra_body={"ignore_eos": True})
+    validate("CreateCompletionResponse", batch.model_dump(mode="json", exclude_unset=True))
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert [c.text for c in batch.choices] == [singles[0].choices[0].text] * 2 + \
+        [singles[1].choices[0].text] * 2
+    assert batch.usage is not None
+    prompt_tokens = sum(len(p) + 1 for p in prompts)  # + BOS each
+    assert (batch.usage.prompt_tokens, batch.usage.completion_tokens) == (prompt_tokens, 24)
+    # Four generations reached the engines, each with its whole prompt.
+    wait_for(lambda: sum(worker_requests(deployment, w) for w in workers) - before
+             == 2 * prompt_tokens, 10, "the workers to count four prompts")
+
+    texts = ["", "", "", ""]
+    finishes: dict[int, str] = {}
+    usage = None
+    for chunk in oai.completions.create(model="mock", prompt=prompts, n=2, max_tokens=6,
+                                        stream=True, stream_options={"include_usage": True},
+                                        extra_body={"ignore_eos": True}):
+        validate("CreateCompletionStreamResponse",
+                 chunk.model_dump(mode="json", exclude_unset=True))
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            if choice.finish_reason:
+                assert choice.index not in finishes
+                finishes[choice.index] = choice.finish_reason
+        usage = chunk.usage or usage
+    assert texts == [c.text for c in batch.choices]
+    assert finishes == {0: "length", 1: "length", 2: "length", 3: "length"}
+    assert usage is not None and usage.completion_tokens == 24
+
+    roles, contents = set(), ["", ""]
+    for chunk in oai.chat.completions.create(model="mock", messages=messages, max_tokens=8, n=2,
+                                             stream=True, extra_body={"ignore_eos": True}):
+        validate("CreateChatCompletionStreamResponse",
+                 chunk.model_dump(mode="json", exclude_unset=True))
+        for choice in chunk.choices:
+            if choice.delta.role:
+                roles.add(choice.index)
+            contents[choice.index] += choice.delta.content or ""
+    assert roles == {0, 1}
+    assert contents == [one.choices[0].message.content] * 2
+
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.completions.create(model="mock", prompt=["x"] * 65, n=2, max_tokens=1)
+    assert "at most 128" in str(info.value)
+
+
 def test_repeated_prompt_reports_cached_tokens(deployment: Deployment) -> None:
     deployment.start(workers=1, worker_args=FAST)
     oai = client(deployment)

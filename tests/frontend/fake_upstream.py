@@ -27,6 +27,8 @@ class Script:
     error_code: int = 500
     error_message: str = "engine exploded"
     stop_token: int | None = None  # appended (finish "stop") when the reply fits
+    failing_request: int | None = None  # error_at_chunk hits only the request opened n-th (0-based)
+    opened: int = 0  # requests opened under this script
 
 
 class FakeUpstream:
@@ -85,7 +87,10 @@ class FakeUpstream:
         chunks[0].num_prompt_tokens = len(request.token_ids)
         chunks[0].cached_tokens = s.cached_tokens
         chunks[-1].finish_reason = finish
-        if s.error_at_chunk is not None and s.error_at_chunk < len(chunks):
+        nth = s.opened
+        s.opened += 1
+        fails = s.failing_request is None or s.failing_request == nth
+        if fails and s.error_at_chunk is not None and s.error_at_chunk < len(chunks):
             chunks = chunks[: s.error_at_chunk]
             chunks.append(TokenChunk(rid, [], FINISH_ERROR, error_code=s.error_code,
                                      error_message=s.error_message))

@@ -318,7 +318,7 @@ def test_bad_requests_over_http(stack: Stack) -> None:
     with pytest.raises(openai.NotFoundError):
         stack.client().chat.completions.create(model="nope", messages=MESSAGES)  # type: ignore
     with pytest.raises(openai.BadRequestError):
-        stack.client().chat.completions.create(model="tiny", messages=MESSAGES, n=2)
+        stack.client().chat.completions.create(model="tiny", messages=MESSAGES, n=129)
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
@@ -404,6 +404,61 @@ def test_upstream_error_mid_stream_is_an_event(stack: Stack) -> None:
     with pytest.raises(openai.APIError):
         list(stack.client().chat.completions.create(model="tiny", messages=MESSAGES,
                                                     stream=True))
+
+
+def test_choices_are_separate_generations_numbered_in_order(stack: Stack) -> None:
+    opened = len(stack.fake.opened)
+    done = stack.client().completions.create(model="tiny", prompt=["a", "bb"], n=2, seed=7,
+                                             max_tokens=200, stop=["better"])
+    validate("CreateCompletionResponse", done.to_dict())
+    sent = stack.fake.opened[opened:]
+    a, bb = (stack.tokenizer.encode(p, True) for p in ("a", "bb"))
+    assert [r.token_ids for r in sent] == [a, a, bb, bb]
+    assert [r.sampling.seed for r in sent] == [7, 8, 7, 8]  # choices differ, requests repeat
+    assert len({r.request_id for r in sent}) == 4
+    # Every choice stops at the stop string on its own, and its generation is aborted there.
+    assert [c.text for c in done.choices] == [REPLY[:REPLY.index("better")]] * 4
+    assert [c.index for c in done.choices] == [0, 1, 2, 3]
+    assert done.usage is not None and done.usage.prompt_tokens == len(a) + len(bb)
+    unseeded = stack.client().chat.completions.create(model="tiny", messages=MESSAGES, n=3)
+    assert [r.sampling.seed for r in stack.fake.opened[-3:]] == [None] * 3
+    assert len(unseeded.choices) == 3
+
+
+def test_one_failing_choice_fails_the_request_and_aborts_the_others(stack: Stack) -> None:
+    stack.script(reply=stack.reply_ids * 20, delay_s=0.01, error_at_chunk=4, failing_request=1)
+    opened = len(stack.fake.opened)
+    with httpx.stream("POST", stack.url + "/v1/chat/completions", timeout=TIMEOUT, json={
+            "model": "tiny", "messages": MESSAGES, "stream": True, "n": 3}) as response:
+        assert response.status_code == 200
+        events = _sse_events(response)
+    assert events[-1] == "[DONE]"
+    validate("ErrorResponse", events[-2])
+    assert {e["choices"][0]["index"] for e in events[:-2]} == {0, 1, 2}
+    others = [stack.fake.opened[opened].request_id, stack.fake.opened[opened + 2].request_id]
+    wait_until(lambda: all(r in stack.fake.cancelled for r in others), TIMEOUT)
+
+    stack.script(reply=stack.reply_ids * 20, delay_s=0.01, error_at_chunk=4, failing_request=2,
+                 error_code=503, error_message="worker died")
+    opened = len(stack.fake.opened)
+    error = _error_of(_post(stack, "/v1/completions", {"model": "tiny", "prompt": "x", "n": 3,
+                                                       "max_tokens": 300}), 503)
+    assert error["message"] == "worker died"
+    others = [r.request_id for r in stack.fake.opened[opened:opened + 2]]
+    wait_until(lambda: all(r in stack.fake.cancelled for r in others), TIMEOUT)
+
+
+def test_disconnect_cancels_every_choice(stack: Stack) -> None:
+    stack.script(reply=stack.reply_ids * 20, delay_s=0.02)
+    opened = len(stack.fake.opened)
+    with httpx.Client(timeout=TIMEOUT) as client, client.stream(
+            "POST", stack.url + "/v1/completions",
+            json={"model": "tiny", "prompt": ["x", "y"], "stream": True,
+                  "max_tokens": 1000}) as response:
+        assert next(response.iter_lines()).startswith("data: ")
+    ids = [r.request_id for r in stack.fake.opened[opened:]]
+    assert len(ids) == 2
+    wait_until(lambda: all(r in stack.fake.cancelled for r in ids), TIMEOUT)
 
 
 def test_routes(stack: Stack) -> None:

@@ -149,6 +149,27 @@ def test_concurrent_stream_cap(stack: Stack) -> None:
     wait_until(lambda: stack.scrape().value(gauge, key_id="two-streams") == 0, TIMEOUT)
 
 
+def test_a_request_for_n_completions_holds_n_of_the_keys_streams(stack: Stack) -> None:
+    stack.fake.script = Script(reply=REPLY, delay_s=0.2, stop_token=ByteTokenizer.EOS)
+    gauge = "turnout_frontend_key_active_streams"
+    with pytest.raises(openai.RateLimitError) as never:
+        stack.chat("sk-two", n=3)
+    assert _error(never.value)["code"] == "request_too_large"
+    assert "at most 2" in _error(never.value)["message"]
+    stream = stack.client("sk-two").chat.completions.create(model="tiny", messages=MESSAGES,
+                                                            stream=True, n=2)
+    next(iter(stream))
+    assert stack.scrape().value(gauge, key_id="two-streams") == 2
+    with pytest.raises(openai.RateLimitError) as capped:
+        stack.chat("sk-two", max_tokens=2)
+    assert _error(capped.value)["code"] == "concurrency_limit_exceeded"
+    stream.close()
+    wait_until(lambda: stack.scrape().value(gauge, key_id="two-streams") == 0, TIMEOUT)
+    done = stack.chat("sk-two", max_tokens=2, n=2)
+    assert [c.finish_reason for c in done.choices] == ["length", "length"]
+    assert stack.scrape().value(gauge, key_id="two-streams") == 0
+
+
 def test_tokens_per_minute(stack: Stack) -> None:
     with pytest.raises(openai.RateLimitError) as too_large:
         stack.client("sk-few").chat.completions.create(

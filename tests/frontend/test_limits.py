@@ -272,6 +272,46 @@ def test_admission_wait_times_out_and_a_cancelled_waiter_leaves() -> None:
     asyncio.run(asyncio.wait_for(main(), 10))
 
 
+def test_a_request_for_several_completions_takes_its_slots_at_once() -> None:
+    async def main() -> None:
+        queue = AdmissionQueue(max_active=4, max_waiting=5, wait_timeout_s=5)
+        with pytest.raises(ApiError) as never:
+            await queue.enter(5)
+        assert (never.value.status, never.value.param) == (400, "n")
+        await queue.enter(2)
+        order: list[str] = []
+
+        async def waiter(name: str, count: int) -> None:
+            await queue.enter(count)
+            order.append(name)
+
+        big = asyncio.create_task(waiter("big", 3))
+        await asyncio.sleep(0)
+        small = asyncio.create_task(waiter("small", 1))  # fits, but waits its turn
+        await asyncio.sleep(0)
+        assert queue.waiting == 2 and queue.active == 2
+        queue.leave()
+        await big
+        assert queue.active == 4 and order == ["big"]
+        queue.leave(3)
+        await small
+        assert order == ["big", "small"] and queue.active == 2
+        # A waiter that gives up lets the smaller one behind it in.
+        await queue.enter(2)
+        stuck = asyncio.create_task(waiter("stuck", 3))
+        await asyncio.sleep(0)
+        after = asyncio.create_task(waiter("after", 1))
+        await asyncio.sleep(0)
+        queue.leave()
+        await asyncio.sleep(0)
+        assert queue.active == 3 and order == ["big", "small"]
+        stuck.cancel()
+        await after
+        assert order[-1] == "after" and queue.active == 4 and queue.waiting == 0
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+
+
 # --- token caps -------------------------------------------------------------------------------
 
 def chat(**fields: Any) -> protocol.ChatCompletionRequest:

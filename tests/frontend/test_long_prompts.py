@@ -9,14 +9,15 @@ from typing import Any
 import pytest
 
 from services.frontend.errors import ApiError
-from services.frontend.protocol import completion_prompt, parse_completion
+from services.frontend.protocol import completion_prompts, parse_completion
 
 VOCAB = 50_000
 
 
 def prompt_of(value: Any, vocab: int = VOCAB) -> str | list[int]:
     raw = json.dumps({"model": "tiny", "prompt": value, "max_tokens": 1}).encode()
-    return completion_prompt(parse_completion(raw), vocab_size=vocab)
+    [prompt] = completion_prompts(parse_completion(raw), vocab_size=vocab)
+    return prompt
 
 
 def error_of(value: Any) -> ApiError:

@@ -12,7 +12,8 @@ from services.frontend.errors import ApiError
 from services.frontend.protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     chat_messages,
-    completion_prompt,
+    check_choices,
+    completion_prompts,
     parse_chat,
     parse_completion,
     sampling_params,
@@ -114,7 +115,6 @@ def test_chat_rule_invalid(body: dict[str, Any], param: str) -> None:
 
 
 CHAT_UNSUPPORTED = [
-    (chat(n=2), "n"),
     (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
     (chat(tool_choice="required"), "tool_choice"),
     (chat(tool_choice={"type": "function", "function": {"name": "f"}}), "tool_choice"),
@@ -277,7 +277,7 @@ def test_completion_spec_invalid(body: dict[str, Any], param: str) -> None:
     if isinstance(body.get("prompt"), list):
         parsed = parse_completion(json.dumps(body).encode())  # the shape is checked next
         with pytest.raises(ApiError) as info:
-            completion_prompt(parsed, vocab_size=300)
+            completion_prompts(parsed, vocab_size=300)
         assert info.value.param == param
         return
     assert _error(parse_completion, body).param == param
@@ -288,7 +288,6 @@ COMPLETION_UNSUPPORTED = [
     (completion(best_of=2), "best_of"),
     (completion(suffix="tail"), "suffix"),
     (completion(logprobs=2), "logprobs"),
-    (completion(n=3), "n"),
     (completion(logit_bias={"1": 5}), "logit_bias"),
 ]
 
@@ -301,24 +300,40 @@ def test_completion_unsupported_is_named(body: dict[str, Any], param: str) -> No
 
 
 def test_completion_prompt_shapes() -> None:
-    def prompt_of(value: Any) -> str | list[int]:
+    def prompts_of(value: Any) -> list[str | list[int]]:
         body = parse_completion(json.dumps(completion(prompt=value)).encode())
-        return completion_prompt(body, vocab_size=300)
+        return completion_prompts(body, vocab_size=300)
 
-    assert prompt_of("hi") == "hi"
-    assert prompt_of(["hi"]) == "hi"
-    assert prompt_of([1, 2, 3]) == [1, 2, 3]
-    assert prompt_of([[4, 5]]) == [4, 5]
-    assert prompt_of(None) == ""
-    for batch in (["a", "b"], [[1], [2]]):
+    assert prompts_of("hi") == ["hi"]
+    assert prompts_of(["hi"]) == ["hi"]
+    assert prompts_of([1, 2, 3]) == [[1, 2, 3]]
+    assert prompts_of([[4, 5]]) == [[4, 5]]
+    assert prompts_of(None) == [""]
+    assert prompts_of(["a", "b"]) == ["a", "b"]  # a batch: one completion each
+    assert prompts_of([[1], [2, 3.0]]) == [[1], [2, 3]]
+    for bad in ([[1], [300]], [[1], []], [[1], ["a"]], ["a", [1]]):
         with pytest.raises(ApiError) as info:
-            prompt_of(batch)
-        assert (info.value.param, info.value.code) == ("prompt", "unsupported_parameter")
+            prompts_of(bad)
+        assert info.value.param == "prompt"
     with pytest.raises(ApiError) as info:
-        prompt_of([299, 300])
+        prompts_of([299, 300])
     assert info.value.param == "prompt"
     with pytest.raises(ApiError):
-        prompt_of([])
+        prompts_of([])
+
+
+def test_choices_are_bounded_in_all() -> None:
+    check_choices(1, 128)
+    check_choices(64, 2)
+    with pytest.raises(ApiError) as info:
+        check_choices(65, 2)
+    assert (info.value.param, info.value.code) == ("n", "too_many_choices")
+    with pytest.raises(ApiError) as info:
+        check_choices(129, 1)
+    assert (info.value.param, info.value.code) == ("prompt", "too_many_choices")
+    body = completion(n=2, best_of=1)
+    assert is_valid("CreateCompletionRequest", body)
+    assert _error(parse_completion, body).param == "best_of"
 
 
 def test_completion_unknown_field_and_defaults() -> None:
@@ -351,7 +366,7 @@ def test_integral_floats_are_integers() -> None:
         raw = completion(prompt=prompt, **fields)
         assert is_valid("CreateCompletionRequest", raw)
         body = parse_completion(json.dumps(raw).encode())
-        ids = completion_prompt(body, vocab_size=300)
+        [ids] = completion_prompts(body, vocab_size=300)
         assert ids in ([1, 2], [3, 4]) and all(type(i) is int for i in ids)
         assert (body.n, body.best_of, body.max_tokens, body.seed) == (1, 1, 7, 2)
 
@@ -374,5 +389,5 @@ def test_fractional_or_out_of_range_floats_are_not_integers(parse: Any, body: di
 def test_fractional_token_ids_are_refused() -> None:
     body = parse_completion(json.dumps(completion(prompt=[1.5, 2])).encode())
     with pytest.raises(ApiError) as info:
-        completion_prompt(body, vocab_size=300)
+        completion_prompts(body, vocab_size=300)
     assert info.value.param == "prompt"

@@ -77,6 +77,25 @@ def test_concurrent_streams_cap_frees_on_release() -> None:
     assert quotas.state(key).streams == 0
 
 
+def test_a_grant_widens_to_the_completions_it_runs() -> None:
+    quotas = Quotas(Clock())
+    key = policy(streams=3)
+    a = quotas.admit(key)
+    a.widen(2)
+    b = quotas.admit(key)
+    with pytest.raises(QuotaExceeded) as busy:
+        b.widen(2)
+    assert busy.value.retry_after_s is not None  # fits once others finish
+    with pytest.raises(QuotaExceeded) as never:
+        b.widen(4)
+    assert never.value.retry_after_s is None  # more than the key may ever run
+    assert (a.streams, b.streams, quotas.state(key).streams) == (2, 1, 3)
+    a.release()
+    b.widen(3)
+    b.release()
+    assert quotas.state(key).streams == 0
+
+
 def test_tokens_per_minute_prompt_up_front_completion_after() -> None:
     clock = Clock()
     quotas = Quotas(clock)

@@ -75,15 +75,40 @@ def test_completion_stream_chunks(include_usage: bool) -> None:
 @pytest.mark.parametrize("text", TEXTS)
 def test_whole_bodies(text: str) -> None:
     usage = responses.usage(7, 2, 4)
-    chat = json.loads(responses.chat_completion("chatcmpl-x", 1, "tiny", text, "stop", usage))
+    chat = json.loads(responses.chat_completion("chatcmpl-x", 1, "tiny", [(text, "stop")], usage))
     validate("CreateChatCompletionResponse", chat)
     assert chat["choices"][0]["message"] == {"content": text, "refusal": None,
                                              "role": "assistant"}
     assert chat["choices"][0]["logprobs"] is None
-    done = json.loads(responses.completion("cmpl-x", 1, "tiny", text, "length", usage))
+    done = json.loads(responses.completion("cmpl-x", 1, "tiny", [(text, "length")], usage))
     validate("CreateCompletionResponse", done)
     assert done["choices"][0]["text"] == text
     assert done["usage"]["total_tokens"] == 9
+
+
+def test_several_choices_carry_their_index() -> None:
+    usage = responses.usage(7, 5, 0)
+    choices = [("one", "stop"), ("two", "length"), ("", "stop")]
+    chat = json.loads(responses.chat_completion("chatcmpl-x", 1, "tiny", choices, usage))
+    validate("CreateChatCompletionResponse", chat)
+    assert [(c["index"], c["message"]["content"], c["finish_reason"])
+            for c in chat["choices"]] == [(0, "one", "stop"), (1, "two", "length"),
+                                          (2, "", "stop")]
+    done = json.loads(responses.completion("cmpl-x", 1, "tiny", choices, usage))
+    validate("CreateCompletionResponse", done)
+    assert [(c["index"], c["text"]) for c in done["choices"]] == [(0, "one"), (1, "two"),
+                                                                   (2, "")]
+    chat_enc = responses.ChatStreamEncoder("chatcmpl-1", 1, "tiny", True, index=3)
+    comp_enc = responses.CompletionStreamEncoder("cmpl-1", 1, "tiny", False, index=3)
+    frames = [chat_enc.opening(), chat_enc.delta("x"), *_events(chat_enc.ending("y", "stop"))]
+    for frame in frames:
+        event = _event(frame)
+        validate("CreateChatCompletionStreamResponse", event)
+        assert event["choices"][0]["index"] == 3 and event["usage"] is None
+    for frame in (comp_enc.delta("x"), comp_enc.ending("y", "length")):
+        event = _event(frame)
+        validate("CreateCompletionStreamResponse", event)
+        assert event["choices"][0]["index"] == 3
 
 
 def test_model_list_and_errors() -> None:
