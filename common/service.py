@@ -15,6 +15,7 @@ Owns none of the resources it shuts down; each service says how to close its own
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import inspect
 import logging
 import os
@@ -31,6 +32,9 @@ from common.logs import setup_logging
 ShutdownStep = Callable[[], Awaitable[object] | object]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Set by a supervisor (`turnout up`) in the environment of the services it starts: its pid.
+SUPERVISOR_ENV = "TURNOUT_SUPERVISOR_PID"
+_PR_SET_PDEATHSIG = 1
 
 
 class ServiceFailed(Exception):
@@ -149,12 +153,31 @@ class Service:
         await asyncio.gather(task, return_exceptions=True)
 
 
+def stop_with_supervisor() -> None:
+    """Under a supervisor (its pid in `SUPERVISOR_ENV`): SIGTERM when it is gone, however it
+    went (SIGKILL, the OOM killer), so a killed `turnout up` leaves no service behind. The
+    variable is taken out of the environment: what this process starts is its own to stop.
+    Linux only (prctl); elsewhere a no-op."""
+    supervisor = os.environ.pop(SUPERVISOR_ENV, "")
+    if not supervisor.isdigit() or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(supervisor):  # it went before the line above took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_service(role: str, config_classes: Sequence[type],
                 start: Callable[..., Coroutine[Any, Any, None]],
                 argv: Sequence[str] | None = None) -> None:
     """`turnout <role>`: parse `argv` into `config_classes` (flags + `TURNOUT_*`), set up logging
     from the first config's `log_level`, call `start(*configs)` and run what it returns on
     uvloop. A `ServiceFailed` becomes exit status 1 with a one-line message."""
+    stop_with_supervisor()
     configs = parse_configs(config_classes, list(sys.argv[1:] if argv is None else argv),
                             prog=f"turnout {role}")
     setup_logging(role, configs[0].log_level)

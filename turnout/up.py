@@ -47,10 +47,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from common.config import flag_given, opt, parse_configs, to_argv
+from common.config import StartupRefused, flag_given, opt, parse_configs, to_argv
 from common.discovery import Discovery, open_discovery
 from common.messages import MODE_ENCODE, ROLE_WORKER
+from common.service import SUPERVISOR_ENV
 from services.frontend.args import FrontendConfig
+from services.frontend.main import listen_socket
 from services.planner.args import PlannerConfig
 from services.router.args import RouterConfig
 from services.worker.args import DEFAULT_EMBEDDING_CACHE_MB, WorkerConfig
@@ -208,6 +210,13 @@ def plan(argv: Sequence[str]) -> Plan:
                          "--router-metrics-port and --router-event-port at 0")
     if not up.startup_timeout_s >= 0:  # NaN too
         raise SystemExit("turnout up: --startup-timeout-s must be >= 0 (0: no limit)")
+    if frontend.port:
+        # Else another deployment's frontend would answer the readiness checks, and this one
+        # would say it is up before its own frontend fails to listen.
+        try:
+            listen_socket(frontend.host, frontend.port).close()
+        except StartupRefused as exc:
+            raise SystemExit(f"turnout up: {exc}") from None
     tmp: str | None = None
     if not flag_given(argv, "discovery"):
         tmp = new_up_discovery()
@@ -339,15 +348,17 @@ class Supervisor:
         now = time.monotonic()
         self.started_at = now
         self._next_report = now + PROGRESS_EVERY_S
+        supervised = {**os.environ, SUPERVISOR_ENV: str(os.getpid())}
         for child in self.children:
             # Own process group: a Ctrl-C reaches `up` alone, which then stops the children in
             # order instead of all of them dying at once mid-stream. Not a session of its own:
             # with autogroup scheduling (on in many distributions' kernels) every session is a
             # scheduling group, and a CPU engine's busy threads then kept the router off both
             # cores of a 2-core host for over ten seconds (its lease ran out mid-stream).
+            # With our pid in its environment a service stops when we are gone, even killed.
             child.process = proc = subprocess.Popen(
                 child.argv, process_group=0, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=supervised)
             assert proc.stdout is not None
             os.set_blocking(proc.stdout.fileno(), False)
             self.selector.register(proc.stdout, selectors.EVENT_READ, child)

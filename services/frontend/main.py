@@ -8,6 +8,7 @@ under way, unregister and close.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -15,6 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.config import StartupRefused
 from common.discovery import open_discovery
 from common.messages import ROLE_FRONTEND, Instance
 from common.service import Service, run_service
@@ -33,7 +35,15 @@ def listen_socket(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        why = f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+        if exc.errno == errno.EADDRINUSE:
+            why += ("; another process holds the port (a Turnout already running? `turnout "
+                    "status` shows it): stop it, or choose another port with --port")
+        raise StartupRefused(why) from None
     sock.listen(2048)
     sock.setblocking(False)
     return sock

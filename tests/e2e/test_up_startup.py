@@ -31,8 +31,9 @@ REPO = Path(__file__).resolve().parents[2]
 class Up:
     """One `turnout up` process; its stderr goes to a file the test reads while it runs."""
 
-    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None,
+                 port: int | None = None) -> None:
+        self.port = free_port() if port is None else port
         self.err_path = tmp / "up.err"
         self.out_path = tmp / "up.out"
         env = {**(os.environ if env is None else env), "PYTHONPATH": str(REPO),
@@ -151,6 +152,42 @@ def test_services_lead_their_own_process_groups_inside_ups_session(
     for child in children:
         assert os.getpgid(child.pid) == child.pid, child.cmdline()
         assert os.getsid(child.pid) == session, child.cmdline()
+
+
+def test_a_port_in_use_stops_up_before_it_starts_anything(tmp_path: Path,
+                                                           up_runs: list[Up]) -> None:
+    """A second `make up` on the same port: another deployment's frontend answered the
+    readiness check, so up said it was up, then its own frontend died with a traceback."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        up = Up(tmp_path, "--workers", "1", port=taken.getsockname()[1])
+        up_runs.append(up)
+        assert up.wait_exit(60) == 1
+    finally:
+        taken.close()
+    err = up.stderr()
+    assert err.startswith(f"turnout up: cannot listen on 127.0.0.1:{up.port}: "), err[-2000:]
+    assert "choose another port with --port" in err and "Traceback" not in err
+    assert "Turnout is up" not in up.stdout()
+
+
+def test_services_stop_when_up_is_killed(tmp_path: Path, up_runs: list[Up]) -> None:
+    """SIGKILL (or the OOM killer) gives `up` no chance to stop its services: each is told
+    by the kernel that its parent is gone, and stops itself."""
+    up = Up(tmp_path, "--workers", "2")
+    up_runs.append(up)
+    up.wait_stdout("Turnout is up", 90)
+    children = psutil.Process(up.process.pid).children()
+    assert len(children) >= 4, children  # router, two workers, frontend
+    up.process.kill()
+    up.process.wait(timeout=10)
+    _, alive = psutil.wait_procs(children, timeout=60)
+    survivors = [p.pid for p in alive]
+    for orphan in alive:  # reaped here: nobody else will
+        orphan.kill()
+    assert not survivors, f"still running after up was killed: pids {survivors}"
 
 
 def test_status_with_no_flags_shows_the_up_deployment_running_here(
