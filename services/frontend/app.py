@@ -1,11 +1,11 @@
 """The OpenAI HTTP API as a raw ASGI application (run it under uvicorn).
 
-Owns routing (POST /v1/chat/completions, POST /v1/completions, GET /v1/models, /health, /live,
-/metrics), the life of one generation request (validate → resolve the model → tokenize → open an
-upstream stream per completion asked for (`n`, a batch of prompts) → detokenize, apply stop
-strings → answer whole or as SSE, the choices merged), admission slots, client-disconnect
-cancellation and the HTTP metrics. Does not own the transport to routers (`upstream`), process
-wiring (`main`) or the wire format of bodies (`protocol`, `responses`).
+Owns routing (POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{model}],
+/health, /live, /metrics), the life of one generation request (validate → resolve the model →
+tokenize → open an upstream stream per completion asked for (`n`, a batch of prompts) →
+detokenize, apply stop strings → answer whole or as SSE, the choices merged), admission slots,
+client-disconnect cancellation and the HTTP metrics. Does not own the transport to routers
+(`upstream`), process wiring (`main`) or the wire format of bodies (`protocol`, `responses`).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ Send = Callable[[Message], Awaitable[None]]
 MAX_BODY_BYTES: Final = 64 * 1024 * 1024
 # Context length to assume when neither the config nor any worker states one.
 FALLBACK_MAX_MODEL_LEN: Final = 4096
+MODEL_PATH: Final = "/v1/models/"
 CHAT: Final = "chat"
 COMPLETIONS: Final = "completions"
 WORKER_HEADER: Final = b"x-worker-instance-id"
@@ -324,11 +325,16 @@ class FrontendApp:
             "/live": {"GET": self._live},
             "/metrics": {"GET": self._metrics},
         }
+        self._model_routes: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]] = {
+            "GET": self._model}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            methods = self._routes.get(scope["path"])
+            path = scope["path"]
+            methods = self._routes.get(path)
+            if methods is None and path.startswith(MODEL_PATH) and len(path) > len(MODEL_PATH):
+                methods = self._model_routes
             if methods is None:
                 error = ApiError(404, f"no route for {scope['path']}", code="not_found")
                 await _send_bytes(send, 404, error.body())
@@ -372,12 +378,26 @@ class FrontendApp:
             return [self.served_model_name] if served else []
         return list(dict.fromkeys(served))
 
-    async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def _visible_models(self, scope: Scope) -> list[str]:
         models = self.public_models()
         policy: KeyPolicy | None = scope.get(KEY_SCOPE)
         if policy is not None and policy.models is not None:  # only what the key may use
             models = [m for m in models if policy.allows(m)]
-        await _send_bytes(send, 200, responses.model_list(models, self.created))
+        return models
+
+    async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send_bytes(send, 200, responses.model_list(self._visible_models(scope),
+                                                          self.created))
+
+    async def _model(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """GET /v1/models/{model} (ids with a slash included, as Hugging Face names go)."""
+        model = scope["path"][len(MODEL_PATH):]
+        if model not in self._visible_models(scope):
+            error = ApiError(404, f"The model '{model}' does not exist", param="model",
+                             code="model_not_found", reason="model_not_found")
+            await _send_bytes(send, 404, error.body())
+            return
+        await _send_bytes(send, 200, responses.model_card(model, self.created))
 
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.upstream.served_models():

@@ -102,6 +102,10 @@ def completion(response_id: str, created: int, model: str, choices: list[tuple[s
                  for i, (text, reason) in enumerate(choices)]))
 
 
+def model_card(model: str, created: int) -> bytes:
+    return _encode(ModelCard(id=model, created=created))
+
+
 def model_list(models: list[str], created: int) -> bytes:
     return _encode(ModelList(data=[ModelCard(id=m, created=created) for m in models]))
 

@@ -111,6 +111,20 @@ def test_models_list(stack: Stack) -> None:
     validate("ListModelsResponse", raw.json())
 
 
+def test_model_retrieve(stack: Stack) -> None:
+    model = stack.client().models.retrieve("tiny")
+    assert (model.id, model.object, model.owned_by) == ("tiny", "model", "turnout")
+    raw = httpx.get(stack.url + "/v1/models/tiny", timeout=TIMEOUT)
+    validate("Model", raw.json())
+    with pytest.raises(openai.NotFoundError) as missing:
+        stack.client().models.retrieve("gpt-4o")
+    assert missing.value.code == "model_not_found"
+    stack.fake.models = ["org/tiny-v2"]  # Hugging Face ids carry a slash
+    assert stack.client().models.retrieve("org/tiny-v2").id == "org/tiny-v2"
+    response = httpx.post(stack.url + "/v1/models/org/tiny-v2", timeout=TIMEOUT)
+    assert response.status_code == 405 and response.headers["allow"] == "GET"
+
+
 def test_chat_whole(stack: Stack) -> None:
     stack.script(cached_tokens=4)
     done = stack.client().chat.completions.create(model="tiny", messages=MESSAGES,

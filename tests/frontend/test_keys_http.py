@@ -104,6 +104,11 @@ def test_a_model_outside_the_allow_list_is_403(stack: Stack) -> None:
     assert len(stack.fake.opened) == 2  # the refused request never went upstream
     assert [m.id for m in stack.client("sk-tiny").models.list().data] == ["tiny"]
     assert [m.id for m in stack.client("sk-open").models.list().data] == ["tiny", "big"]
+    assert stack.client("sk-open").models.retrieve("big").id == "big"
+    with pytest.raises(openai.NotFoundError):  # a model the key may not use is not shown
+        stack.client("sk-tiny").models.retrieve("big")
+    with pytest.raises(openai.AuthenticationError):
+        stack.client("sk-wrong").models.retrieve("tiny")
 
 
 def test_over_the_request_rate_is_429_then_served_after_retry_after(stack: Stack) -> None:
