@@ -379,6 +379,11 @@ async def run(config: StatusConfig, named: bool = True) -> int:
                     text = "\x1b[H\x1b[2J" + text
                 print(text, flush=True)
                 if not config.watch or stop.is_set():
+                    if not any(snapshot[kind] for kind in ("workers", "routers",
+                                                           "frontends", "others")):
+                        print(f"turnout status: nothing registers in {config.discovery}; start "
+                              "a deployment with `turnout up` (or `make up`), or name its "
+                              "discovery with --discovery", file=sys.stderr)
                     return 0
                 if await _sleep_unless(stop, 1.0):
                     return 0

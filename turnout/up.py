@@ -466,8 +466,10 @@ class Supervisor:
         if healthy(self.plan.url):
             self.ready = True
             loading = [w.name for w in self.workers if w.ready_at is None and not w.reported]
-            fleet = (f"{len(self.workers)} workers" if self.plan.planner is None
-                     else f"{len(self.workers)} fixed workers, the planner sizing the rest")
+            count = len(self.workers)
+            plural = "" if count == 1 else "s"
+            fleet = (f"{count} worker{plural}" if self.plan.planner is None
+                     else f"{count} fixed worker{plural}, the planner sizing the rest")
             print(f"Turnout is up: {self.plan.url}/v1 (model {self.plan.model!r}, "
                   f"{fleet}; Ctrl-C stops it)", flush=True)
             if loading:

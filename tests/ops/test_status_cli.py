@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -115,3 +116,12 @@ def test_status_rejects_a_bad_discovery_spec() -> None:
     out = subprocess.run([sys.executable, "-m", "turnout", "status", "--discovery", "nope:x"],
                          capture_output=True, text=True, cwd=ROOT, timeout=30, check=False)
     assert out.returncode == 2 and "unknown discovery backend" in out.stderr
+
+
+def test_status_of_an_empty_fleet_says_how_to_start_one(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "turnout", "status", "--discovery",
+                          f"file:{tmp_path}"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=30, check=False)
+    assert out.returncode == 0, out.stderr
+    assert f"nothing registers in file:{tmp_path}; start a deployment with `turnout up`" \
+        in out.stderr
