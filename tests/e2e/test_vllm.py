@@ -147,6 +147,25 @@ def test_chat_whole_and_streamed(dep: Deployment) -> None:
     assert usage.prompt_tokens == whole.usage.prompt_tokens
 
 
+def test_sampled_choices_differ_and_a_seed_repeats_them(dep: Deployment) -> None:
+    """n=3 at temperature 1 with a seed: three vLLM requests (seeds s, s+1, s+2) whose samples
+    differ from one another (the tiny model's random weights spread its distribution over
+    ~2,000 tokens), and the same request again gives the same three."""
+    oai, model = client(dep), model_of(dep)
+
+    def sample() -> list[str]:
+        done = oai.completions.create(model=model, prompt="The quick brown fox", max_tokens=8,
+                                      n=3, temperature=1.0, seed=11,
+                                      extra_body={"ignore_eos": True})
+        assert [c.index for c in done.choices] == [0, 1, 2]
+        assert done.usage is not None and done.usage.completion_tokens == 24
+        return [c.text for c in done.choices]
+
+    first = sample()
+    assert len(set(first)) == 3, first
+    assert sample() == first
+
+
 def test_stop_string_cuts_the_greedy_answer(dep: Deployment) -> None:
     oai, model = client(dep), model_of(dep)
     prompt = "Once upon a time"
