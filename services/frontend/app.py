@@ -32,6 +32,7 @@ from common.messages import (
 from services.frontend import protocol, responses
 from services.frontend.api_keys import ApiKeys, KeyPolicy
 from services.frontend.chat_template import ChatTemplateError
+from services.frontend.choices import ChoiceStreams
 from services.frontend.errors import ApiError, invalid
 from services.frontend.images import ChatImages, ImageLimits
 from services.frontend.limits import AdmissionQueue, cap_tokens
@@ -597,17 +598,17 @@ class FrontendApp:
                     sampling=sampling, target_worker=target, images=images))
         return requests
 
-    def _open(self, requests: list[GenerateRequest]) -> list[ChunkStream]:
-        streams: list[ChunkStream] = []
+    def _open(self, requests: list[GenerateRequest],
+              per_prompt: int) -> ChunkStream | ChoiceStreams:
+        """The one completion's stream, or the several's (each prompt's first opened)."""
         try:
-            for request in requests:
-                streams.append(self.upstream.open(request))
+            if len(requests) == 1:
+                return self.upstream.open(requests[0])
+            choices = ChoiceStreams(self.upstream, requests, per_prompt)
+            choices.open_first()
+            return choices
         except NoWorkersError as exc:
-            for request in requests[:len(streams)]:
-                self.upstream.cancel(request.request_id)
-            raise ApiError(503, str(exc) or "no worker can serve this model right now",
-                           code="no_workers", reason="no_workers") from None
-        return streams
+            raise _no_workers(exc) from None
 
     async def _generate(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
         started = time.perf_counter()
@@ -631,7 +632,7 @@ class FrontendApp:
             try:
                 # Prompt tokens count once per prompt: its n copies share its prefix.
                 self._take_prompt_quota(scope, sum(len(ids) for ids, _ in prompts))
-                streams = self._open(requests)
+                opened = self._open(requests, body.n or 1)
             except BaseException:
                 self.admission.leave(len(requests))
                 raise
@@ -672,14 +673,14 @@ class FrontendApp:
                                 else responses.CompletionStreamEncoder)
                 encoders = [encoder_type(response_id, created, model, include_usage, i)
                             for i in range(len(gens))]
-                if len(gens) == 1:
-                    status = await self._stream(send, gens[0], streams[0], encoders[0],
+                if isinstance(opened, ChunkStream):
+                    status = await self._stream(send, gens[0], opened, encoders[0],
                                                 prompt_tokens, request_id)
                 else:
-                    status = await self._stream_choices(send, gens, streams, encoders,
+                    status = await self._stream_choices(send, gens, opened, encoders,
                                                         _usage_of(gens, prompts), request_id)
             else:
-                status = await self._unary(send, gens, streams, endpoint, response_id, model,
+                status = await self._unary(send, gens, opened, endpoint, response_id, model,
                                            prompts)
         except asyncio.CancelledError:
             if not gens[0].disconnected:
@@ -806,15 +807,21 @@ class FrontendApp:
             text = gen.consume(batch)
 
     async def _stream_choices(
-            self, send: Send, gens: list[Generation], streams: list[ChunkStream],
+            self, send: Send, gens: list[Generation], choices: ChoiceStreams,
             encoders: list[responses.ChatStreamEncoder] | list[responses.CompletionStreamEncoder],
             usage: Callable[[], responses.Usage], request_id: str) -> int:
         """Several choices in one SSE stream: each choice's text leaves as it comes, marked
         with its index; the usage (if asked for) and [DONE] once every choice has ended. The
         first choice to fail ends the response and aborts the others."""
         ready: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
-        readers = [asyncio.create_task(self._read_choice(i, gen, stream, ready))
-                   for i, (gen, stream) in enumerate(zip(gens, streams, strict=True))]
+        readers = [asyncio.create_task(self._read_choice(i, gen, choices, ready))
+                   for i, gen in enumerate(gens)]
+
+        def stop() -> None:
+            for reader in readers:
+                reader.cancel()
+            choices.close()
+
         try:
             out: list[bytes] = []
             left = len(gens)
@@ -822,7 +829,7 @@ class FrontendApp:
             while True:
                 gen = gens[index]
                 if gen.error is not None:
-                    self._abort_others(gens, gen)
+                    stop()
                     _mark_done(gens)
                     if not gens[0].response_started:  # nothing sent: an HTTP status of its own
                         await _send_bytes(send, gen.error.status, gen.error.body())
@@ -862,53 +869,75 @@ class FrontendApp:
                 else:
                     index, text = ready.get_nowait()
         finally:
-            for reader in readers:
-                reader.cancel()
+            stop()
 
-    async def _read_choice(self, index: int, gen: Generation, chunks: ChunkStream,
+    async def _read_choice(self, index: int, gen: Generation, choices: ChoiceStreams,
                            ready: asyncio.Queue[tuple[int, str]]) -> None:
         """Posts (index, text) for each batch of one choice's stream, until it ends or fails."""
+        chunks = await self._choice_stream(index, gen, choices)
+        if chunks is None:
+            ready.put_nowait((index, ""))
+            return
         while gen.finish is None and gen.error is None:
             text = gen.consume(await chunks.next_batch(self.stream_interval))
+            if gen.error is None:
+                choices.started(index)
             ready.put_nowait((index, text))
 
-    def _abort_others(self, gens: list[Generation], failed: Generation) -> None:
-        for gen in gens:
-            if gen is not failed and not gen.upstream_finished:
-                self.upstream.cancel(gen.request_id)
+    @staticmethod
+    async def _choice_stream(index: int, gen: Generation,
+                             choices: ChoiceStreams) -> ChunkStream | None:
+        """Choice `index`'s stream once it opens; None (`gen.error` set) if no worker is left
+        to open it on."""
+        try:
+            return await choices.stream(index)
+        except NoWorkersError as exc:
+            gen.error = _no_workers(exc)
+            return None
 
-    async def _collect(self, gen: Generation, chunks: ChunkStream) -> str:
-        """One choice's whole text (`gen.error` says whether it failed)."""
+    async def _collect(self, gen: Generation, chunks: ChunkStream,
+                       started: Callable[[], None] | None = None) -> str:
+        """One choice's whole text (`gen.error` says whether it failed); `started` is called
+        once it has tokens."""
         parts: list[str] = []
         while True:
             text = gen.consume(await chunks.next_batch())
             if text:
                 parts.append(text)
-            if gen.error is not None or gen.finish is not None:
+            if gen.error is not None:
+                break
+            if started is not None:
+                started()
+            if gen.finish is not None:
                 break
         if gen.stopped_by_string and not gen.upstream_finished:
             self.upstream.cancel(gen.request_id)
         return "".join(parts)
 
-    async def _unary(self, send: Send, gens: list[Generation], streams: list[ChunkStream],
-                     endpoint: str, response_id: str, model: str,
-                     prompts: list[tuple[list[int], list[ImageInput]]]) -> int:
-        if len(gens) == 1:
-            texts = [await self._collect(gens[0], streams[0])]
+    async def _collect_choice(self, index: int, gen: Generation, choices: ChoiceStreams) -> str:
+        chunks = await self._choice_stream(index, gen, choices)
+        if chunks is None:
+            return ""
+        return await self._collect(gen, chunks, lambda: choices.started(index))
+
+    async def _unary(self, send: Send, gens: list[Generation],
+                     opened: ChunkStream | ChoiceStreams, endpoint: str, response_id: str,
+                     model: str, prompts: list[tuple[list[int], list[ImageInput]]]) -> int:
+        if isinstance(opened, ChunkStream):
+            texts = [await self._collect(gens[0], opened)]
         else:
-            collecting = [asyncio.create_task(self._collect(gen, stream))
-                          for gen, stream in zip(gens, streams, strict=True)]
+            collecting = [asyncio.create_task(self._collect_choice(i, gen, opened))
+                          for i, gen in enumerate(gens)]
             try:
                 for task in asyncio.as_completed(collecting):
                     await task
-                    failed = next((gen for gen in gens if gen.error is not None), None)
-                    if failed is not None:
-                        self._abort_others(gens, failed)
+                    if any(gen.error is not None for gen in gens):
                         break
                 texts = [task.result() if task.done() else "" for task in collecting]
             finally:
                 for task in collecting:
                     task.cancel()
+                opened.close()
         _mark_done(gens)
         failed = next((gen for gen in gens if gen.error is not None), None)
         if failed is not None:
@@ -922,6 +951,11 @@ class FrontendApp:
         return 200
 
 
+def _no_workers(exc: NoWorkersError) -> ApiError:
+    return ApiError(503, str(exc) or "no worker can serve this model right now",
+                    code="no_workers", reason="no_workers")
+
+
 def _mark_done(gens: list[Generation]) -> None:
     """The last bytes are being sent: a disconnect now is not the client's."""
     for gen in gens:
@@ -931,11 +965,11 @@ def _mark_done(gens: list[Generation]) -> None:
 def _usage_of(gens: list[Generation],
               prompts: list[tuple[list[int], list[ImageInput]]]) -> Callable[[], responses.Usage]:
     """The request's usage, read when called: each prompt counted once (its n choices share it),
-    its cached tokens those every one of its choices found cached, every choice's output."""
+    with the cached tokens its first choice found, as vLLM reports a request with n; every
+    choice's output."""
     def usage() -> responses.Usage:
         n = len(gens) // len(prompts)
-        cached = sum(min(gen.cached_tokens for gen in gens[i * n:(i + 1) * n])
-                     for i in range(len(prompts)))
+        cached = sum(gens[i * n].cached_tokens for i in range(len(prompts)))
         return responses.usage(sum(len(ids) for ids, _ in prompts),
                                sum(gen.tokens for gen in gens), cached)
     return usage

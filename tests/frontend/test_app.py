@@ -427,8 +427,10 @@ def test_choices_are_separate_generations_numbered_in_order(stack: Stack) -> Non
     validate("CreateCompletionResponse", done.to_dict())
     sent = stack.fake.opened[opened:]
     a, bb = (stack.tokenizer.encode(p, True) for p in ("a", "bb"))
-    assert [r.token_ids for r in sent] == [a, a, bb, bb]
-    assert [r.sampling.seed for r in sent] == [7, 8, 7, 8]  # choices differ, requests repeat
+    # Each prompt's first completion opens at once, its second after the first's first token.
+    assert [(r.token_ids, r.sampling.seed) for r in sent[:2]] == [(a, 7), (bb, 7)]
+    # Seeded choices differ from one another; the request as a whole repeats.
+    assert sorted((r.token_ids, r.sampling.seed) for r in sent[2:]) == [(a, 8), (bb, 8)]
     assert len({r.request_id for r in sent}) == 4
     # Every choice stops at the stop string on its own, and its generation is aborted there.
     assert [c.text for c in done.choices] == [REPLY[:REPLY.index("better")]] * 4
@@ -451,6 +453,12 @@ def test_one_failing_choice_fails_the_request_and_aborts_the_others(stack: Stack
     assert {e["choices"][0]["index"] for e in events[:-2]} == {0, 1, 2}
     others = [stack.fake.opened[opened].request_id, stack.fake.opened[opened + 2].request_id]
     wait_until(lambda: all(r in stack.fake.cancelled for r in others), TIMEOUT)
+
+    # A prompt's other completions wait for its first one's first token: it never comes here.
+    stack.script(error_at_chunk=0, failing_request=0, error_code=503, error_message="no way")
+    opened = len(stack.fake.opened)
+    _error_of(_post(stack, "/v1/completions", {"model": "tiny", "prompt": "x", "n": 3}), 503)
+    assert len(stack.fake.opened) == opened + 1
 
     stack.script(reply=stack.reply_ids * 20, delay_s=0.01, error_at_chunk=4, failing_request=2,
                  error_code=503, error_message="worker died")
