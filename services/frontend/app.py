@@ -654,7 +654,6 @@ class FrontendApp:
             gens.append(Generation(request.request_id, self.tokenizer, stops,
                                    self._hidden_ids.union(stop_ids) if stop_ids
                                    else self._hidden_ids))
-        prompt_tokens = sum(len(ids) for ids, _ in prompts)
         request_id = requests[0].request_id
         per_model = self.metrics.model(model)
         per_model.active.inc()
@@ -675,10 +674,10 @@ class FrontendApp:
                             for i in range(len(gens))]
                 if isinstance(opened, ChunkStream):
                     status = await self._stream(send, gens[0], opened, encoders[0],
-                                                prompt_tokens, request_id)
+                                                len(prompts[0][0]), request_id)
                 else:
-                    status = await self._stream_choices(send, gens, opened, encoders,
-                                                        _usage_of(gens, prompts), request_id)
+                    status = await self._stream_choices(send, gens, opened, encoders, prompts,
+                                                        request_id)
             else:
                 status = await self._unary(send, gens, opened, endpoint, response_id, model,
                                            prompts)
@@ -709,29 +708,28 @@ class FrontendApp:
             self.admission.leave(len(requests))
             per_model.active.dec()
             gens[0].left_queue()
-        self._record(per_model, gens, model, endpoint, stream, status, prompt_tokens, started)
+        self._record(per_model, gens, prompts, model, endpoint, stream, status, started)
         self._settle_key(scope, sum(gen.tokens for gen in gens))
 
-    def _record(self, per_model: ModelMetrics, gens: list[Generation], model: str, endpoint: str,
-                stream: bool, status: int, prompt_tokens: int, started: float) -> None:
+    def _record(self, per_model: ModelMetrics, gens: list[Generation],
+                prompts: list[tuple[list[int], list[ImageInput]]], model: str, endpoint: str,
+                stream: bool, status: int, started: float) -> None:
         now = time.perf_counter()
         if gens[0].disconnected:
             per_model.disconnects.inc()
-        per_model.input_tokens.inc(prompt_tokens)
+        usage = _usage(gens, prompts)  # the token counters count what usage reports
+        per_model.input_tokens.inc(usage.prompt_tokens)
+        if usage.completion_tokens:
+            per_model.output_tokens.inc(usage.completion_tokens)
+        if usage.prompt_tokens_details.cached_tokens:
+            per_model.cached_tokens.inc(usage.prompt_tokens_details.cached_tokens)
         first_token_at = min((gen.first_token_at for gen in gens if gen.tokens), default=0.0)
         if first_token_at:
             per_model.ttft.observe(first_token_at - started)
-        cached = 0
         for gen in gens:
-            cached += gen.cached_tokens
-            if not gen.tokens:
-                continue
-            per_model.output_tokens.inc(gen.tokens)
             if gen.tokens > 1:
                 per_model.itl.observe((gen.last_token_at - gen.first_token_at)
                                       / (gen.tokens - 1))
-        if cached:
-            per_model.cached_tokens.inc(cached)
         error_type = ""
         if status >= 400:
             failed = next((gen.error for gen in gens if gen.error is not None), None)
@@ -809,7 +807,7 @@ class FrontendApp:
     async def _stream_choices(
             self, send: Send, gens: list[Generation], choices: ChoiceStreams,
             encoders: list[responses.ChatStreamEncoder] | list[responses.CompletionStreamEncoder],
-            usage: Callable[[], responses.Usage], request_id: str) -> int:
+            prompts: list[tuple[list[int], list[ImageInput]]], request_id: str) -> int:
         """Several choices in one SSE stream: each choice's text leaves as it comes, marked
         with its index; the usage (if asked for) and [DONE] once every choice has ended. The
         first choice to fail ends the response and aborts the others."""
@@ -853,7 +851,7 @@ class FrontendApp:
                     if not left:
                         _mark_done(gens)
                         if encoders[0].include_usage:
-                            out.append(encoders[0].usage(usage()))
+                            out.append(encoders[0].usage(_usage(gens, prompts)))
                         out.append(responses.DONE)
                         await send({"type": "http.response.body", "more_body": False,
                                     "body": b"".join(out)})
@@ -946,7 +944,7 @@ class FrontendApp:
             return failed.error.status
         render = responses.chat_completion if endpoint == CHAT else responses.completion
         choices = [(text, gen.finish or "stop") for text, gen in zip(texts, gens, strict=True)]
-        body = render(response_id, int(time.time()), model, choices, _usage_of(gens, prompts)())
+        body = render(response_id, int(time.time()), model, choices, _usage(gens, prompts))
         await _send_bytes(send, 200, body)
         return 200
 
@@ -962,17 +960,15 @@ def _mark_done(gens: list[Generation]) -> None:
         gen.done = True
 
 
-def _usage_of(gens: list[Generation],
-              prompts: list[tuple[list[int], list[ImageInput]]]) -> Callable[[], responses.Usage]:
-    """The request's usage, read when called: each prompt counted once (its n choices share it),
-    with the cached tokens its first choice found, as vLLM reports a request with n; every
-    choice's output."""
-    def usage() -> responses.Usage:
-        n = len(gens) // len(prompts)
-        cached = sum(gens[i * n].cached_tokens for i in range(len(prompts)))
-        return responses.usage(sum(len(ids) for ids, _ in prompts),
-                               sum(gen.tokens for gen in gens), cached)
-    return usage
+def _usage(gens: list[Generation],
+           prompts: list[tuple[list[int], list[ImageInput]]]) -> responses.Usage:
+    """The request's usage so far: each prompt counted once (its n choices share it), with the
+    cached tokens its first choice found, as vLLM reports a request with n; every choice's
+    output."""
+    n = len(gens) // len(prompts)
+    cached = sum(gens[i * n].cached_tokens for i in range(len(prompts)))
+    return responses.usage(sum(len(ids) for ids, _ in prompts),
+                           sum(gen.tokens for gen in gens), cached)
 
 
 def _wrap_int64(value: int) -> int:

@@ -436,9 +436,20 @@ def test_choices_are_separate_generations_numbered_in_order(stack: Stack) -> Non
     assert [c.text for c in done.choices] == [REPLY[:REPLY.index("better")]] * 4
     assert [c.index for c in done.choices] == [0, 1, 2, 3]
     assert done.usage is not None and done.usage.prompt_tokens == len(a) + len(bb)
+    stack.script(cached_tokens=4)
+    counters = ("turnout_frontend_input_tokens_total", "turnout_frontend_cached_tokens_total",
+                "turnout_frontend_output_tokens_total")
+    before = [_metric(stack, name, model="tiny") for name in counters]
     unseeded = stack.client().chat.completions.create(model="tiny", messages=MESSAGES, n=3)
     assert [r.sampling.seed for r in stack.fake.opened[-3:]] == [None] * 3
     assert len(unseeded.choices) == 3
+    usage = unseeded.usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    assert usage.prompt_tokens_details.cached_tokens == 4  # the prompt's, counted once
+    # The metrics count what usage reports.
+    after = [_metric(stack, name, model="tiny") for name in counters]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [
+        usage.prompt_tokens, 4, usage.completion_tokens]
 
 
 def test_one_failing_choice_fails_the_request_and_aborts_the_others(stack: Stack) -> None:
