@@ -365,7 +365,7 @@ def _check_completion(body: CompletionRequest) -> None:
         raise unsupported("echo")
     if body.best_of is not None and body.best_of > 1:
         raise unsupported("best_of", "only best_of <= 1 is supported")
-    if body.best_of is not None and body.n is not None and body.best_of < body.n > 1:
+    if body.best_of is not None and body.n is not None and 1 < body.n and body.best_of < body.n:
         raise invalid(f"'best_of' ({body.best_of}) must be at least 'n' ({body.n})", "best_of",
                       "invalid_value")
     if body.suffix:
