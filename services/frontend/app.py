@@ -521,10 +521,13 @@ class FrontendApp:
             raise _quota_error(exc, with_limits=False) from None
         self.metrics.key_streams.labels(grant.key_id).inc(streams - held)
 
-    def _take_prompt_quota(self, scope: Scope, prompt_tokens: int) -> None:
+    def _take_prompt_quota(self, scope: Scope,
+                           prompts: list[tuple[list[int], list[ImageInput]]]) -> None:
+        """The key's token quota for the prompts (each once: its n copies share its prefix)."""
         grant: Grant | None = scope.get(GRANT_SCOPE)
         if grant is None:
             return
+        prompt_tokens = sum(len(ids) for ids, _ in prompts)
         try:
             grant.take_prompt(prompt_tokens)
         except QuotaExceeded as exc:
@@ -579,15 +582,12 @@ class FrontendApp:
         n = body.n or 1
         context = self.context_length(upstream_model)
         source = self.context_length_source(upstream_model)
-        samplings = []
-        for ids, _ in prompts:
+        target = _target_worker(scope)
+        requests = []
+        for ids, images in prompts:
             sampling = protocol.sampling_params(body, len(ids), context,
                                                 self.tokenizer.vocab_size, source)
             cap_tokens(body, len(ids), sampling, self.max_prompt_tokens, self.max_output_tokens)
-            samplings.append(sampling)
-        target = _target_worker(scope)
-        requests = []
-        for (ids, images), sampling in zip(prompts, samplings, strict=True):
             for j in range(n):
                 if j and sampling.seed is not None:
                     # A seeded request's choices differ from one another yet repeat as a whole.
@@ -630,8 +630,7 @@ class FrontendApp:
             # The slots come last: a request waiting for them is one that will run.
             await self.admission.enter(len(requests))
             try:
-                # Prompt tokens count once per prompt: its n copies share its prefix.
-                self._take_prompt_quota(scope, sum(len(ids) for ids, _ in prompts))
+                self._take_prompt_quota(scope, prompts)
                 opened = self._open(requests, body.n or 1)
             except BaseException:
                 self.admission.leave(len(requests))
@@ -723,13 +722,17 @@ class FrontendApp:
             per_model.output_tokens.inc(usage.completion_tokens)
         if usage.prompt_tokens_details.cached_tokens:
             per_model.cached_tokens.inc(usage.prompt_tokens_details.cached_tokens)
-        first_token_at = min((gen.first_token_at for gen in gens if gen.tokens), default=0.0)
-        if first_token_at:
-            per_model.ttft.observe(first_token_at - started)
+        first_token_at = 0.0
         for gen in gens:
+            if not gen.tokens:
+                continue
+            if not first_token_at or gen.first_token_at < first_token_at:
+                first_token_at = gen.first_token_at
             if gen.tokens > 1:
                 per_model.itl.observe((gen.last_token_at - gen.first_token_at)
                                       / (gen.tokens - 1))
+        if first_token_at:
+            per_model.ttft.observe(first_token_at - started)
         error_type = ""
         if status >= 400:
             failed = next((gen.error for gen in gens if gen.error is not None), None)
@@ -966,9 +969,13 @@ def _usage(gens: list[Generation],
     cached tokens its first choice found, as vLLM reports a request with n; every choice's
     output."""
     n = len(gens) // len(prompts)
-    cached = sum(gens[i * n].cached_tokens for i in range(len(prompts)))
-    return responses.usage(sum(len(ids) for ids, _ in prompts),
-                           sum(gen.tokens for gen in gens), cached)
+    prompt_tokens = cached = completion_tokens = 0
+    for i, (ids, _) in enumerate(prompts):  # loops: cheaper than sums over one prompt
+        prompt_tokens += len(ids)
+        cached += gens[i * n].cached_tokens
+    for gen in gens:
+        completion_tokens += gen.tokens
+    return responses.usage(prompt_tokens, completion_tokens, cached)
 
 
 def _wrap_int64(value: int) -> int:
