@@ -446,10 +446,11 @@ def test_choices_are_separate_generations_numbered_in_order(stack: Stack) -> Non
     usage = unseeded.usage
     assert usage is not None and usage.prompt_tokens_details is not None
     assert usage.prompt_tokens_details.cached_tokens == 4  # the prompt's, counted once
-    # The metrics count what usage reports.
-    after = [_metric(stack, name, model="tiny") for name in counters]
-    assert [a - b for a, b in zip(after, before, strict=True)] == [
-        usage.prompt_tokens, 4, usage.completion_tokens]
+    # The metrics count what usage reports (once the request is recorded, just after its
+    # last byte left).
+    expected = [usage.prompt_tokens, 4, usage.completion_tokens]
+    wait_until(lambda: [_metric(stack, name, model="tiny") - b for name, b in zip(
+        counters, before, strict=True)] == expected)
 
 
 def test_one_failing_choice_fails_the_request_and_aborts_the_others(stack: Stack) -> None:
