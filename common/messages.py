@@ -67,6 +67,18 @@ class SamplingParams(Wire):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # -1: none; k >= 0: each output token's log-probability and the k most likely tokens at
+    # its position (`TokenChunk.logprobs`).
+    logprobs: int = -1
+
+
+class TokenLogprob(Wire):
+    """One output token's log-probability, and the most likely tokens at its position (as many
+    as `SamplingParams.logprobs` asked for, most likely first)."""
+
+    logprob: float
+    top_ids: list[int] = []
+    top_logprobs: list[float] = []
 
 
 class ImageInput(Wire):
@@ -165,6 +177,8 @@ class TokenChunk(Wire):
     # The `GenerateRequest.run` of the run that made it: a router drops (non-error) chunks of
     # any other run of the stream on that worker.
     run: int = 0
+    # One per token of `token_ids` when the request asked for logprobs (else empty).
+    logprobs: list[TokenLogprob] = []
 
 
 class TokenBatch(Wire):

@@ -322,14 +322,12 @@ class Worker:
             return
         if owner is not None:
             # Resumed through another router while still running here: hand it over.
-            tokens = self.routers.handover(request)
-            if tokens is not None:
+            handed = self.routers.handover(request)
+            if handed is not None:
                 self.destinations[request.request_id] = ident
                 self.metrics.handovers.inc()
-                if tokens:
-                    self._send(ident, TokenBatch([TokenChunk(
-                        request.request_id, tokens, offset=len(request.generated_token_ids),
-                        run=request.run)]))
+                if handed.token_ids:
+                    self._send(ident, TokenBatch([handed]))
                 return
             self.engine.abort(request.request_id)
         self.destinations[request.request_id] = ident

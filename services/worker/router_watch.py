@@ -12,7 +12,7 @@ When a router is lost, its frontends resume each stream through another router, 
 places it back here (`previous_worker`). If the request is still running here, the new router
 takes it over without a recompute: replies go to the new router from now on, starting with the
 tokens generated since those the frontend already had (they went to the lost router). For that
-the worker keeps each running request's generated tokens.
+the worker keeps each running request's generated tokens (and their logprobs, when asked for).
 
 A stream may also end here after its router stopped listening (hung, or killed before this
 worker's verdict): its last tokens went nowhere. So an ended stream's tokens stay until its
@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from common.logprob_history import LogprobHistory
 from common.messages import GenerateRequest, TokenChunk
 from common.pause_grace import PauseGrace
 
@@ -45,6 +46,7 @@ class _Ended:
     tokens: list[int]  # every token it generated
     finish_reason: str
     at: float  # when it ended (monotonic)
+    logprobs: LogprobHistory | None  # None: not asked for
 
 
 class RouterWatch:
@@ -55,6 +57,7 @@ class RouterWatch:
         self.grace = PauseGrace(10 * timeout_s)  # after a pause of this worker's own
         self.generated: dict[str, list[int]] = {}  # request id → every token generated so far
         self.runs: dict[str, int] = {}  # request id → its router's run number (when not 0)
+        self.logprobs: dict[str, LogprobHistory] = {}  # of the requests that ask for them
         # Router identity → its streams that ended since its last ping, by request id.
         self.ended: dict[bytes, dict[str, _Ended]] = {}
         self._lost_at: dict[bytes, float] = {}  # lost routers with streams that ended → when
@@ -112,6 +115,11 @@ class RouterWatch:
 
     def admitted(self, request: GenerateRequest) -> None:
         self.generated[request.request_id] = list(request.generated_token_ids)
+        if request.sampling.logprobs >= 0:
+            self.logprobs[request.request_id] = LogprobHistory(
+                len(request.generated_token_ids))
+        elif self.logprobs:
+            self.logprobs.pop(request.request_id, None)
         self._run(request)
 
     def _run(self, request: GenerateRequest) -> None:
@@ -128,12 +136,17 @@ class RouterWatch:
             history.extend(chunk.token_ids)
             if self.runs:
                 chunk.run = self.runs.get(chunk.request_id, 0)
+            if chunk.logprobs:
+                logprobs = self.logprobs.get(chunk.request_id)
+                if logprobs is not None:
+                    logprobs.items.extend(chunk.logprobs)
 
     def finished(self, chunk: TokenChunk, router: bytes | None, replayable: bool) -> None:
         """The last chunk of a request from `router` (None: it was cancelled meanwhile), its
         `offset` set, kept for a replay when `replayable` (not a prefill phase, whose result is
         its KV)."""
         history = self.generated.pop(chunk.request_id, None)
+        logprobs = self.logprobs.pop(chunk.request_id, None) if self.logprobs else None
         if history is not None:
             chunk.offset = len(history)
             if self.runs:
@@ -142,25 +155,33 @@ class RouterWatch:
                 or router not in self.heard:
             return
         history.extend(chunk.token_ids)
+        if logprobs is not None:
+            logprobs.items.extend(chunk.logprobs)
         streams = self.ended.get(router)
         if streams is None:
             streams = self.ended[router] = {}
-        streams[chunk.request_id] = _Ended(history, chunk.finish_reason or "", self.clock())
+        streams[chunk.request_id] = _Ended(history, chunk.finish_reason or "", self.clock(),
+                                           logprobs)
 
     def forget(self, request_id: str) -> None:
         self.generated.pop(request_id, None)
         self.runs.pop(request_id, None)
+        if self.logprobs:
+            self.logprobs.pop(request_id, None)
 
-    def handover(self, request: GenerateRequest) -> list[int] | None:
-        """`request` resumes a stream this worker is running: the tokens the new router must be
-        sent first (possibly none); None when what the frontend has is not what this worker
-        generated (the old run must go, and the request starts afresh)."""
+    def handover(self, request: GenerateRequest) -> TokenChunk | None:
+        """`request` resumes a stream this worker is running: the chunk of tokens the new
+        router must be sent first (possibly none); None when what the frontend has is not what
+        this worker generated (the old run must go, and the request starts afresh)."""
         history = self.generated.get(request.request_id)
         have = request.generated_token_ids
         if history is None or len(have) > len(history) or history[:len(have)] != have:
             return None
         self._run(request)  # its chunks are the new router's run from now on
-        return history[len(have):]
+        logprobs = self.logprobs.get(request.request_id) if self.logprobs else None
+        return TokenChunk(request.request_id, history[len(have):], offset=len(have),
+                          run=request.run,
+                          logprobs=logprobs.since(len(have)) if logprobs is not None else [])
 
     def replay(self, request: GenerateRequest) -> TokenChunk | None:
         """`request` resumes a stream that ended here after its router stopped listening: the
@@ -177,5 +198,6 @@ class RouterWatch:
         have = request.generated_token_ids
         if len(have) > len(ended.tokens) or ended.tokens[:len(have)] != have:
             return None
+        logprobs = ended.logprobs.since(len(have)) if ended.logprobs is not None else []
         return TokenChunk(request.request_id, ended.tokens[len(have):], ended.finish_reason,
-                          offset=len(have), run=request.run)
+                          offset=len(have), run=request.run, logprobs=logprobs)

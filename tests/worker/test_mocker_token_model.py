@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 from services.worker.engines.mocker.token_model import EMPTY_STATE, TokenModel, absorb, absorb_all
@@ -54,3 +55,21 @@ def test_banned_ids_are_redrawn_deterministically() -> None:
     draws = [model.draw(absorb_all([i]), False, banned) for i in range(2000)]
     assert set(draws) == {38, 39}
     assert draws == [model.draw(absorb_all([i]), False, banned) for i in range(2000)]
+
+
+def test_logprobs_rank_the_drawn_token_first_and_repeat() -> None:
+    """A proper (sub-)distribution, the drawn token its most likely, distinct alternatives in
+    range, and the same figures for the same sequence: a migrated stream's logprobs go on as
+    the original's would have."""
+    model = TokenModel(32, 127, eos_token_id=3, mean_output_tokens=50)
+    for i in range(200):
+        state = absorb_all([i, 7])
+        token = model.draw(state, True, None)
+        lp = model.logprobs(state, token, 5)
+        assert lp == model.logprobs(state, token, 5)
+        assert lp.top_ids[0] == token and lp.top_logprobs[0] == lp.logprob < 0
+        assert len(set(lp.top_ids)) == 5 and all(32 <= t < 127 for t in lp.top_ids[1:])
+        assert lp.top_logprobs == sorted(lp.top_logprobs, reverse=True)
+        assert sum(math.exp(v) for v in lp.top_logprobs) <= 1.0
+        alone = model.logprobs(state, token, 0)
+        assert (alone.logprob, alone.top_ids) == (lp.logprob, [])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import msgspec
 
-from common.messages import GenerateRequest, SamplingParams, TokenChunk
+from common.messages import GenerateRequest, SamplingParams, TokenChunk, TokenLogprob
 from services.worker.router_watch import RouterWatch
 
 
@@ -71,8 +71,10 @@ def test_handover_sends_what_the_frontend_lacks() -> None:
         watch.on_chunk(chunk)
     # Each chunk says where its tokens start in the response (the resumed request's included).
     assert [c.offset for c in chunks] == [1, 3]
-    assert watch.handover(request([5, 6])) == [7, 8]
-    assert watch.handover(request([5, 6, 7, 8])) == []
+    handed = watch.handover(request([5, 6]))
+    assert handed is not None and (handed.token_ids, handed.offset) == ([7, 8], 2)
+    handed = watch.handover(request([5, 6, 7, 8]))
+    assert handed is not None and handed.token_ids == []
     # Not what this worker generated, or more than it has: start afresh.
     assert watch.handover(request([5, 9])) is None
     assert watch.handover(request([5, 6, 7, 8, 9])) is None
@@ -99,10 +101,11 @@ def test_every_chunk_of_a_numbered_run_carries_its_number() -> None:
     replay = watch.replay(msgspec.structs.replace(request([5]), run=4))
     assert replay is not None and (replay.token_ids, replay.run) == ([6, 7], 4)
     watch.admitted(msgspec.structs.replace(request([5]), run=5))
-    assert watch.handover(msgspec.structs.replace(request([5]), run=6)) == []
-    handed = TokenChunk("x", [6])
-    watch.on_chunk(handed)
-    assert handed.run == 6  # the new router's number from now on
+    handed = watch.handover(msgspec.structs.replace(request([5]), run=6))
+    assert handed is not None and (handed.token_ids, handed.run) == ([], 6)
+    after = TokenChunk("x", [6])
+    watch.on_chunk(after)
+    assert after.run == 6  # the new router's number from now on
     watch.admitted(request([5]))  # its next run unnumbered (a migration back here)
     unnumbered = TokenChunk("x", [6])
     watch.on_chunk(unnumbered)
@@ -168,3 +171,23 @@ def test_no_replay_of_a_prefill_phase_or_a_failed_stream() -> None:
     ended_while(watch, b"r1", "y", error_code=500)
     ended_while(watch, b"r1", "z")
     assert list(watch.ended[b"r1"]) == ["z"]
+
+
+def test_a_handover_and_a_replay_carry_the_logprobs_of_the_tokens_they_send() -> None:
+    """With logprobs asked for, the tokens a worker sends again come with theirs: the
+    history starts at the tokens the request came with (those reached the client already)."""
+    clock = Clock()
+    watch = RouterWatch(1.0, clock)
+    asked = GenerateRequest("x", "m", [1, 2], SamplingParams(max_tokens=9, logprobs=1),
+                            generated_token_ids=[5])
+    watch.admitted(asked)
+    lp = {t: TokenLogprob(-t / 10, [t], [-t / 10]) for t in (6, 7, 8)}
+    watch.on_chunk(TokenChunk("x", [6, 7], logprobs=[lp[6], lp[7]]))
+    handed = watch.handover(msgspec.structs.replace(asked, generated_token_ids=[5, 6]))
+    assert handed is not None and (handed.token_ids, handed.logprobs) == ([7], [lp[7]])
+    watch.on_ping(b"r1")
+    watch.finished(TokenChunk("x", [8], "length", logprobs=[lp[8]]), b"r1", replayable=True)
+    replay = watch.replay(msgspec.structs.replace(asked, generated_token_ids=[5]))
+    assert replay is not None and replay.token_ids == [6, 7, 8]
+    assert replay.logprobs == [lp[6], lp[7], lp[8]]
+    assert watch.logprobs == {}

@@ -168,6 +168,8 @@ async def test_checks_and_load() -> None:
         engine.add_request(req("long", 60, prompt=10))  # 70 > max_model_len 64
     with pytest.raises(EngineError):
         engine.add_request(GenerateRequest("v", "m", [5, 1000], SamplingParams(2)))
+    with pytest.raises(EngineError, match="logprobs are not supported"):  # said, not dropped
+        engine.add_request(GenerateRequest("l", "m", [5, 6], SamplingParams(2, logprobs=1)))
     engine.add_request(req("a", 10, prompt=6))
     with pytest.raises(EngineError):
         engine.add_request(req("a"))  # duplicate

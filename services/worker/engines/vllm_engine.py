@@ -56,6 +56,7 @@ from common.messages import (
     KvBlockStored,
     KvEvent,
     SamplingParams,
+    TokenLogprob,
 )
 from common.vision_layout import vision_layout
 from services.worker.engine import Engine, EngineError, EngineLoad, StepOutput, StepSink
@@ -153,12 +154,26 @@ def sampling_params(sp: SamplingParams, max_tokens: int, min_tokens: int,
         presence_penalty=sp.presence_penalty,
         frequency_penalty=sp.frequency_penalty,
         repetition_penalty=sp.repetition_penalty,
+        logprobs=sp.logprobs if sp.logprobs >= 0 else None,
         detokenize=False,
         skip_special_tokens=False,
         output_kind=RequestOutputKind.DELTA,
         extra_args=({"kv_transfer_params": kv_transfer_params}
                     if kv_transfer_params is not None else None),
     )
+
+
+def token_logprobs(tokens: list[int], positions: Any, top: int) -> list[TokenLogprob]:
+    """vLLM's per-position logprobs (a mapping of token id to `Logprob` each: the sampled
+    token and the `top` most likely) as ours, one per token of `tokens`; [] if none asked."""
+    if top < 0 or not positions:
+        return []
+    out = []
+    for token, position in zip(tokens, positions, strict=True):
+        ranked = sorted(position.items(), key=lambda item: item[1].rank or 1 << 30)[:top]
+        out.append(TokenLogprob(position[token].logprob, [t for t, _ in ranked],
+                                [lp.logprob for _, lp in ranked]))
+    return out
 
 
 def parse_engine_args(argv: list[str]) -> AsyncEngineArgs:
@@ -477,8 +492,9 @@ class VllmEngine(Engine):
             if reason is not None and tracked.request_id in self._prefills:
                 self._prefills.discard(tracked.request_id)
                 handoff = encode_handoff(out.kv_transfer_params)
-            gather.push(tracked.request_id, list(completion.token_ids), reason,
-                        out.num_cached_tokens or 0, handoff)
+            tokens = list(completion.token_ids)
+            gather.push(tracked.request_id, tokens, reason, out.num_cached_tokens or 0, handoff,
+                        token_logprobs(tokens, completion.logprobs, tracked.logprobs))
         gather.flush(self._kv_used_blocks())
 
     def _count_transfers(self, scheduler_stats: Any, iteration_stats: Any) -> None:

@@ -314,6 +314,8 @@ class Scheduler:
                 tok = draw(seq.state, False, seq.banned)
             else:
                 tok = draw(seq.state, seq.eos_ok, None)
+            if seq.logprobs >= 0:
+                logprob = self.model.logprobs(seq.state, tok, seq.logprobs)
             seq.tokens.append(tok)
             seq.state = ((seq.state ^ tok) * _PRIME) & _M64
             gen += 1
@@ -326,12 +328,15 @@ class Scheduler:
             else:
                 reason = None
             if seq.first_sent:
-                chunks.append(TokenChunk(seq.request_id, [tok], reason))
+                chunk = TokenChunk(seq.request_id, [tok], reason)
             else:
                 seq.first_sent = True
-                chunks.append(TokenChunk(seq.request_id, [tok], reason,
-                                         num_prompt_tokens=seq.num_prompt,
-                                         cached_tokens=seq.cached_tokens))
+                chunk = TokenChunk(seq.request_id, [tok], reason,
+                                   num_prompt_tokens=seq.num_prompt,
+                                   cached_tokens=seq.cached_tokens)
+            if seq.logprobs >= 0:
+                chunk.logprobs = [logprob]
+            chunks.append(chunk)
             if reason is not None:
                 seq.status = DONE
                 if seq.prefill_only:

@@ -27,6 +27,7 @@ class Sequence:
         "first_sent",
         "inline_images",
         "kv_ready",
+        "logprobs",
         "max_tokens",
         "min_tokens",
         "num_computed",
@@ -51,6 +52,7 @@ class Sequence:
         self.num_generated = len(request.generated_token_ids)
         self.max_tokens = sp.max_tokens  # counts migrated tokens too: the router resends originals
         self.min_tokens = sp.min_tokens
+        self.logprobs = sp.logprobs  # -1: none asked for
         self.stop_ids: frozenset[int] | None = frozenset(sp.stop_token_ids) or None
         # EOS may end this request (once min_tokens is reached).
         self.eos_ok = model.emits_eos and not sp.ignore_eos

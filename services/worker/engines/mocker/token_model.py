@@ -5,20 +5,26 @@ is drawn from a finalised copy of that state. So output depends only on prompt +
 so far: not on worker, timing, batch or sampling parameters, which is what lets a migrated request
 continue exactly where the original stopped. The only parameter-dependent twists are the ones a
 real sampler has too: EOS (drawn with probability 1/mean when allowed) and stop tokens banned
-before `min_tokens`.
+before `min_tokens`. Log-probabilities (`logprobs`) are a pure function of the same state too: the
+drawn token is always the most likely one, as under greedy sampling.
 
 Owns token choice only; when a request finishes is the scheduler's call.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+
+from common.messages import TokenLogprob
 
 _M64 = (1 << 64) - 1
 _OFFSET = 0xCBF29CE484222325  # FNV-1a offset basis
 _PRIME = 0x100000001B3  # FNV-1a prime
 _GOLDEN = 0x9E3779B97F4A7C15
 _MAX_REDRAWS = 64
+_LOGPROB_SALT = 0x5851F42D4C957F2D  # a second stream of draws from the same state
+_UNIT = 1.0 / (1 << 32)
 
 EMPTY_STATE = _OFFSET
 
@@ -81,3 +87,34 @@ class TokenModel:
                 if tok not in banned and tok != self.eos_token_id:
                     break
         return tok
+
+    def logprobs(self, state: int, token: int, top: int) -> TokenLogprob:
+        """`token`'s log-probability after the sequence whose rolling state is `state` (the
+        state `draw` chose it from), and the `top` most likely tokens there, `token` first.
+
+        The drawn token gets probability 0.5-0.99; the others split what is left, each a
+        0.2-0.7 share of what the ones before it left, so the probabilities sum to at most 1."""
+        x = _finalise(state ^ _LOGPROB_SALT)
+        p = 0.5 + 0.49 * (x & 0xFFFFFFFF) * _UNIT
+        chosen = math.log(p)
+        if top <= 0:
+            return TokenLogprob(chosen)
+        ids = [token]
+        probs = [p]
+        left = 1.0 - p
+        seen = {token, self.eos_token_id}
+        for _ in range(min(top - 1, self.span - 1) * 4):  # a clash is redrawn; rarely twice
+            if len(ids) == top:
+                break
+            x = _finalise((x + _GOLDEN) & _M64)
+            alt = self.lo + (x >> 32) % self.span
+            if alt in seen:
+                continue
+            seen.add(alt)
+            share = left * (0.2 + 0.5 * (x & 0xFFFFFFFF) * _UNIT)
+            left -= share
+            ids.append(alt)
+            probs.append(share)
+        order = sorted(range(1, len(ids)), key=probs.__getitem__, reverse=True)
+        return TokenLogprob(chosen, [token, *(ids[i] for i in order)],
+                            [chosen, *(math.log(probs[i]) for i in order)])
