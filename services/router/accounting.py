@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from common.logprob_history import LogprobHistory
 from common.messages import GenerateRequest
 
 if TYPE_CHECKING:
@@ -28,13 +29,17 @@ class RoutedRequest:
     (exactly what a migration needs to continue the stream elsewhere)."""
 
     __slots__ = ("announced", "blocks", "budget_gaps", "disagg", "frontend", "generated",
-                 "hashes", "migrations", "prefill_blocks", "request", "resume_tokens", "worker")
+                 "hashes", "logprobs", "migrations", "prefill_blocks", "request", "resume_tokens",
+                 "worker")
 
     def __init__(self, request: GenerateRequest, frontend: bytes) -> None:
         self.request = request
         self.frontend = frontend  # ROUTER identity of the frontend connection
         self.worker: WorkerHandle | None = None  # None: waiting for a worker (stranded)
         self.generated: list[int] = list(request.generated_token_ids)
+        # Those of `generated`, when asked for (a takeover sends them again with the tokens).
+        self.logprobs = LogprobHistory(len(self.generated)) if request.sampling.logprobs >= 0 \
+            else None
         self.migrations = 0
         self.blocks = 0  # KV blocks it holds on its worker
         self.prefill_blocks = 0  # blocks still to prefill until its first token arrives

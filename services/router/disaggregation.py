@@ -460,7 +460,8 @@ class Disaggregation:
         self.metrics.disagg_handoffs.labels("first_token_held").inc()
         return msgspec.structs.replace(
             chunk, token_ids=[*held.token_ids, *chunk.token_ids], offset=held.offset,
-            num_prompt_tokens=held.num_prompt_tokens, cached_tokens=held.cached_tokens)
+            num_prompt_tokens=held.num_prompt_tokens, cached_tokens=held.cached_tokens,
+            logprobs=[*held.logprobs, *chunk.logprobs])
 
     def hold_deadline_s(self, entry: RoutedRequest) -> float | None:
         """Seconds from its hand-off until `entry`'s held first token stops waiting for the

@@ -145,6 +145,8 @@ class Streams:
         if len(sent) > len(have) or (not have and entry.announced):
             chunk = TokenChunk(request.request_id, sent[len(have):], worker_id=entry.announced,
                                offset=len(have))
+            if entry.logprobs is not None:
+                chunk.logprobs = entry.logprobs.since(len(have), len(sent))
             if not have:  # the first chunk, with the prompt's count, went to the old one
                 chunk.num_prompt_tokens = len(entry.request.token_ids)
             self.frontends.send_multipart([frontend, KIND_TOKENS,
@@ -230,6 +232,8 @@ class Streams:
                 stale = len(entry.generated) - chunk.offset
                 self.metrics.stale_tokens.inc(min(stale, len(chunk.token_ids)))
                 chunk.token_ids = chunk.token_ids[stale:]
+                if chunk.logprobs:
+                    chunk.logprobs = chunk.logprobs[stale:]
             if entry.disagg is not None and self.disagg is not None:
                 if chunk.finish_reason is not None and self.disagg.continues(entry, chunk):
                     handoffs.append(entry)  # its first token goes out first, then the KV
@@ -255,6 +259,8 @@ class Streams:
                     chunk.cached_tokens = 0
             if chunk.token_ids:
                 entry.generated.extend(chunk.token_ids)
+                if entry.logprobs is not None:
+                    entry.logprobs.items.extend(chunk.logprobs)
             if entry.disagg is not None and self.disagg is not None:
                 out = self.disagg.relay(entry, chunk)  # a first token may wait for the next
                 if out is None:

@@ -7,7 +7,9 @@ import msgspec
 from common.messages import (
     KIND_CANCEL,
     KIND_GENERATE,
+    SamplingParams,
     TokenChunk,
+    TokenLogprob,
     cancel_decoder,
     encoder,
     generate_decoder,
@@ -231,3 +233,30 @@ def test_a_resume_over_a_new_connection_takes_the_running_stream_over() -> None:
     other = msgspec.structs.replace(resume, generated_token_ids=[5])
     w.streams.on_generate(b"fe3", other, encoder.encode(other))
     assert w.errors() == [(b"fe3", "r1", 400, "duplicate request id")]
+
+
+def test_logprobs_stay_with_their_tokens() -> None:
+    """A request asking for logprobs: each chunk's go to the frontend with its tokens; a
+    chunk's tokens the stream already has are dropped with theirs; a takeover sends the
+    tokens the new connection lacks with theirs."""
+    a = worker("a")
+    w = Wiring(RoundRobin(), a)
+    asked = msgspec.structs.replace(request("r1"), sampling=SamplingParams(max_tokens=16,
+                                                                           logprobs=0))
+    w.streams.on_generate(b"fe1", asked, encoder.encode(asked))
+    lp = {t: TokenLogprob(-t / 100) for t in range(7, 11)}
+    w.streams.on_batch(a, [TokenChunk("r1", [7, 8], num_prompt_tokens=8, offset=0,
+                                      logprobs=[lp[7], lp[8]])])
+    # An earlier run's chunk overlapping what the stream has: only token 9 is new.
+    w.streams.on_batch(a, [TokenChunk("r1", [8, 9], offset=1, logprobs=[lp[8], lp[9]])])
+    relayed = [c for f in w.frontends.sent for c in frontend_chunks(f)[1]]
+    assert [(c.token_ids, c.logprobs) for c in relayed] == [
+        ([7, 8], [lp[7], lp[8]]), ([9], [lp[9]])]
+    entry = w.accounting.get("r1")
+    assert entry is not None and entry.logprobs is not None
+    assert entry.logprobs.items == [lp[7], lp[8], lp[9]]
+    entry.announced = "a"
+    resume = msgspec.structs.replace(asked, generated_token_ids=[7], resumed=True)
+    w.streams.on_generate(b"fe2", resume, encoder.encode(resume))
+    _, (chunk,) = frontend_chunks(w.frontends.sent[-1])
+    assert (chunk.token_ids, chunk.logprobs) == ([8, 9], [lp[8], lp[9]])
