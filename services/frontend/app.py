@@ -28,6 +28,7 @@ from common.messages import (
     GenerateRequest,
     ImageInput,
     TokenChunk,
+    TokenLogprob,
 )
 from services.frontend import protocol, responses
 from services.frontend.api_keys import ApiKeys, KeyPolicy
@@ -36,6 +37,8 @@ from services.frontend.choices import ChoiceStreams
 from services.frontend.errors import ApiError, invalid
 from services.frontend.images import ChatImages, ImageLimits
 from services.frontend.limits import AdmissionQueue, cap_tokens
+from services.frontend.logprobs import NULL as NULL_LOGPROBS
+from services.frontend.logprobs import ChoiceLogprobs
 from services.frontend.metrics import FrontendMetrics, ModelMetrics
 from services.frontend.quotas import Grant, QuotaExceeded, Quotas, retry_after_headers
 from services.frontend.stop_matcher import StopMatcher
@@ -78,14 +81,15 @@ class Generation:
     """
 
     __slots__ = ("cached_tokens", "detokenizer", "disconnected", "done", "error", "finish",
-                 "first_token_at", "last_token_at", "matcher", "queued", "request_id",
+                 "first_token_at", "last_token_at", "logprobs", "matcher", "queued", "request_id",
                  "response_started", "saw_first_chunk", "stop_ids", "stopped_by_string", "tokens",
                  "upstream_finished")
 
     def __init__(self, request_id: str, tokenizer: Tokenizer, stops: tuple[str, ...],
-                 stop_ids: frozenset[int]) -> None:
+                 stop_ids: frozenset[int], logprobs: ChoiceLogprobs | None = None) -> None:
         self.request_id = request_id
         self.detokenizer = tokenizer.new_detokenizer()
+        self.logprobs = logprobs  # None: not asked for
         self.matcher = StopMatcher(stops) if stops else None
         self.stop_ids = stop_ids
         self.tokens = 0
@@ -118,16 +122,20 @@ class Generation:
                 return ""
             ids = chunk.token_ids
             finish = chunk.finish_reason
+            logprobs = chunk.logprobs
         else:
             ids = []
             finish = None
+            logprobs = []
             for chunk in batch:
                 if chunk.error_code or chunk.finish_reason in _FAILED:
-                    text = self._text(ids, None)
+                    text = self._text(ids, None, logprobs)
                     if self.finish is None:  # unless a stop string already ended it
                         self.error = _chunk_error(chunk)
                     return text
                 ids.extend(chunk.token_ids)
+                if chunk.logprobs:
+                    logprobs.extend(chunk.logprobs)
                 if chunk.finish_reason is not None:
                     finish = chunk.finish_reason
                     break
@@ -136,14 +144,14 @@ class Generation:
             if not self.tokens:
                 self.first_token_at = now
             self.last_token_at = now
-        return self._text(ids, finish)
+        return self._text(ids, finish, logprobs)
 
     def left_queue(self) -> None:
         if self.queued is not None:
             self.queued.dec()
             self.queued = None
 
-    def _text(self, ids: list[int], finish: str | None) -> str:
+    def _text(self, ids: list[int], finish: str | None, logprobs: list[TokenLogprob]) -> str:
         if finish is not None:
             self.upstream_finished = True
             self.finish = _FINISH.get(finish, "stop")
@@ -152,7 +160,10 @@ class Generation:
         matcher = self.matcher
         if matcher is None:
             self.tokens += len(ids)
-            text = self.detokenizer.step(ids[:-1] if hidden else ids)
+            shown = ids[:-1] if hidden else ids
+            if self.logprobs is not None:
+                self.logprobs.add(shown, logprobs)
+            text = self.detokenizer.step(shown)
             return text + self.detokenizer.flush() if finish is not None else text
         # With stop strings, decode token by token so usage counts up to the stopping token.
         out = []
@@ -161,6 +172,8 @@ class Generation:
             self.tokens += 1
             if hidden and i == last:
                 break
+            if self.logprobs is not None:
+                self.logprobs.add([token], logprobs[i:i + 1])
             piece = self.detokenizer.step([token])
             if piece:
                 emit, stopped = matcher.feed(piece)
@@ -189,6 +202,13 @@ class Generation:
 
     def usage(self, prompt_tokens: int) -> responses.Usage:
         return responses.usage(prompt_tokens, self.tokens, self.cached_tokens)
+
+    def logprobs_with(self, text: str) -> bytes:
+        """The JSON of the logprobs to send with `text`: those of the tokens shown since the
+        last call, once they show text (or the choice has ended); else "null"."""
+        if self.logprobs is None or not (text or self.finish or self.error):
+            return NULL_LOGPROBS
+        return self.logprobs.take()
 
 
 def _chunk_error(chunk: TokenChunk) -> ApiError:
@@ -652,7 +672,9 @@ class FrontendApp:
             stop_ids = request.sampling.stop_token_ids
             gens.append(Generation(request.request_id, self.tokenizer, stops,
                                    self._hidden_ids.union(stop_ids) if stop_ids
-                                   else self._hidden_ids))
+                                   else self._hidden_ids,
+                                   ChoiceLogprobs(self.tokenizer, endpoint == CHAT)
+                                   if request.sampling.logprobs >= 0 else None))
         request_id = requests[0].request_id
         per_model = self.metrics.model(model)
         per_model.active.inc()
@@ -781,7 +803,7 @@ class FrontendApp:
             if gen.error is not None:
                 gen.done = True
                 if text:
-                    out.append(encoder.delta(text))
+                    out.append(encoder.delta(text, gen.logprobs_with(text)))
                 out += (responses.sse_error(gen.error), responses.DONE)
                 await send({"type": "http.response.body", "more_body": False,
                             "body": b"".join(out)})
@@ -790,12 +812,14 @@ class FrontendApp:
                 if gen.stopped_by_string and not gen.upstream_finished:
                     self.upstream.cancel(gen.request_id)
                 gen.done = True
-                out.append(encoder.closing(text, gen.finish, gen.usage(prompt_tokens)))
+                out.append(encoder.closing(text, gen.finish, gen.usage(prompt_tokens),
+                                           gen.logprobs_with(text)))
                 await send({"type": "http.response.body", "more_body": False,
                             "body": b"".join(out)})
                 return 200
             if text:
-                out.append(encoder.delta(text))
+                out.append(encoder.delta(text) if gen.logprobs is None
+                           else encoder.delta(text, gen.logprobs_with(text)))
             # The first event leaves alone: TTFT does not wait for the encoding of the rest.
             batch = chunks.ready_batch(interval) if interval and not first else None
             first = False
@@ -814,7 +838,7 @@ class FrontendApp:
         """Several choices in one SSE stream: each choice's text leaves as it comes, marked
         with its index; the usage (if asked for) and [DONE] once every choice has ended. The
         first choice to fail ends the response and aborts the others."""
-        ready: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+        ready: asyncio.Queue[tuple[int, str, bytes]] = asyncio.Queue()
         readers = [asyncio.create_task(self._read_choice(i, gen, choices, ready))
                    for i, gen in enumerate(gens)]
 
@@ -826,7 +850,7 @@ class FrontendApp:
         try:
             out: list[bytes] = []
             left = len(gens)
-            index, text = await ready.get()
+            index, text, logprobs = await ready.get()
             while True:
                 gen = gens[index]
                 if gen.error is not None:
@@ -836,7 +860,7 @@ class FrontendApp:
                         await _send_bytes(send, gen.error.status, gen.error.body())
                         return gen.error.status
                     if text:
-                        out.append(encoders[index].delta(text))
+                        out.append(encoders[index].delta(text, logprobs))
                     out += (responses.sse_error(gen.error), responses.DONE)
                     await send({"type": "http.response.body", "more_body": False,
                                 "body": b"".join(out)})
@@ -849,7 +873,7 @@ class FrontendApp:
                 if gen.finish is not None:
                     if gen.stopped_by_string and not gen.upstream_finished:
                         self.upstream.cancel(gen.request_id)
-                    out.append(encoders[index].ending(text, gen.finish))
+                    out.append(encoders[index].ending(text, gen.finish, logprobs))
                     left -= 1
                     if not left:
                         _mark_done(gens)
@@ -860,30 +884,31 @@ class FrontendApp:
                                     "body": b"".join(out)})
                         return 200
                 elif text:
-                    out.append(encoders[index].delta(text))
+                    out.append(encoders[index].delta(text, logprobs))
                 if ready.empty():  # what piled up leaves in one write
                     if out:
                         await send({"type": "http.response.body", "more_body": True,
                                     "body": b"".join(out)})
                         out = []
-                    index, text = await ready.get()
+                    index, text, logprobs = await ready.get()
                 else:
-                    index, text = ready.get_nowait()
+                    index, text, logprobs = ready.get_nowait()
         finally:
             stop()
 
     async def _read_choice(self, index: int, gen: Generation, choices: ChoiceStreams,
-                           ready: asyncio.Queue[tuple[int, str]]) -> None:
-        """Posts (index, text) for each batch of one choice's stream, until it ends or fails."""
+                           ready: asyncio.Queue[tuple[int, str, bytes]]) -> None:
+        """Posts (index, text, logprobs JSON) for each batch of one choice's stream, until it
+        ends or fails."""
         chunks = await self._choice_stream(index, gen, choices)
         if chunks is None:
-            ready.put_nowait((index, ""))
+            ready.put_nowait((index, "", NULL_LOGPROBS))
             return
         while gen.finish is None and gen.error is None:
             text = gen.consume(await chunks.next_batch(self.stream_interval))
             if gen.error is None:
                 choices.started(index)
-            ready.put_nowait((index, text))
+            ready.put_nowait((index, text, gen.logprobs_with(text)))
 
     @staticmethod
     async def _choice_stream(index: int, gen: Generation,
@@ -946,7 +971,8 @@ class FrontendApp:
             await _send_bytes(send, failed.error.status, failed.error.body())
             return failed.error.status
         render = responses.chat_completion if endpoint == CHAT else responses.completion
-        choices = [(text, gen.finish or "stop") for text, gen in zip(texts, gens, strict=True)]
+        choices = [(text, gen.finish or "stop", gen.logprobs_with(text))
+                   for text, gen in zip(texts, gens, strict=True)]
         body = render(response_id, int(time.time()), model, choices, _usage(gens, prompts))
         await _send_bytes(send, 200, body)
         return 200

@@ -307,10 +307,8 @@ def _check_chat(body: ChatCompletionRequest) -> None:
         raise unsupported("function_call", "function calling is not supported")
     if body.response_format and body.response_format.type != "text":
         raise unsupported("response_format", "only {'type': 'text'} is supported")
-    if body.logprobs:
-        raise unsupported("logprobs")
-    if body.top_logprobs:
-        raise unsupported("top_logprobs")
+    if body.top_logprobs and not body.logprobs:
+        raise invalid("'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
     if body.audio is not None:
         raise unsupported("audio", "audio output is not supported")
     if body.modalities is not None and "audio" in body.modalities:
@@ -370,8 +368,6 @@ def _check_completion(body: CompletionRequest) -> None:
                       "invalid_value")
     if body.suffix:
         raise unsupported("suffix")
-    if body.logprobs is not None:
-        raise unsupported("logprobs")
     if body.max_tokens is not None and body.max_tokens < 1:
         raise invalid(f"'max_tokens' must be at least 1, got {body.max_tokens}", "max_tokens",
                       "invalid_value")
@@ -536,6 +532,15 @@ def stop_strings(body: ChatCompletionRequest | CompletionRequest) -> tuple[str, 
     return tuple(s for s in stop if s)
 
 
+def logprobs_asked(body: ChatCompletionRequest | CompletionRequest) -> int:
+    """-1: no logprobs; k >= 0: each token's, with its k most likely alternatives."""
+    if isinstance(body, CompletionRequest):
+        return -1 if body.logprobs is None else body.logprobs
+    if not body.logprobs:
+        return -1
+    return 0 if body.top_logprobs is UNSET else body.top_logprobs
+
+
 def sampling_params(body: ChatCompletionRequest | CompletionRequest, prompt_len: int,
                     max_model_len: int, vocab_size: int, limit_source: str = "") -> SamplingParams:
     """SamplingParams for a validated body whose prompt is `prompt_len` tokens long;
@@ -572,6 +577,7 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, prompt_len:
         _check_ids(stop_ids, vocab_size, "stop_token_ids")
     top_k = body.top_k or 0
     return SamplingParams(
+        logprobs=logprobs_asked(body),
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else float(body.temperature),
         top_p=1.0 if body.top_p is None else float(body.top_p),

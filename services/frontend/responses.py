@@ -13,6 +13,7 @@ from typing import Final
 import msgspec
 
 from services.frontend.errors import ApiError
+from services.frontend.logprobs import NULL
 
 DONE: Final = b"data: [DONE]\n\n"
 _encode = msgspec.json.encode
@@ -43,7 +44,7 @@ class ChatMessage(msgspec.Struct):
 class ChatChoice(msgspec.Struct):
     index: int
     message: ChatMessage
-    logprobs: None
+    logprobs: msgspec.Raw | None
     finish_reason: str
 
 
@@ -59,7 +60,7 @@ class ChatCompletion(msgspec.Struct, kw_only=True):
 class CompletionChoice(msgspec.Struct):
     index: int
     text: str
-    logprobs: None
+    logprobs: msgspec.Raw | None
     finish_reason: str
 
 
@@ -84,22 +85,26 @@ class ModelList(msgspec.Struct, kw_only=True):
     data: list[ModelCard]
 
 
+def _raw(logprobs: bytes) -> msgspec.Raw | None:
+    return None if logprobs == NULL else msgspec.Raw(logprobs)
+
+
 def chat_completion(response_id: str, created: int, model: str,
-                    choices: list[tuple[str, str]], usage_: Usage) -> bytes:
-    """`choices`: (text, finish reason) of each, in index order."""
+                    choices: list[tuple[str, str, bytes]], usage_: Usage) -> bytes:
+    """`choices`: (text, finish reason, logprobs JSON) of each, in index order."""
     return _encode(ChatCompletion(
         id=response_id, created=created, model=model, usage=usage_,
-        choices=[ChatChoice(i, ChatMessage(text), None, reason)
-                 for i, (text, reason) in enumerate(choices)]))
+        choices=[ChatChoice(i, ChatMessage(text), _raw(logprobs), reason)
+                 for i, (text, reason, logprobs) in enumerate(choices)]))
 
 
-def completion(response_id: str, created: int, model: str, choices: list[tuple[str, str]],
-               usage_: Usage) -> bytes:
-    """`choices`: (text, finish reason) of each, in index order."""
+def completion(response_id: str, created: int, model: str,
+               choices: list[tuple[str, str, bytes]], usage_: Usage) -> bytes:
+    """`choices`: (text, finish reason, logprobs JSON) of each, in index order."""
     return _encode(Completion(
         id=response_id, created=created, model=model, usage=usage_,
-        choices=[CompletionChoice(i, text, None, reason)
-                 for i, (text, reason) in enumerate(choices)]))
+        choices=[CompletionChoice(i, text, _raw(logprobs), reason)
+                 for i, (text, reason, logprobs) in enumerate(choices)]))
 
 
 def model_card(model: str, created: int) -> bytes:
@@ -139,12 +144,12 @@ class ChatStreamEncoder:
         """The opening chunk: the assistant role and empty content."""
         return self._chunk(b'{"role":"assistant","content":""}', b"null")
 
-    def content(self, text: str) -> bytes:
-        return b"".join((self._content_head, _encode(text),
-                         b'},"logprobs":null,"finish_reason":null}]', self._tail))
+    def content(self, text: str, logprobs: bytes = NULL) -> bytes:
+        return b"".join((self._content_head, _encode(text), b'},"logprobs":', logprobs,
+                         b',"finish_reason":null}]', self._tail))
 
-    def finish(self, finish_reason: str) -> bytes:
-        return self._chunk(b"{}", _encode(finish_reason))
+    def finish(self, finish_reason: str, logprobs: bytes = NULL) -> bytes:
+        return self._chunk(b"{}", _encode(finish_reason), logprobs)
 
     def usage(self, usage_: Usage) -> bytes:
         return b"".join((self._head, b'"choices":[],"usage":', _encode(usage_), b"}\n\n"))
@@ -152,26 +157,27 @@ class ChatStreamEncoder:
     def opening(self) -> bytes:
         return self.first()
 
-    def delta(self, text: str) -> bytes:
-        return self.content(text)
+    def delta(self, text: str, logprobs: bytes = NULL) -> bytes:
+        return self.content(text, logprobs)
 
-    def ending(self, text: str, finish_reason: str) -> bytes:
+    def ending(self, text: str, finish_reason: str, logprobs: bytes = NULL) -> bytes:
         """The last text (if any) and the finish chunk: the end of this choice."""
         if text:
-            return self.content(text) + self.finish(finish_reason)
-        return self.finish(finish_reason)
+            return self.content(text, logprobs) + self.finish(finish_reason)
+        return self.finish(finish_reason, logprobs)
 
-    def closing(self, text: str, finish_reason: str, usage_: Usage) -> bytes:
+    def closing(self, text: str, finish_reason: str, usage_: Usage,
+                logprobs: bytes = NULL) -> bytes:
         """The end of the only choice, the usage chunk if asked for, [DONE]."""
-        parts = [self.ending(text, finish_reason)]
+        parts = [self.ending(text, finish_reason, logprobs)]
         if self.include_usage:
             parts.append(self.usage(usage_))
         parts.append(DONE)
         return b"".join(parts)
 
-    def _chunk(self, delta: bytes, finish_reason: bytes) -> bytes:
-        return b"".join((self._choice_head, delta, b',"logprobs":null,"finish_reason":',
-                         finish_reason, b"}]", self._tail))
+    def _chunk(self, delta: bytes, finish_reason: bytes, logprobs: bytes = NULL) -> bytes:
+        return b"".join((self._choice_head, delta, b',"logprobs":', logprobs,
+                         b',"finish_reason":', finish_reason, b"}]", self._tail))
 
 
 class CompletionStreamEncoder:
@@ -186,10 +192,10 @@ class CompletionStreamEncoder:
         self._text_head = b'%s"choices":[{"index":%d,"text":' % (self._head, index)
         self.include_usage = include_usage
 
-    def text(self, text: str, finish_reason: str | None = None) -> bytes:
+    def text(self, text: str, finish_reason: str | None = None, logprobs: bytes = NULL) -> bytes:
         reason = b"null" if finish_reason is None else _encode(finish_reason)
-        return b"".join((self._text_head, _encode(text), b',"logprobs":null,"finish_reason":',
-                         reason, b"}]}\n\n"))
+        return b"".join((self._text_head, _encode(text), b',"logprobs":', logprobs,
+                         b',"finish_reason":', reason, b"}]}\n\n"))
 
     def usage(self, usage_: Usage) -> bytes:
         return b"".join((self._head, b'"choices":[],"usage":', _encode(usage_), b"}\n\n"))
@@ -197,16 +203,17 @@ class CompletionStreamEncoder:
     def opening(self) -> bytes:
         return b""
 
-    def delta(self, text: str) -> bytes:
-        return self.text(text)
+    def delta(self, text: str, logprobs: bytes = NULL) -> bytes:
+        return self.text(text, None, logprobs)
 
-    def ending(self, text: str, finish_reason: str) -> bytes:
+    def ending(self, text: str, finish_reason: str, logprobs: bytes = NULL) -> bytes:
         """The last text carrying the finish reason: the end of this choice."""
-        return self.text(text, finish_reason)
+        return self.text(text, finish_reason, logprobs)
 
-    def closing(self, text: str, finish_reason: str, usage_: Usage) -> bytes:
+    def closing(self, text: str, finish_reason: str, usage_: Usage,
+                logprobs: bytes = NULL) -> bytes:
         """The end of the only choice, the usage chunk if asked for, [DONE]."""
-        parts = [self.ending(text, finish_reason)]
+        parts = [self.ending(text, finish_reason, logprobs)]
         if self.include_usage:
             parts.append(self.usage(usage_))
         parts.append(DONE)

@@ -58,6 +58,10 @@ class Tokenizer(abc.ABC):
     def new_detokenizer(self) -> Detokenizer:
         """A fresh incremental decoder for one generated stream."""
 
+    @abc.abstractmethod
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's own bytes (a special token's: its text), as logprobs show it."""
+
 
 class ByteTokenizer(Tokenizer):
     """Built-in: token id = byte value 0..255, plus 256 `<|bos|>` and 257 `<|eos|>`."""
@@ -92,6 +96,9 @@ class ByteTokenizer(Tokenizer):
 
     def new_detokenizer(self) -> Detokenizer:
         return ByteDetokenizer()
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return bytes((token_id,)) if 0 <= token_id < 256 else b""
 
 
 def _token_text(value: Any) -> str | None:
@@ -174,6 +181,12 @@ class HfTokenizer(Tokenizer):
         if self._byte_table is not None:
             return ByteLevelDetokenizer(self._byte_table)
         return HfDetokenizer(self._tokenizer)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        table = self._byte_table
+        if table is not None and 0 <= token_id < len(table) and table[token_id]:
+            return table[token_id]
+        return self._tokenizer.decode([token_id], skip_special_tokens=False).encode()
 
 
 def load_tokenizer(model: str | None) -> Tokenizer:

@@ -34,24 +34,30 @@ def prompt(i: int, words: int = 40) -> str:
     return f"request {i}: " + "the quick brown fox jumps. " * words
 
 
-async def complete(url: str, prompts: list[str], target: str = "",
-                   max_tokens: int = TOKENS) -> list[tuple[str, Any]]:
-    """Stream every prompt at once; (text, usage) each."""
+async def complete(url: str, prompts: list[str], target: str = "", max_tokens: int = TOKENS,
+                   logprobs: int | None = None) -> list[tuple[str, Any]]:
+    """Stream every prompt at once; (text, usage) each. With `logprobs`, each text is followed
+    by the JSON of its tokens' logprobs."""
     oai = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
     headers = {"x-worker-instance-id": target} if target else None
 
     async def one(p: str) -> tuple[str, Any]:
         stream = await oai.completions.create(
-            model="mock", prompt=p, max_tokens=max_tokens, stream=True,
+            model="mock", prompt=p, max_tokens=max_tokens, stream=True, logprobs=logprobs,
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
             extra_headers=headers)
         text, usage = "", None
+        entries: list[object] = []
         async for chunk in stream:
             if chunk.choices:
                 text += chunk.choices[0].text
+                lp = chunk.choices[0].logprobs
+                if lp is not None:
+                    entries += zip(lp.tokens or [], lp.token_logprobs or [],
+                                   lp.top_logprobs or [], strict=True)
             if chunk.usage is not None:
                 usage = chunk.usage
-        return text, usage
+        return (text + json.dumps(entries) if logprobs is not None else text), usage
 
     return list(await asyncio.gather(*(one(p) for p in prompts)))
 
@@ -103,6 +109,12 @@ def test_one_prefill_one_decode_via_turnout_up(deployment: Deployment) -> None:
         full = (u.prompt_tokens - 1) // BLOCK * BLOCK  # the last token is always computed
         assert u.prompt_tokens_details.cached_tokens == full == \
             ref.prompt_tokens_details.cached_tokens
+    # Logprobs: the first token's from the prefill worker, the rest from the decode worker,
+    # token for token those of the aggregated run.
+    split = asyncio.run(complete(deployment.url, prompts, logprobs=1))
+    whole = asyncio.run(complete(deployment.url, prompts, target=decode.instance_id, logprobs=1))
+    assert [t for t, _ in split] == [t for t, _ in whole]
+    assert all(len(json.loads(t[TOKENS:])) == TOKENS for t, _ in split)
 
 
 def test_two_prefill_two_decode(deployment: Deployment) -> None:

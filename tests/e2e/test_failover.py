@@ -7,6 +7,7 @@ built-in byte tokenizer maps one token to one character, so comparing texts comp
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -64,8 +65,10 @@ def once_serving(victim: Service, act: Callable[[], object], *, prompt_tokens: i
     return fault
 
 
-async def run_streams(url: str, fault: Fault | None = None) -> tuple[list[str], float]:
-    """32 concurrent streams, `fault()` alongside. Returns texts and longest gap."""
+async def run_streams(url: str, fault: Fault | None = None,
+                      logprobs: int | None = None) -> tuple[list[str], float]:
+    """32 concurrent streams, `fault()` alongside. Returns texts and longest gap; with
+    `logprobs`, each text is followed by the JSON of its tokens' logprobs."""
     oai = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
     longest = 0.0
 
@@ -73,15 +76,20 @@ async def run_streams(url: str, fault: Fault | None = None) -> tuple[list[str], 
         nonlocal longest
         stream = await oai.completions.create(
             model="mock", prompt=f"stream {i}: " + "tell me everything. " * 8,
-            max_tokens=TOKENS, stream=True, extra_body={"ignore_eos": True})
+            max_tokens=TOKENS, stream=True, logprobs=logprobs, extra_body={"ignore_eos": True})
         text, last = "", time.monotonic()
+        entries: list[object] = []
         async for chunk in stream:
             now = time.monotonic()
             if chunk.choices and chunk.choices[0].text:
                 longest = max(longest, now - last)
                 last = now
                 text += chunk.choices[0].text
-        return text
+            if chunk.choices and chunk.choices[0].logprobs is not None:
+                lp = chunk.choices[0].logprobs
+                entries += zip(lp.tokens or [], lp.token_logprobs or [], lp.top_logprobs or [],
+                               strict=True)
+        return text + json.dumps(entries) if logprobs is not None else text
 
     tasks = [asyncio.create_task(one(i)) for i in range(STREAMS)]
     if fault is not None:
@@ -119,6 +127,27 @@ def test_streams_survive_a_worker_fault(deployment: Deployment, sig: int) -> Non
         or sig == signal.SIGSTOP
     if sig == signal.SIGSTOP:
         victim.signal(signal.SIGCONT)
+
+
+def test_logprobs_survive_a_worker_crash(deployment: Deployment) -> None:
+    """Streams asking for logprobs, their worker SIGKILLed: each migrated stream carries the
+    clean run's tokens and, token for token, their logprobs (the mocker's are a function of
+    the sequence, so the worker that continues gives the same)."""
+    deployment.start(workers=2, worker_args=("--speedup-ratio", "1"),
+                     router_args=("--router-mode", "round-robin"))
+    clean, _ = asyncio.run(run_streams(deployment.url, logprobs=2))
+    assert len(clean) == STREAMS
+    for text in clean:  # the byte tokenizer: a token per character
+        entries = json.loads(text[TOKENS:])
+        assert "".join(token for token, _, _ in entries) == text[:TOKENS]
+        # The mocker's token is always its most likely one.
+        assert all(len(top) == 2 and max(top.values()) == value for _, value, top in entries)
+    faulty, _ = asyncio.run(run_streams(
+        deployment.url, signal_once_serving(deployment.service("w1"), signal.SIGKILL),
+        logprobs=2))
+    assert faulty == clean, "every stream must carry the clean run's tokens and logprobs"
+    migrations = deployment.router.metrics().by_label("turnout_router_migrations_total", "cause")
+    assert migrations.get("crash", 0) > 0, migrations
 
 
 def test_a_worker_whose_connection_is_cut_while_it_lives_is_used_again(

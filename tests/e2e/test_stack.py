@@ -162,6 +162,67 @@ def test_several_choices_and_batched_prompts(deployment: Deployment) -> None:
     assert "at most 128" in str(info.value)
 
 
+def test_logprobs_through_the_stack(deployment: Deployment) -> None:
+    """Each shown token's logprob and its top alternatives, from the engine through the
+    router to the client: one entry per completion token, the same streamed or whole, for
+    every choice; a stop string ends them with the token that completed it."""
+    deployment.start(workers=2, worker_args=FAST)
+    oai = client(deployment)
+    messages = [{"role": "user", "content": "Say something."}]
+    chat = oai.chat.completions.create(model="mock", messages=messages, max_tokens=12, n=2,
+                                       logprobs=True, top_logprobs=3,
+                                       extra_body={"ignore_eos": True})
+    validate("CreateChatCompletionResponse", chat.model_dump(mode="json", exclude_unset=True))
+    for choice in chat.choices:
+        assert choice.logprobs is not None and choice.logprobs.content is not None
+        content = choice.logprobs.content
+        assert len(content) == 12
+        assert "".join(c.token for c in content) == choice.message.content
+        assert b"".join(bytes(c.bytes or []) for c in content).decode() == choice.message.content
+        for entry in content:
+            values = [t.logprob for t in entry.top_logprobs]
+            assert len(values) == 3 and values == sorted(values, reverse=True)
+            assert entry.logprob <= 0 and entry.top_logprobs[0].token == entry.token
+    assert chat.choices[0].logprobs == chat.choices[1].logprobs  # the same text, the same
+    streamed: list[object] = []
+    for chunk in oai.chat.completions.create(model="mock", messages=messages, max_tokens=12,
+                                             logprobs=True, top_logprobs=3, stream=True,
+                                             extra_body={"ignore_eos": True}):
+        validate("CreateChatCompletionStreamResponse",
+                 chunk.model_dump(mode="json", exclude_unset=True))
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed += chunk.choices[0].logprobs.content or []
+    assert streamed == chat.choices[0].logprobs.content
+    per_choice: list[list[object]] = [[], []]
+    for chunk in oai.chat.completions.create(model="mock", messages=messages, max_tokens=12,
+                                             n=2, logprobs=True, top_logprobs=3, stream=True,
+                                             extra_body={"ignore_eos": True}):
+        for choice in chunk.choices:
+            if choice.logprobs is not None:
+                per_choice[choice.index] += choice.logprobs.content or []
+    assert per_choice == [chat.choices[0].logprobs.content] * 2
+
+    whole = oai.completions.create(model="mock", prompt="Once upon a time", max_tokens=10,
+                                   logprobs=0, extra_body={"ignore_eos": True})
+    validate("CreateCompletionResponse", whole.model_dump(mode="json", exclude_unset=True))
+    lp = whole.choices[0].logprobs
+    assert lp is not None and lp.tokens is not None and lp.top_logprobs is not None
+    assert "".join(lp.tokens) == whole.choices[0].text and lp.text_offset == list(range(10))
+    assert [list(top.values()) for top in lp.top_logprobs] == [[v] for v in lp.token_logprobs
+                                                               or []]
+    text = whole.choices[0].text
+    stop = text[4:6]
+    cut = oai.completions.create(model="mock", prompt="Once upon a time", max_tokens=10,
+                                 logprobs=0, stop=[stop], extra_body={"ignore_eos": True})
+    assert cut.choices[0].text == text[:text.index(stop)]
+    assert cut.choices[0].logprobs is not None
+    assert cut.choices[0].logprobs.tokens == lp.tokens[:text.index(stop) + 2]
+    # Without logprobs asked for: none.
+    plain = oai.completions.create(model="mock", prompt="Once upon a time", max_tokens=10,
+                                   extra_body={"ignore_eos": True})
+    assert plain.choices[0].logprobs is None and plain.choices[0].text == text
+
+
 def test_repeated_prompt_reports_cached_tokens(deployment: Deployment) -> None:
     deployment.start(workers=1, worker_args=FAST)
     oai = client(deployment)

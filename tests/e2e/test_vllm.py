@@ -166,6 +166,36 @@ def test_sampled_choices_differ_and_a_seed_repeats_them(dep: Deployment) -> None
     assert sample() == first
 
 
+def test_logprobs_come_from_vllm(dep: Deployment) -> None:
+    """vLLM's logprobs reach the client: under greedy sampling each token is its position's
+    most likely one, the alternatives come in order, the token bytes spell the text, and the
+    same request gives the same values streamed."""
+    oai, model = client(dep), model_of(dep)
+    messages = [{"role": "user", "content": "Name three colours."}]
+    whole = oai.chat.completions.create(model=model, messages=messages, max_tokens=12,
+                                        temperature=0, logprobs=True, top_logprobs=4,
+                                        extra_body={"ignore_eos": True})
+    choice = whole.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content is not None
+    content = choice.logprobs.content
+    assert whole.usage is not None and len(content) == whole.usage.completion_tokens == 12
+    assert b"".join(bytes(c.bytes or []) for c in content).decode(errors="replace") \
+        == choice.message.content
+    for entry in content:
+        values = [t.logprob for t in entry.top_logprobs]
+        assert len(values) == 4 and values == sorted(values, reverse=True)
+        assert entry.top_logprobs[0].token == entry.token
+        assert entry.logprob == pytest.approx(values[0]) and entry.logprob < 0
+    streamed: list[object] = []
+    for chunk in oai.chat.completions.create(model=model, messages=messages, max_tokens=12,
+                                             temperature=0, logprobs=True, top_logprobs=4,
+                                             stream=True, extra_body={"ignore_eos": True}):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed += chunk.choices[0].logprobs.content or []
+    assert [(c.token, round(c.logprob, 4)) for c in streamed] == [  # type: ignore[attr-defined]
+        (c.token, round(c.logprob, 4)) for c in content]
+
+
 def test_stop_string_cuts_the_greedy_answer(dep: Deployment) -> None:
     oai, model = client(dep), model_of(dep)
     prompt = "Once upon a time"

@@ -123,9 +123,6 @@ CHAT_UNSUPPORTED = [
     (chat(response_format={"type": "json_object"}), "response_format"),
     (chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
      "response_format"),
-    (chat(logprobs=True), "logprobs"),
-    (chat(logprobs=True, top_logprobs=3), "logprobs"),
-    (chat(top_logprobs=3), "top_logprobs"),
     (chat(audio={"voice": "alloy", "format": "wav"}), "audio"),
     (chat(modalities=["text", "audio"]), "modalities"),
     (chat(prediction={"type": "content", "content": "x"}), "prediction"),
@@ -287,7 +284,6 @@ COMPLETION_UNSUPPORTED = [
     (completion(echo=True), "echo"),
     (completion(best_of=2), "best_of"),
     (completion(suffix="tail"), "suffix"),
-    (completion(logprobs=2), "logprobs"),
     (completion(logit_bias={"1": 5}), "logit_bias"),
 ]
 
@@ -391,3 +387,22 @@ def test_fractional_token_ids_are_refused() -> None:
     with pytest.raises(ApiError) as info:
         completion_prompts(body, vocab_size=300)
     assert info.value.param == "prompt"
+
+
+# --- logprobs ---------------------------------------------------------------------------------
+
+def test_logprobs_asked_for_reach_the_sampling_params() -> None:
+    def asked(parse: Any, body: dict[str, Any]) -> int:
+        parsed = parse(json.dumps(body).encode())
+        return sampling_params(parsed, prompt_len=3, max_model_len=100, vocab_size=300).logprobs
+
+    assert asked(parse_chat, chat()) == -1
+    assert asked(parse_chat, chat(logprobs=False, top_logprobs=0)) == -1
+    assert asked(parse_chat, chat(logprobs=True)) == 0
+    assert asked(parse_chat, chat(logprobs=True, top_logprobs=20)) == 20
+    assert asked(parse_completion, completion()) == -1
+    assert asked(parse_completion, completion(logprobs=0)) == 0
+    assert asked(parse_completion, completion(logprobs=5)) == 5
+    # Alternatives without the logprobs they go with: said, not silently dropped.
+    error = _error(parse_chat, chat(top_logprobs=3))
+    assert (error.status, error.param) == (400, "top_logprobs")

@@ -6,8 +6,11 @@ import json
 
 import pytest
 
+from common.messages import TokenLogprob
 from services.frontend import responses
 from services.frontend.errors import ApiError
+from services.frontend.logprobs import NULL, ChoiceLogprobs
+from services.frontend.tokenizer import ByteTokenizer
 from tests.openapi_spec import validate
 
 TEXTS = ["", "plain", 'quotes " and \\ and \n newlines', "unicode é 🙂 \u2028"]
@@ -75,12 +78,13 @@ def test_completion_stream_chunks(include_usage: bool) -> None:
 @pytest.mark.parametrize("text", TEXTS)
 def test_whole_bodies(text: str) -> None:
     usage = responses.usage(7, 2, 4)
-    chat = json.loads(responses.chat_completion("chatcmpl-x", 1, "tiny", [(text, "stop")], usage))
+    chat = json.loads(responses.chat_completion("chatcmpl-x", 1, "tiny", [(text, "stop", NULL)],
+                                                usage))
     validate("CreateChatCompletionResponse", chat)
     assert chat["choices"][0]["message"] == {"content": text, "refusal": None,
                                              "role": "assistant"}
     assert chat["choices"][0]["logprobs"] is None
-    done = json.loads(responses.completion("cmpl-x", 1, "tiny", [(text, "length")], usage))
+    done = json.loads(responses.completion("cmpl-x", 1, "tiny", [(text, "length", NULL)], usage))
     validate("CreateCompletionResponse", done)
     assert done["choices"][0]["text"] == text
     assert done["usage"]["total_tokens"] == 9
@@ -88,7 +92,7 @@ def test_whole_bodies(text: str) -> None:
 
 def test_several_choices_carry_their_index() -> None:
     usage = responses.usage(7, 5, 0)
-    choices = [("one", "stop"), ("two", "length"), ("", "stop")]
+    choices = [("one", "stop", NULL), ("two", "length", NULL), ("", "stop", NULL)]
     chat = json.loads(responses.chat_completion("chatcmpl-x", 1, "tiny", choices, usage))
     validate("CreateChatCompletionResponse", chat)
     assert [(c["index"], c["message"]["content"], c["finish_reason"])
@@ -121,3 +125,53 @@ def test_model_list_and_errors() -> None:
     validate("ErrorResponse", body)
     assert body["error"]["type"] == "not_found_error"
     validate("ErrorResponse", _event(responses.sse_error(ApiError(503, "busy"))))
+
+
+def _logprobs(chat: bool) -> ChoiceLogprobs:
+    lp = ChoiceLogprobs(ByteTokenizer(), chat)
+    # "h", "i", then the first byte of a three-byte character (shown as U+FFFD, its bytes kept).
+    lp.add([104, 105], [TokenLogprob(-0.5, [104, 120], [-0.5, -1.5]),
+                        TokenLogprob(-0.25, [105, 121], [-0.25, -2.0])])
+    lp.add([0xE2], [TokenLogprob(float("-inf"), [0xE2, 97], [float("-inf"), -9.0])])
+    return lp
+
+
+def test_logprobs_take_the_shape_the_spec_gives_them() -> None:
+    usage = responses.usage(3, 3, 0)
+    chat = json.loads(responses.chat_completion(
+        "chatcmpl-x", 1, "tiny", [("hi", "length", _logprobs(True).take())], usage))
+    validate("CreateChatCompletionResponse", chat)
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert [(c["token"], c["logprob"], c["bytes"]) for c in content] == [
+        ("h", -0.5, [104]), ("i", -0.25, [105]), ("\ufffd", -9999.0, [0xE2])]
+    assert content[0]["top_logprobs"] == [{"token": "h", "logprob": -0.5, "bytes": [104]},
+                                          {"token": "x", "logprob": -1.5, "bytes": [120]}]
+    done = json.loads(responses.completion(
+        "cmpl-x", 1, "tiny", [("hi", "length", _logprobs(False).take())], usage))
+    validate("CreateCompletionResponse", done)
+    assert done["choices"][0]["logprobs"] == {
+        "tokens": ["h", "i", "\ufffd"], "token_logprobs": [-0.5, -0.25, -9999.0],
+        "top_logprobs": [{"h": -0.5, "x": -1.5}, {"i": -0.25, "y": -2.0},
+                         {"\ufffd": -9999.0, "a": -9.0}],
+        "text_offset": [0, 1, 2]}
+
+
+def test_streamed_logprobs_go_with_the_text_they_show() -> None:
+    lp = _logprobs(False)
+    enc = responses.CompletionStreamEncoder("cmpl-1", 1, "tiny", False)
+    event = _event(enc.delta("hi", lp.take()))
+    assert event["choices"][0]["logprobs"]["text_offset"] == [0, 1, 2]
+    lp.add([106], [TokenLogprob(-1.0)])  # logprobs=0: the token alone
+    event = _event(enc.ending("j", "length", lp.take()))
+    validate("CreateCompletionResponse", event)
+    assert event["choices"][0]["logprobs"] == {
+        "tokens": ["j"], "token_logprobs": [-1.0], "top_logprobs": [{"j": -1.0}],
+        "text_offset": [3]}  # counted on from where the last event left off
+    chat_lp = _logprobs(True)
+    chat_enc = responses.ChatStreamEncoder("chatcmpl-1", 1, "tiny", True)
+    frames = [chat_enc.delta("hi", chat_lp.take()),
+              *_events(chat_enc.ending("", "stop", chat_lp.take()))]
+    for frame in frames:
+        validate("CreateChatCompletionStreamResponse", _event(frame))
+    assert len(_event(frames[0])["choices"][0]["logprobs"]["content"]) == 3
+    assert _event(frames[1])["choices"][0]["logprobs"] == {"content": [], "refusal": None}

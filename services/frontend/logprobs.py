@@ -1,0 +1,95 @@
+"""A choice's token log-probabilities, as the OpenAI API shapes them.
+
+Collects the `TokenLogprob` of every token a choice shows (a hidden stop token has none; a stop
+string ends them with the token that completed it) and renders those not yet sent: a chat
+choice's `{"content": [...], "refusal": null}` (each token's text, bytes and top alternatives)
+or a text completion's `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`. A token's
+text is its bytes as UTF-8, U+FFFD where it holds part of a character (its `bytes` say which).
+Does not own where the log-probabilities come from (the engines) or the response around them.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import msgspec
+
+from common.messages import TokenLogprob
+from services.frontend.tokenizer import Tokenizer
+
+NULL: Final = b"null"
+_FLOOR = -9999.0  # JSON has no -inf; vLLM answers the same
+_encode = msgspec.json.encode
+
+
+class TopLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ContentLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(msgspec.Struct):
+    content: list[ContentLogprob]
+    refusal: None = None
+
+
+class CompletionLogprobs(msgspec.Struct):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class ChoiceLogprobs:
+    """One choice's log-probabilities: `add` as tokens are shown, `take` what is not yet sent."""
+
+    __slots__ = ("_chat", "_offset", "_pending", "_tokenizer")
+
+    def __init__(self, tokenizer: Tokenizer, chat: bool) -> None:
+        self._tokenizer = tokenizer
+        self._chat = chat
+        self._pending: list[tuple[int, TokenLogprob]] = []
+        self._offset = 0  # a completion's text_offset of the next token
+
+    def add(self, token_ids: list[int], logprobs: list[TokenLogprob]) -> None:
+        self._pending.extend(zip(token_ids, logprobs, strict=False))
+
+    def take(self) -> bytes:
+        """The JSON of what was added since the last `take`."""
+        pending, self._pending = self._pending, []
+        return self._chat_json(pending) if self._chat else self._completion_json(pending)
+
+    def _text(self, token_id: int) -> tuple[str, bytes]:
+        raw = self._tokenizer.token_bytes(token_id)
+        return raw.decode("utf-8", errors="replace"), raw
+
+    def _chat_json(self, pending: list[tuple[int, TokenLogprob]]) -> bytes:
+        content = []
+        for token_id, lp in pending:
+            text, raw = self._text(token_id)
+            top = []
+            for alt, value in zip(lp.top_ids, lp.top_logprobs, strict=False):
+                alt_text, alt_raw = self._text(alt)
+                top.append(TopLogprob(alt_text, max(value, _FLOOR), list(alt_raw)))
+            content.append(ContentLogprob(text, max(lp.logprob, _FLOOR), list(raw), top))
+        return _encode(ChatLogprobs(content))
+
+    def _completion_json(self, pending: list[tuple[int, TokenLogprob]]) -> bytes:
+        tokens, values, tops, offsets = [], [], [], []
+        for token_id, lp in pending:
+            text, _ = self._text(token_id)
+            tokens.append(text)
+            values.append(max(lp.logprob, _FLOOR))
+            # logprobs=0 asks for no alternatives: the chosen token's own entry stands alone.
+            tops.append({self._text(alt)[0]: max(value, _FLOOR) for alt, value in zip(
+                lp.top_ids, lp.top_logprobs, strict=False)} if lp.top_ids else {text: values[-1]})
+            offsets.append(self._offset)
+            self._offset += len(text)
+        return _encode(CompletionLogprobs(tokens, values, tops, offsets))
