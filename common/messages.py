@@ -177,8 +177,9 @@ class TokenChunk(Wire):
     # The `GenerateRequest.run` of the run that made it: a router drops (non-error) chunks of
     # any other run of the stream on that worker.
     run: int = 0
-    # One per token of `token_ids` when the request asked for logprobs (else empty).
-    logprobs: list[TokenLogprob] = []
+    # One per token of `token_ids` when the request asked for logprobs (None: it did not; not
+    # an empty list, which would be one more allocation per chunk at every hop).
+    logprobs: list[TokenLogprob] | None = None
 
 
 class TokenBatch(Wire):

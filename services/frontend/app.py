@@ -126,7 +126,7 @@ class Generation:
         else:
             ids = []
             finish = None
-            logprobs = []
+            logprobs: list[TokenLogprob] | None = None
             for chunk in batch:
                 if chunk.error_code or chunk.finish_reason in _FAILED:
                     text = self._text(ids, None, logprobs)
@@ -135,7 +135,7 @@ class Generation:
                     return text
                 ids.extend(chunk.token_ids)
                 if chunk.logprobs:
-                    logprobs.extend(chunk.logprobs)
+                    logprobs = [*(logprobs or ()), *chunk.logprobs]
                 if chunk.finish_reason is not None:
                     finish = chunk.finish_reason
                     break
@@ -151,7 +151,8 @@ class Generation:
             self.queued.dec()
             self.queued = None
 
-    def _text(self, ids: list[int], finish: str | None, logprobs: list[TokenLogprob]) -> str:
+    def _text(self, ids: list[int], finish: str | None,
+              logprobs: list[TokenLogprob] | None) -> str:
         if finish is not None:
             self.upstream_finished = True
             self.finish = _FINISH.get(finish, "stop")
@@ -161,7 +162,7 @@ class Generation:
         if matcher is None:
             self.tokens += len(ids)
             shown = ids[:-1] if hidden else ids
-            if self.logprobs is not None:
+            if self.logprobs is not None and logprobs:
                 self.logprobs.add(shown, logprobs)
             text = self.detokenizer.step(shown)
             return text + self.detokenizer.flush() if finish is not None else text
@@ -172,7 +173,7 @@ class Generation:
             self.tokens += 1
             if hidden and i == last:
                 break
-            if self.logprobs is not None:
+            if self.logprobs is not None and logprobs:
                 self.logprobs.add([token], logprobs[i:i + 1])
             piece = self.detokenizer.step([token])
             if piece:

@@ -16,6 +16,7 @@ from services.frontend.errors import ApiError
 from services.frontend.logprobs import NULL
 
 DONE: Final = b"data: [DONE]\n\n"
+_TEXT_TAIL: Final = b',"logprobs":null,"finish_reason":null}]}\n\n'
 _encode = msgspec.json.encode
 
 
@@ -129,7 +130,8 @@ def _head(response_id: str, obj: str, created: int, model: str) -> bytes:
 class ChatStreamEncoder:
     """SSE events of one choice (`index`) of a streamed chat completion."""
 
-    __slots__ = ("_choice_head", "_content_head", "_head", "_tail", "include_usage")
+    __slots__ = ("_choice_head", "_content_head", "_content_tail", "_head", "_tail",
+                 "include_usage")
 
     def __init__(self, response_id: str, created: int, model: str, include_usage: bool,
                  index: int = 0) -> None:
@@ -138,6 +140,7 @@ class ChatStreamEncoder:
         self._content_head = self._choice_head + b'{"content":'
         # The spec: with include_usage every chunk but the last carries "usage": null.
         self._tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+        self._content_tail = b'},"logprobs":null,"finish_reason":null}]' + self._tail
         self.include_usage = include_usage
 
     def first(self) -> bytes:
@@ -145,6 +148,8 @@ class ChatStreamEncoder:
         return self._chunk(b'{"role":"assistant","content":""}', b"null")
 
     def content(self, text: str, logprobs: bytes = NULL) -> bytes:
+        if logprobs is NULL:
+            return b"".join((self._content_head, _encode(text), self._content_tail))
         return b"".join((self._content_head, _encode(text), b'},"logprobs":', logprobs,
                          b',"finish_reason":null}]', self._tail))
 
@@ -193,6 +198,8 @@ class CompletionStreamEncoder:
         self.include_usage = include_usage
 
     def text(self, text: str, finish_reason: str | None = None, logprobs: bytes = NULL) -> bytes:
+        if finish_reason is None and logprobs is NULL:
+            return b"".join((self._text_head, _encode(text), _TEXT_TAIL))
         reason = b"null" if finish_reason is None else _encode(finish_reason)
         return b"".join((self._text_head, _encode(text), b',"logprobs":', logprobs,
                          b',"finish_reason":', reason, b"}]}\n\n"))

@@ -134,11 +134,11 @@ class ChunkStream:
             k = tokens - count
             batch.append(TokenChunk(chunk.request_id, chunk.token_ids[:k], None,
                                     chunk.num_prompt_tokens, chunk.cached_tokens,
-                                    logprobs=chunk.logprobs[:k]))
+                                    logprobs=chunk.logprobs[:k] if chunk.logprobs else None))
             pending[i] = TokenChunk(chunk.request_id, chunk.token_ids[k:], chunk.finish_reason,
                                     error_code=chunk.error_code,
                                     error_message=chunk.error_message,
-                                    logprobs=chunk.logprobs[k:])
+                                    logprobs=chunk.logprobs[k:] if chunk.logprobs else None)
             count = tokens
         del pending[:i]
         self._tokens -= tokens

@@ -259,7 +259,7 @@ class Streams:
                     chunk.cached_tokens = 0
             if chunk.token_ids:
                 entry.generated.extend(chunk.token_ids)
-                if entry.logprobs is not None:
+                if entry.logprobs is not None and chunk.logprobs:
                     entry.logprobs.items.extend(chunk.logprobs)
             if entry.disagg is not None and self.disagg is not None:
                 out = self.disagg.relay(entry, chunk)  # a first token may wait for the next

@@ -155,7 +155,7 @@ class RouterWatch:
                 or router not in self.heard:
             return
         history.extend(chunk.token_ids)
-        if logprobs is not None:
+        if logprobs is not None and chunk.logprobs:
             logprobs.items.extend(chunk.logprobs)
         streams = self.ended.get(router)
         if streams is None:
@@ -181,7 +181,7 @@ class RouterWatch:
         logprobs = self.logprobs.get(request.request_id) if self.logprobs else None
         return TokenChunk(request.request_id, history[len(have):], offset=len(have),
                           run=request.run,
-                          logprobs=logprobs.since(len(have)) if logprobs is not None else [])
+                          logprobs=logprobs.since(len(have)) if logprobs is not None else None)
 
     def replay(self, request: GenerateRequest) -> TokenChunk | None:
         """`request` resumes a stream that ended here after its router stopped listening: the
@@ -198,6 +198,6 @@ class RouterWatch:
         have = request.generated_token_ids
         if len(have) > len(ended.tokens) or ended.tokens[:len(have)] != have:
             return None
-        logprobs = ended.logprobs.since(len(have)) if ended.logprobs is not None else []
+        logprobs = ended.logprobs.since(len(have)) if ended.logprobs is not None else None
         return TokenChunk(request.request_id, ended.tokens[len(have):], ended.finish_reason,
                           offset=len(have), run=request.run, logprobs=logprobs)
