@@ -43,6 +43,7 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
+import math
 import os
 import signal
 from typing import Any
@@ -169,10 +170,11 @@ def token_logprobs(tokens: list[int], positions: Any, top: int) -> list[TokenLog
     if top < 0 or not positions:
         return []
     out = []
-    for token, position in zip(tokens, positions, strict=True):
+    for token, position in zip(tokens, positions, strict=False):
         ranked = sorted(position.items(), key=lambda item: item[1].rank or 1 << 30)[:top]
-        out.append(TokenLogprob(position[token].logprob, [t for t, _ in ranked],
-                                [lp.logprob for _, lp in ranked]))
+        chosen = position.get(token)  # always there; a missing one must not stop the engine
+        out.append(TokenLogprob(chosen.logprob if chosen is not None else -math.inf,
+                                [t for t, _ in ranked], [lp.logprob for _, lp in ranked]))
     return out
 
 
