@@ -42,6 +42,7 @@ from common.messages import (
     GenerateRequest,
     SamplingParams,
     TokenChunk,
+    TokenLogprob,
     encoder,
     token_batch_decoder,
 )
@@ -74,6 +75,7 @@ class Stream:
     last: TokenChunk
     first_token_s: float  # request sent → first chunk with a token
     step_s: float  # mean time between later chunks
+    logprobs: list[TokenLogprob]  # of every token, when asked for
 
 
 @dataclass
@@ -93,6 +95,7 @@ class Pair:
         tokens: list[int] = []
         first: TokenChunk | None = None
         stamps: list[float] = []
+        logprobs: list[TokenLogprob] = []
         deadline = sent + REPLY_TIMEOUT_S
         while True:
             if not sock.poll(max(1, int((deadline - time.perf_counter()) * 1000))):
@@ -106,22 +109,24 @@ class Pair:
                     stamps.append(time.perf_counter())
                 first = first or chunk
                 tokens += chunk.token_ids
+                logprobs += chunk.logprobs or []
                 if chunk.finish_reason is not None:
                     gaps = [b - a for a, b in itertools.pairwise(stamps)]
                     return Stream(tokens, first, chunk,
                                   (stamps[0] - sent) if stamps else 0.0,
-                                  sum(gaps) / len(gaps) if gaps else 0.0)
+                                  sum(gaps) / len(gaps) if gaps else 0.0, logprobs)
 
     def counter(self, worker: Service, name: str) -> float:
         return self.dep.metrics_of(worker.instance_id).value(f"turnout_engine_{name}_total")
 
-    def hand_off(self, prompt: list[int]) -> HandOff:
+    def hand_off(self, prompt: list[int], logprobs: int = -1) -> HandOff:
         """The prompt prefilled on the prefill worker and decoded on the decode worker, with
         the decode worker's `turnout_engine_*` counters moved by it."""
         before = {name: self.counter(self.decode, name) for name in DECODE_COUNTERS}
-        pre = self.send(self.prefill, request(prompt, "prefill"))
+        pre = self.send(self.prefill, request(prompt, "prefill", logprobs=logprobs))
         dec = self.send(self.decode, request(prompt, "decode", generated=pre.tokens,
-                                             handoff=pre.last.kv_transfer_params))
+                                             handoff=pre.last.kv_transfer_params,
+                                             logprobs=logprobs))
         delta = {name: self.counter(self.decode, name) - before[name]
                  for name in DECODE_COUNTERS}
         return HandOff(pre, dec, delta)
@@ -175,10 +180,11 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
 
 
 def request(prompt: list[int], phase: str = "", max_tokens: int = MAX_TOKENS,
-            generated: list[int] | None = None, handoff: bytes = b"") -> GenerateRequest:
+            generated: list[int] | None = None, handoff: bytes = b"",
+            logprobs: int = -1) -> GenerateRequest:
     return GenerateRequest(f"{phase or 'agg'}-{uuid.uuid4().hex[:8]}", "tiny", prompt,
                            SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                                          ignore_eos=True),
+                                          ignore_eos=True, logprobs=logprobs),
                            generated_token_ids=generated or [], phase=phase,
                            kv_transfer_params=handoff)
 
@@ -252,6 +258,21 @@ def test_disaggregated_stream_equals_aggregated_and_the_prompt_came_over_nixl(
           f"{ref.step_s * 1e3:.1f} ms; prefill TTFT {pre.first_token_s * 1e3:.1f} ms, "
           f"aggregated TTFT {ref.first_token_s * 1e3:.1f} ms; read after the lease ran out: "
           f"{'yes' if late else 'no'}; failed hand-offs before it: {len(failed)}")
+
+
+def test_logprobs_across_a_hand_off_are_the_aggregated_runs(pair: Pair) -> None:
+    """Logprobs asked for: the first token's from the prefill worker, the rest from the
+    decode worker (reading the prompt's KV over NIXL), each the aggregated run's."""
+    prompt = prompt_of(300, 77)
+    h = pair.hand_off(prompt, logprobs=2)
+    ref = pair.send(pair.decode, request(prompt, logprobs=2))
+    got = h.prefill.logprobs + h.decode.logprobs
+    assert h.prefill.tokens + h.decode.tokens == ref.tokens
+    assert len(got) == len(ref.logprobs) == MAX_TOKENS
+    for token, mine, want in zip(ref.tokens, got, ref.logprobs, strict=True):
+        assert mine.top_ids == want.top_ids and mine.top_ids[0] == token  # greedy: its top-1
+        assert mine.logprob == pytest.approx(want.logprob, abs=1e-4)
+        assert mine.top_logprobs == pytest.approx(want.top_logprobs, abs=1e-4)
 
 
 def test_a_read_that_fails_is_counted_and_recomputed(pair: Pair) -> None:
