@@ -12,7 +12,8 @@ SIGSTOPped for 0.3-2.5 s. With `--pool-faults` each fault kills a whole role at 
 prefill worker, or every decode worker) and starts it again `--pool-down-s` (1-3 s) later.
 Afterwards every prompt runs again on one decode worker named with `x-worker-instance-id`
 (whole, no fault): the mocker's tokens depend only on the sequence, so a stream that survived
-its faults carries exactly that text.
+its faults carries exactly that text. With `--logprobs K` every stream asks for its tokens'
+logprobs (and K alternatives), and those must match the clean run's too, token for token.
 
 Prints one JSON line per seed (faults, failed streams with their errors, text mismatches,
 migrations, hand-offs and path decisions by cause from the routers' /metrics), then a summary
@@ -49,19 +50,25 @@ def log(message: str) -> None:
     print(f"{time.strftime('%X')} {message}", file=sys.stderr, flush=True)
 
 
-async def stream(oai: openai.AsyncOpenAI, prompt: str, tokens: int,
-                 worker: str = "") -> tuple[str, str]:
-    """(text, error) of one streamed completion; error '' when it ended normally."""
+async def stream(oai: openai.AsyncOpenAI, prompt: str, tokens: int, worker: str = "",
+                 logprobs: int | None = None) -> tuple[str, str]:
+    """(text, error) of one streamed completion; error '' when it ended normally. With
+    `logprobs`, the text is followed by the JSON of its tokens' logprobs."""
     headers = {"x-worker-instance-id": worker} if worker else None
     try:
         chunks = await oai.completions.create(
-            model="mock", prompt=prompt, max_tokens=tokens, stream=True,
+            model="mock", prompt=prompt, max_tokens=tokens, stream=True, logprobs=logprobs,
             extra_body={"ignore_eos": True}, extra_headers=headers)
         text = ""
+        entries: list[Any] = []
         async for chunk in chunks:
             if chunk.choices:
                 text += chunk.choices[0].text
-        return text, ""
+                lp = chunk.choices[0].logprobs
+                if lp is not None:
+                    entries += zip(lp.tokens or [], lp.token_logprobs or [],
+                                   lp.top_logprobs or [], strict=True)
+        return (text + "\n" + json.dumps(entries) if logprobs is not None else text), ""
     except Exception as exc:  # every failure a client sees is reported
         return "", repr(exc)
 
@@ -161,7 +168,8 @@ async def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
             async def load() -> list[tuple[str, str]]:
                 tasks = []
                 for prompt in prompts:
-                    tasks.append(asyncio.create_task(stream(oai, prompt, args.tokens)))
+                    tasks.append(asyncio.create_task(stream(oai, prompt, args.tokens,
+                                                            logprobs=args.logprobs)))
                     await asyncio.sleep(rng.expovariate(args.rate))
                 return list(await asyncio.gather(*tasks))
 
@@ -171,14 +179,22 @@ async def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
             dep.wait_routable(args.prefill_workers + args.decode_workers, 60)
             log(f"seed {seed}: clean reference run")
             reference = fleet.services["d1"].instance_id
-            clean = [await stream(oai, p, args.tokens, reference) for p in prompts]
+            clean = [await stream(oai, p, args.tokens, reference, args.logprobs)
+                     for p in prompts]
         failed = {i: error for i, (_, error) in enumerate(results) if error}
         pairs = zip(results, clean, strict=True)
         mismatched = [i for i, ((text, error), (want, _)) in enumerate(pairs)
                       if not error and text != want]
-        return {"seed": seed, "streams": args.requests, "faults": faults,
-                "failed": len(failed), "errors": sorted(set(failed.values()))[:5],
-                "mismatched": len(mismatched), "reference_failed": sum(bool(e) for _, e in clean),
+        row: dict[str, Any] = {
+            "seed": seed, "streams": args.requests, "faults": faults,
+            "failed": len(failed), "errors": sorted(set(failed.values()))[:5],
+            "mismatched": len(mismatched), "reference_failed": sum(bool(e) for _, e in clean)}
+        if args.logprobs is not None:
+            # A stream whose logprobs fell short of its tokens (the reference's as well).
+            row["logprobs_short"] = sum(
+                len(json.loads(text.rpartition("\n")[2])) != args.tokens
+                for text, error in [*results, *clean] if not error)
+        return {**row,
                 "migrations": counters(fleet, "turnout_router_migrations_total", "cause"),
                 "handoffs": counters(fleet, "turnout_router_disagg_handoffs_total", "outcome"),
                 "decisions": counters(fleet, "turnout_router_disagg_decisions_total", "reason")}
@@ -211,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="LO-HI", help="--pool-faults: a killed pool is started again "
                         "after a pause drawn from this range (seconds; default 1-3)")
     parser.add_argument("--kv-transfer-gbps", type=float, default=25.0)
+    parser.add_argument("--logprobs", type=int, default=None, metavar="K",
+                        help="every stream asks for logprobs with K alternatives (0-5), "
+                        "checked against the clean run's like its text")
     parser.add_argument("--router-args", default="", help="more flags for every router, e.g. "
                         "'--no-worker-wait-ms 10000' (how long a stream waits through a whole "
                         "pool's outage)")
@@ -219,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("need at least one router, one prefill and one decode worker")
     if args.requests < 1 or not args.rate > 0 or args.tokens < 1 or args.faults < 0:
         parser.error("--requests, --rate and --tokens must be positive, --faults >= 0")
+    if args.logprobs is not None and not 0 <= args.logprobs <= 5:
+        parser.error("--logprobs: 0 to 5 alternatives")
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:
@@ -232,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
                       "streams": sum(r["streams"] for r in rows),
                       "faults": sum(len(r["faults"]) for r in rows),
                       "failed": sum(r["failed"] for r in rows),
-                      "mismatched": sum(r["mismatched"] for r in rows)}), flush=True)
+                      "mismatched": sum(r["mismatched"] for r in rows),
+                      **({"logprobs_short": sum(r["logprobs_short"] for r in rows)}
+                         if args.logprobs is not None else {})}), flush=True)
     return 0
 
 
