@@ -70,6 +70,8 @@ class SamplingParams(Wire):
     # -1: none; k >= 0: each output token's log-probability and the k most likely tokens at
     # its position (`TokenChunk.logprobs`).
     logprobs: int = -1
+    # The same for the prompt's tokens (`TokenChunk.prompt_logprobs`; -1: none).
+    prompt_logprobs: int = -1
 
 
 class TokenLogprob(Wire):
@@ -180,6 +182,9 @@ class TokenChunk(Wire):
     # One per token of `token_ids` when the request asked for logprobs (None: it did not; not
     # an empty list, which would be one more allocation per chunk at every hop).
     logprobs: list[TokenLogprob] | None = None
+    # On a request's first chunk when it asked for prompt logprobs: one per prompt token after
+    # the first (which has nothing before it to be predicted from).
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class TokenBatch(Wire):

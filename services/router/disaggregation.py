@@ -461,7 +461,8 @@ class Disaggregation:
         return msgspec.structs.replace(
             chunk, token_ids=[*held.token_ids, *chunk.token_ids], offset=held.offset,
             num_prompt_tokens=held.num_prompt_tokens, cached_tokens=held.cached_tokens,
-            logprobs=[*(held.logprobs or ()), *(chunk.logprobs or ())] or None)
+            logprobs=[*(held.logprobs or ()), *(chunk.logprobs or ())] or None,
+            prompt_logprobs=held.prompt_logprobs)
 
     def hold_deadline_s(self, entry: RoutedRequest) -> float | None:
         """Seconds from its hand-off until `entry`'s held first token stops waiting for the

@@ -257,6 +257,7 @@ class Streams:
                     # The client already has prompt/cached figures from the first worker.
                     chunk.num_prompt_tokens = 0
                     chunk.cached_tokens = 0
+                    chunk.prompt_logprobs = None
             if chunk.token_ids:
                 entry.generated.extend(chunk.token_ids)
                 if entry.logprobs is not None and chunk.logprobs:

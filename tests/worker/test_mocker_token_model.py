@@ -73,3 +73,20 @@ def test_logprobs_rank_the_drawn_token_first_and_repeat() -> None:
         assert sum(math.exp(v) for v in lp.top_logprobs) <= 1.0
         alone = model.logprobs(state, token, 0)
         assert (alone.logprob, alone.top_ids) == (lp.logprob, [])
+
+
+def test_prompt_logprobs_are_those_the_model_would_have_drawn_with() -> None:
+    """Each prompt token after the first: its logprob after the tokens before it, and the
+    model's own top choices there (a token among them gets its figure)."""
+    model = TokenModel(32, 127)
+    prompt = [72, 101, 108, 108, 111, 32, 119]
+    got = model.prompt_logprobs(prompt, 3)
+    assert len(got) == len(prompt) - 1 and got == model.prompt_logprobs(prompt, 3)
+    state = absorb(EMPTY_STATE, prompt[0])
+    for token, lp in zip(prompt[1:], got, strict=True):
+        assert lp.top_ids[0] == model.draw(state, False, None) and len(lp.top_ids) == 3
+        if token in lp.top_ids:
+            assert lp.logprob == lp.top_logprobs[lp.top_ids.index(token)]
+        else:
+            assert lp.logprob < lp.top_logprobs[-1]
+        state = absorb(state, token)

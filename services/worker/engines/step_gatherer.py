@@ -69,11 +69,13 @@ def finish_reason(engine_reason: str | None) -> str | None:
 class Tracked:
     """One live request as the gatherer sees it; `handle` is the engine adapter's own."""
 
-    __slots__ = ("first_sent", "handle", "logprobs", "num_prompt", "num_tokens", "request_id")
+    __slots__ = ("first_sent", "handle", "logprobs", "num_prompt", "num_tokens",
+                 "prompt_logprobs", "request_id")
 
     def __init__(self, request: GenerateRequest) -> None:
         self.request_id = request.request_id
         self.logprobs = request.sampling.logprobs  # -1: none asked for
+        self.prompt_logprobs = request.sampling.prompt_logprobs
         self.num_prompt = len(request.token_ids)
         self.num_tokens = self.num_prompt + len(request.generated_token_ids)
         self.first_sent = False
@@ -104,10 +106,11 @@ class StepGatherer:
 
     def push(self, request_id: str, token_ids: list[int], reason: str | None,
              cached_tokens: int = 0, kv_transfer_params: bytes = b"",
-             logprobs: list[TokenLogprob] | None = None) -> None:
+             logprobs: list[TokenLogprob] | None = None,
+             prompt_logprobs: list[TokenLogprob] | None = None) -> None:
         """New tokens of a live request (and its end, with `reason`); ignored once aborted.
         `kv_transfer_params` (a prefill's hand-off) goes on the final chunk; `logprobs`, one
-        per token, when the request asked for them."""
+        per token, when the request asked for them; `prompt_logprobs` on the first."""
         tracked = self.requests.get(request_id)
         if tracked is None or (not token_ids and reason is None):
             return
@@ -117,7 +120,7 @@ class StepGatherer:
         else:
             tracked.first_sent = True
             chunk = TokenChunk(request_id, token_ids, reason, num_prompt_tokens=tracked.num_prompt,
-                               cached_tokens=cached_tokens)
+                               cached_tokens=cached_tokens, prompt_logprobs=prompt_logprobs)
             self._prefill += max(0, tracked.num_tokens - cached_tokens)
             self._decode += max(0, len(token_ids) - 1)
         tracked.num_tokens += len(token_ids)

@@ -122,7 +122,7 @@ class StreamingEngine(Engine):
         if gather is None:
             raise EngineError(f"the {self.name} engine is not started", 503)
         check_request(request, self.max_model_len, self.vocab_size)
-        if request.sampling.logprobs >= 0:
+        if request.sampling.logprobs >= 0 or request.sampling.prompt_logprobs >= 0:
             raise EngineError(f"logprobs are not supported on the {self.name} engine; the vllm "
                               f"and mocker engines return them")
         max_new, min_new = remaining_budget(request)

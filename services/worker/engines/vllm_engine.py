@@ -48,6 +48,7 @@ import os
 import signal
 from typing import Any
 
+import msgspec
 import zmq.asyncio
 
 from common.block_hash import DEFAULT_SEED
@@ -156,6 +157,7 @@ def sampling_params(sp: SamplingParams, max_tokens: int, min_tokens: int,
         frequency_penalty=sp.frequency_penalty,
         repetition_penalty=sp.repetition_penalty,
         logprobs=sp.logprobs if sp.logprobs >= 0 else None,
+        prompt_logprobs=sp.prompt_logprobs if sp.prompt_logprobs >= 0 else None,
         detokenize=False,
         skip_special_tokens=False,
         output_kind=RequestOutputKind.DELTA,
@@ -176,6 +178,15 @@ def token_logprobs(tokens: list[int], positions: Any, top: int) -> list[TokenLog
         out.append(TokenLogprob(chosen.logprob if chosen is not None else -math.inf,
                                 [t for t, _ in ranked], [lp.logprob for _, lp in ranked]))
     return out
+
+
+def prompt_logprobs(out: Any, top: int) -> list[TokenLogprob] | None:
+    """vLLM's prompt logprobs of a request's first output with `top` alternatives, for the
+    prompt's tokens after the first (vLLM's entry for the first is None); None if none."""
+    positions = getattr(out, "prompt_logprobs", None)
+    if top < 0 or not positions:
+        return None
+    return token_logprobs(list(out.prompt_token_ids or [])[1:], positions[1:], top)
 
 
 def parse_engine_args(argv: list[str]) -> AsyncEngineArgs:
@@ -407,7 +418,11 @@ class VllmEngine(Engine):
             return
         if request.phase == PHASE_PREFILL:
             self._prefills.add(request.request_id)
-        params = sampling_params(request.sampling, max_new, min_new, handoff)
+        sampling = request.sampling
+        if sampling.prompt_logprobs >= 0 and request.generated_token_ids:
+            # A resumed stream's client has its prompt's already.
+            sampling = msgspec.structs.replace(sampling, prompt_logprobs=-1)
+        params = sampling_params(sampling, max_new, min_new, handoff)
         if request.images:
             self._spawn(self._submit_images(tracked, request, params),
                         f"vllm-add-{request.request_id}")
@@ -496,7 +511,8 @@ class VllmEngine(Engine):
                 handoff = encode_handoff(out.kv_transfer_params)
             tokens = list(completion.token_ids)
             gather.push(tracked.request_id, tokens, reason, out.num_cached_tokens or 0, handoff,
-                        token_logprobs(tokens, completion.logprobs, tracked.logprobs))
+                        token_logprobs(tokens, completion.logprobs, tracked.logprobs),
+                        prompt_logprobs(out, tracked.prompt_logprobs))
         gather.flush(self._kv_used_blocks())
 
     def _count_transfers(self, scheduler_stats: Any, iteration_stats: Any) -> None:

@@ -334,6 +334,9 @@ class Scheduler:
                 chunk = TokenChunk(seq.request_id, [tok], reason,
                                    num_prompt_tokens=seq.num_prompt,
                                    cached_tokens=seq.cached_tokens)
+                if seq.prompt_logprobs >= 0:
+                    chunk.prompt_logprobs = self.model.prompt_logprobs(
+                        seq.tokens[:seq.num_prompt], seq.prompt_logprobs)
             if seq.logprobs >= 0:
                 chunk.logprobs = [logprob]
             chunks.append(chunk)

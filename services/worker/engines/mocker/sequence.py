@@ -36,6 +36,7 @@ class Sequence:
         "num_registered",
         "num_scheduled",
         "prefill_only",
+        "prompt_logprobs",
         "request_id",
         "state",
         "status",
@@ -53,6 +54,8 @@ class Sequence:
         self.max_tokens = sp.max_tokens  # counts migrated tokens too: the router resends originals
         self.min_tokens = sp.min_tokens
         self.logprobs = sp.logprobs  # -1: none asked for
+        # A resumed request's client has its prompt's already.
+        self.prompt_logprobs = -1 if request.generated_token_ids else sp.prompt_logprobs
         self.stop_ids: frozenset[int] | None = frozenset(sp.stop_token_ids) or None
         # EOS may end this request (once min_tokens is reached).
         self.eos_ok = model.emits_eos and not sp.ignore_eos

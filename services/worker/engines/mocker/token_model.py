@@ -118,3 +118,22 @@ class TokenModel:
         order = sorted(range(1, len(ids)), key=probs.__getitem__, reverse=True)
         return TokenLogprob(chosen, [token, *(ids[i] for i in order)],
                             [chosen, *(math.log(probs[i]) for i in order)])
+
+    def prompt_logprobs(self, tokens: list[int], top: int) -> list[TokenLogprob]:
+        """The logprob of each of `tokens` after the first, as this model would have drawn it
+        after the ones before, with the `top` most likely tokens there; a token outside those
+        gets an even share of what they leave."""
+        out = []
+        state = absorb(EMPTY_STATE, tokens[0]) if tokens else EMPTY_STATE
+        listed = max(1, top)
+        rest = max(1, self.span - listed)
+        for token in tokens[1:]:
+            full = self.logprobs(state, self.draw(state, False, None), listed)
+            try:
+                value = full.top_logprobs[full.top_ids.index(token)]
+            except ValueError:
+                left = max(1e-12, 1.0 - sum(math.exp(v) for v in full.top_logprobs))
+                value = math.log(left / rest)
+            out.append(TokenLogprob(value, full.top_ids[:top], full.top_logprobs[:top]))
+            state = absorb(state, token)
+        return out
