@@ -4,12 +4,15 @@
 with a Draft 2020-12 validator whose registry holds the whole spec document. The YAML is loaded
 once (libyaml when available) and validators are cached per component.
 
-Two adjustments, both about how the spec is written rather than what it says:
+Three adjustments, about how the spec is written rather than what the API does:
 - Some schemas still use OpenAPI 3.0's `nullable: true`, which JSON Schema ignores; such a node is
   read as "this, or null" (its type gains "null", or it is wrapped in `anyOf: [it, null]`).
 - `CreateCompletionStreamResponse` is derived from `CreateCompletionResponse` ("both the streamed
   and non-streamed response objects share the same shape") with `finish_reason` allowed to be
   null: mid-stream chunks have no finish reason yet, which the shared schema cannot express.
+- A completion's `logprobs.token_logprobs` and `top_logprobs` may hold null: with `echo` the
+  prompt's first token has nothing before it, and OpenAI's API (like vLLM's) answers null
+  there, which the spec's item types leave out.
 """
 
 from __future__ import annotations
@@ -54,12 +57,24 @@ def _nullable(node: Any) -> Any:
     return {"anyOf": [out, {"type": "null"}]}
 
 
+def _logprobs_node(node: dict[str, Any]) -> dict[str, Any]:
+    """The object schema inside a nullable `logprobs` (`anyOf: [it, null]` after `_nullable`)."""
+    if "properties" in node:
+        return node
+    return next(n for n in node["anyOf"] if "properties" in n)
+
+
 @functools.cache
 def document() -> dict[str, Any]:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     with spec_path().open("r", encoding="utf-8") as handle:
         doc = _nullable(yaml.load(handle, Loader=loader))
     schemas = doc["components"]["schemas"]
+    logprobs = schemas["CreateCompletionResponse"]["properties"]["choices"]["items"][
+        "properties"]["logprobs"]
+    for name in ("token_logprobs", "top_logprobs"):
+        items = _logprobs_node(logprobs)["properties"][name]
+        items["items"] = {"anyOf": [items["items"], {"type": "null"}]}
     stream = copy.deepcopy(schemas["CreateCompletionResponse"])
     finish = stream["properties"]["choices"]["items"]["properties"]["finish_reason"]
     stream["properties"]["choices"]["items"]["properties"]["finish_reason"] = {

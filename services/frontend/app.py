@@ -11,6 +11,7 @@ client-disconnect cancellation and the HTTP metrics. Does not own the transport 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -80,16 +81,18 @@ class Generation:
     complete; afterwards `finish` (an OpenAI finish reason) or `error` says whether it ended.
     """
 
-    __slots__ = ("cached_tokens", "detokenizer", "disconnected", "done", "error", "finish",
-                 "first_token_at", "last_token_at", "logprobs", "matcher", "queued", "request_id",
-                 "response_started", "saw_first_chunk", "stop_ids", "stopped_by_string", "tokens",
-                 "upstream_finished")
+    __slots__ = ("cached_tokens", "detokenizer", "disconnected", "done", "echo", "echo_ids",
+                 "error", "finish", "first_token_at", "last_token_at", "logprobs", "matcher",
+                 "queued", "request_id", "response_started", "saw_first_chunk", "stop_ids",
+                 "stopped_by_string", "tokens", "upstream_finished")
 
     def __init__(self, request_id: str, tokenizer: Tokenizer, stops: tuple[str, ...],
                  stop_ids: frozenset[int], logprobs: ChoiceLogprobs | None = None) -> None:
         self.request_id = request_id
         self.detokenizer = tokenizer.new_detokenizer()
         self.logprobs = logprobs  # None: not asked for
+        self.echo = ""  # a completion's prompt text, when `echo` asks for it first
+        self.echo_ids: list[int] | None = None  # and its tokens, when logprobs are asked too
         self.matcher = StopMatcher(stops) if stops else None
         self.stop_ids = stop_ids
         self.tokens = 0
@@ -115,6 +118,8 @@ class Generation:
             self.saw_first_chunk = True
             self.cached_tokens = batch[0].cached_tokens
             self.left_queue()
+            if self.echo_ids is not None and self.logprobs is not None:
+                self.logprobs.add_prompt(self.echo_ids, batch[0].prompt_logprobs)
         if len(batch) == 1:
             chunk = batch[0]
             if chunk.error_code or chunk.finish_reason in _FAILED:
@@ -470,6 +475,20 @@ class FrontendApp:
             return work(*args)
         return await asyncio.get_running_loop().run_in_executor(None, work, *args)
 
+    async def _echoes(self, endpoint: str, body: Any,
+                      prompts: list[tuple[list[int], list[ImageInput]]]) -> list[str] | None:
+        """`echo`: each prompt's text, which its completions start with (and, with logprobs,
+        its tokens' logprobs: `SamplingParams.prompt_logprobs`); None without `echo`."""
+        if endpoint != COMPLETIONS or not body.echo:
+            return None
+        loop = asyncio.get_running_loop()
+        texts = []
+        for ids, _ in prompts:
+            decode = functools.partial(self.tokenizer.decode, ids)
+            texts.append(decode() if len(ids) * 4 <= INLINE_TOKENIZE_MAX_CHARS
+                         else await loop.run_in_executor(None, decode))
+        return texts
+
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._admitted(scope, receive, send, CHAT)
 
@@ -647,6 +666,7 @@ class FrontendApp:
             model, upstream_model = self._resolve_model(body.model)
             prompts = await self._prompts(endpoint, body)
             requests = self._requests(scope, body, upstream_model, prompts)
+            echoes = await self._echoes(endpoint, body, prompts)
             self._widen_grant(scope, len(requests))
             # The slots come last: a request waiting for them is one that will run.
             await self.admission.enter(len(requests))
@@ -676,6 +696,12 @@ class FrontendApp:
                                    else self._hidden_ids,
                                    ChoiceLogprobs(self.tokenizer, endpoint == CHAT)
                                    if request.sampling.logprobs >= 0 else None))
+        if echoes is not None:
+            per_prompt = body.n or 1
+            for i, gen in enumerate(gens):
+                gen.echo = echoes[i // per_prompt]
+                if gen.logprobs is not None:
+                    gen.echo_ids = requests[i].token_ids
         request_id = requests[0].request_id
         per_model = self.metrics.model(model)
         per_model.active.inc()
@@ -784,7 +810,7 @@ class FrontendApp:
     async def _stream(self, send: Send, gen: Generation, chunks: ChunkStream,
                       encoder: responses.ChatStreamEncoder | responses.CompletionStreamEncoder,
                       prompt_tokens: int, request_id: str) -> int:
-        text = gen.consume(await chunks.next_batch(self.stream_interval))
+        text = gen.echo + gen.consume(await chunks.next_batch(self.stream_interval))
         if gen.error is not None:
             # Nothing sent yet: the error gets its own HTTP status.
             gen.done = True
@@ -905,8 +931,11 @@ class FrontendApp:
         if chunks is None:
             ready.put_nowait((index, "", NULL_LOGPROBS))
             return
+        echo = gen.echo
         while gen.finish is None and gen.error is None:
             text = gen.consume(await chunks.next_batch(self.stream_interval))
+            if echo:
+                text, echo = echo + text, ""
             if gen.error is None:
                 choices.started(index)
             ready.put_nowait((index, text, gen.logprobs_with(text)))
@@ -926,7 +955,7 @@ class FrontendApp:
                        started: Callable[[], None] | None = None) -> str:
         """One choice's whole text (`gen.error` says whether it failed); `started` is called
         once it has tokens."""
-        parts: list[str] = []
+        parts: list[str] = [gen.echo] if gen.echo else []
         while True:
             text = gen.consume(await chunks.next_batch())
             if text:

@@ -1,7 +1,8 @@
 """A choice's token log-probabilities, as the OpenAI API shapes them.
 
 Collects the `TokenLogprob` of every token a choice shows (a hidden stop token has none; a stop
-string ends them with the token that completed it) and renders those not yet sent: a chat
+string ends them with the token that completed it; an echoed prompt's come first, its first
+token's null, as OpenAI answers: nothing came before it) and renders those not yet sent: a chat
 choice's `{"content": [...], "refusal": null}` (each token's text, bytes and top alternatives)
 or a text completion's `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`. A token's
 text is its bytes as UTF-8, U+FFFD where it holds part of a character (its `bytes` say which).
@@ -42,8 +43,8 @@ class ChatLogprobs(msgspec.Struct):
 
 class CompletionLogprobs(msgspec.Struct):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
@@ -55,11 +56,18 @@ class ChoiceLogprobs:
     def __init__(self, tokenizer: Tokenizer, chat: bool) -> None:
         self._tokenizer = tokenizer
         self._chat = chat
-        self._pending: list[tuple[int, TokenLogprob]] = []
+        self._pending: list[tuple[int, TokenLogprob | None]] = []
         self._offset = 0  # a completion's text_offset of the next token
 
     def add(self, token_ids: list[int], logprobs: list[TokenLogprob]) -> None:
         self._pending.extend(zip(token_ids, logprobs, strict=False))
+
+    def add_prompt(self, token_ids: list[int], logprobs: list[TokenLogprob] | None) -> None:
+        """An echoed prompt's tokens, `logprobs` those of all but the first (None: the engine
+        gave none, and each is null)."""
+        given = logprobs or []
+        self._pending.extend((token, given[i - 1] if 0 < i <= len(given) else None)
+                             for i, token in enumerate(token_ids))
 
     def take(self) -> bytes:
         """The JSON of what was added since the last `take`."""
@@ -70,9 +78,11 @@ class ChoiceLogprobs:
         raw = self._tokenizer.token_bytes(token_id)
         return raw.decode("utf-8", errors="replace"), raw
 
-    def _chat_json(self, pending: list[tuple[int, TokenLogprob]]) -> bytes:
+    def _chat_json(self, pending: list[tuple[int, TokenLogprob | None]]) -> bytes:
         content = []
         for token_id, lp in pending:
+            if lp is None:
+                continue  # only an echoed prompt's, and chat has no echo
             text, raw = self._text(token_id)
             top = []
             for alt, value in zip(lp.top_ids, lp.top_logprobs, strict=False):
@@ -81,15 +91,23 @@ class ChoiceLogprobs:
             content.append(ContentLogprob(text, max(lp.logprob, _FLOOR), list(raw), top))
         return _encode(ChatLogprobs(content))
 
-    def _completion_json(self, pending: list[tuple[int, TokenLogprob]]) -> bytes:
-        tokens, values, tops, offsets = [], [], [], []
+    def _completion_json(self, pending: list[tuple[int, TokenLogprob | None]]) -> bytes:
+        tokens: list[str] = []
+        values: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
+        offsets: list[int] = []
         for token_id, lp in pending:
             text, _ = self._text(token_id)
             tokens.append(text)
-            values.append(max(lp.logprob, _FLOOR))
-            # logprobs=0 asks for no alternatives: the chosen token's own entry stands alone.
-            tops.append({self._text(alt)[0]: max(value, _FLOOR) for alt, value in zip(
-                lp.top_ids, lp.top_logprobs, strict=False)} if lp.top_ids else {text: values[-1]})
             offsets.append(self._offset)
             self._offset += len(text)
+            if lp is None:
+                values.append(None)
+                tops.append(None)
+                continue
+            value = max(lp.logprob, _FLOOR)
+            values.append(value)
+            # logprobs=0 asks for no alternatives: the chosen token's own entry stands alone.
+            tops.append({self._text(alt)[0]: max(alt_value, _FLOOR) for alt, alt_value in zip(
+                lp.top_ids, lp.top_logprobs, strict=False)} if lp.top_ids else {text: value})
         return _encode(CompletionLogprobs(tokens, values, tops, offsets))

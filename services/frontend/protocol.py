@@ -359,8 +359,6 @@ def _check_completion(body: CompletionRequest) -> None:
     _check_common(body)
     if _kind(body.prompt) not in (b'"', b"[", b"n"):  # a string, an array or null; else:
         _decode_prompt(body.prompt)  # raises
-    if body.echo:
-        raise unsupported("echo")
     if body.best_of is not None and body.best_of > 1:
         raise unsupported("best_of", "only best_of <= 1 is supported")
     if body.best_of is not None and body.n is not None and 1 < body.n and body.best_of < body.n:
@@ -578,6 +576,8 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, prompt_len:
     top_k = body.top_k or 0
     return SamplingParams(
         logprobs=logprobs_asked(body),
+        prompt_logprobs=(body.logprobs if isinstance(body, CompletionRequest) and body.echo
+                         and body.logprobs is not None else -1),
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else float(body.temperature),
         top_p=1.0 if body.top_p is None else float(body.top_p),

@@ -134,7 +134,8 @@ class ChunkStream:
             k = tokens - count
             batch.append(TokenChunk(chunk.request_id, chunk.token_ids[:k], None,
                                     chunk.num_prompt_tokens, chunk.cached_tokens,
-                                    logprobs=chunk.logprobs[:k] if chunk.logprobs else None))
+                                    logprobs=chunk.logprobs[:k] if chunk.logprobs else None,
+                                    prompt_logprobs=chunk.prompt_logprobs))
             pending[i] = TokenChunk(chunk.request_id, chunk.token_ids[k:], chunk.finish_reason,
                                     error_code=chunk.error_code,
                                     error_message=chunk.error_message,

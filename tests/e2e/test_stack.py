@@ -222,6 +222,34 @@ def test_logprobs_through_the_stack(deployment: Deployment) -> None:
                                    extra_body={"ignore_eos": True})
     assert plain.choices[0].logprobs is None and plain.choices[0].text == text
 
+    # echo: the prompt first, text and (the engine's prompt logprobs) logprobs; the first
+    # prompt token (here the byte tokenizer's BOS, which shows no text) has none.
+    prompt = "Once upon a time"
+    echoed = oai.completions.create(model="mock", prompt=prompt, max_tokens=10, logprobs=1,
+                                    echo=True, extra_body={"ignore_eos": True})
+    validate("CreateCompletionResponse", echoed.model_dump(mode="json", exclude_unset=True))
+    assert echoed.choices[0].text == prompt + text
+    elp = echoed.choices[0].logprobs
+    assert elp is not None and elp.tokens is not None and elp.token_logprobs is not None
+    assert echoed.usage is not None and echoed.usage.prompt_tokens == len(prompt) + 1
+    assert len(elp.tokens) == len(prompt) + 1 + 10 and "".join(elp.tokens) == prompt + text
+    assert elp.token_logprobs[0] is None and all(v is not None for v in elp.token_logprobs[1:])
+    assert elp.tokens[-10:] == lp.tokens  # the completion's own, as without echo
+    streamed_text, streamed_logprobs = "", []
+    for chunk in oai.completions.create(model="mock", prompt=prompt, max_tokens=10, n=2,
+                                        logprobs=1, echo=True, stream=True,
+                                        extra_body={"ignore_eos": True}):
+        for choice in chunk.choices:
+            if choice.index == 1:
+                streamed_text += choice.text
+                if choice.logprobs is not None:
+                    streamed_logprobs += choice.logprobs.token_logprobs or []
+    assert streamed_text == echoed.choices[0].text
+    assert streamed_logprobs == elp.token_logprobs
+    bare = oai.completions.create(model="mock", prompt=[[7, 8, 9]], max_tokens=3, echo=True,
+                                  extra_body={"ignore_eos": True})
+    assert bare.choices[0].text.startswith("\x07\x08\t") and bare.choices[0].logprobs is None
+
 
 def test_repeated_prompt_reports_cached_tokens(deployment: Deployment) -> None:
     deployment.start(workers=1, worker_args=FAST)

@@ -195,6 +195,23 @@ def test_logprobs_come_from_vllm(dep: Deployment) -> None:
     assert [(c.token, round(c.logprob, 4)) for c in streamed] == [  # type: ignore[attr-defined]
         (c.token, round(c.logprob, 4)) for c in content]
 
+    # echo with logprobs: the prompt's tokens first, each scored by vLLM (its first none).
+    prompt = "The quick brown fox jumps over the lazy dog"
+    plain = oai.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0,
+                                   logprobs=2, extra_body={"ignore_eos": True})
+    echoed = oai.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0,
+                                    logprobs=2, echo=True, extra_body={"ignore_eos": True})
+    text = echoed.choices[0].text
+    assert text == prompt + plain.choices[0].text
+    lp, own = echoed.choices[0].logprobs, plain.choices[0].logprobs
+    assert lp is not None and own is not None and lp.token_logprobs is not None
+    assert echoed.usage is not None
+    assert len(lp.token_logprobs) == echoed.usage.prompt_tokens + 6
+    assert lp.token_logprobs[0] is None
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    assert lp.top_logprobs is not None and all(len(t or {}) <= 2 for t in lp.top_logprobs)
+    assert lp.tokens is not None and lp.tokens[-6:] == own.tokens
+
 
 def test_stop_string_cuts_the_greedy_answer(dep: Deployment) -> None:
     oai, model = client(dep), model_of(dep)

@@ -323,8 +323,8 @@ def test_bad_requests_over_http(stack: Stack) -> None:
     error = _error_of(_post(stack, chat, {"model": "tiny", "messages": MESSAGES, "bogus": 1}), 400)
     assert error["param"] == "bogus"
     error = _error_of(_post(stack, "/v1/completions", {"model": "tiny", "prompt": "x",
-                                                        "echo": True}), 400)
-    assert error["param"] == "echo"
+                                                        "suffix": "y"}), 400)
+    assert error["param"] == "suffix"
     error = _error_of(_post(stack, chat, {"model": "gpt-4o", "messages": MESSAGES}), 404)
     assert (error["code"], error["type"], error["param"]) == ("model_not_found",
                                                               "not_found_error", "model")

@@ -281,7 +281,6 @@ def test_completion_spec_invalid(body: dict[str, Any], param: str) -> None:
 
 
 COMPLETION_UNSUPPORTED = [
-    (completion(echo=True), "echo"),
     (completion(best_of=2), "best_of"),
     (completion(suffix="tail"), "suffix"),
     (completion(logit_bias={"1": 5}), "logit_bias"),
@@ -403,6 +402,14 @@ def test_logprobs_asked_for_reach_the_sampling_params() -> None:
     assert asked(parse_completion, completion()) == -1
     assert asked(parse_completion, completion(logprobs=0)) == 0
     assert asked(parse_completion, completion(logprobs=5)) == 5
+    def prompt_asked(body: dict[str, Any]) -> int:
+        parsed = parse_completion(json.dumps(body).encode())
+        return sampling_params(parsed, prompt_len=3, max_model_len=100,
+                               vocab_size=300).prompt_logprobs
+
+    # `echo` with logprobs: the prompt's too.
+    assert prompt_asked(completion(echo=True, logprobs=2)) == 2
+    assert prompt_asked(completion(echo=True)) == prompt_asked(completion(logprobs=2)) == -1
     # Alternatives without the logprobs they go with: said, not silently dropped.
     error = _error(parse_chat, chat(top_logprobs=3))
     assert (error.status, error.param) == (400, "top_logprobs")

@@ -175,3 +175,15 @@ def test_streamed_logprobs_go_with_the_text_they_show() -> None:
         validate("CreateChatCompletionStreamResponse", _event(frame))
     assert len(_event(frames[0])["choices"][0]["logprobs"]["content"]) == 3
     assert _event(frames[1])["choices"][0]["logprobs"] == {"content": [], "refusal": None}
+
+
+def test_an_echoed_prompts_logprobs_come_first_its_first_null() -> None:
+    lp = ChoiceLogprobs(ByteTokenizer(), chat=False)
+    lp.add_prompt([104, 105], [TokenLogprob(-3.0, [120], [-0.5])])
+    lp.add([33], [TokenLogprob(-0.1, [33], [-0.1])])
+    done = json.loads(responses.completion("cmpl-x", 1, "tiny", [("hi!", "length", lp.take())],
+                                           responses.usage(2, 1, 0)))
+    validate("CreateCompletionResponse", done)
+    assert done["choices"][0]["logprobs"] == {
+        "tokens": ["h", "i", "!"], "token_logprobs": [None, -3.0, -0.1],
+        "top_logprobs": [None, {"x": -0.5}, {"!": -0.1}], "text_offset": [0, 1, 2]}
