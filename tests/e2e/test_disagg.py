@@ -115,6 +115,17 @@ def test_one_prefill_one_decode_via_turnout_up(deployment: Deployment) -> None:
     whole = asyncio.run(complete(deployment.url, prompts, target=decode.instance_id, logprobs=1))
     assert [t for t, _ in split] == [t for t, _ in whole]
     assert all(len(json.loads(t[TOKENS:])) == TOKENS for t, _ in split)
+    # With echo, the prompt's logprobs come from the prefill worker: the aggregated run's.
+    oai = openai.OpenAI(base_url=deployment.url + "/v1", api_key="x", max_retries=0,
+                        timeout=60)
+    echoed = [oai.completions.create(
+        model="mock", prompt=prompts[0], max_tokens=TOKENS, logprobs=1, echo=True,
+        extra_body={"ignore_eos": True}, extra_headers=headers).choices[0]
+        for headers in (None, {"x-worker-instance-id": decode.instance_id})]
+    assert echoed[0].text == echoed[1].text and echoed[0].text.startswith(prompts[0])
+    assert echoed[0].logprobs == echoed[1].logprobs
+    assert echoed[0].logprobs is not None and echoed[0].logprobs.token_logprobs is not None
+    assert len(echoed[0].logprobs.token_logprobs) == len(prompts[0]) + 1 + TOKENS  # BOS too
 
 
 def test_two_prefill_two_decode(deployment: Deployment) -> None:
