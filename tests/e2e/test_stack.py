@@ -250,6 +250,21 @@ def test_logprobs_through_the_stack(deployment: Deployment) -> None:
                                   extra_body={"ignore_eos": True})
     assert bare.choices[0].text.startswith("\x07\x08\t") and bare.choices[0].logprobs is None
 
+    # lm-eval's loglikelihood request (`local-completions`): token-id prompts in a batch,
+    # echo, logprobs=1, max_tokens=1; it reads token_logprobs[ctxlen:-1] and the top entries.
+    contexts, continuations = [[72, 105, 32], [79, 107]], [[116, 104, 101, 114, 101], [33]]
+    scored = oai.completions.create(model="mock", prompt=[c + k for c, k in zip(
+        contexts, continuations, strict=True)], max_tokens=1, logprobs=1, echo=True,
+        temperature=0)
+    for choice, context, continuation in zip(scored.choices, contexts, continuations,
+                                             strict=True):
+        slp = choice.logprobs
+        assert slp is not None and slp.token_logprobs is not None and slp.top_logprobs
+        assert len(slp.token_logprobs) == len(context) + len(continuation) + 1
+        tail = slp.token_logprobs[len(context):-1]
+        assert len(tail) == len(continuation) and all(v is not None and v < 0 for v in tail)
+        assert all(top is not None and len(top) == 1 for top in slp.top_logprobs[1:])
+
 
 def test_repeated_prompt_reports_cached_tokens(deployment: Deployment) -> None:
     deployment.start(workers=1, worker_args=FAST)
