@@ -11,12 +11,11 @@ client-disconnect cancellation and the HTTP metrics. Does not own the transport 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgspec
 from prometheus_client import Gauge
@@ -47,6 +46,7 @@ from services.frontend.tokenizer import INLINE_TOKENIZE_MAX_CHARS, Tokenizer
 from services.frontend.upstream import ChunkStream, NoWorkersError, Upstream
 
 log = logging.getLogger("turnout.frontend")
+T = TypeVar("T")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -115,11 +115,7 @@ class Generation:
                                   reason="upstream_error")
             return self._drain()
         if not self.saw_first_chunk:
-            self.saw_first_chunk = True
-            self.cached_tokens = batch[0].cached_tokens
-            self.left_queue()
-            if self.echo_ids is not None and self.logprobs is not None:
-                self.logprobs.add_prompt(self.echo_ids, batch[0].prompt_logprobs)
+            return self._consume_first(batch)
         if len(batch) == 1:
             chunk = batch[0]
             if chunk.error_code or chunk.finish_reason in _FAILED:
@@ -140,7 +136,9 @@ class Generation:
                     return text
                 ids.extend(chunk.token_ids)
                 if chunk.logprobs:
-                    logprobs = [*(logprobs or ()), *chunk.logprobs]
+                    if logprobs is None:
+                        logprobs = []
+                    logprobs.extend(chunk.logprobs)
                 if chunk.finish_reason is not None:
                     finish = chunk.finish_reason
                     break
@@ -150,6 +148,15 @@ class Generation:
                 self.first_token_at = now
             self.last_token_at = now
         return self._text(ids, finish, logprobs)
+
+    def _consume_first(self, batch: list[TokenChunk]) -> str:
+        """The first batch: the prompt's figures, and an echoed prompt ahead of the text."""
+        self.saw_first_chunk = True
+        self.cached_tokens = batch[0].cached_tokens
+        self.left_queue()
+        if self.echo_ids is not None and self.logprobs is not None:
+            self.logprobs.add_prompt(self.echo_ids, batch[0].prompt_logprobs)
+        return self.echo + self.consume(batch)
 
     def left_queue(self) -> None:
         if self.queued is not None:
@@ -470,7 +477,9 @@ class FrontendApp:
         return ("the frontend's fallback while no worker reports one; set the frontend's "
                 "--max-model-len")
 
-    async def _tokenize(self, work: Callable[..., list[int]], *args: Any, chars: int) -> list[int]:
+    async def _tokenize(self, work: Callable[..., T], *args: Any, chars: int) -> T:
+        """`work(*args)` (tokenizing or decoding about `chars` characters), off the loop when
+        that is long."""
         if chars <= INLINE_TOKENIZE_MAX_CHARS:
             return work(*args)
         return await asyncio.get_running_loop().run_in_executor(None, work, *args)
@@ -481,13 +490,8 @@ class FrontendApp:
         its tokens' logprobs: `SamplingParams.prompt_logprobs`); None without `echo`."""
         if endpoint != COMPLETIONS or not body.echo:
             return None
-        loop = asyncio.get_running_loop()
-        texts = []
-        for ids, _ in prompts:
-            decode = functools.partial(self.tokenizer.decode, ids)
-            texts.append(decode() if len(ids) * 4 <= INLINE_TOKENIZE_MAX_CHARS
-                         else await loop.run_in_executor(None, decode))
-        return texts
+        return [await self._tokenize(self.tokenizer.decode, ids, chars=len(ids) * 4)
+                for ids, _ in prompts]
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._admitted(scope, receive, send, CHAT)
@@ -810,7 +814,7 @@ class FrontendApp:
     async def _stream(self, send: Send, gen: Generation, chunks: ChunkStream,
                       encoder: responses.ChatStreamEncoder | responses.CompletionStreamEncoder,
                       prompt_tokens: int, request_id: str) -> int:
-        text = gen.echo + gen.consume(await chunks.next_batch(self.stream_interval))
+        text = gen.consume(await chunks.next_batch(self.stream_interval))
         if gen.error is not None:
             # Nothing sent yet: the error gets its own HTTP status.
             gen.done = True
@@ -931,11 +935,8 @@ class FrontendApp:
         if chunks is None:
             ready.put_nowait((index, "", NULL_LOGPROBS))
             return
-        echo = gen.echo
         while gen.finish is None and gen.error is None:
             text = gen.consume(await chunks.next_batch(self.stream_interval))
-            if echo:
-                text, echo = echo + text, ""
             if gen.error is None:
                 choices.started(index)
             ready.put_nowait((index, text, gen.logprobs_with(text)))
@@ -955,7 +956,7 @@ class FrontendApp:
                        started: Callable[[], None] | None = None) -> str:
         """One choice's whole text (`gen.error` says whether it failed); `started` is called
         once it has tokens."""
-        parts: list[str] = [gen.echo] if gen.echo else []
+        parts: list[str] = []
         while True:
             text = gen.consume(await chunks.next_batch())
             if text:
