@@ -60,10 +60,11 @@ class FrontendLiveness:
         if frontend in self.heard:
             self.heard[frontend] = self.clock()
 
-    def lost(self) -> list[bytes]:
-        """Frontends whose silence is a verdict, forgotten as they are returned (call it only
-        on checks that ran on time: a router that did not run heard nobody)."""
-        now = self.clock()
+    def lost(self, now: float | None = None) -> list[bytes]:
+        """Frontends whose silence is a verdict at `now` (the clock, unless given), forgotten as
+        they are returned (call it only on checks that ran on time: a router that did not run
+        heard nobody)."""
+        now = self.clock() if now is None else now
         if not self.grace.judging(now):
             return []
         gone = [f for f, d in self.pings.items()

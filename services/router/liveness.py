@@ -82,6 +82,7 @@ class Liveness:
         self.stall = stall_s  # 0: off
         self.clock = clock
         self._last_check: float | None = None
+        self.checked_at = 0.0  # when the latest check read the clock: its verdicts are as of then
         self.paused_s = 0.0  # how late the last check ran (0: on time)
         self.grace = PauseGrace(self.detector.ceiling_s)  # after a pause of the router's own
 
@@ -121,7 +122,7 @@ class Liveness:
         now = self.clock()
         late = self._last_check is not None and now - self._last_check > self.period
         self.paused_s = now - self._last_check if late and self._last_check is not None else 0.0
-        self._last_check = now
+        self._last_check = self.checked_at = now
         return not late
 
     def forgive_pause(self, workers: list[WorkerHandle]) -> None:
@@ -148,10 +149,11 @@ class Liveness:
         return worker is not None and bool(entry.prefill_blocks) and (
             entry.prefill_blocks * worker.block_size >= self.long_prefill_tokens)
 
-    def convictions(self, workers: list[WorkerHandle]) -> list[WorkerHandle]:
-        """Hang suspects still holding requests whose silence is now certain enough to move
-        those too."""
-        now = self.clock()
+    def convictions(self, workers: list[WorkerHandle], now: float | None = None,
+                    ) -> list[WorkerHandle]:
+        """Hang suspects still holding requests whose silence is certain enough at `now` (the
+        clock, unless given) to move those too."""
+        now = self.clock() if now is None else now
         return [w for w in workers if w.suspect is not None and not w.alive and w.inflight
                 and w.detector is not None and w.detector.convicted(now)]
 
@@ -159,9 +161,10 @@ class Liveness:
         """Heartbeats come, but with work in flight its engine has not stepped for `stall`."""
         return bool(self.stall and worker.inflight and now - worker.last_progress > self.stall)
 
-    def verdicts(self, workers: list[WorkerHandle]) -> list[tuple[WorkerHandle, str]]:
-        """Live workers to declare lost now, with the cause."""
-        now = self.clock()
+    def verdicts(self, workers: list[WorkerHandle], now: float | None = None,
+                 ) -> list[tuple[WorkerHandle, str]]:
+        """Live workers to declare lost as of `now` (the clock, unless given), with the cause."""
+        now = self.clock() if now is None else now
         out = []
         for worker in workers:
             if not worker.alive:

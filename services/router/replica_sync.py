@@ -92,9 +92,9 @@ class ReplicaSync:
         for worker_id in touched:
             self._total(worker_id)
 
-    def expire(self) -> None:
-        """Forget peers that stopped publishing."""
-        now = self.clock()
+    def expire(self, now: float | None = None) -> None:
+        """Forget peers that stopped publishing (as of `now`: the clock, unless given)."""
+        now = self.clock() if now is None else now
         for router_id in [r for r, t in self.heard.items() if now - t > self.stale_s]:
             self.forget(router_id)
 

@@ -85,18 +85,18 @@ class Replicas:
             self.handback.give_back(frontend, [request.request_id])
         return self.handback.active
 
-    def check(self, paused_s: float) -> None:
+    def check(self, paused_s: float, now: float) -> None:
         """Every half heartbeat period: ping the workers; on a check that ran on time
         (`paused_s` 0: else it ran that late), publish our usage snapshot, expire silent peers,
-        cancel gone frontends' requests."""
+        cancel gone frontends' requests, judging silences as of `now` (the check's start)."""
         ping_workers(w.socket for w in self.pool.workers.values())
         if paused_s:
             self.frontends.pause(paused_s)
             return
         self.sync.publish_snapshot()
-        self.sync.expire()
+        self.sync.expire(now)
         self.metrics.peer_routers.set(len(self.sync.heard))
-        for frontend in self.frontends.lost():
+        for frontend in self.frontends.lost(now):
             orphans = self.frontends.orphans(frontend, self.streams.accounting,
                                              self.streams.parking)
             if self.streams.encoding is not None:  # and those waiting for their embeddings

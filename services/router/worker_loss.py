@@ -58,20 +58,24 @@ class WorkerLoss:
         self.metrics.set_worker_gauges(self.pool.workers.values(), self.pool.dead, self._listed)
 
     def check_liveness(self) -> None:
-        """Every half heartbeat period: place waiting requests, judge silent/stalled workers."""
+        """Every half heartbeat period: place waiting requests, judge silent/stalled workers.
+        Every verdict is as of the time the check began: a pause that lands mid-check (SIGSTOP
+        strikes anywhere) must not age the silences it judges, which only the next check, late,
+        can forgive."""
         on_time = self.liveness.check_on_time()
+        now = self.liveness.checked_at
         self.selector.note_serving()
         if self.streams.waiting:
             self.streams.retry()
-        self.replicas.check(self.liveness.paused_s)
+        self.replicas.check(self.liveness.paused_s, now)
         if not on_time:
             self.liveness.forgive_pause(list(self.pool.workers.values()))
             return
         self.metrics.set_routing_state(self.kv_index, self.selector.cost_models)
         workers = list(self.pool.workers.values())
-        for worker, cause in self.liveness.verdicts(workers):
+        for worker, cause in self.liveness.verdicts(workers, now):
             self.worker_lost(worker, cause)
-        for worker in self.liveness.convictions(workers):
+        for worker in self.liveness.convictions(workers, now):
             self.worker_convicted(worker)
 
     def worker_lost(self, worker: WorkerHandle, cause: str) -> None:

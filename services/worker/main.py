@@ -353,14 +353,16 @@ class Worker:
         self.metrics.on_finish(outcome)
         self._settle()
 
-    def cancel_lost_routers(self, on_time: bool, since_s: float = 0.0) -> None:
+    def cancel_lost_routers(self, on_time: bool, since_s: float = 0.0,
+                            now: float | None = None) -> None:
         """Requests of a router that stopped pinging stop here (it may only have been slow: it
-        gets an error frame for each, and migrates them). Not on time: this worker did not run
+        gets an error frame for each, and migrates them), its silence judged as of `now` (when
+        the check woke: a pause since must not age it). Not on time: this worker did not run
         for `since_s`, and judges nobody."""
         if not on_time:
             self.routers.pause(since_s)
             return
-        for ident in self.routers.lost():
+        for ident in self.routers.lost(now):
             ids = [r for r, i in self.destinations.items() if i == ident]
             self.metrics.routers_lost.inc()
             log.warning("router stopped pinging; cancelling its requests",
@@ -473,7 +475,7 @@ class Worker:
             lag = max(0.0, now - last - period)
             if lag >= period:
                 self.resumed(lag)
-            self.cancel_lost_routers(lag < period, now - last)
+            self.cancel_lost_routers(lag < period, now - last, now)
             last = now
 
     def resumed(self, paused_s: float) -> None:

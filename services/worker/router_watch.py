@@ -85,10 +85,10 @@ class RouterWatch:
         if ident in self.heard:
             self.heard[ident] = self.clock()
 
-    def lost(self) -> list[bytes]:
-        """Routers silent past the timeout, forgotten as they are returned (call it only when
-        this worker itself ran on time)."""
-        now = self.clock()
+    def lost(self, now: float | None = None) -> list[bytes]:
+        """Routers silent past the timeout at `now` (the clock, unless given), forgotten as they
+        are returned (call it only when this worker itself ran on time)."""
+        now = self.clock() if now is None else now
         gone = [i for i, t in self.heard.items() if now - t > self.timeout_s] \
             if self.grace.judging(now) else []
         for ident in gone:

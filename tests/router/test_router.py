@@ -17,6 +17,7 @@ from common.messages import (
     KIND_CANCEL,
     KIND_GENERATE,
     KIND_KV_DUMP,
+    KIND_PING,
     KIND_TOKENS,
     TOPIC_FPM,
     TOPIC_HEARTBEAT,
@@ -92,6 +93,8 @@ class Harness:
         self.real_frontends = r.frontends
         self.frontends = FakeSocket()
         r.frontends = r.streams.frontends = self.frontends  # type: ignore[assignment]
+        r.replicas.frontends.frontends = self.frontends  # type: ignore[assignment]
+        r.replicas.handback.frontends = self.frontends  # type: ignore[assignment]
         r.migration.reply_error = functools.partial(send_error, self.frontends)
         r.pool.open_dealer = lambda endpoint, handler: FakeDealer(  # type: ignore[assignment]
             endpoint)
@@ -250,6 +253,53 @@ async def test_a_silent_worker_becomes_a_suspect_and_recovers(h: Harness) -> Non
     assert counter(h.router.metrics.worker_recoveries) == 1
     assert sock(a).kinds()[-1] == KIND_KV_DUMP and counter(h.router.metrics.resyncs) == 3
     assert counter(h.router.metrics.workers, "routable") == 2
+
+
+@scenario(router_mode="round-robin")
+async def test_a_pause_that_lands_mid_check_judges_nobody(h: Harness) -> None:
+    """SIGSTOP strikes anywhere: a router stopped in the middle of a check, after the check
+    read the clock, and run again 5 s later (its workers and frontend stopped with it) judges
+    no worker and no frontend by that check, whose verdicts are as of when it began; the next
+    check, late, forgives the pause. Silence after it still counts."""
+    a = h.admit("a")
+    h.generate("r1")
+    steps = 0
+
+    def heard() -> None:
+        nonlocal steps
+        steps += 1
+        h.event("a", TOPIC_HEARTBEAT, Heartbeat("a", steps, 1))
+        h.router.replicas.on_frame(b"fe", KIND_PING)
+
+    for _ in range(20):  # regular heartbeats and pings: their rhythm is learnt
+        h.clock.advance(0.05)
+        heard()
+        h.router.check_liveness()
+    note_serving = h.router.selector.note_serving
+
+    def stopped_here() -> None:
+        h.clock.advance(5.0)
+        note_serving()
+
+    h.router.selector.note_serving = stopped_here  # type: ignore[method-assign]
+    h.clock.advance(0.05)
+    h.router.check_liveness()
+    h.router.selector.note_serving = note_serving  # type: ignore[method-assign]
+    h.clock.advance(0.05)
+    h.router.check_liveness()  # late: the pause is forgiven
+    assert a.alive and a.inflight == 1
+    assert counter(h.router.metrics.frontends_lost) == 0
+    assert counter(h.router.metrics.worker_deaths, "hang") == 0
+    for _ in range(20):  # they run again: heard as before
+        h.clock.advance(0.05)
+        heard()
+        h.router.check_liveness()
+    assert a.alive and counter(h.router.metrics.frontends_lost) == 0
+    for _ in range(400):  # then silence, past the grace: judged
+        h.clock.advance(0.05)
+        h.router.check_liveness()
+    assert not a.alive and counter(h.router.metrics.worker_deaths, "hang") == 1
+    assert counter(h.router.metrics.frontends_lost) == 1
 
 
 @scenario(router_mode="round-robin", no_worker_wait_ms=5000)
