@@ -83,8 +83,8 @@ class Generation:
 
     __slots__ = ("cached_tokens", "detokenizer", "disconnected", "done", "echo", "echo_ids",
                  "error", "finish", "first_token_at", "last_token_at", "logprobs", "matcher",
-                 "queued", "request_id", "response_started", "saw_first_chunk", "stop_ids",
-                 "stopped_by_string", "tokens", "upstream_finished")
+                 "prompt_only", "queued", "request_id", "response_started", "saw_first_chunk",
+                 "stop_ids", "stopped_by_string", "tokens", "upstream_finished")
 
     def __init__(self, request_id: str, tokenizer: Tokenizer, stops: tuple[str, ...],
                  stop_ids: frozenset[int], logprobs: ChoiceLogprobs | None = None) -> None:
@@ -93,6 +93,7 @@ class Generation:
         self.logprobs = logprobs  # None: not asked for
         self.echo = ""  # a completion's prompt text, when `echo` asks for it first
         self.echo_ids: list[int] | None = None  # and its tokens, when logprobs are asked too
+        self.prompt_only = False  # echo with max_tokens 0: the engine's one token is not shown
         self.matcher = StopMatcher(stops) if stops else None
         self.stop_ids = stop_ids
         self.tokens = 0
@@ -168,6 +169,10 @@ class Generation:
         if finish is not None:
             self.upstream_finished = True
             self.finish = _FINISH.get(finish, "stop")
+        if self.prompt_only:  # nothing generated is shown, counted or scored
+            if finish is not None:
+                self.finish = "length"
+            return ""
         # A stop token (EOS or a stop_token_id) is counted but not shown.
         hidden = finish == FINISH_STOP and bool(ids) and ids[-1] in self.stop_ids
         matcher = self.matcher
@@ -704,6 +709,7 @@ class FrontendApp:
             per_prompt = body.n or 1
             for i, gen in enumerate(gens):
                 gen.echo = echoes[i // per_prompt]
+                gen.prompt_only = body.max_tokens == 0
                 if gen.logprobs is not None:
                     gen.echo_ids = requests[i].token_ids
         request_id = requests[0].request_id

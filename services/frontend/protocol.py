@@ -366,9 +366,12 @@ def _check_completion(body: CompletionRequest) -> None:
                       "invalid_value")
     if body.suffix:
         raise unsupported("suffix")
-    if body.max_tokens is not None and body.max_tokens < 1:
-        raise invalid(f"'max_tokens' must be at least 1, got {body.max_tokens}", "max_tokens",
-                      "invalid_value")
+    # `echo` with `max_tokens: 0` scores a prompt without generating (OpenAI's legacy API).
+    least = 0 if body.echo else 1
+    if body.max_tokens is not None and body.max_tokens < least:
+        raise invalid(f"'max_tokens' must be at least {least}"
+                      f"{'' if least else ' (0 only with echo)'}, got {body.max_tokens}",
+                      "max_tokens", "invalid_value")
 
 
 # --- public entry points ----------------------------------------------------------------------
@@ -570,6 +573,8 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, prompt_len:
     if min_tokens > max_tokens:
         raise invalid(f"'min_tokens' ({min_tokens}) must not exceed the maximum number of "
                       f"tokens ({max_tokens})", "min_tokens", "invalid_value")
+    if max_tokens == 0:  # echo only: the engine computes one token, which is never shown
+        max_tokens = 1
     stop_ids = body.stop_token_ids or []
     if stop_ids:
         _check_ids(stop_ids, vocab_size, "stop_token_ids")

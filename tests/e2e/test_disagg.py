@@ -126,6 +126,12 @@ def test_one_prefill_one_decode_via_turnout_up(deployment: Deployment) -> None:
     assert echoed[0].logprobs == echoed[1].logprobs
     assert echoed[0].logprobs is not None and echoed[0].logprobs.token_logprobs is not None
     assert len(echoed[0].logprobs.token_logprobs) == len(prompts[0]) + 1 + TOKENS  # BOS too
+    # max_tokens 0: the prompt alone, its logprobs the same (a prefill-only request).
+    only = oai.completions.create(model="mock", prompt=prompts[0], max_tokens=0, logprobs=1,
+                                  echo=True).choices[0]
+    assert only.text == prompts[0] and only.finish_reason == "length"
+    assert only.logprobs is not None
+    assert only.logprobs.token_logprobs == echoed[0].logprobs.token_logprobs[:-TOKENS]
 
 
 def test_two_prefill_two_decode(deployment: Deployment) -> None:

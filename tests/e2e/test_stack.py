@@ -246,6 +246,22 @@ def test_logprobs_through_the_stack(deployment: Deployment) -> None:
                     streamed_logprobs += choice.logprobs.token_logprobs or []
     assert streamed_text == echoed.choices[0].text
     assert streamed_logprobs == elp.token_logprobs
+    # echo with max_tokens 0 scores the prompt alone: its text and logprobs, nothing generated.
+    only = oai.completions.create(model="mock", prompt=prompt, max_tokens=0, logprobs=1,
+                                  echo=True)
+    validate("CreateCompletionResponse", only.model_dump(mode="json", exclude_unset=True))
+    olp = only.choices[0].logprobs
+    assert only.choices[0].text == prompt and only.choices[0].finish_reason == "length"
+    assert olp is not None and olp.token_logprobs == elp.token_logprobs[:len(prompt) + 1]
+    assert only.usage is not None and only.usage.completion_tokens == 0
+    assert only.usage.prompt_tokens == len(prompt) + 1
+    streamed_only = list(oai.completions.create(model="mock", prompt=prompt, max_tokens=0,
+                                                echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in streamed_only if c.choices) == prompt
+    assert streamed_only[-1].choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as refused:  # without echo: nothing to answer
+        oai.completions.create(model="mock", prompt=prompt, max_tokens=0)
+    assert refused.value.body["param"] == "max_tokens"  # type: ignore[index]
     bare = oai.completions.create(model="mock", prompt=[[7, 8, 9]], max_tokens=3, echo=True,
                                   extra_body={"ignore_eos": True})
     assert bare.choices[0].text.startswith("\x07\x08\t") and bare.choices[0].logprobs is None

@@ -211,6 +211,15 @@ def test_logprobs_come_from_vllm(dep: Deployment) -> None:
     assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
     assert lp.top_logprobs is not None and all(len(t or {}) <= 2 for t in lp.top_logprobs)
     assert lp.tokens is not None and lp.tokens[-6:] == own.tokens
+    # max_tokens 0: the prompt alone, scored the same.
+    only = oai.completions.create(model=model, prompt=prompt, max_tokens=0, logprobs=2,
+                                  echo=True)
+    olp = only.choices[0].logprobs
+    assert only.choices[0].text == prompt and only.choices[0].finish_reason == "length"
+    assert olp is not None and olp.token_logprobs is not None
+    assert only.usage is not None and only.usage.completion_tokens == 0
+    assert [None if v is None else round(v, 3) for v in olp.token_logprobs] == [
+        None if v is None else round(v, 3) for v in lp.token_logprobs[:-6]]
 
 
 def test_stop_string_cuts_the_greedy_answer(dep: Deployment) -> None:

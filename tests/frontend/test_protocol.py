@@ -409,6 +409,16 @@ def test_logprobs_asked_for_reach_the_sampling_params() -> None:
 
     # `echo` with logprobs: the prompt's too.
     assert prompt_asked(completion(echo=True, logprobs=2)) == 2
+    # `echo` with max_tokens 0 scores the prompt: the engine computes one token (not shown);
+    # max_tokens 0 without echo, or with min_tokens, is refused.
+    echo_only = parse_completion(json.dumps(completion(echo=True, max_tokens=0)).encode())
+    assert sampling_params(echo_only, prompt_len=3, max_model_len=100,
+                           vocab_size=300).max_tokens == 1
+    assert _error(parse_completion, completion(max_tokens=0)).param == "max_tokens"
+    error = _error(lambda raw: sampling_params(parse_completion(raw), prompt_len=3,
+                                               max_model_len=100, vocab_size=300),
+                   completion(echo=True, max_tokens=0, min_tokens=1))
+    assert error.param == "min_tokens"
     assert prompt_asked(completion(echo=True)) == prompt_asked(completion(logprobs=2)) == -1
     # Alternatives without the logprobs they go with: said, not silently dropped.
     error = _error(parse_chat, chat(top_logprobs=3))
