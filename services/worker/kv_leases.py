@@ -36,9 +36,9 @@ class KvLeases:
         for rid in self._expires:
             self._expires[rid] += seconds
 
-    def expired(self) -> list[str]:
-        """Leases past their expiry, removed."""
-        now = self._clock()
+    def expired(self, now: float | None = None) -> list[str]:
+        """Leases past their expiry at `now` (the clock, unless given), removed."""
+        now = self._clock() if now is None else now
         gone = [rid for rid, at in self._expires.items() if at <= now]
         for rid in gone:
             del self._expires[rid]

@@ -214,8 +214,8 @@ class Worker:
         if sources:
             self.peers.release(sources, request_id)
 
-    def expire_leases(self) -> None:
-        for request_id in self.leases.expired():
+    def expire_leases(self, now: float | None = None) -> None:
+        for request_id in self.leases.expired(now):
             self._prefilled.pop(request_id, None)
             self.engine.release_held(request_id)
             self.metrics.lease_ends.labels(**self.metrics.labels, end="expired").inc()
@@ -467,15 +467,17 @@ class Worker:
         last = time.monotonic()
         lag = 0.0
         while True:
-            if len(self.leases):
-                self.expire_leases()
             self.publish_status(lag)
             await asyncio.sleep(period)
+            # Judged as of when it woke, after any pause is forgiven: a SIGSTOP that lands
+            # later in this tick must not age a lease or a silence.
             now = time.monotonic()
             lag = max(0.0, now - last - period)
             if lag >= period:
                 self.resumed(lag)
             self.cancel_lost_routers(lag < period, now - last, now)
+            if len(self.leases):
+                self.expire_leases(now)
             last = now
 
     def resumed(self, paused_s: float) -> None:

@@ -40,3 +40,16 @@ def test_a_pause_of_the_holder_does_not_count_against_its_leases() -> None:
     assert leases.expired() == []
     clock.advance(0.001)
     assert leases.expired() == ["r1"]
+
+
+def test_leases_are_judged_as_of_the_check_not_of_a_pause_within_it() -> None:
+    """The heartbeat tick reads the clock once: a pause that lands after it (SIGSTOP strikes
+    anywhere) is the next tick's to forgive, not an expiry now."""
+    clock = FakeClock()
+    leases = KvLeases(clock)
+    leases.hold("r1", 1.0)
+    clock.advance(0.5)
+    tick = clock()
+    clock.advance(6.0)
+    assert leases.expired(tick) == []
+    assert leases.expired() == ["r1"]
