@@ -604,6 +604,7 @@ class FrontendApp:
             messages = protocol.chat_messages(body)
             try:
                 ids = await self._tokenize(tokenizer.render_chat, messages,
+                                           protocol.render_options(body),
                                            chars=protocol.chat_text_length(body))
             except ChatTemplateError as exc:
                 raise invalid(str(exc), "messages", "invalid_chat_template") from None

@@ -3,15 +3,19 @@
 Owns the sandboxed Jinja environment (with the helpers HF-style templates expect:
 `raise_exception`, `strftime_now`, a non-ASCII-escaping `tojson`) and the lookup of the template in
 a model directory (chat_template.jinja, then tokenizer_config.json's `chat_template`, which may be a
-string or a list of named templates). Does not tokenize; `tokenizer` does.
+string or a list of named templates), and how a request asks for its conversation rendered
+(`RenderOptions`: vLLM's `add_generation_prompt`, `continue_final_message` and
+`chat_template_kwargs`). Does not tokenize; `tokenizer` does.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import jinja2
 import jinja2.ext
@@ -43,6 +47,32 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
+@dataclass(frozen=True, slots=True)
+class RenderOptions:
+    """How one request asks for its conversation rendered."""
+
+    add_generation_prompt: bool = True  # the assistant's header after the last message
+    # The last message left open, for the model to go on with (an assistant's prefill).
+    continue_final_message: bool = False
+    variables: Mapping[str, Any] = field(default_factory=dict)  # chat_template_kwargs
+
+
+DEFAULT_RENDER: Final = RenderOptions()
+
+
+def continue_final(rendered: str, content: str) -> str:
+    """`rendered` cut just after the final message's `content`, so the model continues it
+    rather than starting a turn (templates often trim a message: its trimmed text is sought,
+    and any trailing whitespace it kept stays)."""
+    stripped = content.strip()
+    at = rendered.rfind(stripped) if stripped else -1
+    if at < 0:
+        raise ChatTemplateError("continue_final_message needs a final message with text that "
+                                "the chat template shows as it was sent")
+    kept = content.lstrip()
+    return rendered[:at + (len(kept) if rendered.startswith(kept, at) else len(stripped))]
+
+
 class ChatTemplate:
     """A compiled template plus the variables every render gets (bos_token, eos_token, ...)."""
 
@@ -53,15 +83,22 @@ class ChatTemplate:
             raise ChatTemplateError(f"chat template does not compile: {exc}") from exc
         self._variables = dict(variables or {})
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict[str, str]],
+               options: RenderOptions = DEFAULT_RENDER) -> str:
+        context = {**self._variables, **options.variables} if options.variables \
+            else dict(self._variables)
+        context["messages"] = messages
+        context["add_generation_prompt"] = options.add_generation_prompt
         try:
-            return self._template.render(messages=messages,
-                                         add_generation_prompt=add_generation_prompt,
-                                         **self._variables)
+            rendered = self._template.render(context)
         except ChatTemplateError:
             raise
-        except jinja2.TemplateError as exc:
+        except (jinja2.TemplateError, ArithmeticError, AttributeError, LookupError, TypeError,
+                ValueError) as exc:  # a request's variables may be of any JSON type
             raise ChatTemplateError(f"chat template failed: {exc}") from exc
+        if options.continue_final_message:
+            return continue_final(rendered, messages[-1]["content"] if messages else "")
+        return rendered
 
 
 def find_chat_template(model_dir: Path, tokenizer_config: dict[str, Any]) -> str | None:

@@ -229,7 +229,8 @@ class ChatImages:
                             "too_many_images")
         decoded = [await self.load(param, url) for param, url in parts]
         marker = f"<turnout-image-{os.urandom(8).hex()}>"
-        pieces = tokenizer.render_chat_split(protocol.chat_messages(body, marker), marker)
+        pieces = tokenizer.render_chat_split(protocol.chat_messages(body, marker), marker,
+                                             protocol.render_options(body))
         if len(pieces) != len(decoded) + 1:  # the template dropped or repeated a message
             raise bad_image("messages", "the chat template does not place every image exactly "
                                         "once", "invalid_chat_template")

@@ -20,6 +20,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from common.messages import SamplingParams
+from services.frontend.chat_template import DEFAULT_RENDER, RenderOptions
 from services.frontend.errors import ApiError, invalid, unknown_field, unsupported
 
 INT64_MIN: Final = -(2**63)
@@ -201,6 +202,10 @@ class ChatCompletionRequest(_Extensions, kw_only=True):
     prompt_cache_key: str | UnsetType = UNSET
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    # vLLM's: how the chat template renders the conversation.
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Extensions, kw_only=True):
@@ -329,6 +334,31 @@ def _check_chat(body: ChatCompletionRequest) -> None:
             raise invalid(f"'{name}' must be at least 1, got {value}", name, "invalid_value")
     for i, message in enumerate(body.messages):
         _check_message(i, message)
+    if body.continue_final_message and body.add_generation_prompt:
+        raise invalid("'continue_final_message' leaves the final message open for the model to "
+                      "go on with; it cannot be set with 'add_generation_prompt'",
+                      "continue_final_message", "invalid_value")
+    for name in _RENDER_FIELDS.intersection(body.chat_template_kwargs or ()):
+        raise invalid(f"'{name}' is set by the request's own field or by Turnout, not in "
+                      "'chat_template_kwargs'", f"chat_template_kwargs.{name}", "invalid_value")
+
+
+# Template variables a request sets with its own fields (or Turnout with its messages).
+_RENDER_FIELDS: Final = frozenset(("messages", "add_generation_prompt",
+                                   "continue_final_message"))
+
+
+def render_options(body: ChatCompletionRequest) -> RenderOptions:
+    """How `body` asks for its conversation rendered (vLLM's defaults: the assistant's header
+    appended, unless the final message is continued)."""
+    if body.add_generation_prompt is None and not body.continue_final_message \
+            and not body.chat_template_kwargs:
+        return DEFAULT_RENDER
+    continued = bool(body.continue_final_message)
+    return RenderOptions(
+        add_generation_prompt=not continued if body.add_generation_prompt is None
+        else body.add_generation_prompt,
+        continue_final_message=continued, variables=body.chat_template_kwargs or {})
 
 
 def _check_message(i: int, message: Any) -> None:

@@ -19,7 +19,13 @@ from typing import Any, Final
 
 import tokenizers
 
-from services.frontend.chat_template import ChatTemplate, ChatTemplateError, find_chat_template
+from services.frontend.chat_template import (
+    DEFAULT_RENDER,
+    ChatTemplate,
+    ChatTemplateError,
+    RenderOptions,
+    find_chat_template,
+)
 from services.frontend.detokenizer import (
     ByteDetokenizer,
     ByteLevelDetokenizer,
@@ -41,11 +47,14 @@ class Tokenizer(abc.ABC):
         """Token ids of `text`; `add_special_tokens` adds the model's BOS (or equivalent)."""
 
     @abc.abstractmethod
-    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """The conversation through the chat template (with the assistant's header appended),
-        tokenized without adding specials again. Raises `ChatTemplateError`."""
+    def render_chat(self, messages: list[dict[str, str]],
+                    options: RenderOptions = DEFAULT_RENDER) -> list[int]:
+        """The conversation through the chat template (as `options` ask: by default with the
+        assistant's header appended), tokenized without adding specials again. Raises
+        `ChatTemplateError`."""
 
-    def render_chat_split(self, messages: list[dict[str, str]], marker: str) -> list[list[int]]:
+    def render_chat_split(self, messages: list[dict[str, str]], marker: str,
+                          options: RenderOptions = DEFAULT_RENDER) -> list[list[int]]:
         """`render_chat`, split where `marker` occurs in the rendered text: the token ids of
         each piece (the images of a chat request go between them)."""
         raise ChatTemplateError("this tokenizer cannot place images in a prompt")
@@ -77,19 +86,27 @@ class ByteTokenizer(Tokenizer):
         ids = list(text.encode("utf-8"))
         return [self.BOS, *ids] if add_special_tokens else ids
 
-    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return [self.BOS, *self._chat_text(messages).encode("utf-8")]
+    def render_chat(self, messages: list[dict[str, str]],
+                    options: RenderOptions = DEFAULT_RENDER) -> list[int]:
+        return [self.BOS, *self._chat_text(messages, options).encode("utf-8")]
 
-    def render_chat_split(self, messages: list[dict[str, str]], marker: str) -> list[list[int]]:
-        pieces = [list(p.encode("utf-8")) for p in self._chat_text(messages).split(marker)]
+    def render_chat_split(self, messages: list[dict[str, str]], marker: str,
+                          options: RenderOptions = DEFAULT_RENDER) -> list[list[int]]:
+        pieces = [list(p.encode("utf-8"))
+                  for p in self._chat_text(messages, options).split(marker)]
         pieces[0].insert(0, self.BOS)
         return pieces
 
     @staticmethod
-    def _chat_text(messages: list[dict[str, str]]) -> str:
-        parts = [f"<|{m['role']}|>\n{m['content']}\n" for m in messages]
-        parts.append("<|assistant|>\n")
-        return "".join(parts)
+    def _chat_text(messages: list[dict[str, str]], options: RenderOptions) -> str:
+        """The built-in template (it reads no variables: `chat_template_kwargs` change nothing
+        here, as with any template that does not use them)."""
+        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
+        if options.continue_final_message:
+            if not messages or not messages[-1]["content"]:
+                raise ChatTemplateError("continue_final_message needs a final message with text")
+            return text[:-1]
+        return text + "<|assistant|>\n" if options.add_generation_prompt else text
 
     def decode(self, token_ids: list[int]) -> str:
         return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
@@ -163,15 +180,17 @@ class HfTokenizer(Tokenizer):
         return self._tokenizer.encode_batch_fast([text], add_special_tokens=add_special_tokens)[
             0].ids
 
-    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def render_chat(self, messages: list[dict[str, str]],
+                    options: RenderOptions = DEFAULT_RENDER) -> list[int]:
         if self._template is None:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")
-        return self.encode(self._template.render(messages), add_special_tokens=False)
+        return self.encode(self._template.render(messages, options), add_special_tokens=False)
 
-    def render_chat_split(self, messages: list[dict[str, str]], marker: str) -> list[list[int]]:
+    def render_chat_split(self, messages: list[dict[str, str]], marker: str,
+                          options: RenderOptions = DEFAULT_RENDER) -> list[list[int]]:
         if self._template is None:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")
-        pieces = self._template.render(messages).split(marker)
+        pieces = self._template.render(messages, options).split(marker)
         return [self.encode(p, add_special_tokens=False) if p else [] for p in pieces]
 
     def decode(self, token_ids: list[int]) -> str:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,6 +17,7 @@ import openai
 import pytest
 
 from services.frontend.app import FALLBACK_MAX_MODEL_LEN, FrontendApp
+from services.frontend.chat_template import RenderOptions
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.tokenizer import ByteTokenizer, HfTokenizer, Tokenizer
 from tests.frontend.fake_upstream import FakeUpstream, Script
@@ -292,6 +295,61 @@ def test_byte_tokenizer_stack() -> None:
                                                      stream=True))
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == REPLY
         assert fake.opened[-1].token_ids == tokenizer.render_chat(MESSAGES)
+    finally:
+        server.stop()
+
+
+def test_vllms_chat_render_fields_shape_the_prompt(stack: Stack, tmp_path: Path) -> None:
+    """`continue_final_message` (an assistant prefill the model goes on with),
+    `add_generation_prompt` and `chat_template_kwargs` reach the template; what cannot mean
+    anything is a 400 naming the field."""
+    client = stack.client()
+    prefill = [*MESSAGES, {"role": "assistant", "content": "Beautiful is"}]
+    client.chat.completions.create(model="tiny", messages=prefill,  # type: ignore[arg-type]
+                                   max_tokens=4, extra_body={"continue_final_message": True})
+    sent = stack.fake.opened[-1].token_ids
+    assert sent == stack.tokenizer.render_chat(prefill, RenderOptions(False, True))
+    assert stack.tokenizer.decode(sent).endswith("assistant\n\nBeautiful is")
+    client.chat.completions.create(model="tiny", messages=MESSAGES,  # type: ignore[arg-type]
+                                   max_tokens=4, extra_body={"add_generation_prompt": False})
+    assert stack.fake.opened[-1].token_ids == stack.tokenizer.render_chat(
+        MESSAGES, RenderOptions(add_generation_prompt=False))
+    for extra, param in (({"continue_final_message": True, "add_generation_prompt": True},
+                          "continue_final_message"),
+                         ({"chat_template_kwargs": {"messages": []}},
+                          "chat_template_kwargs.messages"),
+                         ({"chat_template_kwargs": "x"}, "chat_template_kwargs")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="tiny", messages=MESSAGES,  # type: ignore
+                                           max_tokens=4, extra_body=extra)
+        assert refused.value.body["param"] == param  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as refused:  # nothing to continue
+        client.chat.completions.create(
+            model="tiny", messages=[*MESSAGES, {"role": "assistant", "content": " "}],
+            max_tokens=4, extra_body={"continue_final_message": True})
+    assert refused.value.body["code"] == "invalid_chat_template"  # type: ignore[index]
+
+    # A template that reads a variable (Qwen3's thinking switch) gets the request's.
+    model = tmp_path / "model"
+    shutil.copytree(cached_tiny_model(), model)
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}"
+        "{% if enable_thinking is defined and not enable_thinking %}<think></think>"
+        "{% else %}<think>{% endif %}{% endif %}")
+    thinking = HfTokenizer(model)
+    fake = FakeUpstream(models=["tiny"], script=Script(reply=stack.reply_ids,
+                                                       stop_token=stack.eos))
+    server, _ = _start(fake, thinking)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0,
+                               timeout=TIMEOUT)
+        user = [{"role": "user", "content": "hi"}]
+        for extra, prompt in ((None, "hi<think>"),
+                              ({"chat_template_kwargs": {"enable_thinking": False}},
+                               "hi<think></think>")):
+            client.chat.completions.create(model="tiny", messages=user,  # type: ignore
+                                           max_tokens=4, extra_body=extra)
+            assert fake.opened[-1].token_ids == thinking.encode(prompt, False)
     finally:
         server.stop()
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from services.frontend.chat_template import RenderOptions
 from services.frontend.errors import ApiError
 from services.frontend.protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
@@ -16,6 +17,7 @@ from services.frontend.protocol import (
     completion_prompts,
     parse_chat,
     parse_completion,
+    render_options,
     sampling_params,
     stop_strings,
 )
@@ -226,6 +228,30 @@ def test_extensions_are_passed_through() -> None:
     assert params.max_tokens == 60  # no limit given: fill the context
     off = parse_chat(json.dumps(chat(top_k=-1)).encode())
     assert sampling_params(off, 4, 64, 300).top_k == 0
+
+
+def test_vllms_chat_render_fields() -> None:
+    """`add_generation_prompt`, `continue_final_message`, `chat_template_kwargs`: vLLM's
+    defaults, and the combinations that cannot mean anything refused."""
+    def options(**fields: Any) -> RenderOptions:
+        return render_options(parse_chat(json.dumps(chat(**fields)).encode()))
+
+    assert options() == RenderOptions()
+    assert options(add_generation_prompt=False) == RenderOptions(add_generation_prompt=False)
+    assert options(continue_final_message=True) == RenderOptions(False, True)
+    assert options(continue_final_message=True, add_generation_prompt=False) == \
+        RenderOptions(False, True)
+    assert options(chat_template_kwargs={"enable_thinking": False}).variables == {
+        "enable_thinking": False}
+    for body, param in (
+            (chat(continue_final_message=True, add_generation_prompt=True),
+             "continue_final_message"),
+            (chat(chat_template_kwargs={"messages": []}), "chat_template_kwargs.messages"),
+            (chat(chat_template_kwargs={"add_generation_prompt": False}),
+             "chat_template_kwargs.add_generation_prompt"),
+            (chat(chat_template_kwargs=[1]), "chat_template_kwargs"),
+            (chat(add_generation_prompt="yes"), "add_generation_prompt")):
+        assert _error(parse_chat, body).param == param
 
 
 def test_context_and_max_tokens_limits() -> None:

@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from services.frontend.chat_template import ChatTemplate, ChatTemplateError
+from services.frontend.chat_template import (
+    ChatTemplate,
+    ChatTemplateError,
+    RenderOptions,
+    continue_final,
+)
 from services.frontend.tokenizer import ByteTokenizer, HfTokenizer, load_tokenizer
 from tests.tiny_model import BOS, EOS, EOT, cached_tiny_model
 
@@ -44,6 +49,70 @@ def test_byte_tokenizer_chat_template() -> None:
     text = bytes(ids[1:]).decode()
     assert text == ("<|system|>\nBe brief.\n<|user|>\nWhat is the Zen of Python?\n"
                     "<|assistant|>\n")
+
+
+def test_byte_tokenizer_renders_as_a_request_asks() -> None:
+    tok = ByteTokenizer()
+
+    def text(messages: list[dict[str, str]], options: RenderOptions) -> str:
+        return bytes(tok.render_chat(messages, options)[1:]).decode()
+
+    assert text(CONVERSATION[:2], RenderOptions(add_generation_prompt=False)).endswith(
+        "<|user|>\nWhat is the Zen of Python?\n")
+    prefill = [*CONVERSATION[:2], {"role": "assistant", "content": "Beautiful is"}]
+    assert text(prefill, RenderOptions(False, continue_final_message=True)).endswith(
+        "?\n<|assistant|>\nBeautiful is")
+    with pytest.raises(ChatTemplateError, match="continue_final_message"):
+        tok.render_chat([*CONVERSATION[:2], {"role": "assistant", "content": ""}],
+                        RenderOptions(False, continue_final_message=True))
+
+
+# A Qwen3-style switch: the template reads a variable a request may set.
+THINKING_TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content | trim }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>"
+    "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+    "{% endif %}")
+
+
+def test_hf_template_renders_as_a_request_asks(tmp_path: Path) -> None:
+    model = _copy_model(tmp_path)
+    (model / "chat_template.jinja").write_text(THINKING_TEMPLATE)
+    tok = HfTokenizer(model)
+    user = [{"role": "user", "content": "hi"}]
+
+    def text(messages: list[dict[str, str]], options: RenderOptions) -> str:
+        return tok._tokenizer.decode(tok.render_chat(messages, options),
+                                     skip_special_tokens=False)
+
+    assert text(user, RenderOptions()) == "<|user|>hi<|end|><|assistant|>"
+    assert text(user, RenderOptions(variables={"enable_thinking": False})) == (
+        "<|user|>hi<|end|><|assistant|><think></think>")
+    assert text(user, RenderOptions(add_generation_prompt=False)) == "<|user|>hi<|end|>"
+    # The template trims the final message: what it shows is continued, not its end of turn.
+    prefill = [*user, {"role": "assistant", "content": " Sure, the answer is "}]
+    assert text(prefill, RenderOptions(False, continue_final_message=True)) == (
+        "<|user|>hi<|end|><|assistant|>Sure, the answer is")
+    with pytest.raises(ChatTemplateError, match="continue_final_message"):
+        tok.render_chat([*user, {"role": "assistant", "content": "  "}],
+                        RenderOptions(False, continue_final_message=True))
+
+
+def test_continue_final_keeps_what_the_template_kept() -> None:
+    assert continue_final("<a>x y <end>", "x y ") == "<a>x y "
+    assert continue_final("<a>x y<end>", " x y ") == "<a>x y"
+    assert continue_final("<a>x<end><a>x<end>", "x") == "<a>x<end><a>x"  # the last one
+    with pytest.raises(ChatTemplateError):
+        continue_final("<a>[hidden]<end>", "x")  # the template does not show it
+
+
+def test_a_requests_variables_cannot_break_the_template_open() -> None:
+    template = ChatTemplate("{{ n + 1 }}|{{ bos_token }}", {"bos_token": "<s>"})
+    assert template.render([], RenderOptions(variables={"n": 1})) == "2|<s>"
+    assert template.render([], RenderOptions(variables={"n": 1, "bos_token": "B"})) == "2|B"
+    for wrong in ("a", [1], {"k": 1}, None):
+        with pytest.raises(ChatTemplateError, match="chat template failed"):
+            template.render([], RenderOptions(variables={"n": wrong}))
 
 
 def test_tiny_model_files_are_consistent(tiny: HfTokenizer) -> None:
