@@ -60,6 +60,9 @@ class SamplingParams(Wire):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: off
+    # 0: off; else tokens less likely than min_p times the most likely token's probability are
+    # never drawn.
+    min_p: float = 0.0
     seed: int | None = None
     min_tokens: int = 0
     stop_token_ids: list[int] = []

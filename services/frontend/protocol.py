@@ -151,6 +151,7 @@ class _Extensions(_Strict):
 
     ignore_eos: bool | None = None
     top_k: Annotated[int, Meta(ge=-1)] | None = None
+    min_p: Annotated[float, Meta(ge=0, le=1)] | None = None
     min_tokens: NonNegative | None = None
     repetition_penalty: Annotated[float, Meta(gt=0, le=10)] | None = None
     stop_token_ids: list[NonNegative] | None = None
@@ -617,6 +618,7 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, prompt_len:
         temperature=1.0 if body.temperature is None else float(body.temperature),
         top_p=1.0 if body.top_p is None else float(body.top_p),
         top_k=top_k if top_k > 0 else 0,
+        min_p=float(body.min_p or 0.0),
         seed=body.seed,
         min_tokens=min_tokens,
         stop_token_ids=stop_ids,

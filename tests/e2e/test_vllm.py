@@ -164,6 +164,13 @@ def test_sampled_choices_differ_and_a_seed_repeats_them(dep: Deployment) -> None
     first = sample()
     assert len(set(first)) == 3, first
     assert sample() == first
+    # min_p 1 keeps only the most likely token: the same three samples are each the greedy one.
+    greedy = oai.completions.create(model=model, prompt="The quick brown fox", max_tokens=8,
+                                    temperature=0, extra_body={"ignore_eos": True})
+    kept = oai.completions.create(model=model, prompt="The quick brown fox", max_tokens=8,
+                                  n=3, temperature=1.0, seed=11,
+                                  extra_body={"ignore_eos": True, "min_p": 1.0})
+    assert [c.text for c in kept.choices] == [greedy.choices[0].text] * 3
 
 
 def test_logprobs_come_from_vllm(dep: Deployment) -> None:

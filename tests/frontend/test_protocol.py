@@ -221,10 +221,14 @@ def test_harmless_fields_are_accepted() -> None:
 
 def test_extensions_are_passed_through() -> None:
     body = parse_chat(json.dumps(chat(ignore_eos=True, top_k=40, min_tokens=3,
-                                      repetition_penalty=1.1, stop_token_ids=[5, 9])).encode())
+                                      repetition_penalty=1.1, stop_token_ids=[5, 9],
+                                      min_p=0.05)).encode())
     params = sampling_params(body, prompt_len=4, max_model_len=64, vocab_size=300)
     assert (params.ignore_eos, params.top_k, params.min_tokens, params.repetition_penalty,
-            params.stop_token_ids) == (True, 40, 3, 1.1, [5, 9])
+            params.stop_token_ids, params.min_p) == (True, 40, 3, 1.1, [5, 9], 0.05)
+    assert sampling_params(parse_chat(json.dumps(chat()).encode()), 4, 64, 300).min_p == 0.0
+    for wrong in (-0.1, 1.5, "x"):
+        assert _error(parse_chat, chat(min_p=wrong)).param == "min_p"
     assert params.max_tokens == 60  # no limit given: fill the context
     off = parse_chat(json.dumps(chat(top_k=-1)).encode())
     assert sampling_params(off, 4, 64, 300).top_k == 0

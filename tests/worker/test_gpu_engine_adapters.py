@@ -40,9 +40,10 @@ from services.worker.engines.vllm_kv_events import (
 
 def test_sglang_sampling_and_argv() -> None:
     sp = SamplingParams(100, temperature=0.5, top_k=0, seed=7, stop_token_ids=[3],
-                        repetition_penalty=1.1)
+                        repetition_penalty=1.1, min_p=0.05)
     params = sglang_sampling(sp, 40, 2)
     assert (params["max_new_tokens"], params["min_new_tokens"], params["top_k"]) == (40, 2, -1)
+    assert params["min_p"] == 0.05
     assert (params["sampling_seed"], params["stop_token_ids"]) == (7, [3])
     argv = server_argv(VllmConfig(enforce_eager=True, gpu_memory_utilization=0.8,
                                   engine_args="--tp-size 2"), "/m", 64,

@@ -41,6 +41,7 @@ def sampling_params(sp: SamplingParams, max_tokens: int, min_tokens: int) -> dic
         "temperature": sp.temperature,
         "top_p": sp.top_p,
         "top_k": sp.top_k if sp.top_k > 0 else -1,
+        "min_p": sp.min_p,
         "stop_token_ids": list(sp.stop_token_ids),
         "ignore_eos": sp.ignore_eos,
         "presence_penalty": sp.presence_penalty,

@@ -98,6 +98,7 @@ def sampling_params(sp: SamplingParams, max_tokens: int, min_tokens: int) -> Any
         temperature=sp.temperature,
         top_p=sp.top_p,
         top_k=sp.top_k if sp.top_k > 0 else None,
+        min_p=sp.min_p or None,
         seed=sp.seed,
         stop_token_ids=list(sp.stop_token_ids) or None,
         ignore_eos=sp.ignore_eos,

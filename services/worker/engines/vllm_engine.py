@@ -150,6 +150,7 @@ def sampling_params(sp: SamplingParams, max_tokens: int, min_tokens: int,
         temperature=sp.temperature,
         top_p=sp.top_p,
         top_k=sp.top_k if sp.top_k > 0 else -1,  # -1: off, in every vLLM version
+        min_p=sp.min_p,
         seed=sp.seed,
         stop_token_ids=list(sp.stop_token_ids),
         ignore_eos=sp.ignore_eos,
