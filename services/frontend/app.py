@@ -87,14 +87,15 @@ class Generation:
                  "stop_ids", "stopped_by_string", "tokens", "upstream_finished")
 
     def __init__(self, request_id: str, tokenizer: Tokenizer, stops: tuple[str, ...],
-                 stop_ids: frozenset[int], logprobs: ChoiceLogprobs | None = None) -> None:
+                 stop_ids: frozenset[int], logprobs: ChoiceLogprobs | None = None,
+                 include_stop: bool = False) -> None:
         self.request_id = request_id
         self.detokenizer = tokenizer.new_detokenizer()
         self.logprobs = logprobs  # None: not asked for
         self.echo = ""  # a completion's prompt text, when `echo` asks for it first
         self.echo_ids: list[int] | None = None  # and its tokens, when logprobs are asked too
         self.prompt_only = False  # echo with max_tokens 0: the engine's one token is not shown
-        self.matcher = StopMatcher(stops) if stops else None
+        self.matcher = StopMatcher(stops, include_stop) if stops else None
         self.stop_ids = stop_ids
         self.tokens = 0
         self.cached_tokens = 0
@@ -698,14 +699,16 @@ class FrontendApp:
             return
 
         stops = protocol.stop_strings(body)
+        include_stop = bool(body.include_stop_str_in_output)
         gens = []
         for request in requests:
-            stop_ids = request.sampling.stop_token_ids
+            # A stop token's text is hidden, unless the request asks for what stopped it.
+            stop_ids = () if include_stop else request.sampling.stop_token_ids
             gens.append(Generation(request.request_id, self.tokenizer, stops,
                                    self._hidden_ids.union(stop_ids) if stop_ids
                                    else self._hidden_ids,
                                    ChoiceLogprobs(self.tokenizer, endpoint == CHAT)
-                                   if request.sampling.logprobs >= 0 else None))
+                                   if request.sampling.logprobs >= 0 else None, include_stop))
         if echoes is not None:
             per_prompt = body.n or 1
             for i, gen in enumerate(gens):

@@ -155,6 +155,8 @@ class _Extensions(_Strict):
     min_tokens: NonNegative | None = None
     repetition_penalty: Annotated[float, Meta(gt=0, le=10)] | None = None
     stop_token_ids: list[NonNegative] | None = None
+    # The stop string (or a stop token's text) that ended the output stays in it.
+    include_stop_str_in_output: bool | None = None
 
 
 # A field typed `X | UnsetType = UNSET` may be left out but not sent as null: the spec does not let

@@ -2,8 +2,8 @@
 
 Owns the hold-back rule: text that could still be the start of a stop string is kept until the
 next piece shows whether it is one. Output ends just before the first stop string to complete
-(which is not included). Does not own token-level stops (`stop_token_ids`, EOS); engines handle
-those.
+(or, asked to include it, just after it). Does not own token-level stops (`stop_token_ids`,
+EOS); engines handle those.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from collections.abc import Sequence
 
 
 class StopMatcher:
-    __slots__ = ("_first_chars", "_held", "_max_hold", "_stops")
+    __slots__ = ("_first_chars", "_held", "_include", "_max_hold", "_stops")
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], include: bool = False) -> None:
+        self._include = include  # vLLM's include_stop_str_in_output
         self._stops = tuple(s for s in stops if s)
         self._first_chars = frozenset(s[0] for s in self._stops)
         self._max_hold = max((len(s) for s in self._stops), default=1) - 1
@@ -34,7 +35,7 @@ class StopMatcher:
                     best_end, best_start = end, at
         if best_end != -1:
             self._held = ""
-            return buf[:best_start], True
+            return buf[:best_end if self._include else best_start], True
         hold = self._hold_length(buf)
         if hold:
             self._held = buf[-hold:]

@@ -478,6 +478,34 @@ def test_upstream_error_mid_stream_is_an_event(stack: Stack) -> None:
                                                     stream=True))
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_include_stop_str_in_output_keeps_what_stopped_it(stack: Stack, stream: bool) -> None:
+    """vLLM's `include_stop_str_in_output`: the stop string that ended the text stays in it, as
+    does a `stop_token_ids` token's text (hidden without it)."""
+    client = stack.client()
+    stop_token = stack.reply_ids[3]
+
+    def text(**extra: Any) -> str:
+        kwargs: dict[str, Any] = {"model": "tiny", "prompt": "Zen", "max_tokens": 100}
+        kwargs.update(extra)
+        if not stream:
+            return client.completions.create(**kwargs).choices[0].text
+        return "".join(c.choices[0].text for c in client.completions.create(stream=True,
+                                                                            **kwargs)
+                       if c.choices)
+
+    assert text(stop=["better"]) == REPLY[:REPLY.index("better")]
+    assert text(stop=["better"], extra_body={"include_stop_str_in_output": True}) == \
+        REPLY[:REPLY.index("better") + len("better")]
+    shown = stack.tokenizer.decode(stack.reply_ids[:4])
+    assert shown != stack.tokenizer.decode(stack.reply_ids[:3])  # the stop token shows text
+    stack.script(reply=stack.reply_ids[:3], stop_token=stop_token)  # the engine stops on it
+    assert text(extra_body={"stop_token_ids": [stop_token]}) == \
+        stack.tokenizer.decode(stack.reply_ids[:3])
+    assert text(extra_body={"stop_token_ids": [stop_token],
+                            "include_stop_str_in_output": True}) == shown
+
+
 def test_choices_are_separate_generations_numbered_in_order(stack: Stack) -> None:
     opened = len(stack.fake.opened)
     done = stack.client().completions.create(model="tiny", prompt=["a", "bb"], n=2, seed=7,

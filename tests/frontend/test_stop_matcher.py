@@ -32,6 +32,14 @@ def test_stop_spanning_pieces() -> None:
     assert matcher.feed("p> tail") == ("", True)
 
 
+def test_an_included_stop_string_ends_the_output() -> None:
+    assert StopMatcher(["END"], include=True).feed("abcENDdef") == ("abcEND", True)
+    matcher = StopMatcher(["<stop>"], include=True)
+    assert matcher.feed("hello <st") == ("hello ", False)
+    assert matcher.feed("op> tail") == ("<stop>", True)
+    assert StopMatcher(["bc", "abcd"], include=True).feed("xabcd") == ("xabc", True)
+
+
 def test_held_prefix_released_when_not_a_stop() -> None:
     matcher = StopMatcher(["<stop>"])
     assert matcher.feed("a <st") == ("a ", False)
