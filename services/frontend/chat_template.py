@@ -94,7 +94,7 @@ class ChatTemplate:
         except ChatTemplateError:
             raise
         except (jinja2.TemplateError, ArithmeticError, AttributeError, LookupError, TypeError,
-                ValueError) as exc:  # a request's variables may be of any JSON type
+                ValueError, RecursionError) as exc:  # a request's variables: any JSON value
             raise ChatTemplateError(f"chat template failed: {exc}") from exc
         if options.continue_final_message:
             return continue_final(rendered, messages[-1]["content"] if messages else "")
