@@ -72,6 +72,7 @@ _SSE_HEADERS: Final = [(b"content-type", b"text/event-stream"), (b"cache-control
 _FAILED: Final = (FINISH_ERROR, FINISH_ABORT)
 # Finish reasons the OpenAI schemas allow; the engine's are mapped onto these.
 _FINISH: Final = {FINISH_STOP: "stop", FINISH_LENGTH: "length"}
+_json: Final = msgspec.json.encode
 
 
 class Generation:
@@ -82,9 +83,10 @@ class Generation:
     """
 
     __slots__ = ("cached_tokens", "detokenizer", "disconnected", "done", "echo", "echo_ids",
-                 "error", "finish", "first_token_at", "last_token_at", "logprobs", "matcher",
-                 "prompt_only", "queued", "request_id", "response_started", "saw_first_chunk",
-                 "stop_ids", "stopped_by_string", "tokens", "upstream_finished")
+                 "error", "finish", "first_token_at", "ids_out", "last_token_at", "logprobs",
+                 "matcher", "prompt_only", "queued", "request_id", "response_started",
+                 "saw_first_chunk", "stop_ids", "stopped_by_string", "tokens",
+                 "upstream_finished")
 
     def __init__(self, request_id: str, tokenizer: Tokenizer, stops: tuple[str, ...],
                  stop_ids: frozenset[int], logprobs: ChoiceLogprobs | None = None,
@@ -95,6 +97,8 @@ class Generation:
         self.echo = ""  # a completion's prompt text, when `echo` asks for it first
         self.echo_ids: list[int] | None = None  # and its tokens, when logprobs are asked too
         self.prompt_only = False  # echo with max_tokens 0: the engine's one token is not shown
+        # vLLM's return_token_ids: the ids counted since the last event (None: not asked).
+        self.ids_out: list[int] | None = None
         self.matcher = StopMatcher(stops, include_stop) if stops else None
         self.stop_ids = stop_ids
         self.tokens = 0
@@ -179,6 +183,8 @@ class Generation:
         matcher = self.matcher
         if matcher is None:
             self.tokens += len(ids)
+            if self.ids_out is not None:
+                self.ids_out += ids
             shown = ids[:-1] if hidden else ids
             if self.logprobs is not None and logprobs:
                 self.logprobs.add(shown, logprobs)
@@ -189,6 +195,8 @@ class Generation:
         last = len(ids) - 1
         for i, token in enumerate(ids):
             self.tokens += 1
+            if self.ids_out is not None:
+                self.ids_out.append(token)
             if hidden and i == last:
                 break
             if self.logprobs is not None and logprobs:
@@ -228,6 +236,27 @@ class Generation:
         if self.logprobs is None or not (text or self.finish or self.error):
             return NULL_LOGPROBS
         return self.logprobs.take()
+
+    @property
+    def plain(self) -> bool:
+        """Its events carry text alone: neither logprobs nor token ids were asked for."""
+        return self.logprobs is None and self.ids_out is None
+
+    def fields_with(self, text: str) -> bytes:
+        """What a streamed event with `text` carries after `"logprobs":` (`responses`): the
+        logprobs, then, when asked, the ids of the tokens counted since the last event (taken
+        under the same rule as the logprobs, so none is lost with a batch that shows no
+        text)."""
+        if self.ids_out is None:
+            return self.logprobs_with(text)
+        if not (text or self.finish or self.error):
+            return NULL_LOGPROBS
+        ids, self.ids_out = self.ids_out, []
+        return b"".join((self.logprobs_with(text), b',"token_ids":', _json(ids)))
+
+    def take_ids(self) -> list[int]:
+        ids, self.ids_out = self.ids_out or [], []
+        return ids
 
 
 def _chunk_error(chunk: TokenChunk) -> ApiError:
@@ -709,6 +738,9 @@ class FrontendApp:
                                    else self._hidden_ids,
                                    ChoiceLogprobs(self.tokenizer, endpoint == CHAT)
                                    if request.sampling.logprobs >= 0 else None, include_stop))
+        if body.return_token_ids:
+            for gen in gens:
+                gen.ids_out = []
         if echoes is not None:
             per_prompt = body.n or 1
             for i, gen in enumerate(gens):
@@ -732,8 +764,13 @@ class FrontendApp:
                 created = int(time.time())
                 encoder_type = (responses.ChatStreamEncoder if endpoint == CHAT
                                 else responses.CompletionStreamEncoder)
-                encoders = [encoder_type(response_id, created, model, include_usage, i)
-                            for i in range(len(gens))]
+                token_ids = bool(body.return_token_ids)
+                per_prompt = body.n or 1
+                encoders = [encoder_type(
+                    response_id, created, model, include_usage, i, token_ids,
+                    # The prompt's ids: chat's once, at the top; each completion's its own.
+                    prompts[i // per_prompt][0] if token_ids and (endpoint != CHAT or not i)
+                    else None) for i in range(len(gens))]
                 if isinstance(opened, ChunkStream):
                     status = await self._stream(send, gens[0], opened, encoders[0],
                                                 len(prompts[0][0]), request_id)
@@ -844,7 +881,7 @@ class FrontendApp:
             if gen.error is not None:
                 gen.done = True
                 if text:
-                    out.append(encoder.delta(text, gen.logprobs_with(text)))
+                    out.append(encoder.delta(text, gen.fields_with(text)))
                 out += (responses.sse_error(gen.error), responses.DONE)
                 await send({"type": "http.response.body", "more_body": False,
                             "body": b"".join(out)})
@@ -854,13 +891,13 @@ class FrontendApp:
                     self.upstream.cancel(gen.request_id)
                 gen.done = True
                 out.append(encoder.closing(text, gen.finish, gen.usage(prompt_tokens),
-                                           gen.logprobs_with(text)))
+                                           gen.fields_with(text)))
                 await send({"type": "http.response.body", "more_body": False,
                             "body": b"".join(out)})
                 return 200
             if text:
-                out.append(encoder.delta(text) if gen.logprobs is None
-                           else encoder.delta(text, gen.logprobs_with(text)))
+                out.append(encoder.delta(text) if gen.plain
+                           else encoder.delta(text, gen.fields_with(text)))
             # The first event leaves alone: TTFT does not wait for the encoding of the rest.
             batch = chunks.ready_batch(interval) if interval and not first else None
             first = False
@@ -949,7 +986,7 @@ class FrontendApp:
             text = gen.consume(await chunks.next_batch(self.stream_interval))
             if gen.error is None:
                 choices.started(index)
-            ready.put_nowait((index, text, gen.logprobs_with(text)))
+            ready.put_nowait((index, text, gen.fields_with(text)))
 
     @staticmethod
     async def _choice_stream(index: int, gen: Generation,
@@ -1014,7 +1051,13 @@ class FrontendApp:
         render = responses.chat_completion if endpoint == CHAT else responses.completion
         choices = [(text, gen.finish or "stop", gen.logprobs_with(text))
                    for text, gen in zip(texts, gens, strict=True)]
-        body = render(response_id, int(time.time()), model, choices, _usage(gens, prompts))
+        token_ids = None
+        if gens[0].ids_out is not None:  # vLLM's return_token_ids
+            n = len(gens) // len(prompts)
+            token_ids = responses.TokenIds([prompts[i // n][0] for i in range(len(gens))],
+                                           [gen.take_ids() for gen in gens])
+        body = render(response_id, int(time.time()), model, choices, _usage(gens, prompts),
+                      token_ids)
         await _send_bytes(send, 200, body)
         return 200
 

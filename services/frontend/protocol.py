@@ -157,6 +157,8 @@ class _Extensions(_Strict):
     stop_token_ids: list[NonNegative] | None = None
     # The stop string (or a stop token's text) that ended the output stays in it.
     include_stop_str_in_output: bool | None = None
+    # The prompt's and each choice's token ids, in the response.
+    return_token_ids: bool | None = None
 
 
 # A field typed `X | UnsetType = UNSET` may be left out but not sent as null: the spec does not let

@@ -3,7 +3,9 @@
 Owns `chat.completion`, `chat.completion.chunk`, `text_completion` (whole and streamed), usage,
 the model list, and SSE framing (`data: <json>\\n\\n` ... `data: [DONE]\\n\\n`). Streamed chunks are
 the hot path: each request pre-encodes the constant bytes around the text once, so a chunk costs
-one JSON string encode and a join. Does not own HTTP or generation.
+one JSON string encode and a join. A streamed event's `logprobs` argument is the JSON that follows
+`"logprobs":` in its choice: the value, then any fields that go after it (vLLM's `token_ids`).
+Does not own HTTP or generation.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ from __future__ import annotations
 from typing import Final
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from services.frontend.errors import ApiError
 from services.frontend.logprobs import NULL
 
 DONE: Final = b"data: [DONE]\n\n"
+# A streamed choice's `logprobs` bytes when it carries no logprobs and no token ids yet.
+NO_TOKENS: Final = NULL + b',"token_ids":[]'
 _TEXT_TAIL: Final = b',"logprobs":null,"finish_reason":null}]}\n\n'
 _encode = msgspec.json.encode
 
@@ -47,6 +52,7 @@ class ChatChoice(msgspec.Struct):
     message: ChatMessage
     logprobs: msgspec.Raw | None
     finish_reason: str
+    token_ids: list[int] | UnsetType = UNSET  # vLLM's return_token_ids
 
 
 class ChatCompletion(msgspec.Struct, kw_only=True):
@@ -56,6 +62,7 @@ class ChatCompletion(msgspec.Struct, kw_only=True):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_token_ids: list[int] | UnsetType = UNSET
 
 
 class CompletionChoice(msgspec.Struct):
@@ -63,6 +70,8 @@ class CompletionChoice(msgspec.Struct):
     text: str
     logprobs: msgspec.Raw | None
     finish_reason: str
+    prompt_token_ids: list[int] | UnsetType = UNSET  # vLLM's return_token_ids
+    token_ids: list[int] | UnsetType = UNSET
 
 
 class Completion(msgspec.Struct, kw_only=True):
@@ -91,21 +100,42 @@ def _raw(logprobs: bytes) -> msgspec.Raw | None:
 
 
 def chat_completion(response_id: str, created: int, model: str,
-                    choices: list[tuple[str, str, bytes]], usage_: Usage) -> bytes:
-    """`choices`: (text, finish reason, logprobs JSON) of each, in index order."""
-    return _encode(ChatCompletion(
+                    choices: list[tuple[str, str, bytes]], usage_: Usage,
+                    token_ids: TokenIds | None = None) -> bytes:
+    """`choices`: (text, finish reason, logprobs JSON) of each, in index order; `token_ids`:
+    what vLLM's `return_token_ids` adds (the prompt's once, at the top)."""
+    out = ChatCompletion(
         id=response_id, created=created, model=model, usage=usage_,
         choices=[ChatChoice(i, ChatMessage(text), _raw(logprobs), reason)
-                 for i, (text, reason, logprobs) in enumerate(choices)]))
+                 for i, (text, reason, logprobs) in enumerate(choices)])
+    if token_ids is not None:
+        out.prompt_token_ids = token_ids.prompts[0]
+        for choice, ids in zip(out.choices, token_ids.outputs, strict=True):
+            choice.token_ids = ids
+    return _encode(out)
 
 
 def completion(response_id: str, created: int, model: str,
-               choices: list[tuple[str, str, bytes]], usage_: Usage) -> bytes:
-    """`choices`: (text, finish reason, logprobs JSON) of each, in index order."""
-    return _encode(Completion(
+               choices: list[tuple[str, str, bytes]], usage_: Usage,
+               token_ids: TokenIds | None = None) -> bytes:
+    """`choices`: (text, finish reason, logprobs JSON) of each, in index order; `token_ids`:
+    what vLLM's `return_token_ids` adds (each choice's prompt and output)."""
+    out = Completion(
         id=response_id, created=created, model=model, usage=usage_,
         choices=[CompletionChoice(i, text, _raw(logprobs), reason)
-                 for i, (text, reason, logprobs) in enumerate(choices)]))
+                 for i, (text, reason, logprobs) in enumerate(choices)])
+    if token_ids is not None:
+        for choice, prompt, ids in zip(out.choices, token_ids.prompts, token_ids.outputs,
+                                       strict=True):
+            choice.prompt_token_ids, choice.token_ids = prompt, ids
+    return _encode(out)
+
+
+class TokenIds(msgspec.Struct):
+    """vLLM's `return_token_ids` of a whole response: each choice's prompt and output."""
+
+    prompts: list[list[int]]
+    outputs: list[list[int]]
 
 
 def model_card(model: str, created: int) -> bytes:
@@ -130,13 +160,20 @@ def _head(response_id: str, obj: str, created: int, model: str) -> bytes:
 class ChatStreamEncoder:
     """SSE events of one choice (`index`) of a streamed chat completion."""
 
-    __slots__ = ("_choice_head", "_content_head", "_content_tail", "_head", "_tail",
-                 "include_usage")
+    __slots__ = ("_choice_head", "_content_head", "_content_tail", "_head", "_opening_head",
+                 "_tail", "include_usage", "token_ids")
 
     def __init__(self, response_id: str, created: int, model: str, include_usage: bool,
-                 index: int = 0) -> None:
+                 index: int = 0, token_ids: bool = False,
+                 prompt_ids: list[int] | None = None) -> None:
+        """`token_ids`: vLLM's `return_token_ids` (the events' ids come in their `logprobs`
+        bytes); `prompt_ids`, the prompt's, go at the top of this choice's opening chunk."""
         self._head = _head(response_id, "chat.completion.chunk", created, model)
         self._choice_head = b'%s"choices":[{"index":%d,"delta":' % (self._head, index)
+        self._opening_head = self._choice_head if prompt_ids is None else b"".join((
+            self._head, b'"prompt_token_ids":', _encode(prompt_ids), b",",
+            self._choice_head[len(self._head):]))
+        self.token_ids = token_ids
         self._content_head = self._choice_head + b'{"content":'
         # The spec: with include_usage every chunk but the last carries "usage": null.
         self._tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
@@ -145,7 +182,9 @@ class ChatStreamEncoder:
 
     def first(self) -> bytes:
         """The opening chunk: the assistant role and empty content."""
-        return self._chunk(b'{"role":"assistant","content":""}', b"null")
+        return b"".join((self._opening_head, b'{"role":"assistant","content":""},"logprobs":',
+                         NO_TOKENS if self.token_ids else NULL,
+                         b',"finish_reason":null}]', self._tail))
 
     def content(self, text: str, logprobs: bytes = NULL) -> bytes:
         if logprobs is NULL:
@@ -189,13 +228,20 @@ class CompletionStreamEncoder:
     """SSE events of one choice (`index`) of a streamed text completion (each a
     `text_completion` object)."""
 
-    __slots__ = ("_head", "_text_head", "include_usage")
+    __slots__ = ("_head", "_opening", "_text_head", "include_usage")
 
     def __init__(self, response_id: str, created: int, model: str, include_usage: bool,
-                 index: int = 0) -> None:
+                 index: int = 0, token_ids: bool = False,
+                 prompt_ids: list[int] | None = None) -> None:
+        """`token_ids`: vLLM's `return_token_ids` (the events' ids come in their `logprobs`
+        bytes); `prompt_ids`, this choice's prompt's, go in an opening event of no text."""
         self._head = _head(response_id, "text_completion", created, model)
         self._text_head = b'%s"choices":[{"index":%d,"text":' % (self._head, index)
         self.include_usage = include_usage
+        self._opening = b"" if not token_ids else b"".join((
+            self._head, b'"choices":[{"index":%d,"prompt_token_ids":' % index,
+            _encode(prompt_ids or []), b',"text":"","logprobs":', NO_TOKENS,
+            b',"finish_reason":null}]}\n\n'))
 
     def text(self, text: str, finish_reason: str | None = None, logprobs: bytes = NULL) -> bytes:
         if finish_reason is None and logprobs is NULL:
@@ -208,7 +254,7 @@ class CompletionStreamEncoder:
         return b"".join((self._head, b'"choices":[],"usage":', _encode(usage_), b"}\n\n"))
 
     def opening(self) -> bytes:
-        return b""
+        return self._opening
 
     def delta(self, text: str, logprobs: bytes = NULL) -> bytes:
         return self.text(text, None, logprobs)

@@ -217,6 +217,22 @@ def test_logprobs_through_the_stack(deployment: Deployment) -> None:
     assert cut.choices[0].text == text[:text.index(stop)]
     assert cut.choices[0].logprobs is not None
     assert cut.choices[0].logprobs.tokens == lp.tokens[:text.index(stop) + 2]
+    # vLLM's return_token_ids beside logprobs: the ids are the tokens the logprobs score (the
+    # byte tokenizer's token is its byte), whole or streamed.
+    ids = oai.completions.create(model="mock", prompt="Once upon a time", max_tokens=10,
+                                 logprobs=0, extra_body={"ignore_eos": True,
+                                                         "return_token_ids": True})
+    validate("CreateCompletionResponse", ids.model_dump(mode="json", exclude_unset=True))
+    got = ids.choices[0].token_ids  # type: ignore[attr-defined]
+    assert ids.choices[0].prompt_token_ids == [256, *b"Once upon a time"]  # type: ignore
+    assert bytes(got).decode() == text and ids.choices[0].logprobs == lp
+    streamed_ids: list[int] = []
+    for chunk in oai.completions.create(model="mock", prompt="Once upon a time", max_tokens=10,
+                                        logprobs=0, stream=True,
+                                        extra_body={"ignore_eos": True,
+                                                    "return_token_ids": True}):
+        streamed_ids += chunk.choices[0].token_ids  # type: ignore[attr-defined]
+    assert streamed_ids == got
     # Without logprobs asked for: none.
     plain = oai.completions.create(model="mock", prompt="Once upon a time", max_tokens=10,
                                    extra_body={"ignore_eos": True})

@@ -506,6 +506,57 @@ def test_include_stop_str_in_output_keeps_what_stopped_it(stack: Stack, stream: 
                             "include_stop_str_in_output": True}) == shown
 
 
+def test_return_token_ids_whole_and_streamed(stack: Stack) -> None:
+    """vLLM's `return_token_ids`: the prompt's ids and each choice's output ids (its stop token
+    too; with a stop string, up to the token that completed it, as usage counts), whole or
+    streamed (the prompt's in each choice's first event, the output's as deltas)."""
+    tok, eos = stack.tokenizer, stack.eos
+    reply = [*stack.reply_ids, eos]
+    url = stack.url + "/v1/completions"
+    whole = httpx.post(url, timeout=TIMEOUT, json={
+        "model": "tiny", "prompt": ["Zen", "Python"], "n": 2, "max_tokens": 200,
+        "return_token_ids": True}).json()
+    validate("CreateCompletionResponse", whole)
+    prompts = [tok.encode("Zen"), tok.encode("Python")]
+    assert [c["prompt_token_ids"] for c in whole["choices"]] == [prompts[i // 2]
+                                                                 for i in range(4)]
+    assert [c["token_ids"] for c in whole["choices"]] == [reply] * 4
+    assert whole["usage"]["completion_tokens"] == 4 * len(reply)
+    with httpx.stream("POST", url, timeout=TIMEOUT, json={
+            "model": "tiny", "prompt": ["Zen", "Python"], "n": 2, "max_tokens": 200,
+            "stream": True, "return_token_ids": True}) as response:
+        events = _sse_events(response)[:-1]
+    for index in range(4):
+        mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == index]
+        assert mine[0]["prompt_token_ids"] == prompts[index // 2] and mine[0]["text"] == ""
+        assert all("prompt_token_ids" not in c for c in mine[1:])
+        assert [t for c in mine for t in c["token_ids"]] == reply
+        assert "".join(c["text"] for c in mine) == REPLY
+    stopped = httpx.post(url, timeout=TIMEOUT, json={
+        "model": "tiny", "prompt": "Zen", "max_tokens": 200, "stop": ["better"],
+        "return_token_ids": True}).json()["choices"][0]
+    assert tok.decode(stopped["token_ids"]).endswith("better")
+    assert stopped["text"] == REPLY[:REPLY.index("better")]
+    plain = httpx.post(url, timeout=TIMEOUT, json={"model": "tiny", "prompt": "Zen"}).json()
+    assert "token_ids" not in plain["choices"][0] and "prompt_token_ids" not in plain["choices"][0]
+
+    chat_url = stack.url + "/v1/chat/completions"
+    chat = httpx.post(chat_url, timeout=TIMEOUT, json={
+        "model": "tiny", "messages": MESSAGES, "n": 2, "return_token_ids": True}).json()
+    validate("CreateChatCompletionResponse", chat)
+    assert chat["prompt_token_ids"] == tok.render_chat(MESSAGES)
+    assert [c["token_ids"] for c in chat["choices"]] == [reply] * 2
+    with httpx.stream("POST", chat_url, timeout=TIMEOUT, json={
+            "model": "tiny", "messages": MESSAGES, "stream": True,
+            "return_token_ids": True}) as response:
+        events = _sse_events(response)[:-1]
+    assert events[0]["prompt_token_ids"] == tok.render_chat(MESSAGES)
+    assert all("prompt_token_ids" not in e for e in events[1:])
+    choices = [e["choices"][0] for e in events]
+    assert [t for c in choices for t in c.get("token_ids", [])] == reply
+    assert "".join(c["delta"].get("content") or "" for c in choices) == REPLY
+
+
 def test_choices_are_separate_generations_numbered_in_order(stack: Stack) -> None:
     opened = len(stack.fake.opened)
     done = stack.client().completions.create(model="tiny", prompt=["a", "bb"], n=2, seed=7,
