@@ -704,7 +704,8 @@ class FrontendApp:
             stream = bool(body.stream)
             self._check_key(scope, body.model)
             model, upstream_model = self._resolve_model(body.model)
-            prompts = await self._prompts(endpoint, body)
+            prompts = protocol.truncate_prompts(body, await self._prompts(endpoint, body),
+                                                self.context_length(upstream_model))
             requests = self._requests(scope, body, upstream_model, prompts)
             echoes = await self._echoes(endpoint, body, prompts)
             self._widen_grant(scope, len(requests))

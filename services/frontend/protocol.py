@@ -159,6 +159,8 @@ class _Extensions(_Strict):
     include_stop_str_in_output: bool | None = None
     # The prompt's and each choice's token ids, in the response.
     return_token_ids: bool | None = None
+    # Keep only the prompt's last k tokens (-1: as many as the context holds).
+    truncate_prompt_tokens: Annotated[int, Meta(ge=-1)] | None = None
 
 
 # A field typed `X | UnsetType = UNSET` may be left out but not sent as null: the spec does not let
@@ -351,6 +353,32 @@ def _check_chat(body: ChatCompletionRequest) -> None:
 # Template variables a request sets with its own fields (or Turnout with its messages).
 _RENDER_FIELDS: Final = frozenset(("messages", "add_generation_prompt",
                                    "continue_final_message"))
+
+
+def truncate_prompts(body: ChatCompletionRequest | CompletionRequest,
+                     prompts: list[tuple[list[int], list[Any]]], max_model_len: int,
+                     ) -> list[tuple[list[int], list[Any]]]:
+    """vLLM's `truncate_prompt_tokens`: each prompt (token ids, images) cut to its last k
+    tokens, as a tokenizer truncating on the left does."""
+    keep = body.truncate_prompt_tokens
+    if keep is None:
+        return prompts
+    if keep == 0:
+        raise invalid("'truncate_prompt_tokens' must be -1 (the context length) or at least 1",
+                      "truncate_prompt_tokens", "invalid_value")
+    if keep > max_model_len:
+        raise invalid(f"'truncate_prompt_tokens' ({keep}) is more than this model's context "
+                      f"length ({max_model_len})", "truncate_prompt_tokens", "invalid_value")
+    keep = max_model_len if keep == -1 else keep
+    out = []
+    for ids, images in prompts:
+        if len(ids) > keep:
+            if images:  # a cut could fall inside an image's placeholders
+                raise invalid("'truncate_prompt_tokens' cannot cut a prompt with images",
+                              "truncate_prompt_tokens", "invalid_value")
+            ids = ids[-keep:]
+        out.append((ids, images))
+    return out
 
 
 def render_options(body: ChatCompletionRequest) -> RenderOptions:

@@ -557,6 +557,33 @@ def test_return_token_ids_whole_and_streamed(stack: Stack) -> None:
     assert "".join(c["delta"].get("content") or "" for c in choices) == REPLY
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_end(stack: Stack) -> None:
+    """vLLM's `truncate_prompt_tokens`: the engine gets the prompt's last k tokens, usage and
+    echo count and show those; -1 keeps what the context holds; 0 or more than the context
+    is a 400 naming it."""
+    tok = stack.tokenizer
+    full = tok.encode("Beautiful is better than ugly. Explicit is better than implicit.")
+    done = stack.client().completions.create(model="tiny", prompt=[full, full[:2]],
+                                             max_tokens=4, echo=True,
+                                             extra_body={"truncate_prompt_tokens": 5})
+    assert [r.token_ids for r in stack.fake.opened[-2:]] == [full[-5:], full[:2]]
+    assert done.usage is not None and done.usage.prompt_tokens == 5 + 2
+    assert done.choices[0].text.startswith(tok.decode(full[-5:]))
+    chat = stack.client().chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=4,  # type: ignore[arg-type]
+        extra_body={"truncate_prompt_tokens": 3})
+    assert stack.fake.opened[-1].token_ids == tok.render_chat(MESSAGES)[-3:]
+    assert chat.usage is not None and chat.usage.prompt_tokens == 3
+    stack.client().completions.create(model="tiny", prompt=[full], max_tokens=4,
+                                      extra_body={"truncate_prompt_tokens": -1})
+    assert stack.fake.opened[-1].token_ids == full
+    for keep in (0, MAX_MODEL_LEN + 1, -2):
+        with pytest.raises(openai.BadRequestError) as refused:
+            stack.client().completions.create(model="tiny", prompt="Zen", max_tokens=4,
+                                              extra_body={"truncate_prompt_tokens": keep})
+        assert refused.value.body["param"] == "truncate_prompt_tokens"  # type: ignore[index]
+
+
 def test_choices_are_separate_generations_numbered_in_order(stack: Stack) -> None:
     opened = len(stack.fake.opened)
     done = stack.client().completions.create(model="tiny", prompt=["a", "bb"], n=2, seed=7,

@@ -20,6 +20,7 @@ from services.frontend.protocol import (
     render_options,
     sampling_params,
     stop_strings,
+    truncate_prompts,
 )
 from tests.openapi_spec import is_valid
 
@@ -256,6 +257,15 @@ def test_vllms_chat_render_fields() -> None:
             (chat(chat_template_kwargs=[1]), "chat_template_kwargs"),
             (chat(add_generation_prompt="yes"), "add_generation_prompt")):
         assert _error(parse_chat, body).param == param
+
+
+def test_truncate_prompt_tokens_never_cuts_an_image() -> None:
+    body = parse_chat(json.dumps(chat(truncate_prompt_tokens=2)).encode())
+    assert truncate_prompts(body, [([1, 2, 3], [])], 10) == [([2, 3], [])]
+    assert truncate_prompts(body, [([1, 2], ["image"])], 10) == [([1, 2], ["image"])]
+    with pytest.raises(ApiError) as info:
+        truncate_prompts(body, [([1, 2, 3], ["image"])], 10)
+    assert info.value.param == "truncate_prompt_tokens"
 
 
 def test_context_and_max_tokens_limits() -> None:
