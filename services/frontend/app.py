@@ -73,6 +73,8 @@ _FAILED: Final = (FINISH_ERROR, FINISH_ABORT)
 # Finish reasons the OpenAI schemas allow; the engine's are mapped onto these.
 _FINISH: Final = {FINISH_STOP: "stop", FINISH_LENGTH: "length"}
 _json: Final = msgspec.json.encode
+# Paths outside /v1/ that a key guards too: they cost tokenizer time.
+_KEYED: Final = frozenset(("/tokenize", "/detokenize"))
 
 
 class Generation:
@@ -390,6 +392,8 @@ class FrontendApp:
             "/v1/chat/completions": {"POST": self._chat},
             "/v1/completions": {"POST": self._completions},
             "/v1/models": {"GET": self._models},
+            "/tokenize": {"POST": self._tokenize_route},
+            "/detokenize": {"POST": self._detokenize_route},
             "/health": {"GET": self._health},
             "/live": {"GET": self._live},
             "/metrics": {"GET": self._metrics},
@@ -408,7 +412,7 @@ class FrontendApp:
                 error = ApiError(404, f"no route for {scope['path']}", code="not_found")
                 await _send_bytes(send, 404, error.body())
                 return
-            if self.api_keys is not None and scope["path"].startswith("/v1/"):
+            if self.api_keys is not None and (path.startswith("/v1/") or path in _KEYED):
                 policy = self.api_keys.lookup(scope["headers"])
                 if policy is None:
                     error = ApiError(401, "Incorrect or missing API key (send 'Authorization: "
@@ -457,6 +461,60 @@ class FrontendApp:
     async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _send_bytes(send, 200, responses.model_list(self._visible_models(scope),
                                                           self.created))
+
+    async def _tokenize_route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """vLLM's POST /tokenize: a prompt's token ids, or chat messages' through the
+        template, with the context length they are judged against."""
+        async def answer(raw: bytes) -> bytes:
+            body = protocol.parse_tokenize(raw)
+            upstream_model = self._tokenizer_model(scope, body.model)
+            if body.messages is not None:
+                try:
+                    ids = await self._tokenize(
+                        self.tokenizer.render_chat, protocol.chat_messages(body),
+                        protocol.render_options(body), chars=protocol.chat_text_length(body))
+                except ChatTemplateError as exc:
+                    raise invalid(str(exc), "messages", "invalid_chat_template") from None
+            else:
+                assert body.prompt is not None
+                ids = await self._tokenize(self.tokenizer.encode, body.prompt,
+                                           body.add_special_tokens is not False,
+                                           chars=len(body.prompt))
+            return responses.tokenized(ids, self.context_length(upstream_model))
+        await self._tokenizer_answer(scope, receive, send, answer)
+
+    async def _detokenize_route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """vLLM's POST /detokenize: token ids back to text."""
+        async def answer(raw: bytes) -> bytes:
+            body = protocol.parse_detokenize(raw, self.tokenizer.vocab_size)
+            self._tokenizer_model(scope, body.model)
+            return responses.detokenized(await self._tokenize(
+                self.tokenizer.decode, body.tokens, chars=len(body.tokens) * 4))
+        await self._tokenizer_answer(scope, receive, send, answer)
+
+    def _tokenizer_model(self, scope: Scope, model: str | None) -> str:
+        """The model the workers serve for the one a tokenizer request names (the key must
+        allow it), else for the first the key sees ("" when there is none: the fallback
+        context length)."""
+        if model is None:
+            visible = self._visible_models(scope)
+            return self._resolve_model(visible[0])[1] if visible else ""
+        self._check_key(scope, model)
+        return self._resolve_model(model)[1]
+
+    async def _tokenizer_answer(self, scope: Scope, receive: Receive, send: Send,
+                                answer: Callable[[bytes], Awaitable[bytes]]) -> None:
+        try:
+            _check_json_body(scope)
+            raw = await _read_body(receive, self.max_body_bytes)
+            if raw is None:
+                return
+            body = await answer(raw)
+        except ApiError as error:
+            self.metrics.rejected(error.reason)
+            await _send_bytes(send, error.status, error.body(), [*_JSON_HEADERS, *error.headers])
+            return
+        await _send_bytes(send, 200, body)
 
     async def _model(self, scope: Scope, receive: Receive, send: Send) -> None:
         """GET /v1/models/{model} (ids with a slash included, as Hugging Face names go)."""

@@ -238,8 +238,29 @@ class CompletionRequest(_Extensions, kw_only=True):
     user: str | UnsetType = UNSET
 
 
+class TokenizeRequest(_Strict):
+    """vLLM's POST /tokenize: a `prompt`, or chat `messages` through the model's template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[Message], Meta(min_length=1)] | None = None
+    add_special_tokens: bool | None = None  # a prompt's BOS (default: yes; messages: no)
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class DetokenizeRequest(_Strict):
+    """vLLM's POST /detokenize: token ids back to text."""
+
+    tokens: list[NonNegative]
+    model: str | None = None
+
+
 _chat_decoder: Final = msgspec.json.Decoder(ChatCompletionRequest)
 _completion_decoder: Final = msgspec.json.Decoder(CompletionRequest)
+_tokenize_decoder: Final = msgspec.json.Decoder(TokenizeRequest)
+_detokenize_decoder: Final = msgspec.json.Decoder(DetokenizeRequest)
 # What `prompt` may be per the spec, before its array's items are checked.
 _prompt_decoder: Final = msgspec.json.Decoder(str | list[Any] | None)
 
@@ -341,6 +362,10 @@ def _check_chat(body: ChatCompletionRequest) -> None:
             raise invalid(f"'{name}' must be at least 1, got {value}", name, "invalid_value")
     for i, message in enumerate(body.messages):
         _check_message(i, message)
+    _check_render(body)
+
+
+def _check_render(body: ChatCompletionRequest | TokenizeRequest) -> None:
     if body.continue_final_message and body.add_generation_prompt:
         raise invalid("'continue_final_message' leaves the final message open for the model to "
                       "go on with; it cannot be set with 'add_generation_prompt'",
@@ -381,7 +406,7 @@ def truncate_prompts(body: ChatCompletionRequest | CompletionRequest,
     return out
 
 
-def render_options(body: ChatCompletionRequest) -> RenderOptions:
+def render_options(body: ChatCompletionRequest | TokenizeRequest) -> RenderOptions:
     """How `body` asks for its conversation rendered (vLLM's defaults: the assistant's header
     appended, unless the final message is continued)."""
     if body.add_generation_prompt is None and not body.continue_final_message \
@@ -446,6 +471,34 @@ def parse_chat(raw: bytes) -> ChatCompletionRequest:
     return body
 
 
+def parse_tokenize(raw: bytes) -> TokenizeRequest:
+    """Decode and validate a /tokenize body; raises `ApiError`."""
+    body: TokenizeRequest = _decode(_tokenize_decoder, raw)
+    if (body.prompt is None) == (body.messages is None):
+        raise invalid("send either 'prompt' or 'messages'", "prompt", "invalid_value")
+    if body.messages is None:
+        for name in ("add_generation_prompt", "continue_final_message", "chat_template_kwargs"):
+            if getattr(body, name) is not None:
+                raise invalid(f"'{name}' goes with 'messages'", name, "invalid_value")
+        return body
+    for i, message in enumerate(body.messages):
+        _check_message(i, message)
+    _check_render(body)
+    if body.add_special_tokens:
+        raise invalid("the chat template places the special tokens of 'messages'",
+                      "add_special_tokens", "invalid_value")
+    if has_images(body):
+        raise unsupported("messages", "images are not tokenized here")
+    return body
+
+
+def parse_detokenize(raw: bytes, vocab_size: int) -> DetokenizeRequest:
+    """Decode and validate a /detokenize body; raises `ApiError`."""
+    body: DetokenizeRequest = _decode(_detokenize_decoder, raw)
+    _check_ids(body.tokens, vocab_size, "tokens")
+    return body
+
+
 def parse_completion(raw: bytes) -> CompletionRequest:
     """Decode and validate a completions body; raises `ApiError`."""
     body: CompletionRequest = _decode(_completion_decoder, raw)
@@ -464,13 +517,13 @@ def _text_of(content: Any, image_marker: str | None = None) -> str:
                      for part in content if isinstance(part, TextPart | ImageUrlPart))
 
 
-def has_images(body: ChatCompletionRequest) -> bool:
+def has_images(body: ChatCompletionRequest | TokenizeRequest) -> bool:
     return any(isinstance(part, ImageUrlPart) for message in body.messages
                if isinstance(getattr(message, "content", None), list)
                for part in message.content)
 
 
-def chat_messages(body: ChatCompletionRequest,
+def chat_messages(body: ChatCompletionRequest | TokenizeRequest,
                   image_marker: str | None = None) -> list[dict[str, str]]:
     """Messages as chat templates expect them: role + plain-text content (+ name); with
     `image_marker`, each image part is that marker in the text (`images.py` splits there)."""

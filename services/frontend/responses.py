@@ -138,6 +138,26 @@ class TokenIds(msgspec.Struct):
     outputs: list[list[int]]
 
 
+class Tokenized(msgspec.Struct):
+    """vLLM's /tokenize answer."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class Detokenized(msgspec.Struct):
+    prompt: str
+
+
+def tokenized(tokens: list[int], max_model_len: int) -> bytes:
+    return _encode(Tokenized(len(tokens), max_model_len, tokens))
+
+
+def detokenized(text: str) -> bytes:
+    return _encode(Detokenized(text))
+
+
 def model_card(model: str, created: int) -> bytes:
     return _encode(ModelCard(id=model, created=created))
 

@@ -584,6 +584,47 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(stack: Stack) -> None:
         assert refused.value.body["param"] == "truncate_prompt_tokens"  # type: ignore[index]
 
 
+def test_tokenize_and_detokenize_as_vllm_answers(stack: Stack) -> None:
+    """POST /tokenize (a prompt, or messages through the template) and /detokenize: the ids
+    a completion would send, the context length, the text back; bad bodies a 400 naming the
+    field."""
+    tok = stack.tokenizer
+    url = stack.url
+    answer = httpx.post(url + "/tokenize", timeout=TIMEOUT,
+                        json={"model": "tiny", "prompt": "Beautiful is better"}).json()
+    assert answer == {"count": len(tok.encode("Beautiful is better")),
+                      "max_model_len": MAX_MODEL_LEN, "tokens": tok.encode("Beautiful is better")}
+    bare = httpx.post(url + "/tokenize", timeout=TIMEOUT,
+                      json={"prompt": "Beautiful", "add_special_tokens": False}).json()
+    assert bare["tokens"] == tok.encode("Beautiful", False)
+    chat = httpx.post(url + "/tokenize", timeout=TIMEOUT, json={
+        "model": "tiny", "messages": MESSAGES, "add_generation_prompt": False}).json()
+    assert chat["tokens"] == tok.render_chat(MESSAGES, RenderOptions(add_generation_prompt=False))
+    # The same ids a chat completion sends.
+    stack.client().chat.completions.create(model="tiny", messages=MESSAGES,  # type: ignore
+                                           max_tokens=2)
+    assert httpx.post(url + "/tokenize", timeout=TIMEOUT, json={
+        "messages": MESSAGES}).json()["tokens"] == stack.fake.opened[-1].token_ids
+    back = httpx.post(url + "/detokenize", timeout=TIMEOUT,
+                      json={"model": "tiny", "tokens": answer["tokens"]}).json()
+    assert back == {"prompt": "Beautiful is better"}
+    for path, body, status, param in (
+            ("/tokenize", {"prompt": "x", "messages": MESSAGES}, 400, "prompt"),
+            ("/tokenize", {}, 400, "prompt"),
+            ("/tokenize", {"prompt": "x", "add_generation_prompt": True}, 400,
+             "add_generation_prompt"),
+            ("/tokenize", {"messages": MESSAGES, "add_special_tokens": True}, 400,
+             "add_special_tokens"),
+            ("/tokenize", {"prompt": "x", "model": "nope"}, 404, "model"),
+            ("/tokenize", {"prompt": "x", "bogus": 1}, 400, "bogus"),
+            ("/detokenize", {"tokens": [tok.vocab_size]}, 400, "tokens"),
+            ("/detokenize", {"tokens": [-1]}, 400, "tokens[0]")):
+        response = httpx.post(url + path, timeout=TIMEOUT, json=body)
+        assert response.status_code == status, (path, body, response.text)
+        assert response.json()["error"]["param"] == param, (path, body)
+    assert httpx.get(url + "/tokenize", timeout=TIMEOUT).status_code == 405
+
+
 def test_choices_are_separate_generations_numbered_in_order(stack: Stack) -> None:
     opened = len(stack.fake.opened)
     done = stack.client().completions.create(model="tiny", prompt=["a", "bb"], n=2, seed=7,

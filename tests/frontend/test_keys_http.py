@@ -93,6 +93,25 @@ def test_unknown_missing_and_revoked_keys_are_401(stack: Stack) -> None:
     stack.chat("sk-tiny")
 
 
+def test_the_tokenizer_endpoints_take_a_key_too(stack: Stack) -> None:
+    """/tokenize and /detokenize sit outside /v1/ (as vLLM serves them) and cost tokenizer
+    time: a key guards them, and a key's model list holds there too."""
+    url = stack.server.url
+    assert httpx.post(url + "/tokenize", timeout=TIMEOUT,
+                      json={"prompt": "Zen"}).status_code == 401
+    assert httpx.post(url + "/detokenize", timeout=TIMEOUT,
+                      json={"tokens": [90]}).status_code == 401
+    keyed = {"authorization": "Bearer sk-tiny"}
+    answer = httpx.post(url + "/tokenize", timeout=TIMEOUT, headers=keyed,
+                        json={"prompt": "Zen", "add_special_tokens": False})
+    assert answer.json()["tokens"] == list(b"Zen")
+    denied = httpx.post(url + "/tokenize", timeout=TIMEOUT, headers=keyed,
+                        json={"prompt": "Zen", "model": "big"})
+    assert denied.status_code == 403 and denied.json()["error"]["code"] == "model_not_allowed"
+    assert httpx.post(url + "/detokenize", timeout=TIMEOUT, headers=keyed,
+                      json={"tokens": [90, 101, 110]}).json() == {"prompt": "Zen"}
+
+
 def test_a_model_outside_the_allow_list_is_403(stack: Stack) -> None:
     stack.chat("sk-tiny", "tiny")
     with pytest.raises(openai.PermissionDeniedError) as denied:
