@@ -469,12 +469,7 @@ class FrontendApp:
             body = protocol.parse_tokenize(raw)
             upstream_model = self._tokenizer_model(scope, body.model)
             if body.messages is not None:
-                try:
-                    ids = await self._tokenize(
-                        self.tokenizer.render_chat, protocol.chat_messages(body),
-                        protocol.render_options(body), chars=protocol.chat_text_length(body))
-                except ChatTemplateError as exc:
-                    raise invalid(str(exc), "messages", "invalid_chat_template") from None
+                ids = await self._render_chat(body)
             else:
                 assert body.prompt is not None
                 ids = await self._tokenize(self.tokenizer.encode, body.prompt,
@@ -576,6 +571,16 @@ class FrontendApp:
         if chars <= INLINE_TOKENIZE_MAX_CHARS:
             return work(*args)
         return await asyncio.get_running_loop().run_in_executor(None, work, *args)
+
+    async def _render_chat(self, body: Any) -> list[int]:
+        """A chat body's messages through the template, as it asks; a template's refusal is a
+        400."""
+        try:
+            return await self._tokenize(self.tokenizer.render_chat, protocol.chat_messages(body),
+                                        protocol.render_options(body),
+                                        chars=protocol.chat_text_length(body))
+        except ChatTemplateError as exc:
+            raise invalid(str(exc), "messages", "invalid_chat_template") from None
 
     async def _echoes(self, endpoint: str, body: Any,
                       prompts: list[tuple[list[int], list[ImageInput]]]) -> list[str] | None:
@@ -689,13 +694,7 @@ class FrontendApp:
             except ChatTemplateError as exc:
                 raise invalid(str(exc), "messages", "invalid_chat_template") from None
         if endpoint == CHAT:
-            messages = protocol.chat_messages(body)
-            try:
-                ids = await self._tokenize(tokenizer.render_chat, messages,
-                                           protocol.render_options(body),
-                                           chars=protocol.chat_text_length(body))
-            except ChatTemplateError as exc:
-                raise invalid(str(exc), "messages", "invalid_chat_template") from None
+            ids = await self._render_chat(body)
             if not ids:
                 raise invalid("the prompt is empty", "messages", "empty_prompt")
             return [(ids, [])]
