@@ -82,7 +82,6 @@ class Liveness:
         self.stall = stall_s  # 0: off
         self.clock = clock
         self._last_check: float | None = None
-        self.checked_at = 0.0  # when the latest check read the clock: its verdicts are as of then
         self.paused_s = 0.0  # how late the last check ran (0: on time)
         self.grace = PauseGrace(self.detector.ceiling_s)  # after a pause of the router's own
 
@@ -122,8 +121,13 @@ class Liveness:
         now = self.clock()
         late = self._last_check is not None and now - self._last_check > self.period
         self.paused_s = now - self._last_check if late and self._last_check is not None else 0.0
-        self._last_check = self.checked_at = now
+        self._last_check = now
         return not late
+
+    @property
+    def checked_at(self) -> float:
+        """When the latest check read the clock: its verdicts are as of then."""
+        return self._last_check or 0.0
 
     def forgive_pause(self, workers: list[WorkerHandle]) -> None:
         """The last check ran `paused_s` late: no silence meanwhile counts (nor is it learnt as
