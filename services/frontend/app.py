@@ -92,9 +92,9 @@ class Generation:
 
     def __init__(self, request_id: str, tokenizer: Tokenizer, stops: tuple[str, ...],
                  stop_ids: frozenset[int], logprobs: ChoiceLogprobs | None = None,
-                 include_stop: bool = False) -> None:
+                 include_stop: bool = False, skip_special: bool = True) -> None:
         self.request_id = request_id
-        self.detokenizer = tokenizer.new_detokenizer()
+        self.detokenizer = tokenizer.new_detokenizer(skip_special)
         self.logprobs = logprobs  # None: not asked for
         self.echo = ""  # a completion's prompt text, when `echo` asks for it first
         self.echo_ids: list[int] | None = None  # and its tokens, when logprobs are asked too
@@ -795,7 +795,8 @@ class FrontendApp:
                                    self._hidden_ids.union(stop_ids) if stop_ids
                                    else self._hidden_ids,
                                    ChoiceLogprobs(self.tokenizer, endpoint == CHAT)
-                                   if request.sampling.logprobs >= 0 else None, include_stop))
+                                   if request.sampling.logprobs >= 0 else None, include_stop,
+                                   body.skip_special_tokens is not False))
         if body.return_token_ids:
             for gen in gens:
                 gen.ids_out = []

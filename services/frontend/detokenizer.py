@@ -2,7 +2,8 @@
 
 Owns the per-request decoders. `step` returns only text that can no longer change: never half a
 UTF-8 character, never the first bytes of a multi-byte sequence split across tokens. `flush` at
-the end gives whatever was held back, invalid leftovers as U+FFFD. Special tokens produce no text.
+the end gives whatever was held back, invalid leftovers as U+FFFD. Special tokens produce no text
+unless a request asks for them (vLLM's `skip_special_tokens: false`): then each is its own text.
 
 For a byte-level BPE tokenizer (GPT-2, Llama 3, Qwen: a `ByteLevel` decoder) every token is a
 fixed byte string, so decoding is a table lookup and an incremental UTF-8 decode
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from typing import Protocol
+from typing import Any, Protocol
 
 import tokenizers
 from tokenizers.decoders import DecodeStream
@@ -32,25 +33,6 @@ class Detokenizer(Protocol):
     def flush(self) -> str:
         """Whatever is still held back, at the end of the stream."""
         ...
-
-
-class ByteDetokenizer:
-    """For the byte tokenizer: ids 0..255 are bytes, anything above is a special token."""
-
-    __slots__ = ("_decoder",)
-
-    def __init__(self) -> None:
-        self._decoder = _utf8_decoder(errors="replace")
-
-    def step(self, token_ids: list[int]) -> str:
-        if not token_ids:
-            return ""
-        if max(token_ids) > 255:
-            token_ids = [t for t in token_ids if t < 256]
-        return self._decoder.decode(bytes(token_ids))
-
-    def flush(self) -> str:
-        return self._decoder.decode(b"", final=True)
 
 
 def _byte_level_chars() -> dict[str, int]:
@@ -73,7 +55,7 @@ def byte_level_table(tokenizer: tokenizers.Tokenizer) -> list[bytes] | None:
     if (spec.get("decoder") or {}).get("type") != "ByteLevel":
         return None
     chars = _byte_level_chars()
-    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    special = _special_ids(spec)
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     table: list[bytes] = []
     for token_id in range(size):
@@ -93,6 +75,20 @@ def byte_level_table(tokenizer: tokenizers.Tokenizer) -> list[bytes] | None:
         if tokenizer.decode([token_id], skip_special_tokens=True) != text:
             return None
     return table
+
+
+def _special_ids(spec: dict[str, Any]) -> set[int]:
+    return {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+
+
+def with_special_tokens(table: list[bytes], tokenizer: tokenizers.Tokenizer) -> list[bytes]:
+    """`table` with each special token's text in its place, as the tokenizer decodes it with
+    `skip_special_tokens=False`."""
+    out = list(table)
+    for token_id in _special_ids(json.loads(tokenizer.to_str())):
+        if 0 <= token_id < len(out):
+            out[token_id] = tokenizer.decode([token_id], skip_special_tokens=False).encode()
+    return out
 
 
 class ByteLevelDetokenizer:
@@ -125,11 +121,12 @@ class HfDetokenizer:
     since its last answer are kept so `flush` can decode them (lossily) at the end.
     """
 
-    __slots__ = ("_pending", "_stream", "_tokenizer")
+    __slots__ = ("_pending", "_skip_special", "_stream", "_tokenizer")
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer) -> None:
+    def __init__(self, tokenizer: tokenizers.Tokenizer, skip_special: bool = True) -> None:
         self._tokenizer = tokenizer
-        self._stream = DecodeStream(skip_special_tokens=True)
+        self._skip_special = skip_special
+        self._stream = DecodeStream(skip_special_tokens=skip_special)
         self._pending: list[int] = []
 
     def step(self, token_ids: list[int]) -> str:
@@ -145,7 +142,7 @@ class HfDetokenizer:
         except Exception:
             # The stream lost track of its prefix (a decoder quirk): start a fresh one from what
             # the old one held back. Text already emitted stays emitted.
-            self._stream = DecodeStream(skip_special_tokens=True)
+            self._stream = DecodeStream(skip_special_tokens=self._skip_special)
             ids, self._pending = [*self._pending, token], []
             text = self._stream.step(self._tokenizer, ids)
             if text is None:
@@ -163,4 +160,4 @@ class HfDetokenizer:
         if not self._pending:
             return ""
         ids, self._pending = self._pending, []
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)

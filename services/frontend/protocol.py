@@ -159,6 +159,8 @@ class _Extensions(_Strict):
     include_stop_str_in_output: bool | None = None
     # The prompt's and each choice's token ids, in the response.
     return_token_ids: bool | None = None
+    # False: special tokens the model generates show in the text (a stop token still does not).
+    skip_special_tokens: bool | None = None
     # Keep only the prompt's last k tokens (-1: as many as the context holds).
     truncate_prompt_tokens: Annotated[int, Meta(ge=-1)] | None = None
 

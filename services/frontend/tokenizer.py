@@ -27,11 +27,11 @@ from services.frontend.chat_template import (
     find_chat_template,
 )
 from services.frontend.detokenizer import (
-    ByteDetokenizer,
     ByteLevelDetokenizer,
     Detokenizer,
     HfDetokenizer,
     byte_level_table,
+    with_special_tokens,
 )
 
 # Above this many characters, tokenizing goes to an executor instead of the event loop.
@@ -64,8 +64,9 @@ class Tokenizer(abc.ABC):
         """All of `token_ids` as text, special tokens skipped."""
 
     @abc.abstractmethod
-    def new_detokenizer(self) -> Detokenizer:
-        """A fresh incremental decoder for one generated stream."""
+    def new_detokenizer(self, skip_special: bool = True) -> Detokenizer:
+        """A fresh incremental decoder for one generated stream; `skip_special` False shows each
+        special token as its text."""
 
     @abc.abstractmethod
     def token_bytes(self, token_id: int) -> bytes:
@@ -111,11 +112,16 @@ class ByteTokenizer(Tokenizer):
     def decode(self, token_ids: list[int]) -> str:
         return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
 
-    def new_detokenizer(self) -> Detokenizer:
-        return ByteDetokenizer()
+    def new_detokenizer(self, skip_special: bool = True) -> Detokenizer:
+        return ByteLevelDetokenizer(_BYTE_TABLE if skip_special else _BYTE_TABLE_SPECIAL)
 
     def token_bytes(self, token_id: int) -> bytes:
-        return bytes((token_id,)) if 0 <= token_id < 256 else b""
+        return _BYTE_TABLE_SPECIAL[token_id] if 0 <= token_id < len(_BYTE_TABLE_SPECIAL) else b""
+
+
+# The byte tokenizer's ids as bytes: without its specials' text, and with it.
+_BYTE_TABLE: Final = [bytes((b,)) for b in range(256)] + [b"", b""]
+_BYTE_TABLE_SPECIAL: Final = [*_BYTE_TABLE[:256], b"<|bos|>", b"<|eos|>"]
 
 
 def _token_text(value: Any) -> str | None:
@@ -155,6 +161,8 @@ class HfTokenizer(Tokenizer):
         self._tokenizer.no_padding()
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self._byte_table = byte_level_table(self._tokenizer)
+        self._byte_table_special = None if self._byte_table is None else with_special_tokens(
+            self._byte_table, self._tokenizer)
 
         config = _read_json(directory / "tokenizer_config.json")
         self.bos_token = _token_text(config.get("bos_token"))
@@ -196,10 +204,11 @@ class HfTokenizer(Tokenizer):
     def decode(self, token_ids: list[int]) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def new_detokenizer(self) -> Detokenizer:
-        if self._byte_table is not None:
-            return ByteLevelDetokenizer(self._byte_table)
-        return HfDetokenizer(self._tokenizer)
+    def new_detokenizer(self, skip_special: bool = True) -> Detokenizer:
+        table = self._byte_table if skip_special else self._byte_table_special
+        if table is not None:
+            return ByteLevelDetokenizer(table)
+        return HfDetokenizer(self._tokenizer, skip_special)
 
     def token_bytes(self, token_id: int) -> bytes:
         table = self._byte_table

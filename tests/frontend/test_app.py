@@ -506,6 +506,38 @@ def test_include_stop_str_in_output_keeps_what_stopped_it(stack: Stack, stream: 
                             "include_stop_str_in_output": True}) == shown
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_skip_special_tokens_false_shows_generated_specials(stack: Stack, stream: bool) -> None:
+    """vLLM's `skip_special_tokens: false`: a special token the model generates shows as its
+    text, in chat and completions; the stop token that ended the text still does not."""
+    header = stack.tokenizer._tokenizer.token_to_id("<|start_header_id|>")
+    hello = stack.tokenizer.encode("Hello", add_special_tokens=False)
+    world = stack.tokenizer.encode(" world 🙂", add_special_tokens=False)
+    stack.script(reply=[*hello, header, *world[:-1], header, world[-1]])  # then EOT, the stop
+    client = stack.client()
+
+    def texts(**extra: Any) -> list[str]:
+        if not stream:
+            chat = client.chat.completions.create(model="tiny", messages=MESSAGES, **extra)
+            comp = client.completions.create(model="tiny", prompt="Zen", max_tokens=100, **extra)
+            return [chat.choices[0].message.content or "", comp.choices[0].text]
+        chat_text = "".join(c.choices[0].delta.content or "" for c in
+                            client.chat.completions.create(model="tiny", messages=MESSAGES,
+                                                           stream=True, **extra) if c.choices)
+        comp_text = "".join(c.choices[0].text for c in client.completions.create(
+            model="tiny", prompt="Zen", max_tokens=100, stream=True, **extra) if c.choices)
+        return [chat_text, comp_text]
+
+    plain = "Hello world 🙂"
+    assert texts() == [plain] * 2
+    assert texts(extra_body={"skip_special_tokens": True}) == [plain] * 2
+    # The emoji's bytes were cut by a special: its first part cannot be a character.
+    shown = stack.tokenizer._tokenizer.decode([*hello, header, *world[:-1], header, world[-1]],
+                                              skip_special_tokens=False)
+    assert shown.startswith("Hello<|start_header_id|> world ") and shown.count("<|") == 2
+    assert texts(extra_body={"skip_special_tokens": False}) == [shown] * 2
+
+
 def test_return_token_ids_whole_and_streamed(stack: Stack) -> None:
     """vLLM's `return_token_ids`: the prompt's ids and each choice's output ids (its stop token
     too; with a stop string, up to the token that completed it, as usage counts), whole or
@@ -843,8 +875,8 @@ def test_many_concurrent_streams(stack: Stack) -> None:
 class _Fragile(ByteTokenizer):
     """A tokenizer whose detokenizer breaks on its third step: a bug inside the frontend."""
 
-    def new_detokenizer(self) -> Any:
-        inner = super().new_detokenizer()
+    def new_detokenizer(self, skip_special: bool = True) -> Any:
+        inner = super().new_detokenizer(skip_special)
         steps = [0]
 
         class Broken:

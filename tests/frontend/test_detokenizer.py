@@ -7,7 +7,12 @@ import tokenizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.frontend.detokenizer import ByteLevelDetokenizer, HfDetokenizer, byte_level_table
+from services.frontend.detokenizer import (
+    ByteLevelDetokenizer,
+    HfDetokenizer,
+    byte_level_table,
+    with_special_tokens,
+)
 from services.frontend.tokenizer import ByteTokenizer, HfTokenizer, Tokenizer
 from tests.tiny_model import cached_tiny_model
 
@@ -68,6 +73,17 @@ def test_special_tokens_produce_no_text(tokenizer: Tokenizer) -> None:
     assert detok.step(ids) + detok.step(eos) + detok.flush() == "hi"
 
 
+def test_special_tokens_show_when_asked(tokenizer: Tokenizer) -> None:
+    detok = tokenizer.new_detokenizer(skip_special=False)
+    ids = tokenizer.encode("hi", add_special_tokens=True)
+    bos = tokenizer.token_bytes(ids[0]).decode()
+    assert bos in ("<|bos|>", "<|begin_of_text|>")
+    # A special between the bytes of a character breaks it, as the full decode does.
+    emoji = tokenizer.encode("🙂", add_special_tokens=False)
+    text = detok.step(ids) + detok.step([emoji[0], ids[0], *emoji[1:]]) + detok.flush()
+    assert text.startswith(f"{bos}hi\ufffd{bos}") and "🙂" not in text
+
+
 @settings(max_examples=60, deadline=None)
 @given(text=st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40),
        cuts=st.lists(st.integers(min_value=1, max_value=6), max_size=40))
@@ -98,18 +114,23 @@ def test_other_decoders_keep_decode_stream() -> None:
 
 @settings(max_examples=80, deadline=None)
 @given(ids=st.lists(st.integers(min_value=0, max_value=2047), max_size=60),
-       cuts=st.lists(st.integers(min_value=1, max_value=5), max_size=30))
-def test_byte_table_matches_decode_stream_on_any_ids(ids: list[int], cuts: list[int]) -> None:
+       cuts=st.lists(st.integers(min_value=1, max_value=5), max_size=30),
+       skip_special=st.booleans())
+def test_byte_table_matches_decode_stream_on_any_ids(ids: list[int], cuts: list[int],
+                                                     skip_special: bool) -> None:
     """Random ids (broken characters, specials, anything an engine may emit) come out exactly as
-    the tokenizer's own DecodeStream gives them, however they are chunked."""
+    the tokenizer's own DecodeStream gives them, however they are chunked, specials skipped or
+    shown."""
     raw = tokenizers.Tokenizer.from_file(str(cached_tiny_model() / "tokenizer.json"))
     table = byte_level_table(raw)
     assert table is not None
+    if not skip_special:
+        table = with_special_tokens(table, raw)
     outputs = []
-    for detok in (ByteLevelDetokenizer(table), HfDetokenizer(raw)):
+    for detok in (ByteLevelDetokenizer(table), HfDetokenizer(raw, skip_special)):
         pieces, start = [], 0
         for size in [*cuts, len(ids)]:
             pieces.append(detok.step(ids[start:start + size]))
             start += size
         outputs.append("".join(pieces) + detok.flush())
-    assert outputs[0] == outputs[1]
+    assert outputs[0] == outputs[1] == raw.decode(ids, skip_special_tokens=skip_special)
