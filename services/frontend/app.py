@@ -794,7 +794,8 @@ class FrontendApp:
             gens.append(Generation(request.request_id, self.tokenizer, stops,
                                    self._hidden_ids.union(stop_ids) if stop_ids
                                    else self._hidden_ids,
-                                   ChoiceLogprobs(self.tokenizer, endpoint == CHAT)
+                                   ChoiceLogprobs(self.tokenizer, endpoint == CHAT,
+                                                  bool(body.return_tokens_as_token_ids))
                                    if request.sampling.logprobs >= 0 else None, include_stop,
                                    body.skip_special_tokens is not False))
         if body.return_token_ids:

@@ -5,7 +5,8 @@ string ends them with the token that completed it; an echoed prompt's come first
 token's null, as OpenAI answers: nothing came before it) and renders those not yet sent: a chat
 choice's `{"content": [...], "refusal": null}` (each token's text, bytes and top alternatives)
 or a text completion's `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`. A token's
-text is its bytes as UTF-8, U+FFFD where it holds part of a character (its `bytes` say which).
+text is its bytes as UTF-8, U+FFFD where it holds part of a character (its `bytes` say which);
+with vLLM's `return_tokens_as_token_ids` it is `token_id:N` instead (text offsets stay the text's).
 Does not own where the log-probabilities come from (the engines) or the response around them.
 """
 
@@ -51,11 +52,12 @@ class CompletionLogprobs(msgspec.Struct):
 class ChoiceLogprobs:
     """One choice's log-probabilities: `add` as tokens are shown, `take` what is not yet sent."""
 
-    __slots__ = ("_chat", "_offset", "_pending", "_tokenizer")
+    __slots__ = ("_as_ids", "_chat", "_offset", "_pending", "_tokenizer")
 
-    def __init__(self, tokenizer: Tokenizer, chat: bool) -> None:
+    def __init__(self, tokenizer: Tokenizer, chat: bool, as_ids: bool = False) -> None:
         self._tokenizer = tokenizer
         self._chat = chat
+        self._as_ids = as_ids  # each token named by its id, not its text
         self._pending: list[tuple[int, TokenLogprob | None]] = []
         self._offset = 0  # a completion's text_offset of the next token
 
@@ -75,6 +77,10 @@ class ChoiceLogprobs:
         return self._chat_json(pending) if self._chat else self._completion_json(pending)
 
     def _text(self, token_id: int) -> tuple[str, bytes]:
+        """How the token is named (its text, or `token_id:N`) and that name's bytes."""
+        if self._as_ids:
+            name = f"token_id:{token_id}"
+            return name, name.encode()
         raw = self._tokenizer.token_bytes(token_id)
         return raw.decode("utf-8", errors="replace"), raw
 
@@ -100,7 +106,8 @@ class ChoiceLogprobs:
             text, _ = self._text(token_id)
             tokens.append(text)
             offsets.append(self._offset)
-            self._offset += len(text)
+            self._offset += len(self._tokenizer.token_bytes(token_id).decode(
+                "utf-8", errors="replace")) if self._as_ids else len(text)
             if lp is None:
                 values.append(None)
                 tops.append(None)

@@ -161,6 +161,8 @@ class _Extensions(_Strict):
     return_token_ids: bool | None = None
     # False: special tokens the model generates show in the text (a stop token still does not).
     skip_special_tokens: bool | None = None
+    # Logprobs name each token `token_id:N`, not by its text (for tokens that are no text alone).
+    return_tokens_as_token_ids: bool | None = None
     # Keep only the prompt's last k tokens (-1: as many as the context holds).
     truncate_prompt_tokens: Annotated[int, Meta(ge=-1)] | None = None
 

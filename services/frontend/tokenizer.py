@@ -116,7 +116,8 @@ class ByteTokenizer(Tokenizer):
         return ByteLevelDetokenizer(_BYTE_TABLE if skip_special else _BYTE_TABLE_SPECIAL)
 
     def token_bytes(self, token_id: int) -> bytes:
-        return _BYTE_TABLE_SPECIAL[token_id] if 0 <= token_id < len(_BYTE_TABLE_SPECIAL) else b""
+        # Its specials show no text in logprobs (an echoed prompt's tokens add up to its text).
+        return bytes((token_id,)) if 0 <= token_id < 256 else b""
 
 
 # The byte tokenizer's ids as bytes: without its specials' text, and with it.

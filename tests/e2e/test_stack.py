@@ -262,6 +262,31 @@ def test_logprobs_through_the_stack(deployment: Deployment) -> None:
                     streamed_logprobs += choice.logprobs.token_logprobs or []
     assert streamed_text == echoed.choices[0].text
     assert streamed_logprobs == elp.token_logprobs
+    # vLLM's return_tokens_as_token_ids: each token (and alternative) named `token_id:N`, the
+    # values and the text offsets as before.
+    named = oai.completions.create(model="mock", prompt=prompt, max_tokens=10, logprobs=1,
+                                   echo=True, extra_body={"ignore_eos": True,
+                                                          "return_tokens_as_token_ids": True})
+    nlp = named.choices[0].logprobs
+    assert named.choices[0].text == prompt + text and nlp is not None and nlp.top_logprobs
+    ids_shown = [256, *(prompt + text).encode()]
+    assert nlp.tokens == [f"token_id:{t}" for t in ids_shown]
+    assert nlp.token_logprobs == elp.token_logprobs and nlp.text_offset == elp.text_offset
+    assert all(top is None or all(k.startswith("token_id:") for k in top)
+               for top in nlp.top_logprobs)
+    named_chat = oai.chat.completions.create(
+        model="mock", messages=messages, max_tokens=12, logprobs=True, top_logprobs=3,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    plain_content = chat.choices[0].logprobs.content
+    named_content = named_chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert named_content is not None and plain_content is not None
+    assert [c.token for c in named_content] == [
+        f"token_id:{b}" for b in (chat.choices[0].message.content or "").encode()]
+    for entry, plain_entry in zip(named_content, plain_content, strict=True):
+        assert bytes(entry.bytes or []) == entry.token.encode()
+        assert entry.logprob == plain_entry.logprob
+        assert [t.token for t in entry.top_logprobs] == [
+            f"token_id:{ord(t.token)}" for t in plain_entry.top_logprobs]
     # echo with max_tokens 0 scores the prompt alone: its text and logprobs, nothing generated.
     only = oai.completions.create(model="mock", prompt=prompt, max_tokens=0, logprobs=1,
                                   echo=True)

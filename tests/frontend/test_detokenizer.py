@@ -76,8 +76,7 @@ def test_special_tokens_produce_no_text(tokenizer: Tokenizer) -> None:
 def test_special_tokens_show_when_asked(tokenizer: Tokenizer) -> None:
     detok = tokenizer.new_detokenizer(skip_special=False)
     ids = tokenizer.encode("hi", add_special_tokens=True)
-    bos = tokenizer.token_bytes(ids[0]).decode()
-    assert bos in ("<|bos|>", "<|begin_of_text|>")
+    bos = "<|bos|>" if isinstance(tokenizer, ByteTokenizer) else "<|begin_of_text|>"
     # A special between the bytes of a character breaks it, as the full decode does.
     emoji = tokenizer.encode("🙂", add_special_tokens=False)
     text = detok.step(ids) + detok.step([emoji[0], ids[0], *emoji[1:]]) + detok.flush()
