@@ -84,6 +84,9 @@ class TokenLogprob(Wire):
     logprob: float
     top_ids: list[int] = []
     top_logprobs: list[float] = []
+    # The token's rank among all at its position (1: the most likely; 0: not known). Prompt
+    # tokens carry it: unlike a sampled token, one may rank anywhere.
+    rank: int = 0
 
 
 class ImageInput(Wire):

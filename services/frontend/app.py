@@ -38,7 +38,7 @@ from services.frontend.errors import ApiError, invalid
 from services.frontend.images import ChatImages, ImageLimits
 from services.frontend.limits import AdmissionQueue, cap_tokens
 from services.frontend.logprobs import NULL as NULL_LOGPROBS
-from services.frontend.logprobs import ChoiceLogprobs
+from services.frontend.logprobs import ChoiceLogprobs, PromptLogprobs
 from services.frontend.metrics import FrontendMetrics, ModelMetrics
 from services.frontend.quotas import Grant, QuotaExceeded, Quotas, retry_after_headers
 from services.frontend.stop_matcher import StopMatcher
@@ -86,7 +86,8 @@ class Generation:
 
     __slots__ = ("cached_tokens", "detokenizer", "disconnected", "done", "echo", "echo_ids",
                  "error", "finish", "first_token_at", "ids_out", "last_token_at", "logprobs",
-                 "matcher", "prompt_only", "queued", "request_id", "response_started",
+                 "matcher", "prompt_logprobs", "prompt_only", "queued", "request_id",
+                 "response_started",
                  "saw_first_chunk", "stop_ids", "stopped_by_string", "tokens",
                  "upstream_finished")
 
@@ -99,6 +100,7 @@ class Generation:
         self.echo = ""  # a completion's prompt text, when `echo` asks for it first
         self.echo_ids: list[int] | None = None  # and its tokens, when logprobs are asked too
         self.prompt_only = False  # echo with max_tokens 0: the engine's one token is not shown
+        self.prompt_logprobs: PromptLogprobs | None = None  # vLLM's, when asked for
         # vLLM's return_token_ids: the ids counted since the last event (None: not asked).
         self.ids_out: list[int] | None = None
         self.matcher = StopMatcher(stops, include_stop) if stops else None
@@ -164,6 +166,8 @@ class Generation:
         self.left_queue()
         if self.echo_ids is not None and self.logprobs is not None:
             self.logprobs.add_prompt(self.echo_ids, batch[0].prompt_logprobs)
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs.scores = batch[0].prompt_logprobs
         return self.echo + self.consume(batch)
 
     def left_queue(self) -> None:
@@ -795,12 +799,17 @@ class FrontendApp:
                                    self._hidden_ids.union(stop_ids) if stop_ids
                                    else self._hidden_ids,
                                    ChoiceLogprobs(self.tokenizer, endpoint == CHAT,
-                                                  bool(body.return_tokens_as_token_ids))
+                                                  bool(body.return_tokens_as_token_ids),
+                                                  request.sampling.logprobs)
                                    if request.sampling.logprobs >= 0 else None, include_stop,
                                    body.skip_special_tokens is not False))
         if body.return_token_ids:
             for gen in gens:
                 gen.ids_out = []
+        if body.prompt_logprobs is not None:
+            for gen in gens:
+                gen.prompt_logprobs = PromptLogprobs(self.tokenizer, body.prompt_logprobs,
+                                                     bool(body.return_tokens_as_token_ids))
         if echoes is not None:
             per_prompt = body.n or 1
             for i, gen in enumerate(gens):
@@ -1116,8 +1125,13 @@ class FrontendApp:
             n = len(gens) // len(prompts)
             token_ids = responses.TokenIds([prompts[i // n][0] for i in range(len(gens))],
                                            [gen.take_ids() for gen in gens])
+        prompt_logprobs = None
+        if gens[0].prompt_logprobs is not None:  # vLLM's: each choice's of its own prompt
+            n = len(gens) // len(prompts)
+            prompt_logprobs = [gen.prompt_logprobs.json(prompts[i // n][0])
+                               for i, gen in enumerate(gens) if gen.prompt_logprobs is not None]
         body = render(response_id, int(time.time()), model, choices, _usage(gens, prompts),
-                      token_ids)
+                      token_ids, prompt_logprobs)
         await _send_bytes(send, 200, body)
         return 200
 

@@ -165,6 +165,8 @@ class _Extensions(_Strict):
     return_tokens_as_token_ids: bool | None = None
     # Keep only the prompt's last k tokens (-1: as many as the context holds).
     truncate_prompt_tokens: Annotated[int, Meta(ge=-1)] | None = None
+    # Each prompt token's logprob and rank, with its k most likely alternatives (not streamed).
+    prompt_logprobs: Annotated[int, Meta(ge=-1, le=20)] | None = None
 
 
 # A field typed `X | UnsetType = UNSET` may be left out but not sent as null: the spec does not let
@@ -330,6 +332,13 @@ def _check_common(body: ChatCompletionRequest | CompletionRequest) -> None:
     if body.stream_options is not None and not body.stream:
         raise invalid("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                       "stream_options")
+    if body.prompt_logprobs is not None:
+        if body.prompt_logprobs < 0:
+            raise unsupported("prompt_logprobs", "-1 (the whole vocabulary) is not supported; "
+                              "ask for at most 20 alternatives")
+        if body.stream:
+            raise invalid("'prompt_logprobs' is not available when 'stream' is true",
+                          "prompt_logprobs")
 
 
 def _check_chat(body: ChatCompletionRequest) -> None:
@@ -653,6 +662,14 @@ def stop_strings(body: ChatCompletionRequest | CompletionRequest) -> tuple[str, 
     return tuple(s for s in stop if s)
 
 
+def prompt_logprobs_asked(body: ChatCompletionRequest | CompletionRequest) -> int:
+    """-1: none; k >= 0: the prompt's, each with its k most likely alternatives: those an
+    echoed completion shows with its `logprobs`, or vLLM's `prompt_logprobs` (the larger)."""
+    echoed = (body.logprobs if isinstance(body, CompletionRequest) and body.echo
+              and body.logprobs is not None else -1)
+    return max(echoed, -1 if body.prompt_logprobs is None else body.prompt_logprobs)
+
+
 def logprobs_asked(body: ChatCompletionRequest | CompletionRequest) -> int:
     """-1: no logprobs; k >= 0: each token's, with its k most likely alternatives."""
     if isinstance(body, CompletionRequest):
@@ -701,8 +718,7 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, prompt_len:
     top_k = body.top_k or 0
     return SamplingParams(
         logprobs=logprobs_asked(body),
-        prompt_logprobs=(body.logprobs if isinstance(body, CompletionRequest) and body.echo
-                         and body.logprobs is not None else -1),
+        prompt_logprobs=prompt_logprobs_asked(body),
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else float(body.temperature),
         top_p=1.0 if body.top_p is None else float(body.top_p),

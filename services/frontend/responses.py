@@ -63,6 +63,7 @@ class ChatCompletion(msgspec.Struct, kw_only=True):
     choices: list[ChatChoice]
     usage: Usage
     prompt_token_ids: list[int] | UnsetType = UNSET
+    prompt_logprobs: msgspec.Raw | UnsetType = UNSET  # vLLM's
 
 
 class CompletionChoice(msgspec.Struct):
@@ -72,6 +73,7 @@ class CompletionChoice(msgspec.Struct):
     finish_reason: str
     prompt_token_ids: list[int] | UnsetType = UNSET  # vLLM's return_token_ids
     token_ids: list[int] | UnsetType = UNSET
+    prompt_logprobs: msgspec.Raw | UnsetType = UNSET  # vLLM's
 
 
 class Completion(msgspec.Struct, kw_only=True):
@@ -101,9 +103,11 @@ def _raw(logprobs: bytes) -> msgspec.Raw | None:
 
 def chat_completion(response_id: str, created: int, model: str,
                     choices: list[tuple[str, str, bytes]], usage_: Usage,
-                    token_ids: TokenIds | None = None) -> bytes:
+                    token_ids: TokenIds | None = None,
+                    prompt_logprobs: list[bytes] | None = None) -> bytes:
     """`choices`: (text, finish reason, logprobs JSON) of each, in index order; `token_ids`:
-    what vLLM's `return_token_ids` adds (the prompt's once, at the top)."""
+    what vLLM's `return_token_ids` adds (the prompt's once, at the top); `prompt_logprobs`:
+    vLLM's, each choice's JSON (the first's goes at the top: the choices share the prompt)."""
     out = ChatCompletion(
         id=response_id, created=created, model=model, usage=usage_,
         choices=[ChatChoice(i, ChatMessage(text), _raw(logprobs), reason)
@@ -112,14 +116,18 @@ def chat_completion(response_id: str, created: int, model: str,
         out.prompt_token_ids = token_ids.prompts[0]
         for choice, ids in zip(out.choices, token_ids.outputs, strict=True):
             choice.token_ids = ids
+    if prompt_logprobs:
+        out.prompt_logprobs = msgspec.Raw(prompt_logprobs[0])
     return _encode(out)
 
 
 def completion(response_id: str, created: int, model: str,
                choices: list[tuple[str, str, bytes]], usage_: Usage,
-               token_ids: TokenIds | None = None) -> bytes:
+               token_ids: TokenIds | None = None,
+               prompt_logprobs: list[bytes] | None = None) -> bytes:
     """`choices`: (text, finish reason, logprobs JSON) of each, in index order; `token_ids`:
-    what vLLM's `return_token_ids` adds (each choice's prompt and output)."""
+    what vLLM's `return_token_ids` adds (each choice's prompt and output); `prompt_logprobs`:
+    vLLM's, each choice's JSON."""
     out = Completion(
         id=response_id, created=created, model=model, usage=usage_,
         choices=[CompletionChoice(i, text, _raw(logprobs), reason)
@@ -128,6 +136,9 @@ def completion(response_id: str, created: int, model: str,
         for choice, prompt, ids in zip(out.choices, token_ids.prompts, token_ids.outputs,
                                        strict=True):
             choice.prompt_token_ids, choice.token_ids = prompt, ids
+    if prompt_logprobs is not None:
+        for choice, scored in zip(out.choices, prompt_logprobs, strict=True):
+            choice.prompt_logprobs = msgspec.Raw(scored)
     return _encode(out)
 
 

@@ -262,6 +262,37 @@ def test_logprobs_through_the_stack(deployment: Deployment) -> None:
                     streamed_logprobs += choice.logprobs.token_logprobs or []
     assert streamed_text == echoed.choices[0].text
     assert streamed_logprobs == elp.token_logprobs
+    # vLLM's prompt_logprobs: each prompt token's logprob (the echoed ones), rank and text,
+    # with the k most likely there; echo's own alternatives stay as many as `logprobs` asks.
+    scored = oai.completions.create(model="mock", prompt=prompt, max_tokens=10, logprobs=1,
+                                    echo=True, extra_body={"ignore_eos": True,
+                                                           "prompt_logprobs": 3})
+    assert scored.choices[0].logprobs == elp and scored.choices[0].text == prompt + text
+    plp = scored.choices[0].model_extra["prompt_logprobs"]  # type: ignore[index]
+    prompt_ids = [256, *prompt.encode()]
+    assert len(plp) == len(prompt_ids) and plp[0] is None
+    for i, (token, entry) in enumerate(zip(prompt_ids[1:], plp[1:], strict=True), 1):
+        own = entry[str(token)]
+        assert own["logprob"] == elp.token_logprobs[i] and own["decoded_token"] == chr(token)
+        alternatives = sorted((e for e in entry.values() if e is not own or own["rank"] <= 3),
+                              key=lambda e: e["rank"])
+        assert [e["rank"] for e in alternatives] == [1, 2, 3]
+        values = [e["logprob"] for e in alternatives]
+        assert values == sorted(values, reverse=True)
+        assert own["rank"] >= 1 and (own["rank"] > 3) == (len(entry) == 4)
+        assert [values[0]] == list(elp.top_logprobs[i].values())  # type: ignore[index]
+    chat_scored = httpx.post(deployment.url + "/v1/chat/completions", timeout=30, json={
+        "model": "mock", "messages": messages, "max_tokens": 3, "prompt_logprobs": 0}).json()
+    chat_plp = chat_scored["prompt_logprobs"]
+    assert len(chat_plp) == chat_scored["usage"]["prompt_tokens"] and chat_plp[0] is None
+    assert all(len(entry) == 1 and next(iter(entry.values()))["rank"] >= 1
+               for entry in chat_plp[1:])
+    for wrong in ({"stream": True, "prompt_logprobs": 1}, {"prompt_logprobs": -1},
+                  {"prompt_logprobs": 21}):
+        with pytest.raises(openai.BadRequestError) as refused:
+            oai.completions.create(model="mock", prompt=prompt, max_tokens=2,
+                                   extra_body=wrong)  # type: ignore[call-overload]
+        assert refused.value.body["param"] == "prompt_logprobs"  # type: ignore[index]
     # vLLM's return_tokens_as_token_ids: each token (and alternative) named `token_id:N`, the
     # values and the text offsets as before.
     named = oai.completions.create(model="mock", prompt=prompt, max_tokens=10, logprobs=1,

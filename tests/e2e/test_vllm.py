@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -228,6 +229,26 @@ def test_logprobs_come_from_vllm(dep: Deployment) -> None:
     assert olp.token_logprobs[0] is None and len(olp.token_logprobs) == len(lp.token_logprobs) - 6
     assert all(abs(a - b) < 1e-3 for a, b in zip(olp.token_logprobs[1:],  # type: ignore
                                                    lp.token_logprobs[1:-6], strict=True))
+    # prompt_logprobs: vLLM's own shape, each prompt token's value (the echoed one), its rank
+    # (one more than the alternatives above it) and the 3 most likely tokens there.
+    scored = oai.completions.create(model=model, prompt=prompt, max_tokens=1,
+                                    extra_body={"prompt_logprobs": 3})
+    plp = scored.choices[0].model_extra["prompt_logprobs"]  # type: ignore[index]
+    prompt_ids = httpx.post(dep.url + "/tokenize", timeout=30,
+                            json={"model": model, "prompt": prompt}).json()["tokens"]
+    assert len(plp) == len(prompt_ids) == len(olp.token_logprobs) and plp[0] is None
+    for token, entry, echoed_value in zip(prompt_ids[1:], plp[1:], olp.token_logprobs[1:],
+                                          strict=True):
+        own_entry = entry[str(token)]
+        assert abs(own_entry["logprob"] - echoed_value) < 1e-3  # type: ignore[operator]
+        ranked = sorted(entry, key=lambda key: entry[key]["rank"])
+        assert [entry[key]["rank"] for key in ranked][:3] == [1, 2, 3]
+        values = [entry[key]["logprob"] for key in ranked]
+        assert values == sorted(values, reverse=True)
+        if own_entry["rank"] <= 3:  # one of the three most likely: listed once, in its place
+            assert len(entry) == 3 and ranked[own_entry["rank"] - 1] == str(token)
+        else:
+            assert len(entry) == 4 and ranked[3] == str(token)
 
 
 def test_stop_string_cuts_the_greedy_answer(dep: Deployment) -> None:

@@ -9,7 +9,7 @@ import pytest
 from common.messages import TokenLogprob
 from services.frontend import responses
 from services.frontend.errors import ApiError
-from services.frontend.logprobs import NULL, ChoiceLogprobs
+from services.frontend.logprobs import NULL, ChoiceLogprobs, PromptLogprobs
 from services.frontend.tokenizer import ByteTokenizer
 from tests.openapi_spec import validate
 
@@ -187,3 +187,32 @@ def test_an_echoed_prompts_logprobs_come_first_its_first_null() -> None:
     assert done["choices"][0]["logprobs"] == {
         "tokens": ["h", "i", "!"], "token_logprobs": [None, -3.0, -0.1],
         "top_logprobs": [None, {"x": -0.5}, {"!": -0.1}], "text_offset": [0, 1, 2]}
+
+
+def test_prompt_logprobs_take_vllms_shape() -> None:
+    """vLLM's `prompt_logprobs`: null first; then the prompt token's own entry (its rank, None
+    when the engine did not say) and the k most likely, listed once each; null where the
+    engine scored nothing. The body still validates."""
+    scores = PromptLogprobs(ByteTokenizer(), top=2)
+    scores.scores = [TokenLogprob(-0.5, [105, 120, 121], [-0.5, -1.5, -2.0], 1),
+                     TokenLogprob(float("-inf"), [97, 98], [-0.1, -0.2])]
+    body = json.loads(responses.completion(
+        "cmpl-x", 1, "tiny", [("!", "length", NULL)], responses.usage(4, 1, 0),
+        prompt_logprobs=[scores.json([104, 105, 33, 34])]))
+    validate("CreateCompletionResponse", body)
+    assert body["choices"][0]["prompt_logprobs"] == [
+        None,
+        {"105": {"logprob": -0.5, "rank": 1, "decoded_token": "i"},
+         "120": {"logprob": -1.5, "rank": 2, "decoded_token": "x"}},
+        {"33": {"logprob": -9999.0, "rank": None, "decoded_token": "!"},
+         "97": {"logprob": -0.1, "rank": 1, "decoded_token": "a"},
+         "98": {"logprob": -0.2, "rank": 2, "decoded_token": "b"}},
+        None]
+    named = PromptLogprobs(ByteTokenizer(), top=0, as_ids=True)
+    named.scores = [TokenLogprob(-0.5, [], [], 3)]
+    chat = json.loads(responses.chat_completion(
+        "chatcmpl-x", 1, "tiny", [("!", "length", NULL)], responses.usage(2, 1, 0),
+        prompt_logprobs=[named.json([104, 105])]))
+    validate("CreateChatCompletionResponse", chat)
+    assert chat["prompt_logprobs"] == [
+        None, {"105": {"logprob": -0.5, "rank": 3, "decoded_token": "token_id:105"}}]

@@ -87,6 +87,13 @@ def test_prompt_logprobs_are_those_the_model_would_have_drawn_with() -> None:
         assert lp.top_ids[0] == model.draw(state, False, None) and len(lp.top_ids) == 3
         if token in lp.top_ids:
             assert lp.logprob == lp.top_logprobs[lp.top_ids.index(token)]
+            assert lp.rank == lp.top_ids.index(token) + 1
         else:
-            assert lp.logprob < lp.top_logprobs[-1]
+            assert lp.logprob < lp.top_logprobs[-1] and lp.rank > 3
         state = absorb(state, token)
+    # A token's value and rank do not depend on how many alternatives a request lists; the
+    # fewer listed are the first of the more.
+    for few, many in zip(model.prompt_logprobs(prompt, 1), model.prompt_logprobs(prompt, 20),
+                         strict=True):
+        assert (few.logprob, few.rank) == (many.logprob, many.rank) and few.rank >= 1
+        assert few.top_ids == many.top_ids[:1] and len(many.top_ids) == 20

@@ -177,7 +177,8 @@ def token_logprobs(tokens: list[int], positions: Any, top: int) -> list[TokenLog
         ranked = sorted(position.items(), key=lambda item: item[1].rank or 1 << 30)[:top]
         chosen = position.get(token)  # always there; a missing one must not stop the engine
         out.append(TokenLogprob(chosen.logprob if chosen is not None else -math.inf,
-                                [t for t, _ in ranked], [lp.logprob for _, lp in ranked]))
+                                [t for t, _ in ranked], [lp.logprob for _, lp in ranked],
+                                chosen.rank or 0 if chosen is not None else 0))
     return out
 
 

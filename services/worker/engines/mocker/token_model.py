@@ -27,6 +27,8 @@ _LOGPROB_SALT = 0x5851F42D4C957F2D  # a second stream of draws from the same sta
 _UNIT = 1.0 / (1 << 32)
 
 EMPTY_STATE = _OFFSET
+# Tokens a prompt position's distribution names (the most any request lists, and the drawn one).
+PROMPT_LISTED = 21
 
 
 def absorb(state: int, token: int) -> int:
@@ -121,19 +123,20 @@ class TokenModel:
 
     def prompt_logprobs(self, tokens: list[int], top: int) -> list[TokenLogprob]:
         """The logprob of each of `tokens` after the first, as this model would have drawn it
-        after the ones before, with the `top` most likely tokens there; a token outside those
-        gets an even share of what they leave."""
+        after the ones before, with its rank and the `top` most likely tokens there. The
+        model's distribution there names `PROMPT_LISTED` tokens; the rest share what they
+        leave evenly. So a token's value and rank are the same whatever `top` a request asks."""
         out = []
         state = absorb(EMPTY_STATE, tokens[0]) if tokens else EMPTY_STATE
-        listed = max(1, top)
-        rest = max(1, self.span - listed)
         for token in tokens[1:]:
-            full = self.logprobs(state, self.draw(state, False, None), listed)
+            full = self.logprobs(state, self.draw(state, False, None), PROMPT_LISTED)
             try:
-                value = full.top_logprobs[full.top_ids.index(token)]
-            except ValueError:
+                rank = full.top_ids.index(token) + 1
+                value = full.top_logprobs[rank - 1]
+            except ValueError:  # unlisted: all tie, below every listed one
                 left = max(1e-12, 1.0 - sum(math.exp(v) for v in full.top_logprobs))
-                value = math.log(left / rest)
-            out.append(TokenLogprob(value, full.top_ids[:top], full.top_logprobs[:top]))
+                value = math.log(left / max(1, self.span - len(full.top_ids)))
+                rank = len(full.top_ids) + 1
+            out.append(TokenLogprob(value, full.top_ids[:top], full.top_logprobs[:top], rank))
             state = absorb(state, token)
         return out
