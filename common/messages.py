@@ -75,6 +75,9 @@ class SamplingParams(Wire):
     logprobs: int = -1
     # The same for the prompt's tokens (`TokenChunk.prompt_logprobs`; -1: none).
     prompt_logprobs: int = -1
+    # OpenAI's logit_bias: added to these tokens' logits before sampling (-100 bans one, 100
+    # all but forces it).
+    logit_bias: dict[int, float] = {}
 
 
 class TokenLogprob(Wire):

@@ -46,6 +46,8 @@ Tokens = _json_integer(NonNegative)
 # The spec's bound on `n`; also the most completions one request may ask for in all (a batch
 # of prompts times n), since each is a generation of its own.
 MAX_CHOICES: Final = 128
+# The most tokens one `logit_bias` may name.
+MAX_LOGIT_BIAS: Final = 1024
 Choices = _json_integer(Annotated[int, Meta(ge=1, le=MAX_CHOICES)])
 TopLogprobs = _json_integer(Annotated[int, Meta(ge=0, le=20)])
 BestOf = _json_integer(Annotated[int, Meta(ge=0, le=20)])
@@ -328,7 +330,7 @@ def too_deep() -> ApiError:
 
 def _check_common(body: ChatCompletionRequest | CompletionRequest) -> None:
     if body.logit_bias:
-        raise unsupported("logit_bias")
+        _check_logit_bias(body.logit_bias)
     if body.stream_options is not None and not body.stream:
         raise invalid("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                       "stream_options")
@@ -645,6 +647,28 @@ def _integers(items: list[Any]) -> list[int] | None:
     return out
 
 
+def _check_logit_bias(bias: dict[str, int]) -> None:
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise invalid(f"Invalid 'logit_bias': at most {MAX_LOGIT_BIAS} tokens, got {len(bias)}",
+                      "logit_bias", "invalid_value")
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()):
+            raise invalid(f"Invalid 'logit_bias': {key!r} is not a token id", "logit_bias",
+                          "invalid_value")
+        if not -100 <= value <= 100:
+            raise invalid(f"Invalid 'logit_bias': the bias of token {key} is {value}, not in "
+                          "[-100, 100]", "logit_bias", "invalid_value")
+
+
+def _logit_bias(body: ChatCompletionRequest | CompletionRequest,
+                vocab_size: int) -> dict[int, float]:
+    if not body.logit_bias:
+        return {}
+    bias = {int(key): float(value) for key, value in body.logit_bias.items()}
+    _check_ids(list(bias), vocab_size, "logit_bias")
+    return bias
+
+
 def _check_ids(ids: list[int], vocab_size: int, param: str) -> list[int]:
     for token in ids:
         if not 0 <= token < vocab_size:
@@ -719,6 +743,7 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, prompt_len:
     return SamplingParams(
         logprobs=logprobs_asked(body),
         prompt_logprobs=prompt_logprobs_asked(body),
+        logit_bias=_logit_bias(body, vocab_size),
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else float(body.temperature),
         top_p=1.0 if body.top_p is None else float(body.top_p),

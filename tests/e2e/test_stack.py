@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import time
 
@@ -352,6 +353,42 @@ def test_logprobs_through_the_stack(deployment: Deployment) -> None:
         tail = slp.token_logprobs[len(context):-1]
         assert len(tail) == len(continuation) and all(v is not None and v < 0 for v in tail)
         assert all(top is not None and len(top) == 1 for top in slp.top_logprobs[1:])
+
+
+def test_logit_bias_through_the_stack(deployment: Deployment) -> None:
+    """OpenAI's logit_bias reaches the engine: -100 bans tokens, 100 forces one, a bias just
+    past the gap to the second most likely token makes it the pick (its logprob reported as
+    the model's, before the bias), in chat and completions, streamed or whole."""
+    deployment.start(workers=1, worker_args=FAST)
+    oai = client(deployment)
+    prompt = "Once upon a time"
+
+    def complete(bias: dict[str, int], **extra: object) -> openai.types.Completion:
+        return oai.completions.create(model="mock", prompt=prompt, max_tokens=12,
+                                      logit_bias=bias, extra_body={"ignore_eos": True},
+                                      **extra)  # type: ignore[call-overload]
+
+    plain = complete({}, logprobs=2)
+    text = plain.choices[0].text
+    banned = complete({str(b): -100 for b in set(text.encode())}).choices[0].text
+    assert len(banned) == 12 and not set(banned) & set(text)
+    assert complete({"65": 100}).choices[0].text == "A" * 12
+    streamed = "".join(c.choices[0].text for c in complete({"65": 100}, stream=True)
+                       if c.choices)
+    assert streamed == "A" * 12
+    chat = oai.chat.completions.create(model="mock", messages=[{"role": "user", "content": "x"}],
+                                       max_tokens=5, logit_bias={"66": 100})
+    assert chat.choices[0].message.content == "BBBBB"
+    lp = plain.choices[0].logprobs
+    assert lp is not None and lp.top_logprobs and lp.top_logprobs[0]
+    (first, v0), (second, v1) = lp.top_logprobs[0].items()
+    assert first == text[0] and v0 > v1
+    lifted = complete({str(ord(second)): math.floor(v0 - v1) + 1}, logprobs=0)
+    assert lifted.choices[0].text[0] == second
+    assert lifted.choices[0].logprobs.token_logprobs[0] == v1  # type: ignore[index,union-attr]
+    with pytest.raises(openai.BadRequestError) as refused:
+        complete({"300": 5})  # past the byte tokenizer's vocabulary
+    assert refused.value.body["param"] == "logit_bias"  # type: ignore[index]
 
 
 def test_repeated_prompt_reports_cached_tokens(deployment: Deployment) -> None:

@@ -174,6 +174,23 @@ def test_sampled_choices_differ_and_a_seed_repeats_them(dep: Deployment) -> None
     assert [c.text for c in kept.choices] == [greedy.choices[0].text] * 3
 
 
+def test_logit_bias_reaches_vllm(dep: Deployment) -> None:
+    """OpenAI's logit_bias on vLLM: 100 on one token makes greedy decoding repeat it; -100 on
+    the greedy answer's first token changes that token."""
+    oai, model = client(dep), model_of(dep)
+    prompt = "The quick brown fox"
+
+    def ids(bias: dict[str, int]) -> list[int]:
+        done = oai.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0,
+                                      logit_bias=bias, extra_body={"ignore_eos": True,
+                                                                   "return_token_ids": True})
+        return done.choices[0].token_ids  # type: ignore[attr-defined,no-any-return]
+
+    greedy = ids({})
+    assert ids({"100": 100}) == [100] * 6
+    assert ids({str(greedy[0]): -100})[0] != greedy[0]
+
+
 def test_logprobs_come_from_vllm(dep: Deployment) -> None:
     """vLLM's logprobs reach the client: under greedy sampling each token is its position's
     most likely one, the alternatives come in order, the token bytes spell the text, and the

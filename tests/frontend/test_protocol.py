@@ -83,6 +83,7 @@ CHAT_SPEC_INVALID = [
     (chat(max_completion_tokens=1.5), "max_completion_tokens"),
     (chat(top_logprobs=21), "top_logprobs"),
     (chat(logit_bias={"1": "x"}), "logit_bias"),
+    (chat(logit_bias={"1": 2.5}), "logit_bias"),
     (chat(stream=True, stream_options={"include_usage": "yes"}), "stream_options.include_usage"),
     (chat(service_tier="gold"), "service_tier"),
     (chat(metadata={"a": 1}), "metadata"),
@@ -108,6 +109,11 @@ CHAT_RULE_INVALID = [
     (chat(max_tokens=0), "max_tokens"),
     (chat(max_completion_tokens=0), "max_completion_tokens"),
     (chat(stream_options={"include_usage": True}), "stream_options"),
+    # logit_bias: token ids, biases in [-100, 100], at most 1,024 of them.
+    (chat(logit_bias={"x": 1}), "logit_bias"),
+    (chat(logit_bias={"-1": 1}), "logit_bias"),
+    (chat(logit_bias={"1": 101}), "logit_bias"),
+    (chat(logit_bias={str(i): 1 for i in range(1025)}), "logit_bias"),
 ]
 
 
@@ -130,7 +136,6 @@ CHAT_UNSUPPORTED = [
     (chat(modalities=["text", "audio"]), "modalities"),
     (chat(prediction={"type": "content", "content": "x"}), "prediction"),
     (chat(web_search_options={}), "web_search_options"),
-    (chat(logit_bias={"5": 10}), "logit_bias"),
     (chat(store=True), "store"),
     (chat(reasoning_effort="low"), "reasoning_effort"),
     (chat(verbosity="high"), "verbosity"),
@@ -323,7 +328,6 @@ def test_completion_spec_invalid(body: dict[str, Any], param: str) -> None:
 COMPLETION_UNSUPPORTED = [
     (completion(best_of=2), "best_of"),
     (completion(suffix="tail"), "suffix"),
-    (completion(logit_bias={"1": 5}), "logit_bias"),
 ]
 
 

@@ -97,3 +97,26 @@ def test_prompt_logprobs_are_those_the_model_would_have_drawn_with() -> None:
                          strict=True):
         assert (few.logprob, few.rank) == (many.logprob, many.rank) and few.rank >= 1
         assert few.top_ids == many.top_ids[:1] and len(many.top_ids) == 20
+
+
+def test_logit_bias_picks_the_most_likely_token_after_the_bias() -> None:
+    """No bias: the drawn token. A bias that lifts an alternative past it, or a token the
+    distribution does not name far enough: that one. -100 on the drawn token: the next most
+    likely. An excluded token is never picked, whatever its bias."""
+    model = TokenModel(32, 127)
+    state = absorb(EMPTY_STATE, 72)
+    drawn = model.draw(state, False, None)
+    named = model.scored(state, drawn, drawn, 3)
+    assert named.rank == 1 and named.top_ids[0] == drawn
+    none: frozenset[int] = frozenset()
+    assert model.biased(state, drawn, {}, none) == drawn
+    second, gap = named.top_ids[1], named.top_logprobs[0] - named.top_logprobs[1]
+    assert model.biased(state, drawn, {second: gap - 0.01}, none) == drawn
+    assert model.biased(state, drawn, {second: gap + 0.01}, none) == second
+    assert model.biased(state, drawn, {drawn: -100.0}, none) == second
+    unnamed = next(t for t in range(32, 127) if model.scored(state, drawn, t, 0).rank > 21)
+    assert model.biased(state, drawn, {unnamed: 100.0}, none) == unnamed
+    assert model.biased(state, drawn, {7: 100.0}, none) == 7  # outside the drawn range too
+    assert model.biased(state, drawn, {unnamed: 100.0}, frozenset((unnamed,))) == drawn
+    # Its logprob stays the model's own, before the bias.
+    assert model.scored(state, drawn, second, 0).logprob == named.top_logprobs[1]

@@ -125,6 +125,9 @@ class StreamingEngine(Engine):
         if request.sampling.logprobs >= 0 or request.sampling.prompt_logprobs >= 0:
             raise EngineError(f"logprobs are not supported on the {self.name} engine; the vllm "
                               f"and mocker engines return them")
+        if request.sampling.logit_bias:
+            raise EngineError(f"logit_bias is not supported on the {self.name} engine; the vllm "
+                              f"and mocker engines apply it")
         max_new, min_new = remaining_budget(request)
         tracked = gather.admit(request)
         if max_new <= 0:  # migrated with its whole budget already spent

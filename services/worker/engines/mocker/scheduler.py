@@ -314,7 +314,13 @@ class Scheduler:
                 tok = draw(seq.state, False, seq.banned)
             else:
                 tok = draw(seq.state, seq.eos_ok, None)
-            if seq.logprobs >= 0:
+            if seq.bias is not None:
+                drawn = tok
+                tok = self.model.biased(seq.state, drawn, seq.bias, seq.unbiasable_early
+                                        if gen < seq.min_tokens else seq.unbiasable)
+                if seq.logprobs >= 0:  # as vLLM reports them: before the bias
+                    logprob = self.model.scored(seq.state, drawn, tok, seq.logprobs)
+            elif seq.logprobs >= 0:
                 logprob = self.model.logprobs(seq.state, tok, seq.logprobs)
             seq.tokens.append(tok)
             seq.state = ((seq.state ^ tok) * _PRIME) & _M64

@@ -19,6 +19,7 @@ class Sequence:
     __slots__ = (
         "admitted",
         "banned",
+        "bias",
         "block_hashes",
         "blocks",
         "cached_tokens",
@@ -42,6 +43,8 @@ class Sequence:
         "status",
         "stop_ids",
         "tokens",
+        "unbiasable",
+        "unbiasable_early",
     )
 
     def __init__(self, request: GenerateRequest, model: TokenModel) -> None:
@@ -65,6 +68,12 @@ class Sequence:
             banned.add(model.eos_token_id)
         self.banned: frozenset[int] | None = frozenset(banned) if sp.min_tokens > 0 and banned \
             else None
+        # logit_bias, and what it may never pick: before min_tokens what is banned, after it EOS
+        # where EOS may not end the request.
+        self.bias: dict[int, float] | None = sp.logit_bias or None
+        self.unbiasable_early = self.banned or frozenset()
+        self.unbiasable = frozenset((model.eos_token_id,)) if (
+            model.eos_token_id is not None and not self.eos_ok) else frozenset()
         self.state = absorb_all(self.tokens)  # rolling hash of `tokens`
         self.status = WAITING
         self.admitted = False  # admitted at least once (cached_tokens is from the first time)

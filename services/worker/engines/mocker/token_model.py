@@ -5,8 +5,9 @@ is drawn from a finalised copy of that state. So output depends only on prompt +
 so far: not on worker, timing, batch or sampling parameters, which is what lets a migrated request
 continue exactly where the original stopped. The only parameter-dependent twists are the ones a
 real sampler has too: EOS (drawn with probability 1/mean when allowed) and stop tokens banned
-before `min_tokens`. Log-probabilities (`logprobs`) are a pure function of the same state too: the
-drawn token is always the most likely one, as under greedy sampling.
+before `min_tokens`, and a request's `logit_bias` (the most likely token once the bias is added
+to the distribution's logits). Log-probabilities (`logprobs`) are a pure function of the same
+state too: the drawn token is always the most likely one, as under greedy sampling.
 
 Owns token choice only; when a request finishes is the scheduler's call.
 """
@@ -121,22 +122,46 @@ class TokenModel:
         return TokenLogprob(chosen, [token, *(ids[i] for i in order)],
                             [chosen, *(math.log(probs[i]) for i in order)])
 
+    def _distribution(self, state: int, drawn: int) -> tuple[TokenLogprob, float]:
+        """The distribution at `state` whose most likely token is `drawn`: the `PROMPT_LISTED`
+        tokens it names (most likely first) and the logprob each other token has (all alike)."""
+        full = self.logprobs(state, drawn, PROMPT_LISTED)
+        left = max(1e-12, 1.0 - sum(math.exp(v) for v in full.top_logprobs))
+        return full, math.log(left / max(1, self.span - len(full.top_ids)))
+
+    def scored(self, state: int, drawn: int, token: int, top: int) -> TokenLogprob:
+        """`token`'s logprob and rank at `state` (where `drawn` is the most likely), with the
+        `top` most likely tokens there. The same whatever `top` is."""
+        full, rest = self._distribution(state, drawn)
+        try:
+            rank = full.top_ids.index(token) + 1
+            value = full.top_logprobs[rank - 1]
+        except ValueError:  # unnamed: all tie, below every named one
+            value, rank = rest, len(full.top_ids) + 1
+        return TokenLogprob(value, full.top_ids[:top], full.top_logprobs[:top], rank)
+
+    def biased(self, state: int, drawn: int, bias: dict[int, float],
+               excluded: frozenset[int]) -> int:
+        """The most likely token at `state` once `bias` is added to the logits (OpenAI's
+        `logit_bias`), never one of `excluded`; `drawn` is the one `draw` chose there."""
+        full, rest = self._distribution(state, drawn)
+        best, best_score = drawn, -math.inf
+        for token, value in zip(full.top_ids, full.top_logprobs, strict=True):
+            score = value + bias.get(token, 0.0)
+            if score > best_score and token not in excluded:
+                best, best_score = token, score
+        named = full.top_ids
+        for token, shift in bias.items():
+            if rest + shift > best_score and token not in excluded and token not in named:
+                best, best_score = token, rest + shift
+        return best
+
     def prompt_logprobs(self, tokens: list[int], top: int) -> list[TokenLogprob]:
-        """The logprob of each of `tokens` after the first, as this model would have drawn it
-        after the ones before, with its rank and the `top` most likely tokens there. The
-        model's distribution there names `PROMPT_LISTED` tokens; the rest share what they
-        leave evenly. So a token's value and rank are the same whatever `top` a request asks."""
+        """Each of `tokens` after the first as `scored` at its position: what this model would
+        have drawn there after the ones before."""
         out = []
         state = absorb(EMPTY_STATE, tokens[0]) if tokens else EMPTY_STATE
         for token in tokens[1:]:
-            full = self.logprobs(state, self.draw(state, False, None), PROMPT_LISTED)
-            try:
-                rank = full.top_ids.index(token) + 1
-                value = full.top_logprobs[rank - 1]
-            except ValueError:  # unlisted: all tie, below every listed one
-                left = max(1e-12, 1.0 - sum(math.exp(v) for v in full.top_logprobs))
-                value = math.log(left / max(1, self.span - len(full.top_ids)))
-                rank = len(full.top_ids) + 1
-            out.append(TokenLogprob(value, full.top_ids[:top], full.top_logprobs[:top], rank))
+            out.append(self.scored(state, self.draw(state, False, None), token, top))
             state = absorb(state, token)
         return out
