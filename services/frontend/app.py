@@ -11,6 +11,7 @@ client-disconnect cancellation and the HTTP metrics. Does not own the transport 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -835,11 +836,14 @@ class FrontendApp:
                                 else responses.CompletionStreamEncoder)
                 token_ids = bool(body.return_token_ids)
                 per_prompt = body.n or 1
+                running = protocol.wants_running_usage(body)
                 encoders = [encoder_type(
                     response_id, created, model, include_usage, i, token_ids,
                     # The prompt's ids: chat's once, at the top; each completion's its own.
                     prompts[i // per_prompt][0] if token_ids and (endpoint != CHAT or not i)
-                    else None) for i in range(len(gens))]
+                    else None,
+                    functools.partial(gens[i].usage, len(prompts[i // per_prompt][0]))
+                    if running else None) for i in range(len(gens))]
                 if isinstance(opened, ChunkStream):
                     status = await self._stream(send, gens[0], opened, encoders[0],
                                                 len(prompts[0][0]), request_id)

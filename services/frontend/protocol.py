@@ -141,6 +141,8 @@ _SPEC_PARTS: Final = {
 class StreamOptions(_Strict):
     include_usage: bool | UnsetType = UNSET
     include_obfuscation: bool | UnsetType = UNSET
+    # vLLM's: with include_usage, every chunk carries the usage so far.
+    continuous_usage_stats: bool | None = None
 
 
 class ResponseFormat(msgspec.Struct, kw_only=True):
@@ -763,3 +765,9 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, prompt_len:
 def wants_usage_in_stream(body: ChatCompletionRequest | CompletionRequest) -> bool:
     options = body.stream_options
     return bool(options is not None and options.include_usage)
+
+
+def wants_running_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
+    """vLLM's `continuous_usage_stats` (only with `include_usage`, as vLLM reads it)."""
+    options = body.stream_options
+    return bool(options is not None and options.include_usage and options.continuous_usage_stats)

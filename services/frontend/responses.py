@@ -10,6 +10,7 @@ Does not own HTTP or generation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 import msgspec
@@ -181,6 +182,19 @@ def sse_error(error: ApiError) -> bytes:
     return b"data: " + error.body() + b"\n\n"
 
 
+# The usage so far of one choice (vLLM's `continuous_usage_stats`).
+RunningUsage = Callable[[], Usage]
+
+
+def _usage_end(usage_: Usage, opening: bool) -> bytes:
+    """A chunk's `"usage"` and end; an opening chunk, which shows no token, counts none (it
+    may leave after the first tokens came)."""
+    if opening:
+        usage_ = msgspec.structs.replace(usage_, completion_tokens=0,
+                                         total_tokens=usage_.prompt_tokens)
+    return b',"usage":%s}\n\n' % _encode(usage_)
+
+
 def _head(response_id: str, obj: str, created: int, model: str) -> bytes:
     """`data: {"id":...,"object":...,"created":...,"model":...,` — shared by every chunk."""
     return b"".join((b'data: {"id":', _encode(response_id), b',"object":"', obj.encode(),
@@ -192,13 +206,15 @@ class ChatStreamEncoder:
     """SSE events of one choice (`index`) of a streamed chat completion."""
 
     __slots__ = ("_choice_head", "_content_head", "_content_tail", "_head", "_opening_head",
-                 "_tail", "include_usage", "token_ids")
+                 "_running", "_tail", "include_usage", "token_ids")
 
     def __init__(self, response_id: str, created: int, model: str, include_usage: bool,
                  index: int = 0, token_ids: bool = False,
-                 prompt_ids: list[int] | None = None) -> None:
+                 prompt_ids: list[int] | None = None,
+                 running_usage: RunningUsage | None = None) -> None:
         """`token_ids`: vLLM's `return_token_ids` (the events' ids come in their `logprobs`
-        bytes); `prompt_ids`, the prompt's, go at the top of this choice's opening chunk."""
+        bytes); `prompt_ids`, the prompt's, go at the top of this choice's opening chunk;
+        `running_usage`: vLLM's `continuous_usage_stats`, the usage so far in every chunk."""
         self._head = _head(response_id, "chat.completion.chunk", created, model)
         self._choice_head = b'%s"choices":[{"index":%d,"delta":' % (self._head, index)
         self._opening_head = self._choice_head if prompt_ids is None else b"".join((
@@ -210,18 +226,25 @@ class ChatStreamEncoder:
         self._tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
         self._content_tail = b'},"logprobs":null,"finish_reason":null}]' + self._tail
         self.include_usage = include_usage
+        self._running = running_usage
+
+    def _end(self, opening: bool = False) -> bytes:
+        """A chunk's end: its usage field, when there is one, then the event's end."""
+        if self._running is None:
+            return self._tail
+        return _usage_end(self._running(), opening)
 
     def first(self) -> bytes:
         """The opening chunk: the assistant role and empty content."""
         return b"".join((self._opening_head, b'{"role":"assistant","content":""},"logprobs":',
                          NO_TOKENS if self.token_ids else NULL,
-                         b',"finish_reason":null}]', self._tail))
+                         b',"finish_reason":null}]', self._end(opening=True)))
 
     def content(self, text: str, logprobs: bytes = NULL) -> bytes:
-        if logprobs is NULL:
+        if logprobs is NULL and self._running is None:
             return b"".join((self._content_head, _encode(text), self._content_tail))
         return b"".join((self._content_head, _encode(text), b'},"logprobs":', logprobs,
-                         b',"finish_reason":null}]', self._tail))
+                         b',"finish_reason":null}]', self._end()))
 
     def finish(self, finish_reason: str, logprobs: bytes = NULL) -> bytes:
         return self._chunk(b"{}", _encode(finish_reason), logprobs)
@@ -252,40 +275,48 @@ class ChatStreamEncoder:
 
     def _chunk(self, delta: bytes, finish_reason: bytes, logprobs: bytes = NULL) -> bytes:
         return b"".join((self._choice_head, delta, b',"logprobs":', logprobs,
-                         b',"finish_reason":', finish_reason, b"}]", self._tail))
+                         b',"finish_reason":', finish_reason, b"}]", self._end()))
 
 
 class CompletionStreamEncoder:
     """SSE events of one choice (`index`) of a streamed text completion (each a
     `text_completion` object)."""
 
-    __slots__ = ("_head", "_opening", "_text_head", "include_usage")
+    __slots__ = ("_head", "_opening_head", "_running", "_text_head", "include_usage")
 
     def __init__(self, response_id: str, created: int, model: str, include_usage: bool,
                  index: int = 0, token_ids: bool = False,
-                 prompt_ids: list[int] | None = None) -> None:
+                 prompt_ids: list[int] | None = None,
+                 running_usage: RunningUsage | None = None) -> None:
         """`token_ids`: vLLM's `return_token_ids` (the events' ids come in their `logprobs`
-        bytes); `prompt_ids`, this choice's prompt's, go in an opening event of no text."""
+        bytes); `prompt_ids`, this choice's prompt's, go in an opening event of no text;
+        `running_usage`: vLLM's `continuous_usage_stats`, the usage so far in every event."""
         self._head = _head(response_id, "text_completion", created, model)
         self._text_head = b'%s"choices":[{"index":%d,"text":' % (self._head, index)
         self.include_usage = include_usage
-        self._opening = b"" if not token_ids else b"".join((
+        self._running = running_usage
+        self._opening_head = b"" if not token_ids else b"".join((
             self._head, b'"choices":[{"index":%d,"prompt_token_ids":' % index,
             _encode(prompt_ids or []), b',"text":"","logprobs":', NO_TOKENS,
-            b',"finish_reason":null}]}\n\n'))
+            b',"finish_reason":null}]'))
+
+    def _end(self, opening: bool = False) -> bytes:
+        if self._running is None:
+            return b"}\n\n"
+        return _usage_end(self._running(), opening)
 
     def text(self, text: str, finish_reason: str | None = None, logprobs: bytes = NULL) -> bytes:
-        if finish_reason is None and logprobs is NULL:
+        if finish_reason is None and logprobs is NULL and self._running is None:
             return b"".join((self._text_head, _encode(text), _TEXT_TAIL))
         reason = b"null" if finish_reason is None else _encode(finish_reason)
         return b"".join((self._text_head, _encode(text), b',"logprobs":', logprobs,
-                         b',"finish_reason":', reason, b"}]}\n\n"))
+                         b',"finish_reason":', reason, b"}]", self._end()))
 
     def usage(self, usage_: Usage) -> bytes:
         return b"".join((self._head, b'"choices":[],"usage":', _encode(usage_), b"}\n\n"))
 
     def opening(self) -> bytes:
-        return self._opening
+        return self._opening_head + self._end(opening=True) if self._opening_head else b""
 
     def delta(self, text: str, logprobs: bytes = NULL) -> bytes:
         return self.text(text, None, logprobs)

@@ -73,6 +73,19 @@ def test_openai_sdk_chat_completions_models_and_usage(deployment: Deployment) ->
     assert usage is not None and usage.completion_tokens == len(text) == 20
     # Deterministic engine: the same prompt gives the same text on any worker.
     assert text == chat.choices[0].message.content
+    # vLLM's continuous_usage_stats: each chunk's usage counts the tokens streamed so far.
+    counted, running = 0, []
+    for chunk in oai.chat.completions.create(
+            model="mock", messages=[{"role": "user", "content": "Say something."}],
+            max_tokens=20, stream=True, extra_body={"ignore_eos": True},
+            stream_options={"include_usage": True,
+                            "continuous_usage_stats": True}):  # type: ignore[typeddict-unknown-key]
+        assert chunk.usage is not None
+        if chunk.choices:
+            counted += len(chunk.choices[0].delta.content or "")  # a token per character
+            assert chunk.usage.completion_tokens == counted
+        running.append(chunk.usage)
+    assert counted == 20 and running[-1] == usage and running[0].completion_tokens == 0
     # The second identical prompt hits the prefix cache of whichever worker served it... or not,
     # with round-robin; cached_tokens is reported either way.
     assert usage.prompt_tokens_details is not None

@@ -216,3 +216,33 @@ def test_prompt_logprobs_take_vllms_shape() -> None:
     validate("CreateChatCompletionResponse", chat)
     assert chat["prompt_logprobs"] == [
         None, {"105": {"logprob": -0.5, "rank": 3, "decoded_token": "token_id:105"}}]
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_continuous_usage_goes_in_every_chunk(chat: bool) -> None:
+    """vLLM's `continuous_usage_stats`: every event carries the usage so far (the spec allows a
+    usage object there); the final usage chunk is as without it."""
+    counts = [0]
+
+    def running() -> responses.Usage:
+        return responses.usage(5, counts[0], 2)
+
+    kind = "CreateChatCompletionStreamResponse" if chat else "CreateCompletionResponse"
+    enc = (responses.ChatStreamEncoder("chatcmpl-1", 1, "tiny", True, running_usage=running,
+                                       token_ids=True, prompt_ids=[1, 2])
+           if chat else responses.CompletionStreamEncoder(
+               "cmpl-1", 1, "tiny", True, token_ids=True, prompt_ids=[1, 2],
+               running_usage=running))
+    frames = [enc.opening()]
+    counts[0] = 2
+    frames.append(enc.delta("hi"))
+    counts[0] = 3
+    frames += _events(enc.closing("!", "stop", responses.usage(5, 3, 2)))
+    events = [_event(frame) for frame in frames[:-1]]
+    for event in events:
+        # (The spec's completion object wants a finish reason: only the last event has one.)
+        if chat or (event["choices"] and event["choices"][0]["finish_reason"]):
+            validate(kind, event)
+    assert [e["usage"]["completion_tokens"] for e in events] == [0, 2, *[3] * (len(events) - 2)]
+    assert all(e["usage"]["prompt_tokens"] == 5 for e in events)
+    assert events[-1]["choices"] == [] and frames[-1] == responses.DONE
