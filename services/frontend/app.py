@@ -31,7 +31,7 @@ from common.messages import (
     TokenChunk,
     TokenLogprob,
 )
-from services.frontend import protocol, responses
+from services.frontend import protocol, responses, responses_api
 from services.frontend.api_keys import ApiKeys, KeyPolicy
 from services.frontend.chat_template import ChatTemplateError
 from services.frontend.choices import ChoiceStreams
@@ -60,6 +60,7 @@ FALLBACK_MAX_MODEL_LEN: Final = 4096
 MODEL_PATH: Final = "/v1/models/"
 CHAT: Final = "chat"
 COMPLETIONS: Final = "completions"
+RESPONSES: Final = "responses"  # OpenAI's Responses API, run as a chat request
 WORKER_HEADER: Final = b"x-worker-instance-id"
 # Gateway API Inference Extension: the endpoint picker's choice, "IP:PORT" (a comma-separated
 # list is primary first, then fallbacks). The router matches it against workers' endpoints.
@@ -396,6 +397,7 @@ class FrontendApp:
         self._routes: dict[str, dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]]] = {
             "/v1/chat/completions": {"POST": self._chat},
             "/v1/completions": {"POST": self._completions},
+            "/v1/responses": {"POST": self._responses},
             "/v1/models": {"GET": self._models},
             "/tokenize": {"POST": self._tokenize_route},
             "/detokenize": {"POST": self._detokenize_route},
@@ -602,6 +604,9 @@ class FrontendApp:
     async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._admitted(scope, receive, send, COMPLETIONS)
 
+    async def _responses(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._admitted(scope, receive, send, RESPONSES)
+
     # --- admission: key quotas (then, in `_generate`, slots) -----------------------------------
 
     async def _admitted(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
@@ -761,15 +766,20 @@ class FrontendApp:
             raw = await _read_body(receive, self.max_body_bytes)
             if raw is None:
                 return
-            body = (protocol.parse_chat(raw) if endpoint == CHAT
-                    else protocol.parse_completion(raw))
+            api_request: responses_api.ResponsesRequest | None = None
+            if endpoint == RESPONSES:
+                api_request, body = responses_api.parse(raw)
+            else:
+                body = (protocol.parse_chat(raw) if endpoint == CHAT
+                        else protocol.parse_completion(raw))
             stream = bool(body.stream)
             self._check_key(scope, body.model)
             model, upstream_model = self._resolve_model(body.model)
-            prompts = protocol.truncate_prompts(body, await self._prompts(endpoint, body),
+            kind = CHAT if endpoint == RESPONSES else endpoint  # how its prompt is made
+            prompts = protocol.truncate_prompts(body, await self._prompts(kind, body),
                                                 self.context_length(upstream_model))
             requests = self._requests(scope, body, upstream_model, prompts)
-            echoes = await self._echoes(endpoint, body, prompts)
+            echoes = await self._echoes(kind, body, prompts)
             self._widen_grant(scope, len(requests))
             # The slots come last: a request waiting for them is one that will run.
             await self.admission.enter(len(requests))
@@ -781,7 +791,7 @@ class FrontendApp:
                 raise
         except Exception as exc:
             if isinstance(exc, ApiError):
-                error = exc
+                error = responses_api.renamed(exc) if endpoint == RESPONSES else exc
             else:
                 log.exception("request failed before generation")
                 error = ApiError(500, f"internal error: {type(exc).__name__}", reason="internal")
@@ -829,7 +839,14 @@ class FrontendApp:
         status = 500
         try:
             response_id = ("chatcmpl-" if endpoint == CHAT else "cmpl-") + request_id
-            if stream:
+            shell = None if api_request is None else responses_api.ResponseShell(
+                api_request, request_id, model)
+            if stream and shell is not None:
+                assert isinstance(opened, ChunkStream)  # one prompt, one choice
+                status = await self._stream(send, gens[0], opened,
+                                            responses_api.ResponsesStreamEncoder(shell),
+                                            len(prompts[0][0]), request_id)
+            elif stream:
                 include_usage = protocol.wants_usage_in_stream(body)
                 created = int(time.time())
                 encoder_type = (responses.ChatStreamEncoder if endpoint == CHAT
@@ -852,7 +869,7 @@ class FrontendApp:
                                                         request_id)
             else:
                 status = await self._unary(send, gens, opened, endpoint, response_id, model,
-                                           prompts)
+                                           prompts, shell)
         except asyncio.CancelledError:
             if not gens[0].disconnected:
                 raise
@@ -932,7 +949,8 @@ class FrontendApp:
         handler.cancel()
 
     async def _stream(self, send: Send, gen: Generation, chunks: ChunkStream,
-                      encoder: responses.ChatStreamEncoder | responses.CompletionStreamEncoder,
+                      encoder: responses.ChatStreamEncoder | responses.CompletionStreamEncoder
+                      | responses_api.ResponsesStreamEncoder,
                       prompt_tokens: int, request_id: str) -> int:
         text = gen.consume(await chunks.next_batch(self.stream_interval))
         if gen.error is not None:
@@ -1099,7 +1117,8 @@ class FrontendApp:
 
     async def _unary(self, send: Send, gens: list[Generation],
                      opened: ChunkStream | ChoiceStreams, endpoint: str, response_id: str,
-                     model: str, prompts: list[tuple[list[int], list[ImageInput]]]) -> int:
+                     model: str, prompts: list[tuple[list[int], list[ImageInput]]],
+                     shell: responses_api.ResponseShell | None = None) -> int:
         if isinstance(opened, ChunkStream):
             texts = [await self._collect(gens[0], opened)]
         else:
@@ -1121,6 +1140,10 @@ class FrontendApp:
             assert failed.error is not None
             await _send_bytes(send, failed.error.status, failed.error.body())
             return failed.error.status
+        if shell is not None:
+            await _send_bytes(send, 200, responses_api.response_body(
+                shell, texts[0], gens[0].finish or "stop", _usage(gens, prompts)))
+            return 200
         render = responses.chat_completion if endpoint == CHAT else responses.completion
         choices = [(text, gen.finish or "stop", gen.logprobs_with(text))
                    for text, gen in zip(texts, gens, strict=True)]

@@ -311,6 +311,11 @@ def _decode(decoder: msgspec.json.Decoder[Any], raw: bytes) -> Any:
         raise too_deep() from None
 
 
+def decode_body(decoder: msgspec.json.Decoder[Any], raw: bytes) -> Any:
+    """A request body through `decoder`, its errors as OpenAI's (for the other APIs' bodies)."""
+    return _decode(decoder, raw)
+
+
 def _integral(body: Any) -> Any:
     """`body` with the integral floats its integer fields may hold (`"n": 1.0`) as ints."""
     for name in _INTEGER_FIELDS:

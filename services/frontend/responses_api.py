@@ -1,0 +1,310 @@
+"""OpenAI's Responses API (`POST /v1/responses`), stateless, as a translation over chat.
+
+Owns the request subset Turnout honours (`ResponsesRequest`: text and image input, instructions,
+sampling, `max_output_tokens`, streaming), its translation into a chat completions request (so
+every chat check, the chat template and the whole generation path apply unchanged), and the
+`response` object and semantic stream events (`response.created` ... `response.completed`) made
+from the generated text. Nothing is stored: `store: true`, `previous_response_id`, tools,
+reasoning and the other stateful or tool-bound fields are refused with a 400 that names them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+from msgspec import Meta
+
+from services.frontend import protocol
+from services.frontend.errors import ApiError, invalid, unsupported
+from services.frontend.protocol import ChatCompletionRequest
+from services.frontend.responses import DONE, Usage
+
+_encode = msgspec.json.encode
+# Chat's names for what a Responses request calls otherwise (in errors raised after translation).
+_PARAMS: Final = {"max_completion_tokens": "max_output_tokens", "messages": "input"}
+_ROLES: Final = ("user", "assistant", "system", "developer")
+
+
+class TextFormat(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    type: str
+
+
+class TextOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    include_obfuscation: bool | None = None
+
+
+class ResponsesRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    model: str
+    input: str | Annotated[list[dict[str, Any]], Meta(min_length=1)]
+    instructions: str | None = None
+    max_output_tokens: Annotated[int, Meta(ge=1)] | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    text: TextOptions | None = None
+    parallel_tool_calls: bool | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    # Refused when set: state, tools and reasoning are not kept or run here.
+    store: bool | None = None
+    background: bool | None = None
+    previous_response_id: str | None = None
+    conversation: str | dict[str, Any] | None = None
+    prompt: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+    include: list[str] | None = None
+    top_logprobs: int | None = None
+    max_tool_calls: int | None = None
+
+
+_decoder = msgspec.json.Decoder(ResponsesRequest)
+
+
+class ResponseShell:
+    """What a response object repeats of its request, and its ids; `render` fills in the
+    output, status and usage."""
+
+    __slots__ = ("_fields", "item_id", "response_id")
+
+    def __init__(self, request: ResponsesRequest, request_id: str, model: str) -> None:
+        self.response_id = "resp_" + request_id
+        self.item_id = "msg_" + request_id
+        self._fields: dict[str, Any] = {
+            "id": self.response_id, "object": "response", "created_at": int(time.time()),
+            "model": model, "instructions": request.instructions,
+            "max_output_tokens": request.max_output_tokens,
+            "temperature": 1.0 if request.temperature is None else request.temperature,
+            "top_p": 1.0 if request.top_p is None else request.top_p,
+            "metadata": request.metadata or {},
+            "parallel_tool_calls": request.parallel_tool_calls is not False,
+            "previous_response_id": None, "reasoning": None, "store": False,
+            "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
+            "truncation": request.truncation or "disabled", "error": None,
+            "incomplete_details": None,
+        }
+        if request.user is not None:  # a string when present
+            self._fields["user"] = request.user
+
+    def message(self, text: str | None, finish: str | None) -> dict[str, Any]:
+        """The output message item: in progress (no text yet), or done with `text`."""
+        if text is None:
+            return {"type": "message", "id": self.item_id, "status": "in_progress",
+                    "role": "assistant", "content": []}
+        return {"type": "message", "id": self.item_id, "status": _item_status(finish),
+                "role": "assistant", "content": [_text_part(text)]}
+
+    def render(self, text: str | None, finish: str | None, usage: Usage | None) -> dict[str, Any]:
+        """The response object: in progress (`text` None) or finished."""
+        out = dict(self._fields)
+        if text is None:
+            out.update(status="in_progress", output=[])
+            return out
+        status = "incomplete" if finish == "length" else "completed"
+        out.update(status=status, output=[self.message(text, finish)], usage=_usage(usage))
+        if status == "incomplete":
+            out["incomplete_details"] = {"reason": "max_output_tokens"}
+        else:
+            out["completed_at"] = int(time.time())
+        return out
+
+
+def _item_status(finish: str | None) -> str:
+    return "incomplete" if finish == "length" else "completed"
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _usage(usage: Usage | None) -> dict[str, Any] | None:
+    if usage is None:
+        return None
+    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": cached},
+            "output_tokens": usage.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage.total_tokens}
+
+
+def parse(raw: bytes) -> tuple[ResponsesRequest, ChatCompletionRequest]:
+    """Decode and check a Responses body, and translate it into the chat request it runs as;
+    raises `ApiError`."""
+    request: ResponsesRequest = protocol.decode_body(_decoder, raw)
+    _refuse_unsupported(request)
+    chat: dict[str, Any] = {"model": request.model, "messages": _messages(request),
+                            "stream": bool(request.stream)}
+    for name, value in (("max_completion_tokens", request.max_output_tokens),
+                        ("temperature", request.temperature), ("top_p", request.top_p),
+                        ("user", request.user), ("metadata", request.metadata),
+                        ("safety_identifier", request.safety_identifier),
+                        ("prompt_cache_key", request.prompt_cache_key),
+                        ("service_tier", request.service_tier)):
+        if value is not None:
+            chat[name] = value
+    try:
+        return request, protocol.parse_chat(_encode(chat))
+    except ApiError as exc:
+        raise renamed(exc) from None
+
+
+def renamed(error: ApiError) -> ApiError:
+    """`error` with chat's parameter names as this API calls them."""
+    if error.param is None:
+        return error
+    for chat_name, name in _PARAMS.items():
+        if error.param == chat_name or error.param.startswith(chat_name + "["):
+            error.message = error.message.replace(chat_name, name)
+            error.param = name + error.param[len(chat_name):]
+    return error
+
+
+def _refuse_unsupported(request: ResponsesRequest) -> None:
+    if request.store:
+        raise unsupported("store", "responses are not stored; send store: false")
+    for name in ("background", "previous_response_id", "conversation", "prompt", "reasoning",
+                 "max_tool_calls", "top_logprobs"):
+        if getattr(request, name) not in (None, False):
+            raise unsupported(name)
+    if request.include:
+        raise unsupported("include")
+    if request.tools:
+        raise unsupported("tools", "tool calling is not supported")
+    if request.tool_choice not in (None, "none", "auto"):
+        raise unsupported("tool_choice", "tool calling is not supported")
+    if request.truncation == "auto":
+        raise unsupported("truncation", "only 'disabled' is supported")
+    text = request.text
+    if text is not None:
+        if text.format is not None and text.format.type != "text":
+            raise unsupported("text.format", "only {'type': 'text'} is supported")
+        if text.verbosity is not None:
+            raise unsupported("text.verbosity")
+    if request.stream_options is not None and not request.stream:
+        raise invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
+
+
+def _messages(request: ResponsesRequest) -> list[dict[str, Any]]:
+    """The conversation as chat messages: the instructions first (as OpenAI places them), then
+    each input item."""
+    messages: list[dict[str, Any]] = []
+    if request.instructions is not None:
+        messages.append({"role": "system", "content": request.instructions})
+    if isinstance(request.input, str):
+        messages.append({"role": "user", "content": request.input})
+        return messages
+    for index, item in enumerate(request.input):
+        messages.append(_message(item, f"input[{index}]"))
+    return messages
+
+
+def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
+    kind = item.get("type", "message")
+    if kind != "message":
+        raise unsupported(f"{where}.type", f"input items of type {kind!r} are not supported; "
+                                           "send messages")
+    role = item.get("role")
+    if role not in _ROLES:
+        raise invalid(f"Invalid value for '{where}.role': expected one of {', '.join(_ROLES)}",
+                      f"{where}.role", "invalid_value")
+    unknown = set(item) - {"type", "role", "content", "id", "status"}
+    if unknown:
+        raise invalid(f"Unrecognized request argument supplied: {where}.{sorted(unknown)[0]}",
+                      f"{where}.{sorted(unknown)[0]}", "unknown_parameter")
+    content = item.get("content")
+    if isinstance(content, str):
+        return {"role": role, "content": content}
+    if not isinstance(content, list) or not content:
+        raise invalid(f"Invalid value for '{where}.content': expected a string or a non-empty "
+                      "list of content parts", f"{where}.content", "invalid_value")
+    return {"role": role, "content": [_part(part, f"{where}.content[{i}]")
+                                      for i, part in enumerate(content)]}
+
+
+def _part(part: Any, where: str) -> dict[str, Any]:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind in ("input_text", "output_text") and isinstance(part.get("text"), str):
+        return {"type": "text", "text": part["text"]}
+    if kind == "input_image":
+        url = part.get("image_url")
+        if not isinstance(url, str):
+            raise unsupported(f"{where}.image_url", "an image is given by its URL or data URL "
+                                                    "(file ids are not stored here)")
+        image: dict[str, Any] = {"url": url}
+        if part.get("detail") is not None:
+            image["detail"] = part["detail"]
+        return {"type": "image_url", "image_url": image}
+    if kind in ("input_file", "input_audio", "refusal"):
+        raise unsupported(f"{where}.type", f"{kind} content is not supported")
+    raise invalid(f"Invalid value for '{where}': expected an input_text, output_text or "
+                  "input_image part", where, "invalid_value")
+
+
+class ResponsesStreamEncoder:
+    """The semantic SSE events of a streamed response, in the interface of the chat and
+    completion stream encoders (one choice; its usage goes in the final event)."""
+
+    __slots__ = ("_parts", "_sequence", "_shell", "include_usage")
+
+    def __init__(self, shell: ResponseShell) -> None:
+        self._shell = shell
+        self._parts: list[str] = []
+        self._sequence = 0
+        self.include_usage = False
+
+    def _event(self, kind: str, **fields: Any) -> bytes:
+        fields = {"type": kind, "sequence_number": self._sequence, **fields}
+        self._sequence += 1
+        return b"event: %s\ndata: %s\n\n" % (kind.encode(), _encode(fields))
+
+    def _item(self) -> dict[str, Any]:
+        return {"item_id": self._shell.item_id, "output_index": 0, "content_index": 0}
+
+    def opening(self) -> bytes:
+        started = self._shell.render(None, None, None)
+        return b"".join((
+            self._event("response.created", response=started),
+            self._event("response.in_progress", response=started),
+            self._event("response.output_item.added", output_index=0,
+                        item=self._shell.message(None, None)),
+            self._event("response.content_part.added", part=_text_part(""), **self._item())))
+
+    def delta(self, text: str, logprobs: bytes = b"null") -> bytes:
+        self._parts.append(text)
+        return self._event("response.output_text.delta", delta=text, logprobs=[], **self._item())
+
+    def closing(self, text: str, finish_reason: str, usage_: Usage,
+                logprobs: bytes = b"null") -> bytes:
+        events = [self.delta(text)] if text else []
+        whole = "".join(self._parts)
+        done = self._shell.render(whole, finish_reason, usage_)
+        events += (
+            self._event("response.output_text.done", text=whole, logprobs=[], **self._item()),
+            self._event("response.content_part.done", part=_text_part(whole), **self._item()),
+            self._event("response.output_item.done", output_index=0,
+                        item=done["output"][0]),
+            self._event("response.incomplete" if done["status"] == "incomplete"
+                        else "response.completed", response=done),
+            DONE)  # as the other endpoints end their streams (clients stop on it)
+        return b"".join(events)
+
+    def usage(self, usage_: Usage) -> bytes:  # the final event carries it
+        return b""
+
+
+def response_body(shell: ResponseShell, text: str, finish: str, usage: Usage) -> bytes:
+    return _encode(shell.render(text, finish, usage))
+
