@@ -11,7 +11,6 @@ tokens), and the services' /metrics (encoder work, cache hits, in-line encodes).
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import signal
 from typing import Any
@@ -20,22 +19,13 @@ import openai
 import pytest
 from PIL import Image
 
+from tests.images import data_uri, png
 from turnout.testing.deployment import Deployment, Service, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
 TOKENS = 16
 BLOCK = ("--block-size", "16")
-
-
-def png(color: tuple[int, int, int], size: tuple[int, int] = (112, 112)) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", size, color).save(out, "PNG")
-    return out.getvalue()
-
-
-def data_uri(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 def image_message(uri: str, text: str = "what is in this picture?") -> list[dict[str, Any]]:

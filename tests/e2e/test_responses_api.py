@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from tests.images import data_uri, png
 from tests.openapi_spec import validate
 from turnout.testing.deployment import Deployment, reaped
 
@@ -83,6 +84,31 @@ def test_a_response_is_the_chat_completion_of_its_conversation(dep: Deployment) 
         {"role": "assistant", "content": response.output_text},
         {"role": "user", "content": "And then?"}])
     assert follow.output_text == again.choices[0].message.content
+
+
+def test_an_input_image_is_the_chat_image_part(dep: Deployment) -> None:
+    """`input_image` by data URL runs as chat's `image_url` part: the same answer and prompt
+    size as chat gives for the same image, and another image changes the answer."""
+    oai = client(dep)
+
+    def ask(color: tuple[int, int, int]) -> tuple[str, int]:
+        done = oai.responses.create(model="mock", max_output_tokens=200, input=[
+            {"role": "user", "content": [{"type": "input_text", "text": "What is this?"},
+                                         {"type": "input_image", "detail": "auto",
+                                          "image_url": data_uri(png(color))}]}])
+        assert done.usage is not None
+        return done.output_text, done.usage.input_tokens
+
+    red = ask((200, 10, 10))
+    chat = oai.chat.completions.create(model="mock", max_completion_tokens=200, messages=[
+        {"role": "user", "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": data_uri(png((200, 10, 10)))}}]}])
+    assert chat.usage is not None
+    assert red == (chat.choices[0].message.content, chat.usage.prompt_tokens)
+    assert red[1] > 16  # the image's placeholder tokens, on top of the text
+    blue = ask((10, 10, 200))
+    assert blue[1] == red[1] and blue[0] != red[0]
 
 
 def test_a_streamed_response_sends_each_event_in_order(dep: Deployment) -> None:
