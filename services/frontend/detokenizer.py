@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from typing import Any, Protocol
+from typing import Protocol
 
 import tokenizers
 from tokenizers.decoders import DecodeStream
@@ -55,7 +55,7 @@ def byte_level_table(tokenizer: tokenizers.Tokenizer) -> list[bytes] | None:
     if (spec.get("decoder") or {}).get("type") != "ByteLevel":
         return None
     chars = _byte_level_chars()
-    special = _special_ids(spec)
+    special = _special_ids(tokenizer)
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     table: list[bytes] = []
     for token_id in range(size):
@@ -77,15 +77,16 @@ def byte_level_table(tokenizer: tokenizers.Tokenizer) -> list[bytes] | None:
     return table
 
 
-def _special_ids(spec: dict[str, Any]) -> set[int]:
-    return {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+def _special_ids(tokenizer: tokenizers.Tokenizer) -> set[int]:
+    return {token_id for token_id, token in tokenizer.get_added_tokens_decoder().items()
+            if token.special}
 
 
 def with_special_tokens(table: list[bytes], tokenizer: tokenizers.Tokenizer) -> list[bytes]:
     """`table` with each special token's text in its place, as the tokenizer decodes it with
     `skip_special_tokens=False`."""
     out = list(table)
-    for token_id in _special_ids(json.loads(tokenizer.to_str())):
+    for token_id in _special_ids(tokenizer):
         if 0 <= token_id < len(out):
             out[token_id] = tokenizer.decode([token_id], skip_special_tokens=False).encode()
     return out
