@@ -300,7 +300,8 @@ def _schema_error(exc: msgspec.ValidationError) -> ApiError:
     return invalid(f"Invalid value for '{path}': {detail}", path, "invalid_value")
 
 
-def _decode(decoder: msgspec.json.Decoder[Any], raw: bytes) -> Any:
+def decode_body(decoder: msgspec.json.Decoder[Any], raw: bytes) -> Any:
+    """A request body through `decoder`, its errors as OpenAI's."""
     try:
         return _integral(decoder.decode(raw))
     except msgspec.ValidationError as exc:
@@ -309,11 +310,6 @@ def _decode(decoder: msgspec.json.Decoder[Any], raw: bytes) -> Any:
         raise invalid(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
     except RecursionError:  # JSON nested deeper than msgspec follows, inside a free-form field
         raise too_deep() from None
-
-
-def decode_body(decoder: msgspec.json.Decoder[Any], raw: bytes) -> Any:
-    """A request body through `decoder`, its errors as OpenAI's (for the other APIs' bodies)."""
-    return _decode(decoder, raw)
 
 
 def _integral(body: Any) -> Any:
@@ -488,14 +484,14 @@ def _check_completion(body: CompletionRequest) -> None:
 
 def parse_chat(raw: bytes) -> ChatCompletionRequest:
     """Decode and validate a chat completions body; raises `ApiError`."""
-    body: ChatCompletionRequest = _decode(_chat_decoder, raw)
+    body: ChatCompletionRequest = decode_body(_chat_decoder, raw)
     _check_chat(body)
     return body
 
 
 def parse_tokenize(raw: bytes) -> TokenizeRequest:
     """Decode and validate a /tokenize body; raises `ApiError`."""
-    body: TokenizeRequest = _decode(_tokenize_decoder, raw)
+    body: TokenizeRequest = decode_body(_tokenize_decoder, raw)
     if (body.prompt is None) == (body.messages is None):
         raise invalid("send either 'prompt' or 'messages'", "prompt", "invalid_value")
     if body.messages is None:
@@ -516,14 +512,14 @@ def parse_tokenize(raw: bytes) -> TokenizeRequest:
 
 def parse_detokenize(raw: bytes, vocab_size: int) -> DetokenizeRequest:
     """Decode and validate a /detokenize body; raises `ApiError`."""
-    body: DetokenizeRequest = _decode(_detokenize_decoder, raw)
+    body: DetokenizeRequest = decode_body(_detokenize_decoder, raw)
     _check_ids(body.tokens, vocab_size, "tokens")
     return body
 
 
 def parse_completion(raw: bytes) -> CompletionRequest:
     """Decode and validate a completions body; raises `ApiError`."""
-    body: CompletionRequest = _decode(_completion_decoder, raw)
+    body: CompletionRequest = decode_body(_completion_decoder, raw)
     _check_completion(body)
     return body
 

@@ -115,7 +115,7 @@ class ResponseShell:
         if text is None:
             out.update(status="in_progress", output=[])
             return out
-        status = "incomplete" if finish == "length" else "completed"
+        status = _item_status(finish)
         out.update(status=status, output=[self.message(text, finish)], usage=_usage(usage))
         if status == "incomplete":
             out["incomplete_details"] = {"reason": "max_output_tokens"}
@@ -257,16 +257,16 @@ def _part(part: Any, where: str) -> dict[str, Any]:
 
 
 class ResponsesStreamEncoder:
-    """The semantic SSE events of a streamed response, in the interface of the chat and
-    completion stream encoders (one choice; its usage goes in the final event)."""
+    """The semantic SSE events of a streamed response: `opening`, `delta` and `closing`, as the
+    chat and completion stream encoders have them for one choice (its usage goes in the final
+    event)."""
 
-    __slots__ = ("_parts", "_sequence", "_shell", "include_usage")
+    __slots__ = ("_parts", "_sequence", "_shell")
 
     def __init__(self, shell: ResponseShell) -> None:
         self._shell = shell
         self._parts: list[str] = []
         self._sequence = 0
-        self.include_usage = False
 
     def _event(self, kind: str, **fields: Any) -> bytes:
         fields = {"type": kind, "sequence_number": self._sequence, **fields}
@@ -303,9 +303,6 @@ class ResponsesStreamEncoder:
                         else "response.completed", response=done),
             DONE)  # as the other endpoints end their streams (clients stop on it)
         return b"".join(events)
-
-    def usage(self, usage_: Usage) -> bytes:  # the final event carries it
-        return b""
 
 
 def response_body(shell: ResponseShell, text: str, finish: str, usage: Usage) -> bytes:
