@@ -1147,14 +1147,13 @@ class FrontendApp:
         render = responses.chat_completion if endpoint == CHAT else responses.completion
         choices = [(text, gen.finish or "stop", gen.logprobs_with(text))
                    for text, gen in zip(texts, gens, strict=True)]
+        n = len(gens) // len(prompts)  # choices per prompt
         token_ids = None
         if gens[0].ids_out is not None:  # vLLM's return_token_ids
-            n = len(gens) // len(prompts)
             token_ids = responses.TokenIds([prompts[i // n][0] for i in range(len(gens))],
                                            [gen.take_ids() for gen in gens])
         prompt_logprobs = None
         if gens[0].prompt_logprobs is not None:  # vLLM's: each choice's of its own prompt
-            n = len(gens) // len(prompts)
             prompt_logprobs = [gen.prompt_logprobs.json(prompts[i // n][0])
                                for i, gen in enumerate(gens) if gen.prompt_logprobs is not None]
         body = render(response_id, int(time.time()), model, choices, _usage(gens, prompts),

@@ -159,8 +159,9 @@ class ChoiceLogprobs:
             text, _ = self._text(token_id)
             tokens.append(text)
             offsets.append(self._offset)
-            self._offset += len(self._tokenizer.token_bytes(token_id).decode(
-                "utf-8", errors="replace")) if self._as_ids else len(text)
+            # Offsets count the text, whatever names the token.
+            self._offset += len(token_name(self._tokenizer, token_id, False)[0]
+                                if self._as_ids else text)
             if lp is None:
                 values.append(None)
                 tops.append(None)
