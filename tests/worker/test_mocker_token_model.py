@@ -109,14 +109,16 @@ def test_logit_bias_picks_the_most_likely_token_after_the_bias() -> None:
     named = model.scored(state, drawn, drawn, 3)
     assert named.rank == 1 and named.top_ids[0] == drawn
     none: frozenset[int] = frozenset()
-    assert model.biased(state, drawn, {}, none) == drawn
+    assert model.biased(state, drawn, {}, none)[0] == drawn
     second, gap = named.top_ids[1], named.top_logprobs[0] - named.top_logprobs[1]
-    assert model.biased(state, drawn, {second: gap - 0.01}, none) == drawn
-    assert model.biased(state, drawn, {second: gap + 0.01}, none) == second
-    assert model.biased(state, drawn, {drawn: -100.0}, none) == second
+    assert model.biased(state, drawn, {second: gap - 0.01}, none)[0] == drawn
+    assert model.biased(state, drawn, {second: gap + 0.01}, none)[0] == second
+    assert model.biased(state, drawn, {drawn: -100.0}, none)[0] == second
     unnamed = next(t for t in range(32, 127) if model.scored(state, drawn, t, 0).rank > 21)
-    assert model.biased(state, drawn, {unnamed: 100.0}, none) == unnamed
-    assert model.biased(state, drawn, {7: 100.0}, none) == 7  # outside the drawn range too
-    assert model.biased(state, drawn, {unnamed: 100.0}, frozenset((unnamed,))) == drawn
+    assert model.biased(state, drawn, {unnamed: 100.0}, none)[0] == unnamed
+    assert model.biased(state, drawn, {7: 100.0}, none)[0] == 7  # outside the drawn range too
+    assert model.biased(state, drawn, {unnamed: 100.0}, frozenset((unnamed,)))[0] == drawn
     # Its logprob stays the model's own, before the bias.
     assert model.scored(state, drawn, second, 0).logprob == named.top_logprobs[1]
+    assert model.biased(state, drawn, {second: gap + 0.01}, none, 2) == (
+        second, model.scored(state, drawn, second, 2))

@@ -314,12 +314,13 @@ class Scheduler:
                 tok = draw(seq.state, False, seq.banned)
             else:
                 tok = draw(seq.state, seq.eos_ok, None)
-            if seq.bias is not None:
-                drawn = tok
-                tok = self.model.biased(seq.state, drawn, seq.bias, seq.unbiasable_early
-                                        if gen < seq.min_tokens else seq.unbiasable)
-                if seq.logprobs >= 0:  # as vLLM reports them: before the bias
-                    logprob = self.model.scored(seq.state, drawn, tok, seq.logprobs)
+            if seq.bias is not None:  # logprobs as vLLM reports them: before the bias
+                tok, biased_logprob = self.model.biased(
+                    seq.state, tok, seq.bias,
+                    seq.unbiasable_early if gen < seq.min_tokens else seq.unbiasable,
+                    seq.logprobs)
+                if biased_logprob is not None:
+                    logprob = biased_logprob
             elif seq.logprobs >= 0:
                 logprob = self.model.logprobs(seq.state, tok, seq.logprobs)
             seq.tokens.append(tok)

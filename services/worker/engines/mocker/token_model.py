@@ -44,6 +44,17 @@ def absorb_all(tokens: Iterable[int], state: int = EMPTY_STATE) -> int:
     return state
 
 
+def _scored(full: TokenLogprob, rest: float, token: int, top: int) -> TokenLogprob:
+    """`token` in a distribution (`TokenModel._distribution`): its value, its rank, and the
+    `top` most likely."""
+    try:
+        rank = full.top_ids.index(token) + 1
+        value = full.top_logprobs[rank - 1]
+    except ValueError:  # unnamed: all tie, below every named one
+        value, rank = rest, len(full.top_ids) + 1
+    return TokenLogprob(value, full.top_ids[:top], full.top_logprobs[:top], rank)
+
+
 def _finalise(x: int) -> int:
     # splitmix64's finaliser: spreads every state bit over the whole word.
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
@@ -132,18 +143,13 @@ class TokenModel:
     def scored(self, state: int, drawn: int, token: int, top: int) -> TokenLogprob:
         """`token`'s logprob and rank at `state` (where `drawn` is the most likely), with the
         `top` most likely tokens there. The same whatever `top` is."""
-        full, rest = self._distribution(state, drawn)
-        try:
-            rank = full.top_ids.index(token) + 1
-            value = full.top_logprobs[rank - 1]
-        except ValueError:  # unnamed: all tie, below every named one
-            value, rank = rest, len(full.top_ids) + 1
-        return TokenLogprob(value, full.top_ids[:top], full.top_logprobs[:top], rank)
+        return _scored(*self._distribution(state, drawn), token, top)
 
-    def biased(self, state: int, drawn: int, bias: dict[int, float],
-               excluded: frozenset[int]) -> int:
+    def biased(self, state: int, drawn: int, bias: dict[int, float], excluded: frozenset[int],
+               top: int = -1) -> tuple[int, TokenLogprob | None]:
         """The most likely token at `state` once `bias` is added to the logits (OpenAI's
-        `logit_bias`), never one of `excluded`; `drawn` is the one `draw` chose there."""
+        `logit_bias`), never one of `excluded`; `drawn` is the one `draw` chose there. With
+        `top` >= 0, also that token `scored` (its logprob the model's own, before the bias)."""
         full, rest = self._distribution(state, drawn)
         best, best_score = drawn, -math.inf
         for token, value in zip(full.top_ids, full.top_logprobs, strict=True):
@@ -154,7 +160,7 @@ class TokenModel:
         for token, shift in bias.items():
             if rest + shift > best_score and token not in excluded and token not in named:
                 best, best_score = token, rest + shift
-        return best
+        return best, _scored(full, rest, best, top) if top >= 0 else None
 
     def prompt_logprobs(self, tokens: list[int], top: int) -> list[TokenLogprob]:
         """Each of `tokens` after the first as `scored` at its position: what this model would
