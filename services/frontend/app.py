@@ -837,14 +837,16 @@ class FrontendApp:
         assert handler is not None
         watcher = asyncio.create_task(self._watch_disconnect(receive, gens, handler))
         status = 500
+        # A streamed response's encoder, kept to end its stream in its own terms on a crash.
+        api_encoder: responses_api.ResponsesStreamEncoder | None = None
         try:
             response_id = ("chatcmpl-" if endpoint == CHAT else "cmpl-") + request_id
             shell = None if api_request is None else responses_api.ResponseShell(
                 api_request, request_id, model)
             if stream and shell is not None:
                 assert isinstance(opened, ChunkStream)  # one prompt, one choice
-                status = await self._stream(send, gens[0], opened,
-                                            responses_api.ResponsesStreamEncoder(shell),
+                api_encoder = responses_api.ResponsesStreamEncoder(shell)
+                status = await self._stream(send, gens[0], opened, api_encoder,
                                             len(prompts[0][0]), request_id)
             elif stream:
                 include_usage = protocol.wants_usage_in_stream(body)
@@ -886,7 +888,8 @@ class FrontendApp:
                 try:
                     if gens[0].response_started:
                         await send({"type": "http.response.body", "more_body": False,
-                                    "body": responses.sse_error(error) + responses.DONE})
+                                    "body": responses.sse_error(error) + responses.DONE
+                                    if api_encoder is None else api_encoder.failure(error)})
                     else:
                         await _send_bytes(send, 500, error.body())
                 except Exception:
@@ -973,7 +976,7 @@ class FrontendApp:
                 gen.done = True
                 if text:
                     out.append(encoder.delta(text, gen.fields_with(text)))
-                out += (responses.sse_error(gen.error), responses.DONE)
+                out.append(encoder.failure(gen.error))
                 await send({"type": "http.response.body", "more_body": False,
                             "body": b"".join(out)})
                 return gen.error.status
@@ -1030,7 +1033,7 @@ class FrontendApp:
                         return gen.error.status
                     if text:
                         out.append(encoders[index].delta(text, logprobs))
-                    out += (responses.sse_error(gen.error), responses.DONE)
+                    out.append(encoders[index].failure(gen.error))
                     await send({"type": "http.response.body", "more_body": False,
                                 "body": b"".join(out)})
                     return gen.error.status

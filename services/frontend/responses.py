@@ -273,6 +273,10 @@ class ChatStreamEncoder:
         parts.append(DONE)
         return b"".join(parts)
 
+    def failure(self, error: ApiError) -> bytes:
+        """The end of a stream that failed after it started: the error event, [DONE]."""
+        return sse_error(error) + DONE
+
     def _chunk(self, delta: bytes, finish_reason: bytes, logprobs: bytes = NULL) -> bytes:
         return b"".join((self._choice_head, delta, b',"logprobs":', logprobs,
                          b',"finish_reason":', finish_reason, b"}]", self._end()))
@@ -333,3 +337,7 @@ class CompletionStreamEncoder:
             parts.append(self.usage(usage_))
         parts.append(DONE)
         return b"".join(parts)
+
+    def failure(self, error: ApiError) -> bytes:
+        """The end of a stream that failed after it started: the error event, [DONE]."""
+        return sse_error(error) + DONE

@@ -123,6 +123,21 @@ class ResponseShell:
             out["completed_at"] = int(time.time())
         return out
 
+    def failed(self, text: str, error: ApiError) -> dict[str, Any]:
+        """The response object of a stream that failed part-way: what it had written, its
+        message left incomplete, and the error in OpenAI's codes."""
+        out = dict(self._fields)
+        item = self.message(text, "length")  # the item's "incomplete" status
+        out.update(status="failed", output=[item],
+                   error={"code": _failure_code(error.status), "message": error.message})
+        return out
+
+
+def _failure_code(status: int) -> str:
+    if status == 429:
+        return "rate_limit_exceeded"
+    return "invalid_prompt" if 400 <= status < 500 else "server_error"
+
 
 def _item_status(finish: str | None) -> str:
     return "incomplete" if finish == "length" else "completed"
@@ -303,6 +318,13 @@ class ResponsesStreamEncoder:
                         else "response.completed", response=done),
             DONE)  # as the other endpoints end their streams (clients stop on it)
         return b"".join(events)
+
+
+    def failure(self, error: ApiError) -> bytes:
+        """The end of a stream that failed after it started: `response.failed` with the
+        text so far, then [DONE] as `closing` ends."""
+        failed = self._shell.failed("".join(self._parts), error)
+        return self._event("response.failed", response=failed) + DONE
 
 
 def response_body(shell: ResponseShell, text: str, finish: str, usage: Usage) -> bytes:

@@ -478,6 +478,33 @@ def test_upstream_error_mid_stream_is_an_event(stack: Stack) -> None:
                                                     stream=True))
 
 
+def test_a_response_failing_mid_stream_ends_with_response_failed(stack: Stack) -> None:
+    """The Responses API's own end of a failed stream: `response.failed` carrying the text so
+    far and the error, as the openai client's event types read it."""
+    stack.script(error_at_chunk=5, error_code=500, delay_s=0.002)
+    with httpx.stream("POST", stack.url + "/v1/responses", timeout=TIMEOUT, json={
+            "model": "tiny", "input": "Zen", "stream": True}) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    failed = events[-1]
+    validate("ResponseFailedEvent", failed)
+    assert failed["type"] == "response.failed"
+    assert failed["response"]["status"] == "failed"
+    assert failed["response"]["error"] == {"code": "server_error",
+                                           "message": "engine exploded"}
+    text = stack.tokenizer.decode(stack.reply_ids[:5])
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") \
+        == text
+    item = failed["response"]["output"][0]
+    assert item["status"] == "incomplete" and item["content"][0]["text"] == text
+    kinds = [event.type for event in stack.client().responses.create(
+        model="tiny", input="Zen", stream=True)]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.failed"
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_include_stop_str_in_output_keeps_what_stopped_it(stack: Stack, stream: bool) -> None:
     """vLLM's `include_stop_str_in_output`: the stop string that ended the text stays in it, as
