@@ -844,8 +844,10 @@ class FrontendApp:
             shell = None if api_request is None else responses_api.ResponseShell(
                 api_request, request_id, model)
             if stream and shell is not None:
-                assert isinstance(opened, ChunkStream)  # one prompt, one choice
-                api_encoder = responses_api.ResponsesStreamEncoder(shell)
+                # One prompt, one choice.
+                assert isinstance(opened, ChunkStream) and api_request is not None
+                api_encoder = responses_api.ResponsesStreamEncoder(
+                    shell, responses_api.wants_obfuscation(api_request))
                 status = await self._stream(send, gens[0], opened, api_encoder,
                                             len(prompts[0][0]), request_id)
             elif stream:
@@ -856,13 +858,14 @@ class FrontendApp:
                 token_ids = bool(body.return_token_ids)
                 per_prompt = body.n or 1
                 running = protocol.wants_running_usage(body)
+                obfuscate = protocol.wants_obfuscation(body)
                 encoders = [encoder_type(
                     response_id, created, model, include_usage, i, token_ids,
                     # The prompt's ids: chat's once, at the top; each completion's its own.
                     prompts[i // per_prompt][0] if token_ids and (endpoint != CHAT or not i)
                     else None,
                     functools.partial(gens[i].usage, len(prompts[i // per_prompt][0]))
-                    if running else None) for i in range(len(gens))]
+                    if running else None, obfuscate) for i in range(len(gens))]
                 if isinstance(opened, ChunkStream):
                     status = await self._stream(send, gens[0], opened, encoders[0],
                                                 len(prompts[0][0]), request_id)

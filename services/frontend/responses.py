@@ -10,6 +10,8 @@ Does not own HTTP or generation.
 
 from __future__ import annotations
 
+import random
+import string
 from collections.abc import Callable
 from typing import Final
 
@@ -186,6 +188,22 @@ def sse_error(error: ApiError) -> bytes:
 RunningUsage = Callable[[], Usage]
 
 
+# OpenAI's `stream_options.include_obfuscation`: a text-carrying event is padded to a multiple of
+# this many bytes, so its size no longer tells how long its tokens are (a side channel on
+# encrypted streams).
+_PAD_TO: Final = 32
+_ALNUM: Final = string.ascii_letters + string.digits
+_OBFUSCATION: Final = b',"obfuscation":"'
+
+
+def obfuscated(event: bytes, end: bytes) -> bytes:
+    """`event`, a JSON object still open, then an `obfuscation` field of random alphanumerics
+    that brings the whole to a multiple of `_PAD_TO` bytes, then `end`, which closes it."""
+    size = len(event) + len(_OBFUSCATION) + 1 + len(end)
+    pad = "".join(random.choices(_ALNUM, k=-size % _PAD_TO or _PAD_TO)).encode()
+    return b"".join((event, _OBFUSCATION, pad, b'"', end))
+
+
 def _usage_end(usage_: Usage, opening: bool) -> bytes:
     """A chunk's `"usage"` and end; an opening chunk, which shows no token, counts none (it
     may leave after the first tokens came)."""
@@ -205,16 +223,17 @@ def _head(response_id: str, obj: str, created: int, model: str) -> bytes:
 class ChatStreamEncoder:
     """SSE events of one choice (`index`) of a streamed chat completion."""
 
-    __slots__ = ("_choice_head", "_content_head", "_content_tail", "_head", "_opening_head",
-                 "_running", "_tail", "include_usage", "token_ids")
+    __slots__ = ("_choice_head", "_content_head", "_content_tail", "_head", "_obfuscate",
+                 "_opening_head", "_running", "_tail", "include_usage", "token_ids")
 
     def __init__(self, response_id: str, created: int, model: str, include_usage: bool,
                  index: int = 0, token_ids: bool = False,
                  prompt_ids: list[int] | None = None,
-                 running_usage: RunningUsage | None = None) -> None:
+                 running_usage: RunningUsage | None = None, obfuscate: bool = False) -> None:
         """`token_ids`: vLLM's `return_token_ids` (the events' ids come in their `logprobs`
         bytes); `prompt_ids`, the prompt's, go at the top of this choice's opening chunk;
-        `running_usage`: vLLM's `continuous_usage_stats`, the usage so far in every chunk."""
+        `running_usage`: vLLM's `continuous_usage_stats`, the usage so far in every chunk;
+        `obfuscate`: OpenAI's `include_obfuscation`, every chunk with text padded."""
         self._head = _head(response_id, "chat.completion.chunk", created, model)
         self._choice_head = b'%s"choices":[{"index":%d,"delta":' % (self._head, index)
         self._opening_head = self._choice_head if prompt_ids is None else b"".join((
@@ -227,6 +246,7 @@ class ChatStreamEncoder:
         self._content_tail = b'},"logprobs":null,"finish_reason":null}]' + self._tail
         self.include_usage = include_usage
         self._running = running_usage
+        self._obfuscate = obfuscate
 
     def _end(self, opening: bool = False) -> bytes:
         """A chunk's end: its usage field, when there is one, then the event's end."""
@@ -241,10 +261,11 @@ class ChatStreamEncoder:
                          b',"finish_reason":null}]', self._end(opening=True)))
 
     def content(self, text: str, logprobs: bytes = NULL) -> bytes:
-        if logprobs is NULL and self._running is None:
+        if logprobs is NULL and self._running is None and not self._obfuscate:
             return b"".join((self._content_head, _encode(text), self._content_tail))
-        return b"".join((self._content_head, _encode(text), b'},"logprobs":', logprobs,
-                         b',"finish_reason":null}]', self._end()))
+        event = b"".join((self._content_head, _encode(text), b'},"logprobs":', logprobs,
+                          b',"finish_reason":null}]'))
+        return obfuscated(event, self._end()) if self._obfuscate else event + self._end()
 
     def finish(self, finish_reason: str, logprobs: bytes = NULL) -> bytes:
         return self._chunk(b"{}", _encode(finish_reason), logprobs)
@@ -286,19 +307,22 @@ class CompletionStreamEncoder:
     """SSE events of one choice (`index`) of a streamed text completion (each a
     `text_completion` object)."""
 
-    __slots__ = ("_head", "_opening_head", "_running", "_text_head", "include_usage")
+    __slots__ = ("_head", "_obfuscate", "_opening_head", "_running", "_text_head",
+                 "include_usage")
 
     def __init__(self, response_id: str, created: int, model: str, include_usage: bool,
                  index: int = 0, token_ids: bool = False,
                  prompt_ids: list[int] | None = None,
-                 running_usage: RunningUsage | None = None) -> None:
+                 running_usage: RunningUsage | None = None, obfuscate: bool = False) -> None:
         """`token_ids`: vLLM's `return_token_ids` (the events' ids come in their `logprobs`
         bytes); `prompt_ids`, this choice's prompt's, go in an opening event of no text;
-        `running_usage`: vLLM's `continuous_usage_stats`, the usage so far in every event."""
+        `running_usage`: vLLM's `continuous_usage_stats`, the usage so far in every event;
+        `obfuscate`: OpenAI's `include_obfuscation`, every event with text padded."""
         self._head = _head(response_id, "text_completion", created, model)
         self._text_head = b'%s"choices":[{"index":%d,"text":' % (self._head, index)
         self.include_usage = include_usage
         self._running = running_usage
+        self._obfuscate = obfuscate
         self._opening_head = b"" if not token_ids else b"".join((
             self._head, b'"choices":[{"index":%d,"prompt_token_ids":' % index,
             _encode(prompt_ids or []), b',"text":"","logprobs":', NO_TOKENS,
@@ -310,11 +334,15 @@ class CompletionStreamEncoder:
         return _usage_end(self._running(), opening)
 
     def text(self, text: str, finish_reason: str | None = None, logprobs: bytes = NULL) -> bytes:
-        if finish_reason is None and logprobs is NULL and self._running is None:
+        if (finish_reason is None and logprobs is NULL and self._running is None
+                and not self._obfuscate):
             return b"".join((self._text_head, _encode(text), _TEXT_TAIL))
         reason = b"null" if finish_reason is None else _encode(finish_reason)
-        return b"".join((self._text_head, _encode(text), b',"logprobs":', logprobs,
-                         b',"finish_reason":', reason, b"}]", self._end()))
+        event = b"".join((self._text_head, _encode(text), b',"logprobs":', logprobs,
+                          b',"finish_reason":', reason, b"}]"))
+        if self._obfuscate and text:
+            return obfuscated(event, self._end())
+        return event + self._end()
 
     def usage(self, usage_: Usage) -> bytes:
         return b"".join((self._head, b'"choices":[],"usage":', _encode(usage_), b"}\n\n"))

@@ -19,7 +19,7 @@ from msgspec import Meta
 from services.frontend import protocol
 from services.frontend.errors import ApiError, invalid, unsupported
 from services.frontend.protocol import ChatCompletionRequest
-from services.frontend.responses import DONE, Usage
+from services.frontend.responses import DONE, Usage, obfuscated
 
 _encode = msgspec.json.encode
 # Chat's names for what a Responses request calls otherwise (in errors raised after translation).
@@ -190,6 +190,13 @@ def renamed(error: ApiError) -> ApiError:
     return error
 
 
+def wants_obfuscation(request: ResponsesRequest) -> bool:
+    """`stream_options.include_obfuscation` asked for in so many words (off by default, as
+    chat's)."""
+    options = request.stream_options
+    return options is not None and options.include_obfuscation is True
+
+
 def _refuse_unsupported(request: ResponsesRequest) -> None:
     if request.store:
         raise unsupported("store", "responses are not stored; send store: false")
@@ -276,17 +283,22 @@ class ResponsesStreamEncoder:
     chat and completion stream encoders have them for one choice (its usage goes in the final
     event)."""
 
-    __slots__ = ("_parts", "_sequence", "_shell")
+    __slots__ = ("_obfuscate", "_parts", "_sequence", "_shell")
 
-    def __init__(self, shell: ResponseShell) -> None:
+    def __init__(self, shell: ResponseShell, obfuscate: bool = False) -> None:
+        """`obfuscate`: `stream_options.include_obfuscation`, every text delta padded."""
         self._shell = shell
         self._parts: list[str] = []
         self._sequence = 0
+        self._obfuscate = obfuscate
 
-    def _event(self, kind: str, **fields: Any) -> bytes:
+    def _event(self, kind: str, padded: bool = False, **fields: Any) -> bytes:
         fields = {"type": kind, "sequence_number": self._sequence, **fields}
         self._sequence += 1
-        return b"event: %s\ndata: %s\n\n" % (kind.encode(), _encode(fields))
+        data = _encode(fields)
+        if padded:
+            data = obfuscated(data[:-1], b"}")
+        return b"event: %s\ndata: %s\n\n" % (kind.encode(), data)
 
     def _item(self) -> dict[str, Any]:
         return {"item_id": self._shell.item_id, "output_index": 0, "content_index": 0}
@@ -302,7 +314,8 @@ class ResponsesStreamEncoder:
 
     def delta(self, text: str, logprobs: bytes = b"null") -> bytes:
         self._parts.append(text)
-        return self._event("response.output_text.delta", delta=text, logprobs=[], **self._item())
+        return self._event("response.output_text.delta", self._obfuscate, delta=text, logprobs=[],
+                           **self._item())
 
     def closing(self, text: str, finish_reason: str, usage_: Usage,
                 logprobs: bytes = b"null") -> bytes:

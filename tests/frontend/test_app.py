@@ -202,6 +202,62 @@ def test_completions_whole_and_streamed(stack: Stack) -> None:
     assert stack.fake.opened[-1].token_ids == prompt  # token-id prompts go through untouched
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses"])
+def test_include_obfuscation_pads_every_text_event(stack: Stack, path: str) -> None:
+    """OpenAI's `stream_options.include_obfuscation`: asked for, every event with text carries
+    random alphanumerics in `obfuscation` that bring its size to a multiple of 32 bytes, so
+    sizes say nothing of token lengths; the text is the same. Not asked (as vLLM), none."""
+    body: dict[str, Any] = {"model": "tiny", "stream": True, "max_tokens": 300}
+    if path == "/v1/chat/completions":
+        body["messages"] = MESSAGES
+    elif path == "/v1/completions":
+        body["prompt"] = "Zen"
+    else:
+        body.update(input="Zen", max_output_tokens=body.pop("max_tokens"))
+
+    def stream(options: dict[str, Any] | None) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
+        stack.script(delay_s=0.002)
+        sent = body if options is None else {**body, "stream_options": options}
+        with httpx.stream("POST", stack.url + path, timeout=TIMEOUT, json=sent) as response:
+            assert response.status_code == 200
+            lines = [line for line in response.iter_lines() if line.startswith("data: {")]
+        events = [(len(line.encode()), json.loads(line[len("data: "):])) for line in lines]
+        text = ""
+        for _, event in events:
+            if path == "/v1/responses":
+                text += event.get("delta", "") if event["type"].endswith(".delta") else ""
+            elif event["choices"]:
+                choice = event["choices"][0]
+                text += choice.get("text") or choice.get("delta", {}).get("content") or ""
+        return text, events
+
+    plain_text, plain = stream(None)
+    assert not any("obfuscation" in event for _, event in plain)
+    assert not any("obfuscation" in event for _, event in stream({"include_obfuscation": False})[1])
+    text, events = stream({"include_obfuscation": True})
+    assert text == plain_text and len(text) > 20
+    padded = [(size, event) for size, event in events if "obfuscation" in event]
+    assert len(padded) > 10
+    for size, event in padded:
+        pad = event["obfuscation"]
+        assert pad.isascii() and pad.isalnum() and 1 <= len(pad) <= 32
+        # The chat and completion events are padded whole (`data: ` and the blank line after
+        # it included), a Responses event's JSON alone (its `event:` line is constant).
+        whole = size + 2 if path != "/v1/responses" else size - len("data: ")
+        assert whole % 32 == 0, (whole, event)
+        text_here = event.get("delta") if path == "/v1/responses" else (
+            event["choices"][0].get("text") or event["choices"][0]["delta"].get("content"))
+        assert text_here
+    assert len({len(event["obfuscation"]) for _, event in padded}) > 1
+    if path == "/v1/chat/completions":
+        chunks = list(stack.client().chat.completions.create(
+            model="tiny", messages=MESSAGES, stream=True,
+            stream_options={"include_obfuscation": True}))
+        assert all(c.obfuscation for c in chunks if c.choices and c.choices[0].delta.content)
+        for chunk in chunks:
+            validate("CreateChatCompletionStreamResponse", chunk.to_dict())
+
+
 def test_completions_default_max_tokens_is_16(stack: Stack) -> None:
     done = stack.client().completions.create(model="tiny", prompt="Zen")
     assert stack.fake.opened[-1].sampling.max_tokens == 16
