@@ -99,7 +99,7 @@ class Generation:
         self.request_id = request_id
         self.detokenizer = tokenizer.new_detokenizer(skip_special)
         self.logprobs = logprobs  # None: not asked for
-        self.echo = ""  # a completion's prompt text, when `echo` asks for it first
+        self.echo = ""  # what `echo` puts first: a completion's prompt, chat's last message
         self.echo_ids: list[int] | None = None  # and its tokens, when logprobs are asked too
         self.prompt_only = False  # echo with max_tokens 0: the engine's one token is not shown
         self.prompt_logprobs: PromptLogprobs | None = None  # vLLM's, when asked for
@@ -592,8 +592,13 @@ class FrontendApp:
     async def _echoes(self, endpoint: str, body: Any,
                       prompts: list[tuple[list[int], list[ImageInput]]]) -> list[str] | None:
         """`echo`: each prompt's text, which its completions start with (and, with logprobs,
-        its tokens' logprobs: `SamplingParams.prompt_logprobs`); None without `echo`."""
-        if endpoint != COMPLETIONS or not body.echo:
+        its tokens' logprobs: `SamplingParams.prompt_logprobs`); on chat, the last message's
+        text when it is the assistant's; None without `echo` or such a message."""
+        if endpoint == CHAT:
+            echoed = protocol.chat_echo(body) if isinstance(
+                body, protocol.ChatCompletionRequest) else ""
+            return [echoed] if echoed else None
+        if not body.echo:
             return None
         return [await self._tokenize(self.tokenizer.decode, ids, chars=len(ids) * 4)
                 for ids, _ in prompts]
@@ -825,9 +830,10 @@ class FrontendApp:
             per_prompt = body.n or 1
             for i, gen in enumerate(gens):
                 gen.echo = echoes[i // per_prompt]
-                gen.prompt_only = body.max_tokens == 0
-                if gen.logprobs is not None:
-                    gen.echo_ids = requests[i].token_ids
+                if kind == COMPLETIONS:  # a prompt echoed is scored, and may be all there is
+                    gen.prompt_only = body.max_tokens == 0
+                    if gen.logprobs is not None:
+                        gen.echo_ids = requests[i].token_ids
         request_id = requests[0].request_id
         per_model = self.metrics.model(model)
         per_model.active.inc()

@@ -223,6 +223,8 @@ class ChatCompletionRequest(_Extensions, kw_only=True):
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's: the reply starts with the last message's text when that is the assistant's.
+    echo: bool | None = None
 
 
 class CompletionRequest(_Extensions, kw_only=True):
@@ -766,6 +768,18 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, prompt_len:
 def wants_usage_in_stream(body: ChatCompletionRequest | CompletionRequest) -> bool:
     options = body.stream_options
     return bool(options is not None and options.include_usage)
+
+
+def chat_echo(body: ChatCompletionRequest) -> str:
+    """vLLM's chat `echo`: the text the reply starts with, the last message's when it is the
+    assistant's (as with `continue_final_message`; its text parts joined by newlines, as vLLM
+    does); "" when there is none."""
+    last = body.messages[-1]
+    if not body.echo or not isinstance(last, AssistantMessage) or last.content is None:
+        return ""
+    if isinstance(last.content, str):
+        return last.content
+    return "\n".join(part.text for part in last.content if isinstance(part, TextPart))
 
 
 def wants_obfuscation(body: ChatCompletionRequest | CompletionRequest) -> bool:

@@ -6,6 +6,7 @@ import json
 import math
 import signal
 import time
+from typing import Any
 
 import httpx
 import msgspec
@@ -366,6 +367,32 @@ def test_logprobs_through_the_stack(deployment: Deployment) -> None:
         tail = slp.token_logprobs[len(context):-1]
         assert len(tail) == len(continuation) and all(v is not None and v < 0 for v in tail)
         assert all(top is not None and len(top) == 1 for top in slp.top_logprobs[1:])
+
+
+def test_chat_echo_through_the_stack(deployment: Deployment) -> None:
+    """vLLM's chat `echo`: every choice starts with the assistant's unfinished message, then
+    the same text the request writes without echo; logprobs and usage cover only the latter."""
+    deployment.start(workers=1, worker_args=FAST)
+    oai = client(deployment)
+    messages = [{"role": "user", "content": "Go on."},
+                {"role": "assistant", "content": "Once upon a time"}]
+    asked: dict[str, Any] = {"model": "mock", "messages": messages, "max_tokens": 12,
+                             "logprobs": True}
+    body = {"ignore_eos": True, "continue_final_message": True, "add_generation_prompt": False}
+    plain = oai.chat.completions.create(**asked, extra_body=body).choices[0].message.content
+    echoed = oai.chat.completions.create(**asked, n=2, extra_body={**body, "echo": True})
+    validate("CreateChatCompletionResponse", echoed.model_dump(mode="json", exclude_unset=True))
+    assert echoed.usage is not None and echoed.usage.completion_tokens == 24
+    for choice in echoed.choices:
+        assert choice.message.content == "Once upon a time" + plain
+        assert choice.logprobs is not None and choice.logprobs.content is not None
+        assert "".join(entry.token for entry in choice.logprobs.content) == plain
+    streamed = "".join(
+        chunk.choices[0].delta.content or ""
+        for chunk in oai.chat.completions.create(**asked, stream=True,
+                                                 extra_body={**body, "echo": True})
+        if chunk.choices)
+    assert streamed == "Once upon a time" + plain
 
 
 def test_logit_bias_through_the_stack(deployment: Deployment) -> None:

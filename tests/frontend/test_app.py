@@ -258,6 +258,41 @@ def test_include_obfuscation_pads_every_text_event(stack: Stack, path: str) -> N
             validate("CreateChatCompletionStreamResponse", chunk.to_dict())
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_echo_starts_the_reply_with_the_assistants_last_message(stack: Stack,
+                                                                     stream: bool) -> None:
+    """vLLM's chat `echo`: with the conversation ending in the assistant's own start (and
+    `continue_final_message`), the reply is that start and then what the model wrote; usage
+    counts only what it wrote; a conversation ending with the user's turn echoes nothing."""
+    client = stack.client()
+    start = "Beautiful is better"
+
+    def reply(messages: list[dict[str, Any]], **extra: Any) -> tuple[str, Any]:
+        stack.script(delay_s=0.001)
+        kwargs: dict[str, Any] = {"model": "tiny", "messages": messages, "stream": stream,
+                                  "extra_body": {"echo": True, **extra}}
+        if not stream:
+            out = client.chat.completions.create(**kwargs)
+            validate("CreateChatCompletionResponse", out.to_dict())
+            return out.choices[0].message.content or "", out
+        chunks = list(client.chat.completions.create(
+            **kwargs, stream_options={"include_usage": True}))
+        for chunk in chunks:
+            validate("CreateChatCompletionStreamResponse", chunk.to_dict())
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1]
+
+    continued = [*MESSAGES, {"role": "assistant", "content": start}]
+    text, last = reply(continued, continue_final_message=True, add_generation_prompt=False)
+    assert text == start + REPLY
+    assert last.usage.completion_tokens == len(stack.reply_ids) + 1
+    parts = [*MESSAGES, {"role": "assistant", "content": [{"type": "text", "text": "a"},
+                                                          {"type": "text", "text": "b"}]}]
+    text, _ = reply(parts, continue_final_message=True, add_generation_prompt=False)
+    assert text == "a\nb" + REPLY
+    text, _ = reply(MESSAGES)
+    assert text == REPLY
+
+
 def test_completions_default_max_tokens_is_16(stack: Stack) -> None:
     done = stack.client().completions.create(model="tiny", prompt="Zen")
     assert stack.fake.opened[-1].sampling.max_tokens == 16
