@@ -78,6 +78,9 @@ class SamplingParams(Wire):
     # OpenAI's logit_bias: added to these tokens' logits before sampling (-100 bans one, 100
     # all but forces it).
     logit_bias: dict[int, float] = {}
+    # vLLM's bad_words, as token sequences: the last token of one is never drawn right after
+    # the output so far ends with the ones before it.
+    bad_words: list[list[int]] = []
 
 
 class TokenLogprob(Wire):

@@ -589,6 +589,15 @@ class FrontendApp:
         except ChatTemplateError as exc:
             raise invalid(str(exc), "messages", "invalid_chat_template") from None
 
+    async def _bad_words(self, body: Any) -> list[list[int]]:
+        """vLLM's `bad_words` as token sequences ([] when none)."""
+        words = body.bad_words
+        if not words:
+            return []
+        encode = functools.partial(self.tokenizer.encode, add_special_tokens=False)
+        return await self._tokenize(protocol.bad_words_ids, words, encode,
+                                    chars=2 * sum(map(len, words)))
+
     async def _echoes(self, endpoint: str, body: Any,
                       prompts: list[tuple[list[int], list[ImageInput]]]) -> list[str] | None:
         """`echo`: each prompt's text, which its completions start with (and, with logprobs,
@@ -728,7 +737,8 @@ class FrontendApp:
         return out
 
     def _requests(self, scope: Scope, body: Any, upstream_model: str,
-                  prompts: list[tuple[list[int], list[ImageInput]]]) -> list[GenerateRequest]:
+                  prompts: list[tuple[list[int], list[ImageInput]]],
+                  bad_words: list[list[int]]) -> list[GenerateRequest]:
         """One `GenerateRequest` per completion asked for: each prompt n times, in the order of
         the choices' indexes (prompt i's j-th at i * n + j, as vLLM numbers them)."""
         n = body.n or 1
@@ -738,7 +748,7 @@ class FrontendApp:
         requests = []
         for ids, images in prompts:
             sampling = protocol.sampling_params(body, len(ids), context,
-                                                self.tokenizer.vocab_size, source)
+                                                self.tokenizer.vocab_size, source, bad_words)
             cap_tokens(body, len(ids), sampling, self.max_prompt_tokens, self.max_output_tokens)
             for j in range(n):
                 if j and sampling.seed is not None:
@@ -783,7 +793,8 @@ class FrontendApp:
             kind = CHAT if endpoint == RESPONSES else endpoint  # how its prompt is made
             prompts = protocol.truncate_prompts(body, await self._prompts(kind, body),
                                                 self.context_length(upstream_model))
-            requests = self._requests(scope, body, upstream_model, prompts)
+            requests = self._requests(scope, body, upstream_model, prompts,
+                                      await self._bad_words(body))
             echoes = await self._echoes(kind, body, prompts)
             self._widen_grant(scope, len(requests))
             # The slots come last: a request waiting for them is one that will run.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import re
 import typing
+from collections.abc import Callable
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -48,6 +49,10 @@ Tokens = _json_integer(NonNegative)
 MAX_CHOICES: Final = 128
 # The most tokens one `logit_bias` may name.
 MAX_LOGIT_BIAS: Final = 1024
+# The most token sequences `bad_words` may become (vLLM's VLLM_MAX_NUM_BAD_WORDS default), and
+# the longest word: each is tokenized twice per request.
+MAX_BAD_WORDS: Final = 128
+MAX_BAD_WORD_CHARS: Final = 1000
 Choices = _json_integer(Annotated[int, Meta(ge=1, le=MAX_CHOICES)])
 TopLogprobs = _json_integer(Annotated[int, Meta(ge=0, le=20)])
 BestOf = _json_integer(Annotated[int, Meta(ge=0, le=20)])
@@ -171,6 +176,8 @@ class _Extensions(_Strict):
     truncate_prompt_tokens: Annotated[int, Meta(ge=-1)] | None = None
     # Each prompt token's logprob and rank, with its k most likely alternatives (not streamed).
     prompt_logprobs: Annotated[int, Meta(ge=-1, le=20)] | None = None
+    # Words the output must not contain (`bad_words_ids` says how they become tokens).
+    bad_words: list[str] | None = None
 
 
 # A field typed `X | UnsetType = UNSET` may be left out but not sent as null: the spec does not let
@@ -336,6 +343,8 @@ def too_deep() -> ApiError:
 def _check_common(body: ChatCompletionRequest | CompletionRequest) -> None:
     if body.logit_bias:
         _check_logit_bias(body.logit_bias)
+    if body.bad_words:
+        _check_bad_words(body.bad_words)
     if body.stream_options is not None and not body.stream:
         raise invalid("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                       "stream_options")
@@ -665,6 +674,36 @@ def _check_logit_bias(bias: dict[str, int]) -> None:
                           "[-100, 100]", "logit_bias", "invalid_value")
 
 
+def _check_bad_words(words: list[str]) -> None:
+    if len(words) > MAX_BAD_WORDS:
+        raise invalid(f"Invalid 'bad_words': at most {MAX_BAD_WORDS} words, got {len(words)}",
+                      "bad_words", "invalid_value")
+    for word in words:
+        if not word.strip() or len(word) > MAX_BAD_WORD_CHARS:
+            raise invalid(f"Invalid 'bad_words': {word[:40]!r} is empty or longer than "
+                          f"{MAX_BAD_WORD_CHARS} characters", "bad_words", "invalid_value")
+
+
+def bad_words_ids(words: list[str], encode: Callable[[str], list[int]]) -> list[list[int]]:
+    """vLLM's `bad_words` as token sequences, tokenized as vLLM does it: each word as sent
+    (its leading spaces dropped) and, when that makes a different first token and as many
+    tokens, after a space, so a word is banned at the start of a text and inside it."""
+    out: list[list[int]] = []
+    for word in dict.fromkeys(words):  # vLLM drops repeats
+        bare = encode(word.lstrip())
+        if not bare:
+            raise invalid(f"Invalid 'bad_words': {word[:40]!r} makes no token", "bad_words",
+                          "invalid_value")
+        out.append(bare)
+        spaced = encode(" " + word.lstrip())
+        if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
+            out.append(spaced)
+    if len(out) > MAX_BAD_WORDS:
+        raise invalid(f"Invalid 'bad_words': at most {MAX_BAD_WORDS} token sequences, these "
+                      f"words make {len(out)}", "bad_words", "invalid_value")
+    return out
+
+
 def _logit_bias(body: ChatCompletionRequest | CompletionRequest,
                 vocab_size: int) -> dict[int, float]:
     if not body.logit_bias:
@@ -709,9 +748,11 @@ def logprobs_asked(body: ChatCompletionRequest | CompletionRequest) -> int:
 
 
 def sampling_params(body: ChatCompletionRequest | CompletionRequest, prompt_len: int,
-                    max_model_len: int, vocab_size: int, limit_source: str = "") -> SamplingParams:
+                    max_model_len: int, vocab_size: int, limit_source: str = "",
+                    bad_words: list[list[int]] | None = None) -> SamplingParams:
     """SamplingParams for a validated body whose prompt is `prompt_len` tokens long;
-    `limit_source` says where `max_model_len` comes from and how to raise it (for the error)."""
+    `limit_source` says where `max_model_len` comes from and how to raise it (for the error);
+    `bad_words`: the body's, tokenized (`bad_words_ids`)."""
     prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
     limit = f"{max_model_len} tokens" + (f" ({limit_source})" if limit_source else "")
     if prompt_len >= max_model_len:
@@ -762,6 +803,7 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, prompt_len:
         frequency_penalty=float(body.frequency_penalty or 0.0),
         repetition_penalty=1.0 if body.repetition_penalty is None
         else float(body.repetition_penalty),
+        bad_words=bad_words or [],
     )
 
 

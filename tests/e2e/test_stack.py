@@ -431,6 +431,48 @@ def test_logit_bias_through_the_stack(deployment: Deployment) -> None:
     assert refused.value.body["param"] == "logit_bias"  # type: ignore[index]
 
 
+def test_bad_words_through_the_stack(deployment: Deployment) -> None:
+    """vLLM's bad_words on the mocker (byte tokenizer: a word's tokens are its bytes): a
+    two-letter word never appears, and the text runs as without it up to the letter that would
+    have completed it; a one-letter word bars its letter everywhere, even where logit_bias
+    forces it; the letter that replaces a barred one is scored as the model's own; chat,
+    streamed and whole, and a word that makes no token is a 400."""
+    deployment.start(workers=1, worker_args=FAST)
+    oai = client(deployment)
+
+    def complete(**extra: Any) -> openai.types.Completion:
+        body = {"ignore_eos": True, **extra.pop("extra_body", {})}
+        return oai.completions.create(model="mock", prompt="Once upon a time", max_tokens=40,
+                                      extra_body=body, **extra)
+
+    plain_choice = complete(logprobs=1).choices[0]
+    plain = plain_choice.text
+    word = plain[10:12]
+    at = plain.index(word)
+    barred = complete(extra_body={"bad_words": [word]}).choices[0].text
+    assert len(barred) == 40 and word not in barred
+    assert barred[:at + 1] == plain[:at + 1] and barred[at + 1] != plain[at + 1]
+    # The letter drawn instead is scored where the model ranks it: below the barred one, which
+    # was the most likely there (as vLLM reports logprobs: before the bar).
+    scored = complete(logprobs=1, extra_body={"bad_words": [word]}).choices[0].logprobs
+    before = plain_choice.logprobs
+    assert scored is not None and scored.token_logprobs is not None
+    assert before is not None and before.token_logprobs is not None
+    assert scored.token_logprobs[:at + 1] == before.token_logprobs[:at + 1]
+    assert scored.token_logprobs[at + 1] < math.log(0.5) <= before.token_logprobs[at + 1]
+    streamed = "".join(c.choices[0].text for c in complete(
+        stream=True, extra_body={"bad_words": [word]}) if c.choices)
+    assert streamed == barred
+    assert "A" not in complete(logit_bias={"65": 100},
+                               extra_body={"bad_words": ["A"]}).choices[0].text
+    chat = oai.chat.completions.create(model="mock", messages=[{"role": "user", "content": "x"}],
+                                       max_tokens=30, extra_body={"bad_words": [plain[0], "zq"]})
+    assert chat.choices[0].message.content and plain[0] not in chat.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as refused:
+        complete(extra_body={"bad_words": ["   "]})
+    assert refused.value.body["param"] == "bad_words"  # type: ignore[index]
+
+
 def test_repeated_prompt_reports_cached_tokens(deployment: Deployment) -> None:
     deployment.start(workers=1, worker_args=FAST)
     oai = client(deployment)

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -189,6 +190,34 @@ def test_logit_bias_reaches_vllm(dep: Deployment) -> None:
     greedy = ids({})
     assert ids({"100": 100}) == [100] * 6
     assert ids({str(greedy[0]): -100})[0] != greedy[0]
+
+
+def test_bad_words_reach_vllm(dep: Deployment) -> None:
+    """vLLM's bad_words, tokenized by the frontend: a word bars its token even where
+    logit_bias would force it."""
+    oai, model = client(dep), model_of(dep)
+
+    def post(path: str, body: dict[str, Any]) -> Any:
+        return httpx.post(dep.url + path, json={"model": model, **body}, timeout=30).json()
+
+    for candidate in range(100, 600):  # a token that is a word of its own, no space before it
+        word = post("/detokenize", {"tokens": [candidate]})["prompt"]
+        spelled = post("/tokenize", {"prompt": word, "add_special_tokens": False})["tokens"]
+        if word and word == word.strip() and spelled == [candidate]:
+            break
+    else:
+        pytest.fail("no token of the tiny model's vocabulary is a word alone")
+
+    def ids(**extra: Any) -> list[int]:
+        done = oai.completions.create(
+            model=model, prompt="The quick brown fox", max_tokens=6, temperature=0,
+            logit_bias={str(candidate): 100},
+            extra_body={"ignore_eos": True, "return_token_ids": True, **extra})
+        return done.choices[0].token_ids  # type: ignore[attr-defined,no-any-return]
+
+    assert ids() == [candidate] * 6
+    barred = ids(bad_words=[word])
+    assert len(barred) == 6 and candidate not in barred
 
 
 def test_logprobs_come_from_vllm(dep: Deployment) -> None:

@@ -12,6 +12,7 @@ from services.frontend.chat_template import RenderOptions
 from services.frontend.errors import ApiError
 from services.frontend.protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
+    bad_words_ids,
     chat_messages,
     check_choices,
     completion_prompts,
@@ -114,6 +115,10 @@ CHAT_RULE_INVALID = [
     (chat(logit_bias={"-1": 1}), "logit_bias"),
     (chat(logit_bias={"1": 101}), "logit_bias"),
     (chat(logit_bias={str(i): 1 for i in range(1025)}), "logit_bias"),
+    # vLLM's bad_words: at most 128, none blank or over 1,000 characters.
+    (chat(bad_words=["ok", " "]), "bad_words"),
+    (chat(bad_words=["x" * 1001]), "bad_words"),
+    (chat(bad_words=[f"w{i}" for i in range(129)]), "bad_words"),
 ]
 
 
@@ -467,3 +472,25 @@ def test_logprobs_asked_for_reach_the_sampling_params() -> None:
     # Alternatives without the logprobs they go with: said, not silently dropped.
     error = _error(parse_chat, chat(top_logprobs=3))
     assert (error.status, error.param) == (400, "top_logprobs")
+
+
+def test_bad_words_become_token_sequences_as_vllm_makes_them() -> None:
+    """Each word as sent (leading spaces dropped), and after a space when that is another
+    token sequence of the same length; a repeated word once; too many sequences, or a word that
+    makes no token, is a 400."""
+    vocab = {"Paris": [7], " Paris": [8], "New York": [3, 4], " New York": [9, 4],
+             "ab": [1, 2], " ab": [5, 1, 2], "\u200b": []}
+
+    def encode(text: str) -> list[int]:
+        return vocab[text]
+
+    assert bad_words_ids(["Paris", "New York", "ab", "ab"], encode) == [
+        [7], [8], [3, 4], [9, 4], [1, 2]]
+    assert bad_words_ids(["  Paris"], encode) == [[7], [8]]
+    with pytest.raises(ApiError) as empty:
+        bad_words_ids(["\u200b"], encode)
+    assert empty.value.param == "bad_words"
+    many = {f"w{i}": [i] for i in range(70)} | {f" w{i}": [100 + i] for i in range(70)}
+    with pytest.raises(ApiError) as too_many:
+        bad_words_ids(list(many)[:70], many.__getitem__)
+    assert too_many.value.param == "bad_words" and "140" in too_many.value.message

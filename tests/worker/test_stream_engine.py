@@ -170,6 +170,10 @@ async def test_checks_and_load() -> None:
         engine.add_request(GenerateRequest("v", "m", [5, 1000], SamplingParams(2)))
     with pytest.raises(EngineError, match="logprobs are not supported"):  # said, not dropped
         engine.add_request(GenerateRequest("l", "m", [5, 6], SamplingParams(2, logprobs=1)))
+    for name, refused in (("logit_bias", SamplingParams(2, logit_bias={5: 1.0})),
+                          ("bad_words", SamplingParams(2, bad_words=[[5, 6]]))):
+        with pytest.raises(EngineError, match=f"{name} is not supported"):
+            engine.add_request(GenerateRequest(name, "m", [5, 6], refused))
     engine.add_request(req("a", 10, prompt=6))
     with pytest.raises(EngineError):
         engine.add_request(req("a"))  # duplicate

@@ -128,6 +128,9 @@ class StreamingEngine(Engine):
         if request.sampling.logit_bias:
             raise EngineError(f"logit_bias is not supported on the {self.name} engine; the vllm "
                               f"and mocker engines apply it")
+        if request.sampling.bad_words:
+            raise EngineError(f"bad_words is not supported on the {self.name} engine; the vllm "
+                              f"and mocker engines apply it")
         max_new, min_new = remaining_budget(request)
         tracked = gather.admit(request)
         if max_new <= 0:  # migrated with its whole budget already spent

@@ -143,7 +143,7 @@ def sampling_params(sp: SamplingParams, max_tokens: int, min_tokens: int,
                     kv_transfer_params: dict[str, Any] | None = None) -> VllmSamplingParams:
     """Turnout's sampling parameters as vLLM's, for `max_tokens` more tokens; a disaggregated
     phase's `kv_transfer_params` ride in `extra_args`, where vLLM's connectors read them."""
-    return VllmSamplingParams(
+    params = VllmSamplingParams(
         n=1,
         max_tokens=max_tokens,
         min_tokens=min_tokens,
@@ -166,6 +166,11 @@ def sampling_params(sp: SamplingParams, max_tokens: int, min_tokens: int,
         extra_args=({"kv_transfer_params": kv_transfer_params}
                     if kv_transfer_params is not None else None),
     )
+    if sp.bad_words:
+        # Already tokenized as vLLM tokenizes `bad_words` (by the frontend, whose tokenizer is
+        # the model's): what vLLM's sampler reads, and what it would have made of the words.
+        params._bad_words_token_ids = [list(word) for word in sp.bad_words]
+    return params
 
 
 def token_logprobs(tokens: list[int], positions: Any, top: int) -> list[TokenLogprob]:

@@ -50,6 +50,20 @@ class StepPlan:
         self.kv_used_blocks = kv_used_blocks
 
 
+def _barred(seq: Sequence) -> frozenset[int]:
+    """The tokens `seq`'s bad words bar as its next one: each word's last, where the output so
+    far ends with the rest of it (vLLM's rule: the prompt does not count)."""
+    tokens = seq.tokens
+    output = len(tokens) - seq.num_prompt
+    barred = []
+    assert seq.bad_words is not None
+    for before, last in seq.bad_words:
+        n = len(before)
+        if n == 0 or (n <= output and tokens[-n:] == before):
+            barred.append(last)
+    return frozenset(barred)
+
+
 class Scheduler:
     def __init__(self, pool: KvPool, model: TokenModel, max_num_seqs: int,
                  max_num_batched_tokens: int) -> None:
@@ -314,10 +328,12 @@ class Scheduler:
                 tok = draw(seq.state, False, seq.banned)
             else:
                 tok = draw(seq.state, seq.eos_ok, None)
-            if seq.bias is not None:  # logprobs as vLLM reports them: before the bias
+            barred = _barred(seq) if seq.bad_words is not None else None
+            # Logprobs as vLLM reports them: before the bias or the bar.
+            if seq.bias is not None or (barred and tok in barred):
+                excluded = seq.unbiasable_early if gen < seq.min_tokens else seq.unbiasable
                 tok, biased_logprob = self.model.biased(
-                    seq.state, tok, seq.bias,
-                    seq.unbiasable_early if gen < seq.min_tokens else seq.unbiasable,
+                    seq.state, tok, seq.bias or {}, excluded | barred if barred else excluded,
                     seq.logprobs)
                 if biased_logprob is not None:
                     logprob = biased_logprob

@@ -18,6 +18,7 @@ DONE = 2
 class Sequence:
     __slots__ = (
         "admitted",
+        "bad_words",
         "banned",
         "bias",
         "block_hashes",
@@ -74,6 +75,9 @@ class Sequence:
         self.unbiasable_early = self.banned or frozenset()
         self.unbiasable = frozenset((model.eos_token_id,)) if (
             model.eos_token_id is not None and not self.eos_ok) else frozenset()
+        # vLLM's bad_words: (the tokens before the last, the last) of each.
+        self.bad_words: list[tuple[list[int], int]] | None = [
+            (word[:-1], word[-1]) for word in sp.bad_words if word] or None
         self.state = absorb_all(self.tokens)  # rolling hash of `tokens`
         self.status = WAITING
         self.admitted = False  # admitted at least once (cached_tokens is from the first time)
