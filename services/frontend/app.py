@@ -35,7 +35,7 @@ from services.frontend import protocol, responses, responses_api
 from services.frontend.api_keys import ApiKeys, KeyPolicy
 from services.frontend.chat_template import ChatTemplateError
 from services.frontend.choices import ChoiceStreams
-from services.frontend.errors import ApiError, invalid
+from services.frontend.errors import ApiError, invalid, unsupported
 from services.frontend.images import ChatImages, ImageLimits
 from services.frontend.limits import AdmissionQueue, cap_tokens
 from services.frontend.logprobs import NULL as NULL_LOGPROBS
@@ -44,6 +44,7 @@ from services.frontend.metrics import FrontendMetrics, ModelMetrics
 from services.frontend.quotas import Grant, QuotaExceeded, Quotas, retry_after_headers
 from services.frontend.stop_matcher import StopMatcher
 from services.frontend.tokenizer import INLINE_TOKENIZE_MAX_CHARS, Tokenizer
+from services.frontend.tool_calls import ToolCallText
 from services.frontend.upstream import ChunkStream, NoWorkersError, Upstream
 
 log = logging.getLogger("turnout.frontend")
@@ -90,7 +91,7 @@ class Generation:
                  "error", "finish", "first_token_at", "ids_out", "last_token_at", "logprobs",
                  "matcher", "prompt_logprobs", "prompt_only", "queued", "request_id",
                  "response_started",
-                 "saw_first_chunk", "stop_ids", "stopped_by_string", "tokens",
+                 "saw_first_chunk", "stop_ids", "stopped_by_string", "tokens", "tools",
                  "upstream_finished")
 
     def __init__(self, request_id: str, tokenizer: Tokenizer, stops: tuple[str, ...],
@@ -120,8 +121,21 @@ class Generation:
         self.disconnected = False
         self.response_started = False
         self.queued: Gauge | None = None  # the queued-requests gauge, until the first chunk
+        self.tools: ToolCallText | None = None  # tool calls read out of the text, when asked
 
     def consume(self, batch: list[TokenChunk]) -> str:
+        text = self._consume(batch)
+        tools = self.tools
+        if tools is None:
+            return text
+        text = tools.feed(text)
+        if self.finish is not None or self.error is not None:
+            text += tools.end()
+            if tools.calls and self.finish == "stop":
+                self.finish = "tool_calls"
+        return text
+
+    def _consume(self, batch: list[TokenChunk]) -> str:
         if not batch:
             self.error = ApiError(500, "the upstream stream ended without a finish reason",
                                   reason="upstream_error")
@@ -170,7 +184,7 @@ class Generation:
             self.logprobs.add_prompt(self.echo_ids, batch[0].prompt_logprobs)
         if self.prompt_logprobs is not None:
             self.prompt_logprobs.scores = batch[0].prompt_logprobs
-        return self.echo + self.consume(batch)
+        return self.echo + self._consume(batch)
 
     def left_queue(self) -> None:
         if self.queued is not None:
@@ -370,11 +384,14 @@ class FrontendApp:
                  api_keys: ApiKeys | None = None, quotas: Quotas | None = None,
                  admission: AdmissionQueue | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                  max_prompt_tokens: int = 0, max_output_tokens: int = 0,
-                 stream_interval: int = 0, images: ChatImages | None = None) -> None:
+                 stream_interval: int = 0, images: ChatImages | None = None,
+                 tool_call_parser: str | None = None) -> None:
         """`api_keys` (else `api_key`, a single unrestricted key): who may call /v1/;
         `quotas` their limits (default: a fresh `Quotas`); `admission` the generations
         allowed in flight (default: no limit); `stream_interval` tokens per SSE
-        event (0: whatever piled up while the last event was being written)."""
+        event (0: whatever piled up while the last event was being written);
+        `tool_call_parser`: the syntax of the model's tool calls (`tool_calls.PARSERS`; None:
+        requests with tools are refused)."""
         self.upstream = upstream
         self.tokenizer = tokenizer
         self.served_model_name = served_model_name or None
@@ -391,6 +408,7 @@ class FrontendApp:
         metrics.admission_active.set_function(lambda: self.admission.active)
         metrics.admission_waiting.set_function(lambda: self.admission.waiting)
         self.stream_interval = stream_interval
+        self.tool_call_parser = tool_call_parser
         self.images = images if images is not None else ChatImages(ImageLimits())
         self.created = int(time.time())
         self._hidden_ids = frozenset(tokenizer.eos_token_ids)
@@ -588,6 +606,17 @@ class FrontendApp:
                                         chars=protocol.chat_text_length(body))
         except ChatTemplateError as exc:
             raise invalid(str(exc), "messages", "invalid_chat_template") from None
+
+    def _check_tool_request(self, body: protocol.ChatCompletionRequest) -> None:
+        """A request the model may answer with tool calls: one this deployment can read."""
+        if self.tool_call_parser is None:
+            raise unsupported("tools", "this deployment reads no tool calls; start the frontend "
+                                       "with --tool-call-parser (hermes) for a model that makes "
+                                       "them, or send tool_choice 'none'")
+        if (body.n or 1) > 1:
+            raise unsupported("n", "tools are supported with one choice (n: 1)")
+        if body.logprobs:
+            raise unsupported("logprobs", "logprobs are not supported with tools")
 
     async def _bad_words(self, body: Any) -> list[list[int]]:
         """vLLM's `bad_words` as token sequences ([] when none)."""
@@ -790,6 +819,9 @@ class FrontendApp:
             stream = bool(body.stream)
             self._check_key(scope, body.model)
             model, upstream_model = self._resolve_model(body.model)
+            calls_tools = endpoint == CHAT and protocol.tools_asked(body) is not None
+            if calls_tools:
+                self._check_tool_request(body)
             kind = CHAT if endpoint == RESPONSES else endpoint  # how its prompt is made
             prompts = protocol.truncate_prompts(body, await self._prompts(kind, body),
                                                 self.context_length(upstream_model))
@@ -833,6 +865,8 @@ class FrontendApp:
         if body.return_token_ids:
             for gen in gens:
                 gen.ids_out = []
+        if calls_tools:
+            gens[0].tools = ToolCallText(single=body.parallel_tool_calls is False)
         if body.prompt_logprobs is not None:
             for gen in gens:
                 gen.prompt_logprobs = PromptLogprobs(self.tokenizer, body.prompt_logprobs,
@@ -1004,6 +1038,12 @@ class FrontendApp:
                 if gen.stopped_by_string and not gen.upstream_finished:
                     self.upstream.cancel(gen.request_id)
                 gen.done = True
+                calls = _tool_calls(gen, encoder) if gen.tools is not None else b""
+                if calls:  # after the text before them, before the finish
+                    if text:
+                        out.append(encoder.delta(text, gen.fields_with(text)))
+                        text = ""
+                    out.append(calls)
                 out.append(encoder.closing(text, gen.finish, gen.usage(prompt_tokens),
                                            gen.fields_with(text)))
                 await send({"type": "http.response.body", "more_body": False,
@@ -1012,6 +1052,8 @@ class FrontendApp:
             if text:
                 out.append(encoder.delta(text) if gen.plain
                            else encoder.delta(text, gen.fields_with(text)))
+            if gen.tools is not None:
+                out.append(_tool_calls(gen, encoder))
             # The first event leaves alone: TTFT does not wait for the encoding of the rest.
             batch = chunks.ready_batch(interval) if interval and not first else None
             first = False
@@ -1167,6 +1209,12 @@ class FrontendApp:
             await _send_bytes(send, 200, responses_api.response_body(
                 shell, texts[0], gens[0].finish or "stop", _usage(gens, prompts)))
             return 200
+        if gens[0].tools is not None:  # one choice (`_check_tool_request`)
+            await _send_bytes(send, 200, responses.chat_completion(
+                response_id, int(time.time()), model,
+                [(texts[0], gens[0].finish or "stop", NULL_LOGPROBS)], _usage(gens, prompts),
+                tool_calls=gens[0].tools.calls))
+            return 200
         render = responses.chat_completion if endpoint == CHAT else responses.completion
         choices = [(text, gen.finish or "stop", gen.logprobs_with(text))
                    for text, gen in zip(texts, gens, strict=True)]
@@ -1183,6 +1231,17 @@ class FrontendApp:
                       token_ids, prompt_logprobs)
         await _send_bytes(send, 200, body)
         return 200
+
+
+def _tool_calls(gen: Generation, encoder: Any) -> bytes:
+    """The event of the tool calls `gen` read out of its text since the last one (b"" when
+    none)."""
+    assert gen.tools is not None
+    calls = gen.tools.take()
+    if not calls:
+        return b""
+    assert isinstance(encoder, responses.ChatStreamEncoder)  # tools come only with chat
+    return encoder.tool_calls(calls)
 
 
 def _no_workers(exc: NoWorkersError) -> ApiError:

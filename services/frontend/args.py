@@ -8,6 +8,7 @@ import os
 from common.config import ProcessConfig, opt, require
 from services.frontend.api_keys import ApiKeys
 from services.frontend.images import ImageLimits
+from services.frontend.tool_calls import PARSERS
 
 _MIB = 1024 * 1024
 DEFAULT_MAX_QUEUED = 256
@@ -62,6 +63,11 @@ class FrontendConfig(ProcessConfig):
     queue_timeout_s: float = opt(DEFAULT_QUEUE_TIMEOUT_S,
                                  help="longest wait in the admission queue; then 503 with "
                                       "Retry-After")
+    tool_call_parser: str = opt("", choices=list(PARSERS),
+                                help="the syntax the served model writes tool calls in "
+                                     "(hermes: <tool_call> JSON, as Hermes and Qwen models do); "
+                                     "set, chat requests may send tools with tool_choice "
+                                     "'auto' and get the calls back as tool_calls")
     stream_interval: int = opt(0, help="tokens per SSE event: 0 sends whatever piled up since "
                                        "the last event (fewer events under load); N exactly N "
                                        "per event (1: one event per token)")
@@ -84,6 +90,9 @@ class FrontendConfig(ProcessConfig):
         super().__post_init__()
         require(self, "be > 0", "heartbeat_interval_ms", holds=lambda v: v > 0)
         require(self, "be >= 1", "missed_heartbeats", holds=lambda v: v >= 1)
+        if self.tool_call_parser not in ("", *PARSERS):
+            raise ValueError(f"--tool-call-parser must be one of {', '.join(PARSERS)}, got "
+                             f"{self.tool_call_parser!r}")
         if self.stream_interval < 0:
             raise ValueError(f"--stream-interval must be >= 0 (0: merge what piled up), got "
                              f"{self.stream_interval}")

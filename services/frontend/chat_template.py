@@ -5,7 +5,7 @@ Owns the sandboxed Jinja environment (with the helpers HF-style templates expect
 a model directory (chat_template.jinja, then tokenizer_config.json's `chat_template`, which may be a
 string or a list of named templates), and how a request asks for its conversation rendered
 (`RenderOptions`: vLLM's `add_generation_prompt`, `continue_final_message` and
-`chat_template_kwargs`). Does not tokenize; `tokenizer` does.
+`chat_template_kwargs`, and the request's `tools`). Does not tokenize; `tokenizer` does.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class RenderOptions:
     # The last message left open, for the model to go on with (an assistant's prefill).
     continue_final_message: bool = False
     variables: Mapping[str, Any] = field(default_factory=dict)  # chat_template_kwargs
+    tools: list[dict[str, Any]] | None = None  # the functions the model may call
 
 
 DEFAULT_RENDER: Final = RenderOptions()
@@ -83,12 +84,14 @@ class ChatTemplate:
             raise ChatTemplateError(f"chat template does not compile: {exc}") from exc
         self._variables = dict(variables or {})
 
-    def render(self, messages: list[dict[str, str]],
+    def render(self, messages: list[dict[str, Any]],
                options: RenderOptions = DEFAULT_RENDER) -> str:
         context = {**self._variables, **options.variables} if options.variables \
             else dict(self._variables)
         context["messages"] = messages
         context["add_generation_prompt"] = options.add_generation_prompt
+        if options.tools is not None:
+            context["tools"] = options.tools
         try:
             rendered = self._template.render(context)
         except ChatTemplateError:

@@ -12,6 +12,7 @@ Does not own tokenization, model lookup or responses.
 from __future__ import annotations
 
 import functools
+import json
 import re
 import typing
 from collections.abc import Callable
@@ -357,12 +358,36 @@ def _check_common(body: ChatCompletionRequest | CompletionRequest) -> None:
                           "prompt_logprobs")
 
 
+def _check_tools(tools: list[dict[str, Any]], choice: Any) -> None:
+    for i, tool in enumerate(tools):
+        if tool.get("type") != "function":
+            raise unsupported(f"tools[{i}].type", "only function tools are supported")
+        function = tool.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
+            raise invalid(f"Invalid 'tools[{i}].function.name': a function name is 1-64 "
+                          "letters, digits, underscores and dashes", f"tools[{i}].function.name",
+                          "invalid_value")
+        assert isinstance(function, dict)
+        if not isinstance(function.get("parameters", {}), dict):
+            raise invalid(f"Invalid 'tools[{i}].function.parameters': expected a JSON schema "
+                          "object", f"tools[{i}].function.parameters", "invalid_value")
+    if choice == "required" or isinstance(choice, dict):
+        raise unsupported("tool_choice", "only 'auto' and 'none' are supported (a required or "
+                                         "named call needs constrained decoding)")
+
+
+def tools_asked(body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    """The tools the model is shown and may call (`tool_choice` "auto", the default); None
+    without tools or with "none" (then, as in vLLM, the template does not see them)."""
+    if not body.tools or body.tool_choice == "none":
+        return None
+    return body.tools
+
+
 def _check_chat(body: ChatCompletionRequest) -> None:
     _check_common(body)
-    if body.tools:
-        raise unsupported("tools", "tool calling is not supported")
-    if body.tool_choice not in (UNSET, "none", "auto"):
-        raise unsupported("tool_choice", "tool calling is not supported")
+    _check_tools(body.tools or [], body.tool_choice)
     if body.functions is not UNSET:
         raise unsupported("functions", "function calling is not supported")
     if isinstance(body.function_call, dict):
@@ -406,7 +431,8 @@ def _check_render(body: ChatCompletionRequest | TokenizeRequest) -> None:
 
 # Template variables a request sets with its own fields (or Turnout with its messages).
 _RENDER_FIELDS: Final = frozenset(("messages", "add_generation_prompt",
-                                   "continue_final_message"))
+                                   "continue_final_message", "tools"))
+_FUNCTION_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def truncate_prompts(body: ChatCompletionRequest | CompletionRequest,
@@ -438,23 +464,32 @@ def truncate_prompts(body: ChatCompletionRequest | CompletionRequest,
 def render_options(body: ChatCompletionRequest | TokenizeRequest) -> RenderOptions:
     """How `body` asks for its conversation rendered (vLLM's defaults: the assistant's header
     appended, unless the final message is continued)."""
+    tools = tools_asked(body) if isinstance(body, ChatCompletionRequest) else None
     if body.add_generation_prompt is None and not body.continue_final_message \
-            and not body.chat_template_kwargs:
+            and not body.chat_template_kwargs and tools is None:
         return DEFAULT_RENDER
     continued = bool(body.continue_final_message)
     return RenderOptions(
         add_generation_prompt=not continued if body.add_generation_prompt is None
         else body.add_generation_prompt,
-        continue_final_message=continued, variables=body.chat_template_kwargs or {})
+        continue_final_message=continued, variables=body.chat_template_kwargs or {},
+        tools=tools)
 
 
 def _check_message(i: int, message: Any) -> None:
     role = message.__struct_config__.tag
-    if role in ("tool", "function"):
-        raise unsupported(f"messages[{i}].role", f"'{role}' messages need tool calling")
+    if role == "function":
+        raise unsupported(f"messages[{i}].role", "'function' messages are the deprecated form "
+                                                 "of 'tool' messages; send those")
     if role == "assistant":
-        if message.tool_calls:
-            raise unsupported(f"messages[{i}].tool_calls", "tool calling is not supported")
+        for j, call in enumerate(message.tool_calls or ()):
+            function = call.get("function")
+            if call.get("type", "function") != "function" or not isinstance(function, dict) \
+                    or not isinstance(function.get("name"), str) \
+                    or not isinstance(function.get("arguments"), str):
+                raise invalid(f"Invalid 'messages[{i}].tool_calls[{j}]': expected a function "
+                              "call with a name and arguments", f"messages[{i}].tool_calls[{j}]",
+                              "invalid_value")
         if message.function_call is not None:
             raise unsupported(f"messages[{i}].function_call", "function calling is not supported")
         if message.audio is not None:
@@ -553,19 +588,35 @@ def has_images(body: ChatCompletionRequest | TokenizeRequest) -> bool:
 
 
 def chat_messages(body: ChatCompletionRequest | TokenizeRequest,
-                  image_marker: str | None = None) -> list[dict[str, str]]:
-    """Messages as chat templates expect them: role + plain-text content (+ name); with
-    `image_marker`, each image part is that marker in the text (`images.py` splits there)."""
+                  image_marker: str | None = None) -> list[dict[str, Any]]:
+    """Messages as chat templates expect them: role + plain-text content (+ name, a tool
+    message's `tool_call_id`, an assistant's `tool_calls`); with `image_marker`, each image part
+    is that marker in the text (`images.py` splits there)."""
     out = []
     for message in body.messages:
         role = message.__struct_config__.tag
         # Developer messages are the newer name for system messages.
-        entry = {"role": "system" if role == "developer" else role,
-                 "content": _text_of(message.content, image_marker)}
-        if message.name:
+        entry: dict[str, Any] = {"role": "system" if role == "developer" else role,
+                                 "content": _text_of(message.content, image_marker)}
+        if getattr(message, "name", ""):
             entry["name"] = message.name
+        if isinstance(message, ToolMessage):
+            entry["tool_call_id"] = message.tool_call_id
+        elif isinstance(message, AssistantMessage) and message.tool_calls:
+            entry["tool_calls"] = [_template_call(call) for call in message.tool_calls]
         out.append(entry)
     return out
+
+
+def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+    """An earlier tool call as chat templates read it: its arguments an object, not JSON text
+    (templates write `arguments | tojson`), as vLLM hands them over."""
+    function = dict(call["function"])
+    try:
+        function["arguments"] = json.loads(function["arguments"])
+    except ValueError:
+        pass  # the template gets the text as sent
+    return {**call, "function": function}
 
 
 def chat_text_length(body: ChatCompletionRequest) -> int:
@@ -577,6 +628,10 @@ def chat_text_length(body: ChatCompletionRequest) -> int:
             total += len(content)
         elif content is not None:
             total += sum(len(part.text) for part in content if isinstance(part, TextPart))
+        for call in getattr(message, "tool_calls", None) or ():
+            total += len(call["function"]["arguments"])
+    if isinstance(body, ChatCompletionRequest) and body.tools:
+        total += len(msgspec.json.encode(body.tools))  # the template writes them out too
     return total
 
 

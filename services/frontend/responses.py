@@ -20,6 +20,7 @@ from msgspec import UNSET, UnsetType
 
 from services.frontend.errors import ApiError
 from services.frontend.logprobs import NULL
+from services.frontend.tool_calls import ToolCall, ToolCallDelta
 
 DONE: Final = b"data: [DONE]\n\n"
 # A streamed choice's `logprobs` bytes when it carries no logprobs and no token ids yet.
@@ -48,6 +49,7 @@ class ChatMessage(msgspec.Struct):
     content: str | None
     refusal: str | None = None
     role: str = "assistant"
+    tool_calls: list[ToolCall] | UnsetType = UNSET
 
 
 class ChatChoice(msgspec.Struct):
@@ -107,14 +109,21 @@ def _raw(logprobs: bytes) -> msgspec.Raw | None:
 def chat_completion(response_id: str, created: int, model: str,
                     choices: list[tuple[str, str, bytes]], usage_: Usage,
                     token_ids: TokenIds | None = None,
-                    prompt_logprobs: list[bytes] | None = None) -> bytes:
+                    prompt_logprobs: list[bytes] | None = None,
+                    tool_calls: list[ToolCall] | None = None) -> bytes:
     """`choices`: (text, finish reason, logprobs JSON) of each, in index order; `token_ids`:
     what vLLM's `return_token_ids` adds (the prompt's once, at the top); `prompt_logprobs`:
-    vLLM's, each choice's JSON (the first's goes at the top: the choices share the prompt)."""
+    vLLM's, each choice's JSON (the first's goes at the top: the choices share the prompt);
+    `tool_calls`: the one choice's, when it made any (its text, if only blank, is null)."""
     out = ChatCompletion(
         id=response_id, created=created, model=model, usage=usage_,
         choices=[ChatChoice(i, ChatMessage(text), _raw(logprobs), reason)
                  for i, (text, reason, logprobs) in enumerate(choices)])
+    if tool_calls:
+        message = out.choices[0].message
+        message.tool_calls = tool_calls
+        if not (message.content or "").strip():
+            message.content = None
     if token_ids is not None:
         out.prompt_token_ids = token_ids.prompts[0]
         for choice, ids in zip(out.choices, token_ids.outputs, strict=True):
@@ -272,6 +281,10 @@ class ChatStreamEncoder:
 
     def usage(self, usage_: Usage) -> bytes:
         return b"".join((self._head, b'"choices":[],"usage":', _encode(usage_), b"}\n\n"))
+
+    def tool_calls(self, calls: list[ToolCallDelta]) -> bytes:
+        """Tool calls the model made, each whole in this one event."""
+        return self._chunk(b'{"tool_calls":%s}' % _encode(calls), NULL)
 
     def opening(self) -> bytes:
         return self.first()

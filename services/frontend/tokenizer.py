@@ -47,13 +47,13 @@ class Tokenizer(abc.ABC):
         """Token ids of `text`; `add_special_tokens` adds the model's BOS (or equivalent)."""
 
     @abc.abstractmethod
-    def render_chat(self, messages: list[dict[str, str]],
+    def render_chat(self, messages: list[dict[str, Any]],
                     options: RenderOptions = DEFAULT_RENDER) -> list[int]:
         """The conversation through the chat template (as `options` ask: by default with the
         assistant's header appended), tokenized without adding specials again. Raises
         `ChatTemplateError`."""
 
-    def render_chat_split(self, messages: list[dict[str, str]], marker: str,
+    def render_chat_split(self, messages: list[dict[str, Any]], marker: str,
                           options: RenderOptions = DEFAULT_RENDER) -> list[list[int]]:
         """`render_chat`, split where `marker` occurs in the rendered text: the token ids of
         each piece (the images of a chat request go between them)."""
@@ -73,6 +73,15 @@ class Tokenizer(abc.ABC):
         """One token's own bytes (a special token's: its text), as logprobs show it."""
 
 
+def _calls_text(message: dict[str, Any]) -> str:
+    """An assistant's earlier tool calls as the built-in template writes them (the `hermes`
+    syntax)."""
+    return "".join("<tool_call>" + json.dumps({"name": call["function"]["name"],
+                                               "arguments": call["function"]["arguments"]},
+                                              ensure_ascii=False) + "</tool_call>"
+                   for call in message.get("tool_calls", ()))
+
+
 class ByteTokenizer(Tokenizer):
     """Built-in: token id = byte value 0..255, plus 256 `<|bos|>` and 257 `<|eos|>`."""
 
@@ -87,11 +96,11 @@ class ByteTokenizer(Tokenizer):
         ids = list(text.encode("utf-8"))
         return [self.BOS, *ids] if add_special_tokens else ids
 
-    def render_chat(self, messages: list[dict[str, str]],
+    def render_chat(self, messages: list[dict[str, Any]],
                     options: RenderOptions = DEFAULT_RENDER) -> list[int]:
         return [self.BOS, *self._chat_text(messages, options).encode("utf-8")]
 
-    def render_chat_split(self, messages: list[dict[str, str]], marker: str,
+    def render_chat_split(self, messages: list[dict[str, Any]], marker: str,
                           options: RenderOptions = DEFAULT_RENDER) -> list[list[int]]:
         pieces = [list(p.encode("utf-8"))
                   for p in self._chat_text(messages, options).split(marker)]
@@ -99,10 +108,12 @@ class ByteTokenizer(Tokenizer):
         return pieces
 
     @staticmethod
-    def _chat_text(messages: list[dict[str, str]], options: RenderOptions) -> str:
+    def _chat_text(messages: list[dict[str, Any]], options: RenderOptions) -> str:
         """The built-in template (it reads no variables: `chat_template_kwargs` change nothing
         here, as with any template that does not use them)."""
-        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
+        text = "".join(f"<|{m['role']}|>\n{m['content']}{_calls_text(m)}\n" for m in messages)
+        if options.tools is not None:
+            text = f"<|tools|>\n{json.dumps(options.tools, ensure_ascii=False)}\n{text}"
         if options.continue_final_message:
             if not messages or not messages[-1]["content"]:
                 raise ChatTemplateError("continue_final_message needs a final message with text")
@@ -189,13 +200,13 @@ class HfTokenizer(Tokenizer):
         return self._tokenizer.encode_batch_fast([text], add_special_tokens=add_special_tokens)[
             0].ids
 
-    def render_chat(self, messages: list[dict[str, str]],
+    def render_chat(self, messages: list[dict[str, Any]],
                     options: RenderOptions = DEFAULT_RENDER) -> list[int]:
         if self._template is None:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")
         return self.encode(self._template.render(messages, options), add_special_tokens=False)
 
-    def render_chat_split(self, messages: list[dict[str, str]], marker: str,
+    def render_chat_split(self, messages: list[dict[str, Any]], marker: str,
                           options: RenderOptions = DEFAULT_RENDER) -> list[list[int]]:
         if self._template is None:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")

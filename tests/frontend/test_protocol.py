@@ -26,6 +26,7 @@ from services.frontend.protocol import (
 from tests.openapi_spec import is_valid
 
 USER = {"role": "user", "content": "hello"}
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
 IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
 
 
@@ -87,6 +88,8 @@ CHAT_SPEC_INVALID = [
     (chat(logit_bias={"1": 2.5}), "logit_bias"),
     (chat(stream=True, stream_options={"include_usage": "yes"}), "stream_options.include_usage"),
     (chat(service_tier="gold"), "service_tier"),
+    (chat(tools=[{"type": "function", "function": {"name": "f", "parameters": []}}]),
+     "tools[0].function.parameters"),
     (chat(metadata={"a": 1}), "metadata"),
     (chat(response_format={"type": "xml"}), "response_format.type"),
     (chat(tool_choice="sometimes"), "tool_choice"),
@@ -115,6 +118,9 @@ CHAT_RULE_INVALID = [
     (chat(logit_bias={"-1": 1}), "logit_bias"),
     (chat(logit_bias={"1": 101}), "logit_bias"),
     (chat(logit_bias={str(i): 1 for i in range(1025)}), "logit_bias"),
+    # Tools: named as functions are.
+    (chat(tools=[{"type": "function", "function": {"name": "no spaces"}}]),
+     "tools[0].function.name"),
     # vLLM's bad_words: at most 128, none blank or over 1,000 characters.
     (chat(bad_words=["ok", " "]), "bad_words"),
     (chat(bad_words=["x" * 1001]), "bad_words"),
@@ -129,9 +135,10 @@ def test_chat_rule_invalid(body: dict[str, Any], param: str) -> None:
 
 
 CHAT_UNSUPPORTED = [
-    (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
-    (chat(tool_choice="required"), "tool_choice"),
-    (chat(tool_choice={"type": "function", "function": {"name": "f"}}), "tool_choice"),
+    (chat(tools=TOOLS, tool_choice="required"), "tool_choice"),
+    (chat(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "f"}}),
+     "tool_choice"),
+    (chat(tools=[{"type": "custom", "custom": {"name": "grammar"}}]), "tools[0].type"),
     (chat(functions=[{"name": "f"}]), "functions"),
     (chat(function_call={"name": "f"}), "function_call"),
     (chat(response_format={"type": "json_object"}), "response_format"),
@@ -153,11 +160,8 @@ CHAT_UNSUPPORTED = [
      "messages[0].content[0].type"),
     (chat(messages=[{"role": "user", "content": [
         {"type": "file", "file": {"file_id": "f-1"}}]}]), "messages[0].content[0].type"),
-    (chat(messages=[USER, {"role": "tool", "content": "42", "tool_call_id": "c1"}]),
+    (chat(messages=[USER, {"role": "function", "content": "42", "name": "f"}]),
      "messages[1].role"),
-    (chat(messages=[USER, {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]),
-     "messages[1].tool_calls"),
 ]
 
 

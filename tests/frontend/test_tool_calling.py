@@ -1,0 +1,156 @@
+"""Tool calling through the ASGI app under real uvicorn, driven by the real `openai` client, in
+front of an in-process fake upstream whose scripted reply writes tool calls in the `hermes`
+syntax (the built-in byte tokenizer: the reply's tokens are its bytes). Every body and chunk is
+checked against the OpenAI spec."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from services.frontend.app import FrontendApp
+from services.frontend.metrics import FrontendMetrics
+from services.frontend.tokenizer import ByteTokenizer
+from tests.frontend.fake_upstream import FakeUpstream, Script
+from tests.frontend.live_server import LiveServer
+from tests.openapi_spec import validate
+
+REPLY = ('Let me look that up.\n<tool_call>\n{"name": "get_weather", "arguments": '
+         '{"city": "Paris", "unit": "celsius"}}\n</tool_call>\n<tool_call>\n{"name": "now", '
+         '"arguments": {}}\n</tool_call>')
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}},
+    {"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}]
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+class Served:
+    def __init__(self, parser: str | None) -> None:
+        self.fake = FakeUpstream(models=["bytes"])
+        self.server = LiveServer(FrontendApp(
+            self.fake, ByteTokenizer(), None, 4096, FrontendMetrics(),
+            tool_call_parser=parser)).start()
+        self.client = openai.OpenAI(base_url=self.server.url + "/v1", api_key="x",
+                                    max_retries=0, timeout=10)
+
+    def reply(self, text: str, chunk_size: int = 1) -> None:
+        self.fake.script = Script(reply=list(text.encode()), stop_token=ByteTokenizer.EOS,
+                                  chunk_size=chunk_size, delay_s=0.0005)
+
+    def prompt(self) -> str:
+        return bytes(t for t in self.fake.opened[-1].token_ids if t < 256).decode()
+
+
+@pytest.fixture(scope="module")
+def hermes() -> Iterator[Served]:
+    served = Served("hermes")
+    yield served
+    served.server.stop()
+
+
+@pytest.fixture(scope="module")
+def plain() -> Iterator[Served]:
+    served = Served(None)
+    yield served
+    served.server.stop()
+
+
+def _calls(calls: Any) -> list[tuple[str, dict[str, Any]]]:
+    return [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+
+
+def test_the_models_calls_come_back_as_tool_calls(hermes: Served) -> None:
+    hermes.reply(REPLY)
+    done = hermes.client.chat.completions.create(model="bytes", messages=ASK, tools=TOOLS)
+    validate("CreateChatCompletionResponse", done.to_dict())
+    choice = done.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Let me look that up.\n"
+    calls = choice.message.tool_calls or []
+    assert _calls(calls) == [("get_weather", {"city": "Paris", "unit": "celsius"}), ("now", {})]
+    assert len({c.id for c in calls}) == 2 and all(c.type == "function" for c in calls)
+    # The template showed the model the tools (the built-in one writes them as JSON).
+    assert '"name": "get_weather"' in hermes.prompt()
+    assert done.usage is not None and done.usage.completion_tokens == len(REPLY.encode()) + 1
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7])
+def test_streamed_calls_arrive_whole_after_the_text_before_them(hermes: Served,
+                                                                 chunk_size: int) -> None:
+    hermes.reply(REPLY, chunk_size)
+    chunks = list(hermes.client.chat.completions.create(model="bytes", messages=ASK,
+                                                        tools=TOOLS, stream=True))
+    for chunk in chunks:
+        validate("CreateChatCompletionStreamResponse", chunk.to_dict())
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == "Let me look that up.\n"
+    deltas = [call for c in chunks if c.choices for call in c.choices[0].delta.tool_calls or []]
+    assert [d.index for d in deltas] == [0, 1]
+    assert _calls(deltas) == [("get_weather", {"city": "Paris", "unit": "celsius"}),
+                              ("now", {})]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    # The SDK's own accumulation agrees.
+    with hermes.client.chat.completions.stream(model="bytes", messages=ASK,
+                                               tools=TOOLS) as stream:  # type: ignore[arg-type]
+        final = stream.get_final_completion()
+    assert _calls(final.choices[0].message.tool_calls or []) == _calls(deltas)
+
+
+def test_text_without_calls_and_calls_that_are_not_read(hermes: Served) -> None:
+    hermes.reply("Sunny, 21 degrees.")
+    done = hermes.client.chat.completions.create(model="bytes", messages=ASK, tools=TOOLS)
+    assert done.choices[0].message.content == "Sunny, 21 degrees."
+    assert done.choices[0].message.tool_calls is None and done.choices[0].finish_reason == "stop"
+    # A malformed call is left as the model wrote it.
+    hermes.reply("<tool_call>{not json</tool_call>")
+    done = hermes.client.chat.completions.create(model="bytes", messages=ASK, tools=TOOLS)
+    assert done.choices[0].message.content == "<tool_call>{not json</tool_call>"
+    # tool_choice "none": the model is not shown the tools and its text is not read.
+    hermes.reply(REPLY)
+    done = hermes.client.chat.completions.create(model="bytes", messages=ASK, tools=TOOLS,
+                                                 tool_choice="none")
+    assert done.choices[0].message.content == REPLY and "get_weather" not in hermes.prompt()
+    # parallel_tool_calls: false keeps the first call.
+    done = hermes.client.chat.completions.create(model="bytes", messages=ASK, tools=TOOLS,
+                                                 parallel_tool_calls=False)
+    assert [c.function.name for c in done.choices[0].message.tool_calls or []] == ["get_weather"]
+
+
+def test_a_conversation_carries_earlier_calls_and_their_results(hermes: Served) -> None:
+    hermes.reply("It is sunny in Paris.")
+    messages: list[Any] = [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+    done = hermes.client.chat.completions.create(model="bytes", messages=messages, tools=TOOLS)
+    assert done.choices[0].message.content == "It is sunny in Paris."
+    prompt = hermes.prompt()
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' \
+        in prompt
+    assert "<|tool|>\nsunny, 21 C" in prompt
+
+
+def test_what_cannot_be_served_is_refused_by_name(hermes: Served, plain: Served) -> None:
+    def refused(served: Served, **extra: Any) -> str:
+        with pytest.raises(openai.BadRequestError) as info:
+            served.client.chat.completions.create(model="bytes", messages=ASK, **extra)
+        return info.value.body["param"]  # type: ignore[index,no-any-return]
+
+    assert refused(plain, tools=TOOLS) == "tools"  # no --tool-call-parser
+    plain.reply("fine")
+    assert plain.client.chat.completions.create(
+        model="bytes", messages=ASK, tools=TOOLS, tool_choice="none").choices[0].message.content \
+        == "fine"
+    assert refused(hermes, tools=TOOLS, tool_choice="required") == "tool_choice"
+    assert refused(hermes, tools=TOOLS, n=2) == "n"
+    assert refused(hermes, tools=TOOLS, logprobs=True) == "logprobs"
+    assert refused(hermes, tools=[{"type": "function", "function": {"name": "a b"}}]) \
+        == "tools[0].function.name"
