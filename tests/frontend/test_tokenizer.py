@@ -15,6 +15,7 @@ from services.frontend.chat_template import (
     RenderOptions,
     continue_final,
 )
+from services.frontend.protocol import chat_messages, parse_chat, render_options
 from services.frontend.tokenizer import ByteTokenizer, HfTokenizer, load_tokenizer
 from tests.tiny_model import BOS, EOS, EOT, cached_tiny_model
 
@@ -236,3 +237,41 @@ def test_tiny_model_weights_load_with_the_tokenizers_vocabulary(tmp_path: Path) 
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits
     assert tuple(logits.shape) == (1, len(ids), tok.vocab_size)
+
+
+# A template in the style of Qwen2.5's tool use: tools listed as JSON, earlier calls written
+# back as <tool_call> blocks with their arguments as an object, results as <tool_response>.
+QWEN_STYLE_TOOLS = (
+    "{%- if tools %}<|im_start|>system\n<tools>{% for tool in tools %}\n{{ tool | tojson }}"
+    "{% endfor %}\n</tools><|im_end|>\n{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n"
+    "{%- for tool_call in message.tool_calls %}"
+    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "<tool_call>\n{\"name\": \"{{ tool_call.name }}\", \"arguments\": "
+    "{{ tool_call.arguments | tojson }}}\n</tool_call>{%- endfor %}<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}"
+    "\n</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+
+
+def test_tools_and_earlier_calls_reach_the_template_as_templates_read_them() -> None:
+    tool = {"type": "function", "function": {"name": "get_weather",
+                                             "parameters": {"type": "object"}}}
+    body = parse_chat(json.dumps({"model": "m", "tools": [tool], "messages": [
+        {"role": "user", "content": "Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]}).encode())
+    rendered = ChatTemplate(QWEN_STYLE_TOOLS).render(chat_messages(body), render_options(body))
+    assert '<tools>{"type": "function", "function": {"name": "get_weather", "parameters": ' \
+        '{"type": "object"}}}</tools>' in rendered
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' \
+        in rendered.replace("\n", "")
+    assert "<tool_response>sunny</tool_response>" in rendered.replace("\n", "")
+    hidden = parse_chat(json.dumps({"model": "m", "tools": [tool], "tool_choice": "none",
+                                    "messages": [{"role": "user", "content": "Paris?"}]}).encode())
+    assert "<tools>" not in ChatTemplate(QWEN_STYLE_TOOLS).render(chat_messages(hidden),
+                                                                   render_options(hidden))
