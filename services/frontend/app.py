@@ -819,7 +819,7 @@ class FrontendApp:
             stream = bool(body.stream)
             self._check_key(scope, body.model)
             model, upstream_model = self._resolve_model(body.model)
-            calls_tools = endpoint == CHAT and protocol.tools_asked(body) is not None
+            calls_tools = endpoint != COMPLETIONS and protocol.tools_asked(body) is not None
             if calls_tools:
                 self._check_tool_request(body)
             kind = CHAT if endpoint == RESPONSES else endpoint  # how its prompt is made
@@ -1207,7 +1207,8 @@ class FrontendApp:
             return failed.error.status
         if shell is not None:
             await _send_bytes(send, 200, responses_api.response_body(
-                shell, texts[0], gens[0].finish or "stop", _usage(gens, prompts)))
+                shell, texts[0], gens[0].finish or "stop", _usage(gens, prompts),
+                gens[0].tools.calls if gens[0].tools is not None else None))
             return 200
         if gens[0].tools is not None:  # one choice (`_check_tool_request`)
             await _send_bytes(send, 200, responses.chat_completion(
@@ -1240,7 +1241,8 @@ def _tool_calls(gen: Generation, encoder: Any) -> bytes:
     calls = gen.tools.take()
     if not calls:
         return b""
-    assert isinstance(encoder, responses.ChatStreamEncoder)  # tools come only with chat
+    assert isinstance(encoder, responses.ChatStreamEncoder
+                      | responses_api.ResponsesStreamEncoder)  # tools come with these only
     return encoder.tool_calls(calls)
 
 

@@ -20,10 +20,13 @@ from services.frontend import protocol
 from services.frontend.errors import ApiError, invalid, unsupported
 from services.frontend.protocol import ChatCompletionRequest
 from services.frontend.responses import DONE, Usage, obfuscated
+from services.frontend.tool_calls import ToolCall, ToolCallDelta
 
 _encode = msgspec.json.encode
 # Chat's names for what a Responses request calls otherwise (in errors raised after translation).
 _PARAMS: Final = {"max_completion_tokens": "max_output_tokens", "messages": "input"}
+# The Responses API's function tools are chat's, written flat.
+_FUNCTION_FIELDS: Final = ("name", "description", "parameters", "strict")
 _ROLES: Final = ("user", "assistant", "system", "developer")
 
 
@@ -94,7 +97,12 @@ class ResponseShell:
             "metadata": request.metadata or {},
             "parallel_tool_calls": request.parallel_tool_calls is not False,
             "previous_response_id": None, "reasoning": None, "store": False,
-            "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
+            "text": {"format": {"type": "text"}},
+            "tool_choice": request.tool_choice or "auto",
+            "tools": [{"type": "function", "name": tool.get("name"),
+                       "description": tool.get("description"),
+                       "parameters": tool.get("parameters"), "strict": tool.get("strict")}
+                      for tool in request.tools or ()],
             "truncation": request.truncation or "disabled", "error": None,
             "incomplete_details": None,
         }
@@ -109,14 +117,18 @@ class ResponseShell:
         return {"type": "message", "id": self.item_id, "status": _item_status(finish),
                 "role": "assistant", "content": [_text_part(text)]}
 
-    def render(self, text: str | None, finish: str | None, usage: Usage | None) -> dict[str, Any]:
-        """The response object: in progress (`text` None) or finished."""
+    def render(self, text: str | None, finish: str | None, usage: Usage | None,
+               calls: list[ToolCall] | None = None) -> dict[str, Any]:
+        """The response object: in progress (`text` None) or finished, its message first and
+        then the function calls the model made."""
         out = dict(self._fields)
         if text is None:
             out.update(status="in_progress", output=[])
             return out
         status = _item_status(finish)
-        out.update(status=status, output=[self.message(text, finish)], usage=_usage(usage))
+        out.update(status=status, usage=_usage(usage), output=[
+            self.message(text, finish),
+            *(function_call(call, "completed") for call in calls or ())])
         if status == "incomplete":
             out["incomplete_details"] = {"reason": "max_output_tokens"}
         else:
@@ -137,6 +149,14 @@ def _failure_code(status: int) -> str:
     if status == 429:
         return "rate_limit_exceeded"
     return "invalid_prompt" if 400 <= status < 500 else "server_error"
+
+
+def function_call(call: ToolCall, status: str, arguments: str | None = None) -> dict[str, Any]:
+    """A function call output item (its `arguments` as written, unless given)."""
+    return {"type": "function_call", "id": "fc_" + call.id.removeprefix("call_"),
+            "call_id": call.id, "name": call.function.name,
+            "arguments": call.function.arguments if arguments is None else arguments,
+            "status": status}
 
 
 def _item_status(finish: str | None) -> str:
@@ -170,7 +190,10 @@ def parse(raw: bytes) -> tuple[ResponsesRequest, ChatCompletionRequest]:
                         ("safety_identifier", request.safety_identifier),
                         ("prompt_cache_key", request.prompt_cache_key),
                         ("prompt_cache_retention", request.prompt_cache_retention),
-                        ("service_tier", request.service_tier)):
+                        ("service_tier", request.service_tier),
+                        ("tools", _chat_tools(request.tools)),
+                        ("tool_choice", request.tool_choice),
+                        ("parallel_tool_calls", request.parallel_tool_calls)):
         if value is not None:
             chat[name] = value
     try:
@@ -187,6 +210,9 @@ def renamed(error: ApiError) -> ApiError:
         if error.param == chat_name or error.param.startswith(chat_name + "["):
             error.message = error.message.replace(chat_name, name)
             error.param = name + error.param[len(chat_name):]
+    if error.param.startswith("tools[") and ".function." in error.param:  # written flat here
+        error.message = error.message.replace(".function.", ".")
+        error.param = error.param.replace(".function.", ".")
     return error
 
 
@@ -206,10 +232,12 @@ def _refuse_unsupported(request: ResponsesRequest) -> None:
             raise unsupported(name)
     if request.include:
         raise unsupported("include")
-    if request.tools:
-        raise unsupported("tools", "tool calling is not supported")
+    for i, tool in enumerate(request.tools or ()):
+        if tool.get("type") != "function":
+            raise unsupported(f"tools[{i}].type", "only function tools are supported")
     if request.tool_choice not in (None, "none", "auto"):
-        raise unsupported("tool_choice", "tool calling is not supported")
+        raise unsupported("tool_choice", "only 'auto' and 'none' are supported (a required or "
+                                         "named call needs constrained decoding)")
     if request.truncation == "auto":
         raise unsupported("truncation", "only 'disabled' is supported")
     text = request.text
@@ -222,9 +250,18 @@ def _refuse_unsupported(request: ResponsesRequest) -> None:
         raise invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
 
 
+def _chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    if not tools:
+        return None
+    return [{"type": "function",
+             "function": {k: tool[k] for k in _FUNCTION_FIELDS if tool.get(k) is not None}}
+            for tool in tools]
+
+
 def _messages(request: ResponsesRequest) -> list[dict[str, Any]]:
     """The conversation as chat messages: the instructions first (as OpenAI places them), then
-    each input item."""
+    each input item; function calls in a row are one assistant turn, each output a tool
+    message."""
     messages: list[dict[str, Any]] = []
     if request.instructions is not None:
         messages.append({"role": "system", "content": request.instructions})
@@ -232,8 +269,37 @@ def _messages(request: ResponsesRequest) -> list[dict[str, Any]]:
         messages.append({"role": "user", "content": request.input})
         return messages
     for index, item in enumerate(request.input):
-        messages.append(_message(item, f"input[{index}]"))
+        where = f"input[{index}]"
+        kind = item.get("type", "message")
+        if kind == "function_call":
+            call = _function_call(item, where)
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and "tool_calls" in last:
+                last["tool_calls"].append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            messages.append(_function_output(item, where))
+        else:
+            messages.append(_message(item, where))
     return messages
+
+
+def _function_call(item: dict[str, Any], where: str) -> dict[str, Any]:
+    for name in ("call_id", "name", "arguments"):
+        if not isinstance(item.get(name), str):
+            raise invalid(f"Invalid value for '{where}.{name}': expected a string",
+                          f"{where}.{name}", "invalid_value")
+    return {"id": item["call_id"], "type": "function",
+            "function": {"name": item["name"], "arguments": item["arguments"]}}
+
+
+def _function_output(item: dict[str, Any], where: str) -> dict[str, Any]:
+    output = item.get("output")
+    if not isinstance(item.get("call_id"), str) or not isinstance(output, str):
+        raise invalid(f"Invalid value for '{where}': a function_call_output has a 'call_id' "
+                      "and a text 'output'", where, "invalid_value")
+    return {"role": "tool", "tool_call_id": item["call_id"], "content": output}
 
 
 def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
@@ -283,7 +349,7 @@ class ResponsesStreamEncoder:
     chat and completion stream encoders have them for one choice (its usage goes in the final
     event)."""
 
-    __slots__ = ("_obfuscate", "_parts", "_sequence", "_shell")
+    __slots__ = ("_calls", "_obfuscate", "_parts", "_sequence", "_shell")
 
     def __init__(self, shell: ResponseShell, obfuscate: bool = False) -> None:
         """`obfuscate`: `stream_options.include_obfuscation`, every text delta padded."""
@@ -291,6 +357,7 @@ class ResponsesStreamEncoder:
         self._parts: list[str] = []
         self._sequence = 0
         self._obfuscate = obfuscate
+        self._calls: list[ToolCall] = []
 
     def _event(self, kind: str, padded: bool = False, **fields: Any) -> bytes:
         fields = {"type": kind, "sequence_number": self._sequence, **fields}
@@ -317,11 +384,30 @@ class ResponsesStreamEncoder:
         return self._event("response.output_text.delta", self._obfuscate, delta=text, logprobs=[],
                            **self._item())
 
+    def tool_calls(self, calls: list[ToolCallDelta]) -> bytes:
+        """Each function call the model made, whole: an output item after the message, its
+        arguments in one delta."""
+        events = []
+        for delta in calls:
+            call = ToolCall(delta.id, delta.function)
+            self._calls.append(call)
+            place = {"item_id": function_call(call, "")["id"], "output_index": 1 + delta.index}
+            arguments = delta.function.arguments
+            events += (
+                self._event("response.output_item.added", output_index=place["output_index"],
+                            item=function_call(call, "in_progress", "")),
+                self._event("response.function_call_arguments.delta", delta=arguments, **place),
+                self._event("response.function_call_arguments.done", arguments=arguments,
+                            name=delta.function.name, **place),
+                self._event("response.output_item.done", output_index=place["output_index"],
+                            item=function_call(call, "completed")))
+        return b"".join(events)
+
     def closing(self, text: str, finish_reason: str, usage_: Usage,
                 logprobs: bytes = b"null") -> bytes:
         events = [self.delta(text)] if text else []
         whole = "".join(self._parts)
-        done = self._shell.render(whole, finish_reason, usage_)
+        done = self._shell.render(whole, finish_reason, usage_, self._calls)
         events += (
             self._event("response.output_text.done", text=whole, logprobs=[], **self._item()),
             self._event("response.content_part.done", part=_text_part(whole), **self._item()),
@@ -340,6 +426,7 @@ class ResponsesStreamEncoder:
         return self._event("response.failed", response=failed) + DONE
 
 
-def response_body(shell: ResponseShell, text: str, finish: str, usage: Usage) -> bytes:
-    return _encode(shell.render(text, finish, usage))
+def response_body(shell: ResponseShell, text: str, finish: str, usage: Usage,
+                  calls: list[ToolCall] | None = None) -> bytes:
+    return _encode(shell.render(text, finish, usage, calls))
 

@@ -154,3 +154,61 @@ def test_what_cannot_be_served_is_refused_by_name(hermes: Served, plain: Served)
     assert refused(hermes, tools=TOOLS, logprobs=True) == "logprobs"
     assert refused(hermes, tools=[{"type": "function", "function": {"name": "a b"}}]) \
         == "tools[0].function.name"
+
+
+RESPONSES_TOOLS = [{"type": "function", "name": "get_weather", "description": "The weather",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                    "strict": False},
+                   {"type": "function", "name": "now", "parameters": {"type": "object"},
+                    "strict": False}]
+EVENT_SCHEMAS = {
+    "response.created": "ResponseCreatedEvent",
+    "response.in_progress": "ResponseInProgressEvent",
+    "response.output_item.added": "ResponseOutputItemAddedEvent",
+    "response.content_part.added": "ResponseContentPartAddedEvent",
+    "response.output_text.delta": "ResponseTextDeltaEvent",
+    "response.function_call_arguments.delta": "ResponseFunctionCallArgumentsDeltaEvent",
+    "response.function_call_arguments.done": "ResponseFunctionCallArgumentsDoneEvent",
+    "response.output_text.done": "ResponseTextDoneEvent",
+    "response.content_part.done": "ResponseContentPartDoneEvent",
+    "response.output_item.done": "ResponseOutputItemDoneEvent",
+    "response.completed": "ResponseCompletedEvent",
+}
+
+
+def test_the_responses_api_returns_calls_as_function_call_items(hermes: Served) -> None:
+    hermes.reply(REPLY)
+    done = hermes.client.responses.create(model="bytes", input="Weather in Paris?",
+                                          tools=RESPONSES_TOOLS)  # type: ignore[arg-type]
+    validate("Response", done.model_dump(mode="json", exclude_unset=True))
+    assert done.output_text == "Let me look that up.\n"
+    calls = [item for item in done.output if item.type == "function_call"]
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris", "unit": "celsius"}), ("now", {})]
+    assert all(c.call_id.startswith("call_") and c.status == "completed" for c in calls)
+    assert [t.name for t in done.tools] == ["get_weather", "now"]  # type: ignore[union-attr]
+
+    with hermes.client.responses.stream(model="bytes", input="Weather in Paris?",
+                                        tools=RESPONSES_TOOLS) as stream:  # type: ignore[arg-type]
+        events = [event.model_dump(mode="json", exclude_unset=True) for event in stream]
+        final = stream.get_final_response()
+    for event in events:
+        validate(EVENT_SCHEMAS[event["type"]], event)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    streamed = [item for item in final.output if item.type == "function_call"]
+    assert [(c.name, c.arguments) for c in streamed] == [(c.name, c.arguments) for c in calls]
+    added = [e["output_index"] for e in events if e["type"] == "response.output_item.added"]
+    assert added == [0, 1, 2]
+
+    # The next turn sends the calls and their outputs back as input items.
+    hermes.reply("Sunny.")
+    turn = hermes.client.responses.create(model="bytes", tools=RESPONSES_TOOLS,  # type: ignore
+                                          input=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": "call_9", "name": "get_weather",
+         "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "call_9", "output": "sunny, 21 C"}])
+    assert turn.output_text == "Sunny."
+    prompt = hermes.prompt()
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' \
+        in prompt and "<|tool|>\nsunny, 21 C" in prompt
