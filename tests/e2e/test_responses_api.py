@@ -14,25 +14,13 @@ import openai
 import pytest
 
 from tests.images import data_uri, png
-from tests.openapi_spec import validate
+from tests.openapi_spec import RESPONSES_EVENTS, validate
 from turnout.testing.deployment import Deployment, reaped
 
 pytestmark = pytest.mark.e2e
 
 # The byte tokenizer's EOS, drawn about once in 6 tokens: responses end by themselves.
 WORKER_ARGS = ("--speedup-ratio", "0", "--eos-token-id", "257", "--mean-output-tokens", "6")
-EVENT_SCHEMAS = {
-    "response.created": "ResponseCreatedEvent",
-    "response.in_progress": "ResponseInProgressEvent",
-    "response.output_item.added": "ResponseOutputItemAddedEvent",
-    "response.content_part.added": "ResponseContentPartAddedEvent",
-    "response.output_text.delta": "ResponseTextDeltaEvent",
-    "response.output_text.done": "ResponseTextDoneEvent",
-    "response.content_part.done": "ResponseContentPartDoneEvent",
-    "response.output_item.done": "ResponseOutputItemDoneEvent",
-    "response.incomplete": "ResponseIncompleteEvent",
-    "response.completed": "ResponseCompletedEvent",
-}
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +113,7 @@ def test_a_streamed_response_sends_each_event_in_order(dep: Deployment) -> None:
         kind_line, data_line = block.split("\n")
         event = json.loads(data_line.removeprefix("data: "))
         assert kind_line == f"event: {event['type']}"
-        validate(EVENT_SCHEMAS[event["type"]], event)
+        validate(RESPONSES_EVENTS[event["type"]], event)
         events.append(event)
     kinds = [e["type"] for e in events]
     deltas = kinds.count("response.output_text.delta")

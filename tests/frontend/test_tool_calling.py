@@ -17,7 +17,7 @@ from services.frontend.metrics import FrontendMetrics
 from services.frontend.tokenizer import ByteTokenizer
 from tests.frontend.fake_upstream import FakeUpstream, Script
 from tests.frontend.live_server import LiveServer
-from tests.openapi_spec import validate
+from tests.openapi_spec import RESPONSES_EVENTS, validate
 
 REPLY = ('Let me look that up.\n<tool_call>\n{"name": "get_weather", "arguments": '
          '{"city": "Paris", "unit": "celsius"}}\n</tool_call>\n<tool_call>\n{"name": "now", '
@@ -161,19 +161,6 @@ RESPONSES_TOOLS = [{"type": "function", "name": "get_weather", "description": "T
                     "strict": False},
                    {"type": "function", "name": "now", "parameters": {"type": "object"},
                     "strict": False}]
-EVENT_SCHEMAS = {
-    "response.created": "ResponseCreatedEvent",
-    "response.in_progress": "ResponseInProgressEvent",
-    "response.output_item.added": "ResponseOutputItemAddedEvent",
-    "response.content_part.added": "ResponseContentPartAddedEvent",
-    "response.output_text.delta": "ResponseTextDeltaEvent",
-    "response.function_call_arguments.delta": "ResponseFunctionCallArgumentsDeltaEvent",
-    "response.function_call_arguments.done": "ResponseFunctionCallArgumentsDoneEvent",
-    "response.output_text.done": "ResponseTextDoneEvent",
-    "response.content_part.done": "ResponseContentPartDoneEvent",
-    "response.output_item.done": "ResponseOutputItemDoneEvent",
-    "response.completed": "ResponseCompletedEvent",
-}
 
 
 def test_the_responses_api_returns_calls_as_function_call_items(hermes: Served) -> None:
@@ -193,7 +180,7 @@ def test_the_responses_api_returns_calls_as_function_call_items(hermes: Served) 
         events = [event.model_dump(mode="json", exclude_unset=True) for event in stream]
         final = stream.get_final_response()
     for event in events:
-        validate(EVENT_SCHEMAS[event["type"]], event)
+        validate(RESPONSES_EVENTS[event["type"]], event)
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     streamed = [item for item in final.output if item.type == "function_call"]
     assert [(c.name, c.arguments) for c in streamed] == [(c.name, c.arguments) for c in calls]
