@@ -63,7 +63,7 @@ class FrontendConfig(ProcessConfig):
     queue_timeout_s: float = opt(DEFAULT_QUEUE_TIMEOUT_S,
                                  help="longest wait in the admission queue; then 503 with "
                                       "Retry-After")
-    tool_call_parser: str = opt("", choices=list(PARSERS),
+    tool_call_parser: str = opt("",
                                 help="the syntax the served model writes tool calls in "
                                      "(hermes: <tool_call> JSON, as Hermes and Qwen models do); "
                                      "set, chat requests may send tools with tool_choice "

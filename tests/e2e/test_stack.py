@@ -473,6 +473,17 @@ def test_bad_words_through_the_stack(deployment: Deployment) -> None:
     assert refused.value.body["param"] == "bad_words"  # type: ignore[index]
 
 
+def test_tool_call_parser_reaches_the_frontend_through_up(deployment: Deployment) -> None:
+    """`turnout up --tool-call-parser hermes` hands the flag to its frontend: chat takes tools
+    (the mocker writes no calls, so the answer is text; without the flag they get a 400)."""
+    tools: Any = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    deployment.start_up(["--speedup-ratio", "0", "--tool-call-parser", "hermes"], workers=1)
+    done = client(deployment).chat.completions.create(
+        model="mock", messages=[{"role": "user", "content": "x"}], tools=tools, max_tokens=5,
+        extra_body={"ignore_eos": True})
+    assert done.choices[0].finish_reason == "length" and done.choices[0].message.tool_calls is None
+
+
 def test_repeated_prompt_reports_cached_tokens(deployment: Deployment) -> None:
     deployment.start(workers=1, worker_args=FAST)
     oai = client(deployment)
