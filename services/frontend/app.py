@@ -1052,8 +1052,10 @@ class FrontendApp:
             if text:
                 out.append(encoder.delta(text) if gen.plain
                            else encoder.delta(text, gen.fields_with(text)))
-            if gen.tools is not None:
-                out.append(_tool_calls(gen, encoder))
+            if gen.tools is not None and gen.tools.calls:
+                calls = _tool_calls(gen, encoder)
+                if calls:
+                    out.append(calls)
             # The first event leaves alone: TTFT does not wait for the encoding of the rest.
             batch = chunks.ready_batch(interval) if interval and not first else None
             first = False
