@@ -1038,7 +1038,7 @@ class FrontendApp:
                 if gen.stopped_by_string and not gen.upstream_finished:
                     self.upstream.cancel(gen.request_id)
                 gen.done = True
-                calls = _tool_calls(gen, encoder) if gen.tools is not None else b""
+                calls = _tool_calls(gen, encoder)
                 if calls:  # after the text before them, before the finish
                     if text:
                         out.append(encoder.delta(text, gen.fields_with(text)))
@@ -1052,7 +1052,7 @@ class FrontendApp:
             if text:
                 out.append(encoder.delta(text) if gen.plain
                            else encoder.delta(text, gen.fields_with(text)))
-            if gen.tools is not None and gen.tools.calls:
+            if gen.tools is not None:
                 calls = _tool_calls(gen, encoder)
                 if calls:
                     out.append(calls)
@@ -1238,9 +1238,8 @@ class FrontendApp:
 
 def _tool_calls(gen: Generation, encoder: Any) -> bytes:
     """The event of the tool calls `gen` read out of its text since the last one (b"" when
-    none)."""
-    assert gen.tools is not None
-    calls = gen.tools.take()
+    none, or when it reads none)."""
+    calls = gen.tools.take() if gen.tools is not None else None
     if not calls:
         return b""
     assert isinstance(encoder, responses.ChatStreamEncoder

@@ -363,12 +363,11 @@ def _check_tools(tools: list[dict[str, Any]], choice: Any) -> None:
         if tool.get("type") != "function":
             raise unsupported(f"tools[{i}].type", "only function tools are supported")
         function = tool.get("function")
-        name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
+                or not _FUNCTION_NAME.fullmatch(function["name"]):
             raise invalid(f"Invalid 'tools[{i}].function.name': a function name is 1-64 "
                           "letters, digits, underscores and dashes", f"tools[{i}].function.name",
                           "invalid_value")
-        assert isinstance(function, dict)
         if not isinstance(function.get("parameters", {}), dict):
             raise invalid(f"Invalid 'tools[{i}].function.parameters': expected a JSON schema "
                           "object", f"tools[{i}].function.parameters", "invalid_value")

@@ -151,9 +151,13 @@ def _failure_code(status: int) -> str:
     return "invalid_prompt" if 400 <= status < 500 else "server_error"
 
 
+def _function_item_id(call: ToolCall) -> str:
+    return "fc_" + call.id.removeprefix("call_")
+
+
 def function_call(call: ToolCall, status: str, arguments: str | None = None) -> dict[str, Any]:
     """A function call output item (its `arguments` as written, unless given)."""
-    return {"type": "function_call", "id": "fc_" + call.id.removeprefix("call_"),
+    return {"type": "function_call", "id": _function_item_id(call),
             "call_id": call.id, "name": call.function.name,
             "arguments": call.function.arguments if arguments is None else arguments,
             "status": status}
@@ -391,7 +395,7 @@ class ResponsesStreamEncoder:
         for delta in calls:
             call = ToolCall(delta.id, delta.function)
             self._calls.append(call)
-            place = {"item_id": function_call(call, "")["id"], "output_index": 1 + delta.index}
+            place = {"item_id": _function_item_id(call), "output_index": 1 + delta.index}
             arguments = delta.function.arguments
             events += (
                 self._event("response.output_item.added", output_index=place["output_index"],
@@ -417,7 +421,6 @@ class ResponsesStreamEncoder:
                         else "response.completed", response=done),
             DONE)  # as the other endpoints end their streams (clients stop on it)
         return b"".join(events)
-
 
     def failure(self, error: ApiError) -> bytes:
         """The end of a stream that failed after it started: `response.failed` with the
