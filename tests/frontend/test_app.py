@@ -777,6 +777,8 @@ def test_tokenize_and_detokenize_as_vllm_answers(stack: Stack) -> None:
 
 def test_choices_are_separate_generations_numbered_in_order(stack: Stack) -> None:
     opened = len(stack.fake.opened)
+    finished = {"model": "tiny", "endpoint": "completions", "stream": "false", "status": "200"}
+    answered = _metric(stack, "turnout_frontend_requests_total", **finished)
     done = stack.client().completions.create(model="tiny", prompt=["a", "bb"], n=2, seed=7,
                                              max_tokens=200, stop=["better"])
     validate("CreateCompletionResponse", done.to_dict())
@@ -791,6 +793,10 @@ def test_choices_are_separate_generations_numbered_in_order(stack: Stack) -> Non
     assert [c.text for c in done.choices] == [REPLY[:REPLY.index("better")]] * 4
     assert [c.index for c in done.choices] == [0, 1, 2, 3]
     assert done.usage is not None and done.usage.prompt_tokens == len(a) + len(bb)
+    # The body can reach the client before the frontend records the request: the counters
+    # below must not move under the second request's feet.
+    wait_until(lambda: _metric(stack, "turnout_frontend_requests_total", **finished)
+               == answered + 1)
     stack.script(cached_tokens=4)
     counters = ("turnout_frontend_input_tokens_total", "turnout_frontend_cached_tokens_total",
                 "turnout_frontend_output_tokens_total")
