@@ -18,10 +18,13 @@ _MASK63 = (1 << 63) - 1
 _pack_parent = struct.Struct("<Q").pack
 
 
-def root_hash(seed: int = DEFAULT_SEED) -> int:
-    """The parent hash of a sequence's first block."""
-    digest = hashlib.blake2b(struct.pack("<Q", seed & _MASK63), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & _MASK63
+def root_hash(seed: int = DEFAULT_SEED, salt: str = "") -> int:
+    """The parent hash of a sequence's first block. A request's `cache_salt` changes it, so
+    requests share cached blocks only when their salts are equal (none is a salt too)."""
+    h = hashlib.blake2b(struct.pack("<Q", seed & _MASK63), digest_size=8)
+    if salt:
+        h.update(b"\x00cache_salt\x00" + salt.encode("utf-8", "surrogatepass"))
+    return int.from_bytes(h.digest(), "little") & _MASK63
 
 
 def block_hash(parent: int, token_ids: Sequence[int]) -> int:
@@ -32,10 +35,12 @@ def block_hash(parent: int, token_ids: Sequence[int]) -> int:
 
 
 def block_hashes(
-    token_ids: Sequence[int], block_size: int, seed: int = DEFAULT_SEED, parent: int | None = None
+    token_ids: Sequence[int], block_size: int, seed: int = DEFAULT_SEED, parent: int | None = None,
+    salt: str = "",
 ) -> list[int]:
-    """Hashes of every full block of `token_ids` (a trailing partial block has none)."""
-    prev = root_hash(seed) if parent is None else parent
+    """Hashes of every full block of `token_ids` (a trailing partial block has none); `salt`:
+    the request's `cache_salt`, when `parent` is not given."""
+    prev = root_hash(seed, salt) if parent is None else parent
     full = len(token_ids) // block_size * block_size
     if full == 0:
         return []

@@ -150,6 +150,9 @@ class GenerateRequest(Wire):
     # chunks on their way, a finish among them. A worker says it does so with `chunk_runs` in
     # its discovery metadata.
     run: int = 0
+    # vLLM's `cache_salt`: seeds the request's block hashes (`common.block_hash.root_hash`), so
+    # it reuses only KV computed for requests with the same salt ("" for none).
+    cache_salt: str = ""
 
 
 class Cancel(Wire):

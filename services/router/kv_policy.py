@@ -71,7 +71,7 @@ class KvAwarePolicy:
         """`hint`: blocks known to be held outside the index (a migration's replica peers)."""
         block_size = candidates[0].block_size
         tokens = sequence_tokens(request)
-        hashes = block_hashes(tokens, block_size, self.seed)
+        hashes = block_hashes(tokens, block_size, self.seed, salt=request.cache_salt)
         blocks = request_blocks(request, block_size)
         matches = self.index.find_matches(hashes) if hashes else {}
         if hint:

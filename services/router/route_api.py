@@ -1,5 +1,6 @@
-"""POST /v1/route: which worker this router would pick for `{"model", "prompt_token_ids"}`,
-without sending anything or committing the decision (for a gateway's endpoint picker)."""
+"""POST /v1/route: which worker this router would pick for `{"model", "prompt_token_ids"}`
+(and the request's `cache_salt`, if it has one), without sending anything or committing the
+decision (for a gateway's endpoint picker)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,12 @@ class RouteApi:
                 type(t) is int and 0 <= t < 1 << 32 for t in ids):
             return self._reply(400, "rejected", {
                 "error": "'prompt_token_ids' must be a non-empty list of token ids (ints)"})
-        request = GenerateRequest("route-query", model, ids, SamplingParams(max_tokens=1))
+        salt = query.get("cache_salt", "")
+        if not isinstance(salt, str) or ("cache_salt" in query and not salt):
+            return self._reply(400, "rejected", {
+                "error": "'cache_salt' must be a non-empty string if given"})
+        request = GenerateRequest("route-query", model, ids, SamplingParams(max_tokens=1),
+                                  cache_salt=salt)
         try:
             decision = self.selector.decide(request)
         except RoutingError as exc:

@@ -105,7 +105,7 @@ class Selector:
             # A gateway chose (maybe after a preview): the prefix gets cached there all the
             # same, and the prediction must say so.
             decision.hashes = block_hashes(sequence_tokens(request), decision.worker.block_size,
-                                           self.hash_seed)
+                                           self.hash_seed, salt=request.cache_salt)
         return decision
 
     def commit(self, decision: Decision) -> None:

@@ -391,7 +391,8 @@ class Worker:
             return
         engine = self.engine
         tokens = request.token_ids + request.generated_token_ids
-        hashes = block_hashes(tokens, engine.block_size, engine.hash_seed)
+        hashes = block_hashes(tokens, engine.block_size, engine.hash_seed,
+                              salt=request.cache_salt)
         local = engine.cached_prefix(hashes)
         missing = hashes[local:]
         blocks = self.host_tier.chain(missing)
@@ -429,7 +430,7 @@ class Worker:
             return
         bs = engine.block_size
         prompt = request.token_ids
-        hashes = block_hashes(prompt, bs, engine.hash_seed)
+        hashes = block_hashes(prompt, bs, engine.hash_seed, salt=request.cache_salt)
         local = engine.cached_prefix(hashes)
         missing = hashes[local:]
         blocks = self.host_tier.chain(missing)

@@ -34,3 +34,19 @@ def test_hashes_fit_63_bits_and_depend_on_order() -> None:
     hashes = block_hashes(list(range(256)), 64)
     assert len(hashes) == 4 and all(0 <= h < 1 << 63 for h in hashes)
     assert block_hashes(list(range(255, -1, -1)), 64)[0] != hashes[0]
+
+
+def test_a_cache_salt_gives_its_own_chain_and_no_salt_keeps_the_unsalted_one() -> None:
+    tokens = list(range(64))
+    plain = block_hashes(tokens, 16)
+    # The unsalted root is the seed's digest, as before salts existed: hashes published by a
+    # worker a release behind still match.
+    assert root_hash(DEFAULT_SEED, "") == root_hash(DEFAULT_SEED)
+    assert block_hashes(tokens, 16, salt="") == plain
+    a, b = block_hashes(tokens, 16, salt="tenant-a"), block_hashes(tokens, 16, salt="tenant-b")
+    assert a == chained(tokens, 16, root_hash(DEFAULT_SEED, "tenant-a"))
+    # No block of one salt's chain names a block of another's (nor of the unsalted one).
+    assert not set(a) & set(b) and not set(a) & set(plain)
+    assert block_hashes(tokens, 16, seed=1, salt="tenant-a") != a
+    assert block_hashes(tokens, 16, parent=42, salt="tenant-a") == chained(tokens, 16, 42)
+    assert root_hash(DEFAULT_SEED, "\udcff") != root_hash(DEFAULT_SEED, "x")  # any str hashes

@@ -37,6 +37,8 @@ def ask(api: RouteApi, body: Any) -> tuple[int, dict[str, Any]]:
     ({"model": "m", "prompt_token_ids": [1, -1]}, "must be a non-empty list of token ids"),
     ({"model": "m", "prompt_token_ids": [1 << 32]}, "must be a non-empty list of token ids"),
     ({"model": "m", "prompt_token_ids": [1.0]}, "must be a non-empty list of token ids"),
+    ({"model": "m", "prompt_token_ids": [1], "cache_salt": ""}, "'cache_salt' must be"),
+    ({"model": "m", "prompt_token_ids": [1], "cache_salt": 1}, "'cache_salt' must be"),
 ])
 def test_bad_bodies_are_a_400_that_says_why(body: Any, error: str) -> None:
     metrics = RouterMetrics("r")
@@ -80,6 +82,10 @@ def test_the_answer_names_the_worker_and_the_prediction() -> None:
                       "metrics": "http://a:3/metrics"},
         "request_blocks": 3, "overlap_blocks": 2, "cost": 1.0, "candidates": 2}
     assert counter(metrics.route_queries, "ok") == 1 and committed.worker is a
+    # A salted request shares no blocks with the unsalted one placed on a.
+    status, answer = ask(api, {"model": "m", "prompt_token_ids": list(range(100, 110)),
+                               "cache_salt": "tenant-a"})
+    assert status == 200 and answer["overlap_blocks"] == 0
 
 
 def test_a_preview_commits_nothing() -> None:

@@ -59,9 +59,10 @@ class Harness:
 
     def add(self, rid: str, prompt: list[int], max_tokens: int = 16, **sampling: Any) -> None:
         generated = sampling.pop("generated_token_ids", [])
+        salt = sampling.pop("cache_salt", "")
         self.engine.add_request(GenerateRequest(
             rid, "mock", prompt, SamplingParams(max_tokens=max_tokens, **sampling),
-            generated_token_ids=generated))
+            generated_token_ids=generated, cache_salt=salt))
 
     def finished(self, rid: str) -> bool:
         chunks = self.chunks.get(rid)
@@ -145,6 +146,24 @@ async def test_prefix_hit_reports_cached_tokens_and_shortens_prefill() -> None:
     a_fp, b_fp = first_step("a"), first_step("b")
     assert a_fp.prefill_tokens == 1000 and b_fp.prefill_tokens == 40
     assert b_fp.duration_ms < a_fp.duration_ms - 10
+
+
+@pytest.mark.asyncio
+async def test_a_cache_salt_shares_cached_blocks_only_with_its_own_salt() -> None:
+    prompt = prompt_of(6, 300)
+    async with Harness() as h:
+        await h.run("a", prompt, 2, cache_salt="tenant-a")
+        await h.run("plain", prompt, 2)
+        await h.run("b", prompt, 2, cache_salt="tenant-b")
+        await h.run("a2", prompt, 2, cache_salt="tenant-a")
+        stored = [h for e in h.kv_events() if isinstance(e, KvBlockStored)
+                  for h in e.block_hashes]
+    assert [h.chunks[r][0].cached_tokens for r in ("a", "plain", "b", "a2")] == [0, 0, 0, 256]
+    # The blocks it publishes are the salted chain the router computes for the request.
+    salted = block_hashes(prompt, 64, salt="tenant-a")
+    assert set(salted) <= set(stored) and set(block_hashes(prompt, 64)) <= set(stored)
+    # Its output does not depend on the salt.
+    assert h.tokens("a") == h.tokens("plain") == h.tokens("b")
 
 
 @pytest.mark.asyncio

@@ -174,6 +174,8 @@ async def test_checks_and_load() -> None:
                           ("bad_words", SamplingParams(2, bad_words=[[5, 6]]))):
         with pytest.raises(EngineError, match=f"{name} is not supported"):
             engine.add_request(GenerateRequest(name, "m", [5, 6], refused))
+    with pytest.raises(EngineError, match="cache_salt is not supported"):
+        engine.add_request(GenerateRequest("s", "m", [5, 6], SamplingParams(2), cache_salt="t"))
     engine.add_request(req("a", 10, prompt=6))
     with pytest.raises(EngineError):
         engine.add_request(req("a"))  # duplicate

@@ -33,8 +33,9 @@ def connector(store: Path, role: KVConnectorRole) -> TurnoutKvStoreConnector:
     return TurnoutKvStoreConnector(config, role, None)  # type: ignore[arg-type]
 
 
-def request(rid: str, tokens: list[int]) -> Any:
-    return SimpleNamespace(request_id=rid, all_token_ids=tokens, num_tokens=len(tokens))
+def request(rid: str, tokens: list[int], cache_salt: str | None = None) -> Any:
+    return SimpleNamespace(request_id=rid, all_token_ids=tokens, num_tokens=len(tokens),
+                           cache_salt=cache_salt)
 
 
 def step(new: list[tuple[str, list[int], int]] = (), scheduled: dict[str, int] | None = None,
@@ -83,6 +84,18 @@ def test_the_last_token_is_never_loaded(tmp_path: Path) -> None:
     assert sched.get_num_new_matched_tokens(request("r", tokens), 0) == (BS, False)
     assert sched.get_num_new_matched_tokens(request("s", [*tokens, 9]), 0) == (2 * BS, False)
     assert sched.get_num_new_matched_tokens(request("t", [*tokens, 9]), BS) == (BS, False)
+
+
+def test_a_salted_request_finds_only_blocks_stored_under_its_salt(tmp_path: Path) -> None:
+    sched = connector(tmp_path, KVConnectorRole.SCHEDULER)
+    tokens = list(range(9))
+    for h in block_hashes(tokens, BS, DEFAULT_SEED):  # an unsalted request's blocks
+        write(tmp_path, h)
+    assert sched.get_num_new_matched_tokens(request("s", tokens, "tenant-a"), 0) == (0, False)
+    for h in block_hashes(tokens, BS, DEFAULT_SEED, salt="tenant-a"):
+        write(tmp_path, h)
+    assert sched.get_num_new_matched_tokens(request("t", tokens, "tenant-a"), 0) == (
+        2 * BS, False)
 
 
 def forward_context(caches: dict[str, torch.Tensor]) -> Any:

@@ -72,6 +72,30 @@ def test_stored_blocks_are_rehashed_with_turnout_chain() -> None:
     assert [e.parent_hash for e in t.dump()] == [None, *OURS[:3]]
 
 
+@pytest.mark.parametrize("extra", [
+    [["tenant-a"], None],  # vLLM untags the salt: a bare string, on the first block only
+    [["lora-x", ["image-1", 2], "tenant-a"], None],  # after the LoRA name and image pairs
+])
+def test_a_salted_first_block_is_hashed_under_its_salt(extra: list[object]) -> None:
+    """vLLM hashes a request's `cache_salt` into its first block; the translated chain is the
+    one the router computes for the request with that salt."""
+    t = KvEventTranslator(BS, DEFAULT_SEED)
+    salted = block_hashes(TOKENS, BS, DEFAULT_SEED, salt="tenant-a")
+    lora = {"lora_name": "lora-x"} if "lora-x" in extra[0] else {}  # type: ignore[operator]
+    out = translate(t, stored([201, 202], None, TOKENS[:8], extra_keys=extra, **lora),
+                    stored([203, 204], 202, TOKENS[8:]),
+                    stored([101, 102], None, TOKENS[:8]))
+    assert out == [KvBlockStored(salted[:2], None, TOKENS[:8], BS),
+                   KvBlockStored(salted[2:], salted[1], TOKENS[8:], BS),
+                   KvBlockStored(OURS[:2], None, TOKENS[:8], BS)]
+    assert t.cached_prefix(salted) == 4 and t.cached_prefix(OURS) == 2
+    # A LoRA name alone is no salt.
+    t = KvEventTranslator(BS, DEFAULT_SEED)
+    assert translate(t, stored([101], None, TOKENS[:4], extra_keys=[["lora-x"]],
+                               lora_name="lora-x")) == [
+        KvBlockStored(OURS[:1], None, TOKENS[:4], BS)]
+
+
 def test_byte_hashes_and_unknown_events_and_other_media() -> None:
     t = KvEventTranslator(BS, DEFAULT_SEED)
     out = translate(t, stored([b"\x01" * 32], None, TOKENS[:4]),

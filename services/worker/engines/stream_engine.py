@@ -131,6 +131,11 @@ class StreamingEngine(Engine):
         if request.sampling.bad_words:
             raise EngineError(f"bad_words is not supported on the {self.name} engine; the vllm "
                               f"and mocker engines apply it")
+        if request.cache_salt:
+            # Its events would carry blocks this translator hashes unsalted: the router would
+            # then route salted requests by other tenants' prefixes.
+            raise EngineError(f"cache_salt is not supported on the {self.name} engine; the vllm "
+                              f"and mocker engines apply it")
         max_new, min_new = remaining_budget(request)
         tracked = gather.admit(request)
         if max_new <= 0:  # migrated with its whole budget already spent

@@ -436,7 +436,8 @@ class VllmEngine(Engine):
                         f"vllm-add-{request.request_id}")
             return
         prompt = _token_prompt([*request.token_ids, *request.generated_token_ids])
-        self._spawn(self._submit(tracked, prompt, params), f"vllm-add-{request.request_id}")
+        self._spawn(self._submit(tracked, prompt, params, request.cache_salt),
+                    f"vllm-add-{request.request_id}")
 
     async def _submit_images(self, tracked: Tracked, request: GenerateRequest,
                              params: VllmSamplingParams) -> None:
@@ -456,7 +457,7 @@ class VllmEngine(Engine):
             return  # aborted meanwhile
         if inline and self._sink is not None:  # turnout_worker_images_total{source="inline"}
             self._sink(StepOutput(images_encoded=inline))
-        await self._submit(tracked, prompt, params)
+        await self._submit(tracked, prompt, params, request.cache_salt)
 
     def _fail_submit(self, request_id: str, code: int, message: str) -> None:
         assert self._gather is not None
@@ -464,10 +465,12 @@ class VllmEngine(Engine):
         self._gather.fail(request_id, code, message)
         self._gather.flush_soon()
 
-    async def _submit(self, tracked: Tracked, prompt: Any,
-                      params: VllmSamplingParams) -> None:
+    async def _submit(self, tracked: Tracked, prompt: Any, params: VllmSamplingParams,
+                      cache_salt: str = "") -> None:
         assert self._llm is not None and self._gather is not None
         rid = tracked.request_id
+        if cache_salt:  # every vLLM prompt input is a dict; it salts the first block's hash
+            prompt["cache_salt"] = cache_salt
         try:
             collector = await self._llm.add_request(rid, prompt, params)
         except Exception as exc:  # vLLM's validation (or a dead engine) refused it

@@ -88,7 +88,8 @@ class TurnoutKvStoreConnector(KVConnectorBase_V1):
         super().__init__(vllm_config, role, kv_cache_config)  # type: ignore[arg-type]
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
         self.store = str(extra["store"])
-        self.root = root_hash(int(extra.get("seed", DEFAULT_SEED)))
+        self.seed = int(extra.get("seed", DEFAULT_SEED))
+        self.root = root_hash(self.seed)
         self.block_size = vllm_config.cache_config.block_size
         os.makedirs(self.store, exist_ok=True)
         # scheduler half
@@ -112,7 +113,10 @@ class TurnoutKvStoreConnector(KVConnectorBase_V1):
         full_blocks = min(full_blocks, len(tokens) // bs)
         while len(hashes) < full_blocks:
             i = len(hashes)
-            parent = hashes[-1] if hashes else self.root
+            # A salted request's blocks are stored under its salt (`cache_salt`), as the router
+            # and the migration path name them.
+            salt = getattr(tracked.request, "cache_salt", None)
+            parent = hashes[-1] if hashes else root_hash(self.seed, salt) if salt else self.root
             hashes.append(block_hash(parent, tokens[i * bs:(i + 1) * bs]))
         return hashes
 

@@ -49,6 +49,7 @@ class VllmBlockStored(msgspec.Struct, tag="BlockStored"):
     group_idx: int | None = None
     # Per block: what else vLLM hashed into it (LoRA name, (image uuid, offset), salt, digest).
     extra_keys: list[Any] | None = None
+    lora_name: str | None = None
 
 
 class VllmBlockRemoved(msgspec.Struct, tag="BlockRemoved"):
@@ -131,6 +132,17 @@ class _Block:
         self.refs = 0  # vLLM blocks carrying this content (extra keys such as LoRA can differ)
 
 
+def _cache_salt(keys: Any, lora_name: str | None) -> str:
+    """A first block's `cache_salt` from its extra keys: vLLM publishes them untagged, the
+    LoRA name first, then image pairs, then the salt, the one string besides the LoRA name."""
+    if not isinstance(keys, (list, tuple)):
+        return ""
+    found = [k for k in keys if isinstance(k, str)]
+    if lora_name is not None and found and found[0] == lora_name:
+        found = found[1:]
+    return found[-1] if found else ""
+
+
 class KvEventTranslator:
     """vLLM block events in, Turnout block events out; remembers what the cache holds."""
 
@@ -140,6 +152,7 @@ class KvEventTranslator:
         # A block's tokens as the request had them, from the block's extra keys (images:
         # `vllm_images.py`); None: vLLM's tokens are the request's.
         self.rekey = rekey
+        self.seed = seed
         self.root = root_hash(seed)
         self._ours: dict[VllmHash, int] = {}  # every block vLLM holds → our hash
         self._blocks: dict[int, _Block] = {}  # our hash → content, insertion (parent-first) order
@@ -179,13 +192,18 @@ class KvEventTranslator:
         first_parent = parent
         tokens = event.token_ids
         extra = event.extra_keys if self.rekey is not None else None
+        root = self.root
+        if parent is None and event.extra_keys:
+            salt = _cache_salt(event.extra_keys[0], event.lora_name)
+            if salt:
+                root = root_hash(self.seed, salt)
         for i, vllm_hash in enumerate(event.block_hashes):
             chunk = tokens[i * bs:(i + 1) * bs]
             if len(chunk) != bs:
                 break
             if extra is not None and i < len(extra) and extra[i]:
                 chunk = self.rekey(chunk, extra[i])  # type: ignore[misc]
-            ours = block_hash(self.root if parent is None else parent, chunk)
+            ours = block_hash(root if parent is None else parent, chunk)
             is_new = False
             if vllm_hash not in self._ours:
                 self._ours[vllm_hash] = ours

@@ -37,6 +37,7 @@ class KvPool:
     def __init__(self, num_blocks: int, block_size: int, seed: int = DEFAULT_SEED) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.seed = seed
         self.root = root_hash(seed)
         self.used_blocks = 0  # blocks with ref_count > 0
         self._blocks = [Block(i) for i in range(num_blocks)]
@@ -56,16 +57,22 @@ class KvPool:
     def cached_blocks(self) -> int:
         return len(self._cached)
 
-    def match_prefix(self, token_ids: list[int], hashes: list[int], max_blocks: int) -> list[Block]:
+    def root_of(self, salt: str) -> int:
+        """The parent hash of the first block of a request with this `cache_salt`."""
+        return root_hash(self.seed, salt) if salt else self.root
+
+    def match_prefix(self, token_ids: list[int], hashes: list[int], max_blocks: int,
+                     salt: str = "") -> list[Block]:
         """The cached blocks equal to the leading full blocks of `token_ids` (at most
         `max_blocks`), stopping at the first miss. Takes no references. `hashes` memoises the
         sequence's block hashes and is extended as far as the walk goes."""
         bs = self.block_size
+        root = self.root_of(salt) if not hashes else self.root  # read only for block 0
         hits: list[Block] = []
         for i in range(max_blocks):
             tokens = token_ids[i * bs:(i + 1) * bs]
             if i == len(hashes):
-                hashes.append(block_hash(hashes[i - 1] if i else self.root, tokens))
+                hashes.append(block_hash(hashes[i - 1] if i else root, tokens))
             block = self._cached.get(hashes[i])
             # A 63-bit hash hit is confirmed against the stored tokens before it is trusted.
             if block is None or block.token_ids != tokens:
@@ -110,7 +117,7 @@ class KvPool:
                     self._lru[b.block_id] = b
 
     def register(self, blocks: list[Block], hashes: list[int], token_ids: list[int],
-                 start: int, end: int) -> None:
+                 start: int, end: int, salt: str = "") -> None:
         """Blocks `start..end-1` of a sequence just became full: cache them and queue stored
         events. A block whose content is already cached elsewhere is swapped for the cached copy
         (`blocks` is updated in place), so one hash never names two blocks."""
@@ -119,7 +126,8 @@ class KvPool:
             tokens = token_ids[i * bs:(i + 1) * bs]
             parent = hashes[i - 1] if i else None
             if i == len(hashes):
-                hashes.append(block_hash(self.root if parent is None else parent, tokens))
+                hashes.append(block_hash(self.root_of(salt) if parent is None else parent,
+                                         tokens))
             h = hashes[i]
             block = blocks[i]
             existing = self._cached.get(h)

@@ -209,7 +209,8 @@ class Scheduler:
                 if admitted:
                     continue
             # At least one prompt token is always computed: its step yields the first token.
-            hits = pool.match_prefix(seq.tokens, seq.block_hashes, (len(seq.tokens) - 1) // bs)
+            hits = pool.match_prefix(seq.tokens, seq.block_hashes, (len(seq.tokens) - 1) // bs,
+                                     seq.cache_salt)
             hit_tokens = len(hits) * bs
             n = min(len(seq.tokens) - hit_tokens, self._budget)
             need = (hit_tokens + n + bs - 1) // bs - len(hits)
@@ -243,7 +244,7 @@ class Scheduler:
         bs = pool.block_size
         computed = len(seq.tokens) - 1
         full = computed // bs
-        hits = pool.match_prefix(seq.tokens, seq.block_hashes, full)
+        hits = pool.match_prefix(seq.tokens, seq.block_hashes, full, seq.cache_salt)
         if len(hits) < full:
             seq.kv_ready = False
             return False
@@ -318,7 +319,8 @@ class Scheduler:
             seq.num_scheduled = 0
             if computed >= (seq.num_registered + 1) * bs:
                 full = computed // bs
-                pool.register(seq.blocks, seq.block_hashes, seq.tokens, seq.num_registered, full)
+                pool.register(seq.blocks, seq.block_hashes, seq.tokens, seq.num_registered, full,
+                              seq.cache_salt)
                 seq.num_registered = full
             if computed < len(seq.tokens):
                 continue  # prompt chunk done, more to prefill

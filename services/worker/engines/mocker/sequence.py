@@ -23,6 +23,7 @@ class Sequence:
         "bias",
         "block_hashes",
         "blocks",
+        "cache_salt",
         "cached_tokens",
         "decoding",
         "eos_ok",
@@ -51,6 +52,7 @@ class Sequence:
     def __init__(self, request: GenerateRequest, model: TokenModel) -> None:
         sp = request.sampling
         self.request_id = request.request_id
+        self.cache_salt = request.cache_salt  # seeds its block hashes (KvPool.root_of)
         # Prompt, then everything generated (migrated tokens included): what a re-prefill covers.
         self.tokens: list[int] = [*request.token_ids, *request.generated_token_ids]
         self.num_prompt = len(request.token_ids)
