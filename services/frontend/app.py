@@ -786,7 +786,8 @@ class FrontendApp:
                         sampling, seed=_wrap_int64(sampling.seed + 1))
                 requests.append(GenerateRequest(
                     request_id=os.urandom(16).hex(), model=upstream_model, token_ids=ids,
-                    sampling=sampling, target_worker=target, images=images))
+                    sampling=sampling, target_worker=target, images=images,
+                    cache_salt=body.cache_salt or ""))
         return requests
 
     def _open(self, requests: list[GenerateRequest],

@@ -179,6 +179,9 @@ class _Extensions(_Strict):
     prompt_logprobs: Annotated[int, Meta(ge=-1, le=20)] | None = None
     # Words the output must not contain (`bad_words_ids` says how they become tokens).
     bad_words: list[str] | None = None
+    # The request reuses only KV cached for requests with the same salt (none: the unsalted):
+    # one tenant cannot time another's prompts through the prefix cache.
+    cache_salt: str | None = None
 
 
 # A field typed `X | UnsetType = UNSET` may be left out but not sent as null: the spec does not let
@@ -346,6 +349,9 @@ def _check_common(body: ChatCompletionRequest | CompletionRequest) -> None:
         _check_logit_bias(body.logit_bias)
     if body.bad_words:
         _check_bad_words(body.bad_words)
+    if body.cache_salt is not None and not body.cache_salt:
+        raise invalid("Parameter 'cache_salt' must be a non-empty string if provided.",
+                      "cache_salt", "invalid_value")
     if body.stream_options is not None and not body.stream:
         raise invalid("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                       "stream_options")

@@ -63,6 +63,7 @@ class ResponsesRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     parallel_tool_calls: bool | None = None
     tool_choice: str | dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
+    cache_salt: str | None = None  # vLLM's, as on chat
     # Refused when set: state, tools and reasoning are not kept or run here.
     store: bool | None = None
     background: bool | None = None
@@ -197,7 +198,8 @@ def parse(raw: bytes) -> tuple[ResponsesRequest, ChatCompletionRequest]:
                         ("service_tier", request.service_tier),
                         ("tools", _chat_tools(request.tools)),
                         ("tool_choice", request.tool_choice),
-                        ("parallel_tool_calls", request.parallel_tool_calls)):
+                        ("parallel_tool_calls", request.parallel_tool_calls),
+                        ("cache_salt", request.cache_salt)):
         if value is not None:
             chat[name] = value
     try:

@@ -35,7 +35,7 @@ def prompt(i: int, words: int = 40) -> str:
 
 
 async def complete(url: str, prompts: list[str], target: str = "", max_tokens: int = TOKENS,
-                   logprobs: int | None = None) -> list[tuple[str, Any]]:
+                   logprobs: int | None = None, salt: str = "") -> list[tuple[str, Any]]:
     """Stream every prompt at once; (text, usage) each. With `logprobs`, each text is followed
     by the JSON of its tokens' logprobs."""
     oai = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
@@ -44,7 +44,8 @@ async def complete(url: str, prompts: list[str], target: str = "", max_tokens: i
     async def one(p: str) -> tuple[str, Any]:
         stream = await oai.completions.create(
             model="mock", prompt=p, max_tokens=max_tokens, stream=True, logprobs=logprobs,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True, **({"cache_salt": salt} if salt else {})},
             extra_headers=headers)
         text, usage = "", None
         entries: list[object] = []
@@ -132,6 +133,16 @@ def test_one_prefill_one_decode_via_turnout_up(deployment: Deployment) -> None:
     assert only.text == prompts[0] and only.finish_reason == "length"
     assert only.logprobs is not None
     assert only.logprobs.token_logprobs == echoed[0].logprobs.token_logprobs[:-TOKENS]
+
+    # A salted request reuses none of the cached copies of its prompt, and its KV still moves:
+    # the decode worker names the prefill worker's blocks by the salt too.
+    computed = value(decode, "turnout_worker_prefill_tokens_total")
+    pulled = value(decode, "turnout_worker_disagg_transfers_total", outcome="pulled")
+    salted = asyncio.run(complete(deployment.url, prompts[:2], salt="tenant-a"))
+    assert [t for t, _ in salted] == [t for t, _ in reference[:2]]
+    assert [u.prompt_tokens_details.cached_tokens for _, u in salted] == [0, 0]
+    assert value(decode, "turnout_worker_prefill_tokens_total") == computed
+    assert value(decode, "turnout_worker_disagg_transfers_total", outcome="pulled") == pulled + 2
 
 
 def test_two_prefill_two_decode(deployment: Deployment) -> None:

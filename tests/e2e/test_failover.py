@@ -228,9 +228,12 @@ def test_kv_replicas_keep_the_kv_of_long_prompts(deployment: Deployment) -> None
                                  timeout=120)
 
         async def one(i: int) -> str:
+            # Half of them salted (whichever worker gets which): a salted request's blocks are
+            # replicated, looked up and promoted under its salt.
+            salt = {"cache_salt": "tenant-a"} if i % 4 < 2 else {}
             stream = await oai.completions.create(model="mock", prompt=long_prompt(i),
-                                                  max_tokens=256,
-                                                  stream=True, extra_body={"ignore_eos": True})
+                                                  max_tokens=256, stream=True,
+                                                  extra_body={"ignore_eos": True, **salt})
             return "".join([c.choices[0].text async for c in stream if c.choices])
 
         out = await asyncio.gather(*(one(i) for i in range(8)), *([fault()] if fault else []))

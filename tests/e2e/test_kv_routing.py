@@ -46,6 +46,38 @@ def test_repeated_prompt_goes_to_the_worker_holding_it(deployment: Deployment) -
     assert finished(deployment, other) == 1
 
 
+def test_a_cache_salt_reuses_and_routes_only_by_its_own_salts_kv(deployment: Deployment) -> None:
+    deployment.start(workers=2, worker_args=("--speedup-ratio", "0"),
+                     router_args=("--router-mode", "kv"))
+    oai = openai.OpenAI(base_url=deployment.url + "/v1", api_key="x", max_retries=0)
+    doc = "A tenant's prompt must not warm the cache for another tenant's timing probe. " * 14
+    full = (len(doc) - 1) // 64 * 64
+
+    def cached(new: bool, **salt: str) -> int:
+        applied = events_applied(deployment)
+        out = oai.completions.create(model="mock", prompt=doc, max_tokens=4,
+                                     extra_body=salt or None)
+        assert out.usage is not None
+        if new:  # its blocks reach the router before the next request is placed
+            wait_for(lambda: events_applied(deployment) > applied, 5, "the router to index it")
+        details = out.usage.prompt_tokens_details
+        return details.cached_tokens or 0 if details is not None else 0
+
+    def where() -> list[float]:
+        return [finished(deployment, "w1"), finished(deployment, "w2")]
+
+    assert cached(True) == 0
+    plain = where().index(1)
+    # Same tokens, another salt: nothing reused, and the router does not see the plain copy
+    # as a prefix of it (both workers idle: it goes to the one without the plain copy).
+    assert cached(True, cache_salt="tenant-a") == 0
+    assert where() == [1, 1]
+    # The salt's repeat goes where its salt's blocks are and reuses them.
+    assert cached(False, cache_salt="tenant-a") == full
+    assert where()[1 - plain] == 2
+    assert cached(False) == full and where()[plain] == 2
+
+
 def test_shared_system_prompt_does_not_make_a_hotspot(deployment: Deployment) -> None:
     # Enough requests that steady state, not the start-up burst, sets the totals: until the
     # other workers' first prefills are indexed, the one caching the prompt is rightly cheapest

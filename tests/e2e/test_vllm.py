@@ -376,6 +376,39 @@ def test_kv_routing_follows_real_kv_events(dep: Deployment) -> None:
     assert dep.metrics_of(router["id"]).value("turnout_router_kv_index_blocks") > 0
 
 
+def test_a_cache_salt_keeps_its_own_prefix_cache_and_routes_by_it(dep: Deployment) -> None:
+    """vLLM hashes a request's `cache_salt` into its first block and publishes the salt among
+    the block's extra keys: the worker re-hashes the salted chain, so the router indexes it as
+    new blocks, a salt's first request reuses nobody's KV and its repeat goes where it ran."""
+    oai, model = client(dep), model_of(dep)
+    prompt = long_prompt("salted")
+    oai.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0)
+    for salt in ("tenant-a", "tenant-b", "tenant-c"):
+        before = prompt_tokens_by_worker(dep)
+        indexed = dep.router.metrics().value("turnout_router_kv_index_blocks")
+        first = oai.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0,
+                                       extra_body={"cache_salt": salt})
+        assert first.usage is not None
+        n = first.usage.prompt_tokens
+        assert not (first.usage.prompt_tokens_details
+                    and first.usage.prompt_tokens_details.cached_tokens), salt
+        middle = counted(dep, before, n)
+        # Unsalted, its blocks would be the plain prompt's, already there. (Half, not all: a
+        # worker's warm-up blocks may leave the index meanwhile, which lowers the count.)
+        wait_for(lambda wanted=indexed + n // BLOCK // 2:
+                 dep.router.metrics().value("turnout_router_kv_index_blocks") >= wanted,
+                 10, f"the router to index {salt}'s blocks as new ones")
+        again = oai.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0,
+                                       extra_body={"cache_salt": salt})
+        after = counted(dep, middle, n)
+        served = [max(middle, key=lambda w: middle[w] - before[w]),
+                  max(after, key=lambda w: after[w] - middle[w])]
+        assert served[0] == served[1], f"{salt}: repeat went to another worker {served}"
+        assert again.usage is not None and again.usage.prompt_tokens_details is not None
+        assert (again.usage.prompt_tokens_details.cached_tokens or 0) >= \
+            (n - 1) // BLOCK * BLOCK - BLOCK, salt
+
+
 def test_cancel_mid_stream_frees_the_vllm_request(dep: Deployment) -> None:
     async def run() -> int:
         oai = aclient(dep)

@@ -814,6 +814,26 @@ def test_choices_are_separate_generations_numbered_in_order(stack: Stack) -> Non
         counters, before, strict=True)] == expected)
 
 
+def test_a_cache_salt_goes_with_every_generation_of_the_request(stack: Stack) -> None:
+    stack.script()
+    opened = len(stack.fake.opened)
+    stack.client().chat.completions.create(model="tiny", messages=MESSAGES, n=2,
+                                           extra_body={"cache_salt": "tenant-a"})
+    stack.client().completions.create(model="tiny", prompt=["a", "b"],
+                                      extra_body={"cache_salt": "tenant-b"})
+    stack.client().responses.create(model="tiny", input="hi",
+                                    extra_body={"cache_salt": "tenant-c"})
+    stack.client().completions.create(model="tiny", prompt="a")
+    assert [r.cache_salt for r in stack.fake.opened[opened:]] == [
+        "tenant-a", "tenant-a", "tenant-b", "tenant-b", "tenant-c", ""]
+    for path, body in (("/v1/chat/completions", {"messages": MESSAGES}),
+                       ("/v1/completions", {"prompt": "a"}), ("/v1/responses", {"input": "a"})):
+        error = _error_of(_post(stack, path, {"model": "tiny", "cache_salt": "", **body}), 400)
+        assert error["param"] == "cache_salt", path
+        error = _error_of(_post(stack, path, {"model": "tiny", "cache_salt": 7, **body}), 400)
+        assert error["param"] == "cache_salt", path
+
+
 def test_one_failing_choice_fails_the_request_and_aborts_the_others(stack: Stack) -> None:
     stack.script(reply=stack.reply_ids * 20, delay_s=0.01, error_at_chunk=4, failing_request=1)
     opened = len(stack.fake.opened)

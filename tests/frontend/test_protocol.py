@@ -125,6 +125,7 @@ CHAT_RULE_INVALID = [
     (chat(bad_words=["ok", " "]), "bad_words"),
     (chat(bad_words=["x" * 1001]), "bad_words"),
     (chat(bad_words=[f"w{i}" for i in range(129)]), "bad_words"),
+    (chat(cache_salt=""), "cache_salt"),  # as vLLM: a salt, when sent, is not empty
 ]
 
 
