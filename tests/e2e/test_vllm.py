@@ -447,6 +447,8 @@ def test_vllm_leaves_no_loose_sockets_in_the_temporary_directory(dep: Deployment
     a worker's start deletes those of workers that died without deleting theirs."""
     temp = Path(dep.env["TMPDIR"])
     assert [p.name for p in temp.iterdir() if p.is_socket()] == []
+    # Nor the file torch.distributed meets in (`vllm_dist_*`), one per start.
+    assert list(temp.glob("vllm_dist_*")) == []
     own = sorted(temp.glob("turnout-vllm-*"))
     assert len(own) == 2, own  # one per worker; the dead one's (see `dep`) was swept
     for directory in own:

@@ -280,6 +280,10 @@ class VllmEngine(Engine):
         # user placed them: in the system's temporary directory every start left some behind.
         # Its engine core inherits this.
         os.environ[RPC_PATH_ENV] = USER_RPC_PATH or str(tmp)
+        # Its engine core's temporary files too: torch.distributed's rendezvous file
+        # (`vllm_dist_*`) was left in the system's directory by every start. A fresh process
+        # (vLLM spawns it) reads TMPDIR; this process's own temporary directory stays as it was.
+        os.environ["TMPDIR"] = str(tmp)
         endpoint = self.config.kv_events_endpoint
         replay: str | None = None
         if not endpoint:
