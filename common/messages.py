@@ -81,6 +81,8 @@ class SamplingParams(Wire):
     # vLLM's bad_words, as token sequences: the last token of one is never drawn right after
     # the output so far ends with the ones before it.
     bad_words: list[list[int]] = []
+    # vLLM's allowed_token_ids: only these may be drawn ([]: any).
+    allowed_token_ids: list[int] = []
 
 
 class TokenLogprob(Wire):

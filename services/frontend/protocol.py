@@ -179,6 +179,8 @@ class _Extensions(_Strict):
     prompt_logprobs: Annotated[int, Meta(ge=-1, le=20)] | None = None
     # Words the output must not contain (`bad_words_ids` says how they become tokens).
     bad_words: list[str] | None = None
+    # Only these tokens may be generated.
+    allowed_token_ids: list[NonNegative] | None = None
     # The request reuses only KV cached for requests with the same salt (none: the unsalted):
     # one tenant cannot time another's prompts through the prefix cache.
     cache_salt: str | None = None
@@ -773,6 +775,17 @@ def _logit_bias(body: ChatCompletionRequest | CompletionRequest,
     return bias
 
 
+def _allowed_token_ids(body: ChatCompletionRequest | CompletionRequest,
+                       vocab_size: int) -> list[int]:
+    allowed = body.allowed_token_ids
+    if allowed is None:
+        return []
+    if not allowed:
+        raise invalid("'allowed_token_ids' must not be empty (leave it out to allow every "
+                      "token)", "allowed_token_ids", "invalid_value")
+    return _check_ids(list(dict.fromkeys(allowed)), vocab_size, "allowed_token_ids")
+
+
 def _check_ids(ids: list[int], vocab_size: int, param: str) -> list[int]:
     for token in ids:
         if not 0 <= token < vocab_size:
@@ -864,6 +877,7 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, prompt_len:
         repetition_penalty=1.0 if body.repetition_penalty is None
         else float(body.repetition_penalty),
         bad_words=bad_words or [],
+        allowed_token_ids=_allowed_token_ids(body, vocab_size),
     )
 
 

@@ -473,6 +473,35 @@ def test_bad_words_through_the_stack(deployment: Deployment) -> None:
     assert refused.value.body["param"] == "bad_words"  # type: ignore[index]
 
 
+def test_allowed_token_ids_through_the_stack(deployment: Deployment) -> None:
+    """vLLM's allowed_token_ids on the mocker (byte tokenizer: token id = byte + offset): every
+    generated token is one of them, the text runs as without them while the model's own choice
+    is allowed, and an id outside the vocabulary is a 400."""
+    deployment.start(workers=1, worker_args=FAST)
+    oai = client(deployment)
+
+    def complete(**extra: Any) -> openai.types.Completion:
+        return oai.completions.create(model="mock", prompt="Once upon a time", max_tokens=30,
+                                      extra_body={"ignore_eos": True, "return_token_ids": True,
+                                                  **extra})
+
+    plain = complete().choices[0]
+    ids = plain.token_ids  # type: ignore[attr-defined]
+    assert ids is not None and len(ids) == 30
+    allowed = sorted(set(ids[:3]))
+    limited = complete(allowed_token_ids=allowed).choices[0]
+    got = limited.token_ids  # type: ignore[attr-defined]
+    assert len(got) == 30 and set(got) <= set(allowed)
+    assert got[0] == ids[0]  # the model's own first choice was allowed
+    streamed = oai.completions.create(model="mock", prompt="Once upon a time", max_tokens=30,
+                                      stream=True, extra_body={"ignore_eos": True,
+                                                               "allowed_token_ids": allowed})
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == limited.text
+    with pytest.raises(openai.BadRequestError) as refused:
+        complete(allowed_token_ids=[10**6])
+    assert refused.value.body["param"] == "allowed_token_ids"  # type: ignore[index]
+
+
 def test_tool_call_parser_reaches_the_frontend_through_up(deployment: Deployment) -> None:
     """`turnout up --tool-call-parser hermes` hands the flag to its frontend: chat takes tools
     (the mocker writes no calls, so the answer is text; without the flag they get a 400)."""

@@ -220,6 +220,24 @@ def test_bad_words_reach_vllm(dep: Deployment) -> None:
     assert len(barred) == 6 and candidate not in barred
 
 
+def test_allowed_token_ids_reach_vllm(dep: Deployment) -> None:
+    """Greedy under allowed_token_ids: every token is one of them, and the unrestricted run's
+    first token where it is allowed."""
+    oai, model = client(dep), model_of(dep)
+
+    def ids(**extra: Any) -> list[int]:
+        done = oai.completions.create(
+            model=model, prompt="The quick brown fox", max_tokens=8, temperature=0,
+            extra_body={"ignore_eos": True, "return_token_ids": True, **extra})
+        return done.choices[0].token_ids  # type: ignore[attr-defined,no-any-return]
+
+    free = ids()
+    allowed = sorted({free[0], 101, 202})
+    limited = ids(allowed_token_ids=allowed)
+    assert len(limited) == 8 and set(limited) <= set(allowed) and limited[0] == free[0]
+    assert set(ids(allowed_token_ids=[101, 202])) <= {101, 202}
+
+
 def test_logprobs_come_from_vllm(dep: Deployment) -> None:
     """vLLM's logprobs reach the client: under greedy sampling each token is its position's
     most likely one, the alternatives come in order, the token bytes spell the text, and the

@@ -248,6 +248,15 @@ def test_extensions_are_passed_through() -> None:
     assert params.max_tokens == 60  # no limit given: fill the context
     off = parse_chat(json.dumps(chat(top_k=-1)).encode())
     assert sampling_params(off, 4, 64, 300).top_k == 0
+    # allowed_token_ids: once each, in the order given; none left out is an error, as in vLLM.
+    allowed = parse_chat(json.dumps(chat(allowed_token_ids=[9, 5, 9])).encode())
+    assert sampling_params(allowed, 4, 64, 300).allowed_token_ids == [9, 5]
+    assert params.allowed_token_ids == []
+    for wrong in ([], [300], [-1], "5"):
+        with pytest.raises(ApiError) as info:
+            sampling_params(parse_chat(json.dumps(chat(allowed_token_ids=wrong)).encode()), 4,
+                            64, 300)
+        assert (info.value.param or "").startswith("allowed_token_ids")
 
 
 def test_vllms_chat_render_fields() -> None:

@@ -122,3 +122,32 @@ def test_logit_bias_picks_the_most_likely_token_after_the_bias() -> None:
     assert model.scored(state, drawn, second, 0).logprob == named.top_logprobs[1]
     assert model.biased(state, drawn, {second: gap + 0.01}, none, 2) == (
         second, model.scored(state, drawn, second, 2))
+
+
+def test_allowed_token_ids_pick_the_most_likely_allowed_token() -> None:
+    """Allowed tokens the distribution names: the most likely of them (after any bias).
+    None named: the first allowed one given, the others being as likely as it."""
+    model = TokenModel(32, 127)
+    state = absorb(EMPTY_STATE, 72)
+    drawn = model.draw(state, False, None)
+    named = model.scored(state, drawn, drawn, 20).top_ids
+    none: frozenset[int] = frozenset()
+    second, third = named[1], named[2]
+    assert model.biased(state, drawn, {}, none, allowed=dict.fromkeys([third, second]))[0] \
+        == second
+    assert model.biased(state, drawn, {}, none, allowed={drawn: None})[0] == drawn
+    assert model.biased(state, drawn, {third: 100.0}, none,
+                        allowed=dict.fromkeys([second, third]))[0] == third
+    # A bias on a token that is not allowed does not let it out.
+    assert model.biased(state, drawn, {drawn: 100.0}, none,
+                        allowed=dict.fromkeys([second]))[0] == second
+    unnamed = [t for t in range(32, 127) if t not in named]
+    assert model.biased(state, drawn, {}, none, allowed=dict.fromkeys(unnamed[3:5]))[0] == \
+        unnamed[3]
+    assert model.biased(state, drawn, {}, frozenset((second,)),
+                        allowed=dict.fromkeys([second, unnamed[0]]))[0] == unnamed[0]
+    assert model.biased(state, drawn, {unnamed[1]: 1.0}, none,
+                        allowed=dict.fromkeys(unnamed[:2]))[0] == unnamed[1]
+    # Its logprob is the model's own for the token chosen.
+    token, logprob = model.biased(state, drawn, {}, none, 2, dict.fromkeys([third]))
+    assert (token, logprob) == (third, model.scored(state, drawn, third, 2))

@@ -171,7 +171,8 @@ async def test_checks_and_load() -> None:
     with pytest.raises(EngineError, match="logprobs are not supported"):  # said, not dropped
         engine.add_request(GenerateRequest("l", "m", [5, 6], SamplingParams(2, logprobs=1)))
     for name, refused in (("logit_bias", SamplingParams(2, logit_bias={5: 1.0})),
-                          ("bad_words", SamplingParams(2, bad_words=[[5, 6]]))):
+                          ("bad_words", SamplingParams(2, bad_words=[[5, 6]])),
+                          ("allowed_token_ids", SamplingParams(2, allowed_token_ids=[5]))):
         with pytest.raises(EngineError, match=f"{name} is not supported"):
             engine.add_request(GenerateRequest(name, "m", [5, 6], refused))
     with pytest.raises(EngineError, match="cache_salt is not supported"):

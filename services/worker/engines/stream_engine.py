@@ -131,6 +131,9 @@ class StreamingEngine(Engine):
         if request.sampling.bad_words:
             raise EngineError(f"bad_words is not supported on the {self.name} engine; the vllm "
                               f"and mocker engines apply it")
+        if request.sampling.allowed_token_ids:
+            raise EngineError(f"allowed_token_ids is not supported on the {self.name} engine; "
+                              f"the vllm and mocker engines apply it")
         if request.cache_salt:
             # Its events would carry blocks this translator hashes unsalted: the router would
             # then route salted requests by other tenants' prefixes.

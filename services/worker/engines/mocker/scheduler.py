@@ -332,11 +332,11 @@ class Scheduler:
                 tok = draw(seq.state, seq.eos_ok, None)
             barred = _barred(seq) if seq.bad_words is not None else None
             # Logprobs as vLLM reports them: before the bias or the bar.
-            if seq.bias is not None or (barred and tok in barred):
+            if seq.bias is not None or seq.allowed is not None or (barred and tok in barred):
                 excluded = seq.unbiasable_early if gen < seq.min_tokens else seq.unbiasable
                 tok, biased_logprob = self.model.biased(
                     seq.state, tok, seq.bias or {}, excluded | barred if barred else excluded,
-                    seq.logprobs)
+                    seq.logprobs, seq.allowed)
                 if biased_logprob is not None:
                     logprob = biased_logprob
             elif seq.logprobs >= 0:

@@ -18,6 +18,7 @@ DONE = 2
 class Sequence:
     __slots__ = (
         "admitted",
+        "allowed",
         "bad_words",
         "banned",
         "bias",
@@ -77,6 +78,9 @@ class Sequence:
         self.unbiasable_early = self.banned or frozenset()
         self.unbiasable = frozenset((model.eos_token_id,)) if (
             model.eos_token_id is not None and not self.eos_ok) else frozenset()
+        # vLLM's allowed_token_ids, in the order given (it breaks ties between equally likely
+        # ones); a dict for its lookups.
+        self.allowed: dict[int, None] | None = dict.fromkeys(sp.allowed_token_ids) or None
         # vLLM's bad_words: (the tokens before the last, the last) of each.
         self.bad_words: list[tuple[list[int], int]] | None = [
             (word[:-1], word[-1]) for word in sp.bad_words if word] or None

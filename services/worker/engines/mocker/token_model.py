@@ -146,20 +146,32 @@ class TokenModel:
         return _scored(*self._distribution(state, drawn), token, top)
 
     def biased(self, state: int, drawn: int, bias: dict[int, float], excluded: frozenset[int],
-               top: int = -1) -> tuple[int, TokenLogprob | None]:
+               top: int = -1, allowed: dict[int, None] | None = None,
+               ) -> tuple[int, TokenLogprob | None]:
         """The most likely token at `state` once `bias` is added to the logits (OpenAI's
-        `logit_bias`), never one of `excluded`; `drawn` is the one `draw` chose there. With
-        `top` >= 0, also that token `scored` (its logprob the model's own, before the bias)."""
+        `logit_bias`), never one of `excluded` and, given `allowed` (vLLM's
+        `allowed_token_ids`), one of those; `drawn` is the one `draw` chose there. With `top`
+        >= 0, also that token `scored` (its logprob the model's own, before the bias)."""
         full, rest = self._distribution(state, drawn)
+        barred = excluded
+        if allowed is not None:
+            barred = excluded | {t for t in full.top_ids if t not in allowed}
         best, best_score = drawn, -math.inf
         for token, value in zip(full.top_ids, full.top_logprobs, strict=True):
             score = value + bias.get(token, 0.0)
-            if score > best_score and token not in excluded:
+            if score > best_score and token not in barred:
                 best, best_score = token, score
         named = full.top_ids
         for token, shift in bias.items():
-            if rest + shift > best_score and token not in excluded and token not in named:
+            if (rest + shift > best_score and token not in barred and token not in named
+                    and (allowed is None or token in allowed)):
                 best, best_score = token, rest + shift
+        if allowed is not None and rest > best_score:
+            # Every other token is as likely as the next: the first allowed one left wins.
+            for token in allowed:
+                if token not in named and token not in bias and token not in barred:
+                    best = token
+                    break
         return best, _scored(full, rest, best, top) if top >= 0 else None
 
     def prompt_logprobs(self, tokens: list[int], top: int) -> list[TokenLogprob]:
