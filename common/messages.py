@@ -155,6 +155,8 @@ class GenerateRequest(Wire):
     # vLLM's `cache_salt`: seeds the request's block hashes (`common.block_hash.root_hash`), so
     # it reuses only KV computed for requests with the same salt ("" for none).
     cache_salt: str = ""
+    # vLLM's `priority`: on a worker scheduling by priority, lower goes first (then arrival).
+    priority: int = 0
 
 
 class Cancel(Wire):

@@ -787,7 +787,7 @@ class FrontendApp:
                 requests.append(GenerateRequest(
                     request_id=os.urandom(16).hex(), model=upstream_model, token_ids=ids,
                     sampling=sampling, target_worker=target, images=images,
-                    cache_salt=body.cache_salt or ""))
+                    cache_salt=body.cache_salt or "", priority=body.priority or 0))
         return requests
 
     def _open(self, requests: list[GenerateRequest],
@@ -831,7 +831,7 @@ class FrontendApp:
             echoes = await self._echoes(kind, body, prompts)
             self._widen_grant(scope, len(requests))
             # The slots come last: a request waiting for them is one that will run.
-            await self.admission.enter(len(requests))
+            await self.admission.enter(len(requests), requests[0].priority)
             try:
                 self._take_prompt_quota(scope, prompts)
                 opened = self._open(requests, body.n or 1)

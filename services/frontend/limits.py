@@ -252,21 +252,23 @@ def limited_http_protocol(limits: HttpLimits,
 
 
 class AdmissionQueue:
-    """Slots for generations; a bounded, timed FIFO for requests waiting for theirs (a request
-    for n completions takes n slots at once, so it never holds some while it waits)."""
+    """Slots for generations; a bounded, timed queue for requests waiting for theirs, in order
+    of `priority` (vLLM's: lower first) then arrival (a request for n completions takes n slots
+    at once, so it never holds some while it waits)."""
 
     def __init__(self, max_active: int, max_waiting: int, wait_timeout_s: float) -> None:
         self.max_active = max_active
         self.max_waiting = max_waiting
         self.wait_timeout_s = wait_timeout_s
         self.active = 0
-        self._waiters: collections.deque[tuple[asyncio.Future[None], int]] = collections.deque()
+        self._waiters: collections.deque[tuple[asyncio.Future[None], int, int]] = \
+            collections.deque()
 
     @property
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def enter(self, count: int = 1) -> None:
+    async def enter(self, count: int = 1, priority: int = 0) -> None:
         """Take `count` slots, waiting for them if need be; `ApiError` 503 when the waiting room
         is full or the wait times out, 400 when `count` is more than there are."""
         if not self.max_active:
@@ -283,8 +285,12 @@ class AdmissionQueue:
             raise overloaded(f"the frontend is at its limit of {self.max_active} requests in "
                              f"flight with {self.max_waiting} more waiting")
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (waiter, count)
-        self._waiters.append(entry)
+        entry = (waiter, count, priority)
+        waiters = self._waiters
+        at = len(waiters)
+        while at and waiters[at - 1][2] > priority:
+            at -= 1
+        waiters.insert(at, entry)
         try:
             await asyncio.wait_for(asyncio.shield(waiter), self.wait_timeout_s)
         except BaseException as exc:
@@ -300,13 +306,14 @@ class AdmissionQueue:
             raise
 
     def leave(self, count: int = 1) -> None:
-        """Free `count` slots: to the longest waiters, in order, as they fit."""
+        """Free `count` slots: to the waiters at the head of the queue, in order, as they
+        fit."""
         self.active -= count
         self._wake()
 
     def _wake(self) -> None:
         while self._waiters:
-            waiter, count = self._waiters[0]
+            waiter, count, _ = self._waiters[0]
             if waiter.done():
                 self._waiters.popleft()
                 continue

@@ -181,6 +181,8 @@ class _Extensions(_Strict):
     bad_words: list[str] | None = None
     # Only these tokens may be generated.
     allowed_token_ids: list[NonNegative] | None = None
+    # On workers scheduling by priority: lower first (then arrival). 0 is the default.
+    priority: Int64 | None = None
     # The request reuses only KV cached for requests with the same salt (none: the unsalted):
     # one tenant cannot time another's prompts through the prefix cache.
     cache_salt: str | None = None

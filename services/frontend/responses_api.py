@@ -64,6 +64,7 @@ class ResponsesRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     tool_choice: str | dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     cache_salt: str | None = None  # vLLM's, as on chat
+    priority: int | None = None  # vLLM's, as on chat
     # Refused when set: state, tools and reasoning are not kept or run here.
     store: bool | None = None
     background: bool | None = None
@@ -199,7 +200,7 @@ def parse(raw: bytes) -> tuple[ResponsesRequest, ChatCompletionRequest]:
                         ("tools", _chat_tools(request.tools)),
                         ("tool_choice", request.tool_choice),
                         ("parallel_tool_calls", request.parallel_tool_calls),
-                        ("cache_salt", request.cache_salt)):
+                        ("cache_salt", request.cache_salt), ("priority", request.priority)):
         if value is not None:
             chat[name] = value
     try:

@@ -62,7 +62,8 @@ class RoutedRequest:
         r = self.request
         return GenerateRequest(r.request_id, r.model, r.token_ids, r.sampling, None,
                                list(self.generated), [], phase, kv_transfer_params,
-                               images=r.images, run=r.run, cache_salt=r.cache_salt)
+                               images=r.images, run=r.run, cache_salt=r.cache_salt,
+                               priority=r.priority)
 
 
 class Accounting:

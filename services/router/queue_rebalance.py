@@ -99,6 +99,8 @@ class QueueRebalance:
 
     def _decide(self, entry: RoutedRequest, kind: str) -> Decision:
         if kind == POOL_PREFILL:
-            return self.disagg.prefill_policy.decide(
-                entry.request, self.disagg.prefill_workers(entry.request.model))
+            workers = self.disagg.prefill_workers(entry.request.model)
+            if entry.request.priority:  # stays where priority is honoured (as it was placed)
+                workers = [w for w in workers if w.schedules_by_priority] or workers
+            return self.disagg.prefill_policy.decide(entry.request, workers)
         return self.selector.decide(entry.request)

@@ -25,6 +25,7 @@ from services.router.policies import (
     Direct,
     NoWorkerError,
     Policy,
+    RoutingError,
     make_policy,
     sequence_tokens,
 )
@@ -60,13 +61,17 @@ class Selector:
         event intake feeds with forward-pass records."""
         return self.policy.cost_models if isinstance(self.policy, KvAwarePolicy) else None
 
-    def candidates(self, model: str, exclude: str = "") -> list[WorkerHandle]:
+    def candidates(self, model: str, exclude: str = "",
+                   prioritised: bool = False) -> list[WorkerHandle]:
         """Routable workers of `model` (but `exclude`) that serve whole requests: decode and
         aggregated ones (a prefill worker takes prefill phases: `disaggregation.py`), or, with
         none of those left for a while (`prefill_fallback`), the prefill workers: a stream or a
         request served by the prefill pool is slower there than on a decode worker, and better
-        than failed. NoWorkerError when there are none."""
+        than failed. NoWorkerError when there are none. `prioritised`: a request with a
+        `priority`, for workers that schedule by it (`priority_workers`)."""
         routable = [w for w in self.pool.routable(model) if w.id != exclude]
+        if prioritised:
+            routable = priority_workers(routable, model)
         candidates = [w for w in routable if w.mode != MODE_PREFILL]
         if not candidates and self.prefill_fallback(model):
             candidates = routable
@@ -96,7 +101,11 @@ class Selector:
                hint: dict[str, int] | None = None, prefer: str = "") -> Decision:
         """The worker for `request`, committing nothing. RoutingError when there is none.
         `prefer`: a worker id the policy is given alone when it is a candidate."""
-        candidates = self.candidates(request.model, exclude)
+        # A stream on its way elsewhere (a migration, a resume with tokens) keeps going on any
+        # worker rather than fail; one sent by name is the worker's to refuse.
+        prioritised = bool(request.priority and not request.target_worker and not exclude
+                           and not request.generated_token_ids)
+        candidates = self.candidates(request.model, exclude, prioritised)
         if not request.target_worker:
             preferred = [w for w in candidates if w.id == prefer] if prefer else []
             return self.policy.decide(request, preferred or candidates, hint)
@@ -124,6 +133,18 @@ class Selector:
         self.commit(decision)
         self.metrics.decision_seconds.observe(self._timer() - t0)
         return decision
+
+
+def priority_workers(workers: list[WorkerHandle], model: str) -> list[WorkerHandle]:
+    """Those of `workers` that schedule by priority: a request with a `priority` goes only
+    there (elsewhere it would be served first come, first served). A 400 when none of a model's
+    live workers does."""
+    chosen = [w for w in workers if w.schedules_by_priority]
+    if workers and not chosen:
+        raise RoutingError(f"'priority' needs a worker scheduling by priority, and no live "
+                           f"worker of model {model!r} does (start workers with "
+                           f"--scheduling-policy priority)", 400)
+    return chosen
 
 
 def build_selection(config: RouterConfig, pool: WorkerPool, metrics: RouterMetrics,

@@ -93,6 +93,11 @@ class WorkerHandle:
         return str(self.instance.metadata.get("mode") or MODE_AGGREGATED)
 
     @property
+    def schedules_by_priority(self) -> bool:
+        """Whether its engine orders requests by their `priority` (--scheduling-policy)."""
+        return self.instance.metadata.get("scheduling") == "priority"
+
+    @property
     def stamps_runs(self) -> bool:
         """Whether it puts a request's `run` on its chunks (a release before that does not)."""
         return bool(self.instance.metadata.get("chunk_runs"))

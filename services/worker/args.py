@@ -71,11 +71,18 @@ class EngineConfig:
     max_num_batched_tokens: int = opt(0, help="token budget of one engine step; 0: the "
                                               "engine's default (mocker 8192; vllm, sglang, "
                                               "trtllm size it themselves)")
+    scheduling_policy: str = opt("fcfs", choices=["fcfs", "priority"],
+                                 help="order of waiting requests (vLLM's --scheduling-policy): "
+                                      "fcfs, or priority (a request's `priority`, lower first, "
+                                      "then arrival; the lowest running one is preempted "
+                                      "first); vllm and mocker engines")
 
     def __post_init__(self) -> None:
         require(self, "be positive", "block_size", holds=lambda v: v > 0)
         require(self, "be >= 0 (0: the engine's default)", "max_model_len", "max_num_seqs",
                 "max_num_batched_tokens", holds=lambda v: v >= 0)
+        require(self, "be fcfs or priority", "scheduling_policy",
+                holds=lambda v: v in ("fcfs", "priority"))
 
     def limits(self) -> dict[str, int]:
         """The limits set on the command line (non-zero): only those reach a real engine, which

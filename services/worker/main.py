@@ -373,6 +373,14 @@ class Worker:
 
     def _admit(self, ident: bytes, request: GenerateRequest) -> None:
         try:
+            if (request.priority and request.target_worker
+                    and self.engine.scheduling_policy != "priority"):
+                # Sent here by name: it would run first come, first served, its priority
+                # ignored. (The router places others only where priority counts, but lets a
+                # migrating stream go on anywhere.)
+                raise EngineError(f"priority {request.priority}: worker {self.worker_id} "
+                                  f"schedules first come, first served (start it with "
+                                  f"--scheduling-policy priority)")
             self.engine.add_request(request)
         except EngineError as exc:
             self.destinations.pop(request.request_id, None)
@@ -543,6 +551,7 @@ class Worker:
             metadata={"mode": self.config.worker_mode or MODE_AGGREGATED, "chunk_runs": True,
                       "engine": self.config.engine, "block_size": self.engine.block_size,
                       "max_model_len": self.engine.max_model_len, "pid": os.getpid(),
+                      "scheduling": self.engine.scheduling_policy,
                       "started": self.started, **self.engine.discovery_metadata(),
                       **identity_metadata(self.ctx)},
         )

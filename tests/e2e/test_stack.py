@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import signal
@@ -500,6 +501,59 @@ def test_allowed_token_ids_through_the_stack(deployment: Deployment) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
         complete(allowed_token_ids=[10**6])
     assert refused.value.body["param"] == "allowed_token_ids"  # type: ignore[index]
+    # This worker schedules first come, first served: a priority is refused, not ignored, by
+    # the router, or by the worker when the client names it.
+    with pytest.raises(openai.BadRequestError) as refused:
+        complete(priority=1)
+    assert "--scheduling-policy priority" in refused.value.message
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.completions.create(model="mock", prompt="x", max_tokens=2,
+                               extra_body={"priority": 1},
+                               extra_headers={"x-worker-instance-id": "w1"})
+    assert "w1 schedules first come, first served" in refused.value.message
+
+
+def test_priority_scheduling_through_the_stack(deployment: Deployment) -> None:
+    """A worker started with --scheduling-policy priority and one seat: the requests queued
+    behind the running one start by their `priority`, lowest first, not in arrival order. A
+    priority with no worker scheduling by it is a 400 that says how to get one."""
+    deployment.start(workers=1, worker_args=("--speedup-ratio", "1", "--max-num-seqs", "1",
+                                             "--scheduling-policy", "priority"))
+    started: list[str] = []
+
+    async def one(oai: openai.AsyncOpenAI, name: str, priority: int, tokens: int) -> None:
+        stream = await oai.completions.create(
+            model="mock", prompt=name, max_tokens=tokens, stream=True,
+            extra_body={"ignore_eos": True, "priority": priority})
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].text and name not in started:
+                started.append(name)
+
+    async def until(done: Any, what: str) -> None:
+        """Polls (a metric scrape is no event to wait on), bounded."""
+        for _ in range(1500):
+            if await asyncio.to_thread(done):
+                return
+            await asyncio.sleep(0.02)
+        raise TimeoutError(f"timed out waiting for {what}")
+
+    def waiting() -> float:
+        return deployment.metrics_of("w1").value("turnout_worker_waiting_requests")
+
+    async def run() -> None:
+        oai = openai.AsyncOpenAI(base_url=deployment.url + "/v1", api_key="x", max_retries=0,
+                                 timeout=60)
+        hold = asyncio.create_task(one(oai, "hold", 0, 5000))
+        await until(lambda: started == ["hold"], "the first request to run")
+        queued = []
+        for n, (name, priority) in enumerate((("late", 5), ("normal", 0), ("urgent", -1))):
+            queued.append(asyncio.create_task(one(oai, name, priority, 4)))
+            await until(lambda n=n: waiting() == n + 1, f"{name} to wait in the engine")
+        hold.cancel()  # its seat frees: the waiting ones take it in turn
+        await asyncio.gather(*queued)
+
+    asyncio.run(run())
+    assert started == ["hold", "urgent", "normal", "late"]
 
 
 def test_tool_call_parser_reaches_the_frontend_through_up(deployment: Deployment) -> None:

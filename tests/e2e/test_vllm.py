@@ -64,8 +64,11 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
         # SIGKILL is caught by the dropped connection; hang verdicts are tested elsewhere
         # (test_failover, test_starvation): none before 2 s of silence here.
         d.start_router("--heartbeat-interval-ms", "500", "--missed-heartbeats", "4")
-        workers = [d.start_worker(*WORKER_ARGS, "--kv-store", str(tmp / "kv-store"), wait=False)
-                   for _ in range(2)]
+        # The second one schedules by priority (vLLM's --scheduling-policy priority): requests
+        # with a `priority` go there (test_a_priority_goes_to_the_vllm_scheduling_by_it).
+        workers = [d.start_worker(*WORKER_ARGS, "--kv-store", str(tmp / "kv-store"),
+                                  *(("--scheduling-policy", "priority") if i else ()), wait=False)
+                   for i in range(2)]
         for service in workers:
             d.wait_registered(service, timeout=START_TIMEOUT_S)
         d.start_frontend("--heartbeat-interval-ms", "500", "--missed-heartbeats", "4")
@@ -425,6 +428,24 @@ def test_a_cache_salt_keeps_its_own_prefix_cache_and_routes_by_it(dep: Deploymen
         assert again.usage is not None and again.usage.prompt_tokens_details is not None
         assert (again.usage.prompt_tokens_details.cached_tokens or 0) >= \
             (n - 1) // BLOCK * BLOCK - BLOCK, salt
+
+
+def test_a_priority_goes_to_the_vllm_scheduling_by_it(dep: Deployment) -> None:
+    """Each worker advertises the policy its vLLM runs; requests with a `priority` go to the
+    one scheduling by it, and come back as any other."""
+    oai, model = client(dep), model_of(dep)
+    policies = {r["id"]: r["metadata"]["scheduling"] for r in dep.records()
+                if r["role"] == "worker"}
+    assert sorted(policies.values()) == ["fcfs", "priority"]
+    (honours,) = [w for w, policy in policies.items() if policy == "priority"]
+    for i in range(3):
+        before = prompt_tokens_by_worker(dep)
+        done = oai.completions.create(model=model, prompt=f"Priority {i}", max_tokens=4,
+                                      temperature=0, extra_body={"priority": (5, -2, 1)[i]})
+        assert done.usage is not None and done.usage.completion_tokens == 4
+        after = counted(dep, before, done.usage.prompt_tokens)
+        # It started there (a stall verdict on this busy host may move it on afterwards).
+        assert after[honours] > before[honours], (i, before, after)
 
 
 def test_cancel_mid_stream_frees_the_vllm_request(dep: Deployment) -> None:

@@ -814,7 +814,7 @@ def test_choices_are_separate_generations_numbered_in_order(stack: Stack) -> Non
         counters, before, strict=True)] == expected)
 
 
-def test_a_cache_salt_goes_with_every_generation_of_the_request(stack: Stack) -> None:
+def test_a_cache_salt_and_a_priority_go_with_every_generation_of_the_request(stack: Stack) -> None:
     stack.script()
     opened = len(stack.fake.opened)
     stack.client().chat.completions.create(model="tiny", messages=MESSAGES, n=2,
@@ -823,9 +823,11 @@ def test_a_cache_salt_goes_with_every_generation_of_the_request(stack: Stack) ->
                                       extra_body={"cache_salt": "tenant-b"})
     stack.client().responses.create(model="tiny", input="hi",
                                     extra_body={"cache_salt": "tenant-c"})
-    stack.client().completions.create(model="tiny", prompt="a")
+    stack.client().completions.create(model="tiny", prompt="a", extra_body={"priority": -3})
     assert [r.cache_salt for r in stack.fake.opened[opened:]] == [
         "tenant-a", "tenant-a", "tenant-b", "tenant-b", "tenant-c", ""]
+    stack.client().responses.create(model="tiny", input="hi", extra_body={"priority": 4})
+    assert [r.priority for r in stack.fake.opened[opened:]] == [0] * 5 + [-3, 4]
     for path, body in (("/v1/chat/completions", {"messages": MESSAGES}),
                        ("/v1/completions", {"prompt": "a"}), ("/v1/responses", {"input": "a"})):
         error = _error_of(_post(stack, path, {"model": "tiny", "cache_salt": "", **body}), 400)

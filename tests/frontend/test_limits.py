@@ -249,6 +249,28 @@ def test_admission_queue_bounds_waiters_and_hands_slots_in_order() -> None:
     asyncio.run(asyncio.wait_for(main(), 10))
 
 
+def test_admission_hands_slots_by_priority_then_arrival() -> None:
+    async def main() -> None:
+        queue = AdmissionQueue(max_active=1, max_waiting=5, wait_timeout_s=5)
+        await queue.enter()
+        order: list[str] = []
+
+        async def waiter(name: str, priority: int) -> None:
+            await queue.enter(priority=priority)
+            order.append(name)
+            queue.leave()
+
+        tasks = [asyncio.create_task(waiter(name, priority)) for name, priority in (
+            ("late", 5), ("a", 0), ("urgent", -2), ("b", 0), ("urgent2", -2))]
+        await asyncio.sleep(0)
+        assert queue.waiting == 5
+        queue.leave()
+        await asyncio.gather(*tasks)
+        assert order == ["urgent", "urgent2", "a", "b", "late"] and queue.active == 0
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+
+
 def test_admission_wait_times_out_and_a_cancelled_waiter_leaves() -> None:
     async def main() -> None:
         queue = AdmissionQueue(max_active=1, max_waiting=5, wait_timeout_s=0.1)

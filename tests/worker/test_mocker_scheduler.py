@@ -22,12 +22,14 @@ MODEL = TokenModel(32, 127)
 
 
 def make(num_blocks: int = 16384, block_size: int = 64, max_num_seqs: int = 256,
-         budget: int = 8192) -> Scheduler:
-    return Scheduler(KvPool(num_blocks, block_size), MODEL, max_num_seqs, budget)
+         budget: int = 8192, priority: bool = False) -> Scheduler:
+    return Scheduler(KvPool(num_blocks, block_size), MODEL, max_num_seqs, budget, priority)
 
 
-def add(sched: Scheduler, rid: str, prompt: list[int], max_tokens: int) -> None:
-    request = GenerateRequest(rid, "m", prompt, SamplingParams(max_tokens=max_tokens))
+def add(sched: Scheduler, rid: str, prompt: list[int], max_tokens: int,
+        priority: int = 0) -> None:
+    request = GenerateRequest(rid, "m", prompt, SamplingParams(max_tokens=max_tokens),
+                              priority=priority)
     sched.add(Sequence(request, MODEL))
 
 
@@ -114,6 +116,41 @@ def test_preemption_under_a_tiny_pool_keeps_tokens_exact() -> None:
         assert per_request[rid][0].num_prompt_tokens == 10
     assert sched.pool.used_blocks == 0
     assert not sched.requests
+
+
+def first_tokens(steps: list[tuple[StepPlan, list[TokenChunk]]]) -> list[str]:
+    """Request ids in the order their first tokens came."""
+    seen: list[str] = []
+    for _, chunks in steps:
+        seen += [c.request_id for c in chunks if c.token_ids and c.request_id not in seen]
+    return seen
+
+
+@pytest.mark.parametrize("priority", [False, True])
+def test_priority_policy_admits_the_lowest_priority_first(priority: bool) -> None:
+    """One request runs at a time: under fcfs they start in arrival order; under priority by
+    (priority, arrival), whatever the order they came in."""
+    sched = make(max_num_seqs=1, priority=priority)
+    for rid, level in (("a", 0), ("late", 5), ("urgent", -1), ("b", 0), ("urgent2", -1)):
+        add(sched, rid, [40] * 8, 2, level)
+    _, steps = drive(sched)
+    assert first_tokens(steps) == (["urgent", "urgent2", "a", "b", "late"] if priority
+                                   else ["a", "late", "urgent", "b", "urgent2"])
+
+
+def test_priority_policy_preempts_the_lowest_priority_running_request() -> None:
+    """The pool runs dry: fcfs preempts the one admitted last, priority the one with the
+    highest (priority, arrival); either way the tokens are exact."""
+    for priority, victim in ((False, "b"), (True, "a")):
+        sched = make(num_blocks=12, block_size=4, priority=priority)
+        add(sched, "a", [40] * 16, 24, priority=3)  # each ends needing 10 blocks
+        add(sched, "b", [41] * 16, 24, priority=1)
+        per_request, steps = drive(sched)
+        assert sched.num_preemptions == 1
+        done = [c.request_id for _, chunks in steps for c in chunks if c.finish_reason]
+        assert done[0] != victim, (priority, done)
+        assert tokens_of(per_request["a"]) == expected([40] * 16, 24)
+        assert tokens_of(per_request["b"]) == expected([41] * 16, 24)
 
 
 def test_preempted_request_reuses_its_cached_prefix() -> None:

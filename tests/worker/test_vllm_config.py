@@ -42,6 +42,15 @@ def test_engine_args_replace_our_flags() -> None:
         "--model", "/m", "--no-enable-prefix-caching", "--block-size=16"]
 
 
+def test_the_scheduling_policy_reaches_vllm_unless_engine_args_name_one() -> None:
+    assert "--scheduling-policy" not in VllmConfig().argv("/m", 64, on_cpu=True)
+    argv = VllmConfig().argv("/m", 64, on_cpu=True, scheduling_policy="priority")
+    assert argv[argv.index("--scheduling-policy") + 1] == "priority"
+    given = VllmConfig(engine_args="--scheduling-policy fcfs").argv(
+        "/m", 64, on_cpu=True, scheduling_policy="priority")
+    assert given[given.index("--scheduling-policy"):] == ["--scheduling-policy", "fcfs"]
+
+
 def test_validation() -> None:
     with pytest.raises(ValueError):
         VllmConfig(gpu_memory_utilization=1.5).validate()

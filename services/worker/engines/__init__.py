@@ -98,7 +98,7 @@ def mocker_settings(config: WorkerConfig, engine_configs: list[Any]) -> Any:
     try:
         return dataclasses.replace(
             mocker, block_size=engine.block_size, hash_seed=engine.hash_seed,
-            max_model_len=max_model_len,
+            max_model_len=max_model_len, scheduling_policy=engine.scheduling_policy,
             max_num_seqs=engine.max_num_seqs or DEFAULT_MAX_NUM_SEQS,
             max_num_batched_tokens=engine.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS)
     except ValueError as exc:
@@ -235,7 +235,12 @@ def _create_real_engine(config: WorkerConfig, engine_configs: list[Any]) -> Engi
         if config.engine == "vllm":
             from services.worker.engines.vllm_engine import VllmEngine
 
-            return VllmEngine(real, config.model, **common)
+            return VllmEngine(real, config.model, **common,
+                              scheduling_policy=engine.scheduling_policy)
+        if engine.scheduling_policy != "fcfs":
+            raise ValueError(f"--scheduling-policy {engine.scheduling_policy}: the vllm and "
+                             f"mocker engines only; {config.engine} schedules first come, "
+                             f"first served here")
         if config.engine == "sglang":
             from services.worker.engines.sglang_engine import SglangEngine
 

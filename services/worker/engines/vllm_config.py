@@ -81,7 +81,7 @@ class VllmConfig(RealEngineConfig):
                     raise ValueError(f"vllm: {name} needs --kv-transfer nixl")
 
     def argv(self, model: str, block_size: int, *, on_cpu: bool,
-             shared: dict[str, int] | None = None) -> list[str]:
+             shared: dict[str, int] | None = None, scheduling_policy: str = "fcfs") -> list[str]:
         """The vLLM command line: our settings, then `--engine-args`, which win: a flag given
         there replaces ours. `shared` holds the engine-neutral limits set on the command line
         (`EngineConfig.limits()`)."""
@@ -102,6 +102,8 @@ class VllmConfig(RealEngineConfig):
             ours.append(("--kv-cache-memory-bytes", str(kv_bytes)))
         for name, value in (shared or {}).items():
             ours.append(("--" + name.replace("_", "-"), str(value)))
+        if scheduling_policy != "fcfs":
+            ours.append(("--scheduling-policy", scheduling_policy))
         argv: list[str] = []
         for flag, value in ours:
             if flag not in given:

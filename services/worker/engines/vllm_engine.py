@@ -228,7 +228,8 @@ class _StepHook(StatLoggerBase):
 
 class VllmEngine(Engine):
     def __init__(self, config: VllmConfig, model: str, *, block_size: int = 64,
-                 hash_seed: int = DEFAULT_SEED, shared: dict[str, int] | None = None) -> None:
+                 hash_seed: int = DEFAULT_SEED, shared: dict[str, int] | None = None,
+                 scheduling_policy: str = "fcfs") -> None:
         if not model:
             raise ValueError("the vllm engine needs --model (a HF model directory or name)")
         config.validate()
@@ -236,6 +237,7 @@ class VllmEngine(Engine):
         self.model = model
         self.block_size = block_size
         self.hash_seed = hash_seed
+        self.scheduling_policy = scheduling_policy  # vLLM's own once its arguments are read
         self.max_model_len = 0  # known once vLLM has read the model
         self._shared = dict(shared or {})
         self._kv_store = os.path.abspath(config.kv_store) if config.kv_store else ""
@@ -267,7 +269,10 @@ class VllmEngine(Engine):
             raise RuntimeError("vllm engine already started")
         self._sink = sink
         args = parse_engine_args(self.config.argv(
-            self.model, self.block_size, on_cpu=current_platform.is_cpu(), shared=self._shared))
+            self.model, self.block_size, on_cpu=current_platform.is_cpu(), shared=self._shared,
+            scheduling_policy=self.scheduling_policy))
+        # `--engine-args` may have named another: the one vLLM runs is the one advertised.
+        self.scheduling_policy = str(args.scheduling_policy)
         args.disable_log_stats = True  # vLLM's own log/Prometheus loggers; our hook still runs
         layout = self._layout
         if layout is not None:
@@ -441,7 +446,7 @@ class VllmEngine(Engine):
                         f"vllm-add-{request.request_id}")
             return
         prompt = _token_prompt([*request.token_ids, *request.generated_token_ids])
-        self._spawn(self._submit(tracked, prompt, params, request.cache_salt),
+        self._spawn(self._submit(tracked, prompt, params, request.cache_salt, request.priority),
                     f"vllm-add-{request.request_id}")
 
     async def _submit_images(self, tracked: Tracked, request: GenerateRequest,
@@ -462,7 +467,7 @@ class VllmEngine(Engine):
             return  # aborted meanwhile
         if inline and self._sink is not None:  # turnout_worker_images_total{source="inline"}
             self._sink(StepOutput(images_encoded=inline))
-        await self._submit(tracked, prompt, params, request.cache_salt)
+        await self._submit(tracked, prompt, params, request.cache_salt, request.priority)
 
     def _fail_submit(self, request_id: str, code: int, message: str) -> None:
         assert self._gather is not None
@@ -471,13 +476,13 @@ class VllmEngine(Engine):
         self._gather.flush_soon()
 
     async def _submit(self, tracked: Tracked, prompt: Any, params: VllmSamplingParams,
-                      cache_salt: str = "") -> None:
+                      cache_salt: str = "", priority: int = 0) -> None:
         assert self._llm is not None and self._gather is not None
         rid = tracked.request_id
         if cache_salt:  # every vLLM prompt input is a dict; it salts the first block's hash
             prompt["cache_salt"] = cache_salt
         try:
-            collector = await self._llm.add_request(rid, prompt, params)
+            collector = await self._llm.add_request(rid, prompt, params, priority=priority)
         except Exception as exc:  # vLLM's validation (or a dead engine) refused it
             self._prefills.discard(rid)
             code = 503 if self._llm.errored else 400

@@ -60,6 +60,7 @@ class MockerConfig:
     max_model_len: int = 0  # 0: what the KV pool holds (num_blocks x block_size)
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    scheduling_policy: str = "fcfs"  # or "priority"
     startup_time_s: float = opt(0.0, help="simulated model load time before the engine serves "
                                           "(logged each second at info level); 0: none")
 

@@ -74,10 +74,13 @@ class MockerEngine(Engine):
         self.block_size = c.block_size
         self.max_model_len = c.max_model_len
         self.hash_seed = c.hash_seed
+        self.scheduling_policy = c.scheduling_policy
         lo, hi = c.output_range()
         self.model = TokenModel(lo, hi, c.eos_token_id, c.mean_output_tokens)
         self.pool = KvPool(c.num_blocks, c.block_size, c.hash_seed)
-        self.scheduler = Scheduler(self.pool, self.model, c.max_num_seqs, c.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.pool, self.model, c.max_num_seqs,
+                                   c.max_num_batched_tokens,
+                                   priority=c.scheduling_policy == "priority")
         self._max_token_id = c.vocab_size - 1 if c.vocab_size > 0 else _MAX_TOKEN_ID
         self._wakeup = asyncio.Event()
         self._sink: StepSink | None = None

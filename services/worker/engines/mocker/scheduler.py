@@ -6,7 +6,9 @@ admitted in FIFO order while there is room in the batch and in the KV pool; a pr
 what is left of the budget is prefilled over several steps. A request produces its first token in
 the step that finishes its prefill. When the pool runs dry the most recently admitted running
 request is preempted to the front of the waiting queue; it keeps its tokens and re-prefills later
-(its prefix may still be cached).
+(its prefix may still be cached). With `priority` (vLLM's priority policy) the waiting queue is
+ordered by (`priority`, arrival), lowest first, and the running request with the highest of
+those is the one preempted, back into the queue at its place.
 
 Disaggregation: a prefill-phase request finishes with its first token ("length" unless that
 token stops it) and its blocks stay referenced in `held` until `release_held`; a decode-phase
@@ -66,8 +68,11 @@ def _barred(seq: Sequence) -> frozenset[int]:
 
 class Scheduler:
     def __init__(self, pool: KvPool, model: TokenModel, max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
+                 max_num_batched_tokens: int, priority: bool = False) -> None:
         self.pool = pool
+        self.priority = priority
+        self._arrivals = 0  # arrival numbers; resumed streams count down from 0 (ahead)
+        self._resumed = 0
         self.model = model
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -93,9 +98,28 @@ class Scheduler:
         elif seq.num_generated:
             # A stream resumed from another worker arrived before anything waiting here:
             # first come, first served by original arrival keeps its token gap short.
-            self.waiting.appendleft(seq)
+            self._resumed -= 1
+            seq.arrival = self._resumed
+            if self.priority:
+                self._requeue(seq)
+            else:
+                self.waiting.appendleft(seq)
         else:
-            self.waiting.append(seq)
+            self._arrivals += 1
+            seq.arrival = self._arrivals
+            if self.priority:
+                self._requeue(seq)
+            else:
+                self.waiting.append(seq)
+
+    def _requeue(self, seq: Sequence) -> None:
+        """Priority scheduling: `seq` into the waiting queue at its (priority, arrival)."""
+        waiting = self.waiting
+        key = (seq.priority, seq.arrival)
+        at = len(waiting)
+        while at and (waiting[at - 1].priority, waiting[at - 1].arrival) > key:
+            at -= 1
+        waiting.insert(at, seq)
 
     def release_held(self, request_id: str) -> bool:
         """Free the blocks a finished prefill phase kept; False when none were held."""
@@ -273,7 +297,11 @@ class Scheduler:
         """Preempt from the most recently admitted end until `blocks` can be allocated for
         `seq`; False when `seq` itself had to go."""
         while self.pool.free_blocks < blocks:
-            victim = self.running.pop()
+            if self.priority:
+                victim = max(self.running, key=lambda s: (s.priority, s.arrival))
+                self.running.remove(victim)
+            else:
+                victim = self.running.pop()
             self._preempt(victim, planned)
             if victim is seq:
                 return False
@@ -290,7 +318,10 @@ class Scheduler:
         seq.num_registered = 0
         seq.decoding = False
         seq.status = WAITING
-        self.waiting.appendleft(seq)
+        if self.priority:
+            self._requeue(seq)
+        else:
+            self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     # -- results -----------------------------------------------------------------------------

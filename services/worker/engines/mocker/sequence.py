@@ -19,6 +19,7 @@ class Sequence:
     __slots__ = (
         "admitted",
         "allowed",
+        "arrival",
         "bad_words",
         "banned",
         "bias",
@@ -40,6 +41,7 @@ class Sequence:
         "num_registered",
         "num_scheduled",
         "prefill_only",
+        "priority",
         "prompt_logprobs",
         "request_id",
         "state",
@@ -54,6 +56,9 @@ class Sequence:
         sp = request.sampling
         self.request_id = request.request_id
         self.cache_salt = request.cache_salt  # seeds its block hashes (KvPool.root_of)
+        # Under priority scheduling: (priority, arrival) orders it, lowest first.
+        self.priority = request.priority
+        self.arrival = 0  # set by the scheduler
         # Prompt, then everything generated (migrated tokens included): what a re-prefill covers.
         self.tokens: list[int] = [*request.token_ids, *request.generated_token_ids]
         self.num_prompt = len(request.token_ids)
