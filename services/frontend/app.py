@@ -66,6 +66,8 @@ WORKER_HEADER: Final = b"x-worker-instance-id"
 # Gateway API Inference Extension: the endpoint picker's choice, "IP:PORT" (a comma-separated
 # list is primary first, then fallbacks). The router matches it against workers' endpoints.
 GATEWAY_ENDPOINT_HEADER: Final = b"x-gateway-destination-endpoint"
+# vLLM's: a request's priority, in place of the body's (gateways set it per route or tenant).
+PRIORITY_HEADER: Final = b"x-vllm-priority"
 # Where a request's API key policy and quota grant travel in the ASGI scope.
 KEY_SCOPE: Final = "turnout.api_key"
 GRANT_SCOPE: Final = "turnout.grant"
@@ -323,6 +325,23 @@ def _target_worker(scope: Scope) -> str | None:
                        param="x-gateway-destination-endpoint",
                        code="invalid_destination_endpoint", reason="bad_destination")
     return ",".join(parts)
+
+
+def _priority(scope: Scope, given: int) -> int:
+    """The request's priority: vLLM's `x-vllm-priority` header when sent (an integer), else
+    the body's."""
+    for name, value in scope["headers"]:
+        if name == PRIORITY_HEADER:
+            text = value.decode("latin-1").strip()
+            try:
+                priority = int(text)
+            except ValueError:
+                priority = None
+            if priority is None or not -(2**63) <= priority < 2**63:
+                raise ApiError(400, f"header x-vllm-priority must be an integer, got {text!r}",
+                               param="x-vllm-priority", code="invalid_value")
+            return priority
+    return given
 
 
 def _is_host_port(text: str) -> bool:
@@ -774,6 +793,7 @@ class FrontendApp:
         context = self.context_length(upstream_model)
         source = self.context_length_source(upstream_model)
         target = _target_worker(scope)
+        priority = _priority(scope, body.priority or 0)
         requests = []
         for ids, images in prompts:
             sampling = protocol.sampling_params(body, len(ids), context,
@@ -787,7 +807,7 @@ class FrontendApp:
                 requests.append(GenerateRequest(
                     request_id=os.urandom(16).hex(), model=upstream_model, token_ids=ids,
                     sampling=sampling, target_worker=target, images=images,
-                    cache_salt=body.cache_salt or "", priority=body.priority or 0))
+                    cache_salt=body.cache_salt or "", priority=priority))
         return requests
 
     def _open(self, requests: list[GenerateRequest],

@@ -827,7 +827,13 @@ def test_a_cache_salt_and_a_priority_go_with_every_generation_of_the_request(sta
     assert [r.cache_salt for r in stack.fake.opened[opened:]] == [
         "tenant-a", "tenant-a", "tenant-b", "tenant-b", "tenant-c", ""]
     stack.client().responses.create(model="tiny", input="hi", extra_body={"priority": 4})
-    assert [r.priority for r in stack.fake.opened[opened:]] == [0] * 5 + [-3, 4]
+    # vLLM's x-vllm-priority header, when sent, is the priority.
+    stack.client().completions.create(model="tiny", prompt="a", extra_body={"priority": 4},
+                                      extra_headers={"x-vllm-priority": "-7"})
+    assert [r.priority for r in stack.fake.opened[opened:]] == [0] * 5 + [-3, 4, -7]
+    error = _error_of(_post(stack, "/v1/completions", {"model": "tiny", "prompt": "a"},
+                            headers={"x-vllm-priority": "high"}), 400)
+    assert error["param"] == "x-vllm-priority"
     for path, body in (("/v1/chat/completions", {"messages": MESSAGES}),
                        ("/v1/completions", {"prompt": "a"}), ("/v1/responses", {"input": "a"})):
         error = _error_of(_post(stack, path, {"model": "tiny", "cache_salt": "", **body}), 400)
