@@ -64,7 +64,8 @@ class Engine(abc.ABC):
     block_size: int
     max_model_len: int
     hash_seed: int = DEFAULT_SEED
-    # SCHEDULING_*: how the engine orders waiting requests (its discovery record says so).
+    # How the engine orders waiting requests, "fcfs" or "priority" (--scheduling-policy; its
+    # discovery record says so).
     scheduling_policy: str = "fcfs"
     # Set by the worker before `start`: where the engine declares its own `turnout_engine_*`
     # series (served on the worker's /metrics). None when nothing serves them (unit tests).
