@@ -19,8 +19,10 @@ Does not own API keys or per-key quotas (`api_keys`, `quotas`).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import dataclasses
+import operator
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -251,6 +253,9 @@ def limited_http_protocol(limits: HttpLimits,
     return LimitedHttpToolsProtocol
 
 
+_PRIORITY = operator.itemgetter(2)  # of an admission waiter: (future, slots, priority)
+
+
 class AdmissionQueue:
     """Slots for generations; a bounded, timed queue for requests waiting for theirs, in order
     of `priority` (vLLM's: lower first) then arrival (a request for n completions takes n slots
@@ -286,11 +291,7 @@ class AdmissionQueue:
                              f"flight with {self.max_waiting} more waiting")
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (waiter, count, priority)
-        waiters = self._waiters
-        at = len(waiters)
-        while at and waiters[at - 1][2] > priority:
-            at -= 1
-        waiters.insert(at, entry)
+        bisect.insort(self._waiters, entry, key=_PRIORITY)  # after its equals: in arrival order
         try:
             await asyncio.wait_for(asyncio.shield(waiter), self.wait_timeout_s)
         except BaseException as exc:

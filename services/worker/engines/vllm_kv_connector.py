@@ -39,7 +39,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from common.block_hash import DEFAULT_SEED, block_hash, root_hash
+from common.block_hash import DEFAULT_SEED, block_hashes, root_hash
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -111,13 +111,12 @@ class TurnoutKvStoreConnector(KVConnectorBase_V1):
         tokens = tracked.request.all_token_ids
         bs = self.block_size
         full_blocks = min(full_blocks, len(tokens) // bs)
-        while len(hashes) < full_blocks:
-            i = len(hashes)
+        if len(hashes) < full_blocks:
             # A salted request's blocks are stored under its salt (`cache_salt`), as the router
             # and the migration path name them.
-            salt = getattr(tracked.request, "cache_salt", None)
+            salt = getattr(tracked.request, "cache_salt", None) if not hashes else None
             parent = hashes[-1] if hashes else root_hash(self.seed, salt) if salt else self.root
-            hashes.append(block_hash(parent, tokens[i * bs:(i + 1) * bs]))
+            hashes += block_hashes(tokens[len(hashes) * bs:full_blocks * bs], bs, parent=parent)
         return hashes
 
     def get_num_new_matched_tokens(self, request: Request,

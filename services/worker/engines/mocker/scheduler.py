@@ -21,6 +21,7 @@ what is cached (the KV pool).
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 
 from common.messages import FINISH_LENGTH, FINISH_STOP, TokenChunk
@@ -64,6 +65,11 @@ def _barred(seq: Sequence) -> frozenset[int]:
         if n == 0 or (n <= output and tokens[-n:] == before):
             barred.append(last)
     return frozenset(barred)
+
+
+def _priority_order(seq: Sequence) -> tuple[int, int]:
+    """Where `seq` stands under priority scheduling: lowest first."""
+    return seq.priority, seq.arrival
 
 
 class Scheduler:
@@ -114,12 +120,7 @@ class Scheduler:
 
     def _requeue(self, seq: Sequence) -> None:
         """Priority scheduling: `seq` into the waiting queue at its (priority, arrival)."""
-        waiting = self.waiting
-        key = (seq.priority, seq.arrival)
-        at = len(waiting)
-        while at and (waiting[at - 1].priority, waiting[at - 1].arrival) > key:
-            at -= 1
-        waiting.insert(at, seq)
+        bisect.insort(self.waiting, seq, key=_priority_order)
 
     def release_held(self, request_id: str) -> bool:
         """Free the blocks a finished prefill phase kept; False when none were held."""
@@ -298,7 +299,7 @@ class Scheduler:
         `seq`; False when `seq` itself had to go."""
         while self.pool.free_blocks < blocks:
             if self.priority:
-                victim = max(self.running, key=lambda s: (s.priority, s.arrival))
+                victim = max(self.running, key=_priority_order)
                 self.running.remove(victim)
             else:
                 victim = self.running.pop()
