@@ -55,6 +55,19 @@ PHASE_PREFILL: Final = "prefill"
 PHASE_DECODE: Final = "decode"
 
 
+class StructuredOutput(Wire):
+    """vLLM's structured outputs: the output's text must fit exactly one of these (the
+    frontend checks that one is set). An engine advances the constraint over the tokens it
+    generates only, so a resumed request (`GenerateRequest.generated_token_ids`) is replayed
+    from its prompt rather than continued (`SamplingParams.seed` makes a sampled one repeat)."""
+
+    json: str = ""  # a JSON schema, as JSON text
+    regex: str = ""
+    choice: list[str] = []  # the output is one of these strings
+    grammar: str = ""  # an EBNF grammar (vLLM's xgrammar / lark forms)
+    json_object: bool = False  # any JSON object
+
+
 class SamplingParams(Wire):
     max_tokens: int
     temperature: float = 1.0
@@ -83,6 +96,7 @@ class SamplingParams(Wire):
     bad_words: list[list[int]] = []
     # vLLM's allowed_token_ids: only these may be drawn ([]: any).
     allowed_token_ids: list[int] = []
+    structured: StructuredOutput | None = None
 
 
 class TokenLogprob(Wire):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 import re
 import typing
 from collections.abc import Callable
@@ -24,6 +25,11 @@ from msgspec import UNSET, Meta, UnsetType
 from common.messages import SamplingParams
 from services.frontend.chat_template import DEFAULT_RENDER, RenderOptions
 from services.frontend.errors import ApiError, invalid, unknown_field, unsupported
+from services.frontend.structured_outputs import (
+    ResponseFormat,
+    StructuredOutputsOption,
+    structured_output,
+)
 
 INT64_MIN: Final = -(2**63)
 INT64_MAX: Final = 2**63 - 1
@@ -151,11 +157,6 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool | None = None
 
 
-class ResponseFormat(msgspec.Struct, kw_only=True):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
-
-
 class _Extensions(_Strict):
     """Fields beyond the OpenAI spec that vLLM-style clients send; Turnout honours them."""
 
@@ -186,6 +187,8 @@ class _Extensions(_Strict):
     # The request reuses only KV cached for requests with the same salt (none: the unsalted):
     # one tenant cannot time another's prompts through the prefix cache.
     cache_salt: str | None = None
+    # One constraint on the output's text (vLLM's): a JSON schema, a regex, a choice, a grammar.
+    structured_outputs: StructuredOutputsOption | None = None
 
 
 # A field typed `X | UnsetType = UNSET` may be left out but not sent as null: the spec does not let
@@ -260,6 +263,7 @@ class CompletionRequest(_Extensions, kw_only=True):
     suffix: str | None = None
     logit_bias: dict[str, int] | None = None
     logprobs: Logprobs | None = None
+    response_format: ResponseFormat | None = None  # vLLM's, as on chat
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | UnsetType = UNSET
@@ -349,6 +353,7 @@ def too_deep() -> ApiError:
 # --- checks shared by both endpoints ----------------------------------------------------------
 
 def _check_common(body: ChatCompletionRequest | CompletionRequest) -> None:
+    structured_output(body.response_format or None, body.structured_outputs)
     if body.logit_bias:
         _check_logit_bias(body.logit_bias)
     if body.bad_words:
@@ -401,8 +406,6 @@ def _check_chat(body: ChatCompletionRequest) -> None:
         raise unsupported("functions", "function calling is not supported")
     if isinstance(body.function_call, dict):
         raise unsupported("function_call", "function calling is not supported")
-    if body.response_format and body.response_format.type != "text":
-        raise unsupported("response_format", "only {'type': 'text'} is supported")
     if body.top_logprobs and not body.logprobs:
         raise invalid("'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
     if body.audio is not None:
@@ -861,6 +864,12 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, prompt_len:
     if stop_ids:
         _check_ids(stop_ids, vocab_size, "stop_token_ids")
     top_k = body.top_k or 0
+    structured = structured_output(body.response_format or None, body.structured_outputs)
+    seed = body.seed
+    if structured is not None and seed is None and body.temperature != 0:
+        # A constrained stream that moves is replayed from its prompt on the new worker (its
+        # engine must see the constraint advance over every token): a seed makes it repeat.
+        seed = random.randint(INT64_MIN, INT64_MAX)
     return SamplingParams(
         logprobs=logprobs_asked(body),
         prompt_logprobs=prompt_logprobs_asked(body),
@@ -870,7 +879,7 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, prompt_len:
         top_p=1.0 if body.top_p is None else float(body.top_p),
         top_k=top_k if top_k > 0 else 0,
         min_p=float(body.min_p or 0.0),
-        seed=body.seed,
+        seed=seed,
         min_tokens=min_tokens,
         stop_token_ids=stop_ids,
         ignore_eos=bool(body.ignore_eos),
@@ -880,6 +889,7 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, prompt_len:
         else float(body.repetition_penalty),
         bad_words=bad_words or [],
         allowed_token_ids=_allowed_token_ids(body, vocab_size),
+        structured=structured,
     )
 
 

@@ -24,14 +24,20 @@ from services.frontend.tool_calls import ToolCall, ToolCallDelta
 
 _encode = msgspec.json.encode
 # Chat's names for what a Responses request calls otherwise (in errors raised after translation).
-_PARAMS: Final = {"max_completion_tokens": "max_output_tokens", "messages": "input"}
+_PARAMS: Final = {"max_completion_tokens": "max_output_tokens", "messages": "input",
+                  "response_format.json_schema": "text.format", "response_format": "text.format"}
 # The Responses API's function tools are chat's, written flat.
 _FUNCTION_FIELDS: Final = ("name", "description", "parameters", "strict")
 _ROLES: Final = ("user", "assistant", "system", "developer")
 
 
 class TextFormat(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    type: str
+    type: Literal["text", "json_object", "json_schema"]
+    # json_schema's, written flat (chat nests them in `response_format.json_schema`).
+    name: str | None = None
+    schema: dict[str, Any] | None = None
+    description: str | None = None
+    strict: bool | None = None
 
 
 class TextOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -99,7 +105,7 @@ class ResponseShell:
             "metadata": request.metadata or {},
             "parallel_tool_calls": request.parallel_tool_calls is not False,
             "previous_response_id": None, "reasoning": None, "store": False,
-            "text": {"format": {"type": "text"}},
+            "text": {"format": _format_echo(request)},
             "tool_choice": request.tool_choice or "auto",
             "tools": [{"type": "function", "name": tool.get("name"),
                        "description": tool.get("description"),
@@ -200,7 +206,8 @@ def parse(raw: bytes) -> tuple[ResponsesRequest, ChatCompletionRequest]:
                         ("tools", _chat_tools(request.tools)),
                         ("tool_choice", request.tool_choice),
                         ("parallel_tool_calls", request.parallel_tool_calls),
-                        ("cache_salt", request.cache_salt), ("priority", request.priority)):
+                        ("cache_salt", request.cache_salt), ("priority", request.priority),
+                        ("response_format", _response_format(request))):
         if value is not None:
             chat[name] = value
     try:
@@ -209,12 +216,28 @@ def parse(raw: bytes) -> tuple[ResponsesRequest, ChatCompletionRequest]:
         raise renamed(exc) from None
 
 
+def _response_format(request: ResponsesRequest) -> dict[str, Any] | None:
+    """`text.format` as chat's `response_format`."""
+    fmt = request.text.format if request.text is not None else None
+    if fmt is None or fmt.type != "json_schema":
+        return None if fmt is None else {"type": fmt.type}
+    spec = {name: getattr(fmt, name) for name in ("name", "schema", "description", "strict")
+            if getattr(fmt, name) is not None}
+    return {"type": "json_schema", "json_schema": spec}
+
+
+def _format_echo(request: ResponsesRequest) -> dict[str, Any]:
+    fmt = request.text.format if request.text is not None else None
+    return {"type": "text"} if fmt is None else msgspec.to_builtins(fmt)
+
+
 def renamed(error: ApiError) -> ApiError:
     """`error` with chat's parameter names as this API calls them."""
     if error.param is None:
         return error
     for chat_name, name in _PARAMS.items():
-        if error.param == chat_name or error.param.startswith(chat_name + "["):
+        if error.param == chat_name or error.param.startswith((chat_name + "[",
+                                                               chat_name + ".")):
             error.message = error.message.replace(chat_name, name)
             error.param = name + error.param[len(chat_name):]
     if error.param.startswith("tools[") and ".function." in error.param:  # written flat here
@@ -249,8 +272,10 @@ def _refuse_unsupported(request: ResponsesRequest) -> None:
         raise unsupported("truncation", "only 'disabled' is supported")
     text = request.text
     if text is not None:
-        if text.format is not None and text.format.type != "text":
-            raise unsupported("text.format", "only {'type': 'text'} is supported")
+        if text.format is not None and text.format.type == "json_schema" \
+                and text.format.name is None:
+            raise invalid("Missing required parameter: 'text.format.name'.", "text.format.name",
+                          "missing_required_parameter")
         if text.verbosity is not None:
             raise unsupported("text.verbosity")
     if request.stream_options is not None and not request.stream:

@@ -41,6 +41,7 @@ from common.messages import (
     Cancel,
     GenerateRequest,
     SamplingParams,
+    StructuredOutput,
     TokenChunk,
     TokenLogprob,
     encoder,
@@ -119,14 +120,16 @@ class Pair:
     def counter(self, worker: Service, name: str) -> float:
         return self.dep.metrics_of(worker.instance_id).value(f"turnout_engine_{name}_total")
 
-    def hand_off(self, prompt: list[int], logprobs: int = -1) -> HandOff:
+    def hand_off(self, prompt: list[int], logprobs: int = -1,
+                 structured: StructuredOutput | None = None) -> HandOff:
         """The prompt prefilled on the prefill worker and decoded on the decode worker, with
         the decode worker's `turnout_engine_*` counters moved by it."""
         before = {name: self.counter(self.decode, name) for name in DECODE_COUNTERS}
-        pre = self.send(self.prefill, request(prompt, "prefill", logprobs=logprobs))
+        pre = self.send(self.prefill, request(prompt, "prefill", logprobs=logprobs,
+                                              structured=structured))
         dec = self.send(self.decode, request(prompt, "decode", generated=pre.tokens,
                                              handoff=pre.last.kv_transfer_params,
-                                             logprobs=logprobs))
+                                             logprobs=logprobs, structured=structured))
         delta = {name: self.counter(self.decode, name) - before[name]
                  for name in DECODE_COUNTERS}
         return HandOff(pre, dec, delta)
@@ -181,10 +184,13 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
 
 def request(prompt: list[int], phase: str = "", max_tokens: int = MAX_TOKENS,
             generated: list[int] | None = None, handoff: bytes = b"",
-            logprobs: int = -1) -> GenerateRequest:
+            logprobs: int = -1, structured: StructuredOutput | None = None) -> GenerateRequest:
+    # With a constraint, end-of-text is banned (its grammar would end the stream there).
+    bias = {2044: -100.0, 2045: -100.0} if structured is not None else {}
     return GenerateRequest(f"{phase or 'agg'}-{uuid.uuid4().hex[:8]}", "tiny", prompt,
                            SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                                          ignore_eos=True, logprobs=logprobs),
+                                          ignore_eos=True, logprobs=logprobs, logit_bias=bias,
+                                          structured=structured),
                            generated_token_ids=generated or [], phase=phase,
                            kv_transfer_params=handoff)
 
@@ -273,6 +279,18 @@ def test_logprobs_across_a_hand_off_are_the_aggregated_runs(pair: Pair) -> None:
         assert mine.top_ids == want.top_ids and mine.top_ids[0] == token  # greedy: its top-1
         assert mine.logprob == pytest.approx(want.logprob, abs=1e-4)
         assert mine.top_logprobs == pytest.approx(want.top_logprobs, abs=1e-4)
+
+
+def test_a_structured_output_holds_across_a_hand_off(pair: Pair) -> None:
+    """The decode worker replays the prefill's token from the prompt (read over NIXL), so its
+    grammar sees it: three digits, then letters, as the aggregated run writes them."""
+    prompt = prompt_of(200, 55)
+    shape = StructuredOutput(regex="[0-9]{3}[a-z]+")
+    h = pair.hand_off(prompt, structured=shape)
+    assert (h.decode.last.finish_reason, h.decode.last.error_message) == ("length", "")
+    ref = pair.send(pair.decode, request(prompt, structured=shape))
+    assert h.prefill.tokens + h.decode.tokens == ref.tokens
+    assert len(ref.tokens) == MAX_TOKENS
 
 
 def test_a_read_that_fails_is_counted_and_recomputed(pair: Pair) -> None:

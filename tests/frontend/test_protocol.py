@@ -92,6 +92,7 @@ CHAT_SPEC_INVALID = [
      "tools[0].function.parameters"),
     (chat(metadata={"a": 1}), "metadata"),
     (chat(response_format={"type": "xml"}), "response_format.type"),
+    (chat(response_format={"type": "json_schema"}), "response_format.json_schema"),
     (chat(tool_choice="sometimes"), "tool_choice"),
     (chat(seed="x"), "seed"),
     (chat(user=5), "user"),
@@ -126,6 +127,9 @@ CHAT_RULE_INVALID = [
     (chat(bad_words=["x" * 1001]), "bad_words"),
     (chat(bad_words=[f"w{i}" for i in range(129)]), "bad_words"),
     (chat(cache_salt=""), "cache_salt"),  # as vLLM: a salt, when sent, is not empty
+    # Structured outputs: a schema named as OpenAI names them; one constraint at most.
+    (chat(response_format={"type": "json_schema", "json_schema": {"name": "a b"}}),
+     "response_format.json_schema.name"),
 ]
 
 
@@ -142,9 +146,6 @@ CHAT_UNSUPPORTED = [
     (chat(tools=[{"type": "custom", "custom": {"name": "grammar"}}]), "tools[0].type"),
     (chat(functions=[{"name": "f"}]), "functions"),
     (chat(function_call={"name": "f"}), "function_call"),
-    (chat(response_format={"type": "json_object"}), "response_format"),
-    (chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
-     "response_format"),
     (chat(audio={"voice": "alloy", "format": "wav"}), "audio"),
     (chat(modalities=["text", "audio"]), "modalities"),
     (chat(prediction={"type": "content", "content": "x"}), "prediction"),

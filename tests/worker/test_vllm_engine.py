@@ -7,6 +7,7 @@ One engine for the whole module (vLLM takes ~20 s to start). Skipped where vLLM 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
 
@@ -21,6 +22,7 @@ from common.messages import (
     KvBlockRemoved,
     KvBlockStored,
     SamplingParams,
+    StructuredOutput,
     TokenChunk,
 )
 from services.worker.engine import EngineError, StepOutput
@@ -75,7 +77,8 @@ async def engine() -> AsyncIterator[tuple[VllmEngine, Recorder]]:
 
 def request(rid: str, prompt: list[int], max_tokens: int = 8, **kw: object) -> GenerateRequest:
     generated = kw.pop("generated", [])
-    return GenerateRequest(rid, "m", prompt, SamplingParams(max_tokens, temperature=0.0, **kw),
+    kw.setdefault("temperature", 0.0)
+    return GenerateRequest(rid, "m", prompt, SamplingParams(max_tokens, **kw),  # type: ignore[arg-type]
                            generated_token_ids=generated)  # type: ignore[arg-type]
 
 
@@ -127,6 +130,48 @@ async def test_greedy_is_deterministic_and_migration_continues_it(
     assert chunks[0].num_prompt_tokens == len(prompt)
     # prompt + generated re-prefilled, two full blocks of it from the prefix cache
     assert chunks[0].cached_tokens == 2 * BLOCK
+
+
+def _text(ids: list[int]) -> str:
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(str(cached_tiny_model() / "tokenizer.json"))
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+async def test_a_structured_output_holds_across_a_migration_by_replaying_it(
+        engine: tuple[VllmEngine, Recorder]) -> None:
+    eng, rec = engine
+    prompt = prompt_of(90, 700)
+    shape = StructuredOutput(regex="[a-z]{24}-[0-9]{6}")
+    for sampled in ({"temperature": 0.0}, {"temperature": 1.0, "seed": 11}):
+        rid = f"so{len(sampled)}"
+        eng.add_request(request(f"{rid}a", prompt, 60, structured=shape, **sampled))
+        await rec.until_finished(f"{rid}a")
+        full = rec.tokens(f"{rid}a")
+        assert re.fullmatch("[a-z]{24}-[0-9]{6}", _text(full)), _text(full)
+        # Moved after 4 tokens: restarted from the prompt, the 4 regenerated and not resent.
+        eng.add_request(request(f"{rid}b", prompt, 60, structured=shape, generated=full[:4],
+                                **sampled))
+        await rec.until_finished(f"{rid}b")
+        chunks = rec.chunks(f"{rid}b")
+        assert rec.tokens(f"{rid}b") == full[4:]
+        assert chunks[0].num_prompt_tokens == len(prompt)
+        assert chunks[0].cached_tokens == BLOCK  # the prompt's full block, cached here
+    # Tokens the constraint would never have produced cannot be caught up with: the request
+    # fails, and vLLM stops it.
+    eng.add_request(request("so3", prompt, 60, structured=shape, generated=[full[0], 5, 5]))
+    await rec.until_finished("so3")
+    last = rec.chunks("so3")[-1]
+    assert (last.finish_reason, last.error_code) == ("error", 500)
+    assert "diverged" in last.error_message
+    deadline = time.monotonic() + 30
+    while eng.load().running:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    # A malformed constraint is vLLM's to refuse: the request ends with a 400.
+    eng.add_request(request("so4", prompt, 8, structured=StructuredOutput(json="{\"type\": 5}")))
+    await rec.until_finished("so4")
+    assert rec.chunks("so4")[-1].error_code == 400
 
 
 async def test_budget_already_spent_finishes_at_once(engine: tuple[VllmEngine, Recorder]) -> None:

@@ -70,7 +70,7 @@ class Tracked:
     """One live request as the gatherer sees it; `handle` is the engine adapter's own."""
 
     __slots__ = ("first_sent", "handle", "logprobs", "num_prompt", "num_tokens",
-                 "prompt_logprobs", "request_id")
+                 "prompt_logprobs", "replay", "replay_cached", "request_id")
 
     def __init__(self, request: GenerateRequest) -> None:
         self.request_id = request.request_id
@@ -80,6 +80,15 @@ class Tracked:
         self.num_tokens = self.num_prompt + len(request.generated_token_ids)
         self.first_sent = False
         self.handle: Any = None
+        # Tokens the engine regenerates before its output is new (`replay_from_prompt`), and
+        # the prompt tokens it found cached meanwhile (for the first chunk sent).
+        self.replay: list[int] = []
+        self.replay_cached = 0
+
+    def replay_from_prompt(self, generated: list[int]) -> None:
+        """The engine restarts this resumed request from its prompt: its first outputs must be
+        `generated` again, and are not sent twice."""
+        self.replay = list(generated)
 
 
 class StepGatherer:
@@ -114,11 +123,20 @@ class StepGatherer:
         tracked = self.requests.get(request_id)
         if tracked is None or (not token_ids and reason is None):
             return
+        if tracked.replay:
+            skip = self._replayed(tracked, token_ids, reason, cached_tokens)
+            if skip < 0:
+                return
+            token_ids = token_ids[skip:]
+            logprobs = logprobs[skip:] if logprobs else logprobs
+            if not token_ids and reason is None:
+                return
         if tracked.first_sent:
             chunk = TokenChunk(request_id, token_ids, reason)
             self._decode += len(token_ids)
         else:
             tracked.first_sent = True
+            cached_tokens = max(cached_tokens, tracked.replay_cached)
             chunk = TokenChunk(request_id, token_ids, reason, num_prompt_tokens=tracked.num_prompt,
                                cached_tokens=cached_tokens, prompt_logprobs=prompt_logprobs)
             self._prefill += max(0, tracked.num_tokens - cached_tokens)
@@ -130,6 +148,22 @@ class StepGatherer:
             chunk.kv_transfer_params = kv_transfer_params
             del self.requests[request_id]
         self._chunks.append(chunk)
+
+    def _replayed(self, tracked: Tracked, token_ids: list[int], reason: str | None,
+                  cached_tokens: int) -> int:
+        """Match a replaying request's new tokens against those it must regenerate: how many
+        of them were regenerated, or -1 (and the request failed) when they differ, or it ends
+        before it has caught up."""
+        replay = tracked.replay
+        n = min(len(replay), len(token_ids))
+        if token_ids[:n] != replay[:n] or (reason is not None and n < len(replay)):
+            self.fail(tracked.request_id, 500, "the resumed request was replayed from its prompt "
+                      "(its structured-output constraint must see every token) and diverged from "
+                      "the tokens already sent; its stream cannot go on")
+            return -1
+        tracked.replay_cached = max(tracked.replay_cached, cached_tokens)
+        tracked.replay = replay[n:]
+        return n
 
     def fail(self, request_id: str, code: int, message: str) -> None:
         """End a live request with an error the client sees."""

@@ -58,6 +58,7 @@ from common.messages import (
     KvBlockStored,
     KvEvent,
     SamplingParams,
+    StructuredOutput,
     TokenLogprob,
 )
 from common.vision_layout import vision_layout
@@ -93,7 +94,7 @@ try:
     from vllm.config.kv_events import KVEventsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.platforms import current_platform
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.metrics.loggers import StatLoggerBase
 
@@ -166,12 +167,22 @@ def sampling_params(sp: SamplingParams, max_tokens: int, min_tokens: int,
         output_kind=RequestOutputKind.DELTA,
         extra_args=({"kv_transfer_params": kv_transfer_params}
                     if kv_transfer_params is not None else None),
+        structured_outputs=structured_outputs(sp.structured),
     )
     if sp.bad_words:
         # Already tokenized as vLLM tokenizes `bad_words` (by the frontend, whose tokenizer is
         # the model's): what vLLM's sampler reads, and what it would have made of the words.
         params._bad_words_token_ids = [list(word) for word in sp.bad_words]
     return params
+
+
+def structured_outputs(so: StructuredOutput | None) -> StructuredOutputsParams | None:
+    """Turnout's output constraint as vLLM's (its one set field)."""
+    if so is None:
+        return None
+    return StructuredOutputsParams(
+        json=so.json or None, regex=so.regex or None, choice=list(so.choice) or None,
+        grammar=so.grammar or None, json_object=so.json_object or None)
 
 
 def token_logprobs(tokens: list[int], positions: Any, top: int) -> list[TokenLogprob]:
@@ -434,10 +445,17 @@ class VllmEngine(Engine):
             gather.push(request.request_id, [], "length")
             gather.flush_soon()
             return
+        if request.generated_token_ids and request.sampling.structured is not None:
+            # vLLM's grammar advances over generated tokens only, never over a prompt's: the
+            # request restarts from its prompt (cached here or pulled) and regenerates what it
+            # had sent, greedy or seeded, before its output is new.
+            tracked.replay_from_prompt(request.generated_token_ids)
+            max_new, min_new = request.sampling.max_tokens, request.sampling.min_tokens
+            request = msgspec.structs.replace(request, generated_token_ids=[])
         if request.phase == PHASE_PREFILL:
             self._prefills.add(request.request_id)
         sampling = request.sampling
-        if sampling.prompt_logprobs >= 0 and request.generated_token_ids:
+        if sampling.prompt_logprobs >= 0 and (request.generated_token_ids or tracked.replay):
             # A resumed stream's client has its prompt's already.
             sampling = msgspec.structs.replace(sampling, prompt_logprobs=-1)
         params = sampling_params(sampling, max_new, min_new, handoff)
@@ -534,6 +552,9 @@ class VllmEngine(Engine):
             gather.push(tracked.request_id, tokens, reason, out.num_cached_tokens or 0, handoff,
                         token_logprobs(tokens, completion.logprobs, tracked.logprobs),
                         prompt_logprobs(out, tracked.prompt_logprobs))
+            if reason is None and tracked.request_id not in gather.requests and self._llm:
+                # Failed by the gatherer (a replay that diverged): vLLM must stop it too.
+                self._spawn(self._llm.abort(tracked.request_id), f"vllm-abort-{tracked.request_id}")
         gather.flush(self._kv_used_blocks())
 
     def _count_transfers(self, scheduler_stats: Any, iteration_stats: Any) -> None:
