@@ -44,7 +44,7 @@ from services.frontend.metrics import FrontendMetrics, ModelMetrics
 from services.frontend.quotas import Grant, QuotaExceeded, Quotas, retry_after_headers
 from services.frontend.stop_matcher import StopMatcher
 from services.frontend.tokenizer import INLINE_TOKENIZE_MAX_CHARS, Tokenizer
-from services.frontend.tool_calls import ToolCallText
+from services.frontend.tool_calls import ForcedCallText, ToolCallText
 from services.frontend.upstream import ChunkStream, NoWorkersError, Upstream
 
 log = logging.getLogger("turnout.frontend")
@@ -123,7 +123,8 @@ class Generation:
         self.disconnected = False
         self.response_started = False
         self.queued: Gauge | None = None  # the queued-requests gauge, until the first chunk
-        self.tools: ToolCallText | None = None  # tool calls read out of the text, when asked
+        # Tool calls read out of the text, when asked.
+        self.tools: ToolCallText | ForcedCallText | None = None
 
     def consume(self, batch: list[TokenChunk]) -> str:
         text = self._consume(batch)
@@ -134,7 +135,7 @@ class Generation:
         if self.finish is not None or self.error is not None:
             text += tools.end()
             if tools.calls and self.finish == "stop":
-                self.finish = "tool_calls"
+                self.finish = tools.finish_reason
         return text
 
     def _consume(self, batch: list[TokenChunk]) -> str:
@@ -627,8 +628,9 @@ class FrontendApp:
             raise invalid(str(exc), "messages", "invalid_chat_template") from None
 
     def _check_tool_request(self, body: protocol.ChatCompletionRequest) -> None:
-        """A request the model may answer with tool calls: one this deployment can read."""
-        if self.tool_call_parser is None:
+        """A request the model may answer with tool calls: one this deployment can read (a
+        reply forced to be calls is JSON, read without a parser)."""
+        if self.tool_call_parser is None and not protocol.forced_calls(body)[0]:
             raise unsupported("tools", "this deployment reads no tool calls; start the frontend "
                                        "with --tool-call-parser (hermes) for a model that makes "
                                        "them, or send tool_choice 'none'")
@@ -887,7 +889,9 @@ class FrontendApp:
             for gen in gens:
                 gen.ids_out = []
         if calls_tools:
-            gens[0].tools = ToolCallText(single=body.parallel_tool_calls is False)
+            forced, name = protocol.forced_calls(body)
+            single = body.parallel_tool_calls is False
+            gens[0].tools = ForcedCallText(name, single) if forced else ToolCallText(single)
         if body.prompt_logprobs is not None:
             for gen in gens:
                 gen.prompt_logprobs = PromptLogprobs(self.tokenizer, body.prompt_logprobs,

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from common.messages import SamplingParams
+from common.messages import SamplingParams, StructuredOutput
 from services.frontend.chat_template import DEFAULT_RENDER, RenderOptions
 from services.frontend.errors import ApiError, invalid, unknown_field, unsupported
 from services.frontend.structured_outputs import (
@@ -30,6 +30,7 @@ from services.frontend.structured_outputs import (
     StructuredOutputsOption,
     structured_output,
 )
+from services.frontend.tool_calls import forced_call_schema
 
 INT64_MIN: Final = -(2**63)
 INT64_MAX: Final = 2**63 - 1
@@ -386,9 +387,31 @@ def _check_tools(tools: list[dict[str, Any]], choice: Any) -> None:
         if not isinstance(function.get("parameters", {}), dict):
             raise invalid(f"Invalid 'tools[{i}].function.parameters': expected a JSON schema "
                           "object", f"tools[{i}].function.parameters", "invalid_value")
-    if choice == "required" or isinstance(choice, dict):
-        raise unsupported("tool_choice", "only 'auto' and 'none' are supported (a required or "
-                                         "named call needs constrained decoding)")
+    if (choice == "required" or isinstance(choice, dict)) and not tools:
+        raise invalid("Invalid value for 'tool_choice': 'tool_choice' is only allowed when "
+                      "'tools' are specified.", "tool_choice", "invalid_value")
+    if isinstance(choice, dict):
+        if choice.get("type") != "function":
+            raise unsupported("tool_choice.type", "only a named function is supported")
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str):
+            raise invalid("Invalid 'tool_choice': expected {'type': 'function', 'function': "
+                          "{'name': ...}}", "tool_choice.function.name", "invalid_value")
+        if name not in {tool["function"]["name"] for tool in tools}:
+            raise invalid(f"Invalid 'tool_choice': no tool is named {name!r}",
+                          "tool_choice.function.name", "invalid_value")
+
+
+def forced_calls(body: ChatCompletionRequest) -> tuple[bool, str | None]:
+    """Whether `tool_choice` forces the reply to be calls ("required" or a named function),
+    and the named function's name (None for "required")."""
+    choice = body.tool_choice
+    if not body.tools:
+        return False, None
+    if isinstance(choice, dict):
+        return True, choice["function"]["name"]
+    return choice == "required", None
 
 
 def tools_asked(body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
@@ -402,6 +425,11 @@ def tools_asked(body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
 def _check_chat(body: ChatCompletionRequest) -> None:
     _check_common(body)
     _check_tools(body.tools or [], body.tool_choice)
+    if forced_calls(body)[0] and structured_output(body.response_format or None,
+                                                   body.structured_outputs) is not None:
+        raise invalid("A 'tool_choice' of 'required' or a named function constrains the reply "
+                      "to calls already; it cannot take 'response_format' or "
+                      "'structured_outputs' too", "tool_choice", "invalid_value")
     if body.functions is not UNSET:
         raise unsupported("functions", "function calling is not supported")
     if isinstance(body.function_call, dict):
@@ -865,6 +893,12 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest, prompt_len:
         _check_ids(stop_ids, vocab_size, "stop_token_ids")
     top_k = body.top_k or 0
     structured = structured_output(body.response_format or None, body.structured_outputs)
+    if isinstance(body, ChatCompletionRequest):
+        forced, name = forced_calls(body)
+        if forced:
+            assert body.tools  # forced_calls: there are tools
+            structured = StructuredOutput(json=json.dumps(forced_call_schema(
+                body.tools, name, single=body.parallel_tool_calls is False)))
     seed = body.seed
     if structured is not None and seed is None and body.temperature != 0:
         # A constrained stream that moves is replayed from its prompt on the new worker (its

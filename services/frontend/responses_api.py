@@ -204,7 +204,7 @@ def parse(raw: bytes) -> tuple[ResponsesRequest, ChatCompletionRequest]:
                         ("prompt_cache_retention", request.prompt_cache_retention),
                         ("service_tier", request.service_tier),
                         ("tools", _chat_tools(request.tools)),
-                        ("tool_choice", request.tool_choice),
+                        ("tool_choice", _chat_tool_choice(request.tool_choice)),
                         ("parallel_tool_calls", request.parallel_tool_calls),
                         ("cache_salt", request.cache_salt), ("priority", request.priority),
                         ("response_format", _response_format(request))):
@@ -214,6 +214,13 @@ def parse(raw: bytes) -> tuple[ResponsesRequest, ChatCompletionRequest]:
         return request, protocol.parse_chat(_encode(chat))
     except ApiError as exc:
         raise renamed(exc) from None
+
+
+def _chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    """A named function, written flat here, as chat nests it."""
+    if isinstance(choice, dict):
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    return choice
 
 
 def _response_format(request: ResponsesRequest) -> dict[str, Any] | None:
@@ -240,7 +247,8 @@ def renamed(error: ApiError) -> ApiError:
                                                                chat_name + ".")):
             error.message = error.message.replace(chat_name, name)
             error.param = name + error.param[len(chat_name):]
-    if error.param.startswith("tools[") and ".function." in error.param:  # written flat here
+    if error.param.startswith(("tools[", "tool_choice.")) and ".function." in error.param:
+        # written flat here
         error.message = error.message.replace(".function.", ".")
         error.param = error.param.replace(".function.", ".")
     return error
@@ -265,9 +273,12 @@ def _refuse_unsupported(request: ResponsesRequest) -> None:
     for i, tool in enumerate(request.tools or ()):
         if tool.get("type") != "function":
             raise unsupported(f"tools[{i}].type", "only function tools are supported")
-    if request.tool_choice not in (None, "none", "auto"):
-        raise unsupported("tool_choice", "only 'auto' and 'none' are supported (a required or "
-                                         "named call needs constrained decoding)")
+    choice = request.tool_choice
+    if isinstance(choice, dict) and choice.get("type") != "function":
+        raise unsupported("tool_choice.type", "only a named function is supported")
+    if isinstance(choice, str) and choice not in ("none", "auto", "required"):
+        raise invalid(f"Invalid value for 'tool_choice': {choice!r}", "tool_choice",
+                      "invalid_value")
     if request.truncation == "auto":
         raise unsupported("truncation", "only 'disabled' is supported")
     text = request.text

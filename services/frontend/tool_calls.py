@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -77,21 +77,40 @@ def _tag_start(text: str) -> int:
     return len(text)
 
 
-class ToolCallText:
+class _CallReader:
+    """What every reader of calls out of a reply's text shares: the calls found, and those
+    handed over (`take`). `finish_reason`: the reply's, when it holds calls and ended on its
+    own."""
+
+    __slots__ = ("_sent", "calls")
+    finish_reason = "tool_calls"
+
+    def __init__(self) -> None:
+        self._sent = 0
+        self.calls: list[ToolCall] = []
+
+    def take(self) -> list[ToolCallDelta]:
+        """The calls finished since the last `take`, numbered in order of appearance."""
+        fresh = [ToolCallDelta(self._sent + i, call.id, call.function)
+                 for i, call in enumerate(self.calls[self._sent:])]
+        self._sent = len(self.calls)
+        return fresh
+
+
+class ToolCallText(_CallReader):
     """The `hermes` syntax over a stream of text pieces: `feed` returns the content to show
     now and keeps each finished call in `calls` (`take` hands over the ones not yet sent);
     `end` returns what is left once the text is complete."""
 
-    __slots__ = ("_blank", "_held", "_inside", "_sent", "_single", "calls")
+    __slots__ = ("_blank", "_held", "_inside", "_single")
 
     def __init__(self, single: bool = False) -> None:
         """`single`: OpenAI's `parallel_tool_calls: false`, calls after the first dropped."""
+        super().__init__()
         self._held = ""  # text not shown yet: a possible tag start, or a call being written
         self._blank = ""  # blank text after a call: shown only if more text follows it
         self._inside = False
-        self._sent = 0
         self._single = single
-        self.calls: list[ToolCall] = []
 
     def _add(self, call: ToolCall) -> None:
         if not (self._single and self.calls):
@@ -151,9 +170,66 @@ class ToolCallText:
             held = _OPEN + held
         return self._content(held)
 
-    def take(self) -> list[ToolCallDelta]:
-        """The calls finished since the last `take`, numbered in order of appearance."""
-        fresh = [ToolCallDelta(self._sent + i, call.id, call.function)
-                 for i, call in enumerate(self.calls[self._sent:])]
-        self._sent = len(self.calls)
-        return fresh
+
+class ForcedCallText(_CallReader):
+    """A reply constrained to be calls (`tool_choice` a named function, or "required";
+    `forced_call_schema` made its constraint): its whole text is JSON, read once complete.
+    For a named function the text is the call's arguments; for "required", vLLM's array of
+    `{"name": ..., "parameters": ...}`. Text that does not read so (a reply cut short by its
+    token budget) is shown as content."""
+
+    __slots__ = ("_held", "_name", "_single", "finish_reason")
+
+    def __init__(self, name: str | None, single: bool = False) -> None:
+        """`name`: the named function (None: "required"); `single` as for `ToolCallText`."""
+        super().__init__()
+        self._held: list[str] = []
+        self._name = name
+        self._single = single
+        # A named call ends as OpenAI and vLLM end one: "stop".
+        self.finish_reason = "stop" if name is not None else "tool_calls"
+
+    def feed(self, text: str) -> str:
+        self._held.append(text)
+        return ""
+
+    def end(self) -> str:
+        text = "".join(self._held)
+        self._held.clear()
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return text
+        if self._name is not None:
+            if not isinstance(value, dict):
+                return text
+            self.calls.append(ToolCall(call_id(), FunctionCall(self._name, text)))
+            return ""
+        if not isinstance(value, list) or not all(
+                isinstance(item, dict) and isinstance(item.get("name"), str)
+                and isinstance(item.get("parameters"), dict) for item in value):
+            return text
+        for item in value[:1] if self._single else value:
+            self.calls.append(ToolCall(call_id(), FunctionCall(
+                item["name"], json.dumps(item["parameters"], ensure_ascii=False))))
+        return ""
+
+
+def forced_call_schema(tools: list[dict[str, Any]], name: str | None,
+                       single: bool = False) -> dict[str, Any]:
+    """The JSON schema a reply forced to call tools must fit: the named function's parameters,
+    or (`name` None: "required") a non-empty array of calls to any of `tools`, as vLLM builds
+    them; one call at most when `single` (`parallel_tool_calls: false`)."""
+    def parameters(function: dict[str, Any]) -> dict[str, Any]:
+        return function.get("parameters") or {"type": "object", "properties": {}}
+
+    functions = [tool["function"] for tool in tools]
+    if name is not None:
+        return parameters(next(f for f in functions if f["name"] == name))
+    schema = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": [
+        {"properties": {"name": {"type": "string", "enum": [f["name"]]},
+                        "parameters": parameters(f)},
+         "required": ["name", "parameters"]} for f in functions]}}
+    if single:
+        schema["maxItems"] = 1
+    return schema

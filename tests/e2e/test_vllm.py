@@ -265,6 +265,23 @@ def test_structured_outputs_reach_vllm(dep: Deployment) -> None:
             else done.choices[0].message.content
         answer = json.loads(text)
         assert answer["colour"] in ("red", "green") and answer["size"] in (1, 2, 3), text
+    # A forced call: the function's parameters (named), an array of calls (required).
+    tools = [{"type": "function", "function": {"name": "paint", "parameters": schema}},
+             {"type": "function", "function": {"name": "rest", "parameters": {
+                 "type": "object", "properties": {}, "additionalProperties": False}}}]
+    for choice in ({"type": "function", "function": {"name": "paint"}}, "required"):
+        done = oai.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Paint?"}], max_tokens=60,
+            temperature=0, tools=tools, tool_choice=choice,  # type: ignore[arg-type]
+            logit_bias=spaces, parallel_tool_calls=False)  # one call: the array ends
+        calls = done.choices[0].message.tool_calls or []
+        assert calls and all(c.function.name in ("paint", "rest") for c in calls), done
+        for call in calls:
+            arguments = json.loads(call.function.arguments)
+            assert arguments == {} if call.function.name == "rest" else \
+                arguments["colour"] in ("red", "green"), call
+        assert done.choices[0].finish_reason == ("stop" if isinstance(choice, dict)
+                                                 else "tool_calls")
     # The Responses API's `text.format`, written flat, and echoed on the response (no
     # logit_bias there to keep the whitespace out: the object is begun, not finished).
     fmt = {"type": "json_schema", "name": "pick", "schema": schema, "strict": True}

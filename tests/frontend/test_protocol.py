@@ -140,9 +140,8 @@ def test_chat_rule_invalid(body: dict[str, Any], param: str) -> None:
 
 
 CHAT_UNSUPPORTED = [
-    (chat(tools=TOOLS, tool_choice="required"), "tool_choice"),
-    (chat(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "f"}}),
-     "tool_choice"),
+    (chat(tools=TOOLS, tool_choice={"type": "custom", "custom": {"name": "f"}}),
+     "tool_choice.type"),
     (chat(tools=[{"type": "custom", "custom": {"name": "grammar"}}]), "tools[0].type"),
     (chat(functions=[{"name": "f"}]), "functions"),
     (chat(function_call={"name": "f"}), "function_call"),

@@ -149,11 +149,69 @@ def test_what_cannot_be_served_is_refused_by_name(hermes: Served, plain: Served)
     assert plain.client.chat.completions.create(
         model="bytes", messages=ASK, tools=TOOLS, tool_choice="none").choices[0].message.content \
         == "fine"
-    assert refused(hermes, tools=TOOLS, tool_choice="required") == "tool_choice"
+    assert refused(hermes, tool_choice="required") == "tool_choice"  # no tools to call
+    assert refused(hermes, tools=TOOLS, tool_choice={
+        "type": "function", "function": {"name": "later"}}) == "tool_choice.function.name"
+    assert refused(hermes, tools=TOOLS, tool_choice="required",
+                   response_format={"type": "json_object"}) == "tool_choice"
     assert refused(hermes, tools=TOOLS, n=2) == "n"
     assert refused(hermes, tools=TOOLS, logprobs=True) == "logprobs"
     assert refused(hermes, tools=[{"type": "function", "function": {"name": "a b"}}]) \
         == "tools[0].function.name"
+
+
+def test_a_forced_call_is_constrained_to_its_schema_and_read_as_json(plain: Served) -> None:
+    """`tool_choice` a named function or "required": the reply is constrained to JSON (the
+    function's parameters; an array of calls) and read as calls without a parser, as vLLM
+    does: a named call finishes "stop", required ones "tool_calls"."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for stream in (False, True):
+        plain.reply('{"city": "Paris"}', chunk_size=3)
+        done = plain.client.chat.completions.create(model="bytes", messages=ASK, tools=TOOLS,
+                                                    tool_choice=named, stream=stream)
+        sampling = plain.fake.opened[-1].sampling
+        assert sampling.structured is not None
+        assert json.loads(sampling.structured.json) == TOOLS[0]["function"]["parameters"]
+        if stream:
+            chunks = list(done)
+            calls = [c for chunk in chunks for c in chunk.choices[0].delta.tool_calls or ()]
+            finish = chunks[-1].choices[0].finish_reason
+            assert not "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+        else:
+            calls = done.choices[0].message.tool_calls or []
+            finish = done.choices[0].finish_reason
+            assert not done.choices[0].message.content
+        assert [(c.function.name, c.function.arguments) for c in calls] == [
+            ("get_weather", '{"city": "Paris"}')] and finish == "stop"
+    plain.reply('[{"name": "now", "parameters": {}}, '
+                '{"name": "get_weather", "parameters": {"city": "Oslo"}}]')
+    done = plain.client.chat.completions.create(model="bytes", messages=ASK, tools=TOOLS,
+                                                tool_choice="required")
+    schema = json.loads(plain.fake.opened[-1].sampling.structured.json)  # type: ignore[union-attr]
+    assert schema["type"] == "array" and len(schema["items"]["anyOf"]) == 2
+    assert done.choices[0].finish_reason == "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments))
+            for c in done.choices[0].message.tool_calls or []] == [
+        ("now", {}), ("get_weather", {"city": "Oslo"})]
+    plain.reply('[{"name": "now", "parameters": {}}, {"name": "now", "parameters": {}}]')
+    one = plain.client.chat.completions.create(model="bytes", messages=ASK, tools=TOOLS,
+                                               tool_choice="required", parallel_tool_calls=False)
+    assert len(one.choices[0].message.tool_calls or []) == 1
+    assert json.loads(plain.fake.opened[-1].sampling.structured.json)[  # type: ignore[union-attr]
+        "maxItems"] == 1
+    # Cut short by its budget: no call can be read, the text is the content.
+    plain.reply('{"city": "Pa')
+    cut = plain.client.chat.completions.create(model="bytes", messages=ASK, tools=TOOLS,
+                                               tool_choice=named)
+    assert cut.choices[0].message.content == '{"city": "Pa'
+    assert not cut.choices[0].message.tool_calls
+    # The Responses API names the function flat.
+    plain.reply("{}")
+    reply = plain.client.responses.create(
+        model="bytes", input="Time?", tools=RESPONSES_TOOLS,  # type: ignore[arg-type]
+        tool_choice={"type": "function", "name": "now"})
+    assert [(item.name, item.arguments) for item in reply.output
+            if item.type == "function_call"] == [("now", "{}")]
 
 
 RESPONSES_TOOLS = [{"type": "function", "name": "get_weather", "description": "The weather",
