@@ -93,7 +93,7 @@ from services.router.kv_policy import KvAwarePolicy, load_of, worker_load
 from services.router.metrics import RouterMetrics
 from services.router.migration import Migration
 from services.router.policies import Decision, NoWorkerError, Policy
-from services.router.selection import Selector, priority_workers
+from services.router.selection import Selector, prefer_priority, priority_workers
 from services.router.worker_pool import WorkerHandle, WorkerPool
 
 PATH_LOCAL = "local"  # prefill on the decode (or aggregated) worker that then decodes
@@ -540,7 +540,7 @@ class Disaggregation:
         serving = [w for w in self.pool.routable(request.model)
                    if w.mode != MODE_PREFILL and w.id != leaving]
         if request.priority:  # where it is honoured while any is alive, else anywhere
-            serving = [w for w in serving if w.schedules_by_priority] or serving
+            serving = prefer_priority(serving)
         if not serving:
             return False
         decision = self.decode_policy.decide(request, serving)

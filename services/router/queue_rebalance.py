@@ -22,7 +22,7 @@ from services.router.accounting import Accounting, RoutedRequest
 from services.router.disaggregation import Disaggregation
 from services.router.metrics import RouterMetrics
 from services.router.policies import Decision, RoutingError
-from services.router.selection import Selector
+from services.router.selection import Selector, prefer_priority
 from services.router.worker_pool import WorkerHandle
 
 POOL_PREFILL = "prefill"
@@ -101,6 +101,6 @@ class QueueRebalance:
         if kind == POOL_PREFILL:
             workers = self.disagg.prefill_workers(entry.request.model)
             if entry.request.priority:  # stays where priority is honoured (as it was placed)
-                workers = [w for w in workers if w.schedules_by_priority] or workers
+                workers = prefer_priority(workers)
             return self.disagg.prefill_policy.decide(entry.request, workers)
         return self.selector.decide(entry.request)

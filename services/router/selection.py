@@ -147,6 +147,12 @@ def priority_workers(workers: list[WorkerHandle], model: str) -> list[WorkerHand
     return chosen
 
 
+def prefer_priority(workers: list[WorkerHandle]) -> list[WorkerHandle]:
+    """Those of `workers` that schedule by priority, or all of them when none does: where a
+    request with a `priority` already under way goes next (it is never refused midway)."""
+    return [w for w in workers if w.schedules_by_priority] or workers
+
+
 def build_selection(config: RouterConfig, pool: WorkerPool, metrics: RouterMetrics,
                     ) -> tuple[Selector, KvIndex | None]:
     """The selector of `config.router_mode`, and the KV index it reads (kv mode with events)."""
