@@ -407,6 +407,12 @@ MODE_PREFILL: Final = "prefill"  # prefill phases (whole requests only while no 
 MODE_DECODE: Final = "decode"  # decode phases, and whole requests prefilled locally
 MODE_ENCODE: Final = "encode"  # images → embeddings only (KIND_ENCODE), never generation
 
+# How a worker's engine orders waiting requests (`Instance.metadata["scheduling"]`; vLLM's
+# --scheduling-policy values).
+SCHEDULING_FCFS: Final = "fcfs"  # first come, first served
+SCHEDULING_PRIORITY: Final = "priority"  # `GenerateRequest.priority`, lower first, then arrival
+SCHEDULING_POLICIES: Final = (SCHEDULING_FCFS, SCHEDULING_PRIORITY)
+
 
 class Instance(msgspec.Struct, omit_defaults=True):
     """One registered process: who it is, what it serves and where to reach it."""

@@ -17,7 +17,13 @@ import zmq
 
 from common.failure_detector import PhiAccrualDetector
 from common.loop_socket import MessageHandler
-from common.messages import MODE_AGGREGATED, MODE_ENCODE, Instance, LoadReport
+from common.messages import (
+    MODE_AGGREGATED,
+    MODE_ENCODE,
+    SCHEDULING_PRIORITY,
+    Instance,
+    LoadReport,
+)
 from common.monitored_dealer import MonitoredDealer
 from services.router.worker_usage import WorkerUsage
 
@@ -95,7 +101,7 @@ class WorkerHandle:
     @property
     def schedules_by_priority(self) -> bool:
         """Whether its engine orders requests by their `priority` (--scheduling-policy)."""
-        return self.instance.metadata.get("scheduling") == "priority"
+        return self.instance.metadata.get("scheduling") == SCHEDULING_PRIORITY
 
     @property
     def stamps_runs(self) -> bool:

@@ -8,6 +8,7 @@ import dataclasses
 
 from common.block_hash import DEFAULT_SEED
 from common.config import ProcessConfig, opt, require
+from common.messages import SCHEDULING_FCFS, SCHEDULING_POLICIES
 
 ENGINES = ["mocker", "vllm", "sglang", "trtllm"]
 WORKER_MODES = ["aggregated", "prefill", "decode", "encode"]
@@ -71,7 +72,7 @@ class EngineConfig:
     max_num_batched_tokens: int = opt(0, help="token budget of one engine step; 0: the "
                                               "engine's default (mocker 8192; vllm, sglang, "
                                               "trtllm size it themselves)")
-    scheduling_policy: str = opt("fcfs", choices=["fcfs", "priority"],
+    scheduling_policy: str = opt(SCHEDULING_FCFS, choices=list(SCHEDULING_POLICIES),
                                  help="order of waiting requests (vLLM's --scheduling-policy): "
                                       "fcfs, or priority (a request's `priority`, lower first, "
                                       "then arrival; the lowest running one is preempted "
@@ -82,7 +83,7 @@ class EngineConfig:
         require(self, "be >= 0 (0: the engine's default)", "max_model_len", "max_num_seqs",
                 "max_num_batched_tokens", holds=lambda v: v >= 0)
         require(self, "be fcfs or priority", "scheduling_policy",
-                holds=lambda v: v in ("fcfs", "priority"))
+                holds=lambda v: v in SCHEDULING_POLICIES)
 
     def limits(self) -> dict[str, int]:
         """The limits set on the command line (non-zero): only those reach a real engine, which

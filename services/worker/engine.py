@@ -20,6 +20,7 @@ from typing import Any
 from common.block_hash import DEFAULT_SEED
 from common.custom_metrics import CustomMetrics
 from common.messages import (
+    SCHEDULING_FCFS,
     ForwardPass,
     GenerateRequest,
     ImageInput,
@@ -64,9 +65,9 @@ class Engine(abc.ABC):
     block_size: int
     max_model_len: int
     hash_seed: int = DEFAULT_SEED
-    # How the engine orders waiting requests, "fcfs" or "priority" (--scheduling-policy; its
-    # discovery record says so).
-    scheduling_policy: str = "fcfs"
+    # How the engine orders waiting requests, one of SCHEDULING_POLICIES (--scheduling-policy;
+    # its discovery record says so).
+    scheduling_policy: str = SCHEDULING_FCFS
     # Set by the worker before `start`: where the engine declares its own `turnout_engine_*`
     # series (served on the worker's /metrics). None when nothing serves them (unit tests).
     metrics: CustomMetrics | None = None

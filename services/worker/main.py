@@ -49,6 +49,7 @@ from common.messages import (
     PHASE_DECODE,
     PHASE_PREFILL,
     ROLE_WORKER,
+    SCHEDULING_PRIORITY,
     TOPIC_FPM,
     TOPIC_HEARTBEAT,
     TOPIC_KV,
@@ -374,7 +375,7 @@ class Worker:
     def _admit(self, ident: bytes, request: GenerateRequest) -> None:
         try:
             if (request.priority and request.target_worker
-                    and self.engine.scheduling_policy != "priority"):
+                    and self.engine.scheduling_policy != SCHEDULING_PRIORITY):
                 # Sent here by name: it would run first come, first served, its priority
                 # ignored. (The router places others only where priority counts, but lets a
                 # migrating stream go on anywhere.)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import declaring_class, env_name, flag_name, is_flag, to_argv
-from common.messages import MODE_DECODE, MODE_ENCODE, MODE_PREFILL
+from common.messages import MODE_DECODE, MODE_ENCODE, MODE_PREFILL, SCHEDULING_FCFS
 from services.worker.args import EngineConfig, WorkerConfig
 from services.worker.engine import Engine
 
@@ -237,7 +237,7 @@ def _create_real_engine(config: WorkerConfig, engine_configs: list[Any]) -> Engi
 
             return VllmEngine(real, config.model, **common,
                               scheduling_policy=engine.scheduling_policy)
-        if engine.scheduling_policy != "fcfs":
+        if engine.scheduling_policy != SCHEDULING_FCFS:
             raise ValueError(f"--scheduling-policy {engine.scheduling_policy}: the vllm and "
                              f"mocker engines only; {config.engine} schedules first come, "
                              f"first served here")

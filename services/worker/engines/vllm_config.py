@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from common.config import opt
+from common.messages import SCHEDULING_FCFS
 from services.worker.engines.real_engine_config import RealEngineConfig
 
 # On CPU vLLM sizes the KV cache from a fraction of one NUMA node's memory, and its GPU-minded
@@ -81,7 +82,8 @@ class VllmConfig(RealEngineConfig):
                     raise ValueError(f"vllm: {name} needs --kv-transfer nixl")
 
     def argv(self, model: str, block_size: int, *, on_cpu: bool,
-             shared: dict[str, int] | None = None, scheduling_policy: str = "fcfs") -> list[str]:
+             shared: dict[str, int] | None = None,
+             scheduling_policy: str = SCHEDULING_FCFS) -> list[str]:
         """The vLLM command line: our settings, then `--engine-args`, which win: a flag given
         there replaces ours. `shared` holds the engine-neutral limits set on the command line
         (`EngineConfig.limits()`)."""
@@ -102,7 +104,7 @@ class VllmConfig(RealEngineConfig):
             ours.append(("--kv-cache-memory-bytes", str(kv_bytes)))
         for name, value in (shared or {}).items():
             ours.append(("--" + name.replace("_", "-"), str(value)))
-        if scheduling_policy != "fcfs":
+        if scheduling_policy != SCHEDULING_FCFS:
             ours.append(("--scheduling-policy", scheduling_policy))
         argv: list[str] = []
         for flag, value in ours:

@@ -54,6 +54,7 @@ import zmq.asyncio
 from common.block_hash import DEFAULT_SEED
 from common.messages import (
     PHASE_PREFILL,
+    SCHEDULING_FCFS,
     GenerateRequest,
     KvBlockStored,
     KvEvent,
@@ -240,7 +241,7 @@ class _StepHook(StatLoggerBase):
 class VllmEngine(Engine):
     def __init__(self, config: VllmConfig, model: str, *, block_size: int = 64,
                  hash_seed: int = DEFAULT_SEED, shared: dict[str, int] | None = None,
-                 scheduling_policy: str = "fcfs") -> None:
+                 scheduling_policy: str = SCHEDULING_FCFS) -> None:
         if not model:
             raise ValueError("the vllm engine needs --model (a HF model directory or name)")
         config.validate()

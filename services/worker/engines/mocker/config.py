@@ -14,6 +14,7 @@ import dataclasses
 
 from common.block_hash import DEFAULT_SEED
 from common.config import opt
+from common.messages import SCHEDULING_FCFS
 
 DEFAULT_MAX_NUM_SEQS = 256
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
@@ -60,7 +61,7 @@ class MockerConfig:
     max_model_len: int = 0  # 0: what the KV pool holds (num_blocks x block_size)
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
-    scheduling_policy: str = "fcfs"  # or "priority"
+    scheduling_policy: str = SCHEDULING_FCFS  # or SCHEDULING_PRIORITY
     startup_time_s: float = opt(0.0, help="simulated model load time before the engine serves "
                                           "(logged each second at info level); 0: none")
 

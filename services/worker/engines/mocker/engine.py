@@ -26,7 +26,14 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from common.messages import ForwardPass, GenerateRequest, ImageInput, KvBlockStored, TokenChunk
+from common.messages import (
+    SCHEDULING_PRIORITY,
+    ForwardPass,
+    GenerateRequest,
+    ImageInput,
+    KvBlockStored,
+    TokenChunk,
+)
 from services.worker.engine import Engine, EngineError, EngineLoad, StepOutput, StepSink
 from services.worker.engines.mocker import timing
 from services.worker.engines.mocker.config import MockerConfig
@@ -80,7 +87,7 @@ class MockerEngine(Engine):
         self.pool = KvPool(c.num_blocks, c.block_size, c.hash_seed)
         self.scheduler = Scheduler(self.pool, self.model, c.max_num_seqs,
                                    c.max_num_batched_tokens,
-                                   priority=c.scheduling_policy == "priority")
+                                   priority=c.scheduling_policy == SCHEDULING_PRIORITY)
         self._max_token_id = c.vocab_size - 1 if c.vocab_size > 0 else _MAX_TOKEN_ID
         self._wakeup = asyncio.Event()
         self._sink: StepSink | None = None
