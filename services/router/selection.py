@@ -106,6 +106,8 @@ class Selector:
         prioritised = bool(request.priority and not request.target_worker and not exclude
                            and not request.generated_token_ids)
         candidates = self.candidates(request.model, exclude, prioritised)
+        if request.priority and not prioritised and not request.target_worker:
+            candidates = prefer_priority(candidates)  # where its priority still counts, if any
         if not request.target_worker:
             preferred = [w for w in candidates if w.id == prefer] if prefer else []
             return self.policy.decide(request, preferred or candidates, hint)

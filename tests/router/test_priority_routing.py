@@ -1,6 +1,6 @@
 """Requests with a `priority` go only to workers that schedule by it (--scheduling-policy
 priority), in both disaggregated phases; a model with none refuses them; a stream already under
-way goes on anywhere."""
+way goes where priority counts while such a worker is left, else anywhere."""
 
 from __future__ import annotations
 
@@ -34,9 +34,14 @@ def test_a_prioritised_request_goes_only_where_priority_is_honoured() -> None:
     urgent = msgspec.structs.replace(request(), priority=-1)
     assert {selector.choose(urgent).worker.id for _ in range(4)} == {"b"}
     assert {selector.choose(request()).worker.id for _ in range(4)} == {"a", "b"}
-    # A stream migrating off b goes on where it can rather than fail.
+    # A stream migrating off b goes on where it can rather than fail, where its priority
+    # counts while a worker scheduling by it is left.
     moving = msgspec.structs.replace(request(generated=3), priority=-1)
     assert selector.choose(moving, exclude="b").worker.id == "a"
+    c = by_priority(worker("c"))
+    selector.pool.workers["c"] = c
+    assert {selector.choose(moving, exclude="b").worker.id for _ in range(4)} == {"c"}
+    del selector.pool.workers["c"]
     # Named by the client: the worker's to refuse (it says why).
     named = msgspec.structs.replace(request(target="a"), priority=-1)
     assert selector.choose(named).worker.id == "a"
