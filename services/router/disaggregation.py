@@ -93,7 +93,8 @@ from services.router.kv_policy import KvAwarePolicy, load_of, worker_load
 from services.router.metrics import RouterMetrics
 from services.router.migration import Migration
 from services.router.policies import Decision, NoWorkerError, Policy
-from services.router.selection import Selector, prefer_priority, priority_workers
+from services.router.request_needs import able, able_workers, needs, prefer_able
+from services.router.selection import Selector
 from services.router.worker_pool import WorkerHandle, WorkerPool
 
 PATH_LOCAL = "local"  # prefill on the decode (or aggregated) worker that then decodes
@@ -293,9 +294,9 @@ class Disaggregation:
         workers = self.pool.routable(request.model)
         prefill = [w for w in workers if w.mode == MODE_PREFILL]
         serving = [w for w in workers if w.mode != MODE_PREFILL]
-        if request.priority:  # both phases where it is honoured; no such prefill: local
-            prefill = [w for w in prefill if w.schedules_by_priority]
-            serving = priority_workers(serving, request.model)
+        if needs(request):  # both phases where all it asks is honoured; no such prefill: local
+            prefill = [w for w in prefill if able(w, request)]
+            serving = able_workers(serving, request)
         if not prefill:
             if any(w.mode == MODE_DECODE for w in serving):
                 self._count(PATH_AGGREGATED, REASON_NO_PREFILL)
@@ -539,8 +540,7 @@ class Disaggregation:
         leaving = entry.worker.id if entry.worker is not None else ""
         serving = [w for w in self.pool.routable(request.model)
                    if w.mode != MODE_PREFILL and w.id != leaving]
-        if request.priority:  # where it is honoured while any is alive, else anywhere
-            serving = prefer_priority(serving)
+        serving = prefer_able(serving, request)
         if not serving:
             return False
         decision = self.decode_policy.decide(request, serving)

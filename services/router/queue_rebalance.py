@@ -22,7 +22,8 @@ from services.router.accounting import Accounting, RoutedRequest
 from services.router.disaggregation import Disaggregation
 from services.router.metrics import RouterMetrics
 from services.router.policies import Decision, RoutingError
-from services.router.selection import Selector, prefer_priority
+from services.router.request_needs import prefer_able
+from services.router.selection import Selector
 from services.router.worker_pool import WorkerHandle
 
 POOL_PREFILL = "prefill"
@@ -100,7 +101,7 @@ class QueueRebalance:
     def _decide(self, entry: RoutedRequest, kind: str) -> Decision:
         if kind == POOL_PREFILL:
             workers = self.disagg.prefill_workers(entry.request.model)
-            if entry.request.priority:  # stays where priority is honoured (as it was placed)
-                workers = prefer_priority(workers)
+            # Stays where what it asks is honoured (as it was placed).
+            workers = prefer_able(workers, entry.request)
             return self.disagg.prefill_policy.decide(entry.request, workers)
         return self.selector.decide(entry.request)

@@ -25,10 +25,10 @@ from services.router.policies import (
     Direct,
     NoWorkerError,
     Policy,
-    RoutingError,
     make_policy,
     sequence_tokens,
 )
+from services.router.request_needs import able_workers, prefer_able
 from services.router.worker_pool import WorkerHandle, WorkerPool
 
 
@@ -62,16 +62,16 @@ class Selector:
         return self.policy.cost_models if isinstance(self.policy, KvAwarePolicy) else None
 
     def candidates(self, model: str, exclude: str = "",
-                   prioritised: bool = False) -> list[WorkerHandle]:
+                   asking: GenerateRequest | None = None) -> list[WorkerHandle]:
         """Routable workers of `model` (but `exclude`) that serve whole requests: decode and
         aggregated ones (a prefill worker takes prefill phases: `disaggregation.py`), or, with
         none of those left for a while (`prefill_fallback`), the prefill workers: a stream or a
         request served by the prefill pool is slower there than on a decode worker, and better
-        than failed. NoWorkerError when there are none. `prioritised`: a request with a
-        `priority`, for workers that schedule by it (`priority_workers`)."""
+        than failed. NoWorkerError when there are none. `asking`: a new request, for the
+        workers that honour all it asks (`request_needs.able_workers`)."""
         routable = [w for w in self.pool.routable(model) if w.id != exclude]
-        if prioritised:
-            routable = priority_workers(routable, model)
+        if asking is not None:
+            routable = able_workers(routable, asking)
         candidates = [w for w in routable if w.mode != MODE_PREFILL]
         if not candidates and self.prefill_fallback(model):
             candidates = routable
@@ -103,11 +103,10 @@ class Selector:
         `prefer`: a worker id the policy is given alone when it is a candidate."""
         # A stream on its way elsewhere (a migration, a resume with tokens) keeps going on any
         # worker rather than fail; one sent by name is the worker's to refuse.
-        prioritised = bool(request.priority and not request.target_worker and not exclude
-                           and not request.generated_token_ids)
-        candidates = self.candidates(request.model, exclude, prioritised)
-        if request.priority and not prioritised and not request.target_worker:
-            candidates = prefer_priority(candidates)  # where its priority still counts, if any
+        fresh = not (request.target_worker or exclude or request.generated_token_ids)
+        candidates = self.candidates(request.model, exclude, request if fresh else None)
+        if not fresh and not request.target_worker:
+            candidates = prefer_able(candidates, request)
         if not request.target_worker:
             preferred = [w for w in candidates if w.id == prefer] if prefer else []
             return self.policy.decide(request, preferred or candidates, hint)
@@ -135,24 +134,6 @@ class Selector:
         self.commit(decision)
         self.metrics.decision_seconds.observe(self._timer() - t0)
         return decision
-
-
-def priority_workers(workers: list[WorkerHandle], model: str) -> list[WorkerHandle]:
-    """Those of `workers` that schedule by priority: a request with a `priority` goes only
-    there (elsewhere it would be served first come, first served). A 400 when none of a model's
-    live workers does."""
-    chosen = [w for w in workers if w.schedules_by_priority]
-    if workers and not chosen:
-        raise RoutingError(f"'priority' needs a worker scheduling by priority, and no live "
-                           f"worker of model {model!r} does (start workers with "
-                           f"--scheduling-policy priority)", 400)
-    return chosen
-
-
-def prefer_priority(workers: list[WorkerHandle]) -> list[WorkerHandle]:
-    """Those of `workers` that schedule by priority, or all of them when none does: where a
-    request with a `priority` already under way goes next (it is never refused midway)."""
-    return [w for w in workers if w.schedules_by_priority] or workers
 
 
 def build_selection(config: RouterConfig, pool: WorkerPool, metrics: RouterMetrics,

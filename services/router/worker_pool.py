@@ -104,6 +104,12 @@ class WorkerHandle:
         return self.instance.metadata.get("scheduling") == SCHEDULING_PRIORITY
 
     @property
+    def applies_structured_outputs(self) -> bool:
+        """Whether its engine constrains output to `SamplingParams.structured` (a worker too
+        old to say would ignore the constraint)."""
+        return self.instance.metadata.get("structured_outputs") is True
+
+    @property
     def stamps_runs(self) -> bool:
         """Whether it puts a request's `run` on its chunks (a release before that does not)."""
         return bool(self.instance.metadata.get("chunk_runs"))

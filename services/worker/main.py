@@ -553,6 +553,7 @@ class Worker:
                       "engine": self.config.engine, "block_size": self.engine.block_size,
                       "max_model_len": self.engine.max_model_len, "pid": os.getpid(),
                       "scheduling": self.engine.scheduling_policy,
+                      "structured_outputs": self.engine.applies_structured_outputs,
                       "started": self.started, **self.engine.discovery_metadata(),
                       **identity_metadata(self.ctx)},
         )

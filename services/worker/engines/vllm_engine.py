@@ -239,6 +239,8 @@ class _StepHook(StatLoggerBase):
 
 
 class VllmEngine(Engine):
+    applies_structured_outputs = True
+
     def __init__(self, config: VllmConfig, model: str, *, block_size: int = 64,
                  hash_seed: int = DEFAULT_SEED, shared: dict[str, int] | None = None,
                  scheduling_policy: str = SCHEDULING_FCFS) -> None:
