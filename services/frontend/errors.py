@@ -6,6 +6,8 @@ when a request is wrong; `protocol` and `app` do that.
 
 from __future__ import annotations
 
+from typing import Final
+
 import msgspec
 
 INVALID_REQUEST = "invalid_request_error"
@@ -65,6 +67,16 @@ def unsupported(param: str, what: str | None = None) -> ApiError:
                     code="unsupported_parameter", reason="unsupported")
 
 
+# vLLM's guided decoding fields, removed there in favour of `structured_outputs` (vLLM now
+# ignores them, output unconstrained): the field of `structured_outputs` each became.
+_GUIDED: Final = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar"}
+
+
 def unknown_field(param: str) -> ApiError:
-    return ApiError(400, f"Unrecognized request argument supplied: {param}", param=param,
+    hint = ""
+    if param in _GUIDED:
+        hint = (f" ({param} was vLLM's, removed in favour of structured_outputs: send "
+                f"\"structured_outputs\": {{\"{_GUIDED[param]}\": ...}})")
+    return ApiError(400, f"Unrecognized request argument supplied: {param}{hint}", param=param,
                     code="unknown_parameter", reason="unknown_field")

@@ -85,3 +85,12 @@ def test_a_malformed_constraint_is_a_400_naming_its_field(fields: dict[str, Any]
         _chat(**fields)
     assert info.value.status == 400
     assert info.value.param == param, info.value.message
+
+
+def test_vllms_removed_guided_fields_point_to_structured_outputs() -> None:
+    # vLLM itself now ignores them (unconstrained output): here they are a 400 that says what
+    # to send instead.
+    with pytest.raises(ApiError) as info:
+        _chat(guided_json={"type": "object"})
+    assert info.value.param == "guided_json"
+    assert '"structured_outputs": {"json": ...}' in info.value.message
