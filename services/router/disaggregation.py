@@ -93,7 +93,7 @@ from services.router.kv_policy import KvAwarePolicy, load_of, worker_load
 from services.router.metrics import RouterMetrics
 from services.router.migration import Migration
 from services.router.policies import Decision, NoWorkerError, Policy
-from services.router.request_needs import able, able_workers, needs, prefer_able
+from services.router.request_needs import able_workers, honouring, needs, prefer_able
 from services.router.selection import Selector
 from services.router.worker_pool import WorkerHandle, WorkerPool
 
@@ -295,7 +295,7 @@ class Disaggregation:
         prefill = [w for w in workers if w.mode == MODE_PREFILL]
         serving = [w for w in workers if w.mode != MODE_PREFILL]
         if needs(request):  # both phases where all it asks is honoured; no such prefill: local
-            prefill = [w for w in prefill if able(w, request)]
+            prefill = honouring(prefill, request)
             serving = able_workers(serving, request)
         if not prefill:
             if any(w.mode == MODE_DECODE for w in serving):

@@ -39,8 +39,12 @@ def needs(request: GenerateRequest) -> list[Need]:
     return out
 
 
-def able(worker: WorkerHandle, request: GenerateRequest) -> bool:
-    return all(has(worker) for has, _ in needs(request))
+def honouring(workers: list[WorkerHandle], request: GenerateRequest) -> list[WorkerHandle]:
+    """Those of `workers` that honour all `request` asks (perhaps none)."""
+    asked = needs(request)
+    if not asked:
+        return workers
+    return [w for w in workers if all(has(w) for has, _ in asked)]
 
 
 def able_workers(workers: list[WorkerHandle], request: GenerateRequest) -> list[WorkerHandle]:
@@ -58,6 +62,4 @@ def able_workers(workers: list[WorkerHandle], request: GenerateRequest) -> list[
 def prefer_able(workers: list[WorkerHandle], request: GenerateRequest) -> list[WorkerHandle]:
     """Those of `workers` that honour all `request` asks, or all of them when none does: where
     a stream already under way goes next (it is never refused midway)."""
-    if not needs(request):
-        return workers
-    return [w for w in workers if able(w, request)] or workers
+    return honouring(workers, request) or workers

@@ -105,9 +105,9 @@ class Selector:
         # worker rather than fail; one sent by name is the worker's to refuse.
         fresh = not (request.target_worker or exclude or request.generated_token_ids)
         candidates = self.candidates(request.model, exclude, request if fresh else None)
-        if not fresh and not request.target_worker:
-            candidates = prefer_able(candidates, request)
         if not request.target_worker:
+            if not fresh:
+                candidates = prefer_able(candidates, request)
             preferred = [w for w in candidates if w.id == prefer] if prefer else []
             return self.policy.decide(request, preferred or candidates, hint)
         decision = self.direct.decide(request, candidates, hint)
