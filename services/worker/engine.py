@@ -68,8 +68,8 @@ class Engine(abc.ABC):
     # How the engine orders waiting requests, one of SCHEDULING_POLICIES (--scheduling-policy;
     # its discovery record says so).
     scheduling_policy: str = SCHEDULING_FCFS
-    # Whether it constrains output to `SamplingParams.structured` (else it refuses such a
-    # request); its discovery record says so, and the router places those requests by it.
+    # Whether it constrains output to `SamplingParams.structured` (else the worker refuses such
+    # a request); its discovery record says so, and the router places those requests by it.
     applies_structured_outputs: bool = False
     # Set by the worker before `start`: where the engine declares its own `turnout_engine_*`
     # series (served on the worker's /metrics). None when nothing serves them (unit tests).

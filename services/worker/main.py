@@ -382,6 +382,13 @@ class Worker:
                 raise EngineError(f"priority {request.priority}: worker {self.worker_id} "
                                   f"schedules first come, first served (start it with "
                                   f"--scheduling-policy priority)")
+            if (request.sampling.structured is not None
+                    and not self.engine.applies_structured_outputs):
+                # Never run unconstrained: this refusal covers every engine that cannot apply
+                # them, whichever way the request came (named, migrated, handed off).
+                raise EngineError(f"structured outputs (response_format, structured_outputs): "
+                                  f"worker {self.worker_id}'s engine does not apply them (the "
+                                  f"vllm engine does)")
             self.engine.add_request(request)
         except EngineError as exc:
             self.destinations.pop(request.request_id, None)

@@ -477,7 +477,8 @@ def test_bad_words_through_the_stack(deployment: Deployment) -> None:
 def test_allowed_token_ids_through_the_stack(deployment: Deployment) -> None:
     """vLLM's allowed_token_ids on the mocker (byte tokenizer: token id = byte + offset): every
     generated token is one of them, the text runs as without them while the model's own choice
-    is allowed, and an id outside the vocabulary is a 400."""
+    is allowed, and an id outside the vocabulary is a 400. What this worker cannot honour (a
+    priority, structured outputs) is refused, never ignored."""
     deployment.start(workers=1, worker_args=FAST)
     oai = client(deployment)
 
@@ -511,6 +512,16 @@ def test_allowed_token_ids_through_the_stack(deployment: Deployment) -> None:
                                extra_body={"priority": 1},
                                extra_headers={"x-worker-instance-id": "w1"})
     assert "w1 schedules first come, first served" in refused.value.message
+    # Nor does the mocker apply structured outputs: the router refuses them, and so does the
+    # worker when the client names it (a request is never run unconstrained).
+    shaped = {"response_format": {"type": "json_object"}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.completions.create(model="mock", prompt="x", max_tokens=2, extra_body=shaped)
+    assert "need a worker whose engine applies them" in refused.value.message
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.completions.create(model="mock", prompt="x", max_tokens=2, extra_body=shaped,
+                               extra_headers={"x-worker-instance-id": "w1"})
+    assert "worker w1's engine does not apply them" in refused.value.message
 
 
 def test_priority_scheduling_through_the_stack(deployment: Deployment) -> None:

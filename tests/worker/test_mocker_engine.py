@@ -20,7 +20,6 @@ from common.messages import (
     KvBlockStored,
     KvCleared,
     SamplingParams,
-    StructuredOutput,
     TokenChunk,
 )
 from services.worker.engine import EngineError, EngineLoad, StepOutput
@@ -246,8 +245,6 @@ async def test_refused_requests() -> None:
         assert refuse("neg", [-1], 5).code == 400
         assert refuse("zero", [40], 0).code == 400
         assert refuse("min", [40], 5, min_tokens=6).code == 400
-        shaped = refuse("shape", [40], 5, structured=StructuredOutput(json_object=True))
-        assert shaped.code == 400 and "structured outputs" in str(shaped)
         h.add("dup", [40] * 10, 50)
         assert refuse("dup", [40] * 10, 5).code == 409
         await h.wait("dup")

@@ -14,7 +14,6 @@ from common.messages import (
     GenerateRequest,
     KvBlockStored,
     SamplingParams,
-    StructuredOutput,
     TokenChunk,
 )
 from services.worker.engine import EngineError, StepOutput
@@ -181,9 +180,6 @@ async def test_checks_and_load() -> None:
                           ("allowed_token_ids", SamplingParams(2, allowed_token_ids=[5]))):
         with pytest.raises(EngineError, match=f"{name} is not supported"):
             engine.add_request(GenerateRequest(name, "m", [5, 6], refused))
-    with pytest.raises(EngineError, match=r"structured outputs \(response_format"):
-        engine.add_request(GenerateRequest("j", "m", [5, 6], SamplingParams(
-            2, structured=StructuredOutput(regex="a+"))))
     with pytest.raises(EngineError, match="cache_salt is not supported"):
         engine.add_request(GenerateRequest("s", "m", [5, 6], SamplingParams(2), cache_salt="t"))
     engine.add_request(req("a", 10, prompt=6))

@@ -134,9 +134,6 @@ class StreamingEngine(Engine):
         if request.sampling.allowed_token_ids:
             raise EngineError(f"allowed_token_ids is not supported on the {self.name} engine; "
                               f"the vllm and mocker engines apply it")
-        if request.sampling.structured is not None:
-            raise EngineError(f"structured outputs (response_format, structured_outputs) are not "
-                              f"supported on the {self.name} engine; the vllm engine applies them")
         if request.cache_salt:
             # Its events would carry blocks this translator hashes unsalted: the router would
             # then route salted requests by other tenants' prefixes.

@@ -218,10 +218,6 @@ class MockerEngine(Engine):
         for ids in (request.token_ids, request.generated_token_ids):
             if ids and (min(ids) < 0 or max(ids) > self._max_token_id):
                 raise EngineError(f"token ids must lie in [0, {self._max_token_id}]")
-        if sp.structured is not None:
-            # It draws token ids without their text: no grammar over text can steer it.
-            raise EngineError("structured outputs (response_format, structured_outputs) are not "
-                              "supported on the mocker engine; the vllm engine applies them")
 
     async def _run(self) -> None:
         clock = self._clock
