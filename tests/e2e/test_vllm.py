@@ -429,6 +429,23 @@ def counted(d: Deployment, before: dict[str, float], n: int) -> dict[str, float]
     return wait_for(moved, 10, "a worker to count the request's prompt tokens", interval=0.1)
 
 
+def route_overlap(d: Deployment, model: str, ids: list[int], salt: str = "") -> int:
+    """How many blocks of `ids`' prefix (under `salt`) the router knows its pick holds: its
+    `POST /v1/route` answer, which sends nothing."""
+    router = next(r for r in d.records() if r["role"] == "router")
+    query = {"model": model, "prompt_token_ids": ids, **({"cache_salt": salt} if salt else {})}
+    answer = httpx.post(router["endpoints"]["http"] + "/v1/route", json=query, timeout=30)
+    assert answer.status_code == 200, answer.text
+    overlap: int = answer.json()["overlap_blocks"]
+    return overlap
+
+
+def tokens_of(d: Deployment, model: str, prompt: str) -> list[int]:
+    ids: list[int] = httpx.post(d.url + "/tokenize", timeout=30,
+                                json={"model": model, "prompt": prompt}).json()["tokens"]
+    return ids
+
+
 def test_kv_routing_follows_real_kv_events(dep: Deployment) -> None:
     """A repeated long prompt goes back to the worker whose vLLM cached it: the router knows
     only through the blocks vLLM published (re-hashed by the worker)."""
@@ -436,16 +453,15 @@ def test_kv_routing_follows_real_kv_events(dep: Deployment) -> None:
     for i in range(4):  # a random pick would choose the same worker all 4 times 1 in 16
         prompt = long_prompt(f"kv-{i}")
         before = prompt_tokens_by_worker(dep)
-        indexed = dep.router.metrics().value("turnout_router_kv_index_blocks")
         first = oai.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0)
         assert first.usage is not None
         n = first.usage.prompt_tokens
         assert n >= 5 * BLOCK
         middle = counted(dep, before, n)
         # The stored blocks travel on their own plane: wait until the router indexed them.
-        wait_for(lambda wanted=indexed + n // BLOCK:
-                 dep.router.metrics().value("turnout_router_kv_index_blocks") >= wanted,
-                 10, "the router to index the prompt's blocks")
+        ids = tokens_of(dep, model, prompt)
+        wait_for(lambda ids=ids, n=n: route_overlap(dep, model, ids) >= n // BLOCK, 10,
+                 "the router to index the prompt's blocks", interval=0.1)
         again = oai.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0)
         after = counted(dep, middle, n)
         served = [max(middle, key=lambda w: middle[w] - before[w]),
@@ -464,10 +480,13 @@ def test_a_cache_salt_keeps_its_own_prefix_cache_and_routes_by_it(dep: Deploymen
     new blocks, a salt's first request reuses nobody's KV and its repeat goes where it ran."""
     oai, model = client(dep), model_of(dep)
     prompt = long_prompt("salted")
+    ids = tokens_of(dep, model, prompt)
     oai.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0)
+    plain = wait_for(lambda: route_overlap(dep, model, ids), 10, "the plain prompt's blocks")
     for salt in ("tenant-a", "tenant-b", "tenant-c"):
         before = prompt_tokens_by_worker(dep)
-        indexed = dep.router.metrics().value("turnout_router_kv_index_blocks")
+        # The router knows the plain prompt's blocks, and none of them under a new salt.
+        assert route_overlap(dep, model, ids, salt) == 0 < plain, salt
         first = oai.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0,
                                        extra_body={"cache_salt": salt})
         assert first.usage is not None
@@ -475,11 +494,8 @@ def test_a_cache_salt_keeps_its_own_prefix_cache_and_routes_by_it(dep: Deploymen
         assert not (first.usage.prompt_tokens_details
                     and first.usage.prompt_tokens_details.cached_tokens), salt
         middle = counted(dep, before, n)
-        # Unsalted, its blocks would be the plain prompt's, already there. (Half, not all: a
-        # worker's warm-up blocks may leave the index meanwhile, which lowers the count.)
-        wait_for(lambda wanted=indexed + n // BLOCK // 2:
-                 dep.router.metrics().value("turnout_router_kv_index_blocks") >= wanted,
-                 10, f"the router to index {salt}'s blocks as new ones")
+        wait_for(lambda salt=salt, n=n: route_overlap(dep, model, ids, salt) >= n // BLOCK, 10,
+                 f"the router to index {salt}'s blocks", interval=0.1)
         again = oai.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0,
                                        extra_body={"cache_salt": salt})
         after = counted(dep, middle, n)
