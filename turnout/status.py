@@ -3,7 +3,8 @@
 Lists every instance in discovery, listens to the workers' heartbeats and load reports on the
 event plane for a moment (`--listen-s`; `--watch` keeps listening and redraws every second until
 Ctrl-C), scrapes routers' and frontends' /metrics, and prints per worker: mode, model, health
-(alive / draining / stale by heartbeat age), running and waiting requests, KV blocks in use,
+(alive / draining / stale by heartbeat age), engine (with what it honours that the router places
+by: priority scheduling, structured outputs), running and waiting requests, KV blocks in use,
 engine steps per second and requests in flight; then routers and frontends with their addresses
 and what their metrics say. Reads only: it registers nothing and sends nothing on the request
 plane.
@@ -37,6 +38,8 @@ from common.messages import (
     ROLE_FRONTEND,
     ROLE_ROUTER,
     ROLE_WORKER,
+    SCHEDULING_FCFS,
+    SCHEDULING_PRIORITY,
     TOPIC_HEARTBEAT,
     TOPIC_LOAD,
     Instance,
@@ -175,6 +178,10 @@ class FleetView:
             "id": inst.id,
             "mode": inst.metadata.get("mode", ""),
             "engine": inst.metadata.get("engine", ""),
+            # What the router places by beyond the model (request_needs): an older worker
+            # that does not say honours neither.
+            "scheduling": inst.metadata.get("scheduling", SCHEDULING_FCFS),
+            "structured_outputs": inst.metadata.get("structured_outputs") is True,
             "model": inst.model,
             "health": health,
             "heartbeat_age_s": None if age is None else round(age, 3),
@@ -278,11 +285,15 @@ def render(snapshot: dict[str, Any]) -> str:
         pct = f"{w['kv_used_pct']:.1f}%" if w["kv_used_pct"] is not None else None
         age = f"{w['heartbeat_age_s'] * 1000:.0f}ms" if w["heartbeat_age_s"] is not None \
             else None
-        rows.append([w["id"], w["mode"], w["model"], w["health"], age, w["running"],
+        honours = ",".join(name for name, has in (
+            ("priority", w["scheduling"] == SCHEDULING_PRIORITY),
+            ("structured", w["structured_outputs"])) if has)
+        engine = f"{w['engine']}[{honours}]" if honours else w["engine"]
+        rows.append([w["id"], w["mode"], w["model"], w["health"], engine, age, w["running"],
                      w["waiting"], kv, pct, w["steps_per_s"], w["in_flight"]])
     parts.append(f"WORKERS ({len(workers)})\n" + _table(
-        ["ID", "MODE", "MODEL", "HEALTH", "HB AGE", "RUNNING", "WAITING", "KV USED/TOTAL",
-         "KV%", "STEPS/S", "IN-FLIGHT"], rows))
+        ["ID", "MODE", "MODEL", "HEALTH", "ENGINE", "HB AGE", "RUNNING", "WAITING",
+         "KV USED/TOTAL", "KV%", "STEPS/S", "IN-FLIGHT"], rows))
     rows = []
     for r in snapshot["routers"]:
         migrations = (" ".join(f"{c}={n}" for c, n in sorted(r["migrations"].items())) or "0"

@@ -31,6 +31,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed (make test installs vl
 
 from common.prometheus_text import Histogram
 from tests.e2e.vllm_host import vllm_deployment
+from tests.ops.test_status_cli import status
 from tests.tiny_model import cached_tiny_model
 from turnout.testing.deployment import Deployment, wait_for
 
@@ -508,13 +509,19 @@ def test_a_cache_salt_keeps_its_own_prefix_cache_and_routes_by_it(dep: Deploymen
 
 
 def test_a_priority_goes_to_the_vllm_scheduling_by_it(dep: Deployment) -> None:
-    """Each worker advertises the policy its vLLM runs; requests with a `priority` go to the
-    one scheduling by it, and come back as any other."""
+    """Each worker advertises the policy its vLLM runs (and `turnout status` shows it, with
+    the structured outputs vLLM applies); requests with a `priority` go to the one scheduling
+    by it, and come back as any other."""
     oai, model = client(dep), model_of(dep)
     policies = {r["id"]: r["metadata"]["scheduling"] for r in dep.records()
                 if r["role"] == "worker"}
     assert sorted(policies.values()) == ["fcfs", "priority"]
     (honours,) = [w for w, policy in policies.items() if policy == "priority"]
+    shown = status(dep, "--json", "--listen-s", "0.2")
+    assert shown.returncode == 0, shown.stderr
+    assert {w["id"]: (w["engine"], w["scheduling"], w["structured_outputs"])
+            for w in json.loads(shown.stdout)["workers"]} == {
+        w: ("vllm", policy, True) for w, policy in policies.items()}
     for i in range(3):
         before = prompt_tokens_by_worker(dep)
         done = oai.completions.create(model=model, prompt=f"Priority {i}", max_tokens=4,

@@ -54,6 +54,8 @@ def test_status_json_shows_workers_with_their_load(deployment: Deployment) -> No
     for w in workers.values():
         assert w["health"] == "alive", w
         assert w["mode"] == "aggregated" and w["model"] == "mock"
+        assert (w["engine"], w["scheduling"], w["structured_outputs"]) == ("mocker", "fcfs",
+                                                                           False)
         assert w["kv_total_blocks"] == 16384
         assert 0 <= w["heartbeat_age_s"] < 0.5
     busy = [w for w in workers.values() if w["running"] == 1]
@@ -76,13 +78,14 @@ def test_status_json_shows_workers_with_their_load(deployment: Deployment) -> No
 
 
 def test_status_table_and_watch(deployment: Deployment) -> None:
-    deployment.start(workers=1, worker_args=("--speedup-ratio", "0"))
+    deployment.start(workers=1, worker_args=("--speedup-ratio", "0",
+                                             "--scheduling-policy", "priority"))
     out = status(deployment, "--listen-s", "0.5")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0] == "WORKERS (1)"
-    assert lines[1].split()[:4] == ["ID", "MODE", "MODEL", "HEALTH"]
-    assert lines[2].split()[:4] == ["w1", "aggregated", "mock", "alive"]
+    assert lines[1].split()[:5] == ["ID", "MODE", "MODEL", "HEALTH", "ENGINE"]
+    assert lines[2].split()[:5] == ["w1", "aggregated", "mock", "alive", "mocker[priority]"]
     assert "0/16384" in lines[2]
     assert "ROUTERS (1)" in out.stdout and "FRONTENDS (1)" in out.stdout
     assert deployment.url in out.stdout
