@@ -1262,14 +1262,14 @@ class FrontendApp:
 
 
 def _tool_calls(gen: Generation, encoder: Any) -> bytes:
-    """The event of the tool calls `gen` read out of its text since the last one (b"" when
-    none, or when it reads none)."""
-    calls = gen.tools.take() if gen.tools is not None else None
-    if not calls:
+    """The events of what `gen` read of tool calls out of its text since the last ones (b""
+    when nothing, or when it reads none)."""
+    tools = gen.tools
+    if tools is None:
         return b""
     assert isinstance(encoder, responses.ChatStreamEncoder
                       | responses_api.ResponsesStreamEncoder)  # tools come with these only
-    return encoder.tool_calls(calls)
+    return encoder.tool_calls(tools.take(), tools.complete)
 
 
 def _no_workers(exc: NoWorkersError) -> ApiError:

@@ -282,8 +282,12 @@ class ChatStreamEncoder:
     def usage(self, usage_: Usage) -> bytes:
         return b"".join((self._head, b'"choices":[],"usage":', _encode(usage_), b"}\n\n"))
 
-    def tool_calls(self, calls: list[ToolCallDelta]) -> bytes:
-        """Tool calls the model made, each whole in this one event."""
+    def tool_calls(self, calls: list[ToolCallDelta], complete: int) -> bytes:
+        """What the model wrote of its tool calls since the last event, in one event (a chat
+        stream does not mark a call's end: `complete` is the Responses API's); b"" when
+        nothing was."""
+        if not calls:
+            return b""
         return self._chunk(b'{"tool_calls":%s}' % _encode(calls), NULL)
 
     def opening(self) -> bytes:

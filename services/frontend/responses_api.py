@@ -20,7 +20,7 @@ from services.frontend import protocol
 from services.frontend.errors import ApiError, invalid, unsupported
 from services.frontend.protocol import ChatCompletionRequest
 from services.frontend.responses import DONE, Usage, obfuscated
-from services.frontend.tool_calls import ToolCall, ToolCallDelta
+from services.frontend.tool_calls import FunctionCall, ToolCall, ToolCallDelta
 
 _encode = msgspec.json.encode
 # Chat's names for what a Responses request calls otherwise (in errors raised after translation).
@@ -161,6 +161,11 @@ def _failure_code(status: int) -> str:
 
 def _function_item_id(call: ToolCall) -> str:
     return "fc_" + call.id.removeprefix("call_")
+
+
+def _place(call: ToolCall, index: int) -> dict[str, Any]:
+    """Where a call's streamed events point: its item, after the message."""
+    return {"item_id": _function_item_id(call), "output_index": 1 + index}
 
 
 def function_call(call: ToolCall, status: str, arguments: str | None = None) -> dict[str, Any]:
@@ -392,7 +397,7 @@ class ResponsesStreamEncoder:
     chat and completion stream encoders have them for one choice (its usage goes in the final
     event)."""
 
-    __slots__ = ("_calls", "_obfuscate", "_parts", "_sequence", "_shell")
+    __slots__ = ("_calls", "_calls_done", "_obfuscate", "_parts", "_sequence", "_shell")
 
     def __init__(self, shell: ResponseShell, obfuscate: bool = False) -> None:
         """`obfuscate`: `stream_options.include_obfuscation`, every text delta padded."""
@@ -401,6 +406,7 @@ class ResponsesStreamEncoder:
         self._sequence = 0
         self._obfuscate = obfuscate
         self._calls: list[ToolCall] = []
+        self._calls_done = 0  # of `_calls`, those whose done events were sent
 
     def _event(self, kind: str, padded: bool = False, **fields: Any) -> bytes:
         fields = {"type": kind, "sequence_number": self._sequence, **fields}
@@ -427,23 +433,31 @@ class ResponsesStreamEncoder:
         return self._event("response.output_text.delta", self._obfuscate, delta=text, logprobs=[],
                            **self._item())
 
-    def tool_calls(self, calls: list[ToolCallDelta]) -> bytes:
-        """Each function call the model made, whole: an output item after the message, its
-        arguments in one delta."""
+    def tool_calls(self, calls: list[ToolCallDelta], complete: int) -> bytes:
+        """What the model wrote of its function calls since the last event: each call an
+        output item after the message, its arguments in deltas as they are written, and done
+        once it is one of the first `complete` calls (written to its end)."""
         events = []
         for delta in calls:
-            call = ToolCall(delta.id, delta.function)
-            self._calls.append(call)
-            place = {"item_id": _function_item_id(call), "output_index": 1 + delta.index}
-            arguments = delta.function.arguments
+            if delta.id is not None:  # a call opens
+                call = ToolCall(delta.id, FunctionCall(delta.function.name or "", ""))
+                self._calls.append(call)
+                events.append(self._event(
+                    "response.output_item.added", output_index=1 + delta.index,
+                    item=function_call(call, "in_progress", "")))
+            call = self._calls[delta.index]
+            call.function.arguments += delta.function.arguments
+            events.append(self._event("response.function_call_arguments.delta",
+                                      delta=delta.function.arguments, **_place(call, delta.index)))
+        for index in range(self._calls_done, complete):
+            call = self._calls[index]
             events += (
-                self._event("response.output_item.added", output_index=place["output_index"],
-                            item=function_call(call, "in_progress", "")),
-                self._event("response.function_call_arguments.delta", delta=arguments, **place),
-                self._event("response.function_call_arguments.done", arguments=arguments,
-                            name=delta.function.name, **place),
-                self._event("response.output_item.done", output_index=place["output_index"],
+                self._event("response.function_call_arguments.done",
+                            arguments=call.function.arguments, name=call.function.name,
+                            **_place(call, index)),
+                self._event("response.output_item.done", output_index=1 + index,
                             item=function_call(call, "completed")))
+        self._calls_done = max(self._calls_done, complete)
         return b"".join(events)
 
     def closing(self, text: str, finish_reason: str, usage_: Usage,

@@ -35,13 +35,20 @@ class ToolCall(msgspec.Struct):
     type: str = "function"
 
 
-class ToolCallDelta(msgspec.Struct):
-    """One call in a streamed `delta.tool_calls`: whole, in one event."""
+class FunctionCallDelta(msgspec.Struct, omit_defaults=True):
+    arguments: str
+    name: str | None = None
+
+
+class ToolCallDelta(msgspec.Struct, omit_defaults=True):
+    """One call's part of a streamed `delta.tool_calls`: its opening (id, type, name and its
+    arguments so far), or more of its arguments (index and arguments only), as OpenAI and vLLM
+    stream a call."""
 
     index: int
-    id: str
-    function: FunctionCall
-    type: str = "function"
+    function: FunctionCallDelta
+    id: str | None = None
+    type: str | None = None
 
 
 def call_id() -> str:
@@ -78,23 +85,39 @@ def _tag_start(text: str) -> int:
 
 
 class _CallReader:
-    """What every reader of calls out of a reply's text shares: the calls found, and those
-    handed over (`take`). `finish_reason`: the reply's, when it holds calls and ended on its
-    own."""
+    """What every reader of calls out of a reply's text shares: the calls found (the last may
+    still be being written: see `complete`), and what of them was handed over (`take`).
+    `finish_reason`: the reply's, when it holds calls and ended on its own."""
 
-    __slots__ = ("_sent", "calls")
+    __slots__ = ("_opened", "_sent", "calls")
     finish_reason = "tool_calls"
 
     def __init__(self) -> None:
-        self._sent = 0
+        self._opened = 0  # calls whose opening was handed over
+        self._sent = 0  # characters of the last opened call's arguments handed over
         self.calls: list[ToolCall] = []
 
+    @property
+    def complete(self) -> int:
+        """How many of `calls` are written to their end."""
+        return len(self.calls)
+
     def take(self) -> list[ToolCallDelta]:
-        """The calls finished since the last `take`, numbered in order of appearance."""
-        fresh = [ToolCallDelta(self._sent + i, call.id, call.function)
-                 for i, call in enumerate(self.calls[self._sent:])]
-        self._sent = len(self.calls)
-        return fresh
+        """What was written since the last `take`: the rest of the last call handed over,
+        then each new call's opening with its arguments so far, numbered in order of
+        appearance."""
+        out = []
+        if self._opened and len(args := self.calls[self._opened - 1].function.arguments) \
+                > self._sent:
+            out.append(ToolCallDelta(self._opened - 1, FunctionCallDelta(args[self._sent:])))
+        for i in range(self._opened, len(self.calls)):
+            call = self.calls[i]
+            out.append(ToolCallDelta(i, FunctionCallDelta(call.function.arguments,
+                                                          call.function.name),
+                                     call.id, call.type))
+        self._opened = len(self.calls)
+        self._sent = len(self.calls[-1].function.arguments) if self.calls else 0
+        return out
 
 
 class ToolCallText(_CallReader):
@@ -173,12 +196,13 @@ class ToolCallText(_CallReader):
 
 class ForcedCallText(_CallReader):
     """A reply constrained to be calls (`tool_choice` a named function, or "required";
-    `forced_call_schema` made its constraint): its whole text is JSON, read once complete.
-    For a named function the text is the call's arguments; for "required", vLLM's array of
-    `{"name": ..., "parameters": ...}`. Text that does not read so (a reply cut short by its
-    token budget) is shown as content."""
+    `forced_call_schema` made its constraint). For a named function the text is the call's
+    arguments, streamed as they are written (a reply cut short by its token budget leaves
+    them unfinished, as in OpenAI and vLLM). For "required" it is vLLM's array of `{"name":
+    ..., "parameters": ...}`, read once complete; text that does not read so (cut short) is
+    shown as content."""
 
-    __slots__ = ("_held", "_name", "_single", "finish_reason")
+    __slots__ = ("_ended", "_held", "_name", "_single", "finish_reason")
 
     def __init__(self, name: str | None, single: bool = False) -> None:
         """`name`: the named function (None: "required"); `single` as for `ToolCallText`."""
@@ -186,25 +210,33 @@ class ForcedCallText(_CallReader):
         self._held: list[str] = []
         self._name = name
         self._single = single
+        self._ended = False
         # A named call ends as OpenAI and vLLM end one: "stop".
         self.finish_reason = "stop" if name is not None else "tool_calls"
 
+    @property
+    def complete(self) -> int:
+        return len(self.calls) if self._ended or self._name is None else 0
+
     def feed(self, text: str) -> str:
-        self._held.append(text)
+        if self._name is None:
+            self._held.append(text)
+        elif self.calls:
+            self.calls[0].function.arguments += text
+        elif text:
+            self.calls.append(ToolCall(call_id(), FunctionCall(self._name, text)))
         return ""
 
     def end(self) -> str:
+        self._ended = True
+        if self._name is not None:
+            return ""
         text = "".join(self._held)
         self._held.clear()
         try:
             value = json.loads(text)
         except ValueError:
             return text
-        if self._name is not None:
-            if not isinstance(value, dict):
-                return text
-            self.calls.append(ToolCall(call_id(), FunctionCall(self._name, text)))
-            return ""
         if not isinstance(value, list) or not all(
                 isinstance(item, dict) and isinstance(item.get("name"), str)
                 and isinstance(item.get("parameters"), dict) for item in value):

@@ -163,7 +163,8 @@ def test_what_cannot_be_served_is_refused_by_name(hermes: Served, plain: Served)
 def test_a_forced_call_is_constrained_to_its_schema_and_read_as_json(plain: Served) -> None:
     """`tool_choice` a named function or "required": the reply is constrained to JSON (the
     function's parameters; an array of calls) and read as calls without a parser, as vLLM
-    does: a named call finishes "stop", required ones "tool_calls"."""
+    does: a named call finishes "stop", required ones "tool_calls". A named call's arguments
+    stream as they are written: its opening (id, name) once, then more arguments."""
     named = {"type": "function", "function": {"name": "get_weather"}}
     for stream in (False, True):
         plain.reply('{"city": "Paris"}', chunk_size=3)
@@ -174,14 +175,24 @@ def test_a_forced_call_is_constrained_to_its_schema_and_read_as_json(plain: Serv
         assert json.loads(sampling.structured.json) == TOOLS[0]["function"]["parameters"]
         if stream:
             chunks = list(done)
-            calls = [c for chunk in chunks for c in chunk.choices[0].delta.tool_calls or ()]
+            for chunk in chunks:
+                validate("CreateChatCompletionStreamResponse",
+                         chunk.model_dump(mode="json", exclude_unset=True))
+            deltas = [c for chunk in chunks for c in chunk.choices[0].delta.tool_calls or ()]
+            assert len(deltas) > 2 and {d.index for d in deltas} == {0}
+            assert deltas[0].id and deltas[0].function and deltas[0].function.name
+            assert not any(d.id or d.type or (d.function and d.function.name)
+                           for d in deltas[1:])
+            calls = deltas[:1]
+            calls[0].function.arguments = "".join(  # type: ignore[union-attr]
+                d.function.arguments or "" for d in deltas if d.function)
             finish = chunks[-1].choices[0].finish_reason
             assert not "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
         else:
             calls = done.choices[0].message.tool_calls or []
             finish = done.choices[0].finish_reason
             assert not done.choices[0].message.content
-        assert [(c.function.name, c.function.arguments) for c in calls] == [
+        assert [(c.function.name, c.function.arguments) for c in calls] == [  # type: ignore
             ("get_weather", '{"city": "Paris"}')] and finish == "stop"
     plain.reply('[{"name": "now", "parameters": {}}, '
                 '{"name": "get_weather", "parameters": {"city": "Oslo"}}]')
@@ -199,19 +210,45 @@ def test_a_forced_call_is_constrained_to_its_schema_and_read_as_json(plain: Serv
     assert len(one.choices[0].message.tool_calls or []) == 1
     assert json.loads(plain.fake.opened[-1].sampling.structured.json)[  # type: ignore[union-attr]
         "maxItems"] == 1
-    # Cut short by its budget: no call can be read, the text is the content.
-    plain.reply('{"city": "Pa')
+    # Cut short by its budget: a named call keeps what was written of its arguments (as
+    # OpenAI and vLLM do); calls that "required" left unreadable are the content.
+    plain.reply('{"city": "Paris"}')
     cut = plain.client.chat.completions.create(model="bytes", messages=ASK, tools=TOOLS,
-                                               tool_choice=named)
-    assert cut.choices[0].message.content == '{"city": "Pa'
+                                               tool_choice=named, max_tokens=12)
+    assert cut.choices[0].finish_reason == "length" and not cut.choices[0].message.content
+    assert [(c.function.name, c.function.arguments)
+            for c in cut.choices[0].message.tool_calls or ()] == [("get_weather",
+                                                                    '{"city": "Pa')]
+    plain.reply('[{"name": "now", "parameters": {}}]')
+    cut = plain.client.chat.completions.create(model="bytes", messages=ASK, tools=TOOLS,
+                                               tool_choice="required", max_tokens=12)
+    assert cut.choices[0].finish_reason == "length"
+    assert cut.choices[0].message.content == '[{"name": "n'
     assert not cut.choices[0].message.tool_calls
-    # The Responses API names the function flat.
-    plain.reply("{}")
+    # The Responses API names the function flat, and streams its arguments as they come.
+    plain.reply('{"city": "Oslo"}', chunk_size=4)
     reply = plain.client.responses.create(
-        model="bytes", input="Time?", tools=RESPONSES_TOOLS,  # type: ignore[arg-type]
-        tool_choice={"type": "function", "name": "now"})
+        model="bytes", input="Weather?", tools=RESPONSES_TOOLS,  # type: ignore[arg-type]
+        tool_choice={"type": "function", "name": "get_weather"})
     assert [(item.name, item.arguments) for item in reply.output
-            if item.type == "function_call"] == [("now", "{}")]
+            if item.type == "function_call"] == [("get_weather", '{"city": "Oslo"}')]
+    with plain.client.responses.stream(
+            model="bytes", input="Weather?", tools=RESPONSES_TOOLS,  # type: ignore[arg-type]
+            tool_choice={"type": "function", "name": "get_weather"}) as stream:
+        events = [event.model_dump(mode="json", exclude_unset=True) for event in stream]
+        final = stream.get_final_response()
+    for event in events:
+        validate(RESPONSES_EVENTS[event["type"]], event)
+    kinds = [e["type"] for e in events if "function_call" in e["type"]
+             or e.get("output_index") == 1]
+    pieces = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]
+    assert len(pieces) > 2 and "".join(pieces) == '{"city": "Oslo"}'
+    assert kinds == ["response.output_item.added",
+                     *["response.function_call_arguments.delta"] * len(pieces),
+                     "response.function_call_arguments.done", "response.output_item.done"]
+    assert [(item.name, item.arguments, item.status) for item in final.output
+            if item.type == "function_call"] == [("get_weather", '{"city": "Oslo"}',
+                                                  "completed")]
 
 
 RESPONSES_TOOLS = [{"type": "function", "name": "get_weather", "description": "The weather",
