@@ -1233,9 +1233,10 @@ class FrontendApp:
             await _send_bytes(send, failed.error.status, failed.error.body())
             return failed.error.status
         if shell is not None:
+            tools = gens[0].tools
             await _send_bytes(send, 200, responses_api.response_body(
                 shell, texts[0], gens[0].finish or "stop", _usage(gens, prompts),
-                gens[0].tools.calls if gens[0].tools is not None else None))
+                *((tools.calls, tools.complete) if tools is not None else ())))
             return 200
         if gens[0].tools is not None:  # one choice (`_check_tool_request`)
             await _send_bytes(send, 200, responses.chat_completion(

@@ -126,9 +126,11 @@ class ResponseShell:
                 "role": "assistant", "content": [_text_part(text)]}
 
     def render(self, text: str | None, finish: str | None, usage: Usage | None,
-               calls: list[ToolCall] | None = None) -> dict[str, Any]:
+               calls: list[ToolCall] | None = None, complete: int | None = None
+               ) -> dict[str, Any]:
         """The response object: in progress (`text` None) or finished, its message first and
-        then the function calls the model made."""
+        then the function calls the model made (those past the first `complete`, when given,
+        left unfinished: cut short)."""
         out = dict(self._fields)
         if text is None:
             out.update(status="in_progress", output=[])
@@ -136,7 +138,8 @@ class ResponseShell:
         status = _item_status(finish)
         out.update(status=status, usage=_usage(usage), output=[
             self.message(text, finish),
-            *(function_call(call, "completed") for call in calls or ())])
+            *(function_call(call, _call_status(i, complete))
+              for i, call in enumerate(calls or ()))])
         if status == "incomplete":
             out["incomplete_details"] = {"reason": "max_output_tokens"}
         else:
@@ -174,6 +177,10 @@ def function_call(call: ToolCall, status: str, arguments: str | None = None) -> 
             "call_id": call.id, "name": call.function.name,
             "arguments": call.function.arguments if arguments is None else arguments,
             "status": status}
+
+
+def _call_status(index: int, complete: int | None) -> str:
+    return "completed" if complete is None or index < complete else "incomplete"
 
 
 def _item_status(finish: str | None) -> str:
@@ -449,22 +456,31 @@ class ResponsesStreamEncoder:
             call.function.arguments += delta.function.arguments
             events.append(self._event("response.function_call_arguments.delta",
                                       delta=delta.function.arguments, **_place(call, delta.index)))
-        for index in range(self._calls_done, complete):
+        events += self._calls_ended(complete, "completed")
+        return b"".join(events)
+
+    def _calls_ended(self, upto: int, status: str) -> list[bytes]:
+        """The done events of the calls before `upto` not yet ended."""
+        events = []
+        for index in range(self._calls_done, upto):
             call = self._calls[index]
             events += (
                 self._event("response.function_call_arguments.done",
                             arguments=call.function.arguments, name=call.function.name,
                             **_place(call, index)),
                 self._event("response.output_item.done", output_index=1 + index,
-                            item=function_call(call, "completed")))
-        self._calls_done = max(self._calls_done, complete)
-        return b"".join(events)
+                            item=function_call(call, status)))
+        self._calls_done = max(self._calls_done, upto)
+        return events
 
     def closing(self, text: str, finish_reason: str, usage_: Usage,
                 logprobs: bytes = b"null") -> bytes:
         events = [self.delta(text)] if text else []
+        # A call the reply was cut short in ends with it, unfinished.
+        complete = self._calls_done
+        events += self._calls_ended(len(self._calls), "incomplete")
         whole = "".join(self._parts)
-        done = self._shell.render(whole, finish_reason, usage_, self._calls)
+        done = self._shell.render(whole, finish_reason, usage_, self._calls, complete)
         events += (
             self._event("response.output_text.done", text=whole, logprobs=[], **self._item()),
             self._event("response.content_part.done", part=_text_part(whole), **self._item()),
@@ -483,6 +499,6 @@ class ResponsesStreamEncoder:
 
 
 def response_body(shell: ResponseShell, text: str, finish: str, usage: Usage,
-                  calls: list[ToolCall] | None = None) -> bytes:
-    return _encode(shell.render(text, finish, usage, calls))
+                  calls: list[ToolCall] | None = None, complete: int | None = None) -> bytes:
+    return _encode(shell.render(text, finish, usage, calls, complete))
 

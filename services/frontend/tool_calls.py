@@ -5,7 +5,9 @@ syntax the served model uses. `hermes` (Hermes, Qwen2.5/Qwen3 and the many model
 their template) wraps each call in `<tool_call>` ... `</tool_call>` around a JSON object with
 `name` and `arguments`. `ToolCallText` takes the text in pieces as they are decoded and splits
 it into what the client sees as content and the calls it sees as `tool_calls`; text that only
-looked like a call (a tag without a valid object) stays content, as vLLM leaves it.
+looked like a call (a tag without a valid object) stays content, as vLLM leaves it. A reply
+forced to be calls (`tool_choice` a named function or "required") is JSON, and
+`ForcedCallText` reads its calls out of it as it is written, without a parser.
 
 Owns the parsing and the call objects; not the request checks (`protocol`) or the events
 (`responses`).
@@ -194,57 +196,159 @@ class ToolCallText(_CallReader):
         return self._content(held)
 
 
+class _Item:
+    """The call one element of a "required" array is: its name and where its parameters
+    object lies in the text, once they are read."""
+
+    __slots__ = ("call", "name", "params_at", "params_end")
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.params_at: int | None = None
+        self.params_end: int | None = None
+        self.call: ToolCall | None = None
+
+
+def _string(literal: str) -> str | None:
+    try:
+        value = json.loads(literal)
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
+
+
 class ForcedCallText(_CallReader):
     """A reply constrained to be calls (`tool_choice` a named function, or "required";
-    `forced_call_schema` made its constraint). For a named function the text is the call's
-    arguments, streamed as they are written (a reply cut short by its token budget leaves
-    them unfinished, as in OpenAI and vLLM). For "required" it is vLLM's array of `{"name":
-    ..., "parameters": ...}`, read once complete; text that does not read so (cut short) is
-    shown as content."""
+    `forced_call_schema` made its constraint), read as it is written. For a named function
+    the text is the call's arguments; for "required" it is vLLM's array of `{"name": ...,
+    "parameters": ...}`, each element a call that opens once its name is read and whose
+    arguments are its parameters object's text. Either way the arguments stream as they are
+    written, and a reply cut short by its token budget leaves the last call unfinished, as in
+    OpenAI and vLLM. A "required" reply that holds no readable call is the content."""
 
-    __slots__ = ("_ended", "_held", "_name", "_single", "finish_reason")
+    __slots__ = ("_depth", "_done", "_escape", "_item", "_key", "_last_key", "_name",
+                 "_quoted", "_single", "_string_at", "_text", "finish_reason")
 
     def __init__(self, name: str | None, single: bool = False) -> None:
         """`name`: the named function (None: "required"); `single` as for `ToolCallText`."""
         super().__init__()
-        self._held: list[str] = []
         self._name = name
         self._single = single
-        self._ended = False
+        self._text = ""
+        # Where the reader is in the JSON: nesting, inside a string (and after a backslash).
+        self._depth = 0
+        self._quoted = False
+        self._escape = False
+        self._string_at = 0  # where the string being read opened
+        # "required": the array element being read, its key whose value is being read, and
+        # the last key read (its value comes after a colon).
+        self._item: _Item | None = None
+        self._key: str | None = None
+        self._last_key: str | None = None
+        self._done = 0  # calls written to their end
         # A named call ends as OpenAI and vLLM end one: "stop".
         self.finish_reason = "stop" if name is not None else "tool_calls"
 
     @property
     def complete(self) -> int:
-        return len(self.calls) if self._ended or self._name is None else 0
+        return self._done
 
     def feed(self, text: str) -> str:
-        if self._name is None:
-            self._held.append(text)
-        elif self.calls:
-            self.calls[0].function.arguments += text
-        elif text:
-            self.calls.append(ToolCall(call_id(), FunctionCall(self._name, text)))
+        if not text or (self._name is not None and self._done):
+            return ""  # after a named call's object: blank text the grammar allowed
+        at = len(self._text)
+        self._text += text
+        for i in range(at, len(self._text)):
+            self._step(self._text[i], i)
+            if self._name is not None and self._done:
+                self._text = self._text[:i + 1]  # what follows is the grammar's blank
+                break
+        if self._name is not None:
+            if self.calls:
+                self.calls[0].function.arguments = self._text
+            else:
+                self.calls.append(ToolCall(call_id(), FunctionCall(self._name, self._text)))
+        elif self._item is not None:
+            self._write(self._item)
         return ""
 
+    def _step(self, c: str, i: int) -> None:
+        if self._quoted:
+            if self._escape:
+                self._escape = False
+            elif c == "\\":
+                self._escape = True
+            elif c == '"':
+                self._quoted = False
+                if self._name is None and self._depth == 2:
+                    self._string_read(self._text[self._string_at:i + 1])
+        elif c == '"':
+            self._quoted = True
+            self._string_at = i
+        elif c in "{[":
+            self._depth += 1
+            if self._name is None:
+                self._nested(c, i)
+        elif c in "}]":
+            self._depth -= 1
+            if self._name is not None:
+                self._done = int(self._depth == 0)
+            else:
+                self._unnested(i + 1)
+        elif self._name is None and self._depth == 2:
+            if c == ":":
+                self._key = self._last_key
+            elif c == ",":
+                self._key = None
+
+    def _string_read(self, literal: str) -> None:
+        item = self._item
+        if item is None:
+            return
+        if self._key is None:
+            self._last_key = _string(literal)
+        elif self._key == "name" and item.name is None:
+            item.name = _string(literal)
+            self._open(item)
+
+    def _nested(self, c: str, i: int) -> None:
+        if self._depth == 2 and c == "{":
+            self._item = _Item()
+            self._key = None
+        elif self._depth == 3 and self._key == "parameters" and self._item is not None \
+                and self._item.params_at is None:
+            self._item.params_at = i
+            self._open(self._item)
+
+    def _unnested(self, end: int) -> None:
+        item = self._item
+        if item is None:
+            return
+        if self._depth == 2 and self._key == "parameters" and item.params_at is not None \
+                and item.params_end is None:
+            item.params_end = end
+        elif self._depth == 1:  # the element's end
+            self._write(item)
+            if item.call is not None and item.params_end is not None:
+                self._done = len(self.calls)
+            self._item = None
+
+    def _open(self, item: _Item) -> None:
+        """An element's call opens once its name and the start of its parameters are read
+        (in either order); with `single`, the first element's only."""
+        if item.call is None and item.name is not None and item.params_at is not None \
+                and not (self._single and self.calls):
+            item.call = ToolCall(call_id(), FunctionCall(item.name, ""))
+            self.calls.append(item.call)
+
+    def _write(self, item: _Item) -> None:
+        if item.call is not None and item.params_at is not None:
+            item.call.function.arguments = self._text[item.params_at:item.params_end]
+
     def end(self) -> str:
-        self._ended = True
-        if self._name is not None:
+        if self._name is not None or self.calls:
             return ""
-        text = "".join(self._held)
-        self._held.clear()
-        try:
-            value = json.loads(text)
-        except ValueError:
-            return text
-        if not isinstance(value, list) or not all(
-                isinstance(item, dict) and isinstance(item.get("name"), str)
-                and isinstance(item.get("parameters"), dict) for item in value):
-            return text
-        for item in value[:1] if self._single else value:
-            self.calls.append(ToolCall(call_id(), FunctionCall(
-                item["name"], json.dumps(item["parameters"], ensure_ascii=False))))
-        return ""
+        return self._text
 
 
 def forced_call_schema(tools: list[dict[str, Any]], name: str | None,

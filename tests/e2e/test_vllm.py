@@ -283,16 +283,18 @@ def test_structured_outputs_reach_vllm(dep: Deployment) -> None:
                 arguments["colour"] in ("red", "green"), call
         assert done.choices[0].finish_reason == ("stop" if isinstance(choice, dict)
                                                  else "tool_calls")
-        if isinstance(choice, dict):  # the named call's arguments stream as vLLM writes them
-            deltas = [d for chunk in oai.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": "Paint?"}], max_tokens=60,
-                temperature=0, tools=tools, tool_choice=choice,  # type: ignore[arg-type]
-                logit_bias=spaces, stream=True) if chunk.choices
-                for d in chunk.choices[0].delta.tool_calls or ()]
-            assert len(deltas) > 1 and deltas[0].function is not None, deltas
-            assert deltas[0].function.name == "paint" and (deltas[0].id or "").startswith("call_")
-            assert "".join(d.function.arguments or "" for d in deltas if d.function) == \
-                calls[0].function.arguments
+        # The call's arguments stream as vLLM writes them: its opening, then more.
+        deltas = [d for chunk in oai.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Paint?"}], max_tokens=60,
+            temperature=0, tools=tools, tool_choice=choice,  # type: ignore[arg-type]
+            logit_bias=spaces, parallel_tool_calls=False, stream=True) if chunk.choices
+            for d in chunk.choices[0].delta.tool_calls or ()]
+        assert deltas[0].function is not None and (deltas[0].id or "").startswith("call_")
+        assert deltas[0].function.name == calls[0].function.name, deltas
+        assert "".join(d.function.arguments or "" for d in deltas if d.function) == \
+            calls[0].function.arguments and {d.index for d in deltas} == {0}
+        if calls[0].function.name == "paint":
+            assert len(deltas) > 1, deltas
     # The Responses API's `text.format`, written flat, and echoed on the response (no
     # logit_bias there to keep the whitespace out: the object is begun, not finished).
     fmt = {"type": "json_schema", "name": "pick", "schema": schema, "strict": True}

@@ -251,6 +251,81 @@ def test_a_forced_call_is_constrained_to_its_schema_and_read_as_json(plain: Serv
                                                   "completed")]
 
 
+REQUIRED = ('[{"name": "now", "parameters": {}}, '
+            '{"name": "get_weather", "parameters": {"city": "Oslo"}}]')
+
+
+def _streamed_calls(chunks: list[Any]) -> list[tuple[str, str]]:
+    """The calls a chat stream's deltas make, each checked to open once (id, name) and then
+    only add arguments, in order."""
+    calls: list[tuple[str, str]] = []
+    for chunk in chunks:
+        validate("CreateChatCompletionStreamResponse",
+                 chunk.model_dump(mode="json", exclude_unset=True))
+        for d in chunk.choices[0].delta.tool_calls or ():
+            if d.id is not None:
+                assert d.index == len(calls) and d.function and d.function.name
+                calls.append((d.function.name, d.function.arguments or ""))
+            else:
+                assert d.index == len(calls) - 1 and d.function and not d.function.name
+                calls[-1] = (calls[-1][0], calls[-1][1] + (d.function.arguments or ""))
+    return calls
+
+
+def test_required_calls_stream_as_they_are_written(plain: Served) -> None:
+    """`tool_choice: "required"`: each call of the array opens as soon as its name is read
+    and its arguments (its parameters' text) follow as they are written, as vLLM streams
+    them; cut short by its budget, the calls written so far stay, the last one unfinished."""
+    plain.reply(REQUIRED, chunk_size=3)
+    chunks = list(plain.client.chat.completions.create(
+        model="bytes", messages=ASK, tools=TOOLS, tool_choice="required", stream=True))
+    pieces = [d for chunk in chunks for d in chunk.choices[0].delta.tool_calls or ()]
+    assert len([d for d in pieces if d.index == 1]) > 2  # not one piece at the end
+    first = next(i for i, chunk in enumerate(chunks) if chunk.choices[0].delta.tool_calls)
+    assert first < len(chunks) // 2
+    assert _streamed_calls(chunks) == [("now", "{}"), ("get_weather", '{"city": "Oslo"}')]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+    cut_at = REQUIRED.index("Oslo") + 2
+    for stream in (False, True):
+        plain.reply(REQUIRED, chunk_size=3)
+        done = plain.client.chat.completions.create(
+            model="bytes", messages=ASK, tools=TOOLS, tool_choice="required",
+            max_tokens=cut_at, stream=stream)
+        if stream:
+            chunks = list(done)
+            calls, finish = _streamed_calls(chunks), chunks[-1].choices[0].finish_reason
+        else:
+            calls = [(c.function.name, c.function.arguments)  # type: ignore[union-attr]
+                     for c in done.choices[0].message.tool_calls or ()]
+            finish = done.choices[0].finish_reason
+            assert not done.choices[0].message.content
+        assert calls == [("now", "{}"), ("get_weather", '{"city": "Os')]
+        assert finish == "length"
+    # The Responses API: the call cut short is an incomplete item, ended with the response.
+    plain.reply(REQUIRED, chunk_size=3)
+    with plain.client.responses.stream(
+            model="bytes", input="Weather?", tools=RESPONSES_TOOLS,  # type: ignore[arg-type]
+            tool_choice="required", max_output_tokens=cut_at) as events_stream:
+        events = [event.model_dump(mode="json", exclude_unset=True) for event in events_stream]
+    for event in events:
+        validate(RESPONSES_EVENTS[event["type"]], event)
+    ended = [(e["output_index"], e["item"]["status"]) for e in events
+             if e["type"] == "response.output_item.done"]
+    assert ended == [(1, "completed"), (2, "incomplete"), (0, "incomplete")]
+    assert events[-1]["type"] == "response.incomplete"
+    plain.reply(REQUIRED)
+    reply = plain.client.responses.create(
+        model="bytes", input="Weather?", tools=RESPONSES_TOOLS,  # type: ignore[arg-type]
+        tool_choice="required", max_output_tokens=cut_at)
+    for response in (events[-1]["response"], reply.model_dump(mode="json", exclude_unset=True)):
+        validate("Response", response)
+        assert response["status"] == "incomplete"
+        assert [(item["name"], item["arguments"], item["status"]) for item in response["output"]
+                if item["type"] == "function_call"] == [
+            ("now", "{}", "completed"), ("get_weather", '{"city": "Os', "incomplete")]
+
+
 RESPONSES_TOOLS = [{"type": "function", "name": "get_weather", "description": "The weather",
                     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
                     "strict": False},

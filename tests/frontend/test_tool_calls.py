@@ -1,5 +1,6 @@
-"""The `hermes` tool-call syntax read out of text that arrives in pieces: what is content, what
-is a call, whatever the pieces' boundaries."""
+"""Tool calls read out of text that arrives in pieces, whatever the pieces' boundaries: the
+`hermes` syntax (what is content, what is a call), and a reply forced to be calls (`tool_choice`
+a named function or "required"), streamed as written."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.frontend.tool_calls import ToolCallText
+from services.frontend.tool_calls import ForcedCallText, ToolCallText
 
 WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 TIME = '<tool_call>{"name": "now", "arguments": "{\\"tz\\": \\"UTC\\"}"}</tool_call>'
@@ -63,3 +64,77 @@ def test_any_cut_into_pieces_reads_as_the_whole(cuts: list[int], before: str) ->
     points = sorted({min(c, len(whole)) for c in cuts})
     pieces = [whole[a:b] for a, b in zip([0, *points], [*points, len(whole)], strict=True)]
     assert read(pieces) == read([whole])
+
+
+PARAMS = ('{"q": "a \\"}\\" ]{", "nested": {"list": [1, {"x": "}"}], "e": {}}}',
+          '{}', ' { "city" : "Oslo" } ')
+REQUIRED = (f'[ {{"name": "search", "parameters": {PARAMS[0]}}},\n'
+            f'{{"parameters": {PARAMS[1]}, "name": "now"}}, '
+            f'{{ "name" : "get_weather" , "parameters" :{PARAMS[2]}}} ]')
+
+
+def stream(reader: ForcedCallText, pieces: list[str]) -> tuple[list[tuple[str, str]], str]:
+    """The calls as a client rebuilds them from what `take` hands over piece by piece (each
+    opens once, in order, then only grows), and the content left at the end."""
+    calls: list[tuple[str, str]] = []
+    content = ""
+    for i, piece in enumerate([*pieces, None]):
+        content += reader.feed(piece) if piece is not None else reader.end()
+        for delta in reader.take():
+            if delta.id is not None:
+                assert delta.index == len(calls) and delta.function.name, (i, delta)
+                calls.append((delta.function.name, delta.function.arguments))
+            else:
+                assert delta.index == len(calls) - 1 and delta.function.name is None
+                calls[-1] = (calls[-1][0], calls[-1][1] + delta.function.arguments)
+    assert calls == [(c.function.name, c.function.arguments) for c in reader.calls]
+    return calls, content
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(REQUIRED)), max_size=20))
+def test_required_calls_stream_whatever_the_pieces(cuts: list[int]) -> None:
+    """Each element of the array is a call with its parameters' text as written (strings
+    holding braces and quotes, nested objects, "parameters" before "name", without the blank
+    around it), handed over as
+    it is written; `complete` counts the elements read to their end."""
+    points = sorted(set(cuts))
+    pieces = [REQUIRED[a:b] for a, b in zip([0, *points], [*points, len(REQUIRED)], strict=True)]
+    reader = ForcedCallText(None)
+    assert stream(reader, pieces) == ([("search", PARAMS[0]), ("now", PARAMS[1]),
+                                       ("get_weather", PARAMS[2].strip())], "")
+    assert reader.complete == 3 and reader.finish_reason == "tool_calls"
+    for parameters in PARAMS:
+        json.loads(parameters)
+    single = ForcedCallText(None, single=True)
+    assert stream(single, pieces)[0] == [("search", PARAMS[0])] and single.complete == 1
+
+
+def test_a_forced_reply_cut_short_keeps_what_it_wrote() -> None:
+    """At every length: the calls whose name and parameters began, the last one's arguments
+    as far as written; `complete` only those read to their element's end; a "required"
+    reply with no call begun is the content."""
+    whole = [("search", PARAMS[0]), ("now", PARAMS[1]), ("get_weather", PARAMS[2].strip())]
+    ends = (REQUIRED.index(PARAMS[0]) + len(PARAMS[0]) + 1,  # where each element closes
+            REQUIRED.index('"now"}') + len('"now"}'), REQUIRED.rindex("}") + 1)
+    seen = set()
+    for n in range(len(REQUIRED) + 1):
+        reader = ForcedCallText(None)
+        calls, content = stream(reader, [REQUIRED[:n]])
+        assert content == ("" if calls else REQUIRED[:n])
+        assert [name for name, _ in calls] == [name for name, _ in whole[:len(calls)]]
+        if calls:
+            assert calls[:-1] == whole[:len(calls) - 1]
+            assert whole[len(calls) - 1][1].startswith(calls[-1][1])
+        assert reader.complete == sum(n >= end for end in ends), REQUIRED[:n]
+        seen.add(len(calls))
+    assert seen == {0, 1, 2, 3}
+    # A named function's reply is its arguments: complete once its object closes, and the
+    # blank the grammar allows after it is not part of them.
+    named = ForcedCallText("f")
+    assert stream(named, ['{"a": "}', '"} \n']) == ([("f", '{"a": "}"}')], "")
+    assert named.complete == 1 and named.finish_reason == "stop"
+    assert named.feed("\n \n") == "" and named.calls[0].function.arguments == '{"a": "}"}'
+    cut = ForcedCallText("f")
+    assert stream(cut, ['{"a": [{', '"b": 1}']) == ([("f", '{"a": [{"b": 1}')], "")
+    assert cut.complete == 0
