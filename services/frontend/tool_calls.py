@@ -7,7 +7,9 @@ their template) wraps each call in `<tool_call>` ... `</tool_call>` around a JSO
 it into what the client sees as content and the calls it sees as `tool_calls`; text that only
 looked like a call (a tag without a valid object) stays content, as vLLM leaves it. A reply
 forced to be calls (`tool_choice` a named function or "required") is JSON, and
-`ForcedCallText` reads its calls out of it as it is written, without a parser.
+`ForcedCallText` reads its calls out of it without a parser. Either way a call is handed over
+as it is written (`_JsonCalls` reads the JSON as it comes): its name, then its arguments in
+pieces, as vLLM streams them.
 
 Owns the parsing and the call objects; not the request checks (`protocol`) or the events
 (`responses`).
@@ -77,13 +79,151 @@ def _call(body: str) -> ToolCall | None:
                                             json.dumps(arguments, ensure_ascii=False)))
 
 
-def _tag_start(text: str) -> int:
-    """Where a possible opening tag begins at the end of `text` (len(text): nowhere), so a
-    tag split across two pieces is held back, not shown."""
-    for keep in range(min(len(_OPEN) - 1, len(text)), 0, -1):
-        if _OPEN.startswith(text[-keep:]):
+def _tag_start(text: str, tag: str) -> int:
+    """Where a possible `tag` begins at the end of `text` (len(text): nowhere), so a tag
+    split across two pieces is held back, not read."""
+    for keep in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-keep:]):
             return len(text) - keep
     return len(text)
+
+
+def _string(literal: str) -> str | None:
+    try:
+        value = json.loads(literal)
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
+
+
+class _JsonCursor:
+    """Where a reader is in JSON text written so far: how deep it is nested, and whether it is
+    inside a string (and just after a backslash there)."""
+
+    __slots__ = ("_escape", "_quoted", "depth", "string_at")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self._quoted = False
+        self._escape = False
+        self.string_at = 0  # where the last string opened
+
+    def step(self, c: str, i: int) -> str:
+        """Moves past `c`, at `i` in the text; returns what it is to the structure: a bracket,
+        a colon or comma outside strings, '"' when a string closes (from `string_at` to
+        here), else ""."""
+        if self._quoted:
+            if self._escape:
+                self._escape = False
+            elif c == "\\":
+                self._escape = True
+            elif c == '"':
+                self._quoted = False
+                return c
+            return ""
+        if c == '"':
+            self._quoted = True
+            self.string_at = i
+        elif c in "{[":
+            self.depth += 1
+            return c
+        elif c in "}]":
+            self.depth -= 1
+            return c
+        elif c in ":,":
+            return c
+        return ""
+
+
+class _Item:
+    """The call one JSON object is: its name and where its arguments object lies in the text,
+    once they are read."""
+
+    __slots__ = ("args_at", "args_end", "call", "name")
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.args_at: int | None = None
+        self.args_end: int | None = None
+        self.call: ToolCall | None = None
+
+
+class _JsonCalls:
+    """Calls read out of JSON as it is written: each object `depth` deep is one, its name the
+    string under "name" and its arguments the object under one of `keys`. A call joins
+    `calls` once its name and the start of its arguments are read (in either order), and its
+    arguments are that object's text so far; with `single`, only while `calls` is empty."""
+
+    __slots__ = ("_cursor", "_depth", "_item", "_key", "_keys", "_last_key", "_single",
+                 "calls", "opened", "text")
+
+    def __init__(self, calls: list[ToolCall], depth: int, keys: tuple[str, ...],
+                 single: bool) -> None:
+        self.calls = calls
+        self._depth = depth
+        self._keys = keys
+        self._single = single
+        self.text = ""
+        self.opened = False  # whether a call was read (and joined `calls`)
+        self._cursor = _JsonCursor()
+        self._item: _Item | None = None  # the object being read
+        self._key: str | None = None  # the key whose value is being read
+        self._last_key: str | None = None  # the last key read (its value follows a colon)
+
+    @property
+    def unfinished(self) -> bool:
+        """Whether the last call joined is still being written (its object is not closed)."""
+        return self._item is not None and self._item.call is not None
+
+    def feed(self, text: str) -> None:
+        at = len(self.text)
+        self.text += text
+        for i in range(at, len(self.text)):
+            if kind := self._cursor.step(self.text[i], i):
+                self._structure(kind, i)
+        if self._item is not None:
+            self._write(self._item)
+
+    def _structure(self, kind: str, i: int) -> None:
+        depth, item = self._cursor.depth, self._item
+        if kind == "{" and depth == self._depth:
+            self._item, self._key = _Item(), None
+        elif item is None:
+            return
+        elif kind == '"':
+            if depth == self._depth:
+                self._string_read(item, self.text[self._cursor.string_at:i + 1])
+        elif kind == "{":
+            if depth == self._depth + 1 and self._key in self._keys and item.args_at is None:
+                item.args_at = i
+                self._open(item)
+        elif kind in "}]":
+            if depth == self._depth and self._key in self._keys and item.args_end is None \
+                    and item.args_at is not None:
+                item.args_end = i + 1
+            elif depth == self._depth - 1:  # the object's end
+                self._write(item)
+                self._item = None
+        elif depth == self._depth:
+            self._key = self._last_key if kind == ":" else None
+
+    def _string_read(self, item: _Item, literal: str) -> None:
+        if self._key is None:
+            self._last_key = _string(literal)
+        elif self._key == "name" and item.name is None:
+            item.name = _string(literal)
+            self._open(item)
+
+    def _open(self, item: _Item) -> None:
+        if item.call is None and item.name is not None and item.args_at is not None \
+                and not (self._single and self.calls):
+            item.call = ToolCall(call_id(), FunctionCall(item.name, ""))
+            self.calls.append(item.call)
+            self.opened = True
+
+    def _write(self, item: _Item) -> None:
+        if item.call is not None and item.args_at is not None:
+            item.call.function.arguments = self.text[item.args_at:item.args_end]
 
 
 class _CallReader:
@@ -124,22 +264,27 @@ class _CallReader:
 
 class ToolCallText(_CallReader):
     """The `hermes` syntax over a stream of text pieces: `feed` returns the content to show
-    now and keeps each finished call in `calls` (`take` hands over the ones not yet sent);
-    `end` returns what is left once the text is complete."""
+    now, and each call joins `calls` as it is written (`take` hands over what is new): once
+    its name and the start of its arguments object are read, the arguments growing until its
+    object closes. A tag whose body is no call so far is read when it closes (arguments
+    written as a JSON string, say), or shown as the text it is. `end` returns what is left
+    once the text is complete."""
 
-    __slots__ = ("_blank", "_held", "_inside", "_single")
+    __slots__ = ("_blank", "_body", "_held", "_inside", "_reader", "_single")
 
     def __init__(self, single: bool = False) -> None:
         """`single`: OpenAI's `parallel_tool_calls: false`, calls after the first dropped."""
         super().__init__()
-        self._held = ""  # text not shown yet: a possible tag start, or a call being written
+        self._held = ""  # text not read yet: a possible tag split across pieces
         self._blank = ""  # blank text after a call: shown only if more text follows it
         self._inside = False
+        self._body = ""  # the open tag's text so far
+        self._reader: _JsonCalls | None = None  # the open tag's call, read as it comes
         self._single = single
 
-    def _add(self, call: ToolCall) -> None:
-        if not (self._single and self.calls):
-            self.calls.append(call)
+    @property
+    def complete(self) -> int:
+        return len(self.calls) - (self._reader is not None and self._reader.unfinished)
 
     def feed(self, text: str) -> str:
         if not text:
@@ -151,26 +296,47 @@ class ToolCallText(_CallReader):
             if self._inside:
                 end = text.find(_CLOSE)
                 if end < 0:
-                    self._held = text
+                    cut = _tag_start(text, _CLOSE)
+                    self._read(text[:cut])
+                    self._held = text[cut:]
                     break
-                body, text = text[:end], text[end + len(_CLOSE):]
-                self._inside = False
-                call = _call(body)
-                if call is None:  # not a call after all: the text as written
-                    shown.append(self._content(_OPEN + body + _CLOSE))
-                else:
-                    self._add(call)
+                self._read(text[:end])
+                text = text[end + len(_CLOSE):]
+                shown.append(self._close(_CLOSE))
                 continue
             start = text.find(_OPEN)
             if start < 0:
-                cut = _tag_start(text)
+                cut = _tag_start(text, _OPEN)
                 shown.append(self._content(text[:cut]))
                 self._held = text[cut:]
                 break
             shown.append(self._content(text[:start]))
             text = text[start + len(_OPEN):]
             self._inside = True
+            self._reader = _JsonCalls(self.calls, 1, ("arguments", "parameters"), self._single)
         return "".join(shown)
+
+    def _read(self, body: str) -> None:
+        if body:
+            self._body += body
+            assert self._reader is not None  # inside a tag
+            self._reader.feed(body)
+
+    def _close(self, tag: str) -> str:
+        """The tag's body is written (`tag`: what closed it): the call read as it came, else
+        the call it holds, else the text as written (content)."""
+        body, self._body, self._inside = self._body, "", False
+        reader, self._reader = self._reader, None
+        if reader is not None and reader.opened:
+            if not tag and reader.unfinished:
+                self._reader = reader  # cut short: its call stays unfinished
+            return ""
+        call = _call(body)
+        if call is None:  # not a call after all: the text as written
+            return self._content(_OPEN + body + tag)
+        if not (self._single and self.calls):
+            self.calls.append(call)
+        return ""
 
     def _content(self, out: str) -> str:
         """Text before the first call is content; between and after calls a model writes
@@ -184,171 +350,67 @@ class ToolCallText(_CallReader):
         return out
 
     def end(self) -> str:
-        """The text is complete: a call left open is one if its object is whole, else text."""
+        """The text is complete: a tag left open is a call if one was read from it (cut
+        short, the last one unfinished) or its object is whole, else text."""
         held, self._held = self._held, ""
         if self._inside:
-            self._inside = False
-            call = _call(held)
-            if call is not None:
-                self._add(call)
-                return ""
-            held = _OPEN + held
+            self._read(held)  # a closing tag's start, never finished: part of the body
+            return self._close("")
         return self._content(held)
-
-
-class _Item:
-    """The call one element of a "required" array is: its name and where its parameters
-    object lies in the text, once they are read."""
-
-    __slots__ = ("call", "name", "params_at", "params_end")
-
-    def __init__(self) -> None:
-        self.name: str | None = None
-        self.params_at: int | None = None
-        self.params_end: int | None = None
-        self.call: ToolCall | None = None
-
-
-def _string(literal: str) -> str | None:
-    try:
-        value = json.loads(literal)
-    except ValueError:
-        return None
-    return value if isinstance(value, str) else None
 
 
 class ForcedCallText(_CallReader):
     """A reply constrained to be calls (`tool_choice` a named function, or "required";
     `forced_call_schema` made its constraint), read as it is written. For a named function
     the text is the call's arguments; for "required" it is vLLM's array of `{"name": ...,
-    "parameters": ...}`, each element a call that opens once its name is read and whose
-    arguments are its parameters object's text. Either way the arguments stream as they are
+    "parameters": ...}`, each element a call. Either way the arguments stream as they are
     written, and a reply cut short by its token budget leaves the last call unfinished, as in
-    OpenAI and vLLM. A "required" reply that holds no readable call is the content."""
+    OpenAI and vLLM. A "required" reply that holds no call is the content."""
 
-    __slots__ = ("_depth", "_done", "_escape", "_item", "_key", "_last_key", "_name",
-                 "_quoted", "_single", "_string_at", "_text", "finish_reason")
+    __slots__ = ("_cursor", "_done", "_name", "_reader", "_text", "finish_reason")
 
     def __init__(self, name: str | None, single: bool = False) -> None:
         """`name`: the named function (None: "required"); `single` as for `ToolCallText`."""
         super().__init__()
         self._name = name
-        self._single = single
+        self._reader = _JsonCalls(self.calls, 2, ("parameters",), single) \
+            if name is None else None
+        self._cursor = _JsonCursor()  # a named call's: where its object closes
         self._text = ""
-        # Where the reader is in the JSON: nesting, inside a string (and after a backslash).
-        self._depth = 0
-        self._quoted = False
-        self._escape = False
-        self._string_at = 0  # where the string being read opened
-        # "required": the array element being read, its key whose value is being read, and
-        # the last key read (its value comes after a colon).
-        self._item: _Item | None = None
-        self._key: str | None = None
-        self._last_key: str | None = None
-        self._done = 0  # calls written to their end
+        self._done = False  # a named call's object closed
         # A named call ends as OpenAI and vLLM end one: "stop".
         self.finish_reason = "stop" if name is not None else "tool_calls"
 
     @property
     def complete(self) -> int:
-        return self._done
+        if self._reader is not None:
+            return len(self.calls) - self._reader.unfinished
+        return int(self._done)
 
     def feed(self, text: str) -> str:
-        if not text or (self._name is not None and self._done):
+        if self._reader is not None:
+            self._reader.feed(text)
+            return ""
+        if not text or self._done:
             return ""  # after a named call's object: blank text the grammar allowed
         at = len(self._text)
         self._text += text
         for i in range(at, len(self._text)):
-            self._step(self._text[i], i)
-            if self._name is not None and self._done:
+            if self._cursor.step(self._text[i], i) in ("}", "]") and self._cursor.depth == 0:
                 self._text = self._text[:i + 1]  # what follows is the grammar's blank
+                self._done = True
                 break
-        if self._name is not None:
-            if self.calls:
-                self.calls[0].function.arguments = self._text
-            else:
-                self.calls.append(ToolCall(call_id(), FunctionCall(self._name, self._text)))
-        elif self._item is not None:
-            self._write(self._item)
+        if self.calls:
+            self.calls[0].function.arguments = self._text
+        else:
+            assert self._name is not None
+            self.calls.append(ToolCall(call_id(), FunctionCall(self._name, self._text)))
         return ""
 
-    def _step(self, c: str, i: int) -> None:
-        if self._quoted:
-            if self._escape:
-                self._escape = False
-            elif c == "\\":
-                self._escape = True
-            elif c == '"':
-                self._quoted = False
-                if self._name is None and self._depth == 2:
-                    self._string_read(self._text[self._string_at:i + 1])
-        elif c == '"':
-            self._quoted = True
-            self._string_at = i
-        elif c in "{[":
-            self._depth += 1
-            if self._name is None:
-                self._nested(c, i)
-        elif c in "}]":
-            self._depth -= 1
-            if self._name is not None:
-                self._done = int(self._depth == 0)
-            else:
-                self._unnested(i + 1)
-        elif self._name is None and self._depth == 2:
-            if c == ":":
-                self._key = self._last_key
-            elif c == ",":
-                self._key = None
-
-    def _string_read(self, literal: str) -> None:
-        item = self._item
-        if item is None:
-            return
-        if self._key is None:
-            self._last_key = _string(literal)
-        elif self._key == "name" and item.name is None:
-            item.name = _string(literal)
-            self._open(item)
-
-    def _nested(self, c: str, i: int) -> None:
-        if self._depth == 2 and c == "{":
-            self._item = _Item()
-            self._key = None
-        elif self._depth == 3 and self._key == "parameters" and self._item is not None \
-                and self._item.params_at is None:
-            self._item.params_at = i
-            self._open(self._item)
-
-    def _unnested(self, end: int) -> None:
-        item = self._item
-        if item is None:
-            return
-        if self._depth == 2 and self._key == "parameters" and item.params_at is not None \
-                and item.params_end is None:
-            item.params_end = end
-        elif self._depth == 1:  # the element's end
-            self._write(item)
-            if item.call is not None and item.params_end is not None:
-                self._done = len(self.calls)
-            self._item = None
-
-    def _open(self, item: _Item) -> None:
-        """An element's call opens once its name and the start of its parameters are read
-        (in either order); with `single`, the first element's only."""
-        if item.call is None and item.name is not None and item.params_at is not None \
-                and not (self._single and self.calls):
-            item.call = ToolCall(call_id(), FunctionCall(item.name, ""))
-            self.calls.append(item.call)
-
-    def _write(self, item: _Item) -> None:
-        if item.call is not None and item.params_at is not None:
-            item.call.function.arguments = self._text[item.params_at:item.params_end]
-
     def end(self) -> str:
-        if self._name is not None or self.calls:
+        if self._reader is None or self.calls:
             return ""
-        return self._text
+        return self._reader.text
 
 
 def forced_call_schema(tools: list[dict[str, Any]], name: str | None,

@@ -60,20 +60,45 @@ def test_a_tag_split_between_pieces_is_held_back_not_shown() -> None:
 @given(st.lists(st.integers(min_value=0, max_value=200), max_size=12),
        st.sampled_from(["", "\n", "Checking.\n", "a < b but <tool_call"]))
 def test_any_cut_into_pieces_reads_as_the_whole(cuts: list[int], before: str) -> None:
+    """Whatever the pieces: the same content and calls, each call handed over as it is
+    written (an object's arguments as the model wrote them; arguments written as a JSON
+    string once read whole)."""
     whole = before + WEATHER + " then " + TIME + "\n\n" + WEATHER + "<tool_"
     points = sorted({min(c, len(whole)) for c in cuts})
     pieces = [whole[a:b] for a, b in zip([0, *points], [*points, len(whole)], strict=True)]
     assert read(pieces) == read([whole])
+    reader = ToolCallText()
+    calls, content = stream(reader, pieces)
+    assert (content, calls) == (read([whole])[0], [
+        ("get_weather", '{"city": "Paris"}'), ("now", '{"tz": "UTC"}'),
+        ("get_weather", '{"city": "Paris"}')])
+    assert reader.complete == 3
+
+
+def test_a_call_cut_short_keeps_what_it_wrote() -> None:
+    """Text that ends inside a call: the call as far as its arguments were written (not
+    complete); before its arguments began, the text as written."""
+    text = "Sure." + WEATHER
+    cut = ToolCallText()
+    assert stream(cut, [text[:text.index("Paris") + 2]]) == ([("get_weather", '{"city": "Pa')],
+                                                              "Sure.")
+    assert cut.complete == 0
+    early = text[:text.index('"arguments"')]
+    assert stream(ToolCallText(), [early]) == ([], early)
+    whole = ToolCallText()  # written whole, only its closing tag missing
+    assert stream(whole, [text.removesuffix("</tool_call>")])[0] == [
+        ("get_weather", '{"city": "Paris"}')] and whole.complete == 1
 
 
 PARAMS = ('{"q": "a \\"}\\" ]{", "nested": {"list": [1, {"x": "}"}], "e": {}}}',
           '{}', ' { "city" : "Oslo" } ')
 REQUIRED = (f'[ {{"name": "search", "parameters": {PARAMS[0]}}},\n'
-            f'{{"parameters": {PARAMS[1]}, "name": "now"}}, '
+            f'{{"note": {{"a": "{{"}}, "parameters": {PARAMS[1]}, "name": "now"}}, '
             f'{{ "name" : "get_weather" , "parameters" :{PARAMS[2]}}} ]')
 
 
-def stream(reader: ForcedCallText, pieces: list[str]) -> tuple[list[tuple[str, str]], str]:
+def stream(reader: ToolCallText | ForcedCallText,
+           pieces: list[str]) -> tuple[list[tuple[str, str]], str]:
     """The calls as a client rebuilds them from what `take` hands over piece by piece (each
     opens once, in order, then only grows), and the content left at the end."""
     calls: list[tuple[str, str]] = []
@@ -96,7 +121,7 @@ def stream(reader: ForcedCallText, pieces: list[str]) -> tuple[list[tuple[str, s
 def test_required_calls_stream_whatever_the_pieces(cuts: list[int]) -> None:
     """Each element of the array is a call with its parameters' text as written (strings
     holding braces and quotes, nested objects, "parameters" before "name", without the blank
-    around it), handed over as
+    around it; an object under another key is not one), handed over as
     it is written; `complete` counts the elements read to their end."""
     points = sorted(set(cuts))
     pieces = [REQUIRED[a:b] for a, b in zip([0, *points], [*points, len(REQUIRED)], strict=True)]
