@@ -114,6 +114,8 @@ RESPONSES_EVENTS = {
     "response.output_item.added": "ResponseOutputItemAddedEvent",
     "response.content_part.added": "ResponseContentPartAddedEvent",
     "response.output_text.delta": "ResponseTextDeltaEvent",
+    "response.reasoning_text.delta": "ResponseReasoningTextDeltaEvent",
+    "response.reasoning_text.done": "ResponseReasoningTextDoneEvent",
     "response.function_call_arguments.delta": "ResponseFunctionCallArgumentsDeltaEvent",
     "response.function_call_arguments.done": "ResponseFunctionCallArgumentsDoneEvent",
     "response.output_text.done": "ResponseTextDoneEvent",

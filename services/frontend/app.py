@@ -42,6 +42,7 @@ from services.frontend.logprobs import NULL as NULL_LOGPROBS
 from services.frontend.logprobs import ChoiceLogprobs, PromptLogprobs
 from services.frontend.metrics import FrontendMetrics, ModelMetrics
 from services.frontend.quotas import Grant, QuotaExceeded, Quotas, retry_after_headers
+from services.frontend.reasoning import ReasoningText, thinks
 from services.frontend.stop_matcher import StopMatcher
 from services.frontend.tokenizer import INLINE_TOKENIZE_MAX_CHARS, Tokenizer
 from services.frontend.tool_calls import ForcedCallText, ToolCallText
@@ -91,8 +92,8 @@ class Generation:
 
     __slots__ = ("cached_tokens", "detokenizer", "disconnected", "done", "echo", "echo_ids",
                  "error", "finish", "first_token_at", "ids_out", "last_token_at", "logprobs",
-                 "matcher", "prompt_logprobs", "prompt_only", "queued", "request_id",
-                 "response_started",
+                 "matcher", "prompt_logprobs", "prompt_only", "queued", "reasoning",
+                 "request_id", "response_started",
                  "saw_first_chunk", "stop_ids", "stopped_by_string", "tokens", "tools",
                  "upstream_finished")
 
@@ -123,16 +124,23 @@ class Generation:
         self.disconnected = False
         self.response_started = False
         self.queued: Gauge | None = None  # the queued-requests gauge, until the first chunk
-        # Tool calls read out of the text, when asked.
+        # The reasoning split from the answer (`--reasoning-parser`), then the tool calls read
+        # out of the answer, when asked.
+        self.reasoning: ReasoningText | None = None
         self.tools: ToolCallText | ForcedCallText | None = None
 
     def consume(self, batch: list[TokenChunk]) -> str:
         text = self._consume(batch)
+        ended = self.finish is not None or self.error is not None
+        if self.reasoning is not None:
+            text = self.reasoning.feed(text)
+            if ended:
+                self.reasoning.end()
         tools = self.tools
         if tools is None:
             return text
         text = tools.feed(text)
-        if self.finish is not None or self.error is not None:
+        if ended:
             text += tools.end()
             if tools.calls and self.finish == "stop":
                 self.finish = tools.finish_reason
@@ -405,13 +413,15 @@ class FrontendApp:
                  admission: AdmissionQueue | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                  max_prompt_tokens: int = 0, max_output_tokens: int = 0,
                  stream_interval: int = 0, images: ChatImages | None = None,
-                 tool_call_parser: str | None = None) -> None:
+                 tool_call_parser: str | None = None, reasoning_parser: str | None = None
+                 ) -> None:
         """`api_keys` (else `api_key`, a single unrestricted key): who may call /v1/;
         `quotas` their limits (default: a fresh `Quotas`); `admission` the generations
         allowed in flight (default: no limit); `stream_interval` tokens per SSE
         event (0: whatever piled up while the last event was being written);
         `tool_call_parser`: the syntax of the model's tool calls (`tool_calls.PARSERS`; None:
-        requests with tools are refused)."""
+        requests with tools are refused); `reasoning_parser`: how the model marks its
+        thinking (`reasoning.PARSERS`; None: its text is all answer)."""
         self.upstream = upstream
         self.tokenizer = tokenizer
         self.served_model_name = served_model_name or None
@@ -429,6 +439,7 @@ class FrontendApp:
         metrics.admission_waiting.set_function(lambda: self.admission.waiting)
         self.stream_interval = stream_interval
         self.tool_call_parser = tool_call_parser
+        self.reasoning_parser = reasoning_parser
         self.images = images if images is not None else ChatImages(ImageLimits())
         self.created = int(time.time())
         self._hidden_ids = frozenset(tokenizer.eos_token_ids)
@@ -845,6 +856,8 @@ class FrontendApp:
             calls_tools = endpoint != COMPLETIONS and protocol.tools_asked(body) is not None
             if calls_tools:
                 self._check_tool_request(body)
+            if endpoint != COMPLETIONS and self.reasoning_parser is not None:
+                _check_reasoning_request(body)
             kind = CHAT if endpoint == RESPONSES else endpoint  # how its prompt is made
             prompts = protocol.truncate_prompts(body, await self._prompts(kind, body),
                                                 self.context_length(upstream_model))
@@ -888,6 +901,12 @@ class FrontendApp:
         if body.return_token_ids:
             for gen in gens:
                 gen.ids_out = []
+        if endpoint != COMPLETIONS and self.reasoning_parser is not None \
+                and requests[0].sampling.structured is None:
+            # A constrained reply has no thinking: its constraint holds from its first token.
+            gens[0].reasoning = ReasoningText(
+                self.reasoning_parser, thinks(self.reasoning_parser, body.chat_template_kwargs),
+                keep=body.include_reasoning is not False)
         if calls_tools:
             forced, name = protocol.forced_calls(body)
             single = body.parallel_tool_calls is False
@@ -923,7 +942,8 @@ class FrontendApp:
                 # One prompt, one choice.
                 assert isinstance(opened, ChunkStream) and api_request is not None
                 api_encoder = responses_api.ResponsesStreamEncoder(
-                    shell, responses_api.wants_obfuscation(api_request))
+                    shell, responses_api.wants_obfuscation(api_request),
+                    reasoning=gens[0].reasoning is not None)
                 status = await self._stream(send, gens[0], opened, api_encoder,
                                             len(prompts[0][0]), request_id)
             elif stream:
@@ -1053,6 +1073,8 @@ class FrontendApp:
         while True:
             if gen.error is not None:
                 gen.done = True
+                if gen.reasoning is not None:
+                    out.append(_reasoning(gen, encoder))
                 if text:
                     out.append(encoder.delta(text, gen.fields_with(text)))
                 out.append(encoder.failure(gen.error))
@@ -1063,6 +1085,8 @@ class FrontendApp:
                 if gen.stopped_by_string and not gen.upstream_finished:
                     self.upstream.cancel(gen.request_id)
                 gen.done = True
+                if gen.reasoning is not None:
+                    out.append(_reasoning(gen, encoder))
                 calls = _tool_calls(gen, encoder)
                 if calls:  # after the text before them, before the finish
                     if text:
@@ -1074,6 +1098,8 @@ class FrontendApp:
                 await send({"type": "http.response.body", "more_body": False,
                             "body": b"".join(out)})
                 return 200
+            if gen.reasoning is not None:
+                out.append(_reasoning(gen, encoder))
             if text:
                 out.append(encoder.delta(text) if gen.plain
                            else encoder.delta(text, gen.fields_with(text)))
@@ -1232,17 +1258,20 @@ class FrontendApp:
             assert failed.error is not None
             await _send_bytes(send, failed.error.status, failed.error.body())
             return failed.error.status
+        # One choice when it is read for reasoning (`_check_reasoning_request`).
+        reasoning = {"reasoning": gens[0].reasoning.whole} if gens[0].reasoning is not None \
+            else {}
         if shell is not None:
             tools = gens[0].tools
             await _send_bytes(send, 200, responses_api.response_body(
                 shell, texts[0], gens[0].finish or "stop", _usage(gens, prompts),
-                *((tools.calls, tools.complete) if tools is not None else ())))
+                *((tools.calls, tools.complete) if tools is not None else ()), **reasoning))
             return 200
         if gens[0].tools is not None:  # one choice (`_check_tool_request`)
             await _send_bytes(send, 200, responses.chat_completion(
                 response_id, int(time.time()), model,
                 [(texts[0], gens[0].finish or "stop", NULL_LOGPROBS)], _usage(gens, prompts),
-                tool_calls=gens[0].tools.calls))
+                tool_calls=gens[0].tools.calls, **reasoning))
             return 200
         render = responses.chat_completion if endpoint == CHAT else responses.completion
         choices = [(text, gen.finish or "stop", gen.logprobs_with(text))
@@ -1257,9 +1286,26 @@ class FrontendApp:
             prompt_logprobs = [gen.prompt_logprobs.json(prompts[i // n][0])
                                for i, gen in enumerate(gens) if gen.prompt_logprobs is not None]
         body = render(response_id, int(time.time()), model, choices, _usage(gens, prompts),
-                      token_ids, prompt_logprobs)
+                      token_ids, prompt_logprobs, **reasoning)
         await _send_bytes(send, 200, body)
         return 200
+
+
+def _check_reasoning_request(body: protocol.ChatCompletionRequest) -> None:
+    """A chat request on a frontend that splits reasoning from the answer: one it can split."""
+    if (body.n or 1) > 1:
+        raise unsupported("n", "with --reasoning-parser a chat request takes one choice (n: 1)")
+    if body.echo:
+        raise unsupported("echo", "the last message is not echoed with --reasoning-parser")
+
+
+def _reasoning(gen: Generation, encoder: Any) -> bytes:
+    """The event of the reasoning `gen` read since the last one (b"" when none); the tokens'
+    logprobs and ids that were read with it go with it."""
+    text = gen.reasoning.take() if gen.reasoning is not None else ""
+    if not text:
+        return b""
+    return encoder.reasoning(text) if gen.plain else encoder.reasoning(text, gen.fields_with(text))
 
 
 def _tool_calls(gen: Generation, encoder: Any) -> bytes:

@@ -8,6 +8,7 @@ import os
 from common.config import ProcessConfig, opt, require
 from services.frontend.api_keys import ApiKeys
 from services.frontend.images import ImageLimits
+from services.frontend.reasoning import PARSERS as REASONING_PARSERS
 from services.frontend.tool_calls import PARSERS
 
 _MIB = 1024 * 1024
@@ -68,6 +69,10 @@ class FrontendConfig(ProcessConfig):
                                      "(hermes: <tool_call> JSON, as Hermes and Qwen models do); "
                                      "set, chat requests may send tools with tool_choice "
                                      "'auto' and get the calls back as tool_calls")
+    reasoning_parser: str = opt("",
+                                help="how the served model marks its thinking (deepseek_r1, "
+                                     "qwen3: <think> ... </think>); set, chat replies carry it "
+                                     "apart from the answer, as 'reasoning'")
     stream_interval: int = opt(0, help="tokens per SSE event: 0 sends whatever piled up since "
                                        "the last event (fewer events under load); N exactly N "
                                        "per event (1: one event per token)")
@@ -93,6 +98,9 @@ class FrontendConfig(ProcessConfig):
         if self.tool_call_parser not in ("", *PARSERS):
             raise ValueError(f"--tool-call-parser must be one of {', '.join(PARSERS)}, got "
                              f"{self.tool_call_parser!r}")
+        if self.reasoning_parser not in ("", *REASONING_PARSERS):
+            raise ValueError(f"--reasoning-parser must be one of {', '.join(REASONING_PARSERS)},"
+                             f" got {self.reasoning_parser!r}")
         if self.stream_interval < 0:
             raise ValueError(f"--stream-interval must be >= 0 (0: merge what piled up), got "
                              f"{self.stream_interval}")

@@ -96,6 +96,7 @@ async def serve(config: FrontendConfig) -> None:
                           max_output_tokens=config.max_output_tokens,
                           stream_interval=config.stream_interval,
                           tool_call_parser=config.tool_call_parser or None,
+                          reasoning_parser=config.reasoning_parser or None,
                           images=ChatImages(config.image_limits(),
                                             layout=_vision_layout(config.model)))
         service.on_shutdown("image fetcher", app.images.fetcher.close)

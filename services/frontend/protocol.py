@@ -127,6 +127,10 @@ class AssistantMessage(_Strict, tag_field="role", tag="assistant"):
     audio: dict[str, Any] | None = None
     tool_calls: list[dict[str, Any]] | UnsetType = UNSET  # not nullable in the spec
     function_call: dict[str, Any] | None = None
+    # vLLM's: an earlier reply's reasoning, as a client sends its messages back (the older name
+    # too); the chat template reads it as `reasoning_content`.
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
 
 class ToolMessage(_Strict, tag_field="role", tag="tool"):
@@ -244,6 +248,8 @@ class ChatCompletionRequest(_Extensions, kw_only=True):
     chat_template_kwargs: dict[str, Any] | None = None
     # vLLM's: the reply starts with the last message's text when that is the assistant's.
     echo: bool | None = None
+    # vLLM's: whether a reply's reasoning (`--reasoning-parser`) is sent; false drops it.
+    include_reasoning: bool | None = None
 
 
 class CompletionRequest(_Extensions, kw_only=True):
@@ -630,8 +636,8 @@ def has_images(body: ChatCompletionRequest | TokenizeRequest) -> bool:
 def chat_messages(body: ChatCompletionRequest | TokenizeRequest,
                   image_marker: str | None = None) -> list[dict[str, Any]]:
     """Messages as chat templates expect them: role + plain-text content (+ name, a tool
-    message's `tool_call_id`, an assistant's `tool_calls`); with `image_marker`, each image part
-    is that marker in the text (`images.py` splits there)."""
+    message's `tool_call_id`, an assistant's `tool_calls` and `reasoning_content`); with
+    `image_marker`, each image part is that marker in the text (`images.py` splits there)."""
     out = []
     for message in body.messages:
         role = message.__struct_config__.tag
@@ -642,8 +648,12 @@ def chat_messages(body: ChatCompletionRequest | TokenizeRequest,
             entry["name"] = message.name
         if isinstance(message, ToolMessage):
             entry["tool_call_id"] = message.tool_call_id
-        elif isinstance(message, AssistantMessage) and message.tool_calls:
-            entry["tool_calls"] = [_template_call(call) for call in message.tool_calls]
+        elif isinstance(message, AssistantMessage):
+            if message.tool_calls:
+                entry["tool_calls"] = [_template_call(call) for call in message.tool_calls]
+            reasoning = message.reasoning or message.reasoning_content
+            if reasoning:
+                entry["reasoning_content"] = reasoning
         out.append(entry)
     return out
 

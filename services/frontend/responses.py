@@ -50,6 +50,7 @@ class ChatMessage(msgspec.Struct):
     refusal: str | None = None
     role: str = "assistant"
     tool_calls: list[ToolCall] | UnsetType = UNSET
+    reasoning: str | UnsetType | None = UNSET  # vLLM's, with a reasoning parser
 
 
 class ChatChoice(msgspec.Struct):
@@ -110,15 +111,21 @@ def chat_completion(response_id: str, created: int, model: str,
                     choices: list[tuple[str, str, bytes]], usage_: Usage,
                     token_ids: TokenIds | None = None,
                     prompt_logprobs: list[bytes] | None = None,
-                    tool_calls: list[ToolCall] | None = None) -> bytes:
+                    tool_calls: list[ToolCall] | None = None,
+                    reasoning: str | UnsetType | None = UNSET) -> bytes:
     """`choices`: (text, finish reason, logprobs JSON) of each, in index order; `token_ids`:
     what vLLM's `return_token_ids` adds (the prompt's once, at the top); `prompt_logprobs`:
     vLLM's, each choice's JSON (the first's goes at the top: the choices share the prompt);
-    `tool_calls`: the one choice's, when it made any (its text, if only blank, is null)."""
+    `tool_calls`: the one choice's, when it made any (its text, if only blank, is null);
+    `reasoning`: the one choice's, when it is read for (its text, if empty, is null)."""
     out = ChatCompletion(
         id=response_id, created=created, model=model, usage=usage_,
         choices=[ChatChoice(i, ChatMessage(text), _raw(logprobs), reason)
                  for i, (text, reason, logprobs) in enumerate(choices)])
+    if reasoning is not UNSET:
+        message = out.choices[0].message
+        message.reasoning = reasoning
+        message.content = message.content or None
     if tool_calls:
         message = out.choices[0].message
         message.tool_calls = tool_calls
@@ -281,6 +288,12 @@ class ChatStreamEncoder:
 
     def usage(self, usage_: Usage) -> bytes:
         return b"".join((self._head, b'"choices":[],"usage":', _encode(usage_), b"}\n\n"))
+
+    def reasoning(self, text: str, logprobs: bytes = NULL) -> bytes:
+        """Reasoning the model wrote, in vLLM's `delta.reasoning`."""
+        event = b"".join((self._choice_head, b'{"reasoning":', _encode(text), b'},"logprobs":',
+                          logprobs, b',"finish_reason":null}]'))
+        return obfuscated(event, self._end()) if self._obfuscate else event + self._end()
 
     def tool_calls(self, calls: list[ToolCallDelta], complete: int) -> bytes:
         """What the model wrote of its tool calls since the last event, in one event (a chat

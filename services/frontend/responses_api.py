@@ -91,11 +91,12 @@ class ResponseShell:
     """What a response object repeats of its request, and its ids; `render` fills in the
     output, status and usage."""
 
-    __slots__ = ("_fields", "item_id", "response_id")
+    __slots__ = ("_fields", "item_id", "reasoning_id", "response_id")
 
     def __init__(self, request: ResponsesRequest, request_id: str, model: str) -> None:
         self.response_id = "resp_" + request_id
         self.item_id = "msg_" + request_id
+        self.reasoning_id = "rs_" + request_id
         self._fields: dict[str, Any] = {
             "id": self.response_id, "object": "response", "created_at": int(time.time()),
             "model": model, "instructions": request.instructions,
@@ -125,18 +126,25 @@ class ResponseShell:
         return {"type": "message", "id": self.item_id, "status": _item_status(finish),
                 "role": "assistant", "content": [_text_part(text)]}
 
+    def reasoning_item(self, text: str | None, status: str) -> dict[str, Any]:
+        """The reasoning item (`--reasoning-parser`): in progress (no text yet), or done."""
+        return {"type": "reasoning", "id": self.reasoning_id, "summary": [],
+                "content": [] if text is None else [{"type": "reasoning_text", "text": text}],
+                "status": status}
+
     def render(self, text: str | None, finish: str | None, usage: Usage | None,
-               calls: list[ToolCall] | None = None, complete: int | None = None
-               ) -> dict[str, Any]:
-        """The response object: in progress (`text` None) or finished, its message first and
-        then the function calls the model made (those past the first `complete`, when given,
-        left unfinished: cut short)."""
+               calls: list[ToolCall] | None = None, complete: int | None = None,
+               reasoning: str | None = None) -> dict[str, Any]:
+        """The response object: in progress (`text` None) or finished: the model's
+        reasoning first when it wrote any, its message, then the function calls it made
+        (those past the first `complete`, when given, left unfinished: cut short)."""
         out = dict(self._fields)
         if text is None:
             out.update(status="in_progress", output=[])
             return out
         status = _item_status(finish)
         out.update(status=status, usage=_usage(usage), output=[
+            *([self.reasoning_item(reasoning, "completed")] if reasoning is not None else ()),
             self.message(text, finish),
             *(function_call(call, _call_status(i, complete))
               for i, call in enumerate(calls or ()))])
@@ -166,9 +174,9 @@ def _function_item_id(call: ToolCall) -> str:
     return "fc_" + call.id.removeprefix("call_")
 
 
-def _place(call: ToolCall, index: int) -> dict[str, Any]:
-    """Where a call's streamed events point: its item, after the message."""
-    return {"item_id": _function_item_id(call), "output_index": 1 + index}
+def _place(call: ToolCall, index: int, base: int) -> dict[str, Any]:
+    """Where a call's streamed events point: its item, after the message (at `base`)."""
+    return {"item_id": _function_item_id(call), "output_index": base + 1 + index}
 
 
 def function_call(call: ToolCall, status: str, arguments: str | None = None) -> dict[str, Any]:
@@ -315,8 +323,8 @@ def _chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | No
 
 def _messages(request: ResponsesRequest) -> list[dict[str, Any]]:
     """The conversation as chat messages: the instructions first (as OpenAI places them), then
-    each input item; function calls in a row are one assistant turn, each output a tool
-    message."""
+    each input item; an earlier reasoning item, the assistant message and function calls
+    after it are one assistant turn, each output a tool message."""
     messages: list[dict[str, Any]] = []
     if request.instructions is not None:
         messages.append({"role": "system", "content": request.instructions})
@@ -326,18 +334,44 @@ def _messages(request: ResponsesRequest) -> list[dict[str, Any]]:
     for index, item in enumerate(request.input):
         where = f"input[{index}]"
         kind = item.get("type", "message")
+        last = messages[-1] if messages and messages[-1]["role"] == "assistant" else None
         if kind == "function_call":
             call = _function_call(item, where)
-            last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant" and "tool_calls" in last:
-                last["tool_calls"].append(call)
+            if last is not None and ("tool_calls" in last or _thought_only(last)):
+                last.setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
             messages.append(_function_output(item, where))
+        elif kind == "reasoning":
+            messages.append({"role": "assistant", "content": None,
+                             "reasoning": _reasoning_text(item, where)})
         else:
-            messages.append(_message(item, where))
+            message = _message(item, where)
+            if last is not None and message["role"] == "assistant" and _thought_only(last):
+                last["content"] = message["content"]
+            else:
+                messages.append(message)
     return messages
+
+
+def _thought_only(message: dict[str, Any]) -> bool:
+    """An assistant turn that so far holds only its reasoning."""
+    return message["content"] is None and "tool_calls" not in message and "reasoning" in message
+
+
+def _reasoning_text(item: dict[str, Any], where: str) -> str:
+    """An earlier reasoning item's text (its content, else its summary), for the template."""
+    for field, kind in (("content", "reasoning_text"), ("summary", "summary_text")):
+        parts = item.get(field) or []
+        if not isinstance(parts, list) or not all(
+                isinstance(part, dict) and part.get("type") == kind
+                and isinstance(part.get("text"), str) for part in parts):
+            raise invalid(f"Invalid value for '{where}.{field}': expected a list of {kind} "
+                          "parts", f"{where}.{field}", "invalid_value")
+        if parts:
+            return "".join(part["text"] for part in parts)
+    return ""
 
 
 def _function_call(item: dict[str, Any], where: str) -> dict[str, Any]:
@@ -404,16 +438,23 @@ class ResponsesStreamEncoder:
     chat and completion stream encoders have them for one choice (its usage goes in the final
     event)."""
 
-    __slots__ = ("_calls", "_calls_done", "_obfuscate", "_parts", "_sequence", "_shell")
+    __slots__ = ("_base", "_calls", "_calls_done", "_message_open", "_obfuscate", "_parts",
+                 "_sequence", "_shell", "_thought")
 
-    def __init__(self, shell: ResponseShell, obfuscate: bool = False) -> None:
-        """`obfuscate`: `stream_options.include_obfuscation`, every text delta padded."""
+    def __init__(self, shell: ResponseShell, obfuscate: bool = False,
+                 reasoning: bool = False) -> None:
+        """`obfuscate`: `stream_options.include_obfuscation`, every text delta padded;
+        `reasoning`: the reply may begin with reasoning, its own item ahead of the message
+        (which then opens with the answer)."""
         self._shell = shell
         self._parts: list[str] = []
         self._sequence = 0
         self._obfuscate = obfuscate
         self._calls: list[ToolCall] = []
         self._calls_done = 0  # of `_calls`, those whose done events were sent
+        self._message_open = not reasoning
+        self._thought: list[str] | None = None  # the reasoning item's text, once it opens
+        self._base = 0  # the message's output index
 
     def _event(self, kind: str, padded: bool = False, **fields: Any) -> bytes:
         fields = {"type": kind, "sequence_number": self._sequence, **fields}
@@ -424,38 +465,73 @@ class ResponsesStreamEncoder:
         return b"event: %s\ndata: %s\n\n" % (kind.encode(), data)
 
     def _item(self) -> dict[str, Any]:
-        return {"item_id": self._shell.item_id, "output_index": 0, "content_index": 0}
+        return {"item_id": self._shell.item_id, "output_index": self._base, "content_index": 0}
 
     def opening(self) -> bytes:
         started = self._shell.render(None, None, None)
-        return b"".join((
-            self._event("response.created", response=started),
-            self._event("response.in_progress", response=started),
-            self._event("response.output_item.added", output_index=0,
-                        item=self._shell.message(None, None)),
-            self._event("response.content_part.added", part=_text_part(""), **self._item())))
+        events = [self._event("response.created", response=started),
+                  self._event("response.in_progress", response=started)]
+        if self._message_open:
+            events += self._message_opening()
+        return b"".join(events)
+
+    def _message_opening(self) -> list[bytes]:
+        return [self._event("response.output_item.added", output_index=self._base,
+                            item=self._shell.message(None, None)),
+                self._event("response.content_part.added", part=_text_part(""), **self._item())]
+
+    def _open_message(self) -> list[bytes]:
+        """The message's opening, once the answer begins: the reasoning item before it
+        ends."""
+        if self._message_open:
+            return []
+        self._message_open = True
+        events = []
+        if self._thought is not None:
+            thought = "".join(self._thought)
+            place = {"item_id": self._shell.reasoning_id, "output_index": 0, "content_index": 0}
+            events += (self._event("response.reasoning_text.done", text=thought, **place),
+                       self._event("response.output_item.done", output_index=0,
+                                   item=self._shell.reasoning_item(thought, "completed")))
+            self._base = 1
+        return events + self._message_opening()
+
+    def reasoning(self, text: str, logprobs: bytes = b"null") -> bytes:
+        """Reasoning the model wrote, in its own item ahead of the message."""
+        events = []
+        if self._thought is None:
+            self._thought = []
+            events.append(self._event("response.output_item.added", output_index=0,
+                                      item=self._shell.reasoning_item(None, "in_progress")))
+        self._thought.append(text)
+        events.append(self._event("response.reasoning_text.delta", self._obfuscate, delta=text,
+                                  item_id=self._shell.reasoning_id, output_index=0,
+                                  content_index=0))
+        return b"".join(events)
 
     def delta(self, text: str, logprobs: bytes = b"null") -> bytes:
         self._parts.append(text)
-        return self._event("response.output_text.delta", self._obfuscate, delta=text, logprobs=[],
-                           **self._item())
+        return b"".join((*self._open_message(), self._event(
+            "response.output_text.delta", self._obfuscate, delta=text, logprobs=[],
+            **self._item())))
 
     def tool_calls(self, calls: list[ToolCallDelta], complete: int) -> bytes:
         """What the model wrote of its function calls since the last event: each call an
         output item after the message, its arguments in deltas as they are written, and done
         once it is one of the first `complete` calls (written to its end)."""
-        events = []
+        events = self._open_message() if calls else []
         for delta in calls:
             if delta.id is not None:  # a call opens
                 call = ToolCall(delta.id, FunctionCall(delta.function.name or "", ""))
                 self._calls.append(call)
                 events.append(self._event(
-                    "response.output_item.added", output_index=1 + delta.index,
+                    "response.output_item.added", output_index=self._base + 1 + delta.index,
                     item=function_call(call, "in_progress", "")))
             call = self._calls[delta.index]
             call.function.arguments += delta.function.arguments
             events.append(self._event("response.function_call_arguments.delta",
-                                      delta=delta.function.arguments, **_place(call, delta.index)))
+                                      delta=delta.function.arguments,
+                                      **_place(call, delta.index, self._base)))
         events += self._calls_ended(complete, "completed")
         return b"".join(events)
 
@@ -467,25 +543,26 @@ class ResponsesStreamEncoder:
             events += (
                 self._event("response.function_call_arguments.done",
                             arguments=call.function.arguments, name=call.function.name,
-                            **_place(call, index)),
-                self._event("response.output_item.done", output_index=1 + index,
+                            **_place(call, index, self._base)),
+                self._event("response.output_item.done", output_index=self._base + 1 + index,
                             item=function_call(call, status)))
         self._calls_done = max(self._calls_done, upto)
         return events
 
     def closing(self, text: str, finish_reason: str, usage_: Usage,
                 logprobs: bytes = b"null") -> bytes:
-        events = [self.delta(text)] if text else []
+        events = [self.delta(text)] if text else self._open_message()
         # A call the reply was cut short in ends with it, unfinished.
         complete = self._calls_done
         events += self._calls_ended(len(self._calls), "incomplete")
         whole = "".join(self._parts)
-        done = self._shell.render(whole, finish_reason, usage_, self._calls, complete)
+        done = self._shell.render(whole, finish_reason, usage_, self._calls, complete,
+                                  None if self._thought is None else "".join(self._thought))
         events += (
             self._event("response.output_text.done", text=whole, logprobs=[], **self._item()),
             self._event("response.content_part.done", part=_text_part(whole), **self._item()),
-            self._event("response.output_item.done", output_index=0,
-                        item=done["output"][0]),
+            self._event("response.output_item.done", output_index=self._base,
+                        item=done["output"][self._base]),
             self._event("response.incomplete" if done["status"] == "incomplete"
                         else "response.completed", response=done),
             DONE)  # as the other endpoints end their streams (clients stop on it)
@@ -499,6 +576,7 @@ class ResponsesStreamEncoder:
 
 
 def response_body(shell: ResponseShell, text: str, finish: str, usage: Usage,
-                  calls: list[ToolCall] | None = None, complete: int | None = None) -> bytes:
-    return _encode(shell.render(text, finish, usage, calls, complete))
+                  calls: list[ToolCall] | None = None, complete: int | None = None,
+                  reasoning: str | None = None) -> bytes:
+    return _encode(shell.render(text, finish, usage, calls, complete, reasoning))
 

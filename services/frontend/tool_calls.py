@@ -79,7 +79,7 @@ def _call(body: str) -> ToolCall | None:
                                             json.dumps(arguments, ensure_ascii=False)))
 
 
-def _tag_start(text: str, tag: str) -> int:
+def tag_start(text: str, tag: str) -> int:
     """Where a possible `tag` begins at the end of `text` (len(text): nowhere), so a tag
     split across two pieces is held back, not read."""
     for keep in range(min(len(tag) - 1, len(text)), 0, -1):
@@ -296,7 +296,7 @@ class ToolCallText(_CallReader):
             if self._inside:
                 end = text.find(_CLOSE)
                 if end < 0:
-                    cut = _tag_start(text, _CLOSE)
+                    cut = tag_start(text, _CLOSE)
                     self._read(text[:cut])
                     self._held = text[cut:]
                     break
@@ -306,7 +306,7 @@ class ToolCallText(_CallReader):
                 continue
             start = text.find(_OPEN)
             if start < 0:
-                cut = _tag_start(text, _OPEN)
+                cut = tag_start(text, _OPEN)
                 shown.append(self._content(text[:cut]))
                 self._held = text[cut:]
                 break

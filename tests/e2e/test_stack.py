@@ -567,15 +567,30 @@ def test_priority_scheduling_through_the_stack(deployment: Deployment) -> None:
     assert started == ["hold", "urgent", "normal", "late"]
 
 
-def test_tool_call_parser_reaches_the_frontend_through_up(deployment: Deployment) -> None:
-    """`turnout up --tool-call-parser hermes` hands the flag to its frontend: chat takes tools
-    (the mocker writes no calls, so the answer is text; without the flag they get a 400)."""
+def test_tool_call_and_reasoning_parsers_reach_the_frontend_through_up(
+        deployment: Deployment) -> None:
+    """`turnout up --tool-call-parser hermes --reasoning-parser deepseek_r1` hands the flags
+    to its frontend: chat takes tools (without the flag they get a 400), and the mocker's text,
+    which never closes a thinking, is all reasoning; streamed, each reasoning chunk carries
+    its tokens' logprobs."""
     tools: Any = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-    deployment.start_up(["--speedup-ratio", "0", "--tool-call-parser", "hermes"], workers=1)
-    done = client(deployment).chat.completions.create(
-        model="mock", messages=[{"role": "user", "content": "x"}], tools=tools, max_tokens=5,
-        extra_body={"ignore_eos": True})
-    assert done.choices[0].finish_reason == "length" and done.choices[0].message.tool_calls is None
+    deployment.start_up(["--speedup-ratio", "0", "--tool-call-parser", "hermes",
+                         "--reasoning-parser", "deepseek_r1"], workers=1)
+    oai = client(deployment)
+    ask: Any = [{"role": "user", "content": "x"}]
+    done = oai.chat.completions.create(model="mock", messages=ask, tools=tools, max_tokens=5,
+                                       extra_body={"ignore_eos": True})
+    message = done.choices[0].message
+    assert done.choices[0].finish_reason == "length" and message.tool_calls is None
+    assert (message.model_extra or {})["reasoning"] and not message.content
+    chunks = list(oai.chat.completions.create(model="mock", messages=ask, max_tokens=8,
+                                              logprobs=True, stream=True,
+                                              extra_body={"ignore_eos": True}))
+    thought = [c for c in chunks if c.choices and (c.choices[0].delta.model_extra or {}).get(
+        "reasoning")]
+    assert thought and not any(c.choices[0].delta.content for c in chunks if c.choices)
+    assert sum(len(c.choices[0].logprobs.content or ()) for c in chunks
+               if c.choices and c.choices[0].logprobs) == 8
 
 
 def test_repeated_prompt_reports_cached_tokens(deployment: Deployment) -> None:
