@@ -76,6 +76,9 @@ GRANT_SCOPE: Final = "turnout.grant"
 _JSON_HEADERS: Final = [(b"content-type", b"application/json")]
 _SSE_HEADERS: Final = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 _FAILED: Final = (FINISH_ERROR, FINISH_ABORT)
+# What one choice of several read from a batch: its index, text and logprobs JSON, and the
+# reasoning (text, logprobs JSON) it read ahead of the text, if any.
+_ChoiceBatch = tuple[int, str, bytes, tuple[str, bytes] | None]
 # Finish reasons the OpenAI schemas allow; the engine's are mapped onto these.
 _FINISH: Final = {FINISH_STOP: "stop", FINISH_LENGTH: "length"}
 _json: Final = msgspec.json.encode
@@ -904,9 +907,10 @@ class FrontendApp:
         if endpoint != COMPLETIONS and self.reasoning_parser is not None \
                 and requests[0].sampling.structured is None:
             # A constrained reply has no thinking: its constraint holds from its first token.
-            gens[0].reasoning = ReasoningText(
-                self.reasoning_parser, thinks(self.reasoning_parser, body.chat_template_kwargs),
-                keep=body.include_reasoning is not False)
+            thinking = thinks(self.reasoning_parser, body.chat_template_kwargs)
+            for gen in gens:
+                gen.reasoning = ReasoningText(self.reasoning_parser, thinking,
+                                              keep=body.include_reasoning is not False)
         if calls_tools:
             forced, name = protocol.forced_calls(body)
             single = body.parallel_tool_calls is False
@@ -1125,7 +1129,7 @@ class FrontendApp:
         """Several choices in one SSE stream: each choice's text leaves as it comes, marked
         with its index; the usage (if asked for) and [DONE] once every choice has ended. The
         first choice to fail ends the response and aborts the others."""
-        ready: asyncio.Queue[tuple[int, str, bytes]] = asyncio.Queue()
+        ready: asyncio.Queue[_ChoiceBatch] = asyncio.Queue()
         readers = [asyncio.create_task(self._read_choice(i, gen, choices, ready))
                    for i, gen in enumerate(gens)]
 
@@ -1137,7 +1141,7 @@ class FrontendApp:
         try:
             out: list[bytes] = []
             left = len(gens)
-            index, text, logprobs = await ready.get()
+            index, text, logprobs, thought = await ready.get()
             while True:
                 gen = gens[index]
                 if gen.error is not None:
@@ -1146,6 +1150,8 @@ class FrontendApp:
                     if not gens[0].response_started:  # nothing sent: an HTTP status of its own
                         await _send_bytes(send, gen.error.status, gen.error.body())
                         return gen.error.status
+                    if thought is not None:
+                        out.append(encoders[index].reasoning(*thought))  # type: ignore[union-attr]
                     if text:
                         out.append(encoders[index].delta(text, logprobs))
                     out.append(encoders[index].failure(gen.error))
@@ -1157,6 +1163,8 @@ class FrontendApp:
                                 "headers": [*_SSE_HEADERS, (b"x-request-id", request_id.encode())]})
                     gens[0].response_started = True
                     out += (encoder.opening() for encoder in encoders)
+                if thought is not None:  # chat's, read apart from the answer: before it
+                    out.append(encoders[index].reasoning(*thought))  # type: ignore[union-attr]
                 if gen.finish is not None:
                     if gen.stopped_by_string and not gen.upstream_finished:
                         self.upstream.cancel(gen.request_id)
@@ -1177,25 +1185,28 @@ class FrontendApp:
                         await send({"type": "http.response.body", "more_body": True,
                                     "body": b"".join(out)})
                         out = []
-                    index, text, logprobs = await ready.get()
+                    index, text, logprobs, thought = await ready.get()
                 else:
-                    index, text, logprobs = ready.get_nowait()
+                    index, text, logprobs, thought = ready.get_nowait()
         finally:
             stop()
 
     async def _read_choice(self, index: int, gen: Generation, choices: ChoiceStreams,
-                           ready: asyncio.Queue[tuple[int, str, bytes]]) -> None:
-        """Posts (index, text, logprobs JSON) for each batch of one choice's stream, until it
-        ends or fails."""
+                           ready: asyncio.Queue[_ChoiceBatch]) -> None:
+        """Posts (index, text, logprobs JSON, reasoning) for each batch of one choice's stream,
+        until it ends or fails."""
         chunks = await self._choice_stream(index, gen, choices)
         if chunks is None:
-            ready.put_nowait((index, "", NULL_LOGPROBS))
+            ready.put_nowait((index, "", NULL_LOGPROBS, None))
             return
         while gen.finish is None and gen.error is None:
             text = gen.consume(await chunks.next_batch(self.stream_interval))
             if gen.error is None:
                 choices.started(index)
-            ready.put_nowait((index, text, gen.fields_with(text)))
+            thought = gen.reasoning.take() if gen.reasoning is not None else ""
+            # The reasoning's logprobs are taken first: it goes out ahead of the text.
+            reasoning = (thought, gen.fields_with(thought)) if thought else None
+            ready.put_nowait((index, text, gen.fields_with(text), reasoning))
 
     @staticmethod
     async def _choice_stream(index: int, gen: Generation,
@@ -1258,14 +1269,17 @@ class FrontendApp:
             assert failed.error is not None
             await _send_bytes(send, failed.error.status, failed.error.body())
             return failed.error.status
-        # One choice when it is read for reasoning (`_check_reasoning_request`).
-        reasoning = {"reasoning": gens[0].reasoning.whole} if gens[0].reasoning is not None \
-            else {}
+        # Each choice's reasoning, when they are read for it: the Responses API's and tool
+        # calls' requests have one choice.
+        reasoning = {"reasoning": [gen.reasoning.whole if gen.reasoning is not None else None
+                                   for gen in gens]} if gens[0].reasoning is not None else {}
         if shell is not None:
             tools = gens[0].tools
             await _send_bytes(send, 200, responses_api.response_body(
                 shell, texts[0], gens[0].finish or "stop", _usage(gens, prompts),
-                *((tools.calls, tools.complete) if tools is not None else ()), **reasoning))
+                tools.calls if tools is not None else None,
+                tools.complete if tools is not None else None,
+                gens[0].reasoning.whole if gens[0].reasoning is not None else None))
             return 200
         if gens[0].tools is not None:  # one choice (`_check_tool_request`)
             await _send_bytes(send, 200, responses.chat_completion(
@@ -1293,8 +1307,6 @@ class FrontendApp:
 
 def _check_reasoning_request(body: protocol.ChatCompletionRequest) -> None:
     """A chat request on a frontend that splits reasoning from the answer: one it can split."""
-    if (body.n or 1) > 1:
-        raise unsupported("n", "with --reasoning-parser a chat request takes one choice (n: 1)")
     if body.echo:
         raise unsupported("echo", "the last message is not echoed with --reasoning-parser")
 

@@ -112,20 +112,20 @@ def chat_completion(response_id: str, created: int, model: str,
                     token_ids: TokenIds | None = None,
                     prompt_logprobs: list[bytes] | None = None,
                     tool_calls: list[ToolCall] | None = None,
-                    reasoning: str | UnsetType | None = UNSET) -> bytes:
+                    reasoning: list[str | None] | UnsetType = UNSET) -> bytes:
     """`choices`: (text, finish reason, logprobs JSON) of each, in index order; `token_ids`:
     what vLLM's `return_token_ids` adds (the prompt's once, at the top); `prompt_logprobs`:
     vLLM's, each choice's JSON (the first's goes at the top: the choices share the prompt);
     `tool_calls`: the one choice's, when it made any (its text, if only blank, is null);
-    `reasoning`: the one choice's, when it is read for (its text, if empty, is null)."""
+    `reasoning`: each choice's, when they are read for it (a text left empty is null)."""
     out = ChatCompletion(
         id=response_id, created=created, model=model, usage=usage_,
         choices=[ChatChoice(i, ChatMessage(text), _raw(logprobs), reason)
                  for i, (text, reason, logprobs) in enumerate(choices)])
     if reasoning is not UNSET:
-        message = out.choices[0].message
-        message.reasoning = reasoning
-        message.content = message.content or None
+        for choice, thought in zip(out.choices, reasoning, strict=True):
+            choice.message.reasoning = thought
+            choice.message.content = choice.message.content or None
     if tool_calls:
         message = out.choices[0].message
         message.tool_calls = tool_calls

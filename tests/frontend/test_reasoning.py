@@ -168,11 +168,25 @@ def test_reasoning_then_tool_calls_and_an_earlier_turn(served: Served) -> None:
     assert turn.choices[0].message.content == "\n\n" + ANSWER
 
 
+def test_each_choice_is_split_on_its_own(served: Served) -> None:
+    """With `n`, every choice carries its own reasoning and answer, streamed or not."""
+    served.reply(REPLY, chunk_size=3)
+    done = served.chat(n=3)
+    assert [((c.message.model_extra or {})["reasoning"], c.message.content)
+            for c in done.choices] == [(THOUGHT, "\n\n" + ANSWER)] * 3
+    chunks = list(served.chat(n=2, stream=True))
+    for index in (0, 1):
+        mine = [c for c in chunks if c.choices and c.choices[0].index == index]
+        reasoning, content = _streamed(mine)
+        assert "".join(reasoning) == THOUGHT and "".join(content) == "\n\n" + ANSWER
+        assert max(i for i, piece in enumerate(reasoning) if piece) < \
+            min(i for i, piece in enumerate(content) if piece)
+
+
 def test_what_it_cannot_split_is_refused_by_name(served: Served) -> None:
-    for extra, param in (({"n": 2}, "n"), ({"extra_body": {"echo": True}}, "echo")):
-        with pytest.raises(openai.BadRequestError) as info:
-            served.chat(**extra)
-        assert info.value.body["param"] == param  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as info:
+        served.chat(extra_body={"echo": True})
+    assert info.value.body["param"] == "echo"  # type: ignore[index]
     # Completions are not chat: their text is the model's as written.
     served.reply(REPLY)
     text = served.client.completions.create(model="bytes", prompt="x",
