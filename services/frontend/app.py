@@ -96,7 +96,7 @@ class Generation:
     __slots__ = ("cached_tokens", "detokenizer", "disconnected", "done", "echo", "echo_ids",
                  "error", "finish", "first_token_at", "ids_out", "last_token_at", "logprobs",
                  "matcher", "prompt_logprobs", "prompt_only", "queued", "reasoning",
-                 "request_id", "response_started",
+                 "reasoning_tokens", "request_id", "response_started",
                  "saw_first_chunk", "stop_ids", "stopped_by_string", "tokens", "tools",
                  "upstream_finished")
 
@@ -130,15 +130,15 @@ class Generation:
         # The reasoning split from the answer (`--reasoning-parser`), then the tool calls read
         # out of the answer, when asked.
         self.reasoning: ReasoningText | None = None
+        self.reasoning_tokens = 0
         self.tools: ToolCallText | ForcedCallText | None = None
 
     def consume(self, batch: list[TokenChunk]) -> str:
+        counted = self.tokens
         text = self._consume(batch)
         ended = self.finish is not None or self.error is not None
         if self.reasoning is not None:
-            text = self.reasoning.feed(text)
-            if ended:
-                self.reasoning.end()
+            text = self._split(text, self.tokens - counted, ended)
         tools = self.tools
         if tools is None:
             return text
@@ -147,6 +147,25 @@ class Generation:
             text += tools.end()
             if tools.calls and self.finish == "stop":
                 self.finish = tools.finish_reason
+        return text
+
+    def _split(self, text: str, tokens: int, ended: bool) -> str:
+        """The answer in `text` (the reasoning kept by the reader), and how many of the
+        batch's `tokens` were thinking: all while it goes on; of the batch it ends in, a share
+        as large as the reasoning's share of its text."""
+        reader = self.reasoning
+        assert reader is not None
+        if not reader.thinking:
+            return text
+        read = reader.read
+        text = reader.feed(text)
+        if ended:
+            reader.end()
+        if reader.thinking:
+            self.reasoning_tokens += tokens
+        elif tokens:
+            thought = reader.read - read
+            self.reasoning_tokens += round(tokens * thought / max(1, thought + len(text)))
         return text
 
     def _consume(self, batch: list[TokenChunk]) -> str:
@@ -264,7 +283,8 @@ class Generation:
         return emit + matcher.flush()
 
     def usage(self, prompt_tokens: int) -> responses.Usage:
-        return responses.usage(prompt_tokens, self.tokens, self.cached_tokens)
+        return responses.usage(prompt_tokens, self.tokens, self.cached_tokens,
+                               self.reasoning_tokens if self.reasoning is not None else None)
 
     def logprobs_with(self, text: str) -> bytes:
         """The JSON of the logprobs to send with `text`: those of the tokens shown since the
@@ -1354,7 +1374,10 @@ def _usage(gens: list[Generation],
         cached += gens[i * n].cached_tokens
     for gen in gens:
         completion_tokens += gen.tokens
-    return responses.usage(prompt_tokens, completion_tokens, cached)
+    if gens[0].reasoning is None:
+        return responses.usage(prompt_tokens, completion_tokens, cached)
+    return responses.usage(prompt_tokens, completion_tokens, cached,
+                           sum(gen.reasoning_tokens for gen in gens))
 
 
 def _wrap_int64(value: int) -> int:

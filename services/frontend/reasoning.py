@@ -35,7 +35,7 @@ class ReasoningText:
     reasoning, handed over by `take` (when `keep`: vLLM's `include_reasoning`), all of it in
     `whole`; `end` flushes what was held back once the text is complete."""
 
-    __slots__ = ("_ends", "_held", "_keep", "_pending", "_thinking", "_whole")
+    __slots__ = ("_ends", "_held", "_keep", "_pending", "_thinking", "_whole", "read")
 
     def __init__(self, parser: str, thinking: bool = True, keep: bool = True) -> None:
         self._ends = (_END, _TOOL_CALL) if parser == "qwen3" else (_END,)
@@ -44,6 +44,12 @@ class ReasoningText:
         self._held = ""  # a marker possibly split across pieces
         self._pending: list[str] = []
         self._whole: list[str] = []
+        self.read = 0  # characters of reasoning read (kept or not)
+
+    @property
+    def thinking(self) -> bool:
+        """Whether the text is still in its thinking."""
+        return self._thinking
 
     @property
     def whole(self) -> str | None:
@@ -80,6 +86,7 @@ class ReasoningText:
 
     def _reason(self, text: str) -> None:
         text = text.replace(_START, "")
+        self.read += len(text)
         if text and self._keep:
             self._pending.append(text)
             self._whole.append(text)

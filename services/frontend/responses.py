@@ -33,16 +33,26 @@ class PromptTokensDetails(msgspec.Struct):
     cached_tokens: int
 
 
+class CompletionTokensDetails(msgspec.Struct):
+    reasoning_tokens: int
+
+
 class Usage(msgspec.Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+    # With a reasoning parser: how many of the completion's tokens were its thinking.
+    completion_tokens_details: CompletionTokensDetails | UnsetType = UNSET
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
-    return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens,
-                 PromptTokensDetails(cached_tokens))
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int,
+          reasoning_tokens: int | None = None) -> Usage:
+    out = Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens,
+                PromptTokensDetails(cached_tokens))
+    if reasoning_tokens is not None:
+        out.completion_tokens_details = CompletionTokensDetails(reasoning_tokens)
+    return out
 
 
 class ChatMessage(msgspec.Struct):

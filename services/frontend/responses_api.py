@@ -205,7 +205,9 @@ def _usage(usage: Usage | None) -> dict[str, Any] | None:
     cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
     return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": cached},
             "output_tokens": usage.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": usage.completion_tokens_details
+                                      .reasoning_tokens if usage.completion_tokens_details
+                                      else 0},
             "total_tokens": usage.total_tokens}
 
 

@@ -118,6 +118,10 @@ def test_chat_carries_the_reasoning_apart_from_the_answer(served: Served) -> Non
     assert (message.model_extra or {})["reasoning"] == THOUGHT
     assert message.content == "\n\n" + ANSWER and done.choices[0].finish_reason == "stop"
     assert done.usage is not None and done.usage.completion_tokens == len(REPLY.encode()) + 1
+    # The thinking's tokens (the byte tokenizer's: its bytes, with its markers' here).
+    details = done.usage.completion_tokens_details
+    assert details is not None and details.reasoning_tokens is not None
+    assert len(THOUGHT.encode()) <= details.reasoning_tokens <= len(THOUGHT.encode()) + 15
     # Streamed: the reasoning as it is written, every piece of it before the answer's (also
     # when both arrive at once).
     for chunk_size in (3, len(REPLY)):
@@ -174,6 +178,9 @@ def test_each_choice_is_split_on_its_own(served: Served) -> None:
     done = served.chat(n=3)
     assert [((c.message.model_extra or {})["reasoning"], c.message.content)
             for c in done.choices] == [(THOUGHT, "\n\n" + ANSWER)] * 3
+    assert done.usage is not None and done.usage.completion_tokens_details is not None
+    reasoning_tokens = done.usage.completion_tokens_details.reasoning_tokens or 0
+    assert 3 * len(THOUGHT.encode()) <= reasoning_tokens <= 3 * (len(THOUGHT.encode()) + 15)
     chunks = list(served.chat(n=2, stream=True))
     for index in (0, 1):
         mine = [c for c in chunks if c.choices and c.choices[0].index == index]
@@ -202,6 +209,9 @@ def test_the_responses_api_gives_the_reasoning_its_own_item(served: Served) -> N
     assert [item["type"] for item in body["output"]] == ["reasoning", "message"]
     assert body["output"][0]["content"] == [{"type": "reasoning_text", "text": THOUGHT}]
     assert done.output_text == "\n\n" + ANSWER
+    assert done.usage is not None
+    assert len(THOUGHT.encode()) <= done.usage.output_tokens_details.reasoning_tokens \
+        <= len(THOUGHT.encode()) + 15
     served.reply(REPLY, chunk_size=4)
     with served.client.responses.stream(model="bytes", input="Is 2 < 3?") as stream:
         events = [event.model_dump(mode="json", exclude_unset=True) for event in stream]
