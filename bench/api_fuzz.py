@@ -27,6 +27,7 @@ refuses are not failures; they are counted by error code (`valid_refused`) with 
 Prints one JSON line; progress goes to stderr.
 
     python bench/api_fuzz.py [--examples 300] [--seed 13] [--coverage-stride 1] [--show 5]
+                             [--frontend-arg=--reasoning-parser=qwen3 ...]
 """
 
 from __future__ import annotations
@@ -484,6 +485,9 @@ def main() -> None:
     parser.add_argument("--coverage-stride", type=int, default=1,
                         help="send every Nth case of schemathesis's coverage phase (0: none)")
     parser.add_argument("--show", type=int, default=5, help="failing cases shown per kind")
+    parser.add_argument("--frontend-arg", action="append", default=[], metavar="ARG",
+                        help="a flag for the frontend, repeatable (e.g. "
+                             "--frontend-arg=--reasoning-parser=qwen3)")
     args = parser.parse_args()
     if args.examples < 1:
         parser.error("--examples must be at least 1")
@@ -492,12 +496,14 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="turnout-api-fuzz-"))
     with Deployment(workdir, lease_ttl_s=None) as dep:
         log(f"starting a deployment (logs in {workdir})")
-        dep.start(workers=1, worker_args=WORKER_ARGS, timeout=120)
+        dep.start(workers=1, worker_args=WORKER_ARGS, frontend_args=args.frontend_arg,
+                  timeout=120)
         started = time.monotonic()
         report = fuzz(dep.url, args.examples, args.seed, args.coverage_stride)
         elapsed = time.monotonic() - started
         dep.check_alive()
     out = {"bench": "api_fuzz", "seed": args.seed, "examples_per_mode": args.examples,
+           "frontend_args": args.frontend_arg,
            "coverage_stride": args.coverage_stride,
            "schemathesis": schemathesis.__version__, "elapsed_s": round(elapsed, 1),
            **report.as_json(args.show)}
