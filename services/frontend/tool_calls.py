@@ -5,7 +5,10 @@ syntax the served model uses. `hermes` (Hermes, Qwen2.5/Qwen3 and the many model
 their template) wraps each call in `<tool_call>` ... `</tool_call>` around a JSON object with
 `name` and `arguments`. `ToolCallText` takes the text in pieces as they are decoded and splits
 it into what the client sees as content and the calls it sees as `tool_calls`; text that only
-looked like a call (a tag without a valid object) stays content, as vLLM leaves it. A reply
+looked like a call (a tag without a valid object) stays content, as vLLM leaves it.
+`llama3_json` (Llama 3.1 and later) answers a call with nothing but its JSON object, `{"name":
+..., "parameters": ...}` (several split by `;`, maybe after `<|python_tag|>`); `JsonCallText`
+reads a reply that starts so as calls, any other as content. A reply
 forced to be calls (`tool_choice` a named function or "required") is JSON, and
 `ForcedCallText` reads its calls out of it without a parser. Either way a call is handed over
 as it is written (`_JsonCalls` reads the JSON as it comes): its name, then its arguments in
@@ -23,9 +26,10 @@ from typing import Any, Final
 
 import msgspec
 
-PARSERS: Final = ("hermes",)
+PARSERS: Final = ("hermes", "llama3_json")
 _OPEN: Final = "<tool_call>"
 _CLOSE: Final = "</tool_call>"
+_PYTHON_TAG: Final = "<|python_tag|>"  # Llama 3's, ahead of a call (shown with its specials)
 
 
 class FunctionCall(msgspec.Struct):
@@ -357,6 +361,50 @@ class ToolCallText(_CallReader):
             self._read(held)  # a closing tag's start, never finished: part of the body
             return self._close("")
         return self._content(held)
+
+
+class JsonCallText(_CallReader):
+    """The `llama3_json` syntax over a stream of text pieces: a reply that starts (after blank)
+    with `{` or `<|python_tag|>` is calls, each object a call read as it is written, as vLLM
+    reads one; any other reply is content, shown as it comes. A reply that started so but
+    holds no call is the content once complete (`end`)."""
+
+    __slots__ = ("_calls_mode", "_held", "_reader")
+
+    def __init__(self, single: bool = False) -> None:
+        super().__init__()
+        self._calls_mode: bool | None = None  # None: not known until the reply starts
+        self._held = ""  # the reply's start, until it says which it is
+        self._reader = _JsonCalls(self.calls, 1, ("parameters", "arguments"), single)
+
+    @property
+    def complete(self) -> int:
+        return len(self.calls) - self._reader.unfinished
+
+    def feed(self, text: str) -> str:
+        if self._calls_mode is None:
+            text = self._held + text
+            start = text.lstrip()
+            if not start or (_PYTHON_TAG.startswith(start) and start != _PYTHON_TAG):
+                self._held = text
+                return ""
+            self._held = ""
+            self._calls_mode = start.startswith(("{", _PYTHON_TAG))
+        if not self._calls_mode:
+            return text
+        self._reader.feed(text)  # the tag's characters are no JSON: the reader passes them
+        return ""
+
+    def end(self) -> str:
+        if self._calls_mode is None:
+            held, self._held = self._held, ""
+            return held
+        return self._reader.text if self._calls_mode and not self.calls else ""
+
+
+def call_reader(parser: str, single: bool = False) -> ToolCallText | JsonCallText:
+    """The reader of the calls a reply in `parser`'s syntax makes."""
+    return JsonCallText(single) if parser == "llama3_json" else ToolCallText(single)
 
 
 class ForcedCallText(_CallReader):

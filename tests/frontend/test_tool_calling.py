@@ -55,6 +55,13 @@ def hermes() -> Iterator[Served]:
 
 
 @pytest.fixture(scope="module")
+def llama() -> Iterator[Served]:
+    served = Served("llama3_json")
+    yield served
+    served.server.stop()
+
+
+@pytest.fixture(scope="module")
 def plain() -> Iterator[Served]:
     served = Served(None)
     yield served
@@ -372,3 +379,27 @@ def test_the_responses_api_returns_calls_as_function_call_items(hermes: Served) 
     prompt = hermes.prompt()
     assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' \
         in prompt and "<|tool|>\nsunny, 21 C" in prompt
+
+
+def test_llama3_json_calls_come_back_as_tool_calls(llama: Served) -> None:
+    """`--tool-call-parser llama3_json`: a reply that is a JSON call object is a call (streamed
+    as it is written); a reply in words is content, streamed as it comes."""
+    reply = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+    llama.reply(reply, chunk_size=4)
+    done = llama.client.chat.completions.create(model="bytes", messages=ASK, tools=TOOLS)
+    validate("CreateChatCompletionResponse", done.to_dict())
+    assert done.choices[0].finish_reason == "tool_calls" and not done.choices[0].message.content
+    calls = done.choices[0].message.tool_calls or []
+    assert [(c.function.name, c.function.arguments) for c in calls] == [
+        ("get_weather", '{"city": "Paris"}')]
+    chunks = list(llama.client.chat.completions.create(model="bytes", messages=ASK,
+                                                       tools=TOOLS, stream=True))
+    assert _streamed_calls(chunks) == [("get_weather", '{"city": "Paris"}')]
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.tool_calls]) > 2
+    llama.reply("It is sunny in Paris.", chunk_size=4)
+    chunks = list(llama.client.chat.completions.create(model="bytes", messages=ASK,
+                                                       tools=TOOLS, stream=True))
+    assert _streamed_calls(chunks) == [] and chunks[-1].choices[0].finish_reason == "stop"
+    pieces = [c.choices[0].delta.content for c in chunks
+              if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == "It is sunny in Paris." and len(pieces) > 2

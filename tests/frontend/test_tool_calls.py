@@ -9,7 +9,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.frontend.tool_calls import ForcedCallText, ToolCallText
+from services.frontend.tool_calls import ForcedCallText, JsonCallText, ToolCallText
 
 WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 TIME = '<tool_call>{"name": "now", "arguments": "{\\"tz\\": \\"UTC\\"}"}</tool_call>'
@@ -97,7 +97,7 @@ REQUIRED = (f'[ {{"name": "search", "parameters": {PARAMS[0]}}},\n'
             f'{{ "name" : "get_weather" , "parameters" :{PARAMS[2]}}} ]')
 
 
-def stream(reader: ToolCallText | ForcedCallText,
+def stream(reader: ToolCallText | JsonCallText | ForcedCallText,
            pieces: list[str]) -> tuple[list[tuple[str, str]], str]:
     """The calls as a client rebuilds them from what `take` hands over piece by piece (each
     opens once, in order, then only grows), and the content left at the end."""
@@ -162,4 +162,38 @@ def test_a_forced_reply_cut_short_keeps_what_it_wrote() -> None:
     assert named.feed("\n \n") == "" and named.calls[0].function.arguments == '{"a": "}"}'
     cut = ForcedCallText("f")
     assert stream(cut, ['{"a": [{', '"b": 1}']) == ([("f", '{"a": [{"b": 1}')], "")
+    assert cut.complete == 0
+
+
+LLAMA = ('{"name": "get_weather", "parameters": {"city": "Paris"}}; '
+         '{"name": "now", "arguments": {}}')
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(LLAMA) + 20), max_size=10),
+       st.sampled_from(["", " \n", "<|python_tag|>"]))
+def test_llama3_json_calls_stream_whatever_the_pieces(cuts: list[int], before: str) -> None:
+    """A reply that starts with a JSON object (maybe after blank or `<|python_tag|>`) is
+    calls, one per object (split by `;`), each handed over as written."""
+    whole = before + LLAMA
+    points = sorted({min(c, len(whole)) for c in cuts})
+    pieces = [whole[a:b] for a, b in zip([0, *points], [*points, len(whole)], strict=True)]
+    reader = JsonCallText()
+    assert stream(reader, pieces) == ([("get_weather", '{"city": "Paris"}'), ("now", "{}")], "")
+    assert reader.complete == 2 and reader.finish_reason == "tool_calls"
+    single = JsonCallText(single=True)
+    assert stream(single, pieces)[0] == [("get_weather", '{"city": "Paris"}')]
+
+
+def test_llama3_json_text_that_is_no_call_is_content() -> None:
+    # Shown as it comes once the reply's start says it is text.
+    reader = JsonCallText()
+    assert reader.feed("  <") == "" and reader.feed("b>Sunny") == "  <b>Sunny"
+    assert reader.feed(", 21 C.") == ", 21 C." and reader.end() == "" and not reader.calls
+    # JSON that holds no call: the content, once complete.
+    assert stream(JsonCallText(), ['{"a": ', '1}']) == ([], '{"a": 1}')
+    assert stream(JsonCallText(), ["<|python"]) == ([], "<|python")
+    # Cut short: the call as far as written, not complete.
+    cut = JsonCallText()
+    assert stream(cut, ['{"name": "f", "parameters": {"x": "ab']) == ([("f", '{"x": "ab')], "")
     assert cut.complete == 0
