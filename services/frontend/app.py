@@ -666,8 +666,9 @@ class FrontendApp:
         reply forced to be calls is JSON, read without a parser)."""
         if self.tool_call_parser is None and not protocol.forced_calls(body)[0]:
             raise unsupported("tools", "this deployment reads no tool calls; start the frontend "
-                                       "with --tool-call-parser (hermes, llama3_json) for a "
-                                       "model that makes them, or send tool_choice 'none'")
+                                       "with --tool-call-parser (hermes, llama3_json, "
+                                       "qwen3_coder) for a model that makes them, or send "
+                                       "tool_choice 'none'")
         if (body.n or 1) > 1:
             raise unsupported("n", "tools are supported with one choice (n: 1)")
         if body.logprobs:
@@ -935,7 +936,7 @@ class FrontendApp:
             forced, name = protocol.forced_calls(body)
             single = body.parallel_tool_calls is False
             gens[0].tools = ForcedCallText(name, single) if forced else call_reader(
-                self.tool_call_parser or "", single)
+                self.tool_call_parser or "", body.tools or [], single)
         if body.prompt_logprobs is not None:
             for gen in gens:
                 gen.prompt_logprobs = PromptLogprobs(self.tokenizer, body.prompt_logprobs,

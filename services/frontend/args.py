@@ -67,7 +67,9 @@ class FrontendConfig(ProcessConfig):
     tool_call_parser: str = opt("",
                                 help="the syntax the served model writes tool calls in "
                                      "(hermes: <tool_call> JSON, as Hermes and Qwen models do; "
-                                     "llama3_json: a bare JSON object, as Llama 3.1+ do); "
+                                     "llama3_json: a bare JSON object, as Llama 3.1+ do; "
+                                     "qwen3_coder: <tool_call> <function=...> tags, as "
+                                     "Qwen3-Coder and Qwen3.5 do); "
                                      "set, chat requests may send tools with tool_choice "
                                      "'auto' and get the calls back as tool_calls")
     reasoning_parser: str = opt("",

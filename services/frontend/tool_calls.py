@@ -8,7 +8,9 @@ it into what the client sees as content and the calls it sees as `tool_calls`; t
 looked like a call (a tag without a valid object) stays content, as vLLM leaves it.
 `llama3_json` (Llama 3.1 and later) answers a call with nothing but its JSON object, `{"name":
 ..., "parameters": ...}` (several split by `;`, maybe after `<|python_tag|>`); `JsonCallText`
-reads a reply that starts so as calls, any other as content. A reply
+reads a reply that starts so as calls, any other as content. `qwen3_coder` (Qwen3-Coder,
+Qwen3.5) writes `<function=NAME>` and a `<parameter=KEY>` tag per value inside the same tags,
+each value plain text that the function's schema types. A reply
 forced to be calls (`tool_choice` a named function or "required") is JSON, and
 `ForcedCallText` reads its calls out of it without a parser. Either way a call is handed over
 as it is written (`_JsonCalls` reads the JSON as it comes): its name, then its arguments in
@@ -26,7 +28,7 @@ from typing import Any, Final
 
 import msgspec
 
-PARSERS: Final = ("hermes", "llama3_json")
+PARSERS: Final = ("hermes", "llama3_json", "qwen3_coder")
 _OPEN: Final = "<tool_call>"
 _CLOSE: Final = "</tool_call>"
 _PYTHON_TAG: Final = "<|python_tag|>"  # Llama 3's, ahead of a call (shown with its specials)
@@ -230,6 +232,124 @@ class _JsonCalls:
             item.call.function.arguments = self.text[item.args_at:item.args_end]
 
 
+_FUNCTION: Final = "<function="
+_FUNCTION_END: Final = "</function>"
+_PARAMETER: Final = "<parameter="
+_PARAMETER_END: Final = "</parameter>"
+
+
+def parameter_types(tools: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """Each function's parameters' JSON types (the first named, when a list), by name: how a
+    `qwen3_coder` call's values, written as plain text, are read."""
+    out: dict[str, dict[str, str]] = {}
+    for tool in tools:
+        function = tool.get("function") or {}
+        properties = (function.get("parameters") or {}).get("properties") or {}
+        kinds: dict[str, str] = {}
+        for key, schema in properties.items():
+            kind = schema.get("type") if isinstance(schema, dict) else None
+            if isinstance(kind, list):
+                kind = next((k for k in kind if isinstance(k, str) and k != "null"), None)
+            if isinstance(kind, str):
+                kinds[key] = kind
+        out[function.get("name", "")] = kinds
+    return out
+
+
+def _typed(value: str, kind: str | None) -> Any:
+    """A parameter's text as its schema's type reads it; the text itself when it does not read
+    so (or the type is a string, or unknown)."""
+    word = value.strip()
+    try:
+        if kind == "integer":
+            return int(word)
+        if kind == "number":
+            number = float(word)
+            return int(number) if number.is_integer() and word.lstrip("-").isdigit() else number
+        if kind == "boolean" and word.lower() in ("true", "false"):
+            return word.lower() == "true"
+        if kind == "null" and word.lower() == "null":
+            return None
+        if kind in ("object", "array"):
+            return json.loads(word)
+    except ValueError:
+        pass
+    return value
+
+
+class _XmlCalls:
+    """The `qwen3_coder` calls in one `<tool_call>` body as it is written: `<function=NAME>`
+    opens a call (it joins `calls`; with `single`, only while `calls` is empty), each
+    `<parameter=KEY>` ... `</parameter>` adds a key to its arguments once its value is
+    written (the value typed by `types`, one newline around it dropped), `</function>` closes
+    them. The arguments are JSON text that grows a parameter at a time."""
+
+    __slots__ = ("_at", "_call", "_listed", "_single", "_types", "calls", "opened", "text")
+
+    def __init__(self, calls: list[ToolCall], single: bool,
+                 types: dict[str, dict[str, str]]) -> None:
+        self.calls = calls
+        self._single = single
+        self._types = types
+        self.text = ""
+        self.opened = False
+        self._at = 0  # what is read of `text`
+        self._call: ToolCall | None = None  # the function being written
+        self._listed = False  # whether that call joined `calls`
+
+    @property
+    def unfinished(self) -> bool:
+        return self._call is not None and self._listed
+
+    def feed(self, text: str) -> None:
+        self.text += text
+        while self._step():
+            pass
+
+    def _step(self) -> bool:
+        """Reads the next whole element after `_at`; False when none is written yet."""
+        text = self.text
+        if self._call is None:
+            start = text.find(_FUNCTION, self._at)
+            end = text.find(">", start) if start >= 0 else -1
+            if end < 0:
+                return False
+            self._call = ToolCall(call_id(), FunctionCall(text[start + len(_FUNCTION):end]
+                                                          .strip(), ""))
+            self._listed = not (self._single and self.calls)
+            if self._listed:
+                self.calls.append(self._call)
+                self.opened = True
+            self._at = end + 1
+            return True
+        parameter = text.find(_PARAMETER, self._at)
+        closing = text.find(_FUNCTION_END, self._at)
+        arguments = self._call.function
+        if parameter >= 0 and (closing < 0 or parameter < closing):
+            name_end = text.find(">", parameter)
+            # A value ends at its closing tag, or where the next parameter or the end begins.
+            ends = [at for tag in (_PARAMETER_END, _PARAMETER, _FUNCTION_END)
+                    if name_end >= 0 and (at := text.find(tag, name_end)) >= 0]
+            if not ends:
+                return False
+            end = min(ends)
+            key = text[parameter + len(_PARAMETER):name_end].strip()
+            value = text[name_end + 1:end].removeprefix("\n").removesuffix("\n")
+            typed = _typed(value, self._types.get(arguments.name, {}).get(key))
+            arguments.arguments += "".join((", " if arguments.arguments else "{",
+                                            json.dumps(key, ensure_ascii=False), ": ",
+                                            json.dumps(typed, ensure_ascii=False)))
+            self._at = end + len(_PARAMETER_END) if text.startswith(_PARAMETER_END, end) \
+                else end
+            return True
+        if closing < 0:
+            return False
+        arguments.arguments = arguments.arguments + "}" if arguments.arguments else "{}"
+        self._call = None
+        self._at = closing + len(_FUNCTION_END)
+        return True
+
+
 class _CallReader:
     """What every reader of calls out of a reply's text shares: the calls found (the last may
     still be being written: see `complete`), and what of them was handed over (`take`).
@@ -274,16 +394,19 @@ class ToolCallText(_CallReader):
     written as a JSON string, say), or shown as the text it is. `end` returns what is left
     once the text is complete."""
 
-    __slots__ = ("_blank", "_body", "_held", "_inside", "_reader", "_single")
+    __slots__ = ("_blank", "_body", "_held", "_inside", "_reader", "_single", "_xml")
 
-    def __init__(self, single: bool = False) -> None:
-        """`single`: OpenAI's `parallel_tool_calls: false`, calls after the first dropped."""
+    def __init__(self, single: bool = False,
+                 xml: dict[str, dict[str, str]] | None = None) -> None:
+        """`single`: OpenAI's `parallel_tool_calls: false`, calls after the first dropped;
+        `xml`: the tags hold `qwen3_coder` calls, not JSON (`parameter_types` of the tools)."""
         super().__init__()
+        self._xml = xml
         self._held = ""  # text not read yet: a possible tag split across pieces
         self._blank = ""  # blank text after a call: shown only if more text follows it
         self._inside = False
         self._body = ""  # the open tag's text so far
-        self._reader: _JsonCalls | None = None  # the open tag's call, read as it comes
+        self._reader: _JsonCalls | _XmlCalls | None = None  # the open tag's, read as it comes
         self._single = single
 
     @property
@@ -317,7 +440,8 @@ class ToolCallText(_CallReader):
             shown.append(self._content(text[:start]))
             text = text[start + len(_OPEN):]
             self._inside = True
-            self._reader = _JsonCalls(self.calls, 1, ("arguments", "parameters"), self._single)
+            self._reader = _JsonCalls(self.calls, 1, ("arguments", "parameters"), self._single) \
+                if self._xml is None else _XmlCalls(self.calls, self._single, self._xml)
         return "".join(shown)
 
     def _read(self, body: str) -> None:
@@ -402,9 +526,12 @@ class JsonCallText(_CallReader):
         return self._reader.text if self._calls_mode and not self.calls else ""
 
 
-def call_reader(parser: str, single: bool = False) -> ToolCallText | JsonCallText:
-    """The reader of the calls a reply in `parser`'s syntax makes."""
-    return JsonCallText(single) if parser == "llama3_json" else ToolCallText(single)
+def call_reader(parser: str, tools: list[dict[str, Any]],
+                single: bool = False) -> ToolCallText | JsonCallText:
+    """The reader of the calls to `tools` a reply in `parser`'s syntax makes."""
+    if parser == "llama3_json":
+        return JsonCallText(single)
+    return ToolCallText(single, parameter_types(tools) if parser == "qwen3_coder" else None)
 
 
 class ForcedCallText(_CallReader):

@@ -62,6 +62,13 @@ def llama() -> Iterator[Served]:
 
 
 @pytest.fixture(scope="module")
+def coder() -> Iterator[Served]:
+    served = Served("qwen3_coder")
+    yield served
+    served.server.stop()
+
+
+@pytest.fixture(scope="module")
 def plain() -> Iterator[Served]:
     served = Served(None)
     yield served
@@ -403,3 +410,28 @@ def test_llama3_json_calls_come_back_as_tool_calls(llama: Served) -> None:
     pieces = [c.choices[0].delta.content for c in chunks
               if c.choices and c.choices[0].delta.content]
     assert "".join(pieces) == "It is sunny in Paris." and len(pieces) > 2
+
+
+def test_qwen3_coder_calls_come_back_as_tool_calls(coder: Served) -> None:
+    """`--tool-call-parser qwen3_coder`: `<function=...>` calls with a tag per parameter come
+    back as calls whose arguments are typed by the tool's schema, streamed a parameter at a
+    time after the text before them."""
+    reply = ("Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n"
+             "</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>")
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"},
+                                         "days": {"type": "integer"}}}}}]
+    coder.reply(reply, chunk_size=5)
+    done = coder.client.chat.completions.create(model="bytes", messages=ASK,
+                                                tools=tools)  # type: ignore[arg-type]
+    validate("CreateChatCompletionResponse", done.to_dict())
+    assert done.choices[0].message.content == "Checking.\n"
+    assert [(c.function.name, c.function.arguments)
+            for c in done.choices[0].message.tool_calls or ()] == [
+        ("get_weather", '{"city": "Paris", "days": 3}')]
+    assert done.choices[0].finish_reason == "tool_calls"
+    chunks = list(coder.client.chat.completions.create(model="bytes", messages=ASK,
+                                                       tools=tools,  # type: ignore[arg-type]
+                                                       stream=True))
+    assert _streamed_calls(chunks) == [("get_weather", '{"city": "Paris", "days": 3}')]
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.tool_calls]) > 1

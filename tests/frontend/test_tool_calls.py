@@ -9,7 +9,12 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.frontend.tool_calls import ForcedCallText, JsonCallText, ToolCallText
+from services.frontend.tool_calls import (
+    ForcedCallText,
+    JsonCallText,
+    ToolCallText,
+    call_reader,
+)
 
 WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 TIME = '<tool_call>{"name": "now", "arguments": "{\\"tz\\": \\"UTC\\"}"}</tool_call>'
@@ -197,3 +202,48 @@ def test_llama3_json_text_that_is_no_call_is_content() -> None:
     cut = JsonCallText()
     assert stream(cut, ['{"name": "f", "parameters": {"x": "ab']) == ([("f", '{"x": "ab')], "")
     assert cut.complete == 0
+
+
+CODER_TOOLS = [{"type": "function", "function": {"name": "search", "parameters": {
+    "type": "object", "properties": {
+        "query": {"type": "string"}, "limit": {"type": "integer"},
+        "score": {"type": ["number", "null"]}, "exact": {"type": "boolean"},
+        "filters": {"type": "object"}}}}}]
+CODER = ("Let me search.\n<tool_call>\n<function=search>\n<parameter=query>\nred < blue\n"
+         "</parameter>\n<parameter=limit>\n5\n</parameter>\n<parameter=score>\n0.5\n"
+         "</parameter>\n<parameter=exact>\nTrue\n</parameter>\n<parameter=filters>\n"
+         '{"lang": "en"}\n</parameter>\n<parameter=note>\n7\n</parameter>\n</function>\n'
+         "</tool_call>\n<tool_call>\n<function=now>\n</function>\n</tool_call>")
+CODER_ARGS = ('{"query": "red < blue", "limit": 5, "score": 0.5, "exact": true, '
+              '"filters": {"lang": "en"}, "note": "7"}')
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(CODER)), max_size=12))
+def test_qwen3_coder_calls_stream_a_parameter_at_a_time(cuts: list[int]) -> None:
+    """`qwen3_coder`: each `<function=...>` a call, opened once its name is read; each value
+    typed by the function's schema (a parameter it does not name stays text) and added to
+    the arguments once written; whatever the pieces."""
+    points = sorted(set(cuts))
+    pieces = [CODER[a:b] for a, b in zip([0, *points], [*points, len(CODER)], strict=True)]
+    reader = call_reader("qwen3_coder", CODER_TOOLS)
+    assert stream(reader, pieces) == ([("search", CODER_ARGS), ("now", "{}")],
+                                      "Let me search.\n")
+    assert json.loads(CODER_ARGS) and reader.complete == 2
+    single = call_reader("qwen3_coder", CODER_TOOLS, single=True)
+    assert stream(single, pieces)[0] == [("search", CODER_ARGS)]
+
+
+def test_a_qwen3_coder_call_cut_short_and_a_tag_that_is_no_call() -> None:
+    cut = call_reader("qwen3_coder", CODER_TOOLS)
+    upto = CODER.index("<parameter=score>")
+    assert stream(cut, [CODER[:upto + 20]]) == (
+        [("search", '{"query": "red < blue", "limit": 5')], "Let me search.\n")
+    assert cut.complete == 0
+    # A value that never says it ended ends where the next parameter or the function does.
+    loose = call_reader("qwen3_coder", CODER_TOOLS)
+    assert stream(loose, ["<tool_call><function=search><parameter=limit>3<parameter=query>x"
+                          "</function></tool_call>"])[0] == [
+        ("search", '{"limit": 3, "query": "x"}')]
+    text = "<tool_call>no function here</tool_call>"
+    assert stream(call_reader("qwen3_coder", CODER_TOOLS), [text]) == ([], text)
