@@ -244,9 +244,9 @@ def parameter_types(tools: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     for tool in tools:
         function = tool.get("function") or {}
-        properties = (function.get("parameters") or {}).get("properties") or {}
+        properties = (function.get("parameters") or {}).get("properties")
         kinds: dict[str, str] = {}
-        for key, schema in properties.items():
+        for key, schema in properties.items() if isinstance(properties, dict) else ():
             kind = schema.get("type") if isinstance(schema, dict) else None
             if isinstance(kind, list):
                 kind = next((k for k in kind if isinstance(k, str) and k != "null"), None)

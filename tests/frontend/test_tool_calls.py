@@ -14,6 +14,7 @@ from services.frontend.tool_calls import (
     JsonCallText,
     ToolCallText,
     call_reader,
+    parameter_types,
 )
 
 WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -247,3 +248,8 @@ def test_a_qwen3_coder_call_cut_short_and_a_tag_that_is_no_call() -> None:
         ("search", '{"limit": 3, "query": "x"}')]
     text = "<tool_call>no function here</tool_call>"
     assert stream(call_reader("qwen3_coder", CODER_TOOLS), [text]) == ([], text)
+    # Schemas it cannot read type nothing (values stay text), and break nothing.
+    assert parameter_types([
+        {"type": "function", "function": {"name": "f", "parameters": {"properties": [1]}}},
+        {"type": "function", "function": {"name": "g", "parameters": {"properties": {
+            "a": {"type": ["null", "integer"]}, "b": 3}}}}]) == {"f": {}, "g": {"a": "integer"}}
