@@ -23,6 +23,7 @@ Owns the parsing and the call objects; not the request checks (`protocol`) or th
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Final
 
@@ -265,13 +266,17 @@ def _typed(value: str, kind: str | None) -> Any:
             return int(word)
         if kind == "number":
             number = float(word)
-            return int(number) if number.is_integer() and word.lstrip("-").isdigit() else number
+            if math.isfinite(number):  # JSON has no NaN or infinity
+                return int(number) if number.is_integer() and word.lstrip("-").isdigit() \
+                    else number
         if kind == "boolean" and word.lower() in ("true", "false"):
             return word.lower() == "true"
         if kind == "null" and word.lower() == "null":
             return None
         if kind in ("object", "array"):
-            return json.loads(word)
+            parsed = json.loads(word)
+            json.dumps(parsed, allow_nan=False)  # a NaN inside is no JSON either
+            return parsed
     except ValueError:
         pass
     return value

@@ -248,6 +248,12 @@ def test_a_qwen3_coder_call_cut_short_and_a_tag_that_is_no_call() -> None:
         ("search", '{"limit": 3, "query": "x"}')]
     text = "<tool_call>no function here</tool_call>"
     assert stream(call_reader("qwen3_coder", CODER_TOOLS), [text]) == ([], text)
+    # What no JSON value spells stays text.
+    odd = call_reader("qwen3_coder", [{"type": "function", "function": {"name": "f", "parameters": {
+        "properties": {"x": {"type": "number"}, "y": {"type": "object"}}}}}])
+    assert stream(odd, ["<tool_call><function=f><parameter=x>nan</parameter><parameter=y>"
+                        '{"a": NaN}</parameter></function></tool_call>'])[0] == [
+        ("f", '{"x": "nan", "y": "{\\"a\\": NaN}"}')]
     # Schemas it cannot read type nothing (values stay text), and break nothing.
     assert parameter_types([
         {"type": "function", "function": {"name": "f", "parameters": {"properties": [1]}}},
