@@ -969,7 +969,7 @@ class FrontendApp:
                 assert isinstance(opened, ChunkStream) and api_request is not None
                 api_encoder = responses_api.ResponsesStreamEncoder(
                     shell, responses_api.wants_obfuscation(api_request),
-                    reasoning=gens[0].reasoning is not None)
+                    reasoning=gens[0].reasoning)
                 status = await self._stream(send, gens[0], opened, api_encoder,
                                             len(prompts[0][0]), request_id)
             elif stream:
@@ -1296,12 +1296,13 @@ class FrontendApp:
         reasoning = {"reasoning": [gen.reasoning.whole if gen.reasoning is not None else None
                                    for gen in gens]} if gens[0].reasoning is not None else {}
         if shell is not None:
-            tools = gens[0].tools
+            tools, reader = gens[0].tools, gens[0].reasoning
             await _send_bytes(send, 200, responses_api.response_body(
                 shell, texts[0], gens[0].finish or "stop", _usage(gens, prompts),
                 tools.calls if tools is not None else None,
                 tools.complete if tools is not None else None,
-                gens[0].reasoning.whole if gens[0].reasoning is not None else None))
+                reader.whole if reader is not None else None,
+                reader is not None and reader.thinking))
             return 200
         if gens[0].tools is not None:  # one choice (`_check_tool_request`)
             await _send_bytes(send, 200, responses.chat_completion(

@@ -19,6 +19,7 @@ from msgspec import Meta
 from services.frontend import protocol
 from services.frontend.errors import ApiError, invalid, unsupported
 from services.frontend.protocol import ChatCompletionRequest
+from services.frontend.reasoning import ReasoningText
 from services.frontend.responses import DONE, Usage, obfuscated
 from services.frontend.tool_calls import FunctionCall, ToolCall, ToolCallDelta
 
@@ -134,18 +135,22 @@ class ResponseShell:
 
     def render(self, text: str | None, finish: str | None, usage: Usage | None,
                calls: list[ToolCall] | None = None, complete: int | None = None,
-               reasoning: str | None = None) -> dict[str, Any]:
+               reasoning: str | None = None, thinking: bool = False) -> dict[str, Any]:
         """The response object: in progress (`text` None) or finished: the model's
         reasoning first when it wrote any, its message, then the function calls it made
-        (those past the first `complete`, when given, left unfinished: cut short)."""
+        (those past the first `complete`, when given, left unfinished: cut short).
+        `thinking`: the reply ended inside its thinking; cut short there, it has no
+        message, as OpenAI's when the tokens ran out before the answer."""
         out = dict(self._fields)
         if text is None:
             out.update(status="in_progress", output=[])
             return out
         status = _item_status(finish)
+        cut_thinking = thinking and status == "incomplete"
         out.update(status=status, usage=_usage(usage), output=[
-            *([self.reasoning_item(reasoning, "completed")] if reasoning is not None else ()),
-            self.message(text, finish),
+            *([self.reasoning_item(reasoning, status if thinking else "completed")]
+              if reasoning is not None else ()),
+            *(() if cut_thinking else (self.message(text, finish),)),
             *(function_call(call, _call_status(i, complete))
               for i, call in enumerate(calls or ()))])
         if status == "incomplete":
@@ -154,12 +159,20 @@ class ResponseShell:
             out["completed_at"] = int(time.time())
         return out
 
-    def failed(self, text: str, error: ApiError) -> dict[str, Any]:
-        """The response object of a stream that failed part-way: what it had written, its
-        message left incomplete, and the error in OpenAI's codes."""
+    def failed(self, text: str | None, error: ApiError, reasoning: str | None = None,
+               calls: list[ToolCall] | None = None, complete: int = 0) -> dict[str, Any]:
+        """The response object of a stream that failed part-way: the items it had opened,
+        each left incomplete unless it was done (the reasoning, when `text` is None the
+        message never opened; the first `complete` calls), and the error in OpenAI's
+        codes."""
         out = dict(self._fields)
-        item = self.message(text, "length")  # the item's "incomplete" status
-        out.update(status="failed", output=[item],
+        done = text is not None  # the answer began: the reasoning before it is done
+        output = [*([self.reasoning_item(reasoning, "completed" if done else "incomplete")]
+                    if reasoning is not None else ()),
+                  *((self.message(text, "length"),) if done else ()),  # "incomplete"
+                  *(function_call(call, _call_status(i, complete))
+                    for i, call in enumerate(calls or ()))]
+        out.update(status="failed", output=output,
                    error={"code": _failure_code(error.status), "message": error.message})
         return out
 
@@ -326,7 +339,8 @@ def _chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | No
 def _messages(request: ResponsesRequest) -> list[dict[str, Any]]:
     """The conversation as chat messages: the instructions first (as OpenAI places them), then
     each input item; an earlier reasoning item, the assistant message and function calls
-    after it are one assistant turn, each output a tool message."""
+    after it are one assistant turn (as that turn's output lists them), each output a tool
+    message."""
     messages: list[dict[str, Any]] = []
     if request.instructions is not None:
         messages.append({"role": "system", "content": request.instructions})
@@ -339,7 +353,7 @@ def _messages(request: ResponsesRequest) -> list[dict[str, Any]]:
         last = messages[-1] if messages and messages[-1]["role"] == "assistant" else None
         if kind == "function_call":
             call = _function_call(item, where)
-            if last is not None and ("tool_calls" in last or _thought_only(last)):
+            if last is not None:  # the calls after a turn's message are that turn's
                 last.setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
@@ -441,20 +455,21 @@ class ResponsesStreamEncoder:
     event)."""
 
     __slots__ = ("_base", "_calls", "_calls_done", "_message_open", "_obfuscate", "_parts",
-                 "_sequence", "_shell", "_thought")
+                 "_reader", "_sequence", "_shell", "_thought")
 
     def __init__(self, shell: ResponseShell, obfuscate: bool = False,
-                 reasoning: bool = False) -> None:
+                 reasoning: ReasoningText | None = None) -> None:
         """`obfuscate`: `stream_options.include_obfuscation`, every text delta padded;
-        `reasoning`: the reply may begin with reasoning, its own item ahead of the message
-        (which then opens with the answer)."""
+        `reasoning`: the reply's splitter when it may begin with reasoning, its own item
+        ahead of the message (which then opens with the answer)."""
+        self._reader = reasoning
         self._shell = shell
         self._parts: list[str] = []
         self._sequence = 0
         self._obfuscate = obfuscate
         self._calls: list[ToolCall] = []
         self._calls_done = 0  # of `_calls`, those whose done events were sent
-        self._message_open = not reasoning
+        self._message_open = reasoning is None
         self._thought: list[str] | None = None  # the reasoning item's text, once it opens
         self._base = 0  # the message's output index
 
@@ -488,15 +503,18 @@ class ResponsesStreamEncoder:
         if self._message_open:
             return []
         self._message_open = True
-        events = []
-        if self._thought is not None:
-            thought = "".join(self._thought)
-            place = {"item_id": self._shell.reasoning_id, "output_index": 0, "content_index": 0}
-            events += (self._event("response.reasoning_text.done", text=thought, **place),
-                       self._event("response.output_item.done", output_index=0,
-                                   item=self._shell.reasoning_item(thought, "completed")))
-            self._base = 1
-        return events + self._message_opening()
+        return self._reasoning_ended("completed") + self._message_opening()
+
+    def _reasoning_ended(self, status: str) -> list[bytes]:
+        """The done events of the reasoning item, if one opened."""
+        if self._thought is None:
+            return []
+        thought = "".join(self._thought)
+        place = {"item_id": self._shell.reasoning_id, "output_index": 0, "content_index": 0}
+        self._base = 1
+        return [self._event("response.reasoning_text.done", text=thought, **place),
+                self._event("response.output_item.done", output_index=0,
+                            item=self._shell.reasoning_item(thought, status))]
 
     def reasoning(self, text: str, logprobs: bytes = b"null") -> bytes:
         """Reasoning the model wrote, in its own item ahead of the message."""
@@ -553,13 +571,20 @@ class ResponsesStreamEncoder:
 
     def closing(self, text: str, finish_reason: str, usage_: Usage,
                 logprobs: bytes = b"null") -> bytes:
+        thought = None if self._thought is None else "".join(self._thought)
+        if self._reader is not None and self._reader.thinking \
+                and _item_status(finish_reason) == "incomplete":
+            # Cut short inside the thinking: no answer began, so no message.
+            done = self._shell.render("", finish_reason, usage_, reasoning=thought,
+                                      thinking=True)
+            return b"".join((*self._reasoning_ended("incomplete"),
+                             self._event("response.incomplete", response=done), DONE))
         events = [self.delta(text)] if text else self._open_message()
         # A call the reply was cut short in ends with it, unfinished.
         complete = self._calls_done
         events += self._calls_ended(len(self._calls), "incomplete")
         whole = "".join(self._parts)
-        done = self._shell.render(whole, finish_reason, usage_, self._calls, complete,
-                                  None if self._thought is None else "".join(self._thought))
+        done = self._shell.render(whole, finish_reason, usage_, self._calls, complete, thought)
         events += (
             self._event("response.output_text.done", text=whole, logprobs=[], **self._item()),
             self._event("response.content_part.done", part=_text_part(whole), **self._item()),
@@ -573,12 +598,15 @@ class ResponsesStreamEncoder:
     def failure(self, error: ApiError) -> bytes:
         """The end of a stream that failed after it started: `response.failed` with the
         text so far, then [DONE] as `closing` ends."""
-        failed = self._shell.failed("".join(self._parts), error)
+        failed = self._shell.failed(
+            "".join(self._parts) if self._message_open else None, error,
+            None if self._thought is None else "".join(self._thought), self._calls,
+            self._calls_done)
         return self._event("response.failed", response=failed) + DONE
 
 
 def response_body(shell: ResponseShell, text: str, finish: str, usage: Usage,
                   calls: list[ToolCall] | None = None, complete: int | None = None,
-                  reasoning: str | None = None) -> bytes:
-    return _encode(shell.render(text, finish, usage, calls, complete, reasoning))
+                  reasoning: str | None = None, thinking: bool = False) -> bytes:
+    return _encode(shell.render(text, finish, usage, calls, complete, reasoning, thinking))
 

@@ -278,3 +278,47 @@ def test_earlier_reasoning_reaches_the_template_as_reasoning_content() -> None:
         {"role": "user", "content": "And 3 < 2?"}]}).encode())
     assert [m["role"] for m in protocol.chat_messages(chat)] == ["user", "assistant", "user"]
     assert protocol.chat_messages(chat)[1] == turn
+
+
+def test_a_response_cut_short_or_failing_in_its_thinking_says_so(served: Served) -> None:
+    """Out of tokens inside the thinking: an incomplete reasoning item and no message, as
+    OpenAI's; a stream that fails marks each item it opened by whether it was done."""
+    served.reply(REPLY, chunk_size=3)
+    done = served.client.responses.create(model="bytes", input="Is 2 < 3?", max_output_tokens=20)
+    with served.client.responses.stream(model="bytes", input="Is 2 < 3?",
+                                        max_output_tokens=20) as stream:
+        events = [event.model_dump(mode="json", exclude_unset=True) for event in stream]
+    for event in events:
+        validate(RESPONSES_EVENTS[event["type"]], event)
+    assert [e["type"] for e in events if "output_item" in e["type"]] == [
+        "response.output_item.added", "response.output_item.done"]
+    for response in (done.model_dump(mode="json", exclude_unset=True), events[-1]["response"]):
+        validate("Response", response)
+        assert (response["status"], response["incomplete_details"]) == (
+            "incomplete", {"reason": "max_output_tokens"})
+        assert [(item["type"], item["status"]) for item in response["output"]] == [
+            ("reasoning", "incomplete")]
+        thought = response["output"][0]["content"][0]["text"]
+        assert thought and THOUGHT.startswith(thought) and len(thought) < len(THOUGHT)
+    assert done.output_text == ""
+
+    # A reply cut in its answer: the reasoning was done.
+    served.reply(REPLY)
+    cut = served.client.responses.create(model="bytes", input="x",
+                                         max_output_tokens=len(REPLY.encode()) - 3)
+    assert [(item.type, item.status) for item in cut.output] == [
+        ("reasoning", "completed"), ("message", "incomplete")]
+
+    for at, items in ((20, [("reasoning", "incomplete")]),
+                      (len(REPLY.encode()) - 3,
+                       [("reasoning", "completed"), ("message", "incomplete")])):
+        served.fake.script = Script(reply=list(REPLY.encode()), stop_token=ByteTokenizer.EOS,
+                                    delay_s=0.0005, error_at_chunk=at)
+        with served.client.responses.stream(model="bytes", input="x") as stream:
+            failed = [event.model_dump(mode="json", exclude_unset=True)
+                      for event in stream][-1]
+        validate(RESPONSES_EVENTS[failed["type"]], failed)
+        assert failed["type"] == "response.failed"
+        assert [(item["type"], item["status"]) for item in failed["response"]["output"]] \
+            == items
+        assert THOUGHT.startswith(failed["response"]["output"][0]["content"][0]["text"])

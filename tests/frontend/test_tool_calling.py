@@ -386,6 +386,18 @@ def test_the_responses_api_returns_calls_as_function_call_items(hermes: Served) 
     prompt = hermes.prompt()
     assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' \
         in prompt and "<|tool|>\nsunny, 21 C" in prompt
+    # The earlier output as the client got it (its message, then its calls): one assistant
+    # turn, as its chat completion would be, the calls after the message's text.
+    hermes.reply("Sunny.")
+    hermes.client.responses.create(model="bytes", tools=RESPONSES_TOOLS, input=[  # type: ignore
+        {"role": "user", "content": "Weather in Paris?"},
+        *[item.model_dump(mode="json", exclude_none=True) for item in done.output],
+        *[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}
+          for call in calls]])
+    prompt = hermes.prompt()
+    assert prompt.count("<|assistant|>") == 2  # the earlier turn's, and the reply's
+    assert '<|assistant|>\nLet me look that up.\n<tool_call>{"name": "get_weather", ' in prompt
+    assert prompt.count("<|tool|>\nsunny") == 2
 
 
 def test_llama3_json_calls_come_back_as_tool_calls(llama: Served) -> None:
