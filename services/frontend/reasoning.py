@@ -16,12 +16,11 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from services.frontend.tool_calls import tag_start
+from services.frontend.tool_calls import TOOL_CALL_TAG, tag_start
 
 PARSERS: Final = ("deepseek_r1", "qwen3")
 _START: Final = "<think>"
 _END: Final = "</think>"
-_TOOL_CALL: Final = "<tool_call>"
 
 
 def thinks(parser: str, template_kwargs: dict[str, Any] | None) -> bool:
@@ -38,7 +37,7 @@ class ReasoningText:
     __slots__ = ("_ends", "_held", "_keep", "_pending", "_thinking", "_whole", "read")
 
     def __init__(self, parser: str, thinking: bool = True, keep: bool = True) -> None:
-        self._ends = (_END, _TOOL_CALL) if parser == "qwen3" else (_END,)
+        self._ends = (_END, TOOL_CALL_TAG) if parser == "qwen3" else (_END,)
         self._thinking = thinking
         self._keep = keep
         self._held = ""  # a marker possibly split across pieces

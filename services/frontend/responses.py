@@ -289,9 +289,7 @@ class ChatStreamEncoder:
     def content(self, text: str, logprobs: bytes = NULL) -> bytes:
         if logprobs is NULL and self._running is None and not self._obfuscate:
             return b"".join((self._content_head, _encode(text), self._content_tail))
-        event = b"".join((self._content_head, _encode(text), b'},"logprobs":', logprobs,
-                          b',"finish_reason":null}]'))
-        return obfuscated(event, self._end()) if self._obfuscate else event + self._end()
+        return self._text_event(self._content_head, text, logprobs)
 
     def finish(self, finish_reason: str, logprobs: bytes = NULL) -> bytes:
         return self._chunk(b"{}", _encode(finish_reason), logprobs)
@@ -301,8 +299,13 @@ class ChatStreamEncoder:
 
     def reasoning(self, text: str, logprobs: bytes = NULL) -> bytes:
         """Reasoning the model wrote, in vLLM's `delta.reasoning`."""
-        event = b"".join((self._choice_head, b'{"reasoning":', _encode(text), b'},"logprobs":',
-                          logprobs, b',"finish_reason":null}]'))
+        return self._text_event(self._choice_head + b'{"reasoning":', text, logprobs)
+
+    def _text_event(self, head: bytes, text: str, logprobs: bytes) -> bytes:
+        """A chunk of one delta text field (`head` opens it) with its logprobs, padded when
+        obfuscated, and running usage when asked for."""
+        event = b"".join((head, _encode(text), b'},"logprobs":', logprobs,
+                          b',"finish_reason":null}]'))
         return obfuscated(event, self._end()) if self._obfuscate else event + self._end()
 
     def tool_calls(self, calls: list[ToolCallDelta], complete: int) -> bytes:

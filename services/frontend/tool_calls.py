@@ -30,7 +30,7 @@ from typing import Any, Final
 import msgspec
 
 PARSERS: Final = ("hermes", "llama3_json", "qwen3_coder")
-_OPEN: Final = "<tool_call>"
+TOOL_CALL_TAG: Final = "<tool_call>"  # hermes's; for qwen3 it also ends the thinking
 _CLOSE: Final = "</tool_call>"
 _PYTHON_TAG: Final = "<|python_tag|>"  # Llama 3's, ahead of a call (shown with its specials)
 
@@ -436,14 +436,14 @@ class ToolCallText(_CallReader):
                 text = text[end + len(_CLOSE):]
                 shown.append(self._close(_CLOSE))
                 continue
-            start = text.find(_OPEN)
+            start = text.find(TOOL_CALL_TAG)
             if start < 0:
-                cut = tag_start(text, _OPEN)
+                cut = tag_start(text, TOOL_CALL_TAG)
                 shown.append(self._content(text[:cut]))
                 self._held = text[cut:]
                 break
             shown.append(self._content(text[:start]))
-            text = text[start + len(_OPEN):]
+            text = text[start + len(TOOL_CALL_TAG):]
             self._inside = True
             self._reader = _JsonCalls(self.calls, 1, ("arguments", "parameters"), self._single) \
                 if self._xml is None else _XmlCalls(self.calls, self._single, self._xml)
@@ -466,7 +466,7 @@ class ToolCallText(_CallReader):
             return ""
         call = _call(body)
         if call is None:  # not a call after all: the text as written
-            return self._content(_OPEN + body + tag)
+            return self._content(TOOL_CALL_TAG + body + tag)
         if not (self._single and self.calls):
             self.calls.append(call)
         return ""
