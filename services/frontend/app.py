@@ -45,7 +45,14 @@ from services.frontend.quotas import Grant, QuotaExceeded, Quotas, retry_after_h
 from services.frontend.reasoning import ReasoningText, thinks
 from services.frontend.stop_matcher import StopMatcher
 from services.frontend.tokenizer import INLINE_TOKENIZE_MAX_CHARS, Tokenizer
-from services.frontend.tool_calls import ForcedCallText, JsonCallText, ToolCallText, call_reader
+from services.frontend.tool_calls import PARSERS as TOOL_PARSERS
+from services.frontend.tool_calls import (
+    ForcedCallText,
+    JsonCallText,
+    PythonCallText,
+    ToolCallText,
+    call_reader,
+)
 from services.frontend.upstream import ChunkStream, NoWorkersError, Upstream
 
 log = logging.getLogger("turnout.frontend")
@@ -131,7 +138,7 @@ class Generation:
         # out of the answer, when asked.
         self.reasoning: ReasoningText | None = None
         self.reasoning_tokens = 0
-        self.tools: ToolCallText | JsonCallText | ForcedCallText | None = None
+        self.tools: ToolCallText | JsonCallText | PythonCallText | ForcedCallText | None = None
 
     def consume(self, batch: list[TokenChunk]) -> str:
         counted = self.tokens
@@ -666,9 +673,9 @@ class FrontendApp:
         reply forced to be calls is JSON, read without a parser)."""
         if self.tool_call_parser is None and not protocol.forced_calls(body)[0]:
             raise unsupported("tools", "this deployment reads no tool calls; start the frontend "
-                                       "with --tool-call-parser (hermes, llama3_json, "
-                                       "qwen3_coder) for a model that makes them, or send "
-                                       "tool_choice 'none'")
+                                       f"with --tool-call-parser ({', '.join(TOOL_PARSERS)}) "
+                                       "for a model that makes them, or send tool_choice "
+                                       "'none'")
         if (body.n or 1) > 1:
             raise unsupported("n", "tools are supported with one choice (n: 1)")
         if body.logprobs:

@@ -68,6 +68,8 @@ class FrontendConfig(ProcessConfig):
                                 help="the syntax the served model writes tool calls in "
                                      "(hermes: <tool_call> JSON, as Hermes and Qwen models do; "
                                      "llama3_json: a bare JSON object, as Llama 3.1+ do; "
+                                     "pythonic: a Python list of calls, as Llama 3.2 and 4 "
+                                     "do; "
                                      "qwen3_coder: <tool_call> <function=...> tags, as "
                                      "Qwen3-Coder and Qwen3.5 do); "
                                      "set, chat requests may send tools with tool_choice "

@@ -10,11 +10,12 @@ looked like a call (a tag without a valid object) stays content, as vLLM leaves 
 ..., "parameters": ...}` (several split by `;`, maybe after `<|python_tag|>`); `JsonCallText`
 reads a reply that starts so as calls, any other as content. `qwen3_coder` (Qwen3-Coder,
 Qwen3.5) writes `<function=NAME>` and a `<parameter=KEY>` tag per value inside the same tags,
-each value plain text that the function's schema types. A reply
-forced to be calls (`tool_choice` a named function or "required") is JSON, and
-`ForcedCallText` reads its calls out of it without a parser. Either way a call is handed over
-as it is written (`_JsonCalls` reads the JSON as it comes): its name, then its arguments in
-pieces, as vLLM streams them.
+each value plain text that the function's schema types. `pythonic` (Llama 3.2, Llama 4)
+answers with a Python list of calls, `[f(a=1), g()]`; `PythonCallText` reads each call once
+its `)` is written. A reply forced to be calls (`tool_choice` a named function or "required")
+is JSON, and `ForcedCallText` reads its calls out of it without a parser. Otherwise a call is
+handed over as it is written (`_JsonCalls` reads the JSON as it comes): its name, then its
+arguments in pieces, as vLLM streams them.
 
 Owns the parsing and the call objects; not the request checks (`protocol`) or the events
 (`responses`).
@@ -22,6 +23,7 @@ Owns the parsing and the call objects; not the request checks (`protocol`) or th
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -29,10 +31,12 @@ from typing import Any, Final
 
 import msgspec
 
-PARSERS: Final = ("hermes", "llama3_json", "qwen3_coder")
+PARSERS: Final = ("hermes", "llama3_json", "pythonic", "qwen3_coder")
 TOOL_CALL_TAG: Final = "<tool_call>"  # hermes's; for qwen3 it also ends the thinking
 _CLOSE: Final = "</tool_call>"
 _PYTHON_TAG: Final = "<|python_tag|>"  # Llama 3's, ahead of a call (shown with its specials)
+_PYTHON_START: Final = "<|python_start|>"  # Llama 4's, around its list of calls (the same)
+_PYTHON_END: Final = "<|python_end|>"
 
 
 class FunctionCall(msgspec.Struct):
@@ -492,6 +496,15 @@ class ToolCallText(_CallReader):
         return self._content(held)
 
 
+def _calls_first(text: str, opener: str, tag: str) -> bool | None:
+    """Whether a reply that begins with `text` is calls: it starts (after blank) with `opener`
+    or the model's `tag` for calls; None while its start cannot tell yet."""
+    start = text.lstrip()
+    if not start or (tag.startswith(start) and start != tag):
+        return None
+    return start.startswith((opener, tag))
+
+
 class JsonCallText(_CallReader):
     """The `llama3_json` syntax over a stream of text pieces: a reply that starts (after blank)
     with `{` or `<|python_tag|>` is calls, each object a call read as it is written, as vLLM
@@ -513,12 +526,11 @@ class JsonCallText(_CallReader):
     def feed(self, text: str) -> str:
         if self._calls_mode is None:
             text = self._held + text
-            start = text.lstrip()
-            if not start or (_PYTHON_TAG.startswith(start) and start != _PYTHON_TAG):
+            self._calls_mode = _calls_first(text, "{", _PYTHON_TAG)
+            if self._calls_mode is None:
                 self._held = text
                 return ""
             self._held = ""
-            self._calls_mode = start.startswith(("{", _PYTHON_TAG))
         if not self._calls_mode:
             return text
         self._reader.feed(text)  # the tag's characters are no JSON: the reader passes them
@@ -531,11 +543,158 @@ class JsonCallText(_CallReader):
         return self._reader.text if self._calls_mode and not self.calls else ""
 
 
+class PythonCallText(_CallReader):
+    """The `pythonic` syntax (Llama 3.2, Llama 4 and others) over a stream of text pieces: a
+    reply that starts (after blank) with `[` is a Python list of calls, `[get_weather(city=
+    "Paris"), now()]`, each argument a keyword whose value is a Python literal; any other
+    reply is content, shown as it comes. A call joins `calls` once its closing parenthesis
+    is read, its arguments the keywords as a JSON object (a literal has no JSON text before
+    it is whole). From what is no such call on, the text is content (all of it when no call
+    came before); so is text after the list. A call cut short before its `)` is none."""
+
+    __slots__ = ("_at", "_closed", "_depth", "_element", "_held", "_lead", "_mode", "_quote",
+                 "_single", "_text")
+
+    def __init__(self, single: bool = False) -> None:
+        super().__init__()
+        self._single = single
+        # None until the reply's start tells; "calls", then "after" the list or "content" once
+        # what follows is no call.
+        self._mode: str | None = None
+        self._held = ""  # the reply's start, until it says which it is
+        self._lead = ""  # what came before the list's `[` (blank, Llama 4's tag)
+        self._text = ""  # the list's text, from its `[`
+        self._at = 1  # where reading goes on in `_text`
+        self._depth = 1  # of brackets of any kind, the list's own counted
+        self._quote = ""  # the quote of the string being read ("": none)
+        self._element = 1  # where the list's current element starts
+        self._closed = False  # the current element is a call that closed
+
+    def feed(self, text: str) -> str:
+        if self._mode is None:
+            text = self._held + text
+            calls = _calls_first(text, "[", _PYTHON_START)
+            if calls is None:
+                self._held = text
+                return ""
+            bracket = text.find("[")
+            if calls and bracket < 0 and not text.lstrip().removeprefix(_PYTHON_START).strip():
+                self._held = text  # Llama 4's tag, its list not begun
+                return ""
+            self._held = ""
+            if not calls or bracket < 0 or text[:bracket].strip() not in ("", _PYTHON_START):
+                self._mode = "content"
+                return text
+            self._mode = "calls"
+            self._lead, text = text[:bracket], text[bracket:]
+        if self._mode == "content":
+            return text
+        if self._mode == "after":
+            return self._after(text)
+        self._text += text
+        return self._read()
+
+    def _after(self, text: str) -> str:
+        """Text after the list: held while it may be blank and Llama 4's closing tag (dropped
+        then), else content."""
+        self._held += text
+        if _PYTHON_END.startswith(self._held.strip()):
+            return ""
+        held, self._held, self._mode = self._held, "", "content"
+        return held
+
+    def _read(self) -> str:
+        """Reads on through the list; the text that turned out to be content, if any."""
+        text = self._text
+        while self._at < len(text):
+            at, c = self._at, text[self._at]
+            if self._quote:
+                if c == "\\":
+                    self._at += 2  # past what it escapes, written yet or not
+                    continue
+                if text.startswith(self._quote, at):
+                    self._at += len(self._quote)
+                    self._quote = ""
+                    continue
+                if len(self._quote) == 3 and len(text) - at < 3 \
+                        and self._quote.startswith(text[at:]):
+                    break  # maybe the string's end, in pieces
+                self._at += 1
+                continue
+            if c in "'\"":
+                if text.startswith(c * 3, at):
+                    self._quote = c * 3
+                elif len(text) - at < 3 and (c * 3).startswith(text[at:]):
+                    break  # an empty string or a triple quote's start: not known yet
+                else:
+                    self._quote = c
+                self._at += len(self._quote)
+                continue
+            self._at += 1
+            if c in "([{":
+                self._depth += 1
+            elif c in ")]}":
+                self._depth -= 1
+                if self._depth == 1 and c == ")":
+                    if not self._call(text[self._element:at + 1]):
+                        return self._stop()
+                    self._element, self._closed = at + 1, True
+                elif self._depth == 0:  # the list's end
+                    if c != "]" or not self._ends_element(at):
+                        return self._stop()
+                    self._mode = "after"
+                    return self._after(text[at + 1:])
+            elif c == "," and self._depth == 1:
+                if not self._ends_element(at):
+                    return self._stop()
+                self._element, self._closed = at + 1, False
+        return ""
+
+    def _ends_element(self, at: int) -> bool:
+        """Whether the element ending at `at` (a comma or the list's end) was a call and
+        nothing more (or, after a trailing comma, nothing)."""
+        blank = not self._text[self._element:at].strip()
+        return blank and (self._closed or (self._text[self._element - 1] == "," and
+                                           self._depth == 0 and bool(self.calls)))
+
+    def _call(self, source: str) -> bool:
+        """Reads one call's text; False when it is no call with literal keywords."""
+        try:
+            node = ast.parse(source.strip(), mode="eval").body
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) \
+                    or node.args or any(kw.arg is None for kw in node.keywords):
+                return False
+            arguments = json.dumps({kw.arg: ast.literal_eval(kw.value) for kw in node.keywords},
+                                   ensure_ascii=False, allow_nan=False)
+        except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+            return False
+        if not (self._single and self.calls):
+            self.calls.append(ToolCall(call_id(), FunctionCall(node.func.id, arguments)))
+        return True
+
+    def _stop(self) -> str:
+        """What is no call: from it on the text is content (from the start when no call came
+        before)."""
+        self._mode = "content"
+        return self._text[self._element:] if self.calls else self._lead + self._text
+
+    def end(self) -> str:
+        if self._mode in (None, "after"):
+            held, self._held = self._held, ""
+            return "" if self._mode == "after" and held.strip() in ("", _PYTHON_END) else held
+        if self._mode == "calls" and not self.calls:
+            self._mode = "content"
+            return self._lead + self._text
+        return ""
+
+
 def call_reader(parser: str, tools: list[dict[str, Any]],
-                single: bool = False) -> ToolCallText | JsonCallText:
+                single: bool = False) -> ToolCallText | JsonCallText | PythonCallText:
     """The reader of the calls to `tools` a reply in `parser`'s syntax makes."""
     if parser == "llama3_json":
         return JsonCallText(single)
+    if parser == "pythonic":
+        return PythonCallText(single)
     return ToolCallText(single, parameter_types(tools) if parser == "qwen3_coder" else None)
 
 

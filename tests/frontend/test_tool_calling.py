@@ -69,6 +69,13 @@ def coder() -> Iterator[Served]:
 
 
 @pytest.fixture(scope="module")
+def pythonic() -> Iterator[Served]:
+    served = Served("pythonic")
+    yield served
+    served.server.stop()
+
+
+@pytest.fixture(scope="module")
 def plain() -> Iterator[Served]:
     served = Served(None)
     yield served
@@ -447,3 +454,27 @@ def test_qwen3_coder_calls_come_back_as_tool_calls(coder: Served) -> None:
                                                        stream=True))
     assert _streamed_calls(chunks) == [("get_weather", '{"city": "Paris", "days": 3}')]
     assert len([c for c in chunks if c.choices and c.choices[0].delta.tool_calls]) > 1
+
+
+def test_pythonic_calls_come_back_as_tool_calls(pythonic: Served) -> None:
+    """`--tool-call-parser pythonic`: a reply that is a Python list of calls comes back as
+    calls (each streamed once its `)` is read, its keywords as JSON); a reply in words is
+    content, streamed as it comes."""
+    pythonic.reply('[get_weather(city="Paris"), now()]', chunk_size=4)
+    done = pythonic.client.chat.completions.create(model="bytes", messages=ASK, tools=TOOLS)
+    validate("CreateChatCompletionResponse", done.to_dict())
+    assert done.choices[0].finish_reason == "tool_calls" and not done.choices[0].message.content
+    expected = [("get_weather", '{"city": "Paris"}'), ("now", "{}")]
+    assert [(c.function.name, c.function.arguments)
+            for c in done.choices[0].message.tool_calls or ()] == expected
+    chunks = list(pythonic.client.chat.completions.create(model="bytes", messages=ASK,
+                                                          tools=TOOLS, stream=True))
+    assert _streamed_calls(chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.tool_calls]) == 2
+    pythonic.reply("[Paris] is sunny, (says the forecast).", chunk_size=4)
+    chunks = list(pythonic.client.chat.completions.create(model="bytes", messages=ASK,
+                                                          tools=TOOLS, stream=True))
+    assert _streamed_calls(chunks) == [] and chunks[-1].choices[0].finish_reason == "stop"
+    assert "".join(c.choices[0].delta.content for c in chunks if c.choices
+                   and c.choices[0].delta.content) == "[Paris] is sunny, (says the forecast)."

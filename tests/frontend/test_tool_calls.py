@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from services.frontend.tool_calls import (
     ForcedCallText,
     JsonCallText,
+    PythonCallText,
     ToolCallText,
     call_reader,
     parameter_types,
@@ -103,7 +104,7 @@ REQUIRED = (f'[ {{"name": "search", "parameters": {PARAMS[0]}}},\n'
             f'{{ "name" : "get_weather" , "parameters" :{PARAMS[2]}}} ]')
 
 
-def stream(reader: ToolCallText | JsonCallText | ForcedCallText,
+def stream(reader: ToolCallText | JsonCallText | PythonCallText | ForcedCallText,
            pieces: list[str]) -> tuple[list[tuple[str, str]], str]:
     """The calls as a client rebuilds them from what `take` hands over piece by piece (each
     opens once, in order, then only grows), and the content left at the end."""
@@ -259,3 +260,40 @@ def test_a_qwen3_coder_call_cut_short_and_a_tag_that_is_no_call() -> None:
         {"type": "function", "function": {"name": "f", "parameters": {"properties": [1]}}},
         {"type": "function", "function": {"name": "g", "parameters": {"properties": {
             "a": {"type": ["null", "integer"]}, "b": 3}}}}]) == {"f": {}, "g": {"a": "integer"}}
+
+
+PYTHONIC = ("<|python_start|>[get_weather(city='Paris', days=3, opts={\"units\": [\"C\", None], "
+            "'exact': True}), now(), say(text='it\\'s [a] (b), \"c\"', doc=\"\"\"x \" )\n]\"\"\"),]"
+            "<|python_end|>\n")
+PYTHONIC_CALLS = [
+    ("get_weather", '{"city": "Paris", "days": 3, "opts": {"units": ["C", null], "exact": true}}'),
+    ("now", "{}"), ("say", '{"text": "it\'s [a] (b), \\"c\\"", "doc": "x \\" )\\n]"}')]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(PYTHONIC)), max_size=14))
+def test_pythonic_calls_are_read_whatever_the_pieces(cuts: list[int]) -> None:
+    """`pythonic`: a reply that is a Python list of calls gives each call once its `)` is read,
+    its keywords as JSON; brackets, commas and quotes inside strings (escaped, triple-quoted)
+    are text; Llama 4's tags around the list are no one's."""
+    points = sorted(set(cuts))
+    pieces = [PYTHONIC[a:b] for a, b in zip([0, *points], [*points, len(PYTHONIC)], strict=True)]
+    reader = PythonCallText()
+    assert stream(reader, pieces) == (PYTHONIC_CALLS, "")
+    assert reader.complete == 3
+    assert stream(PythonCallText(single=True), pieces) == (PYTHONIC_CALLS[:1], "")
+    # What is no call is content, from where it starts: all of it when no call came first.
+    text = PYTHONIC.replace("now()", "now(1)")
+    assert stream(PythonCallText(), [text[a:b] for a, b in zip(
+        [0, *points], [*points, len(text)], strict=True)]) == (
+        PYTHONIC_CALLS[:1], text[text.index(" now(1)"):])
+
+
+def test_what_is_no_pythonic_call_list_is_content() -> None:
+    for text in ("It is sunny.", "[a link](http://x) says so", "[1, 2, 3]", "[]",
+                 "[f(x)]", "[f(**kw)]", "[f(a=g())]", "[f(a=1e999)]", "[obj.f(a=1)]",
+                 "<|python_start|> no list", "  [f(a=1"):
+        assert stream(PythonCallText(), [text]) == ([], text), text
+    # Text after the list, or cut short in a call: the calls read stay.
+    assert stream(PythonCallText(), ["[f(a=1)] and then"]) == ([("f", '{"a": 1}')], " and then")
+    assert stream(PythonCallText(), ["[f(a=1), g(b="]) == ([("f", '{"a": 1}')], "")
