@@ -76,8 +76,9 @@ class FrontendConfig(ProcessConfig):
                                      "'auto' and get the calls back as tool_calls")
     reasoning_parser: str = opt("",
                                 help="how the served model marks its thinking (deepseek_r1, "
-                                     "qwen3: <think> ... </think>); set, chat replies carry it "
-                                     "apart from the answer, as 'reasoning'")
+                                     "qwen3: <think> ... </think>; deepseek_v3: the same when "
+                                     "chat_template_kwargs turn thinking on); set, chat replies "
+                                     "carry it apart from the answer, as 'reasoning'")
     stream_interval: int = opt(0, help="tokens per SSE event: 0 sends whatever piled up since "
                                        "the last event (fewer events under load); N exactly N "
                                        "per event (1: one event per token)")

@@ -7,7 +7,9 @@ with `<think>` or leave that to the chat template, which writes it into the prom
 splits a reply, everything before `</think>` is reasoning (`<think>` tags dropped) and the rest
 the answer; a reply that never closes its thinking is all reasoning. For `qwen3` a `<tool_call>`
 also ends the thinking (the call is the answer's), and a request whose `chat_template_kwargs`
-turn `enable_thinking` off is all answer.
+turn `enable_thinking` off is all answer. `deepseek_v3` (DeepSeek-V3.1 and later, which think
+only when asked) reads a reply as `deepseek_r1` does when the request's `chat_template_kwargs`
+turn `thinking` (or `enable_thinking`) on, else as all answer.
 
 Owns the split; not the wire shape (`responses`, `responses_api`).
 """
@@ -18,15 +20,18 @@ from typing import Any, Final
 
 from services.frontend.tool_calls import TOOL_CALL_TAG, tag_start
 
-PARSERS: Final = ("deepseek_r1", "qwen3")
+PARSERS: Final = ("deepseek_r1", "deepseek_v3", "qwen3")
 _START: Final = "<think>"
 _END: Final = "</think>"
 
 
 def thinks(parser: str, template_kwargs: dict[str, Any] | None) -> bool:
-    """Whether a reply under `parser` starts in its thinking (a qwen3 request may turn it off
-    through the chat template)."""
-    return not (parser == "qwen3" and (template_kwargs or {}).get("enable_thinking") is False)
+    """Whether a reply under `parser` starts in its thinking: a qwen3 request may turn it off
+    through the chat template, a deepseek_v3 one must turn it on there."""
+    kwargs = template_kwargs or {}
+    if parser == "deepseek_v3":
+        return bool(kwargs.get("thinking") or kwargs.get("enable_thinking"))
+    return not (parser == "qwen3" and kwargs.get("enable_thinking") is False)
 
 
 class ReasoningText:

@@ -26,7 +26,8 @@ from turnout.testing.deployment import ROOT
     ({"api_keys_file": "/nonexistent/keys.yaml"}, "--api-keys-file: no such file"),
     ({"tool_call_parser": "mistral"},
      "--tool-call-parser must be one of hermes, llama3_json, pythonic, qwen3_coder, got"),
-    ({"reasoning_parser": "r1"}, "--reasoning-parser must be one of deepseek_r1, qwen3, got"),
+    ({"reasoning_parser": "r1"},
+     "--reasoning-parser must be one of deepseek_r1, deepseek_v3, qwen3, got"),
 ])
 def test_refused_values(fields: dict[str, object], needle: str) -> None:
     with pytest.raises(ValueError, match=needle):

@@ -45,7 +45,7 @@ def split(parser: str, pieces: list[str], thinking: bool = True,
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(min_value=0, max_value=len(REPLY)), max_size=12),
-       st.sampled_from(["deepseek_r1", "qwen3"]))
+       st.sampled_from(["deepseek_r1", "deepseek_v3", "qwen3"]))
 def test_any_cut_into_pieces_splits_as_the_whole(cuts: list[int], parser: str) -> None:
     """Whatever the pieces: the thinking up to `</think>` is the reasoning (its `<think>` tag
     dropped, a tag-like text inside it kept), the rest the answer."""
@@ -66,6 +66,11 @@ def test_how_each_parser_reads_a_reply() -> None:
     assert split("deepseek_r1", [THOUGHT + call]) == (THOUGHT + call, "")
     assert not thinks("qwen3", {"enable_thinking": False}) and thinks("qwen3", None)
     assert thinks("deepseek_r1", {"enable_thinking": False})
+    # deepseek_v3 thinks only when the request asks for it.
+    assert not thinks("deepseek_v3", None) and not thinks("deepseek_v3", {"thinking": False})
+    assert thinks("deepseek_v3", {"thinking": True}) and thinks("deepseek_v3",
+                                                                {"enable_thinking": True})
+    assert split("deepseek_v3", [f"{THOUGHT}</think>{ANSWER}"]) == (THOUGHT, ANSWER)
     assert split("qwen3", [REPLY], thinking=False) == (None, REPLY)
     # include_reasoning false: the same answer, the reasoning not kept.
     assert split("qwen3", [REPLY], keep=False) == (None, "\n\n" + ANSWER)
@@ -74,11 +79,11 @@ def test_how_each_parser_reads_a_reply() -> None:
 
 
 class Served:
-    def __init__(self) -> None:
+    def __init__(self, parser: str = "qwen3") -> None:
         self.fake = FakeUpstream(models=["bytes"])
         self.server = LiveServer(FrontendApp(
             self.fake, ByteTokenizer(), None, 4096, FrontendMetrics(),
-            tool_call_parser="hermes", reasoning_parser="qwen3")).start()
+            tool_call_parser="hermes", reasoning_parser=parser)).start()
         self.client = openai.OpenAI(base_url=self.server.url + "/v1", api_key="x",
                                     max_retries=0, timeout=10)
 
@@ -153,6 +158,21 @@ def test_what_the_request_turns_off_or_constrains_is_all_answer(served: Served) 
     served.reply('{"a": 1}')
     constrained = served.chat(response_format={"type": "json_object"})
     assert constrained.choices[0].message.content == '{"a": 1}'
+
+
+def test_deepseek_v3_thinks_only_when_the_request_asks() -> None:
+    served = Served("deepseek_v3")
+    try:
+        served.reply(f"{THOUGHT}</think>{ANSWER}")
+        plain = served.chat()
+        assert plain.choices[0].message.content == f"{THOUGHT}</think>{ANSWER}"
+        assert (plain.choices[0].message.model_extra or {}).get("reasoning") is None
+        chunks = list(served.chat(stream=True, extra_body={
+            "chat_template_kwargs": {"thinking": True}}))
+        reasoning, content = _streamed(chunks)
+        assert ("".join(reasoning), "".join(content)) == (THOUGHT, ANSWER)
+    finally:
+        served.server.stop()
 
 
 def test_reasoning_then_tool_calls_and_an_earlier_turn(served: Served) -> None:
