@@ -7,9 +7,11 @@ with `<think>` or leave that to the chat template, which writes it into the prom
 splits a reply, everything before `</think>` is reasoning (`<think>` tags dropped) and the rest
 the answer; a reply that never closes its thinking is all reasoning. For `qwen3` a `<tool_call>`
 also ends the thinking (the call is the answer's), and a request whose `chat_template_kwargs`
-turn `enable_thinking` off is all answer. `deepseek_v3` (DeepSeek-V3.1 and later, which think
-only when asked) reads a reply as `deepseek_r1` does when the request's `chat_template_kwargs`
-turn `thinking` (or `enable_thinking`) on, else as all answer.
+turn `enable_thinking` off is all answer. `glm45` (or `glm47`: GLM-4.5 to 4.7) reads a reply
+as `qwen3` does, its thinking turned off by `thinking` or `enable_thinking`. `deepseek_v3`
+(DeepSeek-V3.1 and later, which think only when asked) reads a reply as `deepseek_r1` does
+when the request's `chat_template_kwargs` turn `thinking` (or `enable_thinking`) on, else as
+all answer.
 
 Owns the split; not the wire shape (`responses`, `responses_api`).
 """
@@ -20,17 +22,23 @@ from typing import Any, Final
 
 from services.frontend.tool_calls import TOOL_CALL_TAG, tag_start
 
-PARSERS: Final = ("deepseek_r1", "deepseek_v3", "qwen3")
+_GLM: Final = ("glm45", "glm47")
+PARSERS: Final = ("deepseek_r1", "deepseek_v3", *_GLM, "qwen3")
+# Those whose tool call also ends the thinking.
+_CALLS_END: Final = (*_GLM, "qwen3")
 _START: Final = "<think>"
 _END: Final = "</think>"
 
 
 def thinks(parser: str, template_kwargs: dict[str, Any] | None) -> bool:
-    """Whether a reply under `parser` starts in its thinking: a qwen3 request may turn it off
-    through the chat template, a deepseek_v3 one must turn it on there."""
+    """Whether a reply under `parser` starts in its thinking: a qwen3 or glm45 request may turn
+    it off through the chat template, a deepseek_v3 one must turn it on there."""
     kwargs = template_kwargs or {}
     if parser == "deepseek_v3":
         return bool(kwargs.get("thinking") or kwargs.get("enable_thinking"))
+    if parser in _GLM:  # on unless asked off, by either name
+        asked = [kwargs.get(name) for name in ("thinking", "enable_thinking")]
+        return all(value is None for value in asked) or any(map(bool, asked))
     return not (parser == "qwen3" and kwargs.get("enable_thinking") is False)
 
 
@@ -42,7 +50,7 @@ class ReasoningText:
     __slots__ = ("_ends", "_held", "_keep", "_pending", "_thinking", "_whole", "read")
 
     def __init__(self, parser: str, thinking: bool = True, keep: bool = True) -> None:
-        self._ends = (_END, TOOL_CALL_TAG) if parser == "qwen3" else (_END,)
+        self._ends = (_END, TOOL_CALL_TAG) if parser in _CALLS_END else (_END,)
         self._thinking = thinking
         self._keep = keep
         self._held = ""  # a marker possibly split across pieces

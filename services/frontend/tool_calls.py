@@ -10,7 +10,9 @@ looked like a call (a tag without a valid object) stays content, as vLLM leaves 
 ..., "parameters": ...}` (several split by `;`, maybe after `<|python_tag|>`); `JsonCallText`
 reads a reply that starts so as calls, any other as content. `qwen3_coder` (Qwen3-Coder,
 Qwen3.5) writes `<function=NAME>` and a `<parameter=KEY>` tag per value inside the same tags,
-each value plain text that the function's schema types. `pythonic` (Llama 3.2, Llama 4)
+each value plain text that the function's schema types. `glm45` and `glm47` (GLM-4.5 to 4.7)
+write the function's name in the tags, then `<arg_key>` and `<arg_value>` pairs, a string
+parameter as it is and any other as JSON. `pythonic` (Llama 3.2, Llama 4)
 answers with a Python list of calls, `[f(a=1), g()]`; `PythonCallText` reads each call once
 its `)` is written. A reply forced to be calls (`tool_choice` a named function or "required")
 is JSON, and `ForcedCallText` reads its calls out of it without a parser. Otherwise a call is
@@ -31,7 +33,8 @@ from typing import Any, Final
 
 import msgspec
 
-PARSERS: Final = ("hermes", "llama3_json", "pythonic", "qwen3_coder")
+GLM_PARSERS: Final = ("glm45", "glm47")  # GLM-4.5 to 4.7 write calls alike
+PARSERS: Final = (*GLM_PARSERS, "hermes", "llama3_json", "pythonic", "qwen3_coder")
 TOOL_CALL_TAG: Final = "<tool_call>"  # hermes's; for qwen3 it also ends the thinking
 _CLOSE: Final = "</tool_call>"
 _PYTHON_TAG: Final = "<|python_tag|>"  # Llama 3's, ahead of a call (shown with its specials)
@@ -236,6 +239,9 @@ class _JsonCalls:
         if item.call is not None and item.args_at is not None:
             item.call.function.arguments = self.text[item.args_at:item.args_end]
 
+    def close(self) -> None:
+        """The tag closed: a JSON body says where it ends itself."""
+
 
 _FUNCTION: Final = "<function="
 _FUNCTION_END: Final = "</function>"
@@ -328,7 +334,7 @@ class _XmlCalls:
             self._listed = not (self._single and self.calls)
             if self._listed:
                 self.calls.append(self._call)
-                self.opened = True
+            self.opened = True  # a call, even one `single` drops: not the tag's text
             self._at = end + 1
             return True
         parameter = text.find(_PARAMETER, self._at)
@@ -357,6 +363,114 @@ class _XmlCalls:
         self._call = None
         self._at = closing + len(_FUNCTION_END)
         return True
+
+    def close(self) -> None:
+        """The tag closed: `</function>` ended each call already."""
+
+
+_ARG_KEY: Final = "<arg_key>"
+_ARG_KEY_END: Final = "</arg_key>"
+_ARG_VALUE: Final = "<arg_value>"
+_ARG_VALUE_END: Final = "</arg_value>"
+
+
+def _written_value(value: str, kind: str | None) -> Any:
+    """A `glm45` value as its template writes one: a string parameter as it is, any other as
+    the JSON it spells (typed by its schema when that names a type; the text when it reads as
+    nothing)."""
+    if kind is not None:
+        return _typed(value, kind)
+    try:
+        parsed = json.loads(value)
+        json.dumps(parsed, allow_nan=False)
+        return parsed
+    except ValueError:
+        return value
+
+
+class _KeyValueCalls:
+    """The `glm45` call in one `<tool_call>` body as it is written: the function's name first
+    (it joins `calls` once a newline or its first `<arg_key>` ends it, and only if the request
+    has such a tool; with `single`, only while `calls` is empty), then `<arg_key>KEY
+    </arg_key><arg_value>VALUE</arg_value>` pairs, each added to the arguments once its value
+    is written. The arguments close with the tag (`close`)."""
+
+    __slots__ = ("_at", "_call", "_listed", "_single", "_types", "calls", "opened", "text")
+
+    def __init__(self, calls: list[ToolCall], single: bool,
+                 types: dict[str, dict[str, str]]) -> None:
+        self.calls = calls
+        self._single = single
+        self._types = types
+        self.text = ""
+        self.opened = False
+        self._at = 0  # what is read of `text`
+        self._call: ToolCall | None = None
+        self._listed = False
+
+    @property
+    def unfinished(self) -> bool:
+        return self._call is not None and self._listed
+
+    def feed(self, text: str) -> None:
+        self.text += text
+        if self._call is None:
+            ends = [at for tag in ("\n", _ARG_KEY)
+                    if (at := self.text.find(tag, len(self.text) - len(self.text.lstrip())))
+                    >= 0]
+            if not ends or not self._name(self.text[:min(ends)]):
+                return
+            self._at = min(ends)
+        while self._pair(closed=False):
+            pass
+
+    def _name(self, text: str) -> bool:
+        """Opens the call `text` names; False when it names none of the tools."""
+        name = text.strip()
+        if name not in self._types:
+            return False
+        self._call = ToolCall(call_id(), FunctionCall(name, ""))
+        self._listed = not (self._single and self.calls)
+        if self._listed:
+            self.calls.append(self._call)
+        self.opened = True  # a call, even one `single` drops: not the tag's text
+        return True
+
+    def _pair(self, closed: bool) -> bool:
+        """Reads the next key and value after `_at`; False when none is written yet (`closed`:
+        the tag closed, so a value left open runs to its end)."""
+        assert self._call is not None
+        text = self.text
+        key_at = text.find(_ARG_KEY, self._at)
+        key_end = text.find(_ARG_KEY_END, key_at) if key_at >= 0 else -1
+        value_at = text.find(_ARG_VALUE, key_end) if key_end >= 0 else -1
+        if value_at < 0:
+            return False
+        start = value_at + len(_ARG_VALUE)
+        # A value ends at its closing tag, or where the next key begins.
+        ends = [at for tag in (_ARG_VALUE_END, _ARG_KEY) if (at := text.find(tag, start)) >= 0]
+        if not ends and not closed:
+            return False
+        end = min(ends) if ends else len(text)
+        key = text[key_at + len(_ARG_KEY):key_end].strip()
+        arguments = self._call.function
+        kind = self._types.get(arguments.name, {}).get(key)
+        value = _written_value(text[start:end], kind)
+        arguments.arguments += "".join((", " if arguments.arguments else "{",
+                                        json.dumps(key, ensure_ascii=False), ": ",
+                                        json.dumps(value, ensure_ascii=False)))
+        self._at = end + len(_ARG_VALUE_END) if text.startswith(_ARG_VALUE_END, end) else end
+        return True
+
+    def close(self) -> None:
+        if self._call is None and not self._name(self.text):
+            return
+        while self._pair(closed=True):
+            pass
+        assert self._call is not None
+        function = self._call.function
+        function.arguments = function.arguments + "}" if function.arguments else "{}"
+        self._call = None
 
 
 class _CallReader:
@@ -403,19 +517,24 @@ class ToolCallText(_CallReader):
     written as a JSON string, say), or shown as the text it is. `end` returns what is left
     once the text is complete."""
 
-    __slots__ = ("_blank", "_body", "_held", "_inside", "_reader", "_single", "_xml")
+    __slots__ = ("_blank", "_body", "_held", "_inside", "_parser", "_reader", "_single",
+                 "_types")
 
-    def __init__(self, single: bool = False,
-                 xml: dict[str, dict[str, str]] | None = None) -> None:
+    def __init__(self, single: bool = False, parser: str = "hermes",
+                 types: dict[str, dict[str, str]] | None = None) -> None:
         """`single`: OpenAI's `parallel_tool_calls: false`, calls after the first dropped;
-        `xml`: the tags hold `qwen3_coder` calls, not JSON (`parameter_types` of the tools)."""
+        `parser`: what the tags hold, `hermes`'s JSON, `qwen3_coder`'s `<function=...>` or
+        `glm45`'s name and `<arg_key>` pairs (each read with `types`, the tools'
+        `parameter_types`)."""
         super().__init__()
-        self._xml = xml
+        self._parser = parser
+        self._types = types or {}
         self._held = ""  # text not read yet: a possible tag split across pieces
         self._blank = ""  # blank text after a call: shown only if more text follows it
         self._inside = False
         self._body = ""  # the open tag's text so far
-        self._reader: _JsonCalls | _XmlCalls | None = None  # the open tag's, read as it comes
+        # The open tag's, read as it comes.
+        self._reader: _JsonCalls | _XmlCalls | _KeyValueCalls | None = None
         self._single = single
 
     @property
@@ -449,9 +568,15 @@ class ToolCallText(_CallReader):
             shown.append(self._content(text[:start]))
             text = text[start + len(TOOL_CALL_TAG):]
             self._inside = True
-            self._reader = _JsonCalls(self.calls, 1, ("arguments", "parameters"), self._single) \
-                if self._xml is None else _XmlCalls(self.calls, self._single, self._xml)
+            self._reader = self._body_reader()
         return "".join(shown)
+
+    def _body_reader(self) -> _JsonCalls | _XmlCalls | _KeyValueCalls:
+        if self._parser == "qwen3_coder":
+            return _XmlCalls(self.calls, self._single, self._types)
+        if self._parser in GLM_PARSERS:
+            return _KeyValueCalls(self.calls, self._single, self._types)
+        return _JsonCalls(self.calls, 1, ("arguments", "parameters"), self._single)
 
     def _read(self, body: str) -> None:
         if body:
@@ -464,6 +589,8 @@ class ToolCallText(_CallReader):
         the call it holds, else the text as written (content)."""
         body, self._body, self._inside = self._body, "", False
         reader, self._reader = self._reader, None
+        if reader is not None and tag:
+            reader.close()
         if reader is not None and reader.opened:
             if not tag and reader.unfinished:
                 self._reader = reader  # cut short: its call stays unfinished
@@ -695,7 +822,7 @@ def call_reader(parser: str, tools: list[dict[str, Any]],
         return JsonCallText(single)
     if parser == "pythonic":
         return PythonCallText(single)
-    return ToolCallText(single, parameter_types(tools) if parser == "qwen3_coder" else None)
+    return ToolCallText(single, parser, parameter_types(tools))
 
 
 class ForcedCallText(_CallReader):

@@ -45,7 +45,7 @@ def split(parser: str, pieces: list[str], thinking: bool = True,
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(min_value=0, max_value=len(REPLY)), max_size=12),
-       st.sampled_from(["deepseek_r1", "deepseek_v3", "qwen3"]))
+       st.sampled_from(["deepseek_r1", "deepseek_v3", "glm45", "qwen3"]))
 def test_any_cut_into_pieces_splits_as_the_whole(cuts: list[int], parser: str) -> None:
     """Whatever the pieces: the thinking up to `</think>` is the reasoning (its `<think>` tag
     dropped, a tag-like text inside it kept), the rest the answer."""
@@ -66,6 +66,11 @@ def test_how_each_parser_reads_a_reply() -> None:
     assert split("deepseek_r1", [THOUGHT + call]) == (THOUGHT + call, "")
     assert not thinks("qwen3", {"enable_thinking": False}) and thinks("qwen3", None)
     assert thinks("deepseek_r1", {"enable_thinking": False})
+    # glm45 (and glm47) as qwen3, off by either name.
+    assert split("glm45", [THOUGHT + call]) == (THOUGHT, call)
+    assert thinks("glm45", None) and thinks("glm47", {"thinking": False, "enable_thinking": True})
+    assert not thinks("glm45", {"thinking": False}) \
+        and not thinks("glm47", {"enable_thinking": False})
     # deepseek_v3 thinks only when the request asks for it.
     assert not thinks("deepseek_v3", None) and not thinks("deepseek_v3", {"thinking": False})
     assert thinks("deepseek_v3", {"thinking": True}) and thinks("deepseek_v3",

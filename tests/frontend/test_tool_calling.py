@@ -76,6 +76,13 @@ def pythonic() -> Iterator[Served]:
 
 
 @pytest.fixture(scope="module")
+def glm() -> Iterator[Served]:
+    served = Served("glm45")
+    yield served
+    served.server.stop()
+
+
+@pytest.fixture(scope="module")
 def plain() -> Iterator[Served]:
     served = Served(None)
     yield served
@@ -478,3 +485,28 @@ def test_pythonic_calls_come_back_as_tool_calls(pythonic: Served) -> None:
     assert _streamed_calls(chunks) == [] and chunks[-1].choices[0].finish_reason == "stop"
     assert "".join(c.choices[0].delta.content for c in chunks if c.choices
                    and c.choices[0].delta.content) == "[Paris] is sunny, (says the forecast)."
+
+
+def test_glm45_calls_come_back_as_tool_calls(glm: Served) -> None:
+    """`--tool-call-parser glm45`: a `<tool_call>` holding a tool's name and `<arg_key>` /
+    `<arg_value>` pairs comes back as a call, each value typed as its schema says, streamed a
+    pair at a time after the text before it."""
+    reply = ("Checking.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris"
+             "</arg_value>\n<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>")
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"},
+                                         "days": {"type": "integer"}}}}}]
+    glm.reply(reply, chunk_size=5)
+    done = glm.client.chat.completions.create(model="bytes", messages=ASK,
+                                              tools=tools)  # type: ignore[arg-type]
+    validate("CreateChatCompletionResponse", done.to_dict())
+    assert done.choices[0].message.content == "Checking.\n"
+    expected = [("get_weather", '{"city": "Paris", "days": 3}')]
+    assert [(c.function.name, c.function.arguments)
+            for c in done.choices[0].message.tool_calls or ()] == expected
+    assert done.choices[0].finish_reason == "tool_calls"
+    chunks = list(glm.client.chat.completions.create(model="bytes", messages=ASK,
+                                                     tools=tools,  # type: ignore[arg-type]
+                                                     stream=True))
+    assert _streamed_calls(chunks) == expected
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.tool_calls]) > 1

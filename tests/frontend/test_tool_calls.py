@@ -233,7 +233,7 @@ def test_qwen3_coder_calls_stream_a_parameter_at_a_time(cuts: list[int]) -> None
                                       "Let me search.\n")
     assert json.loads(CODER_ARGS) and reader.complete == 2
     single = call_reader("qwen3_coder", CODER_TOOLS, single=True)
-    assert stream(single, pieces)[0] == [("search", CODER_ARGS)]
+    assert stream(single, pieces) == ([("search", CODER_ARGS)], "Let me search.\n")
 
 
 def test_a_qwen3_coder_call_cut_short_and_a_tag_that_is_no_call() -> None:
@@ -297,3 +297,43 @@ def test_what_is_no_pythonic_call_list_is_content() -> None:
     # Text after the list, or cut short in a call: the calls read stay.
     assert stream(PythonCallText(), ["[f(a=1)] and then"]) == ([("f", '{"a": 1}')], " and then")
     assert stream(PythonCallText(), ["[f(a=1), g(b="]) == ([("f", '{"a": 1}')], "")
+
+
+GLM = ("Checking.\n<tool_call>search\n<arg_key>query</arg_key>\n<arg_value>42 < x</arg_value>\n"
+       "<arg_key>limit</arg_key>\n<arg_value>5</arg_value>\n<arg_key>filters</arg_key>\n"
+       '<arg_value>{"lang": "en"}</arg_value>\n<arg_key>note</arg_key>\n<arg_value>[1, 2]'
+       "</arg_value>\n<arg_key>text</arg_key>\n<arg_value>hi</arg_value>\n</tool_call>\n"
+       "<tool_call>now</tool_call>")
+GLM_ARGS = ('{"query": "42 < x", "limit": 5, "filters": {"lang": "en"}, "note": [1, 2], '
+            '"text": "hi"}')
+GLM_TOOLS = [*CODER_TOOLS, {"type": "function", "function": {"name": "now"}}]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(GLM)), max_size=12))
+def test_glm45_calls_stream_a_pair_at_a_time(cuts: list[int]) -> None:
+    """`glm45`: each `<tool_call>` a call, opened once its name (one of the tools) is read;
+    each key and value added once written, a string parameter as written and any other as
+    the JSON it spells (a value that spells none stays text); whatever the pieces."""
+    points = sorted(set(cuts))
+    pieces = [GLM[a:b] for a, b in zip([0, *points], [*points, len(GLM)], strict=True)]
+    reader = call_reader("glm45", GLM_TOOLS)
+    assert stream(reader, pieces) == ([("search", GLM_ARGS), ("now", "{}")], "Checking.\n")
+    assert reader.complete == 2
+    single = call_reader("glm47", GLM_TOOLS, single=True)
+    assert stream(single, pieces) == ([("search", GLM_ARGS)], "Checking.\n")
+
+
+def test_a_glm45_call_cut_short_and_a_tag_that_is_no_call() -> None:
+    cut = call_reader("glm45", GLM_TOOLS)
+    assert stream(cut, [GLM[:GLM.index("<arg_key>filters")]]) == (
+        [("search", '{"query": "42 < x", "limit": 5')], "Checking.\n")
+    assert cut.complete == 0
+    # GLM-4.7 writes the first key right after the name; a value left open ends where the
+    # next key or the tag does.
+    assert stream(call_reader("glm47", GLM_TOOLS), [
+        "<tool_call>search<arg_key>limit</arg_key><arg_value>3<arg_key>query</arg_key>"
+        "<arg_value>x</tool_call>"]) == ([("search", '{"limit": 3, "query": "x"}')], "")
+    for text in ("<tool_call>unknown\n<arg_key>a</arg_key></tool_call>",
+                 "<tool_call>tell me</tool_call>"):
+        assert stream(call_reader("glm45", GLM_TOOLS), [text]) == ([], text)
