@@ -292,12 +292,10 @@ def _typed(value: str, kind: str | None) -> Any:
     return value
 
 
-class _XmlCalls:
-    """The `qwen3_coder` calls in one `<tool_call>` body as it is written: `<function=NAME>`
-    opens a call (it joins `calls`; with `single`, only while `calls` is empty), each
-    `<parameter=KEY>` ... `</parameter>` adds a key to its arguments once its value is
-    written (the value typed by `types`, one newline around it dropped), `</function>` closes
-    them. The arguments are JSON text that grows a parameter at a time."""
+class _KeyedCalls:
+    """What the readers of calls written key by key in one tag's body share: the call being
+    written, opened by name (it joins `calls`; with `single`, only while `calls` is empty),
+    its arguments JSON text that grows a key at a time, each value typed by `types`."""
 
     __slots__ = ("_at", "_call", "_listed", "_single", "_types", "calls", "opened", "text")
 
@@ -307,7 +305,7 @@ class _XmlCalls:
         self._single = single
         self._types = types
         self.text = ""
-        self.opened = False
+        self.opened = False  # a call was read, even one `single` drops: not the tag's text
         self._at = 0  # what is read of `text`
         self._call: ToolCall | None = None  # the function being written
         self._listed = False  # whether that call joined `calls`
@@ -315,6 +313,34 @@ class _XmlCalls:
     @property
     def unfinished(self) -> bool:
         return self._call is not None and self._listed
+
+    def _open(self, name: str) -> None:
+        self._call = ToolCall(call_id(), FunctionCall(name, ""))
+        self._listed = not (self._single and self.calls)
+        if self._listed:
+            self.calls.append(self._call)
+        self.opened = True
+
+    def _add(self, key: str, value: Any) -> None:
+        assert self._call is not None
+        function = self._call.function
+        function.arguments += "".join((", " if function.arguments else "{",
+                                       json.dumps(key, ensure_ascii=False), ": ",
+                                       json.dumps(value, ensure_ascii=False)))
+
+    def _close_call(self) -> None:
+        assert self._call is not None
+        function = self._call.function
+        function.arguments = function.arguments + "}" if function.arguments else "{}"
+        self._call = None
+
+
+class _XmlCalls(_KeyedCalls):
+    """The `qwen3_coder` calls in one `<tool_call>` body as it is written: `<function=NAME>`
+    opens a call, each `<parameter=KEY>` ... `</parameter>` adds a key to its arguments once
+    its value is written (one newline around it dropped), `</function>` closes them."""
+
+    __slots__ = ()
 
     def feed(self, text: str) -> None:
         self.text += text
@@ -329,17 +355,11 @@ class _XmlCalls:
             end = text.find(">", start) if start >= 0 else -1
             if end < 0:
                 return False
-            self._call = ToolCall(call_id(), FunctionCall(text[start + len(_FUNCTION):end]
-                                                          .strip(), ""))
-            self._listed = not (self._single and self.calls)
-            if self._listed:
-                self.calls.append(self._call)
-            self.opened = True  # a call, even one `single` drops: not the tag's text
+            self._open(text[start + len(_FUNCTION):end].strip())
             self._at = end + 1
             return True
         parameter = text.find(_PARAMETER, self._at)
         closing = text.find(_FUNCTION_END, self._at)
-        arguments = self._call.function
         if parameter >= 0 and (closing < 0 or parameter < closing):
             name_end = text.find(">", parameter)
             # A value ends at its closing tag, or where the next parameter or the end begins.
@@ -350,17 +370,14 @@ class _XmlCalls:
             end = min(ends)
             key = text[parameter + len(_PARAMETER):name_end].strip()
             value = text[name_end + 1:end].removeprefix("\n").removesuffix("\n")
-            typed = _typed(value, self._types.get(arguments.name, {}).get(key))
-            arguments.arguments += "".join((", " if arguments.arguments else "{",
-                                            json.dumps(key, ensure_ascii=False), ": ",
-                                            json.dumps(typed, ensure_ascii=False)))
+            self._add(key, _typed(value, self._types.get(self._call.function.name, {})
+                                  .get(key)))
             self._at = end + len(_PARAMETER_END) if text.startswith(_PARAMETER_END, end) \
                 else end
             return True
         if closing < 0:
             return False
-        arguments.arguments = arguments.arguments + "}" if arguments.arguments else "{}"
-        self._call = None
+        self._close_call()
         self._at = closing + len(_FUNCTION_END)
         return True
 
@@ -388,29 +405,13 @@ def _written_value(value: str, kind: str | None) -> Any:
         return value
 
 
-class _KeyValueCalls:
+class _KeyValueCalls(_KeyedCalls):
     """The `glm45` call in one `<tool_call>` body as it is written: the function's name first
-    (it joins `calls` once a newline or its first `<arg_key>` ends it, and only if the request
-    has such a tool; with `single`, only while `calls` is empty), then `<arg_key>KEY
-    </arg_key><arg_value>VALUE</arg_value>` pairs, each added to the arguments once its value
-    is written. The arguments close with the tag (`close`)."""
+    (it opens once a newline or its first `<arg_key>` ends it, and only if the request has
+    such a tool), then `<arg_key>KEY</arg_key><arg_value>VALUE</arg_value>` pairs, each added
+    to the arguments once its value is written. The arguments close with the tag (`close`)."""
 
-    __slots__ = ("_at", "_call", "_listed", "_single", "_types", "calls", "opened", "text")
-
-    def __init__(self, calls: list[ToolCall], single: bool,
-                 types: dict[str, dict[str, str]]) -> None:
-        self.calls = calls
-        self._single = single
-        self._types = types
-        self.text = ""
-        self.opened = False
-        self._at = 0  # what is read of `text`
-        self._call: ToolCall | None = None
-        self._listed = False
-
-    @property
-    def unfinished(self) -> bool:
-        return self._call is not None and self._listed
+    __slots__ = ()
 
     def feed(self, text: str) -> None:
         self.text += text
@@ -429,11 +430,7 @@ class _KeyValueCalls:
         name = text.strip()
         if name not in self._types:
             return False
-        self._call = ToolCall(call_id(), FunctionCall(name, ""))
-        self._listed = not (self._single and self.calls)
-        if self._listed:
-            self.calls.append(self._call)
-        self.opened = True  # a call, even one `single` drops: not the tag's text
+        self._open(name)
         return True
 
     def _pair(self, closed: bool) -> bool:
@@ -453,12 +450,8 @@ class _KeyValueCalls:
             return False
         end = min(ends) if ends else len(text)
         key = text[key_at + len(_ARG_KEY):key_end].strip()
-        arguments = self._call.function
-        kind = self._types.get(arguments.name, {}).get(key)
-        value = _written_value(text[start:end], kind)
-        arguments.arguments += "".join((", " if arguments.arguments else "{",
-                                        json.dumps(key, ensure_ascii=False), ": ",
-                                        json.dumps(value, ensure_ascii=False)))
+        kind = self._types.get(self._call.function.name, {}).get(key)
+        self._add(key, _written_value(text[start:end], kind))
         self._at = end + len(_ARG_VALUE_END) if text.startswith(_ARG_VALUE_END, end) else end
         return True
 
@@ -467,10 +460,7 @@ class _KeyValueCalls:
             return
         while self._pair(closed=True):
             pass
-        assert self._call is not None
-        function = self._call.function
-        function.arguments = function.arguments + "}" if function.arguments else "{}"
-        self._call = None
+        self._close_call()
 
 
 class _CallReader:

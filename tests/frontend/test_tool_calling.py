@@ -47,46 +47,22 @@ class Served:
         return bytes(t for t in self.fake.opened[-1].token_ids if t < 256).decode()
 
 
-@pytest.fixture(scope="module")
-def hermes() -> Iterator[Served]:
-    served = Served("hermes")
-    yield served
-    served.server.stop()
+def _frontend(parser: str | None) -> Any:
+    """A module-wide frontend reading calls with `parser`, as a fixture."""
+    @pytest.fixture(scope="module")
+    def served() -> Iterator[Served]:
+        served = Served(parser)
+        yield served
+        served.server.stop()
+    return served
 
 
-@pytest.fixture(scope="module")
-def llama() -> Iterator[Served]:
-    served = Served("llama3_json")
-    yield served
-    served.server.stop()
-
-
-@pytest.fixture(scope="module")
-def coder() -> Iterator[Served]:
-    served = Served("qwen3_coder")
-    yield served
-    served.server.stop()
-
-
-@pytest.fixture(scope="module")
-def pythonic() -> Iterator[Served]:
-    served = Served("pythonic")
-    yield served
-    served.server.stop()
-
-
-@pytest.fixture(scope="module")
-def glm() -> Iterator[Served]:
-    served = Served("glm45")
-    yield served
-    served.server.stop()
-
-
-@pytest.fixture(scope="module")
-def plain() -> Iterator[Served]:
-    served = Served(None)
-    yield served
-    served.server.stop()
+hermes = _frontend("hermes")
+llama = _frontend("llama3_json")
+coder = _frontend("qwen3_coder")
+pythonic = _frontend("pythonic")
+glm = _frontend("glm45")
+plain = _frontend(None)
 
 
 def _calls(calls: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -438,31 +414,6 @@ def test_llama3_json_calls_come_back_as_tool_calls(llama: Served) -> None:
     assert "".join(pieces) == "It is sunny in Paris." and len(pieces) > 2
 
 
-def test_qwen3_coder_calls_come_back_as_tool_calls(coder: Served) -> None:
-    """`--tool-call-parser qwen3_coder`: `<function=...>` calls with a tag per parameter come
-    back as calls whose arguments are typed by the tool's schema, streamed a parameter at a
-    time after the text before them."""
-    reply = ("Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n"
-             "</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>")
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"},
-                                         "days": {"type": "integer"}}}}}]
-    coder.reply(reply, chunk_size=5)
-    done = coder.client.chat.completions.create(model="bytes", messages=ASK,
-                                                tools=tools)  # type: ignore[arg-type]
-    validate("CreateChatCompletionResponse", done.to_dict())
-    assert done.choices[0].message.content == "Checking.\n"
-    assert [(c.function.name, c.function.arguments)
-            for c in done.choices[0].message.tool_calls or ()] == [
-        ("get_weather", '{"city": "Paris", "days": 3}')]
-    assert done.choices[0].finish_reason == "tool_calls"
-    chunks = list(coder.client.chat.completions.create(model="bytes", messages=ASK,
-                                                       tools=tools,  # type: ignore[arg-type]
-                                                       stream=True))
-    assert _streamed_calls(chunks) == [("get_weather", '{"city": "Paris", "days": 3}')]
-    assert len([c for c in chunks if c.choices and c.choices[0].delta.tool_calls]) > 1
-
-
 def test_pythonic_calls_come_back_as_tool_calls(pythonic: Served) -> None:
     """`--tool-call-parser pythonic`: a reply that is a Python list of calls comes back as
     calls (each streamed once its `)` is read, its keywords as JSON); a reply in words is
@@ -487,26 +438,32 @@ def test_pythonic_calls_come_back_as_tool_calls(pythonic: Served) -> None:
                    and c.choices[0].delta.content) == "[Paris] is sunny, (says the forecast)."
 
 
-def test_glm45_calls_come_back_as_tool_calls(glm: Served) -> None:
-    """`--tool-call-parser glm45`: a `<tool_call>` holding a tool's name and `<arg_key>` /
-    `<arg_value>` pairs comes back as a call, each value typed as its schema says, streamed a
-    pair at a time after the text before it."""
-    reply = ("Checking.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris"
-             "</arg_value>\n<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>")
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"},
-                                         "days": {"type": "integer"}}}}}]
-    glm.reply(reply, chunk_size=5)
-    done = glm.client.chat.completions.create(model="bytes", messages=ASK,
-                                              tools=tools)  # type: ignore[arg-type]
+KEYED_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
+
+
+@pytest.mark.parametrize(("frontend", "reply"), [
+    ("coder", "Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n"
+              "</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>"),
+    ("glm", "Checking.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris"
+            "</arg_value>\n<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>")])
+def test_calls_written_a_key_at_a_time_come_back_typed(frontend: str, reply: str,
+                                                       request: pytest.FixtureRequest) -> None:
+    """`--tool-call-parser qwen3_coder` (`<function=...>` with a `<parameter=...>` tag per
+    value) and `glm45` (the tool's name, then `<arg_key>`/`<arg_value>` pairs): calls whose
+    arguments are typed by the tool's schema, streamed a key at a time after the text before
+    them."""
+    served: Served = request.getfixturevalue(frontend)
+    served.reply(reply, chunk_size=5)
+    tools: Any = KEYED_TOOLS
+    done = served.client.chat.completions.create(model="bytes", messages=ASK, tools=tools)
     validate("CreateChatCompletionResponse", done.to_dict())
     assert done.choices[0].message.content == "Checking.\n"
     expected = [("get_weather", '{"city": "Paris", "days": 3}')]
     assert [(c.function.name, c.function.arguments)
             for c in done.choices[0].message.tool_calls or ()] == expected
     assert done.choices[0].finish_reason == "tool_calls"
-    chunks = list(glm.client.chat.completions.create(model="bytes", messages=ASK,
-                                                     tools=tools,  # type: ignore[arg-type]
-                                                     stream=True))
+    chunks = list(served.client.chat.completions.create(model="bytes", messages=ASK,
+                                                        tools=tools, stream=True))
     assert _streamed_calls(chunks) == expected
     assert len([c for c in chunks if c.choices and c.choices[0].delta.tool_calls]) > 1
