@@ -71,7 +71,8 @@ class FrontendConfig(ProcessConfig):
                                      "pythonic: a Python list of calls, as Llama 3.2 and 4 "
                                      "do; qwen3_coder: <tool_call> <function=...> tags, as "
                                      "Qwen3-Coder and Qwen3.5 do; glm45, glm47: <tool_call> "
-                                     "with <arg_key> tags, as GLM-4.5 to 4.7 do); "
+                                     "with <arg_key> tags, as GLM-4.5 to 4.7 do; "
+                                     "deepseek_v31: DeepSeek-V3.1's tool call tags); "
                                      "set, chat requests may send tools with tool_choice "
                                      "'auto' and get the calls back as tool_calls")
     reasoning_parser: str = opt("",

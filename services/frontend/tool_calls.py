@@ -12,12 +12,13 @@ reads a reply that starts so as calls, any other as content. `qwen3_coder` (Qwen
 Qwen3.5) writes `<function=NAME>` and a `<parameter=KEY>` tag per value inside the same tags,
 each value plain text that the function's schema types. `glm45` and `glm47` (GLM-4.5 to 4.7)
 write the function's name in the tags, then `<arg_key>` and `<arg_value>` pairs, a string
-parameter as it is and any other as JSON. `pythonic` (Llama 3.2, Llama 4)
-answers with a Python list of calls, `[f(a=1), g()]`; `PythonCallText` reads each call once
-its `)` is written. A reply forced to be calls (`tool_choice` a named function or "required")
-is JSON, and `ForcedCallText` reads its calls out of it without a parser. Otherwise a call is
-handed over as it is written (`_JsonCalls` reads the JSON as it comes): its name, then its
-arguments in pieces, as vLLM streams them.
+parameter as it is and any other as JSON. `deepseek_v31` (DeepSeek-V3.1 and later) writes each
+call's name and JSON arguments between tags of its own, inside its calls tags. `pythonic`
+(Llama 3.2, Llama 4) answers with a Python list of calls, `[f(a=1), g()]`; `PythonCallText`
+reads each call once its `)` is written. A reply forced to be calls (`tool_choice` a named
+function or "required") is JSON, and `ForcedCallText` reads its calls out of it without a
+parser. Otherwise a call is handed over as it is written (`_JsonCalls` reads the JSON as it
+comes): its name, then its arguments in pieces, as vLLM streams them.
 
 Owns the parsing and the call objects; not the request checks (`protocol`) or the events
 (`responses`).
@@ -34,7 +35,8 @@ from typing import Any, Final
 import msgspec
 
 GLM_PARSERS: Final = ("glm45", "glm47")  # GLM-4.5 to 4.7 write calls alike
-PARSERS: Final = (*GLM_PARSERS, "hermes", "llama3_json", "pythonic", "qwen3_coder")
+PARSERS: Final = ("deepseek_v31", *GLM_PARSERS, "hermes", "llama3_json", "pythonic",
+                  "qwen3_coder")
 TOOL_CALL_TAG: Final = "<tool_call>"  # hermes's; for qwen3 it also ends the thinking
 _CLOSE: Final = "</tool_call>"
 _PYTHON_TAG: Final = "<|python_tag|>"  # Llama 3's, ahead of a call (shown with its specials)
@@ -463,6 +465,53 @@ class _KeyValueCalls(_KeyedCalls):
         self._close_call()
 
 
+def _deepseek_tag(words: str) -> str:
+    """A DeepSeek tag: its words between fullwidth bars, joined by lower blocks."""
+    return "<\uff5c" + words.replace(" ", "\u2581") + "\uff5c>"
+
+
+_DS_CALLS: Final = _deepseek_tag("tool calls begin")  # DeepSeek-V3.1's, around its calls
+_DS_CALLS_END: Final = _deepseek_tag("tool calls end")
+_DS_CALL: Final = _deepseek_tag("tool call begin")
+_DS_SEP: Final = _deepseek_tag("tool sep")
+_DS_CALL_END: Final = _deepseek_tag("tool call end")
+
+
+class _SeparatedCalls(_KeyedCalls):
+    """The `deepseek_v31` calls between its calls tags as they are written: each "tool call
+    begin" tag, the function's name and a "tool sep" tag open a call, whose arguments are the
+    JSON written after it, handed over as it comes, until a "tool call end" tag."""
+
+    __slots__ = ()
+
+    def feed(self, text: str) -> None:
+        self.text += text
+        while self._step():
+            pass
+
+    def _step(self) -> bool:
+        text = self.text
+        if self._call is None:
+            begin = text.find(_DS_CALL, self._at)
+            sep = text.find(_DS_SEP, begin) if begin >= 0 else -1
+            if sep < 0:
+                return False
+            self._open(text[begin + len(_DS_CALL):sep].strip())
+            self._at = sep + len(_DS_SEP)
+            return True
+        end = text.find(_DS_CALL_END, self._at)
+        upto = end if end >= 0 else max(self._at, tag_start(text, _DS_CALL_END))
+        self._call.function.arguments = text[self._at:upto]
+        if end < 0:
+            return False
+        self._call = None
+        self._at = end + len(_DS_CALL_END)
+        return True
+
+    def close(self) -> None:
+        """The calls tag closed: a call it cut off keeps the arguments written."""
+
+
 class _CallReader:
     """What every reader of calls out of a reply's text shares: the calls found (the last may
     still be being written: see `complete`), and what of them was handed over (`take`).
@@ -508,7 +557,7 @@ class ToolCallText(_CallReader):
     once the text is complete."""
 
     __slots__ = ("_blank", "_body", "_held", "_inside", "_parser", "_reader", "_single",
-                 "_types")
+                 "_tags", "_types")
 
     def __init__(self, single: bool = False, parser: str = "hermes",
                  types: dict[str, dict[str, str]] | None = None) -> None:
@@ -519,12 +568,13 @@ class ToolCallText(_CallReader):
         super().__init__()
         self._parser = parser
         self._types = types or {}
+        self._tags = (_DS_CALLS, _DS_CALLS_END) if parser == "deepseek_v31" \
+            else (TOOL_CALL_TAG, _CLOSE)  # what opens and closes the calls
         self._held = ""  # text not read yet: a possible tag split across pieces
         self._blank = ""  # blank text after a call: shown only if more text follows it
         self._inside = False
         self._body = ""  # the open tag's text so far
-        # The open tag's, read as it comes.
-        self._reader: _JsonCalls | _XmlCalls | _KeyValueCalls | None = None
+        self._reader: _JsonCalls | _KeyedCalls | None = None  # the open tag's, as it comes
         self._single = single
 
     @property
@@ -539,31 +589,33 @@ class ToolCallText(_CallReader):
         shown: list[str] = []
         while text:
             if self._inside:
-                end = text.find(_CLOSE)
+                end = text.find(self._tags[1])
                 if end < 0:
-                    cut = tag_start(text, _CLOSE)
+                    cut = tag_start(text, self._tags[1])
                     self._read(text[:cut])
                     self._held = text[cut:]
                     break
                 self._read(text[:end])
-                text = text[end + len(_CLOSE):]
-                shown.append(self._close(_CLOSE))
+                text = text[end + len(self._tags[1]):]
+                shown.append(self._close(self._tags[1]))
                 continue
-            start = text.find(TOOL_CALL_TAG)
+            start = text.find(self._tags[0])
             if start < 0:
-                cut = tag_start(text, TOOL_CALL_TAG)
+                cut = tag_start(text, self._tags[0])
                 shown.append(self._content(text[:cut]))
                 self._held = text[cut:]
                 break
             shown.append(self._content(text[:start]))
-            text = text[start + len(TOOL_CALL_TAG):]
+            text = text[start + len(self._tags[0]):]
             self._inside = True
             self._reader = self._body_reader()
         return "".join(shown)
 
-    def _body_reader(self) -> _JsonCalls | _XmlCalls | _KeyValueCalls:
+    def _body_reader(self) -> _JsonCalls | _KeyedCalls:
         if self._parser == "qwen3_coder":
             return _XmlCalls(self.calls, self._single, self._types)
+        if self._parser == "deepseek_v31":
+            return _SeparatedCalls(self.calls, self._single, self._types)
         if self._parser in GLM_PARSERS:
             return _KeyValueCalls(self.calls, self._single, self._types)
         return _JsonCalls(self.calls, 1, ("arguments", "parameters"), self._single)
@@ -587,7 +639,7 @@ class ToolCallText(_CallReader):
             return ""
         call = _call(body)
         if call is None:  # not a call after all: the text as written
-            return self._content(TOOL_CALL_TAG + body + tag)
+            return self._content(self._tags[0] + body + tag)
         if not (self._single and self.calls):
             self.calls.append(call)
         return ""

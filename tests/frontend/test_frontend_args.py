@@ -25,8 +25,8 @@ from turnout.testing.deployment import ROOT
      "no such file"),
     ({"api_keys_file": "/nonexistent/keys.yaml"}, "--api-keys-file: no such file"),
     ({"tool_call_parser": "mistral"},
-     "--tool-call-parser must be one of glm45, glm47, hermes, llama3_json, pythonic, "
-     "qwen3_coder, got"),
+     "--tool-call-parser must be one of deepseek_v31, glm45, glm47, hermes, "
+     "llama3_json, pythonic, qwen3_coder, got"),
     ({"reasoning_parser": "r1"},
      "--reasoning-parser must be one of deepseek_r1, deepseek_v3, glm45, glm47, qwen3, got"),
 ])

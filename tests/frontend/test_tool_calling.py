@@ -62,6 +62,7 @@ llama = _frontend("llama3_json")
 coder = _frontend("qwen3_coder")
 pythonic = _frontend("pythonic")
 glm = _frontend("glm45")
+deepseek = _frontend("deepseek_v31")
 plain = _frontend(None)
 
 
@@ -446,13 +447,17 @@ KEYED_TOOLS = [{"type": "function", "function": {"name": "get_weather", "paramet
     ("coder", "Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n"
               "</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>"),
     ("glm", "Checking.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris"
-            "</arg_value>\n<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>")])
-def test_calls_written_a_key_at_a_time_come_back_typed(frontend: str, reply: str,
-                                                       request: pytest.FixtureRequest) -> None:
+            "</arg_value>\n<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>"),
+    ("deepseek",
+     "Checking.\n<\uff5ctool\u2581calls\u2581begin\uff5c><\uff5ctool\u2581call\u2581begin"
+     "\uff5c>get_weather<\uff5ctool\u2581sep\uff5c>{\"city\": \"Paris\", \"days\": 3}"
+     "<\uff5ctool\u2581call\u2581end\uff5c><\uff5ctool\u2581calls\u2581end\uff5c>")])
+def test_calls_in_tags_come_back_as_tool_calls(frontend: str, reply: str,
+                                               request: pytest.FixtureRequest) -> None:
     """`--tool-call-parser qwen3_coder` (`<function=...>` with a `<parameter=...>` tag per
-    value) and `glm45` (the tool's name, then `<arg_key>`/`<arg_value>` pairs): calls whose
-    arguments are typed by the tool's schema, streamed a key at a time after the text before
-    them."""
+    value) and `glm45` (the tool's name, then `<arg_key>`/`<arg_value>` pairs), their values
+    typed by the tool's schema, and `deepseek_v31` (its name and JSON arguments between its
+    own tags): calls streamed in pieces after the text before them."""
     served: Served = request.getfixturevalue(frontend)
     served.reply(reply, chunk_size=5)
     tools: Any = KEYED_TOOLS

@@ -337,3 +337,46 @@ def test_a_glm45_call_cut_short_and_a_tag_that_is_no_call() -> None:
     for text in ("<tool_call>unknown\n<arg_key>a</arg_key></tool_call>",
                  "<tool_call>tell me</tool_call>"):
         assert stream(call_reader("glm45", GLM_TOOLS), [text]) == ([], text)
+
+
+def _deepseek(words: str) -> str:
+    return "<\uff5c" + words.replace(" ", "\u2581") + "\uff5c>"
+
+
+DEEPSEEK = ("Let me check. " + _deepseek("tool calls begin") + _deepseek("tool call begin")
+            + "get_weather" + _deepseek("tool sep") + '{"city": "Paris", "note": "a < b"}'
+            + _deepseek("tool call end") + _deepseek("tool call begin") + "now"
+            + _deepseek("tool sep") + "{}" + _deepseek("tool call end")
+            + _deepseek("tool calls end"))
+DEEPSEEK_CALLS = [("get_weather", '{"city": "Paris", "note": "a < b"}'), ("now", "{}")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(DEEPSEEK)), max_size=12))
+def test_deepseek_v31_calls_stream_as_written(cuts: list[int]) -> None:
+    """`deepseek_v31`: between its calls tags, each call's name, then its JSON arguments
+    handed over as they are written; the text before the calls is content."""
+    points = sorted(set(cuts))
+    pieces = [DEEPSEEK[a:b] for a, b in zip([0, *points], [*points, len(DEEPSEEK)],
+                                            strict=True)]
+    reader = call_reader("deepseek_v31", [])
+    assert stream(reader, pieces) == (DEEPSEEK_CALLS, "Let me check. ")
+    assert reader.complete == 2
+    single = call_reader("deepseek_v31", [], single=True)
+    assert stream(single, pieces) == (DEEPSEEK_CALLS[:1], "Let me check. ")
+
+
+def test_a_deepseek_v31_call_cut_short_and_calls_tags_around_no_call() -> None:
+    cut = call_reader("deepseek_v31", [])
+    upto = DEEPSEEK.index("Paris") + 3
+    assert stream(cut, [DEEPSEEK[:upto]]) == ([("get_weather", '{"city": "Par')],
+                                              "Let me check. ")
+    assert cut.complete == 0
+    # The calls tag closing ends a call left open.
+    unended = call_reader("deepseek_v31", [])
+    assert stream(unended, [_deepseek("tool calls begin") + _deepseek("tool call begin") + "now"
+                            + _deepseek("tool sep") + "{}" + _deepseek("tool calls end")]) == (
+        [("now", "{}")], "")
+    assert unended.complete == 1
+    text = _deepseek("tool calls begin") + "nothing here" + _deepseek("tool calls end")
+    assert stream(call_reader("deepseek_v31", []), [text]) == ([], text)
