@@ -336,6 +336,18 @@ class _KeyedCalls:
         function.arguments = function.arguments + "}" if function.arguments else "{}"
         self._call = None
 
+    def feed(self, text: str) -> None:
+        self.text += text
+        while self._step():
+            pass
+
+    def _step(self) -> bool:
+        """Reads the next whole element after `_at`; False when none is written yet."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """The tag closed: each call was ended by its own syntax, or keeps what it wrote."""
+
 
 class _XmlCalls(_KeyedCalls):
     """The `qwen3_coder` calls in one `<tool_call>` body as it is written: `<function=NAME>`
@@ -344,13 +356,7 @@ class _XmlCalls(_KeyedCalls):
 
     __slots__ = ()
 
-    def feed(self, text: str) -> None:
-        self.text += text
-        while self._step():
-            pass
-
     def _step(self) -> bool:
-        """Reads the next whole element after `_at`; False when none is written yet."""
         text = self.text
         if self._call is None:
             start = text.find(_FUNCTION, self._at)
@@ -383,8 +389,6 @@ class _XmlCalls(_KeyedCalls):
         self._at = closing + len(_FUNCTION_END)
         return True
 
-    def close(self) -> None:
-        """The tag closed: `</function>` ended each call already."""
 
 
 _ARG_KEY: Final = "<arg_key>"
@@ -484,11 +488,6 @@ class _SeparatedCalls(_KeyedCalls):
 
     __slots__ = ()
 
-    def feed(self, text: str) -> None:
-        self.text += text
-        while self._step():
-            pass
-
     def _step(self) -> bool:
         text = self.text
         if self._call is None:
@@ -507,9 +506,6 @@ class _SeparatedCalls(_KeyedCalls):
         self._call = None
         self._at = end + len(_DS_CALL_END)
         return True
-
-    def close(self) -> None:
-        """The calls tag closed: a call it cut off keeps the arguments written."""
 
 
 class _CallReader:
