@@ -42,10 +42,12 @@ from services.frontend.logprobs import NULL as NULL_LOGPROBS
 from services.frontend.logprobs import ChoiceLogprobs, PromptLogprobs
 from services.frontend.metrics import FrontendMetrics, ModelMetrics
 from services.frontend.quotas import Grant, QuotaExceeded, Quotas, retry_after_headers
+from services.frontend.reasoning import READS_SPECIAL_TOKENS as REASONING_PARSERS_READING_SPECIALS
 from services.frontend.reasoning import ReasoningText, thinks
 from services.frontend.stop_matcher import StopMatcher
 from services.frontend.tokenizer import INLINE_TOKENIZE_MAX_CHARS, Tokenizer
 from services.frontend.tool_calls import PARSERS as TOOL_PARSERS
+from services.frontend.tool_calls import READS_SPECIAL_TOKENS as TOOL_PARSERS_READING_SPECIALS
 from services.frontend.tool_calls import (
     ForcedCallText,
     JsonCallText,
@@ -917,6 +919,10 @@ class FrontendApp:
 
         stops = protocol.stop_strings(body)
         include_stop = bool(body.include_stop_str_in_output)
+        skip_special = body.skip_special_tokens is not False and not (
+            (calls_tools and self.tool_call_parser in TOOL_PARSERS_READING_SPECIALS)
+            or (endpoint != COMPLETIONS
+                and self.reasoning_parser in REASONING_PARSERS_READING_SPECIALS))
         gens = []
         for request in requests:
             # A stop token's text is hidden, unless the request asks for what stopped it.
@@ -928,7 +934,7 @@ class FrontendApp:
                                                   bool(body.return_tokens_as_token_ids),
                                                   request.sampling.logprobs)
                                    if request.sampling.logprobs >= 0 else None, include_stop,
-                                   body.skip_special_tokens is not False))
+                                   skip_special))
         if body.return_token_ids:
             for gen in gens:
                 gen.ids_out = []

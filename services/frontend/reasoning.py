@@ -26,6 +26,9 @@ _GLM: Final = ("glm45", "glm47")
 PARSERS: Final = ("deepseek_r1", "deepseek_v3", *_GLM, "qwen3")
 # Those whose tool call also ends the thinking.
 _CALLS_END: Final = (*_GLM, "qwen3")
+# Those whose thinking tags some models make special tokens (GLM's): as vLLM does, a reply
+# split by them keeps its special tokens' text, else the thinking would never be seen to end.
+READS_SPECIAL_TOKENS: Final = (*_GLM, "qwen3")
 _START: Final = "<think>"
 _END: Final = "</think>"
 

@@ -37,6 +37,9 @@ import msgspec
 GLM_PARSERS: Final = ("glm45", "glm47")  # GLM-4.5 to 4.7 write calls alike
 PARSERS: Final = ("deepseek_v31", *GLM_PARSERS, "hermes", "llama3_json", "pythonic",
                   "qwen3_coder")
+# Those whose tags some models make special tokens (GLM's, some Hermes models'): as vLLM does,
+# a reply read with them keeps its special tokens' text, else the tags would not be seen.
+READS_SPECIAL_TOKENS: Final = ("hermes", "qwen3_coder", *GLM_PARSERS)
 TOOL_CALL_TAG: Final = "<tool_call>"  # hermes's; for qwen3 it also ends the thinking
 _CLOSE: Final = "</tool_call>"
 _PYTHON_TAG: Final = "<|python_tag|>"  # Llama 3's, ahead of a call (shown with its specials)

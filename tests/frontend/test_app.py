@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import tokenizers
 
 from services.frontend.app import FALLBACK_MAX_MODEL_LEN, FrontendApp
 from services.frontend.chat_template import RenderOptions
@@ -622,6 +623,43 @@ def test_include_stop_str_in_output_keeps_what_stopped_it(stack: Stack, stream: 
         stack.tokenizer.decode(stack.reply_ids[:3])
     assert text(extra_body={"stop_token_ids": [stop_token],
                             "include_stop_str_in_output": True}) == shown
+
+
+def test_tags_a_model_makes_special_tokens_are_still_read(tmp_path: Path) -> None:
+    """Thinking and tool-call tags that the tokenizer makes special tokens (as GLM's does)
+    are read as vLLM reads them, with the reply's special tokens kept in its text: the
+    thinking ends and the call is one, even when the request asks to skip specials."""
+    model = tmp_path / "model"
+    shutil.copytree(cached_tiny_model(), model)
+    raw = tokenizers.Tokenizer.from_file(str(model / "tokenizer.json"))
+    raw.add_special_tokens(["<think>", "</think>", "<tool_call>", "</tool_call>"])
+    raw.save(str(model / "tokenizer.json"))
+    tokenizer = HfTokenizer(model)
+    reply = tokenizer.encode('<think>Look it up.</think><tool_call>{"name": "f", "arguments": '
+                             '{"x": 1}}</tool_call>', add_special_tokens=False)
+    assert tokenizer._tokenizer.token_to_id("</think>") in reply
+    fake = FakeUpstream(models=["tiny"], script=Script(
+        reply=reply, stop_token=tokenizer._tokenizer.token_to_id(EOT)))
+    server, _ = _start(fake, tokenizer, tool_call_parser="hermes", reasoning_parser="qwen3")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0,
+                               timeout=TIMEOUT)
+        tools: Any = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+        for extra in (None, {"skip_special_tokens": True}):
+            done = client.chat.completions.create(model="tiny", messages=MESSAGES,
+                                                  tools=tools, extra_body=extra)
+            message = done.choices[0].message
+            assert (message.model_extra or {}).get("reasoning") == "Look it up."
+            assert [(c.function.name, c.function.arguments)
+                    for c in message.tool_calls or ()] == [("f", '{"x": 1}')]
+            assert not message.content and done.choices[0].finish_reason == "tool_calls"
+        # Without tools the thinking still ends at its tag; the rest is the answer.
+        answer = client.chat.completions.create(model="tiny", messages=MESSAGES).choices[0]
+        assert answer.message.content == tokenizer._tokenizer.decode(
+            reply[reply.index(tokenizer._tokenizer.token_to_id("</think>")) + 1:],
+            skip_special_tokens=False)
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("stream", [False, True])
