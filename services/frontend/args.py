@@ -72,15 +72,15 @@ class FrontendConfig(ProcessConfig):
                                      "do; qwen3_coder: <tool_call> <function=...> tags, as "
                                      "Qwen3-Coder and Qwen3.5 do; glm45, glm47: <tool_call> "
                                      "with <arg_key> tags, as GLM-4.5 to 4.7 do; "
-                                     "deepseek_v31: DeepSeek-V3.1's tool call tags); "
-                                     "set, chat requests may send tools with tool_choice "
-                                     "'auto' and get the calls back as tool_calls")
+                                     "deepseek_v31, kimi_k2: DeepSeek-V3.1's and Kimi K2's "
+                                     "tool call tags); set, chat requests may send tools with "
+                                     "tool_choice 'auto' and get the calls back as tool_calls")
     reasoning_parser: str = opt("",
                                 help="how the served model marks its thinking (deepseek_r1, "
-                                     "qwen3, glm45, glm47: <think> ... </think>; deepseek_v3: "
-                                     "the same when chat_template_kwargs turn thinking on); "
-                                     "set, chat replies carry it apart from the answer, as "
-                                     "'reasoning'")
+                                     "qwen3, glm45, glm47, kimi_k2: <think> ... </think>; "
+                                     "deepseek_v3: the same when chat_template_kwargs turn "
+                                     "thinking on); set, chat replies carry it apart from the "
+                                     "answer, as 'reasoning'")
     stream_interval: int = opt(0, help="tokens per SSE event: 0 sends whatever piled up since "
                                        "the last event (fewer events under load); N exactly N "
                                        "per event (1: one event per token)")

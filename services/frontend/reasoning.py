@@ -8,7 +8,8 @@ splits a reply, everything before `</think>` is reasoning (`<think>` tags droppe
 the answer; a reply that never closes its thinking is all reasoning. For `qwen3` a `<tool_call>`
 also ends the thinking (the call is the answer's), and a request whose `chat_template_kwargs`
 turn `enable_thinking` off is all answer. `glm45` (or `glm47`: GLM-4.5 to 4.7) reads a reply
-as `qwen3` does, its thinking turned off by `thinking` or `enable_thinking`. `deepseek_v3`
+as `qwen3` does, its thinking turned off by `thinking` or `enable_thinking`; so does `kimi_k2`
+(Kimi K2 Thinking), whose calls section ends the thinking. `deepseek_v3`
 (DeepSeek-V3.1 and later, which think only when asked) reads a reply as `deepseek_r1` does
 when the request's `chat_template_kwargs` turn `thinking` (or `enable_thinking`) on, else as
 all answer.
@@ -20,26 +21,27 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from services.frontend.tool_calls import TOOL_CALL_TAG, tag_start
+from services.frontend.tool_calls import KIMI_CALLS_TAG, TOOL_CALL_TAG, tag_start
 
 _GLM: Final = ("glm45", "glm47")
-PARSERS: Final = ("deepseek_r1", "deepseek_v3", *_GLM, "qwen3")
-# Those whose tool call also ends the thinking.
-_CALLS_END: Final = (*_GLM, "qwen3")
+PARSERS: Final = ("deepseek_r1", "deepseek_v3", *_GLM, "kimi_k2", "qwen3")
+# Those whose tool call also ends the thinking, and the tag that opens it.
+_CALLS_END: Final = {"glm45": TOOL_CALL_TAG, "glm47": TOOL_CALL_TAG, "qwen3": TOOL_CALL_TAG,
+                     "kimi_k2": KIMI_CALLS_TAG}
 # Those whose thinking tags some models make special tokens (GLM's): as vLLM does, a reply
 # split by them keeps its special tokens' text, else the thinking would never be seen to end.
-READS_SPECIAL_TOKENS: Final = (*_GLM, "qwen3")
+READS_SPECIAL_TOKENS: Final = (*_GLM, "kimi_k2", "qwen3")
 _START: Final = "<think>"
 _END: Final = "</think>"
 
 
 def thinks(parser: str, template_kwargs: dict[str, Any] | None) -> bool:
-    """Whether a reply under `parser` starts in its thinking: a qwen3 or glm45 request may turn
-    it off through the chat template, a deepseek_v3 one must turn it on there."""
+    """Whether a reply under `parser` starts in its thinking: a qwen3, glm45 or kimi_k2 request
+    may turn it off through the chat template, a deepseek_v3 one must turn it on there."""
     kwargs = template_kwargs or {}
     if parser == "deepseek_v3":
         return bool(kwargs.get("thinking") or kwargs.get("enable_thinking"))
-    if parser in _GLM:  # on unless asked off, by either name
+    if parser in (*_GLM, "kimi_k2"):  # on unless asked off, by either name
         asked = [kwargs.get(name) for name in ("thinking", "enable_thinking")]
         return all(value is None for value in asked) or any(map(bool, asked))
     return not (parser == "qwen3" and kwargs.get("enable_thinking") is False)
@@ -53,7 +55,7 @@ class ReasoningText:
     __slots__ = ("_ends", "_held", "_keep", "_pending", "_thinking", "_whole", "read")
 
     def __init__(self, parser: str, thinking: bool = True, keep: bool = True) -> None:
-        self._ends = (_END, TOOL_CALL_TAG) if parser in _CALLS_END else (_END,)
+        self._ends = (_END, _CALLS_END[parser]) if parser in _CALLS_END else (_END,)
         self._thinking = thinking
         self._keep = keep
         self._held = ""  # a marker possibly split across pieces

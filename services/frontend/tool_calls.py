@@ -13,7 +13,8 @@ Qwen3.5) writes `<function=NAME>` and a `<parameter=KEY>` tag per value inside t
 each value plain text that the function's schema types. `glm45` and `glm47` (GLM-4.5 to 4.7)
 write the function's name in the tags, then `<arg_key>` and `<arg_value>` pairs, a string
 parameter as it is and any other as JSON. `deepseek_v31` (DeepSeek-V3.1 and later) writes each
-call's name and JSON arguments between tags of its own, inside its calls tags. `pythonic`
+call's name and JSON arguments between tags of its own, inside its calls tags; so does
+`kimi_k2` (Kimi K2), with tags of its own and each call's id before its arguments. `pythonic`
 (Llama 3.2, Llama 4) answers with a Python list of calls, `[f(a=1), g()]`; `PythonCallText`
 reads each call once its `)` is written. A reply forced to be calls (`tool_choice` a named
 function or "required") is JSON, and `ForcedCallText` reads its calls out of it without a
@@ -30,16 +31,17 @@ import ast
 import json
 import math
 import os
+import re
 from typing import Any, Final
 
 import msgspec
 
 GLM_PARSERS: Final = ("glm45", "glm47")  # GLM-4.5 to 4.7 write calls alike
-PARSERS: Final = ("deepseek_v31", *GLM_PARSERS, "hermes", "llama3_json", "pythonic",
+PARSERS: Final = ("deepseek_v31", *GLM_PARSERS, "hermes", "kimi_k2", "llama3_json", "pythonic",
                   "qwen3_coder")
 # Those whose tags some models make special tokens (GLM's, some Hermes models'): as vLLM does,
 # a reply read with them keeps its special tokens' text, else the tags would not be seen.
-READS_SPECIAL_TOKENS: Final = ("hermes", "qwen3_coder", *GLM_PARSERS)
+READS_SPECIAL_TOKENS: Final = ("hermes", "kimi_k2", "qwen3_coder", *GLM_PARSERS)
 TOOL_CALL_TAG: Final = "<tool_call>"  # hermes's; for qwen3 it also ends the thinking
 _CLOSE: Final = "</tool_call>"
 _PYTHON_TAG: Final = "<|python_tag|>"  # Llama 3's, ahead of a call (shown with its specials)
@@ -319,8 +321,8 @@ class _KeyedCalls:
     def unfinished(self) -> bool:
         return self._call is not None and self._listed
 
-    def _open(self, name: str) -> None:
-        self._call = ToolCall(call_id(), FunctionCall(name, ""))
+    def _open(self, name: str, id_: str | None = None) -> None:
+        self._call = ToolCall(id_ or call_id(), FunctionCall(name, ""))
         self._listed = not (self._single and self.calls)
         if self._listed:
             self.calls.append(self._call)
@@ -490,25 +492,52 @@ class _SeparatedCalls(_KeyedCalls):
     JSON written after it, handed over as it comes, until a "tool call end" tag."""
 
     __slots__ = ()
+    _CALL: str = _DS_CALL
+    _SEP: str = _DS_SEP
+    _END: str = _DS_CALL_END
 
     def _step(self) -> bool:
         text = self.text
         if self._call is None:
-            begin = text.find(_DS_CALL, self._at)
-            sep = text.find(_DS_SEP, begin) if begin >= 0 else -1
+            begin = text.find(self._CALL, self._at)
+            sep = text.find(self._SEP, begin) if begin >= 0 else -1
             if sep < 0:
                 return False
-            self._open(text[begin + len(_DS_CALL):sep].strip())
-            self._at = sep + len(_DS_SEP)
+            self._named(text[begin + len(self._CALL):sep].strip())
+            self._at = sep + len(self._SEP)
             return True
-        end = text.find(_DS_CALL_END, self._at)
-        upto = end if end >= 0 else max(self._at, tag_start(text, _DS_CALL_END))
+        end = text.find(self._END, self._at)
+        upto = end if end >= 0 else max(self._at, tag_start(text, self._END))
         self._call.function.arguments = text[self._at:upto]
         if end < 0:
             return False
         self._call = None
-        self._at = end + len(_DS_CALL_END)
+        self._at = end + len(self._END)
         return True
+
+    def _named(self, header: str) -> None:
+        """Opens the call whose header (what comes before its arguments) is `header`."""
+        self._open(header)
+
+
+KIMI_CALLS_TAG: Final = "<|tool_calls_section_begin|>"  # Kimi K2's; it also ends the thinking
+_KIMI_CALLS_END: Final = "<|tool_calls_section_end|>"
+_KIMI_ID: Final = re.compile(r"\S+:\d+")
+
+
+class _KimiCalls(_SeparatedCalls):
+    """The `kimi_k2` calls in its calls section: as `deepseek_v31`'s, with Kimi's tags, and a
+    header that is the call's id, `functions.NAME:INDEX` (Kimi's chat template wants it back
+    as the id of the call)."""
+
+    __slots__ = ()
+    _CALL = "<|tool_call_begin|>"
+    _SEP = "<|tool_call_argument_begin|>"
+    _END = "<|tool_call_end|>"
+
+    def _named(self, header: str) -> None:
+        self._open(header.split(":")[0].removeprefix("functions."),
+                   header if _KIMI_ID.fullmatch(header) else None)
 
 
 class _CallReader:
@@ -567,8 +596,10 @@ class ToolCallText(_CallReader):
         super().__init__()
         self._parser = parser
         self._types = types or {}
-        self._tags = (_DS_CALLS, _DS_CALLS_END) if parser == "deepseek_v31" \
-            else (TOOL_CALL_TAG, _CLOSE)  # what opens and closes the calls
+        # What opens and closes the calls.
+        self._tags = {"deepseek_v31": (_DS_CALLS, _DS_CALLS_END),
+                      "kimi_k2": (KIMI_CALLS_TAG, _KIMI_CALLS_END)}.get(
+            parser, (TOOL_CALL_TAG, _CLOSE))
         self._held = ""  # text not read yet: a possible tag split across pieces
         self._blank = ""  # blank text after a call: shown only if more text follows it
         self._inside = False
@@ -615,6 +646,8 @@ class ToolCallText(_CallReader):
             return _XmlCalls(self.calls, self._single, self._types)
         if self._parser == "deepseek_v31":
             return _SeparatedCalls(self.calls, self._single, self._types)
+        if self._parser == "kimi_k2":
+            return _KimiCalls(self.calls, self._single, self._types)
         if self._parser in GLM_PARSERS:
             return _KeyValueCalls(self.calls, self._single, self._types)
         return _JsonCalls(self.calls, 1, ("arguments", "parameters"), self._single)

@@ -26,9 +26,10 @@ from turnout.testing.deployment import ROOT
     ({"api_keys_file": "/nonexistent/keys.yaml"}, "--api-keys-file: no such file"),
     ({"tool_call_parser": "mistral"},
      "--tool-call-parser must be one of deepseek_v31, glm45, glm47, hermes, "
-     "llama3_json, pythonic, qwen3_coder, got"),
+     "kimi_k2, llama3_json, pythonic, qwen3_coder, got"),
     ({"reasoning_parser": "r1"},
-     "--reasoning-parser must be one of deepseek_r1, deepseek_v3, glm45, glm47, qwen3, got"),
+     "--reasoning-parser must be one of deepseek_r1, deepseek_v3, glm45, glm47, kimi_k2, "
+     "qwen3, got"),
 ])
 def test_refused_values(fields: dict[str, object], needle: str) -> None:
     with pytest.raises(ValueError, match=needle):

@@ -45,7 +45,7 @@ def split(parser: str, pieces: list[str], thinking: bool = True,
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(min_value=0, max_value=len(REPLY)), max_size=12),
-       st.sampled_from(["deepseek_r1", "deepseek_v3", "glm45", "qwen3"]))
+       st.sampled_from(["deepseek_r1", "deepseek_v3", "glm45", "kimi_k2", "qwen3"]))
 def test_any_cut_into_pieces_splits_as_the_whole(cuts: list[int], parser: str) -> None:
     """Whatever the pieces: the thinking up to `</think>` is the reasoning (its `<think>` tag
     dropped, a tag-like text inside it kept), the rest the answer."""
@@ -71,6 +71,10 @@ def test_how_each_parser_reads_a_reply() -> None:
     assert thinks("glm45", None) and thinks("glm47", {"thinking": False, "enable_thinking": True})
     assert not thinks("glm45", {"thinking": False}) \
         and not thinks("glm47", {"enable_thinking": False})
+    # kimi_k2: its calls section ends the thinking.
+    calls = "<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0"
+    assert split("kimi_k2", [THOUGHT + calls]) == (THOUGHT, calls)
+    assert thinks("kimi_k2", None) and not thinks("kimi_k2", {"thinking": False})
     # deepseek_v3 thinks only when the request asks for it.
     assert not thinks("deepseek_v3", None) and not thinks("deepseek_v3", {"thinking": False})
     assert thinks("deepseek_v3", {"thinking": True}) and thinks("deepseek_v3",

@@ -63,6 +63,7 @@ coder = _frontend("qwen3_coder")
 pythonic = _frontend("pythonic")
 glm = _frontend("glm45")
 deepseek = _frontend("deepseek_v31")
+kimi = _frontend("kimi_k2")
 plain = _frontend(None)
 
 
@@ -451,13 +452,17 @@ KEYED_TOOLS = [{"type": "function", "function": {"name": "get_weather", "paramet
     ("deepseek",
      "Checking.\n<\uff5ctool\u2581calls\u2581begin\uff5c><\uff5ctool\u2581call\u2581begin"
      "\uff5c>get_weather<\uff5ctool\u2581sep\uff5c>{\"city\": \"Paris\", \"days\": 3}"
-     "<\uff5ctool\u2581call\u2581end\uff5c><\uff5ctool\u2581calls\u2581end\uff5c>")])
+     "<\uff5ctool\u2581call\u2581end\uff5c><\uff5ctool\u2581calls\u2581end\uff5c>"),
+    ("kimi", "Checking.\n<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+             '<|tool_call_argument_begin|>{"city": "Paris", "days": 3}<|tool_call_end|>'
+             "<|tool_calls_section_end|>")])
 def test_calls_in_tags_come_back_as_tool_calls(frontend: str, reply: str,
                                                request: pytest.FixtureRequest) -> None:
     """`--tool-call-parser qwen3_coder` (`<function=...>` with a `<parameter=...>` tag per
     value) and `glm45` (the tool's name, then `<arg_key>`/`<arg_value>` pairs), their values
-    typed by the tool's schema, and `deepseek_v31` (its name and JSON arguments between its
-    own tags): calls streamed in pieces after the text before them."""
+    typed by the tool's schema, and `deepseek_v31` and `kimi_k2` (each call's name and JSON
+    arguments between tags of their own): calls streamed in pieces after the text before
+    them."""
     served: Served = request.getfixturevalue(frontend)
     served.reply(reply, chunk_size=5)
     tools: Any = KEYED_TOOLS

@@ -380,3 +380,26 @@ def test_a_deepseek_v31_call_cut_short_and_calls_tags_around_no_call() -> None:
     assert unended.complete == 1
     text = _deepseek("tool calls begin") + "nothing here" + _deepseek("tool calls end")
     assert stream(call_reader("deepseek_v31", []), [text]) == ([], text)
+
+
+KIMI = ("Let me check.<|tool_calls_section_begin|>\n<|tool_call_begin|>functions.get_weather:0\n"
+        '<|tool_call_argument_begin|>{"city": "Tokyo"}<|tool_call_end|>\n'
+        "<|tool_call_begin|>functions.now:1<|tool_call_argument_begin|>{}<|tool_call_end|>\n"
+        "<|tool_calls_section_end|>")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(KIMI)), max_size=12))
+def test_kimi_k2_calls_keep_their_ids_whatever_the_pieces(cuts: list[int]) -> None:
+    """`kimi_k2`: in its calls section, each call's header is its id (`functions.NAME:N`, as
+    Kimi's chat template wants it back) and names it; its JSON arguments stream as written."""
+    points = sorted(set(cuts))
+    pieces = [KIMI[a:b] for a, b in zip([0, *points], [*points, len(KIMI)], strict=True)]
+    reader = call_reader("kimi_k2", [])
+    assert stream(reader, pieces) == (
+        [("get_weather", '{"city": "Tokyo"}'), ("now", "{}")], "Let me check.")
+    assert [call.id for call in reader.calls] == ["functions.get_weather:0", "functions.now:1"]
+    odd = call_reader("kimi_k2", [])
+    stream(odd, ["<|tool_calls_section_begin|><|tool_call_begin|>lookup"
+                 "<|tool_call_argument_begin|>{}<|tool_call_end|><|tool_calls_section_end|>"])
+    assert odd.calls[0].function.name == "lookup" and odd.calls[0].id.startswith("call_")
