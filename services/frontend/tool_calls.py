@@ -47,6 +47,8 @@ _CLOSE: Final = "</tool_call>"
 _PYTHON_TAG: Final = "<|python_tag|>"  # Llama 3's, ahead of a call (shown with its specials)
 _PYTHON_START: Final = "<|python_start|>"  # Llama 4's, around its list of calls (the same)
 _PYTHON_END: Final = "<|python_end|>"
+_NAME: Final = re.compile(r"\s*[A-Za-z_]\w*\s*")  # a pythonic call's, before its `(`
+_NAME_SO_FAR: Final = re.compile(r"\s*(?:[A-Za-z_]\w*\s*)?")
 
 
 class FunctionCall(msgspec.Struct):
@@ -822,6 +824,8 @@ class PythonCallText(_CallReader):
                     break  # maybe the string's end, in pieces
                 self._at += 1
                 continue
+            if self._depth == 1 and not self._may_be_call(at, c):
+                return self._stop()  # shown at once: no wait for the list's end
             if c in "'\"":
                 if text.startswith(c * 3, at):
                     self._quote = c * 3
@@ -850,6 +854,16 @@ class PythonCallText(_CallReader):
                     return self._stop()
                 self._element, self._closed = at + 1, False
         return ""
+
+    def _may_be_call(self, at: int, c: str) -> bool:
+        """Whether the list's element, `c` at `at` next, may still be a call: a name, then
+        its `(`; after the call, blank up to a comma or the list's end."""
+        if c in ",])":
+            return True  # the structure's to judge
+        if self._closed:
+            return c.isspace()
+        written = self._text[self._element:at]
+        return bool(_NAME.fullmatch(written) if c == "(" else _NAME_SO_FAR.fullmatch(written + c))
 
     def _ends_element(self, at: int) -> bool:
         """Whether the element ending at `at` (a comma or the list's end) was a call and

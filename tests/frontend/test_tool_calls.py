@@ -294,6 +294,10 @@ def test_what_is_no_pythonic_call_list_is_content() -> None:
                  "[f(x)]", "[f(**kw)]", "[f(a=g())]", "[f(a=1e999)]", "[obj.f(a=1)]",
                  "<|python_start|> no list", "  [f(a=1"):
         assert stream(PythonCallText(), [text]) == ([], text), text
+    # Shown as soon as it cannot be a call, not held to the end.
+    early = PythonCallText()
+    assert early.feed("  [Note: a long") == "  [Note: a long" and early.feed(" aside") == " aside"
+    assert PythonCallText().feed('["a", ') == '["a", '
     # Text after the list, or cut short in a call: the calls read stay.
     assert stream(PythonCallText(), ["[f(a=1)] and then"]) == ([("f", '{"a": 1}')], " and then")
     assert stream(PythonCallText(), ["[f(a=1), g(b="]) == ([("f", '{"a": 1}')], "")
