@@ -941,7 +941,7 @@ class FrontendApp:
         if endpoint != COMPLETIONS and self.reasoning_parser is not None \
                 and requests[0].sampling.structured is None:
             # A constrained reply has no thinking: its constraint holds from its first token.
-            thinking = thinks(self.reasoning_parser, body.chat_template_kwargs)
+            thinking = thinks(self.reasoning_parser, protocol.template_variables(body))
             for gen in gens:
                 gen.reasoning = ReasoningText(self.reasoning_parser, thinking,
                                               keep=body.include_reasoning is not False)

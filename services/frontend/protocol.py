@@ -452,8 +452,6 @@ def _check_chat(body: ChatCompletionRequest) -> None:
         raise unsupported("web_search_options")
     if body.verbosity is not None:
         raise unsupported("verbosity")
-    if body.reasoning_effort is not None:
-        raise unsupported("reasoning_effort")
     if body.store:
         raise unsupported("store", "responses are not stored")
     for name in ("max_completion_tokens", "max_tokens"):
@@ -507,19 +505,31 @@ def truncate_prompts(body: ChatCompletionRequest | CompletionRequest,
     return out
 
 
+def template_variables(body: ChatCompletionRequest | TokenizeRequest) -> dict[str, Any]:
+    """The chat template's variables: the request's `chat_template_kwargs`, and, as vLLM sets
+    them, its `reasoning_effort` and, unless the request sets it, `enable_thinking` (off for
+    an effort of "none", else on)."""
+    variables = dict(body.chat_template_kwargs or {})
+    effort = body.reasoning_effort if isinstance(body, ChatCompletionRequest) else None
+    if effort is not None:
+        variables["reasoning_effort"] = effort
+        variables.setdefault("enable_thinking", effort != "none")
+    return variables
+
+
 def render_options(body: ChatCompletionRequest | TokenizeRequest) -> RenderOptions:
     """How `body` asks for its conversation rendered (vLLM's defaults: the assistant's header
     appended, unless the final message is continued)."""
     tools = tools_asked(body) if isinstance(body, ChatCompletionRequest) else None
+    variables = template_variables(body)
     if body.add_generation_prompt is None and not body.continue_final_message \
-            and not body.chat_template_kwargs and tools is None:
+            and not variables and tools is None:
         return DEFAULT_RENDER
     continued = bool(body.continue_final_message)
     return RenderOptions(
         add_generation_prompt=not continued if body.add_generation_prompt is None
         else body.add_generation_prompt,
-        continue_final_message=continued, variables=body.chat_template_kwargs or {},
-        tools=tools)
+        continue_final_message=continued, variables=variables, tools=tools)
 
 
 def _check_message(i: int, message: Any) -> None:

@@ -4,8 +4,8 @@ Owns the request subset Turnout honours (`ResponsesRequest`: text and image inpu
 sampling, `max_output_tokens`, streaming), its translation into a chat completions request (so
 every chat check, the chat template and the whole generation path apply unchanged), and the
 `response` object and semantic stream events (`response.created` ... `response.completed`) made
-from the generated text. Nothing is stored: `store: true`, `previous_response_id`, tools,
-reasoning and the other stateful or tool-bound fields are refused with a 400 that names them.
+from the generated text. Nothing is stored: `store: true`, `previous_response_id`, hosted
+tools and the other stateful fields are refused with a 400 that names them.
 """
 
 from __future__ import annotations
@@ -50,6 +50,14 @@ class StreamOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     include_obfuscation: bool | None = None
 
 
+class ReasoningOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # The chat template's `reasoning_effort` (and `enable_thinking`), as vLLM passes it.
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    # Only "auto" (no summarizer runs here: the reasoning comes whole, as reasoning_text).
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None  # the older name
+
+
 class ResponsesRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     model: str
     input: str | Annotated[list[dict[str, Any]], Meta(min_length=1)]
@@ -72,13 +80,13 @@ class ResponsesRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     tools: list[dict[str, Any]] | None = None
     cache_salt: str | None = None  # vLLM's, as on chat
     priority: int | None = None  # vLLM's, as on chat
-    # Refused when set: state, tools and reasoning are not kept or run here.
+    reasoning: ReasoningOptions | None = None
+    # Refused when set: state and hosted tools are not kept or run here.
     store: bool | None = None
     background: bool | None = None
     previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None
     prompt: dict[str, Any] | None = None
-    reasoning: dict[str, Any] | None = None
     include: list[str] | None = None
     top_logprobs: int | None = None
     max_tool_calls: int | None = None
@@ -106,7 +114,10 @@ class ResponseShell:
             "top_p": 1.0 if request.top_p is None else request.top_p,
             "metadata": request.metadata or {},
             "parallel_tool_calls": request.parallel_tool_calls is not False,
-            "previous_response_id": None, "reasoning": None, "store": False,
+            "previous_response_id": None, "store": False,
+            "reasoning": None if request.reasoning is None else {
+                "effort": request.reasoning.effort, "summary": request.reasoning.summary
+                or request.reasoning.generate_summary},
             "text": {"format": _format_echo(request)},
             "tool_choice": request.tool_choice or "auto",
             "tools": [{"type": "function", "name": tool.get("name"),
@@ -242,6 +253,7 @@ def parse(raw: bytes) -> tuple[ResponsesRequest, ChatCompletionRequest]:
                         ("tool_choice", _chat_tool_choice(request.tool_choice)),
                         ("parallel_tool_calls", request.parallel_tool_calls),
                         ("cache_salt", request.cache_salt), ("priority", request.priority),
+                        ("reasoning_effort", request.reasoning and request.reasoning.effort),
                         ("response_format", _response_format(request))):
         if value is not None:
             chat[name] = value
@@ -299,12 +311,18 @@ def wants_obfuscation(request: ResponsesRequest) -> bool:
 def _refuse_unsupported(request: ResponsesRequest) -> None:
     if request.store:
         raise unsupported("store", "responses are not stored; send store: false")
-    for name in ("background", "previous_response_id", "conversation", "prompt", "reasoning",
+    for name in ("background", "previous_response_id", "conversation", "prompt",
                  "max_tool_calls", "top_logprobs", "context_management"):
         if getattr(request, name) not in (None, False):
             raise unsupported(name)
     if request.include:
         raise unsupported("include")
+    reasoning = request.reasoning
+    if reasoning is not None:
+        for name in ("summary", "generate_summary"):
+            if getattr(reasoning, name) not in (None, "auto"):
+                raise unsupported(f"reasoning.{name}", "no reasoning summaries are written "
+                                                       "here; the reasoning comes whole")
     for i, tool in enumerate(request.tools or ()):
         if tool.get("type") != "function":
             raise unsupported(f"tools[{i}].type", "only function tools are supported")

@@ -139,7 +139,8 @@ def test_a_streamed_response_sends_each_event_in_order(dep: Deployment) -> None:
     ({"store": True}, "store"),
     ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"tools": [{"type": "function", "name": "f"}]}, "tools"),
-    ({"reasoning": {"effort": "low"}}, "reasoning"),
+    ({"reasoning": {"summary": "detailed"}}, "reasoning.summary"),
+    ({"reasoning": {"effort": "huge"}}, "reasoning.effort"),
     # The mocker draws ids without their text: it refuses a constraint on the text.
     ({"text": {"format": {"type": "json_object"}}}, None),
     ({"text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format.name"),

@@ -426,6 +426,7 @@ def test_vllms_chat_render_fields_shape_the_prompt(stack: Stack, tmp_path: Path)
     shutil.copytree(cached_tiny_model(), model)
     (model / "chat_template.jinja").write_text(
         "{% for m in messages %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}"
+        "{% if reasoning_effort is defined %}[{{ reasoning_effort }}]{% endif %}"
         "{% if enable_thinking is defined and not enable_thinking %}<think></think>"
         "{% else %}<think>{% endif %}{% endif %}")
     thinking = HfTokenizer(model)
@@ -436,9 +437,15 @@ def test_vllms_chat_render_fields_shape_the_prompt(stack: Stack, tmp_path: Path)
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0,
                                timeout=TIMEOUT)
         user = [{"role": "user", "content": "hi"}]
+        # vLLM's reasoning_effort: the template's too, and thinking off for "none" unless
+        # the request says otherwise.
         for extra, prompt in ((None, "hi<think>"),
                               ({"chat_template_kwargs": {"enable_thinking": False}},
-                               "hi<think></think>")):
+                               "hi<think></think>"),
+                              ({"reasoning_effort": "none"}, "hi[none]<think></think>"),
+                              ({"reasoning_effort": "low"}, "hi[low]<think>"),
+                              ({"reasoning_effort": "none", "chat_template_kwargs": {
+                                  "enable_thinking": True}}, "hi[none]<think>")):
             client.chat.completions.create(model="tiny", messages=user,  # type: ignore
                                            max_tokens=4, extra_body=extra)
             assert fake.opened[-1].token_ids == thinking.encode(prompt, False)

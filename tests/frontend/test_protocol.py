@@ -150,7 +150,6 @@ CHAT_UNSUPPORTED = [
     (chat(prediction={"type": "content", "content": "x"}), "prediction"),
     (chat(web_search_options={}), "web_search_options"),
     (chat(store=True), "store"),
-    (chat(reasoning_effort="low"), "reasoning_effort"),
     (chat(verbosity="high"), "verbosity"),
     (chat(messages=[{"role": "user", "content": [
         {"type": "text", "text": "hear"},

@@ -169,6 +169,26 @@ def test_what_the_request_turns_off_or_constrains_is_all_answer(served: Served) 
     assert constrained.choices[0].message.content == '{"a": 1}'
 
 
+def test_reasoning_effort_none_turns_the_thinking_off(served: Served) -> None:
+    """vLLM's `reasoning_effort` (the Responses API's `reasoning.effort`) reaches the chat
+    template with `enable_thinking` on unless it is "none": then the reply is all answer."""
+    served.reply(REPLY)
+    chat = served.chat(reasoning_effort="none")
+    assert chat.choices[0].message.content == REPLY
+    assert (chat.choices[0].message.model_extra or {}).get("reasoning") is None
+    assert (served.chat(reasoning_effort="low").choices[0].message.model_extra or {}).get(
+        "reasoning") == THOUGHT
+    done = served.client.responses.create(model="bytes", input="Is 2 < 3?",
+                                          reasoning={"effort": "none", "summary": "auto"})
+    validate("Response", done.model_dump(mode="json", exclude_unset=True))
+    assert [item.type for item in done.output] == ["message"] and done.output_text == REPLY
+    assert done.reasoning is not None and (done.reasoning.effort, done.reasoning.summary) == (
+        "none", "auto")
+    thought = served.client.responses.create(model="bytes", input="Is 2 < 3?",
+                                             reasoning={"effort": "high"})
+    assert [item.type for item in thought.output] == ["reasoning", "message"]
+
+
 def test_deepseek_v3_thinks_only_when_the_request_asks() -> None:
     served = Served("deepseek_v3")
     try:
