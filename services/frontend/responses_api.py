@@ -158,12 +158,9 @@ class ResponseShell:
             return out
         status = _item_status(finish)
         cut_thinking = thinking and status == "incomplete"
-        out.update(status=status, usage=_usage(usage), output=[
-            *([self.reasoning_item(reasoning, status if thinking else "completed")]
-              if reasoning is not None else ()),
-            *(() if cut_thinking else (self.message(text, finish),)),
-            *(function_call(call, _call_status(i, complete))
-              for i, call in enumerate(calls or ()))])
+        out.update(status=status, usage=_usage(usage), output=self._output(
+            reasoning, status if thinking else "completed",
+            None if cut_thinking else self.message(text, finish), calls, complete))
         if status == "incomplete":
             out["incomplete_details"] = {"reason": "max_output_tokens"}
         else:
@@ -177,15 +174,25 @@ class ResponseShell:
         message never opened; the first `complete` calls), and the error in OpenAI's
         codes."""
         out = dict(self._fields)
-        done = text is not None  # the answer began: the reasoning before it is done
-        output = [*([self.reasoning_item(reasoning, "completed" if done else "incomplete")]
-                    if reasoning is not None else ()),
-                  *((self.message(text, "length"),) if done else ()),  # "incomplete"
-                  *(function_call(call, _call_status(i, complete))
-                    for i, call in enumerate(calls or ()))]
+        # The answer began: the reasoning before it is done, the message not ("length").
+        output = self._output(reasoning, "incomplete" if text is None else "completed",
+                              None if text is None else self.message(text, "length"), calls,
+                              complete)
         out.update(status="failed", output=output,
                    error={"code": _failure_code(error.status), "message": error.message})
         return out
+
+    def _output(self, reasoning: str | None, reasoning_status: str,
+                message: dict[str, Any] | None, calls: list[ToolCall] | None,
+                complete: int | None) -> list[dict[str, Any]]:
+        """The output items in OpenAI's order: the reasoning (when any was written), the
+        message (when there is one), then the calls, those past the first `complete` (when
+        given) unfinished."""
+        return [*([self.reasoning_item(reasoning, reasoning_status)]
+                  if reasoning is not None else ()),
+                *((message,) if message is not None else ()),
+                *(function_call(call, _call_status(i, complete))
+                  for i, call in enumerate(calls or ()))]
 
 
 def _failure_code(status: int) -> str:
@@ -196,11 +203,6 @@ def _failure_code(status: int) -> str:
 
 def _function_item_id(call: ToolCall) -> str:
     return "fc_" + call.id.removeprefix("call_")
-
-
-def _place(call: ToolCall, index: int, base: int) -> dict[str, Any]:
-    """Where a call's streamed events point: its item, after the message (at `base`)."""
-    return {"item_id": _function_item_id(call), "output_index": base + 1 + index}
 
 
 def function_call(call: ToolCall, status: str, arguments: str | None = None) -> dict[str, Any]:
@@ -563,15 +565,23 @@ class ResponsesStreamEncoder:
                 call = ToolCall(delta.id, FunctionCall(delta.function.name or "", ""))
                 self._calls.append(call)
                 events.append(self._event(
-                    "response.output_item.added", output_index=self._base + 1 + delta.index,
+                    "response.output_item.added", output_index=self._call_index(delta.index),
                     item=function_call(call, "in_progress", "")))
             call = self._calls[delta.index]
             call.function.arguments += delta.function.arguments
             events.append(self._event("response.function_call_arguments.delta",
                                       delta=delta.function.arguments,
-                                      **_place(call, delta.index, self._base)))
+                                      **self._place(call, delta.index)))
         events += self._calls_ended(complete, "completed")
         return b"".join(events)
+
+    def _call_index(self, index: int) -> int:
+        """The output index of the call at `index`: after the message."""
+        return self._base + 1 + index
+
+    def _place(self, call: ToolCall, index: int) -> dict[str, Any]:
+        """Where a call's streamed events point: its item and output index."""
+        return {"item_id": _function_item_id(call), "output_index": self._call_index(index)}
 
     def _calls_ended(self, upto: int, status: str) -> list[bytes]:
         """The done events of the calls before `upto` not yet ended."""
@@ -581,8 +591,8 @@ class ResponsesStreamEncoder:
             events += (
                 self._event("response.function_call_arguments.done",
                             arguments=call.function.arguments, name=call.function.name,
-                            **_place(call, index, self._base)),
-                self._event("response.output_item.done", output_index=self._base + 1 + index,
+                            **self._place(call, index)),
+                self._event("response.output_item.done", output_index=self._call_index(index),
                             item=function_call(call, status)))
         self._calls_done = max(self._calls_done, upto)
         return events
