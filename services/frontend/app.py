@@ -319,6 +319,12 @@ class Generation:
         ids, self.ids_out = self.ids_out, []
         return b"".join((self.logprobs_with(text), b',"token_ids":', _json(ids)))
 
+    def take_reasoning(self) -> tuple[str, bytes] | None:
+        """The reasoning read since the last take, with what its event carries after
+        `"logprobs":` (`fields_with`); None when none was read."""
+        text = self.reasoning.take() if self.reasoning is not None else ""
+        return (text, self.fields_with(text)) if text else None
+
     def take_ids(self) -> list[int]:
         ids, self.ids_out = self.ids_out or [], []
         return ids
@@ -1238,9 +1244,8 @@ class FrontendApp:
             text = gen.consume(await chunks.next_batch(self.stream_interval))
             if gen.error is None:
                 choices.started(index)
-            thought = gen.reasoning.take() if gen.reasoning is not None else ""
             # The reasoning's logprobs are taken first: it goes out ahead of the text.
-            reasoning = (thought, gen.fields_with(thought)) if thought else None
+            reasoning = gen.take_reasoning()
             ready.put_nowait((index, text, gen.fields_with(text), reasoning))
 
     @staticmethod
@@ -1350,10 +1355,8 @@ def _check_reasoning_request(body: protocol.ChatCompletionRequest) -> None:
 def _reasoning(gen: Generation, encoder: Any) -> bytes:
     """The event of the reasoning `gen` read since the last one (b"" when none); the tokens'
     logprobs and ids that were read with it go with it."""
-    text = gen.reasoning.take() if gen.reasoning is not None else ""
-    if not text:
-        return b""
-    return encoder.reasoning(text) if gen.plain else encoder.reasoning(text, gen.fields_with(text))
+    thought = gen.take_reasoning()
+    return encoder.reasoning(*thought) if thought is not None else b""
 
 
 def _tool_calls(gen: Generation, encoder: Any) -> bytes:
@@ -1390,10 +1393,9 @@ def _usage(gens: list[Generation],
         cached += gens[i * n].cached_tokens
     for gen in gens:
         completion_tokens += gen.tokens
-    if gens[0].reasoning is None:
-        return responses.usage(prompt_tokens, completion_tokens, cached)
     return responses.usage(prompt_tokens, completion_tokens, cached,
-                           sum(gen.reasoning_tokens for gen in gens))
+                           sum(gen.reasoning_tokens for gen in gens)
+                           if gens[0].reasoning is not None else None)
 
 
 def _wrap_int64(value: int) -> int:

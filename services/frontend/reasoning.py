@@ -26,7 +26,7 @@ from services.frontend.tool_calls import KIMI_CALLS_TAG, TOOL_CALL_TAG, tag_star
 _GLM: Final = ("glm45", "glm47")
 PARSERS: Final = ("deepseek_r1", "deepseek_v3", *_GLM, "kimi_k2", "qwen3")
 # Those whose tool call also ends the thinking, and the tag that opens it.
-_CALLS_END: Final = {"glm45": TOOL_CALL_TAG, "glm47": TOOL_CALL_TAG, "qwen3": TOOL_CALL_TAG,
+_CALLS_END: Final = {**dict.fromkeys((*_GLM, "qwen3"), TOOL_CALL_TAG),
                      "kimi_k2": KIMI_CALLS_TAG}
 # Those whose thinking tags some models make special tokens (GLM's): as vLLM does, a reply
 # split by them keeps its special tokens' text, else the thinking would never be seen to end.
